@@ -1,0 +1,562 @@
+//! `RelayConfig`: the one configuration format of a relay process, read from YAML
+//! (unknown fields rejected, errors name the field) with environment overrides for
+//! secrets. The operator renders the same format into a ConfigMap.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config: field `{field}`: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// A string that never appears in logs or `Debug` output.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"<redacted>\"" })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Name used in the greeting, EHLO reply and `Received:` headers.
+    pub hostname: String,
+    /// SMTP listeners.
+    pub listeners: Vec<ListenerConfig>,
+    /// Client networks allowed to relay without authenticating.
+    pub relay_networks: Vec<IpNet>,
+    /// Server certificate for STARTTLS and implicit TLS.
+    pub tls: Option<TlsConfig>,
+    /// SMTP AUTH (offered only on TLS-protected sessions).
+    pub auth: Option<AuthConfig>,
+    pub limits: Limits,
+    pub queue: QueueConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    /// On SIGTERM, how long sessions may run on before they are told `421`.
+    #[serde(with = "duration_str")]
+    pub shutdown_grace: Duration,
+    /// Add `Message-ID:` and `Date:` headers when a message has none (as Postfix does
+    /// for local submissions).
+    pub add_missing_headers: bool,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            hostname: default_hostname(),
+            listeners: vec![ListenerConfig::default()],
+            relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            tls: None,
+            auth: None,
+            limits: Limits::default(),
+            queue: QueueConfig::default(),
+            admin: AdminConfig::default(),
+            log: LogConfig::default(),
+            shutdown_grace: Duration::from_secs(30),
+            add_missing_headers: true,
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain SMTP; STARTTLS offered when a certificate is configured.
+    #[default]
+    Starttls,
+    /// TLS from the first byte (SMTPS, port 465).
+    Implicit,
+    /// Never TLS on this listener.
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// Name used in logs, metrics and the stored client info.
+    pub name: String,
+    pub address: SocketAddr,
+    pub tls: TlsMode,
+    /// Expect a PROXY protocol v1 or v2 header first (behind a load balancer).
+    pub proxy_protocol: bool,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            name: "smtp".into(),
+            address: "127.0.0.1:2525".parse().unwrap(),
+            tls: TlsMode::Starttls,
+            proxy_protocol: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain; re-read when the file changes.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// How often to check the files for changes.
+    #[serde(default = "default_reload", with = "duration_str")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// File of `username:password` lines (a mounted Secret); re-read on change.
+    pub users_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message accepted, in bytes (advertised as SIZE).
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// Longest text line in DATA, in octets including CRLF (RFC 5321: 1000).
+    pub max_line_length: usize,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Protocol errors in one session before `421` and close.
+    pub max_errors: u32,
+    /// Messages in one session before `421`.
+    pub max_messages_per_connection: u32,
+    /// Waiting for the next command (RFC 5321 4.5.3.2.7: at least 5 minutes).
+    #[serde(with = "duration_str")]
+    pub command_timeout: Duration,
+    /// Waiting for the next chunk of message data (RFC 5321 4.5.3.2.6: 10 minutes
+    /// for the terminator, 3 minutes per block).
+    #[serde(with = "duration_str")]
+    pub data_timeout: Duration,
+    /// Whole-session ceiling, so a trickling client cannot hold a slot forever.
+    #[serde(with = "duration_str")]
+    pub session_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_line_length: 1000,
+            max_connections: 1000,
+            max_connections_per_ip: 100,
+            max_errors: 10,
+            max_messages_per_connection: 1000,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            session_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueBackendKind {
+    Embedded,
+    Redis,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// `embedded` (default when no Redis is configured) or `redis`.
+    pub backend: Option<QueueBackendKind>,
+    /// Directory of the embedded queue.
+    pub path: PathBuf,
+    /// A queue write slower than this answers `451 4.3.0`.
+    #[serde(with = "duration_str")]
+    pub write_timeout: Duration,
+    pub redis: Option<RedisConfig>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            backend: None,
+            path: PathBuf::from("./mailrelay-data"),
+            write_timeout: Duration::from_secs(10),
+            redis: None,
+        }
+    }
+}
+
+impl QueueConfig {
+    pub fn effective_backend(&self) -> QueueBackendKind {
+        self.backend.unwrap_or(if self.redis.is_some() {
+            QueueBackendKind::Redis
+        } else {
+            QueueBackendKind::Embedded
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://…`; for a cluster, any one node (or list
+    /// them all in `cluster_nodes`). Env: `MAILRELAY_REDIS_URL`.
+    pub url: String,
+    /// Env: `MAILRELAY_REDIS_PASSWORD`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Talk Redis Cluster protocol.
+    #[serde(default)]
+    pub cluster: bool,
+    /// More seed nodes for cluster mode.
+    #[serde(default)]
+    pub cluster_nodes: Vec<String>,
+    /// Prefix of every key, so several relays can share one Redis.
+    #[serde(default = "default_prefix")]
+    pub key_prefix: String,
+    /// After each enqueue, wait for this many replicas to acknowledge (Redis `WAIT`).
+    #[serde(default)]
+    pub wait_replicas: u32,
+}
+
+fn default_prefix() -> String {
+    "mr".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Admin HTTP (`/healthz`, `/readyz`, `/metrics`); `null` disables it.
+    pub address: Option<SocketAddr>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: Some("127.0.0.1:9325".parse().unwrap()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `mailrelay=debug`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// Parses YAML text; an error names the offending field.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let cfg: RelayConfig = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            invalid(if path == "." { "(root)".into() } else { path }, e.into_inner().to_string())
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Applies `MAILRELAY_*` environment overrides (secrets belong in env or files,
+    /// not in a ConfigMap), then validates again.
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&str) -> Option<String>,
+    ) -> Result<(), ConfigError> {
+        if let Some(url) = get("MAILRELAY_REDIS_URL") {
+            match &mut self.queue.redis {
+                Some(r) => r.url = url,
+                None => {
+                    self.queue.redis = Some(RedisConfig {
+                        url,
+                        password: None,
+                        cluster: false,
+                        cluster_nodes: vec![],
+                        key_prefix: default_prefix(),
+                        wait_replicas: 0,
+                    })
+                }
+            }
+        }
+        if let Some(pw) = get("MAILRELAY_REDIS_PASSWORD") {
+            match &mut self.queue.redis {
+                Some(r) => r.password = Some(Secret(pw)),
+                None => {
+                    return Err(invalid(
+                        "MAILRELAY_REDIS_PASSWORD",
+                        "set, but no Redis is configured (queue.redis.url or MAILRELAY_REDIS_URL)",
+                    ));
+                }
+            }
+        }
+        if let Some(h) = get("MAILRELAY_HOSTNAME") {
+            self.hostname = h;
+        }
+        self.validate()
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_valid_hostname(&self.hostname) {
+            return Err(invalid("hostname", format!("{:?} is not a valid host name", self.hostname)));
+        }
+        if self.listeners.is_empty() {
+            return Err(invalid("listeners", "at least one listener is required"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty() || !names.insert(&l.name) {
+                return Err(invalid(format!("listeners[{i}].name"), "must be non-empty and unique"));
+            }
+            if l.tls == TlsMode::Implicit && self.tls.is_none() {
+                return Err(invalid(
+                    format!("listeners[{i}].tls"),
+                    "implicit TLS needs a certificate: set tls.cert_file and tls.key_file",
+                ));
+            }
+        }
+        for (i, n) in self.relay_networks.iter().enumerate() {
+            let too_wide = match n {
+                IpNet::V4(v) => v.prefix_len() < 8,
+                IpNet::V6(v) => v.prefix_len() < 16,
+            };
+            if too_wide {
+                return Err(invalid(
+                    format!("relay_networks[{i}]"),
+                    format!("{n} is wider than /8 (IPv4) or /16 (IPv6) and would make an open relay; authenticate such clients with SMTP AUTH instead"),
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_line_length < 80 || l.max_line_length > 1_000_000 {
+            return Err(invalid("limits.max_line_length", "must be between 80 and 1000000"));
+        }
+        if l.max_message_size < 1024 {
+            return Err(invalid("limits.max_message_size", "must be at least 1024 bytes"));
+        }
+        for (field, v) in [
+            ("limits.max_recipients", l.max_recipients),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_connections_per_ip", l.max_connections_per_ip),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if l.max_errors == 0 || l.max_messages_per_connection == 0 {
+            return Err(invalid("limits", "max_errors and max_messages_per_connection must be at least 1"));
+        }
+        for (field, d) in [
+            ("limits.command_timeout", l.command_timeout),
+            ("limits.data_timeout", l.data_timeout),
+            ("limits.session_timeout", l.session_timeout),
+            ("queue.write_timeout", self.queue.write_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(field, "must be greater than zero"));
+            }
+        }
+        match (self.queue.effective_backend(), &self.queue.redis) {
+            (QueueBackendKind::Redis, None) => {
+                return Err(invalid("queue.redis", "backend is redis but queue.redis.url is not set"));
+            }
+            (QueueBackendKind::Redis, Some(r)) => {
+                if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://") || r.url.starts_with("redis+unix://") || r.url.starts_with("unix://")) {
+                    return Err(invalid("queue.redis.url", "must start with redis://, rediss:// or unix://"));
+                }
+                if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {
+                    return Err(invalid("queue.redis.key_prefix", "must be non-empty without braces or spaces"));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn is_valid_hostname(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// Parses `250ms`, `30s`, `5m`, `2h`, `1d` (or a bare number of seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h"))?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
+        other => return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m, h or d)")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis() as u64;
+    match ms {
+        0 => "0s".into(),
+        _ if ms % 86_400_000 == 0 => format!("{}d", ms / 86_400_000),
+        _ if ms % 3_600_000 == 0 => format!("{}h", ms / 3_600_000),
+        _ if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        _ if ms % 1000 == 0 => format!("{}s", ms / 1000),
+        _ => format!("{ms}ms"),
+    }
+}
+
+pub mod duration_str {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Duration::from_secs(n)),
+            Raw::S(s) => parse_duration(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_a_safe_local_relay() {
+        let c = RelayConfig::from_yaml("{}").unwrap();
+        assert_eq!(c.listeners[0].address, "127.0.0.1:2525".parse().unwrap());
+        assert_eq!(c.admin.address, Some("127.0.0.1:9325".parse().unwrap()));
+        assert_eq!(c.queue.effective_backend(), QueueBackendKind::Embedded);
+        assert_eq!(c.queue.path, PathBuf::from("./mailrelay-data"));
+        assert!(c.relay_networks.iter().all(|n| n.addr().is_loopback()));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = RelayConfig::from_yaml("limits:\n  max_mesage_size: 10\n").unwrap_err().to_string();
+        assert!(e.contains("limits"), "{e}");
+        assert!(e.contains("max_mesage_size"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_named() {
+        let e = RelayConfig::from_yaml("limits:\n  command_timeout: 5 parsecs\n").unwrap_err().to_string();
+        assert!(e.contains("limits.command_timeout"), "{e}");
+        let e = RelayConfig::from_yaml("relay_networks: [0.0.0.0/0]\n").unwrap_err().to_string();
+        assert!(e.contains("relay_networks[0]") && e.contains("open relay"), "{e}");
+        let e = RelayConfig::from_yaml("listeners: [{name: a, address: '127.0.0.1:1', tls: implicit}]").unwrap_err().to_string();
+        assert!(e.contains("listeners[0].tls"), "{e}");
+        let e = RelayConfig::from_yaml("listeners: [{address: 'nope'}]").unwrap_err().to_string();
+        assert!(e.contains("listeners[0].address"), "{e}");
+        let e = RelayConfig::from_yaml("queue: {backend: redis}").unwrap_err().to_string();
+        assert!(e.contains("queue.redis"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_secrets_and_redacts_them() {
+        let mut c = RelayConfig::from_yaml("queue: {redis: {url: 'redis://127.0.0.1:1'}}").unwrap();
+        c.apply_env(|k| match k {
+            "MAILRELAY_REDIS_PASSWORD" => Some("hunter2".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.queue.redis.as_ref().unwrap().password.as_ref().unwrap().0, "hunter2");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn durations_round_trip() {
+        for s in ["250ms", "30s", "5m", "2h", "5d"] {
+            assert_eq!(format_duration(parse_duration(s).unwrap()), s);
+        }
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("1w").is_err());
+    }
+
+    #[test]
+    fn example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mailrelay.yaml");
+        RelayConfig::from_file(&path).unwrap();
+    }
+}

@@ -1,0 +1,10 @@
+//! mailrelay: an SMTP store-and-forward relay with a Redis or embedded durable queue.
+//!
+//! Protocol logic lives in [`smtp`] as IO-free state machines; [`server`] drives them
+//! over sockets; [`queue`] stores accepted mail; [`admin`] serves health and metrics.
+
+pub mod admin;
+pub mod config;
+pub mod queue;
+pub mod server;
+pub mod smtp;

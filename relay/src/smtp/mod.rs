@@ -1,0 +1,11 @@
+//! SMTP protocol logic, free of IO: command parsing, replies, the server session
+//! state machine, the strict DATA decoder and SASL exchanges.
+
+pub mod auth;
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod session;
+
+pub use reply::Reply;
+pub use session::{Peer, Session, SessionConfig, Step};
