@@ -34,7 +34,11 @@ pub struct Secret(pub String);
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"<redacted>\"" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"<redacted>\""
+        })
     }
 }
 
@@ -304,7 +308,10 @@ impl RelayConfig {
         let de = serde_norway::Deserializer::from_str(text);
         let cfg: RelayConfig = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            invalid(if path == "." { "(root)".into() } else { path }, e.into_inner().to_string())
+            invalid(
+                if path == "." { "(root)".into() } else { path },
+                e.into_inner().to_string(),
+            )
         })?;
         cfg.validate()?;
         Ok(cfg)
@@ -320,10 +327,7 @@ impl RelayConfig {
 
     /// Applies `MAILRELAY_*` environment overrides (secrets belong in env or files,
     /// not in a ConfigMap), then validates again.
-    pub fn apply_env(
-        &mut self,
-        get: impl Fn(&str) -> Option<String>,
-    ) -> Result<(), ConfigError> {
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(url) = get("MAILRELAY_REDIS_URL") {
             match &mut self.queue.redis {
                 Some(r) => r.url = url,
@@ -358,7 +362,10 @@ impl RelayConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if !is_valid_hostname(&self.hostname) {
-            return Err(invalid("hostname", format!("{:?} is not a valid host name", self.hostname)));
+            return Err(invalid(
+                "hostname",
+                format!("{:?} is not a valid host name", self.hostname),
+            ));
         }
         if self.listeners.is_empty() {
             return Err(invalid("listeners", "at least one listener is required"));
@@ -366,7 +373,10 @@ impl RelayConfig {
         let mut names = std::collections::HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
             if l.name.is_empty() || !names.insert(&l.name) {
-                return Err(invalid(format!("listeners[{i}].name"), "must be non-empty and unique"));
+                return Err(invalid(
+                    format!("listeners[{i}].name"),
+                    "must be non-empty and unique",
+                ));
             }
             if l.tls == TlsMode::Implicit && self.tls.is_none() {
                 return Err(invalid(
@@ -383,16 +393,24 @@ impl RelayConfig {
             if too_wide {
                 return Err(invalid(
                     format!("relay_networks[{i}]"),
-                    format!("{n} is wider than /8 (IPv4) or /16 (IPv6) and would make an open relay; authenticate such clients with SMTP AUTH instead"),
+                    format!(
+                        "{n} is wider than /8 (IPv4) or /16 (IPv6) and would make an open relay; authenticate such clients with SMTP AUTH instead"
+                    ),
                 ));
             }
         }
         let l = &self.limits;
         if l.max_line_length < 80 || l.max_line_length > 1_000_000 {
-            return Err(invalid("limits.max_line_length", "must be between 80 and 1000000"));
+            return Err(invalid(
+                "limits.max_line_length",
+                "must be between 80 and 1000000",
+            ));
         }
         if l.max_message_size < 1024 {
-            return Err(invalid("limits.max_message_size", "must be at least 1024 bytes"));
+            return Err(invalid(
+                "limits.max_message_size",
+                "must be at least 1024 bytes",
+            ));
         }
         for (field, v) in [
             ("limits.max_recipients", l.max_recipients),
@@ -404,7 +422,10 @@ impl RelayConfig {
             }
         }
         if l.max_errors == 0 || l.max_messages_per_connection == 0 {
-            return Err(invalid("limits", "max_errors and max_messages_per_connection must be at least 1"));
+            return Err(invalid(
+                "limits",
+                "max_errors and max_messages_per_connection must be at least 1",
+            ));
         }
         for (field, d) in [
             ("limits.command_timeout", l.command_timeout),
@@ -418,14 +439,27 @@ impl RelayConfig {
         }
         match (self.queue.effective_backend(), &self.queue.redis) {
             (QueueBackendKind::Redis, None) => {
-                return Err(invalid("queue.redis", "backend is redis but queue.redis.url is not set"));
+                return Err(invalid(
+                    "queue.redis",
+                    "backend is redis but queue.redis.url is not set",
+                ));
             }
             (QueueBackendKind::Redis, Some(r)) => {
-                if !(r.url.starts_with("redis://") || r.url.starts_with("rediss://") || r.url.starts_with("redis+unix://") || r.url.starts_with("unix://")) {
-                    return Err(invalid("queue.redis.url", "must start with redis://, rediss:// or unix://"));
+                if !(r.url.starts_with("redis://")
+                    || r.url.starts_with("rediss://")
+                    || r.url.starts_with("redis+unix://")
+                    || r.url.starts_with("unix://"))
+                {
+                    return Err(invalid(
+                        "queue.redis.url",
+                        "must start with redis://, rediss:// or unix://",
+                    ));
                 }
                 if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {
-                    return Err(invalid("queue.redis.key_prefix", "must be non-empty without braces or spaces"));
+                    return Err(invalid(
+                        "queue.redis.key_prefix",
+                        "must be non-empty without braces or spaces",
+                    ));
                 }
             }
             _ => {}
@@ -440,7 +474,9 @@ fn is_valid_hostname(h: &str) -> bool {
         && h.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         })
@@ -460,7 +496,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
         "d" => n.saturating_mul(86_400_000),
-        other => return Err(format!("unknown duration unit {other:?} in {s:?} (use ms, s, m, h or d)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} in {s:?} (use ms, s, m, h or d)"
+            ));
+        }
     };
     Ok(Duration::from_millis(ms))
 }
@@ -514,22 +554,38 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named() {
-        let e = RelayConfig::from_yaml("limits:\n  max_mesage_size: 10\n").unwrap_err().to_string();
+        let e = RelayConfig::from_yaml("limits:\n  max_mesage_size: 10\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("limits"), "{e}");
         assert!(e.contains("max_mesage_size"), "{e}");
     }
 
     #[test]
     fn invalid_values_are_named() {
-        let e = RelayConfig::from_yaml("limits:\n  command_timeout: 5 parsecs\n").unwrap_err().to_string();
+        let e = RelayConfig::from_yaml("limits:\n  command_timeout: 5 parsecs\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("limits.command_timeout"), "{e}");
-        let e = RelayConfig::from_yaml("relay_networks: [0.0.0.0/0]\n").unwrap_err().to_string();
-        assert!(e.contains("relay_networks[0]") && e.contains("open relay"), "{e}");
-        let e = RelayConfig::from_yaml("listeners: [{name: a, address: '127.0.0.1:1', tls: implicit}]").unwrap_err().to_string();
+        let e = RelayConfig::from_yaml("relay_networks: [0.0.0.0/0]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("relay_networks[0]") && e.contains("open relay"),
+            "{e}"
+        );
+        let e =
+            RelayConfig::from_yaml("listeners: [{name: a, address: '127.0.0.1:1', tls: implicit}]")
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("listeners[0].tls"), "{e}");
-        let e = RelayConfig::from_yaml("listeners: [{address: 'nope'}]").unwrap_err().to_string();
+        let e = RelayConfig::from_yaml("listeners: [{address: 'nope'}]")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("listeners[0].address"), "{e}");
-        let e = RelayConfig::from_yaml("queue: {backend: redis}").unwrap_err().to_string();
+        let e = RelayConfig::from_yaml("queue: {backend: redis}")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("queue.redis"), "{e}");
     }
 
@@ -541,7 +597,10 @@ mod tests {
             _ => None,
         })
         .unwrap();
-        assert_eq!(c.queue.redis.as_ref().unwrap().password.as_ref().unwrap().0, "hunter2");
+        assert_eq!(
+            c.queue.redis.as_ref().unwrap().password.as_ref().unwrap().0,
+            "hunter2"
+        );
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 

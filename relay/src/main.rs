@@ -1,1 +1,186 @@
-fn main() {}
+//! The `mailrelay` command: `serve` runs the relay, `check-config` validates a file.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing::info;
+
+use mailrelay::admin::{self, AdminState, Metrics};
+use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
+use mailrelay::queue::{EmbeddedQueue, Queue, RedisQueue};
+use mailrelay::server::{self, Shared, tls::TlsSource, users::UsersSource};
+
+#[derive(Parser)]
+#[command(
+    name = "mailrelay",
+    version,
+    about = "SMTP store-and-forward relay with a Redis or embedded durable queue"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay. Without a config file: SMTP on 127.0.0.1:2525, admin HTTP on
+    /// 127.0.0.1:9325, loopback clients may relay, queue under ./mailrelay-data.
+    Serve {
+        /// YAML configuration file.
+        #[arg(long, short, env = "MAILRELAY_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file (with MAILRELAY_* environment overrides) and exit.
+    CheckConfig {
+        /// YAML configuration file.
+        file: PathBuf,
+    },
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
+    let mut cfg = match path {
+        Some(p) => RelayConfig::from_file(p)?,
+        None => RelayConfig::default(),
+    };
+    cfg.apply_env(|k| std::env::var(k).ok())?;
+    Ok(cfg)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { file } => match load_config(Some(&file)) {
+            Ok(cfg) => {
+                println!(
+                    "{}: ok ({} listener(s), {:?} queue, {} relay network(s))",
+                    file.display(),
+                    cfg.listeners.len(),
+                    cfg.queue.effective_backend(),
+                    cfg.relay_networks.len()
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        },
+        Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(serve(cfg))
+        }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailrelay: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn init_logging(cfg: &RelayConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<Arc<dyn Queue>> {
+    Ok(match cfg.queue.effective_backend() {
+        QueueBackendKind::Embedded => {
+            let path = cfg.queue.path.clone();
+            let q = tokio::task::spawn_blocking(move || EmbeddedQueue::open(&path))
+                .await?
+                .with_context(|| {
+                    format!("opening the embedded queue in {}", cfg.queue.path.display())
+                })?;
+            Arc::new(q)
+        }
+        QueueBackendKind::Redis => {
+            let rcfg = cfg
+                .queue
+                .redis
+                .as_ref()
+                .context("queue.redis is not configured")?;
+            Arc::new(
+                RedisQueue::connect(rcfg)
+                    .await
+                    .context("connecting to Redis")?,
+            )
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+}
+
+async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
+    init_logging(&cfg);
+    let queue = open_queue(&cfg).await?;
+    info!(backend = queue.backend(), hostname = %cfg.hostname, "queue open");
+    let tls = match &cfg.tls {
+        Some(t) => {
+            let src = TlsSource::load(t).context("loading the TLS certificate")?;
+            src.spawn_reloader(t.reload_interval);
+            Some(src)
+        }
+        None => None,
+    };
+    let users = match &cfg.auth {
+        Some(a) => {
+            let u = UsersSource::load(a.users_file.clone())?;
+            u.spawn_reloader(std::time::Duration::from_secs(10));
+            Some(u)
+        }
+        None => None,
+    };
+    let metrics = Arc::new(Metrics::new());
+    let draining = Arc::new(AtomicBool::new(false));
+    let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let admin_task = match cfg.admin.address {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin HTTP cannot listen on {addr}"))?;
+            info!(address = %addr, "admin HTTP ready");
+            let state = AdminState {
+                queue: Arc::clone(&queue),
+                metrics: Arc::clone(&metrics),
+                draining: Arc::clone(&draining),
+            };
+            Some(tokio::spawn(admin::serve(listener, state, async move {
+                let _ = admin_stop_rx.await;
+            })))
+        }
+        None => None,
+    };
+    let listeners = server::bind(&cfg)?;
+    let shared = Shared::new(cfg, queue, metrics, tls, users);
+    let flag = Arc::clone(&draining);
+    server::serve(shared, listeners, async move {
+        shutdown_signal().await;
+        // Readiness fails first so load balancers stop sending new connections.
+        flag.store(true, Ordering::SeqCst);
+    })
+    .await;
+    let _ = admin_stop_tx.send(());
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    Ok(())
+}

@@ -1,1 +1,333 @@
+//! The admin HTTP server: liveness, readiness, Prometheus metrics and the queue API.
+//!
+//! - `GET /healthz`: 200 while the process serves HTTP at all (liveness).
+//! - `GET /readyz`: 200 when the queue store answers a ping within
+//!   [`READY_PING_TIMEOUT`] and the relay is not draining; otherwise 503 with a
+//!   one-line reason, so Kubernetes stops routing mail to a pod that could not
+//!   queue it.
+//! - `GET /metrics`: OpenMetrics text, including the queue size.
+//! - `GET /api/v1/queue/stats`: `{"messages": N, "bytes": N}`.
+//!
+//! It binds to an admin address apart from the SMTP listeners and has no
+//! authentication: expose it to the cluster network only.
 
+pub mod metrics;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::queue::{Queue, QueueError};
+
+pub use self::metrics::Metrics;
+
+/// How long `/readyz` waits for the queue store; below the usual probe timeout so
+/// the probe gets our 503 and reason rather than its own timeout.
+pub const READY_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub queue: Arc<dyn Queue>,
+    pub metrics: Arc<Metrics>,
+    /// Set on shutdown: the pod stays alive to finish sessions but reports not ready.
+    pub draining: Arc<AtomicBool>,
+}
+
+/// Serves the admin API on `listener` until `shutdown` completes, then finishes
+/// in-flight requests and returns.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/queue/stats", get(queue_stats))
+        .with_state(state)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        return unavailable("draining: shutting down".to_owned());
+    }
+    match tokio::time::timeout(READY_PING_TIMEOUT, state.queue.ping()).await {
+        Ok(Ok(())) => "ok".into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(backend = state.queue.backend(), error = %e, "readiness: queue ping failed");
+            unavailable(format!("queue store unreachable: {}", public_reason(&e)))
+        }
+        Err(_) => unavailable(format!(
+            "queue store unreachable: no answer within {READY_PING_TIMEOUT:?}"
+        )),
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    // A scrape must not hang on a slow store; the gauges are then just left out.
+    let stats = match tokio::time::timeout(READY_PING_TIMEOUT, state.queue.stats()).await {
+        Ok(Ok(stats)) => Some(stats),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "metrics: queue stats unavailable");
+            None
+        }
+        Err(_) => None,
+    };
+    (
+        [(header::CONTENT_TYPE, OPENMETRICS)],
+        state.metrics.encode_with_queue_stats(stats),
+    )
+        .into_response()
+}
+
+async fn queue_stats(State(state): State<AdminState>) -> Response {
+    match tokio::time::timeout(READY_PING_TIMEOUT, state.queue.stats()).await {
+        Ok(Ok(stats)) => axum::Json(stats).into_response(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "queue stats failed");
+            unavailable(format!("queue store unreachable: {}", public_reason(&e)))
+        }
+        Err(_) => unavailable(format!(
+            "queue store unreachable: no answer within {READY_PING_TIMEOUT:?}"
+        )),
+    }
+}
+
+fn unavailable(reason: String) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, reason).into_response()
+}
+
+/// The reason shown over HTTP (and in `kubectl describe pod` for a failed probe).
+/// Backend error text is logged but not shown: a store client's message can echo
+/// a connection URL, and with it a password.
+fn public_reason(e: &QueueError) -> String {
+    match e {
+        QueueError::Unavailable(_) => "unavailable (see relay log)".to_owned(),
+        QueueError::Timeout(d) => format!("timed out after {d:?}"),
+        QueueError::Corrupt(_) => "corrupt record (see relay log)".to_owned(),
+        QueueError::Io(io) => format!("I/O error: {}", io.kind()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{QueueFuture, QueueId, QueueStats, QueuedMessage};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Just enough of a queue to drive the endpoints; real backends have their own tests.
+    #[derive(Default)]
+    struct FakeQueue {
+        failing: AtomicBool,
+        hanging: AtomicBool,
+    }
+
+    impl FakeQueue {
+        fn check(&self) -> Result<(), QueueError> {
+            if self.failing.load(Ordering::SeqCst) {
+                Err(QueueError::Unavailable(
+                    "redis://user:hunter2@redis:6379 refused".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        }
+
+        async fn maybe_hang(&self) {
+            if self.hanging.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    impl Queue for FakeQueue {
+        fn backend(&self) -> &'static str {
+            "fake"
+        }
+        fn enqueue<'a>(&'a self, _msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
+            Box::pin(async { unimplemented!("not used by the admin API") })
+        }
+        fn get<'a>(&'a self, _id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
+            Box::pin(async { unimplemented!("not used by the admin API") })
+        }
+        fn list_ids(&self, _limit: usize) -> QueueFuture<'_, Vec<QueueId>> {
+            Box::pin(async { unimplemented!("not used by the admin API") })
+        }
+        fn remove<'a>(&'a self, _id: &'a QueueId) -> QueueFuture<'a, bool> {
+            Box::pin(async { unimplemented!("not used by the admin API") })
+        }
+        fn stats(&self) -> QueueFuture<'_, QueueStats> {
+            Box::pin(async {
+                self.check()?;
+                Ok(QueueStats {
+                    messages: 3,
+                    bytes: 1234,
+                })
+            })
+        }
+        fn ping(&self) -> QueueFuture<'_, ()> {
+            Box::pin(async {
+                self.maybe_hang().await;
+                self.check()
+            })
+        }
+    }
+
+    struct Server {
+        addr: std::net::SocketAddr,
+        queue: Arc<FakeQueue>,
+        state: AdminState,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    async fn start() -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let queue = Arc::new(FakeQueue::default());
+        let state = AdminState {
+            queue: queue.clone(),
+            metrics: Arc::new(Metrics::new()),
+            draining: Arc::new(AtomicBool::new(false)),
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, state.clone(), async {
+            let _ = stopped.await;
+        }));
+        Server {
+            addr,
+            queue,
+            state,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Returns (status, headers, body) of one `GET` over a fresh connection.
+    async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+            .await
+            .expect("response within 10 s")
+            .unwrap();
+        let raw = String::from_utf8(raw).unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").expect("header/body separator");
+        let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+        (status, head.to_ascii_lowercase(), body.to_owned())
+    }
+
+    #[tokio::test]
+    async fn healthz_and_readyz_follow_queue_and_draining() {
+        let srv = start().await;
+        let (status, _, body) = get(srv.addr, "/healthz").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+        let (status, _, body) = get(srv.addr, "/readyz").await;
+        assert_eq!((status, body.as_str()), (200, "ok"));
+
+        srv.queue.failing.store(true, Ordering::SeqCst);
+        let (status, _, body) = get(srv.addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.starts_with("queue store unreachable"), "{body}");
+        assert!(!body.contains("hunter2"), "secret leaked: {body}");
+        let (status, _, _) = get(srv.addr, "/healthz").await;
+        assert_eq!(status, 200, "liveness does not depend on the queue");
+
+        srv.queue.failing.store(false, Ordering::SeqCst);
+        srv.state.draining.store(true, Ordering::SeqCst);
+        let (status, _, body) = get(srv.addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("draining"), "{body}");
+
+        let (status, _, _) = get(srv.addr, "/nope").await;
+        assert_eq!(status, 404);
+    }
+
+    #[tokio::test]
+    async fn readyz_gives_up_on_a_hanging_store() {
+        let srv = start().await;
+        srv.queue.hanging.store(true, Ordering::SeqCst);
+        let started = std::time::Instant::now();
+        let (status, _, body) = get(srv.addr, "/readyz").await;
+        assert_eq!(status, 503);
+        assert!(body.contains("no answer within"), "{body}");
+        assert!(started.elapsed() < READY_PING_TIMEOUT + Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn metrics_and_queue_stats() {
+        let srv = start().await;
+        srv.state.metrics.command("EHLO");
+        srv.state.metrics.command("EHLO");
+        srv.state.metrics.connection_opened("smtp");
+
+        let (status, head, body) = get(srv.addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(
+            head.contains(&format!("content-type: {OPENMETRICS}")),
+            "{head}"
+        );
+        for needle in [
+            "# TYPE mailrelay_smtp_connections counter",
+            "# TYPE mailrelay_queue_write_seconds histogram",
+            "# TYPE mailrelay_tls_handshakes counter",
+            "mailrelay_smtp_commands_total{command=\"EHLO\"} 2\n",
+            "mailrelay_smtp_connections_active 1\n",
+            "mailrelay_queue_messages 3\n",
+            "mailrelay_queue_bytes 1234\n",
+        ] {
+            assert!(body.contains(needle), "{needle:?} missing:\n{body}");
+        }
+        assert!(body.ends_with("# EOF\n"));
+
+        let (status, head, body) = get(srv.addr, "/api/v1/queue/stats").await;
+        assert_eq!(status, 200);
+        assert!(head.contains("content-type: application/json"), "{head}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v, serde_json::json!({"messages": 3, "bytes": 1234}));
+
+        // Stats unavailable: metrics still served without the queue gauges.
+        srv.queue.failing.store(true, Ordering::SeqCst);
+        let (status, _, body) = get(srv.addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(!body.contains("mailrelay_queue_messages"), "{body}");
+        assert!(body.contains("mailrelay_smtp_commands_total{command=\"EHLO\"} 2\n"));
+        let (status, _, body) = get(srv.addr, "/api/v1/queue/stats").await;
+        assert_eq!(status, 503);
+        assert!(!body.contains("hunter2"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_the_server() {
+        let mut srv = start().await;
+        assert_eq!(get(srv.addr, "/healthz").await.0, 200);
+        srv.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), &mut srv.task)
+            .await
+            .expect("serve returns after shutdown")
+            .unwrap()
+            .unwrap();
+    }
+}

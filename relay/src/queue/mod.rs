@@ -217,7 +217,11 @@ mod tests {
         assert!(a < b, "{a} should sort before {b}");
         assert_eq!(QueueId::parse(a.as_str()), Some(a.clone()));
         assert_eq!(QueueId::parse("short"), None);
-        assert_eq!(QueueId::parse("0123456789ABCDEFGHJU"), None, "U is not Crockford");
+        assert_eq!(
+            QueueId::parse("0123456789ABCDEFGHJU"),
+            None,
+            "U is not Crockford"
+        );
         assert_eq!(QueueId::parse("{bad}6789ABCDEFGHJKMN"), None);
     }
 }

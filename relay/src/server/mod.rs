@@ -1,1 +1,272 @@
+//! The SMTP side of a relay process: listeners, connection admission, PROXY
+//! protocol, TLS, and one task per connection driving a [`Session`].
 
+pub mod conn;
+pub mod limits;
+pub mod proxy;
+pub mod tls;
+pub mod users;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::admin::Metrics;
+use crate::config::{ListenerConfig, RelayConfig, TlsMode};
+use crate::queue::Queue;
+use crate::smtp::{Peer, Session, SessionConfig};
+use conn::{Conn, Stream};
+use limits::ConnLimits;
+use tls::TlsSource;
+use users::UsersSource;
+
+/// Everything connection tasks share.
+pub struct Shared {
+    pub config: RelayConfig,
+    pub session: SessionConfig,
+    pub queue: Arc<dyn Queue>,
+    pub metrics: Arc<Metrics>,
+    pub tls: Option<Arc<TlsSource>>,
+    pub users: Option<Arc<UsersSource>>,
+    pub limits: Arc<ConnLimits>,
+    active: AtomicUsize,
+}
+
+impl Shared {
+    pub fn new(
+        config: RelayConfig,
+        queue: Arc<dyn Queue>,
+        metrics: Arc<Metrics>,
+        tls: Option<Arc<TlsSource>>,
+        users: Option<Arc<UsersSource>>,
+    ) -> Arc<Self> {
+        let l = &config.limits;
+        let session = SessionConfig {
+            hostname: config.hostname.clone(),
+            max_message_size: l.max_message_size,
+            max_recipients: l.max_recipients,
+            max_line_length: l.max_line_length,
+            max_errors: l.max_errors,
+            max_messages: l.max_messages_per_connection,
+            add_missing_headers: config.add_missing_headers,
+        };
+        let limits = ConnLimits::new(l.max_connections, l.max_connections_per_ip);
+        Arc::new(Shared {
+            config,
+            session,
+            queue,
+            metrics,
+            tls,
+            users,
+            limits,
+            active: AtomicUsize::new(0),
+        })
+    }
+
+    /// Sessions currently running (including ones still in their handshake).
+    pub fn active_sessions(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn relay_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config.relay_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// Binds every configured listener (so bind errors surface before we serve).
+pub fn bind(config: &RelayConfig) -> std::io::Result<Vec<(ListenerConfig, TcpListener)>> {
+    config
+        .listeners
+        .iter()
+        .map(|l| {
+            let socket = if l.address.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(l.address).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {} ({}): {e}", l.address, l.name),
+                )
+            })?;
+            Ok((l.clone(), socket.listen(4096)?))
+        })
+        .collect()
+}
+
+/// Graceful-shutdown switches handed to every session.
+#[derive(Clone)]
+struct Signals {
+    draining: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets sessions finish for
+/// `config.shutdown_grace`, and sends `421` to those still open.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listeners: Vec<(ListenerConfig, TcpListener)>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let (drain_tx, draining) = watch::channel(false);
+    let (close_tx, closing) = watch::channel(false);
+    let signals = Signals { draining, closing };
+    let mut accept_tasks = Vec::new();
+    for (lcfg, listener) in listeners {
+        info!(listener = %lcfg.name, address = %lcfg.address, tls = ?lcfg.tls, proxy_protocol = lcfg.proxy_protocol, "SMTP listener ready");
+        accept_tasks.push(tokio::spawn(accept_loop(
+            Arc::clone(&shared),
+            Arc::new(lcfg),
+            listener,
+            signals.clone(),
+        )));
+    }
+    shutdown.await;
+    info!(sessions = shared.active_sessions(), grace = ?shared.config.shutdown_grace, "shutting down: no new connections");
+    for t in &accept_tasks {
+        t.abort();
+    }
+    let _ = drain_tx.send(true);
+    let deadline = Instant::now() + shared.config.shutdown_grace;
+    while shared.active_sessions() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = shared.active_sessions();
+    if left > 0 {
+        warn!(
+            sessions = left,
+            "grace period over: closing remaining sessions with 421"
+        );
+        let _ = close_tx.send(true);
+        let hard = Instant::now() + Duration::from_secs(5);
+        while shared.active_sessions() > 0 && Instant::now() < hard {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    info!("SMTP server stopped");
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    lcfg: Arc<ListenerConfig>,
+    listener: TcpListener,
+    signals: Signals,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, addr)) => {
+                let shared = Arc::clone(&shared);
+                let lcfg = Arc::clone(&lcfg);
+                let signals = signals.clone();
+                shared.active.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    handle(&shared, &lcfg, tcp, addr, signals).await;
+                    shared.active.fetch_sub(1, Ordering::Relaxed);
+                });
+            }
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                error!(listener = %lcfg.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn handle(
+    shared: &Arc<Shared>,
+    lcfg: &ListenerConfig,
+    mut tcp: TcpStream,
+    addr: SocketAddr,
+    signals: Signals,
+) {
+    let _ = tcp.set_nodelay(true);
+    let mut client = addr;
+    // A PROXY header without a client address (v1 UNKNOWN, v2 LOCAL) comes from the
+    // balancer itself, e.g. a health check: never grant it the balancer's relay rights.
+    let mut anonymous = false;
+    if lcfg.proxy_protocol {
+        match proxy::read_proxy_header(&mut tcp, HANDSHAKE_TIMEOUT).await {
+            Ok(h) => match h.source {
+                Some(src) => client = src,
+                None => anonymous = true,
+            },
+            Err(e) => {
+                debug!(peer = %addr, error = %e, "bad PROXY protocol header");
+                shared.metrics.connection_refused("proxy_protocol");
+                return;
+            }
+        }
+    }
+    let _slot = match shared.limits.try_acquire(client.ip()) {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            shared.metrics.connection_refused(refusal.reason());
+            debug!(client = %client, reason = refusal.reason(), "connection refused");
+            let msg = format!(
+                "421 4.7.0 {} Error: too many connections, try again later\r\n",
+                shared.config.hostname
+            );
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), tcp.write_all(msg.as_bytes())).await;
+            return;
+        }
+    };
+    shared.metrics.connection_opened(&lcfg.name);
+    let _open = OpenGuard(&shared.metrics);
+    let mut tls_info = None;
+    let stream = match (lcfg.tls, &shared.tls) {
+        (TlsMode::Implicit, Some(tls)) => {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor().accept(tcp)).await {
+                Ok(Ok(s)) => {
+                    shared.metrics.tls_handshake(true);
+                    tls_info = Some(conn::handshake_info(&s));
+                    Stream::Tls(Box::new(s))
+                }
+                _ => {
+                    shared.metrics.tls_handshake(false);
+                    return;
+                }
+            }
+        }
+        _ => Stream::Plain(tcp),
+    };
+    let peer = Peer {
+        ip: client.ip().to_canonical(),
+        port: client.port(),
+        listener: lcfg.name.clone(),
+        relay_allowed: !anonymous && shared.relay_allowed(client.ip()),
+        starttls_available: lcfg.tls == TlsMode::Starttls && shared.tls.is_some(),
+        auth_available: shared.users.is_some(),
+        tls: tls_info,
+    };
+    debug!(client = %client, listener = %lcfg.name, relay_allowed = peer.relay_allowed, "session start");
+    let session = Session::new(shared.session.clone(), peer);
+    Conn::new(
+        stream,
+        Arc::clone(shared),
+        signals.draining,
+        signals.closing,
+    )
+    .run(session)
+    .await;
+}
+
+struct OpenGuard<'a>(&'a Metrics);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connection_closed();
+    }
+}

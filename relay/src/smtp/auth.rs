@@ -46,9 +46,22 @@ impl AuthExchange {
     /// Starts an exchange, with the optional initial response of the AUTH command.
     pub fn start(mech: Mechanism, initial: Option<&str>) -> (Option<AuthExchange>, AuthStep) {
         match (mech, initial) {
-            (Mechanism::Plain, None) => (Some(AuthExchange::Plain), AuthStep::Challenge(String::new())),
-            (Mechanism::Login, None) => (Some(AuthExchange::LoginUser), AuthStep::Challenge(STANDARD.encode("Username:"))),
-            (_, Some(resp)) => AuthExchange::respond(if mech == Mechanism::Plain { AuthExchange::Plain } else { AuthExchange::LoginUser }, resp),
+            (Mechanism::Plain, None) => (
+                Some(AuthExchange::Plain),
+                AuthStep::Challenge(String::new()),
+            ),
+            (Mechanism::Login, None) => (
+                Some(AuthExchange::LoginUser),
+                AuthStep::Challenge(STANDARD.encode("Username:")),
+            ),
+            (_, Some(resp)) => AuthExchange::respond(
+                if mech == Mechanism::Plain {
+                    AuthExchange::Plain
+                } else {
+                    AuthExchange::LoginUser
+                },
+                resp,
+            ),
         }
     }
 
@@ -74,13 +87,17 @@ impl AuthExchange {
             AuthExchange::Plain => {
                 let mut parts = text.split('\0');
                 match (parts.next(), parts.next(), parts.next(), parts.next()) {
-                    (Some(authzid), Some(user), Some(pass), None) if !user.is_empty() && (authzid.is_empty() || authzid == user) => (
-                        None,
-                        AuthStep::Credentials {
-                            username: user.to_owned(),
-                            password: pass.to_owned(),
-                        },
-                    ),
+                    (Some(authzid), Some(user), Some(pass), None)
+                        if !user.is_empty() && (authzid.is_empty() || authzid == user) =>
+                    {
+                        (
+                            None,
+                            AuthStep::Credentials {
+                                username: user.to_owned(),
+                                password: pass.to_owned(),
+                            },
+                        )
+                    }
                     _ => (None, AuthStep::Malformed),
                 }
             }
@@ -133,8 +150,13 @@ impl Credentials {
             if line.trim().is_empty() || line.trim_start().starts_with('#') {
                 continue;
             }
-            let err = |message| CredentialsError { line: i + 1, message };
-            let (u, p) = line.split_once(':').ok_or_else(|| err("expected username:password"))?;
+            let err = |message| CredentialsError {
+                line: i + 1,
+                message,
+            };
+            let (u, p) = line
+                .split_once(':')
+                .ok_or_else(|| err("expected username:password"))?;
             if u.is_empty() || p.is_empty() {
                 return Err(err("empty username or password"));
             }
@@ -211,7 +233,10 @@ mod tests {
             }
         );
         assert_eq!(AuthExchange::LoginUser.respond("*").1, AuthStep::Cancelled);
-        assert_eq!(AuthExchange::LoginUser.respond("!!notbase64").1, AuthStep::Malformed);
+        assert_eq!(
+            AuthExchange::LoginUser.respond("!!notbase64").1,
+            AuthStep::Malformed
+        );
     }
 
     #[test]

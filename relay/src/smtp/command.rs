@@ -8,10 +8,19 @@ use super::reply::Reply;
 pub enum Command {
     Ehlo(String),
     Helo(String),
-    Mail { path: String, params: Vec<Param> },
-    Rcpt { path: String, params: Vec<Param> },
+    Mail {
+        path: String,
+        params: Vec<Param>,
+    },
+    Rcpt {
+        path: String,
+        params: Vec<Param>,
+    },
     Data,
-    Bdat { size: u64, last: bool },
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -19,7 +28,10 @@ pub enum Command {
     Vrfy,
     Expn,
     StartTls,
-    Auth { mechanism: String, initial: Option<String> },
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
     /// Something that is not SMTP at all (an HTTP request, say): drop the connection.
     ForeignProtocol,
 }
@@ -64,7 +76,9 @@ pub enum CommandError {
 impl CommandError {
     pub fn reply(&self) -> Reply {
         match self {
-            CommandError::Unrecognized => Reply::status(500, (5, 5, 2), "Error: command not recognized"),
+            CommandError::Unrecognized => {
+                Reply::status(500, (5, 5, 2), "Error: command not recognized")
+            }
             CommandError::Syntax(r) => r.clone(),
         }
     }
@@ -84,7 +98,11 @@ pub fn parse(line: &str) -> Result<Command, CommandError> {
         if rest.trim().is_empty() {
             Ok(cmd)
         } else {
-            Err(syntax(501, (5, 5, 4), "Syntax error: no parameters allowed"))
+            Err(syntax(
+                501,
+                (5, 5, 4),
+                "Syntax error: no parameters allowed",
+            ))
         }
     };
     match upper.as_str() {
@@ -94,7 +112,10 @@ pub fn parse(line: &str) -> Result<Command, CommandError> {
             if name.is_empty() {
                 return Err(syntax(501, (5, 5, 4), &format!("Syntax: {upper} hostname")));
             }
-            if !name.chars().all(|c| c.is_alphanumeric() || "-._:[]".contains(c)) {
+            if !name
+                .chars()
+                .all(|c| c.is_alphanumeric() || "-._:[]".contains(c))
+            {
                 return Err(syntax(501, (5, 5, 4), "Syntax error: invalid hostname"));
             }
             Ok(if upper == "EHLO" {
@@ -149,28 +170,40 @@ pub fn parse(line: &str) -> Result<Command, CommandError> {
                 .to_ascii_uppercase();
             let initial = it.next().map(str::to_owned);
             if it.next().is_some() {
-                return Err(syntax(501, (5, 5, 4), "Syntax: AUTH mechanism [initial-response]"));
+                return Err(syntax(
+                    501,
+                    (5, 5, 4),
+                    "Syntax: AUTH mechanism [initial-response]",
+                ));
             }
             Ok(Command::Auth { mechanism, initial })
         }
         // Cross-protocol requests (a browser or proxy pointed at the SMTP port).
-        "GET" | "POST" | "PUT" | "HEAD" | "CONNECT" | "OPTIONS" | "DELETE" | "USER" => Ok(Command::ForeignProtocol),
+        "GET" | "POST" | "PUT" | "HEAD" | "CONNECT" | "OPTIONS" | "DELETE" | "USER" => {
+            Ok(Command::ForeignProtocol)
+        }
         _ => Err(CommandError::Unrecognized),
     }
 }
 
 fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     let head = s.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &s[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
 }
 
 /// Splits `<path> PARAM=VALUE ...`; tolerates a space after the colon as most MTAs do.
 fn split_path(arg: &str) -> Result<(String, Vec<Param>), CommandError> {
     let arg = arg.trim_start();
     if !arg.starts_with('<') {
-        return Err(syntax(501, (5, 1, 7), "Syntax error: address must be enclosed in <>"));
+        return Err(syntax(
+            501,
+            (5, 1, 7),
+            "Syntax error: address must be enclosed in <>",
+        ));
     }
-    let end = find_path_end(arg).ok_or_else(|| syntax(501, (5, 1, 7), "Syntax error: unterminated address"))?;
+    let end = find_path_end(arg)
+        .ok_or_else(|| syntax(501, (5, 1, 7), "Syntax error: unterminated address"))?;
     let path = &arg[1..end];
     let mut params = Vec::new();
     for p in arg[end + 1..].split(' ').filter(|p| !p.is_empty()) {
@@ -228,7 +261,11 @@ pub fn validate_mailbox(addr: &str, smtputf8: bool) -> Result<(), Reply> {
         return bad("Address too long");
     }
     if !addr.is_ascii() && !smtputf8 {
-        return Err(Reply::status(553, (5, 6, 7), "Non-ASCII address requires SMTPUTF8"));
+        return Err(Reply::status(
+            553,
+            (5, 6, 7),
+            "Non-ASCII address requires SMTPUTF8",
+        ));
     }
     let at = match addr.rfind('@') {
         Some(i) => i,
@@ -239,23 +276,37 @@ pub fn validate_mailbox(addr: &str, smtputf8: bool) -> Result<(), Reply> {
         return bad("Bad address syntax: local part");
     }
     if local.starts_with('"') {
-        if local.len() < 2 || !local.ends_with('"') || local[1..local.len() - 1].chars().any(|c| c.is_control()) {
+        if local.len() < 2
+            || !local.ends_with('"')
+            || local[1..local.len() - 1].chars().any(|c| c.is_control())
+        {
             return bad("Bad address syntax: quoted local part");
         }
     } else {
-        let atext = |c: char| c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || (!c.is_ascii() && smtputf8);
-        if local.split('.').any(|atom| atom.is_empty() || !atom.chars().all(atext)) {
+        let atext = |c: char| {
+            c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || (!c.is_ascii() && smtputf8)
+        };
+        if local
+            .split('.')
+            .any(|atom| atom.is_empty() || !atom.chars().all(atext))
+        {
             return bad("Bad address syntax: local part");
         }
     }
     if domain.starts_with('[') {
         let inner = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']'));
         let ok = match inner {
-            Some(i) if i.len() > 5 && i[..5].eq_ignore_ascii_case("IPv6:") => i[5..].parse::<std::net::Ipv6Addr>().is_ok(),
+            Some(i) if i.len() > 5 && i[..5].eq_ignore_ascii_case("IPv6:") => {
+                i[5..].parse::<std::net::Ipv6Addr>().is_ok()
+            }
             Some(i) => i.parse::<std::net::Ipv4Addr>().is_ok(),
             None => false,
         };
-        return if ok { Ok(()) } else { bad("Bad address syntax: address literal") };
+        return if ok {
+            Ok(())
+        } else {
+            bad("Bad address syntax: address literal")
+        };
     }
     if domain.is_empty() || domain.len() > 253 {
         return bad("Bad address syntax: domain");
@@ -265,7 +316,11 @@ pub fn validate_mailbox(addr: &str, smtputf8: bool) -> Result<(), Reply> {
             && l.len() <= 63
             && !l.starts_with('-')
             && !l.ends_with('-')
-            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && smtputf8 && c.is_alphanumeric()))
+            && l.chars().all(|c| {
+                c.is_ascii_alphanumeric()
+                    || c == '-'
+                    || (!c.is_ascii() && smtputf8 && c.is_alphanumeric())
+            })
     };
     if !domain.split('.').all(label_ok) {
         return bad("Bad address syntax: domain");
@@ -280,7 +335,9 @@ pub fn is_xtext(s: &str) -> bool {
     while i < b.len() {
         match b[i] {
             b'+' => {
-                if !(b.get(i + 1).is_some_and(|c| c.is_ascii_hexdigit()) && b.get(i + 2).is_some_and(|c| c.is_ascii_hexdigit())) {
+                if !(b.get(i + 1).is_some_and(|c| c.is_ascii_hexdigit())
+                    && b.get(i + 2).is_some_and(|c| c.is_ascii_hexdigit()))
+                {
                     return false;
                 }
                 i += 3;
@@ -305,8 +362,14 @@ mod tests {
 
     #[test]
     fn parses_envelope_commands() {
-        assert_eq!(parse("EHLO client.example").unwrap(), Command::Ehlo("client.example".into()));
-        assert_eq!(parse("helo [127.0.0.1]").unwrap(), Command::Helo("[127.0.0.1]".into()));
+        assert_eq!(
+            parse("EHLO client.example").unwrap(),
+            Command::Ehlo("client.example".into())
+        );
+        assert_eq!(
+            parse("helo [127.0.0.1]").unwrap(),
+            Command::Helo("[127.0.0.1]".into())
+        );
         assert_eq!(
             parse("MAIL FROM:<a@b.example> SIZE=1000 body=8BITMIME").unwrap(),
             Command::Mail {
@@ -328,8 +391,20 @@ mod tests {
                 params: vec![p("NOTIFY", Some("NEVER"))]
             }
         );
-        assert_eq!(parse("BDAT 100 LAST").unwrap(), Command::Bdat { size: 100, last: true });
-        assert_eq!(parse("bdat 0").unwrap(), Command::Bdat { size: 0, last: false });
+        assert_eq!(
+            parse("BDAT 100 LAST").unwrap(),
+            Command::Bdat {
+                size: 100,
+                last: true
+            }
+        );
+        assert_eq!(
+            parse("bdat 0").unwrap(),
+            Command::Bdat {
+                size: 0,
+                last: false
+            }
+        );
         assert_eq!(
             parse("AUTH plain AGZvbwBiYXI=").unwrap(),
             Command::Auth {
@@ -368,9 +443,20 @@ mod tests {
         assert!(validate_mailbox("\"quoted local\"@example.com", false).is_ok());
         assert!(validate_mailbox("u@[127.0.0.1]", false).is_ok());
         assert!(validate_mailbox("u@[IPv6:::1]", false).is_ok());
-        assert_eq!(validate_mailbox("用户@例子.测试", false).unwrap_err().code, 553);
+        assert_eq!(
+            validate_mailbox("用户@例子.测试", false).unwrap_err().code,
+            553
+        );
         assert!(validate_mailbox("用户@例子.测试", true).is_ok());
-        for bad in ["nodomain", "@example.com", "a..b@example.com", "a@-x.example", "a@", "a@[1.2.3]", "a@exa mple.com"] {
+        for bad in [
+            "nodomain",
+            "@example.com",
+            "a..b@example.com",
+            "a@-x.example",
+            "a@",
+            "a@[1.2.3]",
+            "a@exa mple.com",
+        ] {
             assert!(validate_mailbox(bad, true).is_err(), "{bad}");
         }
         assert!(validate_mailbox(&format!("{}@example.com", "a".repeat(65)), false).is_err());

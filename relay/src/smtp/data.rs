@@ -263,10 +263,19 @@ mod tests {
             let mut d = DataDecoder::for_data(1000, 1 << 20);
             // What follows the fake end is a smuggled transaction, then the real end.
             let mut input = bad.to_vec();
-            input.extend_from_slice(b"MAIL FROM:<x@y>\r\nRCPT TO:<v@w>\r\nDATA\r\nsmuggled\r\n.\r\n");
+            input.extend_from_slice(
+                b"MAIL FROM:<x@y>\r\nRCPT TO:<v@w>\r\nDATA\r\nsmuggled\r\n.\r\n",
+            );
             let n = d.feed(&input);
-            assert_eq!(n, Some(input.len()), "{bad:?} must only end at the real CRLF.CRLF");
-            assert!(matches!(d.into_result(), Err(DataError::BareLf | DataError::BareCr)), "{bad:?}");
+            assert_eq!(
+                n,
+                Some(input.len()),
+                "{bad:?} must only end at the real CRLF.CRLF"
+            );
+            assert!(
+                matches!(d.into_result(), Err(DataError::BareLf | DataError::BareCr)),
+                "{bad:?}"
+            );
         }
     }
 
@@ -293,7 +302,10 @@ mod tests {
         let mut d = DataDecoder::for_bdat(1000, 1 << 20);
         assert_eq!(d.feed(b"a: b\r\n\r\n.not stuffed\r\n.\r\n"), None);
         d.finish_bdat();
-        assert_eq!(d.into_result().unwrap(), b"a: b\r\n\r\n.not stuffed\r\n.\r\n");
+        assert_eq!(
+            d.into_result().unwrap(),
+            b"a: b\r\n\r\n.not stuffed\r\n.\r\n"
+        );
         let mut d = DataDecoder::for_bdat(1000, 1 << 20);
         d.feed(b"a\nb\r\n");
         assert_eq!(d.into_result(), Err(DataError::BareLf));

@@ -24,7 +24,11 @@ impl Reply {
     }
 
     /// A reply with an enhanced code, written `code x.y.z text`.
-    pub fn status(code: u16, class_subject_detail: (u8, u16, u16), text: impl Into<String>) -> Self {
+    pub fn status(
+        code: u16,
+        class_subject_detail: (u8, u16, u16),
+        text: impl Into<String>,
+    ) -> Self {
         let (c, s, d) = class_subject_detail;
         Self::new(code, Some(Enhanced(c, s, d)), text)
     }
@@ -82,9 +86,18 @@ mod tests {
 
     #[test]
     fn single_and_multiline_wire_form() {
-        assert_eq!(Reply::status(250, (2, 0, 0), "Ok").to_bytes(), b"250 2.0.0 Ok\r\n");
-        let r = Reply::multiline(250, vec!["host".into(), "PIPELINING".into(), "SIZE 10".into()]);
-        assert_eq!(r.to_bytes(), b"250-host\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+        assert_eq!(
+            Reply::status(250, (2, 0, 0), "Ok").to_bytes(),
+            b"250 2.0.0 Ok\r\n"
+        );
+        let r = Reply::multiline(
+            250,
+            vec!["host".into(), "PIPELINING".into(), "SIZE 10".into()],
+        );
+        assert_eq!(
+            r.to_bytes(),
+            b"250-host\r\n250-PIPELINING\r\n250 SIZE 10\r\n"
+        );
     }
 
     #[test]

@@ -14,7 +14,10 @@ use super::auth::{AuthExchange, AuthStep, Mechanism};
 use super::command::{self, Command, CommandError, Param, is_xtext, validate_mailbox};
 use super::data::{DataDecoder, DataError};
 use super::reply::Reply;
-use crate::queue::{BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, MailParams, QueueId, QueuedMessage, Recipient, TlsInfo};
+use crate::queue::{
+    BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, MailParams, QueueId, QueuedMessage,
+    Recipient, TlsInfo,
+};
 
 /// RFC 5321 §4.5.3.1.4: command lines are at most 512 octets with CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -63,9 +66,14 @@ pub enum Step {
     ReadData(Reply),
     /// Read exactly `size` octets and feed them to [`Session::chunk_feed`], then call
     /// [`Session::chunk_end`] (RFC 3030: the chunk is read even when refused).
-    ReadChunk { size: u64 },
+    ReadChunk {
+        size: u64,
+    },
     /// Verify these credentials and call [`Session::auth_result`].
-    CheckCredentials { username: String, password: String },
+    CheckCredentials {
+        username: String,
+        password: String,
+    },
     /// Store the message, then call [`Session::enqueue_result`].
     Enqueue(Box<QueuedMessage>),
 }
@@ -130,6 +138,11 @@ impl Session {
         &self.peer
     }
 
+    /// A mail transaction or SASL exchange is under way (shutdown waits for it).
+    pub fn in_transaction(&self) -> bool {
+        self.tx.mail.is_some() || self.tx.bdat.is_some() || self.auth.is_some()
+    }
+
     pub fn auth_user(&self) -> Option<&str> {
         self.auth_user.as_deref()
     }
@@ -143,7 +156,11 @@ impl Session {
     fn error(&mut self, reply: Reply) -> Step {
         self.errors += 1;
         if self.errors >= self.cfg.max_errors {
-            return Step::Close(r(421, (4, 7, 0), format!("{} Error: too many errors", self.cfg.hostname)));
+            return Step::Close(r(
+                421,
+                (4, 7, 0),
+                format!("{} Error: too many errors", self.cfg.hostname),
+            ));
         }
         Step::Reply(reply)
     }
@@ -162,12 +179,20 @@ impl Session {
             Some(_) => {
                 self.last_verb = "UNKNOWN";
                 self.auth = None;
-                return self.error(r(500, (5, 5, 2), "Error: bare <CR> received; lines must end with <CR><LF>"));
+                return self.error(r(
+                    500,
+                    (5, 5, 2),
+                    "Error: bare <CR> received; lines must end with <CR><LF>",
+                ));
             }
             None => {
                 self.last_verb = "UNKNOWN";
                 self.auth = None;
-                return self.error(r(500, (5, 5, 2), "Error: bare <LF> received; lines must end with <CR><LF>"));
+                return self.error(r(
+                    500,
+                    (5, 5, 2),
+                    "Error: bare <LF> received; lines must end with <CR><LF>",
+                ));
             }
         };
         if let Some(ex) = self.auth.take() {
@@ -192,7 +217,9 @@ impl Session {
             Err(e) => {
                 self.last_verb = match e {
                     CommandError::Unrecognized => "UNKNOWN",
-                    CommandError::Syntax(_) => text.split(' ').next().map(known_verb).unwrap_or("UNKNOWN"),
+                    CommandError::Syntax(_) => {
+                        text.split(' ').next().map(known_verb).unwrap_or("UNKNOWN")
+                    }
                 };
                 // A malformed BDAT leaves us unable to find the next command.
                 if self.last_verb == "BDAT" {
@@ -206,9 +233,18 @@ impl Session {
     }
 
     fn command(&mut self, cmd: Command) -> Step {
-        if self.tx.bdat.is_some() && !matches!(cmd, Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop) {
+        if self.tx.bdat.is_some()
+            && !matches!(
+                cmd,
+                Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop
+            )
+        {
             self.tx = Transaction::default();
-            return self.error(r(503, (5, 5, 1), "Error: only BDAT, RSET, NOOP or QUIT may follow BDAT"));
+            return self.error(r(
+                503,
+                (5, 5, 1),
+                "Error: only BDAT, RSET, NOOP or QUIT may follow BDAT",
+            ));
         }
         match cmd {
             Command::Ehlo(name) => self.hello(name, true),
@@ -229,11 +265,17 @@ impl Session {
                 "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS AUTH; see RFC 5321",
             )),
             // Address verification would let anyone probe which mailboxes exist.
-            Command::Vrfy => Step::Reply(r(252, (2, 5, 2), "Cannot VRFY user, but will accept message and attempt delivery")),
+            Command::Vrfy => Step::Reply(r(
+                252,
+                (2, 5, 2),
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            )),
             Command::Expn => Step::Reply(r(502, (5, 5, 1), "EXPN not available")),
             Command::StartTls => self.starttls(),
             Command::Auth { mechanism, initial } => self.auth_cmd(&mechanism, initial),
-            Command::ForeignProtocol => Step::Close(r(554, (5, 7, 0), "Not an SMTP client; closing")),
+            Command::ForeignProtocol => {
+                Step::Close(r(554, (5, 7, 0), "Not an SMTP client; closing"))
+            }
         }
     }
 
@@ -271,7 +313,14 @@ impl Session {
             return self.error(r(503, (5, 5, 1), "Error: nested MAIL command"));
         }
         if self.messages >= self.cfg.max_messages {
-            return Step::Close(r(421, (4, 7, 0), format!("{} Error: too many messages in one session", self.cfg.hostname)));
+            return Step::Close(r(
+                421,
+                (4, 7, 0),
+                format!(
+                    "{} Error: too many messages in one session",
+                    self.cfg.hostname
+                ),
+            ));
         }
         let mut mail = MailParams {
             from: path,
@@ -283,22 +332,40 @@ impl Session {
         for p in params {
             let v = p.value.as_deref();
             match (p.keyword.as_str(), v) {
-                ("SIZE", Some(v)) if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) => {
+                ("SIZE", Some(v))
+                    if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_digit()) =>
+                {
                     let size: u64 = v.parse().unwrap_or(u64::MAX);
                     if size > self.cfg.max_message_size {
-                        return Step::Reply(r(552, (5, 3, 4), "Error: message size exceeds fixed maximum message size"));
+                        return Step::Reply(r(
+                            552,
+                            (5, 3, 4),
+                            "Error: message size exceeds fixed maximum message size",
+                        ));
                     }
                     mail.size = Some(size);
                 }
-                ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => mail.body = BodyType::SevenBit,
-                ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => mail.body = BodyType::EightBitMime,
+                ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") => {
+                    mail.body = BodyType::SevenBit
+                }
+                ("BODY", Some(v)) if v.eq_ignore_ascii_case("8BITMIME") => {
+                    mail.body = BodyType::EightBitMime
+                }
                 ("SMTPUTF8", None) => mail.smtputf8 = true,
                 ("RET", Some(v)) if v.eq_ignore_ascii_case("FULL") => mail.ret = Some(DsnRet::Full),
                 ("RET", Some(v)) if v.eq_ignore_ascii_case("HDRS") => mail.ret = Some(DsnRet::Hdrs),
-                ("ENVID", Some(v)) if v.len() <= 100 && is_xtext(v) => mail.envid = Some(v.to_owned()),
+                ("ENVID", Some(v)) if v.len() <= 100 && is_xtext(v) => {
+                    mail.envid = Some(v.to_owned())
+                }
                 // RFC 4954 §5: the AUTH parameter is accepted; we do not trust it.
                 ("AUTH", Some(v)) if is_xtext(v) || v == "<>" => {}
-                (k, _) => return self.error(r(555, (5, 5, 4), format!("Error: unsupported or malformed parameter {k}"))),
+                (k, _) => {
+                    return self.error(r(
+                        555,
+                        (5, 5, 4),
+                        format!("Error: unsupported or malformed parameter {k}"),
+                    ));
+                }
             }
         }
         if !mail.from.is_empty() {
@@ -337,15 +404,30 @@ impl Session {
                     None => return self.error(r(501, (5, 5, 4), "Error: bad NOTIFY parameter")),
                 },
                 ("ORCPT", Some(v)) if self.esmtp && v.len() <= 500 => match v.split_once(';') {
-                    Some((t, x)) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && is_xtext(x) => {
+                    Some((t, x))
+                        if !t.is_empty()
+                            && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                            && is_xtext(x) =>
+                    {
                         rcpt.orcpt = Some(v.to_owned())
                     }
                     _ => return self.error(r(501, (5, 5, 4), "Error: bad ORCPT parameter")),
                 },
-                (k, _) => return self.error(r(555, (5, 5, 4), format!("Error: unsupported or malformed parameter {k}"))),
+                (k, _) => {
+                    return self.error(r(
+                        555,
+                        (5, 5, 4),
+                        format!("Error: unsupported or malformed parameter {k}"),
+                    ));
+                }
             }
         }
-        if self.tx.rcpts.iter().any(|x| same_address(&x.address, &rcpt.address)) {
+        if self
+            .tx
+            .rcpts
+            .iter()
+            .any(|x| same_address(&x.address, &rcpt.address))
+        {
             return Step::Reply(r(250, (2, 1, 5), "Ok (duplicate recipient)"));
         }
         if self.tx.rcpts.len() >= self.cfg.max_recipients {
@@ -362,7 +444,10 @@ impl Session {
         if self.tx.rcpts.is_empty() {
             return self.error(r(554, (5, 5, 1), "Error: no valid recipients"));
         }
-        self.data = Some(DataDecoder::for_data(self.cfg.max_line_length, self.cfg.max_message_size));
+        self.data = Some(DataDecoder::for_data(
+            self.cfg.max_line_length,
+            self.cfg.max_message_size,
+        ));
         Step::ReadData(Reply::new(354, None, "End data with <CR><LF>.<CR><LF>"))
     }
 
@@ -409,14 +494,21 @@ impl Session {
             } else {
                 None
             };
-            self.tx.bdat = Some(DataDecoder::for_bdat(self.cfg.max_line_length, self.cfg.max_message_size));
+            self.tx.bdat = Some(DataDecoder::for_bdat(
+                self.cfg.max_line_length,
+                self.cfg.max_message_size,
+            ));
             self.tx.bdat_refusal = refusal;
         }
         let so_far = self.tx.bdat.as_ref().map_or(0, DataDecoder::size);
         // Reading a huge chunk only to throw it away would tie the session up.
         if so_far.saturating_add(size) > self.cfg.max_message_size {
             self.tx = Transaction::default();
-            return Step::Close(r(552, (5, 3, 4), "Error: message size exceeds fixed maximum message size"));
+            return Step::Close(r(
+                552,
+                (5, 3, 4),
+                "Error: message size exceeds fixed maximum message size",
+            ));
         }
         self.bdat_last = last;
         Step::ReadChunk { size }
@@ -450,7 +542,11 @@ impl Session {
             self.messages += 1;
             r(250, (2, 0, 0), format!("Ok: queued as {id}"))
         } else {
-            r(451, (4, 3, 0), "Error: queue file write error, try again later")
+            r(
+                451,
+                (4, 3, 0),
+                "Error: queue file write error, try again later",
+            )
         }
     }
 
@@ -462,9 +558,17 @@ impl Session {
             return self.error(r(502, (5, 5, 1), "Error: command not implemented"));
         }
         if self.tx.mail.is_some() {
-            return self.error(r(503, (5, 5, 1), "Error: STARTTLS not allowed during a mail transaction"));
+            return self.error(r(
+                503,
+                (5, 5, 1),
+                "Error: STARTTLS not allowed during a mail transaction",
+            ));
         }
-        Step::StartTls(Reply::new(220, Some(super::reply::Enhanced(2, 0, 0)), "Ready to start TLS"))
+        Step::StartTls(Reply::new(
+            220,
+            Some(super::reply::Enhanced(2, 0, 0)),
+            "Ready to start TLS",
+        ))
     }
 
     /// The TLS handshake after STARTTLS succeeded: RFC 3207 §4.2 says forget
@@ -483,7 +587,11 @@ impl Session {
             return self.error(r(502, (5, 5, 1), "Error: authentication not enabled"));
         }
         if self.peer.tls.is_none() {
-            return self.error(r(538, (5, 7, 11), "Error: encryption required for requested authentication mechanism"));
+            return self.error(r(
+                538,
+                (5, 7, 11),
+                "Error: encryption required for requested authentication mechanism",
+            ));
         }
         if self.helo.is_none() || !self.esmtp {
             return self.error(r(503, (5, 5, 1), "Error: send EHLO first"));
@@ -492,7 +600,11 @@ impl Session {
             return self.error(r(503, (5, 5, 1), "Error: already authenticated"));
         }
         if self.tx.mail.is_some() {
-            return self.error(r(503, (5, 5, 1), "Error: AUTH not allowed during a mail transaction"));
+            return self.error(r(
+                503,
+                (5, 5, 1),
+                "Error: AUTH not allowed during a mail transaction",
+            ));
         }
         let Some(mech) = Mechanism::parse(mechanism) else {
             return self.error(r(504, (5, 5, 4), "Error: unrecognized authentication type"));
@@ -513,7 +625,9 @@ impl Session {
                 self.auth = ex;
                 Step::Reply(Reply::new(334, None, c))
             }
-            AuthStep::Credentials { username, password } => Step::CheckCredentials { username, password },
+            AuthStep::Credentials { username, password } => {
+                Step::CheckCredentials { username, password }
+            }
             AuthStep::Cancelled => self.error(r(501, (5, 0, 0), "Authentication cancelled")),
             AuthStep::Malformed => self.error(r(501, (5, 5, 2), "Error: cannot decode response")),
         }
@@ -525,13 +639,22 @@ impl Session {
             self.auth_user = Some(username);
             Step::Reply(r(235, (2, 7, 0), "Authentication successful"))
         } else {
-            self.error(r(535, (5, 7, 8), "Error: authentication credentials invalid"))
+            self.error(r(
+                535,
+                (5, 7, 8),
+                "Error: authentication credentials invalid",
+            ))
         }
     }
 
     fn protocol(&self) -> &'static str {
         let utf8 = self.tx.mail.as_ref().is_some_and(|m| m.smtputf8);
-        match (self.esmtp, utf8, self.peer.tls.is_some(), self.auth_user.is_some()) {
+        match (
+            self.esmtp,
+            utf8,
+            self.peer.tls.is_some(),
+            self.auth_user.is_some(),
+        ) {
             (false, _, _, _) => "SMTP",
             (true, false, false, false) => "ESMTP",
             (true, false, true, false) => "ESMTPS",
@@ -544,7 +667,12 @@ impl Session {
         }
     }
 
-    fn build_message(&mut self, content: Vec<u8>, id: QueueId, now: OffsetDateTime) -> QueuedMessage {
+    fn build_message(
+        &mut self,
+        content: Vec<u8>,
+        id: QueueId,
+        now: OffsetDateTime,
+    ) -> QueuedMessage {
         let date = now.format(&Rfc2822).unwrap_or_default();
         let helo = self.helo.clone().unwrap_or_default();
         let ip = match self.peer.ip {
@@ -553,9 +681,17 @@ impl Session {
         };
         let mut head = format!("Received: from {helo} ({ip})\r\n");
         if let Some(tls) = &self.peer.tls {
-            head.push_str(&format!("\t(using {} with cipher {})\r\n", tls.version, tls.cipher));
+            head.push_str(&format!(
+                "\t(using {} with cipher {})\r\n",
+                tls.version, tls.cipher
+            ));
         }
-        head.push_str(&format!("\tby {} (mailrelay) with {} id {}", self.cfg.hostname, self.protocol(), id));
+        head.push_str(&format!(
+            "\tby {} (mailrelay) with {} id {}",
+            self.cfg.hostname,
+            self.protocol(),
+            id
+        ));
         if let [only] = self.tx.rcpts.as_slice() {
             head.push_str(&format!("\r\n\tfor <{}>", only.address));
         }
@@ -598,8 +734,14 @@ fn known_verb(v: &str) -> &'static str {
     match command::parse(&v.to_ascii_uppercase()) {
         Ok(c) => c.verb(),
         Err(CommandError::Syntax(_)) => {
-            const VERBS: [&str; 14] = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "EXPN", "STARTTLS", "AUTH"];
-            VERBS.into_iter().find(|x| x.eq_ignore_ascii_case(v)).unwrap_or("UNKNOWN")
+            const VERBS: [&str; 14] = [
+                "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP",
+                "VRFY", "EXPN", "STARTTLS", "AUTH",
+            ];
+            VERBS
+                .into_iter()
+                .find(|x| x.eq_ignore_ascii_case(v))
+                .unwrap_or("UNKNOWN")
         }
         Err(CommandError::Unrecognized) => "UNKNOWN",
     }
@@ -607,10 +749,26 @@ fn known_verb(v: &str) -> &'static str {
 
 fn refusal(e: DataError, max_line: usize) -> Reply {
     match e {
-        DataError::BareLf => r(550, (5, 5, 2), "Error: bare <LF> received; message refused (lines must end with <CR><LF>)"),
-        DataError::BareCr => r(550, (5, 5, 2), "Error: bare <CR> received; message refused (lines must end with <CR><LF>)"),
-        DataError::LineTooLong => r(550, (5, 5, 2), format!("Error: message line longer than {max_line} octets")),
-        DataError::TooBig => r(552, (5, 3, 4), "Error: message size exceeds fixed maximum message size"),
+        DataError::BareLf => r(
+            550,
+            (5, 5, 2),
+            "Error: bare <LF> received; message refused (lines must end with <CR><LF>)",
+        ),
+        DataError::BareCr => r(
+            550,
+            (5, 5, 2),
+            "Error: bare <CR> received; message refused (lines must end with <CR><LF>)",
+        ),
+        DataError::LineTooLong => r(
+            550,
+            (5, 5, 2),
+            format!("Error: message line longer than {max_line} octets"),
+        ),
+        DataError::TooBig => r(
+            552,
+            (5, 3, 4),
+            "Error: message size exceeds fixed maximum message size",
+        ),
     }
 }
 

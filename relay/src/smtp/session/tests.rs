@@ -54,14 +54,40 @@ fn full_transaction_builds_envelope_and_received_header() {
     assert_eq!(s.greeting().code, 220);
     let ehlo = reply(s.on_line(b"EHLO client.test\r\n"));
     let text = ehlo.lines.join("\n");
-    for ext in ["PIPELINING", "SIZE 10000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "STARTTLS", "CHUNKING", "DSN"] {
+    for ext in [
+        "PIPELINING",
+        "SIZE 10000",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "STARTTLS",
+        "CHUNKING",
+        "DSN",
+    ] {
         assert!(text.contains(ext), "{ext} missing from {text}");
     }
-    assert!(!text.contains("AUTH"), "AUTH must not be offered before TLS");
-    assert_eq!(code(&mut s, "MAIL FROM:<a@client.test> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=x1"), 250);
-    assert_eq!(code(&mut s, "RCPT TO:<b@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@dest.test"), 250);
+    assert!(
+        !text.contains("AUTH"),
+        "AUTH must not be offered before TLS"
+    );
+    assert_eq!(
+        code(
+            &mut s,
+            "MAIL FROM:<a@client.test> SIZE=100 BODY=8BITMIME RET=HDRS ENVID=x1"
+        ),
+        250
+    );
+    assert_eq!(
+        code(
+            &mut s,
+            "RCPT TO:<b@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@dest.test"
+        ),
+        250
+    );
     let step = send_data(&mut s, b"Subject: hi\r\n\r\nbody\r\n..dot\r\n.\r\n");
-    let Step::Enqueue(msg) = step else { panic!("{step:?}") };
+    let Step::Enqueue(msg) = step else {
+        panic!("{step:?}")
+    };
     let env = &msg.envelope;
     assert_eq!(env.mail.from, "a@client.test");
     assert_eq!(env.mail.size, Some(100));
@@ -71,10 +97,21 @@ fn full_transaction_builds_envelope_and_received_header() {
     assert!(env.recipients[0].notify.as_ref().unwrap().success);
     assert_eq!(env.client.helo, "client.test");
     let body = String::from_utf8(msg.body.clone()).unwrap();
-    assert!(body.starts_with("Received: from client.test ([192.0.2.7])\r\n\tby relay.test (mailrelay) with ESMTP id "), "{body}");
+    assert!(
+        body.starts_with(
+            "Received: from client.test ([192.0.2.7])\r\n\tby relay.test (mailrelay) with ESMTP id "
+        ),
+        "{body}"
+    );
     assert!(body.contains("\r\n\tfor <b@dest.test>; "), "{body}");
-    assert!(body.contains("\r\nDate: ") && body.contains(&format!("\r\nMessage-ID: <{}@relay.test>\r\n", env.id)));
-    assert!(body.ends_with("\r\nSubject: hi\r\n\r\nbody\r\n.dot\r\n"), "{body}");
+    assert!(
+        body.contains("\r\nDate: ")
+            && body.contains(&format!("\r\nMessage-ID: <{}@relay.test>\r\n", env.id))
+    );
+    assert!(
+        body.ends_with("\r\nSubject: hi\r\n\r\nbody\r\n.dot\r\n"),
+        "{body}"
+    );
     assert_eq!(s.enqueue_result(&env.id, true).code, 250);
     // The session is ready for the next transaction.
     assert_eq!(code(&mut s, "MAIL FROM:<>"), 250);
@@ -86,9 +123,15 @@ fn existing_date_and_message_id_are_kept() {
     code(&mut s, "EHLO c");
     code(&mut s, "MAIL FROM:<a@c.test>");
     code(&mut s, "RCPT TO:<b@d.test>");
-    let Step::Enqueue(msg) = send_data(&mut s, b"date: x\r\nMessage-Id: <m@x>\r\n\r\nb\r\n.\r\n") else { panic!() };
+    let Step::Enqueue(msg) = send_data(&mut s, b"date: x\r\nMessage-Id: <m@x>\r\n\r\nb\r\n.\r\n")
+    else {
+        panic!()
+    };
     let body = String::from_utf8(msg.body).unwrap();
-    assert_eq!(body.matches("Date:").count() + body.matches("date:").count(), 1);
+    assert_eq!(
+        body.matches("Date:").count() + body.matches("date:").count(),
+        1
+    );
     assert_eq!(body.to_ascii_lowercase().matches("message-id:").count(), 1);
 }
 
@@ -106,12 +149,22 @@ fn relay_is_denied_outside_relay_networks() {
 
 #[test]
 fn command_order_is_enforced() {
-    let mut s = Session::new(SessionConfig { max_errors: 10, ..cfg() }, peer(true));
+    let mut s = Session::new(
+        SessionConfig {
+            max_errors: 10,
+            ..cfg()
+        },
+        peer(true),
+    );
     assert_eq!(code(&mut s, "MAIL FROM:<a@c.test>"), 503);
     code(&mut s, "HELO c");
     assert_eq!(code(&mut s, "RCPT TO:<b@d.test>"), 503);
     assert_eq!(code(&mut s, "DATA"), 503);
-    assert_eq!(code(&mut s, "MAIL FROM:<a@c.test> SIZE=5"), 555, "parameters need EHLO");
+    assert_eq!(
+        code(&mut s, "MAIL FROM:<a@c.test> SIZE=5"),
+        555,
+        "parameters need EHLO"
+    );
     assert_eq!(code(&mut s, "MAIL FROM:<a@c.test>"), 250);
     assert_eq!(code(&mut s, "MAIL FROM:<a@c.test>"), 503);
     assert_eq!(code(&mut s, "RSET"), 250);
@@ -127,14 +180,21 @@ fn recipients_and_size_are_capped() {
     for i in 0..3 {
         assert_eq!(code(&mut s, &format!("RCPT TO:<r{i}@d.test>")), 250);
     }
-    assert_eq!(code(&mut s, "RCPT TO:<r0@D.TEST>"), 250, "a duplicate is not a new recipient");
+    assert_eq!(
+        code(&mut s, "RCPT TO:<r0@D.TEST>"),
+        250,
+        "a duplicate is not a new recipient"
+    );
     assert_eq!(code(&mut s, "RCPT TO:<r3@d.test>"), 452);
     let mut big = vec![b'x'; 500];
     big.extend_from_slice(b"\r\n");
     let mut content = big.repeat(21);
     content.extend_from_slice(b".\r\n");
     let r = reply(send_data(&mut s, &content));
-    assert_eq!((r.code, r.enhanced), (552, Some(super::super::reply::Enhanced(5, 3, 4))));
+    assert_eq!(
+        (r.code, r.enhanced),
+        (552, Some(super::super::reply::Enhanced(5, 3, 4)))
+    );
 }
 
 #[test]
@@ -145,7 +205,10 @@ fn bare_line_endings_in_commands_and_data_are_refused() {
     code(&mut s, "EHLO c");
     code(&mut s, "MAIL FROM:<a@c.test>");
     code(&mut s, "RCPT TO:<b@d.test>");
-    let r = reply(send_data(&mut s, b"a\r\n\n.\nMAIL FROM:<x@y.test>\r\n.\r\n"));
+    let r = reply(send_data(
+        &mut s,
+        b"a\r\n\n.\nMAIL FROM:<x@y.test>\r\n.\r\n",
+    ));
     assert_eq!(r.code, 550);
     // Nothing from the refused transaction survives.
     assert_eq!(code(&mut s, "RCPT TO:<b@d.test>"), 503);
@@ -157,7 +220,9 @@ fn too_many_errors_closes() {
     for _ in 0..4 {
         assert!(matches!(s.on_line(b"BOGUS\r\n"), Step::Reply(_)));
     }
-    let Step::Close(r) = s.on_line(b"BOGUS\r\n") else { panic!() };
+    let Step::Close(r) = s.on_line(b"BOGUS\r\n") else {
+        panic!()
+    };
     assert_eq!(r.code, 421);
 }
 
@@ -181,19 +246,39 @@ fn starttls_resets_and_unlocks_auth() {
         version: "TLSv1.3".into(),
         cipher: "TLS13_AES_256_GCM_SHA384".into(),
     });
-    assert_eq!(code(&mut s, "MAIL FROM:<a@c.test>"), 503, "EHLO again after TLS");
+    assert_eq!(
+        code(&mut s, "MAIL FROM:<a@c.test>"),
+        503,
+        "EHLO again after TLS"
+    );
     let ehlo = reply(s.on_line(b"EHLO c\r\n")).lines.join(" ");
-    assert!(ehlo.contains("AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"), "{ehlo}");
+    assert!(
+        ehlo.contains("AUTH PLAIN LOGIN") && !ehlo.contains("STARTTLS"),
+        "{ehlo}"
+    );
     assert_eq!(code(&mut s, "STARTTLS"), 503);
-    let Step::CheckCredentials { username, password } = s.on_line(b"AUTH PLAIN AGFsaWNlAHB3\r\n") else { panic!() };
+    let Step::CheckCredentials { username, password } = s.on_line(b"AUTH PLAIN AGFsaWNlAHB3\r\n")
+    else {
+        panic!()
+    };
     assert_eq!((username.as_str(), password.as_str()), ("alice", "pw"));
     assert_eq!(reply(s.auth_result(username, true)).code, 235);
     code(&mut s, "MAIL FROM:<a@c.test>");
-    assert_eq!(code(&mut s, "RCPT TO:<b@d.test>"), 250, "authenticated clients may relay");
-    let Step::Enqueue(msg) = send_data(&mut s, b"x\r\n.\r\n") else { panic!() };
+    assert_eq!(
+        code(&mut s, "RCPT TO:<b@d.test>"),
+        250,
+        "authenticated clients may relay"
+    );
+    let Step::Enqueue(msg) = send_data(&mut s, b"x\r\n.\r\n") else {
+        panic!()
+    };
     assert_eq!(msg.envelope.client.auth_user.as_deref(), Some("alice"));
     let body = String::from_utf8(msg.body).unwrap();
-    assert!(body.contains("(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)") && body.contains("with ESMTPSA id"), "{body}");
+    assert!(
+        body.contains("(using TLSv1.3 with cipher TLS13_AES_256_GCM_SHA384)")
+            && body.contains("with ESMTPSA id"),
+        "{body}"
+    );
 }
 
 #[test]
@@ -207,7 +292,9 @@ fn auth_login_exchange_and_failure() {
     code(&mut s, "EHLO c");
     assert_eq!(code(&mut s, "AUTH LOGIN"), 334);
     assert_eq!(code(&mut s, "YWxpY2U="), 334);
-    let Step::CheckCredentials { username, .. } = s.on_line(b"d3Jvbmc=\r\n") else { panic!() };
+    let Step::CheckCredentials { username, .. } = s.on_line(b"d3Jvbmc=\r\n") else {
+        panic!()
+    };
     assert_eq!(reply(s.auth_result(username, false)).code, 535);
     assert_eq!(code(&mut s, "AUTH CRAM-MD5"), 504);
     assert_eq!(code(&mut s, "AUTH PLAIN"), 334);
@@ -219,25 +306,43 @@ fn bdat_chunks_and_refusals() {
     let mut s = Session::new(cfg(), peer(true));
     code(&mut s, "EHLO c");
     // BDAT without a transaction: the chunk is still read, then refused.
-    assert!(matches!(s.on_line(b"BDAT 3 LAST\r\n"), Step::ReadChunk { size: 3 }));
+    assert!(matches!(
+        s.on_line(b"BDAT 3 LAST\r\n"),
+        Step::ReadChunk { size: 3 }
+    ));
     s.chunk_feed(b"abc");
     assert_eq!(reply(s.chunk_end(QueueId::generate(), now())).code, 503);
     code(&mut s, "MAIL FROM:<a@c.test>");
     code(&mut s, "RCPT TO:<b@d.test>");
-    assert!(matches!(s.on_line(b"BDAT 9\r\n"), Step::ReadChunk { size: 9 }));
+    assert!(matches!(
+        s.on_line(b"BDAT 9\r\n"),
+        Step::ReadChunk { size: 9 }
+    ));
     s.chunk_feed(b"A: b\r\n\r\nx");
     assert_eq!(reply(s.chunk_end(QueueId::generate(), now())).code, 250);
-    assert_eq!(code(&mut s, "MAIL FROM:<a@c.test>"), 503, "only BDAT may follow BDAT");
+    assert_eq!(
+        code(&mut s, "MAIL FROM:<a@c.test>"),
+        503,
+        "only BDAT may follow BDAT"
+    );
     code(&mut s, "MAIL FROM:<a@c.test>");
     code(&mut s, "RCPT TO:<b@d.test>");
     assert!(matches!(s.on_line(b"BDAT 6\r\n"), Step::ReadChunk { .. }));
     s.chunk_feed(b"A: b\r\n");
     s.chunk_end(QueueId::generate(), now());
-    assert!(matches!(s.on_line(b"BDAT 3 LAST\r\n"), Step::ReadChunk { .. }));
+    assert!(matches!(
+        s.on_line(b"BDAT 3 LAST\r\n"),
+        Step::ReadChunk { .. }
+    ));
     s.chunk_feed(b"\r\nz");
-    let Step::Enqueue(msg) = s.chunk_end(QueueId::generate(), now()) else { panic!() };
+    let Step::Enqueue(msg) = s.chunk_end(QueueId::generate(), now()) else {
+        panic!()
+    };
     assert!(msg.body.ends_with(b"A: b\r\n\r\nz"));
-    assert!(matches!(s.on_line(b"BDAT 99999 LAST\r\n"), Step::Close(_)), "oversized chunk");
+    assert!(
+        matches!(s.on_line(b"BDAT 99999 LAST\r\n"), Step::Close(_)),
+        "oversized chunk"
+    );
 }
 
 #[test]
@@ -247,9 +352,16 @@ fn smtputf8_addresses_need_the_parameter() {
     assert_eq!(code(&mut s, "MAIL FROM:<用户@例子.测试>"), 553);
     assert_eq!(code(&mut s, "MAIL FROM:<用户@例子.测试> SMTPUTF8"), 250);
     assert_eq!(code(&mut s, "RCPT TO:<收件人@例子.测试>"), 250);
-    let Step::Enqueue(msg) = send_data(&mut s, "Subject: 你好\r\n\r\nx\r\n.\r\n".as_bytes()) else { panic!() };
+    let Step::Enqueue(msg) = send_data(&mut s, "Subject: 你好\r\n\r\nx\r\n.\r\n".as_bytes())
+    else {
+        panic!()
+    };
     assert!(msg.envelope.mail.smtputf8);
-    assert!(String::from_utf8(msg.body).unwrap().contains("with UTF8SMTP id"));
+    assert!(
+        String::from_utf8(msg.body)
+            .unwrap()
+            .contains("with UTF8SMTP id")
+    );
 }
 
 #[test]
@@ -270,7 +382,9 @@ fn message_limit_per_session() {
     for _ in 0..2 {
         code(&mut s, "MAIL FROM:<a@c.test>");
         code(&mut s, "RCPT TO:<b@d.test>");
-        let Step::Enqueue(m) = send_data(&mut s, b"x\r\n.\r\n") else { panic!() };
+        let Step::Enqueue(m) = send_data(&mut s, b"x\r\n.\r\n") else {
+            panic!()
+        };
         s.enqueue_result(&m.envelope.id, true);
     }
     assert!(matches!(s.on_line(b"MAIL FROM:<a@c.test>\r\n"), Step::Close(r) if r.code == 421));
@@ -282,9 +396,14 @@ fn failed_queue_write_is_a_tempfail_and_session_stays_usable() {
     code(&mut s, "EHLO c");
     code(&mut s, "MAIL FROM:<a@c.test>");
     code(&mut s, "RCPT TO:<b@d.test>");
-    let Step::Enqueue(m) = send_data(&mut s, b"x\r\n.\r\n") else { panic!() };
+    let Step::Enqueue(m) = send_data(&mut s, b"x\r\n.\r\n") else {
+        panic!()
+    };
     let r = s.enqueue_result(&m.envelope.id, false);
-    assert_eq!((r.code, r.enhanced), (451, Some(super::super::reply::Enhanced(4, 3, 0))));
+    assert_eq!(
+        (r.code, r.enhanced),
+        (451, Some(super::super::reply::Enhanced(4, 3, 0)))
+    );
     assert_eq!(code(&mut s, "MAIL FROM:<a@c.test>"), 250);
 }
 
@@ -292,14 +411,32 @@ fn failed_queue_write_is_a_tempfail_and_session_stays_usable() {
 #[test]
 fn random_lines_do_not_panic() {
     let words: [&[u8]; 16] = [
-        b"EHLO x", b"MAIL FROM:<a@b.c>", b"RCPT TO:<d@e.f>", b"DATA", b"BDAT 5", b"AUTH PLAIN", b"AUTH LOGIN", b"STARTTLS", b"RSET",
-        b"\xff\xfe", b"<>", b"=", b"*", b"\r", b"\n", b"\0",
+        b"EHLO x",
+        b"MAIL FROM:<a@b.c>",
+        b"RCPT TO:<d@e.f>",
+        b"DATA",
+        b"BDAT 5",
+        b"AUTH PLAIN",
+        b"AUTH LOGIN",
+        b"STARTTLS",
+        b"RSET",
+        b"\xff\xfe",
+        b"<>",
+        b"=",
+        b"*",
+        b"\r",
+        b"\n",
+        b"\0",
     ];
     for seed in 0..2000u64 {
         let mut s = Session::new(cfg(), peer(seed % 2 == 0));
-        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         for _ in 0..20 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let mut line = words[(x >> 33) as usize % words.len()].to_vec();
             if x & 1 == 0 {
                 line.extend_from_slice(words[(x >> 40) as usize % words.len()]);

@@ -1,0 +1,418 @@
+//! Prometheus metrics of the relay, exposed as OpenMetrics text on `/metrics`.
+//!
+//! Every recording method takes `&self` and touches only atomics (plus a read
+//! lock per labelled family), so one `Arc<Metrics>` is shared by all sessions.
+//!
+//! Label values are kept to a bounded set so a misbehaving client cannot create
+//! unbounded series: SMTP verbs outside the known list become `UNKNOWN`, and
+//! free-form labels (listener names, reasons) must be short identifiers
+//! (`[A-Za-z0-9_.-]`, at most 48 bytes) or are recorded as `other` — pass a fixed
+//! reason such as `rate_limited`, never an error message.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::{encode_eof, encode_registry};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::queue::QueueStats;
+
+/// One `name="value"` pair; the value is borrowed when it is a known constant.
+type Label = [(&'static str, Cow<'static, str>); 1];
+
+const PREFIX: &str = "mailrelay";
+
+/// SMTP verbs counted by name; anything else is counted as `UNKNOWN`.
+const VERBS: &[&str] = &[
+    "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "EXPN",
+    "STARTTLS", "AUTH", "FOREIGN", "UNKNOWN",
+];
+
+/// Queue writes are expected in the low milliseconds (Redis round trip, fsync); the
+/// upper buckets show a struggling store before the write timeout (10 s default).
+const QUEUE_WRITE_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    connections: Family<Label, Counter>,
+    connections_active: Gauge,
+    connections_refused: Family<Label, Counter>,
+    commands: Family<Label, Counter>,
+    messages_accepted: Counter,
+    messages_rejected: Family<Label, Counter>,
+    received_bytes: Counter,
+    queue_write: Histogram,
+    queue_write_failures: Counter,
+    tls_handshakes: Family<Label, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        // Counter names omit `_total`: the encoder appends it.
+        let connections = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_connections",
+            "SMTP connections accepted, by listener",
+            connections.clone(),
+        );
+        let connections_active = Gauge::default();
+        registry.register(
+            "smtp_connections_active",
+            "SMTP connections currently open",
+            connections_active.clone(),
+        );
+        let connections_refused = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_connections_refused",
+            "SMTP connections refused before the greeting, by reason",
+            connections_refused.clone(),
+        );
+        let commands = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_commands",
+            "SMTP commands received, by verb",
+            commands.clone(),
+        );
+        let messages_accepted = Counter::default();
+        registry.register(
+            "smtp_messages_accepted",
+            "Messages accepted and durably queued",
+            messages_accepted.clone(),
+        );
+        let messages_rejected = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_messages_rejected",
+            "Messages or transactions rejected, by reason",
+            messages_rejected.clone(),
+        );
+        let received_bytes = Counter::default();
+        registry.register_with_unit(
+            "smtp_received",
+            "Message bytes accepted into the queue",
+            Unit::Bytes,
+            received_bytes.clone(),
+        );
+        let queue_write = Histogram::new(QUEUE_WRITE_BUCKETS);
+        registry.register_with_unit(
+            "queue_write",
+            "Time to write one message to the queue, failures included",
+            Unit::Seconds,
+            queue_write.clone(),
+        );
+        let queue_write_failures = Counter::default();
+        registry.register(
+            "queue_write_failures",
+            "Queue writes that failed or timed out",
+            queue_write_failures.clone(),
+        );
+        let tls_handshakes = Family::<Label, Counter>::default();
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes, by result (ok or error)",
+            tls_handshakes.clone(),
+        );
+        // Both results exist from the start, so `rate()` over errors works before
+        // the first error happens.
+        for result in ["ok", "error"] {
+            let _ = tls_handshakes.get_or_create(&label("result", result));
+        }
+        Metrics {
+            registry,
+            connections,
+            connections_active,
+            connections_refused,
+            commands,
+            messages_accepted,
+            messages_rejected,
+            received_bytes,
+            queue_write,
+            queue_write_failures,
+            tls_handshakes,
+        }
+    }
+
+    pub fn connection_opened(&self, listener: &str) {
+        self.connections
+            .get_or_create(&bounded("listener", listener))
+            .inc();
+        self.connections_active.inc();
+    }
+
+    /// Call once for every [`Metrics::connection_opened`].
+    pub fn connection_closed(&self) {
+        self.connections_active.dec();
+    }
+
+    pub fn connection_refused(&self, reason: &str) {
+        self.connections_refused
+            .get_or_create(&bounded("reason", reason))
+            .inc();
+    }
+
+    /// `verb` as the SMTP layer names it (`EHLO`, `MAIL`, …, `UNKNOWN`).
+    pub fn command(&self, verb: &str) {
+        let verb = VERBS
+            .iter()
+            .find(|v| v.eq_ignore_ascii_case(verb))
+            .copied()
+            .unwrap_or("UNKNOWN");
+        self.commands.get_or_create(&label("command", verb)).inc();
+    }
+
+    /// A message of `bytes` bytes was queued and acknowledged to the client.
+    pub fn accepted(&self, bytes: u64) {
+        self.messages_accepted.inc();
+        self.received_bytes.inc_by(bytes);
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.messages_rejected
+            .get_or_create(&bounded("reason", reason))
+            .inc();
+    }
+
+    pub fn queue_write(&self, elapsed: Duration, ok: bool) {
+        self.queue_write.observe(elapsed.as_secs_f64());
+        if !ok {
+            self.queue_write_failures.inc();
+        }
+    }
+
+    pub fn tls_handshake(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.tls_handshakes
+            .get_or_create(&label("result", result))
+            .inc();
+    }
+
+    /// The complete OpenMetrics exposition (ending in `# EOF`).
+    pub fn encode(&self) -> String {
+        self.encode_with_queue_stats(None)
+    }
+
+    /// Like [`Metrics::encode`], plus `mailrelay_queue_messages` and
+    /// `mailrelay_queue_bytes` when the queue reported its size. They are gauges
+    /// read at scrape time rather than kept here, because other relay processes
+    /// change the same queue.
+    pub fn encode_with_queue_stats(&self, stats: Option<QueueStats>) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = encode_registry(&mut out, &self.registry);
+        if let Some(stats) = stats {
+            let mut queue = Registry::with_prefix(PREFIX);
+            let messages = Gauge::<u64, std::sync::atomic::AtomicU64>::default();
+            messages.set(stats.messages);
+            queue.register(
+                "queue_messages",
+                "Messages in the queue (all relay processes sharing it)",
+                messages,
+            );
+            let bytes = Gauge::<u64, std::sync::atomic::AtomicU64>::default();
+            bytes.set(stats.bytes);
+            queue.register_with_unit(
+                "queue",
+                "Bytes of queued message bodies (all relay processes sharing it)",
+                Unit::Bytes,
+                bytes,
+            );
+            let _ = encode_registry(&mut out, &queue);
+        }
+        let _ = encode_eof(&mut out);
+        out
+    }
+}
+
+fn label(name: &'static str, value: &'static str) -> Label {
+    [(name, Cow::Borrowed(value))]
+}
+
+fn bounded(name: &'static str, value: &str) -> Label {
+    let ok = !value.is_empty()
+        && value.len() <= 48
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        [(name, Cow::Owned(value.to_owned()))]
+    } else {
+        label(name, "other")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn every_family_is_exposed_with_its_openmetrics_name() {
+        let m = Metrics::new();
+        m.connection_opened("smtp");
+        m.connection_refused("too_many_connections");
+        m.command("EHLO");
+        m.accepted(100);
+        m.rejected("relay_denied");
+        m.queue_write(Duration::from_millis(3), true);
+        m.tls_handshake(true);
+        let text = m.encode();
+        for family in [
+            "mailrelay_smtp_connections counter",
+            "mailrelay_smtp_connections_active gauge",
+            "mailrelay_smtp_connections_refused counter",
+            "mailrelay_smtp_commands counter",
+            "mailrelay_smtp_messages_accepted counter",
+            "mailrelay_smtp_messages_rejected counter",
+            "mailrelay_smtp_received_bytes counter",
+            "mailrelay_queue_write_seconds histogram",
+            "mailrelay_queue_write_failures counter",
+            "mailrelay_tls_handshakes counter",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family}\n")),
+                "{family} missing:\n{text}"
+            );
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            !text.contains("mailrelay_queue_messages"),
+            "no queue stats given"
+        );
+    }
+
+    #[test]
+    fn recording_updates_the_right_series() {
+        let m = Metrics::new();
+        m.connection_opened("smtp");
+        m.connection_opened("smtp");
+        m.connection_opened("submission");
+        m.connection_closed();
+        m.command("MAIL");
+        m.command("mail");
+        m.command("XYZZY");
+        m.command("UNKNOWN");
+        m.accepted(1000);
+        m.accepted(24);
+        m.queue_write(Duration::from_micros(200), true);
+        m.queue_write(Duration::from_secs(20), false);
+        m.tls_handshake(false);
+        let text = m.encode();
+        let expect = [
+            "mailrelay_smtp_connections_total{listener=\"smtp\"} 2",
+            "mailrelay_smtp_connections_total{listener=\"submission\"} 1",
+            "mailrelay_smtp_connections_active 2",
+            "mailrelay_smtp_commands_total{command=\"MAIL\"} 2",
+            "mailrelay_smtp_commands_total{command=\"UNKNOWN\"} 2",
+            "mailrelay_smtp_messages_accepted_total 2",
+            "mailrelay_smtp_received_bytes_total 1024",
+            "mailrelay_queue_write_seconds_count 2",
+            "mailrelay_queue_write_seconds_bucket{le=\"0.0005\"} 1",
+            "mailrelay_queue_write_seconds_bucket{le=\"10.0\"} 1",
+            "mailrelay_queue_write_seconds_bucket{le=\"+Inf\"} 2",
+            "mailrelay_queue_write_failures_total 1",
+            "mailrelay_tls_handshakes_total{result=\"ok\"} 0",
+            "mailrelay_tls_handshakes_total{result=\"error\"} 1",
+        ];
+        for e in expect {
+            assert!(text.lines().any(|l| l == e), "{e:?} missing:\n{text}");
+        }
+        assert!(!text.contains("XYZZY"));
+    }
+
+    #[test]
+    fn free_form_labels_are_bounded() {
+        let m = Metrics::new();
+        m.rejected("size_exceeded");
+        m.rejected("550 5.7.1 <evil@example.com>: Relay access denied");
+        m.connection_refused(&"x".repeat(200));
+        m.connection_opened("");
+        let text = m.encode();
+        assert!(
+            line(
+                &text,
+                "mailrelay_smtp_messages_rejected_total{reason=\"size_exceeded\"} 1"
+            )
+            .is_some()
+        );
+        assert!(
+            line(
+                &text,
+                "mailrelay_smtp_messages_rejected_total{reason=\"other\"} 1"
+            )
+            .is_some()
+        );
+        assert!(
+            line(
+                &text,
+                "mailrelay_smtp_connections_refused_total{reason=\"other\"} 1"
+            )
+            .is_some()
+        );
+        assert!(
+            line(
+                &text,
+                "mailrelay_smtp_connections_total{listener=\"other\"} 1"
+            )
+            .is_some()
+        );
+        assert!(!text.contains("evil"));
+    }
+
+    #[test]
+    fn queue_stats_are_appended_before_eof() {
+        let m = Metrics::new();
+        let text = m.encode_with_queue_stats(Some(QueueStats {
+            messages: 7,
+            bytes: 4096,
+        }));
+        assert!(
+            text.contains("# TYPE mailrelay_queue_messages gauge\nmailrelay_queue_messages 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# UNIT mailrelay_queue_bytes bytes\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nmailrelay_queue_bytes 4096\n"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1);
+        assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn shared_across_threads() {
+        let m = std::sync::Arc::new(Metrics::new());
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        m.command("RCPT");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(
+            m.encode()
+                .contains("mailrelay_smtp_commands_total{command=\"RCPT\"} 4000\n")
+        );
+    }
+}

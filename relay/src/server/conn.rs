@@ -1,0 +1,416 @@
+//! One SMTP connection: reads lines and message octets from the socket, feeds them
+//! to the [`Session`] state machine, and carries out its steps (replies, STARTTLS,
+//! queue writes). Every wait is bounded by a timeout.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
+use tracing::{debug, info, warn};
+
+use super::Shared;
+use crate::queue::{QueueId, TlsInfo};
+use crate::smtp::{Reply, Session, Step};
+
+/// The socket, before or after a TLS upgrade.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Momentarily, while the socket is inside the TLS acceptor.
+    Detached,
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "socket detached")
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Detached => Poll::Ready(Err(detached())),
+        }
+    }
+}
+
+/// Why a session ended early.
+#[derive(Debug)]
+enum End {
+    /// Peer closed or the socket failed.
+    Gone,
+    /// A read timed out; the reply has not been sent yet.
+    Timeout,
+    /// Graceful shutdown reached its deadline.
+    Shutdown,
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+
+pub struct Conn {
+    stream: Stream,
+    buf: Vec<u8>,
+    /// Start of unconsumed input in `buf`.
+    pos: usize,
+    out: Vec<u8>,
+    shared: Arc<Shared>,
+    deadline: Instant,
+    /// Becomes true when graceful shutdown begins, and again at its deadline.
+    draining: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
+}
+
+enum Line {
+    Complete(Vec<u8>),
+    TooLong,
+}
+
+impl Conn {
+    pub fn new(
+        stream: Stream,
+        shared: Arc<Shared>,
+        draining: watch::Receiver<bool>,
+        closing: watch::Receiver<bool>,
+    ) -> Self {
+        let deadline = Instant::now() + shared.config.limits.session_timeout;
+        Conn {
+            stream,
+            buf: Vec::with_capacity(1024),
+            pos: 0,
+            out: Vec::with_capacity(512),
+            shared,
+            deadline,
+            draining,
+            closing,
+        }
+    }
+
+    fn push(&mut self, reply: &Reply) {
+        reply.write_to(&mut self.out);
+    }
+
+    async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn buffered(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    fn compact(&mut self) {
+        if self.pos > 0 && (self.pos == self.buf.len() || self.pos > 8192) {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+    }
+
+    /// Reads more input. Pending replies are flushed first: with PIPELINING the
+    /// client may be waiting for them before it sends more (RFC 2920 §3.2).
+    async fn fill(&mut self, timeout: Duration, idle: bool) -> Result<(), End> {
+        self.flush().await.map_err(|_| End::Gone)?;
+        self.compact();
+        let limit = timeout.min(self.deadline.saturating_duration_since(Instant::now()));
+        let start = self.buf.len();
+        self.buf.resize(start + READ_CHUNK, 0);
+        let read = self.stream.read(&mut self.buf[start..]);
+        let mut closing = self.closing.clone();
+        let mut draining = self.draining.clone();
+        let result = tokio::select! {
+            r = tokio::time::timeout(limit, read) => match r {
+                Ok(Ok(0)) | Ok(Err(_)) => Err(End::Gone),
+                Ok(Ok(n)) => Ok(n),
+                Err(_) => Err(End::Timeout),
+            },
+            _ = closing.wait_for(|v| *v) => Err(End::Shutdown),
+            // An idle session is closed as soon as shutdown begins.
+            _ = draining.wait_for(|v| *v), if idle => Err(End::Shutdown),
+        };
+        match result {
+            Ok(n) => {
+                self.buf.truncate(start + n);
+                Ok(())
+            }
+            Err(e) => {
+                self.buf.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_line(&mut self, max: usize, idle: bool) -> Result<Line, End> {
+        let timeout = self.shared.config.limits.command_timeout;
+        let mut discarding = false;
+        loop {
+            if let Some(i) = self.buffered().iter().position(|&b| b == b'\n') {
+                let end = self.pos + i + 1;
+                let line = self.buf[self.pos..end].to_vec();
+                self.pos = end;
+                return Ok(if discarding || line.len() > max {
+                    Line::TooLong
+                } else {
+                    Line::Complete(line)
+                });
+            }
+            if self.buffered().len() > max {
+                // Keep memory bounded: drop the overlong line as it arrives.
+                discarding = true;
+                self.pos = self.buf.len();
+            }
+            let idle_now = idle && self.buffered().is_empty() && !discarding;
+            self.fill(timeout, idle_now).await?;
+        }
+    }
+
+    /// Runs the session to its end.
+    pub async fn run(mut self, mut session: Session) {
+        let metrics = Arc::clone(&self.shared.metrics);
+        self.push(&session.greeting());
+        let end = self.serve(&mut session).await;
+        let reply = match end {
+            Ok(()) => None,
+            Err(End::Gone) => None,
+            Err(End::Timeout) => Some(Reply::status(
+                421,
+                (4, 4, 2),
+                format!("{} Error: timeout exceeded", self.shared.config.hostname),
+            )),
+            Err(End::Shutdown) => Some(Reply::status(
+                421,
+                (4, 3, 2),
+                format!(
+                    "{} Service shutting down, try again later",
+                    self.shared.config.hostname
+                ),
+            )),
+        };
+        if let Some(r) = reply {
+            if matches!(end, Err(End::Timeout)) {
+                metrics.rejected("timeout");
+            }
+            self.push(&r);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
+    }
+
+    async fn serve(&mut self, session: &mut Session) -> Result<(), End> {
+        loop {
+            let idle = !session.in_transaction();
+            let line = self.read_line(session.max_line(), idle).await?;
+            let mut step = match line {
+                Line::Complete(l) => session.on_line(&l),
+                Line::TooLong => session.line_too_long(),
+            };
+            self.shared.metrics.command(session.last_verb());
+            loop {
+                match step {
+                    Step::Reply(r) => {
+                        if r.is_permanent_failure() {
+                            debug!(client = %session.peer().ip, reply = %r, "command refused");
+                        }
+                        self.push(&r);
+                        break;
+                    }
+                    Step::Close(r) => {
+                        if r.code == 421 {
+                            self.shared.metrics.rejected("too_many_errors");
+                        }
+                        self.push(&r);
+                        return Ok(());
+                    }
+                    Step::StartTls(r) => {
+                        self.push(&r);
+                        self.flush().await.map_err(|_| End::Gone)?;
+                        self.start_tls(session).await?;
+                        break;
+                    }
+                    Step::ReadData(r) => {
+                        self.push(&r);
+                        step = self.read_data(session).await?;
+                    }
+                    Step::ReadChunk { size } => {
+                        self.read_chunk(session, size).await?;
+                        step =
+                            session.chunk_end(QueueId::generate(), time::OffsetDateTime::now_utc());
+                    }
+                    Step::CheckCredentials { username, password } => {
+                        let ok = self
+                            .shared
+                            .users
+                            .as_ref()
+                            .is_some_and(|u| u.current().verify(&username, &password));
+                        if ok {
+                            info!(client = %session.peer().ip, user = %username, "authenticated");
+                        } else {
+                            // The user name is logged for abuse tracking; the password never is.
+                            warn!(client = %session.peer().ip, user = %username, "authentication failed");
+                            self.shared.metrics.rejected("auth_failed");
+                        }
+                        step = session.auth_result(username, ok);
+                    }
+                    Step::Enqueue(msg) => {
+                        let r = self.enqueue(session, *msg).await;
+                        self.push(&r);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn start_tls(&mut self, session: &mut Session) -> Result<(), End> {
+        let Some(tls) = self.shared.tls.as_ref() else {
+            return Err(End::Gone);
+        };
+        // Anything the client pipelined after STARTTLS was sent in the clear and must
+        // not be executed inside TLS (CVE-2011-0411).
+        self.buf.clear();
+        self.pos = 0;
+        let plain = match std::mem::replace(&mut self.stream, Stream::Detached) {
+            Stream::Plain(s) => s,
+            Stream::Tls(_) | Stream::Detached => return Err(End::Gone),
+        };
+        let acceptor = tls.acceptor();
+        let limit = self
+            .shared
+            .config
+            .limits
+            .command_timeout
+            .min(Duration::from_secs(60));
+        match tokio::time::timeout(limit, acceptor.accept(plain)).await {
+            Ok(Ok(tls_stream)) => {
+                let info = super::tls::tls_info(tls_stream.get_ref().1);
+                self.shared.metrics.tls_handshake(true);
+                debug!(client = %session.peer().ip, version = %info.version, cipher = %info.cipher, "STARTTLS");
+                self.stream = Stream::Tls(Box::new(tls_stream));
+                session.tls_started(info);
+                Ok(())
+            }
+            _ => {
+                self.shared.metrics.tls_handshake(false);
+                Err(End::Gone)
+            }
+        }
+    }
+
+    async fn read_data(&mut self, session: &mut Session) -> Result<Step, End> {
+        let timeout = self.shared.config.limits.data_timeout;
+        loop {
+            if !self.buffered().is_empty() {
+                let consumed = session.data_feed(&self.buf[self.pos..]);
+                match consumed {
+                    Some(n) => {
+                        self.pos += n;
+                        return Ok(
+                            session.data_end(QueueId::generate(), time::OffsetDateTime::now_utc())
+                        );
+                    }
+                    None => self.pos = self.buf.len(),
+                }
+            }
+            self.fill(timeout, false).await?;
+        }
+    }
+
+    async fn read_chunk(&mut self, session: &mut Session, size: u64) -> Result<(), End> {
+        let timeout = self.shared.config.limits.data_timeout;
+        let mut left = size;
+        loop {
+            let avail = self.buffered().len() as u64;
+            let take = avail.min(left) as usize;
+            if take > 0 {
+                session.chunk_feed(&self.buf[self.pos..self.pos + take]);
+                self.pos += take;
+                left -= take as u64;
+            }
+            if left == 0 {
+                return Ok(());
+            }
+            self.fill(timeout, false).await?;
+        }
+    }
+
+    async fn enqueue(&mut self, session: &mut Session, msg: crate::queue::QueuedMessage) -> Reply {
+        let id = msg.envelope.id.clone();
+        let started = Instant::now();
+        let limit = self.shared.config.queue.write_timeout;
+        let result = tokio::time::timeout(limit, self.shared.queue.enqueue(&msg)).await;
+        let elapsed = started.elapsed();
+        let stored = matches!(result, Ok(Ok(())));
+        self.shared.metrics.queue_write(elapsed, stored);
+        match &result {
+            Ok(Ok(())) => {
+                self.shared.metrics.accepted(msg.body.len() as u64);
+                info!(
+                    queue_id = %id,
+                    from = %msg.envelope.mail.from,
+                    nrcpt = msg.envelope.recipients.len(),
+                    size = msg.body.len(),
+                    client = %msg.envelope.client.ip,
+                    tls = msg.envelope.client.tls.is_some(),
+                    "queued"
+                );
+            }
+            Ok(Err(e)) => {
+                self.shared.metrics.rejected("queue_unavailable");
+                warn!(queue_id = %id, error = %e, "queue write failed; answered 451");
+            }
+            Err(_) => {
+                self.shared.metrics.rejected("queue_timeout");
+                warn!(queue_id = %id, timeout = ?limit, "queue write timed out; answered 451");
+            }
+        }
+        session.enqueue_result(&id, stored)
+    }
+}
+
+/// TLS details for sessions that start inside TLS (implicit TLS listeners).
+pub fn handshake_info(s: &TlsStream<TcpStream>) -> TlsInfo {
+    super::tls::tls_info(s.get_ref().1)
+}
