@@ -1,0 +1,388 @@
+//! A real `mailrelay serve` process on free loopback ports, configured per test.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mailrelay::queue::{EmbeddedQueue, Queue, QueuedMessage};
+
+use super::free_ports;
+
+/// How to configure a relay under test. Unset fields keep the relay's defaults,
+/// except that ports are free ones and the queue lives in a temp dir.
+#[derive(Debug, Clone, Default)]
+pub struct RelayOptions {
+    /// `relay_networks`; `None` keeps the default (loopback).
+    pub relay_networks: Option<Vec<String>>,
+    /// Generate a self-signed certificate (CN and SAN `relay.test`, IP 127.0.0.1)
+    /// and configure it; STARTTLS is then offered.
+    pub tls: bool,
+    /// Also open an implicit-TLS listener (needs `tls`).
+    pub implicit_tls: bool,
+    /// `username:password` lines for SMTP AUTH.
+    pub auth_users: Option<String>,
+    /// Use the Redis backend at this URL instead of the embedded queue.
+    pub redis_url: Option<String>,
+    /// The main listener expects a PROXY protocol header.
+    pub proxy_protocol: bool,
+    /// Extra lines inside `limits:` (each like `max_recipients: 5`).
+    pub limits: Vec<String>,
+    /// Extra top-level YAML, appended verbatim.
+    pub extra_yaml: String,
+}
+
+pub struct Relay {
+    child: Option<Child>,
+    pub smtp: SocketAddr,
+    /// The implicit-TLS listener, when requested.
+    pub smtps: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    /// PEM of the generated certificate (trust anchor for clients), when `tls`.
+    pub cert_path: Option<PathBuf>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_mailrelay")
+}
+
+/// Writes a self-signed certificate and key for `relay.test` / 127.0.0.1.
+pub fn make_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=relay.test",
+        ])
+        .args(["-addext", "subjectAltName=DNS:relay.test,IP:127.0.0.1"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run openssl");
+    assert!(st.success(), "openssl req failed");
+    (cert, key)
+}
+
+impl Relay {
+    pub fn start(opts: RelayOptions) -> Relay {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports = free_ports(3);
+        let smtp: SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", ports[1]).parse().unwrap();
+        let smtps = opts
+            .implicit_tls
+            .then(|| format!("127.0.0.1:{}", ports[2]).parse().unwrap());
+        let mut y = String::new();
+        writeln!(y, "hostname: relay.test").unwrap();
+        writeln!(y, "listeners:").unwrap();
+        writeln!(
+            y,
+            "  - {{name: smtp, address: '{smtp}', proxy_protocol: {}}}",
+            opts.proxy_protocol
+        )
+        .unwrap();
+        if let Some(a) = smtps {
+            writeln!(y, "  - {{name: smtps, address: '{a}', tls: implicit}}").unwrap();
+        }
+        writeln!(y, "admin: {{address: '{admin}'}}").unwrap();
+        if let Some(nets) = &opts.relay_networks {
+            writeln!(
+                y,
+                "relay_networks: [{}]",
+                nets.iter()
+                    .map(|n| format!("'{n}'"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+            .unwrap();
+        }
+        let mut cert_path = None;
+        if opts.tls {
+            let (cert, key) = make_cert(dir.path());
+            writeln!(
+                y,
+                "tls: {{cert_file: '{}', key_file: '{}', reload_interval: 1s}}",
+                cert.display(),
+                key.display()
+            )
+            .unwrap();
+            cert_path = Some(cert);
+        }
+        if let Some(users) = &opts.auth_users {
+            let p = dir.path().join("users");
+            std::fs::write(&p, users).unwrap();
+            writeln!(y, "auth: {{users_file: '{}'}}", p.display()).unwrap();
+        }
+        writeln!(y, "queue:").unwrap();
+        writeln!(y, "  path: '{}'", dir.path().join("queue").display()).unwrap();
+        writeln!(y, "  write_timeout: 3s").unwrap();
+        if let Some(url) = &opts.redis_url {
+            writeln!(y, "  redis: {{url: '{url}', key_prefix: 'mrtest'}}").unwrap();
+        }
+        if !opts.limits.is_empty() {
+            writeln!(y, "limits:").unwrap();
+            for l in &opts.limits {
+                writeln!(y, "  {l}").unwrap();
+            }
+        }
+        writeln!(y, "shutdown_grace: 5s").unwrap();
+        y.push_str(&opts.extra_yaml);
+        let config_path = dir.path().join("mailrelay.yaml");
+        std::fs::write(&config_path, y).unwrap();
+        let mut relay = Relay {
+            child: None,
+            smtp,
+            smtps,
+            admin,
+            dir,
+            config_path,
+            cert_path,
+        };
+        relay.spawn();
+        relay
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(binary())
+            .arg("serve")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "mailrelay=debug")
+            .env_remove("MAILRELAY_REDIS_URL")
+            .env_remove("MAILRELAY_REDIS_PASSWORD")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mailrelay");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(self.smtp).is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "mailrelay exited with {st} before listening:\n{}",
+                    self.log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mailrelay did not listen in time:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Starts the relay again with the same config and queue (after `stop`/`kill`).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "relay still running");
+        self.spawn();
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("relay.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, …).
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+
+    /// SIGTERM and wait for the process to exit; returns its exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        self.wait(Duration::from_secs(30))
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mailrelay did not exit in time:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Opens the embedded queue directory (the relay must be stopped: redb locks it).
+    pub fn open_queue(&self) -> Arc<dyn Queue> {
+        assert!(
+            self.child.is_none(),
+            "stop the relay before opening its embedded queue"
+        );
+        Arc::new(EmbeddedQueue::open(&self.dir.path().join("queue")).expect("open embedded queue"))
+    }
+
+    /// Every message in the embedded queue, in arrival order (stops nothing itself).
+    pub fn queued_messages(&self) -> Vec<QueuedMessage> {
+        let q = self.open_queue();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let ids = q.list_ids(usize::MAX).await.unwrap();
+            let mut out = Vec::new();
+            for id in ids {
+                out.push(q.get(&id).await.unwrap().expect("listed message exists"));
+            }
+            out
+        })
+    }
+
+    /// A plain HTTP GET against the admin port: (status, body).
+    pub fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path)
+    }
+
+    /// Connects a raw SMTP client and reads the greeting.
+    pub fn connect(&self) -> SmtpConn {
+        SmtpConn::connect(self.smtp)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- mailrelay log ----\n{}", self.log());
+        }
+    }
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A raw SMTP connection for exact-byte tests: what we send is what goes on the wire.
+pub struct SmtpConn {
+    reader: BufReader<TcpStream>,
+    pub greeting: String,
+}
+
+impl SmtpConn {
+    pub fn connect(addr: SocketAddr) -> SmtpConn {
+        let s = TcpStream::connect(addr).expect("connect relay");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = SmtpConn {
+            reader: BufReader::new(s),
+            greeting: String::new(),
+        };
+        c.greeting = c.reply();
+        c
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.reader.get_mut()
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.reader.get_mut().write_all(bytes).unwrap();
+    }
+
+    /// Reads one full (possibly multi-line) reply; empty string on EOF.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+        }
+    }
+
+    /// Sends one command line (CRLF added) and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Whether the server has closed the connection (reads to EOF within the timeout).
+    pub fn is_closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        matches!(self.reader.read_to_end(&mut rest), Ok(_))
+    }
+}
+
+/// The reply code at the start of a reply.
+pub fn code(reply: &str) -> u16 {
+    reply.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
