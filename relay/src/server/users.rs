@@ -20,13 +20,16 @@ pub enum UsersError {
     },
 }
 
+/// Modification time and size: what tells us the file changed.
+type Stamp = Option<(SystemTime, u64)>;
+
 #[derive(Debug)]
 pub struct UsersSource {
     path: PathBuf,
-    current: RwLock<(Arc<Credentials>, Option<(SystemTime, u64)>)>,
+    current: RwLock<(Arc<Credentials>, Stamp)>,
 }
 
-fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+fn stamp(path: &PathBuf) -> Stamp {
     // metadata() follows symlinks, which is how Kubernetes swaps Secret files.
     std::fs::metadata(path)
         .ok()

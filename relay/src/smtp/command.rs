@@ -245,12 +245,10 @@ fn find_path_end(s: &str) -> Option<usize> {
 
 /// RFC 5321 §4.1.2: a source route (`@a,@b:user@d`) must be accepted and ignored.
 fn strip_source_route(path: &str) -> &str {
-    if path.starts_with('@') {
-        if let Some(i) = path.find(':') {
-            return &path[i + 1..];
-        }
+    match path.find(':') {
+        Some(i) if path.starts_with('@') => &path[i + 1..],
+        _ => path,
     }
-    path
 }
 
 /// Checks a mailbox (`local@domain`) as RFC 5321 §4.1.2 and RFC 6531 define it.

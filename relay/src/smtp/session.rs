@@ -368,10 +368,11 @@ impl Session {
                 }
             }
         }
-        if !mail.from.is_empty() {
-            if let Err(reply) = validate_mailbox(&mail.from, mail.smtputf8) {
-                return self.error(reply);
-            }
+        if let (false, Err(reply)) = (
+            mail.from.is_empty(),
+            validate_mailbox(&mail.from, mail.smtputf8),
+        ) {
+            return self.error(reply);
         }
         self.tx.mail = Some(mail);
         Step::Reply(r(250, (2, 1, 0), "Ok"))

@@ -378,7 +378,7 @@ impl SmtpConn {
     /// Whether the server has closed the connection (reads to EOF within the timeout).
     pub fn is_closed(&mut self) -> bool {
         let mut rest = Vec::new();
-        matches!(self.reader.read_to_end(&mut rest), Ok(_))
+        self.reader.read_to_end(&mut rest).is_ok()
     }
 }
 
