@@ -249,6 +249,9 @@ impl Conn {
             };
             self.shared.metrics.command(session.last_verb());
             loop {
+                if let Some(reason) = session.take_rejection() {
+                    self.shared.metrics.rejected(reason);
+                }
                 match step {
                     Step::Reply(r) => {
                         if r.is_permanent_failure() {
@@ -258,8 +261,8 @@ impl Conn {
                         break;
                     }
                     Step::Close(r) => {
-                        if r.code == 421 {
-                            self.shared.metrics.rejected("too_many_errors");
+                        if let Some(reason) = session.take_rejection() {
+                            self.shared.metrics.rejected(reason);
                         }
                         self.push(&r);
                         return Ok(());
@@ -290,7 +293,6 @@ impl Conn {
                         } else {
                             // The user name is logged for abuse tracking; the password never is.
                             warn!(client = %session.peer().ip, user = %username, "authentication failed");
-                            self.shared.metrics.rejected("auth_failed");
                         }
                         step = session.auth_result(username, ok);
                     }
@@ -300,6 +302,9 @@ impl Conn {
                         break;
                     }
                 }
+            }
+            if let Some(reason) = session.take_rejection() {
+                self.shared.metrics.rejected(reason);
             }
         }
     }

@@ -101,6 +101,8 @@ pub struct Session {
     messages: u32,
     last_verb: &'static str,
     bdat_last: bool,
+    /// Why the last step refused something, for the rejected-by-reason metric.
+    rejection: Option<&'static str>,
 }
 
 fn r(code: u16, esc: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -122,6 +124,7 @@ impl Session {
             messages: 0,
             last_verb: "NONE",
             bdat_last: false,
+            rejection: None,
         }
     }
 
@@ -153,9 +156,16 @@ impl Session {
         MAX_AUTH_LINE
     }
 
+    /// The reason the last step refused a command or message, if it did (taken once).
+    pub fn take_rejection(&mut self) -> Option<&'static str> {
+        self.rejection.take()
+    }
+
     fn error(&mut self, reply: Reply) -> Step {
         self.errors += 1;
+        self.rejection = Some(classify(&reply));
         if self.errors >= self.cfg.max_errors {
+            self.rejection = Some("too_many_errors");
             return Step::Close(r(
                 421,
                 (4, 7, 0),
@@ -313,6 +323,7 @@ impl Session {
             return self.error(r(503, (5, 5, 1), "Error: nested MAIL command"));
         }
         if self.messages >= self.cfg.max_messages {
+            self.rejection = Some("too_many_messages");
             return Step::Close(r(
                 421,
                 (4, 7, 0),
@@ -337,6 +348,7 @@ impl Session {
                 {
                     let size: u64 = v.parse().unwrap_or(u64::MAX);
                     if size > self.cfg.max_message_size {
+                        self.rejection = Some("message_too_big");
                         return Step::Reply(r(
                             552,
                             (5, 3, 4),
@@ -432,6 +444,7 @@ impl Session {
             return Step::Reply(r(250, (2, 1, 5), "Ok (duplicate recipient)"));
         }
         if self.tx.rcpts.len() >= self.cfg.max_recipients {
+            self.rejection = Some("too_many_recipients");
             return Step::Reply(r(452, (4, 5, 3), "Error: too many recipients"));
         }
         self.tx.rcpts.push(rcpt);
@@ -477,6 +490,7 @@ impl Session {
             Err(e) => {
                 self.tx = Transaction::default();
                 let reply = refusal(e, self.cfg.max_line_length);
+                self.rejection = Some(e.reason());
                 match e {
                     // Smuggling attempts and broken clients count towards the error limit.
                     DataError::BareLf | DataError::BareCr => self.error(reply),
@@ -504,6 +518,7 @@ impl Session {
         let so_far = self.tx.bdat.as_ref().map_or(0, DataDecoder::size);
         // Reading a huge chunk only to throw it away would tie the session up.
         if so_far.saturating_add(size) > self.cfg.max_message_size {
+            self.rejection = Some("message_too_big");
             self.tx = Transaction::default();
             return Step::Close(r(
                 552,
@@ -745,6 +760,25 @@ fn known_verb(v: &str) -> &'static str {
                 .unwrap_or("UNKNOWN")
         }
         Err(CommandError::Unrecognized) => "UNKNOWN",
+    }
+}
+
+/// A bounded set of metric labels for refusals counted as client errors.
+fn classify(reply: &Reply) -> &'static str {
+    use super::reply::Enhanced;
+    let text = reply.lines.first().map(String::as_str).unwrap_or("");
+    match (reply.code, reply.enhanced) {
+        (_, Some(Enhanced(5, 7, 1))) => "relay_denied",
+        (_, Some(Enhanced(5, 7, 8))) => "auth_failed",
+        (_, Some(Enhanced(5, 7, 11))) => "auth_requires_tls",
+        (550, _) if text.contains("bare <LF>") => "bare_lf",
+        (550, _) if text.contains("bare <CR>") => "bare_cr",
+        (500, _) if text.contains("bare <") => "bare_line_ending",
+        (500, _) if text.contains("line too long") => "line_too_long",
+        (500, _) if text.contains("not recognized") => "unknown_command",
+        (503, _) => "bad_sequence",
+        (501 | 504 | 555 | 500 | 553, _) => "syntax",
+        _ => "protocol_error",
     }
 }
 
