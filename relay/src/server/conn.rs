@@ -83,7 +83,12 @@ enum End {
     Shutdown,
 }
 
-const READ_CHUNK: usize = 16 * 1024;
+/// Read size while expecting commands (pipelined groups are small).
+const COMMAND_CHUNK: usize = 4096;
+/// Read size for message content.
+const DATA_CHUNK: usize = 64 * 1024;
+/// Largest buffer an idle session keeps.
+const IDLE_BUFFER: usize = 8192;
 
 pub struct Conn {
     stream: Stream,
@@ -113,9 +118,9 @@ impl Conn {
         let deadline = Instant::now() + shared.config.limits.session_timeout;
         Conn {
             stream,
-            buf: Vec::with_capacity(1024),
+            buf: Vec::new(),
             pos: 0,
-            out: Vec::with_capacity(512),
+            out: Vec::new(),
             shared,
             deadline,
             draining,
@@ -149,15 +154,38 @@ impl Conn {
 
     /// Reads more input. Pending replies are flushed first: with PIPELINING the
     /// client may be waiting for them before it sends more (RFC 2920 §3.2).
-    async fn fill(&mut self, timeout: Duration, idle: bool) -> Result<(), End> {
+    async fn fill(&mut self, timeout: Duration, idle: bool, chunk: usize) -> Result<(), End> {
         self.flush().await.map_err(|_| End::Gone)?;
         self.compact();
+        if self.pos == self.buf.len() && self.buf.capacity() > IDLE_BUFFER {
+            // Idle sessions can number in the tens of thousands: do not let each one
+            // keep the buffer its last message needed.
+            self.buf = Vec::new();
+            self.pos = 0;
+        }
         let limit = timeout.min(self.deadline.saturating_duration_since(Instant::now()));
         let start = self.buf.len();
-        self.buf.resize(start + READ_CHUNK, 0);
-        let read = self.stream.read(&mut self.buf[start..]);
         let mut closing = self.closing.clone();
         let mut draining = self.draining.clone();
+        let (stream, buf) = (&mut self.stream, &mut self.buf);
+        let read = async move {
+            loop {
+                // A plain socket is awaited without a buffer, so a waiting session
+                // holds no read buffer at all.
+                if let Stream::Plain(tcp) = &*stream {
+                    tcp.readable().await?;
+                }
+                buf.resize(start + chunk, 0);
+                let r = match &mut *stream {
+                    Stream::Plain(tcp) => tcp.try_read(&mut buf[start..]),
+                    other => other.read(&mut buf[start..]).await,
+                };
+                match r {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(start),
+                    other => return other,
+                }
+            }
+        };
         let result = tokio::select! {
             r = tokio::time::timeout(limit, read) => match r {
                 Ok(Ok(0)) | Ok(Err(_)) => Err(End::Gone),
@@ -200,7 +228,7 @@ impl Conn {
                 self.pos = self.buf.len();
             }
             let idle_now = idle && self.buffered().is_empty() && !discarding;
-            self.fill(timeout, idle_now).await?;
+            self.fill(timeout, idle_now, COMMAND_CHUNK).await?;
         }
     }
 
@@ -359,7 +387,7 @@ impl Conn {
                     None => self.pos = self.buf.len(),
                 }
             }
-            self.fill(timeout, false).await?;
+            self.fill(timeout, false, DATA_CHUNK).await?;
         }
     }
 
@@ -377,7 +405,7 @@ impl Conn {
             if left == 0 {
                 return Ok(());
             }
-            self.fill(timeout, false).await?;
+            self.fill(timeout, false, DATA_CHUNK).await?;
         }
     }
 
