@@ -209,7 +209,7 @@ async fn handle(
             }
         }
     }
-    let _slot = match shared.limits.try_acquire(client.ip()) {
+    let _slot = match shared.limits.try_acquire(client.ip().to_canonical()) {
         Ok(slot) => slot,
         Err(refusal) => {
             shared.metrics.connection_refused(refusal.reason());

@@ -420,7 +420,10 @@ impl Session {
                     Some((t, x))
                         if !t.is_empty()
                             && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                            && is_xtext(x) =>
+                            && (is_xtext(x)
+                                || (smtputf8
+                                    && t.eq_ignore_ascii_case("utf-8")
+                                    && is_utf8_addr_text(x))) =>
                     {
                         rcpt.orcpt = Some(v.to_owned())
                     }
@@ -823,6 +826,14 @@ fn parse_notify(v: &str) -> Option<DsnNotify> {
         return None;
     }
     Some(n)
+}
+
+/// RFC 6533 §3: in an SMTPUTF8 transaction an ORCPT of type `utf-8` may carry the
+/// address as UTF-8 text (no controls, spaces, `+` or `=`; those are `\x{..}` escaped).
+fn is_utf8_addr_text(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| !c.is_control() && !c.is_whitespace() && c != '+' && c != '=')
 }
 
 /// Addresses compare case-sensitively in the local part, insensitively in the domain.

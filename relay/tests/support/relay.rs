@@ -33,6 +33,8 @@ pub struct RelayOptions {
     pub limits: Vec<String>,
     /// Extra top-level YAML, appended verbatim.
     pub extra_yaml: String,
+    /// `shutdown_grace` (e.g. `2s`); `None` keeps the harness's `5s`.
+    pub shutdown_grace: Option<String>,
 }
 
 pub struct Relay {
@@ -144,7 +146,12 @@ impl Relay {
                 writeln!(y, "  {l}").unwrap();
             }
         }
-        writeln!(y, "shutdown_grace: 5s").unwrap();
+        writeln!(
+            y,
+            "shutdown_grace: {}",
+            opts.shutdown_grace.as_deref().unwrap_or("5s")
+        )
+        .unwrap();
         y.push_str(&opts.extra_yaml);
         let config_path = dir.path().join("mailrelay.yaml");
         std::fs::write(&config_path, y).unwrap();
@@ -385,4 +392,188 @@ impl SmtpConn {
 /// The reply code at the start of a reply.
 pub fn code(reply: &str) -> u16 {
     reply.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+impl SmtpConn {
+    /// Connects, sends `preamble` (a PROXY protocol header, say) before anything is
+    /// read, then reads the greeting.
+    pub fn connect_after(addr: SocketAddr, preamble: &[u8]) -> SmtpConn {
+        let mut s = TcpStream::connect(addr).expect("connect relay");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(preamble).unwrap();
+        let mut c = SmtpConn {
+            reader: BufReader::new(s),
+            greeting: String::new(),
+        };
+        c.greeting = c.reply();
+        c
+    }
+
+    /// Everything that arrives within `wait` (plus what is already buffered), without
+    /// waiting for a complete reply: shows stray or missing replies.
+    pub fn arrived_within(&mut self, wait: Duration) -> Vec<u8> {
+        let mut out = self.reader.buffer().to_vec();
+        self.reader.consume(out.len());
+        let s = self.reader.get_mut();
+        s.set_read_timeout(Some(wait)).unwrap();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&chunk[..n]);
+        }
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        out
+    }
+
+    /// The socket, for a TLS handshake after `220` to STARTTLS. Panics if the server
+    /// sent anything after the last reply read (it must not, before the handshake).
+    pub fn into_tcp(self) -> TcpStream {
+        assert!(
+            self.reader.buffer().is_empty(),
+            "unread bytes before the TLS handshake: {:?}",
+            String::from_utf8_lossy(self.reader.buffer())
+        );
+        self.reader.into_inner()
+    }
+}
+
+/// Accepts exactly one certificate (the relay's generated one) and checks the
+/// handshake signatures with it; the test certificate is its own issuer, which the
+/// usual WebPKI path validation would refuse as a CA used as an end entity.
+#[derive(Debug)]
+struct PinnedCert {
+    cert: rustls::pki_types::CertificateDer<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if end_entity.as_ref() == self.cert.as_ref() {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(
+                "unexpected server certificate".into(),
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// An SMTP session inside TLS (after STARTTLS, or on an implicit-TLS listener).
+pub struct TlsSmtpConn {
+    reader: BufReader<TlsStream>,
+    /// The negotiated protocol version, e.g. `TLSv1_3`.
+    pub version: String,
+}
+
+impl TlsSmtpConn {
+    /// Completes a TLS handshake as `relay.test`, trusting only the certificate in
+    /// `cert_pem`.
+    pub fn handshake(tcp: TcpStream, cert_pem: &Path) -> TlsSmtpConn {
+        use rustls::pki_types::pem::PemObject;
+        let cert = rustls::pki_types::CertificateDer::from_pem_file(cert_pem)
+            .expect("read the relay certificate");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert { cert, provider }))
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from("relay.test").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut stream = rustls::StreamOwned::new(conn, tcp);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .unwrap_or_else(|e| panic!("TLS handshake with the relay failed: {e}"));
+        }
+        let version = format!("{:?}", stream.conn.protocol_version().unwrap());
+        TlsSmtpConn {
+            reader: BufReader::new(stream),
+            version,
+        }
+    }
+
+    /// Connects to an implicit-TLS listener and reads the greeting.
+    pub fn connect_implicit(addr: SocketAddr, cert_pem: &Path) -> (TlsSmtpConn, String) {
+        let s = TcpStream::connect(addr).expect("connect relay");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut c = TlsSmtpConn::handshake(s, cert_pem);
+        let greeting = c.reply();
+        (c, greeting)
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        let s = self.reader.get_mut();
+        s.write_all(bytes).unwrap();
+        s.flush().unwrap();
+    }
+
+    /// Reads one full (possibly multi-line) reply; empty string on EOF or error.
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return all,
+                Ok(_) => {}
+            }
+            all.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                return all;
+            }
+        }
+    }
+
+    /// Sends one command line (CRLF added) and returns the reply.
+    pub fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
 }

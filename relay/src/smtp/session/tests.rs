@@ -351,7 +351,17 @@ fn smtputf8_addresses_need_the_parameter() {
     code(&mut s, "EHLO c");
     assert_eq!(code(&mut s, "MAIL FROM:<用户@例子.测试>"), 553);
     assert_eq!(code(&mut s, "MAIL FROM:<用户@例子.测试> SMTPUTF8"), 250);
-    assert_eq!(code(&mut s, "RCPT TO:<收件人@例子.测试>"), 250);
+    assert_eq!(
+        code(
+            &mut s,
+            "RCPT TO:<收件人@例子.测试> ORCPT=utf-8;收件人@例子.测试"
+        ),
+        250
+    );
+    assert_eq!(
+        code(&mut s, "RCPT TO:<x@例子.测试> ORCPT=utf-8;bad+plus"),
+        501
+    );
     let Step::Enqueue(msg) = send_data(&mut s, "Subject: 你好\r\n\r\nx\r\n.\r\n".as_bytes())
     else {
         panic!()
