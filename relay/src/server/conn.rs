@@ -132,13 +132,34 @@ impl Conn {
         reply.write_to(&mut self.out);
     }
 
-    async fn flush(&mut self) -> io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
-            self.stream.flush().await?;
-            self.out.clear();
+    /// Writes pending replies. Bounded like reads: a client that stops reading must
+    /// not hold its connection slot (or delay shutdown) forever.
+    async fn flush(&mut self) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let limit = self
+            .shared
+            .config
+            .limits
+            .command_timeout
+            .min(self.deadline.saturating_duration_since(Instant::now()));
+        let mut closing = self.closing.clone();
+        let (stream, out) = (&mut self.stream, &self.out);
+        let write = async move {
+            stream.write_all(out).await?;
+            stream.flush().await
+        };
+        let result = tokio::select! {
+            r = tokio::time::timeout(limit, write) => match r {
+                Ok(Ok(())) => Ok(()),
+                // Nothing more can be said to a client that does not read.
+                Ok(Err(_)) | Err(_) => Err(End::Gone),
+            },
+            _ = closing.wait_for(|v| *v) => Err(End::Gone),
+        };
+        self.out.clear();
+        result
     }
 
     fn buffered(&self) -> &[u8] {
@@ -155,7 +176,7 @@ impl Conn {
     /// Reads more input. Pending replies are flushed first: with PIPELINING the
     /// client may be waiting for them before it sends more (RFC 2920 §3.2).
     async fn fill(&mut self, timeout: Duration, idle: bool, chunk: usize) -> Result<(), End> {
-        self.flush().await.map_err(|_| End::Gone)?;
+        self.flush().await?;
         self.compact();
         if self.pos == self.buf.len() && self.buf.capacity() > IDLE_BUFFER {
             // Idle sessions can number in the tens of thousands: do not let each one
@@ -260,8 +281,9 @@ impl Conn {
             }
             self.push(&r);
         }
+        // The last words go out even after the shutdown deadline, briefly.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            let _ = self.flush().await;
+            let _ = self.stream.write_all(&self.out).await;
             let _ = self.stream.shutdown().await;
         })
         .await;
@@ -297,7 +319,7 @@ impl Conn {
                     }
                     Step::StartTls(r) => {
                         self.push(&r);
-                        self.flush().await.map_err(|_| End::Gone)?;
+                        self.flush().await?;
                         self.start_tls(session).await?;
                         break;
                     }
