@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod delivery;
 pub mod queue;
 pub mod server;
 pub mod smtp;

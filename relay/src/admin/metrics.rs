@@ -380,6 +380,7 @@ mod tests {
         let text = m.encode_with_queue_stats(Some(QueueStats {
             messages: 7,
             bytes: 4096,
+            ..Default::default()
         }));
         assert!(
             text.contains("# TYPE mailrelay_queue_messages gauge\nmailrelay_queue_messages 7\n"),

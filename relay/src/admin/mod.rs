@@ -126,6 +126,7 @@ fn public_reason(e: &QueueError) -> String {
         QueueError::Timeout(d) => format!("timed out after {d:?}"),
         QueueError::Corrupt(_) => "corrupt record (see relay log)".to_owned(),
         QueueError::Io(io) => format!("I/O error: {}", io.kind()),
+        QueueError::Invalid(_) => "invalid request (see relay log)".to_owned(),
     }
 }
 
@@ -182,6 +183,7 @@ mod tests {
                 Ok(QueueStats {
                     messages: 3,
                     bytes: 1234,
+                    ..Default::default()
                 })
             })
         }
@@ -306,7 +308,12 @@ mod tests {
         assert_eq!(status, 200);
         assert!(head.contains("content-type: application/json"), "{head}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v, serde_json::json!({"messages": 3, "bytes": 1234}));
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "messages": 3, "bytes": 1234, "leased": 0, "deferred": 0, "oldest_ms": null
+            })
+        );
 
         // Stats unavailable: metrics still served without the queue gauges.
         srv.queue.failing.store(true, Ordering::SeqCst);

@@ -4,6 +4,31 @@
 //! A backend's `enqueue` returns only once the message is durable by that backend's
 //! definition (Redis acknowledged the write; redb committed with fsync). The SMTP
 //! server answers `250` only after that.
+//!
+//! # Life of a message
+//!
+//! ```text
+//! enqueue ──> due ──lease_due──> leased ──finish(next_attempt)──> due (later)
+//!              ^                  │  │
+//!              └──release/expiry──┘  └──finish(final)──> final record (TTL) ──> gone
+//! ```
+//!
+//! A message is *queued* from `enqueue` until its final `finish` (or `remove`):
+//! either *due* (scheduled at `next_attempt_ms`) or *leased* to one delivery worker
+//! until the lease expires. Leasing is atomic, so two workers never hold one message
+//! at once; a worker that dies simply lets its lease run out and the message becomes
+//! due again (at-least-once delivery: a duplicate is possible only when a worker
+//! delivered but died, or lost its lease, before `finish`).
+//!
+//! Every lease carries a fresh token. `finish`, `renew` and `release` act only while
+//! the message still carries that token, so a worker whose lease expired and was
+//! taken over cannot overwrite the newer worker's result. A lease that expired but
+//! was *not* taken over keeps its token: a slow worker may still finish, which saves
+//! a duplicate delivery.
+//!
+//! A message whose every recipient reached a final state keeps a status record
+//! (envelope and [`MessageStatus`], no body) for the backend's status retention, so
+//! `queue show` can explain what happened after the fact.
 
 pub mod embedded;
 pub mod redis;
@@ -11,7 +36,7 @@ pub mod redis;
 use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +56,11 @@ pub enum QueueError {
     Corrupt(String),
     #[error("queue store I/O error: {0}")]
     Io(#[from] std::io::Error),
+    /// The caller asked for something the queue must refuse (a status that would
+    /// lose mail, a lease and status of different messages): a bug in the caller,
+    /// not a store failure.
+    #[error("invalid queue request: {0}")]
+    Invalid(String),
 }
 
 /// A queue identifier: 20 upper-case Crockford base-32 characters, time-ordered
@@ -62,6 +92,18 @@ impl QueueId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The millisecond in which the id was generated (its top 48 bits): the arrival
+    /// time of the message it names.
+    pub fn timestamp_ms(&self) -> u64 {
+        // The first 10 characters carry the top 50 of the 100 bits; the last 2 of
+        // those are random.
+        let top = self.0.bytes().take(10).fold(0u64, |acc, b| {
+            let digit = CROCKFORD.iter().position(|&c| c == b).unwrap_or(0) as u64;
+            (acc << 5) | digit
+        });
+        top >> 2
     }
 }
 
@@ -177,11 +219,309 @@ pub struct QueuedMessage {
 /// Counts a backend can report cheaply (for `/metrics`, status and tests).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct QueueStats {
+    /// Queued messages: due, deferred and in flight (not final ones).
     pub messages: u64,
+    /// Body bytes of the queued messages.
     pub bytes: u64,
+    /// Queued messages currently leased to a delivery worker. Includes leases that
+    /// expired but that no `lease_due` has swept back to due yet.
+    pub leased: u64,
+    /// Queued messages that have had at least one delivery attempt.
+    pub deferred: u64,
+    /// Arrival time (ms since the epoch, read from the id) of the oldest queued
+    /// message; `None` when the queue is empty. Its age is `now - oldest_ms`.
+    pub oldest_ms: Option<u64>,
 }
 
-/// The write side of the queue (the read side arrives with delivery).
+/// How long a backend keeps the status record of a message that reached a final
+/// state, unless told otherwise ([`QueueOptions`]). A day is enough to answer "what
+/// happened to my mail from this morning" without letting records of a busy relay
+/// take more Redis memory than its queue does.
+pub const DEFAULT_STATUS_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+/// Most recent attempts kept per recipient; older ones are dropped so that a message
+/// retried for days keeps a bounded record.
+pub const MAX_ATTEMPTS_KEPT: usize = 20;
+
+/// Backend settings beyond where the store is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueOptions {
+    /// How long a final message's status record (envelope and [`MessageStatus`],
+    /// no body) stays readable through [`Queue::status`].
+    pub status_retention: Duration,
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        QueueOptions {
+            status_retention: DEFAULT_STATUS_RETENTION,
+        }
+    }
+}
+
+/// Where one recipient stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RcptState {
+    /// Not yet delivered: due, in flight or deferred.
+    Pending,
+    Delivered,
+    /// Rejected permanently (5xx) or undeliverable (null MX, no such domain).
+    Bounced,
+    /// Gave up after the maximum queue lifetime.
+    Expired,
+}
+
+impl RcptState {
+    pub fn is_final(self) -> bool {
+        self != RcptState::Pending
+    }
+}
+
+/// What one delivery attempt to one recipient achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptResult {
+    Delivered,
+    /// A temporary failure (4xx, connection or DNS trouble): try again later.
+    Deferred,
+    Bounced,
+}
+
+/// One delivery attempt to one recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// When the attempt ended, ms since the epoch.
+    pub at_ms: u64,
+    pub result: AttemptResult,
+    /// The MX (or smarthost) name tried, if it got that far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mx: Option<String>,
+    /// The address connected to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// The TLS session, if the connection was encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsInfo>,
+    /// The remote reply, or our description of why there was none.
+    pub reply: String,
+}
+
+/// Status and attempt history of one recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RcptStatus {
+    pub address: String,
+    pub state: RcptState,
+    /// The most recent [`MAX_ATTEMPTS_KEPT`] attempts, oldest first.
+    #[serde(default)]
+    pub attempts: Vec<Attempt>,
+}
+
+impl RcptStatus {
+    /// Appends an attempt, dropping the oldest beyond [`MAX_ATTEMPTS_KEPT`].
+    pub fn record(&mut self, attempt: Attempt) {
+        self.attempts.push(attempt);
+        self.trim_attempts();
+    }
+
+    fn trim_attempts(&mut self) {
+        let excess = self.attempts.len().saturating_sub(MAX_ATTEMPTS_KEPT);
+        self.attempts.drain(..excess);
+    }
+
+    /// The domain part of the address (after the last `@`), or `""` without one.
+    pub fn domain(&self) -> &str {
+        self.address.rsplit_once('@').map_or("", |(_, d)| d)
+    }
+}
+
+/// Delivery status of one message, kept beside it in the queue and, once every
+/// recipient is final, as a status record for the status retention.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageStatus {
+    pub id: QueueId,
+    pub rcpts: Vec<RcptStatus>,
+    /// When the message was accepted (its envelope's `received_at_ms`).
+    pub created_ms: u64,
+    /// When the message is next due; `None` once it is final. For a queued message
+    /// the backend's schedule is authoritative: reads fill this in from it (so
+    /// `retry_now` shows); while leased it keeps the time the message became due.
+    pub next_attempt_ms: Option<u64>,
+    /// Delivery attempts of the message as a whole (one per lease that tried).
+    pub attempts: u32,
+    /// When the last recipient became final; set by `finish` if the caller did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_at_ms: Option<u64>,
+    /// Filled in by reads while the message is leased: when that lease expires.
+    /// Ignored on writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased_until_ms: Option<u64>,
+}
+
+impl MessageStatus {
+    /// The status of a message just accepted: every recipient pending, due at once.
+    pub fn new(envelope: &Envelope) -> Self {
+        MessageStatus {
+            id: envelope.id.clone(),
+            rcpts: envelope
+                .recipients
+                .iter()
+                .map(|r| RcptStatus {
+                    address: r.address.clone(),
+                    state: RcptState::Pending,
+                    attempts: Vec::new(),
+                })
+                .collect(),
+            created_ms: envelope.received_at_ms,
+            next_attempt_ms: Some(envelope.received_at_ms),
+            attempts: 0,
+            final_at_ms: None,
+            leased_until_ms: None,
+        }
+    }
+
+    /// Whether every recipient reached a final state.
+    pub fn is_final(&self) -> bool {
+        self.rcpts.iter().all(|r| r.state.is_final())
+    }
+
+    /// Whether a recipient in `domain` (ASCII case-insensitive) is still pending:
+    /// what `queue list --domain` and `queue retry --domain` select on.
+    pub fn has_pending_in(&self, domain: &str) -> bool {
+        let domain = domain.trim_end_matches('.');
+        self.rcpts.iter().any(|r| {
+            r.state == RcptState::Pending
+                && r.domain()
+                    .trim_end_matches('.')
+                    .eq_ignore_ascii_case(domain)
+        })
+    }
+
+    /// What the backends store for a `finish`: checked against the lease, attempts
+    /// trimmed, the final time set. Refuses a status that would lose mail (no next
+    /// attempt while a recipient is still pending).
+    pub(crate) fn prepared_for_finish(
+        mut self,
+        lease: &Lease,
+        now_ms: u64,
+    ) -> Result<Self, QueueError> {
+        if self.id != lease.id {
+            return Err(QueueError::Invalid(format!(
+                "status of {} given to finish the lease of {}",
+                self.id, lease.id
+            )));
+        }
+        if self.next_attempt_ms.is_none()
+            && let Some(r) = self.rcpts.iter().find(|r| !r.state.is_final())
+        {
+            return Err(QueueError::Invalid(format!(
+                "message {} has no next attempt but recipient {} is still pending",
+                self.id, r.address
+            )));
+        }
+        for r in &mut self.rcpts {
+            r.trim_attempts();
+        }
+        self.leased_until_ms = None;
+        if self.next_attempt_ms.is_some() {
+            self.final_at_ms = None;
+        } else if self.final_at_ms.is_none() {
+            self.final_at_ms = Some(now_ms);
+        }
+        Ok(self)
+    }
+}
+
+/// A claim on one message for delivery, valid until `expires_ms` unless renewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub id: QueueId,
+    /// Unique to this grant; names the owner for debugging (`<owner>#<random>`).
+    pub token: String,
+    /// ms since the epoch, on the clock of whoever took the lease.
+    pub expires_ms: u64,
+}
+
+/// A message taken for delivery by [`Queue::lease_due`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leased {
+    pub lease: Lease,
+    pub message: QueuedMessage,
+    pub status: MessageStatus,
+}
+
+/// Outcome of [`Queue::finish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishResult {
+    /// Stored; the message is due again at the status's `next_attempt_ms`.
+    Rescheduled,
+    /// Stored as final: body gone, status record kept for the retention.
+    Finalized,
+    /// The lease no longer holds (taken over after expiry, released, or the message
+    /// was deleted): nothing was changed.
+    LeaseLost,
+}
+
+/// What [`Queue::list`] returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListFilter {
+    /// Only messages that have had at least one attempt.
+    pub deferred_only: bool,
+    /// Only messages with a pending recipient in this domain.
+    pub domain: Option<String>,
+    /// At most this many, in arrival order.
+    pub limit: usize,
+}
+
+impl Default for ListFilter {
+    fn default() -> Self {
+        ListFilter {
+            deferred_only: false,
+            domain: None,
+            limit: 1000,
+        }
+    }
+}
+
+impl ListFilter {
+    pub fn matches(&self, status: &MessageStatus) -> bool {
+        (!self.deferred_only || status.attempts > 0)
+            && self
+                .domain
+                .as_deref()
+                .is_none_or(|d| status.has_pending_in(d))
+    }
+}
+
+/// Which messages [`Queue::retry_now`] makes due.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetrySelector {
+    Id(QueueId),
+    All,
+    /// Messages with a pending recipient in this domain.
+    Domain(String),
+}
+
+/// Token of a new lease: unique per grant, and saying whose it is when read in Redis.
+pub(crate) fn lease_token(owner: &str) -> String {
+    format!("{owner}#{:032x}", rand::random::<u128>())
+}
+
+fn unsupported<T: Send + 'static>(what: &'static str) -> QueueFuture<'static, T> {
+    Box::pin(async move {
+        Err(QueueError::Unavailable(format!(
+            "this queue backend does not support {what}"
+        )))
+    })
+}
+
+/// The durable queue: the write side (`enqueue`, `remove`), delivery's side
+/// (`lease_due`, `renew`, `finish`, `release`) and the operator's (`status`, `list`,
+/// `retry_now`, `stats`).
+///
+/// The delivery and operator methods have default bodies that fail, so that test
+/// doubles need implement only what they use; both real backends implement all of
+/// them and share one conformance suite (`tests/queue_conformance.rs`).
 pub trait Queue: Send + Sync + 'static {
     /// Short backend name for logs and metrics labels.
     fn backend(&self) -> &'static str;
@@ -195,13 +535,76 @@ pub trait Queue: Send + Sync + 'static {
     /// Lists queued ids in arrival order, at most `limit`.
     fn list_ids(&self, limit: usize) -> QueueFuture<'_, Vec<QueueId>>;
 
-    /// Removes a message; returns whether it existed.
+    /// Removes a queued message (whether due or leased, so a worker holding it gets
+    /// `LeaseLost` on finish) and any status record of it; returns whether a queued
+    /// message existed. This is `queue delete`.
     fn remove<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, bool>;
 
     fn stats(&self) -> QueueFuture<'_, QueueStats>;
 
     /// Cheap liveness probe of the store, for `/readyz`.
     fn ping(&self) -> QueueFuture<'_, ()>;
+
+    /// Atomically takes up to `max` messages whose next attempt is at or before
+    /// `now_ms`, leasing each to `owner` until `now_ms + lease_ms`. Leases that expired
+    /// by `now_ms` are first returned to due, so a dead worker's messages come back.
+    /// Earliest due first within a backend's unit of atomicity (Redis: a shard).
+    fn lease_due(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        max: usize,
+        owner: &str,
+    ) -> QueueFuture<'_, Vec<Leased>> {
+        let _ = (now_ms, lease_ms, max, owner);
+        unsupported("lease_due")
+    }
+
+    /// Records the outcome of a leased delivery, if the lease still holds. With
+    /// `status.next_attempt_ms` set, the message is due again then; without, every
+    /// recipient is final: the body goes and a status record stays for the retention.
+    fn finish<'a>(
+        &'a self,
+        lease: &'a Lease,
+        status: MessageStatus,
+    ) -> QueueFuture<'a, FinishResult> {
+        let _ = (lease, status);
+        unsupported("finish")
+    }
+
+    /// Extends a lease to `lease_ms` from now (local clock) while delivery goes on;
+    /// false if the lease was lost.
+    fn renew<'a>(&'a self, lease: &'a Lease, lease_ms: u64) -> QueueFuture<'a, bool> {
+        let _ = (lease, lease_ms);
+        unsupported("renew")
+    }
+
+    /// Gives leased messages back, due at once, their status unchanged (drain on
+    /// shutdown). Leases already lost are skipped.
+    fn release<'a>(&'a self, leases: &'a [Lease]) -> QueueFuture<'a, ()> {
+        let _ = leases;
+        unsupported("release")
+    }
+
+    /// Envelope and status of a queued, in-flight or recently final message.
+    fn status<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<(Envelope, MessageStatus)>> {
+        let _ = id;
+        unsupported("status")
+    }
+
+    /// Queued (due, deferred or in-flight) messages matching `filter`, in arrival
+    /// order. Reads every queued status when filtering: an operator's tool.
+    fn list(&self, filter: ListFilter) -> QueueFuture<'_, Vec<(Envelope, MessageStatus)>> {
+        let _ = filter;
+        unsupported("list")
+    }
+
+    /// Makes the selected queued messages due now. Messages in flight are left
+    /// alone. Returns how many were moved forward (already due ones do not count).
+    fn retry_now(&self, sel: RetrySelector) -> QueueFuture<'_, u64> {
+        let _ = sel;
+        unsupported("retry_now")
+    }
 }
 
 #[cfg(test)]
@@ -223,5 +626,108 @@ mod tests {
             "U is not Crockford"
         );
         assert_eq!(QueueId::parse("{bad}6789ABCDEFGHJKMN"), None);
+    }
+
+    #[test]
+    fn id_timestamp_is_the_generation_millisecond() {
+        let before = now_ms();
+        let id = QueueId::generate();
+        let after = now_ms();
+        assert!((before..=after).contains(&id.timestamp_ms()), "{id}");
+        assert_eq!(QueueId("00000000000000000000".into()).timestamp_ms(), 0);
+    }
+
+    fn status(rcpts: &[(&str, RcptState)]) -> MessageStatus {
+        MessageStatus {
+            id: QueueId::generate(),
+            rcpts: rcpts
+                .iter()
+                .map(|(a, s)| RcptStatus {
+                    address: (*a).into(),
+                    state: *s,
+                    attempts: Vec::new(),
+                })
+                .collect(),
+            created_ms: 1,
+            next_attempt_ms: Some(1),
+            attempts: 0,
+            final_at_ms: None,
+            leased_until_ms: None,
+        }
+    }
+
+    #[test]
+    fn domain_selection_sees_only_pending_recipients() {
+        let s = status(&[
+            ("a@Alpha.Test", RcptState::Pending),
+            ("b@beta.test", RcptState::Delivered),
+        ]);
+        assert!(s.has_pending_in("alpha.test"));
+        assert!(s.has_pending_in("ALPHA.TEST."));
+        assert!(!s.has_pending_in("beta.test"));
+        assert!(!s.has_pending_in("test"));
+        assert!(!s.is_final());
+    }
+
+    #[test]
+    fn finish_keeps_recent_attempts_and_refuses_to_lose_mail() {
+        let mut s = status(&[("a@x.test", RcptState::Pending)]);
+        for i in 0..30 {
+            s.rcpts[0].attempts.push(Attempt {
+                at_ms: i,
+                result: AttemptResult::Deferred,
+                mx: None,
+                ip: None,
+                tls: None,
+                reply: format!("451 {i}"),
+            });
+        }
+        let lease = Lease {
+            id: s.id.clone(),
+            token: "t".into(),
+            expires_ms: 0,
+        };
+        let prepared = s.clone().prepared_for_finish(&lease, 99).unwrap();
+        assert_eq!(prepared.rcpts[0].attempts.len(), MAX_ATTEMPTS_KEPT);
+        assert_eq!(prepared.rcpts[0].attempts[0].at_ms, 10);
+        assert_eq!(prepared.final_at_ms, None);
+
+        s.next_attempt_ms = None;
+        assert!(matches!(
+            s.clone().prepared_for_finish(&lease, 99),
+            Err(QueueError::Invalid(_))
+        ));
+        s.rcpts[0].state = RcptState::Expired;
+        let done = s.clone().prepared_for_finish(&lease, 99).unwrap();
+        assert_eq!(done.final_at_ms, Some(99));
+
+        let other = Lease {
+            id: QueueId::generate(),
+            ..lease
+        };
+        assert!(matches!(
+            s.prepared_for_finish(&other, 99),
+            Err(QueueError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn status_json_is_stable() {
+        let mut s = status(&[("a@x.test", RcptState::Bounced)]);
+        s.id = QueueId("06H2AAMFWWNZ5B3JQCBB".into());
+        s.rcpts[0].record(Attempt {
+            at_ms: 5,
+            result: AttemptResult::Bounced,
+            mx: Some("mx.x.test".into()),
+            ip: Some("192.0.2.1".into()),
+            tls: None,
+            reply: "550 5.1.1 no".into(),
+        });
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(
+            json,
+            r#"{"id":"06H2AAMFWWNZ5B3JQCBB","rcpts":[{"address":"a@x.test","state":"bounced","attempts":[{"at_ms":5,"result":"bounced","mx":"mx.x.test","ip":"192.0.2.1","reply":"550 5.1.1 no"}]}],"created_ms":1,"next_attempt_ms":1,"attempts":0}"#
+        );
+        assert_eq!(serde_json::from_str::<MessageStatus>(&json).unwrap(), s);
     }
 }

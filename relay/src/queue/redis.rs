@@ -7,15 +7,39 @@
 //! shard lives in one Redis Cluster slot and one Lua script can touch all of its keys,
 //! while the shards themselves spread over the masters. With the default prefix `mr`:
 //!
-//! | key                  | type       | content                                          |
-//! |----------------------|------------|--------------------------------------------------|
-//! | `mr:{mr:s07}:m:<id>` | hash       | `envelope` (JSON of [`Envelope`]), `body` (bytes) |
-//! | `mr:{mr:s07}:due`    | sorted set | id scored by next attempt, ms since the epoch    |
-//! | `mr:{mr:s07}:ids`    | sorted set | id, score 0: lexical order is arrival order      |
-//! | `mr:{mr:s07}:stats`  | hash       | `messages`, `bytes` (body bytes) counters        |
+//! | key                  | type       | content                                           |
+//! |----------------------|------------|---------------------------------------------------|
+//! | `mr:{mr:s07}:m:<id>` | hash       | one message (fields below)                        |
+//! | `mr:{mr:s07}:due`    | sorted set | queued, not leased: id scored by next attempt ms  |
+//! | `mr:{mr:s07}:leased` | sorted set | in flight: id scored by lease expiry ms           |
+//! | `mr:{mr:s07}:ids`    | sorted set | every queued id, score 0: lexical = arrival order |
+//! | `mr:{mr:s07}:stats`  | hash       | `messages`, `bytes` (body bytes), `deferred`      |
 //!
-//! `due` is the delivery schedule and will be rescored on every retry, so arrival order
-//! (for listing) has its own index rather than being read off the schedule.
+//! Fields of the message hash `m:<id>`:
+//!
+//! | field      | while queued                                    | final record     |
+//! |------------|-------------------------------------------------|------------------|
+//! | `envelope` | JSON of [`Envelope`]                            | kept             |
+//! | `body`     | message bytes                                   | deleted          |
+//! | `status`   | JSON of [`MessageStatus`]                       | the final status |
+//! | `attempts` | `status.attempts`, for the `deferred` counter   | deleted          |
+//! | `lease`    | token of the latest lease, until finish/release | deleted          |
+//! | `final`    | absent                                          | `1`              |
+//!
+//! A queued message is in `ids` and in exactly one of `due` and `leased`. A final
+//! record is in no index and carries a `PEXPIRE` of the status retention. Messages
+//! written by the version before leases have no `status`/`attempts` fields; readers
+//! treat that as a fresh status.
+//!
+//! `due` is the delivery schedule and is rescored on every retry, so arrival order
+//! (for listing) has its own index rather than being read off the schedule. The
+//! schedule is authoritative for when a message is next due: `retry_now` only rescores
+//! `due`, and reads fill `next_attempt_ms` in from it.
+//!
+//! Scripts reach a message's hash by building its key from the shard's key prefix
+//! (passed as an argument) and an id read from an index: the ids are not known before
+//! the script runs. That is allowed because the hash shares the shard's hash tag, and
+//! so its slot.
 //!
 //! # Round trips and failure semantics
 //!
@@ -24,13 +48,28 @@
 //! `WAIT`. Only after Redis restarts or fails over does the first call see `NOSCRIPT`,
 //! load the script and try again.
 //!
+//! `lease_due` runs one script per shard, visiting shards round-robin from an offset
+//! that rotates per call (so every shard's expired leases get swept and no shard
+//! starves) and stopping once it has `max` messages; each script returns envelope,
+//! body and status of what it leased, so taking work costs one round trip per shard
+//! visited (an idle queue costs [`SHARDS`] round trips per poll). `finish`, `renew`
+//! and `status` are one script each; `release` is one per shard involved; `stats` is
+//! one pipeline (one per shard in a cluster). `list` and `retry_now` by domain read
+//! every queued status, a page of 200 per script call: operator tools, not
+//! something to poll.
+//!
 //! An `enqueue` of an id that is already stored replaces it without counting it twice,
 //! so retrying one whose outcome was not learned is safe. That is also why a dropped
 //! connection is retried once inside the operation. An error after the script ran (a
 //! response timeout, a `WAIT` that too few replicas acknowledged) still leaves the
 //! message stored: the SMTP client is told to retry, and may then deliver a duplicate.
+//! The same retry makes the other scripts at-least-once too: a `lease_due` that ran but
+//! whose reply was lost leaves leases nobody holds (they expire and the messages come
+//! back), and a `finish` that ran may answer `LeaseLost` when retried.
 
+use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -38,10 +77,14 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
     Client, Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
-    Script, ServerErrorKind, Value,
+    Script, ScriptInvocation, ServerErrorKind, Value,
 };
 
-use super::{Envelope, Queue, QueueError, QueueFuture, QueueId, QueueStats, QueuedMessage};
+use super::{
+    Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue, QueueError,
+    QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector, lease_token,
+    now_ms,
+};
 use crate::config::RedisConfig;
 
 /// Number of shards. Part of the storage format: changing it moves ids to other shards
@@ -60,35 +103,253 @@ const WAIT_TIMEOUT_MS: u64 = 2000;
 /// Reconnect attempts (with backoff) after a connection broke, per failing request.
 const RECONNECT_RETRIES: usize = 2;
 const RETRY_DELAY: Duration = Duration::from_millis(200);
+/// Expired leases one `lease_due` script returns to due per shard, so a script stays
+/// short (it blocks its Redis node) even after a long outage.
+const SWEEP_LIMIT: usize = 1000;
+/// Messages read per script call when listing or selecting by status: long enough to
+/// make few round trips, short enough not to block Redis noticeably.
+const PAGE: usize = 200;
 
 const ENQUEUE_LUA: &str = r#"
--- KEYS: message hash, due set, ids set, stats hash
--- ARGV: id, envelope JSON, body, due score (ms)
-local old_len = redis.call('HSTRLEN', KEYS[1], 'body')
-local existed = redis.call('EXISTS', KEYS[1])
-redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'body', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-redis.call('ZADD', KEYS[3], 0, ARGV[1])
-if existed == 0 then
+-- KEYS: message hash, due set, ids set, stats hash, leased set
+-- ARGV: id, envelope JSON, body, due score (ms), status JSON
+local queued = redis.call('ZSCORE', KEYS[3], ARGV[1])
+local old_len = 0
+if queued then
+  old_len = redis.call('HSTRLEN', KEYS[1], 'body')
+  if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') > 0 then
+    redis.call('HINCRBY', KEYS[4], 'deferred', -1)
+  end
+else
   redis.call('HINCRBY', KEYS[4], 'messages', 1)
 end
+-- Starting from an empty hash drops what a replaced message or a final record of
+-- the same id left behind: its lease, its final flag, its expiry.
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'body', ARGV[3], 'status', ARGV[5], 'attempts', 0)
+redis.call('ZREM', KEYS[5], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
+redis.call('ZADD', KEYS[3], 0, ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'bytes', string.len(ARGV[3]) - old_len)
-return existed
+if queued then return 1 end
+return 0
 "#;
 
 const REMOVE_LUA: &str = r#"
--- KEYS: message hash, due set, ids set, stats hash
+-- KEYS: message hash, due set, ids set, stats hash, leased set
 -- ARGV: id
-local len = redis.call('HSTRLEN', KEYS[1], 'body')
-local existed = redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if existed == 1 then
+local queued = redis.call('ZREM', KEYS[3], ARGV[1])
+if queued == 1 then
   redis.call('HINCRBY', KEYS[4], 'messages', -1)
-  redis.call('HINCRBY', KEYS[4], 'bytes', -len)
+  redis.call('HINCRBY', KEYS[4], 'bytes', -redis.call('HSTRLEN', KEYS[1], 'body'))
+  if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') > 0 then
+    redis.call('HINCRBY', KEYS[4], 'deferred', -1)
+  end
 end
-return existed
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+return queued
 "#;
+
+const LEASE_LUA: &str = r#"
+-- KEYS: due set, leased set
+-- ARGV: now, lease expiry, max, token, message key prefix, sweep limit
+-- Returns id, due score, envelope, body, status (nil if none) per leased message.
+-- Expired leases first go back to due at their expiry (which is <= now), so a dead
+-- worker's messages are among those taken now.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[6])
+for i = 1, #expired, 2 do
+  redis.call('ZREM', KEYS[2], expired[i])
+  redis.call('ZADD', KEYS[1], expired[i + 1], expired[i])
+end
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
+local out = {}
+for i = 1, #due, 2 do
+  local id = due[i]
+  local key = ARGV[5] .. id
+  redis.call('ZREM', KEYS[1], id)
+  local m = redis.call('HMGET', key, 'envelope', 'body', 'status')
+  -- A schedule entry without its message is debris; dropping it is all we can do.
+  if m[1] and m[2] then
+    redis.call('ZADD', KEYS[2], ARGV[2], id)
+    redis.call('HSET', key, 'lease', ARGV[4])
+    table.insert(out, id)
+    table.insert(out, due[i + 1])
+    table.insert(out, m[1])
+    table.insert(out, m[2])
+    table.insert(out, m[3])
+  end
+end
+return out
+"#;
+
+const FINISH_LUA: &str = r#"
+-- KEYS: message hash, due set, leased set, ids set, stats hash
+-- ARGV: id, token, status JSON, attempts, next attempt ms ('' when final), retention ms
+-- Returns 0 lease lost, 1 rescheduled, 2 final.
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+  return 0
+end
+local old = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local new = tonumber(ARGV[4])
+-- Leased, or swept back to due after expiry (still ours: nobody took it since).
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[1], 'lease')
+if ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+  redis.call('HSET', KEYS[1], 'status', ARGV[3], 'attempts', ARGV[4])
+  if old == 0 and new > 0 then
+    redis.call('HINCRBY', KEYS[5], 'deferred', 1)
+  elseif old > 0 and new == 0 then
+    redis.call('HINCRBY', KEYS[5], 'deferred', -1)
+  end
+  return 1
+end
+local len = redis.call('HSTRLEN', KEYS[1], 'body')
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('HDEL', KEYS[1], 'body', 'attempts')
+redis.call('HSET', KEYS[1], 'status', ARGV[3], 'final', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('HINCRBY', KEYS[5], 'messages', -1)
+redis.call('HINCRBY', KEYS[5], 'bytes', -len)
+if old > 0 then
+  redis.call('HINCRBY', KEYS[5], 'deferred', -1)
+end
+return 2
+"#;
+
+const RENEW_LUA: &str = r#"
+-- KEYS: message hash, due set, leased set, ids set
+-- ARGV: id, token, new expiry
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
+  return 0
+end
+-- Also reclaims a lease swept back to due but not taken: the token says nobody has.
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+return 1
+"#;
+
+const RELEASE_LUA: &str = r#"
+-- KEYS: due set, leased set, ids set
+-- ARGV: now, message key prefix, then id and token pairs
+local n = 0
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local key = ARGV[2] .. id
+  if redis.call('HGET', key, 'lease') == ARGV[i + 1] and redis.call('ZSCORE', KEYS[3], id) then
+    -- Not in the leased set means swept back to due already: leave it there.
+    if redis.call('ZREM', KEYS[2], id) == 1 then
+      redis.call('ZADD', KEYS[1], ARGV[1], id)
+    end
+    redis.call('HDEL', key, 'lease')
+    n = n + 1
+  end
+end
+return n
+"#;
+
+const STATUS_LUA: &str = r#"
+-- KEYS: message hash, due set, leased set, ids set
+-- ARGV: id
+-- Returns envelope, status, final flag, due score, lease expiry, queued (ids score).
+local m = redis.call('HMGET', KEYS[1], 'envelope', 'status', 'final')
+return {m[1], m[2], m[3],
+  redis.call('ZSCORE', KEYS[2], ARGV[1]),
+  redis.call('ZSCORE', KEYS[3], ARGV[1]),
+  redis.call('ZSCORE', KEYS[4], ARGV[1])}
+"#;
+
+const PAGE_LUA: &str = r#"
+-- KEYS: ids set, due set, leased set
+-- ARGV: message key prefix, lexical start ('-' or '(<last id>'), count
+-- Returns id, envelope, status, due score, lease expiry per queued message.
+local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, ARGV[3])
+local out = {}
+for _, id in ipairs(ids) do
+  local m = redis.call('HMGET', ARGV[1] .. id, 'envelope', 'status')
+  table.insert(out, id)
+  table.insert(out, m[1])
+  table.insert(out, m[2])
+  table.insert(out, redis.call('ZSCORE', KEYS[2], id))
+  table.insert(out, redis.call('ZSCORE', KEYS[3], id))
+end
+return out
+"#;
+
+const RETRY_IDS_LUA: &str = r#"
+-- KEYS: due set
+-- ARGV: now, then ids
+-- Makes each id that is due later than now due now; leased ids are not in `due`.
+local n = 0
+for i = 2, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) > tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
+    n = n + 1
+  end
+end
+return n
+"#;
+
+const RETRY_ALL_LUA: &str = r#"
+-- KEYS: due set
+-- ARGV: now, limit
+-- Makes up to `limit` messages due later than now due now; returns how many.
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('ZADD', KEYS[1], ARGV[1], id)
+end
+return #ids
+"#;
+
+/// The queue's scripts, loaded at connect and again whenever Redis lost them.
+struct Scripts {
+    enqueue: Script,
+    remove: Script,
+    lease: Script,
+    finish: Script,
+    renew: Script,
+    release: Script,
+    status: Script,
+    page: Script,
+    retry_ids: Script,
+    retry_all: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            enqueue: Script::new(ENQUEUE_LUA),
+            remove: Script::new(REMOVE_LUA),
+            lease: Script::new(LEASE_LUA),
+            finish: Script::new(FINISH_LUA),
+            renew: Script::new(RENEW_LUA),
+            release: Script::new(RELEASE_LUA),
+            status: Script::new(STATUS_LUA),
+            page: Script::new(PAGE_LUA),
+            retry_ids: Script::new(RETRY_IDS_LUA),
+            retry_all: Script::new(RETRY_ALL_LUA),
+        }
+    }
+
+    fn all(&self) -> [&Script; 10] {
+        [
+            &self.enqueue,
+            &self.remove,
+            &self.lease,
+            &self.finish,
+            &self.renew,
+            &self.release,
+            &self.status,
+            &self.page,
+            &self.retry_ids,
+            &self.retry_all,
+        ]
+    }
+}
 
 /// Either kind of connection; both multiplex many requests over one socket per node
 /// and reconnect by themselves.
@@ -132,10 +393,12 @@ pub struct RedisQueue {
     conn: Conn,
     prefix: String,
     wait_replicas: u32,
+    options: QueueOptions,
     /// Strings that must never reach an error message or a log line.
     secrets: Vec<String>,
-    enqueue_script: Script,
-    remove_script: Script,
+    scripts: Scripts,
+    /// Where the next `lease_due` starts its round over the shards.
+    next_shard: AtomicUsize,
 }
 
 impl std::fmt::Debug for RedisQueue {
@@ -144,14 +407,24 @@ impl std::fmt::Debug for RedisQueue {
             .field("cluster", &matches!(self.conn, Conn::Cluster(_)))
             .field("prefix", &self.prefix)
             .field("wait_replicas", &self.wait_replicas)
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
 
 impl RedisQueue {
-    /// Connects (standalone or cluster, per `cfg.cluster`), loads the scripts and checks
-    /// that Redis answers. Fails within a few seconds when Redis is unreachable.
+    /// Connects (standalone or cluster, per `cfg.cluster`) with default
+    /// [`QueueOptions`], loads the scripts and checks that Redis answers. Fails within
+    /// a few seconds when Redis is unreachable.
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, QueueError> {
+        Self::connect_with(cfg, QueueOptions::default()).await
+    }
+
+    /// [`RedisQueue::connect`] with explicit options.
+    pub async fn connect_with(
+        cfg: &RedisConfig,
+        options: QueueOptions,
+    ) -> Result<Self, QueueError> {
         if cfg.key_prefix.is_empty() || cfg.key_prefix.contains(['{', '}', ' ']) {
             return Err(QueueError::Unavailable(
                 "redis key_prefix must be non-empty without braces or spaces".into(),
@@ -223,15 +496,16 @@ impl RedisQueue {
             conn,
             prefix: cfg.key_prefix.clone(),
             wait_replicas: cfg.wait_replicas,
+            options,
             secrets,
-            enqueue_script: Script::new(ENQUEUE_LUA),
-            remove_script: Script::new(REMOVE_LUA),
+            scripts: Scripts::new(),
+            next_shard: AtomicUsize::new(rand::random::<u16>().into()),
         };
         // Loading now keeps the first enqueue to one round trip.
         queue
             .deadline("load scripts", async {
                 let mut conn = queue.conn.clone();
-                for script in [&queue.enqueue_script, &queue.remove_script] {
+                for script in queue.scripts.all() {
                     script
                         .load_async(&mut conn)
                         .await
@@ -315,40 +589,55 @@ impl RedisQueue {
         .await
     }
 
-    /// Runs one command per shard and returns the replies in shard order: one pipeline
-    /// on a single server; in a cluster, concurrent requests because shards live on
-    /// different nodes and a cluster pipeline must stay within one slot.
-    async fn per_shard<T: FromRedisValue + Send + 'static>(
+    /// Runs one pipeline per shard and returns each pipeline's replies, in shard
+    /// order: all in one pipeline on a single server; in a cluster, concurrent
+    /// requests, because shards live on different nodes and a cluster pipeline must
+    /// stay within one slot.
+    async fn per_shard(
         &self,
         op: &'static str,
-        make: impl Fn(&ShardKeys) -> Cmd,
-    ) -> Result<Vec<T>, QueueError> {
-        let cmds: Vec<Cmd> = (0..SHARDS)
+        make: impl Fn(&ShardKeys) -> Pipeline,
+    ) -> Result<Vec<Vec<Value>>, QueueError> {
+        let pipes: Vec<Pipeline> = (0..SHARDS)
             .map(|s| make(&ShardKeys::new(&self.prefix, s)))
             .collect();
         match &self.conn {
             Conn::Single(_) => {
-                let mut pipe = redis::pipe();
-                for cmd in &cmds {
-                    pipe.add_command(cmd.clone());
+                let mut all = redis::pipe();
+                for pipe in &pipes {
+                    for cmd in pipe.cmd_iter() {
+                        all.add_command(cmd.clone());
+                    }
                 }
-                self.retrying(|mut conn| {
-                    let pipe = &pipe;
-                    async move { pipe.query_async(&mut conn).await }
-                })
-                .await
-                .map_err(|e| self.unavailable(op, e))
+                let mut replies: Vec<Value> = self
+                    .retrying(|mut conn| {
+                        let all = &all;
+                        async move { all.query_async::<Vec<Value>>(&mut conn).await }
+                    })
+                    .await
+                    .map_err(|e| self.unavailable(op, e))?
+                    .into_iter()
+                    .rev()
+                    .collect();
+                Ok(pipes
+                    .iter()
+                    .map(|p| {
+                        (0..p.cmd_iter().count())
+                            .map_while(|_| replies.pop())
+                            .collect()
+                    })
+                    .collect())
             }
             Conn::Cluster(_) => {
                 let mut tasks = tokio::task::JoinSet::new();
-                for (i, cmd) in cmds.into_iter().enumerate() {
+                for (i, pipe) in pipes.into_iter().enumerate() {
                     let conn = self.conn.clone();
                     tasks.spawn(async move {
                         let mut conn = conn;
-                        (i, cmd.query_async::<T>(&mut conn).await)
+                        (i, pipe.query_async::<Vec<Value>>(&mut conn).await)
                     });
                 }
-                let mut replies: Vec<(usize, T)> = Vec::with_capacity(SHARDS as usize);
+                let mut replies: Vec<(usize, Vec<Value>)> = Vec::with_capacity(SHARDS as usize);
                 while let Some(joined) = tasks.join_next().await {
                     let (i, reply) = joined.map_err(|e| {
                         QueueError::Unavailable(format!("redis {op}: task failed: {e}"))
@@ -360,6 +649,126 @@ impl RedisQueue {
             }
         }
     }
+
+    /// Runs a script (loading it first if Redis lost it), with the one retry after a
+    /// dropped connection.
+    async fn eval<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, QueueError> {
+        self.retrying(|mut conn| async move { invocation.invoke_async(&mut conn).await })
+            .await
+            .map_err(|e| self.unavailable(op, e))
+    }
+
+    /// Takes due messages from one shard.
+    async fn lease_shard(
+        &self,
+        shard: u16,
+        now_ms: u64,
+        expires_ms: u64,
+        max: usize,
+        token: &str,
+    ) -> Result<Vec<Leased>, QueueError> {
+        let keys = ShardKeys::new(&self.prefix, shard);
+        let mut invocation = self.scripts.lease.prepare_invoke();
+        invocation
+            .key(&keys.due)
+            .key(&keys.leased)
+            .arg(now_ms)
+            .arg(expires_ms)
+            .arg(max)
+            .arg(token)
+            .arg(keys.message(""))
+            .arg(SWEEP_LIMIT);
+        let flat: Vec<Option<Vec<u8>>> = self.eval("lease", &invocation).await?;
+        let mut out = Vec::with_capacity(flat.len() / 5);
+        for chunk in flat.chunks(5) {
+            let [id, score, envelope, body, status] = chunk else {
+                return Err(QueueError::Corrupt(format!(
+                    "redis lease reply has {} fields",
+                    flat.len()
+                )));
+            };
+            let id = reply_id(id.as_deref())?;
+            let envelope: Envelope = decode("envelope", &id, envelope.as_deref())?;
+            let body = body
+                .clone()
+                .ok_or_else(|| QueueError::Corrupt(format!("message {id} has no body")))?;
+            let mut status = stored_status(&id, &envelope, status.as_deref())?;
+            status.next_attempt_ms = parse_score(score.as_deref());
+            status.leased_until_ms = Some(expires_ms);
+            out.push(Leased {
+                lease: Lease {
+                    id,
+                    token: token.to_owned(),
+                    expires_ms,
+                },
+                message: QueuedMessage { envelope, body },
+                status,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One page of a shard's queued messages after `after` (exclusive), in arrival
+    /// order; returns the page and the last id read (`None` at the end).
+    async fn page(
+        &self,
+        keys: &ShardKeys,
+        after: Option<&QueueId>,
+    ) -> Result<(Vec<PageEntry>, Option<QueueId>), QueueError> {
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let mut invocation = self.scripts.page.prepare_invoke();
+        invocation
+            .key(&keys.ids)
+            .key(&keys.due)
+            .key(&keys.leased)
+            .arg(keys.message(""))
+            .arg(start)
+            .arg(PAGE);
+        let flat: Vec<Option<Vec<u8>>> = self.eval("page", &invocation).await?;
+        let mut entries = Vec::with_capacity(flat.len() / 5);
+        let mut last = None;
+        for chunk in flat.chunks(5) {
+            let [id, envelope, status, due, leased] = chunk else {
+                return Err(QueueError::Corrupt(format!(
+                    "redis page reply has {} fields",
+                    flat.len()
+                )));
+            };
+            let id = reply_id(id.as_deref())?;
+            last = Some(id.clone());
+            // An id whose hash is gone (a race with remove between the two reads is
+            // impossible inside a script, so this is debris) is skipped.
+            let Some(envelope) = envelope.as_deref() else {
+                continue;
+            };
+            let envelope: Envelope = decode("envelope", &id, Some(envelope))?;
+            let mut status = stored_status(&id, &envelope, status.as_deref())?;
+            let due = parse_score(due.as_deref());
+            if due.is_some() {
+                status.next_attempt_ms = due;
+            }
+            status.leased_until_ms = parse_score(leased.as_deref());
+            entries.push(PageEntry {
+                envelope,
+                status,
+                due,
+            });
+        }
+        let more = flat.len() / 5 >= PAGE;
+        Ok((entries, if more { last } else { None }))
+    }
+}
+
+/// A queued message as read by [`RedisQueue::page`].
+struct PageEntry {
+    envelope: Envelope,
+    status: MessageStatus,
+    /// Its score in `due`; `None` while leased.
+    due: Option<u64>,
 }
 
 impl Queue for RedisQueue {
@@ -370,21 +779,23 @@ impl Queue for RedisQueue {
     fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
         Box::pin(self.deadline("enqueue", async move {
             let id = valid_id(&msg.envelope.id)?;
-            let envelope = serde_json::to_vec(&msg.envelope)
-                .map_err(|e| QueueError::Corrupt(format!("cannot encode envelope: {e}")))?;
+            let envelope = encode("envelope", &msg.envelope)?;
+            let status = encode("status", &MessageStatus::new(&msg.envelope))?;
             let keys = self.keys(id);
             let mut pipe = redis::pipe();
             pipe.cmd("EVALSHA")
-                .arg(self.enqueue_script.get_hash())
-                .arg(4)
+                .arg(self.scripts.enqueue.get_hash())
+                .arg(5)
                 .arg(keys.message(id))
                 .arg(&keys.due)
                 .arg(&keys.ids)
                 .arg(&keys.stats)
+                .arg(&keys.leased)
                 .arg(id)
                 .arg(envelope.as_slice())
                 .arg(msg.body.as_slice())
-                .arg(msg.envelope.received_at_ms);
+                .arg(msg.envelope.received_at_ms)
+                .arg(status.as_slice());
             if self.wait_replicas > 0 {
                 // In the same pipeline, so it runs on the connection that wrote the
                 // message (WAIT counts that connection's writes) and costs no extra
@@ -392,7 +803,7 @@ impl Queue for RedisQueue {
                 pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT_MS);
             }
             let replies = self
-                .run_script_pipeline(&pipe, &self.enqueue_script)
+                .run_script_pipeline(&pipe, &self.scripts.enqueue)
                 .await
                 .map_err(|e| self.unavailable("enqueue", e))?;
             if self.wait_replicas > 0 {
@@ -421,19 +832,20 @@ impl Queue for RedisQueue {
             }
             let key = self.keys(id.as_str()).message(id.as_str());
             let mut cmd = redis::cmd("HMGET");
-            cmd.arg(&key).arg("envelope").arg("body");
-            let (envelope, body): (Option<Vec<u8>>, Option<Vec<u8>>) = self
+            cmd.arg(&key).arg("envelope").arg("body").arg("final");
+            type Fields = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+            let (envelope, body, fin): Fields = self
                 .retrying(|mut conn| {
                     let cmd = &cmd;
                     async move { cmd.query_async(&mut conn).await }
                 })
                 .await
                 .map_err(|e| self.unavailable("get", e))?;
-            match (envelope, body) {
-                (None, None) => Ok(None),
-                (Some(envelope), Some(body)) => {
-                    let envelope: Envelope = serde_json::from_slice(&envelope)
-                        .map_err(|e| QueueError::Corrupt(format!("envelope of {id}: {e}")))?;
+            match (envelope, body, fin) {
+                // A final record has no body: the message is no longer queued.
+                (None, None, _) | (_, _, Some(_)) => Ok(None),
+                (Some(envelope), Some(body), None) => {
+                    let envelope: Envelope = decode("envelope", id, Some(&envelope))?;
                     Ok(Some(QueuedMessage { envelope, body }))
                 }
                 _ => Err(QueueError::Corrupt(format!(
@@ -451,27 +863,29 @@ impl Queue for RedisQueue {
             // Each shard's first `limit` ids include every one of the overall first
             // `limit` that lives in that shard; merge and cut.
             let count = i64::try_from(limit).unwrap_or(i64::MAX);
-            let shards: Vec<Vec<String>> = self
+            let shards = self
                 .per_shard("list", |keys| {
-                    let mut cmd = redis::cmd("ZRANGEBYLEX");
-                    cmd.arg(&keys.ids)
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ZRANGEBYLEX")
+                        .arg(&keys.ids)
                         .arg("-")
                         .arg("+")
                         .arg("LIMIT")
                         .arg(0)
                         .arg(count);
-                    cmd
+                    pipe
                 })
                 .await?;
-            let mut ids = shards
-                .into_iter()
-                .flatten()
-                .map(|s| {
-                    QueueId::parse(&s).ok_or_else(|| {
+            let mut ids = Vec::new();
+            for reply in shards.into_iter().flatten() {
+                let shard_ids: Vec<String> = redis::from_redis_value(reply)
+                    .map_err(|e| QueueError::Corrupt(format!("redis list reply: {e}")))?;
+                for s in shard_ids {
+                    ids.push(QueueId::parse(&s).ok_or_else(|| {
                         QueueError::Corrupt(format!("invalid queue id {s:?} in redis"))
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+                    })?);
+                }
+            }
             ids.sort_unstable();
             ids.truncate(limit);
             Ok(ids)
@@ -485,40 +899,57 @@ impl Queue for RedisQueue {
             }
             let id = id.as_str();
             let keys = self.keys(id);
-            let mut invocation = self.remove_script.prepare_invoke();
+            let mut invocation = self.scripts.remove.prepare_invoke();
             invocation
                 .key(keys.message(id))
                 .key(&keys.due)
                 .key(&keys.ids)
                 .key(&keys.stats)
+                .key(&keys.leased)
                 .arg(id);
-            let existed: i64 = self
-                .retrying(|mut conn| {
-                    let invocation = &invocation;
-                    async move { invocation.invoke_async(&mut conn).await }
-                })
-                .await
-                .map_err(|e| self.unavailable("remove", e))?;
+            let existed: i64 = self.eval("remove", &invocation).await?;
             Ok(existed == 1)
         }))
     }
 
     fn stats(&self) -> QueueFuture<'_, QueueStats> {
         Box::pin(self.deadline("stats", async move {
-            let shards: Vec<(Option<i64>, Option<i64>)> = self
+            let shards = self
                 .per_shard("stats", |keys| {
-                    let mut cmd = redis::cmd("HMGET");
-                    cmd.arg(&keys.stats).arg("messages").arg("bytes");
-                    cmd
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("HMGET")
+                        .arg(&keys.stats)
+                        .arg("messages")
+                        .arg("bytes")
+                        .arg("deferred");
+                    pipe.cmd("ZCARD").arg(&keys.leased);
+                    pipe.cmd("ZRANGEBYLEX")
+                        .arg(&keys.ids)
+                        .arg("-")
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(1);
+                    pipe
                 })
                 .await?;
+            let mut stats = QueueStats::default();
             let sum = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
-            Ok(shards
-                .into_iter()
-                .fold(QueueStats::default(), |acc, (m, b)| QueueStats {
-                    messages: acc.messages + sum(m),
-                    bytes: acc.bytes + sum(b),
-                }))
+            for replies in shards {
+                type Shard = ((Option<i64>, Option<i64>, Option<i64>), u64, Vec<String>);
+                let ((messages, bytes, deferred), leased, first): Shard =
+                    redis::from_redis_value(Value::Array(replies))
+                        .map_err(|e| QueueError::Corrupt(format!("redis stats reply: {e}")))?;
+                stats.messages += sum(messages);
+                stats.bytes += sum(bytes);
+                stats.deferred += sum(deferred);
+                stats.leased += leased;
+                if let Some(oldest) = first.first().and_then(|s| QueueId::parse(s)) {
+                    let ms = oldest.timestamp_ms();
+                    stats.oldest_ms = Some(stats.oldest_ms.map_or(ms, |o| o.min(ms)));
+                }
+            }
+            Ok(stats)
         }))
     }
 
@@ -534,6 +965,307 @@ impl Queue for RedisQueue {
             Ok(())
         }))
     }
+
+    fn lease_due(
+        &self,
+        now_ms: u64,
+        lease_ms: u64,
+        max: usize,
+        owner: &str,
+    ) -> QueueFuture<'_, Vec<Leased>> {
+        let token = lease_token(owner);
+        Box::pin(self.deadline("lease_due", async move {
+            let mut out: Vec<Leased> = Vec::new();
+            if max == 0 {
+                return Ok(out);
+            }
+            let expires_ms = now_ms.saturating_add(lease_ms);
+            let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
+            for i in 0..usize::from(SHARDS) {
+                let shard = ((start + i) % usize::from(SHARDS)) as u16;
+                match self
+                    .lease_shard(shard, now_ms, expires_ms, max - out.len(), &token)
+                    .await
+                {
+                    Ok(leased) => out.extend(leased),
+                    // What earlier shards granted is ours now: hand it out rather than
+                    // leave it to expire; the failing shard is tried again next call.
+                    Err(e) if !out.is_empty() => {
+                        tracing::warn!(error = %e, shard, leased = out.len(), "redis lease_due stopped early");
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+                if out.len() >= max {
+                    break;
+                }
+            }
+            Ok(out)
+        }))
+    }
+
+    fn finish<'a>(
+        &'a self,
+        lease: &'a Lease,
+        status: MessageStatus,
+    ) -> QueueFuture<'a, FinishResult> {
+        Box::pin(self.deadline("finish", async move {
+            let status = status.prepared_for_finish(lease, now_ms())?;
+            let Some(id) = QueueId::parse(lease.id.as_str()) else {
+                return Ok(FinishResult::LeaseLost);
+            };
+            let id = id.as_str();
+            let keys = self.keys(id);
+            let json = encode("status", &status)?;
+            let retention_ms = u64::try_from(self.options.status_retention.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1);
+            let mut invocation = self.scripts.finish.prepare_invoke();
+            invocation
+                .key(keys.message(id))
+                .key(&keys.due)
+                .key(&keys.leased)
+                .key(&keys.ids)
+                .key(&keys.stats)
+                .arg(id)
+                .arg(&lease.token)
+                .arg(json.as_slice())
+                .arg(status.attempts)
+                .arg(
+                    status
+                        .next_attempt_ms
+                        .map_or_else(String::new, |t| t.to_string()),
+                )
+                .arg(retention_ms);
+            let result: i64 = self.eval("finish", &invocation).await?;
+            Ok(match result {
+                1 => FinishResult::Rescheduled,
+                2 => FinishResult::Finalized,
+                _ => FinishResult::LeaseLost,
+            })
+        }))
+    }
+
+    fn renew<'a>(&'a self, lease: &'a Lease, lease_ms: u64) -> QueueFuture<'a, bool> {
+        Box::pin(self.deadline("renew", async move {
+            let Some(id) = QueueId::parse(lease.id.as_str()) else {
+                return Ok(false);
+            };
+            let id = id.as_str();
+            let keys = self.keys(id);
+            let mut invocation = self.scripts.renew.prepare_invoke();
+            invocation
+                .key(keys.message(id))
+                .key(&keys.due)
+                .key(&keys.leased)
+                .key(&keys.ids)
+                .arg(id)
+                .arg(&lease.token)
+                .arg(now_ms().saturating_add(lease_ms));
+            let renewed: i64 = self.eval("renew", &invocation).await?;
+            Ok(renewed == 1)
+        }))
+    }
+
+    fn release<'a>(&'a self, leases: &'a [Lease]) -> QueueFuture<'a, ()> {
+        Box::pin(self.deadline("release", async move {
+            let mut by_shard: BTreeMap<u16, Vec<&Lease>> = BTreeMap::new();
+            for lease in leases {
+                if QueueId::parse(lease.id.as_str()).is_some() {
+                    by_shard
+                        .entry(shard_of(lease.id.as_str()))
+                        .or_default()
+                        .push(lease);
+                }
+            }
+            let now = now_ms();
+            for (shard, leases) in by_shard {
+                let keys = ShardKeys::new(&self.prefix, shard);
+                let mut invocation = self.scripts.release.prepare_invoke();
+                invocation
+                    .key(&keys.due)
+                    .key(&keys.leased)
+                    .key(&keys.ids)
+                    .arg(now)
+                    .arg(keys.message(""));
+                for lease in leases {
+                    invocation.arg(lease.id.as_str()).arg(&lease.token);
+                }
+                let _released: i64 = self.eval("release", &invocation).await?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn status<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<(Envelope, MessageStatus)>> {
+        Box::pin(self.deadline("status", async move {
+            let Some(id) = QueueId::parse(id.as_str()) else {
+                return Ok(None);
+            };
+            let keys = self.keys(id.as_str());
+            let mut invocation = self.scripts.status.prepare_invoke();
+            invocation
+                .key(keys.message(id.as_str()))
+                .key(&keys.due)
+                .key(&keys.leased)
+                .key(&keys.ids)
+                .arg(id.as_str());
+            let fields: Vec<Option<Vec<u8>>> = self.eval("status", &invocation).await?;
+            let [envelope, status, fin, due, leased, queued] = fields.as_slice() else {
+                return Err(QueueError::Corrupt(format!(
+                    "redis status reply has {} fields",
+                    fields.len()
+                )));
+            };
+            let (Some(envelope), true) = (envelope, queued.is_some() || fin.is_some()) else {
+                return Ok(None);
+            };
+            let envelope: Envelope = decode("envelope", &id, Some(envelope))?;
+            let mut status = stored_status(&id, &envelope, status.as_deref())?;
+            if queued.is_some() {
+                if let Some(due) = parse_score(due.as_deref()) {
+                    status.next_attempt_ms = Some(due);
+                }
+                status.leased_until_ms = parse_score(leased.as_deref());
+            }
+            Ok(Some((envelope, status)))
+        }))
+    }
+
+    fn list(&self, filter: ListFilter) -> QueueFuture<'_, Vec<(Envelope, MessageStatus)>> {
+        Box::pin(self.deadline("list", async move {
+            let mut found: Vec<(Envelope, MessageStatus)> = Vec::new();
+            if filter.limit == 0 {
+                return Ok(found);
+            }
+            // Each shard contributes its first `limit` matches in arrival order; the
+            // overall first `limit` are among them.
+            for shard in 0..SHARDS {
+                let keys = ShardKeys::new(&self.prefix, shard);
+                let mut matched = 0;
+                let mut after: Option<QueueId> = None;
+                loop {
+                    let (entries, last) = self.page(&keys, after.as_ref()).await?;
+                    for entry in entries {
+                        if matched < filter.limit && filter.matches(&entry.status) {
+                            matched += 1;
+                            found.push((entry.envelope, entry.status));
+                        }
+                    }
+                    match last {
+                        Some(last) if matched < filter.limit => after = Some(last),
+                        _ => break,
+                    }
+                }
+            }
+            found.sort_by(|a, b| a.0.id.cmp(&b.0.id));
+            found.truncate(filter.limit);
+            Ok(found)
+        }))
+    }
+
+    fn retry_now(&self, sel: RetrySelector) -> QueueFuture<'_, u64> {
+        Box::pin(self.deadline("retry_now", async move {
+            let now = now_ms();
+            let mut moved: u64 = 0;
+            match sel {
+                RetrySelector::Id(id) => {
+                    if QueueId::parse(id.as_str()).is_none() {
+                        return Ok(0);
+                    }
+                    let keys = self.keys(id.as_str());
+                    let mut invocation = self.scripts.retry_ids.prepare_invoke();
+                    invocation.key(&keys.due).arg(now).arg(id.as_str());
+                    moved += self.eval::<u64>("retry_now", &invocation).await?;
+                }
+                RetrySelector::All => {
+                    for shard in 0..SHARDS {
+                        let keys = ShardKeys::new(&self.prefix, shard);
+                        loop {
+                            let mut invocation = self.scripts.retry_all.prepare_invoke();
+                            invocation.key(&keys.due).arg(now).arg(PAGE);
+                            let n: u64 = self.eval("retry_now", &invocation).await?;
+                            moved += n;
+                            if n < PAGE as u64 {
+                                break;
+                            }
+                        }
+                    }
+                }
+                RetrySelector::Domain(domain) => {
+                    for shard in 0..SHARDS {
+                        let keys = ShardKeys::new(&self.prefix, shard);
+                        let mut after: Option<QueueId> = None;
+                        loop {
+                            let (entries, last) = self.page(&keys, after.as_ref()).await?;
+                            let ids: Vec<&str> = entries
+                                .iter()
+                                .filter(|e| {
+                                    e.due.is_some_and(|d| d > now)
+                                        && e.status.has_pending_in(&domain)
+                                })
+                                .map(|e| e.envelope.id.as_str())
+                                .collect();
+                            if !ids.is_empty() {
+                                // Checked again inside the script: a message leased
+                                // since the page was read is left alone.
+                                let mut invocation = self.scripts.retry_ids.prepare_invoke();
+                                invocation.key(&keys.due).arg(now);
+                                for id in ids {
+                                    invocation.arg(id);
+                                }
+                                moved += self.eval::<u64>("retry_now", &invocation).await?;
+                            }
+                            match last {
+                                Some(last) => after = Some(last),
+                                None => break,
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(moved)
+        }))
+    }
+}
+
+fn encode<T: serde::Serialize>(what: &str, value: &T) -> Result<Vec<u8>, QueueError> {
+    serde_json::to_vec(value).map_err(|e| QueueError::Corrupt(format!("cannot encode {what}: {e}")))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &str,
+    id: &impl std::fmt::Display,
+    bytes: Option<&[u8]>,
+) -> Result<T, QueueError> {
+    let bytes = bytes.ok_or_else(|| QueueError::Corrupt(format!("{what} of {id} is missing")))?;
+    serde_json::from_slice(bytes).map_err(|e| QueueError::Corrupt(format!("{what} of {id}: {e}")))
+}
+
+/// The stored status, or a fresh one for a message written before statuses existed.
+fn stored_status(
+    id: &QueueId,
+    envelope: &Envelope,
+    bytes: Option<&[u8]>,
+) -> Result<MessageStatus, QueueError> {
+    match bytes {
+        Some(_) => decode("status", id, bytes),
+        None => Ok(MessageStatus::new(envelope)),
+    }
+}
+
+fn reply_id(bytes: Option<&[u8]>) -> Result<QueueId, QueueError> {
+    let s = std::str::from_utf8(bytes.unwrap_or_default()).unwrap_or_default();
+    QueueId::parse(s).ok_or_else(|| QueueError::Corrupt(format!("invalid queue id {s:?} in redis")))
+}
+
+/// A sorted-set score as Redis prints it (`1700000000000`, or in exponent form for
+/// scores it cannot print exactly as integers).
+fn parse_score(bytes: Option<&[u8]>) -> Option<u64> {
+    let s = std::str::from_utf8(bytes?).ok()?;
+    s.parse::<u64>()
+        .ok()
+        .or_else(|| s.parse::<f64>().ok().map(|f| f as u64))
 }
 
 /// The keys of one shard. All share the shard's hash tag, so one cluster slot.
@@ -541,6 +1273,7 @@ impl Queue for RedisQueue {
 struct ShardKeys {
     base: String,
     due: String,
+    leased: String,
     ids: String,
     stats: String,
 }
@@ -550,6 +1283,7 @@ impl ShardKeys {
         let base = format!("{prefix}:{{{prefix}:s{shard:02}}}");
         ShardKeys {
             due: format!("{base}:due"),
+            leased: format!("{base}:leased"),
             ids: format!("{base}:ids"),
             stats: format!("{base}:stats"),
             base,
@@ -632,12 +1366,15 @@ mod tests {
         let keys = ShardKeys::new("mr", 7);
         assert_eq!(keys.message("ID"), "mr:{mr:s07}:m:ID");
         assert_eq!(keys.due, "mr:{mr:s07}:due");
+        assert_eq!(keys.leased, "mr:{mr:s07}:leased");
+        assert_eq!(keys.message(""), "mr:{mr:s07}:m:");
         assert_eq!(keys.ids, "mr:{mr:s07}:ids");
         assert_eq!(keys.stats, "mr:{mr:s07}:stats");
         let slot = Slot::for_key(&keys.due);
         for k in [
             keys.message("01J9Z3V5W8X0000000AB"),
             keys.ids.clone(),
+            keys.leased.clone(),
             keys.stats.clone(),
         ] {
             assert_eq!(Slot::for_key(&k), slot, "{k}");

@@ -1,7 +1,9 @@
 //! SMTP protocol logic, free of IO: command parsing, replies, the server session
-//! state machine, the strict DATA decoder and SASL exchanges.
+//! state machine, the strict DATA decoder, SASL exchanges and the client state
+//! machine used for delivery.
 
 pub mod auth;
+pub mod client;
 pub mod command;
 pub mod data;
 pub mod reply;

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Time one load-generator run (smtp-source) and account for the CPU it cost.
+
+Used by bench/ingress.sh; one call = one timed rep = one JSON line on stdout.
+
+    timer.py --timeout SECS [--server-pids 123,456] [--tool-pids 789]
+             [--threads-of 123] -- smtp-source -s 20 -m 10000 ... 127.0.0.1:PORT
+
+t_accept is the wall time from starting the command until it exited, i.e. until
+every one of its messages got its final reply (smtp-source waits for the reply
+to "." and to QUIT in every session).
+
+CPU accounting (all in seconds over the run):
+  total_cpu   busy time of the whole machine (/proc/stat, minus idle and iowait)
+  src_cpu     the load generator itself (rusage of the child)
+  tool_cpu    other load tools named with --tool-pids (smtp-sink)
+  server_cpu  processes named with --server-pids (mailrelay, redis-server): the sum
+              of their threads' /proc/PID/task/*/schedstat
+              plus, with --postfix-master, every Postfix daemon (children of the
+              master, alive or reaped during the run; tick resolution)
+  threads     per-thread-name CPU of --threads-of (mailrelay: tokio workers vs the
+              queue writer), from /proc/PID/task/*/schedstat (ns resolution)
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HZ = os.sysconf('SC_CLK_TCK')
+
+
+def cpu_stat():
+    with open('/proc/stat') as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    # total, idle, iowait, steal (ticks)
+    return sum(v), v[3], v[4], v[7]
+
+
+def proc_cpu(pid):
+    """On-CPU seconds of a process: the sum of its threads' schedstat (ns resolution;
+    /proc/PID/stat utime+stime are whole ticks, too coarse for a 1 s run). A thread
+    that exits during the run is lost, so this is a lower bound; the relay's and
+    redis-server's threads are long-lived. None if the process is gone."""
+    try:
+        tids = os.listdir(f'/proc/{pid}/task')
+    except OSError:
+        return None
+    total = 0.0
+    for tid in tids:
+        try:
+            with open(f'/proc/{pid}/task/{tid}/schedstat') as f:
+                total += int(f.read().split()[0]) / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def thread_cpu(pid):
+    """{thread name: on-CPU seconds} for every thread of pid (summed by name)."""
+    out = {}
+    try:
+        tids = os.listdir(f'/proc/{pid}/task')
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f'/proc/{pid}/task/{tid}/comm') as f:
+                name = f.read().strip()
+            with open(f'/proc/{pid}/task/{tid}/schedstat') as f:
+                ns = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        out[name] = out.get(name, 0.0) + ns / 1e9
+    return out
+
+
+def pf_snapshot(master):
+    """Postfix: (master's utime+stime+cutime+cstime, {(pid, starttime): utime+stime}
+    of the master's children), in seconds. Daemons exit after max_use and are reaped
+    by the master, whose cutime then holds their CPU."""
+    def stat(pid):
+        with open(f'/proc/{pid}/stat') as f:
+            s = f.read()
+        return s[s.rindex(')') + 2:].split()
+    try:
+        m = stat(master)
+    except OSError:
+        return None
+    own = sum(int(x) for x in m[11:15]) / HZ
+    kids = {}
+    for d in os.listdir('/proc'):
+        if not d.isdigit():
+            continue
+        try:
+            fl = stat(d)
+        except OSError:
+            continue
+        if int(fl[1]) == master:
+            kids[(int(d), fl[19])] = (int(fl[11]) + int(fl[12])) / HZ
+    return own, kids
+
+
+def pf_cpu(a, b):
+    """CPU of the Postfix daemons between two pf_snapshot()s."""
+    if a is None or b is None:
+        return None
+    (m0, k0), (m1, k1) = a, b
+    v = m1 - m0                                         # master + reaped children
+    v += sum(c - k0.get(k, 0.0) for k, c in k1.items())  # alive at the end
+    v -= sum(c for k, c in k0.items() if k not in k1)    # reaped, but counted before t0
+    return v
+
+
+def pids(arg):
+    return [int(p) for p in arg.split(',') if p.strip()] if arg else []
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--timeout', type=float, default=300)
+    ap.add_argument('--server-pids', default='')
+    ap.add_argument('--tool-pids', default='')
+    ap.add_argument('--threads-of', type=int, default=0)
+    ap.add_argument('--postfix-master', type=int, default=0)
+    ap.add_argument('--quiet-busy', type=float, default=25.0)
+    ap.add_argument('--quiet-wait', type=float, default=0.0)
+    ap.add_argument('cmd', nargs=argparse.REMAINDER)
+    a = ap.parse_args()
+    cmd = a.cmd[1:] if a.cmd and a.cmd[0] == '--' else a.cmd
+    servers, tools = pids(a.server_pids), pids(a.tool_pids)
+
+    # Is anybody else using the CPUs right before we start? The box may be shared:
+    # wait (up to --quiet-wait s) for a second with less than --quiet-busy % busy.
+    waited = 0.0
+    while True:
+        x = cpu_stat(); time.sleep(1.0); y = cpu_stat()
+        pre_busy = 100.0 * ((y[0] - x[0]) - (y[1] - x[1]) - (y[2] - x[2])) / max(1, y[0] - x[0])
+        if pre_busy < a.quiet_busy or waited >= a.quiet_wait:
+            break
+        waited += 1.0
+    load1 = open('/proc/loadavg').read().split()[0]
+
+    s0 = {p: proc_cpu(p) for p in servers}
+    k0 = {p: proc_cpu(p) for p in tools}
+    th0 = thread_cpu(a.threads_of) if a.threads_of else {}
+    pf0 = pf_snapshot(a.postfix_master) if a.postfix_master else None
+    tot0, idle0, iow0, st0 = cpu_stat()
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    status = 'ok'
+    try:
+        _, err = p.communicate(timeout=a.timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        _, err = p.communicate()
+        status = 'timeout'
+    t_accept = time.monotonic() - t0
+    tot1, idle1, iow1, st1 = cpu_stat()
+    # rusage of the (only) child, reaped by communicate()
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    src_cpu = r.ru_utime + r.ru_stime
+    s1 = {p_: proc_cpu(p_) for p_ in servers}
+    k1 = {p_: proc_cpu(p_) for p_ in tools}
+    th1 = thread_cpu(a.threads_of) if a.threads_of else {}
+    pf1 = pf_snapshot(a.postfix_master) if a.postfix_master else None
+
+    if status == 'ok' and p.returncode != 0:
+        status = f'rc={p.returncode}'
+    dt = (tot1 - tot0) or 1
+    total_cpu = (dt - (idle1 - idle0) - (iow1 - iow0)) / HZ
+    server_cpu = sum((s1[q] or 0) - (s0[q] or 0) for q in servers if s0[q] is not None)
+    postfix = pf_cpu(pf0, pf1)
+    if postfix is not None:
+        server_cpu += postfix
+    tool_cpu = sum((k1[q] or 0) - (k0[q] or 0) for q in tools if k0[q] is not None)
+    threads = {}
+    for name, v in th1.items():
+        d = v - th0.get(name, 0.0)
+        if d > 0.0005:
+            threads[name] = round(d, 3)
+    print(json.dumps({
+        'status': status,
+        't_accept': round(t_accept, 4),
+        'busy_pct': round(100.0 * (dt - (idle1 - idle0) - (iow1 - iow0)) / dt, 1),
+        'iowait_pct': round(100.0 * (iow1 - iow0) / dt, 1),
+        'steal_pct': round(100.0 * (st1 - st0) / dt, 1),
+        'total_cpu': round(total_cpu, 3),
+        'src_cpu': round(src_cpu, 3),
+        'tool_cpu': round(tool_cpu, 3),
+        'server_cpu': round(server_cpu, 3),
+        'threads': threads,
+        'pre_busy_pct': round(pre_busy, 1),
+        'quiet_waited_s': waited,
+        'load1': load1,
+        'stderr': err.decode(errors='replace').strip()[:300],
+    }))
+
+
+if __name__ == '__main__':
+    sys.exit(main())

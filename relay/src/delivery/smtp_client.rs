@@ -1,0 +1,433 @@
+//! Runs the IO-free [`ClientSession`] over a TCP connection: reads replies, writes
+//! commands and content, upgrades to TLS, and keeps RFC 5321 §4.5.3.2 time.
+//!
+//! Everything SMTP decides lives in `smtp::client`; this file only moves octets.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, ProtocolVersion, RootCertStore, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::queue::{QueuedMessage, TlsInfo};
+use crate::smtp::client::{Action, ClientSession, parse_reply};
+pub use crate::smtp::client::{
+    Capabilities, ClientConfig, Credentials, MessageOutcome, Outcome, RecipientOutcome, Stage,
+    TimeoutKind, TlsPolicy, connect_failed,
+};
+
+/// Where Debian and most distributions keep the system trust store as one PEM file.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Content is written in blocks of this size, each under the data-block timeout, so
+/// a slow but moving server is not cut off in the middle of a large message.
+const WRITE_BLOCK: usize = 64 * 1024;
+
+/// RFC 5321 §4.5.3.2 client timeouts. The defaults are the RFC's; tests shorten them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// Waiting for the 220 greeting.
+    pub greeting: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    /// Waiting for the 354 after DATA.
+    pub data_init: Duration,
+    /// Each write of content (and of any command).
+    pub data_block: Duration,
+    /// Waiting for the reply after the final dot. Long because the server may be
+    /// filtering or storing the message; giving up early invites duplicates.
+    pub data_termination: Duration,
+    /// EHLO, HELO, STARTTLS, AUTH, RSET (the RFC names none; Postfix uses 5 min).
+    pub command: Duration,
+    pub tls_handshake: Duration,
+    /// Waiting for the reply to QUIT. Short: every outcome is already known, and the
+    /// caller gets its results only when this connection is done.
+    pub quit: Duration,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        let min = |m: u64| Duration::from_secs(60 * m);
+        ClientTimeouts {
+            greeting: min(5),
+            mail: min(5),
+            rcpt: min(5),
+            data_init: min(2),
+            data_block: min(3),
+            data_termination: min(10),
+            command: min(5),
+            tls_handshake: min(5),
+            quit: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ClientTimeouts {
+    fn reply(&self, kind: TimeoutKind) -> Duration {
+        match kind {
+            TimeoutKind::Greeting => self.greeting,
+            TimeoutKind::Command => self.command,
+            TimeoutKind::Mail => self.mail,
+            TimeoutKind::Rcpt => self.rcpt,
+            TimeoutKind::DataInit => self.data_init,
+            TimeoutKind::DataTermination => self.data_termination,
+            TimeoutKind::Quit => self.quit,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientTlsError {
+    #[error("cannot read CA file {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("CA file {}: invalid PEM: {source}", path.display())]
+    Pem { path: PathBuf, source: pem::Error },
+    #[error("CA file {}: no usable CA certificate", path.display())]
+    NoCertificates { path: PathBuf },
+    #[error("building the TLS client configuration: {0}")]
+    Config(rustls::Error),
+}
+
+/// The two TLS client configurations delivery needs.
+///
+/// Opportunistic TLS (RFC 3207 as practised between MTAs, Postfix's `may`) accepts
+/// any certificate: most MX hosts present self-signed, expired or mismatched
+/// certificates, and the alternative to an unverified session is a plain-text one,
+/// not a refused delivery. Encryption still defeats passive eavesdropping; an active
+/// attacker could strip STARTTLS anyway. Handshake signatures are still checked, so
+/// the server proves it holds the key of the certificate it shows.
+///
+/// Required TLS verifies the chain against the configured CAs and the server name.
+#[derive(Clone)]
+pub struct ClientTls {
+    opportunistic: TlsConnector,
+    verified: TlsConnector,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls").finish_non_exhaustive()
+    }
+}
+
+impl ClientTls {
+    /// Verification roots from `ca_file` (PEM), or the system store
+    /// [`SYSTEM_CA_FILE`] when `None`. Blocking file IO: call at start-up.
+    pub fn new(ca_file: Option<&Path>) -> Result<Self, ClientTlsError> {
+        let path = ca_file.unwrap_or(Path::new(SYSTEM_CA_FILE));
+        Self::with_roots(load_roots(path)?)
+    }
+
+    pub fn with_roots(roots: RootCertStore) -> Result<Self, ClientTlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = || {
+            rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .map_err(ClientTlsError::Config)
+        };
+        let verified = builder()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let opportunistic = builder()?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(Arc::clone(&provider))))
+            .with_no_client_auth();
+        Ok(ClientTls {
+            opportunistic: TlsConnector::from(Arc::new(opportunistic)),
+            verified: TlsConnector::from(Arc::new(verified)),
+        })
+    }
+
+    pub fn connector(&self, policy: TlsPolicy) -> &TlsConnector {
+        match policy {
+            TlsPolicy::Required => &self.verified,
+            TlsPolicy::Opportunistic | TlsPolicy::Disabled => &self.opportunistic,
+        }
+    }
+}
+
+fn load_roots(path: &Path) -> Result<RootCertStore, ClientTlsError> {
+    let pem_err = |e: pem::Error| match e {
+        pem::Error::Io(source) => ClientTlsError::Read {
+            path: path.to_owned(),
+            source,
+        },
+        source => ClientTlsError::Pem {
+            path: path.to_owned(),
+            source,
+        },
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(pem_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err)?;
+    let mut roots = RootCertStore::empty();
+    // System bundles carry the odd certificate webpki cannot parse; skip those
+    // rather than refuse the whole store.
+    let (added, _ignored) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(ClientTlsError::NoCertificates {
+            path: path.to_owned(),
+        });
+    }
+    Ok(roots)
+}
+
+/// See [`ClientTls`] for why opportunistic TLS does not verify certificates.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// What one connection achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionResult {
+    /// One per message given, in order; every recipient has an outcome.
+    pub messages: Vec<MessageOutcome>,
+    /// The TLS session, when STARTTLS succeeded.
+    pub tls: Option<TlsInfo>,
+    /// What the server announced (after TLS, if any).
+    pub capabilities: Option<Capabilities>,
+    /// Why the connection ended without a QUIT exchange, if it did.
+    pub error: Option<String>,
+}
+
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// Only during the TLS upgrade (and after a failed one).
+    Gone,
+}
+
+impl Conn {
+    async fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf).await,
+            Conn::Tls(s) => s.read(buf).await,
+            Conn::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.write_all(data).await,
+            Conn::Tls(s) => {
+                s.write_all(data).await?;
+                // tokio-rustls holds records until flushed.
+                s.flush().await
+            }
+            Conn::Gone => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = match self {
+            Conn::Plain(s) => s.shutdown().await,
+            Conn::Tls(s) => s.shutdown().await,
+            Conn::Gone => Ok(()),
+        };
+    }
+}
+
+/// Delivers `messages` over `stream` (connected to the server, nothing read yet) and
+/// reports an outcome for every recipient. `server_name` is the host name the
+/// connection was made to (the MX or smarthost name): it is sent as SNI and, with
+/// [`TlsPolicy::Required`], the certificate must match it. The caller decides how
+/// many messages share a connection; with none, the session just says EHLO and QUIT.
+pub async fn deliver(
+    stream: TcpStream,
+    tls: &ClientTls,
+    server_name: &str,
+    messages: &[&QueuedMessage],
+    cfg: &ClientConfig,
+    timeouts: &ClientTimeouts,
+) -> ConnectionResult {
+    let mut session = ClientSession::new(cfg.clone(), messages);
+    let mut conn = Conn::Plain(stream);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    loop {
+        match session.next_action() {
+            Action::Send(bytes) => {
+                if let Err(e) = write_blocks(&mut conn, &bytes, timeouts.data_block).await {
+                    session.on_connection_error(&e);
+                }
+            }
+            Action::ReadReply => {
+                let limit = timeouts.reply(session.timeout_kind());
+                match read_reply(&mut conn, &mut buf, limit).await {
+                    Ok(reply) => session.on_reply(reply),
+                    Err(e) => session.on_connection_error(&e),
+                }
+            }
+            Action::StartTls => {
+                if !buf.is_empty() {
+                    // RFC 3207 §4.2 / CVE-2011-0411 in reverse: octets that came
+                    // after the 220 in plain text could be an injected reply to our
+                    // first command under TLS. They are dropped unread.
+                    tracing::warn!(
+                        server = server_name,
+                        octets = buf.len(),
+                        "discarding plain-text data received after the STARTTLS reply"
+                    );
+                    buf.clear();
+                }
+                let connector = tls.connector(cfg.tls);
+                match upgrade(&mut conn, connector, server_name, timeouts.tls_handshake).await {
+                    Ok(info) => session.on_tls_established(info),
+                    Err(e) => session.on_tls_failed(&e),
+                }
+            }
+            Action::Done(outcomes) => {
+                let _ = timeout(timeouts.quit, conn.shutdown()).await;
+                return result(&session, outcomes, None);
+            }
+            Action::Failed { reason, outcomes } => {
+                tracing::debug!(server = server_name, %reason, "SMTP connection failed");
+                return result(&session, outcomes, Some(reason));
+            }
+        }
+    }
+}
+
+fn result(
+    session: &ClientSession<'_>,
+    messages: Vec<MessageOutcome>,
+    error: Option<String>,
+) -> ConnectionResult {
+    ConnectionResult {
+        messages,
+        tls: session.tls().cloned(),
+        capabilities: session.capabilities().cloned(),
+        error,
+    }
+}
+
+async fn write_blocks(conn: &mut Conn, data: &[u8], limit: Duration) -> Result<(), String> {
+    for block in data.chunks(WRITE_BLOCK) {
+        match timeout(limit, conn.write_all(block)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("write failed: {e}")),
+            Err(_) => return Err(format!("timeout after {limit:?} writing to the server")),
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `buf` holds a complete reply; leftover octets (pipelined replies)
+/// stay in `buf` for the next call.
+async fn read_reply(
+    conn: &mut Conn,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> Result<crate::smtp::Reply, String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut chunk = [0u8; 8192];
+    loop {
+        match parse_reply(buf) {
+            Ok(Some((reply, n))) => {
+                buf.drain(..n);
+                return Ok(reply);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(format!("bad reply from server: {e}")),
+        }
+        match tokio::time::timeout_at(deadline, conn.read(&mut chunk)).await {
+            Ok(Ok(0)) => return Err("connection closed by the server".into()),
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => return Err(format!("read failed: {e}")),
+            Err(_) => return Err(format!("timeout after {limit:?} waiting for a reply")),
+        }
+    }
+}
+
+async fn upgrade(
+    conn: &mut Conn,
+    connector: &TlsConnector,
+    server_name: &str,
+    limit: Duration,
+) -> Result<TlsInfo, String> {
+    let Conn::Plain(tcp) = std::mem::replace(conn, Conn::Gone) else {
+        return Err("TLS requested on a connection that is not plain TCP".into());
+    };
+    let name = ServerName::try_from(server_name.trim_end_matches('.').to_owned())
+        .map_err(|e| format!("invalid server name {server_name:?}: {e}"))?;
+    let stream = match timeout(limit, connector.connect(name, tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err(format!("timeout after {limit:?}")),
+    };
+    let info = tls_info(stream.get_ref().1);
+    *conn = Conn::Tls(Box::new(stream));
+    Ok(info)
+}
+
+/// Version and cipher suite, named as the server side names them in `Received:`.
+fn tls_info(conn: &rustls::ClientConnection) -> TlsInfo {
+    let version = match conn.protocol_version() {
+        Some(ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+        Some(ProtocolVersion::TLSv1_2) => "TLSv1.2".to_owned(),
+        Some(other) => format!("{other:?}"),
+        None => "unknown".to_owned(),
+    };
+    let cipher = match conn.negotiated_cipher_suite() {
+        Some(suite) => suite
+            .suite()
+            .as_str()
+            .map_or_else(|| format!("{:?}", suite.suite()), str::to_owned),
+        None => "unknown".to_owned(),
+    };
+    TlsInfo { version, cipher }
+}
