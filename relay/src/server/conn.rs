@@ -196,13 +196,14 @@ impl Conn {
                 if let Stream::Plain(tcp) = &*stream {
                     tcp.readable().await?;
                 }
-                buf.resize(start + chunk, 0);
+                // Reading into spare capacity: no zero-filling of a 64 KB buffer per read.
+                buf.reserve(chunk);
                 let r = match &mut *stream {
-                    Stream::Plain(tcp) => tcp.try_read(&mut buf[start..]),
-                    other => other.read(&mut buf[start..]).await,
+                    Stream::Plain(tcp) => tcp.try_read_buf(buf),
+                    other => other.read_buf(buf).await,
                 };
                 match r {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(start),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     other => return other,
                 }
             }

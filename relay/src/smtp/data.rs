@@ -115,10 +115,7 @@ impl DataDecoder {
             match self.state {
                 State::Mid | State::LineStart if self.state == State::Mid || !self.dot_stuffed => {
                     // Fast path: copy a run of ordinary octets in one go.
-                    let run = input[i..]
-                        .iter()
-                        .position(|&b| b == b'\r' || b == b'\n')
-                        .unwrap_or(input.len() - i);
+                    let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
                     if run > 0 {
                         self.count_line(run);
                         self.push(&input[i..i + run]);
