@@ -57,6 +57,8 @@ pub struct RelayConfig {
     pub auth: Option<AuthConfig>,
     pub limits: Limits,
     pub queue: QueueConfig,
+    /// Outbound delivery of queued mail.
+    pub delivery: DeliveryConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
     /// On SIGTERM, how long sessions may run on before they are told `421`.
@@ -77,6 +79,7 @@ impl Default for RelayConfig {
             auth: None,
             limits: Limits::default(),
             queue: QueueConfig::default(),
+            delivery: DeliveryConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             shutdown_grace: Duration::from_secs(30),
@@ -212,6 +215,10 @@ pub struct QueueConfig {
     #[serde(with = "duration_str")]
     pub write_timeout: Duration,
     pub redis: Option<RedisConfig>,
+    /// How long the status record of a delivered or bounced message stays readable
+    /// (`queue show`).
+    #[serde(with = "duration_str")]
+    pub status_retention: Duration,
 }
 
 impl Default for QueueConfig {
@@ -221,6 +228,7 @@ impl Default for QueueConfig {
             path: PathBuf::from("./mailrelay-data"),
             write_timeout: Duration::from_secs(10),
             redis: None,
+            status_retention: crate::queue::DEFAULT_STATUS_RETENTION,
         }
     }
 }
@@ -260,6 +268,85 @@ pub struct RedisConfig {
 
 fn default_prefix() -> String {
     "mr".into()
+}
+
+pub use crate::smtp::client::TlsPolicy;
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Run delivery workers in this process; `false` makes a receive-only relay
+    /// (another process delivers from the shared queue).
+    pub enabled: bool,
+    /// Outbound SMTP connections open at once, over all destinations.
+    pub max_concurrency: usize,
+    /// Outbound connections open at once to one destination (domain or smarthost).
+    pub per_destination_concurrency: usize,
+    /// Messages sent over one connection before it is closed.
+    pub max_messages_per_connection: usize,
+    /// TCP connect timeout per address.
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// How long a taken message stays ours without renewal; a relay that dies
+    /// loses its messages to another relay after this.
+    #[serde(with = "duration_str")]
+    pub lease: Duration,
+    /// How often to look for due mail when the queue had none.
+    #[serde(with = "duration_str")]
+    pub poll_interval: Duration,
+    /// MX lookups.
+    pub dns: crate::delivery::mx::ResolverConfig,
+    /// Send everything through this host instead of the recipients' MX.
+    pub smarthost: Option<SmarthostConfig>,
+    /// STARTTLS policy towards MX hosts.
+    pub tls: TlsPolicy,
+    /// PEM trust anchors for `required` TLS; default: the system store.
+    pub ca_file: Option<PathBuf>,
+    /// When to retry deferred mail and when to give up.
+    pub retry: crate::delivery::retry::RetryPolicy,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            enabled: true,
+            max_concurrency: 50,
+            per_destination_concurrency: 10,
+            max_messages_per_connection: 100,
+            connect_timeout: Duration::from_secs(30),
+            lease: Duration::from_secs(300),
+            poll_interval: Duration::from_secs(1),
+            dns: Default::default(),
+            smarthost: None,
+            tls: TlsPolicy::Opportunistic,
+            ca_file: None,
+            retry: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmarthostConfig {
+    pub host: String,
+    #[serde(default = "default_smarthost_port")]
+    pub port: u16,
+    /// STARTTLS policy; `required` verifies the certificate against `ca_file`.
+    #[serde(default)]
+    pub tls: TlsPolicy,
+    /// PEM trust anchors for this host; default: the system store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// AUTH user (sent only over TLS).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Env: `MAILRELAY_SMARTHOST_PASSWORD`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+}
+
+fn default_smarthost_port() -> u16 {
+    587
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -354,6 +441,17 @@ impl RelayConfig {
                 }
             }
         }
+        if let Some(pw) = get("MAILRELAY_SMARTHOST_PASSWORD") {
+            match &mut self.delivery.smarthost {
+                Some(s) => s.password = Some(Secret(pw)),
+                None => {
+                    return Err(invalid(
+                        "MAILRELAY_SMARTHOST_PASSWORD",
+                        "set, but no smarthost is configured (delivery.smarthost)",
+                    ));
+                }
+            }
+        }
         if let Some(h) = get("MAILRELAY_HOSTNAME") {
             self.hostname = h;
         }
@@ -432,11 +530,16 @@ impl RelayConfig {
             ("limits.data_timeout", l.data_timeout),
             ("limits.session_timeout", l.session_timeout),
             ("queue.write_timeout", self.queue.write_timeout),
+            ("queue.status_retention", self.queue.status_retention),
+            ("delivery.connect_timeout", self.delivery.connect_timeout),
+            ("delivery.lease", self.delivery.lease),
+            ("delivery.poll_interval", self.delivery.poll_interval),
         ] {
             if d.is_zero() {
                 return Err(invalid(field, "must be greater than zero"));
             }
         }
+        self.validate_delivery()?;
         match (self.queue.effective_backend(), &self.queue.redis) {
             (QueueBackendKind::Redis, None) => {
                 return Err(invalid(
@@ -463,6 +566,57 @@ impl RelayConfig {
                 }
             }
             _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl RelayConfig {
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
+        let d = &self.delivery;
+        for (field, v) in [
+            ("delivery.max_concurrency", d.max_concurrency),
+            (
+                "delivery.per_destination_concurrency",
+                d.per_destination_concurrency,
+            ),
+            (
+                "delivery.max_messages_per_connection",
+                d.max_messages_per_connection,
+            ),
+            ("delivery.dns.attempts", d.dns.attempts),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        // A lease shorter than a few seconds expires under a normal delivery and
+        // invites duplicates; renewal runs at a third of it.
+        if d.lease < Duration::from_secs(2) {
+            return Err(invalid("delivery.lease", "must be at least 2s"));
+        }
+        d.retry
+            .validate()
+            .map_err(|m| invalid("delivery.retry", m))?;
+        if let Some(s) = &d.smarthost {
+            if s.host.is_empty() {
+                return Err(invalid("delivery.smarthost.host", "must not be empty"));
+            }
+            if s.port == 0 {
+                return Err(invalid("delivery.smarthost.port", "must not be 0"));
+            }
+            if s.password.is_some() && s.username.is_none() {
+                return Err(invalid(
+                    "delivery.smarthost.username",
+                    "a password is set but no username",
+                ));
+            }
+            if s.username.is_some() && s.tls == TlsPolicy::Disabled {
+                return Err(invalid(
+                    "delivery.smarthost.tls",
+                    "AUTH is only sent over TLS; it cannot be `disabled` with a username",
+                ));
+            }
         }
         Ok(())
     }
@@ -602,6 +756,38 @@ mod tests {
             "hunter2"
         );
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn delivery_section_defaults_and_errors() {
+        let c = RelayConfig::from_yaml("{}").unwrap();
+        assert!(c.delivery.enabled);
+        assert_eq!(c.delivery.max_concurrency, 50);
+        assert_eq!(c.delivery.lease, Duration::from_secs(300));
+        assert_eq!(c.delivery.tls, TlsPolicy::Opportunistic);
+        let c = RelayConfig::from_yaml(
+            "delivery: {smarthost: {host: smtp.example.com, username: u, tls: required}, retry: {first: 1s}}",
+        )
+        .unwrap();
+        let s = c.delivery.smarthost.as_ref().unwrap();
+        assert_eq!((s.port, s.tls), (587, TlsPolicy::Required));
+        assert_eq!(c.delivery.retry.first, Duration::from_secs(1));
+        let e = RelayConfig::from_yaml("delivery: {per_destination_concurrency: 0}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("delivery.per_destination_concurrency"), "{e}");
+        let e = RelayConfig::from_yaml("delivery: {smarthost: {host: h, prot: 1}}")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("delivery.smarthost") && e.contains("prot"),
+            "{e}"
+        );
+        let mut c =
+            RelayConfig::from_yaml("delivery: {smarthost: {host: h, username: u}}").unwrap();
+        c.apply_env(|k| (k == "MAILRELAY_SMARTHOST_PASSWORD").then(|| "pw".into()))
+            .unwrap();
+        assert!(!format!("{c:?}").contains("pw\""));
     }
 
     #[test]

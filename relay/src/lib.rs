@@ -4,6 +4,7 @@
 //! over sockets; [`queue`] stores accepted mail; [`admin`] serves health and metrics.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod queue;

@@ -10,7 +10,8 @@ use tracing::info;
 
 use mailrelay::admin::{self, AdminState, Metrics};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
-use mailrelay::queue::{EmbeddedQueue, Queue, RedisQueue};
+use mailrelay::delivery::scheduler::Delivery;
+use mailrelay::queue::{EmbeddedQueue, Queue, QueueOptions, RedisQueue};
 use mailrelay::server::{self, Shared, tls::TlsSource, users::UsersSource};
 
 #[derive(Parser)]
@@ -38,6 +39,8 @@ enum Command {
         /// YAML configuration file.
         file: PathBuf,
     },
+    /// Inspect and act on the queue of a running relay through its admin API.
+    Queue(mailrelay::cli::queue::QueueArgs),
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
@@ -65,6 +68,7 @@ fn main() -> std::process::ExitCode {
             }
             Err(e) => Err(e),
         },
+        Command::Queue(args) => return mailrelay::cli::queue::run(args),
         Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -98,7 +102,8 @@ async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<Arc<dyn Queue>> {
     Ok(match cfg.queue.effective_backend() {
         QueueBackendKind::Embedded => {
             let path = cfg.queue.path.clone();
-            let q = tokio::task::spawn_blocking(move || EmbeddedQueue::open(&path))
+            let options = queue_options(cfg);
+            let q = tokio::task::spawn_blocking(move || EmbeddedQueue::open_with(&path, options))
                 .await?
                 .with_context(|| {
                     format!("opening the embedded queue in {}", cfg.queue.path.display())
@@ -112,12 +117,18 @@ async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<Arc<dyn Queue>> {
                 .as_ref()
                 .context("queue.redis is not configured")?;
             Arc::new(
-                RedisQueue::connect(rcfg)
+                RedisQueue::connect_with(rcfg, queue_options(cfg))
                     .await
                     .context("connecting to Redis")?,
             )
         }
     })
+}
+
+fn queue_options(cfg: &RelayConfig) -> QueueOptions {
+    QueueOptions {
+        status_retention: cfg.queue.status_retention,
+    }
 }
 
 async fn shutdown_signal() {
@@ -170,14 +181,36 @@ async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
         None => None,
     };
     let listeners = server::bind(&cfg)?;
+    let delivery = if cfg.delivery.enabled {
+        Some(
+            Delivery::start(
+                Arc::clone(&queue),
+                cfg.delivery.clone(),
+                cfg.hostname.clone(),
+            )
+            .context("starting delivery")?,
+        )
+    } else {
+        info!("delivery disabled: this relay only receives");
+        None
+    };
+    let grace = cfg.shutdown_grace;
     let shared = Shared::new(cfg, queue, metrics, tls, users);
     let flag = Arc::clone(&draining);
+    let (delivery_drain_tx, delivery_drain_rx) = tokio::sync::oneshot::channel();
     server::serve(shared, listeners, async move {
         shutdown_signal().await;
         // Readiness fails first so load balancers stop sending new connections.
         flag.store(true, Ordering::SeqCst);
+        // Delivery drains alongside the SMTP sessions, under the same grace.
+        if let Some(d) = delivery {
+            let _ = delivery_drain_tx.send(tokio::spawn(d.shutdown(grace)));
+        }
     })
     .await;
+    if let Ok(drain) = delivery_drain_rx.await {
+        let _ = drain.await;
+    }
     let _ = admin_stop_tx.send(());
     if let Some(t) = admin_task {
         let _ = t.await;

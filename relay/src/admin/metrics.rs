@@ -38,6 +38,32 @@ const QUEUE_WRITE_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Arrival-to-delivery latency: seconds for a relay hop up to a day of retries.
+const DELIVERY_BUCKETS: [f64; 14] = [
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+/// Delivery results counted by `mailrelay_delivery_recipients_total`.
+const RESULTS: &[&str] = &["delivered", "deferred", "bounced"];
+
+/// The bounded reason set of delivery results; anything else becomes `other`.
+pub const DELIVERY_REASONS: &[&str] = &[
+    "ok",
+    "remote_4xx",
+    "remote_5xx",
+    "connect",
+    "dns_tempfail",
+    "nxdomain",
+    "null_mx",
+    "tls",
+    "expired",
+    "loop",
+    "other",
+];
+
+/// `result` and `reason` labels of one delivery outcome.
+type ResultLabels = [(&'static str, &'static str); 2];
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -51,6 +77,9 @@ pub struct Metrics {
     queue_write: Histogram,
     queue_write_failures: Counter,
     tls_handshakes: Family<Label, Counter>,
+    delivery_recipients: Family<ResultLabels, Counter>,
+    delivery_latency: Histogram,
+    delivery_connections_active: Gauge,
 }
 
 impl Default for Metrics {
@@ -130,8 +159,39 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = tls_handshakes.get_or_create(&label("result", result));
         }
+        let delivery_recipients = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "delivery_recipients",
+            "Recipient delivery attempts, by result and reason",
+            delivery_recipients.clone(),
+        );
+        // One series per result exists from the start so the family is exposed
+        // and `rate()` works before the first delivery.
+        for pair in [
+            ("delivered", "ok"),
+            ("deferred", "remote_4xx"),
+            ("bounced", "remote_5xx"),
+        ] {
+            let _ = delivery_recipients.get_or_create(&[("result", pair.0), ("reason", pair.1)]);
+        }
+        let delivery_latency = Histogram::new(DELIVERY_BUCKETS);
+        registry.register_with_unit(
+            "delivery",
+            "Time from arrival to final delivery of a recipient",
+            Unit::Seconds,
+            delivery_latency.clone(),
+        );
+        let delivery_connections_active = Gauge::default();
+        registry.register(
+            "delivery_connections_active",
+            "Open outbound SMTP connections",
+            delivery_connections_active.clone(),
+        );
         Metrics {
             registry,
+            delivery_recipients,
+            delivery_latency,
+            delivery_connections_active,
             connections,
             connections_active,
             connections_refused,
@@ -199,6 +259,38 @@ impl Metrics {
             .inc();
     }
 
+    /// One recipient's delivery attempt ended: `result` is `delivered`, `deferred`
+    /// or `bounced`, `reason` one of [`DELIVERY_REASONS`] (others count as `other`).
+    pub fn delivery_result(&self, result: &str, reason: &str) {
+        let result = RESULTS
+            .iter()
+            .find(|r| **r == result)
+            .copied()
+            .unwrap_or("deferred");
+        let reason = DELIVERY_REASONS
+            .iter()
+            .find(|r| **r == reason)
+            .copied()
+            .unwrap_or("other");
+        self.delivery_recipients
+            .get_or_create(&[("result", result), ("reason", reason)])
+            .inc();
+    }
+
+    /// Arrival-to-delivery time of a delivered recipient.
+    pub fn delivery_latency(&self, elapsed: Duration) {
+        self.delivery_latency.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn outbound_connection_opened(&self) {
+        self.delivery_connections_active.inc();
+    }
+
+    /// Call once for every [`Metrics::outbound_connection_opened`].
+    pub fn outbound_connection_closed(&self) {
+        self.delivery_connections_active.dec();
+    }
+
     /// The complete OpenMetrics exposition (ending in `# EOF`).
     pub fn encode(&self) -> String {
         self.encode_with_queue_stats(None)
@@ -228,6 +320,32 @@ impl Metrics {
                 "Bytes of queued message bodies (all relay processes sharing it)",
                 Unit::Bytes,
                 bytes,
+            );
+            for (name, help, value) in [
+                (
+                    "queue_leased",
+                    "Queued messages currently leased to a delivery worker",
+                    stats.leased,
+                ),
+                (
+                    "queue_deferred",
+                    "Queued messages that have had at least one delivery attempt",
+                    stats.deferred,
+                ),
+            ] {
+                let g = Gauge::<u64, std::sync::atomic::AtomicU64>::default();
+                g.set(value);
+                queue.register(name, help, g);
+            }
+            let oldest = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+            oldest.set(stats.oldest_ms.map_or(0.0, |ms| {
+                crate::queue::now_ms().saturating_sub(ms) as f64 / 1000.0
+            }));
+            queue.register_with_unit(
+                "queue_oldest_age",
+                "Age of the oldest queued message (0 when the queue is empty)",
+                Unit::Seconds,
+                oldest,
             );
             let _ = encode_registry(&mut out, &queue);
         }
@@ -283,6 +401,9 @@ mod tests {
             "mailrelay_queue_write_seconds histogram",
             "mailrelay_queue_write_failures counter",
             "mailrelay_tls_handshakes counter",
+            "mailrelay_delivery_recipients counter",
+            "mailrelay_delivery_seconds histogram",
+            "mailrelay_delivery_connections_active gauge",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family}\n")),
@@ -393,6 +514,47 @@ mod tests {
         assert!(text.contains("\nmailrelay_queue_bytes 4096\n"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1);
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn delivery_metrics_have_bounded_labels() {
+        let m = Metrics::new();
+        m.delivery_result("delivered", "ok");
+        m.delivery_result("deferred", "remote_4xx");
+        m.delivery_result("deferred", "remote_4xx");
+        m.delivery_result("bounced", "550 5.1.1 <evil@example.com> unknown");
+        m.delivery_latency(Duration::from_secs(3));
+        m.outbound_connection_opened();
+        m.outbound_connection_opened();
+        m.outbound_connection_closed();
+        let text = m.encode_with_queue_stats(Some(QueueStats {
+            messages: 2,
+            bytes: 10,
+            leased: 1,
+            deferred: 1,
+            oldest_ms: Some(crate::queue::now_ms() - 5000),
+        }));
+        for e in [
+            "mailrelay_delivery_recipients_total{result=\"delivered\",reason=\"ok\"} 1",
+            "mailrelay_delivery_recipients_total{result=\"deferred\",reason=\"remote_4xx\"} 2",
+            "mailrelay_delivery_recipients_total{result=\"bounced\",reason=\"other\"} 1",
+            "mailrelay_delivery_seconds_count 1",
+            "mailrelay_delivery_connections_active 1",
+            "mailrelay_queue_leased 1",
+            "mailrelay_queue_deferred 1",
+        ] {
+            assert!(text.lines().any(|l| l == e), "{e:?} missing:\n{text}");
+        }
+        assert!(text.contains("# TYPE mailrelay_queue_oldest_age_seconds gauge"));
+        let age: f64 = line(&text, "mailrelay_queue_oldest_age_seconds ")
+            .unwrap()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((4.0..60.0).contains(&age), "{age}");
+        assert!(!text.contains("evil"));
     }
 
     #[test]

@@ -6,11 +6,15 @@
 //!   one-line reason, so Kubernetes stops routing mail to a pod that could not
 //!   queue it.
 //! - `GET /metrics`: OpenMetrics text, including the queue size.
-//! - `GET /api/v1/queue/stats`: `{"messages": N, "bytes": N}`.
+//! - `GET /api/v1/queue/stats`: counts and oldest age of the queue.
+//! - `GET /api/v1/queue/messages[?deferred=true&domain=D&limit=N]`,
+//!   `GET|DELETE /api/v1/queue/messages/{id}`, `POST /api/v1/queue/messages/{id}/retry`,
+//!   `POST /api/v1/queue/retry?all=true|domain=D`: see [`api`].
 //!
 //! It binds to an admin address apart from the SMTP listeners and has no
 //! authentication: expose it to the cluster network only.
 
+pub mod api;
 pub mod metrics;
 
 use std::future::Future;
@@ -22,7 +26,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 
 use crate::queue::{Queue, QueueError};
 
@@ -59,7 +63,14 @@ fn router(state: AdminState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .route("/api/v1/queue/stats", get(queue_stats))
+        .route("/api/v1/queue/stats", get(api::stats))
+        .route("/api/v1/queue/messages", get(api::list))
+        .route(
+            "/api/v1/queue/messages/{id}",
+            get(api::show).delete(api::delete),
+        )
+        .route("/api/v1/queue/messages/{id}/retry", post(api::retry_one))
+        .route("/api/v1/queue/retry", post(api::retry_many))
         .with_state(state)
 }
 
@@ -100,19 +111,6 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         .into_response()
 }
 
-async fn queue_stats(State(state): State<AdminState>) -> Response {
-    match tokio::time::timeout(READY_PING_TIMEOUT, state.queue.stats()).await {
-        Ok(Ok(stats)) => axum::Json(stats).into_response(),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "queue stats failed");
-            unavailable(format!("queue store unreachable: {}", public_reason(&e)))
-        }
-        Err(_) => unavailable(format!(
-            "queue store unreachable: no answer within {READY_PING_TIMEOUT:?}"
-        )),
-    }
-}
-
 fn unavailable(reason: String) -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, reason).into_response()
 }
@@ -120,7 +118,7 @@ fn unavailable(reason: String) -> Response {
 /// The reason shown over HTTP (and in `kubectl describe pod` for a failed probe).
 /// Backend error text is logged but not shown: a store client's message can echo
 /// a connection URL, and with it a password.
-fn public_reason(e: &QueueError) -> String {
+pub(crate) fn public_reason(e: &QueueError) -> String {
     match e {
         QueueError::Unavailable(_) => "unavailable (see relay log)".to_owned(),
         QueueError::Timeout(d) => format!("timed out after {d:?}"),
@@ -175,7 +173,42 @@ mod tests {
             Box::pin(async { unimplemented!("not used by the admin API") })
         }
         fn remove<'a>(&'a self, _id: &'a QueueId) -> QueueFuture<'a, bool> {
-            Box::pin(async { unimplemented!("not used by the admin API") })
+            Box::pin(async {
+                self.check()?;
+                Ok(false)
+            })
+        }
+        fn status<'a>(
+            &'a self,
+            _id: &'a QueueId,
+        ) -> QueueFuture<'a, Option<(crate::queue::Envelope, crate::queue::MessageStatus)>>
+        {
+            Box::pin(async {
+                self.check()?;
+                Ok(None)
+            })
+        }
+        fn list(
+            &self,
+            filter: crate::queue::ListFilter,
+        ) -> QueueFuture<'_, Vec<(crate::queue::Envelope, crate::queue::MessageStatus)>> {
+            Box::pin(async move {
+                self.check()?;
+                assert_eq!(filter.domain.as_deref(), Some("example.org"));
+                assert!(filter.deferred_only);
+                assert_eq!(filter.limit, 5);
+                Ok(Vec::new())
+            })
+        }
+        fn retry_now(&self, sel: crate::queue::RetrySelector) -> QueueFuture<'_, u64> {
+            Box::pin(async move {
+                self.check()?;
+                Ok(match sel {
+                    crate::queue::RetrySelector::All => 3,
+                    crate::queue::RetrySelector::Domain(_) => 1,
+                    crate::queue::RetrySelector::Id(_) => 0,
+                })
+            })
         }
         fn stats(&self) -> QueueFuture<'_, QueueStats> {
             Box::pin(async {
@@ -227,8 +260,18 @@ mod tests {
 
     /// Returns (status, headers, body) of one `GET` over a fresh connection.
     async fn get(addr: std::net::SocketAddr, path: &str) -> (u16, String, String) {
+        request(addr, "GET", path).await
+    }
+
+    async fn request(
+        addr: std::net::SocketAddr,
+        method: &str,
+        path: &str,
+    ) -> (u16, String, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
         s.write_all(req.as_bytes()).await.unwrap();
         let mut raw = Vec::new();
         tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
@@ -311,7 +354,8 @@ mod tests {
         assert_eq!(
             v,
             serde_json::json!({
-                "messages": 3, "bytes": 1234, "leased": 0, "deferred": 0, "oldest_ms": null
+                "messages": 3, "bytes": 1234, "leased": 0, "deferred": 0, "oldest_ms": null,
+                "oldest_age_seconds": null
             })
         );
 
@@ -324,6 +368,63 @@ mod tests {
         let (status, _, body) = get(srv.addr, "/api/v1/queue/stats").await;
         assert_eq!(status, 503);
         assert!(!body.contains("hunter2"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn queue_message_routes() {
+        let srv = start().await;
+        let id = QueueId::generate();
+        let json = |b: &str| serde_json::from_str::<serde_json::Value>(b).unwrap();
+
+        let (status, _, body) = get(srv.addr, "/api/v1/queue/messages/not-an-id").await;
+        assert_eq!(status, 400);
+        assert!(json(&body)["error"].as_str().unwrap().contains("malformed"));
+        let (status, _, body) = get(srv.addr, &format!("/api/v1/queue/messages/{id}")).await;
+        assert_eq!(status, 404, "{body}");
+        assert_eq!(json(&body)["error"], format!("message {id} not found"));
+        let (status, _, _) =
+            request(srv.addr, "DELETE", &format!("/api/v1/queue/messages/{id}")).await;
+        assert_eq!(status, 404);
+        let (status, _, _) = request(
+            srv.addr,
+            "POST",
+            &format!("/api/v1/queue/messages/{id}/retry"),
+        )
+        .await;
+        assert_eq!(status, 404);
+
+        let (status, _, body) = get(
+            srv.addr,
+            "/api/v1/queue/messages?deferred=true&domain=example.org&limit=5",
+        )
+        .await;
+        assert_eq!(
+            (status, json(&body)),
+            (200, serde_json::json!({"messages": []}))
+        );
+        let (status, _, _) = get(srv.addr, "/api/v1/queue/messages?limit=0").await;
+        assert_eq!(status, 400);
+
+        let (status, _, body) = request(srv.addr, "POST", "/api/v1/queue/retry?all=true").await;
+        assert_eq!(
+            (status, json(&body)),
+            (200, serde_json::json!({"retried": 3}))
+        );
+        let (status, _, body) =
+            request(srv.addr, "POST", "/api/v1/queue/retry?domain=example.org").await;
+        assert_eq!(
+            (status, json(&body)),
+            (200, serde_json::json!({"retried": 1}))
+        );
+        let (status, _, body) = request(srv.addr, "POST", "/api/v1/queue/retry").await;
+        assert_eq!(status, 400);
+        assert!(json(&body)["error"].is_string());
+
+        srv.queue.failing.store(true, Ordering::SeqCst);
+        let (status, _, body) = get(srv.addr, &format!("/api/v1/queue/messages/{id}")).await;
+        assert_eq!(status, 503);
+        assert!(!body.contains("hunter2"), "secret leaked: {body}");
+        assert!(json(&body)["error"].is_string());
     }
 
     #[tokio::test]

@@ -1,7 +1,13 @@
 //! Outbound delivery: where mail for a domain goes and how it gets there.
 //!
 //! [`mx`] turns a recipient domain into an ordered list of hosts and addresses
-//! (RFC 5321 §5.1, RFC 7505).
+//! (RFC 5321 §5.1, RFC 7505); [`retry`] schedules retries of deferred mail and
+//! [`dsn`] builds the delivery status notifications sent back to senders;
+//! [`smtp_client`] sends messages over one connection, and [`scheduler`] runs
+//! delivery against the queue (leases, concurrency, retries, bounces).
 
+pub mod dsn;
 pub mod mx;
+pub mod retry;
+pub mod scheduler;
 pub mod smtp_client;

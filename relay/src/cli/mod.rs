@@ -1,0 +1,3 @@
+//! Client subcommands of the `mailrelay` binary that talk to a running relay.
+
+pub mod queue;
