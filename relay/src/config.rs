@@ -67,6 +67,10 @@ pub struct RelayConfig {
     /// Add `Message-ID:` and `Date:` headers when a message has none (as Postfix does
     /// for local submissions).
     pub add_missing_headers: bool,
+    /// Send quotas (ingress limits per tenant, egress pacing per destination);
+    /// reloaded without a restart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub quotas: Vec<crate::quota::config::QuotaConfig>,
 }
 
 impl Default for RelayConfig {
@@ -84,6 +88,7 @@ impl Default for RelayConfig {
             log: LogConfig::default(),
             shutdown_grace: Duration::from_secs(30),
             add_missing_headers: true,
+            quotas: Vec::new(),
         }
     }
 }
@@ -540,6 +545,7 @@ impl RelayConfig {
             }
         }
         self.validate_delivery()?;
+        crate::quota::config::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         match (self.queue.effective_backend(), &self.queue.redis) {
             (QueueBackendKind::Redis, None) => {
                 return Err(invalid(

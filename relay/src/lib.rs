@@ -8,5 +8,6 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod queue;
+pub mod quota;
 pub mod server;
 pub mod smtp;
