@@ -6,6 +6,9 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod mx;
+pub mod pki;
+pub mod postfix;
 pub mod redis;
 
 use std::net::TcpListener;

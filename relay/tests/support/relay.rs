@@ -27,6 +27,8 @@ pub struct RelayOptions {
     pub auth_users: Option<String>,
     /// Use the Redis backend at this URL instead of the embedded queue.
     pub redis_url: Option<String>,
+    /// With `redis_url`: speak Redis Cluster, with these further seed nodes.
+    pub redis_cluster_nodes: Option<Vec<String>>,
     /// The main listener expects a PROXY protocol header.
     pub proxy_protocol: bool,
     /// Extra lines inside `limits:` (each like `max_recipients: 5`).
@@ -138,7 +140,18 @@ impl Relay {
         writeln!(y, "  path: '{}'", dir.path().join("queue").display()).unwrap();
         writeln!(y, "  write_timeout: 3s").unwrap();
         if let Some(url) = &opts.redis_url {
-            writeln!(y, "  redis: {{url: '{url}', key_prefix: 'mrtest'}}").unwrap();
+            let cluster = match &opts.redis_cluster_nodes {
+                Some(nodes) => format!(
+                    ", cluster: true, cluster_nodes: [{}]",
+                    nodes
+                        .iter()
+                        .map(|n| format!("'{n}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => String::new(),
+            };
+            writeln!(y, "  redis: {{url: '{url}', key_prefix: 'mrtest'{cluster}}}").unwrap();
         }
         if !opts.limits.is_empty() {
             writeln!(y, "limits:").unwrap();
