@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod deliver;
 pub mod dns;
 pub mod mx;
 pub mod pki;

@@ -33,6 +33,10 @@ pub struct RelayOptions {
     pub proxy_protocol: bool,
     /// Extra lines inside `limits:` (each like `max_recipients: 5`).
     pub limits: Vec<String>,
+    /// Extra lines inside `queue:` (each like `status_retention: 2s`).
+    pub queue: Vec<String>,
+    /// Environment variables for the relay process (`MAILRELAY_SMARTHOST_PASSWORD`…).
+    pub env: Vec<(String, String)>,
     /// Extra top-level YAML, appended verbatim.
     pub extra_yaml: String,
     /// `shutdown_grace` (e.g. `2s`); `None` keeps the harness's `5s`.
@@ -41,6 +45,7 @@ pub struct RelayOptions {
 
 pub struct Relay {
     child: Option<Child>,
+    env: Vec<(String, String)>,
     pub smtp: SocketAddr,
     /// The implicit-TLS listener, when requested.
     pub smtps: Option<SocketAddr>,
@@ -139,6 +144,9 @@ impl Relay {
         writeln!(y, "queue:").unwrap();
         writeln!(y, "  path: '{}'", dir.path().join("queue").display()).unwrap();
         writeln!(y, "  write_timeout: 3s").unwrap();
+        for l in &opts.queue {
+            writeln!(y, "  {l}").unwrap();
+        }
         if let Some(url) = &opts.redis_url {
             let cluster = match &opts.redis_cluster_nodes {
                 Some(nodes) => format!(
@@ -174,6 +182,7 @@ impl Relay {
         let config_path = dir.path().join("mailrelay.yaml");
         std::fs::write(&config_path, y).unwrap();
         let mut relay = Relay {
+            env: opts.env.clone(),
             child: None,
             smtp,
             smtps,
@@ -199,6 +208,7 @@ impl Relay {
             .env("RUST_LOG", "mailrelay=debug")
             .env_remove("MAILRELAY_REDIS_URL")
             .env_remove("MAILRELAY_REDIS_PASSWORD")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
