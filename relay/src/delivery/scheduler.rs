@@ -475,38 +475,38 @@ impl Inner {
             None => &self.mx_tls,
         };
         let mut last_error = String::from("no address to connect to");
+        // The last host that answered but could not take mail (4xx greeting, TLS
+        // trouble): its reply says more than a later host's refused connection.
+        let mut unusable: Option<(ConnectionResult, Target)> = None;
         for (name, addr) in targets {
-            let stream = match tokio::time::timeout(
-                self.cfg.connect_timeout,
-                TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
+            let stream = match self.connect(addr).await {
+                Ok(s) => s,
+                Err(e) => {
                     last_error = format!("{name}[{}]: {e}", addr.ip());
                     debug!(%dest, error = %last_error, "connect failed, trying next host");
                     continue;
                 }
-                Err(_) => {
-                    last_error = format!("{name}[{}]: connect timed out", addr.ip());
-                    continue;
+            };
+            let mut result = self.converse(stream, tls, &name, msgs, &client).await;
+            if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
+                // Like Postfix at security level `may`: a server whose TLS cannot
+                // be agreed on gets the mail in plain text, over a new connection.
+                debug!(%dest, host = %name, error = ?result.error, "TLS failed, retrying in plain text");
+                let mut plain = client.clone();
+                plain.tls = TlsPolicy::Disabled;
+                if let Ok(stream) = self.connect(addr).await {
+                    result = self.converse(stream, tls, &name, msgs, &plain).await;
                 }
-            };
-            let result = {
-                let _open = OpenConnection::new(&self.metrics);
-                deliver(stream, tls, &name, msgs, &client, &self.timeouts).await
-            };
+            }
             if worth_next_host(&result) {
-                last_error = format!(
-                    "{name}[{}]: {}",
-                    addr.ip(),
-                    result.error.clone().unwrap_or_default()
-                );
-                debug!(%dest, error = %last_error, "host unusable before MAIL, trying next");
+                debug!(%dest, host = %name, ip = %addr.ip(), error = ?result.error, "host unusable before MAIL, trying next");
+                unusable = Some((result, (name, addr)));
                 continue;
             }
             return (result, Some((name, addr)), None);
+        }
+        if let Some((result, target)) = unusable {
+            return (result, Some(target), None);
         }
         let res = ConnectionResult {
             messages: connect_failed(msgs, &last_error),
@@ -515,6 +515,27 @@ impl Inner {
             error: Some(last_error),
         };
         (res, None, Some("connect"))
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, String> {
+        match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    /// One SMTP conversation, counted in the open-connections gauge while it lasts.
+    async fn converse(
+        &self,
+        stream: TcpStream,
+        tls: &ClientTls,
+        name: &str,
+        msgs: &[&QueuedMessage],
+        client: &ClientConfig,
+    ) -> ConnectionResult {
+        let _open = OpenConnection::new(&self.metrics);
+        deliver(stream, tls, name, msgs, client, &self.timeouts).await
     }
 
     /// The hosts to try for `dest`, or the final or temporary reply that ends it
@@ -836,6 +857,17 @@ fn synthetic(msgs: &[&QueuedMessage], reply: &crate::smtp::Reply) -> ConnectionR
         capabilities: None,
         error: None,
     }
+}
+
+/// The TLS handshake failed (not a refusal of STARTTLS, which goes on in plain
+/// text by itself): every recipient deferred at STARTTLS by our own verdict.
+fn tls_failed(r: &ConnectionResult) -> bool {
+    r.messages.iter().all(|m| {
+        !m.attempted
+            && m.recipients
+                .iter()
+                .all(|o| o.result == Outcome::Deferred && o.stage == Stage::StartTls && !o.remote)
+    }) && r.messages.iter().any(|m| !m.recipients.is_empty())
 }
 
 /// A host that failed before any message was tried (4xx greeting, EHLO trouble,

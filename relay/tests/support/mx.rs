@@ -7,7 +7,8 @@
 //! Config keys (all optional): `host` (`127.0.0.1`; `::1` for IPv6), `port` (0: any
 //! free one), `sleep` (seconds before every DATA reply), `no_ehlo` (refuse EHLO with
 //! `502`, so clients fall back to HELO), `size` (SIZE limit), `smtputf8` (offer it;
-//! default true), `cert` / `key` (offer STARTTLS), `require_starttls`, `auth`
+//! default true), `cert` / `key` (offer STARTTLS), `tls_broken` (offer STARTTLS,
+//! but fail every handshake), `require_starttls`, `auth`
 //! (`{"user": .., "password": ..}`: offer AUTH and require it before MAIL),
 //! `auth_require_tls` (default true; false offers AUTH in plain text too, as a trap).
 //!
@@ -115,6 +116,11 @@ kwargs = dict(
 if cfg.get("cert"):
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cfg["cert"], cfg["key"])
+    if cfg.get("tls_broken"):
+        # Only TLS 1.1 and older, which neither side may use any more: every
+        # handshake fails, as with a badly configured or ancient server.
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_1
     kwargs.update(tls_context=ctx, require_starttls=cfg.get("require_starttls", False))
 if cfg.get("auth"):
     kwargs.update(authenticator=authenticator, auth_required=True,
