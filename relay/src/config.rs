@@ -704,7 +704,10 @@ impl RelayConfig {
                 return Err(invalid(field("port"), "must not be 0"));
             }
             if (r.password.is_some() || r.password_env.is_some()) && r.username.is_none() {
-                return Err(invalid(field("username"), "a password is set but no username"));
+                return Err(invalid(
+                    field("username"),
+                    "a password is set but no username",
+                ));
             }
             if r.username.is_some() && r.tls == TlsPolicy::Disabled {
                 return Err(invalid(
@@ -914,12 +917,18 @@ mod tests {
             ("{domains: [], host: h}", "delivery.routes[0].domains"),
             ("{domains: ['a b'], host: h}", "delivery.routes[0].domains"),
             ("{domains: [a.test], host: ''}", "delivery.routes[0].host"),
-            ("{domains: [a.test], host: h, port: 0}", "delivery.routes[0].port"),
+            (
+                "{domains: [a.test], host: h, port: 0}",
+                "delivery.routes[0].port",
+            ),
             (
                 "{domains: [a.test], host: h, username: u, tls: disabled}",
                 "delivery.routes[0].tls",
             ),
-            ("{domains: [a.test], host: h, password: p}", "delivery.routes[0].username"),
+            (
+                "{domains: [a.test], host: h, password: p}",
+                "delivery.routes[0].username",
+            ),
             (
                 "{domains: [a.test], host: h}, {domains: [A.test], host: g}",
                 "delivery.routes[1].domains",

@@ -22,8 +22,8 @@ use support::relay::{Relay, RelayOptions};
 
 /// The zone most tests use: `a.test` with MX 10 on 127.0.0.2 and MX 20 on
 /// 127.0.0.3; `b.test` on 127.0.0.3 only; `sender.test` (where bounces go) on
-/// 127.0.0.3; `v6.test` on ::1 only; `nullmx.test` with a null MX; anything else
-/// under `.test` NXDOMAIN.
+/// 127.0.0.3; `v6.test` on ::1 only; `nullmx.test` with a null MX;
+/// `servfail.test` answered with SERVFAIL; anything else under `.test` NXDOMAIN.
 fn zone() -> Dnsmasq {
     Dnsmasq::start(&[
         Record::mx("a.test", 10, "mx1.a.test"),
@@ -37,6 +37,7 @@ fn zone() -> Dnsmasq {
         Record::mx("v6.test", 10, "mx.v6.test"),
         Record::host("mx.v6.test", &["::1"]),
         Record::null_mx("nullmx.test"),
+        Record::servfail("servfail.test"),
     ])
 }
 
@@ -100,7 +101,11 @@ fn refused_first_mx_falls_back_to_the_second() {
     let mx2 = Mx::plain("127.0.0.3", port, 0.0);
     let mut relay = start_relay(&dns, port, "");
     let id = swaks(&relay, "alice@sender.test", &["bob@a.test"], None);
-    mx2.wait_for("the message at the second MX", || relay.log(), |r| r.len() == 1);
+    mx2.wait_for(
+        "the message at the second MX",
+        || relay.log(),
+        |r| r.len() == 1,
+    );
     let st = status_of(&mut relay, &id);
     let a = st.rcpts[0].attempts.last().unwrap();
     assert_eq!(
@@ -128,12 +133,16 @@ fn per_recipient_outcomes_retry_and_bounce_with_a_dsn() {
     );
     // The null sender's bounce must not produce a DSN.
     swaks(&relay, "<>", &["rcpt551@b.test"], None);
-    let recs = mx.wait_for("delivery, retry and DSN", || relay.log(), |r| {
-        let all: Vec<String> = r.iter().flat_map(rcpts).collect();
-        all.contains(&"ok@b.test".into())
-            && all.contains(&"later1@b.test".into())
-            && all.contains(&"alice@sender.test".into())
-    });
+    let recs = mx.wait_for(
+        "delivery, retry and DSN",
+        || relay.log(),
+        |r| {
+            let all: Vec<String> = r.iter().flat_map(rcpts).collect();
+            all.contains(&"ok@b.test".into())
+                && all.contains(&"later1@b.test".into())
+                && all.contains(&"alice@sender.test".into())
+        },
+    );
     let dsn: Vec<&Value> = recs
         .iter()
         .filter(|r| rcpts(r) == ["alice@sender.test"])
@@ -199,7 +208,8 @@ fn killed_relay_loses_nothing(redis_url: Option<String>) {
         ..RelayOptions::default()
     };
     // The backlog is taken at once: five connections of ten messages, 0.3 s each.
-    let extra = "  retry: {first: 1h, jitter: 0.0}\n  lease: 3s\n  max_messages_per_connection: 10\n";
+    let extra =
+        "  retry: {first: 1h, jitter: 0.0}\n  lease: 3s\n  max_messages_per_connection: 10\n";
     let mut relay = support::deliver::relay_with(&dns, port, extra, opts.clone());
     backlog(&relay, 50, |i| format!("m{i}@a.test"));
     let mx = Mx::plain("127.0.0.2", port, 0.3);
@@ -218,9 +228,11 @@ fn killed_relay_loses_nothing(redis_url: Option<String>) {
         relay.restart();
         relay
     };
-    let recs = mx.wait_for("every message", || next.log(), |r| {
-        distinct_rcpts(r).len() == 50
-    });
+    let recs = mx.wait_for(
+        "every message",
+        || next.log(),
+        |r| distinct_rcpts(r).len() == 50,
+    );
     // Outcomes are written to the queue when their connection ends, so what the
     // killed connections had delivered comes again, plus one in flight on each.
     assert!(recs.len() <= 50 + before + 5, "{} deliveries", recs.len());
@@ -281,7 +293,11 @@ fn busy_greeting_moves_on_to_the_next_mx() {
     let mx2 = Mx::plain("127.0.0.3", port, 0.0);
     let mut relay = start_relay(&dns, port, "");
     let id = swaks(&relay, "alice@sender.test", &["bob@a.test"], None);
-    mx2.wait_for("the message at the second MX", || relay.log(), |r| r.len() == 1);
+    mx2.wait_for(
+        "the message at the second MX",
+        || relay.log(),
+        |r| r.len() == 1,
+    );
     let st = status_of(&mut relay, &id);
     let a = st.rcpts[0].attempts.last().unwrap();
     assert_eq!(a.mx.as_deref(), Some("mx2.a.test"), "{st:?}");
@@ -326,9 +342,11 @@ fn sigterm_drains_and_releases_unfinished_mail() {
     );
     relay.restart();
     // Within wait_for's minute, far less than the 5 min lease: released, not expired.
-    mx.wait_for("every message", || relay.log(), |r| {
-        distinct_rcpts(r).len() == 20
-    });
+    mx.wait_for(
+        "every message",
+        || relay.log(),
+        |r| distinct_rcpts(r).len() == 20,
+    );
     relay.stop();
 }
 
@@ -356,9 +374,11 @@ fn two_relays_share_the_work(redis_url: String, cluster_nodes: Option<Vec<String
         let via = if i % 2 == 0 { &one } else { &two };
         swaks(via, "alice@sender.test", &[&format!("r{i}@a.test")], None);
     }
-    let recs = mx.wait_for("all 100 messages", || one.log() + &two.log(), |r| {
-        distinct_rcpts(r).len() == 100
-    });
+    let recs = mx.wait_for(
+        "all 100 messages",
+        || one.log() + &two.log(),
+        |r| distinct_rcpts(r).len() == 100,
+    );
     assert_eq!(recs.len(), 100, "duplicates: {}", recs.len() - 100);
     let by = |r: &Relay| r.log().matches(" delivered ").count();
     let (a, b) = (by(&one), by(&two));
@@ -410,7 +430,11 @@ fn smarthost_takes_everything() {
         &["x@nosuch.test", "y@b.test", "z@B.TEST"],
         None,
     );
-    let recs = hub.wait_for("the message at the smarthost", || relay.log(), |r| !r.is_empty());
+    let recs = hub.wait_for(
+        "the message at the smarthost",
+        || relay.log(),
+        |r| !r.is_empty(),
+    );
     assert_eq!(recs.len(), 1, "one connection, one transaction: {recs:#?}");
     let mut got = rcpts(&recs[0]);
     got.sort();
@@ -501,9 +525,11 @@ fn metrics_follow_deliveries() {
     };
     let deferred = r#"mailrelay_delivery_recipients_total{result="deferred",reason="remote_4xx"}"#;
     // Delivered: bob, later1 on its second try, and the bounce report to alice.
-    mx.wait_for("the retry and the bounce report", || relay.log(), |r| {
-        r.len() == 2
-    });
+    mx.wait_for(
+        "the retry and the bounce report",
+        || relay.log(),
+        |r| r.len() == 2,
+    );
     wait_until("every outcome counted", &relay, || {
         (m(DELIVERED) == Some(3.0)
             && bounced("remote_5xx") == Some(1.0)
@@ -562,9 +588,11 @@ fn connections_are_reused_up_to_the_per_connection_cap() {
     let mx = Mx::plain("127.0.0.2", port, 0.0);
     let out = queue_cli(&relay, &["retry", "--all"]);
     assert!(out.contains('7'), "{out}");
-    let recs = mx.wait_for("all 7 messages", || relay.log(), |r| {
-        distinct_rcpts(r).len() == 7
-    });
+    let recs = mx.wait_for(
+        "all 7 messages",
+        || relay.log(),
+        |r| distinct_rcpts(r).len() == 7,
+    );
     assert_eq!(recs.len(), 7);
     let mut per_conn = std::collections::BTreeMap::new();
     for r in &recs {
@@ -591,9 +619,11 @@ fn connections_to_one_destination_are_limited() {
     // without the limit.
     let mx = Mx::plain("127.0.0.2", port, 1.0);
     queue_cli(&relay, &["retry", "--all"]);
-    mx.wait_for("all 8 messages", || relay.log(), |r| {
-        distinct_rcpts(r).len() == 8
-    });
+    mx.wait_for(
+        "all 8 messages",
+        || relay.log(),
+        |r| distinct_rcpts(r).len() == 8,
+    );
     let stats = mx.stats();
     assert_eq!(stats["opened"], 8, "{stats}");
     assert_eq!(stats["max_active"], 2, "{stats}");
@@ -633,4 +663,28 @@ fn opportunistic_tls_falls_back_to_plain_text_when_the_handshake_fails() {
     let st = status_of(&mut relay, &id);
     let a = st.rcpts[0].attempts.last().unwrap();
     assert_eq!((a.result, a.tls.clone()), (AttemptResult::Delivered, None));
+}
+
+#[test]
+fn a_dns_failure_defers() {
+    let dns = zone();
+    let port = free_ports(1)[0];
+    let relay = start_relay(&dns, port, "");
+    let id = swaks(&relay, "alice@sender.test", &["bob@servfail.test"], None);
+    let m = wait_until("two deferred attempts", &relay, || {
+        let m = api_message(&relay, &id)?;
+        (m["status"]["attempts"].as_u64()? >= 2).then_some(m)
+    });
+    let r = &m["status"]["rcpts"][0];
+    assert_eq!(r["state"], "pending", "{m:#}");
+    let reply = r["attempts"][0]["reply"].as_str().unwrap();
+    assert!(reply.starts_with("451 4.4.3"), "{reply}");
+    assert!(
+        metric(
+            &relay,
+            r#"mailrelay_delivery_recipients_total{result="deferred",reason="dns_tempfail"}"#
+        )
+        .unwrap()
+            >= 2.0
+    );
 }

@@ -40,7 +40,12 @@ fn send_raw(relay: &Relay, mail: &str, rcpts: &[&str], body: &str) -> QueueId {
     let r = c.reply();
     assert_eq!(code(&r), 250, "{r}");
     c.cmd("QUIT");
-    let id = r.split("queued as ").nth(1).unwrap().split_whitespace().next();
+    let id = r
+        .split("queued as ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next();
     QueueId::parse(id.unwrap()).unwrap()
 }
 
@@ -68,12 +73,7 @@ fn mail_deferred_past_its_lifetime_bounces_with_a_failed_dsn() {
         "  retry: {first: 1s, max_backoff: 1s, jitter: 0.0, max_lifetime: 5s}\n",
     );
     // b.test answers 451 to this recipient forever.
-    let id = send_raw(
-        &relay,
-        "<alice@sender.test>",
-        &["<rcpt451@b.test>"],
-        BODY,
-    );
+    let id = send_raw(&relay, "<alice@sender.test>", &["<rcpt451@b.test>"], BODY);
     let recs = sender.wait_for("the expiry report", || relay.log(), |r| !r.is_empty());
     let dsn = &recs[0];
     assert_eq!(dsn["from"], "<>", "reports come from the null sender");
@@ -155,7 +155,10 @@ fn delay_warning_is_sent_once_and_only_to_who_wants_it() {
     ] {
         assert!(t.contains(want), "{want:?} missing:\n{t}");
     }
-    assert!(!t.contains("SECRET BODY LINE"), "a warning returns headers only");
+    assert!(
+        !t.contains("SECRET BODY LINE"),
+        "a warning returns headers only"
+    );
 
     // Three more rounds for every message after each was due its warning: none
     // brings another one.
@@ -189,7 +192,10 @@ fn size_and_smtputf8_refusals_bounce_before_sending() {
     let b = Mx::start(json!({"host": "127.0.0.3", "port": port, "size": 1000, "smtputf8": false}));
     let sender = Mx::plain("127.0.0.2", port, 0.0);
     let relay = relay_with_dns(&dns, port, "");
-    let big = format!("Subject: big\r\n\r\n{}", format!("{}\r\n", "x".repeat(70)).repeat(40));
+    let big = format!(
+        "Subject: big\r\n\r\n{}",
+        format!("{}\r\n", "x".repeat(70)).repeat(40)
+    );
     send_raw(&relay, "<alice@sender.test>", &["<big@b.test>"], &big);
     // Needs SMTPUTF8 (a non-ASCII mailbox): RFC 6531 §3.2 leaves only a bounce.
     send_raw(
@@ -222,7 +228,9 @@ fn size_and_smtputf8_refusals_bounce_before_sending() {
     let bounced = |reason: &str| {
         metric(
             &relay,
-            &format!(r#"mailrelay_delivery_recipients_total{{result="bounced",reason="{reason}"}}"#),
+            &format!(
+                r#"mailrelay_delivery_recipients_total{{result="bounced",reason="{reason}"}}"#
+            ),
         )
     };
     assert_eq!(bounced("too_big"), Some(1.0));

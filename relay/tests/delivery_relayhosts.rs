@@ -78,11 +78,16 @@ fn smarthost_with_verified_tls_and_auth() {
         ),
     );
     let id = swaks(&relay, "alice@sender.test", &["bob@a.test"], None);
-    let recs = hub.wait_for("the message at the smarthost", || relay.log(), |r| {
-        !r.is_empty()
-    });
+    let recs = hub.wait_for(
+        "the message at the smarthost",
+        || relay.log(),
+        |r| !r.is_empty(),
+    );
     assert_eq!(rcpts(&recs[0]), ["bob@a.test"]);
-    assert_eq!((&recs[0]["tls"], &recs[0]["auth"]), (&json!(true), &json!(true)));
+    assert_eq!(
+        (&recs[0]["tls"], &recs[0]["auth"]),
+        (&json!(true), &json!(true))
+    );
     let attempts = hub.auth_attempts();
     assert!(!attempts.is_empty());
     assert!(attempts.iter().all(|a| a["tls"] == true), "{attempts:?}");
@@ -113,7 +118,10 @@ fn smarthost_with_an_unknown_certificate_defers() {
     let id = swaks(&relay, "alice@sender.test", &["bob@a.test"], None);
     let reply = deferred_reply(&relay, &id, "bob@a.test");
     assert!(reply.contains("TLS"), "{reply}");
-    assert!(hub.records().is_empty(), "sent despite a failed verification");
+    assert!(
+        hub.records().is_empty(),
+        "sent despite a failed verification"
+    );
     assert!(
         metric(
             &relay,
@@ -171,7 +179,12 @@ fn routes_take_their_domains_before_the_smarthost_and_the_mx() {
     swaks(
         &relay,
         "alice@sender.test",
-        &["x@a.test", "y@deep.sub.test", "z@elsewhere.test", "w@sub.test"],
+        &[
+            "x@a.test",
+            "y@deep.sub.test",
+            "z@elsewhere.test",
+            "w@sub.test",
+        ],
         None,
     );
     let recs = routed.wait_for("the routed recipients", || relay.log(), |r| !r.is_empty());
@@ -179,11 +192,16 @@ fn routes_take_their_domains_before_the_smarthost_and_the_mx() {
     assert_eq!(recs.len(), 1, "{recs:#?}");
     assert_eq!(rcpts(&recs[0]), ["x@a.test", "y@deep.sub.test"]);
     // `.sub.test` covers subdomains only: sub.test itself goes to the smarthost.
-    let recs = hub.wait_for("the rest at the smarthost", || relay.log(), |r| {
-        !r.is_empty()
-    });
+    let recs = hub.wait_for(
+        "the rest at the smarthost",
+        || relay.log(),
+        |r| !r.is_empty(),
+    );
     assert_eq!(rcpts(&recs[0]), ["z@elsewhere.test", "w@sub.test"]);
-    assert!(mx.records().is_empty(), "a.test's MX was used despite the route");
+    assert!(
+        mx.records().is_empty(),
+        "a.test's MX was used despite the route"
+    );
 }
 
 #[test]
@@ -212,7 +230,10 @@ fn route_with_verified_tls_and_auth_from_the_environment() {
     );
     swaks(&relay, "alice@sender.test", &["bob@a.test"], None);
     let recs = partner.wait_for("the routed message", || relay.log(), |r| !r.is_empty());
-    assert_eq!((&recs[0]["tls"], &recs[0]["auth"]), (&json!(true), &json!(true)));
+    assert_eq!(
+        (&recs[0]["tls"], &recs[0]["auth"]),
+        (&json!(true), &json!(true))
+    );
     assert!(mx.records().is_empty());
     assert!(!relay.log().contains(PASSWORD));
 }

@@ -141,7 +141,13 @@ smtpd_tls_key_file = {key}
         let prefix = &got[..got.len() - want.len()];
         assert_eq!(
             field_names(prefix),
-            ["Return-Path", "X-Original-To", "Delivered-To", "Received", "Received"],
+            [
+                "Return-Path",
+                "X-Original-To",
+                "Delivered-To",
+                "Received",
+                "Received"
+            ],
             "{user}: only the hops' headers come first:\n{prefix}"
         );
         assert!(prefix.starts_with("Return-Path: <alice@sender.test>\n"));
@@ -170,6 +176,10 @@ smtpd_tls_key_file = {key}
     assert!(attempt["tls"]["version"].is_string(), "{msg:#}");
     // Both recipients in one transaction: one Postfix queue id, one delivery each.
     let log = pf.maillog();
-    assert_eq!(log.matches("status=sent (delivered to maildir)").count(), 2, "{log}");
+    assert_eq!(
+        log.matches("status=sent (delivered to maildir)").count(),
+        2,
+        "{log}"
+    );
     pf.stop();
 }

@@ -21,12 +21,12 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::dsn::{self, DsnAction, DsnRecipient};
-use crate::admin::Metrics;
 use super::mx::{MxResolver, Resolution, ResolverError};
 use super::smtp_client::{
     ClientConfig, ClientTimeouts, ClientTls, ClientTlsError, ConnectionResult, Credentials,
     MessageOutcome, Outcome, Stage, connect_failed, deliver,
 };
+use crate::admin::Metrics;
 use crate::config::{DeliveryConfig, TlsPolicy};
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, Lease, Leased, MessageStatus, Queue, QueueId,
@@ -47,7 +47,10 @@ fn relay_key(i: usize) -> String {
 }
 
 fn relay_index(dest: &str) -> Option<usize> {
-    dest.strip_prefix("[relay:")?.strip_suffix(']')?.parse().ok()
+    dest.strip_prefix("[relay:")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// The transport map: which route (by index in `delivery.routes`) a domain takes.
@@ -554,7 +557,8 @@ impl Inner {
             let addrs = tokio::net::lookup_host((r.host.as_str(), r.port))
                 .await
                 .map_err(|e| {
-                    let reply = Reply::status(451, (4, 4, 3), format!("relay host {}: {e}", r.host));
+                    let reply =
+                        Reply::status(451, (4, 4, 3), format!("relay host {}: {e}", r.host));
                     (reply, "dns_tempfail")
                 })?;
             return Ok((addrs.map(|a| (r.host.clone(), a)).collect(), client));
@@ -585,7 +589,11 @@ impl Inner {
                 "nxdomain",
             )),
             Resolution::LoopsToSelf => Err((
-                Reply::status(554, (5, 4, 6), format!("mail for {dest} loops back to myself")),
+                Reply::status(
+                    554,
+                    (5, 4, 6),
+                    format!("mail for {dest} loops back to myself"),
+                ),
                 "loop",
             )),
             Resolution::TempFail(why) => Err((Reply::status(451, (4, 4, 3), why), "dns_tempfail")),
@@ -621,9 +629,8 @@ impl Inner {
                 .delivery_result(word, reason.unwrap_or_else(|| reason_of(r)));
             if r.result == Outcome::Delivered {
                 let received = part.work.message.envelope.received_at_ms;
-                self.metrics.delivery_latency(Duration::from_millis(
-                    at_ms.saturating_sub(received),
-                ));
+                self.metrics
+                    .delivery_latency(Duration::from_millis(at_ms.saturating_sub(received)));
             }
             let reply = r.reply.to_string().trim_end().to_owned();
             let relay =
@@ -786,9 +793,7 @@ fn still_delayed(status: &MessageStatus, until_ms: u64) -> Vec<DsnRecipient> {
                 address: r.address.clone(),
                 orcpt: None,
                 action: DsnAction::Delayed,
-                status: enhanced_of(reply)
-                    .filter(|s| s.0 == 4)
-                    .unwrap_or((4, 0, 0)),
+                status: enhanced_of(reply).filter(|s| s.0 == 4).unwrap_or((4, 0, 0)),
                 remote_mta: last.and_then(|a| a.mx.clone()),
                 diagnostic: (!reply.is_empty()).then(|| format!("smtp; {reply}")),
                 last_attempt_ms: last.map(|a| a.at_ms),

@@ -79,8 +79,13 @@ pub fn wait_until<T>(what: &str, relay: &Relay, mut f: impl FnMut() -> Option<T>
 pub fn metric(relay: &Relay, series: &str) -> Option<f64> {
     let (status, text) = relay.admin_get("/metrics");
     assert_eq!(status, 200, "{text}");
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// `GET /api/v1/queue/messages/{id}`: `{"envelope", "status"}`, or `None` on 404.

@@ -14,7 +14,15 @@ impl Pki {
     pub fn new(names: &[&str]) -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        let mut ca = vec!["req", "-x509", "-nodes", "-days", "2", "-subj", "/CN=Test CA"];
+        let mut ca = vec![
+            "req",
+            "-x509",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Test CA",
+        ];
         ca.extend(ec);
         ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
         openssl(&ca, dir.path());

@@ -299,4 +299,3 @@ fn alive(pid: u32) -> bool {
         })
         .unwrap_or(false)
 }
-

@@ -159,7 +159,11 @@ impl Relay {
                 ),
                 None => String::new(),
             };
-            writeln!(y, "  redis: {{url: '{url}', key_prefix: 'mrtest'{cluster}}}").unwrap();
+            writeln!(
+                y,
+                "  redis: {{url: '{url}', key_prefix: 'mrtest'{cluster}}}"
+            )
+            .unwrap();
         }
         if !opts.limits.is_empty() {
             writeln!(y, "limits:").unwrap();
