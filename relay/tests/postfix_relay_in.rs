@@ -82,8 +82,11 @@ fn postfix_relays_20_messages_into_mailrelay() {
         expected.push((to, [content.as_slice(), b"\r\n"].concat()));
     }
 
+    // Postfix logs a delivery just after mailrelay's `250`, so wait for both.
     let deadline = Instant::now() + Duration::from_secs(60);
-    while metric(&relay, "mailrelay_smtp_messages_accepted_total") != Some(N as u64) {
+    while metric(&relay, "mailrelay_smtp_messages_accepted_total") != Some(N as u64)
+        || pf.maillog().matches(" status=sent ").count() < N + 1
+    {
         assert!(
             Instant::now() < deadline,
             "mailrelay accepted {:?} of {N} messages\n--- postfix queue ---\n{}\n--- maillog ---\n{}",
