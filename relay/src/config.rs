@@ -303,6 +303,9 @@ pub struct DeliveryConfig {
     pub dns: crate::delivery::mx::ResolverConfig,
     /// Send everything through this host instead of the recipients' MX.
     pub smarthost: Option<SmarthostConfig>,
+    /// Per-domain routes (a transport map): mail for these domains goes to the given
+    /// host instead of their MX, and ahead of any smarthost.
+    pub routes: Vec<RouteConfig>,
     /// STARTTLS policy towards MX hosts.
     pub tls: TlsPolicy,
     /// PEM trust anchors for `required` TLS; default: the system store.
@@ -323,6 +326,7 @@ impl Default for DeliveryConfig {
             poll_interval: Duration::from_secs(1),
             dns: Default::default(),
             smarthost: None,
+            routes: Vec::new(),
             tls: TlsPolicy::Opportunistic,
             ca_file: None,
             retry: Default::default(),
@@ -352,6 +356,47 @@ pub struct SmarthostConfig {
 
 fn default_smarthost_port() -> u16 {
     587
+}
+
+/// One entry of the transport map: where mail for some domains goes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// `example.com` (that domain) or `.example.com` (every subdomain of it). A domain
+    /// listed exactly wins over a subdomain pattern; a longer pattern over a shorter.
+    pub domains: Vec<String>,
+    /// Connected to directly: its addresses, no MX lookup (Postfix's `[host]`).
+    pub host: String,
+    #[serde(default = "default_route_port")]
+    pub port: u16,
+    /// STARTTLS policy; `required` verifies the certificate against `ca_file`.
+    #[serde(default)]
+    pub tls: TlsPolicy,
+    /// PEM trust anchors for this host; default: the system store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// AUTH user (sent only over TLS).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Better kept out of the file: see `password_env`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// Name of an environment variable holding the password, read at start-up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+}
+
+fn default_route_port() -> u16 {
+    25
+}
+
+impl RouteConfig {
+    /// The patterns in canonical form: lower case, no trailing dot.
+    pub fn normalized_domains(&self) -> impl Iterator<Item = String> + '_ {
+        self.domains
+            .iter()
+            .map(|d| d.trim_end_matches('.').to_ascii_lowercase())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -454,6 +499,19 @@ impl RelayConfig {
                         "MAILRELAY_SMARTHOST_PASSWORD",
                         "set, but no smarthost is configured (delivery.smarthost)",
                     ));
+                }
+            }
+        }
+        for (i, route) in self.delivery.routes.iter_mut().enumerate() {
+            if let Some(var) = &route.password_env {
+                match get(var) {
+                    Some(pw) => route.password = Some(Secret(pw)),
+                    None => {
+                        return Err(invalid(
+                            format!("delivery.routes[{i}].password_env"),
+                            format!("environment variable {var} is not set"),
+                        ));
+                    }
                 }
             }
         }
@@ -620,6 +678,46 @@ impl RelayConfig {
             if s.username.is_some() && s.tls == TlsPolicy::Disabled {
                 return Err(invalid(
                     "delivery.smarthost.tls",
+                    "AUTH is only sent over TLS; it cannot be `disabled` with a username",
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, r) in d.routes.iter().enumerate() {
+            let field = |f: &str| format!("delivery.routes[{i}].{f}");
+            if r.domains.is_empty() {
+                return Err(invalid(field("domains"), "at least one domain is required"));
+            }
+            for dom in r.normalized_domains() {
+                let name = dom.strip_prefix('.').unwrap_or(&dom);
+                if !is_valid_hostname(name) {
+                    return Err(invalid(
+                        field("domains"),
+                        format!("{dom:?} is not a domain name or `.domain` pattern"),
+                    ));
+                }
+                if !seen.insert(dom.clone()) {
+                    return Err(invalid(
+                        field("domains"),
+                        format!("{dom} is already routed by an earlier route"),
+                    ));
+                }
+            }
+            if r.host.is_empty() {
+                return Err(invalid(field("host"), "must not be empty"));
+            }
+            if r.port == 0 {
+                return Err(invalid(field("port"), "must not be 0"));
+            }
+            if (r.password.is_some() || r.password_env.is_some()) && r.username.is_none() {
+                return Err(invalid(
+                    field("username"),
+                    "a password is set but no username",
+                ));
+            }
+            if r.username.is_some() && r.tls == TlsPolicy::Disabled {
+                return Err(invalid(
+                    field("tls"),
                     "AUTH is only sent over TLS; it cannot be `disabled` with a username",
                 ));
             }
@@ -794,6 +892,60 @@ mod tests {
         c.apply_env(|k| (k == "MAILRELAY_SMARTHOST_PASSWORD").then(|| "pw".into()))
             .unwrap();
         assert!(!format!("{c:?}").contains("pw\""));
+    }
+
+    #[test]
+    fn routes_are_checked_and_take_passwords_from_env() {
+        let mut c = RelayConfig::from_yaml(
+            "delivery: {routes: [{domains: [Partner.Example., .partner.example], host: 10.0.0.5, \
+             username: u, password_env: PARTNER_PW, tls: required}]}",
+        )
+        .unwrap();
+        let r = &c.delivery.routes[0];
+        assert_eq!(r.port, 25);
+        assert_eq!(
+            r.normalized_domains().collect::<Vec<_>>(),
+            ["partner.example", ".partner.example"]
+        );
+        let e = c.clone().apply_env(|_| None).unwrap_err().to_string();
+        assert!(
+            e.contains("delivery.routes[0].password_env") && e.contains("PARTNER_PW"),
+            "{e}"
+        );
+        c.apply_env(|k| (k == "PARTNER_PW").then(|| "s3cret".into()))
+            .unwrap();
+        assert_eq!(
+            c.delivery.routes[0].password.as_ref().map(|p| p.0.as_str()),
+            Some("s3cret")
+        );
+        assert!(!format!("{c:?}").contains("s3cret"));
+        for (yaml, field) in [
+            ("{domains: [], host: h}", "delivery.routes[0].domains"),
+            ("{domains: ['a b'], host: h}", "delivery.routes[0].domains"),
+            ("{domains: [a.test], host: ''}", "delivery.routes[0].host"),
+            (
+                "{domains: [a.test], host: h, port: 0}",
+                "delivery.routes[0].port",
+            ),
+            (
+                "{domains: [a.test], host: h, username: u, tls: disabled}",
+                "delivery.routes[0].tls",
+            ),
+            (
+                "{domains: [a.test], host: h, password: p}",
+                "delivery.routes[0].username",
+            ),
+            (
+                "{domains: [a.test], host: h}, {domains: [A.test], host: g}",
+                "delivery.routes[1].domains",
+            ),
+            ("{domains: [a.test], hots: h}", "hots"),
+        ] {
+            let e = RelayConfig::from_yaml(&format!("delivery: {{routes: [{yaml}]}}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -187,6 +187,7 @@ async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
                 Arc::clone(&queue),
                 cfg.delivery.clone(),
                 cfg.hostname.clone(),
+                Arc::clone(&metrics),
             )
             .context("starting delivery")?,
         )

@@ -85,8 +85,8 @@ pub fn diagnostic_from(reply: &Reply) -> String {
 /// Builds the DSN for `recipients` of `original`, or `None` when none is due: the
 /// original has the null sender (never bounce a bounce, RFC 5321 §4.5.5), or no
 /// listed recipient asked for this kind of notice (RFC 3461 §4.1: NEVER wants none;
-/// failures are reported unless NOTIFY was given without FAILURE; delays and
-/// successes only when asked for by DELAY / SUCCESS).
+/// failures and delays are reported unless NOTIFY was given without FAILURE / DELAY;
+/// successes only when asked for by SUCCESS).
 pub fn build_dsn(
     original: &QueuedMessage,
     recipients: &[DsnRecipient],
@@ -259,11 +259,15 @@ fn original_rcpt<'a>(env: &'a Envelope, address: &str) -> Option<&'a Recipient> 
         .find(|r| r.address.eq_ignore_ascii_case(address))
 }
 
+/// RFC 3461 §4.1 leaves the default without NOTIFY to the MTA: "FAILURE" or
+/// "FAILURE,DELAY". Like Postfix we take the latter, so a sender who said nothing gets
+/// delay warnings when the relay sends any (`delivery.retry.delay_warning`, off by
+/// default); one who gave NOTIFY without DELAY does not.
 fn wants_notice(rcpt: Option<&Recipient>, action: DsnAction) -> bool {
     let notify = rcpt.and_then(|r| r.notify.as_ref());
     match (notify, action) {
         (Some(n), _) if n.never => false,
-        (None, DsnAction::Failed) => true,
+        (None, DsnAction::Failed | DsnAction::Delayed) => true,
         (Some(n), DsnAction::Failed) => n.failure,
         (Some(n), DsnAction::Delayed) => n.delay,
         (Some(n), _) => n.success,
@@ -740,8 +744,15 @@ mod tests {
 
     #[test]
     fn delay_only_when_asked_and_headers_only() {
-        // NOTIFY absent: failures yes, delays no.
+        // NOTIFY absent: failures and delays (the caller sends delays only when
+        // configured to); NOTIFY=FAILURE alone: no delays.
         let orig = original("alice@example.com", None);
+        assert!(build_dsn(&orig, &[delayed("bob@example.net")], "r", now()).is_some());
+        let failure_only = DsnNotify {
+            failure: true,
+            ..DsnNotify::default()
+        };
+        let orig = original("alice@example.com", Some(failure_only));
         assert!(build_dsn(&orig, &[delayed("bob@example.net")], "r", now()).is_none());
 
         let delay = DsnNotify {

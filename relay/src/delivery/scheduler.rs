@@ -3,8 +3,11 @@
 //! `max_messages_per_connection` messages), records every attempt, and reschedules,
 //! bounces or finalises each message.
 //!
+//! A destination is a recipient domain (its MX hosts), or a relay host: a route of
+//! the transport map (`delivery.routes`, checked first) or the smarthost.
+//!
 //! Concurrency: one semaphore caps connections overall, one per destination caps
-//! them per domain (or the smarthost). Leases are renewed by a ticker while a
+//! them per domain (or relay host). Leases are renewed by a ticker while a
 //! message is held, so a slow delivery does not let another relay take it over.
 
 use std::collections::HashMap;
@@ -23,7 +26,8 @@ use super::smtp_client::{
     ClientConfig, ClientTimeouts, ClientTls, ClientTlsError, ConnectionResult, Credentials,
     MessageOutcome, Outcome, Stage, connect_failed, deliver,
 };
-use crate::config::DeliveryConfig;
+use crate::admin::Metrics;
+use crate::config::{DeliveryConfig, TlsPolicy};
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, Lease, Leased, MessageStatus, Queue, QueueId,
     QueuedMessage, RcptState, now_ms,
@@ -37,8 +41,64 @@ pub enum DeliveryError {
     Tls(#[from] ClientTlsError),
 }
 
-/// Key of the destination used for the smarthost (a domain cannot contain `[`).
-const SMARTHOST_KEY: &str = "[smarthost]";
+/// Destination key of relay host `i` (a domain cannot contain `[`).
+fn relay_key(i: usize) -> String {
+    format!("[relay:{i}]")
+}
+
+fn relay_index(dest: &str) -> Option<usize> {
+    dest.strip_prefix("[relay:")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The transport map: which route (by index in `delivery.routes`) a domain takes.
+#[derive(Debug, Default)]
+struct RouteTable {
+    exact: HashMap<String, usize>,
+    /// By parent domain, for `.parent` patterns.
+    parent: HashMap<String, usize>,
+}
+
+impl RouteTable {
+    fn new(routes: &[crate::config::RouteConfig]) -> Self {
+        let mut t = RouteTable::default();
+        for (i, r) in routes.iter().enumerate() {
+            for d in r.normalized_domains() {
+                match d.strip_prefix('.') {
+                    Some(parent) => t.parent.insert(parent.to_owned(), i),
+                    None => t.exact.insert(d, i),
+                };
+            }
+        }
+        t
+    }
+
+    /// The route for `domain` (lower case, no trailing dot): listed exactly, else the
+    /// nearest parent listed as `.parent` (`.example.com` covers `a.b.example.com`,
+    /// not `example.com` itself).
+    fn route_of(&self, domain: &str) -> Option<usize> {
+        if let Some(&i) = self.exact.get(domain) {
+            return Some(i);
+        }
+        if self.parent.is_empty() {
+            return None;
+        }
+        domain
+            .match_indices('.')
+            .find_map(|(at, _)| self.parent.get(&domain[at + 1..]).copied())
+    }
+}
+
+/// A host mail is handed to directly, without an MX lookup: a route or the smarthost.
+struct RelayHost {
+    host: String,
+    port: u16,
+    tls_policy: TlsPolicy,
+    tls: ClientTls,
+    auth: Option<Credentials>,
+}
 
 /// Messages taken per `lease_due` call, at most.
 const LEASE_BATCH: usize = 200;
@@ -57,7 +117,11 @@ struct Inner {
     owner: String,
     resolver: MxResolver,
     mx_tls: ClientTls,
-    smarthost_tls: Option<ClientTls>,
+    /// Routes in config order, then the smarthost.
+    relays: Vec<RelayHost>,
+    routes: RouteTable,
+    smarthost: Option<usize>,
+    metrics: Arc<Metrics>,
     timeouts: ClientTimeouts,
     total: Arc<Semaphore>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -97,11 +161,48 @@ impl Delivery {
         queue: Arc<dyn Queue>,
         cfg: DeliveryConfig,
         hostname: String,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, DeliveryError> {
         let resolver = MxResolver::new(&cfg.dns)?.with_local_names([hostname.clone()]);
         let mx_tls = load_tls(cfg.ca_file.as_deref())?;
-        let smarthost_tls = match &cfg.smarthost {
-            Some(s) => Some(load_tls(s.ca_file.as_deref())?),
+        // One TLS client per trust store, however many hosts use it.
+        let mut by_ca: HashMap<Option<std::path::PathBuf>, ClientTls> = HashMap::new();
+        let mut tls_for = |ca: &Option<std::path::PathBuf>| -> Result<ClientTls, DeliveryError> {
+            if let Some(t) = by_ca.get(ca) {
+                return Ok(t.clone());
+            }
+            let t = load_tls(ca.as_deref())?;
+            by_ca.insert(ca.clone(), t.clone());
+            Ok(t)
+        };
+        let credentials = |user: &Option<String>, pw: &Option<crate::config::Secret>| {
+            user.as_ref().map(|u| Credentials {
+                username: u.clone(),
+                password: pw.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+            })
+        };
+        let routes = RouteTable::new(&cfg.routes);
+        let mut relays = Vec::new();
+        for r in &cfg.routes {
+            relays.push(RelayHost {
+                host: r.host.clone(),
+                port: r.port,
+                tls_policy: r.tls,
+                tls: tls_for(&r.ca_file)?,
+                auth: credentials(&r.username, &r.password),
+            });
+        }
+        let smarthost = match &cfg.smarthost {
+            Some(s) => {
+                relays.push(RelayHost {
+                    host: s.host.clone(),
+                    port: s.port,
+                    tls_policy: s.tls,
+                    tls: tls_for(&s.ca_file)?,
+                    auth: credentials(&s.username, &s.password),
+                });
+                Some(relays.len() - 1)
+            }
             None => None,
         };
         let timeouts = ClientTimeouts::default();
@@ -114,7 +215,10 @@ impl Delivery {
             owner,
             resolver,
             mx_tls,
-            smarthost_tls,
+            relays,
+            routes,
+            smarthost,
+            metrics,
             timeouts,
             per_destination: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
@@ -297,14 +401,15 @@ impl Inner {
     }
 
     fn destination_of(&self, address: &str) -> String {
-        if self.cfg.smarthost.is_some() {
-            return SMARTHOST_KEY.into();
-        }
-        address
+        let domain = address
             .rsplit_once('@')
             .map_or("", |(_, d)| d)
             .trim_end_matches('.')
-            .to_ascii_lowercase()
+            .to_ascii_lowercase();
+        if let Some(i) = self.routes.route_of(&domain).or(self.smarthost) {
+            return relay_key(i);
+        }
+        domain
     }
 
     fn destination_semaphore(&self, dest: &str) -> Arc<Semaphore> {
@@ -345,10 +450,10 @@ impl Inner {
             })
             .collect();
         let refs: Vec<&QueuedMessage> = messages.iter().collect();
-        let (result, target) = self.send(dest, &refs).await;
+        let (result, target, reason) = self.send(dest, &refs).await;
         let at_ms = now_ms();
         for (part, outcome) in parts.iter().zip(&result.messages) {
-            self.record(part, outcome, target.as_ref(), &result, at_ms);
+            self.record(part, outcome, target.as_ref(), &result, reason, at_ms);
         }
         for part in parts {
             if part.work.parts_left.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -357,50 +462,54 @@ impl Inner {
         }
     }
 
-    /// Resolves and connects in order; returns the outcomes and where they came from.
+    /// Resolves and connects in order; returns the outcomes, where they came from,
+    /// and the metrics reason when no server was reached (DNS verdict, connect).
     async fn send(
         &self,
         dest: &str,
         msgs: &[&QueuedMessage],
-    ) -> (ConnectionResult, Option<Target>) {
+    ) -> (ConnectionResult, Option<Target>, Option<&'static str>) {
         let (targets, client) = match self.targets(dest).await {
             Ok(t) => t,
-            Err(reply) => return (synthetic(msgs, &reply), None),
+            Err((reply, reason)) => return (synthetic(msgs, &reply), None, Some(reason)),
         };
-        let tls = match (&self.smarthost_tls, dest == SMARTHOST_KEY) {
-            (Some(t), true) => t,
-            _ => &self.mx_tls,
+        let tls = match relay_index(dest).and_then(|i| self.relays.get(i)) {
+            Some(r) => &r.tls,
+            None => &self.mx_tls,
         };
         let mut last_error = String::from("no address to connect to");
+        // The last host that answered but could not take mail (4xx greeting, TLS
+        // trouble): its reply says more than a later host's refused connection.
+        let mut unusable: Option<(ConnectionResult, Target)> = None;
         for (name, addr) in targets {
-            let stream = match tokio::time::timeout(
-                self.cfg.connect_timeout,
-                TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
+            let stream = match self.connect(addr).await {
+                Ok(s) => s,
+                Err(e) => {
                     last_error = format!("{name}[{}]: {e}", addr.ip());
                     debug!(%dest, error = %last_error, "connect failed, trying next host");
                     continue;
                 }
-                Err(_) => {
-                    last_error = format!("{name}[{}]: connect timed out", addr.ip());
-                    continue;
-                }
             };
-            let result = deliver(stream, tls, &name, msgs, &client, &self.timeouts).await;
+            let mut result = self.converse(stream, tls, &name, msgs, &client).await;
+            if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
+                // Like Postfix at security level `may`: a server whose TLS cannot
+                // be agreed on gets the mail in plain text, over a new connection.
+                debug!(%dest, host = %name, error = ?result.error, "TLS failed, retrying in plain text");
+                let mut plain = client.clone();
+                plain.tls = TlsPolicy::Disabled;
+                if let Ok(stream) = self.connect(addr).await {
+                    result = self.converse(stream, tls, &name, msgs, &plain).await;
+                }
+            }
             if worth_next_host(&result) {
-                last_error = format!(
-                    "{name}[{}]: {}",
-                    addr.ip(),
-                    result.error.clone().unwrap_or_default()
-                );
-                debug!(%dest, error = %last_error, "host unusable before MAIL, trying next");
+                debug!(%dest, host = %name, ip = %addr.ip(), error = ?result.error, "host unusable before MAIL, trying next");
+                unusable = Some((result, (name, addr)));
                 continue;
             }
-            return (result, Some((name, addr)));
+            return (result, Some((name, addr)), None);
+        }
+        if let Some((result, target)) = unusable {
+            return (result, Some(target), None);
         }
         let res = ConnectionResult {
             messages: connect_failed(msgs, &last_error),
@@ -408,24 +517,51 @@ impl Inner {
             capabilities: None,
             error: Some(last_error),
         };
-        (res, None)
+        (res, None, Some("connect"))
     }
 
-    /// The hosts to try for `dest`, or the final or temporary reply that ends it.
-    async fn targets(&self, dest: &str) -> Result<(Vec<Target>, ClientConfig), crate::smtp::Reply> {
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, String> {
+        match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    /// One SMTP conversation, counted in the open-connections gauge while it lasts.
+    async fn converse(
+        &self,
+        stream: TcpStream,
+        tls: &ClientTls,
+        name: &str,
+        msgs: &[&QueuedMessage],
+        client: &ClientConfig,
+    ) -> ConnectionResult {
+        let _open = OpenConnection::new(&self.metrics);
+        deliver(stream, tls, name, msgs, client, &self.timeouts).await
+    }
+
+    /// The hosts to try for `dest`, or the final or temporary reply that ends it
+    /// (with its metrics reason).
+    async fn targets(
+        &self,
+        dest: &str,
+    ) -> Result<(Vec<Target>, ClientConfig), (crate::smtp::Reply, &'static str)> {
         use crate::smtp::Reply;
         let mut client = ClientConfig::new(self.hostname.clone());
-        if dest == SMARTHOST_KEY {
-            let s = self.cfg.smarthost.as_ref().expect("smarthost configured");
-            client.tls = s.tls;
-            client.auth = s.username.as_ref().map(|u| Credentials {
-                username: u.clone(),
-                password: s.password.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
-            });
-            let addrs = tokio::net::lookup_host((s.host.as_str(), s.port))
+        if let Some(r) = relay_index(dest).and_then(|i| self.relays.get(i)) {
+            client.tls = r.tls_policy;
+            client.auth = r.auth.clone();
+            // The system resolver, not the MX resolver: a relay host is often a
+            // short cluster-internal name that needs resolv.conf's search list.
+            let addrs = tokio::net::lookup_host((r.host.as_str(), r.port))
                 .await
-                .map_err(|e| Reply::status(451, (4, 4, 3), format!("smarthost {}: {e}", s.host)))?;
-            return Ok((addrs.map(|a| (s.host.clone(), a)).collect(), client));
+                .map_err(|e| {
+                    let reply =
+                        Reply::status(451, (4, 4, 3), format!("relay host {}: {e}", r.host));
+                    (reply, "dns_tempfail")
+                })?;
+            return Ok((addrs.map(|a| (r.host.clone(), a)).collect(), client));
         }
         client.tls = self.cfg.tls;
         match self.resolver.resolve(dest).await {
@@ -436,22 +572,31 @@ impl Inner {
                     .collect(),
                 client,
             )),
-            Resolution::NullMx => Err(Reply::status(
-                556,
-                (5, 1, 10),
-                format!("domain {dest} does not accept mail (null MX, RFC 7505)"),
+            Resolution::NullMx => Err((
+                Reply::status(
+                    556,
+                    (5, 1, 10),
+                    format!("domain {dest} does not accept mail (null MX, RFC 7505)"),
+                ),
+                "null_mx",
             )),
-            Resolution::NoSuchDomain => Err(Reply::status(
-                550,
-                (5, 1, 2),
-                format!("domain {dest} does not exist or has no mail server"),
+            Resolution::NoSuchDomain => Err((
+                Reply::status(
+                    550,
+                    (5, 1, 2),
+                    format!("domain {dest} does not exist or has no mail server"),
+                ),
+                "nxdomain",
             )),
-            Resolution::LoopsToSelf => Err(Reply::status(
-                554,
-                (5, 4, 6),
-                format!("mail for {dest} loops back to myself"),
+            Resolution::LoopsToSelf => Err((
+                Reply::status(
+                    554,
+                    (5, 4, 6),
+                    format!("mail for {dest} loops back to myself"),
+                ),
+                "loop",
             )),
-            Resolution::TempFail(why) => Err(Reply::status(451, (4, 4, 3), why)),
+            Resolution::TempFail(why) => Err((Reply::status(451, (4, 4, 3), why), "dns_tempfail")),
         }
     }
 
@@ -462,6 +607,7 @@ impl Inner {
         outcome: &MessageOutcome,
         target: Option<&Target>,
         conn: &ConnectionResult,
+        reason: Option<&'static str>,
         at_ms: u64,
     ) {
         let mut status = part.work.status.lock().unwrap();
@@ -479,6 +625,13 @@ impl Inner {
                 Outcome::Deferred => (AttemptResult::Deferred, RcptState::Pending, "deferred"),
                 Outcome::Bounced => (AttemptResult::Bounced, RcptState::Bounced, "bounced"),
             };
+            self.metrics
+                .delivery_result(word, reason.unwrap_or_else(|| reason_of(r)));
+            if r.result == Outcome::Delivered {
+                let received = part.work.message.envelope.received_at_ms;
+                self.metrics
+                    .delivery_latency(Duration::from_millis(at_ms.saturating_sub(received)));
+            }
             let reply = r.reply.to_string().trim_end().to_owned();
             let relay =
                 target.map_or_else(|| "none".to_owned(), |(n, a)| format!("{n}[{}]", a.ip()));
@@ -522,29 +675,51 @@ impl Inner {
                     {
                         info!(queue_id = %status.id, to = %r.address, "expired: maximum queue lifetime reached");
                         r.state = RcptState::Expired;
+                        self.metrics.delivery_result("bounced", "expired");
                     }
                 }
             }
         }
-        let failed = newly_failed(&status, &work.final_before);
-        // `build_dsn` returns nothing for a null sender or NOTIFY=NEVER.
+        let mut report_on = newly_failed(&status, &work.final_before);
+        // One delay warning per message, once it has waited long enough (Postfix's
+        // delay_warning_time); it rides along with any failure report of this round.
+        let warn_delay = status.next_attempt_ms.is_some()
+            && !status.delay_warned
+            && self.cfg.retry.delay_warning_due(status.created_ms, now);
+        if warn_delay {
+            let until = status
+                .created_ms
+                .saturating_add(self.cfg.retry.max_lifetime.as_millis() as u64);
+            report_on.extend(still_delayed(&status, until));
+        }
+        // `build_dsn` returns nothing for a null sender, NOTIFY=NEVER, or a delay
+        // nobody asked to hear about; the warning then counts as given.
         let report = dsn::build_dsn(
             &work.message,
-            &failed,
+            &report_on,
             &self.hostname,
             time::OffsetDateTime::now_utc(),
         );
+        if warn_delay {
+            status.delay_warned = true;
+        }
         if let Some(dsn) = report {
             let sender = &work.message.envelope.mail.from;
             match self.queue.enqueue(&dsn).await {
                 Ok(()) => {
-                    info!(queue_id = %status.id, dsn_id = %dsn.envelope.id, to = %sender, "bounce report queued")
+                    let kind = if report_on.iter().all(|r| r.action == DsnAction::Delayed) {
+                        "delay warning"
+                    } else {
+                        "bounce report"
+                    };
+                    info!(queue_id = %status.id, dsn_id = %dsn.envelope.id, to = %sender, "{kind} queued")
                 }
                 Err(e) => {
                     // Without the report the sender would never learn. The failed
                     // recipients go back to pending (their attempts stay recorded):
                     // the next round fails them again and retries the report.
                     warn!(queue_id = %status.id, error = %e, "queueing the bounce failed; will retry");
+                    status.delay_warned = false;
                     for (i, r) in status.rcpts.iter_mut().enumerate() {
                         if matches!(r.state, RcptState::Bounced | RcptState::Expired)
                             && !work.final_before.get(i).copied().unwrap_or(false)
@@ -605,6 +780,63 @@ fn newly_failed(status: &MessageStatus, final_before: &[bool]) -> Vec<DsnRecipie
         .collect()
 }
 
+/// Pending recipients, for a delay warning: status and diagnostic of their last try.
+fn still_delayed(status: &MessageStatus, until_ms: u64) -> Vec<DsnRecipient> {
+    status
+        .rcpts
+        .iter()
+        .filter(|r| r.state == RcptState::Pending)
+        .map(|r| {
+            let last = r.attempts.last();
+            let reply = last.map_or("", |a| a.reply.as_str());
+            DsnRecipient {
+                address: r.address.clone(),
+                orcpt: None,
+                action: DsnAction::Delayed,
+                status: enhanced_of(reply).filter(|s| s.0 == 4).unwrap_or((4, 0, 0)),
+                remote_mta: last.and_then(|a| a.mx.clone()),
+                diagnostic: (!reply.is_empty()).then(|| format!("smtp; {reply}")),
+                last_attempt_ms: last.map(|a| a.at_ms),
+                will_retry_until_ms: Some(until_ms),
+            }
+        })
+        .collect()
+}
+
+/// The metrics reason of a recipient's outcome from a server conversation.
+fn reason_of(r: &crate::smtp::client::RecipientOutcome) -> &'static str {
+    match (r.result, r.stage, r.remote) {
+        (Outcome::Delivered, _, _) => "ok",
+        (_, Stage::StartTls, _) => "tls",
+        (_, Stage::Auth, _) => "auth",
+        (Outcome::Deferred, _, true) => "remote_4xx",
+        (Outcome::Bounced, _, true) => "remote_5xx",
+        // Our own verdicts: a connection that failed or broke, or a local check.
+        (Outcome::Deferred, _, false) => "connect",
+        (Outcome::Bounced, _, false) => match r.reply.enhanced.map(|e| (e.0, e.1, e.2)) {
+            Some((5, 3, 4)) => "too_big",
+            Some((5, 6, 7)) => "smtputf8",
+            _ => "other",
+        },
+    }
+}
+
+/// Keeps the open-outbound-connections gauge right however the delivery ends.
+struct OpenConnection<'a>(&'a Metrics);
+
+impl<'a> OpenConnection<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.outbound_connection_opened();
+        OpenConnection(metrics)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.outbound_connection_closed();
+    }
+}
+
 /// `5.1.1` out of `550 5.1.1 text`.
 fn enhanced_of(reply: &str) -> Option<(u8, u16, u16)> {
     let mut it = reply.split_whitespace().nth(1)?.split('.');
@@ -630,6 +862,17 @@ fn synthetic(msgs: &[&QueuedMessage], reply: &crate::smtp::Reply) -> ConnectionR
         capabilities: None,
         error: None,
     }
+}
+
+/// The TLS handshake failed (not a refusal of STARTTLS, which goes on in plain
+/// text by itself): every recipient deferred at STARTTLS by our own verdict.
+fn tls_failed(r: &ConnectionResult) -> bool {
+    r.messages.iter().all(|m| {
+        !m.attempted
+            && m.recipients
+                .iter()
+                .all(|o| o.result == Outcome::Deferred && o.stage == Stage::StartTls && !o.remote)
+    }) && r.messages.iter().any(|m| !m.recipients.is_empty())
 }
 
 /// A host that failed before any message was tried (4xx greeting, EHLO trouble,
@@ -680,6 +923,7 @@ mod tests {
             attempts: 1,
             final_at_ms: None,
             leased_until_ms: None,
+            delay_warned: false,
         };
         let failed = newly_failed(&status, &[true, false, false, false, false]);
         let got: Vec<(&str, (u8, u16, u16))> = failed
@@ -688,6 +932,33 @@ mod tests {
             .collect();
         assert_eq!(got, [("new@b.test", (5, 7, 1)), ("late@b.test", (4, 4, 7))]);
         assert_eq!(failed[0].remote_mta.as_deref(), Some("mx.b.test"));
+    }
+
+    #[test]
+    fn routes_match_exact_domains_then_the_nearest_parent() {
+        let cfg = crate::config::RelayConfig::from_yaml(
+            "delivery: {routes: [\
+             {domains: [example.com, .example.com], host: a}, \
+             {domains: [.deep.example.com], host: b}, \
+             {domains: [Other.TEST.], host: c}]}",
+        )
+        .unwrap();
+        let t = RouteTable::new(&cfg.delivery.routes);
+        for (domain, want) in [
+            ("example.com", Some(0)),
+            ("x.example.com", Some(0)),
+            ("x.deep.example.com", Some(1)),
+            ("deep.example.com", Some(0)),
+            ("a.b.deep.example.com", Some(1)),
+            ("other.test", Some(2)),
+            ("x.other.test", None),
+            ("notexample.com", None),
+            ("com", None),
+        ] {
+            assert_eq!(t.route_of(domain), want, "{domain}");
+        }
+        assert_eq!(relay_index(&relay_key(7)), Some(7));
+        assert_eq!(relay_index("example.com"), None);
     }
 
     #[test]

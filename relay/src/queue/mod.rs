@@ -356,6 +356,14 @@ pub struct MessageStatus {
     /// Ignored on writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub leased_until_ms: Option<u64>,
+    /// The sender was sent the one delay warning (`delivery.retry.delay_warning`), or
+    /// was not to get one (null sender, NOTIFY without DELAY).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub delay_warned: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl MessageStatus {
@@ -377,6 +385,7 @@ impl MessageStatus {
             attempts: 0,
             final_at_ms: None,
             leased_until_ms: None,
+            delay_warned: false,
         }
     }
 
@@ -653,6 +662,7 @@ mod tests {
             attempts: 0,
             final_at_ms: None,
             leased_until_ms: None,
+            delay_warned: false,
         }
     }
 

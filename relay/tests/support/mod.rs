@@ -5,7 +5,11 @@
 
 #![allow(dead_code)]
 
+pub mod deliver;
 pub mod dns;
+pub mod mx;
+pub mod pki;
+pub mod postfix;
 pub mod redis;
 
 use std::net::TcpListener;

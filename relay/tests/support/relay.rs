@@ -27,10 +27,16 @@ pub struct RelayOptions {
     pub auth_users: Option<String>,
     /// Use the Redis backend at this URL instead of the embedded queue.
     pub redis_url: Option<String>,
+    /// With `redis_url`: speak Redis Cluster, with these further seed nodes.
+    pub redis_cluster_nodes: Option<Vec<String>>,
     /// The main listener expects a PROXY protocol header.
     pub proxy_protocol: bool,
     /// Extra lines inside `limits:` (each like `max_recipients: 5`).
     pub limits: Vec<String>,
+    /// Extra lines inside `queue:` (each like `status_retention: 2s`).
+    pub queue: Vec<String>,
+    /// Environment variables for the relay process (`MAILRELAY_SMARTHOST_PASSWORD`…).
+    pub env: Vec<(String, String)>,
     /// Extra top-level YAML, appended verbatim.
     pub extra_yaml: String,
     /// `shutdown_grace` (e.g. `2s`); `None` keeps the harness's `5s`.
@@ -39,6 +45,7 @@ pub struct RelayOptions {
 
 pub struct Relay {
     child: Option<Child>,
+    env: Vec<(String, String)>,
     pub smtp: SocketAddr,
     /// The implicit-TLS listener, when requested.
     pub smtps: Option<SocketAddr>,
@@ -137,8 +144,26 @@ impl Relay {
         writeln!(y, "queue:").unwrap();
         writeln!(y, "  path: '{}'", dir.path().join("queue").display()).unwrap();
         writeln!(y, "  write_timeout: 3s").unwrap();
+        for l in &opts.queue {
+            writeln!(y, "  {l}").unwrap();
+        }
         if let Some(url) = &opts.redis_url {
-            writeln!(y, "  redis: {{url: '{url}', key_prefix: 'mrtest'}}").unwrap();
+            let cluster = match &opts.redis_cluster_nodes {
+                Some(nodes) => format!(
+                    ", cluster: true, cluster_nodes: [{}]",
+                    nodes
+                        .iter()
+                        .map(|n| format!("'{n}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                None => String::new(),
+            };
+            writeln!(
+                y,
+                "  redis: {{url: '{url}', key_prefix: 'mrtest'{cluster}}}"
+            )
+            .unwrap();
         }
         if !opts.limits.is_empty() {
             writeln!(y, "limits:").unwrap();
@@ -161,6 +186,7 @@ impl Relay {
         let config_path = dir.path().join("mailrelay.yaml");
         std::fs::write(&config_path, y).unwrap();
         let mut relay = Relay {
+            env: opts.env.clone(),
             child: None,
             smtp,
             smtps,
@@ -186,6 +212,7 @@ impl Relay {
             .env("RUST_LOG", "mailrelay=debug")
             .env_remove("MAILRELAY_REDIS_URL")
             .env_remove("MAILRELAY_REDIS_PASSWORD")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
