@@ -5,3 +5,4 @@
 //! `SendQuota` resources render into).
 
 pub mod config;
+pub mod egress;
