@@ -428,7 +428,9 @@ impl Inner {
             }
         };
         client.pace_messages = true;
-        let (result, target) = self.connect_and_deliver(dest, msgs, targets, &client, &mut gate).await;
+        let (result, target) = self
+            .connect_and_deliver(dest, msgs, targets, &client, &mut gate)
+            .await;
         (result, target, gate.finish().await)
     }
 
@@ -463,7 +465,8 @@ impl Inner {
                     continue;
                 }
             };
-            let result = deliver_gated(stream, tls, &name, msgs, client, &self.timeouts, gate).await;
+            let result =
+                deliver_gated(stream, tls, &name, msgs, client, &self.timeouts, gate).await;
             // A rate-limit reply speaks for the provider, not this one host.
             if worth_next_host(&result) && !gate.rate_limited() {
                 last_error = format!(

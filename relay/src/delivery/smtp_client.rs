@@ -319,7 +319,16 @@ pub async fn deliver(
     cfg: &ClientConfig,
     timeouts: &ClientTimeouts,
 ) -> ConnectionResult {
-    deliver_gated(stream, tls, server_name, messages, cfg, timeouts, &mut Ungated).await
+    deliver_gated(
+        stream,
+        tls,
+        server_name,
+        messages,
+        cfg,
+        timeouts,
+        &mut Ungated,
+    )
+    .await
 }
 
 /// [`deliver`], asking `gate` before each message when `cfg.pace_messages` is set.

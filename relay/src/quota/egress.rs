@@ -183,7 +183,11 @@ fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
             continue;
         }
         if !m.destination_domains.is_empty()
-            && (d.smarthost || !m.destination_domains.iter().any(|g| egress_glob_match(g, &domain)))
+            && (d.smarthost
+                || !m
+                    .destination_domains
+                    .iter()
+                    .any(|g| egress_glob_match(g, &domain)))
         {
             continue;
         }
@@ -311,11 +315,7 @@ fn ms(d: Duration) -> u64 {
 impl Egress {
     fn with_store(store: Store, quotas: &[QuotaConfig], lease: Duration) -> Self {
         let ttl = ms(lease.min(MAX_LEASE)).max(1_000);
-        let owner = format!(
-            "{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        );
+        let owner = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
         Egress {
             inner: Arc::new(Inner {
                 store,
@@ -409,10 +409,7 @@ impl Egress {
     ) -> Result<EgressConn, Postponement> {
         let inner = &self.inner;
         let route = Arc::new(route);
-        let costs: Vec<Vec<u64>> = messages
-            .iter()
-            .map(|&(r, b)| route.costs(r, b))
-            .collect();
+        let costs: Vec<Vec<u64>> = messages.iter().map(|&(r, b)| route.costs(r, b)).collect();
         let capped = route.keys.iter().any(|k| k.max_connections.is_some());
         let lease = capped.then(|| self.unique("c"));
         let token = (route.paced() && !messages.is_empty()).then(|| self.unique("m"));
@@ -439,7 +436,8 @@ impl Egress {
                     let to_local = |t: u64| local + t.saturating_sub(reply.now_ms);
                     match reply.verdict {
                         Verdict::Granted { at_ms } => {
-                            let go = got + Duration::from_millis(at_ms.saturating_sub(reply.now_ms));
+                            let go =
+                                got + Duration::from_millis(at_ms.saturating_sub(reply.now_ms));
                             let granted = token.map(|t| Granted {
                                 token: t,
                                 index: 0,
@@ -460,7 +458,9 @@ impl Egress {
                             ));
                         }
                         Verdict::BackedOff { until_ms } => {
-                            inner.metrics.postponed(WaitReason::Backoff, messages.len() as u64);
+                            inner
+                                .metrics
+                                .postponed(WaitReason::Backoff, messages.len() as u64);
                             debug!(site = %route.site, until_ms, "destination backed off; postponing");
                             return Err(Postponement::all(
                                 to_local(until_ms),
@@ -468,7 +468,9 @@ impl Egress {
                             ));
                         }
                         Verdict::Later { at_ms } => {
-                            inner.metrics.postponed(WaitReason::Slot, messages.len() as u64);
+                            inner
+                                .metrics
+                                .postponed(WaitReason::Slot, messages.len() as u64);
                             return Err(Postponement::all(
                                 to_local(at_ms),
                                 route.spacing_ms(reply.level),
@@ -482,7 +484,10 @@ impl Egress {
                             };
                             if waited_enough {
                                 inner.metrics.postponed(why, messages.len() as u64);
-                                return Err(Postponement::all(retry_later(), route.spacing_ms(reply.level)));
+                                return Err(Postponement::all(
+                                    retry_later(),
+                                    route.spacing_ms(reply.level),
+                                ));
                             }
                             inner.metrics.waited(why);
                             tokio::time::sleep(POLL).await;
@@ -497,7 +502,9 @@ impl Egress {
                 Err(e) => {
                     if waited_enough {
                         warn!(site = %route.site, error = %e, "egress store unavailable; paced mail waits");
-                        inner.metrics.postponed(WaitReason::Store, messages.len() as u64);
+                        inner
+                            .metrics
+                            .postponed(WaitReason::Store, messages.len() as u64);
                         return Err(Postponement::all(retry_later(), 0));
                     }
                     inner.metrics.waited(WaitReason::Store);
@@ -817,7 +824,11 @@ impl EgressConn {
         if let Some(reply) = self.rate_limited.take()
             && self.backoff_until.is_none()
         {
-            self.backoff_until = Some(self.egress.report_rate_limit(&self.route.site, &reply).await);
+            self.backoff_until = Some(
+                self.egress
+                    .report_rate_limit(&self.route.site, &reply)
+                    .await,
+            );
         }
         // A slot granted but never used (the connection failed first) ends now.
         let last = self.last.take().or(self.reserved.take().map(|(g, _)| g));
@@ -839,7 +850,12 @@ impl EgressConn {
             warn!(site = %self.route.site, error = %e, "releasing egress leases failed");
         }
         if self.lease.is_some() {
-            for k in self.route.keys.iter().filter(|k| k.max_connections.is_some()) {
+            for k in self
+                .route
+                .keys
+                .iter()
+                .filter(|k| k.max_connections.is_some())
+            {
                 self.egress.inner.metrics.connection_closed(&k.quota);
             }
         }
@@ -863,7 +879,12 @@ impl Drop for EgressConn {
         if self.lease.is_some()
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            for k in self.route.keys.iter().filter(|k| k.max_connections.is_some()) {
+            for k in self
+                .route
+                .keys
+                .iter()
+                .filter(|k| k.max_connections.is_some())
+            {
                 self.egress.inner.metrics.connection_closed(&k.quota);
             }
             let (egress, route, lease) = (
@@ -887,7 +908,10 @@ impl Drop for EgressConn {
 impl MessageGate for EgressConn {
     async fn before_message(&mut self, index: usize) -> Result<(), Reply> {
         if let Some(reply) = self.rate_limited.take() {
-            let until = self.egress.report_rate_limit(&self.route.site, &reply).await;
+            let until = self
+                .egress
+                .report_rate_limit(&self.route.site, &reply)
+                .await;
             self.backoff_until = Some(until);
             let spacing = self.route.spacing_ms(1);
             return Err(self.refuse(index, until, spacing, WaitReason::Backoff));
@@ -908,7 +932,8 @@ impl MessageGate for EgressConn {
     }
 
     fn on_reply(&mut self, reply: &Reply) {
-        if is_rate_limit_reply(reply) && self.rate_limited.is_none() && self.backoff_until.is_none() {
+        if is_rate_limit_reply(reply) && self.rate_limited.is_none() && self.backoff_until.is_none()
+        {
             self.rate_limited = Some(reply.to_string().trim_end().to_owned());
         }
     }

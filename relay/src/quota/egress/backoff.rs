@@ -53,7 +53,8 @@ impl BackoffPolicy {
             return s.level;
         }
         let steps = (now - until) / self.recover_ms.max(1);
-        s.level.saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX))
+        s.level
+            .saturating_sub(u32::try_from(steps).unwrap_or(u32::MAX))
     }
 
     /// How much slower paced quotas go at `now` (1 = normal).
@@ -95,9 +96,18 @@ mod tests {
     fn back_off_then_recover() {
         let p = BackoffPolicy::default();
         let s0 = BackoffState::default();
-        assert_eq!((p.until(&s0), p.level_at(&s0, 5), p.factor(&s0, 5)), (0, 0, 1.0));
+        assert_eq!(
+            (p.until(&s0), p.level_at(&s0, 5), p.factor(&s0, 5)),
+            (0, 0, 1.0)
+        );
         let s1 = p.on_rate_limited(&s0, 1_000);
-        assert_eq!(s1, BackoffState { level: 1, hit_ms: 1_000 });
+        assert_eq!(
+            s1,
+            BackoffState {
+                level: 1,
+                hit_ms: 1_000
+            }
+        );
         assert_eq!(p.until(&s1), 16_000);
         // More complaints during the pause change nothing.
         assert_eq!(p.on_rate_limited(&s1, 10_000), s1);

@@ -44,7 +44,11 @@ impl MemoryStore {
     }
 
     fn maybe_gc(&self, st: &mut State, now: u64) {
-        if self.calls.fetch_add(1, Ordering::Relaxed) % GC_EVERY != 0 {
+        if !self
+            .calls
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(GC_EVERY)
+        {
             return;
         }
         st.keys
@@ -168,10 +172,10 @@ impl MemoryStore {
             if let (Some(id), Some(_)) = (req.lease, k.max_connections) {
                 e.leases.extend(id, now, req.timing.lease_ttl_ms);
             }
-            if let Some((token, _)) = req.flight {
-                if let Some(f) = e.pace.inflight.get_mut(token) {
-                    f.deadline = f.deadline.max(now + req.timing.flight_ttl_ms);
-                }
+            if let Some((token, _)) = req.flight
+                && let Some(f) = e.pace.inflight.get_mut(token)
+            {
+                f.deadline = f.deadline.max(now + req.timing.flight_ttl_ms);
             }
         }
     }
@@ -221,7 +225,8 @@ impl MemoryStore {
         let mut names: Vec<(u64, String)> = st
             .keys
             .iter()
-            .filter(|((q, k), _)| q == quota && key.is_none_or(|want| want == k))
+            // Like the Redis key index: keys that were granted something.
+            .filter(|((q, k), e)| q == quota && e.last_use > 0 && key.is_none_or(|want| want == k))
             .map(|((_, k), e)| (e.last_use, k.clone()))
             .collect();
         names.sort_unstable_by(|a, b| b.cmp(a));

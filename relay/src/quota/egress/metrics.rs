@@ -99,7 +99,9 @@ impl EgressMetrics {
     }
 
     pub fn waited(&self, why: WaitReason) {
-        self.waits.get_or_create(&label("reason", why.as_str())).inc();
+        self.waits
+            .get_or_create(&label("reason", why.as_str()))
+            .inc();
     }
 
     pub fn postponed(&self, why: WaitReason, messages: u64) {

@@ -182,7 +182,9 @@ impl KeyState {
             let tau = (w.burst() - 1) as f64 * t;
             // A message of several units needs room for all of them; one bigger than
             // the burst needs the bucket drained (else it could never go).
-            let need = st.tat.min(st.tat - tau + (cost.saturating_sub(1)) as f64 * t);
+            let need = st
+                .tat
+                .min(st.tat - tau + (cost.saturating_sub(1)) as f64 * t);
             if need > s as f64 {
                 s = need.ceil() as u64;
             }
@@ -304,11 +306,7 @@ mod tests {
 
     /// Grants as fast as allowed, one message at a time, each taking `delay(i)` from
     /// grant to end; returns (grant, end) per message.
-    fn run(
-        windows: &[Window],
-        n: usize,
-        mut delay: impl FnMut(usize) -> u64,
-    ) -> Vec<(u64, u64)> {
+    fn run(windows: &[Window], n: usize, mut delay: impl FnMut(usize) -> u64) -> Vec<(u64, u64)> {
         let mut st = KeyState::default();
         let mut now = 1_000_000;
         let mut out = Vec::new();
@@ -510,7 +508,10 @@ mod tests {
             windows: &win,
             cost: 5,
         }];
-        assert_eq!(decide(&mut d, 0, 0, 1.0, 0, "big", 60_000), Decision::Grant(0));
+        assert_eq!(
+            decide(&mut d, 0, 0, 1.0, 0, "big", 60_000),
+            Decision::Grant(0)
+        );
         st.commit("big", 5, 10, &win);
         let mut d = [Demand {
             state: &mut st,
@@ -532,7 +533,10 @@ mod tests {
             windows: &win,
             cost: 1,
         }];
-        assert_eq!(decide(&mut d, 0, 0, 1.0, 0, "dead", 5_000), Decision::Grant(0));
+        assert_eq!(
+            decide(&mut d, 0, 0, 1.0, 0, "dead", 5_000),
+            Decision::Grant(0)
+        );
         st.sweep(4_999, &win);
         assert_eq!(st.inflight.len(), 1);
         st.sweep(5_000, &win);

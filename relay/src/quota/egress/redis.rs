@@ -27,9 +27,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{
-    Client, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value,
-};
+use redis::{Client, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Script, Value};
 
 use super::backoff::BackoffPolicy;
 use super::pacer::Window;
@@ -614,7 +612,11 @@ impl RedisStore {
             inv.arg(&k.key)
                 .arg(k.max_connections.unwrap_or(0))
                 .arg(req.costs.get(i).copied().unwrap_or(1))
-                .arg(req.commit.and_then(|c| c.costs.get(i).copied()).unwrap_or(1))
+                .arg(
+                    req.commit
+                        .and_then(|c| c.costs.get(i).copied())
+                        .unwrap_or(1),
+                )
                 .arg(k.windows.len());
             for w in &k.windows {
                 inv.key(self.window_key(k, w));
@@ -622,7 +624,9 @@ impl RedisStore {
             }
         }
         let mut conn = self.conn.clone();
-        let v: Vec<i64> = self.run("egress acquire", inv.invoke_async(&mut conn)).await?;
+        let v: Vec<i64> = self
+            .run("egress acquire", inv.invoke_async(&mut conn))
+            .await?;
         let [code, at, now, level] = v[..] else {
             return Err(EgressError::Protocol(format!("acquire returned {v:?}")));
         };
@@ -661,7 +665,9 @@ impl RedisStore {
             inv.arg(k.windows.iter().map(|w| w.window_ms).max().unwrap_or(0));
         }
         let mut conn = self.conn.clone();
-        let _: i64 = self.run("egress extend", inv.invoke_async(&mut conn)).await?;
+        let _: i64 = self
+            .run("egress extend", inv.invoke_async(&mut conn))
+            .await?;
         Ok(())
     }
 
@@ -674,15 +680,21 @@ impl RedisStore {
             .arg(req.keys.len());
         for (i, k) in req.keys.iter().enumerate() {
             inv.key(self.flight_key(k)).key(self.conns_key(k));
-            inv.arg(req.commit.and_then(|c| c.costs.get(i).copied()).unwrap_or(1))
-                .arg(k.windows.len());
+            inv.arg(
+                req.commit
+                    .and_then(|c| c.costs.get(i).copied())
+                    .unwrap_or(1),
+            )
+            .arg(k.windows.len());
             for w in &k.windows {
                 inv.key(self.window_key(k, w));
                 inv.arg(w.window_ms).arg(w.limit);
             }
         }
         let mut conn = self.conn.clone();
-        let _: i64 = self.run("egress close", inv.invoke_async(&mut conn)).await?;
+        let _: i64 = self
+            .run("egress close", inv.invoke_async(&mut conn))
+            .await?;
         Ok(())
     }
 
@@ -704,7 +716,9 @@ impl RedisStore {
             .await?;
         match v[..] {
             [until, now] => Ok((until.max(0) as u64, now.max(0) as u64)),
-            _ => Err(EgressError::Protocol(format!("rate_limited returned {v:?}"))),
+            _ => Err(EgressError::Protocol(format!(
+                "rate_limited returned {v:?}"
+            ))),
         }
     }
 
@@ -727,7 +741,9 @@ impl RedisStore {
             inv.arg(w.window_ms).arg(w.limit);
         }
         let mut conn = self.conn.clone();
-        let v: Vec<Value> = self.run("egress usage", inv.invoke_async(&mut conn)).await?;
+        let v: Vec<Value> = self
+            .run("egress usage", inv.invoke_async(&mut conn))
+            .await?;
         let bad = || EgressError::Protocol("usage reply".into());
         let int = |v: &Value| -> Result<u64, EgressError> {
             match v {

@@ -26,7 +26,10 @@ fn routes_match_domains_mx_hosts_and_smarthost_with_their_keys() {
          - {name: conns, direction: egress, max_connections: 20}\n\
          - {name: tenant, direction: ingress, limits: [1/1s]}\n",
     ));
-    let google = vec!["alt1.aspmx.l.google.com.".to_owned(), "ASPMX.l.google.com".to_owned()];
+    let google = vec![
+        "alt1.aspmx.l.google.com.".to_owned(),
+        "ASPMX.l.google.com".to_owned(),
+    ];
     let r = route_for(&q, &dest("Customer.Test.", &google));
     assert_eq!(r.site, "alt1.aspmx.l.google.com,aspmx.l.google.com");
     let got: Vec<(&str, &str)> = r.keys.iter().map(|k| (&*k.quota, k.key.as_str())).collect();
@@ -39,7 +42,13 @@ fn routes_match_domains_mx_hosts_and_smarthost_with_their_keys() {
     );
     assert!(r.paced());
     assert_eq!(r.keys[0].max_connections, Some(3));
-    assert_eq!(r.keys[0].windows, [Window { window_ms: 1_000, limit: 10 }]);
+    assert_eq!(
+        r.keys[0].windows,
+        [Window {
+            window_ms: 1_000,
+            limit: 10
+        }]
+    );
     assert!(!r.keys[1].paced());
 
     let mx = vec!["mx.example".to_owned()];
@@ -69,7 +78,11 @@ fn domains_sharing_mx_hosts_share_one_mx_site_key() {
         "- {name: site, direction: egress, limits: [5/4s], key: mx_site}\n",
     ));
     let a = vec!["mx2.host.test".to_owned(), "mx1.host.test".to_owned()];
-    let b = vec!["MX1.host.test.".to_owned(), "mx2.host.test".to_owned(), "mx1.host.test".to_owned()];
+    let b = vec![
+        "MX1.host.test.".to_owned(),
+        "mx2.host.test".to_owned(),
+        "mx1.host.test".to_owned(),
+    ];
     let ra = route_for(&q, &dest("c.test", &a));
     let rb = route_for(&q, &dest("d.test", &b));
     assert_eq!(ra.keys[0].key, "mx1.host.test,mx2.host.test");

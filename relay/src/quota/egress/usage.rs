@@ -167,9 +167,10 @@ mod tests {
 
     #[test]
     fn a_shared_quota_always_has_its_one_key() {
-        let q: QuotaConfig =
-            serde_norway::from_str("{name: all, direction: egress, limits: [10/1s], scope: shared}")
-                .unwrap();
+        let q: QuotaConfig = serde_norway::from_str(
+            "{name: all, direction: egress, limits: [10/1s], scope: shared}",
+        )
+        .unwrap();
         let u = quota_usage(&q, 5_000, vec![]);
         assert_eq!(u.keys.len(), 1);
         assert_eq!(u.keys[0].key, "*");

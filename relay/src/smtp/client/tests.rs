@@ -1510,11 +1510,17 @@ fn random_conversations_never_panic_and_settle_every_recipient() {
 
 #[test]
 fn paced_sessions_ask_before_each_message_and_stop_where_refused() {
-    let (m1, m2, m3) = (simple(&["a@dst.test"]), simple(&["b@dst.test"]), simple(&["c@dst.test", "d@dst.test"]));
+    let (m1, m2, m3) = (
+        simple(&["a@dst.test"]),
+        simple(&["b@dst.test"]),
+        simple(&["c@dst.test", "d@dst.test"]),
+    );
     let mut c = cfg();
     c.pace_messages = true;
     let mut s = ClientSession::new(c, &[&m1, &m2, &m3]);
-    let mut wire = [GREET, &ehlo(&["PIPELINING"]), OK, OK, GO, OK, BYE].concat().into_bytes();
+    let mut wire = [GREET, &ehlo(&["PIPELINING"]), OK, OK, GO, OK, BYE]
+        .concat()
+        .into_bytes();
     let mut paced = Vec::new();
     let mut sent = Vec::new();
     let outcomes = loop {
@@ -1548,7 +1554,10 @@ fn paced_sessions_ask_before_each_message_and_stop_where_refused() {
     for o in &outcomes[1..] {
         assert!(!o.attempted);
         for r in &o.recipients {
-            assert_eq!((r.result, r.stage, r.remote), (Outcome::Deferred, Stage::Mail, false));
+            assert_eq!(
+                (r.result, r.stage, r.remote),
+                (Outcome::Deferred, Stage::Mail, false)
+            );
             assert_eq!(r.reply.code, 451);
         }
     }
