@@ -468,7 +468,7 @@ impl Inner {
             let result =
                 deliver_gated(stream, tls, &name, msgs, client, &self.timeouts, gate).await;
             // A rate-limit reply speaks for the provider, not this one host.
-            if worth_next_host(&result) && !gate.rate_limited() {
+            if worth_next_host(&result) && gate.try_next_host() {
                 last_error = format!(
                     "{name}[{}]: {}",
                     addr.ip(),

@@ -50,7 +50,10 @@
 //! relay: 15 s, doubling with each further complaint up to 8 min; afterwards paced
 //! quotas run at half rate per level, recovering one level a minute. The message
 //! that got the reply is deferred as usual (an attempt, with the reply recorded);
-//! messages not yet attempted wait, unattempted, for the pause to end.
+//! messages not yet attempted wait, unattempted, for the pause to end, and no other
+//! MX host is tried. A `421` greeting without `4.7.x` ("too busy") speaks for its
+//! host only: the next MX host is tried (RFC 5321 §5.1), and the site backs off only
+//! when no host got as far as a transaction.
 //!
 //! # When the store cannot be read
 //!
@@ -366,16 +369,6 @@ impl Egress {
         *self.inner.quotas.write().unwrap() = Arc::new(compile(quotas));
     }
 
-    /// For tests: a different back-off policy.
-    pub fn with_backoff(self, policy: BackoffPolicy) -> Self {
-        let mut inner = Arc::try_unwrap(self.inner)
-            .unwrap_or_else(|_| panic!("with_backoff before the egress is shared"));
-        inner.policy = policy;
-        Egress {
-            inner: Arc::new(inner),
-        }
-    }
-
     pub fn metrics(&self) -> &EgressMetrics {
         &self.inner.metrics
     }
@@ -617,7 +610,16 @@ pub struct EgressConn {
     last: Option<Granted>,
     live: Live,
     renewer: Option<tokio::task::JoinHandle<()>>,
+    /// A rate-limit reply that speaks for the site (a `4.7.x`, or a `421` once a
+    /// transaction started).
     rate_limited: Option<String>,
+    /// A `421` without `4.7.x` before any transaction on a host: that host is busy
+    /// (RFC 5321 §5.1: try the next MX). Backs the site off only if no host of
+    /// the site got as far as a transaction.
+    busy: Option<String>,
+    /// A message was started on the current host / on any host.
+    started_here: bool,
+    reached_mail: bool,
     backoff_until: Option<u64>,
     stop: Option<Stop>,
     finished: bool,
@@ -681,16 +683,21 @@ impl EgressConn {
             live,
             renewer,
             rate_limited: None,
+            busy: None,
+            started_here: false,
+            reached_mail: false,
             backoff_until: None,
             stop: None,
             finished: false,
         }
     }
 
-    /// A rate-limit reply came on this connection: trying another MX host now
-    /// would only hammer the same provider.
-    pub fn rate_limited(&self) -> bool {
-        self.rate_limited.is_some()
+    /// The host failed before any message (greeting, EHLO, TLS): whether the next
+    /// MX host may be tried. Not after a rate-limit reply, which speaks for the
+    /// whole provider; a plain `421` greeting ("too busy") only for its host.
+    pub fn try_next_host(&mut self) -> bool {
+        self.started_here = false;
+        self.rate_limited.is_none()
     }
 
     fn refuse(&mut self, index: usize, until_ms: u64, spacing_ms: u64, why: WaitReason) -> Reply {
@@ -821,7 +828,9 @@ impl EgressConn {
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
-        if let Some(reply) = self.rate_limited.take()
+        // Every host tried was busy: that too is the site asking for less.
+        let busy = self.busy.take().filter(|_| !self.reached_mail);
+        if let Some(reply) = self.rate_limited.take().or(busy)
             && self.backoff_until.is_none()
         {
             self.backoff_until = Some(
@@ -916,6 +925,8 @@ impl MessageGate for EgressConn {
             let spacing = self.route.spacing_ms(1);
             return Err(self.refuse(index, until, spacing, WaitReason::Backoff));
         }
+        self.started_here = true;
+        self.reached_mail = true;
         if !self.route.paced() {
             return Ok(());
         }
@@ -932,9 +943,18 @@ impl MessageGate for EgressConn {
     }
 
     fn on_reply(&mut self, reply: &Reply) {
-        if is_rate_limit_reply(reply) && self.rate_limited.is_none() && self.backoff_until.is_none()
+        if !is_rate_limit_reply(reply)
+            || self.rate_limited.is_some()
+            || self.backoff_until.is_some()
         {
-            self.rate_limited = Some(reply.to_string().trim_end().to_owned());
+            return;
+        }
+        let text = reply.to_string().trim_end().to_owned();
+        let says_rate = reply.enhanced.is_some_and(|e| e.0 == 4 && e.1 == 7);
+        if says_rate || self.started_here {
+            self.rate_limited = Some(text);
+        } else {
+            self.busy = Some(text);
         }
     }
 }

@@ -197,3 +197,48 @@ async fn a_far_slot_postpones_without_taking_anything() {
     assert_eq!(u.keys[0].windows[0].used, 1);
     assert_eq!(u.keys[0].windows[0].remaining, 0);
 }
+
+#[tokio::test]
+async fn a_busy_host_moves_on_and_a_rate_limit_backs_the_site_off() {
+    let egress = Egress::embedded(&[], Duration::from_secs(30));
+    let hosts = vec!["mx1.x.test".to_owned(), "mx2.x.test".to_owned()];
+    let route = || egress.route(&dest("x.test", &hosts));
+    let busy = Reply::status(421, (4, 3, 2), "too busy");
+
+    // mx1 is busy, mx2 takes the mail: no back-off.
+    let mut c = egress.open(route(), &[(1, 10)]).await.unwrap();
+    c.on_reply(&busy);
+    assert!(c.try_next_host());
+    c.before_message(0).await.unwrap();
+    assert_eq!(c.finish().await.backoff_until_ms, None);
+
+    // Every host busy: the site backs off.
+    let mut c = egress.open(route(), &[(1, 10)]).await.unwrap();
+    c.on_reply(&busy);
+    assert!(c.try_next_host());
+    c.on_reply(&busy);
+    let before = now_ms();
+    let until = c.finish().await.backoff_until_ms.unwrap();
+    assert!(until >= before + 14_000, "{until} vs {before}");
+    // ... so the next connection to the site waits, unattempted.
+    let Err(p) = egress.open(route(), &[(1, 10)]).await else {
+        panic!("the site is backed off")
+    };
+    assert!(p.stop.unwrap().until_ms >= before + 14_000);
+
+    // A 4.7.x reply speaks for the provider: no other host is tried, and the next
+    // message on the connection is not started.
+    let other = vec!["mx.y.test".to_owned()];
+    let mut c = egress
+        .open(egress.route(&dest("y.test", &other)), &[(1, 10), (1, 10)])
+        .await
+        .unwrap();
+    c.before_message(0).await.unwrap();
+    c.on_reply(&Reply::status(451, (4, 7, 1), "slow down"));
+    assert!(!c.try_next_host());
+    let refused = c.before_message(1).await.unwrap_err();
+    assert_eq!(refused.code, 451);
+    let p = c.finish().await;
+    assert_eq!(p.stop.unwrap().index, 1);
+    assert!(p.backoff_until_ms.is_some());
+}
