@@ -10,8 +10,9 @@
 //! Egress pacing (`quota::egress`) hooks in twice: after MX resolution and before
 //! connecting ([`Egress::open`]: connection caps, back-off, the first slot), and
 //! before each message on the connection (the connection is the session's
-//! [`MessageGate`](super::smtp_client::MessageGate)). Messages it holds back are postponed: put back in the queue,
-//! due when egress says, with no attempt recorded or counted.
+//! [`MessageGate`](super::smtp_client::MessageGate)). Messages it holds back are
+//! postponed: put back in the queue, due when egress says, with no attempt recorded
+//! or counted.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
