@@ -12,6 +12,7 @@ use mailrelay::admin::{self, AdminState, Metrics};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
 use mailrelay::delivery::scheduler::Delivery;
 use mailrelay::queue::{EmbeddedQueue, Queue, QueueOptions, RedisQueue};
+use mailrelay::quota::egress::Egress;
 use mailrelay::server::{self, Shared, tls::TlsSource, users::UsersSource};
 
 #[derive(Parser)]
@@ -182,12 +183,17 @@ async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
     };
     let listeners = server::bind(&cfg)?;
     let delivery = if cfg.delivery.enabled {
+        let egress = Egress::from_config(&cfg)
+            .await
+            .context("connecting egress pacing to its store")?;
+        info!(store = egress.backend(), "egress pacing ready");
         Some(
-            Delivery::start(
+            Delivery::start_with_egress(
                 Arc::clone(&queue),
                 cfg.delivery.clone(),
                 cfg.hostname.clone(),
                 Arc::clone(&metrics),
+                egress,
             )
             .context("starting delivery")?,
         )

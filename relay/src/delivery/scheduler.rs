@@ -9,6 +9,13 @@
 //! Concurrency: one semaphore caps connections overall, one per destination caps
 //! them per domain (or relay host). Leases are renewed by a ticker while a
 //! message is held, so a slow delivery does not let another relay take it over.
+//!
+//! Egress pacing (`quota::egress`) hooks in twice: after MX resolution and before
+//! connecting ([`Egress::open`]: connection caps, back-off, the first slot), and
+//! before each message on the connection (the connection is the session's
+//! [`MessageGate`](super::smtp_client::MessageGate)). Messages it holds back are
+//! postponed: put back in the queue, due when egress says, with no attempt recorded
+//! or counted.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,7 +31,7 @@ use super::dsn::{self, DsnAction, DsnRecipient};
 use super::mx::{MxResolver, Resolution, ResolverError};
 use super::smtp_client::{
     ClientConfig, ClientTimeouts, ClientTls, ClientTlsError, ConnectionResult, Credentials,
-    MessageOutcome, Outcome, Stage, connect_failed, deliver,
+    MessageOutcome, Outcome, Stage, connect_failed, deliver_gated,
 };
 use crate::admin::Metrics;
 use crate::config::{DeliveryConfig, TlsPolicy};
@@ -32,6 +39,7 @@ use crate::queue::{
     Attempt, AttemptResult, FinishResult, Lease, Leased, MessageStatus, Queue, QueueId,
     QueuedMessage, RcptState, now_ms,
 };
+use crate::quota::egress::{Destination, Egress, EgressConn, Postponement};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -122,6 +130,7 @@ struct Inner {
     routes: RouteTable,
     smarthost: Option<usize>,
     metrics: Arc<Metrics>,
+    egress: Egress,
     timeouts: ClientTimeouts,
     total: Arc<Semaphore>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -143,6 +152,10 @@ struct Work {
     /// Which recipients were already final when leased, so a DSN reports only the
     /// ones that failed in this round.
     final_before: Vec<bool>,
+    /// Some part was really tried this round (an attempt was recorded).
+    attempted: AtomicBool,
+    /// Egress held some part back until then (relay clock, ms): the earliest.
+    postponed_until: Mutex<Option<u64>>,
 }
 
 /// Where one connection is made: the name (for SNI and the attempt record) and address.
@@ -156,12 +169,24 @@ struct Part {
 
 impl Delivery {
     /// Builds the resolver and TLS clients (blocking file IO: call at start-up) and
-    /// starts taking work.
+    /// starts taking work, with in-process egress pacing and no quotas.
     pub fn start(
         queue: Arc<dyn Queue>,
         cfg: DeliveryConfig,
         hostname: String,
         metrics: Arc<Metrics>,
+    ) -> Result<Self, DeliveryError> {
+        let egress = Egress::embedded(&[], cfg.lease);
+        Self::start_with_egress(queue, cfg, hostname, metrics, egress)
+    }
+
+    /// [`Delivery::start`] with the given egress pacing (quotas and shared store).
+    pub fn start_with_egress(
+        queue: Arc<dyn Queue>,
+        cfg: DeliveryConfig,
+        hostname: String,
+        metrics: Arc<Metrics>,
+        egress: Egress,
     ) -> Result<Self, DeliveryError> {
         let resolver = MxResolver::new(&cfg.dns)?.with_local_names([hostname.clone()]);
         let mx_tls = load_tls(cfg.ca_file.as_deref())?;
@@ -219,6 +244,7 @@ impl Delivery {
             routes,
             smarthost,
             metrics,
+            egress,
             timeouts,
             per_destination: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
@@ -363,6 +389,8 @@ impl Inner {
             let final_before = l.status.rcpts.iter().map(|r| r.state.is_final()).collect();
             let work = Arc::new(Work {
                 final_before,
+                attempted: AtomicBool::new(false),
+                postponed_until: Mutex::new(None),
                 parts_left: AtomicUsize::new(by_dest.len()),
                 lease: l.lease,
                 message: l.message,
@@ -450,9 +478,17 @@ impl Inner {
             })
             .collect();
         let refs: Vec<&QueuedMessage> = messages.iter().collect();
-        let (result, target, reason) = self.send(dest, &refs).await;
+        let (result, target, reason, held) = self.send(dest, &refs).await;
         let at_ms = now_ms();
-        for (part, outcome) in parts.iter().zip(&result.messages) {
+        for (i, (part, outcome)) in parts.iter().zip(&result.messages).enumerate() {
+            // Held back by egress: no attempt; due again when egress said.
+            if let Some(due) = held.due(i, outcome) {
+                debug!(queue_id = %part.work.lease.id, %dest, due_in_ms = due.saturating_sub(at_ms), "postponed by egress limits");
+                let mut p = part.work.postponed_until.lock().unwrap();
+                *p = Some(p.map_or(due, |t| t.min(due)));
+                continue;
+            }
+            part.work.attempted.store(true, Ordering::SeqCst);
             self.record(part, outcome, target.as_ref(), &result, reason, at_ms);
         }
         for part in parts {
@@ -463,16 +499,71 @@ impl Inner {
     }
 
     /// Resolves and connects in order; returns the outcomes, where they came from,
-    /// and the metrics reason when no server was reached (DNS verdict, connect).
+    /// the metrics reason when no server was reached (DNS verdict, connect), and
+    /// which messages egress held back.
     async fn send(
         &self,
         dest: &str,
         msgs: &[&QueuedMessage],
-    ) -> (ConnectionResult, Option<Target>, Option<&'static str>) {
-        let (targets, client) = match self.targets(dest).await {
+    ) -> (
+        ConnectionResult,
+        Option<Target>,
+        Option<&'static str>,
+        Postponement,
+    ) {
+        let (targets, mut client) = match self.targets(dest).await {
             Ok(t) => t,
-            Err((reply, reason)) => return (synthetic(msgs, &reply), None, Some(reason)),
+            Err((reply, reason)) => {
+                return (
+                    synthetic(msgs, &reply),
+                    None,
+                    Some(reason),
+                    Postponement::default(),
+                );
+            }
         };
+        // Egress: the quotas of this destination can only be known after MX
+        // resolution (mx_hosts patterns, the mx_site key). A routed destination
+        // is known by its relay host, not a domain.
+        let mut hosts: Vec<String> = targets.iter().map(|(n, _)| n.clone()).collect();
+        hosts.dedup();
+        let relay = relay_index(dest);
+        let route = self.egress.route(&Destination {
+            domain: dest,
+            mx_hosts: &hosts,
+            smarthost: relay.is_some() && relay == self.smarthost,
+        });
+        let sizes: Vec<(usize, usize)> = msgs
+            .iter()
+            .map(|m| (m.envelope.recipients.len(), m.body.len()))
+            .collect();
+        let mut gate = match self.egress.open(route, &sizes).await {
+            Ok(g) => g,
+            Err(held) => {
+                let res = ConnectionResult {
+                    messages: connect_failed(msgs, "held back by egress limits"),
+                    tls: None,
+                    capabilities: None,
+                    error: None,
+                };
+                return (res, None, None, held);
+            }
+        };
+        client.pace_messages = true;
+        let (result, target, reason) = self
+            .connect_and_deliver(dest, msgs, targets, &client, &mut gate)
+            .await;
+        (result, target, reason, gate.finish().await)
+    }
+
+    async fn connect_and_deliver(
+        &self,
+        dest: &str,
+        msgs: &[&QueuedMessage],
+        targets: Vec<Target>,
+        client: &ClientConfig,
+        gate: &mut EgressConn,
+    ) -> (ConnectionResult, Option<Target>, Option<&'static str>) {
         let tls = match relay_index(dest).and_then(|i| self.relays.get(i)) {
             Some(r) => &r.tls,
             None => &self.mx_tls,
@@ -490,7 +581,7 @@ impl Inner {
                     continue;
                 }
             };
-            let mut result = self.converse(stream, tls, &name, msgs, &client).await;
+            let mut result = self.converse(stream, tls, &name, msgs, client, gate).await;
             if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
                 // Like Postfix at security level `may`: a server whose TLS cannot
                 // be agreed on gets the mail in plain text, over a new connection.
@@ -498,10 +589,11 @@ impl Inner {
                 let mut plain = client.clone();
                 plain.tls = TlsPolicy::Disabled;
                 if let Ok(stream) = self.connect(addr).await {
-                    result = self.converse(stream, tls, &name, msgs, &plain).await;
+                    result = self.converse(stream, tls, &name, msgs, &plain, gate).await;
                 }
             }
-            if worth_next_host(&result) {
+            // A rate-limit reply speaks for the provider, not this one host.
+            if worth_next_host(&result) && gate.try_next_host() {
                 debug!(%dest, host = %name, ip = %addr.ip(), error = ?result.error, "host unusable before MAIL, trying next");
                 unusable = Some((result, (name, addr)));
                 continue;
@@ -536,9 +628,10 @@ impl Inner {
         name: &str,
         msgs: &[&QueuedMessage],
         client: &ClientConfig,
+        gate: &mut EgressConn,
     ) -> ConnectionResult {
         let _open = OpenConnection::new(&self.metrics);
-        deliver(stream, tls, name, msgs, client, &self.timeouts).await
+        deliver_gated(stream, tls, name, msgs, client, &self.timeouts, gate).await
     }
 
     /// The hosts to try for `dest`, or the final or temporary reply that ends it
@@ -655,16 +748,27 @@ impl Inner {
     async fn finalize(&self, work: &Work) {
         let now = now_ms();
         let mut status = work.status.lock().unwrap().clone();
-        status.attempts = status.attempts.saturating_add(1);
+        // A round that egress held back entirely is no attempt.
+        let postponed = *work.postponed_until.lock().unwrap();
+        let attempted = work.attempted.load(Ordering::SeqCst) || postponed.is_none();
+        if attempted {
+            status.attempts = status.attempts.saturating_add(1);
+        }
         let pending = status.rcpts.iter().any(|r| r.state == RcptState::Pending);
         status.next_attempt_ms = None;
         if pending {
-            let next = self.cfg.retry.next_attempt(
-                status.attempts,
-                status.created_ms,
-                now,
-                &mut rand::rng(),
-            );
+            let next = match postponed {
+                // Held back only: due when egress said, until the lifetime ends.
+                Some(due) if !attempted => {
+                    let lifetime = self.cfg.retry.max_lifetime.as_millis() as u64;
+                    (now < status.created_ms.saturating_add(lifetime)).then_some(due.max(now))
+                }
+                _ => self
+                    .cfg
+                    .retry
+                    .next_attempt(status.attempts, status.created_ms, now, &mut rand::rng())
+                    .map(|t| postponed.map_or(t, |p| t.min(p.max(now)))),
+            };
             match next {
                 Some(t) => status.next_attempt_ms = Some(t),
                 None => {

@@ -282,6 +282,30 @@ impl Conn {
     }
 }
 
+/// Decides, message by message, whether a connection may go on: egress pacing
+/// (`quota::egress`) waits here for each message's slot and watches the replies
+/// for rate limiting. Used with [`ClientConfig::pace_messages`].
+pub trait MessageGate: Send {
+    /// Message `index` is ready to start: `Ok` once it may, or the reply with which
+    /// it and every later message are left unattempted (the session then ends).
+    fn before_message(
+        &mut self,
+        index: usize,
+    ) -> impl std::future::Future<Output = Result<(), crate::smtp::Reply>> + Send;
+
+    /// Every reply read from the server, before the session sees it.
+    fn on_reply(&mut self, _reply: &crate::smtp::Reply) {}
+}
+
+/// The gate of an unpaced connection: every message may go at once.
+pub struct Ungated;
+
+impl MessageGate for Ungated {
+    async fn before_message(&mut self, _index: usize) -> Result<(), crate::smtp::Reply> {
+        Ok(())
+    }
+}
+
 /// Delivers `messages` over `stream` (connected to the server, nothing read yet) and
 /// reports an outcome for every recipient. `server_name` is the host name the
 /// connection was made to (the MX or smarthost name): it is sent as SNI and, with
@@ -294,6 +318,28 @@ pub async fn deliver(
     messages: &[&QueuedMessage],
     cfg: &ClientConfig,
     timeouts: &ClientTimeouts,
+) -> ConnectionResult {
+    deliver_gated(
+        stream,
+        tls,
+        server_name,
+        messages,
+        cfg,
+        timeouts,
+        &mut Ungated,
+    )
+    .await
+}
+
+/// [`deliver`], asking `gate` before each message when `cfg.pace_messages` is set.
+pub async fn deliver_gated<G: MessageGate>(
+    stream: TcpStream,
+    tls: &ClientTls,
+    server_name: &str,
+    messages: &[&QueuedMessage],
+    cfg: &ClientConfig,
+    timeouts: &ClientTimeouts,
+    gate: &mut G,
 ) -> ConnectionResult {
     let mut session = ClientSession::new(cfg.clone(), messages);
     let mut conn = Conn::Plain(stream);
@@ -308,7 +354,10 @@ pub async fn deliver(
             Action::ReadReply => {
                 let limit = timeouts.reply(session.timeout_kind());
                 match read_reply(&mut conn, &mut buf, limit).await {
-                    Ok(reply) => session.on_reply(reply),
+                    Ok(reply) => {
+                        gate.on_reply(&reply);
+                        session.on_reply(reply)
+                    }
                     Err(e) => session.on_connection_error(&e),
                 }
             }
@@ -330,6 +379,10 @@ pub async fn deliver(
                     Err(e) => session.on_tls_failed(&e),
                 }
             }
+            Action::Pace(index) => match gate.before_message(index).await {
+                Ok(()) => session.on_paced(),
+                Err(reply) => session.on_pace_refused(reply),
+            },
             Action::Done(outcomes) => {
                 let _ = timeout(timeouts.quit, conn.shutdown()).await;
                 return result(&session, outcomes, None);

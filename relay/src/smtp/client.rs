@@ -280,6 +280,9 @@ pub struct ClientConfig {
     pub auth: Option<Credentials>,
     /// Use PIPELINING when the server offers it.
     pub pipelining: bool,
+    /// Ask before each message ([`Action::Pace`]) whether it may start now: egress
+    /// pacing holds it until its slot or ends the session before it.
+    pub pace_messages: bool,
 }
 
 impl ClientConfig {
@@ -289,6 +292,7 @@ impl ClientConfig {
             tls: TlsPolicy::default(),
             auth: None,
             pipelining: true,
+            pace_messages: false,
         }
     }
 }
@@ -430,6 +434,11 @@ pub enum Action {
     /// handshake, then call [`ClientSession::on_tls_established`] or
     /// [`ClientSession::on_tls_failed`].
     StartTls,
+    /// Only with [`ClientConfig::pace_messages`]: message `m` (an index into the
+    /// messages given) is ready to start. Wait for its pacing slot, then call
+    /// [`ClientSession::on_paced`], or [`ClientSession::on_pace_refused`] to leave it
+    /// and every later message unattempted and end the session.
+    Pace(usize),
     /// QUIT was exchanged: close the connection. One outcome per message given.
     Done(Vec<MessageOutcome>),
     /// The connection is unusable (421, lost, TLS failure, protocol violation): close
@@ -589,6 +598,8 @@ enum State {
     /// `*` was sent to abandon a SASL exchange; the reply that failed it is kept.
     AuthCancel(Reply),
     Rset,
+    /// Waiting for the pacer's answer about the message in `ClientSession::paced`.
+    Pacing,
     Transaction,
     Quit,
     Finished,
@@ -641,6 +652,8 @@ pub struct ClientSession<'m> {
     /// A transaction was opened (MAIL accepted) and not completed by a reply after
     /// the content: the server still holds its state, so RSET before the next MAIL.
     rset_needed: bool,
+    /// The message waiting for its pacing slot (`State::Pacing`).
+    paced: Option<Prepared>,
 }
 
 impl<'m> ClientSession<'m> {
@@ -667,6 +680,7 @@ impl<'m> ClientSession<'m> {
             tx: None,
             after_rset: None,
             rset_needed: false,
+            paced: None,
         }
     }
 
@@ -724,7 +738,7 @@ impl<'m> ClientSession<'m> {
                 .as_ref()
                 .and_then(|t| t.pending.front())
                 .map_or(Stage::Mail, |e| e.stage()),
-            State::Rset | State::Quit | State::Finished => Stage::Mail,
+            State::Rset | State::Pacing | State::Quit | State::Finished => Stage::Mail,
         }
     }
 
@@ -751,6 +765,7 @@ impl<'m> ClientSession<'m> {
                 self.give_up(&failed, Stage::Auth, Outcome::Deferred, true)
             }
             State::Rset => self.on_rset(reply),
+            State::Pacing => self.protocol_error(Stage::Mail, "reply nobody asked for"),
             State::Transaction => self.on_transaction_reply(reply),
             State::Quit => self.finish(),
             State::Finished => {}
@@ -976,16 +991,45 @@ impl<'m> ClientSession<'m> {
             let Some(prepared) = self.prepare(m) else {
                 continue;
             };
-            if self.rset_needed {
-                self.send(b"RSET\r\n".to_vec());
-                self.after_rset = Some(prepared);
-                self.expect(State::Rset);
+            if self.cfg.pace_messages {
+                self.paced = Some(prepared);
+                self.state = State::Pacing;
+                self.actions.push_back(Action::Pace(m));
             } else {
-                self.begin(prepared);
+                self.open_transaction(prepared);
             }
             return;
         }
         self.quit();
+    }
+
+    fn open_transaction(&mut self, prepared: Prepared) {
+        if self.rset_needed {
+            self.send(b"RSET\r\n".to_vec());
+            self.after_rset = Some(prepared);
+            self.expect(State::Rset);
+        } else {
+            self.begin(prepared);
+        }
+    }
+
+    /// The message announced by [`Action::Pace`] may start now.
+    pub fn on_paced(&mut self) {
+        match (&self.state, self.paced.take()) {
+            (State::Pacing, Some(p)) => self.open_transaction(p),
+            _ => self.protocol_error(self.stage(), "pacing answer when none was asked"),
+        }
+    }
+
+    /// The message announced by [`Action::Pace`] may not start on this connection:
+    /// it and every later message end unattempted with `reply` (deferred, not from
+    /// the server), and the session says QUIT.
+    pub fn on_pace_refused(&mut self, reply: Reply) {
+        if self.state != State::Pacing {
+            return self.protocol_error(self.stage(), "pacing answer when none was asked");
+        }
+        self.paced = None;
+        self.give_up(&reply, Stage::Mail, Outcome::Deferred, false);
     }
 
     /// Local checks and command lines for message `m`; `None` when nothing is to be
@@ -1269,6 +1313,7 @@ impl<'m> ClientSession<'m> {
     fn fail(&mut self, reason: String) {
         self.tx = None;
         self.after_rset = None;
+        self.paced = None;
         self.state = State::Finished;
         let outcomes = self.collect();
         self.actions.push_back(Action::Failed { reason, outcomes });

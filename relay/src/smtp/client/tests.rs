@@ -124,6 +124,7 @@ fn drive(cfg: ClientConfig, messages: &[&QueuedMessage], script: &[&str]) -> Run
                 None => s.on_connection_error("script exhausted"),
             },
             Action::StartTls => s.on_tls_established(tls_info()),
+            Action::Pace(_) => s.on_paced(),
             Action::Done(outcomes) => {
                 assert!(
                     wire.is_empty(),
@@ -1427,6 +1428,7 @@ fn random_conversations_never_panic_and_settle_every_recipient() {
             TlsPolicy::Disabled,
         ][round % 3];
         c.pipelining = rng.random_bool(0.5);
+        c.pace_messages = rng.random_bool(0.3);
         if rng.random_bool(0.3) {
             c.auth = Some(Credentials {
                 username: "u".into(),
@@ -1461,6 +1463,10 @@ fn random_conversations_never_panic_and_settle_every_recipient() {
                     0 => s.on_tls_failed("nope"),
                     1 => s.on_reply(Reply::new(250, None, "confused")),
                     _ => s.on_tls_established(tls_info()),
+                },
+                Action::Pace(_) => match rng.random_range(0..5) {
+                    0 => s.on_pace_refused(Reply::new(451, None, "paced")),
+                    _ => s.on_paced(),
                 },
                 Action::Done(o) => break o,
                 Action::Failed { outcomes, .. } => break outcomes,
@@ -1500,4 +1506,60 @@ fn random_conversations_never_panic_and_settle_every_recipient() {
             assert!(n <= buf.len() && !r.lines.is_empty());
         }
     }
+}
+
+#[test]
+fn paced_sessions_ask_before_each_message_and_stop_where_refused() {
+    let (m1, m2, m3) = (
+        simple(&["a@dst.test"]),
+        simple(&["b@dst.test"]),
+        simple(&["c@dst.test", "d@dst.test"]),
+    );
+    let mut c = cfg();
+    c.pace_messages = true;
+    let mut s = ClientSession::new(c, &[&m1, &m2, &m3]);
+    let mut wire = [GREET, &ehlo(&["PIPELINING"]), OK, OK, GO, OK, BYE]
+        .concat()
+        .into_bytes();
+    let mut paced = Vec::new();
+    let mut sent = Vec::new();
+    let outcomes = loop {
+        match s.next_action() {
+            Action::Send(b) => sent.push(String::from_utf8_lossy(&b).into_owned()),
+            Action::ReadReply => {
+                let (reply, n) = parse_reply(&wire).unwrap().unwrap();
+                wire.drain(..n);
+                s.on_reply(reply);
+            }
+            Action::Pace(m) => {
+                paced.push(m);
+                // Nothing of the message goes out before the pacer answers.
+                assert!(!sent.last().unwrap().starts_with("MAIL"));
+                if m == 0 {
+                    s.on_paced();
+                } else {
+                    s.on_pace_refused(Reply::status(451, (4, 7, 0), "egress pacing"));
+                }
+            }
+            Action::Done(o) => break o,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(paced, [0, 1]);
+    assert!(wire.is_empty());
+    assert_eq!(sent.last().unwrap(), "QUIT\r\n");
+    assert!(sent.iter().filter(|s| s.starts_with("MAIL")).count() == 1);
+    assert!(outcomes[0].attempted);
+    assert_eq!(outcomes[0].recipients[0].result, Outcome::Delivered);
+    for o in &outcomes[1..] {
+        assert!(!o.attempted);
+        for r in &o.recipients {
+            assert_eq!(
+                (r.result, r.stage, r.remote),
+                (Outcome::Deferred, Stage::Mail, false)
+            );
+            assert_eq!(r.reply.code, 451);
+        }
+    }
+    assert_eq!(outcomes[2].recipients.len(), 2);
 }

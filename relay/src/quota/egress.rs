@@ -1,0 +1,963 @@
+//! Egress pacing: outbound mail leaves no faster than the `direction: egress` quotas
+//! allow and never over their connection caps, across every relay process sharing
+//! one store; a destination that answers with a rate-limit reply is backed off by
+//! itself. Mail held back waits in the queue: no failure, no bounce, and no retry
+//! attempt counted.
+//!
+//! # The promise and how it is kept
+//!
+//! `N/W` means: the receiving server never sees more than `N` units (messages,
+//! recipients or bytes) in any rolling window of length `W`, measured with its own
+//! clock, whatever the number of relay processes. Two mechanisms work together
+//! ([`pacer`] has the details and the proofs in its tests):
+//!
+//! - **GCRA** (evenly spaced, emission interval `W/N`, a small burst of a tenth of
+//!   `N`, at most 10) spreads the traffic out, which is what providers like.
+//! - **A sliding cap that counts messages in flight.** GCRA at exactly `W/N` lets
+//!   `N + 1` messages land inside one window at the receiver as soon as the time
+//!   between our decision and the server's timestamp varies (the fencepost), and its
+//!   burst adds more. So a message counts from the moment its slot is granted until
+//!   the relay reports when its transaction ended, and then at that end time (in
+//!   buckets of `W/60`, the oldest counted in full). A slot is granted only when
+//!   that count leaves room. Since the server sees a message between its grant and
+//!   its reported end, any `N + 1` messages at the server are more than `W` apart —
+//!   with no assumption about network or server delays. The price: each window
+//!   carries `N` per `W` plus about one transaction time plus `W/60`.
+//!
+//! The report of a message's end rides on the next message's request (or the
+//! connection's close), so pacing costs one store round trip per message, plus
+//! one per connection. A relay that dies with messages in flight cannot report
+//! them: they count until their deadline (renewed while the connection lives) and
+//! then at their deadline, which errs on the safe side.
+//!
+//! # Where the checks happen
+//!
+//! After MX resolution (so `mx_hosts` patterns and the `mx_site` key can be
+//! evaluated) and before connecting, [`Egress::open`] takes, in one atomic step, a
+//! connection lease in every matching quota with `max_connections` and the pacing
+//! slot of the first message. Before each later message on the connection, the
+//! connection's [`EgressConn`] (a [`MessageGate`]) takes that message's slot. A slot
+//! due within [`INLINE_WAIT`] is waited for in-process, the connection open; a later
+//! one ends the connection politely (QUIT) and the remaining messages go back to the
+//! queue, due when their slot is (spread by the pacing interval so they do not
+//! return as one herd). A full connection cap is waited for the same way, then the
+//! messages are postponed by a few seconds.
+//!
+//! # Back-off
+//!
+//! A `421` or any `4.7.x` temporary reply ([`backoff::is_rate_limit_reply`]) pauses
+//! the destination's MX site (the set of its MX hosts, or the smarthost) for every
+//! relay: 15 s, doubling with each further complaint up to 8 min; afterwards paced
+//! quotas run at half rate per level, recovering one level a minute. The message
+//! that got the reply is deferred as usual (an attempt, with the reply recorded);
+//! messages not yet attempted wait, unattempted, for the pause to end, and no other
+//! MX host is tried. A `421` greeting without `4.7.x` ("too busy") speaks for its
+//! host only: the next MX host is tried (RFC 5321 §5.1), and the site backs off only
+//! when no host got as far as a transaction.
+//!
+//! # When the store cannot be read
+//!
+//! Nothing is sent over a limit because a counter could not be read: paced mail
+//! waits (postponed, unattempted) until the store answers. Mail that no quota
+//! matches goes on without its back-off check.
+
+pub mod backoff;
+pub mod glob;
+pub mod lease;
+pub mod memory;
+pub mod metrics;
+pub mod pacer;
+pub mod redis;
+pub mod store;
+pub mod usage;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use self::backoff::{BackoffPolicy, is_rate_limit_reply};
+use self::glob::{egress_glob_match, normalize_name};
+use self::memory::MemoryStore;
+use self::metrics::{EgressMetrics, WaitReason};
+use self::pacer::Window;
+use self::redis::RedisStore;
+use self::store::{
+    Acquire, AcquireReply, Close, Commit, EgressError, Extend, KeyRef, Store, Timing, Verdict,
+};
+use self::usage::QuotaUsage;
+use crate::config::RedisConfig;
+use crate::delivery::smtp_client::{MessageGate, MessageOutcome, Outcome};
+use crate::queue::now_ms;
+use crate::quota::config::{Direction, KeyBy, QuotaConfig, Scope, Unit};
+use crate::smtp::Reply;
+
+/// Longest in-process wait for a slot or a connection permit; later ones go back to
+/// the queue. Short enough that no server times out an idle connection.
+pub const INLINE_WAIT: Duration = Duration::from_secs(5);
+/// How often a full connection cap or window is looked at again while waiting.
+const POLL: Duration = Duration::from_millis(250);
+/// Messages that found the connection cap full or the store silent come back after
+/// this, plus up to as much again at random.
+const RETRY_LATER: Duration = Duration::from_secs(5);
+/// Longest connection lease / flight without renewal (also bounded by
+/// `delivery.lease`): a dead relay's connections free themselves after this.
+const MAX_LEASE: Duration = Duration::from_secs(60);
+
+/// One `direction: egress` quota, compiled.
+#[derive(Debug, Clone)]
+struct EgressQuota {
+    name: Arc<str>,
+    cfg: QuotaConfig,
+    windows: Vec<Window>,
+}
+
+/// Where a connection goes, as egress matching needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    /// The recipient domain (ignored through a smarthost, whose connections carry
+    /// every domain).
+    pub domain: &'a str,
+    /// The MX host names tried for it, in any order (the smarthost's name).
+    pub mx_hosts: &'a [String],
+    /// Mail goes through the configured smarthost.
+    pub smarthost: bool,
+}
+
+/// The quotas one destination falls under, with its key in each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The MX site: sorted, distinct MX host names joined by `,` (the smarthost's
+    /// name through a smarthost). Also the back-off record.
+    pub site: String,
+    pub keys: Vec<KeyRef>,
+    units: Vec<Unit>,
+}
+
+impl Route {
+    pub fn paced(&self) -> bool {
+        self.keys.iter().any(KeyRef::paced)
+    }
+
+    /// The names of the quotas, for logs.
+    pub fn quota_names(&self) -> Vec<&str> {
+        self.keys.iter().map(|k| &*k.quota).collect()
+    }
+
+    /// Per key: what a message of `rcpts` recipients and `bytes` octets costs.
+    fn costs(&self, rcpts: usize, bytes: usize) -> Vec<u64> {
+        self.units
+            .iter()
+            .map(|u| match u {
+                Unit::Messages => 1,
+                Unit::Recipients => rcpts.max(1) as u64,
+                Unit::Bytes => bytes.max(1) as u64,
+            })
+            .collect()
+    }
+
+    /// The slowest pacing interval of the route (ms per unit), to spread postponed
+    /// messages.
+    fn spacing_ms(&self, level: u32) -> u64 {
+        let f = f64::from(1u32 << level.min(30));
+        self.keys
+            .iter()
+            .flat_map(|k| &k.windows)
+            .map(|w| w.spacing_ms(f).ceil() as u64)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Which quotas match `d`, and the key of each (pure).
+fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
+    let domain = normalize_name(d.domain);
+    let mut hosts: Vec<String> = d.mx_hosts.iter().map(|h| normalize_name(h)).collect();
+    hosts.sort();
+    hosts.dedup();
+    let site = hosts.join(",");
+    let mut keys = Vec::new();
+    let mut units = Vec::new();
+    for q in quotas {
+        let m = &q.cfg.matcher;
+        if m.smarthost && !d.smarthost {
+            continue;
+        }
+        if !m.destination_domains.is_empty()
+            && (d.smarthost
+                || !m
+                    .destination_domains
+                    .iter()
+                    .any(|g| egress_glob_match(g, &domain)))
+        {
+            continue;
+        }
+        if !m.mx_hosts.is_empty()
+            && !hosts
+                .iter()
+                .any(|h| m.mx_hosts.iter().any(|g| egress_glob_match(g, h)))
+        {
+            continue;
+        }
+        let key = match (q.cfg.scope, q.cfg.key) {
+            (Scope::Shared, _) => "*".to_owned(),
+            (Scope::PerKey, KeyBy::MxSite) => site.clone(),
+            // Through a smarthost every domain shares the connection: its name is
+            // the destination.
+            (Scope::PerKey, _) if d.smarthost => site.clone(),
+            (Scope::PerKey, _) => domain.clone(),
+        };
+        keys.push(KeyRef {
+            quota: Arc::clone(&q.name),
+            key,
+            windows: q.windows.clone(),
+            max_connections: q.cfg.max_connections,
+        });
+        units.push(q.cfg.unit);
+    }
+    Route { site, keys, units }
+}
+
+/// When a message held back by egress is due again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop {
+    /// The first message (index into the connection's messages) not attempted.
+    pub index: usize,
+    /// Its due time (relay clock, ms).
+    pub until_ms: u64,
+    /// Added per later message, so they come back spread out.
+    pub spacing_ms: u64,
+}
+
+/// What egress did to a connection's messages: which ones it held back, unattempted,
+/// and until when. Every other message went its normal way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Postponement {
+    pub stop: Option<Stop>,
+    /// The destination backed off (relay clock, ms): messages the server's
+    /// rate-limit reply left unattempted wait until then.
+    pub backoff_until_ms: Option<u64>,
+}
+
+impl Postponement {
+    fn all(until_ms: u64, spacing_ms: u64) -> Self {
+        Postponement {
+            stop: Some(Stop {
+                index: 0,
+                until_ms,
+                spacing_ms,
+            }),
+            backoff_until_ms: None,
+        }
+    }
+
+    /// When message `index` with `outcome` is due again, if egress held it back
+    /// (never for a message that was attempted or decided otherwise).
+    pub fn due(&self, index: usize, outcome: &MessageOutcome) -> Option<u64> {
+        let untouched = !outcome.attempted
+            && outcome
+                .recipients
+                .iter()
+                .all(|r| r.result == Outcome::Deferred);
+        if !untouched {
+            return None;
+        }
+        if let Some(s) = self.stop
+            && index >= s.index
+        {
+            let k = (index - s.index) as u64;
+            return Some(s.until_ms.saturating_add(k.saturating_mul(s.spacing_ms)));
+        }
+        self.backoff_until_ms
+    }
+}
+
+struct Inner {
+    store: Store,
+    quotas: RwLock<Arc<Vec<EgressQuota>>>,
+    policy: BackoffPolicy,
+    timing: Timing,
+    metrics: EgressMetrics,
+    /// Makes tokens and lease ids unique across processes.
+    owner: String,
+    next: AtomicU64,
+}
+
+/// Egress pacing for one relay process. Cheap to clone.
+#[derive(Clone)]
+pub struct Egress {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("store", &self.inner.store.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+fn compile(quotas: &[QuotaConfig]) -> Vec<EgressQuota> {
+    quotas
+        .iter()
+        .filter(|q| q.direction == Direction::Egress)
+        .map(|q| EgressQuota {
+            name: Arc::from(q.name.as_str()),
+            windows: q.limits.iter().map(Window::from_limit).collect(),
+            cfg: q.clone(),
+        })
+        .collect()
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+impl Egress {
+    fn with_store(store: Store, quotas: &[QuotaConfig], lease: Duration) -> Self {
+        let ttl = ms(lease.min(MAX_LEASE)).max(1_000);
+        let owner = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
+        Egress {
+            inner: Arc::new(Inner {
+                store,
+                quotas: RwLock::new(Arc::new(compile(quotas))),
+                policy: BackoffPolicy::default(),
+                timing: Timing {
+                    max_wait_ms: ms(INLINE_WAIT),
+                    flight_ttl_ms: ttl,
+                    lease_ttl_ms: ttl,
+                },
+                metrics: EgressMetrics::default(),
+                owner,
+                next: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// In-process pacing (a single relay with the embedded queue). `lease` is
+    /// `delivery.lease`: connection leases last that long (at most 60 s) unrenewed.
+    pub fn embedded(quotas: &[QuotaConfig], lease: Duration) -> Self {
+        Self::with_store(Store::Memory(MemoryStore::new()), quotas, lease)
+    }
+
+    /// Pacing shared through Redis by every relay using it.
+    pub async fn redis(
+        cfg: &RedisConfig,
+        quotas: &[QuotaConfig],
+        lease: Duration,
+    ) -> Result<Self, EgressError> {
+        let store = RedisStore::connect(cfg).await?;
+        Ok(Self::with_store(Store::Redis(store), quotas, lease))
+    }
+
+    /// The store that fits the relay config: Redis when the queue is in Redis (the
+    /// relays share it), else in-process.
+    pub async fn from_config(cfg: &crate::config::RelayConfig) -> Result<Self, EgressError> {
+        match (cfg.queue.effective_backend(), &cfg.queue.redis) {
+            (crate::config::QueueBackendKind::Redis, Some(r)) => {
+                Self::redis(r, &cfg.quotas, cfg.delivery.lease).await
+            }
+            _ => Ok(Self::embedded(&cfg.quotas, cfg.delivery.lease)),
+        }
+    }
+
+    /// Replaces the quotas (config reload). Counters live in the store under the
+    /// quota names, so a quota that keeps its name keeps its usage.
+    pub fn set_quotas(&self, quotas: &[QuotaConfig]) {
+        *self.inner.quotas.write().unwrap() = Arc::new(compile(quotas));
+    }
+
+    pub fn metrics(&self) -> &EgressMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn backend(&self) -> &'static str {
+        self.inner.store.backend()
+    }
+
+    fn quotas(&self) -> Arc<Vec<EgressQuota>> {
+        Arc::clone(&self.inner.quotas.read().unwrap())
+    }
+
+    fn unique(&self, what: &str) -> String {
+        let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        format!("{what}{}-{n}", self.inner.owner)
+    }
+
+    /// The quotas `d` falls under. Call after MX resolution.
+    pub fn route(&self, d: &Destination<'_>) -> Route {
+        route_for(&self.quotas(), d)
+    }
+
+    /// Asks to open a connection along `route` for messages of the given
+    /// (recipients, octets): takes its connection leases and the first message's
+    /// slot, waiting up to [`INLINE_WAIT`]. `Err` says when the messages are due
+    /// again (the connection must not be opened).
+    pub async fn open(
+        &self,
+        route: Route,
+        messages: &[(usize, usize)],
+    ) -> Result<EgressConn, Postponement> {
+        let inner = &self.inner;
+        let route = Arc::new(route);
+        let costs: Vec<Vec<u64>> = messages.iter().map(|&(r, b)| route.costs(r, b)).collect();
+        let capped = route.keys.iter().any(|k| k.max_connections.is_some());
+        let lease = capped.then(|| self.unique("c"));
+        let token = (route.paced() && !messages.is_empty()).then(|| self.unique("m"));
+        let no_costs: Vec<u64> = Vec::new();
+        let started = Instant::now();
+        loop {
+            let sent_from = Instant::now();
+            let req = Acquire {
+                site: &route.site,
+                keys: &route.keys,
+                costs: costs.first().unwrap_or(&no_costs),
+                token: token.as_deref(),
+                commit: None,
+                lease: lease.as_deref(),
+                timing: inner.timing,
+                policy: inner.policy,
+                now_ms: None,
+            };
+            let waited_enough = started.elapsed() + POLL > INLINE_WAIT;
+            match inner.store.acquire(&req).await {
+                Ok(reply) => {
+                    let got = Instant::now();
+                    let local = now_ms();
+                    let to_local = |t: u64| local + t.saturating_sub(reply.now_ms);
+                    match reply.verdict {
+                        Verdict::Granted { at_ms } => {
+                            let go =
+                                got + Duration::from_millis(at_ms.saturating_sub(reply.now_ms));
+                            let granted = token.map(|t| Granted {
+                                token: t,
+                                index: 0,
+                                store_now: reply.now_ms,
+                                sent_from,
+                            });
+                            if granted.is_none() && go > Instant::now() {
+                                // Unpaced: only the tail of a back-off to wait out.
+                                inner.metrics.waited(WaitReason::Backoff);
+                                tokio::time::sleep_until(go).await;
+                            }
+                            return Ok(EgressConn::new(
+                                self.clone(),
+                                route,
+                                costs,
+                                lease,
+                                granted.map(|g| (g, go)),
+                            ));
+                        }
+                        Verdict::BackedOff { until_ms } => {
+                            inner
+                                .metrics
+                                .postponed(WaitReason::Backoff, messages.len() as u64);
+                            debug!(site = %route.site, until_ms, "destination backed off; postponing");
+                            return Err(Postponement::all(
+                                to_local(until_ms),
+                                route.spacing_ms(reply.level),
+                            ));
+                        }
+                        Verdict::Later { at_ms } => {
+                            inner
+                                .metrics
+                                .postponed(WaitReason::Slot, messages.len() as u64);
+                            return Err(Postponement::all(
+                                to_local(at_ms),
+                                route.spacing_ms(reply.level),
+                            ));
+                        }
+                        Verdict::Blocked | Verdict::NoConnection => {
+                            let why = if reply.verdict == Verdict::Blocked {
+                                WaitReason::InFlight
+                            } else {
+                                WaitReason::Connection
+                            };
+                            if waited_enough {
+                                inner.metrics.postponed(why, messages.len() as u64);
+                                return Err(Postponement::all(
+                                    retry_later(),
+                                    route.spacing_ms(reply.level),
+                                ));
+                            }
+                            inner.metrics.waited(why);
+                            tokio::time::sleep(POLL).await;
+                        }
+                    }
+                }
+                Err(e) if route.keys.is_empty() => {
+                    // Nothing to exceed: only the back-off check is skipped.
+                    debug!(site = %route.site, error = %e, "egress store unavailable; sending without the back-off check");
+                    return Ok(EgressConn::new(self.clone(), route, costs, None, None));
+                }
+                Err(e) => {
+                    if waited_enough {
+                        warn!(site = %route.site, error = %e, "egress store unavailable; paced mail waits");
+                        inner
+                            .metrics
+                            .postponed(WaitReason::Store, messages.len() as u64);
+                        return Err(Postponement::all(retry_later(), 0));
+                    }
+                    inner.metrics.waited(WaitReason::Store);
+                    tokio::time::sleep(POLL * 4).await;
+                }
+            }
+        }
+    }
+
+    /// Usage of the egress quota `name` (or `None` when there is no such egress
+    /// quota), for the admin API: per key and window used / remaining / reset, and
+    /// `connections` where capped. `key` selects one key.
+    pub async fn usage(
+        &self,
+        name: &str,
+        key: Option<&str>,
+    ) -> Result<Option<QuotaUsage>, EgressError> {
+        let quotas = self.quotas();
+        let Some(q) = quotas.iter().find(|q| &*q.name == name) else {
+            return Ok(None);
+        };
+        let (now, uses) = self
+            .inner
+            .store
+            .usage(&q.name, &q.windows, key, None)
+            .await?;
+        // Reset times are on the store's clock; the API speaks the relay's.
+        let local = now_ms();
+        let uses = uses
+            .into_iter()
+            .map(|mut u| {
+                for w in &mut u.windows {
+                    w.1 = local + w.1.saturating_sub(now);
+                }
+                u
+            })
+            .collect();
+        Ok(Some(usage::quota_usage(&q.cfg, local, uses)))
+    }
+
+    /// Usage of every egress quota, in configuration order.
+    pub async fn usage_all(&self) -> Result<Vec<QuotaUsage>, EgressError> {
+        let mut out = Vec::new();
+        for q in self.quotas().iter() {
+            if let Some(u) = self.usage(&q.name, None).await? {
+                out.push(u);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a rate-limit reply from `site`; returns the end of its pause on the
+    /// relay clock.
+    async fn report_rate_limit(&self, site: &str, reply: &str) -> u64 {
+        self.inner.metrics.rate_limited();
+        match self
+            .inner
+            .store
+            .rate_limited(site, self.inner.policy, None)
+            .await
+        {
+            Ok((until, now)) => {
+                info!(%site, %reply, pause_ms = until.saturating_sub(now), "destination rate-limits us; backing off");
+                now_ms() + until.saturating_sub(now)
+            }
+            Err(e) => {
+                warn!(%site, error = %e, "egress store unavailable; backing off locally only");
+                now_ms() + self.inner.policy.base_ms
+            }
+        }
+    }
+}
+
+fn retry_later() -> u64 {
+    let base = ms(RETRY_LATER);
+    now_ms() + base + rand::random_range(0..=base)
+}
+
+/// A message granted its slot and not yet reported ended.
+#[derive(Debug, Clone)]
+struct Granted {
+    token: String,
+    index: usize,
+    /// The store's clock at the grant.
+    store_now: u64,
+    /// Local instant just before the grant was asked for (so never after the
+    /// store's `now`): elapsed time from here bounds the end from above.
+    sent_from: Instant,
+}
+
+impl Granted {
+    /// An upper bound of when the message's transaction ended, on the store's clock.
+    fn end_ms(&self, ended: Instant) -> u64 {
+        self.store_now + ms(ended.saturating_duration_since(self.sent_from)) + 1
+    }
+}
+
+/// The flight the renewer keeps alive: token and its costs per key.
+type Live = Arc<Mutex<Option<(String, Vec<u64>)>>>;
+
+/// One paced connection: holds its leases (renewed in the background), takes each
+/// message's slot, watches replies for rate limiting. End it with
+/// [`EgressConn::finish`].
+pub struct EgressConn {
+    egress: Egress,
+    route: Arc<Route>,
+    costs: Vec<Vec<u64>>,
+    lease: Option<String>,
+    reserved: Option<(Granted, Instant)>,
+    last: Option<Granted>,
+    live: Live,
+    renewer: Option<tokio::task::JoinHandle<()>>,
+    /// A rate-limit reply that speaks for the site (a `4.7.x`, or a `421` once a
+    /// transaction started).
+    rate_limited: Option<String>,
+    /// A `421` without `4.7.x` before any transaction on a host: that host is busy
+    /// (RFC 5321 §5.1: try the next MX). Backs the site off only if no host of
+    /// the site got as far as a transaction.
+    busy: Option<String>,
+    /// A message was started on the current host / on any host.
+    started_here: bool,
+    reached_mail: bool,
+    backoff_until: Option<u64>,
+    stop: Option<Stop>,
+    finished: bool,
+}
+
+impl EgressConn {
+    fn new(
+        egress: Egress,
+        route: Arc<Route>,
+        costs: Vec<Vec<u64>>,
+        lease: Option<String>,
+        reserved: Option<(Granted, Instant)>,
+    ) -> Self {
+        let live: Live = Arc::new(Mutex::new(
+            reserved
+                .as_ref()
+                .map(|(g, _)| (g.token.clone(), costs[g.index].clone())),
+        ));
+        if let Some((_, _)) = &reserved {
+            for k in route.keys.iter().filter(|k| k.paced()) {
+                egress.inner.metrics.paced(&k.quota);
+            }
+        }
+        if lease.is_some() {
+            for k in route.keys.iter().filter(|k| k.max_connections.is_some()) {
+                egress.inner.metrics.connection_opened(&k.quota);
+            }
+        }
+        let renewer = (lease.is_some() || route.paced()).then(|| {
+            let (egress, route, lease, live) = (
+                egress.clone(),
+                Arc::clone(&route),
+                lease.clone(),
+                Arc::clone(&live),
+            );
+            tokio::spawn(async move {
+                let every = Duration::from_millis(egress.inner.timing.lease_ttl_ms / 3);
+                loop {
+                    tokio::time::sleep(every).await;
+                    let flight = live.lock().unwrap().clone();
+                    let req = Extend {
+                        keys: &route.keys,
+                        lease: lease.as_deref(),
+                        flight: flight.as_ref().map(|(t, c)| (t.as_str(), c.as_slice())),
+                        timing: egress.inner.timing,
+                        now_ms: None,
+                    };
+                    if let Err(e) = egress.inner.store.extend(&req).await {
+                        warn!(site = %route.site, error = %e, "renewing egress leases failed");
+                    }
+                }
+            })
+        });
+        EgressConn {
+            egress,
+            route,
+            costs,
+            lease,
+            reserved,
+            last: None,
+            live,
+            renewer,
+            rate_limited: None,
+            busy: None,
+            started_here: false,
+            reached_mail: false,
+            backoff_until: None,
+            stop: None,
+            finished: false,
+        }
+    }
+
+    /// The host failed before any message (greeting, EHLO, TLS): whether the next
+    /// MX host may be tried. Not after a rate-limit reply, which speaks for the
+    /// whole provider; a plain `421` greeting ("too busy") only for its host.
+    pub fn try_next_host(&mut self) -> bool {
+        self.started_here = false;
+        self.rate_limited.is_none()
+    }
+
+    fn refuse(&mut self, index: usize, until_ms: u64, spacing_ms: u64, why: WaitReason) -> Reply {
+        let left = self.costs.len().saturating_sub(index) as u64;
+        self.egress.inner.metrics.postponed(why, left);
+        self.stop = Some(Stop {
+            index,
+            until_ms,
+            spacing_ms,
+        });
+        Reply::status(
+            451,
+            (4, 7, 0),
+            format!(
+                "egress limit ({}): not before {} ms from now",
+                why.as_str(),
+                until_ms.saturating_sub(now_ms())
+            ),
+        )
+    }
+
+    /// Takes message `index`'s slot, reporting the previous message's end.
+    async fn take_slot(&mut self, index: usize) -> Result<(), Reply> {
+        let inner = Arc::clone(&self.egress.inner);
+        let ended = Instant::now();
+        let started = ended;
+        let token = self.egress.unique("m");
+        let no_costs: Vec<u64> = Vec::new();
+        loop {
+            let sent_from = Instant::now();
+            let commit_end = self.last.as_ref().map(|g| g.end_ms(ended));
+            let commit = self.last.as_ref().map(|g| Commit {
+                token: &g.token,
+                costs: &self.costs[g.index],
+                end_ms: commit_end.unwrap_or(0),
+            });
+            let req = Acquire {
+                site: &self.route.site,
+                keys: &self.route.keys,
+                costs: self.costs.get(index).unwrap_or(&no_costs),
+                token: Some(&token),
+                commit,
+                lease: None,
+                timing: inner.timing,
+                policy: inner.policy,
+                now_ms: None,
+            };
+            let waited_enough = started.elapsed() + POLL > INLINE_WAIT;
+            match inner.store.acquire(&req).await {
+                Ok(reply) => {
+                    // The report is in; whatever the verdict, it is not sent again.
+                    self.last = None;
+                    *self.live.lock().unwrap() = None;
+                    self.on_reply_verdict(index, token.clone(), sent_from, reply)?;
+                    match reply.verdict {
+                        Verdict::Granted { .. } => return Ok(()),
+                        _ => {
+                            inner.metrics.waited(WaitReason::InFlight);
+                            if waited_enough {
+                                let until = retry_later();
+                                return Err(self.refuse(
+                                    index,
+                                    until,
+                                    self.route.spacing_ms(reply.level),
+                                    WaitReason::InFlight,
+                                ));
+                            }
+                            tokio::time::sleep(POLL).await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The report may or may not have been applied: it stays, and is
+                    // sent again (counting twice errs on the safe side).
+                    if waited_enough {
+                        warn!(site = %self.route.site, error = %e, "egress store unavailable; paced mail waits");
+                        return Err(self.refuse(index, retry_later(), 0, WaitReason::Store));
+                    }
+                    inner.metrics.waited(WaitReason::Store);
+                    tokio::time::sleep(POLL * 4).await;
+                }
+            }
+        }
+    }
+
+    /// Acts on a verdict for message `index`: waits for a granted slot, refuses
+    /// for a far one. `Ok` for a grant (slept) or for "ask again" (blocked).
+    fn on_reply_verdict(
+        &mut self,
+        index: usize,
+        token: String,
+        sent_from: Instant,
+        reply: AcquireReply,
+    ) -> Result<(), Reply> {
+        let local = now_ms();
+        let to_local = |t: u64| local + t.saturating_sub(reply.now_ms);
+        let spacing = self.route.spacing_ms(reply.level);
+        match reply.verdict {
+            Verdict::Granted { at_ms } => {
+                let go = Instant::now() + Duration::from_millis(at_ms.saturating_sub(reply.now_ms));
+                *self.live.lock().unwrap() = Some((token.clone(), self.costs[index].clone()));
+                for k in self.route.keys.iter().filter(|k| k.paced()) {
+                    self.egress.inner.metrics.paced(&k.quota);
+                }
+                let granted = Granted {
+                    token,
+                    index,
+                    store_now: reply.now_ms,
+                    sent_from,
+                };
+                self.reserved = Some((granted, go));
+                Ok(())
+            }
+            Verdict::Later { at_ms } => {
+                Err(self.refuse(index, to_local(at_ms), spacing, WaitReason::Slot))
+            }
+            Verdict::BackedOff { until_ms } => {
+                Err(self.refuse(index, to_local(until_ms), spacing, WaitReason::Backoff))
+            }
+            Verdict::Blocked | Verdict::NoConnection => Ok(()),
+        }
+    }
+
+    /// Ends the connection: reports the last message's end and returns the leases.
+    /// Says which messages egress held back, and until when.
+    pub async fn finish(mut self) -> Postponement {
+        self.finished = true;
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+        // Every host tried was busy: that too is the site asking for less.
+        let busy = self.busy.take().filter(|_| !self.reached_mail);
+        if let Some(reply) = self.rate_limited.take().or(busy)
+            && self.backoff_until.is_none()
+        {
+            self.backoff_until = Some(
+                self.egress
+                    .report_rate_limit(&self.route.site, &reply)
+                    .await,
+            );
+        }
+        // A slot granted but never used (the connection failed first) ends now.
+        let last = self.last.take().or(self.reserved.take().map(|(g, _)| g));
+        let end = last.as_ref().map(|g| g.end_ms(Instant::now()));
+        let req = Close {
+            keys: &self.route.keys,
+            lease: self.lease.as_deref(),
+            commit: last.as_ref().map(|g| Commit {
+                token: &g.token,
+                costs: &self.costs[g.index],
+                end_ms: end.unwrap_or(0),
+            }),
+            now_ms: None,
+        };
+        if (req.lease.is_some() || req.commit.is_some())
+            && let Err(e) = self.egress.inner.store.close(&req).await
+        {
+            // Leases and flights expire by themselves; until then they count.
+            warn!(site = %self.route.site, error = %e, "releasing egress leases failed");
+        }
+        if self.lease.is_some() {
+            for k in self
+                .route
+                .keys
+                .iter()
+                .filter(|k| k.max_connections.is_some())
+            {
+                self.egress.inner.metrics.connection_closed(&k.quota);
+            }
+        }
+        Postponement {
+            stop: self.stop,
+            backoff_until_ms: self.backoff_until,
+        }
+    }
+}
+
+impl Drop for EgressConn {
+    fn drop(&mut self) {
+        if let Some(r) = self.renewer.take() {
+            r.abort();
+        }
+        if self.finished {
+            return;
+        }
+        // Dropped without finish (a cancelled task): give the leases back if a
+        // runtime is there to do it; otherwise they expire by themselves.
+        if self.lease.is_some()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            for k in self
+                .route
+                .keys
+                .iter()
+                .filter(|k| k.max_connections.is_some())
+            {
+                self.egress.inner.metrics.connection_closed(&k.quota);
+            }
+            let (egress, route, lease) = (
+                self.egress.clone(),
+                Arc::clone(&self.route),
+                self.lease.take(),
+            );
+            rt.spawn(async move {
+                let req = Close {
+                    keys: &route.keys,
+                    lease: lease.as_deref(),
+                    commit: None,
+                    now_ms: None,
+                };
+                let _ = egress.inner.store.close(&req).await;
+            });
+        }
+    }
+}
+
+impl MessageGate for EgressConn {
+    async fn before_message(&mut self, index: usize) -> Result<(), Reply> {
+        if let Some(reply) = self.rate_limited.take() {
+            let until = self
+                .egress
+                .report_rate_limit(&self.route.site, &reply)
+                .await;
+            self.backoff_until = Some(until);
+            let spacing = self.route.spacing_ms(1);
+            return Err(self.refuse(index, until, spacing, WaitReason::Backoff));
+        }
+        self.started_here = true;
+        self.reached_mail = true;
+        if !self.route.paced() {
+            return Ok(());
+        }
+        if self.reserved.is_none() {
+            self.take_slot(index).await?;
+        }
+        // The slot keeps the cost it was granted with (the first one is taken before
+        // connecting, for the first message; the session may skip messages refused
+        // locally): the report must name the flight exactly as it was taken.
+        let (g, go) = self.reserved.take().expect("a slot was granted");
+        self.last = Some(g);
+        tokio::time::sleep_until(go).await;
+        Ok(())
+    }
+
+    fn on_reply(&mut self, reply: &Reply) {
+        if !is_rate_limit_reply(reply)
+            || self.rate_limited.is_some()
+            || self.backoff_until.is_some()
+        {
+            return;
+        }
+        let text = reply.to_string().trim_end().to_owned();
+        let says_rate = reply.enhanced.is_some_and(|e| e.0 == 4 && e.1 == 7);
+        if says_rate || self.started_here {
+            self.rate_limited = Some(text);
+        } else {
+            self.busy = Some(text);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

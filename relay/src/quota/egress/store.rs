@@ -1,0 +1,202 @@
+//! What the egress stores are asked, and what they answer. Both stores implement the
+//! same steps; [`super::memory`] is the reference the Redis scripts are tested
+//! against.
+
+use std::sync::Arc;
+
+use super::backoff::BackoffPolicy;
+use super::memory::MemoryStore;
+use super::pacer::Window;
+use super::redis::RedisStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EgressError {
+    #[error("egress store unavailable: {0}")]
+    Unavailable(String),
+    #[error("egress store timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("egress store answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// One counter set a message falls under: a quota and the key it has there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRef {
+    pub quota: Arc<str>,
+    pub key: String,
+    /// Empty for a quota that only caps connections.
+    pub windows: Vec<Window>,
+    pub max_connections: Option<u32>,
+}
+
+impl KeyRef {
+    pub fn paced(&self) -> bool {
+        !self.windows.is_empty()
+    }
+}
+
+/// Time limits of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// Grant only slots at most this far ahead; later ones are reported, not taken.
+    pub max_wait_ms: u64,
+    /// How long a granted message stays in flight without news from its sender.
+    pub flight_ttl_ms: u64,
+    /// How long a connection lease lives without being extended.
+    pub lease_ttl_ms: u64,
+}
+
+/// The end of the previous message on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Commit<'a> {
+    pub token: &'a str,
+    /// Per key of the request, what that message cost there.
+    pub costs: &'a [u64],
+    /// Upper bound of when the server saw it, on the store's clock.
+    pub end_ms: u64,
+}
+
+/// One check-and-take, all or nothing: the site's back-off, a connection lease for
+/// every key with a cap (when `lease` is set), and a pacing slot in every paced key
+/// (when `token` is set). `commit` is applied whatever the verdict.
+#[derive(Debug, Clone, Copy)]
+pub struct Acquire<'a> {
+    /// Back-off record: the MX site (or smarthost) the connection goes to.
+    pub site: &'a str,
+    pub keys: &'a [KeyRef],
+    /// Per key: what the message to be granted costs there.
+    pub costs: &'a [u64],
+    pub token: Option<&'a str>,
+    pub commit: Option<Commit<'a>>,
+    pub lease: Option<&'a str>,
+    pub timing: Timing,
+    pub policy: BackoffPolicy,
+    /// Tests only: the store's clock at this request (else Redis `TIME` / the
+    /// process clock).
+    pub now_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Everything asked was taken; send at or after `at_ms`.
+    Granted { at_ms: u64 },
+    /// The site is paused until `until_ms` (further than `max_wait_ms`).
+    BackedOff { until_ms: u64 },
+    /// The next slot is at `at_ms` (further than `max_wait_ms`); nothing taken.
+    Later { at_ms: u64 },
+    /// Messages in flight fill a window; nothing taken.
+    Blocked,
+    /// A connection cap is reached; nothing taken.
+    NoConnection,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcquireReply {
+    pub verdict: Verdict,
+    /// The store's clock when it decided.
+    pub now_ms: u64,
+    /// The site's back-off level in force (0 = normal).
+    pub level: u32,
+}
+
+/// Keeps a connection's lease and its message in flight alive.
+#[derive(Debug, Clone, Copy)]
+pub struct Extend<'a> {
+    pub keys: &'a [KeyRef],
+    pub lease: Option<&'a str>,
+    /// The message in flight, with its cost per key.
+    pub flight: Option<(&'a str, &'a [u64])>,
+    pub timing: Timing,
+    pub now_ms: Option<u64>,
+}
+
+/// A connection ends: its last message's end and its lease.
+#[derive(Debug, Clone, Copy)]
+pub struct Close<'a> {
+    pub keys: &'a [KeyRef],
+    pub lease: Option<&'a str>,
+    pub commit: Option<Commit<'a>>,
+    pub now_ms: Option<u64>,
+}
+
+/// Usage of one key of a quota.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUse {
+    pub key: String,
+    /// Per window of the request: units counted now, and when that count drops.
+    pub windows: Vec<(u64, u64)>,
+    pub open_connections: u32,
+}
+
+/// Keys whose usage one request reads at most (the most recently used ones).
+pub const USAGE_SCAN: usize = 1000;
+
+/// The store behind egress pacing: in-process, or Redis shared by every relay.
+pub enum Store {
+    Memory(MemoryStore),
+    Redis(RedisStore),
+}
+
+impl Store {
+    pub async fn acquire(&self, req: &Acquire<'_>) -> Result<AcquireReply, EgressError> {
+        match self {
+            Store::Memory(m) => Ok(m.acquire(req)),
+            Store::Redis(r) => r.acquire(req).await,
+        }
+    }
+
+    pub async fn extend(&self, req: &Extend<'_>) -> Result<(), EgressError> {
+        match self {
+            Store::Memory(m) => {
+                m.extend(req);
+                Ok(())
+            }
+            Store::Redis(r) => r.extend(req).await,
+        }
+    }
+
+    pub async fn close(&self, req: &Close<'_>) -> Result<(), EgressError> {
+        match self {
+            Store::Memory(m) => {
+                m.close(req);
+                Ok(())
+            }
+            Store::Redis(r) => r.close(req).await,
+        }
+    }
+
+    /// Records a rate-limit reply from `site`; returns the end of its pause and the
+    /// store's clock.
+    pub async fn rate_limited(
+        &self,
+        site: &str,
+        policy: BackoffPolicy,
+        now_ms: Option<u64>,
+    ) -> Result<(u64, u64), EgressError> {
+        match self {
+            Store::Memory(m) => Ok(m.rate_limited(site, policy, now_ms)),
+            Store::Redis(r) => r.rate_limited(site, policy, now_ms).await,
+        }
+    }
+
+    /// Usage of `quota`'s keys (or of `key` alone), read at the store's `now`.
+    pub async fn usage(
+        &self,
+        quota: &str,
+        windows: &[Window],
+        key: Option<&str>,
+        now_ms: Option<u64>,
+    ) -> Result<(u64, Vec<KeyUse>), EgressError> {
+        match self {
+            Store::Memory(m) => Ok(m.usage(quota, windows, key, now_ms)),
+            Store::Redis(r) => r.usage(quota, windows, key, now_ms).await,
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Memory(_) => "embedded",
+            Store::Redis(_) => "redis",
+        }
+    }
+}

@@ -1,0 +1,244 @@
+use super::*;
+use crate::delivery::smtp_client::RecipientOutcome;
+use crate::queue::QueueId;
+use crate::smtp::client::Stage;
+
+fn quotas(yaml: &str) -> Vec<QuotaConfig> {
+    let q: Vec<QuotaConfig> = serde_norway::from_str(yaml).unwrap();
+    crate::quota::config::validate(&q).unwrap();
+    q
+}
+
+fn dest<'a>(domain: &'a str, hosts: &'a [String]) -> Destination<'a> {
+    Destination {
+        domain,
+        mx_hosts: hosts,
+        smarthost: false,
+    }
+}
+
+#[test]
+fn routes_match_domains_mx_hosts_and_smarthost_with_their_keys() {
+    let q = compile(&quotas(
+        "- {name: gmail, direction: egress, match: {mx_hosts: ['*.google.com']}, limits: [10/1s], key: mx_site, max_connections: 3}\n\
+         - {name: small, direction: egress, match: {destination_domains: ['*.example', 'example']}, limits: [5/1m]}\n\
+         - {name: relayhost, direction: egress, match: {smarthost: true}, limits: [14/1s], scope: shared}\n\
+         - {name: conns, direction: egress, max_connections: 20}\n\
+         - {name: tenant, direction: ingress, limits: [1/1s]}\n",
+    ));
+    let google = vec![
+        "alt1.aspmx.l.google.com.".to_owned(),
+        "ASPMX.l.google.com".to_owned(),
+    ];
+    let r = route_for(&q, &dest("Customer.Test.", &google));
+    assert_eq!(r.site, "alt1.aspmx.l.google.com,aspmx.l.google.com");
+    let got: Vec<(&str, &str)> = r.keys.iter().map(|k| (&*k.quota, k.key.as_str())).collect();
+    assert_eq!(
+        got,
+        [
+            ("gmail", "alt1.aspmx.l.google.com,aspmx.l.google.com"),
+            ("conns", "customer.test")
+        ]
+    );
+    assert!(r.paced());
+    assert_eq!(r.keys[0].max_connections, Some(3));
+    assert_eq!(
+        r.keys[0].windows,
+        [Window {
+            window_ms: 1_000,
+            limit: 10
+        }]
+    );
+    assert!(!r.keys[1].paced());
+
+    let mx = vec!["mx.example".to_owned()];
+    let r = route_for(&q, &dest("a.example", &mx));
+    assert_eq!(r.quota_names(), ["small", "conns"]);
+    assert_eq!(r.keys[0].key, "a.example");
+
+    // Through a smarthost, domain patterns do not apply and the host is the key.
+    let sh = vec!["smtp.provider.test".to_owned()];
+    let r = route_for(
+        &q,
+        &Destination {
+            domain: "a.example",
+            mx_hosts: &sh,
+            smarthost: true,
+        },
+    );
+    assert_eq!(r.quota_names(), ["relayhost", "conns"]);
+    assert_eq!(r.keys[0].key, "*");
+    assert_eq!(r.keys[1].key, "smtp.provider.test");
+    assert_eq!(r.site, "smtp.provider.test");
+}
+
+#[test]
+fn domains_sharing_mx_hosts_share_one_mx_site_key() {
+    let q = compile(&quotas(
+        "- {name: site, direction: egress, limits: [5/4s], key: mx_site}\n",
+    ));
+    let a = vec!["mx2.host.test".to_owned(), "mx1.host.test".to_owned()];
+    let b = vec![
+        "MX1.host.test.".to_owned(),
+        "mx2.host.test".to_owned(),
+        "mx1.host.test".to_owned(),
+    ];
+    let ra = route_for(&q, &dest("c.test", &a));
+    let rb = route_for(&q, &dest("d.test", &b));
+    assert_eq!(ra.keys[0].key, "mx1.host.test,mx2.host.test");
+    assert_eq!(ra.keys, rb.keys);
+}
+
+#[test]
+fn costs_follow_each_quota_unit_and_spacing_the_slowest_window() {
+    let q = compile(&quotas(
+        "- {name: m, direction: egress, limits: [10/1s, 100/1m]}\n\
+         - {name: r, direction: egress, limits: [100/1m], unit: recipients}\n\
+         - {name: b, direction: egress, limits: [1000000/1h], unit: bytes}\n",
+    ));
+    let r = route_for(&q, &dest("x.test", &["mx.x.test".to_owned()]));
+    assert_eq!(r.costs(3, 2_000), [1, 3, 2_000]);
+    assert_eq!(r.spacing_ms(0), 600);
+    assert_eq!(r.spacing_ms(2), 2_400);
+}
+
+fn outcome(attempted: bool, results: &[Outcome]) -> MessageOutcome {
+    MessageOutcome {
+        id: QueueId::generate(),
+        recipients: results
+            .iter()
+            .map(|&result| RecipientOutcome {
+                address: "a@x.test".into(),
+                result,
+                reply: Reply::new(451, None, "x"),
+                stage: Stage::Mail,
+                remote: false,
+            })
+            .collect(),
+        attempted,
+        dsn_unsupported: false,
+        warnings: vec![],
+    }
+}
+
+#[test]
+fn postponed_messages_are_the_unattempted_ones_spread_by_the_spacing() {
+    let p = Postponement {
+        stop: Some(Stop {
+            index: 2,
+            until_ms: 10_000,
+            spacing_ms: 500,
+        }),
+        backoff_until_ms: None,
+    };
+    let waiting = outcome(false, &[Outcome::Deferred, Outcome::Deferred]);
+    assert_eq!(p.due(0, &outcome(true, &[Outcome::Delivered])), None);
+    assert_eq!(p.due(1, &waiting), None);
+    assert_eq!(p.due(2, &waiting), Some(10_000));
+    assert_eq!(p.due(4, &waiting), Some(11_000));
+    // Refused locally (SIZE): decided, never postponed.
+    assert_eq!(p.due(3, &outcome(false, &[Outcome::Bounced])), None);
+    // A rate-limit reply: what was not attempted waits for the pause to end.
+    let b = Postponement {
+        stop: None,
+        backoff_until_ms: Some(7_000),
+    };
+    assert_eq!(b.due(0, &outcome(true, &[Outcome::Deferred])), None);
+    assert_eq!(b.due(1, &waiting), Some(7_000));
+    assert_eq!(Postponement::default().due(1, &waiting), None);
+}
+
+#[tokio::test]
+async fn connections_take_and_give_back_their_leases() {
+    let egress = Egress::embedded(
+        &quotas("- {name: c, direction: egress, max_connections: 1}\n"),
+        Duration::from_secs(30),
+    );
+    let hosts = vec!["mx.x.test".to_owned()];
+    let route = egress.route(&dest("x.test", &hosts));
+    let conn = egress.open(route.clone(), &[(1, 10)]).await.unwrap();
+    let Store::Memory(m) = &egress.inner.store else {
+        unreachable!()
+    };
+    let (_, uses) = m.usage("c", &[], None, None);
+    assert_eq!(uses[0].open_connections, 1);
+    assert_eq!(conn.finish().await, Postponement::default());
+    let (_, uses) = m.usage("c", &[], None, None);
+    assert_eq!(uses[0].open_connections, 0);
+    let u = egress.usage("c", None).await.unwrap().unwrap();
+    assert_eq!(
+        u.keys[0].connections,
+        Some(usage::Connections { max: 1, open: 0 })
+    );
+    assert!(egress.usage("nope", None).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_far_slot_postpones_without_taking_anything() {
+    let egress = Egress::embedded(
+        &quotas("- {name: p, direction: egress, limits: [1/1h], max_connections: 1}\n"),
+        Duration::from_secs(30),
+    );
+    let hosts = vec!["mx.x.test".to_owned()];
+    let route = egress.route(&dest("x.test", &hosts));
+    let first = egress.open(route.clone(), &[(1, 10)]).await.unwrap();
+    assert_eq!(first.finish().await, Postponement::default());
+    let before = now_ms();
+    let Err(p) = egress.open(route, &[(1, 10), (1, 10)]).await else {
+        panic!("a second message within the hour must wait")
+    };
+    let stop = p.stop.unwrap();
+    assert_eq!(stop.index, 0);
+    assert!(stop.until_ms >= before + 3_500_000, "{stop:?}");
+    assert_eq!(stop.spacing_ms, 3_600_000);
+    // Nothing was taken: the connection lease is free.
+    let u = egress.usage("p", None).await.unwrap().unwrap();
+    assert_eq!(u.keys[0].connections.unwrap().open, 0);
+    assert_eq!(u.keys[0].windows[0].used, 1);
+    assert_eq!(u.keys[0].windows[0].remaining, 0);
+}
+
+#[tokio::test]
+async fn a_busy_host_moves_on_and_a_rate_limit_backs_the_site_off() {
+    let egress = Egress::embedded(&[], Duration::from_secs(30));
+    let hosts = vec!["mx1.x.test".to_owned(), "mx2.x.test".to_owned()];
+    let route = || egress.route(&dest("x.test", &hosts));
+    let busy = Reply::status(421, (4, 3, 2), "too busy");
+
+    // mx1 is busy, mx2 takes the mail: no back-off.
+    let mut c = egress.open(route(), &[(1, 10)]).await.unwrap();
+    c.on_reply(&busy);
+    assert!(c.try_next_host());
+    c.before_message(0).await.unwrap();
+    assert_eq!(c.finish().await.backoff_until_ms, None);
+
+    // Every host busy: the site backs off.
+    let mut c = egress.open(route(), &[(1, 10)]).await.unwrap();
+    c.on_reply(&busy);
+    assert!(c.try_next_host());
+    c.on_reply(&busy);
+    let before = now_ms();
+    let until = c.finish().await.backoff_until_ms.unwrap();
+    assert!(until >= before + 14_000, "{until} vs {before}");
+    // ... so the next connection to the site waits, unattempted.
+    let Err(p) = egress.open(route(), &[(1, 10)]).await else {
+        panic!("the site is backed off")
+    };
+    assert!(p.stop.unwrap().until_ms >= before + 14_000);
+
+    // A 4.7.x reply speaks for the provider: no other host is tried, and the next
+    // message on the connection is not started.
+    let other = vec!["mx.y.test".to_owned()];
+    let mut c = egress
+        .open(egress.route(&dest("y.test", &other)), &[(1, 10), (1, 10)])
+        .await
+        .unwrap();
+    c.before_message(0).await.unwrap();
+    c.on_reply(&Reply::status(451, (4, 7, 1), "slow down"));
+    assert!(!c.try_next_host());
+    let refused = c.before_message(1).await.unwrap_err();
+    assert_eq!(refused.code, 451);
+    let p = c.finish().await;
+    assert_eq!(p.stop.unwrap().index, 1);
+    assert!(p.backoff_until_ms.is_some());
+}
