@@ -185,13 +185,17 @@ mod tests {
 
     #[test]
     fn destinations_are_ranked_with_their_latest_error() {
-        use AttemptResult::*;
-        use RcptState::*;
+        use AttemptResult::Deferred;
+        use RcptState::Pending;
         let msgs = vec![
             msg(&[
                 ("a@Slow.Example", Pending, &[(1_000, Deferred, "451 busy")]),
                 ("b@slow.example", Pending, &[(5_000, Deferred, "421 later")]),
-                ("c@done.example", Delivered, &[(5_000, Delivered, "250 ok")]),
+                (
+                    "c@done.example",
+                    RcptState::Delivered,
+                    &[(5_000, AttemptResult::Delivered, "250 ok")],
+                ),
             ]),
             msg(&[
                 ("d@other.example", Pending, &[(9_000, Deferred, "450 greylisted")]),

@@ -44,7 +44,7 @@ pub fn condition(
 }
 
 /// Where a relay's Deployment stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Rollout {
     pub desired: i32,
     pub ready: i32,
@@ -52,6 +52,9 @@ pub struct Rollout {
     pub available: i32,
     /// The Deployment controller has seen the latest Deployment spec.
     pub observed: bool,
+    /// Why the Deployment controller gave up (progress deadline exceeded, replica
+    /// failure), if it did.
+    pub failure: Option<String>,
 }
 
 impl Rollout {
@@ -69,6 +72,23 @@ impl Rollout {
             updated: st.and_then(|s| s.updated_replicas).unwrap_or(0),
             available: st.and_then(|s| s.available_replicas).unwrap_or(0),
             observed,
+            failure: st
+                .and_then(|s| s.conditions.as_ref())
+                .into_iter()
+                .flatten()
+                .find(|c| {
+                    (c.type_ == "Progressing"
+                        && c.status == "False"
+                        && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+                        || (c.type_ == "ReplicaFailure" && c.status == "True")
+                })
+                .map(|c| {
+                    format!(
+                        "{}: {}",
+                        c.reason.as_deref().unwrap_or(&c.type_),
+                        c.message.as_deref().unwrap_or("")
+                    )
+                }),
         }
     }
 
@@ -154,18 +174,21 @@ pub fn relay_status(
                 },
                 match degraded_queue {
                     Some(e) => condition(oc, DEGRADED, true, "QueueStoreUnreachable", e, generation, now),
-                    None if rollout.observed && rollout.available < rollout.desired && rollout.updated >= rollout.desired => {
-                        condition(
+                    None => match &rollout.failure {
+                        Some(why) => condition(
                             oc,
                             DEGRADED,
                             true,
-                            "PodsUnavailable",
-                            format!("{}/{} relay pods available", rollout.available, rollout.desired),
+                            "RolloutFailed",
+                            format!(
+                                "{why} ({}/{} relay pods available)",
+                                rollout.available, rollout.desired
+                            ),
                             generation,
                             now,
-                        )
-                    }
-                    None => condition(oc, DEGRADED, false, "AsExpected", "", generation, now),
+                        ),
+                        None => condition(oc, DEGRADED, false, "AsExpected", "", generation, now),
+                    },
                 },
             ];
         }
@@ -204,6 +227,7 @@ mod tests {
                 updated,
                 available: ready,
                 observed: true,
+                failure: None,
             },
             config_hash: "h".into(),
             quotas: vec![],

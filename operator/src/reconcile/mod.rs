@@ -198,7 +198,7 @@ fn object_key<K: kube::Resource<DynamicType = ()>>(obj: &K) -> String {
     )
 }
 
-fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+pub fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
 where
     K: kube::Resource<DynamicType = ()>,
 {

@@ -172,18 +172,20 @@ pub fn relay_config(
 }
 
 /// Names a relay config field in MailRelay terms, for the few checks only the relay
-/// makes.
+/// makes: `relay_networks[0]` -> `spec.relayNetworks[0]`.
 fn relay_field(field: &str) -> String {
-    let mapped = match field.split('.').next().unwrap_or(field) {
-        "hostname" => "spec.hostname",
-        "relay_networks" => "spec.relayNetworks",
-        "listeners" => "spec.listeners",
-        "limits" => "spec.limits",
-        "delivery" => "spec.delivery",
-        "queue" => "spec.redis",
+    let split = field.find(['.', '[']).unwrap_or(field.len());
+    let (head, rest) = field.split_at(split);
+    let (mapped, rest) = match head {
+        "hostname" => ("spec.hostname", rest),
+        "relay_networks" => ("spec.relayNetworks", rest),
+        "listeners" => ("spec.listeners", rest),
+        "limits" => ("spec.limits", rest),
+        "delivery" => ("spec.delivery", rest),
+        "queue" => ("spec.redis", rest.strip_prefix(".redis").unwrap_or("")),
         _ => return format!("spec ({field})"),
     };
-    format!("{mapped} ({field})")
+    format!("{mapped}{}", camel_path(rest))
 }
 
 fn tls_policy(t: TlsPolicy) -> mailrelay::config::TlsPolicy {
@@ -330,5 +332,9 @@ mod tests {
     fn camel_paths() {
         assert_eq!(camel_path("match.auth_users[0]"), "match.authUsers[0]");
         assert_eq!(camel_path("max_connections"), "maxConnections");
+        assert_eq!(relay_field("relay_networks[2]"), "spec.relayNetworks[2]");
+        assert_eq!(relay_field("limits.max_recipients"), "spec.limits.maxRecipients");
+        assert_eq!(relay_field("queue.redis.url"), "spec.redis.url");
+        assert_eq!(relay_field("shutdown_grace"), "spec (shutdown_grace)");
     }
 }
