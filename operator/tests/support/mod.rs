@@ -10,6 +10,7 @@
 pub mod fake_api;
 pub mod redis;
 pub mod relay;
+pub mod smtp;
 
 use std::net::TcpListener;
 

@@ -20,7 +20,16 @@ pub fn binary() -> &'static Path {
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
         let target_dir = profile_dir.parent().unwrap().to_owned();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
+        let mut cmd = Command::new(cargo);
+        // The test's own CARGO_* variables (package name, manifest dir, ...) would
+        // change the build's fingerprints and rebuild the relay's dependencies.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy().into_owned();
+            if k.starts_with("CARGO_") && k != "CARGO_HOME" {
+                cmd.env_remove(&k);
+            }
+        }
+        let st = cmd
             .args(["build", "--quiet", "-p", "mailrelay", "--bin", "mailrelay"])
             .env("CARGO_TARGET_DIR", &target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -103,4 +112,28 @@ impl Drop for RelayProcess {
             eprintln!("---- mailrelay log ----\n{}", self.log());
         }
     }
+}
+
+/// ---- TEST SWAP ----
+/// A config rendered for a pod listens on `0.0.0.0` with fixed ports and names Redis
+/// by its in-cluster address. Tests running several relays side by side on one
+/// machine move every listener and the admin port to free `127.0.0.1` ports and, if
+/// given, point Redis at a local server. Nothing else is changed. Returns the
+/// listener addresses (in order) and the admin address.
+pub fn localise(
+    cfg: &mut mailrelay::config::RelayConfig,
+    redis_url: Option<&str>,
+) -> (Vec<SocketAddr>, SocketAddr) {
+    let ports = super::free_ports(cfg.listeners.len() + 1);
+    let mut addrs = Vec::new();
+    for (l, port) in cfg.listeners.iter_mut().zip(&ports) {
+        l.address = format!("127.0.0.1:{port}").parse().unwrap();
+        addrs.push(l.address);
+    }
+    let admin: SocketAddr = format!("127.0.0.1:{}", ports[ports.len() - 1]).parse().unwrap();
+    cfg.admin.address = Some(admin);
+    if let (Some(url), Some(r)) = (redis_url, cfg.queue.redis.as_mut()) {
+        r.url = url.to_owned();
+    }
+    (addrs, admin)
 }
