@@ -79,7 +79,9 @@ pub fn decide(
     let duration = spec
         .lease_duration_seconds
         .map(|s| SignedDuration::from_secs(i64::from(s.max(1))))
-        .unwrap_or_else(|| SignedDuration::try_from(default_duration).unwrap_or(SignedDuration::MAX));
+        .unwrap_or_else(|| {
+            SignedDuration::try_from(default_duration).unwrap_or(SignedDuration::MAX)
+        });
     let renewed = spec
         .renew_time
         .as_ref()
@@ -146,7 +148,8 @@ impl LeaderElector {
             }
             (Decision::Renew, Some(mut lease)) => {
                 let old = lease.spec.take().unwrap_or_default();
-                lease.spec = Some(self.spec(now, old.acquire_time, old.lease_transitions.unwrap_or(0)));
+                lease.spec =
+                    Some(self.spec(now, old.acquire_time, old.lease_transitions.unwrap_or(0)));
                 self.api
                     .replace(&self.cfg.name, &PostParams::default(), &lease)
                     .await
@@ -176,7 +179,9 @@ impl LeaderElector {
                     return;
                 }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election: cannot read or write the Lease"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "leader election: cannot read or write the Lease")
+                }
             }
             tokio::time::sleep(self.cfg.retry_every).await;
         }
@@ -249,16 +254,31 @@ mod tests {
     fn decisions() {
         let d = Duration::from_secs(15);
         assert_eq!(decide(None, "a", at(100), d), Decision::Create);
-        assert_eq!(decide(Some(&lease(Some("a"), 0, 15)), "a", at(100), d), Decision::Renew);
+        assert_eq!(
+            decide(Some(&lease(Some("a"), 0, 15)), "a", at(100), d),
+            Decision::Renew
+        );
         assert_eq!(
             decide(Some(&lease(Some("b"), 90, 15)), "a", at(100), d),
             Decision::Wait { holder: "b".into() }
         );
-        assert_eq!(decide(Some(&lease(Some("b"), 80, 15)), "a", at(100), d), Decision::TakeOver);
-        assert_eq!(decide(Some(&lease(None, 99, 15)), "a", at(100), d), Decision::TakeOver);
-        assert_eq!(decide(Some(&lease(Some(""), 99, 15)), "a", at(100), d), Decision::TakeOver);
+        assert_eq!(
+            decide(Some(&lease(Some("b"), 80, 15)), "a", at(100), d),
+            Decision::TakeOver
+        );
+        assert_eq!(
+            decide(Some(&lease(None, 99, 15)), "a", at(100), d),
+            Decision::TakeOver
+        );
+        assert_eq!(
+            decide(Some(&lease(Some(""), 99, 15)), "a", at(100), d),
+            Decision::TakeOver
+        );
         let mut never_renewed = lease(Some("b"), 0, 15);
         never_renewed.renew_time = None;
-        assert_eq!(decide(Some(&never_renewed), "a", at(100), d), Decision::TakeOver);
+        assert_eq!(
+            decide(Some(&never_renewed), "a", at(100), d),
+            Decision::TakeOver
+        );
     }
 }

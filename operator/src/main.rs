@@ -43,7 +43,11 @@ struct RunArgs {
     #[arg(long, env = "MAILRELAY_RELAY_IMAGE", default_value = DEFAULT_RELAY_IMAGE)]
     relay_image: String,
     /// Address of `/metrics` and `/healthz`.
-    #[arg(long, env = "MAILRELAY_OPERATOR_METRICS_ADDRESS", default_value = "0.0.0.0:8080")]
+    #[arg(
+        long,
+        env = "MAILRELAY_OPERATOR_METRICS_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
     metrics_address: SocketAddr,
     /// How often status is refreshed from the queue store and the relays' admin APIs.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]

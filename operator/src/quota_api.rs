@@ -214,10 +214,7 @@ mod tests {
         let s = summarise(&[("relay".into(), u)]);
         let t = s.tightest.unwrap();
         assert_eq!((t.limit.as_str(), t.used, t.remaining), ("100/1m", 12, 88));
-        assert_eq!(
-            t.resets_at.unwrap().0.to_string(),
-            "2026-11-29T05:01:00Z"
-        );
+        assert_eq!(t.resets_at.unwrap().0.to_string(), "2026-11-29T05:01:00Z");
     }
 
     #[test]
@@ -238,7 +235,11 @@ mod tests {
             limits: vec![],
             keys: vec![KeyUsage {
                 key: "*".into(),
-                windows: vec![w("100/1m", 50, 50), w("1000/1h", 900, 100), w("5000/1d", 900, 4100)],
+                windows: vec![
+                    w("100/1m", 50, 50),
+                    w("1000/1h", 900, 100),
+                    w("5000/1d", 900, 4100),
+                ],
                 connections: Some(Connections { max: 5, open: 2 }),
             }],
         };

@@ -138,7 +138,9 @@ mod tests {
     use super::*;
     use mailrelay::queue::{Attempt, ClientInfo, MailParams, QueueId, RcptStatus};
 
-    fn msg(rcpts: &[(&str, RcptState, &[(u64, AttemptResult, &str)])]) -> (Envelope, MessageStatus) {
+    type Rcpt<'a> = (&'a str, RcptState, &'a [(u64, AttemptResult, &'a str)]);
+
+    fn msg(rcpts: &[Rcpt<'_>]) -> (Envelope, MessageStatus) {
         let env = Envelope {
             id: QueueId::generate(),
             mail: MailParams::default(),
@@ -198,7 +200,11 @@ mod tests {
                 ),
             ]),
             msg(&[
-                ("d@other.example", Pending, &[(9_000, Deferred, "450 greylisted")]),
+                (
+                    "d@other.example",
+                    Pending,
+                    &[(9_000, Deferred, "450 greylisted")],
+                ),
                 ("e@fresh.example", Pending, &[]),
             ]),
             msg(&[("f@slow.example", Pending, &[(3_000, Deferred, "451 busy")])]),

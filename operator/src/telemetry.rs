@@ -52,10 +52,26 @@ impl Metrics {
         let status_patches = Family::<ControllerLabel, Counter>::default();
         let leader = Gauge::<i64, AtomicI64>::default();
         registry.register("reconciles", "Reconciles run", reconciles.clone());
-        registry.register("reconcile_errors", "Reconciles that failed and were requeued with backoff", errors.clone());
-        registry.register("reconcile_duration_seconds", "Time one reconcile took", durations.clone());
-        registry.register("status_patches", "Status updates written (only changed statuses are)", status_patches.clone());
-        registry.register("leader", "1 while this replica holds the leader Lease", leader.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed and were requeued with backoff",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            durations.clone(),
+        );
+        registry.register(
+            "status_patches",
+            "Status updates written (only changed statuses are)",
+            status_patches.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
         Metrics {
             registry,
             reconciles,

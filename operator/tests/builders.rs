@@ -239,9 +239,28 @@ fn every_object_is_owned_labelled_and_named_as_agreed() {
         assert_eq!(labels["app.kubernetes.io/instance"], "relay");
         assert_eq!(labels["app.kubernetes.io/managed-by"], "mailrelay-operator");
     }
-    let admin_port = &o.admin_service.spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
-    assert_eq!((admin_port.name.as_deref(), admin_port.port), (Some("admin"), 9325));
-    let c = &o.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+    let admin_port = &o
+        .admin_service
+        .spec
+        .as_ref()
+        .unwrap()
+        .ports
+        .as_ref()
+        .unwrap()[0];
+    assert_eq!(
+        (admin_port.name.as_deref(), admin_port.port),
+        (Some("admin"), 9325)
+    );
+    let c = &o
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
     assert_eq!(
         c.args.as_ref().unwrap(),
         &["serve", "--config", "/etc/mailrelay/mailrelay.yaml"]
@@ -250,7 +269,10 @@ fn every_object_is_owned_labelled_and_named_as_agreed() {
     let sc = c.security_context.as_ref().unwrap();
     assert_eq!(sc.run_as_non_root, Some(true));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
-    assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(
+        sc.capabilities.as_ref().unwrap().drop.as_deref(),
+        Some(&["ALL".to_owned()][..])
+    );
     assert_eq!(o.service.name_any(), "relay");
 }
 
@@ -285,7 +307,11 @@ fn a_bad_quota_is_left_out_and_named() {
     let (ok, bad) = select_quotas(&r, &quotas);
     assert_eq!(ok.len(), 1);
     assert_eq!(bad[0].0, "payments");
-    assert!(bad[0].1.to_string().starts_with("spec.limits[1]"), "{}", bad[0].1);
+    assert!(
+        bad[0].1.to_string().starts_with("spec.limits[1]"),
+        "{}",
+        bad[0].1
+    );
 }
 
 #[test]
@@ -296,5 +322,8 @@ fn selectors_pick_relays_by_label() {
     let quotas = example_quotas();
     assert_eq!(select_quotas(&r, &quotas).0.len(), 2);
     let (ok, _) = select_quotas(&other, &quotas);
-    assert_eq!(ok.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(), ["gmail"]);
+    assert_eq!(
+        ok.iter().map(|q| q.name.as_str()).collect::<Vec<_>>(),
+        ["gmail"]
+    );
 }

@@ -160,13 +160,20 @@ fn example_docs() -> Vec<(String, Value)> {
 #[test]
 fn examples_pass_the_schemas_and_parse_as_the_operator_reads_them() {
     let docs = example_docs();
-    let kinds: Vec<&str> = docs.iter().map(|(_, d)| d["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = docs
+        .iter()
+        .map(|(_, d)| d["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(
         kinds.iter().filter(|k| **k == "MailRelay").count(),
         1,
         "{kinds:?}"
     );
-    assert_eq!(kinds.iter().filter(|k| **k == "SendQuota").count(), 2, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "SendQuota").count(),
+        2,
+        "{kinds:?}"
+    );
     let objs: Vec<Value> = docs.iter().map(|(_, d)| d.clone()).collect();
     for ((file, _), errs) in docs.iter().zip(errors(&objs)) {
         assert!(errs.is_empty(), "{file}: {errs:#?}");
@@ -178,8 +185,8 @@ fn examples_pass_the_schemas_and_parse_as_the_operator_reads_them() {
                     .unwrap_or_else(|e| panic!("{file}: {e}"));
             }
             _ => {
-                let q: mailrelay_operator::crd::SendQuota = serde_json::from_value(d.clone())
-                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+                let q: mailrelay_operator::crd::SendQuota =
+                    serde_json::from_value(d.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
                 mailrelay_operator::resources::config::quota_config(&q)
                     .unwrap_or_else(|e| panic!("{file}: {e}"));
             }
@@ -211,54 +218,162 @@ fn with(mut v: Value, patch: Value) -> Value {
 #[test]
 fn bad_specs_are_refused_naming_the_field() {
     let cases: Vec<(Value, &str)> = vec![
-        (relay("r", with(base(), json!({"listeners": [{"name": "smtp", "port": 70000}]}))), "port"),
-        (relay("r", with(base(), json!({"listeners": [{"name": "SMTP", "port": 25}]}))), "name"),
-        (relay("r", with(base(), json!({"relayNetworks": ["0.0.0.0/0"]}))), "open relay"),
-        (relay("r", with(base(), json!({"relayNetworks": ["::/8"]}))), "open relay"),
-        (relay("r", with(base(), json!({"relayNetworks": ["not-a-net"]}))), "network like"),
-        (relay("r", with(base(), json!({"auth": {"secretName": "u"}}))), "spec.auth needs spec.tls"),
         (
-            relay("r", with(base(), json!({"listeners": [{"name": "smtps", "port": 465, "tls": "implicit"}]}))),
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"listeners": [{"name": "smtp", "port": 70000}]}),
+                ),
+            ),
+            "port",
+        ),
+        (
+            relay(
+                "r",
+                with(base(), json!({"listeners": [{"name": "SMTP", "port": 25}]})),
+            ),
+            "name",
+        ),
+        (
+            relay("r", with(base(), json!({"relayNetworks": ["0.0.0.0/0"]}))),
+            "open relay",
+        ),
+        (
+            relay("r", with(base(), json!({"relayNetworks": ["::/8"]}))),
+            "open relay",
+        ),
+        (
+            relay("r", with(base(), json!({"relayNetworks": ["not-a-net"]}))),
+            "network like",
+        ),
+        (
+            relay("r", with(base(), json!({"auth": {"secretName": "u"}}))),
+            "spec.auth needs spec.tls",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"listeners": [{"name": "smtps", "port": 465, "tls": "implicit"}]}),
+                ),
+            ),
             "tls: implicit needs spec.tls",
         ),
         (
-            relay("r", with(base(), json!({"listeners": [{"name": "a", "port": 25}, {"name": "b", "port": 25}]}))),
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"listeners": [{"name": "a", "port": 25}, {"name": "b", "port": 25}]}),
+                ),
+            ),
             "ports must be unique",
         ),
-        (relay("r", with(base(), json!({"listeners": [{"name": "a", "port": 9325}]}))), "admin port"),
-        (relay("r", with(base(), json!({"listeners": [{"name": "admin", "port": 25}]}))), "reserved"),
         (
-            relay("r", with(base(), json!({"delivery": {"tls": "required", "smarthost": {"host": "smtp.example.net"}}}))),
+            relay(
+                "r",
+                with(base(), json!({"listeners": [{"name": "a", "port": 9325}]})),
+            ),
+            "admin port",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"listeners": [{"name": "admin", "port": 25}]}),
+                ),
+            ),
+            "reserved",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"delivery": {"tls": "required", "smarthost": {"host": "smtp.example.net"}}}),
+                ),
+            ),
             "with a smarthost, set delivery.smarthost.tls",
         ),
         (
-            relay("r", with(base(), json!({"delivery": {"smarthost": {"host": "s", "tls": "disabled", "credentialsSecret": {"name": "c"}}}}))),
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"delivery": {"smarthost": {"host": "s", "tls": "disabled", "credentialsSecret": {"name": "c"}}}}),
+                ),
+            ),
             "tls cannot be disabled",
         ),
-        (relay("r", with(base(), json!({"delivery": {"retry": {"first": "5 minutes"}}}))), "first"),
-        (relay("r", with(base(), json!({"redis": {"url": "http://redis"}}))), "url"),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"delivery": {"retry": {"first": "5 minutes"}}}),
+                ),
+            ),
+            "first",
+        ),
+        (
+            relay("r", with(base(), json!({"redis": {"url": "http://redis"}}))),
+            "url",
+        ),
         (relay("r", with(base(), json!({"replicaz": 2}))), "replicaz"),
-        (relay("r", json!({"redis": {"url": "redis://r"}})), "hostname"),
+        (
+            relay("r", json!({"redis": {"url": "redis://r"}})),
+            "hostname",
+        ),
         (relay(&"r".repeat(58), base()), "at most 57"),
         (relay("9relay", base()), "starting with a letter"),
         (quota(json!({"direction": "ingress"})), "at least one limit"),
-        (quota(json!({"direction": "ingress", "limits": ["100/1w"]})), "limits"),
-        (quota(json!({"direction": "ingress", "limits": ["0/1m"]})), "limits"),
-        (quota(json!({"direction": "sideways", "limits": ["1/1m"]})), "direction"),
-        (quota(json!({"direction": "egress", "limits": ["1/1m"], "action": "defer"})), "ingress quotas only"),
-        (quota(json!({"direction": "ingress", "limits": ["1/1m"], "maxConnections": 3})), "egress quotas only"),
         (
-            quota(json!({"direction": "ingress", "limits": ["1/1m"], "match": {"mxHosts": ["*.google.com"]}})),
+            quota(json!({"direction": "ingress", "limits": ["100/1w"]})),
+            "limits",
+        ),
+        (
+            quota(json!({"direction": "ingress", "limits": ["0/1m"]})),
+            "limits",
+        ),
+        (
+            quota(json!({"direction": "sideways", "limits": ["1/1m"]})),
+            "direction",
+        ),
+        (
+            quota(json!({"direction": "egress", "limits": ["1/1m"], "action": "defer"})),
+            "ingress quotas only",
+        ),
+        (
+            quota(json!({"direction": "ingress", "limits": ["1/1m"], "maxConnections": 3})),
+            "egress quotas only",
+        ),
+        (
+            quota(
+                json!({"direction": "ingress", "limits": ["1/1m"], "match": {"mxHosts": ["*.google.com"]}}),
+            ),
             "match egress quotas only",
         ),
         (
-            quota(json!({"direction": "egress", "limits": ["1/1m"], "match": {"senders": ["*@a.example"]}})),
+            quota(
+                json!({"direction": "egress", "limits": ["1/1m"], "match": {"senders": ["*@a.example"]}}),
+            ),
             "match ingress quotas only",
         ),
-        (quota(json!({"direction": "egress", "limits": ["1/1m"], "key": "authUser"})), "keys of ingress"),
-        (quota(json!({"direction": "ingress", "limits": ["1/1m"], "key": "mxSite"})), "keys of egress"),
         (
-            quota(json!({"direction": "ingress", "limits": ["1/1m"], "match": {"clientNetworks": ["10.1.0.0"]}})),
+            quota(json!({"direction": "egress", "limits": ["1/1m"], "key": "authUser"})),
+            "keys of ingress",
+        ),
+        (
+            quota(json!({"direction": "ingress", "limits": ["1/1m"], "key": "mxSite"})),
+            "keys of egress",
+        ),
+        (
+            quota(
+                json!({"direction": "ingress", "limits": ["1/1m"], "match": {"clientNetworks": ["10.1.0.0"]}}),
+            ),
             "network like",
         ),
     ];
@@ -290,9 +405,13 @@ fn good_specs_pass_including_smarthost_and_egress_forms() {
             ),
         ),
         quota(json!({"direction": "egress", "maxConnections": 5})),
-        quota(json!({"direction": "egress", "limits": ["600/1m"], "match": {"smarthost": true}, "scope": "shared"})),
-        quota(json!({"direction": "ingress", "limits": ["1/1s", "1000/h"], "match": {"clientNetworks": ["10.1.0.0/16"]},
-                     "key": "clientIp", "action": "defer", "unit": "bytes"})),
+        quota(
+            json!({"direction": "egress", "limits": ["600/1m"], "match": {"smarthost": true}, "scope": "shared"}),
+        ),
+        quota(
+            json!({"direction": "ingress", "limits": ["1/1s", "1000/h"], "match": {"clientNetworks": ["10.1.0.0/16"]},
+                     "key": "clientIp", "action": "defer", "unit": "bytes"}),
+        ),
     ];
     for (o, errs) in objs.iter().zip(errors(&objs)) {
         assert!(errs.is_empty(), "{}: {errs:#?}", o["spec"]);

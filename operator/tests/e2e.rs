@@ -34,7 +34,9 @@ const USER: &str = "payments";
 const USER_PASSWORD: &str = "payments-password";
 
 fn example(file: &str) -> Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/k8s").join(file);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/k8s")
+        .join(file);
     serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -42,17 +44,28 @@ fn b64(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
-            out.push(if i <= chunk.len() { A[((n >> (18 - 6 * i)) & 63) as usize] as char } else { '=' });
+            out.push(if i <= chunk.len() {
+                A[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
         }
     }
     out
 }
 
 fn secret(name: &str, data: &[(&str, &[u8])]) -> Value {
-    let data: serde_json::Map<String, Value> = data.iter().map(|(k, v)| ((*k).to_owned(), json!(b64(v)))).collect();
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(b64(v))))
+        .collect();
     json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": "mail"}, "data": data})
 }
 
@@ -79,42 +92,82 @@ async fn start_example() -> Example {
     let users = format!("{USER}:{USER_PASSWORD}\n");
 
     let api = FakeApi::start();
-    api.set_deployment_status(json!({"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2}));
+    api.set_deployment_status(
+        json!({"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2}),
+    );
     let mut mr = example("mailrelay.yaml");
     // ---- TEST SWAP: the example's in-cluster Redis is a local server here.
     mr["spec"]["redis"]["url"] = json!(redis.url());
     api.put(RELAY, mr);
-    for (file, name) in [("sendquota-payments.yaml", "payments"), ("sendquota-gmail.yaml", "gmail")] {
+    for (file, name) in [
+        ("sendquota-payments.yaml", "payments"),
+        ("sendquota-gmail.yaml", "gmail"),
+    ] {
         api.put(&format!("{QUOTAS}/{name}"), example(file));
     }
     // The Secrets the example names, as a user would create them.
     api.put(
         &format!("{SECRETS}/relay-tls"),
-        secret("relay-tls", &[("tls.crt", &std::fs::read(&cert).unwrap()), ("tls.key", &std::fs::read(&key).unwrap())]),
+        secret(
+            "relay-tls",
+            &[
+                ("tls.crt", &std::fs::read(&cert).unwrap()),
+                ("tls.key", &std::fs::read(&key).unwrap()),
+            ],
+        ),
     );
-    api.put(&format!("{SECRETS}/relay-users"), secret("relay-users", &[("users", users.as_bytes())]));
-    api.put(&format!("{SECRETS}/redis"), secret("redis", &[("password", REDIS_PASSWORD.as_bytes())]));
+    api.put(
+        &format!("{SECRETS}/relay-users"),
+        secret("relay-users", &[("users", users.as_bytes())]),
+    );
+    api.put(
+        &format!("{SECRETS}/redis"),
+        secret("redis", &[("password", REDIS_PASSWORD.as_bytes())]),
+    );
 
-    let ctx = Context::new(api.client.clone(), Settings::default(), Arc::new(Metrics::new()));
+    let ctx = Context::new(
+        api.client.clone(),
+        Settings::default(),
+        Arc::new(Metrics::new()),
+    );
     let r = reconcile_relay(&api, &ctx).await;
-    let ready = r["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+    let ready = r["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
     assert_eq!(ready["status"], "True", "{r:#}");
 
     // Exactly the rendered ConfigMap payload...
-    let yaml = api.get(CONFIG_MAP).unwrap()["data"]["mailrelay.yaml"].as_str().unwrap().to_owned();
+    let yaml = api.get(CONFIG_MAP).unwrap()["data"]["mailrelay.yaml"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let mut cfg = RelayConfig::from_yaml(&yaml).unwrap();
     let names: Vec<&str> = cfg.quotas.iter().map(|q| q.name.as_str()).collect();
-    assert_eq!(names, ["gmail", "payments"], "both example quotas select the example relay");
+    assert_eq!(
+        names,
+        ["gmail", "payments"],
+        "both example quotas select the example relay"
+    );
     // ...with the TEST SWAPs: local ports,
     let (listeners, admin) = localise(&mut cfg, None);
     // ---- TEST SWAP: the Secret volumes' files live in a temp dir,
     let tls = cfg.tls.as_mut().unwrap();
-    assert_eq!(tls.cert_file, PathBuf::from("/var/run/mailrelay/tls/tls.crt"));
+    assert_eq!(
+        tls.cert_file,
+        PathBuf::from("/var/run/mailrelay/tls/tls.crt")
+    );
     tls.cert_file = cert.clone();
     tls.key_file = key.clone();
     let users_file = dir.path().join("users");
     std::fs::write(&users_file, &users).unwrap();
-    assert_eq!(cfg.auth.as_ref().unwrap().users_file, PathBuf::from("/var/run/mailrelay/auth/users"));
+    assert_eq!(
+        cfg.auth.as_ref().unwrap().users_file,
+        PathBuf::from("/var/run/mailrelay/auth/users")
+    );
     cfg.auth.as_mut().unwrap().users_file = users_file;
     // ---- TEST SWAP: no outbound delivery (no network here), so mail stays queued.
     cfg.delivery.enabled = false;
@@ -141,21 +194,43 @@ async fn start_example() -> Example {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_example_relay_queues_mail_and_the_operator_counts_it() {
     let ex = start_example().await;
-    let auth = ["--auth", "PLAIN", "--auth-user", USER, "--auth-password", USER_PASSWORD];
+    let auth = [
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        USER,
+        "--auth-password",
+        USER_PASSWORD,
+    ];
     for i in 0..3 {
         let mut args = vec!["--tls"];
         args.extend(auth);
-        let out = swaks(ex.listeners[0], "billing@payments.example.com", &format!("customer{i}@example.net"), &args);
+        let out = swaks(
+            ex.listeners[0],
+            "billing@payments.example.com",
+            &format!("customer{i}@example.net"),
+            &args,
+        );
         assert!(out.contains("STARTTLS"), "{out}");
     }
     // The implicit-TLS listener works too.
     let mut args = vec!["--tlsc"];
     args.extend(auth);
-    swaks(ex.listeners[1], "billing@payments.example.com", "customer@example.net", &args);
+    swaks(
+        ex.listeners[1],
+        "billing@payments.example.com",
+        "customer@example.net",
+        &args,
+    );
 
     let r = reconcile_relay(&ex.api, &ex.ctx).await;
     let st = &r["status"];
-    assert_eq!(st["queue"]["queued"], 4, "{st:#}\nrelay log:\n{}", ex.relay.log());
+    assert_eq!(
+        st["queue"]["queued"],
+        4,
+        "{st:#}\nrelay log:\n{}",
+        ex.relay.log()
+    );
     assert_eq!(st["queue"]["deferred"], 0);
     assert_eq!(st["queue"]["inFlight"], 0);
     assert_eq!(st["delivery"]["delivered"], 0);
@@ -193,8 +268,15 @@ async fn the_example_ingress_quota_refuses_the_101st_message() {
         101,
     );
     assert_eq!(codes.len(), 101, "{codes:?}");
-    assert!(codes[..100].iter().all(|c| *c == 250), "{codes:?}\n{}", ex.relay.log());
-    assert!((400..500).contains(&codes[100]), "the 101st is tempfailed: {codes:?}");
+    assert!(
+        codes[..100].iter().all(|c| *c == 250),
+        "{codes:?}\n{}",
+        ex.relay.log()
+    );
+    assert!(
+        (400..500).contains(&codes[100]),
+        "the 101st is tempfailed: {codes:?}"
+    );
     let r = reconcile_relay(&ex.api, &ex.ctx).await;
     assert_eq!(r["status"]["queue"]["queued"], 100);
 
@@ -207,8 +289,17 @@ async fn the_example_ingress_quota_refuses_the_101st_message() {
         },
         Arc::new(Metrics::new()),
     );
-    let q: SendQuota = serde_json::from_value(ex.api.get(&format!("{QUOTAS}/payments")).unwrap()).unwrap();
+    let q: SendQuota =
+        serde_json::from_value(ex.api.get(&format!("{QUOTAS}/payments")).unwrap()).unwrap();
     quota::reconcile(Arc::new(q), ctx).await.unwrap();
     let st = ex.api.get(&format!("{QUOTAS}/payments")).unwrap()["status"].clone();
-    assert_eq!((st["limit"].as_str(), st["used"].as_u64(), st["remaining"].as_u64()), (Some("100/1m"), Some(100), Some(0)), "{st:#}");
+    assert_eq!(
+        (
+            st["limit"].as_str(),
+            st["used"].as_u64(),
+            st["remaining"].as_u64()
+        ),
+        (Some("100/1m"), Some(100), Some(0)),
+        "{st:#}"
+    );
 }

@@ -40,8 +40,14 @@ async fn the_first_replica_creates_the_lease_and_others_wait() {
     assert!(api.requests().iter().any(|r| r.is("POST", "/leases")));
 
     api.clear_requests();
-    assert!(!b.try_lead().await.unwrap(), "a valid lease of another replica");
-    assert!(api.requests().iter().all(|r| r.method == "GET"), "a follower writes nothing");
+    assert!(
+        !b.try_lead().await.unwrap(),
+        "a valid lease of another replica"
+    );
+    assert!(
+        api.requests().iter().all(|r| r.method == "GET"),
+        "a follower writes nothing"
+    );
 
     let before = api.get(LEASE).unwrap()["spec"]["renewTime"].clone();
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -70,7 +76,10 @@ async fn of_two_racing_replicas_one_wins() {
     let b = elector(&api, "operator-b");
     // Someone else wrote the Lease between our read and our write.
     api.fail_next("PUT", "/leases/mailrelay-operator", 409);
-    assert!(!b.try_lead().await.unwrap(), "a conflict means we lost the race");
+    assert!(
+        !b.try_lead().await.unwrap(),
+        "a conflict means we lost the race"
+    );
     api.fail_next("POST", "/leases", 500);
     api.remove(LEASE);
     assert!(b.try_lead().await.is_err(), "other errors are errors");

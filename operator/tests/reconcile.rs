@@ -61,7 +61,9 @@ async fn reconcile_relay(api: &FakeApi, ctx: &Arc<Context>) -> Result<Action, re
 }
 
 fn ready_deployments(api: &FakeApi) {
-    api.set_deployment_status(json!({"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2}));
+    api.set_deployment_status(
+        json!({"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2}),
+    );
 }
 
 fn condition<'a>(obj: &'a Value, type_: &str) -> &'a Value {
@@ -82,7 +84,8 @@ fn config_hash(api: &FakeApi) -> String {
 
 fn relay_config(api: &FakeApi) -> mailrelay::config::RelayConfig {
     let cm = api.get(CONFIG_MAP).unwrap();
-    mailrelay::config::RelayConfig::from_yaml(cm["data"]["mailrelay.yaml"].as_str().unwrap()).unwrap()
+    mailrelay::config::RelayConfig::from_yaml(cm["data"]["mailrelay.yaml"].as_str().unwrap())
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,7 +132,10 @@ async fn create_applies_every_object_and_reports_status() {
 
     let r = api.get(RELAY).unwrap();
     let ready = condition(&r, "Ready");
-    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("True"), Some("Available")));
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("Available"))
+    );
     assert_eq!(ready["observedGeneration"], 1);
     assert_eq!(condition(&r, "Progressing")["status"], "False");
     assert_eq!(condition(&r, "Degraded")["status"], "False");
@@ -137,7 +143,10 @@ async fn create_applies_every_object_and_reports_status() {
     assert_eq!(r["status"]["readyReplicas"], 2);
     assert_eq!(r["status"]["queue"]["queued"], 0);
     assert_eq!(r["status"]["delivery"]["delivered"], 0);
-    assert_eq!(r["status"]["configHash"].as_str().unwrap(), config_hash(&api));
+    assert_eq!(
+        r["status"]["configHash"].as_str().unwrap(),
+        config_hash(&api)
+    );
 
     // Nothing changed: the objects are applied again (idempotent), the status is not.
     api.clear_requests();
@@ -186,7 +195,10 @@ async fn quotas_added_and_removed_change_the_config_map_not_the_pods() {
     let template = api.get(DEPLOYMENT).unwrap()["spec"]["template"].clone();
     assert!(relay_config(&api).quotas.is_empty());
 
-    api.put(&format!("{QUOTAS}/payments"), quota_obj("payments", &["100/1m"]));
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m"]),
+    );
     // Selects nothing here: another team's relays.
     let mut other = quota_obj("other-team", &["5/1m"]);
     other["spec"]["relaySelector"]["matchLabels"]["team"] = json!("web");
@@ -198,10 +210,16 @@ async fn quotas_added_and_removed_change_the_config_map_not_the_pods() {
     assert_eq!(cfg.quotas[0].limits[0].to_string(), "100/1m");
     assert_eq!(config_hash(&api), hash, "quota changes do not roll pods");
     assert_eq!(api.get(DEPLOYMENT).unwrap()["spec"]["template"], template);
-    assert_eq!(api.get(RELAY).unwrap()["status"]["quotas"], json!(["payments"]));
+    assert_eq!(
+        api.get(RELAY).unwrap()["status"]["quotas"],
+        json!(["payments"])
+    );
 
     // An invalid quota is left out; the relay keeps the valid ones.
-    api.put(&format!("{QUOTAS}/broken"), quota_obj("broken", &["1/1m", "2/60s"]));
+    api.put(
+        &format!("{QUOTAS}/broken"),
+        quota_obj("broken", &["1/1m", "2/60s"]),
+    );
     reconcile_relay(&api, &ctx).await.unwrap();
     assert_eq!(relay_config(&api).quotas.len(), 1);
 
@@ -223,11 +241,17 @@ async fn a_missing_secret_holds_the_rollout_with_a_reason_and_an_event() {
     let ctx = context(&api, settings());
 
     let action = reconcile_relay(&api, &ctx).await.unwrap();
-    assert_eq!(action, Action::requeue(Duration::from_secs(30)), "retried, not a crash loop");
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(30)),
+        "retried, not a crash loop"
+    );
     let reqs = api.requests();
     assert!(reqs.iter().any(|r| r.is("GET", "/secrets/relay-tls")));
     assert!(
-        !reqs.iter().any(|r| r.method == "PATCH" && !r.path.ends_with("/status")),
+        !reqs
+            .iter()
+            .any(|r| r.method == "PATCH" && !r.path.ends_with("/status")),
         "nothing applied while a Secret is missing"
     );
     let events: Vec<_> = reqs.iter().filter(|r| r.is("POST", "/events")).collect();
@@ -240,13 +264,26 @@ async fn a_missing_secret_holds_the_rollout_with_a_reason_and_an_event() {
     let ready = condition(&r, "Ready");
     assert_eq!(ready["status"], "False");
     assert_eq!(ready["reason"], "SecretNotFound");
-    assert!(ready["message"].as_str().unwrap().contains("relay-tls"), "{ready}");
-    assert!(ready["message"].as_str().unwrap().contains("spec.tls.secretName"), "{ready}");
+    assert!(
+        ready["message"].as_str().unwrap().contains("relay-tls"),
+        "{ready}"
+    );
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.tls.secretName"),
+        "{ready}"
+    );
 
     // Same problem again: no second event, no status change.
     api.clear_requests();
     reconcile_relay(&api, &ctx).await.unwrap();
-    assert!(!api.requests().iter().any(|r| r.is("POST", "/events") || r.path.ends_with("/status")));
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.is("POST", "/events") || r.path.ends_with("/status"))
+    );
 
     // A Secret without the keys is named as such.
     api.put(
@@ -255,7 +292,10 @@ async fn a_missing_secret_holds_the_rollout_with_a_reason_and_an_event() {
                "data": {"tls.crt": "Y2VydA=="}}),
     );
     reconcile_relay(&api, &ctx).await.unwrap();
-    assert_eq!(condition(&api.get(RELAY).unwrap(), "Ready")["reason"], "SecretKeyMissing");
+    assert_eq!(
+        condition(&api.get(RELAY).unwrap(), "Ready")["reason"],
+        "SecretKeyMissing"
+    );
 
     // Once the Secret is complete the relay rolls out.
     api.put(
@@ -265,7 +305,10 @@ async fn a_missing_secret_holds_the_rollout_with_a_reason_and_an_event() {
     );
     reconcile_relay(&api, &ctx).await.unwrap();
     assert!(api.get(DEPLOYMENT).is_some());
-    assert_eq!(condition(&api.get(RELAY).unwrap(), "Ready")["status"], "True");
+    assert_eq!(
+        condition(&api.get(RELAY).unwrap(), "Ready")["status"],
+        "True"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +332,11 @@ async fn env_secrets_roll_the_pods_when_they_change() {
     let ctx = context(&api, settings());
     reconcile_relay(&api, &ctx).await.unwrap();
     let r = api.get(RELAY).unwrap();
-    assert_eq!(condition(&r, "Degraded")["status"], "False", "the password reached the queue read: {r}");
+    assert_eq!(
+        condition(&r, "Degraded")["status"],
+        "False",
+        "the password reached the queue read: {r}"
+    );
     let annotation = |api: &FakeApi| {
         api.get(DEPLOYMENT).unwrap()["spec"]["template"]["metadata"]["annotations"]["mailrelay.io/secret-hash"].clone()
     };
@@ -300,17 +347,26 @@ async fn env_secrets_roll_the_pods_when_they_change() {
     assert_eq!(env["valueFrom"]["secretKeyRef"]["name"], "redis");
 
     api.put(&format!("{NS}/secrets/redis"), secret("second-password"));
-    redis.cli(&["CONFIG", "SET", "requirepass", "second-password"]).unwrap();
+    redis
+        .cli(&["CONFIG", "SET", "requirepass", "second-password"])
+        .unwrap();
     reconcile_relay(&api, &ctx).await.unwrap();
     assert_ne!(annotation(&api), before);
-    assert_eq!(condition(&api.get(RELAY).unwrap(), "Degraded")["status"], "False");
+    assert_eq!(
+        condition(&api.get(RELAY).unwrap(), "Degraded")["status"],
+        "False"
+    );
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -348,7 +404,11 @@ async fn api_errors_requeue_with_growing_backoff_and_reset_on_success() {
         api.fail_next("PATCH", "/configmaps/relay-config", 500);
         let err = reconcile_relay(&api, &ctx).await.unwrap_err();
         assert!(matches!(err, reconcile::Error::Kube(_)), "{err}");
-        delays.push(reconcile::error_policy(stored_relay(&api), &err, ctx.clone()));
+        delays.push(reconcile::error_policy(
+            stored_relay(&api),
+            &err,
+            ctx.clone(),
+        ));
     }
     assert_eq!(
         delays,
@@ -362,8 +422,13 @@ async fn api_errors_requeue_with_growing_backoff_and_reset_on_success() {
         Action::requeue(Duration::from_secs(5)),
         "a success resets the backoff"
     );
-    assert!(ctx.metrics.encode().contains("mailrelay_operator_reconcile_errors_total{controller=\"MailRelay\",error=\"kube\"} 4"),
-        "{}", ctx.metrics.encode());
+    assert!(
+        ctx.metrics.encode().contains(
+            "mailrelay_operator_reconcile_errors_total{controller=\"MailRelay\",error=\"kube\"} 4"
+        ),
+        "{}",
+        ctx.metrics.encode()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,8 +442,14 @@ async fn an_unreachable_queue_store_degrades_without_failing() {
     reconcile_relay(&api, &ctx).await.unwrap();
     let r = api.get(RELAY).unwrap();
     let d = condition(&r, "Degraded");
-    assert_eq!((d["status"].as_str(), d["reason"].as_str()), (Some("True"), Some("QueueStoreUnreachable")));
-    assert!(api.get(DEPLOYMENT).is_some(), "the objects are applied all the same");
+    assert_eq!(
+        (d["status"].as_str(), d["reason"].as_str()),
+        (Some("True"), Some("QueueStoreUnreachable"))
+    );
+    assert!(
+        api.get(DEPLOYMENT).is_some(),
+        "the objects are applied all the same"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -394,7 +465,13 @@ async fn an_invalid_spec_is_reported_not_applied() {
     let r = api.get(RELAY).unwrap();
     let ready = condition(&r, "Ready");
     assert_eq!(ready["reason"], "InvalidSpec");
-    assert!(ready["message"].as_str().unwrap().contains("spec.relayNetworks"), "{ready}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.relayNetworks"),
+        "{ready}"
+    );
     assert!(api.get(DEPLOYMENT).is_none());
     assert!(api.requests().iter().any(|r| r.is("POST", "/events")));
 }
@@ -420,7 +497,10 @@ async fn admin_server() -> std::net::SocketAddr {
             if name == "payments" {
                 (StatusCode::OK, PAYMENTS_USAGE.to_owned())
             } else {
-                (StatusCode::NOT_FOUND, format!(r#"{{"error": "quota {name} not found"}}"#))
+                (
+                    StatusCode::NOT_FOUND,
+                    format!(r#"{{"error": "quota {name} not found"}}"#),
+                )
             }
         }),
     );
@@ -431,7 +511,8 @@ async fn admin_server() -> std::net::SocketAddr {
 }
 
 async fn reconcile_quota(api: &FakeApi, ctx: &Arc<Context>, name: &str) {
-    let q: SendQuota = serde_json::from_value(api.get(&format!("{QUOTAS}/{name}")).unwrap()).unwrap();
+    let q: SendQuota =
+        serde_json::from_value(api.get(&format!("{QUOTAS}/{name}")).unwrap()).unwrap();
     let action = quota::reconcile(Arc::new(q), ctx.clone()).await.unwrap();
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
 }
@@ -442,7 +523,10 @@ async fn sendquota_status_comes_from_the_relay_admin_api() {
     let redis = RedisServer::start();
     let api = FakeApi::start();
     api.put(RELAY, relay_obj(spec(&redis)));
-    api.put(&format!("{QUOTAS}/payments"), quota_obj("payments", &["100/1m", "1000/1h"]));
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m", "1000/1h"]),
+    );
     api.put(&format!("{QUOTAS}/fresh"), quota_obj("fresh", &["10/1m"]));
     let ctx = context(
         &api,
@@ -456,8 +540,15 @@ async fn sendquota_status_comes_from_the_relay_admin_api() {
     let q = api.get(&format!("{QUOTAS}/payments")).unwrap();
     let st = &q["status"];
     assert_eq!(st["relays"], json!(["relay"]));
-    assert_eq!((st["limit"].as_str(), st["used"].as_u64(), st["remaining"].as_u64()), (Some("1000/1h"), Some(950), Some(50)),
-        "the fullest window is the summary: {st}");
+    assert_eq!(
+        (
+            st["limit"].as_str(),
+            st["used"].as_u64(),
+            st["remaining"].as_u64()
+        ),
+        (Some("1000/1h"), Some(950), Some(50)),
+        "the fullest window is the summary: {st}"
+    );
     assert_eq!(st["resetsAt"], "2026-11-29T05:40:00Z");
     assert_eq!(st["windows"].as_array().unwrap().len(), 2);
     assert_eq!(st["windows"][0]["key"], "alice@a.example");
@@ -474,13 +565,22 @@ async fn sendquota_status_comes_from_the_relay_admin_api() {
     assert_eq!(q["status"].get("used"), None);
 
     // An invalid quota says why, with an event; no relay is asked.
-    api.put(&format!("{QUOTAS}/broken"), quota_obj("broken", &["1/1m", "2/60s"]));
+    api.put(
+        &format!("{QUOTAS}/broken"),
+        quota_obj("broken", &["1/1m", "2/60s"]),
+    );
     api.clear_requests();
     reconcile_quota(&api, &ctx, "broken").await;
     let q = api.get(&format!("{QUOTAS}/broken")).unwrap();
     let ready = condition(&q, "Ready");
     assert_eq!(ready["reason"], "InvalidSpec");
-    assert!(ready["message"].as_str().unwrap().starts_with("spec.limits[1]"), "{ready}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.limits[1]"),
+        "{ready}"
+    );
     assert!(api.requests().iter().any(|r| r.is("POST", "/events")));
 }
 
@@ -499,12 +599,130 @@ async fn sendquota_without_relays_or_with_an_unreachable_one() {
         },
     );
     reconcile_quota(&api, &ctx, "payments").await;
-    assert_eq!(condition(&api.get(&format!("{QUOTAS}/payments")).unwrap(), "Ready")["reason"], "NoRelays");
+    assert_eq!(
+        condition(&api.get(&format!("{QUOTAS}/payments")).unwrap(), "Ready")["reason"],
+        "NoRelays"
+    );
 
-    api.put(RELAY, relay_obj(json!({"hostname": "r.example", "redis": {"url": "redis://127.0.0.1:1"}})));
-    api.put(&format!("{QUOTAS}/payments"), quota_obj("payments", &["100/1m"]));
+    api.put(
+        RELAY,
+        relay_obj(json!({"hostname": "r.example", "redis": {"url": "redis://127.0.0.1:1"}})),
+    );
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m"]),
+    );
     reconcile_quota(&api, &ctx, "payments").await;
     let ready = condition(&api.get(&format!("{QUOTAS}/payments")).unwrap(), "Ready").clone();
     assert_eq!(ready["reason"], "RelayUnreachable");
-    assert!(ready["message"].as_str().unwrap().contains("MailRelay relay"), "{ready}");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("MailRelay relay"),
+        "{ready}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_run_reconcile_what_they_list_and_stop_on_shutdown() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m"]),
+    );
+    let port = support::free_ports(1)[0];
+    let ctx = context(
+        &api,
+        Settings {
+            admin_url_template: format!("http://127.0.0.1:{port}"),
+            ..settings()
+        },
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(reconcile::run(ctx, async move {
+        let _ = rx.await;
+    }));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let relay_done = api.get(RELAY).unwrap().get("status").is_some();
+        let quota_done = api
+            .get(&format!("{QUOTAS}/payments"))
+            .unwrap()
+            .get("status")
+            .is_some();
+        if relay_done && quota_done && api.get(DEPLOYMENT).is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controllers did not reconcile: {:?}",
+            api.requests()
+                .iter()
+                .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(relay_config(&api).quotas.len(), 1);
+    let watched: Vec<String> = api
+        .requests()
+        .iter()
+        .filter(|r| r.query.contains("watch=true"))
+        .map(|r| r.path.clone())
+        .collect();
+    for path in [
+        "/apis/mailrelay.io/v1alpha1/mailrelays",
+        "/apis/mailrelay.io/v1alpha1/sendquotas",
+        "/apis/apps/v1/deployments",
+        "/api/v1/configmaps",
+        "/api/v1/services",
+        "/api/v1/secrets",
+    ] {
+        assert!(
+            watched.iter().any(|w| w == path),
+            "no watch on {path}: {watched:?}"
+        );
+    }
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the controllers stop on shutdown")
+        .unwrap();
+}
+
+#[test]
+fn watch_events_map_to_the_objects_they_concern() {
+    use mailrelay_operator::reconcile::{quotas_for_relay, relays_for_quota, relays_for_secret};
+    let relay = |ns: &str, name: &str, tls: Option<&str>| -> Arc<MailRelay> {
+        let mut spec = json!({"hostname": "r.example", "redis": {"url": "redis://r:6379"}});
+        if let Some(t) = tls {
+            spec["tls"] = json!({"secretName": t});
+        }
+        let mut r: MailRelay = serde_json::from_value(relay_obj(spec)).unwrap();
+        r.metadata.namespace = Some(ns.into());
+        r.metadata.name = Some(name.into());
+        Arc::new(r)
+    };
+    let relays = vec![
+        relay("mail", "a", Some("tls-a")),
+        relay("mail", "b", None),
+        relay("other", "c", Some("tls-a")),
+    ];
+    let names = |refs: Vec<kube::runtime::reflector::ObjectRef<MailRelay>>| -> Vec<String> {
+        refs.into_iter().map(|r| r.name).collect()
+    };
+    let sq: SendQuota = serde_json::from_value(quota_obj("q", &["1/1m"])).unwrap();
+    assert_eq!(names(relays_for_quota(&relays, &sq)), ["a", "b"]);
+    assert_eq!(
+        names(relays_for_secret(&relays, Some("mail"), "tls-a")),
+        ["a"]
+    );
+    assert!(relays_for_secret(&relays, Some("mail"), "unrelated").is_empty());
+    let quotas = vec![Arc::new(sq)];
+    assert_eq!(quotas_for_relay(&quotas, &relays[0]).len(), 1);
+    assert!(quotas_for_relay(&quotas, &relays[2]).is_empty());
 }

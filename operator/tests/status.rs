@@ -31,7 +31,9 @@ async fn status_counts_what_a_real_relay_queued_delivered_and_bounced() {
     let redis = RedisServer::start();
     let sink = Sink::start();
     let api = FakeApi::start();
-    api.set_deployment_status(json!({"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "availableReplicas": 1}));
+    api.set_deployment_status(
+        json!({"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "availableReplicas": 1}),
+    );
     api.put(
         RELAY,
         json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelay",
@@ -41,7 +43,11 @@ async fn status_counts_what_a_real_relay_queued_delivered_and_bounced() {
                         "redis": {"url": redis.url(), "keyPrefix": "status"},
                         "delivery": {"smarthost": {"host": "127.0.0.1", "port": sink.addr.port(), "tls": "disabled"}}}}),
     );
-    let ctx = Context::new(api.client.clone(), Settings::default(), Arc::new(Metrics::new()));
+    let ctx = Context::new(
+        api.client.clone(),
+        Settings::default(),
+        Arc::new(Metrics::new()),
+    );
     let first = reconcile(&api, &ctx).await;
     assert_eq!(first["queue"]["queued"], 0);
 

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailrelay::queue::{
-    Attempt, AttemptResult, BodyType, ClientInfo, DsnNotify, DsnRet, EmbeddedQueue, Envelope,
-    FinishResult, Lease, Leased, ListFilter, MAX_ATTEMPTS_KEPT, MailParams, MessageStatus, Queue,
-    DeliveryTotals, QueueError, QueueId, QueueOptions, QueueStats, QueuedMessage, RcptState, Recipient, RedisQueue,
-    RetrySelector, TlsInfo, now_ms,
+    Attempt, AttemptResult, BodyType, ClientInfo, DeliveryTotals, DsnNotify, DsnRet, EmbeddedQueue,
+    Envelope, FinishResult, Lease, Leased, ListFilter, MAX_ATTEMPTS_KEPT, MailParams,
+    MessageStatus, Queue, QueueError, QueueId, QueueOptions, QueueStats, QueuedMessage, RcptState,
+    Recipient, RedisQueue, RetrySelector, TlsInfo, now_ms,
 };
 use support::redis::{RedisCluster, RedisServer};
 

@@ -1,5 +1,9 @@
 //! `MailRelay`: one relay deployment (pods, Services, config) sharing one Redis.
 
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy takes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
@@ -30,16 +34,32 @@ pub const ADMIN_PORT: i32 = 9325;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.readyReplicas"
+    ),
     printcolumn(name = "Queued", type_ = "integer", json_path = ".status.queue.queued"),
-    printcolumn(name = "Deferred", type_ = "integer", json_path = ".status.queue.deferred"),
+    printcolumn(
+        name = "Deferred",
+        type_ = "integer",
+        json_path = ".status.queue.deferred"
+    ),
     printcolumn(
         name = "Delivered",
         type_ = "integer",
         json_path = ".status.delivery.delivered"
     ),
-    printcolumn(name = "Bounced", type_ = "integer", json_path = ".status.delivery.bounced"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Bounced",
+        type_ = "integer",
+        json_path = ".status.delivery.bounced"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -146,7 +166,10 @@ fn default_listeners() -> Vec<ListenerSpec> {
 pub struct ListenerSpec {
     /// Port name (an IANA service name: lower-case letters, digits and '-', at
     /// most 15 characters); used in logs, metrics and the Service.
-    #[schemars(length(min = 1, max = 15), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 15),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Port in the pod and on the Service.
     #[schemars(range(min = 1, max = 65535))]
@@ -177,7 +200,10 @@ pub enum ListenerTls {
 pub struct RedisSpec {
     /// `redis://host:port/db`, `rediss://…` (TLS) or `unix://…`; no password here
     /// (use `passwordSecret`).
-    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^(redis|rediss|unix|redis\+unix)://.+$"))]
+    #[schemars(
+        length(min = 1, max = 1024),
+        regex(pattern = r"^(redis|rediss|unix|redis\+unix)://.+$")
+    )]
     pub url: String,
     /// The Redis password, from a Secret (passed to the relay as an environment variable).
     #[serde(default, skip_serializing_if = "Option::is_none")]

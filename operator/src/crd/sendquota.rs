@@ -1,6 +1,10 @@
 //! `SendQuota`: a limit on mail for the relays it selects; one entry of their
 //! `quotas:` config, named like the resource.
 
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy takes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -26,7 +30,11 @@ pub const LIMIT_PATTERN: &str = r"^[1-9][0-9]{0,17}/([1-9][0-9]{0,5})?[smhd]$";
     printcolumn(name = "Used", type_ = "integer", json_path = ".status.used"),
     printcolumn(name = "Remaining", type_ = "integer", json_path = ".status.remaining"),
     printcolumn(name = "Resets", type_ = "date", json_path = ".status.resetsAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
@@ -155,11 +163,17 @@ pub enum Action {
 pub struct QuotaMatch {
     /// Ingress: envelope senders (`*@example.com`, `alerts-*@example.com`, `example.com`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(min = 1, max = 320), regex(pattern = r"^\S+$")))]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
     pub senders: Vec<String>,
     /// Ingress: SMTP AUTH user names.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(min = 1, max = 320), regex(pattern = r"^\S+$")))]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
     pub auth_users: Vec<String>,
     /// Ingress: client networks (CIDR).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -172,15 +186,24 @@ pub struct QuotaMatch {
     pub client_networks: Vec<String>,
     /// Ingress: count only recipients in these domains.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(min = 1, max = 320), regex(pattern = r"^\S+$")))]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
     pub recipient_domains: Vec<String>,
     /// Egress: recipient domains.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(min = 1, max = 320), regex(pattern = r"^\S+$")))]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
     pub destination_domains: Vec<String>,
     /// Egress: MX host names serving the destination (`*.google.com`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256), inner(length(min = 1, max = 320), regex(pattern = r"^\S+$")))]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
     pub mx_hosts: Vec<String>,
     /// Egress: mail sent through the smarthost.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -61,7 +61,10 @@ impl Rollout {
     pub fn of(d: &Deployment) -> Rollout {
         let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         let st = d.status.as_ref();
-        let observed = match (d.metadata.generation, st.and_then(|s| s.observed_generation)) {
+        let observed = match (
+            d.metadata.generation,
+            st.and_then(|s| s.observed_generation),
+        ) {
             (Some(g), Some(o)) => o >= g,
             (None, _) => true,
             (Some(_), None) => false,
@@ -154,10 +157,26 @@ pub fn relay_status(
                 if rollout.is_ready() {
                     condition(oc, READY, true, "Available", pods.clone(), generation, now)
                 } else {
-                    condition(oc, READY, false, "PodsNotReady", pods.clone(), generation, now)
+                    condition(
+                        oc,
+                        READY,
+                        false,
+                        "PodsNotReady",
+                        pods.clone(),
+                        generation,
+                        now,
+                    )
                 },
                 if rollout.is_complete() {
-                    condition(oc, PROGRESSING, false, "RolloutComplete", pods, generation, now)
+                    condition(
+                        oc,
+                        PROGRESSING,
+                        false,
+                        "RolloutComplete",
+                        pods,
+                        generation,
+                        now,
+                    )
                 } else {
                     condition(
                         oc,
@@ -173,7 +192,15 @@ pub fn relay_status(
                     )
                 },
                 match degraded_queue {
-                    Some(e) => condition(oc, DEGRADED, true, "QueueStoreUnreachable", e, generation, now),
+                    Some(e) => condition(
+                        oc,
+                        DEGRADED,
+                        true,
+                        "QueueStoreUnreachable",
+                        e,
+                        generation,
+                        now,
+                    ),
                     None => match &rollout.failure {
                         Some(why) => condition(
                             oc,
@@ -264,7 +291,13 @@ mod tests {
         assert_eq!(get(&s2, READY).reason, "SecretNotFound");
         assert_eq!(get(&s2, DEGRADED).status, "True");
         assert_eq!(s2.observed_generation, Some(2));
-        let s3 = relay_status(Some(&s1), Some(1), &applied(2, 2), Some(&Err("connection refused".into())), &t(3));
+        let s3 = relay_status(
+            Some(&s1),
+            Some(1),
+            &applied(2, 2),
+            Some(&Err("connection refused".into())),
+            &t(3),
+        );
         assert_eq!(get(&s3, DEGRADED).reason, "QueueStoreUnreachable");
         assert_eq!(get(&s3, READY).status, "True");
     }

@@ -39,7 +39,8 @@ use crate::telemetry::Metrics;
 /// Field manager of every server-side apply.
 pub const MANAGER: &str = "mailrelay-operator";
 /// The default relay image (the chart and Dockerfile agree on it).
-pub const DEFAULT_RELAY_IMAGE: &str = concat!("ghcr.io/mailrelay/mailrelay:", env!("CARGO_PKG_VERSION"));
+pub const DEFAULT_RELAY_IMAGE: &str =
+    concat!("ghcr.io/mailrelay/mailrelay:", env!("CARGO_PKG_VERSION"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -210,8 +211,49 @@ where
     Action::requeue(delay)
 }
 
+/// The relays to reconcile when a SendQuota changes: every relay in its namespace,
+/// which covers those its selector picks now and those it picked before an edit.
+pub fn relays_for_quota(relays: &[Arc<MailRelay>], sq: &SendQuota) -> Vec<ObjectRef<MailRelay>> {
+    let ns = sq.namespace();
+    relays
+        .iter()
+        .filter(|r| r.namespace() == ns)
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
+}
+
+/// The relays to reconcile when Secret `name` in `ns` changes: those referencing it.
+pub fn relays_for_secret(
+    relays: &[Arc<MailRelay>],
+    ns: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<MailRelay>> {
+    relays
+        .iter()
+        .filter(|r| {
+            r.namespace().as_deref() == ns
+                && secrets::needed(&r.spec).iter().any(|n| n.name == name)
+        })
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
+}
+
+/// The SendQuotas to reconcile when a relay changes (its labels decide which
+/// quotas select it): every quota in its namespace.
+pub fn quotas_for_relay(quotas: &[Arc<SendQuota>], relay: &MailRelay) -> Vec<ObjectRef<SendQuota>> {
+    let ns = relay.namespace();
+    quotas
+        .iter()
+        .filter(|q| q.namespace() == ns)
+        .map(|q| ObjectRef::from_obj(q.as_ref()))
+        .collect()
+}
+
 /// Runs both controllers until `shutdown` completes.
-pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let client = ctx.client.clone();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stop = move || {
@@ -220,9 +262,13 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let owned = watcher::Config::default().labels("app.kubernetes.io/managed-by=mailrelay-operator");
+    let owned =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=mailrelay-operator");
 
-    let relays = Controller::new(Api::<MailRelay>::all(client.clone()), watcher::Config::default());
+    let relays = Controller::new(
+        Api::<MailRelay>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let relay_store = relays.store();
     let by_quota = relay_store.clone();
     let by_secret = relay_store.clone();
@@ -230,38 +276,17 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
         .owns(Api::<Deployment>::all(client.clone()), owned.clone())
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<Service>::all(client.clone()), owned)
-        // A SendQuota change reaches every relay in its namespace: that covers the
-        // relays its selector picks now and those it picked before an edit.
         .watches(
             Api::<SendQuota>::all(client.clone()),
             watcher::Config::default(),
-            move |sq| {
-                let ns = sq.namespace();
-                by_quota
-                    .state()
-                    .into_iter()
-                    .filter(|r| r.namespace() == ns)
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
-                    .collect::<Vec<_>>()
-            },
+            move |sq| relays_for_quota(&by_quota.state(), &sq),
         )
-        // Only metadata is used: which relays reference a Secret by name.
+        // Only metadata is used (which relays reference a Secret by name); the
+        // values are fetched by the reconcile of the relays concerned.
         .watches(
             Api::<PartialObjectMeta<Secret>>::all(client.clone()),
             watcher::Config::default(),
-            move |s| {
-                let ns = s.namespace();
-                let name = s.name_any();
-                by_secret
-                    .state()
-                    .into_iter()
-                    .filter(|r| {
-                        r.namespace() == ns
-                            && secrets::needed(&r.spec).iter().any(|n| n.name == name)
-                    })
-                    .map(|r| ObjectRef::from_obj(r.as_ref()))
-                    .collect::<Vec<_>>()
-            },
+            move |s| relays_for_secret(&by_secret.state(), s.namespace().as_deref(), &s.name_any()),
         )
         .graceful_shutdown_on(stop())
         .run(relay::reconcile, error_policy::<MailRelay>, ctx.clone())
@@ -271,21 +296,16 @@ pub async fn run(ctx: Arc<Context>, shutdown: impl std::future::Future<Output = 
             }
         });
 
-    let quotas = Controller::new(Api::<SendQuota>::all(client.clone()), watcher::Config::default());
+    let quotas = Controller::new(
+        Api::<SendQuota>::all(client.clone()),
+        watcher::Config::default(),
+    );
     let quota_store = quotas.store();
     let quotas = quotas
         .watches(
             Api::<MailRelay>::all(client.clone()),
             watcher::Config::default(),
-            move |r| {
-                let ns = r.namespace();
-                quota_store
-                    .state()
-                    .into_iter()
-                    .filter(|q| q.namespace() == ns)
-                    .map(|q| ObjectRef::from_obj(q.as_ref()))
-                    .collect::<Vec<_>>()
-            },
+            move |r| quotas_for_relay(&quota_store.state(), &r),
         )
         .graceful_shutdown_on(stop())
         .run(quota::reconcile, error_policy::<SendQuota>, ctx)
@@ -318,6 +338,9 @@ mod tests {
     #[test]
     fn admin_urls_follow_the_template() {
         let s = Settings::default();
-        assert_eq!(s.admin_url("mail", "relay"), "http://relay-admin.mail.svc:9325");
+        assert_eq!(
+            s.admin_url("mail", "relay"),
+            "http://relay-admin.mail.svc:9325"
+        );
     }
 }

@@ -54,8 +54,9 @@ pub fn quota_status(
             generation,
             now,
         )
-    } else if let Some((r, RelayAnswer::Failed(e))) =
-        answers.iter().find(|(_, a)| matches!(a, RelayAnswer::Failed(_)))
+    } else if let Some((r, RelayAnswer::Failed(e))) = answers
+        .iter()
+        .find(|(_, a)| matches!(a, RelayAnswer::Failed(_)))
     {
         condition(
             oc,
@@ -66,7 +67,10 @@ pub fn quota_status(
             generation,
             now,
         )
-    } else if let Some((r, _)) = answers.iter().find(|(_, a)| matches!(a, RelayAnswer::Unknown)) {
+    } else if let Some((r, _)) = answers
+        .iter()
+        .find(|(_, a)| matches!(a, RelayAnswer::Unknown))
+    {
         condition(
             oc,
             READY,
@@ -175,7 +179,11 @@ async fn reconcile_inner(sq: &SendQuota, ctx: &Context) -> Result<Action, Error>
             "status": new,
         });
         Api::<SendQuota>::namespaced(ctx.client.clone(), &ns)
-            .patch_status(&name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&body))
+            .patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
             .await?;
         ctx.metrics.status_patched("SendQuota");
     }

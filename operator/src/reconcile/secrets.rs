@@ -66,7 +66,10 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
 /// Why a relay cannot be rolled out with its Secrets as they are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretProblem {
-    NotFound { secret: String, field: &'static str },
+    NotFound {
+        secret: String,
+        field: &'static str,
+    },
     KeyMissing {
         secret: String,
         key: String,
@@ -107,7 +110,10 @@ impl std::fmt::Debug for Resolved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Resolved")
             .field("secrets", &self.secrets)
-            .field("redis_password", &self.redis_password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -191,12 +197,17 @@ mod tests {
         let mut fetched = BTreeMap::from([("relay-tls".to_owned(), None)]);
         let p = resolve(&s, &fetched).unwrap_err();
         assert_eq!(p.reason(), "SecretNotFound");
-        assert!(p.message().contains("\"relay-tls\"") && p.message().contains("spec.tls.secretName"));
+        assert!(
+            p.message().contains("\"relay-tls\"") && p.message().contains("spec.tls.secretName")
+        );
         fetched.insert("relay-tls".into(), secret(&[("tls.crt", "c")]));
         let p = resolve(&s, &fetched).unwrap_err();
         assert_eq!(p.reason(), "SecretKeyMissing");
         assert!(p.message().contains("tls.key"), "{}", p.message());
-        fetched.insert("relay-tls".into(), secret(&[("tls.crt", "c"), ("tls.key", "k")]));
+        fetched.insert(
+            "relay-tls".into(),
+            secret(&[("tls.crt", "c"), ("tls.key", "k")]),
+        );
         fetched.insert("redis".into(), secret(&[("password", "hunter2")]));
         let r = resolve(&s, &fetched).unwrap();
         assert_eq!(r.redis_password.as_deref(), Some("hunter2"));

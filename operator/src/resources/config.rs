@@ -9,8 +9,8 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 use kube::ResourceExt;
 use mailrelay::config::{
-    AdminConfig, AuthConfig, ListenerConfig, LogFormat, QueueBackendKind, RedisConfig,
-    RelayConfig, SmarthostConfig, TlsConfig, TlsMode, parse_duration,
+    AdminConfig, AuthConfig, ListenerConfig, LogFormat, QueueBackendKind, RedisConfig, RelayConfig,
+    SmarthostConfig, TlsConfig, TlsMode, parse_duration,
 };
 use mailrelay::quota::config as q;
 
@@ -111,9 +111,10 @@ pub fn relay_config(
             cfg.delivery.tls = tls_policy(t);
         }
         if let Some(s) = &d.smarthost {
-            let port = u16::try_from(s.port).ok().filter(|p| *p != 0).ok_or_else(|| {
-                spec_err("spec.delivery.smarthost.port", "must be 1-65535")
-            })?;
+            let port = u16::try_from(s.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| spec_err("spec.delivery.smarthost.port", "must be 1-65535"))?;
             cfg.delivery.smarthost = Some(SmarthostConfig {
                 host: s.host.clone(),
                 port,
@@ -268,9 +269,7 @@ pub fn quota_config(sq: &SendQuota) -> Result<q::QuotaConfig, SpecError> {
             .trim_start_matches('.');
         let field = camel_path(field);
         spec_err(
-            if field.is_empty() {
-                "metadata.name".to_owned()
-            } else if field == "name" {
+            if field.is_empty() || field == "name" {
                 "metadata.name".to_owned()
             } else {
                 format!("spec.{field}")
@@ -333,7 +332,10 @@ mod tests {
         assert_eq!(camel_path("match.auth_users[0]"), "match.authUsers[0]");
         assert_eq!(camel_path("max_connections"), "maxConnections");
         assert_eq!(relay_field("relay_networks[2]"), "spec.relayNetworks[2]");
-        assert_eq!(relay_field("limits.max_recipients"), "spec.limits.maxRecipients");
+        assert_eq!(
+            relay_field("limits.max_recipients"),
+            "spec.limits.maxRecipients"
+        );
         assert_eq!(relay_field("queue.redis.url"), "spec.redis.url");
         assert_eq!(relay_field("shutdown_grace"), "spec (shutdown_grace)");
     }

@@ -6,7 +6,9 @@ pub mod config;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
     EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
@@ -280,8 +282,16 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
     if let Some(s) = spec.delivery.as_ref().and_then(|d| d.smarthost.as_ref())
         && let Some(c) = &s.credentials_secret
     {
-        env.push(secret_env("MAILRELAY_SMARTHOST_USERNAME", &c.name, "username"));
-        env.push(secret_env("MAILRELAY_SMARTHOST_PASSWORD", &c.name, "password"));
+        env.push(secret_env(
+            "MAILRELAY_SMARTHOST_USERNAME",
+            &c.name,
+            "username",
+        ));
+        env.push(secret_env(
+            "MAILRELAY_SMARTHOST_PASSWORD",
+            &c.name,
+            "password",
+        ));
     }
 
     let mut volumes = vec![
@@ -357,13 +367,16 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
         ..ContainerPort::default()
     });
 
-    let resources = spec.resources.clone().unwrap_or_else(|| ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity("100m".into())),
-            ("memory".to_owned(), Quantity("128Mi".into())),
-        ])),
-        ..ResourceRequirements::default()
-    });
+    let resources = spec
+        .resources
+        .clone()
+        .unwrap_or_else(|| ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("100m".into())),
+                ("memory".to_owned(), Quantity("128Mi".into())),
+            ])),
+            ..ResourceRequirements::default()
+        });
 
     let mut annotations = spec.pod_annotations.clone();
     annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());

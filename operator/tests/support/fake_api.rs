@@ -77,7 +77,33 @@ impl FakeApi {
         tokio::spawn(async move {
             while let Some((req, send)) = handle.next_request().await {
                 let (parts, body) = req.into_parts();
-                let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                if parts.uri.query().is_some_and(|q| q.contains("watch=true")) {
+                    // A watch: held open a while with no events, then closed (the
+                    // watcher opens the next one). Answered on the side so that
+                    // other requests are not held up.
+                    st.lock().unwrap().requests.push(Recorded {
+                        method: parts.method.clone(),
+                        path: parts.uri.path().to_owned(),
+                        query: parts.uri.query().unwrap_or_default().to_owned(),
+                        body: None,
+                    });
+                    tokio::spawn(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        send.send_response(
+                            Response::builder()
+                                .status(200)
+                                .header("content-type", "application/json")
+                                .body(Body::from(Vec::new()))
+                                .unwrap(),
+                        );
+                    });
+                    continue;
+                }
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
                 let body: Option<Value> = serde_json::from_slice(&bytes).ok();
                 let (code, value) = handle_request(&st, &parts.method, &parts.uri, body);
                 let resp = Response::builder()
@@ -170,10 +196,7 @@ fn handle_request(
             let items: Vec<Value> = st
                 .objects
                 .iter()
-                .filter(|(k, _)| {
-                    k.strip_prefix(&format!("{coll}/"))
-                        .is_some_and(|rest| !rest.contains('/'))
-                })
+                .filter(|(k, _)| in_collection(k, &coll))
                 .map(|(_, v)| v.clone())
                 .collect();
             let rv = st.rv.to_string();
@@ -188,7 +211,10 @@ fn handle_request(
         },
         ("POST", None) => {
             let mut obj = body.unwrap_or_default();
-            let n = obj["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+            let n = obj["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             let key = format!("{coll}/{n}");
             if st.objects.contains_key(&key) {
                 return (
@@ -243,9 +269,10 @@ fn handle_request(
             };
             obj["metadata"]["resourceVersion"] = json!(rv);
             obj["metadata"]["generation"] = json!(generation);
-            obj["metadata"]["uid"] = old
-                .as_ref()
-                .map_or_else(|| json!(format!("uid-{rv}")), |o| o["metadata"]["uid"].clone());
+            obj["metadata"]["uid"] = old.as_ref().map_or_else(
+                || json!(format!("uid-{rv}")),
+                |o| o["metadata"]["uid"].clone(),
+            );
             if coll.ends_with("/deployments")
                 && let Some(s) = &st.deployment_status
             {
@@ -264,6 +291,27 @@ fn handle_request(
             StatusCode::METHOD_NOT_ALLOWED,
             status_body(405, "MethodNotAllowed", "not supported by the fake API"),
         ),
+    }
+}
+
+/// Whether the object at `key` belongs to the list at `coll`, which is either
+/// namespaced (`.../namespaces/NS/PLURAL`) or across namespaces (`.../PLURAL`).
+fn in_collection(key: &str, coll: &str) -> bool {
+    let (kcoll, name, sub) = split(key);
+    if name.is_none() || sub.is_some() {
+        return false;
+    }
+    if kcoll == coll {
+        return true;
+    }
+    // `/apis/G/V/namespaces/NS/PLURAL` is in `/apis/G/V/PLURAL`.
+    let parts: Vec<&str> = kcoll.trim_matches('/').split('/').collect();
+    match parts.iter().position(|p| *p == "namespaces") {
+        Some(i) if parts.len() == i + 3 => {
+            let cluster = [&parts[..i], &parts[i + 2..]].concat().join("/");
+            format!("/{cluster}") == coll
+        }
+        _ => false,
     }
 }
 

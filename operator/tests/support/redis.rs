@@ -65,7 +65,10 @@ impl RedisServer {
             if redis_cli(port, password, &["PING"]).as_deref() == Ok("PONG") {
                 break;
             }
-            assert!(Instant::now() < deadline, "redis-server on {port} did not answer PING");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not answer PING"
+            );
             sleep(Duration::from_millis(50));
         }
         RedisServer {

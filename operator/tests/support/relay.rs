@@ -130,7 +130,9 @@ pub fn localise(
         l.address = format!("127.0.0.1:{port}").parse().unwrap();
         addrs.push(l.address);
     }
-    let admin: SocketAddr = format!("127.0.0.1:{}", ports[ports.len() - 1]).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", ports[ports.len() - 1])
+        .parse()
+        .unwrap();
     cfg.admin.address = Some(admin);
     if let (Some(url), Some(r)) = (redis_url, cfg.queue.redis.as_mut()) {
         r.url = url.to_owned();

@@ -95,7 +95,11 @@ pub fn swaks(server: SocketAddr, from: &str, to: &str, extra: &[&str]) -> String
         .output()
         .expect("swaks must be installed");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "swaks failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "swaks failed:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("queued as"), "not queued:\n{text}");
     text
 }
@@ -189,7 +193,14 @@ pub fn make_cert(dir: &Path) -> (PathBuf, PathBuf) {
     let cert = dir.join("tls.crt");
     let key = dir.join("tls.key");
     let st = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
         .args(["-nodes", "-days", "2", "-subj", "/CN=relay.example.com"])
         .arg("-keyout")
         .arg(&key)

@@ -60,9 +60,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    DeliveryTotals, Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue, QueueError,
-    QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector, lease_token,
-    now_ms,
+    DeliveryTotals, Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue,
+    QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector,
+    lease_token, now_ms,
 };
 
 /// File name of the database inside the queue directory.

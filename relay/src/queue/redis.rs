@@ -83,9 +83,9 @@ use redis::{
 };
 
 use super::{
-    DeliveryTotals, Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue, QueueError,
-    QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector, lease_token,
-    now_ms,
+    DeliveryTotals, Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue,
+    QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector,
+    lease_token, now_ms,
 };
 use crate::config::RedisConfig;
 
