@@ -29,7 +29,8 @@ pub const LIMIT_PATTERN: &str = r"^[1-9][0-9]{0,17}/([1-9][0-9]{0,5})?[smhd]$";
     printcolumn(name = "Limit", type_ = "string", json_path = ".status.limit"),
     printcolumn(name = "Used", type_ = "integer", json_path = ".status.used"),
     printcolumn(name = "Remaining", type_ = "integer", json_path = ".status.remaining"),
-    printcolumn(name = "Resets", type_ = "date", json_path = ".status.resetsAt"),
+    // A string, not a date: kubectl shows future dates as `<invalid>`.
+    printcolumn(name = "Resets", type_ = "string", json_path = ".status.resetsAt"),
     printcolumn(
         name = "Age",
         type_ = "date",
