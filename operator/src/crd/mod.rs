@@ -96,7 +96,8 @@ fn with_root_rule(
                 .push(ValidationRule {
                     rule: rule.into(),
                     message: Some(message.into()),
-                    field_path: Some(".metadata.name".into()),
+                    // No fieldPath: the API server accepts only paths declared in
+                    // the schema, and `metadata` is its own. The message names it.
                     ..ValidationRule::default()
                 });
         }
