@@ -27,7 +27,9 @@ const MAX_ERROR_LEN: usize = 200;
 pub struct QueueReport {
     pub queue: QueueSummary,
     pub delivery: DeliveryCounters,
-    pub top_deferred: Vec<DeferredDestination>,
+    /// `None` when the sample could not be read (a huge queue can take longer
+    /// than the store's deadline to scan): the status keeps what it showed.
+    pub top_deferred: Option<Vec<DeferredDestination>>,
 }
 
 /// Milliseconds since the epoch as a Kubernetes `Time` (whole seconds, as the API
@@ -42,15 +44,22 @@ pub async fn read_report(queue: &dyn Queue) -> Result<QueueReport, QueueError> {
     let stats = queue.stats().await?;
     let totals = queue.delivery_totals().await?;
     let deferred = if stats.deferred > 0 {
-        queue
+        let sample = queue
             .list(ListFilter {
                 deferred_only: true,
                 domain: None,
                 limit: DEFERRED_SAMPLE,
             })
-            .await?
+            .await;
+        match sample {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sample deferred mail for the status");
+                None
+            }
+        }
     } else {
-        Vec::new()
+        Some(Vec::new())
     };
     Ok(QueueReport {
         queue: QueueSummary {
@@ -65,7 +74,7 @@ pub async fn read_report(queue: &dyn Queue) -> Result<QueueReport, QueueError> {
             bounced: totals.bounced,
             expired: totals.expired,
         },
-        top_deferred: top_deferring(&deferred, TOP_DEFERRED),
+        top_deferred: deferred.map(|d| top_deferring(&d, TOP_DEFERRED)),
     })
 }
 

@@ -136,7 +136,9 @@ pub fn relay_status(
         Some(Ok(report)) => {
             st.queue = Some(report.queue.clone());
             st.delivery = Some(report.delivery.clone());
-            st.top_deferred = report.top_deferred.clone();
+            if let Some(top) = &report.top_deferred {
+                st.top_deferred = top.clone();
+            }
             None
         }
         Some(Err(e)) => Some(e.clone()),
