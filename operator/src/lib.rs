@@ -1,7 +1,23 @@
-//! mailrelay-operator: reconciles `MailRelay` and `SendQuota` resources into relay
-//! Deployments. This first cut holds the piece every later part builds on: rendering
-//! the relay's own config format (the ConfigMap payload) from a typed config, so the
-//! operator and the relay can never disagree on it.
+//! mailrelay-operator: reconciles `MailRelay` and `SendQuota` resources into running
+//! relays and reports queue, delivery and quota status back on them.
+//!
+//! - [`crd`]: the resource types (the source of `crds/*.yaml`).
+//! - [`resources`]: pure builders, MailRelay (+ SendQuotas) -> ConfigMap, Deployment,
+//!   Services, PodDisruptionBudget, ServiceAccount. The ConfigMap payload is the
+//!   relay's own config type rendered by [`render_relay_config`], so the operator and
+//!   the relay can never disagree on it.
+//! - [`reconcile`]: the controllers (server-side apply, status, events).
+//! - [`status`]: queue and delivery summary read from the relay's queue store;
+//!   [`quota_api`]: quota usage read from a relay's admin API.
+//! - [`leader`]: Lease-based leader election; [`telemetry`]: `/metrics`, `/healthz`.
+
+pub mod crd;
+pub mod leader;
+pub mod quota_api;
+pub mod reconcile;
+pub mod resources;
+pub mod status;
+pub mod telemetry;
 
 use mailrelay::config::{ConfigError, RelayConfig};
 

@@ -1,9 +1,16 @@
-//! `mailrelay-operator`. The controllers arrive with the operator issue; today the
-//! binary renders and checks relay configs the way the operator will.
+//! `mailrelay-operator`: runs the controllers (`run`), writes the CRDs (`crdgen`) and
+//! renders relay configs (`render-config`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
+use mailrelay_operator::reconcile::{self, Context, DEFAULT_RELAY_IMAGE, Settings};
+use mailrelay_operator::telemetry::{self, Metrics};
 
 #[derive(Parser)]
 #[command(
@@ -18,8 +25,52 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the MailRelay and SendQuota controllers.
+    Run(RunArgs),
+    /// Write the CustomResourceDefinitions as YAML files.
+    Crdgen {
+        /// Directory to write `mailrelay.io_*.yaml` into; `-` prints them to stdout.
+        #[arg(long, default_value = "crds")]
+        out: PathBuf,
+    },
     /// Print the normalised relay config (every default spelled out) for a YAML file.
     RenderConfig { file: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Relay image for MailRelays that name none.
+    #[arg(long, env = "MAILRELAY_RELAY_IMAGE", default_value = DEFAULT_RELAY_IMAGE)]
+    relay_image: String,
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(
+        long,
+        env = "MAILRELAY_OPERATOR_METRICS_ADDRESS",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_address: SocketAddr,
+    /// How often status is refreshed from the queue store and the relays' admin APIs.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    status_interval: Duration,
+    /// Base URL of a relay's admin API (`{name}`, `{namespace}` are replaced).
+    #[arg(long, default_value = "http://{name}-admin.{namespace}.svc:9325")]
+    admin_url_template: String,
+    /// Run without leader election (only ever one replica!).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Namespace of the leader Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "mailrelay-operator")]
+    lease_name: String,
+    /// This replica's identity in the Lease (its pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    mailrelay::config::parse_duration(s)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,6 +79,103 @@ fn main() -> anyhow::Result<()> {
             let cfg = mailrelay::config::RelayConfig::from_file(&file)?;
             print!("{}", mailrelay_operator::render_relay_config(&cfg)?);
         }
+        Command::Crdgen { out } => {
+            for (file, crd) in mailrelay_operator::crd::all_crds() {
+                let yaml = mailrelay_operator::crd::crd_yaml(&crd);
+                if out.as_os_str() == "-" {
+                    print!("---\n{yaml}");
+                } else {
+                    std::fs::create_dir_all(&out)
+                        .with_context(|| format!("cannot create {}", out.display()))?;
+                    let path = out.join(file);
+                    std::fs::write(&path, yaml)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!("wrote {}", path.display());
+                }
+            }
+        }
+        Command::Run(args) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(run(args))?;
+        }
     }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn".into()),
+        )
+        .init();
+    let client = kube::Client::try_default()
+        .await
+        .context("cannot configure the Kubernetes client")?;
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(args.metrics_address)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.metrics_address))?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let wait_stop = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let server = tokio::spawn(telemetry::serve(listener, metrics.clone(), wait_stop()));
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+
+    let settings = Settings {
+        relay_image: args.relay_image,
+        status_interval: args.status_interval,
+        admin_url_template: args.admin_url_template,
+        ..Settings::default()
+    };
+    let ctx = Context::new(client.clone(), settings, metrics.clone());
+    if args.no_leader_election {
+        metrics.set_leader(true);
+        reconcile::run(ctx, wait_stop()).await;
+    } else {
+        let identity = args
+            .identity
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .context("no identity for leader election: set POD_NAME or --identity")?;
+        let mut cfg = ElectorConfig::new(&args.lease_namespace, &identity);
+        cfg.name = args.lease_name;
+        let elector = LeaderElector::new(client, cfg);
+        tokio::select! {
+            _ = elector.acquire() => {}
+            _ = wait_stop() => return Ok(()),
+        }
+        metrics.set_leader(true);
+        tokio::select! {
+            _ = reconcile::run(ctx, wait_stop()) => elector.release().await,
+            _ = elector.hold() => {
+                metrics.set_leader(false);
+                // Another replica may be reconciling already: stop at once and let
+                // the pod restart as a follower.
+                anyhow::bail!("lost the leader Lease");
+            }
+        }
+    }
+    let _ = server.await;
     Ok(())
 }

@@ -491,6 +491,17 @@ impl RelayConfig {
                 }
             }
         }
+        if let Some(user) = get("MAILRELAY_SMARTHOST_USERNAME") {
+            match &mut self.delivery.smarthost {
+                Some(s) => s.username = Some(user),
+                None => {
+                    return Err(invalid(
+                        "MAILRELAY_SMARTHOST_USERNAME",
+                        "set, but no smarthost is configured (delivery.smarthost)",
+                    ));
+                }
+            }
+        }
         if let Some(pw) = get("MAILRELAY_SMARTHOST_PASSWORD") {
             match &mut self.delivery.smarthost {
                 Some(s) => s.password = Some(Secret(pw)),
@@ -886,6 +897,13 @@ mod tests {
         assert!(
             e.contains("delivery.smarthost") && e.contains("prot"),
             "{e}"
+        );
+        let mut c = RelayConfig::from_yaml("delivery: {smarthost: {host: h}}").unwrap();
+        c.apply_env(|k| (k == "MAILRELAY_SMARTHOST_USERNAME").then(|| "envuser".into()))
+            .unwrap();
+        assert_eq!(
+            c.delivery.smarthost.as_ref().unwrap().username.as_deref(),
+            Some("envuser")
         );
         let mut c =
             RelayConfig::from_yaml("delivery: {smarthost: {host: h, username: u}}").unwrap();

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailrelay::queue::{
-    Attempt, AttemptResult, BodyType, ClientInfo, DsnNotify, DsnRet, EmbeddedQueue, Envelope,
-    FinishResult, Lease, Leased, ListFilter, MAX_ATTEMPTS_KEPT, MailParams, MessageStatus, Queue,
-    QueueError, QueueId, QueueOptions, QueueStats, QueuedMessage, RcptState, Recipient, RedisQueue,
-    RetrySelector, TlsInfo, now_ms,
+    Attempt, AttemptResult, BodyType, ClientInfo, DeliveryTotals, DsnNotify, DsnRet, EmbeddedQueue,
+    Envelope, FinishResult, Lease, Leased, ListFilter, MAX_ATTEMPTS_KEPT, MailParams,
+    MessageStatus, Queue, QueueError, QueueId, QueueOptions, QueueStats, QueuedMessage, RcptState,
+    Recipient, RedisQueue, RetrySelector, TlsInfo, now_ms,
 };
 use support::redis::{RedisCluster, RedisServer};
 
@@ -650,6 +650,11 @@ async fn check_finish_final_keeps_only_a_status_record(q: &dyn Queue) {
         .await
         .unwrap();
     assert_eq!(q.stats().await.unwrap().deferred, 1);
+    assert_eq!(
+        q.delivery_totals().await.unwrap(),
+        DeliveryTotals::default(),
+        "nothing final yet"
+    );
     let second = lease_id(q, t + 10, "worker", id).await;
     let mut status = second.status.clone();
     status.rcpts[1].state = RcptState::Bounced;
@@ -700,6 +705,15 @@ async fn check_finish_final_keeps_only_a_status_record(q: &dyn Queue) {
         q.finish(&second.lease, status).await.unwrap(),
         FinishResult::LeaseLost,
         "finishing twice"
+    );
+    assert_eq!(
+        q.delivery_totals().await.unwrap(),
+        DeliveryTotals {
+            delivered: 1,
+            bounced: 1,
+            expired: 0
+        },
+        "counted once, when the message became final"
     );
     assert_eq!(q.retry_now(RetrySelector::Id(id.clone())).await.unwrap(), 0);
 

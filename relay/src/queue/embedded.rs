@@ -29,7 +29,9 @@
 //! | `tokens`       | id           | token of the message's latest lease                |
 //! | `final`        | id           | (expiry ms, JSON of envelope and final status)     |
 //! | `final_expiry` | (ms, id)     | final records by expiry, for purging               |
-//! | `stats`        | name         | `messages`, `bytes` (body bytes), `deferred`       |
+//! | `stats`        | name         | `messages`, `bytes` (body bytes), `deferred`;      |
+//! |                |              | `delivered`, `bounced`, `expired` (recipients of   |
+//! |                |              | finished messages, never decremented)              |
 //! | `meta`         | name         | `layout`: version of this layout                   |
 //!
 //! A queued message is in exactly one of `due` and `leased`. Counters live in `stats`
@@ -58,9 +60,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue, QueueError,
-    QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector, lease_token,
-    now_ms,
+    DeliveryTotals, Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue,
+    QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector,
+    lease_token, now_ms,
 };
 
 /// File name of the database inside the queue directory.
@@ -81,6 +83,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const STAT_MESSAGES: &str = "messages";
 const STAT_BYTES: &str = "bytes";
 const STAT_DEFERRED: &str = "deferred";
+const STAT_DELIVERED: &str = "delivered";
+const STAT_BOUNCED: &str = "bounced";
+const STAT_EXPIRED: &str = "expired";
 const META_LAYOUT: &str = "layout";
 /// Version 1 had only `envelopes`, `bodies` and `stats`; its messages get a schedule
 /// and a status when first opened by this version.
@@ -418,6 +423,17 @@ impl Queue for EmbeddedQueue {
                 leased: leased.len().map_err(db_err)?,
                 deferred: stat(&stats, STAT_DEFERRED)?,
                 oldest_ms,
+            })
+        }))
+    }
+
+    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
+        Box::pin(self.read(|txn| {
+            let stats = txn.open_table(STATS).map_err(db_err)?;
+            Ok(DeliveryTotals {
+                delivered: stat(&stats, STAT_DELIVERED)?,
+                bounced: stat(&stats, STAT_BOUNCED)?,
+                expired: stat(&stats, STAT_EXPIRED)?,
             })
         }))
     }
@@ -1050,6 +1066,17 @@ impl<'t> Tables<'t> {
                 self.bytes = self.bytes.saturating_sub(len);
                 if old_attempts > 0 {
                     self.deferred = self.deferred.saturating_sub(1);
+                }
+                let totals = DeliveryTotals::of(status);
+                for (name, n) in [
+                    (STAT_DELIVERED, totals.delivered),
+                    (STAT_BOUNCED, totals.bounced),
+                    (STAT_EXPIRED, totals.expired),
+                ] {
+                    if n > 0 {
+                        let v = stat(&self.stats, name)?.saturating_add(n);
+                        self.stats.insert(name, v).map_err(db_err)?;
+                    }
                 }
                 let expires_ms = now_ms.saturating_add(retention_ms);
                 let record = encode(

@@ -233,6 +233,34 @@ pub struct QueueStats {
     pub oldest_ms: Option<u64>,
 }
 
+/// Recipients of finished messages by final state, counted since the store was
+/// created (over every relay sharing it): the delivery counters of the operator's
+/// status. A message's recipients are counted when its last recipient becomes final
+/// (so a message still waiting for one recipient counts none of them yet); messages
+/// removed with `queue delete` are not counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryTotals {
+    pub delivered: u64,
+    pub bounced: u64,
+    pub expired: u64,
+}
+
+impl DeliveryTotals {
+    /// The recipients of a final status, by state.
+    pub fn of(status: &MessageStatus) -> Self {
+        let mut t = DeliveryTotals::default();
+        for r in &status.rcpts {
+            match r.state {
+                RcptState::Delivered => t.delivered += 1,
+                RcptState::Bounced => t.bounced += 1,
+                RcptState::Expired => t.expired += 1,
+                RcptState::Pending => {}
+            }
+        }
+        t
+    }
+}
+
 /// How long a backend keeps the status record of a message that reached a final
 /// state, unless told otherwise ([`QueueOptions`]). A day is enough to answer "what
 /// happened to my mail from this morning" without letting records of a busy relay
@@ -550,6 +578,11 @@ pub trait Queue: Send + Sync + 'static {
     fn remove<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, bool>;
 
     fn stats(&self) -> QueueFuture<'_, QueueStats>;
+
+    /// Recipients of finished messages by final state (see [`DeliveryTotals`]).
+    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
+        unsupported("delivery_totals")
+    }
 
     /// Cheap liveness probe of the store, for `/readyz`.
     fn ping(&self) -> QueueFuture<'_, ()>;

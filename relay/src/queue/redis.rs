@@ -13,7 +13,9 @@
 //! | `mr:{mr:s07}:due`    | sorted set | queued, not leased: id scored by next attempt ms  |
 //! | `mr:{mr:s07}:leased` | sorted set | in flight: id scored by lease expiry ms           |
 //! | `mr:{mr:s07}:ids`    | sorted set | every queued id, score 0: lexical = arrival order |
-//! | `mr:{mr:s07}:stats`  | hash       | `messages`, `bytes` (body bytes), `deferred`      |
+//! | `mr:{mr:s07}:stats`  | hash       | `messages`, `bytes` (body bytes), `deferred`;     |
+//! |                      |            | `delivered`, `bounced`, `expired` (recipients of  |
+//! |                      |            | finished messages, never decremented)             |
 //!
 //! Fields of the message hash `m:<id>`:
 //!
@@ -81,9 +83,9 @@ use redis::{
 };
 
 use super::{
-    Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue, QueueError,
-    QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector, lease_token,
-    now_ms,
+    DeliveryTotals, Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue,
+    QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector,
+    lease_token, now_ms,
 };
 use crate::config::RedisConfig;
 
@@ -186,7 +188,8 @@ return out
 
 const FINISH_LUA: &str = r#"
 -- KEYS: message hash, due set, leased set, ids set, stats hash
--- ARGV: id, token, status JSON, attempts, next attempt ms ('' when final), retention ms
+-- ARGV: id, token, status JSON, attempts, next attempt ms ('' when final), retention ms,
+--       then delivered, bounced, expired recipient counts (added to the totals when final)
 -- Returns 0 lease lost, 1 rescheduled, 2 final.
 if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
   return 0
@@ -212,6 +215,9 @@ redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[1], 'body', 'attempts')
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'final', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('HINCRBY', KEYS[5], 'delivered', ARGV[7])
+redis.call('HINCRBY', KEYS[5], 'bounced', ARGV[8])
+redis.call('HINCRBY', KEYS[5], 'expired', ARGV[9])
 redis.call('HINCRBY', KEYS[5], 'messages', -1)
 redis.call('HINCRBY', KEYS[5], 'bytes', -len)
 if old > 0 then
@@ -953,6 +959,34 @@ impl Queue for RedisQueue {
         }))
     }
 
+    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
+        Box::pin(self.deadline("delivery_totals", async move {
+            let shards = self
+                .per_shard("delivery_totals", |keys| {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("HMGET")
+                        .arg(&keys.stats)
+                        .arg("delivered")
+                        .arg("bounced")
+                        .arg("expired");
+                    pipe
+                })
+                .await?;
+            let mut totals = DeliveryTotals::default();
+            let n = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+            for replies in shards {
+                let ((delivered, bounced, expired),): ((Option<i64>, Option<i64>, Option<i64>),) =
+                    redis::from_redis_value(Value::Array(replies)).map_err(|e| {
+                        QueueError::Corrupt(format!("redis delivery totals reply: {e}"))
+                    })?;
+                totals.delivered += n(delivered);
+                totals.bounced += n(bounced);
+                totals.expired += n(expired);
+            }
+            Ok(totals)
+        }))
+    }
+
     fn ping(&self) -> QueueFuture<'_, ()> {
         Box::pin(self.deadline("ping", async move {
             let cmd = redis::cmd("PING");
@@ -1017,6 +1051,7 @@ impl Queue for RedisQueue {
             let id = id.as_str();
             let keys = self.keys(id);
             let json = encode("status", &status)?;
+            let totals = DeliveryTotals::of(&status);
             let retention_ms = u64::try_from(self.options.status_retention.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1);
@@ -1036,7 +1071,10 @@ impl Queue for RedisQueue {
                         .next_attempt_ms
                         .map_or_else(String::new, |t| t.to_string()),
                 )
-                .arg(retention_ms);
+                .arg(retention_ms)
+                .arg(totals.delivered)
+                .arg(totals.bounced)
+                .arg(totals.expired);
             let result: i64 = self.eval("finish", &invocation).await?;
             Ok(match result {
                 1 => FinishResult::Rescheduled,

@@ -1,0 +1,254 @@
+//! `SendQuota`: a limit on mail for the relays it selects; one entry of their
+//! `quotas:` config, named like the resource.
+
+// Each `printcolumn(...)` repeats `type_ = ...`, which clippy takes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A limit like `100/1m`: at most N in any rolling window of s/m/h/d.
+pub const LIMIT_PATTERN: &str = r"^[1-9][0-9]{0,17}/([1-9][0-9]{0,5})?[smhd]$";
+
+/// A quota on the mail of the MailRelays it selects (same namespace).
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "mailrelay.io",
+    version = "v1alpha1",
+    kind = "SendQuota",
+    plural = "sendquotas",
+    shortname = "sq",
+    namespaced,
+    status = "SendQuotaStatus",
+    derive = "PartialEq",
+    doc = "A send quota: rolling-window limits on accepted (ingress) or delivered (egress) mail of the selected MailRelays.",
+    printcolumn(name = "Direction", type_ = "string", json_path = ".spec.direction"),
+    printcolumn(name = "Limit", type_ = "string", json_path = ".status.limit"),
+    printcolumn(name = "Used", type_ = "integer", json_path = ".status.used"),
+    printcolumn(name = "Remaining", type_ = "integer", json_path = ".status.remaining"),
+    // A string, not a date: kubectl shows future dates as `<invalid>`.
+    printcolumn(name = "Resets", type_ = "string", json_path = ".status.resetsAt"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.limits) && size(self.limits) > 0) || has(self.maxConnections)",
+        "message": "give at least one limit like 100/1m (or maxConnections for an egress quota)",
+        "fieldPath": ".limits"
+    },
+    {
+        "rule": "self.direction == 'ingress' || !has(self.action)",
+        "message": "action applies to ingress quotas only (egress quotas always hold mail in the queue)",
+        "fieldPath": ".action"
+    },
+    {
+        "rule": "self.direction == 'egress' || !has(self.maxConnections)",
+        "message": "maxConnections applies to egress quotas only",
+        "fieldPath": ".maxConnections"
+    },
+    {
+        "rule": "self.direction == 'egress' || !has(self.match) || ((!has(self.match.destinationDomains) || size(self.match.destinationDomains) == 0) && (!has(self.match.mxHosts) || size(self.match.mxHosts) == 0) && !(has(self.match.smarthost) && self.match.smarthost))",
+        "message": "destinationDomains, mxHosts and smarthost match egress quotas only",
+        "fieldPath": ".match"
+    },
+    {
+        "rule": "self.direction == 'ingress' || !has(self.match) || ((!has(self.match.senders) || size(self.match.senders) == 0) && (!has(self.match.authUsers) || size(self.match.authUsers) == 0) && (!has(self.match.clientNetworks) || size(self.match.clientNetworks) == 0) && (!has(self.match.recipientDomains) || size(self.match.recipientDomains) == 0))",
+        "message": "senders, authUsers, clientNetworks and recipientDomains match ingress quotas only",
+        "fieldPath": ".match"
+    },
+    {
+        "rule": "self.direction == 'egress' || !has(self.key) || !(self.key in ['destinationDomain', 'mxSite'])",
+        "message": "destinationDomain and mxSite are keys of egress quotas",
+        "fieldPath": ".key"
+    },
+    {
+        "rule": "self.direction == 'ingress' || !has(self.key) || !(self.key in ['sender', 'senderDomain', 'authUser', 'clientIp'])",
+        "message": "sender, senderDomain, authUser and clientIp are keys of ingress quotas",
+        "fieldPath": ".key"
+    }
+]))]
+pub struct SendQuotaSpec {
+    /// Which MailRelays (same namespace) enforce this quota; empty: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_selector: Option<LabelSelector>,
+    /// `ingress`: mail clients submit to the relay. `egress`: mail the relay delivers.
+    pub direction: Direction,
+    /// What mail the quota counts: every listed field must match, any entry of a
+    /// field may; no `match` counts all mail of its direction.
+    #[serde(default, rename = "match", skip_serializing_if = "Option::is_none")]
+    pub match_: Option<QuotaMatch>,
+    /// Rolling windows, e.g. `["100/1m", "1000/1h", "10000/1d"]`; all must allow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[schemars(extend("items" = {"type": "string", "maxLength": 32, "pattern": LIMIT_PATTERN}))]
+    pub limits: Vec<String>,
+    /// What one unit is.
+    #[serde(default)]
+    pub unit: Unit,
+    /// `perKey`: a counter per key (each sender gets the full limit). `shared`: one
+    /// counter for all matched mail.
+    #[serde(default)]
+    pub scope: Scope,
+    /// What tells keys apart under `scope: perKey`.
+    #[serde(default)]
+    pub key: KeyBy,
+    /// Ingress only: `reject` tempfails at SMTP, `defer` accepts and holds the
+    /// mail until the window allows it. Default `reject`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    /// Egress only: outbound connections open at once per key, over all relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_connections: Option<u32>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Unit {
+    #[default]
+    Messages,
+    Recipients,
+    Bytes,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Scope {
+    #[default]
+    PerKey,
+    Shared,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum KeyBy {
+    /// Ingress: the AUTH user, else the sender. Egress: the destination domain.
+    #[default]
+    Auto,
+    Sender,
+    SenderDomain,
+    AuthUser,
+    ClientIp,
+    DestinationDomain,
+    /// Egress: destinations sharing MX hosts share a counter.
+    MxSite,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Tempfail at SMTP (`451 4.7.1`); the client retries later.
+    Reject,
+    /// Accept, and hold the mail in the queue until the window allows it.
+    Defer,
+}
+
+/// Patterns are case-insensitive globs with `*` and `?`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaMatch {
+    /// Ingress: envelope senders (`*@example.com`, `alerts-*@example.com`, `example.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
+    pub senders: Vec<String>,
+    /// Ingress: SMTP AUTH user names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
+    pub auth_users: Vec<String>,
+    /// Ingress: client networks (CIDR).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 64,
+        "x-kubernetes-validations": [{"rule": "isCIDR(self)", "message": "must be a network like 10.1.0.0/16"}]
+    }))]
+    pub client_networks: Vec<String>,
+    /// Ingress: count only recipients in these domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
+    pub recipient_domains: Vec<String>,
+    /// Egress: recipient domains.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
+    pub destination_domains: Vec<String>,
+    /// Egress: MX host names serving the destination (`*.google.com`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 256),
+        inner(length(min = 1, max = 320), regex(pattern = r"^\S+$"))
+    )]
+    pub mx_hosts: Vec<String>,
+    /// Egress: mail sent through the smarthost.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub smarthost: bool,
+}
+
+/// Usage of the quota as the selected relays count it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SendQuotaStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`: every selected relay reports the quota.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// MailRelays this quota selects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<String>,
+    /// The window closest to its limit (over all keys and relays), e.g. `100/1m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
+    /// Units used in that window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub used: Option<u64>,
+    /// Units left in that window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    /// When that window next frees units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<Time>,
+    /// Usage per relay, key and window; the most used keys first (at most 20 rows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<QuotaWindowStatus>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaWindowStatus {
+    pub relay: String,
+    /// The counter's key (`*` for a shared quota).
+    pub key: String,
+    pub limit: String,
+    pub used: u64,
+    pub remaining: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<Time>,
+}

@@ -1,0 +1,346 @@
+//! The controllers: MailRelay (objects, status) and SendQuota (usage status).
+//!
+//! Each `reconcile` is idempotent: it reads what it needs, applies the desired
+//! objects with server-side apply under the field manager [`MANAGER`], computes the
+//! status with pure functions and patches it only when it changed. Problems with the
+//! input (a missing Secret, an invalid spec) are reported on the resource and retried
+//! later, never returned as errors; errors (API server trouble) requeue with
+//! per-object exponential backoff.
+//!
+//! Cleanup needs no finalizer: every object carries a controller owner reference,
+//! so the garbage collector removes them with the MailRelay. Queued mail in Redis is
+//! deliberately never deleted by the operator.
+
+pub mod conditions;
+pub mod quota;
+pub mod relay;
+pub mod secrets;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use mailrelay::queue::{Queue, RedisQueue};
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::crd::{MailRelay, SendQuota};
+use crate::quota_api::AdminClient;
+use crate::telemetry::Metrics;
+
+/// Field manager of every server-side apply.
+pub const MANAGER: &str = "mailrelay-operator";
+/// The default relay image (the chart and Dockerfile agree on it).
+pub const DEFAULT_RELAY_IMAGE: &str =
+    concat!("ghcr.io/mailrelay/mailrelay:", env!("CARGO_PKG_VERSION"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot publish event: {0}")]
+    Event(kube::Error),
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+}
+
+impl Error {
+    /// Label value for the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Event(_) => "event",
+            Error::NoNamespace(_) => "no_namespace",
+        }
+    }
+}
+
+/// Knobs of the controllers.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Relay image when a MailRelay names none.
+    pub relay_image: String,
+    /// How often status is refreshed from the queue store and admin APIs.
+    pub status_interval: Duration,
+    /// How soon a relay blocked on a missing Secret is looked at again (the Secret
+    /// watch usually triggers earlier).
+    pub blocked_retry: Duration,
+    /// Base URL of a relay's admin API; `{name}` and `{namespace}` are replaced.
+    pub admin_url_template: String,
+    /// Deadline of one queue-store read.
+    pub queue_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            relay_image: DEFAULT_RELAY_IMAGE.into(),
+            status_interval: Duration::from_secs(30),
+            blocked_retry: Duration::from_secs(30),
+            admin_url_template: "http://{name}-admin.{namespace}.svc:9325".into(),
+            queue_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Settings {
+    pub fn admin_url(&self, namespace: &str, name: &str) -> String {
+        self.admin_url_template
+            .replace("{name}", name)
+            .replace("{namespace}", namespace)
+    }
+}
+
+/// Open queue-store connections, one per relay, reused while its settings hold.
+#[derive(Default)]
+pub struct QueueConnections {
+    conns: AsyncMutex<HashMap<String, (String, Arc<RedisQueue>)>>,
+}
+
+impl QueueConnections {
+    /// The queue of relay `key` for `cfg` (reconnecting when the settings changed).
+    pub async fn get(
+        &self,
+        key: &str,
+        cfg: &mailrelay::config::RedisConfig,
+    ) -> Result<Arc<dyn Queue>, mailrelay::queue::QueueError> {
+        let fingerprint = format!(
+            "{}|{}|{}|{}|{}",
+            cfg.url,
+            cfg.key_prefix,
+            cfg.cluster,
+            cfg.cluster_nodes.join(","),
+            crate::resources::secret_digest(&[cfg
+                .password
+                .as_ref()
+                .map_or(&b""[..], |p| p.0.as_bytes())])
+        );
+        let mut conns = self.conns.lock().await;
+        if let Some((fp, q)) = conns.get(key)
+            && *fp == fingerprint
+        {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(RedisQueue::connect(cfg).await?);
+        conns.insert(key.to_owned(), (fingerprint, q.clone()));
+        Ok(q)
+    }
+
+    pub async fn forget(&self, key: &str) {
+        self.conns.lock().await.remove(key);
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub settings: Settings,
+    pub queues: QueueConnections,
+    pub admin: AdminClient,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per object, for the backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Arc<Context> {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Arc::new(Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            queues: QueueConnections::default(),
+            admin: AdminClient::new(),
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn record_failure(&self, key: &str) -> u32 {
+        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = f.entry(key.to_owned()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn record_success(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+/// Delay before retrying after the `n`th consecutive failure (n >= 1): 5 s doubling
+/// up to 5 minutes.
+pub fn backoff(n: u32) -> Duration {
+    let secs = 5u64.saturating_mul(1u64 << n.saturating_sub(1).min(16));
+    Duration::from_secs(secs.min(300))
+}
+
+fn object_key<K: kube::Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+pub fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let n = ctx.record_failure(&object_key(obj.as_ref()));
+    let delay = backoff(n);
+    tracing::warn!(object = %object_key(obj.as_ref()), %error, attempt = n, retry_in = ?delay, "reconcile failed");
+    ctx.metrics
+        .reconcile_error(&K::kind(&()), error.metric_label());
+    Action::requeue(delay)
+}
+
+/// The relays to reconcile when a SendQuota changes: every relay in its namespace,
+/// which covers those its selector picks now and those it picked before an edit.
+pub fn relays_for_quota(relays: &[Arc<MailRelay>], sq: &SendQuota) -> Vec<ObjectRef<MailRelay>> {
+    let ns = sq.namespace();
+    relays
+        .iter()
+        .filter(|r| r.namespace() == ns)
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
+}
+
+/// The relays to reconcile when Secret `name` in `ns` changes: those referencing it.
+pub fn relays_for_secret(
+    relays: &[Arc<MailRelay>],
+    ns: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<MailRelay>> {
+    relays
+        .iter()
+        .filter(|r| {
+            r.namespace().as_deref() == ns
+                && secrets::needed(&r.spec).iter().any(|n| n.name == name)
+        })
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
+}
+
+/// The SendQuotas to reconcile when a relay changes (its labels decide which
+/// quotas select it): every quota in its namespace.
+pub fn quotas_for_relay(quotas: &[Arc<SendQuota>], relay: &MailRelay) -> Vec<ObjectRef<SendQuota>> {
+    let ns = relay.namespace();
+    quotas
+        .iter()
+        .filter(|q| q.namespace() == ns)
+        .map(|q| ObjectRef::from_obj(q.as_ref()))
+        .collect()
+}
+
+/// Runs both controllers until `shutdown` completes.
+pub async fn run(
+    ctx: Arc<Context>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stop = move || {
+        let mut rx = rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let owned =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=mailrelay-operator");
+
+    let relays = Controller::new(
+        Api::<MailRelay>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let relay_store = relays.store();
+    let by_quota = relay_store.clone();
+    let by_secret = relay_store.clone();
+    let relays = relays
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned)
+        .watches(
+            Api::<SendQuota>::all(client.clone()),
+            watcher::Config::default(),
+            move |sq| relays_for_quota(&by_quota.state(), &sq),
+        )
+        // Only metadata is used (which relays reference a Secret by name); the
+        // values are fetched by the reconcile of the relays concerned.
+        .watches(
+            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            watcher::Config::default(),
+            move |s| relays_for_secret(&by_secret.state(), s.namespace().as_deref(), &s.name_any()),
+        )
+        .graceful_shutdown_on(stop())
+        .run(relay::reconcile, error_policy::<MailRelay>, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "mailrelay controller");
+            }
+        });
+
+    let quotas = Controller::new(
+        Api::<SendQuota>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let quota_store = quotas.store();
+    let quotas = quotas
+        .watches(
+            Api::<MailRelay>::all(client.clone()),
+            watcher::Config::default(),
+            move |r| quotas_for_relay(&quota_store.state(), &r),
+        )
+        .graceful_shutdown_on(stop())
+        .run(quota::reconcile, error_policy::<SendQuota>, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "sendquota controller");
+            }
+        });
+
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    tokio::join!(relays, quotas);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_ceiling() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(4), Duration::from_secs(40));
+        assert_eq!(backoff(7), Duration::from_secs(300));
+        assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+    }
+
+    #[test]
+    fn admin_urls_follow_the_template() {
+        let s = Settings::default();
+        assert_eq!(
+            s.admin_url("mail", "relay"),
+            "http://relay-admin.mail.svc:9325"
+        );
+    }
+}

@@ -1,0 +1,191 @@
+//! The SendQuota reconcile: which relays it applies to and how much of it is used.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+
+use super::conditions::{self, READY, condition};
+use super::{Context, Error, MANAGER, object_key};
+use crate::crd::{MailRelay, SendQuota, SendQuotaStatus};
+use crate::quota_api::{QuotaApiError, QuotaUsage, summarise};
+use crate::resources::config::{quota_config, selects};
+
+/// What asking one relay for the quota gave.
+#[derive(Debug)]
+pub enum RelayAnswer {
+    Usage(QuotaUsage),
+    /// The relay does not know the quota (yet: it reloads its config shortly after
+    /// the ConfigMap changes).
+    Unknown,
+    Failed(String),
+}
+
+/// Pure: the new status from the spec check and the relays' answers.
+pub fn quota_status(
+    old: Option<&SendQuotaStatus>,
+    generation: Option<i64>,
+    invalid: Option<&str>,
+    answers: &[(String, RelayAnswer)],
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> SendQuotaStatus {
+    let old = old.cloned().unwrap_or_default();
+    let oc = &old.conditions;
+    let reports: Vec<(String, QuotaUsage)> = answers
+        .iter()
+        .filter_map(|(r, a)| match a {
+            RelayAnswer::Usage(u) => Some((r.clone(), u.clone())),
+            _ => None,
+        })
+        .collect();
+    let summary = summarise(&reports);
+    let ready = if let Some(msg) = invalid {
+        condition(oc, READY, false, "InvalidSpec", msg, generation, now)
+    } else if answers.is_empty() {
+        condition(
+            oc,
+            READY,
+            false,
+            "NoRelays",
+            "no MailRelay in this namespace matches relaySelector",
+            generation,
+            now,
+        )
+    } else if let Some((r, RelayAnswer::Failed(e))) = answers
+        .iter()
+        .find(|(_, a)| matches!(a, RelayAnswer::Failed(_)))
+    {
+        condition(
+            oc,
+            READY,
+            false,
+            "RelayUnreachable",
+            format!("MailRelay {r}: {e}"),
+            generation,
+            now,
+        )
+    } else if let Some((r, _)) = answers
+        .iter()
+        .find(|(_, a)| matches!(a, RelayAnswer::Unknown))
+    {
+        condition(
+            oc,
+            READY,
+            false,
+            "NotLoaded",
+            format!("MailRelay {r} has not loaded the quota yet"),
+            generation,
+            now,
+        )
+    } else {
+        condition(
+            oc,
+            READY,
+            true,
+            "Enforced",
+            format!("enforced by {} relay(s)", answers.len()),
+            generation,
+            now,
+        )
+    };
+    SendQuotaStatus {
+        observed_generation: generation,
+        conditions: vec![ready],
+        relays: answers.iter().map(|(r, _)| r.clone()).collect(),
+        limit: summary.tightest.as_ref().map(|t| t.limit.clone()),
+        used: summary.tightest.as_ref().map(|t| t.used),
+        remaining: summary.tightest.as_ref().map(|t| t.remaining),
+        resets_at: summary.tightest.and_then(|t| t.resets_at),
+        windows: summary.rows,
+    }
+}
+
+pub async fn reconcile(sq: Arc<SendQuota>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&sq, &ctx).await;
+    ctx.metrics
+        .reconciled("SendQuota", started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.record_success(&object_key(sq.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(sq: &SendQuota, ctx: &Context) -> Result<Action, Error> {
+    let ns = sq
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(sq.name_any()))?;
+    if sq.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let name = sq.name_any();
+    let invalid = quota_config(sq).err().map(|e| e.to_string());
+    let mut answers = Vec::new();
+    if invalid.is_none() {
+        let relays = Api::<MailRelay>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default())
+            .await?;
+        let mut selected: Vec<&MailRelay> =
+            relays.items.iter().filter(|r| selects(sq, r)).collect();
+        selected.sort_by_key(|r| r.name_any());
+        for relay in selected {
+            let base = ctx.settings.admin_url(&ns, &relay.name_any());
+            let answer = match ctx.admin.quota(&base, &name).await {
+                Ok(Some(u)) => RelayAnswer::Usage(u),
+                Ok(None) => RelayAnswer::Unknown,
+                Err(e @ QuotaApiError::Request { .. })
+                | Err(e @ QuotaApiError::Status { .. })
+                | Err(e @ QuotaApiError::Decode { .. }) => RelayAnswer::Failed(e.to_string()),
+            };
+            answers.push((relay.name_any(), answer));
+        }
+    }
+    let now = conditions::now();
+    let new = quota_status(
+        sq.status.as_ref(),
+        sq.meta().generation,
+        invalid.as_deref(),
+        &answers,
+        &now,
+    );
+    if let Some(msg) = &invalid {
+        let old_ready = sq
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY));
+        if old_ready.is_none_or(|c| c.reason != "InvalidSpec" || c.message != *msg) {
+            ctx.recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Warning,
+                        reason: "InvalidSpec".into(),
+                        note: Some(msg.clone()),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    },
+                    &sq.object_ref(&()),
+                )
+                .await
+                .map_err(Error::Event)?;
+        }
+    }
+    if sq.status.as_ref() != Some(&new) {
+        let body = serde_json::json!({
+            "apiVersion": "mailrelay.io/v1alpha1",
+            "kind": "SendQuota",
+            "status": new,
+        });
+        Api::<SendQuota>::namespaced(ctx.client.clone(), &ns)
+            .patch_status(
+                &name,
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await?;
+        ctx.metrics.status_patched("SendQuota");
+    }
+    Ok(Action::requeue(ctx.settings.status_interval))
+}

@@ -1,0 +1,256 @@
+//! The MailRelay reconcile: quotas and Secrets in, objects and status out.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use mailrelay::config::{RedisConfig, Secret as RelaySecret};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::conditions::{self, Outcome, READY, Rollout};
+use super::secrets;
+use super::{Context, Error, MANAGER, object_key};
+use crate::crd::{MailRelay, MailRelayStatus, SendQuota};
+use crate::resources::config::{SpecError, quota_config, selects};
+use crate::resources::{self, Inputs};
+use crate::status::{QueueReport, read_report};
+
+/// Server-side applies `obj` (the operator owns every field it sets; `force` takes
+/// over fields someone else changed by hand).
+pub async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    Ok(api
+        .patch(
+            &obj.name_any(),
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(obj),
+        )
+        .await?)
+}
+
+/// The quotas that select `relay`, converted; and those that select it but are
+/// invalid (left out of its config, reported on the SendQuota).
+pub fn select_quotas(
+    relay: &MailRelay,
+    all: &[SendQuota],
+) -> (
+    Vec<mailrelay::quota::config::QuotaConfig>,
+    Vec<(String, SpecError)>,
+) {
+    let mut chosen: Vec<&SendQuota> = all
+        .iter()
+        .filter(|q| q.meta().deletion_timestamp.is_none() && selects(q, relay))
+        .collect();
+    chosen.sort_by_key(|q| q.name_any());
+    let mut ok = Vec::new();
+    let mut bad = Vec::new();
+    for q in chosen {
+        match quota_config(q) {
+            Ok(c) => ok.push(c),
+            Err(e) => bad.push((q.name_any(), e)),
+        }
+    }
+    (ok, bad)
+}
+
+pub async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let result = reconcile_inner(&relay, &ctx).await;
+    ctx.metrics
+        .reconciled("MailRelay", started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.record_success(&object_key(relay.as_ref()));
+    }
+    result
+}
+
+async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Error> {
+    let ns = relay
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(relay.name_any()))?;
+    let name = relay.name_any();
+    let key = object_key(relay);
+    if relay.meta().deletion_timestamp.is_some() {
+        // The garbage collector removes the owned objects; only our own state goes.
+        ctx.queues.forget(&key).await;
+        return Ok(Action::await_change());
+    }
+    let client = &ctx.client;
+
+    let quotas = Api::<SendQuota>::namespaced(client.clone(), &ns)
+        .list(&ListParams::default())
+        .await?;
+    let (quotas, rejected) = select_quotas(relay, &quotas.items);
+    for (q, e) in &rejected {
+        tracing::info!(relay = %name, quota = %q, error = %e, "quota left out of the relay config");
+    }
+
+    let secret_api = Api::<Secret>::namespaced(client.clone(), &ns);
+    let mut fetched = BTreeMap::new();
+    for need in secrets::needed(&relay.spec) {
+        if !fetched.contains_key(&need.name) {
+            let s = secret_api.get_opt(&need.name).await?;
+            fetched.insert(need.name.clone(), s);
+        }
+    }
+
+    let quota_names: Vec<String> = quotas.iter().map(|q| q.name.clone()).collect();
+    let resolved = secrets::resolve(&relay.spec, &fetched);
+    let (outcome, queue, action) = match resolved {
+        Err(problem) => (
+            Outcome::Blocked {
+                reason: problem.reason().into(),
+                message: problem.message(),
+            },
+            None,
+            Action::requeue(ctx.settings.blocked_retry),
+        ),
+        Ok(resolved) => {
+            let built = resources::build(Inputs {
+                relay,
+                quotas,
+                secrets: &resolved.secrets,
+                default_image: &ctx.settings.relay_image,
+            });
+            match built {
+                Err(e) => (
+                    Outcome::Blocked {
+                        reason: "InvalidSpec".into(),
+                        message: e.to_string(),
+                    },
+                    None,
+                    Action::requeue(ctx.settings.status_interval * 10),
+                ),
+                Ok(objs) => {
+                    apply(client, &ns, &objs.config_map).await?;
+                    apply(client, &ns, &objs.service_account).await?;
+                    apply(client, &ns, &objs.service).await?;
+                    apply(client, &ns, &objs.admin_service).await?;
+                    apply(client, &ns, &objs.pdb).await?;
+                    let dep = apply(client, &ns, &objs.deployment).await?;
+                    let queue = read_queue(ctx, &key, relay, resolved.redis_password).await;
+                    (
+                        Outcome::Applied {
+                            rollout: Rollout::of(&dep),
+                            config_hash: objs.config_hash,
+                            quotas: quota_names,
+                        },
+                        Some(queue),
+                        Action::requeue(ctx.settings.status_interval),
+                    )
+                }
+            }
+        }
+    };
+
+    let now = conditions::now();
+    let new = conditions::relay_status(
+        relay.status.as_ref(),
+        relay.meta().generation,
+        &outcome,
+        queue.as_ref(),
+        &now,
+    );
+    if let Outcome::Blocked { reason, message } = &outcome {
+        let old_ready = relay
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == READY));
+        // One event per new problem; the condition carries it from then on.
+        if old_ready.is_none_or(|c| c.reason != *reason || c.message != *message) {
+            tracing::warn!(relay = %name, namespace = %ns, %reason, %message, "rollout held");
+            ctx.recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Warning,
+                        reason: reason.clone(),
+                        note: Some(message.clone()),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    },
+                    &relay.object_ref(&()),
+                )
+                .await
+                .map_err(Error::Event)?;
+        }
+    }
+    patch_status_if_changed(ctx, relay, &ns, new).await?;
+    Ok(action)
+}
+
+/// Reads the queue report, bounded in time; an error is a status (Degraded), not a
+/// reconcile failure.
+async fn read_queue(
+    ctx: &Context,
+    key: &str,
+    relay: &MailRelay,
+    password: Option<String>,
+) -> Result<QueueReport, String> {
+    let r = &relay.spec.redis;
+    let cfg = RedisConfig {
+        url: r.url.clone(),
+        password: password.map(RelaySecret),
+        cluster: r.cluster,
+        cluster_nodes: r.cluster_nodes.clone(),
+        key_prefix: r.key_prefix.clone().unwrap_or_else(|| "mr".into()),
+        wait_replicas: 0,
+    };
+    let read = async {
+        let q = ctx.queues.get(key, &cfg).await?;
+        read_report(q.as_ref()).await
+    };
+    match tokio::time::timeout(ctx.settings.queue_timeout, read).await {
+        Ok(Ok(report)) => Ok(report),
+        Ok(Err(e)) => {
+            ctx.queues.forget(key).await;
+            Err(format!("cannot read the queue store: {e}"))
+        }
+        Err(_) => {
+            ctx.queues.forget(key).await;
+            Err(format!(
+                "the queue store did not answer within {:?}",
+                ctx.settings.queue_timeout
+            ))
+        }
+    }
+}
+
+async fn patch_status_if_changed(
+    ctx: &Context,
+    relay: &MailRelay,
+    ns: &str,
+    new: MailRelayStatus,
+) -> Result<(), Error> {
+    if relay.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let api = Api::<MailRelay>::namespaced(ctx.client.clone(), ns);
+    let body = serde_json::json!({
+        "apiVersion": "mailrelay.io/v1alpha1",
+        "kind": "MailRelay",
+        "status": new,
+    });
+    api.patch_status(
+        &relay.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    ctx.metrics.status_patched("MailRelay");
+    Ok(())
+}

@@ -1,0 +1,220 @@
+//! Which Secrets a MailRelay needs, and whether what the API server has satisfies it.
+//! Pure: the reconciler fetches, these functions judge.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Secret;
+
+use crate::crd::MailRelaySpec;
+use crate::resources::{ResolvedSecrets, secret_digest};
+
+/// One Secret a relay references, the keys it must hold, and the field that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretNeed {
+    pub name: String,
+    pub keys: Vec<String>,
+    /// The spec field referencing it, for messages.
+    pub field: &'static str,
+    /// Whether its values reach the pods as environment variables (and so need a
+    /// restart when they change).
+    pub env: bool,
+}
+
+/// The Secrets `spec` references, in a fixed order.
+pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
+    let mut out = Vec::new();
+    if let Some(t) = &spec.tls {
+        out.push(SecretNeed {
+            name: t.secret_name.clone(),
+            keys: vec!["tls.crt".into(), "tls.key".into()],
+            field: "spec.tls.secretName",
+            env: false,
+        });
+    }
+    if let Some(a) = &spec.auth {
+        out.push(SecretNeed {
+            name: a.secret_name.clone(),
+            keys: vec!["users".into()],
+            field: "spec.auth.secretName",
+            env: false,
+        });
+    }
+    if let Some(p) = &spec.redis.password_secret {
+        out.push(SecretNeed {
+            name: p.name.clone(),
+            keys: vec![p.key.clone()],
+            field: "spec.redis.passwordSecret",
+            env: true,
+        });
+    }
+    if let Some(c) = spec
+        .delivery
+        .as_ref()
+        .and_then(|d| d.smarthost.as_ref())
+        .and_then(|s| s.credentials_secret.as_ref())
+    {
+        out.push(SecretNeed {
+            name: c.name.clone(),
+            keys: vec!["username".into(), "password".into()],
+            field: "spec.delivery.smarthost.credentialsSecret",
+            env: true,
+        });
+    }
+    out
+}
+
+/// Why a relay cannot be rolled out with its Secrets as they are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretProblem {
+    NotFound {
+        secret: String,
+        field: &'static str,
+    },
+    KeyMissing {
+        secret: String,
+        key: String,
+        field: &'static str,
+    },
+}
+
+impl SecretProblem {
+    /// Condition and event reason.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SecretProblem::NotFound { .. } => "SecretNotFound",
+            SecretProblem::KeyMissing { .. } => "SecretKeyMissing",
+        }
+    }
+
+    pub fn message(&self) -> String {
+        match self {
+            SecretProblem::NotFound { secret, field } => {
+                format!("Secret {secret:?} (referenced by {field}) does not exist")
+            }
+            SecretProblem::KeyMissing { secret, key, field } => {
+                format!("Secret {secret:?} (referenced by {field}) has no key {key:?}")
+            }
+        }
+    }
+}
+
+/// What the reconciler needs from the Secrets: the digest for the pods and the
+/// Redis password for reading the queue store (never logged).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub secrets: ResolvedSecrets,
+    pub redis_password: Option<String>,
+}
+
+impl std::fmt::Debug for Resolved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resolved")
+            .field("secrets", &self.secrets)
+            .field(
+                "redis_password",
+                &self.redis_password.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+fn value<'a>(secret: &'a Secret, key: &str) -> Option<&'a [u8]> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .map(|b| b.0.as_slice())
+}
+
+/// Checks the fetched Secrets (`None`: not found) against the needs.
+pub fn resolve(
+    spec: &MailRelaySpec,
+    fetched: &BTreeMap<String, Option<Secret>>,
+) -> Result<Resolved, SecretProblem> {
+    let mut env_values: Vec<&[u8]> = Vec::new();
+    for need in needed(spec) {
+        let Some(Some(secret)) = fetched.get(&need.name) else {
+            return Err(SecretProblem::NotFound {
+                secret: need.name,
+                field: need.field,
+            });
+        };
+        for key in &need.keys {
+            match value(secret, key) {
+                Some(v) if need.env => env_values.push(v),
+                Some(_) => {}
+                None => {
+                    return Err(SecretProblem::KeyMissing {
+                        secret: need.name.clone(),
+                        key: key.clone(),
+                        field: need.field,
+                    });
+                }
+            }
+        }
+    }
+    let redis_password = spec.redis.password_secret.as_ref().and_then(|p| {
+        fetched
+            .get(&p.name)
+            .and_then(Option::as_ref)
+            .and_then(|s| value(s, &p.key))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    });
+    Ok(Resolved {
+        secrets: ResolvedSecrets {
+            env_digest: (!env_values.is_empty()).then(|| secret_digest(&env_values)),
+        },
+        redis_password,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn spec(yaml: &str) -> MailRelaySpec {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    fn secret(pairs: &[(&str, &str)]) -> Option<Secret> {
+        Some(Secret {
+            data: Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Secret::default()
+        })
+    }
+
+    #[test]
+    fn missing_secrets_and_keys_are_named() {
+        let s = spec(
+            "hostname: r.example\nredis: {url: 'redis://r:6379', passwordSecret: {name: redis, key: password}}\ntls: {secretName: relay-tls}\n",
+        );
+        let mut fetched = BTreeMap::from([("relay-tls".to_owned(), None)]);
+        let p = resolve(&s, &fetched).unwrap_err();
+        assert_eq!(p.reason(), "SecretNotFound");
+        assert!(
+            p.message().contains("\"relay-tls\"") && p.message().contains("spec.tls.secretName")
+        );
+        fetched.insert("relay-tls".into(), secret(&[("tls.crt", "c")]));
+        let p = resolve(&s, &fetched).unwrap_err();
+        assert_eq!(p.reason(), "SecretKeyMissing");
+        assert!(p.message().contains("tls.key"), "{}", p.message());
+        fetched.insert(
+            "relay-tls".into(),
+            secret(&[("tls.crt", "c"), ("tls.key", "k")]),
+        );
+        fetched.insert("redis".into(), secret(&[("password", "hunter2")]));
+        let r = resolve(&s, &fetched).unwrap();
+        assert_eq!(r.redis_password.as_deref(), Some("hunter2"));
+        assert!(!format!("{r:?}").contains("hunter2"));
+        let d1 = r.secrets.env_digest.unwrap();
+        fetched.insert("redis".into(), secret(&[("password", "changed")]));
+        let d2 = resolve(&s, &fetched).unwrap().secrets.env_digest.unwrap();
+        assert_ne!(d1, d2, "a new password rolls the pods");
+    }
+}

@@ -1,0 +1,342 @@
+//! MailRelay + SendQuotas -> the relay's own config ([`RelayConfig`]).
+//!
+//! Everything secret stays out: the Redis password and smarthost credentials reach
+//! the pods as environment variables from their Secrets (`RelayConfig::apply_env`),
+//! TLS and AUTH files as mounted Secret volumes.
+
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use kube::ResourceExt;
+use mailrelay::config::{
+    AdminConfig, AuthConfig, ListenerConfig, LogFormat, QueueBackendKind, RedisConfig, RelayConfig,
+    SmarthostConfig, TlsConfig, TlsMode, parse_duration,
+};
+use mailrelay::quota::config as q;
+
+use crate::crd::{
+    self, ADMIN_PORT, Direction, KeyBy, ListenerTls, MailRelay, Scope, SendQuota, TlsPolicy, Unit,
+};
+
+/// Where the pods find what the operator mounts.
+pub const CONFIG_DIR: &str = "/etc/mailrelay";
+pub const CONFIG_FILE: &str = "mailrelay.yaml";
+pub const TLS_DIR: &str = "/var/run/mailrelay/tls";
+pub const AUTH_DIR: &str = "/var/run/mailrelay/auth";
+
+/// A spec the operator cannot turn into a relay config (the CRD schema catches most
+/// of these at `kubectl apply`; this is the backstop). `field` is the path in the
+/// resource, like `spec.relayNetworks[2]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+fn spec_err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The relay config of `relay` with `quotas` (already converted, see [`quota_config`]).
+pub fn relay_config(
+    relay: &MailRelay,
+    quotas: Vec<q::QuotaConfig>,
+) -> Result<RelayConfig, SpecError> {
+    let spec = &relay.spec;
+    let mut cfg = RelayConfig {
+        hostname: spec.hostname.clone(),
+        ..RelayConfig::default()
+    };
+    cfg.listeners = spec
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let port = u16::try_from(l.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| spec_err(format!("spec.listeners[{i}].port"), "must be 1-65535"))?;
+            Ok(ListenerConfig {
+                name: l.name.clone(),
+                address: SocketAddr::from(([0, 0, 0, 0], port)),
+                tls: match l.tls {
+                    ListenerTls::None => TlsMode::None,
+                    ListenerTls::Starttls => TlsMode::Starttls,
+                    ListenerTls::Implicit => TlsMode::Implicit,
+                },
+                proxy_protocol: l.proxy_protocol,
+            })
+        })
+        .collect::<Result<_, SpecError>>()?;
+    cfg.relay_networks = spec
+        .relay_networks
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            n.parse::<IpNet>().map_err(|_| {
+                spec_err(
+                    format!("spec.relayNetworks[{i}]"),
+                    format!("{n:?} is not a network like 10.0.0.0/8"),
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if spec.tls.is_some() {
+        cfg.tls = Some(TlsConfig {
+            cert_file: format!("{TLS_DIR}/tls.crt").into(),
+            key_file: format!("{TLS_DIR}/tls.key").into(),
+            reload_interval: std::time::Duration::from_secs(10),
+        });
+    }
+    if spec.auth.is_some() {
+        cfg.auth = Some(AuthConfig {
+            users_file: format!("{AUTH_DIR}/users").into(),
+        });
+    }
+    cfg.queue.backend = Some(QueueBackendKind::Redis);
+    cfg.queue.redis = Some(RedisConfig {
+        url: spec.redis.url.clone(),
+        password: None,
+        cluster: spec.redis.cluster,
+        cluster_nodes: spec.redis.cluster_nodes.clone(),
+        key_prefix: spec.redis.key_prefix.clone().unwrap_or_else(|| "mr".into()),
+        wait_replicas: spec.redis.wait_replicas,
+    });
+    if let Some(d) = &spec.delivery {
+        if let Some(t) = d.tls {
+            cfg.delivery.tls = tls_policy(t);
+        }
+        if let Some(s) = &d.smarthost {
+            let port = u16::try_from(s.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| spec_err("spec.delivery.smarthost.port", "must be 1-65535"))?;
+            cfg.delivery.smarthost = Some(SmarthostConfig {
+                host: s.host.clone(),
+                port,
+                tls: tls_policy(s.tls),
+                ca_file: None,
+                username: None,
+                password: None,
+            });
+        }
+        if let Some(n) = d.max_concurrency {
+            cfg.delivery.max_concurrency = n as usize;
+        }
+        if let Some(n) = d.per_destination_concurrency {
+            cfg.delivery.per_destination_concurrency = n as usize;
+        }
+        if let Some(n) = d.max_messages_per_connection {
+            cfg.delivery.max_messages_per_connection = n as usize;
+        }
+        if let Some(r) = &d.retry {
+            let retry = &mut cfg.delivery.retry;
+            for (field, value, slot) in [
+                ("first", &r.first, &mut retry.first),
+                ("max", &r.max, &mut retry.max_backoff),
+                ("maxLifetime", &r.max_lifetime, &mut retry.max_lifetime),
+            ] {
+                if let Some(v) = value {
+                    *slot = parse_duration(v)
+                        .map_err(|m| spec_err(format!("spec.delivery.retry.{field}"), m))?;
+                }
+            }
+        }
+    }
+    if let Some(l) = &spec.limits {
+        if let Some(n) = l.max_message_size {
+            cfg.limits.max_message_size = n;
+        }
+        if let Some(n) = l.max_recipients {
+            cfg.limits.max_recipients = n as usize;
+        }
+        if let Some(n) = l.max_connections {
+            cfg.limits.max_connections = n as usize;
+        }
+    }
+    cfg.admin = AdminConfig {
+        address: Some(SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT as u16))),
+    };
+    cfg.log.format = LogFormat::Json;
+    cfg.quotas = quotas;
+    cfg.validate().map_err(|e| match e {
+        mailrelay::config::ConfigError::Invalid { field, message } => {
+            spec_err(relay_field(&field), message)
+        }
+        other => spec_err("spec", other.to_string()),
+    })?;
+    Ok(cfg)
+}
+
+/// Names a relay config field in MailRelay terms, for the few checks only the relay
+/// makes: `relay_networks[0]` -> `spec.relayNetworks[0]`.
+fn relay_field(field: &str) -> String {
+    let split = field.find(['.', '[']).unwrap_or(field.len());
+    let (head, rest) = field.split_at(split);
+    let (mapped, rest) = match head {
+        "hostname" => ("spec.hostname", rest),
+        "relay_networks" => ("spec.relayNetworks", rest),
+        "listeners" => ("spec.listeners", rest),
+        "limits" => ("spec.limits", rest),
+        "delivery" => ("spec.delivery", rest),
+        "queue" => ("spec.redis", rest.strip_prefix(".redis").unwrap_or("")),
+        _ => return format!("spec ({field})"),
+    };
+    format!("{mapped}{}", camel_path(rest))
+}
+
+fn tls_policy(t: TlsPolicy) -> mailrelay::config::TlsPolicy {
+    match t {
+        TlsPolicy::Opportunistic => mailrelay::config::TlsPolicy::Opportunistic,
+        TlsPolicy::Required => mailrelay::config::TlsPolicy::Required,
+        TlsPolicy::Disabled => mailrelay::config::TlsPolicy::Disabled,
+    }
+}
+
+/// One SendQuota as a relay quota, checked on its own so that one bad quota never
+/// keeps a relay from getting the others.
+pub fn quota_config(sq: &SendQuota) -> Result<q::QuotaConfig, SpecError> {
+    let s = &sq.spec;
+    let limits = s
+        .limits
+        .iter()
+        .enumerate()
+        .map(|(i, l)| q::Limit::parse(l).map_err(|m| spec_err(format!("spec.limits[{i}]"), m)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let m = s.match_.clone().unwrap_or_default();
+    let client_networks = m
+        .client_networks
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            n.parse::<IpNet>().map_err(|_| {
+                spec_err(
+                    format!("spec.match.clientNetworks[{i}]"),
+                    format!("{n:?} is not a network like 10.1.0.0/16"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let cfg = q::QuotaConfig {
+        name: sq.name_any(),
+        direction: match s.direction {
+            Direction::Ingress => q::Direction::Ingress,
+            Direction::Egress => q::Direction::Egress,
+        },
+        matcher: q::QuotaMatch {
+            senders: m.senders,
+            auth_users: m.auth_users,
+            client_networks,
+            recipient_domains: m.recipient_domains,
+            destination_domains: m.destination_domains,
+            mx_hosts: m.mx_hosts,
+            smarthost: m.smarthost,
+        },
+        limits,
+        unit: match s.unit {
+            Unit::Messages => q::Unit::Messages,
+            Unit::Recipients => q::Unit::Recipients,
+            Unit::Bytes => q::Unit::Bytes,
+        },
+        scope: match s.scope {
+            Scope::PerKey => q::Scope::PerKey,
+            Scope::Shared => q::Scope::Shared,
+        },
+        key: match s.key {
+            KeyBy::Auto => q::KeyBy::Auto,
+            KeyBy::Sender => q::KeyBy::Sender,
+            KeyBy::SenderDomain => q::KeyBy::SenderDomain,
+            KeyBy::AuthUser => q::KeyBy::AuthUser,
+            KeyBy::ClientIp => q::KeyBy::ClientIp,
+            KeyBy::DestinationDomain => q::KeyBy::DestinationDomain,
+            KeyBy::MxSite => q::KeyBy::MxSite,
+        },
+        action: match s.action {
+            None | Some(crd::Action::Reject) => q::Action::Reject,
+            Some(crd::Action::Defer) => q::Action::Defer,
+        },
+        max_connections: s.max_connections,
+    };
+    q::validate(std::slice::from_ref(&cfg)).map_err(|(field, message)| {
+        // `quotas[0].match.senders[1]` -> `spec.match.senders[1]`
+        let field = field
+            .strip_prefix("quotas[0]")
+            .unwrap_or(&field)
+            .trim_start_matches('.');
+        let field = camel_path(field);
+        spec_err(
+            if field.is_empty() || field == "name" {
+                "metadata.name".to_owned()
+            } else {
+                format!("spec.{field}")
+            },
+            message,
+        )
+    })?;
+    Ok(cfg)
+}
+
+/// `match.auth_users[0]` -> `match.authUsers[0]`.
+fn camel_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut upper = false;
+    for c in path.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether a SendQuota's `relaySelector` selects `relay` (same namespace assumed).
+pub fn selects(sq: &SendQuota, relay: &MailRelay) -> bool {
+    let Some(sel) = &sq.spec.relay_selector else {
+        return true;
+    };
+    let labels = relay.labels();
+    if let Some(ml) = &sel.match_labels
+        && !ml.iter().all(|(k, v)| labels.get(k) == Some(v))
+    {
+        return false;
+    }
+    sel.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            // An operator the API server would have refused: select nothing rather
+            // than apply a quota to relays it was not meant for.
+            _ => false,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn camel_paths() {
+        assert_eq!(camel_path("match.auth_users[0]"), "match.authUsers[0]");
+        assert_eq!(camel_path("max_connections"), "maxConnections");
+        assert_eq!(relay_field("relay_networks[2]"), "spec.relayNetworks[2]");
+        assert_eq!(
+            relay_field("limits.max_recipients"),
+            "spec.limits.maxRecipients"
+        );
+        assert_eq!(relay_field("queue.redis.url"), "spec.redis.url");
+        assert_eq!(relay_field("shutdown_grace"), "spec (shutdown_grace)");
+    }
+}

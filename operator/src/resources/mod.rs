@@ -1,0 +1,497 @@
+//! Pure builders: a MailRelay (with its SendQuotas and what the operator learnt
+//! about its Secrets) becomes the objects that run it. No IO here: the reconciler
+//! applies what these return, and golden tests pin them down.
+
+pub mod config;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServiceAccount, ServicePort, ServiceSpec as CoreServiceSpec, TopologySpreadConstraint,
+    Volume, VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+use mailrelay::quota::config::QuotaConfig;
+use sha2::{Digest, Sha256};
+
+use self::config::{AUTH_DIR, CONFIG_DIR, CONFIG_FILE, SpecError, TLS_DIR, relay_config};
+use crate::crd::{ADMIN_PORT, MailRelay, ServiceType, TrafficPolicy, relay_labels};
+
+/// Pod-template annotation: hash of the relay config without its quotas. A change
+/// rolls the pods; a quota-only change does not (the relay reloads the mounted file).
+pub const CONFIG_HASH_ANNOTATION: &str = "mailrelay.io/config-hash";
+/// Pod-template annotation: hash of the Secret values the pods get as environment
+/// variables (which, unlike mounted Secrets, only a restart picks up).
+pub const SECRET_HASH_ANNOTATION: &str = "mailrelay.io/secret-hash";
+/// The relay container's name.
+pub const CONTAINER: &str = "mailrelay";
+/// The relay image's numeric user (the Dockerfile's `USER`); set explicitly so that
+/// `runAsNonRoot` can be checked by the kubelet.
+pub const RELAY_UID: i64 = 65532;
+
+/// What the reconciler learnt about the Secrets a relay references.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ResolvedSecrets {
+    /// Digest of the values that reach the pods as environment variables (Redis
+    /// password, smarthost credentials); `None` when there are none.
+    pub env_digest: Option<String>,
+}
+
+/// Everything one MailRelay is made of.
+pub struct Inputs<'a> {
+    pub relay: &'a MailRelay,
+    /// Its quotas, already converted and checked, in name order.
+    pub quotas: Vec<QuotaConfig>,
+    pub secrets: &'a ResolvedSecrets,
+    /// Image when the spec names none.
+    pub default_image: &'a str,
+}
+
+/// The objects of one relay, in the order they are applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resources {
+    pub config_map: ConfigMap,
+    pub service_account: ServiceAccount,
+    pub service: Service,
+    pub admin_service: Service,
+    pub pdb: PodDisruptionBudget,
+    pub deployment: Deployment,
+    /// The value of [`CONFIG_HASH_ANNOTATION`].
+    pub config_hash: String,
+}
+
+impl Resources {
+    /// All objects as YAML documents (for golden files and `--dry-run` style output).
+    pub fn to_yaml(&self) -> String {
+        let docs = [
+            serde_norway::to_string(&self.config_map),
+            serde_norway::to_string(&self.service_account),
+            serde_norway::to_string(&self.service),
+            serde_norway::to_string(&self.admin_service),
+            serde_norway::to_string(&self.pdb),
+            serde_norway::to_string(&self.deployment),
+        ];
+        docs.into_iter()
+            .map(|d| d.expect("k8s objects serialise"))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+}
+
+/// Name of the ConfigMap holding the relay config.
+pub fn config_map_name(relay: &str) -> String {
+    format!("{relay}-config")
+}
+
+/// Name of the admin Service (port `admin`, 9325).
+pub fn admin_service_name(relay: &str) -> String {
+    format!("{relay}-admin")
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p);
+    }
+    h.finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Digest of Secret values (for [`ResolvedSecrets::env_digest`]); never the values.
+pub fn secret_digest(values: &[&[u8]]) -> String {
+    sha256_hex(values)
+}
+
+pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
+    let relay = inputs.relay;
+    let name = relay.name_any();
+    let cfg = relay_config(relay, inputs.quotas.clone())?;
+    let yaml = crate::render_relay_config(&cfg).map_err(|e| SpecError {
+        field: "spec".into(),
+        message: e.to_string(),
+    })?;
+    let mut without_quotas = cfg.clone();
+    without_quotas.quotas.clear();
+    let hash_input = crate::render_relay_config(&without_quotas).map_err(|e| SpecError {
+        field: "spec".into(),
+        message: e.to_string(),
+    })?;
+    let config_hash = sha256_hex(&[hash_input.as_bytes()]);
+
+    let meta = |object_name: String| ObjectMeta {
+        name: Some(object_name),
+        namespace: relay.namespace(),
+        labels: Some(relay_labels(&name)),
+        owner_references: relay.controller_owner_ref(&()).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    };
+
+    let config_map = ConfigMap {
+        metadata: meta(config_map_name(&name)),
+        data: Some(BTreeMap::from([(CONFIG_FILE.to_owned(), yaml)])),
+        ..ConfigMap::default()
+    };
+    let service_account = ServiceAccount {
+        metadata: meta(name.clone()),
+        // The relay never talks to the API server.
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    };
+    let svc = relay.spec.service.clone().unwrap_or_default();
+    let service = Service {
+        metadata: ObjectMeta {
+            annotations: (!svc.annotations.is_empty()).then(|| svc.annotations.clone()),
+            ..meta(name.clone())
+        },
+        spec: Some(CoreServiceSpec {
+            type_: Some(
+                match svc.type_ {
+                    ServiceType::ClusterIP => "ClusterIP",
+                    ServiceType::NodePort => "NodePort",
+                    ServiceType::LoadBalancer => "LoadBalancer",
+                }
+                .to_owned(),
+            ),
+            external_traffic_policy: svc.external_traffic_policy.map(|p| {
+                match p {
+                    TrafficPolicy::Cluster => "Cluster",
+                    TrafficPolicy::Local => "Local",
+                }
+                .to_owned()
+            }),
+            selector: Some(selector_labels(&name)),
+            ports: Some(
+                relay
+                    .spec
+                    .listeners
+                    .iter()
+                    .map(|l| ServicePort {
+                        name: Some(l.name.clone()),
+                        port: l.port,
+                        target_port: Some(IntOrString::String(l.name.clone())),
+                        protocol: Some("TCP".into()),
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+            ),
+            ..CoreServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let admin_service = Service {
+        metadata: meta(admin_service_name(&name)),
+        spec: Some(CoreServiceSpec {
+            // Never exposed outside the cluster: the admin API has no authentication.
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![ServicePort {
+                name: Some("admin".into()),
+                port: ADMIN_PORT,
+                target_port: Some(IntOrString::String("admin".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..CoreServiceSpec::default()
+        }),
+        ..Service::default()
+    };
+    let pdb = PodDisruptionBudget {
+        metadata: meta(name.clone()),
+        spec: Some(PodDisruptionBudgetSpec {
+            // One pod at a time: a draining relay finishes its sessions and hands
+            // its leases back, the others keep accepting.
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector {
+                match_labels: Some(selector_labels(&name)),
+                ..LabelSelector::default()
+            }),
+            ..PodDisruptionBudgetSpec::default()
+        }),
+        ..PodDisruptionBudget::default()
+    };
+    let deployment = deployment(&inputs, &name, meta(name.clone()), &config_hash);
+    Ok(Resources {
+        config_map,
+        service_account,
+        service,
+        admin_service,
+        pdb,
+        deployment,
+        config_hash,
+    })
+}
+
+/// The labels that select a relay's pods (a subset of [`relay_labels`] that never
+/// changes, as a Deployment's selector is immutable).
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "mailrelay".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.to_owned()),
+    ])
+}
+
+fn secret_env(var: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: var.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.into(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("admin".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(3),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &str) -> Deployment {
+    let spec = &inputs.relay.spec;
+    let mut env = Vec::new();
+    if let Some(p) = &spec.redis.password_secret {
+        env.push(secret_env("MAILRELAY_REDIS_PASSWORD", &p.name, &p.key));
+    }
+    if let Some(s) = spec.delivery.as_ref().and_then(|d| d.smarthost.as_ref())
+        && let Some(c) = &s.credentials_secret
+    {
+        env.push(secret_env(
+            "MAILRELAY_SMARTHOST_USERNAME",
+            &c.name,
+            "username",
+        ));
+        env.push(secret_env(
+            "MAILRELAY_SMARTHOST_PASSWORD",
+            &c.name,
+            "password",
+        ));
+    }
+
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            // A whole-directory mount (no subPath), so the kubelet updates the file
+            // in place when the ConfigMap changes and the relay reloads its quotas.
+            config_map: Some(ConfigMapVolumeSource {
+                name: config_map_name(name),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                size_limit: Some(Quantity("64Mi".into())),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+    ];
+    for (vol, secret, dir) in [
+        ("tls", spec.tls.as_ref(), TLS_DIR),
+        ("auth", spec.auth.as_ref(), AUTH_DIR),
+    ] {
+        if let Some(s) = secret {
+            volumes.push(Volume {
+                name: vol.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(s.secret_name.clone()),
+                    default_mode: Some(0o440),
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            mounts.push(VolumeMount {
+                name: vol.into(),
+                mount_path: dir.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            });
+        }
+    }
+
+    let mut ports: Vec<ContainerPort> = spec
+        .listeners
+        .iter()
+        .map(|l| ContainerPort {
+            name: Some(l.name.clone()),
+            container_port: l.port,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        })
+        .collect();
+    ports.push(ContainerPort {
+        name: Some("admin".into()),
+        container_port: ADMIN_PORT,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    });
+
+    let resources = spec
+        .resources
+        .clone()
+        .unwrap_or_else(|| ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("100m".into())),
+                ("memory".to_owned(), Quantity("128Mi".into())),
+            ])),
+            ..ResourceRequirements::default()
+        });
+
+    let mut annotations = spec.pod_annotations.clone();
+    annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());
+    if let Some(d) = &inputs.secrets.env_digest {
+        annotations.insert(SECRET_HASH_ANNOTATION.into(), d.clone());
+    }
+
+    let container = Container {
+        name: CONTAINER.into(),
+        image: Some(
+            spec.image
+                .clone()
+                .unwrap_or_else(|| inputs.default_image.to_owned()),
+        ),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(vec![
+            "serve".into(),
+            "--config".into(),
+            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+        ]),
+        env: (!env.is_empty()).then_some(env),
+        ports: Some(ports),
+        readiness_probe: Some(http_probe("/readyz", 5, 2)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(5),
+            ..http_probe("/healthz", 10, 3)
+        }),
+        resources: Some(resources),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RELAY_UID),
+            run_as_group: Some(RELAY_UID),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(mounts),
+        ..Container::default()
+    };
+
+    let spread = |topology_key: &str| TopologySpreadConstraint {
+        max_skew: 1,
+        topology_key: topology_key.into(),
+        when_unsatisfiable: "ScheduleAnyway".into(),
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(name)),
+            ..LabelSelector::default()
+        }),
+        // Count only pods of the same revision, so a rollout does not skew.
+        match_label_keys: Some(vec!["pod-template-hash".into()]),
+        ..TopologySpreadConstraint::default()
+    };
+
+    Deployment {
+        metadata: meta,
+        spec: Some(DeploymentSpec {
+            replicas: Some(spec.replicas),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(name)),
+                ..LabelSelector::default()
+            },
+            // Keep full capacity during a rollout: a new pod is ready before an old
+            // one starts draining.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(relay_labels(name)),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(name.to_owned()),
+                    automount_service_account_token: Some(false),
+                    // The relay's shutdown grace (30 s) plus time to hand leases back.
+                    termination_grace_period_seconds: Some(45),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RELAY_UID),
+                        run_as_group: Some(RELAY_UID),
+                        fs_group: Some(RELAY_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(volumes),
+                    node_selector: (!spec.node_selector.is_empty())
+                        .then(|| spec.node_selector.clone()),
+                    tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+                    topology_spread_constraints: Some(vec![
+                        spread("topology.kubernetes.io/zone"),
+                        spread("kubernetes.io/hostname"),
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// The owner reference every object of `relay` carries.
+pub fn owner_ref(relay: &MailRelay) -> Option<OwnerReference> {
+    relay.controller_owner_ref(&())
+}

@@ -1,0 +1,419 @@
+//! The CRDs: the checked-in YAML is what the types generate; the examples pass the
+//! schemas; bad specs are refused with a message naming the field.
+//!
+//! Two real validators stand in for the API server: Python's `jsonschema` for the
+//! OpenAPI part (types, ranges, patterns, enums, required fields, and unknown
+//! fields refused as `kubectl apply`'s strict field validation does), and kube's
+//! CEL evaluator (`kube::core::cel`, the Kubernetes CEL libraries) for the
+//! `x-kubernetes-validations` rules.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use kube::core::cel::{Validator, compile_schema};
+use mailrelay_operator::crd::{all_crds, crd_yaml};
+use serde_json::{Value, json};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn schema(kind: &str) -> Value {
+    let crd = all_crds()
+        .into_iter()
+        .map(|(_, c)| c)
+        .find(|c| c.spec.names.kind == kind)
+        .unwrap();
+    serde_json::to_value(
+        crd.spec.versions[0]
+            .schema
+            .as_ref()
+            .unwrap()
+            .open_api_v3_schema
+            .as_ref()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+const STRICT_CHECK: &str = r#"
+import json, sys
+import jsonschema
+
+def strict(s):
+    # kubectl's strict field validation: unknown fields are errors.
+    if isinstance(s, dict):
+        if s.get("type") == "object" and "properties" in s and not s.get("x-kubernetes-preserve-unknown-fields"):
+            s.setdefault("additionalProperties", False)
+        for v in s.values():
+            strict(v)
+    elif isinstance(s, list):
+        for v in s:
+            strict(v)
+    return s
+
+cases = json.load(sys.stdin)
+out = []
+for schema, obj in cases:
+    # apiVersion, kind and metadata are the API server's own: only spec and status
+    # are the CRD's to check strictly.
+    for part in ("spec", "status"):
+        if part in schema.get("properties", {}):
+            strict(schema["properties"][part])
+    v = jsonschema.Draft7Validator(schema)
+    out.append(["%s: %s" % ("/".join(str(p) for p in e.absolute_path), e.message) for e in v.iter_errors(obj)])
+print(json.dumps(out))
+"#;
+
+/// OpenAPI errors per object (Python jsonschema).
+fn openapi_errors(cases: &[(Value, Value)]) -> Vec<Vec<String>> {
+    let mut child = Command::new("python3")
+        .arg("-c")
+        .arg(STRICT_CHECK)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 with jsonschema (see .ci/install-deps)");
+    serde_json::to_writer(child.stdin.take().unwrap(), &json!(cases)).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "schema check failed to run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// CEL errors (the object's metadata must carry a name for the root rules).
+fn cel_errors(kind: &str, obj: &Value) -> Vec<String> {
+    match Validator::new().validate(&schema(kind), obj, None) {
+        Ok(()) => vec![],
+        Err(errs) => errs.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+fn errors(objs: &[Value]) -> Vec<Vec<String>> {
+    let cases: Vec<(Value, Value)> = objs
+        .iter()
+        .map(|o| (schema(o["kind"].as_str().unwrap()), o.clone()))
+        .collect();
+    let mut all = openapi_errors(&cases);
+    for (errs, o) in all.iter_mut().zip(objs) {
+        errs.extend(cel_errors(o["kind"].as_str().unwrap(), o));
+    }
+    all
+}
+
+#[test]
+fn checked_in_crds_are_the_generated_ones() {
+    for (file, crd) in all_crds() {
+        let path = root().join("crds").join(file);
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            on_disk == crd_yaml(&crd),
+            "{} is stale: run `cargo run -p mailrelay-operator -- crdgen`",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn every_cel_rule_compiles() {
+    for kind in ["MailRelay", "SendQuota"] {
+        fn walk(c: &kube::core::cel::CompiledSchema, at: &str, errs: &mut Vec<String>) {
+            for e in c.compilation_errors() {
+                errs.push(format!("{at}: {e:?}"));
+            }
+            for (k, v) in &c.properties {
+                walk(v, &format!("{at}.{k}"), errs);
+            }
+            if let Some(i) = &c.items {
+                walk(i, &format!("{at}[]"), errs);
+            }
+        }
+        let mut errs = Vec::new();
+        walk(&compile_schema(&schema(kind)), kind, &mut errs);
+        assert!(errs.is_empty(), "{errs:#?}");
+    }
+}
+
+fn example_docs() -> Vec<(String, Value)> {
+    let dir = root().join("examples/k8s");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc).unwrap();
+            out.push((f.display().to_string(), v));
+        }
+    }
+    out
+}
+
+#[test]
+fn examples_pass_the_schemas_and_parse_as_the_operator_reads_them() {
+    let docs = example_docs();
+    let kinds: Vec<&str> = docs
+        .iter()
+        .map(|(_, d)| d["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "MailRelay").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "SendQuota").count(),
+        2,
+        "{kinds:?}"
+    );
+    let objs: Vec<Value> = docs.iter().map(|(_, d)| d.clone()).collect();
+    for ((file, _), errs) in docs.iter().zip(errors(&objs)) {
+        assert!(errs.is_empty(), "{file}: {errs:#?}");
+    }
+    for (file, d) in &docs {
+        match d["kind"].as_str().unwrap() {
+            "MailRelay" => {
+                serde_json::from_value::<mailrelay_operator::crd::MailRelay>(d.clone())
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+            }
+            _ => {
+                let q: mailrelay_operator::crd::SendQuota =
+                    serde_json::from_value(d.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+                mailrelay_operator::resources::config::quota_config(&q)
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+            }
+        }
+    }
+}
+
+fn relay(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelay",
+           "metadata": {"name": name, "namespace": "mail"}, "spec": spec})
+}
+
+fn quota(spec: Value) -> Value {
+    json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "SendQuota",
+           "metadata": {"name": "q", "namespace": "mail"}, "spec": spec})
+}
+
+fn base() -> Value {
+    json!({"hostname": "relay.example.com", "redis": {"url": "redis://redis:6379"}})
+}
+
+fn with(mut v: Value, patch: Value) -> Value {
+    for (k, val) in patch.as_object().unwrap() {
+        v[k] = val.clone();
+    }
+    v
+}
+
+#[test]
+fn bad_specs_are_refused_naming_the_field() {
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"listeners": [{"name": "smtp", "port": 70000}]}),
+                ),
+            ),
+            "port",
+        ),
+        (
+            relay(
+                "r",
+                with(base(), json!({"listeners": [{"name": "SMTP", "port": 25}]})),
+            ),
+            "name",
+        ),
+        (
+            relay("r", with(base(), json!({"relayNetworks": ["0.0.0.0/0"]}))),
+            "open relay",
+        ),
+        (
+            relay("r", with(base(), json!({"relayNetworks": ["::/8"]}))),
+            "open relay",
+        ),
+        (
+            relay("r", with(base(), json!({"relayNetworks": ["not-a-net"]}))),
+            "network like",
+        ),
+        (
+            relay("r", with(base(), json!({"auth": {"secretName": "u"}}))),
+            "spec.auth needs spec.tls",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"listeners": [{"name": "smtps", "port": 465, "tls": "implicit"}]}),
+                ),
+            ),
+            "tls: implicit needs spec.tls",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"listeners": [{"name": "a", "port": 25}, {"name": "b", "port": 25}]}),
+                ),
+            ),
+            "ports must be unique",
+        ),
+        (
+            relay(
+                "r",
+                with(base(), json!({"listeners": [{"name": "a", "port": 9325}]})),
+            ),
+            "admin port",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"listeners": [{"name": "admin", "port": 25}]}),
+                ),
+            ),
+            "reserved",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"delivery": {"tls": "required", "smarthost": {"host": "smtp.example.net"}}}),
+                ),
+            ),
+            "with a smarthost, set delivery.smarthost.tls",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"delivery": {"smarthost": {"host": "s", "tls": "disabled", "credentialsSecret": {"name": "c"}}}}),
+                ),
+            ),
+            "tls cannot be disabled",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"delivery": {"retry": {"first": "5 minutes"}}}),
+                ),
+            ),
+            "first",
+        ),
+        (
+            relay("r", with(base(), json!({"redis": {"url": "http://redis"}}))),
+            "url",
+        ),
+        (relay("r", with(base(), json!({"replicaz": 2}))), "replicaz"),
+        (
+            relay("r", json!({"redis": {"url": "redis://r"}})),
+            "hostname",
+        ),
+        (relay(&"r".repeat(58), base()), "at most 57"),
+        (relay("9relay", base()), "starting with a letter"),
+        (quota(json!({"direction": "ingress"})), "at least one limit"),
+        (
+            quota(json!({"direction": "ingress", "limits": ["100/1w"]})),
+            "limits",
+        ),
+        (
+            quota(json!({"direction": "ingress", "limits": ["0/1m"]})),
+            "limits",
+        ),
+        (
+            quota(json!({"direction": "sideways", "limits": ["1/1m"]})),
+            "direction",
+        ),
+        (
+            quota(json!({"direction": "egress", "limits": ["1/1m"], "action": "defer"})),
+            "ingress quotas only",
+        ),
+        (
+            quota(json!({"direction": "ingress", "limits": ["1/1m"], "maxConnections": 3})),
+            "egress quotas only",
+        ),
+        (
+            quota(
+                json!({"direction": "ingress", "limits": ["1/1m"], "match": {"mxHosts": ["*.google.com"]}}),
+            ),
+            "match egress quotas only",
+        ),
+        (
+            quota(
+                json!({"direction": "egress", "limits": ["1/1m"], "match": {"senders": ["*@a.example"]}}),
+            ),
+            "match ingress quotas only",
+        ),
+        (
+            quota(json!({"direction": "egress", "limits": ["1/1m"], "key": "authUser"})),
+            "keys of ingress",
+        ),
+        (
+            quota(json!({"direction": "ingress", "limits": ["1/1m"], "key": "mxSite"})),
+            "keys of egress",
+        ),
+        (
+            quota(
+                json!({"direction": "ingress", "limits": ["1/1m"], "match": {"clientNetworks": ["10.1.0.0"]}}),
+            ),
+            "network like",
+        ),
+    ];
+    let objs: Vec<Value> = cases.iter().map(|(o, _)| o.clone()).collect();
+    for ((obj, expect), errs) in cases.iter().zip(errors(&objs)) {
+        assert!(
+            errs.iter().any(|e| e.contains(expect)),
+            "{} was not refused with {expect:?}: {errs:#?}",
+            obj["spec"]
+        );
+    }
+}
+
+#[test]
+fn good_specs_pass_including_smarthost_and_egress_forms() {
+    let objs = vec![
+        relay("r", base()),
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"tls": {"secretName": "t"}, "auth": {"secretName": "u"},
+                       "listeners": [{"name": "smtp", "port": 25}, {"name": "smtps", "port": 465, "tls": "implicit", "proxyProtocol": true}],
+                       "relayNetworks": ["10.0.0.0/8", "fd00::/16", "192.168.1.7/32"],
+                       "delivery": {"smarthost": {"host": "smtp.provider.example", "port": 587, "tls": "required",
+                                                  "credentialsSecret": {"name": "provider"}},
+                                    "retry": {"first": "1m", "max": "2h", "maxLifetime": "3d"}},
+                       "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}}),
+            ),
+        ),
+        quota(json!({"direction": "egress", "maxConnections": 5})),
+        quota(
+            json!({"direction": "egress", "limits": ["600/1m"], "match": {"smarthost": true}, "scope": "shared"}),
+        ),
+        quota(
+            json!({"direction": "ingress", "limits": ["1/1s", "1000/h"], "match": {"clientNetworks": ["10.1.0.0/16"]},
+                     "key": "clientIp", "action": "defer", "unit": "bytes"}),
+        ),
+    ];
+    for (o, errs) in objs.iter().zip(errors(&objs)) {
+        assert!(errs.is_empty(), "{}: {errs:#?}", o["spec"]);
+    }
+}

@@ -1,0 +1,728 @@
+//! The reconcile loops against an in-memory Kubernetes API (kube's tower-test mock
+//! transport, see `support/fake_api.rs`) and a real Redis: create, update, quotas
+//! added and removed, a missing Secret, deletion, API errors, and SendQuota status
+//! from a relay admin API (a local HTTP server serving the agreed JSON).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use mailrelay_operator::crd::{MailRelay, SendQuota};
+use mailrelay_operator::reconcile::{self, Context, Settings, quota, relay};
+use mailrelay_operator::telemetry::Metrics;
+use serde_json::{Value, json};
+use support::fake_api::FakeApi;
+use support::redis::RedisServer;
+
+const NS: &str = "/api/v1/namespaces/mail";
+const RELAY: &str = "/apis/mailrelay.io/v1alpha1/namespaces/mail/mailrelays/relay";
+const QUOTAS: &str = "/apis/mailrelay.io/v1alpha1/namespaces/mail/sendquotas";
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/mail/deployments/relay";
+const CONFIG_MAP: &str = "/api/v1/namespaces/mail/configmaps/relay-config";
+
+fn settings() -> Settings {
+    Settings {
+        status_interval: Duration::from_secs(30),
+        queue_timeout: Duration::from_secs(20),
+        ..Settings::default()
+    }
+}
+
+fn context(api: &FakeApi, settings: Settings) -> Arc<Context> {
+    Context::new(api.client.clone(), settings, Arc::new(Metrics::new()))
+}
+
+fn relay_obj(spec: Value) -> Value {
+    json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelay",
+           "metadata": {"name": "relay", "namespace": "mail", "labels": {"team": "payments"}},
+           "spec": spec})
+}
+
+fn spec(redis: &RedisServer) -> Value {
+    json!({"hostname": "relay.example.com", "redis": {"url": redis.url()},
+           "listeners": [{"name": "smtp", "port": 2525}]})
+}
+
+fn quota_obj(name: &str, limits: &[&str]) -> Value {
+    json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "SendQuota",
+           "metadata": {"name": name, "namespace": "mail"},
+           "spec": {"direction": "ingress", "limits": limits,
+                    "relaySelector": {"matchLabels": {"team": "payments"}}}})
+}
+
+fn stored_relay(api: &FakeApi) -> Arc<MailRelay> {
+    Arc::new(serde_json::from_value(api.get(RELAY).expect("relay stored")).unwrap())
+}
+
+async fn reconcile_relay(api: &FakeApi, ctx: &Arc<Context>) -> Result<Action, reconcile::Error> {
+    relay::reconcile(stored_relay(api), ctx.clone()).await
+}
+
+fn ready_deployments(api: &FakeApi) {
+    api.set_deployment_status(
+        json!({"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2, "availableReplicas": 2}),
+    );
+}
+
+fn condition<'a>(obj: &'a Value, type_: &str) -> &'a Value {
+    obj["status"]["conditions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no conditions: {obj}"))
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()
+}
+
+fn config_hash(api: &FakeApi) -> String {
+    api.get(DEPLOYMENT).unwrap()["spec"]["template"]["metadata"]["annotations"]["mailrelay.io/config-hash"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn relay_config(api: &FakeApi) -> mailrelay::config::RelayConfig {
+    let cm = api.get(CONFIG_MAP).unwrap();
+    mailrelay::config::RelayConfig::from_yaml(cm["data"]["mailrelay.yaml"].as_str().unwrap())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_applies_every_object_and_reports_status() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    let ctx = context(&api, settings());
+
+    let action = reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+
+    let reqs = api.requests();
+    let patched: Vec<&str> = reqs
+        .iter()
+        .filter(|r| r.method == "PATCH")
+        .map(|r| r.path.as_str())
+        .collect();
+    assert_eq!(
+        patched,
+        [
+            "/api/v1/namespaces/mail/configmaps/relay-config",
+            "/api/v1/namespaces/mail/serviceaccounts/relay",
+            "/api/v1/namespaces/mail/services/relay",
+            "/api/v1/namespaces/mail/services/relay-admin",
+            "/apis/policy/v1/namespaces/mail/poddisruptionbudgets/relay",
+            "/apis/apps/v1/namespaces/mail/deployments/relay",
+            "/apis/mailrelay.io/v1alpha1/namespaces/mail/mailrelays/relay/status",
+        ]
+    );
+    for r in reqs.iter().filter(|r| r.method == "PATCH") {
+        assert!(
+            r.query.contains("fieldManager=mailrelay-operator") && r.query.contains("force=true"),
+            "server-side apply with our field manager: {} ?{}",
+            r.path,
+            r.query
+        );
+    }
+    assert!(reqs[0].is("GET", "/sendquotas"), "{:?}", reqs[0]);
+    let dep = api.get(DEPLOYMENT).unwrap();
+    assert_eq!(dep["metadata"]["ownerReferences"][0]["kind"], "MailRelay");
+    assert_eq!(dep["metadata"]["ownerReferences"][0]["controller"], true);
+
+    let r = api.get(RELAY).unwrap();
+    let ready = condition(&r, "Ready");
+    assert_eq!(
+        (ready["status"].as_str(), ready["reason"].as_str()),
+        (Some("True"), Some("Available"))
+    );
+    assert_eq!(ready["observedGeneration"], 1);
+    assert_eq!(condition(&r, "Progressing")["status"], "False");
+    assert_eq!(condition(&r, "Degraded")["status"], "False");
+    assert_eq!(r["status"]["observedGeneration"], 1);
+    assert_eq!(r["status"]["readyReplicas"], 2);
+    assert_eq!(r["status"]["queue"]["queued"], 0);
+    assert_eq!(r["status"]["delivery"]["delivered"], 0);
+    assert_eq!(
+        r["status"]["configHash"].as_str().unwrap(),
+        config_hash(&api)
+    );
+
+    // Nothing changed: the objects are applied again (idempotent), the status is not.
+    api.clear_requests();
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert!(
+        !api.requests().iter().any(|r| r.path.ends_with("/status")),
+        "an unchanged status is not patched: {:?}",
+        api.requests().iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_change_rolls_the_pods() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let before = config_hash(&api);
+
+    let mut r = api.get(RELAY).unwrap();
+    r["spec"]["limits"] = json!({"maxRecipients": 10});
+    r["metadata"]["generation"] = json!(2);
+    api.put(RELAY, r);
+    reconcile_relay(&api, &ctx).await.unwrap();
+
+    let after = config_hash(&api);
+    assert_ne!(before, after, "a config change changes the pod template");
+    assert_eq!(relay_config(&api).limits.max_recipients, 10);
+    let r = api.get(RELAY).unwrap();
+    assert_eq!(r["status"]["observedGeneration"], 2);
+    assert_eq!(condition(&r, "Ready")["observedGeneration"], 2);
+    assert_eq!(r["status"]["configHash"].as_str(), Some(after.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_added_and_removed_change_the_config_map_not_the_pods() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let hash = config_hash(&api);
+    let template = api.get(DEPLOYMENT).unwrap()["spec"]["template"].clone();
+    assert!(relay_config(&api).quotas.is_empty());
+
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m"]),
+    );
+    // Selects nothing here: another team's relays.
+    let mut other = quota_obj("other-team", &["5/1m"]);
+    other["spec"]["relaySelector"]["matchLabels"]["team"] = json!("web");
+    api.put(&format!("{QUOTAS}/other-team"), other);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let cfg = relay_config(&api);
+    assert_eq!(cfg.quotas.len(), 1);
+    assert_eq!(cfg.quotas[0].name, "payments");
+    assert_eq!(cfg.quotas[0].limits[0].to_string(), "100/1m");
+    assert_eq!(config_hash(&api), hash, "quota changes do not roll pods");
+    assert_eq!(api.get(DEPLOYMENT).unwrap()["spec"]["template"], template);
+    assert_eq!(
+        api.get(RELAY).unwrap()["status"]["quotas"],
+        json!(["payments"])
+    );
+
+    // An invalid quota is left out; the relay keeps the valid ones.
+    api.put(
+        &format!("{QUOTAS}/broken"),
+        quota_obj("broken", &["1/1m", "2/60s"]),
+    );
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(relay_config(&api).quotas.len(), 1);
+
+    api.remove(&format!("{QUOTAS}/payments"));
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert!(relay_config(&api).quotas.is_empty());
+    assert_eq!(config_hash(&api), hash);
+    assert_eq!(api.get(RELAY).unwrap()["status"].get("quotas"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_secret_holds_the_rollout_with_a_reason_and_an_event() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let mut s = spec(&redis);
+    s["tls"] = json!({"secretName": "relay-tls"});
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+
+    let action = reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(30)),
+        "retried, not a crash loop"
+    );
+    let reqs = api.requests();
+    assert!(reqs.iter().any(|r| r.is("GET", "/secrets/relay-tls")));
+    assert!(
+        !reqs
+            .iter()
+            .any(|r| r.method == "PATCH" && !r.path.ends_with("/status")),
+        "nothing applied while a Secret is missing"
+    );
+    let events: Vec<_> = reqs.iter().filter(|r| r.is("POST", "/events")).collect();
+    assert_eq!(events.len(), 1);
+    let ev = events[0].body.as_ref().unwrap();
+    assert_eq!(ev["reason"], "SecretNotFound");
+    assert_eq!(ev["type"], "Warning");
+    assert_eq!(ev["regarding"]["name"], "relay");
+    let r = api.get(RELAY).unwrap();
+    let ready = condition(&r, "Ready");
+    assert_eq!(ready["status"], "False");
+    assert_eq!(ready["reason"], "SecretNotFound");
+    assert!(
+        ready["message"].as_str().unwrap().contains("relay-tls"),
+        "{ready}"
+    );
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.tls.secretName"),
+        "{ready}"
+    );
+
+    // Same problem again: no second event, no status change.
+    api.clear_requests();
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.is("POST", "/events") || r.path.ends_with("/status"))
+    );
+
+    // A Secret without the keys is named as such.
+    api.put(
+        &format!("{NS}/secrets/relay-tls"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "relay-tls", "namespace": "mail"},
+               "data": {"tls.crt": "Y2VydA=="}}),
+    );
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(
+        condition(&api.get(RELAY).unwrap(), "Ready")["reason"],
+        "SecretKeyMissing"
+    );
+
+    // Once the Secret is complete the relay rolls out.
+    api.put(
+        &format!("{NS}/secrets/relay-tls"),
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "relay-tls", "namespace": "mail"},
+               "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}}),
+    );
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert!(api.get(DEPLOYMENT).is_some());
+    assert_eq!(
+        condition(&api.get(RELAY).unwrap(), "Ready")["status"],
+        "True"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_secrets_roll_the_pods_when_they_change() {
+    let redis = RedisServer::start_with(Some("first-password"));
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let mut s = spec(&redis);
+    s["redis"]["passwordSecret"] = json!({"name": "redis", "key": "password"});
+    api.put(RELAY, relay_obj(s));
+    let secret = |pw: &str| {
+        use std::io::Write;
+        let mut b64 = Vec::new();
+        let mut enc = base64_encode(pw.as_bytes());
+        b64.write_all(enc.as_bytes()).unwrap();
+        enc.clear();
+        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis", "namespace": "mail"},
+               "data": {"password": String::from_utf8(b64).unwrap()}})
+    };
+    api.put(&format!("{NS}/secrets/redis"), secret("first-password"));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let r = api.get(RELAY).unwrap();
+    assert_eq!(
+        condition(&r, "Degraded")["status"],
+        "False",
+        "the password reached the queue read: {r}"
+    );
+    let annotation = |api: &FakeApi| {
+        api.get(DEPLOYMENT).unwrap()["spec"]["template"]["metadata"]["annotations"]["mailrelay.io/secret-hash"].clone()
+    };
+    let before = annotation(&api);
+    assert!(before.is_string());
+    let env = &api.get(DEPLOYMENT).unwrap()["spec"]["template"]["spec"]["containers"][0]["env"][0];
+    assert_eq!(env["name"], "MAILRELAY_REDIS_PASSWORD");
+    assert_eq!(env["valueFrom"]["secretKeyRef"]["name"], "redis");
+
+    api.put(&format!("{NS}/secrets/redis"), secret("second-password"));
+    redis
+        .cli(&["CONFIG", "SET", "requirepass", "second-password"])
+        .unwrap();
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_ne!(annotation(&api), before);
+    assert_eq!(
+        condition(&api.get(RELAY).unwrap(), "Degraded")["status"],
+        "False"
+    );
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_relay_is_left_to_the_garbage_collector() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    let mut obj = relay_obj(spec(&redis));
+    obj["metadata"]["deletionTimestamp"] = json!("2026-11-29T05:00:00Z");
+    api.put(RELAY, obj);
+    let ctx = context(&api, settings());
+    let action = reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    assert!(api.requests().is_empty(), "{:?}", api.requests());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_requeue_with_growing_backoff_and_reset_on_success() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    let ctx = context(&api, settings());
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        api.fail_next("PATCH", "/configmaps/relay-config", 500);
+        let err = reconcile_relay(&api, &ctx).await.unwrap_err();
+        assert!(matches!(err, reconcile::Error::Kube(_)), "{err}");
+        delays.push(reconcile::error_policy(
+            stored_relay(&api),
+            &err,
+            ctx.clone(),
+        ));
+    }
+    assert_eq!(
+        delays,
+        [5, 10, 20].map(|s| Action::requeue(Duration::from_secs(s)))
+    );
+    reconcile_relay(&api, &ctx).await.unwrap();
+    api.fail_next("PATCH", "/configmaps/relay-config", 500);
+    let err = reconcile_relay(&api, &ctx).await.unwrap_err();
+    assert_eq!(
+        reconcile::error_policy(stored_relay(&api), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(5)),
+        "a success resets the backoff"
+    );
+    assert!(
+        ctx.metrics.encode().contains(
+            "mailrelay_operator_reconcile_errors_total{controller=\"MailRelay\",error=\"kube\"} 4"
+        ),
+        "{}",
+        ctx.metrics.encode()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_queue_store_degrades_without_failing() {
+    let mut redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    redis.kill();
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let r = api.get(RELAY).unwrap();
+    let d = condition(&r, "Degraded");
+    assert_eq!(
+        (d["status"].as_str(), d["reason"].as_str()),
+        (Some("True"), Some("QueueStoreUnreachable"))
+    );
+    assert!(
+        api.get(DEPLOYMENT).is_some(),
+        "the objects are applied all the same"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_is_reported_not_applied() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    let mut s = spec(&redis);
+    // What the CRD's CEL rule refuses; the operator checks again.
+    s["relayNetworks"] = json!(["0.0.0.0/0"]);
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let r = api.get(RELAY).unwrap();
+    let ready = condition(&r, "Ready");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.relayNetworks"),
+        "{ready}"
+    );
+    assert!(api.get(DEPLOYMENT).is_none());
+    assert!(api.requests().iter().any(|r| r.is("POST", "/events")));
+}
+
+/// The agreed admin API answer for quota `payments` (crd-shape.md).
+const PAYMENTS_USAGE: &str = r#"{"name": "payments", "direction": "ingress", "scope": "per_key", "action": "reject",
+ "limits": ["100/1m", "1000/1h"],
+ "keys": [ {"key": "alice@a.example",
+            "windows": [ {"limit": "100/1m", "window_seconds": 60, "used": 12, "remaining": 88,
+                          "resets_at": "2026-11-29T05:01:00Z", "resets_in_seconds": 31},
+                         {"limit": "1000/1h", "window_seconds": 3600, "used": 950, "remaining": 50,
+                          "resets_at": "2026-11-29T05:40:00Z", "resets_in_seconds": 2300} ]} ]}"#;
+
+/// A local relay admin API: `/api/v1/quotas/payments` answers the agreed JSON,
+/// any other quota 404 `{"error": ...}`.
+async fn admin_server() -> std::net::SocketAddr {
+    use axum::extract::Path;
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/api/v1/quotas/{name}",
+        get(|Path(name): Path<String>| async move {
+            if name == "payments" {
+                (StatusCode::OK, PAYMENTS_USAGE.to_owned())
+            } else {
+                (
+                    StatusCode::NOT_FOUND,
+                    format!(r#"{{"error": "quota {name} not found"}}"#),
+                )
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+async fn reconcile_quota(api: &FakeApi, ctx: &Arc<Context>, name: &str) {
+    let q: SendQuota =
+        serde_json::from_value(api.get(&format!("{QUOTAS}/{name}")).unwrap()).unwrap();
+    let action = quota::reconcile(Arc::new(q), ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sendquota_status_comes_from_the_relay_admin_api() {
+    let admin = admin_server().await;
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    api.put(RELAY, relay_obj(spec(&redis)));
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m", "1000/1h"]),
+    );
+    api.put(&format!("{QUOTAS}/fresh"), quota_obj("fresh", &["10/1m"]));
+    let ctx = context(
+        &api,
+        Settings {
+            admin_url_template: format!("http://{admin}"),
+            ..settings()
+        },
+    );
+
+    reconcile_quota(&api, &ctx, "payments").await;
+    let q = api.get(&format!("{QUOTAS}/payments")).unwrap();
+    let st = &q["status"];
+    assert_eq!(st["relays"], json!(["relay"]));
+    assert_eq!(
+        (
+            st["limit"].as_str(),
+            st["used"].as_u64(),
+            st["remaining"].as_u64()
+        ),
+        (Some("1000/1h"), Some(950), Some(50)),
+        "the fullest window is the summary: {st}"
+    );
+    assert_eq!(st["resetsAt"], "2026-11-29T05:40:00Z");
+    assert_eq!(st["windows"].as_array().unwrap().len(), 2);
+    assert_eq!(st["windows"][0]["key"], "alice@a.example");
+    assert_eq!(condition(&q, "Ready")["reason"], "Enforced");
+
+    // Unchanged usage: no second status write.
+    api.clear_requests();
+    reconcile_quota(&api, &ctx, "payments").await;
+    assert!(!api.requests().iter().any(|r| r.path.ends_with("/status")));
+
+    reconcile_quota(&api, &ctx, "fresh").await;
+    let q = api.get(&format!("{QUOTAS}/fresh")).unwrap();
+    assert_eq!(condition(&q, "Ready")["reason"], "NotLoaded");
+    assert_eq!(q["status"].get("used"), None);
+
+    // An invalid quota says why, with an event; no relay is asked.
+    api.put(
+        &format!("{QUOTAS}/broken"),
+        quota_obj("broken", &["1/1m", "2/60s"]),
+    );
+    api.clear_requests();
+    reconcile_quota(&api, &ctx, "broken").await;
+    let q = api.get(&format!("{QUOTAS}/broken")).unwrap();
+    let ready = condition(&q, "Ready");
+    assert_eq!(ready["reason"], "InvalidSpec");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.limits[1]"),
+        "{ready}"
+    );
+    assert!(api.requests().iter().any(|r| r.is("POST", "/events")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sendquota_without_relays_or_with_an_unreachable_one() {
+    let api = FakeApi::start();
+    let mut q = quota_obj("payments", &["100/1m"]);
+    q["spec"]["relaySelector"]["matchLabels"]["team"] = json!("nobody");
+    api.put(&format!("{QUOTAS}/payments"), q);
+    let port = support::free_ports(1)[0];
+    let ctx = context(
+        &api,
+        Settings {
+            admin_url_template: format!("http://127.0.0.1:{port}"),
+            ..settings()
+        },
+    );
+    reconcile_quota(&api, &ctx, "payments").await;
+    assert_eq!(
+        condition(&api.get(&format!("{QUOTAS}/payments")).unwrap(), "Ready")["reason"],
+        "NoRelays"
+    );
+
+    api.put(
+        RELAY,
+        relay_obj(json!({"hostname": "r.example", "redis": {"url": "redis://127.0.0.1:1"}})),
+    );
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m"]),
+    );
+    reconcile_quota(&api, &ctx, "payments").await;
+    let ready = condition(&api.get(&format!("{QUOTAS}/payments")).unwrap(), "Ready").clone();
+    assert_eq!(ready["reason"], "RelayUnreachable");
+    assert!(
+        ready["message"]
+            .as_str()
+            .unwrap()
+            .contains("MailRelay relay"),
+        "{ready}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_run_reconcile_what_they_list_and_stop_on_shutdown() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m"]),
+    );
+    let port = support::free_ports(1)[0];
+    let ctx = context(
+        &api,
+        Settings {
+            admin_url_template: format!("http://127.0.0.1:{port}"),
+            ..settings()
+        },
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(reconcile::run(ctx, async move {
+        let _ = rx.await;
+    }));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let relay_done = api.get(RELAY).unwrap().get("status").is_some();
+        let quota_done = api
+            .get(&format!("{QUOTAS}/payments"))
+            .unwrap()
+            .get("status")
+            .is_some();
+        if relay_done && quota_done && api.get(DEPLOYMENT).is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the controllers did not reconcile: {:?}",
+            api.requests()
+                .iter()
+                .map(|r| format!("{} {}?{}", r.method, r.path, r.query))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(relay_config(&api).quotas.len(), 1);
+    let watched: Vec<String> = api
+        .requests()
+        .iter()
+        .filter(|r| r.query.contains("watch=true"))
+        .map(|r| r.path.clone())
+        .collect();
+    for path in [
+        "/apis/mailrelay.io/v1alpha1/mailrelays",
+        "/apis/mailrelay.io/v1alpha1/sendquotas",
+        "/apis/apps/v1/deployments",
+        "/api/v1/configmaps",
+        "/api/v1/services",
+        "/api/v1/secrets",
+    ] {
+        assert!(
+            watched.iter().any(|w| w == path),
+            "no watch on {path}: {watched:?}"
+        );
+    }
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the controllers stop on shutdown")
+        .unwrap();
+}
+
+#[test]
+fn watch_events_map_to_the_objects_they_concern() {
+    use mailrelay_operator::reconcile::{quotas_for_relay, relays_for_quota, relays_for_secret};
+    let relay = |ns: &str, name: &str, tls: Option<&str>| -> Arc<MailRelay> {
+        let mut spec = json!({"hostname": "r.example", "redis": {"url": "redis://r:6379"}});
+        if let Some(t) = tls {
+            spec["tls"] = json!({"secretName": t});
+        }
+        let mut r: MailRelay = serde_json::from_value(relay_obj(spec)).unwrap();
+        r.metadata.namespace = Some(ns.into());
+        r.metadata.name = Some(name.into());
+        Arc::new(r)
+    };
+    let relays = vec![
+        relay("mail", "a", Some("tls-a")),
+        relay("mail", "b", None),
+        relay("other", "c", Some("tls-a")),
+    ];
+    let names = |refs: Vec<kube::runtime::reflector::ObjectRef<MailRelay>>| -> Vec<String> {
+        refs.into_iter().map(|r| r.name).collect()
+    };
+    let sq: SendQuota = serde_json::from_value(quota_obj("q", &["1/1m"])).unwrap();
+    assert_eq!(names(relays_for_quota(&relays, &sq)), ["a", "b"]);
+    assert_eq!(
+        names(relays_for_secret(&relays, Some("mail"), "tls-a")),
+        ["a"]
+    );
+    assert!(relays_for_secret(&relays, Some("mail"), "unrelated").is_empty());
+    let quotas = vec![Arc::new(sq)];
+    assert_eq!(quotas_for_relay(&quotas, &relays[0]).len(), 1);
+    assert!(quotas_for_relay(&quotas, &relays[2]).is_empty());
+}

@@ -1,0 +1,58 @@
+//! The operator's `/healthz` and `/metrics` over real HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailrelay_operator::telemetry::{Metrics, serve};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    resp
+}
+
+#[tokio::test]
+async fn health_and_metrics_are_served_until_shutdown() {
+    let metrics = Arc::new(Metrics::new());
+    metrics.reconciled("MailRelay", 0.02);
+    metrics.reconcile_error("MailRelay", "kube");
+    metrics.status_patched("SendQuota");
+    metrics.set_leader(true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, metrics, async move {
+        let _ = rx.await;
+    }));
+
+    let health = get(addr, "/healthz").await;
+    assert!(
+        health.starts_with("HTTP/1.1 200") && health.ends_with("ok"),
+        "{health}"
+    );
+    let m = get(addr, "/metrics").await;
+    assert!(m.contains("application/openmetrics-text"), "{m}");
+    for line in [
+        "mailrelay_operator_reconciles_total{controller=\"MailRelay\"} 1",
+        "mailrelay_operator_reconcile_errors_total{controller=\"MailRelay\",error=\"kube\"} 1",
+        "mailrelay_operator_status_patches_total{controller=\"SendQuota\"} 1",
+        "mailrelay_operator_leader 1",
+        "mailrelay_operator_reconcile_duration_seconds_count{controller=\"MailRelay\"} 1",
+    ] {
+        assert!(m.contains(line), "missing {line}:\n{m}");
+    }
+    tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("stops on shutdown")
+        .unwrap()
+        .unwrap();
+}
