@@ -3,6 +3,9 @@
 //! the relay's own config format (the ConfigMap payload) from a typed config, so the
 //! operator and the relay can never disagree on it.
 
+pub mod images;
+pub mod plugin;
+
 use mailrelay::config::{ConfigError, RelayConfig};
 
 #[derive(Debug, thiserror::Error)]
