@@ -134,7 +134,10 @@ fn chart_renders_for_every_value_set_and_every_object_is_valid() {
         let p = e.unwrap().path();
         let objects: Vec<Value> =
             serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        cases.insert(p.file_stem().unwrap().to_string_lossy().into_owned(), objects);
+        cases.insert(
+            p.file_stem().unwrap().to_string_lossy().into_owned(),
+            objects,
+        );
     }
     for case in [
         "defaults",
