@@ -607,6 +607,8 @@ BAD = [
     ("relay-without-redis", {"relay": {"enabled": True, "hostname": "relay.example.com"}}, "relay.enabled needs a Redis: set redis.enabled=true (bundled, not HA) or externalRedis.url"),
     ("relay-without-hostname", {"redis": {"enabled": True}, "relay": {"enabled": True}}, "relay.enabled needs relay.hostname"),
     ("two-redises", {"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}}, "set either redis.enabled or externalRedis.url, not both"),
+    ("auth-without-tls", deep_merge(BASE_RELAY, {"relay": {"authSecretName": "users"}}), "relay.authSecretName needs relay.tlsSecretName"),
+    ("implicit-without-tls", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtps", "port": 4650, "tls": "implicit"}]}}), "relay.listeners smtps: tls: implicit needs relay.tlsSecretName"),
     ("servicemonitor-without-service", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled needs metrics.service.enabled=true"),
 ]
 

@@ -6,7 +6,9 @@
 //! the CRD schemas. It writes every rendered object to a directory; here each core,
 //! apps, rbac and apiextensions object is deserialized into its k8s-openapi type
 //! and serialized back: any field the type does not know (a typo, a field at the
-//! wrong level) is dropped on the way and the comparison fails.
+//! wrong level) is dropped on the way and the comparison fails. Custom resources
+//! also get the CRDs' CEL rules (`x-kubernetes-validations`) evaluated, which the
+//! script's JSON Schema check cannot do.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::core::cel::Validator;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -104,6 +107,36 @@ fn strict(v: &Value) -> Option<Result<(), String>> {
     })
 }
 
+/// openAPIV3Schema of each CRD in the chart, by kind.
+fn crd_schemas() -> BTreeMap<String, Value> {
+    let dir = repo().join("charts/mailrelay-operator/crds");
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let crd: Value =
+            serde_norway::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).expect("CRD YAML");
+        let kind = crd["spec"]["names"]["kind"].as_str().unwrap().to_owned();
+        out.insert(
+            kind,
+            crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone(),
+        );
+    }
+    out
+}
+
+/// The CEL rules of the object's CRD, as the API server evaluates them on create.
+fn cel(schemas: &BTreeMap<String, Value>, o: &Value) -> Result<(), String> {
+    let kind = o["kind"].as_str().unwrap_or_default();
+    let schema = schemas
+        .get(kind)
+        .ok_or_else(|| format!("no CRD for {kind}"))?;
+    Validator::new().validate(schema, o, None).map_err(|errs| {
+        errs.iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
 fn run_script(out: &Path) -> String {
     let script = repo().join("charts/tests/test_chart.py");
     let o = Command::new("python3")
@@ -150,10 +183,25 @@ fn chart_renders_for_every_value_set_and_every_object_is_valid() {
     ] {
         assert!(cases.contains_key(case), "case {case} not rendered");
     }
+    let schemas = crd_schemas();
     let mut errors = Vec::new();
     let mut checked = 0;
+    let mut custom = 0;
     for (case, objects) in &cases {
         for o in objects {
+            if o["apiVersion"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("mailrelay.io/")
+            {
+                custom += 1;
+                if let Err(e) = cel(&schemas, o) {
+                    errors.push(format!(
+                        "{case}: {} {}: CEL: {e}",
+                        o["kind"], o["metadata"]["name"]
+                    ));
+                }
+            }
             if let Some(r) = strict(o) {
                 checked += 1;
                 if let Err(e) = r {
@@ -167,6 +215,23 @@ fn chart_renders_for_every_value_set_and_every_object_is_valid() {
     }
     assert!(errors.is_empty(), "{}", errors.join("\n"));
     assert!(checked > 40, "only {checked} objects checked");
+    assert!(custom >= 4, "only {custom} custom resources checked");
+}
+
+#[test]
+fn cel_rules_are_enforced_on_custom_resources() {
+    // The check itself: a relay offering AUTH without TLS breaks a CRD rule.
+    let schemas = crd_schemas();
+    let mut mr = serde_json::json!({
+        "apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelay",
+        "metadata": {"name": "outbound", "namespace": "mail"},
+        "spec": {"hostname": "relay.example.com", "redis": {"url": "redis://r:6379"},
+                 "tls": {"secretName": "t"}, "auth": {"secretName": "u"}}
+    });
+    assert_eq!(cel(&schemas, &mr), Ok(()));
+    mr["spec"].as_object_mut().unwrap().remove("tls");
+    let e = cel(&schemas, &mr).unwrap_err();
+    assert!(e.contains("AUTH"), "{e}");
 }
 
 #[test]

@@ -117,6 +117,14 @@ waitReplicas: {{ .Values.externalRedis.waitReplicas }}
 {{- if and .Values.relay.enabled (not .Values.relay.hostname) }}
 {{- fail "relay.enabled needs relay.hostname (the relay's EHLO name, e.g. relay.example.com)" }}
 {{- end }}
+{{- if and .Values.relay.enabled .Values.relay.authSecretName (not .Values.relay.tlsSecretName) }}
+{{- fail "relay.authSecretName needs relay.tlsSecretName: SMTP AUTH is offered only over TLS" }}
+{{- end }}
+{{- range .Values.relay.listeners }}
+{{- if and $.Values.relay.enabled (eq (toString .tls) "implicit") (not $.Values.relay.tlsSecretName) }}
+{{- fail (printf "relay.listeners %s: tls: implicit needs relay.tlsSecretName (a certificate Secret)" .name) }}
+{{- end }}
+{{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled=true (the ServiceMonitor scrapes that Service)" }}
 {{- end }}
