@@ -147,6 +147,18 @@ impl Cluster {
         if (200..300).contains(&a.code) {
             return Ok(a.body);
         }
+        if a.code == 404 && a.body.trim().is_empty() {
+            // The relay's router answers unknown routes with an empty 404.
+            return Err(PluginError::Relay {
+                namespace: self.namespace.clone(),
+                name,
+                code: 404,
+                message: format!(
+                    "{} is not served by this relay (is it older than the plugin?)",
+                    path.split('?').next().unwrap_or(path)
+                ),
+            });
+        }
         Err(classify_proxy_error(
             &self.namespace,
             &name,
