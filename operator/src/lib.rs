@@ -19,6 +19,9 @@ pub mod resources;
 pub mod status;
 pub mod telemetry;
 
+pub mod images;
+pub mod plugin;
+
 use mailrelay::config::{ConfigError, RelayConfig};
 
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,131 @@
+{{/* Chart name, overridable. */}}
+{{- define "mailrelay-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release name plus chart name, unless the release name holds it. */}}
+{{- define "mailrelay-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "mailrelay-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels common to every object of the release. */}}
+{{- define "mailrelay-operator.labels" -}}
+helm.sh/chart: {{ include "mailrelay-operator.chart" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: mailrelay
+{{- end }}
+
+{{/* Selector labels of the operator pods. */}}
+{{- define "mailrelay-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mailrelay-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* Selector labels of the bundled Redis. */}}
+{{- define "mailrelay-operator.redisSelectorLabels" -}}
+app.kubernetes.io/name: redis
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: queue-store
+{{- end }}
+
+{{- define "mailrelay-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "mailrelay-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator image: repository:tag (tag defaults to appVersion) or @digest. */}}
+{{- define "mailrelay-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The default relay image handed to the operator. */}}
+{{- define "mailrelay-operator.relayImage" -}}
+{{- printf "%s:%s" .Values.relayImage.repository (default .Chart.AppVersion .Values.relayImage.tag) }}
+{{- end }}
+
+{{- define "mailrelay-operator.redisName" -}}
+{{- printf "%s-redis" (include "mailrelay-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Secret holding the bundled Redis password. */}}
+{{- define "mailrelay-operator.redisSecretName" -}}
+{{- default (include "mailrelay-operator.redisName" .) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{/* The Redis the first MailRelay uses, as the CRD's spec.redis. */}}
+{{- define "mailrelay-operator.relayRedis" -}}
+{{- if .Values.redis.enabled }}
+url: {{ printf "redis://%s.%s.svc:6379" (include "mailrelay-operator.redisName" .) .Release.Namespace | quote }}
+{{- if .Values.redis.auth.enabled }}
+passwordSecret:
+  name: {{ include "mailrelay-operator.redisSecretName" . | quote }}
+  key: {{ .Values.redis.auth.secretKey | quote }}
+{{- end }}
+{{- else }}
+url: {{ .Values.externalRedis.url | quote }}
+{{- if .Values.externalRedis.cluster }}
+cluster: true
+{{- end }}
+{{- with .Values.externalRedis.clusterNodes }}
+clusterNodes:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- if .Values.externalRedis.passwordSecret.name }}
+passwordSecret:
+  name: {{ .Values.externalRedis.passwordSecret.name | quote }}
+  key: {{ .Values.externalRedis.passwordSecret.key | quote }}
+{{- end }}
+{{- if .Values.externalRedis.waitReplicas }}
+waitReplicas: {{ .Values.externalRedis.waitReplicas }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Cross-field checks the schema cannot phrase clearly. */}}
+{{- define "mailrelay-operator.validate" -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) }}
+{{- fail "replicaCount > 1 needs leaderElection.enabled=true: two operators reconciling at once would fight over the same objects" }}
+{{- end }}
+{{- if and .Values.relay.enabled (not .Values.redis.enabled) (not .Values.externalRedis.url) }}
+{{- fail "relay.enabled needs a Redis: set redis.enabled=true (bundled, not HA) or externalRedis.url" }}
+{{- end }}
+{{- if and .Values.redis.enabled .Values.externalRedis.url }}
+{{- fail "set either redis.enabled or externalRedis.url, not both" }}
+{{- end }}
+{{- if and .Values.relay.enabled (not .Values.relay.hostname) }}
+{{- fail "relay.enabled needs relay.hostname (the relay's EHLO name, e.g. relay.example.com)" }}
+{{- end }}
+{{- if and .Values.relay.enabled .Values.relay.authSecretName (not .Values.relay.tlsSecretName) }}
+{{- fail "relay.authSecretName needs relay.tlsSecretName: SMTP AUTH is offered only over TLS" }}
+{{- end }}
+{{- range .Values.relay.listeners }}
+{{- if and $.Values.relay.enabled (eq (toString .tls) "implicit") (not $.Values.relay.tlsSecretName) }}
+{{- fail (printf "relay.listeners %s: tls: implicit needs relay.tlsSecretName (a certificate Secret)" .name) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled=true (the ServiceMonitor scrapes that Service)" }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,725 @@
+#!/usr/bin/env python3
+"""Renders the mailrelay-operator chart with the real Helm engine and checks it.
+
+Run by `cargo test` (operator/tests/helm_chart.rs); usable alone:
+
+    python3 charts/tests/test_chart.py --out /tmp/rendered
+
+The Helm engine is PyPI's helm-python-sdk (Helm's Go SDK in a wheel: no helm
+binary, no cluster). For each value set below the chart is linted, schema-checked
+and rendered; MailRelay and SendQuota objects are validated against the CRD
+schemas in charts/mailrelay-operator/crds/ (unknown fields refused, as kubectl's
+strict field validation does), the ServiceMonitor against the fields it may use,
+and each case's own expectations are asserted. Every rendered object of every
+case is written to OUT/<case>.json, where the Rust test deserializes the core,
+apps, rbac and apiextensions objects into their k8s-openapi types and compares
+them with the original, so a misspelt or misplaced field fails.
+
+Bad value sets must be refused (by values.schema.json or by the chart's own
+checks) with a message naming the problem.
+"""
+
+import argparse
+import copy
+import json
+import os
+import sys
+import traceback
+
+import helm_python
+import jsonschema
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CHART = os.path.normpath(os.path.join(HERE, "..", "mailrelay-operator"))
+RELEASE = "mr"
+NAMESPACE = "mail"
+FULLNAME = "mr-mailrelay-operator"
+CRD_GROUP = "mailrelay.io"
+
+
+# --- CRD schemas -------------------------------------------------------------
+
+
+def openapi_to_jsonschema(s):
+    """A CRD's structural OpenAPI v3 schema as JSON Schema, strict about unknown
+    fields (objects without x-kubernetes-preserve-unknown-fields or
+    additionalProperties refuse other keys) and with `nullable` spelt as a type."""
+    if not isinstance(s, dict):
+        return s
+    out = {}
+    for k, v in s.items():
+        if k.startswith("x-kubernetes-") or k in ("nullable", "format"):
+            continue
+        if k == "properties":
+            out[k] = {p: openapi_to_jsonschema(ps) for p, ps in v.items()}
+        elif k in ("items", "additionalProperties", "not"):
+            out[k] = openapi_to_jsonschema(v) if isinstance(v, dict) else v
+        elif k in ("allOf", "anyOf", "oneOf"):
+            out[k] = [openapi_to_jsonschema(x) for x in v]
+        else:
+            out[k] = v
+    if s.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if (
+        s.get("type") == "object"
+        and "properties" in s
+        and "additionalProperties" not in s
+        and not s.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    if s.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    return out
+
+
+def load_crd_validators():
+    validators = {}
+    crd_dir = os.path.join(CHART, "crds")
+    for f in sorted(os.listdir(crd_dir)):
+        with open(os.path.join(crd_dir, f)) as fh:
+            crd = yaml.safe_load(fh)
+        kind = crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            schema = openapi_to_jsonschema(v["schema"]["openAPIV3Schema"])
+            # The API server owns apiVersion, kind and metadata.
+            schema.setdefault("properties", {}).update(
+                {
+                    "apiVersion": {"const": f"{crd['spec']['group']}/{v['name']}"},
+                    "kind": {"const": kind},
+                    "metadata": {"type": "object"},
+                }
+            )
+            jsonschema.Draft7Validator.check_schema(schema)
+            validators[(f"{crd['spec']['group']}/{v['name']}", kind)] = (
+                jsonschema.Draft7Validator(schema)
+            )
+    return validators
+
+
+# The fields a ServiceMonitor of this chart may use (monitoring.coreos.com/v1);
+# anything else is a typo.
+SERVICE_MONITOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": {"type": "object"}},
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchNames": {"type": "array", "items": {"type": "string"}}},
+                },
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+# --- rendering ---------------------------------------------------------------
+
+
+def deep_merge(base, extra):
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def render(chart, values):
+    """(objects, notes) of one install."""
+    out = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects, notes = [], ""
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc is None:
+                continue
+            if not isinstance(doc, dict) or not doc.get("kind") or not doc.get("apiVersion"):
+                raise AssertionError(f"{path}: a document without kind/apiVersion: {doc!r}")
+            doc["__template"] = path
+            objects.append(doc)
+    return objects, notes
+
+
+class Failures(Exception):
+    pass
+
+
+class Case:
+    """One value set: its objects and assertion helpers."""
+
+    def __init__(self, name, objects, notes):
+        self.name, self.objects, self.notes = name, objects, notes
+
+    def kinds(self):
+        return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in self.objects)
+
+    def get(self, kind, name=None):
+        found = [
+            o
+            for o in self.objects
+            if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+        ]
+        if len(found) != 1:
+            raise AssertionError(f"expected one {kind} {name or ''}, found {self.kinds()}")
+        return found[0]
+
+    def has(self, kind):
+        return any(o["kind"] == kind for o in self.objects)
+
+
+def check_common(case, crd_validators):
+    """What holds for every rendered object of every case."""
+    for o in case.objects:
+        md = o.get("metadata") or {}
+        where = f"{o['__template']}: {o['kind']} {md.get('name')}"
+        assert md.get("name"), f"{where}: no name"
+        labels = md.get("labels") or {}
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm", f"{where}: labels {labels}"
+        assert labels.get("helm.sh/chart") == "mailrelay-operator-0.1.0", f"{where}: {labels}"
+        cluster_scoped = o["kind"] in ("ClusterRole", "ClusterRoleBinding")
+        if cluster_scoped:
+            assert "namespace" not in md, f"{where}: cluster-scoped with a namespace"
+        else:
+            assert md.get("namespace") == NAMESPACE, f"{where}: namespace {md.get('namespace')}"
+        body = {k: v for k, v in o.items() if k != "__template"}
+        key = (o["apiVersion"], o["kind"])
+        if o["apiVersion"].startswith(CRD_GROUP + "/"):
+            v = crd_validators.get(key)
+            assert v is not None, f"{where}: no CRD in crds/ for {key}"
+            errors = sorted(v.iter_errors(body), key=lambda e: list(e.absolute_path))
+            assert not errors, f"{where}: invalid against its CRD: " + "; ".join(
+                f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors
+            )
+        elif o["kind"] == "ServiceMonitor":
+            jsonschema.validate(body, SERVICE_MONITOR)
+
+
+def operator_container(case):
+    d = case.get("Deployment", FULLNAME)
+    (c,) = d["spec"]["template"]["spec"]["containers"]
+    return d, c
+
+
+def rules_of(case, kind, name):
+    return case.get(kind, name)["rules"]
+
+
+def expect_defaults(case):
+    assert case.kinds() == sorted(
+        [
+            f"ClusterRole/{FULLNAME}",
+            f"ClusterRoleBinding/{FULLNAME}",
+            f"Deployment/{FULLNAME}",
+            f"Role/{FULLNAME}-leader-election",
+            f"RoleBinding/{FULLNAME}-leader-election",
+            f"ServiceAccount/{FULLNAME}",
+        ]
+    ), case.kinds()
+    d, c = operator_container(case)
+    assert c["image"] == "ghcr.io/mailrelay/mailrelay-operator:0.1.0", c["image"]
+    assert c["args"] == [
+        "run",
+        "--relay-image=ghcr.io/mailrelay/mailrelay:0.1.0",
+        "--metrics-address=0.0.0.0:8080",
+        "--status-interval=30s",
+        "--lease-name=mailrelay-operator",
+    ], c["args"]
+    pod = d["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == FULLNAME
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, c[probe]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    # Least privilege: exactly the resources the operator uses.
+    granted = {}
+    for r in rules_of(case, "ClusterRole", FULLNAME):
+        for g in r["apiGroups"]:
+            for res in r["resources"]:
+                granted.setdefault(f"{g}/{res}", set()).update(r["verbs"])
+    manage = {"get", "list", "watch", "create", "update", "patch", "delete"}
+    assert granted == {
+        "mailrelay.io/mailrelays": {"get", "list", "watch"},
+        "mailrelay.io/sendquotas": {"get", "list", "watch"},
+        "mailrelay.io/mailrelays/status": {"get", "patch", "update"},
+        "mailrelay.io/sendquotas/status": {"get", "patch", "update"},
+        "mailrelay.io/mailrelays/finalizers": {"update"},
+        "mailrelay.io/sendquotas/finalizers": {"update"},
+        "/configmaps": manage,
+        "/services": manage,
+        "/serviceaccounts": manage,
+        "apps/deployments": manage,
+        "policy/poddisruptionbudgets": manage,
+        "/secrets": {"get", "list", "watch"},
+        "/events": {"create", "patch"},
+        "events.k8s.io/events": {"create", "patch"},
+    }, granted
+    assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules_of(case, "ClusterRole", FULLNAME))
+    lease_rules = rules_of(case, "Role", f"{FULLNAME}-leader-election")
+    assert [r["resources"] for r in lease_rules] == [["leases"], ["leases"]], lease_rules
+    assert lease_rules[1]["resourceNames"] == ["mailrelay-operator"]
+    crb = case.get("ClusterRoleBinding", FULLNAME)
+    assert crb["subjects"] == [
+        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
+    ], crb
+    assert "kubectl get crd mailrelays.mailrelay.io" in case.notes, case.notes
+    assert "relay.enabled=true" in case.notes, case.notes
+
+
+def expect_single_no_leader(case):
+    _, c = operator_container(case)
+    assert "--no-leader-election" in c["args"], c["args"]
+    assert not any(a.startswith("--lease-name") for a in c["args"])
+    assert not case.has("Role") and not case.has("RoleBinding"), case.kinds()
+
+
+def expect_ha_operator(case):
+    d, c = operator_container(case)
+    assert d["spec"]["replicas"] == 3
+    assert "--lease-name=mr-lease" in c["args"], c["args"]
+    assert case.get("Role", f"{FULLNAME}-leader-election")["rules"][1]["resourceNames"] == ["mr-lease"]
+    assert c["image"] == "registry.example/op@sha256:" + "a" * 64
+    assert "--relay-image=registry.example/relay:9.9.9" in c["args"], c["args"]
+    assert d["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert d["spec"]["template"]["spec"]["tolerations"][0]["key"] == "dedicated"
+
+
+def expect_metrics(case):
+    svc = case.get("Service", f"{FULLNAME}-metrics")
+    assert svc["spec"]["ports"] == [
+        {"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}
+    ], svc["spec"]["ports"]
+    d, c = operator_container(case)
+    assert c["ports"][0]["containerPort"] == 9100
+    assert "--metrics-address=0.0.0.0:9100" in c["args"]
+    sel = svc["spec"]["selector"]
+    assert all(d["spec"]["template"]["metadata"]["labels"][k] == v for k, v in sel.items())
+    sm = case.get("ServiceMonitor", FULLNAME)
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert all(svc["metadata"]["labels"][k] == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def redis_conf(case):
+    cm = case.get("ConfigMap", f"{FULLNAME}-redis")
+    return dict(line.split(" ", 1) for line in cm["data"]["redis.conf"].strip().splitlines())
+
+
+def expect_bundled_redis(case, fsync="everysec"):
+    conf = redis_conf(case)
+    assert conf["appendonly"] == "yes" and conf["appendfsync"] == fsync, conf
+    assert conf["maxmemory-policy"] == "noeviction" and conf["dir"] == "/data", conf
+    sts = case.get("StatefulSet", f"{FULLNAME}-redis")
+    assert sts["spec"]["replicas"] == 1
+    (c,) = sts["spec"]["template"]["spec"]["containers"]
+    assert c["args"][:1] == ["/etc/redis/redis.conf"], c["args"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert mounts["/data"] == "data", mounts
+    (pvc,) = sts["spec"]["volumeClaimTemplates"]
+    assert pvc["metadata"]["name"] == "data"
+    svc = case.get("Service", f"{FULLNAME}-redis")
+    assert svc["spec"]["ports"][0]["port"] == 6379
+    return sts, c
+
+
+def expect_redis_default(case):
+    sts, c = expect_bundled_redis(case)
+    secret = case.get("Secret", f"{FULLNAME}-redis")
+    assert len(secret["data"]["password"]) > 0
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env["REDIS_PASSWORD"] == {"name": f"{FULLNAME}-redis", "key": "password"}, env
+    assert env["REDISCLI_AUTH"] == env["REDIS_PASSWORD"]
+    assert c["args"] == ["/etc/redis/redis.conf", "--requirepass", "$(REDIS_PASSWORD)"], c["args"]
+    pvc = sts["spec"]["volumeClaimTemplates"][0]
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    assert "storageClassName" not in pvc["spec"]
+    assert "NOT highly available" in case.notes and "appendfsync everysec" in case.notes, case.notes
+    assert "within about one second" in case.notes, case.notes
+    assert not case.has("MailRelay")
+
+
+def expect_redis_existing_secret(case):
+    sts, c = expect_bundled_redis(case, fsync="always")
+    assert not case.has("Secret"), case.kinds()
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
+    assert env["REDIS_PASSWORD"] == {"name": "my-redis", "key": "redis-password"}, env
+    pvc = sts["spec"]["volumeClaimTemplates"][0]
+    assert pvc["spec"]["storageClassName"] == "fast-ssd"
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    assert "within about one second" not in case.notes
+
+
+def expect_redis_no_auth(case):
+    _, c = expect_bundled_redis(case)
+    assert "env" not in c and c["args"] == ["/etc/redis/redis.conf"], c
+    assert not case.has("Secret")
+
+
+def expect_first_relay(case):
+    expect_bundled_redis(case)
+    mr = case.get("MailRelay", "outbound")
+    assert mr["metadata"]["labels"]["team"] == "platform"
+    spec = mr["spec"]
+    assert spec["hostname"] == "relay.example.com" and spec["replicas"] == 2
+    assert spec["redis"] == {
+        "url": f"redis://{FULLNAME}-redis.{NAMESPACE}.svc:6379",
+        "passwordSecret": {"name": f"{FULLNAME}-redis", "key": "password"},
+    }, spec["redis"]
+    assert spec["relayNetworks"] == ["10.0.0.0/8"]
+    assert "listeners" not in spec and "image" not in spec, spec
+    q = case.get("SendQuota", "per-sender")
+    assert q["spec"]["limits"] == ["100/1m", "1000/1h"] and "name" not in q["spec"], q
+    e = case.get("SendQuota", "gmail-pacing")
+    assert e["spec"]["direction"] == "egress" and e["spec"]["maxConnections"] == 5
+    for needle in [
+        "kubectl -n mail wait mailrelay/outbound --for=condition=Ready",
+        "swaks --server 127.0.0.1:2525 --from test@relay.example.com",
+        "kubectl mailrelay -n mail status outbound",
+        "kubectl mailrelay -n mail queue outbound",
+        "kubectl mailrelay -n mail quota",
+    ]:
+        assert needle in case.notes, f"{needle!r} not in NOTES:\n{case.notes}"
+
+
+def expect_external_relay(case):
+    assert not case.has("StatefulSet") and not case.has("Secret"), case.kinds()
+    spec = case.get("MailRelay", "edge")["spec"]
+    assert spec["redis"] == {
+        "url": "redis://redis-0.redis.db.svc:6379",
+        "cluster": True,
+        "clusterNodes": ["redis://redis-1.redis.db.svc:6379"],
+        "passwordSecret": {"name": "redis-auth", "key": "pw"},
+        "waitReplicas": 1,
+    }, spec["redis"]
+    assert spec["tls"] == {"secretName": "relay-tls"} and spec["auth"] == {"secretName": "relay-users"}
+    assert spec["listeners"][1] == {"name": "submissions", "port": 4650, "tls": "implicit", "proxyProtocol": True}
+    assert spec["service"]["type"] == "LoadBalancer"
+    assert spec["delivery"]["smarthost"]["credentialsSecret"] == {"name": "provider-creds"}
+    assert "swaks --server 127.0.0.1:2587" in case.notes, case.notes
+
+
+BASE_RELAY = {
+    "redis": {"enabled": True},
+    "relay": {
+        "enabled": True,
+        "name": "outbound",
+        "hostname": "relay.example.com",
+        "labels": {"team": "platform"},
+        "relayNetworks": ["10.0.0.0/8"],
+    },
+    "sendQuotas": [
+        {
+            "name": "per-sender",
+            "direction": "ingress",
+            "match": {"senders": ["*@example.com"]},
+            "limits": ["100/1m", "1000/1h"],
+            "scope": "perKey",
+            "key": "sender",
+            "action": "reject",
+        },
+        {
+            "name": "gmail-pacing",
+            "relaySelector": {"matchLabels": {"team": "platform"}},
+            "direction": "egress",
+            "match": {"destinationDomains": ["gmail.com"]},
+            "limits": ["500/1h"],
+            "scope": "shared",
+            "maxConnections": 5,
+        },
+    ],
+}
+
+EXTERNAL_RELAY = {
+    "externalRedis": {
+        "url": "redis://redis-0.redis.db.svc:6379",
+        "cluster": True,
+        "clusterNodes": ["redis://redis-1.redis.db.svc:6379"],
+        "passwordSecret": {"name": "redis-auth", "key": "pw"},
+        "waitReplicas": 1,
+    },
+    "relay": {
+        "enabled": True,
+        "name": "edge",
+        "hostname": "mx.example.org",
+        "replicas": 3,
+        "listeners": [
+            {"name": "submission", "port": 2587, "tls": "starttls", "proxyProtocol": True},
+            {"name": "submissions", "port": 4650, "tls": "implicit", "proxyProtocol": True},
+        ],
+        "relayNetworks": ["10.1.0.0/16", "fd00::/16"],
+        "tlsSecretName": "relay-tls",
+        "authSecretName": "relay-users",
+        "delivery": {
+            "smarthost": {
+                "host": "smtp.provider.example",
+                "port": 587,
+                "tls": "required",
+                "credentialsSecret": {"name": "provider-creds"},
+            },
+            "maxConcurrency": 100,
+            "perDestinationConcurrency": 20,
+            "maxMessagesPerConnection": 50,
+            "retry": {"first": "2m", "max": "2h", "maxLifetime": "3d"},
+        },
+        "limits": {"maxMessageSize": 10485760, "maxRecipients": 50, "maxConnections": 2000},
+        "service": {
+            "type": "LoadBalancer",
+            "annotations": {"service.beta.kubernetes.io/aws-load-balancer-proxy-protocol": "*"},
+        },
+        "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}],
+        "podAnnotations": {"example.com/scrape": "true"},
+    },
+}
+
+GOOD = [
+    ("defaults", {}, expect_defaults),
+    (
+        "single-operator-no-leader-election",
+        {"leaderElection": {"enabled": False}},
+        expect_single_no_leader,
+    ),
+    (
+        "ha-operator",
+        {
+            "replicaCount": 3,
+            "leaderElection": {"leaseName": "mr-lease"},
+            "image": {"repository": "registry.example/op", "digest": "sha256:" + "a" * 64},
+            "relayImage": {"repository": "registry.example/relay", "tag": "9.9.9"},
+            "imagePullSecrets": [{"name": "regcred"}],
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "affinity": {
+                "podAntiAffinity": {
+                    "preferredDuringSchedulingIgnoredDuringExecution": [
+                        {
+                            "weight": 100,
+                            "podAffinityTerm": {
+                                "topologyKey": "kubernetes.io/hostname",
+                                "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "mailrelay-operator"}},
+                            },
+                        }
+                    ]
+                }
+            },
+            "podAnnotations": {"example.com/a": "b"},
+            "podLabels": {"team": "mail"},
+            "priorityClassName": "system-cluster-critical",
+            "serviceAccount": {"annotations": {"iam.example.com/role": "x"}},
+        },
+        expect_ha_operator,
+    ),
+    (
+        "metrics",
+        {
+            "metrics": {
+                "port": 9100,
+                "service": {"enabled": True, "annotations": {"prometheus.io/scrape": "true"}},
+                "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+            }
+        },
+        expect_metrics,
+    ),
+    ("bundled-redis", {"redis": {"enabled": True}}, expect_redis_default),
+    (
+        "bundled-redis-existing-secret",
+        {
+            "redis": {
+                "enabled": True,
+                "appendfsync": "always",
+                "auth": {"existingSecret": "my-redis", "secretKey": "redis-password"},
+                "persistence": {"size": "20Gi", "storageClass": "fast-ssd"},
+            }
+        },
+        expect_redis_existing_secret,
+    ),
+    (
+        "bundled-redis-no-auth",
+        {"redis": {"enabled": True, "auth": {"enabled": False}}},
+        expect_redis_no_auth,
+    ),
+    ("first-relay-and-quotas", BASE_RELAY, expect_first_relay),
+    ("external-redis-secret-relay", EXTERNAL_RELAY, expect_external_relay),
+]
+
+# (name, values, text the refusal must contain)
+BAD = [
+    ("typo-top-level", {"replicaCont": 2}, "additional properties 'replicaCont' not allowed"),
+    ("zero-replicas", {"replicaCount": 0}, "at '/replicaCount': minimum: got 0, want 1"),
+    ("replicas-as-string", {"replicaCount": "2"}, "at '/replicaCount'"),
+    ("bad-fsync", {"redis": {"enabled": True, "appendfsync": "no"}}, "at '/redis/appendfsync': value must be one of 'everysec', 'always'"),
+    ("typo-nested", {"redis": {"persistance": {"size": "1Gi"}}}, "additional properties 'persistance' not allowed"),
+    ("bad-size", {"redis": {"persistence": {"size": "lots"}}}, "at '/redis/persistence/size'"),
+    ("bad-pull-policy", {"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
+    ("bad-digest", {"image": {"digest": "latest"}}, "at '/image/digest'"),
+    ("bad-status-interval", {"statusInterval": "soon"}, "at '/statusInterval'"),
+    ("password-in-url", {"externalRedis": {"url": "redis://:hunter2@redis:6379"}}, "at '/externalRedis/url'"),
+    ("bad-relay-name", {"relay": {"name": "Not_A_Name"}}, "at '/relay/name'"),
+    ("bad-listener-tls", {"relay": {"listeners": [{"name": "smtp", "port": 25, "tls": "yes"}]}}, "at '/relay/listeners/0/tls'"),
+    ("listener-port-range", {"relay": {"listeners": [{"name": "smtp", "port": 70000}]}}, "at '/relay/listeners/0/port'"),
+    ("bad-network", {"relay": {"relayNetworks": ["everyone"]}}, "at '/relay/relayNetworks/0'"),
+    ("quota-bad-limit", {"sendQuotas": [{"name": "q", "direction": "ingress", "limits": ["100/1x"]}]}, "at '/sendQuotas/0/limits/0'"),
+    ("quota-no-direction", {"sendQuotas": [{"name": "q", "limits": ["1/1m"]}]}, "missing property 'direction'"),
+    ("quota-typo", {"sendQuotas": [{"name": "q", "direction": "egress", "limits": ["1/1m"], "maxConnection": 3}]}, "additional properties 'maxConnection' not allowed"),
+    ("metrics-service-type", {"metrics": {"service": {"type": "Ingress"}}}, "at '/metrics/service/type'"),
+    # The chart's own checks (template `fail`), for rules across fields.
+    ("ha-without-leader-election", {"replicaCount": 2, "leaderElection": {"enabled": False}}, "replicaCount > 1 needs leaderElection.enabled=true"),
+    ("relay-without-redis", {"relay": {"enabled": True, "hostname": "relay.example.com"}}, "relay.enabled needs a Redis: set redis.enabled=true (bundled, not HA) or externalRedis.url"),
+    ("relay-without-hostname", {"redis": {"enabled": True}, "relay": {"enabled": True}}, "relay.enabled needs relay.hostname"),
+    ("two-redises", {"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}}, "set either redis.enabled or externalRedis.url, not both"),
+    ("auth-without-tls", deep_merge(BASE_RELAY, {"relay": {"authSecretName": "users"}}), "relay.authSecretName needs relay.tlsSecretName"),
+    ("implicit-without-tls", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtps", "port": 4650, "tls": "implicit"}]}}), "relay.listeners smtps: tls: implicit needs relay.tlsSecretName"),
+    ("servicemonitor-without-service", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled needs metrics.service.enabled=true"),
+]
+
+
+def run(out_dir):
+    chart = helm_python.Chart.load(CHART)
+    crd_validators = load_crd_validators()
+    assert set(k for _, k in crd_validators) == {"MailRelay", "SendQuota"}, crd_validators.keys()
+    failures, passed = [], 0
+
+    def attempt(label, fn):
+        nonlocal passed
+        try:
+            fn()
+            passed += 1
+            print(f"ok    {label}")
+        except Exception as e:  # noqa: BLE001 - every failure is reported, then counted
+            failures.append(label)
+            print(f"FAIL  {label}: {e}")
+            traceback.print_exc()
+
+    def good(name, values, expect):
+        def fn():
+            chart.validate_schema(values)
+            lint = helm_python.lint(CHART, values, strict=True, namespace=NAMESPACE)
+            assert not lint["errors"], f"helm lint: {lint['errors']}"
+            bad = [m for m in lint["messages"] if m["severity"] >= 2]
+            assert not bad, f"helm lint warnings: {bad}"
+            objects, notes = render(chart, values)
+            case = Case(name, objects, notes)
+            check_common(case, crd_validators)
+            expect(case)
+            with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+                json.dump(
+                    [{k: v for k, v in o.items() if k != "__template"} for o in objects],
+                    f,
+                    indent=1,
+                )
+
+        attempt(f"render {name}", fn)
+
+    def bad(name, values, needle):
+        def fn():
+            try:
+                chart.validate_schema(values)
+                render(chart, values)
+            except (helm_python.HelmValuesError, helm_python.HelmRenderError) as e:
+                msg = str(e)
+                assert needle in msg, f"refused, but the message lacks {needle!r}: {msg}"
+                return
+            raise AssertionError("accepted, but must be refused")
+
+        attempt(f"refuse {name}", fn)
+
+    for name, values, expect in GOOD:
+        good(name, values, expect)
+    for name, values, needle in BAD:
+        bad(name, values, needle)
+
+    # values.yaml documents every key: a comment line right above each one.
+    def documented():
+        # Each key has a comment right above it, or sits inside a documented one
+        # (e.g. the fields of podSecurityContext); parents of documented keys
+        # (plain groupings like `redis:`) need none.
+        lines = open(os.path.join(CHART, "values.yaml")).read().splitlines()
+        missing, stack = [], []  # stack of (indent, documented)
+        for i, line in enumerate(lines):
+            s = line.strip()
+            if not s or s.startswith("#") or s.startswith("- ") or ":" not in s:
+                continue
+            indent = len(line) - len(line.lstrip())
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            inherited = any(d for _, d in stack)
+            here = i > 0 and lines[i - 1].strip().startswith("#")
+            is_group = s.endswith(":")
+            if not (here or inherited or is_group):
+                missing.append(s)
+            stack.append((indent, here or inherited))
+        assert not missing, f"values.yaml keys without a comment: {missing}"
+
+    attempt("values.yaml is commented", documented)
+
+    # The chart's defaults are what values.schema.json accepts, and the schema
+    # knows every key values.yaml has (so no key is silently unchecked).
+    def schema_covers_values():
+        schema = json.load(open(os.path.join(CHART, "values.schema.json")))
+        values = yaml.safe_load(open(os.path.join(CHART, "values.yaml")))
+
+        def walk(v, s, path):
+            if isinstance(v, dict) and "properties" in s:
+                for k, sub in v.items():
+                    assert k in s["properties"], f"{path}.{k} is not in values.schema.json"
+                    walk(sub, s["properties"][k], f"{path}.{k}")
+
+        walk(values, schema, "")
+        jsonschema.validate(values, schema)
+
+    attempt("values.schema.json covers values.yaml", schema_covers_values)
+
+    print(f"{passed} passed, {len(failures)} failed")
+    return not failures
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, help="directory for the rendered objects (JSON)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    sys.exit(0 if run(args.out) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,354 @@
+//! The plugin's view of the cluster: the kubeconfig, `MailRelay` objects, and
+//! requests to a relay's admin API through the API server's service proxy.
+
+use http_body_util::BodyExt as _;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use serde::de::DeserializeOwned;
+
+use super::{GROUP, GlobalArgs, MAILRELAY_KIND, MAILRELAY_PLURAL, PluginError, VERSION};
+
+/// Name of the admin Service of a MailRelay and of its port (see crd-shape).
+pub fn admin_service(relay: &str) -> String {
+    format!("{relay}-admin")
+}
+
+/// The API server path that proxies to `path` (starting with `/`) on a relay's
+/// admin port. The port is named, so the proxy follows the Service's targetPort.
+pub fn proxy_path(namespace: &str, relay: &str, path: &str) -> String {
+    format!(
+        "/api/v1/namespaces/{namespace}/services/{}:admin/proxy{path}",
+        admin_service(relay)
+    )
+}
+
+pub fn mailrelay_resource() -> ApiResource {
+    ApiResource {
+        group: GROUP.to_owned(),
+        version: VERSION.to_owned(),
+        api_version: format!("{GROUP}/{VERSION}"),
+        kind: MAILRELAY_KIND.to_owned(),
+        plural: MAILRELAY_PLURAL.to_owned(),
+    }
+}
+
+/// A connected client and the namespace commands act in.
+#[derive(Clone)]
+pub struct Cluster {
+    pub client: Client,
+    pub namespace: String,
+}
+
+/// A raw answer from the API server.
+struct Answer {
+    code: u16,
+    body: String,
+}
+
+impl Cluster {
+    /// Loads the kubeconfig like kubectl does: `--kubeconfig`, else `$KUBECONFIG`
+    /// or `~/.kube/config`, else the in-cluster service account.
+    pub async fn connect(g: &GlobalArgs) -> Result<Cluster, PluginError> {
+        let opts = KubeConfigOptions {
+            context: g.context.clone(),
+            cluster: g.cluster.clone(),
+            user: g.user.clone(),
+        };
+        let kc = |e: &dyn std::fmt::Display| PluginError::Kubeconfig(e.to_string());
+        let config = if let Some(path) = &g.kubeconfig {
+            let file = Kubeconfig::read_from(path)
+                .map_err(|e| PluginError::Kubeconfig(format!("{}: {e}", path.display())))?;
+            Config::from_custom_kubeconfig(file, &opts)
+                .await
+                .map_err(|e| kc(&e))?
+        } else if opts.context.is_some() || opts.cluster.is_some() || opts.user.is_some() {
+            Config::from_kubeconfig(&opts).await.map_err(|e| kc(&e))?
+        } else {
+            Config::infer().await.map_err(|e| kc(&e))?
+        };
+        // kube retries 503s for up to minutes by default, which suits controllers; for
+        // a command a 503 from the service proxy means "no ready relay pod", and the
+        // user should hear that at once.
+        let mut config = config;
+        config.default_retry = false;
+        let namespace = g
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
+        let client = Client::try_from(config).map_err(|e| kc(&e))?;
+        Ok(Cluster { client, namespace })
+    }
+
+    fn mailrelays(&self) -> Api<DynamicObject> {
+        Api::namespaced_with(self.client.clone(), &self.namespace, &mailrelay_resource())
+    }
+
+    /// The MailRelay `name`, or a clear "not found".
+    pub async fn mailrelay(&self, name: &str) -> Result<DynamicObject, PluginError> {
+        match self.mailrelays().get(name).await {
+            Ok(o) => Ok(o),
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(PluginError::MailRelayNotFound {
+                namespace: self.namespace.clone(),
+                name: name.to_owned(),
+            }),
+            Err(e) => Err(api_error(e, &format!("get mailrelays/{name}"))),
+        }
+    }
+
+    /// Every MailRelay in the namespace, sorted by name.
+    pub async fn list_mailrelays(&self) -> Result<Vec<DynamicObject>, PluginError> {
+        let mut items = self
+            .mailrelays()
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| api_error(e, "list mailrelays"))?
+            .items;
+        items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        Ok(items)
+    }
+
+    async fn send(&self, method: &str, path: &str) -> Result<Answer, PluginError> {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::ACCEPT, "application/json")
+            .body(kube::client::Body::empty())
+            .map_err(|e| PluginError::Api(format!("building request {path}: {e}")))?;
+        let res = self
+            .client
+            .send(req)
+            .await
+            .map_err(|e| PluginError::Api(e.to_string()))?;
+        let code = res.status().as_u16();
+        let bytes = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| PluginError::Api(format!("reading the answer to {path}: {e}")))?
+            .to_bytes();
+        Ok(Answer {
+            code,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        })
+    }
+
+    /// Calls the admin API of `relay` (which must exist: the caller fetched it) and
+    /// returns the body of a 2xx answer.
+    pub async fn admin(
+        &self,
+        relay: &DynamicObject,
+        method: &str,
+        path: &str,
+    ) -> Result<String, PluginError> {
+        let name = relay.metadata.name.clone().unwrap_or_default();
+        let full = proxy_path(&self.namespace, &name, path);
+        let a = self.send(method, &full).await?;
+        if (200..300).contains(&a.code) {
+            return Ok(a.body);
+        }
+        if a.code == 404 && a.body.trim().is_empty() {
+            // The relay's router answers unknown routes with an empty 404.
+            return Err(PluginError::Relay {
+                namespace: self.namespace.clone(),
+                name,
+                code: 404,
+                message: format!(
+                    "{} is not served by this relay (is it older than the plugin?)",
+                    path.split('?').next().unwrap_or(path)
+                ),
+            });
+        }
+        Err(classify_proxy_error(
+            &self.namespace,
+            &name,
+            relay,
+            a.code,
+            &a.body,
+        ))
+    }
+
+    /// Like [`Cluster::admin`], parsing the JSON answer.
+    pub async fn admin_json<T: DeserializeOwned>(
+        &self,
+        relay: &DynamicObject,
+        method: &str,
+        path: &str,
+    ) -> Result<(T, serde_json::Value), PluginError> {
+        let body = self.admin(relay, method, path).await?;
+        let raw: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| PluginError::Malformed {
+                what: format!("the admin API ({path})"),
+                detail: e.to_string(),
+            })?;
+        let typed = T::deserialize(&raw).map_err(|e| PluginError::Malformed {
+            what: format!("the admin API ({path})"),
+            detail: e.to_string(),
+        })?;
+        Ok((typed, raw))
+    }
+}
+
+fn api_error(e: kube::Error, what: &str) -> PluginError {
+    match e {
+        kube::Error::Api(s) if s.code == 401 || s.code == 403 => {
+            PluginError::Forbidden(format!("{what}: {}", s.message))
+        }
+        kube::Error::Api(s) => PluginError::Api(format!("{what}: {} (HTTP {})", s.message, s.code)),
+        e => PluginError::Api(format!("{what}: {e}")),
+    }
+}
+
+/// Tells apart the API server's own errors on the proxy path (a `Status` object:
+/// no admin Service, no ready endpoint, pod unreachable, forbidden) from the
+/// relay's answers (`{"error": …}`), and says which one it is.
+pub fn classify_proxy_error(
+    namespace: &str,
+    name: &str,
+    relay: &DynamicObject,
+    code: u16,
+    body: &str,
+) -> PluginError {
+    let json: Option<serde_json::Value> = serde_json::from_str(body).ok();
+    let is_status = json
+        .as_ref()
+        .is_some_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some("Status"));
+    if is_status {
+        let v = json.as_ref().unwrap();
+        let message = v
+            .get("message")
+            .and_then(|m| m.as_str())
+            .unwrap_or("")
+            .to_owned();
+        if code == 401 || code == 403 {
+            return PluginError::Forbidden(format!(
+                "{message} (the plugin needs get/create on services/proxy in namespace {namespace})"
+            ));
+        }
+        let mut detail = if message.is_empty() {
+            format!("its admin API is unreachable (HTTP {code})")
+        } else {
+            format!("its admin API is unreachable: {message}")
+        };
+        if let Some(c) = ready_condition(relay) {
+            detail.push_str(&format!("; condition {c}"));
+        }
+        detail.push_str(&format!(
+            " (check `kubectl get pods -n {namespace} -l app.kubernetes.io/instance={name}`)"
+        ));
+        return PluginError::NotReady {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            detail,
+        };
+    }
+    let message = json
+        .as_ref()
+        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| body.trim().to_owned());
+    let message = if message.is_empty() {
+        "no message".to_owned()
+    } else {
+        message
+    };
+    if code == 404 && message.contains("not found") {
+        return PluginError::NotFound(message);
+    }
+    PluginError::Relay {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        code,
+        message,
+    }
+}
+
+/// `Ready=False (Reason): message` from the MailRelay's status, when set.
+pub fn ready_condition(relay: &DynamicObject) -> Option<String> {
+    let conds = relay.data.get("status")?.get("conditions")?.as_array()?;
+    let c = conds
+        .iter()
+        .find(|c| c.get("type").and_then(|t| t.as_str()) == Some("Ready"))?;
+    let s = |k: &str| c.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let mut out = format!("Ready={}", s("status"));
+    if !s("reason").is_empty() {
+        out.push_str(&format!(" ({})", s("reason")));
+    }
+    if !s("message").is_empty() {
+        out.push_str(&format!(": {}", s("message")));
+    }
+    Some(out)
+}
+
+/// Percent-encodes everything but unreserved characters (query values, path segments).
+pub fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn relay(status: serde_json::Value) -> DynamicObject {
+        let mut o = DynamicObject::new("out", &mailrelay_resource()).within("mail");
+        o.data = serde_json::json!({ "status": status });
+        o
+    }
+
+    #[test]
+    fn proxy_path_uses_the_named_admin_port() {
+        assert_eq!(
+            proxy_path("mail", "out", "/api/v1/queue/stats"),
+            "/api/v1/namespaces/mail/services/out-admin:admin/proxy/api/v1/queue/stats"
+        );
+        assert_eq!(encode("a b/é"), "a%20b%2F%C3%A9");
+    }
+
+    #[test]
+    fn api_server_errors_on_the_proxy_mean_not_ready() {
+        let r = relay(serde_json::json!({"conditions": [
+            {"type": "Ready", "status": "False", "reason": "NoReadyReplicas", "message": "0/2 pods ready"}
+        ]}));
+        let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","message":"no endpoints available for service \"out-admin\"","reason":"ServiceUnavailable","code":503}"#;
+        let e = classify_proxy_error("mail", "out", &r, 503, body).to_string();
+        assert!(e.starts_with("MailRelay mail/out is not ready: its admin API is unreachable: no endpoints available for service \"out-admin\"; condition Ready=False (NoReadyReplicas): 0/2 pods ready"), "{e}");
+        assert!(
+            e.contains("kubectl get pods -n mail -l app.kubernetes.io/instance=out"),
+            "{e}"
+        );
+
+        let body = r#"{"kind":"Status","message":"services \"out-admin:admin\" is forbidden","reason":"Forbidden","code":403}"#;
+        let e = classify_proxy_error("mail", "out", &r, 403, body).to_string();
+        assert!(
+            e.contains("forbidden") && e.contains("services/proxy"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn relay_errors_are_passed_on() {
+        let r = relay(serde_json::json!({}));
+        let e = classify_proxy_error(
+            "mail",
+            "out",
+            &r,
+            404,
+            r#"{"error":"message 06H29YVZVR66DSV6D7BS not found"}"#,
+        );
+        assert_eq!(e.to_string(), "message 06H29YVZVR66DSV6D7BS not found");
+        let e = classify_proxy_error("mail", "out", &r, 400, r#"{"error":"malformed queue id"}"#);
+        assert_eq!(
+            e.to_string(),
+            "mailrelay mail/out: malformed queue id (HTTP 400)"
+        );
+        let e = classify_proxy_error("mail", "out", &r, 500, "boom\n");
+        assert_eq!(e.to_string(), "mailrelay mail/out: boom (HTTP 500)");
+    }
+}

@@ -1,0 +1,23 @@
+//! `kubectl mailrelay message NAME ID`: envelope, recipients and every delivery
+//! attempt with the remote server's reply (the format of `mailrelay queue show`).
+
+use mailrelay::admin::api::MessageDetail;
+use mailrelay::cli::queue::format_detail;
+
+use super::cluster::encode;
+use super::{Cluster, OutputFormat, PluginError, output};
+
+pub async fn run(
+    cluster: &Cluster,
+    name: &str,
+    id: &str,
+    format: Option<OutputFormat>,
+) -> Result<String, PluginError> {
+    let relay = cluster.mailrelay(name).await?;
+    let path = format!("/api/v1/queue/messages/{}", encode(id));
+    let (detail, raw): (MessageDetail, _) = cluster.admin_json(&relay, "GET", &path).await?;
+    match format {
+        Some(f) => output::structured(f, &raw),
+        None => Ok(format_detail(&detail)),
+    }
+}

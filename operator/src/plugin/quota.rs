@@ -1,0 +1,289 @@
+//! `kubectl mailrelay quota [NAME] [--relay R]`: used and remaining per window of
+//! each SendQuota, as the relays count it (`GET /api/v1/quotas[/{name}]` on the
+//! admin API; the counters live in the shared queue store, so one pod of a relay
+//! answers for all of them).
+
+use serde::{Deserialize, Serialize};
+
+use super::cluster::encode;
+use super::output::{self, short_duration};
+use super::{Cluster, OutputFormat, PluginError};
+
+/// `GET /api/v1/quotas` (shape agreed in crd-shape.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuotaList {
+    pub quotas: Vec<QuotaUsage>,
+}
+
+/// One quota's usage. Unknown fields are ignored here and kept in `-o json|yaml`
+/// output, which passes the relay's JSON through.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuotaUsage {
+    pub name: String,
+    #[serde(default)]
+    pub direction: String,
+    #[serde(default)]
+    pub scope: String,
+    #[serde(default)]
+    pub action: Option<String>,
+    #[serde(default)]
+    pub limits: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<KeyUsage>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KeyUsage {
+    pub key: String,
+    #[serde(default)]
+    pub windows: Vec<WindowUsage>,
+    /// Egress quotas: shared outbound connection cap.
+    #[serde(default)]
+    pub connections: Option<Connections>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowUsage {
+    pub limit: String,
+    #[serde(default)]
+    pub window_seconds: u64,
+    pub used: u64,
+    pub remaining: u64,
+    #[serde(default)]
+    pub resets_at: Option<String>,
+    #[serde(default)]
+    pub resets_in_seconds: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Connections {
+    pub max: u64,
+    pub open: u64,
+}
+
+pub const HEADER: [&str; 9] = [
+    "RELAY",
+    "QUOTA",
+    "DIRECTION",
+    "KEY",
+    "LIMIT",
+    "USED",
+    "REMAINING",
+    "RESETS IN",
+    "CONNECTIONS",
+];
+
+/// Table rows for one quota on one relay: one per key and window. A quota with
+/// no usage yet shows each limit once, unused.
+pub fn rows(relay: &str, q: &QuotaUsage) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let base = |key: &str| {
+        vec![
+            relay.to_owned(),
+            q.name.clone(),
+            q.direction.clone(),
+            key.to_owned(),
+        ]
+    };
+    if q.keys.is_empty() {
+        for l in &q.limits {
+            let total = l.split('/').next().unwrap_or("-").to_owned();
+            let mut r = base("-");
+            r.extend([l.clone(), "0".into(), total, "-".into(), "-".into()]);
+            out.push(r);
+        }
+        return out;
+    }
+    for k in &q.keys {
+        let conns = k
+            .connections
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), |c| format!("{}/{}", c.open, c.max));
+        for w in &k.windows {
+            let mut r = base(&k.key);
+            r.extend([
+                w.limit.clone(),
+                w.used.to_string(),
+                w.remaining.to_string(),
+                w.resets_in_seconds
+                    .map_or_else(|| "-".to_owned(), short_duration),
+                conns.clone(),
+            ]);
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Usage gathered from the relays, with the relays that could not say.
+#[derive(Debug, Default)]
+pub struct Gathered {
+    /// (relay, typed, raw JSON of the quota)
+    pub quotas: Vec<(String, QuotaUsage, serde_json::Value)>,
+    pub errors: Vec<(String, PluginError)>,
+}
+
+impl Gathered {
+    pub fn render(&self, format: Option<OutputFormat>) -> Result<String, PluginError> {
+        match format {
+            Some(f) => {
+                let quotas: Vec<serde_json::Value> = self
+                    .quotas
+                    .iter()
+                    .map(|(relay, _, raw)| {
+                        let mut v = raw.clone();
+                        if let Some(o) = v.as_object_mut() {
+                            o.insert("relay".into(), relay.clone().into());
+                        }
+                        v
+                    })
+                    .collect();
+                let mut doc = serde_json::json!({ "quotas": quotas });
+                if !self.errors.is_empty() {
+                    doc["errors"] = self
+                        .errors
+                        .iter()
+                        .map(|(r, e)| serde_json::json!({"relay": r, "error": e.to_string()}))
+                        .collect();
+                }
+                output::structured(f, &doc)
+            }
+            None => {
+                let mut out = if self.quotas.is_empty() {
+                    "No quotas.\n".to_owned()
+                } else {
+                    let rows: Vec<Vec<String>> = self
+                        .quotas
+                        .iter()
+                        .flat_map(|(relay, q, _)| rows(relay, q))
+                        .collect();
+                    output::table(&HEADER, &rows)
+                };
+                for (relay, e) in &self.errors {
+                    out.push_str(&format!("relay {relay}: {e}\n"));
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Fetches one relay's quotas (all, or the one named; `Ok(None)` when this relay
+/// does not apply that quota).
+pub async fn fetch(
+    cluster: &Cluster,
+    relay: &kube::api::DynamicObject,
+    name: Option<&str>,
+) -> Result<Option<Vec<(QuotaUsage, serde_json::Value)>>, PluginError> {
+    match name {
+        Some(n) => {
+            let path = format!("/api/v1/quotas/{}", encode(n));
+            match cluster.admin_json::<QuotaUsage>(relay, "GET", &path).await {
+                Ok((q, raw)) => Ok(Some(vec![(q, raw)])),
+                Err(PluginError::NotFound(_)) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            let (_, raw): (QuotaList, serde_json::Value) =
+                cluster.admin_json(relay, "GET", "/api/v1/quotas").await?;
+            let mut out = Vec::new();
+            for v in raw
+                .get("quotas")
+                .and_then(|q| q.as_array())
+                .cloned()
+                .unwrap_or_default()
+            {
+                let q: QuotaUsage =
+                    serde_json::from_value(v.clone()).map_err(|e| PluginError::Malformed {
+                        what: "the admin API (/api/v1/quotas)".into(),
+                        detail: e.to_string(),
+                    })?;
+                out.push((q, v));
+            }
+            Ok(Some(out))
+        }
+    }
+}
+
+pub async fn run(
+    cluster: &Cluster,
+    name: Option<&str>,
+    relay: Option<&str>,
+    format: Option<OutputFormat>,
+) -> Result<String, PluginError> {
+    let relays = match relay {
+        Some(r) => vec![cluster.mailrelay(r).await?],
+        None => cluster.list_mailrelays().await?,
+    };
+    if relays.is_empty() {
+        return Err(PluginError::NoMailRelays(cluster.namespace.clone()));
+    }
+    let mut g = Gathered::default();
+    for r in &relays {
+        let rname = r.metadata.name.clone().unwrap_or_default();
+        match fetch(cluster, r, name).await {
+            Ok(Some(qs)) => g
+                .quotas
+                .extend(qs.into_iter().map(|(q, raw)| (rname.clone(), q, raw))),
+            Ok(None) => {}
+            Err(e) => g.errors.push((rname, e)),
+        }
+    }
+    // Nothing to show but errors: the errors are the answer.
+    if g.quotas.is_empty() && g.errors.len() == relays.len() {
+        return Err(g.errors.remove(0).1);
+    }
+    if let (Some(n), true, true) = (name, g.quotas.is_empty(), g.errors.is_empty()) {
+        let by = match relay {
+            Some(r) => format!("MailRelay {r}"),
+            None => "any MailRelay".to_owned(),
+        };
+        return Err(PluginError::NotFound(format!(
+            "SendQuota {n} is not applied by {by} in namespace {} (is it declared, and does its relaySelector match?)",
+            cluster.namespace
+        )));
+    }
+    g.render(format)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quota_rows() {
+        let q: QuotaUsage = serde_json::from_value(serde_json::json!({
+            "name": "tenant-a", "direction": "egress", "scope": "per_key", "action": null,
+            "limits": ["100/1m", "1000/1h"],
+            "keys": [{"key": "gmail.com", "connections": {"max": 5, "open": 2}, "windows": [
+                {"limit": "100/1m", "window_seconds": 60, "used": 12, "remaining": 88,
+                 "resets_at": "2026-11-29T05:01:00Z", "resets_in_seconds": 31}]}]
+        }))
+        .unwrap();
+        assert_eq!(
+            rows("out", &q),
+            vec![vec![
+                "out",
+                "tenant-a",
+                "egress",
+                "gmail.com",
+                "100/1m",
+                "12",
+                "88",
+                "31s",
+                "2/5"
+            ]]
+        );
+        let empty: QuotaUsage = serde_json::from_value(serde_json::json!({
+            "name": "b", "direction": "ingress", "scope": "shared", "limits": ["10/1d"], "keys": []
+        }))
+        .unwrap();
+        assert_eq!(
+            rows("out", &empty),
+            vec![vec![
+                "out", "b", "ingress", "-", "10/1d", "0", "10", "-", "-"
+            ]]
+        );
+    }
+}

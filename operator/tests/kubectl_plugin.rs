@@ -1,0 +1,862 @@
+//! `kubectl-mailrelay` end to end, every verb and output format.
+//!
+//! No Kubernetes API server can run here, so the test serves a small stand-in for
+//! the parts the plugin uses: `GET` of MailRelay objects (with bearer-token auth,
+//! namespaces and kube-style `Status` errors), and the service proxy
+//! `/api/v1/namespaces/{ns}/services/{NAME}-admin:admin/proxy/...`, which forwards
+//! to a REAL relay (the mailrelay library's SMTP server, queue, delivery and admin
+//! API, started in this process on free ports). Mail reaches it from swaks and is
+//! delivered through a smarthost played by aiosmtpd, which defers some recipients,
+//! so the queue holds messages with attempts and remote replies. The plugin runs
+//! as its real binary with a kubeconfig pointing at the stand-in.
+//!
+//! The relay's quota usage API (`/api/v1/quotas`) is answered by the stand-in with
+//! the JSON agreed in crd-shape.md (the relay's own endpoint is built elsewhere).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use mailrelay::admin::{self, AdminState, Metrics};
+use mailrelay::config::RelayConfig;
+use mailrelay::delivery::scheduler::Delivery;
+use mailrelay::queue::{EmbeddedQueue, Queue};
+use mailrelay::server::{self, Shared};
+
+const TOKEN: &str = "plugin-test-token";
+
+// ---------------------------------------------------------------------------
+// The smarthost: aiosmtpd, scripted by recipient local part.
+
+const SMARTHOST: &str = r#"
+import asyncio, sys
+from aiosmtpd.smtp import SMTP
+
+class Handler:
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("busy"):
+            return "450 4.2.1 mailbox busy, try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        return "250 2.0.0 OK accepted"
+
+async def main():
+    loop = asyncio.get_running_loop()
+    srv = await loop.create_server(lambda: SMTP(Handler(), hostname="smarthost.test"),
+                                   "127.0.0.1", 0)
+    print(srv.sockets[0].getsockname()[1], flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"#;
+
+struct Smarthost {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Smarthost {
+    fn start() -> Smarthost {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("smarthost.py");
+        std::fs::write(&script, SMARTHOST).unwrap();
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 with aiosmtpd (from .ci/install-deps)");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("aiosmtpd did not start (printed {line:?})"));
+        Smarthost {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Smarthost {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A real relay, in process: the same library code `mailrelay serve` runs.
+
+struct RealRelay {
+    smtp: SocketAddr,
+    admin: SocketAddr,
+    _delivery: Delivery,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn start_relay(smarthost_port: u16) -> RealRelay {
+    let dir = tempfile::tempdir().unwrap();
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin: SocketAddr = admin_listener.local_addr().unwrap();
+    let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Retries far off, so what the test sees changes only when it says `retry`.
+    let yaml = format!(
+        "hostname: relay.test\n\
+         listeners: [{{name: smtp, address: '{smtp}'}}]\n\
+         admin: {{address: '{admin}'}}\n\
+         queue: {{path: '{}'}}\n\
+         delivery:\n  poll_interval: 200ms\n  smarthost: {{host: 127.0.0.1, port: {smarthost_port}, tls: disabled}}\n  retry: {{first: 1h, max_backoff: 4h}}\n",
+        dir.path().join("queue").display()
+    );
+    let cfg = RelayConfig::from_yaml(&yaml).expect("test relay config");
+    let queue: Arc<dyn Queue> =
+        Arc::new(EmbeddedQueue::open(&cfg.queue.path).expect("open embedded queue"));
+    let metrics = Arc::new(Metrics::new());
+    let state = AdminState {
+        queue: Arc::clone(&queue),
+        metrics: Arc::clone(&metrics),
+        draining: Arc::new(AtomicBool::new(false)),
+    };
+    tokio::spawn(admin::serve(
+        admin_listener,
+        state,
+        std::future::pending::<()>(),
+    ));
+    let listeners = server::bind(&cfg).expect("bind SMTP");
+    let delivery = Delivery::start(
+        Arc::clone(&queue),
+        cfg.delivery.clone(),
+        cfg.hostname.clone(),
+        Arc::clone(&metrics),
+    )
+    .expect("start delivery");
+    let shared = Shared::new(cfg, queue, metrics, None, None);
+    tokio::spawn(server::serve(
+        shared,
+        listeners,
+        std::future::pending::<()>(),
+    ));
+    RealRelay {
+        smtp,
+        admin,
+        _delivery: delivery,
+        _dir: dir,
+    }
+}
+
+/// One request to a plain HTTP server (the relay's admin API): status, content type, body.
+async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, Vec<u8>) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("admin API answers")
+        .unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let ctype = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-type")
+                .then(|| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (status, ctype, raw[split + 4..].to_vec())
+}
+
+async fn admin_json(relay: &RealRelay, path: &str) -> Value {
+    let (code, _, body) = http(relay.admin, "GET", path).await;
+    assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn swaks(relay: &RealRelay, from: &str, to: &str) {
+    let out = Command::new("swaks")
+        .args(["--server", &relay.smtp.to_string()])
+        .args(["--from", from, "--to", to])
+        .args(["--header", "Subject: plugin test"])
+        .output()
+        .expect("swaks (from .ci/install-deps)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("250 2.0.0 Ok: queued as"),
+        "swaks failed: {text}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The Kubernetes API stand-in.
+
+#[derive(Clone)]
+struct Stub {
+    /// (namespace, name) -> MailRelay object.
+    relays: Arc<BTreeMap<(String, String), Value>>,
+    /// (namespace, admin service "NAME-admin:admin") -> admin API address; a relay
+    /// without an entry has no ready endpoint.
+    backends: Arc<BTreeMap<(String, String), SocketAddr>>,
+    /// Every request: "METHOD path?query".
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        [(header::CONTENT_TYPE, "application/json")],
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": message, "reason": reason, "code": code})
+        .to_string(),
+    )
+        .into_response()
+}
+
+fn authorized(h: &HeaderMap) -> bool {
+    h.get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v == format!("Bearer {TOKEN}"))
+}
+
+async fn record(State(stub): State<Stub>, req: Request, next: axum::middleware::Next) -> Response {
+    let line = format!("{} {}", req.method(), req.uri());
+    stub.log.lock().unwrap().push(line);
+    if !authorized(req.headers()) {
+        return status(401, "Unauthorized", "Unauthorized");
+    }
+    next.run(req).await
+}
+
+async fn get_relay(
+    State(stub): State<Stub>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
+    match stub.relays.get(&(ns, name.clone())) {
+        Some(o) => axum::Json(o.clone()).into_response(),
+        None => status(
+            404,
+            "NotFound",
+            &format!("mailrelays.mailrelay.io \"{name}\" not found"),
+        ),
+    }
+}
+
+async fn list_relays(State(stub): State<Stub>, UrlPath(ns): UrlPath<String>) -> Response {
+    let items: Vec<Value> = stub
+        .relays
+        .iter()
+        .filter(|((n, _), _)| *n == ns)
+        .map(|(_, o)| o.clone())
+        .collect();
+    axum::Json(
+        json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelayList",
+                      "metadata": {"resourceVersion": "1"}, "items": items}),
+    )
+    .into_response()
+}
+
+/// Quota usage as the relay will serve it (crd-shape.md).
+fn quota_usage() -> Value {
+    json!({"quotas": [
+        {"name": "tenant-a", "direction": "ingress", "scope": "per_key", "action": "reject",
+         "limits": ["100/1m", "1000/1h"],
+         "keys": [{"key": "alice@a.example", "windows": [
+            {"limit": "100/1m", "window_seconds": 60, "used": 12, "remaining": 88,
+             "resets_at": "2026-11-29T05:01:00Z", "resets_in_seconds": 31},
+            {"limit": "1000/1h", "window_seconds": 3600, "used": 140, "remaining": 860,
+             "resets_at": "2026-11-29T05:40:00Z", "resets_in_seconds": 2400}]}]},
+        {"name": "gmail-pacing", "direction": "egress", "scope": "shared", "action": null,
+         "limits": ["500/1h"],
+         "keys": [{"key": "*", "connections": {"max": 5, "open": 2}, "windows": [
+            {"limit": "500/1h", "window_seconds": 3600, "used": 42, "remaining": 458,
+             "resets_at": "2026-11-29T05:30:00Z", "resets_in_seconds": 1800}]}]}
+    ]})
+}
+
+async fn proxy(
+    State(stub): State<Stub>,
+    UrlPath((ns, svc, rest)): UrlPath<(String, String, String)>,
+    method: Method,
+    req: Request,
+) -> Response {
+    let known = stub
+        .relays
+        .keys()
+        .any(|(n, name)| *n == ns && format!("{name}-admin:admin") == svc);
+    if !known {
+        let bare = svc.split(':').next().unwrap_or_default();
+        return status(404, "NotFound", &format!("services \"{bare}\" not found"));
+    }
+    let Some(addr) = stub.backends.get(&(ns, svc.clone())).copied() else {
+        let bare = svc.split(':').next().unwrap_or_default();
+        return status(
+            503,
+            "ServiceUnavailable",
+            &format!("no endpoints available for service \"{bare}\""),
+        );
+    };
+    let path = format!("/{rest}");
+    if path == "/api/v1/quotas" {
+        return axum::Json(quota_usage()).into_response();
+    }
+    if let Some(q) = path.strip_prefix("/api/v1/quotas/") {
+        let all = quota_usage();
+        return match all["quotas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == q)
+        {
+            Some(x) => axum::Json(x.clone()).into_response(),
+            None => (
+                StatusCode::NOT_FOUND,
+                axum::Json(json!({"error": format!("quota {q} not found")})),
+            )
+                .into_response(),
+        };
+    }
+    let pq = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let (code, ctype, body) = http(addr, method.as_str(), &pq).await;
+    let mut res = (StatusCode::from_u16(code).unwrap(), Bytes::from(body)).into_response();
+    if !ctype.is_empty() {
+        res.headers_mut()
+            .insert(header::CONTENT_TYPE, ctype.parse().unwrap());
+    }
+    res
+}
+
+async fn start_stub(stub: Stub) -> SocketAddr {
+    let app = Router::new()
+        .route(
+            "/apis/mailrelay.io/v1alpha1/namespaces/{ns}/mailrelays",
+            get(list_relays),
+        )
+        .route(
+            "/apis/mailrelay.io/v1alpha1/namespaces/{ns}/mailrelays/{name}",
+            get(get_relay),
+        )
+        .route(
+            "/api/v1/namespaces/{ns}/services/{svc}/proxy/{*rest}",
+            any(proxy),
+        )
+        .layer(axum::middleware::from_fn_with_state(stub.clone(), record))
+        .with_state(stub);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(l, app).await });
+    addr
+}
+
+fn mailrelay(ns: &str, name: &str, ready: bool) -> Value {
+    let (st, reason, msg, n) = if ready {
+        ("True", "AllReplicasReady", "2/2 replicas ready", 2)
+    } else {
+        ("False", "NoReadyReplicas", "0/2 replicas ready", 0)
+    };
+    json!({
+        "apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelay",
+        "metadata": {"name": name, "namespace": ns, "uid": format!("uid-{name}"),
+                     "resourceVersion": "7", "generation": 1},
+        "spec": {"hostname": format!("{name}.example.com"), "replicas": 2,
+                 "redis": {"url": "redis://redis:6379"}},
+        "status": {"observedGeneration": 1, "readyReplicas": n,
+                   "queue": {"queued": 7, "deferred": 3, "inFlight": 0, "bytes": 9000},
+                   "conditions": [
+            {"type": "Ready", "status": st, "reason": reason, "message": msg,
+             "lastTransitionTime": "2026-11-29T05:00:00Z", "observedGeneration": 1}]}
+    })
+}
+
+fn write_kubeconfig(dir: &Path, api: SocketAddr) -> PathBuf {
+    let p = dir.join("kubeconfig");
+    std::fs::write(
+        &p,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: stub\n\
+             clusters:\n- name: stub\n  cluster: {{server: 'http://{api}'}}\n\
+             contexts:\n\
+             - name: stub\n  context: {{cluster: stub, user: tester, namespace: mail}}\n\
+             - name: elsewhere\n  context: {{cluster: stub, user: tester, namespace: other}}\n\
+             users:\n- name: tester\n  user: {{token: {TOKEN}}}\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+// ---------------------------------------------------------------------------
+// Running the plugin binary.
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    #[track_caller]
+    fn ok(&self) -> &str {
+        assert_eq!(self.code, 0, "plugin failed: {}", self.stderr);
+        &self.stdout
+    }
+
+    #[track_caller]
+    fn json(&self) -> Value {
+        serde_json::from_str(self.ok()).unwrap_or_else(|e| panic!("{e}: {}", self.stdout))
+    }
+
+    #[track_caller]
+    fn yaml(&self) -> Value {
+        serde_norway::from_str(self.ok()).unwrap_or_else(|e| panic!("{e}: {}", self.stdout))
+    }
+
+    #[track_caller]
+    fn err(&self) -> &str {
+        assert_eq!(self.code, 1, "expected failure, got: {}", self.stdout);
+        assert!(self.stdout.is_empty(), "{}", self.stdout);
+        &self.stderr
+    }
+}
+
+async fn plugin(kubeconfig: &Path, args: &[&str]) -> Run {
+    let kc = kubeconfig.to_owned();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_kubectl-mailrelay"))
+            .args(&args)
+            .env("KUBECONFIG", &kc)
+            .env("HOME", kc.parent().unwrap())
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .expect("run kubectl-mailrelay");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8(out.stdout).unwrap(),
+            stderr: String::from_utf8(out.stderr).unwrap(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until the relay's admin API shows `n` deferred messages whose attempts
+/// are all at least `attempts`.
+async fn wait_deferred(relay: &RealRelay, n: usize, attempts: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = admin_json(relay, "/api/v1/queue/messages?deferred=true").await;
+        let msgs = v["messages"].as_array().unwrap();
+        if msgs.len() == n
+            && msgs.iter().all(|m| {
+                m["attempts"].as_u64().unwrap() >= attempts && m["leased_until_ms"].is_null()
+            })
+        {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {n} deferred message(s) with {attempts} attempt(s): {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct World {
+    relay: RealRelay,
+    _smarthost: Smarthost,
+    stub: Stub,
+    kubeconfig: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn world() -> World {
+    let smarthost = Smarthost::start();
+    let relay = start_relay(smarthost.port).await;
+    let mut relays = BTreeMap::new();
+    for (name, ready) in [("out", true), ("down", false)] {
+        relays.insert(("mail".into(), name.into()), mailrelay("mail", name, ready));
+    }
+    let mut backends = BTreeMap::new();
+    backends.insert(("mail".into(), "out-admin:admin".into()), relay.admin);
+    let stub = Stub {
+        relays: Arc::new(relays),
+        backends: Arc::new(backends),
+        log: Arc::default(),
+    };
+    let api = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = write_kubeconfig(dir.path(), api);
+    World {
+        relay,
+        _smarthost: smarthost,
+        stub,
+        kubeconfig,
+        _dir: dir,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_verb_against_a_real_relay_through_the_service_proxy() {
+    let w = world().await;
+    let kc = &w.kubeconfig;
+    // One recipient deferred by the smarthost, one message partly delivered.
+    swaks(&w.relay, "alice@example.com", "busy1@example.org");
+    swaks(
+        &w.relay,
+        "bob@example.com",
+        "busy2@example.net,ok@example.net",
+    );
+    let listed = wait_deferred(&w.relay, 2, 1).await;
+    let id_of = |from: &str| {
+        listed["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["from"] == from)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (alice, bob) = (id_of("alice@example.com"), id_of("bob@example.com"));
+
+    // queue: the postqueue -p format of `mailrelay queue list`, and the API's JSON.
+    let out = plugin(kc, &["queue", "out"]).await;
+    let text = out.ok();
+    assert!(text.contains("-Queue ID-"), "{text}");
+    for needle in [
+        alice.as_str(),
+        bob.as_str(),
+        "alice@example.com",
+        "busy1@example.org [pending]",
+        "busy2@example.net [pending]",
+        "ok@example.net [delivered]",
+        "(450 4.2.1 mailbox busy, try again later)",
+        "-- 0 Kbytes in 2 Requests.",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+    }
+    let j = plugin(kc, &["queue", "out", "-o", "json"]).await.json();
+    assert_eq!(j, admin_json(&w.relay, "/api/v1/queue/messages").await);
+    let y = plugin(kc, &["queue", "out", "-o", "yaml"]).await.yaml();
+    assert_eq!(y, j);
+    let j = plugin(
+        kc,
+        &[
+            "queue",
+            "out",
+            "--deferred",
+            "--domain",
+            "example.org",
+            "-o",
+            "json",
+        ],
+    )
+    .await
+    .json();
+    let ids: Vec<&str> = j["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [alice.as_str()]);
+    assert!(
+        w.stub.log.lock().unwrap().iter().any(|l| l
+            == "GET /api/v1/namespaces/mail/services/out-admin:admin/proxy/api/v1/queue/messages?deferred=true&domain=example.org"),
+        "the plugin goes through the service proxy: {:#?}",
+        w.stub.log.lock().unwrap()
+    );
+    let text = plugin(kc, &["queue", "out", "--domain", "nowhere.test"]).await;
+    assert_eq!(text.ok(), "Mail queue is empty\n");
+
+    // message: per-recipient attempts with the remote reply.
+    let out = plugin(kc, &["message", "out", &bob]).await;
+    let text = out.ok();
+    for needle in [
+        format!("Queue ID:     {bob}"),
+        "Sender:       bob@example.com".to_owned(),
+        "Recipient:    busy2@example.net [pending]".to_owned(),
+        "Recipient:    ok@example.net [delivered]".to_owned(),
+        "450 4.2.1 mailbox busy, try again later".to_owned(),
+        "250 2.0.0 OK accepted".to_owned(),
+        "mx=127.0.0.1".to_owned(),
+    ] {
+        assert!(text.contains(&needle), "{needle:?} missing:\n{text}");
+    }
+    let j = plugin(kc, &["message", "out", &bob, "-o", "json"])
+        .await
+        .json();
+    assert_eq!(
+        j,
+        admin_json(&w.relay, &format!("/api/v1/queue/messages/{bob}")).await
+    );
+    assert_eq!(
+        plugin(kc, &["message", "out", &bob, "-o", "yaml"])
+            .await
+            .yaml(),
+        j
+    );
+    let e = plugin(kc, &["message", "out", "06H29YVZVR66DSV6D7BS"]).await;
+    assert_eq!(e.err(), "error: message 06H29YVZVR66DSV6D7BS not found\n");
+    let e = plugin(kc, &["message", "out", "not-an-id"]).await;
+    assert!(
+        e.err()
+            .starts_with("error: mailrelay mail/out: malformed queue id"),
+        "{}",
+        e.stderr
+    );
+
+    // status: conditions and replicas from the object, live queue and quota usage.
+    let out = plugin(kc, &["status", "out"]).await;
+    let text = out.ok();
+    for needle in [
+        "Name:       out",
+        "Namespace:  mail",
+        "Hostname:   out.example.com",
+        "Replicas:   2 desired, 2 ready",
+        "Ready   True     AllReplicasReady   2/2 replicas ready",
+        "  messages:   2",
+        "  deferred:   2",
+        "tenant-a",
+        "alice@a.example",
+        "gmail-pacing",
+        "2/5",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+    }
+    let j = plugin(kc, &["status", "out", "-o", "json"]).await.json();
+    assert_eq!(j["replicas"], json!({"desired": 2, "ready": 2}));
+    assert_eq!(j["conditions"][0]["type"], "Ready");
+    assert_eq!(j["queue"]["messages"], 2);
+    assert_eq!(j["queue"]["deferred"], 2);
+    assert_eq!(j["quotas"], quota_usage()["quotas"]);
+    let y = plugin(kc, &["status", "out", "-o", "yaml"]).await.yaml();
+    assert_eq!(y["quotas"], j["quotas"]);
+    assert_eq!(y["queue"]["messages"], 2);
+
+    // quota: every relay in the namespace (one of which is not ready), or one.
+    let out = plugin(kc, &["quota"]).await;
+    let text = out.ok();
+    assert!(
+        text.starts_with("RELAY   QUOTA          DIRECTION   KEY               LIMIT     USED   REMAINING   RESETS IN   CONNECTIONS\n"),
+        "{text}"
+    );
+    for needle in [
+        "out     tenant-a       ingress     alice@a.example   100/1m    12     88          31s         -",
+        "out     tenant-a       ingress     alice@a.example   1000/1h   140    860         40m         -",
+        "out     gmail-pacing   egress      *                 500/1h    42     458         30m         2/5",
+        "relay down: MailRelay mail/down is not ready: its admin API is unreachable: no endpoints available for service \"down-admin\"",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+    }
+    let j = plugin(kc, &["quota", "-o", "json"]).await.json();
+    assert_eq!(j["quotas"].as_array().unwrap().len(), 2);
+    assert_eq!(j["quotas"][0]["relay"], "out");
+    assert_eq!(j["quotas"][1]["connections"], Value::Null);
+    assert_eq!(
+        j["quotas"][1]["keys"][0]["connections"],
+        json!({"max": 5, "open": 2})
+    );
+    assert_eq!(j["errors"][0]["relay"], "down");
+    let j = plugin(kc, &["quota", "tenant-a", "--relay", "out", "-o", "yaml"])
+        .await
+        .yaml();
+    let mut expected = quota_usage()["quotas"][0].clone();
+    expected["relay"] = "out".into();
+    assert_eq!(j, json!({"quotas": [expected]}));
+    let e = plugin(kc, &["quota", "nope", "--relay", "out"]).await;
+    assert_eq!(
+        e.err(),
+        "error: SendQuota nope is not applied by MailRelay out in namespace mail (is it declared, and does its relaySelector match?)\n"
+    );
+
+    // retry: one message, a domain, everything; the relay tries again at once.
+    let r = plugin(kc, &["retry", "out", &alice]).await;
+    assert_eq!(r.ok(), "1 message(s) scheduled for immediate retry\n");
+    let r = plugin(
+        kc,
+        &["retry", "out", "--domain", "example.net", "-o", "json"],
+    )
+    .await;
+    assert_eq!(r.json(), json!({"retried": 1}));
+    wait_deferred(&w.relay, 2, 2).await;
+    let r = plugin(kc, &["retry", "out", "--all", "-o", "yaml"]).await;
+    assert_eq!(r.yaml(), json!({"retried": 2}));
+    wait_deferred(&w.relay, 2, 3).await;
+    let text = plugin(kc, &["message", "out", &alice]).await;
+    assert_eq!(
+        text.ok().matches("450 4.2.1 mailbox busy").count(),
+        3,
+        "{}",
+        text.stdout
+    );
+    assert!(
+        w.stub
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l == "POST /api/v1/namespaces/mail/services/out-admin:admin/proxy/api/v1/queue/retry?all=true")
+    );
+    let e = plugin(kc, &["retry", "out", "06H29YVZVR66DSV6D7BS"]).await;
+    assert_eq!(e.err(), "error: message 06H29YVZVR66DSV6D7BS not found\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_errors_namespaces_and_contexts() {
+    let w = world().await;
+    let kc = &w.kubeconfig;
+
+    // A MailRelay that does not exist.
+    for args in [
+        &["status", "nope"][..],
+        &["queue", "nope"],
+        &["message", "nope", "06H29YVZVR66DSV6D7BS"],
+        &["retry", "nope", "--all"],
+        &["quota", "--relay", "nope"],
+    ] {
+        let r = plugin(kc, args).await;
+        assert_eq!(
+            r.err(),
+            "error: MailRelay \"nope\" not found in namespace \"mail\"\n",
+            "{args:?}"
+        );
+    }
+
+    // A MailRelay whose relay has no ready pod: the verbs that need the relay fail
+    // saying so, with the Ready condition; status still shows what is known.
+    let r = plugin(kc, &["queue", "down"]).await;
+    assert_eq!(
+        r.err(),
+        "error: MailRelay mail/down is not ready: its admin API is unreachable: no endpoints available for service \"down-admin\"; condition Ready=False (NoReadyReplicas): 0/2 replicas ready (check `kubectl get pods -n mail -l app.kubernetes.io/instance=down`)\n"
+    );
+    for args in [
+        &["message", "down", "06H29YVZVR66DSV6D7BS"][..],
+        &["retry", "down", "--all"],
+        &["quota", "--relay", "down"],
+    ] {
+        let r = plugin(kc, args).await;
+        assert!(
+            r.err()
+                .starts_with("error: MailRelay mail/down is not ready:"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    let r = plugin(kc, &["status", "down"]).await;
+    let text = r.ok();
+    assert!(text.contains("Replicas:   2 desired, 0 ready"), "{text}");
+    assert!(text.contains("NoReadyReplicas"), "{text}");
+    assert!(
+        text.contains("Queue:\n  unavailable: MailRelay mail/down is not ready"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "  last reported by the operator: 7 queued, 3 deferred, 0 in flight, 9000 bytes\n"
+        ),
+        "{text}"
+    );
+    let j = plugin(kc, &["status", "down", "-o", "json"]).await.json();
+    assert!(j["queue"].is_null());
+    assert!(
+        j["queueError"]
+            .as_str()
+            .unwrap()
+            .contains("no endpoints available")
+    );
+    assert_eq!(j["reportedQueue"]["queued"], 7);
+
+    // Namespaces and contexts, like kubectl.
+    let r = plugin(kc, &["--context", "elsewhere", "status", "out"]).await;
+    assert_eq!(
+        r.err(),
+        "error: MailRelay \"out\" not found in namespace \"other\"\n"
+    );
+    let r = plugin(
+        kc,
+        &["--context", "elsewhere", "-n", "mail", "queue", "out"],
+    )
+    .await;
+    assert_eq!(r.ok(), "Mail queue is empty\n");
+    let r = plugin(kc, &["status", "out", "--namespace", "other"]).await;
+    assert!(r.err().contains("namespace \"other\""), "{}", r.stderr);
+    let r = plugin(kc, &["--context", "missing", "status", "out"]).await;
+    assert!(r.err().starts_with("error: kubeconfig:"), "{}", r.stderr);
+    let r = plugin(kc, &["quota", "-n", "empty"]).await;
+    assert_eq!(r.err(), "error: no MailRelay in namespace \"empty\"\n");
+
+    // --kubeconfig wins over $KUBECONFIG.
+    let other = w._dir.path().join("other-kubeconfig");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(kc)
+            .unwrap()
+            .replace("current-context: stub", "current-context: elsewhere"),
+    )
+    .unwrap();
+    let r = plugin(
+        kc,
+        &["--kubeconfig", other.to_str().unwrap(), "status", "out"],
+    )
+    .await;
+    assert!(r.err().contains("namespace \"other\""), "{}", r.stderr);
+
+    // Credentials are sent: a wrong token is refused by the stand-in.
+    let bad = w._dir.path().join("bad-kubeconfig");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(kc).unwrap().replace(TOKEN, "wrong"),
+    )
+    .unwrap();
+    let r = plugin(&bad, &["status", "out"]).await;
+    assert!(r.err().contains("Unauthorized"), "{}", r.stderr);
+
+    // Bad usage is clap's error (exit 2), naming the problem.
+    let r = plugin(kc, &["retry", "out"]).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let r = plugin(kc, &["queue", "out", "-o", "xml"]).await;
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("invalid value 'xml'"), "{}", r.stderr);
+}
