@@ -80,6 +80,7 @@ pub struct Metrics {
     delivery_recipients: Family<ResultLabels, Counter>,
     delivery_latency: Histogram,
     delivery_connections_active: Gauge,
+    quota: crate::quota::metrics::QuotaMetrics,
 }
 
 impl Default for Metrics {
@@ -187,7 +188,9 @@ impl Metrics {
             "Open outbound SMTP connections",
             delivery_connections_active.clone(),
         );
+        let quota = crate::quota::metrics::QuotaMetrics::register(&mut registry);
         Metrics {
+            quota,
             registry,
             delivery_recipients,
             delivery_latency,
@@ -289,6 +292,11 @@ impl Metrics {
     /// Call once for every [`Metrics::outbound_connection_opened`].
     pub fn outbound_connection_closed(&self) {
         self.delivery_connections_active.dec();
+    }
+
+    /// Quota checks, rejections and holds (`mailrelay_quota_*`).
+    pub fn quota(&self) -> &crate::quota::metrics::QuotaMetrics {
+        &self.quota
     }
 
     /// The complete OpenMetrics exposition (ending in `# EOF`).

@@ -67,6 +67,8 @@ struct Inner {
     running: AtomicUsize,
     stopping: AtomicBool,
     wake: Notify,
+    /// Sees leased mail before delivery (ingress `defer` quotas hold some back).
+    hook: Option<Arc<dyn crate::quota::DispatchHook>>,
 }
 
 /// One leased message and what is left to do for it in this round.
@@ -98,6 +100,16 @@ impl Delivery {
         cfg: DeliveryConfig,
         hostname: String,
     ) -> Result<Self, DeliveryError> {
+        Self::start_with_hook(queue, cfg, hostname, None)
+    }
+
+    /// [`Delivery::start`], with `hook` looking at every leased batch first.
+    pub fn start_with_hook(
+        queue: Arc<dyn Queue>,
+        cfg: DeliveryConfig,
+        hostname: String,
+        hook: Option<Arc<dyn crate::quota::DispatchHook>>,
+    ) -> Result<Self, DeliveryError> {
         let resolver = MxResolver::new(&cfg.dns)?.with_local_names([hostname.clone()]);
         let mx_tls = load_tls(cfg.ca_file.as_deref())?;
         let smarthost_tls = match &cfg.smarthost {
@@ -121,6 +133,7 @@ impl Delivery {
             running: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             wake: Notify::new(),
+            hook,
         });
         let main = tokio::spawn(Arc::clone(&inner).run());
         let renewer = tokio::spawn(Arc::clone(&inner).renew_loop());
@@ -206,6 +219,10 @@ impl Inner {
                 continue;
             }
             debug!(count = leased.len(), "leased due mail");
+            let leased = match &self.hook {
+                Some(hook) => hook.admit(leased).await,
+                None => leased,
+            };
             self.dispatch(leased);
         }
     }

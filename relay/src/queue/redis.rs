@@ -401,6 +401,63 @@ pub struct RedisQueue {
     next_shard: AtomicUsize,
 }
 
+/// The queue's Redis connection, lent to stores that keep their data beside the
+/// queue (quota counters): the same server or cluster and key prefix, the same
+/// reconnection, and errors with the same secrets redacted. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedRedis {
+    conn: Conn,
+    prefix: String,
+    secrets: std::sync::Arc<[String]>,
+}
+
+impl std::fmt::Debug for SharedRedis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRedis")
+            .field("cluster", &self.is_cluster())
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedRedis {
+    /// The configured key prefix (`queue.redis.key_prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// Loads a script, so that later calls are one `EVALSHA` round trip.
+    pub async fn load(&self, script: &Script) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        script
+            .load_async(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| redact(&self.secrets, &format!("redis script load: {e}")))
+    }
+
+    /// Runs a script: one `EVALSHA` (plus a load and a second try if Redis lost the
+    /// script), tried once more after a dropped connection, like the queue's own
+    /// calls. The caller bounds the time. Errors are redacted text.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, String> {
+        let result = match invocation.invoke_async(&mut self.conn.clone()).await {
+            Err(e) if is_connection_error(&e) => {
+                tokio::time::sleep(RETRY_DELAY).await;
+                invocation.invoke_async(&mut self.conn.clone()).await
+            }
+            other => other,
+        };
+        result.map_err(|e| redact(&self.secrets, &format!("redis: {e}")))
+    }
+}
+
 impl std::fmt::Debug for RedisQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisQueue")
@@ -521,6 +578,15 @@ impl RedisQueue {
             "redis queue connected"
         );
         Ok(queue)
+    }
+
+    /// A handle on this queue's connection for other stores (see [`SharedRedis`]).
+    pub fn shared(&self) -> SharedRedis {
+        SharedRedis {
+            conn: self.conn.clone(),
+            prefix: self.prefix.clone(),
+            secrets: self.secrets.clone().into(),
+        }
     }
 
     fn keys(&self, id: &str) -> ShardKeys {

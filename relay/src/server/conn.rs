@@ -101,6 +101,8 @@ pub struct Conn {
     /// Becomes true when graceful shutdown begins, and again at its deadline.
     draining: watch::Receiver<bool>,
     closing: watch::Receiver<bool>,
+    /// The quota charge of the message being queued, refunded if the write fails.
+    charged: Option<crate::quota::Charged>,
 }
 
 enum Line {
@@ -125,6 +127,7 @@ impl Conn {
             deadline,
             draining,
             closing,
+            charged: None,
         }
     }
 
@@ -347,6 +350,10 @@ impl Conn {
                         }
                         step = session.auth_result(username, ok);
                     }
+                    Step::CheckQuota(msg) => {
+                        let refusal = self.check_quota(&msg).await;
+                        step = session.quota_result(msg, refusal);
+                    }
                     Step::Enqueue(msg) => {
                         let r = self.enqueue(session, *msg).await;
                         self.push(&r);
@@ -432,6 +439,28 @@ impl Conn {
         }
     }
 
+    /// The authoritative quota check of a complete message (one counter-store round
+    /// trip); keeps the charge for a refund should the queue write fail.
+    async fn check_quota(
+        &mut self,
+        msg: &crate::queue::QueuedMessage,
+    ) -> Option<crate::quota::Refusal> {
+        let quotas = self.shared.quotas.as_ref()?;
+        match quotas.admit(msg).await {
+            crate::quota::Admission::Accept { charged, held } => {
+                if !held.is_empty() {
+                    info!(queue_id = %msg.envelope.id, quotas = %held.join(","), "accepted; held by quota until its window allows");
+                }
+                self.charged = charged;
+                None
+            }
+            crate::quota::Admission::Refuse(r) => {
+                debug!(client = %msg.envelope.client.ip, from = %msg.envelope.mail.from, reply = %r.reply, "refused by quota");
+                Some(r)
+            }
+        }
+    }
+
     async fn enqueue(&mut self, session: &mut Session, msg: crate::queue::QueuedMessage) -> Reply {
         let id = msg.envelope.id.clone();
         let started = Instant::now();
@@ -456,12 +485,20 @@ impl Conn {
             Ok(Err(e)) => {
                 self.shared.metrics.rejected("queue_unavailable");
                 warn!(queue_id = %id, error = %e, "queue write failed; answered 451");
+                // Best effort: the client will try again and be charged again. A
+                // write that failed late may still have stored the message; then
+                // this refund lets one more through. A timeout is not refunded:
+                // the message may well be stored.
+                if let (Some(c), Some(q)) = (self.charged.take(), &self.shared.quotas) {
+                    q.refund(c).await;
+                }
             }
             Err(_) => {
                 self.shared.metrics.rejected("queue_timeout");
                 warn!(queue_id = %id, timeout = ?limit, "queue write timed out; answered 451");
             }
         }
+        self.charged = None;
         session.enqueue_result(&id, stored)
     }
 }
