@@ -1,6 +1,7 @@
 //! Quota reload without a restart: on SIGHUP, and whenever the config file's
-//! contents change (checked every [`POLL_INTERVAL`]; a Kubernetes ConfigMap update
-//! swaps the file behind a symlink, which this sees too).
+//! contents change (checked every [`POLL_INTERVAL`], or as set by the environment
+//! variable `MAILRELAY_RELOAD_INTERVAL`, `0` for SIGHUP only; a Kubernetes
+//! ConfigMap update swaps the file behind a symlink, which this sees too).
 //!
 //! The whole file is parsed and validated as at start-up; an invalid file is logged
 //! and ignored, and the quotas in force stay. Only `quotas:` is applied: other
@@ -16,8 +17,21 @@ use tracing::{info, warn};
 use super::engine::Quotas;
 use crate::config::{ConfigError, RelayConfig};
 
-/// How often the config file is read for changes.
+/// How often the config file is read for changes, by default.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+/// The poll interval from `MAILRELAY_RELOAD_INTERVAL` (a duration such as `500ms`
+/// or `10s`); `None` when polling is off (`0`).
+pub fn poll_interval(env: Option<&str>) -> Result<Option<Duration>, String> {
+    match env.map(str::trim) {
+        None | Some("") => Ok(Some(POLL_INTERVAL)),
+        Some(v) => {
+            let d = crate::config::parse_duration(v)
+                .map_err(|e| format!("MAILRELAY_RELOAD_INTERVAL: {e}"))?;
+            Ok((!d.is_zero()).then_some(d))
+        }
+    }
+}
 
 /// Parses a config file's text as `serve` does (environment overrides included).
 pub fn parse(text: &[u8]) -> Result<RelayConfig, ConfigError> {
@@ -71,6 +85,13 @@ pub fn spawn(
             None
         }
     };
+    let poll = match poll_interval(std::env::var("MAILRELAY_RELOAD_INTERVAL").ok().as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(error = %e, default = ?POLL_INTERVAL, "ignoring a bad reload interval");
+            Some(POLL_INTERVAL)
+        }
+    };
     tokio::spawn(async move {
         let shown = path
             .as_ref()
@@ -83,7 +104,7 @@ pub fn spawn(
         loop {
             let forced = tokio::select! {
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
-                _ = tokio::time::sleep(POLL_INTERVAL) => false,
+                _ = async { match poll { Some(d) => tokio::time::sleep(d).await, None => std::future::pending().await } } => false,
             };
             let Some(p) = &path else {
                 if forced {
@@ -118,6 +139,14 @@ mod tests {
     use super::*;
     use crate::quota::embedded::EmbeddedCounters;
     use crate::quota::metrics::QuotaMetrics;
+
+    #[test]
+    fn poll_interval_from_the_environment() {
+        assert_eq!(poll_interval(None), Ok(Some(POLL_INTERVAL)));
+        assert_eq!(poll_interval(Some("500ms")), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(poll_interval(Some("0")), Ok(None));
+        assert!(poll_interval(Some("soon")).is_err());
+    }
 
     #[test]
     fn invalid_files_change_nothing() {

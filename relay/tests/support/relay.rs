@@ -35,6 +35,8 @@ pub struct RelayOptions {
     pub extra_yaml: String,
     /// `shutdown_grace` (e.g. `2s`); `None` keeps the harness's `5s`.
     pub shutdown_grace: Option<String>,
+    /// Extra environment variables of the relay process.
+    pub env: Vec<(String, String)>,
 }
 
 pub struct Relay {
@@ -47,6 +49,7 @@ pub struct Relay {
     pub config_path: PathBuf,
     /// PEM of the generated certificate (trust anchor for clients), when `tls`.
     pub cert_path: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 pub fn binary() -> &'static str {
@@ -168,6 +171,7 @@ impl Relay {
             dir,
             config_path,
             cert_path,
+            env: opts.env.clone(),
         };
         relay.spawn();
         relay
@@ -186,6 +190,7 @@ impl Relay {
             .env("RUST_LOG", "mailrelay=debug")
             .env_remove("MAILRELAY_REDIS_URL")
             .env_remove("MAILRELAY_REDIS_PASSWORD")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
