@@ -174,7 +174,11 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     info!(backend = queue.backend(), hostname = %cfg.hostname, "queue open");
     let metrics = Arc::new(Metrics::new());
     let quotas = open_quotas(&cfg, redis, &metrics).await?;
-    info!(backend = quotas.backend(), quotas = cfg.quotas.len(), "send quotas ready");
+    info!(
+        backend = quotas.backend(),
+        quotas = cfg.quotas.len(),
+        "send quotas ready"
+    );
     quota::reload::spawn(Arc::clone(&quotas), cfg.clone(), config_path);
     let tls = match &cfg.tls {
         Some(t) => {

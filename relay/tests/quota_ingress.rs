@@ -185,7 +185,13 @@ fn reject_three_relays_one_redis_exactly_n_accepted() {
     eprintln!("10,000 attempts in {:?}: {:?}", started.elapsed(), l.counts);
     assert_eq!(l.get("250"), 1000, "{:?}", l.counts);
     assert_eq!(l.get("451 4.7.1"), 9000, "{:?}", l.counts);
-    assert_eq!(l.counts.len(), 2, "nothing else: {:?} {:?}", l.counts, l.samples);
+    assert_eq!(
+        l.counts.len(),
+        2,
+        "nothing else: {:?} {:?}",
+        l.counts,
+        l.samples
+    );
     let sample = &l.samples["451 4.7.1"];
     assert!(
         sample.contains("Sending quota tenant exceeded (1000/1h)") && sample.contains("resets at"),
@@ -238,12 +244,31 @@ fn reject_embedded_exactly_n_accepted_and_usage_is_shown() {
     assert_eq!(quotas.len(), 2);
     let t = &quotas[0];
     assert_eq!(
-        (&t["name"], &t["direction"], &t["scope"], &t["action"], &t["limits"]),
-        (&json!("tenant"), &json!("ingress"), &json!("per_key"), &json!("reject"), &json!(["100/1h"]))
+        (
+            &t["name"],
+            &t["direction"],
+            &t["scope"],
+            &t["action"],
+            &t["limits"]
+        ),
+        (
+            &json!("tenant"),
+            &json!("ingress"),
+            &json!("per_key"),
+            &json!("reject"),
+            &json!(["100/1h"])
+        )
     );
     let w = &t["keys"][0]["windows"][0];
-    assert_eq!((&w["limit"], &w["window_seconds"], &w["used"], &w["remaining"]),
-        (&json!("100/1h"), &json!(3600), &json!(100), &json!(0)));
+    assert_eq!(
+        (
+            &w["limit"],
+            &w["window_seconds"],
+            &w["used"],
+            &w["remaining"]
+        ),
+        (&json!("100/1h"), &json!(3600), &json!(100), &json!(0))
+    );
     let resets_in = w["resets_in_seconds"].as_u64().unwrap();
     assert!((3500..=3700).contains(&resets_in), "{w}");
     assert!(w["resets_at"].as_str().unwrap().ends_with('Z'));
@@ -265,8 +290,15 @@ fn reject_embedded_exactly_n_accepted_and_usage_is_shown() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("tenant (ingress, per_key, reject): 100/1h"), "{text}");
-    assert!(text.lines().any(|l| l.contains("bulk@tenant.test") && l.contains("100/1h") && l.contains(" 100 ")), "{text}");
+    assert!(
+        text.contains("tenant (ingress, per_key, reject): 100/1h"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.contains("bulk@tenant.test") && l.contains("100/1h") && l.contains(" 100 ")),
+        "{text}"
+    );
     let out = Command::new(support::relay::binary())
         .args(["quota", "show", "everyone", "--json", "--admin", &admin])
         .output()
@@ -317,7 +349,10 @@ fn redis_down_is_a_tempfail_then_recovers() {
     assert_eq!(code(&send_one(&mut c, "a@s.test", &["r@d.test"])), 250);
     redis.stop();
     let r = send_one(&mut c, "a@s.test", &["r@d.test"]);
-    assert!(r.starts_with("451 4.3.0 Sending quota check unavailable"), "{r}");
+    assert!(
+        r.starts_with("451 4.3.0 Sending quota check unavailable"),
+        "{r}"
+    );
     redis.restart();
     // The connection to Redis comes back by itself; the client simply retries.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -340,8 +375,9 @@ fn redis_down_is_a_tempfail_then_recovers() {
 #[test]
 fn recipients_quota_answers_452_at_rcpt() {
     let relay = Relay::start(RelayOptions {
-        extra_yaml: "quotas: [{name: fanout, direction: ingress, unit: recipients, limits: [3/1h]}]\n"
-            .into(),
+        extra_yaml:
+            "quotas: [{name: fanout, direction: ingress, unit: recipients, limits: [3/1h]}]\n"
+                .into(),
         ..Default::default()
     });
     let mut c = relay.connect();
@@ -351,12 +387,18 @@ fn recipients_quota_answers_452_at_rcpt() {
         assert_eq!(code(&c.cmd(&format!("RCPT TO:<r{i}@d.test>"))), 250);
     }
     let r = c.cmd("RCPT TO:<r3@d.test>");
-    assert!(r.starts_with("452 4.5.3 Too many recipients for sending quota fanout (3/1h)"), "{r}");
+    assert!(
+        r.starts_with("452 4.5.3 Too many recipients for sending quota fanout (3/1h)"),
+        "{r}"
+    );
     assert_eq!(code(&c.cmd("DATA")), 354);
     assert_eq!(code(&c.cmd("Subject: x\r\n\r\nhi\r\n.")), 250);
     // All three are used up: the next sender is told at MAIL.
     let r = c.cmd("MAIL FROM:<a@s.test>");
-    assert!(r.starts_with("451 4.7.1 Sending quota fanout exceeded (3/1h)"), "{r}");
+    assert!(
+        r.starts_with("451 4.7.1 Sending quota fanout exceeded (3/1h)"),
+        "{r}"
+    );
 }
 
 fn wait_for(what: &str, relay: &Relay, mut cond: impl FnMut() -> bool) {
@@ -399,14 +441,18 @@ fn reload_on_file_change_keeps_counters_and_ignores_bad_files() {
         std::fs::rename(&tmp, &relay.config_path).unwrap();
     };
     edit("limits: [2/1h]", "limits: [3/1h]");
-    wait_for("the new limit", &relay, || limits_of(&relay, "t") == json!(["3/1h"]));
+    wait_for("the new limit", &relay, || {
+        limits_of(&relay, "t") == json!(["3/1h"])
+    });
     // The two sent before still count: one more fits, not three.
     assert_eq!(code(&send_one(&mut c, "a@s.test", &["r@d.test"])), 250);
     assert_eq!(code(&send_one(&mut c, "a@s.test", &["r@d.test"])), 451);
 
     edit("limits: [3/1h]", "limits: [0/1h]");
     wait_for("the invalid file to be noticed", &relay, || {
-        relay.log().contains("config file is invalid; keeping the quotas in force")
+        relay
+            .log()
+            .contains("config file is invalid; keeping the quotas in force")
     });
     assert_eq!(limits_of(&relay, "t"), json!(["3/1h"]));
     assert_eq!(code(&send_one(&mut c, "a@s.test", &["r@d.test"])), 451);
@@ -414,14 +460,21 @@ fn reload_on_file_change_keeps_counters_and_ignores_bad_files() {
     // Removing the quota lifts it; nothing else in the file changed.
     std::fs::write(
         &relay.config_path,
-        original.replace("quotas: [{name: t, direction: ingress, limits: [2/1h]}]\n", ""),
+        original.replace(
+            "quotas: [{name: t, direction: ingress, limits: [2/1h]}]\n",
+            "",
+        ),
     )
     .unwrap();
     wait_for("the quota to go", &relay, || {
         admin_json(&relay, "/api/v1/quotas").1["quotas"] == json!([])
     });
     assert_eq!(code(&send_one(&mut c, "a@s.test", &["r@d.test"])), 250);
-    assert!(!relay.log().contains("take effect after a restart"), "{}", relay.log());
+    assert!(
+        !relay.log().contains("take effect after a restart"),
+        "{}",
+        relay.log()
+    );
 }
 
 #[test]
@@ -439,7 +492,9 @@ fn reload_on_sighup() {
     let text = std::fs::read_to_string(&relay.config_path).unwrap();
     std::fs::write(&relay.config_path, text.replace("[1/1h]", "[2/1h]")).unwrap();
     relay.signal("HUP");
-    wait_for("the reload", &relay, || limits_of(&relay, "t") == json!(["2/1h"]));
+    wait_for("the reload", &relay, || {
+        limits_of(&relay, "t") == json!(["2/1h"])
+    });
     assert_eq!(code(&send_one(&mut c, "a@s.test", &["r@d.test"])), 250);
     assert_eq!(code(&send_one(&mut c, "a@s.test", &["r@d.test"])), 451);
     // A bad file on SIGHUP is ignored, and the relay keeps running.
@@ -637,7 +692,13 @@ fn defer_three_relays_release_within_the_window_and_deliver_everything() {
     let refs: Vec<&Relay> = relays.iter().collect();
     let sent = 120;
     let l = load(&refs, sent, 12, "news@bulk.test", "defer");
-    assert_eq!(l.get("250"), sent as u64, "all accepted: {:?} {:?}", l.counts, l.samples);
+    assert_eq!(
+        l.get("250"),
+        sent as u64,
+        "all accepted: {:?} {:?}",
+        l.counts,
+        l.samples
+    );
 
     let deadline = Instant::now() + Duration::from_secs(120);
     while rx.records().len() < sent {
@@ -691,15 +752,23 @@ fn defer_embedded_holds_only_the_quota_s_mail_and_never_bounces() {
     assert_eq!(code(&c.cmd("Subject: first\r\n\r\nhi\r\n.")), 250);
     // The bounce of the first must not wait for the sender's quota.
     wait_for("the bounce", &relay, || {
+        rx.records().iter().any(|r| {
+            (r["from"] == "<>" || r["from"] == "") && r["rcpts"] == json!(["once@sender.test"])
+        })
+    });
+    assert_eq!(
+        code(&send_one(&mut c, "once@sender.test", &["held@dest.test"])),
+        250
+    );
+    // Mail outside the quotas is not slowed by them.
+    assert_eq!(
+        code(&send_one(&mut c, "free@other.test", &["free@dest.test"])),
+        250
+    );
+    wait_for("the unquoted message", &relay, || {
         rx.records()
             .iter()
-            .any(|r| (r["from"] == "<>" || r["from"] == "") && r["rcpts"] == json!(["once@sender.test"]))
-    });
-    assert_eq!(code(&send_one(&mut c, "once@sender.test", &["held@dest.test"])), 250);
-    // Mail outside the quotas is not slowed by them.
-    assert_eq!(code(&send_one(&mut c, "free@other.test", &["free@dest.test"])), 250);
-    wait_for("the unquoted message", &relay, || {
-        rx.records().iter().any(|r| r["rcpts"] == json!(["free@dest.test"]))
+            .any(|r| r["rcpts"] == json!(["free@dest.test"]))
     });
     // The held one is in the queue, untried, due in about an hour.
     let (_, v) = admin_json(&relay, "/api/v1/queue/messages");
@@ -711,17 +780,31 @@ fn defer_embedded_holds_only_the_quota_s_mail_and_never_bounces() {
         .collect();
     assert_eq!(held.len(), 1, "{v}");
     assert_eq!(held[0]["attempts"], 0);
-    let due_in = held[0]["next_attempt_ms"].as_u64().unwrap() as i64
-        - mailrelay::queue::now_ms() as i64;
+    let due_in =
+        held[0]["next_attempt_ms"].as_u64().unwrap() as i64 - mailrelay::queue::now_ms() as i64;
     assert!(due_in > 3_000_000, "due in {due_in} ms");
-    assert!(!rx.records().iter().any(|r| r["rcpts"] == json!(["held@dest.test"])));
+    assert!(
+        !rx.records()
+            .iter()
+            .any(|r| r["rcpts"] == json!(["held@dest.test"]))
+    );
 
     // The embedded pace: 25 messages at 5 per 2 s, all delivered, no burst.
     let l = load(&[&relay], 25, 5, "batch@sender.test", "pace");
     assert_eq!(l.get("250"), 25, "{:?}", l.counts);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while rx.subjects().iter().filter(|s| s.starts_with("pace ")).count() < 25 {
-        assert!(Instant::now() < deadline, "not all delivered\n{}", relay.log());
+    while rx
+        .subjects()
+        .iter()
+        .filter(|s| s.starts_with("pace "))
+        .count()
+        < 25
+    {
+        assert!(
+            Instant::now() < deadline,
+            "not all delivered\n{}",
+            relay.log()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let times = release_times(&[&relay]);

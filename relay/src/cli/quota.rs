@@ -153,12 +153,12 @@ pub fn format_quota(q: &QuotaUsage, max_keys: usize) -> String {
             );
         }
         if let Some(c) = &k.connections {
-            let name = if k.windows.is_empty() { k.key.as_str() } else { "" };
-            let _ = writeln!(
-                out,
-                "  {name:<width$}  connections {} of {}",
-                c.open, c.max
-            );
+            let name = if k.windows.is_empty() {
+                k.key.as_str()
+            } else {
+                ""
+            };
+            let _ = writeln!(out, "  {name:<width$}  connections {} of {}", c.open, c.max);
         }
     }
     if q.keys.len() > max_keys {

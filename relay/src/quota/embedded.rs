@@ -245,14 +245,20 @@ mod tests {
             .usage("q", &["a".into(), "zz".into()], &specs, Some(10_000))
             .await
             .unwrap();
-        assert_eq!(u.keys[0][0], CounterUsage {
-            used: 2,
-            resets_at: 61_999
-        });
-        assert_eq!(u.keys[1][1], CounterUsage {
-            used: 0,
-            resets_at: 10_000
-        });
+        assert_eq!(
+            u.keys[0][0],
+            CounterUsage {
+                used: 2,
+                resets_at: 61_999
+            }
+        );
+        assert_eq!(
+            u.keys[1][1],
+            CounterUsage {
+                used: 0,
+                resets_at: 10_000
+            }
+        );
         let mut keys = s.active_keys("q", specs[1], Some(10_000)).await.unwrap();
         keys.sort();
         assert_eq!(keys, vec![("a".into(), 2), ("b".into(), 1)]);

@@ -12,6 +12,7 @@ use tracing::{debug, warn};
 use super::config::{Action, Direction, QuotaConfig, Scope, Unit};
 use super::ingress::{
     self, Applies, CompiledQuota, IngressFacts, IngressPolicy, QuotaSet, Refusal, SHARED_KEY,
+    Subject,
 };
 use super::metrics::QuotaMetrics;
 use super::store::{ChargeOutcome, ChargeRequest, CounterStore, StoreError, StoreFuture};
@@ -67,8 +68,16 @@ pub enum Release {
         charged_at: Option<u64>,
         quotas: Vec<String>,
     },
-    /// A window is full: due again at `until` (local ms).
-    Wait { until: u64, quota: String },
+    /// A window is full: due again at `until` (local ms). `spacing_ms` is the
+    /// average gap between units at the quota's full rate (window / limit), to
+    /// spread a backlog out instead of waking it all at once.
+    Wait {
+        until: u64,
+        quota: String,
+        /// The counter key that is full (per-key backlogs are spread apart).
+        key: String,
+        spacing_ms: u64,
+    },
     /// The counters could not be read: try again soon, send nothing meanwhile.
     Unavailable,
 }
@@ -85,7 +94,8 @@ pub trait EgressUsage: Send + Sync {
 pub struct Quotas {
     set: RwLock<Arc<QuotaSet>>,
     store: Arc<dyn CounterStore>,
-    known: Mutex<HashMap<(String, String), Known>>,
+    /// Quota name, then key: looked up by `&str` on every command.
+    known: Mutex<HashMap<String, HashMap<String, Known>>>,
     metrics: QuotaMetrics,
     timeout: Duration,
     egress: RwLock<Option<Arc<dyn EgressUsage>>>,
@@ -120,6 +130,11 @@ fn request(set: &QuotaSet, a: &Applies) -> ChargeRequest {
         cost: a.cost,
         windows: q.windows.clone(),
     }
+}
+
+/// The average gap between units at a window's full rate.
+fn spacing(w: &super::window::WindowSpec) -> u64 {
+    w.window_ms / w.limit.max(1)
 }
 
 /// Store clock to local clock.
@@ -182,7 +197,11 @@ impl Quotas {
 
     fn known(&self, quota: &str, key: &str, now: u64) -> Option<Known> {
         let map = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(&(quota.to_owned(), key.to_owned()))
+        if map.is_empty() {
+            return None;
+        }
+        map.get(quota)
+            .and_then(|keys| keys.get(key))
             .filter(|k| k.valid_until > now)
             .copied()
     }
@@ -192,13 +211,19 @@ impl Quotas {
         self.known(quota, key, now).filter(|k| k.remaining == 0)
     }
 
-    /// Remembers what a check said, for the cheap checks at MAIL and RCPT.
+    /// Remembers what a check said, for the cheap checks at MAIL and RCPT: that a
+    /// window is full (until when), and for recipients quotas how many units are
+    /// left. Nothing else is kept, so while no quota is full the map stays empty and
+    /// the checks at MAIL and RCPT cost no lookup at all.
     fn learn(&self, reqs: &[ChargeRequest], outcome: &ChargeOutcome, local_now: u64) {
+        let set = self.set();
         let mut map = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= KNOWN_MAX {
-            map.retain(|_, k| k.valid_until > local_now);
-            if map.len() >= KNOWN_MAX {
-                map.clear();
+        for keys in map.values_mut() {
+            if keys.len() >= KNOWN_MAX {
+                keys.retain(|_, k| k.valid_until > local_now);
+                if keys.len() >= KNOWN_MAX {
+                    keys.clear();
+                }
             }
         }
         for (r, checks) in reqs.iter().zip(&outcome.checks) {
@@ -212,6 +237,9 @@ impl Quotas {
             else {
                 continue;
             };
+            let recipients = set
+                .get(&r.quota)
+                .is_some_and(|q| q.cfg.unit == Unit::Recipients);
             let known = if remaining == 0 {
                 // Every full window must free a unit before one more fits.
                 let free = r
@@ -229,7 +257,7 @@ impl Quotas {
                     valid_until: free_at,
                     free_at,
                 }
-            } else {
+            } else if recipients {
                 let bucket = r.windows.iter().map(|w| w.bucket_ms).min().unwrap_or(0);
                 Known {
                     remaining,
@@ -237,23 +265,36 @@ impl Quotas {
                     valid_until: local_now + bucket.min(1000),
                     free_at: 0,
                 }
+            } else {
+                // Not full: forget a full state learned earlier (a refund, say).
+                if let Some(keys) = map.get_mut(&r.quota) {
+                    keys.remove(&r.key);
+                }
+                continue;
             };
-            map.insert((r.quota.clone(), r.key.clone()), known);
+            let keys = match map.get_mut(&r.quota) {
+                Some(keys) => keys,
+                None => map.entry(r.quota.clone()).or_default(),
+            };
+            match keys.get_mut(&r.key) {
+                Some(k) => *k = known,
+                None => {
+                    keys.insert(r.key.clone(), known);
+                }
+            }
         }
+        map.retain(|_, keys| !keys.is_empty());
     }
 
     /// One check-and-charge against the store, timed and counted.
     async fn charge(&self, reqs: &[ChargeRequest]) -> Result<ChargeOutcome, StoreError> {
         let started = Instant::now();
-        let result = match tokio::time::timeout(
-            self.timeout,
-            self.store.check_and_charge(reqs, None),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout(self.timeout)),
-        };
+        let result =
+            match tokio::time::timeout(self.timeout, self.store.check_and_charge(reqs, None)).await
+            {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout(self.timeout)),
+            };
         let elapsed = started.elapsed();
         match &result {
             Ok(o) if o.allowed => self.metrics.check("allowed", Some(elapsed)),
@@ -376,7 +417,9 @@ impl Quotas {
     pub async fn refund(&self, c: Charged) {
         match tokio::time::timeout(self.timeout, self.store.refund(&c.reqs, c.at)).await {
             Ok(Ok(())) => debug!("quota charge refunded after a failed queue write"),
-            Ok(Err(e)) => warn!(error = %e, "quota refund failed; the charge stays until it ages out"),
+            Ok(Err(e)) => {
+                warn!(error = %e, "quota refund failed; the charge stays until it ages out")
+            }
             Err(_) => warn!("quota refund timed out; the charge stays until it ages out"),
         }
     }
@@ -428,6 +471,8 @@ impl Quotas {
                 return Release::Wait {
                     until: k.free_at,
                     quota: q.name().to_owned(),
+                    key: a.key.clone(),
+                    spacing_ms: spacing(&q.windows[k.limit_idx]),
                 };
             }
         }
@@ -445,16 +490,24 @@ impl Quotas {
             Ok(o) => {
                 let local_now = now_ms();
                 let mut until = local_now;
-                let mut quota = None;
+                let mut first: Option<(String, String)> = None;
+                let mut spacing_ms = 0;
                 for (a, checks) in applies.iter().zip(&o.checks) {
-                    for c in checks.iter().filter(|c| !c.fits()) {
+                    let q = &set.quotas[a.index];
+                    for (w, c) in q.windows.iter().zip(checks).filter(|(_, c)| !c.fits()) {
                         until = until.max(local(c.retry_at.unwrap_or(o.now), o.now, local_now));
-                        quota.get_or_insert_with(|| set.quotas[a.index].name().to_owned());
+                        spacing_ms = spacing_ms.max(spacing(w));
+                        first.get_or_insert_with(|| (q.name().to_owned(), a.key.clone()));
                     }
                 }
-                let quota = quota.unwrap_or_default();
+                let (quota, key) = first.unwrap_or_default();
                 self.metrics.deferred(&quota);
-                Release::Wait { until, quota }
+                Release::Wait {
+                    until,
+                    quota,
+                    key,
+                    spacing_ms,
+                }
             }
             Err(_) => Release::Unavailable,
         }
@@ -544,7 +597,11 @@ impl Quotas {
 impl IngressPolicy for Quotas {
     fn at_mail(&self, f: &IngressFacts, declared_size: Option<u64>) -> Option<Refusal> {
         let set = self.set();
+        if !set.has_ingress() {
+            return None;
+        }
         let now = now_ms();
+        let f = &Subject::new(f);
         for q in set
             .quotas
             .iter()
@@ -575,7 +632,11 @@ impl IngressPolicy for Quotas {
 
     fn at_rcpt(&self, f: &IngressFacts, accepted: &[&str], new: &str) -> Option<Refusal> {
         let set = self.set();
+        if !set.has_ingress() {
+            return None;
+        }
         let now = now_ms();
+        let f = &Subject::new(f);
         for q in set
             .quotas
             .iter()
@@ -624,8 +685,8 @@ impl IngressPolicy for Quotas {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quota::embedded::EmbeddedCounters;
     use crate::queue::{ClientInfo, Envelope, MailParams, QueueId, Recipient};
+    use crate::quota::embedded::EmbeddedCounters;
 
     fn quotas(yaml: &str) -> Arc<Quotas> {
         let cfgs: Vec<QuotaConfig> = serde_norway::from_str(yaml).unwrap();
@@ -680,11 +741,16 @@ mod tests {
 
     #[tokio::test]
     async fn exactly_n_pass_then_mail_is_refused_early() {
-        let q = quotas("- {name: t, direction: ingress, limits: [3/1h], match: {senders: ['*@a.example']}}");
+        let q = quotas(
+            "- {name: t, direction: ingress, limits: [3/1h], match: {senders: ['*@a.example']}}",
+        );
         for _ in 0..3 {
             assert!(matches!(
                 q.admit(&msg("x@a.example", &["r@b.example"], None)).await,
-                Admission::Accept { charged: Some(_), .. }
+                Admission::Accept {
+                    charged: Some(_),
+                    ..
+                }
             ));
         }
         let Admission::Refuse(r) = q.admit(&msg("x@a.example", &["r@b.example"], None)).await
@@ -700,12 +766,17 @@ mod tests {
         assert!(q.at_mail(&f("z@c.example"), None).is_none());
         // What the last check said now refuses at MAIL, with no store call.
         let r = q.at_mail(&f("X@A.example"), None).expect("known full");
-        assert!(r.reply.lines[0].contains("Sending quota t exceeded (3/1h)"), "{r:?}");
+        assert!(
+            r.reply.lines[0].contains("Sending quota t exceeded (3/1h)"),
+            "{r:?}"
+        );
         // A reload keeps the counters (same name) but forgets the learned state.
-        assert!(q.reload(&[serde_norway::from_str(
-            "{name: t, direction: ingress, limits: [4/1h], match: {senders: ['*@a.example']}}"
-        )
-        .unwrap()]));
+        assert!(
+            q.reload(&[serde_norway::from_str(
+                "{name: t, direction: ingress, limits: [4/1h], match: {senders: ['*@a.example']}}"
+            )
+            .unwrap()])
+        );
         assert!(q.at_mail(&f("x@a.example"), None).is_none());
         assert!(matches!(
             q.admit(&msg("x@a.example", &["r@b.example"], None)).await,
@@ -741,14 +812,25 @@ mod tests {
         );
         let f = f("s@x.example");
         assert!(q.at_rcpt(&f, &[], "a@one.test").is_none());
-        assert!(q.at_rcpt(&f, &["a@one.test", "b@two.test"], "c@x.example").is_none());
-        assert!(q.at_rcpt(&f, &["a@one.test", "b@two.test"], "c@three.test").is_none());
+        assert!(
+            q.at_rcpt(&f, &["a@one.test", "b@two.test"], "c@x.example")
+                .is_none()
+        );
+        assert!(
+            q.at_rcpt(&f, &["a@one.test", "b@two.test"], "c@three.test")
+                .is_none()
+        );
         let r = q
-            .at_rcpt(&f, &["a@one.test", "b@two.test", "c@three.test"], "d@four.test")
+            .at_rcpt(
+                &f,
+                &["a@one.test", "b@two.test", "c@three.test"],
+                "d@four.test",
+            )
             .expect("a fourth counted recipient can never fit");
         assert_eq!(r.reply.code, 452);
         assert!(matches!(
-            q.admit(&msg("s@x.example", &["a@one.test", "b@two.test"], None)).await,
+            q.admit(&msg("s@x.example", &["a@one.test", "b@two.test"], None))
+                .await,
             Admission::Accept { .. }
         ));
         // One left: a second recipient at RCPT is over.
@@ -777,12 +859,24 @@ mod tests {
         assert!(charged.is_none());
         assert_eq!(held, vec!["d".to_owned()]);
         for _ in 0..2 {
-            assert!(matches!(q.release(&m).await, Release::Go { charged_at: Some(_), .. }));
+            assert!(matches!(
+                q.release(&m).await,
+                Release::Go {
+                    charged_at: Some(_),
+                    ..
+                }
+            ));
         }
-        let Release::Wait { until, quota } = q.release(&m).await else {
+        let Release::Wait {
+            until,
+            quota,
+            spacing_ms,
+            ..
+        } = q.release(&m).await
+        else {
             panic!()
         };
-        assert_eq!(quota, "d");
+        assert_eq!((quota.as_str(), spacing_ms), ("d", 1_800_000));
         assert!(until > now_ms() + 3_000_000);
         // Oversized bytes quota at MAIL.
         let b = quotas("- {name: b, direction: ingress, limits: [1000/1h], unit: bytes}");
@@ -814,6 +908,9 @@ mod tests {
         assert_eq!(one.keys[0].windows[0].used, 1);
         let s = q.usage(set.get("s").unwrap(), None).await.unwrap();
         assert_eq!(s.keys.len(), 1);
-        assert_eq!((s.keys[0].key.as_str(), s.keys[0].windows[0].used), ("*", 6));
+        assert_eq!(
+            (s.keys[0].key.as_str(), s.keys[0].windows[0].used),
+            ("*", 6)
+        );
     }
 }

@@ -16,6 +16,7 @@
 //! the sender's mail. Mail the relay merely sends on, unmatched by any defer
 //! quota, passes untouched.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,7 +29,10 @@ use crate::queue::{Envelope, Leased, Queue, now_ms};
 
 /// Looks at leased mail before the scheduler delivers it and returns what may go now.
 pub trait DispatchHook: Send + Sync + 'static {
-    fn admit<'a>(&'a self, leased: Vec<Leased>) -> Pin<Box<dyn Future<Output = Vec<Leased>> + Send + 'a>>;
+    fn admit<'a>(
+        &'a self,
+        leased: Vec<Leased>,
+    ) -> Pin<Box<dyn Future<Output = Vec<Leased>> + Send + 'a>>;
 }
 
 /// While the counters cannot be read, held mail is looked at again this often.
@@ -62,18 +66,28 @@ impl DeferGate {
             Ok(_) => {}
             // The lease runs out and the message comes back by itself; it is only
             // looked at again sooner.
-            Err(e) => warn!(queue_id = %l.lease.id, error = %e, "putting a held message back failed"),
+            Err(e) => {
+                warn!(queue_id = %l.lease.id, error = %e, "putting a held message back failed")
+            }
         }
     }
 }
 
 impl DispatchHook for DeferGate {
-    fn admit<'a>(&'a self, leased: Vec<Leased>) -> Pin<Box<dyn Future<Output = Vec<Leased>> + Send + 'a>> {
+    fn admit<'a>(
+        &'a self,
+        leased: Vec<Leased>,
+    ) -> Pin<Box<dyn Future<Output = Vec<Leased>> + Send + 'a>> {
         Box::pin(async move {
             if !self.quotas.holds_mail() {
                 return leased;
             }
             let mut go = Vec::with_capacity(leased.len());
+            // Messages of this batch sent back to wait, per quota and key: each later one is
+            // due one quota-rate gap after the one before, so a backlog wakes at the
+            // pace it can be released instead of all at once (each wake-up costs a
+            // lease and a queue write).
+            let mut waiting: HashMap<(String, String), u64> = HashMap::new();
             for l in leased {
                 // Charged at its first attempt already, or not the sender's mail.
                 if l.status.attempts > 0 || is_relay_generated(&l.message.envelope) {
@@ -89,7 +103,15 @@ impl DispatchHook for DeferGate {
                         go.push(l);
                     }
                     Release::Go { .. } => go.push(l),
-                    Release::Wait { until, quota } => {
+                    Release::Wait {
+                        until,
+                        quota,
+                        key,
+                        spacing_ms,
+                    } => {
+                        let ahead = waiting.entry((quota.clone(), key)).or_default();
+                        let until = until.saturating_add(ahead.saturating_mul(spacing_ms));
+                        *ahead += 1;
                         debug!(queue_id = %l.lease.id, %quota, wait_ms = until.saturating_sub(now_ms()), "held by quota");
                         self.postpone(l, until).await;
                     }

@@ -5,28 +5,76 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glob {
     chars: Vec<char>,
+    /// The pattern as bytes when it is ASCII (the usual case): matched without
+    /// allocating.
+    ascii: Option<Vec<u8>>,
     /// No `*` or `?`: a plain case-insensitive comparison.
     literal: bool,
 }
 
-fn lower(s: &str) -> impl Iterator<Item = char> + '_ {
-    s.chars().flat_map(char::to_lowercase)
-}
-
 impl Glob {
     pub fn new(pattern: &str) -> Self {
-        let chars: Vec<char> = lower(pattern).collect();
+        let chars: Vec<char> = pattern.to_lowercase().chars().collect();
         let literal = !chars.iter().any(|c| matches!(c, '*' | '?'));
-        Glob { chars, literal }
+        let ascii = chars
+            .iter()
+            .all(char::is_ascii)
+            .then(|| chars.iter().map(|&c| c as u8).collect());
+        Glob {
+            chars,
+            ascii,
+            literal,
+        }
     }
 
     pub fn is_match(&self, text: &str) -> bool {
-        if self.literal {
-            return lower(text).eq(self.chars.iter().copied());
+        if text.chars().any(char::is_uppercase) {
+            self.is_match_lower(&text.to_lowercase())
+        } else {
+            self.is_match_lower(text)
         }
-        let text: Vec<char> = lower(text).collect();
+    }
+
+    /// [`Glob::is_match`] for text already lower-cased: no allocation for ASCII.
+    pub fn is_match_lower(&self, text: &str) -> bool {
+        if self.literal {
+            return text.chars().eq(self.chars.iter().copied());
+        }
+        if let Some(p) = &self.ascii
+            && text.is_ascii()
+        {
+            return glob_match_bytes(p, text.as_bytes());
+        }
+        let text: Vec<char> = text.chars().collect();
         glob_match(&self.chars, &text)
     }
+}
+
+/// [`glob_match`] over bytes, for ASCII pattern and text.
+fn glob_match_bytes(p: &[u8], t: &[u8]) -> bool {
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some(b'*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(c) if *c == b'?' || *c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
 }
 
 /// The classic linear-time matcher: on a mismatch after a `*`, let that star
@@ -99,9 +147,7 @@ mod tests {
             match p.first() {
                 None => t.is_empty(),
                 Some('*') => (0..=t.len()).any(|i| naive(&p[1..], &t[i..])),
-                Some(c) => {
-                    !t.is_empty() && (*c == '?' || *c == t[0]) && naive(&p[1..], &t[1..])
-                }
+                Some(c) => !t.is_empty() && (*c == '?' || *c == t[0]) && naive(&p[1..], &t[1..]),
             }
         }
         use rand::{Rng, SeedableRng};
@@ -115,6 +161,8 @@ mod tests {
                 .map(|_| alphabet[rng.random_range(0..2)])
                 .collect();
             assert_eq!(glob_match(&p, &t), naive(&p, &t), "{p:?} {t:?}");
+            let (ps, ts): (String, String) = (p.iter().collect(), t.iter().collect());
+            assert_eq!(Glob::new(&ps).is_match(&ts), naive(&p, &t), "{p:?} {t:?}");
         }
     }
 }

@@ -7,6 +7,7 @@
 //! sender); `recipient_domains` makes the quota apply to a message with at least
 //! one recipient there, and with `unit: recipients` only those recipients count.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 
 use time::OffsetDateTime;
@@ -25,6 +26,35 @@ pub struct IngressFacts<'a> {
     pub sender: &'a str,
     pub auth_user: Option<&'a str>,
     pub client_ip: IpAddr,
+}
+
+/// [`IngressFacts`] prepared for matching many quotas: lower-cased once.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    /// Lower-cased reverse-path; empty for the null sender.
+    sender: String,
+    /// Where the domain starts in `sender` (after the last `@`), if it has one.
+    domain_at: Option<usize>,
+    auth_user: Option<String>,
+    ip: IpAddr,
+}
+
+impl Subject {
+    pub fn new(f: &IngressFacts) -> Self {
+        let sender = f.sender.to_lowercase();
+        let domain_at = sender.rfind('@').map(|i| i + 1);
+        Subject {
+            sender,
+            domain_at,
+            auth_user: f.auth_user.map(str::to_lowercase),
+            ip: f.client_ip.to_canonical(),
+        }
+    }
+
+    fn domain(&self) -> Option<&str> {
+        self.domain_at
+            .map(|i| self.sender[i..].trim_end_matches('.'))
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -91,21 +121,20 @@ impl CompiledQuota {
     }
 
     /// Sender, AUTH user and client network all match.
-    pub fn matches_client(&self, f: &IngressFacts) -> bool {
+    pub fn matches_client(&self, s: &Subject) -> bool {
         let m = &self.cfg.matcher;
         let sender_ok = self.senders.is_empty()
             || self.senders.iter().any(|p| match p {
-                SenderPattern::Null => f.sender.is_empty(),
-                SenderPattern::Address(g) => !f.sender.is_empty() && g.is_match(f.sender),
-                SenderPattern::Domain(g) => domain_of(f.sender).is_some_and(|d| g.is_match(d)),
+                SenderPattern::Null => s.sender.is_empty(),
+                SenderPattern::Address(g) => !s.sender.is_empty() && g.is_match_lower(&s.sender),
+                SenderPattern::Domain(g) => s.domain().is_some_and(|d| g.is_match_lower(d)),
             });
         let auth_ok = self.auth_users.is_empty()
-            || f
-                .auth_user
-                .is_some_and(|u| self.auth_users.iter().any(|g| g.is_match(u)));
-        let ip = f.client_ip.to_canonical();
+            || s.auth_user
+                .as_deref()
+                .is_some_and(|u| self.auth_users.iter().any(|g| g.is_match_lower(u)));
         let net_ok =
-            m.client_networks.is_empty() || m.client_networks.iter().any(|n| n.contains(&ip));
+            m.client_networks.is_empty() || m.client_networks.iter().any(|n| n.contains(&s.ip));
         sender_ok && auth_ok && net_ok
     }
 
@@ -117,31 +146,31 @@ impl CompiledQuota {
 
     /// The counter key for this sender: see [`KeyBy`]; lower-cased so that case
     /// games do not buy a fresh quota.
-    pub fn key(&self, f: &IngressFacts) -> String {
+    pub fn key<'s>(&self, s: &'s Subject) -> Cow<'s, str> {
         if self.cfg.scope == Scope::Shared {
-            return SHARED_KEY.to_owned();
+            return Cow::Borrowed(SHARED_KEY);
         }
         let sender = || {
-            if f.sender.is_empty() {
-                "<>".to_owned()
+            Cow::Borrowed(if s.sender.is_empty() {
+                "<>"
             } else {
-                f.sender.to_lowercase()
-            }
+                s.sender.as_str()
+            })
         };
         match self.cfg.key {
-            KeyBy::Auto => f.auth_user.map_or_else(sender, str::to_lowercase),
+            KeyBy::Auto => s.auth_user.as_deref().map_or_else(sender, Cow::Borrowed),
             KeyBy::Sender => sender(),
-            KeyBy::SenderDomain => domain_of(f.sender).map_or_else(sender, str::to_lowercase),
-            KeyBy::AuthUser => f.auth_user.unwrap_or_default().to_lowercase(),
-            KeyBy::ClientIp => f.client_ip.to_canonical().to_string(),
+            KeyBy::SenderDomain => s.domain().map_or_else(sender, Cow::Borrowed),
+            KeyBy::AuthUser => Cow::Borrowed(s.auth_user.as_deref().unwrap_or_default()),
+            KeyBy::ClientIp => Cow::Owned(s.ip.to_string()),
             // Egress keys are refused for ingress quotas by validation.
-            KeyBy::DestinationDomain | KeyBy::MxSite => SHARED_KEY.to_owned(),
+            KeyBy::DestinationDomain | KeyBy::MxSite => Cow::Borrowed(SHARED_KEY),
         }
     }
 
     /// What a message costs against this quota, or `None` when the quota does not
     /// apply to it.
-    pub fn cost(&self, f: &IngressFacts, rcpts: &[&str], size: u64) -> Option<u64> {
+    pub fn cost(&self, f: &Subject, rcpts: &[&str], size: u64) -> Option<u64> {
         if !self.is_ingress() || !self.matches_client(f) {
             return None;
         }
@@ -190,13 +219,14 @@ impl QuotaSet {
 
     /// Every ingress quota the message falls under, in config order.
     pub fn ingress(&self, f: &IngressFacts, rcpts: &[&str], size: u64) -> Vec<Applies> {
+        let s = Subject::new(f);
         self.quotas
             .iter()
             .enumerate()
             .filter_map(|(index, q)| {
-                q.cost(f, rcpts, size).map(|cost| Applies {
+                q.cost(&s, rcpts, size).map(|cost| Applies {
                     index,
-                    key: q.key(f),
+                    key: q.key(&s).into_owned(),
                     cost,
                     action: q.cfg.action,
                 })
@@ -328,12 +358,12 @@ mod tests {
         CompiledQuota::new(&cfg)
     }
 
-    fn facts<'a>(sender: &'a str, user: Option<&'a str>, ip: &str) -> IngressFacts<'a> {
-        IngressFacts {
+    fn facts(sender: &str, user: Option<&str>, ip: &str) -> Subject {
+        Subject::new(&IngressFacts {
             sender,
             auth_user: user,
             client_ip: ip.parse().unwrap(),
-        }
+        })
     }
 
     #[test]
@@ -342,7 +372,7 @@ mod tests {
             "{name: a, direction: ingress, limits: [1/1m], match: {senders: ['*@a.example', 'b.example', '<>'], client_networks: [10.0.0.0/8, '::1/128']}}",
         );
         assert!(q.matches_client(&facts("x@A.example", None, "10.1.2.3")));
-        assert!(q.matches_client(&facts("x@sub.b.example", None, "10.1.2.3")) == false);
+        assert!(!q.matches_client(&facts("x@sub.b.example", None, "10.1.2.3")));
         assert!(q.matches_client(&facts("x@B.EXAMPLE", None, "10.1.2.3")));
         assert!(q.matches_client(&facts("", None, "::1")));
         assert!(!q.matches_client(&facts("x@a.example", None, "192.0.2.1")));
@@ -350,7 +380,8 @@ mod tests {
         // IPv4-mapped IPv6 clients are their IPv4 address.
         assert!(q.matches_client(&facts("x@a.example", None, "::ffff:10.0.0.1")));
 
-        let u = quota("{name: u, direction: ingress, limits: [1/1m], match: {auth_users: ['pay*']}}");
+        let u =
+            quota("{name: u, direction: ingress, limits: [1/1m], match: {auth_users: ['pay*']}}");
         assert!(u.matches_client(&facts("x@y", Some("Payments"), "127.0.0.1")));
         assert!(!u.matches_client(&facts("x@y", None, "127.0.0.1")));
         assert!(!u.matches_client(&facts("x@y", Some("ops"), "127.0.0.1")));
@@ -367,11 +398,12 @@ mod tests {
     fn keys() {
         let f = facts("Alice@Example.COM", Some("Svc"), "::ffff:192.0.2.9");
         let anon = facts("Alice@Example.COM", None, "192.0.2.9");
-        let key = |k: &str, f: &IngressFacts| {
+        let key = |k: &str, f: &Subject| {
             quota(&format!(
                 "{{name: a, direction: ingress, limits: [1/1m], key: {k}}}"
             ))
             .key(f)
+            .into_owned()
         };
         assert_eq!(key("auto", &f), "svc");
         assert_eq!(key("auto", &anon), "alice@example.com");
@@ -386,7 +418,12 @@ mod tests {
 
     #[test]
     fn costs_and_recipient_domains() {
-        let f = facts("a@s.example", None, "127.0.0.1");
+        let raw = IngressFacts {
+            sender: "a@s.example",
+            auth_user: None,
+            client_ip: "127.0.0.1".parse().unwrap(),
+        };
+        let f = Subject::new(&raw);
         let rcpts = ["x@gmail.com", "y@GMAIL.com", "z@other.example"];
         let msgs = quota("{name: m, direction: ingress, limits: [5/1m]}");
         assert_eq!(msgs.cost(&f, &rcpts, 900), Some(1));
@@ -400,12 +437,16 @@ mod tests {
         assert_eq!(g.cost(&f, &rcpts, 900), Some(2));
         assert_eq!(g.cost(&f, &["z@other.example"], 900), None);
         let e = quota("{name: e, direction: egress, limits: [5/1m]}");
-        assert_eq!(e.cost(&f, &rcpts, 900), None, "egress quotas never apply to ingress");
+        assert_eq!(
+            e.cost(&f, &rcpts, 900),
+            None,
+            "egress quotas never apply to ingress"
+        );
 
         let set = QuotaSet {
             quotas: vec![msgs, g, e],
         };
-        let applies = set.ingress(&f, &rcpts, 900);
+        let applies = set.ingress(&raw, &rcpts, 900);
         assert_eq!(
             applies,
             vec![

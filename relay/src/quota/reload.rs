@@ -143,7 +143,10 @@ mod tests {
     #[test]
     fn poll_interval_from_the_environment() {
         assert_eq!(poll_interval(None), Ok(Some(POLL_INTERVAL)));
-        assert_eq!(poll_interval(Some("500ms")), Ok(Some(Duration::from_millis(500))));
+        assert_eq!(
+            poll_interval(Some("500ms")),
+            Ok(Some(Duration::from_millis(500)))
+        );
         assert_eq!(poll_interval(Some("0")), Ok(None));
         assert!(poll_interval(Some("soon")).is_err());
     }
@@ -151,19 +154,28 @@ mod tests {
     #[test]
     fn invalid_files_change_nothing() {
         let mut reg = prometheus_client::registry::Registry::default();
-        let running = RelayConfig::from_yaml(
-            "quotas: [{name: a, direction: ingress, limits: [1/1m]}]\n",
-        )
-        .unwrap();
+        let running =
+            RelayConfig::from_yaml("quotas: [{name: a, direction: ingress, limits: [1/1m]}]\n")
+                .unwrap();
         let q = Quotas::new(
             &running.quotas,
             Arc::new(EmbeddedCounters::new()),
             QuotaMetrics::register(&mut reg),
             Duration::from_secs(1),
         );
-        assert!(!apply(&q, &running, b"quotas: [{name: a, direction: ingress, limits: [0/1m]}]\n", "f"));
+        assert!(!apply(
+            &q,
+            &running,
+            b"quotas: [{name: a, direction: ingress, limits: [0/1m]}]\n",
+            "f"
+        ));
         assert!(!apply(&q, &running, b"\xff\xfe", "f"));
-        assert!(!apply(&q, &running, b"quotas: [{name: a, direction: ingress, limits: [1/1m]}]\n", "f"));
+        assert!(!apply(
+            &q,
+            &running,
+            b"quotas: [{name: a, direction: ingress, limits: [1/1m]}]\n",
+            "f"
+        ));
         assert_eq!(q.configs(), running.quotas);
         assert!(apply(
             &q,

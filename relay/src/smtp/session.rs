@@ -15,11 +15,11 @@ use super::auth::{AuthExchange, AuthStep, Mechanism};
 use super::command::{self, Command, CommandError, Param, is_xtext, validate_mailbox};
 use super::data::{DataDecoder, DataError};
 use super::reply::Reply;
-use crate::quota::{IngressFacts, IngressPolicy, Refusal};
 use crate::queue::{
     BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, MailParams, QueueId, QueuedMessage,
     Recipient, TlsInfo,
 };
+use crate::quota::{IngressFacts, IngressPolicy, Refusal};
 
 /// RFC 5321 §4.5.3.1.4: command lines are at most 512 octets with CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;

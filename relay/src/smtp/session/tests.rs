@@ -506,7 +506,11 @@ fn quota_checks_at_mail_rcpt_and_before_queueing() {
     }
     assert_eq!(code(&mut s, "RCPT TO:<x@b.test>"), 503);
     assert_eq!(code(&mut s, "MAIL FROM:<data@a.test>"), 250);
-    assert_eq!(code(&mut s, "RCPT TO:<later@b.test>"), 250, "the first one fits");
+    assert_eq!(
+        code(&mut s, "RCPT TO:<later@b.test>"),
+        250,
+        "the first one fits"
+    );
     assert_eq!(code(&mut s, "RCPT TO:<later@c.test>"), 452);
     assert_eq!(s.take_rejection(), Some("quota_recipients"));
     assert_eq!(code(&mut s, "RCPT TO:<y@b.test>"), 250);
@@ -520,8 +524,14 @@ fn quota_checks_at_mail_rcpt_and_before_queueing() {
         .map(|r| r.address.as_str())
         .collect();
     assert_eq!(recipients, ["later@b.test", "y@b.test"]);
-    let refusal = FakeQuota
-        .at_mail(&IngressFacts { sender: "full@x", auth_user: None, client_ip: "192.0.2.7".parse().unwrap() }, None);
+    let refusal = FakeQuota.at_mail(
+        &IngressFacts {
+            sender: "full@x",
+            auth_user: None,
+            client_ip: "192.0.2.7".parse().unwrap(),
+        },
+        None,
+    );
     let step = s.quota_result(msg, refusal);
     assert_eq!(reply(step).code, 451);
     assert_eq!(s.take_rejection(), Some("quota_exceeded"));
