@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/quota.sh — what ingress send quotas cost: accept rate and added latency of
 # mailrelay (Redis queue, release build) with 0, 1, 10 and 100 quotas that every
-# message matches.
+# message matches (each with two windows by default, see LIMITS).
 #
 # A benchmark, not a test. For each quota count Q in $QUOTAS, REPS times:
 #   - a fresh mailrelay with Q quotas, each `{match: {senders: ['*@example.com']},
@@ -28,6 +28,7 @@
 # Run (as root, Debian 12):   bash bench/quota.sh
 # Knobs (environment), defaults in brackets:
 #   N [10000] SESSIONS [20] SIZE [1024] REPS [3] QUOTAS ["0 1 10 100"] PROBE [500]
+#   LIMITS ["1000000000/1m, 1000000000/1h"] (the windows of each quota)
 #   BUILD [1] (cargo build --release -p mailrelay first; honours CARGO_TARGET_DIR)
 #   RELAY_BIN [${CARGO_TARGET_DIR:-target}/release/mailrelay]
 #   QUIET_BUSY [25] QUIET_WAIT [30] (wait for a quiet second before each rep)
@@ -45,6 +46,7 @@ SIZE=${SIZE:-1024}
 REPS=${REPS:-3}
 QUOTAS=${QUOTAS:-"0 1 10 100"}
 PROBE=${PROBE:-500}
+LIMITS=${LIMITS:-"1000000000/1m, 1000000000/1h"}
 BUILD=${BUILD:-1}
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 RELAY_BIN=${RELAY_BIN:-$TARGET/release/mailrelay}
@@ -110,7 +112,7 @@ config() {  # config Q -> path
     if [ "$q" -gt 0 ]; then
       echo "quotas:"
       for i in $(seq 1 "$q"); do
-        echo "  - {name: q$i, direction: ingress, match: {senders: ['*@example.com']}, limits: [1000000000/1m, 1000000000/1h]}"
+        echo "  - {name: q$i, direction: ingress, match: {senders: ['*@example.com']}, limits: [$LIMITS]}"
       done
     fi
   } >"$f"
@@ -167,9 +169,9 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 REDIS_VERSION=$(redis-server --version | awk '{print $3}')
 GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 
-python3 - "$WORK/runs.jsonl" "$N" "$SESSIONS" "$SIZE" "$REPS" "$PROBE" "$LOAD_BEFORE" "$LOAD_AFTER" "$UPTIME_BEFORE" "$REDIS_VERSION" "$GIT_REV" <<'EOF' | tee "$WORK/report.md"
+python3 - "$WORK/runs.jsonl" "$N" "$SESSIONS" "$SIZE" "$REPS" "$PROBE" "$LOAD_BEFORE" "$LOAD_AFTER" "$UPTIME_BEFORE" "$REDIS_VERSION" "$GIT_REV" "$LIMITS" <<'EOF' | tee "$WORK/report.md"
 import json, statistics, sys, time
-path, n, sessions, size, reps, probe, lb, la, up, rv, rev = sys.argv[1:]
+path, n, sessions, size, reps, probe, lb, la, up, rv, rev, limits = sys.argv[1:]
 rows = [json.loads(l) for l in open(path)]
 qs = sorted({r["quotas"] for r in rows})
 def med(xs): return statistics.median(xs) if xs else float("nan")
@@ -177,7 +179,8 @@ base = med([r["msg_s"] for r in rows if r["quotas"] == 0 and r["ok"]])
 base_p50 = med([r["probe"]["p50_ms"] for r in rows if r["quotas"] == 0 and r["ok"]])
 print(f"## bench/quota.sh — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n")
 print(f"mailrelay {rev} (release), Redis {rv} (AOF everysec), Redis queue; smtp-source -s {sessions} -m {n} -l {size}, "
-      f"one message per session; {reps} reps per row (median [min-max]); latency probe: {probe} sequential messages in one session.")
+      f"one message per session; {reps} reps per row (median [min-max]); latency probe: {probe} sequential messages in one session. "
+      f"Each quota: `limits: [{limits}]`, matching every message (per sender).")
 print(f"Load average before / after: {lb} / {la} (`uptime` before: {up.strip()}).\n")
 print("| matching quotas | ok/runs | accept msg/s | vs 0 quotas | Redis EVALSHA per msg | quota check (mean, µs) | "
       "MAIL→final reply p50 / p99 (ms) | added p50 (ms) | CPU ms/msg relay+redis | pre-busy % max |")

@@ -62,11 +62,12 @@ fn main() -> std::process::ExitCode {
         Command::CheckConfig { file } => match load_config(Some(&file)) {
             Ok(cfg) => {
                 println!(
-                    "{}: ok ({} listener(s), {:?} queue, {} relay network(s))",
+                    "{}: ok ({} listener(s), {:?} queue, {} relay network(s), {} quota(s))",
                     file.display(),
                     cfg.listeners.len(),
                     cfg.queue.effective_backend(),
-                    cfg.relay_networks.len()
+                    cfg.relay_networks.len(),
+                    cfg.quotas.len()
                 );
                 Ok(())
             }
