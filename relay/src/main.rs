@@ -11,7 +11,6 @@ use tracing::info;
 use mailrelay::admin::{self, AdminState, Metrics};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
 use mailrelay::delivery::scheduler::Delivery;
-use mailrelay::queue::redis::SharedRedis;
 use mailrelay::queue::{EmbeddedQueue, Queue, QueueOptions, RedisQueue};
 use mailrelay::quota::{self, Quotas};
 use mailrelay::server::{self, Shared, tls::TlsSource, users::UsersSource};
@@ -104,8 +103,11 @@ fn init_logging(cfg: &RelayConfig) {
     }
 }
 
-/// The queue, and its Redis connection when it has one (the quota counters share it).
-async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<(Arc<dyn Queue>, Option<SharedRedis>)> {
+/// The queue, and the Redis queue itself when it is one (the quota counters share
+/// its connection).
+async fn open_queue(
+    cfg: &RelayConfig,
+) -> anyhow::Result<(Arc<dyn Queue>, Option<Arc<RedisQueue>>)> {
     Ok(match cfg.queue.effective_backend() {
         QueueBackendKind::Embedded => {
             let path = cfg.queue.path.clone();
@@ -123,11 +125,12 @@ async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<(Arc<dyn Queue>, Option
                 .redis
                 .as_ref()
                 .context("queue.redis is not configured")?;
-            let q = RedisQueue::connect_with(rcfg, queue_options(cfg))
-                .await
-                .context("connecting to Redis")?;
-            let shared = q.shared();
-            (Arc::new(q), Some(shared))
+            let q = Arc::new(
+                RedisQueue::connect_with(rcfg, queue_options(cfg))
+                    .await
+                    .context("connecting to Redis")?,
+            );
+            (Arc::clone(&q) as Arc<dyn Queue>, Some(q))
         }
     })
 }
@@ -135,12 +138,12 @@ async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<(Arc<dyn Queue>, Option
 /// Quota counters live where the queue does: in Redis beside it, or in this process.
 async fn open_quotas(
     cfg: &RelayConfig,
-    redis: Option<SharedRedis>,
+    redis: Option<Arc<RedisQueue>>,
     metrics: &Metrics,
 ) -> anyhow::Result<Arc<Quotas>> {
     let store: Arc<dyn quota::store::CounterStore> = match redis {
-        Some(r) => Arc::new(
-            quota::redis::RedisCounters::new(r)
+        Some(q) => Arc::new(
+            quota::redis::RedisCounters::with_queue(q)
                 .await
                 .context("loading the quota scripts into Redis")?,
         ),

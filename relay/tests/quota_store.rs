@@ -255,3 +255,78 @@ async fn one_check_of_several_quotas_works_in_a_cluster() {
     let active = redis.active_keys("per-sender", w[0], None).await.unwrap();
     assert_eq!(active, vec![("alice@a.test".to_owned(), 2)]);
 }
+
+fn message(n: usize) -> mailrelay::queue::QueuedMessage {
+    use mailrelay::queue::{ClientInfo, Envelope, MailParams, QueueId, QueuedMessage, Recipient};
+    QueuedMessage {
+        envelope: Envelope {
+            id: QueueId::generate(),
+            mail: MailParams {
+                from: "sender@a.test".into(),
+                ..MailParams::default()
+            },
+            recipients: vec![Recipient {
+                address: "r@b.test".into(),
+                notify: None,
+                orcpt: None,
+            }],
+            client: ClientInfo {
+                ip: "192.0.2.1".parse().unwrap(),
+                port: 1,
+                helo: "c.test".into(),
+                auth_user: None,
+                tls: None,
+                listener: "smtp".into(),
+            },
+            received_at_ms: mailrelay::queue::now_ms(),
+            received_by: "relay.test".into(),
+        },
+        body: format!("Subject: {n}\r\n\r\nhi\r\n").into_bytes(),
+    }
+}
+
+/// With the queue at hand, the check and the enqueue are one script call: a
+/// message is stored if and only if it was charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_enqueue_in_one_round_trip() {
+    use mailrelay::queue::Queue;
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let queue = Arc::new(RedisQueue::connect(&server.config("qt")).await.unwrap());
+    let store = RedisCounters::with_queue(Arc::clone(&queue)).await.unwrap();
+    let windows = [WindowSpec::new(3, 3_600_000)];
+    let reqs = [
+        req("tenant", "sender@a.test", 1, &windows),
+        req("all", "*", 1, &[WindowSpec::new(100, 60_000)]),
+    ];
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    let mut stored = Vec::new();
+    for n in 0..5 {
+        let msg = message(n);
+        let o = store
+            .check_charge_enqueue(&reqs, &msg)
+            .expect("standalone Redis checks and enqueues at once")
+            .await
+            .unwrap();
+        assert_eq!(o.allowed, n < 3, "message {n}");
+        let in_queue = queue.get(&msg.envelope.id).await.unwrap();
+        assert_eq!(in_queue.is_some(), o.allowed, "stored iff charged");
+        if o.allowed {
+            stored.push(msg.envelope.id.clone());
+        } else {
+            assert_eq!(o.checks[0][0].used, 3);
+            assert_eq!(
+                o.checks[1][0].used, 3,
+                "the shared quota was not charged either"
+            );
+        }
+    }
+    assert_eq!(calls(&server, "evalsha"), 5, "one round trip per message");
+    assert_eq!(queue.stats().await.unwrap().messages, 3);
+    let u = store
+        .usage("all", &["*".into()], &[WindowSpec::new(100, 60_000)], None)
+        .await
+        .unwrap();
+    assert_eq!(u.keys[0][0].used, 3);
+}

@@ -57,6 +57,11 @@ pub enum Admission {
         /// `defer` quotas the message falls under: it waits in the queue for them.
         held: Vec<String>,
     },
+    /// Checked, charged and stored in the queue in one atomic call (standalone
+    /// Redis): nothing is left to do but answer `250`.
+    Queued {
+        held: Vec<String>,
+    },
     Refuse(Refusal),
 }
 
@@ -288,13 +293,22 @@ impl Quotas {
 
     /// One check-and-charge against the store, timed and counted.
     async fn charge(&self, reqs: &[ChargeRequest]) -> Result<ChargeOutcome, StoreError> {
+        self.timed(reqs, self.store.check_and_charge(reqs, None))
+            .await
+    }
+
+    /// Runs a check (alone, or with the enqueue), bounded by the timeout; counts
+    /// it, and learns from its answer.
+    async fn timed(
+        &self,
+        reqs: &[ChargeRequest],
+        fut: StoreFuture<'_, ChargeOutcome>,
+    ) -> Result<ChargeOutcome, StoreError> {
         let started = Instant::now();
-        let result =
-            match tokio::time::timeout(self.timeout, self.store.check_and_charge(reqs, None)).await
-            {
-                Ok(r) => r,
-                Err(_) => Err(StoreError::Timeout(self.timeout)),
-            };
+        let result = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
         let elapsed = started.elapsed();
         match &result {
             Ok(o) if o.allowed => self.metrics.check("allowed", Some(elapsed)),
@@ -402,6 +416,13 @@ impl Quotas {
             }
         }
         let reqs: Vec<ChargeRequest> = reject.iter().map(|a| request(&set, a)).collect();
+        if let Some(fut) = self.store.check_charge_enqueue(&reqs, msg) {
+            return match self.timed(&reqs, fut).await {
+                Ok(o) if o.allowed => Admission::Queued { held },
+                Ok(o) => self.refused(self.denial(&set, &reject, &o, now_ms())),
+                Err(_) => Admission::Refuse(ingress::unavailable()),
+            };
+        }
         match self.charge(&reqs).await {
             Ok(o) if o.allowed => Admission::Accept {
                 charged: Some(Charged { reqs, at: o.now }),

@@ -5,9 +5,15 @@
 //!
 //! [`CHARGE_LUA`] checks every window of every quota a message falls under and, only
 //! if all fit, charges them all: one `EVALSHA`, atomic, whatever the number of
-//! quotas. The clock is Redis `TIME`, so relays with skewed clocks still share one
-//! window. Plain Redis (no modules), 5.0 or later (scripts that read `TIME` before
-//! writing need effects replication, the default since 5.0).
+//! quotas. With a standalone Redis it runs inside the queue's enqueue script
+//! ([`RedisCounters::with_queue`]): checking, charging and storing a message is then
+//! one round trip, the same as storing it without quotas, and a message is charged
+//! if and only if it is stored. (In Redis Cluster the counters and the message are
+//! in different slots: the check is its own round trip before the enqueue.)
+//!
+//! The clock is Redis `TIME`, so relays with skewed clocks still share one window.
+//! Plain Redis (no modules), 5.0 or later (scripts that read `TIME` before writing
+//! need effects replication, the default since 5.0).
 //!
 //! # Keys
 //!
@@ -43,6 +49,7 @@
 //! until those keys go quiet.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use redis::Script;
 
@@ -51,7 +58,8 @@ use super::store::{
     StoreFuture, UsageReport,
 };
 use super::window::{WindowCheck, WindowSpec};
-use crate::queue::redis::SharedRedis;
+use crate::queue::QueuedMessage;
+use crate::queue::redis::{EnqueueGuard, RedisQueue, SharedRedis};
 
 /// Helpers shared by the scripts (prepended to each).
 const COMMON_LUA: &str = r#"
@@ -102,9 +110,11 @@ local function frees(key, sf, lo, cb, cv, W, b, need)
 end
 "#;
 
-/// Check and charge; the Rust twin is [`super::window::WindowState`]. Written for
-/// speed (it runs once per message, over every window of every matching quota):
-/// per-window state in flat arrays, per key one `HMGET` and one `HSET`.
+/// Check and charge, as the body of `local function guard(KEYS, ARGV)` (so that it
+/// can run alone, or before an enqueue in the same call: see [`RedisCounters`]);
+/// the Rust twin is [`super::window::WindowState`]. Written for speed (it runs once
+/// per message, over every window of every matching quota): per-window state in flat
+/// arrays, per key one `HMGET` and one `HSET`.
 pub const CHARGE_LUA: &str = r#"
 -- KEYS: one counter hash per key group, then the key index
 -- ARGV: now ('' = Redis TIME), the numbers, then the strings. The numbers are
@@ -112,8 +122,9 @@ pub const CHARGE_LUA: &str = r#"
 --   count, then per group: ttl ms, request count, then per request: cost, window
 --   count, then per window: limit, window ms, bucket ms. The strings: per group
 --   the key, then per window its state field name (`<quota>:<window ms>`).
--- Returns little-endian doubles: allowed (1/0), now, then per group, request and
---   window: used, retry_at (0 fits, -1 never), free_at (0 when a unit is free)
+-- Returns whether all fit, and little-endian doubles: allowed (1/0), now, then per
+--   group, request and window: used, retry_at (0 fits, -1 never), free_at (0 when a
+--   unit is free)
 local index = KEYS[#KEYS]
 local num, pos = ARGV[2], 1
 local ngroups
@@ -267,7 +278,7 @@ for g = 1, ngroups do
     no = no + 3
   end
 end
-return pack('<' .. string.rep('d', no), unpack(out))
+return allowed, pack('<' .. string.rep('d', no), unpack(out))
 "#;
 
 const REFUND_LUA: &str = r#"
@@ -362,6 +373,11 @@ end
 return out
 "#;
 
+/// The check as a Lua function `guard(KEYS, ARGV)` returning `allowed, reply`.
+fn guard_lua() -> String {
+    format!("local function guard(KEYS, ARGV)\n{COMMON_LUA}{CHARGE_LUA}\nend\n")
+}
+
 /// Quota windows one check may cover: the script hands each key's fields to one
 /// `HMGET` and packs its reply in one call, both bounded by Lua's stack (8000).
 pub const MAX_WINDOWS_PER_CHECK: usize = 2000;
@@ -386,12 +402,16 @@ pub fn index_key(prefix: &str) -> String {
     format!("{}:keys", tag(prefix))
 }
 
+/// The counters in Redis. With the queue at hand ([`RedisCounters::with_queue`], a
+/// standalone Redis), a message's check and its enqueue are one atomic script call:
+/// one round trip per message, and a message is charged if and only if it is stored.
 pub struct RedisCounters {
     redis: SharedRedis,
     charge: Script,
     refund: Script,
     usage: Script,
     active: Script,
+    queue: Option<(Arc<RedisQueue>, EnqueueGuard)>,
 }
 
 impl std::fmt::Debug for RedisCounters {
@@ -412,15 +432,33 @@ impl RedisCounters {
     pub async fn new(redis: SharedRedis) -> Result<Self, StoreError> {
         let script = |body: &str| Script::new(&format!("{COMMON_LUA}{body}"));
         let store = RedisCounters {
-            charge: script(CHARGE_LUA),
+            charge: Script::new(&format!(
+                "{}local _, reply = guard(KEYS, ARGV)\nreturn reply\n",
+                guard_lua()
+            )),
             refund: script(REFUND_LUA),
             usage: script(USAGE_LUA),
             active: script(ACTIVE_LUA),
             redis,
+            queue: None,
         };
         for s in [&store.charge, &store.refund, &store.usage, &store.active] {
             store.redis.load(s).await.map_err(unavailable)?;
         }
+        Ok(store)
+    }
+
+    /// [`RedisCounters::new`] on `queue`'s connection, checking and enqueueing a
+    /// message in one call where Redis allows it (not in Redis Cluster, where the
+    /// counters and the message live in different slots: there the check is its own
+    /// round trip before the enqueue).
+    pub async fn with_queue(queue: Arc<RedisQueue>) -> Result<Self, StoreError> {
+        let mut store = Self::new(queue.shared()).await?;
+        let guard = queue
+            .enqueue_guard(&guard_lua())
+            .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        store.queue = guard.map(|g| (queue, g));
         Ok(store)
     }
 
@@ -459,6 +497,105 @@ fn groups(reqs: &[ChargeRequest]) -> Vec<(&str, Vec<usize>)> {
     out
 }
 
+/// The keys and arguments of one check (see [`CHARGE_LUA`]).
+struct ChargeCall<'r> {
+    groups: Vec<(&'r str, Vec<usize>)>,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl RedisCounters {
+    fn charge_call<'r>(
+        &self,
+        reqs: &'r [ChargeRequest],
+        at: Option<u64>,
+    ) -> Result<ChargeCall<'r>, StoreError> {
+        let windows: usize = reqs.iter().map(|r| r.windows.len()).sum();
+        if windows > MAX_WINDOWS_PER_CHECK {
+            return Err(StoreError::Unavailable(format!(
+                "one message falls under {windows} quota windows; at most {MAX_WINDOWS_PER_CHECK} can be checked at once"
+            )));
+        }
+        let groups = groups(reqs);
+        let mut num: Vec<u8> =
+            Vec::with_capacity(8 * (1 + 2 * reqs.len() + 2 * groups.len() + 3 * windows));
+        let mut put = |v: u64| num.extend_from_slice(&(v as f64).to_le_bytes());
+        put(groups.len() as u64);
+        let mut keys = Vec::with_capacity(groups.len() + 1);
+        let mut strings: Vec<Vec<u8>> = Vec::with_capacity(groups.len() + windows);
+        for (key, members) in &groups {
+            let ttl = members
+                .iter()
+                .map(|&i| reqs[i].index_ttl_ms())
+                .max()
+                .unwrap_or(1);
+            keys.push(counter_key(self.prefix(), key));
+            put(ttl);
+            put(members.len() as u64);
+            strings.push(key.as_bytes().to_vec());
+            for &i in members {
+                let r = &reqs[i];
+                put(r.cost);
+                put(r.windows.len() as u64);
+                for w in &r.windows {
+                    put(w.limit);
+                    put(w.window_ms);
+                    put(w.bucket_ms);
+                    strings.push(state_field(&r.quota, w).into_bytes());
+                }
+            }
+        }
+        keys.push(index_key(self.prefix()));
+        let mut args = Vec::with_capacity(2 + strings.len());
+        args.push(at_arg(at).into_bytes());
+        args.push(num);
+        args.extend(strings);
+        Ok(ChargeCall { groups, keys, args })
+    }
+}
+
+/// Reads the packed reply of [`CHARGE_LUA`] back into request order.
+fn parse_outcome(
+    reqs: &[ChargeRequest],
+    groups: &[(&str, Vec<usize>)],
+    blob: &[u8],
+) -> Result<ChargeOutcome, StoreError> {
+    let expected = 2 + 3 * reqs.iter().map(|r| r.windows.len()).sum::<usize>();
+    if blob.len() != 8 * expected {
+        return Err(StoreError::Corrupt(format!(
+            "charge reply has {} bytes, expected {}",
+            blob.len(),
+            8 * expected
+        )));
+    }
+    let mut it = blob
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as i64);
+    let mut next = || it.next().expect("length checked");
+    let allowed = next() == 1;
+    let now = next().max(0) as u64;
+    let mut checks = vec![Vec::new(); reqs.len()];
+    for (_, members) in groups {
+        for &i in members {
+            for _ in &reqs[i].windows {
+                let used = next().max(0) as u64;
+                let retry = next();
+                let free = next().max(0) as u64;
+                checks[i].push(WindowCheck {
+                    used,
+                    retry_at: (retry >= 0).then_some(retry as u64),
+                    free_at: free,
+                });
+            }
+        }
+    }
+    Ok(ChargeOutcome {
+        allowed,
+        now,
+        checks,
+    })
+}
+
 impl CounterStore for RedisCounters {
     fn backend(&self) -> &'static str {
         "redis"
@@ -470,86 +607,33 @@ impl CounterStore for RedisCounters {
         at: Option<u64>,
     ) -> StoreFuture<'a, ChargeOutcome> {
         Box::pin(async move {
-            let windows: usize = reqs.iter().map(|r| r.windows.len()).sum();
-            if windows > MAX_WINDOWS_PER_CHECK {
-                return Err(StoreError::Unavailable(format!(
-                    "one message falls under {windows} quota windows; at most {MAX_WINDOWS_PER_CHECK} can be checked at once"
-                )));
-            }
-            let groups = groups(reqs);
-            let mut num: Vec<u8> = Vec::with_capacity(
-                8 * (1
-                    + 2 * reqs.len()
-                    + 4 * groups.len()
-                    + 3 * reqs.iter().map(|r| r.windows.len()).sum::<usize>()),
-            );
-            let mut put = |v: u64| num.extend_from_slice(&(v as f64).to_le_bytes());
-            put(groups.len() as u64);
-            let mut strings: Vec<String> = Vec::new();
+            let call = self.charge_call(reqs, at)?;
             let mut inv = self.charge.prepare_invoke();
-            for (key, members) in &groups {
-                let ttl = members
-                    .iter()
-                    .map(|&i| reqs[i].index_ttl_ms())
-                    .max()
-                    .unwrap_or(1);
-                inv.key(counter_key(self.prefix(), key));
-                put(ttl);
-                put(members.len() as u64);
-                strings.push((*key).to_owned());
-                for &i in members {
-                    let r = &reqs[i];
-                    put(r.cost);
-                    put(r.windows.len() as u64);
-                    for w in &r.windows {
-                        put(w.limit);
-                        put(w.window_ms);
-                        put(w.bucket_ms);
-                        strings.push(state_field(&r.quota, w));
-                    }
-                }
+            for k in &call.keys {
+                inv.key(k);
             }
-            inv.key(index_key(self.prefix()));
-            inv.arg(at_arg(at)).arg(num);
-            for s in &strings {
-                inv.arg(s);
+            for a in &call.args {
+                inv.arg(a.as_slice());
             }
             let blob: Vec<u8> = self.redis.invoke(&inv).await.map_err(unavailable)?;
-            let expected = 2 + 3 * reqs.iter().map(|r| r.windows.len()).sum::<usize>();
-            if blob.len() != 8 * expected {
-                return Err(StoreError::Corrupt(format!(
-                    "charge reply has {} bytes, expected {}",
-                    blob.len(),
-                    8 * expected
-                )));
-            }
-            let mut it = blob
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as i64);
-            let mut next = || it.next().expect("length checked");
-            let allowed = next() == 1;
-            let now = next().max(0) as u64;
-            let mut checks = vec![Vec::new(); reqs.len()];
-            for (_, members) in &groups {
-                for &i in members {
-                    for _ in &reqs[i].windows {
-                        let used = next().max(0) as u64;
-                        let retry = next();
-                        let free = next().max(0) as u64;
-                        checks[i].push(WindowCheck {
-                            used,
-                            retry_at: (retry >= 0).then_some(retry as u64),
-                            free_at: free,
-                        });
-                    }
-                }
-            }
-            Ok(ChargeOutcome {
-                allowed,
-                now,
-                checks,
-            })
+            parse_outcome(reqs, &call.groups, &blob)
         })
+    }
+
+    fn check_charge_enqueue<'a>(
+        &'a self,
+        reqs: &'a [ChargeRequest],
+        msg: &'a QueuedMessage,
+    ) -> Option<StoreFuture<'a, ChargeOutcome>> {
+        let (queue, guard) = self.queue.as_ref()?;
+        Some(Box::pin(async move {
+            let call = self.charge_call(reqs, None)?;
+            let (_, blob) = queue
+                .enqueue_guarded(msg, guard, &call.keys, &call.args)
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            parse_outcome(reqs, &call.groups, &blob)
+        }))
     }
 
     fn refund<'a>(&'a self, reqs: &'a [ChargeRequest], charged_at: u64) -> StoreFuture<'a, ()> {

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use super::window::{WindowCheck, WindowSpec};
+use crate::queue::QueuedMessage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -87,6 +88,19 @@ pub trait CounterStore: Send + Sync + 'static {
         reqs: &'a [ChargeRequest],
         at: Option<u64>,
     ) -> StoreFuture<'a, ChargeOutcome>;
+
+    /// Checks and charges `reqs` and, only if all fit, stores `msg` in the queue,
+    /// atomically in one round trip: when the store shares the queue's connection and
+    /// the queue allows it (standalone Redis). `None` when it cannot: then the caller
+    /// checks, and enqueues after.
+    fn check_charge_enqueue<'a>(
+        &'a self,
+        reqs: &'a [ChargeRequest],
+        msg: &'a QueuedMessage,
+    ) -> Option<StoreFuture<'a, ChargeOutcome>> {
+        let _ = (reqs, msg);
+        None
+    }
 
     /// Takes back a charge made at `charged_at` (the outcome's `now`), as far as
     /// its units still count.

@@ -351,8 +351,19 @@ impl Conn {
                         step = session.auth_result(username, ok);
                     }
                     Step::CheckQuota(msg) => {
-                        let refusal = self.check_quota(&msg).await;
-                        step = session.quota_result(msg, refusal);
+                        let started = Instant::now();
+                        match self.check_quota(&msg).await {
+                            QuotaStep::Checked(refusal) => {
+                                step = session.quota_result(msg, refusal);
+                            }
+                            QuotaStep::Queued => {
+                                // Checked and stored in one call: the write is done.
+                                self.note_write(&msg, true, started.elapsed());
+                                let r = session.enqueue_result(&msg.envelope.id, true);
+                                self.push(&r);
+                                break;
+                            }
+                        }
                     }
                     Step::Enqueue(msg) => {
                         let r = self.enqueue(session, *msg).await;
@@ -440,24 +451,48 @@ impl Conn {
     }
 
     /// The authoritative quota check of a complete message (one counter-store round
-    /// trip); keeps the charge for a refund should the queue write fail.
-    async fn check_quota(
-        &mut self,
-        msg: &crate::queue::QueuedMessage,
-    ) -> Option<crate::quota::Refusal> {
-        let quotas = self.shared.quotas.as_ref()?;
+    /// trip, which with standalone Redis also stores the message); keeps the charge
+    /// for a refund should a separate queue write fail.
+    async fn check_quota(&mut self, msg: &crate::queue::QueuedMessage) -> QuotaStep {
+        let Some(quotas) = self.shared.quotas.as_ref() else {
+            return QuotaStep::Checked(None);
+        };
+        let held = |held: &[String]| {
+            if !held.is_empty() {
+                info!(queue_id = %msg.envelope.id, quotas = %held.join(","), "accepted; held by quota until its window allows");
+            }
+        };
         match quotas.admit(msg).await {
-            crate::quota::Admission::Accept { charged, held } => {
-                if !held.is_empty() {
-                    info!(queue_id = %msg.envelope.id, quotas = %held.join(","), "accepted; held by quota until its window allows");
-                }
+            crate::quota::Admission::Accept { charged, held: h } => {
+                held(&h);
                 self.charged = charged;
-                None
+                QuotaStep::Checked(None)
+            }
+            crate::quota::Admission::Queued { held: h } => {
+                held(&h);
+                QuotaStep::Queued
             }
             crate::quota::Admission::Refuse(r) => {
                 debug!(client = %msg.envelope.client.ip, from = %msg.envelope.mail.from, reply = %r.reply, "refused by quota");
-                Some(r)
+                QuotaStep::Checked(Some(r))
             }
+        }
+    }
+
+    /// Metrics of a queue write, and the `queued` log line when it stored the message.
+    fn note_write(&self, msg: &crate::queue::QueuedMessage, stored: bool, elapsed: Duration) {
+        self.shared.metrics.queue_write(elapsed, stored);
+        if stored {
+            self.shared.metrics.accepted(msg.body.len() as u64);
+            info!(
+                queue_id = %msg.envelope.id,
+                from = %msg.envelope.mail.from,
+                nrcpt = msg.envelope.recipients.len(),
+                size = msg.body.len(),
+                client = %msg.envelope.client.ip,
+                tls = msg.envelope.client.tls.is_some(),
+                "queued"
+            );
         }
     }
 
@@ -468,20 +503,9 @@ impl Conn {
         let result = tokio::time::timeout(limit, self.shared.queue.enqueue(&msg)).await;
         let elapsed = started.elapsed();
         let stored = matches!(result, Ok(Ok(())));
-        self.shared.metrics.queue_write(elapsed, stored);
+        self.note_write(&msg, stored, elapsed);
         match &result {
-            Ok(Ok(())) => {
-                self.shared.metrics.accepted(msg.body.len() as u64);
-                info!(
-                    queue_id = %id,
-                    from = %msg.envelope.mail.from,
-                    nrcpt = msg.envelope.recipients.len(),
-                    size = msg.body.len(),
-                    client = %msg.envelope.client.ip,
-                    tls = msg.envelope.client.tls.is_some(),
-                    "queued"
-                );
-            }
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.shared.metrics.rejected("queue_unavailable");
                 warn!(queue_id = %id, error = %e, "queue write failed; answered 451");
@@ -501,6 +525,14 @@ impl Conn {
         self.charged = None;
         session.enqueue_result(&id, stored)
     }
+}
+
+/// What the quota check of a complete message left to do.
+enum QuotaStep {
+    /// Checked (and charged if allowed); the session decides, the queue write follows.
+    Checked(Option<crate::quota::Refusal>),
+    /// Checked, charged and already queued in the same call.
+    Queued,
 }
 
 /// TLS details for sessions that start inside TLS (implicit TLS listeners).
