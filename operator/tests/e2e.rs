@@ -256,7 +256,6 @@ async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Value {
 
 /// The example `payments` quota allows 100 messages a minute per AUTH user.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs ingress quota enforcement (branch quotain)"]
 async fn the_example_ingress_quota_refuses_the_101st_message() {
     let ex = start_example().await;
     let codes = smtplib_send_many(

@@ -161,7 +161,7 @@ async fn start_relay(smarthost_port: u16) -> RealRelay {
         Arc::clone(&metrics),
     )
     .expect("start delivery");
-    let shared = Shared::new(cfg, queue, metrics, None, None);
+    let shared = Shared::new(cfg, queue, metrics, None, None, None);
     tokio::spawn(server::serve(
         shared,
         listeners,

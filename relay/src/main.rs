@@ -13,6 +13,7 @@ use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
 use mailrelay::delivery::scheduler::Delivery;
 use mailrelay::queue::{EmbeddedQueue, Queue, QueueOptions, RedisQueue};
 use mailrelay::quota::egress::Egress;
+use mailrelay::quota::{self, Quotas};
 use mailrelay::server::{self, Shared, tls::TlsSource, users::UsersSource};
 
 #[derive(Parser)]
@@ -42,6 +43,8 @@ enum Command {
     },
     /// Inspect and act on the queue of a running relay through its admin API.
     Queue(mailrelay::cli::queue::QueueArgs),
+    /// Show send quota usage of a running relay through its admin API.
+    Quota(mailrelay::cli::quota::QuotaArgs),
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
@@ -59,23 +62,25 @@ fn main() -> std::process::ExitCode {
         Command::CheckConfig { file } => match load_config(Some(&file)) {
             Ok(cfg) => {
                 println!(
-                    "{}: ok ({} listener(s), {:?} queue, {} relay network(s))",
+                    "{}: ok ({} listener(s), {:?} queue, {} relay network(s), {} quota(s))",
                     file.display(),
                     cfg.listeners.len(),
                     cfg.queue.effective_backend(),
-                    cfg.relay_networks.len()
+                    cfg.relay_networks.len(),
+                    cfg.quotas.len()
                 );
                 Ok(())
             }
             Err(e) => Err(e),
         },
         Command::Queue(args) => return mailrelay::cli::queue::run(args),
+        Command::Quota(args) => return mailrelay::cli::quota::run(args),
         Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(serve(cfg))
+                .block_on(serve(cfg, config))
         }),
     };
     match result {
@@ -99,7 +104,11 @@ fn init_logging(cfg: &RelayConfig) {
     }
 }
 
-async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<Arc<dyn Queue>> {
+/// The queue, and the Redis queue itself when it is one (the quota counters share
+/// its connection).
+async fn open_queue(
+    cfg: &RelayConfig,
+) -> anyhow::Result<(Arc<dyn Queue>, Option<Arc<RedisQueue>>)> {
     Ok(match cfg.queue.effective_backend() {
         QueueBackendKind::Embedded => {
             let path = cfg.queue.path.clone();
@@ -109,7 +118,7 @@ async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<Arc<dyn Queue>> {
                 .with_context(|| {
                     format!("opening the embedded queue in {}", cfg.queue.path.display())
                 })?;
-            Arc::new(q)
+            (Arc::new(q), None)
         }
         QueueBackendKind::Redis => {
             let rcfg = cfg
@@ -117,13 +126,36 @@ async fn open_queue(cfg: &RelayConfig) -> anyhow::Result<Arc<dyn Queue>> {
                 .redis
                 .as_ref()
                 .context("queue.redis is not configured")?;
-            Arc::new(
+            let q = Arc::new(
                 RedisQueue::connect_with(rcfg, queue_options(cfg))
                     .await
                     .context("connecting to Redis")?,
-            )
+            );
+            (Arc::clone(&q) as Arc<dyn Queue>, Some(q))
         }
     })
+}
+
+/// Quota counters live where the queue does: in Redis beside it, or in this process.
+async fn open_quotas(
+    cfg: &RelayConfig,
+    redis: Option<Arc<RedisQueue>>,
+    metrics: &Metrics,
+) -> anyhow::Result<Arc<Quotas>> {
+    let store: Arc<dyn quota::store::CounterStore> = match redis {
+        Some(q) => Arc::new(
+            quota::redis::RedisCounters::with_queue(q)
+                .await
+                .context("loading the quota scripts into Redis")?,
+        ),
+        None => Arc::new(quota::embedded::EmbeddedCounters::new()),
+    };
+    Ok(Quotas::new(
+        &cfg.quotas,
+        store,
+        metrics.quota().clone(),
+        cfg.queue.write_timeout,
+    ))
 }
 
 fn queue_options(cfg: &RelayConfig) -> QueueOptions {
@@ -141,10 +173,18 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
+async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     init_logging(&cfg);
-    let queue = open_queue(&cfg).await?;
+    let (queue, redis) = open_queue(&cfg).await?;
     info!(backend = queue.backend(), hostname = %cfg.hostname, "queue open");
+    let metrics = Arc::new(Metrics::new());
+    let quotas = open_quotas(&cfg, redis, &metrics).await?;
+    info!(
+        backend = quotas.backend(),
+        quotas = cfg.quotas.len(),
+        "send quotas ready"
+    );
+    quota::reload::spawn(Arc::clone(&quotas), cfg.clone(), config_path);
     let tls = match &cfg.tls {
         Some(t) => {
             let src = TlsSource::load(t).context("loading the TLS certificate")?;
@@ -161,7 +201,6 @@ async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let metrics = Arc::new(Metrics::new());
     let draining = Arc::new(AtomicBool::new(false));
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let admin_task = match cfg.admin.address {
@@ -175,9 +214,14 @@ async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
                 metrics: Arc::clone(&metrics),
                 draining: Arc::clone(&draining),
             };
-            Some(tokio::spawn(admin::serve(listener, state, async move {
-                let _ = admin_stop_rx.await;
-            })))
+            Some(tokio::spawn(admin::serve_with(
+                listener,
+                state,
+                quota::admin::routes(Arc::clone(&quotas)),
+                async move {
+                    let _ = admin_stop_rx.await;
+                },
+            )))
         }
         None => None,
     };
@@ -185,15 +229,21 @@ async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
     let delivery = if cfg.delivery.enabled {
         let egress = Egress::from_config(&cfg)
             .await
-            .context("connecting egress pacing to its store")?;
+            .context("connecting egress pacing to its store")?
+            .with_metrics(metrics.egress().clone());
+        quotas.set_egress_usage(Arc::new(egress.clone()));
         info!(store = egress.backend(), "egress pacing ready");
         Some(
-            Delivery::start_with_egress(
+            Delivery::start_with(
                 Arc::clone(&queue),
                 cfg.delivery.clone(),
                 cfg.hostname.clone(),
                 Arc::clone(&metrics),
                 egress,
+                Some(Arc::new(quota::DeferGate::new(
+                    Arc::clone(&quotas),
+                    Arc::clone(&queue),
+                ))),
             )
             .context("starting delivery")?,
         )
@@ -202,7 +252,7 @@ async fn serve(cfg: RelayConfig) -> anyhow::Result<()> {
         None
     };
     let grace = cfg.shutdown_grace;
-    let shared = Shared::new(cfg, queue, metrics, tls, users);
+    let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
     let flag = Arc::clone(&draining);
     let (delivery_drain_tx, delivery_drain_rx) = tokio::sync::oneshot::channel();
     server::serve(shared, listeners, async move {

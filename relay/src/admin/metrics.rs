@@ -83,6 +83,8 @@ pub struct Metrics {
     delivery_recipients: Family<ResultLabels, Counter>,
     delivery_latency: Histogram,
     delivery_connections_active: Gauge,
+    quota: crate::quota::metrics::QuotaMetrics,
+    egress: crate::quota::egress::metrics::EgressMetrics,
 }
 
 impl Default for Metrics {
@@ -190,7 +192,12 @@ impl Metrics {
             "Open outbound SMTP connections",
             delivery_connections_active.clone(),
         );
+        let quota = crate::quota::metrics::QuotaMetrics::register(&mut registry);
+        let egress = crate::quota::egress::metrics::EgressMetrics::default();
+        egress.register(&mut registry);
         Metrics {
+            quota,
+            egress,
             registry,
             delivery_recipients,
             delivery_latency,
@@ -292,6 +299,16 @@ impl Metrics {
     /// Call once for every [`Metrics::outbound_connection_opened`].
     pub fn outbound_connection_closed(&self) {
         self.delivery_connections_active.dec();
+    }
+
+    /// Egress pacing (`mailrelay_egress_*`), handed to the delivery side's pacer.
+    pub fn egress(&self) -> &crate::quota::egress::metrics::EgressMetrics {
+        &self.egress
+    }
+
+    /// Quota checks, rejections and holds (`mailrelay_quota_*`).
+    pub fn quota(&self) -> &crate::quota::metrics::QuotaMetrics {
+        &self.quota
     }
 
     /// The complete OpenMetrics exposition (ending in `# EOF`).

@@ -53,7 +53,17 @@ pub async fn serve(
     state: AdminState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    serve_with(listener, state, Router::new(), shutdown).await
+}
+
+/// [`serve`], with more routes (the quota API) merged in.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    extra: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state).merge(extra))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -166,12 +166,12 @@ pub async fn execute(args: &QueueArgs) -> Result<String, String> {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, String> {
+pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, String> {
     serde_json::from_str(body).map_err(|e| format!("unexpected answer from the admin API: {e}"))
 }
 
 /// Percent-encodes everything but unreserved characters.
-fn encode(s: &str) -> String {
+pub(crate) fn encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
@@ -185,19 +185,19 @@ fn encode(s: &str) -> String {
 
 /// `http://host:port` of the admin API.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Endpoint {
+pub(crate) struct Endpoint {
     url: String,
     host: String,
 }
 
-struct HttpResponse {
+pub(crate) struct HttpResponse {
     status: u16,
     body: String,
 }
 
 impl HttpResponse {
     /// The body of a 2xx answer, else the API's `error` message.
-    fn ok(self) -> Result<String, String> {
+    pub(crate) fn ok(self) -> Result<String, String> {
         if (200..300).contains(&self.status) {
             return Ok(self.body);
         }
@@ -210,7 +210,7 @@ impl HttpResponse {
 }
 
 impl Endpoint {
-    fn parse(url: &str) -> Result<Endpoint, String> {
+    pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
         let rest = url.strip_prefix("http://").ok_or_else(|| {
             format!("admin URL {url:?} must start with http:// (the admin API has no TLS)")
         })?;
@@ -229,7 +229,7 @@ impl Endpoint {
         })
     }
 
-    async fn request(&self, method: &str, path: &str) -> Result<HttpResponse, String> {
+    pub(crate) async fn request(&self, method: &str, path: &str) -> Result<HttpResponse, String> {
         match tokio::time::timeout(TIMEOUT, self.exchange(method, path)).await {
             Ok(r) => r,
             Err(_) => Err(format!(

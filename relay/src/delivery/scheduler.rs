@@ -140,6 +140,8 @@ struct Inner {
     running: AtomicUsize,
     stopping: AtomicBool,
     wake: Notify,
+    /// Sees leased mail before delivery (ingress `defer` quotas hold some back).
+    hook: Option<Arc<dyn crate::quota::DispatchHook>>,
 }
 
 /// One leased message and what is left to do for it in this round.
@@ -177,16 +179,18 @@ impl Delivery {
         metrics: Arc<Metrics>,
     ) -> Result<Self, DeliveryError> {
         let egress = Egress::embedded(&[], cfg.lease);
-        Self::start_with_egress(queue, cfg, hostname, metrics, egress)
+        Self::start_with(queue, cfg, hostname, metrics, egress, None)
     }
 
-    /// [`Delivery::start`] with the given egress pacing (quotas and shared store).
-    pub fn start_with_egress(
+    /// [`Delivery::start`] with egress pacing (quotas and their shared store) and a
+    /// dispatch hook that sees every leased batch first (ingress `defer` quotas).
+    pub fn start_with(
         queue: Arc<dyn Queue>,
         cfg: DeliveryConfig,
         hostname: String,
         metrics: Arc<Metrics>,
         egress: Egress,
+        hook: Option<Arc<dyn crate::quota::DispatchHook>>,
     ) -> Result<Self, DeliveryError> {
         let resolver = MxResolver::new(&cfg.dns)?.with_local_names([hostname.clone()]);
         let mx_tls = load_tls(cfg.ca_file.as_deref())?;
@@ -251,6 +255,7 @@ impl Delivery {
             running: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             wake: Notify::new(),
+            hook,
         });
         let main = tokio::spawn(Arc::clone(&inner).run());
         let renewer = tokio::spawn(Arc::clone(&inner).renew_loop());
@@ -336,6 +341,10 @@ impl Inner {
                 continue;
             }
             debug!(count = leased.len(), "leased due mail");
+            let leased = match &self.hook {
+                Some(hook) => hook.admit(leased).await,
+                None => leased,
+            };
             self.dispatch(leased);
         }
     }

@@ -407,6 +407,88 @@ pub struct RedisQueue {
     next_shard: AtomicUsize,
 }
 
+/// The queue's Redis connection, lent to stores that keep their data beside the
+/// queue (quota counters): the same server or cluster and key prefix, the same
+/// reconnection, and errors with the same secrets redacted. Cheap to clone.
+#[derive(Clone)]
+pub struct SharedRedis {
+    conn: Conn,
+    prefix: String,
+    secrets: std::sync::Arc<[String]>,
+}
+
+impl std::fmt::Debug for SharedRedis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRedis")
+            .field("cluster", &self.is_cluster())
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SharedRedis {
+    /// The configured key prefix (`queue.redis.key_prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// Loads a script, so that later calls are one `EVALSHA` round trip.
+    pub async fn load(&self, script: &Script) -> Result<(), String> {
+        let mut conn = self.conn.clone();
+        script
+            .load_async(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| redact(&self.secrets, &format!("redis script load: {e}")))
+    }
+
+    /// Runs a script: one `EVALSHA` (plus a load and a second try if Redis lost the
+    /// script), tried once more after a dropped connection, like the queue's own
+    /// calls. The caller bounds the time. Errors are redacted text.
+    pub async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, String> {
+        let result = match invocation.invoke_async(&mut self.conn.clone()).await {
+            Err(e) if is_connection_error(&e) => {
+                tokio::time::sleep(RETRY_DELAY).await;
+                invocation.invoke_async(&mut self.conn.clone()).await
+            }
+            other => other,
+        };
+        result.map_err(|e| redact(&self.secrets, &format!("redis: {e}")))
+    }
+}
+
+/// A Lua guard that runs in the same atomic call as an enqueue and decides whether
+/// the message is stored (quota counters): see [`RedisQueue::enqueue_guarded`].
+pub struct EnqueueGuard {
+    script: Script,
+}
+
+/// Runs the guard, then the enqueue only if the guard allowed it.
+const GUARDED_ENQUEUE_MAIN: &str = r#"
+-- KEYS: the guard's keys, then the enqueue's five
+-- ARGV: guard key count, guard argument count, the guard's arguments, then the
+--   enqueue's five
+-- Returns {allowed (1/0), the guard's reply}
+local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
+local gk, ek, ga, ea = {}, {}, {}, {}
+for i = 1, #KEYS do
+  if i <= nk then gk[i] = KEYS[i] else ek[i - nk] = KEYS[i] end
+end
+for i = 3, #ARGV do
+  if i <= na + 2 then ga[i - 2] = ARGV[i] else ea[i - na - 2] = ARGV[i] end
+end
+local allowed, reply = guard(gk, ga)
+if allowed then enqueue(ek, ea) end
+return {allowed and 1 or 0, reply}
+"#;
+
 impl std::fmt::Debug for RedisQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisQueue")
@@ -527,6 +609,113 @@ impl RedisQueue {
             "redis queue connected"
         );
         Ok(queue)
+    }
+
+    /// Builds and loads the script of a guarded enqueue: `guard_lua` must define
+    /// `local function guard(KEYS, ARGV)` returning `allowed, reply`. `None` in Redis
+    /// Cluster, where the guard's keys live in another slot than the message's.
+    pub async fn enqueue_guard(&self, guard_lua: &str) -> Result<Option<EnqueueGuard>, QueueError> {
+        if matches!(self.conn, Conn::Cluster(_)) {
+            return Ok(None);
+        }
+        let text = format!(
+            "{guard_lua}\nlocal function enqueue(KEYS, ARGV)\n{ENQUEUE_LUA}\nend\n{GUARDED_ENQUEUE_MAIN}"
+        );
+        let guard = EnqueueGuard {
+            script: Script::new(&text),
+        };
+        self.deadline("load scripts", async {
+            guard
+                .script
+                .load_async(&mut self.conn.clone())
+                .await
+                .map_err(|e| self.unavailable("script load", e))
+        })
+        .await?;
+        Ok(Some(guard))
+    }
+
+    /// Runs `guard` with `keys` and `args` and, only if it allows, stores `msg`,
+    /// atomically in one round trip (with `WAIT` for replicas in the same pipeline,
+    /// as [`Queue::enqueue`] does). Returns whether the message was stored and the
+    /// guard's reply. Errors as for [`Queue::enqueue`]; the guard's writes stay even
+    /// when a later `WAIT` fails.
+    pub async fn enqueue_guarded(
+        &self,
+        msg: &QueuedMessage,
+        guard: &EnqueueGuard,
+        keys: &[String],
+        args: &[Vec<u8>],
+    ) -> Result<(bool, Vec<u8>), QueueError> {
+        self.deadline("enqueue", async move {
+            let id = valid_id(&msg.envelope.id)?;
+            let envelope = encode("envelope", &msg.envelope)?;
+            let status = encode("status", &MessageStatus::new(&msg.envelope))?;
+            let shard = self.keys(id);
+            let mut pipe = redis::pipe();
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(guard.script.get_hash())
+                .arg(keys.len() + 5);
+            for k in keys {
+                cmd.arg(k);
+            }
+            cmd.arg(shard.message(id))
+                .arg(&shard.due)
+                .arg(&shard.ids)
+                .arg(&shard.stats)
+                .arg(&shard.leased)
+                .arg(keys.len())
+                .arg(args.len());
+            for a in args {
+                cmd.arg(a.as_slice());
+            }
+            cmd.arg(id)
+                .arg(envelope.as_slice())
+                .arg(msg.body.as_slice())
+                .arg(msg.envelope.received_at_ms)
+                .arg(status.as_slice());
+            if self.wait_replicas > 0 {
+                pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT_MS);
+            }
+            let replies = self
+                .run_script_pipeline(&pipe, &guard.script)
+                .await
+                .map_err(|e| self.unavailable("enqueue", e))?;
+            let (allowed, reply): (i64, Vec<u8>) = replies
+                .first()
+                .cloned()
+                .map(redis::from_redis_value)
+                .transpose()
+                .map_err(|e| QueueError::Corrupt(format!("guarded enqueue reply: {e}")))?
+                .ok_or_else(|| QueueError::Corrupt("guarded enqueue: no reply".into()))?;
+            if allowed == 1 && self.wait_replicas > 0 {
+                let acked = replies
+                    .get(1)
+                    .cloned()
+                    .map(redis::from_redis_value::<i64>)
+                    .transpose()
+                    .map_err(|e| QueueError::Unavailable(format!("redis WAIT: {e}")))?
+                    .unwrap_or(0);
+                if acked < i64::from(self.wait_replicas) {
+                    return Err(QueueError::Unavailable(format!(
+                        "redis WAIT: {acked} of {} replicas acknowledged message {id} within {WAIT_TIMEOUT_MS} ms",
+                        self.wait_replicas
+                    )));
+                }
+            }
+            Ok((allowed == 1, reply))
+        })
+        .await
+    }
+
+    /// A handle on this queue's connection for other stores (see [`SharedRedis`]).
+    pub fn shared(&self) -> SharedRedis {
+        SharedRedis {
+            conn: self.conn.clone(),
+            prefix: self.prefix.clone(),
+            secrets: self.secrets.clone().into(),
+        }
     }
 
     fn keys(&self, id: &str) -> ShardKeys {

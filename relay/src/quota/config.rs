@@ -179,6 +179,12 @@ pub struct QuotaConfig {
 /// Longest window a quota may use: counters live this long in the store.
 pub const MAX_WINDOW: Duration = Duration::from_secs(31 * 86_400);
 
+/// Limits one quota may have.
+pub const MAX_LIMITS: usize = 8;
+
+/// Largest count of a limit: counters are exact integers up to 2^53 (Lua numbers).
+pub const MAX_COUNT: u64 = 1 << 53;
+
 /// Checks a `quotas:` list; errors name the field as `quotas[i].field`.
 pub fn validate(quotas: &[QuotaConfig]) -> Result<(), (String, String)> {
     let mut names = std::collections::HashSet::new();
@@ -207,7 +213,19 @@ pub fn validate(quotas: &[QuotaConfig]) -> Result<(), (String, String)> {
                 "give at least one limit like 1000/1h (or max_connections for egress)".into(),
             ));
         }
+        if q.limits.len() > MAX_LIMITS {
+            return Err((
+                f("limits"),
+                format!("at most {MAX_LIMITS} limits per quota"),
+            ));
+        }
         for (j, l) in q.limits.iter().enumerate() {
+            if l.count > MAX_COUNT {
+                return Err((
+                    format!("quotas[{i}].limits[{j}]"),
+                    format!("count must be at most {MAX_COUNT} (2^53)"),
+                ));
+            }
             if l.count == 0 {
                 return Err((
                     format!("quotas[{i}].limits[{j}]"),
@@ -378,6 +396,14 @@ mod tests {
             (
                 "- {name: a, direction: ingress, limits: [1/1m], max_connections: 2}",
                 "quotas[0].max_connections",
+            ),
+            (
+                "- {name: a, direction: ingress, limits: [9007199254740993/1d]}",
+                "quotas[0].limits[0]",
+            ),
+            (
+                "- {name: a, direction: ingress, limits: [1/1s, 1/2s, 1/3s, 1/4s, 1/5s, 1/6s, 1/7s, 1/8s, 1/9s]}",
+                "quotas[0].limits",
             ),
         ] {
             let e = parse(yaml).unwrap_err();

@@ -369,6 +369,16 @@ impl Egress {
         *self.inner.quotas.write().unwrap() = Arc::new(compile(quotas));
     }
 
+    /// Records into `m` (the admin registry's egress families) from now on. Call
+    /// right after construction, before the pacer is shared.
+    pub fn with_metrics(mut self, m: EgressMetrics) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.metrics = m,
+            None => tracing::warn!("egress already shared; its metrics stay unregistered"),
+        }
+        self
+    }
+
     pub fn metrics(&self) -> &EgressMetrics {
         &self.inner.metrics
     }
@@ -961,3 +971,23 @@ impl MessageGate for EgressConn {
 
 #[cfg(test)]
 mod tests;
+
+/// Egress counters answer the admin API's quota usage (`GET /api/v1/quotas`).
+impl crate::quota::engine::EgressUsage for Egress {
+    fn set_quotas(&self, quotas: &[QuotaConfig]) {
+        Egress::set_quotas(self, quotas);
+    }
+
+    fn usage<'a>(
+        &'a self,
+        quota: &'a QuotaConfig,
+        key: Option<&'a str>,
+    ) -> crate::quota::store::StoreFuture<'a, Vec<usage::KeyUsage>> {
+        Box::pin(async move {
+            match Egress::usage(self, &quota.name, key).await {
+                Ok(u) => Ok(u.map(|u| u.keys).unwrap_or_default()),
+                Err(e) => Err(crate::quota::store::StoreError::Unavailable(e.to_string())),
+            }
+        })
+    }
+}

@@ -101,6 +101,8 @@ pub struct Conn {
     /// Becomes true when graceful shutdown begins, and again at its deadline.
     draining: watch::Receiver<bool>,
     closing: watch::Receiver<bool>,
+    /// The quota charge of the message being queued, refunded if the write fails.
+    charged: Option<crate::quota::Charged>,
 }
 
 enum Line {
@@ -125,6 +127,7 @@ impl Conn {
             deadline,
             draining,
             closing,
+            charged: None,
         }
     }
 
@@ -347,6 +350,21 @@ impl Conn {
                         }
                         step = session.auth_result(username, ok);
                     }
+                    Step::CheckQuota(msg) => {
+                        let started = Instant::now();
+                        match self.check_quota(&msg).await {
+                            QuotaStep::Checked(refusal) => {
+                                step = session.quota_result(msg, refusal);
+                            }
+                            QuotaStep::Queued => {
+                                // Checked and stored in one call: the write is done.
+                                self.note_write(&msg, true, started.elapsed());
+                                let r = session.enqueue_result(&msg.envelope.id, true);
+                                self.push(&r);
+                                break;
+                            }
+                        }
+                    }
                     Step::Enqueue(msg) => {
                         let r = self.enqueue(session, *msg).await;
                         self.push(&r);
@@ -432,6 +450,52 @@ impl Conn {
         }
     }
 
+    /// The authoritative quota check of a complete message (one counter-store round
+    /// trip, which with standalone Redis also stores the message); keeps the charge
+    /// for a refund should a separate queue write fail.
+    async fn check_quota(&mut self, msg: &crate::queue::QueuedMessage) -> QuotaStep {
+        let Some(quotas) = self.shared.quotas.as_ref() else {
+            return QuotaStep::Checked(None);
+        };
+        let held = |held: &[String]| {
+            if !held.is_empty() {
+                info!(queue_id = %msg.envelope.id, quotas = %held.join(","), "accepted; held by quota until its window allows");
+            }
+        };
+        match quotas.admit(msg).await {
+            crate::quota::Admission::Accept { charged, held: h } => {
+                held(&h);
+                self.charged = charged;
+                QuotaStep::Checked(None)
+            }
+            crate::quota::Admission::Queued { held: h } => {
+                held(&h);
+                QuotaStep::Queued
+            }
+            crate::quota::Admission::Refuse(r) => {
+                debug!(client = %msg.envelope.client.ip, from = %msg.envelope.mail.from, reply = %r.reply, "refused by quota");
+                QuotaStep::Checked(Some(r))
+            }
+        }
+    }
+
+    /// Metrics of a queue write, and the `queued` log line when it stored the message.
+    fn note_write(&self, msg: &crate::queue::QueuedMessage, stored: bool, elapsed: Duration) {
+        self.shared.metrics.queue_write(elapsed, stored);
+        if stored {
+            self.shared.metrics.accepted(msg.body.len() as u64);
+            info!(
+                queue_id = %msg.envelope.id,
+                from = %msg.envelope.mail.from,
+                nrcpt = msg.envelope.recipients.len(),
+                size = msg.body.len(),
+                client = %msg.envelope.client.ip,
+                tls = msg.envelope.client.tls.is_some(),
+                "queued"
+            );
+        }
+    }
+
     async fn enqueue(&mut self, session: &mut Session, msg: crate::queue::QueuedMessage) -> Reply {
         let id = msg.envelope.id.clone();
         let started = Instant::now();
@@ -439,31 +503,36 @@ impl Conn {
         let result = tokio::time::timeout(limit, self.shared.queue.enqueue(&msg)).await;
         let elapsed = started.elapsed();
         let stored = matches!(result, Ok(Ok(())));
-        self.shared.metrics.queue_write(elapsed, stored);
+        self.note_write(&msg, stored, elapsed);
         match &result {
-            Ok(Ok(())) => {
-                self.shared.metrics.accepted(msg.body.len() as u64);
-                info!(
-                    queue_id = %id,
-                    from = %msg.envelope.mail.from,
-                    nrcpt = msg.envelope.recipients.len(),
-                    size = msg.body.len(),
-                    client = %msg.envelope.client.ip,
-                    tls = msg.envelope.client.tls.is_some(),
-                    "queued"
-                );
-            }
+            Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 self.shared.metrics.rejected("queue_unavailable");
                 warn!(queue_id = %id, error = %e, "queue write failed; answered 451");
+                // Best effort: the client will try again and be charged again. A
+                // write that failed late may still have stored the message; then
+                // this refund lets one more through. A timeout is not refunded:
+                // the message may well be stored.
+                if let (Some(c), Some(q)) = (self.charged.take(), &self.shared.quotas) {
+                    q.refund(c).await;
+                }
             }
             Err(_) => {
                 self.shared.metrics.rejected("queue_timeout");
                 warn!(queue_id = %id, timeout = ?limit, "queue write timed out; answered 451");
             }
         }
+        self.charged = None;
         session.enqueue_result(&id, stored)
     }
+}
+
+/// What the quota check of a complete message left to do.
+enum QuotaStep {
+    /// Checked (and charged if allowed); the session decides, the queue write follows.
+    Checked(Option<crate::quota::Refusal>),
+    /// Checked, charged and already queued in the same call.
+    Queued,
 }
 
 /// TLS details for sessions that start inside TLS (implicit TLS listeners).

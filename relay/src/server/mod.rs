@@ -35,6 +35,8 @@ pub struct Shared {
     pub tls: Option<Arc<TlsSource>>,
     pub users: Option<Arc<UsersSource>>,
     pub limits: Arc<ConnLimits>,
+    /// Send quotas (ingress checks); `None` runs without any.
+    pub quotas: Option<Arc<crate::quota::Quotas>>,
     active: AtomicUsize,
 }
 
@@ -45,6 +47,7 @@ impl Shared {
         metrics: Arc<Metrics>,
         tls: Option<Arc<TlsSource>>,
         users: Option<Arc<UsersSource>>,
+        quotas: Option<Arc<crate::quota::Quotas>>,
     ) -> Arc<Self> {
         let l = &config.limits;
         let session = SessionConfig {
@@ -65,6 +68,7 @@ impl Shared {
             tls,
             users,
             limits,
+            quotas,
             active: AtomicUsize::new(0),
         })
     }
@@ -252,7 +256,10 @@ async fn handle(
         tls: tls_info,
     };
     debug!(client = %client, listener = %lcfg.name, relay_allowed = peer.relay_allowed, "session start");
-    let session = Session::new(shared.session.clone(), peer);
+    let mut session = Session::new(shared.session.clone(), peer);
+    if let Some(q) = &shared.quotas {
+        session.set_ingress_policy(Arc::clone(q) as Arc<dyn crate::quota::IngressPolicy>);
+    }
     Conn::new(
         stream,
         Arc::clone(shared),

@@ -6,6 +6,7 @@
 //! decisions (ordering, limits, relay policy, extensions) are made here.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc2822;
@@ -18,6 +19,7 @@ use crate::queue::{
     BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, MailParams, QueueId, QueuedMessage,
     Recipient, TlsInfo,
 };
+use crate::quota::{IngressFacts, IngressPolicy, Refusal};
 
 /// RFC 5321 §4.5.3.1.4: command lines are at most 512 octets with CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -74,6 +76,9 @@ pub enum Step {
         username: String,
         password: String,
     },
+    /// Check the complete message against the ingress quotas (and charge them), then
+    /// call [`Session::quota_result`].
+    CheckQuota(Box<QueuedMessage>),
     /// Store the message, then call [`Session::enqueue_result`].
     Enqueue(Box<QueuedMessage>),
 }
@@ -103,6 +108,9 @@ pub struct Session {
     bdat_last: bool,
     /// Why the last step refused something, for the rejected-by-reason metric.
     rejection: Option<&'static str>,
+    /// Ingress quotas: cheap checks at MAIL and RCPT, and whether a complete message
+    /// needs the full check before it is queued.
+    quota: Option<Arc<dyn IngressPolicy>>,
 }
 
 fn r(code: u16, esc: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -125,7 +133,27 @@ impl Session {
             last_verb: "NONE",
             bdat_last: false,
             rejection: None,
+            quota: None,
         }
+    }
+
+    /// Puts the session under ingress quotas.
+    pub fn set_ingress_policy(&mut self, policy: Arc<dyn IngressPolicy>) {
+        self.quota = Some(policy);
+    }
+
+    fn facts<'a>(&'a self, sender: &'a str) -> IngressFacts<'a> {
+        IngressFacts {
+            sender,
+            auth_user: self.auth_user.as_deref(),
+            client_ip: self.peer.ip,
+        }
+    }
+
+    /// A quota refusal: a temporary (or size) answer, not a protocol error.
+    fn quota_refusal(&mut self, r: Refusal) -> Step {
+        self.rejection = Some(r.reason);
+        Step::Reply(r.reply)
     }
 
     pub fn greeting(&self) -> Reply {
@@ -386,6 +414,11 @@ impl Session {
         ) {
             return self.error(reply);
         }
+        if let Some(policy) = &self.quota
+            && let Some(refusal) = policy.at_mail(&self.facts(&mail.from), mail.size)
+        {
+            return self.quota_refusal(refusal);
+        }
         self.tx.mail = Some(mail);
         Step::Reply(r(250, (2, 1, 0), "Ok"))
     }
@@ -450,6 +483,13 @@ impl Session {
             self.rejection = Some("too_many_recipients");
             return Step::Reply(r(452, (4, 5, 3), "Error: too many recipients"));
         }
+        if let Some(policy) = &self.quota {
+            let sender = self.tx.mail.as_ref().map_or("", |m| m.from.as_str());
+            let accepted: Vec<&str> = self.tx.rcpts.iter().map(|x| x.address.as_str()).collect();
+            if let Some(refusal) = policy.at_rcpt(&self.facts(sender), &accepted, &rcpt.address) {
+                return self.quota_refusal(refusal);
+            }
+        }
         self.tx.rcpts.push(rcpt);
         Step::Reply(r(250, (2, 1, 5), "Ok"))
     }
@@ -487,8 +527,16 @@ impl Session {
     fn finish_content(&mut self, decoder: DataDecoder, id: QueueId, now: OffsetDateTime) -> Step {
         match decoder.into_result() {
             Ok(content) => {
-                let message = self.build_message(content, id, now);
-                Step::Enqueue(Box::new(message))
+                let message = Box::new(self.build_message(content, id, now));
+                if self
+                    .quota
+                    .as_ref()
+                    .is_some_and(|p| p.check_before_queueing())
+                {
+                    Step::CheckQuota(message)
+                } else {
+                    Step::Enqueue(message)
+                }
             }
             Err(e) => {
                 self.tx = Transaction::default();
@@ -552,6 +600,15 @@ impl Session {
         let mut decoder = self.tx.bdat.take().expect("chunk_end without BDAT");
         decoder.finish_bdat();
         self.finish_content(decoder, id, now)
+    }
+
+    /// The quotas' answer to [`Step::CheckQuota`]: queue the message, or refuse it
+    /// (the transaction is over either way).
+    pub fn quota_result(&mut self, message: Box<QueuedMessage>, refusal: Option<Refusal>) -> Step {
+        match refusal {
+            None => Step::Enqueue(message),
+            Some(r) => self.quota_refusal(r),
+        }
     }
 
     /// The queue's answer to [`Step::Enqueue`].

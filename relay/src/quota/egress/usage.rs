@@ -2,60 +2,16 @@
 //! (`GET /api/v1/quotas[/{name}]`): per key and window `used`, `remaining` and the
 //! reset time, and `connections: {max, open}` for quotas with a connection cap.
 
-use serde::Serialize;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-
 use super::pacer::Window;
 use super::store::KeyUse;
-use crate::quota::config::{Limit, QuotaConfig, Scope};
+use crate::quota::config::{Direction, Limit, QuotaConfig, Scope};
+use crate::quota::ingress::rfc3339;
 
 /// Keys listed per quota at most (most used first).
 pub const MAX_KEYS: usize = 100;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct QuotaUsage {
-    pub name: String,
-    /// Always `egress` here.
-    pub direction: &'static str,
-    pub scope: Scope,
-    pub limits: Vec<String>,
-    pub keys: Vec<KeyUsage>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct KeyUsage {
-    pub key: String,
-    pub windows: Vec<WindowUsage>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub connections: Option<Connections>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct WindowUsage {
-    pub limit: String,
-    pub window_seconds: u64,
-    /// Units counted in the rolling window now, messages in flight included.
-    pub used: u64,
-    pub remaining: u64,
-    /// When the count next drops (the oldest counted message leaves the window);
-    /// now when nothing is counted.
-    pub resets_at: String,
-    pub resets_in_seconds: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Connections {
-    pub max: u32,
-    pub open: u32,
-}
-
-fn rfc3339(ms: u64) -> String {
-    OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_default()
-}
+// The admin API's types: ingress and egress quotas answer in one shape.
+pub use crate::quota::usage::{Connections, KeyUsage, QuotaUsage, WindowUsage};
 
 /// Builds the API view of `q` from what the store read at `now_ms`. Keys are sorted
 /// by use of the longest window, most used first, at most [`MAX_KEYS`]; a shared
@@ -83,8 +39,9 @@ pub fn quota_usage(q: &QuotaConfig, now_ms: u64, mut uses: Vec<KeyUse>) -> Quota
     uses.truncate(MAX_KEYS);
     QuotaUsage {
         name: q.name.clone(),
-        direction: "egress",
+        direction: Direction::Egress,
         scope: q.scope,
+        action: q.action,
         limits: q.limits.iter().map(ToString::to_string).collect(),
         keys: uses
             .into_iter()

@@ -467,3 +467,83 @@ fn random_lines_do_not_panic() {
         }
     }
 }
+
+/// A policy that refuses sender `full@…` at MAIL, recipient `later@…` at RCPT, and
+/// every message whose sender is `data@…` when asked before queueing.
+#[derive(Debug)]
+struct FakeQuota;
+
+impl IngressPolicy for FakeQuota {
+    fn at_mail(&self, f: &IngressFacts, _size: Option<u64>) -> Option<Refusal> {
+        f.sender.starts_with("full@").then(|| Refusal {
+            reply: r(451, (4, 7, 1), "Sending quota q exceeded"),
+            reason: "quota_exceeded",
+            quota: Some("q".into()),
+        })
+    }
+    fn at_rcpt(&self, f: &IngressFacts, accepted: &[&str], new: &str) -> Option<Refusal> {
+        assert_eq!(f.client_ip, "192.0.2.7".parse::<IpAddr>().unwrap());
+        (new.starts_with("later@") && !accepted.is_empty()).then(|| Refusal {
+            reply: r(452, (4, 5, 3), "Too many recipients for sending quota q"),
+            reason: "quota_recipients",
+            quota: Some("q".into()),
+        })
+    }
+    fn check_before_queueing(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn quota_checks_at_mail_rcpt_and_before_queueing() {
+    let mut s = Session::new(cfg(), peer(true));
+    s.set_ingress_policy(Arc::new(FakeQuota));
+    assert_eq!(code(&mut s, "EHLO c.test"), 250);
+    // Refused at MAIL: a temporary answer, not a protocol error, no transaction.
+    for _ in 0..10 {
+        assert_eq!(code(&mut s, "MAIL FROM:<full@a.test>"), 451);
+        assert_eq!(s.take_rejection(), Some("quota_exceeded"));
+    }
+    assert_eq!(code(&mut s, "RCPT TO:<x@b.test>"), 503);
+    assert_eq!(code(&mut s, "MAIL FROM:<data@a.test>"), 250);
+    assert_eq!(
+        code(&mut s, "RCPT TO:<later@b.test>"),
+        250,
+        "the first one fits"
+    );
+    assert_eq!(code(&mut s, "RCPT TO:<later@c.test>"), 452);
+    assert_eq!(s.take_rejection(), Some("quota_recipients"));
+    assert_eq!(code(&mut s, "RCPT TO:<y@b.test>"), 250);
+    let Step::CheckQuota(msg) = send_data(&mut s, b"x\r\n.\r\n") else {
+        panic!("the message must be checked before it is queued");
+    };
+    let recipients: Vec<&str> = msg
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(recipients, ["later@b.test", "y@b.test"]);
+    let refusal = FakeQuota.at_mail(
+        &IngressFacts {
+            sender: "full@x",
+            auth_user: None,
+            client_ip: "192.0.2.7".parse().unwrap(),
+        },
+        None,
+    );
+    let step = s.quota_result(msg, refusal);
+    assert_eq!(reply(step).code, 451);
+    assert_eq!(s.take_rejection(), Some("quota_exceeded"));
+    // The transaction is over; the next one goes through to the queue.
+    assert_eq!(code(&mut s, "RCPT TO:<y@b.test>"), 503);
+    assert_eq!(code(&mut s, "MAIL FROM:<ok@a.test>"), 250);
+    assert_eq!(code(&mut s, "RCPT TO:<y@b.test>"), 250);
+    let Step::CheckQuota(msg) = send_data(&mut s, b"x\r\n.\r\n") else {
+        panic!()
+    };
+    let Step::Enqueue(msg) = s.quota_result(msg, None) else {
+        panic!("an allowed message is queued")
+    };
+    assert_eq!(s.enqueue_result(&msg.envelope.id, true).code, 250);
+}

@@ -1,0 +1,75 @@
+//! `GET /api/v1/quotas` and `GET /api/v1/quotas/{name}[?key=K]` on the admin
+//! server: usage per quota and key (see [`super::usage`] for the JSON).
+//!
+//! Errors are JSON `{"error": "..."}`: `404` for an unknown quota, `503` when the
+//! counters cannot be read (details in the log only).
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use super::engine::Quotas;
+use super::store::StoreError;
+use super::usage::{QuotaList, QuotaUsage};
+
+/// The quota routes, to merge into the admin router.
+pub fn routes(quotas: Arc<Quotas>) -> Router {
+    Router::new()
+        .route("/api/v1/quotas", get(list))
+        .route("/api/v1/quotas/{name}", get(show))
+        .with_state(quotas)
+}
+
+fn error(code: StatusCode, msg: String) -> Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+fn store_error(e: StoreError) -> Response {
+    tracing::warn!(error = %e, "quota API: counter store error");
+    let why = match e {
+        StoreError::Timeout(d) => format!("no answer within {d:?}"),
+        _ => "unavailable (see relay log)".to_owned(),
+    };
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("quota counters: {why}"),
+    )
+}
+
+async fn list(State(quotas): State<Arc<Quotas>>) -> Response {
+    let set = quotas.set();
+    let mut out = Vec::with_capacity(set.quotas.len());
+    for q in &set.quotas {
+        match quotas.usage(q, None).await {
+            Ok(u) => out.push(u),
+            Err(e) => return store_error(e),
+        }
+    }
+    Json(QuotaList { quotas: out }).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct KeyQuery {
+    key: Option<String>,
+}
+
+async fn show(
+    State(quotas): State<Arc<Quotas>>,
+    Path(name): Path<String>,
+    Query(q): Query<KeyQuery>,
+) -> Response {
+    let set = quotas.set();
+    let Some(quota) = set.get(&name) else {
+        return error(StatusCode::NOT_FOUND, format!("quota {name} not found"));
+    };
+    match quotas.usage(quota, q.key.as_deref()).await {
+        Ok(u) => Json::<QuotaUsage>(u).into_response(),
+        Err(e) => store_error(e),
+    }
+}

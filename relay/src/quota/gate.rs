@@ -1,0 +1,182 @@
+//! The delivery side of `action: defer`: a message accepted under a defer quota
+//! waits in the queue until its windows allow it. The scheduler hands every batch
+//! it leased to a [`DispatchHook`] before sending; [`DeferGate`] checks and charges
+//! each held message there, and sends the ones that must wait back to the queue,
+//! due when their window frees, without counting a delivery attempt.
+//!
+//! Which messages are held is decided again at dispatch from the envelope (sender,
+//! AUTH user, client address, recipients, as stored) against the quotas in force, so
+//! a reload applies to mail already waiting. A message is charged once, before its
+//! first delivery attempt; retries after a temporary failure are not charged again.
+//! If the relay stops after the charge but before the attempt is recorded (a crash,
+//! or a drain that gives the message back), the next dispatch charges it again: the
+//! error is on the safe side (fewer than N sent in that window).
+//!
+//! Bounces and delay reports the relay writes itself are never held: they are not
+//! the sender's mail. Mail the relay merely sends on, unmatched by any defer
+//! quota, passes untouched.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::{debug, info, warn};
+
+use super::engine::{Quotas, Release};
+use crate::queue::{Envelope, Leased, Queue, now_ms};
+
+/// Looks at leased mail before the scheduler delivers it and returns what may go now.
+pub trait DispatchHook: Send + Sync + 'static {
+    fn admit<'a>(
+        &'a self,
+        leased: Vec<Leased>,
+    ) -> Pin<Box<dyn Future<Output = Vec<Leased>> + Send + 'a>>;
+}
+
+/// While the counters cannot be read, held mail is looked at again this often.
+const UNAVAILABLE_RETRY: Duration = Duration::from_secs(5);
+
+/// Listener name of the messages the relay generates itself (see
+/// `delivery::dsn::build_dsn`).
+const GENERATED_LISTENER: &str = "dsn";
+
+/// Whether the relay wrote this message itself (a bounce or delay report).
+pub fn is_relay_generated(e: &Envelope) -> bool {
+    e.mail.from.is_empty() && e.client.listener == GENERATED_LISTENER && e.client.port == 0
+}
+
+pub struct DeferGate {
+    quotas: Arc<Quotas>,
+    queue: Arc<dyn Queue>,
+}
+
+impl DeferGate {
+    pub fn new(quotas: Arc<Quotas>, queue: Arc<dyn Queue>) -> Self {
+        DeferGate { quotas, queue }
+    }
+
+    /// Sends a leased message back to wait until `until` (local ms), its status and
+    /// attempts unchanged.
+    async fn postpone(&self, l: Leased, until: u64) {
+        let mut status = l.status;
+        status.next_attempt_ms = Some(until);
+        match self.queue.finish(&l.lease, status).await {
+            Ok(_) => {}
+            // The lease runs out and the message comes back by itself; it is only
+            // looked at again sooner.
+            Err(e) => {
+                warn!(queue_id = %l.lease.id, error = %e, "putting a held message back failed")
+            }
+        }
+    }
+}
+
+impl DispatchHook for DeferGate {
+    fn admit<'a>(
+        &'a self,
+        leased: Vec<Leased>,
+    ) -> Pin<Box<dyn Future<Output = Vec<Leased>> + Send + 'a>> {
+        Box::pin(async move {
+            if !self.quotas.holds_mail() {
+                return leased;
+            }
+            let mut go = Vec::with_capacity(leased.len());
+            // Messages of this batch sent back to wait, per quota and key: each later one is
+            // due one quota-rate gap after the one before, so a backlog wakes at the
+            // pace it can be released instead of all at once (each wake-up costs a
+            // lease and a queue write).
+            let mut waiting: HashMap<(String, String), u64> = HashMap::new();
+            for l in leased {
+                // Charged at its first attempt already, or not the sender's mail.
+                if l.status.attempts > 0 || is_relay_generated(&l.message.envelope) {
+                    go.push(l);
+                    continue;
+                }
+                match self.quotas.release(&l.message).await {
+                    Release::Go {
+                        charged_at: Some(at),
+                        quotas,
+                    } => {
+                        info!(queue_id = %l.lease.id, quotas = %quotas.join(","), charged_at_ms = at, "quota hold released");
+                        go.push(l);
+                    }
+                    Release::Go { .. } => go.push(l),
+                    Release::Wait {
+                        until,
+                        quota,
+                        key,
+                        spacing_ms,
+                    } => {
+                        let ahead = waiting.entry((quota.clone(), key)).or_default();
+                        let until = until.saturating_add(ahead.saturating_mul(spacing_ms));
+                        *ahead += 1;
+                        debug!(queue_id = %l.lease.id, %quota, wait_ms = until.saturating_sub(now_ms()), "held by quota");
+                        self.postpone(l, until).await;
+                    }
+                    Release::Unavailable => {
+                        let until = now_ms() + UNAVAILABLE_RETRY.as_millis() as u64;
+                        self.postpone(l, until).await;
+                    }
+                }
+            }
+            go
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::dsn;
+    use crate::queue::{ClientInfo, MailParams, QueueId, QueuedMessage, Recipient};
+
+    #[test]
+    fn the_relays_own_reports_are_recognised() {
+        let original = QueuedMessage {
+            envelope: Envelope {
+                id: QueueId::generate(),
+                mail: MailParams {
+                    from: "sender@a.test".into(),
+                    ..MailParams::default()
+                },
+                recipients: vec![Recipient {
+                    address: "r@b.test".into(),
+                    notify: None,
+                    orcpt: None,
+                }],
+                client: ClientInfo {
+                    ip: "192.0.2.1".parse().unwrap(),
+                    port: 5000,
+                    helo: "c".into(),
+                    auth_user: None,
+                    tls: None,
+                    listener: "smtp".into(),
+                },
+                received_at_ms: 0,
+                received_by: "relay.test".into(),
+            },
+            body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+        };
+        assert!(!is_relay_generated(&original.envelope));
+        let failed = [dsn::DsnRecipient {
+            address: "r@b.test".into(),
+            orcpt: None,
+            action: dsn::DsnAction::Failed,
+            status: (5, 1, 1),
+            remote_mta: None,
+            diagnostic: None,
+            last_attempt_ms: None,
+            will_retry_until_ms: None,
+        }];
+        let report = dsn::build_dsn(
+            &original,
+            &failed,
+            "relay.test",
+            time::OffsetDateTime::now_utc(),
+        )
+        .expect("a report to the sender");
+        assert!(is_relay_generated(&report.envelope));
+    }
+}

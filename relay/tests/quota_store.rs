@@ -1,0 +1,332 @@
+//! Quota counter stores against a real `redis-server`: the Lua sliding window gives
+//! exactly the answers of the Rust model (the embedded store) on random request
+//! sequences, a check is one round trip however many quotas it covers, checks from
+//! several connections never admit more than the limit, counters expire on their
+//! own, and a check of several quotas works in Redis Cluster (one slot).
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mailrelay::queue::RedisQueue;
+use mailrelay::quota::embedded::EmbeddedCounters;
+use mailrelay::quota::redis::RedisCounters;
+use mailrelay::quota::store::{ChargeRequest, CounterStore};
+use mailrelay::quota::window::WindowSpec;
+use rand::{Rng, SeedableRng};
+use support::redis::{RedisCluster, RedisServer};
+
+async fn redis_store(cfg: &mailrelay::config::RedisConfig) -> RedisCounters {
+    let q = RedisQueue::connect(cfg).await.expect("connect to redis");
+    RedisCounters::new(q.shared())
+        .await
+        .expect("load quota scripts")
+}
+
+fn req(quota: &str, key: &str, cost: u64, windows: &[WindowSpec]) -> ChargeRequest {
+    ChargeRequest {
+        quota: quota.into(),
+        key: key.into(),
+        cost,
+        windows: windows.to_vec(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_agrees_with_the_model_on_random_sequences() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&server.config("qt")).await;
+    let (mut allowed, mut denied, mut refunds) = (0, 0, 0);
+    for seed in 0..12u64 {
+        let model = EmbeddedCounters::new();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // Fresh quota names per seed: no state carries over in Redis.
+        let quotas: Vec<(String, Vec<WindowSpec>)> = (0..3)
+            .map(|i| {
+                let windows = match i {
+                    0 => vec![WindowSpec::new(
+                        rng.random_range(1..8),
+                        rng.random_range(50..3_000),
+                    )],
+                    1 => vec![
+                        WindowSpec::new(rng.random_range(3..15), rng.random_range(1_000..10_000)),
+                        WindowSpec::new(
+                            rng.random_range(10..40),
+                            rng.random_range(20_000..200_000),
+                        ),
+                    ],
+                    _ => vec![WindowSpec::new(
+                        rng.random_range(20..200),
+                        rng.random_range(500..5_000),
+                    )],
+                };
+                (format!("s{seed}q{i}"), windows)
+            })
+            .collect();
+        let keys = ["alice@a.test", "bob@b.test", "*"];
+        let mut now = 1_700_000_000_000u64 + rng.random_range(0..1_000_000);
+        let mut charges: Vec<(Vec<ChargeRequest>, u64)> = Vec::new();
+        for step in 0..600 {
+            now += match rng.random_range(0..10) {
+                0 => rng.random_range(0..20_000),
+                1..=3 => 0,
+                _ => rng.random_range(0..200),
+            };
+            match rng.random_range(0..20) {
+                0 if !charges.is_empty() => {
+                    let (reqs, at) = charges.swap_remove(rng.random_range(0..charges.len()));
+                    model.refund(&reqs, at).await.unwrap();
+                    redis.refund(&reqs, at).await.unwrap();
+                    refunds += 1;
+                }
+                1 => {
+                    let (name, windows) = &quotas[rng.random_range(0..3)];
+                    let ks: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+                    let a = model.usage(name, &ks, windows, Some(now)).await.unwrap();
+                    let b = redis.usage(name, &ks, windows, Some(now)).await.unwrap();
+                    assert_eq!(a, b, "seed {seed} step {step}: usage");
+                    let longest = *windows.iter().max_by_key(|w| w.window_ms).unwrap();
+                    let mut a = model.active_keys(name, longest, Some(now)).await.unwrap();
+                    let mut b = redis.active_keys(name, longest, Some(now)).await.unwrap();
+                    a.sort();
+                    b.sort();
+                    assert_eq!(a, b, "seed {seed} step {step}: active keys");
+                }
+                _ => {
+                    let n = rng.random_range(1..=3);
+                    let reqs: Vec<ChargeRequest> = (0..n)
+                        .map(|i| {
+                            let (name, windows) = &quotas[(i + step) % 3];
+                            req(
+                                name,
+                                keys[rng.random_range(0..3)],
+                                rng.random_range(1..4),
+                                windows,
+                            )
+                        })
+                        .collect();
+                    let a = model.check_and_charge(&reqs, Some(now)).await.unwrap();
+                    let b = redis.check_and_charge(&reqs, Some(now)).await.unwrap();
+                    assert_eq!(a, b, "seed {seed} step {step}: {reqs:?}");
+                    if a.allowed {
+                        allowed += 1;
+                        charges.push((reqs, now));
+                    } else {
+                        denied += 1;
+                    }
+                }
+            }
+        }
+    }
+    // The sequences exercised every path.
+    assert!(
+        allowed > 1000 && denied > 1000 && refunds > 50,
+        "{allowed} {denied} {refunds}"
+    );
+}
+
+/// `INFO commandstats` counts: how many times Redis ran `cmd`.
+fn calls(server: &RedisServer, cmd: &str) -> u64 {
+    let info = server.cli(&["INFO", "commandstats"]).unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{cmd}:calls=")))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_round_trip_per_check_however_many_quotas() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&server.config("qt")).await;
+    let windows = [
+        WindowSpec::new(1_000_000, 60_000),
+        WindowSpec::new(10_000_000, 3_600_000),
+    ];
+    let reqs: Vec<ChargeRequest> = (0..10)
+        .map(|i| req(&format!("q{i}"), &format!("sender{i}@a.test"), 1, &windows))
+        .collect();
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    for _ in 0..50 {
+        assert!(redis.check_and_charge(&reqs, None).await.unwrap().allowed);
+    }
+    assert_eq!(calls(&server, "evalsha"), 50);
+    assert_eq!(calls(&server, "eval"), 0);
+    assert_eq!(
+        calls(&server, "script|load"),
+        0,
+        "scripts were loaded at start"
+    );
+}
+
+/// Three connections (three relay processes) race for a limit of 100.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_never_admit_more_than_the_limit() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let cfg = server.config("qt");
+    let mut stores = Vec::new();
+    for _ in 0..3 {
+        stores.push(Arc::new(redis_store(&cfg).await));
+    }
+    let windows = vec![WindowSpec::new(100, 3_600_000)];
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..30 {
+        let store = Arc::clone(&stores[t % 3]);
+        let windows = windows.clone();
+        tasks.spawn(async move {
+            let mut ok = 0;
+            for _ in 0..40 {
+                let r = [req("race", "*", 1, &windows)];
+                if store.check_and_charge(&r, None).await.unwrap().allowed {
+                    ok += 1;
+                }
+            }
+            ok
+        });
+    }
+    let mut allowed = 0;
+    while let Some(n) = tasks.join_next().await {
+        allowed += n.unwrap();
+    }
+    assert_eq!(allowed, 100);
+    let u = stores[0]
+        .usage("race", &["*".into()], &windows, None)
+        .await
+        .unwrap();
+    assert_eq!(u.keys[0][0].used, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_expire_on_their_own() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&server.config("qt")).await;
+    let windows = [WindowSpec::new(10, 1_000), WindowSpec::new(10, 2_000)];
+    redis
+        .check_and_charge(&[req("short", "k", 1, &windows)], None)
+        .await
+        .unwrap();
+    let keys = server
+        .cli(&["--scan", "--pattern", "qt:{qt:quota}:*"])
+        .unwrap();
+    // The key's hash (both windows) and the index of keys.
+    assert_eq!(keys.lines().count(), 2, "{keys}");
+    for k in keys.lines() {
+        let ttl: i64 = server.cli(&["PTTL", k]).unwrap().parse().unwrap();
+        // One window plus one bucket, and a sixteenth more.
+        assert!((1..=2_034 + 2_034 / 16).contains(&ttl), "{k}: pttl {ttl}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while server.cli(&["DBSIZE"]).unwrap() != "0" {
+        assert!(Instant::now() < deadline, "quota keys did not expire");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_check_of_several_quotas_works_in_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&cluster.config("qt")).await;
+    let w = [WindowSpec::new(2, 60_000)];
+    let reqs = [
+        req("per-sender", "alice@a.test", 1, &w),
+        req("per-user", "svc", 1, &w),
+        req("all", "*", 1, &w),
+    ];
+    for _ in 0..2 {
+        assert!(redis.check_and_charge(&reqs, None).await.unwrap().allowed);
+    }
+    let o = redis.check_and_charge(&reqs, None).await.unwrap();
+    assert!(!o.allowed);
+    assert!(
+        o.checks
+            .iter()
+            .all(|c| c[0].used == 2 && c[0].retry_at.unwrap() > o.now)
+    );
+    let active = redis.active_keys("per-sender", w[0], None).await.unwrap();
+    assert_eq!(active, vec![("alice@a.test".to_owned(), 2)]);
+}
+
+fn message(n: usize) -> mailrelay::queue::QueuedMessage {
+    use mailrelay::queue::{ClientInfo, Envelope, MailParams, QueueId, QueuedMessage, Recipient};
+    QueuedMessage {
+        envelope: Envelope {
+            id: QueueId::generate(),
+            mail: MailParams {
+                from: "sender@a.test".into(),
+                ..MailParams::default()
+            },
+            recipients: vec![Recipient {
+                address: "r@b.test".into(),
+                notify: None,
+                orcpt: None,
+            }],
+            client: ClientInfo {
+                ip: "192.0.2.1".parse().unwrap(),
+                port: 1,
+                helo: "c.test".into(),
+                auth_user: None,
+                tls: None,
+                listener: "smtp".into(),
+            },
+            received_at_ms: mailrelay::queue::now_ms(),
+            received_by: "relay.test".into(),
+        },
+        body: format!("Subject: {n}\r\n\r\nhi\r\n").into_bytes(),
+    }
+}
+
+/// With the queue at hand, the check and the enqueue are one script call: a
+/// message is stored if and only if it was charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_enqueue_in_one_round_trip() {
+    use mailrelay::queue::Queue;
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let queue = Arc::new(RedisQueue::connect(&server.config("qt")).await.unwrap());
+    let store = RedisCounters::with_queue(Arc::clone(&queue)).await.unwrap();
+    let windows = [WindowSpec::new(3, 3_600_000)];
+    let reqs = [
+        req("tenant", "sender@a.test", 1, &windows),
+        req("all", "*", 1, &[WindowSpec::new(100, 60_000)]),
+    ];
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    let mut stored = Vec::new();
+    for n in 0..5 {
+        let msg = message(n);
+        let o = store
+            .check_charge_enqueue(&reqs, &msg)
+            .expect("standalone Redis checks and enqueues at once")
+            .await
+            .unwrap();
+        assert_eq!(o.allowed, n < 3, "message {n}");
+        let in_queue = queue.get(&msg.envelope.id).await.unwrap();
+        assert_eq!(in_queue.is_some(), o.allowed, "stored iff charged");
+        if o.allowed {
+            stored.push(msg.envelope.id.clone());
+        } else {
+            assert_eq!(o.checks[0][0].used, 3);
+            assert_eq!(
+                o.checks[1][0].used, 3,
+                "the shared quota was not charged either"
+            );
+        }
+    }
+    assert_eq!(calls(&server, "evalsha"), 5, "one round trip per message");
+    assert_eq!(queue.stats().await.unwrap().messages, 3);
+    let u = store
+        .usage("all", &["*".into()], &[WindowSpec::new(100, 60_000)], None)
+        .await
+        .unwrap();
+    assert_eq!(u.keys[0][0].used, 3);
+}
