@@ -100,7 +100,7 @@ mod tests {
         assert_eq!(
             json,
             serde_json::json!({
-                "name": "gmail", "direction": "egress", "scope": "per_key",
+                "name": "gmail", "direction": "egress", "scope": "per_key", "action": "reject",
                 "limits": ["100/1m", "1000/1h"],
                 "keys": [
                     {"key": "mx1.google.com,mx2.google.com",
