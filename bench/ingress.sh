@@ -111,6 +111,10 @@ ADMIN_URL="http://127.0.0.1:$ADMIN_PORT"
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 has() { [[ " $BACKENDS " == *" $1 "* ]]; }
+BENCH_NAME=ingress.sh
+RELAY_MAX_CONNECTIONS=$((IDLE_CONNS + 1000))
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "run as root"
 INVALID=0
@@ -133,7 +137,6 @@ fi
 for b in /usr/sbin/smtp-source /usr/sbin/smtp-sink; do [ -x "$b" ] || die "missing $b (Debian package postfix)"; done
 
 # ---------------------------------------------------------------- preflight
-master_alive() { [ -s "$MASTER_PID_FILE" ] && kill -0 "$(tr -d ' ' < "$MASTER_PID_FILE")" 2>/dev/null; }
 if has postfix || has postfix-hold; then
   master_alive && die "a Postfix of a previous run is still running (pid $(tr -d ' ' < "$MASTER_PID_FILE")): postfix -c $PFC stop"
 fi
@@ -165,184 +168,8 @@ GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 GIT_DIRTY=$(cd "$REPO" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -c . || true)
 
 # ---------------------------------------------------------------- lifecycle
-RELAY_PID=""; REDIS_PID=""; SINK_PID=""; MASTER_PID=0
-stop_pid() {          # stop_pid PID: SIGTERM, wait up to 10 s, then SIGKILL
-  local pid=$1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 0
-  kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null || true; fi
-  wait "$pid" 2>/dev/null || true
-}
-wait_port() {         # wait_port PORT WHAT
-  for _ in $(seq 1 100); do ss -Hltn "sport = :$1" | grep -q . && return 0; sleep 0.1; done
-  die "$2 did not listen on port $1"
-}
-
-# mailrelay: start_relay BACKEND(embedded|redis) QUEUE_DIR
-start_relay() {
-  local backend=$1 qdir=$2 cfg="$WORK/relay-$1.yaml" queue
-  if [ "$backend" = embedded ]; then
-    queue="  backend: embedded
-  path: $qdir"
-  else
-    queue="  backend: redis
-  redis:
-    url: redis://127.0.0.1:$REDIS_PORT/0"
-  fi
-  cat > "$cfg" <<EOF
-# written by bench/ingress.sh
-hostname: relay.bench.test
-listeners:
-  - name: smtp
-    address: 127.0.0.1:$SMTP_PORT
-    tls: none
-relay_networks: [127.0.0.0/8]
-limits:
-  max_connections: $((IDLE_CONNS + 1000))
-  max_connections_per_ip: $((IDLE_CONNS + 1000))
-  max_message_size: 10485760
-queue:
-$queue
-admin:
-  address: 127.0.0.1:$ADMIN_PORT
-log:
-  level: warn
-shutdown_grace: 5s
-EOF
-  "$RELAY_BIN" serve --config "$cfg" >>"$WORK/relay.log" 2>&1 &
-  RELAY_PID=$!
-  for _ in $(seq 1 100); do
-    curl -fs "$ADMIN_URL/readyz" >/dev/null 2>&1 && ss -Hltn "sport = :$SMTP_PORT" | grep -q . && return 0
-    kill -0 "$RELAY_PID" 2>/dev/null || die "mailrelay exited: $(tail -5 "$WORK/relay.log")"
-    sleep 0.1
-  done
-  die "mailrelay not ready: $(tail -5 "$WORK/relay.log")"
-}
-stop_relay() { stop_pid "$RELAY_PID"; RELAY_PID=""; }
-
-start_redis() {
-  mkdir -p "$WORK/redis"
-  redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" \
-    --appendonly yes --appendfsync everysec --save '' --auto-aof-rewrite-percentage 0 \
-    --daemonize no --logfile "$WORK/redis.log" &
-  REDIS_PID=$!
-  wait_port "$REDIS_PORT" redis-server
-}
-rcli() { redis-cli -p "$REDIS_PORT" "$@"; }
-redis_reset() {       # empty Redis and its AOF outside the timed window
-  rcli FLUSHALL >/dev/null
-  rcli BGREWRITEAOF >/dev/null
-  for _ in $(seq 1 300); do
-    rcli INFO persistence | tr -d '\r' | grep -Eq '^aof_rewrite_in_progress:0' &&
-      rcli INFO persistence | tr -d '\r' | grep -Eq '^aof_rewrite_scheduled:0' && return 0
-    sleep 0.1
-  done
-  die "redis AOF rewrite did not finish"
-}
-
-start_sink() {
-  smtp-sink -c -u nobody -h sink.bench.test "127.0.0.1:$SINK_PORT" 1024 >> "$WORK/sink.out" 2>> "$WORK/sink.err" &
-  SINK_PID=$!
-  wait_port "$SINK_PORT" smtp-sink
-}
-sink_count() {        # messages smtp-sink has received so far (last complete record)
-  python3 - "$WORK/sink.out" <<'PY'
-import re, sys
-d = open(sys.argv[1], 'rb').read()[-600:].decode('ascii', 'replace')
-m = [re.search(r'mesg=(\d+)', r) for r in d.split('\r')[:-1]]
-m = [x for x in m if x]
-print(m[-1].group(1) if m else 0)
-PY
-}
-
-# Postfix: configure_postfix/start_postfix/stop_postfix/wait-for-empty-queue are
-# copied from /work/shared/bench/postfix-anchor.sh with the same main.cf and master.cf
-# settings. Differences, all outside the measured path: a private instance
-# (postfix -c $PFC; queue_directory/data_directory under $WORK, same filesystem),
-# our ports, and the log file in $PFDIR.
-configure_postfix() {
-  rm -rf "$PFDIR"
-  mkdir -p "$PFC" "$PFDIR/spool"        # postfix start creates the queue's subdirectories
-  chmod 755 "$WORK" "$PFDIR"            # daemons drop root and must reach spool and log
-  cat > "$PFC/main.cf" <<EOF
-# written by mailrelay bench/ingress.sh (settings of postfix-anchor.sh) — pure loopback relay
-# private instance:
-queue_directory = $PFDIR/spool
-data_directory = $PFDIR/data
-maillog_file_prefixes = $PFDIR
-# --- from here on identical to postfix-anchor.sh (ports aside) ---
-compatibility_level = 3.6
-myhostname = relay.anchor.test
-mydomain = anchor.test
-myorigin = \$myhostname
-# no local delivery at all
-mydestination =
-relay_domains =
-local_recipient_maps =
-local_transport = error:5.1.1 local delivery disabled
-alias_maps =
-alias_database =
-# loopback only; relay anything for loopback clients, to one smarthost
-inet_interfaces = loopback-only
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-relayhost = [127.0.0.1]:$SINK_PORT
-# never touch DNS: no MX/A lookups (bracketed literal relayhost), no reverse lookup of clients
-smtp_dns_support_level = disabled
-smtpd_peername_lookup = no
-# concurrency
-default_process_limit = 200
-default_destination_concurrency_limit = 50
-smtp_connection_cache_on_demand = yes
-# plain text, no biff, no dot-domain rewriting
-smtp_tls_security_level = none
-smtpd_tls_security_level = none
-append_dot_mydomain = no
-biff = no
-# there is no syslogd on the box: log to a file through postlogd
-maillog_file = $MAILLOG
-# everything else (queue fsync, in_flow_delay, timeouts, qmgr limits) = Postfix defaults
-EOF
-  cp /usr/share/postfix/master.cf.dist "$PFC/master.cf"   # Debian's stock master.cf
-  postconf -c "$PFC" -M# smtp/inet                         # no port 25 listener
-  postconf -c "$PFC" -M "127.0.0.1:$PF_PORT/inet=127.0.0.1:$PF_PORT inet n - n - - smtpd"
-  postconf -c "$PFC" -F '*/*/chroot = n'
-  : > "$MAILLOG"
-}
-start_postfix() {
-  postfix -c "$PFC" start >/dev/null 2>&1 || die "postfix start failed: $(tail -5 "$MAILLOG")"
-  for _ in $(seq 1 100); do
-    master_alive && ss -Hltn "sport = :$PF_PORT" | grep -q . && break; sleep 0.1
-  done
-  master_alive || die "postfix master not running: $(tail -5 "$MAILLOG")"
-  MASTER_PID=$(tr -d ' ' < "$MASTER_PID_FILE")
-  log "postfix master pid $MASTER_PID"
-}
-stop_postfix() {
-  [ "$MASTER_PID" -gt 0 ] 2>/dev/null || return 0
-  postfix -c "$PFC" stop >/dev/null 2>&1 || kill -TERM "$MASTER_PID" 2>/dev/null || true
-  for _ in $(seq 1 150); do kill -0 "$MASTER_PID" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$MASTER_PID" 2>/dev/null; then kill -KILL "$MASTER_PID" 2>/dev/null || true; fi
-  MASTER_PID=0
-}
-pf_ensure_running() { # somebody may have stopped it: say so, and restart it
-  if [ "$MASTER_PID" -gt 0 ] && kill -0 "$MASTER_PID" 2>/dev/null; then return 0; fi
-  log "  !! Postfix master $MASTER_PID is gone; restarting it"
-  MASTER_PID=0; start_postfix
-}
-pf_queue_empty() { postqueue -c "$PFC" -p 2>/dev/null | tail -1 | grep -q 'Mail queue is empty'; }
-pf_wait_empty() {
-  for _ in $(seq 1 600); do pf_queue_empty && return 0; sleep 0.5; done
-  die "Postfix queue did not empty: $(postqueue -c "$PFC" -p 2>&1 | tail -1)"
-}
-pf_hold() {           # pf_hold on|off
-  if [ "$1" = on ]; then postconf -c "$PFC" -e 'smtpd_client_restrictions = check_client_access static:HOLD'
-  else postconf -c "$PFC" -X smtpd_client_restrictions; fi
-  postfix -c "$PFC" reload >/dev/null 2>&1 || log "  !! postfix reload failed"
-  sleep 2
-}
+# stop_pid, wait_port, start_relay/stop_relay, metric, start_redis, redis_reset,
+# start_sink, sink_count, the private Postfix instance (anchor settings): bench/lib.sh
 
 cleanup() {
   local rc=$?
@@ -366,9 +193,6 @@ timed() {
     --quiet-busy "$QUIET_BUSY" --quiet-wait "$QUIET_WAIT" \
     --tool-pids "$SINK_PID" --threads-of "${thr:-0}" --postfix-master "$pfm" -- \
     smtp-source -s "$sess" -m "$n" -l "$size" "${SRC_ID[@]}" "127.0.0.1:$port"
-}
-metric() {            # metric NAME: value from the relay's /metrics
-  curl -fs "$ADMIN_URL/metrics" | awk -v m="$1" '$1 == m {print $2; exit}'
 }
 record() {            # record JSON_FROM_TIMER BACKEND SIZE SESSIONS N REP VERIFY_STATUS NOTE
   local t=$1 verdict=$7
@@ -453,49 +277,12 @@ run_rep() {           # run_rep BACKEND SIZE SESSIONS N REP
 }
 
 # ---------------------------------------------------------------- machine facts
-fsync_probe() {       # same as postfix-anchor.sh, in $WORK (same filesystem as the queues)
-  python3 - "$WORK/fsync-probe" <<'PYEOF'
-import os, sys, time
-d = sys.argv[1]
-os.makedirs(d, exist_ok=True)
-payload = b'x' * 1400; N = 2000; lat = []
-t0 = time.perf_counter()
-for i in range(N):
-    a = time.perf_counter()
-    fd = os.open(f'{d}/{i}', os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
-    os.write(fd, payload); os.fsync(fd); os.close(fd)
-    lat.append(time.perf_counter() - a)
-el = time.perf_counter() - t0
-for i in range(N): os.unlink(f'{d}/{i}')
-os.rmdir(d); lat.sort()
-print(f'create+write 1.4KB+fsync, serial: {N/el:,.0f}/s, p50 {lat[N//2]*1e6:.0f} us, p99 {lat[int(N*.99)]*1e6:.0f} us')
-PYEOF
-}
-same_fs() { [ "$(stat -c %d "$WORK")" = "$(stat -c %d /var/spool/postfix 2>/dev/null || echo x)" ] && echo yes || echo no; }
 
 log "machine: $(nproc) CPUs, $(uname -r); mailrelay $GIT_REV (+$GIT_DIRTY modified tracked files)"
 log "N=$N N_BIG=$N_BIG REPS=$REPS SCENARIOS='$SCENARIOS' BACKENDS='$BACKENDS' RSS=$RSS IDLE_CONNS=$IDLE_CONNS work=$WORK"
 FSYNC=$(fsync_probe)
 log "fsync probe ($WORK): $FSYNC"
-python3 - "$WORK/facts.json" <<PY
-import json, os, platform, subprocess, sys, datetime
-def sh(c):
-    try: return subprocess.run(c, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
-    except Exception: return ''
-cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
-json.dump({
-  'date': datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z'),
-  'nproc': os.cpu_count(), 'cpu': cpu, 'kernel': platform.release(),
-  'os': sh(". /etc/os-release; echo \$PRETTY_NAME"),
-  'mem': sh("free -g | awk '/Mem:/ {print \$2\" GiB\"}'"),
-  'postfix': sh("postconf -dh mail_version"), 'postfix_instance': "private: postfix -c $PFC (anchor settings)", 'redis': sh("redis-server --version | awk '{print \$3}'"),
-  'mailrelay': "$GIT_REV (+$GIT_DIRTY modified tracked files, release build)",
-  'fsync_probe': "$FSYNC", 'queue_fs_same_as_postfix_spool': "$(same_fs)",
-  'ulimit_n': "$(ulimit -n)", 'tcp_tw_reuse': sh('sysctl -n net.ipv4.tcp_tw_reuse'),
-  'knobs': dict(N=$N, N_BIG=$N_BIG, REPS=$REPS, SCENARIOS="$SCENARIOS", BACKENDS="$BACKENDS",
-                IDLE_CONNS=$IDLE_CONNS, COOLDOWN=$COOLDOWN, QUICK="${QUICK:-0}"),
-}, open(sys.argv[1], 'w'), indent=1)
-PY
+write_facts "$WORK/facts.json" "dict(N=$N, N_BIG=$N_BIG, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', IDLE_CONNS=$IDLE_CONNS, COOLDOWN=$COOLDOWN)"
 
 # ---------------------------------------------------------------- accept-rate runs
 if has direct || has postfix || has postfix-hold; then start_sink; fi

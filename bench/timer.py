@@ -4,11 +4,23 @@
 Used by bench/ingress.sh; one call = one timed rep = one JSON line on stdout.
 
     timer.py --timeout SECS [--server-pids 123,456] [--tool-pids 789]
-             [--threads-of 123] -- smtp-source -s 20 -m 10000 ... 127.0.0.1:PORT
+             [--threads-of 123] [--sink-out FILE --sink-expect N [--settle S]]
+             [--background --pid-file FILE] -- smtp-source -s 20 -m 10000 ... 127.0.0.1:PORT
+    timer.py --sink-count FILE      (prints how many messages smtp-sink -c has counted)
 
 t_accept is the wall time from starting the command until it exited, i.e. until
 every one of its messages got its final reply (smtp-source waits for the reply
 to "." and to QUIT in every session).
+
+End to end (bench/e2e.sh): with --sink-out (the stdout of `smtp-sink -c`, whose
+running count "mesg=N" it prints per message) t_e2e is the wall time from starting
+the command until smtp-sink has counted --sink-expect more messages than at the
+start; sink_at_accept is how many of them had arrived when the command exited. After
+t_e2e the sink is watched --settle more seconds, and sink_got is the count after that
+(more than expected = duplicates). With --background the command is a server that
+keeps running (a relay started to drain its queue): it is not waited for, its pid
+goes to --pid-file for the caller to stop, its CPU counts as server CPU, and only
+t_e2e is measured.
 
 CPU accounting (all in seconds over the run):
   total_cpu   busy time of the whole machine (/proc/stat, minus idle and iowait)
@@ -114,6 +126,39 @@ def pf_cpu(a, b):
     return v
 
 
+def sink_counters(path):
+    """(messages, sessions) smtp-sink -c has counted in PATH: the last complete record
+    "sess=S quit=Q mesg=M" (records end with a carriage return; the last one may be
+    half written)."""
+    try:
+        with open(path, 'rb') as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 600))
+            data = f.read().decode('ascii', 'replace')
+    except OSError:
+        return 0, 0
+    def field(rec, name):
+        i = rec.find(name + '=')
+        if i < 0:
+            return None
+        digits = ''
+        for c in rec[i + len(name) + 1:]:
+            if not c.isdigit():
+                break
+            digits += c
+        return int(digits) if digits else None
+    for rec in reversed(data.split('\r')[:-1]):
+        m = field(rec, 'mesg')
+        if m is not None:
+            return m, field(rec, 'sess') or 0
+    return 0, 0
+
+
+def sink_count(path):
+    return sink_counters(path)[0]
+
+
 def pids(arg):
     return [int(p) for p in arg.split(',') if p.strip()] if arg else []
 
@@ -127,8 +172,19 @@ def main():
     ap.add_argument('--postfix-master', type=int, default=0)
     ap.add_argument('--quiet-busy', type=float, default=25.0)
     ap.add_argument('--quiet-wait', type=float, default=0.0)
+    ap.add_argument('--sink-out', default='')
+    ap.add_argument('--sink-expect', type=int, default=0)
+    ap.add_argument('--settle', type=float, default=1.0)
+    ap.add_argument('--background', action='store_true')
+    ap.add_argument('--pid-file', default='')
+    ap.add_argument('--sink-count', default='')
     ap.add_argument('cmd', nargs=argparse.REMAINDER)
     a = ap.parse_args()
+    if a.sink_count:
+        print(sink_count(a.sink_count))
+        return 0
+    if a.background and not (a.sink_out and a.pid_file):
+        ap.error('--background needs --sink-out, --sink-expect and --pid-file')
     cmd = a.cmd[1:] if a.cmd and a.cmd[0] == '--' else a.cmd
     servers, tools = pids(a.server_pids), pids(a.tool_pids)
 
@@ -141,33 +197,77 @@ def main():
         if pre_busy < a.quiet_busy or waited >= a.quiet_wait:
             break
         waited += 1.0
-    load1 = open('/proc/loadavg').read().split()[0]
+    loadavg = ' '.join(open('/proc/loadavg').read().split()[:3])   # as `uptime` shows it
+    load1 = loadavg.split()[0]
 
     s0 = {p: proc_cpu(p) for p in servers}
     k0 = {p: proc_cpu(p) for p in tools}
     th0 = thread_cpu(a.threads_of) if a.threads_of else {}
     pf0 = pf_snapshot(a.postfix_master) if a.postfix_master else None
+    sink0, sess0 = sink_counters(a.sink_out) if a.sink_out else (0, 0)
     tot0, idle0, iow0, st0 = cpu_stat()
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     status = 'ok'
-    try:
-        _, err = p.communicate(timeout=a.timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        _, err = p.communicate()
-        status = 'timeout'
-    t_accept = time.monotonic() - t0
+    t_e2e = None
+    sink_at_accept = None
+    err = b''
+    if a.background:
+        # The server's output goes to a file, not to a pipe nobody reads after we exit.
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        with open(a.pid_file, 'w') as f:
+            f.write(f'{p.pid}\n')
+        servers.append(p.pid)
+        s0[p.pid] = 0.0
+        th_bg = p.pid
+    else:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        th_bg = 0
+    t_accept = None
+    # Poll both: the command's exit (t_accept) and the sink's count (t_e2e).
+    while True:
+        now = time.monotonic() - t0
+        if t_accept is None and not a.background and p.poll() is not None:
+            t_accept = now
+            if a.sink_out:
+                sink_at_accept = sink_count(a.sink_out) - sink0
+        if a.sink_out and t_e2e is None and sink_count(a.sink_out) - sink0 >= a.sink_expect:
+            t_e2e = now
+        done_accept = a.background or t_accept is not None
+        done_e2e = not a.sink_out or t_e2e is not None
+        if done_accept and done_e2e:
+            break
+        if t_accept is not None and p.returncode != 0:
+            break
+        if a.background and p.poll() is not None:
+            status = f'server exited rc={p.returncode}'
+            break
+        if now > a.timeout:
+            status = 'timeout'
+            break
+        time.sleep(0.005 if a.sink_out else 0.02)
+    if not a.background:
+        if p.poll() is None:
+            p.kill()
+        err = p.communicate()[1] or b''
+        if t_accept is None:
+            t_accept = time.monotonic() - t0
     tot1, idle1, iow1, st1 = cpu_stat()
-    # rusage of the (only) child, reaped by communicate()
+    # rusage of the (only) waited-for child
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     src_cpu = r.ru_utime + r.ru_stime
     s1 = {p_: proc_cpu(p_) for p_ in servers}
     k1 = {p_: proc_cpu(p_) for p_ in tools}
-    th1 = thread_cpu(a.threads_of) if a.threads_of else {}
+    th1 = thread_cpu(a.threads_of or th_bg) if (a.threads_of or th_bg) else {}
     pf1 = pf_snapshot(a.postfix_master) if a.postfix_master else None
+    sink_got = sink_sessions = None
+    if a.sink_out:
+        time.sleep(a.settle)          # anything more arriving would be a duplicate
+        m1, s1_ = sink_counters(a.sink_out)
+        sink_got = m1 - sink0
+        sink_sessions = s1_ - sess0   # SMTP sessions the sink saw: messages per connection
 
-    if status == 'ok' and p.returncode != 0:
+    if status == 'ok' and not a.background and p.returncode != 0:
         status = f'rc={p.returncode}'
     dt = (tot1 - tot0) or 1
     total_cpu = (dt - (idle1 - idle0) - (iow1 - iow0)) / HZ
@@ -183,7 +283,11 @@ def main():
             threads[name] = round(d, 3)
     print(json.dumps({
         'status': status,
-        't_accept': round(t_accept, 4),
+        't_accept': round(t_accept, 4) if t_accept is not None else None,
+        't_e2e': round(t_e2e, 4) if t_e2e is not None else None,
+        'sink_at_accept': sink_at_accept,
+        'sink_got': sink_got,
+        'sink_sessions': sink_sessions,
         'busy_pct': round(100.0 * (dt - (idle1 - idle0) - (iow1 - iow0)) / dt, 1),
         'iowait_pct': round(100.0 * (iow1 - iow0) / dt, 1),
         'steal_pct': round(100.0 * (st1 - st0) / dt, 1),
@@ -195,6 +299,7 @@ def main():
         'pre_busy_pct': round(pre_busy, 1),
         'quiet_waited_s': waited,
         'load1': load1,
+        'loadavg': loadavg,
         'stderr': err.decode(errors='replace').strip()[:300],
     }))
 

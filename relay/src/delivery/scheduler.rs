@@ -500,11 +500,18 @@ impl Inner {
             part.work.attempted.store(true, Ordering::SeqCst);
             self.record(part, outcome, target.as_ref(), &result, reason, at_ms);
         }
+        // Finished all at once rather than one after another: concurrent writes
+        // share a redb group commit (or travel together on the multiplexed Redis
+        // connection), where awaiting each in turn pays a commit per message and
+        // keeps this connection's slot, and so new leases, waiting meanwhile.
+        let mut finishing = tokio::task::JoinSet::new();
         for part in parts {
             if part.work.parts_left.fetch_sub(1, Ordering::SeqCst) == 1 {
-                self.finalize(&part.work).await;
+                let me = Arc::clone(self);
+                finishing.spawn(async move { me.finalize(&part.work).await });
             }
         }
+        while finishing.join_next().await.is_some() {}
     }
 
     /// Resolves and connects in order; returns the outcomes, where they came from,

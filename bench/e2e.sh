@@ -1,0 +1,442 @@
+#!/usr/bin/env bash
+# bench/e2e.sh — end-to-end benchmark: smtp-source -> relay -> smtp-sink, mailrelay
+# beside Postfix, in one run.
+#
+# A benchmark, not a test. Measures on this machine, in one run:
+#
+# 1. End-to-end rate = N / wall time from starting one `smtp-source` run until
+#    smtp-sink has received all N messages (counted by smtp-sink itself: `smtp-sink
+#    -c` prints a running count per message). One message per SMTP session into
+#    the relay (smtp-source's default), exactly as the Postfix anchor
+#    (/work/shared/bench/postfix-anchor.sh) defines its end-to-end figure:
+#       smtp-source -s S -m N -l L -f sender@example.com -t rcpt@example.net \
+#                   -M bench.local 127.0.0.1:PORT
+#    for every scenario SIZE:SESSIONS in $SCENARIOS, REPS times, against ($BACKENDS):
+#      direct        smtp-source -> smtp-sink, no relay: the ceiling of the load tools
+#      embedded      mailrelay, embedded redb queue (fsync per group commit); fresh
+#                    relay process and queue directory per rep
+#      redis         mailrelay, Redis queue; a private redis-server with
+#                    --appendonly yes --appendfsync everysec --save ''
+#      redis-always  the same Redis switched to --appendfsync always
+#      postfix       Postfix configured exactly like the anchor (relayhost =
+#                    [127.0.0.1]:smtp-sink, default_destination_concurrency_limit
+#                    = 50, connection cache on demand, queue fsync, ...), as a
+#                    private instance (`postfix -c $WORK/postfix/etc`)
+#    mailrelay delivers to the same smtp-sink. ROUTE=smarthost (default): through
+#    `delivery.smarthost` = 127.0.0.1:SINK_PORT, tls disabled — what Postfix's
+#    bracketed relayhost does (no DNS). ROUTE=mx: by MX lookup of example.net at a
+#    private dnsmasq (MX 10 mx.example.net, A 127.0.0.1, TTL $DNS_TTL s) with
+#    delivery.dns.port_override = SINK_PORT (mailrelay only; Postfix keeps its
+#    relayhost). mailrelay's delivery settings: $DELIVERY_YAML_EXTRA plus
+#    max_concurrency=$DELIVERY_CONCURRENCY, per_destination_concurrency=$PER_DEST
+#    (Postfix's limit for the relayhost is 50), max_messages_per_connection=$MSGS_PER_CONN.
+#    Ratio = mailrelay median / Postfix median of the same scenario in the same run.
+#    Target: >= 3x Postfix.
+#
+# 2. Drain of a DRAIN_N (100,000) message queue, per backend in $DRAIN_BACKENDS:
+#    enqueue DRAIN_N messages (DRAIN_SIZE bytes, DRAIN_SESSIONS sessions) with
+#    delivery off — mailrelay: a relay with `delivery.enabled: false`; Postfix: every
+#    message put on hold (the anchor's accept-only split) — then start delivery and
+#    time until smtp-sink has all DRAIN_N. mailrelay: the timer starts a fresh relay
+#    process with delivery enabled on that queue (start-up included in the time);
+#    Postfix: `postsuper -H ALL` (untimed: hold -> deferred), then the timer runs
+#    `postqueue -f`. Drain rate = DRAIN_N / drain time.
+#
+# Correctness is checked on every rep; a rep that fails a check is excluded and the
+# script exits 1: smtp-sink must count exactly N more messages (a later one is a
+# duplicate; it watches SETTLE s more), mailrelay's mailrelay_smtp_messages_accepted_total
+# must be N and its queue must end empty (/api/v1/queue/stats "messages" = 0, every
+# message finished), Postfix's queue must end empty; for a drain the queue must hold
+# exactly DRAIN_N before delivery starts.
+#
+# Output: a markdown report on stdout and in $WORK/report.md (raw rows
+# $WORK/runs.jsonl, machine facts $WORK/facts.json, logs in $WORK). Every row carries
+# the load average (`uptime`) taken right before it.
+#
+# Run (as root, Debian 12):                  bash bench/e2e.sh
+#   quick correctness pass (~3 min):         QUICK=1 bash bench/e2e.sh
+#   a subset:                                BACKENDS="embedded postfix" SCENARIOS="1024:20" DRAIN=0 bash bench/e2e.sh
+# Knobs (environment), defaults in brackets:
+#   N [10000]  REPS [3]  SCENARIOS ["1024:20 1024:100 10240:20"] (SIZE:SESSIONS)
+#   BACKENDS ["direct embedded redis redis-always postfix"]
+#   DRAIN [1]  DRAIN_N [100000]  DRAIN_SIZE [1024]  DRAIN_SESSIONS [100]
+#   DRAIN_BACKENDS ["embedded redis postfix"]
+#   ROUTE [smarthost] (or mx)  DNS_TTL [300]
+#   DELIVERY_CONCURRENCY [50]  PER_DEST [50]  MSGS_PER_CONN [100]
+#   DELIVERY_YAML_EXTRA [""] more `delivery:` keys, e.g. "  poll_interval: 200ms"
+#   BUILD [1] (cargo build --release -p mailrelay first)  RELAY_BIN [$CARGO_TARGET_DIR/release/mailrelay]
+#   COOLDOWN [2]  RUN_TIMEOUT [300]  DRAIN_TIMEOUT [1800]  SETTLE [1] s
+#   QUIET_BUSY [25] QUIET_WAIT [30] (wait for a quiet second before each rep)
+#   WORK [/var/tmp/mailrelay-e2e]
+#   SMTP_PORT [13525] ADMIN_PORT [19425] PF_PORT [13535] SINK_PORT [13536]
+#   REDIS_PORT [16479] DNS_PORT [13553]
+#   QUICK=1 -> N=1000 REPS=1 DRAIN_N=5000 COOLDOWN=1 (unless set explicitly)
+#
+# Side effects: none outside $WORK. Refuses to run if a port is busy. Starts
+# mailrelay, redis-server, smtp-sink, dnsmasq (ROUTE=mx) and its private Postfix
+# and stops each of them by PID (`postfix -c DIR stop`) on exit, also on error,
+# Ctrl-C or SIGTERM.
+set -Eeuo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+
+if [ "${QUICK:-0}" = 1 ]; then
+  N=${N:-1000}; REPS=${REPS:-1}; DRAIN_N=${DRAIN_N:-5000}; COOLDOWN=${COOLDOWN:-1}
+fi
+N=${N:-10000}
+REPS=${REPS:-3}
+SCENARIOS=${SCENARIOS:-"1024:20 1024:100 10240:20"}
+BACKENDS=${BACKENDS:-"direct embedded redis redis-always postfix"}
+DRAIN=${DRAIN:-1}
+DRAIN_N=${DRAIN_N:-100000}
+DRAIN_SIZE=${DRAIN_SIZE:-1024}
+DRAIN_SESSIONS=${DRAIN_SESSIONS:-100}
+DRAIN_BACKENDS=${DRAIN_BACKENDS:-"embedded redis postfix"}
+ROUTE=${ROUTE:-smarthost}
+DNS_TTL=${DNS_TTL:-300}
+DELIVERY_CONCURRENCY=${DELIVERY_CONCURRENCY:-50}
+PER_DEST=${PER_DEST:-50}
+MSGS_PER_CONN=${MSGS_PER_CONN:-100}
+DELIVERY_YAML_EXTRA=${DELIVERY_YAML_EXTRA:-}
+BUILD=${BUILD:-1}
+RELAY_BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/mailrelay}
+COOLDOWN=${COOLDOWN:-2}
+RUN_TIMEOUT=${RUN_TIMEOUT:-300}
+DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-1800}
+SETTLE=${SETTLE:-1}
+QUIET_BUSY=${QUIET_BUSY:-25}
+QUIET_WAIT=${QUIET_WAIT:-30}
+WORK=${WORK:-/var/tmp/mailrelay-e2e}
+SMTP_PORT=${SMTP_PORT:-13525}
+ADMIN_PORT=${ADMIN_PORT:-19425}
+PF_PORT=${PF_PORT:-13535}
+SINK_PORT=${SINK_PORT:-13536}
+REDIS_PORT=${REDIS_PORT:-16479}
+DNS_PORT=${DNS_PORT:-13553}
+PFDIR=$WORK/postfix                 # private Postfix instance: etc/, spool/, data/, maillog
+PFC=$PFDIR/etc
+MAILLOG=$PFDIR/maillog
+MASTER_PID_FILE=$PFDIR/spool/pid/master.pid
+SRC_ID=(-M bench.local -f sender@example.com -t rcpt@example.net)
+ADMIN_URL="http://127.0.0.1:$ADMIN_PORT"
+BG_PID_FILE=$WORK/relay-bg.pid      # a relay started by timer.py --background
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+has() { [[ " $1 " == *" $2 "* ]]; }   # has LIST WORD
+any_pf() { has "$BACKENDS" postfix || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" postfix; }; }
+any_redis() { has "$BACKENDS" redis || has "$BACKENDS" redis-always || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" redis; }; }
+BENCH_NAME=e2e.sh
+# shellcheck source=bench/lib.sh
+. "$BENCH_DIR/lib.sh"
+
+[ "$(id -u)" = 0 ] || die "run as root"
+INVALID=0
+DNS_PID=""
+
+# ---------------------------------------------------------------- tools + preflight
+install_tools python3:python3 curl:curl postconf:postfix smtp-source:postfix redis-server:redis-server \
+  "$([ "$ROUTE" = mx ] && echo dnsmasq:dnsmasq-base || echo true:coreutils)"
+for b in /usr/sbin/smtp-source /usr/sbin/smtp-sink; do [ -x "$b" ] || die "missing $b (Debian package postfix)"; done
+case $ROUTE in smarthost|mx) ;; *) die "ROUTE must be smarthost or mx";; esac
+if any_pf; then
+  master_alive && die "a Postfix of a previous run is still running (pid $(tr -d ' ' < "$MASTER_PID_FILE")): postfix -c $PFC stop"
+fi
+for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT"; do
+  port_busy "$p" && die "port $p is already in use (set *_PORT to free ones)"
+done
+for sc in $SCENARIOS; do [[ $sc =~ ^[0-9]+:[0-9]+$ ]] || die "bad scenario '$sc' (want SIZE:SESSIONS)"; done
+for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix) ;; *) die "unknown backend $b";; esac; done
+for b in $DRAIN_BACKENDS; do case $b in embedded|redis|redis-always|postfix) ;; *) die "unknown drain backend $b";; esac; done
+ulimit -n 65536 2>/dev/null || true
+
+mkdir -p "$WORK"
+rm -rf "$WORK"/queue-* "$WORK"/redis "$WORK"/*.log "$WORK"/runs.jsonl "$WORK"/report.md "$WORK"/sink.* "$BG_PID_FILE"
+: > "$WORK/runs.jsonl"
+
+# ---------------------------------------------------------------- build
+if [ "$BUILD" = 1 ]; then
+  log "cargo build --release -p mailrelay"
+  (cd "$REPO" && cargo build --release -p mailrelay) >"$WORK/build.log" 2>&1 || die "build failed: $(tail -20 "$WORK/build.log")"
+fi
+[ -x "$RELAY_BIN" ] || die "no relay binary at $RELAY_BIN (BUILD=1 builds it)"
+GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+GIT_DIRTY=$(cd "$REPO" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -c . || true)
+
+# ---------------------------------------------------------------- relay delivery settings
+if [ "$ROUTE" = smarthost ]; then
+  ROUTE_YAML="  smarthost:
+    host: 127.0.0.1
+    port: $SINK_PORT
+    tls: disabled"
+else
+  ROUTE_YAML="  tls: disabled
+  dns:
+    nameservers: [\"127.0.0.1:$DNS_PORT\"]
+    port_override: $SINK_PORT"
+fi
+DELIVERY_YAML="  enabled: true
+  max_concurrency: $DELIVERY_CONCURRENCY
+  per_destination_concurrency: $PER_DEST
+  max_messages_per_connection: $MSGS_PER_CONN
+$ROUTE_YAML"
+[ -n "$DELIVERY_YAML_EXTRA" ] && DELIVERY_YAML="$DELIVERY_YAML
+$DELIVERY_YAML_EXTRA"
+
+start_dns() {         # dnsmasq: example.net MX 10 mx.example.net, mx.example.net A 127.0.0.1
+  /usr/sbin/dnsmasq --keep-in-foreground --port="$DNS_PORT" --listen-address=127.0.0.1 \
+    --bind-interfaces --no-resolv --no-hosts --conf-file=/dev/null --pid-file \
+    --log-facility="$WORK/dnsmasq.log" --local=/example.net/ --local-ttl="$DNS_TTL" \
+    --mx-host=example.net,mx.example.net,10 --host-record=mx.example.net,127.0.0.1 &
+  DNS_PID=$!
+  for _ in $(seq 1 100); do ss -Hlun "sport = :$DNS_PORT" | grep -q . && return 0; sleep 0.1; done
+  die "dnsmasq did not listen on $DNS_PORT: $(tail -3 "$WORK/dnsmasq.log")"
+}
+
+cleanup() {
+  local rc=$?
+  set +e
+  stop_relay
+  if [ -s "$BG_PID_FILE" ]; then stop_pid "$(cat "$BG_PID_FILE")"; rm -f "$BG_PID_FILE"; fi
+  stop_pid "$REDIS_PID"; REDIS_PID=""
+  stop_postfix
+  stop_pid "$SINK_PID"; SINK_PID=""
+  stop_pid "$DNS_PID"; DNS_PID=""
+  return $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+trap 'log "FATAL: command failed (rc=$?) at line $LINENO: $BASH_COMMAND"' ERR
+
+# ---------------------------------------------------------------- one timed run
+# timer TIMEOUT EXPECT SERVER_PIDS THREADS_OF PFMASTER [timer flags...] -- CMD...: JSON (stdout)
+timer() {
+  local timeout=$1 expect=$2 spids=$3 thr=$4 pfm=$5; shift 5
+  log "  uptime: $(uptime)"
+  python3 "$BENCH_DIR/timer.py" --timeout "$timeout" --server-pids "$spids" \
+    --quiet-busy "$QUIET_BUSY" --quiet-wait "$QUIET_WAIT" --settle "$SETTLE" \
+    --tool-pids "$SINK_PID" --threads-of "${thr:-0}" --postfix-master "${pfm:-0}" \
+    --sink-out "$WORK/sink.out" --sink-expect "$expect" "$@"
+}
+source_cmd() {        # source_cmd SESSIONS N SIZE PORT
+  echo smtp-source -s "$1" -m "$2" -l "$3" "${SRC_ID[@]}" "127.0.0.1:$4"
+}
+# record JSON PHASE BACKEND SIZE SESSIONS N REP VERIFY NOTE
+record() {
+  python3 - "$@" >> "$WORK/runs.jsonl" <<'PY'
+import json, sys
+t = json.loads(sys.argv[1])
+t.update(phase=sys.argv[2], backend=sys.argv[3], size=int(sys.argv[4]), sessions=int(sys.argv[5]),
+         n=int(sys.argv[6]), rep=int(sys.argv[7]), verify=sys.argv[8], note=sys.argv[9])
+if t['status'] == 'ok' and t['verify'] != 'ok':
+    t['status'] = 'invalid: ' + t['verify']
+print(json.dumps(t))
+PY
+  local line; line=$(tail -1 "$WORK/runs.jsonl")
+  python3 - "$line" >&2 <<'PY'
+import json, sys
+r = json.loads(sys.argv[1])
+n = r['n']
+parts = [f"    -> {r['status']}:"]
+if r['phase'] != 'drain' and r.get('t_accept'):
+    parts.append(f"accept {n / r['t_accept']:,.0f} msg/s ({r['t_accept']:.2f} s)")
+if r['phase'] != 'enqueue' and r.get('t_e2e'):
+    parts.append(f"{'drain' if r['phase'] == 'drain' else 'end-to-end'} {n / r['t_e2e']:,.0f} msg/s ({r['t_e2e']:.2f} s)")
+if r.get('sink_at_accept') is not None and r['phase'] == 'e2e':
+    parts.append(f"at accept {r['sink_at_accept']} delivered")
+parts.append(f"busy {r['busy_pct']:.0f}%, cpu {1000 * r['total_cpu'] / n:.3f} ms/msg (server {1000 * r['server_cpu'] / n:.3f}), "
+             f"pre-busy {r['pre_busy_pct']:.0f}%, load {r['loadavg']}, verify {r['verify']}")
+if r['stderr']:
+    parts.append(f"stderr: {r['stderr'][:120]}")
+print(' '.join(parts))
+PY
+  case $(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["status"])' "$line") in
+    ok) ;;
+    *) INVALID=$((INVALID + 1)); log "    !! rep INVALID (excluded from the figures)";;
+  esac
+}
+check_sink() {        # check_sink JSON N -> "ok" or what is wrong
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+t = json.loads(sys.argv[1]); n = int(sys.argv[2])
+got = t.get('sink_got')
+print('ok' if got == n else f'sink counted {got} of {n}' + (' (duplicates)' if (got or 0) > n else ''))
+PY
+}
+relay_wait_empty() {  # the queue must end empty: every message finished (delivered)
+  local m
+  for _ in $(seq 1 600); do
+    m=$(queue_messages 2>/dev/null || echo '?')
+    [ "$m" = 0 ] && { echo 0; return 0; }
+    sleep 0.1
+  done
+  echo "$m"
+}
+prepare_backend() {   # prepare_backend BACKEND QDIR: fresh queue; sets spids note
+  local backend=$1 qdir=$2
+  rm -rf "$qdir"
+  note="route=$ROUTE"
+  if [ "$backend" != embedded ]; then
+    redis_reset
+    note="$note appendfsync=$(rcli CONFIG GET appendfsync | tail -1)"
+  fi
+}
+queue_kind() { [ "$1" = embedded ] && echo embedded || echo redis; }
+
+# ---------------------------------------------------------------- end-to-end rep
+run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
+  local backend=$1 size=$2 sess=$3 n=$4 rep=$5 t verdict note="" acc left qdir spids
+  log "e2e $backend size=$size sessions=$sess n=$n rep $rep/$REPS"
+  case $backend in
+    direct)
+      # shellcheck disable=SC2046
+      t=$(timer "$RUN_TIMEOUT" "$n" "" "" 0 -- $(source_cmd "$sess" "$n" "$size" "$SINK_PORT"))
+      verdict=$(check_sink "$t" "$n")
+      ;;
+    embedded|redis|redis-always)
+      qdir="$WORK/queue-e2e-$backend"
+      prepare_backend "$backend" "$qdir"
+      start_relay "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML"
+      spids=$RELAY_PID; [ "$backend" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
+      # shellcheck disable=SC2046
+      t=$(timer "$RUN_TIMEOUT" "$n" "$spids" "$RELAY_PID" 0 -- $(source_cmd "$sess" "$n" "$size" "$SMTP_PORT"))
+      verdict=$(check_sink "$t" "$n")
+      acc=$(metric mailrelay_smtp_messages_accepted_total)
+      left=$(relay_wait_empty)
+      [ "${acc:-x}" = "$n" ] || verdict="$verdict; accepted_total=${acc:-?} != $n"
+      [ "$left" = 0 ] || verdict="$verdict; queue still holds ${left} messages"
+      verdict=${verdict#ok; }
+      stop_relay
+      rm -rf "$qdir"
+      ;;
+    postfix)
+      pf_ensure_running; pf_wait_empty; sleep "$COOLDOWN"
+      # shellcheck disable=SC2046
+      t=$(timer "$RUN_TIMEOUT" "$n" "" "" "$MASTER_PID" -- $(source_cmd "$sess" "$n" "$size" "$PF_PORT"))
+      verdict=$(check_sink "$t" "$n")
+      pf_wait_empty
+      ;;
+  esac
+  record "$t" e2e "$backend" "$size" "$sess" "$n" "$rep" "$verdict" "$note"
+  sleep "$COOLDOWN"
+}
+
+# ---------------------------------------------------------------- drain of a full queue
+run_drain() {         # run_drain BACKEND
+  local backend=$1 n=$DRAIN_N size=$DRAIN_SIZE sess=$DRAIN_SESSIONS t verdict note="" acc msgs left qdir spids held cfg
+  log "drain $backend: enqueue $n messages with delivery off"
+  case $backend in
+    embedded|redis|redis-always)
+      qdir="$WORK/queue-drain-$backend"
+      prepare_backend "$backend" "$qdir"
+      start_relay "$(queue_kind "$backend")" "$qdir"          # delivery disabled
+      spids=$RELAY_PID; [ "$backend" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
+      # expect 0 at the sink: nothing may be delivered while enqueueing
+      # shellcheck disable=SC2046
+      t=$(timer "$DRAIN_TIMEOUT" 0 "$spids" "$RELAY_PID" 0 -- $(source_cmd "$sess" "$n" "$size" "$SMTP_PORT"))
+      acc=$(metric mailrelay_smtp_messages_accepted_total)
+      msgs=$(queue_messages)
+      verdict=$(check_sink "$t" 0)
+      [ "${acc:-x}" = "$n" ] || verdict="$verdict; accepted_total=${acc:-?} != $n"
+      [ "${msgs:-x}" = "$n" ] || verdict="$verdict; queue holds ${msgs:-?} != $n"
+      verdict=${verdict#ok; }
+      record "$t" enqueue "$backend" "$size" "$sess" "$n" 1 "$verdict" "$note"
+      stop_relay
+      [ "$verdict" = ok ] || { rm -rf "$qdir"; return 0; }
+      log "drain $backend: start a relay with delivery on, time until the sink has all $n"
+      cfg=$(relay_config "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML")
+      spids=""; [ "$backend" = embedded ] || spids=$REDIS_PID
+      rm -f "$BG_PID_FILE"
+      t=$(timer "$DRAIN_TIMEOUT" "$n" "$spids" 0 0 --background --pid-file "$BG_PID_FILE" -- \
+            bash -c 'exec "$0" serve --config "$1" >>"$2" 2>&1' "$RELAY_BIN" "$cfg" "$WORK/relay.log")
+      RELAY_PID=$(cat "$BG_PID_FILE"); rm -f "$BG_PID_FILE"
+      verdict=$(check_sink "$t" "$n")
+      left=$(relay_wait_empty)
+      [ "$left" = 0 ] || verdict="$verdict; queue still holds ${left} messages"
+      verdict=${verdict#ok; }
+      record "$t" drain "$backend" "$size" "$sess" "$n" 1 "$verdict" "$note"
+      stop_relay
+      rm -rf "$qdir"
+      ;;
+    postfix)
+      pf_ensure_running; pf_wait_empty
+      pf_hold on
+      # shellcheck disable=SC2046
+      t=$(timer "$DRAIN_TIMEOUT" 0 "" "" "$MASTER_PID" -- $(source_cmd "$sess" "$n" "$size" "$PF_PORT"))
+      held=$(find "$PFDIR/spool/hold" -type f | wc -l)
+      verdict=$(check_sink "$t" 0)
+      [ "$held" -eq "$n" ] || verdict="$verdict; hold queue has $held of $n"
+      verdict=${verdict#ok; }
+      record "$t" enqueue "$backend" "$size" "$sess" "$n" 1 "$verdict" "$note"
+      pf_hold off
+      [ "$verdict" = ok ] || { postsuper -c "$PFC" -d ALL hold >/dev/null 2>&1; return 0; }
+      log "drain postfix: postsuper -H ALL (untimed), then time postqueue -f until the sink has all $n"
+      postsuper -c "$PFC" -H ALL >/dev/null 2>&1     # hold -> deferred; does not wake qmgr
+      t=$(timer "$DRAIN_TIMEOUT" "$n" "" "" "$MASTER_PID" -- postqueue -c "$PFC" -f)
+      verdict=$(check_sink "$t" "$n")
+      pf_wait_empty
+      record "$t" drain "$backend" "$size" "$sess" "$n" 1 "$verdict" "$note"
+      ;;
+  esac
+  sleep "$COOLDOWN"
+}
+
+# ---------------------------------------------------------------- machine facts
+log "machine: $(nproc) CPUs, $(uname -r); mailrelay $GIT_REV (+$GIT_DIRTY modified tracked files)"
+log "N=$N REPS=$REPS SCENARIOS='$SCENARIOS' BACKENDS='$BACKENDS' DRAIN=$DRAIN DRAIN_N=$DRAIN_N DRAIN_BACKENDS='$DRAIN_BACKENDS' ROUTE=$ROUTE work=$WORK"
+FSYNC=$(fsync_probe)
+log "fsync probe ($WORK): $FSYNC"
+write_facts "$WORK/facts.json" "dict(N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
+
+# ---------------------------------------------------------------- runs
+start_sink
+if any_redis; then start_redis; fi
+[ "$ROUTE" = mx ] && start_dns
+if any_pf; then
+  configure_postfix
+  start_postfix
+  timeout 30 swaks --server "127.0.0.1:$PF_PORT" --from sender@example.com --to rcpt@example.net \
+    --helo bench.local --silent 2 >/dev/null 2>&1 || log "  (swaks smoke test through Postfix failed or swaks missing)"
+  pf_wait_empty
+fi
+set_appendfsync() {
+  case $1 in
+    redis) rcli CONFIG SET appendfsync everysec >/dev/null ;;
+    redis-always) rcli CONFIG SET appendfsync always >/dev/null ;;
+  esac
+}
+
+# Scenario-major order: all backends of one scenario run back to back, so a drift in
+# background load hits the numbers compared with each other alike.
+for sc in $SCENARIOS; do
+  size=${sc%%:*}; sess=${sc##*:}
+  for backend in $BACKENDS; do
+    set_appendfsync "$backend"
+    for rep in $(seq 1 "$REPS"); do run_e2e "$backend" "$size" "$sess" "$N" "$rep"; done
+  done
+done
+if [ "$DRAIN" = 1 ]; then
+  for backend in $DRAIN_BACKENDS; do
+    set_appendfsync "$backend"
+    run_drain "$backend"
+  done
+fi
+
+if [ "$MASTER_PID" -gt 0 ]; then
+  pf_wait_empty
+  pf_finish_log
+  stop_postfix
+  log "postfix stopped"
+fi
+stop_pid "$REDIS_PID"; REDIS_PID=""; rm -rf "$WORK/redis"
+stop_pid "$SINK_PID"; SINK_PID=""
+stop_pid "$DNS_PID"; DNS_PID=""
+
+# ---------------------------------------------------------------- report
+python3 "$BENCH_DIR/e2e_report.py" "$WORK" | tee "$WORK/report.md"
+log "report: $WORK/report.md; raw: $WORK/runs.jsonl, $WORK/facts.json; logs: $WORK/*.log"
+if [ "$INVALID" -gt 0 ]; then
+  log "$INVALID invalid rep(s): see the table (ok/runs) and $WORK/runs.jsonl"
+  exit 1
+fi

@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Markdown report of bench/e2e.sh: e2e_report.py WORKDIR (reads runs.jsonl and
+facts.json there) -> stdout."""
+import json
+import os
+import statistics as st
+import sys
+
+work = sys.argv[1]
+rows = [json.loads(l) for l in open(os.path.join(work, 'runs.jsonl')) if l.strip()]
+facts = json.load(open(os.path.join(work, 'facts.json')))
+kn = facts['knobs']
+
+LABEL = {
+    'direct': 'smtp-source→smtp-sink (tool ceiling)',
+    'embedded': 'mailrelay, embedded redb',
+    'redis': 'mailrelay, Redis AOF everysec',
+    'redis-always': 'mailrelay, Redis AOF always',
+    'postfix': 'Postfix (anchor settings)',
+}
+RELAY = ('embedded', 'redis', 'redis-always')
+
+
+def size_name(b):
+    return f'{b // 1024} KB' if b % 1024 == 0 else f'{b} B'
+
+
+def scen_name(k):
+    return f"{size_name(k[0]).replace(' ', '').lower()}-s{k[1]}"
+
+
+def fmt(v):
+    return f'{v:,.0f}'
+
+
+def ok(rs):
+    return [r for r in rs if r['status'] == 'ok']
+
+
+def e2e_rate(r):
+    return r['n'] / r['t_e2e']
+
+
+def server_ms(r):
+    return None if r['backend'] == 'direct' else 1000 * r['server_cpu'] / r['n']
+
+
+def loads(rs):
+    return ' / '.join(r['loadavg'].split()[0] for r in rs)
+
+
+print(f"## mailrelay end-to-end benchmark — {facts['date']}")
+print()
+print(f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['mem']}, kernel {facts['kernel']}, {facts['os']}; "
+      f"Postfix {facts['postfix']}, Redis {facts['redis']}, mailrelay {facts['mailrelay']}.")
+print(f"fsync probe (same filesystem as the queues: {facts['queue_fs_same_as_postfix_spool']}): {facts['fsync_probe']}.")
+print(f"Knobs: N={kn['N']}, REPS={kn['REPS']}, DRAIN_N={kn['DRAIN_N']} ({size_name(kn['DRAIN_SIZE'])}, "
+      f"{kn['DRAIN_SESSIONS']} sessions), ROUTE={kn['ROUTE']}, QUICK={kn['QUICK']}; one message per SMTP session "
+      "into the relay: `smtp-source -s S -m N -l L -f sender@example.com -t rcpt@example.net -M bench.local`.")
+print('mailrelay delivery section: `' + ' '.join(l.strip() for l in kn['delivery'].splitlines()) + '`.')
+print()
+
+# ---------------------------------------------------------------- end to end
+e2e = [r for r in rows if r['phase'] == 'e2e']
+scen, backends = [], []
+for r in e2e:
+    k = (r['size'], r['sessions'])
+    if k not in scen:
+        scen.append(k)
+    if r['backend'] not in backends:
+        backends.append(r['backend'])
+
+
+def group(k, b):
+    return [r for r in e2e if (r['size'], r['sessions']) == k and r['backend'] == b]
+
+
+med = {}
+for k in scen:
+    for b in backends:
+        g = ok(group(k, b))
+        if g:
+            med[(k, b)] = st.median(e2e_rate(r) for r in g)
+
+if e2e:
+    print('### 1. End-to-end rate')
+    print()
+    print('end-to-end = N / wall time from starting smtp-source until smtp-sink had counted all N (median [min-max]')
+    print('over reps); vs Postfix = median / Postfix median of the same scenario in this run. accept = N / time until')
+    print('smtp-source exited; "in flight at accept" = messages accepted but not yet at the sink when smtp-source')
+    print('exited (median). CPU ms/msg: all = whole machine busy time per message; server = mailrelay (+ redis-server),')
+    print('or Postfix master and every daemon. load1 = 1-minute load average right before each rep. msgs/conn =')
+    print('N / SMTP sessions smtp-sink saw end during the rep (a connection still cached at the end is not counted).')
+    print()
+    print('| scenario | backend | ok/runs | end-to-end msg/s median [min-max] | vs Postfix | accept msg/s | in flight at accept | msgs/conn | CPU ms/msg all | CPU ms/msg server | busy % | pre-busy % max | load1 before each rep |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+    for k in scen:
+        for b in backends:
+            rs = group(k, b)
+            if not rs:
+                continue
+            g = ok(rs)
+            if not g:
+                print(f"| {scen_name(k)} | {LABEL.get(b, b)} | 0/{len(rs)} | INVALID: {rs[0]['status']} {rs[0]['stderr'][:80]} | | | | | | | | | {loads(rs)} |")
+                continue
+            xs = [e2e_rate(r) for r in g]
+            m = st.median(xs)
+            if b == 'postfix':
+                ratio = '1.00×'
+            elif (k, 'postfix') in med:
+                ratio = f"{m / med[(k, 'postfix')]:.2f}×"
+                if b in RELAY:
+                    ratio = f'**{ratio}**'
+            else:
+                ratio = '—'
+            acc = st.median(r['n'] / r['t_accept'] for r in g)
+            inflight = st.median(r['n'] - (r['sink_at_accept'] or 0) for r in g)
+            allms = st.median(1000 * r['total_cpu'] / r['n'] for r in g)
+            conns = [r['n'] / r['sink_sessions'] for r in g if r.get('sink_sessions')]
+            per_conn = f'{st.median(conns):.1f}' if conns else '—'
+            sv = [server_ms(r) for r in g]
+            svs = '—' if sv[0] is None else f'{st.median(sv):.3f}'
+            busy = st.median(r['busy_pct'] for r in g)
+            pre = max(r['pre_busy_pct'] for r in rs)
+            print(f"| {scen_name(k)} | {LABEL.get(b, b)} | {len(g)}/{len(rs)} | {fmt(m)} [{fmt(min(xs))}-{fmt(max(xs))}] | "
+                  f"{ratio} | {fmt(acc)} | {fmt(inflight)} | {per_conn} | {allms:.3f} | {svs} | {busy:.0f} | {pre:.0f} | {loads(rs)} |")
+    lines = []
+    for b in RELAY:
+        rs = [(med[(k, b)] / med[(k, 'postfix')], k) for k in scen if (k, b) in med and (k, 'postfix') in med]
+        if rs:
+            lo = min(rs)
+            lines.append(f"{b} {lo[0]:.2f}×–{max(x for x, _ in rs):.2f}× (lowest at {size_name(lo[1][0])}, {lo[1][1]} sessions)")
+    if lines:
+        print()
+        print('End-to-end ratio to Postfix over the scenarios (target ≥ 3×): ' + '; '.join(lines) + '.')
+
+    thr = []
+    for k in scen:
+        for b in RELAY:
+            g = ok(group(k, b))
+            if not g:
+                continue
+            names = sorted({t for r in g for t in r.get('threads', {})})
+            parts = []
+            for t in names:
+                v = st.median(1000 * r['threads'].get(t, 0) / r['n'] for r in g)
+                if v >= 0.001:
+                    parts.append(f'{t} {v:.3f}')
+            extra = ''
+            if b != 'embedded':
+                rd = st.median(1000 * (r['server_cpu'] - sum(r['threads'].values())) / r['n'] for r in g)
+                extra = f'; redis-server ≈ {max(0.0, rd):.3f}'
+            tools = st.median(1000 * (r['src_cpu'] + r['tool_cpu']) / r['n'] for r in g)
+            thr.append(f"| {scen_name(k)} | {b} | {', '.join(parts)}{extra} | {tools:.3f} |")
+    if thr:
+        print()
+        print('mailrelay CPU by thread, ms per message (median over reps; /proc/PID/task/*/schedstat); load tools =')
+        print('smtp-source + smtp-sink.')
+        print()
+        print('| scenario | backend | mailrelay threads (ms/msg) | load tools ms/msg |')
+        print('|---|---|---|---|')
+        for l in thr:
+            print(l)
+
+# ---------------------------------------------------------------- drain
+enq = {r['backend']: r for r in rows if r['phase'] == 'enqueue'}
+drn = {r['backend']: r for r in rows if r['phase'] == 'drain'}
+if enq:
+    print()
+    print('### 2. Drain of a full queue')
+    print()
+    print('enqueue = N / time until smtp-source exited, with delivery off (mailrelay: `delivery.enabled: false`;')
+    print('Postfix: every message on hold). drain = N / time from starting delivery (mailrelay: starting a fresh')
+    print('relay process on that queue; Postfix: `postqueue -f` after an untimed `postsuper -H ALL`) until')
+    print('smtp-sink had counted all N. One run each; load1 before enqueue / before drain.')
+    print()
+    print('| backend | N | ok | enqueue msg/s | drain time s | drain msg/s | vs Postfix | msgs/conn | CPU ms/msg all (drain) | CPU ms/msg server (drain) | busy % | load1 |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|---|')
+    pf = drn.get('postfix')
+    pf_rate = pf['n'] / pf['t_e2e'] if pf and pf['status'] == 'ok' else None
+    for b, e in enq.items():
+        d = drn.get(b)
+        er = fmt(e['n'] / e['t_accept']) if e['status'] == 'ok' else f"INVALID: {e['status']}"
+        if d is None or d['status'] != 'ok':
+            st_ = 'no' if d is None else f"INVALID: {d['status']}"
+            print(f"| {LABEL.get(b, b)} | {e['n']:,} | {st_} | {er} | | | | | | | | {e['loadavg'].split()[0]} |")
+            continue
+        rate = d['n'] / d['t_e2e']
+        per_conn = f"{d['n'] / d['sink_sessions']:.1f}" if d.get('sink_sessions') else '—'
+        ratio = '1.00×' if b == 'postfix' else (f'**{rate / pf_rate:.2f}×**' if pf_rate else '—')
+        print(f"| {LABEL.get(b, b)} | {d['n']:,} | {'yes' if e['status'] == 'ok' else 'enqueue invalid'} | {er} | "
+              f"{d['t_e2e']:.1f} | {fmt(rate)} | {ratio} | {per_conn} | {1000 * d['total_cpu'] / d['n']:.3f} | "
+              f"{1000 * d['server_cpu'] / d['n']:.3f} | {d['busy_pct']:.0f} | {e['loadavg'].split()[0]} / {d['loadavg'].split()[0]} |")
