@@ -1,38 +1,9 @@
-//! Case-insensitive globs for egress matching (`*` any run, `?` one character).
-//!
-//! Egress-only for now so the two quota halves could be built apart; the ingress
-//! matcher has the same semantics and the two are meant to be merged into one.
+//! Egress matching on names: the quota globs of [`crate::quota::glob`], and how
+//! domains and host names are normalised before they are compared.
 
-/// Whether `text` matches `pattern` (ASCII case-insensitive; `*` matches any run of
-/// characters including none, `?` exactly one). Linear backtracking on the last `*`,
-/// so a hostile pattern cannot make it exponential.
+/// Whether `text` matches `pattern` (case-insensitive `*` and `?`).
 pub fn egress_glob_match(pattern: &str, text: &str) -> bool {
-    let p: Vec<char> = pattern.chars().map(|c| c.to_ascii_lowercase()).collect();
-    let t: Vec<char> = text.chars().map(|c| c.to_ascii_lowercase()).collect();
-    let (mut pi, mut ti) = (0, 0);
-    // Where the last `*` was and how much of the text it has swallowed so far.
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        match p.get(pi) {
-            Some('*') => {
-                star = Some((pi, ti));
-                pi += 1;
-            }
-            Some(&c) if c == '?' || c == t[ti] => {
-                pi += 1;
-                ti += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    pi = sp + 1;
-                    ti = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
+    crate::quota::glob::Glob::new(pattern).is_match(text)
 }
 
 /// Domains and host names compare without a trailing dot.
