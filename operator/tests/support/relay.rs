@@ -19,6 +19,13 @@ pub fn binary() -> &'static Path {
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_owned();
         let target_dir = profile_dir.parent().unwrap().to_owned();
+        let bin = profile_dir.join("mailrelay");
+        // `cargo test --workspace` has built it already (the relay's own tests need
+        // it); a nested build would pick other dependency features (only this
+        // package selected) and recompile much of the tree for nothing.
+        if up_to_date(&bin) {
+            return bin;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         // The test's own CARGO_* variables (package name, manifest dir, ...) would
@@ -37,10 +44,31 @@ pub fn binary() -> &'static Path {
             .status()
             .expect("run cargo to build the mailrelay binary");
         assert!(st.success(), "cargo build -p mailrelay failed");
-        let bin = profile_dir.join("mailrelay");
         assert!(bin.exists(), "{} missing after the build", bin.display());
         bin
     })
+}
+
+/// Whether `bin` is newer than every source it is built from.
+fn up_to_date(bin: &Path) -> bool {
+    fn newest(p: &Path) -> Option<std::time::SystemTime> {
+        let meta = std::fs::metadata(p).ok()?;
+        if !meta.is_dir() {
+            return meta.modified().ok();
+        }
+        std::fs::read_dir(p)
+            .ok()?
+            .filter_map(|e| newest(&e.ok()?.path()))
+            .max()
+    }
+    let Some(built) = std::fs::metadata(bin).and_then(|m| m.modified()).ok() else {
+        return false;
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    ["relay/src", "relay/Cargo.toml", "Cargo.lock", "Cargo.toml"]
+        .iter()
+        .filter_map(|p| newest(&root.join(p)))
+        .all(|t| t <= built)
 }
 
 pub struct RelayProcess {
