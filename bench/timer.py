@@ -7,6 +7,7 @@ Used by bench/ingress.sh; one call = one timed rep = one JSON line on stdout.
              [--threads-of 123] [--sink-out FILE --sink-expect N [--settle S]]
              [--background --pid-file FILE] -- smtp-source -s 20 -m 10000 ... 127.0.0.1:PORT
     timer.py --sink-count FILE      (prints how many messages smtp-sink -c has counted)
+    timer.py --sink-sessions FILE   (prints how many SMTP sessions it has seen end)
 
 t_accept is the wall time from starting the command until it exited, i.e. until
 every one of its messages got its final reply (smtp-source waits for the reply
@@ -178,10 +179,14 @@ def main():
     ap.add_argument('--background', action='store_true')
     ap.add_argument('--pid-file', default='')
     ap.add_argument('--sink-count', default='')
+    ap.add_argument('--sink-sessions', default='')
     ap.add_argument('cmd', nargs=argparse.REMAINDER)
     a = ap.parse_args()
     if a.sink_count:
         print(sink_count(a.sink_count))
+        return 0
+    if a.sink_sessions:
+        print(sink_counters(a.sink_sessions)[1])
         return 0
     if a.background and not (a.sink_out and a.pid_file):
         ap.error('--background needs --sink-out, --sink-expect and --pid-file')
@@ -288,6 +293,7 @@ def main():
         'sink_at_accept': sink_at_accept,
         'sink_got': sink_got,
         'sink_sessions': sink_sessions,
+        'sink_sess0': sess0 if a.sink_out else None,
         'busy_pct': round(100.0 * (dt - (idle1 - idle0) - (iow1 - iow0)) / dt, 1),
         'iowait_pct': round(100.0 * (iow1 - iow0) / dt, 1),
         'steal_pct': round(100.0 * (st1 - st0) / dt, 1),
