@@ -68,26 +68,7 @@ pub enum QueueCommand {
 
 /// Runs the command; prints errors to stderr and returns exit code 1 on failure.
 pub fn run(args: QueueArgs) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mailrelay: starting the async runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(execute(&args)) {
-        Ok(out) => {
-            print!("{out}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("mailrelay: {e}");
-            ExitCode::from(1)
-        }
-    }
+    super::run_printing(execute(&args))
 }
 
 /// Performs the command and returns what to print on stdout.

@@ -360,7 +360,7 @@ impl Scripts {
 /// Either kind of connection; both multiplex many requests over one socket per node
 /// and reconnect by themselves.
 #[derive(Clone)]
-enum Conn {
+pub(crate) enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
 }
