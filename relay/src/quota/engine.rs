@@ -253,9 +253,7 @@ impl Quotas {
             else {
                 continue;
             };
-            let recipients = set
-                .get(&r.quota)
-                .is_some_and(|q| q.cfg.unit == Unit::Recipients);
+            let recipients = set.counts_recipients(&r.quota);
             let known = if remaining == 0 {
                 // Every full window must free a unit before one more fits.
                 let free = r

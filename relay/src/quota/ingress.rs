@@ -190,6 +190,9 @@ impl CompiledQuota {
 #[derive(Debug, Clone, Default)]
 pub struct QuotaSet {
     pub quotas: Vec<CompiledQuota>,
+    /// Names of the quotas with `unit: recipients` (what is learned from a check
+    /// differs for them).
+    recipients_unit: std::collections::HashSet<String>,
 }
 
 /// One ingress quota a message falls under.
@@ -206,7 +209,17 @@ impl QuotaSet {
     pub fn compile(cfgs: &[QuotaConfig]) -> Self {
         QuotaSet {
             quotas: cfgs.iter().map(CompiledQuota::new).collect(),
+            recipients_unit: cfgs
+                .iter()
+                .filter(|q| q.unit == Unit::Recipients)
+                .map(|q| q.name.clone())
+                .collect(),
         }
+    }
+
+    /// Whether the quota of this name counts recipients.
+    pub fn counts_recipients(&self, name: &str) -> bool {
+        !self.recipients_unit.is_empty() && self.recipients_unit.contains(name)
     }
 
     pub fn get(&self, name: &str) -> Option<&CompiledQuota> {
@@ -445,6 +458,7 @@ mod tests {
 
         let set = QuotaSet {
             quotas: vec![msgs, g, e],
+            ..QuotaSet::default()
         };
         let applies = set.ingress(&raw, &rcpts, 900);
         assert_eq!(
