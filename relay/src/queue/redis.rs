@@ -472,20 +472,11 @@ pub struct EnqueueGuard {
 
 /// Runs the guard, then the enqueue only if the guard allowed it.
 const GUARDED_ENQUEUE_MAIN: &str = r#"
--- KEYS: the guard's keys, then the enqueue's five
--- ARGV: guard key count, guard argument count, the guard's arguments, then the
---   enqueue's five
+-- KEYS: the enqueue's five, then the guard's keys
+-- ARGV: the enqueue's five, then the guard's arguments
 -- Returns {allowed (1/0), the guard's reply}
-local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
-local gk, ek, ga, ea = {}, {}, {}, {}
-for i = 1, #KEYS do
-  if i <= nk then gk[i] = KEYS[i] else ek[i - nk] = KEYS[i] end
-end
-for i = 3, #ARGV do
-  if i <= na + 2 then ga[i - 2] = ARGV[i] else ea[i - na - 2] = ARGV[i] end
-end
-local allowed, reply = guard(gk, ga)
-if allowed then enqueue(ek, ea) end
+local allowed, reply = guard(KEYS, ARGV, 5, 5)
+if allowed then enqueue(KEYS, ARGV) end
 return {allowed and 1 or 0, reply}
 "#;
 
@@ -612,7 +603,9 @@ impl RedisQueue {
     }
 
     /// Builds and loads the script of a guarded enqueue: `guard_lua` must define
-    /// `local function guard(KEYS, ARGV)` returning `allowed, reply`. `None` in Redis
+    /// `local function guard(KEYS, ARGV, K0, A0)` returning `allowed, reply`, reading
+    /// its keys from `KEYS[K0 + 1]` and its arguments from `ARGV[A0 + 1]` (the
+    /// enqueue's come first, so that neither list is copied). `None` in Redis
     /// Cluster, where the guard's keys live in another slot than the message's.
     pub async fn enqueue_guard(&self, guard_lua: &str) -> Result<Option<EnqueueGuard>, QueueError> {
         if matches!(self.conn, Conn::Cluster(_)) {
@@ -656,25 +649,23 @@ impl RedisQueue {
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(guard.script.get_hash())
-                .arg(keys.len() + 5);
-            for k in keys {
-                cmd.arg(k);
-            }
-            cmd.arg(shard.message(id))
+                .arg(keys.len() + 5)
+                .arg(shard.message(id))
                 .arg(&shard.due)
                 .arg(&shard.ids)
                 .arg(&shard.stats)
-                .arg(&shard.leased)
-                .arg(keys.len())
-                .arg(args.len());
-            for a in args {
-                cmd.arg(a.as_slice());
+                .arg(&shard.leased);
+            for k in keys {
+                cmd.arg(k);
             }
             cmd.arg(id)
                 .arg(envelope.as_slice())
                 .arg(msg.body.as_slice())
                 .arg(msg.envelope.received_at_ms)
                 .arg(status.as_slice());
+            for a in args {
+                cmd.arg(a.as_slice());
+            }
             if self.wait_replicas > 0 {
                 pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT_MS);
             }

@@ -24,13 +24,16 @@
 //! | `mr:{mr:quota}:c:<key>`  | hash       | every counter of one key (a sender, an AUTH user, `*` for shared quotas), see below |
 //! | `mr:{mr:quota}:keys`     | sorted set | the keys, scored by when their counters all go stale (for the usage API) |
 //!
-//! In a key's hash, each quota and window has a state field `<quota>:<window ms>`
-//! holding the total counted, the lowest bucket kept, the latest bucket and the
-//! units in it (four little-endian doubles, 32 bytes), and one field
-//! `<quota>:<window ms>:<bucket index>` per older bucket that still holds units. The
-//! latest bucket lives inside the state, so a check of a quota window reads one field
-//! and writes one (plus, once per bucket, the bucket just finished): all windows of
-//! all quotas of a key in one `HMGET` and one `HSET`.
+//! A key's hash holds one packed state, field `s`: for each quota window that still
+//! counts, the quota's id ([`quota_id`], a hash of its name), the window and bucket
+//! length, the total counted, the lowest bucket kept, the latest bucket and the units
+//! in it (little-endian doubles), after the time the hash's expiry is good until.
+//! Each older bucket that still holds units is a field of its own,
+//! `<quota id>:<window ms>:<bucket index>` ([`bucket_field`]). The latest bucket lives
+//! inside the state, so a check of every window of every quota of a key reads one
+//! field and writes one (plus, once per bucket, the bucket just finished), and Lua
+//! unpacks and packs all of them in one C call each: the cost per window is a few
+//! arithmetic steps, which is what keeps ten quotas cheap.
 //!
 //! All quotas of one key share a hash, so checking ten quotas of a sender is a
 //! handful of hash commands, not ten times that. One hash tag for all quota keys puts
@@ -43,10 +46,13 @@
 //! longest window) after its last charge, when every bucket has stopped counting;
 //! index entries are dropped once stale, and the index expires like the
 //! longest-lived hash. Expiry and index are refreshed only when the time they are
-//! good until (kept in the hash's field `~`) comes within a window of now, about
-//! sixteen times per window, not on every charge. Fields of a quota
-//! that was removed from the config stay in the hashes of keys that keep sending
-//! until those keys go quiet.
+//! good until (kept in the state) comes within a window of now, about sixteen times
+//! per window, not on every charge. The state of a window nothing counts in any
+//! more (a quota removed from the config, or one the key no longer falls under) is
+//! dropped, with its older buckets, the next time the key is charged.
+//!
+//! Counters written by versions before this layout (a field per quota window) are
+//! not read: upgrading starts every window afresh.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -61,34 +67,94 @@ use super::window::{WindowCheck, WindowSpec};
 use crate::queue::QueuedMessage;
 use crate::queue::redis::{EnqueueGuard, RedisQueue, SharedRedis};
 
-/// Helpers shared by the scripts (prepended to each).
+/// Helpers shared by the scripts (prepended to each). The including code defines
+/// `A0`, the offset of the script's own arguments in `ARGV` (non-zero when the check
+/// rides in the enqueue script, after the enqueue's arguments).
 const COMMON_LUA: &str = r#"
-local tonumber, floor = tonumber, math.floor
+local tonumber, floor, min = tonumber, math.floor, math.min
 local now
-if ARGV[1] == '' then
+if ARGV[A0 + 1] == '' then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + floor(tonumber(t[2]) / 1000)
 else
-  now = tonumber(ARGV[1])
+  now = tonumber(ARGV[A0 + 1])
 end
 -- The oldest bucket counted now: the one holding now - W + 1.
 local function lower_of(W, b) return floor((now + 1 - W) / b) end
--- A window's state: total, lowest bucket kept, latest bucket, units in it, as four
--- little-endian doubles (exact for integers below 2^53; packing is several times
--- cheaper than formatting numbers as text, and this runs for every window).
-local pack, unpack4 = struct.pack, struct.unpack
-local function parse(s)
-  if not s then return nil end
-  local t, lo, cb, cv = unpack4('<dddd', s)
-  return t, lo, cb, cv
+local pack, unpack4, rep = struct.pack, struct.unpack, string.rep
+-- A key's state, field `s` of its hash: little-endian doubles (exact for integers
+-- below 2^53; one C call reads or writes them all, several times cheaper than text
+-- or a field per window): the time the hash's expiry and index entry are good
+-- until, then REC per quota window: quota id, window ms, bucket ms, total counted,
+-- lowest bucket kept, latest bucket, units in the latest bucket.
+local REC = 7
+-- Values one struct call handles: results go through Lua's C stack (8000 slots).
+local CHUNK = 4000
+local function decode(blob)
+  if not blob then return {0}, 1 end
+  local n = #blob / 8
+  if n % 1 ~= 0 or (n - 1) % REC ~= 0 then
+    error('mailrelay: quota state of ' .. #blob .. ' bytes is not a whole record')
+  end
+  if n <= CHUNK then return {unpack4('<' .. rep('d', n), blob)}, n end
+  local v, got, pos = {}, 0, 1
+  while got < n do
+    local m = min(n - got, CHUNK)
+    local part = {unpack4('<' .. rep('d', m), blob, pos)}
+    for i = 1, m do v[got + i] = part[i] end
+    got, pos = got + m, part[m + 1]
+  end
+  return v, n
 end
-local function state(t, lo, cb, cv) return pack('<dddd', t, lo, cb, cv) end
+local function encode(v, n)
+  if n <= CHUNK then return pack('<' .. rep('d', n), unpack(v, 1, n)) end
+  local parts = {}
+  for i = 1, n, CHUNK do
+    local j = min(n, i + CHUNK - 1)
+    parts[#parts + 1] = pack('<' .. rep('d', j - i + 1), unpack(v, i, j))
+  end
+  return table.concat(parts)
+end
+-- The offset of the record of quota q's window W in v, looking at `hint` first
+-- (records are kept in the order they were last checked in).
+local function find(v, n, q, W, hint)
+  if hint + REC - 1 <= n and v[hint] == q and v[hint + 1] == W then return hint end
+  for o = 2, n, REC do
+    if v[o] == q and v[o + 1] == W then return o end
+  end
+  return nil
+end
+-- Older buckets are fields of their own, `<quota id>:<window ms>:<bucket>`.
+local function prefix(q, W) return q .. ':' .. W .. ':' end
+local function hdel(key, fields, n)
+  for i = 1, n, CHUNK do redis.call('HDEL', key, unpack(fields, i, min(n, i + CHUNK - 1))) end
+end
+-- The state without the records nothing counts in any more (quotas removed from
+-- the config, or ones the key no longer falls under); their older buckets go too.
+local function live(key, v, n)
+  local w, nw, old, nold = {v[1]}, 1, {}, 0
+  for o = 2, n, REC do
+    local W, b, c = v[o + 1], v[o + 2], v[o + 5]
+    if now < (c + 1) * b + W - 1 then
+      for k = 0, REC - 1 do w[nw + 1 + k] = v[o + k] end
+      nw = nw + REC
+    else
+      local pre = prefix(v[o], W)
+      for j = v[o + 4], c - 1 do
+        nold = nold + 1
+        old[nold] = pre .. j
+      end
+    end
+  end
+  hdel(key, old, nold)
+  return w, nw
+end
 -- Units per bucket j = from .. cb: older ones from their fields, cb from the state.
-local function buckets(key, sf, from, cb, cv)
+local function buckets(key, pre, from, cb, cv)
   local fields, n = {}, 0
   for j = from, cb - 1 do
     n = n + 1
-    fields[n] = sf .. ':' .. j
+    fields[n] = pre .. j
   end
   local vals = {}
   if n > 0 then vals = redis.call('HMGET', key, unpack(fields)) end
@@ -99,10 +165,10 @@ local function buckets(key, sf, from, cb, cv)
 end
 -- When `need` units will have stopped counting: walks the buckets from the oldest.
 -- -1: never (fewer than `need` are counted).
-local function frees(key, sf, lo, cb, cv, W, b, need)
+local function frees(key, pre, lo, cb, cv, W, b, need)
   if not lo or need <= 0 then return 0 end
   local acc = 0
-  for i, v in ipairs(buckets(key, sf, lo, cb, cv)) do
+  for i, v in ipairs(buckets(key, pre, lo, cb, cv)) do
     acc = acc + v
     if v > 0 and acc >= need then return (lo + i) * b + W - 1 end
   end
@@ -110,198 +176,209 @@ local function frees(key, sf, lo, cb, cv, W, b, need)
 end
 "#;
 
-/// Check and charge, as the body of `local function guard(KEYS, ARGV)` (so that it
-/// can run alone, or before an enqueue in the same call: see [`RedisCounters`]);
-/// the Rust twin is [`super::window::WindowState`]. Written for speed (it runs once
-/// per message, over every window of every matching quota): per-window state in flat
-/// arrays, per key one `HMGET` and one `HSET`.
+/// Check and charge, as the body of `local function guard(KEYS, ARGV, K0, A0)`
+/// (its keys from `KEYS[K0 + 1]`, its arguments from `ARGV[A0 + 1]`), so that it
+/// can run alone or before an enqueue in the same call: see [`RedisCounters`]. The
+/// Rust twin is [`super::window::WindowState`]. Written for speed (it runs once per
+/// message, over every window of every matching quota): per key one `HGET` and one
+/// `HSET` of a packed state, one C call to unpack the arguments, flat arrays.
 pub const CHARGE_LUA: &str = r#"
--- KEYS: one counter hash per key group, then the key index
--- ARGV: now ('' = Redis TIME), the numbers, then the strings. The numbers are
---   little-endian doubles (one C call to read, instead of parsing text): group
---   count, then per group: ttl ms, request count, then per request: cost, window
---   count, then per window: limit, window ms, bucket ms. The strings: per group
---   the key, then per window its state field name (`<quota>:<window ms>`).
+-- KEYS: one counter hash per key group, then the key index (the last key)
+-- ARGV: now ('' = Redis TIME), the struct format of the numbers, the numbers
+--   (doubles): group count, then per group: ttl ms, request count, then per
+--   request: cost, window count, then per window: quota id, limit, window ms,
+--   bucket ms. Then per group its key (the index member).
 -- Returns whether all fit, and little-endian doubles: allowed (1/0), now, then per
 --   group, request and window: used, retry_at (0 fits, -1 never), free_at (0 when a
 --   unit is free)
 local index = KEYS[#KEYS]
-local num, pos = ARGV[2], 1
-local ngroups
-ngroups, pos = unpack4('<d', num, pos)
--- Per window i (numbered across all groups): state field, cost, limit, window,
--- bucket size, and the state: total, lowest bucket, latest bucket, units in it.
-local sf, cost, limit, W, b, total, lo, cb, cv, retry, rolled_at =
-  {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, {}
-local gfirst, glast, gmember, gttl, gsure = {}, {}, {}, {}, {}
+local N = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
+local ngroups, p = N[1], 2
+-- Per window i (numbered across all groups): where its numbers start in N (quota
+-- id, limit, window ms, bucket ms), its cost, the offset of its record in its key's
+-- state, when it could be charged (0 now, -1 never). The records are read and
+-- updated in place: every table write costs in this interpreter.
+local arg, cost, rec, retry = {}, {}, {}, {}
+-- Per group: first and last window, ttl, state and its length, whether old
+-- buckets were dropped.
+local gfirst, glast, gttl, gstate, gn, grolled = {}, {}, {}, {}, {}, {}
 local allowed = true
-local si = 3
 local n = 0
 for g = 1, ngroups do
-  local key = KEYS[g]
+  local key = KEYS[K0 + g]
   local nreq
-  gttl[g], nreq, pos = unpack4('<dd', num, pos)
-  gmember[g] = ARGV[si]
-  si = si + 1
+  gttl[g], nreq, p = N[p], N[p + 1], p + 2
   gfirst[g] = n + 1
   for r = 1, nreq do
-    local c, nw
-    c, nw, pos = unpack4('<dd', num, pos)
+    local c, nw = N[p], N[p + 1]
+    p = p + 2
     for w = 1, nw do
       n = n + 1
-      cost[n], sf[n] = c, ARGV[si]
-      limit[n], W[n], b[n], pos = unpack4('<ddd', num, pos)
-      si = si + 1
+      arg[n], cost[n] = p, c
+      p = p + 4
     end
   end
   glast[g] = n
-  sf[n + 1] = '~'
-  local vals = redis.call('HMGET', key, unpack(sf, gfirst[g], n + 1))
-  sf[n + 1] = nil
-  gsure[g] = tonumber(vals[n - gfirst[g] + 2]) or 0
+  local v, nv = decode(redis.call('HGET', key, 's'))
   -- Drop the buckets that no longer count, for every window of the key at once.
   local drop, nd, rolled = nil, 0, nil
+  local hint = 2
   for i = gfirst[g], n do
-    local t, l, c, v = parse(vals[i - gfirst[g] + 1])
-    total[i], lo[i], cb[i], cv[i] = t or 0, l, c, v
-    if l then
-      local lower = lower_of(W[i], b[i])
-      if lower > l then
-        drop = drop or {}
-        rolled = rolled or {}
-        local from = nd + 1
-        -- Older buckets are fields below the latest one; the state holds at most
-        -- one window's worth of them, so this stays short after any idle time.
-        for j = l, math.min(lower, c) - 1 do
-          nd = nd + 1
-          drop[nd] = sf[i] .. ':' .. j
-        end
-        rolled[#rolled + 1] = {i, from, nd, lower}
+    local a = arg[i]
+    local q, Wi, bi = N[a], N[a + 2], N[a + 3]
+    local o = find(v, nv, q, Wi, hint)
+    local lower = lower_of(Wi, bi)
+    if not o then
+      -- A window the key has no record of (yet, or any more): an empty one, kept
+      -- only if the state is written.
+      o = nv + 1
+      v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4], v[o + 5], v[o + 6] =
+        q, Wi, bi, 0, lower, floor(now / bi), 0
+      nv = nv + REC
+    elseif lower > v[o + 4] then
+      drop = drop or {}
+      rolled = rolled or {}
+      local pre, from = prefix(q, Wi), nd + 1
+      -- Older buckets are fields below the latest one; the state holds at most one
+      -- window's worth of them, so this stays short after any idle time.
+      for j = v[o + 4], min(lower, v[o + 5]) - 1 do
+        nd = nd + 1
+        drop[nd] = pre .. j
       end
+      rolled[#rolled + 1] = {o, from, nd, lower}
     end
+    rec[i], hint = o, o + REC
   end
   if rolled then
     local dv = {}
-    if nd > 0 then
-      dv = redis.call('HMGET', key, unpack(drop))
-      redis.call('HDEL', key, unpack(drop))
+    for i = 1, nd, CHUNK do
+      local part = redis.call('HMGET', key, unpack(drop, i, min(nd, i + CHUNK - 1)))
+      for k = 1, #part do dv[i + k - 1] = part[k] end
     end
+    hdel(key, drop, nd)
     for _, r in ipairs(rolled) do
-      local i, lower = r[1], r[4]
-      local t = total[i]
+      local o, lower = r[1], r[4]
+      local t = v[o + 3]
       for j = r[2], r[3] do
         if dv[j] then t = t - tonumber(dv[j]) end
       end
-      if cb[i] < lower then
-        t = t - cv[i]
-        cb[i], cv[i] = lower, 0
+      if v[o + 5] < lower then
+        t = t - v[o + 6]
+        v[o + 5], v[o + 6] = lower, 0
       end
-      total[i], lo[i] = t, lower
-      rolled_at[i] = true
+      v[o + 3], v[o + 4] = t, lower
     end
   end
   for i = gfirst[g], n do
-    local c = cost[i]
-    if c > limit[i] then
+    local a, o, c = arg[i], rec[i], cost[i]
+    local lim = N[a + 1]
+    if c > lim then
       retry[i] = -1
-    elseif total[i] + c <= limit[i] then
+    elseif v[o + 3] + c <= lim then
       retry[i] = 0
     else
-      retry[i] = frees(key, sf[i], lo[i], cb[i], cv[i], W[i], b[i], total[i] + c - limit[i])
+      retry[i] = frees(key, prefix(N[a], N[a + 2]), v[o + 4], v[o + 5], v[o + 6],
+        N[a + 2], N[a + 3], v[o + 3] + c - lim)
     end
     if retry[i] ~= 0 then allowed = false end
   end
+  gstate[g], gn[g], grolled[g] = v, nv, rolled ~= nil
 end
 
 local out, no = {allowed and 1 or 0, now}, 2
 for g = 1, ngroups do
-  local key, ttl = KEYS[g], gttl[g]
+  local key, ttl, v, nv = KEYS[K0 + g], gttl[g], gstate[g], gn[g]
   local first, last = gfirst[g], glast[g]
   local set, ns = {}, 0
-  for i = first, last do
-    if allowed then
-      local c, cur = cost[i], floor(now / b[i])
-      if not lo[i] then
-        lo[i], cb[i], cv[i] = lower_of(W[i], b[i]), cur, 0
-      end
-      if cur > cb[i] then
+  if allowed then
+    for i = first, last do
+      local a, o, c = arg[i], rec[i], cost[i]
+      local cur, cb = floor(now / N[a + 3]), v[o + 5]
+      if cur > cb then
         -- The latest bucket is finished: it becomes a field of its own.
-        if cv[i] > 0 then
-          set[ns + 1], set[ns + 2] = sf[i] .. ':' .. cb[i], cv[i]
+        if v[o + 6] > 0 then
+          set[ns + 1], set[ns + 2] = prefix(N[a], N[a + 2]) .. cb, v[o + 6]
           ns = ns + 2
         end
-        cb[i], cv[i] = cur, 0
+        cb = cur
+        v[o + 5], v[o + 6] = cur, 0
       end
-      if cur == cb[i] then
-        cv[i] = cv[i] + c
+      if cur == cb then
+        v[o + 6] = v[o + 6] + c
       else
         -- Redis TIME went back: charge the earlier bucket's field.
-        redis.call('HINCRBY', key, sf[i] .. ':' .. cur, c)
+        redis.call('HINCRBY', key, prefix(N[a], N[a + 2]) .. cur, c)
       end
-      total[i] = total[i] + c
-    end
-    if lo[i] and (allowed or rolled_at[i]) then
-      set[ns + 1], set[ns + 2] = sf[i], state(total[i], lo[i], cb[i], cv[i])
-      ns = ns + 2
+      v[o + 3] = v[o + 3] + c
     end
   end
-  if allowed and gsure[g] < now + ttl then
-    -- The hash must outlive its counters: until ttl after this charge. Its expiry
-    -- (and index entry) are pushed a sixteenth further than needed, and the time
-    -- they are good until is kept in the field `~`, so that most charges skip this.
-    local keep = ttl + floor(ttl / 16)
-    set[ns + 1], set[ns + 2] = '~', now + keep
-    ns = ns + 2
-    redis.call('HSET', key, unpack(set))
-    ns = 0
-    -- Never shorten: the hash may hold longer windows of other quotas.
-    if redis.call('PTTL', key) < keep then
-      redis.call('PEXPIRE', key, keep)
+  if allowed or grolled[g] then
+    if allowed and v[1] < now + ttl then
+      -- The hash must outlive its counters: until ttl after this charge. Its expiry
+      -- (and index entry) are pushed a sixteenth further than needed, and the time
+      -- they are good until is kept in the state, so that most charges skip this;
+      -- so does dropping the records nothing counts in any more.
+      local keep = ttl + floor(ttl / 16)
+      v[1] = now + keep
+      set[ns + 1], set[ns + 2] = 's', encode(live(key, v, nv))
+      redis.call('HSET', key, unpack(set, 1, ns + 2))
+      -- Never shorten: the hash may hold longer windows of other quotas.
+      if redis.call('PTTL', key) < keep then
+        redis.call('PEXPIRE', key, keep)
+      end
+      local member = ARGV[A0 + 3 + g]
+      local old = redis.call('ZSCORE', index, member)
+      if not old or tonumber(old) < now + keep then
+        redis.call('ZADD', index, now + keep, member)
+      end
+      if redis.call('PTTL', index) < keep then
+        redis.call('PEXPIRE', index, keep)
+      end
+      redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+    else
+      set[ns + 1], set[ns + 2] = 's', encode(v, nv)
+      redis.call('HSET', key, unpack(set, 1, ns + 2))
     end
-    local old = redis.call('ZSCORE', index, gmember[g])
-    if not old or tonumber(old) < now + keep then
-      redis.call('ZADD', index, now + keep, gmember[g])
-    end
-    if redis.call('PTTL', index) < keep then
-      redis.call('PEXPIRE', index, keep)
-    end
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
   end
-  if ns > 0 then redis.call('HSET', key, unpack(set)) end
   for i = first, last do
+    local a, o = arg[i], rec[i]
+    local t, lim = v[o + 3], N[a + 1]
     local free = 0
-    if total[i] >= limit[i] then
-      free = frees(key, sf[i], lo[i], cb[i], cv[i], W[i], b[i], total[i] + 1 - limit[i])
+    if t >= lim then
+      free = frees(key, prefix(N[a], N[a + 2]), v[o + 4], v[o + 5], v[o + 6],
+        N[a + 2], N[a + 3], t + 1 - lim)
       if free < 0 then free = 0 end
     end
-    out[no + 1], out[no + 2], out[no + 3] = total[i], retry[i], free
+    out[no + 1], out[no + 2], out[no + 3] = t, retry[i], free
     no = no + 3
   end
 end
-return allowed, pack('<' .. string.rep('d', no), unpack(out))
+return allowed, pack('<' .. rep('d', no), unpack(out, 1, no))
 "#;
 
 const REFUND_LUA: &str = r#"
 -- KEYS: one counter hash per request
--- ARGV: charge time, then per request: cost, window count, then per window: bucket
---   ms, state field name
+-- ARGV: charge time, then per request: cost, window count, then per window: quota
+--   id, window ms, bucket ms
 local a = 2
 for _, key in ipairs(KEYS) do
   local cost, nw = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
+  local v, nv = decode(redis.call('HGET', key, 's'))
+  local changed = false
   for w = 1, nw do
-    local j, sf = floor(now / tonumber(ARGV[a])), ARGV[a + 1]
-    a = a + 2
-    local t, lo, cb, cv = parse(redis.call('HGET', key, sf))
-    if t then
-      local back = 0
-      if j == cb then
-        back = math.min(cost, cv)
-        cv = cv - back
+    local q, Ww, bw = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    a = a + 3
+    local o = find(v, nv, q, Ww, 2)
+    if o then
+      local j, back = floor(now / bw), 0
+      if j == v[o + 5] then
+        back = min(cost, v[o + 6])
+        v[o + 6] = v[o + 6] - back
       else
-        local f = sf .. ':' .. j
+        local f = prefix(q, Ww) .. j
         local c = tonumber(redis.call('HGET', key, f) or '0')
-        back = math.min(cost, c)
+        back = min(cost, c)
         if back == c then
           redis.call('HDEL', key, f)
         elseif back > 0 then
@@ -309,10 +386,12 @@ for _, key in ipairs(KEYS) do
         end
       end
       if back > 0 then
-        redis.call('HSET', key, sf, state(t - back, lo, cb, cv))
+        v[o + 3] = v[o + 3] - back
+        changed = true
       end
     end
   end
+  if changed then redis.call('HSET', key, 's', encode(v, nv)) end
 end
 return 0
 "#;
@@ -320,21 +399,22 @@ return 0
 const USAGE_LUA: &str = r#"
 -- KEYS: one counter hash per key
 -- ARGV: now ('' = Redis TIME), window count, then per window: window ms, bucket ms,
---   state field name
+--   quota id
 -- Returns now, then per key and window: used, resets_at (now when nothing counts)
 local out = {now}
 local nw = tonumber(ARGV[2])
 for _, key in ipairs(KEYS) do
+  local v, nv = decode(redis.call('HGET', key, 's'))
   for w = 0, nw - 1 do
-    local W, b, sf = tonumber(ARGV[3 + 3 * w]), tonumber(ARGV[4 + 3 * w]), ARGV[5 + 3 * w]
+    local Ww, bw, q = tonumber(ARGV[3 + 3 * w]), tonumber(ARGV[4 + 3 * w]), tonumber(ARGV[5 + 3 * w])
     local used, resets = 0, nil
-    local t, lo, cb, cv = parse(redis.call('HGET', key, sf))
-    if t then
-      local from = math.max(lo, lower_of(W, b))
-      for i, v in ipairs(buckets(key, sf, from, cb, cv)) do
-        if v > 0 then
-          used = used + v
-          if not resets then resets = (from + i) * b + W - 1 end
+    local o = find(v, nv, q, Ww, 2)
+    if o then
+      local from = math.max(v[o + 4], lower_of(Ww, bw))
+      for i, u in ipairs(buckets(key, prefix(q, Ww), from, v[o + 5], v[o + 6])) do
+        if u > 0 then
+          used = used + u
+          if not resets then resets = (from + i) * bw + Ww - 1 end
         end
       end
     end
@@ -347,22 +427,24 @@ return out
 
 const ACTIVE_LUA: &str = r#"
 -- KEYS: the key index
--- ARGV: now ('' = Redis TIME), counter hash prefix (up to the key), state field
---   name, window ms, bucket ms, most keys to look at
+-- ARGV: now ('' = Redis TIME), counter hash prefix (up to the key), quota id,
+--   window ms, bucket ms, most keys to look at
 -- Returns key, used pairs for keys with units of the quota counted in the window,
 -- from the ones charged last. The hash keys are built here: they share the
 -- index's hash tag, so its slot.
-local sf, W, b = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local q, Ww, bw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local pre = prefix(q, Ww)
 local members = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', '(' .. now,
   'LIMIT', 0, tonumber(ARGV[6]))
 local out = {}
 for _, m in ipairs(members) do
   local key = ARGV[2] .. m
-  local t, lo, cb, cv = parse(redis.call('HGET', key, sf))
-  if t then
+  local v, nv = decode(redis.call('HGET', key, 's'))
+  local o = find(v, nv, q, Ww, 2)
+  if o then
     local used = 0
-    for _, v in ipairs(buckets(key, sf, math.max(lo, lower_of(W, b)), cb, cv)) do
-      used = used + v
+    for _, u in ipairs(buckets(key, pre, math.max(v[o + 4], lower_of(Ww, bw)), v[o + 5], v[o + 6])) do
+      used = used + u
     end
     if used > 0 then
       out[#out + 1] = m
@@ -375,12 +457,18 @@ return out
 
 /// The check as a Lua function `guard(KEYS, ARGV)` returning `allowed, reply`.
 fn guard_lua() -> String {
-    format!("local function guard(KEYS, ARGV)\n{COMMON_LUA}{CHARGE_LUA}\nend\n")
+    format!("local function guard(KEYS, ARGV, K0, A0)\n{COMMON_LUA}{CHARGE_LUA}\nend\n")
 }
 
-/// Quota windows one check may cover: the script hands each key's fields to one
-/// `HMGET` and packs its reply in one call, both bounded by Lua's stack (8000).
-pub const MAX_WINDOWS_PER_CHECK: usize = 2000;
+/// A script that runs alone: its arguments start at `ARGV[1]`.
+fn standalone_lua(body: &str) -> String {
+    format!("local A0 = 0\n{COMMON_LUA}{body}")
+}
+
+/// Quota windows one check may cover: the script unpacks its numbers (four per
+/// window) and packs its reply (three per window) in one C call each, bounded by
+/// Lua's C stack (8000 values).
+pub const MAX_WINDOWS_PER_CHECK: usize = 1000;
 
 /// The hash tag of every quota key.
 fn tag(prefix: &str) -> String {
@@ -392,9 +480,21 @@ pub fn counter_key(prefix: &str, key: &str) -> String {
     format!("{}:c:{key}", tag(prefix))
 }
 
-/// The state field of one quota window in a key's hash.
-pub fn state_field(quota: &str, w: &WindowSpec) -> String {
-    format!("{quota}:{}", w.window_ms)
+/// The id of a quota in Redis: FNV-1a of its name, cut to 40 bits so that Lua (whose
+/// numbers are doubles, printed with 14 digits) holds it and prints it exactly. With a
+/// thousand quotas, the chance that two share an id is below one in a million.
+pub fn quota_id(quota: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in quota.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h & ((1 << 40) - 1)
+}
+
+/// The field of one older bucket of a quota window in a key's hash.
+pub fn bucket_field(quota: &str, w: &WindowSpec, bucket: i64) -> String {
+    format!("{}:{}:{bucket}", quota_id(quota), w.window_ms)
 }
 
 /// The index of keys.
@@ -430,10 +530,10 @@ impl RedisCounters {
     /// Uses the queue's connection; loads the scripts so that the first check is
     /// already a single round trip.
     pub async fn new(redis: SharedRedis) -> Result<Self, StoreError> {
-        let script = |body: &str| Script::new(&format!("{COMMON_LUA}{body}"));
+        let script = |body: &str| Script::new(&standalone_lua(body));
         let store = RedisCounters {
             charge: Script::new(&format!(
-                "{}local _, reply = guard(KEYS, ARGV)\nreturn reply\n",
+                "{}local _, reply = guard(KEYS, ARGV, 0, 0)\nreturn reply\n",
                 guard_lua()
             )),
             refund: script(REFUND_LUA),
@@ -517,39 +617,41 @@ impl RedisCounters {
             )));
         }
         let groups = groups(reqs);
-        let mut num: Vec<u8> =
-            Vec::with_capacity(8 * (1 + 2 * reqs.len() + 2 * groups.len() + 3 * windows));
+        let count = 1 + 2 * groups.len() + 2 * reqs.len() + 4 * windows;
+        let mut num: Vec<u8> = Vec::with_capacity(8 * count);
         let mut put = |v: u64| num.extend_from_slice(&(v as f64).to_le_bytes());
         put(groups.len() as u64);
         let mut keys = Vec::with_capacity(groups.len() + 1);
-        let mut strings: Vec<Vec<u8>> = Vec::with_capacity(groups.len() + windows);
-        for (key, members) in &groups {
-            let ttl = members
+        let mut members: Vec<Vec<u8>> = Vec::with_capacity(groups.len());
+        for (key, group) in &groups {
+            let ttl = group
                 .iter()
                 .map(|&i| reqs[i].index_ttl_ms())
                 .max()
                 .unwrap_or(1);
             keys.push(counter_key(self.prefix(), key));
             put(ttl);
-            put(members.len() as u64);
-            strings.push(key.as_bytes().to_vec());
-            for &i in members {
+            put(group.len() as u64);
+            members.push(key.as_bytes().to_vec());
+            for &i in group {
                 let r = &reqs[i];
+                let id = quota_id(&r.quota);
                 put(r.cost);
                 put(r.windows.len() as u64);
                 for w in &r.windows {
+                    put(id);
                     put(w.limit);
                     put(w.window_ms);
                     put(w.bucket_ms);
-                    strings.push(state_field(&r.quota, w).into_bytes());
                 }
             }
         }
         keys.push(index_key(self.prefix()));
-        let mut args = Vec::with_capacity(2 + strings.len());
+        let mut args = Vec::with_capacity(3 + members.len());
         args.push(at_arg(at).into_bytes());
+        args.push(format!("<{}", "d".repeat(count)).into_bytes());
         args.push(num);
-        args.extend(strings);
+        args.extend(members);
         Ok(ChargeCall { groups, keys, args })
     }
 }
@@ -644,8 +746,9 @@ impl CounterStore for RedisCounters {
                 inv.key(counter_key(self.prefix(), &r.key))
                     .arg(r.cost)
                     .arg(r.windows.len());
+                let id = quota_id(&r.quota);
                 for w in &r.windows {
-                    inv.arg(w.bucket_ms).arg(state_field(&r.quota, w));
+                    inv.arg(id).arg(w.window_ms).arg(w.bucket_ms);
                 }
             }
             let _: i64 = self.redis.invoke(&inv).await.map_err(unavailable)?;
@@ -663,10 +766,9 @@ impl CounterStore for RedisCounters {
         Box::pin(async move {
             let mut inv = self.usage.prepare_invoke();
             inv.arg(at_arg(at)).arg(windows.len());
+            let id = quota_id(quota);
             for w in windows {
-                inv.arg(w.window_ms)
-                    .arg(w.bucket_ms)
-                    .arg(state_field(quota, w));
+                inv.arg(w.window_ms).arg(w.bucket_ms).arg(id);
             }
             for k in keys {
                 inv.key(counter_key(self.prefix(), k));
@@ -702,7 +804,7 @@ impl CounterStore for RedisCounters {
             inv.key(index_key(self.prefix()))
                 .arg(at_arg(at))
                 .arg(counter_key(self.prefix(), ""))
-                .arg(state_field(quota, &window))
+                .arg(quota_id(quota))
                 .arg(window.window_ms)
                 .arg(window.bucket_ms)
                 .arg(MAX_KEYS_SCANNED);
