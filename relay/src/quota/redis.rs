@@ -118,7 +118,7 @@ end
 -- The offset of the record of quota q's window W in v, looking at `hint` first
 -- (records are kept in the order they were last checked in).
 local function find(v, n, q, W, hint)
-  if hint + REC - 1 <= n and v[hint] == q and v[hint + 1] == W then return hint end
+  if hint and hint < n and v[hint] == q and v[hint + 1] == W then return hint end
   for o = 2, n, REC do
     if v[o] == q and v[o + 1] == W then return o end
   end
@@ -196,8 +196,9 @@ local N = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
 local ngroups, p = N[1], 2
 -- Per window i (numbered across all groups): where its numbers start in N (quota
 -- id, limit, window ms, bucket ms), its cost, the offset of its record in its key's
--- state, when it could be charged (0 now, -1 never). The records are read and
--- updated in place: every table write costs in this interpreter.
+-- state, when it could be charged (0 now, -1 never). Records are read and updated
+-- in place, and each window is visited twice (check, then charge and report): in
+-- this interpreter every table write and every pass counts, times the windows.
 local arg, cost, rec, retry = {}, {}, {}, {}
 -- Per group: first and last window, ttl, state and its length, whether old
 -- buckets were dropped.
@@ -209,46 +210,58 @@ for g = 1, ngroups do
   local nreq
   gttl[g], nreq, p = N[p], N[p + 1], p + 2
   gfirst[g] = n + 1
+  local v, nv = decode(redis.call('HGET', key, 's'))
+  -- Buckets that no longer count are dropped for every window of the key at once.
+  local drop, nd, rolled = nil, 0, nil
+  -- Records are kept in the order of the last check, so the next one is usually
+  -- where the previous one ended.
+  local o = 2
   for r = 1, nreq do
     local c, nw = N[p], N[p + 1]
     p = p + 2
     for w = 1, nw do
       n = n + 1
+      local q, lim, Wi, bi = N[p], N[p + 1], N[p + 2], N[p + 3]
       arg[n], cost[n] = p, c
       p = p + 4
+      local x = (now + 1 - Wi) / bi
+      local lower = x - x % 1
+      if not (o < nv and v[o] == q and v[o + 1] == Wi) then
+        o = find(v, nv, q, Wi)
+        if not o then
+          -- A window the key has no record of (yet, or any more): an empty one,
+          -- kept only if the state is written.
+          o = nv + 1
+          x = now / bi
+          v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4], v[o + 5], v[o + 6] =
+            q, Wi, bi, 0, lower, x - x % 1, 0
+          nv = nv + REC
+        end
+      end
+      rec[n] = o
+      if lower > v[o + 4] then
+        drop = drop or {}
+        rolled = rolled or {}
+        local pre, from = prefix(q, Wi), nd + 1
+        -- Older buckets are fields below the latest one; the state holds at most
+        -- one window's worth of them, so this stays short after any idle time.
+        for j = v[o + 4], min(lower, v[o + 5]) - 1 do
+          nd = nd + 1
+          drop[nd] = pre .. j
+        end
+        rolled[#rolled + 1] = {n, from, nd, lower}
+      elseif c > lim then
+        retry[n] = -1
+        allowed = false
+      elseif v[o + 3] + c <= lim then
+        retry[n] = 0
+      else
+        retry[n] = -2
+      end
+      o = o + REC
     end
   end
   glast[g] = n
-  local v, nv = decode(redis.call('HGET', key, 's'))
-  -- Drop the buckets that no longer count, for every window of the key at once.
-  local drop, nd, rolled = nil, 0, nil
-  local hint = 2
-  for i = gfirst[g], n do
-    local a = arg[i]
-    local q, Wi, bi = N[a], N[a + 2], N[a + 3]
-    local o = find(v, nv, q, Wi, hint)
-    local lower = lower_of(Wi, bi)
-    if not o then
-      -- A window the key has no record of (yet, or any more): an empty one, kept
-      -- only if the state is written.
-      o = nv + 1
-      v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4], v[o + 5], v[o + 6] =
-        q, Wi, bi, 0, lower, floor(now / bi), 0
-      nv = nv + REC
-    elseif lower > v[o + 4] then
-      drop = drop or {}
-      rolled = rolled or {}
-      local pre, from = prefix(q, Wi), nd + 1
-      -- Older buckets are fields below the latest one; the state holds at most one
-      -- window's worth of them, so this stays short after any idle time.
-      for j = v[o + 4], min(lower, v[o + 5]) - 1 do
-        nd = nd + 1
-        drop[nd] = pre .. j
-      end
-      rolled[#rolled + 1] = {o, from, nd, lower}
-    end
-    rec[i], hint = o, o + REC
-  end
   if rolled then
     local dv = {}
     for i = 1, nd, CHUNK do
@@ -257,30 +270,36 @@ for g = 1, ngroups do
     end
     hdel(key, drop, nd)
     for _, r in ipairs(rolled) do
-      local o, lower = r[1], r[4]
-      local t = v[o + 3]
+      local i, lower = r[1], r[4]
+      local ro = rec[i]
+      local t = v[ro + 3]
       for j = r[2], r[3] do
         if dv[j] then t = t - tonumber(dv[j]) end
       end
-      if v[o + 5] < lower then
-        t = t - v[o + 6]
-        v[o + 5], v[o + 6] = lower, 0
+      if v[ro + 5] < lower then
+        t = t - v[ro + 6]
+        v[ro + 5], v[ro + 6] = lower, 0
       end
-      v[o + 3], v[o + 4] = t, lower
+      v[ro + 3], v[ro + 4] = t, lower
+      local c, lim = cost[i], N[arg[i] + 1]
+      if c > lim then
+        retry[i] = -1
+        allowed = false
+      elseif t + c <= lim then
+        retry[i] = 0
+      else
+        retry[i] = -2
+      end
     end
   end
+  -- Over the limit now: when will enough have stopped counting? (Reads buckets.)
   for i = gfirst[g], n do
-    local a, o, c = arg[i], rec[i], cost[i]
-    local lim = N[a + 1]
-    if c > lim then
-      retry[i] = -1
-    elseif v[o + 3] + c <= lim then
-      retry[i] = 0
-    else
-      retry[i] = frees(key, prefix(N[a], N[a + 2]), v[o + 4], v[o + 5], v[o + 6],
-        N[a + 2], N[a + 3], v[o + 3] + c - lim)
+    if retry[i] == -2 then
+      local a, ro = arg[i], rec[i]
+      retry[i] = frees(key, prefix(N[a], N[a + 2]), v[ro + 4], v[ro + 5], v[ro + 6],
+        N[a + 2], N[a + 3], v[ro + 3] + cost[i] - N[a + 1])
+      allowed = false
     end
-    if retry[i] ~= 0 then allowed = false end
   end
   gstate[g], gn[g], grolled[g] = v, nv, rolled ~= nil
 end
@@ -288,62 +307,27 @@ end
 local out, no = {allowed and 1 or 0, now}, 2
 for g = 1, ngroups do
   local key, ttl, v, nv = KEYS[K0 + g], gttl[g], gstate[g], gn[g]
-  local first, last = gfirst[g], glast[g]
-  local set, ns = {}, 0
-  if allowed then
-    for i = first, last do
-      local a, o, c = arg[i], rec[i], cost[i]
-      local cur, cb = floor(now / N[a + 3]), v[o + 5]
-      if cur > cb then
-        -- The latest bucket is finished: it becomes a field of its own.
-        if v[o + 6] > 0 then
-          set[ns + 1], set[ns + 2] = prefix(N[a], N[a + 2]) .. cb, v[o + 6]
-          ns = ns + 2
-        end
-        cb = cur
-        v[o + 5], v[o + 6] = cur, 0
-      end
-      if cur == cb then
+  for i = gfirst[g], glast[g] do
+    local a, o = arg[i], rec[i]
+    if allowed then
+      local c, x = cost[i], now / N[a + 3]
+      local cur = x - x % 1
+      if cur == v[o + 5] then
         v[o + 6] = v[o + 6] + c
+      elseif cur > v[o + 5] then
+        -- The latest bucket is finished: it becomes a field of its own (before
+        -- `frees` below reads the buckets).
+        if v[o + 6] > 0 then
+          redis.call('HSET', key, prefix(N[a], N[a + 2]) .. v[o + 5], v[o + 6])
+        end
+        v[o + 5], v[o + 6] = cur, c
       else
         -- Redis TIME went back: charge the earlier bucket's field.
         redis.call('HINCRBY', key, prefix(N[a], N[a + 2]) .. cur, c)
       end
       v[o + 3] = v[o + 3] + c
     end
-  end
-  if allowed or grolled[g] then
-    if allowed and v[1] < now + ttl then
-      -- The hash must outlive its counters: until ttl after this charge. Its expiry
-      -- (and index entry) are pushed a sixteenth further than needed, and the time
-      -- they are good until is kept in the state, so that most charges skip this;
-      -- so does dropping the records nothing counts in any more.
-      local keep = ttl + floor(ttl / 16)
-      v[1] = now + keep
-      set[ns + 1], set[ns + 2] = 's', encode(live(key, v, nv))
-      redis.call('HSET', key, unpack(set, 1, ns + 2))
-      -- Never shorten: the hash may hold longer windows of other quotas.
-      if redis.call('PTTL', key) < keep then
-        redis.call('PEXPIRE', key, keep)
-      end
-      local member = ARGV[A0 + 3 + g]
-      local old = redis.call('ZSCORE', index, member)
-      if not old or tonumber(old) < now + keep then
-        redis.call('ZADD', index, now + keep, member)
-      end
-      if redis.call('PTTL', index) < keep then
-        redis.call('PEXPIRE', index, keep)
-      end
-      redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
-    else
-      set[ns + 1], set[ns + 2] = 's', encode(v, nv)
-      redis.call('HSET', key, unpack(set, 1, ns + 2))
-    end
-  end
-  for i = first, last do
-    local a, o = arg[i], rec[i]
-    local t, lim = v[o + 3], N[a + 1]
-    local free = 0
+    local t, lim, free = v[o + 3], N[a + 1], 0
     if t >= lim then
       free = frees(key, prefix(N[a], N[a + 2]), v[o + 4], v[o + 5], v[o + 6],
         N[a + 2], N[a + 3], t + 1 - lim)
@@ -351,6 +335,30 @@ for g = 1, ngroups do
     end
     out[no + 1], out[no + 2], out[no + 3] = t, retry[i], free
     no = no + 3
+  end
+  if allowed and v[1] < now + ttl then
+    -- The hash must outlive its counters: until ttl after this charge. Its expiry
+    -- (and index entry) are pushed a sixteenth further than needed, and the time
+    -- they are good until is kept in the state, so that most charges skip this;
+    -- so does dropping the records nothing counts in any more.
+    local keep = ttl + floor(ttl / 16)
+    v[1] = now + keep
+    redis.call('HSET', key, 's', encode(live(key, v, nv)))
+    -- Never shorten: the hash may hold longer windows of other quotas.
+    if redis.call('PTTL', key) < keep then
+      redis.call('PEXPIRE', key, keep)
+    end
+    local member = ARGV[A0 + 3 + g]
+    local old = redis.call('ZSCORE', index, member)
+    if not old or tonumber(old) < now + keep then
+      redis.call('ZADD', index, now + keep, member)
+    end
+    if redis.call('PTTL', index) < keep then
+      redis.call('PEXPIRE', index, keep)
+    end
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+  elseif allowed or grolled[g] then
+    redis.call('HSET', key, 's', encode(v, nv))
   end
 end
 return allowed, pack('<' .. rep('d', no), unpack(out, 1, no))
