@@ -143,7 +143,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                     apply(client, &ns, &objs.admin_service).await?;
                     apply(client, &ns, &objs.pdb).await?;
                     let dep = apply(client, &ns, &objs.deployment).await?;
-                    let queue = read_queue(ctx, &key, relay, resolved.redis_password).await;
+                    let queue = read_queue(ctx, &key, relay, &resolved).await;
                     (
                         Outcome::Applied {
                             rollout: Rollout::of(&dep),
@@ -199,12 +199,16 @@ async fn read_queue(
     ctx: &Context,
     key: &str,
     relay: &MailRelay,
-    password: Option<String>,
+    secrets: &secrets::Resolved,
 ) -> Result<QueueReport, String> {
     let r = &relay.spec.redis;
+    // `build` succeeded, so exactly one of the two is there.
+    let Some(url) = r.url.clone().or_else(|| secrets.redis_url.clone()) else {
+        return Err("no Redis URL".into());
+    };
     let cfg = RedisConfig {
-        url: r.url.clone(),
-        password: password.map(RelaySecret),
+        url,
+        password: secrets.redis_password.clone().map(RelaySecret),
         cluster: r.cluster,
         cluster_nodes: r.cluster_nodes.clone(),
         key_prefix: r.key_prefix.clone().unwrap_or_else(|| "mr".into()),
