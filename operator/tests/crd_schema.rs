@@ -366,7 +366,10 @@ fn bad_specs_are_refused_naming_the_field() {
         (
             relay(
                 "r",
-                with(base(), json!({"redis": {"url": "redis+sentinal://s1:26379/main"}})),
+                with(
+                    base(),
+                    json!({"redis": {"url": "redis+sentinal://s1:26379/main"}}),
+                ),
             ),
             "url",
         ),

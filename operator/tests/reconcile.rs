@@ -384,9 +384,15 @@ async fn a_redis_url_from_a_secret_is_required_checked_used_and_rolls_the_pods()
     );
     assert!(api.get(DEPLOYMENT).is_none(), "nothing applied");
     let r = ready(&api);
-    assert_eq!((r["status"].as_str(), r["reason"].as_str()), (Some("False"), Some("SecretNotFound")));
+    assert_eq!(
+        (r["status"].as_str(), r["reason"].as_str()),
+        (Some("False"), Some("SecretNotFound"))
+    );
     let m = r["message"].as_str().unwrap();
-    assert!(m.contains("\"redis-url\"") && m.contains("spec.redis.urlSecret"), "{m}");
+    assert!(
+        m.contains("\"redis-url\"") && m.contains("spec.redis.urlSecret"),
+        "{m}"
+    );
     let events: Vec<_> = api
         .requests()
         .into_iter()
@@ -404,7 +410,10 @@ async fn a_redis_url_from_a_secret_is_required_checked_used_and_rolls_the_pods()
     let r = ready(&api);
     assert_eq!(r["reason"], "SecretValueInvalid");
     let m = r["message"].as_str().unwrap();
-    assert!(m.contains("spec.redis.urlSecret") && m.contains("redis://"), "{m}");
+    assert!(
+        m.contains("spec.redis.urlSecret") && m.contains("redis://"),
+        "{m}"
+    );
     assert!(!m.contains("url-password"), "{m}");
     assert!(api.get(DEPLOYMENT).is_none());
 
@@ -432,7 +441,10 @@ async fn a_redis_url_from_a_secret_is_required_checked_used_and_rolls_the_pods()
         mailrelay_operator::resources::config::REDIS_URL_PLACEHOLDER
     );
     let cm = api.get(CONFIG_MAP).unwrap().to_string();
-    assert!(!cm.contains("url-password"), "the URL stays out of the ConfigMap");
+    assert!(
+        !cm.contains("url-password"),
+        "the URL stays out of the ConfigMap"
+    );
     let annotation = |api: &FakeApi| {
         api.get(DEPLOYMENT).unwrap()["spec"]["template"]["metadata"]["annotations"]
             ["mailrelay.io/secret-hash"]

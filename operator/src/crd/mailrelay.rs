@@ -220,7 +220,9 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 1024),
-        regex(pattern = r"^(redis|rediss|unix|redis\+unix|redis\+sentinel|rediss\+sentinel)://.+$")
+        regex(
+            pattern = r"^(redis|rediss|unix|redis\+unix|redis\+sentinel|rediss\+sentinel)://.+$"
+        )
     )]
     pub url: Option<String>,
     /// The Redis URL from a Secret (passed to the relay as the environment variable

@@ -289,7 +289,11 @@ mod tests {
         let mut fetched = BTreeMap::from([("redis-url".to_owned(), None)]);
         let p = resolve(&s, &fetched).unwrap_err();
         assert_eq!(p.reason(), "SecretNotFound");
-        assert!(p.message().contains("spec.redis.urlSecret"), "{}", p.message());
+        assert!(
+            p.message().contains("spec.redis.urlSecret"),
+            "{}",
+            p.message()
+        );
 
         fetched.insert("redis-url".into(), secret(&[("password", "pw")]));
         let p = resolve(&s, &fetched).unwrap_err();
@@ -307,13 +311,19 @@ mod tests {
             let p = resolve(&s, &fetched).unwrap_err();
             assert_eq!(p.reason(), "SecretValueInvalid");
             let m = p.message();
-            assert!(m.contains(needle) && m.contains("spec.redis.urlSecret"), "{m}");
+            assert!(
+                m.contains(needle) && m.contains("spec.redis.urlSecret"),
+                "{m}"
+            );
             assert!(!m.contains("hunter2"), "the URL is never quoted: {m}");
         }
 
         fetched.insert(
             "redis-url".into(),
-            secret(&[("url", "redis+sentinel://:spw@s1:26379,s2:26379/main"), ("password", "pw")]),
+            secret(&[
+                ("url", "redis+sentinel://:spw@s1:26379,s2:26379/main"),
+                ("password", "pw"),
+            ]),
         );
         let r = resolve(&s, &fetched).unwrap();
         assert_eq!(
@@ -324,7 +334,10 @@ mod tests {
         let d1 = r.secrets.env_digest.unwrap();
         fetched.insert(
             "redis-url".into(),
-            secret(&[("url", "redis+sentinel://:spw@s3:26379/main"), ("password", "pw")]),
+            secret(&[
+                ("url", "redis+sentinel://:spw@s3:26379/main"),
+                ("password", "pw"),
+            ]),
         );
         let d2 = resolve(&s, &fetched).unwrap().secrets.env_digest.unwrap();
         assert_ne!(d1, d2, "a new URL rolls the pods");
