@@ -585,6 +585,29 @@ async fn an_invalid_spec_is_reported_not_applied() {
     assert!(api.requests().iter().any(|r| r.is("POST", "/events")));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_redis_url_forms_are_an_invalid_spec_before_any_secret() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    let mut s = spec(&redis);
+    // What the CRD's CEL rule refuses; the operator checks again.
+    s["redis"]["urlSecret"] = json!({"name": "redis-url", "key": "url"});
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let ready = condition(&api.get(RELAY).unwrap(), "Ready").clone();
+    assert_eq!(
+        ready["reason"], "InvalidSpec",
+        "not SecretNotFound: {ready}"
+    );
+    let m = ready["message"].as_str().unwrap();
+    assert!(
+        m.starts_with("spec.redis.urlSecret:") && m.contains("not both"),
+        "{m}"
+    );
+    assert!(api.get(DEPLOYMENT).is_none());
+}
+
 /// The agreed admin API answer for quota `payments` (crd-shape.md).
 const PAYMENTS_USAGE: &str = r#"{"name": "payments", "direction": "ingress", "scope": "per_key", "action": "reject",
  "limits": ["100/1m", "1000/1h"],

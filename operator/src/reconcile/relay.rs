@@ -19,7 +19,7 @@ use super::conditions::{self, Outcome, READY, Rollout};
 use super::secrets;
 use super::{Context, Error, MANAGER, object_key};
 use crate::crd::{MailRelay, MailRelayStatus, SendQuota};
-use crate::resources::config::{SpecError, quota_config, selects};
+use crate::resources::config::{SpecError, check_redis, quota_config, selects};
 use crate::resources::{self, Inputs};
 use crate::status::{QueueReport, read_report};
 
@@ -110,15 +110,27 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     }
 
     let quota_names: Vec<String> = quotas.iter().map(|q| q.name.clone()).collect();
-    let resolved = secrets::resolve(&relay.spec, &fetched);
+    // Which Redis URL is meant comes first: with both `url` and `urlSecret` (a CRD
+    // without its CEL rules) the Secret's state would be beside the point.
+    let resolved = match check_redis(&relay.spec.redis) {
+        Err(e) => Err((
+            "InvalidSpec".to_owned(),
+            e.to_string(),
+            ctx.settings.status_interval * 10,
+        )),
+        Ok(()) => secrets::resolve(&relay.spec, &fetched).map_err(|p| {
+            (
+                p.reason().to_owned(),
+                p.message(),
+                ctx.settings.blocked_retry,
+            )
+        }),
+    };
     let (outcome, queue, action) = match resolved {
-        Err(problem) => (
-            Outcome::Blocked {
-                reason: problem.reason().into(),
-                message: problem.message(),
-            },
+        Err((reason, message, retry)) => (
+            Outcome::Blocked { reason, message },
             None,
-            Action::requeue(ctx.settings.blocked_retry),
+            Action::requeue(retry),
         ),
         Ok(resolved) => {
             let built = resources::build(Inputs {
