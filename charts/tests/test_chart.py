@@ -437,6 +437,36 @@ def expect_external_relay(case):
     assert "swaks --server 127.0.0.1:2587" in case.notes, case.notes
 
 
+def expect_url_from_secret(case):
+    assert not case.has("StatefulSet") and not case.has("Secret"), case.kinds()
+    spec = case.get("MailRelay", "outbound")["spec"]
+    assert spec["redis"] == {
+        "urlSecret": {"name": "redis-url", "key": "uri"},
+        "passwordSecret": {"name": "redis-auth", "key": "password"},
+        "waitReplicas": 1,
+    }, spec["redis"]
+    for needle in [
+        "Its Redis URL comes from Secret redis-url (key uri)",
+        "kubectl -n mail create secret generic redis-url --from-literal=uri='redis://",
+    ]:
+        assert needle in case.notes, f"{needle!r} not in NOTES:\n{case.notes}"
+
+
+def expect_sentinel(case):
+    spec = case.get("MailRelay", "outbound")["spec"]
+    assert spec["redis"] == {
+        "url": "redis+sentinel://sentinel-0.db.svc:26379,sentinel-1.db.svc:26379/mymaster/0",
+        "passwordSecret": {"name": "redis-auth", "key": "password"},
+    }, spec["redis"]
+    assert "Secret redis-url" not in case.notes, case.notes
+
+
+def expect_sentinel_url_from_secret(case):
+    spec = case.get("MailRelay", "outbound")["spec"]
+    assert spec["redis"] == {"urlSecret": {"name": "sentinels", "key": "url"}}, spec["redis"]
+    assert "--from-literal=url='redis+sentinel://" in case.notes, case.notes
+
+
 BASE_RELAY = {
     "redis": {"enabled": True},
     "relay": {
@@ -471,7 +501,7 @@ BASE_RELAY = {
 EXTERNAL_RELAY = {
     "externalRedis": {
         "url": "redis://redis-0.redis.db.svc:6379",
-        "cluster": True,
+        "mode": "cluster",
         "clusterNodes": ["redis://redis-1.redis.db.svc:6379"],
         "passwordSecret": {"name": "redis-auth", "key": "pw"},
         "waitReplicas": 1,
@@ -580,6 +610,42 @@ GOOD = [
     ),
     ("first-relay-and-quotas", BASE_RELAY, expect_first_relay),
     ("external-redis-secret-relay", EXTERNAL_RELAY, expect_external_relay),
+    (
+        "external-redis-url-from-secret",
+        deep_merge(
+            {k: v for k, v in BASE_RELAY.items() if k != "redis"},
+            {
+                "externalRedis": {
+                    "urlSecret": {"name": "redis-url", "key": "uri"},
+                    "passwordSecret": {"name": "redis-auth", "key": "password"},
+                    "waitReplicas": 1,
+                }
+            },
+        ),
+        expect_url_from_secret,
+    ),
+    (
+        "external-redis-sentinel",
+        deep_merge(
+            {k: v for k, v in BASE_RELAY.items() if k != "redis"},
+            {
+                "externalRedis": {
+                    "mode": "sentinel",
+                    "url": "redis+sentinel://sentinel-0.db.svc:26379,sentinel-1.db.svc:26379/mymaster/0",
+                    "passwordSecret": {"name": "redis-auth"},
+                }
+            },
+        ),
+        expect_sentinel,
+    ),
+    (
+        "external-redis-sentinel-url-from-secret",
+        deep_merge(
+            {k: v for k, v in BASE_RELAY.items() if k != "redis"},
+            {"externalRedis": {"mode": "sentinel", "urlSecret": {"name": "sentinels"}}},
+        ),
+        expect_sentinel_url_from_secret,
+    ),
 ]
 
 # (name, values, text the refusal must contain)
@@ -594,6 +660,11 @@ BAD = [
     ("bad-digest", {"image": {"digest": "latest"}}, "at '/image/digest'"),
     ("bad-status-interval", {"statusInterval": "soon"}, "at '/statusInterval'"),
     ("password-in-url", {"externalRedis": {"url": "redis://:hunter2@redis:6379"}}, "at '/externalRedis/url'"),
+    ("password-in-sentinel-url", {"externalRedis": {"mode": "sentinel", "url": "redis+sentinel://:pw@s:26379/m"}}, "at '/externalRedis/url'"),
+    ("bad-redis-mode", {"externalRedis": {"mode": "replicated"}}, "at '/externalRedis/mode': value must be one of 'standalone', 'cluster', 'sentinel'"),
+    ("old-cluster-key", {"externalRedis": {"cluster": True}}, "additional properties 'cluster' not allowed"),
+    ("bad-url-secret-name", {"externalRedis": {"urlSecret": {"name": "Redis_URL"}}}, "at '/externalRedis/urlSecret/name'"),
+    ("empty-url-secret-key", {"externalRedis": {"urlSecret": {"name": "redis-url", "key": ""}}}, "at '/externalRedis/urlSecret/key'"),
     ("bad-relay-name", {"relay": {"name": "Not_A_Name"}}, "at '/relay/name'"),
     ("bad-listener-tls", {"relay": {"listeners": [{"name": "smtp", "port": 25, "tls": "yes"}]}}, "at '/relay/listeners/0/tls'"),
     ("listener-port-range", {"relay": {"listeners": [{"name": "smtp", "port": 70000}]}}, "at '/relay/listeners/0/port'"),
@@ -604,9 +675,14 @@ BAD = [
     ("metrics-service-type", {"metrics": {"service": {"type": "Ingress"}}}, "at '/metrics/service/type'"),
     # The chart's own checks (template `fail`), for rules across fields.
     ("ha-without-leader-election", {"replicaCount": 2, "leaderElection": {"enabled": False}}, "replicaCount > 1 needs leaderElection.enabled=true"),
-    ("relay-without-redis", {"relay": {"enabled": True, "hostname": "relay.example.com"}}, "relay.enabled needs a Redis: set redis.enabled=true (bundled, not HA) or externalRedis.url"),
+    ("relay-without-redis", {"relay": {"enabled": True, "hostname": "relay.example.com"}}, "relay.enabled needs a Redis: set redis.enabled=true (bundled, not HA), externalRedis.url or externalRedis.urlSecret.name"),
     ("relay-without-hostname", {"redis": {"enabled": True}, "relay": {"enabled": True}}, "relay.enabled needs relay.hostname"),
-    ("two-redises", {"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}}, "set either redis.enabled or externalRedis.url, not both"),
+    ("two-redises", {"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}}, "set either redis.enabled or externalRedis (url or urlSecret), not both"),
+    ("two-redises-url-secret", {"redis": {"enabled": True}, "externalRedis": {"urlSecret": {"name": "redis-url"}}}, "set either redis.enabled or externalRedis (url or urlSecret), not both"),
+    ("url-and-url-secret", {"externalRedis": {"url": "redis://r:6379", "urlSecret": {"name": "redis-url"}}}, "externalRedis: set either url (inline) or urlSecret.name (the URL from a Secret), not both"),
+    ("sentinel-mode-plain-url", {"externalRedis": {"mode": "sentinel", "url": "redis://r:6379"}}, "externalRedis.mode=sentinel needs a redis+sentinel://"),
+    ("sentinel-url-without-mode", {"externalRedis": {"url": "redis+sentinel://s:26379/m"}}, "externalRedis.url is a redis+sentinel:// URL: set externalRedis.mode=sentinel"),
+    ("cluster-nodes-without-cluster", {"externalRedis": {"url": "redis://r:6379", "clusterNodes": ["redis://s:6379"]}}, "externalRedis.clusterNodes needs externalRedis.mode=cluster"),
     ("auth-without-tls", deep_merge(BASE_RELAY, {"relay": {"authSecretName": "users"}}), "relay.authSecretName needs relay.tlsSecretName"),
     ("implicit-without-tls", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtps", "port": 4650, "tls": "implicit"}]}}), "relay.listeners smtps: tls: implicit needs relay.tlsSecretName"),
     ("servicemonitor-without-service", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled needs metrics.service.enabled=true"),

@@ -96,6 +96,31 @@ spec:
     - {key: dedicated, operator: Equal, value: mail, effect: NoSchedule}
 ";
 
+/// The Redis URL from a Secret (a Redis Cluster, so `cluster` is rendered too).
+const URL_SECRET: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {name: secret-url, namespace: mail}
+spec:
+  hostname: relay.example.com
+  redis:
+    urlSecret: {name: redis-url, key: url}
+    passwordSecret: {name: redis-auth, key: password}
+    cluster: true
+";
+
+const SENTINEL: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {name: sentinel, namespace: mail}
+spec:
+  hostname: relay.example.com
+  redis:
+    url: 'redis+sentinel://sentinel-0.db:26379,sentinel-1.db:26379/main/2'
+    passwordSecret: {name: redis-auth, key: password}
+    waitReplicas: 1
+";
+
 fn golden(name: &str, actual: &str) {
     let path = root().join("tests/golden").join(format!("{name}.yaml"));
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
@@ -148,6 +173,126 @@ fn golden_smarthost() {
         "smarthost",
         &build(&relay(SMARTHOST), &example_quotas(), &secrets).to_yaml(),
     );
+}
+
+#[test]
+fn golden_url_from_secret() {
+    let secrets = ResolvedSecrets {
+        env_digest: Some(resources::secret_digest(&[b"redis://r:6379", b"pw"])),
+    };
+    golden(
+        "url-secret",
+        &build(&relay(URL_SECRET), &[], &secrets).to_yaml(),
+    );
+}
+
+fn container(o: &Resources) -> &k8s_openapi::api::core::v1::Container {
+    &o.deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+}
+
+#[test]
+fn a_url_from_a_secret_reaches_the_relay_through_its_environment() {
+    let o = build(&relay(URL_SECRET), &[], &ResolvedSecrets::default());
+    let env = container(&o).env.as_ref().unwrap();
+    let refs: Vec<(&str, &str, &str)> = env
+        .iter()
+        .map(|e| {
+            let r = e
+                .value_from
+                .as_ref()
+                .unwrap()
+                .secret_key_ref
+                .as_ref()
+                .unwrap();
+            (e.name.as_str(), r.name.as_str(), r.key.as_str())
+        })
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            ("MAILRELAY_REDIS_URL", "redis-url", "url"),
+            ("MAILRELAY_REDIS_PASSWORD", "redis-auth", "password"),
+        ]
+    );
+    // The ConfigMap holds a placeholder the relay accepts and the variable replaces.
+    let yaml = &o.config_map.data.as_ref().unwrap()["mailrelay.yaml"];
+    let mut cfg = RelayConfig::from_yaml(yaml).unwrap();
+    let r = cfg.queue.redis.as_ref().unwrap();
+    assert_eq!(r.url, resources::config::REDIS_URL_PLACEHOLDER);
+    assert!(r.cluster);
+    for url in [
+        "redis://:secret@redis-0.db:6379",
+        "redis+sentinel://:spw@s1:26379,s2:26379/main",
+    ] {
+        let mut c = cfg.clone();
+        c.apply_env(|k| match k {
+            "MAILRELAY_REDIS_URL" => Some(url.into()),
+            "MAILRELAY_REDIS_PASSWORD" => Some("pw".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.queue.redis.as_ref().unwrap().url, url);
+    }
+    cfg.apply_env(|_| None).unwrap();
+    assert!(
+        cfg.queue.redis.unwrap().url.contains(".invalid:"),
+        "without the variable the placeholder can reach no real host"
+    );
+}
+
+#[test]
+fn a_sentinel_url_is_rendered_as_given() {
+    let o = build(&relay(SENTINEL), &[], &ResolvedSecrets::default());
+    let yaml = &o.config_map.data.as_ref().unwrap()["mailrelay.yaml"];
+    let cfg = RelayConfig::from_yaml(yaml).unwrap();
+    let r = cfg.queue.redis.as_ref().unwrap();
+    assert_eq!(
+        r.url,
+        "redis+sentinel://sentinel-0.db:26379,sentinel-1.db:26379/main/2"
+    );
+    assert!(!r.cluster);
+    assert_eq!(r.wait_replicas, 1);
+    let env = container(&o).env.as_ref().unwrap();
+    assert_eq!(
+        env.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+        ["MAILRELAY_REDIS_PASSWORD"]
+    );
+}
+
+#[test]
+fn a_bad_redis_spec_is_refused_naming_the_field() {
+    for (yaml, field) in [
+        (
+            SENTINEL.replace("waitReplicas: 1", "cluster: true"),
+            "spec.redis.cluster",
+        ),
+        (
+            URL_SECRET.replace("cluster: true", "url: 'redis://r:6379'"),
+            "spec.redis.urlSecret",
+        ),
+        (
+            MINIMAL.replace("{url: 'redis://redis:6379'}", "{keyPrefix: x}"),
+            "spec.redis.url",
+        ),
+    ] {
+        let r = relay(&yaml);
+        let e = resources::build(Inputs {
+            relay: &r,
+            quotas: vec![],
+            secrets: &ResolvedSecrets::default(),
+            default_image: IMAGE,
+        })
+        .unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+    }
 }
 
 fn template_annotation(d: &Deployment, key: &str) -> Option<String> {

@@ -322,6 +322,57 @@ fn bad_specs_are_refused_naming_the_field() {
             relay("r", with(base(), json!({"redis": {"url": "http://redis"}}))),
             "url",
         ),
+        (
+            relay("r", with(base(), json!({"redis": {"cluster": true}}))),
+            "set exactly one of spec.redis.url (inline) and spec.redis.urlSecret",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"redis": {"url": "redis://r:6379", "urlSecret": {"name": "u", "key": "url"}}}),
+                ),
+            ),
+            "set exactly one of spec.redis.url (inline) and spec.redis.urlSecret",
+        ),
+        (
+            relay(
+                "r",
+                with(base(), json!({"redis": {"urlSecret": {"name": "u"}}})),
+            ),
+            "key",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"redis": {"url": "redis+sentinel://s1:26379,s2:26379/main", "cluster": true}}),
+                ),
+            ),
+            "Sentinel-managed primary: it cannot be combined with cluster: true",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"redis": {"url": "rediss+sentinel://s1:26379/main", "clusterNodes": ["redis://n:6379"]}}),
+                ),
+            ),
+            "Sentinel-managed primary",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"redis": {"url": "redis+sentinal://s1:26379/main"}}),
+                ),
+            ),
+            "url",
+        ),
         (relay("r", with(base(), json!({"replicaz": 2}))), "replicaz"),
         (
             relay("r", json!({"redis": {"url": "redis://r"}})),
@@ -402,6 +453,44 @@ fn good_specs_pass_including_smarthost_and_egress_forms() {
                                                   "credentialsSecret": {"name": "provider"}},
                                     "retry": {"first": "1m", "max": "2h", "maxLifetime": "3d"}},
                        "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}}),
+            ),
+        ),
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"redis": {"urlSecret": {"name": "redis-url", "key": "url"},
+                                 "passwordSecret": {"name": "redis", "key": "password"}}}),
+            ),
+        ),
+        // Whether a URL from a Secret is Sentinel is the operator's to check.
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"redis": {"urlSecret": {"name": "redis-url", "key": "url"}, "cluster": true}}),
+            ),
+        ),
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"redis": {"url": "redis+sentinel://s1:26379,s2:26379/main/2",
+                                 "passwordSecret": {"name": "redis", "key": "password"}}}),
+            ),
+        ),
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"redis": {"url": "rediss+sentinel://s1:26379/main", "cluster": false, "waitReplicas": 1}}),
+            ),
+        ),
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"redis": {"url": "redis://r:6379", "cluster": true, "clusterNodes": ["redis://s:6379"]}}),
             ),
         ),
         quota(json!({"direction": "egress", "maxConnections": 5})),

@@ -178,6 +178,9 @@ fn chart_renders_for_every_value_set_and_every_object_is_valid() {
         "bundled-redis-existing-secret",
         "first-relay-and-quotas",
         "external-redis-secret-relay",
+        "external-redis-url-from-secret",
+        "external-redis-sentinel",
+        "external-redis-sentinel-url-from-secret",
         "metrics",
         "ha-operator",
     ] {

@@ -358,6 +358,115 @@ async fn env_secrets_roll_the_pods_when_they_change() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_url_from_a_secret_is_required_checked_used_and_rolls_the_pods() {
+    let redis = RedisServer::start_with(Some("url-password"));
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let mut s = spec(&redis);
+    s["redis"] = json!({"urlSecret": {"name": "redis-url", "key": "url"}});
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    let url_secret = |url: &str| {
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "redis-url", "namespace": "mail"},
+               "data": {"url": base64_encode(url.as_bytes())}})
+    };
+    let ready = |api: &FakeApi| condition(&api.get(RELAY).unwrap(), "Ready").clone();
+
+    // Missing: the same hold as a missing password Secret.
+    let action = reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.is("GET", "/secrets/redis-url"))
+    );
+    assert!(api.get(DEPLOYMENT).is_none(), "nothing applied");
+    let r = ready(&api);
+    assert_eq!(
+        (r["status"].as_str(), r["reason"].as_str()),
+        (Some("False"), Some("SecretNotFound"))
+    );
+    let m = r["message"].as_str().unwrap();
+    assert!(
+        m.contains("\"redis-url\"") && m.contains("spec.redis.urlSecret"),
+        "{m}"
+    );
+    let events: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.is("POST", "/events"))
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].body.as_ref().unwrap()["reason"], "SecretNotFound");
+
+    // A value the relay would refuse: named, never quoted (it may hold a password).
+    api.put(
+        &format!("{NS}/secrets/redis-url"),
+        url_secret("http://:url-password@127.0.0.1:1"),
+    );
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let r = ready(&api);
+    assert_eq!(r["reason"], "SecretValueInvalid");
+    let m = r["message"].as_str().unwrap();
+    assert!(
+        m.contains("spec.redis.urlSecret") && m.contains("redis://"),
+        "{m}"
+    );
+    assert!(!m.contains("url-password"), "{m}");
+    assert!(api.get(DEPLOYMENT).is_none());
+
+    // A good one: rolled out, and the operator reads the queue through it.
+    let first = format!("redis://:url-password@127.0.0.1:{}", redis.port());
+    api.put(&format!("{NS}/secrets/redis-url"), url_secret(&first));
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let r = api.get(RELAY).unwrap();
+    assert_eq!(condition(&r, "Ready")["status"], "True", "{r}");
+    assert_eq!(
+        condition(&r, "Degraded")["status"],
+        "False",
+        "the URL from the Secret reached the queue read: {r}"
+    );
+    assert_eq!(r["status"]["queue"]["queued"], 0);
+    let dep = api.get(DEPLOYMENT).unwrap();
+    let env = &dep["spec"]["template"]["spec"]["containers"][0]["env"][0];
+    assert_eq!(env["name"], "MAILRELAY_REDIS_URL");
+    assert_eq!(
+        env["valueFrom"]["secretKeyRef"],
+        json!({"name": "redis-url", "key": "url", "optional": false})
+    );
+    assert_eq!(
+        relay_config(&api).queue.redis.unwrap().url,
+        mailrelay_operator::resources::config::REDIS_URL_PLACEHOLDER
+    );
+    let cm = api.get(CONFIG_MAP).unwrap().to_string();
+    assert!(
+        !cm.contains("url-password"),
+        "the URL stays out of the ConfigMap"
+    );
+    let annotation = |api: &FakeApi| {
+        api.get(DEPLOYMENT).unwrap()["spec"]["template"]["metadata"]["annotations"]
+            ["mailrelay.io/secret-hash"]
+            .clone()
+    };
+    let before = annotation(&api);
+    assert!(before.is_string());
+
+    // A new URL in the Secret rolls the pods, and the operator follows it.
+    redis
+        .cli(&["CONFIG", "SET", "requirepass", "new-password"])
+        .unwrap();
+    let second = format!("redis://:new-password@127.0.0.1:{}", redis.port());
+    api.put(&format!("{NS}/secrets/redis-url"), url_secret(&second));
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_ne!(annotation(&api), before, "a changed URL rolls the pods");
+    assert_eq!(
+        condition(&api.get(RELAY).unwrap(), "Degraded")["status"],
+        "False"
+    );
+}
+
 fn base64_encode(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
@@ -474,6 +583,29 @@ async fn an_invalid_spec_is_reported_not_applied() {
     );
     assert!(api.get(DEPLOYMENT).is_none());
     assert!(api.requests().iter().any(|r| r.is("POST", "/events")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_redis_url_forms_are_an_invalid_spec_before_any_secret() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    let mut s = spec(&redis);
+    // What the CRD's CEL rule refuses; the operator checks again.
+    s["redis"]["urlSecret"] = json!({"name": "redis-url", "key": "url"});
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let ready = condition(&api.get(RELAY).unwrap(), "Ready").clone();
+    assert_eq!(
+        ready["reason"], "InvalidSpec",
+        "not SecretNotFound: {ready}"
+    );
+    let m = ready["message"].as_str().unwrap();
+    assert!(
+        m.starts_with("spec.redis.urlSecret:") && m.contains("not both"),
+        "{m}"
+    );
+    assert!(api.get(DEPLOYMENT).is_none());
 }
 
 /// The agreed admin API answer for quota `payments` (crd-shape.md).
@@ -722,6 +854,17 @@ fn watch_events_map_to_the_objects_they_concern() {
         ["a"]
     );
     assert!(relays_for_secret(&relays, Some("mail"), "unrelated").is_empty());
+    let mut d: MailRelay = serde_json::from_value(relay_obj(
+        json!({"hostname": "r.example", "redis": {"urlSecret": {"name": "redis-url", "key": "url"}}}),
+    ))
+    .unwrap();
+    d.metadata.name = Some("d".into());
+    let with_url = [relays.clone(), vec![Arc::new(d)]].concat();
+    assert_eq!(
+        names(relays_for_secret(&with_url, Some("mail"), "redis-url")),
+        ["d"],
+        "a change of the URL Secret reconciles the relay"
+    );
     let quotas = vec![Arc::new(sq)];
     assert_eq!(quotas_for_relay(&quotas, &relays[0]).len(), 1);
     assert!(quotas_for_relay(&quotas, &relays[2]).is_empty());

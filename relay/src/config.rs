@@ -626,11 +626,13 @@ impl RelayConfig {
                 if !(r.url.starts_with("redis://")
                     || r.url.starts_with("rediss://")
                     || r.url.starts_with("redis+unix://")
-                    || r.url.starts_with("unix://"))
+                    || r.url.starts_with("unix://")
+                    || r.url.starts_with("redis+sentinel://")
+                    || r.url.starts_with("rediss+sentinel://"))
                 {
                     return Err(invalid(
                         "queue.redis.url",
-                        "must start with redis://, rediss:// or unix://",
+                        "must start with redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://",
                     ));
                 }
                 if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {

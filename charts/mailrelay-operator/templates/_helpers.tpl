@@ -84,11 +84,18 @@ passwordSecret:
   key: {{ .Values.redis.auth.secretKey | quote }}
 {{- end }}
 {{- else }}
-url: {{ .Values.externalRedis.url | quote }}
-{{- if .Values.externalRedis.cluster }}
+{{- $e := .Values.externalRedis }}
+{{- if $e.urlSecret.name }}
+urlSecret:
+  name: {{ $e.urlSecret.name | quote }}
+  key: {{ $e.urlSecret.key | quote }}
+{{- else }}
+url: {{ $e.url | quote }}
+{{- end }}
+{{- if eq $e.mode "cluster" }}
 cluster: true
 {{- end }}
-{{- with .Values.externalRedis.clusterNodes }}
+{{- with $e.clusterNodes }}
 clusterNodes:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -108,11 +115,26 @@ waitReplicas: {{ .Values.externalRedis.waitReplicas }}
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) }}
 {{- fail "replicaCount > 1 needs leaderElection.enabled=true: two operators reconciling at once would fight over the same objects" }}
 {{- end }}
-{{- if and .Values.relay.enabled (not .Values.redis.enabled) (not .Values.externalRedis.url) }}
-{{- fail "relay.enabled needs a Redis: set redis.enabled=true (bundled, not HA) or externalRedis.url" }}
+{{- $e := .Values.externalRedis }}
+{{- if and $e.url $e.urlSecret.name }}
+{{- fail "externalRedis: set either url (inline) or urlSecret.name (the URL from a Secret), not both" }}
 {{- end }}
-{{- if and .Values.redis.enabled .Values.externalRedis.url }}
-{{- fail "set either redis.enabled or externalRedis.url, not both" }}
+{{- $external := or $e.url $e.urlSecret.name }}
+{{- if and .Values.relay.enabled (not .Values.redis.enabled) (not $external) }}
+{{- fail "relay.enabled needs a Redis: set redis.enabled=true (bundled, not HA), externalRedis.url or externalRedis.urlSecret.name" }}
+{{- end }}
+{{- if and .Values.redis.enabled $external }}
+{{- fail "set either redis.enabled or externalRedis (url or urlSecret), not both" }}
+{{- end }}
+{{- $sentinelUrl := or (hasPrefix "redis+sentinel://" $e.url) (hasPrefix "rediss+sentinel://" $e.url) }}
+{{- if and (eq $e.mode "sentinel") $e.url (not $sentinelUrl) }}
+{{- fail "externalRedis.mode=sentinel needs a redis+sentinel://host1:26379[,host2:26379]/MASTER_NAME url (or rediss+sentinel:// with TLS)" }}
+{{- end }}
+{{- if and (ne $e.mode "sentinel") $sentinelUrl }}
+{{- fail "externalRedis.url is a redis+sentinel:// URL: set externalRedis.mode=sentinel" }}
+{{- end }}
+{{- if and $e.clusterNodes (ne $e.mode "cluster") }}
+{{- fail "externalRedis.clusterNodes needs externalRedis.mode=cluster" }}
 {{- end }}
 {{- if and .Values.relay.enabled (not .Values.relay.hostname) }}
 {{- fail "relay.enabled needs relay.hostname (the relay's EHLO name, e.g. relay.example.com)" }}

@@ -197,15 +197,42 @@ pub enum ListenerTls {
 /// Where the queue lives.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.url) != has(self.urlSecret)",
+        "message": "set exactly one of spec.redis.url (inline) and spec.redis.urlSecret (the URL from a Secret)"
+    },
+    {
+        "rule": "!has(self.url) || !(self.url.startsWith('redis+sentinel://') || self.url.startsWith('rediss+sentinel://')) || ((!has(self.cluster) || !self.cluster) && (!has(self.clusterNodes) || size(self.clusterNodes) == 0))",
+        "message": "a redis+sentinel:// URL names a Sentinel-managed primary: it cannot be combined with cluster: true or clusterNodes",
+        "fieldPath": ".cluster"
+    }
+]))]
 pub struct RedisSpec {
-    /// `redis://host:port/db`, `rediss://…` (TLS) or `unix://…`; no password here
-    /// (use `passwordSecret`).
+    /// The Redis URL, inline. Exactly one of `url` and `urlSecret` is set.
+    /// `redis://host:port/db`, `rediss://…` (TLS) or `unix://…`; for a Redis Cluster
+    /// one node, with `cluster: true`; for Redis Sentinel
+    /// `redis+sentinel://[[user]:password@]host1:port1[,host2:port2,…]/MASTER_NAME[/DB]`
+    /// (`rediss+sentinel://` with TLS): the sentinels, the name of the primary they
+    /// watch and the database (the user and password there are the sentinels' own;
+    /// not with `cluster` or `clusterNodes`). The data nodes' password goes in
+    /// `passwordSecret`; a URL that carries credentials belongs in `urlSecret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 1, max = 1024),
-        regex(pattern = r"^(redis|rediss|unix|redis\+unix)://.+$")
+        regex(
+            pattern = r"^(redis|rediss|unix|redis\+unix|redis\+sentinel|rediss\+sentinel)://.+$"
+        )
     )]
-    pub url: String,
-    /// The Redis password, from a Secret (passed to the relay as an environment variable).
+    pub url: Option<String>,
+    /// The Redis URL from a Secret (passed to the relay as the environment variable
+    /// `MAILRELAY_REDIS_URL`), in any of the forms `url` takes; instead of `url`.
+    /// A change of the value restarts the relay pods. `cluster` cannot be checked
+    /// against a Sentinel URL here: the operator checks it when it reads the Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_secret: Option<SecretKeyRef>,
+    /// The Redis password (with Sentinel: the data nodes' password), from a Secret
+    /// (passed to the relay as an environment variable).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_secret: Option<SecretKeyRef>,
     /// Speak the Redis Cluster protocol.

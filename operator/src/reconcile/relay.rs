@@ -19,7 +19,7 @@ use super::conditions::{self, Outcome, READY, Rollout};
 use super::secrets;
 use super::{Context, Error, MANAGER, object_key};
 use crate::crd::{MailRelay, MailRelayStatus, SendQuota};
-use crate::resources::config::{SpecError, quota_config, selects};
+use crate::resources::config::{SpecError, check_redis, quota_config, selects};
 use crate::resources::{self, Inputs};
 use crate::status::{QueueReport, read_report};
 
@@ -110,15 +110,27 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     }
 
     let quota_names: Vec<String> = quotas.iter().map(|q| q.name.clone()).collect();
-    let resolved = secrets::resolve(&relay.spec, &fetched);
+    // Which Redis URL is meant comes first: with both `url` and `urlSecret` (a CRD
+    // without its CEL rules) the Secret's state would be beside the point.
+    let resolved = match check_redis(&relay.spec.redis) {
+        Err(e) => Err((
+            "InvalidSpec".to_owned(),
+            e.to_string(),
+            ctx.settings.status_interval * 10,
+        )),
+        Ok(()) => secrets::resolve(&relay.spec, &fetched).map_err(|p| {
+            (
+                p.reason().to_owned(),
+                p.message(),
+                ctx.settings.blocked_retry,
+            )
+        }),
+    };
     let (outcome, queue, action) = match resolved {
-        Err(problem) => (
-            Outcome::Blocked {
-                reason: problem.reason().into(),
-                message: problem.message(),
-            },
+        Err((reason, message, retry)) => (
+            Outcome::Blocked { reason, message },
             None,
-            Action::requeue(ctx.settings.blocked_retry),
+            Action::requeue(retry),
         ),
         Ok(resolved) => {
             let built = resources::build(Inputs {
@@ -143,7 +155,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                     apply(client, &ns, &objs.admin_service).await?;
                     apply(client, &ns, &objs.pdb).await?;
                     let dep = apply(client, &ns, &objs.deployment).await?;
-                    let queue = read_queue(ctx, &key, relay, resolved.redis_password).await;
+                    let queue = read_queue(ctx, &key, relay, &resolved).await;
                     (
                         Outcome::Applied {
                             rollout: Rollout::of(&dep),
@@ -199,12 +211,16 @@ async fn read_queue(
     ctx: &Context,
     key: &str,
     relay: &MailRelay,
-    password: Option<String>,
+    secrets: &secrets::Resolved,
 ) -> Result<QueueReport, String> {
     let r = &relay.spec.redis;
+    // `build` succeeded, so exactly one of the two is there.
+    let Some(url) = r.url.clone().or_else(|| secrets.redis_url.clone()) else {
+        return Err("no Redis URL".into());
+    };
     let cfg = RedisConfig {
-        url: r.url.clone(),
-        password: password.map(RelaySecret),
+        url,
+        password: secrets.redis_password.clone().map(RelaySecret),
         cluster: r.cluster,
         cluster_nodes: r.cluster_nodes.clone(),
         key_prefix: r.key_prefix.clone().unwrap_or_else(|| "mr".into()),

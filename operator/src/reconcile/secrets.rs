@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Secret;
 
-use crate::crd::MailRelaySpec;
+use crate::crd::{MailRelaySpec, SecretKeyRef};
+use crate::resources::config::redis_url_problem;
 use crate::resources::{ResolvedSecrets, secret_digest};
 
 /// One Secret a relay references, the keys it must hold, and the field that names it.
@@ -37,6 +38,14 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
             keys: vec!["users".into()],
             field: "spec.auth.secretName",
             env: false,
+        });
+    }
+    if let Some(u) = &spec.redis.url_secret {
+        out.push(SecretNeed {
+            name: u.name.clone(),
+            keys: vec![u.key.clone()],
+            field: "spec.redis.urlSecret",
+            env: true,
         });
     }
     if let Some(p) = &spec.redis.password_secret {
@@ -75,6 +84,13 @@ pub enum SecretProblem {
         key: String,
         field: &'static str,
     },
+    /// The value is there but unusable; `problem` never quotes it.
+    InvalidValue {
+        secret: String,
+        key: String,
+        field: &'static str,
+        problem: String,
+    },
 }
 
 impl SecretProblem {
@@ -83,6 +99,7 @@ impl SecretProblem {
         match self {
             SecretProblem::NotFound { .. } => "SecretNotFound",
             SecretProblem::KeyMissing { .. } => "SecretKeyMissing",
+            SecretProblem::InvalidValue { .. } => "SecretValueInvalid",
         }
     }
 
@@ -94,15 +111,23 @@ impl SecretProblem {
             SecretProblem::KeyMissing { secret, key, field } => {
                 format!("Secret {secret:?} (referenced by {field}) has no key {key:?}")
             }
+            SecretProblem::InvalidValue {
+                secret,
+                key,
+                field,
+                problem,
+            } => format!("Secret {secret:?} key {key:?} (referenced by {field}): {problem}"),
         }
     }
 }
 
-/// What the reconciler needs from the Secrets: the digest for the pods and the
-/// Redis password for reading the queue store (never logged).
+/// What the reconciler needs from the Secrets: the digest for the pods, and the
+/// Redis URL (when it comes from a Secret) and password for reading the queue store
+/// (never logged: a URL may carry credentials too).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Resolved {
     pub secrets: ResolvedSecrets,
+    pub redis_url: Option<String>,
     pub redis_password: Option<String>,
 }
 
@@ -110,6 +135,7 @@ impl std::fmt::Debug for Resolved {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Resolved")
             .field("secrets", &self.secrets)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<redacted>"))
             .field(
                 "redis_password",
                 &self.redis_password.as_ref().map(|_| "<redacted>"),
@@ -153,17 +179,48 @@ pub fn resolve(
             }
         }
     }
-    let redis_password = spec.redis.password_secret.as_ref().and_then(|p| {
+    let lookup = |r: &SecretKeyRef| {
         fetched
-            .get(&p.name)
+            .get(&r.name)
             .and_then(Option::as_ref)
-            .and_then(|s| value(s, &p.key))
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    });
+            .and_then(|s| value(s, &r.key))
+    };
+    let redis_url = match &spec.redis.url_secret {
+        None => None,
+        Some(u) => {
+            let invalid = |problem: String| SecretProblem::InvalidValue {
+                secret: u.name.clone(),
+                key: u.key.clone(),
+                field: "spec.redis.urlSecret",
+                problem,
+            };
+            let raw = lookup(u).unwrap_or_default();
+            let url = std::str::from_utf8(raw)
+                .map_err(|_| invalid("the Redis URL is not UTF-8".into()))?;
+            // The relay takes the variable as it is; a file made with `echo` ends
+            // in a newline, which is better named here than failing in every pod.
+            if url.trim() != url {
+                return Err(invalid(
+                    "the Redis URL has leading or trailing white space (a newline at the end of the file it was created from?)".into(),
+                ));
+            }
+            if let Some(problem) = redis_url_problem(url, &spec.redis) {
+                return Err(invalid(format!("the Redis URL {problem}")));
+            }
+            Some(url.to_owned())
+        }
+    };
+    let redis_password = spec
+        .redis
+        .password_secret
+        .as_ref()
+        .and_then(lookup)
+        .map(|v| String::from_utf8_lossy(v).into_owned());
     Ok(Resolved {
         secrets: ResolvedSecrets {
             env_digest: (!env_values.is_empty()).then(|| secret_digest(&env_values)),
         },
+        redis_url,
         redis_password,
     })
 }
@@ -216,5 +273,80 @@ mod tests {
         fetched.insert("redis".into(), secret(&[("password", "changed")]));
         let d2 = resolve(&s, &fetched).unwrap().secrets.env_digest.unwrap();
         assert_ne!(d1, d2, "a new password rolls the pods");
+    }
+
+    #[test]
+    fn a_url_secret_is_needed_checked_and_rolls_the_pods() {
+        let s = spec(
+            "hostname: r.example\nredis: {urlSecret: {name: redis-url, key: url}, passwordSecret: {name: redis-url, key: password}}\n",
+        );
+        let needs = needed(&s);
+        assert_eq!(
+            needs.iter().map(|n| n.field).collect::<Vec<_>>(),
+            ["spec.redis.urlSecret", "spec.redis.passwordSecret"]
+        );
+        assert!(needs.iter().all(|n| n.env && n.name == "redis-url"));
+        let mut fetched = BTreeMap::from([("redis-url".to_owned(), None)]);
+        let p = resolve(&s, &fetched).unwrap_err();
+        assert_eq!(p.reason(), "SecretNotFound");
+        assert!(
+            p.message().contains("spec.redis.urlSecret"),
+            "{}",
+            p.message()
+        );
+
+        fetched.insert("redis-url".into(), secret(&[("password", "pw")]));
+        let p = resolve(&s, &fetched).unwrap_err();
+        assert_eq!(p.reason(), "SecretKeyMissing");
+        assert!(p.message().contains("\"url\""), "{}", p.message());
+
+        for (bad, needle) in [
+            ("http://:hunter2@r:6379", "starting with redis://"),
+            ("redis://:hunter2@r:6379\n", "trailing white space"),
+        ] {
+            fetched.insert(
+                "redis-url".into(),
+                secret(&[("url", bad), ("password", "pw")]),
+            );
+            let p = resolve(&s, &fetched).unwrap_err();
+            assert_eq!(p.reason(), "SecretValueInvalid");
+            let m = p.message();
+            assert!(
+                m.contains(needle) && m.contains("spec.redis.urlSecret"),
+                "{m}"
+            );
+            assert!(!m.contains("hunter2"), "the URL is never quoted: {m}");
+        }
+
+        fetched.insert(
+            "redis-url".into(),
+            secret(&[
+                ("url", "redis+sentinel://:spw@s1:26379,s2:26379/main"),
+                ("password", "pw"),
+            ]),
+        );
+        let r = resolve(&s, &fetched).unwrap();
+        assert_eq!(
+            r.redis_url.as_deref(),
+            Some("redis+sentinel://:spw@s1:26379,s2:26379/main")
+        );
+        assert!(!format!("{r:?}").contains("spw"), "{r:?}");
+        let d1 = r.secrets.env_digest.unwrap();
+        fetched.insert(
+            "redis-url".into(),
+            secret(&[
+                ("url", "redis+sentinel://:spw@s3:26379/main"),
+                ("password", "pw"),
+            ]),
+        );
+        let d2 = resolve(&s, &fetched).unwrap().secrets.env_digest.unwrap();
+        assert_ne!(d1, d2, "a new URL rolls the pods");
+
+        // Sentinel and cluster: known only once the Secret is read.
+        let mut c = s.clone();
+        c.redis.cluster = true;
+        let p = resolve(&c, &fetched).unwrap_err();
+        assert_eq!(p.reason(), "SecretValueInvalid");
+        assert!(p.message().contains("cluster"), "{}", p.message());
     }
 }

@@ -1,8 +1,9 @@
 //! MailRelay + SendQuotas -> the relay's own config ([`RelayConfig`]).
 //!
-//! Everything secret stays out: the Redis password and smarthost credentials reach
-//! the pods as environment variables from their Secrets (`RelayConfig::apply_env`),
-//! TLS and AUTH files as mounted Secret volumes.
+//! Everything secret stays out: the Redis password (and the Redis URL when it comes
+//! from a Secret) and smarthost credentials reach the pods as environment variables
+//! from their Secrets (`RelayConfig::apply_env`), TLS and AUTH files as mounted
+//! Secret volumes.
 
 use std::net::SocketAddr;
 
@@ -23,6 +24,72 @@ pub const CONFIG_DIR: &str = "/etc/mailrelay";
 pub const CONFIG_FILE: &str = "mailrelay.yaml";
 pub const TLS_DIR: &str = "/var/run/mailrelay/tls";
 pub const AUTH_DIR: &str = "/var/run/mailrelay/auth";
+/// The Redis URL in the ConfigMap when `spec.redis.urlSecret` is set: the relay
+/// needs one in its config file, and `MAILRELAY_REDIS_URL` (from the Secret)
+/// replaces it at start-up. `.invalid` never resolves (RFC 6761), so a pod that
+/// somehow ran without the variable fails to connect instead of reaching a real host.
+pub const REDIS_URL_PLACEHOLDER: &str = "redis://redis-url-from-secret.invalid:6379";
+
+/// URL schemes a Redis URL may have (the relay's `queue.redis.url`).
+const REDIS_SCHEMES: [&str; 6] = [
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+unix://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+];
+
+/// Whether `url` names Redis Sentinel (`redis+sentinel://`, `rediss+sentinel://`).
+pub fn is_sentinel_url(url: &str) -> bool {
+    url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://")
+}
+
+/// What is wrong with Redis URL `url` used with `redis` (its scheme, or Sentinel
+/// with `cluster`), as a message that never repeats the URL: one from a Secret may
+/// carry a password. The CRD schema checks an inline URL the same way.
+pub fn redis_url_problem(url: &str, redis: &crd::RedisSpec) -> Option<String> {
+    let rest = REDIS_SCHEMES
+        .iter()
+        .find_map(|s| url.strip_prefix(s))
+        .filter(|rest| !rest.is_empty());
+    if rest.is_none() {
+        return Some(
+            "must be a URL starting with redis://, rediss://, unix://, redis+unix://, \
+             redis+sentinel:// or rediss+sentinel://"
+                .into(),
+        );
+    }
+    if is_sentinel_url(url) && (redis.cluster || !redis.cluster_nodes.is_empty()) {
+        return Some(
+            "a redis+sentinel:// URL names a Sentinel-managed primary: it cannot be \
+             combined with spec.redis.cluster: true or spec.redis.clusterNodes"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Checks `spec.redis` on its own: exactly one of `url` and `urlSecret`, and an
+/// inline URL that fits the other fields.
+pub fn check_redis(redis: &crd::RedisSpec) -> Result<(), SpecError> {
+    match (&redis.url, &redis.url_secret) {
+        (Some(_), Some(_)) => Err(spec_err(
+            "spec.redis.urlSecret",
+            "set exactly one of spec.redis.url and spec.redis.urlSecret, not both",
+        )),
+        (None, None) => Err(spec_err(
+            "spec.redis.url",
+            "set exactly one of spec.redis.url (inline) and spec.redis.urlSecret (the URL from a Secret)",
+        )),
+        (Some(url), None) => match redis_url_problem(url, redis) {
+            Some(m) if is_sentinel_url(url) => Err(spec_err("spec.redis.cluster", m)),
+            Some(m) => Err(spec_err("spec.redis.url", m)),
+            None => Ok(()),
+        },
+        (None, Some(_)) => Ok(()),
+    }
+}
 
 /// A spec the operator cannot turn into a relay config (the CRD schema catches most
 /// of these at `kubectl apply`; this is the backstop). `field` is the path in the
@@ -97,9 +164,14 @@ pub fn relay_config(
             users_file: format!("{AUTH_DIR}/users").into(),
         });
     }
+    check_redis(&spec.redis)?;
     cfg.queue.backend = Some(QueueBackendKind::Redis);
     cfg.queue.redis = Some(RedisConfig {
-        url: spec.redis.url.clone(),
+        url: spec
+            .redis
+            .url
+            .clone()
+            .unwrap_or_else(|| REDIS_URL_PLACEHOLDER.into()),
         password: None,
         cluster: spec.redis.cluster,
         cluster_nodes: spec.redis.cluster_nodes.clone(),
@@ -338,5 +410,60 @@ mod tests {
         );
         assert_eq!(relay_field("queue.redis.url"), "spec.redis.url");
         assert_eq!(relay_field("shutdown_grace"), "spec (shutdown_grace)");
+    }
+
+    fn redis(yaml: &str) -> crd::RedisSpec {
+        serde_norway::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn exactly_one_redis_url_and_sentinel_without_cluster() {
+        for ok in [
+            "url: redis://r:6379/0",
+            "url: 'unix:///run/redis.sock'",
+            "{url: 'redis://r:6379', cluster: true, clusterNodes: ['redis://s:6379']}",
+            "url: 'redis+sentinel://s1:26379,s2:26379/mymaster/2'",
+            "url: 'rediss+sentinel://:pw@s1:26379/mymaster'",
+            "urlSecret: {name: redis-url, key: url}",
+            // Only the Secret's value can tell whether this is Sentinel.
+            "{urlSecret: {name: redis-url, key: url}, cluster: true}",
+        ] {
+            assert_eq!(check_redis(&redis(ok)), Ok(()), "{ok}");
+        }
+        for (bad, field, needle) in [
+            (
+                "{url: 'redis://r', urlSecret: {name: u, key: url}}",
+                "spec.redis.urlSecret",
+                "not both",
+            ),
+            ("{cluster: true}", "spec.redis.url", "exactly one"),
+            ("url: 'http://r'", "spec.redis.url", "redis+sentinel://"),
+            ("url: 'redis://'", "spec.redis.url", "starting with"),
+            (
+                "{url: 'redis+sentinel://s:26379/m', cluster: true}",
+                "spec.redis.cluster",
+                "Sentinel",
+            ),
+            (
+                "{url: 'redis+sentinel://s:26379/m', clusterNodes: ['redis://x']}",
+                "spec.redis.cluster",
+                "clusterNodes",
+            ),
+        ] {
+            let e = check_redis(&redis(bad)).unwrap_err();
+            assert_eq!(e.field, field, "{bad}: {e}");
+            assert!(e.message.contains(needle), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn url_problems_never_quote_the_url() {
+        let r = redis("urlSecret: {name: u, key: url}");
+        let m = redis_url_problem("http://user:hunter2@r", &r).unwrap();
+        assert!(!m.contains("hunter2"), "{m}");
+        let cluster = redis("{urlSecret: {name: u, key: url}, cluster: true}");
+        let m = redis_url_problem("redis+sentinel://:hunter2@s:26379/m", &cluster).unwrap();
+        assert!(!m.contains("hunter2") && m.contains("cluster"), "{m}");
+        assert_eq!(redis_url_problem("redis://:pw@r:6379", &cluster), None);
     }
 }

@@ -43,7 +43,7 @@ pub const RELAY_UID: i64 = 65532;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ResolvedSecrets {
     /// Digest of the values that reach the pods as environment variables (Redis
-    /// password, smarthost credentials); `None` when there are none.
+    /// URL and password, smarthost credentials); `None` when there are none.
     pub env_digest: Option<String>,
 }
 
@@ -276,6 +276,10 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &str) -> Deployment {
     let spec = &inputs.relay.spec;
     let mut env = Vec::new();
+    if let Some(u) = &spec.redis.url_secret {
+        // Replaces the placeholder URL of the ConfigMap (`REDIS_URL_PLACEHOLDER`).
+        env.push(secret_env("MAILRELAY_REDIS_URL", &u.name, &u.key));
+    }
     if let Some(p) = &spec.redis.password_secret {
         env.push(secret_env("MAILRELAY_REDIS_PASSWORD", &p.name, &p.key));
     }
