@@ -69,9 +69,17 @@ use crate::queue::redis::{EnqueueGuard, RedisQueue, SharedRedis};
 
 /// Helpers shared by the scripts (prepended to each). The including code defines
 /// `A0`, the offset of the script's own arguments in `ARGV` (non-zero when the check
-/// rides in the enqueue script, after the enqueue's arguments).
+/// rides in the enqueue script, after the enqueue's arguments), and `DS`, a struct
+/// format of [`FORMAT_DOUBLES`] doubles (a constant of the script: building one per
+/// call costs more than the window arithmetic).
+///
+/// Costs in this interpreter (Redis' Lua 5.1 with its hooks) are what shaped the
+/// scripts: a VM instruction is tens of machine instructions, each value through
+/// `struct` a few hundred, a table that grows rehashes. So a window's state is one
+/// record in one packed string per key, the common path of a window is a handful of
+/// instructions on that record in place, and the reply reuses the packed state.
 const COMMON_LUA: &str = r#"
-local tonumber, floor, min = tonumber, math.floor, math.min
+local tonumber, floor, min, sub = tonumber, math.floor, math.min, string.sub
 local now
 if ARGV[A0 + 1] == '' then
   local t = redis.call('TIME')
@@ -81,51 +89,55 @@ else
 end
 -- The oldest bucket counted now: the one holding now - W + 1.
 local function lower_of(W, b) return floor((now + 1 - W) / b) end
-local pack, unpack4, rep = struct.pack, struct.unpack, string.rep
+local pack, unpack4 = struct.pack, struct.unpack
 -- A key's state, field `s` of its hash: little-endian doubles (exact for integers
--- below 2^53; one C call reads or writes them all, several times cheaper than text
--- or a field per window): the time the hash's expiry and index entry are good
--- until, then REC per quota window: quota id, window ms, bucket ms, total counted,
--- lowest bucket kept, latest bucket, units in the latest bucket.
+-- below 2^53), the time the hash's expiry and index entry are good until, then REC
+-- per quota window: its tag (quota, window and bucket length), window ms, bucket ms,
+-- total counted, when the lowest bucket kept stops counting, when the latest
+-- bucket ends, units in the latest bucket. The times stand for bucket indexes
+-- (lowest lo: (lo + 1) * b + W - 1; latest cb: (cb + 1) * b) so that the common
+-- path compares instead of dividing.
 local REC = 7
 -- Values one struct call handles: results go through Lua's C stack (8000 slots).
 local CHUNK = 4000
+local function fmt(n) return sub(DS, 1, n + 1) end
 local function decode(blob)
   if not blob then return {0}, 1 end
   local n = #blob / 8
   if n % 1 ~= 0 or (n - 1) % REC ~= 0 then
     error('mailrelay: quota state of ' .. #blob .. ' bytes is not a whole record')
   end
-  if n <= CHUNK then return {unpack4('<' .. rep('d', n), blob)}, n end
+  if n <= CHUNK then return {unpack4(fmt(n), blob)}, n end
   local v, got, pos = {}, 0, 1
   while got < n do
     local m = min(n - got, CHUNK)
-    local part = {unpack4('<' .. rep('d', m), blob, pos)}
+    local part = {unpack4(fmt(m), blob, pos)}
     for i = 1, m do v[got + i] = part[i] end
     got, pos = got + m, part[m + 1]
   end
   return v, n
 end
 local function encode(v, n)
-  if n <= CHUNK then return pack('<' .. rep('d', n), unpack(v, 1, n)) end
+  if n <= CHUNK then return pack(fmt(n), unpack(v, 1, n)) end
   local parts = {}
   for i = 1, n, CHUNK do
     local j = min(n, i + CHUNK - 1)
-    parts[#parts + 1] = pack('<' .. rep('d', j - i + 1), unpack(v, i, j))
+    parts[#parts + 1] = pack(fmt(j - i + 1), unpack(v, i, j))
   end
   return table.concat(parts)
 end
--- The offset of the record of quota q's window W in v, looking at `hint` first
--- (records are kept in the order they were last checked in).
-local function find(v, n, q, W, hint)
-  if hint and hint < n and v[hint] == q and v[hint + 1] == W then return hint end
+-- The offset of the record with tag q in v.
+local function find(v, n, q)
   for o = 2, n, REC do
-    if v[o] == q and v[o + 1] == W then return o end
+    if v[o] == q then return o end
   end
   return nil
 end
--- Older buckets are fields of their own, `<quota id>:<window ms>:<bucket>`.
-local function prefix(q, W) return q .. ':' .. W .. ':' end
+-- The bucket indexes a record's times stand for: lowest kept, latest.
+local function lo_of(v, o) return (v[o + 4] + 1 - v[o + 1]) / v[o + 2] - 1 end
+local function cb_of(v, o) return v[o + 5] / v[o + 2] - 1 end
+-- Older buckets are fields of their own, `<tag>:<bucket>`.
+local function prefix(q) return q .. ':' end
 local function hdel(key, fields, n)
   for i = 1, n, CHUNK do redis.call('HDEL', key, unpack(fields, i, min(n, i + CHUNK - 1))) end
 end
@@ -134,13 +146,12 @@ end
 local function live(key, v, n)
   local w, nw, old, nold = {v[1]}, 1, {}, 0
   for o = 2, n, REC do
-    local W, b, c = v[o + 1], v[o + 2], v[o + 5]
-    if now < (c + 1) * b + W - 1 then
+    if now < v[o + 5] + v[o + 1] - 1 then
       for k = 0, REC - 1 do w[nw + 1 + k] = v[o + k] end
       nw = nw + REC
     else
-      local pre = prefix(v[o], W)
-      for j = v[o + 4], c - 1 do
+      local pre = prefix(v[o])
+      for j = lo_of(v, o), cb_of(v, o) - 1 do
         nold = nold + 1
         old[nold] = pre .. j
       end
@@ -163,14 +174,15 @@ local function buckets(key, pre, from, cb, cv)
   if cb >= from then out[n + 1] = cv end
   return out
 end
--- When `need` units will have stopped counting: walks the buckets from the oldest.
--- -1: never (fewer than `need` are counted).
-local function frees(key, pre, lo, cb, cv, W, b, need)
-  if not lo or need <= 0 then return 0 end
+-- When `need` units of record o will have stopped counting: walks its buckets
+-- from the oldest. -1: never (fewer than `need` are counted).
+local function frees(key, v, o, need)
+  if need <= 0 then return 0 end
+  local W, b, lo = v[o + 1], v[o + 2], lo_of(v, o)
   local acc = 0
-  for i, v in ipairs(buckets(key, pre, lo, cb, cv)) do
-    acc = acc + v
-    if v > 0 and acc >= need then return (lo + i) * b + W - 1 end
+  for i, u in ipairs(buckets(key, prefix(v[o]), lo, cb_of(v, o), v[o + 6])) do
+    acc = acc + u
+    if u > 0 and acc >= need then return (lo + i) * b + W - 1 end
   end
   return -1
 end
@@ -179,89 +191,86 @@ end
 /// Check and charge, as the body of `local function guard(KEYS, ARGV, K0, A0)`
 /// (its keys from `KEYS[K0 + 1]`, its arguments from `ARGV[A0 + 1]`), so that it
 /// can run alone or before an enqueue in the same call: see [`RedisCounters`]. The
-/// Rust twin is [`super::window::WindowState`]. Written for speed (it runs once per
-/// message, over every window of every matching quota): per key one `HGET` and one
-/// `HSET` of a packed state, one C call to unpack the arguments, flat arrays.
+/// Rust twin is [`super::window::WindowState`].
 pub const CHARGE_LUA: &str = r#"
 -- KEYS: one counter hash per key group, then the key index (the last key)
--- ARGV: now ('' = Redis TIME), the struct format of the numbers, the numbers
---   (doubles): group count, then per group: ttl ms, request count, then per
---   request: cost, window count, then per window: quota id, limit, window ms,
---   bucket ms. Then per group its key (the index member).
--- Returns whether all fit, and little-endian doubles: allowed (1/0), now, then per
---   group, request and window: used, retry_at (0 fits, -1 never), free_at (0 when a
---   unit is free)
+-- ARGV: now ('' = Redis TIME), then two lists of doubles, each as its struct format
+--   and its bytes: the numbers of the check (group count, then per group: ttl ms,
+--   request count, then per request: cost, window count, then per window: tag,
+--   limit), and per window its window ms and bucket ms (read only for a window the
+--   key has no record of or whose oldest bucket must go). Then per group its key
+--   (the index member).
+-- Returns whether all fit, and little-endian doubles, either
+--   1, allowed (1/0), now, then per group, request and window: used, retry_at (0
+--   fits, -1 never), free_at (0 when a unit is free); or, when all fit and every
+--   window still has a unit free (retry_at and free_at all 0),
+--   2, now, then per group: the length of its state, the state (as stored: the
+--   used counts are the totals of the windows' records).
 local index = KEYS[#KEYS]
 local N = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
-local ngroups, p = N[1], 2
--- Per window i (numbered across all groups): where its numbers start in N (quota
--- id, limit, window ms, bucket ms), its cost, the offset of its record in its key's
--- state, when it could be charged (0 now, -1 never). Records are read and updated
--- in place, and each window is visited twice (check, then charge and report): in
--- this interpreter every table write and every pass counts, times the windows.
-local arg, cost, rec, retry = {}, {}, {}, {}
--- Per group: first and last window, ttl, state and its length, whether old
--- buckets were dropped.
-local gfirst, glast, gttl, gstate, gn, grolled = {}, {}, {}, {}, {}, {}
+local S
+local function shape(i)
+  S = S or {unpack4(ARGV[A0 + 4], ARGV[A0 + 5])}
+  return S[2 * i - 1], S[2 * i]
+end
+-- Per group: ttl, state and its length, whether old buckets were dropped.
+local gttl, gstate, gn, grolled = {}, {}, {}, {}
+-- Windows whose record is not where the previous window's ended (by window
+-- number, across all groups), and those that did not fit.
+local jump, over = {}, nil
 local allowed = true
-local n = 0
-for g = 1, ngroups do
+local n, p = 0, 2
+for g = 1, N[1] do
   local key = KEYS[K0 + g]
-  local nreq
-  gttl[g], nreq, p = N[p], N[p + 1], p + 2
-  gfirst[g] = n + 1
+  local nreq = N[p + 1]
+  gttl[g] = N[p]
+  p = p + 2
   local v, nv = decode(redis.call('HGET', key, 's'))
   -- Buckets that no longer count are dropped for every window of the key at once.
   local drop, nd, rolled = nil, 0, nil
-  -- Records are kept in the order of the last check, so the next one is usually
-  -- where the previous one ended.
+  -- Records are kept in the order of the last check, so a window's record is
+  -- usually where the previous one's ended.
   local o = 2
   for r = 1, nreq do
     local c, nw = N[p], N[p + 1]
     p = p + 2
     for w = 1, nw do
       n = n + 1
-      local q, lim, Wi, bi = N[p], N[p + 1], N[p + 2], N[p + 3]
-      arg[n], cost[n] = p, c
-      p = p + 4
-      local x = (now + 1 - Wi) / bi
-      local lower = x - x % 1
-      if not (o < nv and v[o] == q and v[o + 1] == Wi) then
-        o = find(v, nv, q, Wi)
+      local q, lim = N[p], N[p + 1]
+      p = p + 2
+      if o >= nv or v[o] ~= q then
+        o = find(v, nv, q)
         if not o then
           -- A window the key has no record of (yet, or any more): an empty one,
           -- kept only if the state is written.
+          local Wi, bi = shape(n)
           o = nv + 1
-          x = now / bi
           v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4], v[o + 5], v[o + 6] =
-            q, Wi, bi, 0, lower, x - x % 1, 0
+            q, Wi, bi, 0, (lower_of(Wi, bi) + 1) * bi + Wi - 1, (floor(now / bi) + 1) * bi, 0
           nv = nv + REC
         end
+        jump[n] = o
       end
-      rec[n] = o
-      if lower > v[o + 4] then
+      if now >= v[o + 4] then
+        -- The lowest bucket kept stopped counting: drop all that did.
         drop = drop or {}
         rolled = rolled or {}
-        local pre, from = prefix(q, Wi), nd + 1
+        local lower, pre, from = lower_of(v[o + 1], v[o + 2]), prefix(q), nd + 1
         -- Older buckets are fields below the latest one; the state holds at most
         -- one window's worth of them, so this stays short after any idle time.
-        for j = v[o + 4], min(lower, v[o + 5]) - 1 do
+        for j = lo_of(v, o), min(lower, cb_of(v, o)) - 1 do
           nd = nd + 1
           drop[nd] = pre .. j
         end
-        rolled[#rolled + 1] = {n, from, nd, lower}
-      elseif c > lim then
-        retry[n] = -1
+        rolled[#rolled + 1] = {o, from, nd, lower, c, lim, n}
+      elseif v[o + 3] + c > lim then
+        over = over or {}
+        over[n] = true
         allowed = false
-      elseif v[o + 3] + c <= lim then
-        retry[n] = 0
-      else
-        retry[n] = -2
       end
       o = o + REC
     end
   end
-  glast[g] = n
   if rolled then
     local dv = {}
     for i = 1, nd, CHUNK do
@@ -270,72 +279,66 @@ for g = 1, ngroups do
     end
     hdel(key, drop, nd)
     for _, r in ipairs(rolled) do
-      local i, lower = r[1], r[4]
-      local ro = rec[i]
-      local t = v[ro + 3]
+      local ro, lower = r[1], r[4]
+      local t, W, b = v[ro + 3], v[ro + 1], v[ro + 2]
       for j = r[2], r[3] do
         if dv[j] then t = t - tonumber(dv[j]) end
       end
-      if v[ro + 5] < lower then
+      if cb_of(v, ro) < lower then
         t = t - v[ro + 6]
-        v[ro + 5], v[ro + 6] = lower, 0
+        v[ro + 5], v[ro + 6] = (lower + 1) * b, 0
       end
-      v[ro + 3], v[ro + 4] = t, lower
-      local c, lim = cost[i], N[arg[i] + 1]
-      if c > lim then
-        retry[i] = -1
+      v[ro + 3], v[ro + 4] = t, (lower + 1) * b + W - 1
+      if t + r[5] > r[6] then
+        over = over or {}
+        over[r[7]] = true
         allowed = false
-      elseif t + c <= lim then
-        retry[i] = 0
-      else
-        retry[i] = -2
       end
-    end
-  end
-  -- Over the limit now: when will enough have stopped counting? (Reads buckets.)
-  for i = gfirst[g], n do
-    if retry[i] == -2 then
-      local a, ro = arg[i], rec[i]
-      retry[i] = frees(key, prefix(N[a], N[a + 2]), v[ro + 4], v[ro + 5], v[ro + 6],
-        N[a + 2], N[a + 3], v[ro + 3] + cost[i] - N[a + 1])
-      allowed = false
     end
   end
   gstate[g], gn[g], grolled[g] = v, nv, rolled ~= nil
 end
 
-local out, no = {allowed and 1 or 0, now}, 2
-for g = 1, ngroups do
-  local key, ttl, v, nv = KEYS[K0 + g], gttl[g], gstate[g], gn[g]
-  for i = gfirst[g], glast[g] do
-    local a, o = arg[i], rec[i]
-    if allowed then
-      local c, x = cost[i], now / N[a + 3]
-      local cur = x - x % 1
-      if cur == v[o + 5] then
-        v[o + 6] = v[o + 6] + c
-      elseif cur > v[o + 5] then
-        -- The latest bucket is finished: it becomes a field of its own (before
-        -- `frees` below reads the buckets).
-        if v[o + 6] > 0 then
-          redis.call('HSET', key, prefix(N[a], N[a + 2]) .. v[o + 5], v[o + 6])
+-- Charge (all fit) and write back.
+local full = not allowed
+n, p = 0, 2
+local written = {}
+for g = 1, N[1] do
+  local key, v, nv = KEYS[K0 + g], gstate[g], gn[g]
+  local nreq = N[p + 1]
+  p = p + 2
+  local o = 2
+  for r = 1, nreq do
+    local c, nw = N[p], N[p + 1]
+    p = p + 2
+    for w = 1, nw do
+      n = n + 1
+      o = jump[n] or o
+      if allowed then
+        local cbe = v[o + 5]
+        if now < cbe and now >= cbe - v[o + 2] then
+          v[o + 6] = v[o + 6] + c
+        elseif now >= cbe then
+          -- The latest bucket is finished: it becomes a field of its own (before
+          -- `frees` reads the buckets).
+          if v[o + 6] > 0 then
+            redis.call('HSET', key, prefix(v[o]) .. cb_of(v, o), v[o + 6])
+          end
+          local b = v[o + 2]
+          v[o + 5], v[o + 6] = (floor(now / b) + 1) * b, c
+        else
+          -- Redis TIME went back: charge the earlier bucket's field.
+          redis.call('HINCRBY', key, prefix(v[o]) .. floor(now / v[o + 2]), c)
         end
-        v[o + 5], v[o + 6] = cur, c
-      else
-        -- Redis TIME went back: charge the earlier bucket's field.
-        redis.call('HINCRBY', key, prefix(N[a], N[a + 2]) .. cur, c)
+        local t = v[o + 3] + c
+        v[o + 3] = t
+        if t >= N[p + 1] then full = true end
       end
-      v[o + 3] = v[o + 3] + c
+      p = p + 2
+      o = o + REC
     end
-    local t, lim, free = v[o + 3], N[a + 1], 0
-    if t >= lim then
-      free = frees(key, prefix(N[a], N[a + 2]), v[o + 4], v[o + 5], v[o + 6],
-        N[a + 2], N[a + 3], t + 1 - lim)
-      if free < 0 then free = 0 end
-    end
-    out[no + 1], out[no + 2], out[no + 3] = t, retry[i], free
-    no = no + 3
   end
+  local ttl = gttl[g]
   if allowed and v[1] < now + ttl then
     -- The hash must outlive its counters: until ttl after this charge. Its expiry
     -- (and index entry) are pushed a sixteenth further than needed, and the time
@@ -343,12 +346,14 @@ for g = 1, ngroups do
     -- so does dropping the records nothing counts in any more.
     local keep = ttl + floor(ttl / 16)
     v[1] = now + keep
-    redis.call('HSET', key, 's', encode(live(key, v, nv)))
+    local w, nw = live(key, v, nv)
+    written[g] = {nw, encode(w, nw)}
+    redis.call('HSET', key, 's', written[g][2])
     -- Never shorten: the hash may hold longer windows of other quotas.
     if redis.call('PTTL', key) < keep then
       redis.call('PEXPIRE', key, keep)
     end
-    local member = ARGV[A0 + 3 + g]
+    local member = ARGV[A0 + 5 + g]
     local old = redis.call('ZSCORE', index, member)
     if not old or tonumber(old) < now + keep then
       redis.call('ZADD', index, now + keep, member)
@@ -358,16 +363,55 @@ for g = 1, ngroups do
     end
     redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
   elseif allowed or grolled[g] then
-    redis.call('HSET', key, 's', encode(v, nv))
+    written[g] = {nv, encode(v, nv)}
+    redis.call('HSET', key, 's', written[g][2])
   end
 end
-return allowed, pack('<' .. rep('d', no), unpack(out, 1, no))
+
+if not full then
+  local parts = {pack('<dd', 2, now)}
+  for g = 1, N[1] do
+    parts[2 * g] = pack('<d', written[g][1])
+    parts[2 * g + 1] = written[g][2]
+  end
+  return true, table.concat(parts)
+end
+-- Somebody is at or over a limit: the caller needs when units free up.
+local out, no = {1, allowed and 1 or 0, now}, 3
+n, p = 0, 2
+for g = 1, N[1] do
+  local key, v = KEYS[K0 + g], gstate[g]
+  local nreq = N[p + 1]
+  p = p + 2
+  local o = 2
+  for r = 1, nreq do
+    local c, nw = N[p], N[p + 1]
+    p = p + 2
+    for w = 1, nw do
+      n = n + 1
+      o = jump[n] or o
+      local t, lim = v[o + 3], N[p + 1]
+      local retry, free = 0, 0
+      if over and over[n] then
+        if c > lim then retry = -1 else retry = frees(key, v, o, t + c - lim) end
+      end
+      if t >= lim then
+        free = frees(key, v, o, t + 1 - lim)
+        if free < 0 then free = 0 end
+      end
+      out[no + 1], out[no + 2], out[no + 3] = t, retry, free
+      no = no + 3
+      p = p + 2
+      o = o + REC
+    end
+  end
+end
+return allowed, pack(fmt(no), unpack(out, 1, no))
 "#;
 
 const REFUND_LUA: &str = r#"
 -- KEYS: one counter hash per request
--- ARGV: charge time, then per request: cost, window count, then per window: quota
---   id, window ms, bucket ms
+-- ARGV: charge time, then per request: cost, window count, then per window: tag
 local a = 2
 for _, key in ipairs(KEYS) do
   local cost, nw = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
@@ -375,16 +419,16 @@ for _, key in ipairs(KEYS) do
   local v, nv = decode(redis.call('HGET', key, 's'))
   local changed = false
   for w = 1, nw do
-    local q, Ww, bw = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-    a = a + 3
-    local o = find(v, nv, q, Ww, 2)
+    local q = tonumber(ARGV[a])
+    a = a + 1
+    local o = find(v, nv, q)
     if o then
-      local j, back = floor(now / bw), 0
-      if j == v[o + 5] then
+      local j, back = floor(now / v[o + 2]), 0
+      if j == cb_of(v, o) then
         back = min(cost, v[o + 6])
         v[o + 6] = v[o + 6] - back
       else
-        local f = prefix(q, Ww) .. j
+        local f = prefix(q) .. j
         local c = tonumber(redis.call('HGET', key, f) or '0')
         back = min(cost, c)
         if back == c then
@@ -406,23 +450,23 @@ return 0
 
 const USAGE_LUA: &str = r#"
 -- KEYS: one counter hash per key
--- ARGV: now ('' = Redis TIME), window count, then per window: window ms, bucket ms,
---   quota id
+-- ARGV: now ('' = Redis TIME), window count, then per window: its tag
 -- Returns now, then per key and window: used, resets_at (now when nothing counts)
 local out = {now}
 local nw = tonumber(ARGV[2])
 for _, key in ipairs(KEYS) do
   local v, nv = decode(redis.call('HGET', key, 's'))
-  for w = 0, nw - 1 do
-    local Ww, bw, q = tonumber(ARGV[3 + 3 * w]), tonumber(ARGV[4 + 3 * w]), tonumber(ARGV[5 + 3 * w])
+  for w = 1, nw do
+    local q = tonumber(ARGV[2 + w])
     local used, resets = 0, nil
-    local o = find(v, nv, q, Ww, 2)
+    local o = find(v, nv, q)
     if o then
-      local from = math.max(v[o + 4], lower_of(Ww, bw))
-      for i, u in ipairs(buckets(key, prefix(q, Ww), from, v[o + 5], v[o + 6])) do
+      local W, b = v[o + 1], v[o + 2]
+      local from = math.max(lo_of(v, o), lower_of(W, b))
+      for i, u in ipairs(buckets(key, prefix(q), from, cb_of(v, o), v[o + 6])) do
         if u > 0 then
           used = used + u
-          if not resets then resets = (from + i) * bw + Ww - 1 end
+          if not resets then resets = (from + i) * b + W - 1 end
         end
       end
     end
@@ -435,23 +479,24 @@ return out
 
 const ACTIVE_LUA: &str = r#"
 -- KEYS: the key index
--- ARGV: now ('' = Redis TIME), counter hash prefix (up to the key), quota id,
---   window ms, bucket ms, most keys to look at
+-- ARGV: now ('' = Redis TIME), counter hash prefix (up to the key), the window's
+--   tag, most keys to look at
 -- Returns key, used pairs for keys with units of the quota counted in the window,
 -- from the ones charged last. The hash keys are built here: they share the
 -- index's hash tag, so its slot.
-local q, Ww, bw = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local pre = prefix(q, Ww)
+local q = tonumber(ARGV[3])
+local pre = prefix(q)
 local members = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', '(' .. now,
-  'LIMIT', 0, tonumber(ARGV[6]))
+  'LIMIT', 0, tonumber(ARGV[4]))
 local out = {}
 for _, m in ipairs(members) do
   local key = ARGV[2] .. m
   local v, nv = decode(redis.call('HGET', key, 's'))
-  local o = find(v, nv, q, Ww, 2)
+  local o = find(v, nv, q)
   if o then
     local used = 0
-    for _, u in ipairs(buckets(key, pre, math.max(v[o + 4], lower_of(Ww, bw)), v[o + 5], v[o + 6])) do
+    local from = math.max(lo_of(v, o), lower_of(v[o + 1], v[o + 2]))
+    for _, u in ipairs(buckets(key, pre, from, cb_of(v, o), v[o + 6])) do
       used = used + u
     end
     if used > 0 then
@@ -465,17 +510,27 @@ return out
 
 /// The check as a Lua function `guard(KEYS, ARGV)` returning `allowed, reply`.
 fn guard_lua() -> String {
-    format!("local function guard(KEYS, ARGV, K0, A0)\n{COMMON_LUA}{CHARGE_LUA}\nend\n")
+    format!(
+        "{}local function guard(KEYS, ARGV, K0, A0)\n{COMMON_LUA}{CHARGE_LUA}\nend\n",
+        doubles_lua()
+    )
 }
 
 /// A script that runs alone: its arguments start at `ARGV[1]`.
 fn standalone_lua(body: &str) -> String {
-    format!("local A0 = 0\n{COMMON_LUA}{body}")
+    format!("local A0 = 0\n{}{COMMON_LUA}{body}", doubles_lua())
 }
 
-/// Quota windows one check may cover: the script unpacks its numbers (four per
-/// window) and packs its reply (three per window) in one C call each, bounded by
-/// Lua's C stack (8000 values).
+/// Doubles one struct format in the scripts covers (see [`COMMON_LUA`]).
+const FORMAT_DOUBLES: usize = 4000;
+
+fn doubles_lua() -> String {
+    format!("local DS = '<{}'\n", "d".repeat(FORMAT_DOUBLES))
+}
+
+/// Quota windows one check may cover: the script unpacks its numbers (two per
+/// window, plus two per request) and packs its reply (three per window) in one C
+/// call each, bounded by [`FORMAT_DOUBLES`] and by Lua's C stack (8000 values).
 pub const MAX_WINDOWS_PER_CHECK: usize = 1000;
 
 /// The hash tag of every quota key.
@@ -488,21 +543,29 @@ pub fn counter_key(prefix: &str, key: &str) -> String {
     format!("{}:c:{key}", tag(prefix))
 }
 
-/// The id of a quota in Redis: FNV-1a of its name, cut to 40 bits so that Lua (whose
-/// numbers are doubles, printed with 14 digits) holds it and prints it exactly. With a
-/// thousand quotas, the chance that two share an id is below one in a million.
-pub fn quota_id(quota: &str) -> u64 {
+/// The tag of a quota window in Redis: FNV-1a of the quota's name, window and bucket
+/// length, cut to 46 bits so that Lua (whose numbers are doubles, printed with 14
+/// digits) holds it and prints it exactly. With a thousand quota windows, the chance
+/// that two share a tag is below one in ten million.
+pub fn window_tag(quota: &str, w: &WindowSpec) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in quota.as_bytes() {
+    let (window, bucket) = (w.window_ms.to_le_bytes(), w.bucket_ms.to_le_bytes());
+    let bytes = quota
+        .as_bytes()
+        .iter()
+        .chain(&[0xff])
+        .chain(&window)
+        .chain(&bucket);
+    for b in bytes {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h & ((1 << 40) - 1)
+    h & ((1 << 46) - 1)
 }
 
 /// The field of one older bucket of a quota window in a key's hash.
 pub fn bucket_field(quota: &str, w: &WindowSpec, bucket: i64) -> String {
-    format!("{}:{}:{bucket}", quota_id(quota), w.window_ms)
+    format!("{}:{bucket}", window_tag(quota, w))
 }
 
 /// The index of keys.
@@ -605,6 +668,29 @@ fn groups(reqs: &[ChargeRequest]) -> Vec<(&str, Vec<usize>)> {
     out
 }
 
+/// A list of numbers for a script, as little-endian doubles (one C call unpacks
+/// them all, where text would cost a conversion each).
+struct Doubles {
+    bytes: Vec<u8>,
+}
+
+impl Doubles {
+    fn with_capacity(n: usize) -> Self {
+        Doubles {
+            bytes: Vec::with_capacity(8 * n),
+        }
+    }
+
+    fn put(&mut self, v: u64) {
+        self.bytes.extend_from_slice(&(v as f64).to_le_bytes());
+    }
+
+    /// Its struct format: `<` and a `d` per number.
+    fn format(&self) -> String {
+        format!("<{}", "d".repeat(self.bytes.len() / 8))
+    }
+}
+
 /// The keys and arguments of one check (see [`CHARGE_LUA`]).
 struct ChargeCall<'r> {
     groups: Vec<(&'r str, Vec<usize>)>,
@@ -625,10 +711,9 @@ impl RedisCounters {
             )));
         }
         let groups = groups(reqs);
-        let count = 1 + 2 * groups.len() + 2 * reqs.len() + 4 * windows;
-        let mut num: Vec<u8> = Vec::with_capacity(8 * count);
-        let mut put = |v: u64| num.extend_from_slice(&(v as f64).to_le_bytes());
-        put(groups.len() as u64);
+        let mut num = Doubles::with_capacity(1 + 2 * groups.len() + 2 * reqs.len() + 2 * windows);
+        let mut shapes = Doubles::with_capacity(2 * windows);
+        num.put(groups.len() as u64);
         let mut keys = Vec::with_capacity(groups.len() + 1);
         let mut members: Vec<Vec<u8>> = Vec::with_capacity(groups.len());
         for (key, group) in &groups {
@@ -638,27 +723,28 @@ impl RedisCounters {
                 .max()
                 .unwrap_or(1);
             keys.push(counter_key(self.prefix(), key));
-            put(ttl);
-            put(group.len() as u64);
+            num.put(ttl);
+            num.put(group.len() as u64);
             members.push(key.as_bytes().to_vec());
             for &i in group {
                 let r = &reqs[i];
-                let id = quota_id(&r.quota);
-                put(r.cost);
-                put(r.windows.len() as u64);
+                num.put(r.cost);
+                num.put(r.windows.len() as u64);
                 for w in &r.windows {
-                    put(id);
-                    put(w.limit);
-                    put(w.window_ms);
-                    put(w.bucket_ms);
+                    num.put(window_tag(&r.quota, w));
+                    num.put(w.limit);
+                    shapes.put(w.window_ms);
+                    shapes.put(w.bucket_ms);
                 }
             }
         }
         keys.push(index_key(self.prefix()));
-        let mut args = Vec::with_capacity(3 + members.len());
+        let mut args = Vec::with_capacity(5 + members.len());
         args.push(at_arg(at).into_bytes());
-        args.push(format!("<{}", "d".repeat(count)).into_bytes());
-        args.push(num);
+        for list in [num, shapes] {
+            args.push(list.format().into_bytes());
+            args.push(list.bytes);
+        }
         args.extend(members);
         Ok(ChargeCall { groups, keys, args })
     }
@@ -670,41 +756,89 @@ fn parse_outcome(
     groups: &[(&str, Vec<usize>)],
     blob: &[u8],
 ) -> Result<ChargeOutcome, StoreError> {
-    let expected = 2 + 3 * reqs.iter().map(|r| r.windows.len()).sum::<usize>();
-    if blob.len() != 8 * expected {
-        return Err(StoreError::Corrupt(format!(
-            "charge reply has {} bytes, expected {}",
-            blob.len(),
-            8 * expected
-        )));
+    let corrupt = |what: String| StoreError::Corrupt(format!("charge reply: {what}"));
+    if blob.len() % 8 != 0 || blob.len() < 16 {
+        return Err(corrupt(format!("{} bytes", blob.len())));
     }
-    let mut it = blob
+    let vals: Vec<f64> = blob
         .chunks_exact(8)
-        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as i64);
-    let mut next = || it.next().expect("length checked");
-    let allowed = next() == 1;
-    let now = next().max(0) as u64;
+        .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    let int = |v: f64| v as i64;
     let mut checks = vec![Vec::new(); reqs.len()];
-    for (_, members) in groups {
-        for &i in members {
-            for _ in &reqs[i].windows {
-                let used = next().max(0) as u64;
-                let retry = next();
-                let free = next().max(0) as u64;
-                checks[i].push(WindowCheck {
-                    used,
-                    retry_at: (retry >= 0).then_some(retry as u64),
-                    free_at: free,
-                });
+    match vals[0] as i64 {
+        // Detailed: allowed, now, then used, retry_at, free_at per window.
+        1 => {
+            let windows: usize = reqs.iter().map(|r| r.windows.len()).sum();
+            if vals.len() != 3 + 3 * windows {
+                return Err(corrupt(format!(
+                    "{} values for {windows} windows",
+                    vals.len()
+                )));
             }
+            let mut it = vals[3..].chunks_exact(3);
+            for (_, members) in groups {
+                for &i in members {
+                    for _ in &reqs[i].windows {
+                        let c = it.next().expect("length checked");
+                        let retry = int(c[1]);
+                        checks[i].push(WindowCheck {
+                            used: int(c[0]).max(0) as u64,
+                            retry_at: (retry >= 0).then_some(retry as u64),
+                            free_at: int(c[2]).max(0) as u64,
+                        });
+                    }
+                }
+            }
+            Ok(ChargeOutcome {
+                allowed: int(vals[1]) == 1,
+                now: int(vals[2]).max(0) as u64,
+                checks,
+            })
         }
+        // All fit with a unit to spare: now, then each group's state, whose
+        // records hold the totals.
+        2 => {
+            let mut at = 2;
+            for (_, members) in groups {
+                let len = vals.get(at).map(|v| *v as usize).unwrap_or(0);
+                let state = vals
+                    .get(at + 1..at + 1 + len)
+                    .filter(|_| len >= 1 && (len - 1) % STATE_RECORD == 0)
+                    .ok_or_else(|| corrupt(format!("state of {len} values at {at}")))?;
+                at += 1 + len;
+                for &i in members {
+                    let r = &reqs[i];
+                    for w in &r.windows {
+                        let tag = window_tag(&r.quota, w) as f64;
+                        let total = state[1..]
+                            .chunks_exact(STATE_RECORD)
+                            .find(|rec| rec[0] == tag)
+                            .map(|rec| rec[3])
+                            .ok_or_else(|| corrupt(format!("no record of quota {}", r.quota)))?;
+                        checks[i].push(WindowCheck {
+                            used: int(total).max(0) as u64,
+                            retry_at: Some(0),
+                            free_at: 0,
+                        });
+                    }
+                }
+            }
+            if at != vals.len() {
+                return Err(corrupt(format!("{} values, read {at}", vals.len())));
+            }
+            Ok(ChargeOutcome {
+                allowed: true,
+                now: int(vals[1]).max(0) as u64,
+                checks,
+            })
+        }
+        other => Err(corrupt(format!("kind {other}"))),
     }
-    Ok(ChargeOutcome {
-        allowed,
-        now,
-        checks,
-    })
 }
+
+/// Doubles per window record in a key's state (see [`COMMON_LUA`]).
+const STATE_RECORD: usize = 7;
 
 impl CounterStore for RedisCounters {
     fn backend(&self) -> &'static str {
@@ -754,9 +888,8 @@ impl CounterStore for RedisCounters {
                 inv.key(counter_key(self.prefix(), &r.key))
                     .arg(r.cost)
                     .arg(r.windows.len());
-                let id = quota_id(&r.quota);
                 for w in &r.windows {
-                    inv.arg(id).arg(w.window_ms).arg(w.bucket_ms);
+                    inv.arg(window_tag(&r.quota, w));
                 }
             }
             let _: i64 = self.redis.invoke(&inv).await.map_err(unavailable)?;
@@ -774,9 +907,8 @@ impl CounterStore for RedisCounters {
         Box::pin(async move {
             let mut inv = self.usage.prepare_invoke();
             inv.arg(at_arg(at)).arg(windows.len());
-            let id = quota_id(quota);
             for w in windows {
-                inv.arg(w.window_ms).arg(w.bucket_ms).arg(id);
+                inv.arg(window_tag(quota, w));
             }
             for k in keys {
                 inv.key(counter_key(self.prefix(), k));
@@ -812,9 +944,7 @@ impl CounterStore for RedisCounters {
             inv.key(index_key(self.prefix()))
                 .arg(at_arg(at))
                 .arg(counter_key(self.prefix(), ""))
-                .arg(quota_id(quota))
-                .arg(window.window_ms)
-                .arg(window.bucket_ms)
+                .arg(window_tag(quota, &window))
                 .arg(MAX_KEYS_SCANNED);
             let flat: Vec<redis::Value> = self.redis.invoke(&inv).await.map_err(unavailable)?;
             flat.chunks(2)
