@@ -330,3 +330,58 @@ async fn check_and_enqueue_in_one_round_trip() {
         .unwrap();
     assert_eq!(u.keys[0][0].used, 3);
 }
+
+/// The hash of a key holds the packed state and a field per finished bucket, named
+/// as `bucket_field` says; a window nothing counts in any more (its quota left the
+/// config) is dropped with its buckets once the key's expiry is next pushed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_buckets_are_fields_and_stale_windows_are_dropped() {
+    use mailrelay::quota::redis::{bucket_field, counter_key};
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&server.config("qt")).await;
+    let minute = [WindowSpec::new(100, 60_000)];
+    let hour = [WindowSpec::new(100, 3_600_000)];
+    let t0 = 1_700_000_040_000u64; // a bucket boundary of both windows
+    let both = |at| {
+        let reqs = vec![req("old", "k", 1, &minute), req("kept", "k", 1, &hour)];
+        (reqs, Some(at))
+    };
+    for at in [t0, t0 + 1_000, t0 + 2_000] {
+        let (reqs, at) = both(at);
+        assert!(redis.check_and_charge(&reqs, at).await.unwrap().allowed);
+    }
+    let key = counter_key("qt", "k");
+    let fields = |server: &RedisServer| -> Vec<String> {
+        let mut f: Vec<String> = server
+            .cli(&["HKEYS", &key])
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        f.sort();
+        f
+    };
+    let mut expected = vec![
+        bucket_field("old", &minute[0], (t0 / 1_000) as i64),
+        bucket_field("old", &minute[0], (t0 / 1_000 + 1) as i64),
+        "h".to_owned(),
+        "k".to_owned(),
+    ];
+    expected.sort();
+    assert_eq!(fields(&server), expected);
+    // Two hours on, only the hour quota is still configured; its check pushes the
+    // key's expiry out and drops what is left of the minute quota.
+    let later = t0 + 2 * 3_600_000;
+    let reqs = [req("kept", "k", 1, &hour)];
+    let out = redis.check_and_charge(&reqs, Some(later)).await.unwrap();
+    assert!(out.allowed);
+    assert_eq!(out.checks[0][0].used, 1);
+    assert_eq!(fields(&server), vec!["h".to_owned(), "k".to_owned()]);
+    let u = redis
+        .usage("old", &["k".into()], &minute, Some(later))
+        .await
+        .unwrap();
+    assert_eq!(u.keys[0][0].used, 0);
+}

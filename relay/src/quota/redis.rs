@@ -24,16 +24,18 @@
 //! | `mr:{mr:quota}:c:<key>`  | hash       | every counter of one key (a sender, an AUTH user, `*` for shared quotas), see below |
 //! | `mr:{mr:quota}:keys`     | sorted set | the keys, scored by when their counters all go stale (for the usage API) |
 //!
-//! A key's hash holds one packed state, field `s`: for each quota window that still
-//! counts, the quota's id ([`quota_id`], a hash of its name), the window and bucket
-//! length, the total counted, the lowest bucket kept, the latest bucket and the units
-//! in it (little-endian doubles), after the time the hash's expiry is good until.
-//! Each older bucket that still holds units is a field of its own,
-//! `<quota id>:<window ms>:<bucket index>` ([`bucket_field`]). The latest bucket lives
-//! inside the state, so a check of every window of every quota of a key reads one
-//! field and writes one (plus, once per bucket, the bucket just finished), and Lua
-//! unpacks and packs all of them in one C call each: the cost per window is a few
-//! arithmetic steps, which is what keeps ten quotas cheap.
+//! A key's hash holds its state in two fields of little-endian doubles, one record
+//! per quota window in the same order (see [`COMMON_LUA`]): `k` holds what changes
+//! at most once a bucket (the window's tag, [`window_tag`], a hash of the quota's
+//! name and window; its window and bucket length; when its lowest bucket kept
+//! stops counting and when its latest bucket ends), `h` what every charge changes
+//! (the total counted, the units in the latest bucket). Each older bucket that
+//! still holds units is a field of its own, `<tag>:<bucket index>`
+//! ([`bucket_field`]). A check of every window of every quota of a key reads two
+//! fields and writes one; Lua unpacks and packs each in one C call, and the common
+//! path of a window is a few comparisons and additions on its record in place.
+//! Redis' Lua is slow per instruction and per value moved, so that is what the
+//! cost of a quota comes down to (`bench/quota.sh`).
 //!
 //! All quotas of one key share a hash, so checking ten quotas of a sender is a
 //! handful of hash commands, not ten times that. One hash tag for all quota keys puts
@@ -87,26 +89,23 @@ if ARGV[A0 + 1] == '' then
 else
   now = tonumber(ARGV[A0 + 1])
 end
--- The oldest bucket counted now: the one holding now - W + 1.
-local function lower_of(W, b) return floor((now + 1 - W) / b) end
 local pack, unpack4 = struct.pack, struct.unpack
--- A key's state, field `s` of its hash: little-endian doubles (exact for integers
--- below 2^53), the time the hash's expiry and index entry are good until, then REC
--- per quota window: its tag (quota, window and bucket length), window ms, bucket ms,
--- total counted, when the lowest bucket kept stops counting, when the latest
--- bucket ends, units in the latest bucket. The times stand for bucket indexes
--- (lowest lo: (lo + 1) * b + W - 1; latest cb: (cb + 1) * b) so that the common
--- path compares instead of dividing.
-local REC = 7
+-- A key's state is two fields of its hash, both little-endian doubles (exact for
+-- integers below 2^53), one record per quota window in the same order:
+-- `k`, what changes at most once a bucket: the time the hash's expiry and index
+--   entry are good until, then per window REC: its tag (quota, window and bucket
+--   length), window ms, bucket ms, when the lowest bucket kept stops counting,
+--   when the latest bucket ends (times that stand for the bucket indexes lo,
+--   (lo + 1) * b + W - 1, and cb, (cb + 1) * b, so the common path compares
+--   instead of dividing);
+-- `h`, what changes with every charge: per window HOT: total counted, units in the
+--   latest bucket.
+local REC, HOT = 5, 2
 -- Values one struct call handles: results go through Lua's C stack (8000 slots).
 local CHUNK = 4000
 local function fmt(n) return sub(DS, 1, n + 1) end
-local function decode(blob)
-  if not blob then return {0}, 1 end
+local function doubles(blob)
   local n = #blob / 8
-  if n % 1 ~= 0 or (n - 1) % REC ~= 0 then
-    error('mailrelay: quota state of ' .. #blob .. ' bytes is not a whole record')
-  end
   if n <= CHUNK then return {unpack4(fmt(n), blob)}, n end
   local v, got, pos = {}, 0, 1
   while got < n do
@@ -126,65 +125,105 @@ local function encode(v, n)
   end
   return table.concat(parts)
 end
--- The offset of the record with tag q in v.
-local function find(v, n, q)
-  for o = 2, n, REC do
-    if v[o] == q then return o end
+-- A key's state: records v (length nv), totals h (length nh), and `k` as stored.
+local function load(key)
+  local r = redis.call('HMGET', key, 'k', 'h')
+  if not r[1] then return {0}, 1, {}, 0, nil end
+  local v, nv = doubles(r[1])
+  local h, nh = doubles(r[2] or '')
+  if nv % 1 ~= 0 or (nv - 1) % REC ~= 0 or nh ~= (nv - 1) / REC * HOT then
+    error('mailrelay: quota state of ' .. key .. ' does not add up')
   end
-  return nil
+  return v, nv, h, nh, r[1]
 end
--- The bucket indexes a record's times stand for: lowest kept, latest.
-local function lo_of(v, o) return (v[o + 4] + 1 - v[o + 1]) / v[o + 2] - 1 end
-local function cb_of(v, o) return v[o + 5] / v[o + 2] - 1 end
--- Older buckets are fields of their own, `<tag>:<bucket>`.
-local function prefix(q) return q .. ':' end
-local function hdel(key, fields, n)
-  for i = 1, n, CHUNK do redis.call('HDEL', key, unpack(fields, i, min(n, i + CHUNK - 1))) end
-end
--- The state without the records nothing counts in any more (quotas removed from
--- the config, or ones the key no longer falls under); their older buckets go too.
-local function live(key, v, n)
-  local w, nw, old, nold = {v[1]}, 1, {}, 0
-  for o = 2, n, REC do
-    if now < v[o + 5] + v[o + 1] - 1 then
-      for k = 0, REC - 1 do w[nw + 1 + k] = v[o + k] end
-      nw = nw + REC
-    else
-      local pre = prefix(v[o])
-      for j = lo_of(v, o), cb_of(v, o) - 1 do
-        nold = nold + 1
-        old[nold] = pre .. j
+-- Helpers off the common path, made on first use: each closure made costs on
+-- every call of a script, and this interpreter makes that cost count.
+local lower_of, find, hot, lo_of, cb_of, prefix, hdel, live, buckets, frees, used
+local made = false
+local function helpers()
+  if made then return end
+  made = true
+  -- The oldest bucket counted now: the one holding now - W + 1.
+  lower_of = function(W, b) return floor((now + 1 - W) / b) end
+  -- The offset of the record with tag q in v.
+  find = function(v, n, q)
+    for o = 2, n, REC do
+      if v[o] == q then return o end
+    end
+    return nil
+  end
+  -- The offset in h of the totals of the record at o in v.
+  hot = function(o) return (o - 2) / REC * HOT + 1 end
+  -- The bucket indexes a record's times stand for: lowest kept, latest.
+  lo_of = function(v, o) return (v[o + 3] + 1 - v[o + 1]) / v[o + 2] - 1 end
+  cb_of = function(v, o) return v[o + 4] / v[o + 2] - 1 end
+  -- Older buckets are fields of their own, `<tag>:<bucket>`.
+  prefix = function(q) return q .. ':' end
+  hdel = function(key, fields, n)
+    for i = 1, n, CHUNK do redis.call('HDEL', key, unpack(fields, i, min(n, i + CHUNK - 1))) end
+  end
+  -- The state without the records nothing counts in any more (quotas removed from
+  -- the config, or ones the key no longer falls under); their older buckets go too.
+  live = function(key, v, nv, h)
+    local w, nw, x, nx, old, nold = {v[1]}, 1, {}, 0, {}, 0
+    for o = 2, nv, REC do
+      if now < v[o + 4] + v[o + 1] - 1 then
+        for k = 0, REC - 1 do w[nw + 1 + k] = v[o + k] end
+        nw = nw + REC
+        local oh = hot(o)
+        x[nx + 1], x[nx + 2] = h[oh], h[oh + 1]
+        nx = nx + HOT
+      else
+        local pre = prefix(v[o])
+        for j = lo_of(v, o), cb_of(v, o) - 1 do
+          nold = nold + 1
+          old[nold] = pre .. j
+        end
       end
     end
+    hdel(key, old, nold)
+    return w, nw, x, nx
   end
-  hdel(key, old, nold)
-  return w, nw
-end
--- Units per bucket j = from .. cb: older ones from their fields, cb from the state.
-local function buckets(key, pre, from, cb, cv)
-  local fields, n = {}, 0
-  for j = from, cb - 1 do
-    n = n + 1
-    fields[n] = pre .. j
+  -- Units per bucket j = from .. cb: older ones from their fields, cb from the state.
+  buckets = function(key, pre, from, cb, cv)
+    local fields, n = {}, 0
+    for j = from, cb - 1 do
+      n = n + 1
+      fields[n] = pre .. j
+    end
+    local vals = {}
+    if n > 0 then vals = redis.call('HMGET', key, unpack(fields)) end
+    local out = {}
+    for i = 1, n do out[i] = tonumber(vals[i]) or 0 end
+    if cb >= from then out[n + 1] = cv end
+    return out
   end
-  local vals = {}
-  if n > 0 then vals = redis.call('HMGET', key, unpack(fields)) end
-  local out = {}
-  for i = 1, n do out[i] = tonumber(vals[i]) or 0 end
-  if cb >= from then out[n + 1] = cv end
-  return out
-end
--- When `need` units of record o will have stopped counting: walks its buckets
--- from the oldest. -1: never (fewer than `need` are counted).
-local function frees(key, v, o, need)
-  if need <= 0 then return 0 end
-  local W, b, lo = v[o + 1], v[o + 2], lo_of(v, o)
-  local acc = 0
-  for i, u in ipairs(buckets(key, prefix(v[o]), lo, cb_of(v, o), v[o + 6])) do
-    acc = acc + u
-    if u > 0 and acc >= need then return (lo + i) * b + W - 1 end
+  -- When `need` units of the record at o will have stopped counting: walks its
+  -- buckets from the oldest. -1: never (fewer than `need` are counted).
+  frees = function(key, v, o, h, need)
+    if need <= 0 then return 0 end
+    local W, b, lo = v[o + 1], v[o + 2], lo_of(v, o)
+    local acc = 0
+    for i, u in ipairs(buckets(key, prefix(v[o]), lo, cb_of(v, o), h[hot(o) + 1])) do
+      acc = acc + u
+      if u > 0 and acc >= need then return (lo + i) * b + W - 1 end
+    end
+    return -1
   end
-  return -1
+  -- What a window has counted now, and when that first goes down (now if nothing
+  -- counts).
+  used = function(key, v, o, h)
+    local W, b = v[o + 1], v[o + 2]
+    local from = math.max(lo_of(v, o), lower_of(W, b))
+    local total, resets = 0, nil
+    for i, u in ipairs(buckets(key, prefix(v[o]), from, cb_of(v, o), h[hot(o) + 1])) do
+      if u > 0 then
+        total = total + u
+        if not resets then resets = (from + i) * b + W - 1 end
+      end
+    end
+    return total, resets or now
+  end
 end
 "#;
 
@@ -198,26 +237,22 @@ pub const CHARGE_LUA: &str = r#"
 --   and its bytes: the numbers of the check (group count, then per group: ttl ms,
 --   request count, then per request: cost, window count, then per window: tag,
 --   limit), and per window its window ms and bucket ms (read only for a window the
---   key has no record of or whose oldest bucket must go). Then per group its key
---   (the index member).
+--   key has no record of). Then per group its key (the index member).
 -- Returns whether all fit, and little-endian doubles, either
 --   1, allowed (1/0), now, then per group, request and window: used, retry_at (0
 --   fits, -1 never), free_at (0 when a unit is free); or, when all fit and every
 --   window still has a unit free (retry_at and free_at all 0),
---   2, now, then per group: the length of its state, the state (as stored: the
---   used counts are the totals of the windows' records).
+--   2, now, then per group: the lengths of its `k` and `h`, then `k` and `h` as
+--   stored (a window's used count is its record's total).
 local index = KEYS[#KEYS]
 local N = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
 local S
-local function shape(i)
-  S = S or {unpack4(ARGV[A0 + 4], ARGV[A0 + 5])}
-  return S[2 * i - 1], S[2 * i]
-end
--- Per group: ttl, state and its length, whether old buckets were dropped.
-local gttl, gstate, gn, grolled = {}, {}, {}, {}
+-- Per group: ttl, records and their length, totals and their length, whether `k`
+-- changed, `k` as stored.
+local gttl, gv, gnv, gh, gnh, gcold, gk = {}, {}, {}, {}, {}, {}, {}
 -- Windows whose record is not where the previous window's ended (by window
 -- number, across all groups), and those that did not fit.
-local jump, over = {}, nil
+local jump, over = nil, nil
 local allowed = true
 local n, p = 0, 2
 for g = 1, N[1] do
@@ -225,12 +260,13 @@ for g = 1, N[1] do
   local nreq = N[p + 1]
   gttl[g] = N[p]
   p = p + 2
-  local v, nv = decode(redis.call('HGET', key, 's'))
+  local v, nv, h, nh, kb = load(key)
+  local cold = kb == nil
   -- Buckets that no longer count are dropped for every window of the key at once.
   local drop, nd, rolled = nil, 0, nil
   -- Records are kept in the order of the last check, so a window's record is
   -- usually where the previous one's ended.
-  local o = 2
+  local o, oh = 2, 1
   for r = 1, nreq do
     local c, nw = N[p], N[p + 1]
     p = p + 2
@@ -239,20 +275,27 @@ for g = 1, N[1] do
       local q, lim = N[p], N[p + 1]
       p = p + 2
       if o >= nv or v[o] ~= q then
+        helpers()
         o = find(v, nv, q)
         if not o then
           -- A window the key has no record of (yet, or any more): an empty one,
           -- kept only if the state is written.
-          local Wi, bi = shape(n)
+          S = S or {unpack4(ARGV[A0 + 4], ARGV[A0 + 5])}
+          local Wi, bi = S[2 * n - 1], S[2 * n]
           o = nv + 1
-          v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4], v[o + 5], v[o + 6] =
-            q, Wi, bi, 0, (lower_of(Wi, bi) + 1) * bi + Wi - 1, (floor(now / bi) + 1) * bi, 0
+          v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4] =
+            q, Wi, bi, (lower_of(Wi, bi) + 1) * bi + Wi - 1, (floor(now / bi) + 1) * bi
           nv = nv + REC
+          h[nh + 1], h[nh + 2] = 0, 0
+          nh = nh + HOT
+          cold = true
         end
-        jump[n] = o
+        jump = jump or {}
+        jump[n], oh = o, hot(o)
       end
-      if now >= v[o + 4] then
+      if now >= v[o + 3] then
         -- The lowest bucket kept stopped counting: drop all that did.
+        helpers()
         drop = drop or {}
         rolled = rolled or {}
         local lower, pre, from = lower_of(v[o + 1], v[o + 2]), prefix(q), nd + 1
@@ -263,15 +306,16 @@ for g = 1, N[1] do
           drop[nd] = pre .. j
         end
         rolled[#rolled + 1] = {o, from, nd, lower, c, lim, n}
-      elseif v[o + 3] + c > lim then
+      elseif h[oh] + c > lim then
         over = over or {}
         over[n] = true
         allowed = false
       end
-      o = o + REC
+      o, oh = o + REC, oh + HOT
     end
   end
   if rolled then
+    cold = true
     local dv = {}
     for i = 1, nd, CHUNK do
       local part = redis.call('HMGET', key, unpack(drop, i, min(nd, i + CHUNK - 1)))
@@ -280,15 +324,16 @@ for g = 1, N[1] do
     hdel(key, drop, nd)
     for _, r in ipairs(rolled) do
       local ro, lower = r[1], r[4]
-      local t, W, b = v[ro + 3], v[ro + 1], v[ro + 2]
+      local oh, W, b = hot(ro), v[ro + 1], v[ro + 2]
+      local t = h[oh]
       for j = r[2], r[3] do
         if dv[j] then t = t - tonumber(dv[j]) end
       end
       if cb_of(v, ro) < lower then
-        t = t - v[ro + 6]
-        v[ro + 5], v[ro + 6] = (lower + 1) * b, 0
+        t = t - h[oh + 1]
+        v[ro + 4], h[oh + 1] = (lower + 1) * b, 0
       end
-      v[ro + 3], v[ro + 4] = t, (lower + 1) * b + W - 1
+      h[oh], v[ro + 3] = t, (lower + 1) * b + W - 1
       if t + r[5] > r[6] then
         over = over or {}
         over[r[7]] = true
@@ -296,49 +341,57 @@ for g = 1, N[1] do
       end
     end
   end
-  gstate[g], gn[g], grolled[g] = v, nv, rolled ~= nil
+  gv[g], gnv[g], gh[g], gnh[g], gcold[g], gk[g] = v, nv, h, nh, cold, kb
 end
 
 -- Charge (all fit) and write back.
 local full = not allowed
 n, p = 0, 2
-local written = {}
+local reply = allowed and {pack('<dd', 2, now)}
 for g = 1, N[1] do
-  local key, v, nv = KEYS[K0 + g], gstate[g], gn[g]
+  local key, v, nv, h, nh = KEYS[K0 + g], gv[g], gnv[g], gh[g], gnh[g]
+  local cold = gcold[g]
   local nreq = N[p + 1]
   p = p + 2
-  local o = 2
+  local o, oh = 2, 1
   for r = 1, nreq do
     local c, nw = N[p], N[p + 1]
     p = p + 2
     for w = 1, nw do
       n = n + 1
-      o = jump[n] or o
+      if jump and jump[n] then
+        o = jump[n]
+        oh = (o - 2) / REC * HOT + 1
+      end
       if allowed then
-        local cbe = v[o + 5]
+        local cbe = v[o + 4]
         if now < cbe and now >= cbe - v[o + 2] then
-          v[o + 6] = v[o + 6] + c
+          h[oh + 1] = h[oh + 1] + c
         elseif now >= cbe then
           -- The latest bucket is finished: it becomes a field of its own (before
           -- `frees` reads the buckets).
-          if v[o + 6] > 0 then
-            redis.call('HSET', key, prefix(v[o]) .. cb_of(v, o), v[o + 6])
+          helpers()
+          if h[oh + 1] > 0 then
+            redis.call('HSET', key, prefix(v[o]) .. cb_of(v, o), h[oh + 1])
           end
           local b = v[o + 2]
-          v[o + 5], v[o + 6] = (floor(now / b) + 1) * b, c
+          v[o + 4], h[oh + 1] = (floor(now / b) + 1) * b, c
+          cold = true
         else
           -- Redis TIME went back: charge the earlier bucket's field.
+          helpers()
           redis.call('HINCRBY', key, prefix(v[o]) .. floor(now / v[o + 2]), c)
         end
-        local t = v[o + 3] + c
-        v[o + 3] = t
+        local t = h[oh] + c
+        h[oh] = t
         if t >= N[p + 1] then full = true end
       end
       p = p + 2
-      o = o + REC
+      o, oh = o + REC, oh + HOT
     end
   end
   local ttl = gttl[g]
+  local kb, hb = not cold and gk[g], nil
   if allowed and v[1] < now + ttl then
     -- The hash must outlive its counters: until ttl after this charge. Its expiry
     -- (and index entry) are pushed a sixteenth further than needed, and the time
@@ -346,9 +399,10 @@ for g = 1, N[1] do
     -- so does dropping the records nothing counts in any more.
     local keep = ttl + floor(ttl / 16)
     v[1] = now + keep
-    local w, nw = live(key, v, nv)
-    written[g] = {nw, encode(w, nw)}
-    redis.call('HSET', key, 's', written[g][2])
+    helpers()
+    v, nv, h, nh = live(key, v, nv, h)
+    kb, hb = encode(v, nv), encode(h, nh)
+    redis.call('HSET', key, 'k', kb, 'h', hb)
     -- Never shorten: the hash may hold longer windows of other quotas.
     if redis.call('PTTL', key) < keep then
       redis.call('PEXPIRE', key, keep)
@@ -362,25 +416,29 @@ for g = 1, N[1] do
       redis.call('PEXPIRE', index, keep)
     end
     redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
-  elseif allowed or grolled[g] then
-    written[g] = {nv, encode(v, nv)}
-    redis.call('HSET', key, 's', written[g][2])
+  elseif allowed or cold then
+    hb = encode(h, nh)
+    if cold then
+      kb = encode(v, nv)
+      redis.call('HSET', key, 'k', kb, 'h', hb)
+    else
+      redis.call('HSET', key, 'h', hb)
+    end
+  end
+  if reply and not full then
+    reply[#reply + 1] = pack('<dd', nv, nh)
+    reply[#reply + 1] = kb
+    reply[#reply + 1] = hb
   end
 end
 
-if not full then
-  local parts = {pack('<dd', 2, now)}
-  for g = 1, N[1] do
-    parts[2 * g] = pack('<d', written[g][1])
-    parts[2 * g + 1] = written[g][2]
-  end
-  return true, table.concat(parts)
-end
+if not full then return true, table.concat(reply) end
 -- Somebody is at or over a limit: the caller needs when units free up.
+helpers()
 local out, no = {1, allowed and 1 or 0, now}, 3
 n, p = 0, 2
 for g = 1, N[1] do
-  local key, v = KEYS[K0 + g], gstate[g]
+  local key, v, h = KEYS[K0 + g], gv[g], gh[g]
   local nreq = N[p + 1]
   p = p + 2
   local o = 2
@@ -389,14 +447,14 @@ for g = 1, N[1] do
     p = p + 2
     for w = 1, nw do
       n = n + 1
-      o = jump[n] or o
-      local t, lim = v[o + 3], N[p + 1]
+      o = jump and jump[n] or o
+      local t, lim = h[hot(o)], N[p + 1]
       local retry, free = 0, 0
       if over and over[n] then
-        if c > lim then retry = -1 else retry = frees(key, v, o, t + c - lim) end
+        if c > lim then retry = -1 else retry = frees(key, v, o, h, t + c - lim) end
       end
       if t >= lim then
-        free = frees(key, v, o, t + 1 - lim)
+        free = frees(key, v, o, h, t + 1 - lim)
         if free < 0 then free = 0 end
       end
       out[no + 1], out[no + 2], out[no + 3] = t, retry, free
@@ -412,21 +470,23 @@ return allowed, pack(fmt(no), unpack(out, 1, no))
 const REFUND_LUA: &str = r#"
 -- KEYS: one counter hash per request
 -- ARGV: charge time, then per request: cost, window count, then per window: tag
+helpers()
 local a = 2
 for _, key in ipairs(KEYS) do
   local cost, nw = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  local v, nv = decode(redis.call('HGET', key, 's'))
+  local v, nv, h, nh = load(key)
   local changed = false
   for w = 1, nw do
     local q = tonumber(ARGV[a])
     a = a + 1
     local o = find(v, nv, q)
     if o then
+      local oh = hot(o)
       local j, back = floor(now / v[o + 2]), 0
       if j == cb_of(v, o) then
-        back = min(cost, v[o + 6])
-        v[o + 6] = v[o + 6] - back
+        back = min(cost, h[oh + 1])
+        h[oh + 1] = h[oh + 1] - back
       else
         local f = prefix(q) .. j
         local c = tonumber(redis.call('HGET', key, f) or '0')
@@ -438,12 +498,12 @@ for _, key in ipairs(KEYS) do
         end
       end
       if back > 0 then
-        v[o + 3] = v[o + 3] - back
+        h[oh] = h[oh] - back
         changed = true
       end
     end
   end
-  if changed then redis.call('HSET', key, 's', encode(v, nv)) end
+  if changed then redis.call('HSET', key, 'h', encode(h, nh)) end
 end
 return 0
 "#;
@@ -452,26 +512,17 @@ const USAGE_LUA: &str = r#"
 -- KEYS: one counter hash per key
 -- ARGV: now ('' = Redis TIME), window count, then per window: its tag
 -- Returns now, then per key and window: used, resets_at (now when nothing counts)
+helpers()
 local out = {now}
 local nw = tonumber(ARGV[2])
 for _, key in ipairs(KEYS) do
-  local v, nv = decode(redis.call('HGET', key, 's'))
+  local v, nv, h = load(key)
   for w = 1, nw do
-    local q = tonumber(ARGV[2 + w])
-    local used, resets = 0, nil
-    local o = find(v, nv, q)
-    if o then
-      local W, b = v[o + 1], v[o + 2]
-      local from = math.max(lo_of(v, o), lower_of(W, b))
-      for i, u in ipairs(buckets(key, prefix(q), from, cb_of(v, o), v[o + 6])) do
-        if u > 0 then
-          used = used + u
-          if not resets then resets = (from + i) * b + W - 1 end
-        end
-      end
-    end
-    out[#out + 1] = used
-    out[#out + 1] = resets or now
+    local o = find(v, nv, tonumber(ARGV[2 + w]))
+    local total, resets = 0, now
+    if o then total, resets = used(key, v, o, h) end
+    out[#out + 1] = total
+    out[#out + 1] = resets
   end
 end
 return out
@@ -484,24 +535,20 @@ const ACTIVE_LUA: &str = r#"
 -- Returns key, used pairs for keys with units of the quota counted in the window,
 -- from the ones charged last. The hash keys are built here: they share the
 -- index's hash tag, so its slot.
+helpers()
 local q = tonumber(ARGV[3])
-local pre = prefix(q)
 local members = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', '(' .. now,
   'LIMIT', 0, tonumber(ARGV[4]))
 local out = {}
 for _, m in ipairs(members) do
   local key = ARGV[2] .. m
-  local v, nv = decode(redis.call('HGET', key, 's'))
+  local v, nv, h = load(key)
   local o = find(v, nv, q)
   if o then
-    local used = 0
-    local from = math.max(lo_of(v, o), lower_of(v[o + 1], v[o + 2]))
-    for _, u in ipairs(buckets(key, pre, from, cb_of(v, o), v[o + 6])) do
-      used = used + u
-    end
-    if used > 0 then
+    local total = used(key, v, o, h)
+    if total > 0 then
       out[#out + 1] = m
-      out[#out + 1] = used
+      out[#out + 1] = total
     end
   end
 end
@@ -757,7 +804,7 @@ fn parse_outcome(
     blob: &[u8],
 ) -> Result<ChargeOutcome, StoreError> {
     let corrupt = |what: String| StoreError::Corrupt(format!("charge reply: {what}"));
-    if blob.len() % 8 != 0 || blob.len() < 16 {
+    if !blob.len().is_multiple_of(8) || blob.len() < 16 {
         return Err(corrupt(format!("{} bytes", blob.len())));
     }
     let vals: Vec<f64> = blob
@@ -796,28 +843,44 @@ fn parse_outcome(
                 checks,
             })
         }
-        // All fit with a unit to spare: now, then each group's state, whose
-        // records hold the totals.
+        // All fit with a unit to spare: now, then each group's records and totals.
         2 => {
             let mut at = 2;
             for (_, members) in groups {
-                let len = vals.get(at).map(|v| *v as usize).unwrap_or(0);
-                let state = vals
-                    .get(at + 1..at + 1 + len)
-                    .filter(|_| len >= 1 && (len - 1) % STATE_RECORD == 0)
-                    .ok_or_else(|| corrupt(format!("state of {len} values at {at}")))?;
-                at += 1 + len;
+                let lens = vals.get(at..at + 2).unwrap_or(&[]);
+                let (nk, nh) = match lens {
+                    [k, h] => (*k as usize, *h as usize),
+                    _ => return Err(corrupt(format!("no state lengths at {at}"))),
+                };
+                let records = nk.saturating_sub(1) / STATE_RECORD;
+                let (Some(k), Some(h)) = (
+                    vals.get(at + 2..at + 2 + nk),
+                    vals.get(at + 2 + nk..at + 2 + nk + nh),
+                ) else {
+                    return Err(corrupt(format!("state of {nk} + {nh} values at {at}")));
+                };
+                if nk == 0 || (nk - 1) % STATE_RECORD != 0 || nh != STATE_HOT * records {
+                    return Err(corrupt(format!("state of {nk} + {nh} values")));
+                }
+                at += 2 + nk + nh;
+                // Records come in the order the windows were checked: look where
+                // the previous one ended first.
+                let mut next = 0;
                 for &i in members {
                     let r = &reqs[i];
                     for w in &r.windows {
                         let tag = window_tag(&r.quota, w) as f64;
-                        let total = state[1..]
-                            .chunks_exact(STATE_RECORD)
-                            .find(|rec| rec[0] == tag)
-                            .map(|rec| rec[3])
-                            .ok_or_else(|| corrupt(format!("no record of quota {}", r.quota)))?;
+                        let tag_of = |rec: usize| k[1 + STATE_RECORD * rec];
+                        let rec = if next < records && tag_of(next) == tag {
+                            next
+                        } else {
+                            (0..records)
+                                .find(|&rec| tag_of(rec) == tag)
+                                .ok_or_else(|| corrupt(format!("no record of quota {}", r.quota)))?
+                        };
+                        next = rec + 1;
                         checks[i].push(WindowCheck {
-                            used: int(total).max(0) as u64,
+                            used: int(h[STATE_HOT * rec]).max(0) as u64,
                             retry_at: Some(0),
                             free_at: 0,
                         });
@@ -837,8 +900,10 @@ fn parse_outcome(
     }
 }
 
-/// Doubles per window record in a key's state (see [`COMMON_LUA`]).
-const STATE_RECORD: usize = 7;
+/// Doubles per window in a key's state: its record in `k` and its totals in `h`
+/// (see [`COMMON_LUA`]).
+const STATE_RECORD: usize = 5;
+const STATE_HOT: usize = 2;
 
 impl CounterStore for RedisCounters {
     fn backend(&self) -> &'static str {
@@ -979,6 +1044,23 @@ mod tests {
         assert_eq!(keys[0], "mr:{mr:quota}:c:alice@a.example");
         assert_eq!(keys[3], "mr:{mr:quota}:keys");
         assert!(keys.iter().all(|k| slot(k) == slot(&keys[0])));
+    }
+
+    #[test]
+    fn window_tags_fit_lua_numbers_and_tell_windows_apart() {
+        let minute = WindowSpec::new(10, 60_000);
+        let hour = WindowSpec::new(10, 3_600_000);
+        let tags = [
+            window_tag("q1", &minute),
+            window_tag("q1", &hour),
+            window_tag("q2", &minute),
+        ];
+        // Lua prints numbers with 14 significant digits: a tag must print exactly.
+        assert!(tags.iter().all(|&t| t.to_string().len() <= 14));
+        assert!(tags[0] != tags[1] && tags[0] != tags[2] && tags[1] != tags[2]);
+        // The limit is not part of the tag: changing it keeps the counters.
+        assert_eq!(window_tag("q1", &WindowSpec::new(99, 60_000)), tags[0]);
+        assert_eq!(bucket_field("q1", &minute, 42), format!("{}:42", tags[0]));
     }
 
     #[test]
