@@ -247,23 +247,25 @@ pub const CHARGE_LUA: &str = r#"
 local index = KEYS[#KEYS]
 local N = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
 local S
--- Per group: ttl, records and their length, totals and their length, whether `k`
+-- Per group: records and their length, totals and their length, whether `k`
 -- changed, `k` as stored.
-local gttl, gv, gnv, gh, gnh, gcold, gk = {}, {}, {}, {}, {}, {}, {}
+local G = {}
 -- Windows whose record is not where the previous window's ended (by window
--- number, across all groups), and those that did not fit.
-local jump, over = nil, nil
-local allowed = true
+-- number, across all groups); those that did not fit; those whose charge started
+-- a bucket (what it replaced) or went to an earlier one (Redis TIME went back).
+local jump, over, moved = nil, nil, nil
+-- Bucket fields to write once all fit: key, field, units, whether to add.
+local fin, nfin = nil, 0
+-- Windows are checked and charged in one pass (each pass over the windows costs);
+-- if one does not fit, the charges before it are taken back, in memory.
+local allowed, full, charged = true, false, 0
 local n, p = 0, 2
 for g = 1, N[1] do
   local key = KEYS[K0 + g]
-  local nreq = N[p + 1]
-  gttl[g] = N[p]
+  local ttl, nreq = N[p], N[p + 1]
   p = p + 2
   local v, nv, h, nh, kb = load(key)
   local cold = kb == nil
-  -- Buckets that no longer count are dropped for every window of the key at once.
-  local drop, nd, rolled = nil, 0, nil
   -- Records are kept in the order of the last check, so a window's record is
   -- usually where the previous one's ended.
   local o, oh = 2, 1
@@ -294,104 +296,126 @@ for g = 1, N[1] do
         jump[n], oh = o, hot(o)
       end
       if now >= v[o + 3] then
-        -- The lowest bucket kept stopped counting: drop all that did.
+        -- The lowest bucket kept stopped counting: drop all that did (older
+        -- buckets are fields below the latest one; at most a window's worth).
         helpers()
-        drop = drop or {}
-        rolled = rolled or {}
-        local lower, pre, from = lower_of(v[o + 1], v[o + 2]), prefix(q), nd + 1
-        -- Older buckets are fields below the latest one; the state holds at most
-        -- one window's worth of them, so this stays short after any idle time.
-        for j = lo_of(v, o), min(lower, cb_of(v, o)) - 1 do
+        cold = true
+        local W, b = v[o + 1], v[o + 2]
+        local lower, pre, cb = lower_of(W, b), prefix(q), cb_of(v, o)
+        local drop, nd = {}, 0
+        for j = lo_of(v, o), min(lower, cb) - 1 do
           nd = nd + 1
           drop[nd] = pre .. j
         end
-        rolled[#rolled + 1] = {o, from, nd, lower, c, lim, n}
-      elseif h[oh] + c > lim then
+        local t = h[oh]
+        for i = 1, nd, CHUNK do
+          local part = redis.call('HMGET', key, unpack(drop, i, min(nd, i + CHUNK - 1)))
+          for k = 1, #part do
+            if part[k] then t = t - tonumber(part[k]) end
+          end
+        end
+        hdel(key, drop, nd)
+        if cb < lower then
+          t = t - h[oh + 1]
+          v[o + 4], h[oh + 1] = (lower + 1) * b, 0
+        end
+        h[oh], v[o + 3] = t, (lower + 1) * b + W - 1
+      end
+      local t = h[oh] + c
+      if t > lim then
         over = over or {}
         over[n] = true
         allowed = false
-      end
-      o, oh = o + REC, oh + HOT
-    end
-  end
-  if rolled then
-    cold = true
-    local dv = {}
-    for i = 1, nd, CHUNK do
-      local part = redis.call('HMGET', key, unpack(drop, i, min(nd, i + CHUNK - 1)))
-      for k = 1, #part do dv[i + k - 1] = part[k] end
-    end
-    hdel(key, drop, nd)
-    for _, r in ipairs(rolled) do
-      local ro, lower = r[1], r[4]
-      local oh, W, b = hot(ro), v[ro + 1], v[ro + 2]
-      local t = h[oh]
-      for j = r[2], r[3] do
-        if dv[j] then t = t - tonumber(dv[j]) end
-      end
-      if cb_of(v, ro) < lower then
-        t = t - h[oh + 1]
-        v[ro + 4], h[oh + 1] = (lower + 1) * b, 0
-      end
-      h[oh], v[ro + 3] = t, (lower + 1) * b + W - 1
-      if t + r[5] > r[6] then
-        over = over or {}
-        over[r[7]] = true
-        allowed = false
-      end
-    end
-  end
-  gv[g], gnv[g], gh[g], gnh[g], gcold[g], gk[g] = v, nv, h, nh, cold, kb
-end
-
--- Charge (all fit) and write back.
-local full = not allowed
-n, p = 0, 2
-local reply = allowed and {pack('<dd', 2, now)}
-for g = 1, N[1] do
-  local key, v, nv, h, nh = KEYS[K0 + g], gv[g], gnv[g], gh[g], gnh[g]
-  local cold = gcold[g]
-  local nreq = N[p + 1]
-  p = p + 2
-  local o, oh = 2, 1
-  for r = 1, nreq do
-    local c, nw = N[p], N[p + 1]
-    p = p + 2
-    for w = 1, nw do
-      n = n + 1
-      if jump and jump[n] then
-        o = jump[n]
-        oh = (o - 2) / REC * HOT + 1
-      end
-      if allowed then
+      elseif allowed then
         local cbe = v[o + 4]
         if now < cbe and now >= cbe - v[o + 2] then
           h[oh + 1] = h[oh + 1] + c
-        elseif now >= cbe then
-          -- The latest bucket is finished: it becomes a field of its own (before
-          -- `frees` reads the buckets).
-          helpers()
-          if h[oh + 1] > 0 then
-            redis.call('HSET', key, prefix(v[o]) .. cb_of(v, o), h[oh + 1])
-          end
-          local b = v[o + 2]
-          v[o + 4], h[oh + 1] = (floor(now / b) + 1) * b, c
-          cold = true
         else
-          -- Redis TIME went back: charge the earlier bucket's field.
           helpers()
-          redis.call('HINCRBY', key, prefix(v[o]) .. floor(now / v[o + 2]), c)
+          moved = moved or {}
+          fin = fin or {}
+          if now >= cbe then
+            -- The latest bucket is finished: it becomes a field of its own.
+            moved[n] = {cbe, h[oh + 1]}
+            if h[oh + 1] > 0 then
+              fin[nfin + 1], fin[nfin + 2], fin[nfin + 3], fin[nfin + 4] =
+                key, prefix(q) .. cb_of(v, o), h[oh + 1], false
+              nfin = nfin + 4
+            end
+            local b = v[o + 2]
+            v[o + 4], h[oh + 1] = (floor(now / b) + 1) * b, c
+            cold = true
+          else
+            -- Redis TIME went back: charge the earlier bucket's field.
+            moved[n] = false
+            fin[nfin + 1], fin[nfin + 2], fin[nfin + 3], fin[nfin + 4] =
+              key, prefix(q) .. floor(now / v[o + 2]), c, true
+            nfin = nfin + 4
+          end
         end
-        local t = h[oh] + c
         h[oh] = t
-        if t >= N[p + 1] then full = true end
+        charged = n
+        if t >= lim then full = true end
       end
-      p = p + 2
       o, oh = o + REC, oh + HOT
     end
   end
-  local ttl = gttl[g]
-  local kb, hb = not cold and gk[g], nil
+  G[g] = {v, nv, h, nh, cold, kb, ttl}
+end
+
+-- Takes back the charges made before a window did not fit.
+local function undo()
+  n, p = 0, 2
+  for g = 1, N[1] do
+    local v, h = G[g][1], G[g][3]
+    local nreq = N[p + 1]
+    p = p + 2
+    local o, oh = 2, 1
+    for r = 1, nreq do
+      local c, nw = N[p], N[p + 1]
+      p = p + 2
+      for w = 1, nw do
+        n = n + 1
+        if n > charged then return end
+        if jump and jump[n] then
+          o = jump[n]
+          oh = hot(o)
+        end
+        h[oh] = h[oh] - c
+        local m = moved and moved[n]
+        if m then
+          v[o + 4], h[oh + 1] = m[1], m[2]
+        elseif m == nil then
+          h[oh + 1] = h[oh + 1] - c
+        end
+        p = p + 2
+        o, oh = o + REC, oh + HOT
+      end
+    end
+  end
+end
+if not allowed and charged > 0 then
+  helpers()
+  undo()
+end
+if not allowed then full = true end
+
+-- Write back.
+for i = 1, nfin, 4 do
+  if allowed then
+    if fin[i + 3] then
+      redis.call('HINCRBY', fin[i], fin[i + 1], fin[i + 2])
+    else
+      redis.call('HSET', fin[i], fin[i + 1], fin[i + 2])
+    end
+  end
+end
+local reply = not full and {pack('<dd', 2, now)}
+for g = 1, N[1] do
+  local key = KEYS[K0 + g]
+  local v, nv, h, nh, cold, kb, ttl = unpack(G[g], 1, 7)
+  local hb
+  if cold then kb = nil end
   if allowed and v[1] < now + ttl then
     -- The hash must outlive its counters: until ttl after this charge. Its expiry
     -- (and index entry) are pushed a sixteenth further than needed, and the time
@@ -425,20 +449,20 @@ for g = 1, N[1] do
       redis.call('HSET', key, 'h', hb)
     end
   end
-  if reply and not full then
+  if reply then
     reply[#reply + 1] = pack('<dd', nv, nh)
     reply[#reply + 1] = kb
     reply[#reply + 1] = hb
   end
 end
+if reply then return true, table.concat(reply) end
 
-if not full then return true, table.concat(reply) end
 -- Somebody is at or over a limit: the caller needs when units free up.
 helpers()
 local out, no = {1, allowed and 1 or 0, now}, 3
 n, p = 0, 2
 for g = 1, N[1] do
-  local key, v, h = KEYS[K0 + g], gv[g], gh[g]
+  local key, v, h = KEYS[K0 + g], G[g][1], G[g][3]
   local nreq = N[p + 1]
   p = p + 2
   local o = 2
