@@ -385,3 +385,50 @@ async fn finished_buckets_are_fields_and_stale_windows_are_dropped() {
         .unwrap();
     assert_eq!(u.keys[0][0].used, 0);
 }
+
+/// A process remembers the slow-changing half of a key's state from its last check,
+/// so the next checks of the key read and write only the counts: one `HGET` and one
+/// `HSET` inside the script, and the same answers (the model test above covers the
+/// answers on both paths). Another process's write is noticed by its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_keys_are_checked_from_their_counts_alone() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let a = redis_store(&server.config("qt")).await;
+    let b = redis_store(&server.config("qt")).await;
+    let windows = [
+        WindowSpec::new(1_000, 60_000),
+        WindowSpec::new(10_000, 3_600_000),
+    ];
+    let reqs: Vec<ChargeRequest> = (0..3)
+        .map(|i| req(&format!("q{i}"), "k", 1, &windows))
+        .collect();
+    let at = Some(1_700_000_000_500);
+    assert!(a.check_and_charge(&reqs, at).await.unwrap().allowed);
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    for n in 2..=20 {
+        let out = a.check_and_charge(&reqs, at).await.unwrap();
+        assert!(out.allowed);
+        assert!(out.checks.iter().flatten().all(|c| c.used == n), "{out:?}");
+    }
+    assert_eq!(calls(&server, "hmget"), 0, "the state was read whole");
+    assert_eq!(calls(&server, "hget"), 19);
+    // Another process charges the key a minute later: a new bucket, so a new
+    // version of the slow half. The first process notices and reads it whole.
+    let later = Some(1_700_000_061_500);
+    assert!(b.check_and_charge(&reqs, later).await.unwrap().allowed);
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    let out = a.check_and_charge(&reqs, later).await.unwrap();
+    assert!(
+        out.checks.iter().all(|c| c[0].used == 2 && c[1].used == 22),
+        "{out:?}"
+    );
+    assert_eq!(calls(&server, "hmget"), 1, "the new version was read");
+    let out = a.check_and_charge(&reqs, later).await.unwrap();
+    assert!(
+        out.checks.iter().all(|c| c[0].used == 3 && c[1].used == 23),
+        "{out:?}"
+    );
+    assert_eq!(calls(&server, "hmget"), 1, "and remembered");
+}

@@ -57,7 +57,7 @@
 //! not read: upgrading starts every window afresh.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use redis::Script;
 
@@ -98,8 +98,10 @@ local pack, unpack4 = struct.pack, struct.unpack
 --   when the latest bucket ends (times that stand for the bucket indexes lo,
 --   (lo + 1) * b + W - 1, and cb, (cb + 1) * b, so the common path compares
 --   instead of dividing);
--- `h`, what changes with every charge: per window HOT: total counted, units in the
---   latest bucket.
+-- `h`, what changes with every charge: the version of `k` (a new one whenever `k`
+--   is written: a relay that remembers `k` of that version checks and charges
+--   without reading it), then per window HOT: total counted, units in the latest
+--   bucket.
 local REC, HOT = 5, 2
 -- Values one struct call handles: results go through Lua's C stack (8000 slots).
 local CHUNK = 4000
@@ -125,15 +127,20 @@ local function encode(v, n)
   end
   return table.concat(parts)
 end
--- A key's state: records v (length nv), totals h (length nh), and `k` as stored.
-local function load(key)
-  local r = redis.call('HMGET', key, 'k', 'h')
-  if not r[1] then return {0}, 1, {}, 0, nil end
-  local v, nv = doubles(r[1])
-  local h, nh = doubles(r[2] or '')
-  if nv % 1 ~= 0 or (nv - 1) % REC ~= 0 or nh ~= (nv - 1) / REC * HOT then
+local function check(key, nv, nh)
+  if nv % 1 ~= 0 or (nv - 1) % REC ~= 0 or nh ~= (nv - 1) / REC * HOT + 1 then
     error('mailrelay: quota state of ' .. key .. ' does not add up')
   end
+end
+-- A key's state: records v (length nv), totals h (length nh), and `k` as stored.
+-- A new key's `k` versions start from the clock, so that a relay's memory of a
+-- key that expired since never matches its successor.
+local function load(key)
+  local r = redis.call('HMGET', key, 'k', 'h')
+  if not r[1] then return {0}, 1, {now * 1024}, 1, nil end
+  local v, nv = doubles(r[1])
+  local h, nh = doubles(r[2] or '')
+  check(key, nv, nh)
   return v, nv, h, nh, r[1]
 end
 -- Helpers off the common path, made on first use: each closure made costs on
@@ -153,7 +160,7 @@ local function helpers()
     return nil
   end
   -- The offset in h of the totals of the record at o in v.
-  hot = function(o) return (o - 2) / REC * HOT + 1 end
+  hot = function(o) return (o - 2) / REC * HOT + 2 end
   -- The bucket indexes a record's times stand for: lowest kept, latest.
   lo_of = function(v, o) return (v[o + 3] + 1 - v[o + 1]) / v[o + 2] - 1 end
   cb_of = function(v, o) return v[o + 4] / v[o + 2] - 1 end
@@ -165,7 +172,7 @@ local function helpers()
   -- The state without the records nothing counts in any more (quotas removed from
   -- the config, or ones the key no longer falls under); their older buckets go too.
   live = function(key, v, nv, h)
-    local w, nw, x, nx, old, nold = {v[1]}, 1, {}, 0, {}, 0
+    local w, nw, x, nx, old, nold = {v[1]}, 1, {h[1]}, 1, {}, 0
     for o = 2, nv, REC do
       if now < v[o + 4] + v[o + 1] - 1 then
         for k = 0, REC - 1 do w[nw + 1 + k] = v[o + k] end
@@ -235,20 +242,25 @@ pub const CHARGE_LUA: &str = r#"
 -- KEYS: one counter hash per key group, then the key index (the last key)
 -- ARGV: now ('' = Redis TIME), then two lists of doubles, each as its struct format
 --   and its bytes: the numbers of the check (group count, then per group: ttl ms,
---   request count, then per request: cost, window count, then per window: tag,
---   limit), and per window its window ms and bucket ms (read only for a window the
---   key has no record of). Then per group its key (the index member).
+--   request count, the version of `k` the caller remembers (0: none) and the
+--   times from and until which that `k` needs no change here, then per request:
+--   cost, window count, then per window: tag, limit, offset of its totals in `h`
+--   of that version), and per window its window ms and bucket ms (read only for a
+--   window the key has no record of). Then per group its key (the index member).
+-- A group whose `k` the caller remembers, checked within those times, is checked
+--   and charged from `h` alone: every window's latest bucket is current, none has
+--   a bucket to drop, the expiry needs no push.
 -- Returns whether all fit, and little-endian doubles, either
 --   1, allowed (1/0), now, then per group, request and window: used, retry_at (0
 --   fits, -1 never), free_at (0 when a unit is free); or, when all fit and every
 --   window still has a unit free (retry_at and free_at all 0),
---   2, now, then per group: the lengths of its `k` and `h`, then `k` and `h` as
---   stored (a window's used count is its record's total).
+--   2, now, then per group: the lengths of its `k` (0: the version remembered) and
+--   `h`, then `k` and `h` as stored (a window's used count is its total in `h`).
 local index = KEYS[#KEYS]
 local N = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
 local S
 -- Per group: records and their length, totals and their length, whether `k`
--- changed, `k` as stored.
+-- changed, `k` as stored, ttl, whether checked from `h` alone.
 local G = {}
 -- Windows whose record is not where the previous window's ended (by window
 -- number, across all groups); those that did not fit; those whose charge started
@@ -262,21 +274,31 @@ local allowed, full, charged = true, false, 0
 local n, p = 0, 2
 for g = 1, N[1] do
   local key = KEYS[K0 + g]
-  local ttl, nreq = N[p], N[p + 1]
-  p = p + 2
-  local v, nv, h, nh, kb = load(key)
-  local cold = kb == nil
+  local ttl, nreq, kver = N[p], N[p + 1], N[p + 2]
+  local fast = kver > 0 and now >= N[p + 3] and now < N[p + 4]
+  p = p + 5
+  local v, nv, h, nh, kb
+  if fast then
+    local hb = redis.call('HGET', key, 'h')
+    if hb then h, nh = doubles(hb) end
+    fast = hb and h[1] == kver
+  end
+  if not fast then v, nv, h, nh, kb = load(key) end
+  local cold = not fast and kb == nil
   -- Records are kept in the order of the last check, so a window's record is
   -- usually where the previous one's ended.
-  local o, oh = 2, 1
+  local o, oh = 2, 2
   for r = 1, nreq do
     local c, nw = N[p], N[p + 1]
     p = p + 2
     for w = 1, nw do
       n = n + 1
       local q, lim = N[p], N[p + 1]
-      p = p + 2
-      if o >= nv or v[o] ~= q then
+      if fast then oh = N[p + 2] end
+      p = p + 3
+      if fast then
+        -- Nothing to find, drop or start: see above.
+      elseif o >= nv or v[o] ~= q then
         helpers()
         o = find(v, nv, q)
         if not o then
@@ -295,7 +317,7 @@ for g = 1, N[1] do
         jump = jump or {}
         jump[n], oh = o, hot(o)
       end
-      if now >= v[o + 3] then
+      if not fast and now >= v[o + 3] then
         -- The lowest bucket kept stopped counting: drop all that did (older
         -- buckets are fields below the latest one; at most a window's worth).
         helpers()
@@ -327,8 +349,8 @@ for g = 1, N[1] do
         over[n] = true
         allowed = false
       elseif allowed then
-        local cbe = v[o + 4]
-        if now < cbe and now >= cbe - v[o + 2] then
+        local cbe = not fast and v[o + 4]
+        if fast or (now < cbe and now >= cbe - v[o + 2]) then
           h[oh + 1] = h[oh + 1] + c
         else
           helpers()
@@ -360,24 +382,26 @@ for g = 1, N[1] do
       o, oh = o + REC, oh + HOT
     end
   end
-  G[g] = {v, nv, h, nh, cold, kb, ttl}
+  G[g] = {v, nv, h, nh, cold, kb, ttl, fast}
 end
 
 -- Takes back the charges made before a window did not fit.
 local function undo()
   n, p = 0, 2
   for g = 1, N[1] do
-    local v, h = G[g][1], G[g][3]
+    local v, h, fast = G[g][1], G[g][3], G[g][8]
     local nreq = N[p + 1]
-    p = p + 2
-    local o, oh = 2, 1
+    p = p + 5
+    local o, oh = 2, 2
     for r = 1, nreq do
       local c, nw = N[p], N[p + 1]
       p = p + 2
       for w = 1, nw do
         n = n + 1
         if n > charged then return end
-        if jump and jump[n] then
+        if fast then
+          oh = N[p + 2]
+        elseif jump and jump[n] then
           o = jump[n]
           oh = hot(o)
         end
@@ -388,7 +412,7 @@ local function undo()
         elseif m == nil then
           h[oh + 1] = h[oh + 1] - c
         end
-        p = p + 2
+        p = p + 3
         o, oh = o + REC, oh + HOT
       end
     end
@@ -413,10 +437,16 @@ end
 local reply = not full and {pack('<dd', 2, now)}
 for g = 1, N[1] do
   local key = KEYS[K0 + g]
-  local v, nv, h, nh, cold, kb, ttl = unpack(G[g], 1, 7)
+  local v, nv, h, nh, cold, kb, ttl, fast = unpack(G[g], 1, 8)
   local hb
   if cold then kb = nil end
-  if allowed and v[1] < now + ttl then
+  if fast then
+    if allowed then
+      hb = encode(h, nh)
+      redis.call('HSET', key, 'h', hb)
+    end
+    kb, nv = '', 0
+  elseif allowed and v[1] < now + ttl then
     -- The hash must outlive its counters: until ttl after this charge. Its expiry
     -- (and index entry) are pushed a sixteenth further than needed, and the time
     -- they are good until is kept in the state, so that most charges skip this;
@@ -425,6 +455,7 @@ for g = 1, N[1] do
     v[1] = now + keep
     helpers()
     v, nv, h, nh = live(key, v, nv, h)
+    h[1] = h[1] + 1
     kb, hb = encode(v, nv), encode(h, nh)
     redis.call('HSET', key, 'k', kb, 'h', hb)
     -- Never shorten: the hash may hold longer windows of other quotas.
@@ -441,6 +472,7 @@ for g = 1, N[1] do
     end
     redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
   elseif allowed or cold then
+    if cold then h[1] = h[1] + 1 end
     hb = encode(h, nh)
     if cold then
       kb = encode(v, nv)
@@ -462,16 +494,25 @@ helpers()
 local out, no = {1, allowed and 1 or 0, now}, 3
 n, p = 0, 2
 for g = 1, N[1] do
-  local key, v, h = KEYS[K0 + g], G[g][1], G[g][3]
+  local key, v, h, fast = KEYS[K0 + g], G[g][1], G[g][3], G[g][8]
+  if fast then
+    local nv
+    v, nv = doubles(redis.call('HGET', key, 'k'))
+    check(key, nv, G[g][4])
+  end
   local nreq = N[p + 1]
-  p = p + 2
+  p = p + 5
   local o = 2
   for r = 1, nreq do
     local c, nw = N[p], N[p + 1]
     p = p + 2
     for w = 1, nw do
       n = n + 1
-      o = jump and jump[n] or o
+      if fast then
+        o = (N[p + 2] - 2) / HOT * REC + 2
+      else
+        o = jump and jump[n] or o
+      end
       local t, lim = h[hot(o)], N[p + 1]
       local retry, free = 0, 0
       if over and over[n] then
@@ -483,7 +524,7 @@ for g = 1, N[1] do
       end
       out[no + 1], out[no + 2], out[no + 3] = t, retry, free
       no = no + 3
-      p = p + 2
+      p = p + 3
       o = o + REC
     end
   end
@@ -654,7 +695,24 @@ pub struct RedisCounters {
     usage: Script,
     active: Script,
     queue: Option<(Arc<RedisQueue>, EnqueueGuard)>,
+    /// The `k` of keys this process charged lately, by counter hash: what lets a
+    /// check skip reading and unpacking it (see [`CHARGE_LUA`]).
+    remembered: Mutex<HashMap<String, Remembered>>,
 }
+
+/// A key's `k` as last seen: its version, the time its expiry is good until, and
+/// per window: tag, window ms, bucket ms, when its lowest bucket stops counting,
+/// when its latest bucket ends.
+#[derive(Debug, Clone)]
+struct Remembered {
+    version: f64,
+    sure: f64,
+    records: Vec<[f64; STATE_RECORD]>,
+}
+
+/// Keys remembered at most; past that the memory starts afresh (a check of a key
+/// not remembered is only slower).
+const REMEMBERED_MAX: usize = 10_000;
 
 impl std::fmt::Debug for RedisCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -683,6 +741,7 @@ impl RedisCounters {
             active: script(ACTIVE_LUA),
             redis,
             queue: None,
+            remembered: Mutex::new(HashMap::new()),
         };
         for s in [&store.charge, &store.refund, &store.usage, &store.active] {
             store.redis.load(s).await.map_err(unavailable)?;
@@ -753,7 +812,11 @@ impl Doubles {
     }
 
     fn put(&mut self, v: u64) {
-        self.bytes.extend_from_slice(&(v as f64).to_le_bytes());
+        self.put_f64(v as f64);
+    }
+
+    fn put_f64(&mut self, v: f64) {
+        self.bytes.extend_from_slice(&v.to_le_bytes());
     }
 
     /// Its struct format: `<` and a `d` per number.
@@ -767,6 +830,8 @@ struct ChargeCall<'r> {
     groups: Vec<(&'r str, Vec<usize>)>,
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
+    /// Per group, for a key whose `k` is remembered: each window's record index.
+    remembered: Vec<Option<Vec<usize>>>,
 }
 
 impl RedisCounters {
@@ -782,21 +847,40 @@ impl RedisCounters {
             )));
         }
         let groups = groups(reqs);
-        let mut num = Doubles::with_capacity(1 + 2 * groups.len() + 2 * reqs.len() + 2 * windows);
+        let mut num = Doubles::with_capacity(1 + 5 * groups.len() + 2 * reqs.len() + 3 * windows);
         let mut shapes = Doubles::with_capacity(2 * windows);
         num.put(groups.len() as u64);
         let mut keys = Vec::with_capacity(groups.len() + 1);
         let mut members: Vec<Vec<u8>> = Vec::with_capacity(groups.len());
+        let mut remembered = Vec::with_capacity(groups.len());
+        let memory = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
         for (key, group) in &groups {
             let ttl = group
                 .iter()
                 .map(|&i| reqs[i].index_ttl_ms())
                 .max()
                 .unwrap_or(1);
-            keys.push(counter_key(self.prefix(), key));
+            let counter = counter_key(self.prefix(), key);
+            let fast = memory
+                .get(&counter)
+                .and_then(|m| fast_path(m, group.iter().map(|&i| &reqs[i]), ttl));
             num.put(ttl);
             num.put(group.len() as u64);
+            match &fast {
+                Some((m, _, from, until)) => {
+                    num.put_f64(m.version);
+                    num.put_f64(*from);
+                    num.put_f64(*until);
+                }
+                None => {
+                    for _ in 0..3 {
+                        num.put(0);
+                    }
+                }
+            }
+            keys.push(counter);
             members.push(key.as_bytes().to_vec());
+            let mut windows = fast.as_ref().map(|(_, idx, _, _)| idx.iter());
             for &i in group {
                 let r = &reqs[i];
                 num.put(r.cost);
@@ -804,11 +888,17 @@ impl RedisCounters {
                 for w in &r.windows {
                     num.put(window_tag(&r.quota, w));
                     num.put(w.limit);
+                    // The offset of the window's totals in `h` (Lua counts from 1,
+                    // after the version).
+                    let rec = windows.as_mut().and_then(Iterator::next);
+                    num.put(rec.map_or(0, |&r| (2 + STATE_HOT * r) as u64));
                     shapes.put(w.window_ms);
                     shapes.put(w.bucket_ms);
                 }
             }
+            remembered.push(fast.map(|(_, idx, _, _)| idx));
         }
+        drop(memory);
         keys.push(index_key(self.prefix()));
         let mut args = Vec::with_capacity(5 + members.len());
         args.push(at_arg(at).into_bytes());
@@ -817,16 +907,73 @@ impl RedisCounters {
             args.push(list.bytes);
         }
         args.extend(members);
-        Ok(ChargeCall { groups, keys, args })
+        Ok(ChargeCall {
+            groups,
+            keys,
+            args,
+            remembered,
+        })
     }
+
+    /// Remembers the `k` of the keys a check returned.
+    fn remember(&self, call: &ChargeCall<'_>, outcome: &Parsed) {
+        if outcome.states.is_empty() {
+            return;
+        }
+        let mut memory = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
+        if memory.len() >= REMEMBERED_MAX {
+            memory.clear();
+        }
+        for (g, state) in outcome.states.iter().enumerate() {
+            if let Some(m) = state {
+                memory.insert(call.keys[g].clone(), m.clone());
+            }
+        }
+    }
+}
+
+/// Whether a check of `reqs` (one key's) can go by the remembered `k` of the key:
+/// every window has a record in it. If so, the record index of each window, and
+/// the times from and until which the check needs no change to `k` (no bucket to
+/// start, none to drop, no expiry to push).
+fn fast_path<'m, 'r>(
+    m: &'m Remembered,
+    reqs: impl Iterator<Item = &'r ChargeRequest>,
+    ttl: u64,
+) -> Option<(&'m Remembered, Vec<usize>, f64, f64)> {
+    let mut idx = Vec::new();
+    let (mut from, mut until) = (0f64, m.sure - ttl as f64);
+    let mut next = 0;
+    for r in reqs {
+        for w in &r.windows {
+            let tag = window_tag(&r.quota, w) as f64;
+            let rec = if m.records.get(next).is_some_and(|rec| rec[0] == tag) {
+                next
+            } else {
+                m.records.iter().position(|rec| rec[0] == tag)?
+            };
+            next = rec + 1;
+            let [_, _, b, lowest_stops, latest_ends] = m.records[rec];
+            from = from.max(latest_ends - b);
+            until = until.min(lowest_stops).min(latest_ends);
+            idx.push(rec);
+        }
+    }
+    (from < until).then_some((m, idx, from, until))
+}
+
+/// A check's reply: the outcome, and per group the `k` it returned (to remember).
+struct Parsed {
+    outcome: ChargeOutcome,
+    states: Vec<Option<Remembered>>,
 }
 
 /// Reads the packed reply of [`CHARGE_LUA`] back into request order.
 fn parse_outcome(
     reqs: &[ChargeRequest],
-    groups: &[(&str, Vec<usize>)],
+    call: &ChargeCall<'_>,
     blob: &[u8],
-) -> Result<ChargeOutcome, StoreError> {
+) -> Result<Parsed, StoreError> {
     let corrupt = |what: String| StoreError::Corrupt(format!("charge reply: {what}"));
     if !blob.len().is_multiple_of(8) || blob.len() < 16 {
         return Err(corrupt(format!("{} bytes", blob.len())));
@@ -848,7 +995,7 @@ fn parse_outcome(
                 )));
             }
             let mut it = vals[3..].chunks_exact(3);
-            for (_, members) in groups {
+            for (_, members) in &call.groups {
                 for &i in members {
                     for _ in &reqs[i].windows {
                         let c = it.next().expect("length checked");
@@ -861,32 +1008,69 @@ fn parse_outcome(
                     }
                 }
             }
-            Ok(ChargeOutcome {
+            let outcome = ChargeOutcome {
                 allowed: int(vals[1]) == 1,
                 now: int(vals[2]).max(0) as u64,
                 checks,
+            };
+            Ok(Parsed {
+                outcome,
+                states: Vec::new(),
             })
         }
-        // All fit with a unit to spare: now, then each group's records and totals.
+        // All fit with a unit to spare: now, then each group's `k` (none when the
+        // one remembered was used) and `h`.
         2 => {
             let mut at = 2;
-            for (_, members) in groups {
-                let lens = vals.get(at..at + 2).unwrap_or(&[]);
-                let (nk, nh) = match lens {
-                    [k, h] => (*k as usize, *h as usize),
+            let mut states = Vec::with_capacity(call.groups.len());
+            for (g, (_, members)) in call.groups.iter().enumerate() {
+                let (nk, nh) = match vals.get(at..at + 2) {
+                    Some([k, h]) => (*k as usize, *h as usize),
                     _ => return Err(corrupt(format!("no state lengths at {at}"))),
                 };
-                let records = nk.saturating_sub(1) / STATE_RECORD;
                 let (Some(k), Some(h)) = (
                     vals.get(at + 2..at + 2 + nk),
                     vals.get(at + 2 + nk..at + 2 + nk + nh),
                 ) else {
                     return Err(corrupt(format!("state of {nk} + {nh} values at {at}")));
                 };
-                if nk == 0 || (nk - 1) % STATE_RECORD != 0 || nh != STATE_HOT * records {
+                at += 2 + nk + nh;
+                let total = |rec: usize| {
+                    h.get(1 + STATE_HOT * rec)
+                        .map(|&t| int(t).max(0) as u64)
+                        .ok_or_else(|| corrupt(format!("no totals of record {rec}")))
+                };
+                let push = |checks: &mut Vec<Vec<WindowCheck>>, i: usize, used: u64| {
+                    checks[i].push(WindowCheck {
+                        used,
+                        retry_at: Some(0),
+                        free_at: 0,
+                    })
+                };
+                if nk == 0 {
+                    // Checked by the remembered `k`: windows at the records it
+                    // listed.
+                    let idx = call.remembered[g]
+                        .as_ref()
+                        .ok_or_else(|| corrupt("no state of a key not remembered".into()))?;
+                    let mut recs = idx.iter();
+                    for &i in members {
+                        for _ in &reqs[i].windows {
+                            let rec = *recs.next().ok_or_else(|| corrupt("windows".into()))?;
+                            push(&mut checks, i, total(rec)?);
+                        }
+                    }
+                    states.push(None);
+                    continue;
+                }
+                let records = (nk - 1) / STATE_RECORD;
+                if (nk - 1) % STATE_RECORD != 0 || nh != 1 + STATE_HOT * records {
                     return Err(corrupt(format!("state of {nk} + {nh} values")));
                 }
-                at += 2 + nk + nh;
+                let recs: Vec<[f64; STATE_RECORD]> = k[1..]
+                    .chunks_exact(STATE_RECORD)
+                    .map(|c| c.try_into().expect("record length"))
+                    .collect();
                 // Records come in the order the windows were checked: look where
                 // the previous one ended first.
                 let mut next = 0;
@@ -894,31 +1078,32 @@ fn parse_outcome(
                     let r = &reqs[i];
                     for w in &r.windows {
                         let tag = window_tag(&r.quota, w) as f64;
-                        let tag_of = |rec: usize| k[1 + STATE_RECORD * rec];
-                        let rec = if next < records && tag_of(next) == tag {
+                        let rec = if recs.get(next).is_some_and(|rec| rec[0] == tag) {
                             next
                         } else {
-                            (0..records)
-                                .find(|&rec| tag_of(rec) == tag)
+                            recs.iter()
+                                .position(|rec| rec[0] == tag)
                                 .ok_or_else(|| corrupt(format!("no record of quota {}", r.quota)))?
                         };
                         next = rec + 1;
-                        checks[i].push(WindowCheck {
-                            used: int(h[STATE_HOT * rec]).max(0) as u64,
-                            retry_at: Some(0),
-                            free_at: 0,
-                        });
+                        push(&mut checks, i, total(rec)?);
                     }
                 }
+                states.push(Some(Remembered {
+                    version: h[0],
+                    sure: k[0],
+                    records: recs,
+                }));
             }
             if at != vals.len() {
                 return Err(corrupt(format!("{} values, read {at}", vals.len())));
             }
-            Ok(ChargeOutcome {
+            let outcome = ChargeOutcome {
                 allowed: true,
                 now: int(vals[1]).max(0) as u64,
                 checks,
-            })
+            };
+            Ok(Parsed { outcome, states })
         }
         other => Err(corrupt(format!("kind {other}"))),
     }
@@ -949,7 +1134,9 @@ impl CounterStore for RedisCounters {
                 inv.arg(a.as_slice());
             }
             let blob: Vec<u8> = self.redis.invoke(&inv).await.map_err(unavailable)?;
-            parse_outcome(reqs, &call.groups, &blob)
+            let parsed = parse_outcome(reqs, &call, &blob)?;
+            self.remember(&call, &parsed);
+            Ok(parsed.outcome)
         })
     }
 
@@ -965,7 +1152,9 @@ impl CounterStore for RedisCounters {
                 .enqueue_guarded(msg, guard, &call.keys, &call.args)
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            parse_outcome(reqs, &call.groups, &blob)
+            let parsed = parse_outcome(reqs, &call, &blob)?;
+            self.remember(&call, &parsed);
+            Ok(parsed.outcome)
         }))
     }
 
