@@ -288,17 +288,36 @@ for g = 1, N[1] do
   -- Records are kept in the order of the last check, so a window's record is
   -- usually where the previous one's ended.
   local o, oh = 2, 2
-  for r = 1, nreq do
+  for r = 1, fast and nreq or 0 do
+    -- From the counts alone: every bucket current, none to drop (see above). The
+    -- loop most checks run, so as few steps as it takes.
+    local c, nw = N[p], N[p + 1]
+    p = p + 2
+    for w = 1, nw do
+      n = n + 1
+      local lim = N[p + 1]
+      oh = N[p + 2]
+      local t = h[oh] + c
+      if t > lim then
+        over = over or {}
+        over[n] = true
+        allowed = false
+      elseif allowed then
+        h[oh], h[oh + 1] = t, h[oh + 1] + c
+        charged = n
+        if t >= lim then full = true end
+      end
+      p = p + 3
+    end
+  end
+  for r = 1, fast and 0 or nreq do
     local c, nw = N[p], N[p + 1]
     p = p + 2
     for w = 1, nw do
       n = n + 1
       local q, lim = N[p], N[p + 1]
-      if fast then oh = N[p + 2] end
       p = p + 3
-      if fast then
-        -- Nothing to find, drop or start: see above.
-      elseif o >= nv or v[o] ~= q then
+      if o >= nv or v[o] ~= q then
         helpers()
         o = find(v, nv, q)
         if not o then
@@ -317,7 +336,7 @@ for g = 1, N[1] do
         jump = jump or {}
         jump[n], oh = o, hot(o)
       end
-      if not fast and now >= v[o + 3] then
+      if now >= v[o + 3] then
         -- The lowest bucket kept stopped counting: drop all that did (older
         -- buckets are fields below the latest one; at most a window's worth).
         helpers()
@@ -349,8 +368,8 @@ for g = 1, N[1] do
         over[n] = true
         allowed = false
       elseif allowed then
-        local cbe = not fast and v[o + 4]
-        if fast or (now < cbe and now >= cbe - v[o + 2]) then
+        local cbe = v[o + 4]
+        if now < cbe and now >= cbe - v[o + 2] then
           h[oh + 1] = h[oh + 1] + c
         else
           helpers()
