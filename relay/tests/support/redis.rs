@@ -1,5 +1,6 @@
-//! Real `redis-server` processes: one standalone server ([`RedisServer`]) or a
-//! three-master cluster ([`RedisCluster`]), each in its own temporary directory.
+//! Real `redis-server` processes: one standalone server ([`RedisServer`]), a
+//! three-master cluster ([`RedisCluster`]), or a master, a replica and sentinels
+//! ([`RedisSentinel`]), each in its own temporary directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -83,6 +84,19 @@ impl Process {
             args.extend(["--requirepass".to_owned(), pw.clone()]);
         }
         args.extend(extra.iter().cloned());
+        let mut p = Process {
+            port,
+            dir,
+            args,
+            password,
+            child: None,
+        };
+        p.spawn();
+        p
+    }
+
+    /// A process with exactly `args` (a sentinel: its config file and `--sentinel`).
+    fn raw(port: u16, dir: PathBuf, args: Vec<String>, password: Option<String>) -> Self {
         let mut p = Process {
             port,
             dir,
@@ -353,5 +367,242 @@ impl RedisCluster {
 
     pub fn cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
         redis_cli(port, None, args)
+    }
+}
+
+/// Redis Sentinel: a master, one replica (`--replicaof`) and `n` sentinels
+/// (`redis-server <conf> --sentinel`) monitoring them as [`RedisSentinel::MASTER`],
+/// all on free loopback ports with short failure detection. Killed on drop.
+pub struct RedisSentinel {
+    /// The two data nodes; which one is master changes with a failover.
+    nodes: Vec<Process>,
+    sentinels: Vec<Process>,
+    password: Option<String>,
+    sentinel_password: Option<String>,
+    _dir: TempDir,
+}
+
+impl RedisSentinel {
+    pub const MASTER: &'static str = "mymaster";
+
+    /// `password` protects the data nodes (`requirepass`, and `masterauth` so either
+    /// can replicate from the other), `sentinel_password` the sentinels. Returns once
+    /// the replica is in sync and every sentinel knows the replica (and, with more
+    /// than one, the other sentinels), so a failover can start at once.
+    pub fn start(sentinels: usize, password: Option<&str>, sentinel_password: Option<&str>) -> Self {
+        assert!(sentinels >= 1);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports = free_ports(2 + sentinels);
+        let auth: Vec<String> = password
+            .map(|pw| vec!["--masterauth".to_owned(), pw.to_owned()])
+            .unwrap_or_default();
+        let master = Process::new(
+            ports[0],
+            dir.path().join("node0"),
+            &auth,
+            password.map(str::to_owned),
+        );
+        let mut replica_args = auth.clone();
+        replica_args.extend(["--replicaof".to_owned(), "127.0.0.1".to_owned(), ports[0].to_string()]);
+        let replica = Process::new(
+            ports[1],
+            dir.path().join("node1"),
+            &replica_args,
+            password.map(str::to_owned),
+        );
+        let mut s = RedisSentinel {
+            nodes: vec![master, replica],
+            sentinels: Vec::new(),
+            password: password.map(str::to_owned),
+            sentinel_password: sentinel_password.map(str::to_owned),
+            _dir: dir,
+        };
+        s.wait_replica_synced(ports[0], ports[1]);
+
+        let quorum = sentinels / 2 + 1;
+        for (i, port) in ports[2..].iter().enumerate() {
+            let sdir = s._dir.path().join(format!("sentinel{i}"));
+            std::fs::create_dir_all(&sdir).expect("create sentinel dir");
+            let mut conf = format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {dir}/redis.log\n\
+                 sentinel monitor {m} 127.0.0.1 {master} {quorum}\n\
+                 sentinel down-after-milliseconds {m} 1000\n\
+                 sentinel failover-timeout {m} 10000\n\
+                 sentinel parallel-syncs {m} 1\n",
+                dir = sdir.display(),
+                m = Self::MASTER,
+                master = ports[0],
+            );
+            if let Some(pw) = password {
+                conf.push_str(&format!("sentinel auth-pass {} {pw}\n", Self::MASTER));
+            }
+            if let Some(pw) = sentinel_password {
+                // Sentinels authenticate to each other with the same password.
+                conf.push_str(&format!("requirepass {pw}\nsentinel sentinel-pass {pw}\n"));
+            }
+            // Sentinel rewrites its configuration file, so it must be its own.
+            let conf_path = sdir.join("sentinel.conf");
+            std::fs::write(&conf_path, conf).expect("write sentinel.conf");
+            s.sentinels.push(Process::raw(
+                *port,
+                sdir,
+                vec![conf_path.display().to_string(), "--sentinel".to_owned()],
+                sentinel_password.map(str::to_owned),
+            ));
+        }
+        s.wait_sentinels_ready(ports[0], sentinels);
+        s
+    }
+
+    /// `redis+sentinel://[:PASSWORD@]127.0.0.1:P1,127.0.0.1:P2,.../mymaster`.
+    pub fn url(&self) -> String {
+        let auth = self
+            .sentinel_password
+            .as_ref()
+            .map(|pw| format!(":{pw}@"))
+            .unwrap_or_default();
+        let hosts: Vec<String> = self
+            .sentinel_ports()
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+sentinel://{auth}{}/{}", hosts.join(","), Self::MASTER)
+    }
+
+    pub fn sentinel_ports(&self) -> Vec<u16> {
+        self.sentinels.iter().map(|s| s.port).collect()
+    }
+
+    pub fn node_ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// A command on a data node (with the data password).
+    pub fn node_cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
+        redis_cli(port, self.password.as_deref(), args)
+    }
+
+    /// A command on the `i`-th sentinel (with the sentinel password).
+    pub fn sentinel_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+        redis_cli(self.sentinels[i].port, self.sentinel_password.as_deref(), args)
+    }
+
+    /// The master's port as every sentinel names it, once they agree.
+    pub fn master_port(&self) -> Option<u16> {
+        let mut named = None;
+        for i in 0..self.sentinels.len() {
+            let out = self
+                .sentinel_cli(i, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER])
+                .ok()?;
+            let port: u16 = out.lines().nth(1)?.trim().parse().ok()?;
+            if named.is_some_and(|p| p != port) {
+                return None;
+            }
+            named = Some(port);
+        }
+        named
+    }
+
+    /// The `role` line of a node's `INFO replication`, and the rest of it.
+    fn replication(&self, port: u16) -> String {
+        self.node_cli(port, &["INFO", "replication"]).unwrap_or_default()
+    }
+
+    fn wait_replica_synced(&self, master: u16, replica: u16) {
+        wait_for(&format!("replica {replica} in sync with master {master}"), || {
+            let r = self.replication(replica);
+            let m = self.replication(master);
+            r.contains("role:slave")
+                && r.contains(&format!("master_port:{master}"))
+                && r.contains("master_link_status:up")
+                && m.contains("role:master")
+                && m.lines().any(|l| {
+                    l.starts_with("slave0:") && l.contains(&format!("port={replica}")) && l.contains("state=online")
+                })
+        });
+    }
+
+    fn wait_sentinels_ready(&self, master: u16, n: usize) {
+        for i in 0..n {
+            wait_for(&format!("sentinel {i} knowing master {master}, its replica and its peers"), || {
+                let Ok(replicas) = self.sentinel_cli(i, &["SENTINEL", "REPLICAS", Self::MASTER]) else {
+                    return false;
+                };
+                let Ok(masters) = self.sentinel_cli(i, &["SENTINEL", "MASTER", Self::MASTER]) else {
+                    return false;
+                };
+                // Flat `field\nvalue` lines.
+                let field = |text: &str, name: &str| {
+                    let lines: Vec<&str> = text.lines().collect();
+                    lines
+                        .iter()
+                        .position(|l| l.trim() == name)
+                        .and_then(|p| lines.get(p + 1).map(|v| v.trim().to_owned()))
+                };
+                field(&masters, "port").as_deref() == Some(&master.to_string())
+                    && field(&masters, "flags").as_deref() == Some("master")
+                    && field(&masters, "num-other-sentinels").as_deref() == Some(&(n - 1).to_string())
+                    && field(&replicas, "flags").as_deref() == Some("slave")
+                    && field(&replicas, "master-link-status").as_deref() == Some("ok")
+            });
+        }
+    }
+
+    /// `SENTINEL FAILOVER` (the master is alive: it is demoted and follows the new
+    /// one). Returns the new master's port once every sentinel names it, it says it is
+    /// master, and the old master replicates from it in sync.
+    pub fn failover(&self) -> u16 {
+        let old = self.master_port().expect("sentinels agree on a master");
+        let new = *self.node_ports().iter().find(|p| **p != old).unwrap();
+        let out = self
+            .sentinel_cli(0, &["SENTINEL", "FAILOVER", Self::MASTER])
+            .expect("SENTINEL FAILOVER");
+        assert_eq!(out, "OK", "SENTINEL FAILOVER answered {out:?}");
+        wait_for(&format!("sentinels to name {new} master"), || {
+            self.master_port() == Some(new)
+        });
+        self.wait_replica_synced(new, old);
+        new
+    }
+
+    /// SIGKILL of the current master; returns the new master's port once the
+    /// sentinels have promoted the replica and it says it is master.
+    pub fn kill_master(&mut self) -> u16 {
+        let old = self.master_port().expect("sentinels agree on a master");
+        let new = *self.node_ports().iter().find(|p| **p != old).unwrap();
+        self.nodes.iter_mut().find(|n| n.port == old).unwrap().kill();
+        wait_for(&format!("sentinels to promote {new} after {old} died"), || {
+            self.master_port() == Some(new) && self.replication(new).contains("role:master")
+        });
+        new
+    }
+
+    /// Message keys (`<prefix>:*:m:*`) stored on the node at `port`.
+    pub fn message_keys(&self, port: u16, prefix: &str) -> Vec<String> {
+        self.node_cli(port, &["KEYS", &format!("{prefix}:*:m:*")])
+            .expect("KEYS")
+            .lines()
+            .map(str::to_owned)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// The last lines of the sentinels' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.sentinels
+            .iter()
+            .chain(&self.nodes)
+            .map(|p| format!("--- {}:\n{}", p.port, log_tail(&p.dir.join("redis.log"))))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Polls `ok` until it holds, for up to a minute.
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(100));
     }
 }
