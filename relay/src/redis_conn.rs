@@ -149,7 +149,12 @@ pub(crate) async fn connect(
             })?;
             let conn = SentinelConn::open(&url, password.as_deref(), t, secrets.clone().into())
                 .await
-                .map_err(failed)?;
+                .map_err(|e| {
+                    ConnectError::Failed(redact(
+                        &secrets,
+                        &format!("via the sentinels of master `{}`: {e}", url.master),
+                    ))
+                })?;
             Ok(Conn::Sentinel(Arc::new(conn)))
         } else if cfg.cluster {
             let nodes: Vec<&str> = std::iter::once(cfg.url.as_str())

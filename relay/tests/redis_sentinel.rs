@@ -91,6 +91,40 @@ fn wait_ready(relay: &Relay) {
     }
 }
 
+/// Runs `mailrelay serve` on `url` with `env`; asserts that it exits with an error
+/// and returns what it printed.
+fn start_fails(url: &str, env: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = support::free_ports(2);
+    let conf = dir.path().join("relay.yaml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listeners: [{{name: smtp, address: '127.0.0.1:{}'}}]\nadmin: {{address: '127.0.0.1:{}'}}\n\
+             queue: {{redis: {{url: '{url}', key_prefix: {PREFIX}}}}}\n",
+            ports[0], ports[1]
+        ),
+    )
+    .unwrap();
+    let out = Command::new(support::relay::binary())
+        .args(["serve", "--config"])
+        .arg(&conf)
+        .env("RUST_LOG", "mailrelay=debug")
+        .env_remove("MAILRELAY_REDIS_URL")
+        .env_remove("MAILRELAY_REDIS_PASSWORD")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run mailrelay");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "started with {url}:\n{text}");
+    text
+}
+
 #[test]
 fn sentinel_url_accepts_mail_on_the_master_with_quotas() {
     let s = RedisSentinel::start(1, None, None);
@@ -264,7 +298,10 @@ fn passwords_for_data_nodes_and_sentinels() {
     let id = swaks(&relay, "app@client.test", &["user@dest.test"], None);
     assert!(stored_on(&s, master, id.as_str()));
     let log = relay.log();
-    assert!(!log.contains(DATA_PW) && !log.contains(SENTINEL_PW), "{log}");
+    assert!(
+        !log.contains(DATA_PW) && !log.contains(SENTINEL_PW),
+        "{log}"
+    );
 
     let sentinel = s.sentinel_ports()[0];
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -305,38 +342,90 @@ fn passwords_for_data_nodes_and_sentinels() {
         }
 
         // The binary fails at start, and says why without the passwords either.
-        let dir = tempfile::tempdir().unwrap();
-        let ports = support::free_ports(2);
-        let conf = dir.path().join("relay.yaml");
-        std::fs::write(
-            &conf,
-            format!(
-                "listeners: [{{name: smtp, address: '127.0.0.1:{}'}}]\nadmin: {{address: '127.0.0.1:{}'}}\n\
-                 queue: {{redis: {{url: '{url}', key_prefix: {PREFIX}}}}}\n",
-                ports[0], ports[1]
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new(support::relay::binary());
-        cmd.args(["serve", "--config"])
-            .arg(&conf)
-            .env("RUST_LOG", "mailrelay=debug")
-            .env_remove("MAILRELAY_REDIS_URL")
-            .env_remove("MAILRELAY_REDIS_PASSWORD")
-            .stdin(Stdio::null());
+        let mut env = vec![];
         if let Some(pw) = data_pw {
-            cmd.env("MAILRELAY_REDIS_PASSWORD", pw);
+            env.push(("MAILRELAY_REDIS_PASSWORD", pw));
         }
-        let out = cmd.output().expect("run mailrelay");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(!out.status.success(), "started with {url}:\n{text}");
+        let text = start_fails(&url, &env);
         assert!(text.contains("Redis"), "{text}");
         for secret in [DATA_PW, SENTINEL_PW, "wrong-data-pw-77"] {
             assert!(!text.contains(secret), "output leaks a password:\n{text}");
         }
     }
+}
+
+#[test]
+fn tls_to_the_sentinels_and_the_master() {
+    let pki = support::pki::Pki::new(&["127.0.0.1"]);
+    let s = RedisSentinel::start_tls(1, &pki);
+    let master = s.master_port().unwrap();
+    assert!(s.url().starts_with("rediss+sentinel://"));
+    // The CA comes from the trust store; SSL_CERT_FILE replaces it.
+    let relay = Relay::start(RelayOptions {
+        queue: vec![format!(
+            "redis: {{url: '{}', key_prefix: '{PREFIX}'}}",
+            s.url()
+        )],
+        env: vec![("SSL_CERT_FILE".to_owned(), pki.ca().display().to_string())],
+        ..Default::default()
+    });
+    wait_ready(&relay);
+    let id = swaks(&relay, "app@client.test", &["user@dest.test"], None);
+    assert!(stored_on(&s, master, id.as_str()));
+
+    // Without that CA the certificates are refused: TLS is verified, not just used.
+    let empty = tempfile::tempdir().unwrap();
+    let text = start_fails(
+        &s.url(),
+        &[
+            ("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"),
+            ("SSL_CERT_DIR", empty.path().to_str().unwrap()),
+        ],
+    );
+    assert!(
+        text.contains("Redis") && text.contains("certificate"),
+        "{text}"
+    );
+}
+
+/// The egress store connects through the same code: it reaches the master the
+/// sentinels name and follows a failover.
+#[test]
+fn egress_store_follows_a_failover() {
+    use mailrelay::quota::egress::backoff::BackoffPolicy;
+    use mailrelay::quota::egress::redis::RedisStore;
+
+    let s = RedisSentinel::start(1, None, None);
+    let old = s.master_port().unwrap();
+    let cfg = RedisConfig {
+        url: s.url(),
+        password: None,
+        cluster: false,
+        cluster_nodes: vec![],
+        key_prefix: PREFIX.into(),
+        wait_replicas: 0,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let store = rt.block_on(RedisStore::connect(&cfg)).unwrap();
+    let policy = BackoffPolicy::default();
+    rt.block_on(store.rate_limited("before.test", policy, None))
+        .unwrap();
+    let backoff_keys = |port: u16, site: &str| {
+        s.node_cli(port, &["KEYS", &format!("{PREFIX}:*:bo:{site}")])
+            .unwrap()
+    };
+    assert!(!backoff_keys(old, "before.test").is_empty());
+
+    let new = s.failover();
+    // The first call may meet the old connection (an error: egress then waits); the
+    // store finds the new master by itself.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Err(e) = rt.block_on(store.rate_limited("after.test", policy, None)) {
+        assert!(Instant::now() < deadline, "egress store stuck: {e}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!backoff_keys(new, "after.test").is_empty());
 }

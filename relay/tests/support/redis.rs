@@ -20,8 +20,21 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Runs `redis-cli` against a local port; `Ok` holds trimmed stdout when it exited
 /// successfully (a Redis error reply still counts as success, as redis-cli prints it).
 pub fn redis_cli(port: u16, password: Option<&str>, args: &[&str]) -> Result<String, String> {
+    redis_cli_tls(port, password, None, args)
+}
+
+/// [`redis_cli`] over TLS when `ca` (the CA that signed the server) is given.
+pub fn redis_cli_tls(
+    port: u16,
+    password: Option<&str>,
+    ca: Option<&Path>,
+    args: &[&str],
+) -> Result<String, String> {
     let mut cmd = Command::new("redis-cli");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(ca) = ca {
+        cmd.arg("--tls").arg("--cacert").arg(ca);
+    }
     if let Some(pw) = password {
         cmd.args(["--no-auth-warning", "-a", pw]);
     }
@@ -53,11 +66,23 @@ struct Process {
     dir: PathBuf,
     args: Vec<String>,
     password: Option<String>,
+    /// The CA of the server's certificate when it speaks only TLS.
+    ca: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Process {
     fn new(port: u16, dir: PathBuf, extra: &[String], password: Option<String>) -> Self {
+        Self::new_with_ca(port, dir, extra, password, None)
+    }
+
+    fn new_with_ca(
+        port: u16,
+        dir: PathBuf,
+        extra: &[String],
+        password: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> Self {
         std::fs::create_dir_all(&dir).expect("create redis dir");
         let mut args: Vec<String> = [
             "--port",
@@ -84,24 +109,23 @@ impl Process {
             args.extend(["--requirepass".to_owned(), pw.clone()]);
         }
         args.extend(extra.iter().cloned());
-        let mut p = Process {
-            port,
-            dir,
-            args,
-            password,
-            child: None,
-        };
-        p.spawn();
-        p
+        Self::raw(port, dir, args, password, ca)
     }
 
     /// A process with exactly `args` (a sentinel: its config file and `--sentinel`).
-    fn raw(port: u16, dir: PathBuf, args: Vec<String>, password: Option<String>) -> Self {
+    fn raw(
+        port: u16,
+        dir: PathBuf,
+        args: Vec<String>,
+        password: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> Self {
         let mut p = Process {
             port,
             dir,
             args,
             password,
+            ca,
             child: None,
         };
         p.spawn();
@@ -136,7 +160,15 @@ impl Process {
                     log_tail(&self.dir.join("redis.log"))
                 );
             }
-            if redis_cli(self.port, self.password.as_deref(), &["PING"]).as_deref() == Ok("PONG") {
+            if redis_cli_tls(
+                self.port,
+                self.password.as_deref(),
+                self.ca.as_deref(),
+                &["PING"],
+            )
+            .as_deref()
+                == Ok("PONG")
+            {
                 return;
             }
             assert!(
@@ -379,6 +411,8 @@ pub struct RedisSentinel {
     sentinels: Vec<Process>,
     password: Option<String>,
     sentinel_password: Option<String>,
+    /// Set when everything speaks TLS.
+    ca: Option<PathBuf>,
     _dir: TempDir,
 }
 
@@ -389,32 +423,84 @@ impl RedisSentinel {
     /// can replicate from the other), `sentinel_password` the sentinels. Returns once
     /// the replica is in sync and every sentinel knows the replica (and, with more
     /// than one, the other sentinels), so a failover can start at once.
-    pub fn start(sentinels: usize, password: Option<&str>, sentinel_password: Option<&str>) -> Self {
+    pub fn start(
+        sentinels: usize,
+        password: Option<&str>,
+        sentinel_password: Option<&str>,
+    ) -> Self {
+        Self::start_with(sentinels, password, sentinel_password, None)
+    }
+
+    /// [`RedisSentinel::start`], every node and sentinel speaking only TLS with the
+    /// certificate of `pki` (which must name `127.0.0.1`); URLs are then
+    /// `rediss+sentinel://`.
+    pub fn start_tls(sentinels: usize, pki: &super::pki::Pki) -> Self {
+        Self::start_with(sentinels, None, None, Some(pki))
+    }
+
+    fn start_with(
+        sentinels: usize,
+        password: Option<&str>,
+        sentinel_password: Option<&str>,
+        pki: Option<&super::pki::Pki>,
+    ) -> Self {
         assert!(sentinels >= 1);
         let dir = tempfile::tempdir().expect("temp dir");
         let ports = free_ports(2 + sentinels);
-        let auth: Vec<String> = password
+        let mut common: Vec<String> = password
             .map(|pw| vec!["--masterauth".to_owned(), pw.to_owned()])
             .unwrap_or_default();
-        let master = Process::new(
-            ports[0],
-            dir.path().join("node0"),
-            &auth,
-            password.map(str::to_owned),
-        );
-        let mut replica_args = auth.clone();
-        replica_args.extend(["--replicaof".to_owned(), "127.0.0.1".to_owned(), ports[0].to_string()]);
-        let replica = Process::new(
-            ports[1],
-            dir.path().join("node1"),
-            &replica_args,
-            password.map(str::to_owned),
+        // The same settings, as config file lines for the sentinels.
+        let mut tls_conf = String::new();
+        if let Some(pki) = pki {
+            let settings = [
+                ("tls-cert-file", pki.cert().display().to_string()),
+                ("tls-key-file", pki.key().display().to_string()),
+                ("tls-ca-cert-file", pki.ca().display().to_string()),
+                ("tls-auth-clients", "no".to_owned()),
+                ("tls-replication", "yes".to_owned()),
+            ];
+            for (k, v) in settings {
+                common.extend([format!("--{k}"), v.clone()]);
+                tls_conf.push_str(&format!("{k} {v}\n"));
+            }
+        }
+        let ca = pki.map(|p| p.ca());
+        let node = |i: usize, extra: &[String]| {
+            let mut args = common.clone();
+            if pki.is_some() {
+                // Later arguments win: TLS on the port, plain TCP off.
+                args.extend([
+                    "--port".to_owned(),
+                    "0".to_owned(),
+                    "--tls-port".to_owned(),
+                    ports[i].to_string(),
+                ]);
+            }
+            args.extend(extra.iter().cloned());
+            Process::new_with_ca(
+                ports[i],
+                dir.path().join(format!("node{i}")),
+                &args,
+                password.map(str::to_owned),
+                ca.clone(),
+            )
+        };
+        let master = node(0, &[]);
+        let replica = node(
+            1,
+            &[
+                "--replicaof".to_owned(),
+                "127.0.0.1".to_owned(),
+                ports[0].to_string(),
+            ],
         );
         let mut s = RedisSentinel {
             nodes: vec![master, replica],
             sentinels: Vec::new(),
             password: password.map(str::to_owned),
             sentinel_password: sentinel_password.map(str::to_owned),
+            ca: ca.clone(),
             _dir: dir,
         };
         s.wait_replica_synced(ports[0], ports[1]);
@@ -423,8 +509,13 @@ impl RedisSentinel {
         for (i, port) in ports[2..].iter().enumerate() {
             let sdir = s._dir.path().join(format!("sentinel{i}"));
             std::fs::create_dir_all(&sdir).expect("create sentinel dir");
+            let listen = if pki.is_some() {
+                format!("port 0\ntls-port {port}\n{tls_conf}")
+            } else {
+                format!("port {port}\n")
+            };
             let mut conf = format!(
-                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {dir}/redis.log\n\
+                "{listen}bind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {dir}/redis.log\n\
                  sentinel monitor {m} 127.0.0.1 {master} {quorum}\n\
                  sentinel down-after-milliseconds {m} 1000\n\
                  sentinel failover-timeout {m} 10000\n\
@@ -448,6 +539,7 @@ impl RedisSentinel {
                 sdir,
                 vec![conf_path.display().to_string(), "--sentinel".to_owned()],
                 sentinel_password.map(str::to_owned),
+                ca.clone(),
             ));
         }
         s.wait_sentinels_ready(ports[0], sentinels);
@@ -466,7 +558,12 @@ impl RedisSentinel {
             .iter()
             .map(|p| format!("127.0.0.1:{p}"))
             .collect();
-        format!("redis+sentinel://{auth}{}/{}", hosts.join(","), Self::MASTER)
+        let scheme = if self.ca.is_some() {
+            "rediss+sentinel"
+        } else {
+            "redis+sentinel"
+        };
+        format!("{scheme}://{auth}{}/{}", hosts.join(","), Self::MASTER)
     }
 
     pub fn sentinel_ports(&self) -> Vec<u16> {
@@ -479,12 +576,17 @@ impl RedisSentinel {
 
     /// A command on a data node (with the data password).
     pub fn node_cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
-        redis_cli(port, self.password.as_deref(), args)
+        redis_cli_tls(port, self.password.as_deref(), self.ca.as_deref(), args)
     }
 
     /// A command on the `i`-th sentinel (with the sentinel password).
     pub fn sentinel_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
-        redis_cli(self.sentinels[i].port, self.sentinel_password.as_deref(), args)
+        redis_cli_tls(
+            self.sentinels[i].port,
+            self.sentinel_password.as_deref(),
+            self.ca.as_deref(),
+            args,
+        )
     }
 
     /// The master's port as every sentinel names it, once they agree.
@@ -505,46 +607,59 @@ impl RedisSentinel {
 
     /// The `role` line of a node's `INFO replication`, and the rest of it.
     fn replication(&self, port: u16) -> String {
-        self.node_cli(port, &["INFO", "replication"]).unwrap_or_default()
+        self.node_cli(port, &["INFO", "replication"])
+            .unwrap_or_default()
     }
 
     fn wait_replica_synced(&self, master: u16, replica: u16) {
-        wait_for(&format!("replica {replica} in sync with master {master}"), || {
-            let r = self.replication(replica);
-            let m = self.replication(master);
-            r.contains("role:slave")
-                && r.contains(&format!("master_port:{master}"))
-                && r.contains("master_link_status:up")
-                && m.contains("role:master")
-                && m.lines().any(|l| {
-                    l.starts_with("slave0:") && l.contains(&format!("port={replica}")) && l.contains("state=online")
-                })
-        });
+        wait_for(
+            &format!("replica {replica} in sync with master {master}"),
+            || {
+                let r = self.replication(replica);
+                let m = self.replication(master);
+                r.contains("role:slave")
+                    && r.contains(&format!("master_port:{master}"))
+                    && r.contains("master_link_status:up")
+                    && m.contains("role:master")
+                    && m.lines().any(|l| {
+                        l.starts_with("slave0:")
+                            && l.contains(&format!("port={replica}"))
+                            && l.contains("state=online")
+                    })
+            },
+        );
     }
 
     fn wait_sentinels_ready(&self, master: u16, n: usize) {
         for i in 0..n {
-            wait_for(&format!("sentinel {i} knowing master {master}, its replica and its peers"), || {
-                let Ok(replicas) = self.sentinel_cli(i, &["SENTINEL", "REPLICAS", Self::MASTER]) else {
-                    return false;
-                };
-                let Ok(masters) = self.sentinel_cli(i, &["SENTINEL", "MASTER", Self::MASTER]) else {
-                    return false;
-                };
-                // Flat `field\nvalue` lines.
-                let field = |text: &str, name: &str| {
-                    let lines: Vec<&str> = text.lines().collect();
-                    lines
-                        .iter()
-                        .position(|l| l.trim() == name)
-                        .and_then(|p| lines.get(p + 1).map(|v| v.trim().to_owned()))
-                };
-                field(&masters, "port").as_deref() == Some(&master.to_string())
-                    && field(&masters, "flags").as_deref() == Some("master")
-                    && field(&masters, "num-other-sentinels").as_deref() == Some(&(n - 1).to_string())
-                    && field(&replicas, "flags").as_deref() == Some("slave")
-                    && field(&replicas, "master-link-status").as_deref() == Some("ok")
-            });
+            wait_for(
+                &format!("sentinel {i} knowing master {master}, its replica and its peers"),
+                || {
+                    let Ok(replicas) =
+                        self.sentinel_cli(i, &["SENTINEL", "REPLICAS", Self::MASTER])
+                    else {
+                        return false;
+                    };
+                    let Ok(masters) = self.sentinel_cli(i, &["SENTINEL", "MASTER", Self::MASTER])
+                    else {
+                        return false;
+                    };
+                    // Flat `field\nvalue` lines.
+                    let field = |text: &str, name: &str| {
+                        let lines: Vec<&str> = text.lines().collect();
+                        lines
+                            .iter()
+                            .position(|l| l.trim() == name)
+                            .and_then(|p| lines.get(p + 1).map(|v| v.trim().to_owned()))
+                    };
+                    field(&masters, "port").as_deref() == Some(&master.to_string())
+                        && field(&masters, "flags").as_deref() == Some("master")
+                        && field(&masters, "num-other-sentinels").as_deref()
+                            == Some(&(n - 1).to_string())
+                        && field(&replicas, "flags").as_deref() == Some("slave")
+                        && field(&replicas, "master-link-status").as_deref() == Some("ok")
+                },
+            );
         }
     }
 
@@ -570,10 +685,15 @@ impl RedisSentinel {
     pub fn kill_master(&mut self) -> u16 {
         let old = self.master_port().expect("sentinels agree on a master");
         let new = *self.node_ports().iter().find(|p| **p != old).unwrap();
-        self.nodes.iter_mut().find(|n| n.port == old).unwrap().kill();
-        wait_for(&format!("sentinels to promote {new} after {old} died"), || {
-            self.master_port() == Some(new) && self.replication(new).contains("role:master")
-        });
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == old)
+            .unwrap()
+            .kill();
+        wait_for(
+            &format!("sentinels to promote {new} after {old} died"),
+            || self.master_port() == Some(new) && self.replication(new).contains("role:master"),
+        );
         new
     }
 
