@@ -248,7 +248,7 @@ impl QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db` or `rediss://…`; for a cluster, any one node (or list
@@ -274,6 +274,32 @@ pub struct RedisConfig {
     /// After each enqueue, wait for this many replicas to acknowledge (Redis `WAIT`).
     #[serde(default)]
     pub wait_replicas: u32,
+}
+
+/// Written out by hand so that a password in a URL (a sentinel URL carries the
+/// sentinels' one) never reaches `Debug` output.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hide = |url: &str| match crate::redis_conn::url_password(url) {
+            Some(pw) => url.replace(pw, "<redacted>"),
+            None => url.to_owned(),
+        };
+        f.debug_struct("RedisConfig")
+            .field("url", &hide(&self.url))
+            .field("password", &self.password)
+            .field("cluster", &self.cluster)
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| hide(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("wait_replicas", &self.wait_replicas)
+            .finish()
+    }
 }
 
 fn default_prefix() -> String {
@@ -928,6 +954,21 @@ mod tests {
             e.contains("queue.redis.url") && e.contains("bad port"),
             "{e}"
         );
+        // Neither password shows in Debug output.
+        let mut c = RelayConfig::from_yaml(
+            "queue: {redis: {url: 'redis+sentinel://u:hunter2@h/m', cluster_nodes: ['redis://:hunter3@n']}}",
+        )
+        .unwrap();
+        c.apply_env(|k| (k == "MAILRELAY_REDIS_PASSWORD").then(|| "hunter4".into()))
+            .unwrap();
+        let debug = format!("{c:?}");
+        assert!(
+            debug.contains("redis+sentinel://u:<redacted>@h/m"),
+            "{debug}"
+        );
+        for pw in ["hunter2", "hunter3", "hunter4"] {
+            assert!(!debug.contains(pw), "{debug}");
+        }
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //! master again and connects to it. Only one caller looks up at a time; the others
 //! wait for its result instead of asking again.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -136,59 +138,63 @@ pub(crate) async fn connect(
         .filter(|p| !p.is_empty());
     let failed = |e: RedisError| ConnectError::Failed(redact(&secrets, &format!("{e}")));
 
-    let connecting = async {
-        if is_sentinel_url(&cfg.url) {
-            if cfg.cluster {
-                return Err(ConnectError::Failed(
-                    "queue.redis.url: a Redis Sentinel URL cannot be used with cluster: true"
-                        .into(),
-                ));
-            }
-            let url = SentinelUrl::parse(&cfg.url).map_err(|e| {
-                ConnectError::Failed(redact(&secrets, &format!("queue.redis.url: {e}")))
-            })?;
-            let conn = SentinelConn::open(&url, password.as_deref(), t, secrets.clone().into())
-                .await
-                .map_err(|e| {
-                    ConnectError::Failed(redact(
-                        &secrets,
-                        &format!("via the sentinels of master `{}`: {e}", url.master),
-                    ))
+    // Boxed: the sentinel lookup's future type is deep, and callers that hold this
+    // future inside their own async fns (the operator's reconciler) would otherwise
+    // exceed the compiler's layout depth limit.
+    let connecting: Pin<Box<dyn Future<Output = Result<Conn, ConnectError>> + Send + '_>> =
+        Box::pin(async {
+            if is_sentinel_url(&cfg.url) {
+                if cfg.cluster {
+                    return Err(ConnectError::Failed(
+                        "queue.redis.url: a Redis Sentinel URL cannot be used with cluster: true"
+                            .into(),
+                    ));
+                }
+                let url = SentinelUrl::parse(&cfg.url).map_err(|e| {
+                    ConnectError::Failed(redact(&secrets, &format!("queue.redis.url: {e}")))
                 })?;
-            Ok(Conn::Sentinel(Arc::new(conn)))
-        } else if cfg.cluster {
-            let nodes: Vec<&str> = std::iter::once(cfg.url.as_str())
-                .chain(cfg.cluster_nodes.iter().map(String::as_str))
-                .collect();
-            let mut builder = ClusterClientBuilder::new(nodes)
-                .connection_timeout(t.connect)
-                .response_timeout(t.response)
-                .overall_response_timeout(Some(t.deadline))
-                .retries(t.retries as u32);
-            if let Some(pw) = &password {
-                builder = builder.password(pw);
+                let conn = SentinelConn::open(&url, password.as_deref(), t, secrets.clone().into())
+                    .await
+                    .map_err(|e| {
+                        ConnectError::Failed(redact(
+                            &secrets,
+                            &format!("via the sentinels of master `{}`: {e}", url.master),
+                        ))
+                    })?;
+                Ok(Conn::Sentinel(Arc::new(conn)))
+            } else if cfg.cluster {
+                let nodes: Vec<&str> = std::iter::once(cfg.url.as_str())
+                    .chain(cfg.cluster_nodes.iter().map(String::as_str))
+                    .collect();
+                let mut builder = ClusterClientBuilder::new(nodes)
+                    .connection_timeout(t.connect)
+                    .response_timeout(t.response)
+                    .overall_response_timeout(Some(t.deadline))
+                    .retries(t.retries as u32);
+                if let Some(pw) = &password {
+                    builder = builder.password(pw);
+                }
+                let client = builder.build().map_err(failed)?;
+                let conn = client.get_async_connection().await.map_err(failed)?;
+                Ok(Conn::Cluster(conn))
+            } else {
+                let mut info = cfg.url.as_str().into_connection_info().map_err(failed)?;
+                if let Some(pw) = &password {
+                    let settings = info.redis_settings().clone().set_password(pw);
+                    info = info.set_redis_settings(settings);
+                }
+                let client = Client::open(info).map_err(failed)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(t.connect))
+                    .set_response_timeout(Some(t.response))
+                    .set_number_of_retries(t.retries)
+                    .set_max_delay(Duration::from_secs(1));
+                let conn = ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(failed)?;
+                Ok(Conn::Single(conn))
             }
-            let client = builder.build().map_err(failed)?;
-            let conn = client.get_async_connection().await.map_err(failed)?;
-            Ok(Conn::Cluster(conn))
-        } else {
-            let mut info = cfg.url.as_str().into_connection_info().map_err(failed)?;
-            if let Some(pw) = &password {
-                let settings = info.redis_settings().clone().set_password(pw);
-                info = info.set_redis_settings(settings);
-            }
-            let client = Client::open(info).map_err(failed)?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(t.connect))
-                .set_response_timeout(Some(t.response))
-                .set_number_of_retries(t.retries)
-                .set_max_delay(Duration::from_secs(1));
-            let conn = ConnectionManager::new_with_config(client, config)
-                .await
-                .map_err(failed)?;
-            Ok(Conn::Single(conn))
-        }
-    };
+        });
     let conn = tokio::time::timeout(t.deadline, connecting)
         .await
         .map_err(|_| ConnectError::Timeout(t.deadline))??;
@@ -600,7 +606,7 @@ pub(crate) fn is_connection_error(e: &RedisError) -> bool {
 }
 
 /// The password part of a URL's userinfo, as written (`redis://user:pw@host`).
-pub(crate) fn url_password(url: &str) -> Option<&str> {
+pub fn url_password(url: &str) -> Option<&str> {
     let rest = url.split_once("://")?.1;
     let authority = rest.split('/').next()?;
     let userinfo = authority.rsplit_once('@')?.0;

@@ -447,9 +447,11 @@ impl RedisSentinel {
         assert!(sentinels >= 1);
         let dir = tempfile::tempdir().expect("temp dir");
         let ports = free_ports(2 + sentinels);
-        let mut common: Vec<String> = password
-            .map(|pw| vec!["--masterauth".to_owned(), pw.to_owned()])
-            .unwrap_or_default();
+        // A replica syncs at once rather than after the default 5 s wait for others.
+        let mut common: Vec<String> = vec!["--repl-diskless-sync-delay".into(), "0".into()];
+        if let Some(pw) = password {
+            common.extend(["--masterauth".to_owned(), pw.to_owned()]);
+        }
         // The same settings, as config file lines for the sentinels.
         let mut tls_conf = String::new();
         if let Some(pki) = pki {
@@ -572,6 +574,19 @@ impl RedisSentinel {
 
     pub fn node_ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// A queue configuration for this deployment (its sentinel URL, the data
+    /// password) with `prefix`.
+    pub fn config(&self, prefix: &str) -> RedisConfig {
+        RedisConfig {
+            url: self.url(),
+            password: self.password.clone().map(Secret),
+            cluster: false,
+            cluster_nodes: vec![],
+            key_prefix: prefix.to_owned(),
+            wait_replicas: 0,
+        }
     }
 
     /// A command on a data node (with the data password).
