@@ -248,16 +248,21 @@ impl QueueConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://host:port/db` or `rediss://…`; for a cluster, any one node (or list
-    /// them all in `cluster_nodes`). Env: `MAILRELAY_REDIS_URL`.
+    /// them all in `cluster_nodes`). For Redis Sentinel:
+    /// `redis+sentinel://[[user]:password@]host1[:port1][,host2[:port2]...]/MASTER_NAME[/DB]`
+    /// (`rediss+sentinel://` for TLS to the sentinels and the master; port 26379 when
+    /// omitted); its userinfo authenticates to the sentinels only, and no userinfo
+    /// means the sentinels take no `AUTH`. Env: `MAILRELAY_REDIS_URL`.
     pub url: String,
-    /// Env: `MAILRELAY_REDIS_PASSWORD`.
+    /// Password of the Redis data nodes (with Sentinel: the master and its
+    /// replicas, not the sentinels). Env: `MAILRELAY_REDIS_PASSWORD`.
     #[serde(default)]
     pub password: Option<Secret>,
-    /// Talk Redis Cluster protocol.
+    /// Talk Redis Cluster protocol (not with a sentinel URL).
     #[serde(default)]
     pub cluster: bool,
     /// More seed nodes for cluster mode.
@@ -269,6 +274,32 @@ pub struct RedisConfig {
     /// After each enqueue, wait for this many replicas to acknowledge (Redis `WAIT`).
     #[serde(default)]
     pub wait_replicas: u32,
+}
+
+/// Written out by hand so that a password in a URL (a sentinel URL carries the
+/// sentinels' one) never reaches `Debug` output.
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hide = |url: &str| match crate::redis_conn::url_password(url) {
+            Some(pw) => url.replace(pw, "<redacted>"),
+            None => url.to_owned(),
+        };
+        f.debug_struct("RedisConfig")
+            .field("url", &hide(&self.url))
+            .field("password", &self.password)
+            .field("cluster", &self.cluster)
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| hide(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("key_prefix", &self.key_prefix)
+            .field("wait_replicas", &self.wait_replicas)
+            .finish()
+    }
 }
 
 fn default_prefix() -> String {
@@ -623,16 +654,25 @@ impl RelayConfig {
                 ));
             }
             (QueueBackendKind::Redis, Some(r)) => {
-                if !(r.url.starts_with("redis://")
+                if crate::redis_conn::is_sentinel_url(&r.url) {
+                    crate::redis_conn::SentinelUrl::parse(&r.url)
+                        .map_err(|e| invalid("queue.redis.url", e))?;
+                    if r.cluster {
+                        return Err(invalid(
+                            "queue.redis.url",
+                            "a Redis Sentinel URL (redis+sentinel://) cannot be used with \
+                             queue.redis.cluster: true",
+                        ));
+                    }
+                } else if !(r.url.starts_with("redis://")
                     || r.url.starts_with("rediss://")
                     || r.url.starts_with("redis+unix://")
-                    || r.url.starts_with("unix://")
-                    || r.url.starts_with("redis+sentinel://")
-                    || r.url.starts_with("rediss+sentinel://"))
+                    || r.url.starts_with("unix://"))
                 {
                     return Err(invalid(
                         "queue.redis.url",
-                        "must start with redis://, rediss://, unix://, redis+sentinel:// or rediss+sentinel://",
+                        "must start with redis://, rediss://, unix://, redis+sentinel:// or \
+                         rediss+sentinel://",
                     ));
                 }
                 if r.key_prefix.is_empty() || r.key_prefix.contains(['{', '}', ' ']) {
@@ -873,6 +913,62 @@ mod tests {
             "hunter2"
         );
         assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn sentinel_urls_are_validated_at_load() {
+        let c = RelayConfig::from_yaml(
+            "queue: {redis: {url: 'redis+sentinel://:pw@s1,s2:26380/mymaster/2'}}",
+        )
+        .unwrap();
+        assert_eq!(c.queue.effective_backend(), QueueBackendKind::Redis);
+        for (yaml, want) in [
+            ("url: 'redis+sentinel://:hunter2@/m'", "no sentinel hosts"),
+            ("url: 'redis+sentinel://:hunter2@h'", "master name"),
+            ("url: 'redis+sentinel://:hunter2@h:99999/m'", "bad port"),
+            (
+                "{url: 'redis+sentinel://:hunter2@h/m', cluster: true}",
+                "cluster",
+            ),
+            ("url: 'sentinel://h/m'", "redis+sentinel://"),
+        ] {
+            let yaml = if yaml.starts_with('{') {
+                format!("queue: {{redis: {yaml}}}")
+            } else {
+                format!("queue: {{redis: {{{yaml}}}}}")
+            };
+            let e = RelayConfig::from_yaml(&yaml).unwrap_err().to_string();
+            assert!(
+                e.contains("queue.redis.url") && e.contains(want),
+                "{yaml}: {e}"
+            );
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+        // The env override is validated too.
+        let mut c = RelayConfig::from_yaml("{}").unwrap();
+        let e = c
+            .apply_env(|k| (k == "MAILRELAY_REDIS_URL").then(|| "redis+sentinel://h:0/m".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("queue.redis.url") && e.contains("bad port"),
+            "{e}"
+        );
+        // Neither password shows in Debug output.
+        let mut c = RelayConfig::from_yaml(
+            "queue: {redis: {url: 'redis+sentinel://u:hunter2@h/m', cluster_nodes: ['redis://:hunter3@n']}}",
+        )
+        .unwrap();
+        c.apply_env(|k| (k == "MAILRELAY_REDIS_PASSWORD").then(|| "hunter4".into()))
+            .unwrap();
+        let debug = format!("{c:?}");
+        assert!(
+            debug.contains("redis+sentinel://u:<redacted>@h/m"),
+            "{debug}"
+        );
+        for pw in ["hunter2", "hunter3", "hunter4"] {
+            assert!(!debug.contains(pw), "{debug}");
+        }
     }
 
     #[test]

@@ -9,5 +9,6 @@ pub mod config;
 pub mod delivery;
 pub mod queue;
 pub mod quota;
+pub mod redis_conn;
 pub mod server;
 pub mod smtp;

@@ -1,6 +1,7 @@
 //! One conformance suite for every [`Queue`] backend: each check is written once
 //! against `dyn Queue` and run on the embedded queue (temp dir), a standalone
-//! `redis-server`, and a three-master Redis Cluster. Backend-specific behaviour
+//! `redis-server`, a three-master Redis Cluster, and a master found through Redis
+//! Sentinel. Backend-specific behaviour
 //! (reopen, restart, outage, spread over masters) follows the suite.
 
 mod support;
@@ -16,7 +17,7 @@ use mailrelay::queue::{
     MessageStatus, Queue, QueueError, QueueId, QueueOptions, QueueStats, QueuedMessage, RcptState,
     Recipient, RedisQueue, RetrySelector, TlsInfo, now_ms,
 };
-use support::redis::{RedisCluster, RedisServer};
+use support::redis::{RedisCluster, RedisSentinel, RedisServer};
 
 // ---------------------------------------------------------------------------------
 // Messages
@@ -1240,6 +1241,20 @@ async fn redis_cluster(options: QueueOptions) -> Fixture {
     }
 }
 
+/// The master of a master + replica pair, found through one sentinel.
+async fn redis_sentinel(options: QueueOptions) -> Fixture {
+    let sentinel = tokio::task::spawn_blocking(|| RedisSentinel::start(1, None, None))
+        .await
+        .unwrap();
+    let queue = RedisQueue::connect_with(&sentinel.config("mrtest"), options)
+        .await
+        .unwrap();
+    Fixture {
+        queue: Arc::new(queue),
+        _store: Box::new(sentinel),
+    }
+}
+
 macro_rules! conformance {
     ($backend:ident) => {
         mod $backend {
@@ -1375,6 +1390,7 @@ macro_rules! conformance {
 conformance!(embedded);
 conformance!(redis_standalone);
 conformance!(redis_cluster);
+conformance!(redis_sentinel);
 
 // ---------------------------------------------------------------------------------
 // Backend-specific behaviour

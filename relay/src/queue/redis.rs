@@ -1,4 +1,5 @@
-//! Redis queue backend, for standalone Redis or Redis Cluster.
+//! Redis queue backend, for standalone Redis, Redis Cluster, or the master of a
+//! Redis Sentinel deployment (connections: [`crate::redis_conn`]).
 //!
 //! # Key layout
 //!
@@ -74,12 +75,9 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
-use redis::cluster_async::ClusterConnection;
 use redis::{
-    Client, Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError, RedisFuture,
-    Script, ScriptInvocation, ServerErrorKind, Value,
+    ErrorKind, FromRedisValue, Pipeline, RedisError, Script, ScriptInvocation, ServerErrorKind,
+    Value,
 };
 
 use super::{
@@ -88,6 +86,7 @@ use super::{
     lease_token, now_ms,
 };
 use crate::config::RedisConfig;
+use crate::redis_conn::{self, ConnectError, Timeouts, is_connection_error, redact};
 
 /// Number of shards. Part of the storage format: changing it moves ids to other shards
 /// and orphans every message already queued.
@@ -357,41 +356,7 @@ impl Scripts {
     }
 }
 
-/// Either kind of connection; both multiplex many requests over one socket per node
-/// and reconnect by themselves.
-#[derive(Clone)]
-pub(crate) enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
+pub(crate) use crate::redis_conn::Conn;
 
 /// The Redis queue. Cheap to share behind an `Arc`; all calls multiplex over the same
 /// connection(s).
@@ -433,7 +398,7 @@ impl SharedRedis {
     }
 
     pub fn is_cluster(&self) -> bool {
-        matches!(self.conn, Conn::Cluster(_))
+        self.conn.is_cluster()
     }
 
     /// Loads a script, so that later calls are one `EVALSHA` round trip.
@@ -483,7 +448,7 @@ return {allowed and 1 or 0, reply}
 impl std::fmt::Debug for RedisQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisQueue")
-            .field("cluster", &matches!(self.conn, Conn::Cluster(_)))
+            .field("cluster", &self.conn.is_cluster())
             .field("prefix", &self.prefix)
             .field("wait_replicas", &self.wait_replicas)
             .field("options", &self.options)
@@ -492,7 +457,7 @@ impl std::fmt::Debug for RedisQueue {
 }
 
 impl RedisQueue {
-    /// Connects (standalone or cluster, per `cfg.cluster`) with default
+    /// Connects (standalone, cluster per `cfg.cluster`, or sentinel per the URL) with default
     /// [`QueueOptions`], loads the scripts and checks that Redis answers. Fails within
     /// a few seconds when Redis is unreachable.
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, QueueError> {
@@ -504,72 +469,20 @@ impl RedisQueue {
         cfg: &RedisConfig,
         options: QueueOptions,
     ) -> Result<Self, QueueError> {
-        if cfg.key_prefix.is_empty() || cfg.key_prefix.contains(['{', '}', ' ']) {
-            return Err(QueueError::Unavailable(
-                "redis key_prefix must be non-empty without braces or spaces".into(),
-            ));
-        }
-        let password = cfg
-            .password
-            .as_ref()
-            .map(|p| p.0.clone())
-            .filter(|p| !p.is_empty());
-        let mut secrets: Vec<String> = password.iter().cloned().collect();
-        for url in std::iter::once(&cfg.url).chain(&cfg.cluster_nodes) {
-            // Both as written (an unparsable URL may be echoed) and percent-decoded.
-            secrets.extend(url_password(url).map(str::to_owned));
-            if let Ok(info) = url.as_str().into_connection_info()
-                && let Some(pw) = info.redis_settings().password()
-                && !pw.is_empty()
-            {
-                secrets.push(pw.to_owned());
-            }
-        }
-        let connect_err = |e: RedisError| {
-            QueueError::Unavailable(redact(&secrets, &format!("redis connect: {e}")))
+        let timeouts = Timeouts {
+            connect: CONNECT_TIMEOUT,
+            response: RESPONSE_TIMEOUT,
+            deadline: OP_DEADLINE,
+            retries: RECONNECT_RETRIES,
         };
-
-        let connecting = async {
-            if cfg.cluster {
-                let nodes: Vec<&str> = std::iter::once(cfg.url.as_str())
-                    .chain(cfg.cluster_nodes.iter().map(String::as_str))
-                    .collect();
-                let mut builder = ClusterClientBuilder::new(nodes)
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .overall_response_timeout(Some(OP_DEADLINE))
-                    .retries(RECONNECT_RETRIES as u32);
-                if let Some(pw) = &password {
-                    builder = builder.password(pw);
-                }
-                let client = builder.build().map_err(connect_err)?;
-                let conn = client.get_async_connection().await.map_err(connect_err)?;
-                Ok::<_, QueueError>(Conn::Cluster(conn))
-            } else {
-                let mut info = cfg
-                    .url
-                    .as_str()
-                    .into_connection_info()
-                    .map_err(connect_err)?;
-                if let Some(pw) = &password {
-                    let settings = info.redis_settings().clone().set_password(pw);
-                    info = info.set_redis_settings(settings);
-                }
-                let client = Client::open(info).map_err(connect_err)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
-                    .set_number_of_retries(RECONNECT_RETRIES)
-                    .set_max_delay(Duration::from_secs(1));
-                let conn = ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(connect_err)?;
-                Ok(Conn::Single(conn))
-            }
-        };
-        let conn = tokio::time::timeout(OP_DEADLINE, connecting)
+        let (conn, secrets) = redis_conn::connect(cfg, &timeouts)
             .await
-            .map_err(|_| QueueError::Timeout(OP_DEADLINE))??;
+            .map_err(|e| match e {
+                ConnectError::Failed(msg) => {
+                    QueueError::Unavailable(format!("redis connect: {msg}"))
+                }
+                ConnectError::Timeout(d) => QueueError::Timeout(d),
+            })?;
 
         let queue = RedisQueue {
             conn,
@@ -595,6 +508,7 @@ impl RedisQueue {
             .await?;
         tracing::info!(
             cluster = cfg.cluster,
+            sentinel = matches!(queue.conn, Conn::Sentinel(_)),
             prefix = %queue.prefix,
             wait_replicas = cfg.wait_replicas,
             "redis queue connected"
@@ -608,7 +522,7 @@ impl RedisQueue {
     /// enqueue's come first, so that neither list is copied). `None` in Redis
     /// Cluster, where the guard's keys live in another slot than the message's.
     pub async fn enqueue_guard(&self, guard_lua: &str) -> Result<Option<EnqueueGuard>, QueueError> {
-        if matches!(self.conn, Conn::Cluster(_)) {
+        if self.conn.is_cluster() {
             return Ok(None);
         }
         let text = format!(
@@ -788,7 +702,7 @@ impl RedisQueue {
             .map(|s| make(&ShardKeys::new(&self.prefix, s)))
             .collect();
         match &self.conn {
-            Conn::Single(_) => {
+            Conn::Single(_) | Conn::Sentinel(_) => {
                 let mut all = redis::pipe();
                 for pipe in &pipes {
                     for cmd in pipe.cmd_iter() {
@@ -1531,27 +1445,6 @@ fn valid_id(id: &QueueId) -> Result<&str, QueueError> {
         .ok_or_else(|| QueueError::Corrupt(format!("invalid queue id {:?}", id.as_str())))
 }
 
-fn is_connection_error(e: &RedisError) -> bool {
-    !e.is_timeout()
-        && (e.is_connection_dropped() || e.is_connection_refusal() || e.is_unrecoverable_error())
-}
-
-/// The password part of a URL's userinfo, as written (`redis://user:pw@host`).
-fn url_password(url: &str) -> Option<&str> {
-    let rest = url.split_once("://")?.1;
-    let authority = rest.split('/').next()?;
-    let userinfo = authority.rsplit_once('@')?.0;
-    let password = userinfo.split_once(':').map_or(userinfo, |(_, pw)| pw);
-    (!password.is_empty()).then_some(password)
-}
-
-fn redact(secrets: &[String], text: &str) -> String {
-    secrets
-        .iter()
-        .filter(|s| !s.is_empty())
-        .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "<redacted>"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1605,24 +1498,6 @@ mod tests {
             .map(|s| format!("{:?}", Slot::for_key(ShardKeys::new("mr", s).due)))
             .collect();
         assert_eq!(slots.len(), SHARDS as usize);
-    }
-
-    #[test]
-    fn url_passwords_are_found() {
-        assert_eq!(url_password("redis://:pw@h:1/0"), Some("pw"));
-        assert_eq!(url_password("rediss://user:p%40ss@h"), Some("p%40ss"));
-        assert_eq!(url_password("redis://h:6379"), None);
-        assert_eq!(url_password("redis://user:@h"), None);
-        assert_eq!(url_password("not a url"), None);
-    }
-
-    #[test]
-    fn redaction_hides_every_secret() {
-        let secrets = vec!["hunter2".to_owned(), String::new()];
-        assert_eq!(
-            redact(&secrets, "AUTH hunter2 failed for redis://:hunter2@h"),
-            "AUTH <redacted> failed for redis://:<redacted>@h"
-        );
     }
 
     #[tokio::test]

@@ -10,7 +10,8 @@ pub struct Pki {
 }
 
 impl Pki {
-    /// A CA (`ca.pem`) and a leaf (`leaf.pem`, `leaf.key`) for the DNS names `names`.
+    /// A CA (`ca.pem`) and a leaf (`leaf.pem`, `leaf.key`) for `names` (DNS names, or
+    /// IP addresses, which become IP SANs).
     pub fn new(names: &[&str]) -> Pki {
         let dir = tempfile::tempdir().unwrap();
         let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
@@ -30,7 +31,11 @@ impl Pki {
             "subjectAltName={}",
             names
                 .iter()
-                .map(|n| format!("DNS:{n}"))
+                .map(|n| if n.parse::<std::net::IpAddr>().is_ok() {
+                    format!("IP:{n}")
+                } else {
+                    format!("DNS:{n}")
+                })
                 .collect::<Vec<_>>()
                 .join(",")
         );

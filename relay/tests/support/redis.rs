@@ -1,5 +1,6 @@
-//! Real `redis-server` processes: one standalone server ([`RedisServer`]) or a
-//! three-master cluster ([`RedisCluster`]), each in its own temporary directory.
+//! Real `redis-server` processes: one standalone server ([`RedisServer`]), a
+//! three-master cluster ([`RedisCluster`]), or a master, a replica and sentinels
+//! ([`RedisSentinel`]), each in its own temporary directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,8 +20,21 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Runs `redis-cli` against a local port; `Ok` holds trimmed stdout when it exited
 /// successfully (a Redis error reply still counts as success, as redis-cli prints it).
 pub fn redis_cli(port: u16, password: Option<&str>, args: &[&str]) -> Result<String, String> {
+    redis_cli_tls(port, password, None, args)
+}
+
+/// [`redis_cli`] over TLS when `ca` (the CA that signed the server) is given.
+pub fn redis_cli_tls(
+    port: u16,
+    password: Option<&str>,
+    ca: Option<&Path>,
+    args: &[&str],
+) -> Result<String, String> {
     let mut cmd = Command::new("redis-cli");
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+    if let Some(ca) = ca {
+        cmd.arg("--tls").arg("--cacert").arg(ca);
+    }
     if let Some(pw) = password {
         cmd.args(["--no-auth-warning", "-a", pw]);
     }
@@ -52,11 +66,23 @@ struct Process {
     dir: PathBuf,
     args: Vec<String>,
     password: Option<String>,
+    /// The CA of the server's certificate when it speaks only TLS.
+    ca: Option<PathBuf>,
     child: Option<Child>,
 }
 
 impl Process {
     fn new(port: u16, dir: PathBuf, extra: &[String], password: Option<String>) -> Self {
+        Self::new_with_ca(port, dir, extra, password, None)
+    }
+
+    fn new_with_ca(
+        port: u16,
+        dir: PathBuf,
+        extra: &[String],
+        password: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> Self {
         std::fs::create_dir_all(&dir).expect("create redis dir");
         let mut args: Vec<String> = [
             "--port",
@@ -83,11 +109,23 @@ impl Process {
             args.extend(["--requirepass".to_owned(), pw.clone()]);
         }
         args.extend(extra.iter().cloned());
+        Self::raw(port, dir, args, password, ca)
+    }
+
+    /// A process with exactly `args` (a sentinel: its config file and `--sentinel`).
+    fn raw(
+        port: u16,
+        dir: PathBuf,
+        args: Vec<String>,
+        password: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> Self {
         let mut p = Process {
             port,
             dir,
             args,
             password,
+            ca,
             child: None,
         };
         p.spawn();
@@ -122,7 +160,15 @@ impl Process {
                     log_tail(&self.dir.join("redis.log"))
                 );
             }
-            if redis_cli(self.port, self.password.as_deref(), &["PING"]).as_deref() == Ok("PONG") {
+            if redis_cli_tls(
+                self.port,
+                self.password.as_deref(),
+                self.ca.as_deref(),
+                &["PING"],
+            )
+            .as_deref()
+                == Ok("PONG")
+            {
                 return;
             }
             assert!(
@@ -353,5 +399,345 @@ impl RedisCluster {
 
     pub fn cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
         redis_cli(port, None, args)
+    }
+}
+
+/// Redis Sentinel: a master, one replica (`--replicaof`) and `n` sentinels
+/// (`redis-server <conf> --sentinel`) monitoring them as [`RedisSentinel::MASTER`],
+/// all on free loopback ports with short failure detection. Killed on drop.
+pub struct RedisSentinel {
+    /// The two data nodes; which one is master changes with a failover.
+    nodes: Vec<Process>,
+    sentinels: Vec<Process>,
+    password: Option<String>,
+    sentinel_password: Option<String>,
+    /// Set when everything speaks TLS.
+    ca: Option<PathBuf>,
+    _dir: TempDir,
+}
+
+impl RedisSentinel {
+    pub const MASTER: &'static str = "mymaster";
+
+    /// `password` protects the data nodes (`requirepass`, and `masterauth` so either
+    /// can replicate from the other), `sentinel_password` the sentinels. Returns once
+    /// the replica is in sync and every sentinel knows the replica (and, with more
+    /// than one, the other sentinels), so a failover can start at once.
+    pub fn start(
+        sentinels: usize,
+        password: Option<&str>,
+        sentinel_password: Option<&str>,
+    ) -> Self {
+        Self::start_with(sentinels, password, sentinel_password, None)
+    }
+
+    /// [`RedisSentinel::start`], every node and sentinel speaking only TLS with the
+    /// certificate of `pki` (which must name `127.0.0.1`); URLs are then
+    /// `rediss+sentinel://`.
+    pub fn start_tls(sentinels: usize, pki: &super::pki::Pki) -> Self {
+        Self::start_with(sentinels, None, None, Some(pki))
+    }
+
+    fn start_with(
+        sentinels: usize,
+        password: Option<&str>,
+        sentinel_password: Option<&str>,
+        pki: Option<&super::pki::Pki>,
+    ) -> Self {
+        assert!(sentinels >= 1);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ports = free_ports(2 + sentinels);
+        // A replica syncs at once rather than after the default 5 s wait for others.
+        let mut common: Vec<String> = vec!["--repl-diskless-sync-delay".into(), "0".into()];
+        if let Some(pw) = password {
+            common.extend(["--masterauth".to_owned(), pw.to_owned()]);
+        }
+        // The same settings, as config file lines for the sentinels.
+        let mut tls_conf = String::new();
+        if let Some(pki) = pki {
+            let settings = [
+                ("tls-cert-file", pki.cert().display().to_string()),
+                ("tls-key-file", pki.key().display().to_string()),
+                ("tls-ca-cert-file", pki.ca().display().to_string()),
+                ("tls-auth-clients", "no".to_owned()),
+                ("tls-replication", "yes".to_owned()),
+            ];
+            for (k, v) in settings {
+                common.extend([format!("--{k}"), v.clone()]);
+                tls_conf.push_str(&format!("{k} {v}\n"));
+            }
+        }
+        let ca = pki.map(|p| p.ca());
+        let node = |i: usize, extra: &[String]| {
+            let mut args = common.clone();
+            if pki.is_some() {
+                // Later arguments win: TLS on the port, plain TCP off.
+                args.extend([
+                    "--port".to_owned(),
+                    "0".to_owned(),
+                    "--tls-port".to_owned(),
+                    ports[i].to_string(),
+                ]);
+            }
+            args.extend(extra.iter().cloned());
+            Process::new_with_ca(
+                ports[i],
+                dir.path().join(format!("node{i}")),
+                &args,
+                password.map(str::to_owned),
+                ca.clone(),
+            )
+        };
+        let master = node(0, &[]);
+        let replica = node(
+            1,
+            &[
+                "--replicaof".to_owned(),
+                "127.0.0.1".to_owned(),
+                ports[0].to_string(),
+            ],
+        );
+        let mut s = RedisSentinel {
+            nodes: vec![master, replica],
+            sentinels: Vec::new(),
+            password: password.map(str::to_owned),
+            sentinel_password: sentinel_password.map(str::to_owned),
+            ca: ca.clone(),
+            _dir: dir,
+        };
+        s.wait_replica_synced(ports[0], ports[1]);
+
+        let quorum = sentinels / 2 + 1;
+        for (i, port) in ports[2..].iter().enumerate() {
+            let sdir = s._dir.path().join(format!("sentinel{i}"));
+            std::fs::create_dir_all(&sdir).expect("create sentinel dir");
+            let listen = if pki.is_some() {
+                format!("port 0\ntls-port {port}\n{tls_conf}")
+            } else {
+                format!("port {port}\n")
+            };
+            let mut conf = format!(
+                "{listen}bind 127.0.0.1\ndaemonize no\ndir {dir}\nlogfile {dir}/redis.log\n\
+                 sentinel monitor {m} 127.0.0.1 {master} {quorum}\n\
+                 sentinel down-after-milliseconds {m} 1000\n\
+                 sentinel failover-timeout {m} 10000\n\
+                 sentinel parallel-syncs {m} 1\n",
+                dir = sdir.display(),
+                m = Self::MASTER,
+                master = ports[0],
+            );
+            if let Some(pw) = password {
+                conf.push_str(&format!("sentinel auth-pass {} {pw}\n", Self::MASTER));
+            }
+            if let Some(pw) = sentinel_password {
+                // Sentinels authenticate to each other with the same password.
+                conf.push_str(&format!("requirepass {pw}\nsentinel sentinel-pass {pw}\n"));
+            }
+            // Sentinel rewrites its configuration file, so it must be its own.
+            let conf_path = sdir.join("sentinel.conf");
+            std::fs::write(&conf_path, conf).expect("write sentinel.conf");
+            s.sentinels.push(Process::raw(
+                *port,
+                sdir,
+                vec![conf_path.display().to_string(), "--sentinel".to_owned()],
+                sentinel_password.map(str::to_owned),
+                ca.clone(),
+            ));
+        }
+        s.wait_sentinels_ready(ports[0], sentinels);
+        s
+    }
+
+    /// `redis+sentinel://[:PASSWORD@]127.0.0.1:P1,127.0.0.1:P2,.../mymaster`.
+    pub fn url(&self) -> String {
+        let auth = self
+            .sentinel_password
+            .as_ref()
+            .map(|pw| format!(":{pw}@"))
+            .unwrap_or_default();
+        let hosts: Vec<String> = self
+            .sentinel_ports()
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let scheme = if self.ca.is_some() {
+            "rediss+sentinel"
+        } else {
+            "redis+sentinel"
+        };
+        format!("{scheme}://{auth}{}/{}", hosts.join(","), Self::MASTER)
+    }
+
+    pub fn sentinel_ports(&self) -> Vec<u16> {
+        self.sentinels.iter().map(|s| s.port).collect()
+    }
+
+    pub fn node_ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// A queue configuration for this deployment (its sentinel URL, the data
+    /// password) with `prefix`.
+    pub fn config(&self, prefix: &str) -> RedisConfig {
+        RedisConfig {
+            url: self.url(),
+            password: self.password.clone().map(Secret),
+            cluster: false,
+            cluster_nodes: vec![],
+            key_prefix: prefix.to_owned(),
+            wait_replicas: 0,
+        }
+    }
+
+    /// A command on a data node (with the data password).
+    pub fn node_cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
+        redis_cli_tls(port, self.password.as_deref(), self.ca.as_deref(), args)
+    }
+
+    /// A command on the `i`-th sentinel (with the sentinel password).
+    pub fn sentinel_cli(&self, i: usize, args: &[&str]) -> Result<String, String> {
+        redis_cli_tls(
+            self.sentinels[i].port,
+            self.sentinel_password.as_deref(),
+            self.ca.as_deref(),
+            args,
+        )
+    }
+
+    /// The master's port as every sentinel names it, once they agree.
+    pub fn master_port(&self) -> Option<u16> {
+        let mut named = None;
+        for i in 0..self.sentinels.len() {
+            let out = self
+                .sentinel_cli(i, &["SENTINEL", "GET-MASTER-ADDR-BY-NAME", Self::MASTER])
+                .ok()?;
+            let port: u16 = out.lines().nth(1)?.trim().parse().ok()?;
+            if named.is_some_and(|p| p != port) {
+                return None;
+            }
+            named = Some(port);
+        }
+        named
+    }
+
+    /// The `role` line of a node's `INFO replication`, and the rest of it.
+    fn replication(&self, port: u16) -> String {
+        self.node_cli(port, &["INFO", "replication"])
+            .unwrap_or_default()
+    }
+
+    fn wait_replica_synced(&self, master: u16, replica: u16) {
+        wait_for(
+            &format!("replica {replica} in sync with master {master}"),
+            || {
+                let r = self.replication(replica);
+                let m = self.replication(master);
+                r.contains("role:slave")
+                    && r.contains(&format!("master_port:{master}"))
+                    && r.contains("master_link_status:up")
+                    && m.contains("role:master")
+                    && m.lines().any(|l| {
+                        l.starts_with("slave0:")
+                            && l.contains(&format!("port={replica}"))
+                            && l.contains("state=online")
+                    })
+            },
+        );
+    }
+
+    fn wait_sentinels_ready(&self, master: u16, n: usize) {
+        for i in 0..n {
+            wait_for(
+                &format!("sentinel {i} knowing master {master}, its replica and its peers"),
+                || {
+                    let Ok(replicas) =
+                        self.sentinel_cli(i, &["SENTINEL", "REPLICAS", Self::MASTER])
+                    else {
+                        return false;
+                    };
+                    let Ok(masters) = self.sentinel_cli(i, &["SENTINEL", "MASTER", Self::MASTER])
+                    else {
+                        return false;
+                    };
+                    // Flat `field\nvalue` lines.
+                    let field = |text: &str, name: &str| {
+                        let lines: Vec<&str> = text.lines().collect();
+                        lines
+                            .iter()
+                            .position(|l| l.trim() == name)
+                            .and_then(|p| lines.get(p + 1).map(|v| v.trim().to_owned()))
+                    };
+                    field(&masters, "port").as_deref() == Some(&master.to_string())
+                        && field(&masters, "flags").as_deref() == Some("master")
+                        && field(&masters, "num-other-sentinels").as_deref()
+                            == Some(&(n - 1).to_string())
+                        && field(&replicas, "flags").as_deref() == Some("slave")
+                        && field(&replicas, "master-link-status").as_deref() == Some("ok")
+                },
+            );
+        }
+    }
+
+    /// `SENTINEL FAILOVER` (the master is alive: it is demoted and follows the new
+    /// one). Returns the new master's port once every sentinel names it, it says it is
+    /// master, and the old master replicates from it in sync.
+    pub fn failover(&self) -> u16 {
+        let old = self.master_port().expect("sentinels agree on a master");
+        let new = *self.node_ports().iter().find(|p| **p != old).unwrap();
+        let out = self
+            .sentinel_cli(0, &["SENTINEL", "FAILOVER", Self::MASTER])
+            .expect("SENTINEL FAILOVER");
+        assert_eq!(out, "OK", "SENTINEL FAILOVER answered {out:?}");
+        wait_for(&format!("sentinels to name {new} master"), || {
+            self.master_port() == Some(new)
+        });
+        self.wait_replica_synced(new, old);
+        new
+    }
+
+    /// SIGKILL of the current master; returns the new master's port once the
+    /// sentinels have promoted the replica and it says it is master.
+    pub fn kill_master(&mut self) -> u16 {
+        let old = self.master_port().expect("sentinels agree on a master");
+        let new = *self.node_ports().iter().find(|p| **p != old).unwrap();
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == old)
+            .unwrap()
+            .kill();
+        wait_for(
+            &format!("sentinels to promote {new} after {old} died"),
+            || self.master_port() == Some(new) && self.replication(new).contains("role:master"),
+        );
+        new
+    }
+
+    /// Message keys (`<prefix>:*:m:*`) stored on the node at `port`.
+    pub fn message_keys(&self, port: u16, prefix: &str) -> Vec<String> {
+        self.node_cli(port, &["KEYS", &format!("{prefix}:*:m:*")])
+            .expect("KEYS")
+            .lines()
+            .map(str::to_owned)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// The last lines of the sentinels' logs, for failure messages.
+    pub fn logs(&self) -> String {
+        self.sentinels
+            .iter()
+            .chain(&self.nodes)
+            .map(|p| format!("--- {}:\n{}", p.port, log_tail(&p.dir.join("redis.log"))))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Polls `ok` until it holds, for up to a minute.
+fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(100));
     }
 }

@@ -24,9 +24,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
-use redis::{Client, IntoConnectionInfo, RedisError, Script, Value};
+use redis::{RedisError, Script, Value};
 
 use super::backoff::BackoffPolicy;
 use super::pacer::Window;
@@ -34,7 +32,7 @@ use super::store::{
     Acquire, AcquireReply, Close, EgressError, Extend, KeyRef, KeyUse, USAGE_SCAN, Verdict,
 };
 use crate::config::RedisConfig;
-use crate::queue::redis::Conn;
+use crate::redis_conn::{self, Conn, ConnectError, Timeouts, redact};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -442,74 +440,18 @@ impl RedisStore {
     /// Connects like the Redis queue does (same URL, password, cluster mode, key
     /// prefix). Fails within a few seconds when Redis is unreachable.
     pub async fn connect(cfg: &RedisConfig) -> Result<Self, EgressError> {
-        if cfg.key_prefix.is_empty() || cfg.key_prefix.contains(['{', '}', ' ']) {
-            return Err(EgressError::Unavailable(
-                "redis key_prefix must be non-empty without braces or spaces".into(),
-            ));
-        }
-        let password = cfg
-            .password
-            .as_ref()
-            .map(|p| p.0.clone())
-            .filter(|p| !p.is_empty());
-        let mut secrets: Vec<String> = password.iter().cloned().collect();
-        for url in std::iter::once(&cfg.url).chain(&cfg.cluster_nodes) {
-            if let Ok(info) = url.as_str().into_connection_info()
-                && let Some(pw) = info.redis_settings().password()
-                && !pw.is_empty()
-            {
-                secrets.push(pw.to_owned());
-            }
-            if let Some(pw) = url
-                .split_once("://")
-                .and_then(|(_, rest)| rest.split('/').next())
-                .and_then(|auth| auth.rsplit_once('@'))
-                .map(|(userinfo, _)| userinfo.split_once(':').map_or(userinfo, |(_, p)| p))
-                .filter(|p| !p.is_empty())
-            {
-                secrets.push(pw.to_owned());
-            }
-        }
-        let err = |e: RedisError| EgressError::Unavailable(redact(&secrets, &e.to_string()));
-        let connecting = async {
-            if cfg.cluster {
-                let nodes: Vec<&str> = std::iter::once(cfg.url.as_str())
-                    .chain(cfg.cluster_nodes.iter().map(String::as_str))
-                    .collect();
-                let mut builder = ClusterClientBuilder::new(nodes)
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(RESPONSE_TIMEOUT)
-                    .overall_response_timeout(Some(OP_DEADLINE))
-                    .retries(2);
-                if let Some(pw) = &password {
-                    builder = builder.password(pw);
-                }
-                let client = builder.build().map_err(err)?;
-                Ok::<_, EgressError>(Conn::Cluster(
-                    client.get_async_connection().await.map_err(err)?,
-                ))
-            } else {
-                let mut info = cfg.url.as_str().into_connection_info().map_err(err)?;
-                if let Some(pw) = &password {
-                    let settings = info.redis_settings().clone().set_password(pw);
-                    info = info.set_redis_settings(settings);
-                }
-                let client = Client::open(info).map_err(err)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_secs(1));
-                Ok(Conn::Single(
-                    ConnectionManager::new_with_config(client, config)
-                        .await
-                        .map_err(err)?,
-                ))
-            }
+        let timeouts = Timeouts {
+            connect: CONNECT_TIMEOUT,
+            response: RESPONSE_TIMEOUT,
+            deadline: OP_DEADLINE,
+            retries: 2,
         };
-        let conn = tokio::time::timeout(OP_DEADLINE, connecting)
+        let (conn, secrets) = redis_conn::connect(cfg, &timeouts)
             .await
-            .map_err(|_| EgressError::Timeout(OP_DEADLINE))??;
+            .map_err(|e| match e {
+                ConnectError::Failed(msg) => EgressError::Unavailable(msg),
+                ConnectError::Timeout(d) => EgressError::Timeout(d),
+            })?;
         let p = &cfg.key_prefix;
         Ok(RedisStore {
             conn,
@@ -745,11 +687,4 @@ impl RedisStore {
 
 fn now_arg(now_ms: Option<u64>) -> String {
     now_ms.map(|n| n.to_string()).unwrap_or_default()
-}
-
-fn redact(secrets: &[String], text: &str) -> String {
-    secrets
-        .iter()
-        .filter(|s| !s.is_empty())
-        .fold(text.to_owned(), |t, s| t.replace(s.as_str(), "<redacted>"))
 }
