@@ -243,6 +243,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                 Some(Arc::new(quota::DeferGate::new(
                     Arc::clone(&quotas),
                     Arc::clone(&queue),
+                    cfg.delivery.retry.max_lifetime,
                 ))),
             )
             .context("starting delivery")?,

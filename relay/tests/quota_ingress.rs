@@ -533,7 +533,8 @@ class Handler:
             if line.lower().startswith(b"subject:"):
                 subject = line[8:].strip().decode(errors="replace")
         rec = {"t": time.time(), "from": envelope.mail_from, "rcpts": envelope.rcpt_tos,
-               "subject": subject}
+               "subject": subject,
+               "content": envelope.original_content.decode(errors="replace")}
         with open(cfg["record"], "a") as f:
             f.write(json.dumps(rec) + "\n")
         return "250 2.0.0 OK"
@@ -817,4 +818,71 @@ fn defer_embedded_holds_only_the_quota_s_mail_and_never_bounces() {
             m
         });
     assert!(per_subject.values().all(|n| *n == 1), "{per_subject:?}");
+}
+
+/// Held mail waits no longer than the queue lifetime: then it expires untried and
+/// its sender gets a bounce (4.4.7), as mail that could not be delivered in time.
+#[test]
+fn defer_holds_no_longer_than_the_queue_lifetime() {
+    let dns = zone();
+    let rx = Receiver::start("127.0.0.2");
+    let quotas = "quotas:\n\
+        - {name: hourly, direction: ingress, action: defer, match: {senders: ['once@sender.test']}, limits: [1/1h]}\n";
+    let yaml = delivery_yaml(&dns, &rx, quotas).replace(
+        "retry: {first: 1s, max_backoff: 2s, jitter: 0.0}",
+        "retry: {first: 1s, max_backoff: 2s, jitter: 0.0, max_lifetime: 4s}",
+    );
+    let relay = Relay::start(RelayOptions {
+        extra_yaml: yaml,
+        ..Default::default()
+    });
+    let mut c = relay.connect();
+    c.cmd("EHLO c.test");
+    assert_eq!(
+        code(&send_one(&mut c, "once@sender.test", &["first@dest.test"])),
+        250
+    );
+    wait_for("the first message", &relay, || {
+        rx.records()
+            .iter()
+            .any(|r| r["rcpts"] == json!(["first@dest.test"]))
+    });
+    // The hour's one message is spent: the next is held, then expires.
+    let reply = send_one(&mut c, "once@sender.test", &["held@dest.test"]);
+    assert_eq!(code(&reply), 250);
+    let id = reply.trim().rsplit(' ').next().unwrap().to_owned();
+    wait_for("the bounce of the held message", &relay, || {
+        rx.records().iter().any(|r| {
+            (r["from"] == "<>" || r["from"] == "")
+                && r["rcpts"] == json!(["once@sender.test"])
+                && r["content"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("held@dest.test")
+        })
+    });
+    let bounce = rx
+        .records()
+        .into_iter()
+        .find(|r| {
+            r["content"]
+                .as_str()
+                .unwrap_or("")
+                .contains("held@dest.test")
+        })
+        .unwrap();
+    let text = bounce["content"].as_str().unwrap();
+    assert!(text.contains("Status: 4.4.7"), "{text}");
+    assert!(text.contains("Action: failed"), "{text}");
+    // Never sent, never tried.
+    assert!(
+        !rx.records()
+            .iter()
+            .any(|r| r["rcpts"] == json!(["held@dest.test"]))
+    );
+    let (status, m) = admin_json(&relay, &format!("/api/v1/queue/messages/{id}"));
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["status"]["attempts"], 0, "{m}");
+    assert_eq!(m["status"]["rcpts"][0]["state"], "expired", "{m}");
+    assert_eq!(m["status"]["rcpts"][0]["attempts"], json!([]), "{m}");
 }

@@ -342,7 +342,11 @@ impl Inner {
             }
             debug!(count = leased.len(), "leased due mail");
             let leased = match &self.hook {
-                Some(hook) => hook.admit(leased).await,
+                Some(hook) => {
+                    let admitted = hook.admit(leased).await;
+                    self.expire_untried(admitted.expired);
+                    admitted.go
+                }
                 None => leased,
             };
             self.dispatch(leased);
@@ -371,6 +375,32 @@ impl Inner {
                     Err(e) => warn!(queue_id = %l.id, error = %e, "renewing lease failed"),
                 }
             }
+        }
+    }
+
+    /// Finalises messages held back (by an ingress `defer` quota) until their queue
+    /// lifetime ran out: no attempt, so `finalize` expires and bounces them.
+    fn expire_untried(self: &Arc<Self>, leased: Vec<Leased>) {
+        for l in leased {
+            self.held
+                .lock()
+                .unwrap()
+                .insert(l.lease.id.clone(), l.lease.clone());
+            let work = Work {
+                final_before: l.status.rcpts.iter().map(|r| r.state.is_final()).collect(),
+                attempted: AtomicBool::new(false),
+                postponed_until: Mutex::new(Some(now_ms())),
+                parts_left: AtomicUsize::new(0),
+                lease: l.lease,
+                message: l.message,
+                status: Mutex::new(l.status),
+            };
+            let me = Arc::clone(self);
+            self.running.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                me.finalize(&work).await;
+                me.running.fetch_sub(1, Ordering::SeqCst);
+            });
         }
     }
 

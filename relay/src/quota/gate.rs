@@ -15,6 +15,11 @@
 //! Bounces and delay reports the relay writes itself are never held: they are not
 //! the sender's mail. Mail the relay merely sends on, unmatched by any defer
 //! quota, passes untouched.
+//!
+//! Held mail is held no longer than the queue lifetime (`delivery.retry.max_lifetime`,
+//! Postfix's `maximal_queue_lifetime`): a wait is cut at the end of it, and a message
+//! still held then is handed back to expire, untried, with a bounce to its sender
+//! (4.4.7), as mail that could not be delivered in time is.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -27,12 +32,21 @@ use tracing::{debug, info, warn};
 use super::engine::{Quotas, Release};
 use crate::queue::{Envelope, Leased, Queue, now_ms};
 
-/// Looks at leased mail before the scheduler delivers it and returns what may go now.
+/// Looks at leased mail before the scheduler delivers it and says what may go now.
 pub trait DispatchHook: Send + Sync + 'static {
     fn admit<'a>(
         &'a self,
         leased: Vec<Leased>,
-    ) -> Pin<Box<dyn Future<Output = Vec<Leased>> + Send + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Admitted> + Send + 'a>>;
+}
+
+/// What a [`DispatchHook`] made of a leased batch; the rest it put back to wait.
+#[derive(Default)]
+pub struct Admitted {
+    /// To deliver now.
+    pub go: Vec<Leased>,
+    /// Held until the queue lifetime ran out: to expire untried.
+    pub expired: Vec<Leased>,
 }
 
 /// While the counters cannot be read, held mail is looked at again this often.
@@ -50,11 +64,24 @@ pub fn is_relay_generated(e: &Envelope) -> bool {
 pub struct DeferGate {
     quotas: Arc<Quotas>,
     queue: Arc<dyn Queue>,
+    /// The queue lifetime: no message is held past it.
+    lifetime: Duration,
 }
 
 impl DeferGate {
-    pub fn new(quotas: Arc<Quotas>, queue: Arc<dyn Queue>) -> Self {
-        DeferGate { quotas, queue }
+    pub fn new(quotas: Arc<Quotas>, queue: Arc<dyn Queue>, lifetime: Duration) -> Self {
+        DeferGate {
+            quotas,
+            queue,
+            lifetime,
+        }
+    }
+
+    /// When a message's queue lifetime ends (ms).
+    fn expires(&self, l: &Leased) -> u64 {
+        l.status
+            .created_ms
+            .saturating_add(self.lifetime.as_millis() as u64)
     }
 
     /// Sends a leased message back to wait until `until` (local ms), its status and
@@ -77,12 +104,16 @@ impl DispatchHook for DeferGate {
     fn admit<'a>(
         &'a self,
         leased: Vec<Leased>,
-    ) -> Pin<Box<dyn Future<Output = Vec<Leased>> + Send + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Admitted> + Send + 'a>> {
         Box::pin(async move {
             if !self.quotas.holds_mail() {
-                return leased;
+                return Admitted {
+                    go: leased,
+                    expired: Vec::new(),
+                };
             }
             let mut go = Vec::with_capacity(leased.len());
+            let mut expired = Vec::new();
             // Messages of this batch sent back to wait, per quota and key: each later one is
             // due one quota-rate gap after the one before, so a backlog wakes at the
             // pace it can be released instead of all at once (each wake-up costs a
@@ -109,19 +140,32 @@ impl DispatchHook for DeferGate {
                         key,
                         spacing_ms,
                     } => {
+                        let expires = self.expires(&l);
+                        if now_ms() >= expires {
+                            info!(queue_id = %l.lease.id, %quota, "held by quota until the queue lifetime ran out: expiring");
+                            expired.push(l);
+                            continue;
+                        }
                         let ahead = waiting.entry((quota.clone(), key)).or_default();
-                        let until = until.saturating_add(ahead.saturating_mul(spacing_ms));
+                        let until = until
+                            .saturating_add(ahead.saturating_mul(spacing_ms))
+                            .min(expires);
                         *ahead += 1;
                         debug!(queue_id = %l.lease.id, %quota, wait_ms = until.saturating_sub(now_ms()), "held by quota");
                         self.postpone(l, until).await;
                     }
                     Release::Unavailable => {
-                        let until = now_ms() + UNAVAILABLE_RETRY.as_millis() as u64;
+                        let expires = self.expires(&l);
+                        if now_ms() >= expires {
+                            expired.push(l);
+                            continue;
+                        }
+                        let until = (now_ms() + UNAVAILABLE_RETRY.as_millis() as u64).min(expires);
                         self.postpone(l, until).await;
                     }
                 }
             }
-            go
+            Admitted { go, expired }
         })
     }
 }

@@ -31,5 +31,5 @@ pub mod usage;
 pub mod window;
 
 pub use engine::{Admission, Charged, Quotas, Release};
-pub use gate::{DeferGate, DispatchHook};
+pub use gate::{Admitted, DeferGate, DispatchHook};
 pub use ingress::{IngressFacts, IngressPolicy, Refusal};
