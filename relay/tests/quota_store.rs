@@ -33,14 +33,16 @@ fn req(quota: &str, key: &str, cost: u64, windows: &[WindowSpec]) -> ChargeReque
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_agrees_with_the_model_on_random_sequences() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let redis = redis_store(&server.config("qt")).await;
+/// Random checks, refunds and usage reads against Redis and the model in step;
+/// windows `scale` times as long as the shortest kind. Returns how many checks
+/// were allowed and denied, and how many refunds were made.
+async fn agree_with_the_model(
+    redis: &RedisCounters,
+    seeds: std::ops::Range<u64>,
+    scale: u64,
+) -> (u32, u32, u32) {
     let (mut allowed, mut denied, mut refunds) = (0, 0, 0);
-    for seed in 0..12u64 {
+    for seed in seeds {
         let model = EmbeddedCounters::new();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         // Fresh quota names per seed: no state carries over in Redis.
@@ -49,13 +51,16 @@ async fn redis_agrees_with_the_model_on_random_sequences() {
                 let windows = match i {
                     0 => vec![WindowSpec::new(
                         rng.random_range(1..8),
-                        rng.random_range(50..3_000),
+                        scale * rng.random_range(50..3_000),
                     )],
                     1 => vec![
-                        WindowSpec::new(rng.random_range(3..15), rng.random_range(1_000..10_000)),
+                        WindowSpec::new(
+                            rng.random_range(3..15),
+                            scale * rng.random_range(1_000..10_000),
+                        ),
                         WindowSpec::new(
                             rng.random_range(10..40),
-                            rng.random_range(20_000..200_000),
+                            scale * rng.random_range(20_000..200_000),
                         ),
                     ],
                     _ => vec![WindowSpec::new(
@@ -121,11 +126,40 @@ async fn redis_agrees_with_the_model_on_random_sequences() {
             }
         }
     }
+    (allowed, denied, refunds)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_agrees_with_the_model_on_random_sequences() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&server.config("qt")).await;
+    let (allowed, denied, refunds) = agree_with_the_model(&redis, 0..12, 1).await;
     // The sequences exercised every path.
     assert!(
         allowed > 1000 && denied > 1000 && refunds > 50,
         "{allowed} {denied} {refunds}"
     );
+}
+
+/// The same with windows of minutes to hours: most checks go by the tallies of a
+/// remembered state (one `HGET`), including ones that do not fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_agrees_with_the_model_checking_by_tallies() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&server.config("qt")).await;
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    let (allowed, denied, refunds) = agree_with_the_model(&redis, 100..106, 300).await;
+    assert!(
+        allowed > 500 && denied > 500 && refunds > 20,
+        "{allowed} {denied} {refunds}"
+    );
+    // Reads of `a` alone: checks by tallies (full reads are HMGET).
+    let by_tallies = calls(&server, "hget");
+    assert!(by_tallies > 300, "{by_tallies} checks by tallies");
 }
 
 /// `INFO commandstats` counts: how many times Redis ran `cmd`.
@@ -366,6 +400,7 @@ async fn finished_buckets_are_fields_and_stale_windows_are_dropped() {
     let mut expected = vec![
         bucket_field("old", &minute[0], (t0 / 1_000) as i64),
         bucket_field("old", &minute[0], (t0 / 1_000 + 1) as i64),
+        "a".to_owned(),
         "h".to_owned(),
         "k".to_owned(),
     ];
@@ -378,7 +413,7 @@ async fn finished_buckets_are_fields_and_stale_windows_are_dropped() {
     let out = redis.check_and_charge(&reqs, Some(later)).await.unwrap();
     assert!(out.allowed);
     assert_eq!(out.checks[0][0].used, 1);
-    assert_eq!(fields(&server), vec!["h".to_owned(), "k".to_owned()]);
+    assert_eq!(fields(&server), ["a", "h", "k"].map(String::from).to_vec());
     let u = redis
         .usage("old", &["k".into()], &minute, Some(later))
         .await
@@ -386,12 +421,13 @@ async fn finished_buckets_are_fields_and_stale_windows_are_dropped() {
     assert_eq!(u.keys[0][0].used, 0);
 }
 
-/// A process remembers the slow-changing half of a key's state from its last check,
-/// so the next checks of the key read and write only the counts: one `HGET` and one
-/// `HSET` inside the script, and the same answers (the model test above covers the
-/// answers on both paths). Another process's write is noticed by its version.
+/// A process remembers a key's state from its last full check, so the next checks
+/// of the key read and write only its tallies (one number per quota): one `HGET`
+/// and one `HSET` inside the script, and the same answers (the model test above
+/// covers the answers on both paths). Another process's write is noticed by its
+/// version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remembered_keys_are_checked_from_their_counts_alone() {
+async fn remembered_keys_are_checked_from_their_tallies_alone() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();

@@ -24,18 +24,30 @@
 //! | `mr:{mr:quota}:c:<key>`  | hash       | every counter of one key (a sender, an AUTH user, `*` for shared quotas), see below |
 //! | `mr:{mr:quota}:keys`     | sorted set | the keys, scored by when their counters all go stale (for the usage API) |
 //!
-//! A key's hash holds its state in two fields of little-endian doubles, one record
-//! per quota window in the same order (see [`COMMON_LUA`]): `k` holds what changes
-//! at most once a bucket (the window's tag, [`window_tag`], a hash of the quota's
-//! name and window; its window and bucket length; when its lowest bucket kept
-//! stops counting and when its latest bucket ends), `h` what every charge changes
-//! (the total counted, the units in the latest bucket). Each older bucket that
-//! still holds units is a field of its own, `<tag>:<bucket index>`
-//! ([`bucket_field`]). A check of every window of every quota of a key reads two
-//! fields and writes one; Lua unpacks and packs each in one C call, and the common
-//! path of a window is a few comparisons and additions on its record in place.
-//! Redis' Lua is slow per instruction and per value moved, so that is what the
-//! cost of a quota comes down to (`bench/quota.sh`).
+//! A key's hash holds its state in three fields of little-endian doubles (see
+//! [`COMMON_LUA`]): `k`, one record per quota window of what changes at most once
+//! a bucket (the window's tag, [`window_tag`], a hash of the quota's name and
+//! window; its window and bucket length; when its lowest bucket kept stops
+//! counting and when its latest bucket ends; its quota's id, [`quota_id`]); `h`,
+//! per window the total counted and the units in the latest bucket; `a`, a version
+//! of `k` and `h` and per quota a tally of what was charged to all its windows
+//! since. Each older bucket that still holds units is a field of its own,
+//! `<tag>:<bucket index>` ([`bucket_field`]).
+//!
+//! # Checking by tallies
+//!
+//! Redis' Lua is slow per instruction and per value moved (tens of machine
+//! instructions per VM step, hundreds per number through `struct`), so the cost of
+//! a quota is the work per window per check. A relay remembers `k` and `h` of each
+//! key it charged (from the reply) and, until a window of the key needs a new
+//! bucket or an old one dropped, checks the key by its tallies: it sends, per
+//! quota, how many units still fit (the tightest window's limit minus its
+//! remembered total), and the script reads and writes only `a`, one number per
+//! quota, after checking its version. Everything else (a key not remembered, a
+//! version moved on by another relay or a refund, a bucket boundary) reads the
+//! state whole, adds the tallies into `h` and works per window, as the model in
+//! [`super::window`] does; the answers are the same either way (tested against the
+//! model on random sequences).
 //!
 //! All quotas of one key share a hash, so checking ten quotas of a sender is a
 //! handful of hash commands, not ten times that. One hash tag for all quota keys puts
@@ -90,19 +102,22 @@ else
   now = tonumber(ARGV[A0 + 1])
 end
 local pack, unpack4 = struct.pack, struct.unpack
--- A key's state is two fields of its hash, both little-endian doubles (exact for
--- integers below 2^53), one record per quota window in the same order:
+-- A key's state is three fields of its hash, each little-endian doubles (exact for
+-- integers below 2^53):
 -- `k`, what changes at most once a bucket: the time the hash's expiry and index
 --   entry are good until, then per window REC: its tag (quota, window and bucket
---   length), window ms, bucket ms, when the lowest bucket kept stops counting,
---   when the latest bucket ends (times that stand for the bucket indexes lo,
---   (lo + 1) * b + W - 1, and cb, (cb + 1) * b, so the common path compares
---   instead of dividing);
--- `h`, what changes with every charge: the version of `k` (a new one whenever `k`
---   is written: a relay that remembers `k` of that version checks and charges
---   without reading it), then per window HOT: total counted, units in the latest
---   bucket.
-local REC, HOT = 5, 2
+--   length), window ms, bucket ms, when the lowest bucket kept stops counting, when
+--   the latest bucket ends (times that stand for the bucket indexes lo,
+--   (lo + 1) * b + W - 1, and cb, (cb + 1) * b, so the common path compares instead
+--   of dividing), its quota's id;
+-- `h`, per window HOT (same order): total counted, units in the latest bucket, as
+--   of the last time `k` or `h` was written;
+-- `a`, a version of `k` and `h` (a new one whenever either is written), then per
+--   quota of `k` (in order of first appearance) its tally: units charged to every
+--   window of the quota since. A check by a caller that remembers `k` and `h` of
+--   that version, within times when no window needs a new bucket, reads and writes
+--   only `a`: one number per quota.
+local REC, HOT = 6, 2
 -- Values one struct call handles: results go through Lua's C stack (8000 slots).
 local CHUNK = 4000
 local function fmt(n) return sub(DS, 1, n + 1) end
@@ -127,25 +142,24 @@ local function encode(v, n)
   end
   return table.concat(parts)
 end
-local function check(key, nv, nh)
-  if nv % 1 ~= 0 or (nv - 1) % REC ~= 0 or nh ~= (nv - 1) / REC * HOT + 1 then
-    error('mailrelay: quota state of ' .. key .. ' does not add up')
-  end
-end
--- A key's state: records v (length nv), totals h (length nh), and `k` as stored.
--- A new key's `k` versions start from the clock, so that a relay's memory of a
--- key that expired since never matches its successor.
+-- A key's state whole: records v (length nv), totals h (length nh), version and
+-- tallies A (length nA), and `k` as stored. A new key's versions start from the
+-- clock, so that a relay's memory of a key that expired since never matches.
 local function load(key)
-  local r = redis.call('HMGET', key, 'k', 'h')
-  if not r[1] then return {0}, 1, {now * 1024}, 1, nil end
+  local r = redis.call('HMGET', key, 'k', 'h', 'a')
+  if not r[1] then return {0}, 1, {}, 0, {now * 1024}, 1, nil end
   local v, nv = doubles(r[1])
   local h, nh = doubles(r[2] or '')
-  check(key, nv, nh)
-  return v, nv, h, nh, r[1]
+  local A, nA = doubles(r[3] or pack('<d', now * 1024))
+  if nv % 1 ~= 0 or (nv - 1) % REC ~= 0 or nh ~= (nv - 1) / REC * HOT then
+    error('mailrelay: quota state of ' .. key .. ' does not add up')
+  end
+  return v, nv, h, nh, A, nA, r[1]
 end
 -- Helpers off the common path, made on first use: each closure made costs on
 -- every call of a script, and this interpreter makes that cost count.
 local lower_of, find, hot, lo_of, cb_of, prefix, hdel, live, buckets, frees, used
+local settle, tallies
 local made = false
 local function helpers()
   if made then return end
@@ -160,10 +174,41 @@ local function helpers()
     return nil
   end
   -- The offset in h of the totals of the record at o in v.
-  hot = function(o) return (o - 2) / REC * HOT + 2 end
+  hot = function(o) return (o - 2) / REC * HOT + 1 end
   -- The bucket indexes a record's times stand for: lowest kept, latest.
   lo_of = function(v, o) return (v[o + 3] + 1 - v[o + 1]) / v[o + 2] - 1 end
   cb_of = function(v, o) return v[o + 4] / v[o + 2] - 1 end
+  -- Adds the tallies A to the totals of every window of their quota (its latest
+  -- bucket is where they were charged): h as it would be without tallies.
+  settle = function(v, nv, h, A)
+    local slot, ns = {}, 0
+    for o = 2, nv, REC do
+      local q = v[o + 5]
+      local s = slot[q]
+      if not s then
+        ns = ns + 1
+        s = ns
+        slot[q] = s
+      end
+      local t = A[s + 1] or 0
+      if t ~= 0 then
+        local oh = hot(o)
+        h[oh], h[oh + 1] = h[oh] + t, h[oh + 1] + t
+      end
+    end
+  end
+  -- Tallies at zero for the quotas of v, after the version.
+  tallies = function(v, nv, version)
+    local A, nA, seen = {version}, 1, {}
+    for o = 2, nv, REC do
+      if not seen[v[o + 5]] then
+        seen[v[o + 5]] = true
+        nA = nA + 1
+        A[nA] = 0
+      end
+    end
+    return A, nA
+  end
   -- Older buckets are fields of their own, `<tag>:<bucket>`.
   prefix = function(q) return q .. ':' end
   hdel = function(key, fields, n)
@@ -172,7 +217,7 @@ local function helpers()
   -- The state without the records nothing counts in any more (quotas removed from
   -- the config, or ones the key no longer falls under); their older buckets go too.
   live = function(key, v, nv, h)
-    local w, nw, x, nx, old, nold = {v[1]}, 1, {h[1]}, 1, {}, 0
+    local w, nw, x, nx, old, nold = {v[1]}, 1, {}, 0, {}, 0
     for o = 2, nv, REC do
       if now < v[o + 4] + v[o + 1] - 1 then
         for k = 0, REC - 1 do w[nw + 1 + k] = v[o + k] end
@@ -240,212 +285,230 @@ end
 /// Rust twin is [`super::window::WindowState`].
 pub const CHARGE_LUA: &str = r#"
 -- KEYS: one counter hash per key group, then the key index (the last key)
--- ARGV: now ('' = Redis TIME), then two lists of doubles, each as its struct format
---   and its bytes: the numbers of the check (group count, then per group: ttl ms,
---   request count, the version of `k` the caller remembers (0: none) and the
---   times from and until which that `k` needs no change here, then per request:
---   cost, window count, then per window: tag, limit, offset of its totals in `h`
---   of that version), and per window its window ms and bucket ms (read only for a
---   window the key has no record of). Then per group its key (the index member).
--- A group whose `k` the caller remembers, checked within those times, is checked
---   and charged from `h` alone: every window's latest bucket is current, none has
---   a bucket to drop, the expiry needs no push.
+-- ARGV: now ('' = Redis TIME), then three lists of doubles, each as its struct
+--   format and its bytes:
+--   F, read by every check: group count, then per group: the version of the key's
+--     state the caller remembers (0: none), the times from and until which that
+--     state needs no change here (no bucket to start or drop, no expiry to push),
+--     request count, then per request: cost, its quota's place among the tallies,
+--     its headroom (the least, over its windows, of limit minus remembered total);
+--   N, read when a key's state is read whole: per group: ttl ms, request count,
+--     then per request: cost, quota id, window count, then per window: tag, limit;
+--   S, read for a window the key has no record of: per window: window ms, bucket
+--     ms.
+--   Then per group its key (the index member).
 -- Returns whether all fit, and little-endian doubles, either
 --   1, allowed (1/0), now, then per group, request and window: used, retry_at (0
 --   fits, -1 never), free_at (0 when a unit is free); or, when all fit and every
 --   window still has a unit free (retry_at and free_at all 0),
---   2, now, then per group: the lengths of its `k` (0: the version remembered) and
---   `h`, then `k` and `h` as stored (a window's used count is its total in `h`).
+--   2, now, then per group: the lengths of its `k`, `h` and `a`, then those as
+--   stored (`k` and `h` empty when the remembered ones were used): a window's used
+--   count is its total plus its quota's tally.
 local index = KEYS[#KEYS]
-local N = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
-local S
--- Per group: records and their length, totals and their length, whether `k`
--- changed, `k` as stored, ttl, whether checked from `h` alone.
+local F = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
+local N, S
+-- Per group: {true, tallies, their length} when checked from its tallies, else
+-- {false, records, length, totals, length, tallies, whether `k` changed, `k` as
+-- stored, ttl}.
 local G = {}
--- Windows whose record is not where the previous window's ended (by window
--- number, across all groups); those that did not fit; those whose charge started
--- a bucket (what it replaced) or went to an earlier one (Redis TIME went back).
-local jump, over, moved = nil, nil, nil
+local allowed, full, slow = true, false, false
+-- Charges to take back if a later check fails: by tally (group, place, cost), and
+-- by window: the last one charged, those whose charge started a bucket (what it
+-- replaced) or went to an earlier one (false: Redis TIME went back).
+local done, nd, charged, moved = {}, 0, 0, nil
+-- Windows whose record is not where the previous window's ended (by window number).
+local jump
 -- Bucket fields to write once all fit: key, field, units, whether to add.
 local fin, nfin = nil, 0
--- Windows are checked and charged in one pass (each pass over the windows costs);
--- if one does not fit, the charges before it are taken back, in memory.
-local allowed, full, charged = true, false, 0
-local n, p = 0, 2
-for g = 1, N[1] do
-  local key = KEYS[K0 + g]
-  local ttl, nreq, kver = N[p], N[p + 1], N[p + 2]
-  local fast = kver > 0 and now >= N[p + 3] and now < N[p + 4]
-  p = p + 5
-  local v, nv, h, nh, kb
-  if fast then
-    local hb = redis.call('HGET', key, 'h')
-    if hb then h, nh = doubles(hb) end
-    fast = hb and h[1] == kver
+local p = 2
+-- The keys checked from their tallies alone: the loop most checks run, so as few
+-- steps as it takes.
+for g = 1, F[1] do
+  local kver, nreq = F[p], F[p + 3]
+  local A, nA
+  if kver > 0 and now >= F[p + 1] and now < F[p + 2] then
+    local ab = redis.call('HGET', KEYS[K0 + g], 'a')
+    if ab then
+      A, nA = doubles(ab)
+      if A[1] ~= kver then A = nil end
+    end
   end
-  if not fast then v, nv, h, nh, kb = load(key) end
-  local cold = not fast and kb == nil
-  -- Records are kept in the order of the last check, so a window's record is
-  -- usually where the previous one's ended.
-  local o, oh = 2, 2
-  for r = 1, fast and nreq or 0 do
-    -- From the counts alone: every bucket current, none to drop (see above). The
-    -- loop most checks run, so as few steps as it takes.
-    local c, nw = N[p], N[p + 1]
-    p = p + 2
-    for w = 1, nw do
-      n = n + 1
-      local lim = N[p + 1]
-      oh = N[p + 2]
-      local t = h[oh] + c
-      if t > lim then
-        over = over or {}
-        over[n] = true
+  p = p + 4
+  if A then
+    for r = 1, nreq do
+      local s, c, H = F[p + 1] + 2, F[p], F[p + 2]
+      local t = A[s] + c
+      if t > H then
         allowed = false
       elseif allowed then
-        h[oh], h[oh + 1] = t, h[oh + 1] + c
-        charged = n
-        if t >= lim then full = true end
+        A[s] = t
+        done[nd + 1], done[nd + 2], done[nd + 3] = A, s, c
+        nd = nd + 3
+        if t == H then full = true end
       end
       p = p + 3
     end
+    G[g] = {true, A, nA}
+  else
+    p = p + 3 * nreq
+    slow = true
   end
-  for r = 1, fast and 0 or nreq do
-    local c, nw = N[p], N[p + 1]
-    p = p + 2
-    for w = 1, nw do
-      n = n + 1
-      local q, lim = N[p], N[p + 1]
-      p = p + 3
-      if o >= nv or v[o] ~= q then
-        helpers()
-        o = find(v, nv, q)
-        if not o then
-          -- A window the key has no record of (yet, or any more): an empty one,
-          -- kept only if the state is written.
-          S = S or {unpack4(ARGV[A0 + 4], ARGV[A0 + 5])}
-          local Wi, bi = S[2 * n - 1], S[2 * n]
-          o = nv + 1
-          v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4] =
-            q, Wi, bi, (lower_of(Wi, bi) + 1) * bi + Wi - 1, (floor(now / bi) + 1) * bi
-          nv = nv + REC
-          h[nh + 1], h[nh + 2] = 0, 0
-          nh = nh + HOT
-          cold = true
-        end
-        jump = jump or {}
-        jump[n], oh = o, hot(o)
-      end
-      if now >= v[o + 3] then
-        -- The lowest bucket kept stopped counting: drop all that did (older
-        -- buckets are fields below the latest one; at most a window's worth).
-        helpers()
-        cold = true
-        local W, b = v[o + 1], v[o + 2]
-        local lower, pre, cb = lower_of(W, b), prefix(q), cb_of(v, o)
-        local drop, nd = {}, 0
-        for j = lo_of(v, o), min(lower, cb) - 1 do
-          nd = nd + 1
-          drop[nd] = pre .. j
-        end
-        local t = h[oh]
-        for i = 1, nd, CHUNK do
-          local part = redis.call('HMGET', key, unpack(drop, i, min(nd, i + CHUNK - 1)))
-          for k = 1, #part do
-            if part[k] then t = t - tonumber(part[k]) end
-          end
-        end
-        hdel(key, drop, nd)
-        if cb < lower then
-          t = t - h[oh + 1]
-          v[o + 4], h[oh + 1] = (lower + 1) * b, 0
-        end
-        h[oh], v[o + 3] = t, (lower + 1) * b + W - 1
-      end
-      local t = h[oh] + c
-      if t > lim then
-        over = over or {}
-        over[n] = true
-        allowed = false
-      elseif allowed then
-        local cbe = v[o + 4]
-        if now < cbe and now >= cbe - v[o + 2] then
-          h[oh + 1] = h[oh + 1] + c
-        else
-          helpers()
-          moved = moved or {}
-          fin = fin or {}
-          if now >= cbe then
-            -- The latest bucket is finished: it becomes a field of its own.
-            moved[n] = {cbe, h[oh + 1]}
-            if h[oh + 1] > 0 then
-              fin[nfin + 1], fin[nfin + 2], fin[nfin + 3], fin[nfin + 4] =
-                key, prefix(q) .. cb_of(v, o), h[oh + 1], false
-              nfin = nfin + 4
-            end
-            local b = v[o + 2]
-            v[o + 4], h[oh + 1] = (floor(now / b) + 1) * b, c
-            cold = true
-          else
-            -- Redis TIME went back: charge the earlier bucket's field.
-            moved[n] = false
-            fin[nfin + 1], fin[nfin + 2], fin[nfin + 3], fin[nfin + 4] =
-              key, prefix(q) .. floor(now / v[o + 2]), c, true
-            nfin = nfin + 4
-          end
-        end
-        h[oh] = t
-        charged = n
-        if t >= lim then full = true end
-      end
-      o, oh = o + REC, oh + HOT
-    end
-  end
-  G[g] = {v, nv, h, nh, cold, kb, ttl, fast}
 end
 
--- Takes back the charges made before a window did not fit.
-local function undo()
-  n, p = 0, 2
-  for g = 1, N[1] do
-    local v, h, fast = G[g][1], G[g][3], G[g][8]
-    local nreq = N[p + 1]
-    p = p + 5
-    local o, oh = 2, 2
-    for r = 1, nreq do
-      local c, nw = N[p], N[p + 1]
-      p = p + 2
-      for w = 1, nw do
-        n = n + 1
-        if n > charged then return end
-        if fast then
-          oh = N[p + 2]
-        elseif jump and jump[n] then
-          o = jump[n]
-          oh = hot(o)
+-- The other keys: their state whole, tallies settled, every window checked.
+if slow then
+  helpers()
+  N = {unpack4(ARGV[A0 + 4], ARGV[A0 + 5])}
+  local q, n = 1, 0
+  for g = 1, F[1] do
+    local ttl, nreq = N[q], N[q + 1]
+    q = q + 2
+    if G[g] then
+      for r = 1, nreq do
+        local nw = N[q + 2]
+        q, n = q + 3 + 2 * nw, n + nw
+      end
+    else
+      local key = KEYS[K0 + g]
+      local v, nv, h, nh, A, nA, kb = load(key)
+      settle(v, nv, h, A)
+      local cold = kb == nil
+      -- Records are kept in the order of the last check, so a window's record is
+      -- usually where the previous one's ended.
+      local o = 2
+      for r = 1, nreq do
+        local c, qid, nw = N[q], N[q + 1], N[q + 2]
+        q = q + 3
+        for w = 1, nw do
+          n = n + 1
+          local tag, lim = N[q], N[q + 1]
+          q = q + 2
+          if o >= nv or v[o] ~= tag then
+            o = find(v, nv, tag)
+            if not o then
+              -- A window the key has no record of (yet, or any more): an empty
+              -- one, kept only if the state is written.
+              S = S or {unpack4(ARGV[A0 + 6], ARGV[A0 + 7])}
+              local Wi, bi = S[2 * n - 1], S[2 * n]
+              o = nv + 1
+              v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4], v[o + 5] =
+                tag, Wi, bi, (lower_of(Wi, bi) + 1) * bi + Wi - 1, (floor(now / bi) + 1) * bi, qid
+              nv = nv + REC
+              h[nh + 1], h[nh + 2] = 0, 0
+              nh = nh + HOT
+              cold = true
+            end
+            jump = jump or {}
+            jump[n] = o
+          end
+          local oh = hot(o)
+          if now >= v[o + 3] then
+            -- The lowest bucket kept stopped counting: drop all that did (older
+            -- buckets are fields below the latest one; at most a window's worth).
+            cold = true
+            local W, b = v[o + 1], v[o + 2]
+            local lower, pre, cb = lower_of(W, b), prefix(tag), cb_of(v, o)
+            local drop, ndrop = {}, 0
+            for j = lo_of(v, o), min(lower, cb) - 1 do
+              ndrop = ndrop + 1
+              drop[ndrop] = pre .. j
+            end
+            local t = h[oh]
+            for i = 1, ndrop, CHUNK do
+              local part = redis.call('HMGET', key, unpack(drop, i, min(ndrop, i + CHUNK - 1)))
+              for k = 1, #part do
+                if part[k] then t = t - tonumber(part[k]) end
+              end
+            end
+            hdel(key, drop, ndrop)
+            if cb < lower then
+              t = t - h[oh + 1]
+              v[o + 4], h[oh + 1] = (lower + 1) * b, 0
+            end
+            h[oh], v[o + 3] = t, (lower + 1) * b + W - 1
+          end
+          local t = h[oh] + c
+          if t > lim then
+            allowed = false
+          elseif allowed then
+            local cbe = v[o + 4]
+            if now < cbe and now >= cbe - v[o + 2] then
+              h[oh + 1] = h[oh + 1] + c
+            else
+              moved = moved or {}
+              fin = fin or {}
+              if now >= cbe then
+                -- The latest bucket is finished: it becomes a field of its own.
+                moved[n] = {cbe, h[oh + 1]}
+                if h[oh + 1] > 0 then
+                  fin[nfin + 1], fin[nfin + 2], fin[nfin + 3], fin[nfin + 4] =
+                    key, prefix(tag) .. cb_of(v, o), h[oh + 1], false
+                  nfin = nfin + 4
+                end
+                local b = v[o + 2]
+                v[o + 4], h[oh + 1] = (floor(now / b) + 1) * b, c
+                cold = true
+              else
+                -- Redis TIME went back: charge the earlier bucket's field.
+                moved[n] = false
+                fin[nfin + 1], fin[nfin + 2], fin[nfin + 3], fin[nfin + 4] =
+                  key, prefix(tag) .. floor(now / v[o + 2]), c, true
+                nfin = nfin + 4
+              end
+            end
+            h[oh] = t
+            charged = n
+            if t >= lim then full = true end
+          end
+          o = o + REC
         end
-        h[oh] = h[oh] - c
-        local m = moved and moved[n]
-        if m then
-          v[o + 4], h[oh + 1] = m[1], m[2]
-        elseif m == nil then
-          h[oh + 1] = h[oh + 1] - c
+      end
+      G[g] = {false, v, nv, h, nh, A, cold, kb, ttl}
+    end
+  end
+end
+
+if not allowed then
+  -- Take back what was charged before a window did not fit (in memory: nothing
+  -- was written yet).
+  full = true
+  for i = 1, nd, 3 do
+    local A, s = done[i], done[i + 1]
+    A[s] = A[s] - done[i + 2]
+  end
+  if charged > 0 then
+    local q, n = 1, 0
+    for g = 1, F[1] do
+      local Gg, nreq = G[g], N[q + 1]
+      q = q + 2
+      local o = 2
+      for r = 1, nreq do
+        local c, nw = N[q], N[q + 2]
+        q = q + 3
+        for w = 1, nw do
+          n = n + 1
+          if not Gg[1] and n <= charged then
+            o = jump and jump[n] or o
+            local v, h, oh = Gg[2], Gg[4], hot(o)
+            h[oh] = h[oh] - c
+            local m = moved and moved[n]
+            if m then
+              v[o + 4], h[oh + 1] = m[1], m[2]
+            elseif m == nil then
+              h[oh + 1] = h[oh + 1] - c
+            end
+          end
+          q = q + 2
+          o = o + REC
         end
-        p = p + 3
-        o, oh = o + REC, oh + HOT
       end
     end
   end
 end
-if not allowed and charged > 0 then
-  helpers()
-  undo()
-end
-if not allowed then full = true end
 
 -- Write back.
-for i = 1, nfin, 4 do
-  if allowed then
+if allowed then
+  for i = 1, nfin, 4 do
     if fin[i + 3] then
       redis.call('HINCRBY', fin[i], fin[i + 1], fin[i + 2])
     else
@@ -454,87 +517,92 @@ for i = 1, nfin, 4 do
   end
 end
 local reply = not full and {pack('<dd', 2, now)}
-for g = 1, N[1] do
-  local key = KEYS[K0 + g]
-  local v, nv, h, nh, cold, kb, ttl, fast = unpack(G[g], 1, 8)
-  local hb
-  if cold then kb = nil end
-  if fast then
+for g = 1, F[1] do
+  local key, Gg = KEYS[K0 + g], G[g]
+  if Gg[1] then
     if allowed then
-      hb = encode(h, nh)
-      redis.call('HSET', key, 'h', hb)
+      local ab = encode(Gg[2], Gg[3])
+      redis.call('HSET', key, 'a', ab)
+      if reply then
+        reply[#reply + 1] = pack('<ddd', 0, 0, Gg[3])
+        reply[#reply + 1] = ab
+      end
     end
-    kb, nv = '', 0
-  elseif allowed and v[1] < now + ttl then
-    -- The hash must outlive its counters: until ttl after this charge. Its expiry
-    -- (and index entry) are pushed a sixteenth further than needed, and the time
-    -- they are good until is kept in the state, so that most charges skip this;
-    -- so does dropping the records nothing counts in any more.
+  elseif allowed or Gg[7] then
+    local v, nv, h, nh, A, cold, kb, ttl = unpack(Gg, 2, 9)
+    local refresh = allowed and v[1] < now + ttl
     local keep = ttl + floor(ttl / 16)
-    v[1] = now + keep
-    helpers()
-    v, nv, h, nh = live(key, v, nv, h)
-    h[1] = h[1] + 1
-    kb, hb = encode(v, nv), encode(h, nh)
-    redis.call('HSET', key, 'k', kb, 'h', hb)
-    -- Never shorten: the hash may hold longer windows of other quotas.
-    if redis.call('PTTL', key) < keep then
-      redis.call('PEXPIRE', key, keep)
+    if refresh then
+      -- The hash must outlive its counters: until ttl after this charge. Its expiry
+      -- (and index entry) are pushed a sixteenth further than needed, and the time
+      -- they are good until is kept in the state, so that most charges skip this;
+      -- so does dropping the records nothing counts in any more.
+      v[1] = now + keep
+      v, nv, h, nh = live(key, v, nv, h)
+      cold = true
     end
-    local member = ARGV[A0 + 5 + g]
-    local old = redis.call('ZSCORE', index, member)
-    if not old or tonumber(old) < now + keep then
-      redis.call('ZADD', index, now + keep, member)
+    if cold then kb = encode(v, nv) end
+    local a, na = tallies(v, nv, A[1] + 1)
+    local hb, ab = encode(h, nh), encode(a, na)
+    redis.call('HSET', key, 'k', kb, 'h', hb, 'a', ab)
+    if refresh then
+      -- Never shorten: the hash may hold longer windows of other quotas.
+      if redis.call('PTTL', key) < keep then
+        redis.call('PEXPIRE', key, keep)
+      end
+      local member = ARGV[A0 + 7 + g]
+      local old = redis.call('ZSCORE', index, member)
+      if not old or tonumber(old) < now + keep then
+        redis.call('ZADD', index, now + keep, member)
+      end
+      if redis.call('PTTL', index) < keep then
+        redis.call('PEXPIRE', index, keep)
+      end
+      redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
     end
-    if redis.call('PTTL', index) < keep then
-      redis.call('PEXPIRE', index, keep)
+    if reply then
+      reply[#reply + 1] = pack('<ddd', nv, nh, na)
+      reply[#reply + 1] = kb
+      reply[#reply + 1] = hb
+      reply[#reply + 1] = ab
     end
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
-  elseif allowed or cold then
-    if cold then h[1] = h[1] + 1 end
-    hb = encode(h, nh)
-    if cold then
-      kb = encode(v, nv)
-      redis.call('HSET', key, 'k', kb, 'h', hb)
-    else
-      redis.call('HSET', key, 'h', hb)
-    end
-  end
-  if reply then
-    reply[#reply + 1] = pack('<dd', nv, nh)
-    reply[#reply + 1] = kb
-    reply[#reply + 1] = hb
   end
 end
 if reply then return true, table.concat(reply) end
 
--- Somebody is at or over a limit: the caller needs when units free up.
+-- Somebody is at or over a limit: the caller needs when units free up. Keys
+-- checked from their tallies are read whole here, tallies settled (as stored).
 helpers()
+N = N or {unpack4(ARGV[A0 + 4], ARGV[A0 + 5])}
 local out, no = {1, allowed and 1 or 0, now}, 3
-n, p = 0, 2
-for g = 1, N[1] do
-  local key, v, h, fast = KEYS[K0 + g], G[g][1], G[g][3], G[g][8]
-  if fast then
-    local nv
-    v, nv = doubles(redis.call('HGET', key, 'k'))
-    check(key, nv, G[g][4])
+local q, n = 1, 0
+for g = 1, F[1] do
+  local key, Gg, nreq = KEYS[K0 + g], G[g], N[q + 1]
+  q = q + 2
+  local v, nv, h
+  if Gg[1] then
+    local nh, A
+    v, nv, h, nh, A = load(key)
+    settle(v, nv, h, A)
+  else
+    v, nv, h = Gg[2], Gg[3], Gg[4]
   end
-  local nreq = N[p + 1]
-  p = p + 5
   local o = 2
   for r = 1, nreq do
-    local c, nw = N[p], N[p + 1]
-    p = p + 2
+    local c, nw = N[q], N[q + 2]
+    q = q + 3
     for w = 1, nw do
       n = n + 1
-      if fast then
-        o = (N[p + 2] - 2) / HOT * REC + 2
+      local tag, lim = N[q], N[q + 1]
+      q = q + 2
+      if Gg[1] then
+        o = find(v, nv, tag)
       else
         o = jump and jump[n] or o
       end
-      local t, lim = h[hot(o)], N[p + 1]
+      local t = h[hot(o)]
       local retry, free = 0, 0
-      if over and over[n] then
+      if not allowed and t + c > lim then
         if c > lim then retry = -1 else retry = frees(key, v, o, h, t + c - lim) end
       end
       if t >= lim then
@@ -543,7 +611,6 @@ for g = 1, N[1] do
       end
       out[no + 1], out[no + 2], out[no + 3] = t, retry, free
       no = no + 3
-      p = p + 3
       o = o + REC
     end
   end
@@ -559,7 +626,8 @@ local a = 2
 for _, key in ipairs(KEYS) do
   local cost, nw = tonumber(ARGV[a]), tonumber(ARGV[a + 1])
   a = a + 2
-  local v, nv, h, nh = load(key)
+  local v, nv, h, nh, A = load(key)
+  settle(v, nv, h, A)
   local changed = false
   for w = 1, nw do
     local q = tonumber(ARGV[a])
@@ -587,7 +655,10 @@ for _, key in ipairs(KEYS) do
       end
     end
   end
-  if changed then redis.call('HSET', key, 'h', encode(h, nh)) end
+  if changed then
+    local t, nt = tallies(v, nv, A[1] + 1)
+    redis.call('HSET', key, 'h', encode(h, nh), 'a', encode(t, nt))
+  end
 end
 return 0
 "#;
@@ -600,7 +671,8 @@ helpers()
 local out = {now}
 local nw = tonumber(ARGV[2])
 for _, key in ipairs(KEYS) do
-  local v, nv, h = load(key)
+  local v, nv, h, nh, A = load(key)
+  settle(v, nv, h, A)
   for w = 1, nw do
     local o = find(v, nv, tonumber(ARGV[2 + w]))
     local total, resets = 0, now
@@ -626,7 +698,8 @@ local members = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', '(' .. now,
 local out = {}
 for _, m in ipairs(members) do
   local key = ARGV[2] .. m
-  local v, nv, h = load(key)
+  local v, nv, h, nh, A = load(key)
+  settle(v, nv, h, A)
   local o = find(v, nv, q)
   if o then
     local total = used(key, v, o, h)
@@ -694,6 +767,17 @@ pub fn window_tag(quota: &str, w: &WindowSpec) -> u64 {
     h & ((1 << 46) - 1)
 }
 
+/// The id of a quota in Redis (its windows' tallies are kept under it): FNV-1a of
+/// its name, cut to 46 bits like [`window_tag`].
+pub fn quota_id(quota: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in quota.as_bytes().iter().chain(&[0xfe]) {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h & ((1 << 46) - 1)
+}
+
 /// The field of one older bucket of a quota window in a key's hash.
 pub fn bucket_field(quota: &str, w: &WindowSpec, bucket: i64) -> String {
     format!("{}:{bucket}", window_tag(quota, w))
@@ -719,14 +803,35 @@ pub struct RedisCounters {
     remembered: Mutex<HashMap<String, Remembered>>,
 }
 
-/// A key's `k` as last seen: its version, the time its expiry is good until, and
-/// per window: tag, window ms, bucket ms, when its lowest bucket stops counting,
-/// when its latest bucket ends.
+/// A key's `k` and `h` as last written, and their version: what a check of the key
+/// by its tallies alone is reckoned against.
 #[derive(Debug, Clone)]
 struct Remembered {
     version: f64,
+    /// The time the key's expiry is good until.
     sure: f64,
+    /// Per window: tag, window ms, bucket ms, when its lowest bucket stops counting,
+    /// when its latest bucket ends, quota id.
     records: Vec<[f64; STATE_RECORD]>,
+    /// Per window: total counted, units in its latest bucket.
+    totals: Vec<[f64; STATE_HOT]>,
+}
+
+impl Remembered {
+    /// The place of a quota among the key's tallies: quotas in order of their
+    /// first window (as the script counts them).
+    fn slot(&self, qid: f64) -> Option<usize> {
+        let mut seen: Vec<f64> = Vec::new();
+        for r in &self.records {
+            if r[5] == qid {
+                return Some(seen.len());
+            }
+            if !seen.contains(&r[5]) {
+                seen.push(r[5]);
+            }
+        }
+        None
+    }
 }
 
 /// Keys remembered at most; past that the memory starts afresh (a check of a key
@@ -849,8 +954,9 @@ struct ChargeCall<'r> {
     groups: Vec<(&'r str, Vec<usize>)>,
     keys: Vec<String>,
     args: Vec<Vec<u8>>,
-    /// Per group, for a key whose `k` is remembered: each window's record index.
-    remembered: Vec<Option<Vec<usize>>>,
+    /// Per group checked by its tallies: per window, its remembered total and its
+    /// quota's place among the tallies.
+    remembered: Vec<Option<Vec<(f64, usize)>>>,
 }
 
 impl RedisCounters {
@@ -866,9 +972,10 @@ impl RedisCounters {
             )));
         }
         let groups = groups(reqs);
-        let mut num = Doubles::with_capacity(1 + 5 * groups.len() + 2 * reqs.len() + 3 * windows);
+        let mut fast = Doubles::with_capacity(1 + 4 * groups.len() + 3 * reqs.len());
+        let mut num = Doubles::with_capacity(2 * groups.len() + 3 * reqs.len() + 2 * windows);
         let mut shapes = Doubles::with_capacity(2 * windows);
-        num.put(groups.len() as u64);
+        fast.put(groups.len() as u64);
         let mut keys = Vec::with_capacity(groups.len() + 1);
         let mut members: Vec<Vec<u8>> = Vec::with_capacity(groups.len());
         let mut remembered = Vec::with_capacity(groups.len());
@@ -880,48 +987,54 @@ impl RedisCounters {
                 .max()
                 .unwrap_or(1);
             let counter = counter_key(self.prefix(), key);
-            let fast = memory
+            let plan = memory
                 .get(&counter)
-                .and_then(|m| fast_path(m, group.iter().map(|&i| &reqs[i]), ttl));
-            num.put(ttl);
-            num.put(group.len() as u64);
-            match &fast {
-                Some((m, _, from, until)) => {
-                    num.put_f64(m.version);
-                    num.put_f64(*from);
-                    num.put_f64(*until);
+                .and_then(|m| tally_plan(m, group.iter().map(|&i| &reqs[i]), ttl));
+            match &plan {
+                Some(plan) => {
+                    fast.put_f64(plan.version);
+                    fast.put_f64(plan.from);
+                    fast.put_f64(plan.until);
+                    fast.put(group.len() as u64);
+                    for (&i, &(slot, headroom)) in group.iter().zip(&plan.requests) {
+                        fast.put(reqs[i].cost);
+                        fast.put(slot as u64);
+                        fast.put_f64(headroom);
+                    }
                 }
                 None => {
                     for _ in 0..3 {
-                        num.put(0);
+                        fast.put(0);
+                    }
+                    fast.put(group.len() as u64);
+                    for _ in 0..3 * group.len() {
+                        fast.put(0);
                     }
                 }
             }
+            num.put(ttl);
+            num.put(group.len() as u64);
             keys.push(counter);
             members.push(key.as_bytes().to_vec());
-            let mut windows = fast.as_ref().map(|(_, idx, _, _)| idx.iter());
             for &i in group {
                 let r = &reqs[i];
                 num.put(r.cost);
+                num.put(quota_id(&r.quota));
                 num.put(r.windows.len() as u64);
                 for w in &r.windows {
                     num.put(window_tag(&r.quota, w));
                     num.put(w.limit);
-                    // The offset of the window's totals in `h` (Lua counts from 1,
-                    // after the version).
-                    let rec = windows.as_mut().and_then(Iterator::next);
-                    num.put(rec.map_or(0, |&r| (2 + STATE_HOT * r) as u64));
                     shapes.put(w.window_ms);
                     shapes.put(w.bucket_ms);
                 }
             }
-            remembered.push(fast.map(|(_, idx, _, _)| idx));
+            remembered.push(plan.map(|p| p.windows));
         }
         drop(memory);
         keys.push(index_key(self.prefix()));
-        let mut args = Vec::with_capacity(5 + members.len());
+        let mut args = Vec::with_capacity(7 + members.len());
         args.push(at_arg(at).into_bytes());
-        for list in [num, shapes] {
+        for list in [fast, num, shapes] {
             args.push(list.format().into_bytes());
             args.push(list.bytes);
         }
@@ -951,34 +1064,60 @@ impl RedisCounters {
     }
 }
 
-/// Whether a check of `reqs` (one key's) can go by the remembered `k` of the key:
-/// every window has a record in it. If so, the record index of each window, and
-/// the times from and until which the check needs no change to `k` (no bucket to
-/// start, none to drop, no expiry to push).
-fn fast_path<'m, 'r>(
-    m: &'m Remembered,
+/// How a check of one key's requests goes by its tallies alone (see [`CHARGE_LUA`]).
+struct TallyPlan {
+    version: f64,
+    /// From and until when (Redis clock) the check needs no change to `k`: no bucket
+    /// to start or drop, no expiry to push.
+    from: f64,
+    until: f64,
+    /// Per request: its quota's place among the tallies, and the units it may
+    /// still charge (its tightest window's limit minus that window's remembered
+    /// total).
+    requests: Vec<(usize, f64)>,
+    /// Per window: its remembered total and its quota's place.
+    windows: Vec<(f64, usize)>,
+}
+
+/// Whether a check of `reqs` (one key's) can go by the key's remembered state: each
+/// request's quota has records for exactly its windows (so its tally is theirs).
+fn tally_plan<'r>(
+    m: &Remembered,
     reqs: impl Iterator<Item = &'r ChargeRequest>,
     ttl: u64,
-) -> Option<(&'m Remembered, Vec<usize>, f64, f64)> {
-    let mut idx = Vec::new();
+) -> Option<TallyPlan> {
     let (mut from, mut until) = (0f64, m.sure - ttl as f64);
-    let mut next = 0;
+    let mut requests = Vec::new();
+    let mut windows = Vec::new();
     for r in reqs {
+        let qid = quota_id(&r.quota) as f64;
+        let slot = m.slot(qid)?;
+        if m.records.iter().filter(|rec| rec[5] == qid).count() != r.windows.len() {
+            return None;
+        }
+        let mut headroom = f64::INFINITY;
         for w in &r.windows {
             let tag = window_tag(&r.quota, w) as f64;
-            let rec = if m.records.get(next).is_some_and(|rec| rec[0] == tag) {
-                next
-            } else {
-                m.records.iter().position(|rec| rec[0] == tag)?
-            };
-            next = rec + 1;
-            let [_, _, b, lowest_stops, latest_ends] = m.records[rec];
+            let rec = m.records.iter().position(|rec| rec[0] == tag)?;
+            let [_, _, b, lowest_stops, latest_ends, q] = m.records[rec];
+            if q != qid {
+                return None;
+            }
+            let total = m.totals[rec][0];
             from = from.max(latest_ends - b);
             until = until.min(lowest_stops).min(latest_ends);
-            idx.push(rec);
+            headroom = headroom.min(w.limit as f64 - total);
+            windows.push((total, slot));
         }
+        requests.push((slot, headroom));
     }
-    (from < until).then_some((m, idx, from, until))
+    (from < until).then_some(TallyPlan {
+        version: m.version,
+        from,
+        until,
+        requests,
+        windows,
+    })
 }
 
 /// A check's reply: the outcome, and per group the `k` it returned (to remember).
@@ -1037,82 +1176,74 @@ fn parse_outcome(
                 states: Vec::new(),
             })
         }
-        // All fit with a unit to spare: now, then each group's `k` (none when the
-        // one remembered was used) and `h`.
+        // All fit with a unit to spare: now, then each group's `k`, `h` (none when
+        // checked by its tallies) and `a`.
         2 => {
             let mut at = 2;
             let mut states = Vec::with_capacity(call.groups.len());
             for (g, (_, members)) in call.groups.iter().enumerate() {
-                let (nk, nh) = match vals.get(at..at + 2) {
-                    Some([k, h]) => (*k as usize, *h as usize),
+                let (nk, nh, na) = match vals.get(at..at + 3) {
+                    Some([k, h, a]) => (*k as usize, *h as usize, *a as usize),
                     _ => return Err(corrupt(format!("no state lengths at {at}"))),
                 };
-                let (Some(k), Some(h)) = (
-                    vals.get(at + 2..at + 2 + nk),
-                    vals.get(at + 2 + nk..at + 2 + nk + nh),
+                let start = at + 3;
+                let (Some(k), Some(h), Some(a)) = (
+                    vals.get(start..start + nk),
+                    vals.get(start + nk..start + nk + nh),
+                    vals.get(start + nk + nh..start + nk + nh + na),
                 ) else {
-                    return Err(corrupt(format!("state of {nk} + {nh} values at {at}")));
+                    return Err(corrupt(format!(
+                        "state of {nk} + {nh} + {na} values at {at}"
+                    )));
                 };
-                at += 2 + nk + nh;
-                let total = |rec: usize| {
-                    h.get(1 + STATE_HOT * rec)
-                        .map(|&t| int(t).max(0) as u64)
-                        .ok_or_else(|| corrupt(format!("no totals of record {rec}")))
-                };
-                let push = |checks: &mut Vec<Vec<WindowCheck>>, i: usize, used: u64| {
-                    checks[i].push(WindowCheck {
-                        used,
-                        retry_at: Some(0),
-                        free_at: 0,
-                    })
-                };
+                at = start + nk + nh + na;
+                let tally = |slot: usize| a.get(1 + slot).copied().unwrap_or(0.0);
                 if nk == 0 {
-                    // Checked by the remembered `k`: windows at the records it
-                    // listed.
-                    let idx = call.remembered[g]
+                    let plan = call.remembered[g]
                         .as_ref()
                         .ok_or_else(|| corrupt("no state of a key not remembered".into()))?;
-                    let mut recs = idx.iter();
+                    let mut windows = plan.iter();
                     for &i in members {
                         for _ in &reqs[i].windows {
-                            let rec = *recs.next().ok_or_else(|| corrupt("windows".into()))?;
-                            push(&mut checks, i, total(rec)?);
+                            let &(total, slot) =
+                                windows.next().ok_or_else(|| corrupt("windows".into()))?;
+                            push_fitting(&mut checks, i, total + tally(slot));
                         }
                     }
                     states.push(None);
                     continue;
                 }
                 let records = (nk - 1) / STATE_RECORD;
-                if (nk - 1) % STATE_RECORD != 0 || nh != 1 + STATE_HOT * records {
-                    return Err(corrupt(format!("state of {nk} + {nh} values")));
+                if (nk - 1) % STATE_RECORD != 0 || nh != STATE_HOT * records || na == 0 {
+                    return Err(corrupt(format!("state of {nk} + {nh} + {na} values")));
                 }
-                let recs: Vec<[f64; STATE_RECORD]> = k[1..]
-                    .chunks_exact(STATE_RECORD)
-                    .map(|c| c.try_into().expect("record length"))
-                    .collect();
-                // Records come in the order the windows were checked: look where
-                // the previous one ended first.
-                let mut next = 0;
+                let m = Remembered {
+                    version: a[0],
+                    sure: k[0],
+                    records: k[1..]
+                        .chunks_exact(STATE_RECORD)
+                        .map(|c| c.try_into().expect("record length"))
+                        .collect(),
+                    totals: h
+                        .chunks_exact(STATE_HOT)
+                        .map(|c| c.try_into().expect("totals length"))
+                        .collect(),
+                };
                 for &i in members {
                     let r = &reqs[i];
+                    let slot = m.slot(quota_id(&r.quota) as f64);
                     for w in &r.windows {
                         let tag = window_tag(&r.quota, w) as f64;
-                        let rec = if recs.get(next).is_some_and(|rec| rec[0] == tag) {
-                            next
-                        } else {
-                            recs.iter()
-                                .position(|rec| rec[0] == tag)
-                                .ok_or_else(|| corrupt(format!("no record of quota {}", r.quota)))?
-                        };
-                        next = rec + 1;
-                        push(&mut checks, i, total(rec)?);
+                        let rec = m
+                            .records
+                            .iter()
+                            .position(|rec| rec[0] == tag)
+                            .ok_or_else(|| corrupt(format!("no record of quota {}", r.quota)))?;
+                        let total = m.totals[rec][0] + slot.map_or(0.0, tally);
+                        push_fitting(&mut checks, i, total);
                     }
                 }
-                states.push(Some(Remembered {
-                    version: h[0],
-                    sure: k[0],
-                    records: recs,
-                }));
+                states.push(Some(m));
             }
             if at != vals.len() {
                 return Err(corrupt(format!("{} values, read {at}", vals.len())));
@@ -1128,9 +1259,18 @@ fn parse_outcome(
     }
 }
 
+/// A window that fit, with a unit to spare: `used` units.
+fn push_fitting(checks: &mut [Vec<WindowCheck>], i: usize, used: f64) {
+    checks[i].push(WindowCheck {
+        used: (used as i64).max(0) as u64,
+        retry_at: Some(0),
+        free_at: 0,
+    });
+}
+
 /// Doubles per window in a key's state: its record in `k` and its totals in `h`
 /// (see [`COMMON_LUA`]).
-const STATE_RECORD: usize = 5;
+const STATE_RECORD: usize = 6;
 const STATE_HOT: usize = 2;
 
 impl CounterStore for RedisCounters {
