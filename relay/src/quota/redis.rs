@@ -25,7 +25,7 @@
 //! | `mr:{mr:quota}:keys`     | sorted set | the keys, scored by when their counters all go stale (for the usage API) |
 //!
 //! A key's hash holds its state in three fields of little-endian doubles (see
-//! [`COMMON_LUA`]): `k`, one record per quota window of what changes at most once
+//! `COMMON_LUA`): `k`, one record per quota window of what changes at most once
 //! a bucket (the window's tag, [`window_tag`], a hash of the quota's name and
 //! window; its window and bucket length; when its lowest bucket kept stops
 //! counting and when its latest bucket ends; its quota's id, [`quota_id`]); `h`,
@@ -734,7 +734,7 @@ fn doubles_lua() -> String {
 
 /// Quota windows one check may cover: the script unpacks its numbers (two per
 /// window, plus two per request) and packs its reply (three per window) in one C
-/// call each, bounded by [`FORMAT_DOUBLES`] and by Lua's C stack (8000 values).
+/// call each, bounded by `FORMAT_DOUBLES` and by Lua's C stack (8000 values).
 pub const MAX_WINDOWS_PER_CHECK: usize = 1000;
 
 /// The hash tag of every quota key.
