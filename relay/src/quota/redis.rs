@@ -143,23 +143,23 @@ local function encode(v, n)
   return table.concat(parts)
 end
 -- A key's state whole: records v (length nv), totals h (length nh), version and
--- tallies A (length nA), and `k` as stored. A new key's versions start from the
+-- tallies A (length nA), and `k` and `h` as stored. A new key's versions start from the
 -- clock, so that a relay's memory of a key that expired since never matches.
 local function load(key)
   local r = redis.call('HMGET', key, 'k', 'h', 'a')
-  if not r[1] then return {0}, 1, {}, 0, {now * 1024}, 1, nil end
+  if not r[1] then return {0}, 1, {}, 0, {now * 1024}, 1, nil, nil end
   local v, nv = doubles(r[1])
   local h, nh = doubles(r[2] or '')
   local A, nA = doubles(r[3] or pack('<d', now * 1024))
   if nv % 1 ~= 0 or (nv - 1) % REC ~= 0 or nh ~= (nv - 1) / REC * HOT then
     error('mailrelay: quota state of ' .. key .. ' does not add up')
   end
-  return v, nv, h, nh, A, nA, r[1]
+  return v, nv, h, nh, A, nA, r[1], r[2]
 end
 -- Helpers off the common path, made on first use: each closure made costs on
 -- every call of a script, and this interpreter makes that cost count.
 local lower_of, find, hot, lo_of, cb_of, prefix, hdel, live, buckets, frees, used
-local settle, tallies
+local settle, tallies, slot_of
 local made = false
 local function helpers()
   if made then return end
@@ -196,6 +196,19 @@ local function helpers()
         h[oh], h[oh + 1] = h[oh] + t, h[oh + 1] + t
       end
     end
+  end
+  -- The place of quota qid among the tallies of v (nil: it has no window there).
+  slot_of = function(v, nv, qid)
+    local seen, ns = {}, 0
+    for o = 2, nv, REC do
+      local q = v[o + 5]
+      if q == qid then return ns + 1 end
+      if not seen[q] then
+        seen[q] = true
+        ns = ns + 1
+      end
+    end
+    return nil
   end
   -- Tallies at zero for the quotas of v, after the version.
   tallies = function(v, nv, version)
@@ -370,15 +383,20 @@ if slow then
       end
     else
       local key = KEYS[K0 + g]
-      local v, nv, h, nh, A, nA, kb = load(key)
+      local v, nv, h, nh, A, nA, kb, hb = load(key)
       settle(v, nv, h, A)
       local cold = kb == nil
+      -- What this check adds to each quota's tally, if `k` stays as it is: then
+      -- only `a` is written, under the same version, so that checks by tallies
+      -- already on their way still match.
+      local add = {}
       -- Records are kept in the order of the last check, so a window's record is
       -- usually where the previous one's ended.
       local o = 2
       for r = 1, nreq do
         local c, qid, nw = N[q], N[q + 1], N[q + 2]
         q = q + 3
+        add[r] = {qid, c}
         for w = 1, nw do
           n = n + 1
           local tag, lim = N[q], N[q + 1]
@@ -463,7 +481,7 @@ if slow then
           o = o + REC
         end
       end
-      G[g] = {false, v, nv, h, nh, A, cold, kb, ttl}
+      G[g] = {false, v, nv, h, nh, A, cold, kb, ttl, hb, nA, add}
     end
   end
 end
@@ -529,7 +547,7 @@ for g = 1, F[1] do
       end
     end
   elseif allowed or Gg[7] then
-    local v, nv, h, nh, A, cold, kb, ttl = unpack(Gg, 2, 9)
+    local v, nv, h, nh, A, cold, kb, ttl, hb, nA, add = unpack(Gg, 2, 12)
     local refresh = allowed and v[1] < now + ttl
     local keep = ttl + floor(ttl / 16)
     if refresh then
@@ -541,10 +559,23 @@ for g = 1, F[1] do
       v, nv, h, nh = live(key, v, nv, h)
       cold = true
     end
-    if cold then kb = encode(v, nv) end
-    local a, na = tallies(v, nv, A[1] + 1)
-    local hb, ab = encode(h, nh), encode(a, na)
-    redis.call('HSET', key, 'k', kb, 'h', hb, 'a', ab)
+    local a, na, ab
+    if cold then
+      kb, hb = encode(v, nv), encode(h, nh)
+      a, na = tallies(v, nv, A[1] + 1)
+      ab = encode(a, na)
+      redis.call('HSET', key, 'k', kb, 'h', hb, 'a', ab)
+    else
+      -- `k` and `h` as they were: the charges go to the tallies.
+      a, na = A, nA
+      for _, qc in ipairs(add) do
+        local s = slot_of(v, nv, qc[1]) + 1
+        a[s] = (a[s] or 0) + qc[2]
+      end
+      for i = 2, na do a[i] = a[i] or 0 end
+      ab = encode(a, na)
+      redis.call('HSET', key, 'a', ab)
+    end
     if refresh then
       -- Never shorten: the hash may hold longer windows of other quotas.
       if redis.call('PTTL', key) < keep then
