@@ -159,7 +159,7 @@ end
 -- Helpers off the common path, made on first use: each closure made costs on
 -- every call of a script, and this interpreter makes that cost count.
 local lower_of, find, hot, lo_of, cb_of, prefix, hdel, live, buckets, frees, used
-local settle, tallies, slot_of
+local settle, tallies
 local made = false
 local function helpers()
   if made then return end
@@ -179,7 +179,8 @@ local function helpers()
   lo_of = function(v, o) return (v[o + 3] + 1 - v[o + 1]) / v[o + 2] - 1 end
   cb_of = function(v, o) return v[o + 4] / v[o + 2] - 1 end
   -- Adds the tallies A to the totals of every window of their quota (its latest
-  -- bucket is where they were charged): h as it would be without tallies.
+  -- bucket is where they were charged): h as it would be without tallies. Returns
+  -- the place of each quota among the tallies, by quota id.
   settle = function(v, nv, h, A)
     local slot, ns = {}, 0
     for o = 2, nv, REC do
@@ -196,19 +197,7 @@ local function helpers()
         h[oh], h[oh + 1] = h[oh] + t, h[oh + 1] + t
       end
     end
-  end
-  -- The place of quota qid among the tallies of v (nil: it has no window there).
-  slot_of = function(v, nv, qid)
-    local seen, ns = {}, 0
-    for o = 2, nv, REC do
-      local q = v[o + 5]
-      if q == qid then return ns + 1 end
-      if not seen[q] then
-        seen[q] = true
-        ns = ns + 1
-      end
-    end
-    return nil
+    return slot
   end
   -- Tallies at zero for the quotas of v, after the version.
   tallies = function(v, nv, version)
@@ -384,11 +373,11 @@ if slow then
     else
       local key = KEYS[K0 + g]
       local v, nv, h, nh, A, nA, kb, hb = load(key)
-      settle(v, nv, h, A)
+      local slots = settle(v, nv, h, A)
       local cold = kb == nil
-      -- What this check adds to each quota's tally, if `k` stays as it is: then
-      -- only `a` is written, under the same version, so that checks by tallies
-      -- already on their way still match.
+      -- What this check adds to each quota's tally (quota id, cost), if `k` stays
+      -- as it is: then only `a` is written, under the same version, so that
+      -- checks by tallies already on their way still match.
       local add = {}
       -- Records are kept in the order of the last check, so a window's record is
       -- usually where the previous one's ended.
@@ -396,7 +385,7 @@ if slow then
       for r = 1, nreq do
         local c, qid, nw = N[q], N[q + 1], N[q + 2]
         q = q + 3
-        add[r] = {qid, c}
+        add[2 * r - 1], add[2 * r] = qid, c
         for w = 1, nw do
           n = n + 1
           local tag, lim = N[q], N[q + 1]
@@ -419,7 +408,7 @@ if slow then
             jump = jump or {}
             jump[n] = o
           end
-          local oh = hot(o)
+          local oh = (o - 2) / REC * HOT + 1
           if now >= v[o + 3] then
             -- The lowest bucket kept stopped counting: drop all that did (older
             -- buckets are fields below the latest one; at most a window's worth).
@@ -481,7 +470,7 @@ if slow then
           o = o + REC
         end
       end
-      G[g] = {false, v, nv, h, nh, A, cold, kb, ttl, hb, nA, add}
+      G[g] = {false, v, nv, h, nh, A, cold, kb, ttl, hb, nA, add, slots}
     end
   end
 end
@@ -547,7 +536,7 @@ for g = 1, F[1] do
       end
     end
   elseif allowed or Gg[7] then
-    local v, nv, h, nh, A, cold, kb, ttl, hb, nA, add = unpack(Gg, 2, 12)
+    local v, nv, h, nh, A, cold, kb, ttl, hb, nA, add, slots = unpack(Gg, 2, 13)
     local refresh = allowed and v[1] < now + ttl
     local keep = ttl + floor(ttl / 16)
     if refresh then
@@ -568,9 +557,9 @@ for g = 1, F[1] do
     else
       -- `k` and `h` as they were: the charges go to the tallies.
       a, na = A, nA
-      for _, qc in ipairs(add) do
-        local s = slot_of(v, nv, qc[1]) + 1
-        a[s] = (a[s] or 0) + qc[2]
+      for i = 1, #add, 2 do
+        local s = slots[add[i]] + 1
+        a[s] = (a[s] or 0) + add[i + 1]
       end
       for i = 2, na do a[i] = a[i] or 0 end
       ab = encode(a, na)
