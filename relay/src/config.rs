@@ -327,9 +327,17 @@ pub struct DeliveryConfig {
     /// loses its messages to another relay after this.
     #[serde(with = "duration_str")]
     pub lease: Duration,
-    /// How often to look for due mail when the queue had none.
+    /// How often to look for due mail when the queue had none. Mail this relay
+    /// queues itself is looked at sooner (see `wake_delay`); mail queued by other
+    /// relays on the same Redis, and retries coming due, within this.
     #[serde(with = "duration_str")]
     pub poll_interval: Duration,
+    /// When this relay queues mail while delivery is idle, delivery looks for it
+    /// after this pause (instead of at the next poll), so that a burst is taken in
+    /// batches of many messages per connection rather than one by one; `0s` looks
+    /// at once.
+    #[serde(with = "duration_str")]
+    pub wake_delay: Duration,
     /// MX lookups.
     pub dns: crate::delivery::mx::ResolverConfig,
     /// Send everything through this host instead of the recipients' MX.
@@ -355,6 +363,7 @@ impl Default for DeliveryConfig {
             connect_timeout: Duration::from_secs(30),
             lease: Duration::from_secs(300),
             poll_interval: Duration::from_secs(1),
+            wake_delay: Duration::from_millis(20),
             dns: Default::default(),
             smarthost: None,
             routes: Vec::new(),
@@ -712,6 +721,12 @@ impl RelayConfig {
         if d.lease < Duration::from_secs(2) {
             return Err(invalid("delivery.lease", "must be at least 2s"));
         }
+        if d.wake_delay > d.poll_interval {
+            return Err(invalid(
+                "delivery.wake_delay",
+                "must not be longer than delivery.poll_interval",
+            ));
+        }
         d.retry
             .validate()
             .map_err(|m| invalid("delivery.retry", m))?;
@@ -977,6 +992,11 @@ mod tests {
         assert!(c.delivery.enabled);
         assert_eq!(c.delivery.max_concurrency, 50);
         assert_eq!(c.delivery.lease, Duration::from_secs(300));
+        assert_eq!(c.delivery.wake_delay, Duration::from_millis(20));
+        let e = RelayConfig::from_yaml("delivery: {poll_interval: 1s, wake_delay: 2s}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("delivery.wake_delay"), "{e}");
         assert_eq!(c.delivery.tls, TlsPolicy::Opportunistic);
         let c = RelayConfig::from_yaml(
             "delivery: {smarthost: {host: smtp.example.com, username: u, tls: required}, retry: {first: 1s}}",

@@ -254,6 +254,9 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     };
     let grace = cfg.shutdown_grace;
     let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
+    if let Some(d) = &delivery {
+        shared.ring_on_queue(d.doorbell());
+    }
     let flag = Arc::clone(&draining);
     let (delivery_drain_tx, delivery_drain_rx) = tokio::sync::oneshot::channel();
     server::serve(shared, listeners, async move {

@@ -688,3 +688,29 @@ fn a_dns_failure_defers() {
             >= 2.0
     );
 }
+
+/// Mail the relay queues wakes its idle delivery: with a poll interval of an hour,
+/// messages still go out (the second one certainly after the scheduler went idle).
+#[test]
+fn queued_mail_wakes_idle_delivery() {
+    let dns = zone();
+    let port = free_ports(1)[0];
+    let hub = Mx::plain("127.0.0.2", port, 0.0);
+    let relay = Relay::start(RelayOptions {
+        extra_yaml: format!(
+            "delivery:\n  dns: {{nameservers: ['{}'], port_override: {port}, timeout: 2s}}\n  \
+             poll_interval: 1h\n  smarthost: {{host: 127.0.0.2, port: {port}, tls: disabled}}\n",
+            dns.addr()
+        ),
+        ..Default::default()
+    });
+    for (n, to) in ["first@b.test", "second@b.test"].iter().enumerate() {
+        swaks(&relay, "alice@sender.test", &[to], None);
+        let recs = hub.wait_for(
+            "the message at the smarthost",
+            || relay.log(),
+            |r| r.len() > n,
+        );
+        assert_eq!(rcpts(&recs[n]), [*to]);
+    }
+}

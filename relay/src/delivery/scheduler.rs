@@ -112,6 +112,18 @@ struct RelayHost {
 const LEASE_BATCH: usize = 200;
 
 /// A running delivery service; [`Delivery::shutdown`] drains it.
+/// Rung when mail is queued, so that idle delivery looks for it now rather than at
+/// its next poll. Cheap to clone.
+#[derive(Clone)]
+pub struct Doorbell(Arc<Notify>);
+
+impl Doorbell {
+    pub fn ring(&self) {
+        // A permit is kept when delivery is busy: it looks again once idle.
+        self.0.notify_one();
+    }
+}
+
 pub struct Delivery {
     inner: Arc<Inner>,
     main: tokio::task::JoinHandle<()>,
@@ -139,7 +151,7 @@ struct Inner {
     /// Connection tasks spawned and not yet finished.
     running: AtomicUsize,
     stopping: AtomicBool,
-    wake: Notify,
+    wake: Arc<Notify>,
     /// Sees leased mail before delivery (ingress `defer` quotas hold some back).
     hook: Option<Arc<dyn crate::quota::DispatchHook>>,
 }
@@ -254,7 +266,7 @@ impl Delivery {
             held: Mutex::new(HashMap::new()),
             running: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
-            wake: Notify::new(),
+            wake: Arc::new(Notify::new()),
             hook,
         });
         let main = tokio::spawn(Arc::clone(&inner).run());
@@ -265,6 +277,11 @@ impl Delivery {
             main,
             renewer,
         })
+    }
+
+    /// The doorbell to ring when mail is queued in this process.
+    pub fn doorbell(&self) -> Doorbell {
+        Doorbell(Arc::clone(&self.inner.wake))
     }
 
     /// Stops taking work, lets deliveries in flight finish until `deadline`, then
@@ -356,7 +373,13 @@ impl Inner {
     async fn idle(&self, d: Duration) {
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
-            _ = self.wake.notified() => {}
+            _ = self.wake.notified() => {
+                // Mail was just queued: let the rest of a burst arrive, so that it
+                // is taken (and sent) in batches, not a message per lease.
+                if !self.stopping.load(Ordering::SeqCst) {
+                    tokio::time::sleep(self.cfg.wake_delay).await;
+                }
+            }
         }
     }
 

@@ -483,6 +483,7 @@ impl Conn {
     fn note_write(&self, msg: &crate::queue::QueuedMessage, stored: bool, elapsed: Duration) {
         self.shared.metrics.queue_write(elapsed, stored);
         if stored {
+            self.shared.queued();
             self.shared.metrics.accepted(msg.body.len() as u64);
             info!(
                 queue_id = %msg.envelope.id,

@@ -37,6 +37,9 @@ pub struct Shared {
     pub limits: Arc<ConnLimits>,
     /// Send quotas (ingress checks); `None` runs without any.
     pub quotas: Option<Arc<crate::quota::Quotas>>,
+    /// Rung after each message queued: this process's delivery (see
+    /// [`Shared::ring_on_queue`]).
+    doorbell: std::sync::OnceLock<crate::delivery::scheduler::Doorbell>,
     active: AtomicUsize,
 }
 
@@ -69,8 +72,22 @@ impl Shared {
             users,
             limits,
             quotas,
+            doorbell: std::sync::OnceLock::new(),
             active: AtomicUsize::new(0),
         })
+    }
+
+    /// Rings `doorbell` after every message queued from now on (once; later calls
+    /// are ignored).
+    pub fn ring_on_queue(&self, doorbell: crate::delivery::scheduler::Doorbell) {
+        let _ = self.doorbell.set(doorbell);
+    }
+
+    /// A message was queued.
+    fn queued(&self) {
+        if let Some(d) = self.doorbell.get() {
+            d.ring();
+        }
     }
 
     /// Sessions currently running (including ones still in their handshake).
