@@ -80,6 +80,11 @@ async fn agree_with_the_model(
                 1..=3 => 0,
                 _ => rng.random_range(0..200),
             };
+            // Now and then the clock steps back (an NTP correction) by less than the
+            // shortest window: the charge goes to the bucket of that earlier time.
+            if rng.random_range(0..50) == 0 {
+                now -= rng.random_range(0..40);
+            }
             match rng.random_range(0..20) {
                 0 if !charges.is_empty() => {
                     let (reqs, at) = charges.swap_remove(rng.random_range(0..charges.len()));

@@ -456,11 +456,20 @@ if slow then
                 v[o + 4], h[oh + 1] = (floor(now / b) + 1) * b, c
                 cold = true
               else
-                -- Redis TIME went back: charge the earlier bucket's field.
+                -- Redis TIME went back: charge the earlier bucket's field, or the
+                -- oldest bucket kept if it went back further (as the model does).
+                -- Not a tally (tallies count in the latest bucket): `h` is written.
                 moved[n] = false
-                fin[nfin + 1], fin[nfin + 2], fin[nfin + 3], fin[nfin + 4] =
-                  key, prefix(tag) .. floor(now / v[o + 2]), c, true
-                nfin = nfin + 4
+                cold = true
+                local j = math.max(floor(now / v[o + 2]), lo_of(v, o))
+                if j >= cb_of(v, o) then
+                  moved[n] = nil
+                  h[oh + 1] = h[oh + 1] + c
+                else
+                  fin[nfin + 1], fin[nfin + 2], fin[nfin + 3], fin[nfin + 4] =
+                    key, prefix(tag) .. j, c, true
+                  nfin = nfin + 4
+                end
               end
             end
             h[oh] = t

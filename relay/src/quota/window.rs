@@ -189,10 +189,11 @@ impl WindowState {
     /// Adds `cost` at `now` (after a [`check`](Self::check) at the same `now`) and
     /// returns the check as it stands after the charge.
     pub fn charge(&mut self, spec: &WindowSpec, now: u64, cost: u64) -> WindowCheck {
-        if self.lo.is_none() {
-            self.lo = Some(spec.lower(now));
-        }
-        *self.counts.entry(spec.bucket(now)).or_default() += cost;
+        let lo = *self.lo.get_or_insert_with(|| spec.lower(now));
+        // A clock that stepped back by more than the buckets kept: the charge counts
+        // in the oldest bucket kept, so it stops counting later than its own would
+        // have, never sooner.
+        *self.counts.entry(spec.bucket(now).max(lo)).or_default() += cost;
         self.total += cost;
         WindowCheck {
             used: self.total,
