@@ -311,10 +311,11 @@ local F = {unpack4(ARGV[A0 + 2], ARGV[A0 + 3])}
 local N, S
 -- Per group: {true, tallies, their length} when checked from its tallies, else
 -- {false, records, length, totals, length, tallies, whether `k` changed, `k` as
--- stored, ttl}.
+-- stored, ttl, `h` as stored, tallies' length, what each request adds (quota id,
+-- cost), each quota's place among the tallies}.
 local G = {}
 local allowed, full, slow = true, false, false
--- Charges to take back if a later check fails: by tally (group, place, cost), and
+-- Charges to take back if a later check fails: by tally (tallies, place, cost), and
 -- by window: the last one charged, those whose charge started a bucket (what it
 -- replaced) or went to an earlier one (false: Redis TIME went back).
 local done, nd, charged, moved = {}, 0, 0, nil
