@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 use super::free_ports;
 
 /// Where an external program lives. Panics (fails the test) when it is missing: CI
-/// installs Postfix and swaks (.ci/install-deps), and a skip would hide a lost scenario.
+/// installs every client these tests drive (.ci/install-deps), and a skip would hide
+/// a lost scenario.
 pub fn tool(name: &str) -> PathBuf {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let extra = ["/usr/sbin", "/usr/bin", "/sbin", "/bin"].map(PathBuf::from);
@@ -29,7 +30,7 @@ pub fn tool(name: &str) -> PathBuf {
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "`{name}` is not installed; run .ci/install-deps (it installs postfix and swaks)"
+                "`{name}` is not installed; run .ci/install-deps (CI installs every program these tests drive)"
             )
         })
 }
