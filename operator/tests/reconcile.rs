@@ -288,8 +288,7 @@ async fn a_missing_secret_holds_the_rollout_with_a_reason_and_an_event() {
     // A Secret without the keys is named as such.
     api.put(
         &format!("{NS}/secrets/relay-tls"),
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "relay-tls", "namespace": "mail"},
-               "data": {"tls.crt": "Y2VydA=="}}),
+        secret("relay-tls", &[("tls.crt", "cert")]),
     );
     reconcile_relay(&api, &ctx).await.unwrap();
     assert_eq!(
@@ -300,8 +299,7 @@ async fn a_missing_secret_holds_the_rollout_with_a_reason_and_an_event() {
     // Once the Secret is complete the relay rolls out.
     api.put(
         &format!("{NS}/secrets/relay-tls"),
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "relay-tls", "namespace": "mail"},
-               "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}}),
+        secret("relay-tls", &[("tls.crt", "cert"), ("tls.key", "key")]),
     );
     reconcile_relay(&api, &ctx).await.unwrap();
     assert!(api.get(DEPLOYMENT).is_some());
@@ -319,16 +317,8 @@ async fn env_secrets_roll_the_pods_when_they_change() {
     let mut s = spec(&redis);
     s["redis"]["passwordSecret"] = json!({"name": "redis", "key": "password"});
     api.put(RELAY, relay_obj(s));
-    let secret = |pw: &str| {
-        use std::io::Write;
-        let mut b64 = Vec::new();
-        let mut enc = base64_encode(pw.as_bytes());
-        b64.write_all(enc.as_bytes()).unwrap();
-        enc.clear();
-        json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "redis", "namespace": "mail"},
-               "data": {"password": String::from_utf8(b64).unwrap()}})
-    };
-    api.put(&format!("{NS}/secrets/redis"), secret("first-password"));
+    let password = |pw: &str| secret("redis", &[("password", pw)]);
+    api.put(&format!("{NS}/secrets/redis"), password("first-password"));
     let ctx = context(&api, settings());
     reconcile_relay(&api, &ctx).await.unwrap();
     let r = api.get(RELAY).unwrap();
@@ -346,7 +336,7 @@ async fn env_secrets_roll_the_pods_when_they_change() {
     assert_eq!(env["name"], "MAILRELAY_REDIS_PASSWORD");
     assert_eq!(env["valueFrom"]["secretKeyRef"]["name"], "redis");
 
-    api.put(&format!("{NS}/secrets/redis"), secret("second-password"));
+    api.put(&format!("{NS}/secrets/redis"), password("second-password"));
     redis
         .cli(&["CONFIG", "SET", "requirepass", "second-password"])
         .unwrap();
@@ -367,11 +357,7 @@ async fn a_redis_url_from_a_secret_is_required_checked_used_and_rolls_the_pods()
     s["redis"] = json!({"urlSecret": {"name": "redis-url", "key": "url"}});
     api.put(RELAY, relay_obj(s));
     let ctx = context(&api, settings());
-    let url_secret = |url: &str| {
-        json!({"apiVersion": "v1", "kind": "Secret",
-               "metadata": {"name": "redis-url", "namespace": "mail"},
-               "data": {"url": base64_encode(url.as_bytes())}})
-    };
+    let url_secret = |url: &str| secret("redis-url", &[("url", url)]);
     let ready = |api: &FakeApi| condition(&api.get(RELAY).unwrap(), "Ready").clone();
 
     // Missing: the same hold as a missing password Secret.
@@ -467,25 +453,19 @@ async fn a_redis_url_from_a_secret_is_required_checked_used_and_rolls_the_pods()
     );
 }
 
-fn base64_encode(bytes: &[u8]) -> String {
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+/// A Secret in the test namespace with `data` (values base64-encoded as the API
+/// server stores them).
+fn secret(name: &str, data: &[(&str, &str)]) -> Value {
+    use base64::Engine as _;
+    let data: serde_json::Map<String, Value> = data
+        .iter()
+        .map(|(k, v)| {
+            let v = base64::engine::general_purpose::STANDARD.encode(v);
+            (k.to_string(), json!(v))
+        })
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Secret",
+           "metadata": {"name": name, "namespace": "mail"}, "data": data})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

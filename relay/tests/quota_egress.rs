@@ -11,9 +11,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use mailrelay::quota::egress::backoff::BackoffPolicy;
@@ -101,25 +100,12 @@ struct Mx {
 impl Mx {
     fn start(host: &str, port: u16, script: Value) -> Mx {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("mx.py");
-        std::fs::write(&path, SERVER).unwrap();
         let record = dir.path().join("events.jsonl");
         let mut cfg = script;
         cfg["host"] = json!(host);
         cfg["port"] = json!(port);
         cfg["record"] = json!(record);
-        let mut child = Command::new("python3")
-            .arg(&path)
-            .arg(cfg.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 (with aiosmtpd) must be installed");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = support::start_python(dir.path(), SERVER, &cfg);
         assert_eq!(
             line.trim(),
             "ready",

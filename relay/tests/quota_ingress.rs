@@ -16,7 +16,6 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -559,23 +558,10 @@ struct Receiver {
 impl Receiver {
     fn start(host: &str) -> Receiver {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("mx.py");
-        std::fs::write(&script, RECEIVER).unwrap();
         let record = dir.path().join("received.jsonl");
         let port = free_ports(1)[0];
         let cfg = json!({"host": host, "port": port, "record": record});
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(cfg.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 with aiosmtpd");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = support::start_python(dir.path(), RECEIVER, &cfg);
         assert_eq!(line.trim(), "ready");
         Receiver {
             child,

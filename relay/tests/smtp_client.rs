@@ -5,10 +5,11 @@
 //!
 //! aiosmtpd and openssl come from `.ci/install-deps`; a missing one fails the test.
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Child;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -21,6 +22,7 @@ use mailrelay::queue::{
     BodyType, ClientInfo, Envelope, MailParams, QueueId, QueuedMessage, Recipient,
 };
 use serde_json::{Value, json};
+use support::pki::Pki;
 use tokio::net::TcpStream;
 
 const SERVER: &str = r#"
@@ -108,22 +110,9 @@ struct Mx {
 impl Mx {
     fn start(mut cfg: Value) -> Mx {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("mx.py");
-        std::fs::write(&script, SERVER).unwrap();
         let record = dir.path().join("received.jsonl");
         cfg["record"] = json!(record);
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(cfg.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 (with aiosmtpd) must be installed");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = support::start_python(dir.path(), SERVER, &cfg);
         let port = line
             .trim()
             .parse()
@@ -233,68 +222,18 @@ fn results(r: &ConnectionResult, m: usize) -> Vec<(Outcome, Stage, u16)> {
 
 /// A throw-away CA and a leaf for `mx.test` signed by it (webpki refuses a
 /// self-signed certificate as an end entity).
-struct Pki {
-    dir: tempfile::TempDir,
+fn mx_pki() -> Pki {
+    Pki::new(&["mx.test"])
 }
 
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        let mut ca = vec![
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Test CA",
-        ];
-        ca.extend(ec);
-        ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
-        openssl(&ca, dir.path());
-        let mut leaf = vec![
-            "req",
-            "-x509",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=mx.test",
-        ];
-        leaf.extend(["-CA", "ca.pem", "-CAkey", "ca.key"]);
-        leaf.extend(ec);
-        leaf.extend(["-addext", "subjectAltName=DNS:mx.test"]);
-        leaf.extend(["-addext", "basicConstraints=critical,CA:FALSE"]);
-        leaf.extend(["-keyout", "leaf.key", "-out", "leaf.pem"]);
-        openssl(&leaf, dir.path());
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn server_cfg(&self) -> Value {
-        json!({"cert": self.path("leaf.pem"), "key": self.path("leaf.key")})
-    }
-
-    fn client_tls(&self) -> ClientTls {
-        ClientTls::new(Some(&self.path("ca.pem"))).unwrap()
-    }
+/// The server side of `pki` for the aiosmtpd script.
+fn server_cfg(pki: &Pki) -> Value {
+    json!({"cert": pki.cert(), "key": pki.key()})
 }
 
-fn openssl(args: &[&str], cwd: &Path) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("openssl must be installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// A client that trusts `pki`'s CA.
+fn client_tls(pki: &Pki) -> ClientTls {
+    ClientTls::new(Some(&pki.ca())).unwrap()
 }
 
 fn system_tls() -> ClientTls {
@@ -402,8 +341,8 @@ async fn pipelined_messages_share_a_connection_with_rset_after_refusals() {
 
 #[tokio::test]
 async fn opportunistic_starttls_satisfies_a_server_that_requires_it() {
-    let pki = Pki::new();
-    let mut scfg = pki.server_cfg();
+    let pki = mx_pki();
+    let mut scfg = server_cfg(&pki);
     scfg["require_starttls"] = json!(true);
     let mx = Mx::start(scfg);
     // A few MB with dot lines: content is written in blocks through TLS.
@@ -429,19 +368,19 @@ async fn opportunistic_starttls_satisfies_a_server_that_requires_it() {
 
 #[tokio::test]
 async fn required_tls_verifies_the_certificate() {
-    let pki = Pki::new();
-    let mx = Mx::start(pki.server_cfg());
+    let pki = mx_pki();
+    let mx = Mx::start(server_cfg(&pki));
     let m = message("a@s.test", &["t@d.test"], b"x\r\n");
     let mut c = cfg();
     c.tls = TlsPolicy::Required;
-    let r = mx.deliver(&pki.client_tls(), "mx.test", &[&m], &c).await;
+    let r = mx.deliver(&client_tls(&pki), "mx.test", &[&m], &c).await;
     assert_eq!(
         results(&r, 0),
         vec![(Outcome::Delivered, Stage::Message, 250)]
     );
     assert!(r.tls.is_some());
     // Unknown CA, and a name the certificate does not carry: deferred at STARTTLS.
-    for (tls, name) in [(system_tls(), "mx.test"), (pki.client_tls(), "other.test")] {
+    for (tls, name) in [(system_tls(), "mx.test"), (client_tls(&pki), "other.test")] {
         let r = mx.deliver(&tls, name, &[&m], &c).await;
         let o = &r.messages[0].recipients[0];
         assert_eq!(
@@ -474,8 +413,8 @@ async fn required_tls_to_a_server_without_starttls_defers() {
 
 #[tokio::test]
 async fn auth_to_a_smarthost_over_tls() {
-    let pki = Pki::new();
-    let mut scfg = pki.server_cfg();
+    let pki = mx_pki();
+    let mut scfg = server_cfg(&pki);
     scfg["auth"] = json!(true);
     let mx = Mx::start(scfg);
     let m = message("a@s.test", &["t@d.test"], b"x\r\n");

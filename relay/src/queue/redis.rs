@@ -555,38 +555,7 @@ impl RedisQueue {
         args: &[Vec<u8>],
     ) -> Result<(bool, Vec<u8>), QueueError> {
         self.deadline("enqueue", async move {
-            let id = valid_id(&msg.envelope.id)?;
-            let envelope = encode("envelope", &msg.envelope)?;
-            let status = encode("status", &MessageStatus::new(&msg.envelope))?;
-            let shard = self.keys(id);
-            let mut pipe = redis::pipe();
-            let cmd = pipe
-                .cmd("EVALSHA")
-                .arg(guard.script.get_hash())
-                .arg(keys.len() + 5)
-                .arg(shard.message(id))
-                .arg(&shard.due)
-                .arg(&shard.ids)
-                .arg(&shard.stats)
-                .arg(&shard.leased);
-            for k in keys {
-                cmd.arg(k);
-            }
-            cmd.arg(id)
-                .arg(envelope.as_slice())
-                .arg(msg.body.as_slice())
-                .arg(msg.envelope.received_at_ms)
-                .arg(status.as_slice());
-            for a in args {
-                cmd.arg(a.as_slice());
-            }
-            if self.wait_replicas > 0 {
-                pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT_MS);
-            }
-            let replies = self
-                .run_script_pipeline(&pipe, &guard.script)
-                .await
-                .map_err(|e| self.unavailable("enqueue", e))?;
+            let replies = self.run_enqueue(msg, &guard.script, keys, args).await?;
             let (allowed, reply): (i64, Vec<u8>) = replies
                 .first()
                 .cloned()
@@ -594,24 +563,82 @@ impl RedisQueue {
                 .transpose()
                 .map_err(|e| QueueError::Corrupt(format!("guarded enqueue reply: {e}")))?
                 .ok_or_else(|| QueueError::Corrupt("guarded enqueue: no reply".into()))?;
-            if allowed == 1 && self.wait_replicas > 0 {
-                let acked = replies
-                    .get(1)
-                    .cloned()
-                    .map(redis::from_redis_value::<i64>)
-                    .transpose()
-                    .map_err(|e| QueueError::Unavailable(format!("redis WAIT: {e}")))?
-                    .unwrap_or(0);
-                if acked < i64::from(self.wait_replicas) {
-                    return Err(QueueError::Unavailable(format!(
-                        "redis WAIT: {acked} of {} replicas acknowledged message {id} within {WAIT_TIMEOUT_MS} ms",
-                        self.wait_replicas
-                    )));
-                }
+            if allowed == 1 {
+                self.check_replicas(&replies, &msg.envelope.id)?;
             }
             Ok((allowed == 1, reply))
         })
         .await
+    }
+
+    /// Runs an enqueue script on `msg`: its five keys and five arguments first, then
+    /// `extra_keys` and `extra_args` (a guard's), and `WAIT` for replicas in the same
+    /// pipeline. Returns the replies: the script's, then `WAIT`'s.
+    async fn run_enqueue(
+        &self,
+        msg: &QueuedMessage,
+        script: &Script,
+        extra_keys: &[String],
+        extra_args: &[Vec<u8>],
+    ) -> Result<Vec<Value>, QueueError> {
+        let id = valid_id(&msg.envelope.id)?;
+        let envelope = encode("envelope", &msg.envelope)?;
+        let status = encode("status", &MessageStatus::new(&msg.envelope))?;
+        let shard = self.keys(id);
+        let mut pipe = redis::pipe();
+        let cmd = pipe
+            .cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(extra_keys.len() + 5)
+            .arg(shard.message(id))
+            .arg(&shard.due)
+            .arg(&shard.ids)
+            .arg(&shard.stats)
+            .arg(&shard.leased);
+        for k in extra_keys {
+            cmd.arg(k);
+        }
+        cmd.arg(id)
+            .arg(envelope.as_slice())
+            .arg(msg.body.as_slice())
+            .arg(msg.envelope.received_at_ms)
+            .arg(status.as_slice());
+        for a in extra_args {
+            cmd.arg(a.as_slice());
+        }
+        if self.wait_replicas > 0 {
+            // In the same pipeline, so it runs on the connection that wrote the
+            // message (WAIT counts that connection's writes) and costs no extra
+            // round trip. It blocks the multiplexed connection while it waits.
+            pipe.cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(WAIT_TIMEOUT_MS);
+        }
+        self.run_script_pipeline(&pipe, script)
+            .await
+            .map_err(|e| self.unavailable("enqueue", e))
+    }
+
+    /// Whether enough replicas acknowledged the write of message `id` (the reply of
+    /// the `WAIT` after an enqueue script).
+    fn check_replicas(&self, replies: &[Value], id: &QueueId) -> Result<(), QueueError> {
+        if self.wait_replicas == 0 {
+            return Ok(());
+        }
+        let acked = replies
+            .get(1)
+            .cloned()
+            .map(redis::from_redis_value::<i64>)
+            .transpose()
+            .map_err(|e| QueueError::Unavailable(format!("redis WAIT: {e}")))?
+            .unwrap_or(0);
+        if acked < i64::from(self.wait_replicas) {
+            return Err(QueueError::Unavailable(format!(
+                "redis WAIT: {acked} of {} replicas acknowledged message {id} within {WAIT_TIMEOUT_MS} ms",
+                self.wait_replicas
+            )));
+        }
+        Ok(())
     }
 
     /// A handle on this queue's connection for other stores (see [`SharedRedis`]).
@@ -878,50 +905,10 @@ impl Queue for RedisQueue {
 
     fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
         Box::pin(self.deadline("enqueue", async move {
-            let id = valid_id(&msg.envelope.id)?;
-            let envelope = encode("envelope", &msg.envelope)?;
-            let status = encode("status", &MessageStatus::new(&msg.envelope))?;
-            let keys = self.keys(id);
-            let mut pipe = redis::pipe();
-            pipe.cmd("EVALSHA")
-                .arg(self.scripts.enqueue.get_hash())
-                .arg(5)
-                .arg(keys.message(id))
-                .arg(&keys.due)
-                .arg(&keys.ids)
-                .arg(&keys.stats)
-                .arg(&keys.leased)
-                .arg(id)
-                .arg(envelope.as_slice())
-                .arg(msg.body.as_slice())
-                .arg(msg.envelope.received_at_ms)
-                .arg(status.as_slice());
-            if self.wait_replicas > 0 {
-                // In the same pipeline, so it runs on the connection that wrote the
-                // message (WAIT counts that connection's writes) and costs no extra
-                // round trip. It blocks the multiplexed connection while it waits.
-                pipe.cmd("WAIT").arg(self.wait_replicas).arg(WAIT_TIMEOUT_MS);
-            }
             let replies = self
-                .run_script_pipeline(&pipe, &self.scripts.enqueue)
-                .await
-                .map_err(|e| self.unavailable("enqueue", e))?;
-            if self.wait_replicas > 0 {
-                let acked = replies
-                    .get(1)
-                    .cloned()
-                    .map(redis::from_redis_value::<i64>)
-                    .transpose()
-                    .map_err(|e| QueueError::Unavailable(format!("redis WAIT: {e}")))?
-                    .unwrap_or(0);
-                if acked < i64::from(self.wait_replicas) {
-                    return Err(QueueError::Unavailable(format!(
-                        "redis WAIT: {acked} of {} replicas acknowledged message {id} within {WAIT_TIMEOUT_MS} ms",
-                        self.wait_replicas
-                    )));
-                }
-            }
-            Ok(())
+                .run_enqueue(msg, &self.scripts.enqueue, &[], &[])
+                .await?;
+            self.check_replicas(&replies, &msg.envelope.id)
         }))
     }
 

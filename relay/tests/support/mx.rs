@@ -15,8 +15,7 @@
 //! Records: every accepted message (`records()`), counts of connections and RSETs
 //! (`stats()`), and every AUTH attempt (`auth_attempts()`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -149,23 +148,10 @@ impl Mx {
     /// Starts a server with `cfg` (see the module docs); panics if it cannot listen.
     pub fn start(mut cfg: Value) -> Mx {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("mx.py");
-        std::fs::write(&script, SERVER).unwrap();
         cfg["record"] = json!(dir.path().join("received.jsonl"));
         cfg["stats"] = json!(dir.path().join("stats.json"));
         cfg["auth_log"] = json!(dir.path().join("auth.jsonl"));
-        let mut child = Command::new("python3")
-            .arg(&script)
-            .arg(cfg.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3 (with aiosmtpd) must be installed: run .ci/install-deps");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let (child, line) = super::start_python(dir.path(), SERVER, &cfg);
         let port = line
             .trim()
             .strip_prefix("ready ")
