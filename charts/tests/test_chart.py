@@ -250,10 +250,10 @@ def expect_defaults(case):
         ]
     ), case.kinds()
     d, c = operator_container(case)
-    assert c["image"] == "ghcr.io/mailrelay/mailrelay-operator:0.1.0", c["image"]
+    assert c["image"] == "ghcr.io/mailrelay-dev/mailrelay-operator:0.1.0", c["image"]
     assert c["args"] == [
         "run",
-        "--relay-image=ghcr.io/mailrelay/mailrelay:0.1.0",
+        "--relay-image=ghcr.io/mailrelay-dev/mailrelay:0.1.0",
         "--metrics-address=0.0.0.0:8080",
         "--status-interval=30s",
         "--lease-name=mailrelay-operator",

@@ -3,17 +3,20 @@
 //! (`operator/tests/images.rs`) fails when they disagree.
 
 /// Image repository of the relay (`mailrelay serve`).
-pub const RELAY_REPOSITORY: &str = "ghcr.io/mailrelay/mailrelay";
+pub const RELAY_REPOSITORY: &str = "ghcr.io/mailrelay-dev/mailrelay";
 
 /// Image repository of the operator (and the `kubectl-mailrelay` plugin).
-pub const OPERATOR_REPOSITORY: &str = "ghcr.io/mailrelay/mailrelay-operator";
+pub const OPERATOR_REPOSITORY: &str = "ghcr.io/mailrelay-dev/mailrelay-operator";
 
 /// The relay image a `MailRelay` without `spec.image` runs.
-pub const RELAY_IMAGE: &str = concat!("ghcr.io/mailrelay/mailrelay:", env!("CARGO_PKG_VERSION"));
+pub const RELAY_IMAGE: &str = concat!(
+    "ghcr.io/mailrelay-dev/mailrelay:",
+    env!("CARGO_PKG_VERSION")
+);
 
 /// The operator's own image (the Helm chart's default).
 pub const OPERATOR_IMAGE: &str = concat!(
-    "ghcr.io/mailrelay/mailrelay-operator:",
+    "ghcr.io/mailrelay-dev/mailrelay-operator:",
     env!("CARGO_PKG_VERSION")
 );
 

@@ -15,7 +15,7 @@ use mailrelay_operator::resources::{
     self, CONFIG_HASH_ANNOTATION, Inputs, ResolvedSecrets, Resources, SECRET_HASH_ANNOTATION,
 };
 
-const IMAGE: &str = "ghcr.io/mailrelay/mailrelay:0.1.0";
+const IMAGE: &str = "ghcr.io/mailrelay-dev/mailrelay:0.1.0";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_owned()

@@ -39,8 +39,10 @@ use crate::telemetry::Metrics;
 /// Field manager of every server-side apply.
 pub const MANAGER: &str = "mailrelay-operator";
 /// The default relay image (the chart and Dockerfile agree on it).
-pub const DEFAULT_RELAY_IMAGE: &str =
-    concat!("ghcr.io/mailrelay/mailrelay:", env!("CARGO_PKG_VERSION"));
+pub const DEFAULT_RELAY_IMAGE: &str = concat!(
+    "ghcr.io/mailrelay-dev/mailrelay:",
+    env!("CARGO_PKG_VERSION")
+);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
