@@ -124,7 +124,10 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     }
     for (_, alert, _) in alert_rules() {
         assert!(fired.contains(&alert), "{alert}: no test where it fires");
-        assert!(silent.contains(&alert), "{alert}: no test where it stays silent");
+        assert!(
+            silent.contains(&alert),
+            "{alert}: no test where it stays silent"
+        );
     }
 }
 
@@ -219,8 +222,10 @@ fn dashboard_queries_are_valid_promql() {
     let file = dir.path().join("dashboard.rules.yaml");
     std::fs::write(
         &file,
-        serde_norway::to_string(&serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}))
-            .unwrap(),
+        serde_norway::to_string(
+            &serde_json::json!({"groups": [{"name": "dashboard", "rules": rules}]}),
+        )
+        .unwrap(),
     )
     .unwrap();
     promtool(&["check", "rules", file.to_str().unwrap()], dir.path())
@@ -271,12 +276,15 @@ fn is_ident(c: char) -> bool {
 
 /// Index of the bracket closing the one at `open`.
 fn closing(chars: &[char], open: usize) -> usize {
-    let (o, c) = (chars[open], match chars[open] {
-        '(' => ')',
-        '[' => ']',
-        '{' => '}',
-        _ => unreachable!(),
-    });
+    let (o, c) = (
+        chars[open],
+        match chars[open] {
+            '(' => ')',
+            '[' => ']',
+            '{' => '}',
+            _ => unreachable!(),
+        },
+    );
     let mut depth = 0;
     let mut i = open;
     let mut quote = None;
@@ -414,7 +422,10 @@ fn the_promql_scanner_finds_metrics_and_only_metrics() {
     assert_eq!(
         got,
         [
-            ("mailrelay_delivery_recipients_total", vec!["result", "reason"]),
+            (
+                "mailrelay_delivery_recipients_total",
+                vec!["result", "reason"]
+            ),
             ("foo:bar", vec![]),
             ("h_bucket", vec![]),
             ("up", vec!["job"]),
@@ -602,7 +613,12 @@ fn real_relay_exposition() -> String {
         "ok@dest.example,rcpt450@dest.example,rcpt550@dest.example",
         &[],
     );
-    swaks(listeners[0], "batch@limited.example", "ok@dest.example", &[]);
+    swaks(
+        listeners[0],
+        "batch@limited.example",
+        "ok@dest.example",
+        &[],
+    );
     for _ in 0..2 {
         swaks(listeners[0], "news@held.example", "ok@dest.example", &[]);
     }
@@ -614,7 +630,10 @@ fn real_relay_exposition() -> String {
         .output()
         .unwrap();
     let refused = String::from_utf8_lossy(&refused.stdout);
-    assert!(!refused.contains("queued as"), "over quota, yet:\n{refused}");
+    assert!(
+        !refused.contains("queued as"),
+        "over quota, yet:\n{refused}"
+    );
 
     // Delivery runs on its own: wait for the three results.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -837,4 +856,144 @@ fn the_pod_monitor_scrapes_the_pods_the_operator_builds() {
         }
     }
     assert_eq!(others, 2, "the operator and Redis pods");
+}
+
+// ---------------------------------------------------------------------------
+// Queue-wide gauges are max()ed, never summed.
+
+/// The gauges every pod reads from the shared queue: `mailrelay_queue_*` gauges.
+fn queue_wide_gauges(exposition: &str) -> Vec<String> {
+    exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" gauge"))
+        .filter(|n| n.starts_with("mailrelay_queue_"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The word that applies to the selector at `at`: the function or aggregation whose
+/// parenthesis encloses it (looking past a `by (...)` clause), or the set operator
+/// modifier (`on (...)`) right before it.
+fn enclosing_word(expr: &str, at: usize) -> String {
+    let chars: Vec<char> = expr[..at].chars().collect();
+    let mut i = chars.len();
+    let skip_space = |i: &mut usize| {
+        while *i > 0 && chars[*i - 1].is_whitespace() {
+            *i -= 1;
+        }
+    };
+    skip_space(&mut i);
+    let word_before = |mut i: usize| {
+        while i > 0 && chars[i - 1].is_whitespace() {
+            i -= 1;
+        }
+        let end = i;
+        while i > 0 && is_ident(chars[i - 1]) {
+            i -= 1;
+        }
+        (i, chars[i..end].iter().collect::<String>())
+    };
+    if i > 0 && chars[i - 1] == '(' {
+        let (start, w) = word_before(i - 1);
+        if !w.is_empty() {
+            return w;
+        }
+        // `sum by (x) (` : the parenthesis follows a label list.
+        let mut j = start;
+        skip_space(&mut j);
+        if j > 0 && chars[j - 1] == ')' {
+            let mut depth = 0;
+            while j > 0 {
+                j -= 1;
+                match chars[j] {
+                    ')' => depth += 1,
+                    '(' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let (k, clause) = word_before(j);
+            assert!(LABEL_LISTS.contains(&clause.as_str()), "{expr}");
+            return word_before(k).1;
+        }
+        return String::new();
+    }
+    if i > 0 && chars[i - 1] == ')' {
+        // `unless on (namespace, pod) mailrelay_queue_messages`.
+        let mut j = i - 1;
+        let mut depth = 0;
+        loop {
+            match chars[j] {
+                ')' => depth += 1,
+                '(' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        break;
+                    }
+                }
+                _ => {}
+            }
+            j -= 1;
+        }
+        return word_before(j).1;
+    }
+    word_before(i).1
+}
+
+#[test]
+fn queue_wide_gauges_are_never_summed_and_the_docs_say_so() {
+    let m = mailrelay::admin::Metrics::new();
+    let text = m.encode_with_queue_stats(Some(mailrelay::queue::QueueStats::default()));
+    let gauges = queue_wide_gauges(&text);
+    assert_eq!(gauges.len(), 5, "{gauges:?}");
+
+    let mut uses: Vec<(String, String)> = alert_rules()
+        .into_iter()
+        .map(|(_, a, e)| (format!("alert {a}"), e))
+        .collect();
+    uses.extend(dashboard_queries());
+    let mut checked = 0;
+    for (place, expr) in &uses {
+        for g in &gauges {
+            let mut from = 0;
+            while let Some(pos) = expr[from..].find(g.as_str()) {
+                let at = from + pos;
+                from = at + g.len();
+                // Only whole names.
+                if expr[from..].starts_with(|c: char| is_ident(c)) {
+                    continue;
+                }
+                let w = enclosing_word(expr, at);
+                // max/min of equal values is the value; count counts pods; a set
+                // operator only asks whether the pod reports it.
+                assert!(
+                    ["max", "min", "count", "on", "ignoring", "label_values"].contains(&w.as_str()),
+                    "{place}: {g} under {w:?} in {expr}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 10, "{checked}");
+    assert_eq!(
+        enclosing_word("sum by (a) (mailrelay_queue_bytes)", 12),
+        "sum"
+    );
+
+    let ops = std::fs::read_to_string(repo().join("docs/operations.md")).unwrap();
+    let (_, max_part) = ops
+        .split_once("**Queue-wide gauges: take `max()`")
+        .expect("docs/operations.md: the Monitoring section");
+    let max_part = max_part.split("**Per-pod series").next().unwrap();
+    for g in &gauges {
+        assert!(
+            max_part.contains(&format!("`{g}`")),
+            "docs/operations.md does not list {g} as queue-wide"
+        );
+    }
 }
