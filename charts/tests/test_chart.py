@@ -143,6 +143,118 @@ SERVICE_MONITOR = {
 }
 
 
+DURATION = {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+
+# The fields the relays' PodMonitor may use (monitoring.coreos.com/v1).
+POD_MONITOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "podMetricsEndpoints"],
+            "properties": {
+                "jobLabel": {"type": "string"},
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": STRING_MAP},
+                },
+                "namespaceSelector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "any": {"type": "boolean"},
+                        "matchNames": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": DURATION,
+                            "scrapeTimeout": DURATION,
+                            "relabelings": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+                                        "targetLabel": {"type": "string"},
+                                        "action": {"enum": ["replace", "keep", "drop", "labelmap"]},
+                                        "regex": {"type": "string"},
+                                        "replacement": {"type": "string"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+# The fields of a PrometheusRule (monitoring.coreos.com/v1) with alerting rules.
+PROMETHEUS_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "interval": DURATION,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["alert", "expr"],
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "expr": {"type": "string"},
+                                        "for": DURATION,
+                                        "labels": STRING_MAP,
+                                        "annotations": STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+
+
 # --- rendering ---------------------------------------------------------------
 
 
@@ -226,6 +338,10 @@ def check_common(case, crd_validators):
             )
         elif o["kind"] == "ServiceMonitor":
             jsonschema.validate(body, SERVICE_MONITOR)
+        elif o["kind"] == "PodMonitor":
+            jsonschema.validate(body, POD_MONITOR)
+        elif o["kind"] == "PrometheusRule":
+            jsonschema.validate(body, PROMETHEUS_RULE)
 
 
 def operator_container(case):
@@ -336,6 +452,71 @@ def expect_metrics(case):
     assert sm["metadata"]["labels"]["release"] == "prometheus"
     assert all(svc["metadata"]["labels"][k] == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def alert_groups_of_file():
+    with open(os.path.join(CHART, "files", "mailrelay-alerts.yaml")) as f:
+        return yaml.safe_load(f)["groups"]
+
+
+def expect_relay_monitoring(case):
+    pm = case.get("PodMonitor", f"{FULLNAME}-relays")
+    assert pm["metadata"]["labels"]["release"] == "prometheus", pm["metadata"]
+    spec = pm["spec"]
+    # The labels the operator puts on relay pods (operator/tests/monitoring.rs
+    # checks them against the pods it builds).
+    assert spec["selector"] == {
+        "matchLabels": {
+            "app.kubernetes.io/name": "mailrelay",
+            "app.kubernetes.io/managed-by": "mailrelay-operator",
+        }
+    }, spec["selector"]
+    assert spec["jobLabel"] == "app.kubernetes.io/name"
+    assert spec["namespaceSelector"] == {"matchNames": ["mail", "apps"]}, spec
+    (ep,) = spec["podMetricsEndpoints"]
+    assert (ep["port"], ep["path"], ep["interval"], ep["scrapeTimeout"]) == ("admin", "/metrics", "15s", "5s"), ep
+    assert ep["relabelings"] == [
+        {
+            "sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+            "targetLabel": "mailrelay",
+            "action": "replace",
+        }
+    ], ep
+
+    # The rules are the shipped file's, less the disabled alert and the operator
+    # group (its metrics are not scraped here), with the extra label.
+    pr = case.get("PrometheusRule", f"{FULLNAME}-relays")
+    assert pr["metadata"]["labels"]["release"] == "prometheus"
+    want = []
+    for g in alert_groups_of_file():
+        if g["name"] == "mailrelay-operator":
+            continue
+        rules = []
+        for r in g["rules"]:
+            if r["alert"] == "MailRelayEgressQuotaSaturated":
+                continue
+            r = copy.deepcopy(r)
+            r["labels"] = {**r["labels"], "team": "mail"}
+            rules.append(r)
+        want.append({"name": g["name"], "rules": rules})
+    assert pr["spec"]["groups"] == want, json.dumps(pr["spec"]["groups"], indent=1)[:3000]
+    # An alert's own severity wins over additionalAlertLabels.
+    assert all(r["labels"]["severity"] in ("info", "warning", "critical") for g in pr["spec"]["groups"] for r in g["rules"])
+
+    cm = case.get("ConfigMap", f"{FULLNAME}-dashboard")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", cm["metadata"]
+    assert cm["metadata"]["annotations"] == {"grafana_folder": "Mail"}, cm["metadata"]
+    with open(os.path.join(CHART, "files", "mailrelay-dashboard.json")) as f:
+        assert json.loads(cm["data"]["mailrelay-dashboard.json"]) == json.load(f)
+
+
+def expect_relay_monitoring_with_operator(case):
+    pr = case.get("PrometheusRule", f"{FULLNAME}-relays")
+    assert pr["spec"]["groups"] == alert_groups_of_file(), "all groups, unchanged"
+    assert case.has("ServiceMonitor") and case.has("PodMonitor")
+    pm = case.get("PodMonitor", f"{FULLNAME}-relays")
+    assert pm["spec"]["namespaceSelector"] == {"any": True}
+    assert not any(o["kind"] == "ConfigMap" for o in case.objects), case.kinds()
 
 
 def redis_conf(case):
@@ -590,6 +771,36 @@ GOOD = [
         },
         expect_metrics,
     ),
+    (
+        "relay-monitoring",
+        {
+            "relayMonitoring": {
+                "podMonitor": {
+                    "enabled": True,
+                    "namespaces": ["mail", "apps"],
+                    "interval": "15s",
+                    "scrapeTimeout": "5s",
+                    "labels": {"release": "prometheus"},
+                },
+                "prometheusRule": {
+                    "enabled": True,
+                    "labels": {"release": "prometheus"},
+                    "disabledAlerts": ["MailRelayEgressQuotaSaturated"],
+                    "additionalAlertLabels": {"team": "mail", "severity": "page"},
+                },
+                "dashboard": {"enabled": True, "annotations": {"grafana_folder": "Mail"}},
+            }
+        },
+        expect_relay_monitoring,
+    ),
+    (
+        "relay-monitoring-with-operator",
+        {
+            "metrics": {"service": {"enabled": True}, "serviceMonitor": {"enabled": True}},
+            "relayMonitoring": {"podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+        },
+        expect_relay_monitoring_with_operator,
+    ),
     ("bundled-redis", {"redis": {"enabled": True}}, expect_redis_default),
     (
         "bundled-redis-existing-secret",
@@ -686,6 +897,11 @@ BAD = [
     ("auth-without-tls", deep_merge(BASE_RELAY, {"relay": {"authSecretName": "users"}}), "relay.authSecretName needs relay.tlsSecretName"),
     ("implicit-without-tls", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtps", "port": 4650, "tls": "implicit"}]}}), "relay.listeners smtps: tls: implicit needs relay.tlsSecretName"),
     ("servicemonitor-without-service", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled needs metrics.service.enabled=true"),
+    ("monitoring-unknown-alert", {"relayMonitoring": {"prometheusRule": {"enabled": True, "disabledAlerts": ["MailRelayQueueFull"]}}}, "relayMonitoring.prometheusRule.disabledAlerts: no alert MailRelayQueueFull (alerts: MailRelayOldestMessageOld,"),
+    ("monitoring-typo", {"relayMonitoring": {"podMonitors": {"enabled": True}}}, "additional properties 'podMonitors' not allowed"),
+    ("monitoring-bad-namespace", {"relayMonitoring": {"podMonitor": {"namespaces": ["Mail_Apps"]}}}, "at '/relayMonitoring/podMonitor/namespaces/0'"),
+    ("monitoring-bad-interval", {"relayMonitoring": {"podMonitor": {"interval": "often"}}}, "at '/relayMonitoring/podMonitor/interval'"),
+    ("monitoring-bad-alert-label", {"relayMonitoring": {"prometheusRule": {"additionalAlertLabels": {"team-name": "mail"}}}}, "at '/relayMonitoring/prometheusRule/additionalAlertLabels': additional properties 'team-name' not allowed"),
 ]
 
 

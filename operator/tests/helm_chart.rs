@@ -102,7 +102,9 @@ fn strict(v: &Value) -> Option<Result<(), String>> {
             round_trip::<CustomResourceDefinition>(v)
         }
         ("mailrelay.io/v1alpha1", "MailRelay" | "SendQuota")
-        | ("monitoring.coreos.com/v1", "ServiceMonitor") => return None,
+        | ("monitoring.coreos.com/v1", "ServiceMonitor" | "PodMonitor" | "PrometheusRule") => {
+            return None;
+        }
         _ => Err(format!("no check for {api} {kind}: add one")),
     })
 }
@@ -183,6 +185,8 @@ fn chart_renders_for_every_value_set_and_every_object_is_valid() {
         "external-redis-sentinel-url-from-secret",
         "metrics",
         "ha-operator",
+        "relay-monitoring",
+        "relay-monitoring-with-operator",
     ] {
         assert!(cases.contains_key(case), "case {case} not rendered");
     }

@@ -39,6 +39,14 @@ pub enum WaitReason {
 }
 
 impl WaitReason {
+    pub const ALL: [WaitReason; 5] = [
+        WaitReason::Slot,
+        WaitReason::Connection,
+        WaitReason::InFlight,
+        WaitReason::Backoff,
+        WaitReason::Store,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             WaitReason::Slot => "slot",
@@ -92,6 +100,12 @@ impl EgressMetrics {
             "Rate-limit replies (421, 4.7.x) that backed a destination off",
             self.rate_limited.clone(),
         );
+        // Every reason exists from the start: an empty family is not exposed at
+        // all, and alerts on `rate(...{reason="store"})` must see the first wait.
+        for why in WaitReason::ALL {
+            let _ = self.waits.get_or_create(&label("reason", why.as_str()));
+            let _ = self.postponed.get_or_create(&label("reason", why.as_str()));
+        }
     }
 
     pub fn paced(&self, quota: &str) {
@@ -150,6 +164,8 @@ mod tests {
             "mailrelay_egress_postponed_total{reason=\"connection\"} 3",
             "mailrelay_egress_connections_open{quota=\"gmail\"} 1",
             "mailrelay_egress_rate_limited_total 1",
+            "mailrelay_egress_waits_total{reason=\"store\"} 0",
+            "mailrelay_egress_postponed_total{reason=\"backoff\"} 0",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");
         }
