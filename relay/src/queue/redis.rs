@@ -310,6 +310,15 @@ end
 return #ids
 "#;
 
+/// Redis at `maxmemory` refusing a write (`OOM command not allowed…`), also when a
+/// script's first write was refused. Under `noeviction` a script is refused before
+/// it wrote anything, so the enqueue left nothing behind; and the scripts that free
+/// memory (lease, finish, remove) start with a deletion, which Redis lets run even
+/// then, so delivery can drain a full store.
+fn is_out_of_memory(e: &RedisError) -> bool {
+    e.code() == Some("OOM")
+}
+
 /// The queue's scripts, loaded at connect and again whenever Redis lost them.
 struct Scripts {
     enqueue: Script,
@@ -655,7 +664,12 @@ impl RedisQueue {
     }
 
     fn unavailable(&self, op: &str, e: RedisError) -> QueueError {
-        QueueError::Unavailable(redact(&self.secrets, &format!("redis {op}: {e}")))
+        let text = redact(&self.secrets, &format!("redis {op}: {e}"));
+        if is_out_of_memory(&e) {
+            QueueError::Full(text)
+        } else {
+            QueueError::Unavailable(text)
+        }
     }
 
     async fn deadline<T>(
