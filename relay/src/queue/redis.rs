@@ -316,7 +316,12 @@ return #ids
 /// memory (lease, finish, remove) start with a deletion, which Redis lets run even
 /// then, so delivery can drain a full store.
 fn is_out_of_memory(e: &RedisError) -> bool {
+    // A command of a pipeline (the enqueue script is one) fails inside a pipeline
+    // error, whose own code is that of its first failure only.
     e.code() == Some("OOM")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, s)| s.code() == "OOM"))
 }
 
 /// The queue's scripts, loaded at connect and again whenever Redis lost them.
