@@ -68,7 +68,11 @@ pub struct RelayConfig {
     /// `/readyz` already fails, before the `shutdown_grace` phase starts: load
     /// balancers and Kubernetes endpoints take a while to stop sending new clients,
     /// and a closed listener would refuse them meanwhile.
-    #[serde(with = "duration_str")]
+    #[serde(
+        default,
+        with = "duration_str",
+        skip_serializing_if = "Duration::is_zero"
+    )]
     pub shutdown_settle: Duration,
     /// Add `Message-ID:` and `Date:` headers when a message has none (as Postfix does
     /// for local submissions).
@@ -1014,9 +1018,12 @@ mod tests {
         assert_eq!(c.shutdown_settle, Duration::ZERO);
         let c = RelayConfig::from_yaml("shutdown_settle: 10s").unwrap();
         assert_eq!(c.shutdown_settle, Duration::from_secs(10));
-        // Rendered back as it is written, so the operator's output round-trips.
+        // Rendered back as it is written, so the operator's output round-trips; left
+        // out when off, so configs rendered before it existed stay as they were.
         let yaml = serde_norway::to_string(&c).unwrap();
         assert!(yaml.contains("shutdown_settle: 10s"), "{yaml}");
+        let yaml = serde_norway::to_string(&RelayConfig::default()).unwrap();
+        assert!(!yaml.contains("shutdown_settle"), "{yaml}");
         let c = RelayConfig::from_yaml("shutdown_settle: 5m").unwrap();
         assert_eq!(c.shutdown_settle, MAX_SHUTDOWN_SETTLE);
         for (yaml, want) in [
