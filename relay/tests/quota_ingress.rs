@@ -390,7 +390,7 @@ fn full_redis_under_a_quota_says_the_queue_store_is_full_and_charges_nothing() {
     );
     let mut c = relay.connect();
     c.cmd("EHLO c.test");
-    let mut send = |c: &mut SmtpConn| {
+    let send = |c: &mut SmtpConn| {
         assert_eq!(code(&c.cmd("MAIL FROM:<a@s.test>")), 250);
         assert_eq!(code(&c.cmd("RCPT TO:<r@d.test>")), 250);
         assert_eq!(code(&c.cmd("DATA")), 354);
