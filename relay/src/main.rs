@@ -165,8 +165,9 @@ fn queue_options(cfg: &RelayConfig) -> QueueOptions {
     }
 }
 
-/// SIGTERM and SIGINT, listened to from start-up on, so that a second signal
-/// arriving while the first is handled is not lost.
+/// SIGTERM and SIGINT, each one stream for the whole shutdown, so that a second
+/// signal arriving while the first is handled is not lost. Installed once the relay
+/// is about to serve: before that a signal still just ends the process.
 struct StopSignals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
