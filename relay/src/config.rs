@@ -64,6 +64,16 @@ pub struct RelayConfig {
     /// On SIGTERM, how long sessions may run on before they are told `421`.
     #[serde(with = "duration_str")]
     pub shutdown_grace: Duration,
+    /// On SIGTERM, how long to go on accepting and serving new connections while
+    /// `/readyz` already fails, before the `shutdown_grace` phase starts: load
+    /// balancers and Kubernetes endpoints take a while to stop sending new clients,
+    /// and a closed listener would refuse them meanwhile.
+    #[serde(
+        default,
+        with = "duration_str",
+        skip_serializing_if = "Duration::is_zero"
+    )]
+    pub shutdown_settle: Duration,
     /// Add `Message-ID:` and `Date:` headers when a message has none (as Postfix does
     /// for local submissions).
     pub add_missing_headers: bool,
@@ -87,11 +97,17 @@ impl Default for RelayConfig {
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_settle: Duration::ZERO,
             add_missing_headers: true,
             quotas: Vec::new(),
         }
     }
 }
+
+/// Upper bound of `shutdown_settle`. Endpoint removal takes seconds, so anything
+/// near this is a mistake (a bare `300` means seconds, not milliseconds) that would
+/// stall every rollout.
+pub const MAX_SHUTDOWN_SETTLE: Duration = Duration::from_secs(300);
 
 fn default_hostname() -> String {
     std::env::var("HOSTNAME")
@@ -653,6 +669,16 @@ impl RelayConfig {
                 return Err(invalid(field, "must be greater than zero"));
             }
         }
+        if self.shutdown_settle > MAX_SHUTDOWN_SETTLE {
+            return Err(invalid(
+                "shutdown_settle",
+                format!(
+                    "{} is longer than {}: every rollout and node drain would wait that long per pod",
+                    format_duration(self.shutdown_settle),
+                    format_duration(MAX_SHUTDOWN_SETTLE)
+                ),
+            ));
+        }
         self.validate_delivery()?;
         crate::quota::config::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         match (self.queue.effective_backend(), &self.queue.redis) {
@@ -983,6 +1009,33 @@ mod tests {
         );
         for pw in ["hunter2", "hunter3", "hunter4"] {
             assert!(!debug.contains(pw), "{debug}");
+        }
+    }
+
+    #[test]
+    fn shutdown_settle_defaults_to_none_and_is_bounded() {
+        let c = RelayConfig::from_yaml("{}").unwrap();
+        assert_eq!(c.shutdown_settle, Duration::ZERO);
+        let c = RelayConfig::from_yaml("shutdown_settle: 10s").unwrap();
+        assert_eq!(c.shutdown_settle, Duration::from_secs(10));
+        // Rendered back as it is written, so the operator's output round-trips; left
+        // out when off, so configs rendered before it existed stay as they were.
+        let yaml = serde_norway::to_string(&c).unwrap();
+        assert!(yaml.contains("shutdown_settle: 10s"), "{yaml}");
+        let yaml = serde_norway::to_string(&RelayConfig::default()).unwrap();
+        assert!(!yaml.contains("shutdown_settle"), "{yaml}");
+        let c = RelayConfig::from_yaml("shutdown_settle: 5m").unwrap();
+        assert_eq!(c.shutdown_settle, MAX_SHUTDOWN_SETTLE);
+        for (yaml, want) in [
+            ("shutdown_settle: 301s", "longer than 5m"),
+            ("shutdown_settle: 3600", "longer than 5m"),
+            ("shutdown_settle: soon", "shutdown_settle"),
+        ] {
+            let e = RelayConfig::from_yaml(yaml).unwrap_err().to_string();
+            assert!(
+                e.contains("shutdown_settle") && e.contains(want),
+                "{yaml}: {e}"
+            );
         }
     }
 

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -164,12 +165,54 @@ fn queue_options(cfg: &RelayConfig) -> QueueOptions {
     }
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+/// SIGTERM and SIGINT, each one stream for the whole shutdown, so that a second
+/// signal arriving while the first is handled is not lost. Installed once the relay
+/// is about to serve: before that a signal still just ends the process.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    /// The next SIGTERM or SIGINT; returns its name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// The first phase of a shutdown: `/readyz` fails at once (`draining`), while the
+/// listeners go on accepting and serving for `settle`, so that clients still routed
+/// here while endpoints and load balancers catch up are served rather than refused.
+/// A second signal ends it early.
+async fn settle(signals: &mut StopSignals, draining: &AtomicBool, settle: Duration) {
+    let first = signals.next().await;
+    draining.store(true, Ordering::SeqCst);
+    if settle.is_zero() {
+        info!(
+            signal = first,
+            "shutdown: readiness now fails; no settle period"
+        );
+        return;
+    }
+    info!(
+        signal = first,
+        settle = ?settle,
+        "shutdown: readiness now fails; still accepting connections for shutdown_settle"
+    );
     tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+        _ = tokio::time::sleep(settle) => info!("shutdown: settle period over"),
+        again = signals.next() => info!(signal = again, "shutdown: second signal, settle period cut short"),
     }
 }
 
@@ -253,6 +296,8 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
         None
     };
     let grace = cfg.shutdown_grace;
+    let settle_for = cfg.shutdown_settle;
+    let mut signals = StopSignals::listen()?;
     let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
     if let Some(d) = &delivery {
         shared.ring_on_queue(d.doorbell());
@@ -260,9 +305,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let flag = Arc::clone(&draining);
     let (delivery_drain_tx, delivery_drain_rx) = tokio::sync::oneshot::channel();
     server::serve(shared, listeners, async move {
-        shutdown_signal().await;
-        // Readiness fails first so load balancers stop sending new connections.
-        flag.store(true, Ordering::SeqCst);
+        settle(&mut signals, &flag, settle_for).await;
         // Delivery drains alongside the SMTP sessions, under the same grace.
         if let Some(d) = delivery {
             let _ = delivery_drain_tx.send(tokio::spawn(d.shutdown(grace)));
@@ -276,5 +319,6 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     if let Some(t) = admin_task {
         let _ = t.await;
     }
+    info!("shutdown complete");
     Ok(())
 }

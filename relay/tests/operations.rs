@@ -188,6 +188,126 @@ fn sessions_still_open_when_shutdown_grace_ends_get_421() {
     assert!(msgs.is_empty(), "{msgs:#?}");
 }
 
+/// Polls until the SMTP port refuses connections; returns when that was seen.
+#[track_caller]
+fn wait_until_refused(relay: &Relay, limit: Duration) -> Instant {
+    let deadline = Instant::now() + limit;
+    loop {
+        if TcpStream::connect(relay.smtp).is_err() {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SMTP port still accepts connections after {limit:?}"
+        );
+        sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sigterm_with_shutdown_settle_serves_new_clients_while_readiness_fails() {
+    // Long enough to be unmistakable next to the few milliseconds the clients need.
+    const SETTLE: Duration = Duration::from_secs(6);
+    let mut relay = Relay::start(RelayOptions {
+        shutdown_grace: Some("3s".into()),
+        extra_yaml: "shutdown_settle: 6s\n".into(),
+        ..Default::default()
+    });
+    let mut early = relay.connect();
+    expect(&early.cmd("EHLO early.client.test"), 250, None);
+    assert_eq!(relay.admin_get("/readyz").0, 200);
+
+    let signalled = Instant::now();
+    relay.signal("TERM");
+    let body = wait_for_status(&relay, "/readyz", 503, Duration::from_secs(5));
+    assert!(body.contains("draining"), "{body}");
+    // A client a balancer still routes here after readiness failed: served in full.
+    let mut late = relay.connect();
+    expect(&late.greeting, 220, None);
+    expect(&late.cmd("EHLO late.client.test"), 250, None);
+    let late_body = content("connected-during-settle");
+    let late_reply = transaction(&mut late, &late_body);
+    expect(&late_reply, 250, Some("2.0.0"));
+    expect(&late.cmd("QUIT"), 221, None);
+    // A session that was idle when the signal came is not drained yet either.
+    let early_body = content("early-session-during-settle");
+    let early_reply = transaction(&mut early, &early_body);
+    expect(&early_reply, 250, Some("2.0.0"));
+    assert!(
+        signalled.elapsed() < SETTLE,
+        "too slow to observe the settle period ({:?})",
+        signalled.elapsed()
+    );
+
+    // Then the graceful shutdown as without a settle period: the idle session is
+    // told 421, the listeners close, and the process exits.
+    expect(&early.reply(), 421, Some("4.3.2"));
+    assert!(
+        signalled.elapsed() >= SETTLE,
+        "drained before the settle period ended"
+    );
+    assert!(early.is_closed());
+    let closed = wait_until_refused(&relay, Duration::from_secs(15));
+    assert!(closed - signalled >= SETTLE);
+    let status = relay.wait(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+
+    let log = relay.log();
+    for phase in [
+        "readiness now fails; still accepting connections for shutdown_settle",
+        "settle period over",
+        "listeners closed",
+        "SMTP server stopped",
+        "shutdown complete",
+    ] {
+        assert!(log.contains(phase), "no {phase:?} in the log:\n{log}");
+    }
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), 2, "{msgs:#?}");
+    for (reply, body) in [(&late_reply, &late_body), (&early_reply, &early_body)] {
+        let m = msgs
+            .iter()
+            .find(|m| m.envelope.id.as_str() == queue_id(reply))
+            .unwrap_or_else(|| panic!("{reply:?} answered 250 but is not queued"));
+        assert_body(m, body);
+    }
+}
+
+#[test]
+fn a_second_signal_cuts_the_settle_period_short() {
+    let mut relay = Relay::start(RelayOptions {
+        extra_yaml: "shutdown_settle: 5m\n".into(),
+        ..Default::default()
+    });
+    relay.signal("TERM");
+    wait_for_status(&relay, "/readyz", 503, Duration::from_secs(5));
+    // The settle period runs: new clients are still served.
+    let mut c = relay.connect();
+    expect(&c.cmd("EHLO client.test"), 250, None);
+    relay.signal("INT");
+    // Straight to the graceful shutdown, not five minutes later.
+    expect(&c.reply(), 421, Some("4.3.2"));
+    wait_until_refused(&relay, Duration::from_secs(10));
+    let status = relay.wait(Duration::from_secs(20));
+    assert!(status.success(), "exit status {status}");
+    let log = relay.log();
+    assert!(log.contains("second signal"), "{log}");
+}
+
+#[test]
+fn shutdown_settle_beyond_its_bound_is_a_named_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("relay.yaml");
+    std::fs::write(&file, "shutdown_settle: 1h\n").unwrap();
+    let out = check_config(&file, &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("shutdown_settle") && err.contains("5m"),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------------------------
 // Queue store outage
 
@@ -261,6 +381,121 @@ fn redis_outage_fails_readiness_and_answers_451_without_losing_the_session() {
     // No record outside the index either (a half-written message).
     let keys = redis.cli(&["KEYS", "mrtest:*:m:*"]).unwrap();
     assert_eq!(keys.lines().count(), accepted.len(), "{keys}");
+}
+
+/// A message of about `size` bytes carrying `Message-ID: <tag@client.test>`.
+fn sized_content(tag: &str, size: usize) -> Vec<u8> {
+    let mut m = content(tag);
+    let line = "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n";
+    while m.len() < size {
+        m.extend_from_slice(line.as_bytes());
+    }
+    m
+}
+
+/// The `Message-ID:` tag of a message as the sink received it.
+fn message_tag(rec: &serde_json::Value) -> String {
+    let text = String::from_utf8_lossy(&support::mx::content(rec)).into_owned();
+    text.split("Message-ID: <")
+        .nth(1)
+        .and_then(|rest| rest.split('@').next())
+        .unwrap_or_else(|| panic!("no Message-ID in {text}"))
+        .to_owned()
+}
+
+#[test]
+fn full_redis_answers_451_recovers_once_delivery_frees_memory_and_loses_nothing() {
+    // The bundled Redis's setting: a memory limit and no eviction (evicting would
+    // silently drop queued mail). 4 MB holds a few dozen of the messages below.
+    let redis = RedisServer::start_with(
+        None,
+        &["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"],
+    );
+    // The smarthost is down at first, so nothing frees memory until it comes up.
+    let sink_port = support::free_ports(1)[0];
+    let relay = Relay::start(RelayOptions {
+        redis_url: Some(redis.url()),
+        extra_yaml: format!(
+            "delivery:\n  smarthost: {{host: 127.0.0.1, port: {sink_port}}}\n  \
+             retry: {{first: 1s, max_backoff: 2s, jitter: 0.0}}\n  poll_interval: 200ms\n"
+        ),
+        ..Default::default()
+    });
+    let mut accepted: Vec<String> = Vec::new();
+    let mut refused: Vec<String> = Vec::new();
+    let mut c = relay.connect();
+    expect(&c.cmd("EHLO client.test"), 250, None);
+    for i in 0..400 {
+        let tag = format!("fill-{i}");
+        let r = transaction(&mut c, &sized_content(&tag, 64 * 1024));
+        match code(&r) {
+            250 => accepted.push(tag),
+            451 => {
+                expect(&r, 451, Some("4.3.1"));
+                assert!(r.contains("queue store full"), "{r:?}");
+                refused.push(tag);
+                if refused.len() == 3 {
+                    break;
+                }
+            }
+            _ => panic!("a full Redis must be answered 451, got {r:?}"),
+        }
+    }
+    assert_eq!(
+        refused.len(),
+        3,
+        "Redis never filled up: {} accepted",
+        accepted.len()
+    );
+    assert!(accepted.len() >= 5, "only {} accepted", accepted.len());
+    let used = redis.cli(&["INFO", "memory"]).unwrap();
+    assert!(used.contains("maxmemory:4194304"), "{used}");
+    // The session stays usable, and the pod stays ready: the store answers, and a
+    // 451 from every relay beats connections refused by pods taken out of service.
+    expect(&c.cmd("NOOP"), 250, None);
+    assert_eq!(relay.admin_get("/readyz").0, 200);
+    let series = |name: &str| support::deliver::metric(&relay, name).unwrap_or(-1.0);
+    assert_eq!(
+        series("mailrelay_queue_write_failures_total{reason=\"full\"}"),
+        refused.len() as f64
+    );
+    assert_eq!(
+        series("mailrelay_smtp_messages_rejected_total{reason=\"queue_full\"}"),
+        refused.len() as f64
+    );
+    assert_eq!(
+        series("mailrelay_queue_write_failures_total{reason=\"unavailable\"}"),
+        0.0
+    );
+
+    // Delivery drains the queue once the smarthost is back, freeing the memory, and
+    // the same relay accepts mail again without a restart.
+    let sink = support::mx::Mx::plain("127.0.0.1", sink_port, 0.0);
+    support::deliver::wait_until("the queue to drain", &relay, || {
+        (support::deliver::api_stats(&relay)["messages"] == 0).then_some(())
+    });
+    let after = "after-drain".to_owned();
+    let r = transaction(&mut c, &sized_content(&after, 64 * 1024));
+    expect(&r, 250, Some("2.0.0"));
+    accepted.push(after);
+    expect(&c.cmd("QUIT"), 221, None);
+
+    let recs = sink.wait_for(
+        "every accepted message at the sink",
+        || relay.log(),
+        |recs| {
+            let tags: Vec<String> = recs.iter().map(message_tag).collect();
+            accepted.iter().all(|t| tags.contains(t))
+        },
+    );
+    let tags: Vec<String> = recs.iter().map(message_tag).collect();
+    for t in &refused {
+        assert!(!tags.contains(t), "{t} was answered 451 but delivered");
+    }
+    let mut unique = tags.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), accepted.len(), "{unique:?}");
 }
 
 // ---------------------------------------------------------------------------------

@@ -372,6 +372,60 @@ fn redis_down_is_a_tempfail_then_recovers() {
 }
 
 #[test]
+fn full_redis_under_a_quota_says_the_queue_store_is_full_and_charges_nothing() {
+    // With a quota and standalone Redis, check, charge and enqueue are one script:
+    // when Redis is full it is refused before any write, counters included.
+    let redis = RedisServer::start_with(
+        None,
+        &["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"],
+    );
+    let relay = Relay::start(RelayOptions {
+        redis_url: Some(redis.url()),
+        extra_yaml: "quotas: [{name: t, direction: ingress, limits: [100000/1h]}]\n".into(),
+        ..Default::default()
+    });
+    let body = format!(
+        "Subject: big\r\n\r\n{}.",
+        "0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n".repeat(900)
+    );
+    let mut c = relay.connect();
+    c.cmd("EHLO c.test");
+    let send = |c: &mut SmtpConn| {
+        assert_eq!(code(&c.cmd("MAIL FROM:<a@s.test>")), 250);
+        assert_eq!(code(&c.cmd("RCPT TO:<r@d.test>")), 250);
+        assert_eq!(code(&c.cmd("DATA")), 354);
+        c.cmd(&body)
+    };
+    let mut accepted = 0;
+    let refusal = loop {
+        let r = send(&mut c);
+        match code(&r) {
+            250 => accepted += 1,
+            _ => break r,
+        }
+        assert!(accepted < 200, "Redis never filled up");
+    };
+    assert!(
+        refusal.starts_with("451 4.3.1 Error: queue store full"),
+        "{refusal}"
+    );
+    let (_, v) = admin_json(&relay, "/api/v1/quotas/t");
+    assert_eq!(v["keys"][0]["windows"][0]["used"], accepted, "{v}");
+    let (_, metrics) = relay.admin_get("/metrics");
+    for series in [
+        "mailrelay_smtp_messages_rejected_total{reason=\"queue_full\"} 1",
+        "mailrelay_queue_write_failures_total{reason=\"full\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == series), "{series}:\n{metrics}");
+    }
+    // Room again (here: more memory), and the same session goes on.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]).unwrap();
+    assert_eq!(code(&send(&mut c)), 250);
+    let (_, v) = admin_json(&relay, "/api/v1/quotas/t");
+    assert_eq!(v["keys"][0]["windows"][0]["used"], accepted + 1, "{v}");
+}
+
+#[test]
 fn recipients_quota_answers_452_at_rcpt() {
     let relay = Relay::start(RelayOptions {
         extra_yaml:

@@ -43,6 +43,9 @@ const DELIVERY_BUCKETS: [f64; 14] = [
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
 ];
 
+/// Reasons of `mailrelay_queue_write_failures_total`.
+const QUEUE_FAILURES: [&str; 3] = ["full", "unavailable", "timeout"];
+
 /// Delivery results counted by `mailrelay_delivery_recipients_total`.
 const RESULTS: &[&str] = &["delivered", "deferred", "bounced"];
 
@@ -78,7 +81,7 @@ pub struct Metrics {
     messages_rejected: Family<Label, Counter>,
     received_bytes: Counter,
     queue_write: Histogram,
-    queue_write_failures: Counter,
+    queue_write_failures: Family<Label, Counter>,
     tls_handshakes: Family<Label, Counter>,
     delivery_recipients: Family<ResultLabels, Counter>,
     delivery_latency: Histogram,
@@ -147,12 +150,17 @@ impl Metrics {
             Unit::Seconds,
             queue_write.clone(),
         );
-        let queue_write_failures = Counter::default();
+        let queue_write_failures = Family::<Label, Counter>::default();
         registry.register(
             "queue_write_failures",
-            "Queue writes that failed or timed out",
+            "Queue writes that failed, by reason (full, unavailable, timeout)",
             queue_write_failures.clone(),
         );
+        // Every reason exists from the start: an alert on `full` works before the
+        // first time the store fills up.
+        for reason in QUEUE_FAILURES {
+            let _ = queue_write_failures.get_or_create(&label("reason", reason));
+        }
         let tls_handshakes = Family::<Label, Counter>::default();
         registry.register(
             "tls_handshakes",
@@ -255,10 +263,19 @@ impl Metrics {
             .inc();
     }
 
-    pub fn queue_write(&self, elapsed: Duration, ok: bool) {
+    /// One message write; `failure` is `None` when it stored the message, else one of
+    /// `full`, `unavailable`, `timeout`.
+    pub fn queue_write(&self, elapsed: Duration, failure: Option<&str>) {
         self.queue_write.observe(elapsed.as_secs_f64());
-        if !ok {
-            self.queue_write_failures.inc();
+        if let Some(reason) = failure {
+            let reason = QUEUE_FAILURES
+                .iter()
+                .find(|r| **r == reason)
+                .copied()
+                .unwrap_or("unavailable");
+            self.queue_write_failures
+                .get_or_create(&label("reason", reason))
+                .inc();
         }
     }
 
@@ -407,7 +424,7 @@ mod tests {
         m.command("EHLO");
         m.accepted(100);
         m.rejected("relay_denied");
-        m.queue_write(Duration::from_millis(3), true);
+        m.queue_write(Duration::from_millis(3), None);
         m.tls_handshake(true);
         let text = m.encode();
         for family in [
@@ -450,8 +467,11 @@ mod tests {
         m.command("UNKNOWN");
         m.accepted(1000);
         m.accepted(24);
-        m.queue_write(Duration::from_micros(200), true);
-        m.queue_write(Duration::from_secs(20), false);
+        m.queue_write(Duration::from_micros(200), None);
+        m.queue_write(Duration::from_secs(20), Some("timeout"));
+        m.queue_write(Duration::from_millis(2), Some("full"));
+        m.queue_write(Duration::from_millis(2), Some("full"));
+        m.queue_write(Duration::from_millis(2), Some("anything else"));
         m.tls_handshake(false);
         let text = m.encode();
         let expect = [
@@ -462,11 +482,13 @@ mod tests {
             "mailrelay_smtp_commands_total{command=\"UNKNOWN\"} 2",
             "mailrelay_smtp_messages_accepted_total 2",
             "mailrelay_smtp_received_bytes_total 1024",
-            "mailrelay_queue_write_seconds_count 2",
+            "mailrelay_queue_write_seconds_count 5",
             "mailrelay_queue_write_seconds_bucket{le=\"0.0005\"} 1",
-            "mailrelay_queue_write_seconds_bucket{le=\"10.0\"} 1",
-            "mailrelay_queue_write_seconds_bucket{le=\"+Inf\"} 2",
-            "mailrelay_queue_write_failures_total 1",
+            "mailrelay_queue_write_seconds_bucket{le=\"10.0\"} 4",
+            "mailrelay_queue_write_seconds_bucket{le=\"+Inf\"} 5",
+            "mailrelay_queue_write_failures_total{reason=\"timeout\"} 1",
+            "mailrelay_queue_write_failures_total{reason=\"full\"} 2",
+            "mailrelay_queue_write_failures_total{reason=\"unavailable\"} 1",
             "mailrelay_tls_handshakes_total{result=\"ok\"} 0",
             "mailrelay_tls_handshakes_total{result=\"error\"} 1",
         ];

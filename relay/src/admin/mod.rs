@@ -131,6 +131,7 @@ fn unavailable(reason: String) -> Response {
 pub(crate) fn public_reason(e: &QueueError) -> String {
     match e {
         QueueError::Unavailable(_) => "unavailable (see relay log)".to_owned(),
+        QueueError::Full(_) => "full (see relay log)".to_owned(),
         QueueError::Timeout(d) => format!("timed out after {d:?}"),
         QueueError::Corrupt(_) => "corrupt record (see relay log)".to_owned(),
         QueueError::Io(io) => format!("I/O error: {}", io.kind()),

@@ -712,6 +712,9 @@ fn stat(table: &impl ReadableTable<&'static str, u64>, key: &str) -> Result<u64,
 fn db_err(e: impl Into<redb::Error>) -> QueueError {
     match e.into() {
         redb::Error::Corrupted(m) => QueueError::Corrupt(format!("embedded queue: {m}")),
+        redb::Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+            QueueError::Full(format!("embedded queue: {e}"))
+        }
         redb::Error::Io(e) => QueueError::Io(e),
         other => QueueError::Unavailable(format!("embedded queue: {other}")),
     }

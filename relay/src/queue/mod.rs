@@ -50,6 +50,10 @@ pub type QueueFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, QueueError>>
 pub enum QueueError {
     #[error("queue store unavailable: {0}")]
     Unavailable(String),
+    /// The store is reachable but refuses to grow (Redis at `maxmemory` with
+    /// `noeviction`, a full disk): it recovers by itself once delivery frees space.
+    #[error("queue store full: {0}")]
+    Full(String),
     #[error("queue store timed out after {0:?}")]
     Timeout(std::time::Duration),
     #[error("stored record is corrupt: {0}")]

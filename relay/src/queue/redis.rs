@@ -310,6 +310,20 @@ end
 return #ids
 "#;
 
+/// Redis at `maxmemory` refusing a write (`OOM command not allowed…`), also when a
+/// script's first write was refused. Under `noeviction` a script is refused before
+/// it wrote anything, so the enqueue left nothing behind; and the scripts that free
+/// memory (lease, finish, remove) start with a deletion, which Redis lets run even
+/// then, so delivery can drain a full store.
+fn is_out_of_memory(e: &RedisError) -> bool {
+    // A command of a pipeline (the enqueue script is one) fails inside a pipeline
+    // error, whose own code is that of its first failure only.
+    e.code() == Some("OOM")
+        || e.clone()
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, s)| s.code() == "OOM"))
+}
+
 /// The queue's scripts, loaded at connect and again whenever Redis lost them.
 struct Scripts {
     enqueue: Script,
@@ -655,7 +669,12 @@ impl RedisQueue {
     }
 
     fn unavailable(&self, op: &str, e: RedisError) -> QueueError {
-        QueueError::Unavailable(redact(&self.secrets, &format!("redis {op}: {e}")))
+        let text = redact(&self.secrets, &format!("redis {op}: {e}"));
+        if is_out_of_memory(&e) {
+            QueueError::Full(text)
+        } else {
+            QueueError::Unavailable(text)
+        }
     }
 
     async fn deadline<T>(

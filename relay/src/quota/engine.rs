@@ -429,6 +429,7 @@ impl Quotas {
             return match self.timed(&reqs, fut).await {
                 Ok(o) if o.allowed => Admission::Queued { held },
                 Ok(o) => self.refused(self.denial(&set, &reject, &o, now_ms())),
+                Err(StoreError::Full(_)) => Admission::Refuse(ingress::queue_full()),
                 Err(_) => Admission::Refuse(ingress::unavailable()),
             };
         }

@@ -340,6 +340,16 @@ pub fn unavailable() -> Refusal {
     }
 }
 
+/// `451 4.3.1`: the message and its charge were to be stored in one call, and the
+/// queue store is full; the same words as a plain enqueue into a full store.
+pub fn queue_full() -> Refusal {
+    Refusal {
+        reply: Reply::status(451, (4, 3, 1), "Error: queue store full, try again later"),
+        reason: "queue_full",
+        quota: None,
+    }
+}
+
 /// The refusal for a message whose cost alone exceeds a limit.
 pub fn never_fits(q: &CompiledQuota, limit: &Limit) -> Refusal {
     match q.cfg.unit {

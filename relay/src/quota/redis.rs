@@ -1340,7 +1340,10 @@ impl CounterStore for RedisCounters {
             let (_, blob) = queue
                 .enqueue_guarded(msg, guard, &call.keys, &call.args)
                 .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                .map_err(|e| match e {
+                    crate::queue::QueueError::Full(m) => StoreError::Full(m),
+                    e => StoreError::Unavailable(e.to_string()),
+                })?;
             let parsed = parse_outcome(reqs, &call, &blob)?;
             self.remember(&call, &parsed);
             Ok(parsed.outcome)

@@ -18,6 +18,10 @@ pub enum StoreError {
     Unavailable(String),
     #[error("quota store timed out after {0:?}")]
     Timeout(Duration),
+    /// A check stored its message in the same call (a guarded enqueue), and the
+    /// queue store refused to grow: not the quota's doing, and said as such.
+    #[error("queue store full: {0}")]
+    Full(String),
     #[error("quota store answered nonsense: {0}")]
     Corrupt(String),
 }

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use crate::queue::{QueueId, TlsInfo};
-use crate::smtp::{Reply, Session, Step};
+use crate::smtp::{Reply, Session, Step, StoreFailure};
 
 /// The socket, before or after a TLS upgrade.
 pub enum Stream {
@@ -354,12 +354,19 @@ impl Conn {
                         let started = Instant::now();
                         match self.check_quota(&msg).await {
                             QuotaStep::Checked(refusal) => {
+                                if refusal.as_ref().is_some_and(|r| r.reason == "queue_full") {
+                                    // The check was the queue write too.
+                                    self.shared
+                                        .metrics
+                                        .queue_write(started.elapsed(), Some("full"));
+                                    warn!(queue_id = %msg.envelope.id, "queue store full; answered 451 until delivery frees space");
+                                }
                                 step = session.quota_result(msg, refusal);
                             }
                             QuotaStep::Queued => {
                                 // Checked and stored in one call: the write is done.
-                                self.note_write(&msg, true, started.elapsed());
-                                let r = session.enqueue_result(&msg.envelope.id, true);
+                                self.note_write(&msg, Ok(()), started.elapsed());
+                                let r = session.enqueue_result(&msg.envelope.id, Ok(()));
                                 self.push(&r);
                                 break;
                             }
@@ -480,9 +487,16 @@ impl Conn {
     }
 
     /// Metrics of a queue write, and the `queued` log line when it stored the message.
-    fn note_write(&self, msg: &crate::queue::QueuedMessage, stored: bool, elapsed: Duration) {
-        self.shared.metrics.queue_write(elapsed, stored);
-        if stored {
+    fn note_write(
+        &self,
+        msg: &crate::queue::QueuedMessage,
+        result: Result<(), StoreFailure>,
+        elapsed: Duration,
+    ) {
+        self.shared
+            .metrics
+            .queue_write(elapsed, result.err().map(StoreFailure::reason));
+        if result.is_ok() {
             self.shared.queued();
             self.shared.metrics.accepted(msg.body.len() as u64);
             info!(
@@ -503,13 +517,22 @@ impl Conn {
         let limit = self.shared.config.queue.write_timeout;
         let result = tokio::time::timeout(limit, self.shared.queue.enqueue(&msg)).await;
         let elapsed = started.elapsed();
-        let stored = matches!(result, Ok(Ok(())));
-        self.note_write(&msg, stored, elapsed);
+        let outcome = match &result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreFailure::of(e)),
+            Err(_) => Err(StoreFailure::Timeout),
+        };
+        self.note_write(&msg, outcome, elapsed);
         match &result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                self.shared.metrics.rejected("queue_unavailable");
-                warn!(queue_id = %id, error = %e, "queue write failed; answered 451");
+                if outcome == Err(StoreFailure::Full) {
+                    self.shared.metrics.rejected("queue_full");
+                    warn!(queue_id = %id, error = %e, "queue store full; answered 451 until delivery frees space");
+                } else {
+                    self.shared.metrics.rejected("queue_unavailable");
+                    warn!(queue_id = %id, error = %e, "queue write failed; answered 451");
+                }
                 // Best effort: the client will try again and be charged again. A
                 // write that failed late may still have stored the message; then
                 // this refund lets one more through. A timeout is not refunded:
@@ -524,7 +547,7 @@ impl Conn {
             }
         }
         self.charged = None;
-        session.enqueue_result(&id, stored)
+        session.enqueue_result(&id, outcome)
     }
 }
 

@@ -131,7 +131,8 @@ struct Signals {
     closing: watch::Receiver<bool>,
 }
 
-/// Serves until `shutdown` resolves, then stops accepting, lets sessions finish for
+/// Serves until `shutdown` resolves (after any settle period: until then everything
+/// is served as usual), then stops accepting, lets sessions finish for
 /// `config.shutdown_grace`, and sends `421` to those still open.
 pub async fn serve(
     shared: Arc<Shared>,
@@ -152,7 +153,7 @@ pub async fn serve(
         )));
     }
     shutdown.await;
-    info!(sessions = shared.active_sessions(), grace = ?shared.config.shutdown_grace, "shutting down: no new connections");
+    info!(sessions = shared.active_sessions(), grace = ?shared.config.shutdown_grace, "shutdown: listeners closed; open sessions may finish within shutdown_grace");
     for t in &accept_tasks {
         t.abort();
     }
@@ -173,7 +174,7 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    info!("SMTP server stopped");
+    info!("shutdown: SMTP server stopped");
 }
 
 async fn accept_loop(

@@ -10,4 +10,4 @@ pub mod reply;
 pub mod session;
 
 pub use reply::Reply;
-pub use session::{Peer, Session, SessionConfig, Step};
+pub use session::{Peer, Session, SessionConfig, Step, StoreFailure};

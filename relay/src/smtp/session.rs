@@ -83,6 +83,38 @@ pub enum Step {
     Enqueue(Box<QueuedMessage>),
 }
 
+/// Why a message could not be queued, as its client is told (always a `451`: the
+/// client keeps the message and tries again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// The store refuses to grow (Redis at `maxmemory`, a full disk).
+    Full,
+    /// The store failed or could not be reached.
+    Unavailable,
+    /// No answer within `queue.write_timeout`; the message may still have been stored.
+    Timeout,
+}
+
+impl StoreFailure {
+    /// The failure behind a queue error.
+    pub fn of(e: &crate::queue::QueueError) -> Self {
+        match e {
+            crate::queue::QueueError::Full(_) => StoreFailure::Full,
+            crate::queue::QueueError::Timeout(_) => StoreFailure::Timeout,
+            _ => StoreFailure::Unavailable,
+        }
+    }
+
+    /// The `reason` label of metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            StoreFailure::Full => "full",
+            StoreFailure::Unavailable => "unavailable",
+            StoreFailure::Timeout => "timeout",
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Transaction {
     mail: Option<MailParams>,
@@ -612,17 +644,29 @@ impl Session {
     }
 
     /// The queue's answer to [`Step::Enqueue`].
-    pub fn enqueue_result(&mut self, id: &QueueId, stored: bool) -> Reply {
+    pub fn enqueue_result(&mut self, id: &QueueId, result: Result<(), StoreFailure>) -> Reply {
         self.tx = Transaction::default();
-        if stored {
-            self.messages += 1;
-            r(250, (2, 0, 0), format!("Ok: queued as {id}"))
-        } else {
-            r(
+        match result {
+            Ok(()) => {
+                self.messages += 1;
+                r(250, (2, 0, 0), format!("Ok: queued as {id}"))
+            }
+            // RFC 3463 X.3.1 "mail system full": a client (or its operator) reading
+            // the bounce of a long-deferred message learns the relay is out of
+            // space, not that it is broken.
+            Err(StoreFailure::Full) => {
+                r(451, (4, 3, 1), "Error: queue store full, try again later")
+            }
+            Err(StoreFailure::Unavailable) => r(
                 451,
                 (4, 3, 0),
-                "Error: queue file write error, try again later",
-            )
+                "Error: queue store unavailable, try again later",
+            ),
+            Err(StoreFailure::Timeout) => r(
+                451,
+                (4, 3, 0),
+                "Error: queue store did not answer in time, try again later",
+            ),
         }
     }
 

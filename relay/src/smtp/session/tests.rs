@@ -112,7 +112,7 @@ fn full_transaction_builds_envelope_and_received_header() {
         body.ends_with("\r\nSubject: hi\r\n\r\nbody\r\n.dot\r\n"),
         "{body}"
     );
-    assert_eq!(s.enqueue_result(&env.id, true).code, 250);
+    assert_eq!(s.enqueue_result(&env.id, Ok(())).code, 250);
     // The session is ready for the next transaction.
     assert_eq!(code(&mut s, "MAIL FROM:<>"), 250);
 }
@@ -395,25 +395,41 @@ fn message_limit_per_session() {
         let Step::Enqueue(m) = send_data(&mut s, b"x\r\n.\r\n") else {
             panic!()
         };
-        s.enqueue_result(&m.envelope.id, true);
+        s.enqueue_result(&m.envelope.id, Ok(()));
     }
     assert!(matches!(s.on_line(b"MAIL FROM:<a@c.test>\r\n"), Step::Close(r) if r.code == 421));
 }
 
 #[test]
-fn failed_queue_write_is_a_tempfail_and_session_stays_usable() {
+fn failed_queue_write_is_a_tempfail_naming_the_store_problem_and_session_stays_usable() {
+    use super::StoreFailure;
     let mut s = Session::new(cfg(), peer(true));
     code(&mut s, "EHLO c");
-    code(&mut s, "MAIL FROM:<a@c.test>");
-    code(&mut s, "RCPT TO:<b@d.test>");
-    let Step::Enqueue(m) = send_data(&mut s, b"x\r\n.\r\n") else {
-        panic!()
-    };
-    let r = s.enqueue_result(&m.envelope.id, false);
-    assert_eq!(
-        (r.code, r.enhanced),
-        (451, Some(super::super::reply::Enhanced(4, 3, 0)))
-    );
+    for (failure, enhanced, text) in [
+        (StoreFailure::Full, (4, 3, 1), "queue store full"),
+        (
+            StoreFailure::Unavailable,
+            (4, 3, 0),
+            "queue store unavailable",
+        ),
+        (StoreFailure::Timeout, (4, 3, 0), "did not answer in time"),
+    ] {
+        code(&mut s, "MAIL FROM:<a@c.test>");
+        code(&mut s, "RCPT TO:<b@d.test>");
+        let Step::Enqueue(m) = send_data(&mut s, b"x\r\n.\r\n") else {
+            panic!()
+        };
+        let r = s.enqueue_result(&m.envelope.id, Err(failure));
+        let (a, b, c) = enhanced;
+        assert_eq!(
+            (r.code, r.enhanced),
+            (451, Some(super::super::reply::Enhanced(a, b, c))),
+            "{failure:?}"
+        );
+        let line = r.to_string();
+        assert!(line.contains(text), "{failure:?}: {line}");
+        assert!(!line.contains("file"), "{failure:?}: {line}");
+    }
     assert_eq!(code(&mut s, "MAIL FROM:<a@c.test>"), 250);
 }
 
@@ -545,5 +561,5 @@ fn quota_checks_at_mail_rcpt_and_before_queueing() {
     let Step::Enqueue(msg) = s.quota_result(msg, None) else {
         panic!("an allowed message is queued")
     };
-    assert_eq!(s.enqueue_result(&msg.envelope.id, true).code, 250);
+    assert_eq!(s.enqueue_result(&msg.envelope.id, Ok(())).code, 250);
 }
