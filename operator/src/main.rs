@@ -29,9 +29,12 @@ enum Command {
     Run(RunArgs),
     /// Write the CustomResourceDefinitions as YAML files.
     Crdgen {
-        /// Directory to write `mailrelay.io_*.yaml` into; `-` prints them to stdout.
-        #[arg(long, default_value = "crds")]
-        out: PathBuf,
+        /// Directories to write `mailrelay.io_*.yaml` into (repeat the flag for
+        /// several); `-` prints them to stdout. Default: the repository's `crds/`
+        /// (plain manifests) and the chart's `files/crds/` (its CRD templates
+        /// load them), run from the repository root.
+        #[arg(long, default_values = ["crds", "charts/mailrelay-operator/files/crds"])]
+        out: Vec<PathBuf>,
     },
     /// Print the normalised relay config (every default spelled out) for a YAML file.
     RenderConfig { file: PathBuf },
@@ -80,17 +83,19 @@ fn main() -> anyhow::Result<()> {
             print!("{}", mailrelay_operator::render_relay_config(&cfg)?);
         }
         Command::Crdgen { out } => {
-            for (file, crd) in mailrelay_operator::crd::all_crds() {
-                let yaml = mailrelay_operator::crd::crd_yaml(&crd);
-                if out.as_os_str() == "-" {
-                    print!("---\n{yaml}");
-                } else {
-                    std::fs::create_dir_all(&out)
-                        .with_context(|| format!("cannot create {}", out.display()))?;
-                    let path = out.join(file);
-                    std::fs::write(&path, yaml)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                    eprintln!("wrote {}", path.display());
+            for dir in &out {
+                for (file, crd) in mailrelay_operator::crd::all_crds() {
+                    let yaml = mailrelay_operator::crd::crd_yaml(&crd);
+                    if dir.as_os_str() == "-" {
+                        print!("---\n{yaml}");
+                    } else {
+                        std::fs::create_dir_all(dir)
+                            .with_context(|| format!("cannot create {}", dir.display()))?;
+                        let path = dir.join(file);
+                        std::fs::write(&path, yaml)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        eprintln!("wrote {}", path.display());
+                    }
                 }
             }
         }

@@ -56,8 +56,24 @@ fn readme_and_docs_cover_install_to_uninstall() {
         "## DNS",
         "cert-manager",
         "PROXY protocol",
+        "## CRDs: install, upgrade, uninstall",
+        "helm.sh/resource-policy: keep",
+        "redis.auth.existingSecret",
+        "maxmemory",
     ] {
         assert!(ops.contains(needle), "docs/operations.md lacks {needle:?}");
+    }
+    let versioning = std::fs::read_to_string(repo().join("docs/api-versioning.md")).unwrap();
+    for needle in [
+        "v1beta1",
+        "storage version",
+        "conversion webhook",
+        "deprecat",
+    ] {
+        assert!(
+            versioning.to_lowercase().contains(&needle.to_lowercase()),
+            "docs/api-versioning.md lacks {needle:?}"
+        );
     }
     let arch = std::fs::read_to_string(repo().join("docs/architecture.md")).unwrap();
     assert!(arch.contains("## Data flow") && arch.contains("```"));

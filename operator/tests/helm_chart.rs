@@ -111,7 +111,7 @@ fn strict(v: &Value) -> Option<Result<(), String>> {
 
 /// openAPIV3Schema of each CRD in the chart, by kind.
 fn crd_schemas() -> BTreeMap<String, Value> {
-    let dir = repo().join("charts/mailrelay-operator/crds");
+    let dir = repo().join("charts/mailrelay-operator/files/crds");
     let mut out = BTreeMap::new();
     for e in std::fs::read_dir(&dir).unwrap() {
         let crd: Value =
@@ -266,7 +266,8 @@ fn a_misplaced_field_fails_the_strict_check() {
 }
 
 /// The chart installs exactly the CRDs the operator generates (`mailrelay-operator
-/// crdgen` writes crds/; the chart carries a copy for `helm install`).
+/// crdgen` writes crds/ and the copy in the chart's files/crds/ that its CRD
+/// templates load; test_chart.py checks the rendered CRDs against crds/).
 #[test]
 fn chart_crds_are_identical_to_the_generated_crds() {
     let list = |d: &Path| -> BTreeMap<String, Vec<u8>> {
@@ -282,25 +283,30 @@ fn chart_crds_are_identical_to_the_generated_crds() {
             .collect()
     };
     let generated = list(&repo().join("crds"));
-    let chart = list(&repo().join("charts/mailrelay-operator/crds"));
+    let chart = list(&repo().join("charts/mailrelay-operator/files/crds"));
     assert!(!generated.is_empty(), "crds/ is empty");
+    let regen = "run `cargo run -p mailrelay-operator -- crdgen`";
     for name in generated.keys() {
         assert!(
             chart.contains_key(name),
-            "charts/mailrelay-operator/crds/{name} is missing: cp crds/*.yaml charts/mailrelay-operator/crds/"
+            "charts/mailrelay-operator/files/crds/{name} is missing: {regen}"
         );
     }
     for (name, bytes) in &chart {
         match generated.get(name) {
             None => panic!(
-                "charts/mailrelay-operator/crds/{name} is not in crds/ (stale copy: remove it)"
+                "charts/mailrelay-operator/files/crds/{name} is not in crds/ (stale copy: remove it)"
             ),
             Some(g) => assert!(
                 g == bytes,
-                "charts/mailrelay-operator/crds/{name} differs from crds/{name}: cp crds/*.yaml charts/mailrelay-operator/crds/"
+                "charts/mailrelay-operator/files/crds/{name} differs from crds/{name}: {regen}"
             ),
         }
     }
+    assert!(
+        !repo().join("charts/mailrelay-operator/crds").exists(),
+        "the chart must not carry a crds/ directory besides its CRD templates"
+    );
     // And each is a valid CustomResourceDefinition.
     for (name, bytes) in &generated {
         let v: Value = serde_norway::from_slice(bytes).unwrap();

@@ -69,9 +69,88 @@ app.kubernetes.io/component: queue-store
 {{- printf "%s-redis" (include "mailrelay-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Secret holding the bundled Redis password. */}}
+{{/* Secret holding the bundled Redis password: the chart's own, or redis.auth.existingSecret. */}}
 {{- define "mailrelay-operator.redisSecretName" -}}
 {{- default (include "mailrelay-operator.redisName" .) .Values.redis.auth.existingSecret }}
+{{- end }}
+
+{{/*
+Bytes in a Kubernetes memory quantity, as digits: `dict "q" QUANTITY "key" "values.path"`.
+Accepted: plain bytes (1073741824), decimal suffixes k M G T and binary ones Ki Mi Gi
+Ti, with an optional fraction (1.5Gi). Anything else fails naming the key, rather
+than giving Redis a maxmemory nobody meant.
+*/}}
+{{- define "mailrelay-operator.bytes" -}}
+{{- $q := .q }}
+{{- if or (kindIs "float64" $q) (kindIs "int64" $q) (kindIs "int" $q) }}
+{{- /* Numbers from values files arrive as float64; print them without an exponent. */}}
+{{- $q = printf "%d" (int64 $q) }}
+{{- end }}
+{{- $q = toString $q }}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$" $q) }}
+{{- fail (printf "%s: %q is not a memory quantity this chart understands (bytes, or a number with k, M, G, T, Ki, Mi, Gi or Ti: 1Gi, 512Mi, 1G, 1073741824)" .key $q) }}
+{{- end }}
+{{- $num := regexReplaceAll "[A-Za-z]+$" $q "" }}
+{{- $suffix := regexReplaceAll "^[0-9.]+" $q "" }}
+{{- $mult := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- printf "%d" (mulf (float64 $num) (index $mult $suffix) | floor | int64) }}
+{{- end }}
+
+{{/*
+maxmemory of the bundled Redis in bytes: redis.maxmemory if set, else 75% of the
+container's memory limit. The other 25% is headroom Redis needs beyond its
+dataset and that maxmemory does not count: the AOF rewrite runs in a fork whose
+copy-on-write pages grow with every write during the rewrite, client and AOF
+buffers, and allocator fragmentation. Without maxmemory a full queue ends in an
+OOM kill (and a restart replaying the whole AOF) instead of Redis refusing writes,
+which relays turn into `451` (clients retry).
+*/}}
+{{- define "mailrelay-operator.redisMaxmemory" -}}
+{{- $r := .Values.redis }}
+{{- $limit := "" }}
+{{- with $r.resources }}{{ with .limits }}{{ with .memory }}{{ $limit = . }}{{ end }}{{ end }}{{ end }}
+{{- if not $limit }}
+{{- fail "redis.resources.limits.memory is required with redis.enabled: Redis's maxmemory is derived from it (75%), so that a full queue makes relays answer 451 instead of Redis being OOM-killed" }}
+{{- end }}
+{{- $limitBytes := include "mailrelay-operator.bytes" (dict "q" $limit "key" "redis.resources.limits.memory") | int64 }}
+{{- if lt $limitBytes 67108864 }}
+{{- fail (printf "redis.resources.limits.memory: %v is %d bytes; the bundled Redis needs at least 64Mi (did you mean %vMi?)" $limit $limitBytes $limit) }}
+{{- end }}
+{{- if $r.maxmemory }}
+{{- $max := include "mailrelay-operator.bytes" (dict "q" $r.maxmemory "key" "redis.maxmemory") | int64 }}
+{{- if ge $max $limitBytes }}
+{{- fail (printf "redis.maxmemory (%v) must be below redis.resources.limits.memory (%v): Redis needs headroom above maxmemory for the AOF rewrite and client buffers" $r.maxmemory $limit) }}
+{{- end }}
+{{- if lt $max 16777216 }}
+{{- fail (printf "redis.maxmemory: %v is %d bytes; at least 16Mi" $r.maxmemory $max) }}
+{{- end }}
+{{- $max }}
+{{- else }}
+{{- div (mul $limitBytes 3) 4 }}
+{{- end }}
+{{- end }}
+
+{{/* redis.conf of the bundled Redis: `dict "root" $ "maxmemory" BYTES`. */}}
+{{- define "mailrelay-operator.redisConf" -}}
+{{- $r := .root.Values.redis -}}
+bind * -::*
+port 6379
+protected-mode no
+dir /data
+appendonly yes
+appendfsync {{ $r.appendfsync }}
+aof-use-rdb-preamble yes
+# {{ if $r.maxmemory }}redis.maxmemory{{ else }}75% of redis.resources.limits.memory{{ end }}: a full Redis refuses writes (relays answer 451) instead of being OOM-killed
+maxmemory {{ .maxmemory }}
+maxmemory-policy noeviction
+{{- end }}
+
+{{/* The program names of the Redis image: redis-server/-cli or valkey-server/-cli. */}}
+{{- define "mailrelay-operator.redisServer" -}}
+{{- printf "%s-server" .Values.redis.engine }}
+{{- end }}
+{{- define "mailrelay-operator.redisCli" -}}
+{{- printf "%s-cli" .Values.redis.engine }}
 {{- end }}
 
 {{/* The Redis the first MailRelay uses, as the CRD's spec.redis. */}}
@@ -145,6 +224,15 @@ waitReplicas: {{ .Values.externalRedis.waitReplicas }}
 {{- range .Values.relay.listeners }}
 {{- if and $.Values.relay.enabled (eq (toString .tls) "implicit") (not $.Values.relay.tlsSecretName) }}
 {{- fail (printf "relay.listeners %s: tls: implicit needs relay.tlsSecretName (a certificate Secret)" .name) }}
+{{- end }}
+{{- end }}
+{{- $auth := .Values.redis.auth }}
+{{- if and .Values.redis.enabled $auth.enabled }}
+{{- if and $auth.existingSecret $auth.password }}
+{{- fail "redis.auth: set either existingSecret (a Secret you manage) or password (the chart creates the Secret), not both" }}
+{{- end }}
+{{- if and $auth.generatePassword (or $auth.existingSecret $auth.password) }}
+{{- fail "redis.auth.generatePassword=true conflicts with redis.auth.existingSecret / redis.auth.password: the password comes from one place" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}
