@@ -15,7 +15,7 @@ pub struct SecretNeed {
     pub name: String,
     pub keys: Vec<String>,
     /// The spec field referencing it, for messages.
-    pub field: &'static str,
+    pub field: String,
     /// Whether its values reach the pods as environment variables (and so need a
     /// restart when they change).
     pub env: bool,
@@ -28,7 +28,7 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: t.secret_name.clone(),
             keys: vec!["tls.crt".into(), "tls.key".into()],
-            field: "spec.tls.secretName",
+            field: "spec.tls.secretName".into(),
             env: false,
         });
     }
@@ -36,7 +36,7 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: a.secret_name.clone(),
             keys: vec!["users".into()],
-            field: "spec.auth.secretName",
+            field: "spec.auth.secretName".into(),
             env: false,
         });
     }
@@ -44,7 +44,7 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: u.name.clone(),
             keys: vec![u.key.clone()],
-            field: "spec.redis.urlSecret",
+            field: "spec.redis.urlSecret".into(),
             env: true,
         });
     }
@@ -52,7 +52,7 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: p.name.clone(),
             keys: vec![p.key.clone()],
-            field: "spec.redis.passwordSecret",
+            field: "spec.redis.passwordSecret".into(),
             env: true,
         });
     }
@@ -65,9 +65,20 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: c.name.clone(),
             keys: vec!["username".into(), "password".into()],
-            field: "spec.delivery.smarthost.credentialsSecret",
+            field: "spec.delivery.smarthost.credentialsSecret".into(),
             env: true,
         });
+    }
+    let routes = spec.delivery.as_ref().map(|d| d.routes.as_slice());
+    for (i, r) in routes.unwrap_or_default().iter().enumerate() {
+        if let Some(a) = &r.auth {
+            out.push(SecretNeed {
+                name: a.password_secret.name.clone(),
+                keys: vec![a.password_secret.key.clone()],
+                field: format!("spec.delivery.routes[{i}].auth.passwordSecret"),
+                env: true,
+            });
+        }
     }
     out
 }
@@ -77,18 +88,18 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
 pub enum SecretProblem {
     NotFound {
         secret: String,
-        field: &'static str,
+        field: String,
     },
     KeyMissing {
         secret: String,
         key: String,
-        field: &'static str,
+        field: String,
     },
     /// The value is there but unusable; `problem` never quotes it.
     InvalidValue {
         secret: String,
         key: String,
-        field: &'static str,
+        field: String,
         problem: String,
     },
 }
@@ -173,7 +184,7 @@ pub fn resolve(
                     return Err(SecretProblem::KeyMissing {
                         secret: need.name.clone(),
                         key: key.clone(),
-                        field: need.field,
+                        field: need.field.clone(),
                     });
                 }
             }
@@ -191,7 +202,7 @@ pub fn resolve(
             let invalid = |problem: String| SecretProblem::InvalidValue {
                 secret: u.name.clone(),
                 key: u.key.clone(),
-                field: "spec.redis.urlSecret",
+                field: "spec.redis.urlSecret".into(),
                 problem,
             };
             let raw = lookup(u).unwrap_or_default();
@@ -282,7 +293,7 @@ mod tests {
         );
         let needs = needed(&s);
         assert_eq!(
-            needs.iter().map(|n| n.field).collect::<Vec<_>>(),
+            needs.iter().map(|n| n.field.as_str()).collect::<Vec<_>>(),
             ["spec.redis.urlSecret", "spec.redis.passwordSecret"]
         );
         assert!(needs.iter().all(|n| n.env && n.name == "redis-url"));
