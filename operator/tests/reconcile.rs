@@ -893,7 +893,11 @@ async fn without_autoscaling_the_operator_resets_replicas_changed_by_others() {
     scale_by_hand(&api, 7);
     assert_eq!(replicas(&api), 7);
     reconcile_relay(&api, &ctx).await.unwrap();
-    assert_eq!(replicas(&api), 3, "spec.replicas is the truth without autoscaling");
+    assert_eq!(
+        replicas(&api),
+        3,
+        "spec.replicas is the truth without autoscaling"
+    );
     assert!(api.get(HPA).is_none());
     let r = api.get(RELAY).unwrap();
     assert_eq!(r["status"]["replicas"], 3);
@@ -933,7 +937,9 @@ async fn under_autoscaling_replicas_are_left_to_the_autoscaler() {
         .into_iter()
         .filter(|r| {
             r.is("PATCH", "/deployments/relay")
-                && r.query.split('&').any(|p| p == "fieldManager=mailrelay-operator")
+                && r.query
+                    .split('&')
+                    .any(|p| p == "fieldManager=mailrelay-operator")
         })
         .collect();
     assert!(!applied.is_empty());
@@ -944,6 +950,12 @@ async fn under_autoscaling_replicas_are_left_to_the_autoscaler() {
             "the operator's apply leaves replicas out"
         );
     }
+    assert!(
+        ctx.metrics.encode().contains(
+            "mailrelay_operator_relay_queue_pending_messages{relay_namespace=\"mail\",relay=\"relay\"} 0"
+        ),
+        "the gauge the autoscaler reads is exported"
+    );
     let hpa = api.get(HPA).expect("an HPA is applied");
     assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "relay");
     assert_eq!(hpa["spec"]["minReplicas"], 2);
@@ -962,7 +974,11 @@ async fn under_autoscaling_replicas_are_left_to_the_autoscaler() {
     assert_eq!(replicas(&api), 6);
     edit_spec(&api, |s| s["limits"] = json!({"maxRecipients": 10}));
     reconcile_relay(&api, &ctx).await.unwrap();
-    assert_eq!(replicas(&api), 6, "a spec change does not reset the autoscaler's size");
+    assert_eq!(
+        replicas(&api),
+        6,
+        "a spec change does not reset the autoscaler's size"
+    );
     assert_eq!(relay_config(&api).limits.max_recipients, 10);
     assert_eq!(api.get(RELAY).unwrap()["status"]["replicas"], 6);
 
@@ -1033,8 +1049,17 @@ async fn keda_without_its_crd_is_a_condition_not_a_crash_loop() {
         (cond["status"].as_str(), cond["reason"].as_str()),
         (Some("False"), Some("KedaNotInstalled"))
     );
-    assert!(cond["message"].as_str().unwrap().contains("spec.autoscaling.keda"));
-    assert_eq!(condition(&r, "Ready")["status"], "True", "the relay itself runs");
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.autoscaling.keda")
+    );
+    assert_eq!(
+        condition(&r, "Ready")["status"],
+        "True",
+        "the relay itself runs"
+    );
     assert!(api.get(HPA).is_none());
     let events: Vec<_> = api
         .requests()
@@ -1042,7 +1067,10 @@ async fn keda_without_its_crd_is_a_condition_not_a_crash_loop() {
         .filter(|r| r.is("POST", "/events"))
         .collect();
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].body.as_ref().unwrap()["reason"], "KedaNotInstalled");
+    assert_eq!(
+        events[0].body.as_ref().unwrap()["reason"],
+        "KedaNotInstalled"
+    );
     // Once told, not again.
     api.clear_requests();
     reconcile_relay(&api, &ctx).await.unwrap();
@@ -1071,7 +1099,10 @@ async fn a_scaled_object_replaces_the_hpa_and_goes_with_autoscaling() {
     let so = api.get(SCALED_OBJECT).expect("a ScaledObject");
     assert_eq!(so["spec"]["minReplicaCount"], 0);
     assert_eq!(so["spec"]["scaleTargetRef"]["name"], "relay");
-    assert_eq!(api.get(RELAY).unwrap()["status"]["autoscaler"], "ScaledObject");
+    assert_eq!(
+        api.get(RELAY).unwrap()["status"]["autoscaler"],
+        "ScaledObject"
+    );
 
     edit_spec(&api, |s| {
         s.as_object_mut().unwrap().remove("autoscaling");

@@ -177,12 +177,12 @@ fn default_listeners() -> Vec<ListenerSpec> {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {
-        "rule": "self.minReplicas <= self.maxReplicas",
+        "rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= self.maxReplicas",
         "message": "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas",
         "fieldPath": ".minReplicas"
     },
     {
-        "rule": "self.minReplicas > 0 || has(self.keda)",
+        "rule": "!has(self.minReplicas) || self.minReplicas > 0 || has(self.keda)",
         "message": "autoscaling.minReplicas: 0 (scale to zero) needs autoscaling.keda: a HorizontalPodAutoscaler cannot scale to zero",
         "fieldPath": ".minReplicas"
     },
@@ -258,10 +258,7 @@ pub struct QueueScalingSpec {
 pub struct KedaSpec {
     /// The Prometheus that scrapes the relay pods, like
     /// `http://prometheus-operated.monitoring.svc:9090`.
-    #[schemars(
-        length(min = 1, max = 1024),
-        regex(pattern = r"^https?://[^\s]+$")
-    )]
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^https?://[^\s]+$"))]
     pub prometheus_server_address: String,
     /// Seconds after the last active trigger before scaling to `minReplicas` (KEDA's
     /// `cooldownPeriod`); default 300.

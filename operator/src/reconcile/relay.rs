@@ -169,7 +169,11 @@ async fn apply_autoscaler(
                 &autoscaling::scaled_object_resource(),
             );
             match api
-                .patch(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(so))
+                .patch(
+                    name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(so),
+                )
                 .await
             {
                 Ok(_) => Ok(AutoscalerOutcome::Applied(autoscaling::SCALED_OBJECT_KIND)),
@@ -296,8 +300,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                     apply(client, &ns, &objs.service).await?;
                     apply(client, &ns, &objs.admin_service).await?;
                     apply(client, &ns, &objs.pdb).await?;
-                    let dep =
-                        apply_deployment(client, &ns, &objs.deployment, &relay.spec).await?;
+                    let dep = apply_deployment(client, &ns, &objs.deployment, &relay.spec).await?;
                     scaled = Some(
                         apply_autoscaler(
                             client,
@@ -347,7 +350,11 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
             && relay
                 .status
                 .as_ref()
-                .and_then(|s| s.conditions.iter().find(|c| c.type_ == conditions::AUTOSCALING))
+                .and_then(|s| {
+                    s.conditions
+                        .iter()
+                        .find(|c| c.type_ == conditions::AUTOSCALING)
+                })
                 .is_none_or(|c| c.reason != conditions::KEDA_MISSING)
         {
             tracing::warn!(relay = %name, namespace = %ns, "spec.autoscaling.keda: KEDA is not installed");

@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::autoscaling::v2::{
     CrossVersionObjectReference, ExternalMetricSource, HorizontalPodAutoscaler,
-    HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget,
-    ResourceMetricSource,
+    HorizontalPodAutoscalerSpec, MetricIdentifier, MetricSpec, MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -102,7 +101,10 @@ pub fn check(a: &AutoscalingSpec) -> Result<(), SpecError> {
         );
     }
     if a.keda.is_some() && a.queue.is_none() {
-        return err("queue", "autoscaling.keda scales on the shared queue: set autoscaling.queue");
+        return err(
+            "queue",
+            "autoscaling.keda scales on the shared queue: set autoscaling.queue",
+        );
     }
     Ok(())
 }
@@ -111,7 +113,9 @@ pub fn check(a: &AutoscalingSpec) -> Result<(), SpecError> {
 /// `spec.replicas` kept within the autoscaler's bounds.
 pub fn initial_replicas(spec: &MailRelaySpec) -> i32 {
     match &spec.autoscaling {
-        Some(a) => spec.replicas.clamp(a.min_replicas, a.max_replicas.max(a.min_replicas)),
+        Some(a) => spec
+            .replicas
+            .clamp(a.min_replicas, a.max_replicas.max(a.min_replicas)),
         None => spec.replicas,
     }
 }
@@ -212,7 +216,12 @@ fn query(metric: &str, name: &str, namespace: &str) -> String {
     format!("max({metric}{{{RELAY_NAMESPACE_LABEL}=\"{namespace}\",{RELAY_LABEL}=\"{name}\"}})")
 }
 
-fn scaled_object(a: &AutoscalingSpec, name: &str, namespace: &str, meta: ObjectMeta) -> DynamicObject {
+fn scaled_object(
+    a: &AutoscalingSpec,
+    name: &str,
+    namespace: &str,
+    meta: ObjectMeta,
+) -> DynamicObject {
     let keda = a.keda.as_ref().expect("called with autoscaling.keda");
     let server = keda.prometheus_server_address.as_str();
     let mut triggers = Vec::new();

@@ -206,8 +206,8 @@ pub fn relay_config(
             cfg.delivery.max_messages_per_connection = n as usize;
         }
         if let Some(t) = &d.connect_timeout {
-            cfg.delivery.connect_timeout = parse_duration(t)
-                .map_err(|m| spec_err("spec.delivery.connectTimeout", m))?;
+            cfg.delivery.connect_timeout =
+                parse_duration(t).map_err(|m| spec_err("spec.delivery.connectTimeout", m))?;
         }
         cfg.delivery.routes = d
             .routes
@@ -477,6 +477,22 @@ mod tests {
         );
         assert_eq!(relay_field("queue.redis.url"), "spec.redis.url");
         assert_eq!(relay_field("shutdown_grace"), "spec (shutdown_grace)");
+        assert_eq!(
+            relay_field("delivery.routes[3].domains"),
+            "spec.delivery.routes[3].domains"
+        );
+        assert_eq!(
+            relay_field("delivery.routes[0].password_env"),
+            "spec.delivery.routes[0].auth.passwordSecret"
+        );
+        assert_eq!(
+            relay_field("delivery.routes[1].username"),
+            "spec.delivery.routes[1].auth.username"
+        );
+        assert_eq!(
+            relay_field("delivery.smarthost.username"),
+            "spec.delivery.smarthost.username"
+        );
     }
 
     fn redis(yaml: &str) -> crd::RedisSpec {

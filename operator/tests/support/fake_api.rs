@@ -258,7 +258,11 @@ fn handle_request(
     if st.unserved.iter().any(|p| path.starts_with(p.as_str())) {
         return (
             StatusCode::NOT_FOUND,
-            status_body(404, "NotFound", "the server could not find the requested resource"),
+            status_body(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
         );
     }
     let (coll, name, sub) = split(&path);
@@ -358,7 +362,10 @@ fn handle_request(
                         status_body(
                             409,
                             "Conflict",
-                            &format!("Apply failed with 1 conflict: conflict with {:?}: {p}", others[0]),
+                            &format!(
+                                "Apply failed with 1 conflict: conflict with {:?}: {p}",
+                                others[0]
+                            ),
                         ),
                     );
                 }
@@ -368,7 +375,10 @@ fn handle_request(
             }
             // Fields this manager applied before and no longer does, owned by
             // nobody else, are removed.
-            let before = owners.get(&manager).map(|(_, s)| s.clone()).unwrap_or_default();
+            let before = owners
+                .get(&manager)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
             for p in before.difference(&applied) {
                 let shared = owners
                     .iter()
@@ -451,7 +461,11 @@ fn leaves(v: &Value) -> BTreeSet<String> {
         match v {
             Value::Object(m) if !m.is_empty() => {
                 for (k, v) in m {
-                    walk(v, format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")), out);
+                    walk(
+                        v,
+                        format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
+                        out,
+                    );
                 }
             }
             _ => {
