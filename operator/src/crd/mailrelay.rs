@@ -154,7 +154,8 @@ pub struct MailRelaySpec {
     pub pod_annotations: BTreeMap<String, String>,
     /// Let an autoscaler size the relay Deployment: the operator renders a
     /// HorizontalPodAutoscaler (or, with `keda`, a KEDA ScaledObject) and stops
-    /// setting the Deployment's replicas; `replicas` is then only its size at creation.
+    /// setting the Deployment's replicas; `replicas`, kept within `minReplicas` and
+    /// `maxReplicas`, is then only its size at creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
 }
@@ -215,7 +216,8 @@ pub struct AutoscalingSpec {
     )]
     #[schemars(range(min = 1, max = 1000))]
     pub target_cpu_utilization: Option<i32>,
-    /// Scale on the shared queue, as the relay pods export it on `/metrics`.
+    /// Scale on the shared queue, as the operator exports it per relay on its
+    /// `/metrics` (`mailrelay_operator_relay_queue_*`, see docs/operations.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<QueueScalingSpec>,
     /// Render a KEDA ScaledObject (keda.sh/v1alpha1) querying Prometheus instead of
@@ -237,14 +239,15 @@ fn default_min_replicas() -> i32 {
     "message": "autoscaling.queue needs pendingMessagesPerReplica, oldestMessageAgeSeconds or both"
 }]))]
 pub struct QueueScalingSpec {
-    /// Messages waiting for their first delivery attempt (queued minus deferred:
-    /// `mailrelay_queue_messages - mailrelay_queue_deferred`) per relay pod. Deferred
+    /// Messages waiting for their first delivery attempt (queued minus deferred,
+    /// `mailrelay_operator_relay_queue_pending_messages`) per relay pod. Deferred
     /// mail waits for its retry time, which more pods would not shorten.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 10000000))]
     pub pending_messages_per_replica: Option<i64>,
-    /// Age in seconds of the oldest queued message (`mailrelay_queue_oldest_age_seconds`)
-    /// to keep below, scaling in proportion. Mail deferred by an unreachable
+    /// Age in seconds of the oldest queued message
+    /// (`mailrelay_operator_relay_queue_oldest_age_seconds`) to keep below, scaling
+    /// in proportion. Mail deferred by an unreachable
     /// destination ages too and holds the relay at `maxReplicas`: prefer
     /// `pendingMessagesPerReplica` unless deferrals are rare.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -256,7 +259,7 @@ pub struct QueueScalingSpec {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KedaSpec {
-    /// The Prometheus that scrapes the relay pods, like
+    /// The Prometheus that scrapes the operator's `/metrics`, like
     /// `http://prometheus-operated.monitoring.svc:9090`.
     #[schemars(length(min = 1, max = 1024), regex(pattern = r"^https?://[^\s]+$"))]
     pub prometheus_server_address: String,
@@ -568,7 +571,7 @@ pub struct MailRelayStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing` and `Degraded`.
+    /// `Ready`, `Progressing` and `Degraded`; `Autoscaling` with `spec.autoscaling`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Relay pods wanted (the Deployment's replicas; the `scale` subresource's).

@@ -287,6 +287,29 @@ mod tests {
     }
 
     #[test]
+    fn route_passwords_are_needed_named_by_route_and_roll_the_pods() {
+        let s = spec(
+            "hostname: r.example\nredis: {url: 'redis://r:6379'}\ndelivery:\n  routes:\n    - {domains: [a.example], host: h}\n    - {domains: [b.example], host: h, tls: required, auth: {username: u, passwordSecret: {name: partner, key: pw}}}\n",
+        );
+        let needs = needed(&s);
+        assert_eq!(needs.len(), 1);
+        assert_eq!(needs[0].field, "spec.delivery.routes[1].auth.passwordSecret");
+        assert!(needs[0].env);
+        let mut fetched = BTreeMap::from([("partner".to_owned(), None)]);
+        let p = resolve(&s, &fetched).unwrap_err();
+        assert!(
+            p.message().contains("spec.delivery.routes[1].auth.passwordSecret"),
+            "{}",
+            p.message()
+        );
+        fetched.insert("partner".into(), secret(&[("pw", "one")]));
+        let d1 = resolve(&s, &fetched).unwrap().secrets.env_digest.unwrap();
+        fetched.insert("partner".into(), secret(&[("pw", "two")]));
+        let d2 = resolve(&s, &fetched).unwrap().secrets.env_digest.unwrap();
+        assert_ne!(d1, d2, "a new route password rolls the pods");
+    }
+
+    #[test]
     fn a_url_secret_is_needed_checked_and_rolls_the_pods() {
         let s = spec(
             "hostname: r.example\nredis: {urlSecret: {name: redis-url, key: url}, passwordSecret: {name: redis-url, key: password}}\n",
