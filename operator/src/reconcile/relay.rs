@@ -159,7 +159,7 @@ async fn apply_autoscaler(
     match wanted {
         None => Ok(AutoscalerOutcome::None),
         Some(Autoscaler::Hpa(h)) => {
-            apply(client, ns, h).await?;
+            apply(client, ns, h.as_ref()).await?;
             Ok(AutoscalerOutcome::Applied(autoscaling::HPA_KIND))
         }
         Some(Autoscaler::Keda(so)) => {

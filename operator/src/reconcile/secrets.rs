@@ -293,12 +293,16 @@ mod tests {
         );
         let needs = needed(&s);
         assert_eq!(needs.len(), 1);
-        assert_eq!(needs[0].field, "spec.delivery.routes[1].auth.passwordSecret");
+        assert_eq!(
+            needs[0].field,
+            "spec.delivery.routes[1].auth.passwordSecret"
+        );
         assert!(needs[0].env);
         let mut fetched = BTreeMap::from([("partner".to_owned(), None)]);
         let p = resolve(&s, &fetched).unwrap_err();
         assert!(
-            p.message().contains("spec.delivery.routes[1].auth.passwordSecret"),
+            p.message()
+                .contains("spec.delivery.routes[1].auth.passwordSecret"),
             "{}",
             p.message()
         );

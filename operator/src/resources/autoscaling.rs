@@ -41,8 +41,8 @@ pub fn scaled_object_resource() -> ApiResource {
 /// What sizes the relay Deployment when `spec.autoscaling` is set.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Autoscaler {
-    Hpa(HorizontalPodAutoscaler),
-    Keda(DynamicObject),
+    Hpa(Box<HorizontalPodAutoscaler>),
+    Keda(Box<DynamicObject>),
 }
 
 impl Autoscaler {
@@ -132,8 +132,8 @@ pub fn build(
     };
     check(a)?;
     Ok(Some(match &a.keda {
-        None => Autoscaler::Hpa(hpa(a, name, meta)),
-        Some(_) => Autoscaler::Keda(scaled_object(a, name, namespace, meta)),
+        None => Autoscaler::Hpa(Box::new(hpa(a, name, meta))),
+        Some(_) => Autoscaler::Keda(Box::new(scaled_object(a, name, namespace, meta))),
     }))
 }
 
