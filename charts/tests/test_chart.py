@@ -419,6 +419,9 @@ def expect_defaults(case):
         "/serviceaccounts": manage,
         "apps/deployments": manage,
         "policy/poddisruptionbudgets": manage,
+        # Applied (create + patch) and removed when spec.autoscaling changes.
+        "autoscaling/horizontalpodautoscalers": {"get", "create", "patch", "delete"},
+        "keda.sh/scaledobjects": {"get", "create", "patch", "delete"},
         "/secrets": {"get", "list", "watch"},
         "/events": {"create", "patch"},
         "events.k8s.io/events": {"create", "patch"},

@@ -1,7 +1,7 @@
 //! The operator's own `/metrics` (OpenMetrics) and `/healthz`.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use axum::Router;
 use axum::extract::State;
@@ -20,6 +20,23 @@ struct ControllerLabel {
     controller: String,
 }
 
+/// Labels of the per-relay queue gauges. Not `namespace`: Prometheus sets that
+/// label to the operator's own namespace when it scrapes the operator.
+pub const RELAY_NAMESPACE_LABEL: &str = "relay_namespace";
+pub const RELAY_LABEL: &str = "relay";
+/// Per-relay queue gauges, refreshed at each reconcile (every status interval)
+/// from the queue store, for autoscalers: present while a relay has no pods, and
+/// one series per relay (the relay pods each report the whole shared queue).
+pub const QUEUE_MESSAGES_METRIC: &str = "mailrelay_operator_relay_queue_messages";
+pub const QUEUE_PENDING_METRIC: &str = "mailrelay_operator_relay_queue_pending_messages";
+pub const QUEUE_OLDEST_AGE_METRIC: &str = "mailrelay_operator_relay_queue_oldest_age_seconds";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RelayLabels {
+    relay_namespace: String,
+    relay: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
     controller: String,
@@ -33,6 +50,9 @@ pub struct Metrics {
     durations: Family<ControllerLabel, Histogram>,
     status_patches: Family<ControllerLabel, Counter>,
     leader: Gauge<i64, AtomicI64>,
+    queue_messages: Family<RelayLabels, Gauge<i64, AtomicI64>>,
+    queue_pending: Family<RelayLabels, Gauge<i64, AtomicI64>>,
+    queue_oldest_age: Family<RelayLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -72,8 +92,29 @@ impl Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        let queue_messages = Family::<RelayLabels, Gauge<i64, AtomicI64>>::default();
+        let queue_pending = Family::<RelayLabels, Gauge<i64, AtomicI64>>::default();
+        let queue_oldest_age = Family::<RelayLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "relay_queue_messages",
+            "Messages in a relay's shared queue (due, deferred and in flight)",
+            queue_messages.clone(),
+        );
+        registry.register(
+            "relay_queue_pending_messages",
+            "Messages in a relay's shared queue that have had no delivery attempt yet",
+            queue_pending.clone(),
+        );
+        registry.register(
+            "relay_queue_oldest_age_seconds",
+            "Age of the oldest message in a relay's shared queue (0 when empty)",
+            queue_oldest_age.clone(),
+        );
         Metrics {
             registry,
+            queue_messages,
+            queue_pending,
+            queue_oldest_age,
             reconciles,
             errors,
             durations,
@@ -109,6 +150,34 @@ impl Metrics {
 
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+    }
+
+    /// The queue of relay `namespace/name` as last read.
+    pub fn set_relay_queue(&self, namespace: &str, name: &str, q: &crate::crd::QueueSummary) {
+        let l = RelayLabels {
+            relay_namespace: namespace.into(),
+            relay: name.into(),
+        };
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.queue_messages.get_or_create(&l).set(clamp(q.queued));
+        self.queue_pending
+            .get_or_create(&l)
+            .set(clamp(q.queued.saturating_sub(q.deferred)));
+        let age = q.oldest_queued_at.as_ref().map_or(0.0, |t| {
+            (k8s_openapi::jiff::Timestamp::now().as_second() - t.0.as_second()).max(0) as f64
+        });
+        self.queue_oldest_age.get_or_create(&l).set(age);
+    }
+
+    /// Drops the gauges of a deleted relay.
+    pub fn forget_relay(&self, namespace: &str, name: &str) {
+        let l = RelayLabels {
+            relay_namespace: namespace.into(),
+            relay: name.into(),
+        };
+        self.queue_messages.remove(&l);
+        self.queue_pending.remove(&l);
+        self.queue_oldest_age.remove(&l);
     }
 
     pub fn encode(&self) -> String {

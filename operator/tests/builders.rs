@@ -482,3 +482,288 @@ fn selectors_pick_relays_by_label() {
         ["gmail"]
     );
 }
+
+/// An HPA on CPU and both queue gauges, with routes and a delay warning.
+const AUTOSCALED: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {name: scaled, namespace: mail}
+spec:
+  replicas: 3
+  hostname: relay.example.com
+  redis: {url: 'redis://redis:6379'}
+  autoscaling:
+    minReplicas: 2
+    maxReplicas: 12
+    targetCPUUtilization: 70
+    queue: {pendingMessagesPerReplica: 500, oldestMessageAgeSeconds: 900}
+  delivery:
+    delayWarning: 4h
+    connectTimeout: 10s
+    retry: {maxLifetime: 3d}
+    routes:
+      - domains: [partner.example, .partner.example]
+        host: smtp.partner.example
+        port: 587
+        tls: required
+        auth: {username: relay, passwordSecret: {name: partner-smtp, key: password}}
+      - domains: [intranet.example]
+        host: 10.0.0.25
+";
+
+/// KEDA, scaling delivery to zero while the queue is empty.
+const KEDA: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {name: keda, namespace: mail}
+spec:
+  hostname: relay.example.com
+  redis: {url: 'redis://redis:6379'}
+  autoscaling:
+    minReplicas: 0
+    maxReplicas: 8
+    targetCPUUtilization: 80
+    queue: {pendingMessagesPerReplica: 200}
+    keda: {prometheusServerAddress: 'http://prometheus-operated.monitoring.svc:9090', cooldownPeriod: 600}
+";
+
+#[test]
+fn golden_autoscaled_with_routes() {
+    let secrets = ResolvedSecrets {
+        env_digest: Some(resources::secret_digest(&[b"partner-password"])),
+    };
+    golden(
+        "autoscaled",
+        &build(&relay(AUTOSCALED), &[], &secrets).to_yaml(),
+    );
+}
+
+#[test]
+fn golden_keda() {
+    golden(
+        "keda",
+        &build(&relay(KEDA), &[], &ResolvedSecrets::default()).to_yaml(),
+    );
+}
+
+#[test]
+fn under_autoscaling_the_deployment_has_no_replicas_and_an_hpa_targets_it() {
+    let o = build(&relay(AUTOSCALED), &[], &ResolvedSecrets::default());
+    assert_eq!(o.deployment.spec.as_ref().unwrap().replicas, None);
+    let Some(resources::autoscaling::Autoscaler::Hpa(hpa)) = &o.autoscaler else {
+        panic!("an HPA: {:?}", o.autoscaler);
+    };
+    assert_eq!(hpa.owner_references()[0].kind, "MailRelay");
+    let spec = hpa.spec.as_ref().unwrap();
+    assert_eq!(spec.scale_target_ref.kind, "Deployment");
+    assert_eq!(spec.scale_target_ref.name, "scaled");
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 12));
+    let metrics = spec.metrics.as_ref().unwrap();
+    let types: Vec<&str> = metrics.iter().map(|m| m.type_.as_str()).collect();
+    assert_eq!(types, ["Resource", "External", "External"]);
+    let pending = metrics[1].external.as_ref().unwrap();
+    assert_eq!(
+        pending.metric.name,
+        mailrelay_operator::telemetry::QUEUE_PENDING_METRIC
+    );
+    assert_eq!(pending.target.type_, "AverageValue");
+    let age = metrics[2].external.as_ref().unwrap();
+    assert_eq!(age.target.type_, "Value");
+    assert_eq!(
+        resources::autoscaling::initial_replicas(&relay(AUTOSCALED).spec),
+        3
+    );
+
+    // Without autoscaling: replicas are the operator's, and nothing else is made.
+    let plain = build(&relay(MINIMAL), &[], &ResolvedSecrets::default());
+    assert_eq!(plain.deployment.spec.as_ref().unwrap().replicas, Some(2));
+    assert!(plain.autoscaler.is_none());
+}
+
+#[test]
+fn a_scaled_object_queries_the_operators_gauges_with_max() {
+    let o = build(&relay(KEDA), &[], &ResolvedSecrets::default());
+    let Some(resources::autoscaling::Autoscaler::Keda(so)) = &o.autoscaler else {
+        panic!("a ScaledObject: {:?}", o.autoscaler);
+    };
+    let v = serde_json::to_value(so).unwrap();
+    assert_eq!(v["apiVersion"], "keda.sh/v1alpha1");
+    assert_eq!(v["kind"], "ScaledObject");
+    assert_eq!(v["spec"]["minReplicaCount"], 0);
+    let triggers = v["spec"]["triggers"].as_array().unwrap();
+    let queries: Vec<&str> = triggers
+        .iter()
+        .filter_map(|t| t["metadata"]["query"].as_str())
+        .collect();
+    assert_eq!(
+        queries,
+        [
+            "max(mailrelay_operator_relay_queue_pending_messages{relay_namespace=\"mail\",relay=\"keda\"})",
+            // Scaled to zero, anything queued (deferred mail too) wakes one pod.
+            "max(mailrelay_operator_relay_queue_messages{relay_namespace=\"mail\",relay=\"keda\"}) > bool 0",
+        ]
+    );
+    assert_eq!(triggers.last().unwrap()["type"], "cpu");
+    // Without scale to zero, no wake-up trigger.
+    let mut r = relay(KEDA);
+    r.spec.autoscaling.as_mut().unwrap().min_replicas = 1;
+    let o = build(&r, &[], &ResolvedSecrets::default());
+    let Some(resources::autoscaling::Autoscaler::Keda(so)) = &o.autoscaler else {
+        panic!();
+    };
+    let v = serde_json::to_value(so).unwrap();
+    assert!(
+        v["spec"]["triggers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["name"] != "mail-queued")
+    );
+}
+
+#[test]
+fn bad_autoscaling_without_cel_rules_is_refused_naming_the_field() {
+    for (change, field, needle) in [
+        (
+            "{minReplicas: 5, maxReplicas: 2, targetCPUUtilization: 50}",
+            "spec.autoscaling.minReplicas",
+            "maxReplicas",
+        ),
+        (
+            "{minReplicas: 0, maxReplicas: 2, targetCPUUtilization: 50}",
+            "spec.autoscaling.minReplicas",
+            "scale to zero",
+        ),
+        (
+            "{maxReplicas: 2}",
+            "spec.autoscaling.targetCPUUtilization",
+            "something to scale on",
+        ),
+        (
+            "{maxReplicas: 2, queue: {}}",
+            "spec.autoscaling.queue",
+            "pendingMessagesPerReplica",
+        ),
+        (
+            "{maxReplicas: 2, targetCPUUtilization: 50, keda: {prometheusServerAddress: 'http://p'}}",
+            "spec.autoscaling.queue",
+            "shared queue",
+        ),
+    ] {
+        let r = relay(&format!("{MINIMAL}  autoscaling: {change}\n"));
+        let e = resources::build(Inputs {
+            relay: &r,
+            quotas: vec![],
+            secrets: &ResolvedSecrets::default(),
+            default_image: IMAGE,
+        })
+        .unwrap_err();
+        assert_eq!(e.field, field, "{change}: {e}");
+        assert!(e.message.contains(needle), "{change}: {e}");
+    }
+}
+
+#[test]
+fn routes_reach_the_relay_with_their_password_from_the_pod_env() {
+    let o = build(&relay(AUTOSCALED), &[], &ResolvedSecrets::default());
+    let yaml = &o.config_map.data.as_ref().unwrap()["mailrelay.yaml"];
+    assert!(!yaml.contains("partner-smtp"), "{yaml}");
+    let mut cfg = RelayConfig::from_yaml(yaml).unwrap();
+    let routes = &cfg.delivery.routes;
+    assert_eq!(routes.len(), 2);
+    assert_eq!(routes[0].host, "smtp.partner.example");
+    assert_eq!(routes[0].port, 587);
+    assert_eq!(routes[0].tls, mailrelay::config::TlsPolicy::Required);
+    assert_eq!(routes[0].username.as_deref(), Some("relay"));
+    assert_eq!(routes[0].password, None);
+    assert_eq!(routes[1].port, 25);
+    assert_eq!(routes[1].username, None);
+    assert_eq!(
+        cfg.delivery.retry.delay_warning,
+        Some(std::time::Duration::from_secs(4 * 3600))
+    );
+    assert_eq!(
+        cfg.delivery.connect_timeout,
+        std::time::Duration::from_secs(10)
+    );
+    // The pod gets the password from the Secret under the name the config expects.
+    let env = container(&o).env.clone().unwrap();
+    let var = env
+        .iter()
+        .find(|e| e.name == "MAILRELAY_ROUTE_0_PASSWORD")
+        .expect("the route's password variable");
+    let sel = var
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (sel.name.as_str(), sel.key.as_str()),
+        ("partner-smtp", "password")
+    );
+    cfg.apply_env(|k| (k == "MAILRELAY_ROUTE_0_PASSWORD").then(|| "s3cret".into()))
+        .unwrap();
+    assert_eq!(
+        cfg.delivery.routes[0]
+            .password
+            .as_ref()
+            .map(|p| p.0.as_str()),
+        Some("s3cret")
+    );
+}
+
+#[test]
+fn bad_routes_and_delay_warnings_are_refused_naming_the_field() {
+    for (delivery, field, needle) in [
+        (
+            "{delayWarning: 6d}",
+            "spec.delivery.delayWarning",
+            "shorter than spec.delivery.retry.maxLifetime (5d)",
+        ),
+        (
+            "{delayWarning: 2d, retry: {maxLifetime: 1d}}",
+            "spec.delivery.delayWarning",
+            "(1d)",
+        ),
+        ("{delayWarning: 4x}", "spec.delivery.delayWarning", ""),
+        ("{connectTimeout: soon}", "spec.delivery.connectTimeout", ""),
+        (
+            "{routes: [{domains: [a.example], host: h}, {domains: [b.example, A.Example.], host: h}]}",
+            "spec.delivery.routes[1].domains",
+            "already routed",
+        ),
+        (
+            "{routes: [{domains: ['a b'], host: h}]}",
+            "spec.delivery.routes[0].domains",
+            "not a domain",
+        ),
+        (
+            "{routes: [{domains: [a.example], host: h, port: 70000}]}",
+            "spec.delivery.routes[0].port",
+            "1-65535",
+        ),
+        (
+            "{routes: [{domains: [a.example], host: h, tls: disabled, auth: {username: u, passwordSecret: {name: s, key: k}}}]}",
+            "spec.delivery.routes[0].tls",
+            "only ever sent over TLS",
+        ),
+        (
+            "{routes: [{domains: [a.example], host: ''}]}",
+            "spec.delivery.routes[0].host",
+            "empty",
+        ),
+    ] {
+        let r = relay(&format!("{MINIMAL}  delivery: {delivery}\n"));
+        let e = resources::build(Inputs {
+            relay: &r,
+            quotas: vec![],
+            secrets: &ResolvedSecrets::default(),
+            default_image: IMAGE,
+        })
+        .unwrap_err();
+        assert_eq!(e.field, field, "{delivery}: {e}");
+        assert!(e.message.contains(needle), "{delivery}: {e}");
+    }
+}

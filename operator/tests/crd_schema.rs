@@ -518,3 +518,149 @@ fn good_specs_pass_including_smarthost_and_egress_forms() {
         assert!(errs.is_empty(), "{}: {errs:#?}", o["spec"]);
     }
 }
+
+fn autoscaling(a: Value) -> Value {
+    relay("r", with(base(), json!({"autoscaling": a})))
+}
+
+fn routes(r: Value) -> Value {
+    relay("r", with(base(), json!({"delivery": {"routes": r}})))
+}
+
+#[test]
+fn autoscaling_and_routes_are_checked_naming_the_field() {
+    let good = [
+        autoscaling(json!({"maxReplicas": 5, "targetCPUUtilization": 70})),
+        autoscaling(json!({"minReplicas": 2, "maxReplicas": 2,
+            "queue": {"pendingMessagesPerReplica": 500, "oldestMessageAgeSeconds": 600}})),
+        autoscaling(json!({"minReplicas": 0, "maxReplicas": 4,
+            "queue": {"pendingMessagesPerReplica": 100},
+            "keda": {"prometheusServerAddress": "http://prometheus.monitoring.svc:9090", "cooldownPeriod": 600}})),
+        routes(json!([
+            {"domains": ["partner.example", ".partner.example"], "host": "10.0.0.5", "port": 2525,
+             "tls": "required", "auth": {"username": "relay", "passwordSecret": {"name": "partner", "key": "password"}}},
+            {"domains": ["Intranet.Example."], "host": "mx.intranet.example"}
+        ])),
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"delivery": {"delayWarning": "4h", "connectTimeout": "10s"}}),
+            ),
+        ),
+    ];
+    for (o, errs) in good.iter().zip(errors(&good)) {
+        assert!(errs.is_empty(), "{o}: {errs:#?}");
+        serde_json::from_value::<mailrelay_operator::crd::MailRelay>(o.clone()).unwrap();
+    }
+    let bad: Vec<(Value, &str)> = vec![
+        (
+            autoscaling(json!({"minReplicas": 6, "maxReplicas": 5, "targetCPUUtilization": 70})),
+            "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas",
+        ),
+        (
+            autoscaling(json!({"minReplicas": 0, "maxReplicas": 5, "targetCPUUtilization": 70})),
+            "minReplicas: 0 (scale to zero) needs autoscaling.keda",
+        ),
+        (
+            autoscaling(json!({"maxReplicas": 5})),
+            "set autoscaling.targetCPUUtilization, autoscaling.queue or both",
+        ),
+        (
+            autoscaling(json!({"maxReplicas": 5, "queue": {}})),
+            "autoscaling.queue needs pendingMessagesPerReplica",
+        ),
+        (
+            autoscaling(json!({"maxReplicas": 5, "targetCPUUtilization": 70,
+                "keda": {"prometheusServerAddress": "http://p:9090"}})),
+            "autoscaling.keda scales on the shared queue",
+        ),
+        (
+            autoscaling(
+                json!({"maxReplicas": 5, "queue": {"pendingMessagesPerReplica": 1},
+                "keda": {"prometheusServerAddress": "prometheus:9090"}}),
+            ),
+            "prometheusServerAddress",
+        ),
+        (
+            autoscaling(json!({"targetCPUUtilization": 70})),
+            "maxReplicas",
+        ),
+        (
+            autoscaling(json!({"maxReplicas": 5, "targetCpuUtilization": 70})),
+            "targetCpuUtilization",
+        ),
+        (routes(json!([{"domains": [], "host": "h"}])), "domains"),
+        (
+            routes(json!([{"domains": ["a b"], "host": "h"}])),
+            "domains/0",
+        ),
+        (
+            routes(json!([{"domains": ["a.example"], "host": ""}])),
+            "host",
+        ),
+        (
+            routes(json!([{"domains": ["a.example"], "host": "h", "port": 0}])),
+            "port",
+        ),
+        (
+            routes(
+                json!([{"domains": ["a.example"], "host": "h", "tls": "disabled",
+                "auth": {"username": "u", "passwordSecret": {"name": "s", "key": "pw"}}}]),
+            ),
+            "tls cannot be disabled with auth",
+        ),
+        (
+            routes(json!([{"domains": ["a.example"], "host": "h", "auth": {"username": "u"}}])),
+            "passwordSecret",
+        ),
+        (
+            relay(
+                "r",
+                with(base(), json!({"delivery": {"delayWarning": "four hours"}})),
+            ),
+            "delayWarning",
+        ),
+    ];
+    let objs: Vec<Value> = bad.iter().map(|(o, _)| o.clone()).collect();
+    for ((o, needle), errs) in bad.iter().zip(errors(&objs)) {
+        assert!(
+            errs.iter().any(|e| e.contains(needle)),
+            "{o}: expected an error containing {needle:?}, got {errs:#?}"
+        );
+    }
+}
+
+#[test]
+fn the_scale_subresource_points_at_replicas_and_the_selector() {
+    let crd = all_crds()
+        .into_iter()
+        .map(|(_, c)| c)
+        .find(|c| c.spec.names.kind == "MailRelay")
+        .unwrap();
+    let scale = crd.spec.versions[0]
+        .subresources
+        .as_ref()
+        .and_then(|s| s.scale.as_ref())
+        .expect("a scale subresource");
+    assert_eq!(scale.spec_replicas_path, ".spec.replicas");
+    assert_eq!(scale.status_replicas_path, ".status.replicas");
+    assert_eq!(
+        scale.label_selector_path.as_deref(),
+        Some(".status.selector")
+    );
+    // The paths exist in the schema, as the API server requires.
+    let s = schema("MailRelay");
+    assert_eq!(
+        s["properties"]["spec"]["properties"]["replicas"]["type"],
+        "integer"
+    );
+    assert_eq!(
+        s["properties"]["status"]["properties"]["replicas"]["type"],
+        "integer"
+    );
+    assert_eq!(
+        s["properties"]["status"]["properties"]["selector"]["type"],
+        "string"
+    );
+}

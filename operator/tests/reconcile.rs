@@ -849,3 +849,265 @@ fn watch_events_map_to_the_objects_they_concern() {
     assert_eq!(quotas_for_relay(&quotas, &relays[0]).len(), 1);
     assert!(quotas_for_relay(&quotas, &relays[2]).is_empty());
 }
+
+const HPA: &str = "/apis/autoscaling/v2/namespaces/mail/horizontalpodautoscalers/relay";
+const SCALED_OBJECT: &str = "/apis/keda.sh/v1alpha1/namespaces/mail/scaledobjects/relay";
+
+fn replicas(api: &FakeApi) -> i64 {
+    api.get(DEPLOYMENT).unwrap()["spec"]["replicas"]
+        .as_i64()
+        .unwrap()
+}
+
+/// What an autoscaler (or `kubectl scale`) does: a write that is not an apply.
+fn scale_by_hand(api: &FakeApi, n: i64) {
+    api.update_by(DEPLOYMENT, "kube-controller-manager", |d| {
+        d["spec"]["replicas"] = json!(n);
+    });
+}
+
+fn edit_spec(api: &FakeApi, change: impl FnOnce(&mut Value)) {
+    let mut r = api.get(RELAY).unwrap();
+    change(&mut r["spec"]);
+    let g = r["metadata"]["generation"].as_i64().unwrap_or(1);
+    r["metadata"]["generation"] = json!(g + 1);
+    api.put(RELAY, r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_autoscaling_the_operator_resets_replicas_changed_by_others() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let mut s = spec(&redis);
+    s["replicas"] = json!(3);
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(replicas(&api), 3);
+    assert_eq!(
+        api.owners_of(DEPLOYMENT, "/spec/replicas"),
+        ["mailrelay-operator"]
+    );
+
+    scale_by_hand(&api, 7);
+    assert_eq!(replicas(&api), 7);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(
+        replicas(&api),
+        3,
+        "spec.replicas is the truth without autoscaling"
+    );
+    assert!(api.get(HPA).is_none());
+    let r = api.get(RELAY).unwrap();
+    assert_eq!(r["status"]["replicas"], 3);
+    assert_eq!(
+        r["status"]["selector"],
+        "app.kubernetes.io/instance=relay,app.kubernetes.io/name=mailrelay"
+    );
+    assert!(
+        r["status"]["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["type"] != "Autoscaling")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_autoscaling_replicas_are_left_to_the_autoscaler() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let mut s = spec(&redis);
+    s["replicas"] = json!(1);
+    s["autoscaling"] = json!({"minReplicas": 2, "maxReplicas": 10, "targetCPUUtilization": 70});
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+
+    // Created at spec.replicas kept within the bounds, held by the hand-off manager.
+    assert_eq!(replicas(&api), 2);
+    assert_eq!(
+        api.owners_of(DEPLOYMENT, "/spec/replicas"),
+        ["mailrelay-operator-replicas"]
+    );
+    let applied: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| {
+            r.is("PATCH", "/deployments/relay")
+                && r.query
+                    .split('&')
+                    .any(|p| p == "fieldManager=mailrelay-operator")
+        })
+        .collect();
+    assert!(!applied.is_empty());
+    for r in &applied {
+        assert_eq!(
+            r.body.as_ref().unwrap()["spec"].get("replicas"),
+            None,
+            "the operator's apply leaves replicas out"
+        );
+    }
+    assert!(
+        ctx.metrics.encode().contains(
+            "mailrelay_operator_relay_queue_pending_messages{relay_namespace=\"mail\",relay=\"relay\"} 0"
+        ),
+        "the gauge the autoscaler reads is exported"
+    );
+    let hpa = api.get(HPA).expect("an HPA is applied");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "relay");
+    assert_eq!(hpa["spec"]["minReplicas"], 2);
+    assert_eq!(hpa["metadata"]["ownerReferences"][0]["kind"], "MailRelay");
+    let r = api.get(RELAY).unwrap();
+    assert_eq!(r["status"]["autoscaler"], "HorizontalPodAutoscaler");
+    let cond = condition(&r, "Autoscaling");
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("True"), Some("HorizontalPodAutoscalerApplied"))
+    );
+
+    // The autoscaler scales; reconciles (a spec change included) leave it be.
+    scale_by_hand(&api, 6);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(replicas(&api), 6);
+    edit_spec(&api, |s| s["limits"] = json!({"maxRecipients": 10}));
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(
+        replicas(&api),
+        6,
+        "a spec change does not reset the autoscaler's size"
+    );
+    assert_eq!(relay_config(&api).limits.max_recipients, 10);
+    assert_eq!(api.get(RELAY).unwrap()["status"]["replicas"], 6);
+
+    // Autoscaling off: spec.replicas rules again and the HPA goes.
+    edit_spec(&api, |s| {
+        s.as_object_mut().unwrap().remove("autoscaling");
+        s["replicas"] = json!(4);
+    });
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(replicas(&api), 4);
+    assert!(api.get(HPA).is_none(), "the HPA is deleted");
+    let r = api.get(RELAY).unwrap();
+    assert_eq!(r["status"].get("autoscaler"), None);
+    scale_by_hand(&api, 9);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(replicas(&api), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switching_autoscaling_on_keeps_the_current_size() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let mut s = spec(&redis);
+    s["replicas"] = json!(3);
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(replicas(&api), 3);
+
+    edit_spec(&api, |s| {
+        s["autoscaling"] = json!({"minReplicas": 1, "maxReplicas": 5, "targetCPUUtilization": 60});
+    });
+    reconcile_relay(&api, &ctx).await.unwrap();
+    // Without the hand-off the API server would drop the field the operator
+    // stopped applying, and the Deployment would fall back to 1 pod.
+    assert_eq!(replicas(&api), 3);
+    assert_eq!(
+        api.owners_of(DEPLOYMENT, "/spec/replicas"),
+        ["mailrelay-operator-replicas"]
+    );
+    scale_by_hand(&api, 5);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(replicas(&api), 5);
+    assert_eq!(
+        api.owners_of(DEPLOYMENT, "/spec/replicas"),
+        ["kube-controller-manager"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keda_without_its_crd_is_a_condition_not_a_crash_loop() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.unserve("/apis/keda.sh/");
+    let mut s = spec(&redis);
+    s["autoscaling"] = json!({"minReplicas": 0, "maxReplicas": 4,
+        "queue": {"pendingMessagesPerReplica": 100},
+        "keda": {"prometheusServerAddress": "http://prometheus.monitoring:9090"}});
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    let action = reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let r = api.get(RELAY).unwrap();
+    let cond = condition(&r, "Autoscaling");
+    assert_eq!(
+        (cond["status"].as_str(), cond["reason"].as_str()),
+        (Some("False"), Some("KedaNotInstalled"))
+    );
+    assert!(
+        cond["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.autoscaling.keda")
+    );
+    assert_eq!(
+        condition(&r, "Ready")["status"],
+        "True",
+        "the relay itself runs"
+    );
+    assert!(api.get(HPA).is_none());
+    let events: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.is("POST", "/events"))
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].body.as_ref().unwrap()["reason"],
+        "KedaNotInstalled"
+    );
+    // Once told, not again.
+    api.clear_requests();
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert!(!api.requests().iter().any(|r| r.is("POST", "/events")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scaled_object_replaces_the_hpa_and_goes_with_autoscaling() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let mut s = spec(&redis);
+    s["autoscaling"] = json!({"minReplicas": 1, "maxReplicas": 4,
+        "queue": {"pendingMessagesPerReplica": 100}});
+    api.put(RELAY, relay_obj(s));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert!(api.get(HPA).is_some());
+
+    edit_spec(&api, |s| {
+        s["autoscaling"]["keda"] = json!({"prometheusServerAddress": "http://prom:9090"});
+        s["autoscaling"]["minReplicas"] = json!(0);
+    });
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert!(api.get(HPA).is_none(), "KEDA makes its own HPA; ours goes");
+    let so = api.get(SCALED_OBJECT).expect("a ScaledObject");
+    assert_eq!(so["spec"]["minReplicaCount"], 0);
+    assert_eq!(so["spec"]["scaleTargetRef"]["name"], "relay");
+    assert_eq!(
+        api.get(RELAY).unwrap()["status"]["autoscaler"],
+        "ScaledObject"
+    );
+
+    edit_spec(&api, |s| {
+        s.as_object_mut().unwrap().remove("autoscaling");
+    });
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert!(api.get(SCALED_OBJECT).is_none());
+    assert_eq!(replicas(&api), 2, "back to spec.replicas");
+}

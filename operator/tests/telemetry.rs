@@ -26,6 +26,25 @@ async fn health_and_metrics_are_served_until_shutdown() {
     metrics.reconcile_error("MailRelay", "kube");
     metrics.status_patched("SendQuota");
     metrics.set_leader(true);
+    let oldest =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(120);
+    let queue = |queued, deferred, oldest_queued_at| mailrelay_operator::crd::QueueSummary {
+        queued,
+        deferred,
+        oldest_queued_at,
+        ..Default::default()
+    };
+    metrics.set_relay_queue(
+        "mail",
+        "relay",
+        &queue(
+            10,
+            3,
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(oldest)),
+        ),
+    );
+    metrics.set_relay_queue("other", "gone", &queue(1, 0, None));
+    metrics.forget_relay("other", "gone");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -46,9 +65,27 @@ async fn health_and_metrics_are_served_until_shutdown() {
         "mailrelay_operator_status_patches_total{controller=\"SendQuota\"} 1",
         "mailrelay_operator_leader 1",
         "mailrelay_operator_reconcile_duration_seconds_count{controller=\"MailRelay\"} 1",
+        // The per-relay queue gauges autoscalers read.
+        "mailrelay_operator_relay_queue_messages{relay_namespace=\"mail\",relay=\"relay\"} 10",
+        "mailrelay_operator_relay_queue_pending_messages{relay_namespace=\"mail\",relay=\"relay\"} 7",
     ] {
         assert!(m.contains(line), "missing {line}:\n{m}");
     }
+    let age: f64 = m
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(
+                "mailrelay_operator_relay_queue_oldest_age_seconds{relay_namespace=\"mail\",relay=\"relay\"} ",
+            )
+        })
+        .unwrap_or_else(|| panic!("no oldest age:\n{m}"))
+        .parse()
+        .unwrap();
+    assert!((120.0..180.0).contains(&age), "{age}");
+    assert!(
+        !m.contains("relay=\"gone\""),
+        "a deleted relay's gauges go:\n{m}"
+    );
     tx.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(30), server)
         .await

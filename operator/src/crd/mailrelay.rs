@@ -27,6 +27,13 @@ pub const ADMIN_PORT: i32 = 9325;
     shortname = "mr",
     namespaced,
     status = "MailRelayStatus",
+    // `kubectl scale mailrelay/x` and an HPA pointed at the MailRelay change
+    // spec.replicas; the selector lets an HPA find the pods to average over.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     derive = "PartialEq",
     doc = "A Kubernetes-native SMTP relay: pods that accept mail, queue it durably in Redis and deliver it.",
     printcolumn(
@@ -145,6 +152,12 @@ pub struct MailRelaySpec {
     /// Extra annotations on the relay pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub pod_annotations: BTreeMap<String, String>,
+    /// Let an autoscaler size the relay Deployment: the operator renders a
+    /// HorizontalPodAutoscaler (or, with `keda`, a KEDA ScaledObject) and stops
+    /// setting the Deployment's replicas; `replicas`, kept within `minReplicas` and
+    /// `maxReplicas`, is then only its size at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
 }
 
 fn default_replicas() -> i32 {
@@ -158,6 +171,103 @@ fn default_listeners() -> Vec<ListenerSpec> {
         tls: ListenerTls::Starttls,
         proxy_protocol: false,
     }]
+}
+
+/// Autoscaling of the relay Deployment.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "(has(self.minReplicas) ? self.minReplicas : 1) <= self.maxReplicas",
+        "message": "autoscaling.minReplicas must not be greater than autoscaling.maxReplicas",
+        "fieldPath": ".minReplicas"
+    },
+    {
+        "rule": "!has(self.minReplicas) || self.minReplicas > 0 || has(self.keda)",
+        "message": "autoscaling.minReplicas: 0 (scale to zero) needs autoscaling.keda: a HorizontalPodAutoscaler cannot scale to zero",
+        "fieldPath": ".minReplicas"
+    },
+    {
+        "rule": "has(self.targetCPUUtilization) || has(self.queue)",
+        "message": "autoscaling needs something to scale on: set autoscaling.targetCPUUtilization, autoscaling.queue or both",
+        "fieldPath": ".targetCPUUtilization"
+    },
+    {
+        "rule": "!has(self.keda) || has(self.queue)",
+        "message": "autoscaling.keda scales on the shared queue: set autoscaling.queue",
+        "fieldPath": ".queue"
+    }
+]))]
+pub struct AutoscalingSpec {
+    /// Fewest relay pods; 0 (only with `keda`) stops delivery while the queue is
+    /// empty, and SMTP ingress with it (see docs/operations.md).
+    #[serde(default = "default_min_replicas")]
+    #[schemars(range(min = 0, max = 100))]
+    pub min_replicas: i32,
+    /// Most relay pods.
+    #[schemars(range(min = 1, max = 100))]
+    pub max_replicas: i32,
+    /// Average CPU use, in percent of the relay container's CPU request, to keep
+    /// the pods at.
+    #[serde(
+        default,
+        rename = "targetCPUUtilization",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_cpu_utilization: Option<i32>,
+    /// Scale on the shared queue, as the operator exports it per relay on its
+    /// `/metrics` (`mailrelay_operator_relay_queue_*`, see docs/operations.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueScalingSpec>,
+    /// Render a KEDA ScaledObject (keda.sh/v1alpha1) querying Prometheus instead of
+    /// a HorizontalPodAutoscaler; needs KEDA installed in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keda: Option<KedaSpec>,
+}
+
+fn default_min_replicas() -> i32 {
+    1
+}
+
+/// Queue targets. Every relay pod reports the same gauges of the shared queue, so
+/// they are read with `max()` over the pods, never `sum()`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.pendingMessagesPerReplica) || has(self.oldestMessageAgeSeconds)",
+    "message": "autoscaling.queue needs pendingMessagesPerReplica, oldestMessageAgeSeconds or both"
+}]))]
+pub struct QueueScalingSpec {
+    /// Messages waiting for their first delivery attempt (queued minus deferred,
+    /// `mailrelay_operator_relay_queue_pending_messages`) per relay pod. Deferred
+    /// mail waits for its retry time, which more pods would not shorten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub pending_messages_per_replica: Option<i64>,
+    /// Age in seconds of the oldest queued message
+    /// (`mailrelay_operator_relay_queue_oldest_age_seconds`) to keep below, scaling
+    /// in proportion. Mail deferred by an unreachable
+    /// destination ages too and holds the relay at `maxReplicas`: prefer
+    /// `pendingMessagesPerReplica` unless deferrals are rare.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub oldest_message_age_seconds: Option<i64>,
+}
+
+/// KEDA's ScaledObject with Prometheus triggers.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KedaSpec {
+    /// The Prometheus that scrapes the operator's `/metrics`, like
+    /// `http://prometheus-operated.monitoring.svc:9090`.
+    #[schemars(length(min = 1, max = 1024), regex(pattern = r"^https?://[^\s]+$"))]
+    pub prometheus_server_address: String,
+    /// Seconds after the last active trigger before scaling to `minReplicas` (KEDA's
+    /// `cooldownPeriod`); default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub cooldown_period: Option<i32>,
 }
 
 /// One SMTP listener.
@@ -282,6 +392,68 @@ pub struct DeliverySpec {
     /// Retry schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetrySpec>,
+    /// Age after which the sender of still undelivered mail gets one "delayed"
+    /// notice (a DSN, like Postfix's `delay_warning_time`), like `4h`; shorter than
+    /// `retry.maxLifetime`. Default: none is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = DURATION_PATTERN))]
+    pub delay_warning: Option<String>,
+    /// TCP connect timeout per outbound address; default `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = DURATION_PATTERN))]
+    pub connect_timeout: Option<String>,
+    /// Per-domain routes (a transport map): mail for these domains goes to the
+    /// route's host instead of their MX hosts, ahead of any smarthost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub routes: Vec<RouteSpec>,
+}
+
+/// Mail for some domains to a fixed host.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.auth) || !has(self.tls) || self.tls != 'disabled'",
+    "message": "credentials are only ever sent over TLS: tls cannot be disabled with auth",
+    "fieldPath": ".tls"
+}]))]
+pub struct RouteSpec {
+    /// `example.com` (that domain) or `.example.com` (every subdomain of it). A
+    /// domain listed exactly wins over a subdomain pattern, a longer pattern over a
+    /// shorter; a pattern may appear in one route only.
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 254,
+        "pattern": r"^\.?[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?(\.[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?)*\.?$"
+    }))]
+    pub domains: Vec<String>,
+    /// Connected to directly (its addresses, no MX lookup).
+    #[schemars(length(min = 1, max = 253))]
+    pub host: String,
+    #[serde(default = "default_route_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// STARTTLS policy towards this host; default `opportunistic`.
+    #[serde(default)]
+    pub tls: TlsPolicy,
+    /// SMTP AUTH towards this host (only over TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<RouteAuthSpec>,
+}
+
+fn default_route_port() -> i32 {
+    25
+}
+
+/// Credentials of a route: the user inline, the password from a Secret (passed
+/// to the relay as an environment variable; a change restarts the pods).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RouteAuthSpec {
+    #[schemars(length(min = 1, max = 256))]
+    pub username: String,
+    pub password_secret: SecretKeyRef,
 }
 
 /// STARTTLS policy of outbound connections.
@@ -399,12 +571,20 @@ pub struct MailRelayStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready`, `Progressing` and `Degraded`.
+    /// `Ready`, `Progressing` and `Degraded`; `Autoscaling` with `spec.autoscaling`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// Relay pods wanted.
+    /// Relay pods wanted (the Deployment's replicas; the `scale` subresource's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
+    /// Label selector of the relay pods, as a string (the `scale` subresource's,
+    /// for a HorizontalPodAutoscaler pointed at the MailRelay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Kind of the autoscaler the operator rendered (`HorizontalPodAutoscaler` or
+    /// `ScaledObject`), so that it can remove it when `spec.autoscaling` changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<String>,
     /// Relay pods ready to take mail.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,

@@ -4,12 +4,68 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use super::relay::AutoscalerOutcome;
 use crate::crd::MailRelayStatus;
 use crate::status::QueueReport;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
+
+/// Present while `spec.autoscaling` is set (or an autoscaler was rendered before).
+pub const AUTOSCALING: &str = "Autoscaling";
+pub const KEDA_MISSING: &str = "KedaNotInstalled";
+pub const KEDA_MISSING_MESSAGE: &str = "spec.autoscaling.keda asks for a KEDA ScaledObject, but the API server does not serve keda.sh/v1alpha1 ScaledObjects: install KEDA, or remove autoscaling.keda to get a HorizontalPodAutoscaler; meanwhile the Deployment keeps its replicas";
+
+/// Adds what the autoscaler reconcile found to `st`: the pod selector (for the
+/// `scale` subresource), the autoscaler kind applied, and the `Autoscaling`
+/// condition (dropped when autoscaling is off).
+pub fn autoscaling_status(
+    st: &mut MailRelayStatus,
+    old: Option<&MailRelayStatus>,
+    name: &str,
+    outcome: &AutoscalerOutcome,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    let oc = old.map(|o| o.conditions.as_slice()).unwrap_or_default();
+    st.selector = Some(
+        crate::resources::selector_labels(name)
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    );
+    st.conditions.retain(|c| c.type_ != AUTOSCALING);
+    match outcome {
+        AutoscalerOutcome::None => st.autoscaler = None,
+        AutoscalerOutcome::Applied(kind) => {
+            st.autoscaler = Some((*kind).to_owned());
+            st.conditions.push(condition(
+                oc,
+                AUTOSCALING,
+                true,
+                &format!("{kind}Applied"),
+                format!("a {kind} named {name:?} sizes the relay Deployment"),
+                generation,
+                now,
+            ));
+        }
+        AutoscalerOutcome::KedaMissing => {
+            // Nothing of KEDA exists to remove later.
+            st.autoscaler = None;
+            st.conditions.push(condition(
+                oc,
+                AUTOSCALING,
+                false,
+                KEDA_MISSING,
+                KEDA_MISSING_MESSAGE,
+                generation,
+                now,
+            ));
+        }
+    }
+}
 
 /// The current time, in whole seconds (the API server's precision, so a condition
 /// read back compares equal).

@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
@@ -18,7 +20,8 @@ use serde::de::DeserializeOwned;
 use super::conditions::{self, Outcome, READY, Rollout};
 use super::secrets;
 use super::{Context, Error, MANAGER, object_key};
-use crate::crd::{MailRelay, MailRelayStatus, SendQuota};
+use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota};
+use crate::resources::autoscaling::{self, Autoscaler};
 use crate::resources::config::{SpecError, check_redis, quota_config, selects};
 use crate::resources::{self, Inputs};
 use crate::status::{QueueReport, read_report};
@@ -41,6 +44,146 @@ where
             &Patch::Apply(obj),
         )
         .await?)
+}
+
+/// Field manager that holds a Deployment's `replicas` for the autoscaler: set once
+/// (at creation, or when autoscaling is switched on) so that the field survives the
+/// operator's applies leaving it out, until the autoscaler's own writes take it over.
+pub const REPLICAS_MANAGER: &str = "mailrelay-operator-replicas";
+
+/// Whether `manager`'s server-side apply owns `spec.replicas` of `d`.
+pub fn applies_replicas(d: &Deployment, manager: &str) -> bool {
+    d.metadata.managed_fields.iter().flatten().any(|m| {
+        m.manager.as_deref() == Some(manager)
+            && m.operation.as_deref() == Some("Apply")
+            && m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.pointer("/f:spec/f:replicas").is_some())
+    })
+}
+
+/// Applies the relay Deployment. Without autoscaling it carries `replicas` (the
+/// operator owns them and resets any other change). Under an autoscaler it does
+/// not, and [`REPLICAS_MANAGER`] holds the field meanwhile: when the operator
+/// stops applying a field nobody else owns, the API server removes it, and a
+/// removed `replicas` defaults to 1, which would shrink the relay to one pod until
+/// the autoscaler noticed.
+pub async fn apply_deployment(
+    client: &kube::Client,
+    ns: &str,
+    dep: &Deployment,
+    spec: &MailRelaySpec,
+) -> Result<Deployment, Error> {
+    if spec.autoscaling.is_none() {
+        return apply(client, ns, dep).await;
+    }
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let name = dep.name_any();
+    let hold = |replicas: i32| {
+        serde_json::json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"replicas": replicas},
+        })
+    };
+    let params = PatchParams::apply(REPLICAS_MANAGER);
+    let existing = api.get_opt(&name).await?;
+    if let Some(d) = &existing
+        && applies_replicas(d, MANAGER)
+    {
+        // Autoscaling was just switched on: keep the current size.
+        let current = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        api.patch(&name, &params, &Patch::Apply(hold(current)))
+            .await?;
+    }
+    let applied = apply(client, ns, dep).await?;
+    if existing.is_none() {
+        return Ok(api
+            .patch(
+                &name,
+                &params,
+                &Patch::Apply(hold(autoscaling::initial_replicas(spec))),
+            )
+            .await?);
+    }
+    Ok(applied)
+}
+
+/// What became of `spec.autoscaling` in one reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AutoscalerOutcome {
+    /// Not asked for (any autoscaler rendered before was removed).
+    None,
+    /// Applied; the kind.
+    Applied(&'static str),
+    /// A ScaledObject was asked for but the API server does not serve the KEDA CRD.
+    KedaMissing,
+}
+
+/// Applies the autoscaler `objs` carry and removes one of another kind rendered
+/// before (as `status.autoscaler` records).
+async fn apply_autoscaler(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    wanted: Option<&Autoscaler>,
+    previous: Option<&str>,
+) -> Result<AutoscalerOutcome, Error> {
+    let wanted_kind = wanted.map(Autoscaler::kind);
+    if let Some(prev) = previous
+        && Some(prev) != wanted_kind
+    {
+        let dp = DeleteParams::background();
+        let deleted = match prev {
+            autoscaling::HPA_KIND => Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns)
+                .delete(name, &dp)
+                .await
+                .map(|_| ()),
+            autoscaling::SCALED_OBJECT_KIND => Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                ns,
+                &autoscaling::scaled_object_resource(),
+            )
+            .delete(name, &dp)
+            .await
+            .map(|_| ()),
+            _ => Ok(()),
+        };
+        match deleted {
+            // Gone already, or (a ScaledObject) KEDA itself is gone.
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            other => other?,
+        }
+    }
+    match wanted {
+        None => Ok(AutoscalerOutcome::None),
+        Some(Autoscaler::Hpa(h)) => {
+            apply(client, ns, h.as_ref()).await?;
+            Ok(AutoscalerOutcome::Applied(autoscaling::HPA_KIND))
+        }
+        Some(Autoscaler::Keda(so)) => {
+            let api = Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                ns,
+                &autoscaling::scaled_object_resource(),
+            );
+            match api
+                .patch(
+                    name,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(so),
+                )
+                .await
+            {
+                Ok(_) => Ok(AutoscalerOutcome::Applied(autoscaling::SCALED_OBJECT_KIND)),
+                // An apply creates what is missing, so a 404 means the resource
+                // itself is not served: the KEDA CRD is not installed.
+                Err(kube::Error::Api(s)) if s.is_not_found() => Ok(AutoscalerOutcome::KedaMissing),
+                Err(e) => Err(e.into()),
+            }
+        }
+    }
 }
 
 /// The quotas that select `relay`, converted; and those that select it but are
@@ -88,6 +231,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     if relay.meta().deletion_timestamp.is_some() {
         // The garbage collector removes the owned objects; only our own state goes.
         ctx.queues.forget(&key).await;
+        ctx.metrics.forget_relay(&ns, &name);
         return Ok(Action::await_change());
     }
     let client = &ctx.client;
@@ -126,6 +270,8 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
             )
         }),
     };
+    let previous_autoscaler = relay.status.as_ref().and_then(|s| s.autoscaler.clone());
+    let mut scaled = None;
     let (outcome, queue, action) = match resolved {
         Err((reason, message, retry)) => (
             Outcome::Blocked { reason, message },
@@ -154,8 +300,21 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                     apply(client, &ns, &objs.service).await?;
                     apply(client, &ns, &objs.admin_service).await?;
                     apply(client, &ns, &objs.pdb).await?;
-                    let dep = apply(client, &ns, &objs.deployment).await?;
+                    let dep = apply_deployment(client, &ns, &objs.deployment, &relay.spec).await?;
+                    scaled = Some(
+                        apply_autoscaler(
+                            client,
+                            &ns,
+                            &name,
+                            objs.autoscaler.as_ref(),
+                            previous_autoscaler.as_deref(),
+                        )
+                        .await?,
+                    );
                     let queue = read_queue(ctx, &key, relay, &resolved).await;
+                    if let Ok(report) = &queue {
+                        ctx.metrics.set_relay_queue(&ns, &name, &report.queue);
+                    }
                     (
                         Outcome::Applied {
                             rollout: Rollout::of(&dep),
@@ -171,13 +330,49 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     };
 
     let now = conditions::now();
-    let new = conditions::relay_status(
+    let mut new = conditions::relay_status(
         relay.status.as_ref(),
         relay.meta().generation,
         &outcome,
         queue.as_ref(),
         &now,
     );
+    if let Some(scaled) = &scaled {
+        conditions::autoscaling_status(
+            &mut new,
+            relay.status.as_ref(),
+            &name,
+            scaled,
+            relay.meta().generation,
+            &now,
+        );
+        if *scaled == AutoscalerOutcome::KedaMissing
+            && relay
+                .status
+                .as_ref()
+                .and_then(|s| {
+                    s.conditions
+                        .iter()
+                        .find(|c| c.type_ == conditions::AUTOSCALING)
+                })
+                .is_none_or(|c| c.reason != conditions::KEDA_MISSING)
+        {
+            tracing::warn!(relay = %name, namespace = %ns, "spec.autoscaling.keda: KEDA is not installed");
+            ctx.recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Warning,
+                        reason: conditions::KEDA_MISSING.into(),
+                        note: Some(conditions::KEDA_MISSING_MESSAGE.into()),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    },
+                    &relay.object_ref(&()),
+                )
+                .await
+                .map_err(Error::Event)?;
+        }
+    }
     if let Outcome::Blocked { reason, message } = &outcome {
         let old_ready = relay
             .status

@@ -15,7 +15,7 @@ pub struct SecretNeed {
     pub name: String,
     pub keys: Vec<String>,
     /// The spec field referencing it, for messages.
-    pub field: &'static str,
+    pub field: String,
     /// Whether its values reach the pods as environment variables (and so need a
     /// restart when they change).
     pub env: bool,
@@ -28,7 +28,7 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: t.secret_name.clone(),
             keys: vec!["tls.crt".into(), "tls.key".into()],
-            field: "spec.tls.secretName",
+            field: "spec.tls.secretName".into(),
             env: false,
         });
     }
@@ -36,7 +36,7 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: a.secret_name.clone(),
             keys: vec!["users".into()],
-            field: "spec.auth.secretName",
+            field: "spec.auth.secretName".into(),
             env: false,
         });
     }
@@ -44,7 +44,7 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: u.name.clone(),
             keys: vec![u.key.clone()],
-            field: "spec.redis.urlSecret",
+            field: "spec.redis.urlSecret".into(),
             env: true,
         });
     }
@@ -52,7 +52,7 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: p.name.clone(),
             keys: vec![p.key.clone()],
-            field: "spec.redis.passwordSecret",
+            field: "spec.redis.passwordSecret".into(),
             env: true,
         });
     }
@@ -65,9 +65,20 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
         out.push(SecretNeed {
             name: c.name.clone(),
             keys: vec!["username".into(), "password".into()],
-            field: "spec.delivery.smarthost.credentialsSecret",
+            field: "spec.delivery.smarthost.credentialsSecret".into(),
             env: true,
         });
+    }
+    let routes = spec.delivery.as_ref().map(|d| d.routes.as_slice());
+    for (i, r) in routes.unwrap_or_default().iter().enumerate() {
+        if let Some(a) = &r.auth {
+            out.push(SecretNeed {
+                name: a.password_secret.name.clone(),
+                keys: vec![a.password_secret.key.clone()],
+                field: format!("spec.delivery.routes[{i}].auth.passwordSecret"),
+                env: true,
+            });
+        }
     }
     out
 }
@@ -77,18 +88,18 @@ pub fn needed(spec: &MailRelaySpec) -> Vec<SecretNeed> {
 pub enum SecretProblem {
     NotFound {
         secret: String,
-        field: &'static str,
+        field: String,
     },
     KeyMissing {
         secret: String,
         key: String,
-        field: &'static str,
+        field: String,
     },
     /// The value is there but unusable; `problem` never quotes it.
     InvalidValue {
         secret: String,
         key: String,
-        field: &'static str,
+        field: String,
         problem: String,
     },
 }
@@ -173,7 +184,7 @@ pub fn resolve(
                     return Err(SecretProblem::KeyMissing {
                         secret: need.name.clone(),
                         key: key.clone(),
-                        field: need.field,
+                        field: need.field.clone(),
                     });
                 }
             }
@@ -191,7 +202,7 @@ pub fn resolve(
             let invalid = |problem: String| SecretProblem::InvalidValue {
                 secret: u.name.clone(),
                 key: u.key.clone(),
-                field: "spec.redis.urlSecret",
+                field: "spec.redis.urlSecret".into(),
                 problem,
             };
             let raw = lookup(u).unwrap_or_default();
@@ -276,13 +287,40 @@ mod tests {
     }
 
     #[test]
+    fn route_passwords_are_needed_named_by_route_and_roll_the_pods() {
+        let s = spec(
+            "hostname: r.example\nredis: {url: 'redis://r:6379'}\ndelivery:\n  routes:\n    - {domains: [a.example], host: h}\n    - {domains: [b.example], host: h, tls: required, auth: {username: u, passwordSecret: {name: partner, key: pw}}}\n",
+        );
+        let needs = needed(&s);
+        assert_eq!(needs.len(), 1);
+        assert_eq!(
+            needs[0].field,
+            "spec.delivery.routes[1].auth.passwordSecret"
+        );
+        assert!(needs[0].env);
+        let mut fetched = BTreeMap::from([("partner".to_owned(), None)]);
+        let p = resolve(&s, &fetched).unwrap_err();
+        assert!(
+            p.message()
+                .contains("spec.delivery.routes[1].auth.passwordSecret"),
+            "{}",
+            p.message()
+        );
+        fetched.insert("partner".into(), secret(&[("pw", "one")]));
+        let d1 = resolve(&s, &fetched).unwrap().secrets.env_digest.unwrap();
+        fetched.insert("partner".into(), secret(&[("pw", "two")]));
+        let d2 = resolve(&s, &fetched).unwrap().secrets.env_digest.unwrap();
+        assert_ne!(d1, d2, "a new route password rolls the pods");
+    }
+
+    #[test]
     fn a_url_secret_is_needed_checked_and_rolls_the_pods() {
         let s = spec(
             "hostname: r.example\nredis: {urlSecret: {name: redis-url, key: url}, passwordSecret: {name: redis-url, key: password}}\n",
         );
         let needs = needed(&s);
         assert_eq!(
-            needs.iter().map(|n| n.field).collect::<Vec<_>>(),
+            needs.iter().map(|n| n.field.as_str()).collect::<Vec<_>>(),
             ["spec.redis.urlSecret", "spec.redis.passwordSecret"]
         );
         assert!(needs.iter().all(|n| n.env && n.name == "redis-url"));

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use kube::ResourceExt;
 use mailrelay::config::{
     AdminConfig, AuthConfig, ListenerConfig, LogFormat, QueueBackendKind, RedisConfig, RelayConfig,
-    SmarthostConfig, TlsConfig, TlsMode, parse_duration,
+    RouteConfig, SmarthostConfig, TlsConfig, TlsMode, parse_duration,
 };
 use mailrelay::quota::config as q;
 
@@ -205,6 +205,16 @@ pub fn relay_config(
         if let Some(n) = d.max_messages_per_connection {
             cfg.delivery.max_messages_per_connection = n as usize;
         }
+        if let Some(t) = &d.connect_timeout {
+            cfg.delivery.connect_timeout =
+                parse_duration(t).map_err(|m| spec_err("spec.delivery.connectTimeout", m))?;
+        }
+        cfg.delivery.routes = d
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| route_config(i, r))
+            .collect::<Result<_, _>>()?;
         if let Some(r) = &d.retry {
             let retry = &mut cfg.delivery.retry;
             for (field, value, slot) in [
@@ -217,6 +227,24 @@ pub fn relay_config(
                         .map_err(|m| spec_err(format!("spec.delivery.retry.{field}"), m))?;
                 }
             }
+        }
+        if let Some(w) = &d.delay_warning {
+            let w = parse_duration(w).map_err(|m| spec_err("spec.delivery.delayWarning", m))?;
+            // Checked here rather than left to the relay, whose message names its
+            // own `retry.delay_warning`.
+            if w.is_zero() || w >= cfg.delivery.retry.max_lifetime {
+                return Err(spec_err(
+                    "spec.delivery.delayWarning",
+                    format!(
+                        "must be greater than zero and shorter than spec.delivery.retry.maxLifetime ({})",
+                        d.retry
+                            .as_ref()
+                            .and_then(|r| r.max_lifetime.as_deref())
+                            .unwrap_or("5d")
+                    ),
+                ));
+            }
+            cfg.delivery.retry.delay_warning = Some(w);
         }
     }
     if let Some(l) = &spec.limits {
@@ -244,6 +272,36 @@ pub fn relay_config(
     Ok(cfg)
 }
 
+/// The environment variable that carries the password of route `i` (set from
+/// `spec.delivery.routes[i].auth.passwordSecret`).
+pub fn route_password_env(i: usize) -> String {
+    format!("MAILRELAY_ROUTE_{i}_PASSWORD")
+}
+
+fn route_config(i: usize, r: &crd::RouteSpec) -> Result<RouteConfig, SpecError> {
+    let field = |f: &str| format!("spec.delivery.routes[{i}].{f}");
+    let port = u16::try_from(r.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| spec_err(field("port"), "must be 1-65535"))?;
+    if r.auth.is_some() && r.tls == TlsPolicy::Disabled {
+        return Err(spec_err(
+            field("tls"),
+            "credentials are only ever sent over TLS: tls cannot be disabled with auth",
+        ));
+    }
+    Ok(RouteConfig {
+        domains: r.domains.clone(),
+        host: r.host.clone(),
+        port,
+        tls: tls_policy(r.tls),
+        ca_file: None,
+        username: r.auth.as_ref().map(|a| a.username.clone()),
+        password: None,
+        password_env: r.auth.as_ref().map(|_| route_password_env(i)),
+    })
+}
+
 /// Names a relay config field in MailRelay terms, for the few checks only the relay
 /// makes: `relay_networks[0]` -> `spec.relayNetworks[0]`.
 fn relay_field(field: &str) -> String {
@@ -254,7 +312,16 @@ fn relay_field(field: &str) -> String {
         "relay_networks" => ("spec.relayNetworks", rest),
         "listeners" => ("spec.listeners", rest),
         "limits" => ("spec.limits", rest),
-        "delivery" => ("spec.delivery", rest),
+        "delivery" => {
+            // Route credentials are spelt differently in the spec.
+            let rest = if rest.starts_with(".routes[") {
+                rest.replace(".password_env", ".auth.passwordSecret")
+                    .replace(".username", ".auth.username")
+            } else {
+                rest.to_owned()
+            };
+            return format!("spec.delivery{}", camel_path(&rest));
+        }
         "queue" => ("spec.redis", rest.strip_prefix(".redis").unwrap_or("")),
         _ => return format!("spec ({field})"),
     };
@@ -410,6 +477,22 @@ mod tests {
         );
         assert_eq!(relay_field("queue.redis.url"), "spec.redis.url");
         assert_eq!(relay_field("shutdown_grace"), "spec (shutdown_grace)");
+        assert_eq!(
+            relay_field("delivery.routes[3].domains"),
+            "spec.delivery.routes[3].domains"
+        );
+        assert_eq!(
+            relay_field("delivery.routes[0].password_env"),
+            "spec.delivery.routes[0].auth.passwordSecret"
+        );
+        assert_eq!(
+            relay_field("delivery.routes[1].username"),
+            "spec.delivery.routes[1].auth.username"
+        );
+        assert_eq!(
+            relay_field("delivery.smarthost.username"),
+            "spec.delivery.smarthost.username"
+        );
     }
 
     fn redis(yaml: &str) -> crd::RedisSpec {

@@ -2,6 +2,7 @@
 //! about its Secrets) becomes the objects that run it. No IO here: the reconciler
 //! applies what these return, and golden tests pin them down.
 
+pub mod autoscaling;
 pub mod config;
 
 use std::collections::BTreeMap;
@@ -65,7 +66,10 @@ pub struct Resources {
     pub service: Service,
     pub admin_service: Service,
     pub pdb: PodDisruptionBudget,
+    /// Without `replicas` under `spec.autoscaling`: the autoscaler owns them.
     pub deployment: Deployment,
+    /// What sizes the Deployment when `spec.autoscaling` asks for it.
+    pub autoscaler: Option<autoscaling::Autoscaler>,
     /// The value of [`CONFIG_HASH_ANNOTATION`].
     pub config_hash: String,
 }
@@ -83,6 +87,7 @@ impl Resources {
         ];
         docs.into_iter()
             .map(|d| d.expect("k8s objects serialise"))
+            .chain(self.autoscaler.as_ref().map(|a| a.to_yaml()))
             .collect::<Vec<_>>()
             .join("---\n")
     }
@@ -224,7 +229,14 @@ pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
         ..PodDisruptionBudget::default()
     };
     let deployment = deployment(&inputs, &name, meta(name.clone()), &config_hash);
+    let autoscaler = autoscaling::build(
+        &relay.spec,
+        &name,
+        &relay.namespace().unwrap_or_default(),
+        meta(name.clone()),
+    )?;
     Ok(Resources {
+        autoscaler,
         config_map,
         service_account,
         service,
@@ -296,6 +308,17 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
             &c.name,
             "password",
         ));
+    }
+
+    let routes = spec.delivery.as_ref().map(|d| d.routes.as_slice());
+    for (i, r) in routes.unwrap_or_default().iter().enumerate() {
+        if let Some(a) = &r.auth {
+            env.push(secret_env(
+                &config::route_password_env(i),
+                &a.password_secret.name,
+                &a.password_secret.key,
+            ));
+        }
     }
 
     let mut volumes = vec![
@@ -441,7 +464,9 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
     Deployment {
         metadata: meta,
         spec: Some(DeploymentSpec {
-            replicas: Some(spec.replicas),
+            // Under an autoscaler the field is left out, so that server-side apply
+            // neither owns nor resets it (see reconcile::relay::apply_deployment).
+            replicas: spec.autoscaling.is_none().then_some(spec.replicas),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(name)),
                 ..LabelSelector::default()

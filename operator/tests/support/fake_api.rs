@@ -3,12 +3,21 @@
 //! real `kube::Client` code runs unchanged.
 //!
 //! It keeps objects by path and answers GET (object or list), POST (create),
-//! PUT (replace, with resourceVersion conflicts), PATCH (server-side apply: the
-//! body replaces the object, keeping uid; `/status` replaces the status) and
-//! DELETE, and records every request for the tests to check. It is a fake of the
-//! API's storage, not of its validation or field ownership.
+//! PUT (replace, with resourceVersion conflicts), PATCH (server-side apply, see
+//! below; `/status` replaces the status) and DELETE, and records every request for
+//! the tests to check. It is a fake of the API's storage, not of its validation.
+//!
+//! Server-side apply keeps field ownership as the API server does, simplified:
+//! each field manager owns the leaf fields it applied (lists count as one leaf,
+//! where the real server merges some by key); an apply merges the body into the
+//! object, removes the fields the manager applied last time and no longer does
+//! (unless another manager owns them too), takes over fields changed against
+//! another owner only with `force` (409 Conflict otherwise), and shows the result
+//! in `metadata.managedFields`. [`FakeApi::update_by`] is a non-apply write (what
+//! `kubectl scale` or an autoscaler does): it takes over the fields it changes. A
+//! Deployment created without `replicas` gets 1, the API server's default.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use http::{Method, Request, Response, StatusCode};
@@ -30,15 +39,21 @@ impl Recorded {
     }
 }
 
+/// Leaf paths (JSON pointers) each manager owns, with its operation.
+type Owners = BTreeMap<String, (String, BTreeSet<String>)>;
+
 #[derive(Default)]
 struct State {
     objects: BTreeMap<String, Value>,
+    owners: BTreeMap<String, Owners>,
     requests: Vec<Recorded>,
     rv: u64,
     /// Status the "deployment controller" gives every applied Deployment.
     deployment_status: Option<Value>,
     /// Injected failures: (method, path suffix, HTTP status), used once each.
     failures: Vec<(String, String, u16)>,
+    /// Path prefixes of API groups not served (a CRD not installed): 404 to all.
+    unserved: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -149,9 +164,60 @@ impl FakeApi {
         self.state.lock().unwrap().requests.clear();
     }
 
+    /// A write by `manager` that is not an apply (like `kubectl scale` or an
+    /// autoscaler's): `change` edits the stored object, and `manager` takes over
+    /// every leaf field it changed.
+    pub fn update_by(&self, path: &str, manager: &str, change: impl FnOnce(&mut Value)) {
+        let mut guard = self.state.lock().unwrap();
+        let st = &mut *guard;
+        let mut obj = st.objects.get(path).cloned().expect("object stored");
+        let before = obj.clone();
+        change(&mut obj);
+        let changed: BTreeSet<String> = leaves(&obj)
+            .into_iter()
+            .filter(|p| obj.pointer(p) != before.pointer(p))
+            .collect();
+        let owners = st.owners.entry(path.to_owned()).or_default();
+        for (_, set) in owners.values_mut() {
+            set.retain(|p| !changed.contains(p));
+        }
+        owners
+            .entry(manager.to_owned())
+            .or_insert_with(|| ("Update".into(), BTreeSet::new()))
+            .1
+            .extend(changed);
+        owners.retain(|_, (_, set)| !set.is_empty());
+        if before.get("spec") != obj.get("spec") {
+            let g = obj["metadata"]["generation"].as_i64().unwrap_or(1);
+            obj["metadata"]["generation"] = json!(g + 1);
+        }
+        obj["metadata"]["managedFields"] = managed_fields(owners);
+        st.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        st.objects.insert(path.to_owned(), obj);
+    }
+
+    /// The managers owning the field at JSON pointer `pointer` of the object at `path`.
+    pub fn owners_of(&self, path: &str, pointer: &str) -> Vec<String> {
+        let st = self.state.lock().unwrap();
+        st.owners
+            .get(path)
+            .into_iter()
+            .flatten()
+            .filter(|(_, (_, set))| set.contains(pointer))
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+
     /// What the Deployment controller reports for every applied Deployment.
     pub fn set_deployment_status(&self, status: Value) {
         self.state.lock().unwrap().deployment_status = Some(status);
+    }
+
+    /// Every request under `prefix` (like `/apis/keda.sh/`) gets 404, as for a
+    /// resource whose CRD is not installed.
+    pub fn unserve(&self, prefix: &str) {
+        self.state.lock().unwrap().unserved.push(prefix.into());
     }
 
     /// The next `method` request whose path ends with `suffix` fails with `code`.
@@ -187,6 +253,16 @@ fn handle_request(
         return (
             StatusCode::from_u16(code).unwrap(),
             status_body(code, "InternalError", "injected failure"),
+        );
+    }
+    if st.unserved.iter().any(|p| path.starts_with(p.as_str())) {
+        return (
+            StatusCode::NOT_FOUND,
+            status_body(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
         );
     }
     let (coll, name, sub) = split(&path);
@@ -256,10 +332,71 @@ fn handle_request(
             (StatusCode::OK, obj.clone())
         }
         ("PATCH", Some(key)) => {
-            let mut obj = body.unwrap_or_default();
+            let body = body.unwrap_or_default();
+            let query = uri.query().unwrap_or_default();
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                    .map(str::to_owned)
+            };
+            let manager = param("fieldManager").unwrap_or_default();
+            let force = param("force").as_deref() == Some("true");
+            let old = st.objects.get(&key).cloned();
+            let mut owners = st.owners.get(&key).cloned().unwrap_or_default();
+            let mut obj = old.clone().unwrap_or_else(|| json!({}));
+            let applied = leaves(&body);
+            // Conflicts: a changed value someone else owns.
+            for p in &applied {
+                if obj.pointer(p) == body.pointer(p) {
+                    continue;
+                }
+                let others: Vec<String> = owners
+                    .iter()
+                    .filter(|(m, (_, set))| **m != manager && set.contains(p))
+                    .map(|(m, _)| m.clone())
+                    .collect();
+                if !others.is_empty() && !force {
+                    return (
+                        StatusCode::CONFLICT,
+                        status_body(
+                            409,
+                            "Conflict",
+                            &format!(
+                                "Apply failed with 1 conflict: conflict with {:?}: {p}",
+                                others[0]
+                            ),
+                        ),
+                    );
+                }
+                for m in others {
+                    owners.get_mut(&m).unwrap().1.remove(p);
+                }
+            }
+            // Fields this manager applied before and no longer does, owned by
+            // nobody else, are removed.
+            let before = owners
+                .get(&manager)
+                .map(|(_, s)| s.clone())
+                .unwrap_or_default();
+            for p in before.difference(&applied) {
+                let shared = owners
+                    .iter()
+                    .any(|(m, (_, set))| *m != manager && set.contains(p));
+                if !shared {
+                    remove_pointer(&mut obj, p);
+                }
+            }
+            merge(&mut obj, &body);
+            owners.insert(manager.clone(), ("Apply".into(), applied));
+            owners.retain(|_, (_, set)| !set.is_empty());
+            if coll.ends_with("/deployments") && obj["spec"].get("replicas").is_none() {
+                obj["spec"]["replicas"] = json!(1);
+            }
+            obj["metadata"]["managedFields"] = managed_fields(&owners);
+            st.owners.insert(key.clone(), owners);
             st.rv += 1;
             let rv = st.rv.to_string();
-            let old = st.objects.get(&key).cloned();
             let generation = match &old {
                 Some(o) if o.get("spec") == obj.get("spec") => {
                     o["metadata"]["generation"].as_i64().unwrap_or(1)
@@ -283,7 +420,9 @@ fn handle_request(
             st.objects.insert(key, obj.clone());
             (StatusCode::OK, obj)
         }
-        ("DELETE", Some(key)) => match st.objects.remove(&key) {
+        ("DELETE", Some(key)) => match st.objects.remove(&key).inspect(|_| {
+            st.owners.remove(&key);
+        }) {
             Some(o) => (StatusCode::OK, o),
             None => not_found(&name.unwrap()),
         },
@@ -313,6 +452,90 @@ fn in_collection(key: &str, coll: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// The leaf fields of an applied object as JSON pointers; what the API server
+/// sets itself (identity, metadata it keeps, status) is nobody's.
+fn leaves(v: &Value) -> BTreeSet<String> {
+    fn walk(v: &Value, at: String, out: &mut BTreeSet<String>) {
+        match v {
+            Value::Object(m) if !m.is_empty() => {
+                for (k, v) in m {
+                    walk(
+                        v,
+                        format!("{at}/{}", k.replace('~', "~0").replace('/', "~1")),
+                        out,
+                    );
+                }
+            }
+            _ => {
+                out.insert(at);
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(v, String::new(), &mut out);
+    out.retain(|p| {
+        ![
+            "/apiVersion",
+            "/kind",
+            "/metadata/name",
+            "/metadata/namespace",
+            "/metadata/uid",
+            "/metadata/resourceVersion",
+            "/metadata/generation",
+        ]
+        .contains(&p.as_str())
+            && !p.starts_with("/metadata/managedFields")
+            && !p.starts_with("/status")
+    });
+    out
+}
+
+fn merge(into: &mut Value, from: &Value) {
+    match (into, from) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (into, from) => *into = from.clone(),
+    }
+}
+
+fn remove_pointer(v: &mut Value, pointer: &str) {
+    let Some((parent, last)) = pointer.rsplit_once('/') else {
+        return;
+    };
+    let last = last.replace("~1", "/").replace("~0", "~");
+    if let Some(Value::Object(m)) = v.pointer_mut(parent) {
+        m.remove(&last);
+    }
+}
+
+/// `metadata.managedFields` in the API's `FieldsV1` form (`{"f:spec": {"f:replicas": {}}}`).
+fn managed_fields(owners: &Owners) -> Value {
+    Value::Array(
+        owners
+            .iter()
+            .map(|(manager, (operation, set))| {
+                let mut fields = json!({});
+                for p in set {
+                    let mut at = &mut fields;
+                    for part in p.trim_start_matches('/').split('/') {
+                        let k = format!("f:{}", part.replace("~1", "/").replace("~0", "~"));
+                        at = at
+                            .as_object_mut()
+                            .unwrap()
+                            .entry(k)
+                            .or_insert_with(|| json!({}));
+                    }
+                }
+                json!({"manager": manager, "operation": operation, "apiVersion": "v1",
+                       "fieldsType": "FieldsV1", "fieldsV1": fields})
+            })
+            .collect(),
+    )
 }
 
 fn not_found(name: &str) -> (StatusCode, Value) {
