@@ -91,7 +91,11 @@ impl Cluster {
             .namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
-        let server = config.cluster_url.to_string().trim_end_matches('/').to_owned();
+        let server = config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned();
         let client = Client::try_from(config).map_err(|e| kc(&e))?;
         Ok(Cluster {
             client,
@@ -173,7 +177,8 @@ impl Cluster {
             Err(e) => return Err(self.api_error(e, "list mailrelays")),
         };
         items.sort_by(|a, b| {
-            (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
         });
         Ok(items)
     }
@@ -192,8 +197,9 @@ impl Cluster {
                 !v.get("resources")
                     .and_then(|r| r.as_array())
                     .is_some_and(|r| {
-                        r.iter()
-                            .any(|x| x.get("name").and_then(|n| n.as_str()) == Some(MAILRELAY_PLURAL))
+                        r.iter().any(|x| {
+                            x.get("name").and_then(|n| n.as_str()) == Some(MAILRELAY_PLURAL)
+                        })
                     })
             }
             // Discovery is open to every authenticated user; any other answer says
@@ -269,7 +275,9 @@ impl Cluster {
                 ),
             });
         }
-        Err(classify_proxy_error(&namespace, &name, relay, a.code, &a.body))
+        Err(classify_proxy_error(
+            &namespace, &name, relay, a.code, &a.body,
+        ))
     }
 
     /// Like [`Cluster::admin`], parsing the JSON answer.

@@ -28,7 +28,10 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn from_object(relay: &DynamicObject, queue: Result<(StatsBody, serde_json::Value), String>) -> Row {
+    pub fn from_object(
+        relay: &DynamicObject,
+        queue: Result<(StatsBody, serde_json::Value), String>,
+    ) -> Row {
         let (namespace, name) = relay_id(relay);
         let d = &relay.data;
         let ready = d
@@ -132,7 +135,10 @@ pub fn render(
     header.extend(["NAME", "READY", "REPLICAS", "QUEUED", "DEFERRED", "OLDEST"]);
     let cells: Vec<Vec<String>> = rows.iter().map(|r| r.cells(all_namespaces)).collect();
     let mut out = output::table(&header, &cells);
-    let mut notes = rows.iter().filter_map(|r| r.queue.as_ref().err().map(|e| (r, e))).peekable();
+    let mut notes = rows
+        .iter()
+        .filter_map(|r| r.queue.as_ref().err().map(|e| (r, e)))
+        .peekable();
     if notes.peek().is_some() {
         out.push_str("\n* last reported by the operator; the relay did not answer:\n");
         for (r, e) in notes {

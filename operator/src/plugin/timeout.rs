@@ -35,9 +35,7 @@ pub fn parse(value: &str) -> Result<Duration, String> {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(rest.len());
         let (num, tail) = rest.split_at(n);
-        let number: f64 = num
-            .parse()
-            .map_err(|_| format!("\"{value}\": {HINT}"))?;
+        let number: f64 = num.parse().map_err(|_| format!("\"{value}\": {HINT}"))?;
         let (unit, scale) = UNITS
             .iter()
             .filter(|(u, _)| tail.starts_with(u))
