@@ -1015,10 +1015,7 @@ async fn list_all_namespaces_and_delete() {
         ),
         "{text}"
     );
-    assert!(
-        text.contains(&format!("\nMailRelay mail/out:\n-Queue ID-")),
-        "{text}"
-    );
+    assert!(text.contains("\nMailRelay mail/out:\n-Queue ID-"), "{text}");
     assert!(text.contains(&id), "{text}");
     assert!(
         text.ends_with("\nMailRelay ops/edge:\nMail queue is empty\n"),
