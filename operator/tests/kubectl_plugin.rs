@@ -1002,8 +1002,9 @@ async fn list_all_namespaces_and_delete() {
         .collect();
     assert_eq!(names, ["down", "out"]);
     let r = plugin(kc, &["status", "out", "-A"]).await;
+    assert_eq!(r.code, 2, "a usage error");
     assert_eq!(
-        r.err(),
+        r.stderr,
         "error: -A/--all-namespaces lists relays across namespaces; it cannot be used with the MailRelay name \"out\" (use -n NAMESPACE)\n"
     );
 

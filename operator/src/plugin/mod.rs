@@ -6,7 +6,8 @@
 //! The relay's admin API is reached through the API server's service proxy
 //! (`/api/v1/namespaces/{ns}/services/{NAME}-admin:admin/proxy/...`), so no
 //! port-forward is needed: the user needs `get` on `mailrelays` and on
-//! `services/proxy` (plus `create` for `retry`, which POSTs).
+//! `services/proxy` (plus `create` for `retry`, which POSTs, and `delete` for
+//! `delete`).
 //!
 //! One module per verb; each turns API answers into a view and renders it, so the
 //! rendering is testable without a cluster.
@@ -312,7 +313,8 @@ pub async fn execute(
     }
 }
 
-/// The binary's `main`: parses arguments, runs, prints; exit code 1 on any error.
+/// The binary's `main`: parses arguments, runs, prints; exit code 1 on a failed
+/// request, 2 on bad usage.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -332,7 +334,14 @@ pub fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            std::process::ExitCode::from(1)
+            // Usage errors exit like clap's own (2), so scripts can tell them from a
+            // failed request.
+            let code = if matches!(e, PluginError::Usage(_)) {
+                2
+            } else {
+                1
+            };
+            std::process::ExitCode::from(code)
         }
     }
 }
