@@ -120,7 +120,10 @@ def render():
                     "| column | from |",
                     "|---|---|",
                 ]
-                out += [f"| {c['name']} | `{c['jsonPath']}` |" for c in cols]
+                out += [
+                    f"| {c['name']}{' (`-o wide`)' if c.get('priority') else ''} | `{c['jsonPath']}` |"
+                    for c in cols
+                ]
                 out.append("")
             for part in ("spec", "status"):
                 if part not in schema.get("properties", {}):

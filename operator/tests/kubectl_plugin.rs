@@ -236,6 +236,42 @@ struct Stub {
     backends: Arc<BTreeMap<(String, String), SocketAddr>>,
     /// Every request: "METHOD path?query".
     log: Arc<Mutex<Vec<String>>>,
+    /// Whether the MailRelay CRD is installed (served and in discovery).
+    crd: bool,
+}
+
+/// What a real API server answers for a path nothing serves (a CRD not installed).
+fn no_such_resource() -> Response {
+    status(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+async fn discovery(State(stub): State<Stub>) -> Response {
+    if !stub.crd {
+        return no_such_resource();
+    }
+    axum::Json(json!({"kind": "APIResourceList", "apiVersion": "v1",
+        "groupVersion": "mailrelay.io/v1alpha1", "resources": [
+            {"name": "mailrelays", "singularName": "mailrelay", "namespaced": true,
+             "kind": "MailRelay", "verbs": ["get", "list"], "shortNames": ["mr"]},
+            {"name": "sendquotas", "singularName": "sendquota", "namespaced": true,
+             "kind": "SendQuota", "verbs": ["get", "list"], "shortNames": ["sq"]}]}))
+    .into_response()
+}
+
+async fn list_all_relays(State(stub): State<Stub>) -> Response {
+    if !stub.crd {
+        return no_such_resource();
+    }
+    let items: Vec<Value> = stub.relays.values().cloned().collect();
+    axum::Json(
+        json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "MailRelayList",
+                      "metadata": {"resourceVersion": "1"}, "items": items}),
+    )
+    .into_response()
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Response {
@@ -268,6 +304,9 @@ async fn get_relay(
     State(stub): State<Stub>,
     UrlPath((ns, name)): UrlPath<(String, String)>,
 ) -> Response {
+    if !stub.crd {
+        return no_such_resource();
+    }
     match stub.relays.get(&(ns, name.clone())) {
         Some(o) => axum::Json(o.clone()).into_response(),
         None => status(
@@ -279,6 +318,9 @@ async fn get_relay(
 }
 
 async fn list_relays(State(stub): State<Stub>, UrlPath(ns): UrlPath<String>) -> Response {
+    if !stub.crd {
+        return no_such_resource();
+    }
     let items: Vec<Value> = stub
         .relays
         .iter()
@@ -367,6 +409,11 @@ async fn proxy(
 
 async fn start_stub(stub: Stub) -> SocketAddr {
     let app = Router::new()
+        .route("/apis/mailrelay.io/v1alpha1", get(discovery))
+        .route(
+            "/apis/mailrelay.io/v1alpha1/mailrelays",
+            get(list_all_relays),
+        )
         .route(
             "/apis/mailrelay.io/v1alpha1/namespaces/{ns}/mailrelays",
             get(list_relays),
@@ -503,6 +550,8 @@ async fn wait_deferred(relay: &RealRelay, n: usize, attempts: u64) -> Value {
 
 struct World {
     relay: RealRelay,
+    /// ops/edge: a second relay, in another namespace, with an empty queue.
+    _edge: RealRelay,
     _smarthost: Smarthost,
     stub: Stub,
     kubeconfig: PathBuf,
@@ -512,22 +561,30 @@ struct World {
 async fn world() -> World {
     let smarthost = Smarthost::start();
     let relay = start_relay(smarthost.port).await;
+    let edge = start_relay(smarthost.port).await;
     let mut relays = BTreeMap::new();
-    for (name, ready) in [("out", true), ("down", false)] {
-        relays.insert(("mail".into(), name.into()), mailrelay("mail", name, ready));
+    for (ns, name, ready) in [
+        ("mail", "out", true),
+        ("mail", "down", false),
+        ("ops", "edge", true),
+    ] {
+        relays.insert((ns.into(), name.into()), mailrelay(ns, name, ready));
     }
     let mut backends = BTreeMap::new();
     backends.insert(("mail".into(), "out-admin:admin".into()), relay.admin);
+    backends.insert(("ops".into(), "edge-admin:admin".into()), edge.admin);
     let stub = Stub {
         relays: Arc::new(relays),
         backends: Arc::new(backends),
         log: Arc::default(),
+        crd: true,
     };
     let api = start_stub(stub.clone()).await;
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = write_kubeconfig(dir.path(), api);
     World {
         relay,
+        _edge: edge,
         _smarthost: smarthost,
         stub,
         kubeconfig,
@@ -638,7 +695,10 @@ async fn every_verb_against_a_real_relay_through_the_service_proxy() {
         j
     );
     let e = plugin(kc, &["message", "out", "06H29YVZVR66DSV6D7BS"]).await;
-    assert_eq!(e.err(), "error: message 06H29YVZVR66DSV6D7BS not found\n");
+    assert_eq!(
+        e.err(),
+        "error: message 06H29YVZVR66DSV6D7BS not found in the queue of MailRelay mail/out (already delivered, bounced or deleted?)\n"
+    );
     let e = plugin(kc, &["message", "out", "not-an-id"]).await;
     assert!(
         e.err()
@@ -704,11 +764,12 @@ async fn every_verb_against_a_real_relay_through_the_service_proxy() {
         .yaml();
     let mut expected = quota_usage()["quotas"][0].clone();
     expected["relay"] = "out".into();
+    expected["namespace"] = "mail".into();
     assert_eq!(j, json!({"quotas": [expected]}));
     let e = plugin(kc, &["quota", "nope", "--relay", "out"]).await;
     assert_eq!(
         e.err(),
-        "error: SendQuota nope is not applied by MailRelay out in namespace mail (is it declared, and does its relaySelector match?)\n"
+        "error: SendQuota nope is not applied by MailRelay out in namespace \"mail\" (is it declared, and does its relaySelector match?)\n"
     );
 
     // retry: one message, a domain, everything; the relay tries again at once.
@@ -740,7 +801,10 @@ async fn every_verb_against_a_real_relay_through_the_service_proxy() {
             .any(|l| l == "POST /api/v1/namespaces/mail/services/out-admin:admin/proxy/api/v1/queue/retry?all=true")
     );
     let e = plugin(kc, &["retry", "out", "06H29YVZVR66DSV6D7BS"]).await;
-    assert_eq!(e.err(), "error: message 06H29YVZVR66DSV6D7BS not found\n");
+    assert_eq!(
+        e.err(),
+        "error: message 06H29YVZVR66DSV6D7BS not found in the queue of MailRelay mail/out (already delivered, bounced or deleted?)\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -859,4 +923,439 @@ async fn clear_errors_namespaces_and_contexts() {
     let r = plugin(kc, &["queue", "out", "-o", "xml"]).await;
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("invalid value 'xml'"), "{}", r.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_all_namespaces_and_delete() {
+    let w = world().await;
+    let kc = &w.kubeconfig;
+    swaks(&w.relay, "carol@example.com", "busy3@example.org");
+    let listed = wait_deferred(&w.relay, 1, 1).await;
+    let id = listed["messages"][0]["id"].as_str().unwrap().to_owned();
+
+    // list: live queue figures; a relay that does not answer shows the operator's
+    // last report, marked, with the reason under the table.
+    let r = plugin(kc, &["list"]).await;
+    let text = r.ok();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "NAME   READY   REPLICAS   QUEUED   DEFERRED   OLDEST"
+    );
+    assert_eq!(
+        lines.next().unwrap(),
+        "down   False   0/2        7*       3*         -"
+    );
+    let out = lines.next().unwrap();
+    assert!(
+        out.starts_with("out    True    2/2        1        1          "),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n* last reported by the operator; the relay did not answer:\n  mail/down: its admin API is unreachable: no endpoints available for service \"down-admin\""),
+        "{text}"
+    );
+    assert!(!text.contains("edge"), "{text}");
+    let r = plugin(kc, &["list", "-A"]).await;
+    let text = r.ok();
+    assert!(
+        text.starts_with("NAMESPACE   NAME   READY   REPLICAS   QUEUED   DEFERRED   OLDEST\nmail        down   False"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nops         edge   True    2/2        0        0          -\n"),
+        "{text}"
+    );
+    let j = plugin(kc, &["list", "--all-namespaces", "-o", "json"])
+        .await
+        .json();
+    let items = j["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(
+        (items[2]["namespace"].as_str(), items[2]["name"].as_str()),
+        (Some("ops"), Some("edge"))
+    );
+    assert_eq!(items[1]["queue"]["messages"], 1);
+    assert_eq!(items[1]["ready"], "True");
+    assert!(items[0]["queue"].is_null());
+    assert_eq!(items[0]["reportedQueue"]["queued"], 7);
+    let r = plugin(kc, &["list", "-n", "empty"]).await;
+    assert_eq!(r.ok(), "No MailRelays found in namespace \"empty\".\n");
+
+    // status without a name: every relay, one block each.
+    let text = plugin(kc, &["status", "-A"]).await.ok().to_owned();
+    for needle in [
+        "Name:       down",
+        "Name:       out",
+        "Name:       edge",
+        "Namespace:  ops",
+        "messages:   1",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing:\n{text}");
+    }
+    let j = plugin(kc, &["status", "-o", "json"]).await.json();
+    let names: Vec<&str> = j["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["down", "out"]);
+    let r = plugin(kc, &["status", "out", "-A"]).await;
+    assert_eq!(r.code, 2, "a usage error");
+    assert_eq!(
+        r.stderr,
+        "error: -A/--all-namespaces lists relays across namespaces; it cannot be used with the MailRelay name \"out\" (use -n NAMESPACE)\n"
+    );
+
+    // queue across relays: one section each, the unready one named with its reason.
+    let text = plugin(kc, &["queue", "-A"]).await.ok().to_owned();
+    assert!(
+        text.starts_with(
+            "MailRelay mail/down: MailRelay mail/down is not ready: its admin API is unreachable"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("\nMailRelay mail/out:\n-Queue ID-"), "{text}");
+    assert!(text.contains(&id), "{text}");
+    assert!(
+        text.ends_with("\nMailRelay ops/edge:\nMail queue is empty\n"),
+        "{text}"
+    );
+    let j = plugin(kc, &["queue", "-A", "-o", "json"]).await.json();
+    assert_eq!(j["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(j["messages"][0]["id"], id.as_str());
+    assert_eq!(j["messages"][0]["namespace"], "mail");
+    assert_eq!(j["messages"][0]["relay"], "out");
+    assert_eq!(j["errors"][0]["relay"], "down");
+
+    // quota across namespaces: a NAMESPACE column, as kubectl adds one.
+    let text = plugin(kc, &["quota", "-A"]).await.ok().to_owned();
+    assert!(text.starts_with("NAMESPACE   RELAY   QUOTA "), "{text}");
+    assert!(text.contains("\nmail        out     tenant-a "), "{text}");
+    assert!(
+        text.contains("\nops         edge    gmail-pacing "),
+        "{text}"
+    );
+    assert!(
+        text.contains("relay mail/down: MailRelay mail/down is not ready"),
+        "{text}"
+    );
+    let j = plugin(kc, &["quota", "-A", "-o", "json"]).await.json();
+    assert_eq!(j["quotas"].as_array().unwrap().len(), 4);
+    assert_eq!(j["quotas"][3]["namespace"], "ops");
+
+    // delete: gone from the relay's queue; a second delete says it is not there.
+    let r = plugin(kc, &["delete", "out", &id]).await;
+    assert_eq!(
+        r.ok(),
+        format!("message {id} deleted from the queue of MailRelay mail/out\n")
+    );
+    assert!(
+        w.stub.log.lock().unwrap().iter().any(|l| *l
+            == format!("DELETE /api/v1/namespaces/mail/services/out-admin:admin/proxy/api/v1/queue/messages/{id}")),
+        "{:#?}",
+        w.stub.log.lock().unwrap()
+    );
+    let left = admin_json(&w.relay, "/api/v1/queue/messages").await;
+    assert_eq!(left["messages"], json!([]), "{left:#}");
+    let gone = format!(
+        "error: message {id} not found in the queue of MailRelay mail/out (already delivered, bounced or deleted?)\n"
+    );
+    assert_eq!(plugin(kc, &["delete", "out", &id]).await.err(), gone);
+    assert_eq!(plugin(kc, &["message", "out", &id]).await.err(), gone);
+    let e = plugin(kc, &["delete", "out", "not-an-id"]).await;
+    assert!(
+        e.err()
+            .starts_with("error: mailrelay mail/out: malformed queue id"),
+        "{}",
+        e.stderr
+    );
+    let e = plugin(kc, &["delete", "nope", &id]).await;
+    assert_eq!(
+        e.err(),
+        "error: MailRelay \"nope\" not found in namespace \"mail\"\n"
+    );
+    let e = plugin(kc, &["delete", "down", &id]).await;
+    assert!(
+        e.err()
+            .starts_with("error: MailRelay mail/down is not ready:"),
+        "{}",
+        e.stderr
+    );
+}
+
+/// A stand-in API server without the MailRelay CRD, or a plain TCP endpoint.
+async fn bare_stub(crd: bool) -> (Stub, SocketAddr) {
+    let stub = Stub {
+        relays: Arc::default(),
+        backends: Arc::default(),
+        log: Arc::default(),
+        crd,
+    };
+    let addr = start_stub(stub.clone()).await;
+    (stub, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_crd_is_not_a_missing_mailrelay() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, api) = bare_stub(false).await;
+    let kc = write_kubeconfig(dir.path(), api);
+    let crd_missing = format!(
+        "error: the MailRelay CRD is not installed (mailrelays.mailrelay.io/v1alpha1 is not served by http://{api}): install the chart, or `kubectl apply --server-side -f crds/`\n"
+    );
+    for args in [
+        &["status", "out"][..],
+        &["delete", "out", "06H29YVZVR66DSV6D7BS"],
+        &["list"],
+        &["list", "-A"],
+        &["queue"],
+        &["quota"],
+    ] {
+        assert_eq!(plugin(&kc, args).await.err(), crd_missing, "{args:?}");
+    }
+    // With the CRD installed, the same 404 is the object's.
+    let (_, api) = bare_stub(true).await;
+    let kc = write_kubeconfig(dir.path(), api);
+    assert_eq!(
+        plugin(&kc, &["status", "out"]).await.err(),
+        "error: MailRelay \"out\" not found in namespace \"mail\"\n"
+    );
+    assert_eq!(
+        plugin(&kc, &["list"]).await.ok(),
+        "No MailRelays found in namespace \"mail\".\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_failures_say_what_failed() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = |name: &str, server: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(
+            &p,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+                 clusters:\n- name: c\n  cluster: {{server: '{server}'}}\n\
+                 contexts:\n- name: c\n  context: {{cluster: c, user: u, namespace: mail}}\n\
+                 users:\n- name: u\n  user: {{token: {TOKEN}}}\n"
+            ),
+        )
+        .unwrap();
+        p
+    };
+
+    // Refused: a port nobody listens on (bound, then closed).
+    let closed = free_port();
+    let kc = kubeconfig("refused", &format!("http://127.0.0.1:{closed}"));
+    assert_eq!(
+        plugin(&kc, &["status", "out"]).await.err(),
+        format!(
+            "error: cannot connect to the Kubernetes API server at http://127.0.0.1:{closed}: connection refused (is the cluster running, and is the kubeconfig's server address right?)\n"
+        )
+    );
+
+    // DNS: `.invalid` never resolves (RFC 2606).
+    let kc = kubeconfig("dns", "https://api.cluster.invalid:6443");
+    let e = plugin(&kc, &["list"]).await;
+    assert!(
+        e.err().starts_with("error: cannot resolve the Kubernetes API server's host name \"api.cluster.invalid\" (https://api.cluster.invalid:6443): "),
+        "{}",
+        e.stderr
+    );
+    assert!(
+        e.stderr
+            .ends_with("(check the server address in the kubeconfig, and DNS or VPN)\n"),
+        "{}",
+        e.stderr
+    );
+
+    // TLS: an https:// server address for a server that speaks plain HTTP.
+    let (_, plain) = bare_stub(true).await;
+    let kc = kubeconfig("tls", &format!("https://{plain}"));
+    let e = plugin(&kc, &["list"]).await;
+    assert!(
+        e.err().starts_with(&format!(
+            "error: TLS with the Kubernetes API server at https://{plain} failed: "
+        )),
+        "{}",
+        e.stderr
+    );
+    assert!(e.stderr.contains("certificate-authority"), "{}", e.stderr);
+
+    // Timeout: a server that accepts and never answers; --request-timeout bounds
+    // the wait, in kubectl's duration syntax (and a bare number is seconds).
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_addr = hang.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = Arc::clone(&held);
+    std::thread::spawn(move || {
+        for c in hang.incoming() {
+            keep.lock().unwrap().push(c);
+        }
+    });
+    let kc = kubeconfig("hang", &format!("http://{hang_addr}"));
+    for (flag, shown) in [("1500ms", "1500ms"), ("1", "1s")] {
+        let started = Instant::now();
+        let e = plugin(&kc, &["--request-timeout", flag, "status", "out"]).await;
+        let took = started.elapsed();
+        assert_eq!(
+            e.err(),
+            format!(
+                "error: no answer from the Kubernetes API server at http://{hang_addr} within {shown} (get mailrelays/out; raise --request-timeout to wait longer)\n"
+            )
+        );
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+            "{flag}: {took:?}"
+        );
+    }
+    let e = plugin(&kc, &["--request-timeout", "5x", "list"]).await;
+    assert_eq!(e.code, 2, "{}", e.stderr);
+    assert!(
+        e.stderr
+            .contains("invalid value '5x' for '--request-timeout <DURATION>'"),
+        "{}",
+        e.stderr
+    );
+}
+
+#[tokio::test]
+async fn completion_scripts_name_every_verb() {
+    // No cluster needed: a kubeconfig that does not exist is never read.
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("absent");
+    for shell in ["bash", "zsh", "fish"] {
+        let r = plugin(&kc, &["completion", shell]).await;
+        let script = r.ok();
+        assert!(script.contains("kubectl-mailrelay"), "{shell}:\n{script}");
+        for verb in [
+            "list",
+            "status",
+            "queue",
+            "message",
+            "retry",
+            "delete",
+            "quota",
+            "completion",
+        ] {
+            assert!(script.contains(verb), "{shell}: {verb} missing");
+        }
+        for flag in [
+            "all-namespaces",
+            "request-timeout",
+            "namespace",
+            "context",
+            "kubeconfig",
+        ] {
+            assert!(script.contains(flag), "{shell}: --{flag} missing");
+        }
+    }
+    let r = plugin(&kc, &["completion", "tcsh"]).await;
+    assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// The krew manifest names the archives the release workflow attaches:
+/// `kubectl-mailrelay_<version>_<os>_<arch>.tar.gz` at the tag `v<version>`,
+/// with the workspace version, for linux and darwin on amd64 and arm64.
+#[test]
+fn krew_manifest_matches_the_release() {
+    let version = env!("CARGO_PKG_VERSION");
+    let path = repo_root().join("krew/mailrelay.yaml");
+    let m: Value = serde_norway::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        m["apiVersion"],
+        "krew.googlecontainertools.github.com/v1alpha2"
+    );
+    assert_eq!(m["kind"], "Plugin");
+    assert_eq!(m["metadata"]["name"], "mailrelay");
+    assert_eq!(
+        m["spec"]["version"],
+        format!("v{version}"),
+        "krew/mailrelay.yaml is not at the workspace version"
+    );
+    assert!(
+        m["spec"]["shortDescription"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty() && d.len() <= 50)
+    );
+    let mut seen = Vec::new();
+    for p in m["spec"]["platforms"].as_array().unwrap() {
+        let os = p["selector"]["matchLabels"]["os"].as_str().unwrap();
+        let arch = p["selector"]["matchLabels"]["arch"].as_str().unwrap();
+        let asset = format!("kubectl-mailrelay_{version}_{os}_{arch}.tar.gz");
+        let uri = p["uri"].as_str().unwrap();
+        assert!(
+            uri.starts_with("https://github.com/")
+                && uri.ends_with(&format!("/releases/download/v{version}/{asset}")),
+            "{os}/{arch}: {uri}"
+        );
+        assert!(
+            !uri.contains("{{"),
+            "{uri}: a literal version, not a template"
+        );
+        // The release workflow puts each archive's checksum in place of its placeholder.
+        assert_eq!(
+            p["sha256"],
+            format!("SHA256_{}_{}", os.to_uppercase(), arch.to_uppercase()),
+            "{os}/{arch}"
+        );
+        assert_eq!(p["bin"], "kubectl-mailrelay");
+        assert!(
+            p["files"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f["from"] == "kubectl-mailrelay")
+        );
+        seen.push(format!("{os}/{arch}"));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["darwin/amd64", "darwin/arm64", "linux/amd64", "linux/arm64"]
+    );
+}
+
+/// `kubectl get sq` / `get mr` show whether each object is Ready, and why not
+/// under `-o wide`.
+#[test]
+fn printer_columns_show_readiness() {
+    for (file, before) in [
+        ("mailrelay.io_sendquotas.yaml", "Direction"),
+        ("mailrelay.io_mailrelays.yaml", "Replicas"),
+    ] {
+        for dir in ["crds", "charts/mailrelay-operator/crds"] {
+            let crd: Value = serde_norway::from_str(
+                &std::fs::read_to_string(repo_root().join(dir).join(file)).unwrap(),
+            )
+            .unwrap();
+            let cols = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+                .as_array()
+                .unwrap();
+            let names: Vec<&str> = cols.iter().map(|c| c["name"].as_str().unwrap()).collect();
+            assert_eq!(&names[..3], ["Ready", "Reason", before], "{dir}/{file}");
+            assert_eq!(
+                cols[0]["jsonPath"],
+                ".status.conditions[?(@.type==\"Ready\")].status"
+            );
+            assert!(
+                cols[0].get("priority").is_none(),
+                "Ready shows in plain `kubectl get`"
+            );
+            assert_eq!(
+                cols[1]["jsonPath"],
+                ".status.conditions[?(@.type==\"Ready\")].reason"
+            );
+            assert_eq!(cols[1]["priority"], 1, "Reason is for -o wide");
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! `kubectl-mailrelay`: the kubectl plugin (`kubectl mailrelay status|queue|message|retry|quota`).
+//! `kubectl-mailrelay`: the kubectl plugin
+//! (`kubectl mailrelay list|status|queue|message|retry|delete|quota|completion`).
 
 fn main() -> std::process::ExitCode {
     mailrelay_operator::plugin::main()

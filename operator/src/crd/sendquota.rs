@@ -25,6 +25,19 @@ pub const LIMIT_PATTERN: &str = r"^[1-9][0-9]{0,17}/([1-9][0-9]{0,5})?[smhd]$";
     status = "SendQuotaStatus",
     derive = "PartialEq",
     doc = "A send quota: rolling-window limits on accepted (ingress) or delivered (egress) mail of the selected MailRelays.",
+    // InvalidSpec, NoRelays and NotLoaded all leave a quota unenforced: say so
+    // in plain `kubectl get sq`, with the reason under `-o wide`.
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        priority = "1",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason"
+    ),
     printcolumn(name = "Direction", type_ = "string", json_path = ".spec.direction"),
     printcolumn(name = "Limit", type_ = "string", json_path = ".status.limit"),
     printcolumn(name = "Used", type_ = "integer", json_path = ".status.used"),

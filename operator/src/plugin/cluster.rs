@@ -1,6 +1,9 @@
 //! The plugin's view of the cluster: the kubeconfig, `MailRelay` objects, and
 //! requests to a relay's admin API through the API server's service proxy.
 
+use std::error::Error as StdError;
+use std::time::Duration;
+
 use http_body_util::BodyExt as _;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -38,6 +41,12 @@ pub fn mailrelay_resource() -> ApiResource {
 pub struct Cluster {
     pub client: Client,
     pub namespace: String,
+    /// `-A`: listing verbs cover every namespace.
+    pub all_namespaces: bool,
+    /// The API server's URL, for messages.
+    pub server: String,
+    /// `--request-timeout`, per request (`None`: no limit).
+    pub timeout: Option<Duration>,
 }
 
 /// A raw answer from the API server.
@@ -72,40 +81,138 @@ impl Cluster {
         // user should hear that at once.
         let mut config = config;
         config.default_retry = false;
+        let timeout = g.request_timeout.filter(|d| !d.is_zero());
+        if let Some(t) = timeout {
+            // Also bound the connect itself, so a black-holed address ends as a
+            // timeout of the request rather than of kube's 30 s connect default.
+            config.connect_timeout = Some(t);
+        }
         let namespace = g
             .namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
+        let server = config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_owned();
         let client = Client::try_from(config).map_err(|e| kc(&e))?;
-        Ok(Cluster { client, namespace })
+        Ok(Cluster {
+            client,
+            namespace,
+            all_namespaces: g.all_namespaces,
+            server,
+            timeout,
+        })
+    }
+
+    /// Where listings look: "namespace \"x\"" or "any namespace".
+    pub fn scope(&self) -> String {
+        if self.all_namespaces {
+            "any namespace".to_owned()
+        } else {
+            format!("namespace \"{}\"", self.namespace)
+        }
+    }
+
+    /// Runs one request under `--request-timeout`.
+    async fn within<T>(
+        &self,
+        what: &str,
+        fut: impl std::future::Future<Output = T>,
+    ) -> Result<T, PluginError> {
+        match self.timeout {
+            Some(d) => tokio::time::timeout(d, fut)
+                .await
+                .map_err(|_| PluginError::Timeout {
+                    server: self.server.clone(),
+                    after: super::timeout::show(d),
+                    what: what.to_owned(),
+                }),
+            None => Ok(fut.await),
+        }
     }
 
     fn mailrelays(&self) -> Api<DynamicObject> {
         Api::namespaced_with(self.client.clone(), &self.namespace, &mailrelay_resource())
     }
 
-    /// The MailRelay `name`, or a clear "not found".
+    /// The MailRelay `name`, or a "not found" that says whether the object or the
+    /// whole CRD is missing.
     pub async fn mailrelay(&self, name: &str) -> Result<DynamicObject, PluginError> {
-        match self.mailrelays().get(name).await {
+        let what = format!("get mailrelays/{name}");
+        match self.within(&what, self.mailrelays().get(name)).await? {
             Ok(o) => Ok(o),
-            Err(kube::Error::Api(s)) if s.code == 404 => Err(PluginError::MailRelayNotFound {
-                namespace: self.namespace.clone(),
-                name: name.to_owned(),
-            }),
-            Err(e) => Err(api_error(e, &format!("get mailrelays/{name}"))),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.crd_served().await?;
+                Err(PluginError::MailRelayNotFound {
+                    namespace: self.namespace.clone(),
+                    name: name.to_owned(),
+                })
+            }
+            Err(e) => Err(self.api_error(e, &what)),
         }
     }
 
-    /// Every MailRelay in the namespace, sorted by name.
+    /// Every MailRelay in the namespace (all namespaces with `-A`), sorted by
+    /// namespace and name.
     pub async fn list_mailrelays(&self) -> Result<Vec<DynamicObject>, PluginError> {
-        let mut items = self
-            .mailrelays()
-            .list(&ListParams::default())
-            .await
-            .map_err(|e| api_error(e, "list mailrelays"))?
-            .items;
-        items.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        let api = if self.all_namespaces {
+            Api::all_with(self.client.clone(), &mailrelay_resource())
+        } else {
+            self.mailrelays()
+        };
+        let mut items = match self
+            .within("list mailrelays", api.list(&ListParams::default()))
+            .await?
+        {
+            Ok(l) => l.items,
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                self.crd_served().await?;
+                return Err(PluginError::Api(format!(
+                    "list mailrelays: {} (HTTP 404)",
+                    s.message
+                )));
+            }
+            Err(e) => return Err(self.api_error(e, "list mailrelays")),
+        };
+        items.sort_by(|a, b| {
+            (&a.metadata.namespace, &a.metadata.name)
+                .cmp(&(&b.metadata.namespace, &b.metadata.name))
+        });
         Ok(items)
+    }
+
+    /// `Ok` when the API server serves `mailrelays.mailrelay.io/v1alpha1`;
+    /// [`PluginError::CrdMissing`] when discovery says it does not. A 404 on a
+    /// MailRelay means either, and only discovery tells them apart reliably.
+    async fn crd_served(&self) -> Result<(), PluginError> {
+        let a = self
+            .send("GET", &format!("/apis/{GROUP}/{VERSION}"))
+            .await?;
+        let missing = match a.code {
+            404 => true,
+            200..=299 => {
+                let v: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
+                !v.get("resources")
+                    .and_then(|r| r.as_array())
+                    .is_some_and(|r| {
+                        r.iter().any(|x| {
+                            x.get("name").and_then(|n| n.as_str()) == Some(MAILRELAY_PLURAL)
+                        })
+                    })
+            }
+            // Discovery is open to every authenticated user; any other answer says
+            // nothing about the CRD, so the object's own 404 stands.
+            _ => false,
+        };
+        if missing {
+            Err(PluginError::CrdMissing {
+                server: self.server.clone(),
+            })
+        } else {
+            Ok(())
+        }
     }
 
     async fn send(&self, method: &str, path: &str) -> Result<Answer, PluginError> {
@@ -115,22 +222,26 @@ impl Cluster {
             .header(http::header::ACCEPT, "application/json")
             .body(kube::client::Body::empty())
             .map_err(|e| PluginError::Api(format!("building request {path}: {e}")))?;
-        let res = self
-            .client
-            .send(req)
-            .await
-            .map_err(|e| PluginError::Api(e.to_string()))?;
-        let code = res.status().as_u16();
-        let bytes = res
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| PluginError::Api(format!("reading the answer to {path}: {e}")))?
-            .to_bytes();
-        Ok(Answer {
-            code,
-            body: String::from_utf8_lossy(&bytes).into_owned(),
+        let what = format!("{method} {}", path.split('?').next().unwrap_or(path));
+        self.within(&what, async {
+            let res = self
+                .client
+                .send(req)
+                .await
+                .map_err(|e| self.api_error(e, &what))?;
+            let code = res.status().as_u16();
+            let bytes = res
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| PluginError::Api(format!("reading the answer to {path}: {e}")))?
+                .to_bytes();
+            Ok(Answer {
+                code,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            })
         })
+        .await?
     }
 
     /// Calls the admin API of `relay` (which must exist: the caller fetched it) and
@@ -142,7 +253,12 @@ impl Cluster {
         path: &str,
     ) -> Result<String, PluginError> {
         let name = relay.metadata.name.clone().unwrap_or_default();
-        let full = proxy_path(&self.namespace, &name, path);
+        let namespace = relay
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| self.namespace.clone());
+        let full = proxy_path(&namespace, &name, path);
         let a = self.send(method, &full).await?;
         if (200..300).contains(&a.code) {
             return Ok(a.body);
@@ -150,7 +266,7 @@ impl Cluster {
         if a.code == 404 && a.body.trim().is_empty() {
             // The relay's router answers unknown routes with an empty 404.
             return Err(PluginError::Relay {
-                namespace: self.namespace.clone(),
+                namespace,
                 name,
                 code: 404,
                 message: format!(
@@ -160,11 +276,7 @@ impl Cluster {
             });
         }
         Err(classify_proxy_error(
-            &self.namespace,
-            &name,
-            relay,
-            a.code,
-            &a.body,
+            &namespace, &name, relay, a.code, &a.body,
         ))
     }
 
@@ -187,15 +299,90 @@ impl Cluster {
         })?;
         Ok((typed, raw))
     }
+
+    fn api_error(&self, e: kube::Error, what: &str) -> PluginError {
+        match e {
+            kube::Error::Api(s) if s.code == 401 || s.code == 403 => {
+                PluginError::Forbidden(format!("{what}: {}", s.message))
+            }
+            kube::Error::Api(s) => {
+                PluginError::Api(format!("{what}: {} (HTTP {})", s.message, s.code))
+            }
+            e => transport_error(&self.server, &e),
+        }
+    }
 }
 
-fn api_error(e: kube::Error, what: &str) -> PluginError {
-    match e {
-        kube::Error::Api(s) if s.code == 401 || s.code == 403 => {
-            PluginError::Forbidden(format!("{what}: {}", s.message))
+/// Names the cause of a failed connection to the API server, found in the
+/// error's cause chain (kube and hyper wrap it several times over, and their own
+/// text says only "client error (Connect)").
+pub fn transport_error(server: &str, e: &(dyn StdError + 'static)) -> PluginError {
+    let mut chain: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    let mut dns = false;
+    while let Some(err) = cur {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return PluginError::Tls {
+                server: server.to_owned(),
+                detail: tls.to_string(),
+            };
         }
-        kube::Error::Api(s) => PluginError::Api(format!("{what}: {} (HTTP {})", s.message, s.code)),
-        e => PluginError::Api(format!("{what}: {e}")),
+        let text = err.to_string();
+        // hyper-util's connector labels resolver failures "dns error"; the cause
+        // below it carries the resolver's own words.
+        dns |= text == "dns error";
+        let mut next = err.source();
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => {
+                    return PluginError::ConnectionRefused {
+                        server: server.to_owned(),
+                    };
+                }
+                std::io::ErrorKind::TimedOut => {
+                    return PluginError::ConnectTimeout {
+                        server: server.to_owned(),
+                    };
+                }
+                _ => {}
+            }
+            // An io::Error's `source()` skips the error it wraps (rustls's, say).
+            if let Some(inner) = io.get_ref() {
+                if let Some(tls) = inner.downcast_ref::<rustls::Error>() {
+                    return PluginError::Tls {
+                        server: server.to_owned(),
+                        detail: tls.to_string(),
+                    };
+                }
+                next = Some(inner);
+            }
+        }
+        if chain.last() != Some(&text) && !chain.iter().any(|c| c.contains(&text)) {
+            chain.push(text);
+        }
+        cur = next;
+    }
+    if dns {
+        let host = server
+            .parse::<http::Uri>()
+            .ok()
+            .and_then(|u| u.host().map(str::to_owned))
+            .unwrap_or_else(|| server.to_owned());
+        let detail = chain
+            .iter()
+            .skip_while(|c| c.as_str() != "dns error")
+            .nth(1)
+            .cloned()
+            .unwrap_or_else(|| "lookup failed".to_owned());
+        return PluginError::Dns {
+            server: server.to_owned(),
+            host,
+            detail,
+        };
+    }
+    PluginError::Transport {
+        server: server.to_owned(),
+        detail: chain.join(": "),
     }
 }
 
@@ -225,7 +412,12 @@ pub fn classify_proxy_error(
                 "{message} (the plugin needs get/create on services/proxy in namespace {namespace})"
             ));
         }
-        let mut detail = if message.is_empty() {
+        let mut detail = if code == 404 {
+            format!(
+                "its admin Service {} does not exist (the operator creates it: is the operator running?)",
+                admin_service(name)
+            )
+        } else if message.is_empty() {
             format!("its admin API is unreachable (HTTP {code})")
         } else {
             format!("its admin API is unreachable: {message}")
@@ -259,6 +451,30 @@ pub fn classify_proxy_error(
         name: name.to_owned(),
         code,
         message,
+    }
+}
+
+/// Namespace and name of a MailRelay read from the API.
+pub fn relay_id(relay: &DynamicObject) -> (String, String) {
+    (
+        relay.metadata.namespace.clone().unwrap_or_default(),
+        relay.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The relay's own 404 for a queue ID, said as such: the MailRelay exists, the
+/// message does not (any more).
+pub fn no_such_message(e: PluginError, relay: &DynamicObject, id: &str) -> PluginError {
+    match e {
+        PluginError::NotFound(_) => {
+            let (namespace, name) = relay_id(relay);
+            PluginError::MessageNotFound {
+                namespace,
+                name,
+                id: id.to_owned(),
+            }
+        }
+        e => e,
     }
 }
 

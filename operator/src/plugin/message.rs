@@ -4,7 +4,7 @@
 use mailrelay::admin::api::MessageDetail;
 use mailrelay::cli::queue::format_detail;
 
-use super::cluster::encode;
+use super::cluster::{encode, no_such_message};
 use super::{Cluster, OutputFormat, PluginError, output};
 
 pub async fn run(
@@ -15,7 +15,10 @@ pub async fn run(
 ) -> Result<String, PluginError> {
     let relay = cluster.mailrelay(name).await?;
     let path = format!("/api/v1/queue/messages/{}", encode(id));
-    let (detail, raw): (MessageDetail, _) = cluster.admin_json(&relay, "GET", &path).await?;
+    let (detail, raw): (MessageDetail, _) = cluster
+        .admin_json(&relay, "GET", &path)
+        .await
+        .map_err(|e| no_such_message(e, &relay, id))?;
     match format {
         Some(f) => output::structured(f, &raw),
         None => Ok(format_detail(&detail)),

@@ -6,22 +6,27 @@
 //! The relay's admin API is reached through the API server's service proxy
 //! (`/api/v1/namespaces/{ns}/services/{NAME}-admin:admin/proxy/...`), so no
 //! port-forward is needed: the user needs `get` on `mailrelays` and on
-//! `services/proxy` (plus `create` for `retry`, which POSTs).
+//! `services/proxy` (plus `create` for `retry`, which POSTs, and `delete` for
+//! `delete`).
 //!
 //! One module per verb; each turns API answers into a view and renders it, so the
 //! rendering is testable without a cluster.
 
 pub mod cluster;
+pub mod delete;
+pub mod list;
 pub mod message;
 pub mod output;
 pub mod queue;
 pub mod quota;
 pub mod retry;
 pub mod status;
+pub mod timeout;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 pub use self::cluster::Cluster;
 
@@ -51,6 +56,9 @@ pub struct GlobalArgs {
     /// Namespace of the MailRelay (default: the context's namespace).
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
+    /// Every namespace (list, status, queue and quota without a relay name).
+    #[arg(short = 'A', long, global = true)]
+    pub all_namespaces: bool,
     /// The kubeconfig context to use.
     #[arg(long, global = true)]
     pub context: Option<String>,
@@ -64,6 +72,11 @@ pub struct GlobalArgs {
     /// then the in-cluster service account).
     #[arg(long, global = true)]
     pub kubeconfig: Option<PathBuf>,
+    /// How long to wait for each request to the API server before giving up, like
+    /// kubectl's: 30s, 2m, 1m30s, 500ms; a bare number is seconds; 0 (the default)
+    /// waits as long as the connection lives.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = timeout::parse)]
+    pub request_timeout: Option<Duration>,
     /// Output format: json or yaml (default: human-readable text).
     #[arg(short = 'o', long, global = true, value_enum)]
     pub output: Option<OutputFormat>,
@@ -77,22 +90,26 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Conditions, replicas, queue summary and quota usage of a MailRelay.
+    /// Every MailRelay with its readiness and live queue summary (`-A`: all namespaces).
+    List,
+    /// Conditions, replicas, queue summary and quota usage of a MailRelay (every
+    /// MailRelay in the namespace, or with `-A` in all, when NAME is left out).
     Status {
         /// Name of the MailRelay.
-        name: String,
+        name: Option<String>,
     },
-    /// List queued messages, like `postqueue -p`.
+    /// List queued messages, like `postqueue -p` (of every MailRelay in the
+    /// namespace, or with `-A` in all, when NAME is left out).
     Queue {
         /// Name of the MailRelay.
-        name: String,
+        name: Option<String>,
         /// Only messages that have had at least one delivery attempt.
         #[arg(long)]
         deferred: bool,
         /// Only messages with a pending recipient in this domain.
         #[arg(long)]
         domain: Option<String>,
-        /// At most this many messages (1-10000; the relay's default is 1000).
+        /// At most this many messages per relay (1-10000; the relay's default is 1000).
         #[arg(long)]
         limit: Option<usize>,
     },
@@ -117,6 +134,14 @@ pub enum Command {
         #[arg(long)]
         domain: Option<String>,
     },
+    /// Remove a message from the queue for good: no delivery, no bounce (like
+    /// `postsuper -d`). Like `kubectl delete`, it does not ask first.
+    Delete {
+        /// Name of the MailRelay.
+        name: String,
+        /// Queue ID (as shown by `queue`).
+        id: String,
+    },
     /// Quota usage (used and remaining per window) as the relays count it.
     Quota {
         /// Name of a SendQuota; all quotas when left out.
@@ -125,6 +150,12 @@ pub enum Command {
         #[arg(long)]
         relay: Option<String>,
     },
+    /// Print a shell completion script for `kubectl-mailrelay`
+    /// (e.g. `source <(kubectl mailrelay completion bash)`).
+    Completion {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Everything that can go wrong, each with a message meant for the user.
@@ -132,9 +163,15 @@ pub enum Command {
 pub enum PluginError {
     #[error("kubeconfig: {0}")]
     Kubeconfig(String),
+    #[error("{0}")]
+    Usage(String),
     #[error("MailRelay \"{name}\" not found in namespace \"{namespace}\"")]
     MailRelayNotFound { namespace: String, name: String },
-    #[error("no MailRelay in namespace \"{0}\"")]
+    #[error(
+        "the MailRelay CRD is not installed (mailrelays.{GROUP}/{VERSION} is not served by {server}): install the chart, or `kubectl apply --server-side -f crds/`"
+    )]
+    CrdMissing { server: String },
+    #[error("no MailRelay in {0}")]
     NoMailRelays(String),
     #[error("MailRelay {namespace}/{name} is not ready: {detail}")]
     NotReady {
@@ -142,8 +179,44 @@ pub enum PluginError {
         name: String,
         detail: String,
     },
+    #[error(
+        "message {id} not found in the queue of MailRelay {namespace}/{name} (already delivered, bounced or deleted?)"
+    )]
+    MessageNotFound {
+        namespace: String,
+        name: String,
+        id: String,
+    },
     #[error("{0}")]
     Forbidden(String),
+    #[error(
+        "cannot connect to the Kubernetes API server at {server}: connection refused (is the cluster running, and is the kubeconfig's server address right?)"
+    )]
+    ConnectionRefused { server: String },
+    #[error(
+        "cannot resolve the Kubernetes API server's host name \"{host}\" ({server}): {detail} (check the server address in the kubeconfig, and DNS or VPN)"
+    )]
+    Dns {
+        server: String,
+        host: String,
+        detail: String,
+    },
+    #[error(
+        "TLS with the Kubernetes API server at {server} failed: {detail} (check the kubeconfig's certificate-authority, and that the server speaks HTTPS)"
+    )]
+    Tls { server: String, detail: String },
+    #[error(
+        "no answer from the Kubernetes API server at {server} within {after} ({what}; raise --request-timeout to wait longer)"
+    )]
+    Timeout {
+        server: String,
+        after: String,
+        what: String,
+    },
+    #[error("connecting to the Kubernetes API server at {server} timed out")]
+    ConnectTimeout { server: String },
+    #[error("cannot reach the Kubernetes API server at {server}: {detail}")]
+    Transport { server: String, detail: String },
     #[error("Kubernetes API: {0}")]
     Api(String),
     #[error("mailrelay {namespace}/{name}: {message} (HTTP {code})")]
@@ -159,10 +232,45 @@ pub enum PluginError {
     Malformed { what: String, detail: String },
 }
 
+/// The completion script for `shell`, for the binary `kubectl-mailrelay` (shells
+/// complete a command word; `kubectl mailrelay` is two).
+pub fn completion(shell: clap_complete::Shell) -> String {
+    let mut cmd = Cli::command();
+    let mut buf = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "kubectl-mailrelay", &mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 /// Runs one command and returns what to print on stdout.
 pub async fn run(cli: &Cli) -> Result<String, PluginError> {
+    if let Command::Completion { shell } = cli.command {
+        return Ok(completion(shell));
+    }
+    check_all_namespaces(&cli.global, &cli.command)?;
     let cluster = Cluster::connect(&cli.global).await?;
     execute(&cluster, &cli.command, cli.global.output).await
+}
+
+/// `-A` with a relay name is refused as kubectl refuses `get -A NAME`: the name
+/// would be looked up in no particular namespace.
+fn check_all_namespaces(g: &GlobalArgs, command: &Command) -> Result<(), PluginError> {
+    if !g.all_namespaces {
+        return Ok(());
+    }
+    let named = match command {
+        Command::List | Command::Completion { .. } => None,
+        Command::Status { name } | Command::Queue { name, .. } => name.as_deref(),
+        Command::Quota { relay, .. } => relay.as_deref(),
+        Command::Message { name, .. }
+        | Command::Retry { name, .. }
+        | Command::Delete { name, .. } => Some(name.as_str()),
+    };
+    match named {
+        Some(n) => Err(PluginError::Usage(format!(
+            "-A/--all-namespaces lists relays across namespaces; it cannot be used with the MailRelay name \"{n}\" (use -n NAMESPACE)"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Runs one command against an already connected cluster.
@@ -172,13 +280,21 @@ pub async fn execute(
     format: Option<OutputFormat>,
 ) -> Result<String, PluginError> {
     match command {
-        Command::Status { name } => status::run(cluster, name, format).await,
+        Command::List => list::run(cluster, format).await,
+        Command::Status { name } => status::run(cluster, name.as_deref(), format).await,
         Command::Queue {
             name,
             deferred,
             domain,
             limit,
-        } => queue::run(cluster, name, *deferred, domain.as_deref(), *limit, format).await,
+        } => {
+            let filter = queue::Filter {
+                deferred: *deferred,
+                domain: domain.clone(),
+                limit: *limit,
+            };
+            queue::run(cluster, name.as_deref(), &filter, format).await
+        }
         Command::Message { name, id } => message::run(cluster, name, id, format).await,
         Command::Retry {
             name,
@@ -189,13 +305,16 @@ pub async fn execute(
             let sel = retry::Selector::from_args(id.as_deref(), *all, domain.as_deref());
             retry::run(cluster, name, sel, format).await
         }
+        Command::Delete { name, id } => delete::run(cluster, name, id, format).await,
         Command::Quota { name, relay } => {
             quota::run(cluster, name.as_deref(), relay.as_deref(), format).await
         }
+        Command::Completion { shell } => Ok(completion(*shell)),
     }
 }
 
-/// The binary's `main`: parses arguments, runs, prints; exit code 1 on any error.
+/// The binary's `main`: parses arguments, runs, prints; exit code 1 on a failed
+/// request, 2 on bad usage.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -215,7 +334,14 @@ pub fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            std::process::ExitCode::from(1)
+            // Usage errors exit like clap's own (2), so scripts can tell them from a
+            // failed request.
+            let code = if matches!(e, PluginError::Usage(_)) {
+                2
+            } else {
+                1
+            };
+            std::process::ExitCode::from(code)
         }
     }
 }

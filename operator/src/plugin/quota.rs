@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::cluster::encode;
+use super::cluster::{encode, relay_id};
 use super::output::{self, short_duration};
 use super::{Cluster, OutputFormat, PluginError};
 
@@ -118,9 +118,12 @@ pub fn rows(relay: &str, q: &QuotaUsage) -> Vec<Vec<String>> {
 /// Usage gathered from the relays, with the relays that could not say.
 #[derive(Debug, Default)]
 pub struct Gathered {
-    /// (relay, typed, raw JSON of the quota)
-    pub quotas: Vec<(String, QuotaUsage, serde_json::Value)>,
-    pub errors: Vec<(String, PluginError)>,
+    /// `-A`: rows name the relay's namespace too.
+    pub all_namespaces: bool,
+    /// (namespace, relay, typed, raw JSON of the quota)
+    pub quotas: Vec<(String, String, QuotaUsage, serde_json::Value)>,
+    /// (namespace, relay, why it could not say)
+    pub errors: Vec<(String, String, PluginError)>,
 }
 
 impl Gathered {
@@ -130,9 +133,10 @@ impl Gathered {
                 let quotas: Vec<serde_json::Value> = self
                     .quotas
                     .iter()
-                    .map(|(relay, _, raw)| {
+                    .map(|(ns, relay, _, raw)| {
                         let mut v = raw.clone();
                         if let Some(o) = v.as_object_mut() {
+                            o.insert("namespace".into(), ns.clone().into());
                             o.insert("relay".into(), relay.clone().into());
                         }
                         v
@@ -143,7 +147,9 @@ impl Gathered {
                     doc["errors"] = self
                         .errors
                         .iter()
-                        .map(|(r, e)| serde_json::json!({"relay": r, "error": e.to_string()}))
+                        .map(|(ns, r, e)| {
+                            serde_json::json!({"namespace": ns, "relay": r, "error": e.to_string()})
+                        })
                         .collect();
                 }
                 output::structured(f, &doc)
@@ -155,12 +161,29 @@ impl Gathered {
                     let rows: Vec<Vec<String>> = self
                         .quotas
                         .iter()
-                        .flat_map(|(relay, q, _)| rows(relay, q))
+                        .flat_map(|(ns, relay, q, _)| {
+                            rows(relay, q).into_iter().map(move |mut r| {
+                                if self.all_namespaces {
+                                    r.insert(0, ns.clone());
+                                }
+                                r
+                            })
+                        })
                         .collect();
-                    output::table(&HEADER, &rows)
+                    if self.all_namespaces {
+                        let mut header = vec!["NAMESPACE"];
+                        header.extend(HEADER);
+                        output::table(&header, &rows)
+                    } else {
+                        output::table(&HEADER, &rows)
+                    }
                 };
-                for (relay, e) in &self.errors {
-                    out.push_str(&format!("relay {relay}: {e}\n"));
+                for (ns, relay, e) in &self.errors {
+                    if self.all_namespaces {
+                        out.push_str(&format!("relay {ns}/{relay}: {e}\n"));
+                    } else {
+                        out.push_str(&format!("relay {relay}: {e}\n"));
+                    }
                 }
                 Ok(out)
             }
@@ -217,22 +240,26 @@ pub async fn run(
         None => cluster.list_mailrelays().await?,
     };
     if relays.is_empty() {
-        return Err(PluginError::NoMailRelays(cluster.namespace.clone()));
+        return Err(PluginError::NoMailRelays(cluster.scope()));
     }
-    let mut g = Gathered::default();
+    let mut g = Gathered {
+        all_namespaces: cluster.all_namespaces,
+        ..Gathered::default()
+    };
     for r in &relays {
-        let rname = r.metadata.name.clone().unwrap_or_default();
+        let (ns, rname) = relay_id(r);
         match fetch(cluster, r, name).await {
-            Ok(Some(qs)) => g
-                .quotas
-                .extend(qs.into_iter().map(|(q, raw)| (rname.clone(), q, raw))),
+            Ok(Some(qs)) => g.quotas.extend(
+                qs.into_iter()
+                    .map(|(q, raw)| (ns.clone(), rname.clone(), q, raw)),
+            ),
             Ok(None) => {}
-            Err(e) => g.errors.push((rname, e)),
+            Err(e) => g.errors.push((ns, rname, e)),
         }
     }
     // Nothing to show but errors: the errors are the answer.
     if g.quotas.is_empty() && g.errors.len() == relays.len() {
-        return Err(g.errors.remove(0).1);
+        return Err(g.errors.remove(0).2);
     }
     if let (Some(n), true, true) = (name, g.quotas.is_empty(), g.errors.is_empty()) {
         let by = match relay {
@@ -240,8 +267,8 @@ pub async fn run(
             None => "any MailRelay".to_owned(),
         };
         return Err(PluginError::NotFound(format!(
-            "SendQuota {n} is not applied by {by} in namespace {} (is it declared, and does its relaySelector match?)",
-            cluster.namespace
+            "SendQuota {n} is not applied by {by} in {} (is it declared, and does its relaySelector match?)",
+            cluster.scope()
         )));
     }
     g.render(format)

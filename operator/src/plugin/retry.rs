@@ -3,7 +3,7 @@
 
 use mailrelay::admin::api::Retried;
 
-use super::cluster::encode;
+use super::cluster::{encode, no_such_message};
 use super::{Cluster, OutputFormat, PluginError, output};
 
 /// Which messages to retry.
@@ -40,7 +40,13 @@ pub async fn run(
     format: Option<OutputFormat>,
 ) -> Result<String, PluginError> {
     let relay = cluster.mailrelay(name).await?;
-    let (r, raw): (Retried, _) = cluster.admin_json(&relay, "POST", &sel.path()).await?;
+    let (r, raw): (Retried, _) = cluster
+        .admin_json(&relay, "POST", &sel.path())
+        .await
+        .map_err(|e| match &sel {
+            Selector::Id(id) => no_such_message(e, &relay, id),
+            _ => e,
+        })?;
     match format {
         Some(f) => output::structured(f, &raw),
         None => Ok(format!(

@@ -156,29 +156,62 @@ fn indent(s: &str) -> String {
     s.lines().map(|l| format!("  {l}\n")).collect()
 }
 
-pub async fn run(
-    cluster: &Cluster,
-    name: &str,
-    format: Option<OutputFormat>,
-) -> Result<String, PluginError> {
-    let relay = cluster.mailrelay(name).await?;
+/// Gathers one relay's view: the object, then its live figures.
+async fn view(cluster: &Cluster, relay: &DynamicObject) -> StatusView {
     let queue = cluster
-        .admin_json::<StatsBody>(&relay, "GET", "/api/v1/queue/stats")
+        .admin_json::<StatsBody>(relay, "GET", "/api/v1/queue/stats")
         .await
         .map_err(|e| e.to_string());
     // Only worth asking when the relay answered at all; a second identical
     // "not ready" line would add nothing.
     let quotas = match &queue {
-        Ok(_) => quota::fetch(cluster, &relay, None)
+        Ok(_) => quota::fetch(cluster, relay, None)
             .await
             .map(Option::unwrap_or_default)
             .map_err(|e| e.to_string()),
         Err(_) => Err("relay unreachable (see Queue)".to_owned()),
     };
-    let view = StatusView::from_object(&cluster.namespace, &relay, queue, quotas);
+    let namespace = relay
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| cluster.namespace.clone());
+    StatusView::from_object(&namespace, relay, queue, quotas)
+}
+
+/// One MailRelay, or with no NAME every one in the namespace (all namespaces with
+/// `-A`), one block each as `kubectl describe` shows several objects.
+pub async fn run(
+    cluster: &Cluster,
+    name: Option<&str>,
+    format: Option<OutputFormat>,
+) -> Result<String, PluginError> {
+    if let Some(name) = name {
+        let relay = cluster.mailrelay(name).await?;
+        let v = view(cluster, &relay).await;
+        return match format {
+            Some(f) => output::structured(f, &v.to_json()),
+            None => Ok(v.to_text()),
+        };
+    }
+    let relays = cluster.list_mailrelays().await?;
+    if relays.is_empty() {
+        return Err(PluginError::NoMailRelays(cluster.scope()));
+    }
+    let mut views = Vec::new();
+    for r in &relays {
+        views.push(view(cluster, r).await);
+    }
     match format {
-        Some(f) => output::structured(f, &view.to_json()),
-        None => Ok(view.to_text()),
+        Some(f) => {
+            let items: Vec<serde_json::Value> = views.iter().map(StatusView::to_json).collect();
+            output::structured(f, &serde_json::json!({ "items": items }))
+        }
+        None => Ok(views
+            .iter()
+            .map(StatusView::to_text)
+            .collect::<Vec<_>>()
+            .join("\n")),
     }
 }
 
