@@ -10,8 +10,9 @@
 #   KIND_NODE_IMAGE=kindest/node:v1.31.4 hack/kind-e2e.sh   # a given Kubernetes
 #
 # Steps: build both images and the plugin; create a cluster; install the chart with
-# the bundled Redis into a namespace that enforces Pod Security "restricted"; wait
-# for Ready; send mail through `kubectl port-forward` (the README's quickstart) and
+# the bundled Redis into a namespace that enforces Pod Security "restricted", then
+# add a first relay with `helm upgrade` (as the README does); wait for Ready;
+# send mail through `kubectl port-forward` (the README's quickstart) and
 # from a pod; see it arrive at an in-cluster sink (Mailpit) and read it with
 # `kubectl mailrelay`; upgrade the chart; restart the relays under load and check
 # that no connection was refused and nothing accepted was lost; uninstall.
@@ -74,11 +75,14 @@ kubectl -n "$SINK_NS" expose deployment mailpit --name=mailpit --port=1025,8025
 kubectl -n "$SINK_NS" rollout status deployment/mailpit --timeout=3m
 kubectl -n "$SINK_NS" port-forward service/mailpit 18025:8025 >/dev/null 2>&1 &
 
-step "helm install (bundled Redis, a first relay delivering to the sink)"
+step "helm install: CRDs, operator, bundled Redis (the README's first step)"
 helm install mailrelay charts/mailrelay-operator -n "$NS" --wait --timeout 5m \
   --set image.repository="$OPERATOR_IMAGE",image.tag="$TAG" \
   --set relayImage.repository="$RELAY_IMAGE",relayImage.tag="$TAG" \
-  --set redis.enabled=true \
+  --set redis.enabled=true,redis.auth.generatePassword=true
+
+step "helm upgrade: a first relay delivering to the sink (the README's second step)"
+helm upgrade mailrelay charts/mailrelay-operator -n "$NS" --reuse-values --wait --timeout 5m \
   --set relay.enabled=true,relay.name=outbound,relay.hostname=relay.e2e.test \
   --set 'relay.relayNetworks={10.0.0.0/8}' \
   --set relay.delivery.smarthost.host="mailpit.$SINK_NS.svc.cluster.local" \

@@ -1,48 +1,34 @@
 #!/usr/bin/env bash
-# Prints the krew plugin manifest of kubectl-mailrelay for a release, with the
-# sha256 of each archive the release workflow built:
+# Prints krew/mailrelay.yaml (the krew plugin manifest of kubectl-mailrelay) ready
+# for a release: each SHA256_<OS>_<ARCH> placeholder replaced by the sha256 of the
+# archive the release workflow built, and the download URLs pointing at the GitHub
+# release of $GITHUB_REPOSITORY when it is set (a fork's own releases).
 #
 #   hack/krew-manifest.sh 0.1.0 dist > dist/mailrelay.krew.yaml
 #
 # DIR holds kubectl-mailrelay_<version>_<os>_<arch>.tar.gz for linux and darwin,
-# amd64 and arm64. The download URLs are the GitHub release of
-# $GITHUB_REPOSITORY (set in GitHub Actions), else of the chart's `home`.
+# amd64 and arm64; the manifest must already carry VERSION.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version=${1:?usage: krew-manifest.sh VERSION DIR}
 dir=${2:?usage: krew-manifest.sh VERSION DIR}
-repo=${GITHUB_REPOSITORY:-$(sed -n 's#^home: https://github.com/##p' charts/mailrelay-operator/Chart.yaml)}
-[ -n "$repo" ] || { echo "krew-manifest: no repository (GITHUB_REPOSITORY or Chart.yaml home)" >&2; exit 1; }
+manifest=krew/mailrelay.yaml
+fail() { echo "krew-manifest: $*" >&2; exit 1; }
 
-cat <<YAML
-apiVersion: krew.googlecontainertools.github.com/v1alpha2
-kind: Plugin
-metadata:
-  name: mailrelay
-spec:
-  version: v${version}
-  homepage: https://github.com/${repo}
-  shortDescription: Inspect and operate mailrelay SMTP relays
-  description: |
-    Shows MailRelay status, the shared mail queue, single messages with every
-    delivery attempt, and send-quota usage; retries and deletes queued mail.
-    Talks to the relays' admin API through the API server's service proxy, with
-    your kubeconfig and RBAC.
-  platforms:
-YAML
+grep -q "^  version: v${version}\$" "$manifest" || fail "$manifest is not at version v$version"
+args=()
 for os in linux darwin; do
   for arch in amd64 arm64; do
     archive="kubectl-mailrelay_${version}_${os}_${arch}.tar.gz"
-    [ -f "$dir/$archive" ] || { echo "krew-manifest: $dir/$archive is missing" >&2; exit 1; }
+    [ -f "$dir/$archive" ] || fail "$dir/$archive is missing"
     sum=$(sha256sum "$dir/$archive" | cut -d' ' -f1)
-    cat <<YAML
-  - selector:
-      matchLabels: {os: ${os}, arch: ${arch}}
-    uri: https://github.com/${repo}/releases/download/v${version}/${archive}
-    sha256: ${sum}
-    bin: kubectl-mailrelay
-    files:
-    - {from: kubectl-mailrelay, to: .}
-YAML
+    placeholder="SHA256_$(printf '%s_%s' "$os" "$arch" | tr '[:lower:]' '[:upper:]')"
+    grep -q "sha256: $placeholder\$" "$manifest" || fail "$manifest has no $placeholder"
+    args+=(-e "s/sha256: $placeholder\$/sha256: $sum/")
   done
 done
+if [ -n "${GITHUB_REPOSITORY:-}" ]; then
+  args+=(-e "s#https://github.com/[^/]*/[^/]*/releases/download/#https://github.com/$GITHUB_REPOSITORY/releases/download/#")
+  args+=(-e "s#^  homepage: .*#  homepage: https://github.com/$GITHUB_REPOSITORY#")
+fi
+sed "${args[@]}" "$manifest"
