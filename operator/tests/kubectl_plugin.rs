@@ -1333,7 +1333,7 @@ fn printer_columns_show_readiness() {
         ("mailrelay.io_sendquotas.yaml", "Direction"),
         ("mailrelay.io_mailrelays.yaml", "Replicas"),
     ] {
-        for dir in ["crds", "charts/mailrelay-operator/crds"] {
+        for dir in ["crds", "charts/mailrelay-operator/files/crds"] {
             let crd: Value = serde_norway::from_str(
                 &std::fs::read_to_string(repo_root().join(dir).join(file)).unwrap(),
             )
