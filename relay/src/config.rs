@@ -64,6 +64,11 @@ pub struct RelayConfig {
     /// On SIGTERM, how long sessions may run on before they are told `421`.
     #[serde(with = "duration_str")]
     pub shutdown_grace: Duration,
+    /// On SIGTERM, how long readiness fails while the listeners keep serving (so
+    /// that endpoints and load balancers drop the pod first), before
+    /// `shutdown_grace` starts.
+    #[serde(with = "duration_str")]
+    pub shutdown_settle: Duration,
     /// Add `Message-ID:` and `Date:` headers when a message has none (as Postfix does
     /// for local submissions).
     pub add_missing_headers: bool,
@@ -87,6 +92,7 @@ impl Default for RelayConfig {
             admin: AdminConfig::default(),
             log: LogConfig::default(),
             shutdown_grace: Duration::from_secs(30),
+            shutdown_settle: Duration::ZERO,
             add_missing_headers: true,
             quotas: Vec::new(),
         }
