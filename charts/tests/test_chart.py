@@ -433,8 +433,23 @@ def expect_external_relay(case):
     assert spec["tls"] == {"secretName": "relay-tls"} and spec["auth"] == {"secretName": "relay-users"}
     assert spec["listeners"][1] == {"name": "submissions", "port": 4650, "tls": "implicit", "proxyProtocol": True}
     assert spec["service"]["type"] == "LoadBalancer"
+    assert spec["service"]["externalTrafficPolicy"] == "Local"
+    assert spec["service"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    assert spec["service"]["labels"] == {"exposure": "public"}
+    assert spec["listeners"][0]["servicePort"] == 587
     assert spec["delivery"]["smarthost"]["credentialsSecret"] == {"name": "provider-creds"}
+    assert spec["delivery"]["caBundle"] == {"secret": {"name": "provider-ca", "key": "ca.crt"}}
+    assert spec["podLabels"] == {"tier": "mail"} and spec["priorityClassName"] == "mail-critical"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["affinity"]["nodeAffinity"], spec
+    assert spec["env"] == [{"name": "RUST_LOG", "value": "mailrelay=debug"}]
+    assert spec["envFrom"] == [{"configMapRef": {"name": "relay-env"}}]
+    assert spec["volumes"][0]["name"] == "scratch" and spec["volumeMounts"][0]["mountPath"] == "/var/lib/scratch"
+    assert spec["shutdown"] == {"settle": "20s", "grace": "1m"}
     assert "swaks --server 127.0.0.1:2587" in case.notes, case.notes
+    # The port-forward goes to the Service's port; the local one stays unprivileged.
+    assert "port-forward service/edge 2587:587 &" in case.notes, case.notes
+    assert "edge.mail.svc:587." in case.notes, case.notes
 
 
 def expect_url_from_secret(case):
@@ -512,7 +527,7 @@ EXTERNAL_RELAY = {
         "hostname": "mx.example.org",
         "replicas": 3,
         "listeners": [
-            {"name": "submission", "port": 2587, "tls": "starttls", "proxyProtocol": True},
+            {"name": "submission", "port": 2587, "servicePort": 587, "tls": "starttls", "proxyProtocol": True},
             {"name": "submissions", "port": 4650, "tls": "implicit", "proxyProtocol": True},
         ],
         "relayNetworks": ["10.1.0.0/16", "fd00::/16"],
@@ -525,6 +540,7 @@ EXTERNAL_RELAY = {
                 "tls": "required",
                 "credentialsSecret": {"name": "provider-creds"},
             },
+            "caBundle": {"secret": {"name": "provider-ca", "key": "ca.crt"}},
             "maxConcurrency": 100,
             "perDestinationConcurrency": 20,
             "maxMessagesPerConnection": 50,
@@ -534,11 +550,25 @@ EXTERNAL_RELAY = {
         "service": {
             "type": "LoadBalancer",
             "annotations": {"service.beta.kubernetes.io/aws-load-balancer-proxy-protocol": "*"},
+            "labels": {"exposure": "public"},
+            "externalTrafficPolicy": "Local",
+            "loadBalancerSourceRanges": ["203.0.113.0/24"],
         },
         "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}],
         "podAnnotations": {"example.com/scrape": "true"},
+        "podLabels": {"tier": "mail"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "priorityClassName": "mail-critical",
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}]}}},
+        "env": [{"name": "RUST_LOG", "value": "mailrelay=debug"}],
+        "envFrom": [{"configMapRef": {"name": "relay-env"}}],
+        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "16Mi"}}],
+        "volumeMounts": [{"name": "scratch", "mountPath": "/var/lib/scratch"}],
+        "shutdown": {"settle": "20s", "grace": "1m"},
     },
 }
 
@@ -686,6 +716,8 @@ BAD = [
     ("auth-without-tls", deep_merge(BASE_RELAY, {"relay": {"authSecretName": "users"}}), "relay.authSecretName needs relay.tlsSecretName"),
     ("implicit-without-tls", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtps", "port": 4650, "tls": "implicit"}]}}), "relay.listeners smtps: tls: implicit needs relay.tlsSecretName"),
     ("servicemonitor-without-service", {"metrics": {"serviceMonitor": {"enabled": True}}}, "metrics.serviceMonitor.enabled needs metrics.service.enabled=true"),
+    ("bad-shutdown-settle", deep_merge(BASE_RELAY, {"relay": {"shutdown": {"settle": "10 seconds"}}}), "at '/relay/shutdown/settle'"),
+    ("bad-service-port", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtp", "port": 2525, "servicePort": 0}]}}), "at '/relay/listeners/0/servicePort'"),
 ]
 
 

@@ -162,7 +162,7 @@ pub struct MailRelaySpec {
     /// name, instance and managed-by labels).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "!self.exists(k, k in ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/managed-by'])",
+        "rule": "!('app.kubernetes.io/name' in self) && !('app.kubernetes.io/instance' in self) && !('app.kubernetes.io/managed-by' in self)",
         "message": "app.kubernetes.io/name, instance and managed-by are the operator's labels (they select the relay's pods)"
     }]))]
     pub pod_labels: BTreeMap<String, String>,
@@ -570,7 +570,7 @@ pub struct ServiceSpec {
     /// name, instance and managed-by labels).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "!self.exists(k, k in ['app.kubernetes.io/name', 'app.kubernetes.io/instance', 'app.kubernetes.io/managed-by'])",
+        "rule": "!('app.kubernetes.io/name' in self) && !('app.kubernetes.io/instance' in self) && !('app.kubernetes.io/managed-by' in self)",
         "message": "app.kubernetes.io/name, instance and managed-by are the operator's labels"
     }]))]
     pub labels: BTreeMap<String, String>,
