@@ -708,8 +708,23 @@ def expect_external_relay(case):
     assert spec["tls"] == {"secretName": "relay-tls"} and spec["auth"] == {"secretName": "relay-users"}
     assert spec["listeners"][1] == {"name": "submissions", "port": 4650, "tls": "implicit", "proxyProtocol": True}
     assert spec["service"]["type"] == "LoadBalancer"
+    assert spec["service"]["externalTrafficPolicy"] == "Local"
+    assert spec["service"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    assert spec["service"]["labels"] == {"exposure": "public"}
+    assert spec["listeners"][0]["servicePort"] == 587
     assert spec["delivery"]["smarthost"]["credentialsSecret"] == {"name": "provider-creds"}
+    assert spec["delivery"]["caBundle"] == {"secret": {"name": "provider-ca", "key": "ca.crt"}}
+    assert spec["podLabels"] == {"tier": "mail"} and spec["priorityClassName"] == "mail-critical"
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert spec["affinity"]["nodeAffinity"], spec
+    assert spec["env"] == [{"name": "RUST_LOG", "value": "mailrelay=debug"}]
+    assert spec["envFrom"] == [{"configMapRef": {"name": "relay-env"}}]
+    assert spec["volumes"][0]["name"] == "scratch" and spec["volumeMounts"][0]["mountPath"] == "/var/lib/scratch"
+    assert spec["shutdown"] == {"settle": "20s", "grace": "1m"}
     assert "swaks --server 127.0.0.1:2587" in case.notes, case.notes
+    # The port-forward goes to the Service's port; the local one stays unprivileged.
+    assert "port-forward service/edge 2587:587 &" in case.notes, case.notes
+    assert "edge.mail.svc:587." in case.notes, case.notes
 
 
 def expect_url_from_secret(case):
@@ -787,7 +802,7 @@ EXTERNAL_RELAY = {
         "hostname": "mx.example.org",
         "replicas": 3,
         "listeners": [
-            {"name": "submission", "port": 2587, "tls": "starttls", "proxyProtocol": True},
+            {"name": "submission", "port": 2587, "servicePort": 587, "tls": "starttls", "proxyProtocol": True},
             {"name": "submissions", "port": 4650, "tls": "implicit", "proxyProtocol": True},
         ],
         "relayNetworks": ["10.1.0.0/16", "fd00::/16"],
@@ -800,6 +815,7 @@ EXTERNAL_RELAY = {
                 "tls": "required",
                 "credentialsSecret": {"name": "provider-creds"},
             },
+            "caBundle": {"secret": {"name": "provider-ca", "key": "ca.crt"}},
             "maxConcurrency": 100,
             "perDestinationConcurrency": 20,
             "maxMessagesPerConnection": 50,
@@ -809,11 +825,25 @@ EXTERNAL_RELAY = {
         "service": {
             "type": "LoadBalancer",
             "annotations": {"service.beta.kubernetes.io/aws-load-balancer-proxy-protocol": "*"},
+            "labels": {"exposure": "public"},
+            "externalTrafficPolicy": "Local",
+            "loadBalancerSourceRanges": ["203.0.113.0/24"],
         },
         "resources": {"requests": {"cpu": "250m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}],
         "podAnnotations": {"example.com/scrape": "true"},
+        "podLabels": {"tier": "mail"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "priorityClassName": "mail-critical",
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64", "arm64"]}]}]}}},
+        "env": [{"name": "RUST_LOG", "value": "mailrelay=debug"}],
+        "envFrom": [{"configMapRef": {"name": "relay-env"}}],
+        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "16Mi"}}],
+        "volumeMounts": [{"name": "scratch", "mountPath": "/var/lib/scratch"}],
+        "shutdown": {"settle": "20s", "grace": "1m"},
     },
 }
 
@@ -1025,6 +1055,8 @@ BAD = [
     ("monitoring-bad-namespace", {"relayMonitoring": {"podMonitor": {"namespaces": ["Mail_Apps"]}}}, "at '/relayMonitoring/podMonitor/namespaces/0'"),
     ("monitoring-bad-interval", {"relayMonitoring": {"podMonitor": {"interval": "often"}}}, "at '/relayMonitoring/podMonitor/interval'"),
     ("monitoring-bad-alert-label", {"relayMonitoring": {"prometheusRule": {"additionalAlertLabels": {"team-name": "mail"}}}}, "at '/relayMonitoring/prometheusRule/additionalAlertLabels': additional properties 'team-name' not allowed"),
+    ("bad-shutdown-settle", deep_merge(BASE_RELAY, {"relay": {"shutdown": {"settle": "10 seconds"}}}), "at '/relay/shutdown/settle'"),
+    ("bad-service-port", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtp", "port": 2525, "servicePort": 0}]}}), "at '/relay/listeners/0/servicePort'"),
 ]
 
 
@@ -1171,10 +1203,12 @@ def run_real_server(server, conf_text, args, check):
 
 
 def readme_install():
-    """(release, namespace, values) of the README's `helm install` command."""
+    """(release, namespace, values) of the README's quickstart `helm install` (the
+    one with the bundled Redis; the README also shows other ways to install)."""
     text = open(os.path.join(REPO, "README.md")).read()
-    m = re.search(r"^helm install (.*?)(?<!\\)$", text, re.M | re.S)
-    assert m, "no `helm install` in README.md"
+    found = [m for m in re.finditer(r"^helm install (.*?)(?<!\\)$", text, re.M | re.S) if "redis.enabled=true" in m.group(1)]
+    assert found, "no `helm install … redis.enabled=true` in README.md"
+    m = found[0]
     argv = shlex.split(m.group(1).replace("\\\n", " "))
     release, chart_path = argv[0], argv[1]
     assert os.path.normpath(os.path.join(REPO, chart_path)) == CHART, chart_path

@@ -714,6 +714,192 @@ fn routes_reach_the_relay_with_their_password_from_the_pod_env() {
     );
 }
 
+/// Every pod and Service setting a real cluster asks for (issue #12, item 8), and a
+/// drain longer than the default (item 9).
+const POD_SETTINGS: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {name: tuned, namespace: mail}
+spec:
+  hostname: relay.example.com
+  listeners:
+    - {name: smtp, port: 2525, servicePort: 25}
+    - {name: submission, port: 2587, servicePort: 587}
+  relayNetworks: [10.0.0.0/8]
+  redis: {url: 'redis://redis:6379'}
+  delivery:
+    smarthost: {host: smtp.corp.example, port: 587, tls: required}
+    caBundle:
+      configMap: {name: corp-ca, key: ca-bundle.pem}
+  service:
+    type: LoadBalancer
+    externalTrafficPolicy: Local
+    annotations: {service.beta.kubernetes.io/aws-load-balancer-scheme: internal}
+    labels: {exposure: internal}
+    loadBalancerSourceRanges: [10.0.0.0/8, 'fd00::/16']
+  imagePullSecrets: [{name: registry-creds}]
+  priorityClassName: mail-critical
+  nodeSelector: {pool: mail}
+  tolerations:
+    - {key: dedicated, operator: Equal, value: mail, effect: NoSchedule}
+  affinity:
+    nodeAffinity:
+      requiredDuringSchedulingIgnoredDuringExecution:
+        nodeSelectorTerms:
+          - matchExpressions:
+              - {key: kubernetes.io/arch, operator: In, values: [amd64, arm64]}
+  podAnnotations: {team.example.com/owner: mail}
+  podLabels: {team: mail}
+  env:
+    - {name: RUST_LOG, value: 'mailrelay=debug'}
+    - name: NODE
+      valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+  envFrom:
+    - configMapRef: {name: relay-extra-env}
+  volumes:
+    - name: scratch
+      emptyDir: {sizeLimit: 16Mi}
+    - name: extra-certs
+      secret: {secretName: extra-certs}
+  volumeMounts:
+    - {name: scratch, mountPath: /var/lib/scratch}
+    - {name: extra-certs, mountPath: /etc/extra-certs, readOnly: true}
+  shutdown: {settle: 20s, grace: 2m}
+";
+
+#[test]
+fn golden_pod_settings() {
+    golden(
+        "pod-settings",
+        &build(&relay(POD_SETTINGS), &[], &ResolvedSecrets::default()).to_yaml(),
+    );
+}
+
+fn pod_spec(o: &Resources) -> &k8s_openapi::api::core::v1::PodSpec {
+    o.deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+}
+
+fn rendered(o: &Resources) -> RelayConfig {
+    RelayConfig::from_yaml(&o.config_map.data.as_ref().unwrap()["mailrelay.yaml"]).unwrap()
+}
+
+fn build_err(yaml: &str) -> resources::config::SpecError {
+    let r = relay(yaml);
+    resources::build(Inputs {
+        relay: &r,
+        quotas: vec![],
+        secrets: &ResolvedSecrets::default(),
+        default_image: IMAGE,
+    })
+    .unwrap_err()
+}
+
+#[test]
+fn pod_settings_reach_the_pod_template() {
+    let o = build(&relay(POD_SETTINGS), &[], &ResolvedSecrets::default());
+    let pod = pod_spec(&o);
+    let names = |v: &[k8s_openapi::api::core::v1::LocalObjectReference]| {
+        v.iter().map(|s| s.name.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(pod.image_pull_secrets.as_deref().unwrap()),
+        ["registry-creds"]
+    );
+    assert_eq!(pod.priority_class_name.as_deref(), Some("mail-critical"));
+    assert_eq!(pod.node_selector.as_ref().unwrap()["pool"], "mail");
+    assert_eq!(
+        pod.tolerations.as_ref().unwrap()[0].key.as_deref(),
+        Some("dedicated")
+    );
+    let terms = &pod
+        .affinity
+        .as_ref()
+        .unwrap()
+        .node_affinity
+        .as_ref()
+        .unwrap()
+        .required_during_scheduling_ignored_during_execution
+        .as_ref()
+        .unwrap()
+        .node_selector_terms;
+    assert_eq!(
+        terms[0].match_expressions.as_ref().unwrap()[0].key,
+        "kubernetes.io/arch"
+    );
+    // The operator's own spread constraints stay.
+    assert_eq!(pod.topology_spread_constraints.as_ref().unwrap().len(), 2);
+
+    let meta = o
+        .deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .metadata
+        .as_ref()
+        .unwrap();
+    let labels = meta.labels.as_ref().unwrap();
+    assert_eq!(labels["team"], "mail");
+    assert_eq!(labels["app.kubernetes.io/instance"], "tuned");
+    assert_eq!(
+        meta.annotations.as_ref().unwrap()["team.example.com/owner"],
+        "mail"
+    );
+
+    let c = &pod.containers[0];
+    let env: Vec<&str> = c
+        .env
+        .as_deref()
+        .unwrap()
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(env, ["RUST_LOG", "NODE"]);
+    assert_eq!(
+        c.env_from.as_ref().unwrap()[0]
+            .config_map_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "relay-extra-env"
+    );
+    let volumes: Vec<&str> = pod
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(
+        volumes,
+        ["config", "tmp", "ca-bundle", "scratch", "extra-certs"]
+    );
+    let mounts: Vec<(&str, &str)> = c
+        .volume_mounts
+        .as_deref()
+        .unwrap()
+        .iter()
+        .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            ("config", "/etc/mailrelay"),
+            ("tmp", "/tmp"),
+            ("ca-bundle", "/var/run/mailrelay/ca"),
+            ("scratch", "/var/lib/scratch"),
+            ("extra-certs", "/etc/extra-certs"),
+        ]
+    );
+}
+
 #[test]
 fn bad_routes_and_delay_warnings_are_refused_naming_the_field() {
     for (delivery, field, needle) in [
@@ -765,5 +951,343 @@ fn bad_routes_and_delay_warnings_are_refused_naming_the_field() {
         .unwrap_err();
         assert_eq!(e.field, field, "{delivery}: {e}");
         assert!(e.message.contains(needle), "{delivery}: {e}");
+    }
+}
+
+#[test]
+fn service_ports_are_separate_from_container_ports() {
+    let o = build(&relay(POD_SETTINGS), &[], &ResolvedSecrets::default());
+    let svc = o.service.spec.as_ref().unwrap();
+    let ports: Vec<(i32, String)> = svc
+        .ports
+        .as_deref()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let target = match p.target_port.as_ref().unwrap() {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s.clone(),
+                other => panic!("{other:?}"),
+            };
+            (p.port, target)
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [(25, "smtp".to_owned()), (587, "submission".to_owned())]
+    );
+    let c = container(&o);
+    let container_ports: Vec<(Option<&str>, i32)> = c
+        .ports
+        .as_deref()
+        .unwrap()
+        .iter()
+        .map(|p| (p.name.as_deref(), p.container_port))
+        .collect();
+    assert_eq!(
+        container_ports,
+        [
+            (Some("smtp"), 2525),
+            (Some("submission"), 2587),
+            (Some("admin"), 9325)
+        ]
+    );
+    // The relay binds the container ports, unprivileged: no sysctl needed.
+    let addrs: Vec<String> = rendered(&o)
+        .listeners
+        .iter()
+        .map(|l| l.address.to_string())
+        .collect();
+    assert_eq!(addrs, ["0.0.0.0:2525", "0.0.0.0:2587"]);
+    assert_eq!(
+        pod_spec(&o)
+            .security_context
+            .as_ref()
+            .unwrap()
+            .sysctls
+            .as_ref(),
+        None
+    );
+    // Below 1024 the pod lowers the first unprivileged port instead of running as
+    // root or with NET_BIND_SERVICE.
+    let o = build(&relay(SMARTHOST), &[], &ResolvedSecrets::default());
+    let sysctls = pod_spec(&o)
+        .security_context
+        .as_ref()
+        .unwrap()
+        .sysctls
+        .clone()
+        .unwrap();
+    assert_eq!(sysctls[0].name, "net.ipv4.ip_unprivileged_port_start");
+    assert_eq!(sysctls[0].value, "25");
+}
+
+#[test]
+fn service_settings_reach_the_service() {
+    let o = build(&relay(POD_SETTINGS), &[], &ResolvedSecrets::default());
+    let meta = &o.service.metadata;
+    let labels = meta.labels.as_ref().unwrap();
+    assert_eq!(labels["exposure"], "internal");
+    assert_eq!(labels["app.kubernetes.io/managed-by"], "mailrelay-operator");
+    assert_eq!(
+        meta.annotations.as_ref().unwrap()["service.beta.kubernetes.io/aws-load-balancer-scheme"],
+        "internal"
+    );
+    let spec = o.service.spec.as_ref().unwrap();
+    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(spec.external_traffic_policy.as_deref(), Some("Local"));
+    assert_eq!(
+        spec.load_balancer_source_ranges.as_deref().unwrap(),
+        ["10.0.0.0/8", "fd00::/16"]
+    );
+    // The admin Service is never exposed, whatever the SMTP one is.
+    let admin = o.admin_service.spec.as_ref().unwrap();
+    assert_eq!(admin.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(admin.load_balancer_source_ranges, None);
+    assert!(
+        !o.admin_service
+            .metadata
+            .labels
+            .as_ref()
+            .unwrap()
+            .contains_key("exposure")
+    );
+}
+
+#[test]
+fn a_ca_bundle_is_mounted_and_is_the_smarthosts_ca_file() {
+    let o = build(&relay(POD_SETTINGS), &[], &ResolvedSecrets::default());
+    let cfg = rendered(&o);
+    let sh = cfg.delivery.smarthost.as_ref().unwrap();
+    assert_eq!(
+        sh.ca_file.as_deref(),
+        Some(Path::new("/var/run/mailrelay/ca/ca.crt"))
+    );
+    // MX hosts keep the public CAs: a ca_file would replace them.
+    assert_eq!(cfg.delivery.ca_file, None);
+    let vol = pod_spec(&o)
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "ca-bundle")
+        .unwrap();
+    let cm = vol.config_map.as_ref().unwrap();
+    assert_eq!(cm.name, "corp-ca");
+    let items = cm.items.as_deref().unwrap();
+    assert_eq!(
+        (items[0].key.as_str(), items[0].path.as_str()),
+        ("ca-bundle.pem", "ca.crt")
+    );
+
+    // From a Secret instead.
+    let yaml = POD_SETTINGS.replace(
+        "configMap: {name: corp-ca, key: ca-bundle.pem}",
+        "secret: {name: corp-ca-tls, key: ca.crt}",
+    );
+    let o = build(&relay(&yaml), &[], &ResolvedSecrets::default());
+    let vol = pod_spec(&o)
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "ca-bundle")
+        .unwrap();
+    assert!(vol.config_map.is_none());
+    let s = vol.secret.as_ref().unwrap();
+    assert_eq!(s.secret_name.as_deref(), Some("corp-ca-tls"));
+    assert_eq!(s.items.as_deref().unwrap()[0].path, "ca.crt");
+
+    // Without one: no volume, and the system store (ca_file unset).
+    let o = build(&relay(SMARTHOST), &[], &ResolvedSecrets::default());
+    assert_eq!(
+        rendered(&o).delivery.smarthost.as_ref().unwrap().ca_file,
+        None
+    );
+    assert!(
+        !pod_spec(&o)
+            .volumes
+            .as_deref()
+            .unwrap()
+            .iter()
+            .any(|v| v.name == "ca-bundle")
+    );
+}
+
+#[test]
+fn shutdown_settle_and_grace_reach_the_relay_and_the_termination_grace() {
+    // Defaults: settle 10s, grace 30s, plus a 15s margin.
+    let o = build(&relay(MINIMAL), &[], &ResolvedSecrets::default());
+    let cfg = rendered(&o);
+    assert_eq!(cfg.shutdown_settle, std::time::Duration::from_secs(10));
+    assert_eq!(cfg.shutdown_grace, std::time::Duration::from_secs(30));
+    assert_eq!(pod_spec(&o).termination_grace_period_seconds, Some(55));
+    // No preStop hook: the image has no shell, and the relay settles by itself.
+    assert!(container(&o).lifecycle.is_none());
+
+    let o = build(&relay(POD_SETTINGS), &[], &ResolvedSecrets::default());
+    let cfg = rendered(&o);
+    assert_eq!(cfg.shutdown_settle, std::time::Duration::from_secs(20));
+    assert_eq!(cfg.shutdown_grace, std::time::Duration::from_secs(120));
+    assert_eq!(pod_spec(&o).termination_grace_period_seconds, Some(155));
+
+    // Sub-second parts round the pod's grace up, never down.
+    let yaml = MINIMAL.to_owned() + "  shutdown: {settle: 1500ms, grace: 0s}\n";
+    let o = build(&relay(&yaml), &[], &ResolvedSecrets::default());
+    assert_eq!(pod_spec(&o).termination_grace_period_seconds, Some(17));
+}
+
+#[test]
+fn loopback_may_always_relay_so_port_forwarded_mail_is_taken() {
+    for (yaml, want) in [
+        (MINIMAL.to_owned(), vec!["127.0.0.0/8", "::1/128"]),
+        (
+            MINIMAL.to_owned() + "  relayNetworks: [10.0.0.0/8]\n",
+            vec!["10.0.0.0/8", "127.0.0.0/8", "::1/128"],
+        ),
+        // Already covered: not repeated.
+        (
+            MINIMAL.to_owned() + "  relayNetworks: [127.0.0.0/8, '::1/128']\n",
+            vec!["127.0.0.0/8", "::1/128"],
+        ),
+    ] {
+        let o = build(&relay(&yaml), &[], &ResolvedSecrets::default());
+        let nets: Vec<String> = rendered(&o)
+            .relay_networks
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(nets, want, "{yaml}");
+    }
+    // A mesh sidecar intercepting the SMTP ports would make every client loopback.
+    let o = build(&relay(POD_SETTINGS), &[], &ResolvedSecrets::default());
+    let ann = template_annotation(
+        &o.deployment,
+        "traffic.sidecar.istio.io/excludeInboundPorts",
+    );
+    assert_eq!(ann.as_deref(), Some("2525,2587"));
+    for key in resources::MESH_SKIP_INBOUND {
+        assert_eq!(
+            template_annotation(&o.deployment, key).as_deref(),
+            Some("2525,2587"),
+            "{key}"
+        );
+    }
+    // ...and a user's pod annotation cannot turn interception back on.
+    let yaml = POD_SETTINGS.replace(
+        "podAnnotations: {team.example.com/owner: mail}",
+        "podAnnotations: {config.linkerd.io/skip-inbound-ports: ''}",
+    );
+    let o = build(&relay(&yaml), &[], &ResolvedSecrets::default());
+    assert_eq!(
+        template_annotation(&o.deployment, "config.linkerd.io/skip-inbound-ports").as_deref(),
+        Some("2525,2587")
+    );
+}
+
+/// The pod-level rules of Pod Security `restricted` (and `baseline`) that the
+/// relay's fields could break, checked on the rendered pod.
+fn assert_restricted(pod: &k8s_openapi::api::core::v1::PodSpec) {
+    let psc = pod.security_context.as_ref().unwrap();
+    assert_eq!(psc.run_as_non_root, Some(true));
+    assert_eq!(
+        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+        Some("RuntimeDefault")
+    );
+    for s in psc.sysctls.iter().flatten() {
+        assert!(
+            [
+                "kernel.shm_rmid_forced",
+                "net.ipv4.ip_local_port_range",
+                "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies",
+                "net.ipv4.ping_group_range",
+            ]
+            .contains(&s.name.as_str()),
+            "{s:?}"
+        );
+    }
+    assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
+    for v in pod.volumes.iter().flatten() {
+        let allowed = [
+            v.config_map.is_some(),
+            v.secret.is_some(),
+            v.empty_dir.is_some(),
+            v.projected.is_some(),
+            v.downward_api.is_some(),
+            v.persistent_volume_claim.is_some(),
+            v.csi.is_some(),
+            v.ephemeral.is_some(),
+        ];
+        assert_eq!(allowed.iter().filter(|x| **x).count(), 1, "{v:?}");
+        assert!(v.host_path.is_none(), "{v:?}");
+    }
+    for c in &pod.containers {
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.privileged, None);
+        let caps = sc.capabilities.as_ref().unwrap();
+        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        assert_eq!(caps.add, None);
+        for p in c.ports.iter().flatten() {
+            assert_eq!(p.host_port, None);
+        }
+    }
+}
+
+#[test]
+fn pods_stay_within_pod_security_restricted() {
+    for yaml in [
+        MINIMAL,
+        SMARTHOST,
+        URL_SECRET,
+        SENTINEL,
+        POD_SETTINGS,
+        &example("mailrelay.yaml"),
+    ] {
+        let o = build(&relay(yaml), &[], &ResolvedSecrets::default());
+        assert_restricted(pod_spec(&o));
+    }
+}
+
+#[test]
+fn bad_pod_settings_are_refused_naming_the_field() {
+    for (from, to, field) in [
+        (
+            "name: RUST_LOG",
+            "name: MAILRELAY_REDIS_URL",
+            "spec.env[0].name",
+        ),
+        (
+            "- name: scratch\n",
+            "- name: config\n",
+            "spec.volumes[0].name",
+        ),
+        (
+            "{name: scratch, mountPath: /var/lib/scratch}",
+            "{name: nowhere, mountPath: /var/lib/scratch}",
+            "spec.volumeMounts[0].name",
+        ),
+        (
+            "mountPath: /var/lib/scratch",
+            "mountPath: /etc/mailrelay/x",
+            "spec.volumeMounts[0].mountPath",
+        ),
+        (
+            "mountPath: /var/lib/scratch",
+            "mountPath: /tmp",
+            "spec.volumeMounts[0].mountPath",
+        ),
+        (
+            "[10.0.0.0/8, 'fd00::/16']",
+            "[10.0.0.0/8, 'fd00::/300']",
+            "spec.service.loadBalancerSourceRanges[1]",
+        ),
+        ("settle: 20s", "settle: 20 seconds", "spec.shutdown.settle"),
+        ("settle: 20s", "settle: 6m", "spec.shutdown.settle"),
+        ("grace: 2m", "grace: 2h", "spec.shutdown.grace"),
+    ] {
+        assert!(POD_SETTINGS.contains(from), "{from}");
+        let e = build_err(&POD_SETTINGS.replacen(from, to, 1));
+        assert_eq!(e.field, field, "{to}: {e}");
     }
 }

@@ -664,3 +664,168 @@ fn the_scale_subresource_points_at_replicas_and_the_selector() {
         "string"
     );
 }
+/// The relay pod and Service settings (issue #12, items 8 and 9): good values pass,
+/// bad ones are refused with the field or the rule named.
+#[test]
+fn pod_service_and_shutdown_settings_are_checked() {
+    let good = with(
+        base(),
+        json!({
+            "listeners": [{"name": "smtp", "port": 2525, "servicePort": 25},
+                          {"name": "submission", "port": 2587, "servicePort": 587}],
+            "imagePullSecrets": [{"name": "registry"}],
+            "priorityClassName": "mail-critical",
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                 "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "r"}}}}]}},
+            "podLabels": {"team": "mail"},
+            "env": [{"name": "RUST_LOG", "value": "debug"},
+                    {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
+            "envFrom": [{"secretRef": {"name": "extra"}}],
+            "volumes": [{"name": "scratch", "emptyDir": {}},
+                        {"name": "certs", "projected": {"sources": [{"secret": {"name": "a"}}]}}],
+            "volumeMounts": [{"name": "scratch", "mountPath": "/var/lib/scratch"},
+                             {"name": "certs", "mountPath": "/etc/certs", "readOnly": true}],
+            "delivery": {"smarthost": {"host": "smtp.corp.example", "tls": "required"},
+                         "caBundle": {"configMap": {"name": "corp-ca", "key": "ca.pem"}}},
+            "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                        "labels": {"exposure": "internal"},
+                        "loadBalancerSourceRanges": ["203.0.113.0/24", "2001:db8::/32"]},
+            "shutdown": {"settle": "10s", "grace": "30s"}
+        }),
+    );
+    let secret_ca = with(
+        base(),
+        json!({"delivery": {"caBundle": {"secret": {"name": "ca", "key": "ca.crt"}}},
+               "shutdown": {"settle": "500ms", "grace": "1h"}}),
+    );
+    let objs = vec![relay("r", good.clone()), relay("r", secret_ca)];
+    for (o, errs) in objs.iter().zip(errors(&objs)) {
+        assert!(errs.is_empty(), "{}: {errs:#?}", o["spec"]);
+    }
+
+    let patch = |p: Value| relay("r", with(good.clone(), p));
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            patch(
+                json!({"listeners": [{"name": "a", "port": 2525, "servicePort": 25},
+                                       {"name": "b", "port": 2587, "servicePort": 25}]}),
+            ),
+            "service ports",
+        ),
+        // A service port that collides with another listener's port left as is.
+        (
+            patch(
+                json!({"listeners": [{"name": "a", "port": 2525, "servicePort": 25},
+                                       {"name": "b", "port": 25}]}),
+            ),
+            "service ports",
+        ),
+        (
+            patch(json!({"listeners": [{"name": "a", "port": 2525, "servicePort": 0}]})),
+            "servicePort",
+        ),
+        (
+            patch(json!({"priorityClassName": "Mail_Critical"})),
+            "priorityClassName",
+        ),
+        (
+            patch(json!({"podLabels": {"app.kubernetes.io/instance": "other"}})),
+            "the operator's labels",
+        ),
+        (
+            patch(json!({"env": [{"name": "MAILRELAY_REDIS_URL", "value": "redis://x"}]})),
+            "MAILRELAY_",
+        ),
+        (
+            patch(json!({"volumes": [{"name": "tls", "emptyDir": {}}], "volumeMounts": []})),
+            "volume names",
+        ),
+        (
+            patch(
+                json!({"volumes": [{"name": "host", "hostPath": {"path": "/"}}], "volumeMounts": []}),
+            ),
+            "hostPath",
+        ),
+        (
+            patch(json!({"volumes": [{"name": "v"}], "volumeMounts": []})),
+            "exactly one source",
+        ),
+        (
+            patch(
+                json!({"volumes": [{"name": "v", "emptyDir": {}, "secret": {"secretName": "s"}}],
+                         "volumeMounts": []}),
+            ),
+            "exactly one source",
+        ),
+        (
+            patch(json!({"volumeMounts": [{"name": "missing", "mountPath": "/data"}]})),
+            "must name a volume of spec.volumes",
+        ),
+        (
+            patch(json!({"volumeMounts": [{"name": "scratch", "mountPath": "/etc/mailrelay"}]})),
+            "mountPath must not be",
+        ),
+        (
+            patch(
+                json!({"volumeMounts": [{"name": "scratch", "mountPath": "/var/run/mailrelay/tls"}]}),
+            ),
+            "mountPath must not be",
+        ),
+        (
+            patch(json!({"delivery": {"caBundle": {}}})),
+            "exactly one of caBundle.configMap and caBundle.secret",
+        ),
+        (
+            patch(
+                json!({"delivery": {"caBundle": {"secret": {"name": "a", "key": "k"}, "configMap": {"name": "b", "key": "k"}}}}),
+            ),
+            "exactly one of caBundle.configMap and caBundle.secret",
+        ),
+        (
+            patch(json!({"delivery": {"caBundle": {"secret": {"name": "a"}}}})),
+            "key",
+        ),
+        (
+            patch(
+                json!({"service": {"type": "ClusterIP", "loadBalancerSourceRanges": ["10.0.0.0/8"]}}),
+            ),
+            "loadBalancerSourceRanges needs type LoadBalancer",
+        ),
+        (
+            patch(json!({"service": {"externalTrafficPolicy": "Local"}})),
+            "externalTrafficPolicy needs type NodePort or LoadBalancer",
+        ),
+        (
+            patch(
+                json!({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["everyone"]}}),
+            ),
+            "loadBalancerSourceRanges",
+        ),
+        (
+            patch(
+                json!({"service": {"type": "LoadBalancer", "labels": {"app.kubernetes.io/name": "x"}}}),
+            ),
+            "the operator's labels",
+        ),
+        (patch(json!({"shutdown": {"settle": "10 s"}})), "settle"),
+        (patch(json!({"shutdown": {"settle": "10"}})), "settle"),
+        (
+            patch(json!({"shutdown": {"settle": "6m"}})),
+            "settle is at most 5m",
+        ),
+        (
+            patch(json!({"shutdown": {"grace": "2h"}})),
+            "grace is at most 1h",
+        ),
+        (patch(json!({"shutdown": {"grace": "1d"}})), "grace"),
+    ];
+    let objs: Vec<Value> = cases.iter().map(|(o, _)| o.clone()).collect();
+    for ((obj, expect), errs) in cases.iter().zip(errors(&objs)) {
+        assert!(
+            errs.iter().any(|e| e.contains(expect)),
+            "{} was not refused with {expect:?}: {errs:#?}",
+            obj["spec"]
+        );
+    }
+}

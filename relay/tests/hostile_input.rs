@@ -1058,6 +1058,11 @@ fn assert_no_greeting(relay: &Relay, bytes: &[u8]) {
 fn proxy_protocol_decides_relay_rights_by_the_proxied_client() {
     let mut relay = Relay::start(RelayOptions {
         proxy_protocol: true,
+        relay_networks: Some(
+            ["127.0.0.0/8", "::1/128", "10.9.0.0/16", "fd00:9::/32"]
+                .map(String::from)
+                .to_vec(),
+        ),
         ..Default::default()
     });
     // The TCP peer is loopback (allowed to relay); the proxied client is not.
@@ -1069,12 +1074,18 @@ fn proxy_protocol_decides_relay_rights_by_the_proxied_client() {
     assert_relay_denied(&relay, &proxy_v2(None));
     // An IPv4-mapped IPv6 address is the IPv4 client it maps.
     assert_relay_denied(&relay, b"PROXY TCP6 ::ffff:10.1.2.3 ::1 5555 25\r\n");
+    // A loopback source in a header proves nothing (anyone reaching the listener
+    // can write one), though loopback itself is in relay_networks.
+    assert_relay_denied(&relay, b"PROXY TCP4 127.0.0.9 127.0.0.1 5555 25\r\n");
+    assert_relay_denied(&relay, &proxy_v2(Some(([127, 0, 0, 10], 6000))));
+    assert_relay_denied(&relay, b"PROXY TCP6 ::1 ::1 7000 25\r\n");
+    assert_relay_denied(&relay, b"PROXY TCP6 ::ffff:127.0.0.1 ::1 7000 25\r\n");
 
     let mut stored = Vec::new();
     // SMTP pipelined right behind the header must not be eaten by it.
     let mut c = SmtpConn::connect_after(
         relay.smtp,
-        b"PROXY TCP4 127.0.0.9 127.0.0.1 5555 25\r\nEHLO v1.client.test\r\n",
+        b"PROXY TCP4 10.9.0.9 127.0.0.1 5555 25\r\nEHLO v1.client.test\r\n",
     );
     expect(&c.greeting, 220, None);
     expect(&c.reply(), 250, None);
@@ -1082,31 +1093,31 @@ fn proxy_protocol_decides_relay_rights_by_the_proxied_client() {
     stored.push((
         send_message(&mut c, "a@client.test", &["b@dest.test"], &body),
         body,
-        "127.0.0.9",
+        "10.9.0.9",
         5555,
     ));
     expect(&c.cmd("QUIT"), 221, None);
 
-    let mut c = SmtpConn::connect_after(relay.smtp, &proxy_v2(Some(([127, 0, 0, 10], 6000))));
+    let mut c = SmtpConn::connect_after(relay.smtp, &proxy_v2(Some(([10, 9, 0, 10], 6000))));
     expect(&c.greeting, 220, None);
     ehlo(&mut c);
     let body = content("proxy-v2");
     stored.push((
         send_message(&mut c, "a@client.test", &["b@dest.test"], &body),
         body,
-        "127.0.0.10",
+        "10.9.0.10",
         6000,
     ));
     expect(&c.cmd("QUIT"), 221, None);
 
-    let mut c = SmtpConn::connect_after(relay.smtp, b"PROXY TCP6 ::1 ::1 7000 25\r\n");
+    let mut c = SmtpConn::connect_after(relay.smtp, b"PROXY TCP6 fd00:9::1 ::1 7000 25\r\n");
     expect(&c.greeting, 220, None);
     ehlo(&mut c);
     let body = content("proxy-v1-ipv6");
     stored.push((
         send_message(&mut c, "a@client.test", &["b@dest.test"], &body),
         body,
-        "::1",
+        "fd00:9::1",
         7000,
     ));
     expect(&c.cmd("QUIT"), 221, None);

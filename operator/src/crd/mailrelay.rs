@@ -6,7 +6,12 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+use k8s_openapi::api::core::v1::{
+    Affinity, CSIVolumeSource, ConfigMapVolumeSource, DownwardAPIVolumeSource,
+    EmptyDirVolumeSource, EnvFromSource, EnvVar, LocalObjectReference,
+    PersistentVolumeClaimVolumeSource, ProjectedVolumeSource, ResourceRequirements,
+    SecretVolumeSource, Toleration, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -85,6 +90,11 @@ pub const ADMIN_PORT: i32 = 9325;
         "rule": "!has(self.auth) || has(self.tls)",
         "message": "spec.auth needs spec.tls: SMTP AUTH is offered only over TLS",
         "fieldPath": ".auth"
+    },
+    {
+        "rule": "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+        "message": "each of spec.volumeMounts must name a volume of spec.volumes",
+        "fieldPath": ".volumeMounts"
     }
 ]))]
 pub struct MailRelaySpec {
@@ -112,6 +122,7 @@ pub struct MailRelaySpec {
         "x-kubernetes-list-map-keys" = ["name"],
         "x-kubernetes-validations" = [
             {"rule": "self.all(a, self.exists_one(b, b.port == a.port))", "message": "listener ports must be unique"},
+            {"rule": "self.all(a, self.exists_one(b, (has(b.servicePort) ? b.servicePort : b.port) == (has(a.servicePort) ? a.servicePort : a.port)))", "message": "listener service ports (servicePort, or port when unset) must be unique"},
             {"rule": "self.all(l, l.port != 9325)", "message": "port 9325 is the relay's admin port"},
             {"rule": "self.all(l, l.name != 'admin')", "message": "the listener name 'admin' is reserved for the admin port"}
         ]
@@ -151,8 +162,10 @@ pub struct MailRelaySpec {
     /// Resources of the relay container; default: requests of 100m CPU and 128Mi.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Node labels the relay pods must run on.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_selector: BTreeMap<String, String>,
+    /// Taints the relay pods tolerate.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
     /// Extra annotations on the relay pods.
@@ -164,6 +177,134 @@ pub struct MailRelaySpec {
     /// `maxReplicas`, is then only its size at creation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// Extra labels on the relay pods (not the operator's own `app.kubernetes.io/`
+    /// name, instance and managed-by labels).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!('app.kubernetes.io/name' in self) && !('app.kubernetes.io/instance' in self) && !('app.kubernetes.io/managed-by' in self)",
+        "message": "app.kubernetes.io/name, instance and managed-by are the operator's labels (they select the relay's pods)"
+    }]))]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Secrets (same namespace) with the credentials to pull the relay image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// Scheduling constraints of the relay pods. The operator already spreads them
+    /// over zones and nodes (topology spread, best effort).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// PriorityClass of the relay pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+    )]
+    pub priority_class_name: Option<String>,
+    /// Extra environment variables of the relay container (e.g. `RUST_LOG`). Names
+    /// starting with `MAILRELAY_` override the relay config and are the operator's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(e, !e.name.startsWith('MAILRELAY_'))",
+        "message": "names starting with MAILRELAY_ override the relay config: set the MailRelay field instead"
+    }]))]
+    pub env: Vec<EnvVar>,
+    /// Extra environment of the relay container from ConfigMaps or Secrets; `env`
+    /// and the operator's own variables win over it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub env_from: Vec<EnvFromSource>,
+    /// Extra volumes of the relay pods, of the types Pod Security `restricted`
+    /// allows. The names `config`, `tmp`, `tls`, `auth` and `ca-bundle` are the
+    /// operator's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"],
+        "x-kubernetes-validations" = [{
+            "rule": "self.all(v, !(v.name in ['config', 'tmp', 'tls', 'auth', 'ca-bundle']))",
+            "message": "the volume names config, tmp, tls, auth and ca-bundle are the operator's"
+        }, {
+            "rule": "self.all(v, [has(v.configMap), has(v.secret), has(v.emptyDir), has(v.projected), has(v.downwardAPI), has(v.persistentVolumeClaim), has(v.csi)].filter(x, x).size() == 1)",
+            "message": "each volume has exactly one source: configMap, secret, emptyDir, projected, downwardAPI, persistentVolumeClaim or csi"
+        }]
+    ))]
+    pub volumes: Vec<ExtraVolume>,
+    /// Where the relay container mounts `volumes` (not over `/etc/mailrelay`,
+    /// `/tmp` or `/var/run/mailrelay`, which are the operator's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(m, m.mountPath != '/' && m.mountPath != '/tmp' && !m.mountPath.startsWith('/tmp/') && m.mountPath != '/etc' && m.mountPath != '/etc/mailrelay' && !m.mountPath.startsWith('/etc/mailrelay/') && m.mountPath != '/var/run' && m.mountPath != '/var/run/mailrelay' && !m.mountPath.startsWith('/var/run/mailrelay/'))",
+        "message": "mountPath must not be /, /etc, /var/run, or at or under /tmp, /etc/mailrelay or /var/run/mailrelay: the operator mounts the relay's config and Secrets there"
+    }]))]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// How a relay pod stops (rollouts, scale-in, node drains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shutdown: Option<ShutdownSpec>,
+}
+
+/// An extra volume: a name and exactly one source, of the kinds Pod Security
+/// `restricted` allows (so no hostPath).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtraVolume {
+    /// Volume name (a DNS label), as `volumeMounts` refer to it.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<ConfigMapVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_dir: Option<EmptyDirVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projected: Option<ProjectedVolumeSource>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        rename = "downwardAPI"
+    )]
+    pub downward_api: Option<DownwardAPIVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub persistent_volume_claim: Option<PersistentVolumeClaimVolumeSource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub csi: Option<CSIVolumeSource>,
+}
+
+/// A duration the relay and the API server both read: `10s`, `500ms`, `2m`, `1h`.
+const SHUTDOWN_DURATION_PATTERN: &str = r"^[0-9]{1,6}(ms|s|m|h)$";
+
+/// How a relay pod stops. On SIGTERM it first fails its readiness probe while
+/// still accepting mail for `settle`, so that Services and load balancers stop
+/// sending it new connections before it closes its listeners; then open sessions
+/// get `grace` to finish. `terminationGracePeriodSeconds` is set to
+/// `settle + grace + 15s` (the rest: handing leases back and closing sessions).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShutdownSpec {
+    /// How long listeners keep accepting after SIGTERM while readiness fails;
+    /// default `10s`. At most `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = SHUTDOWN_DURATION_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('5m')",
+        "message": "settle is at most 5m"
+    }]))]
+    pub settle: Option<String>,
+    /// How long open sessions may run on after the listeners close, before they
+    /// are told `421`; default `30s`. At most `1h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = SHUTDOWN_DURATION_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('1h')",
+        "message": "grace is at most 1h"
+    }]))]
+    pub grace: Option<String>,
 }
 
 fn default_replicas() -> i32 {
@@ -176,6 +317,7 @@ fn default_listeners() -> Vec<ListenerSpec> {
         port: 2525,
         tls: ListenerTls::Starttls,
         proxy_protocol: false,
+        service_port: None,
     }]
 }
 
@@ -287,7 +429,10 @@ pub struct ListenerSpec {
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
     )]
     pub name: String,
-    /// Port in the pod and on the Service.
+    /// Port the relay listens on in the pod; also the Service's port unless
+    /// `servicePort` is set. Prefer one from 1024 up (e.g. 2525, 2587): the relay
+    /// runs as non-root (below 1024 the operator lowers the pod's
+    /// `net.ipv4.ip_unprivileged_port_start`).
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
     #[serde(default)]
@@ -295,6 +440,11 @@ pub struct ListenerSpec {
     /// Expect a PROXY protocol v1/v2 header first (behind a load balancer that sends one).
     #[serde(default)]
     pub proxy_protocol: bool,
+    /// Port on the Service (e.g. 25 or 587 in front of container port 2525 or
+    /// 2587); default: `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub service_port: Option<i32>,
 }
 
 /// TLS mode of a listener.
@@ -380,6 +530,12 @@ pub struct DeliverySpec {
     /// STARTTLS towards recipients' MX hosts; default `opportunistic`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsPolicy>,
+    /// PEM trust anchors (a private CA, say) for the smarthost and routes with
+    /// `tls: required`, instead of the image's public CAs; mounted into the pods.
+    /// MX hosts are always verified against the public CAs. A change takes effect
+    /// when the pods restart (`kubectl rollout restart`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<CaBundle>,
     /// Send all mail through this host instead of the recipients' MX hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smarthost: Option<SmarthostSpec>,
@@ -462,6 +618,33 @@ pub struct RouteAuthSpec {
     pub password_secret: SecretKeyRef,
 }
 
+/// Where a CA bundle comes from: one key of a ConfigMap or of a Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.configMap) != has(self.secret)",
+    "message": "set exactly one of caBundle.configMap and caBundle.secret"
+}]))]
+pub struct CaBundle {
+    /// A ConfigMap key holding PEM certificates (e.g. from trust-manager).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<KeyRef>,
+    /// A Secret key holding PEM certificates (e.g. `ca.crt` of a cert-manager Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<KeyRef>,
+}
+
+/// One key of a ConfigMap or Secret in the resource's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct KeyRef {
+    /// Name of the object (same namespace).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in its data.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
 /// STARTTLS policy of outbound connections.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -542,13 +725,45 @@ pub struct LimitsSpec {
 /// The SMTP Service.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.externalTrafficPolicy) || (has(self.type) && self.type != 'ClusterIP')",
+        "message": "externalTrafficPolicy needs type NodePort or LoadBalancer",
+        "fieldPath": ".externalTrafficPolicy"
+    },
+    {
+        "rule": "!has(self.loadBalancerSourceRanges) || size(self.loadBalancerSourceRanges) == 0 || (has(self.type) && self.type == 'LoadBalancer')",
+        "message": "loadBalancerSourceRanges needs type LoadBalancer",
+        "fieldPath": ".loadBalancerSourceRanges"
+    }
+]))]
 pub struct ServiceSpec {
+    /// `ClusterIP` (default), `NodePort` or `LoadBalancer`.
     #[serde(default, rename = "type")]
     pub type_: ServiceType,
+    /// Annotations of the SMTP Service (e.g. for the load balancer controller).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// Extra labels of the SMTP Service (not the operator's `app.kubernetes.io/`
+    /// name, instance and managed-by labels).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!('app.kubernetes.io/name' in self) && !('app.kubernetes.io/instance' in self) && !('app.kubernetes.io/managed-by' in self)",
+        "message": "app.kubernetes.io/name, instance and managed-by are the operator's labels"
+    }]))]
+    pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_traffic_policy: Option<TrafficPolicy>,
+    /// Client networks a `LoadBalancer` Service admits (where the cloud supports it),
+    /// like `203.0.113.0/24`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 64,
+        "pattern": r"^(([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}|[0-9a-fA-F:.]*:[0-9a-fA-F:.]*/[0-9]{1,3})$"
+    }))]
+    pub load_balancer_source_ranges: Vec<String>,
 }
 
 /// Kubernetes Service type.

@@ -6,6 +6,8 @@
 //! Secret volumes.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use kube::ResourceExt;
@@ -24,6 +26,31 @@ pub const CONFIG_DIR: &str = "/etc/mailrelay";
 pub const CONFIG_FILE: &str = "mailrelay.yaml";
 pub const TLS_DIR: &str = "/var/run/mailrelay/tls";
 pub const AUTH_DIR: &str = "/var/run/mailrelay/auth";
+/// The CA bundle of `spec.delivery.caBundle`, mounted as the one file `CA_FILE`.
+pub const CA_DIR: &str = "/var/run/mailrelay/ca";
+pub const CA_FILE: &str = "ca.crt";
+/// Defaults of `spec.shutdown`: `settle` long enough for endpoint removal to reach
+/// kube-proxy and load balancers, `grace` the relay's own default.
+pub const DEFAULT_SHUTDOWN_SETTLE: Duration = Duration::from_secs(10);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+const MAX_SHUTDOWN_SETTLE: Duration = Duration::from_secs(300);
+const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+/// Added to `settle + grace` for `terminationGracePeriodSeconds`: after the grace
+/// the relay closes what is left with `421` (up to 5 s) and hands its delivery
+/// leases back to Redis before it exits.
+pub const TERMINATION_MARGIN: Duration = Duration::from_secs(15);
+
+/// Always in the rendered `relay_networks`, whatever `spec.relayNetworks` says.
+/// Loopback inside a pod is reachable only from the pod itself and through
+/// `kubectl port-forward`, which needs RBAC `pods/portforward` on the relay's
+/// namespace: whoever has that may relay, as the README's quickstart needs
+/// (`swaks --server 127.0.0.1` through a port-forward). Two things could make
+/// loopback mean more, and both are dealt with: a PROXY protocol header claiming
+/// a loopback source gets no relay rights from the relay (anyone can write one);
+/// and a service-mesh sidecar that intercepts inbound traffic would connect from
+/// loopback on every client's behalf, so the pods tell the known meshes to leave
+/// the SMTP ports alone (see `MESH_SKIP_INBOUND` in `resources`).
+pub const LOOPBACK_NETWORKS: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 /// The Redis URL in the ConfigMap when `spec.redis.urlSecret` is set: the relay
 /// needs one in its config file, and `MAILRELAY_REDIS_URL` (from the Secret)
 /// replaces it at start-up. `.invalid` never resolves (RFC 6761), so a pod that
@@ -152,6 +179,15 @@ pub fn relay_config(
             })
         })
         .collect::<Result<_, _>>()?;
+    for lo in LOOPBACK_NETWORKS {
+        let lo: IpNet = lo.parse().expect("a valid network");
+        if !cfg.relay_networks.iter().any(|n| n.contains(&lo)) {
+            cfg.relay_networks.push(lo);
+        }
+    }
+    let (settle, grace) = shutdown_durations(relay)?;
+    cfg.shutdown_settle = settle;
+    cfg.shutdown_grace = grace;
     if spec.tls.is_some() {
         cfg.tls = Some(TlsConfig {
             cert_file: format!("{TLS_DIR}/tls.crt").into(),
@@ -191,7 +227,7 @@ pub fn relay_config(
                 host: s.host.clone(),
                 port,
                 tls: tls_policy(s.tls),
-                ca_file: None,
+                ca_file: ca_file(relay),
                 username: None,
                 password: None,
             });
@@ -213,7 +249,7 @@ pub fn relay_config(
             .routes
             .iter()
             .enumerate()
-            .map(|(i, r)| route_config(i, r))
+            .map(|(i, r)| route_config(i, r, ca_file(relay)))
             .collect::<Result<_, _>>()?;
         if let Some(r) = &d.retry {
             let retry = &mut cfg.delivery.retry;
@@ -278,7 +314,11 @@ pub fn route_password_env(i: usize) -> String {
     format!("MAILRELAY_ROUTE_{i}_PASSWORD")
 }
 
-fn route_config(i: usize, r: &crd::RouteSpec) -> Result<RouteConfig, SpecError> {
+fn route_config(
+    i: usize,
+    r: &crd::RouteSpec,
+    ca_file: Option<PathBuf>,
+) -> Result<RouteConfig, SpecError> {
     let field = |f: &str| format!("spec.delivery.routes[{i}].{f}");
     let port = u16::try_from(r.port)
         .ok()
@@ -295,11 +335,51 @@ fn route_config(i: usize, r: &crd::RouteSpec) -> Result<RouteConfig, SpecError> 
         host: r.host.clone(),
         port,
         tls: tls_policy(r.tls),
-        ca_file: None,
+        ca_file,
         username: r.auth.as_ref().map(|a| a.username.clone()),
         password: None,
         password_env: r.auth.as_ref().map(|_| route_password_env(i)),
     })
+}
+
+/// The file the relay reads `spec.delivery.caBundle` from, when there is one: the
+/// smarthost's and the routes' `ca_file` (not the MX hosts': they have public
+/// certificates, and a `ca_file` replaces the system store).
+pub fn ca_file(relay: &MailRelay) -> Option<PathBuf> {
+    relay
+        .spec
+        .delivery
+        .as_ref()
+        .and_then(|d| d.ca_bundle.as_ref())
+        .map(|_| PathBuf::from(format!("{CA_DIR}/{CA_FILE}")))
+}
+
+/// `spec.shutdown` as (settle, grace), defaults filled in and bounds checked.
+pub fn shutdown_durations(relay: &MailRelay) -> Result<(Duration, Duration), SpecError> {
+    let sh = relay.spec.shutdown.clone().unwrap_or_default();
+    let mut out = [DEFAULT_SHUTDOWN_SETTLE, DEFAULT_SHUTDOWN_GRACE];
+    for ((field, value, max), slot) in [
+        ("settle", &sh.settle, MAX_SHUTDOWN_SETTLE),
+        ("grace", &sh.grace, MAX_SHUTDOWN_GRACE),
+    ]
+    .into_iter()
+    .zip(&mut out)
+    {
+        if let Some(v) = value {
+            let d = parse_duration(v).map_err(|m| spec_err(format!("spec.shutdown.{field}"), m))?;
+            if d > max {
+                return Err(spec_err(
+                    format!("spec.shutdown.{field}"),
+                    format!(
+                        "{v:?} is longer than {}",
+                        mailrelay::config::format_duration(max)
+                    ),
+                ));
+            }
+            *slot = d;
+        }
+    }
+    Ok((out[0], out[1]))
 }
 
 /// Names a relay config field in MailRelay terms, for the few checks only the relay

@@ -12,10 +12,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
-    Service, ServiceAccount, ServicePort, ServiceSpec as CoreServiceSpec, TopologySpreadConstraint,
-    Volume, VolumeMount,
+    EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource,
+    SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec as CoreServiceSpec, Sysctl,
+    TopologySpreadConstraint, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -25,8 +25,11 @@ use kube::{Resource, ResourceExt};
 use mailrelay::quota::config::QuotaConfig;
 use sha2::{Digest, Sha256};
 
-use self::config::{AUTH_DIR, CONFIG_DIR, CONFIG_FILE, SpecError, TLS_DIR, relay_config};
-use crate::crd::{ADMIN_PORT, MailRelay, ServiceType, TrafficPolicy, relay_labels};
+use self::config::{
+    AUTH_DIR, CA_DIR, CA_FILE, CONFIG_DIR, CONFIG_FILE, SpecError, TERMINATION_MARGIN, TLS_DIR,
+    relay_config, shutdown_durations,
+};
+use crate::crd::{ADMIN_PORT, ExtraVolume, MailRelay, ServiceType, TrafficPolicy, relay_labels};
 
 /// Pod-template annotation: hash of the relay config without its quotas. A change
 /// rolls the pods; a quota-only change does not (the relay reloads the mounted file).
@@ -39,6 +42,16 @@ pub const CONTAINER: &str = "mailrelay";
 /// The relay image's numeric user (the Dockerfile's `USER`); set explicitly so that
 /// `runAsNonRoot` can be checked by the kubelet.
 pub const RELAY_UID: i64 = 65532;
+/// Pod annotations (one per service mesh) that keep a mesh's sidecar from
+/// intercepting the listed inbound ports. An intercepting sidecar connects to the
+/// relay from loopback on every client's behalf, which would make every client a
+/// loopback client (loopback may relay, see `config::LOOPBACK_NETWORKS`) and hide
+/// the real address from `relayNetworks`, quotas and `Received:` headers.
+pub const MESH_SKIP_INBOUND: [&str; 3] = [
+    "traffic.sidecar.istio.io/excludeInboundPorts",
+    "config.linkerd.io/skip-inbound-ports",
+    "consul.hashicorp.com/transparent-proxy-exclude-inbound-ports",
+];
 
 /// What the reconciler learnt about the Secrets a relay references.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -157,10 +170,24 @@ pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
         ..ServiceAccount::default()
     };
     let svc = relay.spec.service.clone().unwrap_or_default();
+    for (i, r) in svc.load_balancer_source_ranges.iter().enumerate() {
+        if r.parse::<ipnet::IpNet>().is_err() {
+            return Err(SpecError {
+                field: format!("spec.service.loadBalancerSourceRanges[{i}]"),
+                message: format!("{r:?} is not a network like 203.0.113.0/24"),
+            });
+        }
+    }
+    check_pod_extras(&relay.spec)?;
+    let service_meta = meta(name.clone());
+    let mut service_labels = svc.labels.clone();
+    // The operator's labels win: its watches and selectors rely on them.
+    service_labels.extend(service_meta.labels.clone().unwrap_or_default());
     let service = Service {
         metadata: ObjectMeta {
             annotations: (!svc.annotations.is_empty()).then(|| svc.annotations.clone()),
-            ..meta(name.clone())
+            labels: Some(service_labels),
+            ..service_meta
         },
         spec: Some(CoreServiceSpec {
             type_: Some(
@@ -178,6 +205,8 @@ pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
                 }
                 .to_owned()
             }),
+            load_balancer_source_ranges: (!svc.load_balancer_source_ranges.is_empty())
+                .then(|| svc.load_balancer_source_ranges.clone()),
             selector: Some(selector_labels(&name)),
             ports: Some(
                 relay
@@ -186,7 +215,7 @@ pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
                     .iter()
                     .map(|l| ServicePort {
                         name: Some(l.name.clone()),
-                        port: l.port,
+                        port: l.service_port.unwrap_or(l.port),
                         target_port: Some(IntOrString::String(l.name.clone())),
                         protocol: Some("TCP".into()),
                         ..ServicePort::default()
@@ -228,7 +257,15 @@ pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
         }),
         ..PodDisruptionBudget::default()
     };
-    let deployment = deployment(&inputs, &name, meta(name.clone()), &config_hash);
+    let (settle, grace) = shutdown_durations(relay)?;
+    let termination_grace = (settle + grace + TERMINATION_MARGIN).as_secs_f64().ceil() as i64;
+    let deployment = deployment(
+        &inputs,
+        &name,
+        meta(name.clone()),
+        &config_hash,
+        termination_grace,
+    );
     let autoscaler = autoscaling::build(
         &relay.spec,
         &name,
@@ -285,7 +322,77 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &str) -> Deployment {
+/// Volume names the operator gives its own volumes.
+const RESERVED_VOLUMES: [&str; 5] = ["config", "tmp", "tls", "auth", "ca-bundle"];
+
+/// The backstop of the schema's rules on `env`, `volumes` and `volumeMounts`.
+fn check_pod_extras(spec: &crate::crd::MailRelaySpec) -> Result<(), SpecError> {
+    let err = |field: String, message: &str| SpecError {
+        field,
+        message: message.into(),
+    };
+    for (i, e) in spec.env.iter().enumerate() {
+        if e.name.starts_with("MAILRELAY_") {
+            return Err(err(
+                format!("spec.env[{i}].name"),
+                "names starting with MAILRELAY_ override the relay config: set the MailRelay field instead",
+            ));
+        }
+    }
+    for (i, v) in spec.volumes.iter().enumerate() {
+        if RESERVED_VOLUMES.contains(&v.name.as_str()) {
+            return Err(err(
+                format!("spec.volumes[{i}].name"),
+                "config, tmp, tls, auth and ca-bundle are the operator's volume names",
+            ));
+        }
+    }
+    for (i, m) in spec.volume_mounts.iter().enumerate() {
+        if !spec.volumes.iter().any(|v| v.name == m.name) {
+            return Err(err(
+                format!("spec.volumeMounts[{i}].name"),
+                "must name a volume of spec.volumes",
+            ));
+        }
+        let p = m.mount_path.trim_end_matches('/');
+        let under = |dir: &str| p == dir || p.starts_with(&format!("{dir}/"));
+        if p.is_empty()
+            || p == "/etc"
+            || p == "/var/run"
+            || under("/tmp")
+            || under(CONFIG_DIR)
+            || under("/var/run/mailrelay")
+        {
+            return Err(err(
+                format!("spec.volumeMounts[{i}].mountPath"),
+                "must not be /, /etc, /var/run, or at or under /tmp, /etc/mailrelay or /var/run/mailrelay",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn extra_volume(v: &ExtraVolume) -> Volume {
+    Volume {
+        name: v.name.clone(),
+        config_map: v.config_map.clone(),
+        secret: v.secret.clone(),
+        empty_dir: v.empty_dir.clone(),
+        projected: v.projected.clone(),
+        downward_api: v.downward_api.clone(),
+        persistent_volume_claim: v.persistent_volume_claim.clone(),
+        csi: v.csi.clone(),
+        ..Volume::default()
+    }
+}
+
+fn deployment(
+    inputs: &Inputs<'_>,
+    name: &str,
+    meta: ObjectMeta,
+    config_hash: &str,
+    termination_grace_seconds: i64,
+) -> Deployment {
     let spec = &inputs.relay.spec;
     let mut env = Vec::new();
     if let Some(u) = &spec.redis.url_secret {
@@ -309,6 +416,9 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
             "password",
         ));
     }
+    // The user's own (`build` refused `MAILRELAY_` names, which would override the
+    // relay config behind the operator's back).
+    env.extend(spec.env.iter().cloned());
 
     let routes = spec.delivery.as_ref().map(|d| d.routes.as_slice());
     for (i, r) in routes.unwrap_or_default().iter().enumerate() {
@@ -377,6 +487,41 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
         }
     }
 
+    if let Some(ca) = spec.delivery.as_ref().and_then(|d| d.ca_bundle.as_ref()) {
+        // Only the one key, under a fixed name: the config's `ca_file` points at it.
+        let items = |key: &str| {
+            Some(vec![KeyToPath {
+                key: key.to_owned(),
+                path: CA_FILE.into(),
+                mode: None,
+            }])
+        };
+        volumes.push(Volume {
+            name: "ca-bundle".into(),
+            config_map: ca.config_map.as_ref().map(|r| ConfigMapVolumeSource {
+                name: r.name.clone(),
+                items: items(&r.key),
+                optional: Some(false),
+                ..ConfigMapVolumeSource::default()
+            }),
+            secret: ca.secret.as_ref().map(|r| SecretVolumeSource {
+                secret_name: Some(r.name.clone()),
+                items: items(&r.key),
+                default_mode: Some(0o440),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        });
+        mounts.push(VolumeMount {
+            name: "ca-bundle".into(),
+            mount_path: CA_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+    }
+    volumes.extend(spec.volumes.iter().map(extra_volume));
+    mounts.extend(spec.volume_mounts.iter().cloned());
+
     let mut ports: Vec<ContainerPort> = spec
         .listeners
         .iter()
@@ -406,6 +551,15 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
         });
 
     let mut annotations = spec.pod_annotations.clone();
+    let smtp_ports = spec
+        .listeners
+        .iter()
+        .map(|l| l.port.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    for key in MESH_SKIP_INBOUND {
+        annotations.insert(key.into(), smtp_ports.clone());
+    }
     annotations.insert(CONFIG_HASH_ANNOTATION.into(), config_hash.into());
     if let Some(d) = &inputs.secrets.env_digest {
         annotations.insert(SECRET_HASH_ANNOTATION.into(), d.clone());
@@ -425,6 +579,7 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
             format!("{CONFIG_DIR}/{CONFIG_FILE}"),
         ]),
         env: (!env.is_empty()).then_some(env),
+        env_from: (!spec.env_from.is_empty()).then(|| spec.env_from.clone()),
         ports: Some(ports),
         readiness_probe: Some(http_probe("/readyz", 5, 2)),
         liveness_probe: Some(Probe {
@@ -482,15 +637,27 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
             }),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(relay_labels(name)),
+                    labels: Some({
+                        let mut labels = spec.pod_labels.clone();
+                        // The operator's win: they select the pods.
+                        labels.extend(relay_labels(name));
+                        labels
+                    }),
                     annotations: Some(annotations),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
                     service_account_name: Some(name.to_owned()),
                     automount_service_account_token: Some(false),
-                    // The relay's shutdown grace (30 s) plus time to hand leases back.
-                    termination_grace_period_seconds: Some(45),
+                    // Settle, then grace, then a margin to close and hand leases back
+                    // (`spec.shutdown`). No preStop hook: the relay itself keeps
+                    // serving through the settle period (and its image has no shell
+                    // for an exec `sleep`).
+                    termination_grace_period_seconds: Some(termination_grace_seconds),
+                    priority_class_name: spec.priority_class_name.clone(),
+                    image_pull_secrets: (!spec.image_pull_secrets.is_empty())
+                        .then(|| spec.image_pull_secrets.clone()),
+                    affinity: spec.affinity.clone(),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(RELAY_UID),
@@ -500,6 +667,7 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
                             type_: "RuntimeDefault".into(),
                             ..SeccompProfile::default()
                         }),
+                        sysctls: unprivileged_port_start(spec),
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![container],
@@ -518,6 +686,20 @@ fn deployment(inputs: &Inputs<'_>, name: &str, meta: ObjectMeta, config_hash: &s
         }),
         ..Deployment::default()
     }
+}
+
+/// For a listener below 1024: the relay runs as non-root without capabilities, so
+/// the pod lowers the first unprivileged port to it instead (a namespaced sysctl
+/// that Pod Security `baseline` and `restricted` allow). Better: a port from 1024
+/// up with `servicePort` for the Service.
+fn unprivileged_port_start(spec: &crate::crd::MailRelaySpec) -> Option<Vec<Sysctl>> {
+    let lowest = spec.listeners.iter().map(|l| l.port).min()?;
+    (lowest < 1024).then(|| {
+        vec![Sysctl {
+            name: "net.ipv4.ip_unprivileged_port_start".into(),
+            value: lowest.to_string(),
+        }]
+    })
 }
 
 /// The owner reference every object of `relay` carries.

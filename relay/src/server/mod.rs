@@ -221,6 +221,14 @@ async fn handle(
     if lcfg.proxy_protocol {
         match proxy::read_proxy_header(&mut tcp, HANDSHAKE_TIMEOUT).await {
             Ok(h) => match h.source {
+                // Loopback is in relay networks because only the pod itself (or
+                // whoever may `kubectl port-forward` to it) can connect from there.
+                // A PROXY header is whatever its sender wrote, so a loopback source
+                // in it proves nothing: no relay rights for it.
+                Some(src) if src.ip().to_canonical().is_loopback() => {
+                    client = src;
+                    anonymous = true;
+                }
                 Some(src) => client = src,
                 None => anonymous = true,
             },
