@@ -836,7 +836,7 @@ fn the_pod_monitor_scrapes_the_pods_the_operator_builds() {
 
     // The chart's own pods (the operator, Redis) are not relays.
     let docs = render_chart(serde_json::json!({
-        "redis": {"enabled": true},
+        "redis": {"enabled": true, "auth": {"password": "test"}},
         "relayMonitoring": {"podMonitor": {"enabled": true, "namespaces": ["mail"]}}
     }));
     let pm = docs.iter().find(|d| d["kind"] == "PodMonitor").unwrap();
