@@ -250,6 +250,79 @@ fn bare_line_endings_in_bdat_chunks_are_refused() {
     assert_nothing_queued(&mut relay);
 }
 
+/// Value of one metric line (name with labels, exactly as exposed), if present.
+fn metric(relay: &Relay, name: &str) -> Option<u64> {
+    let (status, text) = relay.admin_get("/metrics");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Fake ends of data hidden with NUL: a next hop that drops NUL before it looks for
+/// `<CR><LF>.<CR><LF>` would split the message there.
+const NUL_ENDS: &[(&str, &[u8])] = &[
+    ("<CR><LF><NUL>.<CR><LF>", b"\r\n\x00.\r\n"),
+    ("<CR><LF><NUL>.<NUL><CR><LF>", b"\r\n\x00.\x00\r\n"),
+    ("<CR><LF>.<NUL><CR><LF>", b"\r\n.\x00\r\n"),
+];
+
+#[test]
+fn nul_octets_in_data_and_bdat_are_refused_and_nothing_is_smuggled() {
+    let mut relay = Relay::start(RelayOptions::default());
+    let mut legit = Vec::new();
+    let head: &[u8] = b"From: <sender@client.test>\r\nSubject: cover\r\n\r\ncover text";
+    for (name, fake) in NUL_ENDS {
+        for bdat in [false, true] {
+            let ctx = format!("{name} in {}", if bdat { "BDAT" } else { "DATA" });
+            let mut c = relay.connect();
+            ehlo(&mut c);
+            expect(&c.cmd("MAIL FROM:<sender@client.test>"), 250, None);
+            expect(&c.cmd("RCPT TO:<rcpt@dest.test>"), 250, None);
+            if bdat {
+                let chunk = [head, fake, SMUGGLED, b"\r\n"].concat();
+                c.send(format!("BDAT {} LAST\r\n", chunk.len()).as_bytes());
+                c.send(&chunk);
+            } else {
+                expect(&c.cmd("DATA"), 354, None);
+                c.send(&[head, fake, SMUGGLED, b"\r\n.\r\n"].concat());
+            }
+            let r = c.reply();
+            expect(&r, 550, Some("5.6.0"));
+            assert!(r.contains("NUL"), "{ctx}: the reply must say why: {r:?}");
+            // Had the smuggled MAIL/RCPT/DATA run, their replies would come first.
+            expect(&c.cmd("VRFY postmaster"), 252, None);
+            let stray = c.arrived_within(Duration::from_millis(100));
+            assert!(
+                stray.is_empty(),
+                "{ctx}: stray output {:?}",
+                String::from_utf8_lossy(&stray)
+            );
+            // The session stays usable: RSET and a clean transaction on it.
+            expect(&c.cmd("RSET"), 250, None);
+            let body = content(&format!("after-nul-{}", legit.len()));
+            let id = send_message(&mut c, "sender@client.test", &["rcpt@dest.test"], &body);
+            legit.push((id, body));
+            expect(&c.cmd("QUIT"), 221, None);
+            assert!(c.is_closed(), "{ctx}");
+        }
+    }
+    assert_eq!(
+        metric(&relay, "mailrelay_smtp_messages_rejected_total{reason=\"nul_octet\"}"),
+        Some(2 * NUL_ENDS.len() as u64)
+    );
+    assert!(relay.stop().success());
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), legit.len(), "only the clean messages: {msgs:#?}");
+    for (id, body) in &legit {
+        assert_stored(&msgs, id, body);
+    }
+    assert!(
+        msgs.iter().all(|m| !m.body.contains(&0)
+            && !String::from_utf8_lossy(&m.body).contains("smuggled")),
+        "no NUL and nothing smuggled may be queued"
+    );
+}
+
 #[test]
 fn pipelined_transactions_and_dot_stuffing_round_trip_exactly() {
     let mut relay = Relay::start(RelayOptions::default());

@@ -544,7 +544,15 @@ impl Session {
                 self.rejection = Some(e.reason());
                 match e {
                     // Smuggling attempts and broken clients count towards the error limit.
-                    DataError::BareLf | DataError::BareCr => self.error(reply),
+                    DataError::BareLf | DataError::BareCr | DataError::Nul => {
+                        let step = self.error(reply);
+                        // `error` labels by reply; keep the precise reason unless the
+                        // session is being closed for too many errors.
+                        if self.rejection != Some("too_many_errors") {
+                            self.rejection = Some(e.reason());
+                        }
+                        step
+                    }
                     _ => Step::Reply(reply),
                 }
             }
@@ -858,6 +866,11 @@ fn refusal(e: DataError, max_line: usize) -> Reply {
             550,
             (5, 5, 2),
             format!("Error: message line longer than {max_line} octets"),
+        ),
+        DataError::Nul => r(
+            550,
+            (5, 6, 0),
+            "Error: message contains NUL octets; refused (BINARYMIME is not supported)",
         ),
         DataError::TooBig => r(
             552,
