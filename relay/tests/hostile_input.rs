@@ -307,12 +307,19 @@ fn nul_octets_in_data_and_bdat_are_refused_and_nothing_is_smuggled() {
         }
     }
     assert_eq!(
-        metric(&relay, "mailrelay_smtp_messages_rejected_total{reason=\"nul_octet\"}"),
+        metric(
+            &relay,
+            "mailrelay_smtp_messages_rejected_total{reason=\"nul_octet\"}"
+        ),
         Some(2 * NUL_ENDS.len() as u64)
     );
     assert!(relay.stop().success());
     let msgs = relay.queued_messages();
-    assert_eq!(msgs.len(), legit.len(), "only the clean messages: {msgs:#?}");
+    assert_eq!(
+        msgs.len(),
+        legit.len(),
+        "only the clean messages: {msgs:#?}"
+    );
     for (id, body) in &legit {
         assert_stored(&msgs, id, body);
     }
@@ -706,6 +713,43 @@ fn commands_pipelined_after_starttls_are_discarded() {
 
 // ---------------------------------------------------------------------------------
 // Relay policy and error limit
+
+/// RFC 5321 §4.5.1: `RCPT TO:<Postmaster>` without a domain must be accepted, even
+/// from a client that may not relay; it reaches `postmaster@<hostname>`.
+#[test]
+fn bare_postmaster_is_accepted_even_from_outside_relay_networks() {
+    let mut relay = Relay::start(RelayOptions {
+        relay_networks: Some(vec!["10.99.0.0/16".into()]),
+        ..Default::default()
+    });
+    let mut c = relay.connect();
+    ehlo(&mut c);
+    expect(&c.cmd("MAIL FROM:<reporter@client.test>"), 250, None);
+    expect(&c.cmd("RCPT TO:<Postmaster>"), 250, Some("2.1.5"));
+    expect(
+        &c.cmd("RCPT TO:<victim@elsewhere.test>"),
+        554,
+        Some("5.7.1"),
+    );
+    expect(&c.cmd("RCPT TO:<abuse>"), 501, None);
+    expect(&c.cmd("DATA"), 354, None);
+    let body = content("to-postmaster");
+    c.send(&body);
+    let r = c.cmd(".");
+    expect(&r, 250, Some("2.0.0"));
+    expect(&c.cmd("QUIT"), 221, None);
+    assert!(relay.stop().success());
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    let m = assert_stored(&msgs, &queue_id(&r), &body);
+    let rcpts: Vec<&str> = m
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(rcpts, ["postmaster@relay.test"]);
+}
 
 #[test]
 fn clients_outside_relay_networks_are_denied_and_cut_off_after_max_errors() {

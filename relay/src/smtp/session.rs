@@ -431,11 +431,28 @@ impl Session {
         if path.is_empty() {
             return self.error(r(501, (5, 1, 3), "Error: empty recipient"));
         }
+        // RFC 5321 §4.5.1: `<Postmaster>` without a domain must be accepted. It means
+        // this relay's own postmaster, `postmaster@<hostname>`, delivered like any
+        // other mail to that domain (MX or relayhost). The same address is the one
+        // recipient a client outside `relay_networks` may reach: it is a fixed
+        // mailbox, so this opens no relaying to arbitrary destinations.
+        let path = if path.eq_ignore_ascii_case("postmaster") {
+            self.postmaster()
+        } else {
+            path
+        };
         if let Err(reply) = validate_mailbox(&path, smtputf8) {
             return self.error(reply);
         }
-        // Every recipient is remote for a relay, so every RCPT is a relay request.
-        if !self.peer.relay_allowed && self.auth_user.is_none() {
+        // `postmaster` is a case-insensitive local name (§4.5.1).
+        let to_postmaster = path.eq_ignore_ascii_case(&self.postmaster());
+        let path = if to_postmaster {
+            self.postmaster()
+        } else {
+            path
+        };
+        // Every other recipient is remote for a relay, so every RCPT is a relay request.
+        if !self.peer.relay_allowed && self.auth_user.is_none() && !to_postmaster {
             return self.error(r(554, (5, 7, 1), format!("<{path}>: Relay access denied")));
         }
         let mut rcpt = Recipient {
@@ -492,6 +509,11 @@ impl Session {
         }
         self.tx.rcpts.push(rcpt);
         Step::Reply(r(250, (2, 1, 5), "Ok"))
+    }
+
+    /// Where `RCPT TO:<Postmaster>` goes.
+    fn postmaster(&self) -> String {
+        format!("postmaster@{}", self.cfg.hostname)
     }
 
     fn data_cmd(&mut self) -> Step {
