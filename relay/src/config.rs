@@ -183,6 +183,18 @@ pub struct Limits {
     /// Whole-session ceiling, so a trickling client cannot hold a slot forever.
     #[serde(with = "duration_str")]
     pub session_timeout: Duration,
+    /// Message content (DATA or BDAT chunks) must arrive at this many bytes per
+    /// second or more, averaged over each `data_rate_window`; 0 turns it off.
+    pub data_min_rate: u64,
+    #[serde(with = "duration_str")]
+    pub data_rate_window: Duration,
+    /// One message's content, from `354` (or the first BDAT) to its end, must
+    /// arrive within this.
+    #[serde(with = "duration_str")]
+    pub data_deadline: Duration,
+    /// Octets of DATA read past `max_message_size` (to find the end and answer
+    /// `552` in sync) before the connection is cut instead.
+    pub data_oversize_drain: u64,
 }
 
 impl Default for Limits {
@@ -198,6 +210,10 @@ impl Default for Limits {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             session_timeout: Duration::from_secs(3600),
+            data_min_rate: 256,
+            data_rate_window: Duration::from_secs(60),
+            data_deadline: Duration::from_secs(1800),
+            data_oversize_drain: 1024 * 1024,
         }
     }
 }
@@ -639,7 +655,14 @@ impl RelayConfig {
                 "max_errors and max_messages_per_connection must be at least 1",
             ));
         }
+        if l.data_min_rate > 0 && l.data_rate_window.is_zero() {
+            return Err(invalid(
+                "limits.data_rate_window",
+                "must be greater than zero while limits.data_min_rate is set",
+            ));
+        }
         for (field, d) in [
+            ("limits.data_deadline", l.data_deadline),
             ("limits.command_timeout", l.command_timeout),
             ("limits.data_timeout", l.data_timeout),
             ("limits.session_timeout", l.session_timeout),

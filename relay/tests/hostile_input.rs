@@ -1250,3 +1250,238 @@ fn proxy_protocol_decides_relay_rights_by_the_proxied_client() {
         assert!(received.contains(&shown), "{received}");
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Deadlines and minimum rates (slow clients)
+
+/// Sends `line` one octet per `gap` until the relay answers; returns the answer.
+/// Bounded: gives up (empty answer) after the whole line was sent.
+fn trickle(c: &mut SmtpConn, line: &[u8], gap: Duration) -> String {
+    for b in line {
+        // The relay may already have closed; the reply is what counts.
+        let _ = c.stream().write_all(std::slice::from_ref(b));
+        let got = c.arrived_within(gap);
+        if !got.is_empty() {
+            return String::from_utf8_lossy(&got).into_owned();
+        }
+    }
+    String::new()
+}
+
+/// The peer closed: EOF or reset (a reset when our unread octets were discarded).
+fn is_gone(c: &mut SmtpConn) -> bool {
+    let mut rest = Vec::new();
+    match c.stream().read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+#[test]
+fn trickled_command_lines_are_cut_at_their_deadline_and_free_their_slots() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "command_timeout: 1s".into(),
+            "session_timeout: 60s".into(),
+            "max_connections: 3".into(),
+        ],
+        ..Default::default()
+    });
+    // Every octet comes well within command_timeout, so an idle timer that restarts
+    // on each octet would keep these lines open for 60 × 0.2 s.
+    let line = [b"NOOP ".as_slice(), &[b'x'; 55], b"\r\n"].concat();
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = connect_admitted(&relay);
+            let line = line.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let got = trickle(&mut c, &line, Duration::from_millis(200));
+                (got, started.elapsed(), is_gone(&mut c))
+            })
+        })
+        .collect();
+    // The three slots are taken; a normal client gets in once the tricklers are cut.
+    let mut c = connect_admitted(&relay);
+    ehlo(&mut c);
+    let body = content("while-trickled");
+    let id = send_message(&mut c, "sender@client.test", &["rcpt@dest.test"], &body);
+    expect(&c.cmd("QUIT"), 221, None);
+    for t in slow {
+        let (got, elapsed, gone) = t.join().unwrap();
+        expect(&got, 421, Some("4.4.2"));
+        assert!(got.contains("not completed in time"), "{got:?}");
+        assert!(gone, "the trickling connection must be closed");
+        // The line would take 12 s; generous bound well under that.
+        assert!(
+            elapsed < Duration::from_secs(9),
+            "cut only after {elapsed:?}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &relay,
+            "mailrelay_smtp_messages_rejected_total{reason=\"command_deadline\"}"
+        ),
+        Some(3)
+    );
+    assert!(relay.stop().success());
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), 1);
+    assert_stored(&msgs, &id, &body);
+}
+
+/// Starts a transaction and returns after `354`.
+fn start_data(c: &mut SmtpConn) {
+    ehlo(c);
+    expect(&c.cmd("MAIL FROM:<sender@client.test>"), 250, None);
+    expect(&c.cmd("RCPT TO:<rcpt@dest.test>"), 250, None);
+    expect(&c.cmd("DATA"), 354, None);
+}
+
+/// Sends `piece` every `gap` until the relay answers (at most `limit`).
+fn stream_until_answer(c: &mut SmtpConn, piece: &[u8], gap: Duration, limit: Duration) -> String {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if c.stream().write_all(piece).is_err() {
+            break;
+        }
+        let got = c.arrived_within(gap);
+        if !got.is_empty() {
+            return String::from_utf8_lossy(&got).into_owned();
+        }
+    }
+    String::from_utf8_lossy(&c.arrived_within(Duration::from_secs(2))).into_owned()
+}
+
+#[test]
+fn slow_and_endless_data_is_cut_while_a_slow_honest_client_gets_through() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "data_min_rate: 1000".into(),
+            "data_rate_window: 1s".into(),
+            "data_deadline: 4s".into(),
+            "data_timeout: 30s".into(),
+            "session_timeout: 60s".into(),
+        ],
+        ..Default::default()
+    });
+    // Below the rate: 10 octets per 100 ms is 100 octets/s.
+    let mut slow = relay.connect();
+    start_data(&mut slow);
+    let got = stream_until_answer(
+        &mut slow,
+        b"slowslow\r\n",
+        Duration::from_millis(100),
+        Duration::from_secs(20),
+    );
+    expect(&got, 421, Some("4.4.2"));
+    assert!(got.contains("too slowly"), "{got:?}");
+    assert!(is_gone(&mut slow));
+
+    // Above the rate but never ending: cut at the data deadline.
+    let mut endless = relay.connect();
+    start_data(&mut endless);
+    let started = Instant::now();
+    let got = stream_until_answer(
+        &mut endless,
+        &text_line(500),
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    );
+    expect(&got, 421, Some("4.4.2"));
+    assert!(got.contains("not completed in time"), "{got:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "cut too early");
+    assert!(is_gone(&mut endless));
+
+    // Slow but honest: about 4000 octets/s with pauses, over two rate windows.
+    let mut honest = relay.connect();
+    start_data(&mut honest);
+    let body = sized_content("slow-honest", 8000);
+    for piece in body.chunks(400) {
+        honest.send(piece);
+        sleep(Duration::from_millis(100));
+    }
+    let r = honest.cmd(".");
+    expect(&r, 250, Some("2.0.0"));
+    expect(&honest.cmd("QUIT"), 221, None);
+
+    for reason in ["data_too_slow", "data_deadline"] {
+        assert_eq!(
+            metric(
+                &relay,
+                &format!("mailrelay_smtp_messages_rejected_total{{reason=\"{reason}\"}}")
+            ),
+            Some(1),
+            "{reason}"
+        );
+    }
+    assert!(relay.stop().success());
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    assert_stored(&msgs, &queue_id(&r), &body);
+}
+
+#[test]
+fn slow_bdat_chunks_are_cut_by_the_rate_across_the_transaction() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "data_min_rate: 1000".into(),
+            "data_rate_window: 1s".into(),
+            "command_timeout: 30s".into(),
+            "session_timeout: 60s".into(),
+        ],
+        ..Default::default()
+    });
+    let mut c = relay.connect();
+    ehlo(&mut c);
+    expect(&c.cmd("MAIL FROM:<sender@client.test>"), 250, None);
+    expect(&c.cmd("RCPT TO:<rcpt@dest.test>"), 250, None);
+    // Tiny chunks, each complete and each command prompt: only the rate over the
+    // whole transaction catches them.
+    let end = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        assert!(Instant::now() < end, "slow BDAT never cut");
+        let _ = c.stream().write_all(b"BDAT 4\r\nabcd");
+        let got = c.arrived_within(Duration::from_millis(300));
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(i) = text.find("421") {
+            break text[i..].to_owned();
+        }
+        assert!(text.is_empty() || text.starts_with("250"), "{text:?}");
+    };
+    expect(&got, 421, Some("4.4.2"));
+    assert!(got.contains("too slowly"), "{got:?}");
+    assert_nothing_queued(&mut relay);
+}
+
+#[test]
+fn endless_data_past_the_size_limit_is_cut_after_a_bounded_drain() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "max_message_size: 10000".into(),
+            "data_oversize_drain: 20000".into(),
+        ],
+        ..Default::default()
+    });
+    let mut c = relay.connect();
+    start_data(&mut c);
+    let started = Instant::now();
+    let got = stream_until_answer(
+        &mut c,
+        &text_line(1000).repeat(8),
+        Duration::from_millis(5),
+        Duration::from_secs(20),
+    );
+    expect(&got, 552, Some("5.3.4"));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(is_gone(&mut c));
+    // An oversized message that does end within the drain is answered in sync.
+    let mut c = relay.connect();
+    start_data(&mut c);
+    c.send(&text_line(1000).repeat(15));
+    expect(&c.cmd("."), 552, Some("5.3.4"));
+    expect(&c.cmd("NOOP"), 250, None);
+    expect(&c.cmd("QUIT"), 221, None);
+    assert_nothing_queued(&mut relay);
+}

@@ -174,6 +174,11 @@ impl Session {
         self.tx.mail.is_some() || self.tx.bdat.is_some() || self.auth.is_some()
     }
 
+    /// A BDAT transaction has read at least one chunk and not ended yet.
+    pub fn bdat_in_progress(&self) -> bool {
+        self.tx.bdat.is_some()
+    }
+
     pub fn auth_user(&self) -> Option<&str> {
         self.auth_user.as_deref()
     }
