@@ -1485,3 +1485,81 @@ fn endless_data_past_the_size_limit_is_cut_after_a_bounded_drain() {
     expect(&c.cmd("QUIT"), 221, None);
     assert_nothing_queued(&mut relay);
 }
+
+// ---------------------------------------------------------------------------------
+// Accountability
+
+/// One raw HTTP request to the admin API; returns the status code.
+fn admin_request(relay: &Relay, method: &str, path: &str) -> u16 {
+    let mut s = TcpStream::connect(relay.admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nUser-Agent: audit-test/1\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// The relay's log without ANSI colour codes.
+fn plain_log(relay: &Relay) -> String {
+    let mut out = String::new();
+    let log = relay.log();
+    let mut rest = log.as_str();
+    while let Some(i) = rest.find('\u{1b}') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        rest = &after[after.find('m').map_or(after.len(), |m| m + 1)..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn admin_deletes_and_retries_are_logged_with_who_did_them() {
+    let mut relay = Relay::start(RelayOptions::default());
+    let mut c = relay.connect();
+    ehlo(&mut c);
+    let id = send_message(
+        &mut c,
+        "sender@client.test",
+        &["rcpt@dest.test"],
+        &content("audited"),
+    );
+    expect(&c.cmd("QUIT"), 221, None);
+    let retry = format!("/api/v1/queue/messages/{id}/retry");
+    assert_eq!(admin_request(&relay, "POST", &retry), 200);
+    assert_eq!(
+        admin_request(&relay, "POST", "/api/v1/queue/retry?domain=dest.test"),
+        200
+    );
+    let msg = format!("/api/v1/queue/messages/{id}");
+    assert_eq!(admin_request(&relay, "DELETE", &msg), 204);
+    // Deleting what is gone is logged too: the attempt says who tried.
+    assert_eq!(admin_request(&relay, "DELETE", &msg), 404);
+    assert!(relay.stop().success());
+    let log = plain_log(&relay);
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("admin: queue")).collect();
+    assert_eq!(lines.len(), 4, "{log}");
+    for l in &lines {
+        assert!(l.contains("127.0.0.1:"), "peer address missing: {l}");
+        assert!(l.contains("audit-test/1"), "user agent missing: {l}");
+    }
+    assert!(
+        lines[0].contains("retry") && lines[0].contains(&id),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("domain=dest.test"), "{}", lines[1]);
+    assert!(
+        lines[2].contains("delete") && lines[2].contains(&id),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[2].contains("removed=true"), "{}", lines[2]);
+    assert!(lines[3].contains("removed=false"), "{}", lines[3]);
+    assert!(relay.queued_messages().is_empty());
+}
