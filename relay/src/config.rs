@@ -169,6 +169,11 @@ pub struct Limits {
     pub max_line_length: usize,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Open sessions per client network (see the prefixes); 0 turns it off.
+    /// Clients inside `relay_networks` are not counted.
+    pub max_connections_per_network: usize,
+    pub network_prefix_v4: u8,
+    pub network_prefix_v6: u8,
     /// Protocol errors in one session before `421` and close.
     pub max_errors: u32,
     /// Messages in one session before `421`.
@@ -205,6 +210,9 @@ impl Default for Limits {
             max_line_length: 1000,
             max_connections: 1000,
             max_connections_per_ip: 100,
+            max_connections_per_network: 250,
+            network_prefix_v4: 24,
+            network_prefix_v6: 64,
             max_errors: 10,
             max_messages_per_connection: 1000,
             command_timeout: Duration::from_secs(300),
@@ -655,6 +663,18 @@ impl RelayConfig {
                 "max_errors and max_messages_per_connection must be at least 1",
             ));
         }
+        if !(1..=32).contains(&l.network_prefix_v4) {
+            return Err(invalid(
+                "limits.network_prefix_v4",
+                "must be between 1 and 32",
+            ));
+        }
+        if !(1..=128).contains(&l.network_prefix_v6) {
+            return Err(invalid(
+                "limits.network_prefix_v6",
+                "must be between 1 and 128",
+            ));
+        }
         if l.data_min_rate > 0 && l.data_rate_window.is_zero() {
             return Err(invalid(
                 "limits.data_rate_window",
@@ -908,6 +928,45 @@ mod tests {
             .to_string();
         assert!(e.contains("limits"), "{e}");
         assert!(e.contains("max_mesage_size"), "{e}");
+    }
+
+    #[test]
+    fn slow_client_limits_parse_and_are_checked() {
+        let c = RelayConfig::from_yaml(
+            "limits:\n  data_min_rate: 1000\n  data_rate_window: 10s\n  data_deadline: 5m\n  \
+             data_oversize_drain: 0\n  max_connections_per_network: 0\n  network_prefix_v6: 48\n",
+        )
+        .unwrap();
+        let l = &c.limits;
+        assert_eq!(
+            (l.data_min_rate, l.data_rate_window, l.data_deadline),
+            (1000, Duration::from_secs(10), Duration::from_secs(300))
+        );
+        assert_eq!(
+            (l.data_oversize_drain, l.max_connections_per_network),
+            (0, 0)
+        );
+        assert_eq!((l.network_prefix_v4, l.network_prefix_v6), (24, 48));
+        for (yaml, field) in [
+            (
+                "limits:\n  data_rate_window: 0s\n",
+                "limits.data_rate_window",
+            ),
+            ("limits:\n  data_deadline: 0s\n", "limits.data_deadline"),
+            (
+                "limits:\n  network_prefix_v4: 33\n",
+                "limits.network_prefix_v4",
+            ),
+            (
+                "limits:\n  network_prefix_v6: 0\n",
+                "limits.network_prefix_v6",
+            ),
+        ] {
+            let e = RelayConfig::from_yaml(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+        // Without a minimum rate the window does not matter.
+        RelayConfig::from_yaml("limits:\n  data_min_rate: 0\n  data_rate_window: 0s\n").unwrap();
     }
 
     #[test]

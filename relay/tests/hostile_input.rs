@@ -1563,3 +1563,73 @@ fn admin_deletes_and_retries_are_logged_with_who_did_them() {
     assert!(lines[3].contains("removed=false"), "{}", lines[3]);
     assert!(relay.queued_messages().is_empty());
 }
+
+// ---------------------------------------------------------------------------------
+// Fair share of connection slots
+
+/// Connects from source address `src` (any 127/8 address works on loopback) and
+/// returns the socket and the greeting line.
+fn connect_from(relay: &Relay, src: &str) -> (TcpStream, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let s = rt.block_on(sock.connect(relay.smtp)).unwrap();
+    let s = s.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(s.try_clone().unwrap()),
+        &mut greeting,
+    )
+    .unwrap();
+    (s, greeting)
+}
+
+#[test]
+fn one_network_cannot_take_every_slot_by_spreading_over_addresses() {
+    let relay = Relay::start(RelayOptions {
+        // Loopback clients are outside relay_networks here, so the cap applies.
+        relay_networks: Some(vec!["10.99.0.0/16".into()]),
+        limits: vec![
+            "max_connections: 10".into(),
+            "max_connections_per_ip: 5".into(),
+            "max_connections_per_network: 3".into(),
+        ],
+        ..Default::default()
+    });
+    let mut held = Vec::new();
+    for src in ["127.0.5.1", "127.0.5.2", "127.0.5.3"] {
+        let (s, g) = connect_from(&relay, src);
+        expect(&g, 220, None);
+        held.push(s);
+    }
+    // A fourth address of the same /24 is refused; another /24 is not.
+    let (_s, g) = connect_from(&relay, "127.0.5.4");
+    expect(&g, 421, Some("4.7.0"));
+    let (s, g) = connect_from(&relay, "127.0.6.1");
+    expect(&g, 220, None);
+    held.push(s);
+    let m = |reason: &str| {
+        metric(
+            &relay,
+            &format!("mailrelay_smtp_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(m("max_connections_per_network"), Some(1));
+    // Closing one frees its network's share.
+    drop(held.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, g) = connect_from(&relay, "127.0.5.4");
+        if code(&g) == 220 {
+            held.push(s);
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed: {g:?}");
+        sleep(Duration::from_millis(50));
+    }
+}
