@@ -185,6 +185,11 @@ pub struct Limits {
     pub max_line_length: usize,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Open sessions per client network (see the prefixes); 0 turns it off.
+    /// Clients inside `relay_networks` are not counted.
+    pub max_connections_per_network: usize,
+    pub network_prefix_v4: u8,
+    pub network_prefix_v6: u8,
     /// Protocol errors in one session before `421` and close.
     pub max_errors: u32,
     /// Messages in one session before `421`.
@@ -199,6 +204,18 @@ pub struct Limits {
     /// Whole-session ceiling, so a trickling client cannot hold a slot forever.
     #[serde(with = "duration_str")]
     pub session_timeout: Duration,
+    /// Message content (DATA or BDAT chunks) must arrive at this many bytes per
+    /// second or more, averaged over each `data_rate_window`; 0 turns it off.
+    pub data_min_rate: u64,
+    #[serde(with = "duration_str")]
+    pub data_rate_window: Duration,
+    /// One message's content, from `354` (or the first BDAT) to its end, must
+    /// arrive within this.
+    #[serde(with = "duration_str")]
+    pub data_deadline: Duration,
+    /// Octets of DATA read past `max_message_size` (to find the end and answer
+    /// `552` in sync) before the connection is cut instead.
+    pub data_oversize_drain: u64,
 }
 
 impl Default for Limits {
@@ -209,11 +226,18 @@ impl Default for Limits {
             max_line_length: 1000,
             max_connections: 1000,
             max_connections_per_ip: 100,
+            max_connections_per_network: 250,
+            network_prefix_v4: 24,
+            network_prefix_v6: 64,
             max_errors: 10,
             max_messages_per_connection: 1000,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             session_timeout: Duration::from_secs(3600),
+            data_min_rate: 256,
+            data_rate_window: Duration::from_secs(60),
+            data_deadline: Duration::from_secs(1800),
+            data_oversize_drain: 1024 * 1024,
         }
     }
 }
@@ -655,7 +679,26 @@ impl RelayConfig {
                 "max_errors and max_messages_per_connection must be at least 1",
             ));
         }
+        if !(1..=32).contains(&l.network_prefix_v4) {
+            return Err(invalid(
+                "limits.network_prefix_v4",
+                "must be between 1 and 32",
+            ));
+        }
+        if !(1..=128).contains(&l.network_prefix_v6) {
+            return Err(invalid(
+                "limits.network_prefix_v6",
+                "must be between 1 and 128",
+            ));
+        }
+        if l.data_min_rate > 0 && l.data_rate_window.is_zero() {
+            return Err(invalid(
+                "limits.data_rate_window",
+                "must be greater than zero while limits.data_min_rate is set",
+            ));
+        }
         for (field, d) in [
+            ("limits.data_deadline", l.data_deadline),
             ("limits.command_timeout", l.command_timeout),
             ("limits.data_timeout", l.data_timeout),
             ("limits.session_timeout", l.session_timeout),
@@ -911,6 +954,45 @@ mod tests {
             .to_string();
         assert!(e.contains("limits"), "{e}");
         assert!(e.contains("max_mesage_size"), "{e}");
+    }
+
+    #[test]
+    fn slow_client_limits_parse_and_are_checked() {
+        let c = RelayConfig::from_yaml(
+            "limits:\n  data_min_rate: 1000\n  data_rate_window: 10s\n  data_deadline: 5m\n  \
+             data_oversize_drain: 0\n  max_connections_per_network: 0\n  network_prefix_v6: 48\n",
+        )
+        .unwrap();
+        let l = &c.limits;
+        assert_eq!(
+            (l.data_min_rate, l.data_rate_window, l.data_deadline),
+            (1000, Duration::from_secs(10), Duration::from_secs(300))
+        );
+        assert_eq!(
+            (l.data_oversize_drain, l.max_connections_per_network),
+            (0, 0)
+        );
+        assert_eq!((l.network_prefix_v4, l.network_prefix_v6), (24, 48));
+        for (yaml, field) in [
+            (
+                "limits:\n  data_rate_window: 0s\n",
+                "limits.data_rate_window",
+            ),
+            ("limits:\n  data_deadline: 0s\n", "limits.data_deadline"),
+            (
+                "limits:\n  network_prefix_v4: 33\n",
+                "limits.network_prefix_v4",
+            ),
+            (
+                "limits:\n  network_prefix_v6: 0\n",
+                "limits.network_prefix_v6",
+            ),
+        ] {
+            let e = RelayConfig::from_yaml(yaml).unwrap_err().to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+        // Without a minimum rate the window does not matter.
+        RelayConfig::from_yaml("limits:\n  data_min_rate: 0\n  data_rate_window: 0s\n").unwrap();
     }
 
     #[test]

@@ -660,9 +660,23 @@ fn opportunistic_tls_falls_back_to_plain_text_when_the_handshake_fails() {
     assert_eq!(recs[0]["tls"], false);
     // One connection failed the handshake, a second one delivered.
     assert_eq!(mx.stats()["opened"], 2);
+    // The downgrade is visible without debug logging: a counter and a WARN line.
+    assert_eq!(
+        metric(&relay, "mailrelay_delivery_tls_fallbacks_total"),
+        Some(1.0)
+    );
     let st = status_of(&mut relay, &id);
     let a = st.rcpts[0].attempts.last().unwrap();
     assert_eq!((a.result, a.tls.clone()), (AttemptResult::Delivered, None));
+    let log = relay.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("falling back to plain text"))
+        .unwrap_or_else(|| panic!("no fallback log line:\n{log}"));
+    assert!(
+        line.contains("WARN") && line.contains("mx1.a.test"),
+        "{line}"
+    );
 }
 
 #[test]

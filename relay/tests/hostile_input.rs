@@ -250,6 +250,86 @@ fn bare_line_endings_in_bdat_chunks_are_refused() {
     assert_nothing_queued(&mut relay);
 }
 
+/// Value of one metric line (name with labels, exactly as exposed), if present.
+fn metric(relay: &Relay, name: &str) -> Option<u64> {
+    let (status, text) = relay.admin_get("/metrics");
+    assert_eq!(status, 200, "{text}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Fake ends of data hidden with NUL: a next hop that drops NUL before it looks for
+/// `<CR><LF>.<CR><LF>` would split the message there.
+const NUL_ENDS: &[(&str, &[u8])] = &[
+    ("<CR><LF><NUL>.<CR><LF>", b"\r\n\x00.\r\n"),
+    ("<CR><LF><NUL>.<NUL><CR><LF>", b"\r\n\x00.\x00\r\n"),
+    ("<CR><LF>.<NUL><CR><LF>", b"\r\n.\x00\r\n"),
+];
+
+#[test]
+fn nul_octets_in_data_and_bdat_are_refused_and_nothing_is_smuggled() {
+    let mut relay = Relay::start(RelayOptions::default());
+    let mut legit = Vec::new();
+    let head: &[u8] = b"From: <sender@client.test>\r\nSubject: cover\r\n\r\ncover text";
+    for (name, fake) in NUL_ENDS {
+        for bdat in [false, true] {
+            let ctx = format!("{name} in {}", if bdat { "BDAT" } else { "DATA" });
+            let mut c = relay.connect();
+            ehlo(&mut c);
+            expect(&c.cmd("MAIL FROM:<sender@client.test>"), 250, None);
+            expect(&c.cmd("RCPT TO:<rcpt@dest.test>"), 250, None);
+            if bdat {
+                let chunk = [head, fake, SMUGGLED, b"\r\n"].concat();
+                c.send(format!("BDAT {} LAST\r\n", chunk.len()).as_bytes());
+                c.send(&chunk);
+            } else {
+                expect(&c.cmd("DATA"), 354, None);
+                c.send(&[head, fake, SMUGGLED, b"\r\n.\r\n"].concat());
+            }
+            let r = c.reply();
+            expect(&r, 550, Some("5.6.0"));
+            assert!(r.contains("NUL"), "{ctx}: the reply must say why: {r:?}");
+            // Had the smuggled MAIL/RCPT/DATA run, their replies would come first.
+            expect(&c.cmd("VRFY postmaster"), 252, None);
+            let stray = c.arrived_within(Duration::from_millis(100));
+            assert!(
+                stray.is_empty(),
+                "{ctx}: stray output {:?}",
+                String::from_utf8_lossy(&stray)
+            );
+            // The session stays usable: RSET and a clean transaction on it.
+            expect(&c.cmd("RSET"), 250, None);
+            let body = content(&format!("after-nul-{}", legit.len()));
+            let id = send_message(&mut c, "sender@client.test", &["rcpt@dest.test"], &body);
+            legit.push((id, body));
+            expect(&c.cmd("QUIT"), 221, None);
+            assert!(c.is_closed(), "{ctx}");
+        }
+    }
+    assert_eq!(
+        metric(
+            &relay,
+            "mailrelay_smtp_messages_rejected_total{reason=\"nul_octet\"}"
+        ),
+        Some(2 * NUL_ENDS.len() as u64)
+    );
+    assert!(relay.stop().success());
+    let msgs = relay.queued_messages();
+    assert_eq!(
+        msgs.len(),
+        legit.len(),
+        "only the clean messages: {msgs:#?}"
+    );
+    for (id, body) in &legit {
+        assert_stored(&msgs, id, body);
+    }
+    assert!(
+        msgs.iter().all(|m| !m.body.contains(&0)
+            && !String::from_utf8_lossy(&m.body).contains("smuggled")),
+        "no NUL and nothing smuggled may be queued"
+    );
+}
+
 #[test]
 fn pipelined_transactions_and_dot_stuffing_round_trip_exactly() {
     let mut relay = Relay::start(RelayOptions::default());
@@ -633,6 +713,43 @@ fn commands_pipelined_after_starttls_are_discarded() {
 
 // ---------------------------------------------------------------------------------
 // Relay policy and error limit
+
+/// RFC 5321 §4.5.1: `RCPT TO:<Postmaster>` without a domain must be accepted, even
+/// from a client that may not relay; it reaches `postmaster@<hostname>`.
+#[test]
+fn bare_postmaster_is_accepted_even_from_outside_relay_networks() {
+    let mut relay = Relay::start(RelayOptions {
+        relay_networks: Some(vec!["10.99.0.0/16".into()]),
+        ..Default::default()
+    });
+    let mut c = relay.connect();
+    ehlo(&mut c);
+    expect(&c.cmd("MAIL FROM:<reporter@client.test>"), 250, None);
+    expect(&c.cmd("RCPT TO:<Postmaster>"), 250, Some("2.1.5"));
+    expect(
+        &c.cmd("RCPT TO:<victim@elsewhere.test>"),
+        554,
+        Some("5.7.1"),
+    );
+    expect(&c.cmd("RCPT TO:<abuse>"), 501, None);
+    expect(&c.cmd("DATA"), 354, None);
+    let body = content("to-postmaster");
+    c.send(&body);
+    let r = c.cmd(".");
+    expect(&r, 250, Some("2.0.0"));
+    expect(&c.cmd("QUIT"), 221, None);
+    assert!(relay.stop().success());
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    let m = assert_stored(&msgs, &queue_id(&r), &body);
+    let rcpts: Vec<&str> = m
+        .envelope
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(rcpts, ["postmaster@relay.test"]);
+}
 
 #[test]
 fn clients_outside_relay_networks_are_denied_and_cut_off_after_max_errors() {
@@ -1142,5 +1259,388 @@ fn proxy_protocol_decides_relay_rights_by_the_proxied_client() {
             format!("([{ip}])")
         };
         assert!(received.contains(&shown), "{received}");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Deadlines and minimum rates (slow clients)
+
+/// Sends `line` one octet per `gap` until the relay answers; returns the answer.
+/// Bounded: gives up (empty answer) after the whole line was sent.
+fn trickle(c: &mut SmtpConn, line: &[u8], gap: Duration) -> String {
+    for b in line {
+        // The relay may already have closed; the reply is what counts.
+        let _ = c.stream().write_all(std::slice::from_ref(b));
+        let got = c.arrived_within(gap);
+        if !got.is_empty() {
+            return String::from_utf8_lossy(&got).into_owned();
+        }
+    }
+    String::new()
+}
+
+/// The peer closed: EOF or reset (a reset when our unread octets were discarded).
+fn is_gone(c: &mut SmtpConn) -> bool {
+    let mut rest = Vec::new();
+    match c.stream().read_to_end(&mut rest) {
+        Ok(_) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+#[test]
+fn trickled_command_lines_are_cut_at_their_deadline_and_free_their_slots() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "command_timeout: 1s".into(),
+            "session_timeout: 60s".into(),
+            "max_connections: 3".into(),
+        ],
+        ..Default::default()
+    });
+    // Every octet comes well within command_timeout, so an idle timer that restarts
+    // on each octet would keep these lines open for 60 × 0.2 s.
+    let line = [b"NOOP ".as_slice(), &[b'x'; 55], b"\r\n"].concat();
+    let slow: Vec<_> = (0..3)
+        .map(|_| {
+            let mut c = connect_admitted(&relay);
+            let line = line.clone();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let got = trickle(&mut c, &line, Duration::from_millis(200));
+                (got, started.elapsed(), is_gone(&mut c))
+            })
+        })
+        .collect();
+    // The three slots are taken; a normal client gets in once the tricklers are cut.
+    let mut c = connect_admitted(&relay);
+    ehlo(&mut c);
+    let body = content("while-trickled");
+    let id = send_message(&mut c, "sender@client.test", &["rcpt@dest.test"], &body);
+    expect(&c.cmd("QUIT"), 221, None);
+    for t in slow {
+        let (got, elapsed, gone) = t.join().unwrap();
+        expect(&got, 421, Some("4.4.2"));
+        assert!(got.contains("not completed in time"), "{got:?}");
+        assert!(gone, "the trickling connection must be closed");
+        // The line would take 12 s; generous bound well under that.
+        assert!(
+            elapsed < Duration::from_secs(9),
+            "cut only after {elapsed:?}"
+        );
+    }
+    assert_eq!(
+        metric(
+            &relay,
+            "mailrelay_smtp_messages_rejected_total{reason=\"command_deadline\"}"
+        ),
+        Some(3)
+    );
+    assert!(relay.stop().success());
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), 1);
+    assert_stored(&msgs, &id, &body);
+}
+
+/// Starts a transaction and returns after `354`.
+fn start_data(c: &mut SmtpConn) {
+    ehlo(c);
+    expect(&c.cmd("MAIL FROM:<sender@client.test>"), 250, None);
+    expect(&c.cmd("RCPT TO:<rcpt@dest.test>"), 250, None);
+    expect(&c.cmd("DATA"), 354, None);
+}
+
+/// Sends `piece` every `gap` until the relay answers (at most `limit`).
+fn stream_until_answer(c: &mut SmtpConn, piece: &[u8], gap: Duration, limit: Duration) -> String {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if c.stream().write_all(piece).is_err() {
+            break;
+        }
+        let got = c.arrived_within(gap);
+        if !got.is_empty() {
+            return String::from_utf8_lossy(&got).into_owned();
+        }
+    }
+    String::from_utf8_lossy(&c.arrived_within(Duration::from_secs(2))).into_owned()
+}
+
+#[test]
+fn slow_and_endless_data_is_cut_while_a_slow_honest_client_gets_through() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "data_min_rate: 1000".into(),
+            "data_rate_window: 1s".into(),
+            "data_deadline: 4s".into(),
+            "data_timeout: 30s".into(),
+            "session_timeout: 60s".into(),
+        ],
+        ..Default::default()
+    });
+    // Below the rate: 10 octets per 100 ms is 100 octets/s.
+    let mut slow = relay.connect();
+    start_data(&mut slow);
+    let got = stream_until_answer(
+        &mut slow,
+        b"slowslow\r\n",
+        Duration::from_millis(100),
+        Duration::from_secs(20),
+    );
+    expect(&got, 421, Some("4.4.2"));
+    assert!(got.contains("too slowly"), "{got:?}");
+    assert!(is_gone(&mut slow));
+
+    // Above the rate but never ending: cut at the data deadline.
+    let mut endless = relay.connect();
+    start_data(&mut endless);
+    let started = Instant::now();
+    let got = stream_until_answer(
+        &mut endless,
+        &text_line(500),
+        Duration::from_millis(100),
+        Duration::from_secs(30),
+    );
+    expect(&got, 421, Some("4.4.2"));
+    assert!(got.contains("not completed in time"), "{got:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "cut too early");
+    assert!(is_gone(&mut endless));
+
+    // Slow but honest: about 4000 octets/s with pauses, over two rate windows.
+    let mut honest = relay.connect();
+    start_data(&mut honest);
+    let body = sized_content("slow-honest", 8000);
+    for piece in body.chunks(400) {
+        honest.send(piece);
+        sleep(Duration::from_millis(100));
+    }
+    let r = honest.cmd(".");
+    expect(&r, 250, Some("2.0.0"));
+    expect(&honest.cmd("QUIT"), 221, None);
+
+    for reason in ["data_too_slow", "data_deadline"] {
+        assert_eq!(
+            metric(
+                &relay,
+                &format!("mailrelay_smtp_messages_rejected_total{{reason=\"{reason}\"}}")
+            ),
+            Some(1),
+            "{reason}"
+        );
+    }
+    assert!(relay.stop().success());
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), 1, "{msgs:#?}");
+    assert_stored(&msgs, &queue_id(&r), &body);
+}
+
+#[test]
+fn slow_bdat_chunks_are_cut_by_the_rate_across_the_transaction() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "data_min_rate: 1000".into(),
+            "data_rate_window: 1s".into(),
+            "command_timeout: 30s".into(),
+            "session_timeout: 60s".into(),
+        ],
+        ..Default::default()
+    });
+    let mut c = relay.connect();
+    ehlo(&mut c);
+    expect(&c.cmd("MAIL FROM:<sender@client.test>"), 250, None);
+    expect(&c.cmd("RCPT TO:<rcpt@dest.test>"), 250, None);
+    // Tiny chunks, each complete and each command prompt: only the rate over the
+    // whole transaction catches them.
+    let end = Instant::now() + Duration::from_secs(20);
+    let got = loop {
+        assert!(Instant::now() < end, "slow BDAT never cut");
+        let _ = c.stream().write_all(b"BDAT 4\r\nabcd");
+        let got = c.arrived_within(Duration::from_millis(300));
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some(i) = text.find("421") {
+            break text[i..].to_owned();
+        }
+        assert!(text.is_empty() || text.starts_with("250"), "{text:?}");
+    };
+    expect(&got, 421, Some("4.4.2"));
+    assert!(got.contains("too slowly"), "{got:?}");
+    assert_nothing_queued(&mut relay);
+}
+
+#[test]
+fn endless_data_past_the_size_limit_is_cut_after_a_bounded_drain() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "max_message_size: 10000".into(),
+            "data_oversize_drain: 20000".into(),
+        ],
+        ..Default::default()
+    });
+    let mut c = relay.connect();
+    start_data(&mut c);
+    let started = Instant::now();
+    let got = stream_until_answer(
+        &mut c,
+        &text_line(1000).repeat(8),
+        Duration::from_millis(5),
+        Duration::from_secs(20),
+    );
+    expect(&got, 552, Some("5.3.4"));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(is_gone(&mut c));
+    // An oversized message that does end within the drain is answered in sync.
+    let mut c = relay.connect();
+    start_data(&mut c);
+    c.send(&text_line(1000).repeat(15));
+    expect(&c.cmd("."), 552, Some("5.3.4"));
+    expect(&c.cmd("NOOP"), 250, None);
+    expect(&c.cmd("QUIT"), 221, None);
+    assert_nothing_queued(&mut relay);
+}
+
+// ---------------------------------------------------------------------------------
+// Accountability
+
+/// One raw HTTP request to the admin API; returns the status code.
+fn admin_request(relay: &Relay, method: &str, path: &str) -> u16 {
+    let mut s = TcpStream::connect(relay.admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nUser-Agent: audit-test/1\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+/// The relay's log without ANSI colour codes.
+fn plain_log(relay: &Relay) -> String {
+    let mut out = String::new();
+    let log = relay.log();
+    let mut rest = log.as_str();
+    while let Some(i) = rest.find('\u{1b}') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        rest = &after[after.find('m').map_or(after.len(), |m| m + 1)..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn admin_deletes_and_retries_are_logged_with_who_did_them() {
+    let mut relay = Relay::start(RelayOptions::default());
+    let mut c = relay.connect();
+    ehlo(&mut c);
+    let id = send_message(
+        &mut c,
+        "sender@client.test",
+        &["rcpt@dest.test"],
+        &content("audited"),
+    );
+    expect(&c.cmd("QUIT"), 221, None);
+    let retry = format!("/api/v1/queue/messages/{id}/retry");
+    assert_eq!(admin_request(&relay, "POST", &retry), 200);
+    assert_eq!(
+        admin_request(&relay, "POST", "/api/v1/queue/retry?domain=dest.test"),
+        200
+    );
+    let msg = format!("/api/v1/queue/messages/{id}");
+    assert_eq!(admin_request(&relay, "DELETE", &msg), 204);
+    // Deleting what is gone is logged too: the attempt says who tried.
+    assert_eq!(admin_request(&relay, "DELETE", &msg), 404);
+    assert!(relay.stop().success());
+    let log = plain_log(&relay);
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("admin: queue")).collect();
+    assert_eq!(lines.len(), 4, "{log}");
+    for l in &lines {
+        assert!(l.contains("127.0.0.1:"), "peer address missing: {l}");
+        assert!(l.contains("audit-test/1"), "user agent missing: {l}");
+    }
+    assert!(
+        lines[0].contains("retry") && lines[0].contains(&id),
+        "{}",
+        lines[0]
+    );
+    assert!(lines[1].contains("domain=dest.test"), "{}", lines[1]);
+    assert!(
+        lines[2].contains("delete") && lines[2].contains(&id),
+        "{}",
+        lines[2]
+    );
+    assert!(lines[2].contains("removed=true"), "{}", lines[2]);
+    assert!(lines[3].contains("removed=false"), "{}", lines[3]);
+    assert!(relay.queued_messages().is_empty());
+}
+
+// ---------------------------------------------------------------------------------
+// Fair share of connection slots
+
+/// Connects from source address `src` (any 127/8 address works on loopback) and
+/// returns the socket and the greeting line.
+fn connect_from(relay: &Relay, src: &str) -> (TcpStream, String) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let s = rt.block_on(sock.connect(relay.smtp)).unwrap();
+    let s = s.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut greeting = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(s.try_clone().unwrap()),
+        &mut greeting,
+    )
+    .unwrap();
+    (s, greeting)
+}
+
+#[test]
+fn one_network_cannot_take_every_slot_by_spreading_over_addresses() {
+    let relay = Relay::start(RelayOptions {
+        // Loopback clients are outside relay_networks here, so the cap applies.
+        relay_networks: Some(vec!["10.99.0.0/16".into()]),
+        limits: vec![
+            "max_connections: 10".into(),
+            "max_connections_per_ip: 5".into(),
+            "max_connections_per_network: 3".into(),
+        ],
+        ..Default::default()
+    });
+    let mut held = Vec::new();
+    for src in ["127.0.5.1", "127.0.5.2", "127.0.5.3"] {
+        let (s, g) = connect_from(&relay, src);
+        expect(&g, 220, None);
+        held.push(s);
+    }
+    // A fourth address of the same /24 is refused; another /24 is not.
+    let (_s, g) = connect_from(&relay, "127.0.5.4");
+    expect(&g, 421, Some("4.7.0"));
+    let (s, g) = connect_from(&relay, "127.0.6.1");
+    expect(&g, 220, None);
+    held.push(s);
+    let m = |reason: &str| {
+        metric(
+            &relay,
+            &format!("mailrelay_smtp_connections_refused_total{{reason=\"{reason}\"}}"),
+        )
+    };
+    assert_eq!(m("max_connections_per_network"), Some(1));
+    // Closing one frees its network's share.
+    drop(held.remove(0));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, g) = connect_from(&relay, "127.0.5.4");
+        if code(&g) == 220 {
+            held.push(s);
+            break;
+        }
+        assert!(Instant::now() < deadline, "slot never freed: {g:?}");
+        sleep(Duration::from_millis(50));
     }
 }

@@ -4,8 +4,8 @@
 //! text is logged, never returned (it can carry a store URL with a password).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
@@ -14,6 +14,28 @@ use crate::queue::{
     Envelope, ListFilter, MessageStatus, QueueError, QueueFuture, QueueId, RcptState,
     RetrySelector, now_ms,
 };
+
+/// Who asked for a queue action, for the audit log line every change leaves. The
+/// admin API has no authentication of its own (it is reached through the cluster
+/// network, a port-forward or a proxy), so the peer address is all we know for
+/// sure; a user agent is logged as the client named itself.
+pub struct Actor {
+    peer: std::net::SocketAddr,
+    user_agent: String,
+}
+
+impl Actor {
+    fn new(ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>, headers: &HeaderMap) -> Self {
+        let user_agent = headers
+            .get(axum::http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .chars()
+            .take(100)
+            .collect();
+        Actor { peer, user_agent }
+    }
+}
 
 /// Most messages one list request returns.
 pub const MAX_LIST_LIMIT: usize = 10_000;
@@ -173,10 +195,14 @@ pub struct Retried {
 
 pub async fn retry_one(
     State(state): State<AdminState>,
+    peer: ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Retried>, ApiError> {
+    let who = Actor::new(peer, &headers);
     let id = parse_id(&id)?;
     let n = call(state.queue.retry_now(RetrySelector::Id(id.clone()))).await?;
+    tracing::info!(action = "retry", queue_id = %id, retried = n, peer = %who.peer, user_agent = %who.user_agent, identity = "none", "admin: queue retry");
     if n == 0 && call(state.queue.status(&id)).await?.is_none() {
         return Err(not_found(&id));
     }
@@ -192,8 +218,11 @@ pub struct RetryQuery {
 
 pub async fn retry_many(
     State(state): State<AdminState>,
+    peer: ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
     Query(q): Query<RetryQuery>,
 ) -> Result<Json<Retried>, ApiError> {
+    let who = Actor::new(peer, &headers);
     let sel = match (q.all, q.domain.filter(|d| !d.is_empty())) {
         (true, None) => RetrySelector::All,
         (false, Some(d)) => RetrySelector::Domain(d),
@@ -204,16 +233,27 @@ pub async fn retry_many(
             ));
         }
     };
+    let what = match &sel {
+        RetrySelector::All => "all".to_owned(),
+        RetrySelector::Domain(d) => format!("domain={d}"),
+        RetrySelector::Id(id) => id.to_string(),
+    };
     let n = call(state.queue.retry_now(sel)).await?;
+    tracing::info!(action = "retry", selector = ?what, retried = n, peer = %who.peer, user_agent = %who.user_agent, identity = "none", "admin: queue retry");
     Ok(Json(Retried { retried: n }))
 }
 
 pub async fn delete(
     State(state): State<AdminState>,
+    peer: ConnectInfo<std::net::SocketAddr>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
+    let who = Actor::new(peer, &headers);
     let id = parse_id(&id)?;
-    if call(state.queue.remove(&id)).await? {
+    let removed = call(state.queue.remove(&id)).await?;
+    tracing::info!(action = "delete", queue_id = %id, removed, peer = %who.peer, user_agent = %who.user_agent, identity = "none", "admin: queue delete");
+    if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(not_found(&id))

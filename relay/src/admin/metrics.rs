@@ -83,6 +83,7 @@ pub struct Metrics {
     queue_write: Histogram,
     queue_write_failures: Family<Label, Counter>,
     tls_handshakes: Family<Label, Counter>,
+    delivery_tls_fallbacks: Counter,
     delivery_recipients: Family<ResultLabels, Counter>,
     delivery_latency: Histogram,
     delivery_connections_active: Gauge,
@@ -172,6 +173,12 @@ impl Metrics {
         for result in ["ok", "error"] {
             let _ = tls_handshakes.get_or_create(&label("result", result));
         }
+        let delivery_tls_fallbacks = Counter::default();
+        registry.register(
+            "delivery_tls_fallbacks",
+            "Opportunistic STARTTLS to a next hop that failed, so the mail went in plain text",
+            delivery_tls_fallbacks.clone(),
+        );
         let delivery_recipients = Family::<ResultLabels, Counter>::default();
         registry.register(
             "delivery_recipients",
@@ -220,6 +227,7 @@ impl Metrics {
             queue_write,
             queue_write_failures,
             tls_handshakes,
+            delivery_tls_fallbacks,
         }
     }
 
@@ -307,6 +315,11 @@ impl Metrics {
     /// Arrival-to-delivery time of a delivered recipient.
     pub fn delivery_latency(&self, elapsed: Duration) {
         self.delivery_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// Opportunistic TLS to a next hop failed; delivery goes on in plain text.
+    pub fn tls_fallback(&self) {
+        self.delivery_tls_fallbacks.inc();
     }
 
     pub fn outbound_connection_opened(&self) {
@@ -438,6 +451,7 @@ mod tests {
             "mailrelay_queue_write_seconds histogram",
             "mailrelay_queue_write_failures counter",
             "mailrelay_tls_handshakes counter",
+            "mailrelay_delivery_tls_fallbacks counter",
             "mailrelay_delivery_recipients counter",
             "mailrelay_delivery_seconds histogram",
             "mailrelay_delivery_connections_active gauge",

@@ -63,9 +63,15 @@ pub async fn serve_with(
     extra: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state).merge(extra))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // The peer address is kept per request so queue actions can say who did them.
+    axum::serve(
+        listener,
+        router(state)
+            .merge(extra)
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 fn router(state: AdminState) -> Router {

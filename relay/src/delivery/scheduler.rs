@@ -654,7 +654,10 @@ impl Inner {
             if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
                 // Like Postfix at security level `may`: a server whose TLS cannot
                 // be agreed on gets the mail in plain text, over a new connection.
-                debug!(%dest, host = %name, error = ?result.error, "TLS failed, retrying in plain text");
+                // WARN: the mail loses its transport encryption; operators should see
+                // it (and the metric) without turning on debug logs.
+                warn!(%dest, host = %name, ip = %addr.ip(), reason = result.error.as_deref().unwrap_or("unknown"), "opportunistic STARTTLS failed; falling back to plain text");
+                self.metrics.tls_fallback();
                 let mut plain = client.clone();
                 plain.tls = TlsPolicy::Disabled;
                 if let Ok(stream) = self.connect(addr).await {

@@ -81,6 +81,75 @@ enum End {
     Timeout,
     /// Graceful shutdown reached its deadline.
     Shutdown,
+    /// A deadline, rate or size limit was broken: send `reply`, count `reason`, close.
+    Cut { reply: Reply, reason: &'static str },
+}
+
+/// The deadline and minimum rate of one message's content (DATA, or all BDAT
+/// chunks of a transaction). A per-read idle timer alone lets a client that
+/// trickles a byte now and then hold its connection slot until `session_timeout`.
+struct DataClock {
+    deadline: Instant,
+    window: Duration,
+    /// Octets each window must bring; 0 when the rate check is off.
+    min_bytes: u64,
+    window_end: Instant,
+    window_bytes: u64,
+}
+
+impl DataClock {
+    fn new(l: &crate::config::Limits) -> Self {
+        let now = Instant::now();
+        let window_secs = l.data_rate_window.as_secs_f64();
+        DataClock {
+            deadline: now + l.data_deadline,
+            window: l.data_rate_window,
+            min_bytes: (l.data_min_rate as f64 * window_secs).ceil() as u64,
+            window_end: now + l.data_rate_window,
+            window_bytes: 0,
+        }
+    }
+
+    /// How long the next read may wait, given the idle limit `idle`.
+    fn wait(&self, idle: Duration) -> Duration {
+        let now = Instant::now();
+        let mut w = idle.min(self.deadline.saturating_duration_since(now));
+        if self.min_bytes > 0 {
+            w = w.min(self.window_end.saturating_duration_since(now));
+        }
+        w
+    }
+
+    /// Counts received octets and checks the limits (also after a read timed out).
+    fn check(&mut self, received: u64, hostname: &str) -> Result<(), End> {
+        self.window_bytes += received;
+        let now = Instant::now();
+        if now >= self.deadline {
+            return Err(End::Cut {
+                reply: Reply::status(
+                    421,
+                    (4, 4, 2),
+                    format!("{hostname} Error: message data not completed in time"),
+                ),
+                reason: "data_deadline",
+            });
+        }
+        if self.min_bytes > 0 && now >= self.window_end {
+            if self.window_bytes < self.min_bytes {
+                return Err(End::Cut {
+                    reply: Reply::status(
+                        421,
+                        (4, 4, 2),
+                        format!("{hostname} Error: message data arriving too slowly"),
+                    ),
+                    reason: "data_too_slow",
+                });
+            }
+            self.window_end = now + self.window;
+            self.window_bytes = 0;
+        }
+        Ok(())
+    }
 }
 
 /// Read size while expecting commands (pipelined groups are small).
@@ -103,6 +172,8 @@ pub struct Conn {
     closing: watch::Receiver<bool>,
     /// The quota charge of the message being queued, refunded if the write fails.
     charged: Option<crate::quota::Charged>,
+    /// Runs across the chunks of a BDAT transaction.
+    bdat_clock: Option<DataClock>,
 }
 
 enum Line {
@@ -128,6 +199,7 @@ impl Conn {
             draining,
             closing,
             charged: None,
+            bdat_clock: None,
         }
     }
 
@@ -178,7 +250,7 @@ impl Conn {
 
     /// Reads more input. Pending replies are flushed first: with PIPELINING the
     /// client may be waiting for them before it sends more (RFC 2920 §3.2).
-    async fn fill(&mut self, timeout: Duration, idle: bool, chunk: usize) -> Result<(), End> {
+    async fn fill(&mut self, timeout: Duration, idle: bool, chunk: usize) -> Result<u64, End> {
         self.flush().await?;
         self.compact();
         if self.pos == self.buf.len() && self.buf.capacity() > IDLE_BUFFER {
@@ -224,7 +296,7 @@ impl Conn {
         match result {
             Ok(n) => {
                 self.buf.truncate(start + n);
-                Ok(())
+                Ok(n as u64)
             }
             Err(e) => {
                 self.buf.truncate(start);
@@ -236,6 +308,10 @@ impl Conn {
     async fn read_line(&mut self, max: usize, idle: bool) -> Result<Line, End> {
         let timeout = self.shared.config.limits.command_timeout;
         let mut discarding = false;
+        // `command_timeout` bounds the wait for a line's first octet, and then the
+        // whole line from that octet on: a client trickling one octet at a time
+        // must not keep a line (and its connection slot) open indefinitely.
+        let mut line_deadline: Option<Instant> = None;
         loop {
             if let Some(i) = self.buffered().iter().position(|&b| b == b'\n') {
                 let end = self.pos + i + 1;
@@ -253,7 +329,35 @@ impl Conn {
                 self.pos = self.buf.len();
             }
             let idle_now = idle && self.buffered().is_empty() && !discarding;
-            self.fill(timeout, idle_now, COMMAND_CHUNK).await?;
+            if !idle_now && line_deadline.is_none() && (discarding || !self.buffered().is_empty()) {
+                line_deadline = Some(Instant::now() + timeout);
+            }
+            let wait = match line_deadline {
+                Some(d) => d.saturating_duration_since(Instant::now()),
+                None => timeout,
+            };
+            let late = || line_deadline.is_some_and(|d| Instant::now() >= d);
+            if wait.is_zero() && late() {
+                return Err(self.line_deadline_cut());
+            }
+            match self.fill(wait, idle_now, COMMAND_CHUNK).await {
+                Err(End::Timeout) if late() => return Err(self.line_deadline_cut()),
+                r => r?,
+            };
+        }
+    }
+
+    fn line_deadline_cut(&self) -> End {
+        End::Cut {
+            reply: Reply::status(
+                421,
+                (4, 4, 2),
+                format!(
+                    "{} Error: command line not completed in time",
+                    self.shared.config.hostname
+                ),
+            ),
+            reason: "command_deadline",
         }
     }
 
@@ -262,7 +366,7 @@ impl Conn {
         let metrics = Arc::clone(&self.shared.metrics);
         self.push(&session.greeting());
         let end = self.serve(&mut session).await;
-        let reply = match end {
+        let reply = match &end {
             Ok(()) => None,
             Err(End::Gone) => None,
             Err(End::Timeout) => Some(Reply::status(
@@ -270,6 +374,11 @@ impl Conn {
                 (4, 4, 2),
                 format!("{} Error: timeout exceeded", self.shared.config.hostname),
             )),
+            Err(End::Cut { reply, reason }) => {
+                metrics.rejected(reason);
+                info!(client = %session.peer().ip, reason = *reason, "connection cut");
+                Some(reply.clone())
+            }
             Err(End::Shutdown) => Some(Reply::status(
                 421,
                 (4, 3, 2),
@@ -295,6 +404,9 @@ impl Conn {
 
     async fn serve(&mut self, session: &mut Session) -> Result<(), End> {
         loop {
+            if !session.bdat_in_progress() {
+                self.bdat_clock = None;
+            }
             let idle = !session.in_transaction();
             let line = self.read_line(session.max_line(), idle).await?;
             let mut step = match line {
@@ -421,9 +533,16 @@ impl Conn {
     }
 
     async fn read_data(&mut self, session: &mut Session) -> Result<Step, End> {
-        let timeout = self.shared.config.limits.data_timeout;
+        let limits = &self.shared.config.limits;
+        let mut clock = DataClock::new(limits);
+        // Past this, draining an oversized message to answer 552 in sync is not
+        // worth the connection slot any more.
+        let drain_limit = limits
+            .max_message_size
+            .saturating_add(limits.data_oversize_drain);
         loop {
             if !self.buffered().is_empty() {
+                let avail = self.buffered().len() as u64;
                 let consumed = session.data_feed(&self.buf[self.pos..]);
                 match consumed {
                     Some(n) => {
@@ -434,13 +553,59 @@ impl Conn {
                     }
                     None => self.pos = self.buf.len(),
                 }
+                clock.check(avail, &self.shared.config.hostname)?;
+                if session.data_size() > drain_limit {
+                    return Err(End::Cut {
+                        reply: Reply::status(
+                            552,
+                            (5, 3, 4),
+                            "Error: message size exceeds fixed maximum message size; closing",
+                        ),
+                        reason: "message_too_big",
+                    });
+                }
             }
-            self.fill(timeout, false, DATA_CHUNK).await?;
+            if self.fill_data(&mut clock).await? == 0 {
+                // Only a rate window or the deadline ended: judge it now.
+                clock.check(0, &self.shared.config.hostname)?;
+            }
+        }
+    }
+
+    /// One read of message content, bounded by `data_timeout` (idle), the data
+    /// deadline, the rate window and the session ceiling. Returns the octets read
+    /// (0 when only a rate window or the deadline ended, which the caller judges).
+    async fn fill_data(&mut self, clock: &mut DataClock) -> Result<u64, End> {
+        let idle = self.shared.config.limits.data_timeout;
+        let idle_end = Instant::now() + idle;
+        match self.fill(clock.wait(idle), false, DATA_CHUNK).await {
+            Err(End::Timeout) => {
+                let now = Instant::now();
+                if now >= idle_end || now >= self.deadline {
+                    return Err(End::Timeout);
+                }
+                Ok(0)
+            }
+            r => r,
         }
     }
 
     async fn read_chunk(&mut self, session: &mut Session, size: u64) -> Result<(), End> {
-        let timeout = self.shared.config.limits.data_timeout;
+        let mut clock = self
+            .bdat_clock
+            .take()
+            .unwrap_or_else(|| DataClock::new(&self.shared.config.limits));
+        let r = self.read_chunk_with(session, size, &mut clock).await;
+        self.bdat_clock = Some(clock);
+        r
+    }
+
+    async fn read_chunk_with(
+        &mut self,
+        session: &mut Session,
+        size: u64,
+        clock: &mut DataClock,
+    ) -> Result<(), End> {
         let mut left = size;
         loop {
             let avail = self.buffered().len() as u64;
@@ -450,10 +615,15 @@ impl Conn {
                 self.pos += take;
                 left -= take as u64;
             }
+            // Judged even when the chunk came complete with its command: a stream of
+            // tiny chunks is as slow as a trickle.
+            clock.check(take as u64, &self.shared.config.hostname)?;
             if left == 0 {
                 return Ok(());
             }
-            self.fill(timeout, false, DATA_CHUNK).await?;
+            if self.fill_data(clock).await? == 0 {
+                clock.check(0, &self.shared.config.hostname)?;
+            }
         }
     }
 

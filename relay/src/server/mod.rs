@@ -62,7 +62,13 @@ impl Shared {
             max_messages: l.max_messages_per_connection,
             add_missing_headers: config.add_missing_headers,
         };
-        let limits = ConnLimits::new(l.max_connections, l.max_connections_per_ip);
+        let limits = ConnLimits::with_networks(
+            l.max_connections,
+            l.max_connections_per_ip,
+            l.max_connections_per_network,
+            l.network_prefix_v4,
+            l.network_prefix_v6,
+        );
         Arc::new(Shared {
             config,
             session,
@@ -239,7 +245,8 @@ async fn handle(
             }
         }
     }
-    let _slot = match shared.limits.try_acquire(client.ip().to_canonical()) {
+    let ip = client.ip().to_canonical();
+    let _slot = match shared.limits.try_acquire(ip, !shared.relay_allowed(ip)) {
         Ok(slot) => slot,
         Err(refusal) => {
             shared.metrics.connection_refused(refusal.reason());

@@ -120,11 +120,15 @@ impl TlsSource {
         );
         let key = load_certified_key(&cfg.cert_file, &cfg.key_file, &provider)?;
         let current = Arc::new(CurrentCert(RwLock::new(Arc::new(key))));
-        let config = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        let mut config = ServerConfig::builder_with_provider(Arc::clone(&provider))
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(TlsError::Config)?
             .with_no_client_auth()
             .with_cert_resolver(Arc::clone(&current) as Arc<dyn ResolvesServerCert>);
+        // Our suite order (AES-256-GCM first, then AES-128-GCM, then ChaCha20), not
+        // the client's: every suite offered is AEAD with forward secrecy, but a
+        // client listing a weaker one first should not get to pick it.
+        config.ignore_client_order = true;
         Ok(Arc::new(TlsSource {
             cert_file: cfg.cert_file.clone(),
             key_file: cfg.key_file.clone(),
@@ -408,6 +412,58 @@ mod tests {
     }
 
     use rustls::ALL_VERSIONS as ANY;
+
+    #[tokio::test]
+    async fn the_server_picks_the_cipher_suite_by_its_own_preference() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        let pki = Pki::new();
+        pki.install(&pki.leaf("first"));
+        let src = TlsSource::load(&pki.config()).unwrap();
+        // A client that prefers ChaCha20 and lists AES-256 last.
+        for (version, client_order, want) in [
+            (
+                &rustls::version::TLS13,
+                vec![
+                    cs::TLS13_CHACHA20_POLY1305_SHA256,
+                    cs::TLS13_AES_128_GCM_SHA256,
+                    cs::TLS13_AES_256_GCM_SHA384,
+                ],
+                "TLS13_AES_256_GCM_SHA384",
+            ),
+            (
+                &rustls::version::TLS12,
+                vec![
+                    cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+                    cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+                    cs::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+                    cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                    cs::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+                ],
+                "AES_256_GCM_SHA384",
+            ),
+        ] {
+            let provider = rustls::crypto::CryptoProvider {
+                cipher_suites: client_order,
+                ..rustls::crypto::ring::default_provider()
+            };
+            let client_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+                .with_protocol_versions(&[version])
+                .unwrap()
+                .with_root_certificates(Arc::clone(&pki.roots))
+                .with_no_client_auth();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+            let (c, s) = tokio::io::duplex(64 * 1024);
+            let name = rustls::pki_types::ServerName::try_from("mail.test").unwrap();
+            let (client, server) =
+                tokio::join!(connector.connect(name, c), src.acceptor().accept(s));
+            client.expect("client handshake");
+            let server = server.expect("server handshake");
+            let suite = server.get_ref().1.negotiated_cipher_suite().unwrap();
+            let got = format!("{:?}", suite.suite());
+            assert!(got.ends_with(want), "{version:?}: negotiated {got}");
+        }
+    }
 
     #[tokio::test]
     async fn handshakes_with_tls13_and_tls12_and_reports_them() {

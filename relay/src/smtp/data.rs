@@ -7,6 +7,12 @@
 //! `<LF>.<LF>` that some other server takes for the end of data; it also keeps bare
 //! line endings out of the mail we relay onwards. The decoder keeps reading to the
 //! real terminator so the session stays in sync with the client.
+//!
+//! NUL octets poison the message too. RFC 5321 text never contains NUL (only
+//! BINARYMIME content may, and we do not offer it), and a next hop that drops NUL
+//! before it looks for the end of data would read `<CRLF><NUL>.<CRLF>` as one:
+//! another smuggling path. NUL is content to this decoder (it never ends a line or
+//! the message), so such a fake end is read past like any other text.
 
 /// Why a message was refused after its content was read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,6 +21,7 @@ pub enum DataError {
     BareCr,
     LineTooLong,
     TooBig,
+    Nul,
 }
 
 impl DataError {
@@ -24,6 +31,7 @@ impl DataError {
             DataError::BareCr => "bare_cr",
             DataError::LineTooLong => "line_too_long",
             DataError::TooBig => "message_too_big",
+            DataError::Nul => "nul_octet",
         }
     }
 }
@@ -117,6 +125,9 @@ impl DataDecoder {
                     // Fast path: copy a run of ordinary octets in one go.
                     let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
                     if run > 0 {
+                        if memchr::memchr(0, &input[i..i + run]).is_some() {
+                            self.fail(DataError::Nul);
+                        }
                         self.count_line(run);
                         self.push(&input[i..i + run]);
                         i += run;
@@ -273,6 +284,46 @@ mod tests {
                 matches!(d.into_result(), Err(DataError::BareLf | DataError::BareCr)),
                 "{bad:?}"
             );
+        }
+    }
+
+    #[test]
+    fn nul_poisons_data_and_never_ends_it() {
+        for bad in [
+            &b"a\r\n\x00.\r\n"[..],
+            b"a\r\n\x00.\x00\r\n",
+            b"a\r\n.\x00\r\n",
+            b"\x00",
+            b"a\x00b\r\n",
+        ] {
+            let mut input = bad.to_vec();
+            input.extend_from_slice(
+                b"MAIL FROM:<x@y>\r\nRCPT TO:<v@w>\r\nDATA\r\nsmuggled\r\n.\r\n",
+            );
+            // Byte at a time too: the run-copying fast path and single octets must agree.
+            for split in [false, true] {
+                let mut d = DataDecoder::for_data(1000, 1 << 20);
+                let end = if split {
+                    input
+                        .iter()
+                        .enumerate()
+                        .find_map(|(i, b)| d.feed(std::slice::from_ref(b)).map(|n| i + n))
+                } else {
+                    d.feed(&input)
+                };
+                assert_eq!(end, Some(input.len()), "{bad:?} must not end the data");
+                assert_eq!(d.into_result(), Err(DataError::Nul), "{bad:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn nul_poisons_bdat() {
+        for bad in [&b"a\r\n\x00.\r\nb\r\n"[..], b"a\r\n\x00.\x00\r\n"] {
+            let mut d = DataDecoder::for_bdat(1000, 1 << 20);
+            assert_eq!(d.feed(bad), None);
+            d.finish_bdat();
+            assert_eq!(d.into_result(), Err(DataError::Nul), "{bad:?}");
         }
     }
 

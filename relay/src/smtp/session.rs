@@ -206,6 +206,11 @@ impl Session {
         self.tx.mail.is_some() || self.tx.bdat.is_some() || self.auth.is_some()
     }
 
+    /// A BDAT transaction has read at least one chunk and not ended yet.
+    pub fn bdat_in_progress(&self) -> bool {
+        self.tx.bdat.is_some()
+    }
+
     pub fn auth_user(&self) -> Option<&str> {
         self.auth_user.as_deref()
     }
@@ -463,11 +468,28 @@ impl Session {
         if path.is_empty() {
             return self.error(r(501, (5, 1, 3), "Error: empty recipient"));
         }
+        // RFC 5321 §4.5.1: `<Postmaster>` without a domain must be accepted. It means
+        // this relay's own postmaster, `postmaster@<hostname>`, delivered like any
+        // other mail to that domain (MX or relayhost). The same address is the one
+        // recipient a client outside `relay_networks` may reach: it is a fixed
+        // mailbox, so this opens no relaying to arbitrary destinations.
+        let path = if path.eq_ignore_ascii_case("postmaster") {
+            self.postmaster()
+        } else {
+            path
+        };
         if let Err(reply) = validate_mailbox(&path, smtputf8) {
             return self.error(reply);
         }
-        // Every recipient is remote for a relay, so every RCPT is a relay request.
-        if !self.peer.relay_allowed && self.auth_user.is_none() {
+        // `postmaster` is a case-insensitive local name (§4.5.1).
+        let to_postmaster = path.eq_ignore_ascii_case(&self.postmaster());
+        let path = if to_postmaster {
+            self.postmaster()
+        } else {
+            path
+        };
+        // Every other recipient is remote for a relay, so every RCPT is a relay request.
+        if !self.peer.relay_allowed && self.auth_user.is_none() && !to_postmaster {
             return self.error(r(554, (5, 7, 1), format!("<{path}>: Relay access denied")));
         }
         let mut rcpt = Recipient {
@@ -526,6 +548,11 @@ impl Session {
         Step::Reply(r(250, (2, 1, 5), "Ok"))
     }
 
+    /// Where `RCPT TO:<Postmaster>` goes.
+    fn postmaster(&self) -> String {
+        format!("postmaster@{}", self.cfg.hostname)
+    }
+
     fn data_cmd(&mut self) -> Step {
         if self.tx.mail.is_none() {
             return self.error(r(503, (5, 5, 1), "Error: need MAIL command"));
@@ -576,7 +603,15 @@ impl Session {
                 self.rejection = Some(e.reason());
                 match e {
                     // Smuggling attempts and broken clients count towards the error limit.
-                    DataError::BareLf | DataError::BareCr => self.error(reply),
+                    DataError::BareLf | DataError::BareCr | DataError::Nul => {
+                        let step = self.error(reply);
+                        // `error` labels by reply; keep the precise reason unless the
+                        // session is being closed for too many errors.
+                        if self.rejection != Some("too_many_errors") {
+                            self.rejection = Some(e.reason());
+                        }
+                        step
+                    }
                     _ => Step::Reply(reply),
                 }
             }
@@ -902,6 +937,11 @@ fn refusal(e: DataError, max_line: usize) -> Reply {
             550,
             (5, 5, 2),
             format!("Error: message line longer than {max_line} octets"),
+        ),
+        DataError::Nul => r(
+            550,
+            (5, 6, 0),
+            "Error: message contains NUL octets; refused (BINARYMIME is not supported)",
         ),
         DataError::TooBig => r(
             552,

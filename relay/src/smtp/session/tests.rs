@@ -563,3 +563,29 @@ fn quota_checks_at_mail_rcpt_and_before_queueing() {
     };
     assert_eq!(s.enqueue_result(&msg.envelope.id, Ok(())).code, 250);
 }
+
+#[test]
+fn bare_postmaster_is_the_relays_own_and_reachable_from_anywhere() {
+    for relay_allowed in [true, false] {
+        let mut s = Session::new(cfg(), peer(relay_allowed));
+        code(&mut s, "EHLO c");
+        assert_eq!(code(&mut s, "MAIL FROM:<a@c.test>"), 250);
+        assert_eq!(code(&mut s, "RCPT TO:<Postmaster>"), 250);
+        assert_eq!(code(&mut s, "RCPT TO:<POSTMASTER@Relay.Test>"), 250);
+        // Other local parts without a domain stay malformed, and relaying stays closed.
+        assert_eq!(code(&mut s, "RCPT TO:<abuse>"), 501);
+        if !relay_allowed {
+            assert_eq!(code(&mut s, "RCPT TO:<postmaster@d.test>"), 554);
+        }
+        let Step::Enqueue(m) = send_data(&mut s, b"Subject: x\r\n\r\nhi\r\n.\r\n") else {
+            panic!("expected the message to be queued");
+        };
+        let rcpts: Vec<&str> = m
+            .envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.as_str())
+            .collect();
+        assert_eq!(rcpts, ["postmaster@relay.test"], "duplicates folded");
+    }
+}
