@@ -293,14 +293,7 @@ fn a_bad_redis_spec_is_refused_naming_the_field() {
             "spec.redis.url",
         ),
     ] {
-        let r = relay(&yaml);
-        let e = resources::build(Inputs {
-            relay: &r,
-            quotas: vec![],
-            secrets: &ResolvedSecrets::default(),
-            default_image: IMAGE,
-        })
-        .unwrap_err();
+        let e = build_err(&yaml);
         assert_eq!(e.field, field, "{e}");
     }
 }
@@ -650,14 +643,7 @@ fn bad_autoscaling_without_cel_rules_is_refused_naming_the_field() {
             "shared queue",
         ),
     ] {
-        let r = relay(&format!("{MINIMAL}  autoscaling: {change}\n"));
-        let e = resources::build(Inputs {
-            relay: &r,
-            quotas: vec![],
-            secrets: &ResolvedSecrets::default(),
-            default_image: IMAGE,
-        })
-        .unwrap_err();
+        let e = build_err(&format!("{MINIMAL}  autoscaling: {change}\n"));
         assert_eq!(e.field, field, "{change}: {e}");
         assert!(e.message.contains(needle), "{change}: {e}");
     }
@@ -941,14 +927,7 @@ fn bad_routes_and_delay_warnings_are_refused_naming_the_field() {
             "empty",
         ),
     ] {
-        let r = relay(&format!("{MINIMAL}  delivery: {delivery}\n"));
-        let e = resources::build(Inputs {
-            relay: &r,
-            quotas: vec![],
-            secrets: &ResolvedSecrets::default(),
-            default_image: IMAGE,
-        })
-        .unwrap_err();
+        let e = build_err(&format!("{MINIMAL}  delivery: {delivery}\n"));
         assert_eq!(e.field, field, "{delivery}: {e}");
         assert!(e.message.contains(needle), "{delivery}: {e}");
     }

@@ -103,13 +103,7 @@ impl Row {
             "replicas": {"desired": self.desired_replicas, "ready": self.ready_replicas},
             "reportedQueue": self.reported_queue,
         });
-        match &self.queue {
-            Ok((_, raw)) => v["queue"] = raw.clone(),
-            Err(e) => {
-                v["queue"] = serde_json::Value::Null;
-                v["queueError"] = e.clone().into();
-            }
-        }
+        super::status::put_queue(&mut v, &self.queue);
         v
     }
 }

@@ -26,6 +26,21 @@ pub struct StatusView {
     pub quotas: Result<Vec<(QuotaUsage, serde_json::Value)>, String>,
 }
 
+/// The live queue figures as `queue`, or why there are none as `queueError` (JSON
+/// and YAML output of `status` and `list`).
+pub(super) fn put_queue(
+    v: &mut serde_json::Value,
+    queue: &Result<(StatsBody, serde_json::Value), String>,
+) {
+    match queue {
+        Ok((_, raw)) => v["queue"] = raw.clone(),
+        Err(e) => {
+            v["queue"] = serde_json::Value::Null;
+            v["queueError"] = e.clone().into();
+        }
+    }
+}
+
 fn str_at<'a>(v: &'a serde_json::Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
@@ -71,13 +86,7 @@ impl StatusView {
             "conditions": self.conditions,
             "reportedQueue": self.reported_queue,
         });
-        match &self.queue {
-            Ok((_, raw)) => v["queue"] = raw.clone(),
-            Err(e) => {
-                v["queue"] = serde_json::Value::Null;
-                v["queueError"] = e.clone().into();
-            }
-        }
+        put_queue(&mut v, &self.queue);
         match &self.quotas {
             Ok(qs) => v["quotas"] = qs.iter().map(|(_, raw)| raw.clone()).collect(),
             Err(e) => {
