@@ -173,6 +173,41 @@ fn default_reload() -> Duration {
 pub struct AuthConfig {
     /// File of `username:password` lines (a mounted Secret); re-read on change.
     pub users_file: PathBuf,
+    /// Brakes on password guessing, shared by every relay on the same queue store.
+    #[serde(default)]
+    pub throttle: AuthThrottleConfig,
+}
+
+/// Failed AUTH attempts slow down and then lock out a client address (an IPv6
+/// client's /64) and a user name, each counted on its own.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthThrottleConfig {
+    /// Wait before checking an attempt after one earlier failure; doubles with each
+    /// further failure of the address or user within `window`. 0 turns delays off.
+    #[serde(with = "duration_str")]
+    pub delay: Duration,
+    #[serde(with = "duration_str")]
+    pub max_delay: Duration,
+    /// Failures within `window` that lock the address or the user out; 0 turns
+    /// lockouts off.
+    pub max_failures: u32,
+    #[serde(with = "duration_str")]
+    pub window: Duration,
+    #[serde(with = "duration_str")]
+    pub lockout: Duration,
+}
+
+impl Default for AuthThrottleConfig {
+    fn default() -> Self {
+        AuthThrottleConfig {
+            delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            max_failures: 10,
+            window: Duration::from_secs(15 * 60),
+            lockout: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -613,6 +648,21 @@ impl RelayConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(a) = &self.auth {
+            let t = &a.throttle;
+            if t.max_delay < t.delay {
+                return Err(invalid(
+                    "auth.throttle.max_delay",
+                    "must not be shorter than auth.throttle.delay",
+                ));
+            }
+            if t.window.is_zero() {
+                return Err(invalid("auth.throttle.window", "must be longer than 0"));
+            }
+            if t.max_failures > 0 && t.lockout.is_zero() {
+                return Err(invalid("auth.throttle.lockout", "must be longer than 0"));
+            }
+        }
         if !is_valid_hostname(&self.hostname) {
             return Err(invalid(
                 "hostname",
@@ -945,6 +995,34 @@ mod tests {
         assert_eq!(c.queue.effective_backend(), QueueBackendKind::Embedded);
         assert_eq!(c.queue.path, PathBuf::from("./mailrelay-data"));
         assert!(c.relay_networks.iter().all(|n| n.addr().is_loopback()));
+    }
+
+    #[test]
+    fn auth_throttle_defaults_and_bad_values_are_named() {
+        let c = RelayConfig::from_yaml("auth: {users_file: /u}\n").unwrap();
+        let t = &c.auth.unwrap().throttle;
+        assert_eq!(t.max_failures, 10);
+        assert_eq!(t.delay, Duration::from_secs(1));
+        assert_eq!(t.lockout, Duration::from_secs(900));
+        let c = RelayConfig::from_yaml(
+            "auth: {users_file: /u, throttle: {delay: 50ms, max_failures: 3, lockout: 2s}}\n",
+        )
+        .unwrap();
+        let t = &c.auth.unwrap().throttle;
+        assert_eq!((t.delay, t.max_failures), (Duration::from_millis(50), 3));
+        assert_eq!(t.window, Duration::from_secs(900));
+        for (yaml, field) in [
+            ("{delay: 5s, max_delay: 1s}", "auth.throttle.max_delay"),
+            ("{window: 0s}", "auth.throttle.window"),
+            ("{lockout: 0s}", "auth.throttle.lockout"),
+            ("{lockot: 1s}", "lockot"),
+        ] {
+            let e =
+                RelayConfig::from_yaml(&format!("auth: {{users_file: /u, throttle: {yaml}}}\n"))
+                    .unwrap_err()
+                    .to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub struct Metrics {
     queue_write_failures: Family<Label, Counter>,
     tls_handshakes: Family<Label, Counter>,
     delivery_tls_fallbacks: Counter,
+    auth_failures: Counter,
+    auth_lockouts: Family<Label, Counter>,
+    auth_refused: Family<Label, Counter>,
     delivery_recipients: Family<ResultLabels, Counter>,
     delivery_latency: Histogram,
     delivery_connections_active: Gauge,
@@ -207,6 +210,24 @@ impl Metrics {
             "Open outbound SMTP connections",
             delivery_connections_active.clone(),
         );
+        let auth_failures = Counter::default();
+        registry.register(
+            "smtp_auth_failures",
+            "SMTP AUTH attempts with wrong credentials",
+            auth_failures.clone(),
+        );
+        let auth_lockouts = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_auth_lockouts",
+            "AUTH lockouts begun after too many failures, by scope (address, user)",
+            auth_lockouts.clone(),
+        );
+        let auth_refused = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_auth_refused",
+            "AUTH attempts answered 454 without checking the credentials, by reason (locked, store_unavailable)",
+            auth_refused.clone(),
+        );
         let quota = crate::quota::metrics::QuotaMetrics::register(&mut registry);
         let egress = crate::quota::egress::metrics::EgressMetrics::default();
         egress.register(&mut registry);
@@ -228,7 +249,29 @@ impl Metrics {
             queue_write_failures,
             tls_handshakes,
             delivery_tls_fallbacks,
+            auth_failures,
+            auth_lockouts,
+            auth_refused,
         }
+    }
+
+    /// One AUTH attempt with wrong credentials.
+    pub fn auth_failure(&self) {
+        self.auth_failures.inc();
+    }
+
+    /// A lockout began; `scope` is `address` or `user`.
+    pub fn auth_lockout(&self, scope: &'static str) {
+        self.auth_lockouts
+            .get_or_create(&label("scope", scope))
+            .inc();
+    }
+
+    /// An AUTH attempt refused unchecked; `reason` is `locked` or `store_unavailable`.
+    pub fn auth_refused(&self, reason: &'static str) {
+        self.auth_refused
+            .get_or_create(&label("reason", reason))
+            .inc();
     }
 
     pub fn connection_opened(&self, listener: &str) {

@@ -449,18 +449,7 @@ impl Conn {
                             session.chunk_end(QueueId::generate(), time::OffsetDateTime::now_utc());
                     }
                     Step::CheckCredentials { username, password } => {
-                        let ok = self
-                            .shared
-                            .users
-                            .as_ref()
-                            .is_some_and(|u| u.current().verify(&username, &password));
-                        if ok {
-                            info!(client = %session.peer().ip, user = %username, "authenticated");
-                        } else {
-                            // The user name is logged for abuse tracking; the password never is.
-                            warn!(client = %session.peer().ip, user = %username, "authentication failed");
-                        }
-                        step = session.auth_result(username, ok);
+                        step = self.check_credentials(session, username, password).await?;
                     }
                     Step::CheckQuota(msg) => {
                         let started = Instant::now();
@@ -495,6 +484,66 @@ impl Conn {
                 self.shared.metrics.rejected(reason);
             }
         }
+    }
+
+    /// Checks AUTH credentials behind the throttle: an attempt waits out the delay
+    /// its address's and user's earlier failures earned, and a locked-out one is
+    /// refused before the password is looked at.
+    async fn check_credentials(
+        &mut self,
+        session: &mut Session,
+        username: String,
+        password: String,
+    ) -> Result<Step, End> {
+        let ip = session.peer().ip;
+        let throttle = self.shared.auth_throttle().cloned();
+        let subjects = crate::server::auth_throttle::Subjects::new(ip, &username);
+        if let Some(t) = &throttle {
+            use crate::server::auth_throttle::Verdict;
+            match t.before(&subjects).await {
+                Verdict::Proceed(delay) if !delay.is_zero() => {
+                    debug!(client = %ip, user = %subjects.user, delay = ?delay, "AUTH attempt delayed after earlier failures");
+                    self.flush().await?;
+                    let mut closing = self.closing.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = closing.wait_for(|v| *v) => return Err(End::Shutdown),
+                    }
+                }
+                Verdict::Proceed(_) => {}
+                Verdict::Locked => {
+                    // The same answer for every user, existing or not.
+                    warn!(client = %ip, user = %subjects.user, "authentication refused: address or user locked out after repeated failures");
+                    return Ok(session.auth_unavailable());
+                }
+                Verdict::Unavailable => return Ok(session.auth_unavailable()),
+            }
+        }
+        let ok = self
+            .shared
+            .users
+            .as_ref()
+            .is_some_and(|u| u.current().verify(&username, &password));
+        drop(password);
+        if ok {
+            info!(client = %ip, user = %subjects.user, "authenticated");
+            if let Some(t) = &throttle {
+                t.succeeded(&subjects).await;
+            }
+        } else {
+            // The user name is logged for abuse tracking; the password never is.
+            warn!(client = %ip, user = %subjects.user, "authentication failed");
+            if let Some(t) = &throttle {
+                let r = t.failed(&subjects).await;
+                if r.address_locked {
+                    warn!(client = %ip, "AUTH lockout of the client address begins");
+                }
+                if r.user_locked {
+                    warn!(user = %subjects.user, "AUTH lockout of the user begins");
+                }
+            }
+        }
+        Ok(session.auth_result(username, ok))
     }
 
     async fn start_tls(&mut self, session: &mut Session) -> Result<(), End> {

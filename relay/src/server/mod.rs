@@ -1,6 +1,7 @@
 //! The SMTP side of a relay process: listeners, connection admission, PROXY
 //! protocol, TLS, and one task per connection driving a [`Session`].
 
+pub mod auth_throttle;
 pub mod conn;
 pub mod limits;
 pub mod proxy;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// Rung after each message queued: this process's delivery (see
     /// [`Shared::ring_on_queue`]).
     doorbell: std::sync::OnceLock<crate::delivery::scheduler::Doorbell>,
+    /// Brakes on AUTH password guessing (set when AUTH is configured).
+    auth_throttle: std::sync::OnceLock<Arc<auth_throttle::AuthThrottle>>,
     active: AtomicUsize,
 }
 
@@ -79,6 +82,7 @@ impl Shared {
             limits,
             quotas,
             doorbell: std::sync::OnceLock::new(),
+            auth_throttle: std::sync::OnceLock::new(),
             active: AtomicUsize::new(0),
         })
     }
@@ -87,6 +91,15 @@ impl Shared {
     /// are ignored).
     pub fn ring_on_queue(&self, doorbell: crate::delivery::scheduler::Doorbell) {
         let _ = self.doorbell.set(doorbell);
+    }
+
+    /// Throttles AUTH failures with `t` (once; later calls are ignored).
+    pub fn set_auth_throttle(&self, t: Arc<auth_throttle::AuthThrottle>) {
+        let _ = self.auth_throttle.set(t);
+    }
+
+    pub fn auth_throttle(&self) -> Option<&Arc<auth_throttle::AuthThrottle>> {
+        self.auth_throttle.get()
     }
 
     /// A message was queued.
