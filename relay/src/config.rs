@@ -225,6 +225,14 @@ pub struct Limits {
     pub max_connections_per_network: usize,
     pub network_prefix_v4: u8,
     pub network_prefix_v6: u8,
+    /// Slots of `max_connections` kept for clients inside `relay_networks` and
+    /// addresses that authenticated lately; at most half of `max_connections` is
+    /// kept, so a small `max_connections` needs no matching change here.
+    pub reserved_connections: usize,
+    /// When the relay is full, a session idle (outside a transaction) this long may
+    /// be closed to admit a new client, the one idle longest first; 0 turns it off.
+    #[serde(with = "duration_str")]
+    pub evict_idle_after: Duration,
     /// Protocol errors in one session before `421` and close.
     pub max_errors: u32,
     /// Messages in one session before `421`.
@@ -264,6 +272,8 @@ impl Default for Limits {
             max_connections_per_network: 250,
             network_prefix_v4: 24,
             network_prefix_v6: 64,
+            reserved_connections: 50,
+            evict_idle_after: Duration::from_secs(10),
             max_errors: 10,
             max_messages_per_connection: 1000,
             command_timeout: Duration::from_secs(300),
@@ -995,6 +1005,23 @@ mod tests {
         assert_eq!(c.queue.effective_backend(), QueueBackendKind::Embedded);
         assert_eq!(c.queue.path, PathBuf::from("./mailrelay-data"));
         assert!(c.relay_networks.iter().all(|n| n.addr().is_loopback()));
+    }
+
+    #[test]
+    fn connection_fairness_limits_parse() {
+        let c = RelayConfig::from_yaml("{}").unwrap();
+        assert_eq!(c.limits.reserved_connections, 50);
+        assert_eq!(c.limits.evict_idle_after, Duration::from_secs(10));
+        let c = RelayConfig::from_yaml(
+            "limits: {max_connections: 4, reserved_connections: 9, evict_idle_after: 0s}\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.reserved_connections, 9);
+        assert!(c.limits.evict_idle_after.is_zero());
+        let e = RelayConfig::from_yaml("limits: {evict_idle_after: soon}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.evict_idle_after"), "{e}");
     }
 
     #[test]

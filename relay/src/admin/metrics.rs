@@ -76,6 +76,7 @@ pub struct Metrics {
     connections: Family<Label, Counter>,
     connections_active: Gauge,
     connections_refused: Family<Label, Counter>,
+    connections_evicted: Family<Label, Counter>,
     commands: Family<Label, Counter>,
     messages_accepted: Counter,
     messages_rejected: Family<Label, Counter>,
@@ -121,6 +122,12 @@ impl Metrics {
             "smtp_connections_refused",
             "SMTP connections refused before the greeting, by reason",
             connections_refused.clone(),
+        );
+        let connections_evicted = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_connections_evicted",
+            "Idle SMTP sessions closed to admit a new client, by the limit that was reached",
+            connections_evicted.clone(),
         );
         let commands = Family::<Label, Counter>::default();
         registry.register(
@@ -241,6 +248,7 @@ impl Metrics {
             connections,
             connections_active,
             connections_refused,
+            connections_evicted,
             commands,
             messages_accepted,
             messages_rejected,
@@ -288,6 +296,13 @@ impl Metrics {
 
     pub fn connection_refused(&self, reason: &str) {
         self.connections_refused
+            .get_or_create(&bounded("reason", reason))
+            .inc();
+    }
+
+    /// An idle session was closed to admit a client; `reason` is the limit reached.
+    pub fn connection_evicted(&self, reason: &str) {
+        self.connections_evicted
             .get_or_create(&bounded("reason", reason))
             .inc();
     }

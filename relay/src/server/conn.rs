@@ -81,6 +81,8 @@ enum End {
     Timeout,
     /// Graceful shutdown reached its deadline.
     Shutdown,
+    /// The session was idle while the relay was full, and gave its slot to a newcomer.
+    Evicted,
     /// A deadline, rate or size limit was broken: send `reply`, count `reason`, close.
     Cut { reply: Reply, reason: &'static str },
 }
@@ -174,6 +176,9 @@ pub struct Conn {
     charged: Option<crate::quota::Charged>,
     /// Runs across the chunks of a BDAT transaction.
     bdat_clock: Option<DataClock>,
+    /// This session's connection slot: marked idle between commands, and rung
+    /// when the session is evicted for a newcomer.
+    slot: Option<super::limits::ConnSlot>,
 }
 
 enum Line {
@@ -200,6 +205,18 @@ impl Conn {
             closing,
             charged: None,
             bdat_clock: None,
+            slot: None,
+        }
+    }
+
+    pub fn with_slot(mut self, slot: super::limits::ConnSlot) -> Self {
+        self.slot = Some(slot);
+        self
+    }
+
+    fn set_idle(&self, idle: bool) {
+        if let Some(s) = &self.slot {
+            s.set_idle(idle);
         }
     }
 
@@ -263,6 +280,7 @@ impl Conn {
         let start = self.buf.len();
         let mut closing = self.closing.clone();
         let mut draining = self.draining.clone();
+        let evicted = self.slot.as_ref().map(|s| Arc::clone(&s.evicted));
         let (stream, buf) = (&mut self.stream, &mut self.buf);
         let read = async move {
             loop {
@@ -292,6 +310,9 @@ impl Conn {
             _ = closing.wait_for(|v| *v) => Err(End::Shutdown),
             // An idle session is closed as soon as shutdown begins.
             _ = draining.wait_for(|v| *v), if idle => Err(End::Shutdown),
+            // Rung only while waiting for a command outside a transaction (a partial
+            // line included: a trickled command is no progress).
+            _ = async { evicted.as_ref().unwrap().notified().await }, if evicted.is_some() => Err(End::Evicted),
         };
         match result {
             Ok(n) => {
@@ -379,6 +400,17 @@ impl Conn {
                 info!(client = %session.peer().ip, reason = *reason, "connection cut");
                 Some(reply.clone())
             }
+            Err(End::Evicted) => {
+                info!(client = %session.peer().ip, "idle session closed to admit a new client");
+                Some(Reply::status(
+                    421,
+                    (4, 7, 0),
+                    format!(
+                        "{} Error: server busy, closing idle connection",
+                        self.shared.config.hostname
+                    ),
+                ))
+            }
             Err(End::Shutdown) => Some(Reply::status(
                 421,
                 (4, 3, 2),
@@ -408,7 +440,10 @@ impl Conn {
                 self.bdat_clock = None;
             }
             let idle = !session.in_transaction();
-            let line = self.read_line(session.max_line(), idle).await?;
+            self.set_idle(idle);
+            let line = self.read_line(session.max_line(), idle).await;
+            self.set_idle(false);
+            let line = line?;
             let mut step = match line {
                 Line::Complete(l) => session.on_line(&l),
                 Line::TooLong => session.line_too_long(),
@@ -527,6 +562,7 @@ impl Conn {
         drop(password);
         if ok {
             info!(client = %ip, user = %subjects.user, "authenticated");
+            self.shared.limits.note_authenticated(ip);
             if let Some(t) = &throttle {
                 t.succeeded(&subjects).await;
             }

@@ -65,12 +65,14 @@ impl Shared {
             max_messages: l.max_messages_per_connection,
             add_missing_headers: config.add_missing_headers,
         };
-        let limits = ConnLimits::with_networks(
+        let limits = ConnLimits::with_fairness(
             l.max_connections,
             l.max_connections_per_ip,
             l.max_connections_per_network,
             l.network_prefix_v4,
             l.network_prefix_v6,
+            l.reserved_connections,
+            (!l.evict_idle_after.is_zero()).then_some(l.evict_idle_after),
         );
         Arc::new(Shared {
             config,
@@ -259,8 +261,15 @@ async fn handle(
         }
     }
     let ip = client.ip().to_canonical();
-    let _slot = match shared.limits.try_acquire(ip, !shared.relay_allowed(ip)) {
-        Ok(slot) => slot,
+    let ours = shared.relay_allowed(ip);
+    let slot = match shared.limits.try_acquire(ip, !ours, ours && !anonymous) {
+        Ok(slot) => {
+            if let Some(limit) = slot.made_room {
+                shared.metrics.connection_evicted(limit.reason());
+                info!(client = %client, limit = limit.reason(), "closed the session idle longest to admit a client");
+            }
+            slot
+        }
         Err(refusal) => {
             shared.metrics.connection_refused(refusal.reason());
             debug!(client = %client, reason = refusal.reason(), "connection refused");
@@ -312,6 +321,7 @@ async fn handle(
         signals.draining,
         signals.closing,
     )
+    .with_slot(slot)
     .run(session)
     .await;
 }
