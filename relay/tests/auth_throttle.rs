@@ -204,3 +204,36 @@ fn embedded_queue_relay_locks_out_in_process() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+#[test]
+fn lockout_is_shared_on_a_redis_cluster() {
+    let cluster = support::redis::RedisCluster::start();
+    let mut urls = cluster.urls();
+    let first = urls.remove(0);
+    let throttle = "delay: 0s, max_failures: 2, window: 1m, lockout: 1m";
+    let start = || {
+        Relay::start(RelayOptions {
+            relay_networks: Some(vec!["10.99.0.0/16".into()]),
+            tls: true,
+            proxy_protocol: true,
+            auth_users: Some(USERS.into()),
+            auth_throttle: Some(throttle.into()),
+            redis_url: Some(first.clone()),
+            redis_cluster_nodes: Some(urls.clone()),
+            ..Default::default()
+        })
+    };
+    let (a, b) = (start(), start());
+    expect(&attempt(&a, "192.0.2.50", "alice", "x").0, 535, "5.7.8");
+    expect(&attempt(&b, "192.0.2.51", "alice", "y").0, 535, "5.7.8");
+    expect(
+        &attempt(&a, "192.0.2.52", "alice", "correct-horse").0,
+        454,
+        "4.7.0",
+    );
+    expect(
+        &attempt(&b, "192.0.2.52", "bob", "battery-staple").0,
+        235,
+        "2.7.0",
+    );
+}
