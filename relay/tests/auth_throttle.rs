@@ -237,3 +237,28 @@ fn lockout_is_shared_on_a_redis_cluster() {
         "2.7.0",
     );
 }
+
+#[test]
+fn auth_fails_closed_while_the_counters_are_out_of_reach() {
+    let mut redis = RedisServer::start();
+    let r = relay(Some(redis.url()), "delay: 0s, max_failures: 5");
+    expect(
+        &attempt(&r, "192.0.2.60", "bob", "battery-staple").0,
+        235,
+        "2.7.0",
+    );
+    redis.stop();
+    // Without its counters the relay cannot brake guesses: it refuses to check any.
+    expect(
+        &attempt(&r, "192.0.2.60", "bob", "battery-staple").0,
+        454,
+        "4.7.0",
+    );
+    assert_eq!(
+        metric(
+            &[&r],
+            "mailrelay_smtp_auth_refused_total{reason=\"store_unavailable\"}"
+        ),
+        1.0
+    );
+}
