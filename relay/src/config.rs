@@ -173,6 +173,41 @@ fn default_reload() -> Duration {
 pub struct AuthConfig {
     /// File of `username:password` lines (a mounted Secret); re-read on change.
     pub users_file: PathBuf,
+    /// Brakes on password guessing, shared by every relay on the same queue store.
+    #[serde(default)]
+    pub throttle: AuthThrottleConfig,
+}
+
+/// Failed AUTH attempts slow down and then lock out a client address (an IPv6
+/// client's /64) and a user name, each counted on its own.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthThrottleConfig {
+    /// Wait before checking an attempt after one earlier failure; doubles with each
+    /// further failure of the address or user within `window`. 0 turns delays off.
+    #[serde(with = "duration_str")]
+    pub delay: Duration,
+    #[serde(with = "duration_str")]
+    pub max_delay: Duration,
+    /// Failures within `window` that lock the address or the user out; 0 turns
+    /// lockouts off.
+    pub max_failures: u32,
+    #[serde(with = "duration_str")]
+    pub window: Duration,
+    #[serde(with = "duration_str")]
+    pub lockout: Duration,
+}
+
+impl Default for AuthThrottleConfig {
+    fn default() -> Self {
+        AuthThrottleConfig {
+            delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(30),
+            max_failures: 10,
+            window: Duration::from_secs(15 * 60),
+            lockout: Duration::from_secs(15 * 60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -190,6 +225,14 @@ pub struct Limits {
     pub max_connections_per_network: usize,
     pub network_prefix_v4: u8,
     pub network_prefix_v6: u8,
+    /// Slots of `max_connections` kept for clients inside `relay_networks` and
+    /// addresses that authenticated lately; at most half of `max_connections` is
+    /// kept, so a small `max_connections` needs no matching change here.
+    pub reserved_connections: usize,
+    /// When the relay is full, a session idle (outside a transaction) this long may
+    /// be closed to admit a new client, the one idle longest first; 0 turns it off.
+    #[serde(with = "duration_str")]
+    pub evict_idle_after: Duration,
     /// Protocol errors in one session before `421` and close.
     pub max_errors: u32,
     /// Messages in one session before `421`.
@@ -229,6 +272,8 @@ impl Default for Limits {
             max_connections_per_network: 250,
             network_prefix_v4: 24,
             network_prefix_v6: 64,
+            reserved_connections: 50,
+            evict_idle_after: Duration::from_secs(10),
             max_errors: 10,
             max_messages_per_connection: 1000,
             command_timeout: Duration::from_secs(300),
@@ -613,6 +658,21 @@ impl RelayConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(a) = &self.auth {
+            let t = &a.throttle;
+            if t.max_delay < t.delay {
+                return Err(invalid(
+                    "auth.throttle.max_delay",
+                    "must not be shorter than auth.throttle.delay",
+                ));
+            }
+            if t.window.is_zero() {
+                return Err(invalid("auth.throttle.window", "must be longer than 0"));
+            }
+            if t.max_failures > 0 && t.lockout.is_zero() {
+                return Err(invalid("auth.throttle.lockout", "must be longer than 0"));
+            }
+        }
         if !is_valid_hostname(&self.hostname) {
             return Err(invalid(
                 "hostname",
@@ -945,6 +1005,51 @@ mod tests {
         assert_eq!(c.queue.effective_backend(), QueueBackendKind::Embedded);
         assert_eq!(c.queue.path, PathBuf::from("./mailrelay-data"));
         assert!(c.relay_networks.iter().all(|n| n.addr().is_loopback()));
+    }
+
+    #[test]
+    fn connection_fairness_limits_parse() {
+        let c = RelayConfig::from_yaml("{}").unwrap();
+        assert_eq!(c.limits.reserved_connections, 50);
+        assert_eq!(c.limits.evict_idle_after, Duration::from_secs(10));
+        let c = RelayConfig::from_yaml(
+            "limits: {max_connections: 4, reserved_connections: 9, evict_idle_after: 0s}\n",
+        )
+        .unwrap();
+        assert_eq!(c.limits.reserved_connections, 9);
+        assert!(c.limits.evict_idle_after.is_zero());
+        let e = RelayConfig::from_yaml("limits: {evict_idle_after: soon}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("limits.evict_idle_after"), "{e}");
+    }
+
+    #[test]
+    fn auth_throttle_defaults_and_bad_values_are_named() {
+        let c = RelayConfig::from_yaml("auth: {users_file: /u}\n").unwrap();
+        let t = &c.auth.unwrap().throttle;
+        assert_eq!(t.max_failures, 10);
+        assert_eq!(t.delay, Duration::from_secs(1));
+        assert_eq!(t.lockout, Duration::from_secs(900));
+        let c = RelayConfig::from_yaml(
+            "auth: {users_file: /u, throttle: {delay: 50ms, max_failures: 3, lockout: 2s}}\n",
+        )
+        .unwrap();
+        let t = &c.auth.unwrap().throttle;
+        assert_eq!((t.delay, t.max_failures), (Duration::from_millis(50), 3));
+        assert_eq!(t.window, Duration::from_secs(900));
+        for (yaml, field) in [
+            ("{delay: 5s, max_delay: 1s}", "auth.throttle.max_delay"),
+            ("{window: 0s}", "auth.throttle.window"),
+            ("{lockout: 0s}", "auth.throttle.lockout"),
+            ("{lockot: 1s}", "lockot"),
+        ] {
+            let e =
+                RelayConfig::from_yaml(&format!("auth: {{users_file: /u, throttle: {yaml}}}\n"))
+                    .unwrap_err()
+                    .to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
     }
 
     #[test]

@@ -221,6 +221,17 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let (queue, redis) = open_queue(&cfg).await?;
     info!(backend = queue.backend(), hostname = %cfg.hostname, "queue open");
     let metrics = Arc::new(Metrics::new());
+    let auth_failures: Option<Arc<dyn server::auth_throttle::FailureStore>> =
+        match (&cfg.auth, &redis) {
+            (None, _) => None,
+            (Some(_), Some(q)) => Some(Arc::new(
+                server::auth_throttle::RedisFailures::new(q.shared())
+                    .await
+                    .map_err(anyhow::Error::msg)
+                    .context("loading the AUTH throttle scripts into Redis")?,
+            )),
+            (Some(_), None) => Some(Arc::new(server::auth_throttle::MemoryFailures::default())),
+        };
     let quotas = open_quotas(&cfg, redis, &metrics).await?;
     info!(
         backend = quotas.backend(),
@@ -298,7 +309,20 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let grace = cfg.shutdown_grace;
     let settle_for = cfg.shutdown_settle;
     let mut signals = StopSignals::listen()?;
+    let auth_throttle = match (&cfg.auth, auth_failures) {
+        (Some(a), Some(store)) => Some(server::auth_throttle::AuthThrottle::new(
+            a.throttle.clone(),
+            store,
+            Arc::clone(&metrics),
+            cfg.queue.write_timeout,
+        )),
+        _ => None,
+    };
     let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
+    if let Some(t) = auth_throttle {
+        info!(backend = t.backend(), "AUTH throttle ready");
+        shared.set_auth_throttle(t);
+    }
     if let Some(d) = &delivery {
         shared.ring_on_queue(d.doorbell());
     }

@@ -198,6 +198,7 @@ pub fn relay_config(
     if spec.auth.is_some() {
         cfg.auth = Some(AuthConfig {
             users_file: format!("{AUTH_DIR}/users").into(),
+            throttle: Default::default(),
         });
     }
     check_redis(&spec.redis)?;

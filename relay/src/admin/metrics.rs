@@ -76,6 +76,7 @@ pub struct Metrics {
     connections: Family<Label, Counter>,
     connections_active: Gauge,
     connections_refused: Family<Label, Counter>,
+    connections_evicted: Family<Label, Counter>,
     commands: Family<Label, Counter>,
     messages_accepted: Counter,
     messages_rejected: Family<Label, Counter>,
@@ -84,6 +85,9 @@ pub struct Metrics {
     queue_write_failures: Family<Label, Counter>,
     tls_handshakes: Family<Label, Counter>,
     delivery_tls_fallbacks: Counter,
+    auth_failures: Counter,
+    auth_lockouts: Family<Label, Counter>,
+    auth_refused: Family<Label, Counter>,
     delivery_recipients: Family<ResultLabels, Counter>,
     delivery_latency: Histogram,
     delivery_connections_active: Gauge,
@@ -118,6 +122,12 @@ impl Metrics {
             "smtp_connections_refused",
             "SMTP connections refused before the greeting, by reason",
             connections_refused.clone(),
+        );
+        let connections_evicted = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_connections_evicted",
+            "Idle SMTP sessions closed to admit a new client, by the limit that was reached",
+            connections_evicted.clone(),
         );
         let commands = Family::<Label, Counter>::default();
         registry.register(
@@ -207,6 +217,24 @@ impl Metrics {
             "Open outbound SMTP connections",
             delivery_connections_active.clone(),
         );
+        let auth_failures = Counter::default();
+        registry.register(
+            "smtp_auth_failures",
+            "SMTP AUTH attempts with wrong credentials",
+            auth_failures.clone(),
+        );
+        let auth_lockouts = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_auth_lockouts",
+            "AUTH lockouts begun after too many failures, by scope (address, user)",
+            auth_lockouts.clone(),
+        );
+        let auth_refused = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_auth_refused",
+            "AUTH attempts answered 454 without checking the credentials, by reason (locked, store_unavailable)",
+            auth_refused.clone(),
+        );
         let quota = crate::quota::metrics::QuotaMetrics::register(&mut registry);
         let egress = crate::quota::egress::metrics::EgressMetrics::default();
         egress.register(&mut registry);
@@ -220,6 +248,7 @@ impl Metrics {
             connections,
             connections_active,
             connections_refused,
+            connections_evicted,
             commands,
             messages_accepted,
             messages_rejected,
@@ -228,7 +257,29 @@ impl Metrics {
             queue_write_failures,
             tls_handshakes,
             delivery_tls_fallbacks,
+            auth_failures,
+            auth_lockouts,
+            auth_refused,
         }
+    }
+
+    /// One AUTH attempt with wrong credentials.
+    pub fn auth_failure(&self) {
+        self.auth_failures.inc();
+    }
+
+    /// A lockout began; `scope` is `address` or `user`.
+    pub fn auth_lockout(&self, scope: &'static str) {
+        self.auth_lockouts
+            .get_or_create(&label("scope", scope))
+            .inc();
+    }
+
+    /// An AUTH attempt refused unchecked; `reason` is `locked` or `store_unavailable`.
+    pub fn auth_refused(&self, reason: &'static str) {
+        self.auth_refused
+            .get_or_create(&label("reason", reason))
+            .inc();
     }
 
     pub fn connection_opened(&self, listener: &str) {
@@ -245,6 +296,13 @@ impl Metrics {
 
     pub fn connection_refused(&self, reason: &str) {
         self.connections_refused
+            .get_or_create(&bounded("reason", reason))
+            .inc();
+    }
+
+    /// An idle session was closed to admit a client; `reason` is the limit reached.
+    pub fn connection_evicted(&self, reason: &str) {
+        self.connections_evicted
             .get_or_create(&bounded("reason", reason))
             .inc();
     }

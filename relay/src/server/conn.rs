@@ -81,6 +81,8 @@ enum End {
     Timeout,
     /// Graceful shutdown reached its deadline.
     Shutdown,
+    /// The session was idle while the relay was full, and gave its slot to a newcomer.
+    Evicted,
     /// A deadline, rate or size limit was broken: send `reply`, count `reason`, close.
     Cut { reply: Reply, reason: &'static str },
 }
@@ -174,6 +176,9 @@ pub struct Conn {
     charged: Option<crate::quota::Charged>,
     /// Runs across the chunks of a BDAT transaction.
     bdat_clock: Option<DataClock>,
+    /// This session's connection slot: marked idle between commands, and rung
+    /// when the session is evicted for a newcomer.
+    slot: Option<super::limits::ConnSlot>,
 }
 
 enum Line {
@@ -200,6 +205,18 @@ impl Conn {
             closing,
             charged: None,
             bdat_clock: None,
+            slot: None,
+        }
+    }
+
+    pub fn with_slot(mut self, slot: super::limits::ConnSlot) -> Self {
+        self.slot = Some(slot);
+        self
+    }
+
+    fn set_idle(&self, idle: bool) {
+        if let Some(s) = &self.slot {
+            s.set_idle(idle);
         }
     }
 
@@ -263,6 +280,7 @@ impl Conn {
         let start = self.buf.len();
         let mut closing = self.closing.clone();
         let mut draining = self.draining.clone();
+        let evicted = self.slot.as_ref().map(|s| Arc::clone(&s.evicted));
         let (stream, buf) = (&mut self.stream, &mut self.buf);
         let read = async move {
             loop {
@@ -292,6 +310,9 @@ impl Conn {
             _ = closing.wait_for(|v| *v) => Err(End::Shutdown),
             // An idle session is closed as soon as shutdown begins.
             _ = draining.wait_for(|v| *v), if idle => Err(End::Shutdown),
+            // Rung only while waiting for a command outside a transaction (a partial
+            // line included: a trickled command is no progress).
+            _ = async { evicted.as_ref().unwrap().notified().await }, if evicted.is_some() => Err(End::Evicted),
         };
         match result {
             Ok(n) => {
@@ -379,6 +400,17 @@ impl Conn {
                 info!(client = %session.peer().ip, reason = *reason, "connection cut");
                 Some(reply.clone())
             }
+            Err(End::Evicted) => {
+                info!(client = %session.peer().ip, "idle session closed to admit a new client");
+                Some(Reply::status(
+                    421,
+                    (4, 7, 0),
+                    format!(
+                        "{} Error: server busy, closing idle connection",
+                        self.shared.config.hostname
+                    ),
+                ))
+            }
             Err(End::Shutdown) => Some(Reply::status(
                 421,
                 (4, 3, 2),
@@ -408,7 +440,10 @@ impl Conn {
                 self.bdat_clock = None;
             }
             let idle = !session.in_transaction();
-            let line = self.read_line(session.max_line(), idle).await?;
+            self.set_idle(idle);
+            let line = self.read_line(session.max_line(), idle).await;
+            self.set_idle(false);
+            let line = line?;
             let mut step = match line {
                 Line::Complete(l) => session.on_line(&l),
                 Line::TooLong => session.line_too_long(),
@@ -449,18 +484,7 @@ impl Conn {
                             session.chunk_end(QueueId::generate(), time::OffsetDateTime::now_utc());
                     }
                     Step::CheckCredentials { username, password } => {
-                        let ok = self
-                            .shared
-                            .users
-                            .as_ref()
-                            .is_some_and(|u| u.current().verify(&username, &password));
-                        if ok {
-                            info!(client = %session.peer().ip, user = %username, "authenticated");
-                        } else {
-                            // The user name is logged for abuse tracking; the password never is.
-                            warn!(client = %session.peer().ip, user = %username, "authentication failed");
-                        }
-                        step = session.auth_result(username, ok);
+                        step = self.check_credentials(session, username, password).await?;
                     }
                     Step::CheckQuota(msg) => {
                         let started = Instant::now();
@@ -495,6 +519,67 @@ impl Conn {
                 self.shared.metrics.rejected(reason);
             }
         }
+    }
+
+    /// Checks AUTH credentials behind the throttle: an attempt waits out the delay
+    /// its address's and user's earlier failures earned, and a locked-out one is
+    /// refused before the password is looked at.
+    async fn check_credentials(
+        &mut self,
+        session: &mut Session,
+        username: String,
+        password: String,
+    ) -> Result<Step, End> {
+        let ip = session.peer().ip;
+        let throttle = self.shared.auth_throttle().cloned();
+        let subjects = crate::server::auth_throttle::Subjects::new(ip, &username);
+        if let Some(t) = &throttle {
+            use crate::server::auth_throttle::Verdict;
+            match t.before(&subjects).await {
+                Verdict::Proceed(delay) if !delay.is_zero() => {
+                    debug!(client = %ip, user = %subjects.user, delay = ?delay, "AUTH attempt delayed after earlier failures");
+                    self.flush().await?;
+                    let mut closing = self.closing.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = closing.wait_for(|v| *v) => return Err(End::Shutdown),
+                    }
+                }
+                Verdict::Proceed(_) => {}
+                Verdict::Locked => {
+                    // The same answer for every user, existing or not.
+                    warn!(client = %ip, user = %subjects.user, "authentication refused: address or user locked out after repeated failures");
+                    return Ok(session.auth_unavailable());
+                }
+                Verdict::Unavailable => return Ok(session.auth_unavailable()),
+            }
+        }
+        let ok = self
+            .shared
+            .users
+            .as_ref()
+            .is_some_and(|u| u.current().verify(&username, &password));
+        drop(password);
+        if ok {
+            info!(client = %ip, user = %subjects.user, "authenticated");
+            self.shared.limits.note_authenticated(ip);
+            if let Some(t) = &throttle {
+                t.succeeded(&subjects).await;
+            }
+        } else {
+            // The user name is logged for abuse tracking; the password never is.
+            warn!(client = %ip, user = %subjects.user, "authentication failed");
+            if let Some(t) = &throttle {
+                let r = t.failed(&subjects).await;
+                if r.address_locked {
+                    warn!(client = %ip, "AUTH lockout of the client address begins");
+                }
+                if r.user_locked {
+                    warn!(user = %subjects.user, "AUTH lockout of the user begins");
+                }
+            }
+        }
+        Ok(session.auth_result(username, ok))
     }
 
     async fn start_tls(&mut self, session: &mut Session) -> Result<(), End> {

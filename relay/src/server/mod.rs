@@ -1,6 +1,7 @@
 //! The SMTP side of a relay process: listeners, connection admission, PROXY
 //! protocol, TLS, and one task per connection driving a [`Session`].
 
+pub mod auth_throttle;
 pub mod conn;
 pub mod limits;
 pub mod proxy;
@@ -40,6 +41,8 @@ pub struct Shared {
     /// Rung after each message queued: this process's delivery (see
     /// [`Shared::ring_on_queue`]).
     doorbell: std::sync::OnceLock<crate::delivery::scheduler::Doorbell>,
+    /// Brakes on AUTH password guessing (set when AUTH is configured).
+    auth_throttle: std::sync::OnceLock<Arc<auth_throttle::AuthThrottle>>,
     active: AtomicUsize,
 }
 
@@ -62,12 +65,14 @@ impl Shared {
             max_messages: l.max_messages_per_connection,
             add_missing_headers: config.add_missing_headers,
         };
-        let limits = ConnLimits::with_networks(
+        let limits = ConnLimits::with_fairness(
             l.max_connections,
             l.max_connections_per_ip,
             l.max_connections_per_network,
             l.network_prefix_v4,
             l.network_prefix_v6,
+            l.reserved_connections,
+            (!l.evict_idle_after.is_zero()).then_some(l.evict_idle_after),
         );
         Arc::new(Shared {
             config,
@@ -79,6 +84,7 @@ impl Shared {
             limits,
             quotas,
             doorbell: std::sync::OnceLock::new(),
+            auth_throttle: std::sync::OnceLock::new(),
             active: AtomicUsize::new(0),
         })
     }
@@ -87,6 +93,15 @@ impl Shared {
     /// are ignored).
     pub fn ring_on_queue(&self, doorbell: crate::delivery::scheduler::Doorbell) {
         let _ = self.doorbell.set(doorbell);
+    }
+
+    /// Throttles AUTH failures with `t` (once; later calls are ignored).
+    pub fn set_auth_throttle(&self, t: Arc<auth_throttle::AuthThrottle>) {
+        let _ = self.auth_throttle.set(t);
+    }
+
+    pub fn auth_throttle(&self) -> Option<&Arc<auth_throttle::AuthThrottle>> {
+        self.auth_throttle.get()
     }
 
     /// A message was queued.
@@ -246,8 +261,15 @@ async fn handle(
         }
     }
     let ip = client.ip().to_canonical();
-    let _slot = match shared.limits.try_acquire(ip, !shared.relay_allowed(ip)) {
-        Ok(slot) => slot,
+    let ours = shared.relay_allowed(ip);
+    let slot = match shared.limits.try_acquire(ip, !ours, ours && !anonymous) {
+        Ok(slot) => {
+            if let Some(limit) = slot.made_room {
+                shared.metrics.connection_evicted(limit.reason());
+                info!(client = %client, limit = limit.reason(), "closed the session idle longest to admit a client");
+            }
+            slot
+        }
         Err(refusal) => {
             shared.metrics.connection_refused(refusal.reason());
             debug!(client = %client, reason = refusal.reason(), "connection refused");
@@ -299,6 +321,7 @@ async fn handle(
         signals.draining,
         signals.closing,
     )
+    .with_slot(slot)
     .run(session)
     .await;
 }

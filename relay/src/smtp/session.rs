@@ -802,6 +802,17 @@ impl Session {
         }
     }
 
+    /// The answer to [`Step::CheckCredentials`] when the attempt was refused
+    /// unchecked (a lockout, or the failure counters out of reach): one reply for
+    /// every case, so it tells nothing about the user or the password.
+    pub fn auth_unavailable(&mut self) -> Step {
+        self.error(r(
+            454,
+            (4, 7, 0),
+            "Temporary authentication failure, try again later",
+        ))
+    }
+
     fn protocol(&self) -> &'static str {
         let utf8 = self.tx.mail.as_ref().is_some_and(|m| m.smtputf8);
         match (
@@ -910,6 +921,7 @@ fn classify(reply: &Reply) -> &'static str {
         (_, Some(Enhanced(5, 7, 1))) => "relay_denied",
         (_, Some(Enhanced(5, 7, 8))) => "auth_failed",
         (_, Some(Enhanced(5, 7, 11))) => "auth_requires_tls",
+        (454, Some(Enhanced(4, 7, 0))) => "auth_locked",
         (550, _) if text.contains("bare <LF>") => "bare_lf",
         (550, _) if text.contains("bare <CR>") => "bare_cr",
         (500, _) if text.contains("bare <") => "bare_line_ending",

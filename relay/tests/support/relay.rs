@@ -25,6 +25,9 @@ pub struct RelayOptions {
     pub implicit_tls: bool,
     /// `username:password` lines for SMTP AUTH.
     pub auth_users: Option<String>,
+    /// With `auth_users`: the body of `auth.throttle` as flow-mapping entries
+    /// (`delay: 100ms, max_failures: 3`).
+    pub auth_throttle: Option<String>,
     /// Use the Redis backend at this URL instead of the embedded queue.
     pub redis_url: Option<String>,
     /// With `redis_url`: speak Redis Cluster, with these further seed nodes.
@@ -139,7 +142,12 @@ impl Relay {
         if let Some(users) = &opts.auth_users {
             let p = dir.path().join("users");
             std::fs::write(&p, users).unwrap();
-            writeln!(y, "auth: {{users_file: '{}'}}", p.display()).unwrap();
+            let throttle = opts
+                .auth_throttle
+                .as_ref()
+                .map(|t| format!(", throttle: {{{t}}}"))
+                .unwrap_or_default();
+            writeln!(y, "auth: {{users_file: '{}'{throttle}}}", p.display()).unwrap();
         }
         writeln!(y, "queue:").unwrap();
         writeln!(y, "  path: '{}'", dir.path().join("queue").display()).unwrap();
