@@ -330,6 +330,142 @@ fn nul_octets_in_data_and_bdat_are_refused_and_nothing_is_smuggled() {
     );
 }
 
+/// A next hop that drops NUL octets before it looks for the end of data: the weak
+/// server the NUL smuggling variants aim at. It reads SMTP, deletes every NUL from
+/// what it reads, and records each message it takes (one JSON line per message).
+const NUL_STRIPPING_SINK: &str = r#"
+import json, socket, sys, threading
+
+cfg = json.loads(sys.argv[1])
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen(16)
+lock = threading.Lock()
+
+def record(msg):
+    with lock, open(cfg["out"], "a") as f:
+        f.write(json.dumps(msg) + "\n")
+
+def serve(conn):
+    f = conn.makefile("rb")
+    def line():
+        l = f.readline()
+        return l.replace(b"\x00", b"") if l else None
+    conn.sendall(b"220 weak.test ESMTP\r\n")
+    env = {"from": None, "to": []}
+    while True:
+        l = line()
+        if l is None:
+            return
+        cmd = l.strip().upper()
+        if cmd.startswith(b"EHLO") or cmd.startswith(b"HELO"):
+            conn.sendall(b"250 weak.test\r\n")
+        elif cmd.startswith(b"MAIL FROM:"):
+            env = {"from": l.strip()[10:].decode("latin-1"), "to": []}
+            conn.sendall(b"250 ok\r\n")
+        elif cmd.startswith(b"RCPT TO:"):
+            env["to"].append(l.strip()[8:].decode("latin-1"))
+            conn.sendall(b"250 ok\r\n")
+        elif cmd == b"DATA":
+            conn.sendall(b"354 go\r\n")
+            body = []
+            while True:
+                d = line()
+                if d is None:
+                    return
+                if d == b".\r\n":
+                    break
+                body.append(d)
+            record({"from": env["from"], "to": env["to"], "body": b"".join(body).decode("latin-1")})
+            conn.sendall(b"250 queued\r\n")
+        elif cmd == b"QUIT":
+            conn.sendall(b"221 bye\r\n")
+            return
+        else:
+            conn.sendall(b"250 ok\r\n")
+
+print(srv.getsockname()[1], flush=True)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// The point of refusing NUL: a next hop that strips NUL before looking for the end
+/// of data would turn `<CR><LF><NUL>.<CR><LF>` into an end of data and run the rest
+/// as a second, smuggled transaction under the relay's name. Through the relay, that
+/// hop receives the clean messages and nothing else.
+#[test]
+fn a_next_hop_that_strips_nul_receives_nothing_smuggled() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("received.jsonl");
+    let (mut sink, ready) = support::start_python(
+        tmp.path(),
+        NUL_STRIPPING_SINK,
+        &serde_json::json!({"out": out}),
+    );
+    let port: u16 = ready.trim().parse().expect("the sink's port");
+    let mut relay = Relay::start(RelayOptions {
+        extra_yaml: format!(
+            "delivery:\n  smarthost: {{host: 127.0.0.1, port: {port}, tls: disabled}}\n  poll_interval: 100ms\n"
+        ),
+        ..RelayOptions::default()
+    });
+    let head: &[u8] = b"From: <sender@client.test>\r\nSubject: cover\r\n\r\ncover text";
+    let mut clean = 0;
+    for (name, fake) in NUL_ENDS {
+        let mut c = relay.connect();
+        ehlo(&mut c);
+        expect(&c.cmd("MAIL FROM:<sender@client.test>"), 250, None);
+        expect(&c.cmd("RCPT TO:<rcpt@dest.test>"), 250, None);
+        expect(&c.cmd("DATA"), 354, None);
+        c.send(&[head, fake, SMUGGLED, b"\r\n.\r\n"].concat());
+        let r = c.reply();
+        expect(&r, 550, Some("5.6.0"));
+        expect(&c.cmd("RSET"), 250, None);
+        send_message(
+            &mut c,
+            "sender@client.test",
+            &["rcpt@dest.test"],
+            &content(&format!("clean after {name}")),
+        );
+        clean += 1;
+        expect(&c.cmd("QUIT"), 221, None);
+    }
+    // Every clean message reaches the weak hop; then nothing more comes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let received = loop {
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= clean {
+            break lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sink got {} of {clean} messages\nrelay log:\n{}",
+            lines.len(),
+            relay.log()
+        );
+        sleep(Duration::from_millis(100));
+    };
+    sleep(Duration::from_millis(500));
+    let again = std::fs::read_to_string(&out).unwrap().lines().count();
+    assert_eq!(again, clean, "only the clean messages reach the next hop");
+    for m in &received {
+        assert_eq!(m["from"], "<sender@client.test>", "{m}");
+        let body = m["body"].as_str().unwrap();
+        assert!(
+            !body.contains("smuggled") && !body.contains("evil@attacker.test"),
+            "{m}"
+        );
+    }
+    assert!(relay.stop().success());
+    sink.kill().ok();
+    sink.wait().ok();
+}
+
 #[test]
 fn pipelined_transactions_and_dot_stuffing_round_trip_exactly() {
     let mut relay = Relay::start(RelayOptions::default());
