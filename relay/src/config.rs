@@ -81,6 +81,32 @@ pub struct RelayConfig {
     /// reloaded without a restart.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub quotas: Vec<crate::quota::config::QuotaConfig>,
+    /// Which senders each AUTH user and relay network may use (absent: any).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sender_binding: Option<SenderBindingConfig>,
+}
+
+/// Binds AUTH users and `relay_networks` clients to the senders they may use.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SenderBindingConfig {
+    /// Refuse every sender of an AUTH user or relay-network client that has no
+    /// binding (default: such clients may use any sender, as without this section).
+    pub required: bool,
+    /// Also check the addresses of the `From:` header after DATA.
+    pub check_from_header: bool,
+    /// User name to patterns: `a.example` / `*.a.example` (domain globs),
+    /// `*@a.example` / `app@a.example` (address globs), `<>` (the null sender).
+    pub users: std::collections::BTreeMap<String, Vec<String>>,
+    /// The same for clients inside `relay_networks`; the most specific network wins.
+    pub networks: Vec<NetworkSenders>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSenders {
+    pub network: IpNet,
+    pub senders: Vec<String>,
 }
 
 impl Default for RelayConfig {
@@ -89,6 +115,7 @@ impl Default for RelayConfig {
             hostname: default_hostname(),
             listeners: vec![ListenerConfig::default()],
             relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
+            sender_binding: None,
             tls: None,
             auth: None,
             limits: Limits::default(),
@@ -176,6 +203,43 @@ pub struct AuthConfig {
     /// Brakes on password guessing, shared by every relay on the same queue store.
     #[serde(default)]
     pub throttle: AuthThrottleConfig,
+}
+
+impl SenderBindingConfig {
+    fn validate(&self, relay_networks: &[IpNet]) -> Result<(), ConfigError> {
+        let check = |field: String, patterns: &[String]| {
+            if patterns.is_empty() {
+                return Err(invalid(field, "needs at least one sender pattern"));
+            }
+            for (i, p) in patterns.iter().enumerate() {
+                let ok = p == crate::smtp::sender::NULL_SENDER
+                    || (!p.is_empty()
+                        && !p.contains(['<', '>', ' ', ','])
+                        && p.matches('@').count() <= 1);
+                if !ok {
+                    return Err(invalid(
+                        format!("{field}[{i}]"),
+                        format!("{p:?} is not a domain or address glob (or \"<>\")"),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        for (user, patterns) in &self.users {
+            check(format!("sender_binding.users.{user}"), patterns)?;
+        }
+        for (i, n) in self.networks.iter().enumerate() {
+            check(format!("sender_binding.networks[{i}].senders"), &n.senders)?;
+            // A binding for clients that may not relay would never apply.
+            if !relay_networks.iter().any(|r| r.contains(&n.network)) {
+                return Err(invalid(
+                    format!("sender_binding.networks[{i}].network"),
+                    format!("{} is not inside relay_networks", n.network),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Failed AUTH attempts slow down and then lock out a client address (an IPv6
@@ -710,6 +774,9 @@ impl RelayConfig {
                     ),
                 ));
             }
+        }
+        if let Some(b) = &self.sender_binding {
+            b.validate(&self.relay_networks)?;
         }
         let l = &self.limits;
         if l.max_line_length < 80 || l.max_line_length > 1_000_000 {

@@ -1103,3 +1103,181 @@ fn smtp_source_large_messages() {
         check_smtp_source_message(m, None, LEN);
     }
 }
+
+// ---------------------------------------------------------------------------------
+// Sender binding: tenants may send only as their own senders
+
+/// alice owns `a.example`, bob owns `bob@b.example` and may send bounces; clients on
+/// loopback (a relay network) may send only as `app@c.example`.
+fn bound_relay() -> Relay {
+    Relay::start(RelayOptions {
+        tls: true,
+        auth_users: Some("alice:s3cret\nbob:b0b\n".into()),
+        relay_networks: Some(vec!["127.0.0.0/8".into()]),
+        extra_yaml: "sender_binding:\n  check_from_header: true\n  users:\n    alice: [a.example, '*.a.example']\n    bob: ['bob@b.example', '<>']\n  networks:\n    - {network: 127.0.0.0/8, senders: ['app@c.example']}\n".into(),
+        ..RelayOptions::default()
+    })
+}
+
+fn swaks_as(relay: &Relay, user: Option<(&str, &str)>, from: &str, extra: &[&str]) -> Run {
+    let server = relay.smtp.to_string();
+    let mut args = vec!["--server", &server, "--from", from, "--to", "r@dest.test"];
+    if let Some((u, p)) = user {
+        args.extend([
+            "--tls",
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            u,
+            "--auth-password",
+            p,
+        ]);
+    }
+    args.extend(extra);
+    swaks(&args)
+}
+
+#[test]
+fn swaks_users_and_networks_are_bound_to_their_senders() {
+    require_swaks_tls();
+    let mut relay = bound_relay();
+    let alice = Some(("alice", "s3cret"));
+
+    // Her own domain and its subdomains pass (swaks writes `From:` as the sender).
+    let own = swaks_as(&relay, alice, "ann@a.example", &[]);
+    let own_id = only_queued_id(&own);
+    let sub = swaks_as(&relay, alice, "ann@eu.a.example", &[]);
+    let sub_id = only_queued_id(&sub);
+
+    // Another tenant's domain is refused at MAIL, naming the rule.
+    let other = swaks_as(&relay, alice, "ceo@b.example", &[]);
+    assert!(
+        other.stdout.contains(
+            "550 5.7.1 Sender address <ceo@b.example> not allowed for user alice (rule sender_binding.users.alice)"
+        ),
+        "{}",
+        other.text()
+    );
+    assert!(queued_ids(&other.stdout).is_empty(), "{}", other.text());
+
+    // The envelope is hers but the `From:` header is not: refused after DATA.
+    let header = swaks_as(
+        &relay,
+        alice,
+        "ann@a.example",
+        &["--header", "From: CEO <ceo@b.example>"],
+    );
+    assert!(
+        header
+            .stdout
+            .contains("550 5.7.1 From: header address <ceo@b.example> not allowed for user alice"),
+        "{}",
+        header.text()
+    );
+    assert!(queued_ids(&header.stdout).is_empty(), "{}", header.text());
+
+    // The relay network's binding: its one address passes, its domain does not.
+    let app = swaks_as(&relay, None, "app@c.example", &[]);
+    let app_id = only_queued_id(&app);
+    let net = swaks_as(&relay, None, "other@c.example", &[]);
+    assert!(
+        net.stdout.contains(
+            "550 5.7.1 Sender address <other@c.example> not allowed for network 127.0.0.0/8 (rule sender_binding.networks[0])"
+        ),
+        "{}",
+        net.text()
+    );
+
+    assert_eq!(
+        metric(
+            &relay,
+            "mailrelay_smtp_sender_refused_total{reason=\"mail_from\"}"
+        ),
+        Some(2)
+    );
+    assert_eq!(
+        metric(
+            &relay,
+            "mailrelay_smtp_sender_refused_total{reason=\"from_header\"}"
+        ),
+        Some(1)
+    );
+    assert!(relay.stop().success(), "{}", relay.log());
+    let log = relay.log();
+    assert!(
+        log.contains("sender not allowed")
+            && log.contains("ceo@b.example")
+            && log.contains("sender_binding.networks[0]"),
+        "{log}"
+    );
+    let mut queued: Vec<String> = relay
+        .queued_messages()
+        .iter()
+        .map(|m| m.envelope.mail.from.clone())
+        .collect();
+    queued.sort();
+    assert_eq!(
+        queued,
+        ["ann@a.example", "ann@eu.a.example", "app@c.example"],
+        "{own_id} {sub_id} {app_id}"
+    );
+}
+
+const PY_SENDER: &str = r#"
+import json, smtplib, ssl, sys
+port, cafile, user, password, sender = sys.argv[1:6]
+s = smtplib.SMTP('127.0.0.1', int(port), local_hostname='py.client.test', timeout=20)
+s.ehlo()
+s.starttls(context=ssl.create_default_context(cafile=cafile))
+s.ehlo()
+s.login(user, password)
+out = {'mail': list(s.mail(sender))}
+if out['mail'][0] == 250:
+    out['rcpt'] = list(s.rcpt('r@dest.test'))
+    try:
+        out['data'] = list(s.data(b'Subject: bounce\r\n\r\nreport\r\n'))
+    except smtplib.SMTPResponseException as e:
+        out['data'] = [e.smtp_code, e.smtp_error]
+s.quit()
+print(json.dumps({k: [v[0], v[1].decode()] for k, v in out.items()}))
+"#;
+
+#[test]
+fn python_null_sender_only_where_the_binding_allows_it() {
+    let mut relay = bound_relay();
+    let script = relay.dir.path().join("sender.py");
+    std::fs::write(&script, PY_SENDER).unwrap();
+    let send = |user: &str, password: &str, sender: &str| -> serde_json::Value {
+        let r = run(
+            Command::new(tool("python3"))
+                .arg(&script)
+                .arg(relay.smtp.port().to_string())
+                .arg(relay.cert_path.as_ref().unwrap())
+                .args([user, password, sender]),
+            Duration::from_secs(30),
+        );
+        assert!(r.status.success(), "{}", r.text());
+        serde_json::from_str(r.stdout.trim()).unwrap()
+    };
+    // bob lists `<>`: his bounce is queued.
+    let bob = send("bob", "b0b", "");
+    assert_eq!(bob["data"][0], 250, "{bob}");
+    // alice does not: `<>` is refused like any sender outside her binding.
+    let alice = send("alice", "s3cret", "");
+    assert_eq!(alice["mail"][0], 550, "{alice}");
+    assert!(
+        alice["mail"][1]
+            .as_str()
+            .unwrap()
+            .starts_with("5.7.1 Sender address <> not allowed for user alice"),
+        "{alice}"
+    );
+    // bob's address pattern is exact: another b.example address is refused.
+    let eve = send("bob", "b0b", "eve@b.example");
+    assert_eq!(eve["mail"][0], 550, "{eve}");
+    assert!(relay.stop().success(), "{}", relay.log());
+    let msgs = relay.queued_messages();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].envelope.mail.from, "");
+    assert_eq!(msgs[0].envelope.client.auth_user.as_deref(), Some("bob"));
+}

@@ -80,6 +80,7 @@ pub struct Metrics {
     commands: Family<Label, Counter>,
     messages_accepted: Counter,
     messages_rejected: Family<Label, Counter>,
+    sender_refused: Family<Label, Counter>,
     received_bytes: Counter,
     queue_write: Histogram,
     queue_write_failures: Family<Label, Counter>,
@@ -148,6 +149,12 @@ impl Metrics {
             messages_rejected.clone(),
         );
         let received_bytes = Counter::default();
+        let sender_refused = Family::<Label, Counter>::default();
+        registry.register(
+            "smtp_sender_refused",
+            "Senders refused by sender_binding, by reason (mail_from, from_header)",
+            sender_refused.clone(),
+        );
         registry.register_with_unit(
             "smtp_received",
             "Message bytes accepted into the queue",
@@ -252,6 +259,7 @@ impl Metrics {
             commands,
             messages_accepted,
             messages_rejected,
+            sender_refused,
             received_bytes,
             queue_write,
             queue_write_failures,
@@ -321,6 +329,12 @@ impl Metrics {
     pub fn accepted(&self, bytes: u64) {
         self.messages_accepted.inc();
         self.received_bytes.inc_by(bytes);
+    }
+
+    pub fn sender_refused(&self, reason: &'static str) {
+        self.sender_refused
+            .get_or_create(&label("reason", reason))
+            .inc();
     }
 
     pub fn rejected(&self, reason: &str) {

@@ -453,6 +453,17 @@ impl Conn {
                 if let Some(reason) = session.take_rejection() {
                     self.shared.metrics.rejected(reason);
                 }
+                if let Some(refusal) = session.take_sender_refusal() {
+                    self.shared.metrics.sender_refused(refusal.stage);
+                    warn!(
+                        client = %session.peer().ip,
+                        subject = %refusal.subject,
+                        sender = %refusal.sender,
+                        stage = refusal.stage,
+                        rule = %refusal.rule,
+                        "sender not allowed"
+                    );
+                }
                 match step {
                     Step::Reply(r) => {
                         if r.is_permanent_failure() {

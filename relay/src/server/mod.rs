@@ -38,6 +38,8 @@ pub struct Shared {
     pub limits: Arc<ConnLimits>,
     /// Send quotas (ingress checks); `None` runs without any.
     pub quotas: Option<Arc<crate::quota::Quotas>>,
+    /// Which senders AUTH users and relay networks may use (`sender_binding`).
+    pub senders: Option<Arc<crate::smtp::sender::SenderPolicy>>,
     /// Rung after each message queued: this process's delivery (see
     /// [`Shared::ring_on_queue`]).
     doorbell: std::sync::OnceLock<crate::delivery::scheduler::Doorbell>,
@@ -74,7 +76,12 @@ impl Shared {
             l.reserved_connections,
             (!l.evict_idle_after.is_zero()).then_some(l.evict_idle_after),
         );
+        let senders = config
+            .sender_binding
+            .as_ref()
+            .map(|b| Arc::new(crate::smtp::sender::SenderPolicy::new(b)));
         Arc::new(Shared {
+            senders,
             config,
             session,
             queue,
@@ -314,6 +321,9 @@ async fn handle(
     let mut session = Session::new(shared.session.clone(), peer);
     if let Some(q) = &shared.quotas {
         session.set_ingress_policy(Arc::clone(q) as Arc<dyn crate::quota::IngressPolicy>);
+    }
+    if let Some(p) = &shared.senders {
+        session.set_sender_policy(Arc::clone(p));
     }
     Conn::new(
         stream,

@@ -7,6 +7,7 @@ pub mod client;
 pub mod command;
 pub mod data;
 pub mod reply;
+pub mod sender;
 pub mod session;
 
 pub use reply::Reply;

@@ -15,6 +15,7 @@ use super::auth::{AuthExchange, AuthStep, Mechanism};
 use super::command::{self, Command, CommandError, Param, is_xtext, validate_mailbox};
 use super::data::{DataDecoder, DataError};
 use super::reply::Reply;
+use super::sender::{SenderPolicy, SenderRefusal, from_addresses};
 use crate::queue::{
     BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, MailParams, QueueId, QueuedMessage,
     Recipient, TlsInfo,
@@ -143,6 +144,10 @@ pub struct Session {
     /// Ingress quotas: cheap checks at MAIL and RCPT, and whether a complete message
     /// needs the full check before it is queued.
     quota: Option<Arc<dyn IngressPolicy>>,
+    /// Which senders this client may use.
+    senders: Option<Arc<SenderPolicy>>,
+    /// The last sender refused, for the connection layer's log and metric.
+    sender_refusal: Option<SenderRefusal>,
 }
 
 fn r(code: u16, esc: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -166,7 +171,42 @@ impl Session {
             bdat_last: false,
             rejection: None,
             quota: None,
+            senders: None,
+            sender_refusal: None,
         }
+    }
+
+    /// Binds the session's users and relay-network client to their senders.
+    pub fn set_sender_policy(&mut self, policy: Arc<SenderPolicy>) {
+        self.senders = Some(policy);
+    }
+
+    /// The sender refused by the last step, if one was (taken once).
+    pub fn take_sender_refusal(&mut self) -> Option<SenderRefusal> {
+        self.sender_refusal.take()
+    }
+
+    /// Checks `sender` against the sender binding; the refusal reply if it fails.
+    fn sender_check(&mut self, sender: &str, stage: &'static str) -> Option<Reply> {
+        let policy = self.senders.as_ref()?;
+        let relay_client = self.peer.relay_allowed.then_some(self.peer.ip);
+        let refusal = policy.check(self.auth_user.as_deref(), relay_client, sender, stage)?;
+        let what = if stage == "from_header" {
+            "From: header address"
+        } else {
+            "Sender address"
+        };
+        let reply = r(
+            550,
+            (5, 7, 1),
+            format!(
+                "{what} <{sender}> not allowed for {} (rule {})",
+                refusal.subject, refusal.rule
+            ),
+        );
+        self.rejection = Some("sender_not_allowed");
+        self.sender_refusal = Some(refusal);
+        Some(reply)
     }
 
     /// Puts the session under ingress quotas.
@@ -451,6 +491,9 @@ impl Session {
         ) {
             return self.error(reply);
         }
+        if let Some(reply) = self.sender_check(&mail.from, "mail_from") {
+            return Step::Reply(reply);
+        }
         if let Some(policy) = &self.quota
             && let Some(refusal) = policy.at_mail(&self.facts(&mail.from), mail.size)
         {
@@ -586,6 +629,15 @@ impl Session {
     fn finish_content(&mut self, decoder: DataDecoder, id: QueueId, now: OffsetDateTime) -> Step {
         match decoder.into_result() {
             Ok(content) => {
+                if self.senders.as_ref().is_some_and(|p| p.check_from_header()) {
+                    for addr in from_addresses(&content) {
+                        if let Some(reply) = self.sender_check(&addr, "from_header") {
+                            // Nothing is queued: the transaction ends here.
+                            self.tx = Transaction::default();
+                            return Step::Reply(reply);
+                        }
+                    }
+                }
                 let message = Box::new(self.build_message(content, id, now));
                 if self
                     .quota
