@@ -1405,4 +1405,35 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mailrelay.yaml");
         RelayConfig::from_file(&path).unwrap();
     }
+
+    #[test]
+    fn sender_binding_parses_and_bad_values_are_named() {
+        let c = RelayConfig::from_yaml(
+            "relay_networks: [10.1.0.0/16]\nsender_binding:\n  users: {alice: [a.example, '<>']}\n  networks: [{network: 10.1.2.0/24, senders: ['*@c.example']}]\n",
+        )
+        .unwrap();
+        let b = c.sender_binding.unwrap();
+        assert!(!b.required && !b.check_from_header);
+        assert_eq!(b.users["alice"], ["a.example", "<>"]);
+        for (yaml, field) in [
+            ("users: {alice: []}", "sender_binding.users.alice"),
+            ("users: {alice: ['<a@b>']}", "sender_binding.users.alice[0]"),
+            ("users: {alice: ['a@b@c']}", "sender_binding.users.alice[0]"),
+            (
+                "networks: [{network: 10.2.0.0/16, senders: [x.example]}]",
+                "sender_binding.networks[0].network",
+            ),
+            (
+                "networks: [{network: 10.1.0.0/16, senders: ['']}]",
+                "sender_binding.networks[0].senders[0]",
+            ),
+        ] {
+            let e = RelayConfig::from_yaml(&format!(
+                "relay_networks: [10.1.0.0/16]\nsender_binding: {{{yaml}}}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
+    }
 }

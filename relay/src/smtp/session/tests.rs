@@ -589,3 +589,56 @@ fn bare_postmaster_is_the_relays_own_and_reachable_from_anywhere() {
         assert_eq!(rcpts, ["postmaster@relay.test"], "duplicates folded");
     }
 }
+
+#[test]
+fn sender_binding_refuses_at_mail_and_after_data_or_bdat() {
+    use crate::config::{NetworkSenders, SenderBindingConfig};
+    let policy = SenderPolicy::new(&SenderBindingConfig {
+        required: false,
+        check_from_header: true,
+        users: Default::default(),
+        networks: vec![NetworkSenders {
+            network: "192.0.2.0/24".parse().unwrap(),
+            senders: vec!["c.example".into()],
+        }],
+    });
+    let mut s = Session::new(cfg(), peer(true));
+    s.set_sender_policy(Arc::new(policy));
+    assert_eq!(code(&mut s, "EHLO client.test"), 250);
+    let refused = reply(s.on_line(b"MAIL FROM:<x@b.example>\r\n"));
+    assert_eq!(
+        (refused.code, refused.enhanced),
+        (550, Some(super::super::reply::Enhanced(5, 7, 1)))
+    );
+    assert!(
+        refused.lines[0].contains("network 192.0.2.0/24"),
+        "{refused}"
+    );
+    assert_eq!(s.take_rejection(), Some("sender_not_allowed"));
+    let r = s.take_sender_refusal().unwrap();
+    assert_eq!((r.stage, r.sender.as_str()), ("mail_from", "x@b.example"));
+    assert!(!s.in_transaction());
+
+    // The envelope passes but the header does not: refused, nothing to enqueue.
+    assert_eq!(code(&mut s, "MAIL FROM:<x@c.example>"), 250);
+    assert_eq!(code(&mut s, "RCPT TO:<r@dest.test>"), 250);
+    let step = send_data(&mut s, b"From: x@b.example\r\n\r\nhi\r\n.\r\n");
+    assert_eq!(reply(step).code, 550);
+    assert_eq!(s.take_sender_refusal().unwrap().stage, "from_header");
+    assert!(!s.in_transaction());
+
+    // BDAT ends the same way.
+    assert_eq!(code(&mut s, "MAIL FROM:<x@c.example>"), 250);
+    assert_eq!(code(&mut s, "RCPT TO:<r@dest.test>"), 250);
+    let chunk = b"From: Y <y@b.example>\r\n\r\nhi\r\n";
+    let step = s.on_line(format!("BDAT {} LAST\r\n", chunk.len()).as_bytes());
+    assert!(matches!(step, Step::ReadChunk { .. }), "{step:?}");
+    s.chunk_feed(chunk);
+    assert_eq!(reply(s.chunk_end(QueueId::generate(), now())).code, 550);
+
+    // A matching header is queued as usual.
+    assert_eq!(code(&mut s, "MAIL FROM:<x@c.example>"), 250);
+    assert_eq!(code(&mut s, "RCPT TO:<r@dest.test>"), 250);
+    let step = send_data(&mut s, b"From: X <x@c.example>\r\n\r\nhi\r\n.\r\n");
+    assert!(matches!(step, Step::Enqueue(_)), "{step:?}");
+}
