@@ -322,3 +322,71 @@ fn admin_api_requires_the_bearer_token() {
         assert!(!log.contains(secret), "token in the log:\n{log}");
     }
 }
+
+/// A configured but missing token file stops the relay at startup, naming the field,
+/// instead of starting with the API locked (or open).
+#[test]
+fn missing_admin_token_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = support::free_ports(2);
+    let cfg = dir.path().join("relay.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listeners: [{{name: smtp, address: '127.0.0.1:{}'}}]\nadmin: {{address: '127.0.0.1:{}', token_file: '{}'}}\nqueue: {{path: '{}'}}\ndelivery: {{enabled: false}}\n",
+            ports[0],
+            ports[1],
+            dir.path().join("nope").display(),
+            dir.path().join("queue").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(binary())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env_remove("MAILRELAY_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the relay started without its admin token file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("admin.token_file"), "{err}");
+}
+
+/// `MAILRELAY_ADMIN_TOKEN` alone protects the API too, and the audit line says so.
+#[test]
+fn admin_token_from_the_environment() {
+    let relay = Relay::start(RelayOptions {
+        env: vec![("MAILRELAY_ADMIN_TOKEN".into(), TOKEN.into())],
+        ..Default::default()
+    });
+    send(&relay, "alice@example.com", &["bob@example.org"]);
+    let (st, _, _) = http_request(relay.admin, "POST", "/api/v1/queue/retry?all=true", None);
+    assert_eq!(st, 401);
+    let (st, _, body) = http_request(
+        relay.admin,
+        "POST",
+        "/api/v1/queue/retry?all=true",
+        Some(TOKEN),
+    );
+    assert_eq!(st, 200, "{body}");
+    let log = relay.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("admin: queue retry") && l.contains("token:env")),
+        "{log}"
+    );
+    assert!(!log.contains(TOKEN), "token in the log:\n{log}");
+}
