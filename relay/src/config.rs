@@ -593,12 +593,17 @@ impl RouteConfig {
 pub struct AdminConfig {
     /// Admin HTTP (`/healthz`, `/readyz`, `/metrics`); `null` disables it.
     pub address: Option<SocketAddr>,
+    /// A file holding the bearer token `/api/` requires (a mounted Secret: it is
+    /// re-read when it changes). `MAILRELAY_ADMIN_TOKEN` works as well.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             address: Some("127.0.0.1:9325".parse().unwrap()),
+            token_file: None,
         }
     }
 }

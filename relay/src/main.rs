@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tracing::info;
+use tracing::{info, warn};
 
 use mailrelay::admin::{self, AdminState, Metrics};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
@@ -259,6 +259,15 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let admin_task = match cfg.admin.address {
         Some(addr) => {
+            let admin_auth = admin::auth::AdminAuth::from_env(cfg.admin.token_file.clone())?;
+            if !admin_auth.enabled() && !addr.ip().is_loopback() {
+                // Kept starting (not refused) because operator-rendered configs
+                // listen on 0.0.0.0 without a token today; see docs/operations.md.
+                warn!(
+                    address = %addr,
+                    "admin API /api/ is UNAUTHENTICATED on a non-loopback address: set admin.token_file or MAILRELAY_ADMIN_TOKEN"
+                );
+            }
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("admin HTTP cannot listen on {addr}"))?;
@@ -267,6 +276,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                 queue: Arc::clone(&queue),
                 metrics: Arc::clone(&metrics),
                 draining: Arc::clone(&draining),
+                auth: admin_auth,
             };
             Some(tokio::spawn(admin::serve_with(
                 listener,

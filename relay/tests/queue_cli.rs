@@ -5,7 +5,7 @@ mod support;
 
 use std::process::{Command, Output};
 
-use support::relay::{Relay, RelayOptions, binary, code};
+use support::relay::{Relay, RelayOptions, binary, code, http_request};
 
 fn send(relay: &Relay, from: &str, to: &[&str]) -> String {
     let mut c = relay.connect();
@@ -29,6 +29,8 @@ fn queue(relay: &Relay, args: &[&str]) -> Output {
         .arg(format!("http://{}", relay.admin))
         .args(args)
         .env_remove("MAILRELAY_ADMIN")
+        .env_remove("MAILRELAY_ADMIN_TOKEN")
+        .env_remove("MAILRELAY_ADMIN_TOKEN_FILE")
         .output()
         .expect("run mailrelay queue")
 }
@@ -171,4 +173,220 @@ fn unreachable_relay_is_a_clear_error() {
         )),
         "{err}"
     );
+}
+
+const TOKEN: &str = "t0k3n-Very-Secret-4a1f9c";
+
+/// Issue 13: with `admin.token_file`, every `/api/` endpoint refuses a request
+/// without the token or with a wrong one and changes nothing; the probes and
+/// metrics stay open; the right token and the CLI (each way of giving it) work;
+/// the token never reaches the log.
+#[test]
+fn admin_api_requires_the_bearer_token() {
+    let relay = Relay::start(RelayOptions {
+        admin_token: Some(TOKEN.to_owned()),
+        ..Default::default()
+    });
+    send(&relay, "alice@example.com", &["bob@example.org"]);
+    let token_file = relay.dir.path().join("admin-token");
+    let listed = |token: Option<&str>| {
+        let (st, _, body) = http_request(relay.admin, "GET", "/api/v1/queue/messages", token);
+        assert_eq!(st, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    let ids = listed(Some(TOKEN));
+    assert_eq!(ids.len(), 1);
+    let id = &ids[0];
+
+    let endpoints = [
+        ("GET", "/api/v1/queue/stats".to_owned()),
+        ("GET", "/api/v1/queue/messages".to_owned()),
+        ("GET", format!("/api/v1/queue/messages/{id}")),
+        ("DELETE", format!("/api/v1/queue/messages/{id}")),
+        ("POST", format!("/api/v1/queue/messages/{id}/retry")),
+        ("POST", "/api/v1/queue/retry?all=true".to_owned()),
+        ("GET", "/api/v1/quotas".to_owned()),
+        ("GET", "/api/v1/quotas/any".to_owned()),
+    ];
+    for (method, path) in &endpoints {
+        let (st, head, body) = http_request(relay.admin, method, path, None);
+        assert_eq!(st, 401, "{method} {path} without token: {body}");
+        assert!(head.contains("www-authenticate: bearer"), "{head}");
+        assert!(!body.contains("alice@"), "{method} {path} leaked: {body}");
+        for wrong in [
+            "wrong",
+            "t0k3n-Very-Secret-4a1f9",
+            "t0k3n-Very-Secret-4a1f9cX",
+        ] {
+            let (st, _, body) = http_request(relay.admin, method, path, Some(wrong));
+            assert_eq!(st, 401, "{method} {path} with a wrong token: {body}");
+            assert!(!body.contains("alice@"), "{body}");
+        }
+    }
+    // Nothing changed: the message is still queued and was never retried.
+    assert_eq!(
+        listed(Some(TOKEN)),
+        ids,
+        "refused DELETE/retry left the message"
+    );
+    let (_, _, detail) = http_request(
+        relay.admin,
+        "GET",
+        &format!("/api/v1/queue/messages/{id}"),
+        Some(TOKEN),
+    );
+    assert!(detail.contains("alice@example.com"), "{detail}");
+    assert!(
+        !relay.log().contains("admin: queue"),
+        "a refused request logged an admin action"
+    );
+
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        let (st, _, _) = http_request(relay.admin, "GET", open, None);
+        assert_eq!(st, 200, "{open} stays open");
+    }
+
+    // The CLI: without a token it fails with a hint; each way of giving one works.
+    let o = queue(&relay, &["stats"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("HTTP 401") && err.contains("--admin-token-file"),
+        "{err}"
+    );
+    let tf = token_file.to_str().unwrap();
+    assert!(
+        stdout(&queue(&relay, &["--admin-token-file", tf, "list"])).contains("alice@example.com")
+    );
+    let cfg = relay.config_path.to_str().unwrap();
+    assert!(stdout(&queue(&relay, &["--config", cfg, "stats"])).contains("1"));
+    let with_env = |k: &str, v: &str, args: &[&str]| {
+        Command::new(binary())
+            .arg("queue")
+            .arg("--admin")
+            .arg(format!("http://{}", relay.admin))
+            .args(args)
+            .env_remove("MAILRELAY_ADMIN_TOKEN")
+            .env_remove("MAILRELAY_ADMIN_TOKEN_FILE")
+            .env(k, v)
+            .output()
+            .unwrap()
+    };
+    stdout(&with_env("MAILRELAY_ADMIN_TOKEN", TOKEN, &["retry", id]));
+    stdout(&with_env("MAILRELAY_ADMIN_TOKEN_FILE", tf, &["stats"]));
+    let o = Command::new(binary())
+        .args([
+            "quota",
+            "--admin",
+            &format!("http://{}", relay.admin),
+            "list",
+        ])
+        .args(["--admin-token-file", tf])
+        .output()
+        .unwrap();
+    stdout(&o);
+
+    // Rotation: a new token in the file takes over without a restart.
+    std::fs::write(&token_file, "rotated-token-value-2\n").unwrap();
+    let (st, _, _) = http_request(relay.admin, "GET", "/api/v1/queue/stats", Some(TOKEN));
+    assert_eq!(st, 401, "the old token is refused after rotation");
+    let (st, _, _) = http_request(
+        relay.admin,
+        "GET",
+        "/api/v1/queue/stats",
+        Some("rotated-token-value-2"),
+    );
+    assert_eq!(st, 200);
+    stdout(&queue(&relay, &["--admin-token-file", tf, "delete", id]));
+    assert!(listed(Some("rotated-token-value-2")).is_empty());
+
+    // The audit lines name the identity; no token appears anywhere in the log.
+    let log = relay.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("admin: queue delete") && l.contains("token:file")),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("admin: queue retry") && l.contains("token:file")),
+        "{log}"
+    );
+    for secret in [TOKEN, "rotated-token-value-2"] {
+        assert!(!log.contains(secret), "token in the log:\n{log}");
+    }
+}
+
+/// A configured but missing token file stops the relay at startup, naming the field,
+/// instead of starting with the API locked (or open).
+#[test]
+fn missing_admin_token_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = support::free_ports(2);
+    let cfg = dir.path().join("relay.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listeners: [{{name: smtp, address: '127.0.0.1:{}'}}]\nadmin: {{address: '127.0.0.1:{}', token_file: '{}'}}\nqueue: {{path: '{}'}}\ndelivery: {{enabled: false}}\n",
+            ports[0],
+            ports[1],
+            dir.path().join("nope").display(),
+            dir.path().join("queue").display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(binary())
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env_remove("MAILRELAY_ADMIN_TOKEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the relay started without its admin token file");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(err.contains("admin.token_file"), "{err}");
+}
+
+/// `MAILRELAY_ADMIN_TOKEN` alone protects the API too, and the audit line says so.
+#[test]
+fn admin_token_from_the_environment() {
+    let relay = Relay::start(RelayOptions {
+        env: vec![("MAILRELAY_ADMIN_TOKEN".into(), TOKEN.into())],
+        ..Default::default()
+    });
+    send(&relay, "alice@example.com", &["bob@example.org"]);
+    let (st, _, _) = http_request(relay.admin, "POST", "/api/v1/queue/retry?all=true", None);
+    assert_eq!(st, 401);
+    let (st, _, body) = http_request(
+        relay.admin,
+        "POST",
+        "/api/v1/queue/retry?all=true",
+        Some(TOKEN),
+    );
+    assert_eq!(st, 200, "{body}");
+    let log = relay.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("admin: queue retry") && l.contains("token:env")),
+        "{log}"
+    );
+    assert!(!log.contains(TOKEN), "token in the log:\n{log}");
 }

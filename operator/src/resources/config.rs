@@ -297,6 +297,8 @@ pub fn relay_config(
     }
     cfg.admin = AdminConfig {
         address: Some(SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT as u16))),
+        // No token yet: the operator does not generate a token Secret (issue 13, open gap).
+        token_file: None,
     };
     cfg.log.format = LogFormat::Json;
     cfg.quotas = quotas;

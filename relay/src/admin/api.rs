@@ -3,29 +3,36 @@
 //! Errors are JSON `{"error": "..."}` with a fitting status code; backend error
 //! text is logged, never returned (it can carry a store URL with a password).
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
+use super::auth::Identity;
 use super::{AdminState, READY_PING_TIMEOUT, public_reason};
 use crate::queue::{
     Envelope, ListFilter, MessageStatus, QueueError, QueueFuture, QueueId, RcptState,
     RetrySelector, now_ms,
 };
 
-/// Who asked for a queue action, for the audit log line every change leaves. The
-/// admin API has no authentication of its own (it is reached through the cluster
-/// network, a port-forward or a proxy), so the peer address is all we know for
-/// sure; a user agent is logged as the client named itself.
+/// Who asked for a queue action, for the audit log line every change leaves: the
+/// identity that passed [`super::auth`] ("token:file", "token:env", or
+/// "anonymous" when no token is configured), the peer address, and the user
+/// agent as the client named itself.
 pub struct Actor {
     peer: std::net::SocketAddr,
     user_agent: String,
+    identity: &'static str,
 }
 
 impl Actor {
-    fn new(ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>, headers: &HeaderMap) -> Self {
+    fn new(
+        ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+        headers: &HeaderMap,
+        Extension(Identity(identity)): Extension<Identity>,
+    ) -> Self {
         let user_agent = headers
             .get(axum::http::header::USER_AGENT)
             .and_then(|v| v.to_str().ok())
@@ -33,7 +40,11 @@ impl Actor {
             .chars()
             .take(100)
             .collect();
-        Actor { peer, user_agent }
+        Actor {
+            peer,
+            user_agent,
+            identity,
+        }
     }
 }
 
@@ -196,13 +207,14 @@ pub struct Retried {
 pub async fn retry_one(
     State(state): State<AdminState>,
     peer: ConnectInfo<std::net::SocketAddr>,
+    identity: Extension<Identity>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Retried>, ApiError> {
-    let who = Actor::new(peer, &headers);
+    let who = Actor::new(peer, &headers, identity);
     let id = parse_id(&id)?;
     let n = call(state.queue.retry_now(RetrySelector::Id(id.clone()))).await?;
-    tracing::info!(action = "retry", queue_id = %id, retried = n, peer = %who.peer, user_agent = %who.user_agent, identity = "none", "admin: queue retry");
+    tracing::info!(action = "retry", queue_id = %id, retried = n, peer = %who.peer, user_agent = %who.user_agent, identity = who.identity, "admin: queue retry");
     if n == 0 && call(state.queue.status(&id)).await?.is_none() {
         return Err(not_found(&id));
     }
@@ -219,10 +231,11 @@ pub struct RetryQuery {
 pub async fn retry_many(
     State(state): State<AdminState>,
     peer: ConnectInfo<std::net::SocketAddr>,
+    identity: Extension<Identity>,
     headers: HeaderMap,
     Query(q): Query<RetryQuery>,
 ) -> Result<Json<Retried>, ApiError> {
-    let who = Actor::new(peer, &headers);
+    let who = Actor::new(peer, &headers, identity);
     let sel = match (q.all, q.domain.filter(|d| !d.is_empty())) {
         (true, None) => RetrySelector::All,
         (false, Some(d)) => RetrySelector::Domain(d),
@@ -239,20 +252,21 @@ pub async fn retry_many(
         RetrySelector::Id(id) => id.to_string(),
     };
     let n = call(state.queue.retry_now(sel)).await?;
-    tracing::info!(action = "retry", selector = ?what, retried = n, peer = %who.peer, user_agent = %who.user_agent, identity = "none", "admin: queue retry");
+    tracing::info!(action = "retry", selector = ?what, retried = n, peer = %who.peer, user_agent = %who.user_agent, identity = who.identity, "admin: queue retry");
     Ok(Json(Retried { retried: n }))
 }
 
 pub async fn delete(
     State(state): State<AdminState>,
     peer: ConnectInfo<std::net::SocketAddr>,
+    identity: Extension<Identity>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let who = Actor::new(peer, &headers);
+    let who = Actor::new(peer, &headers, identity);
     let id = parse_id(&id)?;
     let removed = call(state.queue.remove(&id)).await?;
-    tracing::info!(action = "delete", queue_id = %id, removed, peer = %who.peer, user_agent = %who.user_agent, identity = "none", "admin: queue delete");
+    tracing::info!(action = "delete", queue_id = %id, removed, peer = %who.peer, user_agent = %who.user_agent, identity = who.identity, "admin: queue delete");
     if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -11,10 +11,12 @@
 //!   `GET|DELETE /api/v1/queue/messages/{id}`, `POST /api/v1/queue/messages/{id}/retry`,
 //!   `POST /api/v1/queue/retry?all=true|domain=D`: see [`api`].
 //!
-//! It binds to an admin address apart from the SMTP listeners and has no
-//! authentication: expose it to the cluster network only.
+//! It binds to an admin address apart from the SMTP listeners. Everything under
+//! `/api/` requires a bearer token once one is configured (see [`auth`]); the
+//! probes and `/metrics` stay open.
 
 pub mod api;
+pub mod auth;
 pub mod metrics;
 
 use std::future::Future;
@@ -44,6 +46,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: the pod stays alive to finish sessions but reports not ready.
     pub draining: Arc<AtomicBool>,
+    /// Guards `/api/`; with no token configured the API is open.
+    pub auth: auth::AdminAuth,
 }
 
 /// Serves the admin API on `listener` until `shutdown` completes, then finishes
@@ -64,21 +68,36 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     // The peer address is kept per request so queue actions can say who did them.
+    let auth = state.auth.clone();
+    let api =
+        api_router(state.clone())
+            .merge(extra)
+            .route_layer(axum::middleware::from_fn_with_state(
+                auth,
+                auth::require_token,
+            ));
     axum::serve(
         listener,
-        router(state)
-            .merge(extra)
+        open_router(state)
+            .merge(api)
             .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
 }
 
-fn router(state: AdminState) -> Router {
+/// Probes and metrics: never behind the token, so kubelet and Prometheus need none.
+fn open_router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Everything that reads envelopes or changes state.
+fn api_router(state: AdminState) -> Router {
+    Router::new()
         .route("/api/v1/queue/stats", get(api::stats))
         .route("/api/v1/queue/messages", get(api::list))
         .route(
@@ -261,6 +280,7 @@ mod tests {
             queue: queue.clone(),
             metrics: Arc::new(Metrics::new()),
             draining: Arc::new(AtomicBool::new(false)),
+            auth: auth::AdminAuth::new(None, None).unwrap(),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, state.clone(), async {

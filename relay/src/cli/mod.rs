@@ -29,3 +29,105 @@ fn run_printing<E: std::fmt::Display>(
         }
     }
 }
+
+/// Where the CLI finds the admin API's bearer token. The first that is set wins:
+/// `--admin-token-file` (or `MAILRELAY_ADMIN_TOKEN_FILE`), `MAILRELAY_ADMIN_TOKEN`,
+/// then `admin.token_file` of the relay config given with `--config` (so on a relay
+/// host or inside the pod the same Secret file is used). None of them: no token is
+/// sent, which a relay without a token accepts.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TokenArgs {
+    /// File holding the admin API bearer token.
+    #[arg(long, env = "MAILRELAY_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// Relay config whose `admin.token_file` holds the token.
+    #[arg(long, global = true)]
+    pub config: Option<std::path::PathBuf>,
+}
+
+impl TokenArgs {
+    /// The token to send, if any; errors name the flag or field that led to an
+    /// unreadable file. The token itself never appears in an error.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        if let Some(p) = &self.admin_token_file {
+            return read_token(p, "--admin-token-file").map(Some);
+        }
+        if let Ok(t) = std::env::var(crate::admin::auth::TOKEN_ENV)
+            && !t.trim().is_empty()
+        {
+            return Ok(Some(t.trim().to_owned()));
+        }
+        if let Some(cfg) = &self.config {
+            let c = crate::config::RelayConfig::from_file(cfg)
+                .map_err(|e| format!("--config {}: {e}", cfg.display()))?;
+            if let Some(p) = &c.admin.token_file {
+                return read_token(p, "admin.token_file").map(Some);
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn read_token(path: &std::path::Path, what: &str) -> Result<String, String> {
+    let raw =
+        std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
+    let t = raw.trim();
+    if t.is_empty() {
+        return Err(format!(
+            "{what} {}: the file holds no token",
+            path.display()
+        ));
+    }
+    // A line break would end the Authorization header and start another one.
+    if t.chars().any(char::is_control) {
+        return Err(format!(
+            "{what} {}: the token holds control characters",
+            path.display()
+        ));
+    }
+    Ok(t.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_sources_and_their_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let tf = dir.path().join("token");
+        std::fs::write(&tf, "abc\n").unwrap();
+        let cfg = dir.path().join("relay.yaml");
+        std::fs::write(&cfg, format!("admin: {{token_file: '{}'}}\n", tf.display())).unwrap();
+        let by_config = TokenArgs {
+            admin_token_file: None,
+            config: Some(cfg.clone()),
+        };
+        if std::env::var(crate::admin::auth::TOKEN_ENV).is_err() {
+            assert_eq!(by_config.token().unwrap().as_deref(), Some("abc"));
+        }
+        let by_file = TokenArgs {
+            admin_token_file: Some(tf.clone()),
+            config: Some(dir.path().join("missing.yaml")),
+        };
+        assert_eq!(
+            by_file.token().unwrap().as_deref(),
+            Some("abc"),
+            "the flag wins"
+        );
+
+        std::fs::write(&tf, "abc\r\nX-Evil: 1").unwrap();
+        let e = by_file.token().unwrap_err();
+        assert!(
+            e.starts_with("--admin-token-file") && e.contains("control"),
+            "{e}"
+        );
+        std::fs::remove_file(&tf).unwrap();
+        let e = by_file.token().unwrap_err();
+        assert!(e.starts_with("--admin-token-file"), "{e}");
+        if std::env::var(crate::admin::auth::TOKEN_ENV).is_err() {
+            let e = by_config.token().unwrap_err();
+            assert!(e.starts_with("admin.token_file"), "{e}");
+        }
+    }
+}

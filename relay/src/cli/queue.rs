@@ -28,6 +28,8 @@ pub struct QueueArgs {
     /// Print the API's JSON instead of the human-readable form.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub token: super::TokenArgs,
     #[command(subcommand)]
     pub command: QueueCommand,
 }
@@ -73,7 +75,7 @@ pub fn run(args: QueueArgs) -> ExitCode {
 
 /// Performs the command and returns what to print on stdout.
 pub async fn execute(args: &QueueArgs) -> Result<String, String> {
-    let base = Endpoint::parse(&args.admin)?;
+    let base = Endpoint::parse(&args.admin)?.with_token(args.token.token()?);
     match &args.command {
         QueueCommand::List {
             deferred,
@@ -169,6 +171,8 @@ pub(crate) fn encode(s: &str) -> String {
 pub(crate) struct Endpoint {
     url: String,
     host: String,
+    /// Bearer token sent with every request.
+    token: Option<String>,
 }
 
 pub(crate) struct HttpResponse {
@@ -186,6 +190,11 @@ impl HttpResponse {
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
             .unwrap_or_else(|| self.body.trim().to_owned());
+        if self.status == 401 {
+            return Err(format!(
+                "{msg} (HTTP 401; give --admin-token-file, MAILRELAY_ADMIN_TOKEN or --config)"
+            ));
+        }
         Err(format!("{msg} (HTTP {})", self.status))
     }
 }
@@ -207,7 +216,13 @@ impl Endpoint {
         Ok(Endpoint {
             url: url.trim_end_matches('/').to_owned(),
             host,
+            token: None,
         })
+    }
+
+    pub(crate) fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     pub(crate) async fn request(&self, method: &str, path: &str) -> Result<HttpResponse, String> {
@@ -231,8 +246,12 @@ impl Endpoint {
         let mut s = tokio::net::TcpStream::connect(&self.host)
             .await
             .map_err(unreachable)?;
+        let auth = match &self.token {
+            Some(t) => format!("Authorization: Bearer {t}\r\n"),
+            None => String::new(),
+        };
         let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n",
             self.host
         );
         s.write_all(req.as_bytes()).await.map_err(unreachable)?;
@@ -463,6 +482,7 @@ mod tests {
         let args = QueueArgs {
             admin: format!("http://{addr}"),
             json: false,
+            token: Default::default(),
             command: QueueCommand::Stats,
         };
         let err = execute(&args).await.unwrap_err();

@@ -20,6 +20,8 @@ pub struct QuotaArgs {
     /// Print the API's JSON instead of the human-readable form.
     #[arg(long, global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub token: super::TokenArgs,
     #[command(subcommand)]
     pub command: QuotaCommand,
 }
@@ -45,7 +47,7 @@ pub fn run(args: QuotaArgs) -> ExitCode {
 
 /// Performs the command and returns what to print on stdout.
 pub async fn execute(args: &QuotaArgs) -> Result<String, String> {
-    let base = Endpoint::parse(&args.admin)?;
+    let base = Endpoint::parse(&args.admin)?.with_token(args.token.token()?);
     match &args.command {
         QuotaCommand::List => {
             let body = base.request("GET", "/api/v1/quotas").await?.ok()?;

@@ -44,6 +44,8 @@ pub struct RelayOptions {
     pub extra_yaml: String,
     /// `shutdown_grace` (e.g. `2s`); `None` keeps the harness's `5s`.
     pub shutdown_grace: Option<String>,
+    /// Written to `DIR/admin-token` and configured as `admin.token_file`.
+    pub admin_token: Option<String>,
 }
 
 pub struct Relay {
@@ -115,7 +117,19 @@ impl Relay {
         if let Some(a) = smtps {
             writeln!(y, "  - {{name: smtps, address: '{a}', tls: implicit}}").unwrap();
         }
-        writeln!(y, "admin: {{address: '{admin}'}}").unwrap();
+        match &opts.admin_token {
+            Some(t) => {
+                let p = dir.path().join("admin-token");
+                std::fs::write(&p, format!("{t}\n")).unwrap();
+                writeln!(
+                    y,
+                    "admin: {{address: '{admin}', token_file: '{}'}}",
+                    p.display()
+                )
+                .unwrap();
+            }
+            None => writeln!(y, "admin: {{address: '{admin}'}}").unwrap(),
+        }
         if let Some(nets) = &opts.relay_networks {
             writeln!(
                 y,
@@ -350,6 +364,35 @@ impl Drop for Relay {
             eprintln!("---- mailrelay log ----\n{}", self.log());
         }
     }
+}
+
+/// Any admin request, optionally with `Authorization: Bearer TOKEN`:
+/// (status, lower-cased head, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {

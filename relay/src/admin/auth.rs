@@ -1,0 +1,258 @@
+//! Bearer-token authentication for everything under `/api/` (queue envelopes,
+//! retry, delete, quota usage). `/healthz`, `/readyz` and `/metrics` stay open
+//! so probes and Prometheus need no credentials.
+//!
+//! The token comes from `admin.token_file` and/or `MAILRELAY_ADMIN_TOKEN`. The
+//! file is stat'ed on every request and re-read when its mtime or size changes,
+//! so a mounted Kubernetes Secret rotates without a restart; a stat is cheap next
+//! to the queue store round trip the request makes anyway.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+/// The env variable holding a token (in addition to, or instead of, the file).
+pub const TOKEN_ENV: &str = "MAILRELAY_ADMIN_TOKEN";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("admin.token_file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin.token_file {path}: the file holds no token")]
+    Empty { path: PathBuf },
+}
+
+/// Who passed authentication; handlers log it on every state change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity(pub &'static str);
+
+/// Without a configured token the API is open: that is [`Identity`] "anonymous".
+pub const ANONYMOUS: Identity = Identity("anonymous");
+
+#[derive(Default)]
+struct Cached {
+    stamp: Option<(SystemTime, u64)>,
+    token: Option<Vec<u8>>,
+}
+
+/// The configured tokens. Cloning shares the file cache.
+#[derive(Clone)]
+pub struct AdminAuth {
+    file: Option<PathBuf>,
+    env: Option<Vec<u8>>,
+    cache: Arc<Mutex<Cached>>,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    // Never print the token itself.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminAuth")
+            .field("file", &self.file)
+            .field("env", &self.env.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+fn read_token(path: &Path) -> Result<Vec<u8>, TokenError> {
+    let raw = std::fs::read(path).map_err(|source| TokenError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    // Secrets written by hand often end with a newline; it is not part of the token.
+    let token = raw.trim_ascii().to_vec();
+    if token.is_empty() {
+        return Err(TokenError::Empty {
+            path: path.to_owned(),
+        });
+    }
+    Ok(token)
+}
+
+impl AdminAuth {
+    /// Loads the tokens; a configured file that cannot be read or is empty is an
+    /// error now, so a broken Secret mount stops startup instead of locking out
+    /// (or opening) the API later.
+    pub fn new(file: Option<PathBuf>, env: Option<String>) -> Result<Self, TokenError> {
+        let auth = AdminAuth {
+            file,
+            env: env
+                .map(|t| t.trim().as_bytes().to_vec())
+                .filter(|t| !t.is_empty()),
+            cache: Arc::default(),
+        };
+        if let Some(path) = &auth.file {
+            read_token(path)?;
+        }
+        Ok(auth)
+    }
+
+    /// From the config's `admin.token_file` and the process environment.
+    pub fn from_env(file: Option<PathBuf>) -> Result<Self, TokenError> {
+        Self::new(file, std::env::var(TOKEN_ENV).ok())
+    }
+
+    /// True when some token is configured, i.e. `/api/` requires one.
+    pub fn enabled(&self) -> bool {
+        self.file.is_some() || self.env.is_some()
+    }
+
+    /// The file's current token, re-read only when the file changed.
+    fn file_token(&self, path: &Path) -> Result<Vec<u8>, TokenError> {
+        let meta = std::fs::metadata(path).map_err(|source| TokenError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let stamp = (
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        );
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.stamp != Some(stamp) || cache.token.is_none() {
+            let token = read_token(path)?;
+            cache.token = Some(token);
+            cache.stamp = Some(stamp);
+        }
+        Ok(cache.token.clone().unwrap_or_default())
+    }
+
+    /// Checks a presented token against every configured one, each compared in
+    /// constant time (the comparison of lengths is not hidden: the length of a
+    /// random token is no secret worth keeping).
+    pub fn check(&self, presented: &[u8]) -> Result<Option<Identity>, TokenError> {
+        let mut ok = None;
+        if let Some(env) = &self.env
+            && bool::from(env.as_slice().ct_eq(presented))
+        {
+            ok = Some(Identity("token:env"));
+        }
+        if let Some(path) = &self.file {
+            let token = self.file_token(path)?;
+            if bool::from(token.as_slice().ct_eq(presented)) {
+                ok = Some(Identity("token:file"));
+            }
+        }
+        Ok(ok)
+    }
+}
+
+fn unauthorized(msg: &str, error: Option<&str>) -> Response {
+    let challenge = match error {
+        Some(e) => format!("Bearer realm=\"mailrelay-admin\", error=\"{e}\""),
+        None => "Bearer realm=\"mailrelay-admin\"".to_owned(),
+    };
+    let mut resp = (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(serde_json::json!({ "error": msg })),
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    resp
+}
+
+/// Middleware for the `/api/` routes.
+pub async fn require_token(
+    State(auth): State<AdminAuth>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if !auth.enabled() {
+        req.extensions_mut().insert(ANONYMOUS);
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().as_bytes().to_vec())
+        });
+    let Some(presented) = presented else {
+        return unauthorized("admin API: bearer token required", None);
+    };
+    match auth.check(&presented) {
+        Ok(Some(id)) => {
+            req.extensions_mut().insert(id);
+            next.run(req).await
+        }
+        Ok(None) => {
+            tracing::warn!(path = %req.uri().path(), "admin API: wrong bearer token refused");
+            unauthorized("admin API: invalid bearer token", Some("invalid_token"))
+        }
+        Err(e) => {
+            // Fail closed: a vanished Secret must not open the API.
+            tracing::error!(error = %e, "admin API: cannot read the admin token");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                axum::Json(
+                    serde_json::json!({ "error": "admin token unavailable (see relay log)" }),
+                ),
+            )
+                .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_token_rotates_and_env_token_also_works() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first-token\n").unwrap();
+        let auth = AdminAuth::new(Some(path.clone()), Some("env-token".into())).unwrap();
+        assert!(auth.enabled());
+        assert_eq!(
+            auth.check(b"first-token").unwrap(),
+            Some(Identity("token:file"))
+        );
+        assert_eq!(
+            auth.check(b"env-token").unwrap(),
+            Some(Identity("token:env"))
+        );
+        assert_eq!(auth.check(b"first-toke").unwrap(), None);
+        assert_eq!(auth.check(b"").unwrap(), None);
+        // A rotated Secret: different size, so the stamp changes even within one mtime tick.
+        std::fs::write(&path, "second-token-longer").unwrap();
+        assert_eq!(auth.check(b"first-token").unwrap(), None);
+        assert_eq!(
+            auth.check(b"second-token-longer").unwrap(),
+            Some(Identity("token:file"))
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(auth.check(b"second-token-longer").is_err(), "fails closed");
+    }
+
+    #[test]
+    fn missing_or_empty_file_is_an_error_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let e = AdminAuth::new(Some(path.clone()), None).unwrap_err();
+        assert!(e.to_string().starts_with("admin.token_file"), "{e}");
+        std::fs::write(&path, " \n").unwrap();
+        let e = AdminAuth::new(Some(path), None).unwrap_err();
+        assert!(e.to_string().contains("no token"), "{e}");
+        assert!(!AdminAuth::new(None, Some("  ".into())).unwrap().enabled());
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let auth = AdminAuth::new(None, Some("s3cret-value".into())).unwrap();
+        assert!(!format!("{auth:?}").contains("s3cret"));
+    }
+}
