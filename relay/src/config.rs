@@ -351,6 +351,13 @@ impl Default for Limits {
     }
 }
 
+fn is_default_cache_size(n: &usize) -> bool {
+    *n == crate::queue::DEFAULT_CACHE_SIZE
+}
+
+/// Smallest `queue.cache_size` accepted.
+pub const MIN_QUEUE_CACHE_SIZE: usize = 1 << 20;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum QueueBackendKind {
@@ -373,6 +380,11 @@ pub struct QueueConfig {
     /// (`queue show`).
     #[serde(with = "duration_str")]
     pub status_retention: Duration,
+    /// Memory the embedded queue may use to cache its file, in bytes; the relay's
+    /// resident memory stays about this much above its baseline however many messages
+    /// pass through. Ignored with Redis.
+    #[serde(skip_serializing_if = "is_default_cache_size")]
+    pub cache_size: usize,
 }
 
 impl Default for QueueConfig {
@@ -383,6 +395,7 @@ impl Default for QueueConfig {
             write_timeout: Duration::from_secs(10),
             redis: None,
             status_retention: crate::queue::DEFAULT_STATUS_RETENTION,
+            cache_size: crate::queue::DEFAULT_CACHE_SIZE,
         }
     }
 }
@@ -844,6 +857,16 @@ impl RelayConfig {
                 return Err(invalid(field, "must be greater than zero"));
             }
         }
+        if self.queue.cache_size < MIN_QUEUE_CACHE_SIZE {
+            return Err(invalid(
+                "queue.cache_size",
+                format!(
+                    "{} bytes is below the minimum of {MIN_QUEUE_CACHE_SIZE} (1 MiB): \
+                     every lookup would read the file",
+                    self.queue.cache_size
+                ),
+            ));
+        }
         if self.shutdown_settle > MAX_SHUTDOWN_SETTLE {
             return Err(invalid(
                 "shutdown_settle",
@@ -1269,6 +1292,22 @@ mod tests {
         for pw in ["hunter2", "hunter3", "hunter4"] {
             assert!(!debug.contains(pw), "{debug}");
         }
+    }
+
+    #[test]
+    fn queue_cache_size_is_small_by_default_and_bounded() {
+        let c = RelayConfig::from_yaml("{}").unwrap();
+        assert_eq!(c.queue.cache_size, 32 << 20);
+        let yaml = serde_norway::to_string(&c).unwrap();
+        assert!(!yaml.contains("cache_size"), "{yaml}");
+        let c = RelayConfig::from_yaml("queue: {cache_size: 268435456}").unwrap();
+        assert_eq!(c.queue.cache_size, 256 << 20);
+        let yaml = serde_norway::to_string(&c).unwrap();
+        assert!(yaml.contains("cache_size: 268435456"), "{yaml}");
+        let e = RelayConfig::from_yaml("queue: {cache_size: 4096}")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue.cache_size") && e.contains("minimum"), "{e}");
     }
 
     #[test]

@@ -162,6 +162,7 @@ async fn open_quotas(
 fn queue_options(cfg: &RelayConfig) -> QueueOptions {
     QueueOptions {
         status_retention: cfg.queue.status_retention,
+        cache_size: cfg.queue.cache_size,
     }
 }
 

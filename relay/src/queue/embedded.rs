@@ -234,7 +234,10 @@ impl EmbeddedQueue {
     pub fn open_with(dir: &Path, options: QueueOptions) -> Result<Self, QueueError> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(DB_FILE);
-        let db = Database::create(&path).map_err(db_err)?;
+        let db = redb::Builder::new()
+            .set_cache_size(options.cache_size)
+            .create(&path)
+            .map_err(db_err)?;
         // Creating the tables up front lets readers assume they exist.
         let txn = db.begin_write().map_err(db_err)?;
         let (migrated, orphaned) = {
@@ -1430,6 +1433,7 @@ mod tests {
             dir.path(),
             QueueOptions {
                 status_retention: std::time::Duration::from_millis(1),
+                ..QueueOptions::default()
             },
         )
         .unwrap();

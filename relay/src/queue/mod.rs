@@ -281,12 +281,20 @@ pub struct QueueOptions {
     /// How long a final message's status record (envelope and [`MessageStatus`],
     /// no body) stays readable through [`Queue::status`].
     pub status_retention: Duration,
+    /// Page cache of the embedded queue, in bytes (Redis ignores it).
+    pub cache_size: usize,
 }
+
+/// redb caches up to 1 GiB by default, so a relay's memory grew with every message it
+/// ever handled until that ceiling; a queue's working set is the messages due soon,
+/// and the OS page cache serves the rest of the file.
+pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
 
 impl Default for QueueOptions {
     fn default() -> Self {
         QueueOptions {
             status_retention: DEFAULT_STATUS_RETENTION,
+            cache_size: DEFAULT_CACHE_SIZE,
         }
     }
 }
