@@ -191,7 +191,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         network: NetworkSettings {
             operator_namespace: args.lease_namespace.clone(),
             operator_pod_labels: args.operator_pod_labels,
-            api_server_cidrs: args.api_server_cidrs.iter().map(|c| c.to_string()).collect(),
+            api_server_cidrs: args
+                .api_server_cidrs
+                .iter()
+                .map(|c| c.trunc().to_string())
+                .collect(),
             // An empty selector would select every namespace.
             monitoring_namespace_labels: (!args.monitoring_namespace_labels.is_empty())
                 .then_some(args.monitoring_namespace_labels),

@@ -154,7 +154,7 @@ fn peer(i: usize, p: &NetworkPeer) -> Result<NetworkPolicyPeer, SpecError> {
             }
             Ok(NetworkPolicyPeer {
                 ip_block: Some(IPBlock {
-                    cidr: net.to_string(),
+                    cidr: net.trunc().to_string(),
                     except: (!p.except.is_empty()).then(|| p.except.clone()),
                 }),
                 ..NetworkPolicyPeer::default()
