@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
 use mailrelay_operator::crd::ServiceType;
+use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
 use mailrelay_operator::reconcile::{self, Context, DEFAULT_RELAY_IMAGE, Settings};
 use mailrelay_operator::resources::network::{self, NetworkSettings};
 use mailrelay_operator::telemetry::{self, Metrics};
@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the MailRelay and SendQuota controllers.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the CustomResourceDefinitions as YAML files.
     Crdgen {
         /// Directories to write `mailrelay.io_*.yaml` into (repeat the flag for
@@ -139,7 +139,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run(args))?;
+                .block_on(run(*args))?;
         }
     }
     Ok(())

@@ -204,7 +204,11 @@ fn golden_network_policies() {
         .collect(),
         api_server_cidrs: vec!["172.18.0.2/32".into()],
         monitoring_namespace_labels: Some(
-            [("kubernetes.io/metadata.name".to_owned(), "monitoring".to_owned())].into(),
+            [(
+                "kubernetes.io/metadata.name".to_owned(),
+                "monitoring".to_owned(),
+            )]
+            .into(),
         ),
     };
     let opened = format!(

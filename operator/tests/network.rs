@@ -88,14 +88,20 @@ fn by_default_smtp_is_open_to_the_own_namespace_and_admin_to_the_operator() {
     assert_eq!(p.metadata.name.as_deref(), Some("outbound"));
     assert_eq!(p.metadata.namespace.as_deref(), Some("tenant-a"));
     let owner = &p.metadata.owner_references.as_ref().unwrap()[0];
-    assert_eq!((owner.kind.as_str(), owner.controller), ("MailRelay", Some(true)));
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("MailRelay", Some(true))
+    );
     let spec = p.spec.as_ref().unwrap();
     assert_eq!(
         serde_json::to_value(&spec.pod_selector).unwrap(),
         json!({"matchLabels": {"app.kubernetes.io/name": "mailrelay", "app.kubernetes.io/instance": "outbound"}})
     );
     // Ingress only: relays must reach any MX host.
-    assert_eq!(spec.policy_types.as_deref(), Some(&["Ingress".to_owned()][..]));
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_owned()][..])
+    );
     assert!(spec.egress.is_none());
     assert_no_open_rule(&p);
     assert_eq!(
@@ -104,13 +110,13 @@ fn by_default_smtp_is_open_to_the_own_namespace_and_admin_to_the_operator() {
             json!({"ports": [{"port": 2525, "protocol": "TCP"}, {"port": 2587, "protocol": "TCP"}],
                    "from": [{"podSelector": {}}]}),
             json!({"ports": [{"port": 9325, "protocol": "TCP"}],
-                   "from": [
-                       {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mailrelay-system"}},
-                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mailrelay-operator",
-                                                        "app.kubernetes.io/instance": "mr"}}},
-                       {"ipBlock": {"cidr": "172.18.0.0/16"}},
-                       {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
-                   ]}),
+            "from": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "mailrelay-system"}},
+                 "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mailrelay-operator",
+                                                 "app.kubernetes.io/instance": "mr"}}},
+                {"ipBlock": {"cidr": "172.18.0.0/16"}},
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}},
+            ]}),
         ]
     );
 }
@@ -195,7 +201,11 @@ fn bad_peers_are_refused_naming_the_field() {
             "spec.networkPolicy.smtpFrom[1]",
             "either cidr",
         ),
-        ("smtpFrom: [{}]", "spec.networkPolicy.smtpFrom[0]", "empty peer"),
+        (
+            "smtpFrom: [{}]",
+            "spec.networkPolicy.smtpFrom[0]",
+            "empty peer",
+        ),
         (
             "smtpFrom: [{cidr: 10.0.0.0/8, except: [192.168.0.0/24]}]",
             "spec.networkPolicy.smtpFrom[0].except[0]",
@@ -269,7 +279,10 @@ fn the_crd_refuses_ambiguous_peers() {
             json!({"smtpFrom": [{"cidr": "10.0.0.0/8", "podSelector": {}}]}),
             "either cidr",
         ),
-        (json!({"smtpFrom": [{"cidr": "10.0.0.0/33"}]}), "network like"),
+        (
+            json!({"smtpFrom": [{"cidr": "10.0.0.0/33"}]}),
+            "network like",
+        ),
         (
             json!({"smtpFrom": [{"podSelector": {}, "except": ["10.0.0.0/8"]}]}),
             "except needs cidr",
@@ -295,13 +308,28 @@ fn only_the_service_types_the_platform_allows_pass() {
         e.contains("spec.service.type: LoadBalancer is not allowed") && e.contains("ClusterIP"),
         "{e}"
     );
-    assert!(check_service_type(&lb.spec, &[ServiceType::ClusterIP, ServiceType::LoadBalancer]).is_ok());
+    assert!(
+        check_service_type(
+            &lb.spec,
+            &[ServiceType::ClusterIP, ServiceType::LoadBalancer]
+        )
+        .is_ok()
+    );
     let np = relay_yaml("  service: {type: NodePort}\n");
-    assert!(check_service_type(&np.spec, &[ServiceType::ClusterIP, ServiceType::LoadBalancer]).is_err());
+    assert!(
+        check_service_type(
+            &np.spec,
+            &[ServiceType::ClusterIP, ServiceType::LoadBalancer]
+        )
+        .is_err()
+    );
     // No service section is a ClusterIP.
     assert!(check_service_type(&relay_yaml("").spec, &[ServiceType::ClusterIP]).is_ok());
     assert!(check_service_type(&relay_yaml("").spec, &[]).is_err());
-    assert_eq!(network::parse_service_type("NodePort"), Ok(ServiceType::NodePort));
+    assert_eq!(
+        network::parse_service_type("NodePort"),
+        Ok(ServiceType::NodePort)
+    );
     assert!(network::parse_service_type("External").is_err());
     assert_eq!(
         network::parse_labels("a=b, c=d").unwrap(),
@@ -385,16 +413,23 @@ async fn the_policy_is_applied_before_the_pods_and_removed_when_disabled() {
     assert!(at(POLICY) < at(DEPLOYMENT), "{patched:?}");
     let p = api.get(POLICY).expect("policy applied");
     assert_eq!(p["metadata"]["ownerReferences"][0]["uid"], "relay-uid");
-    assert_eq!(p["spec"]["ingress"][0]["from"], json!([{"podSelector": {}}]));
+    assert_eq!(
+        p["spec"]["ingress"][0]["from"],
+        json!([{"podSelector": {}}])
+    );
     assert_eq!(
         p["spec"]["ingress"][1]["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
         "mailrelay-system"
     );
 
     // Opened to another namespace: the policy follows the spec.
-    edit_spec(&api, |s| {
-        s["networkPolicy"] = json!({"smtpFrom": [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]})
-    });
+    edit_spec(
+        &api,
+        |s| {
+            s["networkPolicy"] =
+                json!({"smtpFrom": [{"namespaceSelector": {"matchLabels": {"team": "web"}}}]})
+        },
+    );
     reconcile(&api, &ctx).await;
     assert_eq!(
         api.get(POLICY).unwrap()["spec"]["ingress"][0]["from"],
@@ -405,7 +440,11 @@ async fn the_policy_is_applied_before_the_pods_and_removed_when_disabled() {
     api.clear_requests();
     reconcile(&api, &ctx).await;
     assert!(api.get(POLICY).is_none(), "a disabled policy is deleted");
-    assert!(api.requests().iter().any(|r| r.is("DELETE", "/networkpolicies/relay")));
+    assert!(
+        api.requests()
+            .iter()
+            .any(|r| r.is("DELETE", "/networkpolicies/relay"))
+    );
     assert!(api.get(DEPLOYMENT).is_some());
     assert_eq!(ready(&api)["reason"], "Available", "{}", ready(&api));
 
@@ -431,7 +470,10 @@ async fn a_policy_of_the_same_name_owned_by_someone_else_is_not_deleted() {
     );
     let ctx = context(&api, settings());
     reconcile(&api, &ctx).await;
-    assert!(api.get(POLICY).is_some(), "the namespace's own policy stays");
+    assert!(
+        api.get(POLICY).is_some(),
+        "the namespace's own policy stays"
+    );
     assert!(!api.requests().iter().any(|r| r.method == "DELETE"));
 }
 
@@ -498,7 +540,11 @@ async fn switching_a_running_relay_to_node_port_leaves_its_service_as_it_was() {
     edit_spec(&api, |s| s["service"] = json!({"type": "NodePort"}));
     api.clear_requests();
     reconcile(&api, &ctx).await;
-    assert_eq!(api.get(SERVICE).unwrap(), before, "the Service is untouched");
+    assert_eq!(
+        api.get(SERVICE).unwrap(),
+        before,
+        "the Service is untouched"
+    );
     assert!(
         !api.requests()
             .iter()

@@ -66,9 +66,10 @@ async fn apply_network_policy(
     let Some(existing) = api.get_opt(&name).await? else {
         return Ok(());
     };
-    let ours = existing.owner_references().iter().any(|o| {
-        o.controller == Some(true) && Some(&o.uid) == relay.meta().uid.as_ref()
-    });
+    let ours = existing
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == relay.meta().uid.as_ref());
     if ours {
         match api.delete(&name, &DeleteParams::background()).await {
             Err(kube::Error::Api(s)) if s.is_not_found() => {}
