@@ -76,7 +76,12 @@ kubectl -n "$SINK_NS" rollout status deployment/mailpit --timeout=3m
 kubectl -n "$SINK_NS" port-forward service/mailpit 18025:8025 >/dev/null 2>&1 &
 
 step "helm install: CRDs, operator, bundled Redis (the README's first step)"
+# kubectl mailrelay reaches the admin port through the API server, admitted by
+# address (docs/operations.md, "Network exposure").
+apiserver=$(kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes \
+  -o jsonpath='{.items[0].endpoints[0].addresses[0]}')
 helm install mailrelay charts/mailrelay-operator -n "$NS" --wait --timeout 5m \
+  --set "networkPolicy.apiServerCIDRs={$apiserver/32}" \
   --set image.repository="$OPERATOR_IMAGE",image.tag="$TAG" \
   --set relayImage.repository="$RELAY_IMAGE",relayImage.tag="$TAG" \
   --set redis.enabled=true,redis.auth.generatePassword=true
@@ -86,7 +91,8 @@ helm upgrade mailrelay charts/mailrelay-operator -n "$NS" --reuse-values --wait 
   --set relay.enabled=true,relay.name=outbound,relay.hostname=relay.e2e.test \
   --set 'relay.relayNetworks={10.0.0.0/8}' \
   --set relay.delivery.smarthost.host="mailpit.$SINK_NS.svc.cluster.local" \
-  --set relay.delivery.smarthost.port=1025,relay.delivery.smarthost.tls=disabled
+  --set relay.delivery.smarthost.port=1025,relay.delivery.smarthost.tls=disabled \
+  --set-json "relay.networkPolicy={\"smtpFrom\": [{\"podSelector\": {}}, {\"namespaceSelector\": {\"matchLabels\": {\"kubernetes.io/metadata.name\": \"$SINK_NS\"}}}]}"
 kubectl -n "$NS" wait mailrelay/outbound --for=condition=Ready --timeout=5m
 kubectl get sendquotas,mailrelays -A
 
@@ -102,6 +108,23 @@ kubectl -n "$SINK_NS" run smtp-client --image=python:3.12-alpine --restart=Never
   python -c "import smtplib; s = smtplib.SMTP('outbound.$NS.svc.cluster.local', 2525, timeout=30); \
 print(s.sendmail('pod@e2e.test', ['you@example.net'], 'Subject: from a pod\r\n\r\nhi\r\n')); s.quit()"
 wait_sink 2
+
+step "network policies: an outsider namespace reaches neither SMTP nor Redis"
+# kindnetd enforces NetworkPolicy from kind v0.24.0 on (with the nft_queue
+# kernel module); older kinds accept the policies and enforce nothing.
+kind_minor=$(kind version | sed -n 's/^kind v0\.\([0-9]*\)\..*/\1/p')
+if [ "${kind_minor:-0}" -ge 24 ]; then
+  kubectl create namespace e2e-outsider
+  for target in "outbound.$NS.svc.cluster.local:2525" "mailrelay-mailrelay-operator-redis.$NS.svc.cluster.local:6379"; do
+    if kubectl -n e2e-outsider run probe --image=busybox:1.36 --restart=Never --rm -i -- \
+      nc -z -w 5 "${target%:*}" "${target##*:}"; then
+      fail "a pod in e2e-outsider reached $target through the NetworkPolicies"
+    fi
+  done
+  kubectl get networkpolicies -n "$NS"
+else
+  echo "kind $(kind version): no NetworkPolicy enforcement, check skipped"
+fi
 
 step "kubectl mailrelay"
 kubectl mailrelay -n "$NS" status outbound

@@ -372,6 +372,7 @@ def expect_defaults(case):
             f"ClusterRole/{FULLNAME}",
             f"ClusterRoleBinding/{FULLNAME}",
             f"Deployment/{FULLNAME}",
+            f"NetworkPolicy/{FULLNAME}",
             f"Role/{FULLNAME}-leader-election",
             f"RoleBinding/{FULLNAME}-leader-election",
             f"ServiceAccount/{FULLNAME}",
@@ -388,7 +389,11 @@ def expect_defaults(case):
         "--metrics-address=0.0.0.0:8080",
         "--status-interval=30s",
         "--lease-name=mailrelay-operator",
+        "--allowed-service-types=ClusterIP",
+        "--operator-pod-labels=app.kubernetes.io/component=operator,app.kubernetes.io/instance=mr,app.kubernetes.io/name=mailrelay-operator",
+        "--monitoring-namespace-labels=kubernetes.io/metadata.name=monitoring",
     ], c["args"]
+    expect_operator_policy(case, {"kubernetes.io/metadata.name": "monitoring"}, 8080)
     pod = d["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == FULLNAME
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -422,6 +427,8 @@ def expect_defaults(case):
         # Applied (create + patch) and removed when spec.autoscaling changes.
         "autoscaling/horizontalpodautoscalers": {"get", "create", "patch", "delete"},
         "keda.sh/scaledobjects": {"get", "create", "patch", "delete"},
+        # Each relay's NetworkPolicy: applied, and deleted when switched off.
+        "networking.k8s.io/networkpolicies": {"get", "create", "patch", "delete"},
         "/secrets": {"get", "list", "watch"},
         "/events": {"create", "patch"},
         "events.k8s.io/events": {"create", "patch"},
@@ -438,6 +445,92 @@ def expect_defaults(case):
     assert "relay.enabled=true" in case.notes, case.notes
     assert "helm upgrade mr CHART -n mail --reuse-values" in case.notes, case.notes
     assert "(helm.sh/resource-policy: keep)" in case.notes, case.notes
+
+
+def selects(selector, labels):
+    return all(labels.get(k) == v for k, v in selector["matchLabels"].items())
+
+
+def assert_no_open_peer(policy):
+    """No rule admits every source: an ingress rule without `from`, or with an
+    empty peer, would."""
+    for rule in policy["spec"].get("ingress", []):
+        assert rule.get("from"), f"{policy['metadata']['name']}: a rule open to every source: {rule}"
+        for peer in rule["from"]:
+            assert peer and any(peer.values()) or peer.get("podSelector") == {}, f"empty peer {peer}"
+
+
+def expect_operator_policy(case, monitoring, port):
+    """The operator's pods: ingress only to the metrics port, only from the
+    monitoring namespace (no ingress at all without one)."""
+    pol = case.get("NetworkPolicy", FULLNAME)
+    d, _ = operator_container(case)
+    assert selects(pol["spec"]["podSelector"], d["spec"]["template"]["metadata"]["labels"]), pol
+    assert pol["spec"]["policyTypes"] == ["Ingress"], pol
+    if monitoring:
+        assert pol["spec"]["ingress"] == [
+            {
+                "ports": [{"port": port, "protocol": "TCP"}],
+                "from": [{"namespaceSelector": {"matchLabels": monitoring}}],
+            }
+        ], pol["spec"]
+    else:
+        assert pol["spec"]["ingress"] == [], pol["spec"]
+    assert_no_open_peer(pol)
+
+
+def expect_redis_policy(case, extra=()):
+    """The bundled Redis: only relay pods of the release namespace and the
+    operator reach port 6379."""
+    pol = case.get("NetworkPolicy", f"{FULLNAME}-redis")
+    sts = case.get("StatefulSet", f"{FULLNAME}-redis")
+    assert selects(pol["spec"]["podSelector"], sts["spec"]["template"]["metadata"]["labels"]), pol
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = pol["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}], rule
+    relay_pod = {
+        "app.kubernetes.io/name": "mailrelay",
+        "app.kubernetes.io/instance": "outbound",
+        "app.kubernetes.io/managed-by": "mailrelay-operator",
+    }
+    d, _ = operator_container(case)
+    relays, operator, *rest = rule["from"]
+    assert set(relays) == {"podSelector"} and selects(relays["podSelector"], relay_pod), relays
+    assert set(operator) == {"podSelector"}, operator
+    assert selects(operator["podSelector"], d["spec"]["template"]["metadata"]["labels"]), operator
+    # Other pods of the namespace (a tenant's shell, say) are not admitted.
+    assert not selects(relays["podSelector"], {"app": "debug"})
+    assert not selects(operator["podSelector"], {"app.kubernetes.io/name": "mailrelay-operator"})
+    assert rest == list(extra), rest
+    assert_no_open_peer(pol)
+
+
+def expect_network_options(case):
+    _, c = operator_container(case)
+    assert "--allowed-service-types=ClusterIP,NodePort" in c["args"], c["args"]
+    assert "--api-server-cidrs=172.18.0.0/16,10.0.0.1/32" in c["args"], c["args"]
+    assert not any(a.startswith("--monitoring-namespace-labels") for a in c["args"]), c["args"]
+    expect_operator_policy(case, None, 8080)
+    expect_redis_policy(
+        case,
+        extra=[
+            {
+                "namespaceSelector": {"matchLabels": {"team": "apps"}},
+                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mailrelay"}},
+            }
+        ],
+    )
+    spec = case.get("MailRelay", "outbound")["spec"]
+    assert spec["service"]["type"] == "NodePort"
+    assert spec["networkPolicy"] == {"smtpFrom": [{"cidr": "198.51.100.0/24"}]}, spec
+
+
+def expect_network_policies_off(case):
+    assert not case.has("NetworkPolicy"), case.kinds()
+    _, c = operator_container(case)
+    # The relays' policies are the operator's: it still gets the settings.
+    assert "--allowed-service-types=ClusterIP" in c["args"], c["args"]
+    assert "--monitoring-namespace-labels=kubernetes.io/metadata.name=monitoring" in c["args"]
 
 
 def expect_single_no_leader(case):
@@ -596,6 +689,7 @@ def expect_bundled_redis(case, fsync="everysec"):
     assert pvc["metadata"]["name"] == "data"
     svc = case.get("Service", f"{FULLNAME}-redis")
     assert svc["spec"]["ports"][0]["port"] == 6379
+    expect_redis_policy(case)
     return sts, c
 
 
@@ -796,6 +890,7 @@ EXTERNAL_RELAY = {
         "passwordSecret": {"name": "redis-auth", "key": "pw"},
         "waitReplicas": 1,
     },
+    "allowedServiceTypes": ["ClusterIP", "LoadBalancer"],
     "relay": {
         "enabled": True,
         "name": "edge",
@@ -962,6 +1057,34 @@ GOOD = [
         expect_redis_no_auth,
     ),
     ("first-relay-and-quotas", BASE_RELAY, expect_first_relay),
+    (
+        "network-policy-options",
+        deep_merge(
+            BASE_RELAY,
+            {
+                "allowedServiceTypes": ["ClusterIP", "NodePort"],
+                "networkPolicy": {
+                    # null, as {} would merge with the default labels.
+                    "monitoringNamespaceLabels": None,
+                    "apiServerCIDRs": ["172.18.0.0/16", "10.0.0.1/32"],
+                    "redis": {
+                        "extraFrom": [
+                            {
+                                "namespaceSelector": {"matchLabels": {"team": "apps"}},
+                                "podSelector": {"matchLabels": {"app.kubernetes.io/name": "mailrelay"}},
+                            }
+                        ]
+                    },
+                },
+                "relay": {
+                    "service": {"type": "NodePort"},
+                    "networkPolicy": {"smtpFrom": [{"cidr": "198.51.100.0/24"}]},
+                },
+            },
+        ),
+        expect_network_options,
+    ),
+    ("network-policies-off", {"networkPolicy": {"enabled": False}}, expect_network_policies_off),
     ("external-redis-secret-relay", EXTERNAL_RELAY, expect_external_relay),
     (
         "external-redis-url-from-secret",
@@ -1056,6 +1179,12 @@ BAD = [
     ("monitoring-bad-interval", {"relayMonitoring": {"podMonitor": {"interval": "often"}}}, "at '/relayMonitoring/podMonitor/interval'"),
     ("monitoring-bad-alert-label", {"relayMonitoring": {"prometheusRule": {"additionalAlertLabels": {"team-name": "mail"}}}}, "at '/relayMonitoring/prometheusRule/additionalAlertLabels': additional properties 'team-name' not allowed"),
     ("bad-shutdown-settle", deep_merge(BASE_RELAY, {"relay": {"shutdown": {"settle": "10 seconds"}}}), "at '/relay/shutdown/settle'"),
+    ("service-type-not-allowed", deep_merge(BASE_RELAY, {"relay": {"service": {"type": "LoadBalancer"}}}), "relay.service.type LoadBalancer is not in allowedServiceTypes [ClusterIP]"),
+    ("bad-allowed-service-type", {"allowedServiceTypes": ["ExternalName"]}, "at '/allowedServiceTypes/0'"),
+    ("no-allowed-service-type", {"allowedServiceTypes": []}, "at '/allowedServiceTypes'"),
+    ("bad-api-server-cidr", {"networkPolicy": {"apiServerCIDRs": ["control-plane"]}}, "at '/networkPolicy/apiServerCIDRs/0'"),
+    ("redis-open-peer", deep_merge(BASE_RELAY, {"networkPolicy": {"redis": {"extraFrom": [{}]}}}), "networkPolicy.redis.extraFrom: each entry is a NetworkPolicy peer"),
+    ("network-policy-typo", {"networkPolicy": {"enable": False}}, "additional properties 'enable' not allowed"),
     ("bad-service-port", deep_merge(BASE_RELAY, {"relay": {"listeners": [{"name": "smtp", "port": 2525, "servicePort": 0}]}}), "at '/relay/listeners/0/servicePort'"),
 ]
 

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mailrelay_operator::crd::ServiceType;
 use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
 use mailrelay_operator::reconcile::{self, Context, DEFAULT_RELAY_IMAGE, Settings};
+use mailrelay_operator::resources::network::{self, NetworkSettings};
 use mailrelay_operator::telemetry::{self, Metrics};
 
 #[derive(Parser)]
@@ -26,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the MailRelay and SendQuota controllers.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write the CustomResourceDefinitions as YAML files.
     Crdgen {
         /// Directories to write `mailrelay.io_*.yaml` into (repeat the flag for
@@ -70,6 +72,40 @@ struct RunArgs {
     /// This replica's identity in the Lease (its pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// SMTP Service types MailRelays may ask for (comma-separated: ClusterIP,
+    /// NodePort, LoadBalancer); a MailRelay asking for another is held with
+    /// `Ready=False`, reason `ServiceTypeNotAllowed`.
+    #[arg(
+        long,
+        env = "MAILRELAY_ALLOWED_SERVICE_TYPES",
+        value_delimiter = ',',
+        default_value = "ClusterIP",
+        value_parser = network::parse_service_type
+    )]
+    allowed_service_types: Vec<ServiceType>,
+    /// Labels of the operator's own pods (`k=v,k2=v2`): relays' NetworkPolicies
+    /// admit them (in the operator's namespace, `POD_NAMESPACE`) to the admin port.
+    #[arg(
+        long,
+        env = "MAILRELAY_OPERATOR_POD_LABELS",
+        default_value = "app.kubernetes.io/name=mailrelay-operator",
+        value_parser = network::parse_labels
+    )]
+    operator_pod_labels: std::collections::BTreeMap<String, String>,
+    /// Networks the API server connects from (comma-separated CIDRs): relays'
+    /// NetworkPolicies admit them to the admin port, for `kubectl mailrelay`
+    /// (which goes through the API server's service proxy).
+    #[arg(long, env = "MAILRELAY_API_SERVER_CIDRS", value_delimiter = ',')]
+    api_server_cidrs: Vec<ipnet::IpNet>,
+    /// Labels of the monitoring namespace (`k=v,...`): relays' NetworkPolicies
+    /// admit its pods to the admin port (metrics). Empty: none.
+    #[arg(
+        long,
+        env = "MAILRELAY_MONITORING_NAMESPACE_LABELS",
+        default_value = "",
+        value_parser = network::parse_labels
+    )]
+    monitoring_namespace_labels: std::collections::BTreeMap<String, String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -103,7 +139,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?
-                .block_on(run(args))?;
+                .block_on(run(*args))?;
         }
     }
     Ok(())
@@ -152,6 +188,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         relay_image: args.relay_image,
         status_interval: args.status_interval,
         admin_url_template: args.admin_url_template,
+        network: NetworkSettings {
+            operator_namespace: args.lease_namespace.clone(),
+            operator_pod_labels: args.operator_pod_labels,
+            api_server_cidrs: args
+                .api_server_cidrs
+                .iter()
+                .map(|c| c.trunc().to_string())
+                .collect(),
+            // An empty selector would select every namespace.
+            monitoring_namespace_labels: (!args.monitoring_namespace_labels.is_empty())
+                .then_some(args.monitoring_namespace_labels),
+        },
+        allowed_service_types: args.allowed_service_types,
         ..Settings::default()
     };
     let ctx = Context::new(client.clone(), settings, metrics.clone());

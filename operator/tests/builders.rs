@@ -186,6 +186,41 @@ fn golden_url_from_secret() {
     );
 }
 
+/// The NetworkPolicies of the minimal relay (defaults: SMTP from its own
+/// namespace) and of the smarthost relay opened to peers, as the operator of a
+/// chart install (release `mr` in `mailrelay-system`) renders them.
+#[test]
+fn golden_network_policies() {
+    use mailrelay_operator::resources::network::{NetworkSettings, network_policy};
+    let settings = NetworkSettings {
+        operator_namespace: "mailrelay-system".into(),
+        operator_pod_labels: [
+            ("app.kubernetes.io/name", "mailrelay-operator"),
+            ("app.kubernetes.io/instance", "mr"),
+            ("app.kubernetes.io/component", "operator"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        api_server_cidrs: vec!["172.18.0.2/32".into()],
+        monitoring_namespace_labels: Some(
+            [(
+                "kubernetes.io/metadata.name".to_owned(),
+                "monitoring".to_owned(),
+            )]
+            .into(),
+        ),
+    };
+    let opened = format!(
+        "{SMARTHOST}  networkPolicy:\n    smtpFrom:\n      - namespaceSelector: {{matchLabels: {{team: web}}}}\n      - cidr: 10.20.0.0/16\n"
+    );
+    let docs: Vec<String> = [relay(MINIMAL), relay(&opened)]
+        .iter()
+        .map(|r| serde_norway::to_string(&network_policy(r, &settings).unwrap().unwrap()).unwrap())
+        .collect();
+    golden("network-policies", &docs.join("---\n"));
+}
+
 fn container(o: &Resources) -> &k8s_openapi::api::core::v1::Container {
     &o.deployment
         .spec

@@ -16,6 +16,7 @@ use std::process::Command;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -92,6 +93,7 @@ fn strict(v: &Value) -> Option<Result<(), String>> {
         ("apps/v1", "Deployment") => round_trip::<Deployment>(v),
         ("apps/v1", "StatefulSet") => round_trip::<StatefulSet>(v),
         ("policy/v1", "PodDisruptionBudget") => round_trip::<PodDisruptionBudget>(v),
+        ("networking.k8s.io/v1", "NetworkPolicy") => round_trip::<NetworkPolicy>(v),
         ("rbac.authorization.k8s.io/v1", "ClusterRole") => round_trip::<ClusterRole>(v),
         ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
             round_trip::<ClusterRoleBinding>(v)
@@ -187,6 +189,8 @@ fn chart_renders_for_every_value_set_and_every_object_is_valid() {
         "ha-operator",
         "relay-monitoring",
         "relay-monitoring-with-operator",
+        "network-policy-options",
+        "network-policies-off",
     ] {
         assert!(cases.contains_key(case), "case {case} not rendered");
     }

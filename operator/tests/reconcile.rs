@@ -110,6 +110,7 @@ async fn create_applies_every_object_and_reports_status() {
         [
             "/api/v1/namespaces/mail/configmaps/relay-config",
             "/api/v1/namespaces/mail/serviceaccounts/relay",
+            "/apis/networking.k8s.io/v1/namespaces/mail/networkpolicies/relay",
             "/api/v1/namespaces/mail/services/relay",
             "/api/v1/namespaces/mail/services/relay-admin",
             "/apis/policy/v1/namespaces/mail/poddisruptionbudgets/relay",

@@ -43,6 +43,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: queue-store
 {{- end }}
 
+{{/* A label map as the operator's flags take it: k=v,k2=v2 (sorted by key). */}}
+{{- define "mailrelay-operator.labelList" -}}
+{{- $out := list }}
+{{- range $k, $v := . }}
+{{- $out = append $out (printf "%s=%s" $k $v) }}
+{{- end }}
+{{- join "," $out }}
+{{- end }}
+
 {{- define "mailrelay-operator.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "mailrelay-operator.fullname" .) .Values.serviceAccount.name }}
@@ -233,6 +242,16 @@ waitReplicas: {{ .Values.externalRedis.waitReplicas }}
 {{- end }}
 {{- if and $auth.generatePassword (or $auth.existingSecret $auth.password) }}
 {{- fail "redis.auth.generatePassword=true conflicts with redis.auth.existingSecret / redis.auth.password: the password comes from one place" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.relay.enabled (not (has .Values.relay.service.type .Values.allowedServiceTypes)) }}
+{{- fail (printf "relay.service.type %s is not in allowedServiceTypes %v: the operator would refuse the relay (add it to allowedServiceTypes if the platform allows it)" .Values.relay.service.type .Values.allowedServiceTypes) }}
+{{- end }}
+{{- if .Values.networkPolicy.enabled }}
+{{- range .Values.networkPolicy.redis.extraFrom }}
+{{- if not (or .podSelector .namespaceSelector .ipBlock) }}
+{{- fail "networkPolicy.redis.extraFrom: each entry is a NetworkPolicy peer with podSelector, namespaceSelector or ipBlock ({} would admit every source)" }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) }}

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::{
     PersistentVolumeClaimVolumeSource, ProjectedVolumeSource, ResourceRequirements,
     SecretVolumeSource, Toleration, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -243,6 +243,102 @@ pub struct MailRelaySpec {
     /// How a relay pod stops (rollouts, scale-in, node drains).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shutdown: Option<ShutdownSpec>,
+    /// Who may connect to the relay pods, as a NetworkPolicy the operator renders
+    /// (named like the relay). Default: on, SMTP from this namespace only. Only
+    /// enforced where the cluster's network plugin enforces NetworkPolicy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<NetworkPolicySpec>,
+}
+
+/// The relay's NetworkPolicy: SMTP from the peers listed here; the admin port
+/// (health, metrics, admin API) only from the operator, the API server's service
+/// proxy and the monitoring namespace the platform configured on the operator.
+/// Egress is left open: relays deliver to any MX host on the Internet.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!(has(self.smtpFromAnywhere) && self.smtpFromAnywhere && has(self.smtpFrom))",
+    "message": "smtpFromAnywhere admits every source already: leave smtpFrom out",
+    "fieldPath": ".smtpFrom"
+}]))]
+pub struct NetworkPolicySpec {
+    /// Render the NetworkPolicy; false removes it (every source may then connect
+    /// to every port of the relay pods).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Who may connect to the SMTP listeners. Unset: pods of the MailRelay's own
+    /// namespace only (the safe default in a shared cluster: other tenants' pods
+    /// cannot reach it). Set, it replaces that default: list `{podSelector: {}}`
+    /// to keep the own namespace. An empty list admits nobody. Clients of a
+    /// `LoadBalancer` or `NodePort` Service come from outside the cluster: list
+    /// their networks (`cidr`), or set `smtpFromAnywhere`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    pub smtp_from: Option<Vec<NetworkPeer>>,
+    /// Admit every source to the SMTP listeners (a relay facing the Internet).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub smtp_from_anywhere: bool,
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        NetworkPolicySpec {
+            enabled: true,
+            smtp_from: None,
+            smtp_from_anywhere: false,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One source of SMTP clients: namespaces and/or pods (by label), or a network.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "has(self.cidr) != (has(self.namespaceSelector) || has(self.podSelector))",
+        "message": "set either cidr or namespaceSelector/podSelector (both selectors together mean those pods in those namespaces)"
+    },
+    {
+        "rule": "!has(self.except) || size(self.except) == 0 || has(self.cidr)",
+        "message": "except needs cidr",
+        "fieldPath": ".except"
+    }
+]))]
+pub struct NetworkPeer {
+    /// Namespaces whose pods may connect (`{}`: every namespace); with
+    /// `podSelector`, only those pods in those namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Pods that may connect: in the MailRelay's namespace, or with
+    /// `namespaceSelector` in the namespaces it selects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+    /// A client network, like `203.0.113.0/24` (`0.0.0.0/0` and `::/0` are every
+    /// address; how a network plugin treats pod addresses under an ipBlock
+    /// varies: use selectors for pods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "isCIDR(self)",
+        "message": "must be a network like 203.0.113.0/24 or 2001:db8::/32"
+    }]))]
+    pub cidr: Option<String>,
+    /// Networks inside `cidr` that may not connect.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[schemars(extend("items" = {
+        "type": "string",
+        "maxLength": 64,
+        "x-kubernetes-validations": [{
+            "rule": "isCIDR(self)",
+            "message": "must be a network like 203.0.113.0/28"
+        }]
+    }))]
+    pub except: Vec<String>,
 }
 
 /// An extra volume: a name and exactly one source, of the kinds Pod Security

@@ -79,6 +79,11 @@ pub struct Settings {
     pub admin_url_template: String,
     /// Deadline of one queue-store read.
     pub queue_timeout: Duration,
+    /// Who may reach the relays' admin port (their NetworkPolicies).
+    pub network: crate::resources::network::NetworkSettings,
+    /// SMTP Service types a MailRelay may ask for; the platform's choice, not
+    /// the tenant's (default: ClusterIP only).
+    pub allowed_service_types: Vec<crate::crd::ServiceType>,
 }
 
 impl Default for Settings {
@@ -89,6 +94,8 @@ impl Default for Settings {
             blocked_retry: Duration::from_secs(30),
             admin_url_template: "http://{name}-admin.{namespace}.svc:9325".into(),
             queue_timeout: Duration::from_secs(10),
+            network: crate::resources::network::NetworkSettings::default(),
+            allowed_service_types: vec![crate::crd::ServiceType::ClusterIP],
         }
     }
 }

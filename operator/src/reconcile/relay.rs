@@ -9,6 +9,7 @@ use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -23,6 +24,7 @@ use super::{Context, Error, MANAGER, object_key};
 use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota};
 use crate::resources::autoscaling::{self, Autoscaler};
 use crate::resources::config::{SpecError, check_redis, quota_config, selects};
+use crate::resources::network;
 use crate::resources::{self, Inputs};
 use crate::status::{QueueReport, read_report};
 
@@ -44,6 +46,39 @@ where
             &Patch::Apply(obj),
         )
         .await?)
+}
+
+/// Applies the relay's NetworkPolicy, or, when `spec.networkPolicy.enabled` is
+/// false, deletes the one it rendered before (only if this relay owns it: an
+/// object of that name someone else made is not ours to remove).
+async fn apply_network_policy(
+    client: &kube::Client,
+    ns: &str,
+    relay: &MailRelay,
+    policy: Option<NetworkPolicy>,
+) -> Result<(), Error> {
+    if let Some(p) = policy {
+        apply(client, ns, &p).await?;
+        return Ok(());
+    }
+    let api: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
+    let name = relay.name_any();
+    let Some(existing) = api.get_opt(&name).await? else {
+        return Ok(());
+    };
+    let ours = existing
+        .owner_references()
+        .iter()
+        .any(|o| o.controller == Some(true) && Some(&o.uid) == relay.meta().uid.as_ref());
+    if ours {
+        match api.delete(&name, &DeleteParams::background()).await {
+            Err(kube::Error::Api(s)) if s.is_not_found() => {}
+            other => {
+                other?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Field manager that holds a Deployment's `replicas` for the autoscaler: set once
@@ -256,12 +291,25 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     let quota_names: Vec<String> = quotas.iter().map(|q| q.name.clone()).collect();
     // Which Redis URL is meant comes first: with both `url` and `urlSecret` (a CRD
     // without its CEL rules) the Secret's state would be beside the point.
-    let resolved = match check_redis(&relay.spec.redis) {
-        Err(e) => Err((
-            "InvalidSpec".to_owned(),
-            e.to_string(),
-            ctx.settings.status_interval * 10,
-        )),
+    // The platform's word on Service types and the NetworkPolicy's peers come
+    // before Secrets too: a refused spec holds the whole rollout, so an existing
+    // Service stays as it is (never turned into a LoadBalancer) and the pods never
+    // run without their policy.
+    let network = network::network_policy(relay, &ctx.settings.network);
+    let refused = check_redis(&relay.spec.redis)
+        .map_err(|e| ("InvalidSpec".to_owned(), e.to_string()))
+        .and_then(|()| {
+            network::check_service_type(&relay.spec, &ctx.settings.allowed_service_types)
+                .map_err(|m| (network::SERVICE_TYPE_NOT_ALLOWED.to_owned(), m))
+        })
+        .and_then(|()| {
+            network
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| ("InvalidSpec".to_owned(), e.to_string()))
+        });
+    let resolved = match refused {
+        Err((reason, message)) => Err((reason, message, ctx.settings.status_interval * 10)),
         Ok(()) => secrets::resolve(&relay.spec, &fetched).map_err(|p| {
             (
                 p.reason().to_owned(),
@@ -297,6 +345,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                 Ok(objs) => {
                     apply(client, &ns, &objs.config_map).await?;
                     apply(client, &ns, &objs.service_account).await?;
+                    apply_network_policy(client, &ns, relay, network.ok().flatten()).await?;
                     apply(client, &ns, &objs.service).await?;
                     apply(client, &ns, &objs.admin_service).await?;
                     apply(client, &ns, &objs.pdb).await?;

@@ -4,6 +4,7 @@
 
 pub mod autoscaling;
 pub mod config;
+pub mod network;
 
 use std::collections::BTreeMap;
 
