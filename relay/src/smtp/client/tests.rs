@@ -1620,6 +1620,11 @@ fn each_outcome_is_available_when_its_transaction_ends() {
     assert_eq!(first.recipients[0].reply.code, 250);
     assert_eq!(&end[0], first, "the connection's result repeats it");
     // Message 1 never completed a transaction: only in the connection's result.
-    assert!(end[1].recipients.iter().all(|r| r.result == Outcome::Deferred));
+    assert!(
+        end[1]
+            .recipients
+            .iter()
+            .all(|r| r.result == Outcome::Deferred)
+    );
     assert!(sent_after_first.iter().any(|c| c.starts_with("MAIL FROM")));
 }
