@@ -513,6 +513,31 @@ pub struct DeliveryConfig {
     pub ca_file: Option<PathBuf>,
     /// When to retry deferred mail and when to give up.
     pub retry: crate::delivery::retry::RetryPolicy,
+    /// How delivery outcomes are written to the queue while connections are open.
+    pub outcome_batch: OutcomeBatchConfig,
+}
+
+/// Outcomes (delivered, deferred, bounced) are written per message as their
+/// transactions end, in batches of one queue round trip: a batch is written once it
+/// holds `max_messages` or its first outcome waited `max_delay`, whichever comes
+/// first. At most `max_messages` outcomes wait unwritten at any time (a connection
+/// whose outcome finds the batch full waits), so a relay killed mid-delivery sends
+/// again at most one message per open connection plus `max_messages`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutcomeBatchConfig {
+    pub max_messages: usize,
+    #[serde(with = "duration_str")]
+    pub max_delay: Duration,
+}
+
+impl Default for OutcomeBatchConfig {
+    fn default() -> Self {
+        OutcomeBatchConfig {
+            max_messages: 32,
+            max_delay: Duration::from_millis(50),
+        }
+    }
 }
 
 impl Default for DeliveryConfig {
@@ -532,6 +557,7 @@ impl Default for DeliveryConfig {
             tls: TlsPolicy::Opportunistic,
             ca_file: None,
             retry: Default::default(),
+            outcome_batch: Default::default(),
         }
     }
 }
@@ -935,6 +961,10 @@ impl RelayConfig {
                 d.max_messages_per_connection,
             ),
             ("delivery.dns.attempts", d.dns.attempts),
+            (
+                "delivery.outcome_batch.max_messages",
+                d.outcome_batch.max_messages,
+            ),
         ] {
             if v == 0 {
                 return Err(invalid(field, "must be at least 1"));
@@ -944,6 +974,14 @@ impl RelayConfig {
         // invites duplicates; renewal runs at a third of it.
         if d.lease < Duration::from_secs(2) {
             return Err(invalid("delivery.lease", "must be at least 2s"));
+        }
+        // Outcomes must be written long before the lease that covers them runs out,
+        // or another relay may take the message and send it again.
+        if d.outcome_batch.max_delay.is_zero() || d.outcome_batch.max_delay * 3 > d.lease {
+            return Err(invalid(
+                "delivery.outcome_batch.max_delay",
+                "must be greater than zero and at most a third of delivery.lease",
+            ));
         }
         if d.wake_delay > d.poll_interval {
             return Err(invalid(
@@ -1348,6 +1386,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("delivery.wake_delay"), "{e}");
+        assert_eq!(c.delivery.outcome_batch, OutcomeBatchConfig::default());
+        assert_eq!(c.delivery.outcome_batch.max_messages, 32);
+        let b =
+            RelayConfig::from_yaml("delivery: {outcome_batch: {max_messages: 8, max_delay: 10ms}}")
+                .unwrap()
+                .delivery
+                .outcome_batch;
+        assert_eq!(
+            (b.max_messages, b.max_delay),
+            (8, Duration::from_millis(10))
+        );
+        for (yaml, field) in [
+            ("{max_messages: 0}", "delivery.outcome_batch.max_messages"),
+            ("{max_delay: 0s}", "delivery.outcome_batch.max_delay"),
+            ("{max_delay: 2m}", "delivery.outcome_batch.max_delay"),
+            ("{max_messgaes: 2}", "max_messgaes"),
+        ] {
+            let e = RelayConfig::from_yaml(&format!("delivery: {{outcome_batch: {yaml}}}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field), "{yaml}: {e}");
+        }
         assert_eq!(c.delivery.tls, TlsPolicy::Opportunistic);
         let c = RelayConfig::from_yaml(
             "delivery: {smarthost: {host: smtp.example.com, username: u, tls: required}, retry: {first: 1s}}",

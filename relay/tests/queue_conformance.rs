@@ -559,6 +559,89 @@ async fn check_expired_but_untaken_lease_can_still_finish(q: &dyn Queue) {
     assert_eq!(status.next_attempt_ms, Some(t + HOUR_MS));
 }
 
+/// A batch of finishes: each item checked against its own lease, delivered ones
+/// final, deferred ones rescheduled, a lost lease and an invalid status answered
+/// alone, the totals counted once.
+async fn check_finish_batch_answers_each_item(q: &dyn Queue) {
+    let t = now_ms();
+    let before = q.delivery_totals().await.unwrap();
+    // Enough messages to span many Redis shards.
+    let msgs: Vec<QueuedMessage> = (0..40)
+        .map(|_| message_to(QueueId::generate(), t, &["a@alpha.test"]))
+        .collect();
+    for m in &msgs {
+        q.enqueue(m).await.unwrap();
+    }
+    let mut leased = q.lease_due(t, LEASE_MS, 1000, "batch").await.unwrap();
+    assert_eq!(leased.len(), msgs.len());
+    leased.sort_by(|a, b| a.lease.id.cmp(&b.lease.id));
+    let mut items = Vec::new();
+    for (i, l) in leased.iter().enumerate() {
+        let status = match i % 4 {
+            0 => deferred(l.status.clone(), t, t + HOUR_MS),
+            // A stale token: this item alone must come back `LeaseLost`.
+            3 if i == 3 => {
+                let mut lease = l.lease.clone();
+                lease.token.push_str("-stale");
+                items.push((lease, delivered(l.status.clone(), t)));
+                continue;
+            }
+            _ => delivered(l.status.clone(), t),
+        };
+        items.push((l.lease.clone(), status));
+    }
+    // An invalid status (pending without a next attempt) fails alone.
+    let invalid = {
+        let l = &leased[7];
+        let mut s = l.status.clone();
+        s.next_attempt_ms = None;
+        (l.lease.clone(), s)
+    };
+    let (bad_lease, bad_status) = invalid;
+    let i7 = items
+        .iter()
+        .position(|(l, _)| l.id == bad_lease.id)
+        .unwrap();
+    items[i7] = (bad_lease, bad_status);
+    let results = q.finish_batch(items.clone()).await.unwrap();
+    assert_eq!(results.len(), items.len());
+    let mut delivered_n = 0;
+    for (i, ((lease, status), result)) in items.iter().zip(&results).enumerate() {
+        match (i, result) {
+            (3, Ok(FinishResult::LeaseLost)) => {}
+            (7, Err(QueueError::Invalid(_))) => {}
+            (i, Ok(FinishResult::Rescheduled)) if i % 4 == 0 => {
+                assert_eq!(
+                    status_of(q, &lease.id).await.next_attempt_ms,
+                    Some(t + HOUR_MS)
+                );
+            }
+            (i, Ok(FinishResult::Finalized)) if i != 3 && i != 7 && i % 4 != 0 => {
+                assert!(status_of(q, &lease.id).await.is_final());
+                assert_eq!(
+                    q.get(&lease.id).await.unwrap(),
+                    None,
+                    "body of {}",
+                    lease.id
+                );
+                delivered_n += 1;
+            }
+            (i, r) => panic!("item {i} ({}): {r:?}", status.id),
+        }
+    }
+    let after = q.delivery_totals().await.unwrap();
+    assert_eq!(after.delivered - before.delivered, delivered_n);
+    // Finishing again is refused per item (the leases are spent), not as a batch.
+    let again = q.finish_batch(items[..2].to_vec()).await.unwrap();
+    assert!(
+        again
+            .iter()
+            .all(|r| matches!(r, Ok(FinishResult::LeaseLost))),
+        "{again:?}"
+    );
+    assert!(q.finish_batch(Vec::new()).await.unwrap().is_empty());
+}
+
 async fn check_finish_reschedules_with_attempts(q: &dyn Queue) {
     let t = now_ms();
     let msg = message_to(QueueId::generate(), t, &["a@alpha.test", "b@beta.test"]);
@@ -1366,6 +1449,12 @@ macro_rules! conformance {
             async fn retry_now_by_id_domain_and_all() {
                 let f = super::$backend(QueueOptions::default()).await;
                 check_retry_now_by_id_domain_and_all(&*f.queue).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn finish_batch_answers_each_item() {
+                let f = super::$backend(QueueOptions::default()).await;
+                check_finish_batch_answers_each_item(&*f.queue).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

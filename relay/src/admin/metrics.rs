@@ -92,6 +92,9 @@ pub struct Metrics {
     delivery_recipients: Family<ResultLabels, Counter>,
     delivery_latency: Histogram,
     delivery_connections_active: Gauge,
+    outcome_flushes: Family<Label, Counter>,
+    outcomes_flushed: Counter,
+    outcome_flush_failures: Counter,
     quota: crate::quota::metrics::QuotaMetrics,
     egress: crate::quota::egress::metrics::EgressMetrics,
 }
@@ -224,6 +227,27 @@ impl Metrics {
             "Open outbound SMTP connections",
             delivery_connections_active.clone(),
         );
+        let outcome_flushes = Family::<Label, Counter>::default();
+        registry.register(
+            "delivery_outcome_flushes",
+            "Batches of delivery outcomes written to the queue, by what triggered the write (size, interval, shutdown)",
+            outcome_flushes.clone(),
+        );
+        for trigger in ["size", "interval", "shutdown"] {
+            let _ = outcome_flushes.get_or_create(&label("trigger", trigger));
+        }
+        let outcomes_flushed = Counter::default();
+        registry.register(
+            "delivery_outcomes_flushed",
+            "Message outcomes written to the queue in outcome batches",
+            outcomes_flushed.clone(),
+        );
+        let outcome_flush_failures = Counter::default();
+        registry.register(
+            "delivery_outcome_flush_failures",
+            "Outcome batches the queue store could not take (their messages are delivered again after the lease)",
+            outcome_flush_failures.clone(),
+        );
         let auth_failures = Counter::default();
         registry.register(
             "smtp_auth_failures",
@@ -252,6 +276,9 @@ impl Metrics {
             delivery_recipients,
             delivery_latency,
             delivery_connections_active,
+            outcome_flushes,
+            outcomes_flushed,
+            outcome_flush_failures,
             connections,
             connections_active,
             connections_refused,
@@ -387,6 +414,19 @@ impl Metrics {
     /// Arrival-to-delivery time of a delivered recipient.
     pub fn delivery_latency(&self, elapsed: Duration) {
         self.delivery_latency.observe(elapsed.as_secs_f64());
+    }
+
+    /// A batch of `messages` delivery outcomes was written (`failed`: the store
+    /// refused it), triggered by `trigger` (size, interval, shutdown).
+    pub fn outcome_flush(&self, trigger: &'static str, messages: usize, failed: bool) {
+        self.outcome_flushes
+            .get_or_create(&label("trigger", trigger))
+            .inc();
+        if failed {
+            self.outcome_flush_failures.inc();
+        } else {
+            self.outcomes_flushed.inc_by(messages as u64);
+        }
     }
 
     /// Opportunistic TLS to a next hop failed; delivery goes on in plain text.

@@ -4,10 +4,12 @@
 //! (RFC 5321 §5.1, RFC 7505); [`retry`] schedules retries of deferred mail and
 //! [`dsn`] builds the delivery status notifications sent back to senders;
 //! [`smtp_client`] sends messages over one connection, and [`scheduler`] runs
-//! delivery against the queue (leases, concurrency, retries, bounces).
+//! delivery against the queue (leases, concurrency, retries, bounces), writing
+//! outcomes as messages finish through [`outcomes`].
 
 pub mod dsn;
 pub mod mx;
+pub mod outcomes;
 pub mod retry;
 pub mod scheduler;
 pub mod smtp_client;

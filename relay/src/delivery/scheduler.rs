@@ -6,6 +6,13 @@
 //! A destination is a recipient domain (its MX hosts), or a relay host: a route of
 //! the transport map (`delivery.routes`, checked first) or the smarthost.
 //!
+//! Outcomes are recorded per message as soon as its transaction ends (the reply
+//! after the content), while the connection goes on: [`OutcomeWriter`] writes them in
+//! batches of one queue round trip. A relay killed mid-delivery so sends again only
+//! what was in flight: at most one message per open connection plus the outcome
+//! batch (`delivery.outcome_batch.max_messages`). A message with recipients at
+//! several destinations is recorded when its last destination is done.
+//!
 //! Concurrency: one semaphore caps connections overall, one per destination caps
 //! them per domain (or relay host). Leases are renewed by a ticker while a
 //! message is held, so a slow delivery does not let another relay take it over.
@@ -29,15 +36,16 @@ use tracing::{debug, info, warn};
 
 use super::dsn::{self, DsnAction, DsnRecipient};
 use super::mx::{MxResolver, Resolution, ResolverError};
+use super::outcomes::{OutcomeWriter, Pending};
 use super::smtp_client::{
     ClientConfig, ClientTimeouts, ClientTls, ClientTlsError, ConnectionResult, Credentials,
-    MessageOutcome, Outcome, Stage, connect_failed, deliver_gated,
+    MessageGate, MessageOutcome, Outcome, Stage, connect_failed, deliver_gated,
 };
 use crate::admin::Metrics;
 use crate::config::{DeliveryConfig, TlsPolicy};
 use crate::queue::{
-    Attempt, AttemptResult, FinishResult, Lease, Leased, MessageStatus, Queue, QueueId,
-    QueuedMessage, RcptState, now_ms,
+    Attempt, AttemptResult, FinishResult, Lease, Leased, MessageStatus, Queue, QueueError, QueueId,
+    QueuedMessage, RcptState, TlsInfo, now_ms,
 };
 use crate::quota::egress::{Destination, Egress, EgressConn, Postponement};
 
@@ -154,6 +162,8 @@ struct Inner {
     wake: Arc<Notify>,
     /// Sees leased mail before delivery (ingress `defer` quotas hold some back).
     hook: Option<Arc<dyn crate::quota::DispatchHook>>,
+    /// Every `finish` goes through here, batched.
+    outcomes: OutcomeWriter,
 }
 
 /// One leased message and what is left to do for it in this round.
@@ -179,6 +189,85 @@ type Target = (String, SocketAddr);
 struct Part {
     work: Arc<Work>,
     rcpts: Vec<String>,
+}
+
+/// Outcomes a connection recorded while it was open.
+struct Early {
+    /// By part: recorded (and finished, if it was the message's last part) as its
+    /// transaction ended, so the connection's result must not record it again.
+    recorded: Vec<bool>,
+    /// Finishes submitted, to await before the connection's task ends.
+    pending: Vec<(QueueId, Pending)>,
+}
+
+impl Early {
+    fn new(parts: usize) -> Self {
+        Early {
+            recorded: vec![false; parts],
+            pending: Vec::new(),
+        }
+    }
+}
+
+/// The gate of a delivery connection: egress pacing, plus recording each message's
+/// outcome as soon as its transaction ends.
+struct Recorder<'a> {
+    inner: &'a Arc<Inner>,
+    egress: &'a mut EgressConn,
+    /// In the order of the messages given to the connection.
+    parts: &'a [Part],
+    /// The host of the conversation under way.
+    target: Option<Target>,
+    early: &'a mut Early,
+}
+
+impl MessageGate for Recorder<'_> {
+    async fn before_message(&mut self, index: usize) -> Result<(), crate::smtp::Reply> {
+        self.egress.before_message(index).await
+    }
+
+    fn on_reply(&mut self, reply: &crate::smtp::Reply) {
+        self.egress.on_reply(reply);
+    }
+
+    async fn on_message_done(
+        &mut self,
+        index: usize,
+        outcome: MessageOutcome,
+        tls: Option<TlsInfo>,
+    ) {
+        let (Some(part), Some(recorded)) =
+            (self.parts.get(index), self.early.recorded.get_mut(index))
+        else {
+            return;
+        };
+        if *recorded {
+            return;
+        }
+        *recorded = true;
+        part.work.attempted.store(true, Ordering::SeqCst);
+        self.inner.record(
+            part,
+            &outcome,
+            self.target.as_ref(),
+            tls.as_ref(),
+            None,
+            now_ms(),
+        );
+        if part.work.parts_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Awaited here, not spawned: while the batch window is full the
+            // connection waits, which is what bounds the unwritten outcomes.
+            let status = self.inner.conclude(&part.work).await;
+            let pending = self
+                .inner
+                .outcomes
+                .submit(part.work.lease.clone(), status)
+                .await;
+            self.early
+                .pending
+                .push((part.work.lease.id.clone(), pending));
+        }
+    }
 }
 
 impl Delivery {
@@ -248,8 +337,14 @@ impl Delivery {
         };
         let timeouts = ClientTimeouts::default();
         let owner = format!("{hostname}:{}", std::process::id());
+        let outcomes = OutcomeWriter::start(
+            Arc::clone(&queue),
+            cfg.outcome_batch.clone(),
+            Arc::clone(&metrics),
+        );
         let inner = Arc::new(Inner {
             total: Arc::new(Semaphore::new(cfg.max_concurrency)),
+            outcomes,
             queue,
             cfg,
             hostname,
@@ -296,6 +391,10 @@ impl Delivery {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         self.renewer.abort();
+        // Outcomes still waiting for their batch are written before anything is
+        // released: a released message whose delivery was not recorded would be
+        // sent again.
+        inner.outcomes.flush().await;
         let leases: Vec<Lease> = inner.held.lock().unwrap().drain().map(|(_, l)| l).collect();
         if !leases.is_empty() {
             match inner.queue.release(&leases).await {
@@ -540,9 +639,13 @@ impl Inner {
             })
             .collect();
         let refs: Vec<&QueuedMessage> = messages.iter().collect();
-        let (result, target, reason, held) = self.send(dest, &refs).await;
+        let mut early = Early::new(parts.len());
+        let (result, target, reason, held) = self.send(dest, &refs, &parts, &mut early).await;
         let at_ms = now_ms();
         for (i, (part, outcome)) in parts.iter().zip(&result.messages).enumerate() {
+            if early.recorded[i] {
+                continue;
+            }
             // Held back by egress: no attempt; due again when egress said.
             if let Some(due) = held.due(i, outcome) {
                 debug!(queue_id = %part.work.lease.id, %dest, due_in_ms = due.saturating_sub(at_ms), "postponed by egress limits");
@@ -551,18 +654,29 @@ impl Inner {
                 continue;
             }
             part.work.attempted.store(true, Ordering::SeqCst);
-            self.record(part, outcome, target.as_ref(), &result, reason, at_ms);
+            self.record(
+                part,
+                outcome,
+                target.as_ref(),
+                result.tls.as_ref(),
+                reason,
+                at_ms,
+            );
         }
-        // Finished all at once rather than one after another: concurrent writes
-        // share a redb group commit (or travel together on the multiplexed Redis
-        // connection), where awaiting each in turn pays a commit per message and
-        // keeps this connection's slot, and so new leases, waiting meanwhile.
+        // Finished all at once rather than one after another: they share outcome
+        // batches, where awaiting each in turn would pay a batch window per message
+        // and keep this connection's slot, and so new leases, waiting meanwhile.
         let mut finishing = tokio::task::JoinSet::new();
-        for part in parts {
-            if part.work.parts_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+        for (i, part) in parts.into_iter().enumerate() {
+            if !early.recorded[i] && part.work.parts_left.fetch_sub(1, Ordering::SeqCst) == 1 {
                 let me = Arc::clone(self);
                 finishing.spawn(async move { me.finalize(&part.work).await });
             }
+        }
+        // This task counts as running until its outcomes are written, so a drain
+        // does not release messages whose outcome is on its way.
+        for (id, pending) in early.pending {
+            self.finished(&id, pending.await);
         }
         while finishing.join_next().await.is_some() {}
     }
@@ -571,9 +685,11 @@ impl Inner {
     /// the metrics reason when no server was reached (DNS verdict, connect), and
     /// which messages egress held back.
     async fn send(
-        &self,
+        self: &Arc<Self>,
         dest: &str,
         msgs: &[&QueuedMessage],
+        parts: &[Part],
+        early: &mut Early,
     ) -> (
         ConnectionResult,
         Option<Target>,
@@ -606,7 +722,7 @@ impl Inner {
             .iter()
             .map(|m| (m.envelope.recipients.len(), m.body.len()))
             .collect();
-        let mut gate = match self.egress.open(route, &sizes).await {
+        let mut egress = match self.egress.open(route, &sizes).await {
             Ok(g) => g,
             Err(held) => {
                 let res = ConnectionResult {
@@ -619,10 +735,17 @@ impl Inner {
             }
         };
         client.pace_messages = true;
+        let mut gate = Recorder {
+            inner: self,
+            egress: &mut egress,
+            parts,
+            target: None,
+            early,
+        };
         let (result, target, reason) = self
             .connect_and_deliver(dest, msgs, targets, &client, &mut gate)
             .await;
-        (result, target, reason, gate.finish().await)
+        (result, target, reason, egress.finish().await)
     }
 
     async fn connect_and_deliver(
@@ -631,7 +754,7 @@ impl Inner {
         msgs: &[&QueuedMessage],
         targets: Vec<Target>,
         client: &ClientConfig,
-        gate: &mut EgressConn,
+        gate: &mut Recorder<'_>,
     ) -> (ConnectionResult, Option<Target>, Option<&'static str>) {
         let tls = match relay_index(dest).and_then(|i| self.relays.get(i)) {
             Some(r) => &r.tls,
@@ -650,6 +773,7 @@ impl Inner {
                     continue;
                 }
             };
+            gate.target = Some((name.clone(), addr));
             let mut result = self.converse(stream, tls, &name, msgs, client, gate).await;
             if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
                 // Like Postfix at security level `may`: a server whose TLS cannot
@@ -665,7 +789,7 @@ impl Inner {
                 }
             }
             // A rate-limit reply speaks for the provider, not this one host.
-            if worth_next_host(&result) && gate.try_next_host() {
+            if worth_next_host(&result) && gate.egress.try_next_host() {
                 debug!(%dest, host = %name, ip = %addr.ip(), error = ?result.error, "host unusable before MAIL, trying next");
                 unusable = Some((result, (name, addr)));
                 continue;
@@ -700,7 +824,7 @@ impl Inner {
         name: &str,
         msgs: &[&QueuedMessage],
         client: &ClientConfig,
-        gate: &mut EgressConn,
+        gate: &mut Recorder<'_>,
     ) -> ConnectionResult {
         let _open = OpenConnection::new(&self.metrics);
         deliver_gated(stream, tls, name, msgs, client, &self.timeouts, gate).await
@@ -771,7 +895,7 @@ impl Inner {
         part: &Part,
         outcome: &MessageOutcome,
         target: Option<&Target>,
-        conn: &ConnectionResult,
+        tls: Option<&TlsInfo>,
         reason: Option<&'static str>,
         at_ms: u64,
     ) {
@@ -810,7 +934,7 @@ impl Inner {
                 result,
                 mx: target.map(|(n, _)| n.clone()),
                 ip: target.map(|(_, a)| a.ip().to_string()),
-                tls: conn.tls.clone(),
+                tls: tls.cloned(),
                 reply,
             });
         }
@@ -818,6 +942,14 @@ impl Inner {
 
     /// After every part of a message is done: reschedule, expire, bounce and finish.
     async fn finalize(&self, work: &Work) {
+        let status = self.conclude(work).await;
+        let pending = self.outcomes.submit(work.lease.clone(), status).await;
+        self.finished(&work.lease.id, pending.await);
+    }
+
+    /// What a finished round leaves a message with: its next attempt, or expired;
+    /// the DSN it owes is queued here.
+    async fn conclude(&self, work: &Work) -> MessageStatus {
         let now = now_ms();
         let mut status = work.status.lock().unwrap().clone();
         // A round that egress held back entirely is no attempt.
@@ -913,13 +1045,22 @@ impl Inner {
                 }
             }
         }
-        let id = status.id.clone();
-        match self.queue.finish(&work.lease, status).await {
-            Ok(FinishResult::LeaseLost) => warn!(queue_id = %id, "lease lost before finish"),
-            Ok(_) => {}
-            Err(e) => warn!(queue_id = %id, error = %e, "finishing delivery failed"),
+        status
+    }
+
+    /// The written outcome of a message: it is no longer ours to renew or release.
+    fn finished(
+        &self,
+        id: &QueueId,
+        written: Result<Result<FinishResult, QueueError>, impl std::fmt::Debug>,
+    ) {
+        match written {
+            Ok(Ok(FinishResult::LeaseLost)) => warn!(queue_id = %id, "lease lost before finish"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(queue_id = %id, error = %e, "finishing delivery failed"),
+            Err(e) => warn!(queue_id = %id, error = ?e, "finishing delivery failed: writer gone"),
         }
-        self.held.lock().unwrap().remove(&id);
+        self.held.lock().unwrap().remove(id);
     }
 }
 

@@ -295,6 +295,18 @@ pub trait MessageGate: Send {
 
     /// Every reply read from the server, before the session sees it.
     fn on_reply(&mut self, _reply: &crate::smtp::Reply) {}
+
+    /// Message `index`'s transaction ended (see [`ClientSession::take_completed`]):
+    /// called before the connection goes on to the next message, so the outcome can
+    /// be recorded while the connection is still open. `tls` is the session's.
+    fn on_message_done(
+        &mut self,
+        _index: usize,
+        _outcome: MessageOutcome,
+        _tls: Option<TlsInfo>,
+    ) -> impl std::future::Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
 
 /// The gate of an unpaced connection: every message may go at once.
@@ -356,7 +368,11 @@ pub async fn deliver_gated<G: MessageGate>(
                 match read_reply(&mut conn, &mut buf, limit).await {
                     Ok(reply) => {
                         gate.on_reply(&reply);
-                        session.on_reply(reply)
+                        session.on_reply(reply);
+                        while let Some((i, outcome)) = session.take_completed() {
+                            let tls = session.tls().cloned();
+                            gate.on_message_done(i, outcome, tls).await;
+                        }
                     }
                     Err(e) => session.on_connection_error(&e),
                 }

@@ -206,7 +206,8 @@ pub struct EmbeddedQueue {
     db: Arc<Database>,
     path: PathBuf,
     options: QueueOptions,
-    tx: Option<mpsc::Sender<WriteOp>>,
+    /// Each item is committed in one transaction (with whatever else is waiting).
+    tx: Option<mpsc::Sender<Vec<WriteOp>>>,
     writer: Option<JoinHandle<()>>,
     state: Arc<WriterState>,
 }
@@ -296,7 +297,7 @@ impl EmbeddedQueue {
     async fn submit(&self, req: Request) -> Result<Outcome, QueueError> {
         let (reply, answer) = oneshot::channel();
         let tx = self.tx.as_ref().ok_or_else(writer_gone)?;
-        tx.send(WriteOp { req, reply })
+        tx.send(vec![WriteOp { req, reply }])
             .await
             .map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
@@ -512,6 +513,63 @@ impl Queue for EmbeddedQueue {
         })
     }
 
+    /// One write transaction for the whole batch: the finishes go to the writer
+    /// together, so they share one commit (one fsync) whatever else is waiting. A
+    /// finish that cannot be applied fails alone (the writer retries one by one).
+    fn finish_batch(
+        &self,
+        items: Vec<(Lease, MessageStatus)>,
+    ) -> QueueFuture<'_, Vec<Result<FinishResult, QueueError>>> {
+        Box::pin(async move {
+            let now_ms = now_ms();
+            let retention_ms = millis(self.options.status_retention);
+            let mut out: Vec<Option<Result<FinishResult, QueueError>>> = Vec::new();
+            let mut ops = Vec::new();
+            let mut answers = Vec::new();
+            for (lease, status) in items {
+                out.push(None);
+                let status = match status.prepared_for_finish(&lease, now_ms) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        *out.last_mut().expect("just pushed") = Some(Err(e));
+                        continue;
+                    }
+                };
+                if QueueId::parse(lease.id.as_str()).is_none() {
+                    *out.last_mut().expect("just pushed") = Some(Ok(FinishResult::LeaseLost));
+                    continue;
+                }
+                let (reply, answer) = oneshot::channel();
+                ops.push(WriteOp {
+                    req: Request::Finish {
+                        id: lease.id.as_str().to_owned(),
+                        token: lease.token,
+                        status,
+                        now_ms,
+                        retention_ms,
+                    },
+                    reply,
+                });
+                answers.push((out.len() - 1, answer));
+            }
+            if !ops.is_empty() {
+                let tx = self.tx.as_ref().ok_or_else(writer_gone)?;
+                tx.send(ops).await.map_err(|_| writer_gone())?;
+            }
+            for (i, answer) in answers {
+                out[i] = Some(match answer.await.map_err(|_| writer_gone())? {
+                    Ok(Outcome::Finished(result)) => Ok(result),
+                    Ok(other) => Err(unexpected("finish", other)),
+                    Err(e) => Err(e),
+                });
+            }
+            Ok(out
+                .into_iter()
+                .map(|r| r.expect("every item answered"))
+                .collect())
+        })
+    }
+
     fn renew<'a>(&'a self, lease: &'a Lease, lease_ms: u64) -> QueueFuture<'a, bool> {
         Box::pin(async move {
             if QueueId::parse(lease.id.as_str()).is_none() {
@@ -723,18 +781,20 @@ fn db_err(e: impl Into<redb::Error>) -> QueueError {
     }
 }
 
-fn writer_loop(db: &Database, mut rx: mpsc::Receiver<WriteOp>, state: &WriterState) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut bytes = first.req.size();
-        let mut batch = vec![first];
+fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Vec<WriteOp>>, state: &WriterState) {
+    while let Some(mut batch) = rx.blocking_recv() {
+        let mut bytes: usize = batch.iter().map(|op| op.req.size()).sum();
         while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
             match rx.try_recv() {
-                Ok(op) => {
-                    bytes += op.req.size();
-                    batch.push(op);
+                Ok(ops) => {
+                    bytes += ops.iter().map(|op| op.req.size()).sum::<usize>();
+                    batch.extend(ops);
                 }
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         process_batch(db, batch, state);
     }
@@ -1326,7 +1386,7 @@ mod tests {
         for i in 0..20u8 {
             let msg = message(&[i; 100]);
             let (reply, answer) = oneshot::channel();
-            tx.try_send(WriteOp {
+            tx.try_send(vec![WriteOp {
                 req: Request::Enqueue {
                     id: msg.envelope.id.as_str().to_owned(),
                     envelope: serde_json::to_vec(&msg.envelope).unwrap(),
@@ -1335,7 +1395,7 @@ mod tests {
                     body: msg.body,
                 },
                 reply,
-            })
+            }])
             .unwrap_or_else(|_| panic!("channel full"));
             answers.push(answer);
         }

@@ -565,7 +565,7 @@ fn unsupported<T: Send + 'static>(what: &'static str) -> QueueFuture<'static, T>
 }
 
 /// The durable queue: the write side (`enqueue`, `remove`), delivery's side
-/// (`lease_due`, `renew`, `finish`, `release`) and the operator's (`status`, `list`,
+/// (`lease_due`, `renew`, `finish`, `finish_batch`, `release`) and the operator's (`status`, `list`,
 /// `retry_now`, `stats`).
 ///
 /// The delivery and operator methods have default bodies that fail, so that test
@@ -624,6 +624,27 @@ pub trait Queue: Send + Sync + 'static {
     ) -> QueueFuture<'a, FinishResult> {
         let _ = (lease, status);
         unsupported("finish")
+    }
+
+    /// [`Queue::finish`] for several leases in one round trip (one Redis pipeline,
+    /// one embedded write transaction), each checked against its own lease. The
+    /// outer error means the store could not be asked (none of them may have been
+    /// stored, or some); the inner ones are per item (an invalid status).
+    fn finish_batch(
+        &self,
+        items: Vec<(Lease, MessageStatus)>,
+    ) -> QueueFuture<'_, Vec<Result<FinishResult, QueueError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(items.len());
+            for (lease, status) in items {
+                match self.finish(&lease, status).await {
+                    Err(QueueError::Invalid(m)) => out.push(Err(QueueError::Invalid(m))),
+                    Err(e) => return Err(e),
+                    Ok(r) => out.push(Ok(r)),
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// Extends a lease to `lease_ms` from now (local clock) while delivery goes on;

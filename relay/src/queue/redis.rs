@@ -56,7 +56,8 @@
 //! starves) and stopping once it has `max` messages; each script returns envelope,
 //! body and status of what it leased, so taking work costs one round trip per shard
 //! visited (an idle queue costs [`SHARDS`] round trips per poll). `finish`, `renew`
-//! and `status` are one script each; `release` is one per shard involved; `stats` is
+//! and `status` are one script each; `finish_batch` is one pipeline of finish
+//! scripts (one per shard involved in a cluster, sent concurrently); `release` is one per shard involved; `stats` is
 //! one pipeline (one per shard in a cluster). `list` and `retry_now` by domain read
 //! every queued status, a page of 200 per script call: operator tools, not
 //! something to poll.
@@ -664,6 +665,46 @@ impl RedisQueue {
         }
     }
 
+    /// The keys of the finish script for message `id`.
+    fn finish_keys(&self, id: &str) -> [String; 5] {
+        let keys = self.keys(id);
+        [
+            keys.message(id),
+            keys.due,
+            keys.leased,
+            keys.ids,
+            keys.stats,
+        ]
+    }
+
+    /// The arguments of the finish script (`status` already prepared).
+    fn finish_args(
+        &self,
+        id: &str,
+        lease: &Lease,
+        status: &MessageStatus,
+    ) -> Result<Vec<Vec<u8>>, QueueError> {
+        let json = encode("status", status)?;
+        let totals = DeliveryTotals::of(status);
+        let retention_ms = u64::try_from(self.options.status_retention.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let next = status
+            .next_attempt_ms
+            .map_or_else(String::new, |t| t.to_string());
+        Ok(vec![
+            id.as_bytes().to_vec(),
+            lease.token.as_bytes().to_vec(),
+            json,
+            status.attempts.to_string().into_bytes(),
+            next.into_bytes(),
+            retention_ms.to_string().into_bytes(),
+            totals.delivered.to_string().into_bytes(),
+            totals.bounced.to_string().into_bytes(),
+            totals.expired.to_string().into_bytes(),
+        ])
+    }
+
     fn keys(&self, id: &str) -> ShardKeys {
         ShardKeys::new(&self.prefix, shard_of(id))
     }
@@ -1148,39 +1189,122 @@ impl Queue for RedisQueue {
             let Some(id) = QueueId::parse(lease.id.as_str()) else {
                 return Ok(FinishResult::LeaseLost);
             };
-            let id = id.as_str();
-            let keys = self.keys(id);
-            let json = encode("status", &status)?;
-            let totals = DeliveryTotals::of(&status);
-            let retention_ms = u64::try_from(self.options.status_retention.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1);
             let mut invocation = self.scripts.finish.prepare_invoke();
-            invocation
-                .key(keys.message(id))
-                .key(&keys.due)
-                .key(&keys.leased)
-                .key(&keys.ids)
-                .key(&keys.stats)
-                .arg(id)
-                .arg(&lease.token)
-                .arg(json.as_slice())
-                .arg(status.attempts)
-                .arg(
-                    status
-                        .next_attempt_ms
-                        .map_or_else(String::new, |t| t.to_string()),
-                )
-                .arg(retention_ms)
-                .arg(totals.delivered)
-                .arg(totals.bounced)
-                .arg(totals.expired);
+            for k in self.finish_keys(id.as_str()) {
+                invocation.key(k);
+            }
+            for a in self.finish_args(id.as_str(), lease, &status)? {
+                invocation.arg(a);
+            }
             let result: i64 = self.eval("finish", &invocation).await?;
-            Ok(match result {
-                1 => FinishResult::Rescheduled,
-                2 => FinishResult::Finalized,
-                _ => FinishResult::LeaseLost,
-            })
+            Ok(finish_result(result))
+        }))
+    }
+
+    /// One pipeline of `EVALSHA` of the finish script per item (one per shard
+    /// involved in a cluster, sent concurrently): one round trip for the batch.
+    fn finish_batch(
+        &self,
+        items: Vec<(Lease, MessageStatus)>,
+    ) -> QueueFuture<'_, Vec<Result<FinishResult, QueueError>>> {
+        Box::pin(self.deadline("finish", async move {
+            let now = now_ms();
+            let mut out: Vec<Option<Result<FinishResult, QueueError>>> =
+                Vec::with_capacity(items.len());
+            // Per shard: the pipeline and the item index of each of its commands.
+            let mut by_shard: BTreeMap<u16, (Pipeline, Vec<usize>)> = BTreeMap::new();
+            let hash = self.scripts.finish.get_hash().to_owned();
+            for (i, (lease, status)) in items.into_iter().enumerate() {
+                out.push(None);
+                let status = match status.prepared_for_finish(&lease, now) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        out[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                let Some(id) = QueueId::parse(lease.id.as_str()) else {
+                    out[i] = Some(Ok(FinishResult::LeaseLost));
+                    continue;
+                };
+                let args = match self.finish_args(id.as_str(), &lease, &status) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        out[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                let shard = if self.conn.is_cluster() {
+                    shard_of(id.as_str())
+                } else {
+                    0
+                };
+                let (pipe, index) = by_shard
+                    .entry(shard)
+                    .or_insert_with(|| (redis::pipe(), Vec::new()));
+                let keys = self.finish_keys(id.as_str());
+                let cmd = pipe.cmd("EVALSHA").arg(&hash).arg(keys.len());
+                for k in &keys {
+                    cmd.arg(k);
+                }
+                for a in &args {
+                    cmd.arg(a.as_slice());
+                }
+                index.push(i);
+            }
+            let mut replies: Vec<(Vec<usize>, Vec<Value>)> = Vec::new();
+            if self.conn.is_cluster() {
+                let mut tasks = tokio::task::JoinSet::new();
+                for (_, (pipe, index)) in by_shard {
+                    let conn = self.conn.clone();
+                    let script = self.scripts.finish.clone();
+                    tasks.spawn(async move {
+                        let mut conn = conn;
+                        let reply = match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                                match script.load_async(&mut conn).await {
+                                    Ok(_) => pipe.query_async::<Vec<Value>>(&mut conn).await,
+                                    Err(e) => Err(e),
+                                }
+                            }
+                            r => r,
+                        };
+                        (index, reply)
+                    });
+                }
+                while let Some(joined) = tasks.join_next().await {
+                    let (index, reply) = joined.map_err(|e| {
+                        QueueError::Unavailable(format!("redis finish: task failed: {e}"))
+                    })?;
+                    replies.push((index, reply.map_err(|e| self.unavailable("finish", e))?));
+                }
+            } else if let Some((_, (pipe, index))) = by_shard.into_iter().next() {
+                let reply = self
+                    .run_script_pipeline(&pipe, &self.scripts.finish)
+                    .await
+                    .map_err(|e| self.unavailable("finish", e))?;
+                replies.push((index, reply));
+            }
+            for (index, values) in replies {
+                if values.len() != index.len() {
+                    return Err(QueueError::Corrupt(format!(
+                        "redis finish pipeline: {} replies for {} commands",
+                        values.len(),
+                        index.len()
+                    )));
+                }
+                for (i, v) in index.into_iter().zip(values) {
+                    out[i] = Some(
+                        redis::from_redis_value::<i64>(v)
+                            .map(finish_result)
+                            .map_err(|e| QueueError::Corrupt(format!("redis finish reply: {e}"))),
+                    );
+                }
+            }
+            Ok(out
+                .into_iter()
+                .map(|r| r.expect("every item answered"))
+                .collect())
         }))
     }
 
@@ -1389,6 +1513,15 @@ fn stored_status(
     match bytes {
         Some(_) => decode("status", id, bytes),
         None => Ok(MessageStatus::new(envelope)),
+    }
+}
+
+/// The finish script's answer.
+fn finish_result(code: i64) -> FinishResult {
+    match code {
+        1 => FinishResult::Rescheduled,
+        2 => FinishResult::Finalized,
+        _ => FinishResult::LeaseLost,
     }
 }
 

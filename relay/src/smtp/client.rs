@@ -654,6 +654,9 @@ pub struct ClientSession<'m> {
     rset_needed: bool,
     /// The message waiting for its pacing slot (`State::Pacing`).
     paced: Option<Prepared>,
+    /// Messages whose transaction ended (every recipient decided), not yet taken by
+    /// [`ClientSession::take_completed`].
+    completed: VecDeque<usize>,
 }
 
 impl<'m> ClientSession<'m> {
@@ -681,6 +684,7 @@ impl<'m> ClientSession<'m> {
             after_rset: None,
             rset_needed: false,
             paced: None,
+            completed: VecDeque::new(),
         }
     }
 
@@ -705,6 +709,27 @@ impl<'m> ClientSession<'m> {
     /// The TLS session in use, once established.
     pub fn tls(&self) -> Option<&TlsInfo> {
         self.tls.as_ref()
+    }
+
+    /// The next message whose transaction has ended on this connection, with its
+    /// outcome, as soon as the reply that ended it was read: the caller can record
+    /// it now rather than when the connection is over. Its outcome does not change
+    /// afterwards (the connection's result repeats it). Messages decided without a
+    /// transaction of their own (a failed connection, a local refusal) are only in
+    /// the connection's result.
+    pub fn take_completed(&mut self) -> Option<(usize, MessageOutcome)> {
+        let m = self.completed.pop_front()?;
+        let s = self.states.get(m)?;
+        Some((
+            m,
+            MessageOutcome {
+                id: self.messages[m].envelope.id.clone(),
+                recipients: s.outcomes.iter().flatten().cloned().collect(),
+                attempted: s.attempted,
+                dsn_unsupported: s.dsn_unsupported,
+                warnings: s.warnings.clone(),
+            },
+        ))
     }
 
     pub fn is_finished(&self) -> bool {
@@ -1287,6 +1312,7 @@ impl<'m> ClientSession<'m> {
         // deferred rather than forgotten.
         let reply = local(451, (4, 3, 0), "no reply decided this recipient");
         self.settle_message(m, &reply, Stage::Message, Outcome::Deferred, false);
+        self.completed.push_back(m);
         self.tx = None;
         self.start_next_message();
     }

@@ -1563,3 +1563,68 @@ fn paced_sessions_ask_before_each_message_and_stop_where_refused() {
     }
     assert_eq!(outcomes[2].recipients.len(), 2);
 }
+
+// ---------------------------------------------------------------------------
+// Outcomes as transactions end
+
+/// Message 0's outcome is handed out as soon as the reply after its content is read,
+/// before message 1's MAIL goes out; a connection lost later does not change it, and
+/// the connection's result repeats it.
+#[test]
+fn each_outcome_is_available_when_its_transaction_ends() {
+    let a = simple(&["x@dst.test"]);
+    let b = simple(&["y@dst.test", "z@dst.test"]);
+    let mut s = ClientSession::new(cfg(), &[&a, &b]);
+    let mut wire: Vec<u8> = [
+        GREET,
+        &ehlo(&["PIPELINING"]),
+        OK,
+        OK,
+        GO,
+        "250 2.0.0 queued as A\r\n",
+        // Message 1: MAIL accepted, then the server goes away.
+        OK,
+    ]
+    .concat()
+    .into_bytes();
+    let mut completed = Vec::new();
+    let mut sent_after_first = Vec::new();
+    let end = loop {
+        match s.next_action() {
+            Action::Send(b) => {
+                if !completed.is_empty() {
+                    sent_after_first.push(String::from_utf8_lossy(&b).into_owned());
+                }
+            }
+            Action::ReadReply => match parse_reply(&wire).unwrap() {
+                Some((reply, n)) => {
+                    wire.drain(..n);
+                    s.on_reply(reply);
+                    while let Some(c) = s.take_completed() {
+                        // Handed out before anything for message 1 was sent.
+                        assert!(sent_after_first.is_empty(), "{sent_after_first:?}");
+                        completed.push(c);
+                    }
+                }
+                None => s.on_connection_error("gone"),
+            },
+            Action::Failed { outcomes, .. } | Action::Done(outcomes) => break outcomes,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    assert_eq!(completed.len(), 1, "{completed:?}");
+    let (index, first) = &completed[0];
+    assert_eq!(*index, 0);
+    assert!(first.attempted);
+    assert_eq!(first.recipients[0].result, Outcome::Delivered);
+    assert_eq!(first.recipients[0].reply.code, 250);
+    assert_eq!(&end[0], first, "the connection's result repeats it");
+    // Message 1 never completed a transaction: only in the connection's result.
+    assert!(
+        end[1]
+            .recipients
+            .iter()
+            .all(|r| r.result == Outcome::Deferred)
+    );
+    assert!(sent_after_first.iter().any(|c| c.starts_with("MAIL FROM")));
+}

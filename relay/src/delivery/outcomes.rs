@@ -1,0 +1,287 @@
+//! Writes delivery outcomes to the queue in small batches, as messages finish.
+//!
+//! A message's outcome (delivered, deferred with its next attempt, bounced) is what
+//! keeps it from being sent again: until `finish` is stored, a relay that dies
+//! leaves the message leased, and whoever takes it after the lease delivers it once
+//! more. Writing each outcome as its transaction ends, rather than when the whole
+//! connection is over, keeps that window to the message in flight per connection.
+//!
+//! One write per message would cost a store round trip (a Redis script, a redb
+//! fsync) per message; so outcomes are gathered and written together with
+//! [`Queue::finish_batch`]: once `max_messages` are waiting, or the first of them
+//! has waited `max_delay`, whichever comes first.
+//!
+//! At most `max_messages` outcomes are ever accepted and not yet written: a
+//! submission waits for room (the connection that delivered it pauses before its
+//! next message). So after a kill -9, the messages sent again are at most one per
+//! open connection (delivered, reply not yet read) plus `max_messages`.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::admin::Metrics;
+use crate::config::OutcomeBatchConfig;
+use crate::queue::{FinishResult, Lease, MessageStatus, Queue, QueueError};
+
+/// The answer to one submitted outcome, once its batch is written.
+pub type Pending = oneshot::Receiver<Result<FinishResult, QueueError>>;
+
+struct Item {
+    lease: Lease,
+    status: MessageStatus,
+    reply: oneshot::Sender<Result<FinishResult, QueueError>>,
+    /// Room in the window, given back when the batch is written.
+    _permit: OwnedSemaphorePermit,
+}
+
+enum Msg {
+    Outcome(Item),
+    /// Write what is waiting now, then answer.
+    Flush(oneshot::Sender<()>),
+}
+
+/// Handle on the batching task; the task ends when the handle is dropped (after
+/// writing what it holds).
+pub struct OutcomeWriter {
+    tx: mpsc::UnboundedSender<Msg>,
+    room: Arc<Semaphore>,
+}
+
+impl OutcomeWriter {
+    pub fn start(queue: Arc<dyn Queue>, cfg: OutcomeBatchConfig, metrics: Arc<Metrics>) -> Self {
+        let max = cfg.max_messages.max(1);
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(queue, max, cfg.max_delay, metrics, rx));
+        OutcomeWriter {
+            tx,
+            room: Arc::new(Semaphore::new(max)),
+        }
+    }
+
+    /// Hands an outcome to the next batch, waiting while the window is full.
+    pub async fn submit(&self, lease: Lease, status: MessageStatus) -> Pending {
+        let (reply, answer) = oneshot::channel();
+        let permit = match Arc::clone(&self.room).acquire_owned().await {
+            Ok(p) => p,
+            // Never closed; answer rather than panic if it were.
+            Err(_) => {
+                let _ = reply.send(Err(QueueError::Unavailable("outcome writer closed".into())));
+                return answer;
+            }
+        };
+        let item = Item {
+            lease,
+            status,
+            reply,
+            _permit: permit,
+        };
+        if let Err(mpsc::error::SendError(Msg::Outcome(item))) = self.tx.send(Msg::Outcome(item)) {
+            let _ = item.reply.send(Err(QueueError::Unavailable(
+                "outcome writer stopped".into(),
+            )));
+        }
+        answer
+    }
+
+    /// Writes every outcome submitted so far without waiting for the interval, and
+    /// returns once they are written (graceful shutdown).
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Msg::Flush(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+async fn run(
+    queue: Arc<dyn Queue>,
+    max: usize,
+    max_delay: std::time::Duration,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::UnboundedReceiver<Msg>,
+) {
+    let mut batch: Vec<Item> = Vec::with_capacity(max);
+    loop {
+        match rx.recv().await {
+            None => return,
+            Some(Msg::Flush(done)) => {
+                let _ = done.send(());
+                continue;
+            }
+            Some(Msg::Outcome(item)) => batch.push(item),
+        }
+        // The window opens with its first outcome.
+        let deadline = Instant::now() + max_delay;
+        let mut trigger = "interval";
+        let mut flushed: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut closed = false;
+        while batch.len() < max {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => break,
+                Ok(None) => {
+                    trigger = "shutdown";
+                    closed = true;
+                    break;
+                }
+                Ok(Some(Msg::Outcome(item))) => batch.push(item),
+                Ok(Some(Msg::Flush(done))) => {
+                    trigger = "shutdown";
+                    flushed.push(done);
+                    break;
+                }
+            }
+        }
+        if batch.len() >= max {
+            trigger = "size";
+        }
+        write(&*queue, std::mem::take(&mut batch), trigger, &metrics).await;
+        for done in flushed {
+            let _ = done.send(());
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+async fn write(queue: &dyn Queue, batch: Vec<Item>, trigger: &'static str, metrics: &Metrics) {
+    let n = batch.len();
+    let (items, replies): (Vec<(Lease, MessageStatus)>, Vec<_>) = batch
+        .into_iter()
+        .map(|i| ((i.lease, i.status), (i.reply, i._permit)))
+        .unzip();
+    match queue.finish_batch(items).await {
+        Ok(results) => {
+            metrics.outcome_flush(trigger, n, false);
+            for ((reply, _permit), result) in replies.into_iter().zip(results) {
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            metrics.outcome_flush(trigger, n, true);
+            tracing::warn!(error = %e, messages = n, "writing delivery outcomes failed; those messages are sent again after their leases expire");
+            let text = e.to_string();
+            for (reply, _permit) in replies {
+                let _ = reply.send(Err(QueueError::Unavailable(text.clone())));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{QueueFuture, QueueId, QueuedMessage};
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Records the size of every batch written.
+    #[derive(Default)]
+    struct Batches(Mutex<Vec<usize>>);
+
+    impl Queue for Batches {
+        fn backend(&self) -> &'static str {
+            "test"
+        }
+        fn enqueue<'a>(&'a self, _: &'a QueuedMessage) -> QueueFuture<'a, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn get<'a>(&'a self, _: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn list_ids(&self, _: usize) -> QueueFuture<'_, Vec<QueueId>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn remove<'a>(&'a self, _: &'a QueueId) -> QueueFuture<'a, bool> {
+            Box::pin(async { Ok(false) })
+        }
+        fn stats(&self) -> QueueFuture<'_, crate::queue::QueueStats> {
+            Box::pin(async { Ok(Default::default()) })
+        }
+        fn ping(&self) -> QueueFuture<'_, ()> {
+            Box::pin(async { Ok(()) })
+        }
+        fn finish_batch(
+            &self,
+            items: Vec<(Lease, MessageStatus)>,
+        ) -> QueueFuture<'_, Vec<Result<FinishResult, QueueError>>> {
+            self.0.lock().unwrap().push(items.len());
+            let n = items.len();
+            Box::pin(async move { Ok((0..n).map(|_| Ok(FinishResult::Finalized)).collect()) })
+        }
+    }
+
+    fn item() -> (Lease, MessageStatus) {
+        let id = QueueId::generate();
+        let status = MessageStatus {
+            id: id.clone(),
+            rcpts: Vec::new(),
+            created_ms: 0,
+            next_attempt_ms: None,
+            attempts: 1,
+            final_at_ms: None,
+            leased_until_ms: None,
+            delay_warned: false,
+        };
+        let lease = Lease {
+            id,
+            token: "t".into(),
+            expires_ms: 0,
+        };
+        (lease, status)
+    }
+
+    fn writer(max: usize, delay: Duration) -> (Arc<Batches>, OutcomeWriter) {
+        let q = Arc::new(Batches::default());
+        let cfg = OutcomeBatchConfig {
+            max_messages: max,
+            max_delay: delay,
+        };
+        let w = OutcomeWriter::start(q.clone(), cfg, Arc::new(Metrics::new()));
+        (q, w)
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_is_written_at_once_and_the_window_stays_bounded() {
+        let (q, w) = writer(4, Duration::from_secs(3600));
+        let mut pending = Vec::new();
+        for _ in 0..8 {
+            let (l, s) = item();
+            pending.push(w.submit(l, s).await);
+        }
+        for p in pending {
+            assert_eq!(p.await.unwrap().unwrap(), FinishResult::Finalized);
+        }
+        assert_eq!(*q.0.lock().unwrap(), [4, 4]);
+        // A fifth submission must wait while four are unwritten: never more than
+        // `max_messages` outcomes are accepted and not yet written.
+        assert_eq!(w.room.available_permits(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_lone_outcome_is_written_after_the_interval() {
+        let (q, w) = writer(32, Duration::from_millis(30));
+        let started = std::time::Instant::now();
+        let (l, s) = item();
+        let p = w.submit(l, s).await;
+        p.await.unwrap().unwrap();
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(30), "{waited:?}");
+        assert!(waited < Duration::from_millis(1000), "{waited:?}");
+        assert_eq!(*q.0.lock().unwrap(), [1]);
+    }
+
+    #[tokio::test]
+    async fn flush_writes_what_waits_without_the_interval() {
+        let (q, w) = writer(32, Duration::from_secs(3600));
+        let (l, s) = item();
+        let p = w.submit(l, s).await;
+        tokio::time::timeout(Duration::from_secs(5), w.flush())
+            .await
+            .expect("flush returns at once");
+        assert_eq!(p.await.unwrap().unwrap(), FinishResult::Finalized);
+        assert_eq!(*q.0.lock().unwrap(), [1]);
+    }
+}
