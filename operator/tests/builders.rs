@@ -1270,3 +1270,126 @@ fn bad_pod_settings_are_refused_naming_the_field() {
         assert_eq!(e.field, field, "{to}: {e}");
     }
 }
+
+/// Tenants bound to their senders: two AUTH users and one relay network.
+const SENDER_BINDING: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {name: shared, namespace: mail}
+spec:
+  hostname: relay.example.com
+  redis: {url: 'redis://redis:6379'}
+  tls: {secretName: relay-tls}
+  auth: {secretName: relay-users}
+  relayNetworks: [10.1.0.0/16]
+  senderBinding:
+    required: true
+    checkFromHeader: true
+    users:
+      - {user: payments, senders: [payments.example, '*.payments.example', '<>']}
+      - {user: alerts, senders: ['alerts-?@ops.example']}
+    networks:
+      - {network: 10.1.2.0/24, senders: ['*@batch.example']}
+";
+
+#[test]
+fn golden_sender_binding() {
+    golden(
+        "sender-binding",
+        &build(&relay(SENDER_BINDING), &[], &ResolvedSecrets::default()).to_yaml(),
+    );
+}
+
+#[test]
+fn the_sender_binding_reaches_the_relay_config_as_the_relay_reads_it() {
+    let o = build(&relay(SENDER_BINDING), &[], &ResolvedSecrets::default());
+    // `rendered` parses the ConfigMap with the relay's own loader (which validates).
+    let b = rendered(&o)
+        .sender_binding
+        .expect("sender_binding rendered");
+    assert!(b.required && b.check_from_header);
+    assert_eq!(
+        b.users["payments"],
+        ["payments.example", "*.payments.example", "<>"]
+    );
+    assert_eq!(b.users["alerts"], ["alerts-?@ops.example"]);
+    assert_eq!(b.networks.len(), 1);
+    assert_eq!(b.networks[0].network.to_string(), "10.1.2.0/24");
+    assert_eq!(b.networks[0].senders, ["*@batch.example"]);
+
+    // The policy the relay builds from it decides as the spec says.
+    let policy = mailrelay::smtp::sender::SenderPolicy::new(&b);
+    let check = |user: &str, sender: &str| policy.check(Some(user), None, sender, "mail_from");
+    assert_eq!(check("payments", "billing@payments.example"), None);
+    assert_eq!(check("payments", "x@eu.payments.example"), None);
+    assert_eq!(
+        check("payments", ""),
+        None,
+        "<> (an empty reverse-path) where listed"
+    );
+    let refused = check("payments", "ceo@other-tenant.example").expect("refused");
+    assert_eq!(refused.rule, "sender_binding.users.payments");
+    assert!(check("alerts", "").is_some(), "<> only where listed");
+    let net = policy.check(
+        None,
+        Some("10.1.2.9".parse().unwrap()),
+        "a@batch.example",
+        "mail_from",
+    );
+    assert_eq!(net, None);
+    assert!(
+        policy
+            .check(
+                None,
+                Some("10.1.3.9".parse().unwrap()),
+                "a@batch.example",
+                "mail_from"
+            )
+            .is_some(),
+        "required: an unbound relay network is refused"
+    );
+
+    // Absent: no binding, any sender (as before the field existed).
+    let o = build(&relay(MINIMAL), &[], &ResolvedSecrets::default());
+    assert_eq!(rendered(&o).sender_binding, None);
+}
+
+#[test]
+fn bad_sender_bindings_are_refused_naming_the_field() {
+    for (from, to, field) in [
+        (
+            "'alerts-?@ops.example'",
+            "'a@b@ops.example'",
+            "spec.senderBinding.users[1].senders[0]",
+        ),
+        (
+            "'*.payments.example'",
+            "'<ceo@payments.example>'",
+            "spec.senderBinding.users[0].senders[1]",
+        ),
+        (
+            "senders: ['*@batch.example']",
+            "senders: []",
+            "spec.senderBinding.networks[0].senders",
+        ),
+        (
+            "network: 10.1.2.0/24",
+            "network: 10.9.0.0/24",
+            "spec.senderBinding.networks[0].network",
+        ),
+        (
+            "network: 10.1.2.0/24",
+            "network: 10.1.2.0",
+            "spec.senderBinding.networks[0].network",
+        ),
+        (
+            "{user: alerts,",
+            "{user: payments,",
+            "spec.senderBinding.users[1].user",
+        ),
+    ] {
+        assert!(SENDER_BINDING.contains(from), "{from}");
+        let e = build_err(&SENDER_BINDING.replacen(from, to, 1));
+        assert_eq!(e.field, field, "{to}: {e}");
+    }
+}
