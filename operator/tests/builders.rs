@@ -1163,69 +1163,76 @@ fn loopback_may_always_relay_so_port_forwarded_mail_is_taken() {
     );
 }
 
-/// The pod-level rules of Pod Security `restricted` (and `baseline`) that the
-/// relay's fields could break, checked on the rendered pod.
-fn assert_restricted(pod: &k8s_openapi::api::core::v1::PodSpec) {
-    let psc = pod.security_context.as_ref().unwrap();
-    assert_eq!(psc.run_as_non_root, Some(true));
-    assert_eq!(
-        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
-        Some("RuntimeDefault")
+/// Runs the project's one Pod Security checker (`charts/tests/pod_security.py`,
+/// which the chart test uses too) on `deployments`; its exit status and output.
+fn pod_security(deployments: &[Deployment]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = deployments
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let f = dir.path().join(format!("{i}-{}.json", d.name_any()));
+            std::fs::write(&f, serde_json::to_vec(d).unwrap()).unwrap();
+            f
+        })
+        .collect();
+    let out = std::process::Command::new("python3")
+        .arg(root().join("../charts/tests/pod_security.py"))
+        .args(&files)
+        .output()
+        .expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    for s in psc.sysctls.iter().flatten() {
-        assert!(
-            [
-                "kernel.shm_rmid_forced",
-                "net.ipv4.ip_local_port_range",
-                "net.ipv4.ip_unprivileged_port_start",
-                "net.ipv4.tcp_syncookies",
-                "net.ipv4.ping_group_range",
-            ]
-            .contains(&s.name.as_str()),
-            "{s:?}"
-        );
-    }
-    assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
-    for v in pod.volumes.iter().flatten() {
-        let allowed = [
-            v.config_map.is_some(),
-            v.secret.is_some(),
-            v.empty_dir.is_some(),
-            v.projected.is_some(),
-            v.downward_api.is_some(),
-            v.persistent_volume_claim.is_some(),
-            v.csi.is_some(),
-            v.ephemeral.is_some(),
-        ];
-        assert_eq!(allowed.iter().filter(|x| **x).count(), 1, "{v:?}");
-        assert!(v.host_path.is_none(), "{v:?}");
-    }
-    for c in &pod.containers {
-        let sc = c.security_context.as_ref().unwrap();
-        assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(sc.privileged, None);
-        let caps = sc.capabilities.as_ref().unwrap();
-        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
-        assert_eq!(caps.add, None);
-        for p in c.ports.iter().flatten() {
-            assert_eq!(p.host_port, None);
-        }
-    }
+    (out.status.success(), text)
 }
 
 #[test]
 fn pods_stay_within_pod_security_restricted() {
-    for yaml in [
+    let built: Vec<Deployment> = [
         MINIMAL,
         SMARTHOST,
         URL_SECRET,
         SENTINEL,
         POD_SETTINGS,
+        SENDER_BINDING,
         &example("mailrelay.yaml"),
+    ]
+    .iter()
+    .map(|yaml| build(&relay(yaml), &[], &ResolvedSecrets::default()).deployment)
+    .collect();
+    let (ok, out) = pod_security(&built);
+    assert!(ok, "{out}");
+    assert!(out.contains("7 pod template(s) checked"), "{out}");
+}
+
+#[test]
+fn the_pod_security_check_fails_a_relay_pod_made_unsafe() {
+    let good = build(&relay(MINIMAL), &[], &ResolvedSecrets::default()).deployment;
+    let mut bad = serde_json::to_value(&good).unwrap();
+    let pod = &mut bad["spec"]["template"]["spec"];
+    pod["hostNetwork"] = true.into();
+    pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = true.into();
+    pod["containers"][0]["securityContext"]["capabilities"]["add"] =
+        serde_json::json!(["NET_ADMIN"]);
+    pod["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "host", "hostPath": {"path": "/var/run"}}));
+    let bad: Deployment = serde_json::from_value(bad).unwrap();
+    let (ok, out) = pod_security(&[good, bad]);
+    assert!(!ok, "{out}");
+    for needle in [
+        "spec.hostNetwork",
+        "allowPrivilegeEscalation must be false",
+        "capability NET_ADMIN",
+        "hostPath volumes are not allowed",
     ] {
-        let o = build(&relay(yaml), &[], &ResolvedSecrets::default());
-        assert_restricted(pod_spec(&o));
+        assert!(out.contains(needle), "{needle} not reported:\n{out}");
     }
+    assert!(out.contains("Deployment minimal"), "{out}");
 }
 
 #[test]
