@@ -41,6 +41,8 @@ import helm_python
 import jsonschema
 import yaml
 
+import pod_security
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHART = os.path.normpath(os.path.join(HERE, "..", "mailrelay-operator"))
 REPO = os.path.normpath(os.path.join(HERE, "..", ".."))
@@ -354,6 +356,8 @@ def check_common(case, crd_validators):
             jsonschema.validate(body, POD_MONITOR)
         elif o["kind"] == "PrometheusRule":
             jsonschema.validate(body, PROMETHEUS_RULE)
+        problems = pod_security.violations(body)
+        assert not problems, f"{where}: breaks Pod Security restricted: " + "; ".join(problems)
 
 
 def operator_container(case):
@@ -1602,6 +1606,68 @@ def run(out_dir):
         assert not missing, f"values.yaml keys without a comment: {missing}"
 
     attempt("values.yaml is commented", documented)
+
+    # The Pod Security checker itself: a restricted pod passes, and each control
+    # broken on its own is caught (so a checker that passes everything fails here).
+    def pod_security_checker_catches_each_control():
+        def pod():
+            return {
+                "kind": "Pod",
+                "metadata": {"name": "p", "annotations": {}},
+                "spec": {
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
+                                        "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]},
+                    "containers": [{
+                        "name": "c", "image": "x",
+                        "ports": [{"containerPort": 25}],
+                        "securityContext": {"allowPrivilegeEscalation": False,
+                                            "capabilities": {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}},
+                    }],
+                    "volumes": [{"name": "v", "emptyDir": {}}, {"name": "s", "secret": {"secretName": "s"}}],
+                },
+            }
+
+        assert pod_security.violations(pod()) == [], pod_security.violations(pod())
+        c = lambda p: p["spec"]["containers"][0]["securityContext"]  # noqa: E731
+        breaks = {
+            "privileged": lambda p: c(p).update(privileged=True),
+            "hostNetwork": lambda p: p["spec"].update(hostNetwork=True),
+            "hostPID": lambda p: p["spec"].update(hostPID=True),
+            "hostIPC": lambda p: p["spec"].update(hostIPC=True),
+            "hostProcess": lambda p: c(p).update(windowsOptions={"hostProcess": True}),
+            "hostPort": lambda p: p["spec"]["containers"][0]["ports"][0].update(hostPort=25),
+            "hostPath": lambda p: p["spec"]["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+            "volume type": lambda p: p["spec"]["volumes"].append({"name": "n", "nfs": {"server": "s", "path": "/"}}),
+            "allowPrivilegeEscalation": lambda p: c(p).pop("allowPrivilegeEscalation"),
+            "runAsNonRoot": lambda p: p["spec"]["securityContext"].pop("runAsNonRoot"),
+            "runAsUser": lambda p: c(p).update(runAsUser=0),
+            "seccompProfile.type 'Unconfined'": lambda p: c(p).update(seccompProfile={"type": "Unconfined"}),
+            "seccompProfile.type must be": lambda p: p["spec"]["securityContext"].pop("seccompProfile"),
+            "drop must include ALL": lambda p: c(p)["capabilities"].update(drop=["NET_RAW"]),
+            "capability SYS_ADMIN": lambda p: c(p)["capabilities"].update(add=["SYS_ADMIN"]),
+            "capability CHOWN": lambda p: c(p)["capabilities"].update(add=["CHOWN"]),
+            "procMount": lambda p: c(p).update(procMount="Unmasked"),
+            "seLinuxOptions.type": lambda p: c(p).update(seLinuxOptions={"type": "spc_t"}),
+            "seLinuxOptions.user": lambda p: c(p).update(seLinuxOptions={"user": "root"}),
+            "appArmorProfile": lambda p: c(p).update(appArmorProfile={"type": "Unconfined"}),
+            "container.apparmor": lambda p: p["metadata"]["annotations"].update(
+                {"container.apparmor.security.beta.kubernetes.io/c": "unconfined"}),
+            "safe sysctl": lambda p: p["spec"]["securityContext"]["sysctls"].append(
+                {"name": "kernel.msgmax", "value": "1"}),
+            "initContainers[0]": lambda p: p["spec"].update(initContainers=[{"name": "i", "image": "x"}]),
+        }
+        for needle, brk in breaks.items():
+            p = pod()
+            brk(p)
+            found = pod_security.violations(p)
+            assert any(needle in v for v in found), f"{needle}: not caught: {found}"
+        # The same through a workload's pod template.
+        dep = {"kind": "Deployment", "metadata": {"name": "d"},
+               "spec": {"template": {"metadata": {}, "spec": pod()["spec"]}}}
+        dep["spec"]["template"]["spec"]["hostPID"] = True
+        assert any("hostPID" in v for v in pod_security.violations(dep))
+
+    attempt("Pod Security checker catches each restricted control", pod_security_checker_catches_each_control)
 
     # The chart's defaults are what values.schema.json accepts, and the schema
     # knows every key values.yaml has (so no key is silently unchecked).

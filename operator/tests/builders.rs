@@ -1198,69 +1198,76 @@ fn loopback_may_always_relay_so_port_forwarded_mail_is_taken() {
     );
 }
 
-/// The pod-level rules of Pod Security `restricted` (and `baseline`) that the
-/// relay's fields could break, checked on the rendered pod.
-fn assert_restricted(pod: &k8s_openapi::api::core::v1::PodSpec) {
-    let psc = pod.security_context.as_ref().unwrap();
-    assert_eq!(psc.run_as_non_root, Some(true));
-    assert_eq!(
-        psc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
-        Some("RuntimeDefault")
+/// Runs the project's one Pod Security checker (`charts/tests/pod_security.py`,
+/// which the chart test uses too) on `deployments`; its exit status and output.
+fn pod_security(deployments: &[Deployment]) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = deployments
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let f = dir.path().join(format!("{i}-{}.json", d.name_any()));
+            std::fs::write(&f, serde_json::to_vec(d).unwrap()).unwrap();
+            f
+        })
+        .collect();
+    let out = std::process::Command::new("python3")
+        .arg(root().join("../charts/tests/pod_security.py"))
+        .args(&files)
+        .output()
+        .expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
-    for s in psc.sysctls.iter().flatten() {
-        assert!(
-            [
-                "kernel.shm_rmid_forced",
-                "net.ipv4.ip_local_port_range",
-                "net.ipv4.ip_unprivileged_port_start",
-                "net.ipv4.tcp_syncookies",
-                "net.ipv4.ping_group_range",
-            ]
-            .contains(&s.name.as_str()),
-            "{s:?}"
-        );
-    }
-    assert!(pod.host_network.is_none() && pod.host_pid.is_none() && pod.host_ipc.is_none());
-    for v in pod.volumes.iter().flatten() {
-        let allowed = [
-            v.config_map.is_some(),
-            v.secret.is_some(),
-            v.empty_dir.is_some(),
-            v.projected.is_some(),
-            v.downward_api.is_some(),
-            v.persistent_volume_claim.is_some(),
-            v.csi.is_some(),
-            v.ephemeral.is_some(),
-        ];
-        assert_eq!(allowed.iter().filter(|x| **x).count(), 1, "{v:?}");
-        assert!(v.host_path.is_none(), "{v:?}");
-    }
-    for c in &pod.containers {
-        let sc = c.security_context.as_ref().unwrap();
-        assert_eq!(sc.allow_privilege_escalation, Some(false));
-        assert_eq!(sc.privileged, None);
-        let caps = sc.capabilities.as_ref().unwrap();
-        assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
-        assert_eq!(caps.add, None);
-        for p in c.ports.iter().flatten() {
-            assert_eq!(p.host_port, None);
-        }
-    }
+    (out.status.success(), text)
 }
 
 #[test]
 fn pods_stay_within_pod_security_restricted() {
-    for yaml in [
+    let built: Vec<Deployment> = [
         MINIMAL,
         SMARTHOST,
         URL_SECRET,
         SENTINEL,
         POD_SETTINGS,
+        SENDER_BINDING,
         &example("mailrelay.yaml"),
+    ]
+    .iter()
+    .map(|yaml| build(&relay(yaml), &[], &ResolvedSecrets::default()).deployment)
+    .collect();
+    let (ok, out) = pod_security(&built);
+    assert!(ok, "{out}");
+    assert!(out.contains("7 pod template(s) checked"), "{out}");
+}
+
+#[test]
+fn the_pod_security_check_fails_a_relay_pod_made_unsafe() {
+    let good = build(&relay(MINIMAL), &[], &ResolvedSecrets::default()).deployment;
+    let mut bad = serde_json::to_value(&good).unwrap();
+    let pod = &mut bad["spec"]["template"]["spec"];
+    pod["hostNetwork"] = true.into();
+    pod["containers"][0]["securityContext"]["allowPrivilegeEscalation"] = true.into();
+    pod["containers"][0]["securityContext"]["capabilities"]["add"] =
+        serde_json::json!(["NET_ADMIN"]);
+    pod["volumes"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({"name": "host", "hostPath": {"path": "/var/run"}}));
+    let bad: Deployment = serde_json::from_value(bad).unwrap();
+    let (ok, out) = pod_security(&[good, bad]);
+    assert!(!ok, "{out}");
+    for needle in [
+        "spec.hostNetwork",
+        "allowPrivilegeEscalation must be false",
+        "capability NET_ADMIN",
+        "hostPath volumes are not allowed",
     ] {
-        let o = build(&relay(yaml), &[], &ResolvedSecrets::default());
-        assert_restricted(pod_spec(&o));
+        assert!(out.contains(needle), "{needle} not reported:\n{out}");
     }
+    assert!(out.contains("Deployment minimal"), "{out}");
 }
 
 #[test]
@@ -1302,6 +1309,129 @@ fn bad_pod_settings_are_refused_naming_the_field() {
     ] {
         assert!(POD_SETTINGS.contains(from), "{from}");
         let e = build_err(&POD_SETTINGS.replacen(from, to, 1));
+        assert_eq!(e.field, field, "{to}: {e}");
+    }
+}
+
+/// Tenants bound to their senders: two AUTH users and one relay network.
+const SENDER_BINDING: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {name: shared, namespace: mail}
+spec:
+  hostname: relay.example.com
+  redis: {url: 'redis://redis:6379'}
+  tls: {secretName: relay-tls}
+  auth: {secretName: relay-users}
+  relayNetworks: [10.1.0.0/16]
+  senderBinding:
+    required: true
+    checkFromHeader: true
+    users:
+      - {user: payments, senders: [payments.example, '*.payments.example', '<>']}
+      - {user: alerts, senders: ['alerts-?@ops.example']}
+    networks:
+      - {network: 10.1.2.0/24, senders: ['*@batch.example']}
+";
+
+#[test]
+fn golden_sender_binding() {
+    golden(
+        "sender-binding",
+        &build(&relay(SENDER_BINDING), &[], &ResolvedSecrets::default()).to_yaml(),
+    );
+}
+
+#[test]
+fn the_sender_binding_reaches_the_relay_config_as_the_relay_reads_it() {
+    let o = build(&relay(SENDER_BINDING), &[], &ResolvedSecrets::default());
+    // `rendered` parses the ConfigMap with the relay's own loader (which validates).
+    let b = rendered(&o)
+        .sender_binding
+        .expect("sender_binding rendered");
+    assert!(b.required && b.check_from_header);
+    assert_eq!(
+        b.users["payments"],
+        ["payments.example", "*.payments.example", "<>"]
+    );
+    assert_eq!(b.users["alerts"], ["alerts-?@ops.example"]);
+    assert_eq!(b.networks.len(), 1);
+    assert_eq!(b.networks[0].network.to_string(), "10.1.2.0/24");
+    assert_eq!(b.networks[0].senders, ["*@batch.example"]);
+
+    // The policy the relay builds from it decides as the spec says.
+    let policy = mailrelay::smtp::sender::SenderPolicy::new(&b);
+    let check = |user: &str, sender: &str| policy.check(Some(user), None, sender, "mail_from");
+    assert_eq!(check("payments", "billing@payments.example"), None);
+    assert_eq!(check("payments", "x@eu.payments.example"), None);
+    assert_eq!(
+        check("payments", ""),
+        None,
+        "<> (an empty reverse-path) where listed"
+    );
+    let refused = check("payments", "ceo@other-tenant.example").expect("refused");
+    assert_eq!(refused.rule, "sender_binding.users.payments");
+    assert!(check("alerts", "").is_some(), "<> only where listed");
+    let net = policy.check(
+        None,
+        Some("10.1.2.9".parse().unwrap()),
+        "a@batch.example",
+        "mail_from",
+    );
+    assert_eq!(net, None);
+    assert!(
+        policy
+            .check(
+                None,
+                Some("10.1.3.9".parse().unwrap()),
+                "a@batch.example",
+                "mail_from"
+            )
+            .is_some(),
+        "required: an unbound relay network is refused"
+    );
+
+    // Absent: no binding, any sender (as before the field existed).
+    let o = build(&relay(MINIMAL), &[], &ResolvedSecrets::default());
+    assert_eq!(rendered(&o).sender_binding, None);
+}
+
+#[test]
+fn bad_sender_bindings_are_refused_naming_the_field() {
+    for (from, to, field) in [
+        (
+            "'alerts-?@ops.example'",
+            "'a@b@ops.example'",
+            "spec.senderBinding.users[1].senders[0]",
+        ),
+        (
+            "'*.payments.example'",
+            "'<ceo@payments.example>'",
+            "spec.senderBinding.users[0].senders[1]",
+        ),
+        (
+            "senders: ['*@batch.example']",
+            "senders: []",
+            "spec.senderBinding.networks[0].senders",
+        ),
+        (
+            "network: 10.1.2.0/24",
+            "network: 10.9.0.0/24",
+            "spec.senderBinding.networks[0].network",
+        ),
+        (
+            "network: 10.1.2.0/24",
+            "network: 10.1.2.0",
+            "spec.senderBinding.networks[0].network",
+        ),
+        (
+            "{user: alerts,",
+            "{user: payments,",
+            "spec.senderBinding.users[1].user",
+        ),
+    ] {
+        assert!(SENDER_BINDING.contains(from), "{from}");
+        let e = build_err(&SENDER_BINDING.replacen(from, to, 1));
         assert_eq!(e.field, field, "{to}: {e}");
     }
 }

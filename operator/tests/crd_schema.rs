@@ -268,6 +268,36 @@ fn bad_specs_are_refused_naming_the_field() {
                 "r",
                 with(
                     base(),
+                    json!({"senderBinding": {"users": [{"user": "a", "senders": ["<ceo@b.example>"]}]}}),
+                ),
+            ),
+            "senderBinding/users/0/senders/0",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"senderBinding": {"users": [{"user": "a", "senders": []}]}}),
+                ),
+            ),
+            "senderBinding/users/0/senders",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"senderBinding": {"networks": [{"network": "10.1.2.0", "senders": ["b.example"]}]}}),
+                ),
+            ),
+            "network like",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
                     json!({"listeners": [{"name": "smtps", "port": 465, "tls": "implicit"}]}),
                 ),
             ),
@@ -464,7 +494,10 @@ fn good_specs_pass_including_smarthost_and_egress_forms() {
                        "delivery": {"smarthost": {"host": "smtp.provider.example", "port": 587, "tls": "required",
                                                   "credentialsSecret": {"name": "provider"}},
                                     "retry": {"first": "1m", "max": "2h", "maxLifetime": "3d"}},
-                       "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"}}),
+                       "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"},
+                       "senderBinding": {"required": true, "checkFromHeader": true,
+                                         "users": [{"user": "alice", "senders": ["a.example", "*.a.example", "app-?@b.example", "<>"]}],
+                                         "networks": [{"network": "10.1.2.0/24", "senders": ["*@c.example"]}]}}),
             ),
         ),
         relay(

@@ -78,3 +78,65 @@ fn readme_and_docs_cover_install_to_uninstall() {
     let arch = std::fs::read_to_string(repo().join("docs/architecture.md")).unwrap();
     assert!(arch.contains("## Data flow") && arch.contains("```"));
 }
+
+#[test]
+fn the_security_model_page_covers_each_protection_and_is_linked() {
+    let page = std::fs::read_to_string(repo().join("docs/security.md")).unwrap();
+    for needle in [
+        "# Security model",
+        "## Admin API",
+        "NAME-admin-token",
+        "## Network exposure",
+        "NetworkPolicies",
+        "LoadBalancer",
+        "## Objects the operator does not own",
+        "`Conflict`",
+        "## Operator privileges",
+        "watchNamespaces",
+        "## Tenants bound to their senders",
+        "spec.senderBinding",
+        "AUTH only over TLS",
+        "Smuggling and NUL refused",
+        "Bounded sizes and times",
+        "Per-network connection caps",
+        "AUTH throttling",
+        "## Secrets",
+        "Pod Security Standards `restricted`",
+        "## Admin audit log",
+    ] {
+        assert!(page.contains(needle), "docs/security.md lacks {needle:?}");
+    }
+    // The tests it cites exist under those names.
+    let tests = |file: &str| std::fs::read_to_string(repo().join(file)).unwrap();
+    for (file, name) in [
+        (
+            "operator/tests/reconcile.rs",
+            "an_object_someone_else_owns_is_left_untouched_and_reported",
+        ),
+        (
+            "operator/tests/builders.rs",
+            "the_pod_security_check_fails_a_relay_pod_made_unsafe",
+        ),
+        (
+            "operator/tests/builders.rs",
+            "bad_sender_bindings_are_refused_naming_the_field",
+        ),
+    ] {
+        assert!(page.contains(name), "docs/security.md does not cite {name}");
+        assert!(
+            tests(file).contains(&format!("fn {name}(")),
+            "{file} has no {name}"
+        );
+    }
+    for (doc, link) in [
+        ("README.md", "docs/security.md"),
+        ("docs/operations.md", "(security.md)"),
+    ] {
+        assert!(
+            std::fs::read_to_string(repo().join(doc))
+                .unwrap()
+                .contains(link),
+            "{doc} does not link the security model"
+        );
+    }
+}

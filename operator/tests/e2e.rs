@@ -86,6 +86,11 @@ async fn reconcile_relay(api: &FakeApi, ctx: &Arc<Context>) -> Value {
 }
 
 async fn start_example() -> Example {
+    start_example_with(|_| {}).await
+}
+
+/// The example with `change` made to its MailRelay spec first.
+async fn start_example_with(change: impl FnOnce(&mut Value)) -> Example {
     let redis = RedisServer::start_with(Some(REDIS_PASSWORD));
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = make_cert(dir.path());
@@ -98,6 +103,7 @@ async fn start_example() -> Example {
     let mut mr = example("mailrelay.yaml");
     // ---- TEST SWAP: the example's in-cluster Redis is a local server here.
     mr["spec"]["redis"]["url"] = json!(redis.url());
+    change(&mut mr["spec"]);
     api.put(RELAY, mr);
     for (file, name) in [
         ("sendquota-payments.yaml", "payments"),
@@ -300,5 +306,100 @@ async fn the_example_ingress_quota_refuses_the_101st_message() {
         ),
         (Some("100/1m"), Some(100), Some(0)),
         "{st:#}"
+    );
+}
+
+async fn http_get_text(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut resp))
+        .await
+        .unwrap()
+        .unwrap();
+    resp
+}
+
+/// `spec.senderBinding` through the operator to a real relay: the tenant sends as
+/// its own domain; as another tenant's it is refused at MAIL, and with a `From:`
+/// header that disagrees at DATA; both refusals are logged and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_bound_by_the_mailrelay_sends_only_as_itself() {
+    let ex = start_example_with(|spec| {
+        spec["senderBinding"] = json!({
+            "checkFromHeader": true,
+            "users": [{"user": USER, "senders": ["payments.example.com", "*.payments.example.com"]}],
+        });
+    })
+    .await;
+    let send = |from: &str| {
+        smtplib_send_many(
+            ex.listeners[0],
+            USER,
+            USER_PASSWORD,
+            from,
+            "customer@example.net",
+            1,
+        )
+    };
+    assert_eq!(
+        send("billing@payments.example.com"),
+        [250],
+        "{}",
+        ex.relay.log()
+    );
+    assert_eq!(send("billing@eu.payments.example.com"), [250]);
+    assert_eq!(
+        send("ceo@shipping.example.com"),
+        [550],
+        "another tenant's domain"
+    );
+
+    // The envelope is the tenant's own, the From: header is not.
+    let out = std::process::Command::new("swaks")
+        .args(["--server", &ex.listeners[0].to_string(), "--tls"])
+        .args([
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            USER,
+            "--auth-password",
+            USER_PASSWORD,
+        ])
+        .args([
+            "--from",
+            "billing@payments.example.com",
+            "--to",
+            "customer@example.net",
+        ])
+        .args(["--header", "From: CEO <ceo@shipping.example.com>"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("swaks");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("550 5.7.1 From: header address <ceo@shipping.example.com> not allowed for user payments"),
+        "{text}"
+    );
+
+    let r = reconcile_relay(&ex.api, &ex.ctx).await;
+    assert_eq!(
+        r["status"]["queue"]["queued"], 2,
+        "only the tenant's own mail is queued"
+    );
+    let metrics = http_get_text(ex.relay.admin, "/metrics").await;
+    for line in [
+        "mailrelay_smtp_sender_refused_total{reason=\"mail_from\"} 1",
+        "mailrelay_smtp_sender_refused_total{reason=\"from_header\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in:\n{metrics}");
+    }
+    let log = ex.relay.log();
+    assert!(
+        log.contains("sender not allowed") && log.contains("sender_binding.users.payments"),
+        "{log}"
     );
 }

@@ -1112,3 +1112,183 @@ async fn a_scaled_object_replaces_the_hpa_and_goes_with_autoscaling() {
     assert!(api.get(SCALED_OBJECT).is_none());
     assert_eq!(replicas(&api), 2, "back to spec.replicas");
 }
+
+const SERVICE: &str = "/api/v1/namespaces/mail/services/relay";
+
+/// Objects a team made by hand, named like the relay's: a Service nobody controls,
+/// a ConfigMap another MailRelay controls, a Deployment another controller runs.
+fn foreign_objects() -> Vec<(&'static str, Value)> {
+    vec![
+        (
+            SERVICE,
+            json!({"apiVersion": "v1", "kind": "Service",
+                   "metadata": {"name": "relay", "namespace": "mail", "labels": {"team": "web"}},
+                   "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80}]}}),
+        ),
+        (
+            CONFIG_MAP,
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                   "metadata": {"name": "relay-config", "namespace": "mail",
+                                "ownerReferences": [{"apiVersion": "mailrelay.io/v1alpha1",
+                                    "kind": "MailRelay", "name": "other", "uid": "uid-other",
+                                    "controller": true}]},
+                   "data": {"mailrelay.yaml": "hostname: other.example.com\n"}}),
+        ),
+        (
+            DEPLOYMENT,
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                   "metadata": {"name": "relay", "namespace": "mail",
+                                "ownerReferences": [{"apiVersion": "argoproj.io/v1alpha1",
+                                    "kind": "Rollout", "name": "relay", "uid": "uid-rollout",
+                                    "controller": true}]},
+                   "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}},
+                            "template": {"metadata": {"labels": {"app": "web"}},
+                                         "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}}),
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_someone_else_owns_is_left_untouched_and_reported() {
+    let redis = RedisServer::start();
+    for (path, obj) in foreign_objects() {
+        let api = FakeApi::start();
+        ready_deployments(&api);
+        api.put(RELAY, relay_obj(spec(&redis)));
+        let stored = api.put(path, obj);
+        let kind = stored["kind"].as_str().unwrap();
+        let name = stored["metadata"]["name"].as_str().unwrap();
+        let ctx = context(&api, settings());
+
+        let action = reconcile_relay(&api, &ctx).await.unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+        assert_eq!(
+            api.get(path).unwrap(),
+            stored,
+            "{kind} {name} must stay byte for byte as it was"
+        );
+        let writes: Vec<String> = api
+            .requests()
+            .iter()
+            .filter(|r| {
+                r.method != "GET" && !r.is("POST", "/events") && !r.path.ends_with("/status")
+            })
+            .map(|r| format!("{} {}", r.method, r.path))
+            .collect();
+        assert!(writes.is_empty(), "nothing is applied: {writes:?}");
+        assert!(
+            api.requests().iter().any(|r| r.is("GET", path)),
+            "the object is looked up before any apply"
+        );
+
+        let r = api.get(RELAY).unwrap();
+        let ready = condition(&r, "Ready");
+        assert_eq!(
+            (ready["status"].as_str(), ready["reason"].as_str()),
+            (Some("False"), Some("Conflict"))
+        );
+        let m = ready["message"].as_str().unwrap();
+        assert!(m.contains(&format!("{kind} \"{name}\"")), "{m}");
+        let events: Vec<_> = api
+            .requests()
+            .into_iter()
+            .filter(|r| r.is("POST", "/events"))
+            .collect();
+        assert_eq!(events.len(), 1, "{kind}");
+        let ev = events[0].body.as_ref().unwrap();
+        assert_eq!(ev["reason"], "Conflict");
+        assert_eq!(ev["type"], "Warning");
+        assert!(ev["note"].as_str().unwrap().contains(name), "{ev}");
+
+        // Still there: still untouched, no second Event.
+        api.clear_requests();
+        reconcile_relay(&api, &ctx).await.unwrap();
+        assert_eq!(api.get(path).unwrap(), stored);
+        assert!(!api.requests().iter().any(|r| r.is("POST", "/events")));
+
+        // Gone: the relay's own objects are applied and it becomes ready.
+        api.remove(path);
+        reconcile_relay(&api, &ctx).await.unwrap();
+        let ours = api
+            .get(path)
+            .expect("applied once the foreign object is gone");
+        assert_eq!(ours["metadata"]["ownerReferences"][0]["kind"], "MailRelay");
+        assert_eq!(
+            ours["metadata"]["ownerReferences"][0]["uid"],
+            api.get(RELAY).unwrap()["metadata"]["uid"]
+        );
+        let r = api.get(RELAY).unwrap();
+        assert_eq!(condition(&r, "Ready")["status"], "True", "{kind}");
+        assert!(api.get(DEPLOYMENT).is_some() && api.get(SERVICE).is_some());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_left_by_an_earlier_relay_of_the_same_name_are_not_taken_over() {
+    // A MailRelay deleted and created again gets a new uid; until the garbage
+    // collector removes the old objects they are not this relay's.
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let old = api.get(DEPLOYMENT).unwrap();
+
+    let mut r = api.get(RELAY).unwrap();
+    r["metadata"]["uid"] = json!("uid-recreated");
+    r.as_object_mut().unwrap().remove("status");
+    api.put(RELAY, r);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let r = api.get(RELAY).unwrap();
+    assert_eq!(condition(&r, "Ready")["reason"], "Conflict");
+    assert!(
+        condition(&r, "Ready")["message"]
+            .as_str()
+            .unwrap()
+            .contains("controlled by MailRelay \"relay\""),
+        "{r}"
+    );
+    assert_eq!(api.get(DEPLOYMENT).unwrap(), old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_autoscaler_is_neither_taken_over_nor_deleted() {
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let hpa = json!({"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "relay", "namespace": "mail"},
+        "spec": {"minReplicas": 1, "maxReplicas": 3,
+                 "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"}}});
+    let mut s = spec(&redis);
+    s["autoscaling"] = json!({"minReplicas": 2, "maxReplicas": 10, "targetCPUUtilization": 70});
+    api.put(RELAY, relay_obj(s));
+    let stored = api.put(HPA, hpa);
+    let ctx = context(&api, settings());
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(api.get(HPA).unwrap(), stored);
+    let r = api.get(RELAY).unwrap();
+    assert_eq!(condition(&r, "Ready")["reason"], "Conflict");
+    assert!(api.get(DEPLOYMENT).is_none(), "nothing applied");
+
+    // Autoscaling off while the status says an HPA was rendered: the foreign one
+    // (made after ours went) is not deleted.
+    api.remove(HPA);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(
+        api.get(RELAY).unwrap()["status"]["autoscaler"],
+        "HorizontalPodAutoscaler"
+    );
+    let stored = api.put(HPA, stored);
+    edit_spec(&api, |s| {
+        s.as_object_mut().unwrap().remove("autoscaling");
+    });
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(api.get(HPA).unwrap(), stored, "not ours: not deleted");
+    assert!(!api.requests().iter().any(|r| r.method == "DELETE"));
+    assert_eq!(
+        condition(&api.get(RELAY).unwrap(), "Ready")["status"],
+        "True"
+    );
+}

@@ -248,6 +248,11 @@ pub struct MailRelaySpec {
     /// enforced where the cluster's network plugin enforces NetworkPolicy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_policy: Option<NetworkPolicySpec>,
+    /// Which senders each SMTP AUTH user and each `relayNetworks` client may use:
+    /// any other `MAIL FROM` (and, with `checkFromHeader`, `From:` address) is
+    /// refused with `550 5.7.1` naming the rule. Absent: any sender, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sender_binding: Option<SenderBindingSpec>,
 }
 
 /// The relay's NetworkPolicy: SMTP from the peers listed here; the admin port
@@ -339,6 +344,73 @@ pub struct NetworkPeer {
         }]
     }))]
     pub except: Vec<String>,
+
+/// Sender patterns: `a.example` and `*.a.example` (domains), `*@a.example` and
+/// `app@a.example` (addresses, `*` and `?` globs, case-insensitive), or `<>` for the
+/// null sender (bounces), which no other pattern allows.
+const SENDER_PATTERN: &str = r"^(<>|[^<>\s,@]*@?[^<>\s,@]*)$";
+
+/// Binds AUTH users and relay-network clients to their senders.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SenderBindingSpec {
+    /// Refuse every sender of an AUTH user or `relayNetworks` client that has no
+    /// binding here (default: such clients may use any sender).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub required: bool,
+    /// Also check the addresses of the `From:` header after DATA against the same
+    /// binding (a message without `From:` is bound by its envelope only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub check_from_header: bool,
+    /// Per AUTH user (the names of the `spec.auth` Secret's `users` lines).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 1024))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["user"]
+    ))]
+    pub users: Vec<UserSenders>,
+    /// Per client network inside `spec.relayNetworks`; the most specific one wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["network"]
+    ))]
+    pub networks: Vec<NetworkSenders>,
+}
+
+/// The senders one AUTH user may use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UserSenders {
+    /// The AUTH user name.
+    #[schemars(length(min = 1, max = 320), regex(pattern = r"^[^:\s]+$"))]
+    pub user: String,
+    /// Its sender patterns (at least one).
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 320), regex(pattern = SENDER_PATTERN))
+    )]
+    pub senders: Vec<String>,
+}
+
+/// The senders the clients of one network may use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkSenders {
+    /// A network inside `spec.relayNetworks` (CIDR).
+    #[schemars(extend(
+        "maxLength" = 64,
+        "x-kubernetes-validations" = [{"rule": "isCIDR(self)", "message": "must be a network like 10.1.0.0/16"}]
+    ))]
+    pub network: String,
+    /// Its sender patterns (at least one).
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(min = 1, max = 320), regex(pattern = SENDER_PATTERN))
+    )]
+    pub senders: Vec<String>,
 }
 
 /// An extra volume: a name and exactly one source, of the kinds Pod Security

@@ -12,6 +12,7 @@
 //! deliberately never deleted by the operator.
 
 pub mod conditions;
+pub mod ownership;
 pub mod quota;
 pub mod relay;
 pub mod secrets;

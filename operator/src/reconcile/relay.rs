@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use super::conditions::{self, Outcome, READY, Rollout};
+use super::ownership::{self, Target};
 use super::secrets;
 use super::{Context, Error, MANAGER, object_key};
 use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota};
@@ -162,6 +163,7 @@ async fn apply_autoscaler(
     client: &kube::Client,
     ns: &str,
     name: &str,
+    owner: Option<&str>,
     wanted: Option<&Autoscaler>,
     previous: Option<&str>,
 ) -> Result<AutoscalerOutcome, Error> {
@@ -169,26 +171,15 @@ async fn apply_autoscaler(
     if let Some(prev) = previous
         && Some(prev) != wanted_kind
     {
-        let dp = DeleteParams::background();
-        let deleted = match prev {
-            autoscaling::HPA_KIND => Api::<HorizontalPodAutoscaler>::namespaced(client.clone(), ns)
-                .delete(name, &dp)
-                .await
-                .map(|_| ()),
-            autoscaling::SCALED_OBJECT_KIND => Api::<DynamicObject>::namespaced_with(
-                client.clone(),
-                ns,
-                &autoscaling::scaled_object_resource(),
-            )
-            .delete(name, &dp)
-            .await
-            .map(|_| ()),
-            _ => Ok(()),
+        let resource = match prev {
+            autoscaling::HPA_KIND => Some(ApiResource::erase::<HorizontalPodAutoscaler>(&())),
+            autoscaling::SCALED_OBJECT_KIND => Some(autoscaling::scaled_object_resource()),
+            _ => None,
         };
-        match deleted {
-            // Gone already, or (a ScaledObject) KEDA itself is gone.
-            Err(kube::Error::Api(s)) if s.is_not_found() => {}
-            other => other?,
+        // Gone already, KEDA itself gone, or no longer ours: nothing is deleted.
+        if let Some(resource) = resource {
+            ownership::delete_if_controlled(client, ns, owner, &Target::named(resource, name))
+                .await?;
         }
     }
     match wanted {
@@ -244,6 +235,28 @@ pub fn select_quotas(
         }
     }
     (ok, bad)
+}
+
+/// Every object `objs` applies, for the ownership check.
+fn targets(objs: &resources::Resources, policy: Option<&NetworkPolicy>) -> Vec<Target> {
+    let mut t = vec![
+        Target::of(&objs.config_map),
+        Target::of(&objs.service_account),
+        Target::of(&objs.service),
+        Target::of(&objs.admin_service),
+        Target::of(&objs.pdb),
+        Target::of(&objs.deployment),
+    ];
+    match &objs.autoscaler {
+        Some(Autoscaler::Hpa(h)) => t.push(Target::of(h.as_ref())),
+        Some(Autoscaler::Keda(so)) => t.push(Target::named(
+            autoscaling::scaled_object_resource(),
+            so.name_any(),
+        )),
+        None => {}
+    }
+    t.extend(policy.map(Target::of));
+    t
 }
 
 pub async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -342,38 +355,57 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                     None,
                     Action::requeue(ctx.settings.status_interval * 10),
                 ),
-                Ok(objs) => {
-                    apply(client, &ns, &objs.config_map).await?;
-                    apply(client, &ns, &objs.service_account).await?;
-                    apply_network_policy(client, &ns, relay, network.ok().flatten()).await?;
-                    apply(client, &ns, &objs.service).await?;
-                    apply(client, &ns, &objs.admin_service).await?;
-                    apply(client, &ns, &objs.pdb).await?;
-                    let dep = apply_deployment(client, &ns, &objs.deployment, &relay.spec).await?;
-                    scaled = Some(
-                        apply_autoscaler(
-                            client,
-                            &ns,
-                            &name,
-                            objs.autoscaler.as_ref(),
-                            previous_autoscaler.as_deref(),
-                        )
-                        .await?,
-                    );
-                    let queue = read_queue(ctx, &key, relay, &resolved).await;
-                    if let Ok(report) = &queue {
-                        ctx.metrics.set_relay_queue(&ns, &name, &report.queue);
-                    }
-                    (
-                        Outcome::Applied {
-                            rollout: Rollout::of(&dep),
-                            config_hash: objs.config_hash,
-                            quotas: quota_names,
+                Ok(objs) => match ownership::first_conflict(
+                    client,
+                    &ns,
+                    relay.meta().uid.as_deref(),
+                    &targets(&objs, network.as_ref().ok().and_then(Option::as_ref)),
+                )
+                .await?
+                {
+                    Some(message) => (
+                        Outcome::Blocked {
+                            reason: ownership::CONFLICT.into(),
+                            message,
                         },
-                        Some(queue),
-                        Action::requeue(ctx.settings.status_interval),
-                    )
-                }
+                        None,
+                        Action::requeue(ctx.settings.blocked_retry),
+                    ),
+                    None => {
+                        apply(client, &ns, &objs.config_map).await?;
+                        apply(client, &ns, &objs.service_account).await?;
+                        apply_network_policy(client, &ns, relay, network.ok().flatten()).await?;
+                        apply(client, &ns, &objs.service).await?;
+                        apply(client, &ns, &objs.admin_service).await?;
+                        apply(client, &ns, &objs.pdb).await?;
+                        let dep =
+                            apply_deployment(client, &ns, &objs.deployment, &relay.spec).await?;
+                        scaled = Some(
+                            apply_autoscaler(
+                                client,
+                                &ns,
+                                &name,
+                                relay.meta().uid.as_deref(),
+                                objs.autoscaler.as_ref(),
+                                previous_autoscaler.as_deref(),
+                            )
+                            .await?,
+                        );
+                        let queue = read_queue(ctx, &key, relay, &resolved).await;
+                        if let Ok(report) = &queue {
+                            ctx.metrics.set_relay_queue(&ns, &name, &report.queue);
+                        }
+                        (
+                            Outcome::Applied {
+                                rollout: Rollout::of(&dep),
+                                config_hash: objs.config_hash,
+                                quotas: quota_names,
+                            },
+                            Some(queue),
+                            Action::requeue(ctx.settings.status_interval),
+                        )
+                    }
+                },
             }
         }
     };

@@ -12,8 +12,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 use kube::ResourceExt;
 use mailrelay::config::{
-    AdminConfig, AuthConfig, ListenerConfig, LogFormat, QueueBackendKind, RedisConfig, RelayConfig,
-    RouteConfig, SmarthostConfig, TlsConfig, TlsMode, parse_duration,
+    AdminConfig, AuthConfig, ListenerConfig, LogFormat, NetworkSenders, QueueBackendKind,
+    RedisConfig, RelayConfig, RouteConfig, SenderBindingConfig, SmarthostConfig, TlsConfig,
+    TlsMode, parse_duration,
 };
 use mailrelay::quota::config as q;
 
@@ -302,6 +303,9 @@ pub fn relay_config(
     };
     cfg.log.format = LogFormat::Json;
     cfg.quotas = quotas;
+    if let Some(b) = &spec.sender_binding {
+        cfg.sender_binding = Some(sender_binding(b, &cfg.relay_networks)?);
+    }
     cfg.validate().map_err(|e| match e {
         mailrelay::config::ConfigError::Invalid { field, message } => {
             spec_err(relay_field(&field), message)
@@ -309,6 +313,82 @@ pub fn relay_config(
         other => spec_err("spec", other.to_string()),
     })?;
     Ok(cfg)
+}
+
+/// `spec.senderBinding` as the relay's `sender_binding`, checked here so that each
+/// problem names its MailRelay field (the relay's own messages name users by name,
+/// the spec's list by index).
+fn sender_binding(
+    b: &crd::SenderBindingSpec,
+    relay_networks: &[IpNet],
+) -> Result<SenderBindingConfig, SpecError> {
+    const FIELD: &str = "spec.senderBinding";
+    let patterns = |field: String, senders: &[String]| {
+        if senders.is_empty() {
+            return Err(spec_err(field, "needs at least one sender pattern"));
+        }
+        for (j, p) in senders.iter().enumerate() {
+            let ok = p == "<>"
+                || (!p.is_empty()
+                    && !p.contains(['<', '>', ','])
+                    && !p.contains(char::is_whitespace)
+                    && p.matches('@').count() <= 1);
+            if !ok {
+                return Err(spec_err(
+                    format!("{field}[{j}]"),
+                    format!(
+                        "{p:?} is not a domain glob (a.example, *.a.example), an address glob \
+                         (*@a.example, app@a.example) or \"<>\""
+                    ),
+                ));
+            }
+        }
+        Ok(senders.to_vec())
+    };
+    let mut users = std::collections::BTreeMap::new();
+    for (i, u) in b.users.iter().enumerate() {
+        let field = format!("{FIELD}.users[{i}]");
+        if u.user.is_empty() || u.user.contains(':') || u.user.contains(char::is_whitespace) {
+            return Err(spec_err(
+                format!("{field}.user"),
+                "must be an AUTH user name (no spaces or colons)",
+            ));
+        }
+        let senders = patterns(format!("{field}.senders"), &u.senders)?;
+        if users.insert(u.user.clone(), senders).is_some() {
+            return Err(spec_err(
+                format!("{field}.user"),
+                format!("{:?} is bound twice", u.user),
+            ));
+        }
+    }
+    let mut networks = Vec::new();
+    for (i, n) in b.networks.iter().enumerate() {
+        let field = format!("{FIELD}.networks[{i}]");
+        let network: IpNet = n.network.parse().map_err(|_| {
+            spec_err(
+                format!("{field}.network"),
+                format!("{:?} is not a network like 10.1.0.0/16", n.network),
+            )
+        })?;
+        // A binding for clients that may not relay would never apply.
+        if !relay_networks.iter().any(|r| r.contains(&network)) {
+            return Err(spec_err(
+                format!("{field}.network"),
+                format!("{network} is not inside spec.relayNetworks"),
+            ));
+        }
+        networks.push(NetworkSenders {
+            network,
+            senders: patterns(format!("{field}.senders"), &n.senders)?,
+        });
+    }
+    Ok(SenderBindingConfig {
+        required: b.required,
+        check_from_header: b.check_from_header,
+        users,
+        networks,
+    })
 }
 
 /// The environment variable that carries the password of route `i` (set from
