@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use mailrelay_operator::claims::ClaimSettings;
 use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
 use mailrelay_operator::reconcile::{self, Context, DEFAULT_RELAY_IMAGE, Settings};
 use mailrelay_operator::telemetry::{self, Metrics};
@@ -70,6 +71,28 @@ struct RunArgs {
     /// This replica's identity in the Lease (its pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// Namespaces to watch and reconcile in (comma-separated); none: every
+    /// namespace. Each is claimed for this install (a `mailrelay-operator-claim`
+    /// Lease there): one another install claims is left alone.
+    #[arg(long, env = "MAILRELAY_WATCH_NAMESPACES", value_delimiter = ',', value_parser = parse_namespace)]
+    watch_namespaces: Vec<String>,
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (lower-case letters, digits and '-', at most 63)"
+        ))
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -152,8 +175,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         relay_image: args.relay_image,
         status_interval: args.status_interval,
         admin_url_template: args.admin_url_template,
+        watch_namespaces: args.watch_namespaces,
+        // One identity per install, shared by its replicas: its leader Lease.
+        claims: Some(ClaimSettings::new(&format!(
+            "{}/{}",
+            args.lease_namespace, args.lease_name
+        ))),
         ..Settings::default()
     };
+    if settings.watch_namespaces.is_empty() {
+        tracing::info!("watching every namespace");
+    } else {
+        tracing::info!(namespaces = ?settings.watch_namespaces, "watching only these namespaces");
+    }
     let ctx = Context::new(client.clone(), settings, metrics.clone());
     if args.no_leader_election {
         metrics.set_leader(true);

@@ -212,6 +212,9 @@ pub fn select_quotas(
 }
 
 pub async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if let Some(skip) = super::claim_gate(relay.as_ref(), &ctx).await? {
+        return Ok(skip);
+    }
     let started = Instant::now();
     let result = reconcile_inner(&relay, &ctx).await;
     ctx.metrics

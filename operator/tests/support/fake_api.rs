@@ -31,6 +31,11 @@ pub struct Recorded {
     pub path: String,
     pub query: String,
     pub body: Option<Value>,
+    /// The request's `content-type` (`application/apply-patch+yaml` for a
+    /// server-side apply, `application/merge-patch+json` for a merge patch).
+    pub content_type: Option<String>,
+    /// The status answered (0 for a watch, answered later).
+    pub code: u16,
 }
 
 impl Recorded {
@@ -101,6 +106,8 @@ impl FakeApi {
                         path: parts.uri.path().to_owned(),
                         query: parts.uri.query().unwrap_or_default().to_owned(),
                         body: None,
+                        content_type: None,
+                        code: 0,
                     });
                     tokio::spawn(async move {
                         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -120,7 +127,13 @@ impl FakeApi {
                     .map(|b| b.to_bytes())
                     .unwrap_or_default();
                 let body: Option<Value> = serde_json::from_slice(&bytes).ok();
-                let (code, value) = handle_request(&st, &parts.method, &parts.uri, body);
+                let content_type = parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let (code, value) =
+                    handle_request(&st, &parts.method, &parts.uri, body, content_type);
                 let resp = Response::builder()
                     .status(code)
                     .header("content-type", "application/json")
@@ -235,15 +248,30 @@ fn handle_request(
     method: &Method,
     uri: &http::Uri,
     body: Option<Value>,
+    content_type: Option<String>,
 ) -> (StatusCode, Value) {
-    let mut st = st.lock().unwrap();
-    let path = uri.path().to_owned();
-    st.requests.push(Recorded {
+    let mut guard = st.lock().unwrap();
+    let at = guard.requests.len();
+    guard.requests.push(Recorded {
         method: method.clone(),
-        path: path.clone(),
+        path: uri.path().to_owned(),
         query: uri.query().unwrap_or_default().to_owned(),
         body: body.clone(),
+        content_type,
+        code: 0,
     });
+    let (code, value) = answer(&mut guard, method, uri, body);
+    guard.requests[at].code = code.as_u16();
+    (code, value)
+}
+
+fn answer(
+    st: &mut State,
+    method: &Method,
+    uri: &http::Uri,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let path = uri.path().to_owned();
     if let Some(i) = st
         .failures
         .iter()
