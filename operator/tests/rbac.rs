@@ -17,6 +17,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mailrelay_operator::claims::ClaimSettings;
 use mailrelay_operator::crd::{MailRelay, SendQuota};
 use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
 use mailrelay_operator::reconcile::{self, Context, Settings, quota, relay};
@@ -30,6 +31,17 @@ use support::redis::RedisServer;
 const RELEASE: &str = "mr";
 const OPERATOR_NS: &str = "ops";
 const SA: &str = "mr-mailrelay-operator";
+/// The leader Lease: the chart names it after the release.
+const LEASE: &str = "mr-mailrelay-operator";
+
+/// As the binary runs: claims on, under the install's identity.
+fn operator_settings(watch: &[&str]) -> Settings {
+    Settings {
+        watch_namespaces: watch.iter().map(|s| (*s).to_owned()).collect(),
+        claims: Some(ClaimSettings::new(&format!("{OPERATOR_NS}/{LEASE}"))),
+        ..Settings::default()
+    }
+}
 
 fn relay_path(ns: &str, name: &str) -> String {
     format!("/apis/mailrelay.io/v1alpha1/namespaces/{ns}/mailrelays/{name}")
@@ -81,7 +93,7 @@ async fn scenario(settings: Settings, namespaces: &[&str]) -> Vec<Recorded> {
 
     // Leader election: create, renew, release.
     let mut cfg = ElectorConfig::new(OPERATOR_NS, "mr-operator-0");
-    cfg.name = "mailrelay-operator".into();
+    cfg.name = LEASE.into();
     let elector = LeaderElector::new(api.client.clone(), cfg);
     assert!(elector.try_lead().await.unwrap());
     assert!(elector.try_lead().await.unwrap());
@@ -186,7 +198,7 @@ fn chart_grants(values: Value) -> Vec<rbac::Grant> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_wide_chart_grants_exactly_what_the_operator_uses() {
-    let requests = scenario(Settings::default(), &["mail", "shop"]).await;
+    let requests = scenario(operator_settings(&[]), &["mail", "shop"]).await;
     let needed = rbac::needed(&requests);
     // The scenario covers what it must (a guard against a scenario that quietly
     // stopped exercising something).
@@ -197,7 +209,8 @@ async fn the_cluster_wide_chart_grants_exactly_what_the_operator_uses() {
         "delete autoscaling/horizontalpodautoscalers \"relay\" in namespace mail",
         "delete keda.sh/scaledobjects \"relay\" in namespace shop",
         "patch events.k8s.io/events in namespace mail",
-        "update coordination.k8s.io/leases \"mailrelay-operator\" in namespace ops",
+        "update coordination.k8s.io/leases \"mr-mailrelay-operator\" in namespace ops",
+        "update coordination.k8s.io/leases \"mailrelay-operator-claim\" in namespace shop",
     ] {
         let found = needed.iter().any(|a| {
             let s = a.to_string();
@@ -217,6 +230,52 @@ async fn the_cluster_wide_chart_grants_exactly_what_the_operator_uses() {
     if let Err(diff) = rbac::compare(&needed, &grants) {
         panic!("{diff}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_namespaced_chart_grants_exactly_what_the_operator_uses_and_only_there() {
+    let requests = scenario(operator_settings(&["mail", "shop"]), &["mail", "shop"]).await;
+    let needed = rbac::needed(&requests);
+    // Nothing across the cluster, nothing cluster-scoped.
+    let wide: Vec<String> = needed
+        .iter()
+        .filter(|a| a.namespace.is_none())
+        .map(ToString::to_string)
+        .collect();
+    assert!(
+        wide.is_empty(),
+        "namespaced mode asks across the cluster: {wide:?}"
+    );
+    for ns in ["mail", "shop"] {
+        let line = format!("watch core/secrets in namespace {ns}");
+        assert!(
+            needed.iter().any(|a| a.to_string() == line),
+            "no `{line}`:\n{}",
+            rbac::summary(&needed)
+        );
+    }
+    let values = json!({"watchNamespaces": ["mail", "shop"]});
+    let grants = chart_grants(values.clone());
+    assert!(
+        grants.iter().all(|g| g.namespace.is_some()),
+        "namespaced mode grants something cluster-wide: {:?}",
+        grants
+            .iter()
+            .filter(|g| g.namespace.is_none())
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    );
+    if let Err(diff) = rbac::compare(&needed, &grants) {
+        panic!("{diff}");
+    }
+    // The same operator watching fewer namespaces than the chart was told is
+    // refused there: Secrets of another namespace are not readable.
+    let narrow = chart_grants(json!({"watchNamespaces": ["mail"]}));
+    let e = rbac::compare(&needed, &narrow).unwrap_err();
+    assert!(
+        e.contains("  - get core/secrets \"missing-tls\" in namespace shop\n"),
+        "{e}"
+    );
 }
 
 #[test]

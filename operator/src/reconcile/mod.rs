@@ -366,10 +366,7 @@ where
     let owned =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=mailrelay-operator");
 
-    let relays = Controller::new(
-        scoped::<MailRelay>(&client, ns),
-        watcher::Config::default(),
-    );
+    let relays = Controller::new(scoped::<MailRelay>(&client, ns), watcher::Config::default());
     let relay_store = relays.store();
     let by_quota = relay_store.clone();
     let by_secret = relay_store.clone();
@@ -397,10 +394,7 @@ where
             }
         });
 
-    let quotas = Controller::new(
-        scoped::<SendQuota>(&client, ns),
-        watcher::Config::default(),
-    );
+    let quotas = Controller::new(scoped::<SendQuota>(&client, ns), watcher::Config::default());
     let quota_store = quotas.store();
     let quotas = quotas
         .watches(
