@@ -187,6 +187,8 @@ fn chart_renders_for_every_value_set_and_every_object_is_valid() {
         "ha-operator",
         "relay-monitoring",
         "relay-monitoring-with-operator",
+        "namespaced",
+        "no-aggregated-roles",
     ] {
         assert!(cases.contains_key(case), "case {case} not rendered");
     }
