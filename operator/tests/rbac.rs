@@ -301,6 +301,7 @@ fn the_comparison_catches_a_missing_and_an_extra_grant() {
         body: None,
         content_type: None,
         code: 200,
+        who: String::new(),
     };
     let needed = rbac::needed(&[
         req("GET", "/api/v1/namespaces/mail/configmaps/a"),
