@@ -65,7 +65,8 @@ struct RunArgs {
     /// Namespace of the leader Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
-    /// Name of the leader Lease.
+    /// Name of the leader Lease. `NAMESPACE/NAME` of it also identifies this
+    /// install in namespace claims (so two installs need different ones).
     #[arg(long, default_value = "mailrelay-operator")]
     lease_name: String,
     /// This replica's identity in the Lease (its pod name).
