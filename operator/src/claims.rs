@@ -129,7 +129,13 @@ impl Claims {
         if before.as_ref() != Some(&claim) {
             match &claim {
                 Claim::Held => {
-                    tracing::info!(namespace = %ns, install = %self.settings.install, "namespace claimed")
+                    tracing::info!(namespace = %ns, install = %self.settings.install, "namespace claimed");
+                    // A later refusal is news again.
+                    let infix = format!("/{ns}/");
+                    self.told
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .retain(|k| !k.contains(&infix));
                 }
                 Claim::Refused { holder } => tracing::error!(
                     namespace = %ns,

@@ -219,3 +219,27 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _ = server.await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_namespaces_are_a_comma_separated_list_of_namespace_names() {
+        let cli =
+            Cli::try_parse_from(["op", "run", "--watch-namespaces", "team-a,team-b"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run");
+        };
+        assert_eq!(args.watch_namespaces, ["team-a", "team-b"]);
+        let Command::Run(args) = Cli::try_parse_from(["op", "run"]).unwrap().command else {
+            panic!("run");
+        };
+        assert!(args.watch_namespaces.is_empty(), "default: every namespace");
+        let e = Cli::try_parse_from(["op", "run", "--watch-namespaces", "team-a,Team_B"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("\"Team_B\" is not a namespace name"), "{e}");
+    }
+}
