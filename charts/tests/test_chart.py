@@ -337,10 +337,14 @@ def check_common(case, crd_validators):
         assert labels.get("app.kubernetes.io/managed-by") == "Helm", f"{where}: labels {labels}"
         assert labels.get("helm.sh/chart") == "mailrelay-operator-0.1.0", f"{where}: {labels}"
         cluster_scoped = o["kind"] in ("ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition")
+        # The operator's Roles live in the namespaces it watches.
+        allowed = {NAMESPACE}
+        if o["kind"] in ("Role", "RoleBinding"):
+            allowed |= set(case.values.get("watchNamespaces") or [])
         if cluster_scoped:
             assert "namespace" not in md, f"{where}: cluster-scoped with a namespace"
         else:
-            assert md.get("namespace") == NAMESPACE, f"{where}: namespace {md.get('namespace')}"
+            assert md.get("namespace") in allowed, f"{where}: namespace {md.get('namespace')}"
         body = {k: v for k, v in o.items() if k != "__template"}
         key = (o["apiVersion"], o["kind"])
         if o["apiVersion"].startswith(CRD_GROUP + "/"):
@@ -374,6 +378,8 @@ def expect_defaults(case):
     assert case.kinds() == sorted(
         [
             f"ClusterRole/{FULLNAME}",
+            f"ClusterRole/{FULLNAME}-view",
+            f"ClusterRole/{FULLNAME}-edit",
             f"ClusterRoleBinding/{FULLNAME}",
             f"Deployment/{FULLNAME}",
             f"NetworkPolicy/{FULLNAME}",
@@ -392,7 +398,7 @@ def expect_defaults(case):
         "--relay-image=ghcr.io/mailrelay-dev/mailrelay:0.1.0",
         "--metrics-address=0.0.0.0:8080",
         "--status-interval=30s",
-        "--lease-name=mailrelay-operator",
+        f"--lease-name={FULLNAME}",
         "--allowed-service-types=ClusterIP",
         "--operator-pod-labels=app.kubernetes.io/component=operator,app.kubernetes.io/instance=mr,app.kubernetes.io/name=mailrelay-operator",
         "--monitoring-namespace-labels=kubernetes.io/metadata.name=monitoring",
@@ -409,38 +415,15 @@ def expect_defaults(case):
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
-    # Least privilege: exactly the resources the operator uses.
-    granted = {}
+    # Least privilege: operator/tests/rbac.rs compares these rules with the
+    # requests the operator really makes; here only that nothing is a wildcard.
     for r in rules_of(case, "ClusterRole", FULLNAME):
-        for g in r["apiGroups"]:
-            for res in r["resources"]:
-                granted.setdefault(f"{g}/{res}", set()).update(r["verbs"])
-    manage = {"get", "list", "watch", "create", "update", "patch", "delete"}
-    assert granted == {
-        "mailrelay.io/mailrelays": {"get", "list", "watch"},
-        "mailrelay.io/sendquotas": {"get", "list", "watch"},
-        "mailrelay.io/mailrelays/status": {"get", "patch", "update"},
-        "mailrelay.io/sendquotas/status": {"get", "patch", "update"},
-        "mailrelay.io/mailrelays/finalizers": {"update"},
-        "mailrelay.io/sendquotas/finalizers": {"update"},
-        "/configmaps": manage,
-        "/services": manage,
-        "/serviceaccounts": manage,
-        "apps/deployments": manage,
-        "policy/poddisruptionbudgets": manage,
-        # Applied (create + patch) and removed when spec.autoscaling changes.
-        "autoscaling/horizontalpodautoscalers": {"get", "create", "patch", "delete"},
-        "keda.sh/scaledobjects": {"get", "create", "patch", "delete"},
-        # Each relay's NetworkPolicy: applied, and deleted when switched off.
-        "networking.k8s.io/networkpolicies": {"get", "create", "patch", "delete"},
-        "/secrets": {"get", "list", "watch"},
-        "/events": {"create", "patch"},
-        "events.k8s.io/events": {"create", "patch"},
-    }, granted
-    assert not any("*" in r["verbs"] or "*" in r["resources"] for r in rules_of(case, "ClusterRole", FULLNAME))
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in r[key], r
     lease_rules = rules_of(case, "Role", f"{FULLNAME}-leader-election")
     assert [r["resources"] for r in lease_rules] == [["leases"], ["leases"]], lease_rules
-    assert lease_rules[1]["resourceNames"] == ["mailrelay-operator"]
+    assert lease_rules[1]["resourceNames"] == [FULLNAME]
+    expect_aggregated_roles(case)
     crb = case.get("ClusterRoleBinding", FULLNAME)
     assert crb["subjects"] == [
         {"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}
@@ -540,8 +523,67 @@ def expect_network_policies_off(case):
 def expect_single_no_leader(case):
     _, c = operator_container(case)
     assert "--no-leader-election" in c["args"], c["args"]
-    assert not any(a.startswith("--lease-name") for a in c["args"])
+    # Still the install's name in namespace claims.
+    assert f"--lease-name={FULLNAME}" in c["args"], c["args"]
     assert not case.has("Role") and not case.has("RoleBinding"), case.kinds()
+
+
+def expect_aggregated_roles(case):
+    view = case.get("ClusterRole", f"{FULLNAME}-view")
+    edit = case.get("ClusterRole", f"{FULLNAME}-edit")
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true", view
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in view["metadata"]["labels"], view
+    for agg in ("edit", "admin"):
+        assert edit["metadata"]["labels"][f"rbac.authorization.k8s.io/aggregate-to-{agg}"] == "true", edit
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"], edit
+
+    def granted(role):
+        out = set()
+        for r in role["rules"]:
+            assert r["apiGroups"] == ["mailrelay.io"], r
+            out |= {(res, v) for res in r["resources"] for v in r["verbs"]}
+        return out
+
+    read = {"get", "list", "watch"}
+    assert granted(view) == {
+        (res, v) for res in ("mailrelays", "sendquotas", "mailrelays/status", "sendquotas/status") for v in read
+    }, granted(view)
+    write = {"create", "update", "patch", "delete", "deletecollection"}
+    # Tenants write the spec; the status is the operator's alone.
+    assert granted(edit) == {(res, v) for res in ("mailrelays", "sendquotas") for v in write}, granted(edit)
+
+
+def expect_no_aggregated_roles(case):
+    names = [o["metadata"]["name"] for o in case.objects if o["kind"] == "ClusterRole"]
+    assert names == [FULLNAME], names
+
+
+def expect_namespaced(case):
+    _, c = operator_container(case)
+    assert "--watch-namespaces=team-a,team-b" in c["args"], c["args"]
+    # Nothing cluster-wide for the operator itself: no ClusterRole(Binding) of
+    # its own (the aggregated tenant roles grant it nothing).
+    assert not case.has("ClusterRoleBinding"), case.kinds()
+    assert sorted(o["metadata"]["name"] for o in case.objects if o["kind"] == "ClusterRole") == [
+        f"{FULLNAME}-edit",
+        f"{FULLNAME}-view",
+    ]
+    roles = {(o["metadata"]["namespace"], o["metadata"]["name"]): o for o in case.objects if o["kind"] == "Role"}
+    assert set(roles) == {
+        ("team-a", FULLNAME),
+        ("team-b", FULLNAME),
+        (NAMESPACE, f"{FULLNAME}-leader-election"),
+    }, set(roles)
+    assert roles[("team-a", FULLNAME)]["rules"] == roles[("team-b", FULLNAME)]["rules"]
+    for o in case.objects:
+        if o["kind"] == "RoleBinding" and o["metadata"]["name"] == FULLNAME:
+            assert o["metadata"]["namespace"] in ("team-a", "team-b"), o
+            assert o["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": FULLNAME}, o
+            assert o["subjects"] == [{"kind": "ServiceAccount", "name": FULLNAME, "namespace": NAMESPACE}], o
+    secrets = [
+        r for r in roles[("team-a", FULLNAME)]["rules"] if "secrets" in r["resources"]
+    ]
+    assert secrets and all(set(r["verbs"]) <= {"get", "list", "watch"} for r in secrets), secrets
 
 
 def expect_ha_operator(case):
@@ -1025,6 +1067,8 @@ GOOD = [
         expect_relay_monitoring_with_operator,
     ),
     ("crds-not-kept", {"crds": {"keep": False}}, expect_crds_not_kept),
+    ("namespaced", {"watchNamespaces": ["team-a", "team-b"]}, expect_namespaced),
+    ("no-aggregated-roles", {"rbac": {"aggregateClusterRoles": False}}, expect_no_aggregated_roles),
     ("crds-managed-elsewhere", {"crds": {"enabled": False}}, expect_no_crds),
     ("bundled-redis", {"redis": {"enabled": True, "auth": {"generatePassword": True}}}, expect_redis_default),
     (
@@ -1157,6 +1201,8 @@ BAD = [
     ("quota-bad-limit", {"sendQuotas": [{"name": "q", "direction": "ingress", "limits": ["100/1x"]}]}, "at '/sendQuotas/0/limits/0'"),
     ("quota-no-direction", {"sendQuotas": [{"name": "q", "limits": ["1/1m"]}]}, "missing property 'direction'"),
     ("quota-typo", {"sendQuotas": [{"name": "q", "direction": "egress", "limits": ["1/1m"], "maxConnection": 3}]}, "additional properties 'maxConnection' not allowed"),
+    ("bad-watch-namespace", {"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
+    ("duplicate-watch-namespace", {"watchNamespaces": ["a", "a"]}, "at '/watchNamespaces'"),
     ("metrics-service-type", {"metrics": {"service": {"type": "Ingress"}}}, "at '/metrics/service/type'"),
     # The chart's own checks (template `fail`), for rules across fields.
     ("ha-without-leader-election", {"replicaCount": 2, "leaderElection": {"enabled": False}}, "replicaCount > 1 needs leaderElection.enabled=true"),
@@ -1551,6 +1597,7 @@ def run(out_dir):
             assert not bad, f"helm lint warnings: {bad}"
             objects, notes = render(chart, values)
             case = Case(name, objects, notes)
+            case.values = values
             check_common(case, crd_validators)
             expect(case)
             with open(os.path.join(out_dir, f"{name}.json"), "w") as f:

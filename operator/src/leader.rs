@@ -170,6 +170,17 @@ impl LeaderElector {
         }
     }
 
+    /// Who holds the Lease now (`None`: no Lease, or nobody).
+    pub async fn holder(&self) -> Result<Option<String>, kube::Error> {
+        Ok(self
+            .api
+            .get_opt(&self.cfg.name)
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .filter(|h| !h.is_empty()))
+    }
+
     /// Waits until this replica leads.
     pub async fn acquire(&self) {
         loop {

@@ -9,8 +9,10 @@
 //! - [`reconcile`]: the controllers (server-side apply, status, events).
 //! - [`status`]: queue and delivery summary read from the relay's queue store;
 //!   [`quota_api`]: quota usage read from a relay's admin API.
+//! - [`claims`]: namespace claims, so overlapping installs never both reconcile.
 //! - [`leader`]: Lease-based leader election; [`telemetry`]: `/metrics`, `/healthz`.
 
+pub mod claims;
 pub mod crd;
 pub mod leader;
 pub mod quota_api;

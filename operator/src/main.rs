@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mailrelay_operator::crd::ServiceType;
+use mailrelay_operator::claims::ClaimSettings;
 use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
 use mailrelay_operator::reconcile::{self, Context, DEFAULT_RELAY_IMAGE, Settings};
 use mailrelay_operator::resources::network::{self, NetworkSettings};
@@ -66,7 +67,8 @@ struct RunArgs {
     /// Namespace of the leader Lease (the operator's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     lease_namespace: String,
-    /// Name of the leader Lease.
+    /// Name of the leader Lease. `NAMESPACE/NAME` of it also identifies this
+    /// install in namespace claims (so two installs need different ones).
     #[arg(long, default_value = "mailrelay-operator")]
     lease_name: String,
     /// This replica's identity in the Lease (its pod name).
@@ -106,6 +108,28 @@ struct RunArgs {
         value_parser = network::parse_labels
     )]
     monitoring_namespace_labels: std::collections::BTreeMap<String, String>,
+    /// Namespaces to watch and reconcile in (comma-separated); none: every
+    /// namespace. Each is claimed for this install (a `mailrelay-operator-claim`
+    /// Lease there): one another install claims is left alone.
+    #[arg(long, env = "MAILRELAY_WATCH_NAMESPACES", value_delimiter = ',', value_parser = parse_namespace)]
+    watch_namespaces: Vec<String>,
+}
+
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a namespace name (lower-case letters, digits and '-', at most 63)"
+        ))
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -201,8 +225,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .then_some(args.monitoring_namespace_labels),
         },
         allowed_service_types: args.allowed_service_types,
+        watch_namespaces: args.watch_namespaces,
+        // One identity per install, shared by its replicas: its leader Lease.
+        claims: Some(ClaimSettings::new(&format!(
+            "{}/{}",
+            args.lease_namespace, args.lease_name
+        ))),
         ..Settings::default()
     };
+    if settings.watch_namespaces.is_empty() {
+        tracing::info!("watching every namespace");
+    } else {
+        tracing::info!(namespaces = ?settings.watch_namespaces, "watching only these namespaces");
+    }
     let ctx = Context::new(client.clone(), settings, metrics.clone());
     if args.no_leader_election {
         metrics.set_leader(true);
@@ -232,4 +267,28 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let _ = server.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_namespaces_are_a_comma_separated_list_of_namespace_names() {
+        let cli =
+            Cli::try_parse_from(["op", "run", "--watch-namespaces", "team-a,team-b"]).unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("run");
+        };
+        assert_eq!(args.watch_namespaces, ["team-a", "team-b"]);
+        let Command::Run(args) = Cli::try_parse_from(["op", "run"]).unwrap().command else {
+            panic!("run");
+        };
+        assert!(args.watch_namespaces.is_empty(), "default: every namespace");
+        let e = Cli::try_parse_from(["op", "run", "--watch-namespaces", "team-a,Team_B"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("\"Team_B\" is not a namespace name"), "{e}");
+    }
 }

@@ -53,6 +53,12 @@ pub struct Metrics {
     queue_messages: Family<RelayLabels, Gauge<i64, AtomicI64>>,
     queue_pending: Family<RelayLabels, Gauge<i64, AtomicI64>>,
     queue_oldest_age: Family<RelayLabels, Gauge<f64, AtomicU64>>,
+    namespace_refused: Family<NamespaceLabel, Gauge<i64, AtomicI64>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabel {
+    watched_namespace: String,
 }
 
 impl Default for Metrics {
@@ -110,7 +116,14 @@ impl Metrics {
             "Age of the oldest message in a relay's shared queue (0 when empty)",
             queue_oldest_age.clone(),
         );
+        let namespace_refused = Family::<NamespaceLabel, Gauge<i64, AtomicI64>>::default();
+        registry.register(
+            "namespace_refused",
+            "1 while a namespace in scope is claimed by another operator install, which this one leaves alone",
+            namespace_refused.clone(),
+        );
         Metrics {
+            namespace_refused,
             registry,
             queue_messages,
             queue_pending,
@@ -146,6 +159,15 @@ impl Metrics {
                 controller: controller.into(),
             })
             .inc();
+    }
+
+    /// Whether this install leaves `namespace` to another install that claims it.
+    pub fn set_namespace_refused(&self, namespace: &str, refused: bool) {
+        self.namespace_refused
+            .get_or_create(&NamespaceLabel {
+                watched_namespace: namespace.into(),
+            })
+            .set(i64::from(refused));
     }
 
     pub fn set_leader(&self, leading: bool) {

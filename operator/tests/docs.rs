@@ -60,6 +60,10 @@ fn readme_and_docs_cover_install_to_uninstall() {
         "helm.sh/resource-policy: keep",
         "redis.auth.existingSecret",
         "maxmemory",
+        "## Operator RBAC: exactly what it uses",
+        "## Namespaced mode and several installs",
+        "mailrelay-operator-claim",
+        "mailrelay_operator_namespace_refused",
     ] {
         assert!(ops.contains(needle), "docs/operations.md lacks {needle:?}");
     }

@@ -191,6 +191,8 @@ fn chart_renders_for_every_value_set_and_every_object_is_valid() {
         "relay-monitoring-with-operator",
         "network-policy-options",
         "network-policies-off",
+        "namespaced",
+        "no-aggregated-roles",
     ] {
         assert!(cases.contains_key(case), "case {case} not rendered");
     }

@@ -667,6 +667,7 @@ fn operator_exposition() -> String {
     m.reconcile_error("MailRelay", "spec");
     m.status_patched("MailRelay");
     m.set_leader(true);
+    m.set_namespace_refused("team-b", true);
     m.encode()
 }
 

@@ -60,6 +60,65 @@ app.kubernetes.io/component: queue-store
 {{- end }}
 {{- end }}
 
+{{/* Name of the leader Lease (it also names the install in namespace claims). */}}
+{{- define "mailrelay-operator.leaseName" -}}
+{{- default (include "mailrelay-operator.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{/* What the operator may do: exactly the requests its code makes (checked by
+operator/tests/rbac.rs against recorded requests). As a ClusterRole, or as a Role
+in each of watchNamespaces. */}}
+{{- define "mailrelay-operator.operatorRules" -}}
+# The controllers list and watch MailRelays and SendQuotas (and list them again
+# in reconciles); status is written by server-side apply.
+- apiGroups: ["mailrelay.io"]
+  resources: ["mailrelays", "sendquotas"]
+  verbs: ["list", "watch"]
+- apiGroups: ["mailrelay.io"]
+  resources: ["mailrelays/status", "sendquotas/status"]
+  verbs: ["patch"]
+# Objects a relay is made of, server-side applied (an apply that creates is
+# authorized as create too). Deployments, ConfigMaps and Services are watched
+# (a change by hand is put back); a Deployment is read to keep its size when
+# autoscaling is switched on.
+- apiGroups: [""]
+  resources: ["configmaps", "services"]
+  verbs: ["list", "watch", "create", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["create", "patch"]
+# The autoscaler spec.autoscaling asks for: applied, and deleted when it changes.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["create", "patch", "delete"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["create", "patch", "delete"]
+# TLS, AUTH, Redis and smarthost Secrets are read, never written: watched
+# (metadata) to roll relays when they change, read for their values.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch"]
+# Events on MailRelays and SendQuotas (a repeated one is patched as a series).
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+# The namespace claim against overlapping installs: only that Lease.
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["create"]
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  resourceNames: ["mailrelay-operator-claim"]
+  verbs: ["get", "update"]
+{{- end }}
+
 {{/* The operator image: repository:tag (tag defaults to appVersion) or @digest. */}}
 {{- define "mailrelay-operator.image" -}}
 {{- if .Values.image.digest }}

@@ -26,13 +26,14 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use mailrelay::queue::{Queue, RedisQueue};
 use tokio::sync::Mutex as AsyncMutex;
 
+use crate::claims::{Claim, ClaimSettings, Claims};
 use crate::crd::{MailRelay, SendQuota};
 use crate::quota_api::AdminClient;
 use crate::telemetry::Metrics;
@@ -85,6 +86,11 @@ pub struct Settings {
     /// SMTP Service types a MailRelay may ask for; the platform's choice, not
     /// the tenant's (default: ClusterIP only).
     pub allowed_service_types: Vec<crate::crd::ServiceType>,
+    /// Namespaces to watch and reconcile in; empty: every namespace.
+    pub watch_namespaces: Vec<String>,
+    /// Namespace claims against overlapping installs ([`crate::claims`]); `None`:
+    /// none (the binary always claims; tests of one install need not).
+    pub claims: Option<ClaimSettings>,
 }
 
 impl Default for Settings {
@@ -97,6 +103,8 @@ impl Default for Settings {
             queue_timeout: Duration::from_secs(10),
             network: crate::resources::network::NetworkSettings::default(),
             allowed_service_types: vec![crate::crd::ServiceType::ClusterIP],
+            watch_namespaces: Vec::new(),
+            claims: None,
         }
     }
 }
@@ -157,6 +165,8 @@ pub struct Context {
     pub queues: QueueConnections,
     pub admin: AdminClient,
     pub metrics: Arc<Metrics>,
+    /// Which namespaces this install may reconcile in (with claims on).
+    pub claims: Option<Claims>,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -167,7 +177,12 @@ impl Context {
             controller: MANAGER.into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let claims = settings
+            .claims
+            .clone()
+            .map(|c| Claims::new(client.clone(), c, metrics.clone()));
         Arc::new(Context {
+            claims,
             recorder: Recorder::new(client.clone(), reporter),
             client,
             settings,
@@ -259,12 +274,57 @@ pub fn quotas_for_relay(quotas: &[Arc<SendQuota>], relay: &MailRelay) -> Vec<Obj
         .collect()
 }
 
-/// Runs both controllers until `shutdown` completes.
+/// `None` when `obj` may be reconciled; otherwise the requeue of an object in a
+/// namespace another install claims (it is left untouched; one Event says why).
+pub async fn claim_gate<K>(obj: &K, ctx: &Context) -> Result<Option<Action>, Error>
+where
+    K: kube::Resource<DynamicType = ()>,
+{
+    let (Some(claims), Some(ns)) = (&ctx.claims, obj.namespace()) else {
+        return Ok(None);
+    };
+    let Claim::Refused { holder } = claims.check(&ns).await? else {
+        return Ok(None);
+    };
+    if claims.first_refusal(&object_key(obj)) {
+        ctx.recorder
+            .publish(
+                &Event {
+                    type_: EventType::Warning,
+                    reason: "NamespaceClaimed".into(),
+                    note: Some(format!(
+                        "namespace {ns} is reconciled by operator install {holder}; install {} leaves this object alone",
+                        claims.settings().install
+                    )),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                },
+                &obj.object_ref(&()),
+            )
+            .await
+            .map_err(Error::Event)?;
+    }
+    Ok(Some(Action::requeue(claims.settings().renew_every)))
+}
+
+/// `Api::all`, or `Api::namespaced` in `ns`.
+fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Runs both controllers, over every namespace or one per watched namespace, until
+/// `shutdown` completes.
 pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let client = ctx.client.clone();
     let (tx, rx) = tokio::sync::watch::channel(false);
     let stop = move || {
         let mut rx = rx.clone();
@@ -272,29 +332,65 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let namespaces = ctx.settings.watch_namespaces.clone();
+    let keep_claims = async {
+        match &ctx.claims {
+            Some(c) => c.keep(&namespaces).await,
+            None => std::future::pending().await,
+        }
+    };
+    let controllers = async {
+        if namespaces.is_empty() {
+            controllers(ctx.clone(), None, stop.clone()).await;
+        } else {
+            futures::future::join_all(
+                namespaces
+                    .iter()
+                    .map(|ns| controllers(ctx.clone(), Some(ns.as_str()), stop.clone())),
+            )
+            .await;
+        }
+    };
+    tokio::select! {
+        _ = controllers => {}
+        _ = keep_claims => {}
+    }
+    if let Some(c) = &ctx.claims {
+        c.release_all().await;
+    }
+}
+
+/// The MailRelay and SendQuota controllers over `ns` (`None`: every namespace).
+async fn controllers<F, S>(ctx: Arc<Context>, ns: Option<&str>, stop: S)
+where
+    S: Fn() -> F,
+    F: std::future::Future<Output = ()> + Send + Sync + 'static,
+{
+    let client = ctx.client.clone();
     let owned =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=mailrelay-operator");
 
-    let relays = Controller::new(
-        Api::<MailRelay>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    let relays = Controller::new(scoped::<MailRelay>(&client, ns), watcher::Config::default());
     let relay_store = relays.store();
     let by_quota = relay_store.clone();
     let by_secret = relay_store.clone();
     let relays = relays
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned)
+        .owns(scoped::<Deployment>(&client, ns), owned.clone())
+        .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
+        .owns(scoped::<Service>(&client, ns), owned)
         .watches(
-            Api::<SendQuota>::all(client.clone()),
+            scoped::<SendQuota>(&client, ns),
             watcher::Config::default(),
             move |sq| relays_for_quota(&by_quota.state(), &sq),
         )
         // Only metadata is used (which relays reference a Secret by name); the
         // values are fetched by the reconcile of the relays concerned.
         .watches(
-            Api::<PartialObjectMeta<Secret>>::all(client.clone()),
+            scoped::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
             move |s| relays_for_secret(&by_secret.state(), s.namespace().as_deref(), &s.name_any()),
         )
@@ -306,14 +402,11 @@ pub async fn run(
             }
         });
 
-    let quotas = Controller::new(
-        Api::<SendQuota>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    let quotas = Controller::new(scoped::<SendQuota>(&client, ns), watcher::Config::default());
     let quota_store = quotas.store();
     let quotas = quotas
         .watches(
-            Api::<MailRelay>::all(client.clone()),
+            scoped::<MailRelay>(&client, ns),
             watcher::Config::default(),
             move |r| quotas_for_relay(&quota_store.state(), &r),
         )
@@ -325,10 +418,6 @@ pub async fn run(
             }
         });
 
-    tokio::spawn(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
     tokio::join!(relays, quotas);
 }
 

@@ -104,6 +104,9 @@ pub fn quota_status(
 }
 
 pub async fn reconcile(sq: Arc<SendQuota>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if let Some(skip) = super::claim_gate(sq.as_ref(), &ctx).await? {
+        return Ok(skip);
+    }
     let started = Instant::now();
     let result = reconcile_inner(&sq, &ctx).await;
     ctx.metrics

@@ -260,6 +260,9 @@ fn targets(objs: &resources::Resources, policy: Option<&NetworkPolicy>) -> Vec<T
 }
 
 pub async fn reconcile(relay: Arc<MailRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    if let Some(skip) = super::claim_gate(relay.as_ref(), &ctx).await? {
+        return Ok(skip);
+    }
     let started = Instant::now();
     let result = reconcile_inner(&relay, &ctx).await;
     ctx.metrics

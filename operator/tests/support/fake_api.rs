@@ -31,6 +31,13 @@ pub struct Recorded {
     pub path: String,
     pub query: String,
     pub body: Option<Value>,
+    /// The request's `content-type` (`application/apply-patch+yaml` for a
+    /// server-side apply, `application/merge-patch+json` for a merge patch).
+    pub content_type: Option<String>,
+    /// The status answered (0 for a watch, answered later).
+    pub code: u16,
+    /// Which client asked (see [`FakeApi::client_as`]; empty: `FakeApi::client`).
+    pub who: String,
 }
 
 impl Recorded {
@@ -86,53 +93,17 @@ fn split(path: &str) -> (String, Option<String>, Option<String>) {
 
 impl FakeApi {
     pub fn start() -> FakeApi {
-        let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
         let state = Arc::new(Mutex::new(State::default()));
-        let st = state.clone();
-        tokio::spawn(async move {
-            while let Some((req, send)) = handle.next_request().await {
-                let (parts, body) = req.into_parts();
-                if parts.uri.query().is_some_and(|q| q.contains("watch=true")) {
-                    // A watch: held open a while with no events, then closed (the
-                    // watcher opens the next one). Answered on the side so that
-                    // other requests are not held up.
-                    st.lock().unwrap().requests.push(Recorded {
-                        method: parts.method.clone(),
-                        path: parts.uri.path().to_owned(),
-                        query: parts.uri.query().unwrap_or_default().to_owned(),
-                        body: None,
-                    });
-                    tokio::spawn(async move {
-                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                        send.send_response(
-                            Response::builder()
-                                .status(200)
-                                .header("content-type", "application/json")
-                                .body(Body::from(Vec::new()))
-                                .unwrap(),
-                        );
-                    });
-                    continue;
-                }
-                let bytes = body
-                    .collect()
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                let body: Option<Value> = serde_json::from_slice(&bytes).ok();
-                let (code, value) = handle_request(&st, &parts.method, &parts.uri, body);
-                let resp = Response::builder()
-                    .status(code)
-                    .header("content-type", "application/json")
-                    .body(Body::from(serde_json::to_vec(&value).unwrap()))
-                    .unwrap();
-                send.send_response(resp);
-            }
-        });
         FakeApi {
+            client: serve(state.clone(), ""),
             state,
-            client: kube::Client::new(svc, "default"),
         }
+    }
+
+    /// Another client of the same API server, whose requests are recorded with
+    /// `who` (say, a second operator install).
+    pub fn client_as(&self, who: &str) -> kube::Client {
+        serve(self.state.clone(), who)
     }
 
     /// Stores an object as if created by a user; returns it as stored.
@@ -230,20 +201,94 @@ impl FakeApi {
     }
 }
 
+/// Serves `state` to a new client whose requests are recorded with `who`.
+fn serve(state: Arc<Mutex<State>>, who: &str) -> kube::Client {
+    let (svc, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let st = state;
+    let who = who.to_owned();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let (parts, body) = req.into_parts();
+            if parts.uri.query().is_some_and(|q| q.contains("watch=true")) {
+                // A watch: held open a while with no events, then closed (the
+                // watcher opens the next one). Answered on the side so that
+                // other requests are not held up.
+                st.lock().unwrap().requests.push(Recorded {
+                    method: parts.method.clone(),
+                    path: parts.uri.path().to_owned(),
+                    query: parts.uri.query().unwrap_or_default().to_owned(),
+                    body: None,
+                    content_type: None,
+                    code: 0,
+                    who: who.clone(),
+                });
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    send.send_response(
+                        Response::builder()
+                            .status(200)
+                            .header("content-type", "application/json")
+                            .body(Body::from(Vec::new()))
+                            .unwrap(),
+                    );
+                });
+                continue;
+            }
+            let bytes = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            let body: Option<Value> = serde_json::from_slice(&bytes).ok();
+            let content_type = parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let (code, value) =
+                handle_request(&st, &parts.method, &parts.uri, body, content_type, &who);
+            let resp = Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::to_vec(&value).unwrap()))
+                .unwrap();
+            send.send_response(resp);
+        }
+    });
+    kube::Client::new(svc, "default")
+}
+
 fn handle_request(
     st: &Mutex<State>,
     method: &Method,
     uri: &http::Uri,
     body: Option<Value>,
+    content_type: Option<String>,
+    who: &str,
 ) -> (StatusCode, Value) {
-    let mut st = st.lock().unwrap();
-    let path = uri.path().to_owned();
-    st.requests.push(Recorded {
+    let mut guard = st.lock().unwrap();
+    let at = guard.requests.len();
+    guard.requests.push(Recorded {
         method: method.clone(),
-        path: path.clone(),
+        path: uri.path().to_owned(),
         query: uri.query().unwrap_or_default().to_owned(),
         body: body.clone(),
+        content_type,
+        code: 0,
+        who: who.to_owned(),
     });
+    let (code, value) = answer(&mut guard, method, uri, body);
+    guard.requests[at].code = code.as_u16();
+    (code, value)
+}
+
+fn answer(
+    st: &mut State,
+    method: &Method,
+    uri: &http::Uri,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let path = uri.path().to_owned();
     if let Some(i) = st
         .failures
         .iter()

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod fake_api;
+pub mod rbac;
 pub mod redis;
 pub mod relay;
 pub mod smtp;
