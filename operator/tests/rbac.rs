@@ -171,6 +171,13 @@ async fn scenario(settings: Settings, namespaces: &[&str]) -> Vec<Recorded> {
         relay::reconcile(stored::<MailRelay>(&api, &path), ctx.clone())
             .await
             .unwrap();
+        // The NetworkPolicy switched off: looked up and deleted.
+        edit_spec(&api, &path, |s| {
+            s["networkPolicy"] = json!({"enabled": false});
+        });
+        relay::reconcile(stored::<MailRelay>(&api, &path), ctx.clone())
+            .await
+            .unwrap();
         // A reconcile from a stale cache repeats an Event: it becomes a series
         // (a patch of the Event).
         let blocked = relay_path(ns, "blocked");
@@ -208,6 +215,8 @@ async fn the_cluster_wide_chart_grants_exactly_what_the_operator_uses() {
         "get core/secrets \"missing-tls\" in namespace mail",
         "delete autoscaling/horizontalpodautoscalers \"relay\" in namespace mail",
         "delete keda.sh/scaledobjects \"relay\" in namespace shop",
+        "delete networking.k8s.io/networkpolicies \"relay\" in namespace mail",
+        "get core/services \"relay-admin\" in namespace shop",
         "patch events.k8s.io/events in namespace mail",
         "update coordination.k8s.io/leases \"mr-mailrelay-operator\" in namespace ops",
         "update coordination.k8s.io/leases \"mailrelay-operator-claim\" in namespace shop",

@@ -78,28 +78,33 @@ in each of watchNamespaces. */}}
   resources: ["mailrelays/status", "sendquotas/status"]
   verbs: ["patch"]
 # Objects a relay is made of, server-side applied (an apply that creates is
-# authorized as create too). Deployments, ConfigMaps and Services are watched
-# (a change by hand is put back); a Deployment is read to keep its size when
-# autoscaling is switched on.
+# authorized as create too), each read first (get) so that one the relay does
+# not own is reported as a Conflict, never taken over. Deployments, ConfigMaps
+# and Services are watched (a change by hand is put back).
 - apiGroups: [""]
   resources: ["configmaps", "services"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
   verbs: ["get", "list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["create", "patch"]
+  verbs: ["get", "create", "patch"]
+# The relay's NetworkPolicy: applied, and deleted (when it is the relay's own)
+# once spec.networkPolicy.enabled turns false.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch", "delete"]
 # The autoscaler spec.autoscaling asks for: applied, and deleted when it changes.
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["create", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
-  verbs: ["create", "patch", "delete"]
+  verbs: ["get", "create", "patch", "delete"]
 # TLS, AUTH, Redis and smarthost Secrets are read, never written: watched
 # (metadata) to roll relays when they change, read for their values.
 - apiGroups: [""]

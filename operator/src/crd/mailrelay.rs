@@ -344,6 +344,7 @@ pub struct NetworkPeer {
         }]
     }))]
     pub except: Vec<String>,
+}
 
 /// Sender patterns: `a.example` and `*.a.example` (domains), `*@a.example` and
 /// `app@a.example` (addresses, `*` and `?` globs, case-insensitive), or `<>` for the
