@@ -422,7 +422,9 @@ def expect_defaults(case):
         # Applied (create + patch) and removed when spec.autoscaling changes.
         "autoscaling/horizontalpodautoscalers": {"get", "create", "patch", "delete"},
         "keda.sh/scaledobjects": {"get", "create", "patch", "delete"},
-        "/secrets": {"get", "list", "watch"},
+        # Referenced Secrets are read; each MailRelay's NAME-admin-token is
+        # created and rotated (update), never patched or deleted.
+        "/secrets": {"get", "list", "watch", "create", "update"},
         "/events": {"create", "patch"},
         "events.k8s.io/events": {"create", "patch"},
     }, granted

@@ -11,6 +11,7 @@
 //!   [`quota_api`]: quota usage read from a relay's admin API.
 //! - [`leader`]: Lease-based leader election; [`telemetry`]: `/metrics`, `/healthz`.
 
+pub mod admin_token;
 pub mod crd;
 pub mod leader;
 pub mod quota_api;
