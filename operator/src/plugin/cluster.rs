@@ -52,8 +52,11 @@ pub struct Cluster {
     pub timeout: Option<Duration>,
     /// Admin tokens read so far, per (namespace, MailRelay): one Secret read per
     /// relay and command.
-    tokens: Arc<Mutex<BTreeMap<(String, String), Vec<String>>>>,
+    tokens: Arc<Mutex<TokenCache>>,
 }
+
+/// (namespace, MailRelay) -> the tokens of its admin token Secret.
+type TokenCache = BTreeMap<(String, String), Vec<String>>;
 
 /// A raw answer from the API server.
 struct Answer {
