@@ -12,6 +12,7 @@
 //! - [`claims`]: namespace claims, so overlapping installs never both reconcile.
 //! - [`leader`]: Lease-based leader election; [`telemetry`]: `/metrics`, `/healthz`.
 
+pub mod admin_token;
 pub mod claims;
 pub mod crd;
 pub mod leader;

@@ -102,19 +102,50 @@ impl AdminClient {
         }
     }
 
-    /// `GET {base}/api/v1/quotas/{name}`; `Ok(None)` when the relay does not know
-    /// the quota (404: not in its config yet, or rejected by it).
-    pub async fn quota(&self, base: &str, name: &str) -> Result<Option<QuotaUsage>, QuotaApiError> {
+    /// `GET {base}/api/v1/quotas/{name}` with the relay's admin token(s) (from its
+    /// `NAME-admin-token` Secret, current first); `Ok(None)` when the relay does
+    /// not know the quota (404: not in its config yet, or rejected by it).
+    ///
+    /// A 401 for the first token is retried with the next: right after a rotation
+    /// the relay pods may not have the new token file yet (the kubelet updates a
+    /// mounted Secret within about a minute), but still accept the previous one.
+    pub async fn quota(
+        &self,
+        base: &str,
+        name: &str,
+        tokens: &[String],
+    ) -> Result<Option<QuotaUsage>, QuotaApiError> {
+        let mut last = None;
+        for token in tokens
+            .iter()
+            .map(Some)
+            .chain(tokens.is_empty().then_some(None))
+        {
+            match self.quota_with(base, name, token.map(String::as_str)).await {
+                Err(e @ QuotaApiError::Status { status: 401, .. }) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    async fn quota_with(
+        &self,
+        base: &str,
+        name: &str,
+        token: Option<&str>,
+    ) -> Result<Option<QuotaUsage>, QuotaApiError> {
         let url = format!("{}/api/v1/quotas/{}", base.trim_end_matches('/'), name);
         let err = |message: String| QuotaApiError::Request {
             url: url.clone(),
             message,
         };
         let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
-        let req = hyper::Request::get(uri)
-            .header("accept", "application/json")
-            .body(Empty::new())
-            .map_err(|e| err(e.to_string()))?;
+        let mut req = hyper::Request::get(uri).header("accept", "application/json");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(Empty::new()).map_err(|e| err(e.to_string()))?;
         let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
             .await
             .map_err(|_| err(format!("no answer within {REQUEST_TIMEOUT:?}")))?

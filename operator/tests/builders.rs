@@ -900,7 +900,14 @@ fn pod_settings_reach_the_pod_template() {
         .collect();
     assert_eq!(
         volumes,
-        ["config", "tmp", "ca-bundle", "scratch", "extra-certs"]
+        [
+            "config",
+            "tmp",
+            "admin-token",
+            "ca-bundle",
+            "scratch",
+            "extra-certs"
+        ]
     );
     let mounts: Vec<(&str, &str)> = c
         .volume_mounts
@@ -914,11 +921,77 @@ fn pod_settings_reach_the_pod_template() {
         [
             ("config", "/etc/mailrelay"),
             ("tmp", "/tmp"),
+            ("admin-token", "/var/run/mailrelay/admin-token"),
             ("ca-bundle", "/var/run/mailrelay/ca"),
             ("scratch", "/var/lib/scratch"),
             ("extra-certs", "/etc/extra-certs"),
         ]
     );
+}
+
+/// Issue 13: every relay mounts its `NAME-admin-token` Secret as a whole directory
+/// (so a rotation reaches the running pods) and its config points
+/// `admin.token_file` there, so the admin API on 0.0.0.0 requires the token.
+#[test]
+fn the_admin_token_secret_is_mounted_and_configured() {
+    let r = relay(SMARTHOST);
+    let name = r.metadata.name.clone().unwrap();
+    let o = build(&r, &[], &ResolvedSecrets::default());
+    let cfg = rendered(&o);
+    assert_eq!(
+        cfg.admin.token_file.as_deref(),
+        Some(std::path::Path::new("/var/run/mailrelay/admin-token/token"))
+    );
+    assert_eq!(cfg.admin.address.unwrap().to_string(), "0.0.0.0:9325");
+    let pod = pod_spec(&o);
+    let vol = pod
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "admin-token")
+        .expect("admin-token volume");
+    let s = vol.secret.as_ref().unwrap();
+    assert_eq!(
+        s.secret_name.as_deref(),
+        Some(format!("{name}-admin-token").as_str())
+    );
+    assert_eq!(s.optional, Some(false), "no pod without its token");
+    assert_eq!(s.default_mode, Some(0o440));
+    let items = s.items.as_deref().unwrap();
+    assert_eq!(
+        (items[0].key.as_str(), items[0].path.as_str()),
+        ("token", "token")
+    );
+    let m = pod.containers[0]
+        .volume_mounts
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "admin-token")
+        .unwrap();
+    assert_eq!(m.mount_path, "/var/run/mailrelay/admin-token");
+    assert_eq!(m.read_only, Some(true));
+    assert_eq!(
+        m.sub_path, None,
+        "a subPath mount would never see a rotation"
+    );
+    // The token itself is never in the ConfigMap, nor in the environment.
+    let env = pod.containers[0].env.clone().unwrap_or_default();
+    assert!(!env.iter().any(|e| e.name == "MAILRELAY_ADMIN_TOKEN"));
+    // The name is the operator's: a user volume may not take it.
+    let mut spec = serde_json::to_value(&r.spec).unwrap();
+    spec["volumes"] = serde_json::json!([{"name": "admin-token", "emptyDir": {}}]);
+    let mut bad = r.clone();
+    bad.spec = serde_json::from_value(spec).unwrap();
+    let e = resources::build(Inputs {
+        relay: &bad,
+        quotas: vec![],
+        secrets: &ResolvedSecrets::default(),
+        default_image: IMAGE,
+    })
+    .unwrap_err();
+    assert_eq!(e.field, "spec.volumes[0].name", "{e}");
 }
 
 #[test]

@@ -75,6 +75,8 @@ struct Example {
     relay: RelayProcess,
     /// The listeners in spec order: `smtp` (STARTTLS), `smtps` (implicit TLS).
     listeners: Vec<std::net::SocketAddr>,
+    /// The admin token the operator generated (its `relay-admin-token` Secret).
+    token: String,
     _redis: RedisServer,
     _dir: tempfile::TempDir,
 }
@@ -175,6 +177,18 @@ async fn start_example_with(change: impl FnOnce(&mut Value)) -> Example {
         PathBuf::from("/var/run/mailrelay/auth/users")
     );
     cfg.auth.as_mut().unwrap().users_file = users_file;
+    // ---- TEST SWAP: the admin token Secret the operator generated, as the pod
+    // mounts it.
+    assert!(
+        yaml.contains("token_file: /var/run/mailrelay/admin-token/token"),
+        "{yaml}"
+    );
+    let token_secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(api.get(&format!("{SECRETS}/relay-admin-token")).unwrap()).unwrap();
+    let token = mailrelay_operator::admin_token::tokens(&token_secret)[0].clone();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    cfg.admin.token_file = Some(token_file);
     // ---- TEST SWAP: no outbound delivery (no network here), so mail stays queued.
     cfg.delivery.enabled = false;
     let path = dir.path().join("mailrelay.yaml");
@@ -192,6 +206,7 @@ async fn start_example_with(change: impl FnOnce(&mut Value)) -> Example {
         ctx,
         relay,
         listeners,
+        token,
         _redis: redis,
         _dir: dir,
     }
@@ -242,16 +257,27 @@ async fn the_example_relay_queues_mail_and_the_operator_counts_it() {
     assert_eq!(st["delivery"]["delivered"], 0);
     assert_eq!(st["quotas"], json!(["gmail", "payments"]));
     // The relay's own view agrees.
-    let stats = admin_get(ex.relay.admin, "/api/v1/queue/stats").await;
+    let stats = admin_get(ex.relay.admin, "/api/v1/queue/stats", Some(&ex.token)).await;
     assert_eq!(stats["messages"], 4, "{stats}");
+    // Without the operator's token the relay's API is closed.
+    let refused = admin_get(ex.relay.admin, "/api/v1/queue/stats", None).await;
+    assert!(
+        refused["error"].as_str().unwrap().contains("token"),
+        "{refused}"
+    );
 }
 
-async fn admin_get(addr: std::net::SocketAddr, path: &str) -> Value {
+async fn admin_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Value {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: t\r\n{auth}Connection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut resp = String::new();
     tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut resp))
         .await

@@ -113,6 +113,10 @@ impl Drop for Smarthost {
 struct RealRelay {
     smtp: SocketAddr,
     admin: SocketAddr,
+    /// The admin token the relay accepts (the operator's Secret in a cluster).
+    token: String,
+    /// The relay's `admin.token_file` (the mounted Secret in a pod).
+    token_file: PathBuf,
     _delivery: Delivery,
     _dir: tempfile::TempDir,
 }
@@ -125,8 +129,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-async fn start_relay(smarthost_port: u16) -> RealRelay {
+async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
     let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin: SocketAddr = admin_listener.local_addr().unwrap();
     let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -147,8 +153,8 @@ async fn start_relay(smarthost_port: u16) -> RealRelay {
         queue: Arc::clone(&queue),
         metrics: Arc::clone(&metrics),
         draining: Arc::new(AtomicBool::new(false)),
-        // The plugin sends no admin token yet (issue 13, open gap): an open API.
-        auth: admin::auth::AdminAuth::new(None, None).expect("no token"),
+        // As the operator configures it: the token file from the admin token Secret.
+        auth: admin::auth::AdminAuth::new(Some(token_file.clone()), None).expect("token file"),
     };
     tokio::spawn(admin::serve(
         admin_listener,
@@ -172,16 +178,27 @@ async fn start_relay(smarthost_port: u16) -> RealRelay {
     RealRelay {
         smtp,
         admin,
+        token: token.to_owned(),
+        token_file,
         _delivery: delivery,
         _dir: dir,
     }
 }
 
-/// One request to a plain HTTP server (the relay's admin API): status, content type, body.
-async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, Vec<u8>) {
+/// One request to a plain HTTP server (the relay's admin API), with the admin
+/// token in `X-Mailrelay-Admin-Token`: status, content type, body.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, String, Vec<u8>) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let token = token
+        .map(|t| format!("X-Mailrelay-Admin-Token: {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{token}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
@@ -207,7 +224,7 @@ async fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String, Vec<u
 }
 
 async fn admin_json(relay: &RealRelay, path: &str) -> Value {
-    let (code, _, body) = http(relay.admin, "GET", path).await;
+    let (code, _, body) = http(relay.admin, "GET", path, Some(&relay.token)).await;
     assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
     serde_json::from_slice(&body).unwrap()
 }
@@ -240,6 +257,10 @@ struct Stub {
     log: Arc<Mutex<Vec<String>>>,
     /// Whether the MailRelay CRD is installed (served and in discovery).
     crd: bool,
+    /// (namespace, Secret name) -> the `token` value of admin token Secrets.
+    secrets: Arc<Mutex<BTreeMap<(String, String), String>>>,
+    /// The user may not `get` Secrets (RBAC): 403 for each.
+    forbid_secrets: Arc<AtomicBool>,
 }
 
 /// What a real API server answers for a path nothing serves (a CRD not installed).
@@ -300,6 +321,42 @@ async fn record(State(stub): State<Stub>, req: Request, next: axum::middleware::
         return status(401, "Unauthorized", "Unauthorized");
     }
     next.run(req).await
+}
+
+/// `GET` of a Secret, as the API server answers it for the user's RBAC.
+async fn get_secret(
+    State(stub): State<Stub>,
+    UrlPath((ns, name)): UrlPath<(String, String)>,
+) -> Response {
+    if stub
+        .forbid_secrets
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        return status(
+            403,
+            "Forbidden",
+            &format!(
+                "secrets \"{name}\" is forbidden: User \"tester\" cannot get resource \"secrets\" in API group \"\" in the namespace \"{ns}\""
+            ),
+        );
+    }
+    match stub
+        .secrets
+        .lock()
+        .unwrap()
+        .get(&(ns.clone(), name.clone()))
+    {
+        Some(token) => {
+            let data =
+                serde_json::to_value(k8s_openapi::ByteString(token.as_bytes().to_vec())).unwrap();
+            axum::Json(
+                json!({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": name, "namespace": ns}, "data": {"token": data}}),
+            )
+            .into_response()
+        }
+        None => status(404, "NotFound", &format!("secrets \"{name}\" not found")),
+    }
 }
 
 async fn get_relay(
@@ -368,7 +425,7 @@ async fn proxy(
         let bare = svc.split(':').next().unwrap_or_default();
         return status(404, "NotFound", &format!("services \"{bare}\" not found"));
     }
-    let Some(addr) = stub.backends.get(&(ns, svc.clone())).copied() else {
+    let Some(addr) = stub.backends.get(&(ns.clone(), svc.clone())).copied() else {
         let bare = svc.split(':').next().unwrap_or_default();
         return status(
             503,
@@ -376,7 +433,31 @@ async fn proxy(
             &format!("no endpoints available for service \"{bare}\""),
         );
     };
+    // The API server passes other headers on, but not `Authorization` (which
+    // authenticated the user): so does the stand-in.
+    let token = req
+        .headers()
+        .get("x-mailrelay-admin-token")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let path = format!("/{rest}");
+    if path.starts_with("/api/v1/quotas") {
+        // Answered here, but guarded like the relay's own: the relay's token.
+        let relay = svc.trim_end_matches("-admin:admin");
+        let want = stub
+            .secrets
+            .lock()
+            .unwrap()
+            .get(&(ns.clone(), format!("{relay}-admin-token")))
+            .and_then(|t| t.lines().next().map(str::to_owned));
+        if want.is_none() || token != want {
+            return (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(json!({"error": "admin API: invalid admin token"})),
+            )
+                .into_response();
+        }
+    }
     if path == "/api/v1/quotas" {
         return axum::Json(quota_usage()).into_response();
     }
@@ -400,7 +481,7 @@ async fn proxy(
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    let (code, ctype, body) = http(addr, method.as_str(), &pq).await;
+    let (code, ctype, body) = http(addr, method.as_str(), &pq, token.as_deref()).await;
     let mut res = (StatusCode::from_u16(code).unwrap(), Bytes::from(body)).into_response();
     if !ctype.is_empty() {
         res.headers_mut()
@@ -428,6 +509,7 @@ async fn start_stub(stub: Stub) -> SocketAddr {
             "/api/v1/namespaces/{ns}/services/{svc}/proxy/{*rest}",
             any(proxy),
         )
+        .route("/api/v1/namespaces/{ns}/secrets/{name}", get(get_secret))
         .layer(axum::middleware::from_fn_with_state(stub.clone(), record))
         .with_state(stub);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -562,8 +644,8 @@ struct World {
 
 async fn world() -> World {
     let smarthost = Smarthost::start();
-    let relay = start_relay(smarthost.port).await;
-    let edge = start_relay(smarthost.port).await;
+    let relay = start_relay(smarthost.port, "out-token-1").await;
+    let edge = start_relay(smarthost.port, "edge-token-1").await;
     let mut relays = BTreeMap::new();
     for (ns, name, ready) in [
         ("mail", "out", true),
@@ -575,11 +657,23 @@ async fn world() -> World {
     let mut backends = BTreeMap::new();
     backends.insert(("mail".into(), "out-admin:admin".into()), relay.admin);
     backends.insert(("ops".into(), "edge-admin:admin".into()), edge.admin);
+    let secrets = BTreeMap::from([
+        (
+            ("mail".to_owned(), "out-admin-token".to_owned()),
+            format!("{}\n", relay.token),
+        ),
+        (
+            ("ops".to_owned(), "edge-admin-token".to_owned()),
+            format!("{}\n", edge.token),
+        ),
+    ]);
     let stub = Stub {
         relays: Arc::new(relays),
         backends: Arc::new(backends),
         log: Arc::default(),
         crd: true,
+        secrets: Arc::new(Mutex::new(secrets)),
+        forbid_secrets: Arc::default(),
     };
     let api = start_stub(stub.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -954,7 +1048,7 @@ async fn list_all_namespaces_and_delete() {
         "{text}"
     );
     assert!(
-        text.contains("\n* last reported by the operator; the relay did not answer:\n  mail/down: its admin API is unreachable: no endpoints available for service \"down-admin\""),
+        text.contains("\n* last reported by the operator; no live figures:\n  mail/down: its admin API is unreachable: no endpoints available for service \"down-admin\""),
         "{text}"
     );
     assert!(!text.contains("edge"), "{text}");
@@ -1094,6 +1188,8 @@ async fn bare_stub(crd: bool) -> (Stub, SocketAddr) {
         backends: Arc::default(),
         log: Arc::default(),
         crd,
+        secrets: Arc::default(),
+        forbid_secrets: Arc::default(),
     };
     let addr = start_stub(stub.clone()).await;
     (stub, addr)
@@ -1360,4 +1456,118 @@ fn printer_columns_show_readiness() {
             assert_eq!(cols[1]["priority"], 1, "Reason is for -o wide");
         }
     }
+}
+
+fn set_secret(w: &World, token_text: &str) {
+    w.stub.secrets.lock().unwrap().insert(
+        ("mail".to_owned(), "out-admin-token".to_owned()),
+        token_text.to_owned(),
+    );
+}
+
+/// Issue 13: the plugin reads the relay's admin token from its `NAME-admin-token`
+/// Secret with the user's own credentials and sends it in `X-Mailrelay-Admin-Token`
+/// through the service proxy (which does not pass `Authorization` on). A user who
+/// may not read the Secret gets an error naming it and the permission, and
+/// changes nothing; `list` still works from the reported status. A rotated Secret
+/// works whether or not the relay pods have the new token file yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_comes_from_the_secret_the_user_may_read() {
+    let w = world().await;
+    let kc = &w.kubeconfig;
+    swaks(&w.relay, "alice@example.com", "busy1@example.org");
+    let listed = wait_deferred(&w.relay, 1, 1).await;
+    let id = listed["messages"][0]["id"].as_str().unwrap().to_owned();
+
+    // Readable Secret: works, and the token went through the proxy to the relay.
+    let out = plugin(kc, &["queue", "out"]).await;
+    assert!(out.ok().contains("alice@example.com"), "{}", out.stdout);
+    assert!(
+        w.stub
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l == "GET /api/v1/namespaces/mail/secrets/out-admin-token"),
+        "the plugin read the Secret"
+    );
+    plugin(kc, &["quota", "--relay", "out"]).await.ok();
+
+    // The user may not read the Secret: every admin verb fails naming the Secret
+    // and the permission; nothing is changed.
+    w.stub
+        .forbid_secrets
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    for args in [
+        vec!["queue", "out"],
+        vec!["message", "out", &id],
+        vec!["retry", "out", "--all"],
+        vec!["delete", "out", &id],
+        vec!["quota", "--relay", "out"],
+    ] {
+        let r = plugin(kc, &args).await;
+        let e = r.err();
+        assert!(
+            e.contains("cannot read Secret mail/out-admin-token")
+                && e.contains("`get` on secrets/out-admin-token in namespace mail")
+                && e.contains("kubectl auth can-i get secret/out-admin-token -n mail"),
+            "{args:?}: {e}"
+        );
+    }
+    let after = admin_json(&w.relay, "/api/v1/queue/messages").await;
+    assert_eq!(after["messages"].as_array().unwrap().len(), 1);
+    assert_eq!(after["messages"][0]["id"], id.as_str(), "not deleted");
+    assert_eq!(
+        after["messages"][0]["attempts"], listed["messages"][0]["attempts"],
+        "not retried"
+    );
+    // `list` does not need the Secret: the operator's reported figures, with a note.
+    let out = plugin(kc, &["list"]).await;
+    let text = out.ok();
+    assert!(text.contains("out    True"), "{text}");
+    assert!(text.contains("7*"), "{text}");
+    assert!(
+        text.contains("no live figures:") && text.contains("mail/out: cannot read Secret"),
+        "{text}"
+    );
+    w.stub
+        .forbid_secrets
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    // A token the relay does not accept: said as such.
+    set_secret(&w, "not-the-token\n");
+    let r = plugin(kc, &["queue", "out"]).await;
+    assert!(
+        r.err()
+            .contains("refused the admin token from Secret mail/out-admin-token"),
+        "{}",
+        r.stderr
+    );
+
+    // Rotation, as the operator writes it: new token first, previous second.
+    // The pods have not got the new file yet: the previous token gets through.
+    set_secret(&w, &format!("out-token-2\n{}\n", w.relay.token));
+    plugin(kc, &["queue", "out"]).await.ok();
+    // The kubelet updated the file: both lines work, the new one first.
+    std::fs::write(
+        &w.relay.token_file,
+        format!("out-token-2\n{}\n", w.relay.token),
+    )
+    .unwrap();
+    plugin(kc, &["retry", "out", &id]).await.ok();
+    // The grace period is over: only the new token, in the Secret and the file.
+    set_secret(&w, "out-token-2\n");
+    std::fs::write(&w.relay.token_file, "out-token-2\n").unwrap();
+    let out = plugin(kc, &["queue", "out"]).await;
+    assert!(out.ok().contains("alice@example.com"));
+    let (code, _, _) = http(
+        w.relay.admin,
+        "GET",
+        "/api/v1/queue/stats",
+        Some(&w.relay.token),
+    )
+    .await;
+    assert_eq!(code, 401, "the old token is refused by now");
+    let (code, _, _) = http(w.relay.admin, "GET", "/api/v1/queue/stats", None).await;
+    assert_eq!(code, 401, "no token, no API");
 }

@@ -21,6 +21,7 @@ const RELAY: &str = "/apis/mailrelay.io/v1alpha1/namespaces/mail/mailrelays/rela
 const QUOTAS: &str = "/apis/mailrelay.io/v1alpha1/namespaces/mail/sendquotas";
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/mail/deployments/relay";
 const CONFIG_MAP: &str = "/api/v1/namespaces/mail/configmaps/relay-config";
+const ADMIN_TOKEN: &str = "/api/v1/namespaces/mail/secrets/relay-admin-token";
 
 fn settings() -> Settings {
     Settings {
@@ -598,15 +599,31 @@ const PAYMENTS_USAGE: &str = r#"{"name": "payments", "direction": "ingress", "sc
                          {"limit": "1000/1h", "window_seconds": 3600, "used": 950, "remaining": 50,
                           "resets_at": "2026-11-29T05:40:00Z", "resets_in_seconds": 2300} ]} ]}"#;
 
+/// The tokens the stand-in relay admin API accepts (what its mounted file holds).
+type Accepted = Arc<std::sync::Mutex<Vec<String>>>;
+
 /// A local relay admin API: `/api/v1/quotas/payments` answers the agreed JSON,
-/// any other quota 404 `{"error": ...}`.
-async fn admin_server() -> std::net::SocketAddr {
+/// any other quota 404 `{"error": ...}`; without one of the `accepted` bearer
+/// tokens, 401 as the relay answers.
+async fn admin_server(accepted: Accepted) -> std::net::SocketAddr {
     use axum::extract::Path;
-    use axum::http::StatusCode;
+    use axum::http::{HeaderMap, StatusCode};
     use axum::routing::get;
     let app = axum::Router::new().route(
         "/api/v1/quotas/{name}",
-        get(|Path(name): Path<String>| async move {
+        get(|Path(name): Path<String>, headers: HeaderMap| async move {
+            let presented = headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or_default()
+                .to_owned();
+            if !accepted.lock().unwrap().contains(&presented) {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    r#"{"error": "admin API: invalid admin token"}"#.to_owned(),
+                );
+            }
             if name == "payments" {
                 (StatusCode::OK, PAYMENTS_USAGE.to_owned())
             } else {
@@ -632,10 +649,15 @@ async fn reconcile_quota(api: &FakeApi, ctx: &Arc<Context>, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sendquota_status_comes_from_the_relay_admin_api() {
-    let admin = admin_server().await;
+    let accepted: Accepted = Arc::new(std::sync::Mutex::new(vec!["tok-1".into()]));
+    let admin = admin_server(accepted.clone()).await;
     let redis = RedisServer::start();
     let api = FakeApi::start();
     api.put(RELAY, relay_obj(spec(&redis)));
+    api.put(
+        ADMIN_TOKEN,
+        secret("relay-admin-token", &[("token", "tok-1\n")]),
+    );
     api.put(
         &format!("{QUOTAS}/payments"),
         quota_obj("payments", &["100/1m", "1000/1h"]),
@@ -695,6 +717,166 @@ async fn sendquota_status_comes_from_the_relay_admin_api() {
         "{ready}"
     );
     assert!(api.requests().iter().any(|r| r.is("POST", "/events")));
+
+    // The operator sends the token from the Secret. Right after a rotation the
+    // pods may still hold only the previous token: the second line gets through.
+    api.put(
+        ADMIN_TOKEN,
+        secret("relay-admin-token", &[("token", "tok-2\ntok-1\n")]),
+    );
+    api.remove(&format!("{QUOTAS}/payments"));
+    api.put(
+        &format!("{QUOTAS}/payments"),
+        quota_obj("payments", &["100/1m", "1000/1h"]),
+    );
+    reconcile_quota(&api, &ctx, "payments").await;
+    let q = api.get(&format!("{QUOTAS}/payments")).unwrap();
+    assert_eq!(condition(&q, "Ready")["reason"], "Enforced", "{q}");
+    // A token the relay does not accept: the relay's 401 is the reason shown.
+    accepted.lock().unwrap().clear();
+    reconcile_quota(&api, &ctx, "payments").await;
+    let q = api.get(&format!("{QUOTAS}/payments")).unwrap();
+    let ready = condition(&q, "Ready");
+    assert_eq!(ready["reason"], "RelayUnreachable");
+    assert!(
+        ready["message"].as_str().unwrap().contains("401"),
+        "{ready}"
+    );
+}
+
+fn secret_tokens(api: &FakeApi) -> Vec<String> {
+    let s: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(api.get(ADMIN_TOKEN).expect("admin token Secret")).unwrap();
+    mailrelay_operator::admin_token::tokens(&s)
+}
+
+fn secret_writes(api: &FakeApi) -> Vec<String> {
+    api.requests()
+        .iter()
+        .filter(|r| r.path.contains("/secrets") && r.method != "GET")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect()
+}
+
+/// Issue 13: the operator creates `NAME-admin-token` once (owned by the MailRelay,
+/// before the pods that mount it), never overwrites a valid one, rotates it on
+/// the MailRelay's annotation keeping the previous token as the second line,
+/// and drops that line when the grace period is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_secret_is_created_once_kept_and_rotated() {
+    use mailrelay_operator::admin_token::{PREVIOUS_EXPIRES_ANNOTATION, ROTATE_ANNOTATION};
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    api.put(RELAY, relay_obj(spec(&redis)));
+    let ctx = context(&api, settings());
+
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let reqs = api.requests();
+    let created = reqs
+        .iter()
+        .position(|r| r.is("POST", "/api/v1/namespaces/mail/secrets"))
+        .expect("the Secret is created");
+    let deployed = reqs
+        .iter()
+        .position(|r| r.is("PATCH", "/deployments/relay"))
+        .unwrap();
+    assert!(
+        created < deployed,
+        "the Secret exists before the pods mount it"
+    );
+    let s = api.get(ADMIN_TOKEN).unwrap();
+    assert_eq!(s["metadata"]["ownerReferences"][0]["kind"], "MailRelay");
+    assert_eq!(s["metadata"]["ownerReferences"][0]["controller"], true);
+    assert_eq!(s["type"], "Opaque");
+    let first = secret_tokens(&api);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].len(), 64, "32 random bytes, hex");
+    assert_eq!(
+        relay_config(&api).admin.token_file.unwrap().to_str(),
+        Some("/var/run/mailrelay/admin-token/token")
+    );
+
+    // Reconciled again: not written, the token stays.
+    api.clear_requests();
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(secret_writes(&api), Vec::<String>::new());
+    assert_eq!(secret_tokens(&api), first);
+
+    // A token someone put there by hand is valid: kept as it is.
+    let mut mine = api.get(ADMIN_TOKEN).unwrap();
+    mine["data"]["token"] = json!(b64("my-own-token\n"));
+    api.put(ADMIN_TOKEN, mine);
+    api.clear_requests();
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(secret_writes(&api), Vec::<String>::new());
+    assert_eq!(secret_tokens(&api), ["my-own-token"]);
+
+    // Rotation: the annotation with a new value; the previous token stays second.
+    edit_metadata(&api, |m| {
+        m["annotations"] = json!({ROTATE_ANNOTATION: "2026-12-06"});
+    });
+    api.clear_requests();
+    let action = reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(
+        secret_writes(&api),
+        ["PUT /api/v1/namespaces/mail/secrets/relay-admin-token"]
+    );
+    let rotated = secret_tokens(&api);
+    assert_eq!(rotated.len(), 2);
+    assert_ne!(rotated[0], "my-own-token");
+    assert_eq!(rotated[1], "my-own-token");
+    assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    let s = api.get(ADMIN_TOKEN).unwrap();
+    assert_eq!(
+        s["metadata"]["annotations"]["mailrelay.io/rotated-for"],
+        "2026-12-06"
+    );
+    assert!(s["metadata"]["annotations"][PREVIOUS_EXPIRES_ANNOTATION].is_string());
+    assert_eq!(s["metadata"]["ownerReferences"][0]["kind"], "MailRelay");
+
+    // The same annotation again: done already, nothing written.
+    api.clear_requests();
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(secret_writes(&api), Vec::<String>::new());
+    assert_eq!(secret_tokens(&api), rotated);
+
+    // The grace period is over: the previous token is dropped.
+    let mut s = api.get(ADMIN_TOKEN).unwrap();
+    s["metadata"]["annotations"][PREVIOUS_EXPIRES_ANNOTATION] = json!("2020-01-01T00:00:00Z");
+    api.put(ADMIN_TOKEN, s);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(secret_tokens(&api), [rotated[0].clone()]);
+    let s = api.get(ADMIN_TOKEN).unwrap();
+    assert!(
+        s["metadata"]["annotations"]
+            .get(PREVIOUS_EXPIRES_ANNOTATION)
+            .is_none()
+    );
+
+    // A Secret left without a usable token is regenerated (the relay would refuse
+    // every client otherwise).
+    let mut s = api.get(ADMIN_TOKEN).unwrap();
+    s["data"]["token"] = json!(b64("\n"));
+    api.put(ADMIN_TOKEN, s);
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let regenerated = secret_tokens(&api);
+    assert_eq!(regenerated.len(), 1);
+    assert_ne!(regenerated[0], rotated[0]);
+}
+
+fn b64(s: &str) -> String {
+    serde_json::to_value(k8s_openapi::ByteString(s.as_bytes().to_vec()))
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+fn edit_metadata(api: &FakeApi, change: impl FnOnce(&mut Value)) {
+    let mut r = api.get(RELAY).unwrap();
+    change(&mut r["metadata"]);
+    api.put(RELAY, r);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

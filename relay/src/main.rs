@@ -260,13 +260,13 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let (admin_stop_tx, admin_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let admin_task = match cfg.admin.address {
         Some(addr) => {
-            let admin_auth = admin::auth::AdminAuth::from_env(cfg.admin.token_file.clone())?;
+            let admin_auth =
+                admin::auth::AdminAuth::from_env(cfg.admin.token_file.clone())?.for_address(addr);
             if !admin_auth.enabled() && !addr.ip().is_loopback() {
-                // Kept starting (not refused) because operator-rendered configs
-                // listen on 0.0.0.0 without a token today; see docs/operations.md.
+                // Started anyway: probes and metrics still serve; only `/api/` refuses.
                 warn!(
                     address = %addr,
-                    "admin API /api/ is UNAUTHENTICATED on a non-loopback address: set admin.token_file or MAILRELAY_ADMIN_TOKEN"
+                    "admin API /api/ is REFUSED (403): no admin token is configured and the admin listener is not on loopback; set admin.token_file or MAILRELAY_ADMIN_TOKEN"
                 );
             }
             let listener = tokio::net::TcpListener::bind(addr)

@@ -5,7 +5,7 @@ mod support;
 
 use std::process::{Command, Output};
 
-use support::relay::{Relay, RelayOptions, binary, code, http_request};
+use support::relay::{Relay, RelayOptions, binary, code, http_request, http_request_with};
 
 fn send(relay: &Relay, from: &str, to: &[&str]) -> String {
     let mut c = relay.connect();
@@ -292,7 +292,48 @@ fn admin_api_requires_the_bearer_token() {
         .unwrap();
     stdout(&o);
 
-    // Rotation: a new token in the file takes over without a restart.
+    // The other header (what `kubectl mailrelay` sends through the service proxy,
+    // which strips `Authorization`): the right token works, a wrong one is refused
+    // even next to a right bearer token (the header wins).
+    fn header(t: &str) -> [(&'static str, &str); 1] {
+        [("X-Mailrelay-Admin-Token", t)]
+    }
+    let (st, _, body) =
+        http_request_with(relay.admin, "GET", "/api/v1/queue/messages", &header(TOKEN));
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("alice@example.com"), "{body}");
+    let bearer = format!("Bearer {TOKEN}");
+    for (method, path) in &endpoints {
+        let (st, _, body) = http_request_with(
+            relay.admin,
+            method,
+            path,
+            &[
+                ("X-Mailrelay-Admin-Token", "wrong"),
+                ("Authorization", &bearer),
+            ],
+        );
+        assert_eq!(st, 401, "{method} {path} with a wrong header token: {body}");
+    }
+    assert_eq!(listed(Some(TOKEN)), ids, "refused requests changed nothing");
+
+    // Rotation, as the operator does it: the new token first, the previous one on
+    // the second line during the grace period; both are accepted.
+    std::fs::write(&token_file, format!("rotated-token-value-2\n{TOKEN}\n")).unwrap();
+    for t in [TOKEN, "rotated-token-value-2"] {
+        let (st, _, _) = http_request(relay.admin, "GET", "/api/v1/queue/stats", Some(t));
+        assert_eq!(st, 200, "accepted during the grace period");
+    }
+    let (st, _, _) = http_request_with(
+        relay.admin,
+        "POST",
+        &format!("/api/v1/queue/messages/{id}/retry"),
+        &header(TOKEN),
+    );
+    assert_eq!(st, 200, "the previous token still acts");
+    // The CLI sends the first line of a rotated file.
+    stdout(&queue(&relay, &["--admin-token-file", tf, "stats"]));
+    // The grace period is over: the previous line is dropped, and the token refused.
     std::fs::write(&token_file, "rotated-token-value-2\n").unwrap();
     let (st, _, _) = http_request(relay.admin, "GET", "/api/v1/queue/stats", Some(TOKEN));
     assert_eq!(st, 401, "the old token is refused after rotation");
@@ -317,6 +358,11 @@ fn admin_api_requires_the_bearer_token() {
         log.lines()
             .any(|l| l.contains("admin: queue retry") && l.contains("token:file")),
         "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("admin: queue retry") && l.contains("token:file-previous")),
+        "the audit line tells a client on the previous token apart:\n{log}"
     );
     for secret in [TOKEN, "rotated-token-value-2"] {
         assert!(!log.contains(secret), "token in the log:\n{log}");
@@ -389,4 +435,65 @@ fn admin_token_from_the_environment() {
         "{log}"
     );
     assert!(!log.contains(TOKEN), "token in the log:\n{log}");
+}
+
+/// Secure by default: with the admin listener on a non-loopback address and no
+/// token configured, every `/api/` endpoint refuses with 403 and a JSON error
+/// saying so, and nothing changes; probes and metrics stay open.
+#[test]
+fn non_loopback_admin_without_a_token_refuses_the_api() {
+    let relay = Relay::start(RelayOptions {
+        admin_any_address: true,
+        env: vec![("MAILRELAY_ADMIN_TOKEN".into(), String::new())],
+        ..Default::default()
+    });
+    send(&relay, "alice@example.com", &["bob@example.org"]);
+    let id = "06H29YVZVR66DSV6D7BS";
+    let queued = || {
+        let (st, _, body) = http_request(relay.admin, "GET", "/metrics", None);
+        assert_eq!(st, 200, "/metrics stays open");
+        body.lines()
+            .find(|l| l.starts_with("mailrelay_queue_messages "))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert_eq!(queued(), "mailrelay_queue_messages 1");
+    for (method, path) in [
+        ("GET", "/api/v1/queue/stats".to_owned()),
+        ("GET", "/api/v1/queue/messages".to_owned()),
+        ("GET", format!("/api/v1/queue/messages/{id}")),
+        ("DELETE", format!("/api/v1/queue/messages/{id}")),
+        ("POST", format!("/api/v1/queue/messages/{id}/retry")),
+        ("POST", "/api/v1/queue/retry?all=true".to_owned()),
+        ("GET", "/api/v1/quotas".to_owned()),
+        ("GET", "/api/v1/quotas/any".to_owned()),
+    ] {
+        for token in [None, Some("anything")] {
+            let (st, _, body) = http_request(relay.admin, method, &path, token);
+            assert_eq!(st, 403, "{method} {path}: {body}");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert!(
+                v["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("no admin token is configured"),
+                "{body}"
+            );
+            assert!(!body.contains("alice@"), "{body}");
+        }
+    }
+    assert_eq!(
+        queued(),
+        "mailrelay_queue_messages 1",
+        "nothing was deleted"
+    );
+    for open in ["/healthz", "/readyz"] {
+        assert_eq!(http_request(relay.admin, "GET", open, None).0, 200);
+    }
+    let o = queue(&relay, &["list"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("403"));
+    let log = relay.log();
+    assert!(log.contains("admin API /api/ is REFUSED"), "{log}");
+    assert!(!log.contains("admin: queue"), "{log}");
 }

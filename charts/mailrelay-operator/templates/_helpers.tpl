@@ -110,6 +110,13 @@ in each of watchNamespaces. */}}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
+# The one Secret it writes: each MailRelay's NAME-admin-token, created when
+# missing and rotated or trimmed after a rotation's grace period (update, with
+# resourceVersion). Names vary per MailRelay, so resourceNames cannot narrow it;
+# no patch or delete (the garbage collector removes it with its MailRelay).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create", "update"]
 # Events on MailRelays and SendQuotas (a repeated one is patched as a series).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

@@ -215,16 +215,16 @@ pub struct MailRelaySpec {
     #[schemars(length(max = 16))]
     pub env_from: Vec<EnvFromSource>,
     /// Extra volumes of the relay pods, of the types Pod Security `restricted`
-    /// allows. The names `config`, `tmp`, `tls`, `auth` and `ca-bundle` are the
-    /// operator's.
+    /// allows. The names `config`, `tmp`, `tls`, `auth`, `ca-bundle` and
+    /// `admin-token` are the operator's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     #[schemars(extend(
         "x-kubernetes-list-type" = "map",
         "x-kubernetes-list-map-keys" = ["name"],
         "x-kubernetes-validations" = [{
-            "rule": "self.all(v, !(v.name in ['config', 'tmp', 'tls', 'auth', 'ca-bundle']))",
-            "message": "the volume names config, tmp, tls, auth and ca-bundle are the operator's"
+            "rule": "self.all(v, !(v.name in ['config', 'tmp', 'tls', 'auth', 'ca-bundle', 'admin-token']))",
+            "message": "the volume names config, tmp, tls, auth, ca-bundle and admin-token are the operator's"
         }, {
             "rule": "self.all(v, [has(v.configMap), has(v.secret), has(v.emptyDir), has(v.projected), has(v.downwardAPI), has(v.persistentVolumeClaim), has(v.csi)].filter(x, x).size() == 1)",
             "message": "each volume has exactly one source: configMap, secret, emptyDir, projected, downwardAPI, persistentVolumeClaim or csi"

@@ -1,7 +1,9 @@
 //! The plugin's view of the cluster: the kubeconfig, `MailRelay` objects, and
 //! requests to a relay's admin API through the API server's service proxy.
 
+use std::collections::BTreeMap;
 use std::error::Error as StdError;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::BodyExt as _;
@@ -11,6 +13,7 @@ use kube::{Client, Config};
 use serde::de::DeserializeOwned;
 
 use super::{GROUP, GlobalArgs, MAILRELAY_KIND, MAILRELAY_PLURAL, PluginError, VERSION};
+use crate::admin_token;
 
 /// Name of the admin Service of a MailRelay and of its port (see crd-shape).
 pub fn admin_service(relay: &str) -> String {
@@ -47,7 +50,13 @@ pub struct Cluster {
     pub server: String,
     /// `--request-timeout`, per request (`None`: no limit).
     pub timeout: Option<Duration>,
+    /// Admin tokens read so far, per (namespace, MailRelay): one Secret read per
+    /// relay and command.
+    tokens: Arc<Mutex<TokenCache>>,
 }
+
+/// (namespace, MailRelay) -> the tokens of its admin token Secret.
+type TokenCache = BTreeMap<(String, String), Vec<String>>;
 
 /// A raw answer from the API server.
 struct Answer {
@@ -103,6 +112,7 @@ impl Cluster {
             all_namespaces: g.all_namespaces,
             server,
             timeout,
+            tokens: Arc::default(),
         })
     }
 
@@ -216,10 +226,26 @@ impl Cluster {
     }
 
     async fn send(&self, method: &str, path: &str) -> Result<Answer, PluginError> {
-        let req = http::Request::builder()
+        self.send_with(method, path, None).await
+    }
+
+    /// One request, with the relay's admin token in [`admin_token::HEADER`] (not
+    /// `Authorization`: that carries the user's own credentials, which the API
+    /// server consumes and does not pass through the service proxy).
+    async fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+    ) -> Result<Answer, PluginError> {
+        let mut req = http::Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::ACCEPT, "application/json")
+            .header(http::header::ACCEPT, "application/json");
+        if let Some(t) = token {
+            req = req.header(admin_token::HEADER, t);
+        }
+        let req = req
             .body(kube::client::Body::empty())
             .map_err(|e| PluginError::Api(format!("building request {path}: {e}")))?;
         let what = format!("{method} {}", path.split('?').next().unwrap_or(path));
@@ -259,7 +285,24 @@ impl Cluster {
             .clone()
             .unwrap_or_else(|| self.namespace.clone());
         let full = proxy_path(&namespace, &name, path);
-        let a = self.send(method, &full).await?;
+        let tokens = self.admin_tokens(&namespace, &name).await?;
+        let mut attempts: Vec<Option<&str>> = tokens.iter().map(|t| Some(t.as_str())).collect();
+        if attempts.is_empty() {
+            attempts.push(None);
+        }
+        let mut a = Answer {
+            code: 0,
+            body: String::new(),
+        };
+        for (i, token) in attempts.iter().enumerate() {
+            a = self.send_with(method, &full, *token).await?;
+            // Right after a rotation a relay pod may still hold only the previous
+            // token (the kubelet updates mounted Secrets within a minute or so).
+            let refused_by_relay = a.code == 401 && !is_status(&a.body);
+            if !(refused_by_relay && i + 1 < attempts.len()) {
+                break;
+            }
+        }
         if (200..300).contains(&a.code) {
             return Ok(a.body);
         }
@@ -275,9 +318,79 @@ impl Cluster {
                 ),
             });
         }
+        if a.code == 401 && !is_status(&a.body) {
+            let secret = admin_token::secret_name(&name);
+            let why = if tokens.is_empty() {
+                format!(
+                    "there is no Secret {namespace}/{secret} with its admin token (the operator creates it: is it running, and recent enough?)"
+                )
+            } else {
+                format!(
+                    "it refused the admin token from Secret {namespace}/{secret} (rotated just now? try again in a minute)"
+                )
+            };
+            return Err(PluginError::Relay {
+                namespace,
+                name,
+                code: 401,
+                message: why,
+            });
+        }
         Err(classify_proxy_error(
             &namespace, &name, relay, a.code, &a.body,
         ))
+    }
+
+    /// The admin token(s) of MailRelay `namespace/name`, read from its
+    /// `NAME-admin-token` Secret with the user's own credentials: Kubernetes RBAC
+    /// on that Secret decides who may use the relay's admin API. A missing Secret
+    /// gives no token (a relay from before the operator made them may be open).
+    async fn admin_tokens(&self, namespace: &str, name: &str) -> Result<Vec<String>, PluginError> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if let Some(t) = self
+            .tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(t.clone());
+        }
+        let secret = admin_token::secret_name(name);
+        let a = self
+            .send(
+                "GET",
+                &format!("/api/v1/namespaces/{namespace}/secrets/{secret}"),
+            )
+            .await?;
+        let tokens = match a.code {
+            200..=299 => {
+                let s: k8s_openapi::api::core::v1::Secret =
+                    serde_json::from_str(&a.body).map_err(|e| PluginError::Malformed {
+                        what: format!("Secret {namespace}/{secret}"),
+                        detail: e.to_string(),
+                    })?;
+                admin_token::tokens(&s)
+            }
+            404 => Vec::new(),
+            401 | 403 => {
+                return Err(PluginError::Forbidden(format!(
+                    "cannot read Secret {namespace}/{secret} (HTTP {}): it holds the admin token of MailRelay {namespace}/{name}, and using the relay's admin API needs `get` on secrets/{secret} in namespace {namespace} (check: kubectl auth can-i get secret/{secret} -n {namespace})",
+                    a.code
+                )));
+            }
+            code => {
+                let v: serde_json::Value = serde_json::from_str(&a.body).unwrap_or_default();
+                let msg = v.get("message").and_then(|m| m.as_str()).unwrap_or("");
+                return Err(PluginError::Api(format!(
+                    "get secrets/{secret} in namespace {namespace}: {msg} (HTTP {code})"
+                )));
+            }
+        };
+        self.tokens
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, tokens.clone());
+        Ok(tokens)
     }
 
     /// Like [`Cluster::admin`], parsing the JSON answer.
@@ -384,6 +497,13 @@ pub fn transport_error(server: &str, e: &(dyn StdError + 'static)) -> PluginErro
         server: server.to_owned(),
         detail: chain.join(": "),
     }
+}
+
+/// Whether `body` is the API server's own `Status` object (not the relay's answer).
+fn is_status(body: &str) -> bool {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .is_some_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some("Status"))
 }
 
 /// Tells apart the API server's own errors on the proxy path (a `Status` object:

@@ -2,8 +2,10 @@
 //! summary, one line each, like `kubectl get` with live figures.
 //!
 //! The queue figures come from each relay's admin API (`/api/v1/queue/stats`).
-//! A relay that cannot be asked shows the figures the operator last wrote to its
-//! status instead, and a note under the table says so and why.
+//! A relay that cannot be asked (down, or its admin token Secret not readable by
+//! the user) shows the figures the operator last wrote to its status instead, and
+//! a note under the table says so and why: `list` works with read access to the
+//! MailRelays alone.
 
 use kube::api::DynamicObject;
 use mailrelay::admin::api::StatsBody;
@@ -134,7 +136,7 @@ pub fn render(
         .filter_map(|r| r.queue.as_ref().err().map(|e| (r, e)))
         .peekable();
     if notes.peek().is_some() {
-        out.push_str("\n* last reported by the operator; the relay did not answer:\n");
+        out.push_str("\n* last reported by the operator; no live figures:\n");
         for (r, e) in notes {
             out.push_str(&format!("  {}/{}: {e}\n", r.namespace, r.name));
         }
@@ -182,7 +184,7 @@ mod tests {
             t,
             "NAMESPACE   NAME   READY   REPLICAS   QUEUED   DEFERRED   OLDEST\n\
              mail        down   False   0/2        7*       3*         -\n\
-             \n* last reported by the operator; the relay did not answer:\n  mail/down: no endpoints\n"
+             \n* last reported by the operator; no live figures:\n  mail/down: no endpoints\n"
         );
         assert_eq!(
             render(&[], false, "namespace \"x\"", None).unwrap(),

@@ -7,7 +7,12 @@
 //! (`/api/v1/namespaces/{ns}/services/{NAME}-admin:admin/proxy/...`), so no
 //! port-forward is needed: the user needs `get` on `mailrelays` and on
 //! `services/proxy` (plus `create` for `retry`, which POSTs, and `delete` for
-//! `delete`).
+//! `delete`), and `get` on the relay's `NAME-admin-token` Secret: the plugin
+//! reads the admin token from it with the user's own credentials and sends it in
+//! `X-Mailrelay-Admin-Token` (the API server keeps `Authorization` for itself), so
+//! Kubernetes RBAC on that Secret decides who may use a relay's admin API.
+//! `list` needs neither Secret nor proxy: without them it shows the queue
+//! figures the operator last reported.
 //!
 //! One module per verb; each turns API answers into a view and renders it, so the
 //! rendering is testable without a cluster.

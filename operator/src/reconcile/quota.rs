@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -10,6 +11,7 @@ use kube::{Resource, ResourceExt};
 
 use super::conditions::{self, READY, condition};
 use super::{Context, Error, MANAGER, object_key};
+use crate::admin_token;
 use crate::crd::{MailRelay, SendQuota, SendQuotaStatus};
 use crate::quota_api::{QuotaApiError, QuotaUsage, summarise};
 use crate::resources::config::{quota_config, selects};
@@ -134,9 +136,18 @@ async fn reconcile_inner(sq: &SendQuota, ctx: &Context) -> Result<Action, Error>
         let mut selected: Vec<&MailRelay> =
             relays.items.iter().filter(|r| selects(sq, r)).collect();
         selected.sort_by_key(|r| r.name_any());
+        let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
         for relay in selected {
             let base = ctx.settings.admin_url(&ns, &relay.name_any());
-            let answer = match ctx.admin.quota(&base, &name).await {
+            // The relay's admin token, from the Secret the MailRelay reconcile keeps.
+            // Missing (not created yet): asked without one, and the relay's 401
+            // becomes the status message until it exists.
+            let tokens = secrets
+                .get_opt(&admin_token::secret_name(&relay.name_any()))
+                .await?
+                .map(|s| admin_token::tokens(&s))
+                .unwrap_or_default();
+            let answer = match ctx.admin.quota(&base, &name, &tokens).await {
                 Ok(Some(u)) => RelayAnswer::Usage(u),
                 Ok(None) => RelayAnswer::Unknown,
                 Err(e @ QuotaApiError::Request { .. })

@@ -10,7 +10,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{
+    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
@@ -22,6 +24,7 @@ use super::conditions::{self, Outcome, READY, Rollout};
 use super::ownership::{self, Target};
 use super::secrets;
 use super::{Context, Error, MANAGER, object_key};
+use crate::admin_token;
 use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota};
 use crate::resources::autoscaling::{self, Autoscaler};
 use crate::resources::config::{SpecError, check_redis, quota_config, selects};
@@ -375,6 +378,9 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                         Action::requeue(ctx.settings.blocked_retry),
                     ),
                     None => {
+                        // Before the pods: they mount it, and the relay refuses to
+                        // start without its token file.
+                        let recheck = ensure_admin_token(client, &ns, relay).await?;
                         apply(client, &ns, &objs.config_map).await?;
                         apply(client, &ns, &objs.service_account).await?;
                         apply_network_policy(client, &ns, relay, network.ok().flatten()).await?;
@@ -405,7 +411,9 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                                 quotas: quota_names,
                             },
                             Some(queue),
-                            Action::requeue(ctx.settings.status_interval),
+                            Action::requeue(recheck.map_or(ctx.settings.status_interval, |r| {
+                                r.min(ctx.settings.status_interval)
+                            })),
                         )
                     }
                 },
@@ -482,6 +490,61 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     }
     patch_status_if_changed(ctx, relay, &ns, new).await?;
     Ok(action)
+}
+
+/// Creates the relay's admin token Secret when it is missing, rotates it when the
+/// MailRelay's annotation asks, and drops the previous token after the grace
+/// period (see [`admin_token::plan`]). Returns when to look again (the end of a
+/// grace period). Writes are create and update (with the fetched resourceVersion,
+/// so a concurrent edit makes this reconcile fail and retry rather than lose it).
+async fn ensure_admin_token(
+    client: &kube::Client,
+    ns: &str,
+    relay: &MailRelay,
+) -> Result<Option<std::time::Duration>, Error> {
+    let api = Api::<Secret>::namespaced(client.clone(), ns);
+    let name = admin_token::secret_name(&relay.name_any());
+    let existing = api.get_opt(&name).await?;
+    let rotate = relay.annotations().get(admin_token::ROTATE_ANNOTATION);
+    let plan = admin_token::plan(
+        existing.as_ref(),
+        rotate.map(String::as_str),
+        k8s_openapi::jiff::Timestamp::now(),
+        admin_token::generate,
+    );
+    match plan {
+        admin_token::Plan::Keep { recheck } => return Ok(recheck),
+        admin_token::Plan::Create(d) => {
+            let secret = Secret {
+                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                    name: Some(name.clone()),
+                    namespace: Some(ns.to_owned()),
+                    labels: Some(crate::crd::relay_labels(&relay.name_any())),
+                    annotations: (!d.annotations.is_empty()).then(|| d.annotations.clone()),
+                    // Goes with the MailRelay (garbage collector).
+                    owner_references: relay.controller_owner_ref(&()).map(|o| vec![o]),
+                    ..Default::default()
+                },
+                type_: Some("Opaque".into()),
+                data: Some(d.data()),
+                ..Secret::default()
+            };
+            api.create(&PostParams::default(), &secret).await?;
+            tracing::info!(relay = %relay.name_any(), namespace = %ns, secret = %name, "admin token {d}");
+        }
+        admin_token::Plan::Replace(d) => {
+            let Some(existing) = existing else {
+                return Ok(None);
+            };
+            let secret = admin_token::apply_to(existing, &d);
+            api.replace(&name, &PostParams::default(), &secret).await?;
+            tracing::info!(relay = %relay.name_any(), namespace = %ns, secret = %name, "admin token {d}");
+            if d.tokens.len() > 1 {
+                return Ok(Some(admin_token::ROTATION_GRACE));
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// Reads the queue report, bounded in time; an error is a status (Degraded), not a

@@ -298,8 +298,9 @@ pub fn relay_config(
     }
     cfg.admin = AdminConfig {
         address: Some(SocketAddr::from(([0, 0, 0, 0], ADMIN_PORT as u16))),
-        // No token yet: the operator does not generate a token Secret (issue 13, open gap).
-        token_file: None,
+        // The operator's `NAME-admin-token` Secret, mounted by the Deployment (see
+        // `admin_token`): without it a relay on 0.0.0.0 would refuse `/api/`.
+        token_file: Some(PathBuf::from(crate::admin_token::token_file())),
     };
     cfg.log.format = LogFormat::Json;
     cfg.quotas = quotas;

@@ -230,7 +230,8 @@ pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
     let admin_service = Service {
         metadata: meta(admin_service_name(&name)),
         spec: Some(CoreServiceSpec {
-            // Never exposed outside the cluster: the admin API has no authentication.
+            // Never exposed outside the cluster: the probes and metrics on it are open
+            // (the `/api/` part needs the admin token).
             type_: Some("ClusterIP".into()),
             selector: Some(selector_labels(&name)),
             ports: Some(vec![ServicePort {
@@ -324,7 +325,7 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 }
 
 /// Volume names the operator gives its own volumes.
-const RESERVED_VOLUMES: [&str; 5] = ["config", "tmp", "tls", "auth", "ca-bundle"];
+const RESERVED_VOLUMES: [&str; 6] = ["config", "tmp", "tls", "auth", "ca-bundle", "admin-token"];
 
 /// The backstop of the schema's rules on `env`, `volumes` and `volumeMounts`.
 fn check_pod_extras(spec: &crate::crd::MailRelaySpec) -> Result<(), SpecError> {
@@ -344,7 +345,7 @@ fn check_pod_extras(spec: &crate::crd::MailRelaySpec) -> Result<(), SpecError> {
         if RESERVED_VOLUMES.contains(&v.name.as_str()) {
             return Err(err(
                 format!("spec.volumes[{i}].name"),
-                "config, tmp, tls, auth and ca-bundle are the operator's volume names",
+                "config, tmp, tls, auth, ca-bundle and admin-token are the operator's volume names",
             ));
         }
     }
@@ -487,6 +488,29 @@ fn deployment(
             });
         }
     }
+
+    // The admin token the operator generates: a whole-directory mount (no subPath)
+    // so a rotation reaches the running relay, which re-reads the file.
+    volumes.push(Volume {
+        name: "admin-token".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(crate::admin_token::secret_name(name)),
+            items: Some(vec![KeyToPath {
+                key: crate::admin_token::KEY.into(),
+                path: crate::admin_token::KEY.into(),
+                mode: None,
+            }]),
+            default_mode: Some(0o440),
+            optional: Some(false),
+        }),
+        ..Volume::default()
+    });
+    mounts.push(VolumeMount {
+        name: "admin-token".into(),
+        mount_path: crate::admin_token::DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    });
 
     if let Some(ca) = spec.delivery.as_ref().and_then(|d| d.ca_bundle.as_ref()) {
         // Only the one key, under a fixed name: the config's `ca_file` points at it.

@@ -146,7 +146,10 @@ impl Drop for RelayProcess {
 /// A config rendered for a pod listens on `0.0.0.0` with fixed ports and names Redis
 /// by its in-cluster address. Tests running several relays side by side on one
 /// machine move every listener and the admin port to free `127.0.0.1` ports and, if
-/// given, point Redis at a local server. Nothing else is changed. Returns the
+/// given, point Redis at a local server. The admin token file (the mounted
+/// `NAME-admin-token` Secret in a pod) does not exist here: `admin.token_file` is
+/// cleared, which leaves `/api/` open on the loopback admin address; a test about
+/// the token writes one and sets it again. Nothing else is changed. Returns the
 /// listener addresses (in order) and the admin address.
 pub fn localise(
     cfg: &mut mailrelay::config::RelayConfig,
@@ -162,6 +165,7 @@ pub fn localise(
         .parse()
         .unwrap();
     cfg.admin.address = Some(admin);
+    cfg.admin.token_file = None;
     if let (Some(url), Some(r)) = (redis_url, cfg.queue.redis.as_mut()) {
         r.url = url.to_owned();
     }

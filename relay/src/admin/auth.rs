@@ -6,6 +6,18 @@
 //! file is stat'ed on every request and re-read when its mtime or size changes,
 //! so a mounted Kubernetes Secret rotates without a restart; a stat is cheap next
 //! to the queue store round trip the request makes anyway.
+//!
+//! The file may hold several tokens, one per line (blank lines ignored): during a
+//! rotation the new one first and the previous one second, so clients still
+//! holding the old token keep working until it is dropped.
+//!
+//! The token is taken from `Authorization: Bearer T` or from [`TOKEN_HEADER`]. The
+//! second exists because the Kubernetes API server's service proxy authenticates
+//! the caller by its `Authorization` header and does not pass it on, so
+//! `kubectl mailrelay` (which goes through `services/proxy`) must use another one.
+//!
+//! Without any configured token `/api/` is open only when the admin listener is on
+//! loopback; on any other address it refuses with 403 (secure by default).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,6 +31,9 @@ use subtle::ConstantTimeEq;
 
 /// The env variable holding a token (in addition to, or instead of, the file).
 pub const TOKEN_ENV: &str = "MAILRELAY_ADMIN_TOKEN";
+/// The header carrying the token where `Authorization` cannot (the API server's
+/// service proxy consumes it).
+pub const TOKEN_HEADER: &str = "x-mailrelay-admin-token";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -41,7 +56,7 @@ pub const ANONYMOUS: Identity = Identity("anonymous");
 #[derive(Default)]
 struct Cached {
     stamp: Option<(SystemTime, u64)>,
-    token: Option<Vec<u8>>,
+    tokens: Option<Vec<Vec<u8>>>,
 }
 
 /// The configured tokens. Cloning shares the file cache.
@@ -50,6 +65,8 @@ pub struct AdminAuth {
     file: Option<PathBuf>,
     env: Option<Vec<u8>>,
     cache: Arc<Mutex<Cached>>,
+    /// Without a token: serve `/api/` open (loopback listener) or refuse it.
+    open_without_token: bool,
 }
 
 impl std::fmt::Debug for AdminAuth {
@@ -58,23 +75,29 @@ impl std::fmt::Debug for AdminAuth {
         f.debug_struct("AdminAuth")
             .field("file", &self.file)
             .field("env", &self.env.as_ref().map(|_| "<set>"))
+            .field("open_without_token", &self.open_without_token)
             .finish()
     }
 }
 
-fn read_token(path: &Path) -> Result<Vec<u8>, TokenError> {
+/// The tokens of the file, one per line. Secrets written by hand often end with a
+/// newline (or CRLF); white space around a line is not part of its token.
+fn read_tokens(path: &Path) -> Result<Vec<Vec<u8>>, TokenError> {
     let raw = std::fs::read(path).map_err(|source| TokenError::Read {
         path: path.to_owned(),
         source,
     })?;
-    // Secrets written by hand often end with a newline; it is not part of the token.
-    let token = raw.trim_ascii().to_vec();
-    if token.is_empty() {
+    let tokens: Vec<Vec<u8>> = raw
+        .split(|b| *b == b'\n')
+        .map(|l| l.trim_ascii().to_vec())
+        .filter(|l| !l.is_empty())
+        .collect();
+    if tokens.is_empty() {
         return Err(TokenError::Empty {
             path: path.to_owned(),
         });
     }
-    Ok(token)
+    Ok(tokens)
 }
 
 impl AdminAuth {
@@ -88,11 +111,25 @@ impl AdminAuth {
                 .map(|t| t.trim().as_bytes().to_vec())
                 .filter(|t| !t.is_empty()),
             cache: Arc::default(),
+            open_without_token: true,
         };
         if let Some(path) = &auth.file {
-            read_token(path)?;
+            read_tokens(path)?;
         }
         Ok(auth)
+    }
+
+    /// Sets what happens without a configured token from the admin listener's
+    /// address: open on loopback (only this host can call), refused (403) on any
+    /// other address, so an unconfigured relay in a pod is not open to the network.
+    pub fn for_address(mut self, addr: std::net::SocketAddr) -> Self {
+        self.open_without_token = addr.ip().is_loopback();
+        self
+    }
+
+    /// Whether `/api/` is served without a token (no token configured, loopback).
+    pub fn is_open(&self) -> bool {
+        !self.enabled() && self.open_without_token
     }
 
     /// From the config's `admin.token_file` and the process environment.
@@ -105,8 +142,8 @@ impl AdminAuth {
         self.file.is_some() || self.env.is_some()
     }
 
-    /// The file's current token, re-read only when the file changed.
-    fn file_token(&self, path: &Path) -> Result<Vec<u8>, TokenError> {
+    /// The file's current tokens, re-read only when the file changed.
+    fn file_tokens(&self, path: &Path) -> Result<Vec<Vec<u8>>, TokenError> {
         let meta = std::fs::metadata(path).map_err(|source| TokenError::Read {
             path: path.to_owned(),
             source,
@@ -116,17 +153,19 @@ impl AdminAuth {
             meta.len(),
         );
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.stamp != Some(stamp) || cache.token.is_none() {
-            let token = read_token(path)?;
-            cache.token = Some(token);
+        if cache.stamp != Some(stamp) || cache.tokens.is_none() {
+            let tokens = read_tokens(path)?;
+            cache.tokens = Some(tokens);
             cache.stamp = Some(stamp);
         }
-        Ok(cache.token.clone().unwrap_or_default())
+        Ok(cache.tokens.clone().unwrap_or_default())
     }
 
-    /// Checks a presented token against every configured one, each compared in
-    /// constant time (the comparison of lengths is not hidden: the length of a
-    /// random token is no secret worth keeping).
+    /// Checks a presented token against every configured one (the env token and
+    /// each line of the file), each compared in constant time and all of them
+    /// always (no early exit that would tell which line matched). The comparison
+    /// of lengths is not hidden: the length of a random token is no secret worth
+    /// keeping.
     pub fn check(&self, presented: &[u8]) -> Result<Option<Identity>, TokenError> {
         let mut ok = None;
         if let Some(env) = &self.env
@@ -135,9 +174,15 @@ impl AdminAuth {
             ok = Some(Identity("token:env"));
         }
         if let Some(path) = &self.file {
-            let token = self.file_token(path)?;
-            if bool::from(token.as_slice().ct_eq(presented)) {
-                ok = Some(Identity("token:file"));
+            for (i, token) in self.file_tokens(path)?.iter().enumerate() {
+                if bool::from(token.as_slice().ct_eq(presented)) && ok.is_none() {
+                    // The audit log tells a client still on the previous token apart.
+                    ok = Some(Identity(if i == 0 {
+                        "token:file"
+                    } else {
+                        "token:file-previous"
+                    }));
+                }
             }
         }
         Ok(ok)
@@ -167,10 +212,19 @@ pub async fn require_token(
     next: Next,
 ) -> Response {
     if !auth.enabled() {
-        req.extensions_mut().insert(ANONYMOUS);
-        return next.run(req).await;
+        if auth.open_without_token {
+            req.extensions_mut().insert(ANONYMOUS);
+            return next.run(req).await;
+        }
+        return (
+            StatusCode::FORBIDDEN,
+            axum::Json(serde_json::json!({
+                "error": "admin API: no admin token is configured (admin.token_file or MAILRELAY_ADMIN_TOKEN), and the admin listener is not on loopback: /api/ is refused"
+            })),
+        )
+            .into_response();
     }
-    let presented = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -180,8 +234,18 @@ pub async fn require_token(
                 .eq_ignore_ascii_case("bearer")
                 .then(|| token.trim().as_bytes().to_vec())
         });
+    // The header wins: behind the service proxy an `Authorization` that arrives
+    // at all belongs to someone else.
+    let presented = req
+        .headers()
+        .get(TOKEN_HEADER)
+        .map(|v| v.as_bytes().trim_ascii().to_vec())
+        .or(bearer);
     let Some(presented) = presented else {
-        return unauthorized("admin API: bearer token required", None);
+        return unauthorized(
+            "admin API: token required (Authorization: Bearer or X-Mailrelay-Admin-Token)",
+            None,
+        );
     };
     match auth.check(&presented) {
         Ok(Some(id)) => {
@@ -190,7 +254,7 @@ pub async fn require_token(
         }
         Ok(None) => {
             tracing::warn!(path = %req.uri().path(), "admin API: wrong bearer token refused");
-            unauthorized("admin API: invalid bearer token", Some("invalid_token"))
+            unauthorized("admin API: invalid admin token", Some("invalid_token"))
         }
         Err(e) => {
             // Fail closed: a vanished Secret must not open the API.
@@ -236,6 +300,54 @@ mod tests {
         );
         std::fs::remove_file(&path).unwrap();
         assert!(auth.check(b"second-token-longer").is_err(), "fails closed");
+    }
+
+    #[test]
+    fn every_line_of_the_file_is_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "new-token\r\n\n  old-token  \n").unwrap();
+        let auth = AdminAuth::new(Some(path.clone()), None).unwrap();
+        assert_eq!(
+            auth.check(b"new-token").unwrap(),
+            Some(Identity("token:file"))
+        );
+        assert_eq!(
+            auth.check(b"old-token").unwrap(),
+            Some(Identity("token:file-previous"))
+        );
+        for wrong in [&b"new-token\nold-token"[..], b"", b"old-toke", b"\n"] {
+            assert_eq!(auth.check(wrong).unwrap(), None, "{wrong:?}");
+        }
+        // The grace period is over: the previous line is dropped, and refused.
+        std::fs::write(&path, "new-token\n").unwrap();
+        assert_eq!(auth.check(b"old-token").unwrap(), None);
+    }
+
+    #[test]
+    fn without_a_token_only_loopback_is_open() {
+        let none = || AdminAuth::new(None, None).unwrap();
+        assert!(none().is_open(), "the library default stays open");
+        assert!(
+            none()
+                .for_address("127.0.0.1:9325".parse().unwrap())
+                .is_open()
+        );
+        assert!(none().for_address("[::1]:9325".parse().unwrap()).is_open());
+        assert!(
+            !none()
+                .for_address("0.0.0.0:9325".parse().unwrap())
+                .is_open()
+        );
+        assert!(
+            !none()
+                .for_address("10.1.2.3:9325".parse().unwrap())
+                .is_open()
+        );
+        let with = AdminAuth::new(None, Some("t".into()))
+            .unwrap()
+            .for_address("0.0.0.0:9325".parse().unwrap());
+        assert!(!with.is_open() && with.enabled());
     }
 
     #[test]

@@ -273,6 +273,10 @@ mod tests {
     }
 
     async fn start() -> Server {
+        start_with(auth::AdminAuth::new(None, None).unwrap()).await
+    }
+
+    async fn start_with(auth: auth::AdminAuth) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let queue = Arc::new(FakeQueue::default());
@@ -280,7 +284,7 @@ mod tests {
             queue: queue.clone(),
             metrics: Arc::new(Metrics::new()),
             draining: Arc::new(AtomicBool::new(false)),
-            auth: auth::AdminAuth::new(None, None).unwrap(),
+            auth,
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(listener, state.clone(), async {
@@ -462,6 +466,27 @@ mod tests {
         assert_eq!(status, 503);
         assert!(!body.contains("hunter2"), "secret leaked: {body}");
         assert!(json(&body)["error"].is_string());
+    }
+
+    #[tokio::test]
+    async fn without_a_token_a_non_loopback_listener_refuses_the_api() {
+        // As `serve` would be set up for 0.0.0.0 (the test connects over loopback).
+        let auth = auth::AdminAuth::new(None, None)
+            .unwrap()
+            .for_address("0.0.0.0:9325".parse().unwrap());
+        let srv = start_with(auth).await;
+        for (method, path) in [
+            ("GET", "/api/v1/queue/stats"),
+            ("POST", "/api/v1/queue/retry?all=true"),
+            ("DELETE", "/api/v1/queue/messages/06H29YVZVR66DSV6D7BS"),
+        ] {
+            let (status, head, body) = request(srv.addr, method, path).await;
+            assert_eq!(status, 403, "{method} {path}: {body}");
+            assert!(head.contains("content-type: application/json"), "{head}");
+            assert!(body.contains("no admin token is configured"), "{body}");
+        }
+        assert_eq!(get(srv.addr, "/metrics").await.0, 200);
+        assert_eq!(get(srv.addr, "/readyz").await.0, 200);
     }
 
     #[tokio::test]

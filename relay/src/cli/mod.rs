@@ -71,14 +71,20 @@ impl TokenArgs {
 fn read_token(path: &std::path::Path, what: &str) -> Result<String, String> {
     let raw =
         std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))?;
-    let t = raw.trim();
+    // A relay's token file may hold the current token and, during a rotation, the
+    // previous one on the next line: the first is the one to send.
+    let t = raw
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
     if t.is_empty() {
         return Err(format!(
             "{what} {}: the file holds no token",
             path.display()
         ));
     }
-    // A line break would end the Authorization header and start another one.
+    // A control character (a bare CR, say) would corrupt the Authorization header.
     if t.chars().any(char::is_control) {
         return Err(format!(
             "{what} {}: the token holds control characters",
@@ -116,7 +122,10 @@ mod tests {
             "the flag wins"
         );
 
-        std::fs::write(&tf, "abc\r\nX-Evil: 1").unwrap();
+        // A rotated Secret: current token first, previous second.
+        std::fs::write(&tf, "\nnew\r\nabc\n").unwrap();
+        assert_eq!(by_file.token().unwrap().as_deref(), Some("new"));
+        std::fs::write(&tf, "ab\x07c\nX-Evil: 1").unwrap();
         let e = by_file.token().unwrap_err();
         assert!(
             e.starts_with("--admin-token-file") && e.contains("control"),

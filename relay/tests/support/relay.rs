@@ -46,6 +46,8 @@ pub struct RelayOptions {
     pub shutdown_grace: Option<String>,
     /// Written to `DIR/admin-token` and configured as `admin.token_file`.
     pub admin_token: Option<String>,
+    /// The admin listener binds `0.0.0.0` (the test still connects to 127.0.0.1).
+    pub admin_any_address: bool,
 }
 
 pub struct Relay {
@@ -117,18 +119,23 @@ impl Relay {
         if let Some(a) = smtps {
             writeln!(y, "  - {{name: smtps, address: '{a}', tls: implicit}}").unwrap();
         }
+        let admin_bind = if opts.admin_any_address {
+            format!("0.0.0.0:{}", admin.port())
+        } else {
+            admin.to_string()
+        };
         match &opts.admin_token {
             Some(t) => {
                 let p = dir.path().join("admin-token");
                 std::fs::write(&p, format!("{t}\n")).unwrap();
                 writeln!(
                     y,
-                    "admin: {{address: '{admin}', token_file: '{}'}}",
+                    "admin: {{address: '{admin_bind}', token_file: '{}'}}",
                     p.display()
                 )
                 .unwrap();
             }
-            None => writeln!(y, "admin: {{address: '{admin}'}}").unwrap(),
+            None => writeln!(y, "admin: {{address: '{admin_bind}'}}").unwrap(),
         }
         if let Some(nets) = &opts.relay_networks {
             writeln!(
@@ -374,11 +381,28 @@ pub fn http_request(
     path: &str,
     token: Option<&str>,
 ) -> (u16, String, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    http_request_with(addr, method, path, &headers)
+}
+
+/// One admin request with the given extra headers: (status, lower-cased head, body).
+pub fn http_request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect admin");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let auth: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
         "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
