@@ -171,6 +171,14 @@ async fn scenario(settings: Settings, namespaces: &[&str]) -> Vec<Recorded> {
         relay::reconcile(stored::<MailRelay>(&api, &path), ctx.clone())
             .await
             .unwrap();
+        // The admin token rotated: its Secret is updated.
+        let mut r = api.get(&path).unwrap();
+        r["metadata"]["annotations"] =
+            json!({mailrelay_operator::admin_token::ROTATE_ANNOTATION: "1"});
+        api.put(&path, r);
+        relay::reconcile(stored::<MailRelay>(&api, &path), ctx.clone())
+            .await
+            .unwrap();
         // The NetworkPolicy switched off: looked up and deleted.
         edit_spec(&api, &path, |s| {
             s["networkPolicy"] = json!({"enabled": false});
@@ -217,6 +225,7 @@ async fn the_cluster_wide_chart_grants_exactly_what_the_operator_uses() {
         "delete keda.sh/scaledobjects \"relay\" in namespace shop",
         "delete networking.k8s.io/networkpolicies \"relay\" in namespace mail",
         "get core/services \"relay-admin\" in namespace shop",
+        "update core/secrets \"relay-admin-token\" in namespace mail",
         "patch events.k8s.io/events in namespace mail",
         "update coordination.k8s.io/leases \"mr-mailrelay-operator\" in namespace ops",
         "update coordination.k8s.io/leases \"mailrelay-operator-claim\" in namespace shop",
