@@ -372,8 +372,12 @@ impl Inner {
             let room = self
                 .relay_capacity()
                 .saturating_sub(self.held.lock().unwrap().len());
+            // Due mail is not sorted by destination, so a batch could all be for
+            // one: never ask for more than one destination can hold, or a relay
+            // would hold (for the moment before giving back) far beyond it.
             let max = (free * self.cfg.max_messages_per_connection)
                 .min(room)
+                .min(self.destination_capacity())
                 .min(LEASE_BATCH);
             if max == 0 {
                 self.idle(self.cfg.poll_interval).await;
