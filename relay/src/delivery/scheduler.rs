@@ -13,7 +13,7 @@
 //! `per_destination_concurrency × max_messages_per_connection` messages here (one
 //! round of its connections), the relay at most `max_concurrency ×
 //! max_messages_per_connection`; what a lease batch brought beyond that is given back
-//! at once, untouched and in its place in line, for other relays with room. Every
+//! at once, untouched and due now, for other relays with room. Every
 //! held lease is renewed together (one round trip) every third of `delivery.lease`,
 //! so the lease can be short: a relay that dies loses its mail to the others after
 //! one lease time.
@@ -499,6 +499,7 @@ impl Inner {
         let mut groups: HashMap<String, Vec<Part>> = HashMap::new();
         let mut excess = Vec::new();
         let capacity = self.destination_capacity();
+        let now = now_ms();
         for l in leased {
             let mut by_dest: HashMap<String, Vec<String>> = HashMap::new();
             for r in l
@@ -521,8 +522,10 @@ impl Inner {
                     .keys()
                     .any(|d| in_hand.get(d).copied().unwrap_or(0) >= capacity)
                 {
-                    let due = l.status.next_attempt_ms.unwrap_or_else(now_ms);
-                    excess.push((l.lease, due));
+                    // Due now, behind the mail already due: kept in its place, a
+                    // backlog for a busy destination would be at the head of every
+                    // batch and hide other destinations' mail behind it.
+                    excess.push((l.lease, now));
                     continue;
                 }
                 for d in by_dest.keys() {
