@@ -494,7 +494,7 @@ impl Inner {
 
     /// Splits leased messages into per-destination groups and starts one task per
     /// connection's worth of messages. Returns what would take a destination beyond
-    /// its capacity here, to give back (with the time each was due).
+    /// its capacity here, to give back (with the time it is due again).
     fn dispatch(self: &Arc<Self>, leased: Vec<Leased>) -> Vec<(Lease, u64)> {
         let mut groups: HashMap<String, Vec<Part>> = HashMap::new();
         let mut excess = Vec::new();
