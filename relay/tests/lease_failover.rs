@@ -30,6 +30,10 @@ const PER_CONNECTION: usize = 20;
 const CAPACITY: usize = PER_DESTINATION * PER_CONNECTION;
 
 fn message(i: usize) -> QueuedMessage {
+    message_to(i, &format!("m{i}@a.test"))
+}
+
+fn message_to(i: usize, rcpt: &str) -> QueuedMessage {
     let id = QueueId::generate();
     QueuedMessage {
         envelope: Envelope {
@@ -39,7 +43,7 @@ fn message(i: usize) -> QueuedMessage {
                 ..MailParams::default()
             },
             recipients: vec![Recipient {
-                address: format!("m{i}@a.test"),
+                address: rcpt.to_owned(),
                 notify: None,
                 orcpt: None,
             }],
@@ -252,4 +256,57 @@ fn killed_relay_backlog_is_delivered_by_the_others_within_one_lease() {
         stranded.len(),
         recs.len()
     );
+}
+
+/// A backlog for one busy destination does not hold back mail for another one queued
+/// after it: what a relay gives back goes behind the mail already due, so the other
+/// destination's message reaches the head of the queue within a few lease rounds,
+/// long before the backlog is sent.
+#[test]
+fn a_busy_destination_does_not_hide_other_mail_behind_its_backlog() {
+    const BACKLOG: usize = 100;
+    let redis = RedisServer::start();
+    let dns = Dnsmasq::start(&[
+        Record::mx("a.test", 10, "mx.a.test"),
+        Record::host("mx.a.test", &["127.0.0.2"]),
+        Record::mx("b.test", 10, "mx.b.test"),
+        Record::host("mx.b.test", &["127.0.0.3"]),
+    ]);
+    let port = free_ports(1)[0];
+    // One connection to a.test at 5 messages a second: the backlog lasts 20 s.
+    let slow = Mx::plain("127.0.0.2", port, 0.2);
+    let fast = Mx::plain("127.0.0.3", port, 0.0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let q = RedisQueue::connect(&redis.config(PREFIX)).await.unwrap();
+        for i in 0..BACKLOG {
+            q.enqueue(&message(i)).await.unwrap();
+        }
+        q.enqueue(&message_to(BACKLOG, "late@b.test"))
+            .await
+            .unwrap();
+    });
+    let relay = relay_with(
+        &dns,
+        port,
+        "  per_destination_concurrency: 1
+  max_messages_per_connection: 5
+",
+        RelayOptions {
+            redis_url: Some(redis.url()),
+            ..RelayOptions::default()
+        },
+    );
+    let started = Instant::now();
+    fast.wait_for("the b.test message", || relay.log(), |r| r.len() == 1);
+    let waited = started.elapsed();
+    let backlog_sent = slow.records().len();
+    assert!(
+        backlog_sent < BACKLOG / 2,
+        "the b.test message waited for {backlog_sent} of the {BACKLOG} a.test messages ({waited:?})"
+    );
+    eprintln!("b.test delivered after {waited:?}, with {backlog_sent} of {BACKLOG} a.test sent");
 }
