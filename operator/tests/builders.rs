@@ -528,6 +528,7 @@ spec:
   delivery:
     delayWarning: 4h
     connectTimeout: 10s
+    lease: 20s
     retry: {maxLifetime: 3d}
     routes:
       - domains: [partner.example, .partner.example]
@@ -707,6 +708,7 @@ fn routes_reach_the_relay_with_their_password_from_the_pod_env() {
         cfg.delivery.connect_timeout,
         std::time::Duration::from_secs(10)
     );
+    assert_eq!(cfg.delivery.lease, std::time::Duration::from_secs(20));
     // The pod gets the password from the Secret under the name the config expects.
     let env = container(&o).env.clone().unwrap();
     let var = env
@@ -1009,6 +1011,8 @@ fn bad_routes_and_delay_warnings_are_refused_naming_the_field() {
         ),
         ("{delayWarning: 4x}", "spec.delivery.delayWarning", ""),
         ("{connectTimeout: soon}", "spec.delivery.connectTimeout", ""),
+        ("{lease: 1s}", "spec.delivery.lease", "at least 2s"),
+        ("{lease: later}", "spec.delivery.lease", ""),
         (
             "{routes: [{domains: [a.example], host: h}, {domains: [b.example, A.Example.], host: h}]}",
             "spec.delivery.routes[1].domains",

@@ -470,6 +470,10 @@ fn default_prefix() -> String {
 
 pub use crate::smtp::client::TlsPolicy;
 
+/// Default `delivery.lease`: short, because it is renewed while held, and it is how
+/// long the mail a killed relay held waits before the others take it.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
@@ -485,8 +489,10 @@ pub struct DeliveryConfig {
     /// TCP connect timeout per address.
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// How long a taken message stays ours without renewal; a relay that dies
-    /// loses its messages to another relay after this.
+    /// How long a taken message stays ours without renewal. Delivery renews every
+    /// lease it holds a third of this apart (one round trip for all of them), and
+    /// takes only what its connections can send soon; a relay that dies loses its
+    /// messages to the other relays after this (the failover time of held mail).
     #[serde(with = "duration_str")]
     pub lease: Duration,
     /// How often to look for due mail when the queue had none. Mail this relay
@@ -548,7 +554,7 @@ impl Default for DeliveryConfig {
             per_destination_concurrency: 10,
             max_messages_per_connection: 100,
             connect_timeout: Duration::from_secs(30),
-            lease: Duration::from_secs(300),
+            lease: DEFAULT_LEASE,
             poll_interval: Duration::from_secs(1),
             wake_delay: Duration::from_millis(20),
             dns: Default::default(),
@@ -1380,7 +1386,7 @@ mod tests {
         let c = RelayConfig::from_yaml("{}").unwrap();
         assert!(c.delivery.enabled);
         assert_eq!(c.delivery.max_concurrency, 50);
-        assert_eq!(c.delivery.lease, Duration::from_secs(300));
+        assert_eq!(c.delivery.lease, Duration::from_secs(30));
         assert_eq!(c.delivery.wake_delay, Duration::from_millis(20));
         let e = RelayConfig::from_yaml("delivery: {poll_interval: 1s, wake_delay: 2s}")
             .unwrap_err()

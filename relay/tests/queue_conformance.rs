@@ -844,6 +844,166 @@ async fn check_release_makes_work_due_at_once(q: &dyn Queue) {
     assert_eq!(again.status.rcpts, status.rcpts);
 }
 
+/// The heartbeat of a worker holding a batch: one call renews every lease still held
+/// (over every shard) and names the ones that were lost, without touching them.
+async fn check_renew_all_extends_held_leases_and_names_lost_ones(q: &dyn Queue) {
+    const HELD: usize = 40;
+    let t = now_ms();
+    let mut msgs = Vec::new();
+    for i in 0..HELD + 3 {
+        let msg = message_to(QueueId::generate(), t - i as u64, &["a@alpha.test"]);
+        q.enqueue(&msg).await.unwrap();
+        msgs.push(msg);
+    }
+    // Short leases: without renewal they run out at t + 1000.
+    let leased = q.lease_due(t, 1000, 1000, "worker-a").await.unwrap();
+    assert_eq!(leased.len(), HELD + 3);
+    let lease_of = |id: &QueueId| {
+        leased
+            .iter()
+            .find(|l| &l.lease.id == id)
+            .unwrap()
+            .lease
+            .clone()
+    };
+    let finished = &msgs[HELD].envelope.id;
+    let removed = &msgs[HELD + 1].envelope.id;
+    let taken_over = &msgs[HELD + 2].envelope.id;
+    let done = leased.iter().find(|l| &l.lease.id == finished).unwrap();
+    assert_eq!(
+        q.finish(&done.lease, delivered(done.status.clone(), t))
+            .await
+            .unwrap(),
+        FinishResult::Finalized
+    );
+    assert!(q.remove(removed).await.unwrap());
+    // `taken_over`'s lease is handed back, then another worker takes it.
+    q.release(&[lease_of(taken_over)]).await.unwrap();
+    let other = lease_id(q, now_ms(), "worker-b", taken_over).await;
+    let unknown = Lease {
+        id: QueueId::generate(),
+        token: "worker-a#0".into(),
+        expires_ms: t,
+    };
+
+    let mut all: Vec<Lease> = msgs.iter().map(|m| lease_of(&m.envelope.id)).collect();
+    all.push(unknown.clone());
+    let before = now_ms();
+    let mut lost = q.renew_all(&all, LEASE_MS).await.unwrap();
+    lost.sort();
+    let mut want = vec![
+        finished.clone(),
+        removed.clone(),
+        taken_over.clone(),
+        unknown.id.clone(),
+    ];
+    want.sort();
+    assert_eq!(lost, want, "exactly the leases no longer held");
+    assert!(q.renew_all(&[], LEASE_MS).await.unwrap().is_empty());
+
+    // Every held lease now runs to about now + LEASE_MS, far past t + 1000.
+    for m in &msgs[..HELD] {
+        let until = status_of(q, &m.envelope.id).await.leased_until_ms;
+        assert!(
+            until.is_some_and(|u| u >= before + LEASE_MS),
+            "{}: leased until {until:?}",
+            m.envelope.id
+        );
+    }
+    assert!(
+        q.lease_due(t + 5000, LEASE_MS, 1000, "worker-c")
+            .await
+            .unwrap()
+            .is_empty(),
+        "renewed leases are not taken by another worker"
+    );
+    // The lost lease of worker-b's message was not renewed or disturbed.
+    assert_eq!(
+        status_of(q, taken_over).await.leased_until_ms,
+        Some(other.lease.expires_ms)
+    );
+    assert_eq!(
+        q.finish(&other.lease, delivered(other.status.clone(), t))
+            .await
+            .unwrap(),
+        FinishResult::Finalized
+    );
+    let stats = q.stats().await.unwrap();
+    assert_eq!((stats.messages, stats.leased), (HELD as u64, HELD as u64));
+}
+
+/// What a worker took but will not start goes back untouched, each message due when
+/// it was (its place in line) or when the worker says; the lease ends with it.
+async fn check_give_back_keeps_each_message_in_its_place(q: &dyn Queue) {
+    let t = now_ms();
+    let ids = ids_in_order(3);
+    let msgs: Vec<QueuedMessage> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| message_to(id.clone(), t - 3000 + 1000 * i as u64, &["a@alpha.test"]))
+        .collect();
+    for m in &msgs {
+        q.enqueue(m).await.unwrap();
+    }
+    let leased = lease_ids(q, t, "worker-a", &[&ids[0], &ids[1], &ids[2]]).await;
+    let due_then: Vec<u64> = leased
+        .iter()
+        .map(|l| l.status.next_attempt_ms.unwrap())
+        .collect();
+    assert_eq!(due_then, [t - 3000, t - 2000, t - 1000]);
+
+    // The first two go back in their place; the third is held back for an hour.
+    q.give_back(&[
+        (leased[0].lease.clone(), due_then[0]),
+        (leased[1].lease.clone(), due_then[1]),
+        (leased[2].lease.clone(), t + HOUR_MS),
+    ])
+    .await
+    .unwrap();
+    q.give_back(&[]).await.unwrap();
+    let stats = q.stats().await.unwrap();
+    assert_eq!((stats.messages, stats.leased, stats.deferred), (3, 0, 0));
+    for (i, want) in [t - 3000, t - 2000, t + HOUR_MS].into_iter().enumerate() {
+        let st = status_of(q, &ids[i]).await;
+        assert_eq!(st.next_attempt_ms, Some(want), "message {i}");
+        assert_eq!(st.leased_until_ms, None, "message {i}");
+        assert_eq!(st.attempts, 0, "no attempt recorded for message {i}");
+        assert_eq!(st.rcpts, leased[i].status.rcpts, "message {i}");
+    }
+    assert_eq!(
+        q.finish(&leased[0].lease, delivered(leased[0].status.clone(), t))
+            .await
+            .unwrap(),
+        FinishResult::LeaseLost,
+        "a lease given back is gone"
+    );
+    assert_eq!(
+        q.renew_all(&[leased[1].lease.clone()], LEASE_MS)
+            .await
+            .unwrap(),
+        [ids[1].clone()],
+        "nor can it be renewed"
+    );
+
+    // Another worker takes the two due now (the third waits for its hour), each
+    // still due from when it first was.
+    let again = lease_ids(q, t, "worker-b", &[&ids[0], &ids[1]]).await;
+    assert_eq!(again[0].status.next_attempt_ms, Some(t - 3000));
+    assert_eq!(again[1].status.next_attempt_ms, Some(t - 2000));
+    // A stale give-back (worker-a's old lease) leaves worker-b's lease alone.
+    q.give_back(&[(leased[0].lease.clone(), t)]).await.unwrap();
+    assert_eq!(
+        status_of(q, &ids[0]).await.leased_until_ms,
+        Some(t + LEASE_MS)
+    );
+    assert_eq!(
+        q.finish(&again[0].lease, delivered(again[0].status.clone(), t))
+            .await
+            .unwrap(),
+        FinishResult::Finalized
+    );
+}
+
 /// `delete` of a message in flight: the worker learns on finish that it is gone.
 async fn check_remove_clears_lease_and_status(q: &dyn Queue) {
     let t = now_ms();
@@ -1425,6 +1585,18 @@ macro_rules! conformance {
             async fn release_makes_work_due_at_once() {
                 let f = super::$backend(QueueOptions::default()).await;
                 check_release_makes_work_due_at_once(&*f.queue).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn renew_all_extends_held_leases_and_names_lost_ones() {
+                let f = super::$backend(QueueOptions::default()).await;
+                check_renew_all_extends_held_leases_and_names_lost_ones(&*f.queue).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn give_back_keeps_each_message_in_its_place() {
+                let f = super::$backend(QueueOptions::default()).await;
+                check_give_back_keeps_each_message_in_its_place(&*f.queue).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

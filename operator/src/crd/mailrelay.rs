@@ -733,6 +733,12 @@ pub struct DeliverySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16), regex(pattern = DURATION_PATTERN))]
     pub connect_timeout: Option<String>,
+    /// How long mail taken for delivery stays a pod's unrenewed (renewed every third
+    /// of it while held): the mail of a pod that died goes to the others after this;
+    /// default `30s`, at least `2s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = DURATION_PATTERN))]
+    pub lease: Option<String>,
     /// Per-domain routes (a transport map): mail for these domains goes to the
     /// route's host instead of their MX hosts, ahead of any smarthost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -247,6 +247,13 @@ pub fn relay_config(
             cfg.delivery.connect_timeout =
                 parse_duration(t).map_err(|m| spec_err("spec.delivery.connectTimeout", m))?;
         }
+        if let Some(t) = &d.lease {
+            let lease = parse_duration(t).map_err(|m| spec_err("spec.delivery.lease", m))?;
+            if lease < Duration::from_secs(2) {
+                return Err(spec_err("spec.delivery.lease", "must be at least 2s"));
+            }
+            cfg.delivery.lease = lease;
+        }
         cfg.delivery.routes = d
             .routes
             .iter()

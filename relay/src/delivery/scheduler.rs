@@ -14,8 +14,16 @@
 //! several destinations is recorded when its last destination is done.
 //!
 //! Concurrency: one semaphore caps connections overall, one per destination caps
-//! them per domain (or relay host). Leases are renewed by a ticker while a
-//! message is held, so a slow delivery does not let another relay take it over.
+//! them per domain (or relay host).
+//!
+//! Leases: a relay takes only what it can send soon. A destination holds at most
+//! `per_destination_concurrency × max_messages_per_connection` messages here (one
+//! round of its connections), the relay at most `max_concurrency ×
+//! max_messages_per_connection`; what a lease batch brought beyond that is given back
+//! at once, untouched and due now, for other relays with room. Every
+//! held lease is renewed together (one round trip) every third of `delivery.lease`,
+//! so the lease can be short: a relay that dies loses its mail to the others after
+//! one lease time.
 //!
 //! Egress pacing (`quota::egress`) hooks in twice: after MX resolution and before
 //! connecting ([`Egress::open`]: connection caps, back-off, the first slot), and
@@ -156,6 +164,9 @@ struct Inner {
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Every lease we hold, for renewal and for release on drain.
     held: Mutex<HashMap<QueueId, Lease>>,
+    /// Parts (one message's recipients at one destination) held per destination,
+    /// waiting for a connection or on one: what caps a destination's leases.
+    in_hand: Mutex<HashMap<String, usize>>,
     /// Connection tasks spawned and not yet finished.
     running: AtomicUsize,
     stopping: AtomicBool,
@@ -359,6 +370,7 @@ impl Delivery {
             timeouts,
             per_destination: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            in_hand: Mutex::new(HashMap::new()),
             running: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
@@ -425,6 +437,23 @@ impl Inner {
         self.cfg.lease.as_millis() as u64
     }
 
+    /// Parts one destination may hold here: one message per connection slot's
+    /// worth of messages, over all the connections it may have at once.
+    fn destination_capacity(&self) -> usize {
+        self.cfg
+            .per_destination_concurrency
+            .min(self.cfg.max_concurrency)
+            .saturating_mul(self.cfg.max_messages_per_connection)
+    }
+
+    /// Messages the relay may hold at once: every connection busy, each with a full
+    /// connection's worth.
+    fn relay_capacity(&self) -> usize {
+        self.cfg
+            .max_concurrency
+            .saturating_mul(self.cfg.max_messages_per_connection)
+    }
+
     async fn run(self: Arc<Self>) {
         while !self.stopping.load(Ordering::SeqCst) {
             // Counted from the connection tasks started, not from the semaphore:
@@ -439,7 +468,20 @@ impl Inner {
                 self.idle(Duration::from_millis(50)).await;
                 continue;
             }
-            let max = (free * self.cfg.max_messages_per_connection).min(LEASE_BATCH);
+            let room = self
+                .relay_capacity()
+                .saturating_sub(self.held.lock().unwrap().len());
+            // Due mail is not sorted by destination, so a batch could all be for
+            // one: never ask for more than one destination can hold, or a relay
+            // would hold (for the moment before giving back) far beyond it.
+            let max = (free * self.cfg.max_messages_per_connection)
+                .min(room)
+                .min(self.destination_capacity())
+                .min(LEASE_BATCH);
+            if max == 0 {
+                self.idle(self.cfg.poll_interval).await;
+                continue;
+            }
             let leased = match self
                 .queue
                 .lease_due(now_ms(), self.lease_ms(), max, &self.owner)
@@ -465,7 +507,23 @@ impl Inner {
                 }
                 None => leased,
             };
-            self.dispatch(leased);
+            let taken = leased.len();
+            let excess = self.dispatch(leased);
+            if !excess.is_empty() {
+                let count = excess.len();
+                match self.queue.give_back(&excess).await {
+                    Ok(()) => debug!(count, "gave back mail for destinations at capacity"),
+                    Err(e) => {
+                        warn!(error = %e, count, "giving back mail failed; its leases expire on their own")
+                    }
+                }
+                if count == taken {
+                    // Everything due is for destinations busy here: wait for one of
+                    // our connections to end (which rings) rather than take the
+                    // same mail again at once.
+                    self.idle(self.cfg.poll_interval).await;
+                }
+            }
         }
     }
 
@@ -482,20 +540,27 @@ impl Inner {
         }
     }
 
+    /// The heartbeat: every held lease renewed at once, a third of the lease time
+    /// apart, so two heartbeats can fail before a lease runs out.
     async fn renew_loop(self: Arc<Self>) {
         let every = self.cfg.lease / 3;
         loop {
             tokio::time::sleep(every).await;
             let leases: Vec<Lease> = self.held.lock().unwrap().values().cloned().collect();
-            for l in leases {
-                match self.queue.renew(&l, self.lease_ms()).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        warn!(queue_id = %l.id, "lease lost while delivering");
-                        self.held.lock().unwrap().remove(&l.id);
+            if leases.is_empty() {
+                continue;
+            }
+            match self.queue.renew_all(&leases, self.lease_ms()).await {
+                Ok(lost) => {
+                    let mut held = self.held.lock().unwrap();
+                    for id in lost {
+                        // Finished meanwhile is not lost: only warn for what we hold.
+                        if held.remove(&id).is_some() {
+                            warn!(queue_id = %id, "lease lost while delivering");
+                        }
                     }
-                    Err(e) => warn!(queue_id = %l.id, error = %e, "renewing lease failed"),
                 }
+                Err(e) => warn!(count = leases.len(), error = %e, "renewing leases failed"),
             }
         }
     }
@@ -527,9 +592,13 @@ impl Inner {
     }
 
     /// Splits leased messages into per-destination groups and starts one task per
-    /// connection's worth of messages.
-    fn dispatch(self: &Arc<Self>, leased: Vec<Leased>) {
+    /// connection's worth of messages. Returns what would take a destination beyond
+    /// its capacity here, to give back (with the time it is due again).
+    fn dispatch(self: &Arc<Self>, leased: Vec<Leased>) -> Vec<(Lease, u64)> {
         let mut groups: HashMap<String, Vec<Part>> = HashMap::new();
+        let mut excess = Vec::new();
+        let capacity = self.destination_capacity();
+        let now = now_ms();
         for l in leased {
             let mut by_dest: HashMap<String, Vec<String>> = HashMap::new();
             for r in l
@@ -542,6 +611,25 @@ impl Inner {
                     .entry(self.destination_of(&r.address))
                     .or_default()
                     .push(r.address.clone());
+            }
+            {
+                // A message goes back whole if any of its destinations is full: the
+                // relay that takes it can send all of it.
+                let mut in_hand = self.in_hand.lock().unwrap();
+                // Counts this batch too: accepted parts are added as they come.
+                if by_dest
+                    .keys()
+                    .any(|d| in_hand.get(d).copied().unwrap_or(0) >= capacity)
+                {
+                    // Due now, behind the mail already due: kept in its place, a
+                    // backlog for a busy destination would be at the head of every
+                    // batch and hide other destinations' mail behind it.
+                    excess.push((l.lease, now));
+                    continue;
+                }
+                for d in by_dest.keys() {
+                    *in_hand.entry(d.clone()).or_default() += 1;
+                }
             }
             self.held
                 .lock()
@@ -582,11 +670,24 @@ impl Inner {
                 let dest = dest.clone();
                 self.running.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
+                    let parts = chunk.len();
                     me.deliver_chunk(&dest, chunk).await;
                     me.running.fetch_sub(1, Ordering::SeqCst);
+                    {
+                        let mut in_hand = me.in_hand.lock().unwrap();
+                        if let Some(n) = in_hand.get_mut(&dest) {
+                            *n = n.saturating_sub(parts);
+                            if *n == 0 {
+                                in_hand.remove(&dest);
+                            }
+                        }
+                    }
+                    // Room for more: look for due mail now rather than at the poll.
+                    me.wake.notify_one();
                 });
             }
         }
+        excess
     }
 
     fn destination_of(&self, address: &str) -> String {

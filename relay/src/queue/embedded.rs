@@ -138,9 +138,13 @@ enum Request {
         token: String,
         expires_ms: u64,
     },
-    Release {
+    RenewAll {
         leases: Vec<(String, String)>,
-        now_ms: u64,
+        expires_ms: u64,
+    },
+    /// Id, token, and when the message is due again.
+    Release {
+        leases: Vec<(String, String, u64)>,
     },
     RetryNow {
         sel: RetrySelector,
@@ -163,6 +167,7 @@ impl Request {
             Request::LeaseDue { .. } => "lease_due",
             Request::Finish { .. } => "finish",
             Request::Renew { .. } => "renew",
+            Request::RenewAll { .. } => "renew_all",
             Request::Release { .. } => "release",
             Request::RetryNow { .. } => "retry_now",
         }
@@ -177,6 +182,7 @@ enum Outcome {
     Leased(Vec<Leased>),
     Finished(FinishResult),
     Count(u64),
+    Ids(Vec<String>),
 }
 
 struct WriteOp {
@@ -587,21 +593,53 @@ impl Queue for EmbeddedQueue {
         })
     }
 
-    fn release<'a>(&'a self, leases: &'a [Lease]) -> QueueFuture<'a, ()> {
+    fn renew_all<'a>(
+        &'a self,
+        leases: &'a [Lease],
+        lease_ms: u64,
+    ) -> QueueFuture<'a, Vec<QueueId>> {
         Box::pin(async move {
-            let leases: Vec<(String, String)> = leases
+            let mut lost = Vec::new();
+            let mut held = Vec::new();
+            for l in leases {
+                if QueueId::parse(l.id.as_str()).is_some() {
+                    held.push((l.id.as_str().to_owned(), l.token.clone()));
+                } else {
+                    lost.push(l.id.clone());
+                }
+            }
+            if held.is_empty() {
+                return Ok(lost);
+            }
+            let req = Request::RenewAll {
+                leases: held,
+                expires_ms: now_ms().saturating_add(lease_ms),
+            };
+            match self.submit(req).await? {
+                Outcome::Ids(ids) => {
+                    for id in ids {
+                        lost.push(QueueId::parse(&id).ok_or_else(|| {
+                            QueueError::Corrupt(format!("renew_all returned id {id:?}"))
+                        })?);
+                    }
+                    Ok(lost)
+                }
+                other => Err(unexpected("renew_all", other)),
+            }
+        })
+    }
+
+    fn give_back<'a>(&'a self, leases: &'a [(Lease, u64)]) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            let leases: Vec<(String, String, u64)> = leases
                 .iter()
-                .filter(|l| QueueId::parse(l.id.as_str()).is_some())
-                .map(|l| (l.id.as_str().to_owned(), l.token.clone()))
+                .filter(|(l, _)| QueueId::parse(l.id.as_str()).is_some())
+                .map(|(l, due)| (l.id.as_str().to_owned(), l.token.clone(), *due))
                 .collect();
             if leases.is_empty() {
                 return Ok(());
             }
-            let req = Request::Release {
-                leases,
-                now_ms: now_ms(),
-            };
-            match self.submit(req).await? {
+            match self.submit(Request::Release { leases }).await? {
                 Outcome::Done => Ok(()),
                 other => Err(unexpected("release", other)),
             }
@@ -952,9 +990,18 @@ impl<'t> Tables<'t> {
                 token,
                 expires_ms,
             } => Outcome::Flag(self.renew(id, token, *expires_ms)?),
-            Request::Release { leases, now_ms } => {
+            Request::RenewAll { leases, expires_ms } => {
+                let mut lost = Vec::new();
                 for (id, token) in leases {
-                    self.release(id, token, *now_ms)?;
+                    if !self.renew(id, token, *expires_ms)? {
+                        lost.push(id.clone());
+                    }
+                }
+                Outcome::Ids(lost)
+            }
+            Request::Release { leases } => {
+                for (id, token, due_ms) in leases {
+                    self.release(id, token, *due_ms)?;
                 }
                 Outcome::Done
             }
@@ -1177,7 +1224,7 @@ impl<'t> Tables<'t> {
         Ok(true)
     }
 
-    fn release(&mut self, id: &str, token: &str, now_ms: u64) -> Result<(), QueueError> {
+    fn release(&mut self, id: &str, token: &str, due_ms: u64) -> Result<(), QueueError> {
         if !self.holds(id, token)? {
             return Ok(());
         }
@@ -1189,7 +1236,7 @@ impl<'t> Tables<'t> {
         // Not leased means swept back to due after expiry: already due, leave it.
         if let Some(until) = until {
             self.leased.remove((until, id)).map_err(db_err)?;
-            self.schedule_due(id, now_ms)?;
+            self.schedule_due(id, due_ms)?;
         }
         self.tokens.remove(id).map_err(db_err)?;
         Ok(())

@@ -654,11 +654,44 @@ pub trait Queue: Send + Sync + 'static {
         unsupported("renew")
     }
 
+    /// Extends many leases at once to `lease_ms` from now (local clock): the heartbeat
+    /// of a worker holding a batch. One round trip per batch (Redis: one pipeline on a
+    /// single server, one request per shard at once in a cluster; embedded: one
+    /// commit). Returns the ids whose lease was lost; every other one was renewed.
+    fn renew_all<'a>(
+        &'a self,
+        leases: &'a [Lease],
+        lease_ms: u64,
+    ) -> QueueFuture<'a, Vec<QueueId>> {
+        Box::pin(async move {
+            let mut lost = Vec::new();
+            for lease in leases {
+                if !self.renew(lease, lease_ms).await? {
+                    lost.push(lease.id.clone());
+                }
+            }
+            Ok(lost)
+        })
+    }
+
     /// Gives leased messages back, due at once, their status unchanged (drain on
     /// shutdown). Leases already lost are skipped.
     fn release<'a>(&'a self, leases: &'a [Lease]) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            let now = now_ms();
+            let back: Vec<(Lease, u64)> = leases.iter().map(|l| (l.clone(), now)).collect();
+            self.give_back(&back).await
+        })
+    }
+
+    /// Gives leased messages back untouched, each due at the time given with it: a
+    /// message taken but never started goes back to its place in line (the time it
+    /// was due when leased), so giving back does not reorder the queue. Leases
+    /// already lost are skipped, and so are leases that expired and were swept back
+    /// to due (they are due already).
+    fn give_back<'a>(&'a self, leases: &'a [(Lease, u64)]) -> QueueFuture<'a, ()> {
         let _ = leases;
-        unsupported("release")
+        unsupported("give_back")
     }
 
     /// Envelope and status of a queued, in-flight or recently final message.

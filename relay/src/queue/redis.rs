@@ -57,8 +57,11 @@
 //! body and status of what it leased, so taking work costs one round trip per shard
 //! visited (an idle queue costs [`SHARDS`] round trips per poll). `finish`, `renew`
 //! and `status` are one script each; `finish_batch` is one pipeline of finish
-//! scripts (one per shard involved in a cluster, sent concurrently); `release` is one per shard involved; `stats` is
-//! one pipeline (one per shard in a cluster). `list` and `retry_now` by domain read
+//! scripts (one per shard involved in a cluster, sent concurrently). `renew_all`
+//! (the heartbeat of a batch in flight) and `release`/`give_back` run one script per
+//! shard involved, all in one pipeline, so one round trip per batch (in a cluster:
+//! one request per shard, at once); `stats` is one pipeline (one per shard in a
+//! cluster). `list` and `retry_now` by domain read
 //! every queued status, a page of 200 per script call: operator tools, not
 //! something to poll.
 //!
@@ -240,21 +243,39 @@ return 1
 
 const RELEASE_LUA: &str = r#"
 -- KEYS: due set, leased set, ids set
--- ARGV: now, message key prefix, then id and token pairs
+-- ARGV: message key prefix, then id, token and due score (ms) triples
 local n = 0
-for i = 3, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   local id = ARGV[i]
-  local key = ARGV[2] .. id
+  local key = ARGV[1] .. id
   if redis.call('HGET', key, 'lease') == ARGV[i + 1] and redis.call('ZSCORE', KEYS[3], id) then
     -- Not in the leased set means swept back to due already: leave it there.
     if redis.call('ZREM', KEYS[2], id) == 1 then
-      redis.call('ZADD', KEYS[1], ARGV[1], id)
+      redis.call('ZADD', KEYS[1], ARGV[i + 2], id)
     end
     redis.call('HDEL', key, 'lease')
     n = n + 1
   end
 end
 return n
+"#;
+
+const RENEW_ALL_LUA: &str = r#"
+-- KEYS: due set, leased set, ids set
+-- ARGV: new expiry, message key prefix, then id and token pairs
+-- Returns the ids whose lease was lost.
+local lost = {}
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  if redis.call('HGET', ARGV[2] .. id, 'lease') == ARGV[i + 1] and redis.call('ZSCORE', KEYS[3], id) then
+    -- Also reclaims a lease swept back to due but not taken, as RENEW does.
+    redis.call('ZREM', KEYS[1], id)
+    redis.call('ZADD', KEYS[2], ARGV[1], id)
+  else
+    table.insert(lost, id)
+  end
+end
+return lost
 "#;
 
 const STATUS_LUA: &str = r#"
@@ -332,6 +353,7 @@ struct Scripts {
     lease: Script,
     finish: Script,
     renew: Script,
+    renew_all: Script,
     release: Script,
     status: Script,
     page: Script,
@@ -347,6 +369,7 @@ impl Scripts {
             lease: Script::new(LEASE_LUA),
             finish: Script::new(FINISH_LUA),
             renew: Script::new(RENEW_LUA),
+            renew_all: Script::new(RENEW_ALL_LUA),
             release: Script::new(RELEASE_LUA),
             status: Script::new(STATUS_LUA),
             page: Script::new(PAGE_LUA),
@@ -355,13 +378,14 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 10] {
+    fn all(&self) -> [&Script; 11] {
         [
             &self.enqueue,
             &self.remove,
             &self.lease,
             &self.finish,
             &self.renew,
+            &self.renew_all,
             &self.release,
             &self.status,
             &self.page,
@@ -835,6 +859,63 @@ impl RedisQueue {
                 Ok(replies.into_iter().map(|(_, r)| r).collect())
             }
         }
+    }
+
+    /// Runs pipelines of one `EVALSHA` of `script` each (one per shard), returning
+    /// each script's reply in order: merged into one pipeline, so one round trip, on a
+    /// single server; concurrently in a cluster, where a pipeline must stay within
+    /// one slot and the shards live on different masters.
+    async fn script_per_shard(
+        &self,
+        op: &'static str,
+        script: &Script,
+        pipes: Vec<Pipeline>,
+    ) -> Result<Vec<Value>, QueueError> {
+        if pipes.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.conn.is_cluster() {
+            let mut all = redis::pipe();
+            for pipe in &pipes {
+                for cmd in pipe.cmd_iter() {
+                    all.add_command(cmd.clone());
+                }
+            }
+            return self
+                .run_script_pipeline(&all, script)
+                .await
+                .map_err(|e| self.unavailable(op, e));
+        }
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, pipe) in pipes.into_iter().enumerate() {
+            let conn = self.conn.clone();
+            let script = script.clone();
+            tasks.spawn(async move {
+                let mut conn = conn;
+                let mut result = pipe.query_async::<Vec<Value>>(&mut conn).await;
+                if let Err(e) = &result {
+                    // Lost scripts (a failover) or a dropped connection: both are safe
+                    // to run again, these scripts being idempotent.
+                    if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
+                        let _ = script.load_async(&mut conn).await;
+                        result = pipe.query_async(&mut conn).await;
+                    } else if is_connection_error(e) {
+                        tokio::time::sleep(RETRY_DELAY).await;
+                        result = pipe.query_async(&mut conn).await;
+                    }
+                }
+                (i, result)
+            });
+        }
+        let mut replies: Vec<(usize, Value)> = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            let (i, reply) = joined
+                .map_err(|e| QueueError::Unavailable(format!("redis {op}: task failed: {e}")))?;
+            let reply = reply.map_err(|e| self.unavailable(op, e))?;
+            replies.push((i, reply.into_iter().next().unwrap_or(Value::Nil)));
+        }
+        replies.sort_by_key(|(i, _)| *i);
+        Ok(replies.into_iter().map(|(_, v)| v).collect())
     }
 
     /// Runs a script (loading it first if Redis lost it), with the one retry after a
@@ -1329,32 +1410,71 @@ impl Queue for RedisQueue {
         }))
     }
 
-    fn release<'a>(&'a self, leases: &'a [Lease]) -> QueueFuture<'a, ()> {
-        Box::pin(self.deadline("release", async move {
-            let mut by_shard: BTreeMap<u16, Vec<&Lease>> = BTreeMap::new();
-            for lease in leases {
-                if QueueId::parse(lease.id.as_str()).is_some() {
-                    by_shard
-                        .entry(shard_of(lease.id.as_str()))
-                        .or_default()
-                        .push(lease);
-                }
-            }
-            let now = now_ms();
-            for (shard, leases) in by_shard {
+    fn renew_all<'a>(
+        &'a self,
+        leases: &'a [Lease],
+        lease_ms: u64,
+    ) -> QueueFuture<'a, Vec<QueueId>> {
+        Box::pin(self.deadline("renew_all", async move {
+            let expires_ms = now_ms().saturating_add(lease_ms);
+            let mut lost = Vec::new();
+            let mut pipes = Vec::new();
+            for (shard, leases) in by_shard(leases.iter(), &mut lost) {
                 let keys = ShardKeys::new(&self.prefix, shard);
-                let mut invocation = self.scripts.release.prepare_invoke();
-                invocation
-                    .key(&keys.due)
-                    .key(&keys.leased)
-                    .key(&keys.ids)
-                    .arg(now)
+                let mut pipe = redis::pipe();
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(self.scripts.renew_all.get_hash())
+                    .arg(3)
+                    .arg(&keys.due)
+                    .arg(&keys.leased)
+                    .arg(&keys.ids)
+                    .arg(expires_ms)
                     .arg(keys.message(""));
                 for lease in leases {
-                    invocation.arg(lease.id.as_str()).arg(&lease.token);
+                    cmd.arg(lease.id.as_str()).arg(&lease.token);
                 }
-                let _released: i64 = self.eval("release", &invocation).await?;
+                pipes.push(pipe);
             }
+            for reply in self
+                .script_per_shard("renew_all", &self.scripts.renew_all, pipes)
+                .await?
+            {
+                let ids: Vec<Vec<u8>> = redis::from_redis_value(reply)
+                    .map_err(|e| QueueError::Corrupt(format!("redis renew_all reply: {e}")))?;
+                for id in ids {
+                    lost.push(reply_id(Some(&id))?);
+                }
+            }
+            Ok(lost)
+        }))
+    }
+
+    fn give_back<'a>(&'a self, leases: &'a [(Lease, u64)]) -> QueueFuture<'a, ()> {
+        Box::pin(self.deadline("release", async move {
+            let due: std::collections::HashMap<&QueueId, u64> =
+                leases.iter().map(|(l, at)| (&l.id, *at)).collect();
+            let mut pipes = Vec::new();
+            for (shard, leases) in by_shard(leases.iter().map(|(l, _)| l), &mut Vec::new()) {
+                let keys = ShardKeys::new(&self.prefix, shard);
+                let mut pipe = redis::pipe();
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(self.scripts.release.get_hash())
+                    .arg(3)
+                    .arg(&keys.due)
+                    .arg(&keys.leased)
+                    .arg(&keys.ids)
+                    .arg(keys.message(""));
+                for lease in leases {
+                    cmd.arg(lease.id.as_str())
+                        .arg(&lease.token)
+                        .arg(due.get(&lease.id).copied().unwrap_or_else(now_ms));
+                }
+                pipes.push(pipe);
+            }
+            self.script_per_shard("release", &self.scripts.release, pipes)
+                .await?;
             Ok(())
         }))
     }
@@ -1489,6 +1609,25 @@ impl Queue for RedisQueue {
             Ok(moved)
         }))
     }
+}
+
+/// Leases grouped by shard, in shard order; leases with an id that is not ours
+/// (never leased here) go to `invalid`.
+fn by_shard<'a>(
+    leases: impl Iterator<Item = &'a Lease>,
+    invalid: &mut Vec<QueueId>,
+) -> BTreeMap<u16, Vec<&'a Lease>> {
+    let mut out: BTreeMap<u16, Vec<&Lease>> = BTreeMap::new();
+    for lease in leases {
+        if QueueId::parse(lease.id.as_str()).is_some() {
+            out.entry(shard_of(lease.id.as_str()))
+                .or_default()
+                .push(lease);
+        } else {
+            invalid.push(lease.id.clone());
+        }
+    }
+    out
 }
 
 fn encode<T: serde::Serialize>(what: &str, value: &T) -> Result<Vec<u8>, QueueError> {
