@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use mailrelay_operator::crd::ServiceType;
 use mailrelay_operator::claims::ClaimSettings;
+use mailrelay_operator::crd::ServiceType;
 use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
 use mailrelay_operator::reconcile::{self, Context, DEFAULT_RELAY_IMAGE, Settings};
 use mailrelay_operator::resources::network::{self, NetworkSettings};

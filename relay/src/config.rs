@@ -1351,7 +1351,10 @@ mod tests {
         let e = RelayConfig::from_yaml("queue: {cache_size: 4096}")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("queue.cache_size") && e.contains("minimum"), "{e}");
+        assert!(
+            e.contains("queue.cache_size") && e.contains("minimum"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1640,6 +1640,7 @@ macro_rules! conformance {
                 let retention = Duration::from_millis(1500);
                 let f = super::$backend(QueueOptions {
                     status_retention: retention,
+                    ..QueueOptions::default()
                 })
                 .await;
                 check_final_status_expires(&*f.queue, retention).await;
