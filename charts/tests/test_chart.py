@@ -583,7 +583,10 @@ def expect_namespaced(case):
     secrets = [
         r for r in roles[("team-a", FULLNAME)]["rules"] if "secrets" in r["resources"]
     ]
-    assert secrets and all(set(r["verbs"]) <= {"get", "list", "watch"} for r in secrets), secrets
+    # Secrets are read there, and written only to create and rotate each relay's
+    # NAME-admin-token; never patched or deleted (the garbage collector does that).
+    assert secrets and all(set(r["verbs"]) <= {"get", "list", "watch", "create", "update"} for r in secrets), secrets
+    assert not any(r.get("verbs") and {"patch", "delete"} & set(r["verbs"]) for r in secrets), secrets
 
 
 def expect_ha_operator(case):
