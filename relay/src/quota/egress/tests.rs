@@ -11,9 +11,10 @@ fn quotas(yaml: &str) -> Vec<QuotaConfig> {
 
 fn dest<'a>(domain: &'a str, hosts: &'a [String]) -> Destination<'a> {
     Destination {
-        domain,
+        domain: Some(domain),
         mx_hosts: hosts,
         smarthost: false,
+        relay_host: false,
     }
 }
 
@@ -56,20 +57,49 @@ fn routes_match_domains_mx_hosts_and_smarthost_with_their_keys() {
     assert_eq!(r.quota_names(), ["small", "conns"]);
     assert_eq!(r.keys[0].key, "a.example");
 
-    // Through a smarthost, domain patterns do not apply and the host is the key.
+    // Through a smarthost carrying several domains, domain patterns cannot match
+    // and the host is the key.
     let sh = vec!["smtp.provider.test".to_owned()];
-    let r = route_for(
-        &q,
-        &Destination {
-            domain: "a.example",
-            mx_hosts: &sh,
-            smarthost: true,
-        },
-    );
+    let via = |domain, smarthost| Destination {
+        domain,
+        mx_hosts: &sh,
+        smarthost,
+        relay_host: true,
+    };
+    let r = route_for(&q, &via(None, true));
     assert_eq!(r.quota_names(), ["relayhost", "conns"]);
     assert_eq!(r.keys[0].key, "*");
     assert_eq!(r.keys[1].key, "smtp.provider.test");
     assert_eq!(r.site, "smtp.provider.test");
+    // A connection of its own for a named domain: the domain patterns match, and
+    // the quotas that do not name domains still count the host.
+    let r = route_for(&q, &via(Some("A.Example"), true));
+    assert_eq!(r.quota_names(), ["small", "relayhost", "conns"]);
+    let got: Vec<&str> = r.keys.iter().map(|k| k.key.as_str()).collect();
+    assert_eq!(got, ["a.example", "*", "smtp.provider.test"]);
+    // The same through a route (not the smarthost).
+    let r = route_for(&q, &via(Some("a.example"), false));
+    assert_eq!(r.quota_names(), ["small", "conns"]);
+    assert_eq!(r.keys[0].key, "a.example");
+    assert_eq!(r.keys[1].key, "smtp.provider.test");
+    let r = route_for(&q, &via(None, false));
+    assert_eq!(r.quota_names(), ["conns"]);
+}
+
+#[test]
+fn names_domain_says_which_routed_domains_travel_alone() {
+    let e = Egress::embedded(
+        &quotas(
+            "- {name: small, direction: egress, match: {destination_domains: ['*.example', 'partner.test']}, limits: [5/1m]}\n\
+             - {name: all, direction: egress, limits: [100/1s]}\n",
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(e.names_domain("partner.test"));
+    assert!(e.names_domain("Partner.Test."));
+    assert!(e.names_domain("a.example"));
+    assert!(!e.names_domain("other.test"));
+    assert!(!e.names_domain("example"));
 }
 
 #[test]
