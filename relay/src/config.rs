@@ -588,6 +588,22 @@ impl RouteConfig {
     }
 }
 
+/// The route (index into `routes`) that takes `domain` (lower case, no trailing
+/// dot): one listing it exactly, else the one listing its nearest parent as
+/// `.parent`. The delivery scheduler's transport map answers the same, faster.
+pub fn route_of(routes: &[RouteConfig], domain: &str) -> Option<usize> {
+    let find = |want: &str| {
+        routes
+            .iter()
+            .position(|r| r.normalized_domains().any(|d| d == want))
+    };
+    find(domain).or_else(|| {
+        domain
+            .match_indices('.')
+            .find_map(|(at, _)| find(&format!(".{}", &domain[at + 1..])))
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -856,6 +872,8 @@ impl RelayConfig {
         }
         self.validate_delivery()?;
         crate::quota::config::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
+        crate::quota::config::validate_reach(&self.quotas, &self.delivery)
+            .map_err(|(f, m)| invalid(f, m))?;
         match (self.queue.effective_backend(), &self.queue.redis) {
             (QueueBackendKind::Redis, None) => {
                 return Err(invalid(

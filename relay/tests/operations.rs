@@ -642,6 +642,16 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
             "listeners: [{name: smtp, address: 'nope'}]\n",
             &["listeners[0].address"][..],
         ),
+        // Egress quotas that the delivery paths can never match.
+        (
+            "delivery: {smarthost: {host: smtp.provider.test}}\n\
+             quotas: [{name: gmail, direction: egress, match: {mx_hosts: ['*.google.com']}, limits: [10/1s]}]\n",
+            &["quotas[0].match.mx_hosts", "never match", "smtp.provider.test"][..],
+        ),
+        (
+            "quotas: [{name: sh, direction: egress, match: {smarthost: true}, limits: [10/1s]}]\n",
+            &["quotas[0].match.smarthost", "never match"][..],
+        ),
     ] {
         let file = dir.path().join("bad.yaml");
         std::fs::write(&file, yaml).unwrap();
