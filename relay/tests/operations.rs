@@ -646,7 +646,11 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
         (
             "delivery: {smarthost: {host: smtp.provider.test}}\n\
              quotas: [{name: gmail, direction: egress, match: {mx_hosts: ['*.google.com']}, limits: [10/1s]}]\n",
-            &["quotas[0].match.mx_hosts", "never match", "smtp.provider.test"][..],
+            &[
+                "quotas[0].match.mx_hosts",
+                "never match",
+                "smtp.provider.test",
+            ][..],
         ),
         (
             "quotas: [{name: sh, direction: egress, match: {smarthost: true}, limits: [10/1s]}]\n",

@@ -22,7 +22,7 @@ use super::secrets;
 use super::{Context, Error, MANAGER, object_key};
 use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota};
 use crate::resources::autoscaling::{self, Autoscaler};
-use crate::resources::config::{SpecError, check_redis, quota_config, selects};
+use crate::resources::config::{SpecError, check_redis, quota_config, quota_reach, selects};
 use crate::resources::{self, Inputs};
 use crate::status::{QueueReport, read_report};
 
@@ -187,7 +187,8 @@ async fn apply_autoscaler(
 }
 
 /// The quotas that select `relay`, converted; and those that select it but are
-/// invalid (left out of its config, reported on the SendQuota).
+/// invalid or can never match its delivery paths (left out of its config,
+/// reported on the SendQuota).
 pub fn select_quotas(
     relay: &MailRelay,
     all: &[SendQuota],
@@ -203,7 +204,7 @@ pub fn select_quotas(
     let mut ok = Vec::new();
     let mut bad = Vec::new();
     for q in chosen {
-        match quota_config(q) {
+        match quota_config(q).and_then(|c| quota_reach(&c, relay).map(|()| c)) {
             Ok(c) => ok.push(c),
             Err(e) => bad.push((q.name_any(), e)),
         }
