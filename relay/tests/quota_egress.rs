@@ -682,9 +682,10 @@ fn redis_scripts_agree_with_the_embedded_store() {
                 }
                 _ => {
                     for k in &keys {
-                        let a = m.usage(&k.quota, &k.windows, None, Some(now));
+                        let a =
+                            m.usage(&k.quota, &k.windows, None, timing.flight_ttl_ms, Some(now));
                         let b = r
-                            .usage(&k.quota, &k.windows, None, Some(now))
+                            .usage(&k.quota, &k.windows, None, timing.flight_ttl_ms, Some(now))
                             .await
                             .unwrap();
                         let (mut a, mut b) = (a.1, b.1);

@@ -556,7 +556,13 @@ impl Egress {
         let (now, uses) = self
             .inner
             .store
-            .usage(&q.name, &q.windows, key, None)
+            .usage(
+                &q.name,
+                &q.windows,
+                key,
+                self.inner.timing.flight_ttl_ms,
+                None,
+            )
             .await?;
         // Reset times are on the store's clock; the API speaks the relay's.
         let local = now_ms();

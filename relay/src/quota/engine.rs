@@ -607,6 +607,7 @@ impl Quotas {
                         window_seconds: w.window_ms / 1000,
                         used: u.used,
                         remaining: w.limit.saturating_sub(u.used),
+                        scheduled: None,
                         resets_at: ingress::rfc3339(u.resets_at),
                         resets_in_seconds: u.resets_at.saturating_sub(report.now).div_ceil(1000),
                     })
