@@ -645,6 +645,10 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
             "listeners: [{name: smtp, address: 'nope'}]\n",
             &["listeners[0].address"][..],
         ),
+        (
+            "queue: {redis: {url: 'redis://127.0.0.1:6379', wait_replicas: 1, wait_timeout: 10s}}\n",
+            &["queue.redis.wait_timeout"][..],
+        ),
         // Egress quotas that the delivery paths can never match.
         (
             "delivery: {smarthost: {host: smtp.provider.test}}\n\

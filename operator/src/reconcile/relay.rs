@@ -421,6 +421,7 @@ async fn read_queue(
         cluster_nodes: r.cluster_nodes.clone(),
         key_prefix: r.key_prefix.clone().unwrap_or_else(|| "mr".into()),
         wait_replicas: 0,
+        wait_timeout: mailrelay::config::default_wait_timeout(),
     };
     let read = async {
         let q = ctx.queues.get(key, &cfg).await?;

@@ -214,6 +214,10 @@ pub fn relay_config(
         cluster_nodes: spec.redis.cluster_nodes.clone(),
         key_prefix: spec.redis.key_prefix.clone().unwrap_or_else(|| "mr".into()),
         wait_replicas: spec.redis.wait_replicas,
+        wait_timeout: match &spec.redis.wait_timeout {
+            Some(t) => parse_duration(t).map_err(|m| spec_err("spec.redis.waitTimeout", m))?,
+            None => mailrelay::config::default_wait_timeout(),
+        },
     });
     if let Some(d) = &spec.delivery {
         if let Some(t) = d.tls {

@@ -98,6 +98,8 @@ pub enum StoreFailure {
     Unavailable,
     /// No answer within `queue.write_timeout`; the message may still have been stored.
     Timeout,
+    /// Stored, but the replicas did not confirm it within `wait_timeout`.
+    Unreplicated,
 }
 
 impl StoreFailure {
@@ -106,6 +108,7 @@ impl StoreFailure {
         match e {
             crate::queue::QueueError::Full(_) => StoreFailure::Full,
             crate::queue::QueueError::Timeout(_) => StoreFailure::Timeout,
+            crate::queue::QueueError::Unreplicated(_) => StoreFailure::Unreplicated,
             _ => StoreFailure::Unavailable,
         }
     }
@@ -116,6 +119,7 @@ impl StoreFailure {
             StoreFailure::Full => "full",
             StoreFailure::Unavailable => "unavailable",
             StoreFailure::Timeout => "timeout",
+            StoreFailure::Unreplicated => "unreplicated",
         }
     }
 }
@@ -766,6 +770,14 @@ impl Session {
                 (4, 3, 0),
                 format!(
                     "Error: queue store ({}) did not answer in time, try again later",
+                    self.cfg.queue_store
+                ),
+            ),
+            Err(StoreFailure::Unreplicated) => r(
+                451,
+                (4, 3, 0),
+                format!(
+                    "Error: queue store ({}) replicas did not confirm the write in time, try again later",
                     self.cfg.queue_store
                 ),
             ),

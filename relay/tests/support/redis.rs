@@ -268,6 +268,7 @@ impl RedisServer {
             cluster_nodes: vec![],
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
+            wait_timeout: mailrelay::config::default_wait_timeout(),
         }
     }
 
@@ -387,6 +388,7 @@ impl RedisCluster {
             cluster_nodes: urls,
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
+            wait_timeout: mailrelay::config::default_wait_timeout(),
         }
     }
 
@@ -586,6 +588,7 @@ impl RedisSentinel {
             cluster_nodes: vec![],
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
+            wait_timeout: mailrelay::config::default_wait_timeout(),
         }
     }
 

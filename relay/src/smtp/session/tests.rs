@@ -418,6 +418,11 @@ fn failed_queue_write_is_a_tempfail_naming_the_store_problem_and_session_stays_u
             (4, 3, 0),
             "queue store (redis) did not answer in time",
         ),
+        (
+            StoreFailure::Unreplicated,
+            (4, 3, 0),
+            "queue store (redis) replicas did not confirm the write in time",
+        ),
     ] {
         code(&mut s, "MAIL FROM:<a@c.test>");
         code(&mut s, "RCPT TO:<b@d.test>");
