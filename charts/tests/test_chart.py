@@ -734,6 +734,7 @@ def expect_url_from_secret(case):
         "urlSecret": {"name": "redis-url", "key": "uri"},
         "passwordSecret": {"name": "redis-auth", "key": "password"},
         "waitReplicas": 1,
+        "waitTimeout": "500ms",
     }, spec["redis"]
     for needle in [
         "Its Redis URL comes from Secret redis-url (key uri)",
@@ -972,6 +973,7 @@ GOOD = [
                     "urlSecret": {"name": "redis-url", "key": "uri"},
                     "passwordSecret": {"name": "redis-auth", "key": "password"},
                     "waitReplicas": 1,
+                    "waitTimeout": "500ms",
                 }
             },
         ),
