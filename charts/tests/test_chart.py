@@ -877,6 +877,7 @@ def expect_url_from_secret(case):
         "urlSecret": {"name": "redis-url", "key": "uri"},
         "passwordSecret": {"name": "redis-auth", "key": "password"},
         "waitReplicas": 1,
+        "waitTimeout": "500ms",
     }, spec["redis"]
     for needle in [
         "Its Redis URL comes from Secret redis-url (key uri)",
@@ -1146,6 +1147,7 @@ GOOD = [
                     "urlSecret": {"name": "redis-url", "key": "uri"},
                     "passwordSecret": {"name": "redis-auth", "key": "password"},
                     "waitReplicas": 1,
+                    "waitTimeout": "500ms",
                 }
             },
         ),

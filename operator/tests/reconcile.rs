@@ -879,6 +879,83 @@ fn edit_metadata(api: &FakeApi, change: impl FnOnce(&mut Value)) {
     api.put(RELAY, r);
 }
 
+/// An egress SendQuota that the selected relay's delivery paths can never match
+/// (all mail goes through a smarthost, the quota names MX hosts) is not silently
+/// shown as enforced: `Ready=False`, reason `Unmatchable`, naming the field; the
+/// relay is not given it (it would refuse its config), and keeps its other quotas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_egress_quota_the_delivery_paths_can_never_match_is_flagged_and_left_out() {
+    let admin = admin_server().await;
+    let redis = RedisServer::start();
+    let api = FakeApi::start();
+    ready_deployments(&api);
+    let mut s = spec(&redis);
+    s["delivery"] = json!({"smarthost": {"host": "smtp.provider.example", "port": 587},
+                           "routes": [{"domains": ["partner.example"], "host": "mx.partner.example"}]});
+    api.put(RELAY, relay_obj(s));
+    let egress = |name: &str, m: Value| {
+        json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "SendQuota",
+               "metadata": {"name": name, "namespace": "mail"},
+               "spec": {"direction": "egress", "limits": ["10/1s"], "match": m}})
+    };
+    api.put(
+        &format!("{QUOTAS}/gmail"),
+        egress("gmail", json!({"mxHosts": ["*.google.com"]})),
+    );
+    // Routed: paced by the recipient domain, so it matches.
+    api.put(
+        &format!("{QUOTAS}/partner"),
+        egress(
+            "partner",
+            json!({"destinationDomains": ["partner.example"]}),
+        ),
+    );
+    let ctx = context(
+        &api,
+        Settings {
+            admin_url_template: format!("http://{admin}"),
+            ..settings()
+        },
+    );
+
+    reconcile_quota(&api, &ctx, "gmail").await;
+    let q = api.get(&format!("{QUOTAS}/gmail")).unwrap();
+    let ready = condition(&q, "Ready");
+    assert_eq!(ready["status"], "False", "{ready}");
+    assert_eq!(ready["reason"], "Unmatchable", "{ready}");
+    let msg = ready["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with("spec.match.mxHosts")
+            && msg.contains("MailRelay relay")
+            && msg.contains("smtp.provider.example"),
+        "{msg}"
+    );
+    assert_eq!(q["status"]["relays"], json!(["relay"]));
+
+    // The matchable one is asked about as usual (the relay does not know it).
+    reconcile_quota(&api, &ctx, "partner").await;
+    let q = api.get(&format!("{QUOTAS}/partner")).unwrap();
+    assert_eq!(condition(&q, "Ready")["reason"], "NotLoaded");
+
+    reconcile_relay(&api, &ctx).await.unwrap();
+    let names: Vec<String> = relay_config(&api)
+        .quotas
+        .iter()
+        .map(|q| q.name.clone())
+        .collect();
+    assert_eq!(names, ["partner"]);
+
+    // Without the smarthost the MX hosts are looked up: the quota matches again.
+    edit_spec(&api, |s| {
+        s["delivery"].as_object_mut().unwrap().remove("smarthost");
+    });
+    reconcile_quota(&api, &ctx, "gmail").await;
+    let q = api.get(&format!("{QUOTAS}/gmail")).unwrap();
+    assert_eq!(condition(&q, "Ready")["reason"], "NotLoaded");
+    reconcile_relay(&api, &ctx).await.unwrap();
+    assert_eq!(relay_config(&api).quotas.len(), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sendquota_without_relays_or_with_an_unreachable_one() {
     let api = FakeApi::start();

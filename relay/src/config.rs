@@ -436,6 +436,28 @@ pub struct RedisConfig {
     /// After each enqueue, wait for this many replicas to acknowledge (Redis `WAIT`).
     #[serde(default)]
     pub wait_replicas: u32,
+    /// How long `WAIT` blocks for those acknowledgements. When they do not come in
+    /// time (a failover left a master without replicas), the client gets `451`
+    /// naming the replicas, and retries; the message may be stored once more.
+    #[serde(
+        default = "default_wait_timeout",
+        with = "duration_str",
+        // Rendered configs (and the operator's config hash) stay as they were.
+        skip_serializing_if = "is_default_wait_timeout"
+    )]
+    pub wait_timeout: Duration,
+}
+
+/// Longest `wait_timeout`: a command's reply must come within the store's
+/// response timeout (5 s), and `WAIT` blocks the reply.
+pub const MAX_WAIT_TIMEOUT: Duration = Duration::from_secs(4);
+
+pub fn default_wait_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn is_default_wait_timeout(d: &Duration) -> bool {
+    *d == default_wait_timeout()
 }
 
 /// Written out by hand so that a password in a URL (a sentinel URL carries the
@@ -460,6 +482,7 @@ impl std::fmt::Debug for RedisConfig {
             )
             .field("key_prefix", &self.key_prefix)
             .field("wait_replicas", &self.wait_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .finish()
     }
 }
@@ -633,6 +656,22 @@ impl RouteConfig {
     }
 }
 
+/// The route (index into `routes`) that takes `domain` (lower case, no trailing
+/// dot): one listing it exactly, else the one listing its nearest parent as
+/// `.parent`. The delivery scheduler's transport map answers the same, faster.
+pub fn route_of(routes: &[RouteConfig], domain: &str) -> Option<usize> {
+    let find = |want: &str| {
+        routes
+            .iter()
+            .position(|r| r.normalized_domains().any(|d| d == want))
+    };
+    find(domain).or_else(|| {
+        domain
+            .match_indices('.')
+            .find_map(|(at, _)| find(&format!(".{}", &domain[at + 1..])))
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -715,6 +754,7 @@ impl RelayConfig {
                         cluster_nodes: vec![],
                         key_prefix: default_prefix(),
                         wait_replicas: 0,
+                        wait_timeout: default_wait_timeout(),
                     })
                 }
             }
@@ -911,6 +951,8 @@ impl RelayConfig {
         }
         self.validate_delivery()?;
         crate::quota::config::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
+        crate::quota::config::validate_reach(&self.quotas, &self.delivery)
+            .map_err(|(f, m)| invalid(f, m))?;
         match (self.queue.effective_backend(), &self.queue.redis) {
             (QueueBackendKind::Redis, None) => {
                 return Err(invalid(
@@ -919,6 +961,16 @@ impl RelayConfig {
                 ));
             }
             (QueueBackendKind::Redis, Some(r)) => {
+                if r.wait_timeout < Duration::from_millis(10) || r.wait_timeout > MAX_WAIT_TIMEOUT {
+                    return Err(invalid(
+                        "queue.redis.wait_timeout",
+                        format!(
+                            "must be between 10ms and {} (a reply must come within the \
+                             store's 5 s response timeout)",
+                            format_duration(MAX_WAIT_TIMEOUT)
+                        ),
+                    ));
+                }
                 if crate::redis_conn::is_sentinel_url(&r.url) {
                     crate::redis_conn::SentinelUrl::parse(&r.url)
                         .map_err(|e| invalid("queue.redis.url", e))?;

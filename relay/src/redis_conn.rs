@@ -736,6 +736,7 @@ mod tests {
             cluster_nodes: vec![],
             key_prefix: "mr".into(),
             wait_replicas: 0,
+            wait_timeout: crate::config::default_wait_timeout(),
         };
         let s = secrets_of(&cfg);
         for want in ["s@nt", "s%40nt", "datapw"] {
@@ -774,6 +775,7 @@ mod tests {
             cluster_nodes: vec![],
             key_prefix: "mr".into(),
             wait_replicas: 0,
+            wait_timeout: crate::config::default_wait_timeout(),
         };
         let t = Timeouts {
             connect: Duration::from_secs(1),

@@ -333,6 +333,9 @@ fn redis_outage_fails_readiness_and_answers_451_without_losing_the_session() {
     let refused = content("during-outage");
     let r = transaction(&mut c, &refused);
     expect(&r, 451, Some("4.3.0"));
+    // The reply names the store that failed (the operator reading the client's
+    // log must know to look at Redis).
+    assert!(r.contains("queue store (redis)"), "{r:?}");
     // A temporary queue failure is no reason to drop the client.
     expect(&c.cmd("RSET"), 250, None);
     expect(&c.cmd("NOOP"), 250, None);
@@ -432,7 +435,7 @@ fn full_redis_answers_451_recovers_once_delivery_frees_memory_and_loses_nothing(
             250 => accepted.push(tag),
             451 => {
                 expect(&r, 451, Some("4.3.1"));
-                assert!(r.contains("queue store full"), "{r:?}");
+                assert!(r.contains("queue store (redis) full"), "{r:?}");
                 refused.push(tag);
                 if refused.len() == 3 {
                     break;
@@ -641,6 +644,24 @@ fn check_config_accepts_the_example_and_names_bad_fields() {
         (
             "listeners: [{name: smtp, address: 'nope'}]\n",
             &["listeners[0].address"][..],
+        ),
+        (
+            "queue: {redis: {url: 'redis://127.0.0.1:6379', wait_replicas: 1, wait_timeout: 10s}}\n",
+            &["queue.redis.wait_timeout"][..],
+        ),
+        // Egress quotas that the delivery paths can never match.
+        (
+            "delivery: {smarthost: {host: smtp.provider.test}}\n\
+             quotas: [{name: gmail, direction: egress, match: {mx_hosts: ['*.google.com']}, limits: [10/1s]}]\n",
+            &[
+                "quotas[0].match.mx_hosts",
+                "never match",
+                "smtp.provider.test",
+            ][..],
+        ),
+        (
+            "quotas: [{name: sh, direction: egress, match: {smarthost: true}, limits: [10/1s]}]\n",
+            &["quotas[0].match.smarthost", "never match"][..],
         ),
     ] {
         let file = dir.path().join("bad.yaml");

@@ -1843,7 +1843,7 @@ async fn check_wait_replicas_fails_without_replicas(mut cfg: mailrelay::config::
         .await
         .expect("enqueue must answer within 10 s");
     match result {
-        Err(QueueError::Unavailable(m)) => assert!(m.contains("0 of 1 replicas"), "{m}"),
+        Err(QueueError::Unreplicated(m)) => assert!(m.contains("0 of 1 replicas"), "{m}"),
         other => panic!("enqueue without replicas: {other:?}"),
     }
 }

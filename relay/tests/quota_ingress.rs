@@ -349,7 +349,7 @@ fn redis_down_is_a_tempfail_then_recovers() {
     redis.stop();
     let r = send_one(&mut c, "a@s.test", &["r@d.test"]);
     assert!(
-        r.starts_with("451 4.3.0 Sending quota check unavailable"),
+        r.starts_with("451 4.3.0 Sending quota check unavailable: quota store (redis) unavailable"),
         "{r}"
     );
     redis.restart();
@@ -406,7 +406,7 @@ fn full_redis_under_a_quota_says_the_queue_store_is_full_and_charges_nothing() {
         assert!(accepted < 200, "Redis never filled up");
     };
     assert!(
-        refusal.starts_with("451 4.3.1 Error: queue store full"),
+        refusal.starts_with("451 4.3.1 Error: queue store (redis) full"),
         "{refusal}"
     );
     let (_, v) = admin_json(&relay, "/api/v1/quotas/t");

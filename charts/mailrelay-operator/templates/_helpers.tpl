@@ -266,6 +266,9 @@ passwordSecret:
 {{- if .Values.externalRedis.waitReplicas }}
 waitReplicas: {{ .Values.externalRedis.waitReplicas }}
 {{- end }}
+{{- if .Values.externalRedis.waitTimeout }}
+waitTimeout: {{ .Values.externalRedis.waitTimeout | quote }}
+{{- end }}
 {{- end }}
 {{- end }}
 

@@ -685,6 +685,12 @@ pub struct RedisSpec {
     #[serde(default)]
     #[schemars(range(min = 0, max = 16))]
     pub wait_replicas: u32,
+    /// How long to wait for those confirmations (`10ms`–`4s`, default `2s`); when
+    /// they do not come in time (a failover left a master without replicas), the
+    /// client is answered `451` and retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = DURATION_PATTERN))]
+    pub wait_timeout: Option<String>,
 }
 
 /// Outbound delivery.

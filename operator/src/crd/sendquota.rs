@@ -25,7 +25,7 @@ pub const LIMIT_PATTERN: &str = r"^[1-9][0-9]{0,17}/([1-9][0-9]{0,5})?[smhd]$";
     status = "SendQuotaStatus",
     derive = "PartialEq",
     doc = "A send quota: rolling-window limits on accepted (ingress) or delivered (egress) mail of the selected MailRelays.",
-    // InvalidSpec, NoRelays and NotLoaded all leave a quota unenforced: say so
+    // InvalidSpec, Unmatchable, NoRelays and NotLoaded all leave a quota unenforced: say so
     // in plain `kubectl get sq`, with the reason under `-o wide`.
     printcolumn(
         name = "Ready",

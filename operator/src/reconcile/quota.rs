@@ -14,7 +14,7 @@ use super::{Context, Error, MANAGER, object_key};
 use crate::admin_token;
 use crate::crd::{MailRelay, SendQuota, SendQuotaStatus};
 use crate::quota_api::{QuotaApiError, QuotaUsage, summarise};
-use crate::resources::config::{quota_config, selects};
+use crate::resources::config::{quota_config, quota_reach, selects};
 
 /// What asking one relay for the quota gave.
 #[derive(Debug)]
@@ -24,6 +24,9 @@ pub enum RelayAnswer {
     /// the ConfigMap changes).
     Unknown,
     Failed(String),
+    /// The quota can never match the relay's delivery paths (`field: reason`):
+    /// the relay was not given it.
+    Unmatchable(String),
 }
 
 /// Pure: the new status from the spec check and the relays' answers.
@@ -46,6 +49,11 @@ pub fn quota_status(
     let summary = summarise(&reports);
     let ready = if let Some(msg) = invalid {
         condition(oc, READY, false, "InvalidSpec", msg, generation, now)
+    } else if let Some((_, RelayAnswer::Unmatchable(msg))) = answers
+        .iter()
+        .find(|(_, a)| matches!(a, RelayAnswer::Unmatchable(_)))
+    {
+        condition(oc, READY, false, "Unmatchable", msg, generation, now)
     } else if answers.is_empty() {
         condition(
             oc,
@@ -127,9 +135,10 @@ async fn reconcile_inner(sq: &SendQuota, ctx: &Context) -> Result<Action, Error>
         return Ok(Action::await_change());
     }
     let name = sq.name_any();
-    let invalid = quota_config(sq).err().map(|e| e.to_string());
+    let converted = quota_config(sq);
+    let invalid = converted.as_ref().err().map(|e| e.to_string());
     let mut answers = Vec::new();
-    if invalid.is_none() {
+    if let Ok(cfg) = &converted {
         let relays = Api::<MailRelay>::namespaced(ctx.client.clone(), &ns)
             .list(&ListParams::default())
             .await?;
@@ -138,6 +147,10 @@ async fn reconcile_inner(sq: &SendQuota, ctx: &Context) -> Result<Action, Error>
         selected.sort_by_key(|r| r.name_any());
         let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
         for relay in selected {
+            if let Err(e) = quota_reach(cfg, relay) {
+                answers.push((relay.name_any(), RelayAnswer::Unmatchable(e.to_string())));
+                continue;
+            }
             let base = ctx.settings.admin_url(&ns, &relay.name_any());
             // The relay's admin token, from the Secret the MailRelay reconcile keeps.
             // Missing (not created yet): asked without one, and the relay's 401

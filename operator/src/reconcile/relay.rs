@@ -27,7 +27,7 @@ use super::{Context, Error, MANAGER, object_key};
 use crate::admin_token;
 use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota};
 use crate::resources::autoscaling::{self, Autoscaler};
-use crate::resources::config::{SpecError, check_redis, quota_config, selects};
+use crate::resources::config::{SpecError, check_redis, quota_config, quota_reach, selects};
 use crate::resources::network;
 use crate::resources::{self, Inputs};
 use crate::status::{QueueReport, read_report};
@@ -216,7 +216,8 @@ async fn apply_autoscaler(
 }
 
 /// The quotas that select `relay`, converted; and those that select it but are
-/// invalid (left out of its config, reported on the SendQuota).
+/// invalid or can never match its delivery paths (left out of its config,
+/// reported on the SendQuota).
 pub fn select_quotas(
     relay: &MailRelay,
     all: &[SendQuota],
@@ -232,7 +233,7 @@ pub fn select_quotas(
     let mut ok = Vec::new();
     let mut bad = Vec::new();
     for q in chosen {
-        match quota_config(q) {
+        match quota_config(q).and_then(|c| quota_reach(&c, relay).map(|()| c)) {
             Ok(c) => ok.push(c),
             Err(e) => bad.push((q.name_any(), e)),
         }
@@ -567,6 +568,7 @@ async fn read_queue(
         cluster_nodes: r.cluster_nodes.clone(),
         key_prefix: r.key_prefix.clone().unwrap_or_else(|| "mr".into()),
         wait_replicas: 0,
+        wait_timeout: mailrelay::config::default_wait_timeout(),
     };
     let read = async {
         let q = ctx.queues.get(key, &cfg).await?;

@@ -215,6 +215,10 @@ pub fn relay_config(
         cluster_nodes: spec.redis.cluster_nodes.clone(),
         key_prefix: spec.redis.key_prefix.clone().unwrap_or_else(|| "mr".into()),
         wait_replicas: spec.redis.wait_replicas,
+        wait_timeout: match &spec.redis.wait_timeout {
+            Some(t) => parse_duration(t).map_err(|m| spec_err("spec.redis.waitTimeout", m))?,
+            None => mailrelay::config::default_wait_timeout(),
+        },
     });
     if let Some(d) = &spec.delivery {
         if let Some(t) = d.tls {
@@ -588,6 +592,23 @@ pub fn quota_config(sq: &SendQuota) -> Result<q::QuotaConfig, SpecError> {
         )
     })?;
     Ok(cfg)
+}
+
+/// Whether egress quota `q` can match any mail along `relay`'s delivery paths
+/// (see [`mailrelay::quota::config::never_matches`]): a quota that cannot is
+/// left out of that relay's config (the relay would refuse it) and reported on
+/// the SendQuota. A relay whose own spec is invalid is reported on the relay.
+pub fn quota_reach(q: &q::QuotaConfig, relay: &MailRelay) -> Result<(), SpecError> {
+    let Ok(cfg) = relay_config(relay, Vec::new()) else {
+        return Ok(());
+    };
+    match q::never_matches(q, &cfg.delivery) {
+        None => Ok(()),
+        Some((field, message)) => Err(spec_err(
+            format!("spec.{}", camel_path(field)),
+            format!("on MailRelay {}: {message}", relay.name_any()),
+        )),
+    }
 }
 
 /// `match.auth_users[0]` -> `match.authUsers[0]`.

@@ -158,6 +158,9 @@ pub(crate) fn public_reason(e: &QueueError) -> String {
         QueueError::Unavailable(_) => "unavailable (see relay log)".to_owned(),
         QueueError::Full(_) => "full (see relay log)".to_owned(),
         QueueError::Timeout(d) => format!("timed out after {d:?}"),
+        QueueError::Unreplicated(_) => {
+            "replicas did not confirm in time (see relay log)".to_owned()
+        }
         QueueError::Corrupt(_) => "corrupt record (see relay log)".to_owned(),
         QueueError::Io(io) => format!("I/O error: {}", io.kind()),
         QueueError::Invalid(_) => "invalid request (see relay log)".to_owned(),

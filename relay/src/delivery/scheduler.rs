@@ -65,16 +65,27 @@ pub enum DeliveryError {
     Tls(#[from] ClientTlsError),
 }
 
-/// Destination key of relay host `i` (a domain cannot contain `[`).
-fn relay_key(i: usize) -> String {
-    format!("[relay:{i}]")
+/// Destination key of relay host `i` (a domain cannot contain `[`), followed by
+/// the recipient domain when its mail travels on connections of its own (an
+/// egress quota names it: see [`Egress::names_domain`]).
+fn relay_key(i: usize, domain: Option<&str>) -> String {
+    format!("[relay:{i}]{}", domain.unwrap_or(""))
 }
 
 fn relay_index(dest: &str) -> Option<usize> {
     dest.strip_prefix("[relay:")?
-        .strip_suffix(']')?
+        .split_once(']')?
+        .0
         .parse()
         .ok()
+}
+
+/// The one recipient domain of a relay host destination, if it has one.
+fn relay_domain(dest: &str) -> Option<&str> {
+    dest.strip_prefix("[relay:")?
+        .split_once(']')
+        .map(|(_, d)| d)
+        .filter(|d| !d.is_empty())
 }
 
 /// The transport map: which route (by index in `delivery.routes`) a domain takes.
@@ -697,7 +708,8 @@ impl Inner {
             .trim_end_matches('.')
             .to_ascii_lowercase();
         if let Some(i) = self.routes.route_of(&domain).or(self.smarthost) {
-            return relay_key(i);
+            let own = self.egress.names_domain(&domain);
+            return relay_key(i, own.then_some(domain.as_str()));
         }
         domain
     }
@@ -809,15 +821,21 @@ impl Inner {
             }
         };
         // Egress: the quotas of this destination can only be known after MX
-        // resolution (mx_hosts patterns, the mx_site key). A routed destination
-        // is known by its relay host, not a domain.
+        // resolution (mx_hosts patterns, the mx_site key). A relay host is known
+        // by its name, and by the recipient domain when its connection carries
+        // only that one.
         let mut hosts: Vec<String> = targets.iter().map(|(n, _)| n.clone()).collect();
         hosts.dedup();
         let relay = relay_index(dest);
         let route = self.egress.route(&Destination {
-            domain: dest,
+            domain: if relay.is_some() {
+                relay_domain(dest)
+            } else {
+                Some(dest)
+            },
             mx_hosts: &hosts,
             smarthost: relay.is_some() && relay == self.smarthost,
+            relay_host: relay.is_some(),
         });
         let sizes: Vec<(usize, usize)> = msgs
             .iter()
@@ -1375,7 +1393,11 @@ mod tests {
         ] {
             assert_eq!(t.route_of(domain), want, "{domain}");
         }
-        assert_eq!(relay_index(&relay_key(7)), Some(7));
+        assert_eq!(relay_index(&relay_key(7, None)), Some(7));
+        assert_eq!(relay_index(&relay_key(7, Some("a.test"))), Some(7));
+        assert_eq!(relay_domain(&relay_key(7, Some("a.test"))), Some("a.test"));
+        assert_eq!(relay_domain(&relay_key(7, None)), None);
+        assert_eq!(relay_domain("a.test"), None);
         assert_eq!(relay_index("example.com"), None);
     }
 

@@ -56,6 +56,11 @@ pub enum QueueError {
     Full(String),
     #[error("queue store timed out after {0:?}")]
     Timeout(std::time::Duration),
+    /// Written, but fewer replicas than `wait_replicas` confirmed it within
+    /// `wait_timeout` (a failover left the master without replicas): not durable
+    /// as configured, so the client is told to try again.
+    #[error("queue store replicas did not confirm: {0}")]
+    Unreplicated(String),
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
     #[error("queue store I/O error: {0}")]

@@ -98,13 +98,12 @@ pub const SHARDS: u16 = 16;
 
 /// One attempt to open a TCP connection to a Redis node.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// One command's reply; must exceed `WAIT_TIMEOUT_MS`, which blocks the reply.
+/// One command's reply; must exceed `wait_timeout` (at most
+/// [`crate::config::MAX_WAIT_TIMEOUT`]), which blocks the reply.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The whole operation, retries and reconnects included, so that a caller always gets
 /// an answer even when Redis is unreachable.
 const OP_DEADLINE: Duration = Duration::from_secs(8);
-/// How long `WAIT` blocks for replica acknowledgements.
-const WAIT_TIMEOUT_MS: u64 = 2000;
 /// Reconnect attempts (with backoff) after a connection broke, per failing request.
 const RECONNECT_RETRIES: usize = 2;
 const RETRY_DELAY: Duration = Duration::from_millis(200);
@@ -403,6 +402,8 @@ pub struct RedisQueue {
     conn: Conn,
     prefix: String,
     wait_replicas: u32,
+    /// How long `WAIT` blocks for the replicas (ms).
+    wait_timeout_ms: u64,
     options: QueueOptions,
     /// Strings that must never reach an error message or a log line.
     secrets: Vec<String>,
@@ -527,6 +528,7 @@ impl RedisQueue {
             conn,
             prefix: cfg.key_prefix.clone(),
             wait_replicas: cfg.wait_replicas,
+            wait_timeout_ms: cfg.wait_timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
             options,
             secrets,
             scripts: Scripts::new(),
@@ -651,7 +653,7 @@ impl RedisQueue {
             // round trip. It blocks the multiplexed connection while it waits.
             pipe.cmd("WAIT")
                 .arg(self.wait_replicas)
-                .arg(WAIT_TIMEOUT_MS);
+                .arg(self.wait_timeout_ms);
         }
         self.run_script_pipeline(&pipe, script)
             .await
@@ -672,9 +674,9 @@ impl RedisQueue {
             .map_err(|e| QueueError::Unavailable(format!("redis WAIT: {e}")))?
             .unwrap_or(0);
         if acked < i64::from(self.wait_replicas) {
-            return Err(QueueError::Unavailable(format!(
-                "redis WAIT: {acked} of {} replicas acknowledged message {id} within {WAIT_TIMEOUT_MS} ms",
-                self.wait_replicas
+            return Err(QueueError::Unreplicated(format!(
+                "redis WAIT: {acked} of {} replicas acknowledged message {id} within {} ms",
+                self.wait_replicas, self.wait_timeout_ms
             )));
         }
         Ok(())
@@ -1787,6 +1789,7 @@ mod tests {
             cluster_nodes: vec![],
             key_prefix: "{bad}".into(),
             wait_replicas: 0,
+            wait_timeout: crate::config::default_wait_timeout(),
         };
         assert!(RedisQueue::connect(&cfg).await.is_err());
         cfg.key_prefix = "mr".into();

@@ -323,6 +323,140 @@ pub fn validate(quotas: &[QuotaConfig]) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// One way egress mail can leave, as far as the delivery config tells.
+struct Path<'a> {
+    /// Domains it carries: `None` for any domain no route takes; else the route's
+    /// patterns (`example.com`, `.example.com`).
+    domains: Option<Vec<String>>,
+    /// The host it goes to; `None` for the MX hosts, unknown until looked up.
+    host: Option<&'a str>,
+    smarthost: bool,
+}
+
+fn is_literal(pattern: &str) -> bool {
+    !pattern.contains(['*', '?'])
+}
+
+/// Whether some domain matched by `pattern` (a glob) travels along `path`.
+fn may_carry(pattern: &str, path: &Path<'_>, routes: &[crate::config::RouteConfig]) -> bool {
+    let pattern = pattern.trim_end_matches('.').to_ascii_lowercase();
+    match &path.domains {
+        // Any domain no route takes: only a plain name a route takes is missed.
+        None => !is_literal(&pattern) || crate::config::route_of(routes, &pattern).is_none(),
+        Some(listed) => listed.iter().any(|d| match d.strip_prefix('.') {
+            Some(parent) => {
+                // Some subdomain of `parent`: a pattern with wildcards may match
+                // one (erring towards "may"); a plain name must lie below it and
+                // be routed here, not elsewhere.
+                !is_literal(&pattern) || pattern.ends_with(&format!(".{parent}"))
+            }
+            None => crate::quota::glob::Glob::new(&pattern).is_match(d),
+        }),
+    }
+}
+
+/// Why egress quota `q` can never match any delivery path of `delivery`: the
+/// field (relative to the quota, e.g. `match.mx_hosts`) and the reason. `None`
+/// when some mail may match, or the quota is not an egress quota.
+pub fn never_matches(
+    q: &QuotaConfig,
+    delivery: &crate::config::DeliveryConfig,
+) -> Option<(&'static str, String)> {
+    if q.direction != Direction::Egress {
+        return None;
+    }
+    let m = &q.matcher;
+    let Some(sh) = &delivery.smarthost else {
+        if m.smarthost {
+            return Some((
+                "match.smarthost",
+                "no smarthost is configured (delivery.smarthost), so this quota can never match"
+                    .into(),
+            ));
+        }
+        // MX hosts are only known once looked up: anything may match.
+        return None;
+    };
+    let mut paths: Vec<Path<'_>> = delivery
+        .routes
+        .iter()
+        .map(|r| Path {
+            domains: Some(r.normalized_domains().collect()),
+            host: Some(r.host.as_str()),
+            smarthost: false,
+        })
+        .collect();
+    paths.push(Path {
+        domains: None,
+        host: Some(sh.host.as_str()),
+        smarthost: true,
+    });
+    let host_ok = |p: &Path<'_>| {
+        m.mx_hosts.is_empty()
+            || p.host.is_none_or(|h| {
+                let h = h.trim_end_matches('.').to_ascii_lowercase();
+                m.mx_hosts
+                    .iter()
+                    .any(|g| crate::quota::glob::Glob::new(g).is_match(&h))
+            })
+    };
+    let domain_ok = |p: &Path<'_>| {
+        m.destination_domains.is_empty()
+            || m.destination_domains
+                .iter()
+                .any(|g| may_carry(g, p, &delivery.routes))
+    };
+    let kind_ok = |p: &Path<'_>| !m.smarthost || p.smarthost;
+    if paths
+        .iter()
+        .any(|p| kind_ok(p) && host_ok(p) && domain_ok(p))
+    {
+        return None;
+    }
+    let hosts: Vec<&str> = paths
+        .iter()
+        .filter(|p| kind_ok(p))
+        .filter_map(|p| p.host)
+        .collect();
+    let to = hosts.join(", ");
+    if !paths.iter().any(|p| kind_ok(p) && host_ok(p)) {
+        return Some((
+            "match.mx_hosts",
+            format!(
+                "can never match: with a smarthost no MX host is looked up; this mail goes only to {to} (delivery.smarthost / delivery.routes)"
+            ),
+        ));
+    }
+    if !paths.iter().any(|p| kind_ok(p) && domain_ok(p)) {
+        return Some((
+            "match.destination_domains",
+            "can never match: every domain listed goes through delivery.routes, never the smarthost"
+                .into(),
+        ));
+    }
+    Some((
+        "match",
+        format!(
+            "can never match: the hosts in mx_hosts never carry the domains in destination_domains (mail goes to {to}: delivery.smarthost / delivery.routes)"
+        ),
+    ))
+}
+
+/// Checks that every egress quota can match some mail along the configured
+/// delivery paths; errors name the field as `quotas[i].match.field`. A quota that
+/// can never match would look enforced while limiting nothing.
+pub fn validate_reach(
+    quotas: &[QuotaConfig],
+    delivery: &crate::config::DeliveryConfig,
+) -> Result<(), (String, String)> {
+    for (i, q) in quotas.iter().enumerate() {
+        if let Some((field, message)) = never_matches(q, delivery) {
+            return Err((format!("quotas[{i}].{field}"), message));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -415,5 +549,97 @@ mod tests {
         let e = parse("- {name: a, direction: ingress, limits: [1/1m], match: {sender: [x]}}")
             .unwrap_err();
         assert!(e.contains("sender"), "{e}");
+    }
+
+    fn reach(delivery: &str, quota: &str) -> Result<(), String> {
+        let cfg = crate::config::RelayConfig::from_yaml(&format!(
+            "delivery: {delivery}\nquotas:\n- {quota}\n"
+        ));
+        cfg.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn quotas_that_can_never_match_the_delivery_paths_are_refused() {
+        let smarthost = "{smarthost: {host: smtp.provider.test}, routes: [{domains: [partner.test, .corp.test], host: mx.partner.test}]}";
+        let mx_only = "{routes: [{domains: [partner.test], host: mx.partner.test}]}";
+        for (delivery, quota, field) in [
+            // No smarthost to match.
+            (
+                mx_only,
+                "{name: q, direction: egress, match: {smarthost: true}, limits: [1/1s]}",
+                Some("quotas[0].match.smarthost"),
+            ),
+            // With a smarthost no MX host is ever looked up.
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {mx_hosts: ['*.google.com']}, limits: [1/1s]}",
+                Some("quotas[0].match.mx_hosts"),
+            ),
+            // ... but the smarthost's and the routes' names match.
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {mx_hosts: ['smtp.*']}, limits: [1/1s]}",
+                None,
+            ),
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {mx_hosts: ['MX.Partner.Test']}, limits: [1/1s]}",
+                None,
+            ),
+            // Through the smarthost only: the route's host is not the smarthost.
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {smarthost: true, mx_hosts: [mx.partner.test]}, limits: [1/1s]}",
+                Some("quotas[0].match.mx_hosts"),
+            ),
+            // A routed domain never reaches the smarthost.
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {smarthost: true, destination_domains: [partner.test, x.corp.test]}, limits: [1/1s]}",
+                Some("quotas[0].match.destination_domains"),
+            ),
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {smarthost: true, destination_domains: [partner.test, other.test]}, limits: [1/1s]}",
+                None,
+            ),
+            // A route host only carries its domains.
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {mx_hosts: [mx.partner.test], destination_domains: [other.test]}, limits: [1/1s]}",
+                Some("quotas[0].match"),
+            ),
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {mx_hosts: [mx.partner.test], destination_domains: ['*.corp.test']}, limits: [1/1s]}",
+                None,
+            ),
+            // Domain patterns match routed and smarthost mail alike.
+            (
+                smarthost,
+                "{name: q, direction: egress, match: {destination_domains: [partner.test]}, limits: [1/1s]}",
+                None,
+            ),
+            (
+                mx_only,
+                "{name: q, direction: egress, match: {mx_hosts: ['*.google.com']}, limits: [1/1s]}",
+                None,
+            ),
+            // Ingress quotas have nothing to do with delivery paths.
+            (
+                smarthost,
+                "{name: q, direction: ingress, limits: [1/1s]}",
+                None,
+            ),
+        ] {
+            let got = reach(delivery, quota);
+            match field {
+                None => assert!(got.is_ok(), "{quota}: {got:?}"),
+                Some(f) => {
+                    let e = got.unwrap_err();
+                    assert!(e.contains(f) && e.contains("never match"), "{quota}: {e}");
+                }
+            }
+        }
     }
 }

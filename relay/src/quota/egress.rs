@@ -117,13 +117,18 @@ struct EgressQuota {
 /// Where a connection goes, as egress matching needs it.
 #[derive(Debug, Clone, Copy)]
 pub struct Destination<'a> {
-    /// The recipient domain (ignored through a smarthost, whose connections carry
-    /// every domain).
-    pub domain: &'a str,
-    /// The MX host names tried for it, in any order (the smarthost's name).
+    /// The recipient domain every message on the connection is for. `None` when a
+    /// connection to a relay host (a route or the smarthost) carries several
+    /// domains: mail for a domain some `destination_domains` pattern names travels
+    /// on connections of its own (see [`Egress::names_domain`]), so it is known.
+    pub domain: Option<&'a str>,
+    /// The MX host names tried for it, in any order (the relay host's name).
     pub mx_hosts: &'a [String],
     /// Mail goes through the configured smarthost.
     pub smarthost: bool,
+    /// Mail goes to a host given in the config (a route or the smarthost), not to
+    /// the domain's MX.
+    pub relay_host: bool,
 }
 
 /// The quotas one destination falls under, with its key in each.
@@ -173,7 +178,7 @@ impl Route {
 
 /// Which quotas match `d`, and the key of each (pure).
 fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
-    let domain = normalize_name(d.domain);
+    let domain = d.domain.map(normalize_name);
     let mut hosts: Vec<String> = d.mx_hosts.iter().map(|h| normalize_name(h)).collect();
     hosts.sort();
     hosts.dedup();
@@ -186,11 +191,11 @@ fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
             continue;
         }
         if !m.destination_domains.is_empty()
-            && (d.smarthost
-                || !m
-                    .destination_domains
+            && !domain.as_deref().is_some_and(|dom| {
+                m.destination_domains
                     .iter()
-                    .any(|g| egress_glob_match(g, &domain)))
+                    .any(|g| egress_glob_match(g, dom))
+            })
         {
             continue;
         }
@@ -201,13 +206,17 @@ fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
         {
             continue;
         }
-        let key = match (q.cfg.scope, q.cfg.key) {
-            (Scope::Shared, _) => "*".to_owned(),
-            (Scope::PerKey, KeyBy::MxSite) => site.clone(),
-            // Through a smarthost every domain shares the connection: its name is
-            // the destination.
-            (Scope::PerKey, _) if d.smarthost => site.clone(),
-            (Scope::PerKey, _) => domain.clone(),
+        let key = match (q.cfg.scope, q.cfg.key, &domain) {
+            (Scope::Shared, _, _) => "*".to_owned(),
+            (Scope::PerKey, KeyBy::MxSite, _) | (Scope::PerKey, _, None) => site.clone(),
+            // A relay host carries many domains on its connections: unless the
+            // quota names domains, its host is the destination.
+            (Scope::PerKey, KeyBy::Auto, Some(_))
+                if d.relay_host && m.destination_domains.is_empty() =>
+            {
+                site.clone()
+            }
+            (Scope::PerKey, _, Some(dom)) => dom.clone(),
         };
         keys.push(KeyRef {
             quota: Arc::clone(&q.name),
@@ -397,6 +406,21 @@ impl Egress {
     }
 
     /// The quotas `d` falls under. Call after MX resolution.
+    /// Whether some egress quota names `domain` (lower case) in
+    /// `destination_domains`. Mail for such a domain that goes to a relay host
+    /// (a route or the smarthost) must travel on connections of its own, so that
+    /// the quota knows the domain of every message it paces.
+    pub fn names_domain(&self, domain: &str) -> bool {
+        let domain = normalize_name(domain);
+        self.quotas().iter().any(|q| {
+            q.cfg
+                .matcher
+                .destination_domains
+                .iter()
+                .any(|g| egress_glob_match(g, &domain))
+        })
+    }
+
     pub fn route(&self, d: &Destination<'_>) -> Route {
         route_for(&self.quotas(), d)
     }
@@ -532,7 +556,13 @@ impl Egress {
         let (now, uses) = self
             .inner
             .store
-            .usage(&q.name, &q.windows, key, None)
+            .usage(
+                &q.name,
+                &q.windows,
+                key,
+                self.inner.timing.flight_ttl_ms,
+                None,
+            )
             .await?;
         // Reset times are on the store's clock; the API speaks the relay's.
         let local = now_ms();

@@ -359,7 +359,7 @@ impl Quotas {
             }
         }
         let Some((q, i, used)) = first else {
-            return ingress::unavailable();
+            return ingress::unavailable(self.store.backend());
         };
         let limit = &q.cfg.limits[i];
         if q.cfg.unit == Unit::Recipients && used < limit.count {
@@ -430,7 +430,7 @@ impl Quotas {
                 Ok(o) if o.allowed => Admission::Queued { held },
                 Ok(o) => self.refused(self.denial(&set, &reject, &o, now_ms())),
                 Err(StoreError::Full(_)) => Admission::Refuse(ingress::queue_full()),
-                Err(_) => Admission::Refuse(ingress::unavailable()),
+                Err(_) => Admission::Refuse(ingress::unavailable(self.store.backend())),
             };
         }
         match self.charge(&reqs).await {
@@ -439,7 +439,7 @@ impl Quotas {
                 held,
             },
             Ok(o) => self.refused(self.denial(&set, &reject, &o, now_ms())),
-            Err(_) => Admission::Refuse(ingress::unavailable()),
+            Err(_) => Admission::Refuse(ingress::unavailable(self.store.backend())),
         }
     }
 
@@ -607,6 +607,7 @@ impl Quotas {
                         window_seconds: w.window_ms / 1000,
                         used: u.used,
                         remaining: w.limit.saturating_sub(u.used),
+                        scheduled: None,
                         resets_at: ingress::rfc3339(u.resets_at),
                         resets_in_seconds: u.resets_at.saturating_sub(report.now).div_ceil(1000),
                     })

@@ -327,13 +327,16 @@ pub fn too_big(q: &CompiledQuota, limit: &Limit) -> Refusal {
     }
 }
 
-/// `451 4.3.0`: the counters could not be read; nothing is accepted unchecked.
-pub fn unavailable() -> Refusal {
+/// `451 4.3.0`: the counters in the `store` backend (`redis`, `embedded`) could
+/// not be read; nothing is accepted unchecked.
+pub fn unavailable(store: &str) -> Refusal {
     Refusal {
         reply: Reply::status(
             451,
             (4, 3, 0),
-            "Sending quota check unavailable, try again later",
+            format!(
+                "Sending quota check unavailable: quota store ({store}) unavailable, try again later"
+            ),
         ),
         reason: "quota_unavailable",
         quota: None,
@@ -344,7 +347,12 @@ pub fn unavailable() -> Refusal {
 /// queue store is full; the same words as a plain enqueue into a full store.
 pub fn queue_full() -> Refusal {
     Refusal {
-        reply: Reply::status(451, (4, 3, 1), "Error: queue store full, try again later"),
+        // Only the Redis store checks and stores in one call.
+        reply: Reply::status(
+            451,
+            (4, 3, 1),
+            "Error: queue store (redis) full, try again later",
+        ),
         reason: "queue_full",
         quota: None,
     }
@@ -509,6 +517,12 @@ mod tests {
         );
         assert_eq!(too_many_recipients(&q, l, 3).reply.code, 452);
         assert_eq!(too_big(&q, l).reply.code, 552);
-        assert_eq!(unavailable().reply.code, 451);
+        let u = unavailable("redis");
+        assert_eq!(u.reply.code, 451);
+        assert!(
+            u.reply
+                .to_string()
+                .contains("quota store (redis) unavailable")
+        );
     }
 }

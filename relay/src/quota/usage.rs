@@ -48,8 +48,17 @@ pub struct KeyUsage {
 pub struct WindowUsage {
     pub limit: String,
     pub window_seconds: u64,
+    /// Units counted in the window ending now. Egress: what the receiver may have
+    /// seen (sent and ended within the window, or being sent), never more than the
+    /// limit; grants for a later time are in `scheduled`.
     pub used: u64,
+    /// What may still be taken now: the limit less `used` and `scheduled`.
     pub remaining: u64,
+    /// Egress only: units granted a slot later than now, not sent yet. The pacer
+    /// counts them against the window already, so that they never land in it
+    /// together with more than the limit allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<u64>,
     /// RFC 3339, UTC, whole seconds.
     pub resets_at: String,
     pub resets_in_seconds: u64,
@@ -80,6 +89,7 @@ mod tests {
                     window_seconds: 60,
                     used: 12,
                     remaining: 88,
+                    scheduled: None,
                     resets_at: "2026-11-29T05:01:00Z".into(),
                     resets_in_seconds: 31,
                 }],

@@ -66,6 +66,7 @@ impl Shared {
             max_errors: l.max_errors,
             max_messages: l.max_messages_per_connection,
             add_missing_headers: config.add_missing_headers,
+            queue_store: queue.backend(),
         };
         let limits = ConnLimits::with_fairness(
             l.max_connections,

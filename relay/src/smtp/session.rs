@@ -37,6 +37,10 @@ pub struct SessionConfig {
     pub max_errors: u32,
     pub max_messages: u32,
     pub add_missing_headers: bool,
+    /// The queue store's backend (`redis`, `embedded`), named in the `451` a
+    /// client gets when it fails, so that whoever reads the bounce or the client
+    /// log knows which store to look at.
+    pub queue_store: &'static str,
 }
 
 /// What the connection layer knows about this client.
@@ -94,6 +98,8 @@ pub enum StoreFailure {
     Unavailable,
     /// No answer within `queue.write_timeout`; the message may still have been stored.
     Timeout,
+    /// Stored, but the replicas did not confirm it within `wait_timeout`.
+    Unreplicated,
 }
 
 impl StoreFailure {
@@ -102,6 +108,7 @@ impl StoreFailure {
         match e {
             crate::queue::QueueError::Full(_) => StoreFailure::Full,
             crate::queue::QueueError::Timeout(_) => StoreFailure::Timeout,
+            crate::queue::QueueError::Unreplicated(_) => StoreFailure::Unreplicated,
             _ => StoreFailure::Unavailable,
         }
     }
@@ -112,6 +119,7 @@ impl StoreFailure {
             StoreFailure::Full => "full",
             StoreFailure::Unavailable => "unavailable",
             StoreFailure::Timeout => "timeout",
+            StoreFailure::Unreplicated => "unreplicated",
         }
     }
 }
@@ -741,18 +749,37 @@ impl Session {
             // RFC 3463 X.3.1 "mail system full": a client (or its operator) reading
             // the bounce of a long-deferred message learns the relay is out of
             // space, not that it is broken.
-            Err(StoreFailure::Full) => {
-                r(451, (4, 3, 1), "Error: queue store full, try again later")
-            }
+            Err(StoreFailure::Full) => r(
+                451,
+                (4, 3, 1),
+                format!(
+                    "Error: queue store ({}) full, try again later",
+                    self.cfg.queue_store
+                ),
+            ),
             Err(StoreFailure::Unavailable) => r(
                 451,
                 (4, 3, 0),
-                "Error: queue store unavailable, try again later",
+                format!(
+                    "Error: queue store ({}) unavailable, try again later",
+                    self.cfg.queue_store
+                ),
             ),
             Err(StoreFailure::Timeout) => r(
                 451,
                 (4, 3, 0),
-                "Error: queue store did not answer in time, try again later",
+                format!(
+                    "Error: queue store ({}) did not answer in time, try again later",
+                    self.cfg.queue_store
+                ),
+            ),
+            Err(StoreFailure::Unreplicated) => r(
+                451,
+                (4, 3, 0),
+                format!(
+                    "Error: queue store ({}) replicas did not confirm the write in time, try again later",
+                    self.cfg.queue_store
+                ),
             ),
         }
     }

@@ -268,6 +268,7 @@ impl RedisServer {
             cluster_nodes: vec![],
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
+            wait_timeout: mailrelay::config::default_wait_timeout(),
         }
     }
 
@@ -306,11 +307,21 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> Self {
+        Self::start_nodes(3, 0, 5000)
+    }
+
+    /// Three masters with one replica each (`--cluster-replicas 1`), failure
+    /// detection after `node_timeout_ms`.
+    pub fn start_replicated(node_timeout_ms: u64) -> Self {
+        Self::start_nodes(6, 1, node_timeout_ms)
+    }
+
+    fn start_nodes(n: usize, replicas: usize, node_timeout_ms: u64) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         // Data ports and cluster-bus ports; the default bus port (port + 10000) could
         // be taken or out of range.
-        let ports = free_ports(6);
-        let nodes: Vec<Process> = (0..3)
+        let ports = free_ports(2 * n);
+        let nodes: Vec<Process> = (0..n)
             .map(|i| {
                 let extra = [
                     "--cluster-enabled",
@@ -318,9 +329,9 @@ impl RedisCluster {
                     "--cluster-config-file",
                     "nodes.conf",
                     "--cluster-port",
-                    &ports[3 + i].to_string(),
+                    &ports[n + i].to_string(),
                     "--cluster-node-timeout",
-                    "5000",
+                    &node_timeout_ms.to_string(),
                 ]
                 .map(str::to_owned);
                 Process::new(ports[i], dir.path().join(format!("node{i}")), &extra, None)
@@ -337,7 +348,7 @@ impl RedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli --cluster create");
@@ -387,6 +398,48 @@ impl RedisCluster {
             cluster_nodes: urls,
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
+            wait_timeout: mailrelay::config::default_wait_timeout(),
+        }
+    }
+
+    /// The ports of the nodes that are masters now (`CLUSTER NODES` as seen by a
+    /// live node), without failed ones.
+    pub fn master_ports(&self) -> Vec<u16> {
+        for n in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let Ok(out) = redis_cli(n.port, None, &["CLUSTER", "NODES"]) else {
+                continue;
+            };
+            let mut masters: Vec<u16> = out
+                .lines()
+                .filter(|l| l.contains("master") && !l.contains("fail"))
+                .filter_map(|l| {
+                    let addr = l.split_whitespace().nth(1)?;
+                    addr.split(['@', ','])
+                        .next()?
+                        .rsplit(':')
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .collect();
+            masters.sort_unstable();
+            return masters;
+        }
+        Vec::new()
+    }
+
+    /// SIGKILL of the node at `port`.
+    pub fn kill_node(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.kill();
+        }
+    }
+
+    /// Starts the node at `port` again (same directory and `nodes.conf`: it rejoins).
+    pub fn restart_node(&mut self, port: u16) {
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {
+            n.stop();
+            n.spawn();
         }
     }
 
@@ -586,6 +639,7 @@ impl RedisSentinel {
             cluster_nodes: vec![],
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
+            wait_timeout: mailrelay::config::default_wait_timeout(),
         }
     }
 

@@ -218,6 +218,7 @@ impl MemoryStore {
         quota: &str,
         windows: &[Window],
         key: Option<&str>,
+        flight_ttl_ms: u64,
         now_ms_: Option<u64>,
     ) -> (u64, Vec<KeyUse>) {
         let now = now_ms_.unwrap_or_else(now_ms);
@@ -243,6 +244,7 @@ impl MemoryStore {
                     .iter()
                     .map(|w| (e.pace.used(w, now), e.pace.resets_at(w, now)))
                     .collect(),
+                scheduled: e.pace.scheduled_units(now, flight_ttl_ms),
                 open_connections: e.leases.open(now) as u32,
                 key: k,
             });

@@ -146,6 +146,18 @@ impl KeyState {
         self.inflight.values().map(|f| f.cost).sum()
     }
 
+    /// Units granted for a time after `now` and not sent yet: flights whose deadline
+    /// lies beyond `now + flight_ttl` (a grant at `at` starts with the deadline
+    /// `at + flight_ttl`, and renewals never move a deadline beyond `now +
+    /// flight_ttl`). They are reserved, not seen by the receiver.
+    pub fn scheduled_units(&self, now: u64, flight_ttl: u64) -> u64 {
+        self.inflight
+            .values()
+            .filter(|f| f.deadline > now.saturating_add(flight_ttl))
+            .map(|f| f.cost)
+            .sum()
+    }
+
     /// Units counted against `w` for a grant at `t` (in flight included).
     pub fn used(&self, w: &Window, t: u64) -> u64 {
         let first = w.first_counted(t);

@@ -355,8 +355,10 @@ return {until_, now}
 const USAGE_LUA: &str = r#"
 -- KEYS[1]: key index of the quota.
 -- ARGV: now, key prefix (through the hash tag and ':'), quota, key ('' = all), keys
--- to scan at most, number of windows, then per window: window ms, limit.
--- Returns now, then per key: key, open connections, then per window used, resets.
+-- to scan at most, number of windows, then per window: window ms, limit; then the
+-- flight ttl.
+-- Returns now, then per key: key, open connections, units scheduled (granted for a
+-- later time: deadline beyond now + flight ttl), then per window used, resets.
 local now = clock(ARGV[1])
 local prefix, quota, only, scan, nwin = ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
 local keys
@@ -377,8 +379,14 @@ for _, k in ipairs(keys) do
     units = sweep(prefix .. 'f:' .. quota .. ':' .. k, wins, now, nil, 0, 0)
   end
   local conns = redis.call('ZCOUNT', prefix .. 'c:' .. quota .. ':' .. k, '(' .. now, '+inf')
+  local scheduled = 0
+  local ttl = tonumber(ARGV[7 + 2 * nwin])
+  for _, m in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'f:' .. quota .. ':' .. k, '(' .. (now + ttl), '+inf')) do
+    scheduled = scheduled + cost_of(m)
+  end
   table.insert(out, k)
   table.insert(out, conns)
+  table.insert(out, scheduled)
   for _, w in ipairs(wins) do
     local first = first_counted(w, now)
     local used = units
@@ -635,6 +643,7 @@ impl RedisStore {
         quota: &str,
         windows: &[Window],
         key: Option<&str>,
+        flight_ttl_ms: u64,
         now_ms: Option<u64>,
     ) -> Result<(u64, Vec<KeyUse>), EgressError> {
         let mut inv = self.scripts.usage.prepare_invoke();
@@ -648,6 +657,7 @@ impl RedisStore {
         for w in windows {
             inv.arg(w.window_ms).arg(w.limit);
         }
+        inv.arg(flight_ttl_ms);
         let mut conn = self.conn.clone();
         let v: Vec<Value> = self
             .run("egress usage", inv.invoke_async(&mut conn))
@@ -669,6 +679,7 @@ impl RedisStore {
                 _ => return Err(bad()),
             };
             let open = int(it.next().ok_or_else(bad)?)?;
+            let scheduled = int(it.next().ok_or_else(bad)?)?;
             let mut ws = Vec::with_capacity(windows.len());
             for _ in windows {
                 let used = int(it.next().ok_or_else(bad)?)?;
@@ -678,6 +689,7 @@ impl RedisStore {
             out.push(KeyUse {
                 key,
                 windows: ws,
+                scheduled,
                 open_connections: open as u32,
             });
         }

@@ -123,8 +123,12 @@ pub struct Close<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyUse {
     pub key: String,
-    /// Per window of the request: units counted now, and when that count drops.
+    /// Per window of the request: units counted now (in flight included), and
+    /// when that count drops.
     pub windows: Vec<(u64, u64)>,
+    /// Of the units in flight, those granted for a later time and not sent yet
+    /// (counted in every window above).
+    pub scheduled: u64,
     pub open_connections: u32,
 }
 
@@ -185,11 +189,12 @@ impl Store {
         quota: &str,
         windows: &[Window],
         key: Option<&str>,
+        flight_ttl_ms: u64,
         now_ms: Option<u64>,
     ) -> Result<(u64, Vec<KeyUse>), EgressError> {
         match self {
-            Store::Memory(m) => Ok(m.usage(quota, windows, key, now_ms)),
-            Store::Redis(r) => r.usage(quota, windows, key, now_ms).await,
+            Store::Memory(m) => Ok(m.usage(quota, windows, key, flight_ttl_ms, now_ms)),
+            Store::Redis(r) => r.usage(quota, windows, key, flight_ttl_ms, now_ms).await,
         }
     }
 

@@ -28,6 +28,7 @@ pub fn quota_usage(q: &QuotaConfig, now_ms: u64, mut uses: Vec<KeyUse>) -> Quota
         uses.push(KeyUse {
             key: "*".into(),
             windows: windows.iter().map(|_| (0, now_ms)).collect(),
+            scheduled: 0,
             open_connections: 0,
         });
     }
@@ -49,13 +50,17 @@ pub fn quota_usage(q: &QuotaConfig, now_ms: u64, mut uses: Vec<KeyUse>) -> Quota
                 windows: limits
                     .iter()
                     .zip(&u.windows)
-                    .map(|(l, &(used, resets))| {
+                    .map(|(l, &(counted, resets))| {
                         let resets = resets.max(now_ms);
+                        // The pacer counts grants for a later time in every window
+                        // at once; the receiver has not seen them.
+                        let scheduled = u.scheduled.min(counted);
                         WindowUsage {
                             limit: l.to_string(),
                             window_seconds: l.window.as_secs(),
-                            used,
-                            remaining: l.count.saturating_sub(used),
+                            used: counted - scheduled,
+                            remaining: l.count.saturating_sub(counted),
+                            scheduled: Some(scheduled),
                             resets_at: rfc3339(resets),
                             resets_in_seconds: (resets - now_ms).div_ceil(1000),
                         }
@@ -87,11 +92,14 @@ mod tests {
             KeyUse {
                 key: "small.site".into(),
                 windows: vec![(1, now + 1_000), (1, now + 2_000)],
+                scheduled: 0,
                 open_connections: 0,
             },
             KeyUse {
                 key: "mx1.google.com,mx2.google.com".into(),
                 windows: vec![(12, now + 31_000), (40, now + 3_000_000)],
+                // Two granted for a later time: counted, not yet sent.
+                scheduled: 2,
                 open_connections: 2,
             },
         ];
@@ -105,16 +113,16 @@ mod tests {
                 "keys": [
                     {"key": "mx1.google.com,mx2.google.com",
                      "windows": [
-                        {"limit": "100/1m", "window_seconds": 60, "used": 12, "remaining": 88,
+                        {"limit": "100/1m", "window_seconds": 60, "used": 10, "remaining": 88, "scheduled": 2,
                          "resets_at": "2026-11-29T05:01:00Z", "resets_in_seconds": 31},
-                        {"limit": "1000/1h", "window_seconds": 3600, "used": 40, "remaining": 960,
+                        {"limit": "1000/1h", "window_seconds": 3600, "used": 38, "remaining": 960, "scheduled": 2,
                          "resets_at": "2026-11-29T05:50:29Z", "resets_in_seconds": 3000}],
                      "connections": {"max": 5, "open": 2}},
                     {"key": "small.site",
                      "windows": [
-                        {"limit": "100/1m", "window_seconds": 60, "used": 1, "remaining": 99,
+                        {"limit": "100/1m", "window_seconds": 60, "used": 1, "remaining": 99, "scheduled": 0,
                          "resets_at": "2026-11-29T05:00:30Z", "resets_in_seconds": 1},
-                        {"limit": "1000/1h", "window_seconds": 3600, "used": 1, "remaining": 999,
+                        {"limit": "1000/1h", "window_seconds": 3600, "used": 1, "remaining": 999, "scheduled": 0,
                          "resets_at": "2026-11-29T05:00:31Z", "resets_in_seconds": 2}],
                      "connections": {"max": 5, "open": 0}}
                 ]

@@ -9,6 +9,7 @@ fn cfg() -> SessionConfig {
         max_errors: 5,
         max_messages: 2,
         add_missing_headers: true,
+        queue_store: "redis",
     }
 }
 
@@ -406,13 +407,22 @@ fn failed_queue_write_is_a_tempfail_naming_the_store_problem_and_session_stays_u
     let mut s = Session::new(cfg(), peer(true));
     code(&mut s, "EHLO c");
     for (failure, enhanced, text) in [
-        (StoreFailure::Full, (4, 3, 1), "queue store full"),
+        (StoreFailure::Full, (4, 3, 1), "queue store (redis) full"),
         (
             StoreFailure::Unavailable,
             (4, 3, 0),
-            "queue store unavailable",
+            "queue store (redis) unavailable",
         ),
-        (StoreFailure::Timeout, (4, 3, 0), "did not answer in time"),
+        (
+            StoreFailure::Timeout,
+            (4, 3, 0),
+            "queue store (redis) did not answer in time",
+        ),
+        (
+            StoreFailure::Unreplicated,
+            (4, 3, 0),
+            "queue store (redis) replicas did not confirm the write in time",
+        ),
     ] {
         code(&mut s, "MAIL FROM:<a@c.test>");
         code(&mut s, "RCPT TO:<b@d.test>");
@@ -641,4 +651,26 @@ fn sender_binding_refuses_at_mail_and_after_data_or_bdat() {
     assert_eq!(code(&mut s, "RCPT TO:<r@dest.test>"), 250);
     let step = send_data(&mut s, b"From: X <x@c.example>\r\n\r\nhi\r\n.\r\n");
     assert!(matches!(step, Step::Enqueue(_)), "{step:?}");
+}
+
+#[test]
+fn the_embedded_store_is_named_in_its_451() {
+    let mut s = Session::new(
+        SessionConfig {
+            queue_store: "embedded",
+            ..cfg()
+        },
+        peer(true),
+    );
+    code(&mut s, "EHLO c");
+    code(&mut s, "MAIL FROM:<a@c.test>");
+    code(&mut s, "RCPT TO:<b@d.test>");
+    let Step::Enqueue(m) = send_data(&mut s, b"x\r\n.\r\n") else {
+        panic!()
+    };
+    let r = s.enqueue_result(&m.envelope.id, Err(StoreFailure::Unavailable));
+    assert_eq!(
+        r.to_string().trim_end(),
+        "451 4.3.0 Error: queue store (embedded) unavailable, try again later"
+    );
 }
