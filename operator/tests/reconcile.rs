@@ -885,10 +885,15 @@ fn edit_metadata(api: &FakeApi, change: impl FnOnce(&mut Value)) {
 /// relay is not given it (it would refuse its config), and keeps its other quotas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_egress_quota_the_delivery_paths_can_never_match_is_flagged_and_left_out() {
-    let admin = admin_server().await;
+    let accepted: Accepted = Arc::new(std::sync::Mutex::new(vec!["tok-1".into()]));
+    let admin = admin_server(accepted).await;
     let redis = RedisServer::start();
     let api = FakeApi::start();
     ready_deployments(&api);
+    api.put(
+        ADMIN_TOKEN,
+        secret("relay-admin-token", &[("token", "tok-1\n")]),
+    );
     let mut s = spec(&redis);
     s["delivery"] = json!({"smarthost": {"host": "smtp.provider.example", "port": 587},
                            "routes": [{"domains": ["partner.example"], "host": "mx.partner.example"}]});
