@@ -415,6 +415,7 @@ def expect_defaults(case):
     env = {e["name"]: e for e in c["env"]}
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["SERVICE_ACCOUNT_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.serviceAccountName"
     # Least privilege: operator/tests/rbac.rs compares these rules with the
     # requests the operator really makes; here only that nothing is a wildcard.
     for r in rules_of(case, "ClusterRole", FULLNAME):

@@ -81,10 +81,27 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer read (100 keys of a few windows each fit easily).
 const MAX_BODY: usize = 1 << 20;
 
+/// Who the operator says it is on its admin calls ([`mailrelay::admin::auth::ACTOR_HEADER`],
+/// logged by the relay as `actor`): its service account in the form the API
+/// server's audit log uses, when the downward API tells namespace and account
+/// (`POD_NAMESPACE`, `SERVICE_ACCOUNT_NAME`, set by the chart), else a plain name.
+pub fn operator_actor(namespace: Option<&str>, service_account: Option<&str>) -> String {
+    match (namespace, service_account) {
+        (Some(ns), Some(sa)) if !ns.is_empty() && !sa.is_empty() => {
+            mailrelay::admin::auth::audit_text(
+                format!("system:serviceaccount:{ns}:{sa}").as_bytes(),
+                mailrelay::admin::auth::MAX_ACTOR_LEN,
+            )
+        }
+        _ => "mailrelay-operator".to_owned(),
+    }
+}
+
 /// A small HTTP client for relay admin APIs (plain HTTP inside the cluster).
 #[derive(Clone)]
 pub struct AdminClient {
     http: Client<HttpConnector, Empty<Bytes>>,
+    actor: String,
 }
 
 impl Default for AdminClient {
@@ -97,8 +114,13 @@ impl AdminClient {
     pub fn new() -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
+        let env = |k| std::env::var(k).ok();
         AdminClient {
             http: Client::builder(TokioExecutor::new()).build(connector),
+            actor: operator_actor(
+                env("POD_NAMESPACE").as_deref(),
+                env("SERVICE_ACCOUNT_NAME").as_deref(),
+            ),
         }
     }
 
@@ -141,7 +163,9 @@ impl AdminClient {
             message,
         };
         let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
-        let mut req = hyper::Request::get(uri).header("accept", "application/json");
+        let mut req = hyper::Request::get(uri)
+            .header("accept", "application/json")
+            .header(mailrelay::admin::auth::ACTOR_HEADER, &self.actor);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -237,6 +261,26 @@ mod tests {
  "keys": [ {"key": "alice@a.example",
             "windows": [ {"limit": "100/1m", "window_seconds": 60, "used": 12, "remaining": 88,
                           "resets_at": "2026-11-29T05:01:00Z", "resets_in_seconds": 31} ]} ]}"#;
+
+    #[test]
+    fn the_operator_names_its_service_account() {
+        assert_eq!(
+            operator_actor(Some("mailrelay-system"), Some("mailrelay-operator")),
+            "system:serviceaccount:mailrelay-system:mailrelay-operator"
+        );
+        for (ns, sa) in [
+            (None, Some("sa")),
+            (Some("ns"), None),
+            (Some(""), Some("sa")),
+        ] {
+            assert_eq!(operator_actor(ns, sa), "mailrelay-operator");
+        }
+        assert_eq!(
+            operator_actor(Some("ns"), Some("a b")),
+            "system:serviceaccount:ns:a%20b",
+            "always a valid header value"
+        );
+    }
 
     #[test]
     fn the_agreed_json_parses_and_summarises() {

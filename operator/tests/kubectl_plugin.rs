@@ -193,12 +193,26 @@ async fn http(
     path: &str,
     token: Option<&str>,
 ) -> (u16, String, Vec<u8>) {
+    http_as(addr, method, path, token, None).await
+}
+
+/// [`http`], also claiming to act for `actor` (`X-Mailrelay-Actor`).
+async fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    actor: Option<&str>,
+) -> (u16, String, Vec<u8>) {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let token = token
         .map(|t| format!("X-Mailrelay-Admin-Token: {t}\r\n"))
         .unwrap_or_default();
+    let actor = actor
+        .map(|a| format!("X-Mailrelay-Actor: {a}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{token}Content-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{token}{actor}Content-Length: 0\r\nConnection: close\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
@@ -261,6 +275,9 @@ struct Stub {
     secrets: Arc<Mutex<BTreeMap<(String, String), String>>>,
     /// The user may not `get` Secrets (RBAC): 403 for each.
     forbid_secrets: Arc<AtomicBool>,
+    /// The username a SelfSubjectReview answers; `None`: 403, as a cluster whose
+    /// policy forbids it (an older one answers 404, which the plugin treats alike).
+    review_user: Arc<Mutex<Option<String>>>,
 }
 
 /// What a real API server answers for a path nothing serves (a CRD not installed).
@@ -356,6 +373,24 @@ async fn get_secret(
             .into_response()
         }
         None => status(404, "NotFound", &format!("secrets \"{name}\" not found")),
+    }
+}
+
+/// `POST` of a SelfSubjectReview: who the API server says the caller is.
+async fn self_subject_review(State(stub): State<Stub>) -> Response {
+    match stub.review_user.lock().unwrap().clone() {
+        Some(user) => (
+            StatusCode::CREATED,
+            axum::Json(json!({"apiVersion": "authentication.k8s.io/v1",
+                "kind": "SelfSubjectReview", "metadata": {"creationTimestamp": null},
+                "status": {"userInfo": {"username": user, "groups": ["system:authenticated"]}}})),
+        )
+            .into_response(),
+        None => status(
+            403,
+            "Forbidden",
+            "selfsubjectreviews.authentication.k8s.io is forbidden: User \"tester\" cannot create resource \"selfsubjectreviews\"",
+        ),
     }
 }
 
@@ -481,7 +516,19 @@ async fn proxy(
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
-    let (code, ctype, body) = http(addr, method.as_str(), &pq, token.as_deref()).await;
+    let actor = req
+        .headers()
+        .get("x-mailrelay-actor")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let (code, ctype, body) = http_as(
+        addr,
+        method.as_str(),
+        &pq,
+        token.as_deref(),
+        actor.as_deref(),
+    )
+    .await;
     let mut res = (StatusCode::from_u16(code).unwrap(), Bytes::from(body)).into_response();
     if !ctype.is_empty() {
         res.headers_mut()
@@ -510,6 +557,10 @@ async fn start_stub(stub: Stub) -> SocketAddr {
             any(proxy),
         )
         .route("/api/v1/namespaces/{ns}/secrets/{name}", get(get_secret))
+        .route(
+            "/apis/authentication.k8s.io/v1/selfsubjectreviews",
+            axum::routing::post(self_subject_review),
+        )
         .layer(axum::middleware::from_fn_with_state(stub.clone(), record))
         .with_state(stub);
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -674,6 +725,7 @@ async fn world() -> World {
         crd: true,
         secrets: Arc::new(Mutex::new(secrets)),
         forbid_secrets: Arc::default(),
+        review_user: Arc::default(),
     };
     let api = start_stub(stub.clone()).await;
     let dir = tempfile::tempdir().unwrap();
@@ -1190,6 +1242,7 @@ async fn bare_stub(crd: bool) -> (Stub, SocketAddr) {
         crd,
         secrets: Arc::default(),
         forbid_secrets: Arc::default(),
+        review_user: Arc::default(),
     };
     let addr = start_stub(stub.clone()).await;
     (stub, addr)
@@ -1570,4 +1623,111 @@ async fn the_admin_token_comes_from_the_secret_the_user_may_read() {
     assert_eq!(code, 401, "the old token is refused by now");
     let (code, _, _) = http(w.relay.admin, "GET", "/api/v1/queue/stats", None).await;
     assert_eq!(code, 401, "no token, no API");
+}
+
+/// What the relays of this test process log (they run in process), as text.
+fn relay_log() -> String {
+    static LOG: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = LOG.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink(buf.clone());
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || sink.clone())
+            .try_init()
+            .expect("the only tracing subscriber of this test binary");
+        buf
+    });
+    String::from_utf8_lossy(&log.lock().unwrap()).into_owned()
+}
+
+/// Issue 13: on queue changes the plugin names the user, as a SelfSubjectReview
+/// tells it, in `X-Mailrelay-Actor`, and the relay's audit line logs it as
+/// `actor` next to the identity of the token. Reads do not ask. When the review is
+/// forbidden the command still works, and the line says `actor=-`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_audit_line_names_the_user_of_the_self_subject_review() {
+    relay_log();
+    let w = world().await;
+    let kc = &w.kubeconfig;
+    swaks(&w.relay, "carol@example.com", "busy1@example.org");
+    let listed = wait_deferred(&w.relay, 1, 1).await;
+    let id = listed["messages"][0]["id"].as_str().unwrap().to_owned();
+    let reviews = || {
+        w.stub
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.starts_with("POST /apis/authentication.k8s.io/v1/selfsubjectreviews"))
+            .count()
+    };
+    let audit = |action: &str| -> Vec<String> {
+        relay_log()
+            .lines()
+            .filter(|l| l.contains(&format!("admin: queue {action}")) && l.contains(&id))
+            .map(str::to_owned)
+            .collect()
+    };
+
+    // Forbidden: the retry happens all the same, with no claim.
+    plugin(kc, &["retry", "out", &id]).await.ok();
+    assert_eq!(reviews(), 1, "{:#?}", w.stub.log.lock().unwrap());
+    let lines = audit("retry");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains(r#"identity="token:file" actor="-""#),
+        "{}",
+        lines[0]
+    );
+
+    // Reads are not audited: no review.
+    plugin(kc, &["queue", "out"]).await.ok();
+    plugin(kc, &["message", "out", &id]).await.ok();
+    assert_eq!(reviews(), 1, "reads do not ask who the user is");
+
+    *w.stub.review_user.lock().unwrap() = Some("alice@example.com".into());
+    plugin(kc, &["retry", "out", &id]).await.ok();
+    plugin(kc, &["delete", "out", &id]).await.ok();
+    assert_eq!(reviews(), 3, "one review per command");
+    let lines = audit("retry");
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(
+        lines[1].contains(r#"identity="token:file" actor="alice@example.com""#),
+        "{}",
+        lines[1]
+    );
+    let lines = audit("delete");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("removed=true")
+            && lines[0].contains(r#"identity="token:file" actor="alice@example.com""#),
+        "{}",
+        lines[0]
+    );
+
+    // A name that is not plain ASCII (OIDC allows any) is percent-encoded, and one
+    // with a line break cannot forge a second audit line.
+    *w.stub.review_user.lock().unwrap() = Some("Zoë\nINFO admin: queue delete".into());
+    let gone = plugin(kc, &["delete", "out", &id]).await;
+    assert!(gone.err().contains("not found"), "{}", gone.stderr);
+    let lines = audit("delete");
+    assert_eq!(lines.len(), 2, "{lines:#?}");
+    assert!(
+        lines[1].contains("removed=false")
+            && lines[1].contains(r#"actor="Zo%C3%AB%0AINFO%20admin:%20queue%20delete""#),
+        "{}",
+        lines[1]
+    );
 }

@@ -1636,16 +1636,23 @@ fn endless_data_past_the_size_limit_is_cut_after_a_bounded_drain() {
 // ---------------------------------------------------------------------------------
 // Accountability
 
-/// One raw HTTP request to the admin API; returns the status code.
-fn admin_request(relay: &Relay, method: &str, path: &str) -> u16 {
+/// One raw HTTP request to the admin API, claiming to act for `actor` (raw header
+/// value bytes); returns the status code.
+fn admin_request(relay: &Relay, method: &str, path: &str, actor: &[u8]) -> u16 {
     let mut s = TcpStream::connect(relay.admin).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        s,
+    let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: admin\r\nUser-Agent: audit-test/1\r\n\
-         Content-Length: 0\r\nConnection: close\r\n\r\n"
+         Content-Length: 0\r\nConnection: close\r\n"
     )
-    .unwrap();
+    .into_bytes();
+    if !actor.is_empty() {
+        req.extend_from_slice(b"X-Mailrelay-Actor: ");
+        req.extend_from_slice(actor);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"\r\n");
+    s.write_all(&req).unwrap();
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
     resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
@@ -1678,15 +1685,28 @@ fn admin_deletes_and_retries_are_logged_with_who_did_them() {
     );
     expect(&c.cmd("QUIT"), 221, None);
     let retry = format!("/api/v1/queue/messages/{id}/retry");
-    assert_eq!(admin_request(&relay, "POST", &retry), 200);
     assert_eq!(
-        admin_request(&relay, "POST", "/api/v1/queue/retry?domain=dest.test"),
+        admin_request(&relay, "POST", &retry, b"alice@example.com"),
+        200
+    );
+    // A hostile claim: fake fields, a tab, bytes that are not ASCII, and a size
+    // far past the bound. (CR, LF and other control bytes cannot reach a handler:
+    // the HTTP parser refuses them in a header.)
+    let mut hostile = b"mallory identity=token:file\tactor=alice \xc3\xa9\xff".to_vec();
+    hostile.extend_from_slice(&[b'x'; 5000]);
+    assert_eq!(
+        admin_request(
+            &relay,
+            "POST",
+            "/api/v1/queue/retry?domain=dest.test",
+            &hostile
+        ),
         200
     );
     let msg = format!("/api/v1/queue/messages/{id}");
-    assert_eq!(admin_request(&relay, "DELETE", &msg), 204);
+    assert_eq!(admin_request(&relay, "DELETE", &msg, b""), 204);
     // Deleting what is gone is logged too: the attempt says who tried.
-    assert_eq!(admin_request(&relay, "DELETE", &msg), 404);
+    assert_eq!(admin_request(&relay, "DELETE", &msg, b"bob"), 404);
     assert!(relay.stop().success());
     let log = plain_log(&relay);
     let lines: Vec<&str> = log.lines().filter(|l| l.contains("admin: queue")).collect();
@@ -1694,20 +1714,41 @@ fn admin_deletes_and_retries_are_logged_with_who_did_them() {
     for l in &lines {
         assert!(l.contains("127.0.0.1:"), "peer address missing: {l}");
         assert!(l.contains("audit-test/1"), "user agent missing: {l}");
+        assert!(l.len() < 1000, "the claimed actor is bounded: {l}");
+        assert!(
+            l.chars().all(|c| c.is_ascii() && !c.is_ascii_control()),
+            "{l:?}"
+        );
+        // The claim never displaces the identity that passed authentication.
+        assert_eq!(l.matches(" identity=").count(), 1, "{l}");
     }
     assert!(
         lines[0].contains("retry") && lines[0].contains(&id),
         "{}",
         lines[0]
     );
+    assert!(
+        lines[0].contains(r#"actor="alice@example.com""#),
+        "{}",
+        lines[0]
+    );
     assert!(lines[1].contains("domain=dest.test"), "{}", lines[1]);
+    assert!(
+        lines[1].contains(
+            r#"identity="anonymous" actor="mallory%20identity=token:file%09actor=alice%20%C3%A9%FFxxx"#
+        ),
+        "the hostile claim is one escaped field: {}",
+        lines[1]
+    );
     assert!(
         lines[2].contains("delete") && lines[2].contains(&id),
         "{}",
         lines[2]
     );
     assert!(lines[2].contains("removed=true"), "{}", lines[2]);
+    assert!(lines[2].contains(r#"actor="-""#), "no claim: {}", lines[2]);
     assert!(lines[3].contains("removed=false"), "{}", lines[3]);
+    assert!(lines[3].contains(r#"actor="bob""#), "{}", lines[3]);
     assert!(relay.queued_messages().is_empty());
 }
 

@@ -15,6 +15,11 @@ use serde::de::DeserializeOwned;
 use super::{GROUP, GlobalArgs, MAILRELAY_KIND, MAILRELAY_PLURAL, PluginError, VERSION};
 use crate::admin_token;
 
+/// The header naming the user on queue changes; the relay logs it as `actor`.
+pub use mailrelay::admin::auth::ACTOR_HEADER;
+/// Longest wait for the SelfSubjectReview: a label is not worth more.
+const ACTOR_REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Name of the admin Service of a MailRelay and of its port (see crd-shape).
 pub fn admin_service(relay: &str) -> String {
     format!("{relay}-admin")
@@ -53,6 +58,9 @@ pub struct Cluster {
     /// Admin tokens read so far, per (namespace, MailRelay): one Secret read per
     /// relay and command.
     tokens: Arc<Mutex<TokenCache>>,
+    /// The user's name from a SelfSubjectReview, asked once per command (and only
+    /// by one that changes a queue); `None` when the review failed.
+    actor: Arc<tokio::sync::OnceCell<Option<String>>>,
 }
 
 /// (namespace, MailRelay) -> the tokens of its admin token Secret.
@@ -113,6 +121,7 @@ impl Cluster {
             server,
             timeout,
             tokens: Arc::default(),
+            actor: Arc::default(),
         })
     }
 
@@ -226,17 +235,51 @@ impl Cluster {
     }
 
     async fn send(&self, method: &str, path: &str) -> Result<Answer, PluginError> {
-        self.send_with(method, path, None).await
+        self.send_with(method, path, None, None).await
+    }
+
+    /// Who the API server says the user is (`status.userInfo.username` of a
+    /// SelfSubjectReview, which every authenticated user may create; GA in
+    /// Kubernetes 1.28), made fit for a header by
+    /// [`mailrelay::admin::auth::audit_text`]. Asked once per command. Any failure
+    /// (an older cluster, a policy forbidding it, a slow answer) gives `None`:
+    /// the name only labels the relay's audit line, so it never stops a command.
+    async fn actor(&self) -> Option<String> {
+        self.actor
+            .get_or_init(|| async {
+                use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+                let api: Api<SelfSubjectReview> = Api::all(self.client.clone());
+                let limit = self
+                    .timeout
+                    .map_or(ACTOR_REVIEW_TIMEOUT, |t| t.min(ACTOR_REVIEW_TIMEOUT));
+                let review = tokio::time::timeout(
+                    limit,
+                    api.create(&Default::default(), &SelfSubjectReview::default()),
+                )
+                .await
+                .ok()?
+                .ok()?;
+                let name = review.status?.user_info?.username?;
+                let value = mailrelay::admin::auth::audit_text(
+                    name.as_bytes(),
+                    mailrelay::admin::auth::MAX_ACTOR_LEN,
+                );
+                (!value.is_empty()).then_some(value)
+            })
+            .await
+            .clone()
     }
 
     /// One request, with the relay's admin token in [`admin_token::HEADER`] (not
     /// `Authorization`: that carries the user's own credentials, which the API
-    /// server consumes and does not pass through the service proxy).
+    /// server consumes and does not pass through the service proxy), and the
+    /// user's name in [`ACTOR_HEADER`] when known.
     async fn send_with(
         &self,
         method: &str,
         path: &str,
         token: Option<&str>,
+        actor: Option<&str>,
     ) -> Result<Answer, PluginError> {
         let mut req = http::Request::builder()
             .method(method)
@@ -244,6 +287,9 @@ impl Cluster {
             .header(http::header::ACCEPT, "application/json");
         if let Some(t) = token {
             req = req.header(admin_token::HEADER, t);
+        }
+        if let Some(a) = actor {
+            req = req.header(ACTOR_HEADER, a);
         }
         let req = req
             .body(kube::client::Body::empty())
@@ -286,6 +332,12 @@ impl Cluster {
             .unwrap_or_else(|| self.namespace.clone());
         let full = proxy_path(&namespace, &name, path);
         let tokens = self.admin_tokens(&namespace, &name).await?;
+        // Only changes are audited by the relay, so only they pay for the review.
+        let actor = if method == "GET" {
+            None
+        } else {
+            self.actor().await
+        };
         let mut attempts: Vec<Option<&str>> = tokens.iter().map(|t| Some(t.as_str())).collect();
         if attempts.is_empty() {
             attempts.push(None);
@@ -295,7 +347,9 @@ impl Cluster {
             body: String::new(),
         };
         for (i, token) in attempts.iter().enumerate() {
-            a = self.send_with(method, &full, *token).await?;
+            a = self
+                .send_with(method, &full, *token, actor.as_deref())
+                .await?;
             // Right after a rotation a relay pod may still hold only the previous
             // token (the kubelet updates mounted Secrets within a minute or so).
             let refused_by_relay = a.code == 401 && !is_status(&a.body);

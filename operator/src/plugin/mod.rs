@@ -11,6 +11,9 @@
 //! reads the admin token from it with the user's own credentials and sends it in
 //! `X-Mailrelay-Admin-Token` (the API server keeps `Authorization` for itself), so
 //! Kubernetes RBAC on that Secret decides who may use a relay's admin API.
+//! `retry` and `delete` also name the user in `X-Mailrelay-Actor` for the relay's
+//! audit line, as a SelfSubjectReview tells it (best effort: a cluster that
+//! refuses the review gets no name, and the command runs all the same).
 //! `list` needs neither Secret nor proxy: without them it shows the queue
 //! figures the operator last reported.
 //!

@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::auth::Identity;
+use super::auth::{self, Identity};
 use super::{AdminState, READY_PING_TIMEOUT, public_reason};
 use crate::queue::{
     Envelope, ListFilter, MessageStatus, QueueError, QueueFuture, QueueId, RcptState,
@@ -19,12 +19,15 @@ use crate::queue::{
 
 /// Who asked for a queue action, for the audit log line every change leaves: the
 /// identity that passed [`super::auth`] ("token:file", "token:env", or
-/// "anonymous" when no token is configured), the peer address, and the user
-/// agent as the client named itself.
+/// "anonymous" when no token is configured), the peer address, the user agent as
+/// the client named itself, and `actor`: the person the client says it acts for
+/// ([`auth::ACTOR_HEADER`]), a claim authenticated only through the token. Both
+/// client-supplied texts pass [`auth::audit_text`].
 pub struct Actor {
     peer: std::net::SocketAddr,
     user_agent: String,
     identity: &'static str,
+    actor: String,
 }
 
 impl Actor {
@@ -33,17 +36,18 @@ impl Actor {
         headers: &HeaderMap,
         Extension(Identity(identity)): Extension<Identity>,
     ) -> Self {
-        let user_agent = headers
-            .get(axum::http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .chars()
-            .take(100)
-            .collect();
+        let text = |name: &str, max: usize| {
+            headers
+                .get(name)
+                .map(|v| auth::audit_text(v.as_bytes(), max))
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "-".to_owned())
+        };
         Actor {
             peer,
-            user_agent,
+            user_agent: text(axum::http::header::USER_AGENT.as_str(), 100),
             identity,
+            actor: text(auth::ACTOR_HEADER, auth::MAX_ACTOR_LEN),
         }
     }
 }
@@ -214,7 +218,7 @@ pub async fn retry_one(
     let who = Actor::new(peer, &headers, identity);
     let id = parse_id(&id)?;
     let n = call(state.queue.retry_now(RetrySelector::Id(id.clone()))).await?;
-    tracing::info!(action = "retry", queue_id = %id, retried = n, peer = %who.peer, user_agent = %who.user_agent, identity = who.identity, "admin: queue retry");
+    tracing::info!(action = "retry", queue_id = %id, retried = n, peer = %who.peer, user_agent = who.user_agent.as_str(), identity = who.identity, actor = who.actor.as_str(), "admin: queue retry");
     if n == 0 && call(state.queue.status(&id)).await?.is_none() {
         return Err(not_found(&id));
     }
@@ -252,7 +256,7 @@ pub async fn retry_many(
         RetrySelector::Id(id) => id.to_string(),
     };
     let n = call(state.queue.retry_now(sel)).await?;
-    tracing::info!(action = "retry", selector = ?what, retried = n, peer = %who.peer, user_agent = %who.user_agent, identity = who.identity, "admin: queue retry");
+    tracing::info!(action = "retry", selector = ?what, retried = n, peer = %who.peer, user_agent = who.user_agent.as_str(), identity = who.identity, actor = who.actor.as_str(), "admin: queue retry");
     Ok(Json(Retried { retried: n }))
 }
 
@@ -266,7 +270,7 @@ pub async fn delete(
     let who = Actor::new(peer, &headers, identity);
     let id = parse_id(&id)?;
     let removed = call(state.queue.remove(&id)).await?;
-    tracing::info!(action = "delete", queue_id = %id, removed, peer = %who.peer, user_agent = %who.user_agent, identity = who.identity, "admin: queue delete");
+    tracing::info!(action = "delete", queue_id = %id, removed, peer = %who.peer, user_agent = who.user_agent.as_str(), identity = who.identity, actor = who.actor.as_str(), "admin: queue delete");
     if removed {
         Ok(StatusCode::NO_CONTENT)
     } else {

@@ -35,6 +35,36 @@ pub const TOKEN_ENV: &str = "MAILRELAY_ADMIN_TOKEN";
 /// service proxy consumes it).
 pub const TOKEN_HEADER: &str = "x-mailrelay-admin-token";
 
+/// The header in which a client names the person it acts for (`kubectl mailrelay`
+/// sends the Kubernetes username from a SelfSubjectReview). It is a claim made by
+/// whoever holds the token, authenticated only through that token: the audit line
+/// logs it as `actor` next to the `identity` that really passed authentication.
+pub const ACTOR_HEADER: &str = "x-mailrelay-actor";
+/// Longest claimed actor kept (usernames and service account names fit easily).
+pub const MAX_ACTOR_LEN: usize = 256;
+
+/// Client-supplied text made safe for a log line: visible ASCII is kept, every
+/// other byte (space, control characters, line breaks, non-ASCII) becomes `%XX`,
+/// and the result is cut to `max` characters without splitting an escape. Used
+/// for the claimed actor and the user agent, so a header can never start a new
+/// log line, smuggle terminal escapes, or (having no space) pose as another
+/// `key=value` field of the text log format.
+pub fn audit_text(raw: &[u8], max: usize) -> String {
+    let mut out = String::new();
+    for &b in raw {
+        let piece = if b.is_ascii_graphic() {
+            (b as char).to_string()
+        } else {
+            format!("%{b:02X}")
+        };
+        if out.len() + piece.len() > max {
+            break;
+        }
+        out.push_str(&piece);
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("admin.token_file {path}: {source}")]
@@ -360,6 +390,28 @@ mod tests {
         let e = AdminAuth::new(Some(path), None).unwrap_err();
         assert!(e.to_string().contains("no token"), "{e}");
         assert!(!AdminAuth::new(None, Some("  ".into())).unwrap().enabled());
+    }
+
+    #[test]
+    fn audit_text_is_one_bounded_printable_line() {
+        assert_eq!(
+            audit_text(b"alice@example.com", MAX_ACTOR_LEN),
+            "alice@example.com"
+        );
+        let hostile = "bob\r\nINFO admin: queue delete identity=token:file\x1b[2J\0é";
+        let clean = audit_text(hostile.as_bytes(), MAX_ACTOR_LEN);
+        assert_eq!(
+            clean,
+            "bob%0D%0AINFO%20admin:%20queue%20delete%20identity=token:file%1B[2J%00%C3%A9"
+        );
+        assert!(clean.bytes().all(|b| b.is_ascii_graphic()), "{clean}");
+        // Bounded, and an escape is never cut in half.
+        assert_eq!(
+            audit_text(&[b'a'; 1000], MAX_ACTOR_LEN).len(),
+            MAX_ACTOR_LEN
+        );
+        assert_eq!(audit_text(b"ab\n", 4), "ab");
+        assert_eq!(audit_text(b"ab\n", 5), "ab%0A");
     }
 
     #[test]
