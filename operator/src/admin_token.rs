@@ -107,6 +107,19 @@ impl Desired {
 }
 
 // Never print tokens, neither in logs nor in a failed assertion.
+impl Desired {
+    /// The reason of the Normal Event the write is announced with, so that
+    /// `kubectl describe mailrelay` shows when the token changed (never the token).
+    pub fn event_reason(&self) -> &'static str {
+        match self.why {
+            "created" => "AdminTokenCreated",
+            "rotated" => "AdminTokenRotated",
+            w if w.starts_with("grace period") => "AdminTokenPreviousDropped",
+            _ => "AdminTokenRegenerated",
+        }
+    }
+}
+
 impl std::fmt::Display for Desired {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} ({} token(s))", self.why, self.tokens.len())

@@ -789,6 +789,7 @@ async fn the_admin_token_secret_is_created_once_kept_and_rotated() {
     assert_eq!(s["metadata"]["ownerReferences"][0]["kind"], "MailRelay");
     assert_eq!(s["metadata"]["ownerReferences"][0]["controller"], true);
     assert_eq!(s["type"], "Opaque");
+    assert_eq!(token_events(&api), ["AdminTokenCreated"]);
     let first = secret_tokens(&api);
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].len(), 64, "32 random bytes, hex");
@@ -802,6 +803,7 @@ async fn the_admin_token_secret_is_created_once_kept_and_rotated() {
     reconcile_relay(&api, &ctx).await.unwrap();
     assert_eq!(secret_writes(&api), Vec::<String>::new());
     assert_eq!(secret_tokens(&api), first);
+    assert_eq!(token_events(&api), Vec::<String>::new());
 
     // A token someone put there by hand is valid: kept as it is.
     let mut mine = api.get(ADMIN_TOKEN).unwrap();
@@ -827,6 +829,7 @@ async fn the_admin_token_secret_is_created_once_kept_and_rotated() {
     assert_ne!(rotated[0], "my-own-token");
     assert_eq!(rotated[1], "my-own-token");
     assert_eq!(action, Action::requeue(Duration::from_secs(30)));
+    assert_eq!(token_events(&api), ["AdminTokenRotated"]);
     let s = api.get(ADMIN_TOKEN).unwrap();
     assert_eq!(
         s["metadata"]["annotations"]["mailrelay.io/rotated-for"],
@@ -845,8 +848,10 @@ async fn the_admin_token_secret_is_created_once_kept_and_rotated() {
     let mut s = api.get(ADMIN_TOKEN).unwrap();
     s["metadata"]["annotations"][PREVIOUS_EXPIRES_ANNOTATION] = json!("2020-01-01T00:00:00Z");
     api.put(ADMIN_TOKEN, s);
+    api.clear_requests();
     reconcile_relay(&api, &ctx).await.unwrap();
     assert_eq!(secret_tokens(&api), [rotated[0].clone()]);
+    assert_eq!(token_events(&api), ["AdminTokenPreviousDropped"]);
     let s = api.get(ADMIN_TOKEN).unwrap();
     assert!(
         s["metadata"]["annotations"]
@@ -859,10 +864,34 @@ async fn the_admin_token_secret_is_created_once_kept_and_rotated() {
     let mut s = api.get(ADMIN_TOKEN).unwrap();
     s["data"]["token"] = json!(b64("\n"));
     api.put(ADMIN_TOKEN, s);
+    api.clear_requests();
     reconcile_relay(&api, &ctx).await.unwrap();
     let regenerated = secret_tokens(&api);
     assert_eq!(regenerated.len(), 1);
     assert_ne!(regenerated[0], rotated[0]);
+    assert_eq!(token_events(&api), ["AdminTokenRegenerated"]);
+}
+
+/// Reasons of the admin-token Events recorded since the last `clear_requests`;
+/// their notes never carry a token.
+fn token_events(api: &FakeApi) -> Vec<String> {
+    let tokens = secret_tokens(api);
+    api.requests()
+        .iter()
+        .filter(|r| r.is("POST", "/events"))
+        .filter_map(|r| r.body.clone())
+        .filter(|b| {
+            b["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("AdminToken"))
+        })
+        .map(|b| {
+            let note = b["note"].as_str().unwrap_or_default();
+            assert!(note.contains("relay-admin-token"), "{note}");
+            assert!(!tokens.iter().any(|t| note.contains(t.as_str())), "{note}");
+            b["reason"].as_str().unwrap().to_owned()
+        })
+        .collect()
 }
 
 fn b64(s: &str) -> String {
@@ -1326,10 +1355,12 @@ async fn keda_without_its_crd_is_a_condition_not_a_crash_loop() {
         "the relay itself runs"
     );
     assert!(api.get(HPA).is_none());
+    // Besides the admin token's creation (first reconcile), one Warning.
     let events: Vec<_> = api
         .requests()
         .into_iter()
         .filter(|r| r.is("POST", "/events"))
+        .filter(|r| r.body.as_ref().unwrap()["reason"] != "AdminTokenCreated")
         .collect();
     assert_eq!(events.len(), 1);
     assert_eq!(

@@ -381,7 +381,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                     None => {
                         // Before the pods: they mount it, and the relay refuses to
                         // start without its token file.
-                        let recheck = ensure_admin_token(client, &ns, relay).await?;
+                        let recheck = ensure_admin_token(ctx, &ns, relay).await?;
                         apply(client, &ns, &objs.config_map).await?;
                         apply(client, &ns, &objs.service_account).await?;
                         apply_network_policy(client, &ns, relay, network.ok().flatten()).await?;
@@ -499,11 +499,11 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
 /// grace period). Writes are create and update (with the fetched resourceVersion,
 /// so a concurrent edit makes this reconcile fail and retry rather than lose it).
 async fn ensure_admin_token(
-    client: &kube::Client,
+    ctx: &Context,
     ns: &str,
     relay: &MailRelay,
 ) -> Result<Option<std::time::Duration>, Error> {
-    let api = Api::<Secret>::namespaced(client.clone(), ns);
+    let api = Api::<Secret>::namespaced(ctx.client.clone(), ns);
     let name = admin_token::secret_name(&relay.name_any());
     let existing = api.get_opt(&name).await?;
     let rotate = relay.annotations().get(admin_token::ROTATE_ANNOTATION);
@@ -513,7 +513,7 @@ async fn ensure_admin_token(
         k8s_openapi::jiff::Timestamp::now(),
         admin_token::generate,
     );
-    match plan {
+    let (written, recheck) = match plan {
         admin_token::Plan::Keep { recheck } => return Ok(recheck),
         admin_token::Plan::Create(d) => {
             let secret = Secret {
@@ -531,7 +531,7 @@ async fn ensure_admin_token(
                 ..Secret::default()
             };
             api.create(&PostParams::default(), &secret).await?;
-            tracing::info!(relay = %relay.name_any(), namespace = %ns, secret = %name, "admin token {d}");
+            (d, None)
         }
         admin_token::Plan::Replace(d) => {
             let Some(existing) = existing else {
@@ -539,13 +539,25 @@ async fn ensure_admin_token(
             };
             let secret = admin_token::apply_to(existing, &d);
             api.replace(&name, &PostParams::default(), &secret).await?;
-            tracing::info!(relay = %relay.name_any(), namespace = %ns, secret = %name, "admin token {d}");
-            if d.tokens.len() > 1 {
-                return Ok(Some(admin_token::ROTATION_GRACE));
-            }
+            let recheck = (d.tokens.len() > 1).then_some(admin_token::ROTATION_GRACE);
+            (d, recheck)
         }
-    }
-    Ok(None)
+    };
+    tracing::info!(relay = %relay.name_any(), namespace = %ns, secret = %name, "admin token {written}");
+    ctx.recorder
+        .publish(
+            &Event {
+                type_: EventType::Normal,
+                reason: written.event_reason().into(),
+                note: Some(format!("Secret {name}: {written}")),
+                action: "AdminToken".into(),
+                secondary: None,
+            },
+            &relay.object_ref(&()),
+        )
+        .await
+        .map_err(Error::Event)?;
+    Ok(recheck)
 }
 
 /// Reads the queue report, bounded in time; an error is a status (Degraded), not a
