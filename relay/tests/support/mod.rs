@@ -17,16 +17,39 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-/// Ports that were free a moment ago. All are taken at once so that one call never
-/// returns the same port twice; another process may still grab one before it is used.
+/// Ports that were free a moment ago, on every address (several fixtures listen on
+/// the same port at 127.0.0.2, 127.0.0.3, ...). They are taken below the kernel's
+/// ephemeral range (32768-60999 by default), so that no outgoing connection and no
+/// port-0 listener of a test running alongside can take one before its server binds
+/// it: with ports from the ephemeral range, that race failed a test now and then
+/// (`address already in use`). A counter, started at a place that depends on the
+/// process id, keeps the parallel tests of one binary (and other binaries) apart.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind a free loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % SPAN;
+    let mut ports = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..SPAN {
+        if ports.len() == n {
+            break;
+        }
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % SPAN) as u16;
+        // Free on the wildcard address means free on every loopback address.
+        if let Ok(l) = TcpListener::bind(("0.0.0.0", port)) {
+            held.push(l);
+            ports.push(port);
+        }
+    }
+    assert_eq!(
+        ports.len(),
+        n,
+        "no {n} free ports in {FIRST}..{}",
+        FIRST + SPAN
+    );
+    ports
 }
 
 /// Writes `script` to `dir` and starts it with `python3`, `cfg` (JSON) as its one
