@@ -335,20 +335,6 @@ async fn the_example_ingress_quota_refuses_the_101st_message() {
     );
 }
 
-async fn http_get_text(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut resp))
-        .await
-        .unwrap()
-        .unwrap();
-    resp
-}
-
 /// `spec.senderBinding` through the operator to a real relay: the tenant sends as
 /// its own domain; as another tenant's it is refused at MAIL, and with a `From:`
 /// header that disagrees at DATA; both refusals are logged and counted.
@@ -416,7 +402,7 @@ async fn a_tenant_bound_by_the_mailrelay_sends_only_as_itself() {
         r["status"]["queue"]["queued"], 2,
         "only the tenant's own mail is queued"
     );
-    let metrics = http_get_text(ex.relay.admin, "/metrics").await;
+    let metrics = support::http_get_text(ex.relay.admin, "/metrics").await;
     for line in [
         "mailrelay_smtp_sender_refused_total{reason=\"mail_from\"} 1",
         "mailrelay_smtp_sender_refused_total{reason=\"from_header\"} 1",

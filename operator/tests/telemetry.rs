@@ -4,19 +4,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailrelay_operator::telemetry::{Metrics, serve};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod support;
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut resp = String::new();
-    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut resp))
-        .await
-        .unwrap()
-        .unwrap();
-    resp
+    support::http_get_text(addr, path).await
 }
 
 #[tokio::test]

@@ -18,25 +18,11 @@ use support::relay::{Relay, RelayOptions, SmtpConn, code};
 
 /// One transaction; returns the final reply (or the first refusal).
 fn send(c: &mut SmtpConn, tag: &str) -> String {
-    let r = c.cmd("MAIL FROM:<app@client.test>");
-    if code(&r) != 250 {
-        return r;
-    }
-    let r = c.cmd("RCPT TO:<user@dest.test>");
-    if code(&r) != 250 {
-        c.cmd("RSET");
-        return r;
-    }
-    let r = c.cmd("DATA");
-    if code(&r) != 354 {
-        c.cmd("RSET");
-        return r;
-    }
-    c.send(
-        format!("Message-ID: <{tag}@client.test>\r\nSubject: {tag}\r\n\r\nbody of {tag}\r\n.\r\n")
-            .as_bytes(),
-    );
-    c.reply()
+    c.transaction(
+        "app@client.test",
+        "user@dest.test",
+        &format!("Message-ID: <{tag}@client.test>\r\nSubject: {tag}\r\n\r\nbody of {tag}"),
+    )
 }
 
 #[test]

@@ -46,21 +46,11 @@ fn send_one(c: &mut SmtpConn, subject: &str) -> String {
 
 /// [`send_one`] from `from`; returns the first reply that refused, if one did.
 fn send_from(c: &mut SmtpConn, from: &str, subject: &str) -> String {
-    let r = c.cmd(&format!("MAIL FROM:<{from}>"));
-    if code(&r) != 250 {
-        return r;
-    }
-    let r = c.cmd("RCPT TO:<user@dest.test>");
-    if code(&r) != 250 {
-        c.cmd("RSET");
-        return r;
-    }
-    let r = c.cmd("DATA");
-    if code(&r) != 354 {
-        c.cmd("RSET");
-        return r;
-    }
-    c.cmd(&format!("Subject: {subject}\r\n\r\nhello\r\n."))
+    c.transaction(
+        from,
+        "user@dest.test",
+        &format!("Subject: {subject}\r\n\r\nhello"),
+    )
 }
 
 fn queue_id(reply: &str) -> String {

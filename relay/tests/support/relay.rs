@@ -432,6 +432,30 @@ pub struct SmtpConn {
 }
 
 impl SmtpConn {
+    /// One transaction from `from` to `to` with `content` (header and body, without
+    /// the final dot); returns the final reply, or the first refusal (after an RSET
+    /// when a transaction was open).
+    pub fn transaction(&mut self, from: &str, to: &str, content: &str) -> String {
+        let steps = [
+            (format!("MAIL FROM:<{from}>"), 250),
+            (format!("RCPT TO:<{to}>"), 250),
+            ("DATA".to_owned(), 354),
+        ];
+        for (i, (line, want)) in steps.iter().enumerate() {
+            let r = self.cmd(line);
+            if code(&r) != *want {
+                if i > 0 {
+                    self.cmd("RSET");
+                }
+                return r;
+            }
+        }
+        self.send(format!("{content}\r\n.\r\n").as_bytes());
+        self.reply()
+    }
+}
+
+impl SmtpConn {
     pub fn connect(addr: SocketAddr) -> SmtpConn {
         let s = TcpStream::connect(addr).expect("connect relay");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
