@@ -143,13 +143,13 @@ async fn open_quotas(
     redis: Option<Arc<RedisQueue>>,
     metrics: &Metrics,
 ) -> anyhow::Result<Arc<Quotas>> {
-    let store: Arc<dyn quota::store::CounterStore> = match redis {
+    let store: Arc<dyn quota::ingress::store::CounterStore> = match redis {
         Some(q) => Arc::new(
-            quota::redis::RedisCounters::with_queue(q)
+            quota::ingress::redis::RedisStore::with_queue(q)
                 .await
                 .context("loading the quota scripts into Redis")?,
         ),
-        None => Arc::new(quota::embedded::EmbeddedCounters::new()),
+        None => Arc::new(quota::ingress::memory::MemoryStore::new()),
     };
     Ok(Quotas::new(
         &cfg.quotas,
@@ -304,11 +304,13 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                 cfg.delivery.clone(),
                 cfg.hostname.clone(),
                 Arc::clone(&metrics),
-                egress,
-                Some(Arc::new(quota::DeferGate::new(
-                    Arc::clone(&quotas),
-                    Arc::clone(&queue),
-                    cfg.delivery.retry.max_lifetime,
+                Arc::new(server::quota::EgressPacing(egress)),
+                Some(Arc::new(server::quota::DeferHook(
+                    quota::ingress::gate::DeferGate::new(
+                        Arc::clone(&quotas),
+                        Arc::clone(&queue),
+                        cfg.delivery.retry.max_lifetime,
+                    ),
                 ))),
             )
             .context("starting delivery")?,

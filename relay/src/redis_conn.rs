@@ -42,6 +42,8 @@ use redis::{
 
 use crate::config::{RedisConfig, Secret};
 
+pub mod script;
+
 /// The port of a sentinel listed without one.
 pub const DEFAULT_SENTINEL_PORT: u16 = 26379;
 

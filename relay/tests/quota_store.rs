@@ -10,16 +10,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mailrelay::queue::RedisQueue;
-use mailrelay::quota::embedded::EmbeddedCounters;
-use mailrelay::quota::redis::RedisCounters;
-use mailrelay::quota::store::{ChargeRequest, CounterStore};
-use mailrelay::quota::window::WindowSpec;
+use mailrelay::quota::ingress::memory::MemoryStore;
+use mailrelay::quota::ingress::redis::RedisStore;
+use mailrelay::quota::ingress::store::{ChargeRequest, CounterStore};
+use mailrelay::quota::ingress::window::WindowSpec;
 use rand::{Rng, SeedableRng};
 use support::redis::{RedisCluster, RedisServer};
 
-async fn redis_store(cfg: &mailrelay::config::RedisConfig) -> RedisCounters {
+async fn redis_store(cfg: &mailrelay::config::RedisConfig) -> RedisStore {
     let q = RedisQueue::connect(cfg).await.expect("connect to redis");
-    RedisCounters::new(q.shared())
+    RedisStore::new(q.shared())
         .await
         .expect("load quota scripts")
 }
@@ -37,13 +37,13 @@ fn req(quota: &str, key: &str, cost: u64, windows: &[WindowSpec]) -> ChargeReque
 /// windows `scale` times as long as the shortest kind. Returns how many checks
 /// were allowed and denied, and how many refunds were made.
 async fn agree_with_the_model(
-    redis: &RedisCounters,
+    redis: &RedisStore,
     seeds: std::ops::Range<u64>,
     scale: u64,
 ) -> (u32, u32, u32) {
     let (mut allowed, mut denied, mut refunds) = (0, 0, 0);
     for seed in seeds {
-        let model = EmbeddedCounters::new();
+        let model = MemoryStore::new();
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         // Fresh quota names per seed: no state carries over in Redis.
         let quotas: Vec<(String, Vec<WindowSpec>)> = (0..3)
@@ -333,7 +333,7 @@ async fn check_and_enqueue_in_one_round_trip() {
         .await
         .unwrap();
     let queue = Arc::new(RedisQueue::connect(&server.config("qt")).await.unwrap());
-    let store = RedisCounters::with_queue(Arc::clone(&queue)).await.unwrap();
+    let store = RedisStore::with_queue(Arc::clone(&queue)).await.unwrap();
     let windows = [WindowSpec::new(3, 3_600_000)];
     let reqs = [
         req("tenant", "sender@a.test", 1, &windows),
@@ -375,7 +375,7 @@ async fn check_and_enqueue_in_one_round_trip() {
 /// config) is dropped with its buckets once the key's expiry is next pushed out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_buckets_are_fields_and_stale_windows_are_dropped() {
-    use mailrelay::quota::redis::{bucket_field, counter_key};
+    use mailrelay::quota::ingress::redis::{bucket_field, counter_key};
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();

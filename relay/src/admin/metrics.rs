@@ -95,7 +95,7 @@ pub struct Metrics {
     outcome_flushes: Family<Label, Counter>,
     outcomes_flushed: Counter,
     outcome_flush_failures: Counter,
-    quota: crate::quota::metrics::QuotaMetrics,
+    quota: crate::quota::ingress::metrics::QuotaMetrics,
     egress: crate::quota::egress::metrics::EgressMetrics,
 }
 
@@ -266,7 +266,7 @@ impl Metrics {
             "AUTH attempts answered 454 without checking the credentials, by reason (locked, store_unavailable)",
             auth_refused.clone(),
         );
-        let quota = crate::quota::metrics::QuotaMetrics::register(&mut registry);
+        let quota = crate::quota::ingress::metrics::QuotaMetrics::register(&mut registry);
         let egress = crate::quota::egress::metrics::EgressMetrics::default();
         egress.register(&mut registry);
         Metrics {
@@ -449,7 +449,7 @@ impl Metrics {
     }
 
     /// Quota checks, rejections and holds (`mailrelay_quota_*`).
-    pub fn quota(&self) -> &crate::quota::metrics::QuotaMetrics {
+    pub fn quota(&self) -> &crate::quota::ingress::metrics::QuotaMetrics {
         &self.quota
     }
 

@@ -5,9 +5,11 @@
 //! [`dsn`] builds the delivery status notifications sent back to senders;
 //! [`smtp_client`] sends messages over one connection, and [`scheduler`] runs
 //! delivery against the queue (leases, concurrency, retries, bounces), writing
-//! outcomes as messages finish through [`outcomes`].
+//! outcomes as messages finish through [`outcomes`]. [`gate`] holds the traits
+//! the scheduler asks before sending (ingress `defer` quotas, egress pacing).
 
 pub mod dsn;
+pub mod gate;
 pub mod mx;
 pub mod outcomes;
 pub mod retry;

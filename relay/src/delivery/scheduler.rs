@@ -25,8 +25,8 @@
 //! so the lease can be short: a relay that dies loses its mail to the others after
 //! one lease time.
 //!
-//! Egress pacing (`quota::egress`) hooks in twice: after MX resolution and before
-//! connecting ([`Egress::open`]: connection caps, back-off, the first slot), and
+//! Egress pacing ([`Pacing`], the egress quotas) hooks in twice: after MX resolution and before
+//! connecting ([`Pacing::open`]: connection caps, back-off, the first slot), and
 //! before each message on the connection (the connection is the session's
 //! [`MessageGate`](super::smtp_client::MessageGate)). Messages it holds back are
 //! postponed: put back in the queue, due when egress says, with no attempt recorded
@@ -43,6 +43,7 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::dsn::{self, DsnAction, DsnRecipient};
+use super::gate::{Destination, DispatchHook, PacedConnection, Pacing, Postponement, Unpaced};
 use super::mx::{MxResolver, Resolution, ResolverError};
 use super::outcomes::{OutcomeWriter, Pending};
 use super::smtp_client::{
@@ -55,7 +56,6 @@ use crate::queue::{
     Attempt, AttemptResult, FinishResult, Lease, Leased, MessageStatus, Queue, QueueError, QueueId,
     QueuedMessage, RcptState, TlsInfo, now_ms,
 };
-use crate::quota::egress::{Destination, Egress, EgressConn, Postponement};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -67,7 +67,7 @@ pub enum DeliveryError {
 
 /// Destination key of relay host `i` (a domain cannot contain `[`), followed by
 /// the recipient domain when its mail travels on connections of its own (an
-/// egress quota names it: see [`Egress::names_domain`]).
+/// egress quota names it: see [`Pacing::names_domain`]).
 fn relay_key(i: usize, domain: Option<&str>) -> String {
     format!("[relay:{i}]{}", domain.unwrap_or(""))
 }
@@ -169,7 +169,7 @@ struct Inner {
     routes: RouteTable,
     smarthost: Option<usize>,
     metrics: Arc<Metrics>,
-    egress: Egress,
+    egress: Arc<dyn Pacing>,
     timeouts: ClientTimeouts,
     total: Arc<Semaphore>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -183,7 +183,7 @@ struct Inner {
     stopping: AtomicBool,
     wake: Arc<Notify>,
     /// Sees leased mail before delivery (ingress `defer` quotas hold some back).
-    hook: Option<Arc<dyn crate::quota::DispatchHook>>,
+    hook: Option<Arc<dyn DispatchHook>>,
     /// Every `finish` goes through here, batched.
     outcomes: OutcomeWriter,
 }
@@ -235,7 +235,7 @@ impl Early {
 /// outcome as soon as its transaction ends.
 struct Recorder<'a> {
     inner: &'a Arc<Inner>,
-    egress: &'a mut EgressConn,
+    egress: &'a mut dyn PacedConnection,
     /// In the order of the messages given to the connection.
     parts: &'a [Part],
     /// The host of the conversation under way.
@@ -294,15 +294,14 @@ impl MessageGate for Recorder<'_> {
 
 impl Delivery {
     /// Builds the resolver and TLS clients (blocking file IO: call at start-up) and
-    /// starts taking work, with in-process egress pacing and no quotas.
+    /// starts taking work, unpaced and with no quotas.
     pub fn start(
         queue: Arc<dyn Queue>,
         cfg: DeliveryConfig,
         hostname: String,
         metrics: Arc<Metrics>,
     ) -> Result<Self, DeliveryError> {
-        let egress = Egress::embedded(&[], cfg.lease);
-        Self::start_with(queue, cfg, hostname, metrics, egress, None)
+        Self::start_with(queue, cfg, hostname, metrics, Arc::new(Unpaced), None)
     }
 
     /// [`Delivery::start`] with egress pacing (quotas and their shared store) and a
@@ -312,8 +311,8 @@ impl Delivery {
         cfg: DeliveryConfig,
         hostname: String,
         metrics: Arc<Metrics>,
-        egress: Egress,
-        hook: Option<Arc<dyn crate::quota::DispatchHook>>,
+        egress: Arc<dyn Pacing>,
+        hook: Option<Arc<dyn DispatchHook>>,
     ) -> Result<Self, DeliveryError> {
         let resolver = MxResolver::new(&cfg.dns)?.with_local_names([hostname.clone()]);
         let mx_tls = load_tls(cfg.ca_file.as_deref())?;
@@ -827,7 +826,7 @@ impl Inner {
         let mut hosts: Vec<String> = targets.iter().map(|(n, _)| n.clone()).collect();
         hosts.dedup();
         let relay = relay_index(dest);
-        let route = self.egress.route(&Destination {
+        let to = Destination {
             domain: if relay.is_some() {
                 relay_domain(dest)
             } else {
@@ -836,12 +835,12 @@ impl Inner {
             mx_hosts: &hosts,
             smarthost: relay.is_some() && relay == self.smarthost,
             relay_host: relay.is_some(),
-        });
+        };
         let sizes: Vec<(usize, usize)> = msgs
             .iter()
             .map(|m| (m.envelope.recipients.len(), m.body.len()))
             .collect();
-        let mut egress = match self.egress.open(route, &sizes).await {
+        let mut egress = match self.egress.open(to, &sizes).await {
             Ok(g) => g,
             Err(held) => {
                 let res = ConnectionResult {
@@ -856,7 +855,7 @@ impl Inner {
         client.pace_messages = true;
         let mut gate = Recorder {
             inner: self,
-            egress: &mut egress,
+            egress: &mut *egress,
             parts,
             target: None,
             early,

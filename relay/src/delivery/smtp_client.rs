@@ -283,7 +283,7 @@ impl Conn {
 }
 
 /// Decides, message by message, whether a connection may go on: egress pacing
-/// (`quota::egress`) waits here for each message's slot and watches the replies
+/// ([`super::gate::Pacing`]) waits here for each message's slot and watches the replies
 /// for rate limiting. Used with [`ClientConfig::pace_messages`].
 pub trait MessageGate: Send {
     /// Message `index` is ready to start: `Ok` once it may, or the reply with which

@@ -90,6 +90,7 @@ use super::{
     lease_token, now_ms,
 };
 use crate::config::RedisConfig;
+use crate::redis_conn::script::{Call, Layout};
 use crate::redis_conn::{self, ConnectError, Timeouts, is_connection_error, redact};
 
 /// Number of shards. Part of the storage format: changing it moves ids to other shards
@@ -114,222 +115,107 @@ const SWEEP_LIMIT: usize = 1000;
 /// make few round trips, short enough not to block Redis noticeably.
 const PAGE: usize = 200;
 
-const ENQUEUE_LUA: &str = r#"
--- KEYS: message hash, due set, ids set, stats hash, leased set
--- ARGV: id, envelope JSON, body, due score (ms), status JSON
-local queued = redis.call('ZSCORE', KEYS[3], ARGV[1])
-local old_len = 0
-if queued then
-  old_len = redis.call('HSTRLEN', KEYS[1], 'body')
-  if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') > 0 then
-    redis.call('HINCRBY', KEYS[4], 'deferred', -1)
-  end
-else
-  redis.call('HINCRBY', KEYS[4], 'messages', 1)
-end
--- Starting from an empty hash drops what a replaced message or a final record of
--- the same id left behind: its lease, its final flag, its expiry.
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'body', ARGV[3], 'status', ARGV[5], 'attempts', 0)
-redis.call('ZREM', KEYS[5], ARGV[1])
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-redis.call('ZADD', KEYS[3], 0, ARGV[1])
-redis.call('HINCRBY', KEYS[4], 'bytes', string.len(ARGV[3]) - old_len)
-if queued then return 1 end
-return 0
-"#;
+/// KEYS/ARGV of `enqueue.lua` (and of a guarded enqueue, whose guard's keys and
+/// arguments follow).
+pub const ENQUEUE: Layout = Layout {
+    keys: &["message", "due", "ids", "stats", "leased", "guard keys.."],
+    args: &["id", "envelope", "body", "due", "status", "guard args.."],
+};
+/// KEYS/ARGV of `remove.lua`.
+const REMOVE: Layout = Layout {
+    keys: &["message", "due", "ids", "stats", "leased"],
+    args: &["id"],
+};
+/// KEYS/ARGV of `lease.lua`.
+const LEASE: Layout = Layout {
+    keys: &["due", "leased"],
+    args: &[
+        "now",
+        "expires",
+        "max",
+        "token",
+        "message prefix",
+        "sweep limit",
+    ],
+};
+/// KEYS/ARGV of `finish.lua`.
+const FINISH: Layout = Layout {
+    keys: &["message", "due", "leased", "ids", "stats"],
+    args: &[
+        "id",
+        "token",
+        "status",
+        "attempts",
+        "next attempt",
+        "retention",
+        "delivered",
+        "bounced",
+        "expired",
+    ],
+};
+/// KEYS/ARGV of `renew.lua`.
+const RENEW: Layout = Layout {
+    keys: &["message", "due", "leased", "ids"],
+    args: &["id", "token", "expires"],
+};
+/// KEYS/ARGV of `release.lua`.
+const RELEASE: Layout = Layout {
+    keys: &["due", "leased", "ids"],
+    args: &["message prefix", "id, token, due.."],
+};
+/// KEYS/ARGV of `renew_all.lua`.
+const RENEW_ALL: Layout = Layout {
+    keys: &["due", "leased", "ids"],
+    args: &["expires", "message prefix", "id, token.."],
+};
+/// KEYS/ARGV of `status.lua`.
+const STATUS: Layout = Layout {
+    keys: &["message", "due", "leased", "ids"],
+    args: &["id"],
+};
+/// KEYS/ARGV of `page.lua`.
+const PAGE_LAYOUT: Layout = Layout {
+    keys: &["ids", "due", "leased"],
+    args: &["message prefix", "start", "count"],
+};
+/// KEYS/ARGV of `retry_ids.lua`.
+const RETRY_IDS: Layout = Layout {
+    keys: &["due"],
+    args: &["now", "ids.."],
+};
+/// KEYS/ARGV of `retry_all.lua`.
+const RETRY_ALL: Layout = Layout {
+    keys: &["due"],
+    args: &["now", "limit"],
+};
 
-const REMOVE_LUA: &str = r#"
--- KEYS: message hash, due set, ids set, stats hash, leased set
--- ARGV: id
-local queued = redis.call('ZREM', KEYS[3], ARGV[1])
-if queued == 1 then
-  redis.call('HINCRBY', KEYS[4], 'messages', -1)
-  redis.call('HINCRBY', KEYS[4], 'bytes', -redis.call('HSTRLEN', KEYS[1], 'body'))
-  if tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0') > 0 then
-    redis.call('HINCRBY', KEYS[4], 'deferred', -1)
-  end
-end
-redis.call('DEL', KEYS[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[5], ARGV[1])
-return queued
-"#;
+/// `local function enqueue()`: stores a message (keys and arguments as
+/// [`ENQUEUE_KEYS`] and [`ENQUEUE_ARGV`]).
+const ENQUEUE_LUA: &str = include_str!("lua/enqueue.lua");
+/// Runs the enqueue alone.
+const ENQUEUE_MAIN_LUA: &str = include_str!("lua/enqueue_main.lua");
+/// `local A0 = 5`: a guard's arguments follow the enqueue's.
+const GUARDED_ARGS_LUA: &str = include_str!("lua/guarded_args.lua");
 
-const LEASE_LUA: &str = r#"
--- KEYS: due set, leased set
--- ARGV: now, lease expiry, max, token, message key prefix, sweep limit
--- Returns id, due score, envelope, body, status (nil if none) per leased message.
--- Expired leases first go back to due at their expiry (which is <= now), so a dead
--- worker's messages are among those taken now.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[6])
-for i = 1, #expired, 2 do
-  redis.call('ZREM', KEYS[2], expired[i])
-  redis.call('ZADD', KEYS[1], expired[i + 1], expired[i])
-end
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, ARGV[3])
-local out = {}
-for i = 1, #due, 2 do
-  local id = due[i]
-  local key = ARGV[5] .. id
-  redis.call('ZREM', KEYS[1], id)
-  local m = redis.call('HMGET', key, 'envelope', 'body', 'status')
-  -- A schedule entry without its message is debris; dropping it is all we can do.
-  if m[1] and m[2] then
-    redis.call('ZADD', KEYS[2], ARGV[2], id)
-    redis.call('HSET', key, 'lease', ARGV[4])
-    table.insert(out, id)
-    table.insert(out, due[i + 1])
-    table.insert(out, m[1])
-    table.insert(out, m[2])
-    table.insert(out, m[3])
-  end
-end
-return out
-"#;
+const REMOVE_LUA: &str = include_str!("lua/remove.lua");
 
-const FINISH_LUA: &str = r#"
--- KEYS: message hash, due set, leased set, ids set, stats hash
--- ARGV: id, token, status JSON, attempts, next attempt ms ('' when final), retention ms,
---       then delivered, bounced, expired recipient counts (added to the totals when final)
--- Returns 0 lease lost, 1 rescheduled, 2 final.
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
-  return 0
-end
-local old = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-local new = tonumber(ARGV[4])
--- Leased, or swept back to due after expiry (still ours: nobody took it since).
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[1], 'lease')
-if ARGV[5] ~= '' then
-  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
-  redis.call('HSET', KEYS[1], 'status', ARGV[3], 'attempts', ARGV[4])
-  if old == 0 and new > 0 then
-    redis.call('HINCRBY', KEYS[5], 'deferred', 1)
-  elseif old > 0 and new == 0 then
-    redis.call('HINCRBY', KEYS[5], 'deferred', -1)
-  end
-  return 1
-end
-local len = redis.call('HSTRLEN', KEYS[1], 'body')
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[4], ARGV[1])
-redis.call('HDEL', KEYS[1], 'body', 'attempts')
-redis.call('HSET', KEYS[1], 'status', ARGV[3], 'final', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('HINCRBY', KEYS[5], 'delivered', ARGV[7])
-redis.call('HINCRBY', KEYS[5], 'bounced', ARGV[8])
-redis.call('HINCRBY', KEYS[5], 'expired', ARGV[9])
-redis.call('HINCRBY', KEYS[5], 'messages', -1)
-redis.call('HINCRBY', KEYS[5], 'bytes', -len)
-if old > 0 then
-  redis.call('HINCRBY', KEYS[5], 'deferred', -1)
-end
-return 2
-"#;
+const LEASE_LUA: &str = include_str!("lua/lease.lua");
 
-const RENEW_LUA: &str = r#"
--- KEYS: message hash, due set, leased set, ids set
--- ARGV: id, token, new expiry
-if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[2] or not redis.call('ZSCORE', KEYS[4], ARGV[1]) then
-  return 0
-end
--- Also reclaims a lease swept back to due but not taken: the token says nobody has.
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
-return 1
-"#;
+const FINISH_LUA: &str = include_str!("lua/finish.lua");
 
-const RELEASE_LUA: &str = r#"
--- KEYS: due set, leased set, ids set
--- ARGV: message key prefix, then id, token and due score (ms) triples
-local n = 0
-for i = 2, #ARGV, 3 do
-  local id = ARGV[i]
-  local key = ARGV[1] .. id
-  if redis.call('HGET', key, 'lease') == ARGV[i + 1] and redis.call('ZSCORE', KEYS[3], id) then
-    -- Not in the leased set means swept back to due already: leave it there.
-    if redis.call('ZREM', KEYS[2], id) == 1 then
-      redis.call('ZADD', KEYS[1], ARGV[i + 2], id)
-    end
-    redis.call('HDEL', key, 'lease')
-    n = n + 1
-  end
-end
-return n
-"#;
+const RENEW_LUA: &str = include_str!("lua/renew.lua");
 
-const RENEW_ALL_LUA: &str = r#"
--- KEYS: due set, leased set, ids set
--- ARGV: new expiry, message key prefix, then id and token pairs
--- Returns the ids whose lease was lost.
-local lost = {}
-for i = 3, #ARGV, 2 do
-  local id = ARGV[i]
-  if redis.call('HGET', ARGV[2] .. id, 'lease') == ARGV[i + 1] and redis.call('ZSCORE', KEYS[3], id) then
-    -- Also reclaims a lease swept back to due but not taken, as RENEW does.
-    redis.call('ZREM', KEYS[1], id)
-    redis.call('ZADD', KEYS[2], ARGV[1], id)
-  else
-    table.insert(lost, id)
-  end
-end
-return lost
-"#;
+const RELEASE_LUA: &str = include_str!("lua/release.lua");
 
-const STATUS_LUA: &str = r#"
--- KEYS: message hash, due set, leased set, ids set
--- ARGV: id
--- Returns envelope, status, final flag, due score, lease expiry, queued (ids score).
-local m = redis.call('HMGET', KEYS[1], 'envelope', 'status', 'final')
-return {m[1], m[2], m[3],
-  redis.call('ZSCORE', KEYS[2], ARGV[1]),
-  redis.call('ZSCORE', KEYS[3], ARGV[1]),
-  redis.call('ZSCORE', KEYS[4], ARGV[1])}
-"#;
+const RENEW_ALL_LUA: &str = include_str!("lua/renew_all.lua");
 
-const PAGE_LUA: &str = r#"
--- KEYS: ids set, due set, leased set
--- ARGV: message key prefix, lexical start ('-' or '(<last id>'), count
--- Returns id, envelope, status, due score, lease expiry per queued message.
-local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, ARGV[3])
-local out = {}
-for _, id in ipairs(ids) do
-  local m = redis.call('HMGET', ARGV[1] .. id, 'envelope', 'status')
-  table.insert(out, id)
-  table.insert(out, m[1])
-  table.insert(out, m[2])
-  table.insert(out, redis.call('ZSCORE', KEYS[2], id))
-  table.insert(out, redis.call('ZSCORE', KEYS[3], id))
-end
-return out
-"#;
+const STATUS_LUA: &str = include_str!("lua/status.lua");
 
-const RETRY_IDS_LUA: &str = r#"
--- KEYS: due set
--- ARGV: now, then ids
--- Makes each id that is due later than now due now; leased ids are not in `due`.
-local n = 0
-for i = 2, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) > tonumber(ARGV[1]) then
-    redis.call('ZADD', KEYS[1], ARGV[1], ARGV[i])
-    n = n + 1
-  end
-end
-return n
-"#;
+const PAGE_LUA: &str = include_str!("lua/page.lua");
 
-const RETRY_ALL_LUA: &str = r#"
--- KEYS: due set
--- ARGV: now, limit
--- Makes up to `limit` messages due later than now due now; returns how many.
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf', 'LIMIT', 0, ARGV[2])
-for _, id in ipairs(ids) do
-  redis.call('ZADD', KEYS[1], ARGV[1], id)
-end
-return #ids
-"#;
+const RETRY_IDS_LUA: &str = include_str!("lua/retry_ids.lua");
+
+const RETRY_ALL_LUA: &str = include_str!("lua/retry_all.lua");
 
 /// Redis at `maxmemory` refusing a write (`OOM command not allowed…`), also when a
 /// script's first write was refused. Under `noeviction` a script is refused before
@@ -363,7 +249,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            enqueue: Script::new(ENQUEUE_LUA),
+            enqueue: Script::new(&[ENQUEUE_LUA, ENQUEUE_MAIN_LUA].concat()),
             remove: Script::new(REMOVE_LUA),
             lease: Script::new(LEASE_LUA),
             finish: Script::new(FINISH_LUA),
@@ -476,14 +362,38 @@ pub struct EnqueueGuard {
 }
 
 /// Runs the guard, then the enqueue only if the guard allowed it.
-const GUARDED_ENQUEUE_MAIN: &str = r#"
--- KEYS: the enqueue's five, then the guard's keys
--- ARGV: the enqueue's five, then the guard's arguments
--- Returns {allowed (1/0), the guard's reply}
-local allowed, reply = guard(KEYS, ARGV, 5, 5)
-if allowed then enqueue(KEYS, ARGV) end
-return {allowed and 1 or 0, reply}
-"#;
+/// Runs the guard (`guard(5)`: its keys follow [`ENQUEUE`]'s), then the enqueue
+/// only if the guard allowed it.
+const GUARDED_ENQUEUE_MAIN: &str = include_str!("lua/guarded_enqueue_main.lua");
+
+/// The script of a guarded enqueue around `guard_lua` (see
+/// [`RedisQueue::enqueue_guard`]).
+pub fn guarded_enqueue_lua(guard_lua: &str) -> String {
+    [
+        GUARDED_ARGS_LUA,
+        guard_lua,
+        ENQUEUE_LUA,
+        GUARDED_ENQUEUE_MAIN,
+    ]
+    .concat()
+}
+
+/// Every script as Redis runs it, by name (for the Lua lint).
+pub fn lua_scripts() -> Vec<(&'static str, String)> {
+    vec![
+        ("queue_enqueue", [ENQUEUE_LUA, ENQUEUE_MAIN_LUA].concat()),
+        ("queue_remove", REMOVE_LUA.to_owned()),
+        ("queue_lease", LEASE_LUA.to_owned()),
+        ("queue_finish", FINISH_LUA.to_owned()),
+        ("queue_renew", RENEW_LUA.to_owned()),
+        ("queue_release", RELEASE_LUA.to_owned()),
+        ("queue_renew_all", RENEW_ALL_LUA.to_owned()),
+        ("queue_status", STATUS_LUA.to_owned()),
+        ("queue_page", PAGE_LUA.to_owned()),
+        ("queue_retry_ids", RETRY_IDS_LUA.to_owned()),
+        ("queue_retry_all", RETRY_ALL_LUA.to_owned()),
+    ]
+}
 
 impl std::fmt::Debug for RedisQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -558,17 +468,15 @@ impl RedisQueue {
     }
 
     /// Builds and loads the script of a guarded enqueue: `guard_lua` must define
-    /// `local function guard(KEYS, ARGV, K0, A0)` returning `allowed, reply`, reading
-    /// its keys from `KEYS[K0 + 1]` and its arguments from `ARGV[A0 + 1]` (the
-    /// enqueue's come first, so that neither list is copied). `None` in Redis
+    /// `local function guard(K0)` returning `allowed, reply`, reading its keys from
+    /// `KEYS[K0 + 1]` and its arguments from `ARGV[A0 + 1]` (the enqueue's come
+    /// first, so that neither list is copied; `A0` is set before `guard_lua`). `None` in Redis
     /// Cluster, where the guard's keys live in another slot than the message's.
     pub async fn enqueue_guard(&self, guard_lua: &str) -> Result<Option<EnqueueGuard>, QueueError> {
         if self.conn.is_cluster() {
             return Ok(None);
         }
-        let text = format!(
-            "{guard_lua}\nlocal function enqueue(KEYS, ARGV)\n{ENQUEUE_LUA}\nend\n{GUARDED_ENQUEUE_MAIN}"
-        );
+        let text = guarded_enqueue_lua(guard_lua);
         let guard = EnqueueGuard {
             script: Script::new(&text),
         };
@@ -630,22 +538,23 @@ impl RedisQueue {
         let cmd = pipe
             .cmd("EVALSHA")
             .arg(script.get_hash())
-            .arg(extra_keys.len() + 5)
-            .arg(shard.message(id))
-            .arg(&shard.due)
-            .arg(&shard.ids)
-            .arg(&shard.stats)
-            .arg(&shard.leased);
+            .arg(extra_keys.len() + ENQUEUE.fixed_keys());
+        let mut call = Call::onto(cmd, &ENQUEUE);
+        call.key("message", shard.message(id))
+            .key("due", &shard.due)
+            .key("ids", &shard.ids)
+            .key("stats", &shard.stats)
+            .key("leased", &shard.leased);
         for k in extra_keys {
-            cmd.arg(k);
+            call.key("guard keys..", k);
         }
-        cmd.arg(id)
-            .arg(envelope.as_slice())
-            .arg(msg.body.as_slice())
-            .arg(msg.envelope.received_at_ms)
-            .arg(status.as_slice());
+        call.arg("id", id)
+            .arg("envelope", envelope.as_slice())
+            .arg("body", msg.body.as_slice())
+            .arg("due", msg.envelope.received_at_ms)
+            .arg("status", status.as_slice());
         for a in extra_args {
-            cmd.arg(a.as_slice());
+            call.arg("guard args..", a.as_slice());
         }
         if self.wait_replicas > 0 {
             // In the same pipeline, so it runs on the connection that wrote the
@@ -692,25 +601,16 @@ impl RedisQueue {
     }
 
     /// The keys of the finish script for message `id`.
-    fn finish_keys(&self, id: &str) -> [String; 5] {
-        let keys = self.keys(id);
-        [
-            keys.message(id),
-            keys.due,
-            keys.leased,
-            keys.ids,
-            keys.stats,
-        ]
-    }
-
-    /// The arguments of the finish script (`status` already prepared).
-    fn finish_args(
+    /// Pushes the keys and arguments of the finish script (`status` already
+    /// prepared, `json` its encoding).
+    fn finish_call(
         &self,
+        call: &mut Call<'_, '_>,
         id: &str,
         lease: &Lease,
         status: &MessageStatus,
-    ) -> Result<Vec<Vec<u8>>, QueueError> {
-        let json = encode("status", status)?;
+        json: &[u8],
+    ) {
         let totals = DeliveryTotals::of(status);
         let retention_ms = u64::try_from(self.options.status_retention.as_millis())
             .unwrap_or(u64::MAX)
@@ -718,17 +618,21 @@ impl RedisQueue {
         let next = status
             .next_attempt_ms
             .map_or_else(String::new, |t| t.to_string());
-        Ok(vec![
-            id.as_bytes().to_vec(),
-            lease.token.as_bytes().to_vec(),
-            json,
-            status.attempts.to_string().into_bytes(),
-            next.into_bytes(),
-            retention_ms.to_string().into_bytes(),
-            totals.delivered.to_string().into_bytes(),
-            totals.bounced.to_string().into_bytes(),
-            totals.expired.to_string().into_bytes(),
-        ])
+        let keys = self.keys(id);
+        call.key("message", keys.message(id))
+            .key("due", &keys.due)
+            .key("leased", &keys.leased)
+            .key("ids", &keys.ids)
+            .key("stats", &keys.stats)
+            .arg("id", id)
+            .arg("token", &lease.token)
+            .arg("status", json)
+            .arg("attempts", status.attempts)
+            .arg("next attempt", next)
+            .arg("retention", retention_ms)
+            .arg("delivered", totals.delivered)
+            .arg("bounced", totals.bounced)
+            .arg("expired", totals.expired);
     }
 
     fn keys(&self, id: &str) -> ShardKeys {
@@ -942,16 +846,16 @@ impl RedisQueue {
         token: &str,
     ) -> Result<Vec<Leased>, QueueError> {
         let keys = ShardKeys::new(&self.prefix, shard);
-        let mut invocation = self.scripts.lease.prepare_invoke();
-        invocation
-            .key(&keys.due)
-            .key(&keys.leased)
-            .arg(now_ms)
-            .arg(expires_ms)
-            .arg(max)
-            .arg(token)
-            .arg(keys.message(""))
-            .arg(SWEEP_LIMIT);
+        let mut call = Call::new(&self.scripts.lease, &LEASE);
+        call.key("due", &keys.due)
+            .key("leased", &keys.leased)
+            .arg("now", now_ms)
+            .arg("expires", expires_ms)
+            .arg("max", max)
+            .arg("token", token)
+            .arg("message prefix", keys.message(""))
+            .arg("sweep limit", SWEEP_LIMIT);
+        let invocation = call.invocation();
         let flat: Vec<Option<Vec<u8>>> = self.eval("lease", &invocation).await?;
         let mut out = Vec::with_capacity(flat.len() / 5);
         for chunk in flat.chunks(5) {
@@ -990,14 +894,14 @@ impl RedisQueue {
         after: Option<&QueueId>,
     ) -> Result<(Vec<PageEntry>, Option<QueueId>), QueueError> {
         let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
-        let mut invocation = self.scripts.page.prepare_invoke();
-        invocation
-            .key(&keys.ids)
-            .key(&keys.due)
-            .key(&keys.leased)
-            .arg(keys.message(""))
-            .arg(start)
-            .arg(PAGE);
+        let mut call = Call::new(&self.scripts.page, &PAGE_LAYOUT);
+        call.key("ids", &keys.ids)
+            .key("due", &keys.due)
+            .key("leased", &keys.leased)
+            .arg("message prefix", keys.message(""))
+            .arg("start", start)
+            .arg("count", PAGE);
+        let invocation = call.invocation();
         let flat: Vec<Option<Vec<u8>>> = self.eval("page", &invocation).await?;
         let mut entries = Vec::with_capacity(flat.len() / 5);
         let mut last = None;
@@ -1129,14 +1033,14 @@ impl Queue for RedisQueue {
             }
             let id = id.as_str();
             let keys = self.keys(id);
-            let mut invocation = self.scripts.remove.prepare_invoke();
-            invocation
-                .key(keys.message(id))
-                .key(&keys.due)
-                .key(&keys.ids)
-                .key(&keys.stats)
-                .key(&keys.leased)
-                .arg(id);
+            let mut call = Call::new(&self.scripts.remove, &REMOVE);
+            call.key("message", keys.message(id))
+                .key("due", &keys.due)
+                .key("ids", &keys.ids)
+                .key("stats", &keys.stats)
+                .key("leased", &keys.leased)
+                .arg("id", id);
+            let invocation = call.invocation();
             let existed: i64 = self.eval("remove", &invocation).await?;
             Ok(existed == 1)
         }))
@@ -1272,13 +1176,10 @@ impl Queue for RedisQueue {
             let Some(id) = QueueId::parse(lease.id.as_str()) else {
                 return Ok(FinishResult::LeaseLost);
             };
-            let mut invocation = self.scripts.finish.prepare_invoke();
-            for k in self.finish_keys(id.as_str()) {
-                invocation.key(k);
-            }
-            for a in self.finish_args(id.as_str(), lease, &status)? {
-                invocation.arg(a);
-            }
+            let json = encode("status", &status)?;
+            let mut call = Call::new(&self.scripts.finish, &FINISH);
+            self.finish_call(&mut call, id.as_str(), lease, &status, &json);
+            let invocation = call.invocation();
             let result: i64 = self.eval("finish", &invocation).await?;
             Ok(finish_result(result))
         }))
@@ -1310,8 +1211,8 @@ impl Queue for RedisQueue {
                     out[i] = Some(Ok(FinishResult::LeaseLost));
                     continue;
                 };
-                let args = match self.finish_args(id.as_str(), &lease, &status) {
-                    Ok(a) => a,
+                let json = match encode("status", &status) {
+                    Ok(j) => j,
                     Err(e) => {
                         out[i] = Some(Err(e));
                         continue;
@@ -1325,14 +1226,10 @@ impl Queue for RedisQueue {
                 let (pipe, index) = by_shard
                     .entry(shard)
                     .or_insert_with(|| (redis::pipe(), Vec::new()));
-                let keys = self.finish_keys(id.as_str());
-                let cmd = pipe.cmd("EVALSHA").arg(&hash).arg(keys.len());
-                for k in &keys {
-                    cmd.arg(k);
-                }
-                for a in &args {
-                    cmd.arg(a.as_slice());
-                }
+                let cmd = pipe.cmd("EVALSHA").arg(&hash).arg(FINISH.fixed_keys());
+                let mut call = Call::onto(cmd, &FINISH);
+                self.finish_call(&mut call, id.as_str(), &lease, &status, &json);
+                call.done();
                 index.push(i);
             }
             let mut replies: Vec<(Vec<usize>, Vec<Value>)> = Vec::new();
@@ -1398,15 +1295,15 @@ impl Queue for RedisQueue {
             };
             let id = id.as_str();
             let keys = self.keys(id);
-            let mut invocation = self.scripts.renew.prepare_invoke();
-            invocation
-                .key(keys.message(id))
-                .key(&keys.due)
-                .key(&keys.leased)
-                .key(&keys.ids)
-                .arg(id)
-                .arg(&lease.token)
-                .arg(now_ms().saturating_add(lease_ms));
+            let mut call = Call::new(&self.scripts.renew, &RENEW);
+            call.key("message", keys.message(id))
+                .key("due", &keys.due)
+                .key("leased", &keys.leased)
+                .key("ids", &keys.ids)
+                .arg("id", id)
+                .arg("token", &lease.token)
+                .arg("expires", now_ms().saturating_add(lease_ms));
+            let invocation = call.invocation();
             let renewed: i64 = self.eval("renew", &invocation).await?;
             Ok(renewed == 1)
         }))
@@ -1427,15 +1324,18 @@ impl Queue for RedisQueue {
                 let cmd = pipe
                     .cmd("EVALSHA")
                     .arg(self.scripts.renew_all.get_hash())
-                    .arg(3)
-                    .arg(&keys.due)
-                    .arg(&keys.leased)
-                    .arg(&keys.ids)
-                    .arg(expires_ms)
-                    .arg(keys.message(""));
+                    .arg(RENEW_ALL.fixed_keys());
+                let mut call = Call::onto(cmd, &RENEW_ALL);
+                call.key("due", &keys.due)
+                    .key("leased", &keys.leased)
+                    .key("ids", &keys.ids)
+                    .arg("expires", expires_ms)
+                    .arg("message prefix", keys.message(""));
                 for lease in leases {
-                    cmd.arg(lease.id.as_str()).arg(&lease.token);
+                    call.arg("id, token..", lease.id.as_str())
+                        .arg("id, token..", &lease.token);
                 }
+                call.done();
                 pipes.push(pipe);
             }
             for reply in self
@@ -1463,16 +1363,19 @@ impl Queue for RedisQueue {
                 let cmd = pipe
                     .cmd("EVALSHA")
                     .arg(self.scripts.release.get_hash())
-                    .arg(3)
-                    .arg(&keys.due)
-                    .arg(&keys.leased)
-                    .arg(&keys.ids)
-                    .arg(keys.message(""));
+                    .arg(RELEASE.fixed_keys());
+                let mut call = Call::onto(cmd, &RELEASE);
+                call.key("due", &keys.due)
+                    .key("leased", &keys.leased)
+                    .key("ids", &keys.ids)
+                    .arg("message prefix", keys.message(""));
                 for lease in leases {
-                    cmd.arg(lease.id.as_str())
-                        .arg(&lease.token)
-                        .arg(due.get(&lease.id).copied().unwrap_or_else(now_ms));
+                    let at = due.get(&lease.id).copied().unwrap_or_else(now_ms);
+                    call.arg("id, token, due..", lease.id.as_str())
+                        .arg("id, token, due..", &lease.token)
+                        .arg("id, token, due..", at);
                 }
+                call.done();
                 pipes.push(pipe);
             }
             self.script_per_shard("release", &self.scripts.release, pipes)
@@ -1487,13 +1390,13 @@ impl Queue for RedisQueue {
                 return Ok(None);
             };
             let keys = self.keys(id.as_str());
-            let mut invocation = self.scripts.status.prepare_invoke();
-            invocation
-                .key(keys.message(id.as_str()))
-                .key(&keys.due)
-                .key(&keys.leased)
-                .key(&keys.ids)
-                .arg(id.as_str());
+            let mut call = Call::new(&self.scripts.status, &STATUS);
+            call.key("message", keys.message(id.as_str()))
+                .key("due", &keys.due)
+                .key("leased", &keys.leased)
+                .key("ids", &keys.ids)
+                .arg("id", id.as_str());
+            let invocation = call.invocation();
             let fields: Vec<Option<Vec<u8>>> = self.eval("status", &invocation).await?;
             let [envelope, status, fin, due, leased, queued] = fields.as_slice() else {
                 return Err(QueueError::Corrupt(format!(
@@ -1558,16 +1461,22 @@ impl Queue for RedisQueue {
                         return Ok(0);
                     }
                     let keys = self.keys(id.as_str());
-                    let mut invocation = self.scripts.retry_ids.prepare_invoke();
-                    invocation.key(&keys.due).arg(now).arg(id.as_str());
+                    let mut call = Call::new(&self.scripts.retry_ids, &RETRY_IDS);
+                    call.key("due", &keys.due)
+                        .arg("now", now)
+                        .arg("ids..", id.as_str());
+                    let invocation = call.invocation();
                     moved += self.eval::<u64>("retry_now", &invocation).await?;
                 }
                 RetrySelector::All => {
                     for shard in 0..SHARDS {
                         let keys = ShardKeys::new(&self.prefix, shard);
                         loop {
-                            let mut invocation = self.scripts.retry_all.prepare_invoke();
-                            invocation.key(&keys.due).arg(now).arg(PAGE);
+                            let mut call = Call::new(&self.scripts.retry_all, &RETRY_ALL);
+                            call.key("due", &keys.due)
+                                .arg("now", now)
+                                .arg("limit", PAGE);
+                            let invocation = call.invocation();
                             let n: u64 = self.eval("retry_now", &invocation).await?;
                             moved += n;
                             if n < PAGE as u64 {
@@ -1593,11 +1502,12 @@ impl Queue for RedisQueue {
                             if !ids.is_empty() {
                                 // Checked again inside the script: a message leased
                                 // since the page was read is left alone.
-                                let mut invocation = self.scripts.retry_ids.prepare_invoke();
-                                invocation.key(&keys.due).arg(now);
+                                let mut call = Call::new(&self.scripts.retry_ids, &RETRY_IDS);
+                                call.key("due", &keys.due).arg("now", now);
                                 for id in ids {
-                                    invocation.arg(id);
+                                    call.arg("ids..", id);
                                 }
+                                let invocation = call.invocation();
                                 moved += self.eval::<u64>("retry_now", &invocation).await?;
                             }
                             match last {
@@ -1729,6 +1639,14 @@ fn valid_id(id: &QueueId) -> Result<&str, QueueError> {
 mod tests {
     use super::*;
     use redis::cluster_routing::Slot;
+
+    #[test]
+    fn the_guarded_enqueue_offsets_are_the_enqueue_layout() {
+        // The Lua files cannot read the Rust constants: they must agree.
+        let (k, a) = (ENQUEUE.fixed_keys(), ENQUEUE.fixed_args());
+        assert!(GUARDED_ARGS_LUA.contains(&format!("local A0 = {a}\n")));
+        assert!(GUARDED_ENQUEUE_MAIN.contains(&format!("guard({k})")));
+    }
 
     #[test]
     fn fnv1a_matches_reference_vectors() {

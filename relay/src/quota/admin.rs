@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use super::engine::Quotas;
-use super::store::StoreError;
+use super::ingress::engine::Quotas;
+use super::ingress::store::StoreError;
 use super::usage::{QuotaList, QuotaUsage};
 
 /// The quota routes, to merge into the admin router.

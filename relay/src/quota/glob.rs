@@ -1,5 +1,6 @@
 //! Case-insensitive globs with `*` (any run of characters, also none) and `?`
-//! (exactly one character), as used by quota `match` patterns.
+//! (exactly one character), as used by quota `match` patterns (senders and AUTH
+//! users for ingress, destination domains and MX hosts for egress).
 
 /// A compiled pattern: lower-cased once, matched many times.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +49,11 @@ impl Glob {
         let text: Vec<char> = text.chars().collect();
         glob_match(&self.chars, &text)
     }
+}
+
+/// Domains and host names compare without a trailing dot.
+pub fn normalize_name(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
 }
 
 /// [`glob_match`] over bytes, for ASCII pattern and text.
@@ -131,6 +137,23 @@ mod tests {
         assert!(!m("*a*b*c*", "xxaxxcxxbxx"));
         assert!(!m("", "x"));
         assert!(m("", ""));
+    }
+
+    #[test]
+    fn host_and_domain_patterns() {
+        for (p, t, want) in [
+            ("gmail.com", "GMail.Com", true),
+            ("gmail.com", "xgmail.com", false),
+            ("*.google.com", "alt1.gmail-smtp-in.l.google.com", true),
+            ("*.google.com", "google.com", false),
+            ("mx*.example.*", "mx10.example.net", true),
+        ] {
+            assert_eq!(m(p, t), want, "{p:?} vs {t:?}");
+        }
+        assert_eq!(normalize_name("MX.Example.COM."), "mx.example.com");
+        // An adversarial pattern stays fast (linear backtracking).
+        let text = "a".repeat(5000);
+        assert!(!m(&format!("{}b", "*a".repeat(50)), &text));
     }
 
     #[test]

@@ -1,35 +1,30 @@
 //! Send quotas: tenant limits on accepted mail (ingress) and pacing of outbound
 //! mail (egress), counted in the queue store so every relay process shares them.
+//! Depends only downward (queue, config, redis_conn): the SMTP session and the
+//! delivery scheduler call traits of their own, which thin adapters in
+//! `server::quota` implement with the types here.
 //!
-//! - [`config`]: the `quotas:` section of the relay config (what the operator's
-//!   `SendQuota` resources render into).
-//! - [`glob`], [`window`], [`ingress`]: pure logic — patterns, the bucketed
-//!   sliding window ("never more than N in any rolling window"), which quotas a
-//!   message falls under with what key and cost, and the SMTP refusals.
-//! - [`store`]: the [`store::CounterStore`] trait; [`redis`] (one Lua round trip per
-//!   check, shared by all relays) and [`embedded`] (in-process) implement it.
-//! - [`engine`]: [`Quotas`], what the SMTP session, the connection task, the delivery
-//!   scheduler ([`gate`]) and the admin API ([`admin`], JSON in [`usage`]) ask.
-//! - [`reload`]: new quotas on SIGHUP or file change, counters kept.
-//! - [`metrics`]: Prometheus families.
-//! - [`egress`]: pacing of outbound delivery (GCRA plus an in-flight sliding cap,
-//!   shared connection leases, rate-limit back-off).
+//! Where to change the quota algorithm:
+//! - ingress (accepting mail): [`ingress::model`] (matching, keys, costs,
+//!   refusals), [`ingress::window`] (the sliding window, the reference model),
+//!   whose twins are [`ingress::memory`] and the Lua in `ingress/lua/` (loaded by
+//!   [`ingress::redis`]); [`ingress::engine`] decides per message,
+//!   [`ingress::gate`] releases `action: defer` mail at dispatch.
+//! - egress (pacing delivery): [`egress::pacer`] (GCRA plus the in-flight sliding
+//!   cap, the reference model), whose twins are [`egress::memory`] and the Lua in
+//!   `egress/lua/` (loaded by [`egress::redis`]); [`egress`] ties them to
+//!   connections, [`egress::backoff`] to rate-limit replies.
+//!
+//! Shared: [`config`] (the `quotas:` section), [`glob`] (every `match` pattern),
+//! [`reply`] (replies as plain values), [`usage`] (the usage API's JSON), [`admin`] (its routes), [`reload`].
 
 pub mod admin;
 pub mod config;
 pub mod egress;
-pub mod embedded;
-pub mod engine;
-pub mod gate;
 pub mod glob;
 pub mod ingress;
-pub mod metrics;
-pub mod redis;
 pub mod reload;
-pub mod store;
+pub mod reply;
 pub mod usage;
-pub mod window;
 
-pub use engine::{Admission, Charged, Quotas, Release};
-pub use gate::{Admitted, DeferGate, DispatchHook};
-pub use ingress::{IngressFacts, IngressPolicy, Refusal};
+pub use ingress::{Admission, Charged, Quotas, Release};

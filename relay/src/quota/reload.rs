@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use super::engine::Quotas;
+use super::ingress::engine::Quotas;
 use crate::config::{ConfigError, RelayConfig};
 
 /// How often the config file is read for changes, by default.
@@ -137,8 +137,8 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quota::embedded::EmbeddedCounters;
-    use crate::quota::metrics::QuotaMetrics;
+    use crate::quota::ingress::memory::MemoryStore;
+    use crate::quota::ingress::metrics::QuotaMetrics;
 
     #[test]
     fn poll_interval_from_the_environment() {
@@ -159,7 +159,7 @@ mod tests {
                 .unwrap();
         let q = Quotas::new(
             &running.quotas,
-            Arc::new(EmbeddedCounters::new()),
+            Arc::new(MemoryStore::new()),
             QuotaMetrics::register(&mut reg),
             Duration::from_secs(1),
         );

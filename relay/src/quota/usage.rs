@@ -14,8 +14,18 @@
 //! `remaining` grows (now, when nothing is counted).
 
 use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 use super::config::{Action, Direction, Scope};
+
+/// `2026-11-29T05:01:00Z` (rounded up to the second).
+pub fn rfc3339(ms: u64) -> String {
+    OffsetDateTime::from_unix_timestamp(ms.div_ceil(1000) as i64)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuotaList {

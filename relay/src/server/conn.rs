@@ -747,7 +747,7 @@ impl Conn {
             }
             crate::quota::Admission::Refuse(r) => {
                 debug!(client = %msg.envelope.client.ip, from = %msg.envelope.mail.from, reply = %r.reply, "refused by quota");
-                QuotaStep::Checked(Some(r))
+                QuotaStep::Checked(Some(super::quota::refusal(r)))
             }
         }
     }
@@ -820,7 +820,7 @@ impl Conn {
 /// What the quota check of a complete message left to do.
 enum QuotaStep {
     /// Checked (and charged if allowed); the session decides, the queue write follows.
-    Checked(Option<crate::quota::Refusal>),
+    Checked(Option<crate::smtp::policy::Refusal>),
     /// Checked, charged and already queued in the same call.
     Queued,
 }

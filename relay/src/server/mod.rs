@@ -5,6 +5,7 @@ pub mod auth_throttle;
 pub mod conn;
 pub mod limits;
 pub mod proxy;
+pub mod quota;
 pub mod tls;
 pub mod users;
 
@@ -321,7 +322,7 @@ async fn handle(
     debug!(client = %client, listener = %lcfg.name, relay_allowed = peer.relay_allowed, "session start");
     let mut session = Session::new(shared.session.clone(), peer);
     if let Some(q) = &shared.quotas {
-        session.set_ingress_policy(Arc::clone(q) as Arc<dyn crate::quota::IngressPolicy>);
+        session.set_ingress_policy(Arc::new(quota::QuotaPolicy(Arc::clone(q))));
     }
     if let Some(p) = &shared.senders {
         session.set_sender_policy(Arc::clone(p));

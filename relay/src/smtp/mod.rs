@@ -6,6 +6,7 @@ pub mod auth;
 pub mod client;
 pub mod command;
 pub mod data;
+pub mod policy;
 pub mod reply;
 pub mod sender;
 pub mod session;

@@ -14,13 +14,13 @@ use time::format_description::well_known::Rfc2822;
 use super::auth::{AuthExchange, AuthStep, Mechanism};
 use super::command::{self, Command, CommandError, Param, is_xtext, validate_mailbox};
 use super::data::{DataDecoder, DataError};
+use super::policy::{IngressFacts, IngressPolicy, Refusal};
 use super::reply::Reply;
 use super::sender::{SenderPolicy, SenderRefusal, from_addresses};
 use crate::queue::{
     BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, MailParams, QueueId, QueuedMessage,
     Recipient, TlsInfo,
 };
-use crate::quota::{IngressFacts, IngressPolicy, Refusal};
 
 /// RFC 5321 §4.5.3.1.4: command lines are at most 512 octets with CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;

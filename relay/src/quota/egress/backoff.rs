@@ -9,8 +9,6 @@
 //! a new complaint. The state is one small record per site, shared through the
 //! store, so every relay process backs off together.
 
-use crate::smtp::Reply;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffPolicy {
     pub base_ms: u64,
@@ -83,9 +81,9 @@ impl BackoffPolicy {
 /// "too many connections" or "rate limited") or any `4.7.x` temporary refusal
 /// (`450 4.7.0`, `451 4.7.1`, Gmail's `421 4.7.28`, …). Greylisting that uses
 /// `4.7.x` backs off too, which is what greylisting asks for anyway.
-pub fn is_rate_limit_reply(reply: &Reply) -> bool {
-    reply.code == 421
-        || (reply.code / 100 == 4 && reply.enhanced.is_some_and(|e| e.0 == 4 && e.1 == 7))
+/// `enhanced` is the reply's RFC 3463 code, if it has one.
+pub fn is_rate_limit_reply(code: u16, enhanced: Option<(u8, u16, u16)>) -> bool {
+    code == 421 || (code / 100 == 4 && enhanced.is_some_and(|e| e.0 == 4 && e.1 == 7))
 }
 
 #[cfg(test)]
@@ -143,11 +141,7 @@ mod tests {
             (550, Some((5, 7, 1)), false),
             (250, None, false),
         ] {
-            let r = match esc {
-                Some(e) => Reply::status(code, e, "x"),
-                None => Reply::new(code, None, "x"),
-            };
-            assert_eq!(is_rate_limit_reply(&r), yes, "{code} {esc:?}");
+            assert_eq!(is_rate_limit_reply(code, esc), yes, "{code} {esc:?}");
         }
     }
 }

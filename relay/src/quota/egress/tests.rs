@@ -1,7 +1,4 @@
 use super::*;
-use crate::delivery::smtp_client::RecipientOutcome;
-use crate::queue::QueueId;
-use crate::smtp::client::Stage;
 
 fn quotas(yaml: &str) -> Vec<QuotaConfig> {
     let q: Vec<QuotaConfig> = serde_norway::from_str(yaml).unwrap();
@@ -132,52 +129,6 @@ fn costs_follow_each_quota_unit_and_spacing_the_slowest_window() {
     assert_eq!(r.spacing_ms(2), 2_400);
 }
 
-fn outcome(attempted: bool, results: &[Outcome]) -> MessageOutcome {
-    MessageOutcome {
-        id: QueueId::generate(),
-        recipients: results
-            .iter()
-            .map(|&result| RecipientOutcome {
-                address: "a@x.test".into(),
-                result,
-                reply: Reply::new(451, None, "x"),
-                stage: Stage::Mail,
-                remote: false,
-            })
-            .collect(),
-        attempted,
-        dsn_unsupported: false,
-        warnings: vec![],
-    }
-}
-
-#[test]
-fn postponed_messages_are_the_unattempted_ones_spread_by_the_spacing() {
-    let p = Postponement {
-        stop: Some(Stop {
-            index: 2,
-            until_ms: 10_000,
-            spacing_ms: 500,
-        }),
-        backoff_until_ms: None,
-    };
-    let waiting = outcome(false, &[Outcome::Deferred, Outcome::Deferred]);
-    assert_eq!(p.due(0, &outcome(true, &[Outcome::Delivered])), None);
-    assert_eq!(p.due(1, &waiting), None);
-    assert_eq!(p.due(2, &waiting), Some(10_000));
-    assert_eq!(p.due(4, &waiting), Some(11_000));
-    // Refused locally (SIZE): decided, never postponed.
-    assert_eq!(p.due(3, &outcome(false, &[Outcome::Bounced])), None);
-    // A rate-limit reply: what was not attempted waits for the pause to end.
-    let b = Postponement {
-        stop: None,
-        backoff_until_ms: Some(7_000),
-    };
-    assert_eq!(b.due(0, &outcome(true, &[Outcome::Deferred])), None);
-    assert_eq!(b.due(1, &waiting), Some(7_000));
-    assert_eq!(Postponement::default().due(1, &waiting), None);
-}
-
 #[tokio::test]
 async fn connections_take_and_give_back_their_leases() {
     let egress = Egress::embedded(
@@ -233,20 +184,21 @@ async fn a_busy_host_moves_on_and_a_rate_limit_backs_the_site_off() {
     let egress = Egress::embedded(&[], Duration::from_secs(30));
     let hosts = vec!["mx1.x.test".to_owned(), "mx2.x.test".to_owned()];
     let route = || egress.route(&dest("x.test", &hosts));
-    let busy = Reply::status(421, (4, 3, 2), "too busy");
+    let busy =
+        |c: &mut EgressConn| c.on_reply(421, Some((4, 3, 2)), || "421 4.3.2 too busy".into());
 
     // mx1 is busy, mx2 takes the mail: no back-off.
     let mut c = egress.open(route(), &[(1, 10)]).await.unwrap();
-    c.on_reply(&busy);
+    busy(&mut c);
     assert!(c.try_next_host());
     c.before_message(0).await.unwrap();
     assert_eq!(c.finish().await.backoff_until_ms, None);
 
     // Every host busy: the site backs off.
     let mut c = egress.open(route(), &[(1, 10)]).await.unwrap();
-    c.on_reply(&busy);
+    busy(&mut c);
     assert!(c.try_next_host());
-    c.on_reply(&busy);
+    busy(&mut c);
     let before = now_ms();
     let until = c.finish().await.backoff_until_ms.unwrap();
     assert!(until >= before + 14_000, "{until} vs {before}");
@@ -264,7 +216,7 @@ async fn a_busy_host_moves_on_and_a_rate_limit_backs_the_site_off() {
         .await
         .unwrap();
     c.before_message(0).await.unwrap();
-    c.on_reply(&Reply::status(451, (4, 7, 1), "slow down"));
+    c.on_reply(451, Some((4, 7, 1)), || "451 4.7.1 slow down".into());
     assert!(!c.try_next_host());
     let refused = c.before_message(1).await.unwrap_err();
     assert_eq!(refused.code, 451);

@@ -5,7 +5,7 @@
 use super::pacer::Window;
 use super::store::KeyUse;
 use crate::quota::config::{Direction, Limit, QuotaConfig, Scope};
-use crate::quota::ingress::rfc3339;
+use crate::quota::usage::rfc3339;
 
 /// Keys listed per quota at most (most used first).
 pub const MAX_KEYS: usize = 100;

@@ -10,16 +10,15 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-
-use super::config::{Action, Direction, KeyBy, Limit, QuotaConfig, Scope, Unit};
-use super::glob::Glob;
 use super::window::WindowSpec;
-use crate::smtp::Reply;
+use crate::quota::config::{Action, Direction, KeyBy, Limit, QuotaConfig, Scope, Unit};
+use crate::quota::glob::Glob;
+use crate::quota::reply::Reply;
+use crate::quota::usage::rfc3339;
 
-/// What ingress matching looks at. The recipients are passed separately because
-/// they grow during a transaction.
+/// What ingress matching looks at (the SMTP session's facts, as its policy adapter
+/// hands them over). The recipients are passed separately because they grow during
+/// a transaction.
 #[derive(Debug, Clone, Copy)]
 pub struct IngressFacts<'a> {
     /// Reverse-path without brackets; empty for the null sender.
@@ -268,14 +267,6 @@ pub struct Refusal {
     pub quota: Option<String>,
 }
 
-/// `2026-11-29T05:01:00Z` (rounded up to the second).
-pub fn rfc3339(ms: u64) -> String {
-    OffsetDateTime::from_unix_timestamp(ms.div_ceil(1000) as i64)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| ms.to_string())
-}
-
 /// `451 4.7.1`: over the limit; says which and when to come back.
 pub fn exceeded(q: &CompiledQuota, limit: &Limit, retry_at_ms: u64, now_ms: u64) -> Refusal {
     let secs = retry_at_ms.saturating_sub(now_ms).div_ceil(1000).max(1);
@@ -366,18 +357,6 @@ pub fn never_fits(q: &CompiledQuota, limit: &Limit) -> Refusal {
         // A message costs 1 and limits are at least 1.
         Unit::Messages => too_many_recipients(q, limit, limit.count),
     }
-}
-
-/// What the session may ask before the message is in: checks against limits
-/// alone and against what this process last learned from the counters. The
-/// authoritative check-and-charge happens when the message is complete.
-pub trait IngressPolicy: Send + Sync + std::fmt::Debug {
-    /// At MAIL FROM, with the `SIZE=` the client declared.
-    fn at_mail(&self, f: &IngressFacts, declared_size: Option<u64>) -> Option<Refusal>;
-    /// At RCPT TO: `accepted` are the recipients of this transaction so far.
-    fn at_rcpt(&self, f: &IngressFacts, accepted: &[&str], new: &str) -> Option<Refusal>;
-    /// Whether complete messages must be checked before they are queued.
-    fn check_before_queueing(&self) -> bool;
 }
 
 #[cfg(test)]
@@ -510,7 +489,7 @@ mod tests {
         let l = &q.cfg.limits[0];
         let r = exceeded(&q, l, 1_800_000_031_500, 1_800_000_000_000);
         assert_eq!(r.reply.code, 451);
-        let text = r.reply.lines[0].clone();
+        let text = r.reply.text.clone();
         assert_eq!(
             text,
             "Sending quota tenant-a exceeded (100/1m); try again in 32s (resets at 2027-01-15T08:00:32Z)"

@@ -31,11 +31,11 @@ struct Inner {
 const SWEEP_EVERY: u64 = 4096;
 
 #[derive(Default)]
-pub struct EmbeddedCounters {
+pub struct MemoryStore {
     inner: Mutex<Inner>,
 }
 
-impl EmbeddedCounters {
+impl MemoryStore {
     pub fn new() -> Self {
         Self::default()
     }
@@ -113,7 +113,7 @@ fn sweep(inner: &mut Inner, now: u64) {
     inner.index.retain(|_, keys| !keys.is_empty());
 }
 
-impl CounterStore for EmbeddedCounters {
+impl CounterStore for MemoryStore {
     fn backend(&self) -> &'static str {
         "embedded"
     }
@@ -215,7 +215,7 @@ mod tests {
 
     #[test]
     fn all_or_nothing_across_requests() {
-        let s = EmbeddedCounters::new();
+        let s = MemoryStore::new();
         let other = ChargeRequest {
             quota: "r".into(),
             key: "*".into(),
@@ -237,7 +237,7 @@ mod tests {
 
     #[tokio::test]
     async fn usage_and_active_keys() {
-        let s = EmbeddedCounters::new();
+        let s = MemoryStore::new();
         s.charge_now(&[req("a", 2)], 1_000);
         s.charge_now(&[req("b", 1)], 2_000);
         let specs = req("a", 1).windows;

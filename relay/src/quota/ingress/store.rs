@@ -1,5 +1,5 @@
 //! Where quota counters live: [`CounterStore`], implemented in Redis (shared by
-//! every relay process, [`super::redis`]) and in-process ([`super::embedded`]).
+//! every relay process, [`super::redis`]) and in-process ([`super::memory`]).
 //!
 //! Both run the sliding window of [`super::window`] per (quota, window, key)
 //! counter, so they give the same answers; `tests/quota_store.rs` checks that on

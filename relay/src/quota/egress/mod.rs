@@ -36,7 +36,8 @@
 //! evaluated) and before connecting, [`Egress::open`] takes, in one atomic step, a
 //! connection lease in every matching quota with `max_connections` and the pacing
 //! slot of the first message. Before each later message on the connection, the
-//! connection's [`EgressConn`] (a [`MessageGate`]) takes that message's slot. A slot
+//! connection's [`EgressConn`] (the delivery session's gate, through an adapter)
+//! takes that message's slot. A slot
 //! due within [`INLINE_WAIT`] is waited for in-process, the connection open; a later
 //! one ends the connection politely (QUIT) and the remaining messages go back to the
 //! queue, due when their slot is (spread by the pacing interval so they do not
@@ -62,7 +63,6 @@
 //! matches goes on without its back-off check.
 
 pub mod backoff;
-pub mod glob;
 pub mod lease;
 pub mod memory;
 pub mod metrics;
@@ -79,7 +79,6 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use self::backoff::{BackoffPolicy, is_rate_limit_reply};
-use self::glob::{egress_glob_match, normalize_name};
 use self::memory::MemoryStore;
 use self::metrics::{EgressMetrics, WaitReason};
 use self::pacer::Window;
@@ -89,10 +88,10 @@ use self::store::{
 };
 use self::usage::QuotaUsage;
 use crate::config::RedisConfig;
-use crate::delivery::smtp_client::{MessageGate, MessageOutcome, Outcome};
 use crate::queue::now_ms;
 use crate::quota::config::{Direction, KeyBy, QuotaConfig, Scope, Unit};
-use crate::smtp::Reply;
+use crate::quota::glob::{Glob, normalize_name};
+use crate::quota::reply::Reply;
 
 /// Longest in-process wait for a slot or a connection permit; later ones go back to
 /// the queue. Short enough that no server times out an idle connection.
@@ -112,6 +111,9 @@ struct EgressQuota {
     name: Arc<str>,
     cfg: QuotaConfig,
     windows: Vec<Window>,
+    /// `match.destination_domains` and `match.mx_hosts`, compiled.
+    destination_domains: Vec<Glob>,
+    mx_hosts: Vec<Glob>,
 }
 
 /// Where a connection goes, as egress matching needs it.
@@ -186,23 +188,20 @@ fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
     let mut keys = Vec::new();
     let mut units = Vec::new();
     for q in quotas {
-        let m = &q.cfg.matcher;
-        if m.smarthost && !d.smarthost {
+        if q.cfg.matcher.smarthost && !d.smarthost {
             continue;
         }
-        if !m.destination_domains.is_empty()
-            && !domain.as_deref().is_some_and(|dom| {
-                m.destination_domains
-                    .iter()
-                    .any(|g| egress_glob_match(g, dom))
-            })
+        if !q.destination_domains.is_empty()
+            && !domain
+                .as_deref()
+                .is_some_and(|dom| q.destination_domains.iter().any(|g| g.is_match(dom)))
         {
             continue;
         }
-        if !m.mx_hosts.is_empty()
+        if !q.mx_hosts.is_empty()
             && !hosts
                 .iter()
-                .any(|h| m.mx_hosts.iter().any(|g| egress_glob_match(g, h)))
+                .any(|h| q.mx_hosts.iter().any(|g| g.is_match(h)))
         {
             continue;
         }
@@ -212,7 +211,7 @@ fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
             // A relay host carries many domains on its connections: unless the
             // quota names domains, its host is the destination.
             (Scope::PerKey, KeyBy::Auto, Some(_))
-                if d.relay_host && m.destination_domains.is_empty() =>
+                if d.relay_host && q.destination_domains.is_empty() =>
             {
                 site.clone()
             }
@@ -261,26 +260,6 @@ impl Postponement {
             backoff_until_ms: None,
         }
     }
-
-    /// When message `index` with `outcome` is due again, if egress held it back
-    /// (never for a message that was attempted or decided otherwise).
-    pub fn due(&self, index: usize, outcome: &MessageOutcome) -> Option<u64> {
-        let untouched = !outcome.attempted
-            && outcome
-                .recipients
-                .iter()
-                .all(|r| r.result == Outcome::Deferred);
-        if !untouched {
-            return None;
-        }
-        if let Some(s) = self.stop
-            && index >= s.index
-        {
-            let k = (index - s.index) as u64;
-            return Some(s.until_ms.saturating_add(k.saturating_mul(s.spacing_ms)));
-        }
-        self.backoff_until_ms
-    }
 }
 
 struct Inner {
@@ -315,6 +294,13 @@ fn compile(quotas: &[QuotaConfig]) -> Vec<EgressQuota> {
         .map(|q| EgressQuota {
             name: Arc::from(q.name.as_str()),
             windows: q.limits.iter().map(Window::from_limit).collect(),
+            destination_domains: q
+                .matcher
+                .destination_domains
+                .iter()
+                .map(|p| Glob::new(p))
+                .collect(),
+            mx_hosts: q.matcher.mx_hosts.iter().map(|p| Glob::new(p)).collect(),
             cfg: q.clone(),
         })
         .collect()
@@ -412,13 +398,9 @@ impl Egress {
     /// the quota knows the domain of every message it paces.
     pub fn names_domain(&self, domain: &str) -> bool {
         let domain = normalize_name(domain);
-        self.quotas().iter().any(|q| {
-            q.cfg
-                .matcher
-                .destination_domains
-                .iter()
-                .any(|g| egress_glob_match(g, &domain))
-        })
+        self.quotas()
+            .iter()
+            .any(|q| q.destination_domains.iter().any(|g| g.is_match(&domain)))
     }
 
     pub fn route(&self, d: &Destination<'_>) -> Route {
@@ -954,8 +936,10 @@ impl Drop for EgressConn {
     }
 }
 
-impl MessageGate for EgressConn {
-    async fn before_message(&mut self, index: usize) -> Result<(), Reply> {
+impl EgressConn {
+    /// Message `index` is ready to start: `Ok` once its slot is due, or the reply
+    /// with which it and every later message are left unattempted.
+    pub async fn before_message(&mut self, index: usize) -> Result<(), Reply> {
         if let Some(reply) = self.rate_limited.take() {
             let until = self
                 .egress
@@ -982,15 +966,22 @@ impl MessageGate for EgressConn {
         Ok(())
     }
 
-    fn on_reply(&mut self, reply: &Reply) {
-        if !is_rate_limit_reply(reply)
+    /// Every reply read from the server: its code, enhanced code and (asked for
+    /// only when the reply matters) its text as on the wire.
+    pub fn on_reply(
+        &mut self,
+        code: u16,
+        enhanced: Option<(u8, u16, u16)>,
+        text: impl FnOnce() -> String,
+    ) {
+        if !is_rate_limit_reply(code, enhanced)
             || self.rate_limited.is_some()
             || self.backoff_until.is_some()
         {
             return;
         }
-        let text = reply.to_string().trim_end().to_owned();
-        let says_rate = reply.enhanced.is_some_and(|e| e.0 == 4 && e.1 == 7);
+        let text = text();
+        let says_rate = enhanced.is_some_and(|e| e.0 == 4 && e.1 == 7);
         if says_rate || self.started_here {
             self.rate_limited = Some(text);
         } else {
@@ -1003,7 +994,7 @@ impl MessageGate for EgressConn {
 mod tests;
 
 /// Egress counters answer the admin API's quota usage (`GET /api/v1/quotas`).
-impl crate::quota::engine::EgressUsage for Egress {
+impl crate::quota::ingress::engine::EgressUsage for Egress {
     fn set_quotas(&self, quotas: &[QuotaConfig]) {
         Egress::set_quotas(self, quotas);
     }
@@ -1012,11 +1003,13 @@ impl crate::quota::engine::EgressUsage for Egress {
         &'a self,
         quota: &'a QuotaConfig,
         key: Option<&'a str>,
-    ) -> crate::quota::store::StoreFuture<'a, Vec<usage::KeyUsage>> {
+    ) -> crate::quota::ingress::store::StoreFuture<'a, Vec<usage::KeyUsage>> {
         Box::pin(async move {
             match Egress::usage(self, &quota.name, key).await {
                 Ok(u) => Ok(u.map(|u| u.keys).unwrap_or_default()),
-                Err(e) => Err(crate::quota::store::StoreError::Unavailable(e.to_string())),
+                Err(e) => Err(crate::quota::ingress::store::StoreError::Unavailable(
+                    e.to_string(),
+                )),
             }
         })
     }

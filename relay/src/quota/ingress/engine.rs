@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::config::{Action, Direction, QuotaConfig, Scope, Unit};
-use super::ingress::{
-    self, Applies, CompiledQuota, IngressFacts, IngressPolicy, QuotaSet, Refusal, SHARED_KEY,
-    Subject,
-};
 use super::metrics::QuotaMetrics;
+use super::model::{
+    self, Applies, CompiledQuota, IngressFacts, QuotaSet, Refusal, SHARED_KEY, Subject,
+};
 use super::store::{ChargeOutcome, ChargeRequest, CounterStore, StoreError, StoreFuture};
-use super::usage::{KeyUsage, QuotaUsage, WindowUsage};
 use crate::queue::{QueuedMessage, now_ms};
+use crate::quota::config::{Action, Direction, QuotaConfig, Scope, Unit};
+use crate::quota::usage::{KeyUsage, QuotaUsage, WindowUsage};
 
 /// Keys a per-key quota's usage lists at most.
 pub const MAX_KEYS_LISTED: usize = 100;
@@ -352,20 +351,20 @@ impl Quotas {
                 }
                 let Some(at) = c.retry_at else {
                     // Only if the config changed under us: the cost alone is too much.
-                    return ingress::never_fits(q, &q.cfg.limits[i]);
+                    return model::never_fits(q, &q.cfg.limits[i]);
                 };
                 retry = retry.max(at);
                 first.get_or_insert((q, i, c.used));
             }
         }
         let Some((q, i, used)) = first else {
-            return ingress::unavailable(self.store.backend());
+            return model::unavailable(self.store.backend());
         };
         let limit = &q.cfg.limits[i];
         if q.cfg.unit == Unit::Recipients && used < limit.count {
-            ingress::too_many_recipients(q, limit, limit.count - used)
+            model::too_many_recipients(q, limit, limit.count - used)
         } else {
-            ingress::exceeded(q, limit, local(retry, o.now, local_now), local_now)
+            model::exceeded(q, limit, local(retry, o.now, local_now), local_now)
         }
     }
 
@@ -390,7 +389,7 @@ impl Quotas {
         let applies = set.ingress(&f, &rcpts, msg.body.len() as u64);
         for a in &applies {
             if let Some((q, l)) = set.oversized(a) {
-                return self.refused(ingress::never_fits(q, l));
+                return self.refused(model::never_fits(q, l));
             }
         }
         let held: Vec<String> = applies
@@ -416,7 +415,7 @@ impl Quotas {
             let q = &set.quotas[a.index];
             if let Some(k) = self.known_full(q.name(), &a.key, now) {
                 self.metrics.check("cached", None);
-                return self.refused(ingress::exceeded(
+                return self.refused(model::exceeded(
                     q,
                     &q.cfg.limits[k.limit_idx],
                     k.free_at,
@@ -429,8 +428,8 @@ impl Quotas {
             return match self.timed(&reqs, fut).await {
                 Ok(o) if o.allowed => Admission::Queued { held },
                 Ok(o) => self.refused(self.denial(&set, &reject, &o, now_ms())),
-                Err(StoreError::Full(_)) => Admission::Refuse(ingress::queue_full()),
-                Err(_) => Admission::Refuse(ingress::unavailable(self.store.backend())),
+                Err(StoreError::Full(_)) => Admission::Refuse(model::queue_full()),
+                Err(_) => Admission::Refuse(model::unavailable(self.store.backend())),
             };
         }
         match self.charge(&reqs).await {
@@ -439,7 +438,7 @@ impl Quotas {
                 held,
             },
             Ok(o) => self.refused(self.denial(&set, &reject, &o, now_ms())),
-            Err(_) => Admission::Refuse(ingress::unavailable(self.store.backend())),
+            Err(_) => Admission::Refuse(model::unavailable(self.store.backend())),
         }
     }
 
@@ -608,7 +607,7 @@ impl Quotas {
                         used: u.used,
                         remaining: w.limit.saturating_sub(u.used),
                         scheduled: None,
-                        resets_at: ingress::rfc3339(u.resets_at),
+                        resets_at: crate::quota::usage::rfc3339(u.resets_at),
                         resets_in_seconds: u.resets_at.saturating_sub(report.now).div_ceil(1000),
                     })
                     .collect(),
@@ -626,8 +625,13 @@ impl Quotas {
     }
 }
 
-impl IngressPolicy for Quotas {
-    fn at_mail(&self, f: &IngressFacts, declared_size: Option<u64>) -> Option<Refusal> {
+/// The cheap checks the SMTP session makes while a transaction runs (through its
+/// `IngressPolicy` adapter): against limits alone and against what this process
+/// last learned from the counters. The authoritative check-and-charge is
+/// [`Quotas::admit`], when the message is complete.
+impl Quotas {
+    /// At MAIL FROM, with the `SIZE=` the client declared.
+    pub fn at_mail(&self, f: &IngressFacts, declared_size: Option<u64>) -> Option<Refusal> {
         let set = self.set();
         if !set.has_ingress() {
             return None;
@@ -643,7 +647,7 @@ impl IngressPolicy for Quotas {
                 && let Some(l) = q.cfg.limits.iter().find(|l| size > l.count)
             {
                 self.metrics.rejected(q.name());
-                return Some(ingress::too_big(q, l));
+                return Some(model::too_big(q, l));
             }
             if q.needs_recipients() || q.cfg.action != Action::Reject {
                 continue;
@@ -651,7 +655,7 @@ impl IngressPolicy for Quotas {
             if let Some(k) = self.known_full(q.name(), &q.key(f), now) {
                 self.metrics.check("cached", None);
                 self.metrics.rejected(q.name());
-                return Some(ingress::exceeded(
+                return Some(model::exceeded(
                     q,
                     &q.cfg.limits[k.limit_idx],
                     k.free_at,
@@ -662,7 +666,8 @@ impl IngressPolicy for Quotas {
         None
     }
 
-    fn at_rcpt(&self, f: &IngressFacts, accepted: &[&str], new: &str) -> Option<Refusal> {
+    /// At RCPT TO: `accepted` are the recipients of this transaction so far.
+    pub fn at_rcpt(&self, f: &IngressFacts, accepted: &[&str], new: &str) -> Option<Refusal> {
         let set = self.set();
         if !set.has_ingress() {
             return None;
@@ -679,7 +684,7 @@ impl IngressPolicy for Quotas {
                 && let Some(l) = q.cfg.limits.iter().find(|l| before + 1 > l.count)
             {
                 self.metrics.rejected(q.name());
-                return Some(ingress::too_many_recipients(
+                return Some(model::too_many_recipients(
                     q,
                     l,
                     l.count.saturating_sub(before),
@@ -695,11 +700,11 @@ impl IngressPolicy for Quotas {
             if k.remaining == 0 {
                 self.metrics.check("cached", None);
                 self.metrics.rejected(q.name());
-                return Some(ingress::exceeded(q, limit, k.free_at, now));
+                return Some(model::exceeded(q, limit, k.free_at, now));
             }
             if q.cfg.unit == Unit::Recipients && before + 1 > k.remaining {
                 self.metrics.rejected(q.name());
-                return Some(ingress::too_many_recipients(
+                return Some(model::too_many_recipients(
                     q,
                     limit,
                     k.remaining.saturating_sub(before),
@@ -709,24 +714,25 @@ impl IngressPolicy for Quotas {
         None
     }
 
-    fn check_before_queueing(&self) -> bool {
+    /// Whether complete messages must be checked before they are queued.
+    pub fn check_before_queueing(&self) -> bool {
         self.set().has_ingress()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::memory::MemoryStore;
     use super::*;
     use crate::queue::{ClientInfo, Envelope, MailParams, QueueId, Recipient};
-    use crate::quota::embedded::EmbeddedCounters;
 
     fn quotas(yaml: &str) -> Arc<Quotas> {
         let cfgs: Vec<QuotaConfig> = serde_norway::from_str(yaml).unwrap();
-        super::super::config::validate(&cfgs).unwrap();
+        crate::quota::config::validate(&cfgs).unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
         Quotas::new(
             &cfgs,
-            Arc::new(EmbeddedCounters::new()),
+            Arc::new(MemoryStore::new()),
             QuotaMetrics::register(&mut reg),
             Duration::from_secs(5),
         )
@@ -799,7 +805,7 @@ mod tests {
         // What the last check said now refuses at MAIL, with no store call.
         let r = q.at_mail(&f("X@A.example"), None).expect("known full");
         assert!(
-            r.reply.lines[0].contains("Sending quota t exceeded (3/1h)"),
+            r.reply.text.contains("Sending quota t exceeded (3/1h)"),
             "{r:?}"
         );
         // A reload keeps the counters (same name) but forgets the learned state.
@@ -869,7 +875,7 @@ mod tests {
         assert!(q.at_rcpt(&f, &[], "a@one.test").is_none());
         let r = q.at_rcpt(&f, &["a@one.test"], "b@two.test").unwrap();
         assert_eq!(r.reply.code, 452);
-        assert!(r.reply.lines[0].contains("0 allowed now"), "{r:?}");
+        assert!(r.reply.text.contains("0 allowed now"), "{r:?}");
         // At DATA the check says 452 too while some room is left.
         let Admission::Refuse(r) = q
             .admit(&msg("s@x.example", &["a@one.test", "b@two.test"], None))

@@ -30,7 +30,7 @@
 
 use std::collections::BTreeMap;
 
-use super::config::Limit;
+use crate::quota::config::Limit;
 
 /// Buckets per window.
 pub const BUCKETS: u64 = 60;

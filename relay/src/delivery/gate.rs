@@ -1,0 +1,208 @@
+//! What delivery asks before it sends: whether leased mail may go now (ingress
+//! `defer` quotas, [`DispatchHook`]) and at what pace a destination may take it
+//! (egress quotas, [`Pacing`]). The traits live here, with the scheduler that calls
+//! them; the relay's quotas implement them through adapters (`server::quota`), so
+//! delivery knows nothing of how limits are counted.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::queue::Leased;
+use crate::smtp::Reply;
+use crate::smtp::client::{MessageOutcome, Outcome};
+
+/// The futures the gates return: boxed, so the traits stay object safe.
+pub type GateFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Looks at leased mail before the scheduler delivers it and says what may go now.
+pub trait DispatchHook: Send + Sync + 'static {
+    fn admit(&self, leased: Vec<Leased>) -> GateFuture<'_, Admitted>;
+}
+
+/// What a [`DispatchHook`] made of a leased batch; the rest it put back to wait.
+#[derive(Default)]
+pub struct Admitted {
+    /// To deliver now.
+    pub go: Vec<Leased>,
+    /// Held until the queue lifetime ran out: to expire untried.
+    pub expired: Vec<Leased>,
+}
+
+/// Where a connection goes, as egress matching needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Destination<'a> {
+    /// The recipient domain every message on the connection is for. `None` when a
+    /// connection to a relay host (a route or the smarthost) carries several
+    /// domains: mail for a domain some pacing names travels on connections of its
+    /// own (see [`Pacing::names_domain`]), so it is known.
+    pub domain: Option<&'a str>,
+    /// The MX host names tried for it, in any order (the relay host's name).
+    pub mx_hosts: &'a [String],
+    /// Mail goes through the configured smarthost.
+    pub smarthost: bool,
+    /// Mail goes to a host given in the config (a route or the smarthost), not to
+    /// the domain's MX.
+    pub relay_host: bool,
+}
+
+/// Egress pacing of outbound connections.
+pub trait Pacing: Send + Sync + 'static {
+    /// Whether mail for `domain` (lower case) must travel on connections of its
+    /// own when it goes to a relay host, so that pacing knows the domain of every
+    /// message it paces.
+    fn names_domain(&self, domain: &str) -> bool;
+
+    /// Asks to open a connection to `dest` (after MX resolution) for messages of
+    /// the given (recipients, octets). `Err` says when the messages are due
+    /// instead; nothing is attempted then.
+    fn open<'a>(
+        &'a self,
+        dest: Destination<'a>,
+        sizes: &'a [(usize, usize)],
+    ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, Postponement>>;
+}
+
+/// One paced connection, asked before each message and told every reply.
+pub trait PacedConnection: Send {
+    /// Message `index` is ready to start: `Ok` once it may, or the reply with which
+    /// it and every later message are left unattempted.
+    fn before_message(&mut self, index: usize) -> GateFuture<'_, Result<(), Reply>>;
+    /// Every reply read from the server.
+    fn on_reply(&mut self, reply: &Reply);
+    /// The host failed before any message: whether the next MX host may be tried.
+    fn try_next_host(&mut self) -> bool;
+    /// Ends the connection; says which messages pacing held back, and until when.
+    fn finish(self: Box<Self>) -> GateFuture<'static, Postponement>;
+}
+
+/// Pacing that lets everything through at once.
+#[derive(Debug, Default)]
+pub struct Unpaced;
+
+impl Pacing for Unpaced {
+    fn names_domain(&self, _domain: &str) -> bool {
+        false
+    }
+
+    fn open<'a>(
+        &'a self,
+        _dest: Destination<'a>,
+        _sizes: &'a [(usize, usize)],
+    ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, Postponement>> {
+        Box::pin(std::future::ready(Ok(
+            Box::new(Unpaced) as Box<dyn PacedConnection>
+        )))
+    }
+}
+
+impl PacedConnection for Unpaced {
+    fn before_message(&mut self, _index: usize) -> GateFuture<'_, Result<(), Reply>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn on_reply(&mut self, _reply: &Reply) {}
+
+    fn try_next_host(&mut self) -> bool {
+        true
+    }
+
+    fn finish(self: Box<Self>) -> GateFuture<'static, Postponement> {
+        Box::pin(std::future::ready(Postponement::default()))
+    }
+}
+
+/// When a message held back by pacing is due again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stop {
+    /// The first message (index into the connection's messages) not attempted.
+    pub index: usize,
+    /// Its due time (relay clock, ms).
+    pub until_ms: u64,
+    /// Added per later message, so they come back spread out.
+    pub spacing_ms: u64,
+}
+
+/// What pacing did to a connection's messages: which ones it held back,
+/// unattempted, and until when. Every other message went its normal way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Postponement {
+    pub stop: Option<Stop>,
+    /// The destination backed off (relay clock, ms): messages the server's
+    /// rate-limit reply left unattempted wait until then.
+    pub backoff_until_ms: Option<u64>,
+}
+
+impl Postponement {
+    /// When message `index` with `outcome` is due again, if pacing held it back
+    /// (never for a message that was attempted or decided otherwise).
+    pub fn due(&self, index: usize, outcome: &MessageOutcome) -> Option<u64> {
+        let untouched = !outcome.attempted
+            && outcome
+                .recipients
+                .iter()
+                .all(|r| r.result == Outcome::Deferred);
+        if !untouched {
+            return None;
+        }
+        if let Some(s) = self.stop
+            && index >= s.index
+        {
+            let k = (index - s.index) as u64;
+            return Some(s.until_ms.saturating_add(k.saturating_mul(s.spacing_ms)));
+        }
+        self.backoff_until_ms
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::QueueId;
+    use crate::smtp::client::{RecipientOutcome, Stage};
+
+    fn outcome(attempted: bool, results: &[Outcome]) -> MessageOutcome {
+        MessageOutcome {
+            id: QueueId::generate(),
+            recipients: results
+                .iter()
+                .map(|&result| RecipientOutcome {
+                    address: "a@x.test".into(),
+                    result,
+                    reply: Reply::new(451, None, "x"),
+                    stage: Stage::Mail,
+                    remote: false,
+                })
+                .collect(),
+            attempted,
+            dsn_unsupported: false,
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn postponed_messages_are_the_unattempted_ones_spread_by_the_spacing() {
+        let p = Postponement {
+            stop: Some(Stop {
+                index: 2,
+                until_ms: 10_000,
+                spacing_ms: 500,
+            }),
+            backoff_until_ms: None,
+        };
+        let waiting = outcome(false, &[Outcome::Deferred, Outcome::Deferred]);
+        assert_eq!(p.due(0, &outcome(true, &[Outcome::Delivered])), None);
+        assert_eq!(p.due(1, &waiting), None);
+        assert_eq!(p.due(2, &waiting), Some(10_000));
+        assert_eq!(p.due(4, &waiting), Some(11_000));
+        // Refused locally (SIZE): decided, never postponed.
+        assert_eq!(p.due(3, &outcome(false, &[Outcome::Bounced])), None);
+        // A rate-limit reply: what was not attempted waits for the pause to end.
+        let b = Postponement {
+            stop: None,
+            backoff_until_ms: Some(7_000),
+        };
+        assert_eq!(b.due(0, &outcome(true, &[Outcome::Deferred])), None);
+        assert_eq!(b.due(1, &waiting), Some(7_000));
+        assert_eq!(Postponement::default().due(1, &waiting), None);
+    }
+}

@@ -1,0 +1,3 @@
+-- A guarded enqueue: the guard's arguments follow the enqueue's five (ENQUEUE_ARGV
+-- in redis.rs), so that neither list is copied.
+local A0 = 5
