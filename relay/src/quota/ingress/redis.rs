@@ -153,7 +153,9 @@ fn guard_lua() -> String {
 
 /// A script that runs alone: its arguments start at `ARGV[1]`.
 fn standalone_lua(body: &[&str]) -> String {
-    [&[ARGS_LUA, DOUBLES_LUA, COMMON_LUA][..], body].concat().concat()
+    [&[ARGS_LUA, DOUBLES_LUA, COMMON_LUA][..], body]
+        .concat()
+        .concat()
 }
 
 /// Every script as Redis runs it, by name (for the Lua lint).
@@ -180,6 +182,8 @@ const FORMAT_DOUBLES: usize = 4000;
 /// window, plus two per request) and packs its reply (three per window) in one C
 /// call each, bounded by `FORMAT_DOUBLES` and by Lua's C stack (8000 values).
 pub const MAX_WINDOWS_PER_CHECK: usize = 1000;
+// The reply's three numbers per window fit one struct format of `DS`.
+const _: () = assert!(3 * MAX_WINDOWS_PER_CHECK <= FORMAT_DOUBLES);
 
 /// The hash tag of every quota key.
 fn tag(prefix: &str) -> String {
@@ -734,7 +738,7 @@ impl CounterStore for RedisStore {
             named.key("key index", &index[0]);
             let (lists, members) = call.args.split_at(CHARGE.fixed_args());
             for (name, a) in CHARGE.args.iter().zip(lists) {
-                named.arg(*name, a.as_slice());
+                named.arg(name, a.as_slice());
             }
             for m in members {
                 named.arg("key index members..", m.as_slice());
