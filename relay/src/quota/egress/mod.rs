@@ -84,7 +84,7 @@ use self::metrics::{EgressMetrics, WaitReason};
 use self::pacer::Window;
 use self::redis::RedisStore;
 use self::store::{
-    Acquire, AcquireReply, Close, Commit, EgressError, Extend, KeyRef, Store, Timing, Verdict,
+    Acquire, AcquireReply, Close, Commit, EgressError, Extend, KeyRef, PacingStore, Timing, Verdict,
 };
 use self::usage::QuotaUsage;
 use crate::config::RedisConfig;
@@ -263,7 +263,7 @@ impl Postponement {
 }
 
 struct Inner {
-    store: Store,
+    store: Box<dyn PacingStore>,
     quotas: RwLock<Arc<Vec<EgressQuota>>>,
     policy: BackoffPolicy,
     timing: Timing,
@@ -311,7 +311,7 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl Egress {
-    fn with_store(store: Store, quotas: &[QuotaConfig], lease: Duration) -> Self {
+    fn with_store(store: Box<dyn PacingStore>, quotas: &[QuotaConfig], lease: Duration) -> Self {
         let ttl = ms(lease.min(MAX_LEASE)).max(1_000);
         let owner = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
         Egress {
@@ -334,7 +334,7 @@ impl Egress {
     /// In-process pacing (a single relay with the embedded queue). `lease` is
     /// `delivery.lease`: connection leases last that long (at most 60 s) unrenewed.
     pub fn embedded(quotas: &[QuotaConfig], lease: Duration) -> Self {
-        Self::with_store(Store::Memory(MemoryStore::new()), quotas, lease)
+        Self::with_store(Box::new(MemoryStore::new()), quotas, lease)
     }
 
     /// Pacing shared through Redis by every relay using it.
@@ -344,7 +344,7 @@ impl Egress {
         lease: Duration,
     ) -> Result<Self, EgressError> {
         let store = RedisStore::connect(cfg).await?;
-        Ok(Self::with_store(Store::Redis(store), quotas, lease))
+        Ok(Self::with_store(Box::new(store), quotas, lease))
     }
 
     /// The store that fits the relay config: Redis when the queue is in Redis (the

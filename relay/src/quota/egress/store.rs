@@ -2,6 +2,8 @@
 //! same steps; [`super::memory`] is the reference the Redis scripts are tested
 //! against.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use super::backoff::BackoffPolicy;
@@ -135,73 +137,125 @@ pub struct KeyUse {
 /// Keys whose usage one request reads at most (the most recently used ones).
 pub const USAGE_SCAN: usize = 1000;
 
-/// The store behind egress pacing: in-process, or Redis shared by every relay.
-pub enum Store {
-    Memory(MemoryStore),
-    Redis(RedisStore),
-}
+/// What a store call returns: the same shape as the ingress counter store's.
+pub type PacingFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, EgressError>> + Send + 'a>>;
 
-impl Store {
-    pub async fn acquire(&self, req: &Acquire<'_>) -> Result<AcquireReply, EgressError> {
-        match self {
-            Store::Memory(m) => Ok(m.acquire(req)),
-            Store::Redis(r) => r.acquire(req).await,
-        }
-    }
+/// The store behind egress pacing: in-process ([`MemoryStore`]) or Redis shared by
+/// every relay ([`RedisStore`]), the same trait shape as the ingress
+/// `CounterStore`.
+pub trait PacingStore: Send + Sync + 'static {
+    /// `embedded` or `redis`.
+    fn backend(&self) -> &'static str;
 
-    pub async fn extend(&self, req: &Extend<'_>) -> Result<(), EgressError> {
-        match self {
-            Store::Memory(m) => {
-                m.extend(req);
-                Ok(())
-            }
-            Store::Redis(r) => r.extend(req).await,
-        }
-    }
+    fn acquire<'a>(&'a self, req: &'a Acquire<'_>) -> PacingFuture<'a, AcquireReply>;
 
-    pub async fn close(&self, req: &Close<'_>) -> Result<(), EgressError> {
-        match self {
-            Store::Memory(m) => {
-                m.close(req);
-                Ok(())
-            }
-            Store::Redis(r) => r.close(req).await,
-        }
-    }
+    fn extend<'a>(&'a self, req: &'a Extend<'_>) -> PacingFuture<'a, ()>;
+
+    fn close<'a>(&'a self, req: &'a Close<'_>) -> PacingFuture<'a, ()>;
 
     /// Records a rate-limit reply from `site`; returns the end of its pause and the
     /// store's clock.
-    pub async fn rate_limited(
-        &self,
-        site: &str,
+    fn rate_limited<'a>(
+        &'a self,
+        site: &'a str,
         policy: BackoffPolicy,
         now_ms: Option<u64>,
-    ) -> Result<(u64, u64), EgressError> {
-        match self {
-            Store::Memory(m) => Ok(m.rate_limited(site, policy, now_ms)),
-            Store::Redis(r) => r.rate_limited(site, policy, now_ms).await,
-        }
-    }
+    ) -> PacingFuture<'a, (u64, u64)>;
 
     /// Usage of `quota`'s keys (or of `key` alone), read at the store's `now`.
-    pub async fn usage(
-        &self,
-        quota: &str,
-        windows: &[Window],
-        key: Option<&str>,
+    fn usage<'a>(
+        &'a self,
+        quota: &'a str,
+        windows: &'a [Window],
+        key: Option<&'a str>,
         flight_ttl_ms: u64,
         now_ms: Option<u64>,
-    ) -> Result<(u64, Vec<KeyUse>), EgressError> {
-        match self {
-            Store::Memory(m) => Ok(m.usage(quota, windows, key, flight_ttl_ms, now_ms)),
-            Store::Redis(r) => r.usage(quota, windows, key, flight_ttl_ms, now_ms).await,
-        }
+    ) -> PacingFuture<'a, (u64, Vec<KeyUse>)>;
+}
+
+impl PacingStore for MemoryStore {
+    fn backend(&self) -> &'static str {
+        "embedded"
     }
 
-    pub fn backend(&self) -> &'static str {
-        match self {
-            Store::Memory(_) => "embedded",
-            Store::Redis(_) => "redis",
-        }
+    fn acquire<'a>(&'a self, req: &'a Acquire<'_>) -> PacingFuture<'a, AcquireReply> {
+        Box::pin(std::future::ready(Ok(MemoryStore::acquire(self, req))))
+    }
+
+    fn extend<'a>(&'a self, req: &'a Extend<'_>) -> PacingFuture<'a, ()> {
+        MemoryStore::extend(self, req);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn close<'a>(&'a self, req: &'a Close<'_>) -> PacingFuture<'a, ()> {
+        MemoryStore::close(self, req);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn rate_limited<'a>(
+        &'a self,
+        site: &'a str,
+        policy: BackoffPolicy,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, u64)> {
+        let r = MemoryStore::rate_limited(self, site, policy, now_ms);
+        Box::pin(std::future::ready(Ok(r)))
+    }
+
+    fn usage<'a>(
+        &'a self,
+        quota: &'a str,
+        windows: &'a [Window],
+        key: Option<&'a str>,
+        flight_ttl_ms: u64,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, Vec<KeyUse>)> {
+        let r = MemoryStore::usage(self, quota, windows, key, flight_ttl_ms, now_ms);
+        Box::pin(std::future::ready(Ok(r)))
+    }
+}
+
+impl PacingStore for RedisStore {
+    fn backend(&self) -> &'static str {
+        "redis"
+    }
+
+    fn acquire<'a>(&'a self, req: &'a Acquire<'_>) -> PacingFuture<'a, AcquireReply> {
+        Box::pin(RedisStore::acquire(self, req))
+    }
+
+    fn extend<'a>(&'a self, req: &'a Extend<'_>) -> PacingFuture<'a, ()> {
+        Box::pin(RedisStore::extend(self, req))
+    }
+
+    fn close<'a>(&'a self, req: &'a Close<'_>) -> PacingFuture<'a, ()> {
+        Box::pin(RedisStore::close(self, req))
+    }
+
+    fn rate_limited<'a>(
+        &'a self,
+        site: &'a str,
+        policy: BackoffPolicy,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, u64)> {
+        Box::pin(RedisStore::rate_limited(self, site, policy, now_ms))
+    }
+
+    fn usage<'a>(
+        &'a self,
+        quota: &'a str,
+        windows: &'a [Window],
+        key: Option<&'a str>,
+        flight_ttl_ms: u64,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, Vec<KeyUse>)> {
+        Box::pin(RedisStore::usage(
+            self,
+            quota,
+            windows,
+            key,
+            flight_ttl_ms,
+            now_ms,
+        ))
     }
 }

@@ -138,13 +138,12 @@ async fn connections_take_and_give_back_their_leases() {
     let hosts = vec!["mx.x.test".to_owned()];
     let route = egress.route(&dest("x.test", &hosts));
     let conn = egress.open(route.clone(), &[(1, 10)]).await.unwrap();
-    let Store::Memory(m) = &egress.inner.store else {
-        unreachable!()
-    };
-    let (_, uses) = m.usage("c", &[], None, 30_000, None);
+    let store = &egress.inner.store;
+    assert_eq!(store.backend(), "embedded");
+    let (_, uses) = store.usage("c", &[], None, 30_000, None).await.unwrap();
     assert_eq!(uses[0].open_connections, 1);
     assert_eq!(conn.finish().await, Postponement::default());
-    let (_, uses) = m.usage("c", &[], None, 30_000, None);
+    let (_, uses) = store.usage("c", &[], None, 30_000, None).await.unwrap();
     assert_eq!(uses[0].open_connections, 0);
     let u = egress.usage("c", None).await.unwrap().unwrap();
     assert_eq!(
