@@ -7,7 +7,6 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
@@ -18,7 +17,8 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData};
 use rand::Rng;
 use rand::seq::SliceRandom;
-use serde::{Deserialize, Serialize};
+// Re-exported: the integration tests build resolvers from this path.
+pub use crate::config::ResolverConfig;
 use tokio::task::JoinSet;
 
 /// The SMTP port (RFC 5321 §4.5.4.2) used unless [`ResolverConfig::port_override`] says
@@ -30,39 +30,6 @@ pub const SMTP_PORT: u16 = 25;
 /// hostile zone make every delivery attempt cost hundreds of queries, and no real
 /// delivery gets past the first few hosts anyway (Postfix stops at 5 addresses).
 pub const MAX_MX_HOSTS: usize = 10;
-
-/// DNS settings for delivery; meant to become the `delivery.dns` config section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ResolverConfig {
-    /// Recursive resolvers as `ip:port` (the port is required), queried over UDP and
-    /// TCP. Empty means the system's `/etc/resolv.conf` (in a pod: the cluster DNS).
-    pub nameservers: Vec<SocketAddr>,
-    /// Connect to this port instead of 25 on every resolved host. For tests, whose
-    /// SMTP peers cannot bind port 25; never set it in production.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub port_override: Option<u16>,
-    /// How long one query may take before it counts as failed. One [`MxResolver::resolve`]
-    /// makes two rounds of queries (MX, then all addresses at once), so it can wait up
-    /// to about `2 × timeout × attempts` before it gives up.
-    #[serde(with = "crate::config::duration_str")]
-    pub timeout: Duration,
-    /// Tries per query (like `attempts:` in resolv.conf), at least 1. A query that
-    /// still fails defers the delivery.
-    pub attempts: usize,
-}
-
-impl Default for ResolverConfig {
-    fn default() -> Self {
-        // The resolv.conf defaults (glibc and hickory agree on 5s; 2 tries).
-        ResolverConfig {
-            nameservers: Vec::new(),
-            port_override: None,
-            timeout: Duration::from_secs(5),
-            attempts: 2,
-        }
-    }
-}
 
 /// One host to try, with every address it resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -517,6 +484,7 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
+    use std::time::Duration;
 
     fn recs(list: &[(u16, &str)]) -> Vec<(u16, String)> {
         list.iter().map(|(p, h)| (*p, h.to_string())).collect()

@@ -9,74 +9,9 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetryPolicy {
-    /// Delay before the first retry (Postfix `minimal_backoff_time`, 300s).
-    #[serde(with = "crate::config::duration_str")]
-    pub first: Duration,
-    /// Upper bound of any single delay (Postfix `maximal_backoff_time`, 4000s; we use 4h).
-    #[serde(with = "crate::config::duration_str")]
-    pub max_backoff: Duration,
-    /// Growth factor between consecutive delays; 1.0 gives a fixed interval.
-    pub multiplier: f64,
-    /// Relative jitter: each delay is scaled by a uniform factor in
-    /// `[1 - jitter, 1 + jitter]`.
-    pub jitter: f64,
-    /// Age after which a message is bounced (Postfix `maximal_queue_lifetime`, 5d).
-    #[serde(with = "crate::config::duration_str")]
-    pub max_lifetime: Duration,
-    /// Age after which the sender gets one "delayed" DSN (Postfix
-    /// `delay_warning_time`); `None` sends none, as Postfix does by default.
-    #[serde(with = "opt_duration_str", skip_serializing_if = "Option::is_none")]
-    pub delay_warning: Option<Duration>,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            first: Duration::from_secs(300),
-            max_backoff: Duration::from_secs(4 * 3600),
-            multiplier: 2.0,
-            jitter: 0.2,
-            max_lifetime: Duration::from_secs(5 * 24 * 3600),
-            delay_warning: None,
-        }
-    }
-}
+use crate::config::RetryPolicy;
 
 impl RetryPolicy {
-    /// Checks the values a config file could get wrong; the error names the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.first.is_zero() {
-            return Err("retry.first must be greater than zero".into());
-        }
-        if self.max_backoff < self.first {
-            return Err("retry.max_backoff must be at least retry.first".into());
-        }
-        if !self.multiplier.is_finite() || self.multiplier < 1.0 {
-            return Err("retry.multiplier must be a finite number >= 1.0".into());
-        }
-        // jitter < 1 keeps every delay strictly positive.
-        if !self.jitter.is_finite() || !(0.0..1.0).contains(&self.jitter) {
-            return Err("retry.jitter must be in [0, 1)".into());
-        }
-        if self.max_lifetime.is_zero() {
-            return Err("retry.max_lifetime must be greater than zero".into());
-        }
-        if let Some(w) = self.delay_warning
-            && (w.is_zero() || w >= self.max_lifetime)
-        {
-            return Err(
-                "retry.delay_warning must be greater than zero and less than retry.max_lifetime"
-                    .into(),
-            );
-        }
-        Ok(())
-    }
-
     /// The un-jittered delay after `attempts_so_far` failed attempts:
     /// `min(first * multiplier^(n-1), max_backoff)`; `n = 0` is treated as 1.
     pub fn base_delay(&self, attempts_so_far: u32) -> Duration {
@@ -128,26 +63,6 @@ impl RetryPolicy {
         self.delay_warning.is_some_and(|w| {
             now_ms >= received_at_ms.saturating_add(w.as_millis().min(u64::MAX as u128) as u64)
         })
-    }
-}
-
-/// `Option<Duration>` in the same human form as [`crate::config::duration_str`].
-mod opt_duration_str {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-        match d {
-            Some(d) => crate::config::duration_str::serialize(d, s),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        #[derive(Deserialize)]
-        struct Wrap(#[serde(with = "crate::config::duration_str")] Duration);
-        Ok(Option::<Wrap>::deserialize(d)?.map(|w| w.0))
     }
 }
 

@@ -270,11 +270,7 @@ impl DeliveryTotals {
     }
 }
 
-/// How long a backend keeps the status record of a message that reached a final
-/// state, unless told otherwise ([`QueueOptions`]). A day is enough to answer "what
-/// happened to my mail from this morning" without letting records of a busy relay
-/// take more Redis memory than its queue does.
-pub const DEFAULT_STATUS_RETENTION: Duration = Duration::from_secs(24 * 3600);
+use crate::config::queue::{DEFAULT_CACHE_SIZE, DEFAULT_STATUS_RETENTION};
 
 /// Most recent attempts kept per recipient; older ones are dropped so that a message
 /// retried for days keeps a bounded record.
@@ -289,11 +285,6 @@ pub struct QueueOptions {
     /// Page cache of the embedded queue, in bytes (Redis ignores it).
     pub cache_size: usize,
 }
-
-/// redb caches up to 1 GiB by default, so a relay's memory grew with every message it
-/// ever handled until that ceiling; a queue's working set is the messages due soon,
-/// and the OS page cache serves the rest of the file.
-pub const DEFAULT_CACHE_SIZE: usize = 32 << 20;
 
 impl Default for QueueOptions {
     fn default() -> Self {

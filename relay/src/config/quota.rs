@@ -9,7 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::super::config::{format_duration, parse_duration};
+use super::duration::{format_duration, parse_duration};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -350,7 +350,7 @@ fn may_carry(pattern: &str, path: &Path<'_>, routes: &[crate::config::RouteConfi
                 // be routed here, not elsewhere.
                 !is_literal(&pattern) || pattern.ends_with(&format!(".{parent}"))
             }
-            None => crate::quota::glob::Glob::new(&pattern).is_match(d),
+            None => super::glob::Glob::new(&pattern).is_match(d),
         }),
     }
 }
@@ -397,7 +397,7 @@ pub fn never_matches(
                 let h = h.trim_end_matches('.').to_ascii_lowercase();
                 m.mx_hosts
                     .iter()
-                    .any(|g| crate::quota::glob::Glob::new(g).is_match(&h))
+                    .any(|g| super::glob::Glob::new(g).is_match(&h))
             })
     };
     let domain_ok = |p: &Path<'_>| {
