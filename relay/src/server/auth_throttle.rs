@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use redis::Script;
 
-use crate::admin::Metrics;
 use crate::config::AuthThrottleConfig;
+use crate::metrics::Metrics;
 use crate::queue::redis::SharedRedis;
 
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;

@@ -22,13 +22,13 @@ use tracing::{debug, warn};
 
 use super::routes::{Target, relay_domain, relay_index};
 use super::{Inner, Part, Work};
-use crate::admin::Metrics;
 use crate::config::TlsPolicy;
 use crate::delivery::outcomes::Pending;
 use crate::delivery::smtp_client::{
     ClientConfig, ClientTls, ConnectionResult, MessageGate, MessageOutcome, Outcome, Stage,
     connect_failed, deliver_gated,
 };
+use crate::metrics::Metrics;
 use crate::queue::{Lease, Leased, QueueId, QueuedMessage, RcptState, TlsInfo, now_ms};
 use crate::quota::egress::{Destination, EgressConn, Postponement};
 

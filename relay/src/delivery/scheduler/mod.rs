@@ -33,8 +33,8 @@ use self::routes::{RelayHost, RouteTable};
 use super::mx::{MxResolver, ResolverError};
 use super::outcomes::OutcomeWriter;
 use super::smtp_client::{ClientTimeouts, ClientTls, ClientTlsError, Credentials};
-use crate::admin::Metrics;
 use crate::config::DeliveryConfig;
+use crate::metrics::Metrics;
 use crate::queue::{Lease, MessageStatus, Queue, QueueId, QueuedMessage};
 use crate::quota::egress::Egress;
 
