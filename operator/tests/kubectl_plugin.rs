@@ -31,9 +31,10 @@ use axum::routing::{any, get};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use mailrelay::admin::{self, AdminState, Metrics};
+use mailrelay::admin::{self, AdminState};
 use mailrelay::config::RelayConfig;
 use mailrelay::delivery::scheduler::Delivery;
+use mailrelay::metrics::Metrics;
 use mailrelay::queue::{EmbeddedQueue, Queue};
 use mailrelay::server::{self, Shared};
 

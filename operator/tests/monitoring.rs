@@ -948,7 +948,7 @@ fn enclosing_word(expr: &str, at: usize) -> String {
 
 #[test]
 fn queue_wide_gauges_are_never_summed_and_the_docs_say_so() {
-    let m = mailrelay::admin::Metrics::new();
+    let m = mailrelay::metrics::Metrics::new();
     let text = m.encode_with_queue_stats(Some(mailrelay::queue::QueueStats::default()));
     let gauges = queue_wide_gauges(&text);
     assert_eq!(gauges.len(), 5, "{gauges:?}");

@@ -9,11 +9,14 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing::{info, warn};
 
-use mailrelay::admin::{self, AdminState, Metrics};
+use mailrelay::admin::{self, AdminState};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
 use mailrelay::delivery::scheduler::Delivery;
+use mailrelay::metrics::Metrics;
 use mailrelay::queue::{EmbeddedQueue, Queue, QueueOptions, RedisQueue};
 use mailrelay::quota::egress::Egress;
+use mailrelay::quota::egress::metrics::EgressMetrics;
+use mailrelay::quota::ingress::metrics::QuotaMetrics;
 use mailrelay::quota::{self, Quotas};
 use mailrelay::server::{self, Shared, tls::TlsSource, users::UsersSource};
 
@@ -141,7 +144,7 @@ async fn open_queue(
 async fn open_quotas(
     cfg: &RelayConfig,
     redis: Option<Arc<RedisQueue>>,
-    metrics: &Metrics,
+    metrics: QuotaMetrics,
 ) -> anyhow::Result<Arc<Quotas>> {
     let store: Arc<dyn quota::ingress::store::CounterStore> = match redis {
         Some(q) => Arc::new(
@@ -154,7 +157,7 @@ async fn open_quotas(
     Ok(Quotas::new(
         &cfg.quotas,
         store,
-        metrics.quota().clone(),
+        metrics,
         cfg.queue.write_timeout,
     ))
 }
@@ -221,7 +224,12 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     init_logging(&cfg);
     let (queue, redis) = open_queue(&cfg).await?;
     info!(backend = queue.backend(), hostname = %cfg.hostname, "queue open");
-    let metrics = Arc::new(Metrics::new());
+    let mut metrics = Metrics::new();
+    // Quota checks and egress pacing keep their own families, in the same exposition.
+    let quota_metrics = QuotaMetrics::register(metrics.registry_mut());
+    let egress_metrics = EgressMetrics::default();
+    egress_metrics.register(metrics.registry_mut());
+    let metrics = Arc::new(metrics);
     let auth_failures: Option<Arc<dyn server::auth_throttle::FailureStore>> =
         match (&cfg.auth, &redis) {
             (None, _) => None,
@@ -233,7 +241,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             )),
             (Some(_), None) => Some(Arc::new(server::auth_throttle::MemoryFailures::default())),
         };
-    let quotas = open_quotas(&cfg, redis, &metrics).await?;
+    let quotas = open_quotas(&cfg, redis, quota_metrics).await?;
     info!(
         backend = quotas.backend(),
         quotas = cfg.quotas.len(),
@@ -295,7 +303,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
         let egress = Egress::from_config(&cfg)
             .await
             .context("connecting egress pacing to its store")?
-            .with_metrics(metrics.egress().clone());
+            .with_metrics(egress_metrics);
         quotas.set_egress_usage(Arc::new(egress.clone()));
         info!(store = egress.backend(), "egress pacing ready");
         Some(

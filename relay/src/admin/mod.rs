@@ -17,7 +17,6 @@
 
 pub mod api;
 pub mod auth;
-pub mod metrics;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,9 +29,8 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueError};
-
-pub use self::metrics::Metrics;
 
 /// How long `/readyz` waits for the queue store; below the usual probe timeout so
 /// the probe gets our 503 and reason rather than its own timeout.

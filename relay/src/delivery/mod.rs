@@ -4,9 +4,9 @@
 //! (RFC 5321 §5.1, RFC 7505); [`retry`] schedules retries of deferred mail and
 //! [`dsn`] builds the delivery status notifications sent back to senders;
 //! [`smtp_client`] sends messages over one connection, and [`scheduler`] runs
-//! delivery against the queue (leases, concurrency, retries, bounces), writing
-//! outcomes as messages finish through [`outcomes`]. [`gate`] holds the traits
-//! the scheduler asks before sending (ingress `defer` quotas, egress pacing).
+//! delivery against the queue (its modules: routes, lease, dispatch, finalize),
+//! writing outcomes as messages finish through [`outcomes`]. [`gate`] holds the
+//! traits the scheduler asks before sending (ingress `defer` quotas, egress pacing).
 
 pub mod dsn;
 pub mod gate;

@@ -21,8 +21,8 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::admin::Metrics;
 use crate::config::OutcomeBatchConfig;
+use crate::metrics::Metrics;
 use crate::queue::{FinishResult, Lease, MessageStatus, Queue, QueueError};
 
 /// The answer to one submitted outcome, once its batch is written.

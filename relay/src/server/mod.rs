@@ -19,8 +19,8 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::admin::Metrics;
 use crate::config::{ListenerConfig, RelayConfig, TlsMode};
+use crate::metrics::Metrics;
 use crate::queue::Queue;
 use crate::smtp::{Peer, Session, SessionConfig};
 use conn::{Conn, Stream};

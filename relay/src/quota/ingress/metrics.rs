@@ -1,4 +1,4 @@
-//! Quota metrics, registered into the relay's registry by the admin server's metrics.
+//! Quota metrics, registered into the relay's registry ([`crate::metrics::Metrics::registry_mut`]).
 //!
 //! The `quota` label takes quota names, which come from the config (validated to
 //! at most 63 characters of `[A-Za-z0-9_.-]`), so the series are bounded by the

@@ -1,4 +1,8 @@
-//! Prometheus metrics of the relay, exposed as OpenMetrics text on `/metrics`.
+//! Prometheus metrics of the relay: the registry that the SMTP server, delivery and
+//! quotas record into, and its OpenMetrics text, which the admin server serves on
+//! `/metrics`. A leaf: it knows no module that records into it. Quota and egress
+//! keep their own families (`quota::metrics`), registered into the same registry
+//! with [`Metrics::registry_mut`] before it is shared.
 //!
 //! Every recording method takes `&self` and touches only atomics (plus a read
 //! lock per labelled family), so one `Arc<Metrics>` is shared by all sessions.
@@ -95,8 +99,6 @@ pub struct Metrics {
     outcome_flushes: Family<Label, Counter>,
     outcomes_flushed: Counter,
     outcome_flush_failures: Counter,
-    quota: crate::quota::ingress::metrics::QuotaMetrics,
-    egress: crate::quota::egress::metrics::EgressMetrics,
 }
 
 impl Default for Metrics {
@@ -266,12 +268,7 @@ impl Metrics {
             "AUTH attempts answered 454 without checking the credentials, by reason (locked, store_unavailable)",
             auth_refused.clone(),
         );
-        let quota = crate::quota::ingress::metrics::QuotaMetrics::register(&mut registry);
-        let egress = crate::quota::egress::metrics::EgressMetrics::default();
-        egress.register(&mut registry);
         Metrics {
-            quota,
-            egress,
             registry,
             delivery_recipients,
             delivery_latency,
@@ -443,14 +440,11 @@ impl Metrics {
         self.delivery_connections_active.dec();
     }
 
-    /// Egress pacing (`mailrelay_egress_*`), handed to the delivery side's pacer.
-    pub fn egress(&self) -> &crate::quota::egress::metrics::EgressMetrics {
-        &self.egress
-    }
-
-    /// Quota checks, rejections and holds (`mailrelay_quota_*`).
-    pub fn quota(&self) -> &crate::quota::ingress::metrics::QuotaMetrics {
-        &self.quota
+    /// The registry, for families kept elsewhere (quota checks, egress pacing) to
+    /// register into, so that one exposition carries them all. Only before the
+    /// `Metrics` is shared: registering takes `&mut`.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
     }
 
     /// The complete OpenMetrics exposition (ending in `# EOF`).

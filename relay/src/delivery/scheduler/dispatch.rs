@@ -1,0 +1,540 @@
+//! Sending: leased messages split into per-destination groups, one task per
+//! connection's worth of messages, each trying the destination's hosts in order.
+//!
+//! Concurrency: one semaphore caps connections overall, one per destination caps
+//! them per domain (or relay host).
+//!
+//! Egress pacing ([`Pacing`], the egress quotas) hooks in twice: after MX resolution
+//! and before connecting ([`Pacing::open`]: connection caps, back-off, the first slot), and before each message on the connection (the
+//! connection is the session's [`MessageGate`]). Messages it holds back are
+//! postponed: put back in the queue, due when egress says, with no attempt recorded
+//! or counted.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use super::routes::{Target, relay_domain, relay_index};
+use super::{Inner, Part, Work};
+use crate::config::TlsPolicy;
+use crate::delivery::gate::{Destination, PacedConnection, Postponement};
+use crate::delivery::outcomes::Pending;
+use crate::delivery::smtp_client::{
+    ClientConfig, ClientTls, ConnectionResult, MessageGate, MessageOutcome, Outcome, Stage,
+    connect_failed, deliver_gated,
+};
+use crate::metrics::Metrics;
+use crate::queue::{Lease, Leased, QueueId, QueuedMessage, RcptState, TlsInfo, now_ms};
+
+/// Outcomes a connection recorded while it was open.
+struct Early {
+    /// By part: recorded (and finished, if it was the message's last part) as its
+    /// transaction ended, so the connection's result must not record it again.
+    recorded: Vec<bool>,
+    /// Finishes submitted, to await before the connection's task ends.
+    pending: Vec<(QueueId, Pending)>,
+}
+
+impl Early {
+    fn new(parts: usize) -> Self {
+        Early {
+            recorded: vec![false; parts],
+            pending: Vec::new(),
+        }
+    }
+}
+
+/// The gate of a delivery connection: egress pacing, plus recording each message's
+/// outcome as soon as its transaction ends.
+struct Recorder<'a> {
+    inner: &'a Arc<Inner>,
+    egress: &'a mut dyn PacedConnection,
+    /// In the order of the messages given to the connection.
+    parts: &'a [Part],
+    /// The host of the conversation under way.
+    target: Option<Target>,
+    early: &'a mut Early,
+}
+
+impl MessageGate for Recorder<'_> {
+    async fn before_message(&mut self, index: usize) -> Result<(), crate::smtp::Reply> {
+        self.egress.before_message(index).await
+    }
+
+    fn on_reply(&mut self, reply: &crate::smtp::Reply) {
+        self.egress.on_reply(reply);
+    }
+
+    async fn on_message_done(
+        &mut self,
+        index: usize,
+        outcome: MessageOutcome,
+        tls: Option<TlsInfo>,
+    ) {
+        let (Some(part), Some(recorded)) =
+            (self.parts.get(index), self.early.recorded.get_mut(index))
+        else {
+            return;
+        };
+        if *recorded {
+            return;
+        }
+        *recorded = true;
+        part.work.attempted.store(true, Ordering::SeqCst);
+        self.inner.record(
+            part,
+            &outcome,
+            self.target.as_ref(),
+            tls.as_ref(),
+            None,
+            now_ms(),
+        );
+        if part.work.parts_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Awaited here, not spawned: while the batch window is full the
+            // connection waits, which is what bounds the unwritten outcomes.
+            let status = self.inner.conclude(&part.work).await;
+            let pending = self
+                .inner
+                .outcomes
+                .submit(part.work.lease.clone(), status)
+                .await;
+            self.early
+                .pending
+                .push((part.work.lease.id.clone(), pending));
+        }
+    }
+}
+
+impl Inner {
+    /// Splits leased messages into per-destination groups and starts one task per
+    /// connection's worth of messages. Returns what would take a destination beyond
+    /// its capacity here, to give back (with the time it is due again).
+    pub(super) fn dispatch(self: &Arc<Self>, leased: Vec<Leased>) -> Vec<(Lease, u64)> {
+        let mut groups: HashMap<String, Vec<Part>> = HashMap::new();
+        let mut excess = Vec::new();
+        let capacity = self.destination_capacity();
+        let now = now_ms();
+        for l in leased {
+            let mut by_dest: HashMap<String, Vec<String>> = HashMap::new();
+            for r in l
+                .status
+                .rcpts
+                .iter()
+                .filter(|r| r.state == RcptState::Pending)
+            {
+                by_dest
+                    .entry(self.destination_of(&r.address))
+                    .or_default()
+                    .push(r.address.clone());
+            }
+            {
+                // A message goes back whole if any of its destinations is full: the
+                // relay that takes it can send all of it.
+                let mut in_hand = self.in_hand.lock().unwrap();
+                // Counts this batch too: accepted parts are added as they come.
+                if by_dest
+                    .keys()
+                    .any(|d| in_hand.get(d).copied().unwrap_or(0) >= capacity)
+                {
+                    // Due now, behind the mail already due: kept in its place, a
+                    // backlog for a busy destination would be at the head of every
+                    // batch and hide other destinations' mail behind it.
+                    excess.push((l.lease, now));
+                    continue;
+                }
+                for d in by_dest.keys() {
+                    *in_hand.entry(d.clone()).or_default() += 1;
+                }
+            }
+            self.held
+                .lock()
+                .unwrap()
+                .insert(l.lease.id.clone(), l.lease.clone());
+            let final_before = l.status.rcpts.iter().map(|r| r.state.is_final()).collect();
+            let work = Arc::new(Work {
+                final_before,
+                attempted: AtomicBool::new(false),
+                postponed_until: Mutex::new(None),
+                parts_left: AtomicUsize::new(by_dest.len()),
+                lease: l.lease,
+                message: l.message,
+                status: Mutex::new(l.status),
+            });
+            if by_dest.is_empty() {
+                // Nothing pending (should not be queued): finalise as it stands.
+                let me = Arc::clone(self);
+                self.running.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    me.finalize(&work).await;
+                    me.running.fetch_sub(1, Ordering::SeqCst);
+                });
+                continue;
+            }
+            for (dest, rcpts) in by_dest {
+                groups.entry(dest).or_default().push(Part {
+                    work: Arc::clone(&work),
+                    rcpts,
+                });
+            }
+        }
+        for (dest, mut parts) in groups {
+            while !parts.is_empty() {
+                let rest = parts.split_off(parts.len().min(self.cfg.max_messages_per_connection));
+                let chunk = std::mem::replace(&mut parts, rest);
+                let me = Arc::clone(self);
+                let dest = dest.clone();
+                self.running.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let parts = chunk.len();
+                    me.deliver_chunk(&dest, chunk).await;
+                    me.running.fetch_sub(1, Ordering::SeqCst);
+                    {
+                        let mut in_hand = me.in_hand.lock().unwrap();
+                        if let Some(n) = in_hand.get_mut(&dest) {
+                            *n = n.saturating_sub(parts);
+                            if *n == 0 {
+                                in_hand.remove(&dest);
+                            }
+                        }
+                    }
+                    // Room for more: look for due mail now rather than at the poll.
+                    me.wake.notify_one();
+                });
+            }
+        }
+        excess
+    }
+
+    fn destination_semaphore(&self, dest: &str) -> Arc<Semaphore> {
+        let mut map = self.per_destination.lock().unwrap();
+        // Drop idle entries so a relay that saw a million domains does not keep a
+        // million semaphores.
+        if map.len() > 1000 {
+            map.retain(|_, s| Arc::strong_count(s) > 1);
+        }
+        Arc::clone(
+            map.entry(dest.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.cfg.per_destination_concurrency))),
+        )
+    }
+
+    async fn deliver_chunk(self: &Arc<Self>, dest: &str, parts: Vec<Part>) {
+        let per_dest = self.destination_semaphore(dest);
+        let Ok(_d) = per_dest.acquire_owned().await else {
+            return;
+        };
+        let Ok(_t) = Arc::clone(&self.total).acquire_owned().await else {
+            return;
+        };
+        if self.stopping.load(Ordering::SeqCst) {
+            // Draining: these messages are released untouched.
+            return;
+        }
+        // The SMTP client sends exactly the recipients it is given: only this
+        // destination's pending ones.
+        let messages: Vec<QueuedMessage> = parts
+            .iter()
+            .map(|p| {
+                let mut m = p.work.message.clone();
+                m.envelope
+                    .recipients
+                    .retain(|r| p.rcpts.contains(&r.address));
+                m
+            })
+            .collect();
+        let refs: Vec<&QueuedMessage> = messages.iter().collect();
+        let mut early = Early::new(parts.len());
+        let (result, target, reason, held) = self.send(dest, &refs, &parts, &mut early).await;
+        let at_ms = now_ms();
+        for (i, (part, outcome)) in parts.iter().zip(&result.messages).enumerate() {
+            if early.recorded[i] {
+                continue;
+            }
+            // Held back by egress: no attempt; due again when egress said.
+            if let Some(due) = held.due(i, outcome) {
+                debug!(queue_id = %part.work.lease.id, %dest, due_in_ms = due.saturating_sub(at_ms), "postponed by egress limits");
+                let mut p = part.work.postponed_until.lock().unwrap();
+                *p = Some(p.map_or(due, |t| t.min(due)));
+                continue;
+            }
+            part.work.attempted.store(true, Ordering::SeqCst);
+            self.record(
+                part,
+                outcome,
+                target.as_ref(),
+                result.tls.as_ref(),
+                reason,
+                at_ms,
+            );
+        }
+        // Finished all at once rather than one after another: they share outcome
+        // batches, where awaiting each in turn would pay a batch window per message
+        // and keep this connection's slot, and so new leases, waiting meanwhile.
+        let mut finishing = tokio::task::JoinSet::new();
+        for (i, part) in parts.into_iter().enumerate() {
+            if !early.recorded[i] && part.work.parts_left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                let me = Arc::clone(self);
+                finishing.spawn(async move { me.finalize(&part.work).await });
+            }
+        }
+        // This task counts as running until its outcomes are written, so a drain
+        // does not release messages whose outcome is on its way.
+        for (id, pending) in early.pending {
+            self.finished(&id, pending.await);
+        }
+        while finishing.join_next().await.is_some() {}
+    }
+
+    /// Resolves and connects in order; returns the outcomes, where they came from,
+    /// the metrics reason when no server was reached (DNS verdict, connect), and
+    /// which messages egress held back.
+    async fn send(
+        self: &Arc<Self>,
+        dest: &str,
+        msgs: &[&QueuedMessage],
+        parts: &[Part],
+        early: &mut Early,
+    ) -> (
+        ConnectionResult,
+        Option<Target>,
+        Option<&'static str>,
+        Postponement,
+    ) {
+        let (targets, mut client) = match self.targets(dest).await {
+            Ok(t) => t,
+            Err((reply, reason)) => {
+                return (
+                    synthetic(msgs, &reply),
+                    None,
+                    Some(reason),
+                    Postponement::default(),
+                );
+            }
+        };
+        // Egress: the quotas of this destination can only be known after MX
+        // resolution (mx_hosts patterns, the mx_site key). A relay host is known
+        // by its name, and by the recipient domain when its connection carries
+        // only that one.
+        let mut hosts: Vec<String> = targets.iter().map(|(n, _)| n.clone()).collect();
+        hosts.dedup();
+        let relay = relay_index(dest);
+        let to = Destination {
+            domain: if relay.is_some() {
+                relay_domain(dest)
+            } else {
+                Some(dest)
+            },
+            mx_hosts: &hosts,
+            smarthost: relay.is_some() && relay == self.smarthost,
+            relay_host: relay.is_some(),
+        };
+        let sizes: Vec<(usize, usize)> = msgs
+            .iter()
+            .map(|m| (m.envelope.recipients.len(), m.body.len()))
+            .collect();
+        let mut egress = match self.egress.open(to, &sizes).await {
+            Ok(g) => g,
+            Err(held) => {
+                let res = ConnectionResult {
+                    messages: connect_failed(msgs, "held back by egress limits"),
+                    tls: None,
+                    capabilities: None,
+                    error: None,
+                };
+                return (res, None, None, held);
+            }
+        };
+        client.pace_messages = true;
+        let mut gate = Recorder {
+            inner: self,
+            egress: &mut *egress,
+            parts,
+            target: None,
+            early,
+        };
+        let (result, target, reason) = self
+            .connect_and_deliver(dest, msgs, targets, &client, &mut gate)
+            .await;
+        (result, target, reason, egress.finish().await)
+    }
+
+    async fn connect_and_deliver(
+        &self,
+        dest: &str,
+        msgs: &[&QueuedMessage],
+        targets: Vec<Target>,
+        client: &ClientConfig,
+        gate: &mut Recorder<'_>,
+    ) -> (ConnectionResult, Option<Target>, Option<&'static str>) {
+        let tls = match relay_index(dest).and_then(|i| self.relays.get(i)) {
+            Some(r) => &r.tls,
+            None => &self.mx_tls,
+        };
+        let mut last_error = String::from("no address to connect to");
+        // The last host that answered but could not take mail (4xx greeting, TLS
+        // trouble): its reply says more than a later host's refused connection.
+        let mut unusable: Option<(ConnectionResult, Target)> = None;
+        for (name, addr) in targets {
+            let stream = match self.connect(addr).await {
+                Ok(s) => s,
+                Err(e) => {
+                    last_error = format!("{name}[{}]: {e}", addr.ip());
+                    debug!(%dest, error = %last_error, "connect failed, trying next host");
+                    continue;
+                }
+            };
+            gate.target = Some((name.clone(), addr));
+            let mut result = self.converse(stream, tls, &name, msgs, client, gate).await;
+            if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
+                // Like Postfix at security level `may`: a server whose TLS cannot
+                // be agreed on gets the mail in plain text, over a new connection.
+                // WARN: the mail loses its transport encryption; operators should see
+                // it (and the metric) without turning on debug logs.
+                warn!(%dest, host = %name, ip = %addr.ip(), reason = result.error.as_deref().unwrap_or("unknown"), "opportunistic STARTTLS failed; falling back to plain text");
+                self.metrics.tls_fallback();
+                let mut plain = client.clone();
+                plain.tls = TlsPolicy::Disabled;
+                if let Ok(stream) = self.connect(addr).await {
+                    result = self.converse(stream, tls, &name, msgs, &plain, gate).await;
+                }
+            }
+            // A rate-limit reply speaks for the provider, not this one host.
+            if worth_next_host(&result) && gate.egress.try_next_host() {
+                debug!(%dest, host = %name, ip = %addr.ip(), error = ?result.error, "host unusable before MAIL, trying next");
+                unusable = Some((result, (name, addr)));
+                continue;
+            }
+            return (result, Some((name, addr)), None);
+        }
+        if let Some((result, target)) = unusable {
+            return (result, Some(target), None);
+        }
+        let res = ConnectionResult {
+            messages: connect_failed(msgs, &last_error),
+            tls: None,
+            capabilities: None,
+            error: Some(last_error),
+        };
+        (res, None, Some("connect"))
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<TcpStream, String> {
+        match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    /// One SMTP conversation, counted in the open-connections gauge while it lasts.
+    async fn converse(
+        &self,
+        stream: TcpStream,
+        tls: &ClientTls,
+        name: &str,
+        msgs: &[&QueuedMessage],
+        client: &ClientConfig,
+        gate: &mut Recorder<'_>,
+    ) -> ConnectionResult {
+        let _open = OpenConnection::new(&self.metrics);
+        deliver_gated(stream, tls, name, msgs, client, &self.timeouts, gate).await
+    }
+}
+
+/// Keeps the open-outbound-connections gauge right however the delivery ends.
+struct OpenConnection<'a>(&'a Metrics);
+
+impl<'a> OpenConnection<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        metrics.outbound_connection_opened();
+        OpenConnection(metrics)
+    }
+}
+
+impl Drop for OpenConnection<'_> {
+    fn drop(&mut self) {
+        self.0.outbound_connection_closed();
+    }
+}
+
+/// Outcomes for a destination that got no connection: every recipient gets `reply`.
+fn synthetic(msgs: &[&QueuedMessage], reply: &crate::smtp::Reply) -> ConnectionResult {
+    let mut messages = connect_failed(msgs, "");
+    let result = Outcome::of_code(reply.code);
+    for m in &mut messages {
+        for r in &mut m.recipients {
+            r.reply = reply.clone();
+            r.result = result;
+        }
+    }
+    ConnectionResult {
+        messages,
+        tls: None,
+        capabilities: None,
+        error: None,
+    }
+}
+
+/// The TLS handshake failed (not a refusal of STARTTLS, which goes on in plain
+/// text by itself): every recipient deferred at STARTTLS by our own verdict.
+fn tls_failed(r: &ConnectionResult) -> bool {
+    r.messages.iter().all(|m| {
+        !m.attempted
+            && m.recipients
+                .iter()
+                .all(|o| o.result == Outcome::Deferred && o.stage == Stage::StartTls && !o.remote)
+    }) && r.messages.iter().any(|m| !m.recipients.is_empty())
+}
+
+/// A host that failed before any message was tried (4xx greeting, EHLO trouble,
+/// failed TLS) says nothing about the next host: RFC 5321 §5.1 says try it.
+fn worth_next_host(r: &ConnectionResult) -> bool {
+    r.messages.iter().all(|m| {
+        !m.attempted
+            && m.recipients.iter().all(|o| {
+                o.result == Outcome::Deferred
+                    && matches!(o.stage, Stage::Greeting | Stage::Ehlo | Stage::StartTls)
+            })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn dns_verdicts_become_per_recipient_replies() {
+        let msg = QueuedMessage {
+            envelope: crate::queue::Envelope {
+                id: QueueId::generate(),
+                mail: Default::default(),
+                recipients: vec![crate::queue::Recipient {
+                    address: "a@nullmx.test".into(),
+                    notify: None,
+                    orcpt: None,
+                }],
+                client: crate::queue::ClientInfo {
+                    ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                    port: 1,
+                    helo: "c".into(),
+                    auth_user: None,
+                    tls: None,
+                    listener: "smtp".into(),
+                },
+                received_at_ms: 0,
+                received_by: "relay.test".into(),
+            },
+            body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
+        };
+        let reply = crate::smtp::Reply::status(556, (5, 1, 10), "null MX");
+        let r = synthetic(&[&msg], &reply);
+        assert_eq!(r.messages[0].recipients[0].result, Outcome::Bounced);
+        assert!(!worth_next_host(&r), "a DNS verdict is not a host failure");
+        let temp = synthetic(&[&msg], &crate::smtp::Reply::status(451, (4, 4, 3), "x"));
+        assert_eq!(temp.messages[0].recipients[0].result, Outcome::Deferred);
+    }
+}

@@ -1,0 +1,341 @@
+//! Finishing a round: each attempt's result written into the message's recipient
+//! states, then, once all its destinations are done, the next attempt (or expiry),
+//! the DSN it owes, and the queue outcome.
+//!
+//! Outcomes are recorded per message as soon as its transaction ends (the reply
+//! after the content), while the connection goes on:
+//! [`OutcomeWriter`](crate::delivery::outcomes::OutcomeWriter) writes them in
+//! batches of one queue round trip. A relay killed mid-delivery so sends again only
+//! what was in flight: at most one message per open connection plus the outcome
+//! batch (`delivery.outcome_batch.max_messages`). A message with recipients at
+//! several destinations is recorded when its last destination is done.
+//!
+//! [`newly_failed`], [`still_delayed`] and [`reason_of`] are pure.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use super::routes::Target;
+use super::{Inner, Part, Work};
+use crate::delivery::dsn::{self, DsnAction, DsnRecipient};
+use crate::delivery::smtp_client::{MessageOutcome, Outcome, Stage};
+use crate::queue::{
+    Attempt, AttemptResult, FinishResult, MessageStatus, QueueError, QueueId, RcptState, TlsInfo,
+    now_ms,
+};
+
+impl Inner {
+    /// Writes the outcome of one message's part into its status and logs it.
+    pub(super) fn record(
+        &self,
+        part: &Part,
+        outcome: &MessageOutcome,
+        target: Option<&Target>,
+        tls: Option<&TlsInfo>,
+        reason: Option<&'static str>,
+        at_ms: u64,
+    ) {
+        let mut status = part.work.status.lock().unwrap();
+        let queue_id = status.id.clone();
+        for r in &outcome.recipients {
+            let Some(rs) = status
+                .rcpts
+                .iter_mut()
+                .find(|s| s.state == RcptState::Pending && s.address == r.address)
+            else {
+                continue;
+            };
+            let (result, state, word) = match r.result {
+                Outcome::Delivered => (AttemptResult::Delivered, RcptState::Delivered, "delivered"),
+                Outcome::Deferred => (AttemptResult::Deferred, RcptState::Pending, "deferred"),
+                Outcome::Bounced => (AttemptResult::Bounced, RcptState::Bounced, "bounced"),
+            };
+            self.metrics
+                .delivery_result(word, reason.unwrap_or_else(|| reason_of(r)));
+            if r.result == Outcome::Delivered {
+                let received = part.work.message.envelope.received_at_ms;
+                self.metrics
+                    .delivery_latency(Duration::from_millis(at_ms.saturating_sub(received)));
+            }
+            let reply = r.reply.to_string().trim_end().to_owned();
+            let relay =
+                target.map_or_else(|| "none".to_owned(), |(n, a)| format!("{n}[{}]", a.ip()));
+            info!(
+                queue_id = %queue_id, to = %r.address, relay = %relay, stage = r.stage.as_str(),
+                reply = %reply, "{word}"
+            );
+            rs.state = state;
+            rs.record(Attempt {
+                at_ms,
+                result,
+                mx: target.map(|(n, _)| n.clone()),
+                ip: target.map(|(_, a)| a.ip().to_string()),
+                tls: tls.cloned(),
+                reply,
+            });
+        }
+    }
+
+    /// After every part of a message is done: reschedule, expire, bounce and finish.
+    pub(super) async fn finalize(&self, work: &Work) {
+        let status = self.conclude(work).await;
+        let pending = self.outcomes.submit(work.lease.clone(), status).await;
+        self.finished(&work.lease.id, pending.await);
+    }
+
+    /// What a finished round leaves a message with: its next attempt, or expired;
+    /// the DSN it owes is queued here.
+    pub(super) async fn conclude(&self, work: &Work) -> MessageStatus {
+        let now = now_ms();
+        let mut status = work.status.lock().unwrap().clone();
+        // A round that egress held back entirely is no attempt.
+        let postponed = *work.postponed_until.lock().unwrap();
+        let attempted = work.attempted.load(Ordering::SeqCst) || postponed.is_none();
+        if attempted {
+            status.attempts = status.attempts.saturating_add(1);
+        }
+        let pending = status.rcpts.iter().any(|r| r.state == RcptState::Pending);
+        status.next_attempt_ms = None;
+        if pending {
+            let next = match postponed {
+                // Held back only: due when egress said, until the lifetime ends.
+                Some(due) if !attempted => {
+                    let lifetime = self.cfg.retry.max_lifetime.as_millis() as u64;
+                    (now < status.created_ms.saturating_add(lifetime)).then_some(due.max(now))
+                }
+                _ => self
+                    .cfg
+                    .retry
+                    .next_attempt(status.attempts, status.created_ms, now, &mut rand::rng())
+                    .map(|t| postponed.map_or(t, |p| t.min(p.max(now)))),
+            };
+            match next {
+                Some(t) => status.next_attempt_ms = Some(t),
+                None => {
+                    for r in status
+                        .rcpts
+                        .iter_mut()
+                        .filter(|r| r.state == RcptState::Pending)
+                    {
+                        info!(queue_id = %status.id, to = %r.address, "expired: maximum queue lifetime reached");
+                        r.state = RcptState::Expired;
+                        self.metrics.delivery_result("bounced", "expired");
+                    }
+                }
+            }
+        }
+        let mut report_on = newly_failed(&status, &work.final_before);
+        // One delay warning per message, once it has waited long enough (Postfix's
+        // delay_warning_time); it rides along with any failure report of this round.
+        let warn_delay = status.next_attempt_ms.is_some()
+            && !status.delay_warned
+            && self.cfg.retry.delay_warning_due(status.created_ms, now);
+        if warn_delay {
+            let until = status
+                .created_ms
+                .saturating_add(self.cfg.retry.max_lifetime.as_millis() as u64);
+            report_on.extend(still_delayed(&status, until));
+        }
+        // `build_dsn` returns nothing for a null sender, NOTIFY=NEVER, or a delay
+        // nobody asked to hear about; the warning then counts as given.
+        let report = dsn::build_dsn(
+            &work.message,
+            &report_on,
+            &self.hostname,
+            time::OffsetDateTime::now_utc(),
+        );
+        if warn_delay {
+            status.delay_warned = true;
+        }
+        if let Some(dsn) = report {
+            let sender = &work.message.envelope.mail.from;
+            match self.queue.enqueue(&dsn).await {
+                Ok(()) => {
+                    let kind = if report_on.iter().all(|r| r.action == DsnAction::Delayed) {
+                        "delay warning"
+                    } else {
+                        "bounce report"
+                    };
+                    info!(queue_id = %status.id, dsn_id = %dsn.envelope.id, to = %sender, "{kind} queued")
+                }
+                Err(e) => {
+                    // Without the report the sender would never learn. The failed
+                    // recipients go back to pending (their attempts stay recorded):
+                    // the next round fails them again and retries the report.
+                    warn!(queue_id = %status.id, error = %e, "queueing the bounce failed; will retry");
+                    status.delay_warned = false;
+                    for (i, r) in status.rcpts.iter_mut().enumerate() {
+                        if matches!(r.state, RcptState::Bounced | RcptState::Expired)
+                            && !work.final_before.get(i).copied().unwrap_or(false)
+                        {
+                            r.state = RcptState::Pending;
+                        }
+                    }
+                    let retry_in = self.cfg.retry.first.as_millis() as u64;
+                    status.next_attempt_ms = Some(
+                        status
+                            .next_attempt_ms
+                            .unwrap_or(now.saturating_add(retry_in)),
+                    );
+                    status.final_at_ms = None;
+                }
+            }
+        }
+        status
+    }
+
+    /// The written outcome of a message: it is no longer ours to renew or release.
+    pub(super) fn finished(
+        &self,
+        id: &QueueId,
+        written: Result<Result<FinishResult, QueueError>, impl std::fmt::Debug>,
+    ) {
+        match written {
+            Ok(Ok(FinishResult::LeaseLost)) => warn!(queue_id = %id, "lease lost before finish"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(queue_id = %id, error = %e, "finishing delivery failed"),
+            Err(e) => warn!(queue_id = %id, error = ?e, "finishing delivery failed: writer gone"),
+        }
+        self.held.lock().unwrap().remove(id);
+    }
+}
+
+/// Recipients that became bounced or expired in this round, for the DSN.
+fn newly_failed(status: &MessageStatus, final_before: &[bool]) -> Vec<DsnRecipient> {
+    status
+        .rcpts
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            matches!(r.state, RcptState::Bounced | RcptState::Expired)
+                && !final_before.get(*i).copied().unwrap_or(false)
+        })
+        .map(|(_, r)| r)
+        .map(|r| {
+            let last = r.attempts.last();
+            let reply = last.map_or("", |a| a.reply.as_str());
+            let status = if r.state == RcptState::Expired {
+                (4, 4, 7)
+            } else {
+                enhanced_of(reply).unwrap_or((5, 0, 0))
+            };
+            DsnRecipient {
+                address: r.address.clone(),
+                orcpt: None,
+                action: DsnAction::Failed,
+                status,
+                remote_mta: last.and_then(|a| a.mx.clone()),
+                diagnostic: (!reply.is_empty()).then(|| format!("smtp; {reply}")),
+                last_attempt_ms: last.map(|a| a.at_ms),
+                will_retry_until_ms: None,
+            }
+        })
+        .collect()
+}
+
+/// Pending recipients, for a delay warning: status and diagnostic of their last try.
+fn still_delayed(status: &MessageStatus, until_ms: u64) -> Vec<DsnRecipient> {
+    status
+        .rcpts
+        .iter()
+        .filter(|r| r.state == RcptState::Pending)
+        .map(|r| {
+            let last = r.attempts.last();
+            let reply = last.map_or("", |a| a.reply.as_str());
+            DsnRecipient {
+                address: r.address.clone(),
+                orcpt: None,
+                action: DsnAction::Delayed,
+                status: enhanced_of(reply).filter(|s| s.0 == 4).unwrap_or((4, 0, 0)),
+                remote_mta: last.and_then(|a| a.mx.clone()),
+                diagnostic: (!reply.is_empty()).then(|| format!("smtp; {reply}")),
+                last_attempt_ms: last.map(|a| a.at_ms),
+                will_retry_until_ms: Some(until_ms),
+            }
+        })
+        .collect()
+}
+
+/// The metrics reason of a recipient's outcome from a server conversation.
+fn reason_of(r: &crate::smtp::client::RecipientOutcome) -> &'static str {
+    match (r.result, r.stage, r.remote) {
+        (Outcome::Delivered, _, _) => "ok",
+        (_, Stage::StartTls, _) => "tls",
+        (_, Stage::Auth, _) => "auth",
+        (Outcome::Deferred, _, true) => "remote_4xx",
+        (Outcome::Bounced, _, true) => "remote_5xx",
+        // Our own verdicts: a connection that failed or broke, or a local check.
+        (Outcome::Deferred, _, false) => "connect",
+        (Outcome::Bounced, _, false) => match r.reply.enhanced.map(|e| (e.0, e.1, e.2)) {
+            Some((5, 3, 4)) => "too_big",
+            Some((5, 6, 7)) => "smtputf8",
+            _ => "other",
+        },
+    }
+}
+
+/// `5.1.1` out of `550 5.1.1 text`.
+fn enhanced_of(reply: &str) -> Option<(u8, u16, u16)> {
+    let mut it = reply.split_whitespace().nth(1)?.split('.');
+    let class = it.next()?.parse().ok()?;
+    let subject = it.next()?.parse().ok()?;
+    let detail = it.next()?.parse().ok()?;
+    (it.next().is_none() && matches!(class, 2 | 4 | 5)).then_some((class, subject, detail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::RcptStatus;
+    fn rcpt(address: &str, state: RcptState, reply: &str) -> RcptStatus {
+        RcptStatus {
+            address: address.into(),
+            state,
+            attempts: vec![Attempt {
+                at_ms: 1,
+                result: AttemptResult::Bounced,
+                mx: Some("mx.b.test".into()),
+                ip: None,
+                tls: None,
+                reply: reply.into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn only_recipients_failed_in_this_round_are_reported() {
+        let status = MessageStatus {
+            id: QueueId::generate(),
+            rcpts: vec![
+                rcpt("old@b.test", RcptState::Bounced, "550 5.1.1 gone"),
+                rcpt("new@b.test", RcptState::Bounced, "550 5.7.1 denied"),
+                rcpt("late@b.test", RcptState::Expired, "451 4.4.1 down"),
+                rcpt("ok@b.test", RcptState::Delivered, "250 ok"),
+                rcpt("wait@b.test", RcptState::Pending, "451 later"),
+            ],
+            created_ms: 0,
+            next_attempt_ms: None,
+            attempts: 1,
+            final_at_ms: None,
+            leased_until_ms: None,
+            delay_warned: false,
+        };
+        let failed = newly_failed(&status, &[true, false, false, false, false]);
+        let got: Vec<(&str, (u8, u16, u16))> = failed
+            .iter()
+            .map(|f| (f.address.as_str(), f.status))
+            .collect();
+        assert_eq!(got, [("new@b.test", (5, 7, 1)), ("late@b.test", (4, 4, 7))]);
+        assert_eq!(failed[0].remote_mta.as_deref(), Some("mx.b.test"));
+    }
+
+    #[test]
+    fn enhanced_code_is_read_only_when_well_formed() {
+        assert_eq!(enhanced_of("550 5.1.1 no"), Some((5, 1, 1)));
+        assert_eq!(enhanced_of("556 5.1.10 null MX"), Some((5, 1, 10)));
+        assert_eq!(enhanced_of("550 no such user"), None);
+        assert_eq!(enhanced_of("550 5..1 x"), None);
+    }
+}

@@ -1,0 +1,269 @@
+//! The delivery service: takes due mail from the queue under a lease, groups it by
+//! destination, sends it (one connection carrying up to
+//! `max_messages_per_connection` messages), records every attempt, and reschedules,
+//! bounces or finalises each message.
+//!
+//! One [`Delivery`] runs four stages, each in its own module:
+//!
+//! - `routes`: which destination a recipient goes to (its domain's MX hosts, a
+//!   route of the transport map, or the smarthost) and the hosts to try for it.
+//! - `lease`: taking due mail (only what this relay can send soon), renewing the
+//!   leases held, giving back what a destination at capacity cannot take.
+//! - `dispatch`: per-destination groups, connections and their SMTP sessions,
+//!   with the concurrency caps and egress pacing.
+//! - `finalize`: attempt results into recipient states, the next attempt or
+//!   expiry, the DSNs owed, and the queue outcome.
+//!
+//! The shared state is `Inner`; each stage adds its methods to it.
+
+mod dispatch;
+mod finalize;
+mod lease;
+mod routes;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tracing::{info, warn};
+
+use self::routes::{RelayHost, RouteTable};
+use super::mx::{MxResolver, ResolverError};
+use super::outcomes::OutcomeWriter;
+use super::smtp_client::{ClientTimeouts, ClientTls, ClientTlsError, Credentials};
+use crate::config::DeliveryConfig;
+use crate::delivery::gate::{DispatchHook, Pacing, Unpaced};
+use crate::metrics::Metrics;
+use crate::queue::{Lease, MessageStatus, Queue, QueueId, QueuedMessage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("delivery DNS resolver: {0}")]
+    Resolver(#[from] ResolverError),
+    #[error("delivery TLS: {0}")]
+    Tls(#[from] ClientTlsError),
+}
+
+/// Rung when mail is queued, so that idle delivery looks for it now rather than at
+/// its next poll. Cheap to clone.
+#[derive(Clone)]
+pub struct Doorbell(Arc<Notify>);
+
+impl Doorbell {
+    pub fn ring(&self) {
+        // A permit is kept when delivery is busy: it looks again once idle.
+        self.0.notify_one();
+    }
+}
+
+/// A running delivery service; [`Delivery::shutdown`] drains it.
+pub struct Delivery {
+    inner: Arc<Inner>,
+    main: tokio::task::JoinHandle<()>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+struct Inner {
+    queue: Arc<dyn Queue>,
+    cfg: DeliveryConfig,
+    hostname: String,
+    owner: String,
+    resolver: MxResolver,
+    mx_tls: ClientTls,
+    /// Routes in config order, then the smarthost.
+    relays: Vec<RelayHost>,
+    routes: RouteTable,
+    smarthost: Option<usize>,
+    metrics: Arc<Metrics>,
+    egress: Arc<dyn Pacing>,
+    timeouts: ClientTimeouts,
+    total: Arc<Semaphore>,
+    per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Every lease we hold, for renewal and for release on drain.
+    held: Mutex<HashMap<QueueId, Lease>>,
+    /// Parts (one message's recipients at one destination) held per destination,
+    /// waiting for a connection or on one: what caps a destination's leases.
+    in_hand: Mutex<HashMap<String, usize>>,
+    /// Connection tasks spawned and not yet finished.
+    running: AtomicUsize,
+    stopping: AtomicBool,
+    wake: Arc<Notify>,
+    /// Sees leased mail before delivery (ingress `defer` quotas hold some back).
+    hook: Option<Arc<dyn DispatchHook>>,
+    /// Every `finish` goes through here, batched.
+    outcomes: OutcomeWriter,
+}
+
+/// One leased message and what is left to do for it in this round.
+struct Work {
+    lease: Lease,
+    message: QueuedMessage,
+    status: Mutex<MessageStatus>,
+    /// Destination groups not yet done; the last one to finish finalises the message.
+    parts_left: AtomicUsize,
+    /// Which recipients were already final when leased, so a DSN reports only the
+    /// ones that failed in this round.
+    final_before: Vec<bool>,
+    /// Some part was really tried this round (an attempt was recorded).
+    attempted: AtomicBool,
+    /// Egress held some part back until then (relay clock, ms): the earliest.
+    postponed_until: Mutex<Option<u64>>,
+}
+
+/// The recipients of one message bound for one destination.
+struct Part {
+    work: Arc<Work>,
+    rcpts: Vec<String>,
+}
+
+impl Delivery {
+    /// Builds the resolver and TLS clients (blocking file IO: call at start-up) and
+    /// starts taking work, unpaced and with no quotas.
+    pub fn start(
+        queue: Arc<dyn Queue>,
+        cfg: DeliveryConfig,
+        hostname: String,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, DeliveryError> {
+        Self::start_with(queue, cfg, hostname, metrics, Arc::new(Unpaced), None)
+    }
+
+    /// [`Delivery::start`] with egress pacing (quotas and their shared store) and a
+    /// dispatch hook that sees every leased batch first (ingress `defer` quotas).
+    pub fn start_with(
+        queue: Arc<dyn Queue>,
+        cfg: DeliveryConfig,
+        hostname: String,
+        metrics: Arc<Metrics>,
+        egress: Arc<dyn Pacing>,
+        hook: Option<Arc<dyn DispatchHook>>,
+    ) -> Result<Self, DeliveryError> {
+        let resolver = MxResolver::new(&cfg.dns)?.with_local_names([hostname.clone()]);
+        let mx_tls = load_tls(cfg.ca_file.as_deref())?;
+        // One TLS client per trust store, however many hosts use it.
+        let mut by_ca: HashMap<Option<std::path::PathBuf>, ClientTls> = HashMap::new();
+        let mut tls_for = |ca: &Option<std::path::PathBuf>| -> Result<ClientTls, DeliveryError> {
+            if let Some(t) = by_ca.get(ca) {
+                return Ok(t.clone());
+            }
+            let t = load_tls(ca.as_deref())?;
+            by_ca.insert(ca.clone(), t.clone());
+            Ok(t)
+        };
+        let credentials = |user: &Option<String>, pw: &Option<crate::config::Secret>| {
+            user.as_ref().map(|u| Credentials {
+                username: u.clone(),
+                password: pw.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+            })
+        };
+        let routes = RouteTable::new(&cfg.routes);
+        let mut relays = Vec::new();
+        for r in &cfg.routes {
+            relays.push(RelayHost {
+                host: r.host.clone(),
+                port: r.port,
+                tls_policy: r.tls,
+                tls: tls_for(&r.ca_file)?,
+                auth: credentials(&r.username, &r.password),
+            });
+        }
+        let smarthost = match &cfg.smarthost {
+            Some(s) => {
+                relays.push(RelayHost {
+                    host: s.host.clone(),
+                    port: s.port,
+                    tls_policy: s.tls,
+                    tls: tls_for(&s.ca_file)?,
+                    auth: credentials(&s.username, &s.password),
+                });
+                Some(relays.len() - 1)
+            }
+            None => None,
+        };
+        let timeouts = ClientTimeouts::default();
+        let owner = format!("{hostname}:{}", std::process::id());
+        let outcomes = OutcomeWriter::start(
+            Arc::clone(&queue),
+            cfg.outcome_batch.clone(),
+            Arc::clone(&metrics),
+        );
+        let inner = Arc::new(Inner {
+            total: Arc::new(Semaphore::new(cfg.max_concurrency)),
+            outcomes,
+            queue,
+            cfg,
+            hostname,
+            owner,
+            resolver,
+            mx_tls,
+            relays,
+            routes,
+            smarthost,
+            metrics,
+            egress,
+            timeouts,
+            per_destination: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
+            in_hand: Mutex::new(HashMap::new()),
+            running: AtomicUsize::new(0),
+            stopping: AtomicBool::new(false),
+            wake: Arc::new(Notify::new()),
+            hook,
+        });
+        let main = tokio::spawn(Arc::clone(&inner).run());
+        let renewer = tokio::spawn(Arc::clone(&inner).renew_loop());
+        info!(owner = %inner.owner, "delivery started");
+        Ok(Delivery {
+            inner,
+            main,
+            renewer,
+        })
+    }
+
+    /// The doorbell to ring when mail is queued in this process.
+    pub fn doorbell(&self) -> Doorbell {
+        Doorbell(Arc::clone(&self.inner.wake))
+    }
+
+    /// Stops taking work, lets deliveries in flight finish until `deadline`, then
+    /// gives every message still held back to the queue, due at once.
+    pub async fn shutdown(self, deadline: Duration) {
+        let inner = self.inner;
+        inner.stopping.store(true, Ordering::SeqCst);
+        inner.wake.notify_waiters();
+        let _ = self.main.await;
+        let until = tokio::time::Instant::now() + deadline;
+        while inner.running.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.renewer.abort();
+        // Outcomes still waiting for their batch are written before anything is
+        // released: a released message whose delivery was not recorded would be
+        // sent again.
+        inner.outcomes.flush().await;
+        let leases: Vec<Lease> = inner.held.lock().unwrap().drain().map(|(_, l)| l).collect();
+        if !leases.is_empty() {
+            match inner.queue.release(&leases).await {
+                Ok(()) => info!(count = leases.len(), "released unfinished deliveries"),
+                Err(e) => warn!(error = %e, "releasing leases failed; they expire on their own"),
+            }
+        }
+        info!("delivery stopped");
+    }
+}
+
+fn load_tls(ca_file: Option<&std::path::Path>) -> Result<ClientTls, ClientTlsError> {
+    match ClientTls::new(ca_file) {
+        Ok(t) => Ok(t),
+        // Without a configured CA file, a missing system store only matters for
+        // `required` TLS, which then fails per delivery (and defers) instead of
+        // keeping the relay from starting.
+        Err(e) if ca_file.is_none() => {
+            warn!(error = %e, "no system CA store; verified TLS will fail");
+            ClientTls::with_roots(rustls::RootCertStore::empty())
+        }
+        Err(e) => Err(e),
+    }
+}
