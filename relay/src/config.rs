@@ -84,6 +84,9 @@ pub struct RelayConfig {
     /// Which senders each AUTH user and relay network may use (absent: any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sender_binding: Option<SenderBindingConfig>,
+    /// DKIM signing of accepted mail (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<crate::dkim::config::DkimConfig>,
 }
 
 /// Binds AUTH users and `relay_networks` clients to the senders they may use.
@@ -116,6 +119,7 @@ impl Default for RelayConfig {
             listeners: vec![ListenerConfig::default()],
             relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             sender_binding: None,
+            dkim: None,
             tls: None,
             auth: None,
             limits: Limits::default(),
@@ -950,6 +954,9 @@ impl RelayConfig {
             ));
         }
         self.validate_delivery()?;
+        if let Some(d) = &self.dkim {
+            crate::dkim::config::validate(d).map_err(|e| invalid(e.field, e.message))?;
+        }
         crate::quota::config::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         crate::quota::config::validate_reach(&self.quotas, &self.delivery)
             .map_err(|(f, m)| invalid(f, m))?;

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod queue;
 pub mod quota;
 pub mod redis_conn;

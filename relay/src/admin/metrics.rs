@@ -97,6 +97,7 @@ pub struct Metrics {
     outcome_flush_failures: Counter,
     quota: crate::quota::metrics::QuotaMetrics,
     egress: crate::quota::egress::metrics::EgressMetrics,
+    dkim: crate::dkim::metrics::DkimMetrics,
 }
 
 impl Default for Metrics {
@@ -269,7 +270,9 @@ impl Metrics {
         let quota = crate::quota::metrics::QuotaMetrics::register(&mut registry);
         let egress = crate::quota::egress::metrics::EgressMetrics::default();
         egress.register(&mut registry);
+        let dkim = crate::dkim::metrics::DkimMetrics::register(&mut registry);
         Metrics {
+            dkim,
             quota,
             egress,
             registry,
@@ -446,6 +449,11 @@ impl Metrics {
     /// Egress pacing (`mailrelay_egress_*`), handed to the delivery side's pacer.
     pub fn egress(&self) -> &crate::quota::egress::metrics::EgressMetrics {
         &self.egress
+    }
+
+    /// DKIM results and key reloads (`mailrelay_dkim_*`).
+    pub fn dkim(&self) -> &crate::dkim::metrics::DkimMetrics {
+        &self.dkim
     }
 
     /// Quota checks, rejections and holds (`mailrelay_quota_*`).

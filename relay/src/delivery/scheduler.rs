@@ -184,6 +184,8 @@ struct Inner {
     wake: Arc<Notify>,
     /// Sees leased mail before delivery (ingress `defer` quotas hold some back).
     hook: Option<Arc<dyn crate::quota::DispatchHook>>,
+    /// Signs the DSNs this relay writes (set when `dkim:` is configured).
+    dsn_signer: std::sync::OnceLock<Arc<crate::dkim::Dkim>>,
     /// Every `finish` goes through here, batched.
     outcomes: OutcomeWriter,
 }
@@ -386,6 +388,7 @@ impl Delivery {
             stopping: AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
             hook,
+            dsn_signer: std::sync::OnceLock::new(),
         });
         let main = tokio::spawn(Arc::clone(&inner).run());
         let renewer = tokio::spawn(Arc::clone(&inner).renew_loop());
@@ -395,6 +398,11 @@ impl Delivery {
             main,
             renewer,
         })
+    }
+
+    /// Signs every DSN written from now on with `dkim` (once; later calls are ignored).
+    pub fn sign_dsns_with(&self, dkim: Arc<crate::dkim::Dkim>) {
+        let _ = self.inner.dsn_signer.set(dkim);
     }
 
     /// The doorbell to ring when mail is queued in this process.
@@ -1130,7 +1138,11 @@ impl Inner {
         if warn_delay {
             status.delay_warned = true;
         }
-        if let Some(dsn) = report {
+        if let Some(mut dsn) = report {
+            if let Some(dkim) = self.dsn_signer.get() {
+                let now = dsn.envelope.received_at_ms / 1000;
+                dkim.sign_bounce(&mut dsn.body, now);
+            }
             let sender = &work.message.envelope.mail.from;
             match self.queue.enqueue(&dsn).await {
                 Ok(()) => {
