@@ -359,9 +359,8 @@ bounce_domain: relay.example.com
         assert!(e.message.contains("not a valid DNS name"), "{e}");
 
         c.domains[0].domain = "example.com".into();
-        c.domains[0]
-            .selectors
-            .push(c.domains[0].selectors[0].clone());
+        let again = c.domains[0].selectors[0].clone();
+        c.domains[0].selectors.push(again);
         let e = validate(&c).unwrap_err();
         assert_eq!(e.field, "dkim.domains[0].selectors[1].selector");
         assert!(e.message.contains("selector clash"), "{e}");
