@@ -8,6 +8,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod metrics;
 pub mod queue;
 pub mod quota;

@@ -63,7 +63,12 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::CheckConfig { file } => match load_config(Some(&file)) {
+        Command::CheckConfig { file } => match load_config(Some(&file)).and_then(|cfg| {
+            if let Some(d) = &cfg.dkim {
+                mailrelay::dkim::load_keys(d).context("loading the DKIM keys")?;
+            }
+            Ok(cfg)
+        }) {
             Ok(cfg) => {
                 println!(
                     "{}: ok ({} listener(s), {:?} queue, {} relay network(s), {} quota(s))",
@@ -229,6 +234,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let quota_metrics = QuotaMetrics::register(metrics.registry_mut());
     let egress_metrics = EgressMetrics::default();
     egress_metrics.register(metrics.registry_mut());
+    let dkim_metrics = mailrelay::dkim::metrics::DkimMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let auth_failures: Option<Arc<dyn server::auth_throttle::FailureStore>> =
         match (&cfg.auth, &redis) {
@@ -339,7 +345,28 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
         )),
         _ => None,
     };
+    let dkim = match &cfg.dkim {
+        Some(d) if mailrelay::dkim::configured(d) => {
+            let dkim = mailrelay::dkim::Dkim::load(d, dkim_metrics.clone())
+                .context("loading the DKIM keys")?;
+            let keys = dkim.keys();
+            for (domain, k) in &keys.domains {
+                for key in &k.keys {
+                    info!(domain = %domain, selector = %key.selector, algorithm = key.algorithm.as_str(), "DKIM key ready; publish at {}._domainkey.{domain}: {}", key.selector, key.dns_record());
+                }
+            }
+            dkim.spawn_reloader();
+            Some(dkim)
+        }
+        _ => None,
+    };
+    if let (Some(d), Some(delivery)) = (&dkim, &delivery) {
+        delivery.sign_dsns_with(Arc::clone(d));
+    }
     let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
+    if let Some(d) = dkim {
+        shared.set_dkim(d);
+    }
     if let Some(t) = auth_throttle {
         info!(backend = t.backend(), "AUTH throttle ready");
         shared.set_auth_throttle(t);

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 pub mod admin;
 pub mod auth;
 pub mod delivery;
+pub mod dkim;
 pub mod duration;
 pub mod glob;
 pub mod limits;
@@ -119,6 +120,9 @@ pub struct RelayConfig {
     /// Which senders each AUTH user and relay network may use (absent: any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sender_binding: Option<SenderBindingConfig>,
+    /// DKIM signing of accepted mail (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<dkim::DkimConfig>,
 }
 
 impl Default for RelayConfig {
@@ -128,6 +132,7 @@ impl Default for RelayConfig {
             listeners: vec![ListenerConfig::default()],
             relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             sender_binding: None,
+            dkim: None,
             tls: None,
             auth: None,
             limits: Limits::default(),
@@ -293,6 +298,9 @@ impl RelayConfig {
             ));
         }
         self.delivery.validate()?;
+        if let Some(d) = &self.dkim {
+            dkim::validate(d).map_err(|e| invalid(e.field, e.message))?;
+        }
         quota::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         quota::validate_reach(&self.quotas, &self.delivery).map_err(|(f, m)| invalid(f, m))?;
         Ok(())

@@ -488,11 +488,13 @@ impl Conn {
                     Step::ReadData(r) => {
                         self.push(&r);
                         step = self.read_data(session).await?;
+                        step = self.dkim_sign(step);
                     }
                     Step::ReadChunk { size } => {
                         self.read_chunk(session, size).await?;
                         step =
                             session.chunk_end(QueueId::generate(), time::OffsetDateTime::now_utc());
+                        step = self.dkim_sign(step);
                     }
                     Step::CheckCredentials { username, password } => {
                         step = self.check_credentials(session, username, password).await?;
@@ -748,6 +750,42 @@ impl Conn {
             crate::quota::Admission::Refuse(r) => {
                 debug!(client = %msg.envelope.client.ip, from = %msg.envelope.mail.from, reply = %r.reply, "refused by quota");
                 QuotaStep::Checked(Some(super::quota::refusal(r)))
+            }
+        }
+    }
+
+    /// Signs a complete message before anything stores it (the quota check may be
+    /// the queue write), or answers the `550` its unsigned policy asks for; the
+    /// session already ended the transaction when it built the message.
+    fn dkim_sign(&mut self, step: Step) -> Step {
+        let Some(dkim) = self.shared.dkim() else {
+            return step;
+        };
+        if !matches!(step, Step::CheckQuota(_) | Step::Enqueue(_)) {
+            return step;
+        }
+        let mut msg = step;
+        let (Step::CheckQuota(m) | Step::Enqueue(m)) = &mut msg else {
+            unreachable!("checked above")
+        };
+        let now = (m.envelope.received_at_ms / 1000).max(1);
+        match dkim.sign_accepted(&mut m.body, now) {
+            crate::dkim::Outcome::Signed { domain, signatures } => {
+                debug!(queue_id = %m.envelope.id, domain = %domain, signatures, "DKIM signed");
+                msg
+            }
+            crate::dkim::Outcome::Unsigned { reason } => {
+                debug!(queue_id = %m.envelope.id, reason = %reason, "sent without a DKIM signature (unsigned_policy allow)");
+                msg
+            }
+            crate::dkim::Outcome::Refused { reason } => {
+                info!(queue_id = %m.envelope.id, client = %m.envelope.client.ip, from = %m.envelope.mail.from, reason = %reason, "refused: unsigned_policy reject");
+                self.shared.metrics.rejected("dkim_unsigned");
+                Step::Reply(Reply::new(
+                    550,
+                    Some(crate::smtp::reply::Enhanced(5, 7, 26)),
+                    format!("{reason} (unsigned mail refused by policy)"),
+                ))
             }
         }
     }

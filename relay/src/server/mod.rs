@@ -46,6 +46,8 @@ pub struct Shared {
     doorbell: std::sync::OnceLock<crate::delivery::scheduler::Doorbell>,
     /// Brakes on AUTH password guessing (set when AUTH is configured).
     auth_throttle: std::sync::OnceLock<Arc<auth_throttle::AuthThrottle>>,
+    /// Signs accepted mail (set when `dkim:` is configured).
+    dkim: std::sync::OnceLock<Arc<crate::dkim::Dkim>>,
     active: AtomicUsize,
 }
 
@@ -94,6 +96,7 @@ impl Shared {
             quotas,
             doorbell: std::sync::OnceLock::new(),
             auth_throttle: std::sync::OnceLock::new(),
+            dkim: std::sync::OnceLock::new(),
             active: AtomicUsize::new(0),
         })
     }
@@ -111,6 +114,15 @@ impl Shared {
 
     pub fn auth_throttle(&self) -> Option<&Arc<auth_throttle::AuthThrottle>> {
         self.auth_throttle.get()
+    }
+
+    /// Signs accepted mail from now on (once; later calls are ignored).
+    pub fn set_dkim(&self, d: Arc<crate::dkim::Dkim>) {
+        let _ = self.dkim.set(d);
+    }
+
+    pub fn dkim(&self) -> Option<&Arc<crate::dkim::Dkim>> {
+        self.dkim.get()
     }
 
     /// A message was queued.

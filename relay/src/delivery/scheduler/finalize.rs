@@ -149,7 +149,11 @@ impl Inner {
         if warn_delay {
             status.delay_warned = true;
         }
-        if let Some(dsn) = report {
+        if let Some(mut dsn) = report {
+            if let Some(dkim) = self.dsn_signer.get() {
+                let now = dsn.envelope.received_at_ms / 1000;
+                dkim.sign_bounce(&mut dsn.body, now);
+            }
             let sender = &work.message.envelope.mail.from;
             match self.queue.enqueue(&dsn).await {
                 Ok(()) => {

@@ -92,6 +92,8 @@ struct Inner {
     wake: Arc<Notify>,
     /// Sees leased mail before delivery (ingress `defer` quotas hold some back).
     hook: Option<Arc<dyn DispatchHook>>,
+    /// Signs the DSNs this relay writes (set when `dkim:` is configured).
+    dsn_signer: std::sync::OnceLock<Arc<crate::dkim::Dkim>>,
     /// Every `finish` goes through here, batched.
     outcomes: OutcomeWriter,
 }
@@ -211,6 +213,7 @@ impl Delivery {
             stopping: AtomicBool::new(false),
             wake: Arc::new(Notify::new()),
             hook,
+            dsn_signer: std::sync::OnceLock::new(),
         });
         let main = tokio::spawn(Arc::clone(&inner).run());
         let renewer = tokio::spawn(Arc::clone(&inner).renew_loop());
@@ -220,6 +223,11 @@ impl Delivery {
             main,
             renewer,
         })
+    }
+
+    /// Signs every DSN written from now on with `dkim` (once; later calls are ignored).
+    pub fn sign_dsns_with(&self, dkim: Arc<crate::dkim::Dkim>) {
+        let _ = self.inner.dsn_signer.set(dkim);
     }
 
     /// The doorbell to ring when mail is queued in this process.
