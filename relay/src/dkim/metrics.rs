@@ -1,4 +1,4 @@
-//! DKIM metrics, registered into the relay's registry by [`crate::admin::Metrics`].
+//! DKIM metrics, registered into the relay's registry ([`crate::metrics::Metrics::registry_mut`]) at start-up.
 //! The `domain` label takes configured names only (a key's domain, an
 //! `unsigned_overrides` glob) or `other`, so clients cannot mint series.
 
