@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use mailrelay::config::{RedisConfig, Secret};
 use tempfile::TempDir;
 
-use super::free_ports;
+use crate::free_ports;
 
 /// Generous: a loaded CI machine with two cores may take a while to fork and
 /// replay an AOF.
@@ -487,7 +487,7 @@ impl RedisSentinel {
     /// [`RedisSentinel::start`], every node and sentinel speaking only TLS with the
     /// certificate of `pki` (which must name `127.0.0.1`); URLs are then
     /// `rediss+sentinel://`.
-    pub fn start_tls(sentinels: usize, pki: &super::pki::Pki) -> Self {
+    pub fn start_tls(sentinels: usize, pki: &crate::pki::Pki) -> Self {
         Self::start_with(sentinels, None, None, Some(pki))
     }
 
@@ -495,7 +495,7 @@ impl RedisSentinel {
         sentinels: usize,
         password: Option<&str>,
         sentinel_password: Option<&str>,
-        pki: Option<&super::pki::Pki>,
+        pki: Option<&crate::pki::Pki>,
     ) -> Self {
         assert!(sentinels >= 1);
         let dir = tempfile::tempdir().expect("temp dir");
