@@ -129,22 +129,44 @@ fn golden(name: &str, actual: &str) {
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_default();
     if expected != actual {
-        let diff: Vec<String> = expected
-            .lines()
-            .zip(actual.lines())
-            .enumerate()
-            .filter(|(_, (e, a))| e != a)
-            .take(10)
-            .map(|(i, (e, a))| format!("line {}:\n  golden: {e}\n  actual: {a}", i + 1))
-            .collect();
         panic!(
-            "{} differs from the builders' output (UPDATE_GOLDEN=1 to accept):\n{}\n(golden {} lines, actual {} lines)",
+            "{} differs from the builders' output:\n{}",
             path.display(),
-            diff.join("\n"),
-            expected.lines().count(),
-            actual.lines().count()
+            golden_mismatch(name, &expected, actual)
         );
     }
+}
+
+/// What a golden mismatch reports: a unified diff (an inserted line shows as one
+/// `+`, not as every later line differing) and how to accept the change.
+fn golden_mismatch(name: &str, expected: &str, actual: &str) -> String {
+    let diff = similar::TextDiff::from_lines(expected, actual)
+        .unified_diff()
+        .context_radius(3)
+        .header(&format!("golden/{name}.yaml"), "builders' output")
+        .to_string();
+    format!(
+        "{diff}\nIf the change is intended, regenerate the golden files and review their diff:\n  \
+         UPDATE_GOLDEN=1 cargo test -p mailrelay-operator --test it builders::"
+    )
+}
+
+#[test]
+fn a_golden_mismatch_shows_a_unified_diff_and_how_to_regenerate() {
+    let golden = "a: 1\nb: 2\nc: 3\nd: 4\n";
+    let actual = "a: 1\ninserted: 0\nb: 2\nc: 3\nd: 5\n";
+    let report = golden_mismatch("example", golden, actual);
+    assert!(report.contains("--- golden/example.yaml"), "{report}");
+    assert!(report.contains("+++ builders' output"), "{report}");
+    assert!(report.contains("\n+inserted: 0\n"), "{report}");
+    assert!(report.contains("\n-d: 4\n+d: 5\n"), "{report}");
+    // The lines after the insertion are context, not differences.
+    assert!(report.contains("\n b: 2\n c: 3\n"), "{report}");
+    assert!(!report.contains("-b: 2"), "{report}");
+    assert!(
+        report.contains("UPDATE_GOLDEN=1 cargo test -p mailrelay-operator --test it builders::"),
+        "{report}"
+    );
 }
 
 #[test]
