@@ -8,9 +8,10 @@ use crate::support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use mailrelay_test_support::wait_until;
 use serde_json::json;
 use support::mx::{Mx, content};
 use support::redis::RedisCluster;
@@ -49,9 +50,14 @@ fn cluster_master_killed_with_wait_replicas_bounded_replies_recovery_and_nothing
     }));
 
     let stop = Arc::new(AtomicBool::new(false));
+    // What the senders saw so far, for the waits below: transactions answered, and
+    // refusals naming the unconfirmed write.
+    let answered = Arc::new(AtomicUsize::new(0));
+    let unconfirmed = Arc::new(AtomicUsize::new(0));
     let senders: Vec<_> = (0..4)
         .map(|t| {
             let (relay, stop) = (Arc::clone(&relay), Arc::clone(&stop));
+            let (answered, unconfirmed) = (Arc::clone(&answered), Arc::clone(&unconfirmed));
             std::thread::spawn(move || {
                 let mut out = Vec::new();
                 let mut c = relay.connect();
@@ -61,6 +67,10 @@ fn cluster_master_killed_with_wait_replicas_bounded_replies_recovery_and_nothing
                     let tag = format!("m{t}x{n}");
                     let started = Instant::now();
                     let r = send(&mut c, &tag);
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    if r.contains("replicas did not confirm") {
+                        unconfirmed.fetch_add(1, Ordering::Relaxed);
+                    }
                     out.push((Instant::now(), started.elapsed(), tag, r));
                     n += 1;
                     std::thread::sleep(Duration::from_millis(10));
@@ -70,15 +80,35 @@ fn cluster_master_killed_with_wait_replicas_bounded_replies_recovery_and_nothing
         })
         .collect();
 
-    std::thread::sleep(Duration::from_secs(1));
+    let traffic = |n: usize| {
+        let answered = &answered;
+        move || answered.load(Ordering::Relaxed) >= n
+    };
+    wait_until(
+        "mail flowing before the kill",
+        Duration::from_secs(30),
+        traffic(20),
+    );
     let masters = cluster.master_ports();
     assert_eq!(masters.len(), 3, "{masters:?}");
     let victim = masters[0];
     cluster.kill_node(victim);
     let killed_at = Instant::now();
     // Failure detection and promotion (node timeout 2 s), then a master without a
-    // replica: WAIT cannot be satisfied for its slots.
-    std::thread::sleep(Duration::from_secs(8));
+    // replica: WAIT cannot be satisfied for its slots, which senders are told.
+    wait_until(
+        "a replica promoted in place of the killed master",
+        Duration::from_secs(30),
+        || {
+            let m = cluster.master_ports();
+            m.len() == 3 && !m.contains(&victim)
+        },
+    );
+    wait_until(
+        "a refusal naming the unconfirmed write",
+        Duration::from_secs(30),
+        || unconfirmed.load(Ordering::Relaxed) > 0,
+    );
     cluster.restart_node(victim);
     let restarted_at = Instant::now();
     // Back as a replica of the promoted node: writes are confirmed again.
@@ -101,7 +131,12 @@ fn cluster_master_killed_with_wait_replicas_bounded_replies_recovery_and_nothing
             relay.log()
         );
     };
-    std::thread::sleep(Duration::from_secs(1));
+    let so_far = answered.load(Ordering::Relaxed);
+    wait_until(
+        "mail flowing after the recovery",
+        Duration::from_secs(30),
+        traffic(so_far + 20),
+    );
     stop.store(true, Ordering::Relaxed);
     let mut replies = Vec::new();
     for s in senders {

@@ -14,11 +14,12 @@ use crate::support;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use mailrelay::config::{RedisConfig, Secret};
 use mailrelay::queue::RedisQueue;
+use mailrelay_test_support::wait_until;
 use support::deliver::swaks;
 use support::redis::RedisSentinel;
 use support::relay::{Relay, RelayOptions, SmtpConn, code};
@@ -170,10 +171,12 @@ fn failover_under_load_loses_nothing_answered_250_and_follows_the_new_master() {
 
     // Clients keep sending while the sentinels switch masters.
     let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
     let senders: Vec<_> = (0..2)
         .map(|t| {
             let relay = Arc::clone(&relay);
             let stop = Arc::clone(&stop);
+            let answered = Arc::clone(&answered);
             std::thread::spawn(move || {
                 let mut replies = Vec::new();
                 let mut c = relay.connect();
@@ -181,6 +184,7 @@ fn failover_under_load_loses_nothing_answered_250_and_follows_the_new_master() {
                 let mut n = 0;
                 while !stop.load(Ordering::Relaxed) {
                     replies.push(send_one(&mut c, &format!("during-{t}-{n}")));
+                    answered.fetch_add(1, Ordering::Relaxed);
                     n += 1;
                     // Pacing, not a condition: keeps the log readable.
                     std::thread::sleep(Duration::from_millis(20));
@@ -190,7 +194,11 @@ fn failover_under_load_loses_nothing_answered_250_and_follows_the_new_master() {
         })
         .collect();
     // Let some mail through before the switch.
-    std::thread::sleep(Duration::from_millis(300));
+    wait_until(
+        "mail flowing before the switch",
+        Duration::from_secs(30),
+        || answered.load(Ordering::Relaxed) >= 4,
+    );
     let new = s.failover();
     assert_ne!(new, old);
     stop.store(true, Ordering::Relaxed);
