@@ -5,7 +5,7 @@
 # as the non-root user 65532. The tag is the workspace version (Cargo.toml), and the
 # names are what the Helm chart and the operator default to and what the release
 # workflow (.github/workflows/release.yml) pushes, for linux/amd64 and linux/arm64
-# (operator/tests/images.rs checks that they agree):
+# (operator/tests/it/images.rs checks that they agree):
 #
 #   docker build --target mailrelay -t ghcr.io/mailrelay-dev/mailrelay:0.1.0 .
 #   docker build --target mailrelay-operator -t ghcr.io/mailrelay-dev/mailrelay-operator:0.1.0 .

@@ -4,7 +4,7 @@
     python3 docs/gen_crd_reference.py          # rewrite docs/crd-reference.md
     python3 docs/gen_crd_reference.py --check  # exit 1 when it is stale
 
-`operator/tests/docs.rs` runs the check, so the reference follows every change
+`operator/tests/it/docs.rs` runs the check, so the reference follows every change
 of the CRDs (`mailrelay-operator crdgen`).
 """
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prints the objects of one render of the mailrelay-operator chart as a JSON list.
 
-Used by operator/tests/rbac.rs (and handy by hand), with the same Helm engine
+Used by operator/tests/it/rbac.rs (and handy by hand), with the same Helm engine
 (PyPI helm-python-sdk) as test_chart.py:
 
     python3 charts/tests/render.py --name mr --namespace mail --values '{"watchNamespaces": ["a"]}'

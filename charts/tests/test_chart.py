@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Renders the mailrelay-operator chart with the real Helm engine and checks it.
 
-Run by `cargo test` (operator/tests/helm_chart.rs); usable alone:
+Run by `cargo test` (operator/tests/it/helm_chart.rs); usable alone:
 
     python3 charts/tests/test_chart.py --out /tmp/rendered
 
@@ -416,7 +416,7 @@ def expect_defaults(case):
     assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert env["SERVICE_ACCOUNT_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.serviceAccountName"
-    # Least privilege: operator/tests/rbac.rs compares these rules with the
+    # Least privilege: operator/tests/it/rbac.rs compares these rules with the
     # requests the operator really makes; here only that nothing is a wildcard.
     for r in rules_of(case, "ClusterRole", FULLNAME):
         for key in ("apiGroups", "resources", "verbs"):
@@ -626,7 +626,7 @@ def expect_relay_monitoring(case):
     pm = case.get("PodMonitor", f"{FULLNAME}-relays")
     assert pm["metadata"]["labels"]["release"] == "prometheus", pm["metadata"]
     spec = pm["spec"]
-    # The labels the operator puts on relay pods (operator/tests/monitoring.rs
+    # The labels the operator puts on relay pods (operator/tests/it/monitoring.rs
     # checks them against the pods it builds).
     assert spec["selector"] == {
         "matchLabels": {

@@ -1,6 +1,6 @@
 //! Default container images. The tag is the workspace version, so a release bumps
 //! the chart defaults, the Dockerfile and these constants together; a test
-//! (`operator/tests/images.rs`) fails when they disagree.
+//! (`operator/tests/it/images.rs`) fails when they disagree.
 
 /// Image repository of the relay (`mailrelay serve`).
 pub const RELAY_REPOSITORY: &str = "ghcr.io/mailrelay-dev/mailrelay";

@@ -66,7 +66,7 @@ app.kubernetes.io/component: queue-store
 {{- end }}
 
 {{/* What the operator may do: exactly the requests its code makes (checked by
-operator/tests/rbac.rs against recorded requests). As a ClusterRole, or as a Role
+operator/tests/it/rbac.rs against recorded requests). As a ClusterRole, or as a Role
 in each of watchNamespaces. */}}
 {{- define "mailrelay-operator.operatorRules" -}}
 # The controllers list and watch MailRelays and SendQuotas (and list them again

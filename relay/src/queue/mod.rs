@@ -566,7 +566,7 @@ fn unsupported<T: Send + 'static>(what: &'static str) -> QueueFuture<'static, T>
 ///
 /// The delivery and operator methods have default bodies that fail, so that test
 /// doubles need implement only what they use; both real backends implement all of
-/// them and share one conformance suite (`tests/queue_conformance.rs`).
+/// them and share one conformance suite (`tests/it/queue_conformance.rs`).
 pub trait Queue: Send + Sync + 'static {
     /// Short backend name for logs and metrics labels.
     fn backend(&self) -> &'static str;

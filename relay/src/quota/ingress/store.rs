@@ -2,7 +2,7 @@
 //! every relay process, [`super::redis`]) and in-process ([`super::memory`]).
 //!
 //! Both run the sliding window of [`super::window`] per (quota, window, key)
-//! counter, so they give the same answers; `tests/quota_store.rs` checks that on
+//! counter, so they give the same answers; `tests/it/quota_store.rs` checks that on
 //! random request sequences.
 
 use std::future::Future;
