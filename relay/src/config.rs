@@ -206,13 +206,27 @@ pub struct AuthConfig {
 }
 
 impl SenderBindingConfig {
+    /// The plain data the SMTP session's sender policy is built from.
+    pub fn binding(&self) -> mailrelay_smtp::sender::SenderBinding {
+        mailrelay_smtp::sender::SenderBinding {
+            required: self.required,
+            check_from_header: self.check_from_header,
+            users: self.users.clone(),
+            networks: self
+                .networks
+                .iter()
+                .map(|n| (n.network, n.senders.clone()))
+                .collect(),
+        }
+    }
+
     fn validate(&self, relay_networks: &[IpNet]) -> Result<(), ConfigError> {
         let check = |field: String, patterns: &[String]| {
             if patterns.is_empty() {
                 return Err(invalid(field, "needs at least one sender pattern"));
             }
             for (i, p) in patterns.iter().enumerate() {
-                let ok = p == crate::smtp::sender::NULL_SENDER
+                let ok = p == mailrelay_smtp::sender::NULL_SENDER
                     || (!p.is_empty()
                         && !p.contains(['<', '>', ' ', ','])
                         && p.matches('@').count() <= 1);
@@ -491,7 +505,7 @@ fn default_prefix() -> String {
     "mr".into()
 }
 
-pub use crate::smtp::client::TlsPolicy;
+pub use mailrelay_smtp::client::TlsPolicy;
 
 /// Default `delivery.lease`: short, because it is renewed while held, and it is how
 /// long the mail a killed relay held waits before the others take it.

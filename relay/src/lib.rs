@@ -11,4 +11,3 @@ pub mod queue;
 pub mod quota;
 pub mod redis_conn;
 pub mod server;
-pub mod smtp;

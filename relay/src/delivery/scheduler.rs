@@ -244,11 +244,11 @@ struct Recorder<'a> {
 }
 
 impl MessageGate for Recorder<'_> {
-    async fn before_message(&mut self, index: usize) -> Result<(), crate::smtp::Reply> {
+    async fn before_message(&mut self, index: usize) -> Result<(), mailrelay_smtp::Reply> {
         self.egress.before_message(index).await
     }
 
-    fn on_reply(&mut self, reply: &crate::smtp::Reply) {
+    fn on_reply(&mut self, reply: &mailrelay_smtp::Reply) {
         self.egress.on_reply(reply);
     }
 
@@ -954,8 +954,8 @@ impl Inner {
     async fn targets(
         &self,
         dest: &str,
-    ) -> Result<(Vec<Target>, ClientConfig), (crate::smtp::Reply, &'static str)> {
-        use crate::smtp::Reply;
+    ) -> Result<(Vec<Target>, ClientConfig), (mailrelay_smtp::Reply, &'static str)> {
+        use mailrelay_smtp::Reply;
         let mut client = ClientConfig::new(self.hostname.clone());
         if let Some(r) = relay_index(dest).and_then(|i| self.relays.get(i)) {
             client.tls = r.tls_policy;
@@ -1240,7 +1240,7 @@ fn still_delayed(status: &MessageStatus, until_ms: u64) -> Vec<DsnRecipient> {
 }
 
 /// The metrics reason of a recipient's outcome from a server conversation.
-fn reason_of(r: &crate::smtp::client::RecipientOutcome) -> &'static str {
+fn reason_of(r: &mailrelay_smtp::client::RecipientOutcome) -> &'static str {
     match (r.result, r.stage, r.remote) {
         (Outcome::Delivered, _, _) => "ok",
         (_, Stage::StartTls, _) => "tls",
@@ -1283,7 +1283,7 @@ fn enhanced_of(reply: &str) -> Option<(u8, u16, u16)> {
 }
 
 /// Outcomes for a destination that got no connection: every recipient gets `reply`.
-fn synthetic(msgs: &[&QueuedMessage], reply: &crate::smtp::Reply) -> ConnectionResult {
+fn synthetic(msgs: &[&QueuedMessage], reply: &mailrelay_smtp::Reply) -> ConnectionResult {
     let mut messages = connect_failed(msgs, "");
     let result = Outcome::of_code(reply.code);
     for m in &mut messages {
@@ -1433,11 +1433,11 @@ mod tests {
             },
             body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
         };
-        let reply = crate::smtp::Reply::status(556, (5, 1, 10), "null MX");
+        let reply = mailrelay_smtp::Reply::status(556, (5, 1, 10), "null MX");
         let r = synthetic(&[&msg], &reply);
         assert_eq!(r.messages[0].recipients[0].result, Outcome::Bounced);
         assert!(!worth_next_host(&r), "a DNS verdict is not a host failure");
-        let temp = synthetic(&[&msg], &crate::smtp::Reply::status(451, (4, 4, 3), "x"));
+        let temp = synthetic(&[&msg], &mailrelay_smtp::Reply::status(451, (4, 4, 3), "x"));
         assert_eq!(temp.messages[0].recipients[0].result, Outcome::Deferred);
     }
 }

@@ -92,7 +92,7 @@ use crate::config::RedisConfig;
 use crate::delivery::smtp_client::{MessageGate, MessageOutcome, Outcome};
 use crate::queue::now_ms;
 use crate::quota::config::{Direction, KeyBy, QuotaConfig, Scope, Unit};
-use crate::smtp::Reply;
+use mailrelay_smtp::Reply;
 
 /// Longest in-process wait for a slot or a connection permit; later ones go back to
 /// the queue. Short enough that no server times out an idle connection.

@@ -16,17 +16,8 @@ use time::format_description::well_known::Rfc3339;
 use super::config::{Action, Direction, KeyBy, Limit, QuotaConfig, Scope, Unit};
 use super::glob::Glob;
 use super::window::WindowSpec;
-use crate::smtp::Reply;
-
-/// What ingress matching looks at. The recipients are passed separately because
-/// they grow during a transaction.
-#[derive(Debug, Clone, Copy)]
-pub struct IngressFacts<'a> {
-    /// Reverse-path without brackets; empty for the null sender.
-    pub sender: &'a str,
-    pub auth_user: Option<&'a str>,
-    pub client_ip: IpAddr,
-}
+use mailrelay_smtp::Reply;
+pub use mailrelay_smtp::policy::{IngressFacts, IngressPolicy, Refusal};
 
 /// [`IngressFacts`] prepared for matching many quotas: lower-cased once.
 #[derive(Debug, Clone)]
@@ -258,16 +249,6 @@ impl QuotaSet {
     }
 }
 
-/// A refusal and its metrics label.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal {
-    pub reply: Reply,
-    /// `quota_exceeded`, `quota_recipients`, `quota_size` or `quota_unavailable`.
-    pub reason: &'static str,
-    /// The quota that refused, for per-quota metrics.
-    pub quota: Option<String>,
-}
-
 /// `2026-11-29T05:01:00Z` (rounded up to the second).
 pub fn rfc3339(ms: u64) -> String {
     OffsetDateTime::from_unix_timestamp(ms.div_ceil(1000) as i64)
@@ -366,18 +347,6 @@ pub fn never_fits(q: &CompiledQuota, limit: &Limit) -> Refusal {
         // A message costs 1 and limits are at least 1.
         Unit::Messages => too_many_recipients(q, limit, limit.count),
     }
-}
-
-/// What the session may ask before the message is in: checks against limits
-/// alone and against what this process last learned from the counters. The
-/// authoritative check-and-charge happens when the message is complete.
-pub trait IngressPolicy: Send + Sync + std::fmt::Debug {
-    /// At MAIL FROM, with the `SIZE=` the client declared.
-    fn at_mail(&self, f: &IngressFacts, declared_size: Option<u64>) -> Option<Refusal>;
-    /// At RCPT TO: `accepted` are the recipients of this transaction so far.
-    fn at_rcpt(&self, f: &IngressFacts, accepted: &[&str], new: &str) -> Option<Refusal>;
-    /// Whether complete messages must be checked before they are queued.
-    fn check_before_queueing(&self) -> bool;
 }
 
 #[cfg(test)]

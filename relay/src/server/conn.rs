@@ -15,8 +15,8 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use crate::queue::{QueueId, TlsInfo};
-use crate::smtp::{Reply, Session, Step, StoreFailure};
+use mailrelay_smtp::envelope::{QueueId, TlsInfo};
+use mailrelay_smtp::{Reply, Session, Step, StoreFailure};
 
 /// The socket, before or after a TLS upgrade.
 pub enum Stream {
@@ -785,7 +785,7 @@ impl Conn {
         let elapsed = started.elapsed();
         let outcome = match &result {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreFailure::of(e)),
+            Ok(Err(e)) => Err(e.store_failure()),
             Err(_) => Err(StoreFailure::Timeout),
         };
         self.note_write(&msg, outcome, elapsed);

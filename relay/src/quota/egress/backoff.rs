@@ -9,7 +9,7 @@
 //! a new complaint. The state is one small record per site, shared through the
 //! store, so every relay process backs off together.
 
-use crate::smtp::Reply;
+use mailrelay_smtp::Reply;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BackoffPolicy {

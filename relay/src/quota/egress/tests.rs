@@ -1,7 +1,7 @@
 use super::*;
 use crate::delivery::smtp_client::RecipientOutcome;
 use crate::queue::QueueId;
-use crate::smtp::client::Stage;
+use mailrelay_smtp::client::Stage;
 
 fn quotas(yaml: &str) -> Vec<QuotaConfig> {
     let q: Vec<QuotaConfig> = serde_norway::from_str(yaml).unwrap();

@@ -3,7 +3,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::queue::{ClientInfo, Envelope, MailParams, Recipient};
+use crate::envelope::{ClientInfo, Envelope, MailParams, Recipient};
 
 // ---------------------------------------------------------------------------
 // Fixtures
@@ -376,7 +376,7 @@ fn dot_stuffing_matches_a_naive_encoder_on_random_and_large_bodies() {
         i += 1;
     }
     let wire = encode_data(&body);
-    let mut d = crate::smtp::data::DataDecoder::for_data(1000, 8 << 20);
+    let mut d = crate::data::DataDecoder::for_data(1000, 8 << 20);
     assert_eq!(d.feed(&wire), Some(wire.len()));
     assert_eq!(d.into_result().unwrap(), body);
 }

@@ -2,23 +2,34 @@
 //! user and each relay network can be bound to address/domain globs, so one tenant
 //! cannot send as another. Pure data; the session asks it at MAIL and after DATA.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::config::SenderBindingConfig;
-use crate::quota::glob::Glob;
-
 /// The literal pattern that allows the null sender `<>` (bounces).
 pub const NULL_SENDER: &str = "<>";
+
+/// The bindings as configured (the relay's `sender_binding` section): the plain
+/// data [`SenderPolicy`] is built from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderBinding {
+    /// Refuse every sender of a user or relay-network client without a binding.
+    pub required: bool,
+    /// Also check the addresses of the `From:` header after DATA.
+    pub check_from_header: bool,
+    /// User name to patterns: domain globs, address globs (with `@`), `<>`.
+    pub users: BTreeMap<String, Vec<String>>,
+    /// The same per relay network; the most specific network wins.
+    pub networks: Vec<(IpNet, Vec<String>)>,
+}
 
 /// The senders one user or network may use.
 #[derive(Debug, Clone)]
 pub struct Binding {
-    /// `(pattern as written, glob, whole address?)`: a pattern with `@` matches the
-    /// whole address, one without matches the domain part.
-    patterns: Vec<(String, Glob, bool)>,
+    /// `(pattern as written, lower-cased pattern, whole address?)`: a pattern with
+    /// `@` matches the whole address, one without matches the domain part.
+    patterns: Vec<(String, Vec<char>, bool)>,
     null_sender: bool,
 }
 
@@ -32,7 +43,11 @@ impl Binding {
             if p == NULL_SENDER {
                 b.null_sender = true;
             } else {
-                b.patterns.push((p.clone(), Glob::new(p), p.contains('@')));
+                b.patterns.push((
+                    p.clone(),
+                    p.to_lowercase().chars().collect(),
+                    p.contains('@'),
+                ));
             }
         }
         b
@@ -43,12 +58,16 @@ impl Binding {
         if sender.is_empty() {
             return self.null_sender;
         }
-        let domain = sender.rsplit_once('@').map_or("", |(_, d)| d);
+        let sender: Vec<char> = sender.to_lowercase().chars().collect();
+        let domain = match sender.iter().rposition(|&c| c == '@') {
+            Some(at) => &sender[at + 1..],
+            None => &[][..],
+        };
         self.patterns.iter().any(|(_, g, whole)| {
             if *whole {
-                g.is_match(sender)
+                glob_match(g, &sender)
             } else {
-                !domain.is_empty() && g.is_match(domain)
+                !domain.is_empty() && glob_match(g, domain)
             }
         })
     }
@@ -94,7 +113,7 @@ pub struct SenderPolicy {
 }
 
 impl SenderPolicy {
-    pub fn new(cfg: &SenderBindingConfig) -> Self {
+    pub fn new(cfg: &SenderBinding) -> Self {
         SenderPolicy {
             required: cfg.required,
             check_from_header: cfg.check_from_header,
@@ -106,7 +125,7 @@ impl SenderPolicy {
             networks: cfg
                 .networks
                 .iter()
-                .map(|n| (n.network, Binding::new(&n.senders)))
+                .map(|(n, senders)| (*n, Binding::new(senders)))
                 .collect(),
         }
     }
@@ -168,6 +187,36 @@ impl SenderPolicy {
             None => None,
         }
     }
+}
+
+/// Case-folded glob match: `*` is any run of characters (also none), `?` exactly
+/// one. On a mismatch after a `*`, that star swallows one more character: only the
+/// last star needs remembering, so there is no exponential backtracking. (The same
+/// semantics as the quota globs, which this crate may not import.)
+fn glob_match(p: &[char], t: &[char]) -> bool {
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(c) if *c == '?' || *c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
 }
 
 /// The addresses of the `From:` header(s) of a message, lower-level than a full
@@ -256,10 +305,8 @@ fn strip_comments(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{NetworkSenders, SenderBindingConfig};
-
     fn policy(required: bool) -> SenderPolicy {
-        SenderPolicy::new(&SenderBindingConfig {
+        SenderPolicy::new(&SenderBinding {
             required,
             check_from_header: true,
             users: [
@@ -271,14 +318,8 @@ mod tests {
             ]
             .into(),
             networks: vec![
-                NetworkSenders {
-                    network: "10.1.0.0/16".parse().unwrap(),
-                    senders: vec!["*@c.example".into()],
-                },
-                NetworkSenders {
-                    network: "10.1.2.0/24".parse().unwrap(),
-                    senders: vec!["app@d.example".into()],
-                },
+                ("10.1.0.0/16".parse().unwrap(), vec!["*@c.example".into()]),
+                ("10.1.2.0/24".parse().unwrap(), vec!["app@d.example".into()]),
             ],
         })
     }

@@ -602,15 +602,12 @@ fn bare_postmaster_is_the_relays_own_and_reachable_from_anywhere() {
 
 #[test]
 fn sender_binding_refuses_at_mail_and_after_data_or_bdat() {
-    use crate::config::{NetworkSenders, SenderBindingConfig};
-    let policy = SenderPolicy::new(&SenderBindingConfig {
+    use crate::sender::SenderBinding;
+    let policy = SenderPolicy::new(&SenderBinding {
         required: false,
         check_from_header: true,
         users: Default::default(),
-        networks: vec![NetworkSenders {
-            network: "192.0.2.0/24".parse().unwrap(),
-            senders: vec!["c.example".into()],
-        }],
+        networks: vec![("192.0.2.0/24".parse().unwrap(), vec!["c.example".into()])],
     });
     let mut s = Session::new(cfg(), peer(true));
     s.set_sender_policy(Arc::new(policy));

@@ -27,7 +27,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 
 use super::reply::{Enhanced, Reply};
-use crate::queue::{BodyType, DsnNotify, DsnRet, QueueId, QueuedMessage, TlsInfo};
+use crate::envelope::{BodyType, DsnNotify, DsnRet, QueueId, QueuedMessage, TlsInfo};
 
 /// A reply of more lines than this is refused (the longest real EHLO replies have
 /// about 20); it bounds the memory a hostile server can make us hold.

@@ -16,11 +16,11 @@ use super::command::{self, Command, CommandError, Param, is_xtext, validate_mail
 use super::data::{DataDecoder, DataError};
 use super::reply::Reply;
 use super::sender::{SenderPolicy, SenderRefusal, from_addresses};
-use crate::queue::{
+use crate::envelope::{
     BodyType, ClientInfo, DsnNotify, DsnRet, Envelope, MailParams, QueueId, QueuedMessage,
     Recipient, TlsInfo,
 };
-use crate::quota::{IngressFacts, IngressPolicy, Refusal};
+use crate::policy::{IngressFacts, IngressPolicy, Refusal};
 
 /// RFC 5321 §4.5.3.1.4: command lines are at most 512 octets with CRLF.
 pub const MAX_COMMAND_LINE: usize = 512;
@@ -103,16 +103,6 @@ pub enum StoreFailure {
 }
 
 impl StoreFailure {
-    /// The failure behind a queue error.
-    pub fn of(e: &crate::queue::QueueError) -> Self {
-        match e {
-            crate::queue::QueueError::Full(_) => StoreFailure::Full,
-            crate::queue::QueueError::Timeout(_) => StoreFailure::Timeout,
-            crate::queue::QueueError::Unreplicated(_) => StoreFailure::Unreplicated,
-            _ => StoreFailure::Unavailable,
-        }
-    }
-
     /// The `reason` label of metrics.
     pub fn reason(self) -> &'static str {
         match self {
