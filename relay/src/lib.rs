@@ -1,12 +1,14 @@
 //! mailrelay: an SMTP store-and-forward relay with a Redis or embedded durable queue.
 //!
-//! Protocol logic lives in [`smtp`] as IO-free state machines; [`server`] drives them
-//! over sockets; [`queue`] stores accepted mail; [`admin`] serves health and metrics.
+//! Protocol logic lives in the `mailrelay_smtp` crate as IO-free state machines;
+//! [`server`] drives them over sockets; [`queue`] stores accepted mail; [`admin`] serves health and metrics.
 
 pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod delivery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod queue;
 pub mod quota;
 pub mod redis_conn;

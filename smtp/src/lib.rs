@@ -11,6 +11,7 @@ pub mod client;
 pub mod command;
 pub mod data;
 pub mod envelope;
+#[doc(hidden)]
 pub mod fuzzing;
 pub mod policy;
 pub mod proxy;
