@@ -411,4 +411,39 @@ mod tests {
         assert_eq!(from_addresses(msg), vec!["j@a.example", "k@b.example"]);
         assert!(from_addresses(b"Subject: x\r\n\r\n").is_empty());
     }
+
+    #[test]
+    fn globs_match_like_the_quota_globs() {
+        let b = Binding::new(&["*@Example.COM".into(), "alerts-?@ops.example".into()]);
+        assert!(b.allows("ALICE@example.com"));
+        assert!(!b.allows("alice@example.com.evil"));
+        assert!(b.allows("alerts-1@ops.example"));
+        assert!(!b.allows("alerts-12@ops.example"));
+        let d = Binding::new(&["*.a.example".into(), "ÉTÉ.example".into()]);
+        assert!(d.allows("x@mx.A.example"));
+        assert!(!d.allows("x@a.example"));
+        assert!(d.allows("x@été.example"));
+        assert!(!d.allows("été.example"), "a domain pattern needs an address");
+
+        // The naive recursive definition, for small inputs.
+        fn naive(p: &[char], t: &[char]) -> bool {
+            match p.first() {
+                None => t.is_empty(),
+                Some('*') => (0..=t.len()).any(|i| naive(&p[1..], &t[i..])),
+                Some(c) => !t.is_empty() && (*c == '?' || *c == t[0]) && naive(&p[1..], &t[1..]),
+            }
+        }
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = ['a', 'b', '*', '?'];
+        for _ in 0..20_000 {
+            let p: Vec<char> = (0..rng.random_range(0..7))
+                .map(|_| alphabet[rng.random_range(0..4)])
+                .collect();
+            let t: Vec<char> = (0..rng.random_range(0..8))
+                .map(|_| alphabet[rng.random_range(0..2)])
+                .collect();
+            assert_eq!(glob_match(&p, &t), naive(&p, &t), "{p:?} {t:?}");
+        }
+    }
 }
