@@ -14,7 +14,8 @@ use crate::quota::ingress::QuotaSet;
 use crate::quota::redis::{bucket_field, counter_key, index_key, quota_id, window_tag};
 
 /// The targets and their bodies, by name (and corpus directory).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[("config", config), ("quota_keys", quota_keys)];
+pub const TARGETS: &[(&str, mailrelay_smtp::fuzzing::Body)] =
+    &[("config", config), ("quota_keys", quota_keys)];
 
 /// Longest config text tried: real configs are a few KiB, and YAML alias
 /// expansion makes time grow with size.

@@ -16,9 +16,12 @@ use crate::proxy::{self, ProxyHeader, V2_SIGNATURE};
 use crate::reply::Reply;
 use crate::session::MAX_AUTH_LINE;
 
+/// A fuzz target's body: takes any bytes, panics on a finding.
+pub type Body = fn(&[u8]);
+
 /// The fuzz targets and their bodies, by the name of the target (and of its
 /// corpus directory, `fuzz/corpus/<name>/`).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Body)] = &[
     ("command", command),
     ("data", data),
     ("bdat", bdat),

@@ -423,7 +423,10 @@ mod tests {
         assert!(d.allows("x@mx.A.example"));
         assert!(!d.allows("x@a.example"));
         assert!(d.allows("x@été.example"));
-        assert!(!d.allows("été.example"), "a domain pattern needs an address");
+        assert!(
+            !d.allows("été.example"),
+            "a domain pattern needs an address"
+        );
 
         // The naive recursive definition, for small inputs.
         fn naive(p: &[char], t: &[char]) -> bool {
