@@ -20,14 +20,14 @@ targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
   mapfile -t targets < <(cargo +nightly fuzz list)
 fi
-cargo +nightly fuzz build -O
+cargo +nightly fuzz build -O --features relay
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 for t in "${targets[@]}"; do
   mkdir -p "$scratch/$t"
   echo "== $t: ${seconds}s"
   status=0
-  cargo +nightly fuzz run -O "$t" "$scratch/$t" "corpus/$t" -- \
+  cargo +nightly fuzz run -O --features relay "$t" "$scratch/$t" "corpus/$t" -- \
     -max_total_time="$seconds" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
     -print_final_stats=1 >"$scratch/$t.log" 2>&1 || status=$?
   grep -E '^#[0-9]+ +DONE|^stat::(number_of_executed_units|average_exec_per_sec)' "$scratch/$t.log" || true
