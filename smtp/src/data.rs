@@ -125,11 +125,24 @@ impl DataDecoder {
                     // Fast path: copy a run of ordinary octets in one go.
                     let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
                     if run > 0 {
-                        if memchr::memchr(0, &input[i..i + run]).is_some() {
-                            self.fail(DataError::Nul);
+                        let chunk = &input[i..i + run];
+                        let clean = self.line_len + run <= self.max_line
+                            && self.size + run as u64 <= self.max_size
+                            && memchr::memchr(0, chunk).is_none();
+                        if clean || self.error.is_some() {
+                            self.count_line(run);
+                            self.push(chunk);
+                        } else {
+                            // Octet by octet, so that the first error in the content
+                            // is the one reported, however TCP cut it into reads.
+                            for octet in chunk.chunks(1) {
+                                if octet[0] == 0 {
+                                    self.fail(DataError::Nul);
+                                }
+                                self.count_line(1);
+                                self.push(octet);
+                            }
                         }
-                        self.count_line(run);
-                        self.push(&input[i..i + run]);
                         i += run;
                         self.state = State::Mid;
                         continue;
@@ -362,5 +375,32 @@ mod tests {
         d.feed(b"\nb\r");
         d.finish_bdat();
         assert_eq!(d.into_result(), Err(DataError::BareCr));
+    }
+
+    /// Found by fuzzing (`fuzz/corpus/data/`): the error a message is refused with
+    /// (its reply and metric) must not depend on how the content was segmented.
+    #[test]
+    fn first_error_wins_however_the_content_is_split() {
+        let msg = b"abcdefghij\0\r\n.\r\n";
+        for (max_line, max_size, want) in [
+            (5, 1 << 20, DataError::LineTooLong),
+            (100, 5, DataError::TooBig),
+            (100, 1 << 20, DataError::Nul),
+        ] {
+            let mut whole = DataDecoder::for_data(max_line, max_size);
+            assert_eq!(whole.feed(msg), Some(msg.len()));
+            assert_eq!(whole.into_result(), Err(want));
+            for cut in 1..msg.len() {
+                let mut d = DataDecoder::for_data(max_line, max_size);
+                assert_eq!(d.feed(&msg[..cut]), None);
+                assert_eq!(d.feed(&msg[cut..]), Some(msg.len() - cut));
+                assert_eq!(d.into_result(), Err(want), "cut at {cut}");
+            }
+            let mut b = DataDecoder::for_bdat(max_line, max_size);
+            b.feed(&msg[..3]);
+            b.feed(&msg[3..11]);
+            b.finish_bdat();
+            assert_eq!(b.into_result(), Err(want));
+        }
     }
 }
