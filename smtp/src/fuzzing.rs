@@ -325,21 +325,19 @@ pub fn client_reply(input: &[u8]) {
     // Parsing only what was consumed gives the same reply.
     assert_eq!(client::parse_reply(&input[..n]), Ok(Some((r.clone(), n))));
     let wire = r.to_bytes();
-    // Our writer blanks control characters; everything else must survive.
-    let expected = Reply {
-        lines: r
-            .lines
-            .iter()
-            .map(|l| {
-                l.chars()
-                    .map(|c| if c.is_control() { ' ' } else { c })
-                    .collect()
-            })
-            .collect(),
-        ..r.clone()
-    };
-    let again = client::parse_reply(&wire);
-    assert_eq!(again, Ok(Some((expected, wire.len()))), "{r:?} as {wire:?}");
+    let (again, n2) = client::parse_reply(&wire)
+        .unwrap_or_else(|e| panic!("{r:?} as {wire:?}: {e}"))
+        .unwrap_or_else(|| panic!("{r:?} as {wire:?}: incomplete"));
+    assert_eq!(n2, wire.len());
+    assert_eq!((again.code, again.lines.len()), (r.code, r.lines.len()));
+    if r.lines.iter().all(|l| !l.chars().any(char::is_control)) {
+        assert_eq!(again, r, "{wire:?}");
+    } else {
+        // Our writer blanks control characters, which can turn the text into an
+        // enhanced code (`2.0.0<CR>x` is written `2.0.0 x`); from then on it is stable.
+        let wire2 = again.to_bytes();
+        assert_eq!(client::parse_reply(&wire2), Ok(Some((again, wire2.len()))));
+    }
 }
 
 /// EHLO capabilities: keywords are case-insensitive, and the capabilities written
