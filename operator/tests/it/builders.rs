@@ -1470,7 +1470,7 @@ fn the_sender_binding_reaches_the_relay_config_as_the_relay_reads_it() {
     assert_eq!(b.networks[0].senders, ["*@batch.example"]);
 
     // The policy the relay builds from it decides as the spec says.
-    let policy = mailrelay::smtp::sender::SenderPolicy::new(&b);
+    let policy = mailrelay_smtp::sender::SenderPolicy::new(&b.binding());
     let check = |user: &str, sender: &str| policy.check(Some(user), None, sender, "mail_from");
     assert_eq!(check("payments", "billing@payments.example"), None);
     assert_eq!(check("payments", "x@eu.payments.example"), None);

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::{ConfigError, Secret, invalid, is_valid_hostname};
 use crate::config::duration::duration_str;
 
-pub use crate::smtp::client::TlsPolicy;
+pub use mailrelay_smtp::client::TlsPolicy;
 
 /// Default `delivery.lease`: short, because it is renewed while held, and it is how
 /// long the mail a killed relay held waits before the others take it.

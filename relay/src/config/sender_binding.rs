@@ -29,13 +29,27 @@ pub struct NetworkSenders {
 }
 
 impl SenderBindingConfig {
+    /// The plain data the SMTP session's sender policy is built from.
+    pub fn binding(&self) -> mailrelay_smtp::sender::SenderBinding {
+        mailrelay_smtp::sender::SenderBinding {
+            required: self.required,
+            check_from_header: self.check_from_header,
+            users: self.users.clone(),
+            networks: self
+                .networks
+                .iter()
+                .map(|n| (n.network, n.senders.clone()))
+                .collect(),
+        }
+    }
+
     pub(super) fn validate(&self, relay_networks: &[IpNet]) -> Result<(), ConfigError> {
         let check = |field: String, patterns: &[String]| {
             if patterns.is_empty() {
                 return Err(invalid(field, "needs at least one sender pattern"));
             }
             for (i, p) in patterns.iter().enumerate() {
-                let ok = p == crate::smtp::sender::NULL_SENDER
+                let ok = p == mailrelay_smtp::sender::NULL_SENDER
                     || (!p.is_empty()
                         && !p.contains(['<', '>', ' ', ','])
                         && p.matches('@').count() <= 1);

@@ -14,7 +14,7 @@ use time::format_description::well_known::Rfc2822;
 use crate::queue::{
     BodyType, ClientInfo, DsnRet, Envelope, MailParams, QueueId, QueuedMessage, Recipient,
 };
-use crate::smtp::Reply;
+use mailrelay_smtp::Reply;
 
 /// Largest original body returned in full; beyond it only the headers go back (a
 /// bounce of a huge message must not be as huge, nor exceed the sender's size limit).

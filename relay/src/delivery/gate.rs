@@ -8,8 +8,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::queue::Leased;
-use crate::smtp::Reply;
-use crate::smtp::client::{MessageOutcome, Outcome};
+use mailrelay_smtp::Reply;
+use mailrelay_smtp::client::{MessageOutcome, Outcome};
 
 /// The futures the gates return: boxed, so the traits stay object safe.
 pub type GateFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -158,7 +158,7 @@ impl Postponement {
 mod tests {
     use super::*;
     use crate::queue::QueueId;
-    use crate::smtp::client::{RecipientOutcome, Stage};
+    use mailrelay_smtp::client::{RecipientOutcome, Stage};
 
     fn outcome(attempted: bool, results: &[Outcome]) -> MessageOutcome {
         MessageOutcome {

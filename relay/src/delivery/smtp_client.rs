@@ -19,12 +19,12 @@ use tokio::time::timeout;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
-use crate::queue::{QueuedMessage, TlsInfo};
-use crate::smtp::client::{Action, ClientSession, parse_reply};
-pub use crate::smtp::client::{
+use mailrelay_smtp::client::{Action, ClientSession, parse_reply};
+pub use mailrelay_smtp::client::{
     Capabilities, ClientConfig, Credentials, MessageOutcome, Outcome, RecipientOutcome, Stage,
     TimeoutKind, TlsPolicy, connect_failed,
 };
+use mailrelay_smtp::envelope::{QueuedMessage, TlsInfo};
 
 /// Where Debian and most distributions keep the system trust store as one PEM file.
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
@@ -291,10 +291,10 @@ pub trait MessageGate: Send {
     fn before_message(
         &mut self,
         index: usize,
-    ) -> impl std::future::Future<Output = Result<(), crate::smtp::Reply>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), mailrelay_smtp::Reply>> + Send;
 
     /// Every reply read from the server, before the session sees it.
-    fn on_reply(&mut self, _reply: &crate::smtp::Reply) {}
+    fn on_reply(&mut self, _reply: &mailrelay_smtp::Reply) {}
 
     /// Message `index`'s transaction ended (see [`ClientSession::take_completed`]):
     /// called before the connection goes on to the next message, so the outcome can
@@ -313,7 +313,7 @@ pub trait MessageGate: Send {
 pub struct Ungated;
 
 impl MessageGate for Ungated {
-    async fn before_message(&mut self, _index: usize) -> Result<(), crate::smtp::Reply> {
+    async fn before_message(&mut self, _index: usize) -> Result<(), mailrelay_smtp::Reply> {
         Ok(())
     }
 }
@@ -441,7 +441,7 @@ async fn read_reply(
     conn: &mut Conn,
     buf: &mut Vec<u8>,
     limit: Duration,
-) -> Result<crate::smtp::Reply, String> {
+) -> Result<mailrelay_smtp::Reply, String> {
     let deadline = tokio::time::Instant::now() + limit;
     let mut chunk = [0u8; 8192];
     loop {

@@ -15,8 +15,8 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use crate::queue::{QueueId, TlsInfo};
-use crate::smtp::{Reply, Session, Step, StoreFailure};
+use mailrelay_smtp::envelope::{QueueId, TlsInfo};
+use mailrelay_smtp::{Reply, Session, Step, StoreFailure};
 
 /// The socket, before or after a TLS upgrade.
 pub enum Stream {
@@ -783,7 +783,7 @@ impl Conn {
                 self.shared.metrics.rejected("dkim_unsigned");
                 Step::Reply(Reply::new(
                     550,
-                    Some(crate::smtp::reply::Enhanced(5, 7, 26)),
+                    Some(mailrelay_smtp::reply::Enhanced(5, 7, 26)),
                     format!("{reason} (unsigned mail refused by policy)"),
                 ))
             }
@@ -823,7 +823,7 @@ impl Conn {
         let elapsed = started.elapsed();
         let outcome = match &result {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(StoreFailure::of(e)),
+            Ok(Err(e)) => Err(e.store_failure()),
             Err(_) => Err(StoreFailure::Timeout),
         };
         self.note_write(&msg, outcome, elapsed);
@@ -858,7 +858,7 @@ impl Conn {
 /// What the quota check of a complete message left to do.
 enum QuotaStep {
     /// Checked (and charged if allowed); the session decides, the queue write follows.
-    Checked(Option<crate::smtp::policy::Refusal>),
+    Checked(Option<mailrelay_smtp::policy::Refusal>),
     /// Checked, charged and already queued in the same call.
     Queued,
 }

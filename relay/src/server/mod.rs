@@ -22,9 +22,9 @@ use tracing::{debug, error, info, warn};
 use crate::config::{ListenerConfig, RelayConfig, TlsMode};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
-use crate::smtp::{Peer, Session, SessionConfig};
 use conn::{Conn, Stream};
 use limits::ConnLimits;
+use mailrelay_smtp::{Peer, Session, SessionConfig};
 use tls::TlsSource;
 use users::UsersSource;
 
@@ -40,7 +40,7 @@ pub struct Shared {
     /// Send quotas (ingress checks); `None` runs without any.
     pub quotas: Option<Arc<crate::quota::Quotas>>,
     /// Which senders AUTH users and relay networks may use (`sender_binding`).
-    pub senders: Option<Arc<crate::smtp::sender::SenderPolicy>>,
+    pub senders: Option<Arc<mailrelay_smtp::sender::SenderPolicy>>,
     /// Rung after each message queued: this process's delivery (see
     /// [`Shared::ring_on_queue`]).
     doorbell: std::sync::OnceLock<crate::delivery::scheduler::Doorbell>,
@@ -83,7 +83,7 @@ impl Shared {
         let senders = config
             .sender_binding
             .as_ref()
-            .map(|b| Arc::new(crate::smtp::sender::SenderPolicy::new(b)));
+            .map(|b| Arc::new(mailrelay_smtp::sender::SenderPolicy::new(&b.binding())));
         Arc::new(Shared {
             senders,
             config,

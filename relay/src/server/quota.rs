@@ -1,5 +1,5 @@
 //! The adapters that plug the send quotas into the layers that call them: the
-//! SMTP session's ingress policy ([`crate::smtp::policy`]) and delivery's dispatch
+//! SMTP session's ingress policy ([`mailrelay_smtp::policy`]) and delivery's dispatch
 //! hook and pacing ([`crate::delivery::gate`]). Conversions only: every decision
 //! is made in [`crate::quota`], which knows neither the protocol nor delivery.
 
@@ -11,8 +11,8 @@ use crate::quota::Quotas;
 use crate::quota::egress::{self, Egress, EgressConn};
 use crate::quota::ingress::gate::DeferGate;
 use crate::quota::ingress::model::{self, IngressFacts};
-use crate::smtp::Reply;
-use crate::smtp::policy::{self, IngressPolicy};
+use mailrelay_smtp::Reply;
+use mailrelay_smtp::policy::{self, IngressPolicy};
 
 fn reply(r: crate::quota::reply::Reply) -> Reply {
     Reply::status(r.code, r.enhanced, r.text)

@@ -19,7 +19,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{InconsistentKeys, ProtocolVersion, ServerConfig};
 
 use crate::config::TlsConfig;
-use crate::queue::TlsInfo;
+use mailrelay_smtp::envelope::TlsInfo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {

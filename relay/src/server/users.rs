@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use crate::smtp::auth::Credentials;
+use mailrelay_smtp::auth::Credentials;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
@@ -16,7 +16,7 @@ pub enum UsersError {
     #[error("users file {path}: {source}")]
     Parse {
         path: PathBuf,
-        source: crate::smtp::auth::CredentialsError,
+        source: mailrelay_smtp::auth::CredentialsError,
     },
 }
 

@@ -62,11 +62,11 @@ struct Recorder<'a> {
 }
 
 impl MessageGate for Recorder<'_> {
-    async fn before_message(&mut self, index: usize) -> Result<(), crate::smtp::Reply> {
+    async fn before_message(&mut self, index: usize) -> Result<(), mailrelay_smtp::Reply> {
         self.egress.before_message(index).await
     }
 
-    fn on_reply(&mut self, reply: &crate::smtp::Reply) {
+    fn on_reply(&mut self, reply: &mailrelay_smtp::Reply) {
         self.egress.on_reply(reply);
     }
 
@@ -463,7 +463,7 @@ impl Drop for OpenConnection<'_> {
 }
 
 /// Outcomes for a destination that got no connection: every recipient gets `reply`.
-fn synthetic(msgs: &[&QueuedMessage], reply: &crate::smtp::Reply) -> ConnectionResult {
+fn synthetic(msgs: &[&QueuedMessage], reply: &mailrelay_smtp::Reply) -> ConnectionResult {
     let mut messages = connect_failed(msgs, "");
     let result = Outcome::of_code(reply.code);
     for m in &mut messages {
@@ -530,11 +530,11 @@ mod tests {
             },
             body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
         };
-        let reply = crate::smtp::Reply::status(556, (5, 1, 10), "null MX");
+        let reply = mailrelay_smtp::Reply::status(556, (5, 1, 10), "null MX");
         let r = synthetic(&[&msg], &reply);
         assert_eq!(r.messages[0].recipients[0].result, Outcome::Bounced);
         assert!(!worth_next_host(&r), "a DNS verdict is not a host failure");
-        let temp = synthetic(&[&msg], &crate::smtp::Reply::status(451, (4, 4, 3), "x"));
+        let temp = synthetic(&[&msg], &mailrelay_smtp::Reply::status(451, (4, 4, 3), "x"));
         assert_eq!(temp.messages[0].recipients[0].result, Outcome::Deferred);
     }
 }

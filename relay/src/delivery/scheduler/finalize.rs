@@ -263,7 +263,7 @@ fn still_delayed(status: &MessageStatus, until_ms: u64) -> Vec<DsnRecipient> {
 }
 
 /// The metrics reason of a recipient's outcome from a server conversation.
-fn reason_of(r: &crate::smtp::client::RecipientOutcome) -> &'static str {
+fn reason_of(r: &mailrelay_smtp::client::RecipientOutcome) -> &'static str {
     match (r.result, r.stage, r.remote) {
         (Outcome::Delivered, _, _) => "ok",
         (_, Stage::StartTls, _) => "tls",

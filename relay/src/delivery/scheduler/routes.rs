@@ -103,8 +103,8 @@ impl Inner {
     pub(super) async fn targets(
         &self,
         dest: &str,
-    ) -> Result<(Vec<Target>, ClientConfig), (crate::smtp::Reply, &'static str)> {
-        use crate::smtp::Reply;
+    ) -> Result<(Vec<Target>, ClientConfig), (mailrelay_smtp::Reply, &'static str)> {
+        use mailrelay_smtp::Reply;
         let mut client = ClientConfig::new(self.hostname.clone());
         if let Some(r) = relay_index(dest).and_then(|i| self.relays.get(i)) {
             client.tls = r.tls_policy;
