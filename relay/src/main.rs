@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use mailrelay::admin::{self, AdminState, Metrics};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
 use mailrelay::delivery::scheduler::Delivery;
-use mailrelay::queue::{EmbeddedQueue, Queue, QueueOptions, RedisQueue};
+use mailrelay::queue::{EmbeddedQueue, Inspect, Leasing, Queue, QueueOptions, RedisQueue};
 use mailrelay::quota::egress::Egress;
 use mailrelay::quota::{self, Quotas};
 use mailrelay::server::{self, Shared, tls::TlsSource, users::UsersSource};
@@ -274,7 +274,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                 .with_context(|| format!("admin HTTP cannot listen on {addr}"))?;
             info!(address = %addr, "admin HTTP ready");
             let state = AdminState {
-                queue: Arc::clone(&queue),
+                queue: Arc::clone(&queue) as Arc<dyn Inspect>,
                 metrics: Arc::clone(&metrics),
                 draining: Arc::clone(&draining),
                 auth: admin_auth,
@@ -307,7 +307,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                 egress,
                 Some(Arc::new(quota::DeferGate::new(
                     Arc::clone(&quotas),
-                    Arc::clone(&queue),
+                    Arc::clone(&queue) as Arc<dyn Leasing>,
                     cfg.delivery.retry.max_lifetime,
                 ))),
             )

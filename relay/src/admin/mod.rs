@@ -30,7 +30,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Inspect, QueueError};
 
 pub use self::metrics::Metrics;
 
@@ -42,7 +42,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub queue: Arc<dyn Queue>,
+    pub queue: Arc<dyn Inspect>,
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: the pod stays alive to finish sessions but reports not ready.
     pub draining: Arc<AtomicBool>,
@@ -170,7 +170,7 @@ pub(crate) fn public_reason(e: &QueueError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{QueueFuture, QueueId, QueueStats, QueuedMessage};
+    use crate::queue::{QueueFuture, QueueId, QueueStats, QueuedMessage, Store};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Just enough of a queue to drive the endpoints; real backends have their own tests.
@@ -198,17 +198,26 @@ mod tests {
         }
     }
 
-    impl Queue for FakeQueue {
+    impl Store for FakeQueue {
         fn backend(&self) -> &'static str {
             "fake"
         }
-        fn enqueue<'a>(&'a self, _msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
-            Box::pin(async { unimplemented!("not used by the admin API") })
+        fn ping(&self) -> QueueFuture<'_, ()> {
+            Box::pin(async {
+                self.maybe_hang().await;
+                self.check()
+            })
         }
+    }
+
+    impl Inspect for FakeQueue {
         fn get<'a>(&'a self, _id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
             Box::pin(async { unimplemented!("not used by the admin API") })
         }
         fn list_ids(&self, _limit: usize) -> QueueFuture<'_, Vec<QueueId>> {
+            Box::pin(async { unimplemented!("not used by the admin API") })
+        }
+        fn delivery_totals(&self) -> QueueFuture<'_, crate::queue::DeliveryTotals> {
             Box::pin(async { unimplemented!("not used by the admin API") })
         }
         fn remove<'a>(&'a self, _id: &'a QueueId) -> QueueFuture<'a, bool> {
@@ -257,12 +266,6 @@ mod tests {
                     bytes: 1234,
                     ..Default::default()
                 })
-            })
-        }
-        fn ping(&self) -> QueueFuture<'_, ()> {
-            Box::pin(async {
-                self.maybe_hang().await;
-                self.check()
             })
         }
     }

@@ -50,10 +50,10 @@ use super::smtp_client::{
     MessageGate, MessageOutcome, Outcome, Stage, connect_failed, deliver_gated,
 };
 use crate::admin::Metrics;
-use crate::config::{DeliveryConfig, TlsPolicy};
+use crate::config::{DeliveryConfig, RemoteHost, TlsPolicy};
 use crate::queue::{
-    Attempt, AttemptResult, FinishResult, Lease, Leased, MessageStatus, Queue, QueueError, QueueId,
-    QueuedMessage, RcptState, TlsInfo, now_ms,
+    Attempt, AttemptResult, FinishResult, Lease, Leased, Leasing, MessageStatus, Queue, QueueError,
+    QueueId, QueuedMessage, RcptState, TlsInfo, now_ms,
 };
 use crate::quota::egress::{Destination, Egress, EgressConn, Postponement};
 
@@ -133,6 +133,22 @@ struct RelayHost {
     tls_policy: TlsPolicy,
     tls: ClientTls,
     auth: Option<Credentials>,
+}
+
+impl RelayHost {
+    /// `tls`: the client for the host's `ca_file`.
+    fn new(h: &RemoteHost, tls: ClientTls) -> Self {
+        RelayHost {
+            host: h.host.clone(),
+            port: h.port,
+            tls_policy: h.tls,
+            tls,
+            auth: h.username.as_ref().map(|u| Credentials {
+                username: u.clone(),
+                password: h.password.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+            }),
+        }
+    }
 }
 
 /// Messages taken per `lease_due` call, at most.
@@ -327,32 +343,14 @@ impl Delivery {
             by_ca.insert(ca.clone(), t.clone());
             Ok(t)
         };
-        let credentials = |user: &Option<String>, pw: &Option<crate::config::Secret>| {
-            user.as_ref().map(|u| Credentials {
-                username: u.clone(),
-                password: pw.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
-            })
-        };
         let routes = RouteTable::new(&cfg.routes);
         let mut relays = Vec::new();
         for r in &cfg.routes {
-            relays.push(RelayHost {
-                host: r.host.clone(),
-                port: r.port,
-                tls_policy: r.tls,
-                tls: tls_for(&r.ca_file)?,
-                auth: credentials(&r.username, &r.password),
-            });
+            relays.push(RelayHost::new(&r.remote, tls_for(&r.remote.ca_file)?));
         }
         let smarthost = match &cfg.smarthost {
             Some(s) => {
-                relays.push(RelayHost {
-                    host: s.host.clone(),
-                    port: s.port,
-                    tls_policy: s.tls,
-                    tls: tls_for(&s.ca_file)?,
-                    auth: credentials(&s.username, &s.password),
-                });
+                relays.push(RelayHost::new(s, tls_for(&s.ca_file)?));
                 Some(relays.len() - 1)
             }
             None => None,
@@ -360,7 +358,7 @@ impl Delivery {
         let timeouts = ClientTimeouts::default();
         let owner = format!("{hostname}:{}", std::process::id());
         let outcomes = OutcomeWriter::start(
-            Arc::clone(&queue),
+            Arc::clone(&queue) as Arc<dyn Leasing>,
             cfg.outcome_batch.clone(),
             Arc::clone(&metrics),
         );

@@ -30,7 +30,7 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use super::engine::{Quotas, Release};
-use crate::queue::{Envelope, Leased, Queue, now_ms};
+use crate::queue::{Envelope, Leased, Leasing, now_ms};
 
 /// Looks at leased mail before the scheduler delivers it and says what may go now.
 pub trait DispatchHook: Send + Sync + 'static {
@@ -63,13 +63,13 @@ pub fn is_relay_generated(e: &Envelope) -> bool {
 
 pub struct DeferGate {
     quotas: Arc<Quotas>,
-    queue: Arc<dyn Queue>,
+    queue: Arc<dyn Leasing>,
     /// The queue lifetime: no message is held past it.
     lifetime: Duration,
 }
 
 impl DeferGate {
-    pub fn new(quotas: Arc<Quotas>, queue: Arc<dyn Queue>, lifetime: Duration) -> Self {
+    pub fn new(quotas: Arc<Quotas>, queue: Arc<dyn Leasing>, lifetime: Duration) -> Self {
         DeferGate {
             quotas,
             queue,

@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin::Metrics;
 use crate::config::{ListenerConfig, RelayConfig, TlsMode};
-use crate::queue::Queue;
+use crate::queue::Ingest;
 use crate::smtp::{Peer, Session, SessionConfig};
 use conn::{Conn, Stream};
 use limits::ConnLimits;
@@ -31,7 +31,7 @@ use users::UsersSource;
 pub struct Shared {
     pub config: RelayConfig,
     pub session: SessionConfig,
-    pub queue: Arc<dyn Queue>,
+    pub queue: Arc<dyn Ingest>,
     pub metrics: Arc<Metrics>,
     pub tls: Option<Arc<TlsSource>>,
     pub users: Option<Arc<UsersSource>>,
@@ -51,7 +51,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: RelayConfig,
-        queue: Arc<dyn Queue>,
+        queue: Arc<dyn Ingest>,
         metrics: Arc<Metrics>,
         tls: Option<Arc<TlsSource>>,
         users: Option<Arc<UsersSource>>,
