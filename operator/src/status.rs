@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use mailrelay::queue::{
-    AttemptResult, Envelope, ListFilter, MessageStatus, Queue, QueueError, RcptState,
+    AttemptResult, Envelope, Inspect, ListFilter, MessageStatus, QueueError, RcptState,
 };
 
 use crate::crd::{DeferredDestination, DeliveryCounters, QueueSummary};
@@ -40,7 +40,7 @@ pub fn time_from_ms(ms: u64) -> Option<Time> {
 }
 
 /// Reads counts, delivery totals and a sample of deferred mail.
-pub async fn read_report(queue: &dyn Queue) -> Result<QueueReport, QueueError> {
+pub async fn read_report(queue: &dyn Inspect) -> Result<QueueReport, QueueError> {
     let stats = queue.stats().await?;
     let totals = queue.delivery_totals().await?;
     let deferred = if stats.deferred > 0 {

@@ -13,7 +13,7 @@ use mailrelay::admin::{self, AdminState};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
 use mailrelay::delivery::scheduler::Delivery;
 use mailrelay::metrics::Metrics;
-use mailrelay::queue::{EmbeddedQueue, Queue, QueueOptions, RedisQueue};
+use mailrelay::queue::{EmbeddedQueue, Inspect, Leasing, Queue, QueueOptions, RedisQueue};
 use mailrelay::quota::egress::Egress;
 use mailrelay::quota::egress::metrics::EgressMetrics;
 use mailrelay::quota::ingress::metrics::QuotaMetrics;
@@ -288,7 +288,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                 .with_context(|| format!("admin HTTP cannot listen on {addr}"))?;
             info!(address = %addr, "admin HTTP ready");
             let state = AdminState {
-                queue: Arc::clone(&queue),
+                queue: Arc::clone(&queue) as Arc<dyn Inspect>,
                 metrics: Arc::clone(&metrics),
                 draining: Arc::clone(&draining),
                 auth: admin_auth,
@@ -322,7 +322,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                 Some(Arc::new(server::quota::DeferHook(
                     quota::ingress::gate::DeferGate::new(
                         Arc::clone(&quotas),
-                        Arc::clone(&queue),
+                        Arc::clone(&queue) as Arc<dyn Leasing>,
                         cfg.delivery.retry.max_lifetime,
                     ),
                 ))),

@@ -240,9 +240,10 @@ impl Capabilities {
     }
 }
 
-/// How to treat STARTTLS.
+/// STARTTLS policy of outbound connections.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub enum TlsPolicy {
     /// Use STARTTLS when offered; deliver in plain text only when it is not offered
     /// (or the server refuses the command). Certificates are not verified.

@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{SecretKeyRef, SecretName, SecretRef};
 
+// The relay's own enums, one definition for its config file and these resources.
+pub use mailrelay::config::{TlsMode, TlsPolicy};
+
 /// Port of the relay's admin HTTP (health, metrics, queue and quota API) in pods.
 pub const ADMIN_PORT: i32 = 9325;
 
@@ -484,7 +487,7 @@ fn default_listeners() -> Vec<ListenerSpec> {
     vec![ListenerSpec {
         name: "smtp".into(),
         port: 2525,
-        tls: ListenerTls::Starttls,
+        tls: TlsMode::Starttls,
         proxy_protocol: false,
         service_port: None,
     }]
@@ -605,7 +608,7 @@ pub struct ListenerSpec {
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
     #[serde(default)]
-    pub tls: ListenerTls,
+    pub tls: TlsMode,
     /// Expect a PROXY protocol v1/v2 header first (behind a load balancer that sends one).
     #[serde(default)]
     pub proxy_protocol: bool,
@@ -614,19 +617,6 @@ pub struct ListenerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub service_port: Option<i32>,
-}
-
-/// TLS mode of a listener.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum ListenerTls {
-    /// Never TLS.
-    None,
-    /// Plain SMTP, STARTTLS offered when `spec.tls` is set.
-    #[default]
-    Starttls,
-    /// TLS from the first byte (port 465 style); needs `spec.tls`.
-    Implicit,
 }
 
 /// Where the queue lives.
@@ -824,19 +814,6 @@ pub struct KeyRef {
     /// Key in its data.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
-}
-
-/// STARTTLS policy of outbound connections.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsPolicy {
-    /// STARTTLS when offered, certificate not verified.
-    #[default]
-    Opportunistic,
-    /// Only over TLS with a verified certificate; defer otherwise.
-    Required,
-    /// Never STARTTLS.
-    Disabled,
 }
 
 /// A smarthost (an email provider's submission server, say).

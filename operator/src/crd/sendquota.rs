@@ -10,6 +10,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+// The relay's own quota enums: one definition for the config file (snake_case)
+// and the CRD (camelCase, the schema's spelling); see `mailrelay::config::quota`.
+pub use mailrelay::config::quota::{Action, Direction, KeyBy, Scope, Unit};
+
 /// A limit like `100/1m`: at most N in any rolling window of s/m/h/d.
 pub const LIMIT_PATTERN: &str = r"^[1-9][0-9]{0,17}/([1-9][0-9]{0,5})?[smhd]$";
 
@@ -108,7 +112,10 @@ pub struct SendQuotaSpec {
     pub unit: Unit,
     /// `perKey`: a counter per key (each sender gets the full limit). `shared`: one
     /// counter for all matched mail.
-    #[serde(default)]
+    // The schema's default is written out: schemars would print `Scope::default()`
+    // with serde, in the config file's spelling (`per_key`), which the enum refuses.
+    #[serde(default, skip_serializing_if = "is_per_key")]
+    #[schemars(extend("default" = "perKey"))]
     pub scope: Scope,
     /// What tells keys apart under `scope: perKey`.
     #[serde(default)]
@@ -121,54 +128,6 @@ pub struct SendQuotaSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_connections: Option<u32>,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    Ingress,
-    Egress,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum Unit {
-    #[default]
-    Messages,
-    Recipients,
-    Bytes,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum Scope {
-    #[default]
-    PerKey,
-    Shared,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub enum KeyBy {
-    /// Ingress: the AUTH user, else the sender. Egress: the destination domain.
-    #[default]
-    Auto,
-    Sender,
-    SenderDomain,
-    AuthUser,
-    ClientIp,
-    DestinationDomain,
-    /// Egress: destinations sharing MX hosts share a counter.
-    MxSite,
-}
-
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Action {
-    /// Tempfail at SMTP (`451 4.7.1`); the client retries later.
-    Reject,
-    /// Accept, and hold the mail in the queue until the window allows it.
-    Defer,
 }
 
 /// Patterns are case-insensitive globs with `*` and `?`.
@@ -222,6 +181,10 @@ pub struct QuotaMatch {
     /// Egress: mail sent through the smarthost.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub smarthost: bool,
+}
+
+fn is_per_key(s: &Scope) -> bool {
+    *s == Scope::PerKey
 }
 
 /// Usage of the quota as the selected relays count it.

@@ -13,14 +13,12 @@ use ipnet::IpNet;
 use kube::ResourceExt;
 use mailrelay::config::{
     AdminConfig, AuthConfig, ListenerConfig, LogFormat, NetworkSenders, QueueBackendKind,
-    RedisConfig, RelayConfig, RouteConfig, SenderBindingConfig, SmarthostConfig, TlsConfig,
-    TlsMode, parse_duration,
+    RedisConfig, RelayConfig, RemoteHost, RouteConfig, SenderBindingConfig, TlsConfig,
+    parse_duration,
 };
 use mailrelay::quota::config as q;
 
-use crate::crd::{
-    self, ADMIN_PORT, Direction, KeyBy, ListenerTls, MailRelay, Scope, SendQuota, TlsPolicy, Unit,
-};
+use crate::crd::{self, ADMIN_PORT, MailRelay, SendQuota, TlsPolicy};
 
 /// Where the pods find what the operator mounts.
 pub const CONFIG_DIR: &str = "/etc/mailrelay";
@@ -158,11 +156,7 @@ pub fn relay_config(
             Ok(ListenerConfig {
                 name: l.name.clone(),
                 address: SocketAddr::from(([0, 0, 0, 0], port)),
-                tls: match l.tls {
-                    ListenerTls::None => TlsMode::None,
-                    ListenerTls::Starttls => TlsMode::Starttls,
-                    ListenerTls::Implicit => TlsMode::Implicit,
-                },
+                tls: l.tls,
                 proxy_protocol: l.proxy_protocol,
             })
         })
@@ -222,17 +216,17 @@ pub fn relay_config(
     });
     if let Some(d) = &spec.delivery {
         if let Some(t) = d.tls {
-            cfg.delivery.tls = tls_policy(t);
+            cfg.delivery.tls = t;
         }
         if let Some(s) = &d.smarthost {
             let port = u16::try_from(s.port)
                 .ok()
                 .filter(|p| *p != 0)
                 .ok_or_else(|| spec_err("spec.delivery.smarthost.port", "must be 1-65535"))?;
-            cfg.delivery.smarthost = Some(SmarthostConfig {
+            cfg.delivery.smarthost = Some(RemoteHost {
                 host: s.host.clone(),
                 port,
-                tls: tls_policy(s.tls),
+                tls: s.tls,
                 ca_file: ca_file(relay),
                 username: None,
                 password: None,
@@ -427,12 +421,14 @@ fn route_config(
     }
     Ok(RouteConfig {
         domains: r.domains.clone(),
-        host: r.host.clone(),
-        port,
-        tls: tls_policy(r.tls),
-        ca_file,
-        username: r.auth.as_ref().map(|a| a.username.clone()),
-        password: None,
+        remote: RemoteHost {
+            host: r.host.clone(),
+            port,
+            tls: r.tls,
+            ca_file,
+            username: r.auth.as_ref().map(|a| a.username.clone()),
+            password: None,
+        },
         password_env: r.auth.as_ref().map(|_| route_password_env(i)),
     })
 }
@@ -503,14 +499,6 @@ fn relay_field(field: &str) -> String {
     format!("{mapped}{}", camel_path(rest))
 }
 
-fn tls_policy(t: TlsPolicy) -> mailrelay::config::TlsPolicy {
-    match t {
-        TlsPolicy::Opportunistic => mailrelay::config::TlsPolicy::Opportunistic,
-        TlsPolicy::Required => mailrelay::config::TlsPolicy::Required,
-        TlsPolicy::Disabled => mailrelay::config::TlsPolicy::Disabled,
-    }
-}
-
 /// One SendQuota as a relay quota, checked on its own so that one bad quota never
 /// keeps a relay from getting the others.
 pub fn quota_config(sq: &SendQuota) -> Result<q::QuotaConfig, SpecError> {
@@ -537,10 +525,7 @@ pub fn quota_config(sq: &SendQuota) -> Result<q::QuotaConfig, SpecError> {
         .collect::<Result<Vec<_>, _>>()?;
     let cfg = q::QuotaConfig {
         name: sq.name_any(),
-        direction: match s.direction {
-            Direction::Ingress => q::Direction::Ingress,
-            Direction::Egress => q::Direction::Egress,
-        },
+        direction: s.direction,
         matcher: q::QuotaMatch {
             senders: m.senders,
             auth_users: m.auth_users,
@@ -551,28 +536,10 @@ pub fn quota_config(sq: &SendQuota) -> Result<q::QuotaConfig, SpecError> {
             smarthost: m.smarthost,
         },
         limits,
-        unit: match s.unit {
-            Unit::Messages => q::Unit::Messages,
-            Unit::Recipients => q::Unit::Recipients,
-            Unit::Bytes => q::Unit::Bytes,
-        },
-        scope: match s.scope {
-            Scope::PerKey => q::Scope::PerKey,
-            Scope::Shared => q::Scope::Shared,
-        },
-        key: match s.key {
-            KeyBy::Auto => q::KeyBy::Auto,
-            KeyBy::Sender => q::KeyBy::Sender,
-            KeyBy::SenderDomain => q::KeyBy::SenderDomain,
-            KeyBy::AuthUser => q::KeyBy::AuthUser,
-            KeyBy::ClientIp => q::KeyBy::ClientIp,
-            KeyBy::DestinationDomain => q::KeyBy::DestinationDomain,
-            KeyBy::MxSite => q::KeyBy::MxSite,
-        },
-        action: match s.action {
-            None | Some(crd::Action::Reject) => q::Action::Reject,
-            Some(crd::Action::Defer) => q::Action::Defer,
-        },
+        unit: s.unit,
+        scope: s.scope,
+        key: s.key,
+        action: s.action.unwrap_or_default(),
         max_connections: s.max_connections,
     };
     q::validate(std::slice::from_ref(&cfg)).map_err(|(field, message)| {

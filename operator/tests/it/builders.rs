@@ -726,13 +726,13 @@ fn routes_reach_the_relay_with_their_password_from_the_pod_env() {
     let mut cfg = RelayConfig::from_yaml(yaml).unwrap();
     let routes = &cfg.delivery.routes;
     assert_eq!(routes.len(), 2);
-    assert_eq!(routes[0].host, "smtp.partner.example");
-    assert_eq!(routes[0].port, 587);
-    assert_eq!(routes[0].tls, mailrelay::config::TlsPolicy::Required);
-    assert_eq!(routes[0].username.as_deref(), Some("relay"));
-    assert_eq!(routes[0].password, None);
-    assert_eq!(routes[1].port, 25);
-    assert_eq!(routes[1].username, None);
+    assert_eq!(routes[0].remote.host, "smtp.partner.example");
+    assert_eq!(routes[0].remote.port, 587);
+    assert_eq!(routes[0].remote.tls, mailrelay::config::TlsPolicy::Required);
+    assert_eq!(routes[0].remote.username.as_deref(), Some("relay"));
+    assert_eq!(routes[0].remote.password, None);
+    assert_eq!(routes[1].remote.port, 25);
+    assert_eq!(routes[1].remote.username, None);
     assert_eq!(
         cfg.delivery.retry.delay_warning,
         Some(std::time::Duration::from_secs(4 * 3600))
@@ -763,6 +763,7 @@ fn routes_reach_the_relay_with_their_password_from_the_pod_env() {
         .unwrap();
     assert_eq!(
         cfg.delivery.routes[0]
+            .remote
             .password
             .as_ref()
             .map(|p| p.0.as_str()),

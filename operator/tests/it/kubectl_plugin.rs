@@ -35,7 +35,7 @@ use mailrelay::admin::{self, AdminState};
 use mailrelay::config::RelayConfig;
 use mailrelay::delivery::scheduler::Delivery;
 use mailrelay::metrics::Metrics;
-use mailrelay::queue::{EmbeddedQueue, Queue};
+use mailrelay::queue::{EmbeddedQueue, Inspect, Queue};
 use mailrelay::server::{self, Shared};
 
 const TOKEN: &str = "plugin-test-token";
@@ -151,7 +151,7 @@ async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
         Arc::new(EmbeddedQueue::open(&cfg.queue.path).expect("open embedded queue"));
     let metrics = Arc::new(Metrics::new());
     let state = AdminState {
-        queue: Arc::clone(&queue),
+        queue: Arc::clone(&queue) as Arc<dyn Inspect>,
         metrics: Arc::clone(&metrics),
         draining: Arc::new(AtomicBool::new(false)),
         // As the operator configures it: the token file from the admin token Secret.

@@ -30,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 use crate::metrics::Metrics;
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Inspect, QueueError};
 
 /// How long `/readyz` waits for the queue store; below the usual probe timeout so
 /// the probe gets our 503 and reason rather than its own timeout.
@@ -40,7 +40,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 
 #[derive(Clone)]
 pub struct AdminState {
-    pub queue: Arc<dyn Queue>,
+    pub queue: Arc<dyn Inspect>,
     pub metrics: Arc<Metrics>,
     /// Set on shutdown: the pod stays alive to finish sessions but reports not ready.
     pub draining: Arc<AtomicBool>,
@@ -168,7 +168,7 @@ pub(crate) fn public_reason(e: &QueueError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{QueueFuture, QueueId, QueueStats, QueuedMessage};
+    use crate::queue::{QueueFuture, QueueId, QueueStats, QueuedMessage, Store};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Just enough of a queue to drive the endpoints; real backends have their own tests.
@@ -196,17 +196,26 @@ mod tests {
         }
     }
 
-    impl Queue for FakeQueue {
+    impl Store for FakeQueue {
         fn backend(&self) -> &'static str {
             "fake"
         }
-        fn enqueue<'a>(&'a self, _msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
-            Box::pin(async { unimplemented!("not used by the admin API") })
+        fn ping(&self) -> QueueFuture<'_, ()> {
+            Box::pin(async {
+                self.maybe_hang().await;
+                self.check()
+            })
         }
+    }
+
+    impl Inspect for FakeQueue {
         fn get<'a>(&'a self, _id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
             Box::pin(async { unimplemented!("not used by the admin API") })
         }
         fn list_ids(&self, _limit: usize) -> QueueFuture<'_, Vec<QueueId>> {
+            Box::pin(async { unimplemented!("not used by the admin API") })
+        }
+        fn delivery_totals(&self) -> QueueFuture<'_, crate::queue::DeliveryTotals> {
             Box::pin(async { unimplemented!("not used by the admin API") })
         }
         fn remove<'a>(&'a self, _id: &'a QueueId) -> QueueFuture<'a, bool> {
@@ -255,12 +264,6 @@ mod tests {
                     bytes: 1234,
                     ..Default::default()
                 })
-            })
-        }
-        fn ping(&self) -> QueueFuture<'_, ()> {
-            Box::pin(async {
-                self.maybe_hang().await;
-                self.check()
             })
         }
     }

@@ -51,7 +51,7 @@ pub struct DeliveryConfig {
     /// MX lookups.
     pub dns: ResolverConfig,
     /// Send everything through this host instead of the recipients' MX.
-    pub smarthost: Option<SmarthostConfig>,
+    pub smarthost: Option<RemoteHost>,
     /// Per-domain routes (a transport map): mail for these domains goes to the given
     /// host instead of their MX, and ahead of any smarthost.
     pub routes: Vec<RouteConfig>,
@@ -165,24 +165,7 @@ impl DeliveryConfig {
             .validate()
             .map_err(|m| invalid("delivery.retry", m))?;
         if let Some(s) = &d.smarthost {
-            if s.host.is_empty() {
-                return Err(invalid("delivery.smarthost.host", "must not be empty"));
-            }
-            if s.port == 0 {
-                return Err(invalid("delivery.smarthost.port", "must not be 0"));
-            }
-            if s.password.is_some() && s.username.is_none() {
-                return Err(invalid(
-                    "delivery.smarthost.username",
-                    "a password is set but no username",
-                ));
-            }
-            if s.username.is_some() && s.tls == TlsPolicy::Disabled {
-                return Err(invalid(
-                    "delivery.smarthost.tls",
-                    "AUTH is only sent over TLS; it cannot be `disabled` with a username",
-                ));
-            }
+            s.validate(|f| format!("delivery.smarthost.{f}"), s.password.is_some())?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, r) in d.routes.iter().enumerate() {
@@ -205,32 +188,23 @@ impl DeliveryConfig {
                     ));
                 }
             }
-            if r.host.is_empty() {
-                return Err(invalid(field("host"), "must not be empty"));
-            }
-            if r.port == 0 {
-                return Err(invalid(field("port"), "must not be 0"));
-            }
-            if (r.password.is_some() || r.password_env.is_some()) && r.username.is_none() {
-                return Err(invalid(
-                    field("username"),
-                    "a password is set but no username",
-                ));
-            }
-            if r.username.is_some() && r.tls == TlsPolicy::Disabled {
-                return Err(invalid(
-                    field("tls"),
-                    "AUTH is only sent over TLS; it cannot be `disabled` with a username",
-                ));
-            }
+            r.remote.validate(
+                field,
+                r.remote.password.is_some() || r.password_env.is_some(),
+            )?;
         }
         Ok(())
     }
 }
 
+/// A host delivery hands mail to directly, without an MX lookup: the smarthost, or
+/// the host of a route. In the file a smarthost is exactly this (`port` defaulting
+/// to 587, submission); a route writes these fields next to its `domains`, its port
+/// defaulting to 25.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct SmarthostConfig {
+pub struct RemoteHost {
+    /// Connected to directly: its addresses, no MX lookup (Postfix's `[host]`).
     pub host: String,
     #[serde(default = "default_smarthost_port")]
     pub port: u16,
@@ -243,7 +217,8 @@ pub struct SmarthostConfig {
     /// AUTH user (sent only over TLS).
     #[serde(default)]
     pub username: Option<String>,
-    /// Env: `MAILRELAY_SMARTHOST_PASSWORD`.
+    /// Smarthost env: `MAILRELAY_SMARTHOST_PASSWORD`; a route's is better kept out of
+    /// the file (see its `password_env`).
     #[serde(default)]
     pub password: Option<Secret>,
 }
@@ -252,36 +227,105 @@ fn default_smarthost_port() -> u16 {
     587
 }
 
+impl RemoteHost {
+    /// `field` names a field of this host in the file; `has_password` whether a
+    /// password is given in any form.
+    fn validate(
+        &self,
+        field: impl Fn(&str) -> String,
+        has_password: bool,
+    ) -> Result<(), ConfigError> {
+        if self.host.is_empty() {
+            return Err(invalid(field("host"), "must not be empty"));
+        }
+        if self.port == 0 {
+            return Err(invalid(field("port"), "must not be 0"));
+        }
+        if has_password && self.username.is_none() {
+            return Err(invalid(
+                field("username"),
+                "a password is set but no username",
+            ));
+        }
+        if self.username.is_some() && self.tls == TlsPolicy::Disabled {
+            return Err(invalid(
+                field("tls"),
+                "AUTH is only sent over TLS; it cannot be `disabled` with a username",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// One entry of the transport map: where mail for some domains goes.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(from = "RouteFile", into = "RouteFile")]
 pub struct RouteConfig {
     /// `example.com` (that domain) or `.example.com` (every subdomain of it). A domain
     /// listed exactly wins over a subdomain pattern; a longer pattern over a shorter.
     pub domains: Vec<String>,
-    /// Connected to directly: its addresses, no MX lookup (Postfix's `[host]`).
-    pub host: String,
-    #[serde(default = "default_route_port")]
-    pub port: u16,
-    /// STARTTLS policy; `required` verifies the certificate against `ca_file`.
-    #[serde(default)]
-    pub tls: TlsPolicy,
-    /// PEM trust anchors for this host; default: the system store.
-    #[serde(default)]
-    pub ca_file: Option<PathBuf>,
-    /// AUTH user (sent only over TLS).
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Better kept out of the file: see `password_env`.
-    #[serde(default)]
-    pub password: Option<Secret>,
+    /// Where that mail goes.
+    pub remote: RemoteHost,
     /// Name of an environment variable holding the password, read at start-up.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password_env: Option<String>,
+}
+
+/// A route as written: the remote host's fields flat beside `domains`. (Serde's
+/// `flatten` would lose `deny_unknown_fields`, so the two forms convert instead.)
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    domains: Vec<String>,
+    host: String,
+    #[serde(default = "default_route_port")]
+    port: u16,
+    #[serde(default)]
+    tls: TlsPolicy,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    password_env: Option<String>,
 }
 
 fn default_route_port() -> u16 {
     25
+}
+
+impl From<RouteFile> for RouteConfig {
+    fn from(f: RouteFile) -> Self {
+        RouteConfig {
+            domains: f.domains,
+            remote: RemoteHost {
+                host: f.host,
+                port: f.port,
+                tls: f.tls,
+                ca_file: f.ca_file,
+                username: f.username,
+                password: f.password,
+            },
+            password_env: f.password_env,
+        }
+    }
+}
+
+impl From<RouteConfig> for RouteFile {
+    fn from(r: RouteConfig) -> Self {
+        let h = r.remote;
+        RouteFile {
+            domains: r.domains,
+            host: h.host,
+            port: h.port,
+            tls: h.tls,
+            ca_file: h.ca_file,
+            username: h.username,
+            password: h.password,
+            password_env: r.password_env,
+        }
+    }
 }
 
 impl RouteConfig {

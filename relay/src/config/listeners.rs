@@ -9,8 +9,10 @@ use serde::{Deserialize, Serialize};
 use super::duration::duration_str;
 use super::{ConfigError, invalid};
 
+/// TLS mode of a listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub enum TlsMode {
     /// Plain SMTP; STARTTLS offered when a certificate is configured.
     #[default]

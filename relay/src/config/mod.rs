@@ -31,8 +31,8 @@ pub mod sender_binding;
 pub use admin::AdminConfig;
 pub use auth::{AuthConfig, AuthThrottleConfig};
 pub use delivery::{
-    DEFAULT_LEASE, DeliveryConfig, OutcomeBatchConfig, ResolverConfig, RetryPolicy, RouteConfig,
-    SmarthostConfig, TlsPolicy, route_of,
+    DEFAULT_LEASE, DeliveryConfig, OutcomeBatchConfig, RemoteHost, ResolverConfig, RetryPolicy,
+    RouteConfig, TlsPolicy, route_of,
 };
 pub use duration::{duration_str, format_duration, parse_duration};
 pub use limits::Limits;
@@ -240,7 +240,7 @@ impl RelayConfig {
         for (i, route) in self.delivery.routes.iter_mut().enumerate() {
             if let Some(var) = &route.password_env {
                 match get(var) {
-                    Some(pw) => route.password = Some(Secret(pw)),
+                    Some(pw) => route.remote.password = Some(Secret(pw)),
                     None => {
                         return Err(invalid(
                             format!("delivery.routes[{i}].password_env"),

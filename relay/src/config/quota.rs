@@ -3,6 +3,13 @@
 //!
 //! The name identifies the counters, so a reload that keeps a quota's name keeps
 //! its usage; renaming a quota starts it afresh.
+//!
+//! The enums here are also the operator's `SendQuota` fields: the config file spells
+//! their values in snake_case (`per_key`), the CRD in camelCase (`perKey`). Serde
+//! writes snake_case and reads both; with the `schemars` feature the JSON schema
+//! (the CRD's) lists the camelCase spelling only. So a `SendQuota` spec must never be
+//! written from these types (it would carry the config spelling); the operator only
+//! reads specs.
 
 use std::time::Duration;
 
@@ -13,6 +20,7 @@ use super::duration::{format_duration, parse_duration};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub enum Direction {
     /// Mail clients submit to the relay; checked at MAIL/RCPT/DATA.
     Ingress,
@@ -22,6 +30,7 @@ pub enum Direction {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub enum Unit {
     /// One per message (a message to many recipients counts once).
     #[default]
@@ -34,9 +43,15 @@ pub enum Unit {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(
+    feature = "schemars",
+    derive(schemars::JsonSchema),
+    schemars(rename_all = "camelCase")
+)]
 pub enum Scope {
     /// One counter per key (see [`KeyBy`]): each sender gets the full limit.
     #[default]
+    #[serde(alias = "perKey")]
     PerKey,
     /// One counter for everything the quota matches.
     Shared,
@@ -45,6 +60,11 @@ pub enum Scope {
 /// What tells keys apart under `scope: per_key`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(
+    feature = "schemars",
+    derive(schemars::JsonSchema),
+    schemars(rename_all = "camelCase")
+)]
 pub enum KeyBy {
     /// Ingress: the AUTH user when the client authenticated, else the envelope
     /// sender address. Egress: the destination domain.
@@ -53,20 +73,26 @@ pub enum KeyBy {
     /// Ingress: envelope sender address (lower-cased; `<>` is its own key).
     Sender,
     /// Ingress: the domain of the envelope sender.
+    #[serde(alias = "senderDomain")]
     SenderDomain,
     /// Ingress: the AUTH user (unauthenticated mail has the empty key).
+    #[serde(alias = "authUser")]
     AuthUser,
     /// Ingress: the client IP address.
+    #[serde(alias = "clientIp")]
     ClientIp,
     /// Egress: the recipient domain.
+    #[serde(alias = "destinationDomain")]
     DestinationDomain,
     /// Egress: the set of MX hosts serving the destination, so every domain a
     /// provider hosts on the same MX hosts shares one counter — how providers count.
+    #[serde(alias = "mxSite")]
     MxSite,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub enum Action {
     /// Tempfail at SMTP: `451 4.7.1` (or `452 4.5.3` for recipients).
     #[default]
@@ -382,7 +408,7 @@ pub fn never_matches(
         .iter()
         .map(|r| Path {
             domains: Some(r.normalized_domains().collect()),
-            host: Some(r.host.as_str()),
+            host: Some(r.remote.host.as_str()),
             smarthost: false,
         })
         .collect();

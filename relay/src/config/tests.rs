@@ -320,7 +320,7 @@ fn routes_are_checked_and_take_passwords_from_env() {
     )
     .unwrap();
     let r = &c.delivery.routes[0];
-    assert_eq!(r.port, 25);
+    assert_eq!(r.remote.port, 25);
     assert_eq!(
         r.normalized_domains().collect::<Vec<_>>(),
         ["partner.example", ".partner.example"]
@@ -333,7 +333,11 @@ fn routes_are_checked_and_take_passwords_from_env() {
     c.apply_env(|k| (k == "PARTNER_PW").then(|| "s3cret".into()))
         .unwrap();
     assert_eq!(
-        c.delivery.routes[0].password.as_ref().map(|p| p.0.as_str()),
+        c.delivery.routes[0]
+            .remote
+            .password
+            .as_ref()
+            .map(|p| p.0.as_str()),
         Some("s3cret")
     );
     assert!(!format!("{c:?}").contains("s3cret"));

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::config::OutcomeBatchConfig;
 use crate::metrics::Metrics;
-use crate::queue::{FinishResult, Lease, MessageStatus, Queue, QueueError};
+use crate::queue::{FinishResult, Lease, Leasing, MessageStatus, QueueError};
 
 /// The answer to one submitted outcome, once its batch is written.
 pub type Pending = oneshot::Receiver<Result<FinishResult, QueueError>>;
@@ -50,7 +50,7 @@ pub struct OutcomeWriter {
 }
 
 impl OutcomeWriter {
-    pub fn start(queue: Arc<dyn Queue>, cfg: OutcomeBatchConfig, metrics: Arc<Metrics>) -> Self {
+    pub fn start(queue: Arc<dyn Leasing>, cfg: OutcomeBatchConfig, metrics: Arc<Metrics>) -> Self {
         let max = cfg.max_messages.max(1);
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(run(queue, max, cfg.max_delay, metrics, rx));
@@ -96,7 +96,7 @@ impl OutcomeWriter {
 }
 
 async fn run(
-    queue: Arc<dyn Queue>,
+    queue: Arc<dyn Leasing>,
     max: usize,
     max_delay: std::time::Duration,
     metrics: Arc<Metrics>,
@@ -146,7 +146,7 @@ async fn run(
     }
 }
 
-async fn write(queue: &dyn Queue, batch: Vec<Item>, trigger: &'static str, metrics: &Metrics) {
+async fn write(queue: &dyn Leasing, batch: Vec<Item>, trigger: &'static str, metrics: &Metrics) {
     let n = batch.len();
     let (items, replies): (Vec<(Lease, MessageStatus)>, Vec<_>) = batch
         .into_iter()
@@ -173,7 +173,7 @@ async fn write(queue: &dyn Queue, batch: Vec<Item>, trigger: &'static str, metri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::{QueueFuture, QueueId, QueuedMessage};
+    use crate::queue::{Leased, QueueFuture, QueueId, Store};
     use std::sync::Mutex;
     use std::time::Duration;
 
@@ -181,27 +181,22 @@ mod tests {
     #[derive(Default)]
     struct Batches(Mutex<Vec<usize>>);
 
-    impl Queue for Batches {
+    impl Store for Batches {
         fn backend(&self) -> &'static str {
             "test"
         }
-        fn enqueue<'a>(&'a self, _: &'a QueuedMessage) -> QueueFuture<'a, ()> {
-            Box::pin(async { Ok(()) })
-        }
-        fn get<'a>(&'a self, _: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
-            Box::pin(async { Ok(None) })
-        }
-        fn list_ids(&self, _: usize) -> QueueFuture<'_, Vec<QueueId>> {
-            Box::pin(async { Ok(Vec::new()) })
-        }
-        fn remove<'a>(&'a self, _: &'a QueueId) -> QueueFuture<'a, bool> {
-            Box::pin(async { Ok(false) })
-        }
-        fn stats(&self) -> QueueFuture<'_, crate::queue::QueueStats> {
-            Box::pin(async { Ok(Default::default()) })
-        }
         fn ping(&self) -> QueueFuture<'_, ()> {
             Box::pin(async { Ok(()) })
+        }
+    }
+
+    // The writer only ever calls `finish_batch`; the rest of the role is unreachable.
+    impl Leasing for Batches {
+        fn lease_due(&self, _: u64, _: u64, _: usize, _: &str) -> QueueFuture<'_, Vec<Leased>> {
+            unreachable!("the outcome writer never leases")
+        }
+        fn finish<'a>(&'a self, _: &'a Lease, _: MessageStatus) -> QueueFuture<'a, FinishResult> {
+            unreachable!("the outcome writer writes batches")
         }
         fn finish_batch(
             &self,
@@ -210,6 +205,12 @@ mod tests {
             self.0.lock().unwrap().push(items.len());
             let n = items.len();
             Box::pin(async move { Ok((0..n).map(|_| Ok(FinishResult::Finalized)).collect()) })
+        }
+        fn renew<'a>(&'a self, _: &'a Lease, _: u64) -> QueueFuture<'a, bool> {
+            unreachable!("the outcome writer never renews")
+        }
+        fn give_back<'a>(&'a self, _: &'a [(Lease, u64)]) -> QueueFuture<'a, ()> {
+            unreachable!("the outcome writer never gives back")
         }
     }
 

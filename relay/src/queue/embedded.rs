@@ -60,9 +60,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    DeliveryTotals, Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue,
-    QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector,
-    lease_token, now_ms,
+    DeliveryTotals, Envelope, FinishResult, Ingest, Inspect, Lease, Leased, Leasing, ListFilter,
+    MessageStatus, QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage,
+    RetrySelector, Store, lease_token, now_ms,
 };
 
 /// File name of the database inside the queue directory.
@@ -344,108 +344,9 @@ fn unexpected(op: &str, outcome: Outcome) -> QueueError {
     ))
 }
 
-impl Queue for EmbeddedQueue {
+impl Store for EmbeddedQueue {
     fn backend(&self) -> &'static str {
         "embedded"
-    }
-
-    fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
-        Box::pin(async move {
-            let id = valid_id(&msg.envelope.id)?.to_owned();
-            let envelope = encode("envelope", &msg.envelope)?;
-            let status = encode("status", &MessageStatus::new(&msg.envelope))?;
-            let req = Request::Enqueue {
-                id,
-                envelope,
-                body: msg.body.clone(),
-                status,
-                due_ms: msg.envelope.received_at_ms,
-            };
-            match self.submit(req).await? {
-                Outcome::Flag(_) => Ok(()),
-                other => Err(unexpected("enqueue", other)),
-            }
-        })
-    }
-
-    fn get<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
-        Box::pin(async move {
-            if QueueId::parse(id.as_str()).is_none() {
-                return Ok(None);
-            }
-            let key = id.as_str().to_owned();
-            self.read(move |txn| {
-                let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
-                let Some(env) = envelopes.get(key.as_str()).map_err(db_err)? else {
-                    return Ok(None);
-                };
-                let envelope: Envelope = decode("envelope", &key, env.value())?;
-                let bodies = txn.open_table(BODIES).map_err(db_err)?;
-                let body = bodies
-                    .get(key.as_str())
-                    .map_err(db_err)?
-                    .ok_or_else(|| QueueError::Corrupt(format!("message {key} has no body")))?
-                    .value()
-                    .to_vec();
-                Ok(Some(QueuedMessage { envelope, body }))
-            })
-            .await
-        })
-    }
-
-    fn list_ids(&self, limit: usize) -> QueueFuture<'_, Vec<QueueId>> {
-        Box::pin(self.read(move |txn| {
-            let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
-            let mut ids = Vec::new();
-            for entry in envelopes.iter().map_err(db_err)?.take(limit) {
-                let (key, _) = entry.map_err(db_err)?;
-                ids.push(parse_id(key.value())?);
-            }
-            Ok(ids)
-        }))
-    }
-
-    fn remove<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, bool> {
-        Box::pin(async move {
-            if QueueId::parse(id.as_str()).is_none() {
-                return Ok(false);
-            }
-            let id = id.as_str().to_owned();
-            match self.submit(Request::Remove { id }).await? {
-                Outcome::Flag(existed) => Ok(existed),
-                other => Err(unexpected("remove", other)),
-            }
-        })
-    }
-
-    fn stats(&self) -> QueueFuture<'_, QueueStats> {
-        Box::pin(self.read(|txn| {
-            let stats = txn.open_table(STATS).map_err(db_err)?;
-            let leased = txn.open_table(LEASED).map_err(db_err)?;
-            let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
-            let oldest_ms = match envelopes.first().map_err(db_err)? {
-                Some((key, _)) => Some(parse_id(key.value())?.timestamp_ms()),
-                None => None,
-            };
-            Ok(QueueStats {
-                messages: stat(&stats, STAT_MESSAGES)?,
-                bytes: stat(&stats, STAT_BYTES)?,
-                leased: leased.len().map_err(db_err)?,
-                deferred: stat(&stats, STAT_DEFERRED)?,
-                oldest_ms,
-            })
-        }))
-    }
-
-    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
-        Box::pin(self.read(|txn| {
-            let stats = txn.open_table(STATS).map_err(db_err)?;
-            Ok(DeliveryTotals {
-                delivered: stat(&stats, STAT_DELIVERED)?,
-                bounced: stat(&stats, STAT_BOUNCED)?,
-                expired: stat(&stats, STAT_EXPIRED)?,
-            })
-        }))
     }
 
     fn ping(&self) -> QueueFuture<'_, ()> {
@@ -469,7 +370,30 @@ impl Queue for EmbeddedQueue {
             .await
         })
     }
+}
 
+impl Ingest for EmbeddedQueue {
+    fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
+        Box::pin(async move {
+            let id = valid_id(&msg.envelope.id)?.to_owned();
+            let envelope = encode("envelope", &msg.envelope)?;
+            let status = encode("status", &MessageStatus::new(&msg.envelope))?;
+            let req = Request::Enqueue {
+                id,
+                envelope,
+                body: msg.body.clone(),
+                status,
+                due_ms: msg.envelope.received_at_ms,
+            };
+            match self.submit(req).await? {
+                Outcome::Flag(_) => Ok(()),
+                other => Err(unexpected("enqueue", other)),
+            }
+        })
+    }
+}
+
+impl Leasing for EmbeddedQueue {
     fn lease_due(
         &self,
         now_ms: u64,
@@ -644,6 +568,88 @@ impl Queue for EmbeddedQueue {
                 other => Err(unexpected("release", other)),
             }
         })
+    }
+}
+
+impl Inspect for EmbeddedQueue {
+    fn get<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
+        Box::pin(async move {
+            if QueueId::parse(id.as_str()).is_none() {
+                return Ok(None);
+            }
+            let key = id.as_str().to_owned();
+            self.read(move |txn| {
+                let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
+                let Some(env) = envelopes.get(key.as_str()).map_err(db_err)? else {
+                    return Ok(None);
+                };
+                let envelope: Envelope = decode("envelope", &key, env.value())?;
+                let bodies = txn.open_table(BODIES).map_err(db_err)?;
+                let body = bodies
+                    .get(key.as_str())
+                    .map_err(db_err)?
+                    .ok_or_else(|| QueueError::Corrupt(format!("message {key} has no body")))?
+                    .value()
+                    .to_vec();
+                Ok(Some(QueuedMessage { envelope, body }))
+            })
+            .await
+        })
+    }
+
+    fn list_ids(&self, limit: usize) -> QueueFuture<'_, Vec<QueueId>> {
+        Box::pin(self.read(move |txn| {
+            let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
+            let mut ids = Vec::new();
+            for entry in envelopes.iter().map_err(db_err)?.take(limit) {
+                let (key, _) = entry.map_err(db_err)?;
+                ids.push(parse_id(key.value())?);
+            }
+            Ok(ids)
+        }))
+    }
+
+    fn remove<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, bool> {
+        Box::pin(async move {
+            if QueueId::parse(id.as_str()).is_none() {
+                return Ok(false);
+            }
+            let id = id.as_str().to_owned();
+            match self.submit(Request::Remove { id }).await? {
+                Outcome::Flag(existed) => Ok(existed),
+                other => Err(unexpected("remove", other)),
+            }
+        })
+    }
+
+    fn stats(&self) -> QueueFuture<'_, QueueStats> {
+        Box::pin(self.read(|txn| {
+            let stats = txn.open_table(STATS).map_err(db_err)?;
+            let leased = txn.open_table(LEASED).map_err(db_err)?;
+            let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
+            let oldest_ms = match envelopes.first().map_err(db_err)? {
+                Some((key, _)) => Some(parse_id(key.value())?.timestamp_ms()),
+                None => None,
+            };
+            Ok(QueueStats {
+                messages: stat(&stats, STAT_MESSAGES)?,
+                bytes: stat(&stats, STAT_BYTES)?,
+                leased: leased.len().map_err(db_err)?,
+                deferred: stat(&stats, STAT_DEFERRED)?,
+                oldest_ms,
+            })
+        }))
+    }
+
+    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
+        Box::pin(self.read(|txn| {
+            let stats = txn.open_table(STATS).map_err(db_err)?;
+            Ok(DeliveryTotals {
+                delivered: stat(&stats, STAT_DELIVERED)?,
+                bounced: stat(&stats, STAT_BOUNCED)?,
+                expired: stat(&stats, STAT_EXPIRED)?,
+            })
+        }))
     }
 
     fn status<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<(Envelope, MessageStatus)>> {

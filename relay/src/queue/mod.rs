@@ -144,7 +144,7 @@ pub const MAX_ATTEMPTS_KEPT: usize = 20;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueOptions {
     /// How long a final message's status record (envelope and [`MessageStatus`],
-    /// no body) stays readable through [`Queue::status`].
+    /// no body) stays readable through [`Inspect::status`].
     pub status_retention: Duration,
     /// Page cache of the embedded queue, in bytes (Redis ignores it).
     pub cache_size: usize,
@@ -402,7 +402,7 @@ impl ListFilter {
     }
 }
 
-/// Which messages [`Queue::retry_now`] makes due.
+/// Which messages [`Inspect::retry_now`] makes due.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RetrySelector {
     Id(QueueId),
@@ -416,49 +416,32 @@ pub(crate) fn lease_token(owner: &str) -> String {
     format!("{owner}#{:032x}", rand::random::<u128>())
 }
 
-fn unsupported<T: Send + 'static>(what: &'static str) -> QueueFuture<'static, T> {
-    Box::pin(async move {
-        Err(QueueError::Unavailable(format!(
-            "this queue backend does not support {what}"
-        )))
-    })
-}
-
-/// The durable queue: the write side (`enqueue`, `remove`), delivery's side
-/// (`lease_due`, `renew`, `finish`, `finish_batch`, `release`) and the operator's (`status`, `list`,
-/// `retry_now`, `stats`).
+/// The durable queue, in three roles so that each caller holds only what it uses
+/// and a backend that lacks a method does not compile:
 ///
-/// The delivery and operator methods have default bodies that fail, so that test
-/// doubles need implement only what they use; both real backends implement all of
-/// them and share one conformance suite (`tests/it/queue_conformance.rs`).
-pub trait Queue: Send + Sync + 'static {
+/// - [`Ingest`]: the SMTP side stores accepted mail;
+/// - [`Leasing`]: delivery takes due mail, renews, finishes and gives back;
+/// - [`Inspect`]: the admin API and the operator read and steer the queue.
+///
+/// All three share [`Store`] (the backend's name, a liveness probe). Both real
+/// backends implement every role and share one conformance suite
+/// (`tests/it/queue_conformance.rs`); [`Queue`] is the three together.
+pub trait Store: Send + Sync + 'static {
     /// Short backend name for logs and metrics labels.
     fn backend(&self) -> &'static str;
 
-    /// Stores a message atomically and durably: either all of it is stored, or none.
-    fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()>;
-
-    /// Reads back one message by id.
-    fn get<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>>;
-
-    /// Lists queued ids in arrival order, at most `limit`.
-    fn list_ids(&self, limit: usize) -> QueueFuture<'_, Vec<QueueId>>;
-
-    /// Removes a queued message (whether due or leased, so a worker holding it gets
-    /// `LeaseLost` on finish) and any status record of it; returns whether a queued
-    /// message existed. This is `queue delete`.
-    fn remove<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, bool>;
-
-    fn stats(&self) -> QueueFuture<'_, QueueStats>;
-
-    /// Recipients of finished messages by final state (see [`DeliveryTotals`]).
-    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
-        unsupported("delivery_totals")
-    }
-
     /// Cheap liveness probe of the store, for `/readyz`.
     fn ping(&self) -> QueueFuture<'_, ()>;
+}
 
+/// Storing accepted mail.
+pub trait Ingest: Store {
+    /// Stores a message atomically and durably: either all of it is stored, or none.
+    fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()>;
+}
+
+/// Delivery's side: leases on due mail and the outcomes written under them.
+pub trait Leasing: Store {
     /// Atomically takes up to `max` messages whose next attempt is at or before
     /// `now_ms`, leasing each to `owner` until `now_ms + lease_ms`. Leases that expired
     /// by `now_ms` are first returned to due, so a dead worker's messages come back.
@@ -469,10 +452,7 @@ pub trait Queue: Send + Sync + 'static {
         lease_ms: u64,
         max: usize,
         owner: &str,
-    ) -> QueueFuture<'_, Vec<Leased>> {
-        let _ = (now_ms, lease_ms, max, owner);
-        unsupported("lease_due")
-    }
+    ) -> QueueFuture<'_, Vec<Leased>>;
 
     /// Records the outcome of a leased delivery, if the lease still holds. With
     /// `status.next_attempt_ms` set, the message is due again then; without, every
@@ -481,12 +461,9 @@ pub trait Queue: Send + Sync + 'static {
         &'a self,
         lease: &'a Lease,
         status: MessageStatus,
-    ) -> QueueFuture<'a, FinishResult> {
-        let _ = (lease, status);
-        unsupported("finish")
-    }
+    ) -> QueueFuture<'a, FinishResult>;
 
-    /// [`Queue::finish`] for several leases in one round trip (one Redis pipeline,
+    /// [`Leasing::finish`] for several leases in one round trip (one Redis pipeline,
     /// one embedded write transaction), each checked against its own lease. The
     /// outer error means the store could not be asked (none of them may have been
     /// stored, or some); the inner ones are per item (an invalid status).
@@ -509,10 +486,7 @@ pub trait Queue: Send + Sync + 'static {
 
     /// Extends a lease to `lease_ms` from now (local clock) while delivery goes on;
     /// false if the lease was lost.
-    fn renew<'a>(&'a self, lease: &'a Lease, lease_ms: u64) -> QueueFuture<'a, bool> {
-        let _ = (lease, lease_ms);
-        unsupported("renew")
-    }
+    fn renew<'a>(&'a self, lease: &'a Lease, lease_ms: u64) -> QueueFuture<'a, bool>;
 
     /// Extends many leases at once to `lease_ms` from now (local clock): the heartbeat
     /// of a worker holding a batch. One round trip per batch (Redis: one pipeline on a
@@ -549,31 +523,44 @@ pub trait Queue: Send + Sync + 'static {
     /// was due when leased), so giving back does not reorder the queue. Leases
     /// already lost are skipped, and so are leases that expired and were swept back
     /// to due (they are due already).
-    fn give_back<'a>(&'a self, leases: &'a [(Lease, u64)]) -> QueueFuture<'a, ()> {
-        let _ = leases;
-        unsupported("give_back")
-    }
+    fn give_back<'a>(&'a self, leases: &'a [(Lease, u64)]) -> QueueFuture<'a, ()>;
+}
 
-    /// Envelope and status of a queued, in-flight or recently final message.
-    fn status<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<(Envelope, MessageStatus)>> {
-        let _ = id;
-        unsupported("status")
-    }
+/// Reading and steering the queue: `queue show|list|delete|retry`, stats, status.
+pub trait Inspect: Store {
+    /// Reads back one message by id.
+    fn get<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>>;
+
+    /// Lists queued ids in arrival order, at most `limit`.
+    fn list_ids(&self, limit: usize) -> QueueFuture<'_, Vec<QueueId>>;
 
     /// Queued (due, deferred or in-flight) messages matching `filter`, in arrival
     /// order. Reads every queued status when filtering: an operator's tool.
-    fn list(&self, filter: ListFilter) -> QueueFuture<'_, Vec<(Envelope, MessageStatus)>> {
-        let _ = filter;
-        unsupported("list")
-    }
+    fn list(&self, filter: ListFilter) -> QueueFuture<'_, Vec<(Envelope, MessageStatus)>>;
+
+    /// Envelope and status of a queued, in-flight or recently final message.
+    fn status<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<(Envelope, MessageStatus)>>;
+
+    fn stats(&self) -> QueueFuture<'_, QueueStats>;
+
+    /// Recipients of finished messages by final state (see [`DeliveryTotals`]).
+    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals>;
+
+    /// Removes a queued message (whether due or leased, so a worker holding it gets
+    /// `LeaseLost` on finish) and any status record of it; returns whether a queued
+    /// message existed. This is `queue delete`.
+    fn remove<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, bool>;
 
     /// Makes the selected queued messages due now. Messages in flight are left
     /// alone. Returns how many were moved forward (already due ones do not count).
-    fn retry_now(&self, sel: RetrySelector) -> QueueFuture<'_, u64> {
-        let _ = sel;
-        unsupported("retry_now")
-    }
+    fn retry_now(&self, sel: RetrySelector) -> QueueFuture<'_, u64>;
 }
+
+/// Every role at once, for what opens a backend and hands out the roles (and for
+/// delivery, which also queues its own bounces).
+pub trait Queue: Ingest + Leasing + Inspect {}
+
+impl<T: Ingest + Leasing + Inspect + ?Sized> Queue for T {}
 
 #[cfg(test)]
 mod tests {

@@ -85,9 +85,9 @@ use redis::{
 };
 
 use super::{
-    DeliveryTotals, Envelope, FinishResult, Lease, Leased, ListFilter, MessageStatus, Queue,
-    QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage, RetrySelector,
-    lease_token, now_ms,
+    DeliveryTotals, Envelope, FinishResult, Ingest, Inspect, Lease, Leased, Leasing, ListFilter,
+    MessageStatus, QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage,
+    RetrySelector, Store, lease_token, now_ms,
 };
 use crate::config::RedisConfig;
 use crate::redis_conn::script::{Call, Layout};
@@ -945,174 +945,9 @@ struct PageEntry {
     due: Option<u64>,
 }
 
-impl Queue for RedisQueue {
+impl Store for RedisQueue {
     fn backend(&self) -> &'static str {
         "redis"
-    }
-
-    fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
-        Box::pin(self.deadline("enqueue", async move {
-            let replies = self
-                .run_enqueue(msg, &self.scripts.enqueue, &[], &[])
-                .await?;
-            self.check_replicas(&replies, &msg.envelope.id)
-        }))
-    }
-
-    fn get<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
-        Box::pin(self.deadline("get", async move {
-            if QueueId::parse(id.as_str()).is_none() {
-                return Ok(None);
-            }
-            let key = self.keys(id.as_str()).message(id.as_str());
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(&key).arg("envelope").arg("body").arg("final");
-            type Fields = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
-            let (envelope, body, fin): Fields = self
-                .retrying(|mut conn| {
-                    let cmd = &cmd;
-                    async move { cmd.query_async(&mut conn).await }
-                })
-                .await
-                .map_err(|e| self.unavailable("get", e))?;
-            match (envelope, body, fin) {
-                // A final record has no body: the message is no longer queued.
-                (None, None, _) | (_, _, Some(_)) => Ok(None),
-                (Some(envelope), Some(body), None) => {
-                    let envelope: Envelope = decode("envelope", id, Some(&envelope))?;
-                    Ok(Some(QueuedMessage { envelope, body }))
-                }
-                _ => Err(QueueError::Corrupt(format!(
-                    "message {id} is incomplete in redis"
-                ))),
-            }
-        }))
-    }
-
-    fn list_ids(&self, limit: usize) -> QueueFuture<'_, Vec<QueueId>> {
-        Box::pin(self.deadline("list", async move {
-            if limit == 0 {
-                return Ok(Vec::new());
-            }
-            // Each shard's first `limit` ids include every one of the overall first
-            // `limit` that lives in that shard; merge and cut.
-            let count = i64::try_from(limit).unwrap_or(i64::MAX);
-            let shards = self
-                .per_shard("list", |keys| {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("ZRANGEBYLEX")
-                        .arg(&keys.ids)
-                        .arg("-")
-                        .arg("+")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(count);
-                    pipe
-                })
-                .await?;
-            let mut ids = Vec::new();
-            for reply in shards.into_iter().flatten() {
-                let shard_ids: Vec<String> = redis::from_redis_value(reply)
-                    .map_err(|e| QueueError::Corrupt(format!("redis list reply: {e}")))?;
-                for s in shard_ids {
-                    ids.push(QueueId::parse(&s).ok_or_else(|| {
-                        QueueError::Corrupt(format!("invalid queue id {s:?} in redis"))
-                    })?);
-                }
-            }
-            ids.sort_unstable();
-            ids.truncate(limit);
-            Ok(ids)
-        }))
-    }
-
-    fn remove<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, bool> {
-        Box::pin(self.deadline("remove", async move {
-            if QueueId::parse(id.as_str()).is_none() {
-                return Ok(false);
-            }
-            let id = id.as_str();
-            let keys = self.keys(id);
-            let mut call = Call::new(&self.scripts.remove, &REMOVE);
-            call.key("message", keys.message(id))
-                .key("due", &keys.due)
-                .key("ids", &keys.ids)
-                .key("stats", &keys.stats)
-                .key("leased", &keys.leased)
-                .arg("id", id);
-            let invocation = call.invocation();
-            let existed: i64 = self.eval("remove", &invocation).await?;
-            Ok(existed == 1)
-        }))
-    }
-
-    fn stats(&self) -> QueueFuture<'_, QueueStats> {
-        Box::pin(self.deadline("stats", async move {
-            let shards = self
-                .per_shard("stats", |keys| {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("HMGET")
-                        .arg(&keys.stats)
-                        .arg("messages")
-                        .arg("bytes")
-                        .arg("deferred");
-                    pipe.cmd("ZCARD").arg(&keys.leased);
-                    pipe.cmd("ZRANGEBYLEX")
-                        .arg(&keys.ids)
-                        .arg("-")
-                        .arg("+")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(1);
-                    pipe
-                })
-                .await?;
-            let mut stats = QueueStats::default();
-            let sum = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
-            for replies in shards {
-                type Shard = ((Option<i64>, Option<i64>, Option<i64>), u64, Vec<String>);
-                let ((messages, bytes, deferred), leased, first): Shard =
-                    redis::from_redis_value(Value::Array(replies))
-                        .map_err(|e| QueueError::Corrupt(format!("redis stats reply: {e}")))?;
-                stats.messages += sum(messages);
-                stats.bytes += sum(bytes);
-                stats.deferred += sum(deferred);
-                stats.leased += leased;
-                if let Some(oldest) = first.first().and_then(|s| QueueId::parse(s)) {
-                    let ms = oldest.timestamp_ms();
-                    stats.oldest_ms = Some(stats.oldest_ms.map_or(ms, |o| o.min(ms)));
-                }
-            }
-            Ok(stats)
-        }))
-    }
-
-    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
-        Box::pin(self.deadline("delivery_totals", async move {
-            let shards = self
-                .per_shard("delivery_totals", |keys| {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("HMGET")
-                        .arg(&keys.stats)
-                        .arg("delivered")
-                        .arg("bounced")
-                        .arg("expired");
-                    pipe
-                })
-                .await?;
-            let mut totals = DeliveryTotals::default();
-            let n = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
-            for replies in shards {
-                let ((delivered, bounced, expired),): ((Option<i64>, Option<i64>, Option<i64>),) =
-                    redis::from_redis_value(Value::Array(replies)).map_err(|e| {
-                        QueueError::Corrupt(format!("redis delivery totals reply: {e}"))
-                    })?;
-                totals.delivered += n(delivered);
-                totals.bounced += n(bounced);
-                totals.expired += n(expired);
-            }
-            Ok(totals)
-        }))
     }
 
     fn ping(&self) -> QueueFuture<'_, ()> {
@@ -1127,7 +962,20 @@ impl Queue for RedisQueue {
             Ok(())
         }))
     }
+}
 
+impl Ingest for RedisQueue {
+    fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
+        Box::pin(self.deadline("enqueue", async move {
+            let replies = self
+                .run_enqueue(msg, &self.scripts.enqueue, &[], &[])
+                .await?;
+            self.check_replicas(&replies, &msg.envelope.id)
+        }))
+    }
+}
+
+impl Leasing for RedisQueue {
     fn lease_due(
         &self,
         now_ms: u64,
@@ -1381,6 +1229,164 @@ impl Queue for RedisQueue {
             self.script_per_shard("release", &self.scripts.release, pipes)
                 .await?;
             Ok(())
+        }))
+    }
+}
+
+impl Inspect for RedisQueue {
+    fn get<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, Option<QueuedMessage>> {
+        Box::pin(self.deadline("get", async move {
+            if QueueId::parse(id.as_str()).is_none() {
+                return Ok(None);
+            }
+            let key = self.keys(id.as_str()).message(id.as_str());
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(&key).arg("envelope").arg("body").arg("final");
+            type Fields = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+            let (envelope, body, fin): Fields = self
+                .retrying(|mut conn| {
+                    let cmd = &cmd;
+                    async move { cmd.query_async(&mut conn).await }
+                })
+                .await
+                .map_err(|e| self.unavailable("get", e))?;
+            match (envelope, body, fin) {
+                // A final record has no body: the message is no longer queued.
+                (None, None, _) | (_, _, Some(_)) => Ok(None),
+                (Some(envelope), Some(body), None) => {
+                    let envelope: Envelope = decode("envelope", id, Some(&envelope))?;
+                    Ok(Some(QueuedMessage { envelope, body }))
+                }
+                _ => Err(QueueError::Corrupt(format!(
+                    "message {id} is incomplete in redis"
+                ))),
+            }
+        }))
+    }
+
+    fn list_ids(&self, limit: usize) -> QueueFuture<'_, Vec<QueueId>> {
+        Box::pin(self.deadline("list", async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            // Each shard's first `limit` ids include every one of the overall first
+            // `limit` that lives in that shard; merge and cut.
+            let count = i64::try_from(limit).unwrap_or(i64::MAX);
+            let shards = self
+                .per_shard("list", |keys| {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("ZRANGEBYLEX")
+                        .arg(&keys.ids)
+                        .arg("-")
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(count);
+                    pipe
+                })
+                .await?;
+            let mut ids = Vec::new();
+            for reply in shards.into_iter().flatten() {
+                let shard_ids: Vec<String> = redis::from_redis_value(reply)
+                    .map_err(|e| QueueError::Corrupt(format!("redis list reply: {e}")))?;
+                for s in shard_ids {
+                    ids.push(QueueId::parse(&s).ok_or_else(|| {
+                        QueueError::Corrupt(format!("invalid queue id {s:?} in redis"))
+                    })?);
+                }
+            }
+            ids.sort_unstable();
+            ids.truncate(limit);
+            Ok(ids)
+        }))
+    }
+
+    fn remove<'a>(&'a self, id: &'a QueueId) -> QueueFuture<'a, bool> {
+        Box::pin(self.deadline("remove", async move {
+            if QueueId::parse(id.as_str()).is_none() {
+                return Ok(false);
+            }
+            let id = id.as_str();
+            let keys = self.keys(id);
+            let mut call = Call::new(&self.scripts.remove, &REMOVE);
+            call.key("message", keys.message(id))
+                .key("due", &keys.due)
+                .key("ids", &keys.ids)
+                .key("stats", &keys.stats)
+                .key("leased", &keys.leased)
+                .arg("id", id);
+            let invocation = call.invocation();
+            let existed: i64 = self.eval("remove", &invocation).await?;
+            Ok(existed == 1)
+        }))
+    }
+
+    fn stats(&self) -> QueueFuture<'_, QueueStats> {
+        Box::pin(self.deadline("stats", async move {
+            let shards = self
+                .per_shard("stats", |keys| {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("HMGET")
+                        .arg(&keys.stats)
+                        .arg("messages")
+                        .arg("bytes")
+                        .arg("deferred");
+                    pipe.cmd("ZCARD").arg(&keys.leased);
+                    pipe.cmd("ZRANGEBYLEX")
+                        .arg(&keys.ids)
+                        .arg("-")
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(1);
+                    pipe
+                })
+                .await?;
+            let mut stats = QueueStats::default();
+            let sum = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+            for replies in shards {
+                type Shard = ((Option<i64>, Option<i64>, Option<i64>), u64, Vec<String>);
+                let ((messages, bytes, deferred), leased, first): Shard =
+                    redis::from_redis_value(Value::Array(replies))
+                        .map_err(|e| QueueError::Corrupt(format!("redis stats reply: {e}")))?;
+                stats.messages += sum(messages);
+                stats.bytes += sum(bytes);
+                stats.deferred += sum(deferred);
+                stats.leased += leased;
+                if let Some(oldest) = first.first().and_then(|s| QueueId::parse(s)) {
+                    let ms = oldest.timestamp_ms();
+                    stats.oldest_ms = Some(stats.oldest_ms.map_or(ms, |o| o.min(ms)));
+                }
+            }
+            Ok(stats)
+        }))
+    }
+
+    fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
+        Box::pin(self.deadline("delivery_totals", async move {
+            let shards = self
+                .per_shard("delivery_totals", |keys| {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("HMGET")
+                        .arg(&keys.stats)
+                        .arg("delivered")
+                        .arg("bounced")
+                        .arg("expired");
+                    pipe
+                })
+                .await?;
+            let mut totals = DeliveryTotals::default();
+            let n = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+            for replies in shards {
+                let ((delivered, bounced, expired),): ((Option<i64>, Option<i64>, Option<i64>),) =
+                    redis::from_redis_value(Value::Array(replies)).map_err(|e| {
+                        QueueError::Corrupt(format!("redis delivery totals reply: {e}"))
+                    })?;
+                totals.delivered += n(delivered);
+                totals.bounced += n(bounced);
+                totals.expired += n(expired);
+            }
+            Ok(totals)
         }))
     }
 

@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{ListenerConfig, RelayConfig, TlsMode};
 use crate::metrics::Metrics;
-use crate::queue::Queue;
+use crate::queue::Ingest;
 use conn::{Conn, Stream};
 use limits::ConnLimits;
 use mailrelay_smtp::{Peer, Session, SessionConfig};
@@ -32,7 +32,7 @@ use users::UsersSource;
 pub struct Shared {
     pub config: RelayConfig,
     pub session: SessionConfig,
-    pub queue: Arc<dyn Queue>,
+    pub queue: Arc<dyn Ingest>,
     pub metrics: Arc<Metrics>,
     pub tls: Option<Arc<TlsSource>>,
     pub users: Option<Arc<UsersSource>>,
@@ -54,7 +54,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(
         config: RelayConfig,
-        queue: Arc<dyn Queue>,
+        queue: Arc<dyn Ingest>,
         metrics: Arc<Metrics>,
         tls: Option<Arc<TlsSource>>,
         users: Option<Arc<UsersSource>>,

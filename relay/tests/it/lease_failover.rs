@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use mailrelay::queue::{
-    ClientInfo, Envelope, MailParams, Queue, QueueId, QueuedMessage, Recipient, RedisQueue, now_ms,
+    ClientInfo, Envelope, Ingest, Inspect, MailParams, QueueId, QueuedMessage, Recipient,
+    RedisQueue, now_ms,
 };
 use support::deliver::relay_with;
 use support::dns::{Dnsmasq, Record};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use mailrelay::queue::{EmbeddedQueue, Queue, QueueId, QueuedMessage, RedisQueue};
+use mailrelay::queue::{EmbeddedQueue, Inspect, QueueId, QueuedMessage, RedisQueue};
 use support::redis::RedisServer;
 use support::relay::{Relay, RelayOptions, SmtpConn, TlsSmtpConn, binary, code, http_get};
 

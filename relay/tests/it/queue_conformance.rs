@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use mailrelay::queue::{
     Attempt, AttemptResult, BodyType, ClientInfo, DeliveryTotals, DsnNotify, DsnRet, EmbeddedQueue,
-    Envelope, FinishResult, Lease, Leased, ListFilter, MAX_ATTEMPTS_KEPT, MailParams,
-    MessageStatus, Queue, QueueError, QueueId, QueueOptions, QueueStats, QueuedMessage, RcptState,
-    Recipient, RedisQueue, RetrySelector, TlsInfo, now_ms,
+    Envelope, FinishResult, Ingest, Inspect, Lease, Leased, ListFilter, MAX_ATTEMPTS_KEPT,
+    MailParams, MessageStatus, Queue, QueueError, QueueId, QueueOptions, QueueStats, QueuedMessage,
+    RcptState, Recipient, RedisQueue, RetrySelector, Store, TlsInfo, now_ms,
 };
 use support::redis::{RedisCluster, RedisSentinel, RedisServer};
 

@@ -328,7 +328,7 @@ fn message(n: usize) -> mailrelay::queue::QueuedMessage {
 /// message is stored if and only if it was charged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_and_enqueue_in_one_round_trip() {
-    use mailrelay::queue::Queue;
+    use mailrelay::queue::Inspect;
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();

@@ -32,11 +32,11 @@ use tracing::{info, warn};
 use self::routes::{RelayHost, RouteTable};
 use super::mx::{MxResolver, ResolverError};
 use super::outcomes::OutcomeWriter;
-use super::smtp_client::{ClientTimeouts, ClientTls, ClientTlsError, Credentials};
+use super::smtp_client::{ClientTimeouts, ClientTls, ClientTlsError};
 use crate::config::DeliveryConfig;
 use crate::delivery::gate::{DispatchHook, Pacing, Unpaced};
 use crate::metrics::Metrics;
-use crate::queue::{Lease, MessageStatus, Queue, QueueId, QueuedMessage};
+use crate::queue::{Lease, Leasing, MessageStatus, Queue, QueueId, QueuedMessage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -154,32 +154,14 @@ impl Delivery {
             by_ca.insert(ca.clone(), t.clone());
             Ok(t)
         };
-        let credentials = |user: &Option<String>, pw: &Option<crate::config::Secret>| {
-            user.as_ref().map(|u| Credentials {
-                username: u.clone(),
-                password: pw.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
-            })
-        };
         let routes = RouteTable::new(&cfg.routes);
         let mut relays = Vec::new();
         for r in &cfg.routes {
-            relays.push(RelayHost {
-                host: r.host.clone(),
-                port: r.port,
-                tls_policy: r.tls,
-                tls: tls_for(&r.ca_file)?,
-                auth: credentials(&r.username, &r.password),
-            });
+            relays.push(RelayHost::new(&r.remote, tls_for(&r.remote.ca_file)?));
         }
         let smarthost = match &cfg.smarthost {
             Some(s) => {
-                relays.push(RelayHost {
-                    host: s.host.clone(),
-                    port: s.port,
-                    tls_policy: s.tls,
-                    tls: tls_for(&s.ca_file)?,
-                    auth: credentials(&s.username, &s.password),
-                });
+                relays.push(RelayHost::new(s, tls_for(&s.ca_file)?));
                 Some(relays.len() - 1)
             }
             None => None,
@@ -187,7 +169,7 @@ impl Delivery {
         let timeouts = ClientTimeouts::default();
         let owner = format!("{hostname}:{}", std::process::id());
         let outcomes = OutcomeWriter::start(
-            Arc::clone(&queue),
+            Arc::clone(&queue) as Arc<dyn Leasing>,
             cfg.outcome_batch.clone(),
             Arc::clone(&metrics),
         );

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use super::Inner;
-use crate::config::TlsPolicy;
+use crate::config::{RemoteHost, TlsPolicy};
 use crate::delivery::mx::Resolution;
 use crate::delivery::smtp_client::{ClientConfig, ClientTls, Credentials};
 
@@ -79,6 +79,22 @@ pub(super) struct RelayHost {
     pub(super) tls_policy: TlsPolicy,
     pub(super) tls: ClientTls,
     pub(super) auth: Option<Credentials>,
+}
+
+impl RelayHost {
+    /// `tls`: the client for the host's `ca_file`.
+    pub(super) fn new(h: &RemoteHost, tls: ClientTls) -> Self {
+        RelayHost {
+            host: h.host.clone(),
+            port: h.port,
+            tls_policy: h.tls,
+            tls,
+            auth: h.username.as_ref().map(|u| Credentials {
+                username: u.clone(),
+                password: h.password.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+            }),
+        }
+    }
 }
 
 /// Where one connection is made: the name (for SNI and the attempt record) and address.

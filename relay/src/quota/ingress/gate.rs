@@ -29,7 +29,7 @@ use std::time::Duration;
 use tracing::{debug, info, warn};
 
 use super::engine::{Quotas, Release};
-use crate::queue::{Envelope, Leased, Queue, now_ms};
+use crate::queue::{Envelope, Leased, Leasing, now_ms};
 
 /// What [`DeferGate::admit`] made of a leased batch; the rest it put back to wait.
 #[derive(Default)]
@@ -54,13 +54,13 @@ pub fn is_relay_generated(e: &Envelope) -> bool {
 
 pub struct DeferGate {
     quotas: Arc<Quotas>,
-    queue: Arc<dyn Queue>,
+    queue: Arc<dyn Leasing>,
     /// The queue lifetime: no message is held past it.
     lifetime: Duration,
 }
 
 impl DeferGate {
-    pub fn new(quotas: Arc<Quotas>, queue: Arc<dyn Queue>, lifetime: Duration) -> Self {
+    pub fn new(quotas: Arc<Quotas>, queue: Arc<dyn Leasing>, lifetime: Duration) -> Self {
         DeferGate {
             quotas,
             queue,
