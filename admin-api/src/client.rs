@@ -218,11 +218,14 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// (method and path, token, actor) of one request.
+    type Seen = (String, Option<String>, Option<String>);
+
     /// Answers from a script and records what it was sent.
     #[derive(Default)]
     struct Scripted {
         answers: Mutex<Vec<Response>>,
-        seen: Mutex<Vec<(String, Option<String>, Option<String>)>>,
+        seen: Mutex<Vec<Seen>>,
     }
 
     impl Transport for Scripted {
