@@ -6,58 +6,14 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use serde::{Deserialize, Serialize};
+use mailrelay_admin_api::http::{HttpError, HttpTransport};
+use mailrelay_admin_api::{Call, Client};
 
 use crate::crd::QuotaWindowStatus;
 
-/// One quota's usage as the admin API reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QuotaUsage {
-    pub name: String,
-    pub direction: String,
-    pub scope: String,
-    #[serde(default)]
-    pub action: Option<String>,
-    #[serde(default)]
-    pub limits: Vec<String>,
-    #[serde(default)]
-    pub keys: Vec<KeyUsage>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KeyUsage {
-    pub key: String,
-    #[serde(default)]
-    pub windows: Vec<WindowUsage>,
-    /// Egress quotas: shared connection slots.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub connections: Option<Connections>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WindowUsage {
-    pub limit: String,
-    pub window_seconds: u64,
-    pub used: u64,
-    pub remaining: u64,
-    #[serde(default)]
-    pub resets_at: Option<String>,
-    #[serde(default)]
-    pub resets_in_seconds: Option<u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Connections {
-    pub max: u64,
-    pub open: u64,
-}
+pub use mailrelay_admin_api::{Connections, KeyUsage, QuotaUsage, WindowUsage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaApiError {
@@ -97,10 +53,9 @@ pub fn operator_actor(namespace: Option<&str>, service_account: Option<&str>) ->
     }
 }
 
-/// A small HTTP client for relay admin APIs (plain HTTP inside the cluster).
+/// The operator's client for relay admin APIs (direct HTTP inside the cluster).
 #[derive(Clone)]
 pub struct AdminClient {
-    http: Client<HttpConnector, Empty<Bytes>>,
     actor: String,
 }
 
@@ -112,11 +67,8 @@ impl Default for AdminClient {
 
 impl AdminClient {
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(REQUEST_TIMEOUT));
         let env = |k| std::env::var(k).ok();
         AdminClient {
-            http: Client::builder(TokioExecutor::new()).build(connector),
             actor: operator_actor(
                 env("POD_NAMESPACE").as_deref(),
                 env("SERVICE_ACCOUNT_NAME").as_deref(),
@@ -128,70 +80,51 @@ impl AdminClient {
     /// `NAME-admin-token` Secret, current first); `Ok(None)` when the relay does
     /// not know the quota (404: not in its config yet, or rejected by it).
     ///
-    /// A 401 for the first token is retried with the next: right after a rotation
-    /// the relay pods may not have the new token file yet (the kubelet updates a
-    /// mounted Secret within about a minute), but still accept the previous one.
+    /// A 401 for the first token is retried with the next (by the client): right
+    /// after a rotation the relay pods may not have the new token file yet (the
+    /// kubelet updates a mounted Secret within about a minute), but still accept
+    /// the previous one.
     pub async fn quota(
         &self,
         base: &str,
         name: &str,
         tokens: &[String],
     ) -> Result<Option<QuotaUsage>, QuotaApiError> {
-        let mut last = None;
-        for token in tokens
-            .iter()
-            .map(Some)
-            .chain(tokens.is_empty().then_some(None))
-        {
-            match self.quota_with(base, name, token.map(String::as_str)).await {
-                Err(e @ QuotaApiError::Status { status: 401, .. }) => last = Some(e),
-                other => return other,
-            }
-        }
-        Err(last.expect("at least one attempt"))
-    }
-
-    async fn quota_with(
-        &self,
-        base: &str,
-        name: &str,
-        token: Option<&str>,
-    ) -> Result<Option<QuotaUsage>, QuotaApiError> {
-        let url = format!("{}/api/v1/quotas/{}", base.trim_end_matches('/'), name);
-        let err = |message: String| QuotaApiError::Request {
-            url: url.clone(),
-            message,
+        let call = Call::Quota {
+            name: name.to_owned(),
+            key: None,
         };
-        let uri: hyper::Uri = url.parse().map_err(|e| err(format!("bad URL: {e}")))?;
-        let mut req = hyper::Request::get(uri)
-            .header("accept", "application/json")
-            .header(mailrelay::admin::auth::ACTOR_HEADER, &self.actor);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        let req = req.body(Empty::new()).map_err(|e| err(e.to_string()))?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, self.http.request(req))
+        let url = format!("{}{}", base.trim_end_matches('/'), call.path());
+        let transport = HttpTransport::new(base, REQUEST_TIMEOUT)
+            .map_err(|e| QuotaApiError::Request {
+                url: url.clone(),
+                message: format!("bad URL: {e}"),
+            })?
+            .with_max_body(MAX_BODY);
+        let client = Client::new(transport)
+            .with_tokens(tokens.iter().cloned())
+            .with_actor(Some(self.actor.clone()));
+        let resp = client
+            .send(&call)
             .await
-            .map_err(|_| err(format!("no answer within {REQUEST_TIMEOUT:?}")))?
-            .map_err(|e| err(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let body = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            Limited::new(resp.into_body(), MAX_BODY).collect(),
-        )
-        .await
-        .map_err(|_| err(format!("body not complete within {REQUEST_TIMEOUT:?}")))?
-        .map_err(|e| err(e.to_string()))?
-        .to_bytes();
-        match status {
-            200 => serde_json::from_slice(&body)
+            .map_err(|e| QuotaApiError::Request {
+                url: url.clone(),
+                message: match e {
+                    HttpError::Connect { source, .. } => source.to_string(),
+                    HttpError::Timeout { after, .. } => format!("no answer within {after:?}"),
+                    HttpError::Malformed { detail, .. } => detail,
+                },
+            })?;
+        match resp.status {
+            200 => resp
+                .json()
                 .map(Some)
                 .map_err(|source| QuotaApiError::Decode { url, source }),
             404 => Ok(None),
-            _ => Err(QuotaApiError::Status {
+            status => Err(QuotaApiError::Status {
                 url,
                 status,
-                body: String::from_utf8_lossy(&body).chars().take(200).collect(),
+                body: resp.body.chars().take(200).collect(),
             }),
         }
     }
@@ -228,7 +161,7 @@ pub fn summarise(reports: &[(String, QuotaUsage)]) -> UsageSummary {
                     limit: w.limit.clone(),
                     used: w.used,
                     remaining: w.remaining,
-                    resets_at: parse_time(w.resets_at.as_deref()),
+                    resets_at: parse_time(Some(&w.resets_at)),
                 });
             }
         }
@@ -299,13 +232,14 @@ mod tests {
             window_seconds: 60,
             used,
             remaining,
-            resets_at: None,
-            resets_in_seconds: None,
+            scheduled: None,
+            resets_at: String::new(),
+            resets_in_seconds: 0,
         };
         let u = QuotaUsage {
             name: "q".into(),
-            direction: "egress".into(),
-            scope: "shared".into(),
+            direction: mailrelay_admin_api::QuotaDirection::Egress,
+            scope: mailrelay_admin_api::QuotaScope::Shared,
             action: None,
             limits: vec![],
             keys: vec![KeyUsage {

@@ -1,5 +1,7 @@
 //! The plugin's view of the cluster: the kubeconfig, `MailRelay` objects, and
-//! requests to a relay's admin API through the API server's service proxy.
+//! requests to a relay's admin API through the API server's service proxy (the
+//! admin API crate's client over [`Proxy`], a transport that needs kube and so
+//! lives here rather than in that crate, which the relay binary links).
 
 use std::collections::BTreeMap;
 use std::error::Error as StdError;
@@ -10,13 +12,14 @@ use http_body_util::BodyExt as _;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
+use mailrelay_admin_api::{Call, Request, Response, Transport};
 use serde::de::DeserializeOwned;
 
 use super::{GROUP, GlobalArgs, MAILRELAY_KIND, MAILRELAY_PLURAL, PluginError, VERSION};
 use crate::admin_token;
 
 /// The header naming the user on queue changes; the relay logs it as `actor`.
-pub use mailrelay::admin::auth::ACTOR_HEADER;
+pub use mailrelay_admin_api::ACTOR_HEADER;
 /// Longest wait for the SelfSubjectReview: a label is not worth more.
 const ACTOR_REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -317,62 +320,46 @@ impl Cluster {
     }
 
     /// Calls the admin API of `relay` (which must exist: the caller fetched it) and
-    /// returns the body of a 2xx answer.
-    pub async fn admin(
-        &self,
-        relay: &DynamicObject,
-        method: &str,
-        path: &str,
-    ) -> Result<String, PluginError> {
+    /// returns the body of a 2xx answer. The client tries each token of the relay's
+    /// Secret in turn on the relay's own 401 (a rotation in progress).
+    pub async fn admin(&self, relay: &DynamicObject, call: &Call) -> Result<String, PluginError> {
         let name = relay.metadata.name.clone().unwrap_or_default();
         let namespace = relay
             .metadata
             .namespace
             .clone()
             .unwrap_or_else(|| self.namespace.clone());
-        let full = proxy_path(&namespace, &name, path);
         let tokens = self.admin_tokens(&namespace, &name).await?;
         // Only changes are audited by the relay, so only they pay for the review.
-        let actor = if method == "GET" {
-            None
-        } else {
+        let actor = if call.method().is_change() {
             self.actor().await
+        } else {
+            None
         };
-        let mut attempts: Vec<Option<&str>> = tokens.iter().map(|t| Some(t.as_str())).collect();
-        if attempts.is_empty() {
-            attempts.push(None);
-        }
-        let mut a = Answer {
-            code: 0,
-            body: String::new(),
-        };
-        for (i, token) in attempts.iter().enumerate() {
-            a = self
-                .send_with(method, &full, *token, actor.as_deref())
-                .await?;
-            // Right after a rotation a relay pod may still hold only the previous
-            // token (the kubelet updates mounted Secrets within a minute or so).
-            let refused_by_relay = a.code == 401 && !is_status(&a.body);
-            if !(refused_by_relay && i + 1 < attempts.len()) {
-                break;
-            }
-        }
-        if (200..300).contains(&a.code) {
+        let client = mailrelay_admin_api::Client::new(Proxy {
+            cluster: self,
+            namespace: namespace.clone(),
+            relay: name.clone(),
+        })
+        .with_tokens(tokens.iter().cloned())
+        .with_actor(actor);
+        let a = client.send(call).await?;
+        if a.is_success() {
             return Ok(a.body);
         }
-        if a.code == 404 && a.body.trim().is_empty() {
+        let path = call.route();
+        if a.status == 404 && a.body.trim().is_empty() {
             // The relay's router answers unknown routes with an empty 404.
             return Err(PluginError::Relay {
                 namespace,
                 name,
                 code: 404,
                 message: format!(
-                    "{} is not served by this relay (is it older than the plugin?)",
-                    path.split('?').next().unwrap_or(path)
+                    "{path} is not served by this relay (is it older than the plugin?)"
                 ),
             });
         }
-        if a.code == 401 && !is_status(&a.body) {
+        if a.status == 401 && !a.is_kubernetes_status() {
             let secret = admin_token::secret_name(&name);
             let why = if tokens.is_empty() {
                 format!(
@@ -391,7 +378,7 @@ impl Cluster {
             });
         }
         Err(classify_proxy_error(
-            &namespace, &name, relay, a.code, &a.body,
+            &namespace, &name, relay, a.status, &a.body,
         ))
     }
 
@@ -451,10 +438,10 @@ impl Cluster {
     pub async fn admin_json<T: DeserializeOwned>(
         &self,
         relay: &DynamicObject,
-        method: &str,
-        path: &str,
+        call: &Call,
     ) -> Result<(T, serde_json::Value), PluginError> {
-        let body = self.admin(relay, method, path).await?;
+        let body = self.admin(relay, call).await?;
+        let path = call.path();
         let raw: serde_json::Value =
             serde_json::from_str(&body).map_err(|e| PluginError::Malformed {
                 what: format!("the admin API ({path})"),
@@ -553,11 +540,29 @@ pub fn transport_error(server: &str, e: &(dyn StdError + 'static)) -> PluginErro
     }
 }
 
-/// Whether `body` is the API server's own `Status` object (not the relay's answer).
-fn is_status(body: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .is_some_and(|v| v.get("kind").and_then(|k| k.as_str()) == Some("Status"))
+/// The admin API transport through the API server's service proxy: each request
+/// goes to `/api/v1/namespaces/NS/services/NAME-admin:admin/proxy/…` with the
+/// user's own credentials, the relay's token in [`admin_token::HEADER`].
+pub struct Proxy<'a> {
+    cluster: &'a Cluster,
+    namespace: String,
+    relay: String,
+}
+
+impl Transport for Proxy<'_> {
+    type Error = PluginError;
+
+    async fn send(&self, r: Request<'_>) -> Result<Response, PluginError> {
+        let full = proxy_path(&self.namespace, &self.relay, r.path);
+        let a = self
+            .cluster
+            .send_with(r.method.as_str(), &full, r.token, r.actor)
+            .await?;
+        Ok(Response {
+            status: a.code,
+            body: a.body,
+        })
+    }
 }
 
 /// Tells apart the API server's own errors on the proxy path (a `Status` object:
@@ -669,19 +674,6 @@ pub fn ready_condition(relay: &DynamicObject) -> Option<String> {
     Some(out)
 }
 
-/// Percent-encodes everything but unreserved characters (query values, path segments).
-pub fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,7 +690,10 @@ mod tests {
             proxy_path("mail", "out", "/api/v1/queue/stats"),
             "/api/v1/namespaces/mail/services/out-admin:admin/proxy/api/v1/queue/stats"
         );
-        assert_eq!(encode("a b/é"), "a%20b%2F%C3%A9");
+        assert_eq!(
+            proxy_path("mail", "out", &Call::Show("a b/é".into()).path()),
+            "/api/v1/namespaces/mail/services/out-admin:admin/proxy/api/v1/queue/messages/a%20b%2F%C3%A9"
+        );
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! prompt would hang them. What was deleted is said plainly, and a second delete of
 //! the same ID says the message is not there.
 
-use super::cluster::{encode, no_such_message, relay_id};
+use mailrelay_admin_api::Call;
+
+use super::cluster::{no_such_message, relay_id};
 use super::{Cluster, OutputFormat, PluginError, output};
 
 pub async fn run(
@@ -16,9 +18,8 @@ pub async fn run(
     format: Option<OutputFormat>,
 ) -> Result<String, PluginError> {
     let relay = cluster.mailrelay(name).await?;
-    let path = format!("/api/v1/queue/messages/{}", encode(id));
     cluster
-        .admin(&relay, "DELETE", &path)
+        .admin(&relay, &Call::Delete(id.to_owned()))
         .await
         .map_err(|e| no_such_message(e, &relay, id))?;
     let (namespace, name) = relay_id(&relay);

@@ -8,7 +8,7 @@
 //! MailRelays alone.
 
 use kube::api::DynamicObject;
-use mailrelay::admin::api::StatsBody;
+use mailrelay_admin_api::{Call, StatsBody};
 
 use super::cluster::relay_id;
 use super::output::{self, short_duration};
@@ -149,7 +149,7 @@ pub async fn run(cluster: &Cluster, format: Option<OutputFormat>) -> Result<Stri
     let mut rows = Vec::new();
     for r in &relays {
         let queue = cluster
-            .admin_json::<StatsBody>(r, "GET", "/api/v1/queue/stats")
+            .admin_json::<StatsBody>(r, &Call::Stats)
             .await
             .map_err(|e| match e {
                 // The Ready condition is in the READY column already.

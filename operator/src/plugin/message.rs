@@ -1,10 +1,10 @@
 //! `kubectl mailrelay message NAME ID`: envelope, recipients and every delivery
 //! attempt with the remote server's reply (the format of `mailrelay queue show`).
 
-use mailrelay::admin::api::MessageDetail;
 use mailrelay::cli::queue::format_detail;
+use mailrelay_admin_api::{Call, MessageDetail};
 
-use super::cluster::{encode, no_such_message};
+use super::cluster::no_such_message;
 use super::{Cluster, OutputFormat, PluginError, output};
 
 pub async fn run(
@@ -14,9 +14,8 @@ pub async fn run(
     format: Option<OutputFormat>,
 ) -> Result<String, PluginError> {
     let relay = cluster.mailrelay(name).await?;
-    let path = format!("/api/v1/queue/messages/{}", encode(id));
     let (detail, raw): (MessageDetail, _) = cluster
-        .admin_json(&relay, "GET", &path)
+        .admin_json(&relay, &Call::Show(id.to_owned()))
         .await
         .map_err(|e| no_such_message(e, &relay, id))?;
     match format {

@@ -310,7 +310,7 @@ pub async fn execute(
             all,
             domain,
         } => {
-            let sel = retry::Selector::from_args(id.as_deref(), *all, domain.as_deref());
+            let sel = retry::selector(id.as_deref(), *all, domain.as_deref());
             retry::run(cluster, name, sel, format).await
         }
         Command::Delete { name, id } => delete::run(cluster, name, id, format).await,

@@ -1,30 +1,19 @@
 //! `kubectl mailrelay queue NAME [--deferred] [--domain D] [--limit N]`: the queue
 //! like `postqueue -p`, in the same format as `mailrelay queue list`.
 
-use mailrelay::admin::api::MessageList;
 use mailrelay::cli::queue::format_list;
+use mailrelay_admin_api::{Call, ListQuery, MessageList};
 
-use super::cluster::{encode, relay_id};
+use super::cluster::relay_id;
 use super::{Cluster, OutputFormat, PluginError, output};
 
-/// The admin API path for a listing.
-pub fn list_path(deferred: bool, domain: Option<&str>, limit: Option<usize>) -> String {
-    let mut q = Vec::new();
-    if deferred {
-        q.push("deferred=true".to_owned());
-    }
-    if let Some(d) = domain {
-        q.push(format!("domain={}", encode(d)));
-    }
-    if let Some(l) = limit {
-        q.push(format!("limit={l}"));
-    }
-    let mut path = "/api/v1/queue/messages".to_owned();
-    if !q.is_empty() {
-        path.push('?');
-        path.push_str(&q.join("&"));
-    }
-    path
+/// The admin API call for a listing.
+pub fn list_call(filter: &Filter) -> Call {
+    Call::List(ListQuery {
+        deferred: filter.deferred,
+        domain: filter.domain.clone(),
+        limit: filter.limit,
+    })
 }
 
 /// `--deferred`, `--domain`, `--limit`.
@@ -44,10 +33,10 @@ pub async fn run(
     filter: &Filter,
     format: Option<OutputFormat>,
 ) -> Result<String, PluginError> {
-    let path = list_path(filter.deferred, filter.domain.as_deref(), filter.limit);
+    let call = list_call(filter);
     if let Some(name) = name {
         let relay = cluster.mailrelay(name).await?;
-        let (list, raw): (MessageList, _) = cluster.admin_json(&relay, "GET", &path).await?;
+        let (list, raw): (MessageList, _) = cluster.admin_json(&relay, &call).await?;
         return match format {
             Some(f) => output::structured(f, &raw),
             None => Ok(format_list(&list)),
@@ -65,7 +54,7 @@ pub async fn run(
         if !text.is_empty() {
             text.push('\n');
         }
-        match cluster.admin_json::<MessageList>(r, "GET", &path).await {
+        match cluster.admin_json::<MessageList>(r, &call).await {
             Ok((list, raw)) => {
                 text.push_str(&format!("MailRelay {ns}/{rname}:\n{}", format_list(&list)));
                 for mut m in raw
@@ -114,9 +103,17 @@ mod tests {
 
     #[test]
     fn list_paths() {
-        assert_eq!(list_path(false, None, None), "/api/v1/queue/messages");
+        let path = |deferred, domain: Option<&str>, limit| {
+            list_call(&Filter {
+                deferred,
+                domain: domain.map(str::to_owned),
+                limit,
+            })
+            .path()
+        };
+        assert_eq!(path(false, None, None), "/api/v1/queue/messages");
         assert_eq!(
-            list_path(true, Some("example.org"), Some(5)),
+            path(true, Some("example.org"), Some(5)),
             "/api/v1/queue/messages?deferred=true&domain=example.org&limit=5"
         );
     }

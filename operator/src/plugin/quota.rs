@@ -3,63 +3,12 @@
 //! admin API; the counters live in the shared queue store, so one pod of a relay
 //! answers for all of them).
 
-use serde::{Deserialize, Serialize};
+use mailrelay_admin_api::Call;
+pub use mailrelay_admin_api::{QuotaList, QuotaUsage};
 
-use super::cluster::{encode, relay_id};
+use super::cluster::relay_id;
 use super::output::{self, short_duration};
 use super::{Cluster, OutputFormat, PluginError};
-
-/// `GET /api/v1/quotas` (shape agreed in crd-shape.md).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct QuotaList {
-    pub quotas: Vec<QuotaUsage>,
-}
-
-/// One quota's usage. Unknown fields are ignored here and kept in `-o json|yaml`
-/// output, which passes the relay's JSON through.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct QuotaUsage {
-    pub name: String,
-    #[serde(default)]
-    pub direction: String,
-    #[serde(default)]
-    pub scope: String,
-    #[serde(default)]
-    pub action: Option<String>,
-    #[serde(default)]
-    pub limits: Vec<String>,
-    #[serde(default)]
-    pub keys: Vec<KeyUsage>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct KeyUsage {
-    pub key: String,
-    #[serde(default)]
-    pub windows: Vec<WindowUsage>,
-    /// Egress quotas: shared outbound connection cap.
-    #[serde(default)]
-    pub connections: Option<Connections>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WindowUsage {
-    pub limit: String,
-    #[serde(default)]
-    pub window_seconds: u64,
-    pub used: u64,
-    pub remaining: u64,
-    #[serde(default)]
-    pub resets_at: Option<String>,
-    #[serde(default)]
-    pub resets_in_seconds: Option<u64>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Connections {
-    pub max: u64,
-    pub open: u64,
-}
 
 pub const HEADER: [&str; 9] = [
     "RELAY",
@@ -81,7 +30,7 @@ pub fn rows(relay: &str, q: &QuotaUsage) -> Vec<Vec<String>> {
         vec![
             relay.to_owned(),
             q.name.clone(),
-            q.direction.clone(),
+            q.direction.to_string(),
             key.to_owned(),
         ]
     };
@@ -105,8 +54,7 @@ pub fn rows(relay: &str, q: &QuotaUsage) -> Vec<Vec<String>> {
                 w.limit.clone(),
                 w.used.to_string(),
                 w.remaining.to_string(),
-                w.resets_in_seconds
-                    .map_or_else(|| "-".to_owned(), short_duration),
+                short_duration(w.resets_in_seconds),
                 conns.clone(),
             ]);
             out.push(r);
@@ -200,8 +148,11 @@ pub async fn fetch(
 ) -> Result<Option<Vec<(QuotaUsage, serde_json::Value)>>, PluginError> {
     match name {
         Some(n) => {
-            let path = format!("/api/v1/quotas/{}", encode(n));
-            match cluster.admin_json::<QuotaUsage>(relay, "GET", &path).await {
+            let call = Call::Quota {
+                name: n.to_owned(),
+                key: None,
+            };
+            match cluster.admin_json::<QuotaUsage>(relay, &call).await {
                 Ok((q, raw)) => Ok(Some(vec![(q, raw)])),
                 Err(PluginError::NotFound(_)) => Ok(None),
                 Err(e) => Err(e),
@@ -209,7 +160,7 @@ pub async fn fetch(
         }
         None => {
             let (_, raw): (QuotaList, serde_json::Value) =
-                cluster.admin_json(relay, "GET", "/api/v1/quotas").await?;
+                cluster.admin_json(relay, &Call::Quotas).await?;
             let mut out = Vec::new();
             for v in raw
                 .get("quotas")

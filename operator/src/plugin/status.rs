@@ -4,8 +4,8 @@
 //! conditions shown, with the reason its live figures are missing.
 
 use kube::api::DynamicObject;
-use mailrelay::admin::api::StatsBody;
 use mailrelay::cli::queue::format_stats;
+use mailrelay_admin_api::{Call, StatsBody};
 
 use super::quota::{self, QuotaUsage};
 use super::{Cluster, OutputFormat, PluginError, output};
@@ -168,7 +168,7 @@ fn indent(s: &str) -> String {
 /// Gathers one relay's view: the object, then its live figures.
 async fn view(cluster: &Cluster, relay: &DynamicObject) -> StatusView {
     let queue = cluster
-        .admin_json::<StatsBody>(relay, "GET", "/api/v1/queue/stats")
+        .admin_json::<StatsBody>(relay, &Call::Stats)
         .await
         .map_err(|e| e.to_string());
     // Only worth asking when the relay answered at all; a second identical

@@ -8,13 +8,17 @@ use axum::Json;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use mailrelay_admin_api::types as wire;
+pub use mailrelay_admin_api::types::{
+    ListQuery, MAX_LIST_LIMIT, MessageDetail, MessageList, MessageSummary, RcptSummary, Retried,
+    RetryQuery, StatsBody,
+};
 
 use super::auth::{self, Identity};
 use super::{AdminState, READY_PING_TIMEOUT, public_reason};
 use crate::queue::{
-    Envelope, ListFilter, MessageStatus, QueueError, QueueFuture, QueueId, RcptState,
-    RetrySelector, now_ms,
+    self, Envelope, ListFilter, MessageStatus, QueueError, QueueFuture, QueueId, RetrySelector,
+    now_ms,
 };
 
 /// Who asked for a queue action, for the audit log line every change leaves: the
@@ -52,15 +56,12 @@ impl Actor {
     }
 }
 
-/// Most messages one list request returns.
-pub const MAX_LIST_LIMIT: usize = 10_000;
-
 /// An API error: status code and a public one-line message.
 pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0, Json(wire::ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -99,65 +100,26 @@ fn not_found(id: &QueueId) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, format!("message {id} not found"))
 }
 
-#[derive(Debug, Deserialize)]
-pub struct ListQuery {
-    #[serde(default)]
-    deferred: bool,
-    domain: Option<String>,
-    limit: Option<usize>,
-}
-
-/// One recipient in a list entry.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RcptSummary {
-    pub address: String,
-    pub state: RcptState,
-    pub attempts: usize,
-    pub last_reply: Option<String>,
-}
-
-/// One message in `GET /api/v1/queue/messages`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MessageSummary {
-    pub id: String,
-    pub from: String,
-    /// The size the client declared (`MAIL FROM … SIZE=`), when it did. The
-    /// stored size is not read for a list: that would mean loading every body.
-    pub declared_size: Option<u64>,
-    pub received_at_ms: u64,
-    pub attempts: u32,
-    pub next_attempt_ms: Option<u64>,
-    pub leased_until_ms: Option<u64>,
-    pub rcpts: Vec<RcptSummary>,
-}
-
-impl MessageSummary {
-    fn new(env: &Envelope, st: &MessageStatus) -> Self {
-        MessageSummary {
-            id: env.id.to_string(),
-            from: env.mail.from.clone(),
-            declared_size: env.mail.size,
-            received_at_ms: env.received_at_ms,
-            attempts: st.attempts,
-            next_attempt_ms: st.next_attempt_ms,
-            leased_until_ms: st.leased_until_ms,
-            rcpts: st
-                .rcpts
-                .iter()
-                .map(|r| RcptSummary {
-                    address: r.address.clone(),
-                    state: r.state,
-                    attempts: r.attempts.len(),
-                    last_reply: r.attempts.last().map(|a| a.reply.clone()),
-                })
-                .collect(),
-        }
+fn summary(env: &Envelope, st: &MessageStatus) -> MessageSummary {
+    MessageSummary {
+        id: env.id.to_string(),
+        from: env.mail.from.clone(),
+        declared_size: env.mail.size,
+        received_at_ms: env.received_at_ms,
+        attempts: st.attempts,
+        next_attempt_ms: st.next_attempt_ms,
+        leased_until_ms: st.leased_until_ms,
+        rcpts: st
+            .rcpts
+            .iter()
+            .map(|r| RcptSummary {
+                address: r.address.clone(),
+                state: rcpt_state(r.state),
+                attempts: r.attempts.len(),
+                last_reply: r.attempts.last().map(|a| a.reply.clone()),
+            })
+            .collect(),
     }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MessageList {
-    pub messages: Vec<MessageSummary>,
 }
 
 pub async fn list(
@@ -178,18 +140,8 @@ pub async fn list(
     };
     let items = call(state.queue.list(filter)).await?;
     Ok(Json(MessageList {
-        messages: items
-            .iter()
-            .map(|(e, s)| MessageSummary::new(e, s))
-            .collect(),
+        messages: items.iter().map(|(e, s)| summary(e, s)).collect(),
     }))
-}
-
-/// `GET /api/v1/queue/messages/{id}`: envelope and full status.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct MessageDetail {
-    pub envelope: Envelope,
-    pub status: MessageStatus,
 }
 
 pub async fn show(
@@ -198,14 +150,12 @@ pub async fn show(
 ) -> Result<Json<MessageDetail>, ApiError> {
     let id = parse_id(&id)?;
     match call(state.queue.status(&id)).await? {
-        Some((envelope, status)) => Ok(Json(MessageDetail { envelope, status })),
+        Some((envelope, status)) => Ok(Json(MessageDetail {
+            envelope: wire_envelope(envelope),
+            status: wire_status(status),
+        })),
         None => Err(not_found(&id)),
     }
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Retried {
-    pub retried: u64,
 }
 
 pub async fn retry_one(
@@ -223,13 +173,6 @@ pub async fn retry_one(
         return Err(not_found(&id));
     }
     Ok(Json(Retried { retried: n }))
-}
-
-#[derive(Debug, Deserialize)]
-pub struct RetryQuery {
-    #[serde(default)]
-    all: bool,
-    domain: Option<String>,
 }
 
 pub async fn retry_many(
@@ -280,16 +223,6 @@ pub async fn delete(
 
 /// `GET /api/v1/queue/stats`: the backend's [`crate::queue::QueueStats`] plus
 /// `oldest_age_seconds`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct StatsBody {
-    pub messages: u64,
-    pub bytes: u64,
-    pub leased: u64,
-    pub deferred: u64,
-    pub oldest_ms: Option<u64>,
-    pub oldest_age_seconds: Option<u64>,
-}
-
 pub async fn stats(State(state): State<AdminState>) -> Result<Json<StatsBody>, ApiError> {
     let s = match tokio::time::timeout(READY_PING_TIMEOUT, state.queue.stats()).await {
         Ok(r) => r?,
@@ -308,4 +241,170 @@ pub async fn stats(State(state): State<AdminState>) -> Result<Json<StatsBody>, A
         oldest_ms: s.oldest_ms,
         oldest_age_seconds: s.oldest_ms.map(|o| now_ms().saturating_sub(o) / 1000),
     }))
+}
+
+// The API's view of the queue's records. Each conversion destructures the record
+// whole: a field added to the store fails the compile here until the API decides
+// whether to show it, instead of changing the JSON users script against.
+
+fn rcpt_state(s: queue::RcptState) -> wire::RcptState {
+    match s {
+        queue::RcptState::Pending => wire::RcptState::Pending,
+        queue::RcptState::Delivered => wire::RcptState::Delivered,
+        queue::RcptState::Bounced => wire::RcptState::Bounced,
+        queue::RcptState::Expired => wire::RcptState::Expired,
+    }
+}
+
+fn tls(t: queue::TlsInfo) -> wire::TlsInfo {
+    let queue::TlsInfo { version, cipher } = t;
+    wire::TlsInfo { version, cipher }
+}
+
+/// The envelope as `GET /api/v1/queue/messages/{id}` shows it.
+pub fn wire_envelope(e: Envelope) -> wire::Envelope {
+    let Envelope {
+        id,
+        mail,
+        recipients,
+        client,
+        received_at_ms,
+        received_by,
+    } = e;
+    let queue::MailParams {
+        from,
+        size,
+        body,
+        smtputf8,
+        ret,
+        envid,
+    } = mail;
+    let queue::ClientInfo {
+        ip,
+        port,
+        helo,
+        auth_user,
+        tls: client_tls,
+        listener,
+    } = client;
+    wire::Envelope {
+        id: id.to_string(),
+        mail: wire::MailParams {
+            from,
+            size,
+            body: match body {
+                queue::BodyType::SevenBit => wire::BodyType::SevenBit,
+                queue::BodyType::EightBitMime => wire::BodyType::EightBitMime,
+                queue::BodyType::BinaryMime => wire::BodyType::BinaryMime,
+            },
+            smtputf8,
+            ret: ret.map(|r| match r {
+                queue::DsnRet::Full => wire::DsnRet::Full,
+                queue::DsnRet::Hdrs => wire::DsnRet::Hdrs,
+            }),
+            envid,
+        },
+        recipients: recipients
+            .into_iter()
+            .map(|r| {
+                let queue::Recipient {
+                    address,
+                    notify,
+                    orcpt,
+                } = r;
+                wire::Recipient {
+                    address,
+                    notify: notify.map(|n| {
+                        let queue::DsnNotify {
+                            never,
+                            success,
+                            failure,
+                            delay,
+                        } = n;
+                        wire::DsnNotify {
+                            never,
+                            success,
+                            failure,
+                            delay,
+                        }
+                    }),
+                    orcpt,
+                }
+            })
+            .collect(),
+        client: wire::ClientInfo {
+            ip,
+            port,
+            helo,
+            auth_user,
+            tls: client_tls.map(tls),
+            listener,
+        },
+        received_at_ms,
+        received_by,
+    }
+}
+
+/// The delivery status as `GET /api/v1/queue/messages/{id}` shows it.
+pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
+    let MessageStatus {
+        id,
+        rcpts,
+        created_ms,
+        next_attempt_ms,
+        attempts,
+        final_at_ms,
+        leased_until_ms,
+        delay_warned,
+    } = s;
+    wire::MessageStatus {
+        id: id.to_string(),
+        rcpts: rcpts
+            .into_iter()
+            .map(|r| {
+                let queue::RcptStatus {
+                    address,
+                    state,
+                    attempts,
+                } = r;
+                wire::RcptStatus {
+                    address,
+                    state: rcpt_state(state),
+                    attempts: attempts
+                        .into_iter()
+                        .map(|a| {
+                            let queue::Attempt {
+                                at_ms,
+                                result,
+                                mx,
+                                ip,
+                                tls: attempt_tls,
+                                reply,
+                            } = a;
+                            wire::Attempt {
+                                at_ms,
+                                result: match result {
+                                    queue::AttemptResult::Delivered => {
+                                        wire::AttemptResult::Delivered
+                                    }
+                                    queue::AttemptResult::Deferred => wire::AttemptResult::Deferred,
+                                    queue::AttemptResult::Bounced => wire::AttemptResult::Bounced,
+                                },
+                                mx,
+                                ip,
+                                tls: attempt_tls.map(tls),
+                                reply,
+                            }
+                        })
+                        .collect(),
+                }
+            })
+            .collect(),
+        created_ms,
+        next_attempt_ms,
+        attempts,
+        final_at_ms,
+        leased_until_ms,
+        delay_warned,
+    }
 }

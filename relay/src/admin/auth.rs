@@ -33,13 +33,13 @@ use subtle::ConstantTimeEq;
 pub const TOKEN_ENV: &str = "MAILRELAY_ADMIN_TOKEN";
 /// The header carrying the token where `Authorization` cannot (the API server's
 /// service proxy consumes it).
-pub const TOKEN_HEADER: &str = "x-mailrelay-admin-token";
+pub const TOKEN_HEADER: &str = mailrelay_admin_api::TOKEN_HEADER;
 
 /// The header in which a client names the person it acts for (`kubectl mailrelay`
 /// sends the Kubernetes username from a SelfSubjectReview). It is a claim made by
 /// whoever holds the token, authenticated only through that token: the audit line
 /// logs it as `actor` next to the `identity` that really passed authentication.
-pub const ACTOR_HEADER: &str = "x-mailrelay-actor";
+pub const ACTOR_HEADER: &str = mailrelay_admin_api::ACTOR_HEADER;
 /// Longest claimed actor kept (usernames and service account names fit easily).
 pub const MAX_ACTOR_LEN: usize = 256;
 

@@ -18,6 +18,9 @@
 pub mod api;
 pub mod auth;
 
+#[cfg(test)]
+mod client_tests;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +31,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use mailrelay_admin_api::path::routes;
 
 use crate::metrics::Metrics;
 use crate::queue::{Inspect, QueueError};
@@ -96,14 +100,11 @@ fn open_router(state: AdminState) -> Router {
 /// Everything that reads envelopes or changes state.
 fn api_router(state: AdminState) -> Router {
     Router::new()
-        .route("/api/v1/queue/stats", get(api::stats))
-        .route("/api/v1/queue/messages", get(api::list))
-        .route(
-            "/api/v1/queue/messages/{id}",
-            get(api::show).delete(api::delete),
-        )
-        .route("/api/v1/queue/messages/{id}/retry", post(api::retry_one))
-        .route("/api/v1/queue/retry", post(api::retry_many))
+        .route(routes::QUEUE_STATS, get(api::stats))
+        .route(routes::QUEUE_MESSAGES, get(api::list))
+        .route(routes::QUEUE_MESSAGE, get(api::show).delete(api::delete))
+        .route(routes::QUEUE_MESSAGE_RETRY, post(api::retry_one))
+        .route(routes::QUEUE_RETRY, post(api::retry_many))
         .with_state(state)
 }
 

@@ -1,16 +1,16 @@
 //! `mailrelay queue …`: inspect and act on the queue of a running relay through
 //! its admin HTTP API, in the manner of `postqueue -p`, `qshape` and `postsuper`.
 //!
-//! The HTTP client is a deliberately tiny HTTP/1.1 one (one request per
-//! connection, `Connection: close`): the admin API is on loopback or the pod
-//! network and answers with `Content-Length` bodies.
+//! Requests go through the admin API crate's client over direct HTTP (one
+//! request per connection: the admin API is on loopback or the pod network).
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use mailrelay_admin_api::http::HttpTransport;
+use mailrelay_admin_api::{Call, Client, ListQuery, Response, RetrySelector};
 
 use crate::admin::api::{MessageDetail, MessageList, Retried, StatsBody};
 use crate::queue::now_ms;
@@ -75,29 +75,19 @@ pub fn run(args: QueueArgs) -> ExitCode {
 
 /// Performs the command and returns what to print on stdout.
 pub async fn execute(args: &QueueArgs) -> Result<String, String> {
-    let base = Endpoint::parse(&args.admin)?.with_token(args.token.token()?);
+    let client = client(&args.admin, &args.token)?;
     match &args.command {
         QueueCommand::List {
             deferred,
             domain,
             limit,
         } => {
-            let mut q = Vec::new();
-            if *deferred {
-                q.push("deferred=true".to_owned());
-            }
-            if let Some(d) = domain {
-                q.push(format!("domain={}", encode(d)));
-            }
-            if let Some(l) = limit {
-                q.push(format!("limit={l}"));
-            }
-            let mut path = "/api/v1/queue/messages".to_owned();
-            if !q.is_empty() {
-                path.push('?');
-                path.push_str(&q.join("&"));
-            }
-            let body = base.request("GET", &path).await?.ok()?;
+            let call = Call::List(ListQuery {
+                deferred: *deferred,
+                domain: domain.clone(),
+                limit: *limit,
+            });
+            let body = request(&client, &call).await?;
             if args.json {
                 return Ok(body + "\n");
             }
@@ -105,8 +95,7 @@ pub async fn execute(args: &QueueArgs) -> Result<String, String> {
             Ok(format_list(&list))
         }
         QueueCommand::Show { id } => {
-            let path = format!("/api/v1/queue/messages/{}", encode(id));
-            let body = base.request("GET", &path).await?.ok()?;
+            let body = request(&client, &Call::Show(id.clone())).await?;
             if args.json {
                 return Ok(body + "\n");
             }
@@ -114,13 +103,13 @@ pub async fn execute(args: &QueueArgs) -> Result<String, String> {
             Ok(format_detail(&d))
         }
         QueueCommand::Retry { id, all, domain } => {
-            let path = match (id, all, domain) {
-                (Some(id), _, _) => format!("/api/v1/queue/messages/{}/retry", encode(id)),
-                (None, true, _) => "/api/v1/queue/retry?all=true".to_owned(),
-                (None, false, Some(d)) => format!("/api/v1/queue/retry?domain={}", encode(d)),
+            let sel = match (id, all, domain) {
+                (Some(id), _, _) => RetrySelector::Id(id.clone()),
+                (None, true, _) => RetrySelector::All,
+                (None, false, Some(d)) => RetrySelector::Domain(d.clone()),
                 (None, false, None) => return Err("retry needs ID, --all or --domain".into()),
             };
-            let body = base.request("POST", &path).await?.ok()?;
+            let body = request(&client, &Call::Retry(sel)).await?;
             if args.json {
                 return Ok(body + "\n");
             }
@@ -131,15 +120,14 @@ pub async fn execute(args: &QueueArgs) -> Result<String, String> {
             ))
         }
         QueueCommand::Delete { id } => {
-            let path = format!("/api/v1/queue/messages/{}", encode(id));
-            base.request("DELETE", &path).await?.ok()?;
+            request(&client, &Call::Delete(id.clone())).await?;
             if args.json {
                 return Ok(format!("{}\n", serde_json::json!({ "deleted": id })));
             }
             Ok(format!("{id}: deleted\n"))
         }
         QueueCommand::Stats => {
-            let body = base.request("GET", "/api/v1/queue/stats").await?.ok()?;
+            let body = request(&client, &Call::Stats).await?;
             if args.json {
                 return Ok(body + "\n");
             }
@@ -149,144 +137,33 @@ pub async fn execute(args: &QueueArgs) -> Result<String, String> {
     }
 }
 
+/// The admin API at `url`, with the token the flags name (if any).
+pub(crate) fn client(url: &str, token: &super::TokenArgs) -> Result<Client<HttpTransport>, String> {
+    let transport = HttpTransport::new(url, TIMEOUT).map_err(|e| e.to_string())?;
+    Ok(Client::new(transport).with_tokens(token.token()?))
+}
+
+/// The body of a 2xx answer to `call`, else the API's `error` message.
+pub(crate) async fn request(client: &Client<HttpTransport>, call: &Call) -> Result<String, String> {
+    let resp = client.send(call).await.map_err(|e| e.to_string())?;
+    ok(resp)
+}
+
+fn ok(resp: Response) -> Result<String, String> {
+    if resp.is_success() {
+        return Ok(resp.body);
+    }
+    let msg = resp.error_message();
+    if resp.status == 401 {
+        return Err(format!(
+            "{msg} (HTTP 401; give --admin-token-file, MAILRELAY_ADMIN_TOKEN or --config)"
+        ));
+    }
+    Err(format!("{msg} (HTTP {})", resp.status))
+}
+
 pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, String> {
     serde_json::from_str(body).map_err(|e| format!("unexpected answer from the admin API: {e}"))
-}
-
-/// Percent-encodes everything but unreserved characters.
-pub(crate) fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-    out
-}
-
-/// `http://host:port` of the admin API.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Endpoint {
-    url: String,
-    host: String,
-    /// Bearer token sent with every request.
-    token: Option<String>,
-}
-
-pub(crate) struct HttpResponse {
-    status: u16,
-    body: String,
-}
-
-impl HttpResponse {
-    /// The body of a 2xx answer, else the API's `error` message.
-    pub(crate) fn ok(self) -> Result<String, String> {
-        if (200..300).contains(&self.status) {
-            return Ok(self.body);
-        }
-        let msg = serde_json::from_str::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-            .unwrap_or_else(|| self.body.trim().to_owned());
-        if self.status == 401 {
-            return Err(format!(
-                "{msg} (HTTP 401; give --admin-token-file, MAILRELAY_ADMIN_TOKEN or --config)"
-            ));
-        }
-        Err(format!("{msg} (HTTP {})", self.status))
-    }
-}
-
-impl Endpoint {
-    pub(crate) fn parse(url: &str) -> Result<Endpoint, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            format!("admin URL {url:?} must start with http:// (the admin API has no TLS)")
-        })?;
-        let host = rest.split('/').next().unwrap_or_default();
-        if host.is_empty() {
-            return Err(format!("admin URL {url:?} has no host"));
-        }
-        let host = if host.rsplit_once(':').is_some_and(|(_, p)| !p.contains(']')) {
-            host.to_owned()
-        } else {
-            format!("{host}:80")
-        };
-        Ok(Endpoint {
-            url: url.trim_end_matches('/').to_owned(),
-            host,
-            token: None,
-        })
-    }
-
-    pub(crate) fn with_token(mut self, token: Option<String>) -> Self {
-        self.token = token;
-        self
-    }
-
-    pub(crate) async fn request(&self, method: &str, path: &str) -> Result<HttpResponse, String> {
-        match tokio::time::timeout(TIMEOUT, self.exchange(method, path)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "no answer from mailrelay admin API at {} within {TIMEOUT:?}",
-                self.url
-            )),
-        }
-    }
-
-    async fn exchange(&self, method: &str, path: &str) -> Result<HttpResponse, String> {
-        let unreachable = |e: std::io::Error| {
-            let reason = match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
-                _ => e.to_string(),
-            };
-            format!("cannot reach mailrelay admin API at {}: {reason}", self.url)
-        };
-        let mut s = tokio::net::TcpStream::connect(&self.host)
-            .await
-            .map_err(unreachable)?;
-        let auth = match &self.token {
-            Some(t) => format!("Authorization: Bearer {t}\r\n"),
-            None => String::new(),
-        };
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n",
-            self.host
-        );
-        s.write_all(req.as_bytes()).await.map_err(unreachable)?;
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.map_err(unreachable)?;
-        parse_response(&raw).ok_or_else(|| {
-            format!(
-                "malformed HTTP answer from mailrelay admin API at {}",
-                self.url
-            )
-        })
-    }
-}
-
-fn parse_response(raw: &[u8]) -> Option<HttpResponse> {
-    let split = memchr::memmem::find(raw, b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..split]).ok()?;
-    let mut body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            if k.trim().eq_ignore_ascii_case("content-length") {
-                let n: usize = v.trim().parse().ok()?;
-                body = body.get(..n)?;
-            } else if k.trim().eq_ignore_ascii_case("transfer-encoding") {
-                // Not produced by the admin API for its JSON answers.
-                return None;
-            }
-        }
-    }
-    Some(HttpResponse {
-        status,
-        body: String::from_utf8_lossy(body).into_owned(),
-    })
 }
 
 fn when(ms: u64) -> String {
@@ -359,7 +236,7 @@ pub fn format_list(list: &MessageList) -> String {
             if let Some(reply) = &r.last_reply {
                 let _ = writeln!(out, "{indent}({reply})");
             }
-            let _ = writeln!(out, "{indent}{} [{}]", r.address, show_state(r.state));
+            let _ = writeln!(out, "{indent}{} [{}]", r.address, r.state.as_str());
         }
         out.push('\n');
     }
@@ -371,13 +248,6 @@ pub fn format_list(list: &MessageList) -> String {
         if list.messages.len() == 1 { "" } else { "s" }
     );
     out
-}
-
-fn show_state<T: serde::Serialize>(v: T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
 }
 
 pub fn format_detail(d: &MessageDetail) -> String {
@@ -413,9 +283,9 @@ pub fn format_detail(d: &MessageDetail) -> String {
         let _ = writeln!(out, "In delivery:  lease until {}", when(l));
     }
     for r in &s.rcpts {
-        let _ = writeln!(out, "Recipient:    {} [{}]", r.address, show_state(r.state));
+        let _ = writeln!(out, "Recipient:    {} [{}]", r.address, r.state.as_str());
         for a in &r.attempts {
-            let mut line = format!("  {} {}", when(a.at_ms), show_state(a.result));
+            let mut line = format!("  {} {}", when(a.at_ms), a.result.as_str());
             if let Some(mx) = &a.mx {
                 let _ = write!(line, " mx={mx}");
             }
@@ -452,26 +322,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoint_and_encoding() {
-        let e = Endpoint::parse("http://127.0.0.1:9325/").unwrap();
-        assert_eq!(e.host, "127.0.0.1:9325");
-        assert_eq!(e.url, "http://127.0.0.1:9325");
-        assert_eq!(Endpoint::parse("http://admin").unwrap().host, "admin:80");
-        assert!(Endpoint::parse("https://x").is_err());
-        assert_eq!(encode("a b/é"), "a%20b%2F%C3%A9");
-    }
-
-    #[test]
-    fn responses_are_parsed() {
-        let body = r#"{"error":"message not found"}"#;
-        let raw = format!(
-            "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n{body}",
-            body.len()
+    fn error_answers_show_the_relays_message() {
+        let r = |status, body: &str| Response {
+            status,
+            body: body.to_owned(),
+        };
+        assert_eq!(
+            ok(r(404, r#"{"error":"message not found"}"#)).unwrap_err(),
+            "message not found (HTTP 404)"
         );
-        let r = parse_response(raw.as_bytes()).unwrap();
-        assert_eq!(r.status, 404);
-        assert_eq!(r.ok().unwrap_err(), "message not found (HTTP 404)");
-        assert!(parse_response(b"garbage").is_none());
+        let e = ok(r(401, r#"{"error":"missing or invalid admin token"}"#)).unwrap_err();
+        assert!(e.contains("HTTP 401; give --admin-token-file"), "{e}");
+        assert_eq!(ok(r(204, "")).unwrap(), "");
     }
 
     #[tokio::test]

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use super::queue::{DEFAULT_ADMIN, Endpoint, encode, parse};
+use mailrelay_admin_api::Call;
+
+use super::queue::{DEFAULT_ADMIN, client, parse, request};
 use crate::quota::usage::{QuotaList, QuotaUsage};
 
 /// Keys `quota list` shows per quota (`quota show` shows all the API returns).
@@ -47,10 +49,10 @@ pub fn run(args: QuotaArgs) -> ExitCode {
 
 /// Performs the command and returns what to print on stdout.
 pub async fn execute(args: &QuotaArgs) -> Result<String, String> {
-    let base = Endpoint::parse(&args.admin)?.with_token(args.token.token()?);
+    let client = client(&args.admin, &args.token)?;
     match &args.command {
         QuotaCommand::List => {
-            let body = base.request("GET", "/api/v1/quotas").await?.ok()?;
+            let body = request(&client, &Call::Quotas).await?;
             if args.json {
                 return Ok(body + "\n");
             }
@@ -58,11 +60,11 @@ pub async fn execute(args: &QuotaArgs) -> Result<String, String> {
             Ok(format_list(&list))
         }
         QuotaCommand::Show { name, key } => {
-            let mut path = format!("/api/v1/quotas/{}", encode(name));
-            if let Some(k) = key {
-                path.push_str(&format!("?key={}", encode(k)));
-            }
-            let body = base.request("GET", &path).await?.ok()?;
+            let call = Call::Quota {
+                name: name.clone(),
+                key: key.clone(),
+            };
+            let body = request(&client, &call).await?;
             if args.json {
                 return Ok(body + "\n");
             }
@@ -81,13 +83,6 @@ fn duration(secs: u64) -> String {
     }
 }
 
-fn show<T: serde::Serialize>(v: T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_owned))
-        .unwrap_or_default()
-}
-
 /// One quota: a header line, then a table of keys and windows.
 pub fn format_quota(q: &QuotaUsage, max_keys: usize) -> String {
     let mut out = String::new();
@@ -95,9 +90,9 @@ pub fn format_quota(q: &QuotaUsage, max_keys: usize) -> String {
         out,
         "{} ({}, {}, {}): {}",
         q.name,
-        show(q.direction),
-        show(q.scope),
-        show(q.action),
+        q.direction,
+        q.scope,
+        q.action.map_or("", |a| a.as_str()),
         if q.limits.is_empty() {
             "no rate limits".to_owned()
         } else {

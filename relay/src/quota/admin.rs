@@ -12,7 +12,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::Deserialize;
+use mailrelay_admin_api::path::routes;
+use mailrelay_admin_api::types::{ErrorBody, KeyQuery};
 
 use super::ingress::engine::Quotas;
 use super::ingress::store::StoreError;
@@ -21,13 +22,13 @@ use super::usage::{QuotaList, QuotaUsage};
 /// The quota routes, to merge into the admin router.
 pub fn routes(quotas: Arc<Quotas>) -> Router {
     Router::new()
-        .route("/api/v1/quotas", get(list))
-        .route("/api/v1/quotas/{name}", get(show))
+        .route(routes::QUOTAS, get(list))
+        .route(routes::QUOTA, get(show))
         .with_state(quotas)
 }
 
 fn error(code: StatusCode, msg: String) -> Response {
-    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+    (code, Json(ErrorBody { error: msg })).into_response()
 }
 
 fn store_error(e: StoreError) -> Response {
@@ -52,11 +53,6 @@ async fn list(State(quotas): State<Arc<Quotas>>) -> Response {
         }
     }
     Json(QuotaList { quotas: out }).into_response()
-}
-
-#[derive(Debug, Deserialize)]
-struct KeyQuery {
-    key: Option<String>,
 }
 
 async fn show(

@@ -40,9 +40,9 @@ pub fn quota_usage(q: &QuotaConfig, now_ms: u64, mut uses: Vec<KeyUse>) -> Quota
     uses.truncate(MAX_KEYS);
     QuotaUsage {
         name: q.name.clone(),
-        direction: Direction::Egress,
-        scope: q.scope,
-        action: q.action,
+        direction: Direction::Egress.into(),
+        scope: q.scope.into(),
+        action: q.action.into(),
         limits: q.limits.iter().map(ToString::to_string).collect(),
         keys: uses
             .into_iter()

@@ -552,9 +552,9 @@ impl Quotas {
     ) -> Result<QuotaUsage, StoreError> {
         let mut out = QuotaUsage {
             name: q.name().to_owned(),
-            direction: q.cfg.direction,
-            scope: q.cfg.scope,
-            action: q.cfg.action,
+            direction: q.cfg.direction.into(),
+            scope: q.cfg.scope.into(),
+            action: q.cfg.action.into(),
             limits: q.cfg.limits.iter().map(ToString::to_string).collect(),
             keys: Vec::new(),
         };
