@@ -84,6 +84,9 @@ pub struct RelayConfig {
     /// Which senders each AUTH user and relay network may use (absent: any).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sender_binding: Option<SenderBindingConfig>,
+    /// DKIM signing: keys from `keys_dir`, and what happens to mail without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<DkimConfig>,
 }
 
 /// Binds AUTH users and `relay_networks` clients to the senders they may use.
@@ -127,6 +130,7 @@ impl Default for RelayConfig {
             shutdown_settle: Duration::ZERO,
             add_missing_headers: true,
             quotas: Vec::new(),
+            dkim: None,
         }
     }
 }
@@ -1601,4 +1605,36 @@ mod tests {
             assert!(e.contains(field), "{yaml}: {e}");
         }
     }
+}
+
+// The `dkim:` section as the operator renders it (`keys_dir` holds `keys.yaml` and
+// the PEM files; re-read on change). The relay's signer owns the full definition;
+// these names are the agreed ones.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimConfig {
+    /// Mail whose `From:` domain has no key: `allow` (sent unsigned) or `reject`.
+    #[serde(default)]
+    pub unsigned_policy: UnsignedPolicy,
+    /// Per-domain exceptions to `unsigned_policy` (`*.bank.example`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unsigned_overrides: Vec<UnsignedOverride>,
+    /// Directory with `keys.yaml` and the PEM files it names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnsignedPolicy {
+    #[default]
+    Allow,
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnsignedOverride {
+    pub domain: String,
+    pub policy: UnsignedPolicy,
 }

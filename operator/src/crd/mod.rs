@@ -9,6 +9,7 @@
 
 mod mailrelay;
 mod sendquota;
+mod senderdomain;
 
 use std::collections::BTreeMap;
 
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::mailrelay::*;
 pub use self::sendquota::*;
+pub use self::senderdomain::*;
 
 /// API group of both resources.
 pub const GROUP: &str = "mailrelay.io";
@@ -71,6 +73,14 @@ pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
                 SendQuota::crd(),
                 "size(self.metadata.name) <= 63",
                 "the name is the relay's quota name: at most 63 characters",
+            ),
+        ),
+        (
+            "mailrelay.io_senderdomains.yaml",
+            with_root_rule(
+                SenderDomain::crd(),
+                "size(self.metadata.name) <= 180",
+                "the name is part of the key Secrets' names (dkim-NAME-SELECTOR): at most 180 characters",
             ),
         ),
     ]
