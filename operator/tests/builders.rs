@@ -917,6 +917,7 @@ fn pod_settings_reach_the_pod_template() {
             "config",
             "tmp",
             "admin-token",
+            "dkim",
             "ca-bundle",
             "scratch",
             "extra-certs"
@@ -935,6 +936,7 @@ fn pod_settings_reach_the_pod_template() {
             ("config", "/etc/mailrelay"),
             ("tmp", "/tmp"),
             ("admin-token", "/var/run/mailrelay/admin-token"),
+            ("dkim", "/var/run/mailrelay/dkim"),
             ("ca-bundle", "/var/run/mailrelay/ca"),
             ("scratch", "/var/lib/scratch"),
             ("extra-certs", "/etc/extra-certs"),

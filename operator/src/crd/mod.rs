@@ -8,8 +8,8 @@
 //! config, so a CRD installed without validation cannot crash it either.
 
 mod mailrelay;
-mod sendquota;
 mod senderdomain;
+mod sendquota;
 
 use std::collections::BTreeMap;
 
@@ -19,8 +19,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::mailrelay::*;
-pub use self::sendquota::*;
 pub use self::senderdomain::*;
+pub use self::sendquota::*;
 
 /// API group of both resources.
 pub const GROUP: &str = "mailrelay.io";

@@ -14,7 +14,8 @@ use serde::{Deserialize, Serialize};
 use super::SecretRef;
 
 /// A DNS name of at least two labels (letters, digits, `-`; no trailing dot).
-pub const DOMAIN_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
+pub const DOMAIN_PATTERN: &str =
+    r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\.)+[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$";
 /// A DKIM selector: one lower-case DNS label.
 pub const SELECTOR_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 /// Longest selector in the spec: a rotation appends `-YYYYMMDD` (and `-N` on a
@@ -37,7 +38,11 @@ pub const ROTATE_ANNOTATION: &str = "mailrelay.io/rotate-dkim";
     derive = "PartialEq",
     doc = "A sending domain: DKIM keys (generated or from Secrets) the selected MailRelays sign its mail with, the DNS records to publish, and whether live DNS shows them.",
     printcolumn(name = "Domain", type_ = "string", json_path = ".spec.domain"),
-    printcolumn(name = "Selectors", type_ = "string", json_path = ".status.selectorList"),
+    printcolumn(
+        name = "Selectors",
+        type_ = "string",
+        json_path = ".status.selectorList"
+    ),
     printcolumn(
         name = "Ready",
         type_ = "string",

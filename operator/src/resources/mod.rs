@@ -4,6 +4,7 @@
 
 pub mod autoscaling;
 pub mod config;
+pub mod dkim;
 pub mod network;
 
 use std::collections::BTreeMap;
@@ -325,7 +326,15 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 }
 
 /// Volume names the operator gives its own volumes.
-const RESERVED_VOLUMES: [&str; 6] = ["config", "tmp", "tls", "auth", "ca-bundle", "admin-token"];
+const RESERVED_VOLUMES: [&str; 7] = [
+    "config",
+    "tmp",
+    "tls",
+    "auth",
+    "ca-bundle",
+    "admin-token",
+    dkim::VOLUME,
+];
 
 /// The backstop of the schema's rules on `env`, `volumes` and `volumeMounts`.
 fn check_pod_extras(spec: &crate::crd::MailRelaySpec) -> Result<(), SpecError> {
@@ -345,7 +354,7 @@ fn check_pod_extras(spec: &crate::crd::MailRelaySpec) -> Result<(), SpecError> {
         if RESERVED_VOLUMES.contains(&v.name.as_str()) {
             return Err(err(
                 format!("spec.volumes[{i}].name"),
-                "config, tmp, tls, auth, ca-bundle and admin-token are the operator's volume names",
+                "config, tmp, tls, auth, ca-bundle, admin-token and dkim are the operator's volume names",
             ));
         }
     }
@@ -511,6 +520,9 @@ fn deployment(
         read_only: Some(true),
         ..VolumeMount::default()
     });
+
+    // SenderDomain keys: the bundle Secret, refreshed in place by the kubelet.
+    dkim::add_volume(name, &mut volumes, &mut mounts);
 
     if let Some(ca) = spec.delivery.as_ref().and_then(|d| d.ca_bundle.as_ref()) {
         // Only the one key, under a fixed name: the config's `ca_file` points at it.
