@@ -109,6 +109,7 @@ async fn create_applies_every_object_and_reports_status() {
     assert_eq!(
         patched,
         [
+            "/api/v1/namespaces/mail/secrets/relay-dkim",
             "/api/v1/namespaces/mail/configmaps/relay-config",
             "/api/v1/namespaces/mail/serviceaccounts/relay",
             "/apis/networking.k8s.io/v1/namespaces/mail/networkpolicies/relay",

@@ -221,7 +221,7 @@ pub struct SenderDomainStatus {
     /// The value of the `mailrelay.io/rotate-dkim` annotation last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotated_for: Option<String>,
-    /// When DNS was last looked at.
+    /// When a DNS check last changed the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_dns_check: Option<Time>,
 }

@@ -412,7 +412,7 @@ pub fn conditions(
     now: &Time,
 ) -> (Vec<Condition>, String) {
     let keys_ready = match problems.first() {
-        Some((reason, message)) => condition(
+        Some((reason, _)) => condition(
             old,
             KEYS_READY,
             false,
@@ -421,8 +421,7 @@ pub fn conditions(
                 .iter()
                 .map(|(_, m)| m.as_str())
                 .collect::<Vec<_>>()
-                .join("; ")
-                .if_empty(message),
+                .join("; "),
             generation,
             now,
         ),
@@ -613,18 +612,4 @@ pub fn conditions(
         vec![ready, keys_ready, dns_cond, spf_cond, dmarc_cond],
         column,
     )
-}
-
-trait IfEmpty {
-    fn if_empty(self, other: &str) -> String;
-}
-
-impl IfEmpty for String {
-    fn if_empty(self, other: &str) -> String {
-        if self.is_empty() {
-            other.to_owned()
-        } else {
-            self
-        }
-    }
 }

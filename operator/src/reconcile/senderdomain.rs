@@ -330,12 +330,30 @@ async fn reconcile_inner(sd: &SenderDomain, ctx: &Context) -> Result<Action, Err
         keys: keys_status,
         relays: relay_names,
         rotated_for: entries.rotated_for,
-        last_dns_check: policy
-            .dns_enabled
-            .then(|| now_t.clone())
-            .or(old.last_dns_check.clone()),
+        last_dns_check: old.last_dns_check.clone(),
     };
-    for n in &notes {
+    // Only with another change: a status written on every look would wake the
+    // controller's own watch and look again at once, forever.
+    let mut new = new;
+    if policy.dns_enabled && new != old {
+        new.last_dns_check = Some(now_t.clone());
+    }
+    // One Event per reason: the recorder folds repeats of a reason into a
+    // series, which would drop the later notes.
+    let mut merged: Vec<Note> = Vec::new();
+    for n in notes {
+        match merged
+            .iter_mut()
+            .find(|m| m.reason == n.reason && m.warning == n.warning)
+        {
+            Some(m) => {
+                m.message.push_str("; ");
+                m.message.push_str(&n.message);
+            }
+            None => merged.push(n),
+        }
+    }
+    for n in &merged {
         if n.warning {
             tracing::warn!(sender_domain = %name, namespace = %ns, reason = n.reason, message = %n.message, "dkim");
         } else {
