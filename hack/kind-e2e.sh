@@ -131,6 +131,31 @@ kubectl mailrelay -n "$NS" status outbound
 kubectl mailrelay -n "$NS" queue outbound
 kubectl mailrelay -n "$NS" quota
 
+step "SenderDomain: a generated key reaches the relay pods without a restart"
+# Only a cluster proves the kubelet's refresh of the mounted bundle Secret.
+# No public DNS here: DNS checks off, so the key signs at once.
+pods_before=$(kubectl -n "$NS" get pods -l app.kubernetes.io/instance=outbound -o name | sort)
+kubectl -n "$NS" apply -f - <<'YAML'
+apiVersion: mailrelay.io/v1alpha1
+kind: SenderDomain
+metadata: {name: e2e}
+spec:
+  domain: e2e.test
+  dnsCheck: {enabled: false}
+  keys: [{selector: e2e, algorithm: ed25519-sha256}]
+YAML
+kubectl -n "$NS" wait senderdomain/e2e --for=condition=KeysReady --timeout=2m
+kubectl -n "$NS" get senderdomains
+pod=$(kubectl -n "$NS" get pods -l app.kubernetes.io/instance=outbound -o name | head -1)
+for _ in $(seq 1 60); do
+  kubectl -n "$NS" exec "$pod" -- cat /var/run/mailrelay/dkim/keys.yaml 2>/dev/null | grep -q 'selector: e2e' && break
+  sleep 3
+done
+kubectl -n "$NS" exec "$pod" -- cat /var/run/mailrelay/dkim/keys.yaml | grep -q 'selector: e2e' ||
+  fail "the key never reached the mounted bundle"
+[ "$(kubectl -n "$NS" get pods -l app.kubernetes.io/instance=outbound -o name | sort)" = "$pods_before" ] ||
+  fail "a key change restarted relay pods"
+
 step "helm upgrade"
 helm upgrade mailrelay charts/mailrelay-operator -n "$NS" --reuse-values --set relay.replicas=3 --wait --timeout 5m
 kubectl -n "$NS" wait mailrelay/outbound --for=condition=Ready --timeout=5m

@@ -388,6 +388,7 @@ def expect_defaults(case):
             f"ServiceAccount/{FULLNAME}",
             "CustomResourceDefinition/mailrelays.mailrelay.io",
             "CustomResourceDefinition/sendquotas.mailrelay.io",
+            "CustomResourceDefinition/senderdomains.mailrelay.io",
         ]
     ), case.kinds()
     expect_crds(case, keep=True)
@@ -547,11 +548,22 @@ def expect_aggregated_roles(case):
 
     read = {"get", "list", "watch"}
     assert granted(view) == {
-        (res, v) for res in ("mailrelays", "sendquotas", "mailrelays/status", "sendquotas/status") for v in read
+        (res, v)
+        for res in (
+            "mailrelays",
+            "sendquotas",
+            "senderdomains",
+            "mailrelays/status",
+            "sendquotas/status",
+            "senderdomains/status",
+        )
+        for v in read
     }, granted(view)
     write = {"create", "update", "patch", "delete", "deletecollection"}
     # Tenants write the spec; the status is the operator's alone.
-    assert granted(edit) == {(res, v) for res in ("mailrelays", "sendquotas") for v in write}, granted(edit)
+    assert granted(edit) == {
+        (res, v) for res in ("mailrelays", "sendquotas", "senderdomains") for v in write
+    }, granted(edit)
 
 
 def expect_no_aggregated_roles(case):
@@ -695,7 +707,11 @@ def expect_crds(case, keep):
     labels and, unless crds.keep=false, the keep policy."""
     rendered = {o["metadata"]["name"]: o for o in case.objects if o["kind"] == "CustomResourceDefinition"}
     want = generated_crds()
-    assert sorted(rendered) == sorted(want) == ["mailrelays.mailrelay.io", "sendquotas.mailrelay.io"], rendered.keys()
+    assert sorted(rendered) == sorted(want) == [
+        "mailrelays.mailrelay.io",
+        "senderdomains.mailrelay.io",
+        "sendquotas.mailrelay.io",
+    ], rendered.keys()
     for name, crd in rendered.items():
         assert crd["apiVersion"] == want[name]["apiVersion"], crd["apiVersion"]
         assert crd["spec"] == want[name]["spec"], f"{name}: the rendered spec differs from crds/{name}"

@@ -15,6 +15,7 @@
 pub mod admin_token;
 pub mod claims;
 pub mod crd;
+pub mod dkim;
 pub mod leader;
 pub mod quota_api;
 pub mod reconcile;

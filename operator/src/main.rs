@@ -28,7 +28,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the MailRelay and SendQuota controllers.
+    /// Run the MailRelay, SendQuota and SenderDomain controllers.
     Run(Box<RunArgs>),
     /// Write the CustomResourceDefinitions as YAML files.
     Crdgen {
@@ -113,6 +113,10 @@ struct RunArgs {
     /// Lease there): one another install claims is left alone.
     #[arg(long, env = "MAILRELAY_WATCH_NAMESPACES", value_delimiter = ',', value_parser = parse_namespace)]
     watch_namespaces: Vec<String>,
+    /// Nameservers (`ip:port`, comma-separated) for the DNS checks of
+    /// SenderDomains; none: the pod's /etc/resolv.conf (the cluster DNS).
+    #[arg(long, env = "MAILRELAY_OPERATOR_DNS_SERVERS", value_delimiter = ',')]
+    dns_servers: Vec<SocketAddr>,
 }
 
 fn parse_namespace(s: &str) -> Result<String, String> {
@@ -226,6 +230,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         },
         allowed_service_types: args.allowed_service_types,
         watch_namespaces: args.watch_namespaces,
+        dns_servers: args.dns_servers,
         // One identity per install, shared by its replicas: its leader Lease.
         claims: Some(ClaimSettings::new(&format!(
             "{}/{}",

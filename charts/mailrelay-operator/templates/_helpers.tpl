@@ -69,13 +69,13 @@ app.kubernetes.io/component: queue-store
 operator/tests/it/rbac.rs against recorded requests). As a ClusterRole, or as a Role
 in each of watchNamespaces. */}}
 {{- define "mailrelay-operator.operatorRules" -}}
-# The controllers list and watch MailRelays and SendQuotas (and list them again
-# in reconciles); status is written by server-side apply.
+# The controllers list and watch MailRelays, SendQuotas and SenderDomains (and
+# list them again in reconciles); status is written by server-side apply.
 - apiGroups: ["mailrelay.io"]
-  resources: ["mailrelays", "sendquotas"]
+  resources: ["mailrelays", "sendquotas", "senderdomains"]
   verbs: ["list", "watch"]
 - apiGroups: ["mailrelay.io"]
-  resources: ["mailrelays/status", "sendquotas/status"]
+  resources: ["mailrelays/status", "sendquotas/status", "senderdomains/status"]
   verbs: ["patch"]
 # Objects a relay is made of, server-side applied (an apply that creates is
 # authorized as create too), each read first (get) so that one the relay does
@@ -110,13 +110,15 @@ in each of watchNamespaces. */}}
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
-# The one Secret it writes: each MailRelay's NAME-admin-token, created when
-# missing and rotated or trimmed after a rotation's grace period (update, with
-# resourceVersion). Names vary per MailRelay, so resourceNames cannot narrow it;
-# no patch or delete (the garbage collector removes it with its MailRelay).
+# The Secrets it writes (names vary per object, so resourceNames cannot narrow
+# them): each MailRelay's NAME-admin-token, created when missing and rotated or
+# trimmed after a rotation's grace period (update, with resourceVersion); the
+# DKIM keys it generates for SenderDomains (create; update when the spec asks
+# for another kind of key; delete when a rotated key retires, only its own);
+# each MailRelay's NAME-dkim key bundle (server-side apply: patch).
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["create", "update"]
+  verbs: ["create", "update", "patch", "delete"]
 # Events on MailRelays and SendQuotas (a repeated one is patched as a series).
 - apiGroups: ["events.k8s.io"]
   resources: ["events"]

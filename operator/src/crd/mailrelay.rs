@@ -218,16 +218,16 @@ pub struct MailRelaySpec {
     #[schemars(length(max = 16))]
     pub env_from: Vec<EnvFromSource>,
     /// Extra volumes of the relay pods, of the types Pod Security `restricted`
-    /// allows. The names `config`, `tmp`, `tls`, `auth`, `ca-bundle` and
-    /// `admin-token` are the operator's.
+    /// allows. The names `config`, `tmp`, `tls`, `auth`, `ca-bundle`,
+    /// `admin-token` and `dkim` are the operator's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     #[schemars(extend(
         "x-kubernetes-list-type" = "map",
         "x-kubernetes-list-map-keys" = ["name"],
         "x-kubernetes-validations" = [{
-            "rule": "self.all(v, !(v.name in ['config', 'tmp', 'tls', 'auth', 'ca-bundle', 'admin-token']))",
-            "message": "the volume names config, tmp, tls, auth, ca-bundle and admin-token are the operator's"
+            "rule": "self.all(v, !(v.name in ['config', 'tmp', 'tls', 'auth', 'ca-bundle', 'admin-token', 'dkim']))",
+            "message": "the volume names config, tmp, tls, auth, ca-bundle, admin-token and dkim are the operator's"
         }, {
             "rule": "self.all(v, [has(v.configMap), has(v.secret), has(v.emptyDir), has(v.projected), has(v.downwardAPI), has(v.persistentVolumeClaim), has(v.csi)].filter(x, x).size() == 1)",
             "message": "each volume has exactly one source: configMap, secret, emptyDir, projected, downwardAPI, persistentVolumeClaim or csi"
@@ -256,6 +256,40 @@ pub struct MailRelaySpec {
     /// refused with `550 5.7.1` naming the rule. Absent: any sender, as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sender_binding: Option<SenderBindingSpec>,
+    /// DKIM: what happens to mail whose `From:` domain no SenderDomain signs for.
+    /// The keys come from the SenderDomains selecting this relay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dkim: Option<RelayDkimSpec>,
+}
+
+/// `spec.dkim` of a MailRelay.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RelayDkimSpec {
+    /// Mail whose `From:` domain has no key: `allow` (sent unsigned, the
+    /// default) or `reject` (`550 5.7.x`), so only aligned mail leaves.
+    #[serde(default)]
+    pub unsigned_policy: UnsignedPolicy,
+    /// Exceptions per `From:` domain (`example.com`, `*.bank.example`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub unsigned_overrides: Vec<UnsignedOverrideSpec>,
+}
+
+/// The relay config's own enum: one definition for the CRD and the config file.
+pub use mailrelay::config::dkim::UnsignedPolicy;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct UnsignedOverrideSpec {
+    /// A domain, or `*.domain` for its subdomains.
+    #[schemars(
+        length(min = 3, max = 255),
+        regex(
+            pattern = r"^(\*\.)?([a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?\.)+[a-zA-Z0-9]([-a-zA-Z0-9]{0,61}[a-zA-Z0-9])?$"
+        )
+    )]
+    pub domain: String,
+    pub policy: UnsignedPolicy,
 }
 
 /// The relay's NetworkPolicy: SMTP from the peers listed here; the admin port

@@ -8,6 +8,7 @@
 //! config, so a CRD installed without validation cannot crash it either.
 
 mod mailrelay;
+mod senderdomain;
 mod sendquota;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use self::mailrelay::*;
+pub use self::senderdomain::*;
 pub use self::sendquota::*;
 
 /// API group of both resources.
@@ -71,6 +73,14 @@ pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
                 SendQuota::crd(),
                 "size(self.metadata.name) <= 63",
                 "the name is the relay's quota name: at most 63 characters",
+            ),
+        ),
+        (
+            "mailrelay.io_senderdomains.yaml",
+            with_root_rule(
+                SenderDomain::crd(),
+                "size(self.metadata.name) <= 180",
+                "the name is part of the key Secrets' names (dkim-NAME-SELECTOR): at most 180 characters",
             ),
         ),
     ]

@@ -1,4 +1,5 @@
-//! The controllers: MailRelay (objects, status) and SendQuota (usage status).
+//! The controllers: MailRelay (objects, status), SendQuota (usage status) and
+//! SenderDomain (DKIM keys, DNS checks).
 //!
 //! Each `reconcile` is idempotent: it reads what it needs, applies the desired
 //! objects with server-side apply under the field manager [`MANAGER`], computes the
@@ -16,6 +17,7 @@ pub mod ownership;
 pub mod quota;
 pub mod relay;
 pub mod secrets;
+pub mod senderdomain;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,7 +36,7 @@ use mailrelay::queue::{Queue, RedisQueue};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::claims::{Claim, ClaimSettings, Claims};
-use crate::crd::{MailRelay, SendQuota};
+use crate::crd::{MailRelay, SendQuota, SenderDomain};
 use crate::quota_api::AdminClient;
 use crate::telemetry::Metrics;
 
@@ -91,6 +93,33 @@ pub struct Settings {
     /// Namespace claims against overlapping installs ([`crate::claims`]); `None`:
     /// none (the binary always claims; tests of one install need not).
     pub claims: Option<ClaimSettings>,
+    /// Nameservers for SenderDomain DNS checks; empty: `/etc/resolv.conf` (the
+    /// cluster's resolver).
+    pub dns_servers: Vec<std::net::SocketAddr>,
+    /// The time SenderDomain key rotation goes by (tests move it).
+    pub clock: Clock,
+}
+
+/// A source of the current time.
+#[derive(Clone)]
+pub struct Clock(pub Arc<dyn Fn() -> k8s_openapi::jiff::Timestamp + Send + Sync>);
+
+impl Clock {
+    pub fn now(&self) -> k8s_openapi::jiff::Timestamp {
+        (self.0)()
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock(Arc::new(k8s_openapi::jiff::Timestamp::now))
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Clock")
+    }
 }
 
 impl Default for Settings {
@@ -105,6 +134,8 @@ impl Default for Settings {
             allowed_service_types: vec![crate::crd::ServiceType::ClusterIP],
             watch_namespaces: Vec::new(),
             claims: None,
+            dns_servers: Vec::new(),
+            clock: Clock::default(),
         }
     }
 }
@@ -263,6 +294,33 @@ pub fn relays_for_secret(
         .collect()
 }
 
+/// The relays to reconcile when a SenderDomain changes (its keys or selector):
+/// every relay in its namespace.
+pub fn relays_for_sender_domain(
+    relays: &[Arc<MailRelay>],
+    sd: &SenderDomain,
+) -> Vec<ObjectRef<MailRelay>> {
+    let ns = sd.namespace();
+    relays
+        .iter()
+        .filter(|r| r.namespace() == ns)
+        .map(|r| ObjectRef::from_obj(r.as_ref()))
+        .collect()
+}
+
+/// The SenderDomains to reconcile when a relay changes (status lists relays).
+pub fn sender_domains_for_relay(
+    domains: &[Arc<SenderDomain>],
+    relay: &MailRelay,
+) -> Vec<ObjectRef<SenderDomain>> {
+    let ns = relay.namespace();
+    domains
+        .iter()
+        .filter(|d| d.namespace() == ns)
+        .map(|d| ObjectRef::from_obj(d.as_ref()))
+        .collect()
+}
+
 /// The SendQuotas to reconcile when a relay changes (its labels decide which
 /// quotas select it): every quota in its namespace.
 pub fn quotas_for_relay(quotas: &[Arc<SendQuota>], relay: &MailRelay) -> Vec<ObjectRef<SendQuota>> {
@@ -364,7 +422,7 @@ pub async fn run(
     }
 }
 
-/// The MailRelay and SendQuota controllers over `ns` (`None`: every namespace).
+/// The MailRelay, SendQuota and SenderDomain controllers over `ns` (`None`: every namespace).
 async fn controllers<F, S>(ctx: Arc<Context>, ns: Option<&str>, stop: S)
 where
     S: Fn() -> F,
@@ -378,6 +436,7 @@ where
     let relay_store = relays.store();
     let by_quota = relay_store.clone();
     let by_secret = relay_store.clone();
+    let by_domain = relay_store.clone();
     let relays = relays
         .owns(scoped::<Deployment>(&client, ns), owned.clone())
         .owns(scoped::<ConfigMap>(&client, ns), owned.clone())
@@ -393,6 +452,11 @@ where
             scoped::<PartialObjectMeta<Secret>>(&client, ns),
             watcher::Config::default(),
             move |s| relays_for_secret(&by_secret.state(), s.namespace().as_deref(), &s.name_any()),
+        )
+        .watches(
+            scoped::<SenderDomain>(&client, ns),
+            watcher::Config::default(),
+            move |sd| relays_for_sender_domain(&by_domain.state(), &sd),
         )
         .graceful_shutdown_on(stop())
         .run(relay::reconcile, error_policy::<MailRelay>, ctx.clone())
@@ -411,14 +475,33 @@ where
             move |r| quotas_for_relay(&quota_store.state(), &r),
         )
         .graceful_shutdown_on(stop())
-        .run(quota::reconcile, error_policy::<SendQuota>, ctx)
+        .run(quota::reconcile, error_policy::<SendQuota>, ctx.clone())
         .for_each(|r| async move {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "sendquota controller");
             }
         });
 
-    tokio::join!(relays, quotas);
+    let domains = Controller::new(
+        scoped::<SenderDomain>(&client, ns),
+        watcher::Config::default(),
+    );
+    let domain_store = domains.store();
+    let domains = domains
+        .watches(
+            scoped::<MailRelay>(&client, ns),
+            watcher::Config::default(),
+            move |r| sender_domains_for_relay(&domain_store.state(), &r),
+        )
+        .graceful_shutdown_on(stop())
+        .run(senderdomain::reconcile, error_policy::<SenderDomain>, ctx)
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "senderdomain controller");
+            }
+        });
+
+    tokio::join!(relays, quotas, domains);
 }
 
 #[cfg(test)]

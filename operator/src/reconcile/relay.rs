@@ -25,7 +25,7 @@ use super::ownership::{self, Target};
 use super::secrets;
 use super::{Context, Error, MANAGER, object_key};
 use crate::admin_token;
-use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota};
+use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota, SenderDomain};
 use crate::resources::autoscaling::{self, Autoscaler};
 use crate::resources::config::{SpecError, check_redis, quota_config, quota_reach, selects};
 use crate::resources::network;
@@ -366,7 +366,14 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                     client,
                     &ns,
                     relay.meta().uid.as_deref(),
-                    &targets(&objs, network.as_ref().ok().and_then(Option::as_ref)),
+                    &[
+                        targets(&objs, network.as_ref().ok().and_then(Option::as_ref)),
+                        vec![Target::named(
+                            ApiResource::erase::<Secret>(&()),
+                            crate::dkim::bundle_secret_name(&name),
+                        )],
+                    ]
+                    .concat(),
                 )
                 .await?
                 {
@@ -382,6 +389,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                         // Before the pods: they mount it, and the relay refuses to
                         // start without its token file.
                         let recheck = ensure_admin_token(ctx, &ns, relay).await?;
+                        ensure_dkim_bundle(ctx, &ns, relay).await?;
                         apply(client, &ns, &objs.config_map).await?;
                         apply(client, &ns, &objs.service_account).await?;
                         apply_network_policy(client, &ns, relay, network.ok().flatten()).await?;
@@ -491,6 +499,30 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     }
     patch_status_if_changed(ctx, relay, &ns, new).await?;
     Ok(action)
+}
+
+/// Writes the relay's DKIM bundle Secret (`NAME-dkim`): `keys.yaml` and the PEM
+/// file of every signing key of every SenderDomain selecting the relay. Only
+/// this Secret changes with the keys (the pods mount it as a directory), so a
+/// key change restarts nothing.
+async fn ensure_dkim_bundle(ctx: &Context, ns: &str, relay: &MailRelay) -> Result<(), Error> {
+    let mut domains = Api::<SenderDomain>::namespaced(ctx.client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items;
+    domains.sort_by_key(|d| d.name_any());
+    let secrets = Api::<Secret>::namespaced(ctx.client.clone(), ns);
+    let mut cache = BTreeMap::new();
+    let mut keys = Vec::new();
+    for d in domains.iter().filter(|d| {
+        d.meta().deletion_timestamp.is_none()
+            && crate::resources::config::relay_selected(d.spec.relay_selector.as_ref(), relay)
+    }) {
+        keys.extend(super::senderdomain::signing_keys(&secrets, d, &mut cache).await?);
+    }
+    let secret = crate::resources::dkim::bundle_secret(relay, crate::dkim::bundle(&keys));
+    apply(&ctx.client, ns, &secret).await?;
+    Ok(())
 }
 
 /// Creates the relay's admin token Secret when it is missing, rotates it when the

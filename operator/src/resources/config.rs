@@ -312,6 +312,7 @@ pub fn relay_config(
     if let Some(b) = &spec.sender_binding {
         cfg.sender_binding = Some(sender_binding(b, &cfg.relay_networks)?);
     }
+    cfg.dkim = Some(super::dkim::relay_dkim(spec)?);
     cfg.validate().map_err(|e| match e {
         mailrelay::config::ConfigError::Invalid { field, message } => {
             spec_err(relay_field(&field), message)
@@ -597,7 +598,15 @@ fn camel_path(path: &str) -> String {
 
 /// Whether a SendQuota's `relaySelector` selects `relay` (same namespace assumed).
 pub fn selects(sq: &SendQuota, relay: &MailRelay) -> bool {
-    let Some(sel) = &sq.spec.relay_selector else {
+    relay_selected(sq.spec.relay_selector.as_ref(), relay)
+}
+
+/// Whether a `relaySelector` (none: every relay) selects `relay`.
+pub fn relay_selected(
+    sel: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector>,
+    relay: &MailRelay,
+) -> bool {
+    let Some(sel) = sel else {
         return true;
     };
     let labels = relay.labels();

@@ -4,7 +4,8 @@
 
 pub mod autoscaling;
 pub mod config;
-mod deployment;
+pub mod deployment;
+pub mod dkim;
 pub mod network;
 
 use std::collections::BTreeMap;

@@ -940,6 +940,7 @@ fn pod_settings_reach_the_pod_template() {
             "config",
             "tmp",
             "admin-token",
+            "dkim",
             "ca-bundle",
             "scratch",
             "extra-certs"
@@ -958,6 +959,7 @@ fn pod_settings_reach_the_pod_template() {
             ("config", "/etc/mailrelay"),
             ("tmp", "/tmp"),
             ("admin-token", "/var/run/mailrelay/admin-token"),
+            ("dkim", "/var/run/mailrelay/dkim"),
             ("ca-bundle", "/var/run/mailrelay/ca"),
             ("scratch", "/var/lib/scratch"),
             ("extra-certs", "/etc/extra-certs"),

@@ -132,7 +132,7 @@ fn checked_in_crds_are_the_generated_ones() {
 
 #[test]
 fn every_cel_rule_compiles() {
-    for kind in ["MailRelay", "SendQuota"] {
+    for kind in ["MailRelay", "SendQuota", "SenderDomain"] {
         fn walk(c: &kube::core::cel::CompiledSchema, at: &str, errs: &mut Vec<String>) {
             for e in c.compilation_errors() {
                 errs.push(format!("{at}: {e:?}"));
@@ -194,6 +194,12 @@ fn examples_pass_the_schemas_and_parse_as_the_operator_reads_them() {
         match d["kind"].as_str().unwrap() {
             "MailRelay" => {
                 serde_json::from_value::<mailrelay_operator::crd::MailRelay>(d.clone())
+                    .unwrap_or_else(|e| panic!("{file}: {e}"));
+            }
+            "SenderDomain" => {
+                let d: mailrelay_operator::crd::SenderDomain =
+                    serde_json::from_value(d.clone()).unwrap_or_else(|e| panic!("{file}: {e}"));
+                mailrelay_operator::reconcile::senderdomain::check_spec(&d.spec)
                     .unwrap_or_else(|e| panic!("{file}: {e}"));
             }
             _ => {
@@ -858,6 +864,96 @@ fn pod_service_and_shutdown_settings_are_checked() {
         assert!(
             errs.iter().any(|e| e.contains(expect)),
             "{} was not refused with {expect:?}: {errs:#?}",
+            obj["spec"]
+        );
+    }
+}
+
+fn sender_domain(spec: Value) -> Value {
+    json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "SenderDomain",
+           "metadata": {"name": "example", "namespace": "mail"}, "spec": spec})
+}
+
+/// SenderDomain (issue 17): the domain a DNS name, selectors DNS labels and
+/// unique, the algorithm one of two, RSA keys of 1024 bits or more.
+#[test]
+fn sender_domains_are_checked_naming_the_field() {
+    let good = sender_domain(json!({"domain": "example.com", "keys": [
+        {"selector": "s2026a", "rsaBits": 2048},
+        {"selector": "s2026e", "algorithm": "ed25519-sha256"},
+        {"selector": "own", "secretRef": {"name": "my-key"}}],
+        "rotation": {"every": "90d", "overlap": "7d"}, "dnsCheck": {"interval": "30m"}}));
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            sender_domain(json!({"domain": "not a domain", "keys": [{"selector": "s1"}]})),
+            "domain",
+        ),
+        (
+            sender_domain(json!({"domain": "example.com.", "keys": [{"selector": "s1"}]})),
+            "domain",
+        ),
+        (
+            sender_domain(json!({"domain": "example.com", "keys": [{"selector": "s_1"}]})),
+            "selector",
+        ),
+        (
+            sender_domain(json!({"domain": "example.com", "keys": [{"selector": "a.b"}]})),
+            "selector",
+        ),
+        (
+            sender_domain(
+                json!({"domain": "example.com", "keys": [{"selector": "s1", "algorithm": "dsa"}]}),
+            ),
+            "algorithm",
+        ),
+        (
+            sender_domain(
+                json!({"domain": "example.com", "keys": [{"selector": "s1", "rsaBits": 512}]}),
+            ),
+            "rsaBits",
+        ),
+        (
+            sender_domain(json!({"domain": "example.com", "keys": [
+                {"selector": "s1", "algorithm": "ed25519-sha256", "rsaBits": 2048}]})),
+            "rsaBits applies to rsa-sha256 keys only",
+        ),
+        (
+            sender_domain(json!({"domain": "example.com", "keys": [
+                {"selector": "s1"}, {"selector": "s1", "algorithm": "ed25519-sha256"}]})),
+            "selectors must be unique",
+        ),
+        (
+            sender_domain(json!({"domain": "example.com", "keys": []})),
+            "keys",
+        ),
+        (
+            sender_domain(
+                json!({"domain": "example.com", "keys": [{"selector": "s1"}],
+                                 "rotation": {"every": "soon"}}),
+            ),
+            "every",
+        ),
+    ];
+    let mut objs: Vec<Value> = cases.iter().map(|(o, _)| o.clone()).collect();
+    objs.push(good.clone());
+    let all = errors(&objs);
+    assert!(all.last().unwrap().is_empty(), "{:#?}", all.last());
+    for ((obj, expect), errs) in cases.iter().zip(&all) {
+        assert!(
+            errs.iter().any(|e| e.contains(expect)),
+            "{} was not refused with {expect:?}: {errs:#?}",
+            obj["spec"]
+        );
+    }
+    // The operator's own check agrees (a CRD installed without its rules).
+    for (obj, _) in &cases[..8] {
+        let d: mailrelay_operator::crd::SenderDomain = match serde_json::from_value(obj.clone()) {
+            Ok(d) => d,
+            Err(_) => continue, // an unknown algorithm does not even parse
+        };
+        assert!(
+            mailrelay_operator::reconcile::senderdomain::check_spec(&d.spec).is_err(),
+            "{}",
             obj["spec"]
         );
     }

@@ -25,5 +25,6 @@ mod quickstart;
 mod rbac;
 mod reconcile;
 mod scope;
+mod senderdomain;
 mod status;
 mod telemetry;

@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mailrelay_operator::claims::ClaimSettings;
-use mailrelay_operator::crd::{MailRelay, SendQuota};
+use mailrelay_operator::crd::{MailRelay, SendQuota, SenderDomain};
 use mailrelay_operator::leader::{ElectorConfig, LeaderElector};
-use mailrelay_operator::reconcile::{self, Context, Settings, quota, relay};
+use mailrelay_operator::reconcile::{self, Context, Settings, quota, relay, senderdomain};
 use mailrelay_operator::telemetry::Metrics;
 use serde_json::{Value, json};
 use support::fake_api::{FakeApi, Recorded};
@@ -45,6 +45,10 @@ fn operator_settings(watch: &[&str]) -> Settings {
 
 fn relay_path(ns: &str, name: &str) -> String {
     format!("/apis/mailrelay.io/v1alpha1/namespaces/{ns}/mailrelays/{name}")
+}
+
+fn domain_path(ns: &str, name: &str) -> String {
+    format!("/apis/mailrelay.io/v1alpha1/namespaces/{ns}/senderdomains/{name}")
 }
 
 fn quota_path(ns: &str, name: &str) -> String {
@@ -120,6 +124,15 @@ async fn scenario(settings: Settings, namespaces: &[&str]) -> Vec<Recorded> {
             &quota_path(ns, "broken"),
             quota_obj(ns, "broken", &["lots"]),
         );
+        // A generated DKIM key (Secret created), signing at once (no DNS check).
+        api.put(
+            &domain_path(ns, "example"),
+            json!({"apiVersion": "mailrelay.io/v1alpha1", "kind": "SenderDomain",
+                   "metadata": {"name": "example", "namespace": ns},
+                   "spec": {"domain": "example.com", "dnsCheck": {"enabled": false},
+                            "rotation": {"overlap": "0s"},
+                            "keys": [{"selector": "s1", "algorithm": "ed25519-sha256"}]}}),
+        );
     }
 
     // The controllers: startup lists and watches, then every reconcile.
@@ -137,6 +150,11 @@ async fn scenario(settings: Settings, namespaces: &[&str]) -> Vec<Recorded> {
                 && ["payments", "broken"]
                     .iter()
                     .all(|n| api.get(&quota_path(ns, n)).unwrap().get("status").is_some())
+                && api
+                    .get(&domain_path(ns, "example"))
+                    .unwrap()
+                    .get("status")
+                    .is_some()
         })
     };
     while !done(&api) {
@@ -183,6 +201,18 @@ async fn scenario(settings: Settings, namespaces: &[&str]) -> Vec<Recorded> {
         edit_spec(&api, &path, |s| {
             s["networkPolicy"] = json!({"enabled": false});
         });
+        relay::reconcile(stored::<MailRelay>(&api, &path), ctx.clone())
+            .await
+            .unwrap();
+        // A DKIM rotation: a new key generated, the old one retired at once
+        // (overlap 0s): its Secret deleted.
+        let sd = domain_path(ns, "example");
+        let mut d = api.get(&sd).unwrap();
+        d["metadata"]["annotations"] = json!({mailrelay_operator::crd::ROTATE_ANNOTATION: "1"});
+        api.put(&sd, d);
+        senderdomain::reconcile(stored::<SenderDomain>(&api, &sd), ctx.clone())
+            .await
+            .unwrap();
         relay::reconcile(stored::<MailRelay>(&api, &path), ctx.clone())
             .await
             .unwrap();

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 /// What to do with a message whose `From:` domain has no key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 pub enum UnsignedPolicy {
     /// Send it unsigned.
     #[default]

@@ -18,12 +18,13 @@ type VolumeBuilder = fn(relay: &str, spec: &MailRelaySpec) -> Option<(Volume, Vo
 /// The operator's volumes, in pod order. A new one is a builder below plus its line
 /// here; its name is then refused in `spec.volumes` (and the CRD's rule on
 /// `spec.volumes` must list it: a test checks).
-pub(super) const OPERATOR_VOLUMES: [(&str, VolumeBuilder); 6] = [
+pub(super) const OPERATOR_VOLUMES: [(&str, VolumeBuilder); 7] = [
     ("config", config),
     ("tmp", tmp),
     ("tls", tls),
     ("auth", auth),
     ("admin-token", admin_token),
+    (crate::resources::dkim::VOLUME, dkim_keys),
     ("ca-bundle", ca_bundle),
 ];
 
@@ -122,6 +123,11 @@ fn admin_token(relay: &str, _: &MailRelaySpec) -> Option<(Volume, VolumeMount)> 
         ..Volume::default()
     };
     Some((volume, read_only_at(crate::admin_token::DIR)))
+}
+
+/// The DKIM key bundle the operator keeps per relay (its SenderDomains' keys).
+fn dkim_keys(relay: &str, _: &MailRelaySpec) -> Option<(Volume, VolumeMount)> {
+    Some(crate::resources::dkim::volume(relay))
 }
 
 /// The CA bundle of `spec.delivery.caBundle`: only the one key, under a fixed name

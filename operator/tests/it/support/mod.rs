@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod dns;
 pub mod fake_api;
 pub mod rbac;
 pub mod redis;
