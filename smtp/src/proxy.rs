@@ -246,6 +246,44 @@ fn parse_v2(buf: &[u8]) -> Result<Step, ProxyError> {
     Ok(Step::Done(header, total))
 }
 
+/// Sample PROXY v2 headers for tests here and in the relay's reader (not part of
+/// the protocol API).
+#[doc(hidden)]
+pub mod samples {
+    use std::net::Ipv6Addr;
+
+    use super::V2_SIGNATURE;
+
+    /// A v2 header: `command` (0 LOCAL, 1 PROXY), `family` byte, address block.
+    pub fn v2(command: u8, family: u8, block: &[u8]) -> Vec<u8> {
+        let mut v = V2_SIGNATURE.to_vec();
+        v.push(0x20 | command);
+        v.push(family);
+        v.extend_from_slice(&(block.len() as u16).to_be_bytes());
+        v.extend_from_slice(block);
+        v
+    }
+
+    /// 192.0.2.10:40000 → 198.51.100.1:25.
+    pub fn v4_block() -> Vec<u8> {
+        let mut b = vec![192, 0, 2, 10, 198, 51, 100, 1];
+        b.extend_from_slice(&40000u16.to_be_bytes());
+        b.extend_from_slice(&25u16.to_be_bytes());
+        b
+    }
+
+    /// [2001:db8::1]:65535 → [2001:db8::2]:587.
+    pub fn v6_block() -> Vec<u8> {
+        let src: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let dst: Ipv6Addr = "2001:db8::2".parse().unwrap();
+        let mut b = src.octets().to_vec();
+        b.extend_from_slice(&dst.octets());
+        b.extend_from_slice(&65535u16.to_be_bytes());
+        b.extend_from_slice(&587u16.to_be_bytes());
+        b
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,31 +299,7 @@ mod tests {
             .unwrap_or_else(|| panic!("{:?}: incomplete", String::from_utf8_lossy(buf)))
     }
 
-    fn v2(command: u8, family: u8, block: &[u8]) -> Vec<u8> {
-        let mut v = V2_SIGNATURE.to_vec();
-        v.push(0x20 | command);
-        v.push(family);
-        v.extend_from_slice(&(block.len() as u16).to_be_bytes());
-        v.extend_from_slice(block);
-        v
-    }
-
-    fn v4_block() -> Vec<u8> {
-        let mut b = vec![192, 0, 2, 10, 198, 51, 100, 1];
-        b.extend_from_slice(&40000u16.to_be_bytes());
-        b.extend_from_slice(&25u16.to_be_bytes());
-        b
-    }
-
-    fn v6_block() -> Vec<u8> {
-        let src: Ipv6Addr = "2001:db8::1".parse().unwrap();
-        let dst: Ipv6Addr = "2001:db8::2".parse().unwrap();
-        let mut b = src.octets().to_vec();
-        b.extend_from_slice(&dst.octets());
-        b.extend_from_slice(&65535u16.to_be_bytes());
-        b.extend_from_slice(&587u16.to_be_bytes());
-        b
-    }
+    use super::samples::{v2, v4_block, v6_block};
 
     #[test]
     fn v1_tcp4_tcp6_unknown() {

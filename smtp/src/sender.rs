@@ -191,9 +191,9 @@ impl SenderPolicy {
 
 /// Case-folded glob match: `*` is any run of characters (also none), `?` exactly
 /// one. On a mismatch after a `*`, that star swallows one more character: only the
-/// last star needs remembering, so there is no exponential backtracking. (The same
-/// semantics as the quota globs, which this crate may not import.)
-fn glob_match(p: &[char], t: &[char]) -> bool {
+/// last star needs remembering, so there is no exponential backtracking. The
+/// relay's config globs (quota `match` patterns) match with this one too.
+pub fn glob_match(p: &[char], t: &[char]) -> bool {
     let (mut pi, mut ti) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
     while ti < t.len() {

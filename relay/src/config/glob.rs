@@ -2,6 +2,9 @@
 //! (exactly one character), as used by quota `match` patterns (senders and AUTH
 //! users for ingress, destination domains and MX hosts for egress).
 
+// One matcher for every glob of the relay: the protocol crate's (sender binding).
+use mailrelay_smtp::sender::glob_match;
+
 /// A compiled pattern: lower-cased once, matched many times.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Glob {
@@ -81,35 +84,6 @@ fn glob_match_bytes(p: &[u8], t: &[u8]) -> bool {
         }
     }
     p[pi..].iter().all(|c| *c == b'*')
-}
-
-/// The classic linear-time matcher: on a mismatch after a `*`, let that star
-/// swallow one more character and try again. Only the last star needs
-/// remembering, so there is no exponential backtracking.
-fn glob_match(p: &[char], t: &[char]) -> bool {
-    let (mut pi, mut ti) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        match p.get(pi) {
-            Some('*') => {
-                star = Some((pi, ti));
-                pi += 1;
-            }
-            Some(c) if *c == '?' || *c == t[ti] => {
-                pi += 1;
-                ti += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    pi = sp + 1;
-                    ti = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
 }
 
 #[cfg(test)]

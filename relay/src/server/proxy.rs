@@ -63,41 +63,16 @@ async fn read_exactly_header<R: AsyncRead + Unpin>(r: &mut R) -> Result<ProxyHea
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv6Addr, SocketAddr};
+    use std::net::SocketAddr;
 
     use mailrelay_smtp::proxy::V2_SIGNATURE;
+    use mailrelay_smtp::proxy::samples::{v2, v4_block, v6_block};
     use tokio::io::AsyncWriteExt;
 
     use super::*;
 
     fn sa(s: &str) -> Option<SocketAddr> {
         Some(s.parse().unwrap())
-    }
-
-    fn v2(command: u8, family: u8, block: &[u8]) -> Vec<u8> {
-        let mut v = V2_SIGNATURE.to_vec();
-        v.push(0x20 | command);
-        v.push(family);
-        v.extend_from_slice(&(block.len() as u16).to_be_bytes());
-        v.extend_from_slice(block);
-        v
-    }
-
-    fn v4_block() -> Vec<u8> {
-        let mut b = vec![192, 0, 2, 10, 198, 51, 100, 1];
-        b.extend_from_slice(&40000u16.to_be_bytes());
-        b.extend_from_slice(&25u16.to_be_bytes());
-        b
-    }
-
-    fn v6_block() -> Vec<u8> {
-        let src: Ipv6Addr = "2001:db8::1".parse().unwrap();
-        let dst: Ipv6Addr = "2001:db8::2".parse().unwrap();
-        let mut b = src.octets().to_vec();
-        b.extend_from_slice(&dst.octets());
-        b.extend_from_slice(&65535u16.to_be_bytes());
-        b.extend_from_slice(&587u16.to_be_bytes());
-        b
     }
 
     #[tokio::test]
