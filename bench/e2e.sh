@@ -193,6 +193,7 @@ if [ "$BUILD" = 1 ]; then
 fi
 [ -x "$RELAY_BIN" ] || die "no relay binary at $RELAY_BIN (BUILD=1 builds it)"
 GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# shellcheck disable=SC2015  # `|| true`: grep -c exits 1 on a count of 0
 GIT_DIRTY=$(cd "$REPO" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -c . || true)
 
 # ---------------------------------------------------------------- relay delivery settings
@@ -470,6 +471,7 @@ run_drain() {         # run_drain BACKEND
       cfg=$(relay_config "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML")
       spids=""; [ "$backend" = embedded ] || spids=$REDIS_PID
       rm -f "$BG_PID_FILE"
+      # shellcheck disable=SC2016  # $0..$2 are the inner shell's arguments
       t=$(timer "$DRAIN_TIMEOUT" "$n" "$spids" 0 0 --background --pid-file "$BG_PID_FILE" -- \
             bash -c 'exec "$0" serve --config "$1" >>"$2" 2>&1' "$RELAY_BIN" "$cfg" "$WORK/relay.log")
       RELAY_PID=$(cat "$BG_PID_FILE"); rm -f "$BG_PID_FILE"

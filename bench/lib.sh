@@ -1,3 +1,6 @@
+# shellcheck shell=bash
+# The PIDs set here are read by the sourcing script, and RELAY_BIN is set by it:
+# shellcheck disable=SC2034,SC2153
 # bench/lib.sh — shared parts of the benchmarks (sourced by ingress.sh and e2e.sh).
 #
 # The caller sets, before sourcing: WORK, SMTP_PORT, ADMIN_PORT, PF_PORT, SINK_PORT,
@@ -121,6 +124,7 @@ redis_reset() {       # empty Redis and its AOF outside the timed window
   die "redis AOF rewrite did not finish"
 }
 
+# shellcheck disable=SC2120  # the options are optional
 start_sink() {         # start_sink [smtp-sink options...]: e.g. -d TEMPLATE keeps each message
   smtp-sink -c "$@" -u nobody -h sink.bench.test "127.0.0.1:$SINK_PORT" 1024 >> "$WORK/sink.out" 2>> "$WORK/sink.err" &
   SINK_PID=$!
