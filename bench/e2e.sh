@@ -22,6 +22,20 @@
 #                    [127.0.0.1]:smtp-sink, default_destination_concurrency_limit
 #                    = 50, connection cache on demand, queue fsync, ...), as a
 #                    private instance (`postfix -c $WORK/postfix/etc`)
+#    DKIM signing (the messages' From: is $SENDER, in $DKIM_DOMAIN; keys made per run
+#    with openssl genpkey in $WORK/dkim):
+#      dkim-ed25519  mailrelay, embedded queue, signing with an Ed25519 key
+#      dkim-rsa      the same with an RSA-2048 key
+#      dkim-both     the same with both keys (two signatures per message)
+#      postfix-dkim  Postfix as above + Debian's OpenDKIM as its milter (smtpd_milters,
+#                    milter_default_action = tempfail), signing with the same RSA-2048 key
+#      postfix-dkim-ed25519  the same with the Ed25519 key
+#    Before the reps of every backend one message goes through it into a smtp-sink that
+#    keeps it (-d): its DKIM-Signature a= tags must be the expected ones (none for the
+#    unsigned embedded/postfix) and each signature must verify (dkimpy, keys from
+#    $WORK/dkim); otherwise the backend's reps are skipped as invalid. mailrelay's
+#    mailrelay_dkim_signatures_total{algorithm} must also be N per algorithm every rep.
+#    CPU of opendkim (whole process, /proc/PID/stat) counts as server CPU.
 #    mailrelay delivers to the same smtp-sink. ROUTE=smarthost (default): through
 #    `delivery.smarthost` = 127.0.0.1:SINK_PORT, tls disabled — what Postfix's
 #    bracketed relayhost does (no DNS). ROUTE=mx: by MX lookup of example.net at a
@@ -56,6 +70,9 @@
 # Run (as root, Debian 12):                  bash bench/e2e.sh
 #   quick correctness pass (~3 min):         QUICK=1 bash bench/e2e.sh
 #   a subset:                                BACKENDS="embedded postfix" SCENARIOS="1024:20" DRAIN=0 bash bench/e2e.sh
+#   the DKIM comparison:                     DKIM=1 bash bench/e2e.sh
+#     (= SCENARIOS=1024:20 REPS=2 DRAIN=0 BACKENDS="embedded dkim-ed25519 dkim-rsa dkim-both
+#        postfix postfix-dkim postfix-dkim-ed25519", unless set)
 # Knobs (environment), defaults in brackets:
 #   N [10000]  REPS [3]  SCENARIOS ["1024:20 1024:100 10240:20"] (SIZE:SESSIONS)
 #   BACKENDS ["direct embedded redis redis-always postfix"]
@@ -69,13 +86,15 @@
 #   QUIET_BUSY [25] QUIET_WAIT [30] (wait for a quiet second before each rep)
 #   WORK [/var/tmp/mailrelay-e2e]
 #   SMTP_PORT [13525] ADMIN_PORT [19425] PF_PORT [13535] SINK_PORT [13536]
-#   REDIS_PORT [16479] DNS_PORT [13553]
+#   REDIS_PORT [16479] DNS_PORT [13553] MILTER_PORT [13537]
+#   SENDER [sender@bench.example with a DKIM backend, else sender@example.com]
 #   QUICK=1 -> N=1000 REPS=1 DRAIN_N=5000 COOLDOWN=1 (unless set explicitly)
 #
-# Side effects: none outside $WORK. Refuses to run if a port is busy. Starts
-# mailrelay, redis-server, smtp-sink, dnsmasq (ROUTE=mx) and its private Postfix
-# and stops each of them by PID (`postfix -c DIR stop`) on exit, also on error,
-# Ctrl-C or SIGTERM.
+# Side effects: none outside $WORK, but OpenDKIM's configuration and key copy in
+# $OPENDKIM_DIR (lib.sh; removed when opendkim stops). Refuses to run if a port is busy.
+# Starts mailrelay, redis-server, smtp-sink, dnsmasq (ROUTE=mx), its private Postfix
+# and opendkim, and stops each of them by PID (`postfix -c DIR stop`) on exit, also on
+# error, Ctrl-C or SIGTERM.
 set -Eeuo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -83,6 +102,10 @@ REPO=$(cd "$BENCH_DIR/.." && pwd)
 
 if [ "${QUICK:-0}" = 1 ]; then
   N=${N:-1000}; REPS=${REPS:-1}; DRAIN_N=${DRAIN_N:-5000}; COOLDOWN=${COOLDOWN:-1}
+fi
+if [ "${DKIM:-0}" = 1 ]; then
+  SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-2}; DRAIN=${DRAIN:-0}
+  BACKENDS=${BACKENDS:-"embedded dkim-ed25519 dkim-rsa dkim-both postfix postfix-dkim postfix-dkim-ed25519"}
 fi
 N=${N:-10000}
 REPS=${REPS:-3}
@@ -114,18 +137,22 @@ PF_PORT=${PF_PORT:-13535}
 SINK_PORT=${SINK_PORT:-13536}
 REDIS_PORT=${REDIS_PORT:-16479}
 DNS_PORT=${DNS_PORT:-13553}
+MILTER_PORT=${MILTER_PORT:-13537}
+DKIM_DOMAIN=bench.example
+case " $BACKENDS " in *" dkim-"*|*" postfix-dkim"*) ANY_DKIM=1 ;; *) ANY_DKIM=0 ;; esac
+if [ "$ANY_DKIM" = 1 ]; then SENDER=${SENDER:-sender@$DKIM_DOMAIN}; else SENDER=${SENDER:-sender@example.com}; fi
 PFDIR=$WORK/postfix                 # private Postfix instance: etc/, spool/, data/, maillog
 PFC=$PFDIR/etc
 MAILLOG=$PFDIR/maillog
 MASTER_PID_FILE=$PFDIR/spool/pid/master.pid
-SRC_ID=(-M bench.local -f sender@example.com -t rcpt@example.net)
+SRC_ID=(-M bench.local -f "$SENDER" -t rcpt@example.net)
 ADMIN_URL="http://127.0.0.1:$ADMIN_PORT"
 BG_PID_FILE=$WORK/relay-bg.pid      # a relay started by timer.py --background
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 has() { [[ " $1 " == *" $2 "* ]]; }   # has LIST WORD
-any_pf() { has "$BACKENDS" postfix || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" postfix; }; }
+any_pf() { has "$BACKENDS" postfix || has "$BACKENDS" postfix-dkim || has "$BACKENDS" postfix-dkim-ed25519 || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" postfix; }; }
 any_redis() { has "$BACKENDS" redis || has "$BACKENDS" redis-always || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" redis; }; }
 BENCH_NAME=e2e.sh
 # shellcheck source=bench/lib.sh
@@ -137,23 +164,27 @@ DNS_PID=""
 
 # ---------------------------------------------------------------- tools + preflight
 install_tools python3:python3 curl:curl postconf:postfix smtp-source:postfix redis-server:redis-server \
-  "$([ "$ROUTE" = mx ] && echo dnsmasq:dnsmasq-base || echo true:coreutils)"
+  "$([ "$ROUTE" = mx ] && echo dnsmasq:dnsmasq-base || echo true:coreutils)" \
+  "$([ "$ANY_DKIM" = 1 ] && echo openssl:openssl || echo true:coreutils)" \
+  "$(case " $BACKENDS " in *" postfix-dkim"*) echo opendkim:opendkim opendkim-testkey:opendkim-tools ;; *) echo true:coreutils ;; esac)"
 for b in /usr/sbin/smtp-source /usr/sbin/smtp-sink; do [ -x "$b" ] || die "missing $b (Debian package postfix)"; done
 case $ROUTE in smarthost|mx) ;; *) die "ROUTE must be smarthost or mx";; esac
 if any_pf; then
   master_alive && die "a Postfix of a previous run is still running (pid $(tr -d ' ' < "$MASTER_PID_FILE")): postfix -c $PFC stop"
 fi
-for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT"; do
+for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT" "$MILTER_PORT"; do
   port_busy "$p" && die "port $p is already in use (set *_PORT to free ones)"
 done
 for sc in $SCENARIOS; do [[ $sc =~ ^[0-9]+:[0-9]+$ ]] || die "bad scenario '$sc' (want SIZE:SESSIONS)"; done
-for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix) ;; *) die "unknown backend $b";; esac; done
+for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519) ;; *) die "unknown backend $b";; esac; done
 for b in $DRAIN_BACKENDS; do case $b in embedded|redis|redis-always|postfix) ;; *) die "unknown drain backend $b";; esac; done
 ulimit -n 65536 2>/dev/null || true
 
 mkdir -p "$WORK"
-rm -rf "$WORK"/queue-* "$WORK"/redis "$WORK"/*.log "$WORK"/runs.jsonl "$WORK"/report.md "$WORK"/sink.* "$BG_PID_FILE"
+rm -rf "$WORK"/queue-* "$WORK"/redis "$WORK"/*.log "$WORK"/runs.jsonl "$WORK"/report.md "$WORK"/sink.* "$BG_PID_FILE" \
+  "$WORK"/samples.jsonl "$WORK"/sample-* "$WORK"/dkim "$WORK"/opendkim-*.conf
 : > "$WORK/runs.jsonl"
+[ "$ANY_DKIM" = 1 ] && dkim_keys "$WORK/dkim"
 
 # ---------------------------------------------------------------- build
 if [ "$BUILD" = 1 ]; then
@@ -162,6 +193,7 @@ if [ "$BUILD" = 1 ]; then
 fi
 [ -x "$RELAY_BIN" ] || die "no relay binary at $RELAY_BIN (BUILD=1 builds it)"
 GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# shellcheck disable=SC2015  # `|| true`: grep -c exits 1 on a count of 0
 GIT_DIRTY=$(cd "$REPO" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -c . || true)
 
 # ---------------------------------------------------------------- relay delivery settings
@@ -203,6 +235,7 @@ cleanup() {
   stop_postfix
   stop_pid "$SINK_PID"; SINK_PID=""
   stop_pid "$DNS_PID"; DNS_PID=""
+  stop_opendkim
   return $rc
 }
 trap cleanup EXIT
@@ -277,12 +310,12 @@ prepare_backend() {   # prepare_backend BACKEND QDIR: fresh queue; sets spids no
   local backend=$1 qdir=$2
   rm -rf "$qdir"
   note="route=$ROUTE"
-  if [ "$backend" != embedded ]; then
+  if [ "$(queue_kind "$backend")" != embedded ]; then
     redis_reset
     note="$note appendfsync=$(rcli CONFIG GET appendfsync | tail -1)"
   fi
 }
-queue_kind() { [ "$1" = embedded ] && echo embedded || echo redis; }
+queue_kind() { case $1 in embedded|dkim-*) echo embedded ;; *) echo redis ;; esac; }
 # late_sessions JSON -> JSON with sink_sessions recounted now: Postfix keeps delivery
 # connections cached for up to 2 s after the last message, so they end after the rep.
 late_sessions() {
@@ -295,6 +328,82 @@ print(json.dumps(t))
 PY
 }
 
+# ---------------------------------------------------------------- DKIM
+dkim_yaml() {         # dkim_yaml BACKEND: the relay's `dkim:` section ("" = unsigned)
+  local sel=""
+  case $1 in
+    dkim-ed25519) sel="        - { selector: ed25519, algorithm: ed25519-sha256, key_file: $WORK/dkim/ed25519.pem }" ;;
+    dkim-rsa) sel="        - { selector: rsa, algorithm: rsa-sha256, key_file: $WORK/dkim/rsa.pem }" ;;
+    dkim-both) sel="        - { selector: rsa, algorithm: rsa-sha256, key_file: $WORK/dkim/rsa.pem }
+        - { selector: ed25519, algorithm: ed25519-sha256, key_file: $WORK/dkim/ed25519.pem }" ;;
+    *) return 0 ;;
+  esac
+  printf 'dkim:\n  canonicalization: relaxed/relaxed\n  domains:\n    - domain: %s\n      selectors:\n%s\n' "$DKIM_DOMAIN" "$sel"
+}
+dkim_want() {         # dkim_want BACKEND: the a= tags its mail must carry, sorted
+  case $1 in
+    dkim-ed25519|postfix-dkim-ed25519) echo ed25519-sha256 ;;
+    dkim-rsa|postfix-dkim) echo rsa-sha256 ;;
+    dkim-both) echo "ed25519-sha256 rsa-sha256" ;;
+    *) echo none ;;
+  esac
+}
+backend_begin() {     # backend_begin BACKEND: what the backend needs running for all its reps
+  case $1 in
+    postfix-dkim) start_opendkim rsa-sha256 "$WORK/dkim/rsa.pem" rsa "$DKIM_DOMAIN" "$MILTER_PORT"; pf_milter "$MILTER_PORT" ;;
+    postfix-dkim-ed25519) start_opendkim ed25519-sha256 "$WORK/dkim/ed25519.pem" ed25519 "$DKIM_DOMAIN" "$MILTER_PORT"; pf_milter "$MILTER_PORT" ;;
+  esac
+}
+backend_end() {
+  case $1 in postfix-dkim*) pf_milter off; stop_opendkim ;; esac
+}
+# sample_check BACKEND: one message through BACKEND into a smtp-sink that keeps it;
+# its signatures must be the expected ones and verify. Returns 1 (and counts an
+# invalid run) if not, so the caller skips the backend's reps: an unsigned message
+# must not pass for a signed one.
+sample_check() {
+  local backend=$1 want got="" f="" port dir="$WORK/sample-$1" qdir="$WORK/queue-sample"
+  [ "$ANY_DKIM" = 1 ] || return 0
+  case $backend in embedded|postfix|dkim-*|postfix-dkim*) ;; *) return 0 ;; esac
+  want=$(dkim_want "$backend")
+  rm -rf "$dir"; mkdir -p "$dir"; chmod 777 "$dir"      # smtp-sink writes as nobody
+  # a fresh count in sink.out for each sink, so that the timer's start count is right
+  stop_pid "$SINK_PID"; SINK_PID=""; : > "$WORK/sink.out"
+  start_sink -d "$dir/m."
+  case $backend in
+    postfix*) pf_ensure_running; port=$PF_PORT ;;
+    *) rm -rf "$qdir"; start_relay embedded "$qdir" "$DELIVERY_YAML" "$(dkim_yaml "$backend")"; port=$SMTP_PORT ;;
+  esac
+  smtp-source -m 1 -l 1024 "${SRC_ID[@]}" "127.0.0.1:$port" >>"$WORK/sample.log" 2>&1 || log "  !! smtp-source of the sample failed"
+  for _ in $(seq 1 300); do
+    f=$(find "$dir" -type f | head -1); [ -n "$f" ] && break; sleep 0.1
+  done
+  sleep 0.3                                             # the dump is written once the message is in
+  # Postfix caches its delivery connection for 2 s: let it close before this sink goes,
+  # or the next delivery over it fails and is deferred for minutes
+  case $backend in postfix*) pf_wait_empty; sleep 3 ;; *) stop_relay; rm -rf "$qdir" ;; esac
+  stop_pid "$SINK_PID"; SINK_PID=""; : > "$WORK/sink.out"
+  start_sink
+  if [ -n "$f" ]; then got=$(dkim_tags "$f" "$WORK/dkim"); else got="no message at the sink"; fi
+  python3 -c 'import json,sys; print(json.dumps(dict(backend=sys.argv[1], want=sys.argv[2], got=sys.argv[3], file=sys.argv[4])))' \
+    "$backend" "$want" "$got" "$f" >> "$WORK/samples.jsonl"
+  if [ "$got" = "$want" ]; then
+    log "sample $backend: DKIM-Signature a= $got (as expected; signatures verified)"
+    return 0
+  fi
+  log "  !! sample $backend: want a= '$want', got '$got' ($f): its reps are skipped"
+  INVALID=$((INVALID + 1))
+  return 1
+}
+dkim_counts() {       # dkim_counts BACKEND N -> "" or what is wrong with the relay's signature counter
+  local alg v
+  for alg in $(dkim_want "$1"); do
+    [ "$alg" = none ] && continue
+    v=$(metric "mailrelay_dkim_signatures_total{algorithm=\"$alg\"}")
+    [ "${v:-x}" = "$2" ] || printf '; %s signatures=%s != %s' "$alg" "${v:-?}" "$2"
+  done
+}
+
 # ---------------------------------------------------------------- end-to-end rep
 run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
   local backend=$1 size=$2 sess=$3 n=$4 rep=$5 t verdict note="" acc left qdir spids
@@ -305,15 +414,16 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       t=$(timer "$RUN_TIMEOUT" "$n" "" "" 0 -- $(source_cmd "$sess" "$n" "$size" "$SINK_PORT"))
       verdict=$(check_sink "$t" "$n")
       ;;
-    embedded|redis|redis-always)
+    embedded|redis|redis-always|dkim-*)
       qdir="$WORK/queue-e2e-$backend"
       prepare_backend "$backend" "$qdir"
-      start_relay "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML"
-      spids=$RELAY_PID; [ "$backend" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
+      start_relay "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML" "$(dkim_yaml "$backend")"
+      spids=$RELAY_PID; [ "$(queue_kind "$backend")" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
       # shellcheck disable=SC2046
       t=$(timer "$RUN_TIMEOUT" "$n" "$spids" "$RELAY_PID" 0 -- $(source_cmd "$sess" "$n" "$size" "$SMTP_PORT"))
       verdict=$(check_sink "$t" "$n")
       acc=$(metric mailrelay_smtp_messages_accepted_total)
+      verdict="$verdict$(dkim_counts "$backend" "$n")"
       left=$(relay_wait_empty)
       [ "${acc:-x}" = "$n" ] || verdict="$verdict; accepted_total=${acc:-?} != $n"
       [ "$left" = 0 ] || verdict="$verdict; queue still holds ${left} messages"
@@ -321,10 +431,11 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       stop_relay
       rm -rf "$qdir"
       ;;
-    postfix)
+    postfix|postfix-dkim*)
       pf_ensure_running; pf_wait_empty; sleep "$COOLDOWN"
       # shellcheck disable=SC2046
-      t=$(timer "$RUN_TIMEOUT" "$n" "" "" "$MASTER_PID" -- $(source_cmd "$sess" "$n" "$size" "$PF_PORT"))
+      t=$(timer "$RUN_TIMEOUT" "$n" "" "" "$MASTER_PID" --milter-pids "$OPENDKIM_PID" -- \
+            $(source_cmd "$sess" "$n" "$size" "$PF_PORT"))
       verdict=$(check_sink "$t" "$n")
       pf_wait_empty
       sleep 3; t=$(late_sessions "$t")      # smtp_connection_cache_time_limit = 2s
@@ -360,6 +471,7 @@ run_drain() {         # run_drain BACKEND
       cfg=$(relay_config "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML")
       spids=""; [ "$backend" = embedded ] || spids=$REDIS_PID
       rm -f "$BG_PID_FILE"
+      # shellcheck disable=SC2016  # $0..$2 are the inner shell's arguments
       t=$(timer "$DRAIN_TIMEOUT" "$n" "$spids" 0 0 --background --pid-file "$BG_PID_FILE" -- \
             bash -c 'exec "$0" serve --config "$1" >>"$2" 2>&1' "$RELAY_BIN" "$cfg" "$WORK/relay.log")
       RELAY_PID=$(cat "$BG_PID_FILE"); rm -f "$BG_PID_FILE"
@@ -400,7 +512,7 @@ log "machine: $(nproc) CPUs, $(uname -r); mailrelay $GIT_REV (+$GIT_DIRTY modifi
 log "N=$N REPS=$REPS SCENARIOS='$SCENARIOS' BACKENDS='$BACKENDS' DRAIN=$DRAIN DRAIN_N=$DRAIN_N DRAIN_BACKENDS='$DRAIN_BACKENDS' ROUTE=$ROUTE work=$WORK"
 FSYNC=$(fsync_probe)
 log "fsync probe ($WORK): $FSYNC"
-write_facts "$WORK/facts.json" "dict(N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
+write_facts "$WORK/facts.json" "dict(SENDER='$SENDER', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
 
 # ---------------------------------------------------------------- runs
 start_sink
@@ -426,7 +538,11 @@ for sc in $SCENARIOS; do
   size=${sc%%:*}; sess=${sc##*:}
   for backend in $BACKENDS; do
     set_appendfsync "$backend"
-    for rep in $(seq 1 "$REPS"); do run_e2e "$backend" "$size" "$sess" "$N" "$rep"; done
+    backend_begin "$backend"
+    if sample_check "$backend"; then
+      for rep in $(seq 1 "$REPS"); do run_e2e "$backend" "$size" "$sess" "$N" "$rep"; done
+    fi
+    backend_end "$backend"
   done
 done
 if [ "$DRAIN" = 1 ]; then

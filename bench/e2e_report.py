@@ -17,8 +17,13 @@ LABEL = {
     'redis': 'mailrelay, Redis AOF everysec',
     'redis-always': 'mailrelay, Redis AOF always',
     'postfix': 'Postfix (anchor settings)',
+    'dkim-ed25519': 'mailrelay, embedded, DKIM ed25519',
+    'dkim-rsa': 'mailrelay, embedded, DKIM rsa-2048',
+    'dkim-both': 'mailrelay, embedded, DKIM rsa-2048 + ed25519',
+    'postfix-dkim': 'Postfix + OpenDKIM rsa-2048',
+    'postfix-dkim-ed25519': 'Postfix + OpenDKIM ed25519',
 }
-RELAY = ('embedded', 'redis', 'redis-always')
+RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both')
 
 
 def size_name(b):
@@ -56,7 +61,7 @@ print(f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['mem']}, kernel 
 print(f"fsync probe (same filesystem as the queues: {facts['queue_fs_same_as_postfix_spool']}): {facts['fsync_probe']}.")
 print(f"Knobs: N={kn['N']}, REPS={kn['REPS']}, DRAIN_N={kn['DRAIN_N']} ({size_name(kn['DRAIN_SIZE'])}, "
       f"{kn['DRAIN_SESSIONS']} sessions), ROUTE={kn['ROUTE']}, QUICK={kn['QUICK']}; one message per SMTP session "
-      "into the relay: `smtp-source -s S -m N -l L -f sender@example.com -t rcpt@example.net -M bench.local`.")
+      f"into the relay: `smtp-source -s S -m N -l L -f {kn.get('SENDER', 'sender@example.com')} -t rcpt@example.net -M bench.local`.")
 print('mailrelay delivery section: `' + ' '.join(l.strip() for l in kn['delivery'].splitlines()) + '`.')
 print()
 
@@ -192,3 +197,69 @@ if enq:
         print(f"| {LABEL.get(b, b)} | {d['n']:,} | {'yes' if e['status'] == 'ok' else 'enqueue invalid'} | {er} | "
               f"{d['t_e2e']:.1f} | {fmt(rate)} | {ratio} | {per_conn} | {1000 * d['total_cpu'] / d['n']:.3f} | "
               f"{1000 * d['server_cpu'] / d['n']:.3f} | {d['busy_pct']:.0f} | {e['loadavg'].split()[0]} / {d['loadavg'].split()[0]} |")
+
+# ---------------------------------------------------------------- DKIM
+samples_path = os.path.join(work, 'samples.jsonl')
+samples = [json.loads(l) for l in open(samples_path) if l.strip()] if os.path.exists(samples_path) else []
+DK = ('embedded', 'dkim-ed25519', 'dkim-rsa', 'dkim-both', 'postfix', 'postfix-dkim', 'postfix-dkim-ed25519')
+if samples or any(b.startswith(('dkim-', 'postfix-dkim')) for b in backends):
+    print()
+    print('### 3. DKIM signing')
+    print()
+    print('Same mail (From: in the signed domain), same run. "sample" = the DKIM-Signature a= tags of one message')
+    print('sent through the backend before its reps and kept by smtp-sink, each signature verified with dkimpy')
+    print('against the run\'s keys (a backend whose sample is wrong is not measured). CPU ms/msg server = mailrelay,')
+    print('or Postfix\'s daemons + opendkim (whole process, /proc/PID/stat); milter = the opendkim part.')
+    print()
+    smp = {x['backend']: x for x in samples}
+    for k in scen:
+        print('| scenario | backend | sample a= | ok/runs | end-to-end msg/s median [min-max] | CPU ms/msg all | CPU ms/msg server | of which milter | load1 before each rep |')
+        print('|---|---|---|---|---|---|---|---|---|')
+        sm = {}
+        for b in DK:
+            rs = group(k, b)
+            x = smp.get(b)
+            sample = '—' if x is None else (x['got'] if x['got'] == x['want'] else f"WRONG: {x['got']} (want {x['want']})")
+            if not rs:
+                if x is not None:
+                    print(f"| {scen_name(k)} | {LABEL[b]} | {sample} | 0/0 | not measured | | | | |")
+                continue
+            g = ok(rs)
+            if not g:
+                print(f"| {scen_name(k)} | {LABEL[b]} | {sample} | 0/{len(rs)} | INVALID: {rs[0]['status']} | | | | {loads(rs)} |")
+                continue
+            xs = [e2e_rate(r) for r in g]
+            m = st.median(xs)
+            allms = st.median(1000 * r['total_cpu'] / r['n'] for r in g)
+            sv = st.median(server_ms(r) for r in g)
+            mil = st.median(1000 * r.get('milter_cpu', 0) / r['n'] for r in g)
+            sm[b] = (m, sv)
+            print(f"| {scen_name(k)} | {LABEL[b]} | {sample} | {len(g)}/{len(rs)} | {fmt(m)} [{fmt(min(xs))}-{fmt(max(xs))}] | "
+                  f"{allms:.3f} | {sv:.3f} | {'—' if not b.startswith('postfix-dkim') else f'{mil:.3f}'} | {loads(rs)} |")
+        print()
+        out = []
+        if 'dkim-rsa' in sm and 'postfix-dkim' in sm:
+            r = sm['dkim-rsa'][0] / sm['postfix-dkim'][0]
+            c = sm['postfix-dkim'][1] / sm['dkim-rsa'][1]
+            out.append(f"- mailrelay rsa-2048 vs Postfix+OpenDKIM rsa-2048: **{r:.2f}×** end-to-end msg/s "
+                       f"(target ≥ 3×: {'met' if r >= 3 else 'NOT met'}); Postfix+OpenDKIM uses {c:.2f}× the server CPU per message")
+        if 'dkim-ed25519' in sm and 'postfix-dkim-ed25519' in sm:
+            r = sm['dkim-ed25519'][0] / sm['postfix-dkim-ed25519'][0]
+            out.append(f"- mailrelay ed25519 vs Postfix+OpenDKIM ed25519: {r:.2f}× end-to-end msg/s")
+        if 'embedded' in sm:
+            u, uc = sm['embedded']
+            for b in ('dkim-ed25519', 'dkim-rsa', 'dkim-both'):
+                if b in sm:
+                    loss = 100 * (1 - sm[b][0] / u)
+                    cpu = 100 * (sm[b][1] / uc - 1)
+                    tgt = f" (target < 10%: {'met' if loss < 10 else 'NOT met'})" if b == 'dkim-ed25519' else ''
+                    out.append(f"- {LABEL[b]} vs unsigned mailrelay: throughput {-loss:+.1f}%{tgt}, "
+                               f"server CPU per message {cpu:+.1f}% ({sm[b][1] - uc:+.3f} ms/msg)")
+        if 'postfix' in sm:
+            u, uc = sm['postfix']
+            for b in ('postfix-dkim', 'postfix-dkim-ed25519'):
+                if b in sm:
+                    out.append(f"- {LABEL[b]} vs unsigned Postfix: throughput {100 * (sm[b][0] / u - 1):+.1f}%, "
+                               f"server CPU per message {100 * (sm[b][1] / uc - 1):+.1f}% ({sm[b][1] - uc:+.3f} ms/msg)")
+        for l in out:
+            print(l)

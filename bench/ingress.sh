@@ -165,6 +165,7 @@ if [ "$BUILD" = 1 ]; then
 fi
 [ -x "$RELAY_BIN" ] || die "no relay binary at $RELAY_BIN (BUILD=1 builds it)"
 GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+# shellcheck disable=SC2015  # `|| true`: grep -c exits 1 on a count of 0
 GIT_DIRTY=$(cd "$REPO" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -c . || true)
 
 # ---------------------------------------------------------------- lifecycle

@@ -1,3 +1,6 @@
+# shellcheck shell=bash
+# The PIDs set here are read by the sourcing script, and RELAY_BIN is set by it:
+# shellcheck disable=SC2034,SC2153
 # bench/lib.sh — shared parts of the benchmarks (sourced by ingress.sh and e2e.sh).
 #
 # The caller sets, before sourcing: WORK, SMTP_PORT, ADMIN_PORT, PF_PORT, SINK_PORT,
@@ -38,10 +41,11 @@ wait_port() {         # wait_port PORT WHAT
 }
 port_busy() { ss -Hltn "sport = :$1" | grep -q .; }
 
-# relay_config BACKEND(embedded|redis) QUEUE_DIR DELIVERY_YAML -> path of the written config.
-# DELIVERY_YAML is the body of the `delivery:` section, indented by two spaces.
+# relay_config BACKEND(embedded|redis) QUEUE_DIR DELIVERY_YAML [EXTRA_YAML] -> path of the
+# written config. DELIVERY_YAML is the body of the `delivery:` section, indented by two
+# spaces; EXTRA_YAML more top-level sections (e.g. `dkim:`), appended as they are.
 relay_config() {
-  local backend=$1 qdir=$2 delivery=$3 cfg="$WORK/relay-$1.yaml" queue
+  local backend=$1 qdir=$2 delivery=$3 extra=${4:-} cfg="$WORK/relay-$1.yaml" queue
   if [ "$backend" = embedded ]; then
     queue="  backend: embedded
   path: $qdir"
@@ -72,6 +76,7 @@ log:
   level: warn
 shutdown_grace: 5s
 EOF
+  [ -z "$extra" ] || printf '%s\n' "$extra" >> "$cfg"
   echo "$cfg"
 }
 relay_wait_ready() {  # relay_wait_ready PID
@@ -82,10 +87,10 @@ relay_wait_ready() {  # relay_wait_ready PID
   done
   die "mailrelay not ready: $(tail -5 "$WORK/relay.log")"
 }
-# start_relay BACKEND QUEUE_DIR [DELIVERY_YAML]: default delivery section = disabled
+# start_relay BACKEND QUEUE_DIR [DELIVERY_YAML [EXTRA_YAML]]: default delivery section = disabled
 start_relay() {
   local cfg
-  cfg=$(relay_config "$1" "$2" "${3:-  enabled: false}")
+  cfg=$(relay_config "$1" "$2" "${3:-  enabled: false}" "${4:-}")
   "$RELAY_BIN" serve --config "$cfg" >>"$WORK/relay.log" 2>&1 &
   RELAY_PID=$!
   relay_wait_ready "$RELAY_PID"
@@ -119,8 +124,9 @@ redis_reset() {       # empty Redis and its AOF outside the timed window
   die "redis AOF rewrite did not finish"
 }
 
-start_sink() {
-  smtp-sink -c -u nobody -h sink.bench.test "127.0.0.1:$SINK_PORT" 1024 >> "$WORK/sink.out" 2>> "$WORK/sink.err" &
+# shellcheck disable=SC2120  # the options are optional
+start_sink() {         # start_sink [smtp-sink options...]: e.g. -d TEMPLATE keeps each message
+  smtp-sink -c "$@" -u nobody -h sink.bench.test "127.0.0.1:$SINK_PORT" 1024 >> "$WORK/sink.out" 2>> "$WORK/sink.err" &
   SINK_PID=$!
   wait_port "$SINK_PORT" smtp-sink
 }
@@ -264,5 +270,100 @@ json.dump({
   'ulimit_n': sh('ulimit -n'), 'tcp_tw_reuse': sh('sysctl -n net.ipv4.tcp_tw_reuse'),
   'knobs': knobs,
 }, open(out, 'w'), indent=1)
+PY
+}
+
+# ---------------------------------------------------------------- DKIM (e2e.sh)
+# dkim_keys DIR: an RSA-2048 and an Ed25519 key (PKCS#8 PEM), made fresh per run, and
+# the TXT record of each (DIR/rsa.txt, DIR/ed25519.txt) for dkim_tags' verification
+dkim_keys() {
+  mkdir -p "$1"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$1/rsa.pem" 2>/dev/null
+  openssl genpkey -algorithm ED25519 -out "$1/ed25519.pem" 2>/dev/null
+  chmod 600 "$1/rsa.pem" "$1/ed25519.pem"
+  printf 'v=DKIM1; k=rsa; p=%s\n' "$(openssl pkey -in "$1/rsa.pem" -pubout -outform DER | base64 -w0)" > "$1/rsa.txt"
+  # Ed25519: p= is the raw 32-octet key, the tail of the DER SubjectPublicKeyInfo
+  printf 'v=DKIM1; k=ed25519; p=%s\n' "$(openssl pkey -in "$1/ed25519.pem" -pubout -outform DER | tail -c 32 | base64 -w0)" > "$1/ed25519.txt"
+}
+# OpenDKIM as a private milter in the foreground (no syslogd here, so its log goes
+# nowhere: a signing failure shows at the sample check). Started per backend, stopped by PID.
+# opendkim refuses a configuration or key file in a directory others may write to
+# (/var/tmp, where $WORK usually is), so both go to OPENDKIM_DIR (root only, removed
+# by stop_opendkim).
+OPENDKIM_PID=""
+OPENDKIM_DIR=${OPENDKIM_DIR:-/run/mailrelay-bench-opendkim}
+# start_opendkim ALGORITHM(rsa-sha256|ed25519-sha256) KEY_FILE SELECTOR DOMAIN PORT
+start_opendkim() {
+  local cfg="$OPENDKIM_DIR/opendkim-$1.conf" key="$OPENDKIM_DIR/$3.pem"
+  rm -rf "$OPENDKIM_DIR"; mkdir -m 700 "$OPENDKIM_DIR"
+  install -m 600 "$2" "$key"
+  cat > "$cfg" <<EOF
+# written by bench/$BENCH_NAME: sign mail from 127.0.0.1 whose From: is in $4
+Syslog no
+Mode s
+Domain $4
+Selector $3
+KeyFile $key
+SignatureAlgorithm $1
+Canonicalization relaxed/relaxed
+InternalHosts 127.0.0.1
+Socket inet:$5@127.0.0.1
+UMask 007
+EOF
+  opendkim -f -x "$cfg" >>"$WORK/opendkim.log" 2>&1 &
+  OPENDKIM_PID=$!
+  for _ in $(seq 1 100); do port_busy "$5" && return 0; kill -0 "$OPENDKIM_PID" 2>/dev/null || break; sleep 0.1; done
+  die "opendkim did not listen on $5: $(tail -5 "$WORK/opendkim.log")"
+}
+stop_opendkim() {
+  stop_pid "$OPENDKIM_PID"; OPENDKIM_PID=""
+  [ -n "$OPENDKIM_DIR" ] && rm -rf "$OPENDKIM_DIR"
+}
+# pf_milter PORT|off: Postfix's smtpd hands every message to the milter; if the milter
+# fails, the message is refused with a 4xx (tempfail), never passed on unsigned.
+pf_milter() {
+  if [ "$1" = off ]; then postconf -c "$PFC" -X smtpd_milters milter_default_action
+  else postconf -c "$PFC" -e "smtpd_milters = inet:127.0.0.1:$1" 'milter_default_action = tempfail'; fi
+  postfix -c "$PFC" reload >/dev/null 2>&1 || log "  !! postfix reload failed"
+  sleep 2
+}
+# dkim_tags FILE [KEYDIR]: the a= tag of every DKIM-Signature in a message smtp-sink -d
+# dumped, sorted, space separated ("none" if there is none); with KEYDIR (dkim_keys'
+# rsa.txt / ed25519.txt: selector S is looked up in KEYDIR/S.txt) each signature is verified
+# with dkimpy, and one that does not verify prints as "TAG:FAIL".
+dkim_tags() {
+  python3 - "$1" "${2:-}" <<'PY'
+import os, re, sys
+raw = open(sys.argv[1], 'rb').read().replace(b'\r\n', b'\n')
+keydir = sys.argv[2]
+# smtp-sink's dump starts with its own X-Client-*/X-*-Args/Received lines: header
+# fields no signature covers, so they do not disturb the verification.
+head = raw.split(b'\n\n', 1)[0].decode('latin-1')
+fields = re.split(r'\n(?=\S)', head)
+sigs = [f for f in fields if f.lower().startswith('dkim-signature:')]
+if not sigs:
+    print('none')
+    sys.exit(0)
+out = []
+for i, f in enumerate(sigs):
+    m = re.search(r'(?:^|;)\s*a\s*=\s*([\w-]+)', re.sub(r'\s+', ' ', f.split(':', 1)[1]))
+    tag = m.group(1) if m else '?'
+    if keydir:
+        try:
+            import dkim
+        except ImportError:
+            dkim = None    # no dkimpy: the tag check alone
+        if dkim is not None:
+            def dns(name, timeout=5):
+                sel = name.decode().split('._domainkey.')[0]
+                return open(os.path.join(keydir, sel + '.txt'), 'rb').read().strip()
+            try:
+                ok = dkim.DKIM(raw.replace(b'\n', b'\r\n')).verify(idx=i, dnsfunc=dns)
+            except Exception:
+                ok = False
+            if not ok:
+                tag += ':FAIL'
+    out.append(tag)
+print(' '.join(sorted(out)))
 PY
 }

@@ -4,7 +4,7 @@
 Used by bench/ingress.sh; one call = one timed rep = one JSON line on stdout.
 
     timer.py --timeout SECS [--server-pids 123,456] [--tool-pids 789]
-             [--threads-of 123] [--sink-out FILE --sink-expect N [--settle S]]
+             [--threads-of 123] [--milter-pids 321] [--sink-out FILE --sink-expect N [--settle S]]
              [--background --pid-file FILE] -- smtp-source -s 20 -m 10000 ... 127.0.0.1:PORT
     timer.py --sink-count FILE      (prints how many messages smtp-sink -c has counted)
     timer.py --sink-sessions FILE   (prints how many SMTP sessions it has seen end)
@@ -31,6 +31,10 @@ CPU accounting (all in seconds over the run):
               of their threads' /proc/PID/task/*/schedstat
               plus, with --postfix-master, every Postfix daemon (children of the
               master, alive or reaped during the run; tick resolution)
+              plus, with --milter-pids, whole processes from /proc/PID/stat utime+stime
+              (tick resolution; includes threads that exited during the run: a
+              milter such as opendkim runs one thread per Postfix connection)
+  milter_cpu  the --milter-pids part of server_cpu
   threads     per-thread-name CPU of --threads-of (mailrelay: tokio workers vs the
               queue writer), from /proc/PID/task/*/schedstat (ns resolution)
 """
@@ -116,6 +120,18 @@ def pf_snapshot(master):
     return own, kids
 
 
+def stat_cpu(pid):
+    """utime+stime of a whole process in seconds (/proc/PID/stat: every thread, also the
+    ones that have exited); None if the process is gone."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            s = f.read()
+    except OSError:
+        return None
+    fl = s[s.rindex(')') + 2:].split()
+    return (int(fl[11]) + int(fl[12])) / HZ
+
+
 def pf_cpu(a, b):
     """CPU of the Postfix daemons between two pf_snapshot()s."""
     if a is None or b is None:
@@ -171,6 +187,7 @@ def main():
     ap.add_argument('--tool-pids', default='')
     ap.add_argument('--threads-of', type=int, default=0)
     ap.add_argument('--postfix-master', type=int, default=0)
+    ap.add_argument('--milter-pids', default='')
     ap.add_argument('--quiet-busy', type=float, default=25.0)
     ap.add_argument('--quiet-wait', type=float, default=0.0)
     ap.add_argument('--sink-out', default='')
@@ -191,7 +208,7 @@ def main():
     if a.background and not (a.sink_out and a.pid_file):
         ap.error('--background needs --sink-out, --sink-expect and --pid-file')
     cmd = a.cmd[1:] if a.cmd and a.cmd[0] == '--' else a.cmd
-    servers, tools = pids(a.server_pids), pids(a.tool_pids)
+    servers, tools, milters = pids(a.server_pids), pids(a.tool_pids), pids(a.milter_pids)
 
     # Is anybody else using the CPUs right before we start? The box may be shared:
     # wait (up to --quiet-wait s) for a second with less than --quiet-busy % busy.
@@ -207,6 +224,7 @@ def main():
 
     s0 = {p: proc_cpu(p) for p in servers}
     k0 = {p: proc_cpu(p) for p in tools}
+    mi0 = {p: stat_cpu(p) for p in milters}
     th0 = thread_cpu(a.threads_of) if a.threads_of else {}
     pf0 = pf_snapshot(a.postfix_master) if a.postfix_master else None
     sink0, sess0 = sink_counters(a.sink_out) if a.sink_out else (0, 0)
@@ -263,6 +281,7 @@ def main():
     src_cpu = r.ru_utime + r.ru_stime
     s1 = {p_: proc_cpu(p_) for p_ in servers}
     k1 = {p_: proc_cpu(p_) for p_ in tools}
+    mi1 = {p_: stat_cpu(p_) for p_ in milters}
     th1 = thread_cpu(a.threads_of or th_bg) if (a.threads_of or th_bg) else {}
     pf1 = pf_snapshot(a.postfix_master) if a.postfix_master else None
     sink_got = sink_sessions = None
@@ -280,6 +299,8 @@ def main():
     postfix = pf_cpu(pf0, pf1)
     if postfix is not None:
         server_cpu += postfix
+    milter_cpu = sum((mi1[q] or 0) - (mi0[q] or 0) for q in milters if mi0[q] is not None)
+    server_cpu += milter_cpu
     tool_cpu = sum((k1[q] or 0) - (k0[q] or 0) for q in tools if k0[q] is not None)
     threads = {}
     for name, v in th1.items():
@@ -301,6 +322,7 @@ def main():
         'src_cpu': round(src_cpu, 3),
         'tool_cpu': round(tool_cpu, 3),
         'server_cpu': round(server_cpu, 3),
+        'milter_cpu': round(milter_cpu, 3),
         'threads': threads,
         'pre_busy_pct': round(pre_busy, 1),
         'quiet_waited_s': waited,
