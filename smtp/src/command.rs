@@ -294,7 +294,9 @@ pub fn validate_mailbox(addr: &str, smtputf8: bool) -> Result<(), Reply> {
     if domain.starts_with('[') {
         let inner = domain.strip_prefix('[').and_then(|d| d.strip_suffix(']'));
         let ok = match inner {
-            Some(i) if i.len() > 5 && i[..5].eq_ignore_ascii_case("IPv6:") => {
+            // Compare bytes: a multi-byte character may straddle byte 5, where a
+            // `str` slice would panic (found by the `command` fuzz target).
+            Some(i) if i.len() > 5 && i.as_bytes()[..5].eq_ignore_ascii_case(b"IPv6:") => {
                 i[5..].parse::<std::net::Ipv6Addr>().is_ok()
             }
             Some(i) => i.parse::<std::net::Ipv4Addr>().is_ok(),
@@ -458,6 +460,36 @@ mod tests {
             assert!(validate_mailbox(bad, true).is_err(), "{bad}");
         }
         assert!(validate_mailbox(&format!("{}@example.com", "a".repeat(65)), false).is_err());
+    }
+
+    #[test]
+    fn address_literal_with_multibyte_char_at_tag_boundary_is_refused() {
+        // Byte 5 of the literal falls inside '¬' (2 bytes): no panic, a syntax
+        // error (and without SMTPUTF8 the non-ASCII refusal comes first).
+        for addr in [
+            "u@[\u{c}\u{c}\u{c}\u{c}¬\u{c}I]",
+            "u@[IPv6¬::1]",
+            "u@[IPv¬6:::1]",
+        ] {
+            let err = validate_mailbox(addr, true).unwrap_err();
+            assert_eq!(err.code, 501, "{addr:?}");
+            assert!(
+                err.to_string().contains("address literal"),
+                "{addr:?}: {err}"
+            );
+            assert_eq!(
+                validate_mailbox(addr, false).unwrap_err().code,
+                553,
+                "{addr:?}"
+            );
+        }
+        // The path of the fuzzer's input, as the session validates it after parse().
+        let Ok(Command::Rcpt { path, .. }) =
+            parse("RCPT TO:<\u{17a}n1r1@[\u{c}\u{c}\u{c}\u{c}¬\u{c}I\u{c}\u{c}]>")
+        else {
+            panic!("RCPT did not parse");
+        };
+        assert_eq!(validate_mailbox(&path, true).unwrap_err().code, 501);
     }
 
     #[test]
