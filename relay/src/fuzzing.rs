@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use crate::config::RelayConfig;
+use crate::delivery::mx::MAX_MX_HOSTS;
 use crate::quota::config::QuotaConfig;
 use crate::quota::egress::{Destination, Egress};
 use crate::quota::ingress::model::{IngressFacts, QuotaSet};
@@ -91,7 +92,10 @@ pub fn quota_keys(input: &[u8]) {
         .unwrap_or(IpAddr::from([192, 0, 2, 1]));
     let rcpts: Vec<&str> = fields.next().unwrap_or_default().split(',').collect();
     let domain = fields.next();
-    let hosts: Vec<String> = fields.map(str::to_owned).collect();
+    // Delivery never routes more MX hosts than the resolver keeps; past that, a
+    // long input only spends the run sorting thousands of empty names (it was
+    // three fifths of the target's time).
+    let hosts: Vec<String> = fields.take(MAX_MX_HOSTS).map(str::to_owned).collect();
     let (set, egress) = quotas();
 
     let facts = IngressFacts {
