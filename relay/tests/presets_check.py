@@ -3,6 +3,8 @@
 
 Run: python3 relay/tests/presets_check.py            (exit 1 and a list of errors on failure)
      python3 relay/tests/presets_check.py --self-test (feeds broken copies: every one must fail)
+     python3 relay/tests/presets_check.py --write-doc (regenerates the value table in
+                                                     docs/sending-to-providers.md)
 
 What it checks, per /work/RULES-SCHEMA.md (issue 18):
   * the file shape: known keys only, required keys, `name` equal to the file name,
@@ -398,6 +400,117 @@ def run(files, corpus_text):
     return errors
 
 
+DOC = ROOT / "docs" / "sending-to-providers.md"
+DOC_BEGIN = "<!-- preset-values:begin (generated: python3 relay/tests/presets_check.py --write-doc) -->"
+DOC_END = "<!-- preset-values:end -->"
+
+
+def value_rows(text):
+    """(where, field, value, comment) for every value line of a preset file."""
+    rows, stack, rule, section = [], [], None, None
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        code, _, comment = line.partition(" #")
+        indent = len(code) - len(code.lstrip(" -"))
+        body = code.strip()
+        if body.startswith("- "):
+            body = body[2:]
+        key, _, value = body.partition(":")
+        key, value = key.strip(), value.strip()
+        if indent == 0:
+            section, stack = key, []
+            if section in ("destination", "pacing", "rules") and value:
+                rows.append((section, section, value, comment.strip()))
+            continue
+        if section not in ("destination", "pacing", "rules"):
+            continue
+        if section == "rules" and code.strip().startswith("- name:"):
+            rule, stack = value, []
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        if not value:
+            stack.append((indent, key))
+            continue
+        field = ".".join([k for _, k in stack] + [key])
+        rows.append((rule if section == "rules" else section, field, value, comment.strip()))
+    return rows
+
+
+def rule_summary(rule):
+    m = rule.get("match") or {}
+    parts = []
+    if m.get("codes"):
+        parts.append("/".join(str(c) for c in m["codes"]))
+    if m.get("enhanced"):
+        parts.append(", ".join(m["enhanced"]))
+    if m.get("text"):
+        parts.append("text `" + m["text"].replace("|", "\\|") + "`")
+    if m.get("stages"):
+        parts.append("at " + ", ".join(m["stages"]))
+    action = rule.get("action", "")
+    if action == "throttle":
+        t = rule.get("throttle") or {}
+        action += " (" + ", ".join(f"{k} {v}" for k, v in t.items()) + ")"
+    if action == "reclassify":
+        action += " " + str(rule.get("reclassify"))
+    scope = rule.get("scope", "–")
+    if scope == "tenant":
+        scope += f" ({rule.get('tenant_key')})"
+    return " ".join(parts), action, scope, rule.get("duration", "–")
+
+
+def doc_table(files):
+    out = [DOC_BEGIN, "", "### At a glance", ""]
+    out.append("| Preset | Selects | Pacing | Rule | Reply matched | Action | Scope | Duration |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for fname, text in files:
+        doc = yaml.safe_load(text)
+        dest = doc["destination"]
+        sel = "; ".join(f"{k} " + ", ".join(f"`{x}`" for x in v) for k, v in dest.items() if isinstance(v, list))
+        pac = doc.get("pacing") or {}
+        pacing = ", ".join(filter(None, [
+            f"max_connections {pac['max_connections']}" if pac.get("max_connections") else "",
+            ("limits " + ", ".join(pac["limits"])) if pac.get("limits") else "",
+        ])) or "none (no public figure)"
+        rules = doc.get("rules") or []
+        if not rules:
+            out.append(f"| `{doc['name']}` | {sel} | {pacing} | – | – | – | – | – |")
+        for i, rule in enumerate(rules):
+            match, action, scope, duration = rule_summary(rule)
+            first = (f"`{doc['name']}`", sel, pacing) if i == 0 else ("", "", "")
+            out.append(f"| {first[0]} | {first[1]} | {first[2]} | `{rule['name']}` | {match} | {action} | {scope} | {duration} |")
+    out += ["", "### Every value with its source", ""]
+    for fname, text in files:
+        doc = yaml.safe_load(text)
+        out.append(f"#### `{doc['name']}` — {doc['title']} (version {doc['version']})")
+        out.append("")
+        out.append("Sources:")
+        out.append("")
+        for key, body in source_keys(text).items():
+            out.append(f"- **[{key}]** {' '.join(body.split())}")
+        out.append("")
+        out.append("| Rule / section | Field | Value | Source and what it says |")
+        out.append("|---|---|---|---|")
+        for where, field, value, comment in value_rows(text):
+            cell = lambda s: s.replace("|", "\\|")
+            out.append(f"| `{where}` | `{field}` | `{cell(value)}` | {cell(comment)} |")
+        out.append("")
+    out.append(DOC_END)
+    return "\n".join(out)
+
+
+def check_doc(files, errors):
+    if not DOC.exists():
+        errors.append(f"{DOC}: missing")
+        return
+    text = DOC.read_text(encoding="utf-8")
+    want = doc_table(files)
+    if want not in text:
+        errors.append(f"{DOC.name}: the preset value table is out of date; regenerate it with --doc-table")
+
+
 def load():
     files = [(p.name, p.read_text(encoding="utf-8")) for p in sorted(PRESET_DIR.glob("*.yaml"))]
     return files, CORPUS.read_text(encoding="utf-8")
@@ -441,12 +554,22 @@ def self_test():
 
 
 def main():
+    if "--doc-table" in sys.argv[1:]:
+        print(doc_table(load()[0]))
+        return 0
+    if "--write-doc" in sys.argv[1:]:
+        text = DOC.read_text(encoding="utf-8")
+        head, _, rest = text.partition(DOC_BEGIN)
+        _, _, tail = rest.partition(DOC_END)
+        DOC.write_text(head + doc_table(load()[0]) + tail, encoding="utf-8")
+        return 0
     if "--self-test" in sys.argv[1:]:
         ok = self_test()
         print("presets_check self-test:", "ok" if ok else "FAILED")
         return 0 if ok else 1
     files, corpus = load()
     errors = run(files, corpus)
+    check_doc(files, errors)
     for e in errors:
         print(e, file=sys.stderr)
     n_rules = sum(len((yaml.safe_load(t) or {}).get("rules") or []) for _, t in files)
