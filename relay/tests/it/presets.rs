@@ -148,6 +148,9 @@ fn mx_globs_select_the_hosts_named_in_the_sources() {
         assert!(selects("microsoft", host), "microsoft: {host}");
     }
     assert!(selects("yahoo", "mta5.am0.yahoodns.net"));
+    for host in ["mx01.mail.icloud.com", "mx02.mail.icloud.com"] {
+        assert!(selects("icloud", host), "icloud: {host}");
+    }
     for host in [
         "email-smtp.us-east-1.amazonaws.com",
         "email-smtp.eu-central-1.amazonaws.com",
