@@ -30,6 +30,13 @@
 #      postfix-dkim  Postfix as above + Debian's OpenDKIM as its milter (smtpd_milters,
 #                    milter_default_action = tempfail), signing with the same RSA-2048 key
 #      postfix-dkim-ed25519  the same with the Ed25519 key
+#    Provider presets (issue 18; the relay must have the shaping engine):
+#      presets       mailrelay, embedded queue, with `providers: { presets: [all] }` and one
+#                    user response rule whose destination selects the sink's route (so every
+#                    delivery goes through rule selection; the sink answers 250, so no rule
+#                    fires). The built-in presets select real providers' MX hosts/domains,
+#                    not the sink: the figure is the cost of having them loaded and consulted.
+#      redis-presets the same on the Redis queue (rule state shares its round trip)
 #    Before the reps of every backend one message goes through it into a smtp-sink that
 #    keeps it (-d): its DKIM-Signature a= tags must be the expected ones (none for the
 #    unsigned embedded/postfix) and each signature must verify (dkimpy, keys from
@@ -70,6 +77,8 @@
 # Run (as root, Debian 12):                  bash bench/e2e.sh
 #   quick correctness pass (~3 min):         QUICK=1 bash bench/e2e.sh
 #   a subset:                                BACKENDS="embedded postfix" SCENARIOS="1024:20" DRAIN=0 bash bench/e2e.sh
+#   the provider-preset cost:                PRESETS=1 bash bench/e2e.sh
+#     (= SCENARIOS=1024:20 REPS=3 DRAIN=0 BACKENDS="embedded presets redis redis-presets", unless set)
 #   the DKIM comparison:                     DKIM=1 bash bench/e2e.sh
 #     (= SCENARIOS=1024:20 REPS=2 DRAIN=0 BACKENDS="embedded dkim-ed25519 dkim-rsa dkim-both
 #        postfix postfix-dkim postfix-dkim-ed25519", unless set)
@@ -102,6 +111,10 @@ REPO=$(cd "$BENCH_DIR/.." && pwd)
 
 if [ "${QUICK:-0}" = 1 ]; then
   N=${N:-1000}; REPS=${REPS:-1}; DRAIN_N=${DRAIN_N:-5000}; COOLDOWN=${COOLDOWN:-1}
+fi
+if [ "${PRESETS:-0}" = 1 ]; then
+  SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}
+  BACKENDS=${BACKENDS:-"embedded presets redis redis-presets"}
 fi
 if [ "${DKIM:-0}" = 1 ]; then
   SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-2}; DRAIN=${DRAIN:-0}
@@ -153,7 +166,7 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 has() { [[ " $1 " == *" $2 "* ]]; }   # has LIST WORD
 any_pf() { has "$BACKENDS" postfix || has "$BACKENDS" postfix-dkim || has "$BACKENDS" postfix-dkim-ed25519 || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" postfix; }; }
-any_redis() { has "$BACKENDS" redis || has "$BACKENDS" redis-always || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" redis; }; }
+any_redis() { has "$BACKENDS" redis || has "$BACKENDS" redis-always || has "$BACKENDS" redis-presets || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" redis; }; }
 BENCH_NAME=e2e.sh
 # shellcheck source=bench/lib.sh
 . "$BENCH_DIR/lib.sh"
@@ -176,7 +189,7 @@ for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_
   port_busy "$p" && die "port $p is already in use (set *_PORT to free ones)"
 done
 for sc in $SCENARIOS; do [[ $sc =~ ^[0-9]+:[0-9]+$ ]] || die "bad scenario '$sc' (want SIZE:SESSIONS)"; done
-for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519) ;; *) die "unknown backend $b";; esac; done
+for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets) ;; *) die "unknown backend $b";; esac; done
 for b in $DRAIN_BACKENDS; do case $b in embedded|redis|redis-always|postfix) ;; *) die "unknown drain backend $b";; esac; done
 ulimit -n 65536 2>/dev/null || true
 
@@ -315,7 +328,7 @@ prepare_backend() {   # prepare_backend BACKEND QDIR: fresh queue; sets spids no
     note="$note appendfsync=$(rcli CONFIG GET appendfsync | tail -1)"
   fi
 }
-queue_kind() { case $1 in embedded|dkim-*) echo embedded ;; *) echo redis ;; esac; }
+queue_kind() { case $1 in embedded|dkim-*|presets) echo embedded ;; *) echo redis ;; esac; }
 # late_sessions JSON -> JSON with sink_sessions recounted now: Postfix keeps delivery
 # connections cached for up to 2 s after the last message, so they end after the rep.
 late_sessions() {
@@ -340,6 +353,15 @@ dkim_yaml() {         # dkim_yaml BACKEND: the relay's `dkim:` section ("" = uns
   esac
   printf 'dkim:\n  canonicalization: relaxed/relaxed\n  domains:\n    - domain: %s\n      selectors:\n%s\n' "$DKIM_DOMAIN" "$sel"
 }
+# presets_yaml BACKEND: the relay's `providers:` and `response_rules:` sections for the
+# *presets backends ("" for every other backend, so their config is unchanged).
+presets_yaml() {
+  case $1 in presets|redis-presets) ;; *) return 0 ;; esac
+  local dest
+  if [ "$ROUTE" = smarthost ]; then dest="smarthost: true"; else dest='mx_hosts: ["mx.example.net"]'; fi
+  printf 'providers:\n  presets: [all]\nresponse_rules:\n  - name: bench-sink\n    destination: { %s }\n    match: { codes: [421], text: "bench: never sent by smtp-sink" }\n    action: throttle\n    scope: site\n    duration: 1m\n    throttle: { factor: 0.5 }\n' "$dest"
+}
+extra_yaml() { dkim_yaml "$1"; presets_yaml "$1"; }   # extra_yaml BACKEND: top-level config sections
 dkim_want() {         # dkim_want BACKEND: the a= tags its mail must carry, sorted
   case $1 in
     dkim-ed25519|postfix-dkim-ed25519) echo ed25519-sha256 ;;
@@ -414,10 +436,10 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       t=$(timer "$RUN_TIMEOUT" "$n" "" "" 0 -- $(source_cmd "$sess" "$n" "$size" "$SINK_PORT"))
       verdict=$(check_sink "$t" "$n")
       ;;
-    embedded|redis|redis-always|dkim-*)
+    embedded|redis|redis-always|dkim-*|presets|redis-presets)
       qdir="$WORK/queue-e2e-$backend"
       prepare_backend "$backend" "$qdir"
-      start_relay "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML" "$(dkim_yaml "$backend")"
+      start_relay "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML" "$(extra_yaml "$backend")"
       spids=$RELAY_PID; [ "$(queue_kind "$backend")" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
       # shellcheck disable=SC2046
       t=$(timer "$RUN_TIMEOUT" "$n" "$spids" "$RELAY_PID" 0 -- $(source_cmd "$sess" "$n" "$size" "$SMTP_PORT"))

@@ -22,8 +22,10 @@ LABEL = {
     'dkim-both': 'mailrelay, embedded, DKIM rsa-2048 + ed25519',
     'postfix-dkim': 'Postfix + OpenDKIM rsa-2048',
     'postfix-dkim-ed25519': 'Postfix + OpenDKIM ed25519',
+    'presets': 'mailrelay, embedded, all provider presets',
+    'redis-presets': 'mailrelay, Redis AOF everysec, all provider presets',
 }
-RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both')
+RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both', 'presets', 'redis-presets')
 
 
 def size_name(b):
@@ -263,3 +265,25 @@ if samples or any(b.startswith(('dkim-', 'postfix-dkim')) for b in backends):
                                f"server CPU per message {100 * (sm[b][1] / uc - 1):+.1f}% ({sm[b][1] - uc:+.3f} ms/msg)")
         for l in out:
             print(l)
+
+# ---------------------------------------------------------------- provider presets
+PAIRS = (('presets', 'embedded'), ('redis-presets', 'redis'))
+if any(b in backends for b, _ in PAIRS):
+    print()
+    print('### Provider presets (issue 18)')
+    print()
+    print('Every preset enabled (`providers: { presets: [all] }`) plus one response rule selecting the sink\'s route,')
+    print('against the same queue without them, in the same run. The sink answers 250, so no rule fires: this is the')
+    print('cost of rule selection and state lookup on every delivery. Target: < 5 % end-to-end difference.')
+    print()
+    print('| scenario | with presets | without | end-to-end msg/s with / without (median) | difference | server CPU ms/msg with / without |')
+    print('|---|---|---|---|---|---|')
+    for k in scen:
+        for b, base in PAIRS:
+            if (k, b) not in med or (k, base) not in med:
+                continue
+            diff = 100 * (med[(k, b)] / med[(k, base)] - 1)
+            cpu = [st.median(server_ms(r) for r in ok(group(k, x))) for x in (b, base)]
+            verdict = 'met' if abs(diff) < 5 else 'NOT met'
+            print(f"| {scen_name(k)} | {LABEL[b]} | {LABEL[base]} | {fmt(med[(k, b)])} / {fmt(med[(k, base)])} | "
+                  f"{diff:+.1f}% (target < 5%: {verdict}) | {cpu[0]:.3f} / {cpu[1]:.3f} |")

@@ -24,6 +24,7 @@ mod mx_resolution;
 mod operations;
 mod postfix_chain;
 mod postfix_relay_in;
+mod presets;
 mod queue_cli;
 mod queue_conformance;
 mod quota_egress;
