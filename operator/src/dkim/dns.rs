@@ -6,11 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{
-    ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig, ResolverOpts,
-};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::{Name, RData};
+use mailrelay::delivery::mx::build_resolver;
 
 /// The TXT records at a name: each record's strings joined, as RFC 6376 3.6.2.2
 /// and RFC 7208 3.3 read them.
@@ -38,35 +35,14 @@ impl std::fmt::Debug for TxtResolver {
 impl TxtResolver {
     /// `servers` empty: `/etc/resolv.conf` (in a pod: the cluster DNS).
     pub fn new(servers: &[SocketAddr]) -> Result<TxtResolver, String> {
-        let (config, mut opts) = if servers.is_empty() {
-            hickory_resolver::system_conf::read_system_conf()
-                .map_err(|e| format!("cannot read /etc/resolv.conf: {e}"))?
-        } else {
-            let servers = servers
-                .iter()
-                .map(|addr| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = addr.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = addr.port();
-                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            (
-                ResolverConfig::from_name_servers(servers),
-                ResolverOpts::default(),
-            )
-        };
-        opts.timeout = Duration::from_secs(5);
-        opts.attempts = 1;
-        opts.use_hosts_file = ResolveHosts::Never;
-        // A record just published must be seen at the next check, not after the
-        // negative TTL of the previous answer.
-        opts.cache_size = 0;
-        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(opts)
-            .build()
-            .map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
+        let resolver = build_resolver(servers, |opts| {
+            opts.timeout = Duration::from_secs(5);
+            opts.attempts = 1;
+            // A record just published must be seen at the next check, not after the
+            // negative TTL of the previous answer.
+            opts.cache_size = 0;
+        })
+        .map_err(|e| e.to_string())?;
         Ok(TxtResolver { resolver })
     }
 

@@ -2,7 +2,10 @@
 //! `defer` quotas, [`DispatchHook`]) and at what pace a destination may take it
 //! (egress quotas, [`Pacing`]). The traits live here, with the scheduler that calls
 //! them; the relay's quotas implement them through adapters (`server::quota`), so
-//! delivery knows nothing of how limits are counted.
+//! delivery knows nothing of how limits are counted. The plain data the gates pass
+//! (destination, postponement, admitted batch) is the quotas' own, re-exported:
+//! delivery sits above quota, so it takes those types as they are instead of
+//! keeping copies and converting.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,38 +14,15 @@ use crate::queue::Leased;
 use mailrelay_smtp::Reply;
 use mailrelay_smtp::client::{MessageOutcome, Outcome};
 
+pub use crate::quota::egress::{Destination, Postponement, Stop};
+pub use crate::quota::ingress::gate::Admitted;
+
 /// The futures the gates return: boxed, so the traits stay object safe.
 pub type GateFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Looks at leased mail before the scheduler delivers it and says what may go now.
 pub trait DispatchHook: Send + Sync + 'static {
     fn admit(&self, leased: Vec<Leased>) -> GateFuture<'_, Admitted>;
-}
-
-/// What a [`DispatchHook`] made of a leased batch; the rest it put back to wait.
-#[derive(Default)]
-pub struct Admitted {
-    /// To deliver now.
-    pub go: Vec<Leased>,
-    /// Held until the queue lifetime ran out: to expire untried.
-    pub expired: Vec<Leased>,
-}
-
-/// Where a connection goes, as egress matching needs it.
-#[derive(Debug, Clone, Copy)]
-pub struct Destination<'a> {
-    /// The recipient domain every message on the connection is for. `None` when a
-    /// connection to a relay host (a route or the smarthost) carries several
-    /// domains: mail for a domain some pacing names travels on connections of its
-    /// own (see [`Pacing::names_domain`]), so it is known.
-    pub domain: Option<&'a str>,
-    /// The MX host names tried for it, in any order (the relay host's name).
-    pub mx_hosts: &'a [String],
-    /// Mail goes through the configured smarthost.
-    pub smarthost: bool,
-    /// Mail goes to a host given in the config (a route or the smarthost), not to
-    /// the domain's MX.
-    pub relay_host: bool,
 }
 
 /// Egress pacing of outbound connections.
@@ -111,47 +91,24 @@ impl PacedConnection for Unpaced {
     }
 }
 
-/// When a message held back by pacing is due again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stop {
-    /// The first message (index into the connection's messages) not attempted.
-    pub index: usize,
-    /// Its due time (relay clock, ms).
-    pub until_ms: u64,
-    /// Added per later message, so they come back spread out.
-    pub spacing_ms: u64,
-}
-
-/// What pacing did to a connection's messages: which ones it held back,
-/// unattempted, and until when. Every other message went its normal way.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Postponement {
-    pub stop: Option<Stop>,
-    /// The destination backed off (relay clock, ms): messages the server's
-    /// rate-limit reply left unattempted wait until then.
-    pub backoff_until_ms: Option<u64>,
-}
-
-impl Postponement {
-    /// When message `index` with `outcome` is due again, if pacing held it back
-    /// (never for a message that was attempted or decided otherwise).
-    pub fn due(&self, index: usize, outcome: &MessageOutcome) -> Option<u64> {
-        let untouched = !outcome.attempted
-            && outcome
-                .recipients
-                .iter()
-                .all(|r| r.result == Outcome::Deferred);
-        if !untouched {
-            return None;
-        }
-        if let Some(s) = self.stop
-            && index >= s.index
-        {
-            let k = (index - s.index) as u64;
-            return Some(s.until_ms.saturating_add(k.saturating_mul(s.spacing_ms)));
-        }
-        self.backoff_until_ms
+/// When message `index` with `outcome` is due again, if pacing (`held`) held it
+/// back (never for a message that was attempted or decided otherwise).
+pub fn due(held: &Postponement, index: usize, outcome: &MessageOutcome) -> Option<u64> {
+    let untouched = !outcome.attempted
+        && outcome
+            .recipients
+            .iter()
+            .all(|r| r.result == Outcome::Deferred);
+    if !untouched {
+        return None;
     }
+    if let Some(s) = held.stop
+        && index >= s.index
+    {
+        let k = (index - s.index) as u64;
+        return Some(s.until_ms.saturating_add(k.saturating_mul(s.spacing_ms)));
+    }
+    held.backoff_until_ms
 }
 
 #[cfg(test)]
@@ -190,19 +147,19 @@ mod tests {
             backoff_until_ms: None,
         };
         let waiting = outcome(false, &[Outcome::Deferred, Outcome::Deferred]);
-        assert_eq!(p.due(0, &outcome(true, &[Outcome::Delivered])), None);
-        assert_eq!(p.due(1, &waiting), None);
-        assert_eq!(p.due(2, &waiting), Some(10_000));
-        assert_eq!(p.due(4, &waiting), Some(11_000));
+        assert_eq!(due(&p, 0, &outcome(true, &[Outcome::Delivered])), None);
+        assert_eq!(due(&p, 1, &waiting), None);
+        assert_eq!(due(&p, 2, &waiting), Some(10_000));
+        assert_eq!(due(&p, 4, &waiting), Some(11_000));
         // Refused locally (SIZE): decided, never postponed.
-        assert_eq!(p.due(3, &outcome(false, &[Outcome::Bounced])), None);
+        assert_eq!(due(&p, 3, &outcome(false, &[Outcome::Bounced])), None);
         // A rate-limit reply: what was not attempted waits for the pause to end.
         let b = Postponement {
             stop: None,
             backoff_until_ms: Some(7_000),
         };
-        assert_eq!(b.due(0, &outcome(true, &[Outcome::Deferred])), None);
-        assert_eq!(b.due(1, &waiting), Some(7_000));
-        assert_eq!(Postponement::default().due(1, &waiting), None);
+        assert_eq!(due(&b, 0, &outcome(true, &[Outcome::Deferred])), None);
+        assert_eq!(due(&b, 1, &waiting), Some(7_000));
+        assert_eq!(due(&Postponement::default(), 1, &waiting), None);
     }
 }

@@ -229,45 +229,56 @@ pub enum ResolverError {
     Build { source: NetError },
 }
 
+/// A DNS resolver asking `nameservers`, or those of `/etc/resolv.conf` when none are
+/// given; `tune` sets its timeout, attempts and caching. `/etc/hosts` is never
+/// consulted. Shared with the operator's DNS checks of sending domains.
+pub fn build_resolver(
+    nameservers: &[SocketAddr],
+    tune: impl FnOnce(&mut ResolverOpts),
+) -> Result<TokioResolver, ResolverError> {
+    let (config, mut opts) = if nameservers.is_empty() {
+        hickory_resolver::system_conf::read_system_conf()
+            .map_err(|source| ResolverError::SystemConfig { source })?
+    } else {
+        let servers = nameservers
+            .iter()
+            .map(|addr| {
+                // UDP first, TCP for truncated answers; both on the given port
+                // (test resolvers do not listen on 53).
+                let mut udp = ConnectionConfig::udp();
+                udp.port = addr.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = addr.port();
+                NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        (
+            HickoryConfig::from_name_servers(servers),
+            ResolverOpts::default(),
+        )
+    };
+    if config.name_servers().is_empty() {
+        return Err(ResolverError::NoNameservers);
+    }
+    opts.use_hosts_file = ResolveHosts::Never;
+    tune(&mut opts);
+    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(opts)
+        .build()
+        .map_err(|source| ResolverError::Build { source })
+}
+
 impl MxResolver {
     /// Builds a resolver from `cfg`. Timeout and attempts from `cfg` apply even when
     /// the nameservers come from `/etc/resolv.conf`, so one config controls how long
     /// a delivery may wait on DNS. `/etc/hosts` is never consulted: mail routing
     /// follows DNS only, as Postfix's default `smtp_host_lookup = dns`.
     pub fn new(cfg: &ResolverConfig) -> Result<Self, ResolverError> {
-        let (config, mut opts) = if cfg.nameservers.is_empty() {
-            hickory_resolver::system_conf::read_system_conf()
-                .map_err(|source| ResolverError::SystemConfig { source })?
-        } else {
-            let servers = cfg
-                .nameservers
-                .iter()
-                .map(|addr| {
-                    // UDP first, TCP for truncated answers; both on the given port
-                    // (test resolvers do not listen on 53).
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = addr.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = addr.port();
-                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            (
-                HickoryConfig::from_name_servers(servers),
-                ResolverOpts::default(),
-            )
-        };
-        if config.name_servers().is_empty() {
-            return Err(ResolverError::NoNameservers);
-        }
-        opts.timeout = cfg.timeout;
-        // hickory counts retries after the first try; the config counts tries.
-        opts.attempts = cfg.attempts.max(1) - 1;
-        opts.use_hosts_file = ResolveHosts::Never;
-        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(opts)
-            .build()
-            .map_err(|source| ResolverError::Build { source })?;
+        let resolver = build_resolver(&cfg.nameservers, |opts| {
+            opts.timeout = cfg.timeout;
+            // hickory counts retries after the first try; the config counts tries.
+            opts.attempts = cfg.attempts.max(1) - 1;
+        })?;
         Ok(MxResolver {
             resolver,
             port: cfg.port_override.unwrap_or(SMTP_PORT),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::delivery::gate::{self, GateFuture, PacedConnection};
 use crate::queue::Leased;
 use crate::quota::Quotas;
-use crate::quota::egress::{self, Egress, EgressConn};
+use crate::quota::egress::{Egress, EgressConn};
 use crate::quota::ingress::gate::DeferGate;
 use crate::quota::ingress::model::{self, IngressFacts};
 use mailrelay_smtp::Reply;
@@ -67,24 +67,7 @@ pub struct DeferHook(pub DeferGate);
 
 impl gate::DispatchHook for DeferHook {
     fn admit(&self, leased: Vec<Leased>) -> GateFuture<'_, gate::Admitted> {
-        Box::pin(async move {
-            let a = self.0.admit(leased).await;
-            gate::Admitted {
-                go: a.go,
-                expired: a.expired,
-            }
-        })
-    }
-}
-
-fn postponement(p: egress::Postponement) -> gate::Postponement {
-    gate::Postponement {
-        stop: p.stop.map(|s| gate::Stop {
-            index: s.index,
-            until_ms: s.until_ms,
-            spacing_ms: s.spacing_ms,
-        }),
-        backoff_until_ms: p.backoff_until_ms,
+        Box::pin(self.0.admit(leased))
     }
 }
 
@@ -102,16 +85,9 @@ impl gate::Pacing for EgressPacing {
         sizes: &'a [(usize, usize)],
     ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, gate::Postponement>> {
         Box::pin(async move {
-            let route = self.0.route(&egress::Destination {
-                domain: d.domain,
-                mx_hosts: d.mx_hosts,
-                smarthost: d.smarthost,
-                relay_host: d.relay_host,
-            });
-            match self.0.open(route, sizes).await {
-                Ok(c) => Ok(Box::new(PacedConn(c)) as Box<dyn PacedConnection>),
-                Err(p) => Err(postponement(p)),
-            }
+            let route = self.0.route(&d);
+            let conn = self.0.open(route, sizes).await?;
+            Ok(Box::new(PacedConn(conn)) as Box<dyn PacedConnection>)
         })
     }
 }
@@ -134,7 +110,7 @@ impl PacedConnection for PacedConn {
     }
 
     fn finish(self: Box<Self>) -> GateFuture<'static, gate::Postponement> {
-        Box::pin(async move { postponement(self.0.finish().await) })
+        Box::pin(self.0.finish())
     }
 }
 

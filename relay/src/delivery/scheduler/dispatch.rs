@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 use super::routes::{Target, relay_domain, relay_index};
 use super::{Inner, Part, Work};
 use crate::config::TlsPolicy;
-use crate::delivery::gate::{Destination, PacedConnection, Postponement};
+use crate::delivery::gate::{self, Destination, PacedConnection, Postponement};
 use crate::delivery::outcomes::Pending;
 use crate::delivery::smtp_client::{
     ClientConfig, ClientTls, ConnectionResult, MessageGate, MessageOutcome, Outcome, Stage,
@@ -256,7 +256,7 @@ impl Inner {
                 continue;
             }
             // Held back by egress: no attempt; due again when egress said.
-            if let Some(due) = held.due(i, outcome) {
+            if let Some(due) = gate::due(&held, i, outcome) {
                 debug!(queue_id = %part.work.lease.id, %dest, due_in_ms = due.saturating_sub(at_ms), "postponed by egress limits");
                 let mut p = part.work.postponed_until.lock().unwrap();
                 *p = Some(p.map_or(due, |t| t.min(due)));

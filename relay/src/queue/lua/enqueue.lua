@@ -1,7 +1,7 @@
 -- Stores a message, as `enqueue()`: alone (enqueue_main.lua) or after a guard
 -- (guarded_enqueue_main.lua).
 -- KEYS: message hash, due set, ids set, stats hash, leased set
--- ARGV: id, envelope JSON, body, due score (ms), status JSON
+-- ARGV: id, envelope JSON, body, due score (ms)
 local function enqueue()
   local queued = redis.call('ZSCORE', KEYS[3], ARGV[1])
   local old_len = 0
@@ -16,8 +16,11 @@ local function enqueue()
   -- Starting from an empty hash drops what a replaced message or a final record of
   -- the same id left behind: its lease, its final flag, its expiry.
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'body', ARGV[3], 'status', ARGV[5], 'attempts', 0)
-  redis.call('ZREM', KEYS[5], ARGV[1])
+  -- No `status` or `attempts` until the first attempt: readers take their absence
+  -- for a fresh status and 0, and writing them cost ~300 bytes per queued message.
+  redis.call('HSET', KEYS[1], 'envelope', ARGV[2], 'body', ARGV[3])
+  -- Only a queued id can be leased.
+  if queued then redis.call('ZREM', KEYS[5], ARGV[1]) end
   redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
   redis.call('ZADD', KEYS[3], 0, ARGV[1])
   redis.call('HINCRBY', KEYS[4], 'bytes', string.len(ARGV[3]) - old_len)

@@ -1,3 +1,3 @@
--- A guarded enqueue: the guard's arguments follow the enqueue's five (ENQUEUE_ARGV
+-- A guarded enqueue: the guard's arguments follow the enqueue's four (ENQUEUE_ARGV
 -- in redis.rs), so that neither list is copied.
-local A0 = 5
+local A0 = 4

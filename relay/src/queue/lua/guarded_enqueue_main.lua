@@ -1,5 +1,5 @@
 -- KEYS: the enqueue's five (ENQUEUE_KEYS in redis.rs), then the guard's keys
--- ARGV: the enqueue's five (ENQUEUE_ARGV), then the guard's arguments
+-- ARGV: the enqueue's four (ENQUEUE_ARGV), then the guard's arguments
 -- Returns {allowed (1/0), the guard's reply}
 local allowed, reply = guard(5)
 if allowed then enqueue() end
