@@ -69,6 +69,13 @@ pub fn load_keys(cfg: &DkimConfig) -> Result<KeySet, FieldError> {
     Ok(set)
 }
 
+/// Once per load of a key set (start-up, each reload that changed something).
+fn log_warnings(set: &KeySet) {
+    for w in &set.warnings {
+        tracing::warn!("DKIM key accepted with a warning: {w}");
+    }
+}
+
 /// Whether the section asks for anything (no section: no signing, no metrics).
 pub fn configured(cfg: &DkimConfig) -> bool {
     !cfg.domains.is_empty()
@@ -179,6 +186,7 @@ impl Dkim {
     /// Loads every key; an error names the field (startup refuses to run with it).
     pub fn load(cfg: &DkimConfig, metrics: DkimMetrics) -> Result<Arc<Self>, FieldError> {
         let set = load_keys(cfg)?;
+        log_warnings(&set);
         let seen = cfg
             .keys_dir
             .as_deref()
@@ -325,6 +333,7 @@ impl Dkim {
         }
         match load_keys(&self.cfg) {
             Ok(set) => {
+                log_warnings(&set);
                 self.metrics.keys_loaded(set.key_count());
                 self.metrics.reload("ok");
                 *self.keys.write().expect("dkim keys lock") = Arc::new(set);

@@ -177,6 +177,11 @@ pub fn sign_split(
                     })?;
                 sig
             }
+            PrivateKey::RsaShort(k) => {
+                PrivateKey::sign_rsa_short(k, &data).map_err(|_| SignError {
+                    selector: key.selector.clone(),
+                })?
+            }
             // RFC 8463: Ed25519 signs the SHA-256 hash of the data.
             PrivateKey::Ed25519(k) => k.sign(digest(&SHA256, &data).as_ref()).as_ref().to_vec(),
         };
