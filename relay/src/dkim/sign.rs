@@ -70,9 +70,10 @@ fn b64(data: &[u8]) -> String {
 fn signed_names(fields: &[Field<'_>]) -> Vec<&'static str> {
     let mut counts = [0usize; SIGNED.len()];
     for f in fields {
-        if let Some(i) = SIGNED.iter().position(|(n, _)| {
-            n.len() == f.name.len() && f.name.eq_ignore_ascii_case(n.as_bytes())
-        }) {
+        if let Some(i) = SIGNED
+            .iter()
+            .position(|(n, _)| n.len() == f.name.len() && f.name.eq_ignore_ascii_case(n.as_bytes()))
+        {
             counts[i] += 1;
         }
     }
