@@ -81,21 +81,18 @@ pub fn header(canon: Canon, raw: &[u8], out: &mut Vec<u8>) {
             } else {
                 &[][..]
             };
-            let value = trim_wsp_end(trim_wsp_start(value));
-            // Unfold (drop CR and LF), then squeeze every WSP run to one space.
-            let mut in_wsp = false;
-            for &b in value {
-                match b {
-                    b'\r' | b'\n' => {}
-                    b' ' | b'\t' => in_wsp = true,
-                    _ => {
-                        if in_wsp {
-                            out.push(b' ');
-                            in_wsp = false;
-                        }
-                        out.push(b);
-                    }
+            let mut value = trim_wsp_end(trim_wsp_start(value));
+            // Unfold (drop CR and LF), then squeeze every WSP run to one space;
+            // the text between such runs is copied whole.
+            let is_gap = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
+            while !value.is_empty() {
+                let text = value.iter().position(is_gap).unwrap_or(value.len());
+                out.extend_from_slice(&value[..text]);
+                let gap = value[text..].iter().take_while(|b| is_gap(b)).count();
+                if value[text..text + gap].iter().any(|&b| is_wsp(b)) {
+                    out.push(b' ');
                 }
+                value = &value[text + gap..];
             }
             out.extend_from_slice(b"\r\n");
         }
@@ -403,6 +400,29 @@ mod tests {
             let mut pieces = Vec::new();
             body(c, b, |p| pieces.push(p.to_vec()));
             assert_eq!(pieces, [b[..b.len() - 4].to_vec()], "{c:?}");
+        }
+    }
+
+    #[test]
+    fn relaxed_header_unfolds_and_squeezes() {
+        for (raw, want) in [
+            (&b"Subject: a\r\n\tb\r\n"[..], &b"subject:a b\r\n"[..]),
+            (b"Subject:a\r\nb\r\n", b"subject:ab\r\n"),
+            (b"X:  a \t b\t\r\n", b"x:a b\r\n"),
+            (b"X : \r\n", b"x:\r\n"),
+            (b"X", b"x:\r\n"),
+            (b"To: a,\r\n  b ,\r\n\tc\r\n", b"to:a, b , c\r\n"),
+            (
+                "Subject: Gr\u{fc}\u{df}e  aus\r\n".as_bytes(),
+                "subject:Gr\u{fc}\u{df}e aus\r\n".as_bytes(),
+            ),
+        ] {
+            assert_eq!(
+                header_of(Canon::Relaxed, raw),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
     }
 
