@@ -65,7 +65,10 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::CheckConfig { file } => match load_config(Some(&file)).and_then(|cfg| {
             if let Some(d) = &cfg.dkim {
-                mailrelay::dkim::load_keys(d).context("loading the DKIM keys")?;
+                let keys = mailrelay::dkim::load_keys(d).context("loading the DKIM keys")?;
+                for w in &keys.warnings {
+                    eprintln!("warning: {w}");
+                }
             }
             Ok(cfg)
         }) {

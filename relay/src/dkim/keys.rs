@@ -12,13 +12,32 @@ use crate::config::dkim::{
     Algorithm, DomainConfig, FieldError, KeysFile, field_err, validate_domains,
 };
 
-/// ring signs with RSA moduli of 2048 bits and up only; RFC 8301 forbids signing
-/// with fewer than 1024 and recommends 2048.
-pub const RSA_MIN_BITS: usize = 2048;
+/// RFC 8301 forbids signing with fewer RSA bits than this.
+pub const RSA_MIN_BITS: usize = 1024;
+/// RFC 8301 recommends at least this; shorter keys sign with a warning.
+pub const RSA_WARN_BITS: usize = 2048;
 
 pub enum PrivateKey {
     Rsa(RsaKeyPair),
+    /// 1024-2047 bits: ring signs with 2048 bits and up only, so these go through
+    /// RustCrypto's `rsa`, with blinding (see [`PrivateKey::sign_rsa_short`]).
+    RsaShort(Box<rsa::pkcs1v15::SigningKey<rsa::sha2::Sha256>>),
     Ed25519(Ed25519KeyPair),
+}
+
+impl PrivateKey {
+    /// RSASSA-PKCS1-v1_5 with SHA-256 over `data` with a short key. Blinded
+    /// (`sign_with_rng`): the private operation runs on a random multiple of the
+    /// input, so its timing says nothing about the key (the Marvin attack,
+    /// RUSTSEC-2023-0071, needs unblinded decryption timings).
+    pub fn sign_rsa_short(
+        key: &rsa::pkcs1v15::SigningKey<rsa::sha2::Sha256>,
+        data: &[u8],
+    ) -> Result<Vec<u8>, rsa::signature::Error> {
+        use rsa::signature::{RandomizedSigner, SignatureEncoding};
+        key.try_sign_with_rng(&mut rsa::rand_core::OsRng, data)
+            .map(|s| s.to_vec())
+    }
 }
 
 pub struct SigningKey {
@@ -44,6 +63,14 @@ impl SigningKey {
         let b64 = base64::engine::general_purpose::STANDARD;
         match &self.key {
             PrivateKey::Rsa(k) => b64.encode(rsa_spki(k.public().as_ref())),
+            PrivateKey::RsaShort(k) => {
+                use rsa::pkcs1::EncodeRsaPublicKey;
+                let public = rsa::RsaPublicKey::from(k.as_ref().as_ref());
+                let der = public
+                    .to_pkcs1_der()
+                    .expect("an RSA public key encodes as DER");
+                b64.encode(rsa_spki(der.as_bytes()))
+            }
             PrivateKey::Ed25519(k) => b64.encode(k.public_key().as_ref()),
         }
     }
@@ -70,6 +97,9 @@ pub struct DomainKeys {
 #[derive(Debug, Default)]
 pub struct KeySet {
     pub domains: HashMap<String, DomainKeys>,
+    /// What loaded but deserves a warning (an RSA key under 2048 bits), each
+    /// naming its field: logged once per load (start-up, each `keys_dir` reload).
+    pub warnings: Vec<String>,
 }
 
 impl KeySet {
@@ -98,7 +128,7 @@ impl KeySet {
 }
 
 /// Loads the keys of `domains` (`prefix` names them in errors); relative key
-/// paths are taken relative to `base`. Returns the warnings to log.
+/// paths are taken relative to `base`. Warnings go to `into.warnings`.
 pub fn load_domains(
     prefix: &str,
     domains: &[DomainConfig],
@@ -122,6 +152,12 @@ pub fn load_domains(
                 _ => s.key_file.clone(),
             };
             let key = load_key(&path, s.algorithm).map_err(|m| field_err(&field, m))?;
+            if let Some(bits) = key.short_rsa_bits() {
+                into.warnings.push(format!(
+                    "{field}: the RSA key of selector {} for {name} has {bits} bits; RFC 8301 recommends 2048 (receivers may treat shorter keys as weak): it signs, but replace it",
+                    s.selector
+                ));
+            }
             keys.push(SigningKey {
                 selector: s.selector.clone(),
                 algorithm: s.algorithm,
@@ -194,11 +230,18 @@ pub fn load_key(path: &Path, algorithm: Algorithm) -> Result<PrivateKey, String>
     let at = path.display();
     match (algorithm, &der) {
         (Algorithm::RsaSha256, PrivateKeyDer::Pkcs1(k)) => {
-            let bits = rsa_bits_pkcs1(k.secret_pkcs1_der());
-            check_rsa_bits(bits, &at)?;
-            RsaKeyPair::from_der(k.secret_pkcs1_der())
-                .map(PrivateKey::Rsa)
-                .map_err(|e| format!("malformed RSA key in {at}: {e}"))
+            let der = k.secret_pkcs1_der();
+            match check_rsa_bits(rsa_bits_pkcs1(der), &at)? {
+                RsaSigner::Ring => RsaKeyPair::from_der(der)
+                    .map(PrivateKey::Rsa)
+                    .map_err(|e| format!("malformed RSA key in {at}: {e}")),
+                RsaSigner::RustCrypto => {
+                    use rsa::pkcs1::DecodeRsaPrivateKey;
+                    rsa::RsaPrivateKey::from_pkcs1_der(der)
+                        .map_err(|e| format!("malformed RSA key in {at}: {e}"))
+                        .and_then(|k| short_rsa(k, &at))
+                }
+            }
         }
         (Algorithm::RsaSha256, PrivateKeyDer::Pkcs8(k)) => {
             let der = k.secret_pkcs8_der();
@@ -207,10 +250,17 @@ pub fn load_key(path: &Path, algorithm: Algorithm) -> Result<PrivateKey, String>
                     "{at} holds an Ed25519 key but the selector's algorithm is rsa-sha256"
                 ));
             }
-            check_rsa_bits(pkcs8_inner(der).and_then(rsa_bits_pkcs1), &at)?;
-            RsaKeyPair::from_pkcs8(der)
-                .map(PrivateKey::Rsa)
-                .map_err(|e| format!("malformed RSA key in {at}: {e}"))
+            match check_rsa_bits(pkcs8_inner(der).and_then(rsa_bits_pkcs1), &at)? {
+                RsaSigner::Ring => RsaKeyPair::from_pkcs8(der)
+                    .map(PrivateKey::Rsa)
+                    .map_err(|e| format!("malformed RSA key in {at}: {e}")),
+                RsaSigner::RustCrypto => {
+                    use rsa::pkcs8::DecodePrivateKey;
+                    rsa::RsaPrivateKey::from_pkcs8_der(der)
+                        .map_err(|e| format!("malformed RSA key in {at}: {e}"))
+                        .and_then(|k| short_rsa(k, &at))
+                }
+            }
         }
         (Algorithm::Ed25519Sha256, PrivateKeyDer::Pkcs8(k)) => {
             Ed25519KeyPair::from_pkcs8_maybe_unchecked(k.secret_pkcs8_der())
@@ -230,15 +280,40 @@ pub fn load_key(path: &Path, algorithm: Algorithm) -> Result<PrivateKey, String>
     }
 }
 
-fn check_rsa_bits(bits: Option<usize>, at: &impl std::fmt::Display) -> Result<(), String> {
+/// Which implementation signs with an RSA key of this size.
+enum RsaSigner {
+    Ring,
+    RustCrypto,
+}
+
+fn check_rsa_bits(bits: Option<usize>, at: &impl std::fmt::Display) -> Result<RsaSigner, String> {
     match bits {
-        Some(b) if b < 1024 => Err(format!(
+        Some(b) if b < RSA_MIN_BITS => Err(format!(
             "RSA key of {b} bits in {at} is too short: verifiers ignore keys under 1024 bits (RFC 8301); use 2048"
         )),
-        Some(b) if b < RSA_MIN_BITS => Err(format!(
-            "RSA key of {b} bits in {at} is too short: the signer needs at least {RSA_MIN_BITS} bits (RFC 8301 recommends 2048); generate a 2048-bit key"
-        )),
-        _ => Ok(()),
+        Some(b) if b < RSA_WARN_BITS => Ok(RsaSigner::RustCrypto),
+        _ => Ok(RsaSigner::Ring),
+    }
+}
+
+fn short_rsa(k: rsa::RsaPrivateKey, at: &impl std::fmt::Display) -> Result<PrivateKey, String> {
+    k.validate()
+        .map_err(|e| format!("malformed RSA key in {at}: {e}"))?;
+    Ok(PrivateKey::RsaShort(Box::new(
+        rsa::pkcs1v15::SigningKey::new(k),
+    )))
+}
+
+impl PrivateKey {
+    /// The modulus size of an RSA key under 2048 bits (the ones to warn about).
+    pub fn short_rsa_bits(&self) -> Option<usize> {
+        match self {
+            PrivateKey::RsaShort(k) => {
+                use rsa::traits::PublicKeyParts;
+                Some(k.as_ref().as_ref().n().bits())
+            }
+            _ => None,
+        }
     }
 }
 
@@ -400,13 +475,49 @@ mod tests {
             Ok(PrivateKey::Ed25519(_))
         ));
 
-        let e = load_key(&p("rsa1024.pem"), Algorithm::RsaSha256)
-            .err()
-            .unwrap();
-        assert!(
-            e.contains("1024 bits") && e.contains("at least 2048"),
-            "{e}"
+        // 1024-2047 bits: loaded (RustCrypto signs them), flagged for a warning.
+        let short = load_key(&p("rsa1024.pem"), Algorithm::RsaSha256).unwrap();
+        assert_eq!(short.short_rsa_bits(), Some(1024));
+        assert_eq!(
+            load_key(&p("rsa.pem"), Algorithm::RsaSha256)
+                .unwrap()
+                .short_rsa_bits(),
+            None
         );
+        assert!(openssl(&[
+            "rsa",
+            "-in",
+            &s("rsa1024.pem"),
+            "-traditional",
+            "-out",
+            &s("rsa1024-1.pem")
+        ]));
+        assert!(matches!(
+            load_key(&p("rsa1024-1.pem"), Algorithm::RsaSha256),
+            Ok(PrivateKey::RsaShort(_))
+        ));
+        // Its published key is what openssl derives.
+        assert!(openssl(&[
+            "pkey",
+            "-in",
+            &s("rsa1024.pem"),
+            "-pubout",
+            "-outform",
+            "DER",
+            "-out",
+            &s("rsa1024.pub")
+        ]));
+        let k = SigningKey {
+            selector: "s".into(),
+            algorithm: Algorithm::RsaSha256,
+            key: short,
+        };
+        {
+            use base64::Engine;
+            let want = base64::engine::general_purpose::STANDARD
+                .encode(std::fs::read(p("rsa1024.pub")).unwrap());
+            assert_eq!(k.public_key_b64(), want);
+        }
         let e = load_key(&p("rsa768.pem"), Algorithm::RsaSha256)
             .err()
             .unwrap();
@@ -460,6 +571,37 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(std::fs::read(p("rsa.pub")).unwrap());
         assert_eq!(k.public_key_b64(), want);
         assert!(k.dns_record().starts_with("v=DKIM1; k=rsa; p=MIIBIjAN"));
+
+        // A short key loads with a warning naming its field; a 2048-bit one without.
+        let domains: Vec<DomainConfig> = serde_norway::from_str(
+            "[{domain: example.com, selectors: [{selector: a, algorithm: rsa-sha256, key_file: rsa.pem}, {selector: old, algorithm: rsa-sha256, key_file: rsa1024.pem}]}]",
+        )
+        .unwrap();
+        let mut set = KeySet::default();
+        load_domains("dkim.domains", &domains, Some(dir.path()), &mut set).unwrap();
+        assert_eq!(set.key_count(), 2);
+        assert_eq!(set.warnings.len(), 1, "{:?}", set.warnings);
+        let w = &set.warnings[0];
+        assert!(
+            w.starts_with("dkim.domains[0].selectors[1].key_file: ")
+                && w.contains("1024 bits")
+                && w.contains("selector old"),
+            "{w}"
+        );
+        // Under 1024 bits: refused, naming the field.
+        let domains: Vec<DomainConfig> = serde_norway::from_str(
+            "[{domain: example.com, selectors: [{selector: tiny, algorithm: rsa-sha256, key_file: rsa768.pem}]}]",
+        )
+        .unwrap();
+        let e = load_domains(
+            "dkim.domains",
+            &domains,
+            Some(dir.path()),
+            &mut KeySet::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "dkim.domains[0].selectors[0].key_file");
+        assert!(e.to_string().contains("768 bits"), "{e}");
 
         // A missing file in a domain list names the field.
         let domains: Vec<DomainConfig> = serde_norway::from_str(

@@ -69,6 +69,13 @@ pub fn load_keys(cfg: &DkimConfig) -> Result<KeySet, FieldError> {
     Ok(set)
 }
 
+/// Once per load of a key set (start-up, each reload that changed something).
+fn log_warnings(set: &KeySet) {
+    for w in &set.warnings {
+        tracing::warn!("DKIM key accepted with a warning: {w}");
+    }
+}
+
 /// Whether the section asks for anything (no section: no signing, no metrics).
 pub fn configured(cfg: &DkimConfig) -> bool {
     !cfg.domains.is_empty()
@@ -102,7 +109,11 @@ fn glob_match(pattern: &str, s: &str) -> bool {
 /// The domain of the one mailbox of the one `From:` field, lower case; the error
 /// says why there is none.
 pub fn from_domain(msg: &[u8]) -> Result<String, String> {
-    let (fields, _) = canon::split(msg);
+    from_domain_in(&canon::split(msg).0)
+}
+
+/// [`from_domain`] over the fields [`canon::split`] found.
+fn from_domain_in(fields: &[canon::Field<'_>]) -> Result<String, String> {
     let froms: Vec<_> = fields
         .iter()
         .filter(|f| f.name.eq_ignore_ascii_case(b"from"))
@@ -175,6 +186,7 @@ impl Dkim {
     /// Loads every key; an error names the field (startup refuses to run with it).
     pub fn load(cfg: &DkimConfig, metrics: DkimMetrics) -> Result<Arc<Self>, FieldError> {
         let set = load_keys(cfg)?;
+        log_warnings(&set);
         let seen = cfg
             .keys_dir
             .as_deref()
@@ -204,12 +216,14 @@ impl Dkim {
         (self.cfg.unsigned_policy, "other".into())
     }
 
-    fn sign_with(
+    /// The signature fields for a message split by [`canon::split`].
+    fn signatures(
         &self,
-        body: &mut Vec<u8>,
+        fields: &[canon::Field<'_>],
+        rest: &[u8],
         domain: &keys::DomainKeys,
         now_unix: u64,
-    ) -> Result<usize, sign::SignError> {
+    ) -> Result<Vec<u8>, sign::SignError> {
         let expires =
             (!self.cfg.expire_after.is_zero()).then(|| now_unix + self.cfg.expire_after.as_secs());
         let params = sign::SignParams {
@@ -218,36 +232,48 @@ impl Dkim {
             timestamp: now_unix,
             expires,
         };
-        let head = sign::sign(body, &domain.keys, &params)?;
-        body.splice(0..0, head);
+        sign::sign_split(fields, rest, &domain.keys, &params)
+    }
+
+    /// Puts the signature fields on top: one allocation of the final size and one
+    /// copy of the message (inserting in place would grow, then move it).
+    fn prepend(&self, body: &mut Vec<u8>, head: &[u8], domain: &keys::DomainKeys) {
+        let mut signed = Vec::with_capacity(head.len() + body.len());
+        signed.extend_from_slice(head);
+        signed.extend_from_slice(body);
+        *body = signed;
         for k in &domain.keys {
             self.metrics.signature(k.algorithm.as_str());
         }
-        Ok(domain.keys.len())
     }
 
     /// Signs an accepted message in place (the signature fields go on top), or
-    /// says why it is not signed.
+    /// says why it is not signed. The header is parsed once, for the `From:`
+    /// domain and the signature both.
     pub fn sign_accepted(&self, body: &mut Vec<u8>, now_unix: u64) -> Outcome {
         let set = self.keys();
-        let from = from_domain(body);
+        let (fields, rest) = canon::split(body);
+        let from = from_domain_in(&fields);
+        let mut head = None;
         if let Ok(d) = &from
             && let Some(keys) = set.lookup(d)
         {
-            match self.sign_with(body, keys, now_unix) {
-                Ok(n) => {
-                    self.metrics.message("signed", &keys.domain);
-                    return Outcome::Signed {
-                        domain: keys.domain.clone(),
-                        signatures: n,
-                    };
-                }
+            match self.signatures(&fields, rest, keys, now_unix) {
+                Ok(h) => head = Some((h, keys)),
                 Err(e) => {
                     // ring fails only on an internal error; the message goes as
                     // the policy says, like one without a key.
                     tracing::error!(domain = %keys.domain, error = %e, "DKIM signing failed");
                 }
             }
+        }
+        if let Some((h, keys)) = head {
+            self.prepend(body, &h, keys);
+            self.metrics.message("signed", &keys.domain);
+            return Outcome::Signed {
+                domain: keys.domain.clone(),
+                signatures: keys.keys.len(),
+            };
         }
         let reason = match &from {
             Ok(d) => format!("no DKIM key for From: domain {d}"),
@@ -270,15 +296,17 @@ impl Dkim {
     /// key its `From:` domain selects; never refused.
     pub fn sign_bounce(&self, body: &mut Vec<u8>, now_unix: u64) -> bool {
         let set = self.keys();
+        let (fields, rest) = canon::split(body);
         let domain = match &self.cfg.bounce_domain {
             Some(b) => Some(b.to_ascii_lowercase()),
-            None => from_domain(body).ok(),
+            None => from_domain_in(&fields).ok(),
         };
         let Some(keys) = domain.as_deref().and_then(|d| set.lookup(d)) else {
             return false;
         };
-        match self.sign_with(body, keys, now_unix) {
-            Ok(_) => {
+        match self.signatures(&fields, rest, keys, now_unix) {
+            Ok(h) => {
+                self.prepend(body, &h, keys);
                 self.metrics.message("signed", &keys.domain);
                 true
             }
@@ -305,6 +333,7 @@ impl Dkim {
         }
         match load_keys(&self.cfg) {
             Ok(set) => {
+                log_warnings(&set);
                 self.metrics.keys_loaded(set.key_count());
                 self.metrics.reload("ok");
                 *self.keys.write().expect("dkim keys lock") = Arc::new(set);

@@ -841,6 +841,7 @@ fn keys_dir_reloads_without_restart_and_keeps_old_keys_on_a_bad_set() {
 fn bad_keys_are_refused_at_startup_naming_the_field() {
     let keys = Keys::new();
     keys.generate("short", "rsa:1024");
+    keys.generate("tiny", "rsa:768");
     keys.generate("ed", "ed25519");
     std::fs::write(
         keys.path("junk.pem"),
@@ -864,9 +865,32 @@ fn bad_keys_are_refused_at_startup_naming_the_field() {
             keys.path(file).display()
         )
     };
-    let e = check(&sel("rsa-sha256", "short.pem"));
+    let e = check(&sel("rsa-sha256", "tiny.pem"));
     assert!(
-        e.contains("dkim.domains[0].selectors[0].key_file") && e.contains("1024 bits"),
+        e.contains("dkim.domains[0].selectors[0].key_file")
+            && e.contains("768 bits")
+            && e.contains("RFC 8301"),
+        "{e}"
+    );
+    // 1024-2047 bits: accepted, with a warning naming the field.
+    let file = keys.path("cfg-short.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "hostname: relay.test\ndkim:\n{}",
+            sel("rsa-sha256", "short.pem")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .arg("check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a 1024-bit key is refused: {e}");
+    assert!(
+        e.contains("warning: dkim.domains[0].selectors[0].key_file") && e.contains("1024 bits"),
         "{e}"
     );
     let e = check(&sel("rsa-sha256", "missing.pem"));
@@ -890,5 +914,125 @@ fn bad_keys_are_refused_at_startup_naming_the_field() {
     assert!(
         e.contains("dkim.domains[0].domain") && e.contains("not a valid DNS name"),
         "{e}"
+    );
+}
+
+/// RSA keys of 1024-2047 bits sign (RFC 8301 only discourages them), with a
+/// warning naming the field in the log; dkimpy (which refuses keys under 1024
+/// bits) verifies the signature.
+#[test]
+fn a_1024_bit_rsa_key_signs_with_a_warning() {
+    let keys = Keys::new();
+    let short = keys.generate("short", "rsa:1024");
+    let mx = Mx::start(json!({}));
+    let dns = Dnsmasq::start(&[
+        Record::mx("dest.test", 10, "mx.dest.test"),
+        Record::host("mx.dest.test", &["127.0.0.1"]),
+        Record::txt("old._domainkey.short.test", &short),
+    ]);
+    let cfg = format!(
+        "dkim:
+  domains:
+    - {{domain: short.test, selectors: [{{selector: old, algorithm: rsa-sha256, key_file: '{}'}}]}}
+",
+        keys.path("short.pem").display()
+    );
+    let relay = relay_with_dns(&dns, mx.port, &cfg);
+    let msg = message(
+        "a@short.test",
+        "short@short.test",
+        "",
+        "signed with a short key\r\n",
+    );
+    assert_eq!(
+        send(&relay, "a@short.test", &["bob@dest.test"], &msg, "").0,
+        250
+    );
+    let got = delivered(&mx, &relay, "short@short.test");
+    let sigs = verified(&dns, &got);
+    assert_eq!(
+        (sigs.len(), sigs[0].d.as_str(), sigs[0].a.as_str()),
+        (1, "short.test", "rsa-sha256")
+    );
+    let text = String::from_utf8(got).unwrap();
+    let tampered = text.replace("signed with a short key", "signed with a shorter key");
+    assert!(!verify(&dns, tampered.as_bytes())[0].ok);
+    let log = relay.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("DKIM key accepted with a warning"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "once, at start-up:\n{log}");
+    assert!(
+        warnings[0].contains("dkim.domains[0].selectors[0].key_file")
+            && warnings[0].contains("1024 bits"),
+        "{log}"
+    );
+}
+
+/// A bounce the quota defer gate causes (mail held past the queue lifetime
+/// expires untried, 4.4.7) is signed with the relay's own domain like every DSN.
+#[test]
+fn dsns_of_mail_the_defer_gate_held_too_long_are_signed() {
+    let keys = Keys::new();
+    let ed = keys.generate("ed", "ed25519");
+    let mx = Mx::start(json!({}));
+    let dns = Dnsmasq::start(&[
+        Record::mx("dest.test", 10, "mx.dest.test"),
+        Record::mx("sender.test", 10, "mx.dest.test"),
+        Record::host("mx.dest.test", &["127.0.0.1"]),
+        Record::txt("e1._domainkey.relay-own.test", &ed),
+    ]);
+    let cfg = format!(
+        "  retry: {{first: 1s, max_backoff: 2s, jitter: 0.0, max_lifetime: 4s}}
+dkim:
+  unsigned_policy: allow
+  bounce_domain: relay-own.test
+  domains:
+    - {{domain: relay-own.test, selectors: [{{selector: e1, algorithm: ed25519-sha256, key_file: '{}'}}]}}
+quotas:
+  - {{name: hourly, direction: ingress, action: defer, match: {{senders: ['once@sender.test']}}, limits: [1/1h]}}
+",
+        keys.path("ed.pem").display()
+    );
+    let relay = relay_with_dns(&dns, mx.port, &cfg);
+    let first = message("once@sender.test", "first@sender.test", "", "first\r\n");
+    assert_eq!(
+        send(&relay, "once@sender.test", &["first@dest.test"], &first, "").0,
+        250
+    );
+    delivered(&mx, &relay, "first@sender.test");
+    // The hour's one message is spent: the next is held, then expires.
+    let held = message("once@sender.test", "held@sender.test", "", "held\r\n");
+    assert_eq!(
+        send(&relay, "once@sender.test", &["held@dest.test"], &held, "").0,
+        250
+    );
+    let recs = mx.wait_for(
+        "the DSN of the held message",
+        || relay.log(),
+        |r| r.iter().any(|m| m["rcpts"][0] == "once@sender.test"),
+    );
+    let dsn = content(
+        recs.iter()
+            .find(|m| m["rcpts"][0] == "once@sender.test")
+            .unwrap(),
+    );
+    let text = String::from_utf8_lossy(&dsn).into_owned();
+    assert!(
+        text.contains("Status: 4.4.7") && text.contains("held@dest.test"),
+        "{text}"
+    );
+    // Never tried: the gate held it to the end.
+    assert!(
+        !mx.records()
+            .iter()
+            .any(|m| m["rcpts"][0] == "held@dest.test"),
+        "the held message was sent"
+    );
+    let sigs = verified(&dns, &dsn);
+    assert_eq!(
+        (sigs.len(), sigs[0].d.as_str(), sigs[0].a.as_str()),
+        (1, "relay-own.test", "ed25519-sha256")
     );
 }
