@@ -54,10 +54,7 @@ pub struct ProvidersConfig {
 )]
 pub struct PresetOverride {
     /// Replaces the preset's connection cap per MX site.
-    #[serde(
-        alias = "maxConnections",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(alias = "maxConnections", skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
     /// Replaces the preset's limits (`[]` = no rate).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -484,10 +481,7 @@ pub fn enabled_presets(p: &ProvidersConfig) -> Result<Vec<Preset>, (String, Stri
             let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
             return Err((
                 format!("providers.presets[{i}]"),
-                format!(
-                    "unknown preset {n:?} (known: {}, or all)",
-                    known.join(", ")
-                ),
+                format!("unknown preset {n:?} (known: {}, or all)", known.join(", ")),
             ));
         }
     }
@@ -584,10 +578,10 @@ pub fn preset_pacing(
     for p in enabled_presets(providers)? {
         let pacing = p.pacing.clone().unwrap_or_default();
         let ov = providers.overrides.get(&p.name);
-        let maxc = ov.and_then(|o| o.max_connections).or(pacing.max_connections);
-        let limits = ov
-            .and_then(|o| o.limits.clone())
-            .unwrap_or(pacing.limits);
+        let maxc = ov
+            .and_then(|o| o.max_connections)
+            .or(pacing.max_connections);
+        let limits = ov.and_then(|o| o.limits.clone()).unwrap_or(pacing.limits);
         if maxc.is_some() || !limits.is_empty() {
             out.push((p.name.clone(), p.destination.clone(), maxc, limits));
         }
@@ -598,8 +592,7 @@ pub fn preset_pacing(
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 63
-        && n
-            .bytes()
+        && n.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
@@ -607,9 +600,9 @@ fn valid_name(n: &str) -> bool {
 fn valid_enhanced(p: &str) -> bool {
     let parts: Vec<&str> = p.split('.').collect();
     parts.len() == 3
-        && parts
-            .iter()
-            .all(|s| *s == "*" || (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit())))
+        && parts.iter().all(|s| {
+            *s == "*" || (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_digit()))
+        })
 }
 
 /// Compiles a rule's text regex with the size limit.
@@ -640,7 +633,10 @@ pub fn validate_rule(f: &str, r: &ResponseRule) -> Result<(), (String, String)> 
     }
     for (i, g) in r.destination.mx_hosts.iter().enumerate() {
         if g.trim().is_empty() {
-            return Err((at(&format!("destination.mx_hosts[{i}]")), "empty pattern".into()));
+            return Err((
+                at(&format!("destination.mx_hosts[{i}]")),
+                "empty pattern".into(),
+            ));
         }
     }
     for (i, g) in r.destination.destination_domains.iter().enumerate() {
@@ -701,12 +697,18 @@ pub fn validate_rule(f: &str, r: &ResponseRule) -> Result<(), (String, String)> 
         if let Some(x) = t.factor
             && !(x > 0.0 && x < 1.0)
         {
-            return Err((at("throttle.factor"), format!("{x} is not between 0 and 1 (exclusive)")));
+            return Err((
+                at("throttle.factor"),
+                format!("{x} is not between 0 and 1 (exclusive)"),
+            ));
         }
         if let Some(l) = t.rate
             && (l.count == 0 || l.window.is_zero())
         {
-            return Err((at("throttle.rate"), format!("{l} allows nothing; use action: suspend")));
+            return Err((
+                at("throttle.rate"),
+                format!("{l} allows nothing; use action: suspend"),
+            ));
         }
         if let Some(0) = t.max_connections {
             return Err((
@@ -828,12 +830,30 @@ response_rules:
     #[test]
     fn bad_input_names_the_field() {
         let cases: &[(&str, &str)] = &[
-            ("match: { codes: [421], text: '(unclosed' }", "response_rules[0].match.text: invalid regex"),
-            ("match: { codes: [421] }\n    duration: 0s", "response_rules[0].duration: 0s is out of range"),
-            ("match: { codes: [421] }\n    duration: 8d", "response_rules[0].duration: 8d is out of range"),
-            ("match: { codes: [421] }", "response_rules[0].duration: required for action suspend"),
-            ("match: { enhanced: ['4.7'] }\n    duration: 1m", "response_rules[0].match.enhanced[0]"),
-            ("match: {}\n    duration: 1m", "response_rules[0].match: give at least one"),
+            (
+                "match: { codes: [421], text: '(unclosed' }",
+                "response_rules[0].match.text: invalid regex",
+            ),
+            (
+                "match: { codes: [421] }\n    duration: 0s",
+                "response_rules[0].duration: 0s is out of range",
+            ),
+            (
+                "match: { codes: [421] }\n    duration: 8d",
+                "response_rules[0].duration: 8d is out of range",
+            ),
+            (
+                "match: { codes: [421] }",
+                "response_rules[0].duration: required for action suspend",
+            ),
+            (
+                "match: { enhanced: ['4.7'] }\n    duration: 1m",
+                "response_rules[0].match.enhanced[0]",
+            ),
+            (
+                "match: {}\n    duration: 1m",
+                "response_rules[0].match: give at least one",
+            ),
         ];
         for (body, want) in cases {
             let y = format!(
@@ -843,25 +863,53 @@ response_rules:
             assert!(e.starts_with(want), "{body}: got {e}");
         }
         let e = check("response_rules:\n  - name: r\n    match: { codes: [421] }\n    action: suspend\n    duration: 1m\n").unwrap_err();
-        assert!(e.starts_with("response_rules[0].destination: give at least one"), "{e}");
+        assert!(
+            e.starts_with("response_rules[0].destination: give at least one"),
+            "{e}"
+        );
         let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [421] }\n    action: throttle\n    duration: 1m\n").unwrap_err();
-        assert!(e.starts_with("response_rules[0].throttle: action throttle needs"), "{e}");
+        assert!(
+            e.starts_with("response_rules[0].throttle: action throttle needs"),
+            "{e}"
+        );
         let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [421] }\n    action: throttle\n    duration: 1m\n    throttle: {}\n").unwrap_err();
-        assert!(e.starts_with("response_rules[0].throttle: give at least one"), "{e}");
+        assert!(
+            e.starts_with("response_rules[0].throttle: give at least one"),
+            "{e}"
+        );
         let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [421] }\n    action: throttle\n    duration: 1m\n    throttle: { factor: 1.5 }\n").unwrap_err();
         assert!(e.starts_with("response_rules[0].throttle.factor"), "{e}");
         let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [550] }\n    action: reclassify\n").unwrap_err();
-        assert!(e.starts_with("response_rules[0].reclassify: action reclassify needs"), "{e}");
+        assert!(
+            e.starts_with("response_rules[0].reclassify: action reclassify needs"),
+            "{e}"
+        );
         let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [550] }\n    action: bounce\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [551] }\n    action: bounce\n").unwrap_err();
-        assert!(e.starts_with("response_rules[1].name: \"r\" is used twice"), "{e}");
+        assert!(
+            e.starts_with("response_rules[1].name: \"r\" is used twice"),
+            "{e}"
+        );
         let e = check("providers: { presets: [nosuch] }").unwrap_err();
-        assert!(e.starts_with("providers.presets[0]: unknown preset \"nosuch\""), "{e}");
+        assert!(
+            e.starts_with("providers.presets[0]: unknown preset \"nosuch\""),
+            "{e}"
+        );
         let e = check("providers: { presets: [testprovider], overrides: { testprovider: { rules: { nope: { enabled: false } } } } }").unwrap_err();
-        assert!(e.starts_with("providers.overrides.testprovider.rules.nope"), "{e}");
-        let e = check("providers: { overrides: { testprovider: { max_connections: 3 } } }").unwrap_err();
-        assert!(e.starts_with("providers.overrides.testprovider: preset"), "{e}");
+        assert!(
+            e.starts_with("providers.overrides.testprovider.rules.nope"),
+            "{e}"
+        );
+        let e = check("providers: { overrides: { testprovider: { max_connections: 3 } } }")
+            .unwrap_err();
+        assert!(
+            e.starts_with("providers.overrides.testprovider: preset"),
+            "{e}"
+        );
         let e = check("providers: { presets: [testprovider], overrides: { testprovider: { rules: { testprovider-rate: { duration: 9d } } } } }").unwrap_err();
-        assert!(e.starts_with("providers.overrides.testprovider.rules.testprovider-rate.duration"), "{e}");
+        assert!(
+            e.starts_with("providers.overrides.testprovider.rules.testprovider-rate.duration"),
+            "{e}"
+        );
         // Codes are checked while parsing.
         assert!(check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: ['6xx'] }\n    action: bounce\n").is_err());
     }
@@ -873,7 +921,11 @@ response_rules:
             let p = parse_preset(name, text).unwrap_or_else(|(f, m)| panic!("{f}: {m}"));
             assert!(!p.destination.is_empty(), "{name}: no destination");
             for r in &p.rules {
-                assert!(r.name.starts_with(&format!("{name}-")), "{name}: rule {} not prefixed", r.name);
+                assert!(
+                    r.name.starts_with(&format!("{name}-")),
+                    "{name}: rule {} not prefixed",
+                    r.name
+                );
             }
         }
         let all = ProvidersConfig {
@@ -890,10 +942,19 @@ response_rules:
         )
         .unwrap();
         let rules = effective_rules(&[], &p).unwrap();
-        let rate = rules.iter().find(|(_, r)| r.name == "testprovider-rate").unwrap();
+        let rate = rules
+            .iter()
+            .find(|(_, r)| r.name == "testprovider-rate")
+            .unwrap();
         assert_eq!(rate.1.duration, Some(Duration::from_secs(1800)));
-        assert_eq!(rate.1.destination.mx_hosts, vec!["*.provider.test".to_string()]);
-        let blocked = rules.iter().find(|(_, r)| r.name == "testprovider-blocked").unwrap();
+        assert_eq!(
+            rate.1.destination.mx_hosts,
+            vec!["*.provider.test".to_string()]
+        );
+        let blocked = rules
+            .iter()
+            .find(|(_, r)| r.name == "testprovider-blocked")
+            .unwrap();
         assert!(!blocked.1.enabled);
         let pacing = preset_pacing(&p).unwrap();
         assert_eq!(pacing.len(), 1);

@@ -8,8 +8,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::queue::Leased;
+use crate::shaping::Tenant;
 use mailrelay_smtp::Reply;
-use mailrelay_smtp::client::{MessageOutcome, Outcome};
+use mailrelay_smtp::client::{MessageOutcome, Outcome, Stage};
 
 /// The futures the gates return: boxed, so the traits stay object safe.
 pub type GateFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -52,13 +53,21 @@ pub trait Pacing: Send + Sync + 'static {
     /// message it paces.
     fn names_domain(&self, domain: &str) -> bool;
 
+    /// Which tenant facts response rules scope by (what [`Tenant::of`] must
+    /// work out per message); empty when no rule is tenant-scoped.
+    fn tenant_keys(&self) -> Vec<crate::config::rules::TenantKey> {
+        Vec::new()
+    }
+
     /// Asks to open a connection to `dest` (after MX resolution) for messages of
-    /// the given (recipients, octets). `Err` says when the messages are due
-    /// instead; nothing is attempted then.
+    /// the given (recipients, octets), sent by `tenants` (one per message, or
+    /// none). `Err` says when the messages are due instead; nothing is attempted
+    /// then.
     fn open<'a>(
         &'a self,
         dest: Destination<'a>,
         sizes: &'a [(usize, usize)],
+        tenants: Vec<Tenant>,
     ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, Postponement>>;
 }
 
@@ -67,8 +76,13 @@ pub trait PacedConnection: Send {
     /// Message `index` is ready to start: `Ok` once it may, or the reply with which
     /// it and every later message are left unattempted.
     fn before_message(&mut self, index: usize) -> GateFuture<'_, Result<(), Reply>>;
-    /// Every reply read from the server.
-    fn on_reply(&mut self, reply: &Reply);
+    /// Every reply read from the server, with the stage it answers.
+    fn on_reply(&mut self, reply: &Reply, stage: Stage);
+    /// How a response rule reclassifies `reply`: `Some(Bounced)` or
+    /// `Some(Deferred)`, `None` as its code says.
+    fn classify(&self, _reply: &Reply, _stage: Stage) -> Option<Outcome> {
+        None
+    }
     /// The host failed before any message: whether the next MX host may be tried.
     fn try_next_host(&mut self) -> bool;
     /// Ends the connection; says which messages pacing held back, and until when.
@@ -88,6 +102,7 @@ impl Pacing for Unpaced {
         &'a self,
         _dest: Destination<'a>,
         _sizes: &'a [(usize, usize)],
+        _tenants: Vec<Tenant>,
     ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, Postponement>> {
         Box::pin(std::future::ready(Ok(
             Box::new(Unpaced) as Box<dyn PacedConnection>
@@ -100,7 +115,7 @@ impl PacedConnection for Unpaced {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn on_reply(&mut self, _reply: &Reply) {}
+    fn on_reply(&mut self, _reply: &Reply, _stage: Stage) {}
 
     fn try_next_host(&mut self) -> bool {
         true
@@ -124,12 +139,15 @@ pub struct Stop {
 
 /// What pacing did to a connection's messages: which ones it held back,
 /// unattempted, and until when. Every other message went its normal way.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Postponement {
     pub stop: Option<Stop>,
     /// The destination backed off (relay clock, ms): messages the server's
     /// rate-limit reply left unattempted wait until then.
     pub backoff_until_ms: Option<u64>,
+    /// Messages (by index) a response rule suspended (their tenant's or the
+    /// site's mail), and until when: this wins over `stop`.
+    pub held: Vec<(usize, u64)>,
 }
 
 impl Postponement {
@@ -143,6 +161,9 @@ impl Postponement {
                 .all(|r| r.result == Outcome::Deferred);
         if !untouched {
             return None;
+        }
+        if let Some((_, until)) = self.held.iter().find(|(i, _)| *i == index) {
+            return Some(*until);
         }
         if let Some(s) = self.stop
             && index >= s.index
@@ -188,6 +209,7 @@ mod tests {
                 spacing_ms: 500,
             }),
             backoff_until_ms: None,
+            held: vec![],
         };
         let waiting = outcome(false, &[Outcome::Deferred, Outcome::Deferred]);
         assert_eq!(p.due(0, &outcome(true, &[Outcome::Delivered])), None);
@@ -200,9 +222,12 @@ mod tests {
         let b = Postponement {
             stop: None,
             backoff_until_ms: Some(7_000),
+            held: vec![(2, 9_000)],
         };
         assert_eq!(b.due(0, &outcome(true, &[Outcome::Deferred])), None);
         assert_eq!(b.due(1, &waiting), Some(7_000));
+        // A suspended tenant's message waits for its suspension.
+        assert_eq!(b.due(2, &waiting), Some(9_000));
         assert_eq!(Postponement::default().due(1, &waiting), None);
     }
 }

@@ -4,8 +4,9 @@
 //! ConfigMap update swaps the file behind a symlink, which this sees too).
 //!
 //! The whole file is parsed and validated as at start-up; an invalid file is logged
-//! and ignored, and the quotas in force stay. Only `quotas:` is applied: other
-//! changes need a restart (and are logged as such). Counters are keyed by quota
+//! and ignored, and the quotas and rules in force stay. Only `quotas:`,
+//! `response_rules:` and `providers:` are applied: other changes need a restart
+//! (and are logged as such). Counters are keyed by quota
 //! name, so reloading never resets usage.
 
 use std::path::PathBuf;
@@ -48,12 +49,27 @@ pub fn parse(text: &[u8]) -> Result<RelayConfig, ConfigError> {
 pub fn apply(quotas: &Quotas, running: &RelayConfig, text: &[u8], path: &str) -> bool {
     match parse(text) {
         Ok(cfg) => {
-            let changed = quotas.reload(&cfg.quotas);
+            let mut changed = quotas.reload(&cfg.quotas);
             if changed {
                 info!(file = path, quotas = cfg.quotas.len(), "quotas reloaded");
             }
+            // Validated with the file; compiled here for the egress side. The file
+            // changed (or SIGHUP): rules are cheap to put in force again.
+            match (crate::shaping::Rules::from_config(&cfg), quotas.egress()) {
+                (Ok(rules), Some(e)) => {
+                    info!(file = path, rules = rules.len(), "response rules in force");
+                    e.set_rules(rules);
+                    changed = true;
+                }
+                (Ok(_), None) => {}
+                (Err((f, m)), _) => {
+                    warn!(file = path, field = %f, error = %m, "response rules invalid; keeping the rules in force");
+                }
+            }
             let mut rest = cfg;
             rest.quotas = running.quotas.clone();
+            rest.response_rules = running.response_rules.clone();
+            rest.providers = running.providers.clone();
             if &rest != running {
                 info!(
                     file = path,

@@ -12,6 +12,7 @@ use crate::quota::egress::{self, Egress, EgressConn};
 use crate::quota::ingress::gate::DeferGate;
 use crate::quota::ingress::model::{self, IngressFacts};
 use mailrelay_smtp::Reply;
+use mailrelay_smtp::client::{Outcome, Stage};
 use mailrelay_smtp::policy::{self, IngressPolicy};
 
 fn reply(r: crate::quota::reply::Reply) -> Reply {
@@ -85,6 +86,7 @@ fn postponement(p: egress::Postponement) -> gate::Postponement {
             spacing_ms: s.spacing_ms,
         }),
         backoff_until_ms: p.backoff_until_ms,
+        held: p.held,
     }
 }
 
@@ -96,10 +98,15 @@ impl gate::Pacing for EgressPacing {
         self.0.names_domain(domain)
     }
 
+    fn tenant_keys(&self) -> Vec<crate::config::rules::TenantKey> {
+        self.0.rules().tenant_keys.clone()
+    }
+
     fn open<'a>(
         &'a self,
         d: gate::Destination<'a>,
         sizes: &'a [(usize, usize)],
+        tenants: Vec<crate::shaping::Tenant>,
     ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, gate::Postponement>> {
         Box::pin(async move {
             let route = self.0.route(&egress::Destination {
@@ -108,7 +115,7 @@ impl gate::Pacing for EgressPacing {
                 smarthost: d.smarthost,
                 relay_host: d.relay_host,
             });
-            match self.0.open(route, sizes).await {
+            match self.0.open(route, sizes, tenants).await {
                 Ok(c) => Ok(Box::new(PacedConn(c)) as Box<dyn PacedConnection>),
                 Err(p) => Err(postponement(p)),
             }
@@ -123,10 +130,33 @@ impl PacedConnection for PacedConn {
         Box::pin(async move { self.0.before_message(index).await.map_err(reply) })
     }
 
-    fn on_reply(&mut self, r: &Reply) {
+    fn on_reply(&mut self, r: &Reply, stage: Stage) {
         let enhanced = r.enhanced.map(|e| (e.0, e.1, e.2));
+        self.0.on_reply(
+            r.code,
+            enhanced,
+            || r.to_string().trim_end().to_owned(),
+            crate::shaping::stage_of(stage),
+        );
+    }
+
+    fn classify(&self, r: &Reply, stage: Stage) -> Option<Outcome> {
+        let enhanced = r.enhanced.map(|e| (e.0, e.1, e.2));
+        let text = r.to_string();
         self.0
-            .on_reply(r.code, enhanced, || r.to_string().trim_end().to_owned());
+            .classify(
+                r.code,
+                enhanced,
+                text.trim_end(),
+                crate::shaping::stage_of(stage),
+            )
+            .map(|permanent| {
+                if permanent {
+                    Outcome::Bounced
+                } else {
+                    Outcome::Deferred
+                }
+            })
     }
 
     fn try_next_host(&mut self) -> bool {
