@@ -163,7 +163,7 @@ async fn open_quotas(
         None => Arc::new(quota::ingress::memory::MemoryStore::new()),
     };
     Ok(Quotas::new(
-        &cfg.quotas,
+        &cfg.effective_quotas(),
         store,
         metrics,
         cfg.queue.write_timeout,

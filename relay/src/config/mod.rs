@@ -266,6 +266,14 @@ impl RelayConfig {
         self.validate()
     }
 
+    /// `quotas:` and the egress quotas the enabled presets' pacing adds
+    /// (`preset-<name>`, keyed by MX site).
+    pub fn effective_quotas(&self) -> Vec<quota::QuotaConfig> {
+        let mut q = self.quotas.clone();
+        q.extend(rules::preset_quotas(&self.providers));
+        q
+    }
+
     /// Checks every section; the error names the first offending field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(a) = &self.auth {
@@ -314,6 +322,15 @@ impl RelayConfig {
         quota::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         quota::validate_reach(&self.quotas, &self.delivery).map_err(|(f, m)| invalid(f, m))?;
         rules::validate(&self.response_rules, &self.providers).map_err(|(f, m)| invalid(f, m))?;
+        let presets = rules::preset_quotas(&self.providers);
+        if !presets.is_empty() {
+            quota::validate(&self.effective_quotas()).map_err(|(f, m)| {
+                invalid(
+                    "providers.presets",
+                    format!("the presets' pacing as egress quotas: {f}: {m}"),
+                )
+            })?;
+        }
         Ok(())
     }
 }

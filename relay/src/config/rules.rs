@@ -569,11 +569,12 @@ pub fn effective_rules(
     Ok(out)
 }
 
+/// `(preset, destination, max_connections, limits)` of one preset's pacing.
+pub type PresetPacingOf = (String, DestinationSelector, Option<u32>, Vec<Limit>);
+
 /// The egress pacing presets bring: `(preset, destination, max_connections,
 /// limits)` after overrides, for presets that set any.
-pub fn preset_pacing(
-    providers: &ProvidersConfig,
-) -> Result<Vec<(String, DestinationSelector, Option<u32>, Vec<Limit>)>, (String, String)> {
+pub fn preset_pacing(providers: &ProvidersConfig) -> Result<Vec<PresetPacingOf>, (String, String)> {
     let mut out = Vec::new();
     for p in enabled_presets(providers)? {
         let pacing = p.pacing.clone().unwrap_or_default();
@@ -587,6 +588,32 @@ pub fn preset_pacing(
         }
     }
     Ok(out)
+}
+
+/// The egress quotas presets' pacing becomes: `preset-<name>`, one counter per
+/// MX site (how providers count), matching the preset's destination.
+pub fn preset_quotas(providers: &ProvidersConfig) -> Vec<super::quota::QuotaConfig> {
+    use super::quota::{Direction, KeyBy, QuotaConfig, QuotaMatch, Scope, Unit};
+    preset_pacing(providers)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(name, d, maxc, limits)| QuotaConfig {
+            name: format!("preset-{name}"),
+            direction: Direction::Egress,
+            matcher: QuotaMatch {
+                destination_domains: d.destination_domains,
+                mx_hosts: d.mx_hosts,
+                smarthost: d.smarthost,
+                ..QuotaMatch::default()
+            },
+            limits,
+            unit: Unit::Messages,
+            scope: Scope::PerKey,
+            key: KeyBy::MxSite,
+            action: Default::default(),
+            max_connections: maxc,
+        })
+        .collect()
 }
 
 fn valid_name(n: &str) -> bool {
@@ -960,5 +987,16 @@ response_rules:
         assert_eq!(pacing.len(), 1);
         assert_eq!(pacing[0].2, Some(7));
         assert_eq!(pacing[0].3[0].to_string(), "10/1m");
+        let q = preset_quotas(&p);
+        assert_eq!(q[0].name, "preset-testprovider");
+        assert_eq!(q[0].key, super::super::quota::KeyBy::MxSite);
+        assert_eq!(q[0].matcher.mx_hosts, vec!["*.provider.test".to_string()]);
+        assert_eq!(q[0].max_connections, Some(7));
+        // No override: the test preset sets no pacing, so no quota.
+        let plain = ProvidersConfig {
+            presets: vec!["testprovider".into()],
+            ..Default::default()
+        };
+        assert!(preset_quotas(&plain).is_empty());
     }
 }

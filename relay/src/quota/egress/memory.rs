@@ -118,7 +118,7 @@ impl MemoryStore {
         let sites: Vec<String> = st.shaping.keys().cloned().collect();
         let mut out = Vec::new();
         for site in sites {
-            for s in Self::shaping_at(&mut *st, &site, now).0 {
+            for s in Self::shaping_at(&mut st, &site, now).0 {
                 out.push((site.clone(), s));
             }
         }

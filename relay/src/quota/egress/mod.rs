@@ -423,9 +423,9 @@ impl Egress {
     pub async fn from_config(cfg: &crate::config::RelayConfig) -> Result<Self, EgressError> {
         match (cfg.queue.effective_backend(), &cfg.queue.redis) {
             (crate::config::QueueBackendKind::Redis, Some(r)) => {
-                Self::redis(r, &cfg.quotas, cfg.delivery.lease).await
+                Self::redis(r, &cfg.effective_quotas(), cfg.delivery.lease).await
             }
-            _ => Ok(Self::embedded(&cfg.quotas, cfg.delivery.lease)),
+            _ => Ok(Self::embedded(&cfg.effective_quotas(), cfg.delivery.lease)),
         }
     }
 
