@@ -368,3 +368,139 @@ fn a_reclassified_daily_limit_is_retried_and_a_suspension_lifts_by_hand() {
         t - complained
     );
 }
+
+/// The Redis scripts keep rule states as the embedded store does: a site-wide
+/// suspension answers like a back-off, a site-wide throttle slows the pacing, a
+/// tenant's state comes back with the verdict, an expired one is gone, a lift
+/// ends one.
+#[test]
+fn redis_rule_states_agree_with_the_embedded_store() {
+    use mailrelay::config::rules::RuleAction;
+    use mailrelay::quota::egress::backoff::BackoffPolicy;
+    use mailrelay::quota::egress::memory::MemoryStore;
+    use mailrelay::quota::egress::pacer::Window;
+    use mailrelay::quota::egress::redis::RedisStore;
+    use mailrelay::quota::egress::store::{Acquire, KeyRef, PacingStore, Timing, Verdict};
+    use mailrelay::shaping::State;
+
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = RedisStore::connect(&redis.config("sh")).await.unwrap();
+        let m = MemoryStore::new();
+        let stores: [&dyn PacingStore; 2] = [&r, &m];
+        let keys = [KeyRef {
+            quota: "q".into(),
+            key: "site".into(),
+            windows: vec![Window {
+                window_ms: 1_000,
+                limit: 10,
+            }],
+            max_connections: None,
+        }];
+        let timing = Timing {
+            max_wait_ms: 5_000,
+            flight_ttl_ms: 4_000,
+            lease_ttl_ms: 3_000,
+        };
+        let state = |field: &str, action, factor| State {
+            field: field.into(),
+            action,
+            until_ms: 0,
+            factor,
+            rule: "r1".into(),
+            reply: "421 4.7.0 [TSS04] x|y".into(),
+        };
+        let t0 = 1_700_000_000_000u64;
+        let mut answers = Vec::new();
+        for (i, s) in stores.iter().enumerate() {
+            let token = format!("t{i}");
+            let acquire = |now, site| Acquire {
+                site,
+                keys: &keys,
+                costs: &[1],
+                token: Some(&token),
+                commit: None,
+                lease: None,
+                timing,
+                policy: BackoffPolicy::default(),
+                now_ms: Some(now),
+            };
+            // A tenant's suspension and a site throttle at half rate.
+            let tenant = state("sender_domain:a.test", RuleAction::Suspend, 1.0);
+            assert_eq!(
+                s.shaping_set("s1", &tenant, 60_000, Some(t0))
+                    .await
+                    .unwrap(),
+                (t0 + 60_000, t0)
+            );
+            s.shaping_set(
+                "s1",
+                &state("*", RuleAction::Throttle, 0.5),
+                30_000,
+                Some(t0),
+            )
+            .await
+            .unwrap();
+            // A shorter state of the same kind does not cut a longer one short.
+            assert_eq!(
+                s.shaping_set("s1", &tenant, 1_000, Some(t0)).await.unwrap(),
+                (t0 + 60_000, t0)
+            );
+            let mut grants = Vec::new();
+            for k in 0..3 {
+                let a = s.acquire(&acquire(t0 + k, "s1")).await.unwrap();
+                grants.push(a.verdict);
+                let fields: Vec<&str> = a.states.iter().map(|s| s.field.as_str()).collect();
+                assert_eq!(fields, ["*", "sender_domain:a.test"], "store {i}");
+                assert_eq!(a.states[1].reply, "421 4.7.0 [TSS04] x|y");
+                assert_eq!(a.states[1].until_ms, t0 + 60_000);
+            }
+            // A site suspension answers like a back-off.
+            s.shaping_set(
+                "s2",
+                &state("*", RuleAction::Suspend, 1.0),
+                20_000,
+                Some(t0),
+            )
+            .await
+            .unwrap();
+            let b = s.acquire(&acquire(t0, "s2")).await.unwrap();
+            assert_eq!(
+                b.verdict,
+                Verdict::BackedOff {
+                    until_ms: t0 + 20_000
+                }
+            );
+            let (_, listed) = s.shaping_list(Some(t0 + 1)).await.unwrap();
+            let sites: Vec<(&str, &str)> = listed
+                .iter()
+                .map(|(site, st)| (site.as_str(), st.field.as_str()))
+                .collect();
+            assert_eq!(
+                sites,
+                [("s1", "*"), ("s1", "sender_domain:a.test"), ("s2", "*")]
+            );
+            assert!(s.shaping_lift("s2", "*").await.unwrap());
+            assert!(!s.shaping_lift("s2", "*").await.unwrap());
+            let after = s.acquire(&acquire(t0 + 5, "s2")).await.unwrap();
+            assert!(
+                matches!(after.verdict, Verdict::Granted { .. }),
+                "{after:?}"
+            );
+            // Expired: gone from the verdict and the list.
+            let late = s.acquire(&acquire(t0 + 61_000, "s1")).await.unwrap();
+            assert!(late.states.is_empty(), "{late:?}");
+            answers.push(grants);
+        }
+        assert_eq!(answers[0], answers[1], "Redis and memory disagree");
+        // Half rate: 10/1s paced at 200 ms, the burst aside.
+        let Verdict::Granted { at_ms: first } = answers[0][0] else {
+            panic!("{:?}", answers[0])
+        };
+        assert_eq!(first, t0);
+    });
+}

@@ -1317,8 +1317,15 @@ impl EgressConn {
                         }
                     }
                 }
-                // The rule decides: no generic back-off for this reply.
-                return;
+                // The rule decides: no generic back-off for this reply, unless it
+                // is a throttle this relay cannot enforce yet (per tenant, or
+                // without a factor): then the site backs off as before, so a
+                // rule never leaves the relay less careful than no rule.
+                let enforced = rule.action != RuleAction::Throttle
+                    || (rule.scope == RuleScope::Site && rule.factor < 1.0);
+                if enforced {
+                    return;
+                }
             }
             got = Some(t);
         }

@@ -345,6 +345,8 @@ impl RedisStore {
                 states.push(s);
             }
         }
+        // As the embedded store answers: by scope field.
+        states.sort_by(|a, b| a.field.cmp(&b.field));
         let (at, now) = (at.max(0) as u64, now.max(0) as u64);
         let verdict = match code {
             0 => Verdict::Granted { at_ms: at },
