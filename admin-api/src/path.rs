@@ -21,6 +21,8 @@ pub mod routes {
     pub const QUEUE_RETRY: &str = "/api/v1/queue/retry";
     pub const QUOTAS: &str = "/api/v1/quotas";
     pub const QUOTA: &str = "/api/v1/quotas/{name}";
+    pub const SHAPING: &str = "/api/v1/shaping";
+    pub const SHAPING_LIFT: &str = "/api/v1/shaping/{id}/lift";
 }
 
 /// Everything but `A-Z a-z 0-9 - . _ ~` is escaped.
@@ -56,6 +58,10 @@ pub enum Call {
     Quotas,
     /// `GET /api/v1/quotas/{name}[?key=K]`
     Quota { name: String, key: Option<String> },
+    /// `GET /api/v1/shaping`: response-rule states in force.
+    Shaping,
+    /// `POST /api/v1/shaping/{id}/lift`: ends one by hand.
+    ShapingLift(String),
 }
 
 /// The HTTP methods the API uses.
@@ -85,11 +91,14 @@ impl Method {
 impl Call {
     pub fn method(&self) -> Method {
         match self {
-            Call::Stats | Call::List(_) | Call::Show(_) | Call::Quotas | Call::Quota { .. } => {
-                Method::Get
-            }
+            Call::Stats
+            | Call::List(_)
+            | Call::Show(_)
+            | Call::Quotas
+            | Call::Quota { .. }
+            | Call::Shaping => Method::Get,
             Call::Delete(_) => Method::Delete,
-            Call::Retry(_) => Method::Post,
+            Call::Retry(_) | Call::ShapingLift(_) => Method::Post,
         }
     }
 
@@ -116,6 +125,8 @@ impl Call {
                 },
             ),
             Call::Quotas => routes::QUOTAS.to_owned(),
+            Call::Shaping => routes::SHAPING.to_owned(),
+            Call::ShapingLift(id) => format!("{}/{}/lift", routes::SHAPING, segment(id)),
             Call::Quota { name, key } => with_query(
                 &format!("{}/{}", routes::QUOTAS, segment(name)),
                 &KeyQuery { key: key.clone() },

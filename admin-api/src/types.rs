@@ -490,3 +490,53 @@ mod tests {
         );
     }
 }
+
+// ---------------------------------------------------------------- shaping
+
+/// `GET /api/v1/shaping`: the response-rule states in force across the relays
+/// sharing the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapingList {
+    pub states: Vec<ShapingState>,
+}
+
+/// One state a `suspend` or `throttle` rule started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapingState {
+    /// What `POST /api/v1/shaping/{id}/lift` takes: `<scope>@<site>`.
+    pub id: String,
+    /// The MX site (MX host names joined by `,`, or the smarthost).
+    pub site: String,
+    /// `*` (the whole site) or `<tenant_key>:<value>`.
+    pub scope: String,
+    pub rule: String,
+    /// `suspend` or `throttle`.
+    pub action: String,
+    /// Rate factor of a throttle (1 = none), as text (`0.5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factor: Option<String>,
+    /// End, ms since the epoch (the relay's clock).
+    pub until_ms: u64,
+    pub remaining_seconds: u64,
+    /// The reply that started it.
+    pub reply: String,
+}
+
+impl ShapingState {
+    /// The id of a state: `<scope>@<site>` (a site never holds `@`).
+    pub fn id_of(scope: &str, site: &str) -> String {
+        format!("{scope}@{site}")
+    }
+
+    /// `(site, scope)` of an id.
+    pub fn parse_id(id: &str) -> Option<(&str, &str)> {
+        let (scope, site) = id.rsplit_once('@')?;
+        (!scope.is_empty() && !site.is_empty()).then_some((site, scope))
+    }
+}
+
+/// The answer of `POST /api/v1/shaping/{id}/lift`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lifted {
+    pub lifted: bool,
+}

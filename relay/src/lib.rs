@@ -16,3 +16,4 @@ pub mod queue;
 pub mod quota;
 pub mod redis_conn;
 pub mod server;
+pub mod shaping;

@@ -49,6 +49,8 @@ enum Command {
     Queue(mailrelay::cli::queue::QueueArgs),
     /// Show send quota usage of a running relay through its admin API.
     Quota(mailrelay::cli::quota::QuotaArgs),
+    /// Show and lift response-rule states (suspensions, throttles) of the relays.
+    Shaping(mailrelay::cli::shaping::ShapingArgs),
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
@@ -87,6 +89,7 @@ fn main() -> std::process::ExitCode {
         },
         Command::Queue(args) => return mailrelay::cli::queue::run(args),
         Command::Quota(args) => return mailrelay::cli::quota::run(args),
+        Command::Shaping(args) => return mailrelay::cli::shaping::run(args),
         Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -163,7 +166,7 @@ async fn open_quotas(
         None => Arc::new(quota::ingress::memory::MemoryStore::new()),
     };
     Ok(Quotas::new(
-        &cfg.quotas,
+        &cfg.effective_quotas(),
         store,
         metrics,
         cfg.queue.write_timeout,
@@ -313,6 +316,12 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             .await
             .context("connecting egress pacing to its store")?
             .with_metrics(egress_metrics);
+        let rules = mailrelay::shaping::Rules::from_config(&cfg)
+            .map_err(|(f, m)| anyhow::anyhow!("invalid config: field `{f}`: {m}"))?;
+        if !rules.is_empty() {
+            info!(rules = rules.len(), "response rules in force");
+        }
+        egress.set_rules(rules);
         quotas.set_egress_usage(Arc::new(egress.clone()));
         info!(store = egress.backend(), "egress pacing ready");
         Some(

@@ -752,8 +752,9 @@ impl<'m> ClientSession<'m> {
         }
     }
 
-    /// The stage a failure now would be charged to.
-    fn stage(&self) -> Stage {
+    /// The stage a failure now would be charged to (and the stage the next reply
+    /// answers).
+    pub fn stage(&self) -> Stage {
         match &self.state {
             State::Greeting => Stage::Greeting,
             State::Ehlo | State::Helo => Stage::Ehlo,

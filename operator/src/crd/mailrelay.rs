@@ -260,6 +260,16 @@ pub struct MailRelaySpec {
     /// The keys come from the SenderDomains selecting this relay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dkim: Option<RelayDkimSpec>,
+    /// Shipped provider presets to enable (`[gmail, yahoo]` or `[all]`) and
+    /// overrides of their values; see docs/response-rules.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub providers: Option<mailrelay::config::rules::ProvidersConfig>,
+    /// Response rules: what a remote reply means for a destination (suspend,
+    /// throttle, reclassify, bounce), scoped to the site or to the tenant it
+    /// concerns; evaluated before the presets' rules, first match wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub response_rules: Vec<mailrelay::config::rules::ResponseRule>,
 }
 
 /// `spec.dkim` of a MailRelay.

@@ -313,6 +313,8 @@ pub fn relay_config(
         cfg.sender_binding = Some(sender_binding(b, &cfg.relay_networks)?);
     }
     cfg.dkim = Some(super::dkim::relay_dkim(spec)?);
+    cfg.providers = spec.providers.clone().unwrap_or_default();
+    cfg.response_rules = spec.response_rules.clone();
     cfg.validate().map_err(|e| match e {
         mailrelay::config::ConfigError::Invalid { field, message } => {
             spec_err(relay_field(&field), message)
@@ -495,6 +497,8 @@ fn relay_field(field: &str) -> String {
             return format!("spec.delivery{}", camel_path(&rest));
         }
         "queue" => ("spec.redis", rest.strip_prefix(".redis").unwrap_or("")),
+        "response_rules" => ("spec.responseRules", rest),
+        "providers" => ("spec.providers", rest),
         _ => return format!("spec ({field})"),
     };
     format!("{mapped}{}", camel_path(rest))

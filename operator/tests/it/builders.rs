@@ -1548,3 +1548,57 @@ fn bad_sender_bindings_are_refused_naming_the_field() {
         assert_eq!(e.field, field, "{to}: {e}");
     }
 }
+
+const RULES: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: MailRelay
+metadata: {name: rules, namespace: mail}
+spec:
+  hostname: relay.example.com
+  redis: {url: 'redis://redis:6379'}
+  providers:
+    presets: [testprovider]
+    overrides:
+      testprovider:
+        rules:
+          testprovider-rate: {duration: 30m}
+  responseRules:
+    - name: yahoo-tss04
+      destination: {mxHosts: ['*.yahoodns.net']}
+      match: {codes: [421, '4xx'], enhanced: ['4.7.0'], text: '\\[TSS04\\]', stages: [mail, rcpt]}
+      action: suspend
+      scope: tenant
+      tenantKey: dkimDomain
+      duration: 10m
+";
+
+/// `spec.responseRules` and `spec.providers` reach the relay config as written;
+/// bad ones are refused naming the MailRelay field.
+#[test]
+fn response_rules_and_presets_reach_the_relay_config() {
+    let o = build(&relay(RULES), &[], &ResolvedSecrets::default());
+    let cfg = rendered(&o);
+    assert_eq!(cfg.response_rules.len(), 1);
+    let r = &cfg.response_rules[0];
+    assert_eq!(r.name, "yahoo-tss04");
+    assert_eq!(
+        r.tenant_key,
+        Some(mailrelay::config::rules::TenantKey::DkimDomain)
+    );
+    assert_eq!(r.duration, Some(std::time::Duration::from_secs(600)));
+    assert_eq!(cfg.providers.presets, ["testprovider"]);
+    for (from, to, field) in [
+        ("'\\[TSS04\\]'", "'(unclosed'", "spec.responseRules[0].match.text"),
+        ("duration: 10m", "duration: 8d", "spec.responseRules[0].duration"),
+        ("presets: [testprovider]", "presets: [nosuch]", "spec.providers.presets[0]"),
+        (
+            "destination: {mxHosts: ['*.yahoodns.net']}",
+            "destination: {}",
+            "spec.responseRules[0].destination",
+        ),
+    ] {
+        assert!(RULES.contains(from), "{from}");
+        let e = build_err(&RULES.replacen(from, to, 1));
+        assert_eq!(e.field, field, "{to}: {e}");
+    }
+}

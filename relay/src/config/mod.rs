@@ -26,6 +26,7 @@ pub mod log;
 pub mod queue;
 pub mod quota;
 pub mod redis;
+pub mod rules;
 pub mod sender_binding;
 
 pub use admin::AdminConfig;
@@ -123,6 +124,13 @@ pub struct RelayConfig {
     /// DKIM signing of accepted mail (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dkim: Option<dkim::DkimConfig>,
+    /// Shipped provider presets to enable, and overrides of their values.
+    #[serde(skip_serializing_if = "rules::ProvidersConfig::is_empty")]
+    pub providers: rules::ProvidersConfig,
+    /// Rules turning remote replies into suspend / throttle / reclassify / bounce;
+    /// evaluated before the presets' rules; reloaded without a restart.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub response_rules: Vec<rules::ResponseRule>,
 }
 
 impl Default for RelayConfig {
@@ -144,6 +152,8 @@ impl Default for RelayConfig {
             shutdown_settle: Duration::ZERO,
             add_missing_headers: true,
             quotas: Vec::new(),
+            providers: rules::ProvidersConfig::default(),
+            response_rules: Vec::new(),
         }
     }
 }
@@ -256,6 +266,14 @@ impl RelayConfig {
         self.validate()
     }
 
+    /// `quotas:` and the egress quotas the enabled presets' pacing adds
+    /// (`preset-<name>`, keyed by MX site).
+    pub fn effective_quotas(&self) -> Vec<quota::QuotaConfig> {
+        let mut q = self.quotas.clone();
+        q.extend(rules::preset_quotas(&self.providers));
+        q
+    }
+
     /// Checks every section; the error names the first offending field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(a) = &self.auth {
@@ -303,6 +321,16 @@ impl RelayConfig {
         }
         quota::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         quota::validate_reach(&self.quotas, &self.delivery).map_err(|(f, m)| invalid(f, m))?;
+        rules::validate(&self.response_rules, &self.providers).map_err(|(f, m)| invalid(f, m))?;
+        let presets = rules::preset_quotas(&self.providers);
+        if !presets.is_empty() {
+            quota::validate(&self.effective_quotas()).map_err(|(f, m)| {
+                invalid(
+                    "providers.presets",
+                    format!("the presets' pacing as egress quotas: {f}: {m}"),
+                )
+            })?;
+        }
         Ok(())
     }
 }

@@ -11,8 +11,9 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::queue::Leased;
+use crate::shaping::Tenant;
 use mailrelay_smtp::Reply;
-use mailrelay_smtp::client::{MessageOutcome, Outcome};
+use mailrelay_smtp::client::{MessageOutcome, Outcome, Stage};
 
 pub use crate::quota::egress::{Destination, Postponement, Stop};
 pub use crate::quota::ingress::gate::Admitted;
@@ -32,13 +33,21 @@ pub trait Pacing: Send + Sync + 'static {
     /// message it paces.
     fn names_domain(&self, domain: &str) -> bool;
 
+    /// Which tenant facts response rules scope by (what [`Tenant::of`] must
+    /// work out per message); empty when no rule is tenant-scoped.
+    fn tenant_keys(&self) -> Vec<crate::config::rules::TenantKey> {
+        Vec::new()
+    }
+
     /// Asks to open a connection to `dest` (after MX resolution) for messages of
-    /// the given (recipients, octets). `Err` says when the messages are due
-    /// instead; nothing is attempted then.
+    /// the given (recipients, octets), sent by `tenants` (one per message, or
+    /// none). `Err` says when the messages are due instead; nothing is attempted
+    /// then.
     fn open<'a>(
         &'a self,
         dest: Destination<'a>,
         sizes: &'a [(usize, usize)],
+        tenants: Vec<Tenant>,
     ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, Postponement>>;
 }
 
@@ -47,8 +56,13 @@ pub trait PacedConnection: Send {
     /// Message `index` is ready to start: `Ok` once it may, or the reply with which
     /// it and every later message are left unattempted.
     fn before_message(&mut self, index: usize) -> GateFuture<'_, Result<(), Reply>>;
-    /// Every reply read from the server.
-    fn on_reply(&mut self, reply: &Reply);
+    /// Every reply read from the server, with the stage it answers.
+    fn on_reply(&mut self, reply: &Reply, stage: Stage);
+    /// How a response rule reclassifies `reply`: `Some(Bounced)` or
+    /// `Some(Deferred)`, `None` as its code says.
+    fn classify(&self, _reply: &Reply, _stage: Stage) -> Option<Outcome> {
+        None
+    }
     /// The host failed before any message: whether the next MX host may be tried.
     fn try_next_host(&mut self) -> bool;
     /// Ends the connection; says which messages pacing held back, and until when.
@@ -68,6 +82,7 @@ impl Pacing for Unpaced {
         &'a self,
         _dest: Destination<'a>,
         _sizes: &'a [(usize, usize)],
+        _tenants: Vec<Tenant>,
     ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, Postponement>> {
         Box::pin(std::future::ready(Ok(
             Box::new(Unpaced) as Box<dyn PacedConnection>
@@ -80,7 +95,7 @@ impl PacedConnection for Unpaced {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn on_reply(&mut self, _reply: &Reply) {}
+    fn on_reply(&mut self, _reply: &Reply, _stage: Stage) {}
 
     fn try_next_host(&mut self) -> bool {
         true
@@ -101,6 +116,9 @@ pub fn due(held: &Postponement, index: usize, outcome: &MessageOutcome) -> Optio
             .all(|r| r.result == Outcome::Deferred);
     if !untouched {
         return None;
+    }
+    if let Some((_, until)) = held.held.iter().find(|(i, _)| *i == index) {
+        return Some(*until);
     }
     if let Some(s) = held.stop
         && index >= s.index
@@ -145,6 +163,7 @@ mod tests {
                 spacing_ms: 500,
             }),
             backoff_until_ms: None,
+            held: vec![],
         };
         let waiting = outcome(false, &[Outcome::Deferred, Outcome::Deferred]);
         assert_eq!(due(&p, 0, &outcome(true, &[Outcome::Delivered])), None);
@@ -157,9 +176,12 @@ mod tests {
         let b = Postponement {
             stop: None,
             backoff_until_ms: Some(7_000),
+            held: vec![(2, 9_000)],
         };
         assert_eq!(due(&b, 0, &outcome(true, &[Outcome::Deferred])), None);
         assert_eq!(due(&b, 1, &waiting), Some(7_000));
+        // A suspended tenant's message waits for its suspension.
+        assert_eq!(due(&b, 2, &waiting), Some(9_000));
         assert_eq!(due(&Postponement::default(), 1, &waiting), None);
     }
 }

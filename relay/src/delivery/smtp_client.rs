@@ -293,8 +293,9 @@ pub trait MessageGate: Send {
         index: usize,
     ) -> impl std::future::Future<Output = Result<(), mailrelay_smtp::Reply>> + Send;
 
-    /// Every reply read from the server, before the session sees it.
-    fn on_reply(&mut self, _reply: &mailrelay_smtp::Reply) {}
+    /// Every reply read from the server, before the session sees it, with the
+    /// stage it answers.
+    fn on_reply(&mut self, _reply: &mailrelay_smtp::Reply, _stage: mailrelay_smtp::client::Stage) {}
 
     /// Message `index`'s transaction ended (see [`ClientSession::take_completed`]):
     /// called before the connection goes on to the next message, so the outcome can
@@ -367,7 +368,7 @@ pub async fn deliver_gated<G: MessageGate>(
                 let limit = timeouts.reply(session.timeout_kind());
                 match read_reply(&mut conn, &mut buf, limit).await {
                     Ok(reply) => {
-                        gate.on_reply(&reply);
+                        gate.on_reply(&reply, session.stage());
                         session.on_reply(reply);
                         while let Some((i, outcome)) = session.take_completed() {
                             let tls = session.tls().cloned();

@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use mailrelay_admin_api::path::routes;
-use mailrelay_admin_api::types::{ErrorBody, KeyQuery};
+use mailrelay_admin_api::types::{ErrorBody, KeyQuery, Lifted, ShapingList, ShapingState};
 
 use super::ingress::engine::Quotas;
 use super::ingress::store::StoreError;
@@ -24,6 +24,8 @@ pub fn routes(quotas: Arc<Quotas>) -> Router {
     Router::new()
         .route(routes::QUOTAS, get(list))
         .route(routes::QUOTA, get(show))
+        .route(routes::SHAPING, get(shaping))
+        .route(routes::SHAPING_LIFT, axum::routing::post(lift))
         .with_state(quotas)
 }
 
@@ -53,6 +55,42 @@ async fn list(State(quotas): State<Arc<Quotas>>) -> Response {
         }
     }
     Json(QuotaList { quotas: out }).into_response()
+}
+
+/// `GET /api/v1/shaping`: response-rule states in force (none while delivery is
+/// off in this relay: the states live with egress).
+async fn shaping(State(quotas): State<Arc<Quotas>>) -> Response {
+    let Some(e) = quotas.egress() else {
+        return Json(ShapingList::default()).into_response();
+    };
+    match e.shaping().await {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// `POST /api/v1/shaping/{id}/lift`: ends a state by hand (`404` when none).
+async fn lift(State(quotas): State<Arc<Quotas>>, Path(id): Path<String>) -> Response {
+    let Some((site, scope)) = ShapingState::parse_id(&id) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not a state id like <scope>@<site>"),
+        );
+    };
+    let Some(e) = quotas.egress() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "delivery is off in this relay".into(),
+        );
+    };
+    match e.lift(site, scope).await {
+        Ok(true) => {
+            tracing::info!(%site, %scope, "admin API: response-rule state lifted");
+            Json(Lifted { lifted: true }).into_response()
+        }
+        Ok(false) => error(StatusCode::NOT_FOUND, format!("no state {id} in force")),
+        Err(e) => store_error(e),
+    }
 }
 
 async fn show(

@@ -4,8 +4,9 @@
 //! ConfigMap update swaps the file behind a symlink, which this sees too).
 //!
 //! The whole file is parsed and validated as at start-up; an invalid file is logged
-//! and ignored, and the quotas in force stay. Only `quotas:` is applied: other
-//! changes need a restart (and are logged as such). Counters are keyed by quota
+//! and ignored, and the quotas and rules in force stay. Only `quotas:`,
+//! `response_rules:` and `providers:` are applied: other changes need a restart
+//! (and are logged as such). Counters are keyed by quota
 //! name, so reloading never resets usage.
 
 use std::path::PathBuf;
@@ -48,12 +49,27 @@ pub fn parse(text: &[u8]) -> Result<RelayConfig, ConfigError> {
 pub fn apply(quotas: &Quotas, running: &RelayConfig, text: &[u8], path: &str) -> bool {
     match parse(text) {
         Ok(cfg) => {
-            let changed = quotas.reload(&cfg.quotas);
+            let mut changed = quotas.reload(&cfg.effective_quotas());
             if changed {
                 info!(file = path, quotas = cfg.quotas.len(), "quotas reloaded");
             }
+            // Validated with the file; compiled here for the egress side. The file
+            // changed (or SIGHUP): rules are cheap to put in force again.
+            match (crate::shaping::Rules::from_config(&cfg), quotas.egress()) {
+                (Ok(rules), Some(e)) => {
+                    info!(file = path, rules = rules.len(), "response rules in force");
+                    e.set_rules(rules);
+                    changed = true;
+                }
+                (Ok(_), None) => {}
+                (Err((f, m)), _) => {
+                    warn!(file = path, field = %f, error = %m, "response rules invalid; keeping the rules in force");
+                }
+            }
             let mut rest = cfg;
             rest.quotas = running.quotas.clone();
+            rest.response_rules = running.response_rules.clone();
+            rest.providers = running.providers.clone();
             if &rest != running {
                 info!(
                     file = path,
@@ -185,5 +201,68 @@ mod tests {
         ));
         assert_eq!(q.configs().len(), 2);
         assert_eq!(q.configs()[0].limits[0].count, 2);
+    }
+
+    /// The egress side as reload sees it: records the rules put in force.
+    #[derive(Default)]
+    struct RulesSeen(std::sync::Mutex<Vec<usize>>);
+
+    impl crate::quota::ingress::engine::EgressUsage for RulesSeen {
+        fn usage<'a>(
+            &'a self,
+            _quota: &'a crate::quota::config::QuotaConfig,
+            _key: Option<&'a str>,
+        ) -> crate::quota::ingress::store::StoreFuture<'a, Vec<crate::quota::usage::KeyUsage>>
+        {
+            Box::pin(std::future::ready(Ok(Vec::new())))
+        }
+
+        fn set_rules(&self, rules: crate::shaping::Rules) {
+            self.0.lock().unwrap().push(rules.len());
+        }
+    }
+
+    #[test]
+    fn a_bad_rules_reload_keeps_the_rules_in_force() {
+        let mut reg = prometheus_client::registry::Registry::default();
+        let running = RelayConfig::from_yaml("hostname: relay.test\n").unwrap();
+        let q = Quotas::new(
+            &running.quotas,
+            Arc::new(MemoryStore::new()),
+            QuotaMetrics::register(&mut reg),
+            Duration::from_secs(1),
+        );
+        let seen = Arc::new(RulesSeen::default());
+        q.set_egress_usage(Arc::clone(&seen) as Arc<dyn crate::quota::ingress::engine::EgressUsage>);
+        let rule = |text: &str| {
+            format!(
+                "hostname: relay.test\nresponse_rules:\n  - name: r\n    destination: {{ mx_hosts: ['*.x.test'] }}\n    match: {{ codes: [421], text: '{text}' }}\n    action: suspend\n    duration: 1m\n"
+            )
+        };
+        assert!(apply(&q, &running, rule("slow down").as_bytes(), "f"));
+        assert_eq!(*seen.0.lock().unwrap(), [1]);
+        // An invalid regex, an unknown preset, a duration out of range: nothing
+        // changes.
+        assert!(!apply(&q, &running, rule("(unclosed").as_bytes(), "f"));
+        assert!(!apply(
+            &q,
+            &running,
+            b"hostname: relay.test\nproviders: { presets: [nosuch] }\n",
+            "f"
+        ));
+        assert!(!apply(
+            &q,
+            &running,
+            rule("x").replace("1m", "8d").as_bytes(),
+            "f"
+        ));
+        assert_eq!(*seen.0.lock().unwrap(), [1]);
+        assert!(apply(
+            &q,
+            &running,
+            b"hostname: relay.test\nproviders: { presets: [testprovider] }\n",
+            "f"
+        ));
+        assert_eq!(*seen.0.lock().unwrap(), [1, 2]);
     }
 }

@@ -12,6 +12,7 @@ use crate::quota::egress::{Egress, EgressConn};
 use crate::quota::ingress::gate::DeferGate;
 use crate::quota::ingress::model::{self, IngressFacts};
 use mailrelay_smtp::Reply;
+use mailrelay_smtp::client::{Outcome, Stage};
 use mailrelay_smtp::policy::{self, IngressPolicy};
 
 fn reply(r: crate::quota::reply::Reply) -> Reply {
@@ -79,14 +80,19 @@ impl gate::Pacing for EgressPacing {
         self.0.names_domain(domain)
     }
 
+    fn tenant_keys(&self) -> Vec<crate::config::rules::TenantKey> {
+        self.0.rules().tenant_keys.clone()
+    }
+
     fn open<'a>(
         &'a self,
         d: gate::Destination<'a>,
         sizes: &'a [(usize, usize)],
+        tenants: Vec<crate::shaping::Tenant>,
     ) -> GateFuture<'a, Result<Box<dyn PacedConnection>, gate::Postponement>> {
         Box::pin(async move {
             let route = self.0.route(&d);
-            let conn = self.0.open(route, sizes).await?;
+            let conn = self.0.open(route, sizes, tenants).await?;
             Ok(Box::new(PacedConn(conn)) as Box<dyn PacedConnection>)
         })
     }
@@ -99,10 +105,33 @@ impl PacedConnection for PacedConn {
         Box::pin(async move { self.0.before_message(index).await.map_err(reply) })
     }
 
-    fn on_reply(&mut self, r: &Reply) {
+    fn on_reply(&mut self, r: &Reply, stage: Stage) {
         let enhanced = r.enhanced.map(|e| (e.0, e.1, e.2));
+        self.0.on_reply(
+            r.code,
+            enhanced,
+            || r.to_string().trim_end().to_owned(),
+            crate::shaping::stage_of(stage),
+        );
+    }
+
+    fn classify(&self, r: &Reply, stage: Stage) -> Option<Outcome> {
+        let enhanced = r.enhanced.map(|e| (e.0, e.1, e.2));
+        let text = r.to_string();
         self.0
-            .on_reply(r.code, enhanced, || r.to_string().trim_end().to_owned());
+            .classify(
+                r.code,
+                enhanced,
+                text.trim_end(),
+                crate::shaping::stage_of(stage),
+            )
+            .map(|permanent| {
+                if permanent {
+                    Outcome::Bounced
+                } else {
+                    Outcome::Deferred
+                }
+            })
     }
 
     fn try_next_host(&mut self) -> bool {

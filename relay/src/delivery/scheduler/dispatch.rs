@@ -30,6 +30,7 @@ use crate::delivery::smtp_client::{
 };
 use crate::metrics::Metrics;
 use crate::queue::{Lease, Leased, QueueId, QueuedMessage, RcptState, TlsInfo, now_ms};
+use crate::shaping::Tenant;
 
 /// Outcomes a connection recorded while it was open.
 struct Early {
@@ -66,16 +67,17 @@ impl MessageGate for Recorder<'_> {
         self.egress.before_message(index).await
     }
 
-    fn on_reply(&mut self, reply: &mailrelay_smtp::Reply) {
-        self.egress.on_reply(reply);
+    fn on_reply(&mut self, reply: &mailrelay_smtp::Reply, stage: Stage) {
+        self.egress.on_reply(reply, stage);
     }
 
     async fn on_message_done(
         &mut self,
         index: usize,
-        outcome: MessageOutcome,
+        mut outcome: MessageOutcome,
         tls: Option<TlsInfo>,
     ) {
+        reclassify(&*self.egress, &mut outcome);
         let (Some(part), Some(recorded)) =
             (self.parts.get(index), self.early.recorded.get_mut(index))
         else {
@@ -337,7 +339,22 @@ impl Inner {
             .iter()
             .map(|m| (m.envelope.recipients.len(), m.body.len()))
             .collect();
-        let mut egress = match self.egress.open(to, &sizes).await {
+        let keys = self.egress.tenant_keys();
+        let tenants: Vec<Tenant> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            msgs.iter()
+                .map(|m| {
+                    Tenant::of(
+                        &m.envelope.mail.from,
+                        m.envelope.client.auth_user.as_deref(),
+                        &m.body,
+                        &keys,
+                    )
+                })
+                .collect()
+        };
+        let mut egress = match self.egress.open(to, &sizes, tenants).await {
             Ok(g) => g,
             Err(held) => {
                 let res = ConnectionResult {
@@ -357,9 +374,12 @@ impl Inner {
             target: None,
             early,
         };
-        let (result, target, reason) = self
+        let (mut result, target, reason) = self
             .connect_and_deliver(dest, msgs, targets, &client, &mut gate)
             .await;
+        for m in &mut result.messages {
+            reclassify(&*egress, m);
+        }
         (result, target, reason, egress.finish().await)
     }
 
@@ -459,6 +479,21 @@ impl<'a> OpenConnection<'a> {
 impl Drop for OpenConnection<'_> {
     fn drop(&mut self) {
         self.0.outbound_connection_closed();
+    }
+}
+
+/// Applies response rules that turn a remote `5xx` into a retry or a `4xx` into a
+/// bounce.
+fn reclassify(egress: &dyn PacedConnection, m: &mut MessageOutcome) {
+    for r in &mut m.recipients {
+        if r.remote
+            && r.result != Outcome::Delivered
+            && let Some(o) = egress.classify(&r.reply, r.stage)
+            && o != r.result
+        {
+            debug!(rcpt = %r.address, reply = %r.reply, from = ?r.result, to = ?o, "reply reclassified by a response rule");
+            r.result = o;
+        }
     }
 }
 

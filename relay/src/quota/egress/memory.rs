@@ -11,7 +11,9 @@ use super::backoff::{BackoffPolicy, BackoffState};
 use super::lease::LeaseSet;
 use super::pacer::{Decision, Demand, KeyState, Window, decide};
 use super::store::{Acquire, AcquireReply, Close, Extend, KeyUse, USAGE_SCAN, Verdict};
+use crate::config::rules::RuleAction;
 use crate::queue::now_ms;
+use crate::shaping::{SITE, State};
 
 /// Calls between sweeps of idle state.
 const GC_EVERY: u64 = 1024;
@@ -24,17 +26,19 @@ struct Entry {
 }
 
 #[derive(Debug, Default)]
-struct State {
+struct State_ {
     /// By (quota, key).
     keys: HashMap<(String, String), Entry>,
     backoff: HashMap<String, BackoffState>,
     /// Back-off policy last used, for expiring records in the sweep.
     policy: Option<BackoffPolicy>,
+    /// Response-rule states by site, then scope field.
+    shaping: HashMap<String, HashMap<String, State>>,
 }
 
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    state: Mutex<State>,
+    state: Mutex<State_>,
     calls: AtomicU64,
 }
 
@@ -43,7 +47,7 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn maybe_gc(&self, st: &mut State, now: u64) {
+    fn maybe_gc(&self, st: &mut State_, now: u64) {
         if !self
             .calls
             .fetch_add(1, Ordering::Relaxed)
@@ -56,6 +60,77 @@ impl MemoryStore {
         if let Some(p) = st.policy {
             st.backoff.retain(|_, b| p.expires_at(b) > now);
         }
+        for states in st.shaping.values_mut() {
+            states.retain(|_, s| s.until_ms > now);
+        }
+        st.shaping.retain(|_, m| !m.is_empty());
+    }
+
+    /// The site's live states (expired ones dropped), the end of a site-wide
+    /// suspension and the site-wide throttle's slow-down (as `acquire.lua`).
+    fn shaping_at(st: &mut State_, site: &str, now: u64) -> (Vec<State>, u64, f64) {
+        let Some(m) = st.shaping.get_mut(site) else {
+            return (Vec::new(), 0, 1.0);
+        };
+        m.retain(|_, s| s.until_ms > now);
+        let mut until = 0;
+        let mut slow = 1.0f64;
+        let mut live: Vec<State> = m.values().cloned().collect();
+        live.sort_by(|a, b| a.field.cmp(&b.field));
+        for s in &live {
+            if s.field == SITE {
+                if s.action == RuleAction::Suspend {
+                    until = until.max(s.until_ms);
+                } else if s.factor > 0.0 && s.factor < 1.0 {
+                    slow = slow.max(1.0 / s.factor);
+                }
+            }
+        }
+        (live, until, slow)
+    }
+
+    pub fn shaping_set(
+        &self,
+        site: &str,
+        state: &State,
+        duration_ms: u64,
+        now_ms_: Option<u64>,
+    ) -> (u64, u64) {
+        let now = now_ms_.unwrap_or_else(now_ms);
+        let until = now + duration_ms;
+        let mut st = self.state.lock().unwrap();
+        let m = st.shaping.entry(site.to_owned()).or_default();
+        if let Some(old) = m.get(&state.field)
+            && old.until_ms > until
+            && old.action == state.action
+        {
+            return (old.until_ms, now);
+        }
+        let mut s = state.clone();
+        s.until_ms = until;
+        m.insert(state.field.clone(), s);
+        (until, now)
+    }
+
+    pub fn shaping_list(&self, now_ms_: Option<u64>) -> (u64, Vec<(String, State)>) {
+        let now = now_ms_.unwrap_or_else(now_ms);
+        let mut st = self.state.lock().unwrap();
+        let sites: Vec<String> = st.shaping.keys().cloned().collect();
+        let mut out = Vec::new();
+        for site in sites {
+            for s in Self::shaping_at(&mut st, &site, now).0 {
+                out.push((site.clone(), s));
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1.field).cmp(&(&b.0, &b.1.field)));
+        (now, out)
+    }
+
+    pub fn shaping_lift(&self, site: &str, field: &str) -> bool {
+        let mut st = self.state.lock().unwrap();
+        st.shaping
+            .get_mut(site)
+            .is_some_and(|m| m.remove(field).is_some())
     }
 
     pub fn acquire(&self, req: &Acquire<'_>) -> AcquireReply {
@@ -80,12 +155,14 @@ impl MemoryStore {
             e.pace.sweep(now, &k.windows);
         }
         let bo = st.backoff.get(req.site).copied().unwrap_or_default();
-        let until = req.policy.until(&bo);
+        let (states, suspended_until, slow) = Self::shaping_at(st, req.site, now);
+        let until = req.policy.until(&bo).max(suspended_until);
         let level = req.policy.level_at(&bo, now);
         let reply = |verdict| AcquireReply {
             verdict,
             now_ms: now,
             level,
+            states: states.clone(),
         };
         if until > now && until - now > req.timing.max_wait_ms {
             return reply(Verdict::BackedOff { until_ms: until });
@@ -119,7 +196,7 @@ impl MemoryStore {
                     states.push((i, std::mem::take(&mut e.pace)));
                 }
             }
-            let factor = req.policy.factor(&bo, now);
+            let factor = req.policy.factor(&bo, now) * slow;
             let decision = {
                 let mut demands: Vec<Demand<'_>> = states
                     .iter_mut()

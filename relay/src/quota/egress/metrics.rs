@@ -11,6 +11,11 @@
 //! - `mailrelay_egress_rate_limited_total`: rate-limit replies (`421`, `4.7.x`)
 //!   that backed a destination off.
 //!
+//! - `mailrelay_shaping_rule_hits_total{rule,action}`: replies a response rule
+//!   matched.
+//! - `mailrelay_shaping_active_states{action}`: response-rule states in force
+//!   across the relays, as last listed (admin API / `mailrelay shaping`).
+//!
 //! Quota names are bounded by the configuration (1-63 characters of `[A-Za-z0-9._-]`),
 //! so they are safe as label values.
 
@@ -36,10 +41,13 @@ pub enum WaitReason {
     Backoff,
     /// The egress store did not answer.
     Store,
+    /// A response rule suspended the tenant or the site.
+    Suspended,
 }
 
 impl WaitReason {
-    pub const ALL: [WaitReason; 5] = [
+    pub const ALL: [WaitReason; 6] = [
+        WaitReason::Suspended,
         WaitReason::Slot,
         WaitReason::Connection,
         WaitReason::InFlight,
@@ -54,6 +62,7 @@ impl WaitReason {
             WaitReason::InFlight => "in_flight",
             WaitReason::Backoff => "backoff",
             WaitReason::Store => "store",
+            WaitReason::Suspended => "suspended",
         }
     }
 }
@@ -65,6 +74,8 @@ pub struct EgressMetrics {
     postponed: Family<Label, Counter>,
     connections_open: Family<Label, Gauge>,
     rate_limited: Counter,
+    rule_hits: Family<[(&'static str, Cow<'static, str>); 2], Counter>,
+    active_states: Family<Label, Gauge>,
 }
 
 fn label(name: &'static str, value: &str) -> Label {
@@ -100,6 +111,19 @@ impl EgressMetrics {
             "Rate-limit replies (421, 4.7.x) that backed a destination off",
             self.rate_limited.clone(),
         );
+        registry.register(
+            "shaping_rule_hits",
+            "Remote replies a response rule matched, by rule and action",
+            self.rule_hits.clone(),
+        );
+        registry.register(
+            "shaping_active_states",
+            "Response-rule states in force across the relays (as last listed), by action",
+            self.active_states.clone(),
+        );
+        for a in ["suspend", "throttle"] {
+            let _ = self.active_states.get_or_create(&label("action", a));
+        }
         // Every reason exists from the start: an empty family is not exposed at
         // all, and alerts on `rate(...{reason="store"})` must see the first wait.
         for why in WaitReason::ALL {
@@ -138,6 +162,27 @@ impl EgressMetrics {
 
     pub fn rate_limited(&self) {
         self.rate_limited.inc();
+    }
+
+    pub fn rule_hit(&self, rule: &str, action: &'static str) {
+        self.rule_hits
+            .get_or_create(&[
+                ("rule", Cow::Owned(rule.to_owned())),
+                ("action", Cow::Borrowed(action)),
+            ])
+            .inc();
+    }
+
+    pub fn set_active_states(&self, states: &[super::ActiveState]) {
+        for a in ["suspend", "throttle"] {
+            let n = states
+                .iter()
+                .filter(|s| s.state.action.as_str() == a)
+                .count();
+            self.active_states
+                .get_or_create(&label("action", a))
+                .set(n as i64);
+        }
     }
 }
 

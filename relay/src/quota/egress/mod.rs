@@ -88,10 +88,12 @@ use self::store::{
 };
 use self::usage::QuotaUsage;
 use crate::config::RedisConfig;
+use crate::config::rules::{RuleAction, RuleScope, TenantKey};
 use crate::queue::now_ms;
 use crate::quota::config::{Direction, KeyBy, QuotaConfig, Scope, Unit};
 use crate::quota::glob::{Glob, normalize_name};
 use crate::quota::reply::Reply;
+use crate::shaping::{Dest, ReplyFacts, Rules, SITE, State, Tenant};
 
 /// Longest in-process wait for a slot or a connection permit; later ones go back to
 /// the queue. Short enough that no server times out an idle connection.
@@ -141,9 +143,52 @@ pub struct Route {
     pub site: String,
     pub keys: Vec<KeyRef>,
     units: Vec<Unit>,
+    /// What response rules select destinations by.
+    domain: Option<String>,
+    hosts: Vec<String>,
+    smarthost: bool,
 }
 
 impl Route {
+    fn dest(&self) -> Dest<'_> {
+        Dest {
+            domain: self.domain.as_deref(),
+            hosts: &self.hosts,
+            smarthost: self.smarthost,
+        }
+    }
+
+    /// `egress_key` of tenant-scoped rules: the first quota key.
+    fn egress_key(&self) -> Option<&str> {
+        self.keys.first().map(|k| k.key.as_str())
+    }
+
+    /// The scope field a message of `tenant` falls under for a state of `rule`.
+    fn field(&self, scope: RuleScope, key: TenantKey, tenant: Option<&Tenant>) -> Option<String> {
+        match scope {
+            RuleScope::Site => Some(SITE.to_owned()),
+            RuleScope::Tenant => tenant?.field(key, self.egress_key()),
+        }
+    }
+
+    /// Until when `tenant`'s mail is suspended by a tenant-scoped state (site-wide
+    /// ones the store reports as a back-off).
+    fn suspended_until(&self, states: &[State], tenant: Option<&Tenant>, now: u64) -> Option<u64> {
+        let t = tenant?;
+        states
+            .iter()
+            .filter(|s| s.field != SITE && s.suspends(now))
+            .filter(|s| {
+                s.field
+                    .split_once(':')
+                    .and_then(|(k, _)| tenant_key_named(k))
+                    .and_then(|k| t.field(k, self.egress_key()))
+                    .is_some_and(|f| f == s.field)
+            })
+            .map(|s| s.until_ms)
+            .max()
+    }
+
     pub fn paced(&self) -> bool {
         self.keys.iter().any(KeyRef::paced)
     }
@@ -179,6 +224,18 @@ impl Route {
 }
 
 /// Which quotas match `d`, and the key of each (pure).
+fn tenant_key_named(k: &str) -> Option<TenantKey> {
+    [
+        TenantKey::SenderDomain,
+        TenantKey::FromDomain,
+        TenantKey::DkimDomain,
+        TenantKey::AuthUser,
+        TenantKey::EgressKey,
+    ]
+    .into_iter()
+    .find(|t| t.as_str() == k)
+}
+
 fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
     let domain = d.domain.map(normalize_name);
     let mut hosts: Vec<String> = d.mx_hosts.iter().map(|h| normalize_name(h)).collect();
@@ -225,7 +282,14 @@ fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
         });
         units.push(q.cfg.unit);
     }
-    Route { site, keys, units }
+    Route {
+        site,
+        keys,
+        units,
+        domain,
+        hosts,
+        smarthost: d.smarthost,
+    }
 }
 
 /// When a message held back by egress is due again.
@@ -241,12 +305,15 @@ pub struct Stop {
 
 /// What egress did to a connection's messages: which ones it held back, unattempted,
 /// and until when. Every other message went its normal way.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Postponement {
     pub stop: Option<Stop>,
     /// The destination backed off (relay clock, ms): messages the server's
     /// rate-limit reply left unattempted wait until then.
     pub backoff_until_ms: Option<u64>,
+    /// Messages (by index) whose tenant a response rule suspended, and until when
+    /// (relay clock): they wait that long whatever `stop` says.
+    pub held: Vec<(usize, u64)>,
 }
 
 impl Postponement {
@@ -258,6 +325,7 @@ impl Postponement {
                 spacing_ms,
             }),
             backoff_until_ms: None,
+            held: Vec::new(),
         }
     }
 }
@@ -265,6 +333,8 @@ impl Postponement {
 struct Inner {
     store: Box<dyn PacingStore>,
     quotas: RwLock<Arc<Vec<EgressQuota>>>,
+    /// Response rules, matched in-process.
+    rules: RwLock<Arc<Rules>>,
     policy: BackoffPolicy,
     timing: Timing,
     metrics: EgressMetrics,
@@ -318,6 +388,7 @@ impl Egress {
             inner: Arc::new(Inner {
                 store,
                 quotas: RwLock::new(Arc::new(compile(quotas))),
+                rules: RwLock::new(Arc::new(Rules::default())),
                 policy: BackoffPolicy::default(),
                 timing: Timing {
                     max_wait_ms: ms(INLINE_WAIT),
@@ -352,9 +423,9 @@ impl Egress {
     pub async fn from_config(cfg: &crate::config::RelayConfig) -> Result<Self, EgressError> {
         match (cfg.queue.effective_backend(), &cfg.queue.redis) {
             (crate::config::QueueBackendKind::Redis, Some(r)) => {
-                Self::redis(r, &cfg.quotas, cfg.delivery.lease).await
+                Self::redis(r, &cfg.effective_quotas(), cfg.delivery.lease).await
             }
-            _ => Ok(Self::embedded(&cfg.quotas, cfg.delivery.lease)),
+            _ => Ok(Self::embedded(&cfg.effective_quotas(), cfg.delivery.lease)),
         }
     }
 
@@ -362,6 +433,16 @@ impl Egress {
     /// quota names, so a quota that keeps its name keeps its usage.
     pub fn set_quotas(&self, quotas: &[QuotaConfig]) {
         *self.inner.quotas.write().unwrap() = Arc::new(compile(quotas));
+    }
+
+    /// Replaces the response rules (start-up and config reload). States already
+    /// in the store stay until they end.
+    pub fn set_rules(&self, rules: Rules) {
+        *self.inner.rules.write().unwrap() = Arc::new(rules);
+    }
+
+    pub fn rules(&self) -> Arc<Rules> {
+        Arc::clone(&self.inner.rules.read().unwrap())
     }
 
     /// Records into `m` (the admin registry's egress families) from now on. Call
@@ -415,6 +496,7 @@ impl Egress {
         &self,
         route: Route,
         messages: &[(usize, usize)],
+        tenants: Vec<Tenant>,
     ) -> Result<EgressConn, Postponement> {
         let inner = &self.inner;
         let route = Arc::new(route);
@@ -443,6 +525,45 @@ impl Egress {
                     let got = Instant::now();
                     let local = now_ms();
                     let to_local = |t: u64| local + t.saturating_sub(reply.now_ms);
+                    // Messages of suspended tenants wait for their suspension,
+                    // whatever the verdict for the others.
+                    let held: Vec<(usize, u64)> = (0..messages.len())
+                        .filter_map(|i| {
+                            route
+                                .suspended_until(&reply.states, tenants.get(i), reply.now_ms)
+                                .map(|u| (i, to_local(u)))
+                        })
+                        .collect();
+                    if !held.is_empty() {
+                        inner
+                            .metrics
+                            .postponed(WaitReason::Suspended, held.len() as u64);
+                    }
+                    let with_held = |mut p: Postponement| {
+                        p.held = held.clone();
+                        p
+                    };
+                    if !held.is_empty() && matches!(reply.verdict, Verdict::Granted { .. }) {
+                        // Give back what was taken; the others come back at once
+                        // on connections without the suspended tenants' mail.
+                        let end = reply.now_ms;
+                        let first_costs = costs.first().cloned().unwrap_or_default();
+                        let close = Close {
+                            keys: &route.keys,
+                            lease: lease.as_deref(),
+                            commit: token.as_deref().map(|t| Commit {
+                                token: t,
+                                costs: &first_costs,
+                                end_ms: end,
+                            }),
+                            now_ms: None,
+                        };
+                        if let Err(e) = inner.store.close(&close).await {
+                            warn!(site = %route.site, error = %e, "releasing egress leases failed");
+                        }
+                        debug!(site = %route.site, held = held.len(), "tenants suspended; their mail waits");
+                        return Err(with_held(Postponement::all(now_ms(), 0)));
+                    }
                     match reply.verdict {
                         Verdict::Granted { at_ms } => {
                             let go =
@@ -458,32 +579,36 @@ impl Egress {
                                 inner.metrics.waited(WaitReason::Backoff);
                                 tokio::time::sleep_until(go).await;
                             }
-                            return Ok(EgressConn::new(
+                            let mut conn = EgressConn::new(
                                 self.clone(),
                                 route,
                                 costs,
                                 lease,
                                 granted.map(|g| (g, go)),
-                            ));
+                            );
+                            conn.tenants = tenants;
+                            conn.states = reply.states;
+                            conn.states_now = reply.now_ms;
+                            return Ok(conn);
                         }
                         Verdict::BackedOff { until_ms } => {
                             inner
                                 .metrics
                                 .postponed(WaitReason::Backoff, messages.len() as u64);
                             debug!(site = %route.site, until_ms, "destination backed off; postponing");
-                            return Err(Postponement::all(
+                            return Err(with_held(Postponement::all(
                                 to_local(until_ms),
                                 route.spacing_ms(reply.level),
-                            ));
+                            )));
                         }
                         Verdict::Later { at_ms } => {
                             inner
                                 .metrics
                                 .postponed(WaitReason::Slot, messages.len() as u64);
-                            return Err(Postponement::all(
+                            return Err(with_held(Postponement::all(
                                 to_local(at_ms),
                                 route.spacing_ms(reply.level),
-                            ));
+                            )));
                         }
                         Verdict::Blocked | Verdict::NoConnection => {
                             let why = if reply.verdict == Verdict::Blocked {
@@ -493,10 +618,10 @@ impl Egress {
                             };
                             if waited_enough {
                                 inner.metrics.postponed(why, messages.len() as u64);
-                                return Err(Postponement::all(
+                                return Err(with_held(Postponement::all(
                                     retry_later(),
                                     route.spacing_ms(reply.level),
-                                ));
+                                )));
                             }
                             inner.metrics.waited(why);
                             tokio::time::sleep(POLL).await;
@@ -506,7 +631,9 @@ impl Egress {
                 Err(e) if route.keys.is_empty() => {
                     // Nothing to exceed: only the back-off check is skipped.
                     debug!(site = %route.site, error = %e, "egress store unavailable; sending without the back-off check");
-                    return Ok(EgressConn::new(self.clone(), route, costs, None, None));
+                    let mut conn = EgressConn::new(self.clone(), route, costs, None, None);
+                    conn.tenants = tenants;
+                    return Ok(conn);
                 }
                 Err(e) => {
                     if waited_enough {
@@ -593,6 +720,62 @@ impl Egress {
     }
 }
 
+/// One response-rule state in force, for the CLI and the admin API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveState {
+    pub site: String,
+    pub state: State,
+    /// The end on the relay's clock (ms since the epoch).
+    pub until_ms: u64,
+}
+
+impl Egress {
+    /// Records a state a rule started; returns its end on the relay clock.
+    async fn report_state(&self, site: &str, state: &State, duration_ms: u64) -> u64 {
+        let s = state;
+        match self
+            .inner
+            .store
+            .shaping_set(site, s, duration_ms, None)
+            .await
+        {
+            Ok((until, now)) => {
+                info!(%site, scope = %s.field, rule = %s.rule, action = s.action.as_str(), reply = %s.reply, duration_ms, "response rule: state starts");
+                now_ms() + until.saturating_sub(now)
+            }
+            Err(e) => {
+                warn!(%site, scope = %s.field, rule = %s.rule, error = %e, "egress store unavailable; response-rule state kept on this connection only");
+                now_ms() + duration_ms
+            }
+        }
+    }
+
+    /// Every response-rule state in force across the relays sharing the store.
+    pub async fn shaping_list(&self) -> Result<Vec<ActiveState>, EgressError> {
+        let (now, states) = self.inner.store.shaping_list(None).await?;
+        let local = now_ms();
+        let out: Vec<ActiveState> = states
+            .into_iter()
+            .map(|(site, state)| ActiveState {
+                until_ms: local + state.until_ms.saturating_sub(now),
+                site,
+                state,
+            })
+            .collect();
+        self.inner.metrics.set_active_states(&out);
+        Ok(out)
+    }
+
+    /// Ends a state by hand; whether there was one.
+    pub async fn shaping_lift(&self, site: &str, field: &str) -> Result<bool, EgressError> {
+        let lifted = self.inner.store.shaping_lift(site, field).await?;
+        if lifted {
+            info!(%site, scope = %field, "response-rule state lifted by hand");
+        }
+        Ok(lifted)
+    }
+}
+
 fn retry_later() -> u64 {
     let base = ms(RETRY_LATER);
     now_ms() + base + rand::random_range(0..=base)
@@ -645,6 +828,21 @@ pub struct EgressConn {
     backoff_until: Option<u64>,
     stop: Option<Stop>,
     finished: bool,
+    /// Per message: who sent it (tenant-scoped rules).
+    tenants: Vec<Tenant>,
+    /// The site's rule states as the store last reported them.
+    states: Vec<State>,
+    /// The message under way (replies at MAIL/RCPT/DATA concern it).
+    current: Option<usize>,
+    /// States rules started on this connection, not yet reported, with their
+    /// durations.
+    pending: Vec<(State, u64)>,
+    /// States rules started on this connection (relay clock).
+    local_states: Vec<State>,
+    /// The store's clock when `states` was read.
+    states_now: u64,
+    /// Messages left unattempted for a suspension, and until when.
+    held: Vec<(usize, u64)>,
 }
 
 impl EgressConn {
@@ -704,6 +902,8 @@ impl EgressConn {
             last: None,
             live,
             renewer,
+            local_states: Vec::new(),
+            states_now: 0,
             rate_limited: None,
             busy: None,
             started_here: false,
@@ -711,7 +911,76 @@ impl EgressConn {
             backoff_until: None,
             stop: None,
             finished: false,
+            tenants: Vec::new(),
+            states: Vec::new(),
+            current: None,
+            pending: Vec::new(),
+            held: Vec::new(),
         }
+    }
+
+    /// Reports the states rules started (one store call each; rare).
+    async fn flush_states(&mut self) {
+        for (mut s, duration) in std::mem::take(&mut self.pending) {
+            let until = self
+                .egress
+                .report_state(&self.route.site, &s, duration)
+                .await;
+            s.until_ms = until;
+            if s.field == SITE && s.action == RuleAction::Suspend {
+                self.backoff_until = Some(self.backoff_until.map_or(until, |b| b.max(until)));
+            }
+            self.local_states.retain(|o| o.field != s.field);
+            self.local_states.push(s);
+        }
+    }
+
+    /// Until when message `index` must wait for a suspension of its tenant (or
+    /// the site) that this connection knows of (relay clock).
+    fn suspended(&self, index: usize) -> Option<u64> {
+        let local = now_ms();
+        let tenant = self.tenants.get(index);
+        let mine = self
+            .local_states
+            .iter()
+            .filter(|s| s.suspends(local))
+            .filter(|s| {
+                s.field == SITE
+                    || self
+                        .route
+                        .suspended_until(std::slice::from_ref(*s), tenant, local)
+                        .is_some()
+            })
+            .map(|s| s.until_ms)
+            .max();
+        let shared = self
+            .route
+            .suspended_until(&self.states, tenant, self.states_now)
+            .map(|u| local + u.saturating_sub(self.states_now));
+        mine.max(shared)
+    }
+
+    /// How a rule reclassifies a reply: `Some(true)` bounce, `Some(false)` retry.
+    pub fn classify(
+        &self,
+        code: u16,
+        enhanced: Option<(u8, u16, u16)>,
+        text: &str,
+        stage: crate::config::rules::ReplyStage,
+    ) -> Option<bool> {
+        let rules = self.egress.rules();
+        if rules.is_empty() {
+            return None;
+        }
+        rules.classify(
+            &self.route.dest(),
+            &ReplyFacts {
+                code,
+                enhanced,
+                text,
+                stage,
+            },
+        )
     }
 
     /// The host failed before any message (greeting, EHLO, TLS): whether the next
@@ -773,7 +1042,9 @@ impl EgressConn {
                     // The report is in; whatever the verdict, it is not sent again.
                     self.last = None;
                     *self.live.lock().unwrap() = None;
-                    self.on_reply_verdict(index, token.clone(), sent_from, reply)?;
+                    self.states = reply.states.clone();
+                    self.states_now = reply.now_ms;
+                    self.on_reply_verdict(index, token.clone(), sent_from, &reply)?;
                     match reply.verdict {
                         Verdict::Granted { .. } => return Ok(()),
                         _ => {
@@ -812,7 +1083,7 @@ impl EgressConn {
         index: usize,
         token: String,
         sent_from: Instant,
-        reply: AcquireReply,
+        reply: &AcquireReply,
     ) -> Result<(), Reply> {
         let local = now_ms();
         let to_local = |t: u64| local + t.saturating_sub(reply.now_ms);
@@ -850,6 +1121,7 @@ impl EgressConn {
         if let Some(r) = self.renewer.take() {
             r.abort();
         }
+        self.flush_states().await;
         // Every host tried was busy: that too is the site asking for less.
         let busy = self.busy.take().filter(|_| !self.reached_mail);
         if let Some(reply) = self.rate_limited.take().or(busy)
@@ -893,6 +1165,7 @@ impl EgressConn {
         Postponement {
             stop: self.stop,
             backoff_until_ms: self.backoff_until,
+            held: std::mem::take(&mut self.held),
         }
     }
 }
@@ -940,6 +1213,35 @@ impl EgressConn {
     /// Message `index` is ready to start: `Ok` once its slot is due, or the reply
     /// with which it and every later message are left unattempted.
     pub async fn before_message(&mut self, index: usize) -> Result<(), Reply> {
+        self.current = Some(index);
+        self.flush_states().await;
+        if let Some(until) = self.suspended(index) {
+            // The session ends here (it cannot skip one message): the suspended
+            // tenants' messages wait for the suspension, the others come back now.
+            let now = now_ms();
+            for i in index..self.costs.len() {
+                if let Some(u) = self.suspended(i) {
+                    self.held.push((i, u));
+                }
+            }
+            self.egress
+                .inner
+                .metrics
+                .postponed(WaitReason::Suspended, self.held.len() as u64);
+            self.stop = Some(Stop {
+                index,
+                until_ms: now,
+                spacing_ms: 0,
+            });
+            return Err(Reply::status(
+                451,
+                (4, 7, 0),
+                format!(
+                    "suspended by a response rule: not before {} ms from now",
+                    until.saturating_sub(now)
+                ),
+            ));
+        }
         if let Some(reply) = self.rate_limited.take() {
             let until = self
                 .egress
@@ -973,14 +1275,71 @@ impl EgressConn {
         code: u16,
         enhanced: Option<(u8, u16, u16)>,
         text: impl FnOnce() -> String,
+        stage: crate::config::rules::ReplyStage,
     ) {
+        if code < 400 {
+            return;
+        }
+        let rules = self.egress.rules();
+        let mut text = Some(text);
+        let mut got: Option<String> = None;
+        if !rules.is_empty() {
+            let t = (text.take().expect("once"))();
+            let facts = ReplyFacts {
+                code,
+                enhanced,
+                text: &t,
+                stage,
+            };
+            if let Some(rule) = rules.first_match(&self.route.dest(), &facts) {
+                self.egress
+                    .inner
+                    .metrics
+                    .rule_hit(&rule.name, rule.action.as_str());
+                if matches!(rule.action, RuleAction::Suspend | RuleAction::Throttle) {
+                    // Replies before any message (greeting, EHLO) concern no
+                    // tenant: a tenant-scoped rule has no one to scope to then.
+                    let tenant = self.current.and_then(|i| self.tenants.get(i));
+                    match self.route.field(rule.scope, rule.tenant_key, tenant) {
+                        Some(field) => self.pending.push((
+                            State {
+                                field,
+                                action: rule.action,
+                                until_ms: 0,
+                                factor: rule.factor,
+                                rule: rule.name.to_string(),
+                                reply: t.replace('\n', " "),
+                            },
+                            rule.duration_ms,
+                        )),
+                        None => {
+                            debug!(site = %self.route.site, rule = %rule.name, "reply matched a tenant-scoped rule, but its tenant is unknown")
+                        }
+                    }
+                }
+                // The rule decides: no generic back-off for this reply, unless it
+                // is a throttle this relay cannot enforce yet (per tenant, or
+                // without a factor): then the site backs off as before, so a
+                // rule never leaves the relay less careful than no rule.
+                let enforced = rule.action != RuleAction::Throttle
+                    || (rule.scope == RuleScope::Site && rule.factor < 1.0);
+                if enforced {
+                    return;
+                }
+            }
+            got = Some(t);
+        }
         if !is_rate_limit_reply(code, enhanced)
             || self.rate_limited.is_some()
             || self.backoff_until.is_some()
         {
             return;
         }
-        let text = text();
+        let text = match (got, text) {
+            (Some(t), _) => t,
+            (None, Some(f)) => f(),
+            (None, None) => String::new(),
+        };
         let says_rate = enhanced.is_some_and(|e| e.0 == 4 && e.1 == 7);
         if says_rate || self.started_here {
             self.rate_limited = Some(text);
@@ -997,6 +1356,56 @@ mod tests;
 impl crate::quota::ingress::engine::EgressUsage for Egress {
     fn set_quotas(&self, quotas: &[QuotaConfig]) {
         Egress::set_quotas(self, quotas);
+    }
+
+    fn set_rules(&self, rules: Rules) {
+        Egress::set_rules(self, rules);
+    }
+
+    fn shaping(
+        &self,
+    ) -> crate::quota::ingress::store::StoreFuture<'_, mailrelay_admin_api::types::ShapingList>
+    {
+        Box::pin(async move {
+            let now = now_ms();
+            match self.shaping_list().await {
+                Ok(list) => Ok(mailrelay_admin_api::types::ShapingList {
+                    states: list
+                        .into_iter()
+                        .map(|a| mailrelay_admin_api::types::ShapingState {
+                            id: mailrelay_admin_api::types::ShapingState::id_of(
+                                &a.state.field,
+                                &a.site,
+                            ),
+                            scope: a.state.field,
+                            rule: a.state.rule,
+                            action: a.state.action.as_str().to_owned(),
+                            factor: (a.state.action == RuleAction::Throttle)
+                                .then(|| a.state.factor.to_string()),
+                            until_ms: a.until_ms,
+                            remaining_seconds: a.until_ms.saturating_sub(now).div_ceil(1000),
+                            reply: a.state.reply,
+                            site: a.site,
+                        })
+                        .collect(),
+                }),
+                Err(e) => Err(crate::quota::ingress::store::StoreError::Unavailable(
+                    e.to_string(),
+                )),
+            }
+        })
+    }
+
+    fn lift<'a>(
+        &'a self,
+        site: &'a str,
+        scope: &'a str,
+    ) -> crate::quota::ingress::store::StoreFuture<'a, bool> {
+        Box::pin(async move {
+            self.shaping_lift(site, scope)
+                .await
+                .map_err(|e| crate::quota::ingress::store::StoreError::Unavailable(e.to_string()))
+        })
     }
 
     fn usage<'a>(

@@ -15,6 +15,8 @@
 //! | `mr:{mr:eg}:c:<quota>:<key>`         | sorted set | connection leases by expiry               |
 //! | `mr:{mr:eg}:k:<quota>`               | sorted set | keys of the quota by last use (for usage) |
 //! | `mr:{mr:eg}:bo:<site>`               | hash       | back-off `level` and `hit` (ms)           |
+//! | `mr:{mr:eg}:sh:<site>`               | hash       | response-rule states by scope field       |
+//! | `mr:{mr:eg}:shi`                     | sorted set | sites with states, by latest end          |
 //!
 //! Every key gets a `PEXPIRE` long enough for what it still has to count (a window
 //! hash: its GCRA horizon plus one window; a flight set: the flight deadline plus the
@@ -34,6 +36,7 @@ use super::store::{
 use crate::config::RedisConfig;
 use crate::redis_conn::script::{Call, Layout};
 use crate::redis_conn::{self, Conn, ConnectError, Timeouts, redact};
+use crate::shaping::State;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -54,6 +57,15 @@ const RATE_LIMITED_LUA: &str = include_str!("lua/rate_limited.lua");
 
 const USAGE_LUA: &str = include_str!("lua/usage.lua");
 
+const SHAPING_SET_LUA: &str = include_str!("lua/shaping_set.lua");
+
+const SHAPING_LIST_LUA: &str = include_str!("lua/shaping_list.lua");
+
+const SHAPING_LIFT_LUA: &str = include_str!("lua/shaping_lift.lua");
+
+/// Sites whose states `shaping list` reads at most.
+const SHAPING_SCAN: usize = 1000;
+
 /// The repeated group of every quota key (see each script's header).
 const PER_KEY: &str = "per key..";
 /// The repeated group of every window.
@@ -63,7 +75,7 @@ const PER_WINDOW: &str = "per window..";
 /// per window / key, max connections, cost, commit cost, window count, then per
 /// window: window ms, limit.
 const ACQUIRE: Layout = Layout {
-    keys: &["back-off", PER_KEY],
+    keys: &["back-off", "shaping", PER_KEY],
     args: &[
         "now",
         "max wait",
@@ -110,6 +122,21 @@ const RATE_LIMITED: Layout = Layout {
     keys: &["back-off"],
     args: &["now", "base", "max level", "recover"],
 };
+/// KEYS/ARGV of `shaping_set.lua`.
+const SHAPING_SET: Layout = Layout {
+    keys: &["states", "site index"],
+    args: &["now", "site", "field", "value", "duration"],
+};
+/// KEYS/ARGV of `shaping_list.lua`.
+const SHAPING_LIST: Layout = Layout {
+    keys: &["site index"],
+    args: &["now", "state prefix", "scan"],
+};
+/// KEYS/ARGV of `shaping_lift.lua`.
+const SHAPING_LIFT: Layout = Layout {
+    keys: &["states"],
+    args: &["field"],
+};
 /// KEYS/ARGV of `usage.lua`; per window: window ms, limit.
 const USAGE: Layout = Layout {
     keys: &["key index"],
@@ -133,6 +160,9 @@ pub fn lua_scripts() -> Vec<(&'static str, String)> {
         ("egress_close", CLOSE_LUA),
         ("egress_rate_limited", RATE_LIMITED_LUA),
         ("egress_usage", USAGE_LUA),
+        ("egress_shaping_set", SHAPING_SET_LUA),
+        ("egress_shaping_list", SHAPING_LIST_LUA),
+        ("egress_shaping_lift", SHAPING_LIFT_LUA),
     ]
     .into_iter()
     .map(|(name, body)| (name, [PRELUDE, body].concat()))
@@ -145,6 +175,9 @@ struct Scripts {
     close: Script,
     rate_limited: Script,
     usage: Script,
+    shaping_set: Script,
+    shaping_list: Script,
+    shaping_lift: Script,
 }
 
 impl Scripts {
@@ -156,6 +189,9 @@ impl Scripts {
             close: s(CLOSE_LUA),
             rate_limited: s(RATE_LIMITED_LUA),
             usage: s(USAGE_LUA),
+            shaping_set: s(SHAPING_SET_LUA),
+            shaping_list: s(SHAPING_LIST_LUA),
+            shaping_lift: s(SHAPING_LIFT_LUA),
         }
     }
 }
@@ -222,6 +258,14 @@ impl RedisStore {
         format!("{}bo:{}", self.base, site)
     }
 
+    fn shaping_key(&self, site: &str) -> String {
+        format!("{}sh:{}", self.base, site)
+    }
+
+    fn shaping_index(&self) -> String {
+        format!("{}shi", self.base)
+    }
+
     /// Runs one script invocation under the deadline. `EVALSHA`, and the script is
     /// loaded when Redis does not know it (start, restart, failover).
     async fn run<T: redis::FromRedisValue, F: Future<Output = Result<T, RedisError>>>(
@@ -242,7 +286,8 @@ impl RedisStore {
 
     pub async fn acquire(&self, req: &Acquire<'_>) -> Result<AcquireReply, EgressError> {
         let mut call = Call::new(&self.scripts.acquire, &ACQUIRE);
-        call.key("back-off", self.backoff_key(req.site));
+        call.key("back-off", self.backoff_key(req.site))
+            .key("shaping", self.shaping_key(req.site));
         call.arg("now", now_arg(req.now_ms))
             .arg("max wait", req.timing.max_wait_ms)
             .arg("flight ttl", req.timing.flight_ttl_ms)
@@ -275,12 +320,33 @@ impl RedisStore {
         }
         let inv = call.invocation();
         let mut conn = self.conn.clone();
-        let v: Vec<i64> = self
+        let v: Vec<Value> = self
             .run("egress acquire", inv.invoke_async(&mut conn))
             .await?;
-        let [code, at, now, level] = v[..] else {
-            return Err(EgressError::Protocol(format!("acquire returned {v:?}")));
+        let bad = || EgressError::Protocol(format!("acquire returned {v:?}"));
+        let int = |x: &Value| match x {
+            Value::Int(i) => Some(*i),
+            _ => None,
         };
+        let (Some(code), Some(at), Some(now), Some(level)) = (
+            v.first().and_then(int),
+            v.get(1).and_then(int),
+            v.get(2).and_then(int),
+            v.get(3).and_then(int),
+        ) else {
+            return Err(bad());
+        };
+        let mut states = Vec::new();
+        for pair in v.get(4..).unwrap_or_default().chunks(2) {
+            if let [f, val] = pair
+                && let (Some(f), Some(val)) = (text(f), text(val))
+                && let Some(s) = State::decode(&f, &val)
+            {
+                states.push(s);
+            }
+        }
+        // As the embedded store answers: by scope field.
+        states.sort_by(|a, b| a.field.cmp(&b.field));
         let (at, now) = (at.max(0) as u64, now.max(0) as u64);
         let verdict = match code {
             0 => Verdict::Granted { at_ms: at },
@@ -294,6 +360,7 @@ impl RedisStore {
             verdict,
             now_ms: now,
             level: level.clamp(0, 64) as u32,
+            states,
         })
     }
 
@@ -383,6 +450,75 @@ impl RedisStore {
         }
     }
 
+    pub async fn shaping_set(
+        &self,
+        site: &str,
+        state: &State,
+        duration_ms: u64,
+        now_ms: Option<u64>,
+    ) -> Result<(u64, u64), EgressError> {
+        let mut call = Call::new(&self.scripts.shaping_set, &SHAPING_SET);
+        call.key("states", self.shaping_key(site))
+            .key("site index", self.shaping_index())
+            .arg("now", now_arg(now_ms))
+            .arg("site", site)
+            .arg("field", &state.field)
+            .arg("value", state.encode_rest())
+            .arg("duration", duration_ms);
+        let inv = call.invocation();
+        let mut conn = self.conn.clone();
+        let v: Vec<i64> = self
+            .run("egress shaping_set", inv.invoke_async(&mut conn))
+            .await?;
+        match v[..] {
+            [until, now] => Ok((until.max(0) as u64, now.max(0) as u64)),
+            _ => Err(EgressError::Protocol(format!("shaping_set returned {v:?}"))),
+        }
+    }
+
+    pub async fn shaping_list(
+        &self,
+        now_ms: Option<u64>,
+    ) -> Result<(u64, Vec<(String, State)>), EgressError> {
+        let mut call = Call::new(&self.scripts.shaping_list, &SHAPING_LIST);
+        call.key("site index", self.shaping_index())
+            .arg("now", now_arg(now_ms))
+            .arg("state prefix", format!("{}sh:", self.base))
+            .arg("scan", SHAPING_SCAN);
+        let inv = call.invocation();
+        let mut conn = self.conn.clone();
+        let v: Vec<Value> = self
+            .run("egress shaping_list", inv.invoke_async(&mut conn))
+            .await?;
+        let now = match v.first() {
+            Some(Value::Int(i)) => (*i).max(0) as u64,
+            _ => return Err(EgressError::Protocol("shaping_list reply".into())),
+        };
+        let mut out = Vec::new();
+        for t in v[1..].chunks(3) {
+            if let [site, f, val] = t
+                && let (Some(site), Some(f), Some(val)) = (text(site), text(f), text(val))
+                && let Some(s) = State::decode(&f, &val)
+            {
+                out.push((site, s));
+            }
+        }
+        out.sort_by(|a, b| (&a.0, &a.1.field).cmp(&(&b.0, &b.1.field)));
+        Ok((now, out))
+    }
+
+    pub async fn shaping_lift(&self, site: &str, field: &str) -> Result<bool, EgressError> {
+        let mut call = Call::new(&self.scripts.shaping_lift, &SHAPING_LIFT);
+        call.key("states", self.shaping_key(site))
+            .arg("field", field);
+        let inv = call.invocation();
+        let mut conn = self.conn.clone();
+        let n: i64 = self
+            .run("egress shaping_lift", inv.invoke_async(&mut conn))
+            .await?;
+        Ok(n > 0)
+    }
+
     pub async fn usage(
         &self,
         quota: &str,
@@ -440,6 +576,14 @@ impl RedisStore {
             });
         }
         Ok((now, out))
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
     }
 }
 

@@ -10,6 +10,7 @@ use super::backoff::BackoffPolicy;
 use super::memory::MemoryStore;
 use super::pacer::Window;
 use super::redis::RedisStore;
+use crate::shaping::State;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EgressError {
@@ -92,13 +93,17 @@ pub enum Verdict {
     NoConnection,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AcquireReply {
     pub verdict: Verdict,
     /// The store's clock when it decided.
     pub now_ms: u64,
     /// The site's back-off level in force (0 = normal).
     pub level: u32,
+    /// The site's response-rule states in force (read in the same call, so rules
+    /// cost no extra round trip). A site-wide suspension already shows as
+    /// `BackedOff`, a site-wide throttle factor in the pacing.
+    pub states: Vec<State>,
 }
 
 /// Keeps a connection's lease and its message in flight alive.
@@ -162,6 +167,28 @@ pub trait PacingStore: Send + Sync + 'static {
         now_ms: Option<u64>,
     ) -> PacingFuture<'a, (u64, u64)>;
 
+    /// Records a response-rule state for `site` (replacing the scope's previous
+    /// one unless that lasts longer); returns the store's clock.
+    /// (`state.until_ms` is ignored: the store sets it `duration_ms` from its
+    /// clock.) Returns the state's end and the store's clock.
+    fn shaping_set<'a>(
+        &'a self,
+        site: &'a str,
+        state: &'a State,
+        duration_ms: u64,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, u64)>;
+
+    /// Every state in force, by site (at most [`USAGE_SCAN`] sites), with the
+    /// store's clock.
+    fn shaping_list<'a>(
+        &'a self,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, Vec<(String, State)>)>;
+
+    /// Ends a state by hand; whether there was one.
+    fn shaping_lift<'a>(&'a self, site: &'a str, field: &'a str) -> PacingFuture<'a, bool>;
+
     /// Usage of `quota`'s keys (or of `key` alone), read at the store's `now`.
     fn usage<'a>(
         &'a self,
@@ -202,6 +229,37 @@ impl PacingStore for MemoryStore {
         Box::pin(std::future::ready(Ok(r)))
     }
 
+    fn shaping_set<'a>(
+        &'a self,
+        site: &'a str,
+        state: &'a State,
+        duration_ms: u64,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, u64)> {
+        Box::pin(std::future::ready(Ok(MemoryStore::shaping_set(
+            self,
+            site,
+            state,
+            duration_ms,
+            now_ms,
+        ))))
+    }
+
+    fn shaping_list<'a>(
+        &'a self,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, Vec<(String, State)>)> {
+        Box::pin(std::future::ready(Ok(MemoryStore::shaping_list(
+            self, now_ms,
+        ))))
+    }
+
+    fn shaping_lift<'a>(&'a self, site: &'a str, field: &'a str) -> PacingFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(MemoryStore::shaping_lift(
+            self, site, field,
+        ))))
+    }
+
     fn usage<'a>(
         &'a self,
         quota: &'a str,
@@ -239,6 +297,33 @@ impl PacingStore for RedisStore {
         now_ms: Option<u64>,
     ) -> PacingFuture<'a, (u64, u64)> {
         Box::pin(RedisStore::rate_limited(self, site, policy, now_ms))
+    }
+
+    fn shaping_set<'a>(
+        &'a self,
+        site: &'a str,
+        state: &'a State,
+        duration_ms: u64,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, u64)> {
+        Box::pin(RedisStore::shaping_set(
+            self,
+            site,
+            state,
+            duration_ms,
+            now_ms,
+        ))
+    }
+
+    fn shaping_list<'a>(
+        &'a self,
+        now_ms: Option<u64>,
+    ) -> PacingFuture<'a, (u64, Vec<(String, State)>)> {
+        Box::pin(RedisStore::shaping_list(self, now_ms))
+    }
+
+    fn shaping_lift<'a>(&'a self, site: &'a str, field: &'a str) -> PacingFuture<'a, bool> {
+        Box::pin(RedisStore::shaping_lift(self, site, field))
     }
 
     fn usage<'a>(

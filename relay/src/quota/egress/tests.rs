@@ -1,4 +1,5 @@
 use super::*;
+use crate::config::rules::ReplyStage;
 
 fn quotas(yaml: &str) -> Vec<QuotaConfig> {
     let q: Vec<QuotaConfig> = serde_norway::from_str(yaml).unwrap();
@@ -137,7 +138,10 @@ async fn connections_take_and_give_back_their_leases() {
     );
     let hosts = vec!["mx.x.test".to_owned()];
     let route = egress.route(&dest("x.test", &hosts));
-    let conn = egress.open(route.clone(), &[(1, 10)]).await.unwrap();
+    let conn = egress
+        .open(route.clone(), &[(1, 10)], vec![])
+        .await
+        .unwrap();
     let store = &egress.inner.store;
     assert_eq!(store.backend(), "embedded");
     let (_, uses) = store.usage("c", &[], None, 30_000, None).await.unwrap();
@@ -161,10 +165,13 @@ async fn a_far_slot_postpones_without_taking_anything() {
     );
     let hosts = vec!["mx.x.test".to_owned()];
     let route = egress.route(&dest("x.test", &hosts));
-    let first = egress.open(route.clone(), &[(1, 10)]).await.unwrap();
+    let first = egress
+        .open(route.clone(), &[(1, 10)], vec![])
+        .await
+        .unwrap();
     assert_eq!(first.finish().await, Postponement::default());
     let before = now_ms();
-    let Err(p) = egress.open(route, &[(1, 10), (1, 10)]).await else {
+    let Err(p) = egress.open(route, &[(1, 10), (1, 10)], vec![]).await else {
         panic!("a second message within the hour must wait")
     };
     let stop = p.stop.unwrap();
@@ -183,18 +190,24 @@ async fn a_busy_host_moves_on_and_a_rate_limit_backs_the_site_off() {
     let egress = Egress::embedded(&[], Duration::from_secs(30));
     let hosts = vec!["mx1.x.test".to_owned(), "mx2.x.test".to_owned()];
     let route = || egress.route(&dest("x.test", &hosts));
-    let busy =
-        |c: &mut EgressConn| c.on_reply(421, Some((4, 3, 2)), || "421 4.3.2 too busy".into());
+    let busy = |c: &mut EgressConn| {
+        c.on_reply(
+            421,
+            Some((4, 3, 2)),
+            || "421 4.3.2 too busy".into(),
+            ReplyStage::Greeting,
+        )
+    };
 
     // mx1 is busy, mx2 takes the mail: no back-off.
-    let mut c = egress.open(route(), &[(1, 10)]).await.unwrap();
+    let mut c = egress.open(route(), &[(1, 10)], vec![]).await.unwrap();
     busy(&mut c);
     assert!(c.try_next_host());
     c.before_message(0).await.unwrap();
     assert_eq!(c.finish().await.backoff_until_ms, None);
 
     // Every host busy: the site backs off.
-    let mut c = egress.open(route(), &[(1, 10)]).await.unwrap();
+    let mut c = egress.open(route(), &[(1, 10)], vec![]).await.unwrap();
     busy(&mut c);
     assert!(c.try_next_host());
     busy(&mut c);
@@ -202,7 +215,7 @@ async fn a_busy_host_moves_on_and_a_rate_limit_backs_the_site_off() {
     let until = c.finish().await.backoff_until_ms.unwrap();
     assert!(until >= before + 14_000, "{until} vs {before}");
     // ... so the next connection to the site waits, unattempted.
-    let Err(p) = egress.open(route(), &[(1, 10)]).await else {
+    let Err(p) = egress.open(route(), &[(1, 10)], vec![]).await else {
         panic!("the site is backed off")
     };
     assert!(p.stop.unwrap().until_ms >= before + 14_000);
@@ -211,11 +224,20 @@ async fn a_busy_host_moves_on_and_a_rate_limit_backs_the_site_off() {
     // message on the connection is not started.
     let other = vec!["mx.y.test".to_owned()];
     let mut c = egress
-        .open(egress.route(&dest("y.test", &other)), &[(1, 10), (1, 10)])
+        .open(
+            egress.route(&dest("y.test", &other)),
+            &[(1, 10), (1, 10)],
+            vec![],
+        )
         .await
         .unwrap();
     c.before_message(0).await.unwrap();
-    c.on_reply(451, Some((4, 7, 1)), || "451 4.7.1 slow down".into());
+    c.on_reply(
+        451,
+        Some((4, 7, 1)),
+        || "451 4.7.1 slow down".into(),
+        ReplyStage::Mail,
+    );
     assert!(!c.try_next_host());
     let refused = c.before_message(1).await.unwrap_err();
     assert_eq!(refused.code, 451);
@@ -242,7 +264,7 @@ async fn usage_used_stays_within_the_limit_and_future_grants_are_scheduled() {
         tasks.push(tokio::spawn(async move {
             for _ in 0..3 {
                 let route = egress.route(&dest("x.test", &hosts));
-                let mut conn = match egress.open(route, &[(1, 10)]).await {
+                let mut conn = match egress.open(route, &[(1, 10)], vec![]).await {
                     Ok(c) => c,
                     Err(_) => continue,
                 };
@@ -284,4 +306,123 @@ async fn usage_used_stays_within_the_limit_and_future_grants_are_scheduled() {
         let n = t[i..].iter().take_while(|&&b| b < a + 1_000).count();
         assert!(n <= 10, "{n} sent within 1 s: {t:?}");
     }
+}
+
+fn tenant(sender_domain: &str) -> Tenant {
+    Tenant {
+        sender_domain: Some(sender_domain.to_owned()),
+        ..Tenant::default()
+    }
+}
+
+/// A tenant-scoped suspension stops that tenant's mail to the site, on this
+/// connection and on the next ones, while another tenant's mail goes on; a site
+/// rule's reply no longer backs off the whole site; a lift ends it.
+#[tokio::test]
+async fn a_tenant_suspension_holds_only_that_tenants_mail() {
+    let egress = Egress::embedded(&[], Duration::from_secs(30));
+    let cfg = crate::config::RelayConfig::from_yaml(
+        "response_rules:
+  - name: complaint
+    destination: { mx_hosts: ['*.provider.test'] }
+    match: { codes: [421], enhanced: ['4.7.28'] }
+    action: suspend
+    scope: tenant
+    tenant_key: sender_domain
+    duration: 10m
+",
+    )
+    .unwrap();
+    egress.set_rules(Rules::from_config(&cfg).unwrap());
+    let hosts = vec!["mx.provider.test".to_owned()];
+    let route = || egress.route(&dest("provider.test", &hosts));
+    let sizes = [(1, 10), (1, 10), (1, 10)];
+    let tenants = || vec![tenant("a.test"), tenant("b.test"), tenant("a.test")];
+
+    let mut c = egress.open(route(), &sizes, tenants()).await.unwrap();
+    c.before_message(0).await.unwrap();
+    c.on_reply(
+        421,
+        Some((4, 7, 28)),
+        || "421 4.7.28 unusual rate from a.test".into(),
+        ReplyStage::Rcpt,
+    );
+    // The rule took the reply: no site back-off, and b's message may go.
+    assert!(c.try_next_host());
+    c.before_message(1).await.unwrap();
+    // a's next message does not start: the session ends there, a's message waits
+    // for the suspension, nothing else is held long.
+    let before = now_ms();
+    assert_eq!(c.before_message(2).await.unwrap_err().code, 451);
+    let p = c.finish().await;
+    assert_eq!(p.backoff_until_ms, None);
+    assert_eq!(p.held.len(), 1);
+    assert_eq!(p.held[0].0, 2);
+    assert!(p.held[0].1 >= before + 590_000, "{p:?}");
+    assert!(p.stop.unwrap().until_ms <= now_ms());
+
+    // The next connection: a's mail is held without being attempted, b's is not.
+    let Err(p) = egress.open(route(), &sizes, tenants()).await else {
+        panic!("a.test is suspended")
+    };
+    let held: Vec<usize> = p.held.iter().map(|h| h.0).collect();
+    assert_eq!(held, [0, 2]);
+    let c = egress
+        .open(route(), &[(1, 10)], vec![tenant("b.test")])
+        .await
+        .unwrap();
+    c.finish().await;
+
+    // Visible, then lifted by hand.
+    let list = egress.shaping_list().await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].site, "mx.provider.test");
+    assert_eq!(list[0].state.field, "sender_domain:a.test");
+    assert_eq!(list[0].state.rule, "complaint");
+    assert!(list[0].state.reply.contains("4.7.28"));
+    assert!(
+        egress
+            .shaping_lift("mx.provider.test", "sender_domain:a.test")
+            .await
+            .unwrap()
+    );
+    let c = egress.open(route(), &sizes, tenants()).await.unwrap();
+    c.finish().await;
+}
+
+/// A site-scoped suspension pauses the site like a back-off, for every tenant.
+#[tokio::test]
+async fn a_site_suspension_pauses_every_tenant() {
+    let egress = Egress::embedded(&[], Duration::from_secs(30));
+    let cfg = crate::config::RelayConfig::from_yaml(
+        "response_rules:
+  - name: ses
+    destination: { mx_hosts: ['*.provider.test'] }
+    match: { codes: [454], text: 'Throttling failure' }
+    action: suspend
+    duration: 1m
+",
+    )
+    .unwrap();
+    egress.set_rules(Rules::from_config(&cfg).unwrap());
+    let hosts = vec!["mx.provider.test".to_owned()];
+    let route = || egress.route(&dest("provider.test", &hosts));
+    let mut c = egress.open(route(), &[(1, 10)], vec![]).await.unwrap();
+    c.before_message(0).await.unwrap();
+    c.on_reply(
+        454,
+        None,
+        || "454 Throttling failure: Maximum sending rate exceeded.".into(),
+        ReplyStage::Mail,
+    );
+    let before = now_ms();
+    let p = c.finish().await;
+    assert!(p.backoff_until_ms.unwrap() >= before + 59_000, "{p:?}");
+    let Err(p) = egress
+        .open(route(), &[(1, 10)], vec![tenant("b.test")])
+        .await
+    else {
+        panic!("the site is suspended")
+    };
+    assert!(p.stop.unwrap().until_ms >= before + 59_000);
 }

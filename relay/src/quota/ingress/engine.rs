@@ -96,6 +96,19 @@ pub trait EgressUsage: Send + Sync {
         quota: &'a QuotaConfig,
         key: Option<&'a str>,
     ) -> StoreFuture<'a, Vec<KeyUsage>>;
+
+    /// A reload: the response rules to apply from now on.
+    fn set_rules(&self, _rules: crate::shaping::Rules) {}
+
+    /// Response-rule states in force (`GET /api/v1/shaping`).
+    fn shaping(&self) -> StoreFuture<'_, mailrelay_admin_api::types::ShapingList> {
+        Box::pin(std::future::ready(Ok(Default::default())))
+    }
+
+    /// Ends one state by hand.
+    fn lift<'a>(&'a self, _site: &'a str, _scope: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(false)))
+    }
 }
 
 pub struct Quotas {
@@ -204,6 +217,14 @@ impl Quotas {
         // What was learned under the old limits may not hold under the new ones.
         self.known.lock().unwrap_or_else(|p| p.into_inner()).clear();
         true
+    }
+
+    /// The egress side, once delivery started (response rules live there).
+    pub fn egress(&self) -> Option<Arc<dyn EgressUsage>> {
+        self.egress
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn set_egress_usage(&self, provider: Arc<dyn EgressUsage>) {

@@ -1,11 +1,12 @@
--- KEYS[1]: back-off hash of the site; per quota key: flight set, lease set, key
+-- KEYS[1]: back-off hash of the site; KEYS[2]: its response-rule states (hash:
+-- scope field -> 'until|s or t|factor|rule|reply'); per quota key: flight set, lease set, key
 -- index, then one hash per window.
 -- ARGV: now ('' = TIME), max wait, flight ttl, lease ttl, token ('' = none),
 -- commit token ('' = none), commit end, lease id ('' = none), back-off base,
 -- back-off recover, number of keys; per key: key name, max connections (0 = none),
 -- cost, commit cost, number of windows, then per window: window ms, limit.
--- Returns {verdict, at, now, level}: 0 granted, 1 later, 2 backed off, 3 blocked,
--- 4 no connection.
+-- Returns {verdict, at, now, level, then field, value of every live rule state}:
+-- 0 granted, 1 later, 2 backed off, 3 blocked, 4 no connection.
 local now = clock(ARGV[1])
 local max_wait = tonumber(ARGV[2])
 local flight_ttl = tonumber(ARGV[3])
@@ -19,7 +20,7 @@ local bo_recover = tonumber(ARGV[10])
 local nkeys = tonumber(ARGV[11])
 
 local qs = {}
-local ki, ai = 2, 12
+local ki, ai = 3, 12
 for q = 1, nkeys do
   local e = {flight = KEYS[ki], conns = KEYS[ki + 1], index = KEYS[ki + 2], name = ARGV[ai],
     maxc = tonumber(ARGV[ai + 1]), cost = tonumber(ARGV[ai + 2]), ccost = tonumber(ARGV[ai + 3]),
@@ -59,8 +60,38 @@ if level > 0 then
     if eff < 0 then eff = 0 end
   end
 end
+-- Response-rule states: expired ones go; a site-wide suspension pauses like a
+-- back-off, a site-wide throttle slows the pacing; the rest goes back to the
+-- relay, which applies tenant scopes per message.
+local live = {}
+local slow = 1
+local sh = redis.call('HGETALL', KEYS[2])
+for i = 1, #sh, 2 do
+  local u, a, f = string.match(sh[i + 1], '^(%d+)|(%a)|([^|]*)|')
+  u = tonumber(u or '0')
+  if u <= now then
+    redis.call('HDEL', KEYS[2], sh[i])
+  else
+    table.insert(live, sh[i])
+    table.insert(live, sh[i + 1])
+    if sh[i] == '*' then
+      local x = tonumber(f)
+      if a == 's' and u > until_ then
+        until_ = u
+      elseif a == 't' and x and x > 0 and x < 1 and 1 / x > slow then
+        slow = 1 / x
+      end
+    end
+  end
+end
+local function answer(code, at_)
+  local r = {code, at_, now, eff}
+  for _, v in ipairs(live) do table.insert(r, v) end
+  return r
+end
+
 if until_ > now and until_ - now > max_wait then
-  return {2, until_, now, eff}
+  return answer(2, until_)
 end
 
 if lease ~= '' then
@@ -68,7 +99,7 @@ if lease ~= '' then
     if e.maxc > 0 then
       redis.call('ZREMRANGEBYSCORE', e.conns, '-inf', now)
       if not redis.call('ZSCORE', e.conns, lease) and redis.call('ZCARD', e.conns) >= e.maxc then
-        return {4, 0, now, eff}
+        return answer(4, 0)
       end
     end
   end
@@ -77,7 +108,7 @@ end
 local at = now
 if until_ > at then at = until_ end
 if token ~= '' then
-  local factor = 2 ^ math.min(eff, 30)
+  local factor = 2 ^ math.min(eff, 30) * slow
   for _, e in ipairs(qs) do
     if #e.wins > 0 then
       for _, w in ipairs(e.wins) do
@@ -97,7 +128,7 @@ if token ~= '' then
         local room = w.N - e.cost
         if room < 0 then room = 0 end
         if e.units > room then
-          return {3, 0, now, eff}
+          return answer(3, 0)
         end
         local first = first_counted(w, at)
         local total = e.units
@@ -116,7 +147,7 @@ if token ~= '' then
     end
   end
   if at - now > max_wait then
-    return {1, at, now, eff}
+    return answer(1, at)
   end
   for _, e in ipairs(qs) do
     if #e.wins > 0 then
@@ -141,4 +172,4 @@ for _, e in ipairs(qs) do
   redis.call('ZADD', e.index, now, e.name)
   redis.call('PEXPIRE', e.index, e.maxw + flight_ttl + 3600000)
 end
-return {0, at, now, eff}
+return answer(0, at)

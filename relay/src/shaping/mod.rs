@@ -1,0 +1,538 @@
+//! Provider-aware delivery: response rules turn a remote server's reply into an
+//! action for the destination it came from (`suspend`, `throttle`, `reclassify`,
+//! `bounce`), scoped to the whole MX site or to the tenant the reply concerns.
+//!
+//! This module is pure: compiled rules and matching (evaluated in-process, no
+//! store round trip), the tenant facts of a message, and the shape of a shared
+//! state record. Egress ([`crate::quota::egress`]) keeps the states in its store,
+//! read in the same script call that paces each message, so every relay process
+//! agrees; delivery asks the rules how to classify a reply.
+//!
+//! A state is one field of a per-site hash: `*` for the whole site, or
+//! `<tenant_key>:<value>` (e.g. `dkim_domain:shop.example`) for one tenant, so one
+//! tenant's suspension never stops another tenant's mail to the same site.
+
+use std::sync::Arc;
+
+use crate::config::RelayConfig;
+use crate::config::glob::{Glob, normalize_name};
+use crate::config::rules::{
+    CodeMatch, Reclassify, ReplyStage, ResponseRule, RuleAction, RuleScope, TenantKey,
+    compile_text, effective_rules,
+};
+
+/// The site-wide scope field.
+pub const SITE: &str = "*";
+
+/// One rule, compiled.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: Arc<str>,
+    mx_hosts: Vec<Glob>,
+    domains: Vec<Glob>,
+    smarthost: bool,
+    codes: Vec<CodeMatch>,
+    /// Per pattern: class, subject, detail (`None` = `*`).
+    enhanced: Vec<[Option<u16>; 3]>,
+    text: Option<regex::Regex>,
+    stages: Vec<ReplyStage>,
+    pub action: RuleAction,
+    pub scope: RuleScope,
+    pub tenant_key: TenantKey,
+    pub duration_ms: u64,
+    /// `throttle.factor` (1 = none).
+    pub factor: f64,
+    pub reclassify: Option<Reclassify>,
+}
+
+/// Where a reply came from, as rules select destinations.
+#[derive(Debug, Clone, Copy)]
+pub struct Dest<'a> {
+    /// The recipient domain (lower case), when the connection carries one.
+    pub domain: Option<&'a str>,
+    /// The MX host names of the site (lower case).
+    pub hosts: &'a [String],
+    pub smarthost: bool,
+}
+
+/// A reply as the rules see it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyFacts<'a> {
+    pub code: u16,
+    pub enhanced: Option<(u8, u16, u16)>,
+    /// The reply's text, lines joined by `\n`.
+    pub text: &'a str,
+    pub stage: ReplyStage,
+}
+
+impl Rule {
+    fn compile(r: &ResponseRule) -> Result<Rule, String> {
+        let enhanced = r
+            .matcher
+            .enhanced
+            .iter()
+            .map(|p| {
+                let mut out = [None; 3];
+                for (i, part) in p.split('.').take(3).enumerate() {
+                    out[i] = part.parse().ok();
+                }
+                out
+            })
+            .collect();
+        Ok(Rule {
+            name: Arc::from(r.name.as_str()),
+            mx_hosts: r
+                .destination
+                .mx_hosts
+                .iter()
+                .map(|g| Glob::new(g))
+                .collect(),
+            domains: r
+                .destination
+                .destination_domains
+                .iter()
+                .map(|g| Glob::new(g))
+                .collect(),
+            smarthost: r.destination.smarthost,
+            codes: r.matcher.codes.clone(),
+            enhanced,
+            text: r.matcher.text.as_deref().map(compile_text).transpose()?,
+            stages: r.matcher.stages.clone(),
+            action: r.action,
+            scope: r.scope,
+            tenant_key: r.tenant_key.unwrap_or_default(),
+            duration_ms: r.duration.map_or(0, |d| d.as_millis() as u64),
+            factor: r.throttle.and_then(|t| t.factor).unwrap_or(1.0),
+            reclassify: r.reclassify,
+        })
+    }
+
+    /// Whether the rule is about `d`.
+    pub fn selects(&self, d: &Dest<'_>) -> bool {
+        if self.smarthost && !d.smarthost {
+            return false;
+        }
+        if !self.domains.is_empty()
+            && !d
+                .domain
+                .is_some_and(|dom| self.domains.iter().any(|g| g.is_match(dom)))
+        {
+            return false;
+        }
+        if !self.mx_hosts.is_empty()
+            && !d
+                .hosts
+                .iter()
+                .any(|h| self.mx_hosts.iter().any(|g| g.is_match(h)))
+        {
+            return false;
+        }
+        true
+    }
+
+    /// Whether the reply fits `match` (the destination aside).
+    pub fn fits(&self, r: &ReplyFacts<'_>) -> bool {
+        if !self.codes.is_empty() && !self.codes.iter().any(|c| c.is_match(r.code)) {
+            return false;
+        }
+        if !self.enhanced.is_empty() {
+            let Some((a, b, c)) = r.enhanced else {
+                return false;
+            };
+            let got = [u16::from(a), b, c];
+            if !self.enhanced.iter().any(|p| {
+                p.iter()
+                    .zip(got)
+                    .all(|(want, g)| want.is_none_or(|w| w == g))
+            }) {
+                return false;
+            }
+        }
+        if !self.stages.is_empty() && !self.stages.contains(&r.stage) {
+            return false;
+        }
+        // Last: the only costly test.
+        if let Some(re) = &self.text
+            && !re.is_match(r.text)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+/// The rules in force, in evaluation order (user rules, then presets').
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    rules: Vec<Rule>,
+    /// Tenant keys some enabled rule scopes by (what delivery must work out per
+    /// message).
+    pub tenant_keys: Vec<TenantKey>,
+}
+
+impl Rules {
+    /// Compiles the config's rules (user and presets, overrides applied). The
+    /// config was validated: an error here names the field all the same.
+    pub fn from_config(cfg: &RelayConfig) -> Result<Rules, (String, String)> {
+        let all = effective_rules(&cfg.response_rules, &cfg.providers)?;
+        let mut rules = Vec::new();
+        for (field, r) in all.iter().filter(|(_, r)| r.enabled) {
+            rules.push(Rule::compile(r).map_err(|m| (format!("{field}.match.text"), m))?);
+        }
+        let mut tenant_keys: Vec<TenantKey> = rules
+            .iter()
+            .filter(|r| r.scope == RuleScope::Tenant)
+            .map(|r| r.tenant_key)
+            .collect();
+        tenant_keys.sort_by_key(|k| k.as_str());
+        tenant_keys.dedup();
+        Ok(Rules { rules, tenant_keys })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// The first rule that selects `d` and fits `r`.
+    pub fn first_match(&self, d: &Dest<'_>, r: &ReplyFacts<'_>) -> Option<&Rule> {
+        self.rules
+            .iter()
+            .find(|rule| rule.selects(d) && rule.fits(r))
+    }
+
+    /// How a reply's outcome changes: `Some(true)` permanent (bounce),
+    /// `Some(false)` temporary (retry), `None` as the code says.
+    pub fn classify(&self, d: &Dest<'_>, r: &ReplyFacts<'_>) -> Option<bool> {
+        let rule = self.first_match(d, r)?;
+        match (rule.action, rule.reclassify) {
+            (RuleAction::Bounce, _) => Some(true),
+            (RuleAction::Reclassify, Some(Reclassify::Permanent)) => Some(true),
+            (RuleAction::Reclassify, Some(Reclassify::Temporary)) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+/// Who sent a message, as tenant-scoped rules tell tenants apart (lower case).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tenant {
+    pub sender_domain: Option<String>,
+    pub from_domain: Option<String>,
+    pub dkim_domain: Option<String>,
+    pub auth_user: Option<String>,
+}
+
+fn domain_of(addr: &str) -> Option<String> {
+    let addr = addr.trim().trim_start_matches('<').trim_end_matches('>');
+    let (_, d) = addr.rsplit_once('@')?;
+    let d = normalize_name(d.trim());
+    (!d.is_empty()).then_some(d)
+}
+
+impl Tenant {
+    /// The facts of a queued message: envelope sender, AUTH user, and (when some
+    /// rule keys on them) the `From:` domain and the `d=` of the first
+    /// `DKIM-Signature:` (the relay signs at acceptance and puts its signature
+    /// first), read from the header block only.
+    pub fn of(mail_from: &str, auth_user: Option<&str>, body: &[u8], keys: &[TenantKey]) -> Self {
+        let need_from = keys.contains(&TenantKey::FromDomain);
+        let need_dkim = keys.contains(&TenantKey::DkimDomain);
+        let mut t = Tenant {
+            sender_domain: domain_of(mail_from),
+            auth_user: auth_user.map(str::to_owned),
+            ..Tenant::default()
+        };
+        if need_from || need_dkim {
+            let (from, dkim) = header_domains(body);
+            if need_from {
+                t.from_domain = from;
+            }
+            if need_dkim {
+                t.dkim_domain = dkim;
+            }
+        }
+        t
+    }
+
+    /// The scope field for a tenant-scoped rule keyed by `key`; `egress_key` is
+    /// the destination's first egress quota key.
+    pub fn field(&self, key: TenantKey, egress_key: Option<&str>) -> Option<String> {
+        let v = match key {
+            TenantKey::SenderDomain => self.sender_domain.as_deref(),
+            TenantKey::FromDomain => self.from_domain.as_deref(),
+            TenantKey::DkimDomain => self.dkim_domain.as_deref(),
+            TenantKey::AuthUser => self.auth_user.as_deref(),
+            TenantKey::EgressKey => egress_key,
+        }?;
+        Some(format!("{}:{v}", key.as_str()))
+    }
+}
+
+/// `From:` domain and first DKIM `d=` of a message's header block (unfolded).
+fn header_domains(body: &[u8]) -> (Option<String>, Option<String>) {
+    let end = memchr::memmem::find(body, b"\r\n\r\n").unwrap_or(body.len().min(64 * 1024));
+    let head = String::from_utf8_lossy(&body[..end]);
+    let mut fields: Vec<String> = Vec::new();
+    for line in head.split("\r\n") {
+        if line.starts_with([' ', '\t']) {
+            if let Some(last) = fields.last_mut() {
+                last.push_str(line);
+            }
+        } else {
+            fields.push(line.to_owned());
+        }
+    }
+    let mut from = None;
+    let mut dkim = None;
+    for f in &fields {
+        let Some((name, value)) = f.split_once(':') else {
+            continue;
+        };
+        let name = name.trim();
+        if from.is_none() && name.eq_ignore_ascii_case("from") {
+            // `Name <a@b>` or a bare address: the last `@` before a `>`.
+            let v = value.rsplit_once('<').map_or(value, |(_, a)| a);
+            let v = v.split('>').next().unwrap_or(v);
+            from = domain_of(v);
+        } else if dkim.is_none() && name.eq_ignore_ascii_case("dkim-signature") {
+            dkim = value.split(';').find_map(|tag| {
+                let (k, v) = tag.split_once('=')?;
+                (k.trim() == "d").then(|| normalize_name(v.trim()))
+            });
+        }
+    }
+    (from, dkim)
+}
+
+/// A shared state: what a `suspend` or `throttle` rule left for a scope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct State {
+    /// `*` or `<tenant_key>:<value>`.
+    pub field: String,
+    pub action: RuleAction,
+    /// Store clock, ms.
+    pub until_ms: u64,
+    /// `throttle.factor` (1 = none).
+    pub factor: f64,
+    pub rule: String,
+    /// The reply that started it.
+    pub reply: String,
+}
+
+impl State {
+    /// The store's value: `until|s or t|factor|rule|reply` (the scripts read the
+    /// first three).
+    pub fn encode(&self) -> String {
+        let a = if self.action == RuleAction::Suspend {
+            "s"
+        } else {
+            "t"
+        };
+        format!(
+            "{}|{a}|{}|{}|{}",
+            self.until_ms, self.factor, self.rule, self.reply
+        )
+    }
+
+    /// The value without its end: what the store prefixes with the end it
+    /// computes on its own clock.
+    pub fn encode_rest(&self) -> String {
+        let e = self.encode();
+        e.split_once('|').map(|(_, r)| r.to_owned()).unwrap_or(e)
+    }
+
+    pub fn decode(field: &str, v: &str) -> Option<State> {
+        let mut it = v.splitn(5, '|');
+        let until_ms = it.next()?.parse().ok()?;
+        let action = match it.next()? {
+            "s" => RuleAction::Suspend,
+            "t" => RuleAction::Throttle,
+            _ => return None,
+        };
+        let factor = it.next()?.parse().ok()?;
+        let rule = it.next()?.to_owned();
+        let reply = it.next().unwrap_or("").to_owned();
+        Some(State {
+            field: field.to_owned(),
+            action,
+            until_ms,
+            factor,
+            rule,
+            reply,
+        })
+    }
+
+    pub fn suspends(&self, now: u64) -> bool {
+        self.action == RuleAction::Suspend && self.until_ms > now
+    }
+}
+
+/// The smtp client's stage as rules name it.
+pub fn stage_of(s: mailrelay_smtp::client::Stage) -> ReplyStage {
+    use mailrelay_smtp::client::Stage;
+    match s {
+        Stage::Connect => ReplyStage::Connect,
+        Stage::Greeting => ReplyStage::Greeting,
+        Stage::Ehlo | Stage::StartTls | Stage::Auth => ReplyStage::Ehlo,
+        Stage::Mail => ReplyStage::Mail,
+        Stage::Rcpt => ReplyStage::Rcpt,
+        Stage::Data | Stage::Message => ReplyStage::Data,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(yaml: &str) -> Rules {
+        let cfg = RelayConfig::from_yaml(yaml).unwrap();
+        Rules::from_config(&cfg).unwrap()
+    }
+
+    const GMAIL: &[String] = &[];
+
+    #[test]
+    fn first_match_wins_and_every_field_counts() {
+        let r = rules(
+            "response_rules:
+  - name: tss04
+    destination: { mx_hosts: ['*.yahoodns.net'] }
+    match: { codes: [421], enhanced: ['4.7.0'], text: '\\[TSS04\\]', stages: [mail, rcpt, data] }
+    action: suspend
+    scope: tenant
+    tenant_key: sender_domain
+    duration: 10m
+  - name: any-421
+    destination: { mx_hosts: ['*.yahoodns.net'] }
+    match: { codes: ['4xx'], enhanced: ['4.7.*'] }
+    action: throttle
+    duration: 5m
+    throttle: { factor: 0.5 }
+  - name: daily
+    destination: { destination_domains: ['*.example'] }
+    match: { codes: ['5xx'], text: '(?i)daily.*limit' }
+    action: reclassify
+    reclassify: temporary
+  - name: ses
+    destination: { smarthost: true }
+    match: { codes: [454], text: 'Throttling failure' }
+    action: suspend
+    duration: 30s
+",
+        );
+        let hosts = vec!["mta5.am0.yahoodns.net".to_string()];
+        let yahoo = Dest {
+            domain: Some("yahoo.com"),
+            hosts: &hosts,
+            smarthost: false,
+        };
+        let reply = |code, enhanced, text, stage| ReplyFacts {
+            code,
+            enhanced,
+            text,
+            stage,
+        };
+        let tss = reply(
+            421,
+            Some((4, 7, 0)),
+            "[TSS04] Messages from 192.0.2.1 temporarily deferred",
+            ReplyStage::Rcpt,
+        );
+        assert_eq!(&*r.first_match(&yahoo, &tss).unwrap().name, "tss04");
+        // Same reply at the greeting: the stage rules the first one out.
+        let at_greeting = ReplyFacts {
+            stage: ReplyStage::Greeting,
+            ..tss
+        };
+        assert_eq!(
+            &*r.first_match(&yahoo, &at_greeting).unwrap().name,
+            "any-421"
+        );
+        let other = reply(451, Some((4, 3, 0)), "try later", ReplyStage::Rcpt);
+        assert!(r.first_match(&yahoo, &other).is_none());
+        // Elsewhere: not selected.
+        let gmail = Dest {
+            domain: Some("gmail.com"),
+            hosts: GMAIL,
+            smarthost: false,
+        };
+        assert!(r.first_match(&gmail, &tss).is_none());
+        let d = Dest {
+            domain: Some("shop.example"),
+            hosts: GMAIL,
+            smarthost: false,
+        };
+        let limit = reply(
+            550,
+            Some((5, 4, 5)),
+            "Daily sending LIMIT exceeded",
+            ReplyStage::Data,
+        );
+        assert_eq!(r.classify(&d, &limit), Some(false));
+        assert_eq!(
+            r.classify(&d, &reply(550, None, "no such user", ReplyStage::Rcpt)),
+            None
+        );
+        let ses = Dest {
+            domain: None,
+            hosts: GMAIL,
+            smarthost: true,
+        };
+        let thr = reply(
+            454,
+            None,
+            "Throttling failure: Maximum sending rate exceeded.",
+            ReplyStage::Mail,
+        );
+        assert_eq!(&*r.first_match(&ses, &thr).unwrap().name, "ses");
+        assert!(r.first_match(&d, &thr).is_none());
+        assert_eq!(r.tenant_keys, vec![TenantKey::SenderDomain]);
+    }
+
+    #[test]
+    fn tenant_facts_come_from_the_envelope_and_headers() {
+        let body = b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;\r\n\td=Shop.Example; s=sel;\r\nFrom: \"Shop\" <News@Mail.Shop.Example>\r\nSubject: x\r\n\r\nFrom: nobody@else.test\r\n";
+        let t = Tenant::of(
+            "bounce@Tenant-A.test",
+            Some("user-a"),
+            body,
+            &[TenantKey::DkimDomain, TenantKey::FromDomain],
+        );
+        assert_eq!(t.sender_domain.as_deref(), Some("tenant-a.test"));
+        assert_eq!(t.dkim_domain.as_deref(), Some("shop.example"));
+        assert_eq!(t.from_domain.as_deref(), Some("mail.shop.example"));
+        assert_eq!(
+            t.field(TenantKey::DkimDomain, None).as_deref(),
+            Some("dkim_domain:shop.example")
+        );
+        assert_eq!(
+            t.field(TenantKey::AuthUser, None).as_deref(),
+            Some("auth_user:user-a")
+        );
+        assert_eq!(t.field(TenantKey::EgressKey, None), None);
+        // Only what rules need is parsed.
+        let lean = Tenant::of("a@b.test", None, body, &[]);
+        assert_eq!(lean.dkim_domain, None);
+        assert_eq!(Tenant::of("", None, b"", &[]).sender_domain, None);
+    }
+
+    #[test]
+    fn states_round_trip_through_the_store_encoding() {
+        let s = State {
+            field: "dkim_domain:shop.example".into(),
+            action: RuleAction::Suspend,
+            until_ms: 123_456,
+            factor: 1.0,
+            rule: "gmail-rate".into(),
+            reply: "421 4.7.28 a|b".into(),
+        };
+        assert_eq!(State::decode(&s.field, &s.encode()), Some(s.clone()));
+        assert!(s.suspends(1));
+        assert!(!s.suspends(123_456));
+        assert_eq!(State::decode("*", "x|s|1|r|"), None);
+    }
+}

@@ -1,0 +1,506 @@
+//! Response rules end to end (issue 18): mailrelay processes on one real Redis (or
+//! the embedded store) deliver through real dnsmasq to an aiosmtpd server that
+//! behaves like a provider: after a few messages from one tenant it answers
+//! Yahoo's `421 4.7.0 [TSS04]` for that tenant; a recipient `daily…` first gets a
+//! `550 5.4.5 Daily sending limit exceeded`.
+//!
+//! Timing assertions leave seconds of margin around a 6 s suspension; the clocks
+//! compared (Redis `TIME`, the server's `time.time()`) are the same machine's.
+
+use crate::support;
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::dns::{Dnsmasq, Record};
+use support::free_ports;
+use support::redis::RedisServer;
+use support::relay::{Relay, RelayOptions};
+
+const SERVER: &str = r#"
+import asyncio, json, sys, time
+from aiosmtpd.smtp import SMTP
+
+cfg = json.loads(sys.argv[1])
+state = {"from": {}, "complained": 0, "daily": {}}
+
+def log(rec):
+    rec["t"] = time.time()
+    with open(cfg["record"], "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+class Handler:
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        dom = address.rsplit("@", 1)[-1].lower()
+        n = state["from"].get(dom, 0)
+        if dom == cfg.get("complain_about") and n >= cfg.get("after", 0) \
+                and state["complained"] < cfg.get("complaints", 1):
+            state["complained"] += 1
+            log({"ev": "complaint", "from": address})
+            return "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints"
+        state["from"][dom] = n + 1
+        log({"ev": "mail", "from": address})
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if address.startswith("daily"):
+            k = state["daily"].get(address, 0)
+            state["daily"][address] = k + 1
+            if k < cfg.get("daily_refusals", 1):
+                log({"ev": "daily", "rcpt": address})
+                return "550 5.4.5 Daily sending limit exceeded for this account"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        log({"ev": "msg", "from": envelope.mail_from, "rcpts": envelope.rcpt_tos})
+        return "250 2.0.0 OK"
+
+async def main():
+    loop = asyncio.get_running_loop()
+    await loop.create_server(lambda: SMTP(Handler(), hostname="mx.provider.test", decode_data=False),
+                             cfg["host"], cfg["port"])
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"#;
+
+/// The provider-like server; killed on drop.
+struct Provider {
+    child: Child,
+    record: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Provider {
+    fn start(host: &str, port: u16, script: Value) -> Provider {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("events.jsonl");
+        let mut cfg = script;
+        cfg["host"] = json!(host);
+        cfg["port"] = json!(port);
+        cfg["record"] = json!(record);
+        let (child, line) = support::start_python(dir.path(), SERVER, &cfg);
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "aiosmtpd did not start on {host}:{port}"
+        );
+        Provider {
+            child,
+            record,
+            _dir: dir,
+        }
+    }
+
+    fn events(&self, kind: &str) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .map(|t| {
+                t.lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                    .filter(|e| e["ev"] == kind)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Times of messages received from `domain`.
+    fn received_from(&self, domain: &str) -> Vec<f64> {
+        self.events("msg")
+            .iter()
+            .filter(|e| e["from"].as_str().unwrap().ends_with(&format!("@{domain}")))
+            .map(|e| e["t"].as_f64().unwrap())
+            .collect()
+    }
+
+    fn wait(&self, what: &str, relays: &[&Relay], pred: impl Fn(&Provider) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while !pred(self) {
+            if Instant::now() > deadline {
+                let logs: Vec<String> = relays.iter().map(|r| r.log()).collect();
+                panic!(
+                    "timed out waiting for {what}; messages {:#?}\nrelay logs:\n{}",
+                    self.events("msg"),
+                    logs.join("\n-----\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn zone() -> Dnsmasq {
+    Dnsmasq::start(&[
+        Record::mx("inbox.test", 10, "mx1.provider.test"),
+        Record::mx("other-inbox.test", 10, "mx1.provider.test"),
+        Record::host("mx1.provider.test", &["127.0.0.6"]),
+    ])
+}
+
+const RULES: &str = "response_rules:
+  - name: yahoo-tss04
+    destination: { mx_hosts: ['*.provider.test'] }
+    match: { codes: [421], enhanced: ['4.7.0'], text: '\\[TSS0[0-9]\\]', stages: [mail, rcpt, data] }
+    action: suspend
+    scope: tenant
+    tenant_key: sender_domain
+    duration: 6s
+  - name: daily-limit-is-temporary
+    destination: { destination_domains: ['*.test'] }
+    match: { codes: ['5xx'], enhanced: ['5.4.5'], text: '(?i)daily sending limit' }
+    action: reclassify
+    reclassify: temporary
+";
+
+fn relay(dns: &Dnsmasq, port: u16, redis: Option<&RedisServer>) -> Relay {
+    Relay::start(RelayOptions {
+        redis_url: redis.map(RedisServer::url),
+        extra_yaml: format!(
+            "delivery:\n  dns: {{nameservers: ['{}'], port_override: {port}, timeout: 2s}}\n  \
+             retry: {{first: 1s, max_backoff: 2s, jitter: 0.0}}\n  poll_interval: 200ms\n{RULES}",
+            dns.addr()
+        ),
+        ..RelayOptions::default()
+    })
+}
+
+fn submit(relay: &Relay, from: &str, rcpts: &[&str]) -> Vec<String> {
+    let mut c = relay.connect();
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    let mut ids = Vec::new();
+    for (i, r) in rcpts.iter().enumerate() {
+        assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
+        let reply = c.cmd(&format!("RCPT TO:<{r}>"));
+        assert!(reply.starts_with("250"), "{reply}");
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(format!("From: <{from}>\r\nSubject: m{i}\r\n\r\nmessage {i}\r\n.\r\n").as_bytes());
+        let reply = c.reply();
+        assert!(reply.starts_with("250"), "{reply}");
+        ids.push(reply.split("queued as ").nth(1).unwrap().trim().to_owned());
+    }
+    c.cmd("QUIT");
+    ids
+}
+
+fn now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Three relays on one Redis act as one: the complaint one relay got about tenant
+/// `a.test` suspends that tenant's mail to the site in the other two relays too,
+/// while tenant `b.test`'s mail to the same site keeps flowing; the state shows in
+/// another relay's admin API with the reply that started it; when it ends, `a.test`'s
+/// mail goes again.
+#[test]
+fn a_complaint_about_one_tenant_pauses_only_that_tenant_across_relays() {
+    let dns = zone();
+    let port = free_ports(1)[0];
+    let provider = Provider::start(
+        "127.0.0.6",
+        port,
+        json!({"complain_about": "a.test", "after": 2, "complaints": 1}),
+    );
+    let redis = RedisServer::start();
+    let relays: Vec<Relay> = (0..3).map(|_| relay(&dns, port, Some(&redis))).collect();
+    let all: Vec<&Relay> = relays.iter().collect();
+
+    // Relay 0 carries a.test's first mail: two go, the third gets the complaint.
+    submit(
+        &relays[0],
+        "news@a.test",
+        &["u1@inbox.test", "u2@inbox.test"],
+    );
+    provider.wait("two messages from a.test", &all, |p| {
+        p.received_from("a.test").len() >= 2
+    });
+    submit(&relays[0], "news@a.test", &["u3@inbox.test"]);
+    provider.wait("the complaint", &all, |p| !p.events("complaint").is_empty());
+    let complained = provider.events("complaint")[0]["t"].as_f64().unwrap();
+
+    // Other relays, other tenants: b.test's mail flows, a.test's waits.
+    std::thread::sleep(Duration::from_millis(300));
+    let submitted = now();
+    submit(&relays[1], "news@a.test", &["u4@other-inbox.test"]);
+    submit(&relays[2], "news@a.test", &["u5@inbox.test"]);
+    submit(
+        &relays[1],
+        "shop@b.test",
+        &["v1@inbox.test", "v2@other-inbox.test"],
+    );
+    submit(&relays[2], "shop@b.test", &["v3@inbox.test"]);
+    provider.wait("b.test's three messages", &all, |p| {
+        p.received_from("b.test").len() >= 3
+    });
+    let b_done = provider
+        .received_from("b.test")
+        .into_iter()
+        .fold(0.0, f64::max);
+    assert!(
+        b_done < complained + 4.0,
+        "b.test waited for a.test's suspension: last at +{:.1}s",
+        b_done - complained
+    );
+    assert!(
+        provider.received_from("a.test").len() == 2,
+        "a.test's mail went on during its suspension: {:#?}",
+        provider.events("msg")
+    );
+
+    // Another relay shows the state, with the reply that started it.
+    let (code, body) = relays[2].admin_get("/api/v1/shaping");
+    assert_eq!(code, 200, "{body}");
+    let list: Value = serde_json::from_str(&body).unwrap();
+    let states = list["states"].as_array().unwrap();
+    assert_eq!(states.len(), 1, "{body}");
+    assert_eq!(states[0]["scope"], "sender_domain:a.test", "{body}");
+    assert_eq!(states[0]["site"], "mx1.provider.test", "{body}");
+    assert_eq!(states[0]["rule"], "yahoo-tss04", "{body}");
+    assert_eq!(states[0]["action"], "suspend", "{body}");
+    assert!(
+        states[0]["reply"].as_str().unwrap().contains("[TSS04]"),
+        "{body}"
+    );
+    assert!(
+        states[0]["remaining_seconds"].as_u64().unwrap() <= 6,
+        "{body}"
+    );
+    // Metrics of the relay that got the reply count the hit.
+    let (_, metrics) = relays[0].admin_get("/metrics");
+    assert!(
+        metrics.contains(
+            "mailrelay_shaping_rule_hits_total{rule=\"yahoo-tss04\",action=\"suspend\"} 1"
+        ),
+        "{metrics}"
+    );
+
+    // The suspension ends: a.test's three waiting messages arrive, none early.
+    provider.wait("a.test's waiting messages", &all, |p| {
+        p.received_from("a.test").len() >= 5
+    });
+    let mut a = provider.received_from("a.test");
+    a.sort_by(f64::total_cmp);
+    for t in &a[2..] {
+        assert!(
+            *t >= complained + 5.5,
+            "a.test's message at +{:.2}s, inside its 6 s suspension",
+            t - complained
+        );
+    }
+    assert!(submitted > complained);
+    let log = relays[0].log();
+    assert!(log.contains("response rule: state starts"), "{log}");
+}
+
+/// A `5xx` that a rule reclassifies as temporary is retried, not bounced; a
+/// rule's state lifts by hand through the admin API (embedded store).
+#[test]
+fn a_reclassified_daily_limit_is_retried_and_a_suspension_lifts_by_hand() {
+    let dns = zone();
+    let port = free_ports(1)[0];
+    let provider = Provider::start(
+        "127.0.0.6",
+        port,
+        json!({"complain_about": "a.test", "after": 0, "complaints": 1, "daily_refusals": 1}),
+    );
+    let r = relay(&dns, port, None);
+    let ids = submit(&r, "shop@b.test", &["daily1@inbox.test"]);
+    provider.wait("the retried message", &[&r], |p| {
+        p.events("msg")
+            .iter()
+            .any(|e| e["rcpts"][0] == "daily1@inbox.test")
+    });
+    assert_eq!(provider.events("daily").len(), 1);
+    let (code, body) = r.admin_get(&format!("/api/v1/queue/messages/{}", ids[0]));
+    // Delivered (and gone) or shown delivered: never bounced.
+    if code == 200 {
+        assert!(!body.contains("\"bounced\""), "{body}");
+    }
+    assert!(!r.log().contains("bounced"), "{}", r.log());
+
+    // a.test's first message gets the complaint: 6 s of suspension, lifted now.
+    submit(&r, "news@a.test", &["u1@inbox.test"]);
+    provider.wait("the complaint", &[&r], |p| {
+        !p.events("complaint").is_empty()
+    });
+    let complained = provider.events("complaint")[0]["t"].as_f64().unwrap();
+    let id = "sender_domain:a.test@mx1.provider.test";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, _, body) = support::relay::http_request(
+            r.admin,
+            "POST",
+            &format!(
+                "/api/v1/shaping/{}/lift",
+                id.replace(':', "%3A").replace('@', "%40")
+            ),
+            None,
+        );
+        if code == 200 {
+            assert!(body.contains("\"lifted\":true"), "{body}");
+            break;
+        }
+        // The state is written when the connection that got the reply moves on.
+        assert!(Instant::now() < deadline, "{code} {body}\n{}", r.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    provider.wait("a.test's message after the lift", &[&r], |p| {
+        !p.received_from("a.test").is_empty()
+    });
+    let t = provider.received_from("a.test")[0];
+    assert!(
+        t < complained + 5.0,
+        "the lifted suspension still held a.test's mail until +{:.1}s",
+        t - complained
+    );
+}
+
+/// The Redis scripts keep rule states as the embedded store does: a site-wide
+/// suspension answers like a back-off, a site-wide throttle slows the pacing, a
+/// tenant's state comes back with the verdict, an expired one is gone, a lift
+/// ends one.
+#[test]
+fn redis_rule_states_agree_with_the_embedded_store() {
+    use mailrelay::config::rules::RuleAction;
+    use mailrelay::quota::egress::backoff::BackoffPolicy;
+    use mailrelay::quota::egress::memory::MemoryStore;
+    use mailrelay::quota::egress::pacer::Window;
+    use mailrelay::quota::egress::redis::RedisStore;
+    use mailrelay::quota::egress::store::{Acquire, KeyRef, PacingStore, Timing, Verdict};
+    use mailrelay::shaping::State;
+
+    let redis = RedisServer::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = RedisStore::connect(&redis.config("sh")).await.unwrap();
+        let m = MemoryStore::new();
+        let stores: [&dyn PacingStore; 2] = [&r, &m];
+        let keys = [KeyRef {
+            quota: "q".into(),
+            key: "site".into(),
+            windows: vec![Window {
+                window_ms: 1_000,
+                limit: 10,
+            }],
+            max_connections: None,
+        }];
+        let timing = Timing {
+            max_wait_ms: 5_000,
+            flight_ttl_ms: 4_000,
+            lease_ttl_ms: 3_000,
+        };
+        let state = |field: &str, action, factor| State {
+            field: field.into(),
+            action,
+            until_ms: 0,
+            factor,
+            rule: "r1".into(),
+            reply: "421 4.7.0 [TSS04] x|y".into(),
+        };
+        let t0 = 1_700_000_000_000u64;
+        let mut answers = Vec::new();
+        for (i, s) in stores.iter().enumerate() {
+            let token = format!("t{i}");
+            let acquire = |now, site| Acquire {
+                site,
+                keys: &keys,
+                costs: &[1],
+                token: Some(&token),
+                commit: None,
+                lease: None,
+                timing,
+                policy: BackoffPolicy::default(),
+                now_ms: Some(now),
+            };
+            // A tenant's suspension and a site throttle at half rate.
+            let tenant = state("sender_domain:a.test", RuleAction::Suspend, 1.0);
+            assert_eq!(
+                s.shaping_set("s1", &tenant, 60_000, Some(t0))
+                    .await
+                    .unwrap(),
+                (t0 + 60_000, t0)
+            );
+            s.shaping_set(
+                "s1",
+                &state("*", RuleAction::Throttle, 0.5),
+                30_000,
+                Some(t0),
+            )
+            .await
+            .unwrap();
+            // A shorter state of the same kind does not cut a longer one short.
+            assert_eq!(
+                s.shaping_set("s1", &tenant, 1_000, Some(t0)).await.unwrap(),
+                (t0 + 60_000, t0)
+            );
+            let mut grants = Vec::new();
+            for k in 0..3 {
+                let a = s.acquire(&acquire(t0 + k, "s1")).await.unwrap();
+                grants.push(a.verdict);
+                let fields: Vec<&str> = a.states.iter().map(|s| s.field.as_str()).collect();
+                assert_eq!(fields, ["*", "sender_domain:a.test"], "store {i}");
+                assert_eq!(a.states[1].reply, "421 4.7.0 [TSS04] x|y");
+                assert_eq!(a.states[1].until_ms, t0 + 60_000);
+            }
+            // A site suspension answers like a back-off.
+            s.shaping_set(
+                "s2",
+                &state("*", RuleAction::Suspend, 1.0),
+                20_000,
+                Some(t0),
+            )
+            .await
+            .unwrap();
+            let b = s.acquire(&acquire(t0, "s2")).await.unwrap();
+            assert_eq!(
+                b.verdict,
+                Verdict::BackedOff {
+                    until_ms: t0 + 20_000
+                }
+            );
+            let (_, listed) = s.shaping_list(Some(t0 + 1)).await.unwrap();
+            let sites: Vec<(&str, &str)> = listed
+                .iter()
+                .map(|(site, st)| (site.as_str(), st.field.as_str()))
+                .collect();
+            assert_eq!(
+                sites,
+                [("s1", "*"), ("s1", "sender_domain:a.test"), ("s2", "*")]
+            );
+            assert!(s.shaping_lift("s2", "*").await.unwrap());
+            assert!(!s.shaping_lift("s2", "*").await.unwrap());
+            let after = s.acquire(&acquire(t0 + 5, "s2")).await.unwrap();
+            assert!(
+                matches!(after.verdict, Verdict::Granted { .. }),
+                "{after:?}"
+            );
+            // Expired: gone from the verdict and the list.
+            let late = s.acquire(&acquire(t0 + 61_000, "s1")).await.unwrap();
+            assert!(late.states.is_empty(), "{late:?}");
+            answers.push(grants);
+        }
+        assert_eq!(answers[0], answers[1], "Redis and memory disagree");
+        // Half rate: 10/1s paced at 200 ms, the burst aside.
+        let Verdict::Granted { at_ms: first } = answers[0][0] else {
+            panic!("{:?}", answers[0])
+        };
+        assert_eq!(first, t0);
+    });
+}
