@@ -27,6 +27,7 @@ pub mod queue;
 pub mod quota;
 pub mod redis;
 pub mod sender_binding;
+pub mod suppression;
 
 pub use admin::AdminConfig;
 pub use auth::{AuthConfig, AuthThrottleConfig};
@@ -123,6 +124,9 @@ pub struct RelayConfig {
     /// DKIM signing of accepted mail (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dkim: Option<dkim::DkimConfig>,
+    /// Suppression lists: recipients refused at `RCPT` after a hard bounce (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppression: Option<suppression::SuppressionConfig>,
 }
 
 impl Default for RelayConfig {
@@ -133,6 +137,7 @@ impl Default for RelayConfig {
             relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             sender_binding: None,
             dkim: None,
+            suppression: None,
             tls: None,
             auth: None,
             limits: Limits::default(),
@@ -302,6 +307,9 @@ impl RelayConfig {
             dkim::validate(d).map_err(|e| invalid(e.field, e.message))?;
         }
         quota::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
+        if let Some(s) = &self.suppression {
+            s.validate().map_err(|(f, m)| invalid(f, m))?;
+        }
         quota::validate_reach(&self.quotas, &self.delivery).map_err(|(f, m)| invalid(f, m))?;
         Ok(())
     }
