@@ -4,3 +4,4 @@
 
 pub mod classify;
 pub mod suppression;
+pub mod suppression_admin;

@@ -205,6 +205,9 @@ pub struct Attempt {
     pub tls: Option<TlsInfo>,
     /// The remote reply, or our description of why there was none.
     pub reply: String,
+    /// The bounce category of a failed attempt (`invalid_recipient`, `transient`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 /// Status and attempt history of one recipient.
@@ -215,6 +218,9 @@ pub struct RcptStatus {
     /// The most recent [`MAX_ATTEMPTS_KEPT`] attempts, oldest first.
     #[serde(default)]
     pub attempts: Vec<Attempt>,
+    /// Why a bounced or expired recipient failed: its bounce category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 impl RcptStatus {
@@ -278,6 +284,7 @@ impl MessageStatus {
                     address: r.address.clone(),
                     state: RcptState::Pending,
                     attempts: Vec::new(),
+                    category: None,
                 })
                 .collect(),
             created_ms: envelope.received_at_ms,
