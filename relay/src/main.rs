@@ -49,6 +49,8 @@ enum Command {
     Queue(mailrelay::cli::queue::QueueArgs),
     /// Show send quota usage of a running relay through its admin API.
     Quota(mailrelay::cli::quota::QuotaArgs),
+    /// List, add or remove suppressed recipients of a running relay through its admin API.
+    Suppression(mailrelay::cli::suppression::SuppressionArgs),
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
@@ -84,6 +86,7 @@ fn main() -> std::process::ExitCode {
         },
         Command::Queue(args) => return mailrelay::cli::queue::run(args),
         Command::Quota(args) => return mailrelay::cli::quota::run(args),
+        Command::Suppression(args) => return mailrelay::cli::suppression::run(args),
         Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
