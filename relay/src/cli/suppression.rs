@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
+use mailrelay_admin_api::Call;
 use mailrelay_admin_api::types::{
     SuppressionAdded, SuppressionEntry, SuppressionList, SuppressionQuery,
 };
-use mailrelay_admin_api::Call;
 
 use super::queue::{DEFAULT_ADMIN, client, parse, request};
 

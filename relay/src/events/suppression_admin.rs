@@ -34,7 +34,10 @@ pub const MAX_LIMIT: usize = 10_000;
 pub fn routes(s: Arc<Suppression>) -> Router {
     Router::new()
         .route(routes::SUPPRESSION, get(list))
-        .route(routes::SUPPRESSION_ENTRY, get(show).post(add).delete(remove))
+        .route(
+            routes::SUPPRESSION_ENTRY,
+            get(show).post(add).delete(remove),
+        )
         .with_state(s)
 }
 
@@ -87,7 +90,9 @@ pub fn parse_ttl(ttl: Option<&str>, default: Duration) -> Result<Option<Duration
         Some(t) => {
             let d = parse_duration(t).map_err(|e| format!("invalid ttl: {e}"))?;
             if d < Duration::from_secs(1) || d > MAX_TTL {
-                return Err(format!("invalid ttl: {t:?} is outside 1s..365d (or use never)"));
+                return Err(format!(
+                    "invalid ttl: {t:?} is outside 1s..365d (or use never)"
+                ));
             }
             Ok(Some(d))
         }
@@ -142,7 +147,11 @@ async fn show(
         (Ok(s), Ok(a)) => (s, a),
         (Err(e), _) | (_, Err(e)) => return store_error(e),
     };
-    match s.store().check(std::slice::from_ref(&scope), &address).await {
+    match s
+        .store()
+        .check(std::slice::from_ref(&scope), &address)
+        .await
+    {
         Ok(Some(_)) => {
             let all = s
                 .store()
@@ -151,12 +160,18 @@ async fn show(
             match all {
                 Ok(v) => match v.into_iter().find(|e| e.address == address) {
                     Some(e) => Json(wire(e)).into_response(),
-                    None => error(StatusCode::NOT_FOUND, format!("{address} is not on {scope}")),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        format!("{address} is not on {scope}"),
+                    ),
                 },
                 Err(e) => store_error(e),
             }
         }
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("{address} is not on {scope}")),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            format!("{address} is not on {scope}"),
+        ),
         Err(e) => store_error(e),
     }
 }
@@ -216,7 +231,10 @@ async fn remove(
             tracing::info!(scope = %scope, to = %address, "suppression entry removed through the admin API");
             StatusCode::NO_CONTENT.into_response()
         }
-        Ok(false) => error(StatusCode::NOT_FOUND, format!("{address} is not on {scope}")),
+        Ok(false) => error(
+            StatusCode::NOT_FOUND,
+            format!("{address} is not on {scope}"),
+        ),
         Err(e) => store_error(e),
     }
 }

@@ -582,6 +582,7 @@ mod tests {
                     address: (*a).into(),
                     state: *s,
                     attempts: Vec::new(),
+                    category: None,
                 })
                 .collect(),
             created_ms: 1,

@@ -770,7 +770,10 @@ impl Conn {
         let Some(sup) = self.shared.suppression() else {
             return RecipientVerdict::Accept;
         };
-        match sup.check(&c.sender, c.auth_user.as_deref(), &c.recipient).await {
+        match sup
+            .check(&c.sender, c.auth_user.as_deref(), &c.recipient)
+            .await
+        {
             Ok(Verdict::Accept) => RecipientVerdict::Accept,
             Ok(Verdict::Suppressed { scope }) => {
                 let action = sup.on_suppressed();

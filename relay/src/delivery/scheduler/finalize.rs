@@ -166,7 +166,8 @@ impl Inner {
                     {
                         info!(queue_id = %status.id, to = %r.address, "expired: maximum queue lifetime reached");
                         r.state = RcptState::Expired;
-                        r.category = Some(classify_local(LocalFailure::QueueLifetime).as_str().into());
+                        r.category =
+                            Some(classify_local(LocalFailure::QueueLifetime).as_str().into());
                         self.metrics.delivery_result("bounced", "expired");
                         self.metrics.delivery_failure("bounced", "expired");
                     }
@@ -403,7 +404,9 @@ mod tests {
                 ip: None,
                 tls: None,
                 reply: reply.into(),
+                category: None,
             }],
+            category: None,
         }
     }
 
@@ -432,6 +435,32 @@ mod tests {
             .collect();
         assert_eq!(got, [("new@b.test", (5, 7, 1)), ("late@b.test", (4, 4, 7))]);
         assert_eq!(failed[0].remote_mta.as_deref(), Some("mx.b.test"));
+    }
+
+    #[test]
+    fn only_recipients_relayed_in_this_round_get_a_success_notice() {
+        let status = MessageStatus {
+            id: QueueId::generate(),
+            rcpts: vec![
+                rcpt("old@b.test", RcptState::Delivered, "250 2.0.0 ok"),
+                rcpt("new@b.test", RcptState::Delivered, "250 2.6.0 queued"),
+                rcpt("dsn@b.test", RcptState::Delivered, "250 ok"),
+                rcpt("no@b.test", RcptState::Bounced, "550 5.1.1 no"),
+            ],
+            created_ms: 0,
+            next_attempt_ms: None,
+            attempts: 1,
+            final_at_ms: None,
+            leased_until_ms: None,
+            delay_warned: false,
+        };
+        // dsn@ went to a server with DSN: that server reports it, not us.
+        let relayed = ["old@b.test".to_owned(), "new@b.test".to_owned()];
+        let got = newly_relayed(&status, &[true, false, false, false], &relayed);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].address, "new@b.test");
+        assert_eq!(got[0].action, DsnAction::Relayed);
+        assert_eq!(got[0].status, (2, 6, 0));
     }
 
     #[test]
