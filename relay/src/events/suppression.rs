@@ -281,10 +281,13 @@ impl Suppression {
 // ---------------------------------------------------------------------------
 // In memory
 
+/// One list in memory: address → (expiry ms, why).
+type MemoryList = BTreeMap<String, (Option<u64>, EntryInfo)>;
+
 /// One process's lists.
 #[derive(Debug, Default)]
 pub struct MemorySuppression {
-    lists: Mutex<HashMap<String, BTreeMap<String, (Option<u64>, EntryInfo)>>>,
+    lists: Mutex<HashMap<String, MemoryList>>,
 }
 
 impl MemorySuppression {

@@ -70,15 +70,12 @@ fn wire(e: Entry) -> SuppressionEntry {
     }
 }
 
-/// `limit` checked: 1..=MAX_LIMIT, default 100.
-fn limit(l: Option<usize>) -> Result<usize, Response> {
+/// `limit` checked: 1..=MAX_LIMIT, default 100; else the message.
+fn limit(l: Option<usize>) -> Result<usize, String> {
     match l {
         None => Ok(100),
         Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-        Some(n) => Err(error(
-            StatusCode::BAD_REQUEST,
-            format!("invalid limit: {n} is outside 1..={MAX_LIMIT}"),
-        )),
+        Some(n) => Err(format!("invalid limit: {n} is outside 1..={MAX_LIMIT}")),
     }
 }
 
@@ -102,7 +99,7 @@ pub fn parse_ttl(ttl: Option<&str>, default: Duration) -> Result<Option<Duration
 async fn list(State(s): State<Arc<Suppression>>, Query(q): Query<SuppressionQuery>) -> Response {
     let limit = match limit(q.limit) {
         Ok(l) => l,
-        Err(r) => return r,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let address = match q.address.as_deref().map(normalize_address).transpose() {
         Ok(a) => a,

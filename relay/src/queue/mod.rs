@@ -618,6 +618,7 @@ mod tests {
                 ip: None,
                 tls: None,
                 reply: format!("451 {i}"),
+                category: None,
             });
         }
         let lease = Lease {
@@ -660,6 +661,7 @@ mod tests {
             ip: Some("192.0.2.1".into()),
             tls: None,
             reply: "550 5.1.1 no".into(),
+            category: None,
         });
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(
