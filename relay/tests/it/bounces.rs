@@ -563,3 +563,27 @@ fn bad_suppression_config_is_refused_naming_the_field() {
         assert!(err.contains(field), "{yaml}: {err}");
     }
 }
+
+#[test]
+fn the_suppression_api_needs_the_admin_token() {
+    let relay = Relay::start(RelayOptions {
+        admin_token: Some("s3cret-token".into()),
+        extra_yaml: "suppression: {}\n".into(),
+        ..RelayOptions::default()
+    });
+    for (method, path) in [
+        ("GET", "/api/v1/suppression"),
+        ("POST", "/api/v1/suppression/global/x%40b.test"),
+        ("DELETE", "/api/v1/suppression/global/x%40b.test"),
+    ] {
+        let (s, _) = admin(&relay, method, path);
+        assert_eq!(s, 401, "{method} {path}");
+    }
+    let (s, _, body) = support::relay::http_request(
+        relay.admin,
+        "GET",
+        "/api/v1/suppression",
+        Some("s3cret-token"),
+    );
+    assert_eq!(s, 200, "{body}");
+}
