@@ -196,6 +196,50 @@ impl<T: Transport> Client<T> {
         }
     }
 
+    pub async fn suppressions(
+        &self,
+        q: crate::types::SuppressionQuery,
+    ) -> Result<crate::types::SuppressionList, Error<T::Error>> {
+        self.json(&Call::Suppressions(q)).await
+    }
+
+    pub async fn suppression_add(
+        &self,
+        scope: &str,
+        address: &str,
+        ttl: Option<&str>,
+    ) -> Result<crate::types::SuppressionAdded, Error<T::Error>> {
+        self.json(&Call::SuppressionAdd {
+            scope: scope.to_owned(),
+            address: address.to_owned(),
+            ttl: ttl.map(str::to_owned),
+        })
+        .await
+    }
+
+    /// `Ok(true)` when the entry was there (`204`), `Ok(false)` on `404`.
+    pub async fn suppression_remove(
+        &self,
+        scope: &str,
+        address: &str,
+    ) -> Result<bool, Error<T::Error>> {
+        let resp = self
+            .send(&Call::SuppressionRemove {
+                scope: scope.to_owned(),
+                address: address.to_owned(),
+            })
+            .await
+            .map_err(Error::Transport)?;
+        match resp.status {
+            s if (200..300).contains(&s) => Ok(true),
+            404 if !resp.is_kubernetes_status() => Ok(false),
+            status => Err(Error::Status {
+                status,
+                message: resp.error_message(),
+            }),
+        }
+    }
+
     pub async fn quotas(&self) -> Result<QuotaList, Error<T::Error>> {
         self.json(&Call::Quotas).await
     }

@@ -10,7 +10,9 @@
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::Serialize;
 
-use crate::types::{KeyQuery, ListQuery, RetryQuery, RetrySelector};
+use crate::types::{
+    KeyQuery, ListQuery, RetryQuery, RetrySelector, SuppressionAddQuery, SuppressionQuery,
+};
 
 /// The route templates (axum syntax), for the relay's router.
 pub mod routes {
@@ -23,6 +25,8 @@ pub mod routes {
     pub const QUOTA: &str = "/api/v1/quotas/{name}";
     pub const SHAPING: &str = "/api/v1/shaping";
     pub const SHAPING_LIFT: &str = "/api/v1/shaping/{id}/lift";
+    pub const SUPPRESSION: &str = "/api/v1/suppression";
+    pub const SUPPRESSION_ENTRY: &str = "/api/v1/suppression/{scope}/{address}";
 }
 
 /// Everything but `A-Z a-z 0-9 - . _ ~` is escaped.
@@ -62,6 +66,16 @@ pub enum Call {
     Shaping,
     /// `POST /api/v1/shaping/{id}/lift`: ends one by hand.
     ShapingLift(String),
+    /// `GET /api/v1/suppression[?scope=S&address=A&limit=N]`
+    Suppressions(SuppressionQuery),
+    /// `POST /api/v1/suppression/{scope}/{address}[?ttl=T]`
+    SuppressionAdd {
+        scope: String,
+        address: String,
+        ttl: Option<String>,
+    },
+    /// `DELETE /api/v1/suppression/{scope}/{address}`
+    SuppressionRemove { scope: String, address: String },
 }
 
 /// The HTTP methods the API uses.
@@ -96,9 +110,10 @@ impl Call {
             | Call::Show(_)
             | Call::Quotas
             | Call::Quota { .. }
-            | Call::Shaping => Method::Get,
-            Call::Delete(_) => Method::Delete,
-            Call::Retry(_) | Call::ShapingLift(_) => Method::Post,
+            | Call::Shaping
+            | Call::Suppressions(_) => Method::Get,
+            Call::Delete(_) | Call::SuppressionRemove { .. } => Method::Delete,
+            Call::Retry(_) | Call::ShapingLift(_) | Call::SuppressionAdd { .. } => Method::Post,
         }
     }
 
@@ -130,6 +145,26 @@ impl Call {
             Call::Quota { name, key } => with_query(
                 &format!("{}/{}", routes::QUOTAS, segment(name)),
                 &KeyQuery { key: key.clone() },
+            ),
+            Call::Suppressions(q) => with_query(routes::SUPPRESSION, q),
+            Call::SuppressionAdd {
+                scope,
+                address,
+                ttl,
+            } => with_query(
+                &format!(
+                    "{}/{}/{}",
+                    routes::SUPPRESSION,
+                    segment(scope),
+                    segment(address)
+                ),
+                &SuppressionAddQuery { ttl: ttl.clone() },
+            ),
+            Call::SuppressionRemove { scope, address } => format!(
+                "{}/{}/{}",
+                routes::SUPPRESSION,
+                segment(scope),
+                segment(address)
             ),
         }
     }
@@ -187,6 +222,25 @@ mod tests {
         );
         assert_eq!(Call::Delete("ID".into()).method(), Method::Delete);
         assert_eq!(Call::Quotas.path(), "/api/v1/quotas");
+        let add = Call::SuppressionAdd {
+            scope: "domain:a.test".into(),
+            address: "x@b.test".into(),
+            ttl: Some("1d".into()),
+        };
+        assert_eq!(
+            add.path(),
+            "/api/v1/suppression/domain%3Aa.test/x%40b.test?ttl=1d"
+        );
+        assert_eq!(add.method(), Method::Post);
+        assert_eq!(
+            Call::Suppressions(SuppressionQuery {
+                scope: Some("global".into()),
+                address: None,
+                limit: Some(5),
+            })
+            .path(),
+            "/api/v1/suppression?scope=global&limit=5"
+        );
     }
 
     #[test]

@@ -215,6 +215,9 @@ pub struct Attempt {
     pub tls: Option<TlsInfo>,
     /// The remote reply, or the relay's description of why there was none.
     pub reply: String,
+    /// The bounce category of a failed attempt (`invalid_recipient`, `transient`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 /// Status and attempt history of one recipient.
@@ -225,6 +228,9 @@ pub struct RcptStatus {
     /// The most recent attempts, oldest first.
     #[serde(default)]
     pub attempts: Vec<Attempt>,
+    /// Why a bounced or expired recipient failed: its bounce category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 /// Delivery status of one message.
@@ -539,4 +545,59 @@ impl ShapingState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lifted {
     pub lifted: bool,
+}
+
+// ---------------------------------------------------------------- suppression
+
+/// The query of `GET /api/v1/suppression`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionQuery {
+    /// Only this list (`global`, `domain:<domain>`, `user:<AUTH user>`); all lists
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// Only this address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// At most this many entries per list (default 100, at most 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+/// The query of `POST /api/v1/suppression/{scope}/{address}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionAddQuery {
+    /// `30d`, `12h`, … or `never`; the relay's `suppression.ttl` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// One suppressed recipient.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionEntry {
+    pub scope: String,
+    pub address: String,
+    /// `null`: never expires.
+    pub expires_ms: Option<u64>,
+    /// `manual`, or the bounce category that listed it.
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_id: Option<String>,
+    pub added_ms: u64,
+}
+
+/// `GET /api/v1/suppression`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionList {
+    pub entries: Vec<SuppressionEntry>,
+}
+
+/// `POST /api/v1/suppression/{scope}/{address}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuppressionAdded {
+    /// False when the address was listed already (its expiry is renewed).
+    pub new: bool,
+    pub entry: SuppressionEntry,
 }

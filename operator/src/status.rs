@@ -181,8 +181,10 @@ mod tests {
                             ip: None,
                             tls: None,
                             reply: (*reply).into(),
+                            category: None,
                         })
                         .collect(),
+                    category: None,
                 })
                 .collect(),
             created_ms: 0,

@@ -51,6 +51,8 @@ enum Command {
     Quota(mailrelay::cli::quota::QuotaArgs),
     /// Show and lift response-rule states (suspensions, throttles) of the relays.
     Shaping(mailrelay::cli::shaping::ShapingArgs),
+    /// List, add or remove suppressed recipients of a running relay through its admin API.
+    Suppression(mailrelay::cli::suppression::SuppressionArgs),
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
@@ -90,6 +92,7 @@ fn main() -> std::process::ExitCode {
         Command::Queue(args) => return mailrelay::cli::queue::run(args),
         Command::Quota(args) => return mailrelay::cli::quota::run(args),
         Command::Shaping(args) => return mailrelay::cli::shaping::run(args),
+        Command::Suppression(args) => return mailrelay::cli::suppression::run(args),
         Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -173,6 +176,34 @@ async fn open_quotas(
     ))
 }
 
+/// Suppression lists live where the queue does (when `suppression:` is configured).
+async fn open_suppression(
+    cfg: &RelayConfig,
+    redis: Option<&Arc<RedisQueue>>,
+) -> anyhow::Result<Option<Arc<mailrelay::events::suppression::Suppression>>> {
+    use mailrelay::events::suppression::{
+        MemorySuppression, RedisSuppression, Suppression, SuppressionStore,
+    };
+    let Some(scfg) = &cfg.suppression else {
+        return Ok(None);
+    };
+    let store: Box<dyn SuppressionStore> = match redis {
+        Some(q) => Box::new(
+            RedisSuppression::new(q.shared())
+                .await
+                .context("loading the suppression scripts into Redis")?,
+        ),
+        None => Box::new(MemorySuppression::new()),
+    };
+    info!(
+        backend = store.backend(),
+        scope = ?scfg.scope,
+        auto_add = scfg.auto_add,
+        "suppression lists ready"
+    );
+    Ok(Some(Arc::new(Suppression::new(store, scfg.clone()))))
+}
+
 fn queue_options(cfg: &RelayConfig) -> QueueOptions {
     QueueOptions {
         status_retention: cfg.queue.status_retention,
@@ -253,6 +284,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             )),
             (Some(_), None) => Some(Arc::new(server::auth_throttle::MemoryFailures::default())),
         };
+    let suppression = open_suppression(&cfg, redis.as_ref()).await?;
     let quotas = open_quotas(&cfg, redis, quota_metrics).await?;
     info!(
         backend = quotas.backend(),
@@ -302,7 +334,11 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             Some(tokio::spawn(admin::serve_with(
                 listener,
                 state,
-                quota::admin::routes(Arc::clone(&quotas)),
+                match &suppression {
+                    Some(s) => quota::admin::routes(Arc::clone(&quotas))
+                        .merge(mailrelay::events::suppression_admin::routes(Arc::clone(s))),
+                    None => quota::admin::routes(Arc::clone(&quotas)),
+                },
                 async move {
                     let _ = admin_stop_rx.await;
                 },
@@ -375,9 +411,15 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     if let (Some(d), Some(delivery)) = (&dkim, &delivery) {
         delivery.sign_dsns_with(Arc::clone(d));
     }
+    if let (Some(s), Some(delivery)) = (&suppression, &delivery) {
+        delivery.suppress_with(Arc::clone(s));
+    }
     let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
     if let Some(d) = dkim {
         shared.set_dkim(d);
+    }
+    if let Some(s) = suppression {
+        shared.set_suppression(s);
     }
     if let Some(t) = auth_throttle {
         info!(backend = t.backend(), "AUTH throttle ready");

@@ -99,6 +99,10 @@ pub struct Metrics {
     outcome_flushes: Family<Label, Counter>,
     outcomes_flushed: Counter,
     outcome_flush_failures: Counter,
+    // Bounces and suppression (relay/src/events).
+    delivery_failures: Family<ResultLabels, Counter>,
+    suppression_hits: Family<Label, Counter>,
+    suppression_added: Family<Label, Counter>,
 }
 
 impl Default for Metrics {
@@ -268,8 +272,29 @@ impl Metrics {
             "AUTH attempts answered 454 without checking the credentials, by reason (locked, store_unavailable)",
             auth_refused.clone(),
         );
+        let delivery_failures = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "delivery_failures",
+            "Recipient delivery failures by result (deferred, bounced) and bounce category",
+            delivery_failures.clone(),
+        );
+        let suppression_hits = Family::<Label, Counter>::default();
+        registry.register(
+            "suppression_hits",
+            "Recipients found on a suppression list at RCPT, by action (rejected, dropped), and failed checks (check_failed)",
+            suppression_hits.clone(),
+        );
+        let suppression_added = Family::<Label, Counter>::default();
+        registry.register(
+            "suppression_added",
+            "Recipients added to a suppression list after a bounce, by category; add_failed when the store refused",
+            suppression_added.clone(),
+        );
         Metrics {
             registry,
+            delivery_failures,
+            suppression_hits,
+            suppression_added,
             delivery_recipients,
             delivery_latency,
             delivery_connections_active,
@@ -424,6 +449,29 @@ impl Metrics {
         } else {
             self.outcomes_flushed.inc_by(messages as u64);
         }
+    }
+
+    /// A recipient's failure (`deferred` or `bounced`) with its bounce category
+    /// (a name of `events::classify::Category`).
+    pub fn delivery_failure(&self, result: &'static str, category: &'static str) {
+        self.delivery_failures
+            .get_or_create(&[("result", result), ("category", category)])
+            .inc();
+    }
+
+    /// A recipient found suppressed at `RCPT`: `rejected`, `dropped`, or
+    /// `check_failed` when the store could not answer.
+    pub fn suppressed(&self, action: &'static str) {
+        self.suppression_hits
+            .get_or_create(&label("action", action))
+            .inc();
+    }
+
+    /// A recipient listed after a bounce of `category` (or `add_failed`).
+    pub fn suppression_added(&self, category: &'static str) {
+        self.suppression_added
+            .get_or_create(&label("category", category))
+            .inc();
     }
 
     /// Opportunistic TLS to a next hop failed; delivery goes on in plain text.

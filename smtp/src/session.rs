@@ -86,6 +86,29 @@ pub enum Step {
     CheckQuota(Box<QueuedMessage>),
     /// Store the message, then call [`Session::enqueue_result`].
     Enqueue(Box<QueuedMessage>),
+    /// Look the recipient up (suppression lists), then call
+    /// [`Session::recipient_result`]. Only when [`Session::check_recipients`] is on.
+    CheckRecipient(Box<RecipientCheck>),
+}
+
+/// What [`Step::CheckRecipient`] asks about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientCheck {
+    /// Reverse-path; empty for the null sender.
+    pub sender: String,
+    pub auth_user: Option<String>,
+    pub recipient: String,
+}
+
+/// The answer to [`Step::CheckRecipient`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecipientVerdict {
+    Accept,
+    /// Refused with this reply (the reason labels the rejection metric).
+    Refuse(Refusal),
+    /// Answered `250`, but left out of the message: a transaction whose every
+    /// recipient was dropped is answered `250` at the end of data and not queued.
+    Drop,
 }
 
 /// Why a message could not be queued, as its client is told (always a `451`: the
@@ -121,6 +144,10 @@ struct Transaction {
     /// BDAT in progress: the content so far, and the reply owed if it is refused.
     bdat: Option<DataDecoder>,
     bdat_refusal: Option<Reply>,
+    /// Recipients answered `250` but dropped (suppressed with `on_suppressed: drop`).
+    dropped: usize,
+    /// The recipient waiting for [`Session::recipient_result`].
+    checking: Option<Recipient>,
 }
 
 #[derive(Debug)]
@@ -146,6 +173,8 @@ pub struct Session {
     senders: Option<Arc<SenderPolicy>>,
     /// The last sender refused, for the connection layer's log and metric.
     sender_refusal: Option<SenderRefusal>,
+    /// Ask the connection layer about each recipient ([`Step::CheckRecipient`]).
+    check_recipients: bool,
 }
 
 fn r(code: u16, esc: (u8, u16, u16), text: impl Into<String>) -> Reply {
@@ -171,6 +200,31 @@ impl Session {
             quota: None,
             senders: None,
             sender_refusal: None,
+            check_recipients: false,
+        }
+    }
+
+    /// Has every recipient that passed the session's own checks looked up by the
+    /// connection layer before it is accepted ([`Step::CheckRecipient`]).
+    pub fn check_recipients(&mut self, on: bool) {
+        self.check_recipients = on;
+    }
+
+    /// The answer to [`Step::CheckRecipient`].
+    pub fn recipient_result(&mut self, verdict: RecipientVerdict) -> Step {
+        let Some(rcpt) = self.tx.checking.take() else {
+            return Step::Reply(r(503, (5, 5, 1), "Error: bad sequence of commands"));
+        };
+        match verdict {
+            RecipientVerdict::Accept => {
+                self.tx.rcpts.push(rcpt);
+                Step::Reply(r(250, (2, 1, 5), "Ok"))
+            }
+            RecipientVerdict::Refuse(refusal) => self.quota_refusal(refusal),
+            RecipientVerdict::Drop => {
+                self.tx.dropped += 1;
+                Step::Reply(r(250, (2, 1, 5), "Ok"))
+            }
         }
     }
 
@@ -585,6 +639,19 @@ impl Session {
                 return self.quota_refusal(refusal);
             }
         }
+        if self.check_recipients {
+            let check = RecipientCheck {
+                sender: self
+                    .tx
+                    .mail
+                    .as_ref()
+                    .map_or_else(String::new, |m| m.from.clone()),
+                auth_user: self.auth_user.clone(),
+                recipient: rcpt.address.clone(),
+            };
+            self.tx.checking = Some(rcpt);
+            return Step::CheckRecipient(Box::new(check));
+        }
         self.tx.rcpts.push(rcpt);
         Step::Reply(r(250, (2, 1, 5), "Ok"))
     }
@@ -598,7 +665,7 @@ impl Session {
         if self.tx.mail.is_none() {
             return self.error(r(503, (5, 5, 1), "Error: need MAIL command"));
         }
-        if self.tx.rcpts.is_empty() {
+        if self.tx.rcpts.is_empty() && self.tx.dropped == 0 {
             return self.error(r(554, (5, 5, 1), "Error: no valid recipients"));
         }
         self.data = Some(DataDecoder::for_data(
@@ -626,6 +693,12 @@ impl Session {
 
     fn finish_content(&mut self, decoder: DataDecoder, id: QueueId, now: OffsetDateTime) -> Step {
         match decoder.into_result() {
+            Ok(_) if self.tx.rcpts.is_empty() => {
+                // Every recipient was dropped: nothing to queue.
+                self.tx = Transaction::default();
+                self.messages += 1;
+                Step::Reply(r(250, (2, 0, 0), "Ok: no recipient left to deliver to"))
+            }
             Ok(content) => {
                 if self.senders.as_ref().is_some_and(|p| p.check_from_header()) {
                     for addr in from_addresses(&content) {
@@ -672,7 +745,7 @@ impl Session {
         if self.tx.bdat.is_none() {
             let refusal = if self.tx.mail.is_none() {
                 Some(r(503, (5, 5, 1), "Error: need MAIL command"))
-            } else if self.tx.rcpts.is_empty() {
+            } else if self.tx.rcpts.is_empty() && self.tx.dropped == 0 {
                 Some(r(554, (5, 5, 1), "Error: no valid recipients"))
             } else {
                 None

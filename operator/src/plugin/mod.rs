@@ -29,6 +29,7 @@ pub mod queue;
 pub mod quota;
 pub mod retry;
 pub mod status;
+pub mod suppression;
 pub mod timeout;
 
 use std::path::PathBuf;
@@ -158,6 +159,13 @@ pub enum Command {
         #[arg(long)]
         relay: Option<String>,
     },
+    /// A relay's suppression lists: `list`, `add ADDRESS`, `remove ADDRESS`.
+    Suppression {
+        /// Name of the MailRelay.
+        name: String,
+        #[command(subcommand)]
+        action: suppression::Action,
+    },
     /// Print a shell completion script for `kubectl-mailrelay`
     /// (e.g. `source <(kubectl mailrelay completion bash)`).
     Completion {
@@ -271,7 +279,8 @@ fn check_all_namespaces(g: &GlobalArgs, command: &Command) -> Result<(), PluginE
         Command::Quota { relay, .. } => relay.as_deref(),
         Command::Message { name, .. }
         | Command::Retry { name, .. }
-        | Command::Delete { name, .. } => Some(name.as_str()),
+        | Command::Delete { name, .. }
+        | Command::Suppression { name, .. } => Some(name.as_str()),
     };
     match named {
         Some(n) => Err(PluginError::Usage(format!(
@@ -316,6 +325,9 @@ pub async fn execute(
         Command::Delete { name, id } => delete::run(cluster, name, id, format).await,
         Command::Quota { name, relay } => {
             quota::run(cluster, name.as_deref(), relay.as_deref(), format).await
+        }
+        Command::Suppression { name, action } => {
+            suppression::run(cluster, name, action, format).await
         }
         Command::Completion { shell } => Ok(completion(*shell)),
     }

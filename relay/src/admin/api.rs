@@ -366,6 +366,7 @@ pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
                     address,
                     state,
                     attempts,
+                    category,
                 } = r;
                 wire::RcptStatus {
                     address,
@@ -380,6 +381,7 @@ pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
                                 ip,
                                 tls: attempt_tls,
                                 reply,
+                                category,
                             } = a;
                             wire::Attempt {
                                 at_ms,
@@ -394,9 +396,11 @@ pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
                                 ip,
                                 tls: attempt_tls.map(tls),
                                 reply,
+                                category,
                             }
                         })
                         .collect(),
+                    category,
                 }
             })
             .collect(),

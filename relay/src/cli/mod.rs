@@ -3,6 +3,7 @@
 pub mod queue;
 pub mod quota;
 pub mod shaping;
+pub mod suppression;
 
 /// Runs `fut` on a small runtime: its output goes to stdout, its error to stderr
 /// with exit code 1.

@@ -166,7 +166,7 @@ pub(crate) fn parse<T: serde::de::DeserializeOwned>(body: &str) -> Result<T, Str
     serde_json::from_str(body).map_err(|e| format!("unexpected answer from the admin API: {e}"))
 }
 
-fn when(ms: u64) -> String {
+pub(crate) fn when(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64)
         .ok()
         .and_then(|t| {
@@ -283,7 +283,19 @@ pub fn format_detail(d: &MessageDetail) -> String {
         let _ = writeln!(out, "In delivery:  lease until {}", when(l));
     }
     for r in &s.rcpts {
-        let _ = writeln!(out, "Recipient:    {} [{}]", r.address, r.state.as_str());
+        match &r.category {
+            Some(c) => {
+                let _ = writeln!(
+                    out,
+                    "Recipient:    {} [{}: {c}]",
+                    r.address,
+                    r.state.as_str()
+                );
+            }
+            None => {
+                let _ = writeln!(out, "Recipient:    {} [{}]", r.address, r.state.as_str());
+            }
+        }
         for a in &r.attempts {
             let mut line = format!("  {} {}", when(a.at_ms), a.result.as_str());
             if let Some(mx) = &a.mx {
@@ -294,6 +306,9 @@ pub fn format_detail(d: &MessageDetail) -> String {
             }
             if let Some(tls) = &a.tls {
                 let _ = write!(line, " tls={}/{}", tls.version, tls.cipher);
+            }
+            if let Some(c) = &a.category {
+                let _ = write!(line, " category={c}");
             }
             let _ = writeln!(out, "{line}: {}", a.reply);
         }

@@ -28,6 +28,7 @@ pub mod quota;
 pub mod redis;
 pub mod rules;
 pub mod sender_binding;
+pub mod suppression;
 
 pub use admin::AdminConfig;
 pub use auth::{AuthConfig, AuthThrottleConfig};
@@ -131,6 +132,9 @@ pub struct RelayConfig {
     /// evaluated before the presets' rules; reloaded without a restart.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub response_rules: Vec<rules::ResponseRule>,
+    /// Suppression lists: recipients refused at `RCPT` after a hard bounce (absent: none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppression: Option<suppression::SuppressionConfig>,
 }
 
 impl Default for RelayConfig {
@@ -141,6 +145,7 @@ impl Default for RelayConfig {
             relay_networks: vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()],
             sender_binding: None,
             dkim: None,
+            suppression: None,
             tls: None,
             auth: None,
             limits: Limits::default(),
@@ -320,6 +325,9 @@ impl RelayConfig {
             dkim::validate(d).map_err(|e| invalid(e.field, e.message))?;
         }
         quota::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
+        if let Some(s) = &self.suppression {
+            s.validate().map_err(|(f, m)| invalid(f, m))?;
+        }
         quota::validate_reach(&self.quotas, &self.delivery).map_err(|(f, m)| invalid(f, m))?;
         rules::validate(&self.response_rules, &self.providers).map_err(|(f, m)| invalid(f, m))?;
         let presets = rules::preset_quotas(&self.providers);

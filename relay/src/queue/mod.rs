@@ -205,6 +205,9 @@ pub struct Attempt {
     pub tls: Option<TlsInfo>,
     /// The remote reply, or our description of why there was none.
     pub reply: String,
+    /// The bounce category of a failed attempt (`invalid_recipient`, `transient`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 /// Status and attempt history of one recipient.
@@ -215,6 +218,9 @@ pub struct RcptStatus {
     /// The most recent [`MAX_ATTEMPTS_KEPT`] attempts, oldest first.
     #[serde(default)]
     pub attempts: Vec<Attempt>,
+    /// Why a bounced or expired recipient failed: its bounce category.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
 }
 
 impl RcptStatus {
@@ -278,6 +284,7 @@ impl MessageStatus {
                     address: r.address.clone(),
                     state: RcptState::Pending,
                     attempts: Vec::new(),
+                    category: None,
                 })
                 .collect(),
             created_ms: envelope.received_at_ms,
@@ -575,6 +582,7 @@ mod tests {
                     address: (*a).into(),
                     state: *s,
                     attempts: Vec::new(),
+                    category: None,
                 })
                 .collect(),
             created_ms: 1,
@@ -610,6 +618,7 @@ mod tests {
                 ip: None,
                 tls: None,
                 reply: format!("451 {i}"),
+                category: None,
             });
         }
         let lease = Lease {
@@ -652,6 +661,7 @@ mod tests {
             ip: Some("192.0.2.1".into()),
             tls: None,
             reply: "550 5.1.1 no".into(),
+            category: None,
         });
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(

@@ -526,6 +526,10 @@ impl Conn {
                         self.push(&r);
                         break;
                     }
+                    Step::CheckRecipient(check) => {
+                        let verdict = self.check_recipient(&check).await;
+                        step = session.recipient_result(verdict);
+                    }
                 }
             }
             if let Some(reason) = session.take_rejection() {
@@ -750,6 +754,56 @@ impl Conn {
             crate::quota::Admission::Refuse(r) => {
                 debug!(client = %msg.envelope.client.ip, from = %msg.envelope.mail.from, reply = %r.reply, "refused by quota");
                 QuotaStep::Checked(Some(super::quota::refusal(r)))
+            }
+        }
+    }
+
+    /// A recipient against the suppression lists. A store that cannot answer
+    /// does not stop mail: the recipient is accepted (and the failure logged).
+    async fn check_recipient(
+        &self,
+        c: &mailrelay_smtp::session::RecipientCheck,
+    ) -> mailrelay_smtp::session::RecipientVerdict {
+        use crate::config::suppression::OnSuppressed;
+        use crate::events::suppression::Verdict;
+        use mailrelay_smtp::session::RecipientVerdict;
+        let Some(sup) = self.shared.suppression() else {
+            return RecipientVerdict::Accept;
+        };
+        match sup
+            .check(&c.sender, c.auth_user.as_deref(), &c.recipient)
+            .await
+        {
+            Ok(Verdict::Accept) => RecipientVerdict::Accept,
+            Ok(Verdict::Suppressed { scope }) => {
+                let action = sup.on_suppressed();
+                self.shared.metrics.suppressed(match action {
+                    OnSuppressed::Reject => "rejected",
+                    OnSuppressed::Drop => "dropped",
+                });
+                info!(to = %c.recipient, from = %c.sender, scope = %scope, action = ?action, "recipient is suppressed");
+                match action {
+                    OnSuppressed::Drop => RecipientVerdict::Drop,
+                    OnSuppressed::Reject => {
+                        RecipientVerdict::Refuse(mailrelay_smtp::policy::Refusal {
+                            reply: Reply::status(
+                                550,
+                                (5, 1, 1),
+                                format!(
+                                    "<{}>: recipient is on the suppression list ({scope}) after earlier hard bounces",
+                                    c.recipient
+                                ),
+                            ),
+                            reason: "suppressed",
+                            quota: None,
+                        })
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, to = %c.recipient, "suppression check failed; recipient accepted");
+                self.shared.metrics.suppressed("check_failed");
+                RecipientVerdict::Accept
             }
         }
     }

@@ -48,6 +48,8 @@ pub struct Shared {
     auth_throttle: std::sync::OnceLock<Arc<auth_throttle::AuthThrottle>>,
     /// Signs accepted mail (set when `dkim:` is configured).
     dkim: std::sync::OnceLock<Arc<crate::dkim::Dkim>>,
+    /// Suppression lists checked at `RCPT` (set when `suppression:` is configured).
+    suppression: std::sync::OnceLock<Arc<crate::events::suppression::Suppression>>,
     active: AtomicUsize,
 }
 
@@ -97,8 +99,18 @@ impl Shared {
             doorbell: std::sync::OnceLock::new(),
             auth_throttle: std::sync::OnceLock::new(),
             dkim: std::sync::OnceLock::new(),
+            suppression: std::sync::OnceLock::new(),
             active: AtomicUsize::new(0),
         })
+    }
+
+    /// Checks recipients against `s` at `RCPT` (once; later calls are ignored).
+    pub fn set_suppression(&self, s: Arc<crate::events::suppression::Suppression>) {
+        let _ = self.suppression.set(s);
+    }
+
+    pub fn suppression(&self) -> Option<&Arc<crate::events::suppression::Suppression>> {
+        self.suppression.get()
     }
 
     /// Rings `doorbell` after every message queued from now on (once; later calls
@@ -339,6 +351,7 @@ async fn handle(
     if let Some(p) = &shared.senders {
         session.set_sender_policy(Arc::clone(p));
     }
+    session.check_recipients(shared.suppression().is_some());
     Conn::new(
         stream,
         Arc::clone(shared),

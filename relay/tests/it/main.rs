@@ -10,6 +10,7 @@
 mod support;
 
 mod auth_throttle;
+mod bounces;
 mod connection_fairness;
 mod delivery;
 mod delivery_crash;

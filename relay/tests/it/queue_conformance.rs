@@ -317,6 +317,8 @@ fn attempt(at_ms: u64, result: AttemptResult, reply: &str) -> Attempt {
             cipher: "TLS13_AES_128_GCM_SHA256".into(),
         }),
         reply: reply.into(),
+        // Stored and read back like the rest of the attempt.
+        category: (!matches!(result, AttemptResult::Delivered)).then(|| "transient".into()),
     }
 }
 

@@ -162,6 +162,7 @@ impl Inner {
                 final_before,
                 attempted: AtomicBool::new(false),
                 postponed_until: Mutex::new(None),
+                relayed: Mutex::new(Vec::new()),
                 parts_left: AtomicUsize::new(by_dest.len()),
                 lease: l.lease,
                 message: l.message,

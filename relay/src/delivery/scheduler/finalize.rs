@@ -21,6 +21,8 @@ use super::routes::Target;
 use super::{Inner, Part, Work};
 use crate::delivery::dsn::{self, DsnAction, DsnRecipient};
 use crate::delivery::smtp_client::{MessageOutcome, Outcome, Stage};
+use crate::events::classify::{Category, LocalFailure, classify_local, classify_reply};
+use crate::events::suppression::Suppression;
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, MessageStatus, QueueError, QueueId, RcptState, TlsInfo,
     now_ms,
@@ -54,6 +56,13 @@ impl Inner {
             };
             self.metrics
                 .delivery_result(word, reason.unwrap_or_else(|| reason_of(r)));
+            let category = (r.result != Outcome::Delivered).then(|| category_of(r));
+            if let Some(c) = category {
+                self.metrics.delivery_failure(word, c.as_str());
+            }
+            if r.result == Outcome::Delivered && outcome.dsn_unsupported {
+                part.work.relayed.lock().unwrap().push(r.address.clone());
+            }
             if r.result == Outcome::Delivered {
                 let received = part.work.message.envelope.received_at_ms;
                 self.metrics
@@ -64,8 +73,14 @@ impl Inner {
                 target.map_or_else(|| "none".to_owned(), |(n, a)| format!("{n}[{}]", a.ip()));
             info!(
                 queue_id = %queue_id, to = %r.address, relay = %relay, stage = r.stage.as_str(),
-                reply = %reply, "{word}"
+                reply = %reply, category = category.map_or("", Category::as_str), "{word}"
             );
+            if r.result == Outcome::Bounced {
+                rs.category = category.map(|c| c.as_str().to_owned());
+                if let (Some(c), Some(sup)) = (category, self.suppression.get()) {
+                    self.suppress(sup, part, &r.address, c, &reply);
+                }
+            }
             rs.state = state;
             rs.record(Attempt {
                 at_ms,
@@ -74,8 +89,38 @@ impl Inner {
                 ip: target.map(|(_, a)| a.ip().to_string()),
                 tls: tls.cloned(),
                 reply,
+                category: category.map(|c| c.as_str().to_owned()),
             });
         }
+    }
+
+    /// Lists a bounced recipient (if its category is one that does), off the
+    /// delivery path: a slow suppression store must not hold up the connection.
+    fn suppress(
+        &self,
+        sup: &std::sync::Arc<Suppression>,
+        part: &Part,
+        address: &str,
+        category: Category,
+        reply: &str,
+    ) {
+        let sup = std::sync::Arc::clone(sup);
+        let metrics = std::sync::Arc::clone(&self.metrics);
+        let envelope = part.work.message.envelope.clone();
+        let (address, reply) = (address.to_owned(), reply.to_owned());
+        tokio::spawn(async move {
+            match sup.on_bounce(&envelope, &address, category, &reply).await {
+                Ok(Some(scope)) => {
+                    metrics.suppression_added(category.as_str());
+                    info!(queue_id = %envelope.id, to = %address, scope = %scope, category = category.as_str(), "recipient added to the suppression list");
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    metrics.suppression_added("add_failed");
+                    warn!(queue_id = %envelope.id, to = %address, error = %e, "adding the recipient to the suppression list failed");
+                }
+            }
+        });
     }
 
     /// After every part of a message is done: reschedule, expire, bounce and finish.
@@ -121,12 +166,23 @@ impl Inner {
                     {
                         info!(queue_id = %status.id, to = %r.address, "expired: maximum queue lifetime reached");
                         r.state = RcptState::Expired;
+                        r.category =
+                            Some(classify_local(LocalFailure::QueueLifetime).as_str().into());
                         self.metrics.delivery_result("bounced", "expired");
+                        self.metrics.delivery_failure("bounced", "expired");
                     }
                 }
             }
         }
         let mut report_on = newly_failed(&status, &work.final_before);
+        // RFC 3461 §4.2: a server without DSN took recipients that asked for
+        // NOTIFY=SUCCESS; nobody after us will tell the sender, so we say `relayed`.
+        // (A server with DSN got the NOTIFY parameter and reports delivery itself.)
+        report_on.extend(newly_relayed(
+            &status,
+            &work.final_before,
+            &work.relayed.lock().unwrap(),
+        ));
         // One delay warning per message, once it has waited long enough (Postfix's
         // delay_warning_time); it rides along with any failure report of this round.
         let warn_delay = status.next_attempt_ms.is_some()
@@ -159,6 +215,8 @@ impl Inner {
                 Ok(()) => {
                     let kind = if report_on.iter().all(|r| r.action == DsnAction::Delayed) {
                         "delay warning"
+                    } else if report_on.iter().all(|r| r.action == DsnAction::Relayed) {
+                        "success notice"
                     } else {
                         "bounce report"
                     };
@@ -239,6 +297,48 @@ fn newly_failed(status: &MessageStatus, final_before: &[bool]) -> Vec<DsnRecipie
         .collect()
 }
 
+/// Recipients delivered in this round to a server without DSN, for a `relayed`
+/// notice (only those that asked for NOTIFY=SUCCESS get one: see `build_dsn`).
+fn newly_relayed(
+    status: &MessageStatus,
+    final_before: &[bool],
+    relayed: &[String],
+) -> Vec<DsnRecipient> {
+    status
+        .rcpts
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| {
+            r.state == RcptState::Delivered
+                && !final_before.get(*i).copied().unwrap_or(false)
+                && relayed.iter().any(|a| a == &r.address)
+        })
+        .map(|(_, r)| {
+            let last = r.attempts.last();
+            let reply = last.map_or("", |a| a.reply.as_str());
+            DsnRecipient {
+                address: r.address.clone(),
+                orcpt: None,
+                action: DsnAction::Relayed,
+                status: enhanced_of(reply).filter(|s| s.0 == 2).unwrap_or((2, 0, 0)),
+                remote_mta: last.and_then(|a| a.mx.clone()),
+                diagnostic: (!reply.is_empty()).then(|| format!("smtp; {reply}")),
+                last_attempt_ms: last.map(|a| a.at_ms),
+                will_retry_until_ms: None,
+            }
+        })
+        .collect()
+}
+
+/// The bounce category of a failed recipient: TLS trouble by its stage, anything
+/// else by its reply (the relay's own replies for local failures say what failed).
+fn category_of(r: &mailrelay_smtp::client::RecipientOutcome) -> Category {
+    if r.stage == Stage::StartTls {
+        return classify_local(LocalFailure::Tls);
+    }
+    classify_reply(r.reply.to_string().trim_end())
+}
+
 /// Pending recipients, for a delay warning: status and diagnostic of their last try.
 fn still_delayed(status: &MessageStatus, until_ms: u64) -> Vec<DsnRecipient> {
     status
@@ -304,7 +404,9 @@ mod tests {
                 ip: None,
                 tls: None,
                 reply: reply.into(),
+                category: None,
             }],
+            category: None,
         }
     }
 
@@ -333,6 +435,32 @@ mod tests {
             .collect();
         assert_eq!(got, [("new@b.test", (5, 7, 1)), ("late@b.test", (4, 4, 7))]);
         assert_eq!(failed[0].remote_mta.as_deref(), Some("mx.b.test"));
+    }
+
+    #[test]
+    fn only_recipients_relayed_in_this_round_get_a_success_notice() {
+        let status = MessageStatus {
+            id: QueueId::generate(),
+            rcpts: vec![
+                rcpt("old@b.test", RcptState::Delivered, "250 2.0.0 ok"),
+                rcpt("new@b.test", RcptState::Delivered, "250 2.6.0 queued"),
+                rcpt("dsn@b.test", RcptState::Delivered, "250 ok"),
+                rcpt("no@b.test", RcptState::Bounced, "550 5.1.1 no"),
+            ],
+            created_ms: 0,
+            next_attempt_ms: None,
+            attempts: 1,
+            final_at_ms: None,
+            leased_until_ms: None,
+            delay_warned: false,
+        };
+        // dsn@ went to a server with DSN: that server reports it, not us.
+        let relayed = ["old@b.test".to_owned(), "new@b.test".to_owned()];
+        let got = newly_relayed(&status, &[true, false, false, false], &relayed);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].address, "new@b.test");
+        assert_eq!(got[0].action, DsnAction::Relayed);
+        assert_eq!(got[0].status, (2, 6, 0));
     }
 
     #[test]

@@ -164,6 +164,7 @@ impl Inner {
                 final_before: l.status.rcpts.iter().map(|r| r.state.is_final()).collect(),
                 attempted: AtomicBool::new(false),
                 postponed_until: Mutex::new(Some(now_ms())),
+                relayed: Mutex::new(Vec::new()),
                 parts_left: AtomicUsize::new(0),
                 lease: l.lease,
                 message: l.message,

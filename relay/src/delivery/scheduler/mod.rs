@@ -94,6 +94,8 @@ struct Inner {
     hook: Option<Arc<dyn DispatchHook>>,
     /// Signs the DSNs this relay writes (set when `dkim:` is configured).
     dsn_signer: std::sync::OnceLock<Arc<crate::dkim::Dkim>>,
+    /// Lists recipients whose delivery failed for good (set when `suppression:` is configured).
+    suppression: std::sync::OnceLock<Arc<crate::events::suppression::Suppression>>,
     /// Every `finish` goes through here, batched.
     outcomes: OutcomeWriter,
 }
@@ -112,6 +114,9 @@ struct Work {
     attempted: AtomicBool,
     /// Egress held some part back until then (relay clock, ms): the earliest.
     postponed_until: Mutex<Option<u64>>,
+    /// Recipients delivered this round to a server without the DSN extension: an
+    /// RFC 3461 `relayed` notice is owed to those that asked for NOTIFY=SUCCESS.
+    relayed: Mutex<Vec<String>>,
 }
 
 /// The recipients of one message bound for one destination.
@@ -196,6 +201,7 @@ impl Delivery {
             wake: Arc::new(Notify::new()),
             hook,
             dsn_signer: std::sync::OnceLock::new(),
+            suppression: std::sync::OnceLock::new(),
         });
         let main = tokio::spawn(Arc::clone(&inner).run());
         let renewer = tokio::spawn(Arc::clone(&inner).renew_loop());
@@ -210,6 +216,11 @@ impl Delivery {
     /// Signs every DSN written from now on with `dkim` (once; later calls are ignored).
     pub fn sign_dsns_with(&self, dkim: Arc<crate::dkim::Dkim>) {
         let _ = self.inner.dsn_signer.set(dkim);
+    }
+
+    /// Lists recipients that bounce (by category, see `suppression:`) with `s`.
+    pub fn suppress_with(&self, s: Arc<crate::events::suppression::Suppression>) {
+        let _ = self.inner.suppression.set(s);
     }
 
     /// The doorbell to ring when mail is queued in this process.
