@@ -253,6 +253,11 @@ pub enum TlsPolicy {
     Required,
     /// Never STARTTLS.
     Disabled,
+    /// What the destination publishes decides (MTA-STS now, DANE later), and
+    /// opportunistic TLS where it publishes nothing. Delivery resolves it per
+    /// destination before a session starts; a session given `auto` runs
+    /// opportunistic TLS.
+    Auto,
 }
 
 /// Credentials for a smarthost; only ever sent over TLS.
@@ -893,7 +898,7 @@ impl<'m> ClientSession<'m> {
         let offered = self.caps.as_ref().is_some_and(|c| c.starttls);
         if self.tls.is_none() {
             match (self.cfg.tls, offered) {
-                (TlsPolicy::Opportunistic | TlsPolicy::Required, true) => {
+                (TlsPolicy::Opportunistic | TlsPolicy::Required | TlsPolicy::Auto, true) => {
                     self.send(b"STARTTLS\r\n".to_vec());
                     self.expect(State::StartTls);
                     return;

@@ -256,6 +256,23 @@ fn rcpt_state(s: queue::RcptState) -> wire::RcptState {
     }
 }
 
+fn transport_security(t: queue::TransportSecurity) -> wire::TransportSecurity {
+    let queue::TransportSecurity {
+        policy,
+        mode,
+        policy_id,
+        verified,
+        failure,
+    } = t;
+    wire::TransportSecurity {
+        policy,
+        mode,
+        policy_id,
+        verified,
+        failure,
+    }
+}
+
 fn tls(t: queue::TlsInfo) -> wire::TlsInfo {
     let queue::TlsInfo { version, cipher } = t;
     wire::TlsInfo { version, cipher }
@@ -379,6 +396,7 @@ pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
                                 mx,
                                 ip,
                                 tls: attempt_tls,
+                                security,
                                 reply,
                             } = a;
                             wire::Attempt {
@@ -393,6 +411,7 @@ pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
                                 mx,
                                 ip,
                                 tls: attempt_tls.map(tls),
+                                security: security.map(transport_security),
                                 reply,
                             }
                         })

@@ -32,7 +32,7 @@ pub use admin::AdminConfig;
 pub use auth::{AuthConfig, AuthThrottleConfig};
 pub use delivery::{
     DEFAULT_LEASE, DeliveryConfig, OutcomeBatchConfig, RemoteHost, ResolverConfig, RetryPolicy,
-    RouteConfig, TlsPolicy, route_of,
+    RouteConfig, TlsPolicy, route_of, MtaStsConfig, TlsPolicyEntry,
 };
 pub use duration::{duration_str, format_duration, parse_duration};
 pub use limits::Limits;

@@ -10,6 +10,7 @@ fn scripts() -> Vec<(&'static str, String)> {
     let mut all = mailrelay::queue::redis::lua_scripts();
     all.extend(mailrelay::quota::ingress::redis::lua_scripts());
     all.extend(mailrelay::quota::egress::redis::lua_scripts());
+    all.extend(mailrelay::delivery::tls_policy::cache::lua_scripts());
     all
 }
 

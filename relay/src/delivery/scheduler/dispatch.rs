@@ -24,6 +24,7 @@ use super::{Inner, Part, Work};
 use crate::config::TlsPolicy;
 use crate::delivery::gate::{Destination, PacedConnection, Postponement};
 use crate::delivery::outcomes::Pending;
+use crate::delivery::tls_policy::{Decision, TransportSecurity};
 use crate::delivery::smtp_client::{
     ClientConfig, ClientTls, ConnectionResult, MessageGate, MessageOutcome, Outcome, Stage,
     connect_failed, deliver_gated,
@@ -38,6 +39,10 @@ struct Early {
     recorded: Vec<bool>,
     /// Finishes submitted, to await before the connection's task ends.
     pending: Vec<(QueueId, Pending)>,
+    /// The destination's transport security, and what the connection's
+    /// certificate check said, for the attempt records.
+    security: Option<Decision>,
+    verified: Option<Result<(), String>>,
 }
 
 impl Early {
@@ -45,7 +50,17 @@ impl Early {
         Early {
             recorded: vec![false; parts],
             pending: Vec::new(),
+            security: None,
+            verified: None,
         }
+    }
+
+    /// The record of an attempt on `target` (the host that answered, if any).
+    fn security(&self, target: Option<&Target>, tls: bool) -> Option<TransportSecurity> {
+        let verified = if tls { self.verified.as_ref() } else { None };
+        self.security
+            .as_ref()
+            .map(|d| d.outcome(target.map(|(n, _)| n.as_str()), verified))
     }
 }
 
@@ -70,6 +85,10 @@ impl MessageGate for Recorder<'_> {
         self.egress.on_reply(reply);
     }
 
+    fn on_tls_verified(&mut self, verified: &Result<(), String>) {
+        self.early.verified = Some(verified.clone());
+    }
+
     async fn on_message_done(
         &mut self,
         index: usize,
@@ -86,11 +105,13 @@ impl MessageGate for Recorder<'_> {
         }
         *recorded = true;
         part.work.attempted.store(true, Ordering::SeqCst);
+        let security = self.early.security(self.target.as_ref(), tls.is_some());
         self.inner.record(
             part,
             &outcome,
             self.target.as_ref(),
             tls.as_ref(),
+            security.as_ref(),
             None,
             now_ms(),
         );
@@ -263,11 +284,13 @@ impl Inner {
                 continue;
             }
             part.work.attempted.store(true, Ordering::SeqCst);
+            let security = early.security(target.as_ref(), result.tls.is_some());
             self.record(
                 part,
                 outcome,
                 target.as_ref(),
                 result.tls.as_ref(),
+                security.as_ref(),
                 reason,
                 at_ms,
             );
@@ -306,7 +329,10 @@ impl Inner {
         Postponement,
     ) {
         let (targets, mut client) = match self.targets(dest).await {
-            Ok(t) => t,
+            Ok((targets, client, decision)) => {
+                early.security = Some(decision);
+                (targets, client)
+            }
             Err((reply, reason)) => {
                 return (
                     synthetic(msgs, &reply),
@@ -389,6 +415,7 @@ impl Inner {
                 }
             };
             gate.target = Some((name.clone(), addr));
+            gate.early.verified = None;
             let mut result = self.converse(stream, tls, &name, msgs, client, gate).await;
             if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
                 // Like Postfix at security level `may`: a server whose TLS cannot

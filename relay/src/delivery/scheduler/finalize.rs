@@ -21,6 +21,7 @@ use super::routes::Target;
 use super::{Inner, Part, Work};
 use crate::delivery::dsn::{self, DsnAction, DsnRecipient};
 use crate::delivery::smtp_client::{MessageOutcome, Outcome, Stage};
+use crate::queue::TransportSecurity;
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, MessageStatus, QueueError, QueueId, RcptState, TlsInfo,
     now_ms,
@@ -34,6 +35,7 @@ impl Inner {
         outcome: &MessageOutcome,
         target: Option<&Target>,
         tls: Option<&TlsInfo>,
+        security: Option<&TransportSecurity>,
         reason: Option<&'static str>,
         at_ms: u64,
     ) {
@@ -73,6 +75,7 @@ impl Inner {
                 mx: target.map(|(n, _)| n.clone()),
                 ip: target.map(|(_, a)| a.ip().to_string()),
                 tls: tls.cloned(),
+                security: security.cloned(),
                 reply,
             });
         }
@@ -303,6 +306,7 @@ mod tests {
                 mx: Some("mx.b.test".into()),
                 ip: None,
                 tls: None,
+                security: None,
                 reply: reply.into(),
             }],
         }
