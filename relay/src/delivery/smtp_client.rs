@@ -168,7 +168,11 @@ impl ClientTls {
 
     /// Whether the chain a server presented verifies against this client's roots
     /// and names `server_name`.
-    fn check(&self, conn: &rustls::ClientConnection, server_name: &ServerName<'_>) -> Result<(), String> {
+    fn check(
+        &self,
+        conn: &rustls::ClientConnection,
+        server_name: &ServerName<'_>,
+    ) -> Result<(), String> {
         let Some((leaf, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
             return Err("no certificate".into());
         };

@@ -20,6 +20,7 @@ mod harness_smoke;
 mod hostile_input;
 mod lease_failover;
 mod lua_lint;
+mod mta_sts;
 mod mx_resolution;
 mod operations;
 mod postfix_chain;

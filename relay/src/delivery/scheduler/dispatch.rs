@@ -24,11 +24,11 @@ use super::{Inner, Part, Work};
 use crate::config::TlsPolicy;
 use crate::delivery::gate::{Destination, PacedConnection, Postponement};
 use crate::delivery::outcomes::Pending;
-use crate::delivery::tls_policy::{Decision, TransportSecurity};
 use crate::delivery::smtp_client::{
     ClientConfig, ClientTls, ConnectionResult, MessageGate, MessageOutcome, Outcome, Stage,
     connect_failed, deliver_gated,
 };
+use crate::delivery::tls_policy::{Decision, TransportSecurity};
 use crate::metrics::Metrics;
 use crate::queue::{Lease, Leased, QueueId, QueuedMessage, RcptState, TlsInfo, now_ms};
 

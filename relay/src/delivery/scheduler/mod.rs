@@ -268,9 +268,7 @@ fn sts_cache(
 ) -> Result<crate::delivery::tls_policy::StsCache, DeliveryError> {
     use crate::delivery::tls_policy::{StsCache, fetch::Fetcher};
     let configured = cfg.mta_sts.ca_file.as_deref().or(cfg.ca_file.as_deref());
-    let path = configured.unwrap_or(std::path::Path::new(
-        super::smtp_client::SYSTEM_CA_FILE,
-    ));
+    let path = configured.unwrap_or(std::path::Path::new(super::smtp_client::SYSTEM_CA_FILE));
     let roots = match super::smtp_client::load_roots(path) {
         Ok(r) => r,
         Err(e) if configured.is_none() => {

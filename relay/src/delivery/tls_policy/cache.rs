@@ -213,7 +213,11 @@ impl StsCache {
         self.stats
             .txt_lookups
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        match self.resolver.txt_lookup(format!("_mta-sts.{domain}.")).await {
+        match self
+            .resolver
+            .txt_lookup(format!("_mta-sts.{domain}."))
+            .await
+        {
             Ok(lookup) => {
                 // A record's strings are one value (RFC 8461 §3.1).
                 let records: Vec<Vec<u8>> = lookup

@@ -133,7 +133,9 @@ impl Fetcher {
                 .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                 && len > MAX_POLICY_BYTES as u64
             {
-                return Err(format!("policy of {len} bytes is larger than {MAX_POLICY_BYTES}"));
+                return Err(format!(
+                    "policy of {len} bytes is larger than {MAX_POLICY_BYTES}"
+                ));
             }
             let body = Limited::new(resp.into_body(), MAX_POLICY_BYTES)
                 .collect()

@@ -98,7 +98,11 @@ impl Decision {
             names.dedup();
             return Err(format!(
                 "MTA-STS: {} not in policy {} (enforce)",
-                if names.is_empty() { "no MX host".to_owned() } else { names.join(", ") },
+                if names.is_empty() {
+                    "no MX host".to_owned()
+                } else {
+                    names.join(", ")
+                },
                 c.id
             ));
         }
@@ -138,10 +142,7 @@ impl Decision {
 
 /// Domain patterns of `delivery.tls_policies`: exact names, and `.parent` for every
 /// subdomain (the same form as routes); the first entry that matches wins.
-pub fn override_for(
-    entries: &[crate::config::TlsPolicyEntry],
-    domain: &str,
-) -> Option<TlsPolicy> {
+pub fn override_for(entries: &[crate::config::TlsPolicyEntry], domain: &str) -> Option<TlsPolicy> {
     entries
         .iter()
         .find(|e| {
@@ -183,23 +184,35 @@ mod tests {
         let d = sts(Mode::Enforce);
         assert_eq!(d.client, TlsPolicy::Required);
         let hosts = vec!["evil.test", "x.b.test", "mx.a.test"];
-        assert_eq!(d.filter_mx(hosts, |h| h).unwrap(), vec!["x.b.test", "mx.a.test"]);
+        assert_eq!(
+            d.filter_mx(hosts, |h| h).unwrap(),
+            vec!["x.b.test", "mx.a.test"]
+        );
         let err = d.filter_mx(vec!["mx.evil.test"], |h| h).unwrap_err();
         assert_eq!(err, "MTA-STS: mx.evil.test not in policy id1 (enforce)");
         let ok = d.outcome(Some("mx.a.test"), Some(&Ok(())));
         assert_eq!(ok.failure, None);
         assert_eq!(ok.verified, Some(true));
-        assert_eq!((ok.policy.as_str(), ok.mode.as_deref()), ("mta-sts", Some("enforce")));
+        assert_eq!(
+            (ok.policy.as_str(), ok.mode.as_deref()),
+            ("mta-sts", Some("enforce"))
+        );
     }
 
     #[test]
     fn testing_keeps_every_host_and_records_failures() {
         let d = sts(Mode::Testing);
         assert_eq!(d.client, TlsPolicy::Opportunistic);
-        assert_eq!(d.filter_mx(vec!["evil.test"], |h| h).unwrap(), vec!["evil.test"]);
+        assert_eq!(
+            d.filter_mx(vec!["evil.test"], |h| h).unwrap(),
+            vec!["evil.test"]
+        );
         let r = d.outcome(Some("evil.test"), Some(&Err("bad name".into())));
         let f = r.failure.unwrap();
-        assert!(f.contains("evil.test not in policy id1") && f.contains("bad name"), "{f}");
+        assert!(
+            f.contains("evil.test not in policy id1") && f.contains("bad name"),
+            "{f}"
+        );
         let plain = d.outcome(Some("mx.a.test"), None);
         assert!(plain.failure.unwrap().contains("no TLS session"));
     }
@@ -207,8 +220,14 @@ mod tests {
     #[test]
     fn none_mode_and_no_policy_are_opportunistic() {
         let d = sts(Mode::None);
-        assert_eq!((d.client, d.source), (TlsPolicy::Opportunistic, "opportunistic"));
-        assert_eq!(Decision::fixed(TlsPolicy::Auto).client, TlsPolicy::Opportunistic);
+        assert_eq!(
+            (d.client, d.source),
+            (TlsPolicy::Opportunistic, "opportunistic")
+        );
+        assert_eq!(
+            Decision::fixed(TlsPolicy::Auto).client,
+            TlsPolicy::Opportunistic
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ pub enum StsError {
 /// `_mta-sts.<domain>` (each record's strings already joined), returning its `id`.
 /// RFC 8461 §3.1: records not starting with `v=STSv1;` are ignored; zero or several
 /// of them mean the domain has no usable policy record.
-pub fn parse_txt_records<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Result<String, StsError> {
+pub fn parse_txt_records<'a>(
+    records: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<String, StsError> {
     let ours: Vec<&[u8]> = records
         .into_iter()
         .filter(|r| r.starts_with(b"v=STSv1;") || *r == b"v=STSv1")
@@ -81,8 +83,7 @@ pub fn parse_txt_records<'a>(records: impl IntoIterator<Item = &'a [u8]>) -> Res
 /// Parses one record: `v=STSv1; id=<1-32 alphanumerics>;` with optional spaces
 /// around the separators and extension fields ignored.
 pub fn parse_txt(record: &[u8]) -> Result<String, StsError> {
-    let text = std::str::from_utf8(record)
-        .map_err(|_| StsError::Txt("not ASCII".into()))?;
+    let text = std::str::from_utf8(record).map_err(|_| StsError::Txt("not ASCII".into()))?;
     let mut fields = text.split(';').map(|f| f.trim_matches([' ', '\t']));
     if fields.next() != Some("v=STSv1") {
         return Err(StsError::Txt("must start with v=STSv1".into()));
@@ -198,7 +199,10 @@ pub fn parse_policy(body: &[u8]) -> Result<Policy, StsError> {
         }
     };
     if mx.is_empty() && mode != Mode::None {
-        return Err(bad(format!("mode {} needs at least one mx field", mode.as_str())));
+        return Err(bad(format!(
+            "mode {} needs at least one mx field",
+            mode.as_str()
+        )));
     }
     Ok(Policy { mode, mx, max_age })
 }
@@ -218,7 +222,9 @@ fn parse_mx_pattern(value: &str) -> Result<String, StsError> {
                 && !l.ends_with('-')
         });
     if !ok {
-        return Err(StsError::Policy(format!("mx {value:?} is not a host name or *.host")));
+        return Err(StsError::Policy(format!(
+            "mx {value:?} is not a host name or *.host"
+        )));
     }
     Ok(v)
 }
@@ -283,36 +289,69 @@ mod tests {
     fn rejects_bad_policies_naming_the_field() {
         for (body, want) in [
             ("mode: enforce\nmx: a.b\nmax_age: 1\n", "no version"),
-            ("version: STSv2\nmode: enforce\nmx: a.b\nmax_age: 1\n", "version"),
+            (
+                "version: STSv2\nmode: enforce\nmx: a.b\nmax_age: 1\n",
+                "version",
+            ),
             ("version: STSv1\nmode: on\nmx: a.b\nmax_age: 1\n", "mode"),
             ("version: STSv1\nmode: enforce\nmax_age: 1\n", "mx field"),
             ("version: STSv1\nmode: enforce\nmx: a.b\n", "no max_age"),
-            ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 31557601\n", "above"),
-            ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: -1\n", "max_age"),
-            ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 12345678901\n", "max_age"),
-            ("version: STSv1\nmode: enforce\nmode: none\nmx: a.b\nmax_age: 1\n", "mode given twice"),
-            ("version: STSv1\nmode: enforce\nmx: a..b\nmax_age: 1\n", "mx"),
-            ("version: STSv1\nmode: enforce\nmx: a.*.b\nmax_age: 1\n", "mx"),
-            ("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 1\ngarbage\n", "line 5"),
+            (
+                "version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 31557601\n",
+                "above",
+            ),
+            (
+                "version: STSv1\nmode: enforce\nmx: a.b\nmax_age: -1\n",
+                "max_age",
+            ),
+            (
+                "version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 12345678901\n",
+                "max_age",
+            ),
+            (
+                "version: STSv1\nmode: enforce\nmode: none\nmx: a.b\nmax_age: 1\n",
+                "mode given twice",
+            ),
+            (
+                "version: STSv1\nmode: enforce\nmx: a..b\nmax_age: 1\n",
+                "mx",
+            ),
+            (
+                "version: STSv1\nmode: enforce\nmx: a.*.b\nmax_age: 1\n",
+                "mx",
+            ),
+            (
+                "version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 1\ngarbage\n",
+                "line 5",
+            ),
             ("<html>\n", "line 1"),
         ] {
             let err = parse_policy(body.as_bytes()).unwrap_err().to_string();
             assert!(err.contains(want), "{body:?}: {err}");
         }
         let big = format!("{GOOD}{}", "x: y\n".repeat(MAX_POLICY_BYTES / 5));
-        assert!(parse_policy(big.as_bytes()).unwrap_err().to_string().contains("larger"));
+        assert!(
+            parse_policy(big.as_bytes())
+                .unwrap_err()
+                .to_string()
+                .contains("larger")
+        );
     }
 
     #[test]
     fn none_mode_needs_no_mx_and_unknown_fields_are_ignored() {
-        let p = parse_policy(b"version: STSv1\nmode: none\nmax_age: 0\nfuture_field: x y\n").unwrap();
+        let p =
+            parse_policy(b"version: STSv1\nmode: none\nmax_age: 0\nfuture_field: x y\n").unwrap();
         assert_eq!((p.mode, p.max_age, p.mx.len()), (Mode::None, 0, 0));
         assert!(!p.allows_mx("anything.example"));
     }
 
     #[test]
     fn txt_records() {
-        assert_eq!(parse_txt(b"v=STSv1; id=20160831085700Z;").unwrap(), "20160831085700Z");
+        assert_eq!(
+            parse_txt(b"v=STSv1; id=20160831085700Z;").unwrap(),
+            "20160831085700Z"
+        );
         assert_eq!(parse_txt(b"v=STSv1;id=abc").unwrap(), "abc");
         assert_eq!(parse_txt(b"v=STSv1; id=abc; ext=1").unwrap(), "abc");
         for bad in [
@@ -324,7 +363,11 @@ mod tests {
             b"v=STSv2; id=a",
             b"id=a; v=STSv1",
         ] {
-            assert!(parse_txt(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_txt(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let other: &[u8] = b"google-site-verification=x";
         assert_eq!(
@@ -340,7 +383,13 @@ mod tests {
 
     #[test]
     fn fuzz_entry_survives_odd_input() {
-        for d in [&b""[..], b"\xff\xfe", b"mx: *.\n", b"version: STSv1\nmode: testing\nmx: *.a\nmax_age: 0", b"v=STSv1; id=\xff"] {
+        for d in [
+            &b""[..],
+            b"\xff\xfe",
+            b"mx: *.\n",
+            b"version: STSv1\nmode: testing\nmx: *.a\nmax_age: 0",
+            b"v=STSv1; id=\xff",
+        ] {
             fuzz_one(d);
         }
     }
