@@ -110,6 +110,9 @@ pub struct MailParams {
     pub size: Option<u64>,
     pub body: BodyType,
     pub smtputf8: bool,
+    /// RFC 8689 REQUIRETLS: delivered only over verified TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requiretls: bool,
     pub ret: Option<DsnRet>,
     pub envid: Option<String>,
 }

@@ -295,6 +295,7 @@ pub fn wire_envelope(e: Envelope) -> wire::Envelope {
         smtputf8,
         ret,
         envid,
+        requiretls,
     } = mail;
     let queue::ClientInfo {
         ip,
@@ -315,6 +316,7 @@ pub fn wire_envelope(e: Envelope) -> wire::Envelope {
                 queue::BodyType::BinaryMime => wire::BodyType::BinaryMime,
             },
             smtputf8,
+            requiretls,
             ret: ret.map(|r| match r {
                 queue::DsnRet::Full => wire::DsnRet::Full,
                 queue::DsnRet::Hdrs => wire::DsnRet::Hdrs,

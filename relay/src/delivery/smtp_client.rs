@@ -422,6 +422,7 @@ pub async fn deliver_gated<G: MessageGate>(
                 match upgrade(&mut conn, tls, cfg.tls, server_name, timeouts.tls_handshake).await {
                     Ok((info, verified)) => {
                         gate.on_tls_verified(&verified);
+                        session.on_tls_verified(verified);
                         session.on_tls_established(info)
                     }
                     Err(e) => session.on_tls_failed(&e),

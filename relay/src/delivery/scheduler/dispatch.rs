@@ -28,7 +28,7 @@ use crate::delivery::smtp_client::{
     ClientConfig, ClientTls, ConnectionResult, MessageGate, MessageOutcome, Outcome, Stage,
     connect_failed, deliver_gated,
 };
-use crate::delivery::tls_policy::{Decision, TransportSecurity};
+use crate::delivery::tls_policy::{Decision, TransportSecurity, tls_required_no};
 use crate::metrics::Metrics;
 use crate::queue::{Lease, Leased, QueueId, QueuedMessage, RcptState, TlsInfo, now_ms};
 
@@ -328,7 +328,11 @@ impl Inner {
         Option<&'static str>,
         Postponement,
     ) {
-        let (targets, mut client) = match self.targets(dest).await {
+        // A REQUIRETLS message on the connection keeps every policy in force.
+        let relax = msgs
+            .iter()
+            .all(|m| !m.envelope.mail.requiretls && tls_required_no(&m.body));
+        let (targets, mut client) = match self.targets(dest, relax).await {
             Ok((targets, client, decision)) => {
                 early.security = Some(decision);
                 (targets, client)

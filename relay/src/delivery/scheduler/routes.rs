@@ -117,9 +117,11 @@ impl Inner {
 
     /// The hosts to try for `dest` and its transport security, or the final or
     /// temporary reply that ends it (with its metrics reason).
+    /// `relax`: every message carries `TLS-Required: No` (RFC 8689 §5).
     pub(super) async fn targets(
         &self,
         dest: &str,
+        relax: bool,
     ) -> Result<(Vec<Target>, ClientConfig, Decision), (mailrelay_smtp::Reply, &'static str)> {
         use mailrelay_smtp::Reply;
         let mut client = ClientConfig::new(self.hostname.clone());
@@ -146,7 +148,10 @@ impl Inner {
         }
         match self.resolver.resolve(dest).await {
             Resolution::Hosts(hosts) => {
-                let decision = self.tls_decision(dest).await;
+                let mut decision = self.tls_decision(dest).await;
+                if relax {
+                    decision = decision.relaxed();
+                }
                 client.tls = decision.client;
                 let hosts = decision
                     .filter_mx(hosts, |h| &h.name)

@@ -81,6 +81,22 @@ impl Decision {
         }
     }
 
+    /// RFC 8689 §5 `TLS-Required: No` on every message of the connection: the
+    /// published policy is recorded but not enforced (TLS is still used when
+    /// offered, its certificate unchecked, and every MX host is tried).
+    pub fn relaxed(mut self) -> Self {
+        if self.source == "mta-sts" {
+            self.client = TlsPolicy::Opportunistic;
+            self.source = "mta-sts-relaxed";
+            let why = "TLS-Required: No: the published policy is not enforced".to_owned();
+            self.note = Some(match self.note.take() {
+                Some(n) => format!("{n}; {why}"),
+                None => why,
+            });
+        }
+        self
+    }
+
     fn mode(&self) -> Option<Mode> {
         self.sts.as_ref().map(|c| c.policy.mode)
     }
@@ -88,7 +104,11 @@ impl Decision {
     /// With an `enforce` policy, the MX hosts it allows are kept (in order) and the
     /// others named in the error when none is left. Other policies keep all hosts.
     pub fn filter_mx<T>(&self, hosts: Vec<T>, name: impl Fn(&T) -> &str) -> Result<Vec<T>, String> {
-        let Some(c) = self.sts.as_ref().filter(|c| c.policy.mode == Mode::Enforce) else {
+        let Some(c) = self
+            .sts
+            .as_ref()
+            .filter(|c| c.policy.mode == Mode::Enforce && self.client == TlsPolicy::Required)
+        else {
             return Ok(hosts);
         };
         let (keep, drop): (Vec<T>, Vec<T>) =
@@ -138,6 +158,22 @@ impl Decision {
             failure: (!failures.is_empty()).then(|| failures.join("; ")),
         }
     }
+}
+
+/// Whether the message's header section has `TLS-Required: No` (RFC 8689 §5),
+/// the sender's wish that delivery not fail for want of authenticated TLS.
+pub fn tls_required_no(message: &[u8]) -> bool {
+    let end = memchr::memmem::find(message, b"\r\n\r\n").map_or(message.len(), |e| e + 2);
+    message[..end]
+        .split(|&b| b == b'\n')
+        .filter_map(|line| {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let colon = line.iter().position(|&b| b == b':')?;
+            line[..colon]
+                .eq_ignore_ascii_case(b"TLS-Required")
+                .then(|| &line[colon + 1..])
+        })
+        .any(|v| v.trim_ascii().eq_ignore_ascii_case(b"No"))
 }
 
 /// Domain patterns of `delivery.tls_policies`: exact names, and `.parent` for every
@@ -227,6 +263,29 @@ mod tests {
         assert_eq!(
             Decision::fixed(TlsPolicy::Auto).client,
             TlsPolicy::Opportunistic
+        );
+    }
+
+    #[test]
+    fn tls_required_no_relaxes_published_policies_only() {
+        assert!(tls_required_no(
+            b"Subject: x\r\ntls-required:  no \r\n\r\nbody"
+        ));
+        assert!(!tls_required_no(b"Subject: x\r\n\r\nTLS-Required: No\r\n"));
+        assert!(!tls_required_no(b"TLS-Required: Yes\r\n\r\n"));
+        let d = sts(Mode::Enforce).relaxed();
+        assert_eq!(d.client, TlsPolicy::Opportunistic);
+        assert_eq!(
+            d.filter_mx(vec!["evil.test"], |h| h).unwrap(),
+            vec!["evil.test"]
+        );
+        let r = d.outcome(Some("evil.test"), Some(&Err("x".into())));
+        assert_eq!(r.policy, "mta-sts-relaxed");
+        assert!(r.failure.unwrap().contains("TLS-Required: No"));
+        assert_eq!(
+            Decision::fixed(TlsPolicy::Required).relaxed().client,
+            TlsPolicy::Required,
+            "a configured policy stays"
         );
     }
 
