@@ -33,4 +33,5 @@ mod quota_store;
 mod real_clients;
 mod redis_cluster_failover;
 mod redis_sentinel;
+mod requiretls;
 mod smtp_client;

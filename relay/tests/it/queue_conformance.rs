@@ -33,6 +33,7 @@ fn envelope(id: QueueId, received_at_ms: u64) -> Envelope {
             smtputf8: true,
             ret: Some(DsnRet::Hdrs),
             envid: Some("env-id-ü".into()),
+            requiretls: true,
         },
         recipients: vec![
             Recipient {
