@@ -29,6 +29,10 @@ use crate::queue::{
 
 impl Inner {
     /// Writes the outcome of one message's part into its status and logs it.
+    // Each argument is one part of the attempt record, gathered by the caller from
+    // the connection or its gate; a struct for them would only be built to be
+    // taken apart here.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn record(
         &self,
         part: &Part,
