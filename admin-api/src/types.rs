@@ -110,6 +110,9 @@ pub struct MailParams {
     pub size: Option<u64>,
     pub body: BodyType,
     pub smtputf8: bool,
+    /// RFC 8689 REQUIRETLS: delivered only over verified TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requiretls: bool,
     pub ret: Option<DsnRet>,
     pub envid: Option<String>,
 }
@@ -213,11 +216,33 @@ pub struct Attempt {
     pub ip: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsInfo>,
+    /// The outbound TLS policy the attempt followed and what it found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<TransportSecurity>,
     /// The remote reply, or the relay's description of why there was none.
     pub reply: String,
     /// The bounce category of a failed attempt (`invalid_recipient`, `transient`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+}
+
+/// Which transport security policy a delivery attempt followed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSecurity {
+    /// `mta-sts`, or the configured `opportunistic`, `required`, `disabled`.
+    pub policy: String,
+    /// The MTA-STS mode: `enforce` or `testing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_id: Option<String>,
+    /// Whether the server's certificate chained to a trusted root and matched the
+    /// host name; absent without a TLS session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+    /// What the policy found wrong (a `testing` policy delivers anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// Status and attempt history of one recipient.

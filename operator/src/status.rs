@@ -180,6 +180,7 @@ mod tests {
                             mx: None,
                             ip: None,
                             tls: None,
+                            security: None,
                             reply: (*reply).into(),
                             category: None,
                         })

@@ -285,6 +285,17 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             (Some(_), None) => Some(Arc::new(server::auth_throttle::MemoryFailures::default())),
         };
     let suppression = open_suppression(&cfg, redis.as_ref()).await?;
+    // MTA-STS policies are shared through the queue's Redis, so one fetch serves
+    // every relay; the embedded queue keeps them in this process.
+    let sts_store = match &redis {
+        Some(q) if cfg.delivery.enabled => Some(
+            mailrelay::delivery::tls_policy::cache::RedisPolicies::new(q.shared())
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("loading the MTA-STS cache scripts into Redis")?,
+        ),
+        _ => None,
+    };
     let quotas = open_quotas(&cfg, redis, quota_metrics).await?;
     info!(
         backend = quotas.backend(),
@@ -413,6 +424,9 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     }
     if let (Some(s), Some(delivery)) = (&suppression, &delivery) {
         delivery.suppress_with(Arc::clone(s));
+    }
+    if let (Some(store), Some(delivery)) = (sts_store, &delivery) {
+        delivery.share_policies_with(Arc::new(store));
     }
     let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
     if let Some(d) = dkim {

@@ -191,6 +191,8 @@ pub struct Capabilities {
     pub dsn: bool,
     pub enhanced_status_codes: bool,
     pub chunking: bool,
+    /// RFC 8689 REQUIRETLS.
+    pub requiretls: bool,
     /// SASL mechanisms, upper case, in the server's order.
     pub auth: Vec<String>,
 }
@@ -225,6 +227,7 @@ impl Capabilities {
                 "DSN" => caps.dsn = true,
                 "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
                 "CHUNKING" => caps.chunking = true,
+                "REQUIRETLS" => caps.requiretls = true,
                 "AUTH" => {
                     for mech in inline.into_iter().chain(words.map(str::to_owned)) {
                         let mech = mech.to_ascii_uppercase();
@@ -253,6 +256,11 @@ pub enum TlsPolicy {
     Required,
     /// Never STARTTLS.
     Disabled,
+    /// What the destination publishes decides (MTA-STS now, DANE later), and
+    /// opportunistic TLS where it publishes nothing. Delivery resolves it per
+    /// destination before a session starts; a session given `auto` runs
+    /// opportunistic TLS.
+    Auto,
 }
 
 /// Credentials for a smarthost; only ever sent over TLS.
@@ -644,6 +652,9 @@ pub struct ClientSession<'m> {
     actions: VecDeque<Action>,
     caps: Option<Capabilities>,
     tls: Option<TlsInfo>,
+    /// What the caller found checking the TLS session's certificate (see
+    /// [`ClientSession::on_tls_verified`]); `None`: not told.
+    tls_verified: Option<Result<(), String>>,
     authenticated: bool,
     /// Index of the next message to start.
     next_msg: usize,
@@ -679,6 +690,7 @@ impl<'m> ClientSession<'m> {
             actions: VecDeque::from([Action::ReadReply]),
             caps: None,
             tls: None,
+            tls_verified: None,
             authenticated: false,
             next_msg: 0,
             tx: None,
@@ -800,6 +812,13 @@ impl<'m> ClientSession<'m> {
     }
 
     /// The TLS handshake after `StartTls` succeeded.
+    /// Whether the certificate of the TLS session about to be reported by
+    /// [`ClientSession::on_tls_established`] verified (chain and host name), and if
+    /// not why: REQUIRETLS messages go only over a verified session.
+    pub fn on_tls_verified(&mut self, verified: Result<(), String>) {
+        self.tls_verified = Some(verified);
+    }
+
     pub fn on_tls_established(&mut self, info: TlsInfo) {
         if self.state != State::TlsHandshake {
             self.protocol_error(self.stage(), "TLS established when none was requested");
@@ -894,7 +913,7 @@ impl<'m> ClientSession<'m> {
         let offered = self.caps.as_ref().is_some_and(|c| c.starttls);
         if self.tls.is_none() {
             match (self.cfg.tls, offered) {
-                (TlsPolicy::Opportunistic | TlsPolicy::Required, true) => {
+                (TlsPolicy::Opportunistic | TlsPolicy::Required | TlsPolicy::Auto, true) => {
                     self.send(b"STARTTLS\r\n".to_vec());
                     self.expect(State::StartTls);
                     return;
@@ -1059,6 +1078,23 @@ impl<'m> ClientSession<'m> {
         self.give_up(&reply, Stage::Mail, Outcome::Deferred, false);
     }
 
+    /// Why a REQUIRETLS message may not go over this session, if it may not.
+    fn requiretls_refusal(&self, caps: &Capabilities) -> Option<String> {
+        let host = display_host(caps);
+        if self.tls.is_none() {
+            return Some(format!("{host} offers no TLS session"));
+        }
+        match &self.tls_verified {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Some(format!("certificate of {host} not verified: {e}")),
+            None => return Some(format!("certificate of {host} not verified")),
+        }
+        if !caps.requiretls {
+            return Some(format!("{host} does not offer REQUIRETLS"));
+        }
+        None
+    }
+
     /// Local checks and command lines for message `m`; `None` when nothing is to be
     /// sent (every recipient already decided).
     fn prepare(&mut self, m: usize) -> Option<Prepared> {
@@ -1097,6 +1133,19 @@ impl<'m> ClientSession<'m> {
             self.settle_message(m, &reply, Stage::Mail, Outcome::Bounced, false);
             return None;
         }
+        if env.mail.requiretls
+            && let Some(why) = self.requiretls_refusal(&caps)
+        {
+            // RFC 8689 §4.2.1: never in plain text or to an unverified server;
+            // the sender gets a DSN.
+            let reply = local(
+                550,
+                (5, 7, 30),
+                format!("REQUIRETLS support required: {why}"),
+            );
+            self.settle_message(m, &reply, Stage::Mail, Outcome::Bounced, false);
+            return None;
+        }
         if env.mail.smtputf8 && !caps.smtputf8 && needs_smtputf8(msg) {
             let reply = local(
                 554,
@@ -1128,6 +1177,9 @@ impl<'m> ClientSession<'m> {
         }
         if env.mail.smtputf8 && caps.smtputf8 {
             mail.push_str(" SMTPUTF8");
+        }
+        if env.mail.requiretls {
+            mail.push_str(" REQUIRETLS");
         }
         let mut dsn_dropped = false;
         match (caps.dsn, env.mail.ret) {

@@ -105,6 +105,10 @@ pub struct MailParams {
     pub smtputf8: bool,
     pub ret: Option<DsnRet>,
     pub envid: Option<String>,
+    /// RFC 8689 REQUIRETLS: every hop must use TLS with a verified certificate, or
+    /// the message bounces. Accepted only over TLS.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub requiretls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -466,6 +466,10 @@ impl Session {
         if self.peer.tls.is_none() && self.peer.starttls_available {
             lines.push("STARTTLS".into());
         }
+        // RFC 8689 §4.1: offered (and accepted) only inside TLS.
+        if self.peer.tls.is_some() {
+            lines.push("REQUIRETLS".into());
+        }
         if self.peer.tls.is_some() && self.peer.auth_available && self.auth_user.is_none() {
             lines.push("AUTH PLAIN LOGIN".into());
         }
@@ -521,6 +525,14 @@ impl Session {
                     mail.body = BodyType::EightBitMime
                 }
                 ("SMTPUTF8", None) => mail.smtputf8 = true,
+                ("REQUIRETLS", None) if self.peer.tls.is_none() => {
+                    return self.error(r(
+                        530,
+                        (5, 7, 10),
+                        "REQUIRETLS needed: the MAIL parameter REQUIRETLS needs a TLS session",
+                    ));
+                }
+                ("REQUIRETLS", None) => mail.requiretls = true,
                 ("RET", Some(v)) if v.eq_ignore_ascii_case("FULL") => mail.ret = Some(DsnRet::Full),
                 ("RET", Some(v)) if v.eq_ignore_ascii_case("HDRS") => mail.ret = Some(DsnRet::Hdrs),
                 ("ENVID", Some(v)) if v.len() <= 100 && is_xtext(v) => {

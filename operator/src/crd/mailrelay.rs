@@ -736,7 +736,8 @@ pub struct RedisSpec {
     "fieldPath": ".tls"
 }]))]
 pub struct DeliverySpec {
-    /// STARTTLS towards recipients' MX hosts; default `opportunistic`.
+    /// STARTTLS towards recipients' MX hosts; default `auto`: what each domain
+    /// publishes (MTA-STS) decides, opportunistic where it publishes nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsPolicy>,
     /// PEM trust anchors (a private CA, say) for the smarthost and routes with

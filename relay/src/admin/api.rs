@@ -256,6 +256,23 @@ fn rcpt_state(s: queue::RcptState) -> wire::RcptState {
     }
 }
 
+fn transport_security(t: queue::TransportSecurity) -> wire::TransportSecurity {
+    let queue::TransportSecurity {
+        policy,
+        mode,
+        policy_id,
+        verified,
+        failure,
+    } = t;
+    wire::TransportSecurity {
+        policy,
+        mode,
+        policy_id,
+        verified,
+        failure,
+    }
+}
+
 fn tls(t: queue::TlsInfo) -> wire::TlsInfo {
     let queue::TlsInfo { version, cipher } = t;
     wire::TlsInfo { version, cipher }
@@ -278,6 +295,7 @@ pub fn wire_envelope(e: Envelope) -> wire::Envelope {
         smtputf8,
         ret,
         envid,
+        requiretls,
     } = mail;
     let queue::ClientInfo {
         ip,
@@ -298,6 +316,7 @@ pub fn wire_envelope(e: Envelope) -> wire::Envelope {
                 queue::BodyType::BinaryMime => wire::BodyType::BinaryMime,
             },
             smtputf8,
+            requiretls,
             ret: ret.map(|r| match r {
                 queue::DsnRet::Full => wire::DsnRet::Full,
                 queue::DsnRet::Hdrs => wire::DsnRet::Hdrs,
@@ -380,6 +399,7 @@ pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
                                 mx,
                                 ip,
                                 tls: attempt_tls,
+                                security,
                                 reply,
                                 category,
                             } = a;
@@ -395,6 +415,7 @@ pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
                                 mx,
                                 ip,
                                 tls: attempt_tls.map(tls),
+                                security: security.map(transport_security),
                                 reply,
                                 category,
                             }

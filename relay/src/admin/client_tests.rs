@@ -33,6 +33,7 @@ fn message() -> QueuedMessage {
                 smtputf8: true,
                 ret: Some(DsnRet::Hdrs),
                 envid: Some("env-1".into()),
+                requiretls: true,
             },
             recipients: vec![
                 Recipient {

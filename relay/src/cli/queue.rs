@@ -310,6 +310,21 @@ pub fn format_detail(d: &MessageDetail) -> String {
             if let Some(c) = &a.category {
                 let _ = write!(line, " category={c}");
             }
+            if let Some(sec) = &a.security {
+                let _ = write!(line, " policy={}", sec.policy);
+                if let Some(mode) = &sec.mode {
+                    let _ = write!(line, "/{mode}");
+                }
+                if let Some(id) = &sec.policy_id {
+                    let _ = write!(line, " policy_id={id}");
+                }
+                if let Some(v) = sec.verified {
+                    let _ = write!(line, " verified={}", if v { "yes" } else { "no" });
+                }
+                if let Some(f) = &sec.failure {
+                    let _ = write!(line, " tls_failure={f:?}");
+                }
+            }
             let _ = writeln!(out, "{line}: {}", a.reply);
         }
     }

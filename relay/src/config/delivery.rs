@@ -55,14 +55,55 @@ pub struct DeliveryConfig {
     /// Per-domain routes (a transport map): mail for these domains goes to the given
     /// host instead of their MX, and ahead of any smarthost.
     pub routes: Vec<RouteConfig>,
-    /// STARTTLS policy towards MX hosts.
+    /// STARTTLS policy towards MX hosts: `auto` (the default) follows what each
+    /// domain publishes (MTA-STS) and is opportunistic where it publishes nothing.
     pub tls: TlsPolicy,
-    /// PEM trust anchors for `required` TLS; default: the system store.
+    /// Per recipient domain overrides of `tls` for MX delivery (first match wins).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tls_policies: Vec<TlsPolicyEntry>,
+    /// PEM trust anchors for verified TLS (`required`, MTA-STS); default: the
+    /// system store.
     pub ca_file: Option<PathBuf>,
+    /// MTA-STS policy fetches (RFC 8461).
+    pub mta_sts: MtaStsConfig,
     /// When to retry deferred mail and when to give up.
     pub retry: RetryPolicy,
     /// How delivery outcomes are written to the queue while connections are open.
     pub outcome_batch: OutcomeBatchConfig,
+}
+
+/// `delivery.tls_policies[]`: the TLS policy of MX delivery to some domains.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPolicyEntry {
+    /// `example.com` (that domain) or `.example.com` (every subdomain of it).
+    pub domains: Vec<String>,
+    pub tls: TlsPolicy,
+}
+
+/// `delivery.mta_sts`: how MTA-STS policies are fetched.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MtaStsConfig {
+    /// PEM trust anchors for the policy hosts' HTTPS certificates; default:
+    /// `delivery.ca_file`, else the system store.
+    pub ca_file: Option<PathBuf>,
+    /// The whole fetch (DNS, connect, TLS, response) must finish within this.
+    #[serde(with = "duration_str")]
+    pub fetch_timeout: Duration,
+    /// Fetch from this port instead of 443. For tests; never set it in production.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_override: Option<u16>,
+}
+
+impl Default for MtaStsConfig {
+    fn default() -> Self {
+        MtaStsConfig {
+            ca_file: None,
+            fetch_timeout: Duration::from_secs(20),
+            port_override: None,
+        }
+    }
 }
 
 /// Outcomes (delivered, deferred, bounced) are written per message as their
@@ -102,8 +143,10 @@ impl Default for DeliveryConfig {
             dns: Default::default(),
             smarthost: None,
             routes: Vec::new(),
-            tls: TlsPolicy::Opportunistic,
+            tls: TlsPolicy::Auto,
+            tls_policies: Vec::new(),
             ca_file: None,
+            mta_sts: Default::default(),
             retry: Default::default(),
             outcome_batch: Default::default(),
         }
@@ -164,6 +207,29 @@ impl DeliveryConfig {
         d.retry
             .validate()
             .map_err(|m| invalid("delivery.retry", m))?;
+        if d.mta_sts.fetch_timeout.is_zero() {
+            return Err(invalid(
+                "delivery.mta_sts.fetch_timeout",
+                "must be greater than zero",
+            ));
+        }
+        for (i, e) in d.tls_policies.iter().enumerate() {
+            if e.domains.is_empty() {
+                return Err(invalid(
+                    format!("delivery.tls_policies[{i}].domains"),
+                    "at least one domain is required",
+                ));
+            }
+            for dom in &e.domains {
+                let name = dom.trim_end_matches('.');
+                if !is_valid_hostname(name.strip_prefix('.').unwrap_or(name)) {
+                    return Err(invalid(
+                        format!("delivery.tls_policies[{i}].domains"),
+                        format!("{dom:?} is not a domain name or `.domain` pattern"),
+                    ));
+                }
+            }
+        }
         if let Some(s) = &d.smarthost {
             s.validate(|f| format!("delivery.smarthost.{f}"), s.password.is_some())?;
         }

@@ -33,8 +33,8 @@ pub mod suppression;
 pub use admin::AdminConfig;
 pub use auth::{AuthConfig, AuthThrottleConfig};
 pub use delivery::{
-    DEFAULT_LEASE, DeliveryConfig, OutcomeBatchConfig, RemoteHost, ResolverConfig, RetryPolicy,
-    RouteConfig, TlsPolicy, route_of,
+    DEFAULT_LEASE, DeliveryConfig, MtaStsConfig, OutcomeBatchConfig, RemoteHost, ResolverConfig,
+    RetryPolicy, RouteConfig, TlsPolicy, TlsPolicyEntry, route_of,
 };
 pub use duration::{duration_str, format_duration, parse_duration};
 pub use limits::Limits;

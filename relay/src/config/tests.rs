@@ -280,7 +280,40 @@ fn delivery_section_defaults_and_errors() {
             .to_string();
         assert!(e.contains(field), "{yaml}: {e}");
     }
-    assert_eq!(c.delivery.tls, TlsPolicy::Opportunistic);
+    // MX delivery follows what each domain publishes (MTA-STS) unless told otherwise.
+    assert_eq!(c.delivery.tls, TlsPolicy::Auto);
+    let d = RelayConfig::from_yaml(
+        "delivery: {tls_policies: [{domains: [bank.example, .bank.example], tls: required}], \
+         mta_sts: {fetch_timeout: 5s, ca_file: /tmp/ca.pem}}",
+    )
+    .unwrap()
+    .delivery;
+    assert_eq!(d.tls_policies[0].tls, TlsPolicy::Required);
+    assert_eq!(d.mta_sts.fetch_timeout, Duration::from_secs(5));
+    for (yaml, field) in [
+        (
+            "{tls_policies: [{domains: [], tls: required}]}",
+            "delivery.tls_policies[0].domains",
+        ),
+        (
+            "{tls_policies: [{domains: ['a b'], tls: required}]}",
+            "delivery.tls_policies[0].domains",
+        ),
+        (
+            "{tls_policies: [{domains: [a.test], tls: maybe}]}",
+            "tls_policies",
+        ),
+        (
+            "{mta_sts: {fetch_timeout: 0s}}",
+            "delivery.mta_sts.fetch_timeout",
+        ),
+        ("{mta_sts: {max_size: 1}}", "max_size"),
+    ] {
+        let e = RelayConfig::from_yaml(&format!("delivery: {yaml}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{yaml}: {e}");
+    }
     let c = RelayConfig::from_yaml(
         "delivery: {smarthost: {host: smtp.example.com, username: u, tls: required}, retry: {first: 1s}}",
     )

@@ -232,6 +232,7 @@ pub fn build_dsn(
                 smtputf8: utf8,
                 ret: None,
                 envid: None,
+                requiretls: false,
             },
             recipients: vec![Recipient {
                 address: env.mail.from.clone(),

@@ -7,6 +7,7 @@
 //! delivery against the queue (its modules: routes, lease, dispatch, finalize),
 //! writing outcomes as messages finish through [`outcomes`]. [`gate`] holds the
 //! traits the scheduler asks before sending (ingress `defer` quotas, egress pacing).
+//! [`tls_policy`] decides each destination's transport security (MTA-STS).
 
 pub mod dsn;
 pub mod gate;
@@ -15,3 +16,4 @@ pub mod outcomes;
 pub mod retry;
 pub mod scheduler;
 pub mod smtp_client;
+pub mod tls_policy;

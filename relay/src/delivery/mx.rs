@@ -286,6 +286,12 @@ impl MxResolver {
         })
     }
 
+    /// The resolver behind the MX lookups, for the other lookups of delivery
+    /// (MTA-STS TXT records and policy hosts) on the same servers.
+    pub fn dns(&self) -> &TokioResolver {
+        &self.resolver
+    }
+
     /// This relay's own names (its EHLO hostname and aliases). An MX list naming one
     /// of them is cut below it (see [`route_mx`]); an implicit MX naming one loops.
     pub fn with_local_names<I, S>(mut self, names: I) -> Self

@@ -112,6 +112,9 @@ pub enum ClientTlsError {
 pub struct ClientTls {
     opportunistic: TlsConnector,
     verified: TlsConnector,
+    /// Checks, after an opportunistic handshake, what the verified connector would
+    /// have said: the attempt record and MTA-STS `testing` report it.
+    checker: Arc<rustls::client::WebPkiServerVerifier>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -135,6 +138,13 @@ impl ClientTls {
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
                 .map_err(ClientTlsError::Config)
         };
+        let roots = Arc::new(roots);
+        let checker = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::clone(&roots),
+            Arc::clone(&provider),
+        )
+        .build()
+        .map_err(|e| ClientTlsError::Config(rustls::Error::General(e.to_string())))?;
         let verified = builder()?
             .with_root_certificates(roots)
             .with_no_client_auth();
@@ -145,18 +155,35 @@ impl ClientTls {
         Ok(ClientTls {
             opportunistic: TlsConnector::from(Arc::new(opportunistic)),
             verified: TlsConnector::from(Arc::new(verified)),
+            checker,
         })
     }
 
     pub fn connector(&self, policy: TlsPolicy) -> &TlsConnector {
         match policy {
             TlsPolicy::Required => &self.verified,
-            TlsPolicy::Opportunistic | TlsPolicy::Disabled => &self.opportunistic,
+            TlsPolicy::Opportunistic | TlsPolicy::Disabled | TlsPolicy::Auto => &self.opportunistic,
         }
+    }
+
+    /// Whether the chain a server presented verifies against this client's roots
+    /// and names `server_name`.
+    fn check(
+        &self,
+        conn: &rustls::ClientConnection,
+        server_name: &ServerName<'_>,
+    ) -> Result<(), String> {
+        let Some((leaf, rest)) = conn.peer_certificates().and_then(|c| c.split_first()) else {
+            return Err("no certificate".into());
+        };
+        self.checker
+            .verify_server_cert(leaf, rest, server_name, &[], UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
-fn load_roots(path: &Path) -> Result<RootCertStore, ClientTlsError> {
+pub fn load_roots(path: &Path) -> Result<RootCertStore, ClientTlsError> {
     let pem_err = |e: pem::Error| match e {
         pem::Error::Io(source) => ClientTlsError::Read {
             path: path.to_owned(),
@@ -297,6 +324,9 @@ pub trait MessageGate: Send {
     /// stage it answers.
     fn on_reply(&mut self, _reply: &mailrelay_smtp::Reply, _stage: mailrelay_smtp::client::Stage) {}
 
+    /// TLS is up: whether the certificate verified (chain and host name).
+    fn on_tls_verified(&mut self, _verified: &Result<(), String>) {}
+
     /// Message `index`'s transaction ended (see [`ClientSession::take_completed`]):
     /// called before the connection goes on to the next message, so the outcome can
     /// be recorded while the connection is still open. `tls` is the session's.
@@ -390,9 +420,12 @@ pub async fn deliver_gated<G: MessageGate>(
                     );
                     buf.clear();
                 }
-                let connector = tls.connector(cfg.tls);
-                match upgrade(&mut conn, connector, server_name, timeouts.tls_handshake).await {
-                    Ok(info) => session.on_tls_established(info),
+                match upgrade(&mut conn, tls, cfg.tls, server_name, timeouts.tls_handshake).await {
+                    Ok((info, verified)) => {
+                        gate.on_tls_verified(&verified);
+                        session.on_tls_verified(verified);
+                        session.on_tls_established(info)
+                    }
                     Err(e) => session.on_tls_failed(&e),
                 }
             }
@@ -465,23 +498,31 @@ async fn read_reply(
 
 async fn upgrade(
     conn: &mut Conn,
-    connector: &TlsConnector,
+    tls: &ClientTls,
+    policy: TlsPolicy,
     server_name: &str,
     limit: Duration,
-) -> Result<TlsInfo, String> {
+) -> Result<(TlsInfo, Result<(), String>), String> {
+    let connector = tls.connector(policy);
     let Conn::Plain(tcp) = std::mem::replace(conn, Conn::Gone) else {
         return Err("TLS requested on a connection that is not plain TCP".into());
     };
     let name = ServerName::try_from(server_name.trim_end_matches('.').to_owned())
         .map_err(|e| format!("invalid server name {server_name:?}: {e}"))?;
-    let stream = match timeout(limit, connector.connect(name, tcp)).await {
+    let stream = match timeout(limit, connector.connect(name.clone(), tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => return Err(format!("timeout after {limit:?}")),
     };
     let info = tls_info(stream.get_ref().1);
+    // The verified connector already refused anything else.
+    let verified = if policy == TlsPolicy::Required {
+        Ok(())
+    } else {
+        tls.check(stream.get_ref().1, &name)
+    };
     *conn = Conn::Tls(Box::new(stream));
-    Ok(info)
+    Ok((info, verified))
 }
 
 /// Version and cipher suite, named as the server side names them in `Received:`.

@@ -203,11 +203,34 @@ pub struct Attempt {
     /// The TLS session, if the connection was encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsInfo>,
+    /// The outbound TLS policy the attempt followed and what it found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security: Option<TransportSecurity>,
     /// The remote reply, or our description of why there was none.
     pub reply: String,
     /// The bounce category of a failed attempt (`invalid_recipient`, `transient`, …).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+}
+
+/// Which transport security policy an attempt followed (`delivery::tls_policy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransportSecurity {
+    /// `mta-sts`, or the configured `opportunistic`, `required`, `disabled`.
+    pub policy: String,
+    /// The MTA-STS mode: `enforce` or `testing`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The MTA-STS policy id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_id: Option<String>,
+    /// Whether the server's certificate chained to a trusted root and matched the
+    /// host name; absent without a TLS session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<bool>,
+    /// What the policy found wrong (a `testing` policy delivers anyway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
 }
 
 /// Status and attempt history of one recipient.
@@ -617,6 +640,7 @@ mod tests {
                 mx: None,
                 ip: None,
                 tls: None,
+                security: None,
                 reply: format!("451 {i}"),
                 category: None,
             });
@@ -660,6 +684,7 @@ mod tests {
             mx: Some("mx.x.test".into()),
             ip: Some("192.0.2.1".into()),
             tls: None,
+            security: None,
             reply: "550 5.1.1 no".into(),
             category: None,
         });

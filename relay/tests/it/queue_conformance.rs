@@ -33,6 +33,7 @@ fn envelope(id: QueueId, received_at_ms: u64) -> Envelope {
             smtputf8: true,
             ret: Some(DsnRet::Hdrs),
             envid: Some("env-id-ü".into()),
+            requiretls: true,
         },
         recipients: vec![
             Recipient {
@@ -315,6 +316,13 @@ fn attempt(at_ms: u64, result: AttemptResult, reply: &str) -> Attempt {
         tls: Some(TlsInfo {
             version: "TLSv1.3".into(),
             cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        }),
+        security: Some(mailrelay::queue::TransportSecurity {
+            policy: "mta-sts".into(),
+            mode: Some("testing".into()),
+            policy_id: Some("20260101".into()),
+            verified: Some(false),
+            failure: Some("MTA-STS: certificate not valid".into()),
         }),
         reply: reply.into(),
         // Stored and read back like the rest of the attempt.

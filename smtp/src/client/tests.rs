@@ -110,6 +110,16 @@ impl Run {
 /// string, parsed with [`parse_reply`] as a driver would). Running out of script is a
 /// lost connection; the TLS handshake always succeeds.
 fn drive(cfg: ClientConfig, messages: &[&QueuedMessage], script: &[&str]) -> Run {
+    drive_with(cfg, messages, script, Ok(()))
+}
+
+/// [`drive`], the TLS session's certificate check saying `verified`.
+fn drive_with(
+    cfg: ClientConfig,
+    messages: &[&QueuedMessage],
+    script: &[&str],
+    verified: Result<(), String>,
+) -> Run {
     let mut wire: Vec<u8> = script.concat().into_bytes();
     let mut s = ClientSession::new(cfg, messages);
     let mut sent = Vec::new();
@@ -123,7 +133,10 @@ fn drive(cfg: ClientConfig, messages: &[&QueuedMessage], script: &[&str]) -> Run
                 }
                 None => s.on_connection_error("script exhausted"),
             },
-            Action::StartTls => s.on_tls_established(tls_info()),
+            Action::StartTls => {
+                s.on_tls_verified(verified.clone());
+                s.on_tls_established(tls_info())
+            }
             Action::Pace(_) => s.on_paced(),
             Action::Done(outcomes) => {
                 assert!(
@@ -285,6 +298,7 @@ fn capabilities_from_ehlo() {
         "DSN",
         "ENHANCEDSTATUSCODES",
         "CHUNKING",
+        "REQUIRETLS",
         "AUTH PLAIN login",
         "AUTH=LOGIN CRAM-MD5",
         "X-UNKNOWN 1",
@@ -304,6 +318,7 @@ fn capabilities_from_ehlo() {
             dsn: true,
             enhanced_status_codes: true,
             chunking: true,
+            requiretls: true,
             auth: vec!["PLAIN".into(), "LOGIN".into(), "CRAM-MD5".into()],
         }
     );
@@ -1627,4 +1642,74 @@ fn each_outcome_is_available_when_its_transaction_ends() {
             .all(|r| r.result == Outcome::Deferred)
     );
     assert!(sent_after_first.iter().any(|c| c.starts_with("MAIL FROM")));
+}
+
+#[test]
+fn requiretls_goes_only_over_verified_tls_to_a_server_offering_it() {
+    let mut m = simple(&["b@d.test"]);
+    m.envelope.mail.requiretls = true;
+    // Verified TLS and REQUIRETLS offered: the parameter is sent.
+    let run = drive(
+        cfg(),
+        &[&m],
+        &[
+            GREET,
+            &ehlo(&["STARTTLS"]),
+            "220 2.0.0 Ready\r\n",
+            &ehlo(&["REQUIRETLS"]),
+            OK,
+            OK,
+            GO,
+            OK,
+            BYE,
+        ],
+    );
+    assert_eq!(run.sent[3], "MAIL FROM:<a@src.test> REQUIRETLS\r\n");
+    assert_eq!(run.outcome(0, 0).result, Outcome::Delivered);
+
+    let bounced = |run: &Run, why: &str| {
+        let o = run.outcome(0, 0);
+        assert_eq!((o.result, o.stage), (Outcome::Bounced, Stage::Mail));
+        let text = o.reply.to_string();
+        assert!(text.contains("5.7.30") && text.contains(why), "{text}");
+        assert!(
+            !run.commands().iter().any(|c| c.starts_with("MAIL")),
+            "nothing sent: {:?}",
+            run.commands()
+        );
+    };
+    // No STARTTLS offered: bounced (RFC 8689 §4.2.1), never sent in plain text.
+    let run = drive(cfg(), &[&m], &[GREET, &ehlo(&["REQUIRETLS"]), BYE]);
+    bounced(&run, "offers no TLS session");
+    // TLS, but the server does not offer REQUIRETLS.
+    let run = drive(
+        cfg(),
+        &[&m],
+        &[
+            GREET,
+            &ehlo(&["STARTTLS"]),
+            "220 2.0.0 Ready\r\n",
+            &ehlo(&[]),
+            BYE,
+        ],
+    );
+    bounced(&run, "does not offer REQUIRETLS");
+    // TLS whose certificate did not verify.
+    let run = drive_with(
+        cfg(),
+        &[&m],
+        &[
+            GREET,
+            &ehlo(&["STARTTLS"]),
+            "220 2.0.0 Ready\r\n",
+            &ehlo(&["REQUIRETLS"]),
+            BYE,
+        ],
+        Err("certificate not valid for name".into()),
+    );
+    bounced(&run, "not verified");
+    // A message without the flag on the same kind of server is unaffected.
+    let plain = simple(&["b@d.test"]);
+    let run = drive(cfg(), &[&plain], &[GREET, &ehlo(&[]), OK, OK, GO, OK, BYE]);
+    assert_eq!(run.outcome(0, 0).result, Outcome::Delivered);
 }

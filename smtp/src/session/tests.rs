@@ -671,3 +671,30 @@ fn the_embedded_store_is_named_in_its_451() {
         "451 4.3.0 Error: queue store (embedded) unavailable, try again later"
     );
 }
+
+#[test]
+fn requiretls_is_offered_and_accepted_only_over_tls() {
+    // RFC 8689 §4.1: not offered, and refused with 5.7.10, in plain text.
+    let mut s = Session::new(cfg(), peer(true));
+    let ehlo = reply(s.on_line(b"EHLO c\r\n")).lines.join(" ");
+    assert!(!ehlo.contains("REQUIRETLS"), "{ehlo}");
+    let refused = reply(s.on_line(b"MAIL FROM:<a@client.test> REQUIRETLS\r\n"));
+    assert_eq!(refused.code, 530);
+    assert!(refused.to_string().contains("5.7.10"), "{refused}");
+
+    let mut p = peer(true);
+    p.tls = Some(TlsInfo {
+        version: "TLSv1.3".into(),
+        cipher: "X".into(),
+    });
+    let mut s = Session::new(cfg(), p);
+    let ehlo = reply(s.on_line(b"EHLO c\r\n")).lines.join(" ");
+    assert!(ehlo.contains("REQUIRETLS"), "{ehlo}");
+    assert_eq!(code(&mut s, "MAIL FROM:<a@client.test> REQUIRETLS=1"), 555);
+    assert_eq!(code(&mut s, "MAIL FROM:<a@client.test> REQUIRETLS"), 250);
+    assert_eq!(code(&mut s, "RCPT TO:<b@d.test>"), 250);
+    let Step::Enqueue(msg) = send_data(&mut s, b"x\r\n.\r\n") else {
+        panic!()
+    };
+    assert!(msg.envelope.mail.requiretls);
+}

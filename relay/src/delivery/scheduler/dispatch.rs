@@ -28,6 +28,7 @@ use crate::delivery::smtp_client::{
     ClientConfig, ClientTls, ConnectionResult, MessageGate, MessageOutcome, Outcome, Stage,
     connect_failed, deliver_gated,
 };
+use crate::delivery::tls_policy::{Decision, TransportSecurity, tls_required_no};
 use crate::metrics::Metrics;
 use crate::queue::{Lease, Leased, QueueId, QueuedMessage, RcptState, TlsInfo, now_ms};
 use crate::shaping::Tenant;
@@ -39,6 +40,10 @@ struct Early {
     recorded: Vec<bool>,
     /// Finishes submitted, to await before the connection's task ends.
     pending: Vec<(QueueId, Pending)>,
+    /// The destination's transport security, and what the connection's
+    /// certificate check said, for the attempt records.
+    security: Option<Decision>,
+    verified: Option<Result<(), String>>,
 }
 
 impl Early {
@@ -46,7 +51,17 @@ impl Early {
         Early {
             recorded: vec![false; parts],
             pending: Vec::new(),
+            security: None,
+            verified: None,
         }
+    }
+
+    /// The record of an attempt on `target` (the host that answered, if any).
+    fn security(&self, target: Option<&Target>, tls: bool) -> Option<TransportSecurity> {
+        let verified = if tls { self.verified.as_ref() } else { None };
+        self.security
+            .as_ref()
+            .map(|d| d.outcome(target.map(|(n, _)| n.as_str()), verified))
     }
 }
 
@@ -71,6 +86,10 @@ impl MessageGate for Recorder<'_> {
         self.egress.on_reply(reply, stage);
     }
 
+    fn on_tls_verified(&mut self, verified: &Result<(), String>) {
+        self.early.verified = Some(verified.clone());
+    }
+
     async fn on_message_done(
         &mut self,
         index: usize,
@@ -88,11 +107,13 @@ impl MessageGate for Recorder<'_> {
         }
         *recorded = true;
         part.work.attempted.store(true, Ordering::SeqCst);
+        let security = self.early.security(self.target.as_ref(), tls.is_some());
         self.inner.record(
             part,
             &outcome,
             self.target.as_ref(),
             tls.as_ref(),
+            security.as_ref(),
             None,
             now_ms(),
         );
@@ -266,11 +287,13 @@ impl Inner {
                 continue;
             }
             part.work.attempted.store(true, Ordering::SeqCst);
+            let security = early.security(target.as_ref(), result.tls.is_some());
             self.record(
                 part,
                 outcome,
                 target.as_ref(),
                 result.tls.as_ref(),
+                security.as_ref(),
                 reason,
                 at_ms,
             );
@@ -308,8 +331,15 @@ impl Inner {
         Option<&'static str>,
         Postponement,
     ) {
-        let (targets, mut client) = match self.targets(dest).await {
-            Ok(t) => t,
+        // A REQUIRETLS message on the connection keeps every policy in force.
+        let relax = msgs
+            .iter()
+            .all(|m| !m.envelope.mail.requiretls && tls_required_no(&m.body));
+        let (targets, mut client) = match self.targets(dest, relax).await {
+            Ok((targets, client, decision)) => {
+                early.security = Some(decision);
+                (targets, client)
+            }
             Err((reply, reason)) => {
                 return (
                     synthetic(msgs, &reply),
@@ -410,6 +440,7 @@ impl Inner {
                 }
             };
             gate.target = Some((name.clone(), addr));
+            gate.early.verified = None;
             let mut result = self.converse(stream, tls, &name, msgs, client, gate).await;
             if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
                 // Like Postfix at security level `may`: a server whose TLS cannot

@@ -23,6 +23,7 @@ use crate::delivery::dsn::{self, DsnAction, DsnRecipient};
 use crate::delivery::smtp_client::{MessageOutcome, Outcome, Stage};
 use crate::events::classify::{Category, LocalFailure, classify_local, classify_reply};
 use crate::events::suppression::Suppression;
+use crate::queue::TransportSecurity;
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, MessageStatus, QueueError, QueueId, RcptState, TlsInfo,
     now_ms,
@@ -30,12 +31,17 @@ use crate::queue::{
 
 impl Inner {
     /// Writes the outcome of one message's part into its status and logs it.
+    // Each argument is one part of the attempt record, gathered by the caller from
+    // the connection or its gate; a struct for them would only be built to be
+    // taken apart here.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn record(
         &self,
         part: &Part,
         outcome: &MessageOutcome,
         target: Option<&Target>,
         tls: Option<&TlsInfo>,
+        security: Option<&TransportSecurity>,
         reason: Option<&'static str>,
         at_ms: u64,
     ) {
@@ -88,6 +94,7 @@ impl Inner {
                 mx: target.map(|(n, _)| n.clone()),
                 ip: target.map(|(_, a)| a.ip().to_string()),
                 tls: tls.cloned(),
+                security: security.cloned(),
                 reply,
                 category: category.map(|c| c.as_str().to_owned()),
             });
@@ -403,6 +410,7 @@ mod tests {
                 mx: Some("mx.b.test".into()),
                 ip: None,
                 tls: None,
+                security: None,
                 reply: reply.into(),
                 category: None,
             }],

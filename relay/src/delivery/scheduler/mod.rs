@@ -44,6 +44,8 @@ pub enum DeliveryError {
     Resolver(#[from] ResolverError),
     #[error("delivery TLS: {0}")]
     Tls(#[from] ClientTlsError),
+    #[error("MTA-STS HTTPS client: {0}")]
+    StsClient(rustls::Error),
 }
 
 /// Rung when mail is queued, so that idle delivery looks for it now rather than at
@@ -72,6 +74,8 @@ struct Inner {
     owner: String,
     resolver: MxResolver,
     mx_tls: ClientTls,
+    /// MTA-STS policies of recipient domains.
+    sts: crate::delivery::tls_policy::StsCache,
     /// Routes in config order, then the smarthost.
     relays: Vec<RelayHost>,
     routes: RouteTable,
@@ -159,6 +163,7 @@ impl Delivery {
             by_ca.insert(ca.clone(), t.clone());
             Ok(t)
         };
+        let sts = sts_cache(&cfg, &resolver)?;
         let routes = RouteTable::new(&cfg.routes);
         let mut relays = Vec::new();
         for r in &cfg.routes {
@@ -187,6 +192,7 @@ impl Delivery {
             owner,
             resolver,
             mx_tls,
+            sts,
             relays,
             routes,
             smarthost,
@@ -223,6 +229,16 @@ impl Delivery {
         let _ = self.inner.suppression.set(s);
     }
 
+    /// Shares MTA-STS policies with the other relays through `store` (once).
+    pub fn share_policies_with(&self, store: Arc<dyn crate::delivery::tls_policy::SharedPolicies>) {
+        self.inner.sts.share_with(store);
+    }
+
+    /// How often the MTA-STS cache went to DNS, HTTPS and the shared store.
+    pub fn sts_stats(&self) -> &crate::delivery::tls_policy::cache::CacheStats {
+        &self.inner.sts.stats
+    }
+
     /// The doorbell to ring when mail is queued in this process.
     pub fn doorbell(&self) -> Doorbell {
         Doorbell(Arc::clone(&self.inner.wake))
@@ -253,6 +269,33 @@ impl Delivery {
         }
         info!("delivery stopped");
     }
+}
+
+/// The MTA-STS cache, its HTTPS client trusting `mta_sts.ca_file`, else
+/// `delivery.ca_file`, else the system store. Blocking file IO: call at start-up.
+fn sts_cache(
+    cfg: &DeliveryConfig,
+    resolver: &MxResolver,
+) -> Result<crate::delivery::tls_policy::StsCache, DeliveryError> {
+    use crate::delivery::tls_policy::{StsCache, fetch::Fetcher};
+    let configured = cfg.mta_sts.ca_file.as_deref().or(cfg.ca_file.as_deref());
+    let path = configured.unwrap_or(std::path::Path::new(super::smtp_client::SYSTEM_CA_FILE));
+    let roots = match super::smtp_client::load_roots(path) {
+        Ok(r) => r,
+        Err(e) if configured.is_none() => {
+            warn!(error = %e, "no system CA store; MTA-STS policy fetches will fail");
+            rustls::RootCertStore::empty()
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let fetcher = Fetcher::new(
+        roots,
+        resolver.dns().clone(),
+        cfg.mta_sts.port_override.unwrap_or(443),
+        cfg.mta_sts.fetch_timeout,
+    )
+    .map_err(DeliveryError::StsClient)?;
+    Ok(StsCache::new(resolver.dns().clone(), fetcher))
 }
 
 fn load_tls(ca_file: Option<&std::path::Path>) -> Result<ClientTls, ClientTlsError> {

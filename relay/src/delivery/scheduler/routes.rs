@@ -10,6 +10,7 @@ use super::Inner;
 use crate::config::{RemoteHost, TlsPolicy};
 use crate::delivery::mx::Resolution;
 use crate::delivery::smtp_client::{ClientConfig, ClientTls, Credentials};
+use crate::delivery::tls_policy::{Decision, override_for};
 
 /// Destination key of relay host `i` (a domain cannot contain `[`), followed by
 /// the recipient domain when its mail travels on connections of its own (an
@@ -114,16 +115,21 @@ impl Inner {
         domain
     }
 
-    /// The hosts to try for `dest`, or the final or temporary reply that ends it
-    /// (with its metrics reason).
+    /// The hosts to try for `dest` and its transport security, or the final or
+    /// temporary reply that ends it (with its metrics reason).
+    /// `relax`: every message carries `TLS-Required: No` (RFC 8689 §5).
     pub(super) async fn targets(
         &self,
         dest: &str,
-    ) -> Result<(Vec<Target>, ClientConfig), (mailrelay_smtp::Reply, &'static str)> {
+        relax: bool,
+    ) -> Result<(Vec<Target>, ClientConfig, Decision), (mailrelay_smtp::Reply, &'static str)> {
         use mailrelay_smtp::Reply;
         let mut client = ClientConfig::new(self.hostname.clone());
         if let Some(r) = relay_index(dest).and_then(|i| self.relays.get(i)) {
-            client.tls = r.tls_policy;
+            // A relay host is not an MX: no published policy names it, so `auto`
+            // is opportunistic there.
+            let decision = Decision::fixed(r.tls_policy);
+            client.tls = decision.client;
             client.auth = r.auth.clone();
             // The system resolver, not the MX resolver: a relay host is often a
             // short cluster-internal name that needs resolv.conf's search list.
@@ -134,17 +140,31 @@ impl Inner {
                         Reply::status(451, (4, 4, 3), format!("relay host {}: {e}", r.host));
                     (reply, "dns_tempfail")
                 })?;
-            return Ok((addrs.map(|a| (r.host.clone(), a)).collect(), client));
-        }
-        client.tls = self.cfg.tls;
-        match self.resolver.resolve(dest).await {
-            Resolution::Hosts(hosts) => Ok((
-                hosts
-                    .into_iter()
-                    .flat_map(|h| h.addrs.into_iter().map(move |a| (h.name.clone(), a)))
-                    .collect(),
+            return Ok((
+                addrs.map(|a| (r.host.clone(), a)).collect(),
                 client,
-            )),
+                decision,
+            ));
+        }
+        match self.resolver.resolve(dest).await {
+            Resolution::Hosts(hosts) => {
+                let mut decision = self.tls_decision(dest).await;
+                if relax {
+                    decision = decision.relaxed();
+                }
+                client.tls = decision.client;
+                let hosts = decision
+                    .filter_mx(hosts, |h| &h.name)
+                    .map_err(|why| (Reply::status(451, (4, 7, 5), why), "mta_sts"))?;
+                Ok((
+                    hosts
+                        .into_iter()
+                        .flat_map(|h| h.addrs.into_iter().map(move |a| (h.name.clone(), a)))
+                        .collect(),
+                    client,
+                    decision,
+                ))
+            }
             Resolution::NullMx => Err((
                 Reply::status(
                     556,
@@ -171,6 +191,19 @@ impl Inner {
             )),
             Resolution::TempFail(why) => Err((Reply::status(451, (4, 4, 3), why), "dns_tempfail")),
         }
+    }
+}
+
+impl Inner {
+    /// MX delivery to `dest`: a `delivery.tls_policies` entry, else `delivery.tls`;
+    /// `auto` asks the domain's published policy.
+    async fn tls_decision(&self, dest: &str) -> Decision {
+        let configured = override_for(&self.cfg.tls_policies, dest).unwrap_or(self.cfg.tls);
+        // An address literal has no domain to publish a policy.
+        if configured != TlsPolicy::Auto || dest.starts_with('[') {
+            return Decision::fixed(configured);
+        }
+        Decision::from_sts(self.sts.lookup(dest).await)
     }
 }
 

@@ -10,7 +10,9 @@
 //! default true), `cert` / `key` (offer STARTTLS), `tls_broken` (offer STARTTLS,
 //! but fail every handshake), `require_starttls`, `auth`
 //! (`{"user": .., "password": ..}`: offer AUTH and require it before MAIL),
-//! `auth_require_tls` (default true; false offers AUTH in plain text too, as a trap).
+//! `auth_require_tls` (default true; false offers AUTH in plain text too, as a trap),
+//! `requiretls` (offer RFC 8689 REQUIRETLS inside TLS and accept the MAIL parameter,
+//! recorded as `requiretls`).
 //!
 //! Records: every accepted message (`records()`), counts of connections and RSETs
 //! (`stats()`), and every AUTH attempt (`auth_attempts()`).
@@ -65,7 +67,21 @@ class Server(SMTP):
             return
         await super().smtp_EHLO(arg)
 
+    async def smtp_MAIL(self, arg):
+        # aiosmtpd knows no REQUIRETLS: take it off before its parameter check.
+        self.requiretls = False
+        if cfg.get("requiretls") and arg and re.search(r"\sREQUIRETLS\b", arg, re.I):
+            self.requiretls = True
+            arg = re.sub(r"\s+REQUIRETLS\b", "", arg, flags=re.I)
+        await super().smtp_MAIL(arg)
+
 class Handler:
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if cfg.get("requiretls") and session.ssl is not None:
+            responses.insert(len(responses) - 1, "250-REQUIRETLS")
+        return responses
+
     async def handle_RSET(self, server, session, envelope):
         stats["rsets"] += 1
         write_stats()
@@ -96,6 +112,7 @@ class Handler:
             "auth": bool(session.authenticated),
             "esmtp": bool(session.extended_smtp),
             "helo": session.host_name,
+            "requiretls": getattr(server, "requiretls", False),
         })
         return "250 2.0.0 OK queued"
 
