@@ -1588,9 +1588,21 @@ fn response_rules_and_presets_reach_the_relay_config() {
     assert_eq!(r.duration, Some(std::time::Duration::from_secs(600)));
     assert_eq!(cfg.providers.presets, ["testprovider"]);
     for (from, to, field) in [
-        ("'\\[TSS04\\]'", "'(unclosed'", "spec.responseRules[0].match.text"),
-        ("duration: 10m", "duration: 8d", "spec.responseRules[0].duration"),
-        ("presets: [testprovider]", "presets: [nosuch]", "spec.providers.presets[0]"),
+        (
+            "'\\[TSS04\\]'",
+            "'(unclosed'",
+            "spec.responseRules[0].match.text",
+        ),
+        (
+            "duration: 10m",
+            "duration: 8d",
+            "spec.responseRules[0].duration",
+        ),
+        (
+            "presets: [testprovider]",
+            "presets: [nosuch]",
+            "spec.providers.presets[0]",
+        ),
         (
             "destination: {mxHosts: ['*.yahoodns.net']}",
             "destination: {}",
