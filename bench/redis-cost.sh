@@ -152,12 +152,7 @@ start_relay_bin() {
     "$bin" serve --config "$cfg" >>"$WORK/relay.log" 2>&1 &
   fi
   RELAY_PID=$!
-  for _ in $(seq 1 600); do
-    curl -fs "$ADMIN_URL/readyz" >/dev/null 2>&1 && port_busy "$SMTP_PORT" && return 0
-    kill -0 "$RELAY_PID" 2>/dev/null || die "mailrelay exited: $(tail -5 "$WORK/relay.log")"
-    sleep 0.1
-  done
-  die "mailrelay not ready: $(tail -5 "$WORK/relay.log")"
+  relay_wait_ready "$RELAY_PID" 600
 }
 # snapshot: one JSON object of Redis INFO (cpu, commandstats, memory) and the relay's CPU
 snapshot() {
