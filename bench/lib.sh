@@ -79,8 +79,8 @@ EOF
   [ -z "$extra" ] || printf '%s\n' "$extra" >> "$cfg"
   echo "$cfg"
 }
-relay_wait_ready() {  # relay_wait_ready PID
-  for _ in $(seq 1 100); do
+relay_wait_ready() {  # relay_wait_ready PID [TENTHS_OF_A_SECOND, default 100]
+  for _ in $(seq 1 "${2:-100}"); do
     curl -fs "$ADMIN_URL/readyz" >/dev/null 2>&1 && port_busy "$SMTP_PORT" && return 0
     kill -0 "$1" 2>/dev/null || die "mailrelay exited: $(tail -5 "$WORK/relay.log")"
     sleep 0.1

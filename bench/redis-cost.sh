@@ -152,12 +152,7 @@ start_relay_bin() {
     "$bin" serve --config "$cfg" >>"$WORK/relay.log" 2>&1 &
   fi
   RELAY_PID=$!
-  for _ in $(seq 1 600); do
-    curl -fs "$ADMIN_URL/readyz" >/dev/null 2>&1 && port_busy "$SMTP_PORT" && return 0
-    kill -0 "$RELAY_PID" 2>/dev/null || die "mailrelay exited: $(tail -5 "$WORK/relay.log")"
-    sleep 0.1
-  done
-  die "mailrelay not ready: $(tail -5 "$WORK/relay.log")"
+  relay_wait_ready "$RELAY_PID" 600
 }
 # snapshot: one JSON object of Redis INFO (cpu, commandstats, memory) and the relay's CPU
 snapshot() {
@@ -251,17 +246,23 @@ wait_delivered() {    # wait_delivered SINK_COUNT_BEFORE: until the sink has N m
   done
 }
 
-run_lifecycle() {     # run_lifecycle LABEL BIN SIZE REP
-  local label=$1 bin=$2 size=$3 rep=$4 before after s0 got verify="ok" acc ir rir
-  log "lifecycle $label size=$size n=$N rep $rep"
+# send_n BIN DELIVERY_YAML SIZE: empty Redis, start a relay, zero the counters, take
+# the "before" snapshot (into $before, the sink's count into $s0), send N messages
+send_n() {
   redis_reset
-  start_relay_bin "$bin" "$DELIVERY_YAML"
+  start_relay_bin "$1" "$2"
   rcli CONFIG RESETSTAT >/dev/null
   callgrind_ir relay zero >/dev/null; callgrind_ir redis zero >/dev/null
   s0=$(sink_now)
   before=$(snapshot)
-  smtp-source -s "$SESSIONS" -m "$N" -l "$size" -M bench.local -f sender@example.com \
-    -t rcpt@example.net "127.0.0.1:$SMTP_PORT" >>"$WORK/source.log" 2>&1 || verify="smtp-source failed"
+  smtp-source -s "$SESSIONS" -m "$N" -l "$3" -M bench.local -f sender@example.com \
+    -t rcpt@example.net "127.0.0.1:$SMTP_PORT" >>"$WORK/source.log" 2>&1
+}
+
+run_lifecycle() {     # run_lifecycle LABEL BIN SIZE REP
+  local label=$1 bin=$2 size=$3 rep=$4 before after s0 got verify="ok" acc ir rir
+  log "lifecycle $label size=$size n=$N rep $rep"
+  send_n "$bin" "$DELIVERY_YAML" "$size" || verify="smtp-source failed"
   wait_delivered "$s0" || verify="timeout: sink $(( $(sink_now) - s0 )) of $N, queue $(queue_field messages 2>/dev/null || echo '?')"
   ir=$(callgrind_ir relay dump); rir=$(callgrind_ir redis dump)
   after=$(snapshot)
@@ -278,14 +279,7 @@ run_lifecycle() {     # run_lifecycle LABEL BIN SIZE REP
 run_memory() {        # run_memory LABEL BIN SIZE REP
   local label=$1 bin=$2 size=$3 rep=$4 before after s0 verify="ok" acc msgs bytes ir rir got
   log "memory $label size=$size n=$N rep $rep"
-  redis_reset
-  start_relay_bin "$bin" "  enabled: false"
-  rcli CONFIG RESETSTAT >/dev/null
-  callgrind_ir relay zero >/dev/null; callgrind_ir redis zero >/dev/null
-  s0=$(sink_now)
-  before=$(snapshot)
-  smtp-source -s "$SESSIONS" -m "$N" -l "$size" -M bench.local -f sender@example.com \
-    -t rcpt@example.net "127.0.0.1:$SMTP_PORT" >>"$WORK/source.log" 2>&1 || verify="smtp-source failed"
+  send_n "$bin" "  enabled: false" "$size" || verify="smtp-source failed"
   ir=$(callgrind_ir relay dump); rir=$(callgrind_ir redis dump)
   after=$(snapshot)
   acc=$(metric mailrelay_smtp_messages_accepted_total)
