@@ -157,9 +157,15 @@ async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
         // As the operator configures it: the token file from the admin token Secret.
         auth: admin::auth::AdminAuth::new(Some(token_file.clone()), None).expect("token file"),
     };
-    tokio::spawn(admin::serve(
+    // Suppression lists in memory, so `suppression` has endpoints to reach.
+    let suppression = Arc::new(mailrelay::events::suppression::Suppression::new(
+        Box::new(mailrelay::events::suppression::MemorySuppression::new()),
+        mailrelay::config::suppression::SuppressionConfig::default(),
+    ));
+    tokio::spawn(admin::serve_with(
         admin_listener,
         state,
+        mailrelay::events::suppression_admin::routes(suppression),
         std::future::pending::<()>(),
     ));
     let listeners = server::bind(&cfg).expect("bind SMTP");
@@ -1731,4 +1737,103 @@ async fn the_relay_audit_line_names_the_user_of_the_self_subject_review() {
         "{}",
         lines[1]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suppression_through_the_service_proxy() {
+    let w = world().await;
+    let kc = &w.kubeconfig;
+    let added = plugin(
+        kc,
+        &[
+            "-n",
+            "mail",
+            "suppression",
+            "out",
+            "add",
+            "Gone@Example.net",
+            "--scope",
+            "domain:example.com",
+            "--ttl",
+            "7d",
+        ],
+    )
+    .await;
+    assert!(
+        added
+            .ok()
+            .contains("added gone@example.net on domain:example.com of MailRelay mail/out"),
+        "{}",
+        added.stdout
+    );
+    let listed = plugin(kc, &["-n", "mail", "suppression", "out", "list"]).await;
+    assert!(
+        listed
+            .ok()
+            .contains("gone@example.net  domain:example.com  manual  expires"),
+        "{}",
+        listed.stdout
+    );
+    let json = plugin(
+        kc,
+        &["-n", "mail", "suppression", "out", "list", "-o", "json"],
+    )
+    .await;
+    let v: Value = serde_json::from_str(json.ok()).unwrap();
+    assert_eq!(v["entries"][0]["address"], "gone@example.net");
+    let removed = plugin(
+        kc,
+        &[
+            "-n",
+            "mail",
+            "suppression",
+            "out",
+            "remove",
+            "gone@example.net",
+            "--scope",
+            "domain:example.com",
+        ],
+    )
+    .await;
+    assert!(
+        removed.ok().contains("removed gone@example.net"),
+        "{}",
+        removed.stdout
+    );
+    let again = plugin(
+        kc,
+        &[
+            "-n",
+            "mail",
+            "suppression",
+            "out",
+            "remove",
+            "gone@example.net",
+            "--scope",
+            "domain:example.com",
+        ],
+    )
+    .await;
+    assert!(
+        again
+            .err()
+            .contains("is not on the domain:example.com suppression list"),
+        "{}",
+        again.stderr
+    );
+    let bad = plugin(
+        kc,
+        &[
+            "-n",
+            "mail",
+            "suppression",
+            "out",
+            "add",
+            "x@y.test",
+            "--ttl",
+            "5w",
+        ],
+    )
+    .await;
+    assert!(bad.err().contains("ttl"), "{}", bad.stderr);
 }
