@@ -21,6 +21,7 @@ pub mod routes {
     pub const QUEUE_RETRY: &str = "/api/v1/queue/retry";
     pub const QUOTAS: &str = "/api/v1/quotas";
     pub const QUOTA: &str = "/api/v1/quotas/{name}";
+    pub const EVENTS: &str = "/api/v1/events";
 }
 
 /// Everything but `A-Z a-z 0-9 - . _ ~` is escaped.
@@ -56,6 +57,8 @@ pub enum Call {
     Quotas,
     /// `GET /api/v1/quotas/{name}[?key=K]`
     Quota { name: String, key: Option<String> },
+    /// `GET /api/v1/events?…`
+    Events(crate::events::EventQuery),
 }
 
 /// The HTTP methods the API uses.
@@ -85,9 +88,12 @@ impl Method {
 impl Call {
     pub fn method(&self) -> Method {
         match self {
-            Call::Stats | Call::List(_) | Call::Show(_) | Call::Quotas | Call::Quota { .. } => {
-                Method::Get
-            }
+            Call::Stats
+            | Call::List(_)
+            | Call::Show(_)
+            | Call::Quotas
+            | Call::Quota { .. }
+            | Call::Events(_) => Method::Get,
             Call::Delete(_) => Method::Delete,
             Call::Retry(_) => Method::Post,
         }
@@ -120,6 +126,7 @@ impl Call {
                 &format!("{}/{}", routes::QUOTAS, segment(name)),
                 &KeyQuery { key: key.clone() },
             ),
+            Call::Events(q) => with_query(routes::EVENTS, q),
         }
     }
 

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod dkim;
+pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod delivery;
 pub mod dkim;
 pub mod duration;
+pub mod events;
 pub mod glob;
 pub mod limits;
 pub mod listeners;
@@ -35,6 +36,7 @@ pub use delivery::{
     RouteConfig, TlsPolicy, route_of,
 };
 pub use duration::{duration_str, format_duration, parse_duration};
+pub use events::{EventsConfig, WebhookConfig};
 pub use limits::Limits;
 pub use listeners::{ListenerConfig, TlsConfig, TlsMode};
 pub use log::{LogConfig, LogFormat};
@@ -123,6 +125,16 @@ pub struct RelayConfig {
     /// DKIM signing of accepted mail (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dkim: Option<dkim::DkimConfig>,
+    /// The delivery event log (`mailrelay events`, webhooks).
+    #[serde(skip_serializing_if = "events_is_default")]
+    pub events: EventsConfig,
+    /// Per-tenant HTTPS endpoints that receive delivery events, signed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+fn events_is_default(e: &EventsConfig) -> bool {
+    *e == EventsConfig::default()
 }
 
 impl Default for RelayConfig {
@@ -144,6 +156,8 @@ impl Default for RelayConfig {
             shutdown_settle: Duration::ZERO,
             add_missing_headers: true,
             quotas: Vec::new(),
+            events: EventsConfig::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -301,6 +315,8 @@ impl RelayConfig {
         if let Some(d) = &self.dkim {
             dkim::validate(d).map_err(|e| invalid(e.field, e.message))?;
         }
+        self.events.validate()?;
+        events::validate_webhooks(&self.webhooks)?;
         quota::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         quota::validate_reach(&self.quotas, &self.delivery).map_err(|(f, m)| invalid(f, m))?;
         Ok(())
