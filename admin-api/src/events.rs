@@ -264,9 +264,158 @@ pub struct EventList {
     pub truncated: bool,
 }
 
+
+// ------------------------------------------------ times and text (CLI, plugin)
+
+/// A time given on a command line, as ms since the epoch: a duration back from
+/// `now_ms` (`90s`, `15m`, `1h`, `2d`), an RFC 3339 UTC time
+/// (`2026-12-07T10:00:00Z`), or ms since the epoch. `flag` names it in errors.
+pub fn parse_time(s: &str, now_ms: u64, flag: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let bad = || {
+        format!(
+            "{flag} {s:?}: give a duration back from now (30s, 15m, 1h, 2d), a UTC time (2026-12-07T10:00:00Z) or ms since the epoch"
+        )
+    };
+    if let Some(unit) = s.chars().last().filter(|c| c.is_ascii_alphabetic())
+        && s.len() > 1
+        && s[..s.len() - 1].bytes().all(|b| b.is_ascii_digit())
+    {
+        let n: u64 = s[..s.len() - 1].parse().map_err(|_| bad())?;
+        let secs = match unit {
+            's' => n,
+            'm' => n.saturating_mul(60),
+            'h' => n.saturating_mul(3600),
+            'd' => n.saturating_mul(86_400),
+            _ => return Err(bad()),
+        };
+        return Ok(now_ms.saturating_sub(secs.saturating_mul(1000)));
+    }
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse().map_err(|_| bad());
+    }
+    parse_rfc3339_utc(s).ok_or_else(bad)
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+fn parse_rfc3339_utc(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || !s.ends_with(['Z', 'z']) || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    if !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let frac = &s[19..s.len() - 1];
+    let ms = match frac.strip_prefix('.') {
+        None if frac.is_empty() => 0,
+        Some(f) if !f.is_empty() && f.bytes().all(|c| c.is_ascii_digit()) => {
+            format!("{f:0<3}")[..3].parse::<i64>().ok()?
+        }
+        _ => return None,
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let days = days_from_civil(y, mo, d);
+    let t = ((days * 86_400 + h * 3600 + mi * 60 + sec) * 1000) + ms;
+    u64::try_from(t).ok()
+}
+
+// Howard Hinnant's civil-calendar conversions.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// `ms` since the epoch as `YYYY-MM-DDTHH:MM:SS.fffZ`.
+pub fn format_time(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// The human-readable table of `mailrelay events` and `kubectl mailrelay events`.
+pub fn format_events(list: &EventList) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if list.events.is_empty() {
+        out.push_str("no events match\n");
+    }
+    for e in &list.events {
+        let _ = write!(
+            out,
+            "{}  {:<10} {}  <{}> -> {}",
+            format_time(e.at_ms),
+            e.kind.as_str(),
+            e.queue_id,
+            e.sender,
+            e.recipient.as_deref().unwrap_or("-"),
+        );
+        if let Some(m) = &e.message_id {
+            let _ = write!(out, "  message-id=<{m}>");
+        }
+        if let Some(mx) = &e.mx {
+            let _ = write!(out, "  mx={mx}");
+        }
+        if let (Some(v), Some(c)) = (&e.tls_version, &e.tls_cipher) {
+            let _ = write!(out, "  tls={v}/{c}");
+        }
+        if let Some(c) = &e.category {
+            let _ = write!(out, "  category={c}");
+        }
+        if let Some(d) = &e.dsn_id {
+            let _ = write!(out, "  dsn={d}");
+        }
+        if let Some(r) = &e.reply {
+            let _ = write!(out, "  reply=\"{}\"", r.replace('"', "'"));
+        }
+        out.push('\n');
+    }
+    if list.truncated {
+        out.push_str("(stopped reading before the start of the range: narrow --since/--until)\n");
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_parse_and_format() {
+        let now = 1_765_000_000_000;
+        assert_eq!(parse_time("1h", now, "--since").unwrap(), now - 3_600_000);
+        assert_eq!(parse_time("1700000000123", now, "--since").unwrap(), 1_700_000_000_123);
+        assert_eq!(parse_time("2023-11-14T22:13:20Z", now, "--since").unwrap(), 1_700_000_000_000);
+        assert_eq!(parse_time("2023-11-14T22:13:20.5Z", now, "--since").unwrap(), 1_700_000_000_500);
+        assert_eq!(format_time(1_700_000_000_500), "2023-11-14T22:13:20.500Z");
+        let e = parse_time("yesterday", now, "--since").unwrap_err();
+        assert!(e.starts_with("--since \"yesterday\""), "{e}");
+        assert!(parse_time("1w", now, "--until").unwrap_err().starts_with("--until"));
+    }
 
     #[test]
     fn oversized_and_unknown_filters_name_the_field() {

@@ -13,6 +13,8 @@ use mailrelay::admin::{self, AdminState};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
 use mailrelay::delivery::scheduler::Delivery;
 use mailrelay::metrics::Metrics;
+use mailrelay::events::log::{EmbeddedEvents, EventMetrics, EventSink, EventStore, RedisEvents};
+use mailrelay::events::webhook::{WebhookMetrics, Webhooks};
 use mailrelay::queue::{EmbeddedQueue, Inspect, Leasing, Queue, QueueOptions, RedisQueue};
 use mailrelay::quota::egress::Egress;
 use mailrelay::quota::egress::metrics::EgressMetrics;
@@ -49,6 +51,8 @@ enum Command {
     Queue(mailrelay::cli::queue::QueueArgs),
     /// Show send quota usage of a running relay through its admin API.
     Quota(mailrelay::cli::quota::QuotaArgs),
+    /// Delivery events of a running relay ("where is my mail?").
+    Events(mailrelay::cli::events::EventsArgs),
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
@@ -84,6 +88,7 @@ fn main() -> std::process::ExitCode {
         },
         Command::Queue(args) => return mailrelay::cli::queue::run(args),
         Command::Quota(args) => return mailrelay::cli::quota::run(args),
+        Command::Events(args) => return mailrelay::cli::events::run(args),
         Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -117,7 +122,11 @@ fn init_logging(cfg: &RelayConfig) {
 /// its connection).
 async fn open_queue(
     cfg: &RelayConfig,
-) -> anyhow::Result<(Arc<dyn Queue>, Option<Arc<RedisQueue>>)> {
+) -> anyhow::Result<(
+    Arc<dyn Queue>,
+    Option<Arc<RedisQueue>>,
+    Option<Arc<redb::Database>>,
+)> {
     Ok(match cfg.queue.effective_backend() {
         QueueBackendKind::Embedded => {
             let path = cfg.queue.path.clone();
@@ -127,7 +136,8 @@ async fn open_queue(
                 .with_context(|| {
                     format!("opening the embedded queue in {}", cfg.queue.path.display())
                 })?;
-            (Arc::new(q), None)
+            let db = q.database();
+            (Arc::new(q), None, Some(db))
         }
         QueueBackendKind::Redis => {
             let rcfg = cfg
@@ -140,7 +150,7 @@ async fn open_queue(
                     .await
                     .context("connecting to Redis")?,
             );
-            (Arc::clone(&q) as Arc<dyn Queue>, Some(q))
+            (Arc::clone(&q) as Arc<dyn Queue>, Some(q), None)
         }
     })
 }
@@ -227,7 +237,7 @@ async fn settle(signals: &mut StopSignals, draining: &AtomicBool, settle: Durati
 
 async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     init_logging(&cfg);
-    let (queue, redis) = open_queue(&cfg).await?;
+    let (queue, redis, embedded_db) = open_queue(&cfg).await?;
     info!(backend = queue.backend(), hostname = %cfg.hostname, "queue open");
     let mut metrics = Metrics::new();
     // Quota checks and egress pacing keep their own families, in the same exposition.
@@ -235,7 +245,38 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let egress_metrics = EgressMetrics::default();
     egress_metrics.register(metrics.registry_mut());
     let dkim_metrics = mailrelay::dkim::metrics::DkimMetrics::register(metrics.registry_mut());
+    let event_metrics = EventMetrics::register(metrics.registry_mut());
+    let webhook_metrics = WebhookMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
+    let event_store = match (cfg.events.enabled, &redis, embedded_db) {
+        (false, _, _) => None,
+        (true, Some(q), _) => Some(EventStore::Redis(RedisEvents::new(
+            q.shared(),
+            cfg.events.max_len,
+        ))),
+        (true, None, Some(db)) => Some(EventStore::Embedded(
+            EmbeddedEvents::open(db, cfg.events.max_len)
+                .context("opening the event store in the embedded queue")?,
+        )),
+        (true, None, None) => None,
+    };
+    let events = event_store
+        .clone()
+        .map(|s| EventSink::start(s, &cfg.events, event_metrics));
+    let _webhooks = match &event_store {
+        Some(store) if !cfg.webhooks.is_empty() => Some(
+            Webhooks::start(
+                &cfg.webhooks,
+                store.clone(),
+                &format!("mailrelay://{}", cfg.hostname),
+                &format!("{}:{}", cfg.hostname, std::process::id()),
+                webhook_metrics,
+            )
+            .await
+            .context("starting the webhook consumers")?,
+        ),
+        _ => None,
+    };
     let auth_failures: Option<Arc<dyn server::auth_throttle::FailureStore>> =
         match (&cfg.auth, &redis) {
             (None, _) => None,
@@ -296,7 +337,11 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             Some(tokio::spawn(admin::serve_with(
                 listener,
                 state,
-                quota::admin::routes(Arc::clone(&quotas)),
+                match &event_store {
+                    Some(store) => quota::admin::routes(Arc::clone(&quotas))
+                        .merge(admin::events::routes(store.clone())),
+                    None => quota::admin::routes(Arc::clone(&quotas)),
+                },
                 async move {
                     let _ = admin_stop_rx.await;
                 },
@@ -363,9 +408,16 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     if let (Some(d), Some(delivery)) = (&dkim, &delivery) {
         delivery.sign_dsns_with(Arc::clone(d));
     }
+    if let (Some(sink), Some(delivery)) = (&events, &delivery) {
+        delivery.record_events_with(sink.clone());
+    }
     let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
     if let Some(d) = dkim {
         shared.set_dkim(d);
+    }
+    if let Some(sink) = &events {
+        info!(store = sink.store().backend(), "delivery events recorded");
+        shared.set_events(sink.clone());
     }
     if let Some(t) = auth_throttle {
         info!(backend = t.backend(), "AUTH throttle ready");
@@ -386,6 +438,9 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     .await;
     if let Ok(drain) = delivery_drain_rx.await {
         let _ = drain.await;
+    }
+    if let Some(sink) = &events {
+        sink.flush().await;
     }
     let _ = admin_stop_tx.send(());
     if let Some(t) = admin_task {

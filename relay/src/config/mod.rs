@@ -316,6 +316,12 @@ impl RelayConfig {
             dkim::validate(d).map_err(|e| invalid(e.field, e.message))?;
         }
         self.events.validate()?;
+        if !self.events.enabled && !self.webhooks.is_empty() {
+            return Err(invalid(
+                "events.enabled",
+                "is false, but webhooks are configured and read the event log",
+            ));
+        }
         events::validate_webhooks(&self.webhooks)?;
         quota::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         quota::validate_reach(&self.quotas, &self.delivery).map_err(|(f, m)| invalid(f, m))?;

@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::OutcomeBatchConfig;
+use crate::events::log::EventSink;
 use crate::metrics::Metrics;
 use crate::queue::{FinishResult, Lease, Leasing, MessageStatus, QueueError};
 
@@ -31,6 +32,8 @@ pub type Pending = oneshot::Receiver<Result<FinishResult, QueueError>>;
 struct Item {
     lease: Lease,
     status: MessageStatus,
+    /// Delivery events of this outcome, written just before the batch's `finish`.
+    events: Vec<mailrelay_admin_api::Event>,
     reply: oneshot::Sender<Result<FinishResult, QueueError>>,
     /// Room in the window, given back when the batch is written.
     _permit: OwnedSemaphorePermit,
@@ -47,21 +50,54 @@ enum Msg {
 pub struct OutcomeWriter {
     tx: mpsc::UnboundedSender<Msg>,
     room: Arc<Semaphore>,
+    events: Arc<std::sync::OnceLock<EventSink>>,
 }
 
 impl OutcomeWriter {
     pub fn start(queue: Arc<dyn Leasing>, cfg: OutcomeBatchConfig, metrics: Arc<Metrics>) -> Self {
         let max = cfg.max_messages.max(1);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(queue, max, cfg.max_delay, metrics, rx));
+        let events = Arc::new(std::sync::OnceLock::new());
+        tokio::spawn(run(
+            queue,
+            max,
+            cfg.max_delay,
+            metrics,
+            Arc::clone(&events),
+            rx,
+        ));
         OutcomeWriter {
             tx,
             room: Arc::new(Semaphore::new(max)),
+            events,
         }
+    }
+
+    /// Writes the events given with outcomes to `sink` from now on (once; later
+    /// calls are ignored).
+    pub fn record_events_with(&self, sink: EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    /// Whether outcome events are recorded (so callers build them only then).
+    pub fn events_enabled(&self) -> bool {
+        self.events.get().is_some()
     }
 
     /// Hands an outcome to the next batch, waiting while the window is full.
     pub async fn submit(&self, lease: Lease, status: MessageStatus) -> Pending {
+        self.submit_with_events(lease, status, Vec::new()).await
+    }
+
+    /// [`OutcomeWriter::submit`] with the delivery events of the outcome: they are
+    /// written before the batch's `finish`, so a crash between the two writes
+    /// delivers again and writes them again (at least once, never lost).
+    pub async fn submit_with_events(
+        &self,
+        lease: Lease,
+        status: MessageStatus,
+        events: Vec<mailrelay_admin_api::Event>,
+    ) -> Pending {
         let (reply, answer) = oneshot::channel();
         let permit = match Arc::clone(&self.room).acquire_owned().await {
             Ok(p) => p,
@@ -74,6 +110,7 @@ impl OutcomeWriter {
         let item = Item {
             lease,
             status,
+            events,
             reply,
             _permit: permit,
         };
@@ -100,6 +137,7 @@ async fn run(
     max: usize,
     max_delay: std::time::Duration,
     metrics: Arc<Metrics>,
+    events: Arc<std::sync::OnceLock<EventSink>>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
 ) {
     let mut batch: Vec<Item> = Vec::with_capacity(max);
@@ -136,7 +174,14 @@ async fn run(
         if batch.len() >= max {
             trigger = "size";
         }
-        write(&*queue, std::mem::take(&mut batch), trigger, &metrics).await;
+        write(
+            &*queue,
+            std::mem::take(&mut batch),
+            trigger,
+            &metrics,
+            events.get(),
+        )
+        .await;
         for done in flushed {
             let _ = done.send(());
         }
@@ -146,8 +191,21 @@ async fn run(
     }
 }
 
-async fn write(queue: &dyn Leasing, batch: Vec<Item>, trigger: &'static str, metrics: &Metrics) {
+async fn write(
+    queue: &dyn Leasing,
+    mut batch: Vec<Item>,
+    trigger: &'static str,
+    metrics: &Metrics,
+    sink: Option<&EventSink>,
+) {
     let n = batch.len();
+    if let Some(sink) = sink {
+        let events: Vec<_> = batch
+            .iter_mut()
+            .flat_map(|i| std::mem::take(&mut i.events))
+            .collect();
+        sink.append_now(&events).await;
+    }
     let (items, replies): (Vec<(Lease, MessageStatus)>, Vec<_>) = batch
         .into_iter()
         .map(|i| ((i.lease, i.status), (i.reply, i._permit)))

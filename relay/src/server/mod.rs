@@ -48,6 +48,8 @@ pub struct Shared {
     auth_throttle: std::sync::OnceLock<Arc<auth_throttle::AuthThrottle>>,
     /// Signs accepted mail (set when `dkim:` is configured).
     dkim: std::sync::OnceLock<Arc<crate::dkim::Dkim>>,
+    /// Records `accepted` events (set when the event log is on).
+    events: std::sync::OnceLock<crate::events::log::EventSink>,
     active: AtomicUsize,
 }
 
@@ -97,6 +99,7 @@ impl Shared {
             doorbell: std::sync::OnceLock::new(),
             auth_throttle: std::sync::OnceLock::new(),
             dkim: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
             active: AtomicUsize::new(0),
         })
     }
@@ -119,6 +122,16 @@ impl Shared {
     /// Signs accepted mail from now on (once; later calls are ignored).
     pub fn set_dkim(&self, d: Arc<crate::dkim::Dkim>) {
         let _ = self.dkim.set(d);
+    }
+
+    /// Records an `accepted` event for every message queued from now on (once;
+    /// later calls are ignored).
+    pub fn set_events(&self, sink: crate::events::log::EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    pub fn events(&self) -> Option<&crate::events::log::EventSink> {
+        self.events.get()
     }
 
     pub fn dkim(&self) -> Option<&Arc<crate::dkim::Dkim>> {

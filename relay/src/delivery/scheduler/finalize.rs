@@ -21,6 +21,8 @@ use super::routes::Target;
 use super::{Inner, Part, Work};
 use crate::delivery::dsn::{self, DsnAction, DsnRecipient};
 use crate::delivery::smtp_client::{MessageOutcome, Outcome, Stage};
+use crate::events::log::{event_for, message_id_of};
+use mailrelay_admin_api::EventKind;
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, MessageStatus, QueueError, QueueId, RcptState, TlsInfo,
     now_ms,
@@ -39,6 +41,10 @@ impl Inner {
     ) {
         let mut status = part.work.status.lock().unwrap();
         let queue_id = status.id.clone();
+        let with_events = self.outcomes.events_enabled();
+        let message_id = with_events
+            .then(|| message_id_of(&part.work.message.body))
+            .flatten();
         for r in &outcome.recipients {
             let Some(rs) = status
                 .rcpts
@@ -66,6 +72,23 @@ impl Inner {
                 queue_id = %queue_id, to = %r.address, relay = %relay, stage = r.stage.as_str(),
                 reply = %reply, "{word}"
             );
+            if with_events {
+                let kind = match r.result {
+                    Outcome::Delivered => EventKind::Delivered,
+                    Outcome::Deferred => EventKind::Deferred,
+                    Outcome::Bounced => EventKind::Bounced,
+                };
+                let mut e = event_for(kind, &part.work.message, message_id.as_deref());
+                e.at_ms = at_ms;
+                e.recipient = Some(r.address.clone());
+                e.reply = Some(reply.clone());
+                e.mx = target.map(|(n, _)| n.clone());
+                e.tls_version = tls.map(|t| t.version.clone());
+                e.tls_cipher = tls.map(|t| t.cipher.clone());
+                // lead: wire events::classify (category of deferred/bounced replies)
+                e.category = None;
+                part.work.events.lock().unwrap().push(e);
+            }
             rs.state = state;
             rs.record(Attempt {
                 at_ms,
@@ -81,7 +104,11 @@ impl Inner {
     /// After every part of a message is done: reschedule, expire, bounce and finish.
     pub(super) async fn finalize(&self, work: &Work) {
         let status = self.conclude(work).await;
-        let pending = self.outcomes.submit(work.lease.clone(), status).await;
+        let events = std::mem::take(&mut *work.events.lock().unwrap());
+        let pending = self
+            .outcomes
+            .submit_with_events(work.lease.clone(), status, events)
+            .await;
         self.finished(&work.lease.id, pending.await);
     }
 
@@ -121,6 +148,18 @@ impl Inner {
                     {
                         info!(queue_id = %status.id, to = %r.address, "expired: maximum queue lifetime reached");
                         r.state = RcptState::Expired;
+                        if self.outcomes.events_enabled() {
+                            let mut e = event_for(
+                                EventKind::Expired,
+                                &work.message,
+                                message_id_of(&work.message.body).as_deref(),
+                            );
+                            e.recipient = Some(r.address.clone());
+                            e.reply = r.attempts.last().map(|a| a.reply.clone());
+                            // lead: wire events::classify (category "expired")
+                            e.category = None;
+                            work.events.lock().unwrap().push(e);
+                        }
                         self.metrics.delivery_result("bounced", "expired");
                     }
                 }
@@ -162,7 +201,17 @@ impl Inner {
                     } else {
                         "bounce report"
                     };
-                    info!(queue_id = %status.id, dsn_id = %dsn.envelope.id, to = %sender, "{kind} queued")
+                    info!(queue_id = %status.id, dsn_id = %dsn.envelope.id, to = %sender, "{kind} queued");
+                    if self.outcomes.events_enabled() {
+                        let mut e = event_for(
+                            EventKind::DsnSent,
+                            &work.message,
+                            message_id_of(&work.message.body).as_deref(),
+                        );
+                        e.dsn_id = Some(dsn.envelope.id.to_string());
+                        e.reply = Some(kind.to_owned());
+                        work.events.lock().unwrap().push(e);
+                    }
                 }
                 Err(e) => {
                     // Without the report the sender would never learn. The failed

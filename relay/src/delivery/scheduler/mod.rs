@@ -112,6 +112,8 @@ struct Work {
     attempted: AtomicBool,
     /// Egress held some part back until then (relay clock, ms): the earliest.
     postponed_until: Mutex<Option<u64>>,
+    /// Delivery events of this round, written with its outcome.
+    events: Mutex<Vec<mailrelay_admin_api::Event>>,
 }
 
 /// The recipients of one message bound for one destination.
@@ -205,6 +207,12 @@ impl Delivery {
             main,
             renewer,
         })
+    }
+
+    /// Records delivery events into `sink` from now on (once; later calls are
+    /// ignored).
+    pub fn record_events_with(&self, sink: crate::events::log::EventSink) {
+        self.inner.outcomes.record_events_with(sink);
     }
 
     /// Signs every DSN written from now on with `dkim` (once; later calls are ignored).
