@@ -172,20 +172,21 @@ pub struct FilterError {
 impl EventQuery {
     /// Checks the bounds; an error names the offending field.
     pub fn check(&self) -> Result<EventFilter, FilterError> {
-        let text = |field: &'static str, v: &Option<String>| -> Result<Option<String>, FilterError> {
-            match v {
-                None => Ok(None),
-                Some(s) if s.len() > MAX_FILTER_LEN => Err(FilterError {
-                    field,
-                    message: format!("{} bytes is longer than {MAX_FILTER_LEN}", s.len()),
-                }),
-                Some(s) if s.is_empty() => Err(FilterError {
-                    field,
-                    message: "is empty".into(),
-                }),
-                Some(s) => Ok(Some(s.clone())),
-            }
-        };
+        let text =
+            |field: &'static str, v: &Option<String>| -> Result<Option<String>, FilterError> {
+                match v {
+                    None => Ok(None),
+                    Some(s) if s.len() > MAX_FILTER_LEN => Err(FilterError {
+                        field,
+                        message: format!("{} bytes is longer than {MAX_FILTER_LEN}", s.len()),
+                    }),
+                    Some(s) if s.is_empty() => Err(FilterError {
+                        field,
+                        message: "is empty".into(),
+                    }),
+                    Some(s) => Ok(Some(s.clone())),
+                }
+            };
         let limit = self.limit.unwrap_or(DEFAULT_EVENT_LIMIT);
         if limit == 0 || limit > MAX_EVENT_LIMIT {
             return Err(FilterError {
@@ -263,7 +264,6 @@ pub struct EventList {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub truncated: bool,
 }
-
 
 // ------------------------------------------------ times and text (CLI, plugin)
 
@@ -408,13 +408,26 @@ mod tests {
     fn times_parse_and_format() {
         let now = 1_765_000_000_000;
         assert_eq!(parse_time("1h", now, "--since").unwrap(), now - 3_600_000);
-        assert_eq!(parse_time("1700000000123", now, "--since").unwrap(), 1_700_000_000_123);
-        assert_eq!(parse_time("2023-11-14T22:13:20Z", now, "--since").unwrap(), 1_700_000_000_000);
-        assert_eq!(parse_time("2023-11-14T22:13:20.5Z", now, "--since").unwrap(), 1_700_000_000_500);
+        assert_eq!(
+            parse_time("1700000000123", now, "--since").unwrap(),
+            1_700_000_000_123
+        );
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20Z", now, "--since").unwrap(),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            parse_time("2023-11-14T22:13:20.5Z", now, "--since").unwrap(),
+            1_700_000_000_500
+        );
         assert_eq!(format_time(1_700_000_000_500), "2023-11-14T22:13:20.500Z");
         let e = parse_time("yesterday", now, "--since").unwrap_err();
         assert!(e.starts_with("--since \"yesterday\""), "{e}");
-        assert!(parse_time("1w", now, "--until").unwrap_err().starts_with("--until"));
+        assert!(
+            parse_time("1w", now, "--until")
+                .unwrap_err()
+                .starts_with("--until")
+        );
     }
 
     #[test]

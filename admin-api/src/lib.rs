@@ -15,6 +15,6 @@ pub mod path;
 pub mod types;
 
 pub use client::{ACTOR_HEADER, Client, Error, Request, Response, TOKEN_HEADER, Transport};
+pub use events::{Event, EventKind, EventList, EventQuery};
 pub use path::{Call, Method};
 pub use types::*;
-pub use events::{Event, EventKind, EventList, EventQuery};

@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use mailrelay_admin_api::events::{EventList, EventQuery, format_events, parse_time};
 use mailrelay_admin_api::Call;
+use mailrelay_admin_api::events::{EventList, EventQuery, format_events, parse_time};
 
 use super::queue::{DEFAULT_ADMIN, client, parse, request};
 
@@ -69,7 +69,8 @@ impl EventsArgs {
             kind: self.kind.clone(),
             limit: self.limit,
         };
-        q.check().map_err(|e| format!("--{}", e.to_string().replace('_', "-")))?;
+        q.check()
+            .map_err(|e| format!("--{}", e.to_string().replace('_', "-")))?;
         Ok(q)
     }
 }

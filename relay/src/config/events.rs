@@ -379,10 +379,16 @@ mod tests {
     #[test]
     fn urls_parse_and_bad_ones_name_the_field() {
         let u = WebhookUrl::parse("https://h.example:8443/x?y=1").unwrap();
-        assert_eq!((u.https, u.host.as_str(), u.port), (true, "h.example", 8443));
+        assert_eq!(
+            (u.https, u.host.as_str(), u.port),
+            (true, "h.example", 8443)
+        );
         assert_eq!(u.path, "/x?y=1");
         let u = WebhookUrl::parse("https://[::1]").unwrap();
-        assert_eq!((u.host.as_str(), u.port, u.path.as_str()), ("::1", 443, "/"));
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("::1", 443, "/")
+        );
         for bad in [
             "ftp://x",
             "https://",
@@ -405,14 +411,17 @@ mod tests {
         let e = err(&format!("{BASE}    url: http://h/\n"));
         assert!(e.contains("field `webhooks[0].url`"), "{e}");
         assert!(e.contains("not HTTPS"), "{e}");
-        let ok = RelayConfig::from_yaml(&format!("{BASE}    url: http://h/\n    allow_http: true\n"))
-            .unwrap();
+        let ok =
+            RelayConfig::from_yaml(&format!("{BASE}    url: http://h/\n    allow_http: true\n"))
+                .unwrap();
         assert_eq!(ok.webhooks[0].parsed_url().unwrap().port, 80);
     }
 
     #[test]
     fn kinds_tenants_and_secrets_are_checked() {
-        let e = err(&format!("{BASE}    url: https://h/\n    kinds: [delivered, sent]\n"));
+        let e = err(&format!(
+            "{BASE}    url: https://h/\n    kinds: [delivered, sent]\n"
+        ));
         assert!(e.contains("field `webhooks[0].kinds[1]`"), "{e}");
         assert!(e.contains("unknown event kind \"sent\""), "{e}");
         let e = err(
@@ -425,7 +434,9 @@ mod tests {
             "webhooks:\n  - name: a\n    url: https://h/\n    secret: short\n    tenants: {all: true}\n",
         );
         assert!(e.contains("field `webhooks[0].secret`"), "{e}");
-        let e = err(&format!("{BASE}    url: https://h/\n  - name: a\n    url: https://h/\n    secret: 0123456789abcdef0123\n    tenants: {{all: true}}\n"));
+        let e = err(&format!(
+            "{BASE}    url: https://h/\n  - name: a\n    url: https://h/\n    secret: 0123456789abcdef0123\n    tenants: {{all: true}}\n"
+        ));
         assert!(e.contains("field `webhooks[1].name`"), "{e}");
         let e = err("events:\n  max_len: 0\n");
         assert!(e.contains("field `events.max_len`"), "{e}");

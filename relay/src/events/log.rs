@@ -95,7 +95,9 @@ impl EventMetrics {
 
     fn written(&self, events: &[Event]) {
         for e in events {
-            self.written.get_or_create(&[("kind", e.kind.as_str())]).inc();
+            self.written
+                .get_or_create(&[("kind", e.kind.as_str())])
+                .inc();
         }
     }
 }
@@ -186,10 +188,13 @@ impl RedisEvents {
     }
 
     async fn query(&self, f: &EventFilter) -> Result<(Vec<Event>, bool), EventError> {
-        let mut end = f
-            .until_ms
-            .map_or_else(|| "+".to_owned(), |u| format!("{}-0", u.saturating_add(WRITE_SLACK_MS)));
-        let start = f.since_ms.map_or_else(|| "-".to_owned(), |s| format!("{s}-0"));
+        let mut end = f.until_ms.map_or_else(
+            || "+".to_owned(),
+            |u| format!("{}-0", u.saturating_add(WRITE_SLACK_MS)),
+        );
+        let start = f
+            .since_ms
+            .map_or_else(|| "-".to_owned(), |s| format!("{s}-0"));
         let mut out = Vec::new();
         let mut scanned = 0;
         loop {
@@ -375,7 +380,8 @@ impl EmbeddedEvents {
             let t = txn.open_table(EVENTS).map_err(unavailable)?;
             let lo = (f.since_ms.unwrap_or(0), 0);
             let hi = (
-                f.until_ms.map_or(u64::MAX, |u| u.saturating_add(WRITE_SLACK_MS)),
+                f.until_ms
+                    .map_or(u64::MAX, |u| u.saturating_add(WRITE_SLACK_MS)),
                 u64::MAX,
             );
             let mut out = Vec::new();

@@ -50,8 +50,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use redis::Value;
 use redb::{Durability, ReadableDatabase, ReadableTable};
+use redis::Value;
 use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -136,7 +136,10 @@ impl WebhookMetrics {
     /// Failed POSTs of `name` so far (tests).
     pub fn failed_posts(&self, name: &str) -> u64 {
         self.posts
-            .get_or_create(&[("endpoint", name.to_owned()), ("result", "failed".to_owned())])
+            .get_or_create(&[
+                ("endpoint", name.to_owned()),
+                ("result", "failed".to_owned()),
+            ])
             .get()
     }
 
@@ -179,9 +182,9 @@ impl Webhooks {
             let endpoint = Endpoint::new(cfg, source).map_err(setup)?;
             let feed = match &store {
                 EventStore::Redis(r) => Feed::Redis(RedisFeed::new(r.clone(), &cfg.name, owner)),
-                EventStore::Embedded(e) => {
-                    Feed::Embedded(EmbeddedFeed::new(e.clone(), &cfg.name).map_err(|e| setup(e.to_string()))?)
-                }
+                EventStore::Embedded(e) => Feed::Embedded(
+                    EmbeddedFeed::new(e.clone(), &cfg.name).map_err(|e| setup(e.to_string()))?,
+                ),
             };
             if let Feed::Redis(f) = &feed {
                 f.create_group().await.map_err(|e| setup(e.to_string()))?;
@@ -220,10 +223,7 @@ impl Endpoint {
         }
         let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
         let tls = if url.https {
-            let path = cfg
-                .ca_file
-                .clone()
-                .unwrap_or_else(|| SYSTEM_CA_FILE.into());
+            let path = cfg.ca_file.clone().unwrap_or_else(|| SYSTEM_CA_FILE.into());
             let certs = CertificateDer::pem_file_iter(&path)
                 .and_then(|i| i.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
@@ -253,14 +253,18 @@ impl Endpoint {
     }
 
     fn wants(&self, e: &Event) -> bool {
-        self.cfg.wants(e.kind.as_str()) && self.cfg.tenants.matches(e.auth_user.as_deref(), &e.sender)
+        self.cfg.wants(e.kind.as_str())
+            && self.cfg.tenants.matches(e.auth_user.as_deref(), &e.sender)
     }
 
     /// The CloudEvents envelope of `e`.
     fn body(&self, e: &Event) -> Vec<u8> {
         let time = time::OffsetDateTime::from_unix_timestamp_nanos(e.at_ms as i128 * 1_000_000)
             .ok()
-            .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
             .unwrap_or_default();
         let envelope = serde_json::json!({
             "specversion": "1.0",
@@ -279,7 +283,14 @@ impl Endpoint {
     async fn post(&mut self, e: &Event) -> Result<(), String> {
         let body = self.body(e);
         let ts = crate::queue::now_ms() / 1000;
-        let signed = [e.id.as_bytes(), b".", ts.to_string().as_bytes(), b".", &body].concat();
+        let signed = [
+            e.id.as_bytes(),
+            b".",
+            ts.to_string().as_bytes(),
+            b".",
+            &body,
+        ]
+        .concat();
         let tag = ring::hmac::sign(&self.key, &signed);
         let signature = format!(
             "v1,{}",
@@ -515,18 +526,13 @@ impl RedisFeed {
             .arg("STREAMS")
             .arg(self.events.key())
             .arg(">");
-        let reply: Value = self
-            .events
-            .redis()
-            .query(&read)
-            .await
-            .map_err(|e| {
-                if e.contains("NOGROUP") {
-                    EventError::Unavailable(format!("{e} (the events stream was deleted?)"))
-                } else {
-                    EventError::Unavailable(e)
-                }
-            })?;
+        let reply: Value = self.events.redis().query(&read).await.map_err(|e| {
+            if e.contains("NOGROUP") {
+                EventError::Unavailable(format!("{e} (the events stream was deleted?)"))
+            } else {
+                EventError::Unavailable(e)
+            }
+        })?;
         // [[key, [[id, fields], …]]] or nil.
         let entries = match reply {
             Value::Array(streams) => match streams.into_iter().next() {
@@ -600,7 +606,9 @@ impl EmbeddedFeed {
         let db = Arc::clone(self.events.db());
         let after = self.cursor;
         tokio::task::spawn_blocking(move || {
-            let err = |e: &dyn std::fmt::Display| EventError::Unavailable(format!("embedded events: {e}"));
+            let err = |e: &dyn std::fmt::Display| {
+                EventError::Unavailable(format!("embedded events: {e}"))
+            };
             let txn = db.begin_read().map_err(|e| err(&e))?;
             let t = txn.open_table(EVENTS).map_err(|e| err(&e))?;
             let mut out = Vec::new();
@@ -631,9 +639,12 @@ impl EmbeddedFeed {
         let db = Arc::clone(self.events.db());
         let name = self.name.clone();
         tokio::task::spawn_blocking(move || {
-            let err = |e: &dyn std::fmt::Display| EventError::Unavailable(format!("embedded webhook cursor: {e}"));
+            let err = |e: &dyn std::fmt::Display| {
+                EventError::Unavailable(format!("embedded webhook cursor: {e}"))
+            };
             let mut txn = db.begin_write().map_err(|e| err(&e))?;
-            txn.set_durability(Durability::Immediate).map_err(|e| err(&e))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| err(&e))?;
             txn.open_table(CURSORS)
                 .map_err(|e| err(&e))?
                 .insert(name.as_str(), last)
@@ -665,7 +676,10 @@ async fn run(mut endpoint: Endpoint, mut feed: Feed, metrics: WebhookMetrics) {
             tokio::time::sleep(POLL).await;
             continue;
         }
-        metrics.pending.get_or_create(&label).set(batch.len() as i64);
+        metrics
+            .pending
+            .get_or_create(&label)
+            .set(batch.len() as i64);
         let mut done = 0;
         let mut lost = false;
         for e in &batch {
@@ -766,7 +780,14 @@ async fn deliver(
 /// (what a receiver computes to verify; tests use it).
 pub fn signature(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    let signed = [id.as_bytes(), b".", timestamp.to_string().as_bytes(), b".", body].concat();
+    let signed = [
+        id.as_bytes(),
+        b".",
+        timestamp.to_string().as_bytes(),
+        b".",
+        body,
+    ]
+    .concat();
     format!(
         "v1,{}",
         base64::engine::general_purpose::STANDARD.encode(ring::hmac::sign(&key, &signed).as_ref())

@@ -22,11 +22,11 @@ use super::{Inner, Part, Work};
 use crate::delivery::dsn::{self, DsnAction, DsnRecipient};
 use crate::delivery::smtp_client::{MessageOutcome, Outcome, Stage};
 use crate::events::log::{event_for, message_id_of};
-use mailrelay_admin_api::EventKind;
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, MessageStatus, QueueError, QueueId, RcptState, TlsInfo,
     now_ms,
 };
+use mailrelay_admin_api::EventKind;
 
 impl Inner {
     /// Writes the outcome of one message's part into its status and logs it.
