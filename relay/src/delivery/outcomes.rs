@@ -40,7 +40,7 @@ struct Item {
 }
 
 enum Msg {
-    Outcome(Item),
+    Outcome(Box<Item>),
     /// Write what is waiting now, then answer.
     Flush(oneshot::Sender<()>),
 }
@@ -114,7 +114,9 @@ impl OutcomeWriter {
             reply,
             _permit: permit,
         };
-        if let Err(mpsc::error::SendError(Msg::Outcome(item))) = self.tx.send(Msg::Outcome(item)) {
+        if let Err(mpsc::error::SendError(Msg::Outcome(item))) =
+            self.tx.send(Msg::Outcome(Box::new(item)))
+        {
             let _ = item.reply.send(Err(QueueError::Unavailable(
                 "outcome writer stopped".into(),
             )));
@@ -148,7 +150,7 @@ async fn run(
                 let _ = done.send(());
                 continue;
             }
-            Some(Msg::Outcome(item)) => batch.push(item),
+            Some(Msg::Outcome(item)) => batch.push(*item),
         }
         // The window opens with its first outcome.
         let deadline = Instant::now() + max_delay;
@@ -163,7 +165,7 @@ async fn run(
                     closed = true;
                     break;
                 }
-                Ok(Some(Msg::Outcome(item))) => batch.push(item),
+                Ok(Some(Msg::Outcome(item))) => batch.push(*item),
                 Ok(Some(Msg::Flush(done))) => {
                     trigger = "shutdown";
                     flushed.push(done);

@@ -595,7 +595,7 @@ pub fn message_id_of(body: &[u8]) -> Option<String> {
     while i < head.len() {
         let line_end = memchr::memmem::find(&head[i..], b"\r\n").map_or(head.len(), |n| i + n);
         let line = &head[i..line_end];
-        if line.len() > 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
+        if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
             let mut value = String::from_utf8_lossy(&line[11..]).into_owned();
             // Folded onto the next line(s).
             let mut j = line_end + 2;
