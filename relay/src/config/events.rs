@@ -42,7 +42,7 @@ impl Default for EventsConfig {
     fn default() -> Self {
         EventsConfig {
             enabled: true,
-            max_len: 1_000_000,
+            max_len: 200_000,
             batch_max: 512,
             batch_delay: Duration::from_millis(20),
         }
