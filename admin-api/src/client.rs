@@ -240,6 +240,13 @@ impl<T: Transport> Client<T> {
         }
     }
 
+    pub async fn events(
+        &self,
+        q: crate::events::EventQuery,
+    ) -> Result<crate::events::EventList, Error<T::Error>> {
+        self.json(&Call::Events(q)).await
+    }
+
     pub async fn quotas(&self) -> Result<QuotaList, Error<T::Error>> {
         self.json(&Call::Quotas).await
     }

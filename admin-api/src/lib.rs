@@ -9,10 +9,12 @@
 //! not a user's command. This crate depends on nothing of the relay.
 
 pub mod client;
+pub mod events;
 pub mod http;
 pub mod path;
 pub mod types;
 
 pub use client::{ACTOR_HEADER, Client, Error, Request, Response, TOKEN_HEADER, Transport};
+pub use events::{Event, EventKind, EventList, EventQuery};
 pub use path::{Call, Method};
 pub use types::*;

@@ -27,6 +27,7 @@ pub mod routes {
     pub const SHAPING_LIFT: &str = "/api/v1/shaping/{id}/lift";
     pub const SUPPRESSION: &str = "/api/v1/suppression";
     pub const SUPPRESSION_ENTRY: &str = "/api/v1/suppression/{scope}/{address}";
+    pub const EVENTS: &str = "/api/v1/events";
 }
 
 /// Everything but `A-Z a-z 0-9 - . _ ~` is escaped.
@@ -76,6 +77,8 @@ pub enum Call {
     },
     /// `DELETE /api/v1/suppression/{scope}/{address}`
     SuppressionRemove { scope: String, address: String },
+    /// `GET /api/v1/events?…`
+    Events(crate::events::EventQuery),
 }
 
 /// The HTTP methods the API uses.
@@ -111,7 +114,8 @@ impl Call {
             | Call::Quotas
             | Call::Quota { .. }
             | Call::Shaping
-            | Call::Suppressions(_) => Method::Get,
+            | Call::Suppressions(_)
+            | Call::Events(_) => Method::Get,
             Call::Delete(_) | Call::SuppressionRemove { .. } => Method::Delete,
             Call::Retry(_) | Call::ShapingLift(_) | Call::SuppressionAdd { .. } => Method::Post,
         }
@@ -166,6 +170,7 @@ impl Call {
                 segment(scope),
                 segment(address)
             ),
+            Call::Events(q) => with_query(routes::EVENTS, q),
         }
     }
 

@@ -12,6 +12,8 @@ use tracing::{info, warn};
 use mailrelay::admin::{self, AdminState};
 use mailrelay::config::{LogFormat, QueueBackendKind, RelayConfig};
 use mailrelay::delivery::scheduler::Delivery;
+use mailrelay::events::log::{EmbeddedEvents, EventMetrics, EventSink, EventStore, RedisEvents};
+use mailrelay::events::webhook::{WebhookMetrics, Webhooks};
 use mailrelay::metrics::Metrics;
 use mailrelay::queue::{EmbeddedQueue, Inspect, Leasing, Queue, QueueOptions, RedisQueue};
 use mailrelay::quota::egress::Egress;
@@ -53,6 +55,8 @@ enum Command {
     Shaping(mailrelay::cli::shaping::ShapingArgs),
     /// List, add or remove suppressed recipients of a running relay through its admin API.
     Suppression(mailrelay::cli::suppression::SuppressionArgs),
+    /// Delivery events of a running relay ("where is my mail?").
+    Events(mailrelay::cli::events::EventsArgs),
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
@@ -93,6 +97,7 @@ fn main() -> std::process::ExitCode {
         Command::Quota(args) => return mailrelay::cli::quota::run(args),
         Command::Shaping(args) => return mailrelay::cli::shaping::run(args),
         Command::Suppression(args) => return mailrelay::cli::suppression::run(args),
+        Command::Events(args) => return mailrelay::cli::events::run(args),
         Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
@@ -126,7 +131,11 @@ fn init_logging(cfg: &RelayConfig) {
 /// its connection).
 async fn open_queue(
     cfg: &RelayConfig,
-) -> anyhow::Result<(Arc<dyn Queue>, Option<Arc<RedisQueue>>)> {
+) -> anyhow::Result<(
+    Arc<dyn Queue>,
+    Option<Arc<RedisQueue>>,
+    Option<Arc<redb::Database>>,
+)> {
     Ok(match cfg.queue.effective_backend() {
         QueueBackendKind::Embedded => {
             let path = cfg.queue.path.clone();
@@ -136,7 +145,8 @@ async fn open_queue(
                 .with_context(|| {
                     format!("opening the embedded queue in {}", cfg.queue.path.display())
                 })?;
-            (Arc::new(q), None)
+            let db = q.database();
+            (Arc::new(q), None, Some(db))
         }
         QueueBackendKind::Redis => {
             let rcfg = cfg
@@ -149,7 +159,7 @@ async fn open_queue(
                     .await
                     .context("connecting to Redis")?,
             );
-            (Arc::clone(&q) as Arc<dyn Queue>, Some(q))
+            (Arc::clone(&q) as Arc<dyn Queue>, Some(q), None)
         }
     })
 }
@@ -264,7 +274,7 @@ async fn settle(signals: &mut StopSignals, draining: &AtomicBool, settle: Durati
 
 async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result<()> {
     init_logging(&cfg);
-    let (queue, redis) = open_queue(&cfg).await?;
+    let (queue, redis, embedded_db) = open_queue(&cfg).await?;
     info!(backend = queue.backend(), hostname = %cfg.hostname, "queue open");
     let mut metrics = Metrics::new();
     // Quota checks and egress pacing keep their own families, in the same exposition.
@@ -272,7 +282,38 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let egress_metrics = EgressMetrics::default();
     egress_metrics.register(metrics.registry_mut());
     let dkim_metrics = mailrelay::dkim::metrics::DkimMetrics::register(metrics.registry_mut());
+    let event_metrics = EventMetrics::register(metrics.registry_mut());
+    let webhook_metrics = WebhookMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
+    let event_store = match (cfg.events.enabled, &redis, embedded_db) {
+        (false, _, _) => None,
+        (true, Some(q), _) => Some(EventStore::Redis(RedisEvents::new(
+            q.shared(),
+            cfg.events.max_len,
+        ))),
+        (true, None, Some(db)) => Some(EventStore::Embedded(
+            EmbeddedEvents::open(db, cfg.events.max_len)
+                .context("opening the event store in the embedded queue")?,
+        )),
+        (true, None, None) => None,
+    };
+    let events = event_store
+        .clone()
+        .map(|s| EventSink::start(s, &cfg.events, event_metrics));
+    let _webhooks = match &event_store {
+        Some(store) if !cfg.webhooks.is_empty() => Some(
+            Webhooks::start(
+                &cfg.webhooks,
+                store.clone(),
+                &format!("mailrelay://{}", cfg.hostname),
+                &format!("{}:{}", cfg.hostname, std::process::id()),
+                webhook_metrics,
+            )
+            .await
+            .context("starting the webhook consumers")?,
+        ),
+        _ => None,
+    };
     let auth_failures: Option<Arc<dyn server::auth_throttle::FailureStore>> =
         match (&cfg.auth, &redis) {
             (None, _) => None,
@@ -345,10 +386,16 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             Some(tokio::spawn(admin::serve_with(
                 listener,
                 state,
-                match &suppression {
-                    Some(s) => quota::admin::routes(Arc::clone(&quotas))
-                        .merge(mailrelay::events::suppression_admin::routes(Arc::clone(s))),
-                    None => quota::admin::routes(Arc::clone(&quotas)),
+                {
+                    let mut routes = quota::admin::routes(Arc::clone(&quotas));
+                    if let Some(s) = &suppression {
+                        routes = routes
+                            .merge(mailrelay::events::suppression_admin::routes(Arc::clone(s)));
+                    }
+                    if let Some(store) = &event_store {
+                        routes = routes.merge(admin::events::routes(store.clone()));
+                    }
+                    routes
                 },
                 async move {
                     let _ = admin_stop_rx.await;
@@ -428,12 +475,19 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     if let (Some(store), Some(delivery)) = (sts_store, &delivery) {
         delivery.share_policies_with(Arc::new(store));
     }
+    if let (Some(sink), Some(delivery)) = (&events, &delivery) {
+        delivery.record_events_with(sink.clone());
+    }
     let shared = Shared::new(cfg, queue, metrics, tls, users, Some(quotas));
     if let Some(d) = dkim {
         shared.set_dkim(d);
     }
     if let Some(s) = suppression {
         shared.set_suppression(s);
+    }
+    if let Some(sink) = &events {
+        info!(store = sink.store().backend(), "delivery events recorded");
+        shared.set_events(sink.clone());
     }
     if let Some(t) = auth_throttle {
         info!(backend = t.backend(), "AUTH throttle ready");
@@ -454,6 +508,9 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     .await;
     if let Ok(drain) = delivery_drain_rx.await {
         let _ = drain.await;
+    }
+    if let Some(sink) = &events {
+        sink.flush().await;
     }
     let _ = admin_stop_tx.send(());
     if let Some(t) = admin_task {

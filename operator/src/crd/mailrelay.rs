@@ -219,15 +219,15 @@ pub struct MailRelaySpec {
     pub env_from: Vec<EnvFromSource>,
     /// Extra volumes of the relay pods, of the types Pod Security `restricted`
     /// allows. The names `config`, `tmp`, `tls`, `auth`, `ca-bundle`,
-    /// `admin-token` and `dkim` are the operator's.
+    /// `admin-token`, `dkim` and `webhooks` are the operator's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     #[schemars(extend(
         "x-kubernetes-list-type" = "map",
         "x-kubernetes-list-map-keys" = ["name"],
         "x-kubernetes-validations" = [{
-            "rule": "self.all(v, !(v.name in ['config', 'tmp', 'tls', 'auth', 'ca-bundle', 'admin-token', 'dkim']))",
-            "message": "the volume names config, tmp, tls, auth, ca-bundle, admin-token and dkim are the operator's"
+            "rule": "self.all(v, !(v.name in ['config', 'tmp', 'tls', 'auth', 'ca-bundle', 'admin-token', 'dkim', 'webhooks']))",
+            "message": "the volume names config, tmp, tls, auth, ca-bundle, admin-token, dkim and webhooks are the operator's"
         }, {
             "rule": "self.all(v, [has(v.configMap), has(v.secret), has(v.emptyDir), has(v.projected), has(v.downwardAPI), has(v.persistentVolumeClaim), has(v.csi)].filter(x, x).size() == 1)",
             "message": "each volume has exactly one source: configMap, secret, emptyDir, projected, downwardAPI, persistentVolumeClaim or csi"
@@ -270,6 +270,85 @@ pub struct MailRelaySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256))]
     pub response_rules: Vec<mailrelay::config::rules::ResponseRule>,
+    /// HTTPS endpoints that receive this relay's delivery events (accepted,
+    /// delivered, deferred, bounced, …) of the tenants they name, as
+    /// CloudEvents-style JSON signed with HMAC-SHA256 (the key from a Secret).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend(
+        "x-kubernetes-list-type" = "map",
+        "x-kubernetes-list-map-keys" = ["name"]
+    ))]
+    pub webhooks: Vec<WebhookSpec>,
+}
+
+/// One entry of `spec.webhooks`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookSpec {
+    /// Names the endpoint in metrics and its cursor in the event store.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9_-]+$"))]
+    pub name: String,
+    /// `https://host[:port]/path`.
+    #[schemars(length(min = 9, max = 2048))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.startsWith('https://')",
+        "message": "webhook URLs must be https://: events and their signatures must not travel in clear"
+    }]))]
+    pub url: String,
+    /// The Secret key holding the HMAC-SHA256 signing key (at least 16 characters).
+    pub secret_ref: SecretKeyRef,
+    /// Whose events the endpoint receives.
+    pub tenants: WebhookTenantsSpec,
+    /// Only these kinds (default: all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 7))]
+    pub kinds: Vec<EventKindSpec>,
+}
+
+/// `spec.webhooks[].tenants`: AUTH users and sender domains, or all.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookTenantsSpec {
+    /// Every tenant (an operator's own endpoint).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all: bool,
+    /// Mail submitted by these SMTP AUTH users.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub auth_users: Vec<String>,
+    /// Mail whose envelope sender is in one of these domains (exact, ASCII
+    /// case-insensitive).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 256))]
+    pub sender_domains: Vec<String>,
+}
+
+/// A delivery event kind.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKindSpec {
+    Accepted,
+    Delivered,
+    Deferred,
+    Bounced,
+    Expired,
+    Suppressed,
+    DsnSent,
+}
+
+impl EventKindSpec {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKindSpec::Accepted => "accepted",
+            EventKindSpec::Delivered => "delivered",
+            EventKindSpec::Deferred => "deferred",
+            EventKindSpec::Bounced => "bounced",
+            EventKindSpec::Expired => "expired",
+            EventKindSpec::Suppressed => "suppressed",
+            EventKindSpec::DsnSent => "dsn_sent",
+        }
+    }
 }
 
 /// `spec.dkim` of a MailRelay.

@@ -22,6 +22,7 @@
 
 pub mod cluster;
 pub mod delete;
+pub mod events;
 pub mod list;
 pub mod message;
 pub mod output;
@@ -166,6 +167,38 @@ pub enum Command {
         #[command(subcommand)]
         action: suppression::Action,
     },
+    /// Delivery events ("where is my mail?"), of one MailRelay or of every
+    /// MailRelay in the namespace, oldest first.
+    Events {
+        /// Name of the MailRelay (default: every MailRelay in the namespace).
+        name: Option<String>,
+        /// Only this queue ID.
+        #[arg(long)]
+        queue_id: Option<String>,
+        /// Only this Message-ID (with or without angle brackets).
+        #[arg(long)]
+        message_id: Option<String>,
+        /// Only this envelope sender.
+        #[arg(long)]
+        from: Option<String>,
+        /// Only this recipient.
+        #[arg(long)]
+        to: Option<String>,
+        /// From this time: a duration back (30s, 15m, 1h, 2d), a UTC time
+        /// (2026-12-07T10:00:00Z) or ms since the epoch.
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this kind: accepted, delivered, deferred, bounced, expired,
+        /// suppressed, dsn_sent.
+        #[arg(long)]
+        kind: Option<String>,
+        /// At most this many, the newest (default 100, at most 1000).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
     /// Print a shell completion script for `kubectl-mailrelay`
     /// (e.g. `source <(kubectl mailrelay completion bash)`).
     Completion {
@@ -275,7 +308,9 @@ fn check_all_namespaces(g: &GlobalArgs, command: &Command) -> Result<(), PluginE
     }
     let named = match command {
         Command::List | Command::Completion { .. } => None,
-        Command::Status { name } | Command::Queue { name, .. } => name.as_deref(),
+        Command::Status { name } | Command::Queue { name, .. } | Command::Events { name, .. } => {
+            name.as_deref()
+        }
         Command::Quota { relay, .. } => relay.as_deref(),
         Command::Message { name, .. }
         | Command::Retry { name, .. }
@@ -328,6 +363,29 @@ pub async fn execute(
         }
         Command::Suppression { name, action } => {
             suppression::run(cluster, name, action, format).await
+        }
+        Command::Events {
+            name,
+            queue_id,
+            message_id,
+            from,
+            to,
+            since,
+            until,
+            kind,
+            limit,
+        } => {
+            let filter = events::Filter {
+                queue_id: queue_id.clone(),
+                message_id: message_id.clone(),
+                from: from.clone(),
+                to: to.clone(),
+                since: since.clone(),
+                until: until.clone(),
+                kind: kind.clone(),
+                limit: *limit,
+            };
+            events::run(cluster, name.as_deref(), &filter, format).await
         }
         Command::Completion { shell } => Ok(completion(*shell)),
     }

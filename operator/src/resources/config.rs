@@ -315,6 +315,7 @@ pub fn relay_config(
     cfg.dkim = Some(super::dkim::relay_dkim(spec)?);
     cfg.providers = spec.providers.clone().unwrap_or_default();
     cfg.response_rules = spec.response_rules.clone();
+    cfg.webhooks = spec.webhooks.iter().map(webhook_config).collect();
     cfg.validate().map_err(|e| match e {
         mailrelay::config::ConfigError::Invalid { field, message } => {
             spec_err(relay_field(&field), message)
@@ -322,6 +323,32 @@ pub fn relay_config(
         other => spec_err("spec", other.to_string()),
     })?;
     Ok(cfg)
+}
+
+/// Where the Deployment mounts the webhooks' signing keys, one file per webhook
+/// (named like it).
+pub const WEBHOOK_DIR: &str = "/var/run/mailrelay/webhooks";
+
+/// One `spec.webhooks` entry as the relay's `webhooks[]`: the key is the file the
+/// `webhooks` volume projects from the entry's Secret key.
+fn webhook_config(w: &crate::crd::WebhookSpec) -> mailrelay::config::WebhookConfig {
+    use mailrelay::config::events::{WebhookRetry, WebhookTenants};
+    mailrelay::config::WebhookConfig {
+        name: w.name.clone(),
+        url: w.url.clone(),
+        secret: None,
+        secret_file: Some(PathBuf::from(format!("{WEBHOOK_DIR}/{}", w.name))),
+        tenants: WebhookTenants {
+            all: w.tenants.all,
+            auth_users: w.tenants.auth_users.clone(),
+            sender_domains: w.tenants.sender_domains.clone(),
+        },
+        kinds: w.kinds.iter().map(|k| k.as_str().to_owned()).collect(),
+        allow_http: false,
+        ca_file: None,
+        timeout: std::time::Duration::from_secs(10),
+        retry: WebhookRetry::default(),
+    }
 }
 
 /// `spec.senderBinding` as the relay's `sender_binding`, checked here so that each
@@ -486,6 +513,18 @@ fn relay_field(field: &str) -> String {
         "relay_networks" => ("spec.relayNetworks", rest),
         "listeners" => ("spec.listeners", rest),
         "limits" => ("spec.limits", rest),
+        "webhooks" => (
+            "spec.webhooks",
+            // The secret comes from a Secret: name the field the user writes.
+            if rest.ends_with(".secret_file") || rest.ends_with(".secret") {
+                return format!(
+                    "spec.webhooks{}.secretRef",
+                    rest.rsplit_once('.').map_or("", |(a, _)| a)
+                );
+            } else {
+                rest
+            },
+        ),
         "delivery" => {
             // Route credentials are spelt differently in the spec.
             let rest = if rest.starts_with(".routes[") {

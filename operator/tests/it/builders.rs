@@ -1613,4 +1613,74 @@ fn response_rules_and_presets_reach_the_relay_config() {
         let e = build_err(&RULES.replacen(from, to, 1));
         assert_eq!(e.field, field, "{to}: {e}");
     }
+#[test]
+fn webhooks_reach_the_relay_with_their_keys_projected_from_secrets() {
+    let yaml = format!(
+        "{SMARTHOST}  webhooks:\n\
+         \x20   - name: shop\n\
+         \x20     url: https://hooks.shop.example/mail\n\
+         \x20     secretRef: {{name: shop-hooks, key: hmac}}\n\
+         \x20     tenants: {{senderDomains: [shop.example]}}\n\
+         \x20     kinds: [delivered, bounced, dsn_sent]\n\
+         \x20   - name: ops\n\
+         \x20     url: https://ops.example/events\n\
+         \x20     secretRef: {{name: ops-hooks, key: key}}\n\
+         \x20     tenants: {{all: true}}\n"
+    );
+    let o = build(&relay(&yaml), &[], &ResolvedSecrets::default());
+    let cfg = rendered(&o);
+    assert_eq!(cfg.webhooks.len(), 2);
+    let shop = &cfg.webhooks[0];
+    assert_eq!(shop.url, "https://hooks.shop.example/mail");
+    assert_eq!(
+        shop.secret_file.as_deref(),
+        Some(Path::new("/var/run/mailrelay/webhooks/shop"))
+    );
+    assert_eq!(shop.tenants.sender_domains, ["shop.example"]);
+    assert_eq!(shop.kinds, ["delivered", "bounced", "dsn_sent"]);
+    assert!(cfg.webhooks[1].tenants.all);
+    let vol = pod_spec(&o)
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "webhooks")
+        .unwrap();
+    let sources = vol.projected.as_ref().unwrap().sources.as_deref().unwrap();
+    let s = sources[0].secret.as_ref().unwrap();
+    assert_eq!(s.name, "shop-hooks");
+    let item = &s.items.as_deref().unwrap()[0];
+    assert_eq!((item.key.as_str(), item.path.as_str()), ("hmac", "shop"));
+    assert_eq!(sources[1].secret.as_ref().unwrap().name, "ops-hooks");
+    let mount = container(&o)
+        .volume_mounts
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|m| m.name == "webhooks")
+        .unwrap();
+    assert_eq!(mount.mount_path, "/var/run/mailrelay/webhooks");
+
+    // Without webhooks: no volume.
+    let o = build(&relay(SMARTHOST), &[], &ResolvedSecrets::default());
+    assert!(
+        pod_spec(&o)
+            .volumes
+            .as_deref()
+            .unwrap()
+            .iter()
+            .all(|v| v.name != "webhooks")
+    );
+
+    // Plain HTTP and tenants naming nobody are refused, naming the field (the
+    // CRD's rule refuses http:// too, where CEL runs).
+    let e = build_err(&format!(
+        "{SMARTHOST}  webhooks:\n    - {{name: a, url: 'http://x/', secretRef: {{name: s, key: k}}, tenants: {{all: true}}}}\n"
+    ));
+    assert_eq!(e.field, "spec.webhooks[0].url", "{e:?}");
+    assert!(e.message.contains("not HTTPS"), "{e:?}");
+    let e = build_err(&format!(
+        "{SMARTHOST}  webhooks:\n    - {{name: a, url: 'https://x/', secretRef: {{name: s, key: k}}, tenants: {{}}}}\n"
+    ));
+    assert_eq!(e.field, "spec.webhooks[0].tenants", "{e:?}");
 }

@@ -34,6 +34,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use mailrelay::admin::{self, AdminState};
 use mailrelay::config::RelayConfig;
 use mailrelay::delivery::scheduler::Delivery;
+use mailrelay::events::log::{EmbeddedEvents, EventMetrics, EventSink, EventStore};
 use mailrelay::metrics::Metrics;
 use mailrelay::queue::{EmbeddedQueue, Inspect, Queue};
 use mailrelay::server::{self, Shared};
@@ -147,8 +148,17 @@ async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
         dir.path().join("queue").display()
     );
     let cfg = RelayConfig::from_yaml(&yaml).expect("test relay config");
-    let queue: Arc<dyn Queue> =
-        Arc::new(EmbeddedQueue::open(&cfg.queue.path).expect("open embedded queue"));
+    let embedded = EmbeddedQueue::open(&cfg.queue.path).expect("open embedded queue");
+    // Delivery events in the queue's own file, as `mailrelay serve` keeps them.
+    let events = EventStore::Embedded(
+        EmbeddedEvents::open(embedded.database(), 10_000).expect("open the event store"),
+    );
+    let sink = EventSink::start(
+        events.clone(),
+        &mailrelay::config::EventsConfig::default(),
+        EventMetrics::default(),
+    );
+    let queue: Arc<dyn Queue> = Arc::new(embedded);
     let metrics = Arc::new(Metrics::new());
     let state = AdminState {
         queue: Arc::clone(&queue) as Arc<dyn Inspect>,
@@ -166,6 +176,10 @@ async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
         admin_listener,
         state,
         mailrelay::events::suppression_admin::routes(suppression),
+    tokio::spawn(admin::serve_with(
+        admin_listener,
+        state,
+        admin::events::routes(events),
         std::future::pending::<()>(),
     ));
     let listeners = server::bind(&cfg).expect("bind SMTP");
@@ -176,7 +190,9 @@ async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
         Arc::clone(&metrics),
     )
     .expect("start delivery");
+    delivery.record_events_with(sink.clone());
     let shared = Shared::new(cfg, queue, metrics, None, None, None);
+    shared.set_events(sink);
     tokio::spawn(server::serve(
         shared,
         listeners,
@@ -861,6 +877,35 @@ async fn every_verb_against_a_real_relay_through_the_service_proxy() {
         "{}",
         e.stderr
     );
+
+    // events: "where is my mail?" through the service proxy, of one relay or of
+    // every relay in the namespace (the one that is down is named, not fatal).
+    let out = plugin(kc, &["events", "--to", "ok@example.net", "--since", "1h"]).await;
+    let text = out.ok();
+    assert!(
+        text.contains(&format!(
+            "delivered  {bob}  <bob@example.com> -> ok@example.net"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("relay mail/down:"), "{text}");
+    let j = plugin(kc, &["events", "out", "--queue-id", &bob, "-o", "json"])
+        .await
+        .json();
+    let kinds: Vec<&str> = j["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds[0], "accepted", "{j:#}");
+    assert!(
+        kinds.contains(&"delivered") && kinds.contains(&"deferred"),
+        "{j:#}"
+    );
+    let e = plugin(kc, &["events", "out", "--limit", "5000"]).await;
+    assert_eq!(e.code, 2, "a usage error: {}", e.stderr);
+    assert!(e.stderr.contains("--limit"), "{}", e.stderr);
 
     // status: conditions and replicas from the object, live queue and quota usage.
     let out = plugin(kc, &["status", "out"]).await;

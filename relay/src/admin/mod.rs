@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod events;
 
 #[cfg(test)]
 mod client_tests;

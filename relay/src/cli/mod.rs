@@ -1,5 +1,6 @@
 //! Client subcommands of the `mailrelay` binary that talk to a running relay.
 
+pub mod events;
 pub mod queue;
 pub mod quota;
 pub mod shaping;

@@ -19,6 +19,7 @@ pub mod auth;
 pub mod delivery;
 pub mod dkim;
 pub mod duration;
+pub mod events;
 pub mod glob;
 pub mod limits;
 pub mod listeners;
@@ -37,6 +38,7 @@ pub use delivery::{
     RetryPolicy, RouteConfig, TlsPolicy, TlsPolicyEntry, route_of,
 };
 pub use duration::{duration_str, format_duration, parse_duration};
+pub use events::{EventsConfig, WebhookConfig};
 pub use limits::Limits;
 pub use listeners::{ListenerConfig, TlsConfig, TlsMode};
 pub use log::{LogConfig, LogFormat};
@@ -135,6 +137,16 @@ pub struct RelayConfig {
     /// Suppression lists: recipients refused at `RCPT` after a hard bounce (absent: none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub suppression: Option<suppression::SuppressionConfig>,
+    /// The delivery event log (`mailrelay events`, webhooks).
+    #[serde(skip_serializing_if = "events_is_default")]
+    pub events: EventsConfig,
+    /// Per-tenant HTTPS endpoints that receive delivery events, signed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<WebhookConfig>,
+}
+
+fn events_is_default(e: &EventsConfig) -> bool {
+    *e == EventsConfig::default()
 }
 
 impl Default for RelayConfig {
@@ -159,6 +171,8 @@ impl Default for RelayConfig {
             quotas: Vec::new(),
             providers: rules::ProvidersConfig::default(),
             response_rules: Vec::new(),
+            events: EventsConfig::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -324,6 +338,14 @@ impl RelayConfig {
         if let Some(d) = &self.dkim {
             dkim::validate(d).map_err(|e| invalid(e.field, e.message))?;
         }
+        self.events.validate()?;
+        if !self.events.enabled && !self.webhooks.is_empty() {
+            return Err(invalid(
+                "events.enabled",
+                "is false, but webhooks are configured and read the event log",
+            ));
+        }
+        events::validate_webhooks(&self.webhooks)?;
         quota::validate(&self.quotas).map_err(|(f, m)| invalid(f, m))?;
         if let Some(s) = &self.suppression {
             s.validate().map_err(|(f, m)| invalid(f, m))?;

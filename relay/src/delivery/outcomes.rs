@@ -22,6 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::OutcomeBatchConfig;
+use crate::events::log::EventSink;
 use crate::metrics::Metrics;
 use crate::queue::{FinishResult, Lease, Leasing, MessageStatus, QueueError};
 
@@ -31,13 +32,15 @@ pub type Pending = oneshot::Receiver<Result<FinishResult, QueueError>>;
 struct Item {
     lease: Lease,
     status: MessageStatus,
+    /// Delivery events of this outcome, written just before the batch's `finish`.
+    events: Vec<mailrelay_admin_api::Event>,
     reply: oneshot::Sender<Result<FinishResult, QueueError>>,
     /// Room in the window, given back when the batch is written.
     _permit: OwnedSemaphorePermit,
 }
 
 enum Msg {
-    Outcome(Item),
+    Outcome(Box<Item>),
     /// Write what is waiting now, then answer.
     Flush(oneshot::Sender<()>),
 }
@@ -47,21 +50,54 @@ enum Msg {
 pub struct OutcomeWriter {
     tx: mpsc::UnboundedSender<Msg>,
     room: Arc<Semaphore>,
+    events: Arc<std::sync::OnceLock<EventSink>>,
 }
 
 impl OutcomeWriter {
     pub fn start(queue: Arc<dyn Leasing>, cfg: OutcomeBatchConfig, metrics: Arc<Metrics>) -> Self {
         let max = cfg.max_messages.max(1);
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(queue, max, cfg.max_delay, metrics, rx));
+        let events = Arc::new(std::sync::OnceLock::new());
+        tokio::spawn(run(
+            queue,
+            max,
+            cfg.max_delay,
+            metrics,
+            Arc::clone(&events),
+            rx,
+        ));
         OutcomeWriter {
             tx,
             room: Arc::new(Semaphore::new(max)),
+            events,
         }
+    }
+
+    /// Writes the events given with outcomes to `sink` from now on (once; later
+    /// calls are ignored).
+    pub fn record_events_with(&self, sink: EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    /// Whether outcome events are recorded (so callers build them only then).
+    pub fn events_enabled(&self) -> bool {
+        self.events.get().is_some()
     }
 
     /// Hands an outcome to the next batch, waiting while the window is full.
     pub async fn submit(&self, lease: Lease, status: MessageStatus) -> Pending {
+        self.submit_with_events(lease, status, Vec::new()).await
+    }
+
+    /// [`OutcomeWriter::submit`] with the delivery events of the outcome: they are
+    /// written before the batch's `finish`, so a crash between the two writes
+    /// delivers again and writes them again (at least once, never lost).
+    pub async fn submit_with_events(
+        &self,
+        lease: Lease,
+        status: MessageStatus,
+        events: Vec<mailrelay_admin_api::Event>,
+    ) -> Pending {
         let (reply, answer) = oneshot::channel();
         let permit = match Arc::clone(&self.room).acquire_owned().await {
             Ok(p) => p,
@@ -74,10 +110,13 @@ impl OutcomeWriter {
         let item = Item {
             lease,
             status,
+            events,
             reply,
             _permit: permit,
         };
-        if let Err(mpsc::error::SendError(Msg::Outcome(item))) = self.tx.send(Msg::Outcome(item)) {
+        if let Err(mpsc::error::SendError(Msg::Outcome(item))) =
+            self.tx.send(Msg::Outcome(Box::new(item)))
+        {
             let _ = item.reply.send(Err(QueueError::Unavailable(
                 "outcome writer stopped".into(),
             )));
@@ -100,6 +139,7 @@ async fn run(
     max: usize,
     max_delay: std::time::Duration,
     metrics: Arc<Metrics>,
+    events: Arc<std::sync::OnceLock<EventSink>>,
     mut rx: mpsc::UnboundedReceiver<Msg>,
 ) {
     let mut batch: Vec<Item> = Vec::with_capacity(max);
@@ -110,7 +150,7 @@ async fn run(
                 let _ = done.send(());
                 continue;
             }
-            Some(Msg::Outcome(item)) => batch.push(item),
+            Some(Msg::Outcome(item)) => batch.push(*item),
         }
         // The window opens with its first outcome.
         let deadline = Instant::now() + max_delay;
@@ -125,7 +165,7 @@ async fn run(
                     closed = true;
                     break;
                 }
-                Ok(Some(Msg::Outcome(item))) => batch.push(item),
+                Ok(Some(Msg::Outcome(item))) => batch.push(*item),
                 Ok(Some(Msg::Flush(done))) => {
                     trigger = "shutdown";
                     flushed.push(done);
@@ -136,7 +176,14 @@ async fn run(
         if batch.len() >= max {
             trigger = "size";
         }
-        write(&*queue, std::mem::take(&mut batch), trigger, &metrics).await;
+        write(
+            &*queue,
+            std::mem::take(&mut batch),
+            trigger,
+            &metrics,
+            events.get(),
+        )
+        .await;
         for done in flushed {
             let _ = done.send(());
         }
@@ -146,8 +193,21 @@ async fn run(
     }
 }
 
-async fn write(queue: &dyn Leasing, batch: Vec<Item>, trigger: &'static str, metrics: &Metrics) {
+async fn write(
+    queue: &dyn Leasing,
+    mut batch: Vec<Item>,
+    trigger: &'static str,
+    metrics: &Metrics,
+    sink: Option<&EventSink>,
+) {
     let n = batch.len();
+    if let Some(sink) = sink {
+        let events: Vec<_> = batch
+            .iter_mut()
+            .flat_map(|i| std::mem::take(&mut i.events))
+            .collect();
+        sink.append_now(&events).await;
+    }
     let (items, replies): (Vec<(Lease, MessageStatus)>, Vec<_>) = batch
         .into_iter()
         .map(|i| ((i.lease, i.status), (i.reply, i._permit)))

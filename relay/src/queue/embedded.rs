@@ -294,6 +294,12 @@ impl EmbeddedQueue {
         })
     }
 
+    /// The database, for stores that keep their data beside the queue in their own
+    /// tables (delivery events): the same file, fsync and crash safety.
+    pub fn database(&self) -> Arc<Database> {
+        Arc::clone(&self.db)
+    }
+
     /// Number of write transactions committed since open; with group commit this is
     /// at most the number of writes, usually fewer under load.
     pub fn commits(&self) -> u64 {

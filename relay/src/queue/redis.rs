@@ -356,6 +356,31 @@ impl SharedRedis {
         };
         result.map_err(|e| redact(&self.secrets, &format!("redis: {e}")))
     }
+
+    /// Runs one plain command (no script), tried once more after a dropped
+    /// connection. The caller bounds the time. Errors are redacted text.
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, String> {
+        let result = match cmd.query_async(&mut self.conn.clone()).await {
+            Err(e) if is_connection_error(&e) => {
+                tokio::time::sleep(RETRY_DELAY).await;
+                cmd.query_async(&mut self.conn.clone()).await
+            }
+            other => other,
+        };
+        result.map_err(|e| redact(&self.secrets, &format!("redis: {e}")))
+    }
+
+    /// Runs a pipeline of plain commands in one round trip, like [`Self::query`].
+    pub async fn pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T, String> {
+        let result = match pipe.query_async(&mut self.conn.clone()).await {
+            Err(e) if is_connection_error(&e) => {
+                tokio::time::sleep(RETRY_DELAY).await;
+                pipe.query_async(&mut self.conn.clone()).await
+            }
+            other => other,
+        };
+        result.map_err(|e| redact(&self.secrets, &format!("redis: {e}")))
+    }
 }
 
 /// A Lua guard that runs in the same atomic call as an enqueue and decides whether

@@ -857,6 +857,16 @@ impl Conn {
         if result.is_ok() {
             self.shared.queued();
             self.shared.metrics.accepted(msg.body.len() as u64);
+            if let Some(sink) = self.shared.events() {
+                use crate::events::log::{event_for, message_id_of};
+                let mut e = event_for(
+                    mailrelay_admin_api::EventKind::Accepted,
+                    msg,
+                    message_id_of(&msg.body).as_deref(),
+                );
+                e.at_ms = msg.envelope.received_at_ms;
+                sink.record(e);
+            }
             info!(
                 queue_id = %msg.envelope.id,
                 from = %msg.envelope.mail.from,

@@ -50,6 +50,8 @@ pub struct Shared {
     dkim: std::sync::OnceLock<Arc<crate::dkim::Dkim>>,
     /// Suppression lists checked at `RCPT` (set when `suppression:` is configured).
     suppression: std::sync::OnceLock<Arc<crate::events::suppression::Suppression>>,
+    /// Records `accepted` events (set when the event log is on).
+    events: std::sync::OnceLock<crate::events::log::EventSink>,
     active: AtomicUsize,
 }
 
@@ -100,6 +102,7 @@ impl Shared {
             auth_throttle: std::sync::OnceLock::new(),
             dkim: std::sync::OnceLock::new(),
             suppression: std::sync::OnceLock::new(),
+            events: std::sync::OnceLock::new(),
             active: AtomicUsize::new(0),
         })
     }
@@ -131,6 +134,16 @@ impl Shared {
     /// Signs accepted mail from now on (once; later calls are ignored).
     pub fn set_dkim(&self, d: Arc<crate::dkim::Dkim>) {
         let _ = self.dkim.set(d);
+    }
+
+    /// Records an `accepted` event for every message queued from now on (once;
+    /// later calls are ignored).
+    pub fn set_events(&self, sink: crate::events::log::EventSink) {
+        let _ = self.events.set(sink);
+    }
+
+    pub fn events(&self) -> Option<&crate::events::log::EventSink> {
+        self.events.get()
     }
 
     pub fn dkim(&self) -> Option<&Arc<crate::dkim::Dkim>> {

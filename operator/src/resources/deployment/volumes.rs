@@ -18,7 +18,7 @@ type VolumeBuilder = fn(relay: &str, spec: &MailRelaySpec) -> Option<(Volume, Vo
 /// The operator's volumes, in pod order. A new one is a builder below plus its line
 /// here; its name is then refused in `spec.volumes` (and the CRD's rule on
 /// `spec.volumes` must list it: a test checks).
-pub(super) const OPERATOR_VOLUMES: [(&str, VolumeBuilder); 7] = [
+pub(super) const OPERATOR_VOLUMES: [(&str, VolumeBuilder); 8] = [
     ("config", config),
     ("tmp", tmp),
     ("tls", tls),
@@ -26,6 +26,7 @@ pub(super) const OPERATOR_VOLUMES: [(&str, VolumeBuilder); 7] = [
     ("admin-token", admin_token),
     (crate::resources::dkim::VOLUME, dkim_keys),
     ("ca-bundle", ca_bundle),
+    ("webhooks", webhook_keys),
 ];
 
 /// The pod's volumes and the relay container's mounts: the operator's, then the user's.
@@ -128,6 +129,39 @@ fn admin_token(relay: &str, _: &MailRelaySpec) -> Option<(Volume, VolumeMount)> 
 /// The DKIM key bundle the operator keeps per relay (its SenderDomains' keys).
 fn dkim_keys(relay: &str, _: &MailRelaySpec) -> Option<(Volume, VolumeMount)> {
     Some(crate::resources::dkim::volume(relay))
+}
+
+/// The signing keys of `spec.webhooks`: each entry's Secret key projected to a
+/// file named like the webhook (the config's `secret_file`).
+fn webhook_keys(_: &str, spec: &MailRelaySpec) -> Option<(Volume, VolumeMount)> {
+    use k8s_openapi::api::core::v1::{ProjectedVolumeSource, SecretProjection, VolumeProjection};
+    if spec.webhooks.is_empty() {
+        return None;
+    }
+    let sources = spec
+        .webhooks
+        .iter()
+        .map(|w| VolumeProjection {
+            secret: Some(SecretProjection {
+                name: w.secret_ref.name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: w.secret_ref.key.clone(),
+                    path: w.name.clone(),
+                    mode: None,
+                }]),
+                optional: Some(false),
+            }),
+            ..VolumeProjection::default()
+        })
+        .collect();
+    let volume = Volume {
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(sources),
+            default_mode: Some(0o440),
+        }),
+        ..Volume::default()
+    };
+    Some((volume, read_only_at(crate::resources::config::WEBHOOK_DIR)))
 }
 
 /// The CA bundle of `spec.delivery.caBundle`: only the one key, under a fixed name

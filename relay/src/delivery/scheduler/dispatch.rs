@@ -121,10 +121,11 @@ impl MessageGate for Recorder<'_> {
             // Awaited here, not spawned: while the batch window is full the
             // connection waits, which is what bounds the unwritten outcomes.
             let status = self.inner.conclude(&part.work).await;
+            let events = std::mem::take(&mut *part.work.events.lock().unwrap());
             let pending = self
                 .inner
                 .outcomes
-                .submit(part.work.lease.clone(), status)
+                .submit_with_events(part.work.lease.clone(), status, events)
                 .await;
             self.early
                 .pending
@@ -182,6 +183,7 @@ impl Inner {
             let work = Arc::new(Work {
                 final_before,
                 attempted: AtomicBool::new(false),
+                events: Mutex::new(Vec::new()),
                 postponed_until: Mutex::new(None),
                 relayed: Mutex::new(Vec::new()),
                 parts_left: AtomicUsize::new(by_dest.len()),

@@ -24,10 +24,12 @@ use crate::delivery::smtp_client::{MessageOutcome, Outcome, Stage};
 use crate::events::classify::{Category, LocalFailure, classify_local, classify_reply};
 use crate::events::suppression::Suppression;
 use crate::queue::TransportSecurity;
+use crate::events::log::{event_for, message_id_of};
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, MessageStatus, QueueError, QueueId, RcptState, TlsInfo,
     now_ms,
 };
+use mailrelay_admin_api::EventKind;
 
 impl Inner {
     /// Writes the outcome of one message's part into its status and logs it.
@@ -47,6 +49,10 @@ impl Inner {
     ) {
         let mut status = part.work.status.lock().unwrap();
         let queue_id = status.id.clone();
+        let with_events = self.outcomes.events_enabled();
+        let message_id = with_events
+            .then(|| message_id_of(&part.work.message.body))
+            .flatten();
         for r in &outcome.recipients {
             let Some(rs) = status
                 .rcpts
@@ -86,6 +92,22 @@ impl Inner {
                 if let (Some(c), Some(sup)) = (category, self.suppression.get()) {
                     self.suppress(sup, part, &r.address, c, &reply);
                 }
+            }
+            if with_events {
+                let kind = match r.result {
+                    Outcome::Delivered => EventKind::Delivered,
+                    Outcome::Deferred => EventKind::Deferred,
+                    Outcome::Bounced => EventKind::Bounced,
+                };
+                let mut e = event_for(kind, &part.work.message, message_id.as_deref());
+                e.at_ms = at_ms;
+                e.recipient = Some(r.address.clone());
+                e.reply = Some(reply.clone());
+                e.mx = target.map(|(n, _)| n.clone());
+                e.tls_version = tls.map(|t| t.version.clone());
+                e.tls_cipher = tls.map(|t| t.cipher.clone());
+                e.category = category.map(|c| c.as_str().to_owned());
+                part.work.events.lock().unwrap().push(e);
             }
             rs.state = state;
             rs.record(Attempt {
@@ -133,7 +155,11 @@ impl Inner {
     /// After every part of a message is done: reschedule, expire, bounce and finish.
     pub(super) async fn finalize(&self, work: &Work) {
         let status = self.conclude(work).await;
-        let pending = self.outcomes.submit(work.lease.clone(), status).await;
+        let events = std::mem::take(&mut *work.events.lock().unwrap());
+        let pending = self
+            .outcomes
+            .submit_with_events(work.lease.clone(), status, events)
+            .await;
         self.finished(&work.lease.id, pending.await);
     }
 
@@ -175,6 +201,17 @@ impl Inner {
                         r.state = RcptState::Expired;
                         r.category =
                             Some(classify_local(LocalFailure::QueueLifetime).as_str().into());
+                        if self.outcomes.events_enabled() {
+                            let mut e = event_for(
+                                EventKind::Expired,
+                                &work.message,
+                                message_id_of(&work.message.body).as_deref(),
+                            );
+                            e.recipient = Some(r.address.clone());
+                            e.reply = r.attempts.last().map(|a| a.reply.clone());
+                            e.category = r.category.clone();
+                            work.events.lock().unwrap().push(e);
+                        }
                         self.metrics.delivery_result("bounced", "expired");
                         self.metrics.delivery_failure("bounced", "expired");
                     }
@@ -227,7 +264,17 @@ impl Inner {
                     } else {
                         "bounce report"
                     };
-                    info!(queue_id = %status.id, dsn_id = %dsn.envelope.id, to = %sender, "{kind} queued")
+                    info!(queue_id = %status.id, dsn_id = %dsn.envelope.id, to = %sender, "{kind} queued");
+                    if self.outcomes.events_enabled() {
+                        let mut e = event_for(
+                            EventKind::DsnSent,
+                            &work.message,
+                            message_id_of(&work.message.body).as_deref(),
+                        );
+                        e.dsn_id = Some(dsn.envelope.id.to_string());
+                        e.reply = Some(kind.to_owned());
+                        work.events.lock().unwrap().push(e);
+                    }
                 }
                 Err(e) => {
                     // Without the report the sender would never learn. The failed

@@ -163,6 +163,7 @@ impl Inner {
             let work = Work {
                 final_before: l.status.rcpts.iter().map(|r| r.state.is_final()).collect(),
                 attempted: AtomicBool::new(false),
+                events: Mutex::new(Vec::new()),
                 postponed_until: Mutex::new(Some(now_ms())),
                 relayed: Mutex::new(Vec::new()),
                 parts_left: AtomicUsize::new(0),

@@ -121,6 +121,8 @@ struct Work {
     /// Recipients delivered this round to a server without the DSN extension: an
     /// RFC 3461 `relayed` notice is owed to those that asked for NOTIFY=SUCCESS.
     relayed: Mutex<Vec<String>>,
+    /// Delivery events of this round, written with its outcome.
+    events: Mutex<Vec<mailrelay_admin_api::Event>>,
 }
 
 /// The recipients of one message bound for one destination.
@@ -217,6 +219,12 @@ impl Delivery {
             main,
             renewer,
         })
+    }
+
+    /// Records delivery events into `sink` from now on (once; later calls are
+    /// ignored).
+    pub fn record_events_with(&self, sink: crate::events::log::EventSink) {
+        self.inner.outcomes.record_events_with(sink);
     }
 
     /// Signs every DSN written from now on with `dkim` (once; later calls are ignored).

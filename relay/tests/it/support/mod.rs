@@ -12,5 +12,6 @@ pub mod dns;
 pub mod mx;
 pub mod postfix;
 pub mod relay;
+pub mod webhook;
 
 pub use mailrelay_test_support::{free_ports, pki, redis, start_python};

@@ -1,0 +1,720 @@
+//! The delivery event log: where events are stored ([`EventStore`]: a capped Redis
+//! stream beside the Redis queue, tables in the embedded queue's redb file), and
+//! how they get there ([`EventSink`]).
+//!
+//! # Cost and durability
+//!
+//! Events are written in batches, one store round trip per batch, never one per
+//! message:
+//!
+//! - delivery outcomes (`delivered`, `deferred`, `bounced`, `expired`, `dsn_sent`)
+//!   ride with the outcome batch of `delivery::outcomes`: the batch's events are
+//!   appended *before* the batch's `finish` is written. A relay killed between the
+//!   two writes leaves the messages leased; whoever delivers them again writes
+//!   their events again. So an outcome event is written at least once, and never
+//!   lost to a crash (a duplicate is possible; webhooks consumers dedupe by the
+//!   event's `queue_id`, `recipient` and `kind`);
+//! - `accepted` (and whatever [`EventSink::record`] is given) goes through a
+//!   bounded channel to a batching task, written within `events.batch_delay`
+//!   after the `250`; a relay killed inside that window loses those `accepted`
+//!   events (the message itself is safe, and its outcome events still come). The
+//!   SMTP session never waits for it: a full channel drops the event and counts it
+//!   (`mailrelay_events_dropped_total`).
+//!
+//! A failing store never holds mail back: the outcome batch retries the append a
+//! few times, then writes the `finish` anyway and counts the events as lost.
+//!
+//! # Reading
+//!
+//! Event IDs are `<ms>-<seq>` in write order (Redis stream IDs; the embedded store
+//! makes the same), so a time range is an ID range. A query walks the range from
+//! its newest end and stops at `limit` matches or after [`MAX_SCAN`] events.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use mailrelay_admin_api::events::{Event, EventFilter, EventKind};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redis::Value;
+use tokio::sync::mpsc;
+
+use crate::config::EventsConfig;
+use crate::queue::redis::SharedRedis;
+use crate::queue::{QueuedMessage, now_ms};
+
+/// Most events one query reads before it gives up (and says so).
+pub const MAX_SCAN: usize = 200_000;
+/// IDs are write times, a little after the event's own time (the outcome batch,
+/// a store retry): an `until` bound reads this much further.
+const WRITE_SLACK_MS: u64 = 600_000;
+/// Events read per Redis request while scanning.
+const PAGE: usize = 1000;
+/// Capacity of the channel of [`EventSink::record`].
+const CHANNEL: usize = 65_536;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    #[error("stored event is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Counters of the event log (registered into the relay's registry).
+#[derive(Clone, Default)]
+pub struct EventMetrics {
+    written: Family<[(&'static str, &'static str); 1], Counter>,
+    dropped: Counter,
+    lost: Counter,
+}
+
+impl EventMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = EventMetrics::default();
+        registry.register(
+            "events_written",
+            "Delivery events written to the event store, by kind",
+            m.written.clone(),
+        );
+        registry.register(
+            "events_dropped",
+            "Events not recorded because the event writer's queue was full (the store is slower than the mail)",
+            m.dropped.clone(),
+        );
+        registry.register(
+            "events_lost",
+            "Events not written because the event store failed after retries",
+            m.lost.clone(),
+        );
+        m
+    }
+
+    fn written(&self, events: &[Event]) {
+        for e in events {
+            self.written
+                .get_or_create(&[("kind", e.kind.as_str())])
+                .inc();
+        }
+    }
+}
+
+/// Where events live.
+#[derive(Clone)]
+pub enum EventStore {
+    Redis(RedisEvents),
+    Embedded(EmbeddedEvents),
+}
+
+impl EventStore {
+    pub fn backend(&self) -> &'static str {
+        match self {
+            EventStore::Redis(_) => "redis",
+            EventStore::Embedded(_) => "embedded",
+        }
+    }
+
+    /// Writes `events` in one round trip (one pipeline, one commit) and returns
+    /// their IDs.
+    pub async fn append(&self, events: &[Event]) -> Result<Vec<String>, EventError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        match self {
+            EventStore::Redis(r) => r.append(events).await,
+            EventStore::Embedded(e) => e.append(events.to_vec()).await,
+        }
+    }
+
+    /// Events matching `filter`, oldest first; `true` when the scan stopped at
+    /// [`MAX_SCAN`] before the range was read through.
+    pub async fn query(&self, filter: &EventFilter) -> Result<(Vec<Event>, bool), EventError> {
+        match self {
+            EventStore::Redis(r) => r.query(filter).await,
+            EventStore::Embedded(e) => e.query(filter.clone()).await,
+        }
+    }
+}
+
+// ------------------------------------------------------------------ Redis
+
+/// The events stream beside the Redis queue: `<prefix>:events`, capped with
+/// `XADD MAXLEN ~`. One key, so one slot in a cluster.
+#[derive(Clone)]
+pub struct RedisEvents {
+    redis: SharedRedis,
+    key: String,
+    max_len: u64,
+}
+
+impl RedisEvents {
+    pub fn new(redis: SharedRedis, max_len: u64) -> Self {
+        let key = format!("{}:events", redis.prefix());
+        RedisEvents {
+            redis,
+            key,
+            max_len,
+        }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    pub fn redis(&self) -> &SharedRedis {
+        &self.redis
+    }
+
+    async fn append(&self, events: &[Event]) -> Result<Vec<String>, EventError> {
+        let mut pipe = redis::pipe();
+        for e in events {
+            let json = serde_json::to_vec(e).map_err(|e| EventError::Corrupt(e.to_string()))?;
+            pipe.cmd("XADD")
+                .arg(&self.key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.max_len)
+                .arg("*")
+                .arg("e")
+                .arg(json);
+        }
+        self.redis
+            .pipeline::<Vec<String>>(&pipe)
+            .await
+            .map_err(EventError::Unavailable)
+    }
+
+    async fn query(&self, f: &EventFilter) -> Result<(Vec<Event>, bool), EventError> {
+        let mut end = f.until_ms.map_or_else(
+            || "+".to_owned(),
+            |u| format!("{}-0", u.saturating_add(WRITE_SLACK_MS)),
+        );
+        let start = f
+            .since_ms
+            .map_or_else(|| "-".to_owned(), |s| format!("{s}-0"));
+        let mut out = Vec::new();
+        let mut scanned = 0;
+        loop {
+            let mut cmd = redis::cmd("XREVRANGE");
+            cmd.arg(&self.key)
+                .arg(&end)
+                .arg(&start)
+                .arg("COUNT")
+                .arg(PAGE);
+            let page: Value = self
+                .redis
+                .query(&cmd)
+                .await
+                .map_err(EventError::Unavailable)?;
+            let entries = parse_entries(page)?;
+            let n = entries.len();
+            scanned += n;
+            let mut last = None;
+            for (id, e) in entries {
+                if f.matches(&e) && out.len() < f.limit {
+                    out.push(e);
+                }
+                last = Some(id);
+            }
+            if out.len() >= f.limit || n < PAGE {
+                out.reverse();
+                return Ok((out, false));
+            }
+            if scanned >= MAX_SCAN {
+                out.reverse();
+                return Ok((out, true));
+            }
+            match last {
+                Some(id) => end = format!("({id}"),
+                None => {
+                    out.reverse();
+                    return Ok((out, false));
+                }
+            }
+        }
+    }
+}
+
+/// `[[id, [field, value, …]], …]` of XRANGE/XREVRANGE/XREADGROUP into events
+/// (their `id` set). An entry without an `e` field is skipped (not ours).
+pub(crate) fn parse_entries(v: Value) -> Result<Vec<(String, Event)>, EventError> {
+    let corrupt = |what: &str| EventError::Corrupt(format!("stream entry: {what}"));
+    let items = match v {
+        Value::Array(a) => a,
+        Value::Nil => return Ok(Vec::new()),
+        _ => return Err(corrupt("not an array")),
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let Value::Array(mut pair) = item else {
+            // XAUTOCLAIM reports entries deleted meanwhile as nil.
+            continue;
+        };
+        if pair.len() != 2 {
+            return Err(corrupt("not [id, fields]"));
+        }
+        let fields = pair.pop().unwrap_or(Value::Nil);
+        let id = text(pair.pop().unwrap_or(Value::Nil)).ok_or_else(|| corrupt("no id"))?;
+        let Value::Array(fields) = fields else {
+            continue;
+        };
+        let mut it = fields.into_iter();
+        while let (Some(k), Some(val)) = (it.next(), it.next()) {
+            if text(k).as_deref() == Some("e") {
+                let bytes = match val {
+                    Value::BulkString(b) => b,
+                    Value::SimpleString(s) => s.into_bytes(),
+                    _ => return Err(corrupt("event field is not a string")),
+                };
+                let mut e: Event = serde_json::from_slice(&bytes)
+                    .map_err(|e| EventError::Corrupt(format!("event {id}: {e}")))?;
+                e.id = id.clone();
+                out.push((id, e));
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+// --------------------------------------------------------------- embedded
+
+/// Events by `(write ms, sequence)`.
+pub(crate) const EVENTS: redb::TableDefinition<(u64, u64), &[u8]> =
+    redb::TableDefinition::new("events");
+/// A webhook's cursor: the last event it is done with.
+pub(crate) const CURSORS: redb::TableDefinition<&str, (u64, u64)> =
+    redb::TableDefinition::new("event_cursors");
+
+/// Events in the embedded queue's redb file (their own tables), committed with an
+/// fsync per batch.
+#[derive(Clone)]
+pub struct EmbeddedEvents {
+    db: Arc<Database>,
+    max_len: u64,
+    /// The last key given, so keys stay increasing within one millisecond.
+    last: Arc<std::sync::Mutex<(u64, u64)>>,
+}
+
+impl EmbeddedEvents {
+    pub fn open(db: Arc<Database>, max_len: u64) -> Result<Self, EventError> {
+        let txn = db.begin_write().map_err(unavailable)?;
+        let last = {
+            let t = txn.open_table(EVENTS).map_err(unavailable)?;
+            txn.open_table(CURSORS).map_err(unavailable)?;
+            t.last().map_err(unavailable)?.map(|(k, _)| k.value())
+        };
+        txn.commit().map_err(unavailable)?;
+        Ok(EmbeddedEvents {
+            db,
+            max_len,
+            last: Arc::new(std::sync::Mutex::new(last.unwrap_or((0, 0)))),
+        })
+    }
+
+    pub(crate) fn db(&self) -> &Arc<Database> {
+        &self.db
+    }
+
+    fn next_key(&self) -> (u64, u64) {
+        let mut last = self.last.lock().unwrap();
+        let now = now_ms();
+        *last = if now > last.0 {
+            (now, 0)
+        } else {
+            (last.0, last.1 + 1)
+        };
+        *last
+    }
+
+    async fn append(&self, events: Vec<Event>) -> Result<Vec<String>, EventError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut txn = this.db.begin_write().map_err(unavailable)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(unavailable)?;
+            let mut ids = Vec::with_capacity(events.len());
+            {
+                let mut t = txn.open_table(EVENTS).map_err(unavailable)?;
+                for e in &events {
+                    let key = this.next_key();
+                    let json =
+                        serde_json::to_vec(e).map_err(|e| EventError::Corrupt(e.to_string()))?;
+                    t.insert(key, json.as_slice()).map_err(unavailable)?;
+                    ids.push(format!("{}-{}", key.0, key.1));
+                }
+                // Trim like `MAXLEN ~`: only once 1 % over, back to the cap.
+                let len = t.len().map_err(unavailable)?;
+                if len > this.max_len + this.max_len / 100 {
+                    let excess = len - this.max_len;
+                    let mut n = 0;
+                    t.retain_in::<(u64, u64), _>(.., |_, _| {
+                        n += 1;
+                        n > excess
+                    })
+                    .map_err(unavailable)?;
+                }
+            }
+            txn.commit().map_err(unavailable)?;
+            Ok(ids)
+        })
+        .await
+        .map_err(|e| EventError::Unavailable(format!("event writer: {e}")))?
+    }
+
+    async fn query(&self, f: EventFilter) -> Result<(Vec<Event>, bool), EventError> {
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read().map_err(unavailable)?;
+            let t = txn.open_table(EVENTS).map_err(unavailable)?;
+            let lo = (f.since_ms.unwrap_or(0), 0);
+            let hi = (
+                f.until_ms
+                    .map_or(u64::MAX, |u| u.saturating_add(WRITE_SLACK_MS)),
+                u64::MAX,
+            );
+            let mut out = Vec::new();
+            let mut truncated = false;
+            for (scanned, row) in t.range(lo..=hi).map_err(unavailable)?.rev().enumerate() {
+                if scanned >= MAX_SCAN {
+                    truncated = true;
+                    break;
+                }
+                let (k, v) = row.map_err(unavailable)?;
+                let (ms, seq) = k.value();
+                let mut e: Event = serde_json::from_slice(v.value())
+                    .map_err(|e| EventError::Corrupt(format!("event {ms}-{seq}: {e}")))?;
+                if f.matches(&e) {
+                    e.id = format!("{ms}-{seq}");
+                    out.push(e);
+                    if out.len() >= f.limit {
+                        break;
+                    }
+                }
+            }
+            out.reverse();
+            Ok((out, truncated))
+        })
+        .await
+        .map_err(|e| EventError::Unavailable(format!("event reader: {e}")))?
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> EventError {
+    EventError::Unavailable(format!("embedded event store: {e}"))
+}
+
+/// Parses `<ms>-<seq>`.
+pub(crate) fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (a, b) = id.split_once('-')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+// ------------------------------------------------------------------- sink
+
+/// Where the relay records events: cheap to clone, never blocks mail.
+///
+/// This is the API other parts of the relay use (suppression emits `suppressed`
+/// with [`EventSink::record`]; delivery hands its outcome events to
+/// `delivery::outcomes`, which calls [`EventSink::append_now`]).
+#[derive(Clone)]
+pub struct EventSink {
+    store: EventStore,
+    tx: mpsc::Sender<Event>,
+    metrics: EventMetrics,
+    flush_tx: mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
+    appended: Arc<AtomicU64>,
+}
+
+impl EventSink {
+    /// Starts the batching task over `store`.
+    pub fn start(store: EventStore, cfg: &EventsConfig, metrics: EventMetrics) -> Self {
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let (flush_tx, flush_rx) = mpsc::unbounded_channel();
+        let appended = Arc::new(AtomicU64::new(0));
+        tokio::spawn(batch_loop(
+            store.clone(),
+            cfg.batch_max.max(1),
+            cfg.batch_delay,
+            metrics.clone(),
+            Arc::clone(&appended),
+            rx,
+            flush_rx,
+        ));
+        EventSink {
+            store,
+            tx,
+            metrics,
+            flush_tx,
+            appended,
+        }
+    }
+
+    pub fn store(&self) -> &EventStore {
+        &self.store
+    }
+
+    /// Records `event` in the next batch; never waits. Dropped (and counted) when
+    /// the writer is that far behind.
+    pub fn record(&self, event: Event) {
+        if self.tx.try_send(event).is_err() {
+            self.metrics.dropped.inc();
+        }
+    }
+
+    /// Writes `events` now, in one round trip, trying up to three times; what still
+    /// fails is counted as lost. For callers that order the event before a state
+    /// change (delivery outcomes).
+    pub async fn append_now(&self, events: &[Event]) {
+        if events.is_empty() {
+            return;
+        }
+        // What was recorded before (an `accepted`) goes first, so one message's
+        // events stay in order in the store.
+        self.flush().await;
+        let mut delay = Duration::from_millis(50);
+        for attempt in 1..=3 {
+            match self.store.append(events).await {
+                Ok(_) => {
+                    self.metrics.written(events);
+                    self.appended
+                        .fetch_add(events.len() as u64, Ordering::Relaxed);
+                    return;
+                }
+                Err(e) if attempt == 3 => {
+                    tracing::warn!(error = %e, events = events.len(), "writing delivery events failed; they are lost");
+                    self.metrics.lost.inc_by(events.len() as u64);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, attempt, "writing delivery events failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay *= 4;
+                }
+            }
+        }
+    }
+
+    /// Writes what [`EventSink::record`] holds, and returns once it is written.
+    pub async fn flush(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self.flush_tx.send(done).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Events written by this process (for tests and logs).
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Ordering::Relaxed)
+    }
+}
+
+async fn batch_loop(
+    store: EventStore,
+    max: usize,
+    delay: Duration,
+    metrics: EventMetrics,
+    appended: Arc<AtomicU64>,
+    mut rx: mpsc::Receiver<Event>,
+    mut flush_rx: mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
+) {
+    let mut batch: Vec<Event> = Vec::with_capacity(max);
+    loop {
+        let mut waiters = Vec::new();
+        tokio::select! {
+            e = rx.recv() => match e {
+                Some(e) => batch.push(e),
+                None => return,
+            },
+            Some(done) = flush_rx.recv() => waiters.push(done),
+        }
+        if waiters.is_empty() {
+            let deadline = tokio::time::Instant::now() + delay;
+            while batch.len() < max {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    e = rx.recv() => match e {
+                        Some(e) => batch.push(e),
+                        None => break,
+                    },
+                    Some(done) = flush_rx.recv() => { waiters.push(done); break; }
+                }
+            }
+        }
+        while let Ok(e) = rx.try_recv() {
+            if batch.len() >= max * 4 {
+                break;
+            }
+            batch.push(e);
+        }
+        if !batch.is_empty() {
+            let events = std::mem::take(&mut batch);
+            let mut wait = Duration::from_millis(50);
+            for attempt in 1..=3 {
+                match store.append(&events).await {
+                    Ok(_) => {
+                        metrics.written(&events);
+                        appended.fetch_add(events.len() as u64, Ordering::Relaxed);
+                        break;
+                    }
+                    Err(e) if attempt == 3 => {
+                        tracing::warn!(error = %e, events = events.len(), "writing delivery events failed; they are lost");
+                        metrics.lost.inc_by(events.len() as u64);
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(wait).await;
+                        wait *= 4;
+                    }
+                }
+            }
+        }
+        for w in waiters {
+            let _ = w.send(());
+        }
+    }
+}
+
+// ----------------------------------------------------------- making events
+
+/// The `Message-ID:` of a message (angle brackets and folding removed), from its
+/// header section.
+pub fn message_id_of(body: &[u8]) -> Option<String> {
+    let end = memchr::memmem::find(body, b"\r\n\r\n").unwrap_or(body.len());
+    let head = &body[..end];
+    let mut i = 0;
+    while i < head.len() {
+        let line_end = memchr::memmem::find(&head[i..], b"\r\n").map_or(head.len(), |n| i + n);
+        let line = &head[i..line_end];
+        if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
+            let mut value = String::from_utf8_lossy(&line[11..]).into_owned();
+            // Folded onto the next line(s).
+            let mut j = line_end + 2;
+            while j < head.len() && (head[j] == b' ' || head[j] == b'\t') {
+                let e = memchr::memmem::find(&head[j..], b"\r\n").map_or(head.len(), |n| j + n);
+                value.push_str(&String::from_utf8_lossy(&head[j..e]));
+                j = e + 2;
+            }
+            let v = value.trim().trim_start_matches('<');
+            let v = v.split('>').next().unwrap_or("").trim();
+            return (!v.is_empty()).then(|| v.chars().take(MAX_MESSAGE_ID).collect());
+        }
+        i = line_end + 2;
+    }
+    None
+}
+
+/// Longest Message-ID kept in an event.
+const MAX_MESSAGE_ID: usize = 256;
+
+/// An event about `msg` (recipient, reply and the rest unset).
+pub fn event_for(kind: EventKind, msg: &QueuedMessage, message_id: Option<&str>) -> Event {
+    let env = &msg.envelope;
+    let auth_user = env.client.auth_user.clone();
+    let sender = env.mail.from.clone();
+    let tenant = auth_user.clone().unwrap_or_else(|| {
+        sender
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default()
+    });
+    Event {
+        id: String::new(),
+        kind,
+        at_ms: now_ms(),
+        queue_id: env.id.to_string(),
+        message_id: message_id.map(str::to_owned),
+        sender,
+        recipient: None,
+        auth_user,
+        tenant,
+        category: None,
+        reply: None,
+        mx: None,
+        tls_version: None,
+        tls_cipher: None,
+        dsn_id: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_ids_are_read_from_the_header_section_only() {
+        let b = b"Subject: x\r\nMessage-Id: <abc@example.com>\r\n\r\nMessage-ID: <no@x>\r\n";
+        assert_eq!(message_id_of(b).as_deref(), Some("abc@example.com"));
+        let folded = b"Message-ID:\r\n <folded@example.com>\r\nTo: y\r\n\r\nbody";
+        assert_eq!(message_id_of(folded).as_deref(), Some("folded@example.com"));
+        assert_eq!(message_id_of(b"To: y\r\n\r\nMessage-ID: <b@x>\r\n"), None);
+        assert_eq!(message_id_of(b"Message-ID: <>\r\n\r\n"), None);
+    }
+
+    #[test]
+    fn ids_parse() {
+        assert_eq!(parse_id("17-3"), Some((17, 3)));
+        assert_eq!(parse_id("17"), None);
+    }
+
+    #[tokio::test]
+    async fn the_embedded_store_finds_by_recipient_and_time_and_trims() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(redb::Database::create(dir.path().join("e.redb")).unwrap());
+        let store = EventStore::Embedded(EmbeddedEvents::open(db, 100).unwrap());
+        let mut events = Vec::new();
+        for i in 0..150u64 {
+            events.push(Event {
+                id: String::new(),
+                kind: if i % 2 == 0 {
+                    EventKind::Delivered
+                } else {
+                    EventKind::Deferred
+                },
+                at_ms: 1000 + i,
+                queue_id: format!("Q{i}"),
+                message_id: Some(format!("m{i}@x")),
+                sender: "s@x.test".into(),
+                recipient: Some(format!("r{}@y.test", i % 10)),
+                auth_user: None,
+                tenant: "x.test".into(),
+                category: None,
+                reply: Some("250 ok".into()),
+                mx: None,
+                tls_version: None,
+                tls_cipher: None,
+                dsn_id: None,
+            });
+        }
+        let ids = store.append(&events).await.unwrap();
+        assert_eq!(ids.len(), 150);
+        assert!(ids.windows(2).all(|w| parse_id(&w[0]) < parse_id(&w[1])));
+        let q = mailrelay_admin_api::EventQuery {
+            to: Some("R3@Y.test".into()),
+            limit: Some(3),
+            ..Default::default()
+        };
+        let (found, truncated) = store.query(&q.check().unwrap()).await.unwrap();
+        assert!(!truncated);
+        // 150 written, trimmed back to the newest 100 (ids 50..150): the newest
+        // three of r3 are 143, 133, 123, oldest first.
+        let qids: Vec<_> = found.iter().map(|e| e.queue_id.as_str()).collect();
+        assert_eq!(qids, ["Q123", "Q133", "Q143"]);
+        let all = mailrelay_admin_api::EventQuery {
+            limit: Some(1000),
+            ..Default::default()
+        };
+        let (found, _) = store.query(&all.check().unwrap()).await.unwrap();
+        assert_eq!(found.len(), 100);
+        assert_eq!(found[0].queue_id, "Q50");
+    }
+}

@@ -1,0 +1,817 @@
+//! Webhooks: each configured endpoint receives the events of its tenants as
+//! CloudEvents-style JSON, signed with HMAC-SHA256, at least once, in order.
+//!
+//! # One consumer per endpoint, reading the event store
+//!
+//! Each endpoint has its own task and its own cursor in the event store, so a
+//! slow or dead endpoint holds back only its own events: mail never waits for a
+//! webhook (events are written by the mail path; consumers only read), and other
+//! endpoints read on at their own pace.
+//!
+//! - **Redis**: a consumer group per endpoint on the events stream
+//!   (`XREADGROUP` … `XACK`). Exactly one pod delivers an endpoint's events at a
+//!   time: it holds the endpoint's lease key (`SET NX PX`, renewed while it works).
+//!   When a pod dies its lease expires; the next holder first takes over the
+//!   group's pending entries (`XAUTOCLAIM`), which are the events the dead pod
+//!   read and did not finish, then reads new ones. One holder delivering in stream
+//!   order is what keeps one message's events in order.
+//! - **Embedded**: the endpoint's cursor (the last event done) is a row in the
+//!   queue's redb file, committed after each batch.
+//!
+//! An event is acknowledged only after the endpoint answered `2xx` (or after it
+//! was dead-lettered), so a relay killed mid-way sends it again after the restart:
+//! at least once. Receivers dedupe by the `webhook-id` header (the event ID).
+//!
+//! # Retries
+//!
+//! A failed POST (no connection, timeout, any non-2xx answer) is tried again after
+//! `retry.initial`, doubling up to `retry.max`; after `retry.max_attempts` tries
+//! the event is dead-lettered: counted (`mailrelay_webhook_dead_letters_total`
+//! and, with Redis, the key `<prefix>:events:hook:<name>:dead`) and skipped, so the
+//! endpoint's later events flow again. While an event is retried the endpoint's
+//! later events wait (order per message), and only those.
+//!
+//! # Signature
+//!
+//! As in the Standard Webhooks scheme (Svix): headers `webhook-id` (the event ID),
+//! `webhook-timestamp` (Unix seconds) and `webhook-signature: v1,<base64 of
+//! HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`. The key is the configured secret's
+//! bytes. Receivers should refuse timestamps more than a few minutes off.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use mailrelay_admin_api::events::Event;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use redb::{Durability, ReadableDatabase, ReadableTable};
+use redis::Value;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::log::{
+    CURSORS, EVENTS, EmbeddedEvents, EventError, EventStore, RedisEvents, parse_entries, parse_id,
+};
+use crate::config::WebhookConfig;
+use crate::config::events::WebhookUrl;
+
+/// The system's CA bundle (Debian's path), used when `ca_file` is not set.
+pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
+/// Events read per batch.
+const BATCH: usize = 100;
+/// How long an idle consumer waits before it looks for new events again.
+const POLL: Duration = Duration::from_millis(200);
+/// An endpoint's lease (Redis): renewed at a third of this while held.
+const LEASE: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("webhooks[{index}] ({name}): {message}")]
+    Setup {
+        index: usize,
+        name: String,
+        message: String,
+    },
+}
+
+type Label = [(&'static str, String); 1];
+type ResultLabel = [(&'static str, String); 2];
+
+/// Counters per endpoint (names are bounded by the config).
+#[derive(Clone, Default)]
+pub struct WebhookMetrics {
+    /// POSTs by endpoint and result (`ok`, `failed`).
+    posts: Family<ResultLabel, Counter>,
+    delivered: Family<Label, Counter>,
+    dead: Family<Label, Counter>,
+    /// Events read and not yet acknowledged (being delivered or retried).
+    pending: Family<Label, Gauge>,
+}
+
+impl WebhookMetrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = WebhookMetrics::default();
+        registry.register(
+            "webhook_posts",
+            "Webhook POSTs by endpoint and result (ok: 2xx; failed: anything else, retried)",
+            m.posts.clone(),
+        );
+        registry.register(
+            "webhook_events_delivered",
+            "Events a webhook endpoint acknowledged with 2xx",
+            m.delivered.clone(),
+        );
+        registry.register(
+            "webhook_dead_letters",
+            "Events given up on after retry.max_attempts failed tries",
+            m.dead.clone(),
+        );
+        registry.register(
+            "webhook_pending_events",
+            "Events read for an endpoint and not yet done (delivered or dead-lettered)",
+            m.pending.clone(),
+        );
+        m
+    }
+
+    fn label(name: &str) -> Label {
+        [("endpoint", name.to_owned())]
+    }
+
+    fn post(&self, name: &str, ok: bool) {
+        self.posts
+            .get_or_create(&[
+                ("endpoint", name.to_owned()),
+                ("result", if ok { "ok" } else { "failed" }.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Failed POSTs of `name` so far (tests).
+    pub fn failed_posts(&self, name: &str) -> u64 {
+        self.posts
+            .get_or_create(&[
+                ("endpoint", name.to_owned()),
+                ("result", "failed".to_owned()),
+            ])
+            .get()
+    }
+
+    pub fn delivered(&self, name: &str) -> u64 {
+        self.delivered.get_or_create(&Self::label(name)).get()
+    }
+}
+
+/// The running consumers; they stop when this is dropped.
+pub struct Webhooks {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Webhooks {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Webhooks {
+    /// Starts one consumer per endpoint. `source` names this relay in the
+    /// envelope; `owner` names this process in consumer groups and leases.
+    /// Reads secret and CA files: an error names the endpoint.
+    pub async fn start(
+        hooks: &[WebhookConfig],
+        store: EventStore,
+        source: &str,
+        owner: &str,
+        metrics: WebhookMetrics,
+    ) -> Result<Webhooks, WebhookError> {
+        let mut tasks = Vec::new();
+        for (index, cfg) in hooks.iter().enumerate() {
+            let setup = |message: String| WebhookError::Setup {
+                index,
+                name: cfg.name.clone(),
+                message,
+            };
+            let endpoint = Endpoint::new(cfg, source).map_err(setup)?;
+            let feed = match &store {
+                EventStore::Redis(r) => Feed::Redis(RedisFeed::new(r.clone(), &cfg.name, owner)),
+                EventStore::Embedded(e) => Feed::Embedded(
+                    EmbeddedFeed::new(e.clone(), &cfg.name).map_err(|e| setup(e.to_string()))?,
+                ),
+            };
+            if let Feed::Redis(f) = &feed {
+                f.create_group().await.map_err(|e| setup(e.to_string()))?;
+            }
+            tracing::info!(webhook = %cfg.name, url = %cfg.url, store = store.backend(), "webhook consumer started");
+            tasks.push(tokio::spawn(run(endpoint, feed, metrics.clone())));
+        }
+        Ok(Webhooks { tasks })
+    }
+}
+
+// ------------------------------------------------------------ the endpoint
+
+struct Endpoint {
+    cfg: WebhookConfig,
+    url: WebhookUrl,
+    key: ring::hmac::Key,
+    tls: Option<tokio_rustls::TlsConnector>,
+    source: String,
+    conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl Endpoint {
+    fn new(cfg: &WebhookConfig, source: &str) -> Result<Self, String> {
+        let url = cfg.parsed_url()?;
+        let secret = match (&cfg.secret, &cfg.secret_file) {
+            (Some(s), _) => s.0.trim().to_owned(),
+            (None, Some(p)) => std::fs::read_to_string(p)
+                .map_err(|e| format!("secret_file {}: {e}", p.display()))?
+                .trim()
+                .to_owned(),
+            (None, None) => return Err("no secret".into()),
+        };
+        if secret.is_empty() {
+            return Err("the secret is empty".into());
+        }
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        let tls = if url.https {
+            let path = cfg.ca_file.clone().unwrap_or_else(|| SYSTEM_CA_FILE.into());
+            let certs = CertificateDer::pem_file_iter(&path)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!("ca_file {}: no certificates", path.display()));
+            }
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        } else {
+            None
+        };
+        Ok(Endpoint {
+            cfg: cfg.clone(),
+            url,
+            key,
+            tls,
+            source: source.to_owned(),
+            conn: None,
+        })
+    }
+
+    fn wants(&self, e: &Event) -> bool {
+        self.cfg.wants(e.kind.as_str())
+            && self.cfg.tenants.matches(e.auth_user.as_deref(), &e.sender)
+    }
+
+    /// The CloudEvents envelope of `e`.
+    fn body(&self, e: &Event) -> Vec<u8> {
+        let time = time::OffsetDateTime::from_unix_timestamp_nanos(e.at_ms as i128 * 1_000_000)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        let envelope = serde_json::json!({
+            "specversion": "1.0",
+            "id": e.id,
+            "source": self.source,
+            "type": format!("io.mailrelay.{}", e.kind.as_str()),
+            "subject": e.queue_id,
+            "time": time,
+            "datacontenttype": "application/json",
+            "data": e,
+        });
+        serde_json::to_vec(&envelope).unwrap_or_default()
+    }
+
+    /// One POST; `Err` says why it did not get a 2xx.
+    async fn post(&mut self, e: &Event) -> Result<(), String> {
+        let body = self.body(e);
+        let ts = crate::queue::now_ms() / 1000;
+        let signed = [
+            e.id.as_bytes(),
+            b".",
+            ts.to_string().as_bytes(),
+            b".",
+            &body,
+        ]
+        .concat();
+        let tag = ring::hmac::sign(&self.key, &signed);
+        let signature = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
+        );
+        let host = if self.url.host.contains(':') {
+            format!("[{}]:{}", self.url.host, self.url.port)
+        } else {
+            format!("{}:{}", self.url.host, self.url.port)
+        };
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(&self.url.path)
+            .header(hyper::header::HOST, &host)
+            .header(hyper::header::CONTENT_TYPE, "application/cloudevents+json")
+            .header(hyper::header::USER_AGENT, "mailrelay-webhook")
+            .header("webhook-id", &e.id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", signature)
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let timeout = self.cfg.timeout;
+        match tokio::time::timeout(timeout, self.send(req, &host)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.conn = None;
+                Err(format!("no answer within {timeout:?}"))
+            }
+        }
+    }
+
+    async fn send(&mut self, req: hyper::Request<Full<Bytes>>, host: &str) -> Result<(), String> {
+        let reusable = match &mut self.conn {
+            Some(c) => c.ready().await.is_ok(),
+            None => false,
+        };
+        if !reusable {
+            self.conn = Some(self.connect(host).await?);
+        }
+        let conn = self.conn.as_mut().expect("connected above");
+        let resp = match conn.send_request(req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.conn = None;
+                return Err(format!("request failed: {e}"));
+            }
+        };
+        let status = resp.status();
+        // Read (and bound) the answer so the connection can carry the next POST.
+        let _ = http_body_util::Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {}", status.as_u16()))
+        }
+    }
+
+    async fn connect(
+        &self,
+        host: &str,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+        let tcp = tokio::net::TcpStream::connect(host)
+            .await
+            .map_err(|e| format!("connect {host}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        match &self.tls {
+            None => handshake(tcp).await,
+            Some(tls) => {
+                let name = ServerName::try_from(self.url.host.clone())
+                    .map_err(|e| format!("server name {}: {e}", self.url.host))?;
+                let stream = tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {host}: {e}"))?;
+                handshake(stream).await
+            }
+        }
+    }
+}
+
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    io: S,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
+}
+
+// ----------------------------------------------------------------- feeds
+
+enum Feed {
+    Redis(RedisFeed),
+    Embedded(EmbeddedFeed),
+}
+
+impl Feed {
+    /// The next events to deliver (empty: nothing new, or not ours to deliver).
+    async fn next(&mut self) -> Result<Vec<Event>, EventError> {
+        match self {
+            Feed::Redis(f) => f.next().await,
+            Feed::Embedded(f) => f.next().await,
+        }
+    }
+
+    /// Done with `events` (delivered or dead-lettered).
+    async fn ack(&mut self, events: &[Event]) -> Result<(), EventError> {
+        match self {
+            Feed::Redis(f) => f.ack(events).await,
+            Feed::Embedded(f) => f.ack(events).await,
+        }
+    }
+
+    async fn dead_letter(&mut self) {
+        if let Feed::Redis(f) = self {
+            let mut cmd = redis::cmd("INCR");
+            cmd.arg(format!("{}:hook:{}:dead", f.events.key(), f.name));
+            let _ = f.events.redis().query::<i64>(&cmd).await;
+        }
+    }
+
+    /// Whether this process may still deliver (Redis: it holds the endpoint's lease).
+    async fn still_held(&mut self) -> bool {
+        match self {
+            Feed::Redis(f) => f.hold().await.unwrap_or(false),
+            Feed::Embedded(_) => true,
+        }
+    }
+}
+
+struct RedisFeed {
+    events: RedisEvents,
+    name: String,
+    group: String,
+    owner: String,
+    lease_key: String,
+    lease_script: redis::Script,
+}
+
+/// Takes the lease if free, or renews it if ours: 1 when held after the call.
+const LEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return 1
+end
+return 0
+"#;
+
+impl RedisFeed {
+    fn new(events: RedisEvents, name: &str, owner: &str) -> Self {
+        let lease_key = format!("{}:hook:{name}:lease", events.key());
+        RedisFeed {
+            events,
+            name: name.to_owned(),
+            group: format!("hook:{name}"),
+            owner: owner.to_owned(),
+            lease_key,
+            lease_script: redis::Script::new(LEASE_LUA),
+        }
+    }
+
+    /// The endpoint's consumer group, starting at the newest event when new.
+    async fn create_group(&self) -> Result<(), EventError> {
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE")
+            .arg(self.events.key())
+            .arg(&self.group)
+            .arg("$")
+            .arg("MKSTREAM");
+        match self.events.redis().query::<()>(&cmd).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(EventError::Unavailable(e)),
+        }
+    }
+
+    async fn hold(&self) -> Result<bool, EventError> {
+        let mut inv = self.lease_script.prepare_invoke();
+        inv.key(&self.lease_key)
+            .arg(&self.owner)
+            .arg(LEASE.as_millis() as u64);
+        let held: i64 = self
+            .events
+            .redis()
+            .invoke(&inv)
+            .await
+            .map_err(EventError::Unavailable)?;
+        Ok(held == 1)
+    }
+
+    async fn next(&mut self) -> Result<Vec<Event>, EventError> {
+        if !self.hold().await? {
+            return Ok(Vec::new());
+        }
+        // First what a previous holder read and did not finish (also our own,
+        // after a restart): only the lease holder reads, so nobody else is on them.
+        let mut claim = redis::cmd("XAUTOCLAIM");
+        claim
+            .arg(self.events.key())
+            .arg(&self.group)
+            .arg(&self.owner)
+            .arg(0)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(BATCH);
+        let reply: Value = self
+            .events
+            .redis()
+            .query(&claim)
+            .await
+            .map_err(EventError::Unavailable)?;
+        if let Value::Array(mut parts) = reply
+            && parts.len() >= 2
+        {
+            let claimed = parse_entries(parts.swap_remove(1))?;
+            if !claimed.is_empty() {
+                return Ok(claimed.into_iter().map(|(_, e)| e).collect());
+            }
+        }
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.owner)
+            .arg("COUNT")
+            .arg(BATCH)
+            .arg("STREAMS")
+            .arg(self.events.key())
+            .arg(">");
+        let reply: Value = self.events.redis().query(&read).await.map_err(|e| {
+            if e.contains("NOGROUP") {
+                EventError::Unavailable(format!("{e} (the events stream was deleted?)"))
+            } else {
+                EventError::Unavailable(e)
+            }
+        })?;
+        // [[key, [[id, fields], …]]] or nil.
+        let entries = match reply {
+            Value::Array(streams) => match streams.into_iter().next() {
+                Some(Value::Array(mut kv)) if kv.len() == 2 => parse_entries(kv.swap_remove(1))?,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        Ok(entries.into_iter().map(|(_, e)| e).collect())
+    }
+
+    async fn ack(&mut self, events: &[Event]) -> Result<(), EventError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(self.events.key()).arg(&self.group);
+        for e in events {
+            cmd.arg(&e.id);
+        }
+        self.events
+            .redis()
+            .query::<i64>(&cmd)
+            .await
+            .map(|_| ())
+            .map_err(EventError::Unavailable)
+    }
+}
+
+struct EmbeddedFeed {
+    events: EmbeddedEvents,
+    name: String,
+    cursor: (u64, u64),
+}
+
+impl EmbeddedFeed {
+    /// The endpoint's cursor, or the newest event when it has none yet.
+    fn new(events: EmbeddedEvents, name: &str) -> Result<Self, EventError> {
+        let unavailable = |e: &dyn std::fmt::Display| {
+            EventError::Unavailable(format!("embedded webhook cursor: {e}"))
+        };
+        let txn = events.db().begin_write().map_err(|e| unavailable(&e))?;
+        let cursor = {
+            let mut cursors = txn.open_table(CURSORS).map_err(|e| unavailable(&e))?;
+            let found = cursors
+                .get(name)
+                .map_err(|e| unavailable(&e))?
+                .map(|v| v.value());
+            match found {
+                Some(c) => c,
+                None => {
+                    let t = txn.open_table(EVENTS).map_err(|e| unavailable(&e))?;
+                    let last = t
+                        .last()
+                        .map_err(|e| unavailable(&e))?
+                        .map_or((0, 0), |(k, _)| k.value());
+                    cursors.insert(name, last).map_err(|e| unavailable(&e))?;
+                    last
+                }
+            }
+        };
+        txn.commit().map_err(|e| unavailable(&e))?;
+        Ok(EmbeddedFeed {
+            events,
+            name: name.to_owned(),
+            cursor,
+        })
+    }
+
+    async fn next(&mut self) -> Result<Vec<Event>, EventError> {
+        let db = Arc::clone(self.events.db());
+        let after = self.cursor;
+        tokio::task::spawn_blocking(move || {
+            let err = |e: &dyn std::fmt::Display| {
+                EventError::Unavailable(format!("embedded events: {e}"))
+            };
+            let txn = db.begin_read().map_err(|e| err(&e))?;
+            let t = txn.open_table(EVENTS).map_err(|e| err(&e))?;
+            let mut out = Vec::new();
+            for row in t.range(after..).map_err(|e| err(&e))? {
+                let (k, v) = row.map_err(|e| err(&e))?;
+                let key = k.value();
+                if key <= after {
+                    continue;
+                }
+                let mut e: Event = serde_json::from_slice(v.value())
+                    .map_err(|e| EventError::Corrupt(e.to_string()))?;
+                e.id = format!("{}-{}", key.0, key.1);
+                out.push(e);
+                if out.len() >= BATCH {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| EventError::Unavailable(e.to_string()))?
+    }
+
+    async fn ack(&mut self, events: &[Event]) -> Result<(), EventError> {
+        let Some(last) = events.last().and_then(|e| parse_id(&e.id)) else {
+            return Ok(());
+        };
+        let db = Arc::clone(self.events.db());
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || {
+            let err = |e: &dyn std::fmt::Display| {
+                EventError::Unavailable(format!("embedded webhook cursor: {e}"))
+            };
+            let mut txn = db.begin_write().map_err(|e| err(&e))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(|e| err(&e))?;
+            txn.open_table(CURSORS)
+                .map_err(|e| err(&e))?
+                .insert(name.as_str(), last)
+                .map_err(|e| err(&e))?;
+            txn.commit().map_err(|e| err(&e))
+        })
+        .await
+        .map_err(|e| EventError::Unavailable(e.to_string()))??;
+        self.cursor = last;
+        Ok(())
+    }
+}
+
+// -------------------------------------------------------------- the loop
+
+async fn run(mut endpoint: Endpoint, mut feed: Feed, metrics: WebhookMetrics) {
+    let name = endpoint.cfg.name.clone();
+    let label = WebhookMetrics::label(&name);
+    loop {
+        let batch = match feed.next().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(webhook = %name, error = %e, "reading events for the webhook failed");
+                tokio::time::sleep(POLL * 5).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            tokio::time::sleep(POLL).await;
+            continue;
+        }
+        metrics
+            .pending
+            .get_or_create(&label)
+            .set(batch.len() as i64);
+        let mut done = 0;
+        let mut lost = false;
+        for e in &batch {
+            if endpoint.wants(e) {
+                match deliver(&mut endpoint, &mut feed, e, &metrics).await {
+                    Delivered::Yes => {
+                        metrics.delivered.get_or_create(&label).inc();
+                    }
+                    Delivered::Dead => {
+                        metrics.dead.get_or_create(&label).inc();
+                        feed.dead_letter().await;
+                    }
+                    Delivered::LeaseLost => {
+                        lost = true;
+                        break;
+                    }
+                }
+            }
+            done += 1;
+            metrics
+                .pending
+                .get_or_create(&label)
+                .set((batch.len() - done) as i64);
+        }
+        // What was done is acknowledged even when the lease went meanwhile: the
+        // new holder then skips it (or, if it claimed it first, sends it again).
+        if let Err(e) = ack_with_retry(&mut feed, &batch[..done]).await {
+            tracing::warn!(webhook = %name, error = %e, "acknowledging webhook events failed; they will be sent again");
+        }
+        if lost {
+            metrics.pending.get_or_create(&label).set(0);
+            tracing::info!(webhook = %name, "webhook lease lost to another relay; standing by");
+        }
+    }
+}
+
+async fn ack_with_retry(feed: &mut Feed, events: &[Event]) -> Result<(), EventError> {
+    let mut last = None;
+    for _ in 0..5 {
+        match feed.ack(events).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
+    Err(last.expect("tried"))
+}
+
+enum Delivered {
+    Yes,
+    Dead,
+    LeaseLost,
+}
+
+async fn deliver(
+    endpoint: &mut Endpoint,
+    feed: &mut Feed,
+    e: &Event,
+    metrics: &WebhookMetrics,
+) -> Delivered {
+    let name = endpoint.cfg.name.clone();
+    let retry = endpoint.cfg.retry.clone();
+    let mut wait = retry.initial;
+    for attempt in 1..=retry.max_attempts {
+        match endpoint.post(e).await {
+            Ok(()) => {
+                metrics.post(&name, true);
+                return Delivered::Yes;
+            }
+            Err(why) => {
+                metrics.post(&name, false);
+                if attempt == retry.max_attempts {
+                    tracing::warn!(webhook = %name, event = %e.id, attempts = attempt, error = %why, "webhook event dead-lettered");
+                    return Delivered::Dead;
+                }
+                tracing::debug!(webhook = %name, event = %e.id, attempt, error = %why, retry_in = ?wait, "webhook POST failed");
+                // Sleep in slices, renewing the lease, so a long backoff does not
+                // hand the endpoint to another relay.
+                let mut left = wait;
+                while !left.is_zero() {
+                    let slice = left.min(LEASE / 3);
+                    tokio::time::sleep(slice).await;
+                    left -= slice;
+                    if !feed.still_held().await {
+                        return Delivered::LeaseLost;
+                    }
+                }
+                wait = (wait * 2).min(retry.max);
+            }
+        }
+    }
+    Delivered::Dead
+}
+
+/// The `webhook-signature` value of `body` sent as event `id` at `timestamp`
+/// (what a receiver computes to verify; tests use it).
+pub fn signature(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let signed = [
+        id.as_bytes(),
+        b".",
+        timestamp.to_string().as_bytes(),
+        b".",
+        body,
+    ]
+    .concat();
+    format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(ring::hmac::sign(&key, &signed).as_ref())
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_follow_the_standard_webhooks_scheme() {
+        // Computed independently: printf 'msg_1.1700000000.{}' | openssl dgst
+        // -sha256 -hmac 'whsec-test-key-0123' -binary | base64
+        let s = signature(b"whsec-test-key-0123", "msg_1", 1_700_000_000, b"{}");
+        assert_eq!(s, "v1,".to_owned() + &expected_b64());
+    }
+
+    fn expected_b64() -> String {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("printf 'msg_1.1700000000.{}' | openssl dgst -sha256 -hmac 'whsec-test-key-0123' -binary | base64")
+            .output()
+            .expect("openssl");
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}

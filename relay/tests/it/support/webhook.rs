@@ -1,0 +1,169 @@
+//! A real HTTPS webhook receiver: Python's `http.server` behind `ssl`, with a
+//! certificate from a test CA made for the test. It checks each POST's signature
+//! itself (HMAC-SHA256 over `id.timestamp.body`, as the Standard Webhooks scheme
+//! says, written independently of the relay's code) and records every request.
+//!
+//! Config: `fail_first` (answer `500` to the first N requests); the mode file
+//! (`ok` or `fail`, read on every request) switches it to failing and back.
+
+use std::path::PathBuf;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const SERVER: &str = r#"
+import base64, hashlib, hmac, http.server, json, ssl, sys, threading, time
+cfg = json.loads(sys.argv[1])
+secret = cfg["secret"].encode()
+lock = threading.Lock()
+count = [0]
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        n = int(self.headers.get("content-length", "0"))
+        body = self.rfile.read(n)
+        wid = self.headers.get("webhook-id", "")
+        ts = self.headers.get("webhook-timestamp", "0")
+        sig = self.headers.get("webhook-signature", "")
+        mac = hmac.new(secret, wid.encode() + b"." + ts.encode() + b"." + body, hashlib.sha256).digest()
+        sig_ok = hmac.compare_digest(sig, "v1," + base64.b64encode(mac).decode()) and abs(time.time() - int(ts)) < 300
+        with open(cfg["mode"]) as f:
+            mode = f.read().strip()
+        with lock:
+            count[0] += 1
+            status = 500 if mode == "fail" or count[0] <= cfg.get("fail_first", 0) else 200
+            try:
+                envelope = json.loads(body)
+            except ValueError:
+                envelope = None
+            with open(cfg["log"], "a") as f:
+                f.write(json.dumps({"status": status, "sig_ok": sig_ok, "id": wid,
+                                    "content_type": self.headers.get("content-type"),
+                                    "envelope": envelope}) + "\n")
+        self.send_response(status)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *args):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", cfg.get("port", 0)), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cfg["cert"], cfg["key"])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("ready", srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+
+pub const SECRET: &str = "whsec-test-0123456789abcdef";
+
+pub struct Receiver {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    pki: super::pki::Pki,
+}
+
+impl Receiver {
+    /// Starts a receiver that answers `500` to its first `fail_first` requests.
+    pub fn start(fail_first: u32) -> Receiver {
+        let pki = super::pki::Pki::new(&["127.0.0.1"]);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mode"), "ok").unwrap();
+        let cfg = json!({
+            "secret": SECRET,
+            "fail_first": fail_first,
+            "mode": dir.path().join("mode"),
+            "log": dir.path().join("log.jsonl"),
+            "cert": pki.cert(),
+            "key": pki.key(),
+        });
+        let (child, line) = super::start_python(dir.path(), SERVER, &cfg);
+        let port = line
+            .trim()
+            .strip_prefix("ready ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("webhook receiver did not start (printed {line:?})"));
+        Receiver {
+            child,
+            port,
+            dir,
+            pki,
+        }
+    }
+
+    /// Makes every later request fail (`true`) or succeed.
+    pub fn set_failing(&self, failing: bool) {
+        std::fs::write(
+            self.dir.path().join("mode"),
+            if failing { "fail" } else { "ok" },
+        )
+        .unwrap();
+    }
+
+    pub fn ca(&self) -> PathBuf {
+        self.pki.ca()
+    }
+
+    /// One `webhooks:` entry for this receiver (YAML, indented as a list item).
+    pub fn config(&self, name: &str, tenants: &str) -> String {
+        format!(
+            "  - name: {name}\n    url: https://127.0.0.1:{}/hook\n    secret: {SECRET}\n    \
+             ca_file: '{}'\n    tenants: {tenants}\n    \
+             retry: {{initial: 50ms, max: 400ms, max_attempts: 1000}}\n",
+            self.port,
+            self.ca().display()
+        )
+    }
+
+    /// Every request so far: `{"status", "sig_ok", "id", "envelope"}`.
+    pub fn requests(&self) -> Vec<Value> {
+        match std::fs::read_to_string(self.dir.path().join("log.jsonl")) {
+            Ok(t) => t
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Events answered `200`, each once (by event ID), in the order received.
+    pub fn delivered(&self) -> Vec<Value> {
+        let mut seen = std::collections::HashSet::new();
+        self.requests()
+            .into_iter()
+            .filter(|r| r["status"] == 200)
+            .filter(|r| seen.insert(r["id"].as_str().unwrap().to_owned()))
+            .map(|r| r["envelope"].clone())
+            .collect()
+    }
+
+    /// Waits (up to 60 s) until `pred` holds for [`Receiver::delivered`].
+    pub fn wait_for(
+        &self,
+        what: &str,
+        log: impl Fn() -> String,
+        pred: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let d = self.delivered();
+            if pred(&d) {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; delivered {d:#?}\nrelay log:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
