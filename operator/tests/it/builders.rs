@@ -1613,6 +1613,8 @@ fn response_rules_and_presets_reach_the_relay_config() {
         let e = build_err(&RULES.replacen(from, to, 1));
         assert_eq!(e.field, field, "{to}: {e}");
     }
+}
+
 #[test]
 fn webhooks_reach_the_relay_with_their_keys_projected_from_secrets() {
     let yaml = format!(

@@ -175,11 +175,8 @@ async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
     tokio::spawn(admin::serve_with(
         admin_listener,
         state,
-        mailrelay::events::suppression_admin::routes(suppression),
-    tokio::spawn(admin::serve_with(
-        admin_listener,
-        state,
-        admin::events::routes(events),
+        mailrelay::events::suppression_admin::routes(suppression)
+            .merge(admin::events::routes(events)),
         std::future::pending::<()>(),
     ));
     let listeners = server::bind(&cfg).expect("bind SMTP");

@@ -475,7 +475,7 @@ pub fn enabled_presets(p: &ProvidersConfig) -> Result<Vec<Preset>, (String, Stri
     for (i, n) in p.presets.iter().enumerate() {
         if n == "all" {
             names.extend(PRESETS.iter().map(|(n, _)| *n));
-        } else if PRESETS.iter().any(|(p, _)| p == n) {
+        } else if PRESETS.iter().chain(TEST_PRESETS).any(|(p, _)| p == n) {
             names.push(n);
         } else {
             let known: Vec<&str> = PRESETS.iter().map(|(n, _)| *n).collect();
@@ -492,6 +492,7 @@ pub fn enabled_presets(p: &ProvidersConfig) -> Result<Vec<Preset>, (String, Stri
         .map(|n| {
             let text = PRESETS
                 .iter()
+                .chain(TEST_PRESETS)
                 .find(|(p, _)| *p == n)
                 .map(|(_, t)| *t)
                 .expect("listed");
@@ -944,7 +945,7 @@ response_rules:
     #[test]
     fn every_shipped_preset_parses_and_validates() {
         assert!(!PRESETS.is_empty());
-        for (name, text) in PRESETS {
+        for (name, text) in PRESETS.iter().chain(TEST_PRESETS) {
             let p = parse_preset(name, text).unwrap_or_else(|(f, m)| panic!("{f}: {m}"));
             assert!(!p.destination.is_empty(), "{name}: no destination");
             for r in &p.rules {

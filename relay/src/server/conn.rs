@@ -782,6 +782,9 @@ impl Conn {
                     OnSuppressed::Drop => "dropped",
                 });
                 info!(to = %c.recipient, from = %c.sender, scope = %scope, action = ?action, "recipient is suppressed");
+                if let Some(sink) = self.shared.events() {
+                    sink.record(suppressed_event(c, &scope, action));
+                }
                 match action {
                     OnSuppressed::Drop => RecipientVerdict::Drop,
                     OnSuppressed::Reject => {
@@ -930,4 +933,36 @@ enum QuotaStep {
 /// TLS details for sessions that start inside TLS (implicit TLS listeners).
 pub fn handshake_info(s: &TlsStream<TcpStream>) -> TlsInfo {
     super::tls::tls_info(s.get_ref().1)
+}
+
+/// The `suppressed` event of a recipient refused (or dropped) at `RCPT`: no
+/// message exists yet, so it has no queue id or Message-ID.
+fn suppressed_event(
+    c: &mailrelay_smtp::session::RecipientCheck,
+    scope: &impl std::fmt::Display,
+    action: crate::config::suppression::OnSuppressed,
+) -> mailrelay_admin_api::Event {
+    let tenant = c.auth_user.clone().unwrap_or_else(|| {
+        c.sender
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_ascii_lowercase())
+            .unwrap_or_default()
+    });
+    mailrelay_admin_api::Event {
+        id: String::new(),
+        kind: mailrelay_admin_api::EventKind::Suppressed,
+        at_ms: crate::queue::now_ms(),
+        queue_id: String::new(),
+        message_id: None,
+        sender: c.sender.clone(),
+        recipient: Some(c.recipient.clone()),
+        auth_user: c.auth_user.clone(),
+        tenant,
+        category: None,
+        reply: Some(format!("suppressed ({scope}): {action:?}")),
+        mx: None,
+        tls_version: None,
+        tls_cipher: None,
+        dsn_id: None,
+    }
 }

@@ -36,7 +36,7 @@ mod quota_store;
 mod real_clients;
 mod redis_cluster_failover;
 mod redis_sentinel;
-mod shaping;
 mod requiretls;
+mod shaping;
 mod smtp_client;
 mod webhooks;

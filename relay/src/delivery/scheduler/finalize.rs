@@ -22,9 +22,9 @@ use super::{Inner, Part, Work};
 use crate::delivery::dsn::{self, DsnAction, DsnRecipient};
 use crate::delivery::smtp_client::{MessageOutcome, Outcome, Stage};
 use crate::events::classify::{Category, LocalFailure, classify_local, classify_reply};
+use crate::events::log::{event_for, message_id_of};
 use crate::events::suppression::Suppression;
 use crate::queue::TransportSecurity;
-use crate::events::log::{event_for, message_id_of};
 use crate::queue::{
     Attempt, AttemptResult, FinishResult, MessageStatus, QueueError, QueueId, RcptState, TlsInfo,
     now_ms,
