@@ -90,6 +90,8 @@
 #   ROUTE [smarthost] (or mx)  DNS_TTL [300]
 #   DELIVERY_CONCURRENCY [50]  PER_DEST [50]  MSGS_PER_CONN [100]
 #   DELIVERY_YAML_EXTRA [""] more `delivery:` keys, e.g. "  poll_interval: 200ms"
+#   RELAY_YAML_EXTRA [""] more top-level relay config, e.g. "events: {enabled: false}"
+#                    (what the delivery event log costs: run with and without)
 #   BUILD [1] (cargo build --release -p mailrelay first)  RELAY_BIN [$CARGO_TARGET_DIR/release/mailrelay]
 #   COOLDOWN [2]  RUN_TIMEOUT [300]  DRAIN_TIMEOUT [1800]  SETTLE [1] s
 #   QUIET_BUSY [25] QUIET_WAIT [30] (wait for a quiet second before each rep)
@@ -135,6 +137,7 @@ DELIVERY_CONCURRENCY=${DELIVERY_CONCURRENCY:-50}
 PER_DEST=${PER_DEST:-50}
 MSGS_PER_CONN=${MSGS_PER_CONN:-100}
 DELIVERY_YAML_EXTRA=${DELIVERY_YAML_EXTRA:-}
+RELAY_YAML_EXTRA=${RELAY_YAML_EXTRA:-}
 BUILD=${BUILD:-1}
 RELAY_BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/mailrelay}
 COOLDOWN=${COOLDOWN:-2}
@@ -361,7 +364,12 @@ presets_yaml() {
   if [ "$ROUTE" = smarthost ]; then dest="smarthost: true"; else dest='mx_hosts: ["mx.example.net"]'; fi
   printf 'providers:\n  presets: [all]\nresponse_rules:\n  - name: bench-sink\n    destination: { %s }\n    match: { codes: [421], text: "bench: never sent by smtp-sink" }\n    action: throttle\n    scope: site\n    duration: 1m\n    throttle: { factor: 0.5 }\n' "$dest"
 }
-extra_yaml() { dkim_yaml "$1"; presets_yaml "$1"; }   # extra_yaml BACKEND: top-level config sections
+# extra_yaml BACKEND: top-level config sections ($RELAY_YAML_EXTRA last, for every backend)
+extra_yaml() {
+  dkim_yaml "$1"
+  presets_yaml "$1"
+  if [ -n "$RELAY_YAML_EXTRA" ]; then printf '%s\n' "$RELAY_YAML_EXTRA"; fi
+}
 dkim_want() {         # dkim_want BACKEND: the a= tags its mail must carry, sorted
   case $1 in
     dkim-ed25519|postfix-dkim-ed25519) echo ed25519-sha256 ;;
