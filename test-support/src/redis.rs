@@ -332,6 +332,11 @@ impl RedisCluster {
                     &ports[n + i].to_string(),
                     "--cluster-node-timeout",
                     &node_timeout_ms.to_string(),
+                    // A replica always stands for election: on a loaded test machine
+                    // its last contact with the master can look too old, and then
+                    // no replica is ever promoted (the default factor is 10).
+                    "--cluster-replica-validity-factor",
+                    "0",
                 ]
                 .map(str::to_owned);
                 Process::new(ports[i], dir.path().join(format!("node{i}")), &extra, None)

@@ -184,8 +184,11 @@ impl Mx {
 
     fn lines(&self, name: &str) -> Vec<Value> {
         match std::fs::read_to_string(self.dir.path().join(name)) {
+            // The server may be writing a line right now: only complete lines
+            // (ended by a newline) count; the rest is read next time.
             Ok(text) => text
-                .lines()
+                .split_inclusive('\n')
+                .filter(|l| l.ends_with('\n'))
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect(),
             Err(_) => Vec::new(),
