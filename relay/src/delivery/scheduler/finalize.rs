@@ -465,24 +465,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn only_recipients_failed_in_this_round_are_reported() {
-        let status = MessageStatus {
+    /// A message after one attempt, with these recipients.
+    fn status_of(rcpts: Vec<RcptStatus>) -> MessageStatus {
+        MessageStatus {
             id: QueueId::generate(),
-            rcpts: vec![
-                rcpt("old@b.test", RcptState::Bounced, "550 5.1.1 gone"),
-                rcpt("new@b.test", RcptState::Bounced, "550 5.7.1 denied"),
-                rcpt("late@b.test", RcptState::Expired, "451 4.4.1 down"),
-                rcpt("ok@b.test", RcptState::Delivered, "250 ok"),
-                rcpt("wait@b.test", RcptState::Pending, "451 later"),
-            ],
+            rcpts,
             created_ms: 0,
             next_attempt_ms: None,
             attempts: 1,
             final_at_ms: None,
             leased_until_ms: None,
             delay_warned: false,
-        };
+        }
+    }
+
+    #[test]
+    fn only_recipients_failed_in_this_round_are_reported() {
+        let status = status_of(vec![
+            rcpt("old@b.test", RcptState::Bounced, "550 5.1.1 gone"),
+            rcpt("new@b.test", RcptState::Bounced, "550 5.7.1 denied"),
+            rcpt("late@b.test", RcptState::Expired, "451 4.4.1 down"),
+            rcpt("ok@b.test", RcptState::Delivered, "250 ok"),
+            rcpt("wait@b.test", RcptState::Pending, "451 later"),
+        ]);
         let failed = newly_failed(&status, &[true, false, false, false, false]);
         let got: Vec<(&str, (u8, u16, u16))> = failed
             .iter()
@@ -494,21 +499,12 @@ mod tests {
 
     #[test]
     fn only_recipients_relayed_in_this_round_get_a_success_notice() {
-        let status = MessageStatus {
-            id: QueueId::generate(),
-            rcpts: vec![
-                rcpt("old@b.test", RcptState::Delivered, "250 2.0.0 ok"),
-                rcpt("new@b.test", RcptState::Delivered, "250 2.6.0 queued"),
-                rcpt("dsn@b.test", RcptState::Delivered, "250 ok"),
-                rcpt("no@b.test", RcptState::Bounced, "550 5.1.1 no"),
-            ],
-            created_ms: 0,
-            next_attempt_ms: None,
-            attempts: 1,
-            final_at_ms: None,
-            leased_until_ms: None,
-            delay_warned: false,
-        };
+        let status = status_of(vec![
+            rcpt("old@b.test", RcptState::Delivered, "250 2.0.0 ok"),
+            rcpt("new@b.test", RcptState::Delivered, "250 2.6.0 queued"),
+            rcpt("dsn@b.test", RcptState::Delivered, "250 ok"),
+            rcpt("no@b.test", RcptState::Bounced, "550 5.1.1 no"),
+        ]);
         // dsn@ went to a server with DSN: that server reports it, not us.
         let relayed = ["old@b.test".to_owned(), "new@b.test".to_owned()];
         let got = newly_relayed(&status, &[true, false, false, false], &relayed);
