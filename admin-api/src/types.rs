@@ -243,6 +243,10 @@ pub struct TransportSecurity {
     /// What the policy found wrong (a `testing` policy delivers anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// What DANE said about the host (`tlsa 3 1 1`, `insecure`, `no TLSA`,
+    /// `unavailable`, or why the host was not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dane: Option<String>,
 }
 
 /// Status and attempt history of one recipient.

@@ -261,6 +261,9 @@ pub enum TlsPolicy {
     /// destination before a session starts; a session given `auto` runs
     /// opportunistic TLS.
     Auto,
+    /// DANE (RFC 7672) where the host publishes usable, DNSSEC-validated TLSA
+    /// records, opportunistic TLS elsewhere; resolved per host like `auto`.
+    Dane,
 }
 
 /// Credentials for a smarthost; only ever sent over TLS.
@@ -913,7 +916,13 @@ impl<'m> ClientSession<'m> {
         let offered = self.caps.as_ref().is_some_and(|c| c.starttls);
         if self.tls.is_none() {
             match (self.cfg.tls, offered) {
-                (TlsPolicy::Opportunistic | TlsPolicy::Required | TlsPolicy::Auto, true) => {
+                (
+                    TlsPolicy::Opportunistic
+                    | TlsPolicy::Required
+                    | TlsPolicy::Auto
+                    | TlsPolicy::Dane,
+                    true,
+                ) => {
                     self.send(b"STARTTLS\r\n".to_vec());
                     self.expect(State::StartTls);
                     return;

@@ -263,6 +263,7 @@ fn transport_security(t: queue::TransportSecurity) -> wire::TransportSecurity {
         policy_id,
         verified,
         failure,
+        dane,
     } = t;
     wire::TransportSecurity {
         policy,
@@ -270,6 +271,7 @@ fn transport_security(t: queue::TransportSecurity) -> wire::TransportSecurity {
         policy_id,
         verified,
         failure,
+        dane,
     }
 }
 

@@ -324,6 +324,9 @@ pub fn format_detail(d: &MessageDetail) -> String {
                 if let Some(f) = &sec.failure {
                     let _ = write!(line, " tls_failure={f:?}");
                 }
+                if let Some(d) = &sec.dane {
+                    let _ = write!(line, " dane={d:?}");
+                }
             }
             let _ = writeln!(out, "{line}: {}", a.reply);
         }

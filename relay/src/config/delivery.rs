@@ -66,6 +66,9 @@ pub struct DeliveryConfig {
     pub ca_file: Option<PathBuf>,
     /// MTA-STS policy fetches (RFC 8461).
     pub mta_sts: MtaStsConfig,
+    /// DANE TLSA lookups (RFC 7672).
+    #[serde(skip_serializing_if = "DaneConfig::is_default")]
+    pub dane: DaneConfig,
     /// When to retry deferred mail and when to give up.
     pub retry: RetryPolicy,
     /// How delivery outcomes are written to the queue while connections are open.
@@ -102,6 +105,40 @@ impl Default for MtaStsConfig {
             ca_file: None,
             fetch_timeout: Duration::from_secs(20),
             port_override: None,
+        }
+    }
+}
+
+/// `delivery.dane`: DNSSEC-validated TLSA lookups for `tls: auto` and `tls: dane`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaneConfig {
+    /// `false` leaves DANE out of `auto` (MTA-STS, then opportunistic); `tls: dane`
+    /// is refused then.
+    pub enabled: bool,
+    /// DNSKEY records (zone-file lines) to trust instead of the root KSKs: a
+    /// private root, or a test root.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_anchor: Option<PathBuf>,
+    /// Resolvers (`ip:port`) that pass DNSSEC records, asked for DANE lookups
+    /// only; empty: `delivery.dns.nameservers`, else `/etc/resolv.conf`. Set it when
+    /// the cluster resolver strips RRSIGs (see docs/transport-security.md).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<SocketAddr>,
+}
+
+impl DaneConfig {
+    fn is_default(&self) -> bool {
+        *self == DaneConfig::default()
+    }
+}
+
+impl Default for DaneConfig {
+    fn default() -> Self {
+        DaneConfig {
+            enabled: true,
+            trust_anchor: None,
+            nameservers: Vec::new(),
         }
     }
 }
@@ -147,6 +184,7 @@ impl Default for DeliveryConfig {
             tls_policies: Vec::new(),
             ca_file: None,
             mta_sts: Default::default(),
+            dane: Default::default(),
             retry: Default::default(),
             outcome_batch: Default::default(),
         }
@@ -212,6 +250,35 @@ impl DeliveryConfig {
                 "delivery.mta_sts.fetch_timeout",
                 "must be greater than zero",
             ));
+        }
+        if !d.dane.enabled {
+            let dane_in = |t: TlsPolicy| t == TlsPolicy::Dane;
+            let field = if dane_in(d.tls) {
+                Some("delivery.tls".to_owned())
+            } else {
+                d.tls_policies
+                    .iter()
+                    .position(|e| dane_in(e.tls))
+                    .map(|i| format!("delivery.tls_policies[{i}].tls"))
+                    .or_else(|| {
+                        d.routes
+                            .iter()
+                            .position(|r| dane_in(r.remote.tls))
+                            .map(|i| format!("delivery.routes[{i}].tls"))
+                    })
+                    .or_else(|| {
+                        d.smarthost
+                            .as_ref()
+                            .filter(|s| dane_in(s.tls))
+                            .map(|_| "delivery.smarthost.tls".to_owned())
+                    })
+            };
+            if let Some(field) = field {
+                return Err(invalid(
+                    &field,
+                    "is `dane` but delivery.dane.enabled is false",
+                ));
+            }
         }
         for (i, e) in d.tls_policies.iter().enumerate() {
             if e.domains.is_empty() {

@@ -236,6 +236,15 @@ pub fn build_resolver(
     nameservers: &[SocketAddr],
     tune: impl FnOnce(&mut ResolverOpts),
 ) -> Result<TokioResolver, ResolverError> {
+    build_resolver_with(nameservers, tune, None)
+}
+
+/// [`build_resolver`], validating DNSSEC from `anchor` when one is given (DANE).
+pub fn build_resolver_with(
+    nameservers: &[SocketAddr],
+    tune: impl FnOnce(&mut ResolverOpts),
+    anchor: Option<std::sync::Arc<hickory_resolver::proto::dnssec::TrustAnchors>>,
+) -> Result<TokioResolver, ResolverError> {
     let (config, mut opts) = if nameservers.is_empty() {
         hickory_resolver::system_conf::read_system_conf()
             .map_err(|source| ResolverError::SystemConfig { source })?
@@ -262,8 +271,12 @@ pub fn build_resolver(
     }
     opts.use_hosts_file = ResolveHosts::Never;
     tune(&mut opts);
-    TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-        .with_options(opts)
+    let mut builder = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(opts);
+    if let Some(anchor) = anchor {
+        builder = builder.with_trust_anchor(anchor);
+    }
+    builder
         .build()
         .map_err(|source| ResolverError::Build { source })
 }

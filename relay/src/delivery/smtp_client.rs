@@ -159,10 +159,31 @@ impl ClientTls {
         })
     }
 
+    /// This client with `verifier` in place of the CA check of `required` (DANE:
+    /// the TLSA records decide).
+    pub fn with_verifier(
+        &self,
+        verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    ) -> Result<Self, ClientTlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(ClientTlsError::Config)?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier)
+            .with_no_client_auth();
+        Ok(ClientTls {
+            verified: TlsConnector::from(Arc::new(config)),
+            ..self.clone()
+        })
+    }
+
     pub fn connector(&self, policy: TlsPolicy) -> &TlsConnector {
         match policy {
             TlsPolicy::Required => &self.verified,
-            TlsPolicy::Opportunistic | TlsPolicy::Disabled | TlsPolicy::Auto => &self.opportunistic,
+            TlsPolicy::Opportunistic | TlsPolicy::Disabled | TlsPolicy::Auto | TlsPolicy::Dane => {
+                &self.opportunistic
+            }
         }
     }
 

@@ -231,6 +231,12 @@ pub struct TransportSecurity {
     /// What the policy found wrong (a `testing` policy delivers anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// What DANE (RFC 7672) said about the host: `tlsa 3 1 1` (its usable
+    /// records; the policy is then `dane`), `tlsa unusable: …`, `insecure`,
+    /// `no TLSA`, `unavailable` (the resolver does not pass DNSSEC), or why the host
+    /// was not used (bogus or failed lookups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dane: Option<String>,
 }
 
 /// Status and attempt history of one recipient.

@@ -12,6 +12,7 @@ mod support;
 mod auth_throttle;
 mod bounces;
 mod connection_fairness;
+mod dane;
 mod delivery;
 mod delivery_crash;
 mod delivery_dsn;

@@ -323,6 +323,7 @@ fn attempt(at_ms: u64, result: AttemptResult, reply: &str) -> Attempt {
             policy_id: Some("20260101".into()),
             verified: Some(false),
             failure: Some("MTA-STS: certificate not valid".into()),
+            dane: Some("insecure".into()),
         }),
         reply: reply.into(),
         // Stored and read back like the rest of the attempt.

@@ -28,6 +28,7 @@ use crate::delivery::smtp_client::{
     ClientConfig, ClientTls, ConnectionResult, MessageGate, MessageOutcome, Outcome, Stage,
     connect_failed, deliver_gated,
 };
+use crate::delivery::tls_policy::dane::HostDane;
 use crate::delivery::tls_policy::{Decision, TransportSecurity, tls_required_no};
 use crate::metrics::Metrics;
 use crate::queue::{Lease, Leased, QueueId, QueuedMessage, RcptState, TlsInfo, now_ms};
@@ -44,6 +45,16 @@ struct Early {
     /// certificate check said, for the attempt records.
     security: Option<Decision>,
     verified: Option<Result<(), String>>,
+    /// What DANE said about the host of the conversation under way.
+    dane: Option<DaneUse>,
+}
+
+struct DaneUse {
+    label: String,
+    /// The host's TLSA records set the TLS client (the policy is `dane`).
+    applied: bool,
+    /// No usable record: TLS was mandatory, the certificate unchecked.
+    unauthenticated: bool,
 }
 
 impl Early {
@@ -53,15 +64,34 @@ impl Early {
             pending: Vec::new(),
             security: None,
             verified: None,
+            dane: None,
         }
     }
 
     /// The record of an attempt on `target` (the host that answered, if any).
     fn security(&self, target: Option<&Target>, tls: bool) -> Option<TransportSecurity> {
         let verified = if tls { self.verified.as_ref() } else { None };
-        self.security
+        let mut record = self
+            .security
             .as_ref()
-            .map(|d| d.outcome(target.map(|(n, _)| n.as_str()), verified))
+            .map(|d| d.outcome(target.map(|(n, _)| n.as_str()), verified))?;
+        if let Some(d) = &self.dane {
+            record.dane = Some(d.label.clone());
+            if d.applied {
+                // DANE wins over MTA-STS (RFC 8461 §2): its verdict is the record.
+                record.policy = "dane".into();
+                record.mode = None;
+                record.policy_id = None;
+                record.verified = if d.unauthenticated {
+                    Some(false)
+                } else {
+                    verified.map(|v| v.is_ok())
+                };
+                record.failure = (target.is_some() && !tls)
+                    .then(|| "DANE: no TLS session with a matching certificate".to_owned());
+            }
+        }
+        Some(record)
     }
 }
 
@@ -424,15 +454,62 @@ impl Inner {
         client: &ClientConfig,
         gate: &mut Recorder<'_>,
     ) -> (ConnectionResult, Option<Target>, Option<&'static str>) {
-        let tls = match relay_index(dest).and_then(|i| self.relays.get(i)) {
+        let relay = relay_index(dest).and_then(|i| self.relays.get(i));
+        let tls = match relay {
             Some(r) => &r.tls,
             None => &self.mx_tls,
         };
+        // RFC 7672 §2.2: TLSA records of the port connected to (25 for MX hosts,
+        // whatever a test's port override says).
+        let dane_port = relay.map_or(25, |r| r.port);
+        let dane = self
+            .dane
+            .as_ref()
+            .filter(|_| gate.early.security.as_ref().is_some_and(|d| d.dane));
         let mut last_error = String::from("no address to connect to");
         // The last host that answered but could not take mail (4xx greeting, TLS
         // trouble): its reply says more than a later host's refused connection.
         let mut unusable: Option<(ConnectionResult, Target)> = None;
         for (name, addr) in targets {
+            let (mut host_tls, mut host_client) = (None, None);
+            gate.early.dane = None;
+            if let Some(dane) = dane.filter(|_| !name.starts_with('[')) {
+                let said = dane.host(&name, dane_port).await;
+                let (applied, unauthenticated) = match &said {
+                    HostDane::Fail(why) => {
+                        last_error = format!("{name}: {why}");
+                        warn!(%dest, host = %name, reason = %why, "DANE: host not used");
+                        gate.early.dane = Some(DaneUse {
+                            label: why.clone(),
+                            applied: false,
+                            unauthenticated: false,
+                        });
+                        continue;
+                    }
+                    HostDane::Verify { tls, .. } => {
+                        host_tls = Some(tls.clone());
+                        (true, false)
+                    }
+                    HostDane::Mandatory { tls } => {
+                        host_tls = Some(tls.clone());
+                        (true, true)
+                    }
+                    HostDane::Skip(_) => (false, false),
+                };
+                if applied {
+                    // Never plain text, never another certificate check.
+                    let mut c = client.clone();
+                    c.tls = TlsPolicy::Required;
+                    host_client = Some(c);
+                }
+                gate.early.dane = Some(DaneUse {
+                    label: said.label(),
+                    applied,
+                    unauthenticated,
+                });
+            }
+            let tls = host_tls.as_ref().unwrap_or(tls);
+            let client = host_client.as_ref().unwrap_or(client);
             let stream = match self.connect(addr).await {
                 Ok(s) => s,
                 Err(e) => {

@@ -46,6 +46,8 @@ pub enum DeliveryError {
     Tls(#[from] ClientTlsError),
     #[error("MTA-STS HTTPS client: {0}")]
     StsClient(rustls::Error),
+    #[error(transparent)]
+    Dane(#[from] crate::delivery::tls_policy::dane::DaneError),
 }
 
 /// Rung when mail is queued, so that idle delivery looks for it now rather than at
@@ -76,6 +78,8 @@ struct Inner {
     mx_tls: ClientTls,
     /// MTA-STS policies of recipient domains.
     sts: crate::delivery::tls_policy::StsCache,
+    /// `None` with `delivery.dane.enabled: false`.
+    dane: Option<crate::delivery::tls_policy::dane::Dane>,
     /// Routes in config order, then the smarthost.
     relays: Vec<RelayHost>,
     routes: RouteTable,
@@ -166,6 +170,7 @@ impl Delivery {
             Ok(t)
         };
         let sts = sts_cache(&cfg, &resolver)?;
+        let dane = dane(&cfg, &mx_tls)?;
         let routes = RouteTable::new(&cfg.routes);
         let mut relays = Vec::new();
         for r in &cfg.routes {
@@ -195,6 +200,7 @@ impl Delivery {
             resolver,
             mx_tls,
             sts,
+            dane,
             relays,
             routes,
             smarthost,
@@ -304,6 +310,34 @@ fn sts_cache(
     )
     .map_err(DeliveryError::StsClient)?;
     Ok(StsCache::new(resolver.dns().clone(), fetcher))
+}
+
+/// The DANE resolver: `delivery.dane.nameservers`, else the MX lookups' resolvers.
+/// Blocking file IO (the trust anchor): call at start-up.
+fn dane(
+    cfg: &DeliveryConfig,
+    base: &ClientTls,
+) -> Result<Option<crate::delivery::tls_policy::dane::Dane>, DeliveryError> {
+    use crate::delivery::tls_policy::dane::{Dane, load_trust_anchor};
+    if !cfg.dane.enabled {
+        return Ok(None);
+    }
+    let anchor = match &cfg.dane.trust_anchor {
+        Some(p) => Some(load_trust_anchor(p)?),
+        None => None,
+    };
+    let servers = if cfg.dane.nameservers.is_empty() {
+        &cfg.dns.nameservers
+    } else {
+        &cfg.dane.nameservers
+    };
+    Ok(Some(Dane::new(
+        servers,
+        anchor,
+        cfg.dns.timeout,
+        cfg.dns.attempts,
+        base.clone(),
+    )?))
 }
 
 fn load_tls(ca_file: Option<&std::path::Path>) -> Result<ClientTls, ClientTlsError> {

@@ -203,7 +203,10 @@ impl Inner {
         if configured != TlsPolicy::Auto || dest.starts_with('[') {
             return Decision::fixed(configured);
         }
-        Decision::from_sts(self.sts.lookup(dest).await)
+        let mut d = Decision::from_sts(self.sts.lookup(dest).await);
+        // Each MX host's TLSA records are asked first, and win (RFC 8461 §2).
+        d.dane = true;
+        d
     }
 }
 

@@ -4,9 +4,9 @@
 //!    `delivery.tls_policies` entry matching the recipient domain) that is not
 //!    `auto` wins;
 //! 2. otherwise (`auto`, the default for MX delivery) the destination's published
-//!    policy: DANE (RFC 7672, planned: it will be asked first and win over
-//!    MTA-STS, RFC 8461 §2), then MTA-STS ([`mta_sts`], fetched by [`fetch`] and
-//!    cached by [`cache`]);
+//!    policy: DANE per MX host ([`dane`], asked first and winning over MTA-STS,
+//!    RFC 8461 §2), then MTA-STS ([`mta_sts`], fetched by [`fetch`] and cached by
+//!    [`cache`]); `dane` is DANE then opportunistic;
 //! 3. with no published policy, opportunistic STARTTLS.
 //!
 //! The answer ([`Decision`]) tells the scheduler which MX hosts it may use and which
@@ -14,6 +14,8 @@
 //! [`TransportSecurity`] record kept with the attempt.
 
 pub mod cache;
+pub mod dane;
+pub mod dane_verify;
 pub mod fetch;
 pub mod mta_sts;
 
@@ -38,6 +40,9 @@ pub struct Decision {
     /// Where the decision came from, for the record: `opportunistic`, `required`,
     /// `disabled` (configured) or `mta-sts`.
     pub source: &'static str,
+    /// Whether each host's TLSA records are asked first ([`dane`]): `auto` and
+    /// `dane`.
+    pub dane: bool,
 }
 
 impl Decision {
@@ -46,9 +51,9 @@ impl Decision {
         let source = match p {
             TlsPolicy::Required => "required",
             TlsPolicy::Disabled => "disabled",
-            TlsPolicy::Opportunistic | TlsPolicy::Auto => "opportunistic",
+            TlsPolicy::Opportunistic | TlsPolicy::Auto | TlsPolicy::Dane => "opportunistic",
         };
-        let client = if p == TlsPolicy::Auto {
+        let client = if matches!(p, TlsPolicy::Auto | TlsPolicy::Dane) {
             TlsPolicy::Opportunistic
         } else {
             p
@@ -58,6 +63,7 @@ impl Decision {
             sts: None,
             note: None,
             source,
+            dane: p == TlsPolicy::Dane,
         }
     }
 
@@ -73,6 +79,7 @@ impl Decision {
                 sts: Some(c),
                 note: found.note,
                 source: "mta-sts",
+                dane: false,
             },
             _ => Decision {
                 note: found.note,
@@ -85,6 +92,7 @@ impl Decision {
     /// published policy is recorded but not enforced (TLS is still used when
     /// offered, its certificate unchecked, and every MX host is tried).
     pub fn relaxed(mut self) -> Self {
+        self.dane = false;
         if self.source == "mta-sts" {
             self.client = TlsPolicy::Opportunistic;
             self.source = "mta-sts-relaxed";
@@ -156,6 +164,7 @@ impl Decision {
             policy_id: self.sts.as_ref().map(|c| c.id.clone()),
             verified: verified.map(|v| v.is_ok()),
             failure: (!failures.is_empty()).then(|| failures.join("; ")),
+            dane: None,
         }
     }
 }
