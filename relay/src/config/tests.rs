@@ -290,6 +290,15 @@ fn delivery_section_defaults_and_errors() {
     .delivery;
     assert_eq!(d.tls_policies[0].tls, TlsPolicy::Required);
     assert_eq!(d.mta_sts.fetch_timeout, Duration::from_secs(5));
+    // DANE is part of `auto` by default; `dane` is a policy of its own.
+    assert!(d.dane.enabled && d.dane.trust_anchor.is_none());
+    let d = RelayConfig::from_yaml(
+        "delivery: {tls: dane, dane: {trust_anchor: /etc/anchor.key, nameservers: ['10.0.0.53:53']}}",
+    )
+    .unwrap()
+    .delivery;
+    assert_eq!(d.tls, TlsPolicy::Dane);
+    assert_eq!(d.dane.nameservers, vec!["10.0.0.53:53".parse().unwrap()]);
     for (yaml, field) in [
         (
             "{tls_policies: [{domains: [], tls: required}]}",
@@ -308,6 +317,13 @@ fn delivery_section_defaults_and_errors() {
             "delivery.mta_sts.fetch_timeout",
         ),
         ("{mta_sts: {max_size: 1}}", "max_size"),
+        (
+            "{dane: {enabled: false}, tls_policies: [{domains: [a.test], tls: dane}]}",
+            "delivery.tls_policies[0].tls",
+        ),
+        ("{dane: {enabled: false}, tls: dane}", "delivery.tls"),
+        ("{dane: {nameservers: [10.0.0.1]}}", "nameservers"),
+        ("{dane: {anchor: /x}}", "anchor"),
     ] {
         let e = RelayConfig::from_yaml(&format!("delivery: {yaml}"))
             .unwrap_err()

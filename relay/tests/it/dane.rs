@@ -391,6 +391,19 @@ fn tlsa_match_mismatch_insecure_bogus_and_dane_over_mta_sts() {
         "nothing in plain text"
     );
 
+    // A warm cache: another message to ee.test makes no DANE lookup.
+    let again = swaks(&relay, "sender@client.test", &["again@ee.test"], None);
+    let m = wait_until("the second delivery", &relay, || {
+        api_message(&relay, &again).filter(|m| rcpt_state(m, "again@ee.test") == "delivered")
+    });
+    assert_eq!(security(&m)["policy"], "dane");
+    let lookups = relay
+        .log()
+        .lines()
+        .filter(|l| l.contains("DANE lookup") && l.contains("mx.ee.test"))
+        .count();
+    assert_eq!(lookups, 1, "{}", relay.log());
+
     let shown = queue_cli(&relay, &["show", &ids[0].to_string()]);
     assert!(
         shown.contains("policy=dane") && shown.contains("dane=\"tlsa 3 1 1\""),

@@ -30,7 +30,7 @@ use hickory_resolver::TokioResolver;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
 use hickory_resolver::proto::rr::{RData, RecordType};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::dane_verify::{DaneVerifier, Tlsa};
 use crate::delivery::smtp_client::ClientTls;
@@ -179,6 +179,7 @@ impl Dane {
             return HostDane::Skip("unavailable");
         }
         let (value, until) = self.lookup(&key.0, port).await;
+        debug!(host = %key.0, port, verdict = %value.label(), "DANE lookup");
         let mut cache = self.cache.lock().unwrap();
         if cache.len() >= MAX_ENTRIES {
             let mut ages: Vec<Instant> = cache.values().map(|e| e.until).collect();
@@ -354,7 +355,68 @@ fn classify(got: Result<hickory_resolver::lookup::Lookup, NetError>) -> Answer {
         }
         Err(NetError::Dns(DnsError::DnssecBogus)) => Answer::Bogus,
         Err(NetError::Dns(DnsError::Nsec { proof, .. })) => Answer::None(proof),
-        Err(NetError::Dns(DnsError::NoRecordsFound(_))) => Answer::None(Proof::Indeterminate),
+        // A validated denial (NSEC/NSEC3 proving no such record) comes back as
+        // "no records" like an unsigned zone's: the proofs of the authority
+        // section (SOA, NSEC) tell them apart.
+        Err(NetError::Dns(DnsError::NoRecordsFound(n))) => Answer::None(
+            proof_of(
+                n.authorities
+                    .iter()
+                    .flat_map(|a| a.iter())
+                    .map(|r| r.proof)
+                    .chain(n.soa.iter().map(|s| s.proof)),
+            )
+            .unwrap_or(Proof::Indeterminate),
+        ),
         Err(e) => Answer::Failed(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn anchor(text: &str) -> Result<TrustAnchors, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("anchor.key");
+        std::fs::write(&p, text).unwrap();
+        load_trust_anchor(&p).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn trust_anchors_are_dnskey_records_and_bad_files_name_the_field() {
+        // As ldns-keygen writes a KSK, comment included.
+        let key = ".\tIN\tDNSKEY\t257 3 13 B8jIsBaXppy2dxvIbV8hHBdLZDvt5nS53BGuNKxZsTg9tnpv0JlR0A0wLsCYzjhiz0C7Z9HLCmh4SxTC4UaF8Q== ;{id = 64328 (ksk), size = 256b}\n";
+        let a = anchor(&format!("; the test root\n{key}")).unwrap();
+        assert_eq!(a.len(), 1);
+        for (text, why) in [
+            (
+                ". IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D\n",
+                "DS records are not supported",
+            ),
+            ("", "no DNSKEY"),
+            (". IN DNSKEY 257 3 13 !!!\n", "delivery.dane.trust_anchor"),
+        ] {
+            let e = anchor(text).unwrap_err();
+            assert!(
+                e.contains("delivery.dane.trust_anchor") && e.contains(why),
+                "{text}: {e}"
+            );
+        }
+        let e = load_trust_anchor(Path::new("/nonexistent/anchor.key")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/anchor.key"), "{e}");
+    }
+
+    #[test]
+    fn the_weakest_proof_decides() {
+        use Proof::*;
+        assert_eq!(proof_of([Secure, Secure].into_iter()), Some(Secure));
+        assert_eq!(proof_of([Secure, Insecure].into_iter()), Some(Insecure));
+        assert_eq!(proof_of([Insecure, Bogus, Secure].into_iter()), Some(Bogus));
+        assert_eq!(
+            proof_of([Secure, Indeterminate].into_iter()),
+            Some(Indeterminate)
+        );
+        assert_eq!(proof_of(std::iter::empty()), None);
     }
 }
