@@ -410,3 +410,30 @@ fn tlsa_match_mismatch_insecure_bogus_and_dane_over_mta_sts() {
         "{shown}"
     );
 }
+
+/// dnsmasq passes no DNSSEC records: DANE is off (warned, recorded), mail flows.
+#[test]
+fn a_resolver_without_dnssec_turns_dane_off_and_mail_still_flows() {
+    use crate::support::deliver::relay_with_dns;
+    use crate::support::dns::{Dnsmasq, Record};
+    let dns = Dnsmasq::start(&[
+        Record::mx("plain.test", 10, "mx.plain.test"),
+        Record::host("mx.plain.test", &["127.0.0.1"]),
+    ]);
+    let port = free_ports(1)[0];
+    let pki = Pki::new(&["mx.plain.test"]);
+    let mx = Mx::start(json!({"port": port, "cert": pki.cert(), "key": pki.key()}));
+    let relay = relay_with_dns(&dns, port, "");
+    let id = swaks(&relay, "sender@client.test", &["user@plain.test"], None);
+    let m = wait_until("the delivery", &relay, || {
+        api_message(&relay, &id).filter(|m| rcpt_state(m, "user@plain.test") == "delivered")
+    });
+    let s = security(&m);
+    assert_eq!(
+        (s["policy"].as_str(), s["dane"].as_str()),
+        (Some("opportunistic"), Some("unavailable")),
+        "{s}"
+    );
+    assert!(relay.log().contains("DANE is off"), "{}", relay.log());
+    assert_eq!(mx.records().len(), 1);
+}
