@@ -138,13 +138,7 @@ impl Knot {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let out = Command::new("kdig")
-                .args([
-                    &format!("@127.0.0.1"),
-                    "-p",
-                    &port.to_string(),
-                    "+short",
-                    "+time=1",
-                ])
+                .args(["@127.0.0.1", "-p", &port.to_string(), "+short", "+time=1"])
                 .args(["SOA", "."])
                 .output()
                 .expect("kdig (knot-dnsutils)");

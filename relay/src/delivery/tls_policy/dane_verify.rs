@@ -427,8 +427,8 @@ mod tests {
                     let r = tlsa(3, s, m, cert);
                     // Another name, and long after the leaf expired: still a match.
                     let got = matches(
-                        &[r.clone()],
-                        &[cert.clone()],
+                        std::slice::from_ref(&r),
+                        std::slice::from_ref(cert),
                         &names(&["x.test"]),
                         later(),
                         &p,
@@ -437,7 +437,14 @@ mod tests {
                 }
             }
         }
-        let err = matches(&[tlsa(3, 1, 1, &c.other)], &[c.leaf.clone()], &[], now, &p).unwrap_err();
+        let err = matches(
+            &[tlsa(3, 1, 1, &c.other)],
+            std::slice::from_ref(&c.leaf),
+            &[],
+            now,
+            &p,
+        )
+        .unwrap_err();
         assert!(err.contains("3 1 1") && err.starts_with("DANE:"), "{err}");
     }
 
@@ -451,16 +458,23 @@ mod tests {
             let r = tlsa(2, s, m, &c.ca);
             let chain = [c.leaf.clone(), c.ca.clone()];
             assert_eq!(
-                matches(&[r.clone()], &chain, &mx, now, &p),
+                matches(std::slice::from_ref(&r), &chain, &mx, now, &p),
                 Ok(Matched { tlsa: r.clone() })
             );
             // The anchor not sent by the server: no match (RFC 7672 §3.1.2).
-            assert!(matches(&[r.clone()], &chain[..1], &mx, now, &p).is_err());
+            assert!(matches(std::slice::from_ref(&r), &chain[..1], &mx, now, &p).is_err());
             // Wrong name.
-            let e = matches(&[r.clone()], &chain, &names(&["mx.b.test"]), now, &p).unwrap_err();
+            let e = matches(
+                std::slice::from_ref(&r),
+                &chain,
+                &names(&["mx.b.test"]),
+                now,
+                &p,
+            )
+            .unwrap_err();
             assert!(e.contains("does not verify"), "{e}");
             // The leaf expired (the anchor has not).
-            assert!(matches(&[r.clone()], &chain, &mx, later(), &p).is_err());
+            assert!(matches(std::slice::from_ref(&r), &chain, &mx, later(), &p).is_err());
             // A DANE-TA record naming the leaf itself is not a trust anchor.
             let leaf_as_ta = tlsa(2, s, m, &c.leaf);
             assert!(matches(&[leaf_as_ta], &chain, &mx, now, &p).is_err());
