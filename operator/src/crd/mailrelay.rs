@@ -815,8 +815,9 @@ pub struct RedisSpec {
     "fieldPath": ".tls"
 }]))]
 pub struct DeliverySpec {
-    /// STARTTLS towards recipients' MX hosts; default `auto`: what each domain
-    /// publishes (MTA-STS) decides, opportunistic where it publishes nothing.
+    /// STARTTLS towards recipients' MX hosts; default `auto`: what each MX host
+    /// (DANE) or domain (MTA-STS) publishes decides, opportunistic where nothing is
+    /// published; `dane`: DANE, else opportunistic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsPolicy>,
     /// PEM trust anchors (a private CA, say) for the smarthost and routes with
