@@ -256,7 +256,7 @@ pub enum TlsPolicy {
     Required,
     /// Never STARTTLS.
     Disabled,
-    /// What the destination publishes decides (MTA-STS now, DANE later), and
+    /// What the destination publishes decides (DANE per MX host, then MTA-STS), and
     /// opportunistic TLS where it publishes nothing. Delivery resolves it per
     /// destination before a session starts; a session given `auto` runs
     /// opportunistic TLS.
