@@ -268,6 +268,7 @@ cleanup() {
   local rc=$?
   set +e
   stop_relay
+  stop_pid "$SAMPLER_PID"
   if [ -s "$BG_PID_FILE" ]; then stop_pid "$(cat "$BG_PID_FILE")"; rm -f "$BG_PID_FILE"; fi
   stop_pid "$REDIS_PID"; REDIS_PID=""
   stop_postfix
@@ -508,6 +509,32 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
 }
 
 # ---------------------------------------------------------------- drain of a full queue
+# Through a drain's enqueue and delivery phases a sampler writes, once a second, to
+# $WORK/samples-BACKEND-PHASE.csv: the relay's VmRSS, redis-server's used_memory and
+# VmRSS, the sink's count, the queue directory's size on disk and the 1-minute load
+# average (issue 21 item 5: relay RSS flat through a 1,000,000-message drain).
+SAMPLER_PID=""
+sampler_start() {     # sampler_start BACKEND PHASE PID_OR_PIDFILE
+  local out="$WORK/samples-$1-$2.csv" who=$3 qdir="$WORK/queue-drain-$1" rpid=${REDIS_PID:-0}
+  (
+    echo "t,relay_rss_kb,redis_used_memory,redis_rss_kb,sink,queue_dir_kb,load1" > "$out"
+    t0=$(date +%s); pid=""
+    while :; do
+      # a pid file (the drain's relay) is written once the relay starts and removed
+      # after it: keep the last pid read
+      if [ -f "$who" ]; then pid=$(cat "$who" 2>/dev/null || true); elif [ "$who" -eq "$who" ] 2>/dev/null; then pid=$who; fi
+      rss=$(awk '/^VmRSS/ {print $2}' "/proc/${pid:-0}/status" 2>/dev/null || true)
+      rrss=$(awk '/^VmRSS/ {print $2}' "/proc/$rpid/status" 2>/dev/null || true)
+      um=""; [ "$rpid" != 0 ] && um=$(rcli INFO memory 2>/dev/null | tr -d '\r' | awk -F: '$1 == "used_memory" {print $2}')
+      sink=$(tail -c 300 "$WORK/sink.out" 2>/dev/null | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2 || true)
+      qkb=$(du -sk "$qdir" 2>/dev/null | cut -f1 || true)
+      echo "$(($(date +%s) - t0)),${rss:-},${um:-},${rrss:-},${sink:-},${qkb:-},$(cut -d' ' -f1 /proc/loadavg)" >> "$out"
+      sleep 1
+    done
+  ) &
+  SAMPLER_PID=$!
+}
+sampler_stop() { stop_pid "$SAMPLER_PID"; SAMPLER_PID=""; }
 run_drain() {         # run_drain BACKEND
   local backend=$1 n=$DRAIN_N size=$DRAIN_SIZE sess=$DRAIN_SESSIONS t verdict note="" acc msgs left qdir spids held cfg
   log "drain $backend: enqueue $n messages with delivery off"
@@ -517,11 +544,13 @@ run_drain() {         # run_drain BACKEND
       prepare_backend "$backend" "$qdir"
       start_relay "$(queue_kind "$backend")" "$qdir"          # delivery disabled
       spids=$RELAY_PID; [ "$backend" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
+      sampler_start "$backend" enqueue "$RELAY_PID"
       # expect 0 at the sink: nothing may be delivered while enqueueing
       # shellcheck disable=SC2046
       t=$(timer "$DRAIN_TIMEOUT" 0 "$spids" "$RELAY_PID" 0 -- $(source_cmd "$sess" "$n" "$size" "$SMTP_PORT"))
       acc=$(metric mailrelay_smtp_messages_accepted_total)
       msgs=$(queue_messages)
+      sampler_stop
       verdict=$(check_sink "$t" 0)
       [ "${acc:-x}" = "$n" ] || verdict="$verdict; accepted_total=${acc:-?} != $n"
       [ "${msgs:-x}" = "$n" ] || verdict="$verdict; queue holds ${msgs:-?} != $n"
@@ -533,12 +562,14 @@ run_drain() {         # run_drain BACKEND
       cfg=$(relay_config "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML")
       spids=""; [ "$backend" = embedded ] || spids=$REDIS_PID
       rm -f "$BG_PID_FILE"
+      sampler_start "$backend" drain "$BG_PID_FILE"
       # shellcheck disable=SC2016  # $0..$2 are the inner shell's arguments
       t=$(timer "$DRAIN_TIMEOUT" "$n" "$spids" 0 0 --background --pid-file "$BG_PID_FILE" -- \
             bash -c 'exec "$0" serve --config "$1" >>"$2" 2>&1' "$RELAY_BIN" "$cfg" "$WORK/relay.log")
       RELAY_PID=$(cat "$BG_PID_FILE"); rm -f "$BG_PID_FILE"
       verdict=$(check_sink "$t" "$n")
       left=$(relay_wait_empty)
+      sampler_stop
       [ "$left" = 0 ] || verdict="$verdict; queue still holds ${left} messages"
       verdict=${verdict#ok; }
       record "$t" drain "$backend" "$size" "$sess" "$n" 1 "$verdict" "$note"

@@ -317,3 +317,35 @@ if any(b in backends for b, _ in QPAIRS):
             verdict = 'met' if loss < 15 else 'NOT met'
             print(f"| {scen_name(k)} | {LABEL[b]} | {LABEL[base]} | {fmt(med[(k, b)])} / {fmt(med[(k, base)])} | "
                   f"{loss:+.1f}% (target < 15%: {verdict}) | {cpu[0]:.3f} / {cpu[1]:.3f} | {gen:.3f} |")
+
+# ---------------------------------------------------------------- backlog samples (issue 21 item 5)
+import csv
+import glob
+samples = sorted(glob.glob(os.path.join(work, 'samples-*-*.csv')))
+if samples:
+    print()
+    print('### Memory through the drain (sampled once a second)')
+    print()
+    print('Relay VmRSS and redis-server used_memory / VmRSS sampled every second through the enqueue (delivery off)')
+    print('and the drain (a fresh relay with delivery on) of each drain backend; load1 = 1-minute load average over the samples.')
+    print()
+    print('| backend | phase | samples | relay RSS MiB start / min / max / end | redis used_memory MiB start / max / end | '
+          'redis RSS MiB max | queue dir MiB max | load1 min-max |')
+    print('|---|---|---|---|---|---|---|---|')
+    def mib(v):
+        return f'{v / 1024:,.1f}'
+    for f in samples:
+        backend, phase = os.path.basename(f)[len('samples-'):-len('.csv')].rsplit('-', 1)
+        rows_ = list(csv.DictReader(open(f)))
+        def col(name, scale=1):
+            return [float(r[name]) / scale for r in rows_ if r.get(name)]
+        rss = col('relay_rss_kb')
+        um = col('redis_used_memory', 1024)
+        rr = col('redis_rss_kb')
+        qd = col('queue_dir_kb')
+        ld = col('load1')
+        r_ = f'{mib(rss[0])} / {mib(min(rss))} / {mib(max(rss))} / {mib(rss[-1])}' if rss else '—'
+        u_ = f'{mib(um[0])} / {mib(max(um))} / {mib(um[-1])}' if um else '—'
+        print(f"| {LABEL.get(backend, backend)} | {phase} | {len(rows_)} | {r_} | {u_} | "
+              f"{mib(max(rr)) if rr else '—'} | {mib(max(qd)) if qd else '—'} | "
+              f"{min(ld):.1f}-{max(ld):.1f} |" if ld else '| — |')
