@@ -88,8 +88,8 @@
 #   the provider-preset cost:                PRESETS=1 bash bench/e2e.sh
 #     (= SCENARIOS=1024:20 REPS=3 DRAIN=0 BACKENDS="embedded presets redis redis-presets", unless set)
 #   ingress quotas with 10,000 senders:     SENDERS=10000 bash bench/e2e.sh
-#     (= N=20000 SCENARIOS=1024:20 REPS=3 DRAIN=0 BACKENDS="direct embedded quota redis
-#        redis-quota", unless set)
+#     (= N=20000 SCENARIOS=1024:20 REPS=3 DRAIN=0 INTERLEAVE=1 BACKENDS="direct embedded
+#        quota redis redis-quota", unless set)
 #   the DKIM comparison:                     DKIM=1 bash bench/e2e.sh
 #     (= SCENARIOS=1024:20 REPS=2 DRAIN=0 BACKENDS="embedded dkim-ed25519 dkim-rsa dkim-both
 #        postfix postfix-dkim postfix-dkim-ed25519", unless set)
@@ -111,6 +111,7 @@
 #   REDIS_PORT [16479] DNS_PORT [13553] MILTER_PORT [13537]
 #   SENDER [sender@bench.example with a DKIM backend, else sender@example.com]
 #   SENDERS [0: smtp-source, one sender] K>0: bench/smtp_senders with K senders
+#   INTERLEAVE [0] 1: reps round-robin over the backends (rep 1 of each, then rep 2, ...)
 #   QUOTA_LIMITS ["1000/1m, 10000/1h, 100000/1d"] (per sender; the quota backends)
 #   QUICK=1 -> N=1000 REPS=1 DRAIN_N=5000 COOLDOWN=1 (unless set explicitly)
 #
@@ -132,10 +133,11 @@ if [ "${PRESETS:-0}" = 1 ]; then
   BACKENDS=${BACKENDS:-"embedded presets redis redis-presets"}
 fi
 if [ "${SENDERS:-0}" -gt 0 ]; then
-  N=${N:-20000}; SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}
+  N=${N:-20000}; SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}; INTERLEAVE=${INTERLEAVE:-1}
   BACKENDS=${BACKENDS:-"direct embedded quota redis redis-quota"}
 fi
 SENDERS=${SENDERS:-0}
+INTERLEAVE=${INTERLEAVE:-0}
 QUOTA_LIMITS=${QUOTA_LIMITS:-"1000/1m, 10000/1h, 100000/1d"}
 if [ "${DKIM:-0}" = 1 ]; then
   SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-2}; DRAIN=${DRAIN:-0}
@@ -605,7 +607,7 @@ log "machine: $(nproc) CPUs, $(uname -r); mailrelay $GIT_REV (+$GIT_DIRTY modifi
 log "N=$N REPS=$REPS SCENARIOS='$SCENARIOS' BACKENDS='$BACKENDS' DRAIN=$DRAIN DRAIN_N=$DRAIN_N DRAIN_BACKENDS='$DRAIN_BACKENDS' ROUTE=$ROUTE work=$WORK"
 FSYNC=$(fsync_probe)
 log "fsync probe ($WORK): $FSYNC"
-write_facts "$WORK/facts.json" "dict(SENDER='$SENDER', SENDERS=$SENDERS, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
+write_facts "$WORK/facts.json" "dict(SENDER='$SENDER', SENDERS=$SENDERS, INTERLEAVE=$INTERLEAVE, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
 
 # ---------------------------------------------------------------- runs
 start_sink
@@ -627,8 +629,24 @@ set_appendfsync() {
 
 # Scenario-major order: all backends of one scenario run back to back, so a drift in
 # background load hits the numbers compared with each other alike.
+# INTERLEAVE=1: reps go round-robin over the backends instead (rep 1 of every backend,
+# then rep 2, ...), so a burst of load from elsewhere on a shared machine spreads over
+# all the backends compared instead of skewing one.
+SAMPLE_FAILED=""
 for sc in $SCENARIOS; do
   size=${sc%%:*}; sess=${sc##*:}
+  if [ "$INTERLEAVE" = 1 ]; then
+    for rep in $(seq 1 "$REPS"); do
+      for backend in $BACKENDS; do
+        set_appendfsync "$backend"
+        backend_begin "$backend"
+        if [ "$rep" = 1 ] && ! sample_check "$backend"; then SAMPLE_FAILED="$SAMPLE_FAILED $backend"; fi
+        has "$SAMPLE_FAILED" "$backend" || run_e2e "$backend" "$size" "$sess" "$N" "$rep"
+        backend_end "$backend"
+      done
+    done
+    continue
+  fi
   for backend in $BACKENDS; do
     set_appendfsync "$backend"
     backend_begin "$backend"
