@@ -34,6 +34,8 @@
 #   SENDERS [1000] REPS [2] RELAYS ["1 2 3"] TOPOLOGIES ["single cluster"]
 #   QUOTA [0] 1: every relay has one per-sender ingress quota (never reached)
 #   RELAY_BIN [${CARGO_TARGET_DIR:-target}/release/mailrelay] BUILD [0]
+#   IDLE [5] s: before the load, the relays idle this long, and the Redis commands/s
+#   and CPU they cause (queue polling) are reported
 #   TIMEOUT [600] s per rep   WORK [/var/tmp/mailrelay-scale-out]
 #   SMTP_BASE [15525] ADMIN_BASE [15425] SINK_PORT [15536] REDIS_BASE [15479]
 #   (relay i uses SMTP_BASE+i, ADMIN_BASE+i; Redis nodes REDIS_BASE+0..2, cluster bus
@@ -55,6 +57,7 @@ QUOTA=${QUOTA:-0}
 BUILD=${BUILD:-0}
 RELAY_BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/mailrelay}
 TIMEOUT=${TIMEOUT:-600}
+IDLE=${IDLE:-5}
 WORK=${WORK:-/var/tmp/mailrelay-scale-out}
 SMTP_BASE=${SMTP_BASE:-15525}
 ADMIN_BASE=${ADMIN_BASE:-15425}
@@ -234,6 +237,8 @@ run_rep() {               # run_rep TOPOLOGY R REP
   redis_reset_all "$topo"
   start_relays "$topo" "$r"
   got0=$(sink_count); want=$((got0 + N))
+  # idle: what R waiting relays cost Redis (polling) before any mail comes
+  si0=$(snapshot "$topo"); sleep "$IDLE"; si1=$(snapshot "$topo")
   load0=$(cut -d' ' -f1-3 /proc/loadavg)
   s0=$(snapshot "$topo")
   t0=$(date +%s.%N)
@@ -267,10 +272,14 @@ run_rep() {               # run_rep TOPOLOGY R REP
   stop_relays
   gen_out=$(cat "$WORK"/gen-*.json | python3 -c 'import json,sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()]))')
   rm -f "$WORK"/gen-*.json
-  python3 - "$topo" "$r" "$rep" "$N" "$t0" "$t1" "$s0" "$s1" "$verdict" "$load0" "$load1" "$gen_out" >> "$WORK/runs.jsonl" <<'PY'
+  python3 - "$topo" "$r" "$rep" "$N" "$t0" "$t1" "$s0" "$s1" "$verdict" "$load0" "$load1" "$gen_out" "$si0" "$si1" "$IDLE" >> "$WORK/runs.jsonl" <<'PY'
 import json, sys
-topo, r, rep, n, t0, t1, s0, s1, verdict, l0, l1, gen = sys.argv[1:]
+topo, r, rep, n, t0, t1, s0, s1, verdict, l0, l1, gen, si0, si1, idle = sys.argv[1:]
 n = int(n); s0, s1 = json.loads(s0), json.loads(s1)
+si0, si1, idle = json.loads(si0), json.loads(si1), float(idle)
+idle_calls = sum(b['calls'] - a['calls'] for a, b in zip(si0['redis'], si1['redis'])) / idle
+idle_redis_cpu = sum(b['cpu'] - a['cpu'] for a, b in zip(si0['redis'], si1['redis'])) / idle
+idle_relay_cpu = sum(b - a for a, b in zip(si0['relays'], si1['relays'])) / idle
 relay_ms = [1000 * (b - a) / n for a, b in zip(s0['relays'], s1['relays'])]
 redis = [dict(port=b['port'], cpu_ms=1000 * (b['cpu'] - a['cpu']) / n, calls=(b['calls'] - a['calls']) / n,
               evalsha=(b['evalsha'] - a['evalsha']) / n, used_memory=b['used_memory'], keys=b['keys'])
@@ -278,6 +287,7 @@ redis = [dict(port=b['port'], cpu_ms=1000 * (b['cpu'] - a['cpu']) / n, calls=(b[
 gen = json.loads(gen)
 print(json.dumps(dict(topology=topo, relays=int(r), rep=int(rep), n=n, wall=float(t1) - float(t0),
                       relay_ms=relay_ms, redis=redis, gen_ms=sum(g['gen_cpu_s'] for g in gen) * 1000 / n,
+                      idle_calls_s=idle_calls, idle_redis_cpu=idle_redis_cpu, idle_relay_cpu=idle_relay_cpu,
                       load_before=l0, load_after=l1, status='ok' if verdict == 'ok' else 'invalid: ' + verdict)))
 PY
   python3 - "$(tail -1 "$WORK/runs.jsonl")" >&2 <<'PY'
@@ -287,7 +297,8 @@ rc = ' + '.join('%.3f' % x['cpu_ms'] for x in r['redis'])
 calls = ' + '.join('%.2f' % x['calls'] for x in r['redis'])
 print(f"    -> {r['status']}: {r['n'] / r['wall']:,.0f} msg/s wall; relay CPU ms/msg "
       f"{' + '.join(f'{x:.3f}' for x in r['relay_ms'])} = {sum(r['relay_ms']):.3f}; redis CPU ms/msg "
-      f"{rc} = {sum(x['cpu_ms'] for x in r['redis']):.3f}; commands/msg {calls}; load {r['load_before']}")
+      f"{rc} = {sum(x['cpu_ms'] for x in r['redis']):.3f}; commands/msg {calls}; idle: {r['idle_calls_s']:,.0f} Redis commands/s, "
+      f"relays {100 * r['idle_relay_cpu']:.1f} % / redis {100 * r['idle_redis_cpu']:.1f} % of a core; load {r['load_before']}")
 PY
   sleep 1
 }
@@ -316,15 +327,16 @@ print(f"{n} messages of {size} B per rep, {sess} sessions in all, {senders} send
       "CPU = utime + stime per process (/proc/PID/stat) over the run, per message of the total; medians over reps. "
       "Redis: AOF everysec.\n")
 print('| Redis | relays | ok/runs | relay CPU ms/msg, each | relays Σ | redis-server CPU ms/msg, each node | Redis Σ | '
-      'Redis commands/msg, each node | EVALSHA/msg Σ | max/min node commands | generators ms/msg | wall msg/s | load1 before |')
-print('|---|---|---|---|---|---|---|---|---|---|---|---|---|')
+      'Redis commands/msg, each node | EVALSHA/msg Σ | max/min node commands | idle: Redis commands/s, relays / Redis % of a core | '
+      'generators ms/msg | wall msg/s | load1 before |')
+print('|---|---|---|---|---|---|---|---|---|---|---|---|---|---|')
 med = lambda xs: st.median(xs) if xs else float('nan')
 for topo in ('single', 'cluster'):
     for r in sorted({x['relays'] for x in rows if x['topology'] == topo}):
         rs = [x for x in rows if x['topology'] == topo and x['relays'] == r]
         g = [x for x in rs if x['status'] == 'ok']
         if not g:
-            print(f"| {topo} | {r} | 0/{len(rs)} | INVALID: {rs[0]['status'][:100]} | | | | | | | | | |")
+            print(f"| {topo} | {r} | 0/{len(rs)} | INVALID: {rs[0]['status'][:100]} | | | | | | | | | | |")
             continue
         each = [med([x['relay_ms'][i] for x in g]) for i in range(r)]
         nodes = len(g[0]['redis'])
@@ -334,7 +346,9 @@ for topo in ('single', 'cluster'):
         spread = f"{max(calls) / min(calls):.2f}×" if nodes > 1 and min(calls) > 0 else '—'
         print(f"| {topo} | {r} | {len(g)}/{len(rs)} | {' / '.join(f'{v:.3f}' for v in each)} | **{med([sum(x['relay_ms']) for x in g]):.3f}** | "
               f"{' / '.join(f'{v:.3f}' for v in rcpu)} | **{med([sum(y['cpu_ms'] for y in x['redis']) for x in g]):.3f}** | "
-              f"{' / '.join(f'{v:.2f}' for v in calls)} | {ev:.2f} | {spread} | {med([x['gen_ms'] for x in g]):.3f} | "
+              f"{' / '.join(f'{v:.2f}' for v in calls)} | {ev:.2f} | {spread} | "
+              f"{med([x['idle_calls_s'] for x in g]):,.0f}, {100 * med([x['idle_relay_cpu'] for x in g]):.1f} / {100 * med([x['idle_redis_cpu'] for x in g]):.1f} | "
+              f"{med([x['gen_ms'] for x in g]):.3f} | "
               f"{med([x['n'] / x['wall'] for x in g]):,.0f} | {' / '.join(x['load_before'].split()[0] for x in rs)} |")
 bad = [x for x in rows if x['status'] != 'ok']
 if bad:
