@@ -223,7 +223,9 @@ for pid, port in zip(redis, ports):
     evalsha = sum(int(v.split('calls=')[1].split(',')[0]) for k, v in cs.items() if k in ('cmdstat_evalsha', 'cmdstat_eval'))
     mem = info(port, 'memory')
     keys = subprocess.run(['redis-cli', '-p', port, 'DBSIZE'], capture_output=True, text=True).stdout.strip()
-    nodes.append(dict(port=port, cpu=cpu(pid), calls=calls, evalsha=evalsha,
+    cmds = {k[len('cmdstat_'):]: [int(v.split('calls=')[1].split(',')[0]), int(v.split('usec=')[1].split(',')[0])]
+            for k, v in cs.items() if k.startswith('cmdstat_')}
+    nodes.append(dict(port=port, cpu=cpu(pid), calls=calls, evalsha=evalsha, cmds=cmds,
                       used_memory=int(mem['used_memory']), keys=int(keys or 0)))
 print(json.dumps(dict(relays=[cpu(p) for p in relays], redis=nodes)))
 PY
@@ -281,7 +283,11 @@ idle_calls = sum(b['calls'] - a['calls'] for a, b in zip(si0['redis'], si1['redi
 idle_redis_cpu = sum(b['cpu'] - a['cpu'] for a, b in zip(si0['redis'], si1['redis'])) / idle
 idle_relay_cpu = sum(b - a for a, b in zip(si0['relays'], si1['relays'])) / idle
 relay_ms = [1000 * (b - a) / n for a, b in zip(s0['relays'], s1['relays'])]
+def cmd_delta(a, b):  # {command: [calls per message, µs of Redis time per message]}
+    return {k: [(v[0] - a.get(k, [0, 0])[0]) / n, (v[1] - a.get(k, [0, 0])[1]) / n]
+            for k, v in b.items() if v[0] != a.get(k, [0, 0])[0]}
 redis = [dict(port=b['port'], cpu_ms=1000 * (b['cpu'] - a['cpu']) / n, calls=(b['calls'] - a['calls']) / n,
+              cmds=cmd_delta(a['cmds'], b['cmds']),
               evalsha=(b['evalsha'] - a['evalsha']) / n, used_memory=b['used_memory'], keys=b['keys'])
          for a, b in zip(s0['redis'], s1['redis'])]
 gen = json.loads(gen)
