@@ -517,7 +517,8 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
 # average (issue 21 item 5: relay RSS flat through a 1,000,000-message drain).
 SAMPLER_PID=""
 sampler_start() {     # sampler_start BACKEND PHASE PID_OR_PIDFILE
-  local out="$WORK/samples-$1-$2.csv" who=$3 qdir="$WORK/queue-drain-$1" rpid=${REDIS_PID:-0}
+  local out="$WORK/samples-$1-$2.csv" who=$3 qdir="$WORK/queue-drain-$1" rpid=0
+  [ "$(queue_kind "$1")" = embedded ] || rpid=${REDIS_PID:-0}
   (
     echo "t,relay_rss_kb,redis_used_memory,redis_rss_kb,sink,queue_dir_kb,load1" > "$out"
     t0=$(date +%s); pid=""
