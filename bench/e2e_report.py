@@ -68,7 +68,10 @@ print(f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['mem']}, kernel 
 print(f"fsync probe (same filesystem as the queues: {facts['queue_fs_same_as_postfix_spool']}): {facts['fsync_probe']}.")
 print(f"Knobs: N={kn['N']}, REPS={kn['REPS']}, DRAIN_N={kn['DRAIN_N']} ({size_name(kn['DRAIN_SIZE'])}, "
       f"{kn['DRAIN_SESSIONS']} sessions), ROUTE={kn['ROUTE']}, QUICK={kn['QUICK']}; one message per SMTP session "
-      f"into the relay: `smtp-source -s S -m N -l L -f {kn.get('SENDER', 'sender@example.com')} -t rcpt@example.net -M bench.local`.")
+      f"into the relay: " + (
+          f"`smtp_senders -s S -m N -l L -n {kn['SENDERS']} -d example.com -t rcpt@example.net -M bench.local` "
+          f"(bench/smtp_senders.c: {kn['SENDERS']:,} envelope senders)" if int(kn.get('SENDERS', 0) or 0) > 0 else
+          f"`smtp-source -s S -m N -l L -f {kn.get('SENDER', 'sender@example.com')} -t rcpt@example.net -M bench.local`") + ".")
 print('mailrelay delivery section: `' + ' '.join(l.strip() for l in kn['delivery'].splitlines()) + '`.')
 print()
 
