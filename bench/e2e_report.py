@@ -324,7 +324,7 @@ if any(b in backends for b, _ in QPAIRS):
 # ---------------------------------------------------------------- backlog samples (issue 21 item 5)
 import csv
 import glob
-samples = sorted(glob.glob(os.path.join(work, 'samples-*-*.csv')))
+samples = sorted(glob.glob(os.path.join(work, 'samples-*-*.csv')), key=lambda f: (f.rsplit('-', 1)[0], f.endswith('-drain.csv')))
 if samples:
     print()
     print('### Memory through the drain (sampled once a second)')
