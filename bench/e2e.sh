@@ -219,7 +219,7 @@ ulimit -n 65536 2>/dev/null || true
 
 mkdir -p "$WORK"
 rm -rf "$WORK"/queue-* "$WORK"/redis "$WORK"/*.log "$WORK"/runs.jsonl "$WORK"/report.md "$WORK"/sink.* "$BG_PID_FILE" \
-  "$WORK"/samples.jsonl "$WORK"/sample-* "$WORK"/dkim "$WORK"/opendkim-*.conf
+  "$WORK"/samples.jsonl "$WORK"/sample-* "$WORK"/samples-*.csv "$WORK"/dkim "$WORK"/opendkim-*.conf
 : > "$WORK/runs.jsonl"
 [ "$ANY_DKIM" = 1 ] && dkim_keys "$WORK/dkim"
 
