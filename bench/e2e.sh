@@ -37,6 +37,14 @@
 #                    fires). The built-in presets select real providers' MX hosts/domains,
 #                    not the sink: the figure is the cost of having them loaded and consulted.
 #      redis-presets the same on the Redis queue (rule state shares its round trip)
+#    Many senders (issue 21 item 4; SENDERS=K): the load comes from bench/smtp_senders.c
+#    (built with cc into $WORK), which sends like smtp-source but message i from
+#    s<i mod K>@example.com, so a per-sender quota sees K distinct keys:
+#      quota         mailrelay, embedded queue, with one SendQuota-like ingress quota per
+#                    sender: `{match: {senders: ['*@example.com']}, scope: per_key, key:
+#                    sender, limits: [$QUOTA_LIMITS]}` (never reached: every message is
+#                    checked, charged and accepted)
+#      redis-quota   the same on the Redis queue (the check runs inside the enqueue script)
 #    Before the reps of every backend one message goes through it into a smtp-sink that
 #    keeps it (-d): its DKIM-Signature a= tags must be the expected ones (none for the
 #    unsigned embedded/postfix) and each signature must verify (dkimpy, keys from
@@ -79,6 +87,9 @@
 #   a subset:                                BACKENDS="embedded postfix" SCENARIOS="1024:20" DRAIN=0 bash bench/e2e.sh
 #   the provider-preset cost:                PRESETS=1 bash bench/e2e.sh
 #     (= SCENARIOS=1024:20 REPS=3 DRAIN=0 BACKENDS="embedded presets redis redis-presets", unless set)
+#   ingress quotas with 10,000 senders:     SENDERS=10000 bash bench/e2e.sh
+#     (= N=20000 SCENARIOS=1024:20 REPS=3 DRAIN=0 INTERLEAVE=1 BACKENDS="direct embedded
+#        quota redis redis-quota", unless set)
 #   the DKIM comparison:                     DKIM=1 bash bench/e2e.sh
 #     (= SCENARIOS=1024:20 REPS=2 DRAIN=0 BACKENDS="embedded dkim-ed25519 dkim-rsa dkim-both
 #        postfix postfix-dkim postfix-dkim-ed25519", unless set)
@@ -99,6 +110,9 @@
 #   SMTP_PORT [13525] ADMIN_PORT [19425] PF_PORT [13535] SINK_PORT [13536]
 #   REDIS_PORT [16479] DNS_PORT [13553] MILTER_PORT [13537]
 #   SENDER [sender@bench.example with a DKIM backend, else sender@example.com]
+#   SENDERS [0: smtp-source, one sender] K>0: bench/smtp_senders with K senders
+#   INTERLEAVE [0] 1: reps round-robin over the backends (rep 1 of each, then rep 2, ...)
+#   QUOTA_LIMITS ["1000/1m, 10000/1h, 100000/1d"] (per sender; the quota backends)
 #   QUICK=1 -> N=1000 REPS=1 DRAIN_N=5000 COOLDOWN=1 (unless set explicitly)
 #
 # Side effects: none outside $WORK, but OpenDKIM's configuration and key copy in
@@ -118,6 +132,13 @@ if [ "${PRESETS:-0}" = 1 ]; then
   SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}
   BACKENDS=${BACKENDS:-"embedded presets redis redis-presets"}
 fi
+if [ "${SENDERS:-0}" -gt 0 ]; then
+  N=${N:-20000}; SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}; INTERLEAVE=${INTERLEAVE:-1}
+  BACKENDS=${BACKENDS:-"direct embedded quota redis redis-quota"}
+fi
+SENDERS=${SENDERS:-0}
+INTERLEAVE=${INTERLEAVE:-0}
+QUOTA_LIMITS=${QUOTA_LIMITS:-"1000/1m, 10000/1h, 100000/1d"}
 if [ "${DKIM:-0}" = 1 ]; then
   SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-2}; DRAIN=${DRAIN:-0}
   BACKENDS=${BACKENDS:-"embedded dkim-ed25519 dkim-rsa dkim-both postfix postfix-dkim postfix-dkim-ed25519"}
@@ -169,7 +190,7 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 has() { [[ " $1 " == *" $2 "* ]]; }   # has LIST WORD
 any_pf() { has "$BACKENDS" postfix || has "$BACKENDS" postfix-dkim || has "$BACKENDS" postfix-dkim-ed25519 || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" postfix; }; }
-any_redis() { has "$BACKENDS" redis || has "$BACKENDS" redis-always || has "$BACKENDS" redis-presets || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" redis; }; }
+any_redis() { has "$BACKENDS" redis || has "$BACKENDS" redis-always || has "$BACKENDS" redis-presets || has "$BACKENDS" redis-quota || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" redis; }; }
 BENCH_NAME=e2e.sh
 # shellcheck source=bench/lib.sh
 . "$BENCH_DIR/lib.sh"
@@ -192,13 +213,13 @@ for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_
   port_busy "$p" && die "port $p is already in use (set *_PORT to free ones)"
 done
 for sc in $SCENARIOS; do [[ $sc =~ ^[0-9]+:[0-9]+$ ]] || die "bad scenario '$sc' (want SIZE:SESSIONS)"; done
-for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets) ;; *) die "unknown backend $b";; esac; done
+for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets|quota|redis-quota) ;; *) die "unknown backend $b";; esac; done
 for b in $DRAIN_BACKENDS; do case $b in embedded|redis|redis-always|postfix) ;; *) die "unknown drain backend $b";; esac; done
 ulimit -n 65536 2>/dev/null || true
 
 mkdir -p "$WORK"
 rm -rf "$WORK"/queue-* "$WORK"/redis "$WORK"/*.log "$WORK"/runs.jsonl "$WORK"/report.md "$WORK"/sink.* "$BG_PID_FILE" \
-  "$WORK"/samples.jsonl "$WORK"/sample-* "$WORK"/dkim "$WORK"/opendkim-*.conf
+  "$WORK"/samples.jsonl "$WORK"/sample-* "$WORK"/samples-*.csv "$WORK"/dkim "$WORK"/opendkim-*.conf
 : > "$WORK/runs.jsonl"
 [ "$ANY_DKIM" = 1 ] && dkim_keys "$WORK/dkim"
 
@@ -208,6 +229,9 @@ if [ "$BUILD" = 1 ]; then
   (cd "$REPO" && cargo build --release -p mailrelay) >"$WORK/build.log" 2>&1 || die "build failed: $(tail -20 "$WORK/build.log")"
 fi
 [ -x "$RELAY_BIN" ] || die "no relay binary at $RELAY_BIN (BUILD=1 builds it)"
+if [ "$SENDERS" -gt 0 ]; then
+  cc -O2 -o "$WORK/smtp_senders" "$BENCH_DIR/smtp_senders.c" || die "cc bench/smtp_senders.c failed"
+fi
 GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 # shellcheck disable=SC2015  # `|| true`: grep -c exits 1 on a count of 0
 GIT_DIRTY=$(cd "$REPO" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -c . || true)
@@ -246,6 +270,7 @@ cleanup() {
   local rc=$?
   set +e
   stop_relay
+  stop_pid "$SAMPLER_PID"
   if [ -s "$BG_PID_FILE" ]; then stop_pid "$(cat "$BG_PID_FILE")"; rm -f "$BG_PID_FILE"; fi
   stop_pid "$REDIS_PID"; REDIS_PID=""
   stop_postfix
@@ -269,6 +294,10 @@ timer() {
     --sink-out "$WORK/sink.out" --sink-expect "$expect" "$@"
 }
 source_cmd() {        # source_cmd SESSIONS N SIZE PORT
+  if [ "$SENDERS" -gt 0 ]; then
+    echo "$WORK/smtp_senders" -s "$1" -m "$2" -l "$3" -n "$SENDERS" -d example.com -t rcpt@example.net -M bench.local "127.0.0.1:$4"
+    return
+  fi
   echo smtp-source -s "$1" -m "$2" -l "$3" "${SRC_ID[@]}" "127.0.0.1:$4"
 }
 # record JSON PHASE BACKEND SIZE SESSIONS N REP VERIFY NOTE
@@ -331,7 +360,7 @@ prepare_backend() {   # prepare_backend BACKEND QDIR: fresh queue; sets spids no
     note="$note appendfsync=$(rcli CONFIG GET appendfsync | tail -1)"
   fi
 }
-queue_kind() { case $1 in embedded|dkim-*|presets) echo embedded ;; *) echo redis ;; esac; }
+queue_kind() { case $1 in embedded|dkim-*|presets|quota) echo embedded ;; *) echo redis ;; esac; }
 # late_sessions JSON -> JSON with sink_sessions recounted now: Postfix keeps delivery
 # connections cached for up to 2 s after the last message, so they end after the rep.
 late_sessions() {
@@ -364,10 +393,16 @@ presets_yaml() {
   if [ "$ROUTE" = smarthost ]; then dest="smarthost: true"; else dest='mx_hosts: ["mx.example.net"]'; fi
   printf 'providers:\n  presets: [all]\nresponse_rules:\n  - name: bench-sink\n    destination: { %s }\n    match: { codes: [421], text: "bench: never sent by smtp-sink" }\n    action: throttle\n    scope: site\n    duration: 1m\n    throttle: { factor: 0.5 }\n' "$dest"
 }
+# quota_yaml BACKEND: one per-sender ingress quota for the *quota backends ("" otherwise)
+quota_yaml() {
+  case $1 in quota|redis-quota) ;; *) return 0 ;; esac
+  printf "quotas:\n  - {name: per-sender, direction: ingress, match: {senders: ['*@example.com']}, scope: per_key, key: sender, limits: [%s]}\n" "$QUOTA_LIMITS"
+}
 # extra_yaml BACKEND: top-level config sections ($RELAY_YAML_EXTRA last, for every backend)
 extra_yaml() {
   dkim_yaml "$1"
   presets_yaml "$1"
+  quota_yaml "$1"
   if [ -n "$RELAY_YAML_EXTRA" ]; then printf '%s\n' "$RELAY_YAML_EXTRA"; fi
 }
 dkim_want() {         # dkim_want BACKEND: the a= tags its mail must carry, sorted
@@ -444,7 +479,7 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       t=$(timer "$RUN_TIMEOUT" "$n" "" "" 0 -- $(source_cmd "$sess" "$n" "$size" "$SINK_PORT"))
       verdict=$(check_sink "$t" "$n")
       ;;
-    embedded|redis|redis-always|dkim-*|presets|redis-presets)
+    embedded|redis|redis-always|dkim-*|presets|redis-presets|quota|redis-quota)
       qdir="$WORK/queue-e2e-$backend"
       prepare_backend "$backend" "$qdir"
       start_relay "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML" "$(extra_yaml "$backend")"
@@ -476,6 +511,33 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
 }
 
 # ---------------------------------------------------------------- drain of a full queue
+# Through a drain's enqueue and delivery phases a sampler writes, once a second, to
+# $WORK/samples-BACKEND-PHASE.csv: the relay's VmRSS, redis-server's used_memory and
+# VmRSS, the sink's count, the queue directory's size on disk and the 1-minute load
+# average (issue 21 item 5: relay RSS flat through a 1,000,000-message drain).
+SAMPLER_PID=""
+sampler_start() {     # sampler_start BACKEND PHASE PID_OR_PIDFILE
+  local out="$WORK/samples-$1-$2.csv" who=$3 qdir="$WORK/queue-drain-$1" rpid=0
+  [ "$(queue_kind "$1")" = embedded ] || rpid=${REDIS_PID:-0}
+  (
+    echo "t,relay_rss_kb,redis_used_memory,redis_rss_kb,sink,queue_dir_kb,load1" > "$out"
+    t0=$(date +%s); pid=""
+    while :; do
+      # a pid file (the drain's relay) is written once the relay starts and removed
+      # after it: keep the last pid read
+      if [ -f "$who" ]; then pid=$(cat "$who" 2>/dev/null || true); elif [ "$who" -eq "$who" ] 2>/dev/null; then pid=$who; fi
+      rss=$(awk '/^VmRSS/ {print $2}' "/proc/${pid:-0}/status" 2>/dev/null || true)
+      rrss=$(awk '/^VmRSS/ {print $2}' "/proc/$rpid/status" 2>/dev/null || true)
+      um=""; [ "$rpid" != 0 ] && um=$(rcli INFO memory 2>/dev/null | tr -d '\r' | awk -F: '$1 == "used_memory" {print $2}')
+      sink=$(tail -c 300 "$WORK/sink.out" 2>/dev/null | grep -o 'mesg=[0-9]*' | tail -1 | cut -d= -f2 || true)
+      qkb=$(du -sk "$qdir" 2>/dev/null | cut -f1 || true)
+      echo "$(($(date +%s) - t0)),${rss:-},${um:-},${rrss:-},${sink:-},${qkb:-},$(cut -d' ' -f1 /proc/loadavg)" >> "$out"
+      sleep 1
+    done
+  ) &
+  SAMPLER_PID=$!
+}
+sampler_stop() { stop_pid "$SAMPLER_PID"; SAMPLER_PID=""; }
 run_drain() {         # run_drain BACKEND
   local backend=$1 n=$DRAIN_N size=$DRAIN_SIZE sess=$DRAIN_SESSIONS t verdict note="" acc msgs left qdir spids held cfg
   log "drain $backend: enqueue $n messages with delivery off"
@@ -485,11 +547,13 @@ run_drain() {         # run_drain BACKEND
       prepare_backend "$backend" "$qdir"
       start_relay "$(queue_kind "$backend")" "$qdir"          # delivery disabled
       spids=$RELAY_PID; [ "$backend" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
+      sampler_start "$backend" enqueue "$RELAY_PID"
       # expect 0 at the sink: nothing may be delivered while enqueueing
       # shellcheck disable=SC2046
       t=$(timer "$DRAIN_TIMEOUT" 0 "$spids" "$RELAY_PID" 0 -- $(source_cmd "$sess" "$n" "$size" "$SMTP_PORT"))
       acc=$(metric mailrelay_smtp_messages_accepted_total)
       msgs=$(queue_messages)
+      sampler_stop
       verdict=$(check_sink "$t" 0)
       [ "${acc:-x}" = "$n" ] || verdict="$verdict; accepted_total=${acc:-?} != $n"
       [ "${msgs:-x}" = "$n" ] || verdict="$verdict; queue holds ${msgs:-?} != $n"
@@ -501,12 +565,14 @@ run_drain() {         # run_drain BACKEND
       cfg=$(relay_config "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML")
       spids=""; [ "$backend" = embedded ] || spids=$REDIS_PID
       rm -f "$BG_PID_FILE"
+      sampler_start "$backend" drain "$BG_PID_FILE"
       # shellcheck disable=SC2016  # $0..$2 are the inner shell's arguments
       t=$(timer "$DRAIN_TIMEOUT" "$n" "$spids" 0 0 --background --pid-file "$BG_PID_FILE" -- \
             bash -c 'exec "$0" serve --config "$1" >>"$2" 2>&1' "$RELAY_BIN" "$cfg" "$WORK/relay.log")
       RELAY_PID=$(cat "$BG_PID_FILE"); rm -f "$BG_PID_FILE"
       verdict=$(check_sink "$t" "$n")
       left=$(relay_wait_empty)
+      sampler_stop
       [ "$left" = 0 ] || verdict="$verdict; queue still holds ${left} messages"
       verdict=${verdict#ok; }
       record "$t" drain "$backend" "$size" "$sess" "$n" 1 "$verdict" "$note"
@@ -542,7 +608,7 @@ log "machine: $(nproc) CPUs, $(uname -r); mailrelay $GIT_REV (+$GIT_DIRTY modifi
 log "N=$N REPS=$REPS SCENARIOS='$SCENARIOS' BACKENDS='$BACKENDS' DRAIN=$DRAIN DRAIN_N=$DRAIN_N DRAIN_BACKENDS='$DRAIN_BACKENDS' ROUTE=$ROUTE work=$WORK"
 FSYNC=$(fsync_probe)
 log "fsync probe ($WORK): $FSYNC"
-write_facts "$WORK/facts.json" "dict(SENDER='$SENDER', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
+write_facts "$WORK/facts.json" "dict(SENDER='$SENDER', SENDERS=$SENDERS, INTERLEAVE=$INTERLEAVE, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
 
 # ---------------------------------------------------------------- runs
 start_sink
@@ -564,8 +630,24 @@ set_appendfsync() {
 
 # Scenario-major order: all backends of one scenario run back to back, so a drift in
 # background load hits the numbers compared with each other alike.
+# INTERLEAVE=1: reps go round-robin over the backends instead (rep 1 of every backend,
+# then rep 2, ...), so a burst of load from elsewhere on a shared machine spreads over
+# all the backends compared instead of skewing one.
+SAMPLE_FAILED=""
 for sc in $SCENARIOS; do
   size=${sc%%:*}; sess=${sc##*:}
+  if [ "$INTERLEAVE" = 1 ]; then
+    for rep in $(seq 1 "$REPS"); do
+      for backend in $BACKENDS; do
+        set_appendfsync "$backend"
+        backend_begin "$backend"
+        if [ "$rep" = 1 ] && ! sample_check "$backend"; then SAMPLE_FAILED="$SAMPLE_FAILED $backend"; fi
+        has "$SAMPLE_FAILED" "$backend" || run_e2e "$backend" "$size" "$sess" "$N" "$rep"
+        backend_end "$backend"
+      done
+    done
+    continue
+  fi
   for backend in $BACKENDS; do
     set_appendfsync "$backend"
     backend_begin "$backend"

@@ -24,8 +24,13 @@ LABEL = {
     'postfix-dkim-ed25519': 'Postfix + OpenDKIM ed25519',
     'presets': 'mailrelay, embedded, all provider presets',
     'redis-presets': 'mailrelay, Redis AOF everysec, all provider presets',
+    'quota': 'mailrelay, embedded, per-sender ingress quota',
+    'redis-quota': 'mailrelay, Redis AOF everysec, per-sender ingress quota',
 }
-RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both', 'presets', 'redis-presets')
+RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both', 'presets', 'redis-presets',
+         'quota', 'redis-quota')
+if int(kn.get('SENDERS', 0) or 0) > 0:
+    LABEL['direct'] = 'smtp_senders→smtp-sink (tool ceiling)'
 
 
 def size_name(b):
@@ -63,7 +68,10 @@ print(f"Machine: {facts['nproc']} CPUs ({facts['cpu']}), {facts['mem']}, kernel 
 print(f"fsync probe (same filesystem as the queues: {facts['queue_fs_same_as_postfix_spool']}): {facts['fsync_probe']}.")
 print(f"Knobs: N={kn['N']}, REPS={kn['REPS']}, DRAIN_N={kn['DRAIN_N']} ({size_name(kn['DRAIN_SIZE'])}, "
       f"{kn['DRAIN_SESSIONS']} sessions), ROUTE={kn['ROUTE']}, QUICK={kn['QUICK']}; one message per SMTP session "
-      f"into the relay: `smtp-source -s S -m N -l L -f {kn.get('SENDER', 'sender@example.com')} -t rcpt@example.net -M bench.local`.")
+      f"into the relay: " + (
+          f"`smtp_senders -s S -m N -l L -n {kn['SENDERS']} -d example.com -t rcpt@example.net -M bench.local` "
+          f"(bench/smtp_senders.c: {kn['SENDERS']:,} envelope senders)" if int(kn.get('SENDERS', 0) or 0) > 0 else
+          f"`smtp-source -s S -m N -l L -f {kn.get('SENDER', 'sender@example.com')} -t rcpt@example.net -M bench.local`") + ".")
 print('mailrelay delivery section: `' + ' '.join(l.strip() for l in kn['delivery'].splitlines()) + '`.')
 print()
 
@@ -155,7 +163,7 @@ if e2e:
                 if v >= 0.001:
                     parts.append(f'{t} {v:.3f}')
             extra = ''
-            if b != 'embedded':
+            if b.startswith('redis'):
                 rd = st.median(1000 * (r['server_cpu'] - sum(r['threads'].values())) / r['n'] for r in g)
                 extra = f'; redis-server ≈ {max(0.0, rd):.3f}'
             tools = st.median(1000 * (r['src_cpu'] + r['tool_cpu']) / r['n'] for r in g)
@@ -287,3 +295,60 @@ if any(b in backends for b, _ in PAIRS):
             verdict = 'met' if abs(diff) < 5 else 'NOT met'
             print(f"| {scen_name(k)} | {LABEL[b]} | {LABEL[base]} | {fmt(med[(k, b)])} / {fmt(med[(k, base)])} | "
                   f"{diff:+.1f}% (target < 5%: {verdict}) | {cpu[0]:.3f} / {cpu[1]:.3f} |")
+
+# ---------------------------------------------------------------- many senders (issue 21 item 4)
+QPAIRS = (('quota', 'embedded'), ('redis-quota', 'redis'))
+if any(b in backends for b, _ in QPAIRS):
+    k_senders = int(kn.get('SENDERS', 0) or 0)
+    print()
+    print('### Ingress quota with many senders (issue 21 item 4)')
+    print()
+    who = (f"{k_senders:,} distinct envelope senders (bench/smtp_senders.c: message i from s<i mod {k_senders}>@example.com)"
+           if k_senders else 'one envelope sender (smtp-source)')
+    print(f"Load: {who}. Quota: one per-sender ingress quota, limits `[{kn.get('QUOTA_LIMITS', '?')}]` (never reached),")
+    print('against the same queue without it, in the same run. Target: < 15 % end-to-end overhead.')
+    print()
+    print('| scenario | with quota | without | end-to-end msg/s with / without (median) | overhead | server CPU ms/msg with / without | load generator CPU ms/msg |')
+    print('|---|---|---|---|---|---|---|')
+    for k in scen:
+        for b, base in QPAIRS:
+            if (k, b) not in med or (k, base) not in med:
+                continue
+            loss = 100 * (1 - med[(k, b)] / med[(k, base)])
+            cpu = [st.median(server_ms(r) for r in ok(group(k, x))) for x in (b, base)]
+            gen = st.median(1000 * r['src_cpu'] / r['n'] for r in ok(group(k, b)) + ok(group(k, base)))
+            verdict = 'met' if loss < 15 else 'NOT met'
+            print(f"| {scen_name(k)} | {LABEL[b]} | {LABEL[base]} | {fmt(med[(k, b)])} / {fmt(med[(k, base)])} | "
+                  f"{loss:+.1f}% (target < 15%: {verdict}) | {cpu[0]:.3f} / {cpu[1]:.3f} | {gen:.3f} |")
+
+# ---------------------------------------------------------------- backlog samples (issue 21 item 5)
+import csv
+import glob
+samples = sorted(glob.glob(os.path.join(work, 'samples-*-*.csv')), key=lambda f: (f.rsplit('-', 1)[0], f.endswith('-drain.csv')))
+if samples:
+    print()
+    print('### Memory through the drain (sampled once a second)')
+    print()
+    print('Relay VmRSS and redis-server used_memory / VmRSS sampled every second through the enqueue (delivery off)')
+    print('and the drain (a fresh relay with delivery on) of each drain backend; load1 = 1-minute load average over the samples.')
+    print()
+    print('| backend | phase | samples | relay RSS MiB start / min / max / end | redis used_memory MiB start / max / end | '
+          'redis RSS MiB max | queue dir MiB max | load1 min-max |')
+    print('|---|---|---|---|---|---|---|---|')
+    def mib(v):
+        return f'{v / 1024:,.1f}'
+    for f in samples:
+        backend, phase = os.path.basename(f)[len('samples-'):-len('.csv')].rsplit('-', 1)
+        rows_ = list(csv.DictReader(open(f)))
+        def col(name, scale=1):
+            return [float(r[name]) / scale for r in rows_ if r.get(name)]
+        rss = col('relay_rss_kb')
+        um = col('redis_used_memory', 1024)
+        rr = col('redis_rss_kb')
+        qd = col('queue_dir_kb')
+        ld = col('load1')
+        r_ = f'{mib(rss[0])} / {mib(min(rss))} / {mib(max(rss))} / {mib(rss[-1])}' if rss else '—'
+        u_ = f'{mib(um[0])} / {mib(max(um))} / {mib(um[-1])}' if um else '—'
+        print(f"| {LABEL.get(backend, backend)} | {phase} | {len(rows_)} | {r_} | {u_} | "
+              f"{mib(max(rr)) if rr else '—'} | {mib(max(qd)) if qd else '—'} | "
+              f"{min(ld):.1f}-{max(ld):.1f} |" if ld else '| — |')
