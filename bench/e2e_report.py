@@ -24,7 +24,10 @@ LABEL = {
     'postfix-dkim-ed25519': 'Postfix + OpenDKIM ed25519',
     'presets': 'mailrelay, embedded, all provider presets',
     'redis-presets': 'mailrelay, Redis AOF everysec, all provider presets',
+    'kumomta': 'KumoMTA (peer: RocksDB spool)',
+    'haraka': 'Haraka (peer: queue without fsync)',
 }
+PEERS = ('kumomta', 'haraka')
 RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both', 'presets', 'redis-presets')
 
 
@@ -64,6 +67,11 @@ print(f"fsync probe (same filesystem as the queues: {facts['queue_fs_same_as_pos
 print(f"Knobs: N={kn['N']}, REPS={kn['REPS']}, DRAIN_N={kn['DRAIN_N']} ({size_name(kn['DRAIN_SIZE'])}, "
       f"{kn['DRAIN_SESSIONS']} sessions), ROUTE={kn['ROUTE']}, QUICK={kn['QUICK']}; one message per SMTP session "
       f"into the relay: `smtp-source -s S -m N -l L -f {kn.get('SENDER', 'sender@example.com')} -t rcpt@example.net -M bench.local`.")
+peer_v = [f"{n} {kn[k]}" for n, k in (('KumoMTA', 'KUMOMTA'), ('Haraka', 'HARAKA')) if kn.get(k)]
+if peer_v:
+    print('Peers (../shared/bench/peers, set up like the anchor): ' + ', '.join(peer_v) + '.')
+if kn.get('PEERS_SKIPPED'):
+    print('Peers skipped: ' + kn['PEERS_SKIPPED'].strip().rstrip(';') + '.')
 print('mailrelay delivery section: `' + ' '.join(l.strip() for l in kn['delivery'].splitlines()) + '`.')
 print()
 
@@ -141,6 +149,15 @@ if e2e:
     if lines:
         print()
         print('End-to-end ratio to Postfix over the scenarios (target ≥ 3×): ' + '; '.join(lines) + '.')
+    for p in PEERS:
+        pl = []
+        for b in RELAY:
+            rs = [(med[(k, b)] / med[(k, p)], k) for k in scen if (k, b) in med and (k, p) in med]
+            if rs:
+                pl.append(f"{b} {min(x for x, _ in rs):.2f}×–{max(x for x, _ in rs):.2f}×")
+        if pl:
+            print()
+            print(f"End-to-end ratio to {LABEL[p].split(' (')[0]} over the scenarios: " + '; '.join(pl) + '.')
 
     thr = []
     for k in scen:
