@@ -377,7 +377,11 @@ impl Metrics {
             .position(|v| v.eq_ignore_ascii_case(verb))
             .unwrap_or(UNKNOWN_VERB);
         self.command_counters[i]
-            .get_or_init(|| self.commands.get_or_create(&label("command", VERBS[i])).clone())
+            .get_or_init(|| {
+                self.commands
+                    .get_or_create(&label("command", VERBS[i]))
+                    .clone()
+            })
             .inc();
     }
 

@@ -1472,7 +1472,7 @@ impl Inspect for RedisQueue {
                 let mut matched = 0;
                 let mut after: Option<QueueId> = None;
                 loop {
-                    let (entries, last) = self.page(&keys, after.as_ref()).await?;
+                    let (entries, last) = self.page(keys, after.as_ref()).await?;
                     for entry in entries {
                         if matched < filter.limit && filter.matches(&entry.status) {
                             matched += 1;
@@ -1530,7 +1530,7 @@ impl Inspect for RedisQueue {
                         let keys = self.shard(shard);
                         let mut after: Option<QueueId> = None;
                         loop {
-                            let (entries, last) = self.page(&keys, after.as_ref()).await?;
+                            let (entries, last) = self.page(keys, after.as_ref()).await?;
                             let ids: Vec<&str> = entries
                                 .iter()
                                 .filter(|e| {
