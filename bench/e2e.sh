@@ -22,6 +22,18 @@
 #                    [127.0.0.1]:smtp-sink, default_destination_concurrency_limit
 #                    = 50, connection cache on demand, queue fsync, ...), as a
 #                    private instance (`postfix -c $WORK/postfix/etc`)
+#    Peers besides Postfix, from $PEERS (../shared/bench/peers: builds and policies with a
+#    README), set up like the anchor: everything to the same smtp-sink, 50 outbound
+#    connections, 100 messages per connection; fresh process and spool per rep:
+#      kumomta       KumoMTA (kumod from $PEERS/kumomta/kumod.gz, policy relay.lua: RocksDB
+#                    spool); unpacked once into $PEER_DIR. Checks: the sink count and
+#                    kumod's total_messages_received = N, nothing left ready/scheduled
+#      haraka        Haraka $HARAKA_VERSION (npm install once into $PEER_DIR/haraka; config
+#                    and mx_static plugin from $PEERS/haraka; nodes=cpus: one worker per
+#                    core, all counted as server CPU). Its outbound queue does not fsync.
+#                    Checks: the sink count and an empty outbound queue directory
+#    A peer whose files (or node/npm for Haraka) are missing is skipped with one line
+#    saying so; the rest of the run goes on.
 #    DKIM signing (the messages' From: is $SENDER, in $DKIM_DOMAIN; keys made per run
 #    with openssl genpkey in $WORK/dkim):
 #      dkim-ed25519  mailrelay, embedded queue, signing with an Ed25519 key
@@ -95,7 +107,9 @@
 #        postfix postfix-dkim postfix-dkim-ed25519", unless set)
 # Knobs (environment), defaults in brackets:
 #   N [10000]  REPS [3]  SCENARIOS ["1024:20 1024:100 10240:20"] (SIZE:SESSIONS)
-#   BACKENDS ["direct embedded redis redis-always postfix"]
+#   BACKENDS ["direct embedded redis redis-always postfix kumomta haraka"]
+#   PEERS [$REPO/../shared/bench/peers]  PEER_DIR [/var/tmp/mailrelay-peers] (unpacked kumod,
+#   Haraka's npm install; kept between runs)  HARAKA_VERSION [3.3.4]
 #   DRAIN [1]  DRAIN_N [100000]  DRAIN_SIZE [1024]  DRAIN_SESSIONS [100]
 #   DRAIN_BACKENDS ["embedded redis postfix"]
 #   ROUTE [smarthost] (or mx)  DNS_TTL [300]
@@ -108,7 +122,7 @@
 #   QUIET_BUSY [25] QUIET_WAIT [30] (wait for a quiet second before each rep)
 #   WORK [/var/tmp/mailrelay-e2e]
 #   SMTP_PORT [13525] ADMIN_PORT [19425] PF_PORT [13535] SINK_PORT [13536]
-#   REDIS_PORT [16479] DNS_PORT [13553] MILTER_PORT [13537]
+#   REDIS_PORT [16479] DNS_PORT [13553] MILTER_PORT [13537] PEER_PORT [13545] PEER_HTTP_PORT [13580]
 #   SENDER [sender@bench.example with a DKIM backend, else sender@example.com]
 #   SENDERS [0: smtp-source, one sender] K>0: bench/smtp_senders with K senders
 #   INTERLEAVE [0] 1: reps round-robin over the backends (rep 1 of each, then rep 2, ...)
@@ -146,7 +160,10 @@ fi
 N=${N:-10000}
 REPS=${REPS:-3}
 SCENARIOS=${SCENARIOS:-"1024:20 1024:100 10240:20"}
-BACKENDS=${BACKENDS:-"direct embedded redis redis-always postfix"}
+BACKENDS=${BACKENDS:-"direct embedded redis redis-always postfix kumomta haraka"}
+PEERS=${PEERS:-$REPO/../shared/bench/peers}
+PEER_DIR=${PEER_DIR:-/var/tmp/mailrelay-peers}
+HARAKA_VERSION=${HARAKA_VERSION:-3.3.4}
 DRAIN=${DRAIN:-1}
 DRAIN_N=${DRAIN_N:-100000}
 DRAIN_SIZE=${DRAIN_SIZE:-1024}
@@ -175,6 +192,8 @@ SINK_PORT=${SINK_PORT:-13536}
 REDIS_PORT=${REDIS_PORT:-16479}
 DNS_PORT=${DNS_PORT:-13553}
 MILTER_PORT=${MILTER_PORT:-13537}
+PEER_PORT=${PEER_PORT:-13545}
+PEER_HTTP_PORT=${PEER_HTTP_PORT:-13580}
 DKIM_DOMAIN=bench.example
 case " $BACKENDS " in *" dkim-"*|*" postfix-dkim"*) ANY_DKIM=1 ;; *) ANY_DKIM=0 ;; esac
 if [ "$ANY_DKIM" = 1 ]; then SENDER=${SENDER:-sender@$DKIM_DOMAIN}; else SENDER=${SENDER:-sender@example.com}; fi
@@ -198,6 +217,7 @@ BENCH_NAME=e2e.sh
 [ "$(id -u)" = 0 ] || die "run as root"
 INVALID=0
 DNS_PID=""
+PEER_PID=""
 
 # ---------------------------------------------------------------- tools + preflight
 install_tools python3:python3 curl:curl postconf:postfix smtp-source:postfix redis-server:redis-server \
@@ -209,11 +229,11 @@ case $ROUTE in smarthost|mx) ;; *) die "ROUTE must be smarthost or mx";; esac
 if any_pf; then
   master_alive && die "a Postfix of a previous run is still running (pid $(tr -d ' ' < "$MASTER_PID_FILE")): postfix -c $PFC stop"
 fi
-for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT" "$MILTER_PORT"; do
+for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT" "$MILTER_PORT" "$PEER_PORT" "$PEER_HTTP_PORT"; do
   port_busy "$p" && die "port $p is already in use (set *_PORT to free ones)"
 done
 for sc in $SCENARIOS; do [[ $sc =~ ^[0-9]+:[0-9]+$ ]] || die "bad scenario '$sc' (want SIZE:SESSIONS)"; done
-for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets|quota|redis-quota) ;; *) die "unknown backend $b";; esac; done
+for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets|quota|redis-quota|kumomta|haraka) ;; *) die "unknown backend $b";; esac; done
 for b in $DRAIN_BACKENDS; do case $b in embedded|redis|redis-always|postfix) ;; *) die "unknown drain backend $b";; esac; done
 ulimit -n 65536 2>/dev/null || true
 
@@ -235,6 +255,106 @@ fi
 GIT_REV=$(cd "$REPO" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
 # shellcheck disable=SC2015  # `|| true`: grep -c exits 1 on a count of 0
 GIT_DIRTY=$(cd "$REPO" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -c . || true)
+
+# ---------------------------------------------------------------- peers (KumoMTA, Haraka)
+# Each peer is prepared once (unpack / npm install into $PEER_DIR, kept between runs) and
+# dropped from BACKENDS, with one line saying why, when its files or tools are missing.
+PEERS_SKIPPED=""
+PEER_PIDS=""
+skip_peer() {         # skip_peer BACKEND WHY
+  log "$1: skipped ($2)"
+  PEERS_SKIPPED="$PEERS_SKIPPED$1: $2; "
+  BACKENDS=$(printf ' %s ' "$BACKENDS" | sed "s/ $1 / /g; s/^ *//; s/ *$//")
+}
+prepare_kumomta() {
+  if [ ! -f "$PEERS/kumomta/kumod.gz" ] || [ ! -f "$PEERS/kumomta/relay.lua" ]; then
+    skip_peer kumomta "no $PEERS/kumomta/kumod.gz + relay.lua (../shared absent)"; return 0
+  fi
+  mkdir -p "$PEER_DIR"
+  if [ ! -x "$PEER_DIR/kumod" ] || [ "$PEERS/kumomta/kumod.gz" -nt "$PEER_DIR/kumod" ]; then
+    gunzip -c "$PEERS/kumomta/kumod.gz" > "$PEER_DIR/kumod.tmp" && chmod 755 "$PEER_DIR/kumod.tmp" &&
+      mv "$PEER_DIR/kumod.tmp" "$PEER_DIR/kumod"
+  fi
+  KUMO_VERSION=$("$PEER_DIR/kumod" --version 2>/dev/null) ||
+    { skip_peer kumomta "$PEER_DIR/kumod does not run (needs libssl3 and libsqlite3-0)"; return 0; }
+  log "kumomta: $KUMO_VERSION"
+}
+HARAKA_HOME=$PEER_DIR/haraka
+HARAKA_INST=$WORK/haraka-instance
+prepare_haraka() {
+  local f
+  for f in mx_static.js plugins smtp.ini outbound.ini relay.ini relay_acl_allow log.ini; do
+    [ -f "$PEERS/haraka/$f" ] || { skip_peer haraka "no $PEERS/haraka/$f (../shared absent)"; return 0; }
+  done
+  if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+    skip_peer haraka "node and npm are missing (Debian: nodejs npm)"; return 0
+  fi
+  if ! grep -qs "\"version\": \"$HARAKA_VERSION\"" "$HARAKA_HOME/node_modules/Haraka/package.json"; then
+    log "haraka: npm install Haraka@$HARAKA_VERSION into $HARAKA_HOME"
+    mkdir -p "$HARAKA_HOME"
+    (cd "$HARAKA_HOME" && npm install --no-audit --no-fund "Haraka@$HARAKA_VERSION") > "$WORK/npm.log" 2>&1 ||
+      { skip_peer haraka "npm install Haraka@$HARAKA_VERSION failed: $(tail -2 "$WORK/npm.log")"; return 0; }
+  fi
+  # the instance: Haraka's defaults plus the peer set-up's files, listening on PEER_PORT
+  rm -rf "$HARAKA_INST"
+  "$HARAKA_HOME/node_modules/.bin/haraka" -i "$HARAKA_INST" > "$WORK/haraka-install.log" 2>&1 ||
+    { skip_peer haraka "haraka -i failed: $(tail -2 "$WORK/haraka-install.log")"; return 0; }
+  chmod -R u+w "$HARAKA_INST"
+  for f in plugins smtp.ini outbound.ini relay.ini relay_acl_allow log.ini; do
+    cp "$PEERS/haraka/$f" "$HARAKA_INST/config/$f"
+  done
+  chmod -R u+w "$HARAKA_INST/config"
+  mkdir -p "$HARAKA_INST/plugins"; cp "$PEERS/haraka/mx_static.js" "$HARAKA_INST/plugins/"
+  sed -i "s/^listen=.*/listen=127.0.0.1:$PEER_PORT/" "$HARAKA_INST/config/smtp.ini"
+  HARAKA_VERSION_RUN=$(node -p "require('$HARAKA_HOME/node_modules/Haraka/package.json').version")
+  log "haraka: $HARAKA_VERSION_RUN (node $(node --version))"
+}
+start_peer() {        # start_peer BACKEND: fresh spool/queue; sets PEER_PID and PEER_PIDS (server CPU)
+  case $1 in
+    kumomta)
+      rm -rf "$WORK/kumo-spool"; mkdir -p "$WORK/kumo-spool"; chown nobody "$WORK/kumo-spool"; chmod 755 "$WORK"
+      SMTP_PORT=$PEER_PORT HTTP_PORT=$PEER_HTTP_PORT SINK_PORT=$SINK_PORT KUMO_SPOOL=$WORK/kumo-spool \
+        "$PEER_DIR/kumod" --policy "$PEERS/kumomta/relay.lua" --user nobody >> "$WORK/kumod.log" 2>&1 &
+      PEER_PID=$!
+      wait_port "$PEER_PORT" kumod; wait_port "$PEER_HTTP_PORT" "kumod (http)"
+      PEER_PIDS=$PEER_PID
+      ;;
+    haraka)
+      rm -rf "$HARAKA_INST/queue"
+      SINK_PORT=$SINK_PORT "$HARAKA_HOME/node_modules/.bin/haraka" -c "$HARAKA_INST" >> "$WORK/haraka.log" 2>&1 &
+      PEER_PID=$!
+      wait_port "$PEER_PORT" haraka
+      sleep 1                                  # the other workers start beside the first
+      # the master and its workers (nodes=cpus): listed, not matched by name
+      PEER_PIDS=$(printf '%s' "$PEER_PID"; ps -o pid= --ppid "$PEER_PID" | tr -d ' ' | sed 's/^/,/' | tr -d '\n')
+      ;;
+  esac
+}
+stop_peer() {
+  local p
+  stop_pid "$PEER_PID"; PEER_PID=""
+  for p in ${PEER_PIDS//,/ }; do stop_pid "$p"; done
+  PEER_PIDS=""
+}
+peer_check() {        # peer_check BACKEND N -> "" or what is wrong (after the sink has all N)
+  local n=$2 v left
+  case $1 in
+    kumomta)
+      v=$(curl -fs "http://127.0.0.1:$PEER_HTTP_PORT/metrics" |
+        awk '$1 == "total_messages_received{service=\"esmtp_listener\"}" {r = $2}
+             $1 == "total_messages_delivered{service=\"smtp_client\"}" {d = $2} END {print r + 0, d + 0}')
+      [ "$v" = "$n $n" ] || printf '; kumod received/delivered %s != %s' "$v" "$n"
+      ;;
+    haraka)
+      for _ in $(seq 1 100); do
+        left=$(find "$HARAKA_INST/queue" -type f 2>/dev/null | wc -l); [ "$left" = 0 ] && break; sleep 0.1
+      done
+      [ "$left" = 0 ] || printf '; haraka queue still holds %s files' "$left"
+      ;;
+  esac
+}
+has "$BACKENDS" kumomta && prepare_kumomta
+has "$BACKENDS" haraka && prepare_haraka
 
 # ---------------------------------------------------------------- relay delivery settings
 if [ "$ROUTE" = smarthost ]; then
@@ -276,6 +396,7 @@ cleanup() {
   stop_postfix
   stop_pid "$SINK_PID"; SINK_PID=""
   stop_pid "$DNS_PID"; DNS_PID=""
+  stop_peer
   stop_opendkim
   return $rc
 }
@@ -496,6 +617,16 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       stop_relay
       rm -rf "$qdir"
       ;;
+    kumomta|haraka)
+      start_peer "$backend"
+      # shellcheck disable=SC2046
+      t=$(timer "$RUN_TIMEOUT" "$n" "$PEER_PIDS" "" 0 -- $(source_cmd "$sess" "$n" "$size" "$PEER_PORT"))
+      verdict=$(check_sink "$t" "$n")
+      verdict="$verdict$(peer_check "$backend" "$n")"
+      verdict=${verdict#ok; }
+      stop_peer
+      sleep 2; t=$(late_sessions "$t")      # connections close with the peer
+      ;;
     postfix|postfix-dkim*)
       pf_ensure_running; pf_wait_empty; sleep "$COOLDOWN"
       # shellcheck disable=SC2046
@@ -608,7 +739,7 @@ log "machine: $(nproc) CPUs, $(uname -r); mailrelay $GIT_REV (+$GIT_DIRTY modifi
 log "N=$N REPS=$REPS SCENARIOS='$SCENARIOS' BACKENDS='$BACKENDS' DRAIN=$DRAIN DRAIN_N=$DRAIN_N DRAIN_BACKENDS='$DRAIN_BACKENDS' ROUTE=$ROUTE work=$WORK"
 FSYNC=$(fsync_probe)
 log "fsync probe ($WORK): $FSYNC"
-write_facts "$WORK/facts.json" "dict(SENDER='$SENDER', SENDERS=$SENDERS, INTERLEAVE=$INTERLEAVE, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
+write_facts "$WORK/facts.json" "dict(SENDER='$SENDER', SENDERS=$SENDERS, INTERLEAVE=$INTERLEAVE, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, PEERS_SKIPPED='''$PEERS_SKIPPED''', KUMOMTA='${KUMO_VERSION:-}', HARAKA='${HARAKA_VERSION_RUN:-}', COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
 
 # ---------------------------------------------------------------- runs
 start_sink

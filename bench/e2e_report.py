@@ -26,7 +26,10 @@ LABEL = {
     'redis-presets': 'mailrelay, Redis AOF everysec, all provider presets',
     'quota': 'mailrelay, embedded, per-sender ingress quota',
     'redis-quota': 'mailrelay, Redis AOF everysec, per-sender ingress quota',
+    'kumomta': 'KumoMTA (peer: RocksDB spool)',
+    'haraka': 'Haraka (peer: queue without fsync)',
 }
+PEERS = ('kumomta', 'haraka')
 RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both', 'presets', 'redis-presets',
          'quota', 'redis-quota')
 if int(kn.get('SENDERS', 0) or 0) > 0:
@@ -72,6 +75,11 @@ print(f"Knobs: N={kn['N']}, REPS={kn['REPS']}, DRAIN_N={kn['DRAIN_N']} ({size_na
           f"`smtp_senders -s S -m N -l L -n {kn['SENDERS']} -d example.com -t rcpt@example.net -M bench.local` "
           f"(bench/smtp_senders.c: {kn['SENDERS']:,} envelope senders)" if int(kn.get('SENDERS', 0) or 0) > 0 else
           f"`smtp-source -s S -m N -l L -f {kn.get('SENDER', 'sender@example.com')} -t rcpt@example.net -M bench.local`") + ".")
+peer_v = [f"{n} {kn[k]}" for n, k in (('KumoMTA', 'KUMOMTA'), ('Haraka', 'HARAKA')) if kn.get(k)]
+if peer_v:
+    print('Peers (../shared/bench/peers, set up like the anchor): ' + ', '.join(peer_v) + '.')
+if kn.get('PEERS_SKIPPED'):
+    print('Peers skipped: ' + kn['PEERS_SKIPPED'].strip().rstrip(';') + '.')
 print('mailrelay delivery section: `' + ' '.join(l.strip() for l in kn['delivery'].splitlines()) + '`.')
 print()
 
@@ -149,6 +157,15 @@ if e2e:
     if lines:
         print()
         print('End-to-end ratio to Postfix over the scenarios (target ≥ 3×): ' + '; '.join(lines) + '.')
+    for p in PEERS:
+        pl = []
+        for b in RELAY:
+            rs = [(med[(k, b)] / med[(k, p)], k) for k in scen if (k, b) in med and (k, p) in med]
+            if rs:
+                pl.append(f"{b} {min(x for x, _ in rs):.2f}×–{max(x for x, _ in rs):.2f}×")
+        if pl:
+            print()
+            print(f"End-to-end ratio to {LABEL[p].split(' (')[0]} over the scenarios: " + '; '.join(pl) + '.')
 
     thr = []
     for k in scen:

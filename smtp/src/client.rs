@@ -488,7 +488,8 @@ pub fn dot_stuff_into(body: &[u8], out: &mut Vec<u8>) {
             out.push(b'.');
             copied = line_start;
         }
-        match body[line_start..].iter().position(|&b| b == b'\n') {
+        // memchr: a byte-at-a-time search here was ~4 instructions per body octet.
+        match memchr::memchr(b'\n', &body[line_start..]) {
             Some(i) => line_start += i + 1,
             None => break,
         }
@@ -530,7 +531,7 @@ fn needs_smtputf8(msg: &QueuedMessage) -> bool {
     {
         return true;
     }
-    let headers = match msg.body.windows(4).position(|w| w == b"\r\n\r\n") {
+    let headers = match memchr::memmem::find(&msg.body, b"\r\n\r\n") {
         Some(end) => &msg.body[..end],
         None => &msg.body[..],
     };

@@ -17,6 +17,20 @@ pub struct QueueId(String);
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
+/// `DIGIT[b]` = the value of octet `b` as a Crockford digit, or `NOT_A_DIGIT`: ids are
+/// checked several times per message, and a search of `CROCKFORD` per octet cost
+/// ~700 instructions per check.
+const NOT_A_DIGIT: u8 = 0xff;
+const DIGIT: [u8; 256] = {
+    let mut t = [NOT_A_DIGIT; 256];
+    let mut i = 0;
+    while i < CROCKFORD.len() {
+        t[CROCKFORD[i] as usize] = i as u8;
+        i += 1;
+    }
+    t
+};
+
 impl QueueId {
     pub fn generate() -> Self {
         let ms = now_ms() & ((1 << 48) - 1);
@@ -32,7 +46,12 @@ impl QueueId {
     /// Parses an id given by a user or read from a store; rejects anything that could
     /// not have come from [`QueueId::generate`] (keys are built from ids).
     pub fn parse(s: &str) -> Option<Self> {
-        (s.len() == 20 && s.bytes().all(|b| CROCKFORD.contains(&b))).then(|| QueueId(s.to_owned()))
+        Self::is_valid(s).then(|| QueueId(s.to_owned()))
+    }
+
+    /// Whether [`QueueId::parse`] would accept `s` (without building the id).
+    pub fn is_valid(s: &str) -> bool {
+        s.len() == 20 && s.bytes().all(|b| DIGIT[usize::from(b)] != NOT_A_DIGIT)
     }
 
     pub fn as_str(&self) -> &str {
@@ -45,7 +64,10 @@ impl QueueId {
         // The first 10 characters carry the top 50 of the 100 bits; the last 2 of
         // those are random.
         let top = self.0.bytes().take(10).fold(0u64, |acc, b| {
-            let digit = CROCKFORD.iter().position(|&c| c == b).unwrap_or(0) as u64;
+            let digit = match DIGIT[usize::from(b)] {
+                NOT_A_DIGIT => 0,
+                d => u64::from(d),
+            };
             (acc << 5) | digit
         });
         top >> 2
@@ -184,6 +206,16 @@ mod tests {
             "U is not Crockford"
         );
         assert_eq!(QueueId::parse("{bad}6789ABCDEFGHJKMN"), None);
+    }
+
+    #[test]
+    fn an_id_octet_is_valid_exactly_when_it_is_a_crockford_digit() {
+        for b in 0..=255u8 {
+            let id: String = std::iter::repeat_n(char::from(b), 20).collect();
+            let want = CROCKFORD.contains(&b);
+            assert_eq!(QueueId::is_valid(&id), want, "octet {b}");
+            assert_eq!(QueueId::parse(&id).is_some(), want, "octet {b}");
+        }
     }
 
     #[test]

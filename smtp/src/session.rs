@@ -5,6 +5,7 @@
 //! content, check credentials, or write the message to the queue. All protocol
 //! decisions (ordering, limits, relay policy, extensions) are made here.
 
+use std::fmt::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -995,34 +996,37 @@ impl Session {
     ) -> QueuedMessage {
         let date = now.format(&Rfc2822).unwrap_or_default();
         let helo = self.helo.clone().unwrap_or_default();
-        let ip = match self.peer.ip {
-            IpAddr::V4(v4) => format!("[{v4}]"),
-            IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+        // One buffer written in place (no temporary String per part).
+        let mut head = String::with_capacity(256);
+        let _ = match self.peer.ip {
+            IpAddr::V4(v4) => write!(head, "Received: from {helo} ([{v4}])\r\n"),
+            IpAddr::V6(v6) => write!(head, "Received: from {helo} ([IPv6:{v6}])\r\n"),
         };
-        let mut head = format!("Received: from {helo} ({ip})\r\n");
         if let Some(tls) = &self.peer.tls {
-            head.push_str(&format!(
+            let _ = write!(
+                head,
                 "\t(using {} with cipher {})\r\n",
                 tls.version, tls.cipher
-            ));
+            );
         }
-        head.push_str(&format!(
+        let _ = write!(
+            head,
             "\tby {} (mailrelay) with {} id {}",
             self.cfg.hostname,
             self.protocol(),
             id
-        ));
+        );
         if let [only] = self.tx.rcpts.as_slice() {
-            head.push_str(&format!("\r\n\tfor <{}>", only.address));
+            let _ = write!(head, "\r\n\tfor <{}>", only.address);
         }
-        head.push_str(&format!("; {date}\r\n"));
+        let _ = write!(head, "; {date}\r\n");
         if self.cfg.add_missing_headers {
             let (has_date, has_msgid) = scan_headers(&content);
             if !has_date {
-                head.push_str(&format!("Date: {date}\r\n"));
+                let _ = write!(head, "Date: {date}\r\n");
             }
             if !has_msgid {
-                head.push_str(&format!("Message-ID: <{}@{}>\r\n", id, self.cfg.hostname));
+                let _ = write!(head, "Message-ID: <{}@{}>\r\n", id, self.cfg.hostname);
             }
         }
         let mut body = Vec::with_capacity(head.len() + content.len());

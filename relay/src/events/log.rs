@@ -589,18 +589,18 @@ async fn batch_loop(
 /// The `Message-ID:` of a message (angle brackets and folding removed), from its
 /// header section.
 pub fn message_id_of(body: &[u8]) -> Option<String> {
-    let end = memchr::memmem::find(body, b"\r\n\r\n").unwrap_or(body.len());
+    let end = CRLFCRLF.find(body).unwrap_or(body.len());
     let head = &body[..end];
     let mut i = 0;
     while i < head.len() {
-        let line_end = memchr::memmem::find(&head[i..], b"\r\n").map_or(head.len(), |n| i + n);
+        let line_end = CRLF.find(&head[i..]).map_or(head.len(), |n| i + n);
         let line = &head[i..line_end];
         if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
             let mut value = String::from_utf8_lossy(&line[11..]).into_owned();
             // Folded onto the next line(s).
             let mut j = line_end + 2;
             while j < head.len() && (head[j] == b' ' || head[j] == b'\t') {
-                let e = memchr::memmem::find(&head[j..], b"\r\n").map_or(head.len(), |n| j + n);
+                let e = CRLF.find(&head[j..]).map_or(head.len(), |n| j + n);
                 value.push_str(&String::from_utf8_lossy(&head[j..e]));
                 j = e + 2;
             }
@@ -612,6 +612,13 @@ pub fn message_id_of(body: &[u8]) -> Option<String> {
     }
     None
 }
+
+// Built once: `memmem::find` builds its searcher on every call, which was most of the
+// ~6,000 instructions per call (twice per message).
+static CRLF: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n"));
+static CRLFCRLF: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 
 /// Longest Message-ID kept in an event.
 const MAX_MESSAGE_ID: usize = 256;
