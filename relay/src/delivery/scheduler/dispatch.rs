@@ -443,7 +443,13 @@ impl Inner {
             };
             gate.target = Some((name.clone(), addr));
             gate.early.verified = None;
+            let local = stream.local_addr().ok().map(|a| a.ip());
             let mut result = self.converse(stream, tls, &name, msgs, client, gate).await;
+            // The first session only: a plain-text retry after a failed handshake
+            // is not another TLS session.
+            if relay_index(dest).is_none() {
+                self.observe_tls(dest, &name, addr, local, &result, gate.early);
+            }
             if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
                 // Like Postfix at security level `may`: a server whose TLS cannot
                 // be agreed on gets the mail in plain text, over a new connection.
@@ -497,6 +503,49 @@ impl Inner {
     ) -> ConnectionResult {
         let _open = OpenConnection::new(&self.metrics);
         deliver_gated(stream, tls, name, msgs, client, &self.timeouts, gate).await
+    }
+}
+
+impl Inner {
+    /// Counts an MX session for TLS reports and the MTA-STS metrics.
+    fn observe_tls(
+        &self,
+        dest: &str,
+        mx: &str,
+        addr: SocketAddr,
+        local: Option<std::net::IpAddr>,
+        result: &ConnectionResult,
+        early: &Early,
+    ) {
+        use crate::delivery::tls_report::{Session, classify};
+        let Some(decision) = &early.security else {
+            return;
+        };
+        let reporter = self.tls_report.get();
+        if reporter.is_none() && decision.sts.is_none() {
+            return;
+        }
+        let s = Session {
+            mx,
+            sending_ip: local,
+            receiving_ip: Some(addr.ip()),
+            helo: result.capabilities.as_ref().map(|c| c.hostname.as_str()),
+            ehlo: result.capabilities.is_some(),
+            tls: result.tls.is_some(),
+            handshake_error: result
+                .error
+                .as_deref()
+                .and_then(|e| e.strip_prefix("TLS handshake failed: ")),
+            verified: early.verified.as_ref(),
+        };
+        if let (Some(m), Some(c)) = (self.tls_metrics.get(), &decision.sts)
+            && let Some((_, Some(_))) = classify(decision, &s)
+        {
+            m.sts_failure(c.policy.mode.as_str());
+        }
+        if let Some(r) = reporter {
+            r.record_session(dest, decision, &s);
+        }
     }
 }
 

@@ -15,6 +15,7 @@
 
 pub mod cache;
 pub mod fetch;
+pub mod metrics;
 pub mod mta_sts;
 
 use std::sync::Arc;
