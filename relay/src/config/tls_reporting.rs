@@ -135,7 +135,12 @@ mod tests {
 
     #[test]
     fn off_by_default_and_bad_fields_are_named() {
-        assert!(RelayConfig::from_yaml("{}").unwrap().tls_reporting.is_none());
+        assert!(
+            RelayConfig::from_yaml("{}")
+                .unwrap()
+                .tls_reporting
+                .is_none()
+        );
         let c = RelayConfig::from_yaml(
             "tls_reporting: {organization_name: Example Org, period: 10s, submitter: Example.COM.}",
         )

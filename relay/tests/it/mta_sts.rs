@@ -55,14 +55,14 @@ print("ready", flush=True)
 srv.serve_forever()
 "#;
 
-struct PolicyServer {
+pub(crate) struct PolicyServer {
     child: Child,
     dir: tempfile::TempDir,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl PolicyServer {
-    fn start(pki: &Pki, policies: Value) -> Self {
+    pub(crate) fn start(pki: &Pki, policies: Value) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_ports(1)[0];
         let cfg = json!({
@@ -94,7 +94,7 @@ impl Drop for PolicyServer {
     }
 }
 
-fn policy(mode: &str, mx: &[&str]) -> String {
+pub(crate) fn policy(mode: &str, mx: &[&str]) -> String {
     let mut p = format!("version: STSv1\r\nmode: {mode}\r\n");
     for m in mx {
         p.push_str(&format!("mx: {m}\r\n"));
