@@ -97,10 +97,11 @@ impl Sender {
             let mut done: Option<u64> = None;
             loop {
                 tokio::time::sleep(tick).await;
-                let now = now_ms();
-                let current = self.reporter.period_start(now);
+                // The last period that ended at least `settle` ago.
+                let settled = now_ms().saturating_sub(self.settle().as_millis() as u64);
+                let current = self.reporter.period_start(settled);
                 let last = current.saturating_sub(period.as_secs().max(1));
-                if done == Some(last) || now < current * 1000 + self.settle().as_millis() as u64 {
+                if done == Some(last) || last == 0 {
                     continue;
                 }
                 done = Some(last);
