@@ -266,12 +266,9 @@ impl TlsReporter {
             return;
         }
         let c = map.entry((start, domain.to_owned())).or_default();
-        if !c.set.contains_key(&store::policy_field(t)) {
-            c.set.insert(
-                store::policy_field(t),
-                serde_json::to_string(policy).expect("a policy serialises"),
-            );
-        }
+        c.set
+            .entry(store::policy_field(t))
+            .or_insert_with(|| serde_json::to_string(policy).expect("a policy serialises"));
         match failure {
             None => *c.add.entry(store::success_field(t)).or_default() += 1,
             Some(d) => {
