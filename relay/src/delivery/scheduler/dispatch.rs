@@ -450,7 +450,10 @@ impl Inner {
             if relay_index(dest).is_none() {
                 self.observe_tls(dest, &name, addr, local, &result, gate.early);
             }
-            if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
+            if client.tls == TlsPolicy::Opportunistic
+                && tls_failed(&result)
+                && !requiretls_refused(&result)
+            {
                 // Like Postfix at security level `may`: a server whose TLS cannot
                 // be agreed on gets the mail in plain text, over a new connection.
                 // WARN: the mail loses its transport encryption; operators should see
@@ -469,9 +472,13 @@ impl Inner {
                 unusable = Some((result, (name, addr)));
                 continue;
             }
+            bounce_requiretls(&mut result);
             return (result, Some((name, addr)), None);
         }
-        if let Some((result, target)) = unusable {
+        if let Some((mut result, target)) = unusable {
+            // RFC 8689 §4.2.1: no MX host was suitable for REQUIRETLS mail: it
+            // bounces (each host was given up on as deferred, to try the next).
+            bounce_requiretls(&mut result);
             return (result, Some(target), None);
         }
         let res = ConnectionResult {
@@ -607,6 +614,30 @@ fn tls_failed(r: &ConnectionResult) -> bool {
                 .iter()
                 .all(|o| o.result == Outcome::Deferred && o.stage == Stage::StartTls && !o.remote)
     }) && r.messages.iter().any(|m| !m.recipients.is_empty())
+}
+
+/// When no host was left to try for REQUIRETLS mail refused by the last one.
+fn bounce_requiretls(result: &mut ConnectionResult) {
+    if requiretls_refused(result) {
+        for r in result.messages.iter_mut().flat_map(|m| &mut m.recipients) {
+            r.result = Outcome::Bounced;
+            r.stage = Stage::Mail;
+        }
+    }
+}
+
+/// The host was given up on because it cannot carry REQUIRETLS mail (see
+/// `mailrelay_smtp::client`: deferred locally with `5.7.30`).
+fn requiretls_refused(r: &ConnectionResult) -> bool {
+    r.messages.iter().any(|m| !m.recipients.is_empty())
+        && r.messages.iter().all(|m| {
+            !m.attempted
+                && m.recipients.iter().all(|o| {
+                    o.result == Outcome::Deferred
+                        && !o.remote
+                        && o.reply.enhanced == Some(mailrelay_smtp::reply::Enhanced(5, 7, 30))
+                })
+        })
 }
 
 /// A host that failed before any message was tried (4xx greeting, EHLO trouble,
