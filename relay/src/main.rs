@@ -284,6 +284,8 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let dkim_metrics = mailrelay::dkim::metrics::DkimMetrics::register(metrics.registry_mut());
     let event_metrics = EventMetrics::register(metrics.registry_mut());
     let webhook_metrics = WebhookMetrics::register(metrics.registry_mut());
+    let tls_metrics =
+        mailrelay::delivery::tls_policy::metrics::TlsMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
     let event_store = match (cfg.events.enabled, &redis, embedded_db) {
         (false, _, _) => None,
@@ -337,6 +339,22 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
         ),
         _ => None,
     };
+    // TLS report counters: in the queue's Redis (shared by every relay), else in
+    // this process.
+    let tls_report_store: Option<Arc<dyn mailrelay::delivery::tls_report::store::ReportStore>> =
+        match (&cfg.tls_reporting, &redis) {
+            (Some(t), _) if !t.enabled || !cfg.delivery.enabled => None,
+            (None, _) => None,
+            (Some(_), Some(q)) => Some(Arc::new(
+                mailrelay::delivery::tls_report::store::RedisReports::new(q.shared())
+                    .await
+                    .map_err(anyhow::Error::msg)
+                    .context("loading the TLS report scripts into Redis")?,
+            )),
+            (Some(_), None) => Some(Arc::new(
+                mailrelay::delivery::tls_report::store::MemoryReports::default(),
+            )),
+        };
     let quotas = open_quotas(&cfg, redis, quota_metrics).await?;
     info!(
         backend = quotas.backend(),
@@ -475,6 +493,51 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     if let (Some(store), Some(delivery)) = (sts_store, &delivery) {
         delivery.share_policies_with(Arc::new(store));
     }
+    if let Some(delivery) = &delivery {
+        delivery.count_tls_with(tls_metrics.clone());
+    }
+    let _tls_reports = match (&cfg.tls_reporting, tls_report_store, &delivery) {
+        (Some(t), Some(store), Some(delivery)) => {
+            use mailrelay::delivery::tls_report::{TlsReporter, send};
+            let reporter = TlsReporter::new(t.period, store);
+            delivery.report_tls_with(Arc::clone(&reporter));
+            let flusher = reporter.spawn_flusher();
+            let ca = t.ca_file.as_deref().or(cfg.delivery.ca_file.as_deref());
+            let roots = match ca {
+                Some(p) => mailrelay::delivery::smtp_client::load_roots(p)
+                    .context("loading tls_reporting.ca_file")?,
+                None => mailrelay::delivery::smtp_client::load_roots(std::path::Path::new(
+                    mailrelay::delivery::smtp_client::SYSTEM_CA_FILE,
+                ))
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "no system CA store; https: TLS reports will fail");
+                    rustls::RootCertStore::empty()
+                }),
+            };
+            let sender = send::Sender::new(
+                t,
+                &cfg.hostname,
+                roots,
+                send::SenderParts {
+                    reporter: Arc::clone(&reporter),
+                    queue: Arc::clone(&queue),
+                    resolver: delivery.dns_resolver(),
+                    dkim: dkim.clone(),
+                    metrics: tls_metrics.clone(),
+                    doorbell: Some(delivery.doorbell()),
+                },
+            )
+            .context("building the TLS report HTTPS client")?;
+            info!(
+                store = reporter.store().backend(),
+                period = ?t.period,
+                submitter = %sender.submitter,
+                "TLS reporting on (RFC 8460)"
+            );
+            Some((flusher, sender.spawn()))
+        }
+        _ => None,
+    };
     if let (Some(sink), Some(delivery)) = (&events, &delivery) {
         delivery.record_events_with(sink.clone());
     }

@@ -1153,6 +1153,17 @@ impl<'m> ClientSession<'m> {
                 (5, 7, 30),
                 format!("REQUIRETLS support required: {why}"),
             );
+            // RFC 8689 §4.2.1: another MX host may be suitable. When nothing was
+            // tried on this connection and every message needs REQUIRETLS, the
+            // host is given up like one whose TLS failed (deferred at STARTTLS,
+            // so the caller tries the next host); the caller bounces with this
+            // reply when no host is left ([`is_requiretls_refusal`]).
+            if self.messages.iter().all(|x| x.envelope.mail.requiretls)
+                && !self.states.iter().any(|s| s.attempted)
+            {
+                self.give_up(&reply, Stage::StartTls, Outcome::Deferred, false);
+                return None;
+            }
             self.settle_message(m, &reply, Stage::Mail, Outcome::Bounced, false);
             return None;
         }

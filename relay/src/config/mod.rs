@@ -30,6 +30,7 @@ pub mod redis;
 pub mod rules;
 pub mod sender_binding;
 pub mod suppression;
+pub mod tls_reporting;
 
 pub use admin::AdminConfig;
 pub use auth::{AuthConfig, AuthThrottleConfig};
@@ -143,6 +144,10 @@ pub struct RelayConfig {
     /// Per-tenant HTTPS endpoints that receive delivery events, signed.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<WebhookConfig>,
+    /// SMTP TLS reports (RFC 8460) to the domains that ask for them; off unless
+    /// configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_reporting: Option<tls_reporting::TlsReportingConfig>,
 }
 
 fn events_is_default(e: &EventsConfig) -> bool {
@@ -173,6 +178,7 @@ impl Default for RelayConfig {
             response_rules: Vec::new(),
             events: EventsConfig::default(),
             webhooks: Vec::new(),
+            tls_reporting: None,
         }
     }
 }
@@ -335,6 +341,9 @@ impl RelayConfig {
             ));
         }
         self.delivery.validate()?;
+        if let Some(t) = &self.tls_reporting {
+            t.validate()?;
+        }
         if let Some(d) = &self.dkim {
             dkim::validate(d).map_err(|e| invalid(e.field, e.message))?;
         }

@@ -17,3 +17,4 @@ pub mod retry;
 pub mod scheduler;
 pub mod smtp_client;
 pub mod tls_policy;
+pub mod tls_report;

@@ -40,4 +40,5 @@ mod redis_sentinel;
 mod requiretls;
 mod shaping;
 mod smtp_client;
+mod tls_rpt;
 mod webhooks;

@@ -94,7 +94,7 @@ impl Drop for PolicyServer {
     }
 }
 
-fn policy(mode: &str, mx: &[&str]) -> String {
+pub(crate) fn policy(mode: &str, mx: &[&str]) -> String {
     let mut p = format!("version: STSv1\r\nmode: {mode}\r\n");
     for m in mx {
         p.push_str(&format!("mx: {m}\r\n"));
@@ -380,4 +380,85 @@ fn one_fetch_serves_two_relays_sharing_redis() {
         second.log()
     );
     std::thread::sleep(Duration::from_millis(10));
+}
+
+/// Postfix as the receiving MTA (its own STARTTLS, OpenSSL): under an `enforce`
+/// policy the mail goes over verified TLS when Postfix presents a certificate
+/// naming the MX host, and not at all when it presents one that does not.
+#[test]
+fn enforce_against_postfix_with_matching_and_mismatching_certificates() {
+    let pki = Pki::new(&["mx.enf.test", "mta-sts.enf.test"]);
+    let wrong = Pki::new(&["somewhere-else.test"]);
+    let dns = Dnsmasq::start(&zone(&["enf.test"], "127.0.0.2"));
+    let https = PolicyServer::start(
+        &pki,
+        json!({"mta-sts.enf.test": {"body": policy("enforce", &["mx.enf.test"])}}),
+    );
+    // Postfix relays what it accepts on to this sink.
+    let sink = Mx::start(json!({}));
+    let tls_cf = |p: &Pki| {
+        format!(
+            "smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\nsmtpd_tls_loglevel = 1\nsmtp_tls_security_level = none\n",
+            p.cert().display(),
+            p.key().display()
+        )
+    };
+    let extra = |pf_port: u16| {
+        format!(
+            "  ca_file: {}\n  mta_sts: {{port_override: {}, fetch_timeout: 5s}}\n  retry: {{first: 30s, max_backoff: 60s, jitter: 0.0}}\n# Postfix on {pf_port}\n",
+            pki.ca().display(),
+            https.port
+        )
+    };
+
+    // Matching certificate: delivered through Postfix, TLS verified.
+    {
+        let pf = crate::support::postfix::Postfix::start_with(sink.port, &tls_cf(&pki));
+        let relay = relay_with(&dns, pf.port, &extra(pf.port), RelayOptions::default());
+        let id = swaks(&relay, "s@client.test", &["user@enf.test"], None);
+        let msg = wait_until("delivery to Postfix", &relay, || {
+            api_message(&relay, &id).filter(|m| rcpt_state(m, "user@enf.test") != "pending")
+        });
+        assert_eq!(
+            rcpt_state(&msg, "user@enf.test"),
+            "delivered",
+            "{msg}\n{}",
+            pf.maillog()
+        );
+        let s = security(&msg, "user@enf.test")[0];
+        assert_eq!(
+            (s["policy"].as_str(), s["verified"].as_bool()),
+            (Some("mta-sts"), Some(true)),
+            "{s}"
+        );
+        sink.wait_for(
+            "the mail through Postfix",
+            || pf.maillog(),
+            |r| r.len() == 1,
+        );
+        assert!(
+            pf.maillog().contains("TLS connection established from"),
+            "{}",
+            pf.maillog()
+        );
+    }
+    // A certificate that does not name the MX host (nor chain to a trusted CA):
+    // nothing is sent; the mail waits.
+    {
+        let pf = crate::support::postfix::Postfix::start_with(sink.port, &tls_cf(&wrong));
+        let relay = relay_with(&dns, pf.port, &extra(pf.port), RelayOptions::default());
+        let id = swaks(&relay, "s@client.test", &["other@enf.test"], None);
+        let msg = wait_until("the deferral", &relay, || {
+            api_message(&relay, &id).filter(|m| {
+                m["status"]["rcpts"][0]["attempts"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+            })
+        });
+        assert_eq!(rcpt_state(&msg, "other@enf.test"), "pending", "{msg}");
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(sink.records().len(), 1, "nothing more went through Postfix");
+        let log = pf.maillog();
+        assert_eq!(log.matches("from=<s@client.test>").count(), 0, "{log}");
+    }
 }

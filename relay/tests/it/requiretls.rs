@@ -1,7 +1,7 @@
 //! REQUIRETLS (RFC 8689) end to end: a client asks for it over STARTTLS (refused in
 //! plain text), the relay queues the flag and delivers only over verified TLS to a
 //! receiving MTA (aiosmtpd) that offers REQUIRETLS, and bounces with a 5.7.30 DSN
-//! when the next hop offers no STARTTLS.
+//! when no MX host offers STARTTLS (an unsuitable one is passed over for the next).
 
 use serde_json::json;
 
@@ -43,7 +43,7 @@ fn send_requiretls(relay: &Relay, from: &str, to: &str) -> mailrelay::queue::Que
 
 #[test]
 fn requiretls_refused_in_plain_text_delivered_over_verified_tls_bounced_otherwise() {
-    let pki = Pki::new(&["mx.secure.test"]);
+    let pki = Pki::new(&["mx.secure.test", "mx2.two.test"]);
     let port = free_ports(1)[0];
     // secure.test: TLS with a certificate naming its MX, REQUIRETLS offered.
     // plain.test: no STARTTLS. client.test (the sender's domain) gets the DSNs.
@@ -53,6 +53,11 @@ fn requiretls_refused_in_plain_text_delivered_over_verified_tls_bounced_otherwis
         Record::mx("plain.test", 10, "mx.plain.test"),
         Record::host("mx.plain.test", &["127.0.0.2"]),
         Record::mx("client.test", 10, "mx.client.test"),
+        // two.test: the preferred MX offers no STARTTLS, the second is secure.
+        Record::mx("two.test", 10, "mx1.two.test"),
+        Record::host("mx1.two.test", &["127.0.0.2"]),
+        Record::mx("two.test", 20, "mx2.two.test"),
+        Record::host("mx2.two.test", &["127.0.0.1"]),
         Record::host("mx.client.test", &["127.0.0.2"]),
     ]);
     let secure = Mx::start(json!({
@@ -107,4 +112,15 @@ fn requiretls_refused_in_plain_text_delivered_over_verified_tls_bounced_otherwis
     assert_eq!(recs[0]["rcpts"][0], "s@client.test");
     let dsn = String::from_utf8_lossy(&content(&recs[0])).into_owned();
     assert!(dsn.contains("Status: 5.7.30"), "{dsn}");
+
+    // An unsuitable first MX is passed over for the next one (RFC 8689 §4.2.1).
+    let id = send_requiretls(&relay, "s@client.test", "user@two.test");
+    let msg = wait_until("delivery through the second MX", &relay, || {
+        api_message(&relay, &id).filter(|m| rcpt_state(m, "user@two.test") != "pending")
+    });
+    assert_eq!(rcpt_state(&msg, "user@two.test"), "delivered", "{msg}");
+    let recs = secure.wait_for("the second MX's copy", || relay.log(), |r| r.len() == 2);
+    assert_eq!(recs[1]["rcpts"][0], "user@two.test");
+    assert_eq!(recs[1]["requiretls"], true);
+    assert_eq!(plain.records().len(), 1, "nothing more in plain text");
 }

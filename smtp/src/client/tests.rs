@@ -1667,9 +1667,13 @@ fn requiretls_goes_only_over_verified_tls_to_a_server_offering_it() {
     assert_eq!(run.sent[3], "MAIL FROM:<a@src.test> REQUIRETLS\r\n");
     assert_eq!(run.outcome(0, 0).result, Outcome::Delivered);
 
+    // Refused: the host is given up on (deferred at STARTTLS, not by the server)
+    // so the caller tries the next MX and bounces with this reply when none is left.
     let bounced = |run: &Run, why: &str| {
         let o = run.outcome(0, 0);
-        assert_eq!((o.result, o.stage), (Outcome::Bounced, Stage::Mail));
+        assert_eq!((o.result, o.stage), (Outcome::Deferred, Stage::StartTls));
+        assert!(!o.remote);
+        assert_eq!(o.reply.code, 550);
         let text = o.reply.to_string();
         assert!(text.contains("5.7.30") && text.contains(why), "{text}");
         assert!(
@@ -1678,7 +1682,7 @@ fn requiretls_goes_only_over_verified_tls_to_a_server_offering_it() {
             run.commands()
         );
     };
-    // No STARTTLS offered: bounced (RFC 8689 §4.2.1), never sent in plain text.
+    // No STARTTLS offered: refused (RFC 8689 §4.2.1), never sent in plain text.
     let run = drive(cfg(), &[&m], &[GREET, &ehlo(&["REQUIRETLS"]), BYE]);
     bounced(&run, "offers no TLS session");
     // TLS, but the server does not offer REQUIRETLS.

@@ -520,8 +520,17 @@ impl Inner {
             };
             gate.target = Some((name.clone(), addr));
             gate.early.verified = None;
+            let local = stream.local_addr().ok().map(|a| a.ip());
             let mut result = self.converse(stream, tls, &name, msgs, client, gate).await;
-            if client.tls == TlsPolicy::Opportunistic && tls_failed(&result) {
+            // The first session only: a plain-text retry after a failed handshake
+            // is not another TLS session.
+            if relay_index(dest).is_none() {
+                self.observe_tls(dest, &name, addr, local, &result, gate.early);
+            }
+            if client.tls == TlsPolicy::Opportunistic
+                && tls_failed(&result)
+                && !requiretls_refused(&result)
+            {
                 // Like Postfix at security level `may`: a server whose TLS cannot
                 // be agreed on gets the mail in plain text, over a new connection.
                 // WARN: the mail loses its transport encryption; operators should see
@@ -540,9 +549,13 @@ impl Inner {
                 unusable = Some((result, (name, addr)));
                 continue;
             }
+            bounce_requiretls(&mut result);
             return (result, Some((name, addr)), None);
         }
-        if let Some((result, target)) = unusable {
+        if let Some((mut result, target)) = unusable {
+            // RFC 8689 §4.2.1: no MX host was suitable for REQUIRETLS mail: it
+            // bounces (each host was given up on as deferred, to try the next).
+            bounce_requiretls(&mut result);
             return (result, Some(target), None);
         }
         let res = ConnectionResult {
@@ -574,6 +587,49 @@ impl Inner {
     ) -> ConnectionResult {
         let _open = OpenConnection::new(&self.metrics);
         deliver_gated(stream, tls, name, msgs, client, &self.timeouts, gate).await
+    }
+}
+
+impl Inner {
+    /// Counts an MX session for TLS reports and the MTA-STS metrics.
+    fn observe_tls(
+        &self,
+        dest: &str,
+        mx: &str,
+        addr: SocketAddr,
+        local: Option<std::net::IpAddr>,
+        result: &ConnectionResult,
+        early: &Early,
+    ) {
+        use crate::delivery::tls_report::{Session, classify};
+        let Some(decision) = &early.security else {
+            return;
+        };
+        let reporter = self.tls_report.get();
+        if reporter.is_none() && decision.sts.is_none() {
+            return;
+        }
+        let s = Session {
+            mx,
+            sending_ip: local,
+            receiving_ip: Some(addr.ip()),
+            helo: result.capabilities.as_ref().map(|c| c.hostname.as_str()),
+            ehlo: result.capabilities.is_some(),
+            tls: result.tls.is_some(),
+            handshake_error: result
+                .error
+                .as_deref()
+                .and_then(|e| e.strip_prefix("TLS handshake failed: ")),
+            verified: early.verified.as_ref(),
+        };
+        if let (Some(m), Some(c)) = (self.tls_metrics.get(), &decision.sts)
+            && let Some((_, Some(_))) = classify(decision, &s)
+        {
+            m.sts_failure(c.policy.mode.as_str());
+        }
+        if let Some(r) = reporter {
+            r.record_session(dest, decision, &s);
+        }
     }
 }
 
@@ -635,6 +691,30 @@ fn tls_failed(r: &ConnectionResult) -> bool {
                 .iter()
                 .all(|o| o.result == Outcome::Deferred && o.stage == Stage::StartTls && !o.remote)
     }) && r.messages.iter().any(|m| !m.recipients.is_empty())
+}
+
+/// When no host was left to try for REQUIRETLS mail refused by the last one.
+fn bounce_requiretls(result: &mut ConnectionResult) {
+    if requiretls_refused(result) {
+        for r in result.messages.iter_mut().flat_map(|m| &mut m.recipients) {
+            r.result = Outcome::Bounced;
+            r.stage = Stage::Mail;
+        }
+    }
+}
+
+/// The host was given up on because it cannot carry REQUIRETLS mail (see
+/// `mailrelay_smtp::client`: deferred locally with `5.7.30`).
+fn requiretls_refused(r: &ConnectionResult) -> bool {
+    r.messages.iter().any(|m| !m.recipients.is_empty())
+        && r.messages.iter().all(|m| {
+            !m.attempted
+                && m.recipients.iter().all(|o| {
+                    o.result == Outcome::Deferred
+                        && !o.remote
+                        && o.reply.enhanced == Some(mailrelay_smtp::reply::Enhanced(5, 7, 30))
+                })
+        })
 }
 
 /// A host that failed before any message was tried (4xx greeting, EHLO trouble,

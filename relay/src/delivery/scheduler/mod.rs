@@ -106,6 +106,9 @@ struct Inner {
     suppression: std::sync::OnceLock<Arc<crate::events::suppression::Suppression>>,
     /// Every `finish` goes through here, batched.
     outcomes: OutcomeWriter,
+    /// Counts MX sessions for TLS reports (set when `tls_reporting:` is on).
+    tls_report: std::sync::OnceLock<Arc<crate::delivery::tls_report::TlsReporter>>,
+    tls_metrics: std::sync::OnceLock<crate::delivery::tls_policy::metrics::TlsMetrics>,
 }
 
 /// One leased message and what is left to do for it in this round.
@@ -216,6 +219,8 @@ impl Delivery {
             hook,
             dsn_signer: std::sync::OnceLock::new(),
             suppression: std::sync::OnceLock::new(),
+            tls_report: std::sync::OnceLock::new(),
+            tls_metrics: std::sync::OnceLock::new(),
         });
         let main = tokio::spawn(Arc::clone(&inner).run());
         let renewer = tokio::spawn(Arc::clone(&inner).renew_loop());
@@ -246,6 +251,22 @@ impl Delivery {
     /// Shares MTA-STS policies with the other relays through `store` (once).
     pub fn share_policies_with(&self, store: Arc<dyn crate::delivery::tls_policy::SharedPolicies>) {
         self.inner.sts.share_with(store);
+    }
+
+    /// Counts MX sessions into `r` for TLS reports (once).
+    pub fn report_tls_with(&self, r: Arc<crate::delivery::tls_report::TlsReporter>) {
+        let _ = self.inner.tls_report.set(r);
+    }
+
+    /// Records MTA-STS metrics into `m` (once).
+    pub fn count_tls_with(&self, m: crate::delivery::tls_policy::metrics::TlsMetrics) {
+        self.inner.sts.count_with(m.clone());
+        let _ = self.inner.tls_metrics.set(m);
+    }
+
+    /// The resolver MX lookups use (for `_smtp._tls` lookups).
+    pub fn dns_resolver(&self) -> hickory_resolver::TokioResolver {
+        self.inner.resolver.dns().clone()
     }
 
     /// How often the MTA-STS cache went to DNS, HTTPS and the shared store.

@@ -153,9 +153,12 @@ impl Inner {
                     decision = decision.relaxed();
                 }
                 client.tls = decision.client;
-                let hosts = decision
-                    .filter_mx(hosts, |h| &h.name)
-                    .map_err(|why| (Reply::status(451, (4, 7, 5), why), "mta_sts"))?;
+                let hosts = decision.filter_mx(hosts, |h| &h.name).map_err(|why| {
+                    if let Some(m) = self.tls_metrics.get() {
+                        m.sts_failure("enforce");
+                    }
+                    (Reply::status(451, (4, 7, 5), why), "mta_sts")
+                })?;
                 Ok((
                     hosts
                         .into_iter()

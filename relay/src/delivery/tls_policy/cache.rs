@@ -89,6 +89,7 @@ pub struct StsCache {
     refreshing: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     shared: OnceLock<Arc<dyn SharedPolicies>>,
     pub stats: CacheStats,
+    metrics: OnceLock<super::metrics::TlsMetrics>,
 }
 
 impl std::fmt::Debug for StsCache {
@@ -115,6 +116,18 @@ impl StsCache {
             refreshing: tokio::sync::Mutex::new(HashMap::new()),
             shared: OnceLock::new(),
             stats: CacheStats::default(),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    /// Counts lookups and fetches in `m` from now on (once).
+    pub fn count_with(&self, m: super::metrics::TlsMetrics) {
+        let _ = self.metrics.set(m);
+    }
+
+    fn count(&self, f: impl FnOnce(&super::metrics::TlsMetrics)) {
+        if let Some(m) = self.metrics.get() {
+            f(m);
         }
     }
 
@@ -126,6 +139,7 @@ impl StsCache {
     /// The policy of `domain` (lower case, no trailing dot).
     pub async fn lookup(&self, domain: &str) -> Lookup {
         if let Some(hit) = self.fresh(domain) {
+            self.count(|m| m.sts_lookup("memory"));
             return hit;
         }
         let gate = {
@@ -138,8 +152,10 @@ impl StsCache {
         let _one = gate.lock().await;
         // Another task may have refreshed it while we waited.
         if let Some(hit) = self.fresh(domain) {
+            self.count(|m| m.sts_lookup("memory"));
             return hit;
         }
+        self.count(|m| m.sts_lookup("dns"));
         let (found, fresh_for) = self.refresh(domain).await;
         let mut mem = self.mem.lock().unwrap();
         if mem.len() > 100_000 {
@@ -193,6 +209,7 @@ impl StsCache {
                     self.stats
                         .shared_hits
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.count(|m| m.sts_lookup("shared"));
                     Some(Arc::new(c))
                 }
                 Ok(_) => None,
@@ -295,13 +312,19 @@ impl StsCache {
         self.stats
             .fetches
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let fetched = self
-            .fetcher
-            .fetch(domain)
-            .await
-            .and_then(|body| parse_policy(&body).map_err(|e| e.to_string()));
+        let fetched = match self.fetcher.fetch(domain).await {
+            Ok(body) => parse_policy(&body).map_err(|e| {
+                self.count(|m| m.sts_fetch("invalid"));
+                e.to_string()
+            }),
+            Err(e) => {
+                self.count(|m| m.sts_fetch("failed"));
+                Err(e)
+            }
+        };
         match fetched {
             Ok(policy) => {
+                self.count(|m| m.sts_fetch("ok"));
                 let c = Cached {
                     id: id.clone(),
                     expires_at_ms: now_ms() + policy.max_age * 1000,

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod dane;
 pub mod dane_verify;
 pub mod fetch;
+pub mod metrics;
 pub mod mta_sts;
 
 use std::sync::Arc;

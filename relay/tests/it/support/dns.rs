@@ -40,6 +40,12 @@ pub enum Record {
     /// Every query at or below `domain` gets REFUSED: dnsmasq is told to use its
     /// upstream servers for it, and it has none (`--no-resolv`).
     Refused { domain: String },
+    /// Any record, as RR type number and RDATA in hex (dnsmasq `--dns-rr`).
+    Raw {
+        name: String,
+        rrtype: u16,
+        hex: String,
+    },
 }
 
 impl Record {
@@ -72,6 +78,21 @@ impl Record {
         Record::Txt {
             name: name.into(),
             text: text.into(),
+        }
+    }
+
+    /// A TXT record of one string that may hold commas (which `--txt-record`
+    /// takes as string separators).
+    pub fn txt_string(name: &str, text: &str) -> Self {
+        assert!(text.len() < 256, "one TXT string holds at most 255 octets");
+        let mut hex = format!("{:02x}", text.len());
+        for b in text.bytes() {
+            hex.push_str(&format!("{b:02x}"));
+        }
+        Record::Raw {
+            name: name.into(),
+            rrtype: 16,
+            hex,
         }
     }
 
@@ -120,6 +141,9 @@ impl Dnsmasq {
                     stubs.push(stub);
                 }
                 Record::Refused { domain } => args.push(format!("--server=/{domain}/#")),
+                Record::Raw { name, rrtype, hex } => {
+                    args.push(format!("--dns-rr={name},{rrtype},{hex}"))
+                }
             }
         }
 

@@ -1,0 +1,473 @@
+//! TLS reporting (RFC 8460) end to end: dnsmasq publishes MX, `_mta-sts` and
+//! `_smtp._tls` records; the MTA-STS test HTTPS server serves the policies;
+//! aiosmtpd receives with a certificate that names one MX and not the other. A
+//! short report period later the relay mails the aggregate report to the `rua`
+//! mailbox (another aiosmtpd) and POSTs it to an `https:` receiver (Python HTTPS
+//! with the test CA). Python's `email` and `gzip` modules read what arrived, and
+//! dkimpy checks the report's signature.
+
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+
+use crate::mta_sts::{PolicyServer, policy};
+use crate::support::deliver::relay_with;
+use crate::support::dns::{Dnsmasq, Record};
+use crate::support::mx::Mx;
+use crate::support::pki::Pki;
+use crate::support::redis::RedisServer;
+use crate::support::relay::{Relay, RelayOptions};
+use crate::support::{free_ports, start_python};
+
+/// Records every POST: path, Content-Type, the TLS-Report-Domain header, body.
+const RECEIVER: &str = r#"
+import base64, http.server, json, ssl, sys
+
+cfg = json.loads(sys.argv[1])
+
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n)
+        with open(cfg["log"], "a") as f:
+            f.write(json.dumps({
+                "path": self.path,
+                "ctype": self.headers.get("Content-Type"),
+                "domain": self.headers.get("TLS-Report-Domain"),
+                "body": base64.b64encode(body).decode(),
+            }) + "\n")
+        self.send_response(201)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", cfg["port"]), H)
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(cfg["cert"], cfg["key"])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print("ready", flush=True)
+srv.serve_forever()
+"#;
+
+/// Reads one report: a mail (argv[1] `mail`) or a POST body (`gzip`) in the file
+/// argv[2]; prints the headers that matter, the attachment's type and name, the
+/// JSON report, and (mail, with a dnsmasq port in argv[3]) dkimpy's verdict.
+const READ: &str = r#"
+import email, email.policy, gzip, json, sys
+
+kind, path = sys.argv[1], sys.argv[2]
+data = open(path, "rb").read()
+out = {}
+if kind == "mail":
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    out["content_type"] = msg.get_content_type()
+    out["report_type"] = msg.get_param("report-type")
+    out["subject"] = str(msg["Subject"])
+    out["domain"] = str(msg["TLS-Report-Domain"])
+    out["submitter"] = str(msg["TLS-Report-Submitter"])
+    parts = [p for p in msg.iter_parts() if p.get_content_type() == "application/tlsrpt+gzip"]
+    assert len(parts) == 1, [p.get_content_type() for p in msg.iter_parts()]
+    out["filename"] = parts[0].get_filename()
+    gz = parts[0].get_payload(decode=True)
+    if len(sys.argv) > 3:
+        import dkim, dns.resolver
+        res = dns.resolver.Resolver(configure=False)
+        res.nameservers = ["127.0.0.1"]
+        res.port = int(sys.argv[3])
+        def dnsfunc(name, timeout=5):
+            name = name.decode() if isinstance(name, bytes) else name
+            for rd in res.resolve(name.rstrip("."), "TXT"):
+                return b"".join(rd.strings)
+        out["dkim"] = bool(dkim.verify(data, dnsfunc=dnsfunc))
+else:
+    gz = data
+out["report"] = json.loads(gzip.decompress(gz))
+print(json.dumps(out))
+"#;
+
+fn read_report(kind: &str, bytes: &[u8], dns_port: Option<u16>) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("read.py");
+    std::fs::write(&script, READ).unwrap();
+    let file = dir.path().join("report");
+    std::fs::write(&file, bytes).unwrap();
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script).arg(kind).arg(&file);
+    if let Some(p) = dns_port {
+        cmd.arg(p.to_string());
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "reading the report failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(bytes)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+struct Receiver {
+    child: Child,
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl Receiver {
+    fn start(pki: &Pki) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_ports(1)[0];
+        let cfg = json!({
+            "port": port,
+            "cert": pki.cert(),
+            "key": pki.key(),
+            "log": dir.path().join("posts.jsonl"),
+        });
+        let (child, line) = start_python(dir.path(), RECEIVER, &cfg);
+        assert_eq!(line.trim(), "ready", "report receiver did not start");
+        Receiver { child, dir, port }
+    }
+
+    fn posts(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.path().join("posts.jsonl"))
+            .unwrap_or_default()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CERT_NAMES: &[&str] = &[
+    "mx.good.test",
+    "mta-sts.good.test",
+    "mta-sts.bad.test",
+    "rua.test",
+];
+
+/// `good.test`: enforce, its MX named by the certificate. `bad.test`: testing,
+/// its MX not named by the certificate (delivered, reported as failures). Both
+/// MX hosts are the TLS sink on 127.0.0.1; reports to `rua.test` go to the sink
+/// on 127.0.0.2.
+fn zone(rua_https_port: u16, dkim_txt: Option<&str>) -> Vec<Record> {
+    let mut r = vec![
+        Record::mx("good.test", 10, "mx.good.test"),
+        Record::host("mx.good.test", &["127.0.0.1"]),
+        Record::mx("bad.test", 10, "mx.bad.test"),
+        Record::host("mx.bad.test", &["127.0.0.1"]),
+        Record::mx("rua.test", 10, "mx.rua.test"),
+        Record::host("mx.rua.test", &["127.0.0.2"]),
+        Record::host("rua.test", &["127.0.0.1"]),
+    ];
+    for d in ["good.test", "bad.test"] {
+        r.push(Record::host(&format!("mta-sts.{d}"), &["127.0.0.1"]));
+        r.push(Record::txt(&format!("_mta-sts.{d}"), "v=STSv1; id=1"));
+    }
+    r.push(Record::txt(
+        "_smtp._tls.good.test",
+        "v=TLSRPTv1; rua=mailto:tlsrpt@rua.test",
+    ));
+    // One string: dnsmasq's --txt-record would split it at the comma.
+    r.push(Record::txt_string(
+        "_smtp._tls.bad.test",
+        &format!("v=TLSRPTv1; rua=mailto:tlsrpt@rua.test,https://rua.test:{rua_https_port}/tlsrpt"),
+    ));
+    if let Some(k) = dkim_txt {
+        r.push(Record::txt("s1._domainkey.reports.test", k));
+    }
+    r
+}
+
+fn policies() -> Value {
+    json!({
+        "mta-sts.good.test": {"body": policy("enforce", &["mx.good.test"])},
+        "mta-sts.bad.test": {"body": policy("testing", &["mx.bad.test"])},
+    })
+}
+
+/// An Ed25519 key: (PEM path, DKIM TXT value).
+fn ed25519_key(dir: &std::path::Path) -> (std::path::PathBuf, String) {
+    let pem = dir.join("s1.pem");
+    let out = Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ED25519", "-out"])
+        .arg(&pem)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let der = Command::new("openssl")
+        .args(["pkey", "-pubout", "-outform", "DER", "-in"])
+        .arg(&pem)
+        .output()
+        .unwrap();
+    assert!(der.status.success());
+    let p = base64::engine::general_purpose::STANDARD.encode(&der.stdout[der.stdout.len() - 32..]);
+    (pem, format!("v=DKIM1; k=ed25519; p={p}"))
+}
+
+fn relay_cfg(pki: &Pki, sts_port: u16, period: &str, dkim_key: Option<&std::path::Path>) -> String {
+    let mut s = format!(
+        "  ca_file: {}\n  mta_sts: {{port_override: {sts_port}, fetch_timeout: 5s}}\n\
+         tls_reporting:\n  organization_name: Example Relay Org\n  submitter: reports.test\n  \
+         contact_info: tls-ops@reports.test\n  period: {period}\n",
+        pki.ca().display()
+    );
+    if let Some(k) = dkim_key {
+        s.push_str(&format!(
+            "dkim:\n  unsigned_policy: allow\n  domains:\n    - {{domain: reports.test, selectors: [{{selector: s1, algorithm: ed25519-sha256, key_file: '{}'}}]}}\n",
+            k.display()
+        ));
+    }
+    s
+}
+
+/// Sends one message and waits until `sink` holds `want` messages: one session
+/// per message.
+fn send_one(relay: &Relay, sink: &Mx, to: &str, want: usize) {
+    crate::support::deliver::swaks(relay, "sender@client.test", &[to], None);
+    sink.wait_for("a delivery", || relay.log(), |r| r.len() >= want);
+}
+
+/// The reports received so far, read: `(kind, parsed)`.
+fn reports(rua: &Mx, https: &Receiver, dns_port: Option<u16>) -> Vec<(String, Value)> {
+    let mut out = Vec::new();
+    for r in rua.records() {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(r["content"].as_str().unwrap())
+            .unwrap();
+        out.push(("mail".to_owned(), read_report("mail", &raw, dns_port)));
+    }
+    for p in https.posts() {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(p["body"].as_str().unwrap())
+            .unwrap();
+        let mut v = read_report("gzip", &raw, None);
+        v["ctype"] = p["ctype"].clone();
+        v["domain"] = p["domain"].clone();
+        v["path"] = p["path"].clone();
+        out.push(("https".to_owned(), v));
+    }
+    out
+}
+
+/// Sums, over the reports of `kind` for `domain`: (successes, failures, failed
+/// sessions by result type and receiving MX).
+fn totals(
+    reports: &[(String, Value)],
+    kind: &str,
+    domain: &str,
+) -> (i64, i64, Vec<(String, String, i64)>) {
+    let (mut ok, mut failed, mut details) = (0, 0, Vec::new());
+    for (k, r) in reports {
+        if k != kind {
+            continue;
+        }
+        for p in r["report"]["policies"].as_array().unwrap() {
+            if p["policy"]["policy-domain"] != domain {
+                continue;
+            }
+            assert_eq!(p["policy"]["policy-type"], "sts", "{p}");
+            ok += p["summary"]["total-successful-session-count"]
+                .as_i64()
+                .unwrap();
+            failed += p["summary"]["total-failure-session-count"]
+                .as_i64()
+                .unwrap();
+            for d in p["failure-details"].as_array().into_iter().flatten() {
+                details.push((
+                    d["result-type"].as_str().unwrap().to_owned(),
+                    d["receiving-mx-hostname"].as_str().unwrap_or("").to_owned(),
+                    d["failed-session-count"].as_i64().unwrap(),
+                ));
+            }
+        }
+    }
+    (ok, failed, details)
+}
+
+fn wait_reports(
+    what: &str,
+    relay: &Relay,
+    rua: &Mx,
+    https: &Receiver,
+    dns_port: Option<u16>,
+    done: impl Fn(&[(String, Value)]) -> bool,
+) -> Vec<(String, Value)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = reports(rua, https, dns_port);
+        if done(&r) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; have {r:#?}\nrelay log:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn reports_with_the_right_counts_reach_mailto_and_https_and_verify() {
+    let pki = Pki::new(CERT_NAMES);
+    let https = Receiver::start(&pki);
+    let keys = tempfile::tempdir().unwrap();
+    let (pem, dkim_txt) = ed25519_key(keys.path());
+    let dns = Dnsmasq::start(&zone(https.port, Some(&dkim_txt)));
+    let sts = PolicyServer::start(&pki, policies());
+    let port = free_ports(1)[0];
+    let sink = Mx::start(json!({"port": port, "cert": pki.cert(), "key": pki.key()}));
+    let rua = Mx::start(json!({"host": "127.0.0.2", "port": port}));
+    let relay = relay_with(
+        &dns,
+        port,
+        &relay_cfg(&pki, sts.port, "4s", Some(&pem)),
+        RelayOptions::default(),
+    );
+    // 3 verified sessions to good.test, 2 to bad.test whose MX certificate does
+    // not name it (testing mode: delivered anyway).
+    let mut n = 0;
+    for _ in 0..3 {
+        n += 1;
+        send_one(&relay, &sink, "user@good.test", n);
+    }
+    for _ in 0..2 {
+        n += 1;
+        send_one(&relay, &sink, "user@bad.test", n);
+    }
+    assert!(sink.records().iter().all(|r| r["tls"] == true));
+
+    let got = wait_reports(
+        "reports with every session",
+        &relay,
+        &rua,
+        &https,
+        Some(dns.addr().port()),
+        |r| {
+            totals(r, "mail", "good.test").0 == 3
+                && totals(r, "mail", "bad.test").1 == 2
+                && totals(r, "https", "bad.test").1 == 2
+        },
+    );
+    let log = relay.log();
+    let (ok, failed, details) = totals(&got, "mail", "good.test");
+    assert_eq!((ok, failed), (3, 0), "{got:#?}");
+    assert!(details.is_empty());
+    for kind in ["mail", "https"] {
+        let (ok, failed, details) = totals(&got, kind, "bad.test");
+        assert_eq!((ok, failed), (0, 2), "{kind}: {got:#?}");
+        let mismatch: i64 = details
+            .iter()
+            .filter(|(t, mx, _)| t == "certificate-host-mismatch" && mx == "mx.bad.test")
+            .map(|d| d.2)
+            .sum();
+        assert_eq!(mismatch, 2, "{kind}: {details:?}\n{log}");
+    }
+    // good.test asked for mail only.
+    assert_eq!(totals(&got, "https", "good.test"), (0, 0, vec![]));
+
+    for (kind, r) in &got {
+        let rep = &r["report"];
+        assert_eq!(rep["organization-name"], "Example Relay Org");
+        assert_eq!(rep["contact-info"], "tls-ops@reports.test");
+        assert!(
+            rep["report-id"]
+                .as_str()
+                .unwrap()
+                .ends_with("@reports.test"),
+            "{rep}"
+        );
+        let start = rep["date-range"]["start-datetime"].as_str().unwrap();
+        let end = rep["date-range"]["end-datetime"].as_str().unwrap();
+        assert!(
+            start.ends_with('Z') && end.ends_with('Z') && start < end,
+            "{rep}"
+        );
+        let p = &rep["policies"][0]["policy"];
+        assert!(
+            p["policy-string"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|l| l == "version: STSv1"),
+            "{p}"
+        );
+        if kind == "mail" {
+            assert_eq!(r["content_type"], "multipart/report");
+            assert_eq!(r["report_type"], "tlsrpt");
+            assert_eq!(r["submitter"], "reports.test");
+            let domain = r["domain"].as_str().unwrap();
+            assert!(
+                r["subject"].as_str().unwrap().starts_with(&format!(
+                    "Report Domain: {domain} Submitter: reports.test Report-ID: <"
+                )),
+                "{r}"
+            );
+            let name = r["filename"].as_str().unwrap();
+            assert!(
+                name.starts_with(&format!("reports.test!{domain}!")) && name.ends_with(".json.gz"),
+                "{name}"
+            );
+            assert_eq!(r["dkim"], true, "dkimpy refused the report's signature");
+        } else {
+            assert_eq!(r["ctype"], "application/tlsrpt+gzip");
+            assert_eq!(r["path"], "/tlsrpt");
+            assert_eq!(r["domain"], "bad.test");
+        }
+    }
+    assert!(log.contains("TLS report sent"), "{log}");
+}
+
+#[test]
+fn two_relays_on_one_redis_send_one_report_per_period() {
+    let pki = Pki::new(CERT_NAMES);
+    let https = Receiver::start(&pki);
+    let dns = Dnsmasq::start(&zone(https.port, None));
+    let sts = PolicyServer::start(&pki, policies());
+    let port = free_ports(1)[0];
+    let sink = Mx::start(json!({"port": port, "cert": pki.cert(), "key": pki.key()}));
+    let rua = Mx::start(json!({"host": "127.0.0.2", "port": port}));
+    let redis = RedisServer::start();
+    let opts = RelayOptions {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    };
+    let cfg = relay_cfg(&pki, sts.port, "3s", None);
+    let a = relay_with(&dns, port, &cfg, opts.clone());
+    let b = relay_with(&dns, port, &cfg, opts);
+    send_one(&a, &sink, "one@good.test", 1);
+    send_one(&b, &sink, "two@good.test", 2);
+    send_one(&a, &sink, "three@good.test", 3);
+    let got = wait_reports("the reports", &a, &rua, &https, None, |r| {
+        totals(r, "mail", "good.test").0 == 3
+    });
+    // Two more periods: a second report for the same period would have come.
+    std::thread::sleep(Duration::from_secs(8));
+    let got_later = reports(&rua, &https, None);
+    assert_eq!(
+        totals(&got_later, "mail", "good.test").0,
+        3,
+        "{got_later:#?}"
+    );
+    let mut ids: Vec<&str> = got_later
+        .iter()
+        .map(|(_, r)| r["report"]["report-id"].as_str().unwrap())
+        .collect();
+    let all = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), all, "one report per period and domain: {got:#?}");
+    let sent =
+        a.log().matches("TLS report sent").count() + b.log().matches("TLS report sent").count();
+    assert_eq!(sent, all, "{}\n{}", a.log(), b.log());
+}
