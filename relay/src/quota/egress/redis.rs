@@ -63,6 +63,8 @@ const SHAPING_LIST_LUA: &str = include_str!("lua/shaping_list.lua");
 
 const SHAPING_LIFT_LUA: &str = include_str!("lua/shaping_lift.lua");
 
+const CANCEL_LUA: &str = include_str!("lua/cancel.lua");
+
 /// Sites whose states `shaping list` reads at most.
 const SHAPING_SCAN: usize = 1000;
 
@@ -137,6 +139,11 @@ const SHAPING_LIFT: Layout = Layout {
     keys: &["states"],
     args: &["field"],
 };
+/// KEYS/ARGV of `cancel.lua`; per key: flight set, lease set / flight member.
+const CANCEL: Layout = Layout {
+    keys: &[PER_KEY],
+    args: &["lease id", PER_KEY],
+};
 /// KEYS/ARGV of `usage.lua`; per window: window ms, limit.
 const USAGE: Layout = Layout {
     keys: &["key index"],
@@ -163,6 +170,7 @@ pub fn lua_scripts() -> Vec<(&'static str, String)> {
         ("egress_shaping_set", SHAPING_SET_LUA),
         ("egress_shaping_list", SHAPING_LIST_LUA),
         ("egress_shaping_lift", SHAPING_LIFT_LUA),
+        ("egress_cancel", CANCEL_LUA),
     ]
     .into_iter()
     .map(|(name, body)| (name, [PRELUDE, body].concat()))
@@ -178,6 +186,7 @@ struct Scripts {
     shaping_set: Script,
     shaping_list: Script,
     shaping_lift: Script,
+    cancel: Script,
 }
 
 impl Scripts {
@@ -192,15 +201,97 @@ impl Scripts {
             shaping_set: s(SHAPING_SET_LUA),
             shaping_list: s(SHAPING_LIST_LUA),
             shaping_lift: s(SHAPING_LIFT_LUA),
+            cancel: s(CANCEL_LUA),
         }
     }
 }
 
+/// Hash tags the per-destination keys are spread over (see the module doc).
+pub const BUCKETS: usize = 64;
+/// Redis Cluster's slot count.
+const SLOTS: usize = 16384;
+
+/// Redis Cluster's key slot of a hash tag (CRC16/XMODEM, as `CLUSTER KEYSLOT`).
+fn slot_of(tag: &str) -> usize {
+    let mut crc: u16 = 0;
+    for &b in tag.as_bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    usize::from(crc) % SLOTS
+}
+
+/// Where each egress key lives: the key prefix (`<prefix>:{<tag>}:`) of a
+/// destination's bucket, or of the quotas shared by every destination.
+#[derive(Debug, Clone)]
+pub struct Tags {
+    shared: String,
+    buckets: Vec<String>,
+}
+
+impl Tags {
+    /// Bucket `b`'s tag is the first `<prefix>:eg:<b>.<n>` whose slot falls in the
+    /// `b`-th equal share of the slot range: a cluster whose masters hold equal
+    /// ranges of slots (what `redis-cli --cluster create` makes) gets equal numbers
+    /// of buckets on every master, not whatever 64 random slots would give.
+    pub fn new(prefix: &str) -> Self {
+        let buckets = (0..BUCKETS)
+            .map(|b| {
+                let range = b * SLOTS / BUCKETS..(b + 1) * SLOTS / BUCKETS;
+                (0u32..)
+                    .map(|n| format!("{prefix}:eg:{b}.{n}"))
+                    .find(|tag| range.contains(&slot_of(tag)))
+                    .map(|tag| format!("{prefix}:{{{tag}}}:"))
+                    .expect("some suffix lands in every slot range")
+            })
+            .collect();
+        Tags {
+            shared: format!("{prefix}:{{{prefix}:eg}}:"),
+            buckets,
+        }
+    }
+
+    /// The bucket of a destination (MX site or smarthost): FNV-1a of its name, so
+    /// every relay version and process picks the same one.
+    pub fn site(&self, site: &str) -> &str {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in site.as_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        &self.buckets[(h % BUCKETS as u64) as usize]
+    }
+
+    /// Where the counters of `k` live when a message to `site` falls under it: a
+    /// shared quota's one key (`*`) with the other shared ones, every other key with
+    /// its destination's back-off and states, so one script covers them.
+    pub fn key(&self, site: &str, k: &KeyRef) -> &str {
+        if k.key == SHARED_KEY {
+            &self.shared
+        } else {
+            self.site(site)
+        }
+    }
+
+    /// Every prefix, the shared one first: what the admin reads walk.
+    pub fn all(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.shared.as_str()).chain(self.buckets.iter().map(String::as_str))
+    }
+}
+
+/// The key of a `scope: shared` quota (see `route_for`).
+const SHARED_KEY: &str = "*";
+
 /// The Redis egress store; cheap to share, all calls multiplex over one connection.
 pub struct RedisStore {
     conn: Conn,
-    /// `<prefix>:{<prefix>:eg}:`
-    base: String,
+    tags: Tags,
     secrets: Vec<String>,
     scripts: Scripts,
 }
@@ -208,9 +299,16 @@ pub struct RedisStore {
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("base", &self.base)
+            .field("shared", &self.tags.shared)
             .finish_non_exhaustive()
     }
+}
+
+/// One script call's share of a request: the keys (indexes into the request's)
+/// that live under one prefix.
+struct Group<'t> {
+    base: &'t str,
+    keys: Vec<usize>,
 }
 
 impl RedisStore {
@@ -229,41 +327,71 @@ impl RedisStore {
                 ConnectError::Failed(msg) => EgressError::Unavailable(msg),
                 ConnectError::Timeout(d) => EgressError::Timeout(d),
             })?;
-        let p = &cfg.key_prefix;
         Ok(RedisStore {
             conn,
-            base: format!("{p}:{{{p}:eg}}:"),
+            tags: Tags::new(&cfg.key_prefix),
             secrets,
             scripts: Scripts::new(),
         })
     }
 
-    fn window_key(&self, k: &KeyRef, w: &Window) -> String {
-        format!("{}w:{}:{}:{}", self.base, k.quota, w.window_ms, k.key)
+    /// The key layout (tests and benches read keys through it).
+    pub fn tags(&self) -> &Tags {
+        &self.tags
     }
 
-    fn flight_key(&self, k: &KeyRef) -> String {
-        format!("{}f:{}:{}", self.base, k.quota, k.key)
+    fn window_key(base: &str, k: &KeyRef, w: &Window) -> String {
+        format!("{base}w:{}:{}:{}", k.quota, w.window_ms, k.key)
     }
 
-    fn conns_key(&self, k: &KeyRef) -> String {
-        format!("{}c:{}:{}", self.base, k.quota, k.key)
+    fn flight_key(base: &str, k: &KeyRef) -> String {
+        format!("{base}f:{}:{}", k.quota, k.key)
     }
 
-    fn index_key(&self, quota: &str) -> String {
-        format!("{}k:{}", self.base, quota)
+    fn conns_key(base: &str, k: &KeyRef) -> String {
+        format!("{base}c:{}:{}", k.quota, k.key)
+    }
+
+    fn index_key(base: &str, quota: &str) -> String {
+        format!("{base}k:{quota}")
     }
 
     fn backoff_key(&self, site: &str) -> String {
-        format!("{}bo:{}", self.base, site)
+        format!("{}bo:{}", self.tags.site(site), site)
     }
 
     fn shaping_key(&self, site: &str) -> String {
-        format!("{}sh:{}", self.base, site)
+        format!("{}sh:{}", self.tags.site(site), site)
     }
 
-    fn shaping_index(&self) -> String {
-        format!("{}shi", self.base)
+    /// The index of sites with states in `site`'s bucket.
+    fn shaping_index(base: &str) -> String {
+        format!("{base}shi")
+    }
+
+    /// The calls a request over `keys` takes: one on a standalone Redis (any key
+    /// may go with any other there); on a cluster one per prefix, the site's bucket
+    /// first (always there: it holds the back-off and states).
+    fn groups<'t>(&'t self, site: &str, keys: &[KeyRef]) -> Vec<Group<'t>> {
+        let home = self.tags.site(site);
+        let mut groups = vec![Group {
+            base: home,
+            keys: Vec::new(),
+        }];
+        for (i, k) in keys.iter().enumerate() {
+            let base = self.tags.key(site, k);
+            match groups
+                .iter_mut()
+                .find(|g| g.base == base || !self.conn.is_cluster())
+            {
+                Some(g) => g.keys.push(i),
+                None => groups.push(Group {
+                    base,
+                    keys: vec![i],
+                }),
+            }
+        }
+        groups
     }
 
     /// Runs one script invocation under the deadline. `EVALSHA`, and the script is
@@ -284,10 +412,58 @@ impl RedisStore {
         }
     }
 
+    /// One check-and-take. On a standalone Redis (and on a cluster when all the
+    /// request's keys share the site's bucket) that is one script, all or nothing.
+    /// Otherwise the site's bucket and the shared quotas are asked at once, and
+    /// what one granted is given back when the other refused.
     pub async fn acquire(&self, req: &Acquire<'_>) -> Result<AcquireReply, EgressError> {
+        let groups = self.groups(req.site, req.keys);
+        let [home, rest @ ..] = &groups[..] else {
+            unreachable!("groups() always has the site's bucket")
+        };
+        let Some(other) = rest.first() else {
+            return self.acquire_group(req, home, true).await;
+        };
+        let (a, b) = tokio::join!(
+            self.acquire_group(req, home, true),
+            self.acquire_group(req, other, false)
+        );
+        let (mut a, b) = (a?, b?);
+        let granted = |r: &AcquireReply| match r.verdict {
+            Verdict::Granted { at_ms } => Some(at_ms),
+            _ => None,
+        };
+        match (granted(&a), granted(&b)) {
+            (Some(x), Some(y)) => {
+                a.verdict = Verdict::Granted { at_ms: x.max(y) };
+            }
+            (Some(_), None) => {
+                self.cancel(req, home).await?;
+                a.verdict = b.verdict;
+            }
+            (None, Some(_)) => self.cancel(req, other).await?,
+            (None, None) => {}
+        }
+        Ok(a)
+    }
+
+    /// `acquire.lua` on one group's keys; `site` says whether the group holds the
+    /// site's back-off and states (else it reads a key of its own slot that nothing
+    /// writes, and the site's bucket answers for them).
+    async fn acquire_group(
+        &self,
+        req: &Acquire<'_>,
+        g: &Group<'_>,
+        site: bool,
+    ) -> Result<AcquireReply, EgressError> {
         let mut call = Call::new(&self.scripts.acquire, &ACQUIRE);
-        call.key("back-off", self.backoff_key(req.site))
-            .key("shaping", self.shaping_key(req.site));
+        if site {
+            call.key("back-off", self.backoff_key(req.site))
+                .key("shaping", self.shaping_key(req.site));
+        } else {
+            call.key("back-off", format!("{}bo:", g.base))
+                .key("shaping", format!("{}sh:", g.base));
+        }
         call.arg("now", now_arg(req.now_ms))
             .arg("max wait", req.timing.max_wait_ms)
             .arg("flight ttl", req.timing.flight_ttl_ms)
@@ -298,11 +474,13 @@ impl RedisStore {
             .arg("lease id", req.lease.unwrap_or(""))
             .arg("back-off base", req.policy.base_ms)
             .arg("back-off recover", req.policy.recover_ms)
-            .arg("key count", req.keys.len());
-        for (i, k) in req.keys.iter().enumerate() {
-            call.key(PER_KEY, self.flight_key(k))
-                .key(PER_KEY, self.conns_key(k))
-                .key(PER_KEY, self.index_key(&k.quota));
+            .arg("key count", g.keys.len());
+        for &i in &g.keys {
+            let k = &req.keys[i];
+            let base = self.tags.key(req.site, k);
+            call.key(PER_KEY, Self::flight_key(base, k))
+                .key(PER_KEY, Self::conns_key(base, k))
+                .key(PER_KEY, Self::index_key(base, &k.quota));
             call.arg(PER_KEY, &k.key)
                 .arg(PER_KEY, k.max_connections.unwrap_or(0))
                 .arg(PER_KEY, req.costs.get(i).copied().unwrap_or(1))
@@ -314,7 +492,7 @@ impl RedisStore {
                 )
                 .arg(PER_KEY, k.windows.len());
             for w in &k.windows {
-                call.key(PER_KEY, self.window_key(k, w));
+                call.key(PER_KEY, Self::window_key(base, k, w));
                 call.arg(PER_KEY, w.window_ms).arg(PER_KEY, w.limit);
             }
         }
@@ -364,16 +542,56 @@ impl RedisStore {
         })
     }
 
+    /// Gives back the flight and lease one group granted (see [`Self::acquire`]).
+    async fn cancel(&self, req: &Acquire<'_>, g: &Group<'_>) -> Result<(), EgressError> {
+        let mut call = Call::new(&self.scripts.cancel, &CANCEL);
+        call.arg("lease id", req.lease.unwrap_or(""));
+        for &i in &g.keys {
+            let k = &req.keys[i];
+            let base = self.tags.key(req.site, k);
+            call.key(PER_KEY, Self::flight_key(base, k))
+                .key(PER_KEY, Self::conns_key(base, k));
+            match req.token {
+                Some(t) if k.paced() => call.arg(
+                    PER_KEY,
+                    format!("{t}|{}", req.costs.get(i).copied().unwrap_or(1)),
+                ),
+                _ => call.arg(PER_KEY, ""),
+            };
+        }
+        let inv = call.invocation();
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .run("egress cancel", inv.invoke_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
     pub async fn extend(&self, req: &Extend<'_>) -> Result<(), EgressError> {
+        let groups = self.groups(req.site, req.keys);
+        let mut calls = groups.iter().filter(|g| !g.keys.is_empty());
+        let (a, b) = (calls.next(), calls.next());
+        let (ra, rb) = tokio::join!(self.extend_group(req, a), self.extend_group(req, b));
+        ra.and(rb)
+    }
+
+    async fn extend_group(
+        &self,
+        req: &Extend<'_>,
+        g: Option<&Group<'_>>,
+    ) -> Result<(), EgressError> {
+        let Some(g) = g else { return Ok(()) };
         let mut call = Call::new(&self.scripts.extend, &EXTEND);
         call.arg("now", now_arg(req.now_ms))
             .arg("lease id", req.lease.unwrap_or(""))
             .arg("lease ttl", req.timing.lease_ttl_ms)
             .arg("flight ttl", req.timing.flight_ttl_ms)
-            .arg("key count", req.keys.len());
-        for (i, k) in req.keys.iter().enumerate() {
-            call.key(PER_KEY, self.flight_key(k))
-                .key(PER_KEY, self.conns_key(k));
+            .arg("key count", g.keys.len());
+        for &i in &g.keys {
+            let k = &req.keys[i];
+            let base = self.tags.key(req.site, k);
+            call.key(PER_KEY, Self::flight_key(base, k))
+                .key(PER_KEY, Self::conns_key(base, k));
             call.arg(PER_KEY, k.max_connections.unwrap_or(0));
             match req.flight {
                 Some((token, costs)) if k.paced() => call.arg(
@@ -396,15 +614,26 @@ impl RedisStore {
     }
 
     pub async fn close(&self, req: &Close<'_>) -> Result<(), EgressError> {
+        let groups = self.groups(req.site, req.keys);
+        let mut calls = groups.iter().filter(|g| !g.keys.is_empty());
+        let (a, b) = (calls.next(), calls.next());
+        let (ra, rb) = tokio::join!(self.close_group(req, a), self.close_group(req, b));
+        ra.and(rb)
+    }
+
+    async fn close_group(&self, req: &Close<'_>, g: Option<&Group<'_>>) -> Result<(), EgressError> {
+        let Some(g) = g else { return Ok(()) };
         let mut call = Call::new(&self.scripts.close, &CLOSE);
         call.arg("now", now_arg(req.now_ms))
             .arg("lease id", req.lease.unwrap_or(""))
             .arg("commit token", req.commit.map_or("", |c| c.token))
             .arg("commit end", req.commit.map_or(0, |c| c.end_ms))
-            .arg("key count", req.keys.len());
-        for (i, k) in req.keys.iter().enumerate() {
-            call.key(PER_KEY, self.flight_key(k))
-                .key(PER_KEY, self.conns_key(k));
+            .arg("key count", g.keys.len());
+        for &i in &g.keys {
+            let k = &req.keys[i];
+            let base = self.tags.key(req.site, k);
+            call.key(PER_KEY, Self::flight_key(base, k))
+                .key(PER_KEY, Self::conns_key(base, k));
             call.arg(
                 PER_KEY,
                 req.commit
@@ -413,7 +642,7 @@ impl RedisStore {
             )
             .arg(PER_KEY, k.windows.len());
             for w in &k.windows {
-                call.key(PER_KEY, self.window_key(k, w));
+                call.key(PER_KEY, Self::window_key(base, k, w));
                 call.arg(PER_KEY, w.window_ms).arg(PER_KEY, w.limit);
             }
         }
@@ -459,7 +688,7 @@ impl RedisStore {
     ) -> Result<(u64, u64), EgressError> {
         let mut call = Call::new(&self.scripts.shaping_set, &SHAPING_SET);
         call.key("states", self.shaping_key(site))
-            .key("site index", self.shaping_index())
+            .key("site index", Self::shaping_index(self.tags.site(site)))
             .arg("now", now_arg(now_ms))
             .arg("site", site)
             .arg("field", &state.field)
@@ -476,34 +705,39 @@ impl RedisStore {
         }
     }
 
+    /// Walks every bucket's index (a state lives in its site's bucket).
     pub async fn shaping_list(
         &self,
         now_ms: Option<u64>,
     ) -> Result<(u64, Vec<(String, State)>), EgressError> {
-        let mut call = Call::new(&self.scripts.shaping_list, &SHAPING_LIST);
-        call.key("site index", self.shaping_index())
-            .arg("now", now_arg(now_ms))
-            .arg("state prefix", format!("{}sh:", self.base))
-            .arg("scan", SHAPING_SCAN);
-        let inv = call.invocation();
-        let mut conn = self.conn.clone();
-        let v: Vec<Value> = self
-            .run("egress shaping_list", inv.invoke_async(&mut conn))
-            .await?;
-        let now = match v.first() {
-            Some(Value::Int(i)) => (*i).max(0) as u64,
-            _ => return Err(EgressError::Protocol("shaping_list reply".into())),
-        };
+        let mut now = 0;
         let mut out = Vec::new();
-        for t in v[1..].chunks(3) {
-            if let [site, f, val] = t
-                && let (Some(site), Some(f), Some(val)) = (text(site), text(f), text(val))
-                && let Some(s) = State::decode(&f, &val)
-            {
-                out.push((site, s));
+        for base in self.tags.all() {
+            let mut call = Call::new(&self.scripts.shaping_list, &SHAPING_LIST);
+            call.key("site index", Self::shaping_index(base))
+                .arg("now", now_arg(now_ms))
+                .arg("state prefix", format!("{base}sh:"))
+                .arg("scan", SHAPING_SCAN);
+            let inv = call.invocation();
+            let mut conn = self.conn.clone();
+            let v: Vec<Value> = self
+                .run("egress shaping_list", inv.invoke_async(&mut conn))
+                .await?;
+            match v.first() {
+                Some(Value::Int(i)) => now = now.max((*i).max(0) as u64),
+                _ => return Err(EgressError::Protocol("shaping_list reply".into())),
+            };
+            for t in v[1..].chunks(3) {
+                if let [site, f, val] = t
+                    && let (Some(site), Some(f), Some(val)) = (text(site), text(f), text(val))
+                    && let Some(s) = State::decode(&f, &val)
+                {
+                    out.push((site, s));
+                }
             }
         }
         out.sort_by(|a, b| (&a.0, &a.1.field).cmp(&(&b.0, &b.1.field)));
+        out.truncate(SHAPING_SCAN);
         Ok((now, out))
     }
 
@@ -519,6 +753,9 @@ impl RedisStore {
         Ok(n > 0)
     }
 
+    /// Walks every bucket's key index of `quota` (a key lives in the bucket of the
+    /// destination it was used for; a domain whose MX site changed can have counters
+    /// in two buckets, which are added up).
     pub async fn usage(
         &self,
         quota: &str,
@@ -527,10 +764,52 @@ impl RedisStore {
         flight_ttl_ms: u64,
         now_ms: Option<u64>,
     ) -> Result<(u64, Vec<KeyUse>), EgressError> {
+        let mut now = 0;
+        let mut out: Vec<KeyUse> = Vec::new();
+        for base in self.tags.all() {
+            let (n, uses) = self
+                .usage_in(base, quota, windows, key, flight_ttl_ms, now_ms)
+                .await?;
+            now = now.max(n);
+            for u in uses {
+                match out.iter_mut().find(|o| o.key == u.key) {
+                    Some(o) => {
+                        for ((used, resets), (u_used, u_resets)) in
+                            o.windows.iter_mut().zip(u.windows)
+                        {
+                            if u_used > 0 {
+                                *resets = if *used > 0 {
+                                    (*resets).max(u_resets)
+                                } else {
+                                    u_resets
+                                };
+                            }
+                            *used += u_used;
+                        }
+                        o.scheduled += u.scheduled;
+                        o.open_connections += u.open_connections;
+                    }
+                    None => out.push(u),
+                }
+            }
+        }
+        out.truncate(USAGE_SCAN);
+        Ok((now, out))
+    }
+
+    async fn usage_in(
+        &self,
+        base: &str,
+        quota: &str,
+        windows: &[Window],
+        key: Option<&str>,
+        flight_ttl_ms: u64,
+        now_ms: Option<u64>,
+    ) -> Result<(u64, Vec<KeyUse>), EgressError> {
         let mut call = Call::new(&self.scripts.usage, &USAGE);
-        call.key("key index", self.index_key(quota))
+        call.key("key index", Self::index_key(base, quota))
             .arg("now", now_arg(now_ms))
-            .arg("key prefix", &self.base)
+            .arg("key prefix", base)
             .arg("quota", quota)
             .arg("key", key.unwrap_or(""))
             .arg("scan", USAGE_SCAN)
@@ -589,4 +868,65 @@ fn text(v: &Value) -> Option<String> {
 
 fn now_arg(now_ms: Option<u64>) -> String {
     now_ms.map(|n| n.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::cluster_routing::Slot;
+
+    #[test]
+    fn slots_are_redis_cluster_slots() {
+        for k in [
+            "",
+            "mr:eg",
+            "mr:eg:0.3",
+            "123456789",
+            "mx1.example,mx2.example",
+        ] {
+            assert_eq!(
+                Slot::new(slot_of(k) as u16),
+                Some(Slot::for_key(k)),
+                "{k:?}"
+            );
+        }
+        // The CRC16/XMODEM check value.
+        assert_eq!(slot_of("123456789"), 0x31c3 % SLOTS);
+    }
+
+    #[test]
+    fn buckets_cover_the_slot_range_evenly() {
+        let t = Tags::new("mr");
+        assert_eq!(t.buckets.len(), BUCKETS);
+        for (b, base) in t.buckets.iter().enumerate() {
+            let tag = &base[base.find('{').unwrap() + 1..base.find('}').unwrap()];
+            let slot = slot_of(tag);
+            assert!(
+                (b * SLOTS / BUCKETS..(b + 1) * SLOTS / BUCKETS).contains(&slot),
+                "bucket {b}: {base} in slot {slot}"
+            );
+            assert!(base.starts_with("mr:{mr:eg:"), "{base}");
+        }
+        assert_eq!(t.shared, "mr:{mr:eg}:");
+    }
+
+    #[test]
+    fn a_sites_keys_share_its_bucket_and_shared_keys_their_own() {
+        let t = Tags::new("mr");
+        let k = |key: &str| KeyRef {
+            quota: "q".into(),
+            key: key.into(),
+            windows: vec![],
+            max_connections: None,
+        };
+        let site = "mx1.example,mx2.example";
+        assert_eq!(t.key(site, &k(site)), t.site(site));
+        assert_eq!(t.key(site, &k("a.example")), t.site(site));
+        assert_eq!(t.key(site, &k("*")), "mr:{mr:eg}:");
+        // Sites spread over the buckets.
+        let used: std::collections::HashSet<&str> = (0..1000)
+            .map(|i| t.site(&format!("mx{i}.example")))
+            .collect();
+        assert_eq!(used.len(), BUCKETS);
+    }
 }
