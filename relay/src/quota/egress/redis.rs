@@ -3,20 +3,62 @@
 //!
 //! # Keys
 //!
-//! Every key carries the hash tag `{<prefix>:eg}`, so in Redis Cluster they share one
-//! slot and one script can check all quotas a message falls under atomically. (Egress
-//! checks are one small script per message; one slot carries that easily.) With the
-//! default prefix `mr`:
+//! A destination's keys (its MX site's back-off and response-rule states, and the
+//! counters of every `scope: per_key` quota a message to it falls under, keyed by
+//! MX site or by domain) carry the hash tag of the site's *bucket*: one of 64 tags
+//! `{<prefix>:eg:<b>.<n>}`, one per equal share of Redis Cluster's slot range
+//! ([`crate::redis_conn::slots`]), picked by a hash of the site's name. So the
+//! pacing of different destinations spreads over every master of a cluster, while
+//! one script still checks all quotas of a message to one destination and its
+//! back-off atomically, as before. The counters of a `scope: shared` quota (one
+//! key, `*`, for all mail it matches) are one key whatever the layout; they keep
+//! the tag `{<prefix>:eg}`. With the default prefix `mr`, `B` a bucket's tag:
 //!
 //! | key                                  | type       | content                                   |
 //! |--------------------------------------|------------|-------------------------------------------|
-//! | `mr:{mr:eg}:w:<quota>:<window_ms>:<key>` | hash   | `tat` (GCRA), and units per end bucket     |
-//! | `mr:{mr:eg}:f:<quota>:<key>`         | sorted set | messages in flight `token|cost` by deadline |
-//! | `mr:{mr:eg}:c:<quota>:<key>`         | sorted set | connection leases by expiry               |
-//! | `mr:{mr:eg}:k:<quota>`               | sorted set | keys of the quota by last use (for usage) |
-//! | `mr:{mr:eg}:bo:<site>`               | hash       | back-off `level` and `hit` (ms)           |
-//! | `mr:{mr:eg}:sh:<site>`               | hash       | response-rule states by scope field       |
-//! | `mr:{mr:eg}:shi`                     | sorted set | sites with states, by latest end          |
+//! | `mr:{B}:w:<quota>:<window_ms>:<key>` | hash       | `tat` (GCRA), and units per end bucket     |
+//! | `mr:{B}:f:<quota>:<key>`             | sorted set | messages in flight `token|cost` by deadline |
+//! | `mr:{B}:c:<quota>:<key>`             | sorted set | connection leases by expiry               |
+//! | `mr:{B}:k:<quota>`                   | sorted set | the bucket's keys of the quota by last use (for usage) |
+//! | `mr:{B}:bo:<site>`                   | hash       | back-off `level` and `hit` (ms)           |
+//! | `mr:{B}:sh:<site>`                   | hash       | response-rule states by scope field       |
+//! | `mr:{B}:shi`                         | sorted set | the bucket's sites with states, by latest end |
+//!
+//! and the same `w:`, `f:`, `c:`, `k:` keys under `mr:{mr:eg}:` for shared quotas.
+//! The admin reads (`usage`, `shaping list`) walk the 65 indexes by name (no `SCAN`).
+//! A domain-keyed quota's key lives in the bucket of the MX site the domain resolves
+//! to; if that changes (an MX move), its counters start afresh in the new bucket
+//! (usage adds up both while the old ones last).
+//!
+//! ## A message under a shared quota on a cluster: two scripts
+//!
+//! On a standalone Redis (or Sentinel) every request is still one script: any keys
+//! may go together there. On a cluster, a request whose keys include a shared
+//! quota's is split in two scripts sent at once (one round trip of latency, two
+//! `EVALSHA`s): the site's bucket (back-off, states, per-key quotas) and
+//! `{<prefix>:eg}` (shared quotas). Granted only if both grant, at the later of
+//! the two times; when one refuses, what the other took (its lease, its flight) is
+//! given back by `cancel.lua` (a third call, only then). What this gives up, on a
+//! cluster only: (1) the shared half does not see the site's back-off level or
+//! throttle states, so a backed-off site's shared quotas are not slowed (its pause
+//! still holds all its mail, and its per-key quotas are slowed); (2) a refused
+//! request's GCRA step in the granting half stays taken (it errs slow: the next
+//! slot there comes one interval later); (3) between the two halves another relay
+//! can see one half taken. The promise (at most `N` per `W` at the receiver) holds:
+//! each half keeps it for its keys. The alternative, every egress key in one slot
+//! (the layout before), kept the shared case atomic and put all pacing of every
+//! destination on one master; a shared quota is one counter anyway, so only the
+//! mail that matches one pays the extra call.
+//!
+//! ## Upgrading
+//!
+//! Keys of the layout before (`{<prefix>:eg}` for everything) are not read or
+//! migrated: a rolling upgrade starts per-destination pacing, leases and back-off
+//! afresh (pacing state lives for a window, leases for a minute; during the roll,
+//! old and new relays count in different keys, so a destination can get up to
+//! twice its rate until the old relays are gone), and response-rule states set
+//! before the upgrade are forgotten. Shared quotas keep their keys. Old keys
+//! expire by themselves.
 //!
 //! Every key gets a `PEXPIRE` long enough for what it still has to count (a window
 //! hash: its GCRA horizon plus one window; a flight set: the flight deadline plus the
@@ -35,6 +77,7 @@ use super::store::{
 };
 use crate::config::RedisConfig;
 use crate::redis_conn::script::{Call, Layout};
+use crate::redis_conn::slots;
 use crate::redis_conn::{self, Conn, ConnectError, Timeouts, redact};
 use crate::shaping::State;
 
@@ -206,27 +249,6 @@ impl Scripts {
     }
 }
 
-/// Hash tags the per-destination keys are spread over (see the module doc).
-pub const BUCKETS: usize = 64;
-/// Redis Cluster's slot count.
-const SLOTS: usize = 16384;
-
-/// Redis Cluster's key slot of a hash tag (CRC16/XMODEM, as `CLUSTER KEYSLOT`).
-fn slot_of(tag: &str) -> usize {
-    let mut crc: u16 = 0;
-    for &b in tag.as_bytes() {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    usize::from(crc) % SLOTS
-}
-
 /// Where each egress key lives: the key prefix (`<prefix>:{<tag>}:`) of a
 /// destination's bucket, or of the quotas shared by every destination.
 #[derive(Debug, Clone)]
@@ -236,36 +258,18 @@ pub struct Tags {
 }
 
 impl Tags {
-    /// Bucket `b`'s tag is the first `<prefix>:eg:<b>.<n>` whose slot falls in the
-    /// `b`-th equal share of the slot range: a cluster whose masters hold equal
-    /// ranges of slots (what `redis-cli --cluster create` makes) gets equal numbers
-    /// of buckets on every master, not whatever 64 random slots would give.
+    /// The shared prefix `<prefix>:{<prefix>:eg}:` and the buckets
+    /// `<prefix>:{<prefix>:eg:<b>.<n>}:` ([`slots::bucket_prefixes`]).
     pub fn new(prefix: &str) -> Self {
-        let buckets = (0..BUCKETS)
-            .map(|b| {
-                let range = b * SLOTS / BUCKETS..(b + 1) * SLOTS / BUCKETS;
-                (0u32..)
-                    .map(|n| format!("{prefix}:eg:{b}.{n}"))
-                    .find(|tag| range.contains(&slot_of(tag)))
-                    .map(|tag| format!("{prefix}:{{{tag}}}:"))
-                    .expect("some suffix lands in every slot range")
-            })
-            .collect();
         Tags {
             shared: format!("{prefix}:{{{prefix}:eg}}:"),
-            buckets,
+            buckets: slots::bucket_prefixes(prefix, &format!("{prefix}:eg")),
         }
     }
 
-    /// The bucket of a destination (MX site or smarthost): FNV-1a of its name, so
-    /// every relay version and process picks the same one.
+    /// The bucket of a destination (MX site or smarthost).
     pub fn site(&self, site: &str) -> &str {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for &b in site.as_bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        &self.buckets[(h % BUCKETS as u64) as usize]
+        &self.buckets[slots::bucket_of(site)]
     }
 
     /// Where the counters of `k` live when a message to `site` falls under it: a
@@ -873,42 +877,6 @@ fn now_arg(now_ms: Option<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redis::cluster_routing::Slot;
-
-    #[test]
-    fn slots_are_redis_cluster_slots() {
-        for k in [
-            "",
-            "mr:eg",
-            "mr:eg:0.3",
-            "123456789",
-            "mx1.example,mx2.example",
-        ] {
-            assert_eq!(
-                Slot::new(slot_of(k) as u16),
-                Some(Slot::for_key(k)),
-                "{k:?}"
-            );
-        }
-        // The CRC16/XMODEM check value.
-        assert_eq!(slot_of("123456789"), 0x31c3 % SLOTS);
-    }
-
-    #[test]
-    fn buckets_cover_the_slot_range_evenly() {
-        let t = Tags::new("mr");
-        assert_eq!(t.buckets.len(), BUCKETS);
-        for (b, base) in t.buckets.iter().enumerate() {
-            let tag = &base[base.find('{').unwrap() + 1..base.find('}').unwrap()];
-            let slot = slot_of(tag);
-            assert!(
-                (b * SLOTS / BUCKETS..(b + 1) * SLOTS / BUCKETS).contains(&slot),
-                "bucket {b}: {base} in slot {slot}"
-            );
-            assert!(base.starts_with("mr:{mr:eg:"), "{base}");
-        }
-        assert_eq!(t.shared, "mr:{mr:eg}:");
-    }
 
     #[test]
     fn a_sites_keys_share_its_bucket_and_shared_keys_their_own() {
@@ -923,10 +891,7 @@ mod tests {
         assert_eq!(t.key(site, &k(site)), t.site(site));
         assert_eq!(t.key(site, &k("a.example")), t.site(site));
         assert_eq!(t.key(site, &k("*")), "mr:{mr:eg}:");
-        // Sites spread over the buckets.
-        let used: std::collections::HashSet<&str> = (0..1000)
-            .map(|i| t.site(&format!("mx{i}.example")))
-            .collect();
-        assert_eq!(used.len(), BUCKETS);
+        assert!(t.site(site).starts_with("mr:{mr:eg:"));
+        assert_eq!(t.all().count(), 1 + slots::BUCKETS);
     }
 }
