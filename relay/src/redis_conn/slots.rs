@@ -63,8 +63,18 @@ mod tests {
 
     #[test]
     fn slots_are_redis_cluster_slots() {
-        for k in ["", "mr:eg", "mr:eg:0.3", "123456789", "mx1.example,mx2.example"] {
-            assert_eq!(Slot::new(slot_of(k) as u16), Some(Slot::for_key(k)), "{k:?}");
+        for k in [
+            "",
+            "mr:eg",
+            "mr:eg:0.3",
+            "123456789",
+            "mx1.example,mx2.example",
+        ] {
+            assert_eq!(
+                Slot::new(slot_of(k) as u16),
+                Some(Slot::for_key(k)),
+                "{k:?}"
+            );
         }
         // The CRC16/XMODEM check value.
         assert_eq!(slot_of("123456789"), 0x31c3 % SLOTS);
@@ -84,8 +94,9 @@ mod tests {
             assert!(base.starts_with("mr:{mr:eg:"), "{base}");
         }
         // Names spread over every bucket.
-        let used: std::collections::HashSet<usize> =
-            (0..1000).map(|i| bucket_of(&format!("mx{i}.example"))).collect();
+        let used: std::collections::HashSet<usize> = (0..1000)
+            .map(|i| bucket_of(&format!("mx{i}.example")))
+            .collect();
         assert_eq!(used.len(), BUCKETS);
     }
 }

@@ -391,7 +391,7 @@ async fn finished_buckets_are_fields_and_stale_windows_are_dropped() {
         let (reqs, at) = both(at);
         assert!(redis.check_and_charge(&reqs, at).await.unwrap().allowed);
     }
-    let key = counter_key("qt", "k");
+    let key = counter_key("qt", false, "k");
     let fields = |server: &RedisServer| -> Vec<String> {
         let mut f: Vec<String> = server
             .cli(&["HKEYS", &key])

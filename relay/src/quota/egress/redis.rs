@@ -30,10 +30,13 @@
 //! to; if that changes (an MX move), its counters start afresh in the new bucket
 //! (usage adds up both while the old ones last).
 //!
+//! On a standalone Redis (or Sentinel) there is nothing to spread: every key keeps
+//! the one prefix `mr:{mr:eg}:` of the versions before, and every request is one
+//! script, exactly as before.
+//!
 //! ## A message under a shared quota on a cluster: two scripts
 //!
-//! On a standalone Redis (or Sentinel) every request is still one script: any keys
-//! may go together there. On a cluster, a request whose keys include a shared
+//! On a cluster, a request whose keys include a shared
 //! quota's is split in two scripts sent at once (one round trip of latency, two
 //! `EVALSHA`s): the site's bucket (back-off, states, per-key quotas) and
 //! `{<prefix>:eg}` (shared quotas). Granted only if both grant, at the later of
@@ -52,13 +55,13 @@
 //!
 //! ## Upgrading
 //!
-//! Keys of the layout before (`{<prefix>:eg}` for everything) are not read or
-//! migrated: a rolling upgrade starts per-destination pacing, leases and back-off
-//! afresh (pacing state lives for a window, leases for a minute; during the roll,
-//! old and new relays count in different keys, so a destination can get up to
-//! twice its rate until the old relays are gone), and response-rule states set
-//! before the upgrade are forgotten. Shared quotas keep their keys. Old keys
-//! expire by themselves.
+//! Standalone and Sentinel: nothing changes. Cluster: keys of the layout before
+//! (`{<prefix>:eg}` for everything) are not read or migrated. A rolling upgrade
+//! starts per-destination pacing, leases and back-off afresh (pacing state lives
+//! for a window, leases for a minute; during the roll old and new relays count in
+//! different keys, so a destination can get up to twice its rate until the old
+//! relays are gone), and response-rule states set before the upgrade are
+//! forgotten. Shared quotas keep their keys. Old keys expire by themselves.
 //!
 //! Every key gets a `PEXPIRE` long enough for what it still has to count (a window
 //! hash: its GCRA horizon plus one window; a flight set: the flight deadline plus the
@@ -258,18 +261,23 @@ pub struct Tags {
 }
 
 impl Tags {
-    /// The shared prefix `<prefix>:{<prefix>:eg}:` and the buckets
-    /// `<prefix>:{<prefix>:eg:<b>.<n>}:` ([`slots::bucket_prefixes`]).
-    pub fn new(prefix: &str) -> Self {
-        Tags {
-            shared: format!("{prefix}:{{{prefix}:eg}}:"),
-            buckets: slots::bucket_prefixes(prefix, &format!("{prefix}:eg")),
-        }
+    /// The shared prefix `<prefix>:{<prefix>:eg}:` and, on a cluster, the buckets
+    /// `<prefix>:{<prefix>:eg:<b>.<n>}:` ([`slots::bucket_prefixes`]). A standalone
+    /// Redis has nothing to spread: there every key keeps the shared prefix, the
+    /// layout of the versions before.
+    pub fn new(prefix: &str, cluster: bool) -> Self {
+        let shared = format!("{prefix}:{{{prefix}:eg}}:");
+        let buckets = if cluster {
+            slots::bucket_prefixes(prefix, &format!("{prefix}:eg"))
+        } else {
+            vec![shared.clone()]
+        };
+        Tags { shared, buckets }
     }
 
     /// The bucket of a destination (MX site or smarthost).
     pub fn site(&self, site: &str) -> &str {
-        &self.buckets[slots::bucket_of(site)]
+        &self.buckets[slots::bucket_of(site) % self.buckets.len()]
     }
 
     /// Where the counters of `k` live when a message to `site` falls under it: a
@@ -283,9 +291,14 @@ impl Tags {
         }
     }
 
-    /// Every prefix, the shared one first: what the admin reads walk.
+    /// Every prefix, the shared one first, each once: what the admin reads walk.
     pub fn all(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.shared.as_str()).chain(self.buckets.iter().map(String::as_str))
+        std::iter::once(self.shared.as_str()).chain(
+            self.buckets
+                .iter()
+                .map(String::as_str)
+                .filter(|b| *b != self.shared),
+        )
     }
 }
 
@@ -332,8 +345,8 @@ impl RedisStore {
                 ConnectError::Timeout(d) => EgressError::Timeout(d),
             })?;
         Ok(RedisStore {
+            tags: Tags::new(&cfg.key_prefix, conn.is_cluster()),
             conn,
-            tags: Tags::new(&cfg.key_prefix),
             secrets,
             scripts: Scripts::new(),
         })
@@ -880,7 +893,7 @@ mod tests {
 
     #[test]
     fn a_sites_keys_share_its_bucket_and_shared_keys_their_own() {
-        let t = Tags::new("mr");
+        let t = Tags::new("mr", true);
         let k = |key: &str| KeyRef {
             quota: "q".into(),
             key: key.into(),
@@ -893,5 +906,9 @@ mod tests {
         assert_eq!(t.key(site, &k("*")), "mr:{mr:eg}:");
         assert!(t.site(site).starts_with("mr:{mr:eg:"));
         assert_eq!(t.all().count(), 1 + slots::BUCKETS);
+        // Standalone: the layout before, one prefix.
+        let t = Tags::new("mr", false);
+        assert_eq!(t.key(site, &k(site)), "mr:{mr:eg}:");
+        assert_eq!(t.all().collect::<Vec<_>>(), ["mr:{mr:eg}:"]);
     }
 }
