@@ -310,7 +310,10 @@ async fn a_refusal_in_one_slot_refunds_the_others_in_a_cluster() {
     let (a, b) = ("alice@a.test", "svc");
     let slot = |k: &str| redis::cluster_routing::Slot::for_key(counter_key("qt", true, k));
     assert_ne!(slot(a), slot(b));
-    let reqs = [req("per-sender", a, 1, &tight), req("per-user", b, 1, &loose)];
+    let reqs = [
+        req("per-sender", a, 1, &tight),
+        req("per-user", b, 1, &loose),
+    ];
     assert!(redis.check_and_charge(&reqs, None).await.unwrap().allowed);
     let o = redis.check_and_charge(&reqs, None).await.unwrap();
     assert!(!o.allowed);
