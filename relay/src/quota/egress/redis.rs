@@ -268,7 +268,7 @@ impl Tags {
     pub fn new(prefix: &str, cluster: bool) -> Self {
         let shared = format!("{prefix}:{{{prefix}:eg}}:");
         let buckets = if cluster {
-            slots::bucket_prefixes(prefix, &format!("{prefix}:eg"))
+            slots::bucket_prefixes(prefix, "eg")
         } else {
             vec![shared.clone()]
         };

@@ -211,7 +211,7 @@ const _: () = assert!(3 * MAX_WINDOWS_PER_CHECK <= FORMAT_DOUBLES);
 /// spread) the one prefix of the versions before, `<prefix>:{<prefix>:quota}:`.
 pub fn bucket_prefixes(prefix: &str, cluster: bool) -> Vec<String> {
     if cluster {
-        slots::bucket_prefixes(prefix, &format!("{prefix}:q"))
+        slots::bucket_prefixes(prefix, "q")
     } else {
         vec![format!("{prefix}:{{{prefix}:quota}}:")]
     }
