@@ -118,13 +118,19 @@ pub fn quota_keys(input: &[u8]) {
         applies,
         "case changed the quota keys"
     );
-    let tag = format!("{PREFIX}:quota");
-    assert_eq!(hash_tag(&index_key(PREFIX)), Some(tag.as_str()));
     for a in &applies {
         let q = &set.quotas[a.index];
         assert!(a.cost <= (input.len() as u64).max(rcpts.len() as u64).max(1));
-        let key = counter_key(PREFIX, &a.key);
-        assert_eq!(hash_tag(&key), Some(tag.as_str()), "{key}");
+        let key = counter_key(PREFIX, false, &a.key);
+        assert_eq!(
+            hash_tag(&key),
+            Some(format!("{PREFIX}:quota").as_str()),
+            "{key}"
+        );
+        let key = counter_key(PREFIX, true, &a.key);
+        let index = index_key(PREFIX, true, &a.key);
+        assert!(hash_tag(&key).is_some(), "{key}");
+        assert_eq!(hash_tag(&key), hash_tag(&index), "{key}");
         assert!(key.ends_with(&a.key));
         let qid = quota_id(q.name());
         assert!(qid < 1 << 46 && (qid as f64) as u64 == qid);

@@ -44,6 +44,7 @@ use crate::config::RedisConfig;
 use crate::config::redis::{SentinelUrl, is_sentinel_url, url_password};
 
 pub mod script;
+pub mod slots;
 
 /// How long a caller that saw a failed master lookup waits before asking again: the
 /// sentinels need a moment (`down-after-milliseconds`, the election) to name a new

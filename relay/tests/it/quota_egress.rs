@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+use mailrelay::config::RedisConfig;
 use mailrelay::quota::egress::backoff::BackoffPolicy;
 use mailrelay::quota::egress::memory::MemoryStore;
 use mailrelay::quota::egress::pacer::Window;
@@ -24,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 use support::dns::{Dnsmasq, Record};
 use support::free_ports;
-use support::redis::RedisServer;
+use support::redis::{RedisCluster, RedisServer};
 use support::relay::{Relay, RelayOptions};
 
 const SERVER: &str = r#"
@@ -321,7 +322,7 @@ fn two_relays_on_one_redis_keep_the_rate_and_the_connection_cap_at_the_receiver(
     assert!(bounces.of("msg").is_empty(), "{:?}", bounces.events());
     // Every egress key expires on its own.
     let keys = redis
-        .cli(&["--scan", "--pattern", "mrtest:{mrtest:eg}:*"])
+        .cli(&["--scan", "--pattern", "mrtest:{mrtest:eg*}:*"])
         .unwrap();
     for k in keys.lines().filter(|k| !k.is_empty()) {
         let ttl: i64 = redis.cli(&["PTTL", k]).unwrap().parse().unwrap();
@@ -472,7 +473,16 @@ fn a_killed_relay_frees_its_connection_leases_after_they_expire() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let leases = "mrtest:{mrtest:eg}:c:one:paced.test";
+    // The lease set lives in the bucket of the site (see egress::redis::Tags).
+    let leases = redis
+        .cli(&[
+            "--scan",
+            "--pattern",
+            "mrtest:{mrtest:eg*}:c:one:paced.test",
+        ])
+        .unwrap();
+    let leases = leases.trim();
+    assert!(!leases.is_empty() && !leases.contains('\n'), "{leases:?}");
     assert_eq!(redis.cli(&["ZCARD", leases]).unwrap(), "1");
     let b = relay(&dns, port, Some(&redis), delivery, quotas);
     submit(&b, &["ok@paced.test".into()]);
@@ -556,12 +566,24 @@ fn destination_domains_pace_mail_through_a_route_and_the_smarthost() {
 #[test]
 fn redis_scripts_agree_with_the_embedded_store() {
     let redis = RedisServer::start();
+    agree_with_the_embedded_store(redis.config("conf"), "*");
+}
+
+/// On a cluster too, as long as a request's keys share its site's bucket (a shared
+/// quota's key lives elsewhere: `scripts_split_over_slots_give_back_...` covers it).
+#[test]
+fn redis_cluster_scripts_agree_with_the_embedded_store() {
+    let cluster = RedisCluster::start();
+    agree_with_the_embedded_store(cluster.config("conf"), "site1");
+}
+
+fn agree_with_the_embedded_store(cfg: RedisConfig, b_key: &str) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let r = RedisStore::connect(&redis.config("conf")).await.unwrap();
+        let r = RedisStore::connect(&cfg).await.unwrap();
         let m = MemoryStore::new();
         let w = |limit, window_ms| Window { window_ms, limit };
         let keys = [
@@ -573,7 +595,7 @@ fn redis_scripts_agree_with_the_embedded_store() {
             },
             KeyRef {
                 quota: "b".into(),
-                key: "*".into(),
+                key: b_key.into(),
                 windows: vec![w(3, 1_000)],
                 max_connections: None,
             },
@@ -657,6 +679,7 @@ fn redis_scripts_agree_with_the_embedded_store() {
                     if let Some((l, k)) = leases.pop() {
                         let end = keys.len().min(k + 2);
                         let req = Close {
+                            site: "site1",
                             keys: &keys[k..end],
                             lease: Some(&l),
                             commit: None,
@@ -670,6 +693,7 @@ fn redis_scripts_agree_with_the_embedded_store() {
                     if let Some((t, k, c)) = flying.last() {
                         let end = (k + c.len()).min(keys.len());
                         let req = Extend {
+                            site: "site1",
                             keys: &keys[*k..end],
                             lease: leases.last().map(|(l, _)| l.as_str()),
                             flight: Some((t, c)),
@@ -706,6 +730,140 @@ fn redis_scripts_agree_with_the_embedded_store() {
                 seen.get(v).copied().unwrap_or(0) > 0,
                 "{v} never seen: {seen:?}"
             );
+        }
+    });
+}
+
+/// On a cluster a shared quota's key lives in its own slot, so a request under a
+/// site quota and a shared one is two scripts: when the shared one refuses, what
+/// the site's bucket granted (lease, flight) is given back, and the answers are the
+/// embedded store's.
+#[test]
+fn redis_cluster_split_requests_give_back_what_one_slot_granted() {
+    let cluster = RedisCluster::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let r = RedisStore::connect(&cluster.config("split")).await.unwrap();
+        let m = MemoryStore::new();
+        let w = |limit, window_ms| Window { window_ms, limit };
+        let keys = [
+            KeyRef {
+                quota: "site".into(),
+                key: "mx.a.example".into(),
+                windows: vec![w(100, 10_000)],
+                max_connections: Some(2),
+            },
+            KeyRef {
+                quota: "all".into(),
+                key: "*".into(),
+                windows: vec![w(1, 10_000)],
+                max_connections: None,
+            },
+        ];
+        let timing = Timing {
+            max_wait_ms: 1_000,
+            flight_ttl_ms: 4_000,
+            lease_ttl_ms: 3_000,
+        };
+        let policy = BackoffPolicy {
+            base_ms: 2_000,
+            max_level: 3,
+            recover_ms: 3_000,
+        };
+        let now = 1_700_000_000_000u64;
+        let req = |token, lease, now| Acquire {
+            site: "mx.a.example",
+            keys: &keys,
+            costs: &[1, 1],
+            token: Some(token),
+            commit: None,
+            lease: Some(lease),
+            timing,
+            policy,
+            now_ms: Some(now),
+        };
+        let (a, b) = (
+            m.acquire(&req("t1", "l1", now)),
+            r.acquire(&req("t1", "l1", now)).await.unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(b.verdict, Verdict::Granted { at_ms: now });
+        // The shared window is full (t1 in flight): refused, nothing kept.
+        let (a, b) = (
+            m.acquire(&req("t2", "l2", now + 10)),
+            r.acquire(&req("t2", "l2", now + 10)).await.unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(b.verdict, Verdict::Blocked);
+        for k in &keys {
+            let a = m.usage(
+                &k.quota,
+                &k.windows,
+                None,
+                timing.flight_ttl_ms,
+                Some(now + 20),
+            );
+            let b = r
+                .usage(
+                    &k.quota,
+                    &k.windows,
+                    None,
+                    timing.flight_ttl_ms,
+                    Some(now + 20),
+                )
+                .await
+                .unwrap();
+            assert_eq!(a.1, b.1, "usage of {}", k.quota);
+            assert_eq!(b.1.len(), 1);
+            assert_eq!(b.1[0].windows[0].0, 1, "only t1 counts in {}", k.quota);
+        }
+        let site = r
+            .usage("site", &keys[0].windows, None, 4_000, Some(now + 20))
+            .await;
+        assert_eq!(site.unwrap().1[0].open_connections, 1, "l2 was given back");
+        // The site's and the shared keys are in different slots on this cluster.
+        let tags = r.tags();
+        assert_ne!(
+            tags.key("mx.a.example", &keys[0]),
+            tags.key("mx.a.example", &keys[1])
+        );
+        // Closing l1 and reporting t1 frees both sides (two scripts, one call).
+        let close = Close {
+            site: "mx.a.example",
+            keys: &keys,
+            lease: Some("l1"),
+            commit: Some(Commit {
+                token: "t1",
+                costs: &[1, 1],
+                end_ms: now + 30,
+            }),
+            now_ms: Some(now + 40),
+        };
+        m.close(&close);
+        r.close(&close).await.unwrap();
+        for k in &keys {
+            let a = m.usage(
+                &k.quota,
+                &k.windows,
+                None,
+                timing.flight_ttl_ms,
+                Some(now + 50),
+            );
+            let b = r
+                .usage(
+                    &k.quota,
+                    &k.windows,
+                    None,
+                    timing.flight_ttl_ms,
+                    Some(now + 50),
+                )
+                .await
+                .unwrap();
+            assert_eq!(a.1, b.1, "usage of {} after close", k.quota);
+            assert_eq!(b.1[0].open_connections, 0);
         }
     });
 }

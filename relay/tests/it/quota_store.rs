@@ -295,6 +295,43 @@ async fn one_check_of_several_quotas_works_in_a_cluster() {
     assert_eq!(active, vec![("alice@a.test".to_owned(), 2)]);
 }
 
+/// In a cluster, keys in different buckets are checked by one script each: when
+/// one refuses, what the others charged is refunded (all or nothing, as in one
+/// script), and every key is still listed by the usage API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_in_one_slot_refunds_the_others_in_a_cluster() {
+    use mailrelay::quota::ingress::redis::counter_key;
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&cluster.config("qt")).await;
+    let (tight, loose) = ([WindowSpec::new(1, 60_000)], [WindowSpec::new(10, 60_000)]);
+    // Two keys in different slots (the buckets are spread over the slot range).
+    let (a, b) = ("alice@a.test", "svc");
+    let slot = |k: &str| redis::cluster_routing::Slot::for_key(counter_key("qt", true, k));
+    assert_ne!(slot(a), slot(b));
+    let reqs = [
+        req("per-sender", a, 1, &tight),
+        req("per-user", b, 1, &loose),
+    ];
+    assert!(redis.check_and_charge(&reqs, None).await.unwrap().allowed);
+    let o = redis.check_and_charge(&reqs, None).await.unwrap();
+    assert!(!o.allowed);
+    // The user's key was charged by its own script, then refunded.
+    let u = redis
+        .usage("per-user", &[b.to_owned()], &loose, None)
+        .await
+        .unwrap();
+    assert_eq!(u.keys[0][0].used, 1);
+    let u = redis
+        .usage("per-sender", &[a.to_owned()], &tight, None)
+        .await
+        .unwrap();
+    assert_eq!(u.keys[0][0].used, 1);
+    let active = redis.active_keys("per-user", loose[0], None).await.unwrap();
+    assert_eq!(active, vec![(b.to_owned(), 1)]);
+}
+
 fn message(n: usize) -> mailrelay::queue::QueuedMessage {
     use mailrelay::queue::{ClientInfo, Envelope, MailParams, QueueId, QueuedMessage, Recipient};
     QueuedMessage {
@@ -391,7 +428,7 @@ async fn finished_buckets_are_fields_and_stale_windows_are_dropped() {
         let (reqs, at) = both(at);
         assert!(redis.check_and_charge(&reqs, at).await.unwrap().allowed);
     }
-    let key = counter_key("qt", "k");
+    let key = counter_key("qt", false, "k");
     let fields = |server: &RedisServer| -> Vec<String> {
         let mut f: Vec<String> = server
             .cli(&["HKEYS", &key])

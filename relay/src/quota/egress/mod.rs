@@ -549,6 +549,7 @@ impl Egress {
                         let end = reply.now_ms;
                         let first_costs = costs.first().cloned().unwrap_or_default();
                         let close = Close {
+                            site: &route.site,
                             keys: &route.keys,
                             lease: lease.as_deref(),
                             commit: token.as_deref().map(|t| Commit {
@@ -881,6 +882,7 @@ impl EgressConn {
                     tokio::time::sleep(every).await;
                     let flight = live.lock().unwrap().clone();
                     let req = Extend {
+                        site: &route.site,
                         keys: &route.keys,
                         lease: lease.as_deref(),
                         flight: flight.as_ref().map(|(t, c)| (t.as_str(), c.as_slice())),
@@ -1137,6 +1139,7 @@ impl EgressConn {
         let last = self.last.take().or(self.reserved.take().map(|(g, _)| g));
         let end = last.as_ref().map(|g| g.end_ms(Instant::now()));
         let req = Close {
+            site: &self.route.site,
             keys: &self.route.keys,
             lease: self.lease.as_deref(),
             commit: last.as_ref().map(|g| Commit {
@@ -1198,6 +1201,7 @@ impl Drop for EgressConn {
             );
             rt.spawn(async move {
                 let req = Close {
+                    site: &route.site,
                     keys: &route.keys,
                     lease: lease.as_deref(),
                     commit: None,

@@ -109,6 +109,8 @@ pub struct AcquireReply {
 /// Keeps a connection's lease and its message in flight alive.
 #[derive(Debug, Clone, Copy)]
 pub struct Extend<'a> {
+    /// The connection's MX site or smarthost (where its keys live in Redis).
+    pub site: &'a str,
     pub keys: &'a [KeyRef],
     pub lease: Option<&'a str>,
     /// The message in flight, with its cost per key.
@@ -120,6 +122,8 @@ pub struct Extend<'a> {
 /// A connection ends: its last message's end and its lease.
 #[derive(Debug, Clone, Copy)]
 pub struct Close<'a> {
+    /// The connection's MX site or smarthost (where its keys live in Redis).
+    pub site: &'a str,
     pub keys: &'a [KeyRef],
     pub lease: Option<&'a str>,
     pub commit: Option<Commit<'a>>,

@@ -17,12 +17,17 @@
 //!
 //! # Keys
 //!
-//! With `key_prefix: mr`, every quota key carries the hash tag `{mr:quota}`:
+//! A quota key's counters (a sender, an AUTH user, `*` for shared quotas) carry the
+//! hash tag of its *bucket*: one of 64 tags `{<prefix>:q:<b>.<n>}`, one per equal
+//! share of Redis Cluster's slot range ([`crate::redis_conn::slots`]), picked by a
+//! hash of the key, on a Redis Cluster. On a standalone Redis (or Sentinel) there is
+//! nothing to spread: `B` is `mr:quota`, one tag, the layout of the versions before.
+//! With `key_prefix: mr` and `B` a bucket's tag:
 //!
 //! | key                      | type       | content                                              |
 //! |--------------------------|------------|------------------------------------------------------|
-//! | `mr:{mr:quota}:c:<key>`  | hash       | every counter of one key (a sender, an AUTH user, `*` for shared quotas), see below |
-//! | `mr:{mr:quota}:keys`     | sorted set | the keys, scored by when their counters all go stale (for the usage API) |
+//! | `mr:{B}:c:<key>`         | hash       | every counter of one key, see below                   |
+//! | `mr:{B}:keys`            | sorted set | the bucket's keys, scored by when their counters all go stale (for the usage API) |
 //!
 //! A key's hash holds its state in three fields of little-endian doubles (see
 //! `lua/common.lua`): `k`, one record per quota window of what changes at most once
@@ -50,11 +55,23 @@
 //! model on random sequences).
 //!
 //! All quotas of one key share a hash, so checking ten quotas of a sender is a
-//! handful of hash commands, not ten times that. One hash tag for all quota keys puts
-//! them in one Redis Cluster slot, so one script can charge quotas of different keys
-//! (sender, AUTH user, shared) atomically; the price is that all quota counters live
-//! on one cluster node, which serves tens of thousands of such checks a second, while
-//! the queue itself stays spread over all nodes.
+//! handful of hash commands, not ten times that.
+//!
+//! # Redis Cluster: a slot per bucket
+//!
+//! Different keys' counters spread over all masters, so many senders do not all
+//! count on one. A check whose keys share a bucket (one key, the common case) is one
+//! script, atomic as ever. A check of keys in different buckets (a sender's quota
+//! and an AUTH user's, or a shared quota's `*`) is one script per bucket, all sent
+//! at once (one round trip of latency); the message is allowed only if all allow,
+//! and the buckets that charged are refunded when one refused (a second round
+//! trip, only then). What that gives up: until the refund, another check can see
+//! the charge and refuse (it errs strict, never lets more through), and the
+//! refused check reports the refunded windows as they were with the charge. The
+//! layout before put every quota key in one slot (`{<prefix>:quota}`): atomic for
+//! any mix of keys, and every check of every relay on one master. A standalone
+//! Redis (or Sentinel) still checks every key in one script, inside the enqueue.
+//! The usage API reads every bucket's index by name (no `SCAN`).
 //!
 //! A hash expires by itself a little over one window plus one bucket (of its
 //! longest window) after its last charge, when every bucket has stopped counting;
@@ -66,7 +83,10 @@
 //! dropped, with its older buckets, the next time the key is charged.
 //!
 //! Counters written by versions before this layout (a field per quota window) are
-//! not read: upgrading starts every window afresh.
+//! not read: upgrading starts every window afresh. On a cluster, counters of the
+//! one-slot layout before (everything under `{<prefix>:quota}`) are not read or
+//! migrated either: a rolling upgrade starts every window afresh (old and new
+//! relays count apart until the roll ends), and the old keys expire by themselves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -81,6 +101,7 @@ use super::window::{WindowCheck, WindowSpec};
 use crate::queue::QueuedMessage;
 use crate::queue::redis::{EnqueueGuard, RedisQueue, SharedRedis};
 use crate::redis_conn::script::{Call, Layout};
+use crate::redis_conn::slots;
 
 // The scripts, one file each in `lua/`, put together at load time (no code is
 // generated): a script that runs alone starts with `args.lua` (its arguments at
@@ -185,14 +206,25 @@ pub const MAX_WINDOWS_PER_CHECK: usize = 1000;
 // The reply's three numbers per window fit one struct format of `DS`.
 const _: () = assert!(3 * MAX_WINDOWS_PER_CHECK <= FORMAT_DOUBLES);
 
-/// The hash tag of every quota key.
-fn tag(prefix: &str) -> String {
-    format!("{prefix}:{{{prefix}:quota}}")
+/// The key prefixes of the quota keys: on a cluster `<prefix>:{<prefix>:q:<b>.<n>}:`,
+/// one per bucket ([`slots::bucket_prefixes`]); on a standalone Redis (nothing to
+/// spread) the one prefix of the versions before, `<prefix>:{<prefix>:quota}:`.
+pub fn bucket_prefixes(prefix: &str, cluster: bool) -> Vec<String> {
+    if cluster {
+        slots::bucket_prefixes(prefix, "q")
+    } else {
+        vec![format!("{prefix}:{{{prefix}:quota}}:")]
+    }
 }
 
-/// The counter hash of one key (every quota and window of it).
-pub fn counter_key(prefix: &str, key: &str) -> String {
-    format!("{}:c:{key}", tag(prefix))
+fn bucket_of(buckets: &[String], key: &str) -> usize {
+    slots::bucket_of(key) % buckets.len()
+}
+
+/// The counter hash of one key (every quota and window of it), in the key's bucket.
+pub fn counter_key(prefix: &str, cluster: bool, key: &str) -> String {
+    let b = bucket_prefixes(prefix, cluster);
+    format!("{}c:{key}", b[bucket_of(&b, key)])
 }
 
 /// The tag of a quota window in Redis: FNV-1a of the quota's name, window and bucket
@@ -231,9 +263,10 @@ pub fn bucket_field(quota: &str, w: &WindowSpec, bucket: i64) -> String {
     format!("{}:{bucket}", window_tag(quota, w))
 }
 
-/// The index of keys.
-pub fn index_key(prefix: &str) -> String {
-    format!("{}:keys", tag(prefix))
+/// The index of the keys in `key`'s bucket.
+pub fn index_key(prefix: &str, cluster: bool, key: &str) -> String {
+    let b = bucket_prefixes(prefix, cluster);
+    format!("{}keys", b[bucket_of(&b, key)])
 }
 
 /// The counters in Redis. With the queue at hand ([`RedisStore::with_queue`], a
@@ -246,6 +279,8 @@ pub struct RedisStore {
     usage: Script,
     active: Script,
     queue: Option<(Arc<RedisQueue>, EnqueueGuard)>,
+    /// [`bucket_prefixes`], computed once.
+    buckets: Vec<String>,
     /// The `k` of keys this process charged lately, by counter hash: what lets a
     /// check skip reading and unpacking it (see [`CHARGE_LUA`]).
     remembered: Mutex<HashMap<String, Remembered>>,
@@ -308,6 +343,7 @@ impl RedisStore {
             refund: script(&[REFUND_LUA]),
             usage: script(&[USAGE_LUA]),
             active: script(&[ACTIVE_LUA]),
+            buckets: bucket_prefixes(redis.prefix(), redis.is_cluster()),
             redis,
             queue: None,
             remembered: Mutex::new(HashMap::new()),
@@ -332,8 +368,76 @@ impl RedisStore {
         Ok(store)
     }
 
-    fn prefix(&self) -> &str {
-        self.redis.prefix()
+    /// The prefix of `key`'s bucket.
+    fn bucket(&self, key: &str) -> &str {
+        &self.buckets[bucket_of(&self.buckets, key)]
+    }
+
+    fn counter_key(&self, key: &str) -> String {
+        format!("{}c:{key}", self.bucket(key))
+    }
+
+    /// The calls a request list takes: one on a standalone Redis; on a cluster one
+    /// per bucket its keys fall in (indexes into `reqs`, in order).
+    fn parts(&self, keys: impl Iterator<Item = impl AsRef<str>>) -> Vec<Vec<usize>> {
+        let mut parts: Vec<(usize, Vec<usize>)> = Vec::new();
+        let cluster = self.redis.is_cluster();
+        for (i, k) in keys.enumerate() {
+            let b = if cluster {
+                bucket_of(&self.buckets, k.as_ref())
+            } else {
+                0
+            };
+            match parts.iter_mut().find(|p| p.0 == b) {
+                Some(p) => p.1.push(i),
+                None => parts.push((b, vec![i])),
+            }
+        }
+        parts.into_iter().map(|p| p.1).collect()
+    }
+
+    /// Checks and charges `reqs` (all in one slot, or a standalone Redis): one
+    /// script, all or nothing.
+    async fn charge_one(
+        &self,
+        reqs: &[ChargeRequest],
+        at: Option<u64>,
+    ) -> Result<ChargeOutcome, StoreError> {
+        let call = self.charge_call(reqs, at)?;
+        let mut named = Call::new(&self.charge, &CHARGE);
+        let (counters, index) = call.keys.split_at(call.keys.len() - 1);
+        for k in counters {
+            named.key("counter hashes..", k);
+        }
+        named.key("key index", &index[0]);
+        let (lists, members) = call.args.split_at(CHARGE.fixed_args());
+        for (name, a) in CHARGE.args.iter().zip(lists) {
+            named.arg(name, a.as_slice());
+        }
+        for m in members {
+            named.arg("key index members..", m.as_slice());
+        }
+        let inv = named.invocation();
+        let blob: Vec<u8> = self.redis.invoke(&inv).await.map_err(unavailable)?;
+        let parsed = parse_outcome(reqs, &call, &blob)?;
+        self.remember(&call, &parsed);
+        Ok(parsed.outcome)
+    }
+
+    async fn refund_one(&self, reqs: &[ChargeRequest], charged_at: u64) -> Result<(), StoreError> {
+        let mut call = Call::new(&self.refund, &REFUND);
+        call.arg("charge time", charged_at);
+        for r in reqs {
+            call.key("counter hashes..", self.counter_key(&r.key))
+                .arg(PER_REQUEST, r.cost)
+                .arg(PER_REQUEST, r.windows.len());
+            for w in &r.windows {
+                call.arg(PER_REQUEST, window_tag(&r.quota, w));
+            }
+        }
+        let inv = call.invocation();
+        let _: i64 = self.redis.invoke(&inv).await.map_err(unavailable)?;
+        Ok(())
     }
 }
 
@@ -431,7 +535,7 @@ impl RedisStore {
                 .map(|&i| reqs[i].index_ttl_ms())
                 .max()
                 .unwrap_or(1);
-            let counter = counter_key(self.prefix(), key);
+            let counter = self.counter_key(key);
             let plan = memory
                 .get(&counter)
                 .and_then(|m| tally_plan(m, group.iter().map(|&i| &reqs[i]), ttl));
@@ -476,7 +580,11 @@ impl RedisStore {
             remembered.push(plan.map(|p| p.windows));
         }
         drop(memory);
-        keys.push(index_key(self.prefix()));
+        // All of `reqs` share a bucket here (see `parts`), or Redis is standalone.
+        keys.push(format!(
+            "{}keys",
+            self.bucket(reqs.first().map_or("", |r| r.key.as_str()))
+        ));
         let mut args = Vec::with_capacity(CHARGE.fixed_args() + members.len());
         args.push(at_arg(at).into_bytes());
         for list in [fast, num, shapes] {
@@ -729,25 +837,42 @@ impl CounterStore for RedisStore {
         at: Option<u64>,
     ) -> StoreFuture<'a, ChargeOutcome> {
         Box::pin(async move {
-            let call = self.charge_call(reqs, at)?;
-            let mut named = Call::new(&self.charge, &CHARGE);
-            let (counters, index) = call.keys.split_at(call.keys.len() - 1);
-            for k in counters {
-                named.key("counter hashes..", k);
+            let parts = self.parts(reqs.iter().map(|r| r.key.as_str()));
+            if parts.len() == 1 {
+                return self.charge_one(reqs, at).await;
             }
-            named.key("key index", &index[0]);
-            let (lists, members) = call.args.split_at(CHARGE.fixed_args());
-            for (name, a) in CHARGE.args.iter().zip(lists) {
-                named.arg(name, a.as_slice());
+            // Redis Cluster, keys in several buckets: one script per bucket, all
+            // at once; what one charged is refunded when another refused.
+            let subs: Vec<Vec<ChargeRequest>> = parts
+                .iter()
+                .map(|p| p.iter().map(|&i| reqs[i].clone()).collect())
+                .collect();
+            let outs =
+                futures_util::future::join_all(subs.iter().map(|s| self.charge_one(s, at))).await;
+            let allowed = outs.iter().all(|o| o.as_ref().is_ok_and(|o| o.allowed));
+            if !allowed {
+                for (sub, out) in subs.iter().zip(&outs) {
+                    if let Ok(o) = out
+                        && o.allowed
+                    {
+                        self.refund_one(sub, o.now).await?;
+                    }
+                }
             }
-            for m in members {
-                named.arg("key index members..", m.as_slice());
+            let mut checks = vec![Vec::new(); reqs.len()];
+            let mut now = 0;
+            for (part, out) in parts.iter().zip(outs) {
+                let out = out?;
+                now = now.max(out.now);
+                for (&i, c) in part.iter().zip(out.checks) {
+                    checks[i] = c;
+                }
             }
-            let inv = named.invocation();
-            let blob: Vec<u8> = self.redis.invoke(&inv).await.map_err(unavailable)?;
-            let parsed = parse_outcome(reqs, &call, &blob)?;
-            self.remember(&call, &parsed);
-            Ok(parsed.outcome)
+            Ok(ChargeOutcome {
+                allowed,
+                now,
+                checks,
+            })
         })
     }
 
@@ -774,18 +899,10 @@ impl CounterStore for RedisStore {
 
     fn refund<'a>(&'a self, reqs: &'a [ChargeRequest], charged_at: u64) -> StoreFuture<'a, ()> {
         Box::pin(async move {
-            let mut call = Call::new(&self.refund, &REFUND);
-            call.arg("charge time", charged_at);
-            for r in reqs {
-                call.key("counter hashes..", counter_key(self.prefix(), &r.key))
-                    .arg(PER_REQUEST, r.cost)
-                    .arg(PER_REQUEST, r.windows.len());
-                for w in &r.windows {
-                    call.arg(PER_REQUEST, window_tag(&r.quota, w));
-                }
+            for part in self.parts(reqs.iter().map(|r| r.key.as_str())) {
+                let sub: Vec<ChargeRequest> = part.iter().map(|&i| reqs[i].clone()).collect();
+                self.refund_one(&sub, charged_at).await?;
             }
-            let inv = call.invocation();
-            let _: i64 = self.redis.invoke(&inv).await.map_err(unavailable)?;
             Ok(())
         })
     }
@@ -798,33 +915,36 @@ impl CounterStore for RedisStore {
         at: Option<u64>,
     ) -> StoreFuture<'a, UsageReport> {
         Box::pin(async move {
-            let mut call = Call::new(&self.usage, &USAGE);
-            call.arg("now", at_arg(at))
-                .arg("window count", windows.len());
-            for w in windows {
-                call.arg("window tags..", window_tag(quota, w));
+            let mut now = 0;
+            let mut out = vec![Vec::new(); keys.len()];
+            for part in self.parts(keys.iter()) {
+                let mut call = Call::new(&self.usage, &USAGE);
+                call.arg("now", at_arg(at))
+                    .arg("window count", windows.len());
+                for w in windows {
+                    call.arg("window tags..", window_tag(quota, w));
+                }
+                for &i in &part {
+                    call.key("counter hashes..", self.counter_key(&keys[i]));
+                }
+                let inv = call.invocation();
+                let flat: Vec<i64> = self.redis.invoke(&inv).await.map_err(unavailable)?;
+                if flat.len() != 1 + 2 * part.len() * windows.len() {
+                    return Err(StoreError::Corrupt(format!(
+                        "usage reply has {} fields",
+                        flat.len()
+                    )));
+                }
+                now = now.max(flat[0].max(0) as u64);
+                let mut vals = flat[1..].chunks(2).map(|c| CounterUsage {
+                    used: c[0].max(0) as u64,
+                    resets_at: c[1].max(0) as u64,
+                });
+                for &i in &part {
+                    out[i] = vals.by_ref().take(windows.len()).collect();
+                }
             }
-            for k in keys {
-                call.key("counter hashes..", counter_key(self.prefix(), k));
-            }
-            let inv = call.invocation();
-            let flat: Vec<i64> = self.redis.invoke(&inv).await.map_err(unavailable)?;
-            if flat.len() != 1 + 2 * keys.len() * windows.len() {
-                return Err(StoreError::Corrupt(format!(
-                    "usage reply has {} fields",
-                    flat.len()
-                )));
-            }
-            let now = flat[0].max(0) as u64;
-            let mut vals = flat[1..].chunks(2).map(|c| CounterUsage {
-                used: c[0].max(0) as u64,
-                resets_at: c[1].max(0) as u64,
-            });
-            let keys = keys
-                .iter()
-                .map(|_| vals.by_ref().take(windows.len()).collect())
-                .collect();
-            Ok(UsageReport { now, keys })
+            Ok(UsageReport { now, keys: out })
         })
     }
 
@@ -835,23 +955,33 @@ impl CounterStore for RedisStore {
         at: Option<u64>,
     ) -> StoreFuture<'a, Vec<(String, u64)>> {
         Box::pin(async move {
-            let mut call = Call::new(&self.active, &ACTIVE);
-            call.key("key index", index_key(self.prefix()))
-                .arg("now", at_arg(at))
-                .arg("counter hash prefix", counter_key(self.prefix(), ""))
-                .arg("window tag", window_tag(quota, &window))
-                .arg("most keys", MAX_KEYS_SCANNED);
-            let inv = call.invocation();
-            let flat: Vec<redis::Value> = self.redis.invoke(&inv).await.map_err(unavailable)?;
-            flat.chunks(2)
-                .map(|c| match c {
-                    [redis::Value::BulkString(k), n] => Ok((
-                        String::from_utf8_lossy(k).into_owned(),
-                        int(n)?.max(0) as u64,
-                    )),
-                    other => Err(StoreError::Corrupt(format!("active keys reply {other:?}"))),
-                })
-                .collect()
+            // Every bucket's index: a key is indexed in its own bucket.
+            let mut out = Vec::new();
+            for bucket in &self.buckets {
+                let mut call = Call::new(&self.active, &ACTIVE);
+                call.key("key index", format!("{bucket}keys"))
+                    .arg("now", at_arg(at))
+                    .arg("counter hash prefix", format!("{bucket}c:"))
+                    .arg("window tag", window_tag(quota, &window))
+                    .arg("most keys", MAX_KEYS_SCANNED);
+                let inv = call.invocation();
+                let flat: Vec<redis::Value> = self.redis.invoke(&inv).await.map_err(unavailable)?;
+                for c in flat.chunks(2) {
+                    match c {
+                        [redis::Value::BulkString(k), n] => out.push((
+                            String::from_utf8_lossy(k).into_owned(),
+                            int(n)?.max(0) as u64,
+                        )),
+                        other => {
+                            return Err(StoreError::Corrupt(format!(
+                                "active keys reply {other:?}"
+                            )));
+                        }
+                    }
+                }
+            }
+            out.truncate(MAX_KEYS_SCANNED);
+            Ok(out)
         })
     }
 }
@@ -874,16 +1004,24 @@ mod tests {
     }
 
     #[test]
-    fn every_quota_key_shares_one_slot() {
-        let keys = [
-            counter_key("mr", "alice@a.example"),
-            counter_key("mr", "*"),
-            counter_key("mr", "{weird}key"),
-            index_key("mr"),
-        ];
-        assert_eq!(keys[0], "mr:{mr:quota}:c:alice@a.example");
-        assert_eq!(keys[3], "mr:{mr:quota}:keys");
-        assert!(keys.iter().all(|k| slot(k) == slot(&keys[0])));
+    fn a_keys_counters_and_index_share_its_buckets_slot() {
+        for key in ["alice@a.example", "*", "{weird}key", "svc"] {
+            let (c, i) = (counter_key("mr", true, key), index_key("mr", true, key));
+            assert!(
+                c.starts_with("mr:{mr:q:") && c.ends_with(&format!("}}:c:{key}")),
+                "{c}"
+            );
+            assert!(i.starts_with("mr:{mr:q:") && i.ends_with("}:keys"), "{i}");
+            assert_eq!(slot(&c), slot(&i), "{key}");
+        }
+        // Keys spread: a sender and an AUTH user land in different slots here.
+        assert_ne!(
+            slot(&counter_key("mr", true, "alice@a.example")),
+            slot(&counter_key("mr", true, "svc"))
+        );
+        // Standalone: the layout before, one slot.
+        assert_eq!(counter_key("mr", false, "svc"), "mr:{mr:quota}:c:svc");
+        assert_eq!(index_key("mr", false, "svc"), "mr:{mr:quota}:keys");
     }
 
     #[test]
