@@ -57,6 +57,14 @@
 #                    sender, limits: [$QUOTA_LIMITS]}` (never reached: every message is
 #                    checked, charged and accepted)
 #      redis-quota   the same on the Redis queue (the check runs inside the enqueue script)
+#    Delivery events (issue 19; `embedded`/`redis` have the event log on, its default):
+#      events-off        mailrelay, embedded queue, `events: {enabled: false}`
+#      events-hook       embedded queue, events on and a webhook (all tenants) posting
+#                        every event to a local plain-HTTP receiver (Python,
+#                        ThreadingHTTPServer answering 204; `allow_http: true`, the
+#                        config's test-only switch); its POST count is in the row's note
+#      redis-events-off  the same as events-off on the Redis queue
+#      redis-events-hook the same as events-hook on the Redis queue
 #    Before the reps of every backend one message goes through it into a smtp-sink that
 #    keeps it (-d): its DKIM-Signature a= tags must be the expected ones (none for the
 #    unsigned embedded/postfix) and each signature must verify (dkimpy, keys from
@@ -105,6 +113,9 @@
 #   the DKIM comparison:                     DKIM=1 bash bench/e2e.sh
 #     (= SCENARIOS=1024:20 REPS=2 DRAIN=0 BACKENDS="embedded dkim-ed25519 dkim-rsa dkim-both
 #        postfix postfix-dkim postfix-dkim-ed25519", unless set)
+#   the event log's cost (10 % budget):      EVENTS=1 bash bench/e2e.sh
+#     (= SCENARIOS=1024:20 REPS=2 DRAIN=0 BACKENDS="events-off embedded events-hook
+#        redis-events-off redis redis-events-hook", unless set)
 # Knobs (environment), defaults in brackets:
 #   N [10000]  REPS [3]  SCENARIOS ["1024:20 1024:100 10240:20"] (SIZE:SESSIONS)
 #   BACKENDS ["direct embedded redis redis-always postfix kumomta haraka"]
@@ -122,7 +133,7 @@
 #   QUIET_BUSY [25] QUIET_WAIT [30] (wait for a quiet second before each rep)
 #   WORK [/var/tmp/mailrelay-e2e]
 #   SMTP_PORT [13525] ADMIN_PORT [19425] PF_PORT [13535] SINK_PORT [13536]
-#   REDIS_PORT [16479] DNS_PORT [13553] MILTER_PORT [13537] PEER_PORT [13545] PEER_HTTP_PORT [13580]
+#   REDIS_PORT [16479] DNS_PORT [13553] MILTER_PORT [13537] PEER_PORT [13545] PEER_HTTP_PORT [13580] HOOK_PORT [13538]
 #   SENDER [sender@bench.example with a DKIM backend, else sender@example.com]
 #   SENDERS [0: smtp-source, one sender] K>0: bench/smtp_senders with K senders
 #   INTERLEAVE [0] 1: reps round-robin over the backends (rep 1 of each, then rep 2, ...)
@@ -145,6 +156,10 @@ fi
 if [ "${PRESETS:-0}" = 1 ]; then
   SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}
   BACKENDS=${BACKENDS:-"embedded presets redis redis-presets"}
+fi
+if [ "${EVENTS:-0}" = 1 ]; then
+  SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-2}; DRAIN=${DRAIN:-0}
+  BACKENDS=${BACKENDS:-"events-off embedded events-hook redis-events-off redis redis-events-hook"}
 fi
 if [ "${SENDERS:-0}" -gt 0 ]; then
   N=${N:-20000}; SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}; INTERLEAVE=${INTERLEAVE:-1}
@@ -194,6 +209,8 @@ DNS_PORT=${DNS_PORT:-13553}
 MILTER_PORT=${MILTER_PORT:-13537}
 PEER_PORT=${PEER_PORT:-13545}
 PEER_HTTP_PORT=${PEER_HTTP_PORT:-13580}
+HOOK_PORT=${HOOK_PORT:-13538}
+HOOK_PID=""
 DKIM_DOMAIN=bench.example
 case " $BACKENDS " in *" dkim-"*|*" postfix-dkim"*) ANY_DKIM=1 ;; *) ANY_DKIM=0 ;; esac
 if [ "$ANY_DKIM" = 1 ]; then SENDER=${SENDER:-sender@$DKIM_DOMAIN}; else SENDER=${SENDER:-sender@example.com}; fi
@@ -209,7 +226,7 @@ log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "FATAL: $*"; exit 1; }
 has() { [[ " $1 " == *" $2 "* ]]; }   # has LIST WORD
 any_pf() { has "$BACKENDS" postfix || has "$BACKENDS" postfix-dkim || has "$BACKENDS" postfix-dkim-ed25519 || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" postfix; }; }
-any_redis() { has "$BACKENDS" redis || has "$BACKENDS" redis-always || has "$BACKENDS" redis-presets || has "$BACKENDS" redis-quota || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" redis; }; }
+any_redis() { has "$BACKENDS" redis || has "$BACKENDS" redis-always || has "$BACKENDS" redis-presets || has "$BACKENDS" redis-quota || has "$BACKENDS" redis-events-off || has "$BACKENDS" redis-events-hook || { [ "$DRAIN" = 1 ] && has "$DRAIN_BACKENDS" redis; }; }
 BENCH_NAME=e2e.sh
 # shellcheck source=bench/lib.sh
 . "$BENCH_DIR/lib.sh"
@@ -229,11 +246,11 @@ case $ROUTE in smarthost|mx) ;; *) die "ROUTE must be smarthost or mx";; esac
 if any_pf; then
   master_alive && die "a Postfix of a previous run is still running (pid $(tr -d ' ' < "$MASTER_PID_FILE")): postfix -c $PFC stop"
 fi
-for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT" "$MILTER_PORT" "$PEER_PORT" "$PEER_HTTP_PORT"; do
+for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT" "$MILTER_PORT" "$PEER_PORT" "$PEER_HTTP_PORT" "$HOOK_PORT"; do
   port_busy "$p" && die "port $p is already in use (set *_PORT to free ones)"
 done
 for sc in $SCENARIOS; do [[ $sc =~ ^[0-9]+:[0-9]+$ ]] || die "bad scenario '$sc' (want SIZE:SESSIONS)"; done
-for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets|quota|redis-quota|kumomta|haraka) ;; *) die "unknown backend $b";; esac; done
+for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets|quota|redis-quota|kumomta|haraka|events-off|events-hook|redis-events-off|redis-events-hook) ;; *) die "unknown backend $b";; esac; done
 for b in $DRAIN_BACKENDS; do case $b in embedded|redis|redis-always|postfix) ;; *) die "unknown drain backend $b";; esac; done
 ulimit -n 65536 2>/dev/null || true
 
@@ -393,6 +410,7 @@ cleanup() {
   stop_pid "$SAMPLER_PID"
   if [ -s "$BG_PID_FILE" ]; then stop_pid "$(cat "$BG_PID_FILE")"; rm -f "$BG_PID_FILE"; fi
   stop_pid "$REDIS_PID"; REDIS_PID=""
+  stop_pid "$HOOK_PID"; HOOK_PID=""
   stop_postfix
   stop_pid "$SINK_PID"; SINK_PID=""
   stop_pid "$DNS_PID"; DNS_PID=""
@@ -481,7 +499,7 @@ prepare_backend() {   # prepare_backend BACKEND QDIR: fresh queue; sets spids no
     note="$note appendfsync=$(rcli CONFIG GET appendfsync | tail -1)"
   fi
 }
-queue_kind() { case $1 in embedded|dkim-*|presets|quota) echo embedded ;; *) echo redis ;; esac; }
+queue_kind() { case $1 in embedded|dkim-*|presets|quota|events-off|events-hook) echo embedded ;; *) echo redis ;; esac; }
 # late_sessions JSON -> JSON with sink_sessions recounted now: Postfix keeps delivery
 # connections cached for up to 2 s after the last message, so they end after the rep.
 late_sessions() {
@@ -519,11 +537,48 @@ quota_yaml() {
   case $1 in quota|redis-quota) ;; *) return 0 ;; esac
   printf "quotas:\n  - {name: per-sender, direction: ingress, match: {senders: ['*@example.com']}, scope: per_key, key: sender, limits: [%s]}\n" "$QUOTA_LIMITS"
 }
+# events_yaml BACKEND: the event log off, or a webhook to the local receiver ("" for
+# every other backend: the event log on, as by default)
+events_yaml() {
+  case $1 in
+    events-off|redis-events-off) printf 'events: {enabled: false}\n' ;;
+    events-hook|redis-events-hook)
+      printf 'webhooks:\n  - {name: bench, url: "http://127.0.0.1:%s/hook", secret: bench-secret-0123456789, tenants: {all: true}, allow_http: true}\n' "$HOOK_PORT" ;;
+  esac
+}
+# start_hook / stop_hook: the webhook receiver of the *events-hook backends; it counts
+# POSTs into $WORK/hook.count (read with hook_count)
+start_hook() {
+  : > "$WORK/hook.count"
+  python3 - "$HOOK_PORT" "$WORK/hook.count" >>"$WORK/hook.log" 2>&1 <<'PY' &
+import sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, out = int(sys.argv[1]), sys.argv[2]
+n, lock = 0, threading.Lock()
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        global n
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
+        with lock:
+            n += 1
+            if n % 100 == 0:
+                open(out, "w").write(str(n))
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+PY
+  HOOK_PID=$!
+  wait_port "$HOOK_PORT" webhook-receiver
+}
+stop_hook() { stop_pid "$HOOK_PID"; HOOK_PID=""; }
+hook_count() { cat "$WORK/hook.count" 2>/dev/null || echo 0; }
 # extra_yaml BACKEND: top-level config sections ($RELAY_YAML_EXTRA last, for every backend)
 extra_yaml() {
   dkim_yaml "$1"
   presets_yaml "$1"
   quota_yaml "$1"
+  events_yaml "$1"
   if [ -n "$RELAY_YAML_EXTRA" ]; then printf '%s\n' "$RELAY_YAML_EXTRA"; fi
 }
 dkim_want() {         # dkim_want BACKEND: the a= tags its mail must carry, sorted
@@ -536,12 +591,13 @@ dkim_want() {         # dkim_want BACKEND: the a= tags its mail must carry, sort
 }
 backend_begin() {     # backend_begin BACKEND: what the backend needs running for all its reps
   case $1 in
+    events-hook|redis-events-hook) start_hook ;;
     postfix-dkim) start_opendkim rsa-sha256 "$WORK/dkim/rsa.pem" rsa "$DKIM_DOMAIN" "$MILTER_PORT"; pf_milter "$MILTER_PORT" ;;
     postfix-dkim-ed25519) start_opendkim ed25519-sha256 "$WORK/dkim/ed25519.pem" ed25519 "$DKIM_DOMAIN" "$MILTER_PORT"; pf_milter "$MILTER_PORT" ;;
   esac
 }
 backend_end() {
-  case $1 in postfix-dkim*) pf_milter off; stop_opendkim ;; esac
+  case $1 in postfix-dkim*) pf_milter off; stop_opendkim ;; *events-hook) stop_hook ;; esac
 }
 # sample_check BACKEND: one message through BACKEND into a smtp-sink that keeps it;
 # its signatures must be the expected ones and verify. Returns 1 (and counts an
@@ -592,7 +648,7 @@ dkim_counts() {       # dkim_counts BACKEND N -> "" or what is wrong with the re
 
 # ---------------------------------------------------------------- end-to-end rep
 run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
-  local backend=$1 size=$2 sess=$3 n=$4 rep=$5 t verdict note="" acc left qdir spids
+  local backend=$1 size=$2 sess=$3 n=$4 rep=$5 t verdict note="" acc left qdir spids hook0
   log "e2e $backend size=$size sessions=$sess n=$n rep $rep/$REPS"
   case $backend in
     direct)
@@ -600,9 +656,10 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       t=$(timer "$RUN_TIMEOUT" "$n" "" "" 0 -- $(source_cmd "$sess" "$n" "$size" "$SINK_PORT"))
       verdict=$(check_sink "$t" "$n")
       ;;
-    embedded|redis|redis-always|dkim-*|presets|redis-presets|quota|redis-quota)
+    embedded|redis|redis-always|dkim-*|presets|redis-presets|quota|redis-quota|events-off|events-hook|redis-events-off|redis-events-hook)
       qdir="$WORK/queue-e2e-$backend"
       prepare_backend "$backend" "$qdir"
+      hook0=$(hook_count)
       start_relay "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML" "$(extra_yaml "$backend")"
       spids=$RELAY_PID; [ "$(queue_kind "$backend")" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
       # shellcheck disable=SC2046
@@ -614,6 +671,9 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       [ "${acc:-x}" = "$n" ] || verdict="$verdict; accepted_total=${acc:-?} != $n"
       [ "$left" = 0 ] || verdict="$verdict; queue still holds ${left} messages"
       verdict=${verdict#ok; }
+      case $backend in
+        *events-hook) note="$note webhook_posts_by_end=$(( $(hook_count) - hook0 )) events_written=$(curl -fs "$ADMIN_URL/metrics" | awk '$1 ~ /^mailrelay_events_written_total/ {s += $2} END {print s + 0}')" ;;
+      esac
       stop_relay
       rm -rf "$qdir"
       ;;
@@ -754,7 +814,7 @@ if any_pf; then
 fi
 set_appendfsync() {
   case $1 in
-    redis) rcli CONFIG SET appendfsync everysec >/dev/null ;;
+    redis|redis-events-off|redis-events-hook) rcli CONFIG SET appendfsync everysec >/dev/null ;;
     redis-always) rcli CONFIG SET appendfsync always >/dev/null ;;
   esac
 }

@@ -26,12 +26,16 @@ LABEL = {
     'redis-presets': 'mailrelay, Redis AOF everysec, all provider presets',
     'quota': 'mailrelay, embedded, per-sender ingress quota',
     'redis-quota': 'mailrelay, Redis AOF everysec, per-sender ingress quota',
+    'events-off': 'mailrelay, embedded, event log off',
+    'events-hook': 'mailrelay, embedded, events + webhook consumer',
+    'redis-events-off': 'mailrelay, Redis AOF everysec, event log off',
+    'redis-events-hook': 'mailrelay, Redis AOF everysec, events + webhook consumer',
     'kumomta': 'KumoMTA (peer: RocksDB spool)',
     'haraka': 'Haraka (peer: queue without fsync)',
 }
 PEERS = ('kumomta', 'haraka')
 RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both', 'presets', 'redis-presets',
-         'quota', 'redis-quota')
+         'quota', 'redis-quota', 'events-off', 'events-hook', 'redis-events-off', 'redis-events-hook')
 if int(kn.get('SENDERS', 0) or 0) > 0:
     LABEL['direct'] = 'smtp_senders→smtp-sink (tool ceiling)'
 

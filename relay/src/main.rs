@@ -190,9 +190,10 @@ async fn open_quotas(
 async fn open_suppression(
     cfg: &RelayConfig,
     redis: Option<&Arc<RedisQueue>>,
+    embedded_db: Option<Arc<redb::Database>>,
 ) -> anyhow::Result<Option<Arc<mailrelay::events::suppression::Suppression>>> {
     use mailrelay::events::suppression::{
-        MemorySuppression, RedisSuppression, Suppression, SuppressionStore,
+        EmbeddedSuppression, MemorySuppression, RedisSuppression, Suppression, SuppressionStore,
     };
     let Some(scfg) = &cfg.suppression else {
         return Ok(None);
@@ -203,7 +204,13 @@ async fn open_suppression(
                 .await
                 .context("loading the suppression scripts into Redis")?,
         ),
-        None => Box::new(MemorySuppression::new()),
+        None => match embedded_db {
+            Some(db) => Box::new(
+                EmbeddedSuppression::open(db)
+                    .context("opening the suppression lists in the embedded queue")?,
+            ),
+            None => Box::new(MemorySuppression::new()),
+        },
     };
     info!(
         backend = store.backend(),
@@ -287,7 +294,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     let tls_metrics =
         mailrelay::delivery::tls_policy::metrics::TlsMetrics::register(metrics.registry_mut());
     let metrics = Arc::new(metrics);
-    let event_store = match (cfg.events.enabled, &redis, embedded_db) {
+    let event_store = match (cfg.events.enabled, &redis, embedded_db.clone()) {
         (false, _, _) => None,
         (true, Some(q), _) => Some(EventStore::Redis(RedisEvents::new(
             q.shared(),
@@ -327,7 +334,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             )),
             (Some(_), None) => Some(Arc::new(server::auth_throttle::MemoryFailures::default())),
         };
-    let suppression = open_suppression(&cfg, redis.as_ref()).await?;
+    let suppression = open_suppression(&cfg, redis.as_ref(), embedded_db).await?;
     // MTA-STS policies are shared through the queue's Redis, so one fetch serves
     // every relay; the embedded queue keeps them in this process.
     let sts_store = match &redis {

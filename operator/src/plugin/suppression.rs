@@ -3,72 +3,13 @@
 //! shows them. `add` and `remove` change state: they need `create`/`delete` on
 //! `services/proxy`, and name the user in the relay's audit line.
 
-use clap::Subcommand;
-use mailrelay_admin_api::Call;
-use mailrelay_admin_api::types::{SuppressionAdded, SuppressionList, SuppressionQuery};
+use mailrelay_admin_api::types::{SuppressionAdded, SuppressionList};
 
 use super::cluster::relay_id;
 use super::{Cluster, OutputFormat, PluginError, output};
 
-#[derive(Debug, Clone, Subcommand)]
-pub enum Action {
-    /// Suppressed recipients, latest expiry first.
-    List {
-        /// Only this list: global, domain:<sender domain> or user:<AUTH user>.
-        #[arg(long)]
-        scope: Option<String>,
-        /// Only this address.
-        #[arg(long)]
-        address: Option<String>,
-        /// At most this many entries per list (1-10000; default 100).
-        #[arg(long)]
-        limit: Option<usize>,
-    },
-    /// Suppress a recipient.
-    Add {
-        address: String,
-        /// The list: global, domain:<sender domain> or user:<AUTH user>.
-        #[arg(long, default_value = "global")]
-        scope: String,
-        /// How long (30d, 12h, …) or `never`; the relay's suppression.ttl by default.
-        #[arg(long)]
-        ttl: Option<String>,
-    },
-    /// Take a recipient off a list.
-    Remove {
-        address: String,
-        #[arg(long, default_value = "global")]
-        scope: String,
-    },
-}
-
-/// The admin API call of an action.
-pub fn call(action: &Action) -> Call {
-    match action {
-        Action::List {
-            scope,
-            address,
-            limit,
-        } => Call::Suppressions(SuppressionQuery {
-            scope: scope.clone(),
-            address: address.clone(),
-            limit: *limit,
-        }),
-        Action::Add {
-            address,
-            scope,
-            ttl,
-        } => Call::SuppressionAdd {
-            scope: scope.clone(),
-            address: address.clone(),
-            ttl: ttl.clone(),
-        },
-        Action::Remove { address, scope } => Call::SuppressionRemove {
-            scope: scope.clone(),
-            address: address.clone(),
-        },
-    }
-}
+/// The subcommands and their admin API calls are `mailrelay suppression`'s.
+pub use mailrelay::cli::suppression::{SuppressionCommand as Action, call};
 
 pub async fn run(
     cluster: &Cluster,

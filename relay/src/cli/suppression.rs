@@ -1,5 +1,6 @@
 //! `mailrelay suppression list|add|remove`: a running relay's suppression lists,
-//! through its admin API (`/api/v1/suppression`).
+//! through its admin API (`/api/v1/suppression`). The subcommands, their admin API
+//! call ([`call`]) and the list format are also `kubectl mailrelay suppression`'s.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -27,7 +28,7 @@ pub struct SuppressionArgs {
     pub command: SuppressionCommand,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum SuppressionCommand {
     /// Suppressed recipients, latest expiry first.
     List {
@@ -37,7 +38,7 @@ pub enum SuppressionCommand {
         /// Only this address.
         #[arg(long)]
         address: Option<String>,
-        /// At most this many entries per list.
+        /// At most this many entries per list (1-10000; default 100).
         #[arg(long)]
         limit: Option<usize>,
     },
@@ -63,20 +64,40 @@ pub fn run(args: SuppressionArgs) -> ExitCode {
     super::run_printing(execute(&args))
 }
 
-/// Performs the command and returns what to print on stdout.
-pub async fn execute(args: &SuppressionArgs) -> Result<String, String> {
-    let client = client(&args.admin, &args.token)?;
-    match &args.command {
+/// The admin API call of a subcommand.
+pub fn call(command: &SuppressionCommand) -> Call {
+    match command {
         SuppressionCommand::List {
             scope,
             address,
             limit,
-        } => {
-            let call = Call::Suppressions(SuppressionQuery {
-                scope: scope.clone(),
-                address: address.clone(),
-                limit: *limit,
-            });
+        } => Call::Suppressions(SuppressionQuery {
+            scope: scope.clone(),
+            address: address.clone(),
+            limit: *limit,
+        }),
+        SuppressionCommand::Add {
+            address,
+            scope,
+            ttl,
+        } => Call::SuppressionAdd {
+            scope: scope.clone(),
+            address: address.clone(),
+            ttl: ttl.clone(),
+        },
+        SuppressionCommand::Remove { address, scope } => Call::SuppressionRemove {
+            scope: scope.clone(),
+            address: address.clone(),
+        },
+    }
+}
+
+/// Performs the command and returns what to print on stdout.
+pub async fn execute(args: &SuppressionArgs) -> Result<String, String> {
+    let client = client(&args.admin, &args.token)?;
+    let call = call(&args.command);
+    match &args.command {
+        SuppressionCommand::List { .. } => {
             let body = request(&client, &call).await?;
             if args.json {
                 return Ok(body + "\n");
@@ -84,16 +105,7 @@ pub async fn execute(args: &SuppressionArgs) -> Result<String, String> {
             let list: SuppressionList = parse(&body)?;
             Ok(format_list(&list.entries))
         }
-        SuppressionCommand::Add {
-            address,
-            scope,
-            ttl,
-        } => {
-            let call = Call::SuppressionAdd {
-                scope: scope.clone(),
-                address: address.clone(),
-                ttl: ttl.clone(),
-            };
+        SuppressionCommand::Add { .. } => {
             let body = request(&client, &call).await?;
             if args.json {
                 return Ok(body + "\n");
@@ -108,10 +120,6 @@ pub async fn execute(args: &SuppressionArgs) -> Result<String, String> {
             ))
         }
         SuppressionCommand::Remove { address, scope } => {
-            let call = Call::SuppressionRemove {
-                scope: scope.clone(),
-                address: address.clone(),
-            };
             request(&client, &call).await?;
             Ok(format!("removed {address} from {scope}\n"))
         }

@@ -14,11 +14,18 @@
 //!   their events again. So an outcome event is written at least once, and never
 //!   lost to a crash (a duplicate is possible; webhooks consumers dedupe by the
 //!   event's `queue_id`, `recipient` and `kind`);
-//! - `accepted` (and whatever [`EventSink::record`] is given) goes through a
-//!   bounded channel to a batching task, written within `events.batch_delay`
-//!   after the `250`; a relay killed inside that window loses those `accepted`
-//!   events (the message itself is safe, and its outcome events still come). The
-//!   SMTP session never waits for it: a full channel drops the event and counts it
+//! - `accepted` is written by the queue in the same atomic write as the message
+//!   ([`crate::queue::Ingest::enqueue_with_event`]): in the enqueue's redb
+//!   transaction on the embedded queue, by the enqueue script on standalone Redis
+//!   and Sentinel. So it is there before the `250`, and a crash cannot lose it.
+//!   Where the queue cannot (Redis Cluster: the stream's slot is not the
+//!   message's shard's; a Redis enqueue combined with the ingress quota charge),
+//!   it goes the way of the rest below;
+//! - whatever [`EventSink::record`] is given (`suppressed`, a batched `accepted`)
+//!   goes through a bounded channel to a batching task, written within
+//!   `events.batch_delay`; a relay killed inside that window loses those events
+//!   (the message itself is safe, and its outcome events still come). The SMTP
+//!   session never waits for it: a full channel drops the event and counts it
 //!   (`mailrelay_events_dropped_total`).
 //!
 //! A failing store never holds mail back: the outcome batch retries the append a
@@ -152,7 +159,7 @@ pub struct RedisEvents {
 
 impl RedisEvents {
     pub fn new(redis: SharedRedis, max_len: u64) -> Self {
-        let key = format!("{}:events", redis.prefix());
+        let key = stream_key(redis.prefix());
         RedisEvents {
             redis,
             key,
@@ -238,6 +245,12 @@ impl RedisEvents {
     }
 }
 
+/// The events stream of the queue with key prefix `prefix` (the Redis queue's
+/// enqueue writes `accepted` events there too).
+pub fn stream_key(prefix: &str) -> String {
+    format!("{prefix}:events")
+}
+
 /// `[[id, [field, value, …]], …]` of XRANGE/XREVRANGE/XREADGROUP into events
 /// (their `id` set). An entry without an `e` field is skipped (not ours).
 pub(crate) fn parse_entries(v: Value) -> Result<Vec<(String, Event)>, EventError> {
@@ -298,76 +311,76 @@ pub(crate) const CURSORS: redb::TableDefinition<&str, (u64, u64)> =
     redb::TableDefinition::new("event_cursors");
 
 /// Events in the embedded queue's redb file (their own tables), committed with an
-/// fsync per batch.
+/// fsync per batch. The queue's writer adds `accepted` events in its enqueue
+/// transactions too ([`append_in`]).
 #[derive(Clone)]
 pub struct EmbeddedEvents {
     db: Arc<Database>,
     max_len: u64,
-    /// The last key given, so keys stay increasing within one millisecond.
-    last: Arc<std::sync::Mutex<(u64, u64)>>,
+}
+
+/// Appends events (JSON) inside a write transaction of the embedded queue's file,
+/// keyed after the table's last key (so keys increase in commit order, whichever of
+/// the event writer and the queue's writer commits), and trims the table like
+/// `MAXLEN ~`: only once 1 % over, back to `max_len`. Returns the keys.
+pub(crate) fn append_in(
+    txn: &redb::WriteTransaction,
+    events: &[&[u8]],
+    max_len: u64,
+) -> Result<Vec<(u64, u64)>, redb::Error> {
+    let mut t = txn.open_table(EVENTS)?;
+    let mut last = t.last()?.map_or((0, 0), |(k, _)| k.value());
+    let now = now_ms();
+    let mut keys = Vec::with_capacity(events.len());
+    for json in events {
+        last = if now > last.0 {
+            (now, 0)
+        } else {
+            (last.0, last.1 + 1)
+        };
+        t.insert(last, *json)?;
+        keys.push(last);
+    }
+    let len = t.len()?;
+    if len > max_len + max_len / 100 {
+        let excess = len - max_len;
+        let mut n = 0;
+        t.retain_in::<(u64, u64), _>(.., |_, _| {
+            n += 1;
+            n > excess
+        })?;
+    }
+    Ok(keys)
 }
 
 impl EmbeddedEvents {
     pub fn open(db: Arc<Database>, max_len: u64) -> Result<Self, EventError> {
         let txn = db.begin_write().map_err(unavailable)?;
-        let last = {
-            let t = txn.open_table(EVENTS).map_err(unavailable)?;
-            txn.open_table(CURSORS).map_err(unavailable)?;
-            t.last().map_err(unavailable)?.map(|(k, _)| k.value())
-        };
+        txn.open_table(EVENTS).map_err(unavailable)?;
+        txn.open_table(CURSORS).map_err(unavailable)?;
         txn.commit().map_err(unavailable)?;
-        Ok(EmbeddedEvents {
-            db,
-            max_len,
-            last: Arc::new(std::sync::Mutex::new(last.unwrap_or((0, 0)))),
-        })
+        Ok(EmbeddedEvents { db, max_len })
     }
 
     pub(crate) fn db(&self) -> &Arc<Database> {
         &self.db
     }
 
-    fn next_key(&self) -> (u64, u64) {
-        let mut last = self.last.lock().unwrap();
-        let now = now_ms();
-        *last = if now > last.0 {
-            (now, 0)
-        } else {
-            (last.0, last.1 + 1)
-        };
-        *last
-    }
-
     async fn append(&self, events: Vec<Event>) -> Result<Vec<String>, EventError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
+            let json = events
+                .iter()
+                .map(serde_json::to_vec)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| EventError::Corrupt(e.to_string()))?;
+            let json: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
             let mut txn = this.db.begin_write().map_err(unavailable)?;
             txn.set_durability(Durability::Immediate)
                 .map_err(unavailable)?;
-            let mut ids = Vec::with_capacity(events.len());
-            {
-                let mut t = txn.open_table(EVENTS).map_err(unavailable)?;
-                for e in &events {
-                    let key = this.next_key();
-                    let json =
-                        serde_json::to_vec(e).map_err(|e| EventError::Corrupt(e.to_string()))?;
-                    t.insert(key, json.as_slice()).map_err(unavailable)?;
-                    ids.push(format!("{}-{}", key.0, key.1));
-                }
-                // Trim like `MAXLEN ~`: only once 1 % over, back to the cap.
-                let len = t.len().map_err(unavailable)?;
-                if len > this.max_len + this.max_len / 100 {
-                    let excess = len - this.max_len;
-                    let mut n = 0;
-                    t.retain_in::<(u64, u64), _>(.., |_, _| {
-                        n += 1;
-                        n > excess
-                    })
-                    .map_err(unavailable)?;
-                }
-            }
+            let keys = append_in(&txn, &json, this.max_len).map_err(unavailable)?;
             txn.commit().map_err(unavailable)?;
-            Ok(ids)
+            Ok(keys.iter().map(|(a, b)| format!("{a}-{b}")).collect())
         })
         .await
         .map_err(|e| EventError::Unavailable(format!("event writer: {e}")))?
@@ -435,6 +448,7 @@ pub struct EventSink {
     metrics: EventMetrics,
     flush_tx: mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
     appended: Arc<AtomicU64>,
+    max_len: u64,
 }
 
 impl EventSink {
@@ -458,7 +472,20 @@ impl EventSink {
             metrics,
             flush_tx,
             appended,
+            max_len: cfg.max_len,
         }
+    }
+
+    /// The event log's cap, for a queue that writes an `accepted` event with the
+    /// message ([`crate::queue::Ingest::enqueue_with_event`]).
+    pub fn max_len(&self) -> u64 {
+        self.max_len
+    }
+
+    /// Counts `event` as written by someone else (the queue, with its message).
+    pub fn written_elsewhere(&self, event: &Event) {
+        self.metrics.written(std::slice::from_ref(event));
+        self.appended.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn store(&self) -> &EventStore {

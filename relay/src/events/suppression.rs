@@ -9,7 +9,9 @@
 //!
 //! Stores: [`RedisSuppression`] (shared by every relay process; all lists under one
 //! hash tag so that the check of two lists is one script call, in Redis Cluster
-//! too) and [`MemorySuppression`] (one process; gone on restart).
+//! too), [`EmbeddedSuppression`] (tables in the embedded queue's redb file: one
+//! process, kept across restarts) and [`MemorySuppression`] (one process; gone on
+//! restart; for tests and relays without a queue file).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -389,6 +391,213 @@ impl SuppressionStore for MemorySuppression {
 }
 
 // ---------------------------------------------------------------------------
+// Embedded (redb)
+
+/// Entries: `(scope, address)` → (expiry ms, [`NEVER`] for none; entry JSON).
+const SUP_ENTRIES: redb::TableDefinition<(&str, &str), (u64, &[u8])> =
+    redb::TableDefinition::new("suppression");
+/// The lists that have (or had) entries, as the Redis store's `scopes` set.
+const SUP_SCOPES: redb::TableDefinition<&str, ()> =
+    redb::TableDefinition::new("suppression_scopes");
+/// The expiry of an entry that never expires.
+const NEVER: u64 = u64::MAX;
+
+/// Lists in the embedded queue's redb file (their own tables), so a single-process
+/// relay keeps them across restarts. Each write is its own transaction, committed
+/// with an fsync: adds come from bounces and operators, not from every message.
+/// Expired entries are never found; an add drops its list's expired ones.
+#[derive(Clone)]
+pub struct EmbeddedSuppression {
+    db: std::sync::Arc<redb::Database>,
+}
+
+fn db_error(e: impl std::fmt::Display) -> SuppressionError {
+    SuppressionError::Unavailable(format!("embedded suppression store: {e}"))
+}
+
+impl EmbeddedSuppression {
+    /// Creates the tables if missing.
+    pub fn open(db: std::sync::Arc<redb::Database>) -> Result<Self, SuppressionError> {
+        let txn = db.begin_write().map_err(db_error)?;
+        txn.open_table(SUP_ENTRIES).map_err(db_error)?;
+        txn.open_table(SUP_SCOPES).map_err(db_error)?;
+        txn.commit().map_err(db_error)?;
+        Ok(EmbeddedSuppression { db })
+    }
+
+    /// Runs `f` on the blocking pool (redb reads and fsyncs block).
+    fn blocking<'a, T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, SuppressionError> + Send + 'static,
+    ) -> StoreFuture<'a, T> {
+        let db = std::sync::Arc::clone(&self.db);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || f(&db))
+                .await
+                .map_err(|e| SuppressionError::Unavailable(format!("suppression store: {e}")))?
+        })
+    }
+}
+
+impl SuppressionStore for EmbeddedSuppression {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    fn check<'a>(
+        &'a self,
+        scopes: &'a [String],
+        address: &'a str,
+    ) -> StoreFuture<'a, Option<usize>> {
+        let scopes = scopes.to_vec();
+        let address = address.to_owned();
+        self.blocking(move |db| {
+            use redb::ReadableDatabase;
+            let now = now_ms();
+            let txn = db.begin_read().map_err(db_error)?;
+            let t = txn.open_table(SUP_ENTRIES).map_err(db_error)?;
+            for (i, s) in scopes.iter().enumerate() {
+                if let Some(v) = t.get((s.as_str(), address.as_str())).map_err(db_error)?
+                    && v.value().0 > now
+                {
+                    return Ok(Some(i));
+                }
+            }
+            Ok(None)
+        })
+    }
+
+    fn add<'a>(
+        &'a self,
+        scope: &'a str,
+        address: &'a str,
+        ttl: Option<Duration>,
+        info: &'a EntryInfo,
+        max_entries: u64,
+    ) -> StoreFuture<'a, bool> {
+        let json = match serde_json::to_vec(info) {
+            Ok(j) => j,
+            Err(e) => {
+                return ready(Err(SuppressionError::Corrupt(format!(
+                    "cannot encode the entry: {e}"
+                ))));
+            }
+        };
+        let scope = scope.to_owned();
+        let address = address.to_owned();
+        self.blocking(move |db| {
+            use redb::ReadableTable;
+            let now = now_ms();
+            let expires = ttl.map_or(NEVER, |t| now.saturating_add(t.as_millis() as u64));
+            let txn = db.begin_write().map_err(db_error)?;
+            let new = {
+                let mut t = txn.open_table(SUP_ENTRIES).map_err(db_error)?;
+                txn.open_table(SUP_SCOPES)
+                    .map_err(db_error)?
+                    .insert(scope.as_str(), ())
+                    .map_err(db_error)?;
+                let new = t
+                    .insert(
+                        (scope.as_str(), address.as_str()),
+                        (expires, json.as_slice()),
+                    )
+                    .map_err(db_error)?
+                    .is_none();
+                // The list's entries by expiry: drop the expired, then the ones
+                // closest to expiry while over the cap (never-expiring ones last).
+                let mut live: Vec<(u64, String)> = Vec::new();
+                let mut dead: Vec<String> = Vec::new();
+                for row in t.range((scope.as_str(), "")..).map_err(db_error)? {
+                    let (k, v) = row.map_err(db_error)?;
+                    let (s, a) = k.value();
+                    if s != scope {
+                        break;
+                    }
+                    let e = v.value().0;
+                    if e > now {
+                        live.push((e, a.to_owned()));
+                    } else {
+                        dead.push(a.to_owned());
+                    }
+                }
+                if live.len() as u64 > max_entries {
+                    live.sort_unstable();
+                    let over = live.len() - max_entries as usize;
+                    dead.extend(live.into_iter().take(over).map(|(_, a)| a));
+                }
+                for a in &dead {
+                    t.remove((scope.as_str(), a.as_str())).map_err(db_error)?;
+                }
+                new
+            };
+            txn.commit().map_err(db_error)?;
+            Ok(new)
+        })
+    }
+
+    fn remove<'a>(&'a self, scope: &'a str, address: &'a str) -> StoreFuture<'a, bool> {
+        let scope = scope.to_owned();
+        let address = address.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(db_error)?;
+            let was = {
+                let mut t = txn.open_table(SUP_ENTRIES).map_err(db_error)?;
+                // Like the other stores: whether it was there, expired or not.
+                t.remove((scope.as_str(), address.as_str()))
+                    .map_err(db_error)?
+                    .is_some()
+            };
+            txn.commit().map_err(db_error)?;
+            Ok(was)
+        })
+    }
+
+    fn list<'a>(&'a self, scope: &'a str, limit: usize) -> StoreFuture<'a, Vec<Entry>> {
+        let scope = scope.to_owned();
+        self.blocking(move |db| {
+            use redb::ReadableDatabase;
+            let now = now_ms();
+            let txn = db.begin_read().map_err(db_error)?;
+            let t = txn.open_table(SUP_ENTRIES).map_err(db_error)?;
+            let mut out = Vec::new();
+            for row in t.range((scope.as_str(), "")..).map_err(db_error)? {
+                let (k, v) = row.map_err(db_error)?;
+                let (s, a) = k.value();
+                if s != scope {
+                    break;
+                }
+                let (e, json) = v.value();
+                if e <= now {
+                    continue;
+                }
+                out.push(Entry {
+                    scope: scope.clone(),
+                    address: a.to_owned(),
+                    expires_ms: (e != NEVER).then_some(e),
+                    info: serde_json::from_slice(json).unwrap_or_default(),
+                });
+            }
+            out.sort_by_key(|e| std::cmp::Reverse(e.expires_ms.unwrap_or(u64::MAX)));
+            out.truncate(limit);
+            Ok(out)
+        })
+    }
+
+    fn scopes(&self) -> StoreFuture<'_, Vec<String>> {
+        self.blocking(|db| {
+            use redb::{ReadableDatabase, ReadableTable};
+            let txn = db.begin_read().map_err(db_error)?;
+            let t = txn.open_table(SUP_SCOPES).map_err(db_error)?;
+            let mut s = Vec::new();
+            for row in t.iter().map_err(db_error)? {
+                s.push(row.map_err(db_error)?.0.value().to_owned());
+            }
+            Ok(s)
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Redis
 
 const CHECK_LUA: &str = include_str!("lua/suppression_check.lua");
@@ -590,7 +799,29 @@ mod tests {
 
     #[tokio::test]
     async fn the_memory_store_checks_expires_and_caps() {
-        let m = MemorySuppression::new();
+        checks_expires_and_caps(&MemorySuppression::new()).await;
+    }
+
+    #[tokio::test]
+    async fn the_embedded_store_checks_expires_caps_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        {
+            let db = std::sync::Arc::new(redb::Database::create(&path).unwrap());
+            checks_expires_and_caps(&EmbeddedSuppression::open(db).unwrap()).await;
+        }
+        let db = std::sync::Arc::new(redb::Database::create(&path).unwrap());
+        let m = EmbeddedSuppression::open(db).unwrap();
+        let scopes = vec!["domain:a.test".to_owned(), "global".to_owned()];
+        assert_eq!(m.check(&scopes, "x@b.test").await.unwrap(), Some(0));
+        assert_eq!(m.list("domain:c.test", 10).await.unwrap().len(), 2);
+        assert_eq!(
+            m.scopes().await.unwrap(),
+            ["domain:a.test", "domain:c.test", "global"]
+        );
+    }
+
+    async fn checks_expires_and_caps(m: &dyn SuppressionStore) {
         let scopes = vec!["domain:a.test".to_owned(), "global".to_owned()];
         assert_eq!(m.check(&scopes, "x@b.test").await.unwrap(), None);
         assert!(

@@ -436,15 +436,12 @@ struct RedisFeed {
 }
 
 /// Takes the lease if free, or renews it if ours: 1 when held after the call.
-const LEASE_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return 1
-end
-return 0
-"#;
+const LEASE_LUA: &str = include_str!("lua/webhook_lease.lua");
+
+/// Every script by name (for the Lua lint).
+pub fn lua_scripts() -> Vec<(&'static str, String)> {
+    vec![("webhook_lease", LEASE_LUA.to_owned())]
+}
 
 impl RedisFeed {
     fn new(events: RedisEvents, name: &str, owner: &str) -> Self {

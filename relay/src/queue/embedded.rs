@@ -115,6 +115,9 @@ enum Request {
         body: Vec<u8>,
         status: Vec<u8>,
         due_ms: u64,
+        /// The `accepted` event (JSON) and the event log's cap, written in the same
+        /// transaction.
+        event: Option<(Vec<u8>, u64)>,
     },
     Remove {
         id: String,
@@ -378,23 +381,47 @@ impl Store for EmbeddedQueue {
     }
 }
 
+impl EmbeddedQueue {
+    async fn enqueue_inner(
+        &self,
+        msg: &QueuedMessage,
+        event: Option<(Vec<u8>, u64)>,
+    ) -> Result<(), QueueError> {
+        let id = valid_id(&msg.envelope.id)?.to_owned();
+        let envelope = encode("envelope", &msg.envelope)?;
+        let status = encode("status", &MessageStatus::new(&msg.envelope))?;
+        let req = Request::Enqueue {
+            id,
+            envelope,
+            body: msg.body.clone(),
+            status,
+            due_ms: msg.envelope.received_at_ms,
+            event,
+        };
+        match self.submit(req).await? {
+            Outcome::Flag(_) => Ok(()),
+            other => Err(unexpected("enqueue", other)),
+        }
+    }
+}
+
 impl Ingest for EmbeddedQueue {
     fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
+        Box::pin(self.enqueue_inner(msg, None))
+    }
+
+    /// The event goes into the event log's table in the message's own transaction
+    /// (and so shares its group commit: no extra fsync).
+    fn enqueue_with_event<'a>(
+        &'a self,
+        msg: &'a QueuedMessage,
+        event: &'a [u8],
+        max_len: u64,
+    ) -> QueueFuture<'a, bool> {
         Box::pin(async move {
-            let id = valid_id(&msg.envelope.id)?.to_owned();
-            let envelope = encode("envelope", &msg.envelope)?;
-            let status = encode("status", &MessageStatus::new(&msg.envelope))?;
-            let req = Request::Enqueue {
-                id,
-                envelope,
-                body: msg.body.clone(),
-                status,
-                due_ms: msg.envelope.received_at_ms,
-            };
-            match self.submit(req).await? {
-                Outcome::Flag(_) => Ok(()),
-                other => Err(unexpected("enqueue", other)),
-            }
+            self.enqueue_inner(msg, Some((event.to_vec(), max_len)))
+                .await
+                .map(|()| true)
         })
     }
 }
@@ -923,6 +950,7 @@ fn apply(txn: &WriteTransaction, batch: &[WriteOp]) -> Result<Vec<Outcome>, Queu
 
 /// Every table, open in one write transaction, and the counters as they stand in it.
 struct Tables<'t> {
+    txn: &'t WriteTransaction,
     envelopes: Table<'t, &'static str, &'static [u8]>,
     bodies: Table<'t, &'static str, &'static [u8]>,
     status: Table<'t, &'static str, &'static [u8]>,
@@ -946,6 +974,7 @@ impl<'t> Tables<'t> {
         let bytes = stat(&stats, STAT_BYTES)?;
         let deferred = stat(&stats, STAT_DEFERRED)?;
         Ok(Tables {
+            txn,
             envelopes: txn.open_table(ENVELOPES).map_err(db_err)?,
             bodies: txn.open_table(BODIES).map_err(db_err)?,
             status: txn.open_table(STATUS).map_err(db_err)?,
@@ -982,7 +1011,15 @@ impl<'t> Tables<'t> {
                 body,
                 status,
                 due_ms,
-            } => Outcome::Flag(self.enqueue(id, envelope, body, status, *due_ms)?),
+                event,
+            } => {
+                let replaced = self.enqueue(id, envelope, body, status, *due_ms)?;
+                if let Some((json, max_len)) = event {
+                    crate::events::log::append_in(self.txn, &[json.as_slice()], *max_len)
+                        .map_err(db_err)?;
+                }
+                Outcome::Flag(replaced)
+            }
             Request::Remove { id } => Outcome::Flag(self.remove(id)?),
             Request::LeaseDue {
                 now_ms,
@@ -1452,6 +1489,7 @@ mod tests {
                     status: serde_json::to_vec(&MessageStatus::new(&msg.envelope)).unwrap(),
                     due_ms: msg.envelope.received_at_ms,
                     body: msg.body,
+                    event: None,
                 },
                 reply,
             }])

@@ -474,6 +474,20 @@ pub trait Store: Send + Sync + 'static {
 pub trait Ingest: Store {
     /// Stores a message atomically and durably: either all of it is stored, or none.
     fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()>;
+
+    /// [`Ingest::enqueue`], writing the message's `accepted` event (`event`, JSON,
+    /// for an event log capped at `max_len`) in the same atomic write where this
+    /// backend can, so that a crash after the `250` cannot lose it. Returns whether
+    /// it did; when not, the caller records the event through the event batch.
+    fn enqueue_with_event<'a>(
+        &'a self,
+        msg: &'a QueuedMessage,
+        event: &'a [u8],
+        max_len: u64,
+    ) -> QueueFuture<'a, bool> {
+        let _ = (event, max_len);
+        Box::pin(async move { self.enqueue(msg).await.map(|()| false) })
+    }
 }
 
 /// Delivery's side: leases on due mail and the outcomes written under them.

@@ -197,6 +197,8 @@ const RETRY_ALL: Layout = Layout {
 const ENQUEUE_LUA: &str = include_str!("lua/enqueue.lua");
 /// Runs the enqueue alone.
 const ENQUEUE_MAIN_LUA: &str = include_str!("lua/enqueue_main.lua");
+/// The enqueue plus the message's `accepted` event (standalone and Sentinel).
+const ENQUEUE_EVENT_MAIN_LUA: &str = include_str!("lua/enqueue_event_main.lua");
 /// `local A0 = 5`: a guard's arguments follow the enqueue's.
 const GUARDED_ARGS_LUA: &str = include_str!("lua/guarded_args.lua");
 
@@ -237,6 +239,7 @@ fn is_out_of_memory(e: &RedisError) -> bool {
 /// The queue's scripts, loaded at connect and again whenever Redis lost them.
 struct Scripts {
     enqueue: Script,
+    enqueue_event: Script,
     remove: Script,
     lease: Script,
     finish: Script,
@@ -253,6 +256,7 @@ impl Scripts {
     fn new() -> Self {
         Scripts {
             enqueue: Script::new(&[ENQUEUE_LUA, ENQUEUE_MAIN_LUA].concat()),
+            enqueue_event: Script::new(&[ENQUEUE_LUA, ENQUEUE_EVENT_MAIN_LUA].concat()),
             remove: Script::new(REMOVE_LUA),
             lease: Script::new(LEASE_LUA),
             finish: Script::new(FINISH_LUA),
@@ -266,9 +270,10 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 11] {
+    fn all(&self) -> [&Script; 12] {
         [
             &self.enqueue,
+            &self.enqueue_event,
             &self.remove,
             &self.lease,
             &self.finish,
@@ -413,6 +418,10 @@ pub fn guarded_enqueue_lua(guard_lua: &str) -> String {
 pub fn lua_scripts() -> Vec<(&'static str, String)> {
     vec![
         ("queue_enqueue", [ENQUEUE_LUA, ENQUEUE_MAIN_LUA].concat()),
+        (
+            "queue_enqueue_event",
+            [ENQUEUE_LUA, ENQUEUE_EVENT_MAIN_LUA].concat(),
+        ),
         ("queue_remove", REMOVE_LUA.to_owned()),
         ("queue_lease", LEASE_LUA.to_owned()),
         ("queue_finish", FINISH_LUA.to_owned()),
@@ -1005,6 +1014,34 @@ impl Ingest for RedisQueue {
                 .run_enqueue(msg, &self.scripts.enqueue, &[], &[])
                 .await?;
             self.check_replicas(&replies, &msg.envelope.id)
+        }))
+    }
+
+    /// One script call stores the message and `XADD`s the event, on standalone
+    /// Redis and Sentinel. Not on Cluster: the stream is one key, in another slot
+    /// than the message's shard, and one script cannot write both (see
+    /// docs/events-bounces-suppression.md); the caller then batches the event.
+    fn enqueue_with_event<'a>(
+        &'a self,
+        msg: &'a QueuedMessage,
+        event: &'a [u8],
+        max_len: u64,
+    ) -> QueueFuture<'a, bool> {
+        if self.conn.is_cluster() {
+            return Box::pin(async move { self.enqueue(msg).await.map(|()| false) });
+        }
+        Box::pin(self.deadline("enqueue", async move {
+            let stream = crate::events::log::stream_key(&self.prefix);
+            let replies = self
+                .run_enqueue(
+                    msg,
+                    &self.scripts.enqueue_event,
+                    &[stream],
+                    &[max_len.to_string().into_bytes(), event.to_vec()],
+                )
+                .await?;
+            self.check_replicas(&replies, &msg.envelope.id)?;
+            Ok(true)
         }))
     }
 }

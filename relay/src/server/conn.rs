@@ -514,7 +514,7 @@ impl Conn {
                             }
                             QuotaStep::Queued => {
                                 // Checked and stored in one call: the write is done.
-                                self.note_write(&msg, Ok(()), started.elapsed());
+                                self.note_write(&msg, Ok(()), started.elapsed(), None);
                                 let r = session.enqueue_result(&msg.envelope.id, Ok(()));
                                 self.push(&r);
                                 break;
@@ -847,12 +847,27 @@ impl Conn {
         }
     }
 
-    /// Metrics of a queue write, and the `queued` log line when it stored the message.
+    /// The `accepted` event of `msg`.
+    fn accepted_event(msg: &crate::queue::QueuedMessage) -> mailrelay_admin_api::Event {
+        use crate::events::log::{event_for, message_id_of};
+        let mut e = event_for(
+            mailrelay_admin_api::EventKind::Accepted,
+            msg,
+            message_id_of(&msg.body).as_deref(),
+        );
+        e.at_ms = msg.envelope.received_at_ms;
+        e
+    }
+
+    /// Metrics of a queue write, and the `queued` log line when it stored the
+    /// message. `accepted`: the event the queue wrote with the message, if it did;
+    /// otherwise one is recorded through the event batch.
     fn note_write(
         &self,
         msg: &crate::queue::QueuedMessage,
         result: Result<(), StoreFailure>,
         elapsed: Duration,
+        accepted: Option<&mailrelay_admin_api::Event>,
     ) {
         self.shared
             .metrics
@@ -861,14 +876,10 @@ impl Conn {
             self.shared.queued();
             self.shared.metrics.accepted(msg.body.len() as u64);
             if let Some(sink) = self.shared.events() {
-                use crate::events::log::{event_for, message_id_of};
-                let mut e = event_for(
-                    mailrelay_admin_api::EventKind::Accepted,
-                    msg,
-                    message_id_of(&msg.body).as_deref(),
-                );
-                e.at_ms = msg.envelope.received_at_ms;
-                sink.record(e);
+                match accepted {
+                    Some(e) => sink.written_elsewhere(e),
+                    None => sink.record(Self::accepted_event(msg)),
+                }
             }
             info!(
                 queue_id = %msg.envelope.id,
@@ -886,16 +897,40 @@ impl Conn {
         let id = msg.envelope.id.clone();
         let started = Instant::now();
         let limit = self.shared.config.queue.write_timeout;
-        let result = tokio::time::timeout(limit, self.shared.queue.enqueue(&msg)).await;
+        // With events on, the `accepted` event goes into the queue's write where the
+        // backend can (no crash window between the `250` and the event).
+        let event = self.shared.events().and_then(|sink| {
+            let e = Self::accepted_event(&msg);
+            serde_json::to_vec(&e).ok().map(|j| (e, j, sink.max_len()))
+        });
+        let result = match &event {
+            Some((_, json, max_len)) => {
+                tokio::time::timeout(
+                    limit,
+                    self.shared.queue.enqueue_with_event(&msg, json, *max_len),
+                )
+                .await
+            }
+            None => {
+                tokio::time::timeout(limit, async {
+                    self.shared.queue.enqueue(&msg).await.map(|()| false)
+                })
+                .await
+            }
+        };
         let elapsed = started.elapsed();
         let outcome = match &result {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.store_failure()),
             Err(_) => Err(StoreFailure::Timeout),
         };
-        self.note_write(&msg, outcome, elapsed);
+        let written = match (&result, &event) {
+            (Ok(Ok(true)), Some((e, _, _))) => Some(e),
+            _ => None,
+        };
+        self.note_write(&msg, outcome, elapsed, written);
         match &result {
-            Ok(Ok(())) => {}
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 if outcome == Err(StoreFailure::Full) {
                     self.shared.metrics.rejected("queue_full");

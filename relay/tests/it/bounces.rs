@@ -409,6 +409,77 @@ fn suppression_is_shared_by_two_relays_on_one_redis_expires_and_can_be_removed()
     assert!(body.contains("limit"), "{body}");
 }
 
+/// The embedded queue keeps its lists in its redb file: a bounce-added entry and a
+/// manual one are still refused after a kill -9 and restart, and a short-lived
+/// entry still expires.
+#[test]
+fn embedded_suppression_survives_a_restart_and_still_expires() {
+    let dns = zone();
+    let port = free_ports(1)[0];
+    let _b = Sink::start(
+        "127.0.0.3",
+        port,
+        &[(
+            "nobody",
+            "550 5.1.1 <nobody@b.test>: Recipient address rejected: User unknown in local recipient table",
+        )],
+    );
+    let _sender = Sink::start("127.0.0.2", port, &[]);
+    let mut relay = relay_with(&dns, port, SUPPRESSION, RelayOptions::default());
+    let log = relay.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("suppression lists ready") && l.contains("\"embedded\"")),
+        "{log}"
+    );
+    send(&relay, "alice@sender.test", "", &["nobody@b.test"]);
+    eventually("the bounce listing the recipient", &[&relay], || {
+        (code(&rcpt_reply(&relay, "carol@sender.test", "nobody@b.test")) == 550).then_some(())
+    });
+    let (ok, out) = suppression_cli(&relay, &["add", "kept@b.test", "--ttl", "1h"]);
+    assert!(ok, "{out}");
+    let (ok, out) = suppression_cli(&relay, &["add", "brief@b.test", "--ttl", "3s"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        code(&rcpt_reply(&relay, "x@sender.test", "brief@b.test")),
+        550
+    );
+
+    relay.kill();
+    relay.restart();
+    let r = rcpt_reply(&relay, "carol@sender.test", "nobody@b.test");
+    assert!(
+        code(&r) == 550 && r.contains("5.1.1") && r.contains("suppression"),
+        "{r}"
+    );
+    assert_eq!(
+        code(&rcpt_reply(&relay, "x@elsewhere.test", "kept@b.test")),
+        550
+    );
+    let (ok, out) = suppression_cli(&relay, &["list", "--scope", "domain:sender.test"]);
+    assert!(
+        ok && out.contains("nobody@b.test") && out.contains("invalid_recipient"),
+        "{out}"
+    );
+    // The short TTL ends after the restart as it would have before.
+    eventually("the short entry expiring", &[&relay], || {
+        (code(&rcpt_reply(&relay, "x@sender.test", "brief@b.test")) == 250).then_some(())
+    });
+    // Manual removal is kept too.
+    let (ok, out) = suppression_cli(&relay, &["remove", "kept@b.test"]);
+    assert!(ok, "{out}");
+    relay.stop();
+    relay.restart();
+    assert_eq!(
+        code(&rcpt_reply(&relay, "x@elsewhere.test", "kept@b.test")),
+        250
+    );
+    assert_eq!(
+        code(&rcpt_reply(&relay, "carol@sender.test", "nobody@b.test")),
+        550
+    );
+}
+
 #[test]
 fn dropped_suppressed_recipients_are_accepted_but_never_sent() {
     let dns = zone();

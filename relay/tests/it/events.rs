@@ -168,3 +168,45 @@ fn events_survive_kill_and_are_found_redis() {
     let redis = RedisServer::start();
     survive_kill_and_are_found(Some(&redis));
 }
+
+/// `accepted` is written in the same write as the message: a kill -9 right after
+/// the `250` (with a batch delay long enough that a batched event would surely
+/// still be in memory) leaves it in the store.
+fn accepted_survives_a_kill_right_after_the_250(redis: Option<&RedisServer>) {
+    let mut relay = Relay::start(RelayOptions {
+        redis_url: redis.map(RedisServer::url),
+        extra_yaml: "events: {batch_delay: 10s}\ndelivery: {enabled: false}\n".into(),
+        ..RelayOptions::default()
+    });
+    let mut c = relay.connect();
+    c.cmd("EHLO client.test");
+    c.cmd("MAIL FROM:<orders@shop.test>");
+    c.cmd("RCPT TO:<user@example.net>");
+    c.cmd("DATA");
+    c.send(b"Message-ID: <killed-at-once@shop.test>\r\nSubject: x\r\n\r\nx\r\n.\r\n");
+    let r = c.reply();
+    relay.kill();
+    assert!(r.starts_with("250"), "{r}");
+    let id = r
+        .split("queued as ")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no queue id in {r}"))
+        .to_owned();
+    relay.restart();
+    let found = events_json(&relay, &["--queue-id", &id]);
+    assert_eq!(kinds(&found), ["accepted"], "{found:#?}\n{}", relay.log());
+    assert_eq!(found[0]["message_id"], "killed-at-once@shop.test");
+    assert_eq!(found[0]["sender"], "orders@shop.test");
+}
+
+#[test]
+fn accepted_survives_a_kill_right_after_the_250_embedded() {
+    accepted_survives_a_kill_right_after_the_250(None);
+}
+
+#[test]
+fn accepted_survives_a_kill_right_after_the_250_redis() {
+    let redis = RedisServer::start();
+    accepted_survives_a_kill_right_after_the_250(Some(&redis));
+}

@@ -11,6 +11,7 @@ fn scripts() -> Vec<(&'static str, String)> {
     all.extend(mailrelay::quota::ingress::redis::lua_scripts());
     all.extend(mailrelay::quota::egress::redis::lua_scripts());
     all.extend(mailrelay::events::suppression::lua_scripts());
+    all.extend(mailrelay::events::webhook::lua_scripts());
     all.extend(mailrelay::delivery::tls_policy::cache::lua_scripts());
     all.extend(mailrelay::delivery::tls_report::store::lua_scripts());
     all

@@ -11,6 +11,7 @@ pub mod deliver;
 pub mod dns;
 pub mod mx;
 pub mod postfix;
+pub mod python_server;
 pub mod relay;
 pub mod webhook;
 

@@ -17,12 +17,11 @@
 //! Records: every accepted message (`records()`), counts of connections and RSETs
 //! (`stats()`), and every AUTH attempt (`auth_attempts()`).
 
-use std::process::Child;
-use std::time::{Duration, Instant};
-
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
+
+use super::python_server::{PythonServer, wait_for};
 
 const SERVER: &str = r#"
 import asyncio, base64, itertools, json, os, re, ssl, sys
@@ -155,10 +154,9 @@ asyncio.run(main())
 
 /// One aiosmtpd process; killed on drop.
 pub struct Mx {
-    child: Child,
+    server: PythonServer,
     /// The port it listens on.
     pub port: u16,
-    dir: tempfile::TempDir,
 }
 
 impl Mx {
@@ -168,13 +166,11 @@ impl Mx {
         cfg["record"] = json!(dir.path().join("received.jsonl"));
         cfg["stats"] = json!(dir.path().join("stats.json"));
         cfg["auth_log"] = json!(dir.path().join("auth.jsonl"));
-        let (child, line) = super::start_python(dir.path(), SERVER, &cfg);
-        let port = line
-            .trim()
-            .strip_prefix("ready ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("aiosmtpd did not start with {cfg} (printed {line:?})"));
-        Mx { child, port, dir }
+        let server = PythonServer::start("aiosmtpd", dir, SERVER, &cfg);
+        Mx {
+            port: server.port,
+            server,
+        }
     }
 
     /// A plain server on `host:port` that sleeps `sleep_secs` before each DATA reply.
@@ -182,33 +178,20 @@ impl Mx {
         Mx::start(json!({"host": host, "port": port, "sleep": sleep_secs}))
     }
 
-    fn lines(&self, name: &str) -> Vec<Value> {
-        match std::fs::read_to_string(self.dir.path().join(name)) {
-            // The server may be writing a line right now: only complete lines
-            // (ended by a newline) count; the rest is read next time.
-            Ok(text) => text
-                .split_inclusive('\n')
-                .filter(|l| l.ends_with('\n'))
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
-    }
-
     /// Every message accepted so far, in order.
     pub fn records(&self) -> Vec<Value> {
-        self.lines("received.jsonl")
+        self.server.lines("received.jsonl")
     }
 
     /// Every AUTH attempt so far: `{"mechanism", "tls"}`.
     pub fn auth_attempts(&self) -> Vec<Value> {
-        self.lines("auth.jsonl")
+        self.server.lines("auth.jsonl")
     }
 
     /// `{"opened", "active", "max_active", "rsets"}`: connections so far, open now,
     /// most open at once, and RSET commands.
     pub fn stats(&self) -> Value {
-        let text = std::fs::read_to_string(self.dir.path().join("stats.json")).unwrap();
+        let text = std::fs::read_to_string(self.server.dir.path().join("stats.json")).unwrap();
         serde_json::from_str(&text).unwrap()
     }
 
@@ -220,26 +203,7 @@ impl Mx {
         log: impl Fn() -> String,
         pred: impl Fn(&[Value]) -> bool,
     ) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let r = self.records();
-            if pred(&r) {
-                return r;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; received {r:#?}\nrelay log:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Mx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        wait_for(what, "received", log, || self.records(), pred)
     }
 }
 

@@ -7,10 +7,10 @@
 //! (`ok` or `fail`, read on every request) switches it to failing and back.
 
 use std::path::PathBuf;
-use std::process::Child;
-use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+
+use super::python_server::{PythonServer, wait_for};
 
 const SERVER: &str = r#"
 import base64, hashlib, hmac, http.server, json, ssl, sys, threading, time
@@ -58,9 +58,8 @@ srv.serve_forever()
 pub const SECRET: &str = "whsec-test-0123456789abcdef";
 
 pub struct Receiver {
-    child: Child,
+    server: PythonServer,
     pub port: u16,
-    dir: tempfile::TempDir,
     pki: super::pki::Pki,
 }
 
@@ -78,16 +77,10 @@ impl Receiver {
             "cert": pki.cert(),
             "key": pki.key(),
         });
-        let (child, line) = super::start_python(dir.path(), SERVER, &cfg);
-        let port = line
-            .trim()
-            .strip_prefix("ready ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("webhook receiver did not start (printed {line:?})"));
+        let server = PythonServer::start("webhook receiver", dir, SERVER, &cfg);
         Receiver {
-            child,
-            port,
-            dir,
+            port: server.port,
+            server,
             pki,
         }
     }
@@ -95,7 +88,7 @@ impl Receiver {
     /// Makes every later request fail (`true`) or succeed.
     pub fn set_failing(&self, failing: bool) {
         std::fs::write(
-            self.dir.path().join("mode"),
+            self.server.dir.path().join("mode"),
             if failing { "fail" } else { "ok" },
         )
         .unwrap();
@@ -118,13 +111,7 @@ impl Receiver {
 
     /// Every request so far: `{"status", "sig_ok", "id", "envelope"}`.
     pub fn requests(&self) -> Vec<Value> {
-        match std::fs::read_to_string(self.dir.path().join("log.jsonl")) {
-            Ok(t) => t
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        self.server.lines("log.jsonl")
     }
 
     /// Events answered `200`, each once (by event ID), in the order received.
@@ -145,25 +132,6 @@ impl Receiver {
         log: impl Fn() -> String,
         pred: impl Fn(&[Value]) -> bool,
     ) -> Vec<Value> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let d = self.delivered();
-            if pred(&d) {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; delivered {d:#?}\nrelay log:\n{}",
-                log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        wait_for(what, "delivered", log, || self.delivered(), pred)
     }
 }
