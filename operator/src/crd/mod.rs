@@ -8,6 +8,7 @@
 //! config, so a CRD installed without validation cannot crash it either.
 
 mod mailrelay;
+pub mod rules;
 mod senderdomain;
 mod sendquota;
 
