@@ -96,9 +96,7 @@ pub fn event(s: &ShapingStateStatus) -> (bool, &'static str, String) {
         .unwrap_or_default();
     let note = format!(
         "{what} of {scope} at {} until {} by rule {}{relay}: {reply}",
-        s.site,
-        s.until.0,
-        s.rule,
+        s.site, s.until.0, s.rule,
     );
     (warning, reason, note)
 }

@@ -75,7 +75,10 @@ fn set(v: &mut Value, extra: Value) {
 
 fn push_rule(v: &mut Value, rule: &str, message: &str, field: &str) {
     let entry = json!({"rule": rule, "message": message, "fieldPath": field});
-    match v.get_mut("x-kubernetes-validations").and_then(Value::as_array_mut) {
+    match v
+        .get_mut("x-kubernetes-validations")
+        .and_then(Value::as_array_mut)
+    {
         Some(a) => a.push(entry),
         None => v["x-kubernetes-validations"] = json!([entry]),
     }
@@ -84,7 +87,8 @@ fn push_rule(v: &mut Value, rule: &str, message: &str, field: &str) {
 /// Bounds (which also keep the CEL rules' cost estimate within the API server's
 /// budget) and the rules spanning fields of one rule.
 fn harden(item: &mut Value) {
-    let globs = json!({"maxItems": 64, "items": {"type": "string", "minLength": 1, "maxLength": 253}});
+    let globs =
+        json!({"maxItems": 64, "items": {"type": "string", "minLength": 1, "maxLength": 253}});
     set(
         prop(item, &["name"]),
         json!({"maxLength": 63, "pattern": RULE_NAME_PATTERN}),
@@ -104,7 +108,7 @@ fn harden(item: &mut Value) {
     );
     set(
         prop(item, &["throttle", "factor"]),
-        json!({"minimum": 0.0, "exclusiveMinimum": true, "maximum": 1.0, "exclusiveMaximum": true}),
+        json!({"minimum": 0.0, "maximum": 1.0}),
     );
     set(
         prop(item, &["throttle", "rate"]),
@@ -139,6 +143,12 @@ fn harden(item: &mut Value) {
             "!has(self.throttle) || !has(self.throttle.maxConnections) || !has(self.scope) || self.scope == 'site'",
             "throttle.maxConnections only with scope: site (a connection carries every tenant's mail)",
             ".throttle.maxConnections",
+        ),
+        (
+            // Bounds exclusive: 0 would stop the mail (suspend says so), 1 slows nothing.
+            "!has(self.throttle) || !has(self.throttle.factor) || (self.throttle.factor > 0.0 && self.throttle.factor < 1.0)",
+            "throttle.factor must be between 0 and 1, both excluded",
+            ".throttle.factor",
         ),
         (
             "(self.action == 'reclassify') == has(self.reclassify)",

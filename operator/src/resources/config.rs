@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 use kube::{Resource, ResourceExt};
+use mailrelay::config::rules::{self, DestinationSelector, ResponseRule, RuleScope, TenantKey};
 use mailrelay::config::{
     AdminConfig, AuthConfig, ListenerConfig, LogFormat, NetworkSenders, QueueBackendKind,
     RedisConfig, RelayConfig, RemoteHost, RouteConfig, SenderBindingConfig, TlsConfig,
     parse_duration,
 };
-use mailrelay::config::rules::{self, DestinationSelector, ResponseRule, RuleScope, TenantKey};
 use mailrelay::quota::config as q;
 
 use crate::crd::{self, ADMIN_PORT, MailRelay, SendQuota, TlsPolicy};
@@ -708,7 +708,10 @@ pub fn quota_rules(sq: &SendQuota) -> Result<Vec<ResponseRule>, SpecError> {
             r.tenant_key = Some(TenantKey::AuthUser);
         }
         rules::validate_rule(&f, &r).map_err(|(field, message)| {
-            spec_err(camel_path(&field), message.replace("max_connections", "maxConnections"))
+            spec_err(
+                camel_path(&field),
+                message.replace("max_connections", "maxConnections"),
+            )
         })?;
         let full = quota_rule_name(&quota, &r.name);
         if full.len() > 63 {
@@ -767,7 +770,11 @@ pub fn select_quota_rules(
                         .and_then(|(n, rest)| Some((n.parse::<usize>().ok()?, rest)));
                     let field = match index {
                         Some((n, rest)) if n >= rules.len() => {
-                            format!("spec.responseRules[{}]{}", n - rules.len(), camel_path(rest))
+                            format!(
+                                "spec.responseRules[{}]{}",
+                                n - rules.len(),
+                                camel_path(rest)
+                            )
                         }
                         _ => "spec.responseRules".to_owned(),
                     };

@@ -135,11 +135,8 @@ pub fn secret_digest(values: &[&[u8]]) -> String {
 pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
     let relay = inputs.relay;
     let name = relay.name_any();
-    let cfg = config::relay_config_with_rules(
-        relay,
-        inputs.quotas.clone(),
-        inputs.quota_rules.clone(),
-    )?;
+    let cfg =
+        config::relay_config_with_rules(relay, inputs.quotas.clone(), inputs.quota_rules.clone())?;
     let yaml = crate::render_relay_config(&cfg).map_err(|e| SpecError {
         field: "spec".into(),
         message: e.to_string(),
