@@ -9,6 +9,8 @@
 //! - [`reconcile`]: the controllers (server-side apply, status, events).
 //! - [`status`]: queue and delivery summary read from the relay's queue store;
 //!   [`quota_api`]: quota usage read from a relay's admin API.
+//! - [`shaping`]: response-rule states (suspensions, throttles) from the queue
+//!   store into MailRelay and SendQuota status and Events.
 //! - [`claims`]: namespace claims, so overlapping installs never both reconcile.
 //! - [`leader`]: Lease-based leader election; [`telemetry`]: `/metrics`, `/healthz`.
 
@@ -20,6 +22,7 @@ pub mod leader;
 pub mod quota_api;
 pub mod reconcile;
 pub mod resources;
+pub mod shaping;
 pub mod status;
 pub mod telemetry;
 

@@ -98,6 +98,11 @@ pub const ADMIN_PORT: i32 = 9325;
         "rule": "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
         "message": "each of spec.volumeMounts must name a volume of spec.volumes",
         "fieldPath": ".volumeMounts"
+    },
+    {
+        "rule": "!has(self.events) || !has(self.events.enabled) || self.events.enabled || !has(self.webhooks) || size(self.webhooks) == 0",
+        "message": "spec.events.enabled is false, but spec.webhooks read the event log",
+        "fieldPath": ".events.enabled"
     }
 ]))]
 pub struct MailRelaySpec {
@@ -268,7 +273,7 @@ pub struct MailRelaySpec {
     /// throttle, reclassify, bounce), scoped to the site or to the tenant it
     /// concerns; evaluated before the presets' rules, first match wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(schema_with = "super::rules::relay_rules_schema")]
     pub response_rules: Vec<mailrelay::config::rules::ResponseRule>,
     /// HTTPS endpoints that receive this relay's delivery events (accepted,
     /// delivered, deferred, bounced, …) of the tenants they name, as
@@ -280,6 +285,9 @@ pub struct MailRelaySpec {
         "x-kubernetes-list-map-keys" = ["name"]
     ))]
     pub webhooks: Vec<WebhookSpec>,
+    /// The delivery event log: on or off, and how many events it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsSpec>,
 }
 
 /// One entry of `spec.webhooks`.
@@ -304,6 +312,56 @@ pub struct WebhookSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 7))]
     pub kinds: Vec<EventKindSpec>,
+    /// One POST, from connecting to the answer, like `10s` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = r"^[0-9]+(ms|s|m|h)?$"))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.matches('^0+(ms|s|m|h)?$')",
+        "message": "timeout must be greater than zero"
+    }]))]
+    pub timeout: Option<String>,
+    /// Retries of an event the endpoint did not take (no answer, or not 2xx).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<WebhookRetrySpec>,
+}
+
+/// `spec.webhooks[].retry`: the wait doubles from `initial` up to `max`; after
+/// `maxAttempts` tries the event is dead-lettered (counted in
+/// `mailrelay_webhook_dead_letters_total`, then skipped so later events flow).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookRetrySpec {
+    /// Wait before the first retry; default `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = DURATION_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "!self.matches('^0+(ms|s|m|h|d)?$')",
+        "message": "initial must be greater than zero"
+    }]))]
+    pub initial: Option<String>,
+    /// Longest wait between two tries; default `5m`; at least `initial`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = DURATION_PATTERN))]
+    pub max: Option<String>,
+    /// Tries of one event before it is dead-lettered; default 12.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: Option<u32>,
+}
+
+/// `spec.events`: the delivery event log in the queue store (`kubectl mailrelay
+/// events`, and what webhooks read).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsSpec {
+    /// Record delivery events; default true. `false` needs no `spec.webhooks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// About how many events are kept (the oldest go first); default 200000
+    /// (about 470 bytes of Redis memory each).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000000))]
+    pub max_len: Option<u64>,
 }
 
 /// `spec.webhooks[].tenants`: AUTH users and sender domains, or all.
@@ -1107,6 +1165,10 @@ pub struct MailRelayStatus {
     /// Destinations with the most deferred recipients, with their last error.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_deferred: Vec<DeferredDestination>,
+    /// Suspensions and throttles response rules started, in force across the
+    /// relay's pods (read from the queue store; at most 50, the latest ending first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shaping: Vec<super::rules::ShapingStateStatus>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]

@@ -8,6 +8,7 @@
 //! config, so a CRD installed without validation cannot crash it either.
 
 mod mailrelay;
+pub mod rules;
 mod senderdomain;
 mod sendquota;
 
@@ -70,9 +71,13 @@ pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
         (
             "mailrelay.io_sendquotas.yaml",
             with_root_rule(
-                SendQuota::crd(),
-                "size(self.metadata.name) <= 63",
-                "the name is the relay's quota name: at most 63 characters",
+                with_root_rule(
+                    SendQuota::crd(),
+                    "size(self.metadata.name) <= 63",
+                    "the name is the relay's quota name: at most 63 characters",
+                ),
+                "!has(self.spec.responseRules) || self.spec.responseRules.all(r, size(self.metadata.name) + size(r.name) <= 62)",
+                "spec.responseRules[].name: the relay knows each rule as <SendQuota name>.<rule name>, which must fit 63 characters",
             ),
         ),
         (

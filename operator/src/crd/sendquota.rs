@@ -90,6 +90,11 @@ pub const LIMIT_PATTERN: &str = r"^[1-9][0-9]{0,17}/([1-9][0-9]{0,5})?[smhd]$";
         "rule": "self.direction == 'ingress' || !has(self.key) || !(self.key in ['sender', 'senderDomain', 'authUser', 'clientIp'])",
         "message": "sender, senderDomain, authUser and clientIp are keys of ingress quotas",
         "fieldPath": ".key"
+    },
+    {
+        "rule": "!has(self.responseRules) || self.responseRules.all(r, (has(r.destination) && ((has(r.destination.mxHosts) && size(r.destination.mxHosts) > 0) || (has(r.destination.destinationDomains) && size(r.destination.destinationDomains) > 0) || (has(r.destination.smarthost) && r.destination.smarthost))) || (self.direction == 'egress' && has(self.match) && ((has(self.match.mxHosts) && size(self.match.mxHosts) > 0) || (has(self.match.destinationDomains) && size(self.match.destinationDomains) > 0) || (has(self.match.smarthost) && self.match.smarthost))))",
+        "message": "each response rule needs a destination (mxHosts, destinationDomains or smarthost: true); only the rules of an egress quota whose match names one may leave it out and take the quota's",
+        "fieldPath": ".responseRules"
     }
 ]))]
 pub struct SendQuotaSpec {
@@ -128,6 +133,16 @@ pub struct SendQuotaSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_connections: Option<u32>,
+    /// Response rules of this quota's mail (see docs/response-rules.md): what a
+    /// remote reply means (suspend, throttle, reclassify, bounce), for the
+    /// destination the rule names or, left out, the quota's own (egress `match`).
+    /// They reach the selected relays as `<quota>.<rule>`, after the MailRelay's
+    /// own rules and before the presets'. With `scope: tenant` and no
+    /// `tenantKey`, tenants are told apart as the quota tells them: by AUTH user
+    /// for `key: authUser`, else by sender domain.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::rules::quota_rules_schema")]
+    pub response_rules: Vec<mailrelay::config::rules::ResponseRule>,
 }
 
 /// Patterns are case-insensitive globs with `*` and `?`.
@@ -214,6 +229,10 @@ pub struct SendQuotaStatus {
     /// Usage per relay, key and window; the most used keys first (at most 20 rows).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub windows: Vec<QuotaWindowStatus>,
+    /// Suspensions and throttles the quota's response rules started, in force on
+    /// the selected relays (as of their last status).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shaping: Vec<super::rules::ShapingStateStatus>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]

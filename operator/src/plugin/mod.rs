@@ -29,6 +29,7 @@ pub mod output;
 pub mod queue;
 pub mod quota;
 pub mod retry;
+pub mod shaping;
 pub mod status;
 pub mod suppression;
 pub mod timeout;
@@ -159,6 +160,15 @@ pub enum Command {
         /// Only this MailRelay (default: every MailRelay in the namespace).
         #[arg(long)]
         relay: Option<String>,
+    },
+    /// Suspensions and throttles response rules started (`list`, the default),
+    /// on every MailRelay in the namespace; `lift ID` ends one by hand.
+    Shaping {
+        /// Only this MailRelay (default: every MailRelay in the namespace).
+        #[arg(long)]
+        relay: Option<String>,
+        #[command(subcommand)]
+        action: Option<shaping::Action>,
     },
     /// A relay's suppression lists: `list`, `add ADDRESS`, `remove ADDRESS`.
     Suppression {
@@ -311,7 +321,7 @@ fn check_all_namespaces(g: &GlobalArgs, command: &Command) -> Result<(), PluginE
         Command::Status { name } | Command::Queue { name, .. } | Command::Events { name, .. } => {
             name.as_deref()
         }
-        Command::Quota { relay, .. } => relay.as_deref(),
+        Command::Quota { relay, .. } | Command::Shaping { relay, .. } => relay.as_deref(),
         Command::Message { name, .. }
         | Command::Retry { name, .. }
         | Command::Delete { name, .. }
@@ -360,6 +370,9 @@ pub async fn execute(
         Command::Delete { name, id } => delete::run(cluster, name, id, format).await,
         Command::Quota { name, relay } => {
             quota::run(cluster, name.as_deref(), relay.as_deref(), format).await
+        }
+        Command::Shaping { relay, action } => {
+            shaping::run(cluster, relay.as_deref(), action.as_ref(), format).await
         }
         Command::Suppression { name, action } => {
             suppression::run(cluster, name, action, format).await

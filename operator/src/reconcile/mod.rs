@@ -152,26 +152,55 @@ impl Settings {
 #[derive(Default)]
 pub struct QueueConnections {
     conns: AsyncMutex<HashMap<String, (String, Arc<RedisQueue>)>>,
+    /// The egress store (response-rule states) of the same Redis.
+    egress: AsyncMutex<HashMap<String, (String, Arc<mailrelay::quota::egress::Egress>)>>,
+}
+
+fn fingerprint(cfg: &mailrelay::config::RedisConfig) -> String {
+    format!(
+        "{}|{}|{}|{}|{}",
+        cfg.url,
+        cfg.key_prefix,
+        cfg.cluster,
+        cfg.cluster_nodes.join(","),
+        crate::resources::secret_digest(&[cfg
+            .password
+            .as_ref()
+            .map_or(&b""[..], |p| p.0.as_bytes())])
+    )
 }
 
 impl QueueConnections {
+    /// The egress store of relay `key` for `cfg`, read-only use: the states
+    /// response rules keep there (reconnecting when the settings changed).
+    pub async fn egress(
+        &self,
+        key: &str,
+        cfg: &mailrelay::config::RedisConfig,
+    ) -> Result<Arc<mailrelay::quota::egress::Egress>, String> {
+        let fp = fingerprint(cfg);
+        let mut conns = self.egress.lock().await;
+        if let Some((f, e)) = conns.get(key)
+            && *f == fp
+        {
+            return Ok(e.clone());
+        }
+        let e = Arc::new(
+            mailrelay::quota::egress::Egress::redis(cfg, &[], Duration::from_secs(30))
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        conns.insert(key.to_owned(), (fp, e.clone()));
+        Ok(e)
+    }
+
     /// The queue of relay `key` for `cfg` (reconnecting when the settings changed).
     pub async fn get(
         &self,
         key: &str,
         cfg: &mailrelay::config::RedisConfig,
     ) -> Result<Arc<dyn Queue>, mailrelay::queue::QueueError> {
-        let fingerprint = format!(
-            "{}|{}|{}|{}|{}",
-            cfg.url,
-            cfg.key_prefix,
-            cfg.cluster,
-            cfg.cluster_nodes.join(","),
-            crate::resources::secret_digest(&[cfg
-                .password
-                .as_ref()
-                .map_or(&b""[..], |p| p.0.as_bytes())])
-        );
+        let fingerprint = fingerprint(cfg);
         let mut conns = self.conns.lock().await;
         if let Some((fp, q)) = conns.get(key)
             && *fp == fingerprint
@@ -185,6 +214,7 @@ impl QueueConnections {
 
     pub async fn forget(&self, key: &str) {
         self.conns.lock().await.remove(key);
+        self.egress.lock().await.remove(key);
     }
 }
 

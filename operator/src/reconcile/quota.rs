@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType};
@@ -14,7 +15,9 @@ use super::{Context, Error, MANAGER, object_key};
 use crate::admin_token;
 use crate::crd::{MailRelay, SendQuota, SendQuotaStatus};
 use crate::quota_api::{QuotaApiError, QuotaUsage, summarise};
-use crate::resources::config::{quota_config, quota_reach, selects};
+use crate::resources::config::{
+    SpecError, quota_config, quota_reach, quota_rules, select_quota_rules, selects,
+};
 
 /// What asking one relay for the quota gave.
 #[derive(Debug)]
@@ -110,7 +113,58 @@ pub fn quota_status(
         remaining: summary.tightest.as_ref().map(|t| t.remaining),
         resets_at: summary.tightest.and_then(|t| t.resets_at),
         windows: summary.rows,
+        // Filled in by the reconcile, from the selected relays' status.
+        shaping: old.shaping.clone(),
     }
+}
+
+/// Condition type of a SendQuota with `spec.responseRules`: whether the selected
+/// relays' config carries them.
+pub const RESPONSE_RULES: &str = "ResponseRules";
+
+/// Pure: the `ResponseRules` condition. `refusals` are the selected relays'
+/// reasons to leave the rules out ([`select_quota_rules`]).
+pub fn rules_condition(
+    old: &[Condition],
+    sq: &SendQuota,
+    quota_valid: bool,
+    refusals: &[SpecError],
+    relays: usize,
+    now: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> Condition {
+    let g = sq.meta().generation;
+    let c = |ok: bool, reason: &str, msg: String| {
+        condition(old, RESPONSE_RULES, ok, reason, msg, g, now)
+    };
+    if !quota_valid {
+        return c(
+            false,
+            "NotApplied",
+            "the SendQuota is invalid (see Ready): its rules are left out too".into(),
+        );
+    }
+    if let Err(e) = quota_rules(sq) {
+        return c(false, "InvalidRule", e.to_string());
+    }
+    if let Some(e) = refusals.first() {
+        return c(false, "Refused", e.to_string());
+    }
+    if relays == 0 {
+        return c(
+            false,
+            "NoRelays",
+            "no MailRelay in this namespace matches relaySelector".into(),
+        );
+    }
+    c(
+        true,
+        "Applied",
+        format!(
+            "{} rule(s) in the config of {relays} relay(s), named {}.<rule>",
+            sq.spec.response_rules.len(),
+            sq.name_any()
+        ),
+    )
 }
 
 pub async fn reconcile(sq: Arc<SendQuota>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -138,6 +192,7 @@ async fn reconcile_inner(sq: &SendQuota, ctx: &Context) -> Result<Action, Error>
     let converted = quota_config(sq);
     let invalid = converted.as_ref().err().map(|e| e.to_string());
     let mut answers = Vec::new();
+    let mut selected_relays: Vec<MailRelay> = Vec::new();
     if let Ok(cfg) = &converted {
         let relays = Api::<MailRelay>::namespaced(ctx.client.clone(), &ns)
             .list(&ListParams::default())
@@ -145,6 +200,7 @@ async fn reconcile_inner(sq: &SendQuota, ctx: &Context) -> Result<Action, Error>
         let mut selected: Vec<&MailRelay> =
             relays.items.iter().filter(|r| selects(sq, r)).collect();
         selected.sort_by_key(|r| r.name_any());
+        selected_relays = selected.iter().map(|r| (*r).clone()).collect();
         let secrets = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
         for relay in selected {
             if let Err(e) = quota_reach(cfg, relay) {
@@ -171,13 +227,68 @@ async fn reconcile_inner(sq: &SendQuota, ctx: &Context) -> Result<Action, Error>
         }
     }
     let now = conditions::now();
-    let new = quota_status(
+    let mut new = quota_status(
         sq.status.as_ref(),
         sq.meta().generation,
         invalid.as_deref(),
         &answers,
         &now,
     );
+    if !sq.spec.response_rules.is_empty() {
+        let refusals = if converted.is_ok() && quota_rules(sq).is_ok() {
+            let all = Api::<SendQuota>::namespaced(ctx.client.clone(), &ns)
+                .list(&ListParams::default())
+                .await?;
+            selected_relays
+                .iter()
+                .flat_map(|r| {
+                    select_quota_rules(r, &all.items)
+                        .1
+                        .into_iter()
+                        .filter(|(q, _)| *q == name)
+                        .map(|(_, e)| e)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let old = sq.status.as_ref().map(|s| s.conditions.as_slice());
+        let c = rules_condition(
+            old.unwrap_or_default(),
+            sq,
+            converted.is_ok(),
+            &refusals,
+            selected_relays.len(),
+            &now,
+        );
+        let changed = old
+            .and_then(|o| o.iter().find(|x| x.type_ == RESPONSE_RULES))
+            .is_none_or(|o| o.reason != c.reason || o.message != c.message);
+        if c.status == "False" && c.reason != "NotApplied" && changed {
+            ctx.recorder
+                .publish(
+                    &Event {
+                        type_: EventType::Warning,
+                        reason: "ResponseRulesRefused".into(),
+                        note: Some(c.message.clone()),
+                        action: "Reconcile".into(),
+                        secondary: None,
+                    },
+                    &sq.object_ref(&()),
+                )
+                .await
+                .map_err(Error::Event)?;
+        }
+        new.conditions.push(c);
+    }
+    let selected_refs: Vec<&MailRelay> = selected_relays.iter().collect();
+    new.shaping = crate::shaping::quota_states(sq, &selected_refs);
+    let old_states = sq
+        .status
+        .as_ref()
+        .map(|s| s.shaping.as_slice())
+        .unwrap_or_default();
+    super::relay::announce_states(ctx, sq, old_states, &new.shaping).await?;
     if let Some(msg) = &invalid {
         let old_ready = sq
             .status

@@ -25,9 +25,12 @@ use super::ownership::{self, Target};
 use super::secrets;
 use super::{Context, Error, MANAGER, object_key};
 use crate::admin_token;
+use crate::crd::rules::ShapingStateStatus;
 use crate::crd::{MailRelay, MailRelaySpec, MailRelayStatus, SendQuota, SenderDomain};
 use crate::resources::autoscaling::{self, Autoscaler};
-use crate::resources::config::{SpecError, check_redis, quota_config, quota_reach, selects};
+use crate::resources::config::{
+    SpecError, check_redis, quota_config, quota_reach, select_quota_rules, selects,
+};
 use crate::resources::network;
 use crate::resources::{self, Inputs};
 use crate::status::{QueueReport, read_report};
@@ -294,6 +297,10 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     let quotas = Api::<SendQuota>::namespaced(client.clone(), &ns)
         .list(&ListParams::default())
         .await?;
+    let (quota_rules, refused_rules) = select_quota_rules(relay, &quotas.items);
+    for (q, e) in &refused_rules {
+        tracing::info!(relay = %name, quota = %q, error = %e, "quota's response rules left out of the relay config");
+    }
     let (quotas, rejected) = select_quotas(relay, &quotas.items);
     for (q, e) in &rejected {
         tracing::info!(relay = %name, quota = %q, error = %e, "quota left out of the relay config");
@@ -340,6 +347,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
     };
     let previous_autoscaler = relay.status.as_ref().and_then(|s| s.autoscaler.clone());
     let mut scaled = None;
+    let mut shaping = None;
     let (outcome, queue, action) = match resolved {
         Err((reason, message, retry)) => (
             Outcome::Blocked { reason, message },
@@ -350,6 +358,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
             let built = resources::build(Inputs {
                 relay,
                 quotas,
+                quota_rules,
                 secrets: &resolved.secrets,
                 default_image: &ctx.settings.relay_image,
             });
@@ -412,6 +421,7 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                         let queue = read_queue(ctx, &key, relay, &resolved).await;
                         if let Ok(report) = &queue {
                             ctx.metrics.set_relay_queue(&ns, &name, &report.queue);
+                            shaping = read_shaping(ctx, &key, relay, &resolved).await;
                         }
                         (
                             Outcome::Applied {
@@ -496,6 +506,15 @@ async fn reconcile_inner(relay: &MailRelay, ctx: &Context) -> Result<Action, Err
                 .await
                 .map_err(Error::Event)?;
         }
+    }
+    if let Some(states) = shaping {
+        let old = relay
+            .status
+            .as_ref()
+            .map(|s| s.shaping.as_slice())
+            .unwrap_or_default();
+        announce_states(ctx, relay, old, &states).await?;
+        new.shaping = states;
     }
     patch_status_if_changed(ctx, relay, &ns, new).await?;
     Ok(action)
@@ -592,6 +611,83 @@ async fn ensure_admin_token(
     Ok(recheck)
 }
 
+/// The relay's Redis as the operator reads it (no replica waits).
+fn store_config(relay: &MailRelay, secrets: &secrets::Resolved) -> Option<RedisConfig> {
+    let r = &relay.spec.redis;
+    // `build` succeeded, so exactly one of the two is there.
+    let url = r.url.clone().or_else(|| secrets.redis_url.clone())?;
+    Some(RedisConfig {
+        url,
+        password: secrets.redis_password.clone().map(RelaySecret),
+        cluster: r.cluster,
+        cluster_nodes: r.cluster_nodes.clone(),
+        key_prefix: r.key_prefix.clone().unwrap_or_else(|| "mr".into()),
+        wait_replicas: 0,
+        wait_timeout: mailrelay::config::default_wait_timeout(),
+    })
+}
+
+/// Reads the response-rule states in force, bounded in time; `None` when they
+/// cannot be read (the status keeps what it showed, and nothing is announced
+/// twice).
+async fn read_shaping(
+    ctx: &Context,
+    key: &str,
+    relay: &MailRelay,
+    secrets: &secrets::Resolved,
+) -> Option<Vec<ShapingStateStatus>> {
+    let cfg = store_config(relay, secrets)?;
+    let read = async {
+        let e = ctx.queues.egress(key, &cfg).await?;
+        crate::shaping::read(&e).await
+    };
+    match tokio::time::timeout(ctx.settings.queue_timeout, read).await {
+        Ok(Ok(list)) => Some(crate::shaping::states_status(&list)),
+        Ok(Err(e)) => {
+            tracing::warn!(relay = %relay.name_any(), error = %e, "cannot read response-rule states");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(relay = %relay.name_any(), "response-rule states: no answer in time");
+            None
+        }
+    }
+}
+
+/// One Event per state that started since the last status (on `obj`).
+pub async fn announce_states<K>(
+    ctx: &Context,
+    obj: &K,
+    old: &[ShapingStateStatus],
+    new: &[ShapingStateStatus],
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()>,
+{
+    for s in crate::shaping::started(old, new) {
+        let (warning, reason, note) = crate::shaping::event(s);
+        tracing::info!(object = %object_key(obj), %reason, %note, "response-rule state");
+        ctx.recorder
+            .publish(
+                &Event {
+                    type_: if warning {
+                        EventType::Warning
+                    } else {
+                        EventType::Normal
+                    },
+                    reason: reason.into(),
+                    note: Some(note),
+                    action: "Shaping".into(),
+                    secondary: None,
+                },
+                &obj.object_ref(&()),
+            )
+            .await
+            .map_err(Error::Event)?;
+    }
+    Ok(())
+}
+
 /// Reads the queue report, bounded in time; an error is a status (Degraded), not a
 /// reconcile failure.
 async fn read_queue(
@@ -600,19 +696,8 @@ async fn read_queue(
     relay: &MailRelay,
     secrets: &secrets::Resolved,
 ) -> Result<QueueReport, String> {
-    let r = &relay.spec.redis;
-    // `build` succeeded, so exactly one of the two is there.
-    let Some(url) = r.url.clone().or_else(|| secrets.redis_url.clone()) else {
+    let Some(cfg) = store_config(relay, secrets) else {
         return Err("no Redis URL".into());
-    };
-    let cfg = RedisConfig {
-        url,
-        password: secrets.redis_password.clone().map(RelaySecret),
-        cluster: r.cluster,
-        cluster_nodes: r.cluster_nodes.clone(),
-        key_prefix: r.key_prefix.clone().unwrap_or_else(|| "mr".into()),
-        wait_replicas: 0,
-        wait_timeout: mailrelay::config::default_wait_timeout(),
     };
     let read = async {
         let q = ctx.queues.get(key, &cfg).await?;

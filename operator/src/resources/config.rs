@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use kube::ResourceExt;
+use kube::{Resource, ResourceExt};
+use mailrelay::config::rules::{self, DestinationSelector, ResponseRule, RuleScope, TenantKey};
 use mailrelay::config::{
     AdminConfig, AuthConfig, ListenerConfig, LogFormat, NetworkSenders, QueueBackendKind,
     RedisConfig, RelayConfig, RemoteHost, RouteConfig, SenderBindingConfig, TlsConfig,
@@ -138,6 +139,16 @@ fn spec_err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
 pub fn relay_config(
     relay: &MailRelay,
     quotas: Vec<q::QuotaConfig>,
+) -> Result<RelayConfig, SpecError> {
+    relay_config_with_rules(relay, quotas, Vec::new())
+}
+
+/// [`relay_config`] with the SendQuotas' response rules ([`select_quota_rules`]),
+/// after the relay's own.
+pub fn relay_config_with_rules(
+    relay: &MailRelay,
+    quotas: Vec<q::QuotaConfig>,
+    quota_rules: Vec<ResponseRule>,
 ) -> Result<RelayConfig, SpecError> {
     let spec = &relay.spec;
     let mut cfg = RelayConfig {
@@ -315,7 +326,21 @@ pub fn relay_config(
     cfg.dkim = Some(super::dkim::relay_dkim(spec)?);
     cfg.providers = spec.providers.clone().unwrap_or_default();
     cfg.response_rules = spec.response_rules.clone();
-    cfg.webhooks = spec.webhooks.iter().map(webhook_config).collect();
+    cfg.response_rules.extend(quota_rules);
+    cfg.webhooks = spec
+        .webhooks
+        .iter()
+        .enumerate()
+        .map(|(i, w)| webhook_config(i, w))
+        .collect::<Result<_, _>>()?;
+    if let Some(e) = &spec.events {
+        if let Some(on) = e.enabled {
+            cfg.events.enabled = on;
+        }
+        if let Some(n) = e.max_len {
+            cfg.events.max_len = n;
+        }
+    }
     cfg.validate().map_err(|e| match e {
         mailrelay::config::ConfigError::Invalid { field, message } => {
             spec_err(relay_field(&field), message)
@@ -331,9 +356,35 @@ pub const WEBHOOK_DIR: &str = "/var/run/mailrelay/webhooks";
 
 /// One `spec.webhooks` entry as the relay's `webhooks[]`: the key is the file the
 /// `webhooks` volume projects from the entry's Secret key.
-fn webhook_config(w: &crate::crd::WebhookSpec) -> mailrelay::config::WebhookConfig {
+fn webhook_config(
+    i: usize,
+    w: &crate::crd::WebhookSpec,
+) -> Result<mailrelay::config::WebhookConfig, SpecError> {
     use mailrelay::config::events::{WebhookRetry, WebhookTenants};
-    mailrelay::config::WebhookConfig {
+    let field = |f: &str| format!("spec.webhooks[{i}].{f}");
+    let duration = |f: &str, v: &Option<String>, default: Duration| match v {
+        Some(v) => parse_duration(v).map_err(|m| spec_err(field(f), m)),
+        None => Ok(default),
+    };
+    let defaults = WebhookRetry::default();
+    let r = w.retry.clone().unwrap_or_default();
+    let retry = WebhookRetry {
+        initial: duration("retry.initial", &r.initial, defaults.initial)?,
+        max: duration("retry.max", &r.max, defaults.max)?,
+        max_attempts: r.max_attempts.unwrap_or(defaults.max_attempts),
+    };
+    // Checked here so that the message names the fields as the spec spells them.
+    if retry.max < retry.initial {
+        return Err(spec_err(
+            field("retry.max"),
+            format!(
+                "{} is shorter than retry.initial ({})",
+                mailrelay::config::format_duration(retry.max),
+                mailrelay::config::format_duration(retry.initial)
+            ),
+        ));
+    }
+    Ok(mailrelay::config::WebhookConfig {
         name: w.name.clone(),
         url: w.url.clone(),
         secret: None,
@@ -346,9 +397,9 @@ fn webhook_config(w: &crate::crd::WebhookSpec) -> mailrelay::config::WebhookConf
         kinds: w.kinds.iter().map(|k| k.as_str().to_owned()).collect(),
         allow_http: false,
         ca_file: None,
-        timeout: std::time::Duration::from_secs(10),
-        retry: WebhookRetry::default(),
-    }
+        timeout: duration("timeout", &w.timeout, Duration::from_secs(10))?,
+        retry,
+    })
 }
 
 /// `spec.senderBinding` as the relay's `sender_binding`, checked here so that each
@@ -538,6 +589,7 @@ fn relay_field(field: &str) -> String {
         "queue" => ("spec.redis", rest.strip_prefix(".redis").unwrap_or("")),
         "response_rules" => ("spec.responseRules", rest),
         "providers" => ("spec.providers", rest),
+        "events" => ("spec.events", rest),
         _ => return format!("spec ({field})"),
     };
     format!("{mapped}{}", camel_path(rest))
@@ -603,6 +655,142 @@ pub fn quota_config(sq: &SendQuota) -> Result<q::QuotaConfig, SpecError> {
         )
     })?;
     Ok(cfg)
+}
+
+/// The name a SendQuota's rule has in the relay config: `<quota>.<rule>` (rule
+/// names are one namespace per relay; the prefix also tells which SendQuota a
+/// shaping state came from).
+pub fn quota_rule_name(quota: &str, rule: &str) -> String {
+    format!("{quota}.{rule}")
+}
+
+/// A SendQuota's `spec.responseRules` as the relay gets them, checked on their
+/// own: names prefixed ([`quota_rule_name`]); a rule without destination takes
+/// the egress quota's `match`; with `scope: tenant` and no `tenantKey`, tenants
+/// are told apart as the quota tells them (`key: authUser`: by AUTH user; else
+/// the relay's default, the sender domain).
+pub fn quota_rules(sq: &SendQuota) -> Result<Vec<ResponseRule>, SpecError> {
+    let s = &sq.spec;
+    let quota = sq.name_any();
+    let m = s.match_.clone().unwrap_or_default();
+    let inherited = if s.direction == q::Direction::Egress {
+        DestinationSelector {
+            mx_hosts: m.mx_hosts,
+            destination_domains: m.destination_domains,
+            smarthost: m.smarthost,
+        }
+    } else {
+        DestinationSelector::default()
+    };
+    let mut out: Vec<ResponseRule> = Vec::with_capacity(s.response_rules.len());
+    for (i, r) in s.response_rules.iter().enumerate() {
+        let f = format!("spec.responseRules[{i}]");
+        if out
+            .iter()
+            .any(|o| o.name == quota_rule_name(&quota, &r.name))
+        {
+            return Err(spec_err(
+                format!("{f}.name"),
+                format!("{:?} is used twice", r.name),
+            ));
+        }
+        let mut r = r.clone();
+        if r.destination.is_empty() {
+            if inherited.is_empty() {
+                return Err(spec_err(
+                    format!("{f}.destination"),
+                    "give mxHosts, destinationDomains or smarthost: true (only an egress quota whose match names a destination lends it to its rules)",
+                ));
+            }
+            r.destination = inherited.clone();
+        }
+        if r.scope == RuleScope::Tenant && r.tenant_key.is_none() && s.key == q::KeyBy::AuthUser {
+            r.tenant_key = Some(TenantKey::AuthUser);
+        }
+        rules::validate_rule(&f, &r).map_err(|(field, message)| {
+            spec_err(
+                camel_path(&field),
+                message.replace("max_connections", "maxConnections"),
+            )
+        })?;
+        let full = quota_rule_name(&quota, &r.name);
+        if full.len() > 63 {
+            return Err(spec_err(
+                format!("{f}.name"),
+                format!(
+                    "the relay knows the rule as {full:?}: the SendQuota's name, '.' and the rule's name must fit 63 characters"
+                ),
+            ));
+        }
+        r.name = full;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+/// The response rules of the SendQuotas selecting `relay` (valid quotas only, in
+/// name order), to follow the relay's own in its config; and the quotas whose
+/// rules were left out, with why (their rules go in whole or not at all, so
+/// first-match-wins stays as written).
+pub fn select_quota_rules(
+    relay: &MailRelay,
+    all: &[SendQuota],
+) -> (Vec<ResponseRule>, Vec<(String, SpecError)>) {
+    let mut chosen: Vec<&SendQuota> = all
+        .iter()
+        .filter(|q| {
+            q.meta().deletion_timestamp.is_none()
+                && !q.spec.response_rules.is_empty()
+                && selects(q, relay)
+                && quota_config(q).is_ok()
+        })
+        .collect();
+    chosen.sort_by_key(|q| q.name_any());
+    let providers = relay.spec.providers.clone().unwrap_or_default();
+    let own = relay.spec.response_rules.len();
+    let mut rules = relay.spec.response_rules.clone();
+    // A relay whose own rules are refused is reported on the MailRelay; the
+    // quotas' rules cannot be judged against it.
+    let relay_ok = rules::validate(&rules, &providers).is_ok();
+    let mut bad = Vec::new();
+    for sq in chosen {
+        let converted = quota_rules(sq).and_then(|qr| {
+            if !relay_ok {
+                return Ok(qr);
+            }
+            let mut trial = rules.clone();
+            trial.extend(qr.iter().cloned());
+            match rules::validate(&trial, &providers) {
+                Ok(()) => Ok(qr),
+                Err((field, message)) => {
+                    // `response_rules[N].x` -> the quota's own index.
+                    let index = field
+                        .strip_prefix("response_rules[")
+                        .and_then(|r| r.split_once(']'))
+                        .and_then(|(n, rest)| Some((n.parse::<usize>().ok()?, rest)));
+                    let field = match index {
+                        Some((n, rest)) if n >= rules.len() => {
+                            format!(
+                                "spec.responseRules[{}]{}",
+                                n - rules.len(),
+                                camel_path(rest)
+                            )
+                        }
+                        _ => "spec.responseRules".to_owned(),
+                    };
+                    Err(spec_err(
+                        field,
+                        format!("on MailRelay {}: {message}", relay.name_any()),
+                    ))
+                }
+            }
+        });
+        match converted {
+            Ok(qr) => rules.extend(qr),
+            Err(e) => bad.push((sq.name_any(), e)),
+        }
+    }
+    (rules.split_off(own), bad)
 }
 
 /// Whether egress quota `q` can match any mail along `relay`'s delivery paths

@@ -21,12 +21,13 @@ use kube::{Resource, ResourceExt};
 use mailrelay::quota::config::QuotaConfig;
 use sha2::{Digest, Sha256};
 
-use self::config::{CONFIG_FILE, SpecError, TERMINATION_MARGIN, relay_config, shutdown_durations};
+use self::config::{CONFIG_FILE, SpecError, TERMINATION_MARGIN, shutdown_durations};
 use self::deployment::{check_pod_extras, deployment};
 use crate::crd::{ADMIN_PORT, MailRelay, ServiceType, TrafficPolicy, relay_labels};
 
-/// Pod-template annotation: hash of the relay config without its quotas. A change
-/// rolls the pods; a quota-only change does not (the relay reloads the mounted file).
+/// Pod-template annotation: hash of the relay config without its quotas, response
+/// rules and presets. A change rolls the pods; a change of those does not (the
+/// relay reloads the mounted file).
 pub const CONFIG_HASH_ANNOTATION: &str = "mailrelay.io/config-hash";
 /// Pod-template annotation: hash of the Secret values the pods get as environment
 /// variables (which, unlike mounted Secrets, only a restart picks up).
@@ -60,6 +61,9 @@ pub struct Inputs<'a> {
     pub relay: &'a MailRelay,
     /// Its quotas, already converted and checked, in name order.
     pub quotas: Vec<QuotaConfig>,
+    /// The response rules of the SendQuotas selecting it, after its own
+    /// (`config::select_quota_rules`).
+    pub quota_rules: Vec<mailrelay::config::rules::ResponseRule>,
     pub secrets: &'a ResolvedSecrets,
     /// Image when the spec names none.
     pub default_image: &'a str,
@@ -131,13 +135,17 @@ pub fn secret_digest(values: &[&[u8]]) -> String {
 pub fn build(inputs: Inputs<'_>) -> Result<Resources, SpecError> {
     let relay = inputs.relay;
     let name = relay.name_any();
-    let cfg = relay_config(relay, inputs.quotas.clone())?;
+    let cfg =
+        config::relay_config_with_rules(relay, inputs.quotas.clone(), inputs.quota_rules.clone())?;
     let yaml = crate::render_relay_config(&cfg).map_err(|e| SpecError {
         field: "spec".into(),
         message: e.to_string(),
     })?;
+    // What the relay reloads on its own stays out, so changing it rolls no pod.
     let mut without_quotas = cfg.clone();
     without_quotas.quotas.clear();
+    without_quotas.response_rules.clear();
+    without_quotas.providers = Default::default();
     let hash_input = crate::render_relay_config(&without_quotas).map_err(|e| SpecError {
         field: "spec".into(),
         message: e.to_string(),

@@ -44,6 +44,7 @@ fn build(r: &MailRelay, quotas: &[SendQuota], secrets: &ResolvedSecrets) -> Reso
     resources::build(Inputs {
         relay: r,
         quotas: ok,
+        quota_rules: vec![],
         secrets,
         default_image: IMAGE,
     })
@@ -852,6 +853,7 @@ fn build_err(yaml: &str) -> resources::config::SpecError {
     resources::build(Inputs {
         relay: &r,
         quotas: vec![],
+        quota_rules: vec![],
         secrets: &ResolvedSecrets::default(),
         default_image: IMAGE,
     })
@@ -1025,6 +1027,7 @@ fn the_admin_token_secret_is_mounted_and_configured() {
     let e = resources::build(Inputs {
         relay: &bad,
         quotas: vec![],
+        quota_rules: vec![],
         secrets: &ResolvedSecrets::default(),
         default_image: IMAGE,
     })

@@ -958,3 +958,198 @@ fn sender_domains_are_checked_naming_the_field() {
         );
     }
 }
+
+/// A response rule; `null` in `extra` drops the field.
+fn rule(extra: Value) -> Value {
+    let mut r = with(
+        json!({"name": "slow", "match": {"codes": [421]}, "action": "suspend", "duration": "10m"}),
+        extra,
+    );
+    r.as_object_mut().unwrap().retain(|_, v| !v.is_null());
+    r
+}
+
+#[test]
+fn response_rules_webhook_and_event_fields_are_checked_naming_the_field() {
+    let egress = |rules: Value| {
+        quota(json!({"direction": "egress", "limits": ["100/1m"],
+                     "match": {"mxHosts": ["*.provider.test"]}, "responseRules": rules}))
+    };
+    let ingress = |rules: Value| {
+        quota(json!({"direction": "ingress", "limits": ["100/1m"], "responseRules": rules}))
+    };
+    let dest = json!({"mxHosts": ["*.provider.test"]});
+    let hook = json!({"name": "h", "url": "https://hooks.example/e",
+                      "secretRef": {"name": "s", "key": "k"}, "tenants": {"all": true}});
+    let bad: Vec<(Value, &str)> = vec![
+        // An ingress quota has no destination to lend.
+        (
+            ingress(json!([rule(json!({}))])),
+            "each response rule needs a destination",
+        ),
+        (
+            egress(json!([rule(json!({"match": {}}))])),
+            "give at least one of match.codes",
+        ),
+        (
+            egress(json!([rule(json!({"duration": null}))])),
+            "need a duration",
+        ),
+        (
+            egress(json!([rule(json!({"duration": "soon"}))])),
+            "responseRules/0/duration",
+        ),
+        (
+            egress(json!([rule(json!({"action": "throttle"}))])),
+            "action throttle needs throttle.factor",
+        ),
+        (
+            egress(json!([rule(
+                json!({"action": "throttle", "throttle": {"factor": 1.5}})
+            )])),
+            "responseRules/0/throttle/factor",
+        ),
+        (
+            egress(json!([rule(json!({"throttle": {"factor": 0.5}}))])),
+            "throttle applies to action throttle only",
+        ),
+        (
+            egress(json!([rule(
+                json!({"action": "throttle", "scope": "tenant", "throttle": {"maxConnections": 2}})
+            )])),
+            "throttle.maxConnections only with scope: site",
+        ),
+        (
+            egress(json!([rule(
+                json!({"action": "reclassify", "duration": null})
+            )])),
+            "reclassify (temporary or permanent) goes with action reclassify",
+        ),
+        (
+            egress(json!([rule(json!({"tenantKey": "authUser"}))])),
+            "tenantKey only with scope: tenant",
+        ),
+        (
+            egress(json!([rule(json!({"name": "has space"}))])),
+            "responseRules/0/name",
+        ),
+        (
+            egress(json!([rule(json!({"match": {"enhanced": ["4.7"]}}))])),
+            "responseRules/0/match/enhanced/0",
+        ),
+        // Two rules of one name: the API server refuses them (list-type map);
+        // the client-side validators here do not check list keys.
+        (
+            relay(
+                "r",
+                with(base(), json!({"responseRules": [rule(json!({}))]})),
+            ),
+            "give at least one of destination.mxHosts",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"webhooks": [with(hook.clone(), json!({"timeout": "0s"}))]}),
+                ),
+            ),
+            "timeout must be greater than zero",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"webhooks": [with(hook.clone(), json!({"timeout": "2d"}))]}),
+                ),
+            ),
+            "webhooks/0/timeout",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"webhooks": [with(hook.clone(), json!({"retry": {"maxAttempts": 0}}))]}),
+                ),
+            ),
+            "webhooks/0/retry/maxAttempts",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"webhooks": [with(hook.clone(), json!({"retry": {"initial": "0ms"}}))]}),
+                ),
+            ),
+            "initial must be greater than zero",
+        ),
+        (
+            relay("r", with(base(), json!({"events": {"maxLen": 0}}))),
+            "events/maxLen",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"events": {"enabled": false}, "webhooks": [hook.clone()]}),
+                ),
+            ),
+            "spec.events.enabled is false, but spec.webhooks read the event log",
+        ),
+    ];
+    let objs: Vec<Value> = bad.iter().map(|(o, _)| o.clone()).collect();
+    for ((obj, expect), errs) in bad.iter().zip(errors(&objs)) {
+        assert!(
+            errs.iter().any(|e| e.contains(expect)),
+            "{} was not refused with {expect:?}: {errs:#?}",
+            obj["spec"]
+        );
+    }
+    // The relay's name for a quota's rule is `<quota>.<rule>`: it must fit 63.
+    let mut long = egress(json!([rule(json!({"name": "r".repeat(62)}))]));
+    long["metadata"]["name"] = json!("quota");
+    assert!(
+        cel_errors("SendQuota", &long)
+            .iter()
+            .any(|e| e.contains("<SendQuota name>.<rule name>")),
+        "{long}"
+    );
+
+    let good = vec![
+        egress(json!([
+            rule(json!({})),
+            rule(
+                json!({"name": "tenant", "scope": "tenant", "tenantKey": "dkimDomain",
+                                  "match": {"codes": [421, "4xx"], "enhanced": ["4.7.28", "4.7.*"], "text": "(?i)rate"}})
+            ),
+            rule(
+                json!({"name": "thr", "action": "throttle", "throttle": {"factor": 0.5, "rate": "10/1m"}})
+            ),
+            rule(
+                json!({"name": "daily", "action": "reclassify", "reclassify": "temporary", "duration": null,
+                                  "match": {"codes": [550], "text": "daily limit"}})
+            )
+        ])),
+        ingress(json!([rule(
+            json!({"destination": dest.clone(), "scope": "tenant"})
+        )])),
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"responseRules": [rule(json!({"destination": dest}))],
+                                         "events": {"enabled": true, "maxLen": 50000},
+                                         "webhooks": [with(hook, json!({"timeout": "5s",
+                                             "retry": {"initial": "500ms", "max": "10m", "maxAttempts": 20}}))]}),
+            ),
+        ),
+        relay("r", with(base(), json!({"events": {"enabled": false}}))),
+    ];
+    for (o, errs) in good.iter().zip(errors(&good)) {
+        assert!(errs.is_empty(), "{}: {errs:#?}", o["spec"]);
+    }
+}

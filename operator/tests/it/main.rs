@@ -26,5 +26,6 @@ mod rbac;
 mod reconcile;
 mod scope;
 mod senderdomain;
+mod shaping;
 mod status;
 mod telemetry;

@@ -553,6 +553,7 @@ fn build(relay: &MailRelay, quotas: &[SendQuota]) -> resources::Resources {
     resources::build(Inputs {
         relay,
         quotas: ok,
+        quota_rules: vec![],
         secrets: &ResolvedSecrets::default(),
         default_image: "mailrelay:test",
     })

@@ -52,6 +52,7 @@ fn rendered_config(mr: &MailRelay) -> RelayConfig {
     let objs = resources::build(Inputs {
         relay: mr,
         quotas: vec![],
+        quota_rules: vec![],
         secrets: &ResolvedSecrets::default(),
         default_image: "mailrelay:test",
     })

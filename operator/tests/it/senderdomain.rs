@@ -574,6 +574,7 @@ fn the_bundle_mount_is_always_there_and_optional() {
     let objs = mailrelay_operator::resources::build(mailrelay_operator::resources::Inputs {
         relay: &relay,
         quotas: vec![],
+        quota_rules: vec![],
         secrets: &Default::default(),
         default_image: "img",
     })
