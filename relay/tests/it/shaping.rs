@@ -380,7 +380,7 @@ fn redis_rule_states_agree_with_the_embedded_store() {
     use mailrelay::quota::egress::pacer::Window;
     use mailrelay::quota::egress::redis::RedisStore;
     use mailrelay::quota::egress::store::{Acquire, KeyRef, PacingStore, Timing, Verdict};
-    use mailrelay::shaping::State;
+    use mailrelay::shaping::{Rate, State};
 
     let redis = RedisServer::start();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -410,6 +410,10 @@ fn redis_rule_states_agree_with_the_embedded_store() {
             action,
             until_ms: 0,
             factor,
+            rate: None,
+            max_connections: None,
+            duration_ms: 0,
+            pause_ms: 0,
             rule: "r1".into(),
             reply: "421 4.7.0 [TSS04] x|y".into(),
         };
@@ -493,6 +497,62 @@ fn redis_rule_states_agree_with_the_embedded_store() {
             // Expired: gone from the verdict and the list.
             let late = s.acquire(&acquire(t0 + 61_000, "s1")).await.unwrap();
             assert!(late.states.is_empty(), "{late:?}");
+            // A site throttle pauses first (15 s of its 30 s), like a back-off,
+            // then grants.
+            let throttle = State {
+                rate: Some(Rate {
+                    count: 1,
+                    window_ms: 60_000,
+                }),
+                max_connections: Some(1),
+                duration_ms: 30_000,
+                pause_ms: 15_000,
+                ..state("*", RuleAction::Throttle, 0.5)
+            };
+            let t1 = t0 + 70_000;
+            s.shaping_set("s3", &throttle, 30_000, Some(t1))
+                .await
+                .unwrap();
+            let p = s.acquire(&acquire(t1 + 1, "s3")).await.unwrap();
+            grants.push(p.verdict);
+            assert_eq!(
+                p.states[0],
+                State {
+                    until_ms: t1 + 30_000,
+                    ..throttle.clone()
+                }
+            );
+            let p = s.acquire(&acquire(t1 + 15_000, "s3")).await.unwrap();
+            grants.push(p.verdict);
+            // A throttle's own key (1/1m): a message of another tenant costs
+            // nothing there and is not held by it; the throttled one is.
+            let two = [
+                keys[0].clone(),
+                KeyRef {
+                    quota: "~throttle".into(),
+                    key: "s4|sender_domain:a.test".into(),
+                    windows: vec![Window {
+                        window_ms: 60_000,
+                        limit: 1,
+                    }],
+                    max_connections: None,
+                },
+            ];
+            for (k, costs) in [[1u64, 1], [1, 0], [1, 1], [1, 0]].iter().enumerate() {
+                let token = format!("u{i}-{k}");
+                let req = Acquire {
+                    site: "s4",
+                    keys: &two,
+                    costs,
+                    token: Some(&token),
+                    commit: None,
+                    lease: None,
+                    timing,
+                    policy: BackoffPolicy::default(),
+                    now_ms: Some(t1 + 100_000 + 300 * k as u64),
+                };
+                grants.push(s.acquire(&req).await.unwrap().verdict);
+            }
             answers.push(grants);
         }
         assert_eq!(answers[0], answers[1], "Redis and memory disagree");
@@ -501,5 +561,21 @@ fn redis_rule_states_agree_with_the_embedded_store() {
             panic!("{:?}", answers[0])
         };
         assert_eq!(first, t0);
+        let g = &answers[0];
+        assert_eq!(
+            g[3],
+            Verdict::BackedOff {
+                until_ms: t0 + 85_000
+            }
+        );
+        assert!(matches!(g[4], Verdict::Granted { .. }), "{g:?}");
+        // Throttled tenant, other tenant, throttled again (1/1m: later), other.
+        assert!(matches!(g[5], Verdict::Granted { .. }), "{g:?}");
+        assert!(matches!(g[6], Verdict::Granted { .. }), "{g:?}");
+        assert!(
+            matches!(g[7], Verdict::Later { .. } | Verdict::Blocked),
+            "{g:?}"
+        );
+        assert!(matches!(g[8], Verdict::Granted { .. }), "{g:?}");
     });
 }
