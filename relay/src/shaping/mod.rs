@@ -205,6 +205,19 @@ impl Rules {
         self.rules.len()
     }
 
+    /// Tenant keys of the tenant-scoped rules that select `d`: what delivery
+    /// works out per message for a connection there (nothing for a destination
+    /// no such rule is about, so presets cost nothing elsewhere).
+    pub fn tenant_keys_for(&self, d: &Dest<'_>) -> Vec<TenantKey> {
+        let mut keys: Vec<TenantKey> = Vec::new();
+        for r in &self.rules {
+            if r.scope == RuleScope::Tenant && !keys.contains(&r.tenant_key) && r.selects(d) {
+                keys.push(r.tenant_key);
+            }
+        }
+        keys
+    }
+
     /// The first rule that selects `d` and fits `r`.
     pub fn first_match(&self, d: &Dest<'_>, r: &ReplyFacts<'_>) -> Option<&Rule> {
         self.rules
@@ -606,6 +619,9 @@ mod tests {
         assert_eq!(&*r.first_match(&ses, &thr).unwrap().name, "ses");
         assert!(r.first_match(&d, &thr).is_none());
         assert_eq!(r.tenant_keys, vec![TenantKey::SenderDomain]);
+        // Only where a tenant-scoped rule selects the destination.
+        assert_eq!(r.tenant_keys_for(&yahoo), vec![TenantKey::SenderDomain]);
+        assert!(r.tenant_keys_for(&gmail).is_empty());
     }
 
     #[test]

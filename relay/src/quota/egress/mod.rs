@@ -635,6 +635,22 @@ impl Egress {
             .any(|q| q.destination_domains.iter().any(|g| g.is_match(&domain)))
     }
 
+    /// Tenant keys of the tenant-scoped rules about `d` (see
+    /// [`Rules::tenant_keys_for`]).
+    pub fn tenant_keys(&self, d: &Destination<'_>) -> Vec<TenantKey> {
+        let rules = self.rules();
+        if rules.tenant_keys.is_empty() {
+            return Vec::new();
+        }
+        let domain = d.domain.map(normalize_name);
+        let hosts: Vec<String> = d.mx_hosts.iter().map(|h| normalize_name(h)).collect();
+        rules.tenant_keys_for(&Dest {
+            domain: domain.as_deref(),
+            hosts: &hosts,
+            smarthost: d.smarthost,
+        })
+    }
+
     pub fn route(&self, d: &Destination<'_>) -> Route {
         route_for(&self.quotas(), d)
     }
