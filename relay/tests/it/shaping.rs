@@ -935,9 +935,9 @@ fn microsoft_ip_reputation_throttle_pauses_then_paces_the_site_at_its_rate() {
     assert!(last < lifted + 30.0, "{:.1}s after the lift", last - lifted);
 }
 
-/// Amazon SES's `454 Throttling failure: Maximum sending rate exceeded.` is a
-/// throttle (the shipped `ses` preset): the message is not bounced, the site
-/// pauses, then the message goes.
+/// Amazon SES's `454 Throttling failure: Maximum sending rate exceeded.` (after
+/// DATA, as SES answers it) is a throttle (the shipped `ses` preset): the message
+/// is not bounced, the site pauses, then the message goes.
 #[test]
 fn ses_454_throttling_failure_is_a_throttle_not_a_failure() {
     let dns = Dnsmasq::start(&[
@@ -950,7 +950,7 @@ fn ses_454_throttling_failure_is_a_throttle_not_a_failure() {
         port,
         json!({
             "name": "email-smtp.amazonaws.com", "about": "a.test", "after": 0, "times": 1,
-            "stage": "mail", "reply": "454 Throttling failure: Maximum sending rate exceeded.",
+            "stage": "data", "reply": "454 Throttling failure: Maximum sending rate exceeded.",
         }),
     );
     let r = relay_with(&dns, port, None, "providers: { presets: [ses] }\n");
