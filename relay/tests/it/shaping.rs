@@ -743,7 +743,7 @@ quotas: [{name: gmail-pace, direction: egress, match: {mx_hosts: ['*.google.com'
             let mut i = 0usize;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 submit_signed(&relays[i % 3], "news@a.test", &format!("u{i}@gmail.test"));
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     submit_signed(
                         &relays[(i + 1) % 3],
                         "shop@b.test",

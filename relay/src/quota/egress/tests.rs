@@ -519,7 +519,10 @@ fn throttles_pace_through_keys_of_their_own() {
             .keys,
         base.keys
     );
-    assert_eq!(route.with_throttles(&states, &[a.clone()], 0), route);
+    assert_eq!(
+        route.with_throttles(&states, std::slice::from_ref(&a), 0),
+        route
+    );
     assert!(!route.lacks_throttle(&states, Some(&a), 0));
     assert!(base.lacks_throttle(&states, Some(&a), 0));
     assert!(!base.lacks_throttle(&states, Some(&b), 0));
