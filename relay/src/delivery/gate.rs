@@ -33,9 +33,10 @@ pub trait Pacing: Send + Sync + 'static {
     /// message it paces.
     fn names_domain(&self, domain: &str) -> bool;
 
-    /// Which tenant facts response rules scope by (what [`Tenant::of`] must
-    /// work out per message); empty when no rule is tenant-scoped.
-    fn tenant_keys(&self) -> Vec<crate::config::rules::TenantKey> {
+    /// Which tenant facts the response rules about `dest` scope by (what
+    /// [`Tenant::of`] must work out per message); empty when no tenant-scoped
+    /// rule selects it.
+    fn tenant_keys(&self, _dest: &Destination<'_>) -> Vec<crate::config::rules::TenantKey> {
         Vec::new()
     }
 

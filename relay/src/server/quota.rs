@@ -80,8 +80,8 @@ impl gate::Pacing for EgressPacing {
         self.0.names_domain(domain)
     }
 
-    fn tenant_keys(&self) -> Vec<crate::config::rules::TenantKey> {
-        self.0.rules().tenant_keys.clone()
+    fn tenant_keys(&self, d: &gate::Destination<'_>) -> Vec<crate::config::rules::TenantKey> {
+        self.0.tenant_keys(d)
     }
 
     fn open<'a>(

@@ -42,6 +42,9 @@ pub struct Rule {
     pub duration_ms: u64,
     /// `throttle.factor` (1 = none).
     pub factor: f64,
+    /// `throttle.rate` and `throttle.max_connections`.
+    pub rate: Option<Rate>,
+    pub max_connections: Option<u32>,
     pub reclassify: Option<Reclassify>,
 }
 
@@ -103,6 +106,11 @@ impl Rule {
             tenant_key: r.tenant_key.unwrap_or_default(),
             duration_ms: r.duration.map_or(0, |d| d.as_millis() as u64),
             factor: r.throttle.and_then(|t| t.factor).unwrap_or(1.0),
+            rate: r.throttle.and_then(|t| t.rate).map(|l| Rate {
+                count: l.count.max(1),
+                window_ms: (l.window.as_millis() as u64).max(1),
+            }),
+            max_connections: r.throttle.and_then(|t| t.max_connections),
             reclassify: r.reclassify,
         })
     }
@@ -195,6 +203,19 @@ impl Rules {
 
     pub fn len(&self) -> usize {
         self.rules.len()
+    }
+
+    /// Tenant keys of the tenant-scoped rules that select `d`: what delivery
+    /// works out per message for a connection there (nothing for a destination
+    /// no such rule is about, so presets cost nothing elsewhere).
+    pub fn tenant_keys_for(&self, d: &Dest<'_>) -> Vec<TenantKey> {
+        let mut keys: Vec<TenantKey> = Vec::new();
+        for r in &self.rules {
+            if r.scope == RuleScope::Tenant && !keys.contains(&r.tenant_key) && r.selects(d) {
+                keys.push(r.tenant_key);
+            }
+        }
+        keys
     }
 
     /// The first rule that selects `d` and fits `r`.
@@ -308,6 +329,18 @@ fn header_domains(body: &[u8]) -> (Option<String>, Option<String>) {
     (from, dkim)
 }
 
+/// An absolute rate: `count` units per `window_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u64,
+    pub window_ms: u64,
+}
+
+/// How long a throttle holds its scope's mail before pacing it: the built-in
+/// back-off's first step (what a rate-limit reply cost before rules existed), so a
+/// provider that complains gets a breather, then the slower pace.
+pub const THROTTLE_PAUSE_MS: u64 = 15_000;
+
 /// A shared state: what a `suspend` or `throttle` rule left for a scope.
 #[derive(Debug, Clone, PartialEq)]
 pub struct State {
@@ -318,23 +351,73 @@ pub struct State {
     pub until_ms: u64,
     /// `throttle.factor` (1 = none).
     pub factor: f64,
+    /// `throttle.rate`.
+    pub rate: Option<Rate>,
+    /// `throttle.max_connections` (site scope).
+    pub max_connections: Option<u32>,
+    /// How long the state lasts in all (its start is `until_ms - duration_ms`).
+    pub duration_ms: u64,
+    /// A throttle's pause from its start (0 = none).
+    pub pause_ms: u64,
     pub rule: String,
     /// The reply that started it.
     pub reply: String,
 }
 
 impl State {
-    /// The store's value: `until|s or t|factor|rule|reply` (the scripts read the
-    /// first three).
+    /// A state `rule` starts for `field`, before the store gives it an end.
+    pub fn started_by(rule: &Rule, field: String, reply: String) -> State {
+        let throttle = rule.action == RuleAction::Throttle;
+        State {
+            field,
+            action: rule.action,
+            until_ms: 0,
+            factor: rule.factor,
+            rate: rule.rate,
+            max_connections: rule.max_connections,
+            duration_ms: rule.duration_ms,
+            pause_ms: if throttle {
+                THROTTLE_PAUSE_MS.min(rule.duration_ms)
+            } else {
+                0
+            },
+            rule: rule.name.to_string(),
+            reply,
+        }
+    }
+
+    /// The store's value: `until|s or t|limits|rule|reply`, where `limits` is the
+    /// factor alone, or `factor;count/window_ms;max_connections;duration;pause`
+    /// (empty parts for none). The scripts read the first three fields; a value
+    /// written before rates existed (the factor alone) still reads.
     pub fn encode(&self) -> String {
         let a = if self.action == RuleAction::Suspend {
             "s"
         } else {
             "t"
         };
+        let mut limits = self.factor.to_string();
+        if self.rate.is_some()
+            || self.max_connections.is_some()
+            || self.pause_ms > 0
+            || self.duration_ms > 0
+        {
+            let rate = self
+                .rate
+                .map(|r| format!("{}/{}", r.count, r.window_ms))
+                .unwrap_or_default();
+            let maxc = self
+                .max_connections
+                .map(|m| m.to_string())
+                .unwrap_or_default();
+            limits = format!(
+                "{limits};{rate};{maxc};{};{}",
+                self.duration_ms, self.pause_ms
+            );
+        }
         format!(
-            "{}|{a}|{}|{}|{}",
-            self.until_ms, self.factor, self.rule, self.reply
+            "{}|{a}|{limits}|{}|{}",
+            self.until_ms, self.rule, self.reply
         )
     }
 
@@ -353,7 +436,24 @@ impl State {
             "t" => RuleAction::Throttle,
             _ => return None,
         };
-        let factor = it.next()?.parse().ok()?;
+        let mut limits = it.next()?.split(';');
+        let factor = limits.next()?.parse().ok()?;
+        let rate = match limits.next().unwrap_or("") {
+            "" => None,
+            r => {
+                let (c, w) = r.split_once('/')?;
+                Some(Rate {
+                    count: c.parse::<u64>().ok()?.max(1),
+                    window_ms: w.parse::<u64>().ok()?.max(1),
+                })
+            }
+        };
+        let max_connections = match limits.next().unwrap_or("") {
+            "" => None,
+            m => Some(m.parse().ok()?),
+        };
+        let duration_ms = limits.next().unwrap_or("0").parse().unwrap_or(0);
+        let pause_ms = limits.next().unwrap_or("0").parse().unwrap_or(0);
         let rule = it.next()?.to_owned();
         let reply = it.next().unwrap_or("").to_owned();
         Some(State {
@@ -361,6 +461,10 @@ impl State {
             action,
             until_ms,
             factor,
+            rate,
+            max_connections,
+            duration_ms,
+            pause_ms,
             rule,
             reply,
         })
@@ -368,6 +472,30 @@ impl State {
 
     pub fn suspends(&self, now: u64) -> bool {
         self.action == RuleAction::Suspend && self.until_ms > now
+    }
+
+    /// Until when the state holds its scope's mail: a suspension to its end, a
+    /// throttle during its pause. `None` when it holds nothing at `now`.
+    pub fn holds_until(&self, now: u64) -> Option<u64> {
+        let until = match self.action {
+            RuleAction::Suspend => self.until_ms,
+            RuleAction::Throttle if self.pause_ms == 0 => 0,
+            RuleAction::Throttle => self
+                .until_ms
+                .saturating_sub(self.duration_ms)
+                .saturating_add(self.pause_ms)
+                .min(self.until_ms),
+            _ => 0,
+        };
+        (until > now).then_some(until)
+    }
+
+    /// A throttle that paces (a rate, or a factor of the route's own rate) or caps
+    /// connections, in force at `now`.
+    pub fn throttles(&self, now: u64) -> bool {
+        self.action == RuleAction::Throttle
+            && self.until_ms > now
+            && (self.rate.is_some() || self.max_connections.is_some() || self.factor < 1.0)
     }
 }
 
@@ -491,6 +619,9 @@ mod tests {
         assert_eq!(&*r.first_match(&ses, &thr).unwrap().name, "ses");
         assert!(r.first_match(&d, &thr).is_none());
         assert_eq!(r.tenant_keys, vec![TenantKey::SenderDomain]);
+        // Only where a tenant-scoped rule selects the destination.
+        assert_eq!(r.tenant_keys_for(&yahoo), vec![TenantKey::SenderDomain]);
+        assert!(r.tenant_keys_for(&gmail).is_empty());
     }
 
     #[test]
@@ -527,6 +658,10 @@ mod tests {
             action: RuleAction::Suspend,
             until_ms: 123_456,
             factor: 1.0,
+            rate: None,
+            max_connections: None,
+            duration_ms: 0,
+            pause_ms: 0,
             rule: "gmail-rate".into(),
             reply: "421 4.7.28 a|b".into(),
         };
@@ -534,5 +669,34 @@ mod tests {
         assert!(s.suspends(1));
         assert!(!s.suspends(123_456));
         assert_eq!(State::decode("*", "x|s|1|r|"), None);
+        // A throttle with every limit, and its pause.
+        let t = State {
+            field: "*".into(),
+            action: RuleAction::Throttle,
+            until_ms: 100_000,
+            factor: 0.5,
+            rate: Some(Rate {
+                count: 1,
+                window_ms: 60_000,
+            }),
+            max_connections: Some(2),
+            duration_ms: 90_000,
+            pause_ms: 15_000,
+            rule: "microsoft-ip-reputation".into(),
+            reply: "451 4.7.650 x|y".into(),
+        };
+        assert_eq!(
+            t.encode(),
+            "100000|t|0.5;1/60000;2;90000;15000|microsoft-ip-reputation|451 4.7.650 x|y"
+        );
+        assert_eq!(State::decode("*", &t.encode()), Some(t.clone()));
+        // Started at 10 000: held until 25 000, then paced until 100 000.
+        assert_eq!(t.holds_until(10_000), Some(25_000));
+        assert_eq!(t.holds_until(25_000), None);
+        assert!(t.throttles(25_000) && !t.throttles(100_000));
+        // A value written before rates existed.
+        let old = State::decode("dkim_domain:a", "5|t|0.5|r|x").unwrap();
+        assert_eq!((old.factor, old.rate, old.pause_ms), (0.5, None, 0));
+        assert_eq!(old.holds_until(0), None);
     }
 }

@@ -380,7 +380,7 @@ fn redis_rule_states_agree_with_the_embedded_store() {
     use mailrelay::quota::egress::pacer::Window;
     use mailrelay::quota::egress::redis::RedisStore;
     use mailrelay::quota::egress::store::{Acquire, KeyRef, PacingStore, Timing, Verdict};
-    use mailrelay::shaping::State;
+    use mailrelay::shaping::{Rate, State};
 
     let redis = RedisServer::start();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -410,6 +410,10 @@ fn redis_rule_states_agree_with_the_embedded_store() {
             action,
             until_ms: 0,
             factor,
+            rate: None,
+            max_connections: None,
+            duration_ms: 0,
+            pause_ms: 0,
             rule: "r1".into(),
             reply: "421 4.7.0 [TSS04] x|y".into(),
         };
@@ -493,6 +497,62 @@ fn redis_rule_states_agree_with_the_embedded_store() {
             // Expired: gone from the verdict and the list.
             let late = s.acquire(&acquire(t0 + 61_000, "s1")).await.unwrap();
             assert!(late.states.is_empty(), "{late:?}");
+            // A site throttle pauses first (15 s of its 30 s), like a back-off,
+            // then grants.
+            let throttle = State {
+                rate: Some(Rate {
+                    count: 1,
+                    window_ms: 60_000,
+                }),
+                max_connections: Some(1),
+                duration_ms: 30_000,
+                pause_ms: 15_000,
+                ..state("*", RuleAction::Throttle, 0.5)
+            };
+            let t1 = t0 + 70_000;
+            s.shaping_set("s3", &throttle, 30_000, Some(t1))
+                .await
+                .unwrap();
+            let p = s.acquire(&acquire(t1 + 1, "s3")).await.unwrap();
+            grants.push(p.verdict);
+            assert_eq!(
+                p.states[0],
+                State {
+                    until_ms: t1 + 30_000,
+                    ..throttle.clone()
+                }
+            );
+            let p = s.acquire(&acquire(t1 + 15_000, "s3")).await.unwrap();
+            grants.push(p.verdict);
+            // A throttle's own key (1/1m): a message of another tenant costs
+            // nothing there and is not held by it; the throttled one is.
+            let two = [
+                keys[0].clone(),
+                KeyRef {
+                    quota: "~throttle".into(),
+                    key: "s4|sender_domain:a.test".into(),
+                    windows: vec![Window {
+                        window_ms: 60_000,
+                        limit: 1,
+                    }],
+                    max_connections: None,
+                },
+            ];
+            for (k, costs) in [[1u64, 1], [1, 0], [1, 1], [1, 0]].iter().enumerate() {
+                let token = format!("u{i}-{k}");
+                let req = Acquire {
+                    site: "s4",
+                    keys: &two,
+                    costs,
+                    token: Some(&token),
+                    commit: None,
+                    lease: None,
+                    timing,
+                    policy: BackoffPolicy::default(),
+                    now_ms: Some(t1 + 100_000 + 300 * k as u64),
+                };
+                grants.push(s.acquire(&req).await.unwrap().verdict);
+            }
             answers.push(grants);
         }
         assert_eq!(answers[0], answers[1], "Redis and memory disagree");
@@ -501,5 +561,414 @@ fn redis_rule_states_agree_with_the_embedded_store() {
             panic!("{:?}", answers[0])
         };
         assert_eq!(first, t0);
+        let g = &answers[0];
+        assert_eq!(
+            g[3],
+            Verdict::BackedOff {
+                until_ms: t0 + 85_000
+            }
+        );
+        assert!(matches!(g[4], Verdict::Granted { .. }), "{g:?}");
+        // Throttled tenant, other tenant, throttled again (1/1m: later), other.
+        assert!(matches!(g[5], Verdict::Granted { .. }), "{g:?}");
+        assert!(matches!(g[6], Verdict::Granted { .. }), "{g:?}");
+        assert!(
+            matches!(g[7], Verdict::Later { .. } | Verdict::Blocked),
+            "{g:?}"
+        );
+        assert!(matches!(g[8], Verdict::Granted { .. }), "{g:?}");
     });
+}
+
+/// A sink that answers like a big provider: after `after` messages from the
+/// sender domain `about` it gives `reply` (`times` times) at `stage` (`mail` or
+/// `data`; at `data` the tenant is read from the message's first DKIM `d=`, as
+/// Gmail names the DKIM domain). Every accepted message is recorded with its
+/// sender and time.
+const PROVIDER_LIKE: &str = r#"
+import asyncio, json, re, sys, time
+from aiosmtpd.smtp import SMTP
+
+cfg = json.loads(sys.argv[1])
+state = {"n": {}, "given": 0}
+
+def log(rec):
+    rec["t"] = time.time()
+    with open(cfg["record"], "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+def complain(dom):
+    n = state["n"].get(dom, 0)
+    if dom == cfg["about"] and n >= cfg["after"] and state["given"] < cfg["times"]:
+        state["given"] += 1
+        log({"ev": "complaint", "about": dom})
+        return cfg["reply"]
+    return None
+
+class Handler:
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if cfg["stage"] == "mail":
+            r = complain(address.rsplit("@", 1)[-1].lower())
+            if r:
+                return r
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        dom = envelope.mail_from.rsplit("@", 1)[-1].lower()
+        if cfg["stage"] == "data":
+            m = re.search(rb"DKIM-Signature:.*?\bd=([A-Za-z0-9.-]+)", envelope.content, re.S)
+            r = complain(m.group(1).decode().lower() if m else "")
+            if r:
+                return r
+        state["n"][dom] = state["n"].get(dom, 0) + 1
+        log({"ev": "msg", "from": envelope.mail_from})
+        return "250 2.0.0 OK"
+
+async def main():
+    loop = asyncio.get_running_loop()
+    await loop.create_server(lambda: SMTP(Handler(), hostname=cfg["name"], decode_data=False),
+                             cfg["host"], cfg["port"])
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"#;
+
+impl Provider {
+    fn start_like(host: &str, port: u16, script: Value) -> Provider {
+        let dir = tempfile::tempdir().unwrap();
+        let record = dir.path().join("events.jsonl");
+        let mut cfg = script;
+        cfg["host"] = json!(host);
+        cfg["port"] = json!(port);
+        cfg["record"] = json!(record);
+        let (child, line) = support::start_python(dir.path(), PROVIDER_LIKE, &cfg);
+        assert_eq!(line.trim(), "ready", "aiosmtpd did not start");
+        Provider {
+            child,
+            record,
+            _dir: dir,
+        }
+    }
+
+    /// Messages from `domain` received in `[from, to)` (seconds since the epoch).
+    fn count_from(&self, domain: &str, from: f64, to: f64) -> usize {
+        self.received_from(domain)
+            .into_iter()
+            .filter(|t| *t >= from && *t < to)
+            .count()
+    }
+}
+
+fn relay_with(dns: &Dnsmasq, port: u16, redis: Option<&RedisServer>, yaml: &str) -> Relay {
+    Relay::start(RelayOptions {
+        redis_url: redis.map(RedisServer::url),
+        extra_yaml: format!(
+            "delivery:\n  dns: {{nameservers: ['{}'], port_override: {port}, timeout: 2s}}\n  \
+             retry: {{first: 1s, max_backoff: 2s, jitter: 0.0}}\n  poll_interval: 200ms\n{yaml}",
+            dns.addr()
+        ),
+        ..RelayOptions::default()
+    })
+}
+
+/// One message from `from`, signed (as far as the rules read it) by `from`'s domain.
+fn submit_signed(relay: &Relay, from: &str, rcpt: &str) {
+    let dom = from.rsplit_once('@').unwrap().1;
+    let mut c = relay.connect();
+    assert!(c.cmd("EHLO client.test").starts_with("250"));
+    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
+    let reply = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+    assert!(reply.starts_with("250"), "{reply}");
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(
+        format!(
+            "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;\r\n\td={dom}; s=sel; h=from; bh=x; b=y\r\n\
+             From: <{from}>\r\nSubject: hello\r\n\r\nhello\r\n.\r\n"
+        )
+        .as_bytes(),
+    );
+    let reply = c.reply();
+    assert!(reply.starts_with("250"), "{reply}");
+    c.cmd("QUIT");
+}
+
+/// Gmail's `421 4.7.28` naming one tenant's DKIM domain, across three relays on
+/// one Redis, with the shipped `gmail` preset (its duration and factor overridden
+/// to fit a test) and a 120/1m egress quota on the site. Both tenants send all
+/// along (a.test 1/s, b.test 1/2 s, to any of the relays). Counted over what the
+/// provider received:
+/// - the pause: none of a.test's mail for the 15 s after the complaint, while
+///   b.test's keeps flowing;
+/// - the throttle: a.test resumes at a quarter of the quota's rate (30/1m, burst
+///   3), well under what it asks for;
+/// - the end: a.test back at its own pace.
+#[test]
+fn gmail_dkim_rate_limit_pauses_then_throttles_only_that_tenant_across_relays() {
+    let dns = Dnsmasq::start(&[
+        Record::mx("gmail.test", 10, "gmail-smtp-in.l.google.com"),
+        Record::host("gmail-smtp-in.l.google.com", &["127.0.0.7"]),
+    ]);
+    let port = free_ports(1)[0];
+    let provider = Provider::start_like(
+        "127.0.0.7",
+        port,
+        json!({
+            "name": "mx.google.com", "about": "a.test", "after": 3, "times": 1, "stage": "data",
+            "reply": "421-4.7.28 Gmail has detected an unusual rate of unsolicited mail originating\r\n\
+                      421-4.7.28 from your DKIM domain [a.test      10]. To protect our users from\r\n\
+                      421-4.7.28 spam, mail sent from your domain has been temporarily rate limited.\r\n\
+                      421 4.7.28 https://support.google.com/mail/?p=UnsolicitedRateLimitError x1si gsmtp",
+        }),
+    );
+    let redis = RedisServer::start();
+    let yaml = "providers:
+  presets: [gmail]
+  overrides:
+    gmail:
+      rules:
+        gmail-rate-4.7.28-dkim: { duration: 45s, throttle: { factor: 0.25 } }
+quotas: [{name: gmail-pace, direction: egress, match: {mx_hosts: ['*.google.com']}, limits: [120/1m]}]
+";
+    let relays: Vec<Relay> = (0..3)
+        .map(|_| relay_with(&dns, port, Some(&redis), yaml))
+        .collect();
+    let all: Vec<&Relay> = relays.iter().collect();
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (complained, ended) = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut i = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                submit_signed(&relays[i % 3], "news@a.test", &format!("u{i}@gmail.test"));
+                if i.is_multiple_of(2) {
+                    submit_signed(
+                        &relays[(i + 1) % 3],
+                        "shop@b.test",
+                        &format!("v{i}@gmail.test"),
+                    );
+                }
+                i += 1;
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+        });
+        // Stops the sender whatever happens here (a panic included).
+        struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let _stop = StopOnDrop(&stop);
+        provider.wait("the complaint", &all, |p| !p.events("complaint").is_empty());
+        let t0 = provider.events("complaint")[0]["t"].as_f64().unwrap();
+        // Until the throttle ends (45 s) and 25 s more.
+        while now() < t0 + 70.0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (t0, t0 + 45.0)
+    });
+    let t0 = complained;
+    let logs = || {
+        relays
+            .iter()
+            .map(|r| r.log())
+            .collect::<Vec<_>>()
+            .join("\n-----\n")
+    };
+    let a_times = || {
+        let mut v: Vec<f64> = provider
+            .received_from("a.test")
+            .iter()
+            .map(|t| t - t0)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    // The pause (a message granted before the state was shared may land in the
+    // first second or two).
+    let a_paused = provider.count_from("a.test", t0 + 2.0, t0 + 14.0);
+    assert_eq!(a_paused, 0, "a.test during its pause: {:?}", a_times());
+    let b_paused = provider.count_from("b.test", t0, t0 + 14.0);
+    assert!(
+        b_paused >= 4,
+        "b.test stopped too: {b_paused} in 14 s\n{}",
+        logs()
+    );
+    // The throttle: 30/1m with a burst of 3 over 28 s is at most 17; unthrottled
+    // a.test would send its 1/s plus the pause's backlog (over 40).
+    let a_throttled = provider.count_from("a.test", t0 + 16.0, t0 + 44.0);
+    assert!(
+        (2..=17).contains(&a_throttled),
+        "a.test while throttled: {a_throttled}; {:?}",
+        a_times()
+    );
+    // Recovered: at least its own 1/s (generously: 15 in 23 s), more than the
+    // throttle allows (at most 14 in 23 s).
+    let a_after = provider.count_from("a.test", ended + 2.0, ended + 25.0);
+    assert!(
+        a_after >= 15,
+        "a.test after the throttle: {a_after}; {:?}\n{}",
+        a_times(),
+        logs()
+    );
+    // The state was shared: the throttle hit on one relay, the pause held every
+    // relay's a.test mail (checked above), and no relay backed the site off.
+    for r in &relays {
+        assert!(
+            !r.log().contains("destination rate-limits us"),
+            "{}",
+            r.log()
+        );
+    }
+}
+
+/// `GET /api/v1/shaping` until a state shows (it is written when the connection
+/// that got the reply moves on); returns the states.
+fn states_shown(r: &Relay) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = r.admin_get("/api/v1/shaping");
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let states = v["states"].as_array().unwrap().clone();
+        if !states.is_empty() {
+            return states;
+        }
+        assert!(Instant::now() < deadline, "no state shown\n{}", r.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Microsoft's IP-reputation throttle (`451 4.7.650`, the real text), with the
+/// shipped `microsoft` preset on the embedded store: the whole site pauses, then
+/// goes at the preset's 1 message a minute on 1 connection; lifted by hand, new
+/// mail goes at once.
+#[test]
+fn microsoft_ip_reputation_throttle_pauses_then_paces_the_site_at_its_rate() {
+    let dns = Dnsmasq::start(&[
+        Record::mx(
+            "outlook.test",
+            10,
+            "outlook-test.olc.protection.outlook.com",
+        ),
+        Record::host("outlook-test.olc.protection.outlook.com", &["127.0.0.8"]),
+    ]);
+    let port = free_ports(1)[0];
+    let provider = Provider::start_like(
+        "127.0.0.8",
+        port,
+        json!({
+            "name": "outlook-test.olc.protection.outlook.com", "about": "a.test", "after": 2,
+            "times": 1, "stage": "mail",
+            "reply": "451 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation. For e-mail delivery information, see https://postmaster.live.com (S775) [Name=Protocol Filter Agent][AGT=PFA][MxId=11BB6A1F8F7C4E26] [AM4PEPF00027A5F.eurprd04.prod.outlook.com]",
+        }),
+    );
+    let r = relay_with(&dns, port, None, "providers: { presets: [microsoft] }\n");
+    for i in 0..2 {
+        submit_signed(&r, "news@a.test", &format!("u{i}@outlook.test"));
+    }
+    provider.wait("a.test's first two", &[&r], |p| {
+        p.received_from("a.test").len() >= 2
+    });
+    for i in 2..5 {
+        submit_signed(&r, "news@a.test", &format!("u{i}@outlook.test"));
+        submit_signed(&r, "shop@b.test", &format!("v{i}@outlook.test"));
+    }
+    provider.wait("the complaint", &[&r], |p| {
+        !p.events("complaint").is_empty()
+    });
+    let t0 = provider.events("complaint")[0]["t"].as_f64().unwrap();
+    let states = states_shown(&r);
+    assert_eq!(states[0]["rule"], "microsoft-ip-reputation", "{states:?}");
+    assert_eq!(states[0]["action"], "throttle", "{states:?}");
+    assert_eq!(states[0]["scope"], "*", "{states:?}");
+
+    while now() < t0 + 40.0 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let all = |from: f64, to: f64| {
+        provider.count_from("a.test", from, to) + provider.count_from("b.test", from, to)
+    };
+    // The pause: nothing for 15 s (a message already under way may land first).
+    assert_eq!(all(t0 + 1.0, t0 + 14.0), 0, "{:#?}", provider.events("msg"));
+    // Then 1/1m: one message in the next 25 s (two at most at the boundary).
+    let paced = all(t0 + 14.0, t0 + 40.0);
+    assert!(
+        (1..=2).contains(&paced),
+        "{paced} after the pause: {:#?}\n{}",
+        provider.events("msg"),
+        r.log()
+    );
+    assert!(
+        !r.log().contains("destination rate-limits us"),
+        "the built-in back-off ran as well\n{}",
+        r.log()
+    );
+
+    // Lifted by hand: new mail goes at once, unpaced.
+    let id = format!("*@{}", states[0]["site"].as_str().unwrap());
+    let (code, _, body) = support::relay::http_request(
+        r.admin,
+        "POST",
+        &format!(
+            "/api/v1/shaping/{}/lift",
+            id.replace('*', "%2A").replace('@', "%40")
+        ),
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    let lifted = now();
+    for i in 0..3 {
+        submit_signed(&r, "new@c.test", &format!("w{i}@outlook.test"));
+    }
+    provider.wait("c.test's mail after the lift", &[&r], |p| {
+        p.received_from("c.test").len() >= 3
+    });
+    let last = provider
+        .received_from("c.test")
+        .into_iter()
+        .fold(0.0, f64::max);
+    assert!(last < lifted + 30.0, "{:.1}s after the lift", last - lifted);
+}
+
+/// Amazon SES's `454 Throttling failure: Maximum sending rate exceeded.` (after
+/// DATA, as SES answers it) is a throttle (the shipped `ses` preset): the message
+/// is not bounced, the site pauses, then the message goes.
+#[test]
+fn ses_454_throttling_failure_is_a_throttle_not_a_failure() {
+    let dns = Dnsmasq::start(&[
+        Record::mx("ses.test", 10, "email-smtp.us-east-1.amazonaws.com"),
+        Record::host("email-smtp.us-east-1.amazonaws.com", &["127.0.0.9"]),
+    ]);
+    let port = free_ports(1)[0];
+    let provider = Provider::start_like(
+        "127.0.0.9",
+        port,
+        json!({
+            "name": "email-smtp.amazonaws.com", "about": "a.test", "after": 0, "times": 1,
+            "stage": "data", "reply": "454 Throttling failure: Maximum sending rate exceeded.",
+        }),
+    );
+    let r = relay_with(&dns, port, None, "providers: { presets: [ses] }\n");
+    submit_signed(&r, "news@a.test", "u1@ses.test");
+    provider.wait("the 454", &[&r], |p| !p.events("complaint").is_empty());
+    let t0 = provider.events("complaint")[0]["t"].as_f64().unwrap();
+    let states = states_shown(&r);
+    assert_eq!(states[0]["rule"], "ses-max-send-rate", "{states:?}");
+    assert_eq!(states[0]["action"], "throttle", "{states:?}");
+    assert_eq!(states[0]["factor"], "0.5", "{states:?}");
+    provider.wait("the message after the pause", &[&r], |p| {
+        !p.received_from("a.test").is_empty()
+    });
+    let got = provider.received_from("a.test")[0];
+    assert!(
+        got >= t0 + 13.0,
+        "sent {:.1}s after the 454, inside the pause",
+        got - t0
+    );
+    assert!(!r.log().contains("bounced"), "{}", r.log());
 }

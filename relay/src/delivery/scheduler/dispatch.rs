@@ -402,7 +402,7 @@ impl Inner {
             .iter()
             .map(|m| (m.envelope.recipients.len(), m.body.len()))
             .collect();
-        let keys = self.egress.tenant_keys();
+        let keys = self.egress.tenant_keys(&to);
         let tenants: Vec<Tenant> = if keys.is_empty() {
             Vec::new()
         } else {

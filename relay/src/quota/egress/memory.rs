@@ -67,7 +67,8 @@ impl MemoryStore {
     }
 
     /// The site's live states (expired ones dropped), the end of a site-wide
-    /// suspension and the site-wide throttle's slow-down (as `acquire.lua`).
+    /// suspension (or throttle's pause) and the site-wide throttle's slow-down
+    /// (as `acquire.lua`).
     fn shaping_at(st: &mut State_, site: &str, now: u64) -> (Vec<State>, u64, f64) {
         let Some(m) = st.shaping.get_mut(site) else {
             return (Vec::new(), 0, 1.0);
@@ -81,8 +82,14 @@ impl MemoryStore {
             if s.field == SITE {
                 if s.action == RuleAction::Suspend {
                     until = until.max(s.until_ms);
-                } else if s.factor > 0.0 && s.factor < 1.0 {
-                    slow = slow.max(1.0 / s.factor);
+                } else {
+                    if s.factor > 0.0 && s.factor < 1.0 {
+                        slow = slow.max(1.0 / s.factor);
+                    }
+                    // A throttle starts with a pause.
+                    if let Some(u) = s.holds_until(now) {
+                        until = until.max(u);
+                    }
                 }
             }
         }
@@ -191,7 +198,8 @@ impl MemoryStore {
                 .collect();
             let mut states: Vec<(usize, KeyState)> = Vec::new();
             for (i, k) in req.keys.iter().enumerate() {
-                if k.paced() {
+                // Cost 0: the message does not count there (another tenant's key).
+                if k.paced() && req.costs.get(i).copied().unwrap_or(1) > 0 {
                     let e = st.keys.entry(names[i].clone()).or_default();
                     states.push((i, std::mem::take(&mut e.pace)));
                 }

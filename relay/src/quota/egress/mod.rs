@@ -71,7 +71,8 @@ pub mod redis;
 pub mod store;
 pub mod usage;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -147,6 +148,53 @@ pub struct Route {
     domain: Option<String>,
     hosts: Vec<String>,
     smarthost: bool,
+    /// Per key: `None` for a quota's key, else the scope field of the throttle
+    /// whose rate or connection cap the key carries (see [`rule_key`]); those keys
+    /// come after every quota key.
+    throttle_of: Vec<Option<String>>,
+}
+
+/// The quota name of the keys throttle states pace and cap through (not a name a
+/// quota can have: quota names are plain words).
+pub const THROTTLE_QUOTA: &str = "~throttle";
+
+/// The key through which `state` (a throttle in force) paces or caps `route`'s
+/// connections, if it needs one: an absolute `rate`, a `factor` of the route's own
+/// quota rates (for a tenant; a site-wide factor slows the quotas themselves in the
+/// store), or `max_connections`. The key lives with the counters of the quotas, so
+/// every relay sharing the store paces the scope as one.
+fn rule_key(route: &Route, state: &State) -> Option<KeyRef> {
+    let mut windows = Vec::new();
+    if let Some(r) = state.rate {
+        windows.push(Window {
+            window_ms: r.window_ms,
+            limit: r.count,
+        });
+    }
+    if state.field != SITE && state.factor > 0.0 && state.factor < 1.0 {
+        for k in &route.keys[..route.quota_keys()] {
+            for w in &k.windows {
+                if windows.iter().all(|o: &Window| o.window_ms != w.window_ms) {
+                    windows.push(Window {
+                        window_ms: w.window_ms,
+                        limit: ((w.limit as f64 * state.factor).floor() as u64).max(1),
+                    });
+                }
+            }
+        }
+    }
+    // A connection cap is site-wide (config validation refuses one per tenant).
+    let max_connections = state.max_connections.filter(|_| state.field == SITE);
+    if windows.is_empty() && max_connections.is_none() {
+        return None;
+    }
+    windows.sort_by_key(|w| w.window_ms);
+    Some(KeyRef {
+        quota: Arc::from(THROTTLE_QUOTA),
+        key: format!("{}|{}", route.site, state.field),
+        windows,
+        max_connections,
+    })
 }
 
 impl Route {
@@ -160,7 +208,59 @@ impl Route {
 
     /// `egress_key` of tenant-scoped rules: the first quota key.
     fn egress_key(&self) -> Option<&str> {
-        self.keys.first().map(|k| k.key.as_str())
+        self.keys[..self.quota_keys()]
+            .first()
+            .map(|k| k.key.as_str())
+    }
+
+    /// How many keys are quotas' (the throttles' keys follow).
+    fn quota_keys(&self) -> usize {
+        self.throttle_of.iter().take_while(|t| t.is_none()).count()
+    }
+
+    /// Whether a state of scope `field` concerns the mail of `tenant`.
+    fn concerns(&self, field: &str, tenant: Option<&Tenant>) -> bool {
+        field == SITE
+            || tenant.is_some_and(|t| {
+                field
+                    .split_once(':')
+                    .and_then(|(k, _)| tenant_key_named(k))
+                    .and_then(|k| t.field(k, self.egress_key()))
+                    .is_some_and(|f| f == field)
+            })
+    }
+
+    /// The route with the keys of the throttles in `states` that concern some of
+    /// `tenants` (the quota keys unchanged).
+    fn with_throttles(&self, states: &[State], tenants: &[Tenant], now: u64) -> Route {
+        let n = self.quota_keys();
+        let mut r = self.clone();
+        r.keys.truncate(n);
+        r.units.truncate(n);
+        r.throttle_of.truncate(n);
+        for s in states.iter().filter(|s| s.throttles(now)) {
+            if s.field != SITE && !tenants.iter().any(|t| self.concerns(&s.field, Some(t))) {
+                continue;
+            }
+            if let Some(k) = rule_key(&r, s)
+                && !r.keys.iter().any(|o| o.key == k.key && o.quota == k.quota)
+            {
+                r.keys.push(k);
+                r.units.push(Unit::Messages);
+                r.throttle_of.push(Some(s.field.clone()));
+            }
+        }
+        r
+    }
+
+    /// Whether `states` hold a throttle concerning `tenant` whose key this route
+    /// lacks (it started after the connection opened).
+    fn lacks_throttle(&self, states: &[State], tenant: Option<&Tenant>, now: u64) -> bool {
+        states.iter().any(|s| {
+            s.throttles(now)
+                && self.concerns(&s.field, tenant)
+                && rule_key(self, s).is_some_and(|k| !self.keys.contains(&k))
+        })
     }
 
     /// The scope field a message of `tenant` falls under for a state of `rule`.
@@ -171,21 +271,14 @@ impl Route {
         }
     }
 
-    /// Until when `tenant`'s mail is suspended by a tenant-scoped state (site-wide
-    /// ones the store reports as a back-off).
+    /// Until when `tenant`'s mail is held by a tenant-scoped state: a suspension,
+    /// or a throttle's pause (site-wide ones the store reports as a back-off).
     fn suspended_until(&self, states: &[State], tenant: Option<&Tenant>, now: u64) -> Option<u64> {
-        let t = tenant?;
+        tenant?;
         states
             .iter()
-            .filter(|s| s.field != SITE && s.suspends(now))
-            .filter(|s| {
-                s.field
-                    .split_once(':')
-                    .and_then(|(k, _)| tenant_key_named(k))
-                    .and_then(|k| t.field(k, self.egress_key()))
-                    .is_some_and(|f| f == s.field)
-            })
-            .map(|s| s.until_ms)
+            .filter(|s| s.field != SITE && self.concerns(&s.field, tenant))
+            .filter_map(|s| s.holds_until(now))
             .max()
     }
 
@@ -198,14 +291,17 @@ impl Route {
         self.keys.iter().map(|k| &*k.quota).collect()
     }
 
-    /// Per key: what a message of `rcpts` recipients and `bytes` octets costs.
-    fn costs(&self, rcpts: usize, bytes: usize) -> Vec<u64> {
+    /// Per key: what a message of `rcpts` recipients and `bytes` octets from
+    /// `tenant` costs (0 on a tenant throttle's key for another tenant's message).
+    fn costs(&self, rcpts: usize, bytes: usize, tenant: Option<&Tenant>) -> Vec<u64> {
         self.units
             .iter()
-            .map(|u| match u {
-                Unit::Messages => 1,
-                Unit::Recipients => rcpts.max(1) as u64,
-                Unit::Bytes => bytes.max(1) as u64,
+            .zip(&self.throttle_of)
+            .map(|(u, t)| match (u, t) {
+                (_, Some(field)) => u64::from(self.concerns(field, tenant)),
+                (Unit::Messages, None) => 1,
+                (Unit::Recipients, None) => rcpts.max(1) as u64,
+                (Unit::Bytes, None) => bytes.max(1) as u64,
             })
             .collect()
     }
@@ -284,6 +380,7 @@ fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
     }
     Route {
         site,
+        throttle_of: vec![None; keys.len()],
         keys,
         units,
         domain,
@@ -341,6 +438,12 @@ struct Inner {
     /// Makes tokens and lease ids unique across processes.
     owner: String,
     next: AtomicU64,
+    /// Rule states by site as the store last reported them, ends on the relay
+    /// clock: a connection opens with the keys of the throttles in force (the
+    /// store says which on every call; this saves asking twice).
+    known: Mutex<HashMap<String, Vec<State>>>,
+    /// `known` is not empty (read without the lock on every message).
+    known_any: AtomicBool,
 }
 
 /// Egress pacing for one relay process. Cheap to clone.
@@ -398,6 +501,8 @@ impl Egress {
                 metrics: EgressMetrics::default(),
                 owner,
                 next: AtomicU64::new(0),
+                known: Mutex::new(HashMap::new()),
+                known_any: AtomicBool::new(false),
             }),
         }
     }
@@ -467,6 +572,52 @@ impl Egress {
         Arc::clone(&self.inner.quotas.read().unwrap())
     }
 
+    /// Remembers `site`'s states from a store reply (clock `store_now`).
+    fn learn(&self, site: &str, states: &[State], store_now: u64) {
+        if states.is_empty() && !self.inner.known_any.load(Ordering::Relaxed) {
+            return;
+        }
+        let local = now_ms();
+        let mut known = self.inner.known.lock().unwrap();
+        if states.is_empty() {
+            known.remove(site);
+        } else {
+            let states = states
+                .iter()
+                .map(|s| State {
+                    until_ms: local + s.until_ms.saturating_sub(store_now),
+                    ..s.clone()
+                })
+                .collect();
+            known.insert(site.to_owned(), states);
+        }
+        self.inner
+            .known_any
+            .store(!known.is_empty(), Ordering::Relaxed);
+    }
+
+    /// Adds a state this relay just started (end on the relay clock).
+    fn learn_one(&self, site: &str, state: &State) {
+        let mut known = self.inner.known.lock().unwrap();
+        let v = known.entry(site.to_owned()).or_default();
+        v.retain(|o| o.field != state.field);
+        v.push(state.clone());
+        self.inner.known_any.store(true, Ordering::Relaxed);
+    }
+
+    /// `site`'s states as last known (relay clock).
+    fn known(&self, site: &str) -> Vec<State> {
+        if !self.inner.known_any.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        let now = now_ms();
+        let known = self.inner.known.lock().unwrap();
+        known
+            .get(site)
+            .map(|v| v.iter().filter(|s| s.until_ms > now).cloned().collect())
+            .unwrap_or_default()
+    }
+
     fn unique(&self, what: &str) -> String {
         let n = self.inner.next.fetch_add(1, Ordering::Relaxed);
         format!("{what}{}-{n}", self.inner.owner)
@@ -484,6 +635,22 @@ impl Egress {
             .any(|q| q.destination_domains.iter().any(|g| g.is_match(&domain)))
     }
 
+    /// Tenant keys of the tenant-scoped rules about `d` (see
+    /// [`Rules::tenant_keys_for`]).
+    pub fn tenant_keys(&self, d: &Destination<'_>) -> Vec<TenantKey> {
+        let rules = self.rules();
+        if rules.tenant_keys.is_empty() {
+            return Vec::new();
+        }
+        let domain = d.domain.map(normalize_name);
+        let hosts: Vec<String> = d.mx_hosts.iter().map(|h| normalize_name(h)).collect();
+        rules.tenant_keys_for(&Dest {
+            domain: domain.as_deref(),
+            hosts: &hosts,
+            smarthost: d.smarthost,
+        })
+    }
+
     pub fn route(&self, d: &Destination<'_>) -> Route {
         route_for(&self.quotas(), d)
     }
@@ -499,14 +666,29 @@ impl Egress {
         tenants: Vec<Tenant>,
     ) -> Result<EgressConn, Postponement> {
         let inner = &self.inner;
-        let route = Arc::new(route);
-        let costs: Vec<Vec<u64>> = messages.iter().map(|&(r, b)| route.costs(r, b)).collect();
-        let capped = route.keys.iter().any(|k| k.max_connections.is_some());
-        let lease = capped.then(|| self.unique("c"));
-        let token = (route.paced() && !messages.is_empty()).then(|| self.unique("m"));
+        // The throttles in force pace and cap through keys of their own.
+        let route = route.with_throttles(&self.known(&route.site), &tenants, now_ms());
+        let mut route = Arc::new(route);
+        let costs_of = |route: &Route| -> Vec<Vec<u64>> {
+            messages
+                .iter()
+                .enumerate()
+                .map(|(i, &(r, b))| route.costs(r, b, tenants.get(i)))
+                .collect()
+        };
+        let mut costs = costs_of(&route);
+        let mut lease = None;
+        let mut token = None;
+        let mut rerouted = false;
         let no_costs: Vec<u64> = Vec::new();
         let started = Instant::now();
         loop {
+            if lease.is_none() && route.keys.iter().any(|k| k.max_connections.is_some()) {
+                lease = Some(self.unique("c"));
+            }
+            if token.is_none() && route.paced() && !messages.is_empty() {
+                token = Some(self.unique("m"));
+            }
             let sent_from = Instant::now();
             let req = Acquire {
                 site: &route.site,
@@ -525,6 +707,33 @@ impl Egress {
                     let got = Instant::now();
                     let local = now_ms();
                     let to_local = |t: u64| local + t.saturating_sub(reply.now_ms);
+                    self.learn(&route.site, &reply.states, reply.now_ms);
+                    // A throttle this relay did not know of: give back what was
+                    // taken and ask again with its keys (once).
+                    let fresh = route.with_throttles(&reply.states, &tenants, reply.now_ms);
+                    if !rerouted && fresh.keys != route.keys {
+                        rerouted = true;
+                        if matches!(reply.verdict, Verdict::Granted { .. }) {
+                            let first_costs = costs.first().cloned().unwrap_or_default();
+                            let close = Close {
+                                keys: &route.keys,
+                                lease: lease.as_deref(),
+                                commit: token.as_deref().map(|t| Commit {
+                                    token: t,
+                                    costs: &first_costs,
+                                    end_ms: reply.now_ms,
+                                }),
+                                now_ms: None,
+                            };
+                            if let Err(e) = inner.store.close(&close).await {
+                                warn!(site = %route.site, error = %e, "releasing egress leases failed");
+                            }
+                        }
+                        route = Arc::new(fresh);
+                        costs = costs_of(&route);
+                        token = None;
+                        continue;
+                    }
                     // Messages of suspended tenants wait for their suspension,
                     // whatever the verdict for the others.
                     let held: Vec<(usize, u64)> = (0..messages.len())
@@ -929,9 +1138,12 @@ impl EgressConn {
                 .report_state(&self.route.site, &s, duration)
                 .await;
             s.until_ms = until;
-            if s.field == SITE && s.action == RuleAction::Suspend {
-                self.backoff_until = Some(self.backoff_until.map_or(until, |b| b.max(until)));
+            if s.field == SITE
+                && let Some(hold) = s.holds_until(now_ms())
+            {
+                self.backoff_until = Some(self.backoff_until.map_or(hold, |b| b.max(hold)));
             }
+            self.egress.learn_one(&self.route.site, &s);
             self.local_states.retain(|o| o.field != s.field);
             self.local_states.push(s);
         }
@@ -945,15 +1157,8 @@ impl EgressConn {
         let mine = self
             .local_states
             .iter()
-            .filter(|s| s.suspends(local))
-            .filter(|s| {
-                s.field == SITE
-                    || self
-                        .route
-                        .suspended_until(std::slice::from_ref(*s), tenant, local)
-                        .is_some()
-            })
-            .map(|s| s.until_ms)
+            .filter(|s| self.route.concerns(&s.field, tenant))
+            .filter_map(|s| s.holds_until(local))
             .max();
         let shared = self
             .route
@@ -1046,6 +1251,8 @@ impl EgressConn {
                     *self.live.lock().unwrap() = None;
                     self.states = reply.states.clone();
                     self.states_now = reply.now_ms;
+                    self.egress
+                        .learn(&self.route.site, &reply.states, reply.now_ms);
                     self.on_reply_verdict(index, token.clone(), sent_from, &reply)?;
                     match reply.verdict {
                         Verdict::Granted { .. } => return Ok(()),
@@ -1246,6 +1453,18 @@ impl EgressConn {
                 ),
             ));
         }
+        // A throttle that started after the connection opened, for this message:
+        // it and the rest come back at once, on a connection with its keys.
+        let tenant = self.tenants.get(index);
+        if self
+            .route
+            .lacks_throttle(&self.local_states, tenant, now_ms())
+            || self
+                .route
+                .lacks_throttle(&self.states, tenant, self.states_now)
+        {
+            return Err(self.refuse(index, now_ms(), 0, WaitReason::Slot));
+        }
         if let Some(reply) = self.rate_limited.take() {
             let until = self
                 .egress
@@ -1306,14 +1525,7 @@ impl EgressConn {
                     let tenant = self.current.and_then(|i| self.tenants.get(i));
                     match self.route.field(rule.scope, rule.tenant_key, tenant) {
                         Some(field) => self.pending.push((
-                            State {
-                                field,
-                                action: rule.action,
-                                until_ms: 0,
-                                factor: rule.factor,
-                                rule: rule.name.to_string(),
-                                reply: t.replace('\n', " "),
-                            },
+                            State::started_by(rule, field, t.replace('\n', " ")),
                             rule.duration_ms,
                         )),
                         None => {
@@ -1321,15 +1533,10 @@ impl EgressConn {
                         }
                     }
                 }
-                // The rule decides: no generic back-off for this reply, unless it
-                // is a throttle this relay cannot enforce yet (per tenant, or
-                // without a factor): then the site backs off as before, so a
-                // rule never leaves the relay less careful than no rule.
-                let enforced = rule.action != RuleAction::Throttle
-                    || (rule.scope == RuleScope::Site && rule.factor < 1.0);
-                if enforced {
-                    return;
-                }
+                // The rule decides: no generic back-off for this reply. A
+                // throttle pauses its scope first (the built-in back-off's first
+                // step), then paces it.
+                return;
             }
             got = Some(t);
         }

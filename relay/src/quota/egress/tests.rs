@@ -125,7 +125,7 @@ fn costs_follow_each_quota_unit_and_spacing_the_slowest_window() {
          - {name: b, direction: egress, limits: [1000000/1h], unit: bytes}\n",
     ));
     let r = route_for(&q, &dest("x.test", &["mx.x.test".to_owned()]));
-    assert_eq!(r.costs(3, 2_000), [1, 3, 2_000]);
+    assert_eq!(r.costs(3, 2_000, None), [1, 3, 2_000]);
     assert_eq!(r.spacing_ms(0), 600);
     assert_eq!(r.spacing_ms(2), 2_400);
 }
@@ -425,4 +425,234 @@ async fn a_site_suspension_pauses_every_tenant() {
         panic!("the site is suspended")
     };
     assert!(p.stop.unwrap().until_ms >= before + 59_000);
+}
+
+fn throttle(field: &str, factor: f64, rate: Option<(u64, u64)>, maxc: Option<u32>) -> State {
+    State {
+        field: field.into(),
+        action: RuleAction::Throttle,
+        until_ms: u64::MAX / 4,
+        factor,
+        rate: rate.map(|(count, window_ms)| crate::shaping::Rate { count, window_ms }),
+        max_connections: maxc,
+        duration_ms: 0,
+        pause_ms: 0,
+        rule: "r".into(),
+        reply: String::new(),
+    }
+}
+
+/// Grants a tenant gets in `span` ms of store time asking as fast as it may (each
+/// message ends the moment it is granted), from `from`.
+fn grants(store: &MemoryStore, route: &Route, who: &Tenant, from: u64, span: u64) -> usize {
+    let costs = route.costs(1, 10, Some(who));
+    let timing = Timing {
+        max_wait_ms: 0,
+        flight_ttl_ms: 60_000,
+        lease_ttl_ms: 60_000,
+    };
+    let (mut t, mut n, mut last): (u64, usize, Option<String>) = (from, 0, None);
+    let mut i = 0;
+    while t < from + span {
+        i += 1;
+        let token = format!("{}-{i}", who.sender_domain.as_deref().unwrap());
+        let req = Acquire {
+            site: &route.site,
+            keys: &route.keys,
+            costs: &costs,
+            token: Some(&token),
+            commit: last.as_deref().map(|tok| Commit {
+                token: tok,
+                costs: &costs,
+                end_ms: t,
+            }),
+            lease: None,
+            timing,
+            policy: BackoffPolicy::default(),
+            now_ms: Some(t),
+        };
+        match store.acquire(&req).verdict {
+            Verdict::Granted { .. } => {
+                n += 1;
+                last = Some(token);
+            }
+            Verdict::Later { at_ms } => {
+                last = None;
+                t = at_ms;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    n
+}
+
+/// A tenant throttle paces that tenant at its factor of the quota's rate through
+/// a key of its own (the other tenant's messages cost nothing there); an absolute
+/// rate and a connection cap apply to the whole site; without the state the
+/// tenant is back at the quota's rate. Store clock driven by the test.
+#[test]
+fn throttles_pace_through_keys_of_their_own() {
+    let q = compile(&quotas(
+        "- name: pace\n  direction: egress\n  scope: per_key\n  limits: [60/1m]\n",
+    ));
+    let hosts = vec!["mx.provider.test".to_owned()];
+    let base = route_for(&q, &dest("provider.test", &hosts));
+    let (a, b) = (tenant("a.test"), tenant("b.test"));
+    let states = vec![throttle("sender_domain:a.test", 0.5, None, None)];
+    let route = base.with_throttles(&states, &[a.clone(), b.clone()], 0);
+    assert_eq!(route.keys.len(), 2);
+    assert_eq!(&*route.keys[1].quota, THROTTLE_QUOTA);
+    assert_eq!(route.keys[1].key, "mx.provider.test|sender_domain:a.test");
+    assert_eq!(
+        route.keys[1].windows,
+        [Window {
+            window_ms: 60_000,
+            limit: 30
+        }]
+    );
+    assert_eq!(route.costs(1, 10, Some(&a)), [1, 1]);
+    assert_eq!(route.costs(1, 10, Some(&b)), [1, 0]);
+    assert_eq!(route.egress_key(), Some("provider.test"));
+    // Only tenants on the connection bring their keys; adding twice is a no-op.
+    assert_eq!(
+        base.with_throttles(&states, std::slice::from_ref(&b), 0)
+            .keys,
+        base.keys
+    );
+    assert_eq!(
+        route.with_throttles(&states, std::slice::from_ref(&a), 0),
+        route
+    );
+    assert!(!route.lacks_throttle(&states, Some(&a), 0));
+    assert!(base.lacks_throttle(&states, Some(&a), 0));
+    assert!(!base.lacks_throttle(&states, Some(&b), 0));
+
+    // Ten minutes each, the store clock jumping to each slot: a at half the rate
+    // (plus the GCRA burst), b at the full rate, and a again at the full rate once
+    // the throttle is gone.
+    let store = MemoryStore::new();
+    let t0 = 1_000_000;
+    let na = grants(&store, &route, &a, t0, 600_000);
+    assert!((290..=305).contains(&na), "{na}");
+    let nb = grants(&store, &route, &b, t0 + 700_000, 600_000);
+    assert!((590..=610).contains(&nb), "{nb}");
+    let n = grants(&store, &base, &a, t0 + 1_400_000, 600_000);
+    assert!((590..=610).contains(&n), "{n}");
+
+    // A site throttle with an absolute rate and a cap, whatever the tenant.
+    let site = vec![throttle(SITE, 1.0, Some((1, 60_000)), Some(1))];
+    let r = base.with_throttles(&site, &[], 0);
+    assert_eq!(r.keys[1].key, "mx.provider.test|*");
+    assert_eq!(r.keys[1].max_connections, Some(1));
+    assert_eq!(r.costs(1, 10, None), [1, 1]);
+    let n = grants(&store, &r, &b, t0 + 2_100_000, 600_000);
+    assert!((9..=11).contains(&n), "{n}");
+    // A site factor needs no key: the store slows the quotas themselves.
+    let f = vec![throttle(SITE, 0.5, None, None)];
+    assert_eq!(base.with_throttles(&f, &[], 0), base);
+}
+
+/// A throttle starts with a pause: the tenant's mail is held until it ends, the
+/// other tenant's goes on; a site throttle's pause backs the site off in the
+/// store. Then the throttle paces.
+#[tokio::test]
+async fn a_throttle_pauses_first_then_paces() {
+    let egress = Egress::embedded(
+        &quotas("- name: pace\n  direction: egress\n  scope: per_key\n  limits: [600/1m]\n"),
+        Duration::from_secs(30),
+    );
+    let cfg = crate::config::RelayConfig::from_yaml(
+        "response_rules:
+  - name: dkim-rate
+    destination: { mx_hosts: ['*.provider.test'] }
+    match: { codes: [421], enhanced: ['4.7.28'], text: DKIM }
+    action: throttle
+    scope: tenant
+    tenant_key: sender_domain
+    duration: 10m
+    throttle: { factor: 0.5 }
+  - name: ip-rate
+    destination: { mx_hosts: ['*.provider.test'] }
+    match: { codes: [451], enhanced: ['4.7.650'] }
+    action: throttle
+    duration: 1m
+    throttle: { rate: 1/1m, max_connections: 1 }
+",
+    )
+    .unwrap();
+    egress.set_rules(Rules::from_config(&cfg).unwrap());
+    let hosts = vec!["mx.provider.test".to_owned()];
+    let route = || egress.route(&dest("provider.test", &hosts));
+    let sizes = [(1, 10), (1, 10), (1, 10)];
+    let tenants = || vec![tenant("a.test"), tenant("b.test"), tenant("a.test")];
+
+    let mut c = egress.open(route(), &sizes, tenants()).await.unwrap();
+    c.before_message(0).await.unwrap();
+    c.on_reply(
+        421,
+        Some((4, 7, 28)),
+        || "421-4.7.28 Gmail has detected an unusual rate of unsolicited mail from your DKIM domain".into(),
+        ReplyStage::Data,
+    );
+    // No site back-off: b goes on, a's next message waits out the pause.
+    assert!(c.try_next_host());
+    c.before_message(1).await.unwrap();
+    let before = now_ms();
+    assert_eq!(c.before_message(2).await.unwrap_err().code, 451);
+    let p = c.finish().await;
+    assert_eq!(p.backoff_until_ms, None);
+    assert_eq!(p.held.len(), 1);
+    let pause = p.held[0].1 - before;
+    assert!((14_000..=15_500).contains(&pause), "{p:?}");
+    // Next connections: a held (unattempted) until the pause ends; b paced by the
+    // quota alone.
+    let Err(p) = egress.open(route(), &sizes, tenants()).await else {
+        panic!("a.test is paused")
+    };
+    assert_eq!(p.held.iter().map(|h| h.0).collect::<Vec<_>>(), [0, 2]);
+    let c = egress
+        .open(route(), &[(1, 10)], vec![tenant("b.test")])
+        .await
+        .unwrap();
+    assert_eq!(c.route.keys.len(), 1);
+    c.finish().await;
+    let list = egress.shaping_list().await.unwrap();
+    assert_eq!(list[0].state.pause_ms, 15_000);
+    assert_eq!(list[0].state.factor, 0.5);
+
+    // A site throttle: its pause backs the whole site off.
+    let mut c = egress
+        .open(route(), &[(1, 10)], vec![tenant("b.test")])
+        .await
+        .unwrap();
+    c.before_message(0).await.unwrap();
+    c.on_reply(
+        451,
+        Some((4, 7, 650)),
+        || "451 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.".into(),
+        ReplyStage::Data,
+    );
+    let before = now_ms();
+    let p = c.finish().await;
+    let until = p.backoff_until_ms.expect("the site pauses");
+    assert!(
+        (before + 14_000..=before + 15_500).contains(&until),
+        "{p:?}"
+    );
+    let Err(p) = egress
+        .open(route(), &[(1, 10)], vec![tenant("b.test")])
+        .await
+    else {
+        panic!("the site is paused")
+    };
+    assert!(p.stop.unwrap().until_ms >= before + 14_000);
+    // Lifted by hand: every tenant back at the quota's pace, no throttle key.
+    egress.shaping_lift("mx.provider.test", "*").await.unwrap();
+    egress
+        .shaping_lift("mx.provider.test", "sender_domain:a.test")
+        .await
+        .unwrap();
+    let c = egress.open(route(), &sizes, tenants()).await.unwrap();
+    assert_eq!(c.route.keys.len(), 1);
+    c.finish().await;
 }

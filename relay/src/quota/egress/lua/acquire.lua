@@ -1,10 +1,11 @@
 -- KEYS[1]: back-off hash of the site; KEYS[2]: its response-rule states (hash:
--- scope field -> 'until|s or t|factor|rule|reply'); per quota key: flight set, lease set, key
+-- scope field -> 'until|s or t|limits|rule|reply', see shaping::State); per quota key: flight set, lease set, key
 -- index, then one hash per window.
 -- ARGV: now ('' = TIME), max wait, flight ttl, lease ttl, token ('' = none),
 -- commit token ('' = none), commit end, lease id ('' = none), back-off base,
 -- back-off recover, number of keys; per key: key name, max connections (0 = none),
--- cost, commit cost, number of windows, then per window: window ms, limit.
+-- cost (0: the message does not count there, e.g. a tenant throttle's key for
+-- another tenant's message), commit cost, number of windows, then per window: window ms, limit.
 -- Returns {verdict, at, now, level, then field, value of every live rule state}:
 -- 0 granted, 1 later, 2 backed off, 3 blocked, 4 no connection.
 local now = clock(ARGV[1])
@@ -61,7 +62,7 @@ if level > 0 then
   end
 end
 -- Response-rule states: expired ones go; a site-wide suspension pauses like a
--- back-off, a site-wide throttle slows the pacing; the rest goes back to the
+-- back-off, a site-wide throttle pauses, then slows the pacing; the rest goes back to the
 -- relay, which applies tenant scopes per message.
 local live = {}
 local slow = 1
@@ -75,11 +76,23 @@ for i = 1, #sh, 2 do
     table.insert(live, sh[i])
     table.insert(live, sh[i + 1])
     if sh[i] == '*' then
-      local x = tonumber(f)
+      -- f: the factor, or 'factor;rate;max conns;duration;pause' (the relay paces
+      -- rates and caps connections through keys of their own).
+      local x = tonumber(string.match(f, '^[^;]*'))
+      local dur, pause = string.match(f, '^[^;]*;[^;]*;[^;]*;(%d*);(%d*)')
       if a == 's' and u > until_ then
         until_ = u
-      elseif a == 't' and x and x > 0 and x < 1 and 1 / x > slow then
-        slow = 1 / x
+      elseif a == 't' then
+        if x and x > 0 and x < 1 and 1 / x > slow then
+          slow = 1 / x
+        end
+        -- A throttle starts with a pause.
+        pause = tonumber(pause or '')
+        if pause and pause > 0 then
+          local pe = u - tonumber(dur or '0') + pause
+          if pe > u then pe = u end
+          if pe > until_ then until_ = pe end
+        end
       end
     end
   end
@@ -110,7 +123,7 @@ if until_ > at then at = until_ end
 if token ~= '' then
   local factor = 2 ^ math.min(eff, 30) * slow
   for _, e in ipairs(qs) do
-    if #e.wins > 0 then
+    if #e.wins > 0 and e.cost > 0 then
       for _, w in ipairs(e.wins) do
         w.T = w.W * factor / w.N
         if w.tat > 0 then
@@ -123,7 +136,7 @@ if token ~= '' then
     end
   end
   for _, e in ipairs(qs) do
-    if #e.wins > 0 then
+    if #e.wins > 0 and e.cost > 0 then
       for _, w in ipairs(e.wins) do
         local room = w.N - e.cost
         if room < 0 then room = 0 end
@@ -150,7 +163,7 @@ if token ~= '' then
     return answer(1, at)
   end
   for _, e in ipairs(qs) do
-    if #e.wins > 0 then
+    if #e.wins > 0 and e.cost > 0 then
       for _, w in ipairs(e.wins) do
         local base = w.tat
         if at > base then base = at end
