@@ -347,6 +347,10 @@ async fn states_reach_status_with_one_event_each() {
         action: RuleAction::Suspend,
         until_ms: 0,
         factor: 1.0,
+        rate: None,
+        max_connections: None,
+        duration_ms: 600_000,
+        pause_ms: 0,
         rule: "payments.slow".into(),
         reply: "421 4.7.28 Our system has detected an unusual rate of mail".into(),
     };

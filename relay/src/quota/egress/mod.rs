@@ -716,6 +716,7 @@ impl Egress {
                         if matches!(reply.verdict, Verdict::Granted { .. }) {
                             let first_costs = costs.first().cloned().unwrap_or_default();
                             let close = Close {
+                                site: &route.site,
                                 keys: &route.keys,
                                 lease: lease.as_deref(),
                                 commit: token.as_deref().map(|t| Commit {
