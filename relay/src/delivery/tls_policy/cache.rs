@@ -237,19 +237,7 @@ impl StsCache {
         {
             Ok(lookup) => {
                 // A record's strings are one value (RFC 8461 §3.1).
-                let records: Vec<Vec<u8>> = lookup
-                    .answers()
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        hickory_resolver::proto::rr::RData::TXT(txt) => Some(
-                            txt.txt_data
-                                .iter()
-                                .flat_map(|s| s.iter().copied())
-                                .collect(),
-                        ),
-                        _ => None,
-                    })
-                    .collect();
+                let records = super::txt_values(lookup.answers());
                 let until = lookup.valid_until();
                 match parse_txt_records(records.iter().map(Vec::as_slice)) {
                     Ok(id) => Txt::Id(id, until),

@@ -42,14 +42,8 @@ impl Fetcher {
         port: u16,
         timeout: Duration,
     ) -> Result<Self, rustls::Error> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Fetcher {
-            tls: TlsConnector::from(Arc::new(cfg)),
+            tls: https_connector(roots)?,
             resolver,
             port,
             timeout,
@@ -70,33 +64,7 @@ impl Fetcher {
     }
 
     async fn fetch_inner(&self, host: &str) -> Result<Vec<u8>, String> {
-        let ips = self
-            .resolver
-            .lookup_ip(format!("{host}."))
-            .await
-            .map_err(|e| format!("address lookup: {e}"))?;
-        let mut last = String::from("no address");
-        let mut stream = None;
-        for ip in ips.iter() {
-            match TcpStream::connect(SocketAddr::new(ip, self.port)).await {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
-                Err(e) => last = format!("connect {ip}: {e}"),
-            }
-        }
-        let stream = stream.ok_or(last)?;
-        let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
-        let tls = self
-            .tls
-            .connect(name, stream)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("HTTP: {e}"))?;
-        let driver = tokio::spawn(conn);
+        let (mut send, driver) = https_connect(&self.resolver, &self.tls, host, self.port).await?;
         let req = hyper::Request::builder()
             .method(hyper::Method::GET)
             .uri(WELL_KNOWN_PATH)
@@ -147,4 +115,63 @@ impl Fetcher {
         driver.abort();
         result
     }
+}
+
+/// A TLS client for HTTP/1.1 that trusts `roots`: MTA-STS policy fetches and
+/// TLS-report POSTs (RFC 8460 §5.3 asks for the same checks).
+pub(crate) fn https_connector(roots: rustls::RootCertStore) -> Result<TlsConnector, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(cfg)))
+}
+
+/// Resolves `host`, connects to the first of its addresses that answers on
+/// `port`, and does the TLS (certificate checked against `host`) and HTTP/1.1
+/// handshakes. The caller aborts the returned connection driver when done.
+pub(crate) async fn https_connect<B>(
+    resolver: &hickory_resolver::TokioResolver,
+    tls: &TlsConnector,
+    host: &str,
+    port: u16,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<B>,
+        tokio::task::JoinHandle<Result<(), hyper::Error>>,
+    ),
+    String,
+>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let ips = resolver
+        .lookup_ip(format!("{}.", host.trim_end_matches('.')))
+        .await
+        .map_err(|e| format!("address lookup: {e}"))?;
+    let mut last = String::from("no address");
+    let mut stream = None;
+    for ip in ips.iter() {
+        match TcpStream::connect(SocketAddr::new(ip, port)).await {
+            Ok(s) => {
+                stream = Some(s);
+                break;
+            }
+            Err(e) => last = format!("connect {ip}: {e}"),
+        }
+    }
+    let stream = stream.ok_or(last)?;
+    let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let tls = tls
+        .connect(name, stream)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    Ok((send, tokio::spawn(conn)))
 }

@@ -205,6 +205,24 @@ pub fn override_for(entries: &[crate::config::TlsPolicyEntry], domain: &str) -> 
         .map(|e| e.tls)
 }
 
+/// The values of the TXT records among `answers`, each record's strings joined
+/// into one value (RFC 8461 §3.1, RFC 8460 §3: a record may be split into
+/// strings anywhere).
+pub(crate) fn txt_values(answers: &[hickory_resolver::proto::rr::Record]) -> Vec<Vec<u8>> {
+    answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            hickory_resolver::proto::rr::RData::TXT(txt) => Some(
+                txt.txt_data
+                    .iter()
+                    .flat_map(|s| s.iter().copied())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,21 +8,20 @@
 //! claim is not handed over (reports are advisory; a duplicate report would be
 //! worse for the receivers' aggregations than a missing one).
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
 use super::TlsReporter;
 use super::report::{self, Header, Rua};
 use crate::config::tls_reporting::TlsReportingConfig;
+use crate::delivery::tls_policy::fetch::{https_connect, https_connector};
+use crate::delivery::tls_policy::txt_values;
 use crate::queue::{
     BodyType, ClientInfo, Envelope, MailParams, QueueId, QueuedMessage, Recipient, now_ms,
 };
@@ -53,12 +52,6 @@ impl Sender {
         parts: SenderParts,
     ) -> Result<Self, rustls::Error> {
         let submitter = cfg.submitter_or(hostname);
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Sender {
             reporter: parts.reporter,
             queue: parts.queue,
@@ -77,7 +70,7 @@ impl Sender {
                 .unwrap_or_else(|| format!("noreply-smtp-tls-reporting@{submitter}")),
             submitter,
             hostname: hostname.to_owned(),
-            tls: TlsConnector::from(Arc::new(tls)),
+            tls: https_connector(roots)?,
             post_timeout: cfg.post_timeout,
         })
     }
@@ -178,19 +171,7 @@ impl Sender {
             .txt_lookup(format!("_smtp._tls.{domain}."))
             .await
             .map_err(|e| format!("_smtp._tls.{domain}: {e}"))?;
-        let records: Vec<Vec<u8>> = lookup
-            .answers()
-            .iter()
-            .filter_map(|r| match &r.data {
-                hickory_resolver::proto::rr::RData::TXT(txt) => Some(
-                    txt.txt_data
-                        .iter()
-                        .flat_map(|s| s.iter().copied())
-                        .collect(),
-                ),
-                _ => None,
-            })
-            .collect();
+        let records = txt_values(lookup.answers());
         report::parse_txt(records.iter().map(Vec::as_slice))
     }
 
@@ -262,33 +243,7 @@ impl Sender {
         let path = uri
             .path_and_query()
             .map_or("/".to_owned(), |p| p.as_str().to_owned());
-        let ips = self
-            .resolver
-            .lookup_ip(format!("{}.", host.trim_end_matches('.')))
-            .await
-            .map_err(|e| format!("address lookup: {e}"))?;
-        let mut last = String::from("no address");
-        let mut stream = None;
-        for ip in ips.iter() {
-            match TcpStream::connect(SocketAddr::new(ip, port)).await {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
-                Err(e) => last = format!("connect {ip}: {e}"),
-            }
-        }
-        let stream = stream.ok_or(last)?;
-        let name = ServerName::try_from(host.clone()).map_err(|e| e.to_string())?;
-        let tls = self
-            .tls
-            .connect(name, stream)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|e| format!("HTTP: {e}"))?;
-        let driver = tokio::spawn(conn);
+        let (mut send, driver) = https_connect(&self.resolver, &self.tls, &host, port).await?;
         let req = hyper::Request::builder()
             .method(hyper::Method::POST)
             .uri(path)
