@@ -120,13 +120,7 @@ impl Mx {
     }
 
     fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.record)
-            .map(|t| {
-                t.lines()
-                    .map(|l| serde_json::from_str(l).unwrap())
-                    .collect()
-            })
-            .unwrap_or_default()
+        support::python_server::json_lines(&self.record)
     }
 
     fn of(&self, kind: &str) -> Vec<Value> {

@@ -626,11 +626,7 @@ impl Receiver {
     }
 
     fn records(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.record)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        support::python_server::json_lines(&self.record)
     }
 
     fn subjects(&self) -> Vec<String> {

@@ -99,14 +99,10 @@ impl Provider {
     }
 
     fn events(&self, kind: &str) -> Vec<Value> {
-        std::fs::read_to_string(&self.record)
-            .map(|t| {
-                t.lines()
-                    .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                    .filter(|e| e["ev"] == kind)
-                    .collect()
-            })
-            .unwrap_or_default()
+        support::python_server::json_lines(&self.record)
+            .into_iter()
+            .filter(|e| e["ev"] == kind)
+            .collect()
     }
 
     /// Times of messages received from `domain`.

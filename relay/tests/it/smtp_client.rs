@@ -126,13 +126,7 @@ impl Mx {
     }
 
     fn records(&self) -> Vec<Value> {
-        match std::fs::read_to_string(&self.record) {
-            Ok(text) => text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        support::python_server::json_lines(&self.record)
     }
 
     async fn deliver(

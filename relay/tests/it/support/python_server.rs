@@ -33,14 +33,7 @@ impl PythonServer {
     /// right now: only complete lines (ended by a newline) count; the rest is read
     /// next time.
     pub fn lines(&self, name: &str) -> Vec<Value> {
-        match std::fs::read_to_string(self.dir.path().join(name)) {
-            Ok(text) => text
-                .split_inclusive('\n')
-                .filter(|l| l.ends_with('\n'))
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
+        json_lines(&self.dir.path().join(name))
     }
 }
 
@@ -48,6 +41,20 @@ impl Drop for PythonServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The JSON lines of the record file `path` (none while it does not exist). Its
+/// writer may be mid-line: only complete lines (ended by a newline) count; the rest
+/// is read next time.
+pub fn json_lines(path: &std::path::Path) -> Vec<Value> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+        Err(_) => Vec::new(),
     }
 }
 
