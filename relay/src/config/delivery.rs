@@ -116,8 +116,10 @@ pub struct DaneConfig {
     /// `false` leaves DANE out of `auto` (MTA-STS, then opportunistic); `tls: dane`
     /// is refused then.
     pub enabled: bool,
-    /// DNSKEY records (zone-file lines) to trust instead of the root KSKs: a
-    /// private root, or a test root.
+    /// DNSKEY and/or DS records (zone-file lines, `dig DS` output) to trust
+    /// instead of the root KSKs: a private root, or a test root. The DNSKEY sets
+    /// that DS records name are fetched at start-up and the keys they cover
+    /// trusted.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trust_anchor: Option<PathBuf>,
     /// Resolvers (`ip:port`) that pass DNSSEC records, asked for DANE lookups

@@ -31,14 +31,14 @@ fn run(cmd: &mut Command) -> String {
 }
 
 /// One zone: its name, its records (zone-file lines), and how it is published.
-struct Zone {
-    name: &'static str,
-    records: String,
-    kind: Kind,
+pub(crate) struct Zone {
+    pub(crate) name: &'static str,
+    pub(crate) records: String,
+    pub(crate) kind: Kind,
 }
 
 #[derive(PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
     Signed,
     /// Served without signatures and without a DS in the parent: insecure.
     Unsigned,
@@ -48,14 +48,14 @@ enum Kind {
 
 /// A Knot DNS server on 127.0.0.1 and a free port, serving `.`, `test.` and
 /// `zones` (children of `test.`), killed on drop.
-struct Knot {
+pub(crate) struct Knot {
     child: Child,
     dir: tempfile::TempDir,
     port: u16,
 }
 
 impl Knot {
-    fn start(zones: &[Zone]) -> Knot {
+    pub(crate) fn start(zones: &[Zone]) -> Knot {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         let header = |zone: &str| {
@@ -112,6 +112,11 @@ impl Knot {
             .args(["-f", "root.zone.signed", "root.zone", &root_key])
             .current_dir(d));
         std::fs::copy(d.join(format!("{root_key}.key")), d.join("anchor.key")).unwrap();
+        // The same key as a DS record (SHA-256), as a root-anchors file states it.
+        let ds = run(Command::new("ldns-key2ds")
+            .args(["-n", "-2", &format!("{root_key}.key")])
+            .current_dir(d));
+        std::fs::write(d.join("anchor.ds"), format!("; the test root\n{ds}\n")).unwrap();
 
         let port = free_ports(1)[0];
         std::fs::create_dir(d.join("db")).unwrap();
@@ -154,11 +159,16 @@ impl Knot {
         }
     }
 
-    fn anchor(&self) -> PathBuf {
+    pub(crate) fn anchor(&self) -> PathBuf {
         self.dir.path().join("anchor.key")
     }
 
-    fn addr(&self) -> String {
+    /// The test root's KSK as a DS record.
+    pub(crate) fn anchor_ds(&self) -> PathBuf {
+        self.dir.path().join("anchor.ds")
+    }
+
+    pub(crate) fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 }
@@ -187,7 +197,7 @@ fn sign(dir: &Path, zone: &str, file: &str) -> String {
 
 /// `3 1 1` (SHA-256 of the SPKI) or `2 0 1` (SHA-256 of the certificate) data of
 /// the first certificate in a PEM file.
-fn tlsa_data(pem: &Path, selector: u8) -> String {
+pub(crate) fn tlsa_data(pem: &Path, selector: u8) -> String {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
     let cert = CertificateDer::from_pem_file(pem).unwrap();
@@ -203,7 +213,7 @@ fn tlsa_data(pem: &Path, selector: u8) -> String {
         .collect()
 }
 
-fn zone(name: &'static str, kind: Kind, tlsa: &str) -> Zone {
+pub(crate) fn zone(name: &'static str, kind: Kind, tlsa: &str) -> Zone {
     let mx = format!("mx.{name}");
     Zone {
         name,
@@ -430,4 +440,80 @@ fn a_resolver_without_dnssec_turns_dane_off_and_mail_still_flows() {
     );
     assert!(relay.log().contains("DANE is off"), "{}", relay.log());
     assert_eq!(mx.records().len(), 1);
+}
+
+/// A DS trust anchor (the test root's KSK digest, from ldns-key2ds): the root's
+/// DNSKEY set is fetched at start-up and the key the DS covers trusted, so DANE
+/// works as with the DNSKEY file. A DS that covers no served key turns DANE off
+/// with a warning (mail still flows).
+#[test]
+fn ds_trust_anchors_are_matched_against_the_served_dnskey_set() {
+    let pki = Pki::new(&["mx.ee.test"]);
+    let ee = format!("3 1 1 {}", tlsa_data(&pki.cert(), 1));
+    let knot = Knot::start(&[zone("ee.test.", Kind::Signed, &ee)]);
+    let ds = std::fs::read_to_string(knot.anchor_ds()).unwrap();
+    assert!(ds.contains("\tDS\t") || ds.contains(" DS "), "{ds}");
+    let port = free_ports(1)[0];
+    let mx = Mx::start(json!({"port": port, "cert": pki.cert(), "key": pki.key()}));
+    let start = |anchor: &Path| {
+        Relay::start(RelayOptions {
+            extra_yaml: format!(
+                "delivery:\n  dns: {{nameservers: ['{dns}'], port_override: {port}, timeout: 2s}}\n\
+                 \x20 retry: {{first: 30s, max_backoff: 60s, jitter: 0.0}}\n  poll_interval: 200ms\n\
+                 \x20 ca_file: {ca}\n  dane: {{trust_anchor: {anchor}}}\n",
+                dns = knot.addr(),
+                ca = pki.ca().display(),
+                anchor = anchor.display(),
+            ),
+            ..Default::default()
+        })
+    };
+    let relay = start(&knot.anchor_ds());
+    let id = swaks(&relay, "sender@client.test", &["user@ee.test"], None);
+    let m = wait_until("the DANE delivery", &relay, || {
+        api_message(&relay, &id).filter(|m| rcpt_state(m, "user@ee.test") == "delivered")
+    });
+    let s = security(&m);
+    assert_eq!(
+        (
+            s["policy"].as_str(),
+            s["verified"].as_bool(),
+            s["dane"].as_str()
+        ),
+        (Some("dane"), Some(true), Some("tlsa 3 1 1")),
+        "{s}\n{}",
+        relay.log()
+    );
+    assert!(
+        relay
+            .log()
+            .contains("DNSKEY records matching the DS records are trusted"),
+        "{}",
+        relay.log()
+    );
+    drop(relay);
+
+    // The digest changed: no served key matches.
+    let bad = knot.dir.path().join("bad.ds");
+    let line = ds.lines().find(|l| !l.starts_with(';')).unwrap();
+    let (head, last) = line.trim_end().split_at(line.trim_end().len() - 1);
+    let flipped = if last == "0" { "1" } else { "0" };
+    std::fs::write(&bad, format!("{head}{flipped}\n")).unwrap();
+    let relay = start(&bad);
+    let id = swaks(&relay, "sender@client.test", &["other@ee.test"], None);
+    let m = wait_until("the delivery without DANE", &relay, || {
+        api_message(&relay, &id).filter(|m| rcpt_state(m, "other@ee.test") == "delivered")
+    });
+    let s = security(&m);
+    assert_eq!(
+        (s["policy"].as_str(), s["dane"].as_str()),
+        (Some("opportunistic"), Some("unavailable")),
+        "{s}"
+    );
+    let log = relay.log();
+    assert!(
+        log.contains("DANE is off") && log.contains("matches its DS records"),
+        "{log}"
+    );
+    assert_eq!(mx.records().len(), 2);
 }

@@ -426,6 +426,50 @@ fn reports_with_the_right_counts_reach_mailto_and_https_and_verify() {
         }
     }
     assert!(log.contains("TLS report sent"), "{log}");
+
+    // The metrics of the same sessions, fetches and reports, from `/metrics`.
+    use crate::support::deliver::metric;
+    let m = |series: &str| metric(&relay, series).unwrap_or(0.0);
+    let all = relay.admin_get("/metrics").1;
+    assert_eq!(
+        m("mailrelay_tls_report_sessions_total{policy_type=\"sts\",result=\"success\"}"),
+        3.0,
+        "{all}"
+    );
+    assert_eq!(
+        m("mailrelay_tls_report_sessions_total{policy_type=\"sts\",result=\"failure\"}"),
+        2.0,
+        "{all}"
+    );
+    // One fetch per domain; later sessions find the policy in memory.
+    assert_eq!(
+        m("mailrelay_mta_sts_policy_fetches_total{result=\"ok\"}"),
+        2.0,
+        "{all}"
+    );
+    assert!(
+        m("mailrelay_mta_sts_cache_lookups_total{source=\"memory\"}") >= 3.0,
+        "{all}"
+    );
+    assert!(
+        m("mailrelay_mta_sts_cache_lookups_total{source=\"dns\"}") >= 2.0,
+        "{all}"
+    );
+    assert_eq!(
+        m("mailrelay_mta_sts_failures_total{mode=\"testing\"}"),
+        2.0,
+        "{all}"
+    );
+    assert_eq!(
+        m("mailrelay_mta_sts_failures_total{mode=\"enforce\"}"),
+        0.0,
+        "{all}"
+    );
+    // good.test by mail; bad.test by mail and POST.
+    assert!(
+        m("mailrelay_tls_reports_total{result=\"sent\"}") >= 3.0,
+        "{all}"
+    );
 }
 
 #[test]
@@ -470,4 +514,167 @@ fn two_relays_on_one_redis_send_one_report_per_period() {
     let sent =
         a.log().matches("TLS report sent").count() + b.log().matches("TLS report sent").count();
     assert_eq!(sent, all, "{}\n{}", a.log(), b.log());
+}
+
+/// Per (domain, policy type, MX host): (successes, failures, failed sessions by
+/// result type), over every report mail received.
+type PolicyTotals = std::collections::BTreeMap<(String, String, String), (i64, i64, Vec<String>)>;
+
+fn by_policy(reports: &[(String, Value)]) -> (PolicyTotals, Vec<Value>) {
+    let mut out = PolicyTotals::new();
+    let mut policies = Vec::new();
+    for (_, r) in reports {
+        for p in r["report"]["policies"].as_array().unwrap() {
+            let pol = &p["policy"];
+            let key = (
+                pol["policy-domain"].as_str().unwrap().to_owned(),
+                pol["policy-type"].as_str().unwrap().to_owned(),
+                pol["mx-host"][0].as_str().unwrap_or("").to_owned(),
+            );
+            let e = out.entry(key).or_default();
+            e.0 += p["summary"]["total-successful-session-count"]
+                .as_i64()
+                .unwrap();
+            e.1 += p["summary"]["total-failure-session-count"]
+                .as_i64()
+                .unwrap();
+            for d in p["failure-details"].as_array().into_iter().flatten() {
+                for _ in 0..d["failed-session-count"].as_i64().unwrap() {
+                    e.2.push(d["result-type"].as_str().unwrap().to_owned());
+                }
+            }
+            policies.push(pol.clone());
+        }
+    }
+    (out, policies)
+}
+
+/// DANE hosts (knot-served signed zones) are reported under `tlsa` policies
+/// naming the MX host and its records: matched sessions as successes, a
+/// mismatching certificate as `validation-failure`, bogus DNSSEC answers as
+/// `dnssec-invalid`; nothing under MTA-STS or no-policy. The metrics of those
+/// sessions are read from `/metrics`.
+#[test]
+fn dane_sessions_are_reported_under_tlsa_policies() {
+    use crate::dane::{Kind, Knot, Zone, tlsa_data, zone};
+    use crate::support::deliver::{api_message, metric, rcpt_state, swaks, wait_until};
+    let pki = Pki::new(&["mx.ee.test", "mx.mismatch.test", "mx.bogus.test"]);
+    let ee_hex = tlsa_data(&pki.cert(), 1);
+    let ee = format!("3 1 1 {ee_hex}");
+    let wrong = format!("3 1 1 {}", "ab".repeat(32));
+    let with_rpt = |mut z: Zone| {
+        z.records += &format!(
+            "_smtp._tls.{} TXT \"v=TLSRPTv1; rua=mailto:tlsrpt@rua.test\"\n",
+            z.name
+        );
+        z
+    };
+    let knot = Knot::start(&[
+        with_rpt(zone("ee.test.", Kind::Signed, &ee)),
+        with_rpt(zone("mismatch.test.", Kind::Signed, &wrong)),
+        with_rpt(zone("bogus.test.", Kind::Tampered, &ee)),
+        Zone {
+            name: "rua.test.",
+            records: "rua.test. MX 10 mx.rua.test.\nmx.rua.test. A 127.0.0.2\n".into(),
+            kind: Kind::Unsigned,
+        },
+    ]);
+    let port = free_ports(1)[0];
+    let sink = Mx::start(json!({"port": port, "cert": pki.cert(), "key": pki.key()}));
+    let rua = Mx::start(json!({"host": "127.0.0.2", "port": port}));
+    let relay = Relay::start(RelayOptions {
+        extra_yaml: format!(
+            "delivery:\n  dns: {{nameservers: ['{dns}'], port_override: {port}, timeout: 2s}}\n\
+             \x20 retry: {{first: 60s, max_backoff: 60s, jitter: 0.0}}\n  poll_interval: 200ms\n\
+             \x20 ca_file: {ca}\n  dane: {{trust_anchor: {anchor}}}\n\
+             tls_reporting:\n  organization_name: Example Relay Org\n  submitter: reports.test\n  period: 4s\n",
+            dns = knot.addr(),
+            ca = pki.ca().display(),
+            anchor = knot.anchor().display(),
+        ),
+        ..Default::default()
+    });
+    for (i, to) in ["one@ee.test", "two@ee.test"].iter().enumerate() {
+        let id = swaks(&relay, "sender@client.test", &[to], None);
+        wait_until("a DANE delivery", &relay, || {
+            api_message(&relay, &id).filter(|m| rcpt_state(m, to) == "delivered")
+        });
+        assert_eq!(sink.records().len(), i + 1);
+    }
+    for to in ["user@mismatch.test", "user@bogus.test"] {
+        let id = swaks(&relay, "sender@client.test", &[to], None);
+        wait_until("an attempt", &relay, || {
+            api_message(&relay, &id).filter(|m| {
+                m["status"]["rcpts"][0]["attempts"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+            })
+        });
+    }
+    let key = |d: &str, mx: &str| (d.to_owned(), "tlsa".to_owned(), mx.to_owned());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (totals, policies) = loop {
+        let mut got = Vec::new();
+        for r in rua.records() {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(r["content"].as_str().unwrap())
+                .unwrap();
+            got.push(("mail".to_owned(), read_report("mail", &raw, None)));
+        }
+        let (t, p) = by_policy(&got);
+        let n = |k: &(String, String, String)| t.get(k).cloned().unwrap_or_default();
+        if n(&key("ee.test", "mx.ee.test")).0 == 2
+            && n(&key("mismatch.test", "mx.mismatch.test")).1 >= 1
+            && n(&key("bogus.test", "mx.bogus.test")).1 >= 1
+        {
+            break (t, p);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for the reports; have {t:#?}\n{}",
+            relay.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for ((domain, t, _), _) in &totals {
+        assert_eq!(t, "tlsa", "{domain}: only TLSA policies: {totals:#?}");
+    }
+    assert_eq!(totals[&key("ee.test", "mx.ee.test")].1, 0, "{totals:#?}");
+    let (ok, failed, types) = &totals[&key("mismatch.test", "mx.mismatch.test")];
+    assert_eq!(*ok, 0);
+    assert_eq!(types.len() as i64, *failed);
+    assert!(types.iter().all(|t| t == "validation-failure"), "{types:?}");
+    let (ok, failed, types) = &totals[&key("bogus.test", "mx.bogus.test")];
+    assert_eq!(*ok, 0);
+    assert_eq!(types.len() as i64, *failed);
+    assert!(types.iter().all(|t| t == "dnssec-invalid"), "{types:?}");
+    // The policy states the records of the MX host (hex as a zone file has it).
+    let ee_policy = policies
+        .iter()
+        .find(|p| p["policy-domain"] == "ee.test")
+        .unwrap();
+    assert_eq!(
+        ee_policy["policy-string"],
+        json!([format!("3 1 1 {}", ee_hex.to_uppercase())]),
+        "{ee_policy}"
+    );
+    assert_eq!(ee_policy["mx-host"], json!(["mx.ee.test"]));
+
+    // The same sessions in the metrics.
+    let m = |series: &str| metric(&relay, series).unwrap_or(0.0);
+    assert!(
+        m("mailrelay_tls_report_sessions_total{policy_type=\"tlsa\",result=\"success\"}") >= 2.0,
+        "{}",
+        relay.admin_get("/metrics").1
+    );
+    assert!(
+        m("mailrelay_tls_report_sessions_total{policy_type=\"tlsa\",result=\"failure\"}") >= 1.0
+    );
+    assert_eq!(
+        m("mailrelay_tls_report_sessions_total{policy_type=\"sts\",result=\"success\"}"),
+        0.0
+    );
+    assert!(m("mailrelay_dane_hosts_total{verdict=\"tlsa\"}") >= 3.0);
+    assert!(m("mailrelay_dane_hosts_total{verdict=\"failed\"}") >= 1.0);
+    assert!(m("mailrelay_tls_reports_total{result=\"sent\"}") >= 3.0);
 }

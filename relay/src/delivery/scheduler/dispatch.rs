@@ -55,6 +55,9 @@ struct DaneUse {
     applied: bool,
     /// No usable record: TLS was mandatory, the certificate unchecked.
     unauthenticated: bool,
+    /// The host's TLSA records (presentation form) when they set the TLS client,
+    /// for TLS reports.
+    tlsa: Option<std::sync::Arc<[String]>>,
 }
 
 impl Early {
@@ -475,14 +478,23 @@ impl Inner {
             gate.early.dane = None;
             if let Some(dane) = dane.filter(|_| !name.starts_with('[')) {
                 let said = dane.host(&name, dane_port).await;
+                if let Some(m) = self.tls_metrics.get() {
+                    m.dane_host(&said);
+                }
                 let (applied, unauthenticated) = match &said {
                     HostDane::Fail(why) => {
                         last_error = format!("{name}: {why}");
                         warn!(%dest, host = %name, reason = %why, "DANE: host not used");
+                        if relay.is_none()
+                            && let Some(r) = self.tls_report.get()
+                        {
+                            r.record_dane_refusal(dest, &name, why);
+                        }
                         gate.early.dane = Some(DaneUse {
                             label: why.clone(),
                             applied: false,
                             unauthenticated: false,
+                            tlsa: None,
                         });
                         continue;
                     }
@@ -490,7 +502,7 @@ impl Inner {
                         host_tls = Some(tls.clone());
                         (true, false)
                     }
-                    HostDane::Mandatory { tls } => {
+                    HostDane::Mandatory { tls, .. } => {
                         host_tls = Some(tls.clone());
                         (true, true)
                     }
@@ -506,6 +518,7 @@ impl Inner {
                     label: said.label(),
                     applied,
                     unauthenticated,
+                    tlsa: said.tlsa().map(|(t, _)| std::sync::Arc::clone(t)),
                 });
             }
             let tls = host_tls.as_ref().unwrap_or(tls);
@@ -601,7 +614,7 @@ impl Inner {
         result: &ConnectionResult,
         early: &Early,
     ) {
-        use crate::delivery::tls_report::{Session, classify};
+        use crate::delivery::tls_report::{DaneSession, Session, classify};
         let Some(decision) = &early.security else {
             return;
         };
@@ -621,14 +634,26 @@ impl Inner {
                 .as_deref()
                 .and_then(|e| e.strip_prefix("TLS handshake failed: ")),
             verified: early.verified.as_ref(),
+            dane: early.dane.as_ref().filter(|d| d.applied).and_then(|d| {
+                let t = d.tlsa.as_deref()?;
+                Some(if d.unauthenticated {
+                    DaneSession::Unusable(t)
+                } else {
+                    DaneSession::Usable(t)
+                })
+            }),
         };
         if let (Some(m), Some(c)) = (self.tls_metrics.get(), &decision.sts)
+            && s.dane.is_none()
             && let Some((_, Some(_))) = classify(decision, &s)
         {
             m.sts_failure(c.policy.mode.as_str());
         }
-        if let Some(r) = reporter {
-            r.record_session(dest, decision, &s);
+        if let Some(r) = reporter
+            && let Some((policy_type, ok)) = r.record_session(dest, decision, &s)
+            && let Some(m) = self.tls_metrics.get()
+        {
+            m.report_session(&policy_type, ok);
         }
     }
 }

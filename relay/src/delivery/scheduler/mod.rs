@@ -222,6 +222,15 @@ impl Delivery {
             tls_report: std::sync::OnceLock::new(),
             tls_metrics: std::sync::OnceLock::new(),
         });
+        if inner.dane.is_some() {
+            // DS trust anchors become keys now, not at the first delivery.
+            let i = Arc::clone(&inner);
+            tokio::spawn(async move {
+                if let Some(d) = &i.dane {
+                    d.prepare().await;
+                }
+            });
+        }
         let main = tokio::spawn(Arc::clone(&inner).run());
         let renewer = tokio::spawn(Arc::clone(&inner).renew_loop());
         info!(owner = %inner.owner, "delivery started");

@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use hickory_resolver::TokioResolver;
 use hickory_resolver::net::{DnsError, NetError};
-use hickory_resolver::proto::dnssec::{Proof, TrustAnchors};
-use hickory_resolver::proto::rr::{RData, RecordType};
+use hickory_resolver::proto::dnssec::rdata::{DNSSECRData, DS};
+use hickory_resolver::proto::dnssec::{Algorithm, DigestType, Proof, TrustAnchors};
+use hickory_resolver::proto::rr::{Name, RData, RecordType};
 use tracing::{debug, info, warn};
 
 use super::dane_verify::{DaneVerifier, Tlsa};
@@ -58,10 +59,16 @@ pub enum DaneError {
 #[derive(Debug, Clone)]
 pub enum HostDane {
     /// Usable TLSA records: TLS with this client (its verifier matches them).
-    Verify { tls: ClientTls, records: String },
+    /// `records` sums up their parameters, `tlsa` states them in full (for TLS
+    /// reports).
+    Verify {
+        tls: ClientTls,
+        records: String,
+        tlsa: Arc<[String]>,
+    },
     /// TLSA records exist but none is usable: TLS is mandatory, the certificate is
     /// not checked (RFC 7672 §2.2).
-    Mandatory { tls: ClientTls },
+    Mandatory { tls: ClientTls, tlsa: Arc<[String]> },
     /// Not a DANE host (`insecure`, `no TLSA`, `unavailable`): the other policies
     /// apply.
     Skip(&'static str),
@@ -79,6 +86,16 @@ impl HostDane {
             HostDane::Fail(why) => why.clone(),
         }
     }
+
+    /// The host's TLSA records in presentation form, and whether any is usable
+    /// (`None`: DANE does not apply to the host).
+    pub fn tlsa(&self) -> Option<(&Arc<[String]>, bool)> {
+        match self {
+            HostDane::Verify { tlsa, .. } => Some((tlsa, true)),
+            HostDane::Mandatory { tlsa, .. } => Some((tlsa, false)),
+            _ => None,
+        }
+    }
 }
 
 struct Entry {
@@ -88,7 +105,7 @@ struct Entry {
 
 /// The DANE resolver and its cache, shared by every delivery of the process.
 pub struct Dane {
-    resolver: TokioResolver,
+    resolver: Mutex<Validating>,
     base: ClientTls,
     provider: Arc<rustls::crypto::CryptoProvider>,
     cache: Mutex<HashMap<(String, u16), Entry>>,
@@ -101,68 +118,194 @@ impl std::fmt::Debug for Dane {
     }
 }
 
+/// A trust anchor file as read: DNSKEY records, trusted as they are, and DS
+/// records, whose DNSKEY sets are fetched and checked against them
+/// ([`Dane::prepare`]).
+#[derive(Clone)]
+pub struct AnchorFile {
+    pub keys: TrustAnchors,
+    pub ds: Vec<(Name, DS)>,
+}
+
+impl std::fmt::Debug for AnchorFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnchorFile")
+            .field("keys", &self.keys.len())
+            .field("ds", &self.ds.len())
+            .finish()
+    }
+}
+
 /// Reads a trust anchor file: DNSKEY records in zone-file form (`. IN DNSKEY 257 3
-/// 8 AwEAA…`), as `dnssec-keygen`, `keymgr` or `ldns-keygen` write them.
-pub fn load_trust_anchor(path: &Path) -> Result<TrustAnchors, DaneError> {
+/// 8 AwEAA…`), as `dnssec-keygen`, `keymgr` or `ldns-keygen` write them, and/or DS
+/// records (`. IN DS 20326 8 2 E06D…`, as `dig DS`, `ldns-key2ds` or the root
+/// zone's published anchors state them).
+pub fn load_trust_anchor(path: &Path) -> Result<AnchorFile, DaneError> {
     let err = |reason: String| DaneError::TrustAnchor {
         path: path.to_owned(),
         reason,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    // Comments and DS records are for people and other tools; the parser takes
-    // DNSKEY lines only.
-    let keys: String = text
-        .lines()
-        .filter(|l| {
-            let t = l.trim_start();
-            !t.is_empty() && !t.starts_with(';') && !t.starts_with('#')
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    if keys
-        .split_whitespace()
-        .any(|w| w.eq_ignore_ascii_case("DS"))
-    {
-        return Err(err(
-            "DS records are not supported: give the DNSKEY records of the anchor".into(),
-        ));
+    let lines = text.lines().filter(|l| {
+        let t = l.trim_start();
+        !t.is_empty() && !t.starts_with(';') && !t.starts_with('#')
+    });
+    let (mut keys, mut ds) = (String::new(), Vec::new());
+    for (n, line) in lines.enumerate() {
+        match parse_ds(line) {
+            Some(Ok(d)) => ds.push(d),
+            Some(Err(e)) => return Err(err(format!("DS record {}: {e}", n + 1))),
+            None => {
+                keys.push_str(line);
+                keys.push('\n');
+            }
+        }
     }
-    let anchors: TrustAnchors = keys.parse().map_err(|e| err(format!("{e}")))?;
+    let anchors: TrustAnchors = if keys.trim().is_empty() {
+        TrustAnchors::empty()
+    } else {
+        keys.parse().map_err(|e| err(format!("{e}")))?
+    };
     // The parser keeps keys for names other than the root apart; either counts.
-    if anchors.is_empty() && !keys.contains("DNSKEY") {
-        return Err(err("no DNSKEY record".into()));
+    if ds.is_empty() && anchors.is_empty() && !keys.contains("DNSKEY") {
+        return Err(err("no DNSKEY or DS record".into()));
     }
-    Ok(anchors)
+    Ok(AnchorFile { keys: anchors, ds })
+}
+
+/// A DS line (`owner [ttl] [class] DS tag algorithm digest-type digest…`);
+/// `None` when the line is not a DS record.
+fn parse_ds(line: &str) -> Option<Result<(Name, DS), String>> {
+    let line = line.split(';').next().unwrap_or("");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    // The type comes after the owner, an optional TTL and an optional class.
+    let at = words
+        .iter()
+        .take(4)
+        .position(|w| w.eq_ignore_ascii_case("DS"))?;
+    Some((|| {
+        let owner = words.first().filter(|_| at > 0).ok_or("no owner name")?;
+        let name = Name::from_ascii(owner).map_err(|e| format!("owner {owner}: {e}"))?;
+        let field = |i: usize, what: &str| {
+            words
+                .get(at + i)
+                .ok_or_else(|| format!("no {what}"))
+                .and_then(|w| w.parse::<u16>().map_err(|_| format!("{what} {w}")))
+        };
+        let tag = field(1, "key tag")?;
+        let alg = u8::try_from(field(2, "algorithm")?).map_err(|_| "algorithm".to_owned())?;
+        let dt = u8::try_from(field(3, "digest type")?).map_err(|_| "digest type".to_owned())?;
+        let hex: String = words.get(at + 4..).unwrap_or(&[]).concat();
+        if hex.is_empty()
+            || !hex.len().is_multiple_of(2)
+            || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(format!("digest {hex:?} is not hex"));
+        }
+        let digest = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("checked hex"))
+            .collect();
+        let digest_type = DigestType::from(dt);
+        if !digest_type.is_supported() {
+            return Err(format!("digest type {dt} is not supported (1, 2 or 4)"));
+        }
+        Ok((
+            name.to_lowercase(),
+            DS::new(tag, Algorithm::from_u8(alg), digest_type, digest),
+        ))
+    })())
+}
+
+/// The validating resolver, or what is needed to build it once the DNSKEY sets
+/// the DS anchors name have been fetched.
+enum Validating {
+    Ready(Box<TokioResolver>),
+    Pending {
+        nameservers: Vec<SocketAddr>,
+        timeout: Duration,
+        attempts: usize,
+        anchor: AnchorFile,
+        retry_at: Option<Instant>,
+    },
 }
 
 impl Dane {
     /// A validating resolver asking `nameservers` (empty: `/etc/resolv.conf`),
     /// trusting `anchor` (`None`: the root KSKs). `base` gives the TLS settings
-    /// the per-host clients share.
+    /// the per-host clients share. DS anchors are turned into keys by
+    /// [`Dane::prepare`] (or the first lookup).
     pub fn new(
         nameservers: &[SocketAddr],
-        anchor: Option<TrustAnchors>,
+        anchor: Option<AnchorFile>,
         timeout: Duration,
         attempts: usize,
         base: ClientTls,
     ) -> Result<Self, DaneError> {
-        let resolver = crate::delivery::mx::build_resolver_with(
-            nameservers,
-            |opts| {
-                opts.timeout = timeout;
-                opts.attempts = attempts.max(1) - 1;
-                opts.validate = true;
+        let resolver = match anchor {
+            Some(a) if !a.ds.is_empty() => Validating::Pending {
+                nameservers: nameservers.to_vec(),
+                timeout,
+                attempts,
+                anchor: a,
+                retry_at: None,
             },
-            Some(Arc::new(anchor.unwrap_or_default())),
-        )
-        .map_err(|e| DaneError::Resolver(e.to_string()))?;
+            anchor => Validating::Ready(Box::new(validating_resolver(
+                nameservers,
+                timeout,
+                attempts,
+                anchor.map(|a| a.keys).unwrap_or_default(),
+            )?)),
+        };
         Ok(Dane {
-            resolver,
+            resolver: Mutex::new(resolver),
             base,
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             cache: Mutex::new(HashMap::new()),
             probe: Mutex::new(None),
         })
+    }
+
+    /// Turns DS anchors into trusted keys: fetches each anchor zone's DNSKEY set
+    /// from the nameservers and trusts the keys a DS record covers (RFC 4034
+    /// §5.1.4). Until that succeeds DANE is unavailable (checked again every
+    /// minute). Called at start-up; a no-op once done.
+    pub async fn prepare(&self) -> Option<TokioResolver> {
+        let (nameservers, timeout, attempts, anchor) = {
+            let v = self.resolver.lock().unwrap();
+            match &*v {
+                Validating::Ready(r) => return Some((**r).clone()),
+                Validating::Pending {
+                    retry_at: Some(t), ..
+                } if *t > Instant::now() => return None,
+                Validating::Pending {
+                    nameservers,
+                    timeout,
+                    attempts,
+                    anchor,
+                    ..
+                } => (nameservers.clone(), *timeout, *attempts, anchor.clone()),
+            }
+        };
+        let built = async {
+            let keys = keys_from_ds(&nameservers, timeout, attempts, anchor).await?;
+            validating_resolver(&nameservers, timeout, attempts, keys).map_err(|e| e.to_string())
+        }
+        .await;
+        let mut v = self.resolver.lock().unwrap();
+        match built {
+            Ok(r) => {
+                *v = Validating::Ready(Box::new(r.clone()));
+                Some(r)
+            }
+            Err(e) => {
+                warn!(reason = %e, "DANE is off: delivery.dane.trust_anchor: the DS records could not be turned into keys (retrying in a minute)");
+                if let Validating::Pending { retry_at, .. } = &mut *v {
+                    *retry_at = Some(Instant::now() + PROBE_FAIL_TTL);
+                }
+                None
+            }
+        }
     }
 
     /// What DANE says about `host` (an MX or relay host name) reached on `port`.
@@ -175,10 +318,13 @@ impl Dane {
         {
             return e.value.clone();
         }
-        if !self.resolver_passes_dnssec().await {
+        let Some(resolver) = self.prepare().await else {
+            return HostDane::Skip("unavailable");
+        };
+        if !self.resolver_passes_dnssec(&resolver).await {
             return HostDane::Skip("unavailable");
         }
-        let (value, until) = self.lookup(&key.0, port).await;
+        let (value, until) = self.lookup(&resolver, &key.0, port).await;
         debug!(host = %key.0, port, verdict = %value.label(), "DANE lookup");
         let mut cache = self.cache.lock().unwrap();
         if cache.len() >= MAX_ENTRIES {
@@ -199,14 +345,14 @@ impl Dane {
 
     /// Whether the resolver hands out a root DNSKEY set that validates against the
     /// trust anchor; checked once an hour (once a minute while it fails).
-    async fn resolver_passes_dnssec(&self) -> bool {
+    async fn resolver_passes_dnssec(&self, resolver: &TokioResolver) -> bool {
         let now = Instant::now();
         if let Some((ok, until)) = *self.probe.lock().unwrap()
             && until > now
         {
             return ok;
         }
-        let got = self.resolver.lookup(".", RecordType::DNSKEY).await;
+        let got = resolver.lookup(".", RecordType::DNSKEY).await;
         let ok = match &got {
             Ok(l) => proof_of(l.answers().iter().map(|r| r.proof)) == Some(Proof::Secure),
             Err(_) => false,
@@ -226,14 +372,14 @@ impl Dane {
         ok
     }
 
-    async fn lookup(&self, host: &str, port: u16) -> (HostDane, Instant) {
+    async fn lookup(&self, resolver: &TokioResolver, host: &str, port: u16) -> (HostDane, Instant) {
         let now = Instant::now();
         let fail = |why: String| (HostDane::Fail(why), now + FAILURE_TTL);
         // Fully qualified: no search list applies (a pod's resolv.conf has one).
         let fqdn = format!("{host}.");
         let (a, aaaa) = tokio::join!(
-            self.resolver.lookup(fqdn.as_str(), RecordType::A),
-            self.resolver.lookup(fqdn.as_str(), RecordType::AAAA)
+            resolver.lookup(fqdn.as_str(), RecordType::A),
+            resolver.lookup(fqdn.as_str(), RecordType::AAAA)
         );
         let mut until = now + PROBE_OK_TTL;
         let mut secure = false;
@@ -265,14 +411,15 @@ impl Dane {
             return (HostDane::Skip("insecure"), now + NEGATIVE_TTL);
         }
         let qname = format!("_{port}._tcp.{host}.");
-        match classify(self.resolver.lookup(qname.as_str(), RecordType::TLSA).await) {
+        match classify(resolver.lookup(qname.as_str(), RecordType::TLSA).await) {
             Answer::Records(Proof::Secure, valid, records) => {
                 let until = until.min(valid);
                 let usable: Vec<Tlsa> = records.iter().filter(|r| r.usable()).cloned().collect();
+                let tlsa: Arc<[String]> = records.iter().map(Tlsa::presentation).collect();
                 if usable.is_empty() {
                     let tls = self.client(records, host);
                     return match tls {
-                        Ok(tls) => (HostDane::Mandatory { tls }, until),
+                        Ok(tls) => (HostDane::Mandatory { tls, tlsa }, until),
                         Err(e) => fail(e),
                     };
                 }
@@ -286,6 +433,7 @@ impl Dane {
                         HostDane::Verify {
                             tls,
                             records: summary,
+                            tlsa,
                         },
                         until,
                     ),
@@ -312,6 +460,76 @@ impl Dane {
             .with_verifier(Arc::new(verifier))
             .map_err(|e| format!("DANE: {e}"))
     }
+}
+
+fn validating_resolver(
+    nameservers: &[SocketAddr],
+    timeout: Duration,
+    attempts: usize,
+    keys: TrustAnchors,
+) -> Result<TokioResolver, DaneError> {
+    crate::delivery::mx::build_resolver_with(
+        nameservers,
+        |opts| {
+            opts.timeout = timeout;
+            opts.attempts = attempts.max(1) - 1;
+            opts.validate = true;
+        },
+        Some(Arc::new(keys)),
+    )
+    .map_err(|e| DaneError::Resolver(e.to_string()))
+}
+
+/// The keys of `anchor`: its DNSKEY records, plus each DS zone's DNSKEY records
+/// that a DS record covers, fetched without validation (the DS is what makes
+/// them trusted; the resolver then checks the set's signatures with them).
+async fn keys_from_ds(
+    nameservers: &[SocketAddr],
+    timeout: Duration,
+    attempts: usize,
+    anchor: AnchorFile,
+) -> Result<TrustAnchors, String> {
+    let plain = crate::delivery::mx::build_resolver_with(
+        nameservers,
+        |opts| {
+            opts.timeout = timeout;
+            opts.attempts = attempts.max(1) - 1;
+        },
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    let mut keys = anchor.keys;
+    let mut zones: Vec<&Name> = anchor.ds.iter().map(|(n, _)| n).collect();
+    zones.dedup();
+    for zone in zones {
+        let got = plain
+            .lookup(zone.clone(), RecordType::DNSKEY)
+            .await
+            .map_err(|e| format!("DNSKEY {zone}: {e}"))?;
+        let mut matched = 0;
+        for r in got.answers() {
+            let RData::DNSSEC(DNSSECRData::DNSKEY(key)) = &r.data else {
+                continue;
+            };
+            let covered = anchor
+                .ds
+                .iter()
+                .filter(|(n, _)| n == zone)
+                .any(|(_, ds)| ds.covers(zone, key).unwrap_or(false));
+            if covered && !key.revoke() {
+                keys.insert_with_name(key.public_key(), zone.into());
+                matched += 1;
+            }
+        }
+        if matched == 0 {
+            return Err(format!(
+                "no DNSKEY record of {zone} matches its DS records ({} keys served)",
+                got.answers().len()
+            ));
+        }
+        info!(%zone, keys = matched, "DANE trust anchor: DNSKEY records matching the DS records are trusted");
+    }
+    Ok(keys)
 }
 
 enum Answer {
@@ -376,7 +594,7 @@ fn classify(got: Result<hickory_resolver::lookup::Lookup, NetError>) -> Answer {
 mod tests {
     use super::*;
 
-    fn anchor(text: &str) -> Result<TrustAnchors, String> {
+    fn anchor(text: &str) -> Result<AnchorFile, String> {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("anchor.key");
         std::fs::write(&p, text).unwrap();
@@ -384,17 +602,31 @@ mod tests {
     }
 
     #[test]
-    fn trust_anchors_are_dnskey_records_and_bad_files_name_the_field() {
+    fn trust_anchors_are_dnskey_or_ds_records_and_bad_files_name_the_field() {
         // As ldns-keygen writes a KSK, comment included.
         let key = ".\tIN\tDNSKEY\t257 3 13 B8jIsBaXppy2dxvIbV8hHBdLZDvt5nS53BGuNKxZsTg9tnpv0JlR0A0wLsCYzjhiz0C7Z9HLCmh4SxTC4UaF8Q== ;{id = 64328 (ksk), size = 256b}\n";
         let a = anchor(&format!("; the test root\n{key}")).unwrap();
-        assert_eq!(a.len(), 1);
+        assert_eq!((a.keys.len(), a.ds.len()), (1, 0));
+        // `dig DS .` style (TTL, class, digest split in two) and ldns-key2ds style.
+        let a = anchor(
+            ";; ANSWER SECTION:\n.\t\t86400\tIN\tDS\t20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D084 58E880409BBC683457104237C7F8EC8D\n\
+             example.\tIN\tDS\t1234 13 2 0a0b0c0d0a0b0c0d0a0b0c0d0a0b0c0d0a0b0c0d0a0b0c0d0a0b0c0d0a0b0c0d\n",
+        )
+        .unwrap();
+        assert_eq!((a.keys.len(), a.ds.len()), (0, 2));
+        let (name, ds) = &a.ds[0];
+        assert!(name.is_root());
+        assert_eq!((ds.key_tag(), ds.digest().len()), (20326, 32));
+        assert_eq!(ds.digest()[0], 0xe0);
+        assert_eq!(a.ds[1].0.to_ascii(), "example.");
+        // Both kinds in one file.
+        let a = anchor(&format!("{key}. IN DS 20326 8 2 E06D44B80B8F1D39\n")).unwrap();
+        assert_eq!((a.keys.len(), a.ds.len()), (1, 1));
         for (text, why) in [
-            (
-                ". IN DS 20326 8 2 E06D44B80B8F1D39A95C0B0D7C65D08458E880409BBC683457104237C7F8EC8D\n",
-                "DS records are not supported",
-            ),
-            ("", "no DNSKEY"),
+            (". IN DS 20326 8 2 XYZ\n", "not hex"),
+            (". IN DS 20326 8 7 E06D\n", "digest type 7"),
+            (". IN DS 20326 8\n", "no digest type"),
+            ("", "no DNSKEY or DS"),
             (". IN DNSKEY 257 3 13 !!!\n", "delivery.dane.trust_anchor"),
         ] {
             let Err(e) = anchor(text) else {

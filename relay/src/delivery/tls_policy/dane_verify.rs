@@ -41,6 +41,13 @@ impl Tlsa {
         format!("{} {} {}", self.usage, self.selector, self.matching)
     }
 
+    /// `3 1 1 0A1B…`: the record's data as a zone file and RFC 8460 reports
+    /// state it.
+    pub fn presentation(&self) -> String {
+        let hex: String = self.data.iter().map(|b| format!("{b:02X}")).collect();
+        format!("{} {hex}", self.params())
+    }
+
     /// Whether `cert` (DER) is the one this record describes.
     fn describes(&self, cert: &[u8]) -> bool {
         let selected = match self.selector {

@@ -16,6 +16,7 @@ pub struct TlsMetrics {
     sts_failures: Family<One, Counter>,
     rpt_sessions: Family<Two, Counter>,
     rpt_reports: Family<One, Counter>,
+    dane_hosts: Family<One, Counter>,
 }
 
 impl TlsMetrics {
@@ -46,7 +47,25 @@ impl TlsMetrics {
             "TLS reports (RFC 8460) by outcome (sent: queued or POSTed, failed, not_requested: the domain publishes no usable _smtp._tls record)",
             m.rpt_reports.clone(),
         );
+        registry.register(
+            "dane_hosts",
+            "MX and relay hosts looked at by DANE before connecting, by verdict (tlsa: usable records, matched in the handshake; unusable: TLS required, certificate unchecked; insecure, no_tlsa, unavailable: not a DANE host; failed: bogus or failed DNSSEC lookups, host not used)",
+            m.dane_hosts.clone(),
+        );
         m
+    }
+
+    pub fn dane_host(&self, said: &super::dane::HostDane) {
+        use super::dane::HostDane;
+        let verdict = match said {
+            HostDane::Verify { .. } => "tlsa",
+            HostDane::Mandatory { .. } => "unusable",
+            HostDane::Skip("insecure") => "insecure",
+            HostDane::Skip("no TLSA") => "no_tlsa",
+            HostDane::Skip(_) => "unavailable",
+            HostDane::Fail(_) => "failed",
+        };
+        self.dane_hosts.get_or_create(&[("verdict", verdict)]).inc();
     }
 
     pub fn sts_fetch(&self, result: &'static str) {

@@ -79,6 +79,26 @@ impl FailureType {
             FailureType::ValidationFailure
         }
     }
+
+    /// The type of a DANE handshake failure: a DANE-TA chain's name or dates, else
+    /// no record matching the certificate (a general validation failure: the
+    /// records themselves were valid).
+    pub fn of_dane_error(e: &str) -> Self {
+        match Self::of_certificate_error(e) {
+            t @ (FailureType::CertificateHostMismatch | FailureType::CertificateExpired) => t,
+            _ => FailureType::ValidationFailure,
+        }
+    }
+
+    /// The type of a DANE lookup that made the host unusable (bogus or failed
+    /// DNSSEC answers: §4.3.2.1 `dnssec-invalid`).
+    pub fn of_dane_lookup(why: &str) -> Self {
+        if why.contains("bogus") || why.contains("lookup") {
+            FailureType::DnssecInvalid
+        } else {
+            FailureType::TlsaInvalid
+        }
+    }
 }
 
 /// The policy a session ran under, as a report states it.
@@ -89,9 +109,41 @@ pub struct PolicyDesc {
     /// The policy's text, one string per line (`policy-string`).
     #[serde(default)]
     pub strings: Vec<String>,
-    /// MX patterns of an MTA-STS policy (`mx-host`).
+    /// MX patterns of an MTA-STS policy, or the MX host a TLSA policy belongs to
+    /// (`mx-host`).
     #[serde(default)]
     pub mx_host: Vec<String>,
+}
+
+impl PolicyDesc {
+    /// The key its counters are kept under: the policy type, and for TLSA the MX
+    /// host too (each MX host publishes its own records, so one domain can have
+    /// several TLSA policies in one report).
+    pub fn key(&self) -> String {
+        match self.mx_host.first() {
+            Some(mx) if self.policy_type == POLICY_TLSA => format!("{POLICY_TLSA}/{mx}"),
+            _ => self.policy_type.clone(),
+        }
+    }
+
+    /// A TLSA policy of `mx` with `records` (`3 1 1 <hex>`, RFC 8460 §4.4:
+    /// the TLSA records as presented).
+    pub fn tlsa(mx: &str, records: &[String]) -> Self {
+        PolicyDesc {
+            policy_type: POLICY_TLSA.into(),
+            strings: records.to_vec(),
+            mx_host: vec![mx.trim_end_matches('.').to_ascii_lowercase()],
+        }
+    }
+}
+
+/// What DANE said about the host of a session (RFC 7672 §2.2).
+#[derive(Debug, Clone, Copy)]
+pub enum DaneSession<'a> {
+    /// Usable TLSA records (presentation form): the certificate had to match one.
+    Usable(&'a [String]),
+    /// TLSA records, none usable: TLS was mandatory, the certificate unchecked.
+    Unusable(&'a [String]),
 }
 
 /// A failed session's `failure-details` key (RFC 8460 §4.4).
@@ -129,6 +181,9 @@ pub struct Session<'a> {
     pub handshake_error: Option<&'a str>,
     /// What checking the certificate said (opportunistic and `testing` sessions).
     pub verified: Option<&'a Result<(), String>>,
+    /// The host's TLSA records, when DANE set this session's TLS (it wins over
+    /// MTA-STS: the session is reported under the `tlsa` policy).
+    pub dane: Option<DaneSession<'a>>,
 }
 
 /// The policy and verdict of a session under `decision` (`None`: nothing to
@@ -154,6 +209,23 @@ pub fn classify(decision: &Decision, s: &Session<'_>) -> Option<(PolicyDesc, Opt
     };
     if !s.ehlo && s.handshake_error.is_none() {
         return None;
+    }
+    if let Some(dane) = s.dane {
+        let (records, usable) = match dane {
+            DaneSession::Usable(r) => (r, true),
+            DaneSession::Unusable(r) => (r, false),
+        };
+        let verdict = if let Some(e) = s.handshake_error {
+            Some(FailureType::of_dane_error(e))
+        } else if !s.tls {
+            Some(FailureType::StarttlsNotSupported)
+        } else if !usable {
+            // §4.3.2.1: none of the records was valid (for SMTP).
+            Some(FailureType::TlsaInvalid)
+        } else {
+            None
+        };
+        return Some((PolicyDesc::tlsa(s.mx, records), verdict));
     }
     if let Some(c) = decision
         .sts
@@ -259,16 +331,21 @@ impl TlsReporter {
     /// `None`) or a failure with its details. DANE and MTA-STS call this alike.
     pub fn record(&self, domain: &str, policy: &PolicyDesc, failure: Option<FailureDetail>) {
         let start = self.period_start(crate::queue::now_ms());
-        let t = &policy.policy_type;
+        let t = &policy.key();
         let mut map = self.pending.lock().unwrap();
         // Bounded: a store that stays down must not grow this without end.
         if map.len() > 100_000 && !map.contains_key(&(start, domain.to_owned())) {
             return;
         }
         let c = map.entry((start, domain.to_owned())).or_default();
-        c.set
-            .entry(store::policy_field(t))
-            .or_insert_with(|| serde_json::to_string(policy).expect("a policy serialises"));
+        // A TLSA policy seen only through failed lookups has no records to
+        // state; it must not overwrite one that has them (the report names the
+        // type and host from the key).
+        if !(policy.policy_type == POLICY_TLSA && policy.strings.is_empty()) {
+            c.set
+                .entry(store::policy_field(t))
+                .or_insert_with(|| serde_json::to_string(policy).expect("a policy serialises"));
+        }
         match failure {
             None => *c.add.entry(store::success_field(t)).or_default() += 1,
             Some(d) => {
@@ -278,11 +355,15 @@ impl TlsReporter {
         }
     }
 
-    /// Records a delivery session under `decision` (see [`classify`]).
-    pub fn record_session(&self, domain: &str, decision: &Decision, s: &Session<'_>) {
-        let Some((policy, verdict)) = classify(decision, s) else {
-            return;
-        };
+    /// Records a delivery session under `decision` (see [`classify`]); returns
+    /// the policy type and whether the session succeeded, for the metrics.
+    pub fn record_session(
+        &self,
+        domain: &str,
+        decision: &Decision,
+        s: &Session<'_>,
+    ) -> Option<(String, bool)> {
+        let (policy, verdict) = classify(decision, s)?;
         let failure = verdict.map(|t| FailureDetail {
             result_type: t.as_str().to_owned(),
             sending_mta_ip: s.sending_ip.map(|i| i.to_string()),
@@ -290,7 +371,21 @@ impl TlsReporter {
             receiving_mx_helo: s.helo.map(str::to_owned),
             receiving_ip: s.receiving_ip.map(|i| i.to_string()),
         });
+        let ok = failure.is_none();
         self.record(domain, &policy, failure);
+        Some((policy.policy_type, ok))
+    }
+
+    /// Records an MX host DANE made unusable before any session (bogus or
+    /// failed DNSSEC lookups, `why`): a failed session of its `tlsa` policy.
+    pub fn record_dane_refusal(&self, domain: &str, mx: &str, why: &str) {
+        let policy = PolicyDesc::tlsa(mx, &[]);
+        let failure = FailureDetail {
+            result_type: FailureType::of_dane_lookup(why).as_str().to_owned(),
+            receiving_mx_hostname: policy.mx_host.first().cloned(),
+            ..Default::default()
+        };
+        self.record(domain, &policy, Some(failure));
     }
 
     /// Adds what was counted to the shared store; what could not be added is kept
@@ -456,6 +551,124 @@ mod tests {
             ..session("mx.x.test", false, None)
         };
         assert!(classify(&d, &greeting).is_none());
+    }
+
+    #[test]
+    fn dane_sessions_are_tlsa_policies_with_their_own_failure_types() {
+        // An MTA-STS enforce domain whose MX host has TLSA records: DANE wins.
+        let d = sts(Mode::Enforce);
+        let records = vec!["3 1 1 AB".to_owned()];
+        let dane = |usable: bool| {
+            Some(if usable {
+                DaneSession::Usable(&records)
+            } else {
+                DaneSession::Unusable(&records)
+            })
+        };
+        let ok = Ok(());
+        let s = Session {
+            dane: dane(true),
+            ..session("MX.b.test.", true, Some(&ok))
+        };
+        let (p, v) = classify(&d, &s).unwrap();
+        assert_eq!(p.policy_type, "tlsa");
+        assert_eq!(p.strings, ["3 1 1 AB"]);
+        assert_eq!(p.mx_host, ["mx.b.test"]);
+        assert_eq!(p.key(), "tlsa/mx.b.test");
+        assert_eq!(v, None, "not an MTA-STS validation failure");
+        let mismatch = Session {
+            handshake_error: Some(
+                "invalid peer certificate: Other(DANE: no TLSA record (3 1 1) matches the server's certificate chain)",
+            ),
+            ..s.clone()
+        };
+        assert_eq!(
+            classify(&d, &mismatch).unwrap().1,
+            Some(FailureType::ValidationFailure)
+        );
+        let ta_name = Session {
+            handshake_error: Some(
+                "DANE: a DANE-TA record matches a certificate of the chain, but the leaf does not verify against it: invalid peer certificate: NotValidForName",
+            ),
+            ..s.clone()
+        };
+        assert_eq!(
+            classify(&d, &ta_name).unwrap().1,
+            Some(FailureType::CertificateHostMismatch)
+        );
+        let unusable = Session {
+            dane: dane(false),
+            ..s.clone()
+        };
+        assert_eq!(
+            classify(&d, &unusable).unwrap().1,
+            Some(FailureType::TlsaInvalid)
+        );
+        let plain = Session {
+            tls: false,
+            ..s.clone()
+        };
+        assert_eq!(
+            classify(&d, &plain).unwrap().1,
+            Some(FailureType::StarttlsNotSupported)
+        );
+        assert_eq!(
+            FailureType::of_dane_lookup(
+                "DANE: TLSA lookup of _25._tcp.mx.b.test. is bogus (DNSSEC)"
+            ),
+            FailureType::DnssecInvalid
+        );
+    }
+
+    #[tokio::test]
+    async fn dane_refusals_and_sessions_share_one_tlsa_policy_per_mx() {
+        let store = Arc::new(store::MemoryReports::default());
+        let r = TlsReporter::new(Duration::from_secs(60), store.clone());
+        let records = vec!["3 1 1 AB".to_owned()];
+        r.record("a.test", &PolicyDesc::tlsa("mx1.a.test", &records), None);
+        r.flush().await;
+        // A later refusal does not wipe the records stated by the session.
+        r.record_dane_refusal(
+            "a.test",
+            "mx1.a.test",
+            "DANE: address records of mx1.a.test are bogus (DNSSEC)",
+        );
+        r.record_dane_refusal(
+            "a.test",
+            "mx2.a.test",
+            "DANE: TLSA lookup of _25._tcp.mx2.a.test. failed: timeout",
+        );
+        r.flush().await;
+        let start = r.period_start(crate::queue::now_ms());
+        let fields = store.fields(start, "a.test").await.unwrap();
+        let h = report::Header {
+            organization_name: "O".into(),
+            contact_info: "c@x.test".into(),
+            submitter: "x.test".into(),
+            start,
+            end: start + 60,
+        };
+        let rep = report::build(&h, "a.test", &fields).unwrap();
+        let pols = rep["policies"].as_array().unwrap();
+        assert_eq!(pols.len(), 2, "{rep}");
+        let of = |mx: &str| {
+            pols.iter()
+                .find(|p| p["policy"]["mx-host"][0] == mx)
+                .unwrap_or_else(|| panic!("{mx}: {rep}"))
+        };
+        let p1 = of("mx1.a.test");
+        assert_eq!(p1["policy"]["policy-type"], "tlsa");
+        assert_eq!(p1["policy"]["policy-string"][0], "3 1 1 AB");
+        assert_eq!(p1["summary"]["total-successful-session-count"], 1);
+        assert_eq!(p1["summary"]["total-failure-session-count"], 1);
+        assert_eq!(p1["failure-details"][0]["result-type"], "dnssec-invalid");
+        let p2 = of("mx2.a.test");
+        assert_eq!(p2["policy"]["policy-type"], "tlsa");
+        assert!(p2["policy"].get("policy-string").is_none(), "{p2}");
+        assert_eq!(
+            p2["failure-details"][0]["receiving-mx-hostname"],
+            "mx2.a.test"
+        );
     }
 
     #[tokio::test]

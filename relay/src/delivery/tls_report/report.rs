@@ -102,6 +102,14 @@ pub fn build(h: &Header, domain: &str, fields: &HashMap<String, String>) -> Opti
                 y.1.cmp(&x.1)
                     .then_with(|| x.0.result_type.cmp(&y.0.result_type))
             });
+            // The key is the type, or `tlsa/<mx>` (see `PolicyDesc::key`).
+            let (t, key_mx) = match t.split_once('/') {
+                Some((t, mx)) => (t.to_owned(), Some(mx.to_owned())),
+                None => (t, None),
+            };
+            if a.policy.mx_host.is_empty() {
+                a.policy.mx_host.extend(key_mx);
+            }
             let mut policy = json!({
                 "policy-type": t,
                 "policy-domain": domain,
