@@ -334,7 +334,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             )),
             (Some(_), None) => Some(Arc::new(server::auth_throttle::MemoryFailures::default())),
         };
-    let suppression = open_suppression(&cfg, redis.as_ref(), embedded_db).await?;
+    let suppression = open_suppression(&cfg, redis.as_ref(), embedded_db.clone()).await?;
     // MTA-STS policies are shared through the queue's Redis, so one fetch serves
     // every relay; the embedded queue keeps them in this process.
     let sts_store = match &redis {
@@ -347,7 +347,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
         _ => None,
     };
     // TLS report counters: in the queue's Redis (shared by every relay), else in
-    // this process.
+    // the embedded queue's file (kept across restarts).
     let tls_report_store: Option<Arc<dyn mailrelay::delivery::tls_report::store::ReportStore>> =
         match (&cfg.tls_reporting, &redis) {
             (Some(t), _) if !t.enabled || !cfg.delivery.enabled => None,
@@ -358,9 +358,16 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                     .map_err(anyhow::Error::msg)
                     .context("loading the TLS report scripts into Redis")?,
             )),
-            (Some(_), None) => Some(Arc::new(
-                mailrelay::delivery::tls_report::store::MemoryReports::default(),
-            )),
+            (Some(_), None) => match embedded_db {
+                Some(db) => Some(Arc::new(
+                    mailrelay::delivery::tls_report::store::EmbeddedReports::open(db)
+                        .map_err(anyhow::Error::msg)
+                        .context("opening the TLS report tables in the embedded queue")?,
+                )),
+                None => Some(Arc::new(
+                    mailrelay::delivery::tls_report::store::MemoryReports::default(),
+                )),
+            },
         };
     let quotas = open_quotas(&cfg, redis, quota_metrics).await?;
     info!(

@@ -21,27 +21,42 @@ use crate::support::redis::RedisServer;
 use crate::support::relay::{Relay, RelayOptions};
 use crate::support::{free_ports, start_python};
 
-/// Records every POST: path, Content-Type, the TLS-Report-Domain header, body.
+/// Records every POST: path, Content-Type, the TLS-Report-Domain header, body,
+/// the status answered. The first `fail_first` POSTs get 500; the first
+/// `hang_first` ones wait `hang_secs` before anything (and are marked `hung`).
 const RECEIVER: &str = r#"
-import base64, http.server, json, ssl, sys
+import base64, http.server, json, ssl, sys, threading, time
 
 cfg = json.loads(sys.argv[1])
+lock = threading.Lock()
+seen = [0]
 
 class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 
     def do_POST(self):
+        with lock:
+            seen[0] += 1
+            k = seen[0]
+        with open(cfg["log"] + ".started", "a") as f:
+            f.write("%d\n" % k)
+        hung = k <= cfg.get("hang_first", 0)
+        if hung:
+            time.sleep(cfg.get("hang_secs", 30))
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n)
+        status = 500 if k <= cfg.get("fail_first", 0) else 201
         with open(cfg["log"], "a") as f:
             f.write(json.dumps({
                 "path": self.path,
                 "ctype": self.headers.get("Content-Type"),
                 "domain": self.headers.get("TLS-Report-Domain"),
                 "body": base64.b64encode(body).decode(),
+                "status": status,
+                "hung": hung,
             }) + "\n")
-        self.send_response(201)
+        self.send_response(status)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
@@ -118,14 +133,22 @@ struct Receiver {
 
 impl Receiver {
     fn start(pki: &Pki) -> Self {
+        Self::start_with(pki, json!({}))
+    }
+
+    /// With `fail_first`, `hang_first`, `hang_secs` (see [`RECEIVER`]).
+    fn start_with(pki: &Pki, extra: Value) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let port = free_ports(1)[0];
-        let cfg = json!({
+        let mut cfg = json!({
             "port": port,
             "cert": pki.cert(),
             "key": pki.key(),
             "log": dir.path().join("posts.jsonl"),
         });
+        for (k, v) in extra.as_object().unwrap() {
+            cfg[k] = v.clone();
+        }
         let (child, line) = start_python(dir.path(), RECEIVER, &cfg);
         assert_eq!(line.trim(), "ready", "report receiver did not start");
         Receiver { child, dir, port }
@@ -138,6 +161,16 @@ impl Receiver {
             .filter(|l| l.ends_with('\n'))
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+}
+
+impl Receiver {
+    /// How many POSTs have begun (hung ones included).
+    fn started(&self) -> usize {
+        std::fs::read_to_string(self.dir.path().join("posts.jsonl.started"))
+            .unwrap_or_default()
+            .lines()
+            .count()
     }
 }
 
@@ -246,7 +279,7 @@ fn reports(rua: &Mx, https: &Receiver, dns_port: Option<u16>) -> Vec<(String, Va
             .unwrap();
         out.push(("mail".to_owned(), read_report("mail", &raw, dns_port)));
     }
-    for p in https.posts() {
+    for p in https.posts().into_iter().filter(|p| p["hung"] != true) {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(p["body"].as_str().unwrap())
             .unwrap();
@@ -254,6 +287,7 @@ fn reports(rua: &Mx, https: &Receiver, dns_port: Option<u16>) -> Vec<(String, Va
         v["ctype"] = p["ctype"].clone();
         v["domain"] = p["domain"].clone();
         v["path"] = p["path"].clone();
+        v["status"] = p["status"].clone();
         out.push(("https".to_owned(), v));
     }
     out
@@ -677,4 +711,138 @@ fn dane_sessions_are_reported_under_tlsa_policies() {
     assert!(m("mailrelay_dane_hosts_total{verdict=\"tlsa\"}") >= 3.0);
     assert!(m("mailrelay_dane_hosts_total{verdict=\"failed\"}") >= 1.0);
     assert!(m("mailrelay_tls_reports_total{result=\"sent\"}") >= 3.0);
+}
+
+/// Report ids of the reports of `kind` for `domain`, by HTTP status for https
+/// (mail: 0).
+fn report_ids(reports: &[(String, Value)], kind: &str, domain: &str) -> Vec<(i64, String)> {
+    reports
+        .iter()
+        .filter(|(k, r)| {
+            k == kind
+                && r["report"]["policies"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|p| p["policy"]["policy-domain"] == domain)
+        })
+        .map(|(_, r)| {
+            (
+                r["status"].as_i64().unwrap_or(0),
+                r["report"]["report-id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// An `https:` receiver that answers 500 first: the same report is POSTed again
+/// after a short delay and accepted; the `mailto:` copy is not sent twice.
+#[test]
+fn a_failed_https_report_is_retried_with_backoff() {
+    let pki = Pki::new(CERT_NAMES);
+    let https = Receiver::start_with(&pki, json!({"fail_first": 1}));
+    let dns = Dnsmasq::start(&zone(https.port, None));
+    let sts = PolicyServer::start(&pki, policies());
+    let port = free_ports(1)[0];
+    let sink = Mx::start(json!({"port": port, "cert": pki.cert(), "key": pki.key()}));
+    let rua = Mx::start(json!({"host": "127.0.0.2", "port": port}));
+    let relay = relay_with(
+        &dns,
+        port,
+        &relay_cfg(&pki, sts.port, "4s", None),
+        RelayOptions::default(),
+    );
+    send_one(&relay, &sink, "one@bad.test", 1);
+    send_one(&relay, &sink, "two@bad.test", 2);
+    // Failed sessions in the reports the receiver accepted.
+    let accepted_failures = |r: &[(String, Value)]| -> i64 {
+        r.iter()
+            .filter(|(k, r)| k == "https" && r["status"] == 201)
+            .flat_map(|(_, r)| r["report"]["policies"].as_array().unwrap().clone())
+            .map(|p| {
+                p["summary"]["total-failure-session-count"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .sum()
+    };
+    let got = wait_reports("the retried POST", &relay, &rua, &https, None, |r| {
+        accepted_failures(r) == 2 && totals(r, "mail", "bad.test").1 == 2
+    });
+    let posts = report_ids(&got, "https", "bad.test");
+    assert_eq!(posts[0].0, 500, "{posts:?}");
+    let accepted: Vec<&String> = posts.iter().filter(|p| p.0 == 201).map(|p| &p.1).collect();
+    assert!(
+        accepted.contains(&&posts[0].1),
+        "the refused report came again: {posts:?}"
+    );
+    // Later periods add no report: nothing is sent twice.
+    std::thread::sleep(Duration::from_secs(5));
+    let got = reports(&rua, &https, None);
+    assert_eq!(accepted_failures(&got), 2, "{got:#?}");
+    let mails = report_ids(&got, "mail", "bad.test");
+    let mut ids: Vec<&String> = mails.iter().map(|m| &m.1).collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a mailto report sent twice: {mails:?}");
+    let log = relay.log();
+    assert!(log.contains("TLS report not sent; retrying later"), "{log}");
+}
+
+/// The embedded queue keeps TLS report counters and sending progress in its
+/// file: a relay killed (SIGKILL) in the middle of a period still reports the
+/// sessions before the kill, and one killed while POSTing a report (after the
+/// `mailto:` copy went out) sends the rest after its restart, once the dead
+/// process's lease has run out, and not the `mailto:` copy again.
+#[test]
+fn embedded_counters_and_unsent_reports_survive_kill_9() {
+    let pki = Pki::new(CERT_NAMES);
+    let https = Receiver::start_with(&pki, json!({"hang_first": 1, "hang_secs": 40}));
+    let dns = Dnsmasq::start(&zone(https.port, None));
+    let sts = PolicyServer::start(&pki, policies());
+    let port = free_ports(1)[0];
+    let sink = Mx::start(json!({"port": port, "cert": pki.cert(), "key": pki.key()}));
+    let rua = Mx::start(json!({"host": "127.0.0.2", "port": port}));
+    let cfg = relay_cfg(&pki, sts.port, "6s", None) + "  post_timeout: 3s\n";
+    let mut relay = relay_with(&dns, port, &cfg, RelayOptions::default());
+    send_one(&relay, &sink, "one@bad.test", 1);
+    send_one(&relay, &sink, "two@bad.test", 2);
+    // Past a flush (every second), then killed and started again at once.
+    std::thread::sleep(Duration::from_millis(2500));
+    relay.kill();
+    relay.restart();
+    // The report's POST hangs; the relay dies while it waits.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while https.started() == 0 {
+        assert!(Instant::now() < deadline, "no POST began\n{}", relay.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    relay.kill();
+    relay.restart();
+    let got = wait_reports(
+        "the POST after the restart",
+        &relay,
+        &rua,
+        &https,
+        None,
+        |r| totals(r, "https", "bad.test").1 >= 2 && totals(r, "mail", "bad.test").1 >= 2,
+    );
+    // Every session before the first kill is in the reports.
+    for kind in ["mail", "https"] {
+        let (ok, failed, _) = totals(&got, kind, "bad.test");
+        assert_eq!((ok, failed), (0, 2), "{kind}: {got:#?}\n{}", relay.log());
+    }
+    let mails = report_ids(&got, "mail", "bad.test");
+    let posts = report_ids(&got, "https", "bad.test");
+    assert_eq!(mails.len(), posts.len(), "mail {mails:?}, https {posts:?}");
+    let (mut m, mut p): (Vec<_>, Vec<_>) = (
+        mails.iter().map(|x| x.1.clone()).collect(),
+        posts.iter().map(|x| x.1.clone()).collect(),
+    );
+    m.sort();
+    p.sort();
+    assert_eq!(m, p, "each report once by mail and once by POST");
+    m.dedup();
+    assert_eq!(m.len(), mails.len(), "no report mailed twice: {mails:?}");
 }

@@ -391,10 +391,23 @@ impl TlsReporter {
     /// Adds what was counted to the shared store; what could not be added is kept
     /// for the next flush.
     pub async fn flush(&self) {
-        let batch: Vec<((u64, String), Counts)> = self.pending.lock().unwrap().drain().collect();
+        let batch: Vec<(u64, String, Counts)> = self
+            .pending
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|((s, d), c)| (s, d, c))
+            .collect();
+        if batch.is_empty() {
+            return;
+        }
         let ttl = self.period * 3 + Duration::from_secs(3600);
-        for ((start, domain), counts) in batch {
-            if let Err(e) = self.store.add(start, &domain, &counts, ttl).await {
+        let results = match self.store.add_batch(&batch, ttl).await {
+            Ok(r) => r,
+            Err(e) => vec![Err(e); batch.len()],
+        };
+        for ((start, domain, counts), result) in batch.into_iter().zip(results) {
+            if let Err(e) = result {
                 warn!(%domain, error = %e, "TLS report counters not stored; retrying");
                 let mut map = self.pending.lock().unwrap();
                 let c = map.entry((start, domain)).or_default();
