@@ -65,6 +65,18 @@
 #                        config's test-only switch); its POST count is in the row's note
 #      redis-events-off  the same as events-off on the Redis queue
 #      redis-events-hook the same as events-hook on the Redis queue
+#    Published transport-security policies (issue 20; STS=1, which sets ROUTE=mx):
+#      sts-off       mailrelay, embedded queue, `tls: opportunistic` with DANE off: STARTTLS
+#                    to the sink, its certificate checked and recorded (not enforced)
+#      sts-on        the same with `tls: auto`: DANE asked first (dnsmasq passes no DNSSEC,
+#                    so after one failed probe a minute DANE is "unavailable"), then the
+#                    MTA-STS policy of example.net (`_mta-sts` TXT at dnsmasq, the policy
+#                    `mode: enforce, mx: mx.example.net` from a local Python HTTPS server
+#                    with a per-run test CA): enforced, so every message goes over verified
+#                    TLS. Checks: one policy fetch per rep, no MTA-STS failure
+#    With STS=1 the sink is bench/tls_sink.c (built with cc into $WORK; OpenSSL, one thread
+#    per connection, counts like `smtp-sink -c`) presenting a certificate for
+#    mx.example.net from that CA, for both backends; reps interleave (INTERLEAVE=1).
 #    Before the reps of every backend one message goes through it into a smtp-sink that
 #    keeps it (-d): its DKIM-Signature a= tags must be the expected ones (none for the
 #    unsigned embedded/postfix) and each signature must verify (dkimpy, keys from
@@ -139,6 +151,8 @@
 #   INTERLEAVE [0] 1: reps round-robin over the backends (rep 1 of each, then rep 2, ...)
 #   QUOTA_LIMITS ["1000/1m, 10000/1h, 100000/1d"] (per sender; the quota backends)
 #   QUICK=1 -> N=1000 REPS=1 DRAIN_N=5000 COOLDOWN=1 (unless set explicitly)
+#   STS [0] 1: the policies-on bench (BACKENDS "sts-off sts-on", ROUTE=mx, SCENARIOS 1024:20,
+#   REPS 3, DRAIN 0, INTERLEAVE 1)  STS_PORT [13543] (the MTA-STS HTTPS server)
 #
 # Side effects: none outside $WORK, but OpenDKIM's configuration and key copy in
 # $OPENDKIM_DIR (lib.sh; removed when opendkim stops). Refuses to run if a port is busy.
@@ -161,6 +175,11 @@ if [ "${EVENTS:-0}" = 1 ]; then
   SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-2}; DRAIN=${DRAIN:-0}
   BACKENDS=${BACKENDS:-"events-off embedded events-hook redis-events-off redis redis-events-hook"}
 fi
+if [ "${STS:-0}" = 1 ]; then
+  ROUTE=mx; SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}; INTERLEAVE=${INTERLEAVE:-1}
+  BACKENDS=${BACKENDS:-"sts-off sts-on"}
+fi
+STS=${STS:-0}
 if [ "${SENDERS:-0}" -gt 0 ]; then
   N=${N:-20000}; SCENARIOS=${SCENARIOS:-1024:20}; REPS=${REPS:-3}; DRAIN=${DRAIN:-0}; INTERLEAVE=${INTERLEAVE:-1}
   BACKENDS=${BACKENDS:-"direct embedded quota redis redis-quota"}
@@ -210,6 +229,8 @@ MILTER_PORT=${MILTER_PORT:-13537}
 PEER_PORT=${PEER_PORT:-13545}
 PEER_HTTP_PORT=${PEER_HTTP_PORT:-13580}
 HOOK_PORT=${HOOK_PORT:-13538}
+STS_PORT=${STS_PORT:-13543}
+STS_PID=""
 HOOK_PID=""
 DKIM_DOMAIN=bench.example
 case " $BACKENDS " in *" dkim-"*|*" postfix-dkim"*) ANY_DKIM=1 ;; *) ANY_DKIM=0 ;; esac
@@ -237,7 +258,7 @@ DNS_PID=""
 PEER_PID=""
 
 # ---------------------------------------------------------------- tools + preflight
-install_tools python3:python3 curl:curl postconf:postfix smtp-source:postfix redis-server:redis-server \
+install_tools "$([ "$STS" = 1 ] && echo openssl:openssl || echo true:coreutils)" python3:python3 curl:curl postconf:postfix smtp-source:postfix redis-server:redis-server \
   "$([ "$ROUTE" = mx ] && echo dnsmasq:dnsmasq-base || echo true:coreutils)" \
   "$([ "$ANY_DKIM" = 1 ] && echo openssl:openssl || echo true:coreutils)" \
   "$(case " $BACKENDS " in *" postfix-dkim"*) echo opendkim:opendkim opendkim-testkey:opendkim-tools ;; *) echo true:coreutils ;; esac)"
@@ -246,11 +267,14 @@ case $ROUTE in smarthost|mx) ;; *) die "ROUTE must be smarthost or mx";; esac
 if any_pf; then
   master_alive && die "a Postfix of a previous run is still running (pid $(tr -d ' ' < "$MASTER_PID_FILE")): postfix -c $PFC stop"
 fi
-for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT" "$MILTER_PORT" "$PEER_PORT" "$PEER_HTTP_PORT" "$HOOK_PORT"; do
+for p in "$SMTP_PORT" "$ADMIN_PORT" "$PF_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT" "$MILTER_PORT" "$PEER_PORT" "$PEER_HTTP_PORT" "$HOOK_PORT" "$STS_PORT"; do
   port_busy "$p" && die "port $p is already in use (set *_PORT to free ones)"
 done
 for sc in $SCENARIOS; do [[ $sc =~ ^[0-9]+:[0-9]+$ ]] || die "bad scenario '$sc' (want SIZE:SESSIONS)"; done
-for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets|quota|redis-quota|kumomta|haraka|events-off|events-hook|redis-events-off|redis-events-hook) ;; *) die "unknown backend $b";; esac; done
+for b in $BACKENDS; do case $b in direct|embedded|redis|redis-always|postfix|dkim-ed25519|dkim-rsa|dkim-both|postfix-dkim|postfix-dkim-ed25519|presets|redis-presets|quota|redis-quota|kumomta|haraka|events-off|events-hook|redis-events-off|redis-events-hook|sts-off|sts-on) ;; *) die "unknown backend $b";; esac; done
+if has "$BACKENDS" sts-off || has "$BACKENDS" sts-on; then
+  [ "$STS" = 1 ] || die "the sts-* backends need STS=1 (TLS sink, MTA-STS server)"
+fi
 for b in $DRAIN_BACKENDS; do case $b in embedded|redis|redis-always|postfix) ;; *) die "unknown drain backend $b";; esac; done
 ulimit -n 65536 2>/dev/null || true
 
@@ -394,10 +418,13 @@ $ROUTE_YAML"
 $DELIVERY_YAML_EXTRA"
 
 start_dns() {         # dnsmasq: example.net MX 10 mx.example.net, mx.example.net A 127.0.0.1
+  local sts=()
+  # STS=1: example.net publishes an MTA-STS policy (its host on 127.0.0.1)
+  [ "$STS" = 1 ] && sts=(--txt-record=_mta-sts.example.net,"v=STSv1; id=bench1" --host-record=mta-sts.example.net,127.0.0.1)
   /usr/sbin/dnsmasq --keep-in-foreground --port="$DNS_PORT" --listen-address=127.0.0.1 \
     --bind-interfaces --no-resolv --no-hosts --conf-file=/dev/null --pid-file \
     --log-facility="$WORK/dnsmasq.log" --local=/example.net/ --local-ttl="$DNS_TTL" \
-    --mx-host=example.net,mx.example.net,10 --host-record=mx.example.net,127.0.0.1 &
+    --mx-host=example.net,mx.example.net,10 --host-record=mx.example.net,127.0.0.1 "${sts[@]}" &
   DNS_PID=$!
   for _ in $(seq 1 100); do ss -Hlun "sport = :$DNS_PORT" | grep -q . && return 0; sleep 0.1; done
   die "dnsmasq did not listen on $DNS_PORT: $(tail -3 "$WORK/dnsmasq.log")"
@@ -414,6 +441,7 @@ cleanup() {
   stop_postfix
   stop_pid "$SINK_PID"; SINK_PID=""
   stop_pid "$DNS_PID"; DNS_PID=""
+  stop_pid "$STS_PID"; STS_PID=""
   stop_peer
   stop_opendkim
   return $rc
@@ -499,7 +527,7 @@ prepare_backend() {   # prepare_backend BACKEND QDIR: fresh queue; sets spids no
     note="$note appendfsync=$(rcli CONFIG GET appendfsync | tail -1)"
   fi
 }
-queue_kind() { case $1 in embedded|dkim-*|presets|quota|events-off|events-hook) echo embedded ;; *) echo redis ;; esac; }
+queue_kind() { case $1 in embedded|dkim-*|presets|quota|events-off|events-hook|sts-*) echo embedded ;; *) echo redis ;; esac; }
 # late_sessions JSON -> JSON with sink_sessions recounted now: Postfix keeps delivery
 # connections cached for up to 2 s after the last message, so they end after the rep.
 late_sessions() {
@@ -573,6 +601,57 @@ PY
 }
 stop_hook() { stop_pid "$HOOK_PID"; HOOK_PID=""; }
 hook_count() { cat "$WORK/hook.count" 2>/dev/null || echo 0; }
+# delivery_yaml BACKEND: the relay's `delivery:` section ($DELIVERY_YAML, but for the
+# sts-* backends the TLS settings of STS=1)
+delivery_yaml() {
+  local tls
+  case $1 in
+    sts-off) tls="  tls: opportunistic
+  dane: {enabled: false}" ;;
+    sts-on) tls="  tls: auto
+  mta_sts: {port_override: $STS_PORT}" ;;
+    *) printf '%s\n' "$DELIVERY_YAML"; return 0 ;;
+  esac
+  printf '%s\n' "${DELIVERY_YAML/  tls: disabled/$tls
+  ca_file: $WORK/pki/ca.pem}"
+}
+# STS=1: a test CA, the sink's certificate (mx.example.net, mta-sts.example.net),
+# bench/tls_sink built, and the MTA-STS policy server
+prepare_sts() {
+  local d="$WORK/pki"
+  rm -rf "$d"; mkdir -p "$d"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/ca.key" \
+    -out "$d/ca.pem" -days 7 -subj "/CN=mailrelay bench CA" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$d/leaf.key" \
+    -out "$d/leaf.csr" -subj "/CN=mx.example.net" 2>/dev/null
+  printf 'subjectAltName=DNS:mx.example.net,DNS:mta-sts.example.net\n' > "$d/ext"
+  openssl x509 -req -in "$d/leaf.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -out "$d/leaf.pem" -days 7 -extfile "$d/ext" 2>/dev/null
+  chmod 644 "$d"/*.key
+  cc -O2 -o "$WORK/tls_sink" "$BENCH_DIR/tls_sink.c" -lssl -lcrypto -lpthread || die "cc bench/tls_sink.c failed (libssl-dev)"
+  python3 - "$STS_PORT" "$d/leaf.pem" "$d/leaf.key" >>"$WORK/sts-server.log" 2>&1 <<'PY' &
+import http.server, ssl, sys
+port, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+body = b"version: STSv1\r\nmode: enforce\r\nmx: mx.example.net\r\nmax_age: 86400\r\n"
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.path == "/.well-known/mta-sts.txt"
+        self.send_response(200 if ok else 404)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body) if ok else 0))
+        self.end_headers()
+        if ok:
+            self.wfile.write(body)
+    def log_message(self, *a): pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+ctx.load_cert_chain(cert, key)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+PY
+  STS_PID=$!
+  wait_port "$STS_PORT" mta-sts-server
+}
 # extra_yaml BACKEND: top-level config sections ($RELAY_YAML_EXTRA last, for every backend)
 extra_yaml() {
   dkim_yaml "$1"
@@ -656,11 +735,11 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       t=$(timer "$RUN_TIMEOUT" "$n" "" "" 0 -- $(source_cmd "$sess" "$n" "$size" "$SINK_PORT"))
       verdict=$(check_sink "$t" "$n")
       ;;
-    embedded|redis|redis-always|dkim-*|presets|redis-presets|quota|redis-quota|events-off|events-hook|redis-events-off|redis-events-hook)
+    embedded|redis|redis-always|dkim-*|presets|redis-presets|quota|redis-quota|events-off|events-hook|redis-events-off|redis-events-hook|sts-*)
       qdir="$WORK/queue-e2e-$backend"
       prepare_backend "$backend" "$qdir"
       hook0=$(hook_count)
-      start_relay "$(queue_kind "$backend")" "$qdir" "$DELIVERY_YAML" "$(extra_yaml "$backend")"
+      start_relay "$(queue_kind "$backend")" "$qdir" "$(delivery_yaml "$backend")" "$(extra_yaml "$backend")"
       spids=$RELAY_PID; [ "$(queue_kind "$backend")" = embedded ] || spids="$RELAY_PID,$REDIS_PID"
       # shellcheck disable=SC2046
       t=$(timer "$RUN_TIMEOUT" "$n" "$spids" "$RELAY_PID" 0 -- $(source_cmd "$sess" "$n" "$size" "$SMTP_PORT"))
@@ -672,6 +751,14 @@ run_e2e() {           # run_e2e BACKEND SIZE SESSIONS N REP
       [ "$left" = 0 ] || verdict="$verdict; queue still holds ${left} messages"
       verdict=${verdict#ok; }
       case $backend in
+        sts-on)
+          local fetched failed
+          fetched=$(metric 'mailrelay_mta_sts_policy_fetches_total{result="ok"}')
+          failed=$(curl -fs "$ADMIN_URL/metrics" | awk '$1 ~ /^mailrelay_mta_sts_failures_total/ {s += $2} END {print s + 0}')
+          note="$note sts_fetches=${fetched:-0} sts_memory_lookups=$(metric 'mailrelay_mta_sts_cache_lookups_total{source="memory"}') sts_failures=$failed"
+          [ "${fetched:-0}" = 1 ] || verdict="$verdict; MTA-STS policy fetched ${fetched:-0} times, not once"
+          [ "$failed" = 0 ] || verdict="$verdict; $failed MTA-STS failures"
+          ;;
         *events-hook) note="$note webhook_posts_by_end=$(( $(hook_count) - hook0 )) events_written=$(curl -fs "$ADMIN_URL/metrics" | awk '$1 ~ /^mailrelay_events_written_total/ {s += $2} END {print s + 0}')" ;;
       esac
       stop_relay
@@ -799,9 +886,19 @@ log "machine: $(nproc) CPUs, $(uname -r); mailrelay $GIT_REV (+$GIT_DIRTY modifi
 log "N=$N REPS=$REPS SCENARIOS='$SCENARIOS' BACKENDS='$BACKENDS' DRAIN=$DRAIN DRAIN_N=$DRAIN_N DRAIN_BACKENDS='$DRAIN_BACKENDS' ROUTE=$ROUTE work=$WORK"
 FSYNC=$(fsync_probe)
 log "fsync probe ($WORK): $FSYNC"
-write_facts "$WORK/facts.json" "dict(SENDER='$SENDER', SENDERS=$SENDERS, INTERLEAVE=$INTERLEAVE, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, PEERS_SKIPPED='''$PEERS_SKIPPED''', KUMOMTA='${KUMO_VERSION:-}', HARAKA='${HARAKA_VERSION_RUN:-}', COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
+write_facts "$WORK/facts.json" "dict(STS=$STS, SENDER='$SENDER', SENDERS=$SENDERS, INTERLEAVE=$INTERLEAVE, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, PEERS_SKIPPED='''$PEERS_SKIPPED''', KUMOMTA='${KUMO_VERSION:-}', HARAKA='${HARAKA_VERSION_RUN:-}', COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
 
 # ---------------------------------------------------------------- runs
+if [ "$STS" = 1 ]; then
+  prepare_sts
+  # The TLS sink instead of smtp-sink (same count records in sink.out)
+  # shellcheck disable=SC2120
+  start_sink() {
+    "$WORK/tls_sink" "$WORK/pki/leaf.pem" "$WORK/pki/leaf.key" "127.0.0.1:$SINK_PORT" >> "$WORK/sink.out" 2>> "$WORK/sink.err" &
+    SINK_PID=$!
+    wait_port "$SINK_PORT" tls_sink
+  }
+fi
 start_sink
 if any_redis; then start_redis; fi
 [ "$ROUTE" = mx ] && start_dns

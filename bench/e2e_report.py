@@ -30,12 +30,15 @@ LABEL = {
     'events-hook': 'mailrelay, embedded, events + webhook consumer',
     'redis-events-off': 'mailrelay, Redis AOF everysec, event log off',
     'redis-events-hook': 'mailrelay, Redis AOF everysec, events + webhook consumer',
+    'sts-off': 'mailrelay, embedded, ROUTE=mx, STARTTLS opportunistic, DANE off (STS=1)',
+    'sts-on': 'mailrelay, embedded, ROUTE=mx, tls: auto (DANE, MTA-STS enforce) (STS=1)',
     'kumomta': 'KumoMTA (peer: RocksDB spool)',
     'haraka': 'Haraka (peer: queue without fsync)',
 }
 PEERS = ('kumomta', 'haraka')
 RELAY = ('embedded', 'redis', 'redis-always', 'dkim-ed25519', 'dkim-rsa', 'dkim-both', 'presets', 'redis-presets',
-         'quota', 'redis-quota', 'events-off', 'events-hook', 'redis-events-off', 'redis-events-hook')
+         'quota', 'redis-quota', 'events-off', 'events-hook', 'redis-events-off', 'redis-events-hook',
+         'sts-off', 'sts-on')
 if int(kn.get('SENDERS', 0) or 0) > 0:
     LABEL['direct'] = 'smtp_senders→smtp-sink (tool ceiling)'
 
