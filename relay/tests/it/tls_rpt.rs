@@ -846,3 +846,56 @@ fn embedded_counters_and_unsent_reports_survive_kill_9() {
     m.dedup();
     assert_eq!(m.len(), mails.len(), "no report mailed twice: {mails:?}");
 }
+
+/// On Redis: a relay killed while its POST hangs leaves the period claimed until
+/// its lease runs out; a second relay on the same Redis then sends what is left
+/// (the POST), not the `mailto:` copy the first one queued.
+#[test]
+fn on_redis_another_relay_sends_what_a_killed_one_left() {
+    let pki = Pki::new(CERT_NAMES);
+    let https = Receiver::start_with(&pki, json!({"hang_first": 1, "hang_secs": 40}));
+    let dns = Dnsmasq::start(&zone(https.port, None));
+    let sts = PolicyServer::start(&pki, policies());
+    let port = free_ports(1)[0];
+    let sink = Mx::start(json!({"port": port, "cert": pki.cert(), "key": pki.key()}));
+    let rua = Mx::start(json!({"host": "127.0.0.2", "port": port}));
+    let redis = RedisServer::start();
+    let opts = RelayOptions {
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    };
+    let cfg = relay_cfg(&pki, sts.port, "4s", None) + "  post_timeout: 3s\n";
+    let mut a = relay_with(&dns, port, &cfg, opts.clone());
+    send_one(&a, &sink, "one@bad.test", 1);
+    send_one(&a, &sink, "two@bad.test", 2);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while https.started() == 0 {
+        assert!(Instant::now() < deadline, "no POST began\n{}", a.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.kill();
+    let b = relay_with(&dns, port, &cfg, opts);
+    let got = wait_reports(
+        "the POST by the second relay",
+        &b,
+        &rua,
+        &https,
+        None,
+        |r| totals(r, "https", "bad.test").1 >= 2 && totals(r, "mail", "bad.test").1 >= 2,
+    );
+    for kind in ["mail", "https"] {
+        assert_eq!(
+            totals(&got, kind, "bad.test").1,
+            2,
+            "{kind}: {got:#?}\n{}",
+            b.log()
+        );
+    }
+    let mails = report_ids(&got, "mail", "bad.test");
+    let mut ids: Vec<&String> = mails.iter().map(|m| &m.1).collect();
+    let n = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a report mailed twice: {mails:?}");
+    assert!(b.log().contains("TLS report sent"), "{}", b.log());
+}
