@@ -510,7 +510,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     if let Some(delivery) = &delivery {
         delivery.count_tls_with(tls_metrics.clone());
     }
-    let _tls_reports = match (&cfg.tls_reporting, tls_report_store, &delivery) {
+    let tls_reports = match (&cfg.tls_reporting, tls_report_store, &delivery) {
         (Some(t), Some(store), Some(delivery)) => {
             use mailrelay::delivery::tls_report::{TlsReporter, send};
             let reporter = TlsReporter::new(t.period, store);
@@ -548,7 +548,7 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
                 submitter = %sender.submitter,
                 "TLS reporting on (RFC 8460)"
             );
-            Some((flusher, sender.spawn()))
+            Some((flusher, sender.spawn(), reporter))
         }
         _ => None,
     };
@@ -588,6 +588,10 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     }
     if let Some(sink) = &events {
         sink.flush().await;
+    }
+    // The sessions of the last second, into the shared (or embedded) counters.
+    if let Some((_, _, reporter)) = &tls_reports {
+        reporter.flush().await;
     }
     let _ = admin_stop_tx.send(());
     if let Some(t) = admin_task {
