@@ -343,7 +343,13 @@ mod tests {
         // moved back).
         assert_eq!(held.len(), 1);
         assert_eq!(held[&kept.id].lease.expires_ms, 10_000);
-        let (out, _) = sort_renewal(&mut held, &[kept.clone()], Vec::new(), 9_000, 3_000);
+        let (out, _) = sort_renewal(
+            &mut held,
+            std::slice::from_ref(&kept),
+            Vec::new(),
+            9_000,
+            3_000,
+        );
         assert!(out.is_empty());
         assert_eq!(held[&kept.id].lease.expires_ms, 12_000);
     }
