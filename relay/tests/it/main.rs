@@ -22,6 +22,7 @@ mod events;
 mod harness_smoke;
 mod hostile_input;
 mod lease_failover;
+mod lease_renewal;
 mod lua_lint;
 mod mta_sts;
 mod mx_resolution;

@@ -35,11 +35,14 @@ fn req(quota: &str, key: &str, cost: u64, windows: &[WindowSpec]) -> ChargeReque
 
 /// Random checks, refunds and usage reads against Redis and the model in step;
 /// windows `scale` times as long as the shortest kind. Returns how many checks
-/// were allowed and denied, and how many refunds were made.
+/// were allowed and denied, and how many refunds were made. With `new_keys` > 0
+/// the keys are that many senders new to each seed (and a shared one), so that many
+/// checks are a key's first: Redis holds no state of it yet.
 async fn agree_with_the_model(
     redis: &RedisStore,
     seeds: std::ops::Range<u64>,
     scale: u64,
+    new_keys: usize,
 ) -> (u32, u32, u32) {
     let (mut allowed, mut denied, mut refunds) = (0, 0, 0);
     for seed in seeds {
@@ -71,7 +74,19 @@ async fn agree_with_the_model(
                 (format!("s{seed}q{i}"), windows)
             })
             .collect();
-        let keys = ["alice@a.test", "bob@b.test", "*"];
+        let keys: Vec<String> = if new_keys == 0 {
+            ["alice@a.test", "bob@b.test", "*"]
+                .map(String::from)
+                .to_vec()
+        } else {
+            // And one key every check may share, new to the seed too: Redis keeps
+            // `*` of an earlier seed, whose clock ran later (and the seeds' clocks
+            // go back), which a relay's clock does not.
+            (0..new_keys)
+                .map(|i| format!("s{seed}n{i}@new.test"))
+                .chain([format!("s{seed}*")])
+                .collect()
+        };
         let mut now = 1_700_000_000_000u64 + rng.random_range(0..1_000_000);
         let mut charges: Vec<(Vec<ChargeRequest>, u64)> = Vec::new();
         for step in 0..600 {
@@ -94,7 +109,7 @@ async fn agree_with_the_model(
                 }
                 1 => {
                     let (name, windows) = &quotas[rng.random_range(0..3)];
-                    let ks: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+                    let ks: Vec<String> = keys.clone();
                     let a = model.usage(name, &ks, windows, Some(now)).await.unwrap();
                     let b = redis.usage(name, &ks, windows, Some(now)).await.unwrap();
                     assert_eq!(a, b, "seed {seed} step {step}: usage");
@@ -112,7 +127,7 @@ async fn agree_with_the_model(
                             let (name, windows) = &quotas[(i + step) % 3];
                             req(
                                 name,
-                                keys[rng.random_range(0..3)],
+                                &keys[rng.random_range(0..keys.len())],
                                 rng.random_range(1..4),
                                 windows,
                             )
@@ -140,7 +155,7 @@ async fn redis_agrees_with_the_model_on_random_sequences() {
         .await
         .unwrap();
     let redis = redis_store(&server.config("qt")).await;
-    let (allowed, denied, refunds) = agree_with_the_model(&redis, 0..12, 1).await;
+    let (allowed, denied, refunds) = agree_with_the_model(&redis, 0..12, 1, 0).await;
     // The sequences exercised every path.
     assert!(
         allowed > 1000 && denied > 1000 && refunds > 50,
@@ -157,7 +172,7 @@ async fn redis_agrees_with_the_model_checking_by_tallies() {
         .unwrap();
     let redis = redis_store(&server.config("qt")).await;
     server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
-    let (allowed, denied, refunds) = agree_with_the_model(&redis, 100..106, 300).await;
+    let (allowed, denied, refunds) = agree_with_the_model(&redis, 100..106, 300, 0).await;
     assert!(
         allowed > 500 && denied > 500 && refunds > 20,
         "{allowed} {denied} {refunds}"
@@ -165,6 +180,85 @@ async fn redis_agrees_with_the_model_checking_by_tallies() {
     // Reads of `a` alone: checks by tallies (full reads are HMGET).
     let by_tallies = calls(&server, "hget");
     assert!(by_tallies > 300, "{by_tallies} checks by tallies");
+}
+
+/// The same where most checks are a key's first (many senders, each new to Redis):
+/// the check of a key with no state builds it in one pass, and must answer as the
+/// model does, refusals and a first charge that fills a window included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_agrees_with_the_model_on_keys_it_has_not_seen() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&server.config("qt")).await;
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    let (allowed, denied, refunds) = agree_with_the_model(&redis, 200..206, 1, 150).await;
+    assert!(
+        allowed > 500 && denied > 100 && refunds > 20,
+        "{allowed} {denied} {refunds}"
+    );
+    // New keys were indexed without reading their index entry first: a known key
+    // reads it (`ZSCORE`) before every `ZADD`, a new key does not.
+    let (zadd, zscore) = (calls(&server, "zadd"), calls(&server, "zscore"));
+    assert!(zadd > zscore + 500, "{zadd} ZADD, {zscore} ZSCORE");
+}
+
+/// A key's first check that does not fit stores nothing (no state without an
+/// expiry); the first that fits stores its state with one, and indexes the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_keys_state_is_stored_only_when_charged_and_always_expires() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let redis = redis_store(&server.config("qt")).await;
+    let windows = [WindowSpec::new(3, 60_000), WindowSpec::new(10, 3_600_000)];
+    let refused = redis
+        .check_and_charge(&[req("first", "new@a.test", 5, &windows)], None)
+        .await
+        .unwrap();
+    assert!(!refused.allowed);
+    assert_eq!(refused.checks[0][0].used, 0);
+    assert_eq!(
+        refused.checks[0][0].retry_at, None,
+        "5 never fits a limit of 3"
+    );
+    assert_eq!(server.cli(&["DBSIZE"]).unwrap(), "0");
+
+    // Exactly the limit: allowed, and the detailed reply says the window is full.
+    let full = redis
+        .check_and_charge(&[req("first", "new@a.test", 3, &windows)], None)
+        .await
+        .unwrap();
+    assert!(full.allowed);
+    assert_eq!(full.checks[0][0].used, 3);
+    assert!(full.checks[0][0].free_at > full.now, "{full:?}");
+    let hash = "qt:{qt:quota}:c:new@a.test";
+    let ttl: i64 = server.cli(&["PTTL", hash]).unwrap().parse().unwrap();
+    let keep = 3_660_000 + 3_660_000 / 16;
+    assert!((keep - 5_000..=keep).contains(&ttl), "pttl {ttl}");
+    let score: f64 = server
+        .cli(&["ZSCORE", "qt:{qt:quota}:keys", "new@a.test"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(score > full.now as f64, "{score}");
+    let index_ttl: i64 = server
+        .cli(&["PTTL", "qt:{qt:quota}:keys"])
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(index_ttl > keep - 5_000, "index pttl {index_ttl}");
+    let next = redis
+        .check_and_charge(&[req("first", "new@a.test", 1, &windows)], None)
+        .await
+        .unwrap();
+    assert!(!next.allowed);
+    assert_eq!(next.checks[0][0].used, 3);
+    let u = redis
+        .usage("first", &["new@a.test".into()], &windows, None)
+        .await
+        .unwrap();
+    assert_eq!((u.keys[0][0].used, u.keys[0][1].used), (3, 3));
 }
 
 /// `INFO commandstats` counts: how many times Redis ran `cmd`.

@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use super::routes::{Target, relay_domain, relay_index};
-use super::{Inner, Part, Work};
+use super::{Held, Inner, Part, Work};
 use crate::config::TlsPolicy;
 use crate::delivery::gate::{self, Destination, PacedConnection, Postponement};
 use crate::delivery::outcomes::Pending;
@@ -155,6 +155,7 @@ impl MessageGate for Recorder<'_> {
             // connection waits, which is what bounds the unwritten outcomes.
             let status = self.inner.conclude(&part.work).await;
             let events = std::mem::take(&mut *part.work.events.lock().unwrap());
+            self.inner.finishing(&part.work.lease.id);
             let pending = self
                 .inner
                 .outcomes
@@ -211,7 +212,7 @@ impl Inner {
             self.held
                 .lock()
                 .unwrap()
-                .insert(l.lease.id.clone(), l.lease.clone());
+                .insert(l.lease.id.clone(), Held::new(l.lease.clone()));
             let final_before = l.status.rcpts.iter().map(|r| r.state.is_final()).collect();
             let work = Arc::new(Work {
                 final_before,

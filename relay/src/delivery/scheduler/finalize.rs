@@ -156,6 +156,7 @@ impl Inner {
     pub(super) async fn finalize(&self, work: &Work) {
         let status = self.conclude(work).await;
         let events = std::mem::take(&mut *work.events.lock().unwrap());
+        self.finishing(&work.lease.id);
         let pending = self
             .outcomes
             .submit_with_events(work.lease.clone(), status, events)
@@ -300,6 +301,14 @@ impl Inner {
             }
         }
         status
+    }
+
+    /// The outcome of a message goes to the writer now: from here a renewal that
+    /// finds its lease gone is most likely behind its finish (see `renew_loop`).
+    pub(super) fn finishing(&self, id: &QueueId) {
+        if let Some(h) = self.held.lock().unwrap().get_mut(id) {
+            h.finishing = true;
+        }
     }
 
     /// The written outcome of a message: it is no longer ours to renew or release.

@@ -90,7 +90,7 @@ struct Inner {
     total: Arc<Semaphore>,
     per_destination: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Every lease we hold, for renewal and for release on drain.
-    held: Mutex<HashMap<QueueId, Lease>>,
+    held: Mutex<HashMap<QueueId, Held>>,
     /// Parts (one message's recipients at one destination) held per destination,
     /// waiting for a connection or on one: what caps a destination's leases.
     in_hand: Mutex<HashMap<String, usize>>,
@@ -109,6 +109,26 @@ struct Inner {
     /// Counts MX sessions for TLS reports (set when `tls_reporting:` is on).
     tls_report: std::sync::OnceLock<Arc<crate::delivery::tls_report::TlsReporter>>,
     tls_metrics: std::sync::OnceLock<crate::delivery::tls_policy::metrics::TlsMetrics>,
+}
+
+/// A lease we hold.
+struct Held {
+    /// Its `expires_ms` is moved on by every renewal that found it.
+    lease: Lease,
+    /// Its outcome went to the writer: a renewal that finds the lease gone ran,
+    /// most likely, after that outcome was written (a finished message has no
+    /// lease), so it is not reported lost; the finish's own answer tells whether
+    /// the lease was still ours.
+    finishing: bool,
+}
+
+impl Held {
+    fn new(lease: Lease) -> Self {
+        Held {
+            lease,
+            finishing: false,
+        }
+    }
 }
 
 /// One leased message and what is left to do for it in this round.
@@ -304,7 +324,13 @@ impl Delivery {
         // released: a released message whose delivery was not recorded would be
         // sent again.
         inner.outcomes.flush().await;
-        let leases: Vec<Lease> = inner.held.lock().unwrap().drain().map(|(_, l)| l).collect();
+        let leases: Vec<Lease> = inner
+            .held
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, h)| h.lease)
+            .collect();
         if !leases.is_empty() {
             match inner.queue.release(&leases).await {
                 Ok(()) => info!(count = leases.len(), "released unfinished deliveries"),

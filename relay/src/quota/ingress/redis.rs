@@ -283,7 +283,7 @@ pub struct RedisStore {
     buckets: Vec<String>,
     /// The `k` of keys this process charged lately, by counter hash: what lets a
     /// check skip reading and unpacking it (see [`CHARGE_LUA`]).
-    remembered: Mutex<HashMap<String, Remembered>>,
+    remembered: Mutex<Memory>,
 }
 
 /// A key's `k` and `h` as last written, and their version: what a check of the key
@@ -317,9 +317,44 @@ impl Remembered {
     }
 }
 
-/// Keys remembered at most; past that the memory starts afresh (a check of a key
-/// not remembered is only slower).
+/// Keys remembered per generation (see [`Memory`]); a check of a key not remembered
+/// is only slower.
 const REMEMBERED_MAX: usize = 10_000;
+
+/// The remembered keys, in two generations: when the newer one is full it becomes
+/// the older and the older is dropped. Dropping everything at once (as before)
+/// forgot every key just when a set of senders about the size of the memory came
+/// round again: with 10,000 senders each sending in turn, no check ever found its
+/// key remembered. Now a key charged within the last `REMEMBERED_MAX` to
+/// `2 × REMEMBERED_MAX` keys is still there.
+#[derive(Default)]
+struct Memory {
+    new: HashMap<String, Remembered>,
+    old: HashMap<String, Remembered>,
+}
+
+impl Memory {
+    fn get(&self, key: &str) -> Option<&Remembered> {
+        self.new.get(key).or_else(|| self.old.get(key))
+    }
+
+    fn insert(&mut self, key: String, m: Remembered) {
+        if self.new.len() >= REMEMBERED_MAX && !self.new.contains_key(&key) {
+            self.old = std::mem::take(&mut self.new);
+        }
+        self.new.insert(key, m);
+    }
+
+    /// Keeps a key checked by its tallies (whose state did not change) in the
+    /// newer generation.
+    fn touch(&mut self, key: &str) {
+        if !self.new.contains_key(key)
+            && let Some(m) = self.old.remove(key)
+        {
+            self.insert(key.to_owned(), m);
+        }
+    }
+}
 
 impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -346,7 +381,7 @@ impl RedisStore {
             buckets: bucket_prefixes(redis.prefix(), redis.is_cluster()),
             redis,
             queue: None,
-            remembered: Mutex::new(HashMap::new()),
+            remembered: Mutex::new(Memory::default()),
         };
         for s in [&store.charge, &store.refund, &store.usage, &store.active] {
             store.redis.load(s).await.map_err(unavailable)?;
@@ -606,12 +641,10 @@ impl RedisStore {
             return;
         }
         let mut memory = self.remembered.lock().unwrap_or_else(|p| p.into_inner());
-        if memory.len() >= REMEMBERED_MAX {
-            memory.clear();
-        }
         for (g, state) in outcome.states.iter().enumerate() {
-            if let Some(m) = state {
-                memory.insert(call.keys[g].clone(), m.clone());
+            match state {
+                Some(m) => memory.insert(call.keys[g].clone(), m.clone()),
+                None => memory.touch(&call.keys[g]),
             }
         }
     }
@@ -1039,6 +1072,41 @@ mod tests {
         // The limit is not part of the tag: changing it keeps the counters.
         assert_eq!(window_tag("q1", &WindowSpec::new(99, 60_000)), tags[0]);
         assert_eq!(bucket_field("q1", &minute, 42), format!("{}:42", tags[0]));
+    }
+
+    #[test]
+    fn memory_keeps_a_round_of_senders_as_large_as_itself() {
+        let m = Remembered {
+            version: 1.0,
+            sure: 0.0,
+            records: Vec::new(),
+            totals: Vec::new(),
+        };
+        let mut mem = Memory::default();
+        let round = |mem: &mut Memory, name: &str| {
+            let mut found = 0;
+            for i in 0..REMEMBERED_MAX {
+                let k = format!("{name}{i}");
+                found += usize::from(mem.get(&k).is_some());
+                mem.insert(k, m.clone());
+            }
+            found
+        };
+        assert_eq!(round(&mut mem, "a"), 0);
+        // The same senders again: every one is still known (a memory that starts
+        // afresh when full found none of them).
+        assert_eq!(round(&mut mem, "a"), REMEMBERED_MAX);
+        // A round of others pushes them to the older generation, still found...
+        assert_eq!(round(&mut mem, "b"), 0);
+        assert!(mem.get("a0").is_some() && mem.get("b0").is_some());
+        // ...and a key checked by its tallies meanwhile is kept in the newer one.
+        mem.touch("a1");
+        assert_eq!(round(&mut mem, "c"), 0);
+        assert!(
+            mem.get("a0").is_none(),
+            "two rounds later the others are gone"
+        );
+        assert!(mem.get("a1").is_some());
     }
 
     #[test]

@@ -30,7 +30,8 @@ local function guard(K0)
   -- Per group: {true, tallies, their length} when checked from its tallies, else
   -- {false, records, length, totals, length, tallies, whether `k` changed, `k` as
   -- stored, ttl, `h` as stored, tallies' length, what each request adds (quota id,
-  -- cost), each quota's place among the tallies}.
+  -- cost), each quota's place among the tallies}; for a key with no state yet,
+  -- the tallies to write instead of what each request adds, no places, and true.
   local G = {}
   local allowed, full, slow = true, false, false
   -- Charges to take back if a later check fails: by tally (tallies, place, cost), and
@@ -78,20 +79,58 @@ local function guard(K0)
 
   -- The other keys: their state whole, tallies settled, every window checked.
   if slow then
-    helpers()
     N = {unpack4(ARGV[A0 + 4], ARGV[A0 + 5])}
     local q, n = 1, 0
     for g = 1, F[1] do
       local ttl, nreq = N[q], N[q + 1]
       q = q + 2
+      local key = KEYS[K0 + g]
+      local v, nv, h, nh, A, nA, kb, hb
+      if not G[g] then v, nv, h, nh, A, nA, kb, hb = load(key) end
       if G[g] then
         for _ = 1, nreq do
           local nw = N[q + 2]
           q, n = q + 3 + 2 * nw, n + nw
         end
+      elseif kb == nil then
+        -- A key Redis holds no state of (a sender not seen within its windows, the
+        -- first check of most senders): every window starts empty, so its records
+        -- are built in order, as the general path below would build them, with no
+        -- lookups, no settling and none of the helpers; its tallies are zeros.
+        S = S or {unpack4(ARGV[A0 + 6], ARGV[A0 + 7])}
+        local o, oh, a, na, seen = 2, 1, {A[1] + 1}, 1, {}
+        for _ = 1, nreq do
+          local c, qid, nw = N[q], N[q + 1], N[q + 2]
+          q = q + 3
+          if not seen[qid] then
+            seen[qid] = true
+            na = na + 1
+            a[na] = 0
+          end
+          for _ = 1, nw do
+            n = n + 1
+            local tag, lim = N[q], N[q + 1]
+            local Wi, bi = S[2 * n - 1], S[2 * n]
+            q = q + 2
+            v[o], v[o + 1], v[o + 2], v[o + 3], v[o + 4], v[o + 5] =
+              tag, Wi, bi, (floor((now + 1 - Wi) / bi) + 1) * bi + Wi - 1, (floor(now / bi) + 1) * bi, qid
+            if c > lim then
+              allowed = false
+              h[oh], h[oh + 1] = 0, 0
+            elseif allowed then
+              h[oh], h[oh + 1] = c, c
+              charged = n
+              if c >= lim then full = true end
+            else
+              h[oh], h[oh + 1] = 0, 0
+            end
+            o, oh = o + REC, oh + HOT
+          end
+        end
+        -- Fields 7 (cold) and 14 (fresh): written whole, by the fresh path below.
+        G[g] = {false, v, o - 1, h, oh - 1, A, true, nil, ttl, nil, na, a, nil, true}
       else
-        local key = KEYS[K0 + g]
-        local v, nv, h, nh, A, nA, kb, hb = load(key)
+        helpers()
         local slots = settle(v, nv, h, A)
         local cold = kb == nil
         -- What this check adds to each quota's tally (quota id, cost), if `k` stays
@@ -135,11 +174,16 @@ local function guard(K0)
               local W, b = v[o + 1], v[o + 2]
               local lower, pre, cb = lower_of(W, b), prefix(tag), cb_of(v, o)
               local drop, ndrop = {}, 0
-              for j = lo_of(v, o), min(lower, cb) - 1 do
-                ndrop = ndrop + 1
-                drop[ndrop] = pre .. j
-              end
               local t = h[oh]
+              -- Every unit counted in the latest bucket: there are no older bucket
+              -- fields (they only ever hold units), so none to read or drop (the
+              -- second check of a key a bucket or more after its first).
+              if t ~= h[oh + 1] then
+                for j = lo_of(v, o), min(lower, cb) - 1 do
+                  ndrop = ndrop + 1
+                  drop[ndrop] = pre .. j
+                end
+              end
               for i = 1, ndrop, CHUNK do
                 local part = redis.call('HMGET', key, unpack(drop, i, min(ndrop, i + CHUNK - 1)))
                 for k = 1, #part do
@@ -206,6 +250,7 @@ local function guard(K0)
   if not allowed then
     -- Take back what was charged before a window did not fit (in memory: nothing
     -- was written yet).
+    helpers()
     full = true
     for i = 1, nd, 3 do
       local A, s = done[i], done[i + 1]
@@ -241,13 +286,18 @@ local function guard(K0)
     end
   end
 
-  -- Write back.
+  -- Write back. A finished bucket's field is set with the key's state (its key is
+  -- written whole: a bucket moved), in one command.
+  local sets
   if allowed then
     for i = 1, nfin, 4 do
       if fin[i + 3] then
         redis.call('HINCRBY', fin[i], fin[i + 1], fin[i + 2])
       else
-        redis.call('HSET', fin[i], fin[i + 1], fin[i + 2])
+        sets = sets or {}
+        local x = sets[fin[i]] or {}
+        x[#x + 1], x[#x + 2] = fin[i + 1], fin[i + 2]
+        sets[fin[i]] = x
       end
     end
   end
@@ -263,7 +313,31 @@ local function guard(K0)
           reply[#reply + 1] = ab
         end
       end
+    elseif Gg[14] then
+      -- A new key: nothing to settle, drop or compare with, so its expiry and index
+      -- entry are set without reading them first. Refused, it is not written at all
+      -- (all its windows would hold nothing, as they do without it).
+      if allowed then
+        local v, nv, h, nh, _, _, _, ttl, _, na, a = unpack(Gg, 2, 12)
+        local keep = ttl + floor(ttl / 16)
+        v[1] = now + keep
+        local kb, hb, ab = encode(v, nv), encode(h, nh), encode(a, na)
+        redis.call('HSET', key, 'k', kb, 'h', hb, 'a', ab)
+        redis.call('PEXPIRE', key, keep)
+        redis.call('ZADD', index, now + keep, ARGV[A0 + 7 + g])
+        if redis.call('PTTL', index) < keep then
+          redis.call('PEXPIRE', index, keep)
+        end
+        redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+        if reply then
+          reply[#reply + 1] = pack('<ddd', nv, nh, na)
+          reply[#reply + 1] = kb
+          reply[#reply + 1] = hb
+          reply[#reply + 1] = ab
+        end
+      end
     elseif allowed or Gg[7] then
+      helpers()
       local v, nv, h, nh, A, cold, kb, ttl, hb, nA, add, slots = unpack(Gg, 2, 13)
       local refresh = allowed and v[1] < now + ttl
       local keep = ttl + floor(ttl / 16)
@@ -281,7 +355,12 @@ local function guard(K0)
         kb, hb = encode(v, nv), encode(h, nh)
         a, na = tallies(v, nv, A[1] + 1)
         ab = encode(a, na)
-        redis.call('HSET', key, 'k', kb, 'h', hb, 'a', ab)
+        local x = sets and sets[key]
+        if x then
+          redis.call('HSET', key, 'k', kb, 'h', hb, 'a', ab, unpack(x))
+        else
+          redis.call('HSET', key, 'k', kb, 'h', hb, 'a', ab)
+        end
       else
         -- `k` and `h` as they were: the charges go to the tallies.
         a, na = A, nA
