@@ -36,6 +36,7 @@ mod quota_ingress;
 mod quota_store;
 mod real_clients;
 mod redis_cluster_failover;
+mod redis_queue_layout;
 mod redis_sentinel;
 mod requiretls;
 mod shaping;
