@@ -15,7 +15,7 @@
 //! | key              | type       | content                                               |
 //! |------------------|------------|-------------------------------------------------------|
 //! | `<base>:m:<id>`  | string     | a queued message: `<envelope len>:<body len>:`, the   |
-//! |                  |            | envelope's JSON, the body bytes                       |
+//! |                  |            | envelope (compact, `redis_envelope.rs`), the body     |
 //! | `<base>:due`     | sorted set | queued, not leased: id scored by next attempt ms      |
 //! | `<base>:leased`  | sorted set | in flight: id scored by lease expiry ms               |
 //! | `<base>:lease`   | hash       | id → token of its latest lease, until finish/release  |
@@ -23,8 +23,8 @@
 //! |                  |            | arrival (retried, given back, swept)                  |
 //! | `<base>:s:<id>`  | string     | `<attempts>:` and the JSON of [`MessageStatus`], from |
 //! |                  |            | the first finish that reschedules                     |
-//! | `<base>:f:<id>`  | string     | a final record: envelope JSON, `\n`, final status     |
-//! |                  |            | JSON; `PEXPIRE` of the status retention               |
+//! | `<base>:f:<id>`  | string     | a final record: `<envelope len>:`, the envelope, the  |
+//! |                  |            | final status's JSON; `PEXPIRE` of the status retention|
 //! | `<base>:stats`   | hash       | `messages`, `bytes` (body bytes), `deferred`;         |
 //! |                  |            | `delivered`, `bounced`, `expired` (recipients of      |
 //! |                  |            | finished messages, never decremented)                 |
@@ -111,6 +111,9 @@ use super::{
     RetrySelector, Store, lease_token, now_ms,
 };
 use crate::config::RedisConfig;
+
+#[path = "redis_envelope.rs"]
+mod envelope_codec;
 use crate::redis_conn::script::{Call, Layout};
 use crate::redis_conn::{self, ConnectError, Timeouts, is_connection_error, redact};
 
@@ -659,7 +662,7 @@ impl RedisQueue {
         extra_args: &[Vec<u8>],
     ) -> Result<Vec<Value>, QueueError> {
         let id = valid_id(&msg.envelope.id)?;
-        let envelope = encode("envelope", &msg.envelope)?;
+        let envelope = envelope_codec::encode(&msg.envelope);
         let shard = self.keys(id);
         let mut pipe = redis::pipe();
         let cmd = pipe
@@ -1032,7 +1035,7 @@ impl RedisQueue {
                 .ok_or_else(|| QueueError::Corrupt(format!("message {id} has no body")))?;
             let (envelope, body_at) = split_stored(&body)
                 .ok_or_else(|| QueueError::Corrupt(format!("message {id} is malformed")))?;
-            let envelope: Envelope = decode("envelope", &id, Some(&body[envelope]))?;
+            let envelope = decode_envelope(&id, &body[envelope])?;
             // The body is the value's tail: moved to the front, not copied.
             body.drain(..body_at);
             let mut status = stored_status(&id, &envelope, status.as_deref())?;
@@ -1101,7 +1104,7 @@ impl RedisQueue {
             let Some(envelope) = envelope.as_deref() else {
                 continue;
             };
-            let envelope: Envelope = decode("envelope", &id, Some(envelope))?;
+            let envelope = decode_envelope(&id, envelope)?;
             let mut status = stored_status(&id, &envelope, status.as_deref())?;
             let due = parse_score(due.as_deref());
             if due.is_some() {
@@ -1604,7 +1607,7 @@ impl Inspect for RedisQueue {
             };
             let (envelope, body_at) = split_stored(&body)
                 .ok_or_else(|| QueueError::Corrupt(format!("message {id} is malformed")))?;
-            let envelope: Envelope = decode("envelope", id, Some(&body[envelope]))?;
+            let envelope = decode_envelope(id, &body[envelope])?;
             body.drain(..body_at);
             Ok(Some(QueuedMessage { envelope, body }))
         }))
@@ -1800,7 +1803,7 @@ impl Inspect for RedisQueue {
                 )));
             };
             if let Some(envelope) = envelope {
-                let envelope: Envelope = decode("envelope", &id, Some(envelope))?;
+                let envelope = decode_envelope(&id, envelope)?;
                 let mut status = stored_status(&id, &envelope, status.as_deref())?;
                 if let Some(due) = parse_score(due.as_deref()) {
                     status.next_attempt_ms = Some(due);
@@ -1809,13 +1812,11 @@ impl Inspect for RedisQueue {
                 return Ok(Some((envelope, status)));
             }
             if let Some(record) = fin {
-                let Some(nl) = record.iter().position(|&b| b == b'\n') else {
-                    return Err(QueueError::Corrupt(format!(
-                        "final record of {id} is malformed"
-                    )));
-                };
-                let envelope: Envelope = decode("envelope", &id, Some(&record[..nl]))?;
-                let status: MessageStatus = decode("status", &id, Some(&record[nl + 1..]))?;
+                let (envelope, status) = split_final(record).ok_or_else(|| {
+                    QueueError::Corrupt(format!("final record of {id} is malformed"))
+                })?;
+                let envelope = decode_envelope(&id, envelope)?;
+                let status: MessageStatus = decode("status", &id, Some(status))?;
                 return Ok(Some((envelope, status)));
             }
             self.legacy_status(&id).await
@@ -2115,6 +2116,25 @@ fn split_stored(value: &[u8]) -> Option<(std::ops::Range<usize>, usize)> {
         .then_some((start..start + env_len, start + env_len))
 }
 
+/// The envelope of message `id` as stored (compact, or JSON from the old layout).
+fn decode_envelope(id: &QueueId, bytes: &[u8]) -> Result<Envelope, QueueError> {
+    envelope_codec::decode(id, bytes)
+        .map_err(|e| QueueError::Corrupt(format!("envelope of {id}: {e}")))
+}
+
+/// A final record (`<envelope len>:`, the envelope, the status JSON): its
+/// envelope and status.
+fn split_final(record: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = record.iter().position(|&b| b == b':')?;
+    let digits = &record[..colon];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let len: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    let rest = &record[colon + 1..];
+    (len <= rest.len()).then(|| rest.split_at(len))
+}
+
 /// A status as stored (`<attempts>:` and its JSON): the JSON.
 fn status_json(bytes: &[u8]) -> Option<&[u8]> {
     let colon = bytes.iter().position(|&b| b == b':')?;
@@ -2240,6 +2260,14 @@ mod tests {
         }
         assert_eq!(split_stored(b"0:0:"), Some((4..4, 4)));
         assert_eq!(status_json(b"3:{}"), Some(&b"{}"[..]));
+        // A final record's envelope may hold any byte, ':' and '\n' included.
+        assert_eq!(
+            split_final(b"3:a:\n{\"s\":1}"),
+            Some((&b"a:\n"[..], &b"{\"s\":1}"[..]))
+        );
+        for bad in [&b"9:ab{}"[..], b":ab", b"ab", b"x1:a"] {
+            assert_eq!(split_final(bad), None, "{bad:?}");
+        }
         assert_eq!(status_json(b"{}"), None);
     }
 

@@ -50,7 +50,7 @@ if #envelope < env_len then
   envelope = redis.call('GETRANGE', KEYS[1], hl - 1, hl + env_len - 2)
 end
 redis.call('DEL', KEYS[1])
-redis.call('SET', KEYS[8], envelope .. '\n' .. ARGV[3], 'PX', ARGV[6])
+redis.call('SET', KEYS[8], env_len .. ':' .. envelope .. ARGV[3], 'PX', ARGV[6])
 -- Counts of 0 (most messages have only one of the three) change nothing.
 if ARGV[7] ~= '0' then redis.call('HINCRBY', KEYS[6], 'delivered', ARGV[7]) end
 if ARGV[8] ~= '0' then redis.call('HINCRBY', KEYS[6], 'bounced', ARGV[8]) end
