@@ -290,8 +290,11 @@ const MIGRATE_BATCH: usize = 100;
 /// How long a message being moved stays leased in the old layout: past it, a
 /// relay that died mid-move has its message taken (and moved) again.
 const MIGRATE_LEASE: Duration = Duration::from_secs(60);
-/// At most one move round per this interval per relay.
+/// At most one move round per this interval per relay while the old layout has
+/// messages; [`MIGRATE_IDLE_MS`] once a round found none (16 small scripts per
+/// round would otherwise add about a third to an idle relay's Redis commands).
 const MIGRATE_EVERY_MS: u64 = 1000;
+const MIGRATE_IDLE_MS: u64 = 30_000;
 
 /// Redis at `maxmemory` refusing a write (`OOM command not allowed…`), also when a
 /// script's first write was refused. Under `noeviction` a script is refused before
@@ -389,8 +392,8 @@ pub struct RedisQueue {
     shard_keys: Vec<ShardKeys>,
     /// The old layout's shards, moved over by [`RedisQueue::migrate_legacy`].
     legacy_keys: Vec<LegacyKeys>,
-    /// When the last move round from the old layout started (ms).
-    last_migration: std::sync::atomic::AtomicU64,
+    /// When the next move round from the old layout is due (ms).
+    next_migration: std::sync::atomic::AtomicU64,
 }
 
 /// The queue's Redis connection, lent to stores that keep their data beside the
@@ -573,7 +576,7 @@ impl RedisQueue {
             legacy_keys: (0..SHARDS)
                 .map(|s| LegacyKeys::new(&cfg.key_prefix, s))
                 .collect(),
-            last_migration: std::sync::atomic::AtomicU64::new(0),
+            next_migration: std::sync::atomic::AtomicU64::new(0),
         };
         // Loading now keeps the first enqueue to one round trip.
         queue
@@ -1122,20 +1125,31 @@ impl RedisQueue {
 
     /// Moves messages of the layout before 2026-12 to this one (see the module
     /// docs): one batch per old shard that has any, at most once per
-    /// [`MIGRATE_EVERY_MS`]; returns how many it moved. An old shard that is empty
-    /// costs one small script per round.
+    /// [`MIGRATE_EVERY_MS`] (or [`MIGRATE_IDLE_MS`] after a round that found
+    /// nothing); returns how many it moved. An old shard that is empty costs one
+    /// small script per round.
     pub async fn migrate_legacy(&self) -> Result<usize, QueueError> {
         let now = now_ms();
-        let last = self.last_migration.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < MIGRATE_EVERY_MS
+        let due = self.next_migration.load(Ordering::Relaxed);
+        if now < due
             || self
-                .last_migration
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .next_migration
+                .compare_exchange(
+                    due,
+                    now + MIGRATE_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
                 .is_err()
         {
             return Ok(0);
         }
-        self.migrate_legacy_now().await
+        let moved = self.migrate_legacy_now().await?;
+        if moved == 0 {
+            self.next_migration
+                .store(now + MIGRATE_IDLE_MS, Ordering::Relaxed);
+        }
+        Ok(moved)
     }
 
     /// One move round, whenever it was last run.
