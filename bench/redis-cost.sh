@@ -49,6 +49,8 @@
 # Knobs: MODES ["lifecycle memory drain"] SIZES ["1024 102400"] N [5000] SESSIONS [20] REPS [1]
 #   ROUTE [mx] (or smarthost) BINS ["current=$RELAY_BIN"] BUILD [1] CALLGRIND [""] ("relay", "redis" or both)
 #   RUN_TIMEOUT [600] WORK [/var/tmp/mailrelay-rcost]
+#   RELAY_YAML_EXTRA [""] more top-level relay config, e.g. "events: {enabled: false}"
+#   (the queue's own memory, without the `accepted` event the enqueue also writes)
 #   SMTP_PORT [15525] ADMIN_PORT [19625] SINK_PORT [15536] REDIS_PORT [16579] DNS_PORT [15553]
 # Starts redis-server, smtp-sink, dnsmasq (ROUTE=mx) and the relays, and stops each by
 # PID on exit. Refuses to run if a port is busy.
@@ -72,6 +74,7 @@ SINK_PORT=${SINK_PORT:-15536}
 REDIS_PORT=${REDIS_PORT:-16579}
 DNS_PORT=${DNS_PORT:-15553}
 RELAY_BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/mailrelay}
+RELAY_YAML_EXTRA=${RELAY_YAML_EXTRA:-}
 BINS=${BINS:-"current=$RELAY_BIN"}
 ADMIN_URL="http://127.0.0.1:$ADMIN_PORT"
 # lib.sh reads these
@@ -145,7 +148,7 @@ start_dns() {
 # (which needs a longer wait for readiness)
 start_relay_bin() {
   local bin=$1 cfg
-  cfg=$(relay_config redis "" "$2")
+  cfg=$(relay_config redis "" "$2" "$RELAY_YAML_EXTRA")
   if has "$CALLGRIND" relay; then
     valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" \
       "$bin" serve --config "$cfg" >>"$WORK/relay.log" 2>&1 &
