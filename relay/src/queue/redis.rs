@@ -76,7 +76,10 @@
 //! that rotates per call (so every shard's expired leases get swept and no shard
 //! starves) and stopping once it has `max` messages; each script returns envelope,
 //! body and status of what it leased, so taking work costs one round trip per shard
-//! visited (an idle queue costs [`SHARDS`] round trips per poll). `finish`, `renew`
+//! visited (an idle queue costs [`SHARDS`] round trips per poll); it writes the
+//! batch's index entries and lease tokens with one variadic command each. Before
+//! that, at most once a second (every 30 s once the old layout is empty), it moves
+//! messages of the old layout over (see "Upgrade" above). `finish`, `renew`
 //! and `status` are one script each; `finish_batch` is one pipeline of finish
 //! scripts (one per shard involved in a cluster, sent concurrently). `renew_all`
 //! (the heartbeat of a batch in flight) and `release`/`give_back` run one script per
