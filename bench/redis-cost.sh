@@ -40,7 +40,8 @@
 # accepted counter is N, the queue ends empty (lifecycle) or holds N (memory).
 #
 # Output: a markdown table on stdout and in $WORK/report.md; raw rows in
-# $WORK/rows.jsonl (with every command's calls per message).
+# $WORK/rows.jsonl (with every command's calls per message); Redis memory by key
+# type (MEMORY USAGE per index per message, per message key) in $WORK/keys.jsonl.
 #
 # Run (as root, Debian 12):  bash bench/redis-cost.sh
 #   old vs new binaries:     BINS="old=/path/a new=/path/b" BUILD=0 bash bench/redis-cost.sh
@@ -48,6 +49,8 @@
 # Knobs: MODES ["lifecycle memory drain"] SIZES ["1024 102400"] N [5000] SESSIONS [20] REPS [1]
 #   ROUTE [mx] (or smarthost) BINS ["current=$RELAY_BIN"] BUILD [1] CALLGRIND [""] ("relay", "redis" or both)
 #   RUN_TIMEOUT [600] WORK [/var/tmp/mailrelay-rcost]
+#   RELAY_YAML_EXTRA [""] more top-level relay config, e.g. "events: {enabled: false}"
+#   (the queue's own memory, without the `accepted` event the enqueue also writes)
 #   SMTP_PORT [15525] ADMIN_PORT [19625] SINK_PORT [15536] REDIS_PORT [16579] DNS_PORT [15553]
 # Starts redis-server, smtp-sink, dnsmasq (ROUTE=mx) and the relays, and stops each by
 # PID on exit. Refuses to run if a port is busy.
@@ -71,6 +74,7 @@ SINK_PORT=${SINK_PORT:-15536}
 REDIS_PORT=${REDIS_PORT:-16579}
 DNS_PORT=${DNS_PORT:-15553}
 RELAY_BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/mailrelay}
+RELAY_YAML_EXTRA=${RELAY_YAML_EXTRA:-}
 BINS=${BINS:-"current=$RELAY_BIN"}
 ADMIN_URL="http://127.0.0.1:$ADMIN_PORT"
 # lib.sh reads these
@@ -91,7 +95,7 @@ for p in "$SMTP_PORT" "$ADMIN_PORT" "$SINK_PORT" "$REDIS_PORT" "$DNS_PORT"; do
   port_busy "$p" && die "port $p is already in use (set *_PORT to free ones)"
 done
 mkdir -p "$WORK"
-rm -rf "$WORK"/redis "$WORK"/*.log "$WORK"/rows.jsonl "$WORK"/report.md "$WORK"/sink.* "$WORK"/cg.*
+rm -rf "$WORK"/redis "$WORK"/*.log "$WORK"/rows.jsonl "$WORK"/keys.jsonl "$WORK"/report.md "$WORK"/sink.* "$WORK"/cg.*
 : > "$WORK/rows.jsonl"
 INVALID=0
 DNS_PID=""
@@ -144,7 +148,7 @@ start_dns() {
 # (which needs a longer wait for readiness)
 start_relay_bin() {
   local bin=$1 cfg
-  cfg=$(relay_config redis "" "$2")
+  cfg=$(relay_config redis "" "$2" "$RELAY_YAML_EXTRA")
   if has "$CALLGRIND" relay; then
     valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" \
       "$bin" serve --config "$cfg" >>"$WORK/relay.log" 2>&1 &
@@ -238,6 +242,42 @@ PY
   case $8 in ok) ;; *) INVALID=$((INVALID + 1)); log "    !! rep INVALID: $8";; esac
 }
 
+# keys MODE LABEL SIZE: where the bytes are, by key type, per message (appended to
+# $WORK/keys.jsonl and logged): MEMORY USAGE (SAMPLES 0: exact) of every queue key
+# whose name ends in one of the index names, divided by N, and the average of up
+# to 50 per-message keys of each kind (`:m:` queued message or old-layout hash,
+# `:f:` final record, `:s:` status). Works on both key layouts.
+keys() {
+  python3 - "$1" "$2" "$3" "$N" "$REDIS_PORT" >> "$WORK/keys.jsonl" <<'PY'
+import json, subprocess, sys
+mode, label, size, n, port = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+def cli(*a):
+    return subprocess.run(["redis-cli", "-p", port, *a], capture_output=True, text=True).stdout.split()
+def scan(pattern, limit):
+    out, cursor = [], "0"
+    while True:
+        r = cli("SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
+        cursor, keys = r[0], r[1:]
+        out += keys
+        if cursor == "0" or len(out) >= limit:
+            return out[:limit]
+def usage(k):
+    r = cli("MEMORY", "USAGE", k, "SAMPLES", "0")
+    return int(r[0]) if r else 0
+row = dict(mode=mode, bin=label, size=size, n=n, per_msg={}, per_key={})
+for index in ("due", "ids", "leased", "lease", "later", "stats"):
+    ks = [k for k in scan("*:" + index, 100000) if k.endswith("}:" + index)]
+    if ks:
+        row["per_msg"][index] = round(sum(usage(k) for k in ks) / n, 1)
+for kind in ("m", "f", "s"):
+    ks = scan("*}:%s:*" % kind, 50)
+    if ks:
+        row["per_key"][kind] = round(sum(usage(k) for k in ks) / len(ks), 1)
+print(json.dumps(row))
+PY
+  log "    keys: $(tail -1 "$WORK/keys.jsonl")"
+}
+
 wait_delivered() {    # wait_delivered SINK_COUNT_BEFORE: until the sink has N more and the queue is empty
   local deadline=$((SECONDS + RUN_TIMEOUT))
   until [ $(( $(sink_now) - $1 )) -ge "$N" ] && [ "$(queue_field messages 2>/dev/null || echo '?')" = 0 ]; do
@@ -273,6 +313,7 @@ run_lifecycle() {     # run_lifecycle LABEL BIN SIZE REP
   [ "${acc:-x}" = "$N" ] || verify="$verify; accepted_total=${acc:-?}"
   verify=${verify#ok; }
   stop_relay
+  keys lifecycle "$label" "$size"
   row lifecycle "$label" "$size" "$rep" "$before" "$after" 0 "$verify" "$ir" "$rir"
 }
 
@@ -290,6 +331,7 @@ run_memory() {        # run_memory LABEL BIN SIZE REP
   [ "${msgs:-x}" = "$N" ] || verify="$verify; queue holds ${msgs:-?}"
   verify=${verify#ok; }
   stop_relay
+  keys memory "$label" "$size"
   row memory "$label" "$size" "$rep" "$before" "$after" "$bytes" "$verify" "$ir" "$rir"
   has "$MODES" drain && [ "$verify" = ok ] || return 0
   # drain: the same queue, a fresh relay with delivery on (so every lease finds a full

@@ -4,48 +4,66 @@
 //! # Key layout
 //!
 //! Messages are spread over [`SHARDS`] shards; a message's shard is FNV-1a of its id
-//! modulo [`SHARDS`]. Every key of a shard carries the hash tag `{<prefix>:sNN}`, so a
-//! shard lives in one Redis Cluster slot and one Lua script can touch all of its keys,
-//! while the shards themselves spread over the masters. With the default prefix `mr`:
+//! modulo [`SHARDS`]. Every key of a shard carries the shard's hash tag, so a shard
+//! lives in one Redis Cluster slot and one Lua script can touch all of its keys. The
+//! tags are placed at the centre of equal shares of the slot range
+//! ([`crate::redis_conn::slots::centred_prefixes`]), so that a cluster made by
+//! `redis-cli --cluster create` with 3 masters holds 5 / 6 / 5 shards (tags by
+//! name, `{<prefix>:sNN}`, fell 4 / 8 / 4). With the default prefix `mr`, shard 7's
+//! base is `mr:{mr:q:7.<n>}` (`n`: the first suffix that lands there):
 //!
-//! | key                  | type       | content                                           |
-//! |----------------------|------------|---------------------------------------------------|
-//! | `mr:{mr:s07}:m:<id>` | hash       | one message (fields below)                        |
-//! | `mr:{mr:s07}:due`    | sorted set | queued, not leased: id scored by next attempt ms  |
-//! | `mr:{mr:s07}:leased` | sorted set | in flight: id scored by lease expiry ms           |
-//! | `mr:{mr:s07}:ids`    | sorted set | every queued id, score 0: lexical = arrival order |
-//! | `mr:{mr:s07}:stats`  | hash       | `messages`, `bytes` (body bytes), `deferred`;     |
-//! |                      |            | `delivered`, `bounced`, `expired` (recipients of  |
-//! |                      |            | finished messages, never decremented)             |
+//! | key              | type       | content                                               |
+//! |------------------|------------|-------------------------------------------------------|
+//! | `<base>:m:<id>`  | string     | a queued message: `<envelope len>:<body len>:`, the   |
+//! |                  |            | envelope (compact, `redis_envelope.rs`), the body     |
+//! | `<base>:due`     | sorted set | queued, not leased: id scored by next attempt ms      |
+//! | `<base>:leased`  | sorted set | in flight: id scored by lease expiry ms               |
+//! | `<base>:lease`   | hash       | id → token of its latest lease, until finish/release  |
+//! | `<base>:later`   | sorted set | score 0: queued ids due at another time than their    |
+//! |                  |            | arrival (retried, given back, swept)                  |
+//! | `<base>:s:<id>`  | string     | `<attempts>:` and the JSON of [`MessageStatus`], from |
+//! |                  |            | the first finish that reschedules                     |
+//! | `<base>:f:<id>`  | string     | a final record: `<envelope len>:`, the envelope, the  |
+//! |                  |            | final status's JSON; `PEXPIRE` of the status retention|
+//! | `<base>:stats`   | hash       | `messages`, `bytes` (body bytes), `deferred`;         |
+//! |                  |            | `delivered`, `bounced`, `expired` (recipients of      |
+//! |                  |            | finished messages, never decremented)                 |
 //!
-//! Fields of the message hash `m:<id>`:
+//! A queued message is in exactly one of `due` and `leased`. Why so few keys per
+//! message (bench/redis-cost.sh, docs/capacity.md): a queued message costs one
+//! string (envelope and body in one allocation, where a hash of both was a hash
+//! table with two field entries) and one `due` entry; the lease token goes in a
+//! per-shard hash that only in-flight messages use; a message with no attempt yet
+//! has no status (readers take its absence for [`MessageStatus::new`]). There is no
+//! per-message arrival index: listing reads `due` and `leased` and sorts (an
+//! operator tool), and the oldest message is the first by score in `due` (scored by
+//! arrival until rescheduled), the first of `later` and those in flight.
 //!
-//! | field      | while queued                                    | final record     |
-//! |------------|-------------------------------------------------|------------------|
-//! | `envelope` | JSON of [`Envelope`]                            | kept             |
-//! | `body`     | message bytes                                   | deleted          |
-//! | `status`   | JSON of [`MessageStatus`], from the first finish | the final status |
-//! | `attempts` | `status.attempts`, for the `deferred` counter   | deleted          |
-//! | `lease`    | token of the latest lease, until finish/release | deleted          |
-//! | `final`    | absent                                          | `1`              |
+//! `due` is the delivery schedule and is rescored on every retry. The schedule is
+//! authoritative for when a message is next due: `retry_now` only rescores `due`,
+//! and reads fill `next_attempt_ms` in from it.
 //!
-//! A queued message is in `ids` and in exactly one of `due` and `leased`. A final
-//! record is in no index and carries a `PEXPIRE` of the status retention. Until its
-//! first attempt is finished a message has no `status`/`attempts` fields (nor had
-//! messages written by the version before leases); readers treat that as a fresh
-//! status ([`MessageStatus::new`]) and 0 attempts. A fresh status repeats what the
-//! envelope says, and storing it cost about 300 bytes of Redis memory per queued
-//! message (bench/redis-cost.sh).
+//! Scripts reach a message's keys by building them from the shard's key prefixes
+//! (passed as arguments) and ids read from an index: the ids are not known before
+//! the script runs. That is allowed because those keys share the shard's hash tag,
+//! and so its slot.
 //!
-//! `due` is the delivery schedule and is rescored on every retry, so arrival order
-//! (for listing) has its own index rather than being read off the schedule. The
-//! schedule is authoritative for when a message is next due: `retry_now` only rescores
-//! `due`, and reads fill `next_attempt_ms` in from it.
+//! ## Upgrade from the layout before 2026-12
 //!
-//! Scripts reach a message's hash by building its key from the shard's key prefix
-//! (passed as an argument) and an id read from an index: the ids are not known before
-//! the script runs. That is allowed because the hash shares the shard's hash tag, and
-//! so its slot.
+//! That layout kept each message in a hash (`envelope`, `body`, `status`,
+//! `attempts`, `lease`, `final`) under shard tags `{<prefix>:sNN}`, with an `ids`
+//! index. This version moves such messages, queued or deferred, to the layout above
+//! while delivering ([`RedisQueue::migrate_legacy`], at most once a second from
+//! `lease_due`): it leases a batch in the old shard with its own token (so a relay
+//! of the old version, during a rolling upgrade, does not take them meanwhile),
+//! stores each in the new layout unless the new layout already has it, queued or
+//! final, then deletes the old copy if its lease is still ours. A relay that dies
+//! between the two leaves the old copy leased; the lease expires, and the next move
+//! finds the new copy (or its final record) and only deletes the old one: each
+//! message is delivered once, unless its final record expired meanwhile (the status
+//! retention, 24 h by default). Messages in flight at relays of the old version are
+//! left to them. Old final records stay readable by `status` until they expire;
+//! queue totals (`stats`) add the old shards' counters.
 //!
 //! # Round trips and failure semantics
 //!
@@ -58,7 +76,10 @@
 //! that rotates per call (so every shard's expired leases get swept and no shard
 //! starves) and stopping once it has `max` messages; each script returns envelope,
 //! body and status of what it leased, so taking work costs one round trip per shard
-//! visited (an idle queue costs [`SHARDS`] round trips per poll). `finish`, `renew`
+//! visited (an idle queue costs [`SHARDS`] round trips per poll); it writes the
+//! batch's index entries and lease tokens with one variadic command each. Before
+//! that, at most once a second (every 30 s once the old layout is empty), it moves
+//! messages of the old layout over (see "Upgrade" above). `finish`, `renew`
 //! and `status` are one script each; `finish_batch` is one pipeline of finish
 //! scripts (one per shard involved in a cluster, sent concurrently). `renew_all`
 //! (the heartbeat of a batch in flight) and `release`/`give_back` run one script per
@@ -93,6 +114,9 @@ use super::{
     RetrySelector, Store, lease_token, now_ms,
 };
 use crate::config::RedisConfig;
+
+#[path = "redis_envelope.rs"]
+mod envelope_codec;
 use crate::redis_conn::script::{Call, Layout};
 use crate::redis_conn::{self, ConnectError, Timeouts, is_connection_error, redact};
 
@@ -121,17 +145,28 @@ const PAGE: usize = 200;
 /// KEYS/ARGV of `enqueue.lua` (and of a guarded enqueue, whose guard's keys and
 /// arguments follow).
 pub const ENQUEUE: Layout = Layout {
-    keys: &["message", "due", "ids", "stats", "leased", "guard keys.."],
-    args: &["id", "envelope", "body", "due", "guard args.."],
+    keys: &[
+        "message",
+        "due",
+        "stats",
+        "leased",
+        "lease",
+        "later",
+        "status",
+        "guard keys..",
+    ],
+    args: &["id", "stored", "body length", "due", "guard args.."],
 };
 /// KEYS/ARGV of `remove.lua`.
 const REMOVE: Layout = Layout {
-    keys: &["message", "due", "ids", "stats", "leased"],
+    keys: &[
+        "message", "due", "stats", "leased", "lease", "later", "status", "final",
+    ],
     args: &["id"],
 };
 /// KEYS/ARGV of `lease.lua`.
 const LEASE: Layout = Layout {
-    keys: &["due", "leased"],
+    keys: &["due", "leased", "lease", "later"],
     args: &[
         "now",
         "expires",
@@ -139,11 +174,14 @@ const LEASE: Layout = Layout {
         "token",
         "message prefix",
         "sweep limit",
+        "status prefix",
     ],
 };
 /// KEYS/ARGV of `finish.lua`.
 const FINISH: Layout = Layout {
-    keys: &["message", "due", "leased", "ids", "stats"],
+    keys: &[
+        "message", "due", "leased", "lease", "later", "stats", "status", "final",
+    ],
     args: &[
         "id",
         "token",
@@ -158,28 +196,28 @@ const FINISH: Layout = Layout {
 };
 /// KEYS/ARGV of `renew.lua`.
 const RENEW: Layout = Layout {
-    keys: &["message", "due", "leased", "ids"],
+    keys: &["due", "leased", "lease"],
     args: &["id", "token", "expires"],
 };
 /// KEYS/ARGV of `release.lua`.
 const RELEASE: Layout = Layout {
-    keys: &["due", "leased", "ids"],
-    args: &["message prefix", "id, token, due.."],
+    keys: &["due", "leased", "lease", "later"],
+    args: &["id, token, due.."],
 };
 /// KEYS/ARGV of `renew_all.lua`.
 const RENEW_ALL: Layout = Layout {
-    keys: &["due", "leased", "ids"],
-    args: &["expires", "message prefix", "id, token.."],
+    keys: &["due", "leased", "lease"],
+    args: &["expires", "id, token.."],
 };
 /// KEYS/ARGV of `status.lua`.
 const STATUS: Layout = Layout {
-    keys: &["message", "due", "leased", "ids"],
+    keys: &["message", "due", "leased", "status", "final"],
     args: &["id"],
 };
 /// KEYS/ARGV of `page.lua`.
 const PAGE_LAYOUT: Layout = Layout {
-    keys: &["ids", "due", "leased"],
-    args: &["message prefix", "start", "count"],
+    keys: &["due", "leased"],
+    args: &["message prefix", "status prefix", "ids.."],
 };
 /// KEYS/ARGV of `retry_ids.lua`.
 const RETRY_IDS: Layout = Layout {
@@ -191,15 +229,37 @@ const RETRY_ALL: Layout = Layout {
     keys: &["due"],
     args: &["now", "limit"],
 };
+/// KEYS/ARGV of `import.lua`.
+const IMPORT: Layout = Layout {
+    keys: &["message", "due", "stats", "later", "status", "final"],
+    args: &["id", "stored", "body length", "due", "status"],
+};
+/// KEYS/ARGV of `legacy_take.lua`.
+const LEGACY_TAKE: Layout = Layout {
+    keys: &["due", "leased"],
+    args: &[
+        "now",
+        "expires",
+        "max",
+        "token",
+        "message prefix",
+        "sweep limit",
+    ],
+};
+/// KEYS/ARGV of `legacy_forget.lua`.
+const LEGACY_FORGET: Layout = Layout {
+    keys: &["message", "due", "leased", "ids", "stats"],
+    args: &["id", "token"],
+};
 
 /// `local function enqueue()`: stores a message (keys and arguments as
-/// [`ENQUEUE_KEYS`] and [`ENQUEUE_ARGV`]).
+/// [`ENQUEUE`]).
 const ENQUEUE_LUA: &str = include_str!("lua/enqueue.lua");
 /// Runs the enqueue alone.
 const ENQUEUE_MAIN_LUA: &str = include_str!("lua/enqueue_main.lua");
 /// The enqueue plus the message's `accepted` event (standalone and Sentinel).
 const ENQUEUE_EVENT_MAIN_LUA: &str = include_str!("lua/enqueue_event_main.lua");
-/// `local A0 = 5`: a guard's arguments follow the enqueue's.
+/// `local A0 = 4`: a guard's arguments follow the enqueue's.
 const GUARDED_ARGS_LUA: &str = include_str!("lua/guarded_args.lua");
 
 const REMOVE_LUA: &str = include_str!("lua/remove.lua");
@@ -221,6 +281,23 @@ const PAGE_LUA: &str = include_str!("lua/page.lua");
 const RETRY_IDS_LUA: &str = include_str!("lua/retry_ids.lua");
 
 const RETRY_ALL_LUA: &str = include_str!("lua/retry_all.lua");
+
+const IMPORT_LUA: &str = include_str!("lua/import.lua");
+
+const LEGACY_TAKE_LUA: &str = include_str!("lua/legacy_take.lua");
+
+const LEGACY_FORGET_LUA: &str = include_str!("lua/legacy_forget.lua");
+
+/// Messages one move from the old layout takes per old shard.
+const MIGRATE_BATCH: usize = 100;
+/// How long a message being moved stays leased in the old layout: past it, a
+/// relay that died mid-move has its message taken (and moved) again.
+const MIGRATE_LEASE: Duration = Duration::from_secs(60);
+/// At most one move round per this interval per relay while the old layout has
+/// messages; [`MIGRATE_IDLE_MS`] once a round found none (16 small scripts per
+/// round would otherwise add about a third to an idle relay's Redis commands).
+const MIGRATE_EVERY_MS: u64 = 1000;
+const MIGRATE_IDLE_MS: u64 = 30_000;
 
 /// Redis at `maxmemory` refusing a write (`OOM command not allowed…`), also when a
 /// script's first write was refused. Under `noeviction` a script is refused before
@@ -250,6 +327,9 @@ struct Scripts {
     page: Script,
     retry_ids: Script,
     retry_all: Script,
+    import: Script,
+    legacy_take: Script,
+    legacy_forget: Script,
 }
 
 impl Scripts {
@@ -267,10 +347,13 @@ impl Scripts {
             page: Script::new(PAGE_LUA),
             retry_ids: Script::new(RETRY_IDS_LUA),
             retry_all: Script::new(RETRY_ALL_LUA),
+            import: Script::new(IMPORT_LUA),
+            legacy_take: Script::new(LEGACY_TAKE_LUA),
+            legacy_forget: Script::new(LEGACY_FORGET_LUA),
         }
     }
 
-    fn all(&self) -> [&Script; 12] {
+    fn all(&self) -> [&Script; 15] {
         [
             &self.enqueue,
             &self.enqueue_event,
@@ -284,6 +367,9 @@ impl Scripts {
             &self.page,
             &self.retry_ids,
             &self.retry_all,
+            &self.import,
+            &self.legacy_take,
+            &self.legacy_forget,
         ]
     }
 }
@@ -307,6 +393,10 @@ pub struct RedisQueue {
     /// The key names of every shard, built once: formatting them per call was
     /// ~10,000 instructions per message (about 11 uses each).
     shard_keys: Vec<ShardKeys>,
+    /// The old layout's shards, moved over by [`RedisQueue::migrate_legacy`].
+    legacy_keys: Vec<LegacyKeys>,
+    /// When the next move round from the old layout is due (ms).
+    next_migration: std::sync::atomic::AtomicU64,
 }
 
 /// The queue's Redis connection, lent to stores that keep their data beside the
@@ -397,8 +487,7 @@ pub struct EnqueueGuard {
     script: Script,
 }
 
-/// Runs the guard, then the enqueue only if the guard allowed it.
-/// Runs the guard (`guard(5)`: its keys follow [`ENQUEUE`]'s), then the enqueue
+/// Runs the guard (`guard(7)`: its keys follow [`ENQUEUE`]'s), then the enqueue
 /// only if the guard allowed it.
 const GUARDED_ENQUEUE_MAIN: &str = include_str!("lua/guarded_enqueue_main.lua");
 
@@ -432,6 +521,9 @@ pub fn lua_scripts() -> Vec<(&'static str, String)> {
         ("queue_page", PAGE_LUA.to_owned()),
         ("queue_retry_ids", RETRY_IDS_LUA.to_owned()),
         ("queue_retry_all", RETRY_ALL_LUA.to_owned()),
+        ("queue_import", IMPORT_LUA.to_owned()),
+        ("queue_legacy_take", LEGACY_TAKE_LUA.to_owned()),
+        ("queue_legacy_forget", LEGACY_FORGET_LUA.to_owned()),
     ]
 }
 
@@ -483,9 +575,11 @@ impl RedisQueue {
             secrets,
             scripts: Scripts::new(),
             next_shard: AtomicUsize::new(rand::random::<u16>().into()),
-            shard_keys: (0..SHARDS)
-                .map(|s| ShardKeys::new(&cfg.key_prefix, s))
+            shard_keys: ShardKeys::all(&cfg.key_prefix),
+            legacy_keys: (0..SHARDS)
+                .map(|s| LegacyKeys::new(&cfg.key_prefix, s))
                 .collect(),
+            next_migration: std::sync::atomic::AtomicU64::new(0),
         };
         // Loading now keeps the first enqueue to one round trip.
         queue
@@ -563,7 +657,7 @@ impl RedisQueue {
         .await
     }
 
-    /// Runs an enqueue script on `msg`: its five keys and five arguments first, then
+    /// Runs an enqueue script on `msg`: its keys and arguments ([`ENQUEUE`]) first, then
     /// `extra_keys` and `extra_args` (a guard's), and `WAIT` for replicas in the same
     /// pipeline. Returns the replies: the script's, then `WAIT`'s.
     async fn run_enqueue(
@@ -574,7 +668,7 @@ impl RedisQueue {
         extra_args: &[Vec<u8>],
     ) -> Result<Vec<Value>, QueueError> {
         let id = valid_id(&msg.envelope.id)?;
-        let envelope = encode("envelope", &msg.envelope)?;
+        let envelope = envelope_codec::encode(&msg.envelope);
         let shard = self.keys(id);
         let mut pipe = redis::pipe();
         let cmd = pipe
@@ -584,15 +678,23 @@ impl RedisQueue {
         let mut call = Call::onto(cmd, &ENQUEUE);
         call.key("message", shard.message(id))
             .key("due", &shard.due)
-            .key("ids", &shard.ids)
             .key("stats", &shard.stats)
-            .key("leased", &shard.leased);
+            .key("leased", &shard.leased)
+            .key("lease", &shard.lease)
+            .key("later", &shard.later)
+            .key("status", shard.status(id));
         for k in extra_keys {
             call.key("guard keys..", k);
         }
         call.arg("id", id)
-            .arg("envelope", envelope.as_slice())
-            .arg("body", msg.body.as_slice())
+            .arg(
+                "stored",
+                Stored {
+                    envelope: &envelope,
+                    body: &msg.body,
+                },
+            )
+            .arg("body length", msg.body.len())
             .arg("due", msg.envelope.received_at_ms);
         for a in extra_args {
             call.arg("guard args..", a.as_slice());
@@ -641,7 +743,6 @@ impl RedisQueue {
         }
     }
 
-    /// The keys of the finish script for message `id`.
     /// Pushes the keys and arguments of the finish script (`status` already
     /// prepared, `json` its encoding).
     fn finish_call(
@@ -663,8 +764,11 @@ impl RedisQueue {
         call.key("message", keys.message(id))
             .key("due", &keys.due)
             .key("leased", &keys.leased)
-            .key("ids", &keys.ids)
+            .key("lease", &keys.lease)
+            .key("later", &keys.later)
             .key("stats", &keys.stats)
+            .key("status", keys.status(id))
+            .key("final", keys.fin(id))
             .arg("id", id)
             .arg("token", &lease.token)
             .arg("status", json)
@@ -760,7 +864,27 @@ impl RedisQueue {
         op: &'static str,
         make: impl Fn(&ShardKeys) -> Pipeline,
     ) -> Result<Vec<Vec<Value>>, QueueError> {
-        let pipes: Vec<Pipeline> = (0..SHARDS).map(|s| make(self.shard(s))).collect();
+        self.per_pipes(op, self.shard_keys.iter().map(make).collect())
+            .await
+    }
+
+    /// [`Self::per_shard`] over the old layout's shards.
+    async fn per_legacy_shard(
+        &self,
+        op: &'static str,
+        make: impl Fn(&LegacyKeys) -> Pipeline,
+    ) -> Result<Vec<Vec<Value>>, QueueError> {
+        self.per_pipes(op, self.legacy_keys.iter().map(make).collect())
+            .await
+    }
+
+    /// Runs pipelines that each stay within one slot, returning each one's replies
+    /// in order (see [`Self::per_shard`]).
+    async fn per_pipes(
+        &self,
+        op: &'static str,
+        pipes: Vec<Pipeline>,
+    ) -> Result<Vec<Vec<Value>>, QueueError> {
         match &self.conn {
             Conn::Single(_) | Conn::Sentinel(_) => {
                 let mut all = redis::pipe();
@@ -797,7 +921,7 @@ impl RedisQueue {
                         (i, pipe.query_async::<Vec<Value>>(&mut conn).await)
                     });
                 }
-                let mut replies: Vec<(usize, Vec<Value>)> = Vec::with_capacity(SHARDS as usize);
+                let mut replies: Vec<(usize, Vec<Value>)> = Vec::with_capacity(tasks.len());
                 while let Some(joined) = tasks.join_next().await {
                     let (i, reply) = joined.map_err(|e| {
                         QueueError::Unavailable(format!("redis {op}: task failed: {e}"))
@@ -892,27 +1016,34 @@ impl RedisQueue {
         let mut call = Call::new(&self.scripts.lease, &LEASE);
         call.key("due", &keys.due)
             .key("leased", &keys.leased)
+            .key("lease", &keys.lease)
+            .key("later", &keys.later)
             .arg("now", now_ms)
             .arg("expires", expires_ms)
             .arg("max", max)
             .arg("token", token)
-            .arg("message prefix", keys.message(""))
-            .arg("sweep limit", SWEEP_LIMIT);
+            .arg("message prefix", &keys.message)
+            .arg("sweep limit", SWEEP_LIMIT)
+            .arg("status prefix", &keys.status);
         let invocation = call.invocation();
         let flat: Vec<Option<Vec<u8>>> = self.eval("lease", &invocation).await?;
-        let mut out = Vec::with_capacity(flat.len() / 5);
-        for chunk in flat.chunks(5) {
-            let [id, score, envelope, body, status] = chunk else {
+        let mut out = Vec::with_capacity(flat.len() / 4);
+        for chunk in flat.chunks(4) {
+            let [id, score, stored, status] = chunk else {
                 return Err(QueueError::Corrupt(format!(
                     "redis lease reply has {} fields",
                     flat.len()
                 )));
             };
             let id = reply_id(id.as_deref())?;
-            let envelope: Envelope = decode("envelope", &id, envelope.as_deref())?;
-            let body = body
+            let mut body = stored
                 .clone()
                 .ok_or_else(|| QueueError::Corrupt(format!("message {id} has no body")))?;
+            let (envelope, body_at) = split_stored(&body)
+                .ok_or_else(|| QueueError::Corrupt(format!("message {id} is malformed")))?;
+            let envelope = decode_envelope(&id, &body[envelope])?;
+            // The body is the value's tail: moved to the front, not copied.
+            body.drain(..body_at);
             let mut status = stored_status(&id, &envelope, status.as_deref())?;
             status.next_attempt_ms = parse_score(score.as_deref());
             status.leased_until_ms = Some(expires_ms);
@@ -929,25 +1060,44 @@ impl RedisQueue {
         Ok(out)
     }
 
-    /// One page of a shard's queued messages after `after` (exclusive), in arrival
-    /// order; returns the page and the last id read (`None` at the end).
-    async fn page(
-        &self,
-        keys: &ShardKeys,
-        after: Option<&QueueId>,
-    ) -> Result<(Vec<PageEntry>, Option<QueueId>), QueueError> {
-        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+    /// Every queued id of a shard (due or in flight), in arrival order.
+    async fn shard_ids(&self, keys: &ShardKeys) -> Result<Vec<QueueId>, QueueError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZRANGE").arg(&keys.due).arg(0).arg(-1);
+        pipe.cmd("ZRANGE").arg(&keys.leased).arg(0).arg(-1);
+        let (due, leased): (Vec<String>, Vec<String>) = self
+            .retrying(|mut conn| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut conn).await }
+            })
+            .await
+            .map_err(|e| self.unavailable("list", e))?;
+        let mut ids = due
+            .iter()
+            .chain(&leased)
+            .map(|s| {
+                QueueId::parse(s)
+                    .ok_or_else(|| QueueError::Corrupt(format!("invalid queue id {s:?} in redis")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Envelope and status of each of `ids` (one shard's) still queued, in order.
+    async fn page(&self, keys: &ShardKeys, ids: &[QueueId]) -> Result<Vec<PageEntry>, QueueError> {
         let mut call = Call::new(&self.scripts.page, &PAGE_LAYOUT);
-        call.key("ids", &keys.ids)
-            .key("due", &keys.due)
+        call.key("due", &keys.due)
             .key("leased", &keys.leased)
-            .arg("message prefix", keys.message(""))
-            .arg("start", start)
-            .arg("count", PAGE);
+            .arg("message prefix", &keys.message)
+            .arg("status prefix", &keys.status);
+        for id in ids {
+            call.arg("ids..", id.as_str());
+        }
         let invocation = call.invocation();
         let flat: Vec<Option<Vec<u8>>> = self.eval("page", &invocation).await?;
         let mut entries = Vec::with_capacity(flat.len() / 5);
-        let mut last = None;
         for chunk in flat.chunks(5) {
             let [id, envelope, status, due, leased] = chunk else {
                 return Err(QueueError::Corrupt(format!(
@@ -956,13 +1106,11 @@ impl RedisQueue {
                 )));
             };
             let id = reply_id(id.as_deref())?;
-            last = Some(id.clone());
-            // An id whose hash is gone (a race with remove between the two reads is
-            // impossible inside a script, so this is debris) is skipped.
+            // Finished or removed since its id was read.
             let Some(envelope) = envelope.as_deref() else {
                 continue;
             };
-            let envelope: Envelope = decode("envelope", &id, Some(envelope))?;
+            let envelope = decode_envelope(&id, envelope)?;
             let mut status = stored_status(&id, &envelope, status.as_deref())?;
             let due = parse_score(due.as_deref());
             if due.is_some() {
@@ -975,8 +1123,155 @@ impl RedisQueue {
                 due,
             });
         }
-        let more = flat.len() / 5 >= PAGE;
-        Ok((entries, if more { last } else { None }))
+        Ok(entries)
+    }
+
+    /// Moves messages of the layout before 2026-12 to this one (see the module
+    /// docs): one batch per old shard that has any, at most once per
+    /// [`MIGRATE_EVERY_MS`] (or [`MIGRATE_IDLE_MS`] after a round that found
+    /// nothing); returns how many it moved. An old shard that is empty costs one
+    /// small script per round.
+    pub async fn migrate_legacy(&self) -> Result<usize, QueueError> {
+        let now = now_ms();
+        let due = self.next_migration.load(Ordering::Relaxed);
+        if now < due
+            || self
+                .next_migration
+                .compare_exchange(
+                    due,
+                    now + MIGRATE_EVERY_MS,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+        {
+            return Ok(0);
+        }
+        let moved = self.migrate_legacy_now().await?;
+        if moved == 0 {
+            self.next_migration
+                .store(now + MIGRATE_IDLE_MS, Ordering::Relaxed);
+        }
+        Ok(moved)
+    }
+
+    /// One move round, whenever it was last run.
+    pub async fn migrate_legacy_now(&self) -> Result<usize, QueueError> {
+        let now = now_ms();
+        let token = lease_token("upgrade");
+        let expires = now.saturating_add(MIGRATE_LEASE.as_millis() as u64);
+        let pipes: Vec<Pipeline> = self
+            .legacy_keys
+            .iter()
+            .map(|old| {
+                let mut pipe = redis::pipe();
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(self.scripts.legacy_take.get_hash())
+                    .arg(LEGACY_TAKE.fixed_keys());
+                let mut call = Call::onto(cmd, &LEGACY_TAKE);
+                call.key("due", &old.due)
+                    .key("leased", &old.leased)
+                    .arg("now", now)
+                    .arg("expires", expires)
+                    .arg("max", MIGRATE_BATCH)
+                    .arg("token", &token)
+                    .arg("message prefix", old.message(""))
+                    .arg("sweep limit", SWEEP_LIMIT);
+                call.done();
+                pipe
+            })
+            .collect();
+        let taken = self
+            .script_per_shard("migrate", &self.scripts.legacy_take, pipes)
+            .await?;
+        let mut moved = 0;
+        for (shard, reply) in taken.into_iter().enumerate() {
+            let flat: Vec<Option<Vec<u8>>> = redis::from_redis_value(reply)
+                .map_err(|e| QueueError::Corrupt(format!("redis migrate reply: {e}")))?;
+            for chunk in flat.chunks(6) {
+                let [id, score, envelope, body, status, attempts] = chunk else {
+                    return Err(QueueError::Corrupt(format!(
+                        "redis migrate reply has {} fields",
+                        flat.len()
+                    )));
+                };
+                let id = reply_id(id.as_deref())?;
+                let (Some(envelope), Some(body)) = (envelope, body) else {
+                    continue;
+                };
+                let due = parse_score(score.as_deref()).unwrap_or(now);
+                let status = match status {
+                    Some(json) => {
+                        let attempts = std::str::from_utf8(attempts.as_deref().unwrap_or(b"0"))
+                            .unwrap_or("0")
+                            .to_owned();
+                        [attempts.as_bytes(), b":", json].concat()
+                    }
+                    None => Vec::new(),
+                };
+                let keys = self.keys(id.as_str());
+                let mut call = Call::new(&self.scripts.import, &IMPORT);
+                call.key("message", keys.message(id.as_str()))
+                    .key("due", &keys.due)
+                    .key("stats", &keys.stats)
+                    .key("later", &keys.later)
+                    .key("status", keys.status(id.as_str()))
+                    .key("final", keys.fin(id.as_str()))
+                    .arg("id", id.as_str())
+                    .arg("stored", Stored { envelope, body })
+                    .arg("body length", body.len())
+                    .arg("due", due)
+                    .arg("status", status);
+                let invocation = call.invocation();
+                let _stored: i64 = self.eval("migrate", &invocation).await?;
+                // Only once the new layout holds it (or held it: final).
+                let old = &self.legacy_keys[shard];
+                let mut call = Call::new(&self.scripts.legacy_forget, &LEGACY_FORGET);
+                call.key("message", old.message(id.as_str()))
+                    .key("due", &old.due)
+                    .key("leased", &old.leased)
+                    .key("ids", &old.ids)
+                    .key("stats", &old.stats)
+                    .arg("id", id.as_str())
+                    .arg("token", &token);
+                let invocation = call.invocation();
+                moved += self.eval::<i64>("migrate", &invocation).await? as usize;
+            }
+        }
+        if moved > 0 {
+            tracing::info!(moved, "moved queued messages from the old redis key layout");
+        }
+        Ok(moved)
+    }
+}
+
+impl RedisQueue {
+    /// `status` of a message of the old layout: its final record (kept for the
+    /// status retention) or, for the moment until it is moved, a queued one.
+    async fn legacy_status(
+        &self,
+        id: &QueueId,
+    ) -> Result<Option<(Envelope, MessageStatus)>, QueueError> {
+        let key = self.legacy_keys[usize::from(shard_of(id.as_str()))].message(id.as_str());
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&key).arg("envelope").arg("status");
+        let (envelope, status): (Option<Vec<u8>>, Option<Vec<u8>>) = self
+            .retrying(|mut conn| {
+                let cmd = &cmd;
+                async move { cmd.query_async(&mut conn).await }
+            })
+            .await
+            .map_err(|e| self.unavailable("status", e))?;
+        let Some(envelope) = envelope else {
+            return Ok(None);
+        };
+        let envelope: Envelope = decode("envelope", id, Some(&envelope))?;
+        let status = match status {
+            Some(json) => decode("status", id, Some(&json))?,
+            None => MessageStatus::new(&envelope),
+        };
+        Ok(Some((envelope, status)))
     }
 }
 
@@ -1059,6 +1354,11 @@ impl Leasing for RedisQueue {
             let mut out: Vec<Leased> = Vec::new();
             if max == 0 {
                 return Ok(out);
+            }
+            // Messages still in the old layout (a rolling upgrade) come over first;
+            // a failure there must not stop delivery of the rest.
+            if let Err(e) = self.migrate_legacy().await {
+                tracing::warn!(error = %e, "redis queue: moving messages from the old key layout failed");
             }
             let expires_ms = now_ms.saturating_add(lease_ms);
             let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
@@ -1215,10 +1515,9 @@ impl Leasing for RedisQueue {
             let id = id.as_str();
             let keys = self.keys(id);
             let mut call = Call::new(&self.scripts.renew, &RENEW);
-            call.key("message", keys.message(id))
-                .key("due", &keys.due)
+            call.key("due", &keys.due)
                 .key("leased", &keys.leased)
-                .key("ids", &keys.ids)
+                .key("lease", &keys.lease)
                 .arg("id", id)
                 .arg("token", &lease.token)
                 .arg("expires", now_ms().saturating_add(lease_ms));
@@ -1247,9 +1546,8 @@ impl Leasing for RedisQueue {
                 let mut call = Call::onto(cmd, &RENEW_ALL);
                 call.key("due", &keys.due)
                     .key("leased", &keys.leased)
-                    .key("ids", &keys.ids)
-                    .arg("expires", expires_ms)
-                    .arg("message prefix", keys.message(""));
+                    .key("lease", &keys.lease)
+                    .arg("expires", expires_ms);
                 for lease in leases {
                     call.arg("id, token..", lease.id.as_str())
                         .arg("id, token..", &lease.token);
@@ -1286,8 +1584,8 @@ impl Leasing for RedisQueue {
                 let mut call = Call::onto(cmd, &RELEASE);
                 call.key("due", &keys.due)
                     .key("leased", &keys.leased)
-                    .key("ids", &keys.ids)
-                    .arg("message prefix", keys.message(""));
+                    .key("lease", &keys.lease)
+                    .key("later", &keys.later);
                 for lease in leases {
                     let at = due.get(&lease.id).copied().unwrap_or_else(now_ms);
                     call.arg("id, token, due..", lease.id.as_str())
@@ -1311,27 +1609,24 @@ impl Inspect for RedisQueue {
                 return Ok(None);
             }
             let key = self.keys(id.as_str()).message(id.as_str());
-            let mut cmd = redis::cmd("HMGET");
-            cmd.arg(&key).arg("envelope").arg("body").arg("final");
-            type Fields = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
-            let (envelope, body, fin): Fields = self
+            let mut cmd = redis::cmd("GET");
+            cmd.arg(&key);
+            let stored: Option<Vec<u8>> = self
                 .retrying(|mut conn| {
                     let cmd = &cmd;
                     async move { cmd.query_async(&mut conn).await }
                 })
                 .await
                 .map_err(|e| self.unavailable("get", e))?;
-            match (envelope, body, fin) {
-                // A final record has no body: the message is no longer queued.
-                (None, None, _) | (_, _, Some(_)) => Ok(None),
-                (Some(envelope), Some(body), None) => {
-                    let envelope: Envelope = decode("envelope", id, Some(&envelope))?;
-                    Ok(Some(QueuedMessage { envelope, body }))
-                }
-                _ => Err(QueueError::Corrupt(format!(
-                    "message {id} is incomplete in redis"
-                ))),
-            }
+            // A final record is another key: the message is no longer queued.
+            let Some(mut body) = stored else {
+                return Ok(None);
+            };
+            let (envelope, body_at) = split_stored(&body)
+                .ok_or_else(|| QueueError::Corrupt(format!("message {id} is malformed")))?;
+            let envelope = decode_envelope(id, &body[envelope])?;
+            body.drain(..body_at);
+            Ok(Some(QueuedMessage { envelope, body }))
         }))
     }
 
@@ -1342,17 +1637,12 @@ impl Inspect for RedisQueue {
             }
             // Each shard's first `limit` ids include every one of the overall first
             // `limit` that lives in that shard; merge and cut.
-            let count = i64::try_from(limit).unwrap_or(i64::MAX);
+            // No arrival index (see the module docs): every queued id, sorted.
             let shards = self
                 .per_shard("list", |keys| {
                     let mut pipe = redis::pipe();
-                    pipe.cmd("ZRANGEBYLEX")
-                        .arg(&keys.ids)
-                        .arg("-")
-                        .arg("+")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(count);
+                    pipe.cmd("ZRANGE").arg(&keys.due).arg(0).arg(-1);
+                    pipe.cmd("ZRANGE").arg(&keys.leased).arg(0).arg(-1);
                     pipe
                 })
                 .await?;
@@ -1367,6 +1657,7 @@ impl Inspect for RedisQueue {
                 }
             }
             ids.sort_unstable();
+            ids.dedup();
             ids.truncate(limit);
             Ok(ids)
         }))
@@ -1382,9 +1673,12 @@ impl Inspect for RedisQueue {
             let mut call = Call::new(&self.scripts.remove, &REMOVE);
             call.key("message", keys.message(id))
                 .key("due", &keys.due)
-                .key("ids", &keys.ids)
                 .key("stats", &keys.stats)
                 .key("leased", &keys.leased)
+                .key("lease", &keys.lease)
+                .key("later", &keys.later)
+                .key("status", keys.status(id))
+                .key("final", keys.fin(id))
                 .arg("id", id);
             let invocation = call.invocation();
             let existed: i64 = self.eval("remove", &invocation).await?;
@@ -1403,31 +1697,68 @@ impl Inspect for RedisQueue {
                         .arg("bytes")
                         .arg("deferred");
                     pipe.cmd("ZCARD").arg(&keys.leased);
-                    pipe.cmd("ZRANGEBYLEX")
-                        .arg(&keys.ids)
-                        .arg("-")
-                        .arg("+")
-                        .arg("LIMIT")
-                        .arg(0)
-                        .arg(1);
+                    // The oldest (see the module docs): first by score in `due`,
+                    // first of `later`, and those in flight.
+                    pipe.cmd("ZRANGE").arg(&keys.due).arg(0).arg(0);
+                    pipe.cmd("ZRANGE").arg(&keys.later).arg(0).arg(0);
+                    pipe.cmd("ZRANGE").arg(&keys.leased).arg(0).arg(9999);
+                    pipe
+                })
+                .await?;
+            // Messages of the old layout not moved yet (a rolling upgrade).
+            let legacy = self
+                .per_legacy_shard("stats", |keys| {
+                    let mut pipe = redis::pipe();
+                    pipe.cmd("HMGET")
+                        .arg(&keys.stats)
+                        .arg("messages")
+                        .arg("bytes")
+                        .arg("deferred");
+                    pipe.cmd("ZCARD").arg(&keys.leased);
+                    pipe.cmd("ZRANGE").arg(&keys.ids).arg(0).arg(0);
                     pipe
                 })
                 .await?;
             let mut stats = QueueStats::default();
             let sum = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
+            let mut oldest = |ids: &[String]| {
+                for ms in ids
+                    .iter()
+                    .filter_map(|s| QueueId::parse(s))
+                    .map(|id| id.timestamp_ms())
+                {
+                    stats.oldest_ms = Some(stats.oldest_ms.map_or(ms, |o| o.min(ms)));
+                }
+            };
+            let mut counts = Vec::new();
             for replies in shards {
-                type Shard = ((Option<i64>, Option<i64>, Option<i64>), u64, Vec<String>);
-                let ((messages, bytes, deferred), leased, first): Shard =
+                type Shard = (
+                    (Option<i64>, Option<i64>, Option<i64>),
+                    u64,
+                    Vec<String>,
+                    Vec<String>,
+                    Vec<String>,
+                );
+                let (c, leased, due, later, in_flight): Shard =
                     redis::from_redis_value(Value::Array(replies))
                         .map_err(|e| QueueError::Corrupt(format!("redis stats reply: {e}")))?;
+                oldest(&due);
+                oldest(&later);
+                oldest(&in_flight);
+                counts.push((c, leased));
+            }
+            for replies in legacy {
+                type Shard = ((Option<i64>, Option<i64>, Option<i64>), u64, Vec<String>);
+                let (c, leased, first): Shard = redis::from_redis_value(Value::Array(replies))
+                    .map_err(|e| QueueError::Corrupt(format!("redis stats reply: {e}")))?;
+                oldest(&first);
+                counts.push((c, leased));
+            }
+            for ((messages, bytes, deferred), leased) in counts {
                 stats.messages += sum(messages);
                 stats.bytes += sum(bytes);
                 stats.deferred += sum(deferred);
                 stats.leased += leased;
-                if let Some(oldest) = first.first().and_then(|s| QueueId::parse(s)) {
-                    let ms = oldest.timestamp_ms();
-                    stats.oldest_ms = Some(stats.oldest_ms.map_or(ms, |o| o.min(ms)));
-                }
             }
             Ok(stats)
         }))
@@ -1435,17 +1766,23 @@ impl Inspect for RedisQueue {
 
     fn delivery_totals(&self) -> QueueFuture<'_, DeliveryTotals> {
         Box::pin(self.deadline("delivery_totals", async move {
-            let shards = self
-                .per_shard("delivery_totals", |keys| {
-                    let mut pipe = redis::pipe();
-                    pipe.cmd("HMGET")
-                        .arg(&keys.stats)
-                        .arg("delivered")
-                        .arg("bounced")
-                        .arg("expired");
-                    pipe
-                })
+            let totals_of = |stats: &str| {
+                let mut pipe = redis::pipe();
+                pipe.cmd("HMGET")
+                    .arg(stats)
+                    .arg("delivered")
+                    .arg("bounced")
+                    .arg("expired");
+                pipe
+            };
+            let mut shards = self
+                .per_shard("delivery_totals", |keys| totals_of(&keys.stats))
                 .await?;
+            // The old layout's totals count too: they never go down.
+            shards.extend(
+                self.per_legacy_shard("delivery_totals", |keys| totals_of(&keys.stats))
+                    .await?,
+            );
             let mut totals = DeliveryTotals::default();
             let n = |v: Option<i64>| u64::try_from(v.unwrap_or(0)).unwrap_or(0);
             for replies in shards {
@@ -1471,28 +1808,35 @@ impl Inspect for RedisQueue {
             call.key("message", keys.message(id.as_str()))
                 .key("due", &keys.due)
                 .key("leased", &keys.leased)
-                .key("ids", &keys.ids)
+                .key("status", keys.status(id.as_str()))
+                .key("final", keys.fin(id.as_str()))
                 .arg("id", id.as_str());
             let invocation = call.invocation();
             let fields: Vec<Option<Vec<u8>>> = self.eval("status", &invocation).await?;
-            let [envelope, status, fin, due, leased, queued] = fields.as_slice() else {
+            let [envelope, status, fin, due, leased] = fields.as_slice() else {
                 return Err(QueueError::Corrupt(format!(
                     "redis status reply has {} fields",
                     fields.len()
                 )));
             };
-            let (Some(envelope), true) = (envelope, queued.is_some() || fin.is_some()) else {
-                return Ok(None);
-            };
-            let envelope: Envelope = decode("envelope", &id, Some(envelope))?;
-            let mut status = stored_status(&id, &envelope, status.as_deref())?;
-            if queued.is_some() {
+            if let Some(envelope) = envelope {
+                let envelope = decode_envelope(&id, envelope)?;
+                let mut status = stored_status(&id, &envelope, status.as_deref())?;
                 if let Some(due) = parse_score(due.as_deref()) {
                     status.next_attempt_ms = Some(due);
                 }
                 status.leased_until_ms = parse_score(leased.as_deref());
+                return Ok(Some((envelope, status)));
             }
-            Ok(Some((envelope, status)))
+            if let Some(record) = fin {
+                let (envelope, status) = split_final(record).ok_or_else(|| {
+                    QueueError::Corrupt(format!("final record of {id} is malformed"))
+                })?;
+                let envelope = decode_envelope(&id, envelope)?;
+                let status: MessageStatus = decode("status", &id, Some(status))?;
+                return Ok(Some((envelope, status)));
+            }
+            self.legacy_status(&id).await
         }))
     }
 
@@ -1504,21 +1848,17 @@ impl Inspect for RedisQueue {
             }
             // Each shard contributes its first `limit` matches in arrival order; the
             // overall first `limit` are among them.
-            for shard in 0..SHARDS {
-                let keys = self.shard(shard);
+            for keys in &self.shard_keys {
                 let mut matched = 0;
-                let mut after: Option<QueueId> = None;
-                loop {
-                    let (entries, last) = self.page(keys, after.as_ref()).await?;
-                    for entry in entries {
+                for ids in self.shard_ids(keys).await?.chunks(PAGE) {
+                    for entry in self.page(keys, ids).await? {
                         if matched < filter.limit && filter.matches(&entry.status) {
                             matched += 1;
                             found.push((entry.envelope, entry.status));
                         }
                     }
-                    match last {
-                        Some(last) if matched < filter.limit => after = Some(last),
-                        _ => break,
+                    if matched >= filter.limit {
+                        break;
                     }
                 }
             }
@@ -1563,11 +1903,9 @@ impl Inspect for RedisQueue {
                     }
                 }
                 RetrySelector::Domain(domain) => {
-                    for shard in 0..SHARDS {
-                        let keys = self.shard(shard);
-                        let mut after: Option<QueueId> = None;
-                        loop {
-                            let (entries, last) = self.page(keys, after.as_ref()).await?;
+                    for keys in &self.shard_keys {
+                        for ids in self.shard_ids(keys).await?.chunks(PAGE) {
+                            let entries = self.page(keys, ids).await?;
                             let ids: Vec<&str> = entries
                                 .iter()
                                 .filter(|e| {
@@ -1586,10 +1924,6 @@ impl Inspect for RedisQueue {
                                 }
                                 let invocation = call.invocation();
                                 moved += self.eval::<u64>("retry_now", &invocation).await?;
-                            }
-                            match last {
-                                Some(last) => after = Some(last),
-                                None => break,
                             }
                         }
                     }
@@ -1632,14 +1966,21 @@ fn decode<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(bytes).map_err(|e| QueueError::Corrupt(format!("{what} of {id}: {e}")))
 }
 
-/// The stored status, or a fresh one for a message written before statuses existed.
+/// The stored status (`<attempts>:` and its JSON), or a fresh one for a message
+/// with no attempt yet.
 fn stored_status(
     id: &QueueId,
     envelope: &Envelope,
     bytes: Option<&[u8]>,
 ) -> Result<MessageStatus, QueueError> {
     match bytes {
-        Some(_) => decode("status", id, bytes),
+        Some(b) => decode(
+            "status",
+            id,
+            Some(status_json(b).ok_or_else(|| {
+                QueueError::Corrupt(format!("status of {id} has no attempts count"))
+            })?),
+        ),
         None => Ok(MessageStatus::new(envelope)),
     }
 }
@@ -1670,6 +2011,52 @@ fn parse_score(bytes: Option<&[u8]>) -> Option<u64> {
 /// The keys of one shard. All share the shard's hash tag, so one cluster slot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct ShardKeys {
+    due: String,
+    leased: String,
+    lease: String,
+    later: String,
+    stats: String,
+    /// `<base>:m:`, `<base>:s:`, `<base>:f:`: a message's keys are these plus its id.
+    message: String,
+    status: String,
+    fin: String,
+}
+
+impl ShardKeys {
+    /// Every shard's keys, in shard order.
+    fn all(prefix: &str) -> Vec<ShardKeys> {
+        crate::redis_conn::slots::centred_prefixes(prefix, "q", usize::from(SHARDS))
+            .iter()
+            .map(|base| ShardKeys {
+                due: format!("{base}due"),
+                leased: format!("{base}leased"),
+                lease: format!("{base}lease"),
+                later: format!("{base}later"),
+                stats: format!("{base}stats"),
+                message: format!("{base}m:"),
+                status: format!("{base}s:"),
+                fin: format!("{base}f:"),
+            })
+            .collect()
+    }
+
+    fn message(&self, id: &str) -> String {
+        [self.message.as_str(), id].concat()
+    }
+
+    fn status(&self, id: &str) -> String {
+        [self.status.as_str(), id].concat()
+    }
+
+    fn fin(&self, id: &str) -> String {
+        [self.fin.as_str(), id].concat()
+    }
+}
+
+/// The keys of one shard of the layout before 2026-12 (see the module docs): read
+/// only to move its messages over and to answer for its final records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LegacyKeys {
     base: String,
     due: String,
     leased: String,
@@ -1677,10 +2064,10 @@ struct ShardKeys {
     stats: String,
 }
 
-impl ShardKeys {
+impl LegacyKeys {
     fn new(prefix: &str, shard: u16) -> Self {
         let base = format!("{prefix}:{{{prefix}:s{shard:02}}}");
-        ShardKeys {
+        LegacyKeys {
             due: format!("{base}:due"),
             leased: format!("{base}:leased"),
             ids: format!("{base}:ids"),
@@ -1692,6 +2079,86 @@ impl ShardKeys {
     fn message(&self, id: &str) -> String {
         format!("{}:m:{id}", self.base)
     }
+}
+
+/// The key prefix of each shard (`<prefix>:{<tag>}:`), in shard order: for tests
+/// and tools that read the queue's keys directly.
+pub fn shard_prefixes(prefix: &str) -> Vec<String> {
+    crate::redis_conn::slots::centred_prefixes(prefix, "q", usize::from(SHARDS))
+}
+
+/// The key prefix of each shard of the layout before 2026-12
+/// (`<prefix>:{<prefix>:sNN}:`), for upgrade tests.
+pub fn legacy_shard_prefixes(prefix: &str) -> Vec<String> {
+    (0..SHARDS)
+        .map(|s| format!("{}:", LegacyKeys::new(prefix, s).base))
+        .collect()
+}
+
+/// The shard of a queue id (both layouts use the same mapping).
+pub fn shard_of_id(id: &str) -> usize {
+    usize::from(shard_of(id))
+}
+
+/// What a queued message is stored as: `<envelope len>:<body len>:`, the envelope,
+/// the body, written straight into the command (no copy of the body first).
+struct Stored<'a> {
+    envelope: &'a [u8],
+    body: &'a [u8],
+}
+
+impl redis::ToRedisArgs for Stored<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        let mut w = out.writer_for_next_arg();
+        // Writing to the command's own buffer cannot fail.
+        let _ = write!(w, "{}:{}:", self.envelope.len(), self.body.len());
+        let _ = w.write_all(self.envelope);
+        let _ = w.write_all(self.body);
+    }
+}
+
+/// Splits a stored message (see [`Stored`]): the envelope's range and where the
+/// body starts. `None` unless the header's lengths add up to the value's.
+fn split_stored(value: &[u8]) -> Option<(std::ops::Range<usize>, usize)> {
+    let number = |from: usize| -> Option<(usize, usize)> {
+        let len = value.get(from..)?.iter().position(|&b| b == b':')?;
+        let digits = &value[from..from + len];
+        let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
+        (!digits.is_empty() && digits.iter().all(u8::is_ascii_digit)).then_some((n, from + len + 1))
+    };
+    let (env_len, at) = number(0)?;
+    let (body_len, start) = number(at)?;
+    (start.checked_add(env_len)?.checked_add(body_len)? == value.len())
+        .then_some((start..start + env_len, start + env_len))
+}
+
+/// The envelope of message `id` as stored (compact, or JSON from the old layout).
+fn decode_envelope(id: &QueueId, bytes: &[u8]) -> Result<Envelope, QueueError> {
+    envelope_codec::decode(id, bytes)
+        .map_err(|e| QueueError::Corrupt(format!("envelope of {id}: {e}")))
+}
+
+/// A final record (`<envelope len>:`, the envelope, the status JSON): its
+/// envelope and status.
+fn split_final(record: &[u8]) -> Option<(&[u8], &[u8])> {
+    let colon = record.iter().position(|&b| b == b':')?;
+    let digits = &record[..colon];
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let len: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    let rest = &record[colon + 1..];
+    (len <= rest.len()).then(|| rest.split_at(len))
+}
+
+/// A status as stored (`<attempts>:` and its JSON): the JSON.
+fn status_json(bytes: &[u8]) -> Option<&[u8]> {
+    let colon = bytes.iter().position(|&b| b == b':')?;
+    bytes[..colon]
+        .iter()
+        .all(u8::is_ascii_digit)
+        .then_some(&bytes[colon + 1..])
 }
 
 /// 32-bit FNV-1a: tiny, stable across versions and platforms (unlike std's hasher),
@@ -1749,30 +2216,76 @@ mod tests {
 
     #[test]
     fn keys_of_a_shard_share_one_slot_and_look_as_documented() {
-        let keys = ShardKeys::new("mr", 7);
-        assert_eq!(keys.message("ID"), "mr:{mr:s07}:m:ID");
-        assert_eq!(keys.due, "mr:{mr:s07}:due");
-        assert_eq!(keys.leased, "mr:{mr:s07}:leased");
-        assert_eq!(keys.message(""), "mr:{mr:s07}:m:");
-        assert_eq!(keys.ids, "mr:{mr:s07}:ids");
-        assert_eq!(keys.stats, "mr:{mr:s07}:stats");
+        let all = ShardKeys::all("mr");
+        assert_eq!(all.len(), usize::from(SHARDS));
+        let keys = &all[7];
+        let base = &shard_prefixes("mr")[7];
+        assert!(base.starts_with("mr:{mr:q:7."), "{base}");
+        assert_eq!(keys.message("ID"), format!("{base}m:ID"));
+        assert_eq!(keys.due, format!("{base}due"));
         let slot = Slot::for_key(&keys.due);
+        let id = "01J9Z3V5W8X0000000AB";
         for k in [
-            keys.message("01J9Z3V5W8X0000000AB"),
-            keys.ids.clone(),
+            keys.message(id),
+            keys.status(id),
+            keys.fin(id),
             keys.leased.clone(),
+            keys.lease.clone(),
+            keys.later.clone(),
             keys.stats.clone(),
         ] {
             assert_eq!(Slot::for_key(&k), slot, "{k}");
         }
+        let old = LegacyKeys::new("mr", 7);
+        assert_eq!(old.message("ID"), "mr:{mr:s07}:m:ID");
+        assert_eq!(old.ids, "mr:{mr:s07}:ids");
+        assert_eq!(legacy_shard_prefixes("mr")[7], "mr:{mr:s07}:");
     }
 
     #[test]
     fn shards_spread_over_slots() {
-        let slots: std::collections::HashSet<_> = (0..SHARDS)
-            .map(|s| format!("{:?}", Slot::for_key(ShardKeys::new("mr", s).due)))
+        let slots: std::collections::HashSet<_> = ShardKeys::all("mr")
+            .iter()
+            .map(|k| format!("{:?}", Slot::for_key(&k.due)))
             .collect();
         assert_eq!(slots.len(), SHARDS as usize);
+    }
+
+    #[test]
+    fn stored_values_split_back() {
+        let cmd = {
+            let mut c = redis::cmd("SET");
+            c.arg(Stored {
+                envelope: b"{\"a\":1}",
+                body: b"body:with:colons",
+            });
+            c
+        };
+        let packed = cmd.get_packed_command();
+        let text = String::from_utf8(packed).unwrap();
+        let value = "7:16:{\"a\":1}body:with:colons";
+        assert!(
+            text.contains(&format!("${}\r\n{value}\r\n", value.len())),
+            "{text}"
+        );
+        let (env, body_at) = split_stored(value.as_bytes()).unwrap();
+        assert_eq!(&value[env], "{\"a\":1}");
+        assert_eq!(&value[body_at..], "body:with:colons");
+        // Lengths that do not add up, or a header that is not two numbers.
+        for bad in ["7:17:{\"a\":1}body:with:colons", "x:1:ab", ":0:", "5", ""] {
+            assert_eq!(split_stored(bad.as_bytes()), None, "{bad}");
+        }
+        assert_eq!(split_stored(b"0:0:"), Some((4..4, 4)));
+        assert_eq!(status_json(b"3:{}"), Some(&b"{}"[..]));
+        // A final record's envelope may hold any byte, ':' and '\n' included.
+        assert_eq!(
+            split_final(b"3:a:\n{\"s\":1}"),
+            Some((&b"a:\n"[..], &b"{\"s\":1}"[..]))
+        );
+        for bad in [&b"9:ab{}"[..], b":ab", b"ab", b"x1:a"] {
+            assert_eq!(split_final(bad), None, "{bad:?}");
+        }
+        assert_eq!(status_json(b"{}"), None);
     }
 
     #[tokio::test]

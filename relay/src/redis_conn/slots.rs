@@ -34,9 +34,34 @@ pub fn slot_of(tag: &str) -> usize {
 /// `n` is the first suffix that puts the tag's slot in the `b`-th share of the
 /// range. Pure: every process and version computes the same list.
 pub fn bucket_prefixes(prefix: &str, family: &str) -> Vec<String> {
-    (0..BUCKETS)
+    placed(prefix, family, BUCKETS, |b| {
+        b * SLOTS / BUCKETS..(b + 1) * SLOTS / BUCKETS
+    })
+}
+
+/// `count` key prefixes `<prefix>:{<family>:<b>.<n>}:`, tag `b` within 1/16 of a
+/// share of its centre (the `b`-th `1/count` of the range). The centre, not just
+/// the share: with 16 shards over 3 masters two shares straddle a master's
+/// boundary, and a tag anywhere in them could land 6/4/6; at the centre a master
+/// holds the shares whose centres it owns, as even as contiguous ranges allow
+/// (5/6/5). Used by the Redis queue's shards; changing it renames their keys.
+pub fn centred_prefixes(prefix: &str, family: &str, count: usize) -> Vec<String> {
+    placed(prefix, family, count, |b| {
+        let centre = (2 * b + 1) * SLOTS / (2 * count);
+        let half = (SLOTS / count / 32).max(1);
+        centre - half..centre + half
+    })
+}
+
+fn placed(
+    prefix: &str,
+    family: &str,
+    count: usize,
+    window: impl Fn(usize) -> std::ops::Range<usize>,
+) -> Vec<String> {
+    (0..count)
         .map(|b| {
-            let range = b * SLOTS / BUCKETS..(b + 1) * SLOTS / BUCKETS;
+            let range = window(b);
             (0u32..)
                 .map(|n| format!("{prefix}:{family}:{b}.{n}"))
                 .find(|tag| range.contains(&slot_of(tag)))
@@ -93,6 +118,18 @@ mod tests {
             );
             assert!(base.starts_with("mr:{mr:eg:"), "{base}");
         }
+        // 16 queue shards over the three equal ranges of `redis-cli --cluster
+        // create` (0-5460, 5461-10922, 10923-16383): 5 / 6 / 5.
+        let q = centred_prefixes("mr", "q", 16);
+        let mut per_master = [0; 3];
+        for base in &q {
+            let tag = &base[base.find('{').unwrap() + 1..base.find('}').unwrap()];
+            per_master[[5461, 10923, SLOTS]
+                .iter()
+                .position(|&e| slot_of(tag) < e)
+                .unwrap()] += 1;
+        }
+        assert_eq!(per_master, [5, 6, 5], "{q:?}");
         // Names spread over every bucket.
         let used: std::collections::HashSet<usize> = (0..1000)
             .map(|i| bucket_of(&format!("mx{i}.example")))

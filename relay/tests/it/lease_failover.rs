@@ -68,10 +68,9 @@ fn message_to(i: usize, rcpt: &str) -> QueuedMessage {
 /// straight from Redis.
 fn holders(con: &mut redis::Connection) -> HashMap<String, Vec<String>> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
-    for shard in 0..16 {
-        let base = format!("{PREFIX}:{{{PREFIX}:s{shard:02}}}");
+    for base in mailrelay::queue::redis::shard_prefixes(PREFIX) {
         let ids: Vec<String> = redis::cmd("ZRANGE")
-            .arg(format!("{base}:leased"))
+            .arg(format!("{base}leased"))
             .arg(0)
             .arg(-1)
             .query(con)
@@ -81,7 +80,7 @@ fn holders(con: &mut redis::Connection) -> HashMap<String, Vec<String>> {
         }
         let mut pipe = redis::pipe();
         for id in &ids {
-            pipe.cmd("HGET").arg(format!("{base}:m:{id}")).arg("lease");
+            pipe.cmd("HGET").arg(format!("{base}lease")).arg(id);
         }
         let tokens: Vec<Option<String>> = pipe.query(con).unwrap();
         for (id, token) in ids.into_iter().zip(tokens) {
@@ -234,13 +233,10 @@ fn killed_relay_backlog_is_delivered_by_the_others_within_one_lease() {
     );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let left: u64 = (0..16)
-            .map(|s| {
-                redis::cmd("ZCARD")
-                    .arg(format!("{PREFIX}:{{{PREFIX}:s{s:02}}}:ids"))
-                    .query::<u64>(&mut con)
-                    .unwrap()
-            })
+        let left: u64 = mailrelay::queue::redis::shard_prefixes(PREFIX)
+            .iter()
+            .flat_map(|base| [format!("{base}due"), format!("{base}leased")])
+            .map(|key| redis::cmd("ZCARD").arg(key).query::<u64>(&mut con).unwrap())
             .sum();
         if left == 0 {
             break;

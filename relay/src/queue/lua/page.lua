@@ -1,14 +1,25 @@
--- KEYS: ids set, due set, leased set
--- ARGV: message key prefix, lexical start ('-' or '(<last id>'), count
--- Returns id, envelope, status, due score, lease expiry per queued message.
-local ids = redis.call('ZRANGEBYLEX', KEYS[1], ARGV[2], '+', 'LIMIT', 0, ARGV[3])
+-- KEYS: due set, leased set
+-- ARGV: message key prefix, status key prefix, then ids
+-- Returns id, envelope, status, due score, lease expiry per id (envelope nil for
+-- an id no longer queued).
 local out = {}
-for _, id in ipairs(ids) do
-  local m = redis.call('HMGET', ARGV[1] .. id, 'envelope', 'status')
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local key = ARGV[1] .. id
+  local envelope = false
+  local head = redis.call('GETRANGE', key, 0, 1023)
+  if head ~= '' then
+    local env_len, _, hl = string.match(head, '^(%d+):(%d+):()')
+    env_len = tonumber(env_len)
+    envelope = string.sub(head, hl, hl + env_len - 1)
+    if #envelope < env_len then
+      envelope = redis.call('GETRANGE', key, hl - 1, hl + env_len - 2)
+    end
+  end
   table.insert(out, id)
-  table.insert(out, m[1])
-  table.insert(out, m[2])
+  table.insert(out, envelope)
+  table.insert(out, redis.call('GET', ARGV[2] .. id))
+  table.insert(out, redis.call('ZSCORE', KEYS[1], id))
   table.insert(out, redis.call('ZSCORE', KEYS[2], id))
-  table.insert(out, redis.call('ZSCORE', KEYS[3], id))
 end
 return out

@@ -1,8 +1,18 @@
--- KEYS: message hash, due set, leased set, ids set
+-- KEYS: message, due set, leased set, status, final record
 -- ARGV: id
--- Returns envelope, status, final flag, due score, lease expiry, queued (ids score).
-local m = redis.call('HMGET', KEYS[1], 'envelope', 'status', 'final')
-return {m[1], m[2], m[3],
+-- Returns envelope, status (with its "<attempts>:" prefix), final record, due
+-- score, lease expiry: the first two for a queued message, the third for a
+-- final one.
+local head = redis.call('GETRANGE', KEYS[1], 0, 1023)
+if head == '' then
+  return {false, false, redis.call('GET', KEYS[5]), false, false}
+end
+local env_len, _, hl = string.match(head, '^(%d+):(%d+):()')
+env_len = tonumber(env_len)
+local envelope = string.sub(head, hl, hl + env_len - 1)
+if #envelope < env_len then
+  envelope = redis.call('GETRANGE', KEYS[1], hl - 1, hl + env_len - 2)
+end
+return {envelope, redis.call('GET', KEYS[4]), false,
   redis.call('ZSCORE', KEYS[2], ARGV[1]),
-  redis.call('ZSCORE', KEYS[3], ARGV[1]),
-  redis.call('ZSCORE', KEYS[4], ARGV[1])}
+  redis.call('ZSCORE', KEYS[3], ARGV[1])}
