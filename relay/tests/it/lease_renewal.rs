@@ -72,23 +72,20 @@ fn enqueue(redis: &RedisServer, n: usize) -> Vec<String> {
     })
 }
 
-/// The Redis key of a queued message's hash: the hash whose name holds its id and
-/// that has a `lease` field once leased (found by name, not by the queue's key
-/// layout, which this test is not about).
-fn message_key(con: &mut redis::Connection, id: &str) -> Option<String> {
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{PREFIX}:*{id}*"))
-        .query(con)
-        .unwrap();
-    keys.into_iter().find(|k| {
-        redis::cmd("TYPE").arg(k).query::<String>(con).unwrap() == "hash"
-            && redis::cmd("HEXISTS")
-                .arg(k)
-                .arg("envelope")
+/// The Redis hash that holds a leased message's lease token (one hash per queue
+/// shard, field = queue id), once the message is leased.
+fn lease_hash(con: &mut redis::Connection, id: &str) -> Option<String> {
+    mailrelay::queue::redis::shard_prefixes(PREFIX)
+        .into_iter()
+        .map(|base| format!("{base}lease"))
+        .find(|key| {
+            redis::cmd("HEXISTS")
+                .arg(key)
+                .arg(id)
                 .query::<i64>(con)
                 .unwrap()
                 == 1
-    })
+        })
 }
 
 /// Messages still queued, as the queue counts them.
@@ -197,19 +194,16 @@ fn a_lease_taken_by_another_owner_is_reported_lost_by_the_renewal() {
     let victim = ids.last().unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let key = loop {
-        if let Some(k) = message_key(&mut con, victim) {
+        if let Some(k) = lease_hash(&mut con, victim) {
             break k;
         }
-        assert!(
-            Instant::now() < deadline,
-            "message {victim} not found in Redis"
-        );
+        assert!(Instant::now() < deadline, "message {victim} never leased");
         std::thread::sleep(Duration::from_millis(20));
     };
     loop {
         let token: Option<String> = redis::cmd("HGET")
             .arg(&key)
-            .arg("lease")
+            .arg(victim)
             .query(&mut con)
             .unwrap();
         if token.is_some_and(|t| t.starts_with("relay.test:")) {
@@ -220,7 +214,7 @@ fn a_lease_taken_by_another_owner_is_reported_lost_by_the_renewal() {
     }
     let _: () = redis::cmd("HSET")
         .arg(&key)
-        .arg("lease")
+        .arg(victim)
         .arg("other.test:1#x")
         .query(&mut con)
         .unwrap();
