@@ -1850,7 +1850,7 @@ impl crate::quota::ingress::engine::EgressUsage for Egress {
                             rate: (a.state.action == RuleAction::Throttle)
                                 .then_some(a.state.rate)
                                 .flatten()
-                                .map(|r| crate::shaping::rate_text(r)),
+                                .map(crate::shaping::rate_text),
                             max_connections: (a.state.action == RuleAction::Throttle)
                                 .then_some(a.state.max_connections)
                                 .flatten(),
