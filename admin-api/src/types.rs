@@ -550,6 +550,12 @@ pub struct ShapingState {
     /// Rate factor of a throttle (1 = none), as text (`0.5`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<String>,
+    /// Absolute pace of a throttle (`100/1m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// Connections open at once to the site under a throttle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// End, ms since the epoch (the relay's clock).
     pub until_ms: u64,
     pub remaining_seconds: u64,
@@ -558,6 +564,17 @@ pub struct ShapingState {
 }
 
 impl ShapingState {
+    /// The action with a throttle's limits, as tables show it:
+    /// `throttle x0.5 100/1m max 2 conns`.
+    pub fn action_label(&self) -> String {
+        action_label(
+            &self.action,
+            self.factor.as_deref(),
+            self.rate.as_deref(),
+            self.max_connections,
+        )
+    }
+
     /// The id of a state: `<scope>@<site>` (a site never holds `@`).
     pub fn id_of(scope: &str, site: &str) -> String {
         format!("{scope}@{site}")
@@ -629,4 +646,26 @@ pub struct SuppressionAdded {
     /// False when the address was listed already (its expiry is renewed).
     pub new: bool,
     pub entry: SuppressionEntry,
+}
+
+/// See [`ShapingState::action_label`] (also for the operator's status rows).
+pub fn action_label(
+    action: &str,
+    factor: Option<&str>,
+    rate: Option<&str>,
+    max_connections: Option<u32>,
+) -> String {
+    let mut out = action.to_owned();
+    if let Some(f) = factor {
+        out.push_str(" x");
+        out.push_str(f);
+    }
+    if let Some(r) = rate {
+        out.push(' ');
+        out.push_str(r);
+    }
+    if let Some(m) = max_connections {
+        out.push_str(&format!(" max {m} conns"));
+    }
+    out
 }

@@ -48,6 +48,8 @@ pub fn states_status(list: &ShapingList) -> Vec<ShapingStateStatus> {
             rule: s.rule.clone(),
             action: s.action.clone(),
             factor: s.factor.clone(),
+            rate: s.rate.clone(),
+            max_connections: s.max_connections,
             reply: s.reply.clone(),
             until: time_from_ms(s.until_ms).unwrap_or_else(|| Time(Default::default())),
         })
@@ -76,10 +78,12 @@ pub fn event(s: &ShapingStateStatus) -> (bool, &'static str, String) {
     } else {
         (false, THROTTLED)
     };
-    let what = match &s.factor {
-        Some(f) => format!("{} x{f}", s.action),
-        None => s.action.clone(),
-    };
+    let what = mailrelay_admin_api::types::action_label(
+        &s.action,
+        s.factor.as_deref(),
+        s.rate.as_deref(),
+        s.max_connections,
+    );
     let scope = if s.scope == mailrelay::shaping::SITE {
         "every tenant".to_owned()
     } else {

@@ -448,6 +448,19 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
             info!(rules = rules.len(), "response rules in force");
         }
         egress.set_rules(rules);
+        // Mail postponed for a rule state comes back when the state is lifted.
+        let wake_queue = Arc::clone(&queue);
+        egress.set_waker(Arc::new(move |domains: Vec<String>| {
+            let q = Arc::clone(&wake_queue);
+            Box::pin(async move {
+                for d in domains {
+                    let sel = mailrelay::queue::RetrySelector::Domain(d.clone());
+                    if let Err(e) = q.retry_now(sel).await {
+                        tracing::warn!(domain = %d, error = %e, "making postponed mail due again failed");
+                    }
+                }
+            })
+        }));
         quotas.set_egress_usage(Arc::new(egress.clone()));
         info!(store = egress.backend(), "egress pacing ready");
         Some(

@@ -102,6 +102,9 @@ fn harden(item: &mut Value) {
     );
     set(prop(item, &["match", "text"]), json!({"maxLength": 1024}));
     set(prop(item, &["match", "stages"]), json!({"maxItems": 6}));
+    let patterns = json!({"maxItems": 256, "items": {"type": "string", "minLength": 1, "maxLength": 320, "pattern": r"^\S+$"}});
+    set(prop(item, &["match", "senders"]), patterns.clone());
+    set(prop(item, &["match", "authUsers"]), patterns);
     set(
         prop(item, &["duration"]),
         json!({"maxLength": 16, "pattern": DURATION_PATTERN}),
@@ -156,6 +159,11 @@ fn harden(item: &mut Value) {
             ".reclassify",
         ),
         (
+            "!has(self.throttle) || !has(self.throttle.maxConnections) || !has(self.match) || ((!has(self.match.senders) || size(self.match.senders) == 0) && (!has(self.match.authUsers) || size(self.match.authUsers) == 0))",
+            "throttle.maxConnections not with a sender filter (match.senders, match.authUsers): a connection carries every tenant's mail",
+            ".throttle.maxConnections",
+        ),
+        (
             "!has(self.tenantKey) || (has(self.scope) && self.scope == 'tenant')",
             "tenantKey only with scope: tenant",
             ".tenantKey",
@@ -188,6 +196,12 @@ pub struct ShapingStateStatus {
     /// Rate factor of a throttle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub factor: Option<String>,
+    /// Absolute pace of a throttle (`100/1m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<String>,
+    /// Connections open at once to the site under a throttle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
     /// The remote reply that started it.
     pub reply: String,
     /// When it ends.

@@ -139,7 +139,10 @@ pub struct SendQuotaSpec {
     /// They reach the selected relays as `<quota>.<rule>`, after the MailRelay's
     /// own rules and before the presets'. With `scope: tenant` and no
     /// `tenantKey`, tenants are told apart as the quota tells them: by AUTH user
-    /// for `key: authUser`, else by sender domain.
+    /// for `key: authUser`, else by sender domain. An ingress quota's
+    /// `match.senders` / `match.authUsers` limit its rules to that mail: they take
+    /// only replies to it and hold only it (then a rule may not set its own
+    /// `match.senders` / `match.authUsers`, nor `throttle.maxConnections`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::rules::quota_rules_schema")]
     pub response_rules: Vec<mailrelay::config::rules::ResponseRule>,

@@ -164,8 +164,9 @@ pub enum Command {
     /// Suspensions and throttles response rules started (`list`, the default),
     /// on every MailRelay in the namespace; `lift ID` ends one by hand.
     Shaping {
-        /// Only this MailRelay (default: every MailRelay in the namespace).
-        #[arg(long)]
+        /// Only this MailRelay (default: every MailRelay in the namespace); also
+        /// after `list` / `lift ID`, as the usage shows it.
+        #[arg(long, global = true)]
         relay: Option<String>,
         #[command(subcommand)]
         action: Option<shaping::Action>,

@@ -47,6 +47,60 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Relays that could not answer: (namespace, relay, why).
+pub type RelayErrors = [(String, String, PluginError)];
+
+/// What a verb gathered from several relays (`quota`, `shaping`) as a table:
+/// `rows` are (namespace, cells); under `-A` a `NAMESPACE` column comes first;
+/// `empty` stands for no row; then one line per relay that could not answer.
+pub fn relay_table(
+    all_namespaces: bool,
+    header: &[&str],
+    rows: Vec<(String, Vec<String>)>,
+    empty: &str,
+    errors: &RelayErrors,
+) -> String {
+    let mut out = if rows.is_empty() {
+        empty.to_owned()
+    } else {
+        let mut h = Vec::with_capacity(header.len() + 1);
+        if all_namespaces {
+            h.push("NAMESPACE");
+        }
+        h.extend_from_slice(header);
+        let cells: Vec<Vec<String>> = rows
+            .into_iter()
+            .map(|(ns, mut r)| {
+                if all_namespaces {
+                    r.insert(0, ns);
+                }
+                r
+            })
+            .collect();
+        table(&h, &cells)
+    };
+    for (ns, relay, e) in errors {
+        if all_namespaces {
+            out.push_str(&format!("relay {ns}/{relay}: {e}\n"));
+        } else {
+            out.push_str(&format!("relay {relay}: {e}\n"));
+        }
+    }
+    out
+}
+
+/// `doc` with an `errors` list naming each relay that could not answer (none:
+/// left as it is), for `-o json|yaml`.
+pub fn with_relay_errors(mut doc: serde_json::Value, errors: &RelayErrors) -> serde_json::Value {
+    if !errors.is_empty() {
+        doc["errors"] = errors
+            .iter()
+            .map(|(ns, r, e)| serde_json::json!({"namespace": ns, "relay": r, "error": e.to_string()}))
+            .collect();
+    }
+    doc
+}
+
 /// A short duration like kubectl's ages: `42s`, `5m`, `3h12m`, `2d04h`.
 pub fn short_duration(secs: u64) -> String {
     match secs {
@@ -71,6 +125,41 @@ mod tests {
             ],
         );
         assert_eq!(t, "NAME     USED\na        1\nlonger   22\n");
+    }
+
+    #[test]
+    fn relay_tables_name_the_namespace_under_all_namespaces_and_errors_after() {
+        let rows = || {
+            vec![
+                ("mail".to_owned(), vec!["out".to_owned(), "1".to_owned()]),
+                ("web".to_owned(), vec!["in".to_owned(), "22".to_owned()]),
+            ]
+        };
+        let errors = vec![(
+            "mail".to_owned(),
+            "down".to_owned(),
+            PluginError::NotFound("gone".into()),
+        )];
+        assert_eq!(
+            relay_table(false, &["RELAY", "N"], rows(), "none\n", &errors),
+            "RELAY   N\nout     1\nin      22\nrelay down: gone\n"
+        );
+        assert_eq!(
+            relay_table(true, &["RELAY", "N"], rows(), "none\n", &errors),
+            "NAMESPACE   RELAY   N\nmail        out     1\nweb         in      22\nrelay mail/down: gone\n"
+        );
+        assert_eq!(
+            relay_table(false, &["RELAY"], vec![], "none\n", &[]),
+            "none\n"
+        );
+        let doc = with_relay_errors(serde_json::json!({"x": 1}), &errors);
+        assert_eq!(doc["errors"][0]["relay"], "down");
+        assert_eq!(doc["errors"][0]["error"], "gone");
+        assert!(
+            with_relay_errors(serde_json::json!({}), &[])
+                .get("errors")
+                .is_none()
+        );
     }
 
     #[test]

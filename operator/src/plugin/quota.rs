@@ -90,50 +90,24 @@ impl Gathered {
                         v
                     })
                     .collect();
-                let mut doc = serde_json::json!({ "quotas": quotas });
-                if !self.errors.is_empty() {
-                    doc["errors"] = self
-                        .errors
-                        .iter()
-                        .map(|(ns, r, e)| {
-                            serde_json::json!({"namespace": ns, "relay": r, "error": e.to_string()})
-                        })
-                        .collect();
-                }
-                output::structured(f, &doc)
+                let doc = serde_json::json!({ "quotas": quotas });
+                output::structured(f, &output::with_relay_errors(doc, &self.errors))
             }
             None => {
-                let mut out = if self.quotas.is_empty() {
-                    "No quotas.\n".to_owned()
-                } else {
-                    let rows: Vec<Vec<String>> = self
-                        .quotas
-                        .iter()
-                        .flat_map(|(ns, relay, q, _)| {
-                            rows(relay, q).into_iter().map(move |mut r| {
-                                if self.all_namespaces {
-                                    r.insert(0, ns.clone());
-                                }
-                                r
-                            })
-                        })
-                        .collect();
-                    if self.all_namespaces {
-                        let mut header = vec!["NAMESPACE"];
-                        header.extend(HEADER);
-                        output::table(&header, &rows)
-                    } else {
-                        output::table(&HEADER, &rows)
-                    }
-                };
-                for (ns, relay, e) in &self.errors {
-                    if self.all_namespaces {
-                        out.push_str(&format!("relay {ns}/{relay}: {e}\n"));
-                    } else {
-                        out.push_str(&format!("relay {relay}: {e}\n"));
-                    }
-                }
-                Ok(out)
+                let rows: Vec<(String, Vec<String>)> = self
+                    .quotas
+                    .iter()
+                    .flat_map(|(ns, relay, q, _)| {
+                        rows(relay, q).into_iter().map(move |r| (ns.clone(), r))
+                    })
+                    .collect();
+                Ok(output::relay_table(
+                    self.all_namespaces,
+                    &HEADER,
+                    rows,
+                    "No quotas.\n",
+                    &self.errors,
+                ))
             }
         }
     }

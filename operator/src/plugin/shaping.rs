@@ -38,10 +38,7 @@ pub struct Gathered {
 }
 
 fn row(relay: &str, s: &ShapingState) -> Vec<String> {
-    let action = match &s.factor {
-        Some(f) => format!("{} x{f}", s.action),
-        None => s.action.clone(),
-    };
+    let action = s.action_label();
     let mut reply: String = s.reply.chars().take(REPLY_WIDTH).collect();
     if reply.len() < s.reply.len() {
         reply.push('…');
@@ -66,48 +63,21 @@ impl Gathered {
                     serde_json::json!({"namespace": ns, "relay": r, "states": l.states})
                 })
                 .collect();
-            let mut doc = serde_json::json!({ "relays": relays });
-            if !self.errors.is_empty() {
-                doc["errors"] = self
-                    .errors
-                    .iter()
-                    .map(|(ns, r, e)| {
-                        serde_json::json!({"namespace": ns, "relay": r, "error": e.to_string()})
-                    })
-                    .collect();
-            }
-            return output::structured(f, &doc);
+            let doc = serde_json::json!({ "relays": relays });
+            return output::structured(f, &output::with_relay_errors(doc, &self.errors));
         }
-        let rows: Vec<Vec<String>> = self
+        let rows: Vec<(String, Vec<String>)> = self
             .lists
             .iter()
-            .flat_map(|(ns, relay, l)| {
-                l.states.iter().map(move |s| {
-                    let mut r = row(relay, s);
-                    if self.all_namespaces {
-                        r.insert(0, ns.clone());
-                    }
-                    r
-                })
-            })
+            .flat_map(|(ns, relay, l)| l.states.iter().map(move |s| (ns.clone(), row(relay, s))))
             .collect();
-        let mut out = if rows.is_empty() {
-            "No suspension or throttle in force.\n".to_owned()
-        } else if self.all_namespaces {
-            let mut header = vec!["NAMESPACE"];
-            header.extend(HEADER);
-            output::table(&header, &rows)
-        } else {
-            output::table(&HEADER, &rows)
-        };
-        for (ns, relay, e) in &self.errors {
-            if self.all_namespaces {
-                out.push_str(&format!("relay {ns}/{relay}: {e}\n"));
-            } else {
-                out.push_str(&format!("relay {relay}: {e}\n"));
-            }
-        }
-        Ok(out)
+        Ok(output::relay_table(
+            self.all_namespaces,
+            &HEADER,
+            rows,
+            "No suspension or throttle in force.\n",
+            &self.errors,
+        ))
     }
 }
 
@@ -202,6 +172,8 @@ mod tests {
             rule: "tenant-a.slow-down".into(),
             action: "throttle".into(),
             factor: Some("0.5".into()),
+            rate: None,
+            max_connections: None,
             until_ms: 1,
             remaining_seconds: 300,
             reply: reply.into(),

@@ -666,13 +666,24 @@ pub fn quota_rule_name(quota: &str, rule: &str) -> String {
 
 /// A SendQuota's `spec.responseRules` as the relay gets them, checked on their
 /// own: names prefixed ([`quota_rule_name`]); a rule without destination takes
-/// the egress quota's `match`; with `scope: tenant` and no `tenantKey`, tenants
-/// are told apart as the quota tells them (`key: authUser`: by AUTH user; else
-/// the relay's default, the sender domain).
+/// the egress quota's `match`; an ingress quota's `match.senders` /
+/// `match.authUsers` become every rule's sender filter (the relay's
+/// `match.senders` / `match.auth_users`), so its rules take replies to that
+/// mail only and hold only that mail; with `scope: tenant` and no `tenantKey`,
+/// tenants are told apart as the quota tells them (`key: authUser`: by AUTH
+/// user; else the relay's default, the sender domain).
 pub fn quota_rules(sq: &SendQuota) -> Result<Vec<ResponseRule>, SpecError> {
     let s = &sq.spec;
     let quota = sq.name_any();
     let m = s.match_.clone().unwrap_or_default();
+    // CEL keeps senders and authUsers off egress quotas; checked here all the
+    // same, as an egress quota's rules are about every sender.
+    let (senders, auth_users) = if s.direction == q::Direction::Ingress {
+        (m.senders.clone(), m.auth_users.clone())
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let filtered = !senders.is_empty() || !auth_users.is_empty();
     let inherited = if s.direction == q::Direction::Egress {
         DestinationSelector {
             mx_hosts: m.mx_hosts,
@@ -707,10 +718,33 @@ pub fn quota_rules(sq: &SendQuota) -> Result<Vec<ResponseRule>, SpecError> {
         if r.scope == RuleScope::Tenant && r.tenant_key.is_none() && s.key == q::KeyBy::AuthUser {
             r.tenant_key = Some(TenantKey::AuthUser);
         }
+        if filtered {
+            if r.matcher.has_sender_filter() {
+                let field = if r.matcher.senders.is_empty() {
+                    "match.authUsers"
+                } else {
+                    "match.senders"
+                };
+                return Err(spec_err(
+                    format!("{f}.{field}"),
+                    "the quota's match.senders / match.authUsers already limit its rules; leave it out",
+                ));
+            }
+            if r.throttle.is_some_and(|t| t.max_connections.is_some()) {
+                return Err(spec_err(
+                    format!("{f}.throttle.maxConnections"),
+                    "not in a quota whose match names senders or authUsers: its rules act on that mail only, and connections carry every tenant's mail",
+                ));
+            }
+            r.matcher.senders = senders.clone();
+            r.matcher.auth_users = auth_users.clone();
+        }
         rules::validate_rule(&f, &r).map_err(|(field, message)| {
             spec_err(
                 camel_path(&field),
-                message.replace("max_connections", "maxConnections"),
+                message
+                    .replace("max_connections", "maxConnections")
+                    .replace("auth_users", "authUsers"),
             )
         })?;
         let full = quota_rule_name(&quota, &r.name);

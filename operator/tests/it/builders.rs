@@ -1689,3 +1689,46 @@ fn webhooks_reach_the_relay_with_their_keys_projected_from_secrets() {
     ));
     assert_eq!(e.field, "spec.webhooks[0].tenants", "{e:?}");
 }
+
+const TENANT_QUOTA: &str = "
+apiVersion: mailrelay.io/v1alpha1
+kind: SendQuota
+metadata: {name: tenant-a, namespace: mail}
+spec:
+  direction: ingress
+  limits: [1000/1h]
+  match: {senders: ['*@a.example', 'alerts-*@b.example'], authUsers: [tenant-a]}
+  responseRules:
+    - name: gmail-rate
+      destination: {mxHosts: ['*.google.com']}
+      match: {codes: [421], enhanced: ['4.7.28']}
+      action: suspend
+      duration: 30m
+";
+
+/// An ingress SendQuota's senders and AUTH users become its rules' sender
+/// filter in the relay config (golden), which the relay reads and compiles.
+#[test]
+fn golden_quota_rules_carry_the_quotas_senders() {
+    let r = relay(MINIMAL);
+    let quotas: Vec<SendQuota> = vec![serde_norway::from_str(TENANT_QUOTA).unwrap()];
+    let (ok, bad) = select_quotas(&r, &quotas);
+    assert!(bad.is_empty(), "{bad:?}");
+    let (rules, refused) = resources::config::select_quota_rules(&r, &quotas);
+    assert!(refused.is_empty(), "{refused:?}");
+    let o = resources::build(Inputs {
+        relay: &r,
+        quotas: ok,
+        quota_rules: rules,
+        secrets: &ResolvedSecrets::default(),
+        default_image: IMAGE,
+    })
+    .unwrap();
+    golden("quota-rules", &o.to_yaml());
+    let cfg = rendered(&o);
+    let rule = &cfg.response_rules[0];
+    assert_eq!(rule.name, "tenant-a.gmail-rate");
+    assert_eq!(rule.matcher.senders, ["*@a.example", "alerts-*@b.example"]);
+    assert_eq!(rule.matcher.auth_users, ["tenant-a"]);
+    mailrelay::shaping::Rules::from_config(&cfg).unwrap();
+}

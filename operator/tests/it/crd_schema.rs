@@ -1030,6 +1030,19 @@ fn response_rules_webhook_and_event_fields_are_checked_naming_the_field() {
             "tenantKey only with scope: tenant",
         ),
         (
+            egress(json!([rule(
+                json!({"action": "throttle", "throttle": {"maxConnections": 2},
+                       "match": {"codes": [421], "senders": ["*@a.test"]}})
+            )])),
+            "throttle.maxConnections not with a sender filter",
+        ),
+        (
+            egress(json!([rule(
+                json!({"match": {"codes": [421], "authUsers": ["has space"]}})
+            )])),
+            "responseRules/0/match/authUsers/0",
+        ),
+        (
             egress(json!([rule(json!({"name": "has space"}))])),
             "responseRules/0/name",
         ),

@@ -132,6 +132,11 @@ fn free_port() -> u16 {
 }
 
 async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
+    start_relay_with(smarthost_port, token, Router::new()).await
+}
+
+/// [`start_relay`] with more admin API routes (e.g. the quota and shaping ones).
+async fn start_relay_with(smarthost_port: u16, token: &str, extra: Router) -> RealRelay {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("admin-token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
@@ -176,7 +181,8 @@ async fn start_relay(smarthost_port: u16, token: &str) -> RealRelay {
         admin_listener,
         state,
         mailrelay::events::suppression_admin::routes(suppression)
-            .merge(admin::events::routes(events)),
+            .merge(admin::events::routes(events))
+            .merge(extra),
         std::future::pending::<()>(),
     ));
     let listeners = server::bind(&cfg).expect("bind SMTP");
@@ -1878,4 +1884,201 @@ async fn suppression_through_the_service_proxy() {
     )
     .await;
     assert!(bad.err().contains("ttl"), "{}", bad.stderr);
+}
+
+/// `kubectl mailrelay shaping` list and lift through the service proxy, against a
+/// relay whose egress store is a real redis-server holding a suspension and a
+/// throttle (written by the relay's own store code, as a rule would).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shaping_list_and_lift_through_the_service_proxy() {
+    use mailrelay::config::RedisConfig;
+    use mailrelay::config::rules::RuleAction;
+    use mailrelay::quota::egress::Egress;
+    use mailrelay::quota::egress::redis::RedisStore;
+    use mailrelay::shaping::{Rate, State};
+
+    let redis = crate::support::redis::RedisServer::start();
+    let rcfg = RedisConfig {
+        url: redis.url(),
+        password: None,
+        cluster: false,
+        cluster_nodes: vec![],
+        key_prefix: "mr".into(),
+        wait_replicas: 0,
+        wait_timeout: mailrelay::config::default_wait_timeout(),
+    };
+    let egress = Egress::redis(&rcfg, &[], Duration::from_secs(30))
+        .await
+        .unwrap();
+    let mut reg = prometheus_client::registry::Registry::default();
+    let quotas = mailrelay::quota::ingress::engine::Quotas::new(
+        &[],
+        Arc::new(mailrelay::quota::ingress::memory::MemoryStore::new()),
+        mailrelay::quota::ingress::metrics::QuotaMetrics::register(&mut reg),
+        Duration::from_secs(5),
+    );
+    quotas.set_egress_usage(Arc::new(egress));
+    let smarthost = Smarthost::start();
+    let relay = start_relay_with(
+        smarthost.port,
+        "out-token-1",
+        mailrelay::quota::admin::routes(quotas),
+    )
+    .await;
+
+    let store = RedisStore::connect(&rcfg).await.unwrap();
+    let site = "mx1.provider.test,mx2.provider.test";
+    let suspend = State {
+        field: "sender_domain:shop.example".into(),
+        action: RuleAction::Suspend,
+        until_ms: 0,
+        factor: 1.0,
+        rate: None,
+        max_connections: None,
+        duration_ms: 1_800_000,
+        pause_ms: 0,
+        rule: "payments.slow".into(),
+        reply: "421 4.7.28 Our system has detected an unusual rate of mail".into(),
+    };
+    store
+        .shaping_set(site, &suspend, 1_800_000, None)
+        .await
+        .unwrap();
+    let throttle = State {
+        field: "*".into(),
+        action: RuleAction::Throttle,
+        factor: 0.5,
+        rate: Some(Rate {
+            count: 30,
+            window_ms: 60_000,
+        }),
+        max_connections: Some(2),
+        duration_ms: 600_000,
+        rule: "microsoft-ip-reputation".into(),
+        reply: "451 4.7.650 The mail server has been temporarily rate limited".into(),
+        ..suspend.clone()
+    };
+    store
+        .shaping_set(site, &throttle, 600_000, None)
+        .await
+        .unwrap();
+
+    // The stand-in API server: MailRelay mail/out (with this relay behind its
+    // admin service) and mail/down (no ready endpoint).
+    let mut relays = BTreeMap::new();
+    for (name, ready) in [("out", true), ("down", false)] {
+        relays.insert(
+            ("mail".to_owned(), name.to_owned()),
+            mailrelay("mail", name, ready),
+        );
+    }
+    let stub = Stub {
+        relays: Arc::new(relays),
+        backends: Arc::new(BTreeMap::from([(
+            ("mail".to_owned(), "out-admin:admin".to_owned()),
+            relay.admin,
+        )])),
+        log: Arc::default(),
+        crd: true,
+        secrets: Arc::new(Mutex::new(BTreeMap::from([(
+            ("mail".to_owned(), "out-admin-token".to_owned()),
+            format!("{}\n", relay.token),
+        )]))),
+        forbid_secrets: Arc::default(),
+        review_user: Arc::new(Mutex::new(Some("jane@example.com".into()))),
+    };
+    let api = start_stub(stub.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = &write_kubeconfig(dir.path(), api);
+
+    // list: one row per state, the relay without endpoints named after.
+    let out = plugin(kc, &["shaping"]).await;
+    let text = out.ok();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("RELAY")
+            && lines[0].contains("ACTION")
+            && lines[0].contains("RULE")
+            && lines[0].contains("ID"),
+        "{text}"
+    );
+    let suspend_id = format!("sender_domain:shop.example@{site}");
+    let row = |needle: &str| {
+        lines
+            .iter()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no row with {needle}:\n{text}"))
+            .to_string()
+    };
+    let s = row("payments.slow");
+    assert!(s.starts_with("out") && s.contains("suspend"), "{text}");
+    assert!(
+        s.contains(&suspend_id) && s.contains("421 4.7.28"),
+        "{text}"
+    );
+    assert!(s.contains("29m") || s.contains("30m"), "{text}");
+    let t = row("microsoft-ip-reputation");
+    assert!(t.contains("throttle x0.5 30/1m max 2 conns"), "{text}");
+    assert!(t.contains(&format!("*@{site}")), "{text}");
+    assert!(
+        text.contains("relay down: ") && text.contains("no endpoints available"),
+        "{text}"
+    );
+
+    // -o json: every field, per relay.
+    let j = plugin(kc, &["shaping", "list", "--relay", "out", "-o", "json"])
+        .await
+        .json();
+    let states = j["relays"][0]["states"].as_array().unwrap();
+    assert_eq!(j["relays"][0]["relay"], "out", "{j:#}");
+    assert_eq!(states.len(), 2, "{j:#}");
+    let th = states.iter().find(|s| s["action"] == "throttle").unwrap();
+    assert_eq!(th["rate"], "30/1m", "{j:#}");
+    assert_eq!(th["max_connections"], 2, "{j:#}");
+    assert_eq!(th["factor"], "0.5", "{j:#}");
+    assert!(j.get("errors").is_none(), "{j:#}");
+
+    // lift: the state ends in the store, the relay's audit line names the user.
+    let lifted = plugin(kc, &["shaping", "lift", &suspend_id]).await;
+    assert_eq!(
+        lifted.ok(),
+        format!("lifted {suspend_id} on MailRelay mail/out\n")
+    );
+    let (_, left) = store.shaping_list(None).await.unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].1.field, "*");
+    let text = plugin(kc, &["shaping", "--relay", "out"]).await;
+    assert!(!text.ok().contains("payments.slow"), "{}", text.stdout);
+    assert!(
+        stub.log.lock().unwrap().iter().any(|l| l.starts_with(
+            "POST /api/v1/namespaces/mail/services/out-admin:admin/proxy/api/v1/shaping/"
+        )),
+        "{:?}",
+        stub.log.lock().unwrap()
+    );
+
+    // Again: nothing left to lift; a malformed id is refused before any call.
+    let again = plugin(kc, &["shaping", "lift", &suspend_id, "--relay", "out"]).await;
+    assert!(
+        again
+            .err()
+            .contains(&format!("no state {suspend_id} in force")),
+        "{}",
+        again.stderr
+    );
+    // A usage error: exit 2, like clap's own.
+    let bad = plugin(kc, &["shaping", "lift", "no-at-sign"]).await;
+    assert_eq!(bad.code, 2, "{}", bad.stdout);
+    assert!(
+        bad.stderr.contains("is not a state ID like <scope>@<site>"),
+        "{}",
+        bad.stderr
+    );
+    let lifted = plugin(kc, &["shaping", "lift", &format!("*@{site}"), "-o", "json"])
+        .await
+        .json();
+    assert_eq!(lifted["lifted"], format!("*@{site}"));
+    assert_eq!(lifted["relays"][0]["relay"], "out");
+    let empty = plugin(kc, &["shaping", "--relay", "out"]).await;
+    assert_eq!(empty.ok(), "No suspension or throttle in force.\n");
 }

@@ -145,6 +145,78 @@ fn quota_rules_are_prefixed_inherit_the_egress_match_and_the_tenant_key() {
     }
 }
 
+/// An ingress quota's `match.senders` / `match.authUsers` become every rule's
+/// sender filter; a rule that names its own, or a connection cap, is refused
+/// naming the field. An egress quota's rules carry none.
+#[test]
+fn an_ingress_quotas_senders_limit_its_rules() {
+    let tenant = INGRESS.replace(
+        "  key: authUser\n",
+        "  key: authUser\n  match: {senders: ['*@a.test'], authUsers: [tenant-a]}\n",
+    );
+    let r = quota_rules(&sendquota(&tenant)).unwrap();
+    assert_eq!(r[0].matcher.senders, ["*@a.test"]);
+    assert_eq!(r[0].matcher.auth_users, ["tenant-a"]);
+    assert!(
+        !quota_rules(&sendquota(INGRESS)).unwrap()[0]
+            .matcher
+            .has_sender_filter()
+    );
+    assert!(
+        !quota_rules(&sendquota(EGRESS)).unwrap()[0]
+            .matcher
+            .has_sender_filter()
+    );
+    for (to, field, needle) in [
+        (
+            "match: {codes: [421], senders: ['*@b.test']}",
+            "spec.responseRules[0].match.senders",
+            "already limit",
+        ),
+        (
+            "match: {codes: [421], authUsers: [tenant-b]}",
+            "spec.responseRules[0].match.authUsers",
+            "already limit",
+        ),
+    ] {
+        let e =
+            quota_rules(&sendquota(&tenant.replacen("match: {codes: [421]}", to, 1))).unwrap_err();
+        assert_eq!(e.field, field, "{to}: {e}");
+        assert!(e.message.contains(needle), "{to}: {e}");
+    }
+    let capped = tenant.replacen(
+        "      action: suspend\n      scope: tenant\n      duration: 1m\n",
+        "      action: throttle\n      duration: 1m\n      throttle: {maxConnections: 2}\n",
+        1,
+    );
+    assert_ne!(capped, tenant);
+    let e = quota_rules(&sendquota(&capped)).unwrap_err();
+    assert_eq!(
+        e.field, "spec.responseRules[0].throttle.maxConnections",
+        "{e}"
+    );
+    // The relay's own check, for a MailRelay's rule: the field in camelCase.
+    let own = sendquota(
+        &INGRESS
+            .replacen(
+                "      action: suspend\n      scope: tenant\n      duration: 1m\n",
+                "      action: throttle\n      duration: 1m\n      throttle: {maxConnections: 2}\n",
+                1,
+            )
+            .replacen(
+                "match: {codes: [421]}",
+                "match: {codes: [421], senders: ['*@a.test']}",
+                1,
+            ),
+    );
+    let e = quota_rules(&own).unwrap_err();
+    assert_eq!(
+        e.field, "spec.responseRules[0].throttle.maxConnections",
+        "{e}"
+    );
+    assert!(e.message.contains("match.authUsers"), "{e}");
+}
+
 #[test]
 fn quota_rules_follow_the_relays_own_and_roll_no_pods() {
     let relay = mailrelay(&format!(
@@ -420,6 +492,43 @@ async fn states_reach_status_with_one_event_each() {
     reconcile_quota(&api, &ctx, "payments").await;
     let q = api.get(&format!("{QUOTAS}/payments")).unwrap();
     assert!(q["status"].get("shaping").is_none(), "{}", q["status"]);
+
+    // A throttle shows its factor, rate and connection cap, in status and Event.
+    let throttle = State {
+        field: "*".into(),
+        action: RuleAction::Throttle,
+        factor: 0.5,
+        rate: Some(mailrelay::shaping::Rate {
+            count: 30,
+            window_ms: 60_000,
+        }),
+        max_connections: Some(2),
+        pause_ms: 15_000,
+        reply: "451 4.7.650 The mail server has been temporarily rate limited".into(),
+        ..state.clone()
+    };
+    store
+        .shaping_set(site, &throttle, 600_000, None)
+        .await
+        .unwrap();
+    api.clear_requests();
+    reconcile_relay(&api, &ctx).await;
+    let st = &api.get(RELAY_PATH).unwrap()["status"]["shaping"];
+    assert_eq!(st.as_array().map(Vec::len), Some(1), "{st}");
+    assert_eq!(st[0]["action"], "throttle", "{st}");
+    assert_eq!(st[0]["factor"], "0.5", "{st}");
+    assert_eq!(st[0]["rate"], "30/1m", "{st}");
+    assert_eq!(st[0]["maxConnections"], 2, "{st}");
+    let ev = events(&api, "ShapingThrottled");
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert!(
+        ev[0]
+            .2
+            .starts_with("throttle x0.5 30/1m max 2 conns of every tenant at"),
+        "{}",
+        ev[0].2
+    );
+    assert!(store.shaping_lift(site, "*").await.unwrap());
 
     // A rule the relay cannot take is refused on the SendQuota, with an Event.
     let mut bad = serde_json::to_value(sendquota(EGRESS)).unwrap();

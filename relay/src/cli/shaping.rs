@@ -72,10 +72,7 @@ pub fn format_list(l: &ShapingList) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{:<9} {:>9}  {:<28} ID", "ACTION", "LEFT", "RULE");
     for s in &l.states {
-        let action = match &s.factor {
-            Some(f) => format!("{} x{f}", s.action),
-            None => s.action.clone(),
-        };
+        let action = s.action_label();
         let _ = writeln!(
             out,
             "{:<9} {:>8}s  {:<28} {}",
@@ -105,6 +102,8 @@ mod tests {
                 rule: "testprovider-rate".into(),
                 action: "suspend".into(),
                 factor: None,
+                rate: None,
+                max_connections: None,
                 until_ms: 1,
                 remaining_seconds: 90,
                 reply: "421 4.7.28 slow down".into(),

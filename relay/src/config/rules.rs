@@ -311,7 +311,11 @@ impl DestinationSelector {
 /// What a reply must look like. Every given field must match.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "schemars",
+    derive(schemars::JsonSchema),
+    schemars(rename_all = "camelCase")
+)]
 pub struct ReplyMatch {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub codes: Vec<CodeMatch>,
@@ -324,11 +328,27 @@ pub struct ReplyMatch {
     /// Where the reply came (default: any stage).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<ReplyStage>,
+    /// Sender filter: only replies to mail of these envelope senders match, and
+    /// the state the rule starts holds only their mail. Address globs
+    /// (`*@shop.example`), domain globs (`shop.example`) or `<>` (the null sender),
+    /// as an ingress quota's `match.senders`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub senders: Vec<String>,
+    /// Sender filter: only mail submitted by these SMTP AUTH users (globs). With
+    /// `senders` too, both must match.
+    #[serde(alias = "authUsers", skip_serializing_if = "Vec::is_empty")]
+    pub auth_users: Vec<String>,
 }
 
 impl ReplyMatch {
+    /// No reply field (the sender filter alone would take every reply).
     fn is_empty(&self) -> bool {
         self.codes.is_empty() && self.enhanced.is_empty() && self.text.is_none()
+    }
+
+    /// Whether the rule is limited to some senders' mail.
+    pub fn has_sender_filter(&self) -> bool {
+        !self.senders.is_empty() || !self.auth_users.is_empty()
     }
 }
 
@@ -693,6 +713,19 @@ pub fn validate_rule(f: &str, r: &ResponseRule) -> Result<(), (String, String)> 
     if let Some(t) = &r.matcher.text {
         compile_text(t).map_err(|m| (at("match.text"), m))?;
     }
+    for (name, list) in [
+        ("senders", &r.matcher.senders),
+        ("auth_users", &r.matcher.auth_users),
+    ] {
+        for (i, g) in list.iter().enumerate() {
+            if g.trim().is_empty() || g.chars().any(char::is_whitespace) {
+                return Err((
+                    at(&format!("match.{name}[{i}]")),
+                    format!("{g:?} is not a pattern (empty or with spaces)"),
+                ));
+            }
+        }
+    }
     let needs_state = matches!(r.action, RuleAction::Suspend | RuleAction::Throttle);
     match r.duration {
         None if needs_state => {
@@ -742,6 +775,13 @@ pub fn validate_rule(f: &str, r: &ResponseRule) -> Result<(), (String, String)> 
             return Err((
                 at("throttle.max_connections"),
                 "0 allows no connection; use action: suspend".into(),
+            ));
+        }
+        if t.max_connections.is_some() && r.matcher.has_sender_filter() {
+            // Same reason: a cap on some senders' connections has nothing to count.
+            return Err((
+                at("throttle.max_connections"),
+                "not with a sender filter (match.senders, match.auth_users): connections carry every tenant's mail".into(),
             ));
         }
         if t.max_connections.is_some() && r.scope == RuleScope::Tenant {
@@ -938,6 +978,25 @@ response_rules:
             e.starts_with("providers.overrides.testprovider.rules.testprovider-rate.duration"),
             "{e}"
         );
+        let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [421], senders: ['*@a.test', ''] }\n    action: bounce\n").unwrap_err();
+        assert!(e.starts_with("response_rules[0].match.senders[1]"), "{e}");
+        let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [421], auth_users: ['a b'] }\n    action: bounce\n").unwrap_err();
+        assert!(
+            e.starts_with("response_rules[0].match.auth_users[0]"),
+            "{e}"
+        );
+        let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [421], senders: ['*@a.test'] }\n    action: throttle\n    duration: 1m\n    throttle: { max_connections: 2 }\n").unwrap_err();
+        assert!(
+            e.starts_with("response_rules[0].throttle.max_connections: not with a sender filter"),
+            "{e}"
+        );
+        // A sender filter alone is no reply match.
+        let e = check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { senders: ['*@a.test'] }\n    action: bounce\n").unwrap_err();
+        assert!(
+            e.starts_with("response_rules[0].match: give at least one"),
+            "{e}"
+        );
+        check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: [421], senders: ['*@a.test', b.test, '<>'], authUsers: [tenant-a] }\n    action: suspend\n    duration: 1m\n").unwrap();
         // Codes are checked while parsing.
         assert!(check("response_rules:\n  - name: r\n    destination: { smarthost: true }\n    match: { codes: ['6xx'] }\n    action: bounce\n").is_err());
     }

@@ -59,9 +59,9 @@ pub trait PacedConnection: Send {
     fn before_message(&mut self, index: usize) -> GateFuture<'_, Result<(), Reply>>;
     /// Every reply read from the server, with the stage it answers.
     fn on_reply(&mut self, reply: &Reply, stage: Stage);
-    /// How a response rule reclassifies `reply`: `Some(Bounced)` or
-    /// `Some(Deferred)`, `None` as its code says.
-    fn classify(&self, _reply: &Reply, _stage: Stage) -> Option<Outcome> {
+    /// How a response rule reclassifies `reply` to message `index`:
+    /// `Some(Bounced)` or `Some(Deferred)`, `None` as its code says.
+    fn classify(&self, _index: usize, _reply: &Reply, _stage: Stage) -> Option<Outcome> {
         None
     }
     /// The host failed before any message: whether the next MX host may be tried.
@@ -124,8 +124,7 @@ pub fn due(held: &Postponement, index: usize, outcome: &MessageOutcome) -> Optio
     if let Some(s) = held.stop
         && index >= s.index
     {
-        let k = (index - s.index) as u64;
-        return Some(s.until_ms.saturating_add(k.saturating_mul(s.spacing_ms)));
+        return Some(s.due(index));
     }
     held.backoff_until_ms
 }
@@ -162,6 +161,7 @@ mod tests {
                 index: 2,
                 until_ms: 10_000,
                 spacing_ms: 500,
+                recover: None,
             }),
             backoff_until_ms: None,
             held: vec![],

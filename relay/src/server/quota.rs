@@ -115,11 +115,12 @@ impl PacedConnection for PacedConn {
         );
     }
 
-    fn classify(&self, r: &Reply, stage: Stage) -> Option<Outcome> {
+    fn classify(&self, index: usize, r: &Reply, stage: Stage) -> Option<Outcome> {
         let enhanced = r.enhanced.map(|e| (e.0, e.1, e.2));
         let text = r.to_string();
         self.0
             .classify(
+                index,
                 r.code,
                 enhanced,
                 text.trim_end(),

@@ -11,7 +11,15 @@
 //! A state is one field of a per-site hash: `*` for the whole site, or
 //! `<tenant_key>:<value>` (e.g. `dkim_domain:shop.example`) for one tenant, so one
 //! tenant's suspension never stops another tenant's mail to the same site.
+//!
+//! A rule with a sender filter (`match.senders`, `match.auth_users`: a SendQuota's
+//! rules carry the quota's) matches only replies to its senders' mail, and its
+//! state holds only their mail: a tenant-scoped one as usual, narrowed by the
+//! filter; a site-scoped one gets the field `rule:<rule name>` instead of `*`,
+//! "the mail this rule's filter takes at the site", so the store treats it like a
+//! tenant's and the relay applies it per message.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::RelayConfig;
@@ -23,6 +31,86 @@ use crate::config::rules::{
 
 /// The site-wide scope field.
 pub const SITE: &str = "*";
+/// Prefix of the scope field of a site-scoped rule with a sender filter.
+pub const RULE_FIELD: &str = "rule:";
+
+/// A rule's sender filter, compiled (see [`ReplyMatch`](crate::config::rules::ReplyMatch)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderFilter {
+    senders: Vec<SenderPattern>,
+    auth_users: Vec<Glob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SenderPattern {
+    Address(Glob),
+    Domain(Glob),
+    Null,
+}
+
+impl SenderFilter {
+    fn of(senders: &[String], auth_users: &[String]) -> Option<SenderFilter> {
+        if senders.is_empty() && auth_users.is_empty() {
+            return None;
+        }
+        Some(SenderFilter {
+            senders: senders
+                .iter()
+                .map(|p| {
+                    if p == "<>" {
+                        SenderPattern::Null
+                    } else if p.contains('@') {
+                        SenderPattern::Address(Glob::new(p))
+                    } else {
+                        SenderPattern::Domain(Glob::new(p))
+                    }
+                })
+                .collect(),
+            auth_users: auth_users.iter().map(|p| Glob::new(p)).collect(),
+        })
+    }
+
+    /// Whether `t`'s mail passes the filter (as an ingress quota's `match` would
+    /// take it).
+    pub fn matches(&self, t: &Tenant) -> bool {
+        let sender_ok = self.senders.is_empty()
+            || self.senders.iter().any(|p| match p {
+                SenderPattern::Null => t.sender.is_empty(),
+                SenderPattern::Address(g) => !t.sender.is_empty() && g.is_match_lower(&t.sender),
+                SenderPattern::Domain(g) => {
+                    t.sender_domain.as_deref().is_some_and(|d| g.is_match(d))
+                }
+            });
+        let auth_ok = self.auth_users.is_empty()
+            || t.auth_user
+                .as_deref()
+                .is_some_and(|u| self.auth_users.iter().any(|g| g.is_match(u)));
+        sender_ok && auth_ok
+    }
+}
+
+/// The sender filters of the rules in force, by rule name (only rules that have
+/// one): what tells whether a state concerns a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderFilters(Arc<HashMap<Arc<str>, SenderFilter>>);
+
+impl SenderFilters {
+    pub fn get(&self, rule: &str) -> Option<&SenderFilter> {
+        if self.0.is_empty() {
+            return None;
+        }
+        self.0.get(rule)
+    }
+
+    /// Whether a state `rule` started may concern `tenant`'s mail: always without
+    /// a filter; with one, only mail it takes (none when the tenant is unknown).
+    pub fn admits(&self, rule: &str, tenant: Option<&Tenant>) -> bool {
+        match self.get(rule) {
+            None => true,
+            Some(f) => tenant.is_some_and(|t| f.matches(t)),
+        }
+    }
+}
 
 /// One rule, compiled.
 #[derive(Debug, Clone)]
@@ -46,6 +134,8 @@ pub struct Rule {
     pub rate: Option<Rate>,
     pub max_connections: Option<u32>,
     pub reclassify: Option<Reclassify>,
+    /// `match.senders` / `match.auth_users`.
+    pub filter: Option<SenderFilter>,
 }
 
 /// Where a reply came from, as rules select destinations.
@@ -112,7 +202,27 @@ impl Rule {
             }),
             max_connections: r.throttle.and_then(|t| t.max_connections),
             reclassify: r.reclassify,
+            filter: SenderFilter::of(&r.matcher.senders, &r.matcher.auth_users),
         })
+    }
+
+    /// Whether the rule may take a reply to `tenant`'s mail (its sender filter).
+    pub fn takes(&self, tenant: Option<&Tenant>) -> bool {
+        match &self.filter {
+            None => true,
+            Some(f) => tenant.is_some_and(|t| f.matches(t)),
+        }
+    }
+
+    /// The scope field of the state this rule starts for `tenant`'s mail
+    /// (`egress_key`: the destination's first egress quota key); `None` when a
+    /// tenant-scoped rule's tenant is unknown.
+    pub fn field(&self, tenant: Option<&Tenant>, egress_key: Option<&str>) -> Option<String> {
+        match self.scope {
+            RuleScope::Site if self.filter.is_some() => Some(format!("{RULE_FIELD}{}", self.name)),
+            RuleScope::Site => Some(SITE.to_owned()),
+            RuleScope::Tenant => tenant?.field(self.tenant_key, egress_key),
+        }
     }
 
     /// Whether the rule is about `d`.
@@ -174,8 +284,10 @@ impl Rule {
 pub struct Rules {
     rules: Vec<Rule>,
     /// Tenant keys some enabled rule scopes by (what delivery must work out per
-    /// message).
+    /// message; `sender_domain` also when a rule has a sender filter, whose facts
+    /// come from the envelope).
     pub tenant_keys: Vec<TenantKey>,
+    filters: SenderFilters,
 }
 
 impl Rules {
@@ -189,12 +301,28 @@ impl Rules {
         }
         let mut tenant_keys: Vec<TenantKey> = rules
             .iter()
-            .filter(|r| r.scope == RuleScope::Tenant)
-            .map(|r| r.tenant_key)
+            .filter_map(|r| match (r.scope, &r.filter) {
+                (RuleScope::Tenant, _) => Some(r.tenant_key),
+                (RuleScope::Site, Some(_)) => Some(TenantKey::SenderDomain),
+                (RuleScope::Site, None) => None,
+            })
             .collect();
         tenant_keys.sort_by_key(|k| k.as_str());
         tenant_keys.dedup();
-        Ok(Rules { rules, tenant_keys })
+        let filters = rules
+            .iter()
+            .filter_map(|r| Some((Arc::clone(&r.name), r.filter.clone()?)))
+            .collect();
+        Ok(Rules {
+            rules,
+            tenant_keys,
+            filters: SenderFilters(Arc::new(filters)),
+        })
+    }
+
+    /// The sender filters by rule name.
+    pub fn filters(&self) -> SenderFilters {
+        self.filters.clone()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -211,24 +339,41 @@ impl Rules {
     pub fn tenant_keys_for(&self, d: &Dest<'_>) -> Vec<TenantKey> {
         let mut keys: Vec<TenantKey> = Vec::new();
         for r in &self.rules {
-            if r.scope == RuleScope::Tenant && !keys.contains(&r.tenant_key) && r.selects(d) {
-                keys.push(r.tenant_key);
+            // A sender filter reads the envelope, which every key brings.
+            let key = match (r.scope, &r.filter) {
+                (RuleScope::Tenant, _) => r.tenant_key,
+                (RuleScope::Site, Some(_)) => TenantKey::SenderDomain,
+                (RuleScope::Site, None) => continue,
+            };
+            if !keys.contains(&key) && r.selects(d) {
+                keys.push(key);
             }
         }
         keys
     }
 
-    /// The first rule that selects `d` and fits `r`.
-    pub fn first_match(&self, d: &Dest<'_>, r: &ReplyFacts<'_>) -> Option<&Rule> {
+    /// The first rule that selects `d`, fits `r` and takes a reply to `tenant`'s
+    /// mail (`None`: no message, or tenant facts not worked out).
+    pub fn first_match(
+        &self,
+        d: &Dest<'_>,
+        r: &ReplyFacts<'_>,
+        tenant: Option<&Tenant>,
+    ) -> Option<&Rule> {
         self.rules
             .iter()
-            .find(|rule| rule.selects(d) && rule.fits(r))
+            .find(|rule| rule.takes(tenant) && rule.selects(d) && rule.fits(r))
     }
 
-    /// How a reply's outcome changes: `Some(true)` permanent (bounce),
-    /// `Some(false)` temporary (retry), `None` as the code says.
-    pub fn classify(&self, d: &Dest<'_>, r: &ReplyFacts<'_>) -> Option<bool> {
-        let rule = self.first_match(d, r)?;
+    /// How a reply to `tenant`'s mail changes its outcome: `Some(true)` permanent
+    /// (bounce), `Some(false)` temporary (retry), `None` as the code says.
+    pub fn classify(
+        &self,
+        d: &Dest<'_>,
+        r: &ReplyFacts<'_>,
+        tenant: Option<&Tenant>,
+    ) -> Option<bool> {
+        let rule = self.first_match(d, r, tenant)?;
         match (rule.action, rule.reclassify) {
             (RuleAction::Bounce, _) => Some(true),
             (RuleAction::Reclassify, Some(Reclassify::Permanent)) => Some(true),
@@ -241,6 +386,8 @@ impl Rules {
 /// Who sent a message, as tenant-scoped rules tell tenants apart (lower case).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tenant {
+    /// The envelope sender (empty for the null sender).
+    pub sender: String,
     pub sender_domain: Option<String>,
     pub from_domain: Option<String>,
     pub dkim_domain: Option<String>,
@@ -263,6 +410,11 @@ impl Tenant {
         let need_from = keys.contains(&TenantKey::FromDomain);
         let need_dkim = keys.contains(&TenantKey::DkimDomain);
         let mut t = Tenant {
+            sender: mail_from
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_lowercase(),
             sender_domain: domain_of(mail_from),
             auth_user: auth_user.map(str::to_owned),
             ..Tenant::default()
@@ -334,6 +486,15 @@ fn header_domains(body: &[u8]) -> (Option<String>, Option<String>) {
 pub struct Rate {
     pub count: u64,
     pub window_ms: u64,
+}
+
+/// A rate as the config writes it (`100/1m`).
+pub fn rate_text(r: Rate) -> String {
+    crate::config::quota::Limit {
+        count: r.count,
+        window: std::time::Duration::from_millis(r.window_ms),
+    }
+    .to_string()
 }
 
 /// How long a throttle holds its scope's mail before pacing it: the built-in
@@ -570,25 +731,25 @@ mod tests {
             "[TSS04] Messages from 192.0.2.1 temporarily deferred",
             ReplyStage::Rcpt,
         );
-        assert_eq!(&*r.first_match(&yahoo, &tss).unwrap().name, "tss04");
+        assert_eq!(&*r.first_match(&yahoo, &tss, None).unwrap().name, "tss04");
         // Same reply at the greeting: the stage rules the first one out.
         let at_greeting = ReplyFacts {
             stage: ReplyStage::Greeting,
             ..tss
         };
         assert_eq!(
-            &*r.first_match(&yahoo, &at_greeting).unwrap().name,
+            &*r.first_match(&yahoo, &at_greeting, None).unwrap().name,
             "any-421"
         );
         let other = reply(451, Some((4, 3, 0)), "try later", ReplyStage::Rcpt);
-        assert!(r.first_match(&yahoo, &other).is_none());
+        assert!(r.first_match(&yahoo, &other, None).is_none());
         // Elsewhere: not selected.
         let gmail = Dest {
             domain: Some("gmail.com"),
             hosts: GMAIL,
             smarthost: false,
         };
-        assert!(r.first_match(&gmail, &tss).is_none());
+        assert!(r.first_match(&gmail, &tss, None).is_none());
         let d = Dest {
             domain: Some("shop.example"),
             hosts: GMAIL,
@@ -600,9 +761,13 @@ mod tests {
             "Daily sending LIMIT exceeded",
             ReplyStage::Data,
         );
-        assert_eq!(r.classify(&d, &limit), Some(false));
+        assert_eq!(r.classify(&d, &limit, None), Some(false));
         assert_eq!(
-            r.classify(&d, &reply(550, None, "no such user", ReplyStage::Rcpt)),
+            r.classify(
+                &d,
+                &reply(550, None, "no such user", ReplyStage::Rcpt),
+                None
+            ),
             None
         );
         let ses = Dest {
@@ -616,12 +781,88 @@ mod tests {
             "Throttling failure: Maximum sending rate exceeded.",
             ReplyStage::Mail,
         );
-        assert_eq!(&*r.first_match(&ses, &thr).unwrap().name, "ses");
-        assert!(r.first_match(&d, &thr).is_none());
+        assert_eq!(&*r.first_match(&ses, &thr, None).unwrap().name, "ses");
+        assert!(r.first_match(&d, &thr, None).is_none());
         assert_eq!(r.tenant_keys, vec![TenantKey::SenderDomain]);
         // Only where a tenant-scoped rule selects the destination.
         assert_eq!(r.tenant_keys_for(&yahoo), vec![TenantKey::SenderDomain]);
         assert!(r.tenant_keys_for(&gmail).is_empty());
+    }
+
+    #[test]
+    fn a_sender_filter_limits_which_mail_a_rule_takes_and_its_state_holds() {
+        let r = rules(
+            "response_rules:
+  - name: shop.tss04
+    destination: { mx_hosts: ['*.provider.test'] }
+    match: { codes: [421], senders: ['*@a.test', 'b.test', '<>'] }
+    action: suspend
+    duration: 1m
+  - name: shop.by-user
+    destination: { mx_hosts: ['*.provider.test'] }
+    match: { codes: [451], auth_users: ['tenant-*'], senders: ['*@c.test'] }
+    action: suspend
+    scope: tenant
+    duration: 1m
+  - name: anyone
+    destination: { mx_hosts: ['*.provider.test'] }
+    match: { codes: [421] }
+    action: bounce
+",
+        );
+        let hosts = vec!["mx1.provider.test".to_string()];
+        let d = Dest {
+            domain: Some("inbox.test"),
+            hosts: &hosts,
+            smarthost: false,
+        };
+        let facts = |code| ReplyFacts {
+            code,
+            enhanced: None,
+            text: "",
+            stage: ReplyStage::Rcpt,
+        };
+        let t = |from: &str, user: Option<&str>| Tenant::of(from, user, b"", &[]);
+        let a = t("News@A.test", None);
+        let b = t("x@sub.b.test", None);
+        let b_exact = t("x@B.test", None);
+        let null = t("<>", None);
+        let other = t("x@z.test", None);
+        let name = |tenant: Option<&Tenant>, code| {
+            r.first_match(&d, &facts(code), tenant)
+                .map(|m| m.name.to_string())
+        };
+        assert_eq!(name(Some(&a), 421).as_deref(), Some("shop.tss04"));
+        assert_eq!(name(Some(&b_exact), 421).as_deref(), Some("shop.tss04"));
+        assert_eq!(name(Some(&null), 421).as_deref(), Some("shop.tss04"));
+        // Another tenant's reply, or no message at all: the next rule.
+        assert_eq!(name(Some(&other), 421).as_deref(), Some("anyone"));
+        assert_eq!(name(Some(&b), 421).as_deref(), Some("anyone"));
+        assert_eq!(name(None, 421).as_deref(), Some("anyone"));
+        assert_eq!(r.classify(&d, &facts(421), Some(&a)), None);
+        assert_eq!(r.classify(&d, &facts(421), Some(&other)), Some(true));
+        // Both filter fields must match.
+        let c = t("x@c.test", Some("Tenant-C"));
+        assert_eq!(name(Some(&c), 451).as_deref(), Some("shop.by-user"));
+        assert_eq!(name(Some(&t("x@c.test", None)), 451), None);
+        assert_eq!(name(Some(&t("x@a.test", Some("tenant-c"))), 451), None);
+        // A site-scoped filtered rule's state is the rule's, not the site's.
+        let tss = r.first_match(&d, &facts(421), Some(&a)).unwrap();
+        assert_eq!(
+            tss.field(Some(&a), None).as_deref(),
+            Some("rule:shop.tss04")
+        );
+        let by_user = r.first_match(&d, &facts(451), Some(&c)).unwrap();
+        assert_eq!(
+            by_user.field(Some(&c), None).as_deref(),
+            Some("sender_domain:c.test")
+        );
+        let f = r.filters();
+        assert!(f.admits("shop.tss04", Some(&a)) && !f.admits("shop.tss04", Some(&other)));
+        assert!(!f.admits("shop.tss04", None));
+        assert!(f.admits("anyone", None));
+        // The envelope facts a filter reads come with any tenant key.
+        assert_eq!(r.tenant_keys_for(&d), vec![TenantKey::SenderDomain]);
     }
 
     #[test]
@@ -694,6 +935,14 @@ mod tests {
         assert_eq!(t.holds_until(10_000), Some(25_000));
         assert_eq!(t.holds_until(25_000), None);
         assert!(t.throttles(25_000) && !t.throttles(100_000));
+        assert_eq!(rate_text(t.rate.unwrap()), "1/1m");
+        assert_eq!(
+            rate_text(Rate {
+                count: 100,
+                window_ms: 90_000
+            }),
+            "100/90s"
+        );
         // A value written before rates existed.
         let old = State::decode("dkim_domain:a", "5|t|0.5|r|x").unwrap();
         assert_eq!((old.factor, old.rate, old.pause_ms), (0.5, None, 0));

@@ -129,7 +129,7 @@ impl MessageGate for Recorder<'_> {
         mut outcome: MessageOutcome,
         tls: Option<TlsInfo>,
     ) {
-        reclassify(&*self.egress, &mut outcome);
+        reclassify(&*self.egress, index, &mut outcome);
         let (Some(part), Some(recorded)) =
             (self.parts.get(index), self.early.recorded.get_mut(index))
         else {
@@ -444,8 +444,8 @@ impl Inner {
         let (mut result, target, reason) = self
             .connect_and_deliver(dest, msgs, targets, &client, &mut gate)
             .await;
-        for m in &mut result.messages {
-            reclassify(&*egress, m);
+        for (i, m) in result.messages.iter_mut().enumerate() {
+            reclassify(&*egress, i, m);
         }
         (result, target, reason, egress.finish().await)
     }
@@ -675,13 +675,13 @@ impl Drop for OpenConnection<'_> {
     }
 }
 
-/// Applies response rules that turn a remote `5xx` into a retry or a `4xx` into a
-/// bounce.
-fn reclassify(egress: &dyn PacedConnection, m: &mut MessageOutcome) {
+/// Applies response rules that turn a remote `5xx` to message `index` into a
+/// retry or a `4xx` into a bounce.
+fn reclassify(egress: &dyn PacedConnection, index: usize, m: &mut MessageOutcome) {
     for r in &mut m.recipients {
         if r.remote
             && r.result != Outcome::Delivered
-            && let Some(o) = egress.classify(&r.reply, r.stage)
+            && let Some(o) = egress.classify(index, &r.reply, r.stage)
             && o != r.result
         {
             debug!(rcpt = %r.address, reply = %r.reply, from = ?r.result, to = ?o, "reply reclassified by a response rule");

@@ -70,6 +70,7 @@ pub mod pacer;
 pub mod redis;
 pub mod store;
 pub mod usage;
+pub mod waiting;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -89,12 +90,14 @@ use self::store::{
 };
 use self::usage::QuotaUsage;
 use crate::config::RedisConfig;
-use crate::config::rules::{RuleAction, RuleScope, TenantKey};
+use crate::config::rules::{RuleAction, TenantKey};
 use crate::queue::now_ms;
 use crate::quota::config::{Direction, KeyBy, QuotaConfig, Scope, Unit};
 use crate::quota::glob::{Glob, normalize_name};
 use crate::quota::reply::Reply;
-use crate::shaping::{Dest, ReplyFacts, Rules, SITE, State, Tenant};
+use crate::shaping::{
+    Dest, RULE_FIELD, ReplyFacts, Rule, Rules, SITE, SenderFilters, State, Tenant,
+};
 
 /// Longest in-process wait for a slot or a connection permit; later ones go back to
 /// the queue. Short enough that no server times out an idle connection.
@@ -148,10 +151,13 @@ pub struct Route {
     domain: Option<String>,
     hosts: Vec<String>,
     smarthost: bool,
-    /// Per key: `None` for a quota's key, else the scope field of the throttle
-    /// whose rate or connection cap the key carries (see [`rule_key`]); those keys
-    /// come after every quota key.
-    throttle_of: Vec<Option<String>>,
+    /// Per key: `None` for a quota's key, else the scope field and rule of the
+    /// throttle whose rate or connection cap the key carries (see [`rule_key`]);
+    /// those keys come after every quota key.
+    throttle_of: Vec<Option<(String, String)>>,
+    /// The rules' sender filters: a state of a filtered rule concerns only the
+    /// mail its filter takes.
+    filters: SenderFilters,
 }
 
 /// The quota name of the keys throttle states pace and cap through (not a name a
@@ -218,8 +224,17 @@ impl Route {
         self.throttle_of.iter().take_while(|t| t.is_none()).count()
     }
 
-    /// Whether a state of scope `field` concerns the mail of `tenant`.
-    fn concerns(&self, field: &str, tenant: Option<&Tenant>) -> bool {
+    /// Whether a state of scope `field` that `rule` started concerns the mail of
+    /// `tenant`.
+    fn concerns(&self, field: &str, rule: &str, tenant: Option<&Tenant>) -> bool {
+        if !self.filters.admits(rule, tenant) {
+            return false;
+        }
+        if let Some(r) = field.strip_prefix(RULE_FIELD) {
+            // The filter admitted the tenant; a rule that lost its filter on a
+            // reload holds no one.
+            return r == rule && self.filters.get(rule).is_some();
+        }
         field == SITE
             || tenant.is_some_and(|t| {
                 field
@@ -239,7 +254,11 @@ impl Route {
         r.units.truncate(n);
         r.throttle_of.truncate(n);
         for s in states.iter().filter(|s| s.throttles(now)) {
-            if s.field != SITE && !tenants.iter().any(|t| self.concerns(&s.field, Some(t))) {
+            if s.field != SITE
+                && !tenants
+                    .iter()
+                    .any(|t| self.concerns(&s.field, &s.rule, Some(t)))
+            {
                 continue;
             }
             if let Some(k) = rule_key(&r, s)
@@ -247,7 +266,7 @@ impl Route {
             {
                 r.keys.push(k);
                 r.units.push(Unit::Messages);
-                r.throttle_of.push(Some(s.field.clone()));
+                r.throttle_of.push(Some((s.field.clone(), s.rule.clone())));
             }
         }
         r
@@ -258,17 +277,14 @@ impl Route {
     fn lacks_throttle(&self, states: &[State], tenant: Option<&Tenant>, now: u64) -> bool {
         states.iter().any(|s| {
             s.throttles(now)
-                && self.concerns(&s.field, tenant)
+                && self.concerns(&s.field, &s.rule, tenant)
                 && rule_key(self, s).is_some_and(|k| !self.keys.contains(&k))
         })
     }
 
     /// The scope field a message of `tenant` falls under for a state of `rule`.
-    fn field(&self, scope: RuleScope, key: TenantKey, tenant: Option<&Tenant>) -> Option<String> {
-        match scope {
-            RuleScope::Site => Some(SITE.to_owned()),
-            RuleScope::Tenant => tenant?.field(key, self.egress_key()),
-        }
+    fn field(&self, rule: &Rule, tenant: Option<&Tenant>) -> Option<String> {
+        rule.field(tenant, self.egress_key())
     }
 
     /// Until when `tenant`'s mail is held by a tenant-scoped state: a suspension,
@@ -277,7 +293,7 @@ impl Route {
         tenant?;
         states
             .iter()
-            .filter(|s| s.field != SITE && self.concerns(&s.field, tenant))
+            .filter(|s| s.field != SITE && self.concerns(&s.field, &s.rule, tenant))
             .filter_map(|s| s.holds_until(now))
             .max()
     }
@@ -298,7 +314,7 @@ impl Route {
             .iter()
             .zip(&self.throttle_of)
             .map(|(u, t)| match (u, t) {
-                (_, Some(field)) => u64::from(self.concerns(field, tenant)),
+                (_, Some((field, rule))) => u64::from(self.concerns(field, rule, tenant)),
                 (Unit::Messages, None) => 1,
                 (Unit::Recipients, None) => rcpts.max(1) as u64,
                 (Unit::Bytes, None) => bytes.max(1) as u64,
@@ -309,13 +325,54 @@ impl Route {
     /// The slowest pacing interval of the route (ms per unit), to spread postponed
     /// messages.
     fn spacing_ms(&self, level: u32) -> u64 {
+        Self::slowest(&self.keys, level)
+    }
+
+    fn slowest(keys: &[KeyRef], level: u32) -> u64 {
         let f = f64::from(1u32 << level.min(30));
-        self.keys
-            .iter()
+        keys.iter()
             .flat_map(|k| &k.windows)
             .map(|w| w.spacing_ms(f).ceil() as u64)
             .max()
             .unwrap_or(0)
+    }
+
+    /// When the throttles whose keys the route carries end, by `states` (clock
+    /// `now`); `None` when it carries none in force.
+    fn throttles_end(&self, states: &[State], now: u64) -> Option<u64> {
+        states
+            .iter()
+            .filter(|s| s.throttles(now))
+            .filter(|s| rule_key(self, s).is_some_and(|k| self.keys.contains(&k)))
+            .map(|s| s.until_ms)
+            .max()
+    }
+
+    /// Messages from `index` on postponed from `until_ms` at the route's pace
+    /// (back-off `level`); when that pace is a throttle's, they come back at the
+    /// quotas' own pace once the throttle ends (`states` on clock `now`; `local`:
+    /// the relay clock then).
+    fn stop(
+        &self,
+        index: usize,
+        until_ms: u64,
+        level: u32,
+        states: &[State],
+        now: u64,
+        local: u64,
+    ) -> Stop {
+        let spacing_ms = self.spacing_ms(level);
+        let own = Self::slowest(&self.keys[..self.quota_keys()], level);
+        let recover = (spacing_ms > own)
+            .then(|| self.throttles_end(states, now))
+            .flatten()
+            .map(|end| (local.saturating_add(end.saturating_sub(now)), own));
+        Stop {
+            index,
+            until_ms,
+            spacing_ms,
+            recover,
+        }
     }
 }
 
@@ -381,6 +438,7 @@ fn route_for(quotas: &[EgressQuota], d: &Destination<'_>) -> Route {
     Route {
         site,
         throttle_of: vec![None; keys.len()],
+        filters: SenderFilters::default(),
         keys,
         units,
         domain,
@@ -398,6 +456,28 @@ pub struct Stop {
     pub until_ms: u64,
     /// Added per later message, so they come back spread out.
     pub spacing_ms: u64,
+    /// When `spacing_ms` is a throttle's pace: `(end, spacing)`, the throttle's
+    /// end (relay clock) and the pace without it. No message is due later than
+    /// `end` plus its turn at that pace, so mail postponed during a throttle
+    /// comes back when it ends instead of waiting out the throttle's spread.
+    pub recover: Option<(u64, u64)>,
+}
+
+impl Stop {
+    /// When message `index` (at or after [`Stop::index`]) is due.
+    pub fn due(&self, index: usize) -> u64 {
+        let k = index.saturating_sub(self.index) as u64;
+        let spread = self
+            .until_ms
+            .saturating_add(k.saturating_mul(self.spacing_ms));
+        match self.recover {
+            Some((end, spacing)) => spread.min(
+                end.max(self.until_ms)
+                    .saturating_add(k.saturating_mul(spacing)),
+            ),
+            None => spread,
+        }
+    }
 }
 
 /// What egress did to a connection's messages: which ones it held back, unattempted,
@@ -420,7 +500,26 @@ impl Postponement {
                 index: 0,
                 until_ms,
                 spacing_ms,
+                recover: None,
             }),
+            backoff_until_ms: None,
+            held: Vec::new(),
+        }
+    }
+
+    /// Every message postponed from `until_ms` at `route`'s pace (back-off
+    /// `level`), recovering when its throttles end (`states` on clock `now`,
+    /// `local` the relay clock then).
+    fn paced(
+        route: &Route,
+        until_ms: u64,
+        level: u32,
+        states: &[State],
+        now: u64,
+        local: u64,
+    ) -> Self {
+        Postponement {
+            stop: Some(route.stop(0, until_ms, level, states, now, local)),
             backoff_until_ms: None,
             held: Vec::new(),
         }
@@ -444,6 +543,10 @@ struct Inner {
     known: Mutex<HashMap<String, Vec<State>>>,
     /// `known` is not empty (read without the lock on every message).
     known_any: AtomicBool,
+    /// Mail postponed for rule states, to wake if they go early.
+    waiting: waiting::Waiting,
+    /// Set by the relay (the queue's `retry_now`); nothing is remembered without.
+    waker: std::sync::OnceLock<waiting::Waker>,
 }
 
 /// Egress pacing for one relay process. Cheap to clone.
@@ -503,7 +606,84 @@ impl Egress {
                 next: AtomicU64::new(0),
                 known: Mutex::new(HashMap::new()),
                 known_any: AtomicBool::new(false),
+                waiting: waiting::Waiting::default(),
+                waker: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Makes mail postponed for a rule state due again when the state goes
+    /// early (see [`waiting`]): `waker` makes a domain's waiting mail due. Starts
+    /// the watcher; call once, inside the runtime.
+    pub fn set_waker(&self, waker: waiting::Waker) {
+        if self.inner.waker.set(waker).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(waiting::WATCH).await;
+                let Some(inner) = weak.upgrade() else { return };
+                let egress = Egress { inner };
+                if egress.inner.waiting.is_empty() {
+                    continue;
+                }
+                match egress.shaping_list().await {
+                    Ok(list) => {
+                        let live: std::collections::HashSet<(String, String)> =
+                            list.into_iter().map(|a| (a.site, a.state.field)).collect();
+                        let domains = egress.inner.waiting.gone(&live, now_ms());
+                        egress.wake(domains).await;
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "egress: cannot read rule states to wake postponed mail")
+                    }
+                }
+            }
+        });
+    }
+
+    async fn wake(&self, domains: Vec<String>) {
+        if domains.is_empty() {
+            return;
+        }
+        if let Some(w) = self.inner.waker.get() {
+            info!(domains = ?domains, "response-rule state gone early: its postponed mail is due again");
+            w(domains).await;
+        }
+    }
+
+    /// Remembers that mail for `route`'s domain was postponed while `states`
+    /// (clock `now`; `local`: the relay clock then) held or throttled it: the
+    /// site's states and those concerning one of `tenants`.
+    fn note_postponed<'t>(
+        &self,
+        route: &Route,
+        states: &[State],
+        now: u64,
+        local: u64,
+        tenants: impl Iterator<Item = &'t Tenant> + Clone,
+    ) {
+        if self.inner.waker.get().is_none() {
+            return;
+        }
+        let Some(domain) = route.domain.as_deref() else {
+            return;
+        };
+        for s in states {
+            if s.holds_until(now).is_none() && !s.throttles(now) {
+                continue;
+            }
+            if s.field == SITE
+                || tenants
+                    .clone()
+                    .any(|t| route.concerns(&s.field, &s.rule, Some(t)))
+            {
+                let until = local.saturating_add(s.until_ms.saturating_sub(now));
+                self.inner
+                    .waiting
+                    .note(&route.site, &s.field, until, domain);
+            }
         }
     }
 
@@ -652,7 +832,9 @@ impl Egress {
     }
 
     pub fn route(&self, d: &Destination<'_>) -> Route {
-        route_for(&self.quotas(), d)
+        let mut r = route_for(&self.quotas(), d);
+        r.filters = self.rules().filters();
+        r
     }
 
     /// Asks to open a connection along `route` for messages of the given
@@ -753,6 +935,15 @@ impl Egress {
                         p.held = held.clone();
                         p
                     };
+                    if !held.is_empty() || !matches!(reply.verdict, Verdict::Granted { .. }) {
+                        self.note_postponed(
+                            &route,
+                            &reply.states,
+                            reply.now_ms,
+                            local,
+                            tenants.iter(),
+                        );
+                    }
                     if !held.is_empty() && matches!(reply.verdict, Verdict::Granted { .. }) {
                         // Give back what was taken; the others come back at once
                         // on connections without the suspended tenants' mail.
@@ -807,18 +998,26 @@ impl Egress {
                                 .metrics
                                 .postponed(WaitReason::Backoff, messages.len() as u64);
                             debug!(site = %route.site, until_ms, "destination backed off; postponing");
-                            return Err(with_held(Postponement::all(
+                            return Err(with_held(Postponement::paced(
+                                &route,
                                 to_local(until_ms),
-                                route.spacing_ms(reply.level),
+                                reply.level,
+                                &reply.states,
+                                reply.now_ms,
+                                local,
                             )));
                         }
                         Verdict::Later { at_ms } => {
                             inner
                                 .metrics
                                 .postponed(WaitReason::Slot, messages.len() as u64);
-                            return Err(with_held(Postponement::all(
+                            return Err(with_held(Postponement::paced(
+                                &route,
                                 to_local(at_ms),
-                                route.spacing_ms(reply.level),
+                                reply.level,
+                                &reply.states,
+                                reply.now_ms,
+                                local,
                             )));
                         }
                         Verdict::Blocked | Verdict::NoConnection => {
@@ -829,9 +1028,13 @@ impl Egress {
                             };
                             if waited_enough {
                                 inner.metrics.postponed(why, messages.len() as u64);
-                                return Err(with_held(Postponement::all(
+                                return Err(with_held(Postponement::paced(
+                                    &route,
                                     retry_later(),
-                                    route.spacing_ms(reply.level),
+                                    reply.level,
+                                    &reply.states,
+                                    reply.now_ms,
+                                    local,
                                 )));
                             }
                             inner.metrics.waited(why);
@@ -983,6 +1186,10 @@ impl Egress {
         if lifted {
             info!(%site, scope = %field, "response-rule state lifted by hand");
         }
+        // Whether or not it was still in force: what this relay postponed for it
+        // may go.
+        let domains = self.inner.waiting.take(site, field);
+        self.wake(domains).await;
         Ok(lifted)
     }
 }
@@ -1158,7 +1365,7 @@ impl EgressConn {
         let mine = self
             .local_states
             .iter()
-            .filter(|s| self.route.concerns(&s.field, tenant))
+            .filter(|s| self.route.concerns(&s.field, &s.rule, tenant))
             .filter_map(|s| s.holds_until(local))
             .max();
         let shared = self
@@ -1168,9 +1375,11 @@ impl EgressConn {
         mine.max(shared)
     }
 
-    /// How a rule reclassifies a reply: `Some(true)` bounce, `Some(false)` retry.
+    /// How a rule reclassifies a reply to message `index`: `Some(true)` bounce,
+    /// `Some(false)` retry.
     pub fn classify(
         &self,
+        index: usize,
         code: u16,
         enhanced: Option<(u8, u16, u16)>,
         text: &str,
@@ -1188,6 +1397,7 @@ impl EgressConn {
                 text,
                 stage,
             },
+            self.tenants.get(index),
         )
     }
 
@@ -1199,13 +1409,33 @@ impl EgressConn {
         self.rate_limited.is_none()
     }
 
-    fn refuse(&mut self, index: usize, until_ms: u64, spacing_ms: u64, why: WaitReason) -> Reply {
+    /// Ends the session before message `index`: it and the later ones are due
+    /// from `until_ms`, spread at the route's pace for back-off `level` (`None`:
+    /// not spread).
+    fn refuse(
+        &mut self,
+        index: usize,
+        until_ms: u64,
+        level: Option<u32>,
+        why: WaitReason,
+    ) -> Reply {
         let left = self.costs.len().saturating_sub(index) as u64;
         self.egress.inner.metrics.postponed(why, left);
-        self.stop = Some(Stop {
-            index,
-            until_ms,
-            spacing_ms,
+        self.stop = Some(match level {
+            Some(level) => self.route.stop(
+                index,
+                until_ms,
+                level,
+                &self.states,
+                self.states_now,
+                now_ms(),
+            ),
+            None => Stop {
+                index,
+                until_ms,
+                spacing_ms: 0,
+                recover: None,
+            },
         });
         Reply::status(
             451,
@@ -1264,7 +1494,7 @@ impl EgressConn {
                                 return Err(self.refuse(
                                     index,
                                     until,
-                                    self.route.spacing_ms(reply.level),
+                                    Some(reply.level),
                                     WaitReason::InFlight,
                                 ));
                             }
@@ -1277,7 +1507,7 @@ impl EgressConn {
                     // sent again (counting twice errs on the safe side).
                     if waited_enough {
                         warn!(site = %self.route.site, error = %e, "egress store unavailable; paced mail waits");
-                        return Err(self.refuse(index, retry_later(), 0, WaitReason::Store));
+                        return Err(self.refuse(index, retry_later(), None, WaitReason::Store));
                     }
                     inner.metrics.waited(WaitReason::Store);
                     tokio::time::sleep(POLL * 4).await;
@@ -1297,7 +1527,7 @@ impl EgressConn {
     ) -> Result<(), Reply> {
         let local = now_ms();
         let to_local = |t: u64| local + t.saturating_sub(reply.now_ms);
-        let spacing = self.route.spacing_ms(reply.level);
+        let level = Some(reply.level);
         match reply.verdict {
             Verdict::Granted { at_ms } => {
                 let go = Instant::now() + Duration::from_millis(at_ms.saturating_sub(reply.now_ms));
@@ -1315,10 +1545,10 @@ impl EgressConn {
                 Ok(())
             }
             Verdict::Later { at_ms } => {
-                Err(self.refuse(index, to_local(at_ms), spacing, WaitReason::Slot))
+                Err(self.refuse(index, to_local(at_ms), level, WaitReason::Slot))
             }
             Verdict::BackedOff { until_ms } => {
-                Err(self.refuse(index, to_local(until_ms), spacing, WaitReason::Backoff))
+                Err(self.refuse(index, to_local(until_ms), level, WaitReason::Backoff))
             }
             Verdict::Blocked | Verdict::NoConnection => Ok(()),
         }
@@ -1372,6 +1602,26 @@ impl EgressConn {
             {
                 self.egress.inner.metrics.connection_closed(&k.quota);
             }
+        }
+        if self.stop.is_some() || !self.held.is_empty() {
+            let local = now_ms();
+            let from = self.stop.map_or(0, |s| s.index);
+            let held: Vec<usize> = self.held.iter().map(|(i, _)| *i).collect();
+            let tenants = self
+                .tenants
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i >= from || held.contains(i))
+                .map(|(_, t)| t);
+            self.egress.note_postponed(
+                &self.route,
+                &self.states,
+                self.states_now,
+                local,
+                tenants.clone(),
+            );
+            self.egress
+                .note_postponed(&self.route, &self.local_states, local, local, tenants);
         }
         Postponement {
             stop: self.stop,
@@ -1444,6 +1694,7 @@ impl EgressConn {
                 index,
                 until_ms: now,
                 spacing_ms: 0,
+                recover: None,
             });
             return Err(Reply::status(
                 451,
@@ -1464,7 +1715,7 @@ impl EgressConn {
                 .route
                 .lacks_throttle(&self.states, tenant, self.states_now)
         {
-            return Err(self.refuse(index, now_ms(), 0, WaitReason::Slot));
+            return Err(self.refuse(index, now_ms(), None, WaitReason::Slot));
         }
         if let Some(reply) = self.rate_limited.take() {
             let until = self
@@ -1472,8 +1723,7 @@ impl EgressConn {
                 .report_rate_limit(&self.route.site, &reply)
                 .await;
             self.backoff_until = Some(until);
-            let spacing = self.route.spacing_ms(1);
-            return Err(self.refuse(index, until, spacing, WaitReason::Backoff));
+            return Err(self.refuse(index, until, Some(1), WaitReason::Backoff));
         }
         self.started_here = true;
         self.reached_mail = true;
@@ -1515,16 +1765,17 @@ impl EgressConn {
                 text: &t,
                 stage,
             };
-            if let Some(rule) = rules.first_match(&self.route.dest(), &facts) {
+            // Replies before any message (greeting, EHLO) concern no tenant: a
+            // tenant-scoped rule has no one to scope to then, and a sender
+            // filter takes no such reply.
+            let tenant = self.current.and_then(|i| self.tenants.get(i));
+            if let Some(rule) = rules.first_match(&self.route.dest(), &facts, tenant) {
                 self.egress
                     .inner
                     .metrics
                     .rule_hit(&rule.name, rule.action.as_str());
                 if matches!(rule.action, RuleAction::Suspend | RuleAction::Throttle) {
-                    // Replies before any message (greeting, EHLO) concern no
-                    // tenant: a tenant-scoped rule has no one to scope to then.
-                    let tenant = self.current.and_then(|i| self.tenants.get(i));
-                    match self.route.field(rule.scope, rule.tenant_key, tenant) {
+                    match self.route.field(rule, tenant) {
                         Some(field) => self.pending.push((
                             State::started_by(rule, field, t.replace('\n', " ")),
                             rule.duration_ms,
@@ -1592,8 +1843,17 @@ impl crate::quota::ingress::engine::EgressUsage for Egress {
                             scope: a.state.field,
                             rule: a.state.rule,
                             action: a.state.action.as_str().to_owned(),
-                            factor: (a.state.action == RuleAction::Throttle)
+                            // A throttle's factor of 1 (none) is not shown.
+                            factor: (a.state.action == RuleAction::Throttle
+                                && a.state.factor < 1.0)
                                 .then(|| a.state.factor.to_string()),
+                            rate: (a.state.action == RuleAction::Throttle)
+                                .then_some(a.state.rate)
+                                .flatten()
+                                .map(crate::shaping::rate_text),
+                            max_connections: (a.state.action == RuleAction::Throttle)
+                                .then_some(a.state.max_connections)
+                                .flatten(),
                             until_ms: a.until_ms,
                             remaining_seconds: a.until_ms.saturating_sub(now).div_ceil(1000),
                             reply: a.state.reply,

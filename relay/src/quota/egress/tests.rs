@@ -552,6 +552,45 @@ fn throttles_pace_through_keys_of_their_own() {
     assert_eq!(base.with_throttles(&f, &[], 0), base);
 }
 
+/// Mail postponed at a throttle's pace is not spread past the throttle's end:
+/// from then on it comes back at the quotas' own pace. Without a throttle (or
+/// once it is over) the spread is the quotas' alone.
+#[test]
+fn postponed_mail_comes_back_when_the_throttle_ends() {
+    let q = compile(&quotas(
+        "- name: pace\n  direction: egress\n  scope: per_key\n  limits: [60/1m]\n",
+    ));
+    let hosts = vec!["mx.provider.test".to_owned()];
+    let base = route_for(&q, &dest("provider.test", &hosts));
+    let a = tenant("a.test");
+    // 1/1m for a.test, ending at 600 s on the store clock (now 0); the relay
+    // clock reads 50 s then.
+    let mut slow = throttle("sender_domain:a.test", 1.0, Some((1, 60_000)), None);
+    slow.until_ms = 600_000;
+    let states = vec![slow];
+    let route = base.with_throttles(&states, std::slice::from_ref(&a), 0);
+    let stop = route.stop(0, 1_000, 0, &states, 0, 50_000);
+    assert_eq!(stop.spacing_ms, 60_000);
+    assert_eq!(stop.recover, Some((650_000, 1_000)));
+    // The first ones at the throttle's pace, before its end…
+    assert_eq!(stop.due(0), 1_000);
+    assert_eq!(stop.due(5), 301_000);
+    // …the later ones right after it, at the quota's pace, not 20 minutes out.
+    assert_eq!(stop.due(20), 670_000);
+    assert_eq!(stop.due(21), 671_000);
+    let p = Postponement {
+        stop: Some(stop),
+        ..Postponement::default()
+    };
+    assert_eq!(p.stop.unwrap().due(100), 750_000);
+    // No throttle on the route: the quota's own spread, nothing to recover.
+    let plain = base.stop(0, 1_000, 0, &states, 0, 50_000);
+    assert_eq!((plain.spacing_ms, plain.recover), (1_000, None));
+    // The throttle over (store clock past its end): no recovery either.
+    let over = route.stop(0, 1_000, 0, &states, 700_000, 50_000);
+    assert_eq!(over.recover, None);
+}
+
 /// A throttle starts with a pause: the tenant's mail is held until it ends, the
 /// other tenant's goes on; a site throttle's pause backs the site off in the
 /// store. Then the throttle paces.
