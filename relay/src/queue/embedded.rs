@@ -8,7 +8,9 @@
 //! the write side: it takes every request that is already waiting in its channel,
 //! applies them all in one write transaction, commits once, and then answers each
 //! request. Under load many messages share one fsync; an idle queue still commits each
-//! message on its own without waiting for company.
+//! message on its own without waiting for company. A batch of leases, renewals and
+//! give-backs alone commits without the fsync (see `Request::needs_fsync`): the
+//! durability of a lease buys nothing, since opening the queue voids them all.
 //!
 //! A transaction is atomic, so a failed commit stores none of its batch, and every
 //! request in it is answered with an error. A request that cannot be applied (as
@@ -174,6 +176,21 @@ impl Request {
             Request::Enqueue { record, body, .. } => record.len() + body.len(),
             _ => 0,
         }
+    }
+
+    /// Whether the answer promises something that must survive a crash. A lease does
+    /// not: opening the queue voids every lease in it (their holder is gone) and makes
+    /// the messages due, which is all a lost lease, renewal or give-back can come to.
+    /// So a batch of those alone commits without an fsync, and the next durable commit
+    /// makes it durable with everything else.
+    fn needs_fsync(&self) -> bool {
+        !matches!(
+            self,
+            Request::LeaseDue { .. }
+                | Request::Renew { .. }
+                | Request::RenewAll { .. }
+                | Request::Release { .. }
+        )
     }
 
     fn name(&self) -> &'static str {
@@ -1097,7 +1114,12 @@ fn commit_batch(
     counters: &mut Counters,
 ) -> Result<Vec<Outcome>, BatchError> {
     let mut txn = db.begin_write().map_err(|e| BatchError::Commit(e.into()))?;
-    txn.set_durability(Durability::Immediate)
+    let durability = if batch.iter().any(|op| op.req.needs_fsync()) {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
+    txn.set_durability(durability)
         .map_err(|e| BatchError::Commit(e.into()))?;
     let outcomes = match apply(&txn, batch, counters) {
         Ok(outcomes) => outcomes,
@@ -1231,18 +1253,11 @@ impl<'t, 'c> Tables<'t, 'c> {
         })
     }
 
-    /// Stores a record that replaces `old` (if any), moving its schedule entry and
-    /// keeping the `leased` and `deferred` counters.
-    fn put(
-        &mut self,
-        id: &str,
-        old: Option<&Record<'_>>,
-        new: &Record<'_>,
-    ) -> Result<(), QueueError> {
-        if let Some(old) = old {
-            self.due.remove((old.at, id)).map_err(db_err)?;
-            self.counted_out(old);
-        }
+    /// Stores a record that replaces `old`, moving its schedule entry and keeping the
+    /// `leased` and `deferred` counters.
+    fn put(&mut self, id: &str, old: &Record<'_>, new: &Record<'_>) -> Result<(), QueueError> {
+        self.due.remove((old.at, id)).map_err(db_err)?;
+        self.counted_out(old);
         self.messages
             .insert(id, new.to_vec()?.as_slice())
             .map_err(db_err)?;
@@ -1356,7 +1371,7 @@ impl<'t, 'c> Tables<'t, 'c> {
                 token,
                 ..old
             };
-            self.put(&id, Some(&old), &new)?;
+            self.put(&id, &old, &new)?;
             let body = self
                 .bodies
                 .get(id.as_str())
@@ -1425,7 +1440,7 @@ impl<'t, 'c> Tables<'t, 'c> {
             envelope: old.envelope,
             status: &json,
         };
-        self.put(id, Some(&old), &new)?;
+        self.put(id, &old, &new)?;
         Ok(FinishResult::Rescheduled)
     }
 
@@ -1479,7 +1494,7 @@ impl<'t, 'c> Tables<'t, 'c> {
             at: expires_ms,
             ..old
         };
-        self.put(id, Some(&old), &new)?;
+        self.put(id, &old, &new)?;
         Ok(true)
     }
 
@@ -1494,7 +1509,7 @@ impl<'t, 'c> Tables<'t, 'c> {
             token: "",
             ..old
         };
-        self.put(id, Some(&old), &new)
+        self.put(id, &old, &new)
     }
 
     fn retry_now(&mut self, sel: &RetrySelector, now_ms: u64) -> Result<u64, QueueError> {
@@ -1532,7 +1547,7 @@ impl<'t, 'c> Tables<'t, 'c> {
         }
         for (id, bytes) in &candidates {
             let old = Record::parse(id, bytes)?;
-            self.put(id, Some(&old), &Record { at: now_ms, ..old })?;
+            self.put(id, &old, &Record { at: now_ms, ..old })?;
         }
         Ok(candidates.len() as u64)
     }
@@ -1574,7 +1589,7 @@ impl<'t, 'c> Tables<'t, 'c> {
                 token: "",
                 ..old
             };
-            self.put(id, Some(&old), &new)?;
+            self.put(id, &old, &new)?;
         }
         Ok(leased.len() as u64)
     }
