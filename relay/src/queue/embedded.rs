@@ -1598,8 +1598,9 @@ impl<'t, 'c> Tables<'t, 'c> {
 /// Moves the messages of a layout 1 or 2 file into `messages` and rebuilds `due` from
 /// them, then deletes the old tables. Leased messages are due at `now_ms` (their
 /// holder is gone); layout 1's messages had no schedule and are due at arrival.
-/// `bodies`, `final`, `final_expiry` and `stats` keep their layout; `leased` starts at
-/// zero. Returns how many messages it moved.
+/// `bodies`, `final`, `final_expiry` and `stats` keep their layout; `leased` counts
+/// the layout 3 records already there (released right after). Returns how many
+/// messages it moved.
 fn migrate_legacy(txn: &WriteTransaction, now_ms: u64) -> Result<u64, QueueError> {
     let names: Vec<String> = txn
         .list_tables()
@@ -1618,6 +1619,15 @@ fn migrate_legacy(txn: &WriteTransaction, now_ms: u64) -> Result<u64, QueueError
         let mut messages = txn.open_table(MESSAGES).map_err(db_err)?;
         let mut due = txn.open_table(DUE).map_err(db_err)?;
         due.retain(|_, _| false).map_err(db_err)?;
+        // A file moved once and then opened by an older relay (a rollback) also has
+        // layout 3 records, which that relay could not see: keep them scheduled.
+        let mut leased = 0;
+        for entry in messages.iter().map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let record = Record::parse(key.value(), value.value())?;
+            due.insert((record.at, key.value()), ()).map_err(db_err)?;
+            leased += u64::from(record.leased);
+        }
         for entry in envelopes.iter().map_err(db_err)? {
             let (key, value) = entry.map_err(db_err)?;
             let id = key.value();
@@ -1651,7 +1661,7 @@ fn migrate_legacy(txn: &WriteTransaction, now_ms: u64) -> Result<u64, QueueError
         }
         txn.open_table(STATS)
             .map_err(db_err)?
-            .insert(STAT_LEASED, 0)
+            .insert(STAT_LEASED, leased)
             .map_err(db_err)?;
     }
     txn.delete_table(legacy::ENVELOPES).map_err(db_err)?;
@@ -1943,7 +1953,7 @@ mod tests {
         // The due one and the one whose holder is gone; the deferred one waits.
         let mut taken = q.lease_due(now_ms(), 60_000, 10, "w").await.unwrap();
         taken.sort_by(|a, b| a.lease.id.cmp(&b.lease.id));
-        let mut want = vec![due.clone(), leased.clone()];
+        let mut want = [due.clone(), leased.clone()];
         want.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
         assert_eq!(
             taken.iter().map(|l| &l.message).collect::<Vec<_>>(),
@@ -2043,6 +2053,65 @@ mod tests {
         }
         assert_eq!(q.stats().await.unwrap(), QueueStats::default());
         assert_eq!(q.delivery_totals().await.unwrap().delivered, 4);
+    }
+
+    /// Rolled back and forward again: a layout 3 file opened by a layout 2 relay gets
+    /// that relay's tables and `layout: 2` beside its records; the next open keeps
+    /// both sets of messages scheduled.
+    #[tokio::test]
+    async fn a_file_written_by_both_layouts_keeps_every_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = message(b"layout 3\r\n");
+        let old = message(b"layout 2\r\n");
+        {
+            let q = EmbeddedQueue::open(dir.path()).unwrap();
+            q.enqueue(&new).await.unwrap();
+            // Leased when the relay went away.
+            assert_eq!(
+                q.lease_due(now_ms(), 60_000, 10, "w").await.unwrap().len(),
+                1
+            );
+        }
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let id = old.envelope.id.as_str();
+                let env = serde_json::to_vec(&old.envelope).unwrap();
+                let status = serde_json::to_vec(&MessageStatus::new(&old.envelope)).unwrap();
+                txn.open_table(legacy::ENVELOPES)
+                    .unwrap()
+                    .insert(id, env.as_slice())
+                    .unwrap();
+                txn.open_table(BODIES)
+                    .unwrap()
+                    .insert(id, old.body.as_slice())
+                    .unwrap();
+                txn.open_table(legacy::STATUS)
+                    .unwrap()
+                    .insert(id, status.as_slice())
+                    .unwrap();
+                txn.open_table(legacy::DUE_AT)
+                    .unwrap()
+                    .insert(id, 1)
+                    .unwrap();
+                txn.open_table(DUE).unwrap().insert((1, id), ()).unwrap();
+                let mut stats = txn.open_table(STATS).unwrap();
+                let n = stats.get(STAT_MESSAGES).unwrap().unwrap().value();
+                stats.insert(STAT_MESSAGES, n + 1).unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert(META_LAYOUT, 2).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let stats = q.stats().await.unwrap();
+        assert_eq!((stats.messages, stats.leased), (2, 0));
+        let mut taken = q.lease_due(now_ms(), 60_000, 10, "w").await.unwrap();
+        taken.sort_by(|a, b| a.lease.id.cmp(&b.lease.id));
+        let mut want = [&new, &old];
+        want.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+        assert_eq!(taken.iter().map(|l| &l.message).collect::<Vec<_>>(), want);
     }
 
     /// Expired final records are purged by later writes, not only hidden.
