@@ -68,6 +68,10 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<RelayConfig> {
     Ok(cfg)
 }
 
+/// mimalloc instead of the system allocator: see relay/Cargo.toml.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

@@ -8,7 +8,9 @@
 //! the write side: it takes every request that is already waiting in its channel,
 //! applies them all in one write transaction, commits once, and then answers each
 //! request. Under load many messages share one fsync; an idle queue still commits each
-//! message on its own without waiting for company.
+//! message on its own without waiting for company. A batch of leases, renewals and
+//! give-backs alone commits without the fsync (see `Request::needs_fsync`): the
+//! durability of a lease buys nothing, since opening the queue voids them all.
 //!
 //! A transaction is atomic, so a failed commit stores none of its batch, and every
 //! request in it is answered with an error. A request that cannot be applied (as
@@ -19,32 +21,36 @@
 //!
 //! | table          | key          | value                                              |
 //! |----------------|--------------|----------------------------------------------------|
-//! | `envelopes`    | id           | JSON of [`Envelope`], for every queued message     |
+//! | `messages`     | id           | [`Record`]: schedule, lease token, envelope and    |
+//! |                |              | status JSON, for every queued message              |
 //! | `bodies`       | id           | message bytes                                      |
-//! | `status`       | id           | JSON of [`MessageStatus`]                          |
-//! | `due`          | (ms, id)     | the schedule: queued, not leased, by next attempt  |
-//! | `due_at`       | id           | the `due` key's ms, to find it by id               |
-//! | `leased`       | (ms, id)     | in flight, by lease expiry                         |
-//! | `leased_until` | id           | the `leased` key's ms                              |
-//! | `tokens`       | id           | token of the message's latest lease                |
+//! | `due`          | (ms, id)     | the schedule: every queued message by the `at` of  |
+//! |                |              | its record (next attempt, or lease expiry)         |
 //! | `final`        | id           | (expiry ms, JSON of envelope and final status)     |
 //! | `final_expiry` | (ms, id)     | final records by expiry, for purging               |
-//! | `stats`        | name         | `messages`, `bytes` (body bytes), `deferred`;      |
-//! |                |              | `delivered`, `bounced`, `expired` (recipients of   |
-//! |                |              | finished messages, never decremented)              |
+//! | `stats`        | name         | `messages`, `bytes` (body bytes), `deferred`,      |
+//! |                |              | `leased`; `delivered`, `bounced`, `expired`        |
+//! |                |              | (recipients of finished messages, never            |
+//! |                |              | decremented)                                       |
 //! | `meta`         | name         | `layout`: version of this layout                   |
 //!
-//! A queued message is in exactly one of `due` and `leased`. Counters live in `stats`
-//! and change in the same transaction as the records they count, so [`Queue::stats`]
-//! is a few lookups. Ids are time-ordered strings, so key order in `envelopes` is
-//! arrival order. Tuple keys order by time first, so "what is due" and "what has
-//! expired" are range scans from the start.
+//! Each step of a message's life reads and rewrites its one record and moves its one
+//! schedule entry: a lease is a record with `leased` set whose `at` is the lease's
+//! expiry, so "what can be leased now" (due messages and expired leases alike) is one
+//! range scan from the start of `due`. The body is apart so that leases and renewals
+//! do not copy it. Counters live in `stats` and change in the same transaction as the
+//! records they count, so [`Queue::stats`] is a few lookups. Ids are time-ordered
+//! strings, so key order in `messages` is arrival order.
+//!
+//! Layouts 1 and 2 kept the envelope, status, schedule and lease of a message in seven
+//! tables; opening such a file moves its messages into this layout once (see
+//! [`migrate_legacy`]).
 //!
 //! Every write (enqueue, lease, finish, ...) goes through the writer thread, so group
 //! commit covers them all and one transaction sees the effects of the ones before
 //! it: two `lease_due` calls can never take the same message.
 //!
-//! Expired final records are purged a few at a time by `lease_due` and `finish`
+//! Expired final records are purged a few at a time by batches that lease or finish
 //! (a relay that delivers also purges); reads ignore expired ones meanwhile.
 
 use std::path::{Path, PathBuf};
@@ -53,8 +59,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use redb::{
-    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    Table, TableDefinition, WriteTransaction,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    TableHandle, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -68,14 +74,11 @@ use super::{
 /// File name of the database inside the queue directory.
 pub const DB_FILE: &str = "queue.redb";
 
-const ENVELOPES: TableDefinition<&str, &[u8]> = TableDefinition::new("envelopes");
+const MESSAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("messages");
 const BODIES: TableDefinition<&str, &[u8]> = TableDefinition::new("bodies");
-const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
+/// Layout 2's table of due messages; from layout 3 on it also holds the leased ones
+/// (by lease expiry).
 const DUE: TableDefinition<(u64, &str), ()> = TableDefinition::new("due");
-const DUE_AT: TableDefinition<&str, u64> = TableDefinition::new("due_at");
-const LEASED: TableDefinition<(u64, &str), ()> = TableDefinition::new("leased");
-const LEASED_UNTIL: TableDefinition<&str, u64> = TableDefinition::new("leased_until");
-const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 const FINAL: TableDefinition<&str, (u64, &[u8])> = TableDefinition::new("final");
 const FINAL_EXPIRY: TableDefinition<(u64, &str), ()> = TableDefinition::new("final_expiry");
 const STATS: TableDefinition<&str, u64> = TableDefinition::new("stats");
@@ -83,13 +86,28 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const STAT_MESSAGES: &str = "messages";
 const STAT_BYTES: &str = "bytes";
 const STAT_DEFERRED: &str = "deferred";
+const STAT_LEASED: &str = "leased";
 const STAT_DELIVERED: &str = "delivered";
 const STAT_BOUNCED: &str = "bounced";
 const STAT_EXPIRED: &str = "expired";
 const META_LAYOUT: &str = "layout";
-/// Version 1 had only `envelopes`, `bodies` and `stats`; its messages get a schedule
-/// and a status when first opened by this version.
-const LAYOUT_VERSION: u64 = 2;
+/// Version 1 had only `envelopes`, `bodies` and `stats`; version 2 spread a message
+/// over seven tables ([`legacy`]). Both are moved to this layout when first opened.
+const LAYOUT_VERSION: u64 = 3;
+
+/// The tables of layouts 1 and 2 that layout 3 replaced; only [`migrate_legacy`]
+/// (and tests that write an old file) use them.
+mod legacy {
+    use redb::TableDefinition;
+
+    pub(super) const ENVELOPES: TableDefinition<&str, &[u8]> = TableDefinition::new("envelopes");
+    pub(super) const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
+    pub(super) const DUE_AT: TableDefinition<&str, u64> = TableDefinition::new("due_at");
+    pub(super) const LEASED: TableDefinition<(u64, &str), ()> = TableDefinition::new("leased");
+    pub(super) const LEASED_UNTIL: TableDefinition<&str, u64> =
+        TableDefinition::new("leased_until");
+    pub(super) const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
+}
 
 /// Requests waiting for the writer; beyond this, `enqueue` waits for room, which
 /// pushes back on SMTP sessions instead of buffering bodies without bound.
@@ -98,10 +116,8 @@ const CHANNEL_CAPACITY: usize = 1024;
 /// in it) stays bounded however much is waiting.
 const MAX_BATCH_OPS: usize = 512;
 const MAX_BATCH_BYTES: usize = 64 << 20;
-/// Expired leases returned to due per `lease_due`, so one call after a long outage
-/// does not hold the writer for a whole queue's worth of work.
-const SWEEP_LIMIT: usize = 1000;
-/// Expired final records purged per `lease_due` or `finish`, for the same reason.
+/// Expired final records purged per batch that leases or finishes, so one batch after
+/// a long pause does not hold the writer for a whole retention's worth of work.
 const PURGE_LIMIT: usize = 256;
 
 type Reply = oneshot::Sender<Result<Outcome, QueueError>>;
@@ -111,10 +127,9 @@ type Reply = oneshot::Sender<Result<Outcome, QueueError>>;
 enum Request {
     Enqueue {
         id: String,
-        envelope: Vec<u8>,
+        /// The message's [`Record`], built by the caller.
+        record: Vec<u8>,
         body: Vec<u8>,
-        status: Vec<u8>,
-        due_ms: u64,
         /// The `accepted` event (JSON) and the event log's cap, written in the same
         /// transaction.
         event: Option<(Vec<u8>, u64)>,
@@ -158,9 +173,24 @@ enum Request {
 impl Request {
     fn size(&self) -> usize {
         match self {
-            Request::Enqueue { envelope, body, .. } => envelope.len() + body.len(),
+            Request::Enqueue { record, body, .. } => record.len() + body.len(),
             _ => 0,
         }
+    }
+
+    /// Whether the answer promises something that must survive a crash. A lease does
+    /// not: opening the queue voids every lease in it (their holder is gone) and makes
+    /// the messages due, which is all a lost lease, renewal or give-back can come to.
+    /// So a batch of those alone commits without an fsync, and the next durable commit
+    /// makes it durable with everything else.
+    fn needs_fsync(&self) -> bool {
+        !matches!(
+            self,
+            Request::LeaseDue { .. }
+                | Request::Renew { .. }
+                | Request::RenewAll { .. }
+                | Request::Release { .. }
+        )
     }
 
     fn name(&self) -> &'static str {
@@ -251,22 +281,25 @@ impl EmbeddedQueue {
         // Creating the tables up front lets readers assume they exist.
         let txn = db.begin_write().map_err(db_err)?;
         let (migrated, orphaned) = {
-            let mut t = Tables::open(&txn)?;
             let mut meta = txn.open_table(META).map_err(db_err)?;
             let layout = meta.get(META_LAYOUT).map_err(db_err)?.map(|v| v.value());
             let migrated = if layout.unwrap_or(1) < LAYOUT_VERSION {
-                t.schedule_unscheduled()?
+                migrate_legacy(&txn, now_ms())?
             } else {
                 0
             };
             meta.insert(META_LAYOUT, LAYOUT_VERSION).map_err(db_err)?;
-            (migrated, t.release_all(now_ms())?)
+            let mut counters = Counters::read(&txn.open_table(STATS).map_err(db_err)?)?;
+            let mut t = Tables::open(&txn, &mut counters)?;
+            let orphaned = t.release_all(now_ms())?;
+            t.save_counters()?;
+            (migrated, orphaned)
         };
         txn.commit().map_err(db_err)?;
         if migrated > 0 {
             tracing::info!(
                 messages = migrated,
-                "scheduled messages queued by an older version"
+                "moved messages queued by an older version to the current layout"
             );
         }
         if orphaned > 0 {
@@ -388,14 +421,10 @@ impl EmbeddedQueue {
         event: Option<(Vec<u8>, u64)>,
     ) -> Result<(), QueueError> {
         let id = valid_id(&msg.envelope.id)?.to_owned();
-        let envelope = encode("envelope", &msg.envelope)?;
-        let status = encode("status", &MessageStatus::new(&msg.envelope))?;
         let req = Request::Enqueue {
             id,
-            envelope,
+            record: Record::new_message(&msg.envelope)?,
             body: msg.body.clone(),
-            status,
-            due_ms: msg.envelope.received_at_ms,
             event,
         };
         match self.submit(req).await? {
@@ -612,11 +641,11 @@ impl Inspect for EmbeddedQueue {
             }
             let key = id.as_str().to_owned();
             self.read(move |txn| {
-                let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
-                let Some(env) = envelopes.get(key.as_str()).map_err(db_err)? else {
+                let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+                let Some(record) = messages.get(key.as_str()).map_err(db_err)? else {
                     return Ok(None);
                 };
-                let envelope: Envelope = decode("envelope", &key, env.value())?;
+                let envelope = Record::parse(&key, record.value())?.envelope(&key)?;
                 let bodies = txn.open_table(BODIES).map_err(db_err)?;
                 let body = bodies
                     .get(key.as_str())
@@ -632,9 +661,9 @@ impl Inspect for EmbeddedQueue {
 
     fn list_ids(&self, limit: usize) -> QueueFuture<'_, Vec<QueueId>> {
         Box::pin(self.read(move |txn| {
-            let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
+            let messages = txn.open_table(MESSAGES).map_err(db_err)?;
             let mut ids = Vec::new();
-            for entry in envelopes.iter().map_err(db_err)?.take(limit) {
+            for entry in messages.iter().map_err(db_err)?.take(limit) {
                 let (key, _) = entry.map_err(db_err)?;
                 ids.push(parse_id(key.value())?);
             }
@@ -658,16 +687,15 @@ impl Inspect for EmbeddedQueue {
     fn stats(&self) -> QueueFuture<'_, QueueStats> {
         Box::pin(self.read(|txn| {
             let stats = txn.open_table(STATS).map_err(db_err)?;
-            let leased = txn.open_table(LEASED).map_err(db_err)?;
-            let envelopes = txn.open_table(ENVELOPES).map_err(db_err)?;
-            let oldest_ms = match envelopes.first().map_err(db_err)? {
+            let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+            let oldest_ms = match messages.first().map_err(db_err)? {
                 Some((key, _)) => Some(parse_id(key.value())?.timestamp_ms()),
                 None => None,
             };
             Ok(QueueStats {
                 messages: stat(&stats, STAT_MESSAGES)?,
                 bytes: stat(&stats, STAT_BYTES)?,
-                leased: leased.len().map_err(db_err)?,
+                leased: stat(&stats, STAT_LEASED)?,
                 deferred: stat(&stats, STAT_DEFERRED)?,
                 oldest_ms,
             })
@@ -692,9 +720,11 @@ impl Inspect for EmbeddedQueue {
             }
             let key = id.as_str().to_owned();
             self.read(move |txn| {
-                let r = ReadTables::open(txn)?;
-                if let Some(found) = r.queued_status(&key)? {
-                    return Ok(Some(found));
+                let messages = txn.open_table(MESSAGES).map_err(db_err)?;
+                if let Some(record) = messages.get(key.as_str()).map_err(db_err)? {
+                    return Record::parse(&key, record.value())?
+                        .queued_status(&key)
+                        .map(Some);
                 }
                 let finals = txn.open_table(FINAL).map_err(db_err)?;
                 let Some(record) = finals.get(key.as_str()).map_err(db_err)? else {
@@ -714,16 +744,15 @@ impl Inspect for EmbeddedQueue {
 
     fn list(&self, filter: ListFilter) -> QueueFuture<'_, Vec<(Envelope, MessageStatus)>> {
         Box::pin(self.read(move |txn| {
-            let r = ReadTables::open(txn)?;
+            let messages = txn.open_table(MESSAGES).map_err(db_err)?;
             let mut out = Vec::new();
             if filter.limit == 0 {
                 return Ok(out);
             }
-            for entry in r.envelopes.iter().map_err(db_err)? {
-                let (key, _) = entry.map_err(db_err)?;
-                let Some((envelope, status)) = r.queued_status(key.value())? else {
-                    continue;
-                };
+            for entry in messages.iter().map_err(db_err)? {
+                let (key, record) = entry.map_err(db_err)?;
+                let id = key.value();
+                let (envelope, status) = Record::parse(id, record.value())?.queued_status(id)?;
                 if filter.matches(&status) {
                     out.push((envelope, status));
                     if out.len() >= filter.limit {
@@ -788,43 +817,182 @@ fn parse_id(key: &str) -> Result<QueueId, QueueError> {
     QueueId::parse(key).ok_or_else(|| QueueError::Corrupt(format!("invalid queue id {key:?}")))
 }
 
-/// The tables a read of queued statuses needs.
-struct ReadTables {
-    envelopes: redb::ReadOnlyTable<&'static str, &'static [u8]>,
-    status: redb::ReadOnlyTable<&'static str, &'static [u8]>,
-    due_at: redb::ReadOnlyTable<&'static str, u64>,
-    leased_until: redb::ReadOnlyTable<&'static str, u64>,
+/// A queued message's row in `messages`: where it is in the schedule, its latest
+/// lease's token, and the JSON of its envelope and status. One row per message means
+/// each step of its life is one read and one write here (plus the schedule entry),
+/// where layout 2 touched up to seven tables.
+///
+/// Encoded as `[3][leased: u8][at: u64 LE][attempts: u32 LE][token length: u16 LE]
+/// [token][envelope length: u32 LE][envelope JSON][status JSON]`. `at` is when the
+/// message is due or, while leased, when the lease expires; `attempts` repeats the
+/// status's so the `deferred` counter needs no JSON; an empty status stands for the
+/// fresh one ([`MessageStatus::new`]), which enqueue does not encode.
+#[derive(Clone, Copy)]
+struct Record<'a> {
+    leased: bool,
+    at: u64,
+    attempts: u32,
+    /// The token of the latest lease; empty once finished or given back.
+    token: &'a str,
+    envelope: &'a [u8],
+    status: &'a [u8],
 }
 
-impl ReadTables {
-    fn open(txn: &ReadTransaction) -> Result<Self, QueueError> {
-        Ok(ReadTables {
-            envelopes: txn.open_table(ENVELOPES).map_err(db_err)?,
-            status: txn.open_table(STATUS).map_err(db_err)?,
-            due_at: txn.open_table(DUE_AT).map_err(db_err)?,
-            leased_until: txn.open_table(LEASED_UNTIL).map_err(db_err)?,
+const RECORD_TAG: u8 = 3;
+/// Bytes before the token.
+const RECORD_HEAD: usize = 16;
+
+impl<'a> Record<'a> {
+    /// The record of a message just accepted: due at arrival, never tried.
+    fn new_message(envelope: &Envelope) -> Result<Vec<u8>, QueueError> {
+        let mut out = Vec::with_capacity(512);
+        out.extend_from_slice(&[RECORD_TAG, 0]);
+        out.extend_from_slice(&envelope.received_at_ms.to_le_bytes());
+        out.extend_from_slice(&[0; 4 + 2 + 4]);
+        let start = out.len();
+        serde_json::to_writer(&mut out, envelope)
+            .map_err(|e| QueueError::Corrupt(format!("cannot encode envelope: {e}")))?;
+        let len = envelope_len(out.len() - start)?;
+        out[start - 4..start].copy_from_slice(&len.to_le_bytes());
+        Ok(out)
+    }
+
+    fn parse(id: &str, bytes: &'a [u8]) -> Result<Self, QueueError> {
+        let bad = || QueueError::Corrupt(format!("record of {id} is malformed"));
+        if bytes.len() < RECORD_HEAD || bytes[0] != RECORD_TAG {
+            return Err(bad());
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+        let u32_at = |b: &[u8]| u32::from_le_bytes(b[..4].try_into().expect("4 bytes"));
+        let token_len = usize::from(u16::from_le_bytes([bytes[14], bytes[15]]));
+        let rest = &bytes[RECORD_HEAD..];
+        if rest.len() < token_len + 4 {
+            return Err(bad());
+        }
+        let token = std::str::from_utf8(&rest[..token_len]).map_err(|_| bad())?;
+        let rest = &rest[token_len..];
+        let env_len = u32_at(rest) as usize;
+        let rest = &rest[4..];
+        if rest.len() < env_len {
+            return Err(bad());
+        }
+        Ok(Record {
+            leased: bytes[1] != 0,
+            at: u64_at(2),
+            attempts: u32_at(&bytes[10..14]),
+            token,
+            envelope: &rest[..env_len],
+            status: &rest[env_len..],
         })
     }
 
-    /// Envelope and status of a queued message, the schedule filled in.
-    fn queued_status(&self, id: &str) -> Result<Option<(Envelope, MessageStatus)>, QueueError> {
-        let Some(env) = self.envelopes.get(id).map_err(db_err)? else {
-            return Ok(None);
-        };
-        let envelope: Envelope = decode("envelope", id, env.value())?;
-        let mut status = match self.status.get(id).map_err(db_err)? {
-            Some(s) => decode("status", id, s.value())?,
-            None => MessageStatus::new(&envelope),
-        };
-        if let Some(due) = self.due_at.get(id).map_err(db_err)? {
-            status.next_attempt_ms = Some(due.value());
+    fn to_vec(self) -> Result<Vec<u8>, QueueError> {
+        let token_len = u16::try_from(self.token.len())
+            .map_err(|_| QueueError::Invalid("lease token is too long".into()))?;
+        let mut out = Vec::with_capacity(
+            RECORD_HEAD + self.token.len() + 4 + self.envelope.len() + self.status.len(),
+        );
+        out.extend_from_slice(&[RECORD_TAG, u8::from(self.leased)]);
+        out.extend_from_slice(&self.at.to_le_bytes());
+        out.extend_from_slice(&self.attempts.to_le_bytes());
+        out.extend_from_slice(&token_len.to_le_bytes());
+        out.extend_from_slice(self.token.as_bytes());
+        out.extend_from_slice(&envelope_len(self.envelope.len())?.to_le_bytes());
+        out.extend_from_slice(self.envelope);
+        out.extend_from_slice(self.status);
+        Ok(out)
+    }
+
+    fn envelope(&self, id: &str) -> Result<Envelope, QueueError> {
+        decode("envelope", id, self.envelope)
+    }
+
+    fn status(&self, id: &str, envelope: &Envelope) -> Result<MessageStatus, QueueError> {
+        if self.status.is_empty() {
+            Ok(MessageStatus::new(envelope))
+        } else {
+            decode("status", id, self.status)
         }
-        status.leased_until_ms = self
-            .leased_until
-            .get(id)
-            .map_err(db_err)?
-            .map(|v| v.value());
-        Ok(Some((envelope, status)))
+    }
+
+    /// Envelope and status as reads show them, the schedule filled in.
+    fn queued_status(&self, id: &str) -> Result<(Envelope, MessageStatus), QueueError> {
+        let envelope = self.envelope(id)?;
+        let mut status = self.status(id, &envelope)?;
+        if self.leased {
+            status.leased_until_ms = Some(self.at);
+        } else {
+            status.next_attempt_ms = Some(self.at);
+            status.leased_until_ms = None;
+        }
+        Ok((envelope, status))
+    }
+
+    /// The JSON of a [`FinalRecord`] with this envelope and `status`, without
+    /// decoding the envelope to encode it again.
+    fn final_json(&self, status: &MessageStatus) -> Result<Vec<u8>, QueueError> {
+        let mut out = Vec::with_capacity(self.envelope.len() + 512);
+        out.extend_from_slice(b"{\"envelope\":");
+        out.extend_from_slice(self.envelope);
+        out.extend_from_slice(b",\"status\":");
+        serde_json::to_writer(&mut out, status)
+            .map_err(|e| QueueError::Corrupt(format!("cannot encode status: {e}")))?;
+        out.push(b'}');
+        Ok(out)
+    }
+}
+
+fn envelope_len(len: usize) -> Result<u32, QueueError> {
+    u32::try_from(len).map_err(|_| QueueError::Invalid("envelope is too large".into()))
+}
+
+/// The `stats` counters. The writer thread is their only writer, so it keeps them in
+/// memory between batches and writes the ones a batch changed in that batch's
+/// transaction (reads come from the table).
+#[derive(Clone, Copy, Default, PartialEq, Debug)]
+struct Counters {
+    messages: u64,
+    bytes: u64,
+    deferred: u64,
+    leased: u64,
+    delivered: u64,
+    bounced: u64,
+    expired: u64,
+}
+
+impl Counters {
+    fn read(table: &impl ReadableTable<&'static str, u64>) -> Result<Self, QueueError> {
+        Ok(Counters {
+            messages: stat(table, STAT_MESSAGES)?,
+            bytes: stat(table, STAT_BYTES)?,
+            deferred: stat(table, STAT_DEFERRED)?,
+            leased: stat(table, STAT_LEASED)?,
+            delivered: stat(table, STAT_DELIVERED)?,
+            bounced: stat(table, STAT_BOUNCED)?,
+            expired: stat(table, STAT_EXPIRED)?,
+        })
+    }
+
+    /// As committed; all zero in a file without a `stats` table yet.
+    fn load(db: &Database) -> Result<Self, QueueError> {
+        let txn = db.begin_read().map_err(db_err)?;
+        match txn.open_table(STATS) {
+            Ok(table) => Counters::read(&table),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(Counters::default()),
+            Err(e) => Err(db_err(e)),
+        }
+    }
+
+    fn fields(&self) -> [(&'static str, u64); 7] {
+        [
+            (STAT_MESSAGES, self.messages),
+            (STAT_BYTES, self.bytes),
+            (STAT_DEFERRED, self.deferred),
+            (STAT_LEASED, self.leased),
+            (STAT_DELIVERED, self.delivered),
+            (STAT_BOUNCED, self.bounced),
+            (STAT_EXPIRED, self.expired),
+        ]
     }
 }
 
@@ -859,6 +1027,21 @@ fn db_err(e: impl Into<redb::Error>) -> QueueError {
 }
 
 fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Vec<WriteOp>>, state: &WriterState) {
+    let mut counters = match Counters::load(db) {
+        Ok(c) => c,
+        Err(e) => {
+            // Without the counters no write can keep them right: refuse them all.
+            let message = format!("embedded queue: cannot read the counters: {e}");
+            tracing::error!("{message}");
+            *state.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(message.clone());
+            while let Some(batch) = rx.blocking_recv() {
+                for op in batch {
+                    op.fail(QueueError::Unavailable(message.clone()));
+                }
+            }
+            return;
+        }
+    };
     while let Some(mut batch) = rx.blocking_recv() {
         let mut bytes: usize = batch.iter().map(|op| op.req.size()).sum();
         while batch.len() < MAX_BATCH_OPS && bytes < MAX_BATCH_BYTES {
@@ -873,7 +1056,7 @@ fn writer_loop(db: &Database, mut rx: mpsc::Receiver<Vec<WriteOp>>, state: &Writ
         if batch.is_empty() {
             continue;
         }
-        process_batch(db, batch, state);
+        process_batch(db, batch, state, &mut counters);
     }
     tracing::debug!("embedded queue writer stopped");
 }
@@ -885,9 +1068,13 @@ enum BatchError {
     Commit(redb::Error),
 }
 
-fn process_batch(db: &Database, batch: Vec<WriteOp>, state: &WriterState) {
-    match commit_batch(db, &batch) {
+fn process_batch(db: &Database, batch: Vec<WriteOp>, state: &WriterState, counters: &mut Counters) {
+    // The batch works on a copy: a transaction that is not committed leaves the
+    // counters as they were.
+    let mut working = *counters;
+    match commit_batch(db, &batch, &mut working) {
         Ok(outcomes) => {
+            *counters = working;
             state.commits.fetch_add(1, Ordering::Relaxed);
             for (op, outcome) in batch.into_iter().zip(outcomes) {
                 if op.reply.send(Ok(outcome)).is_err() {
@@ -901,7 +1088,7 @@ fn process_batch(db: &Database, batch: Vec<WriteOp>, state: &WriterState) {
         Err(BatchError::Apply(e)) if batch.len() > 1 => {
             tracing::warn!(error = %e, ops = batch.len(), "queue batch failed to apply; retrying one by one");
             for op in batch {
-                process_batch(db, vec![op], state);
+                process_batch(db, vec![op], state, counters);
             }
         }
         Err(BatchError::Apply(e)) => {
@@ -921,11 +1108,20 @@ fn process_batch(db: &Database, batch: Vec<WriteOp>, state: &WriterState) {
 }
 
 /// Applies and commits a batch; returns each request's outcome.
-fn commit_batch(db: &Database, batch: &[WriteOp]) -> Result<Vec<Outcome>, BatchError> {
+fn commit_batch(
+    db: &Database,
+    batch: &[WriteOp],
+    counters: &mut Counters,
+) -> Result<Vec<Outcome>, BatchError> {
     let mut txn = db.begin_write().map_err(|e| BatchError::Commit(e.into()))?;
-    txn.set_durability(Durability::Immediate)
+    let durability = if batch.iter().any(|op| op.req.needs_fsync()) {
+        Durability::Immediate
+    } else {
+        Durability::None
+    };
+    txn.set_durability(durability)
         .map_err(|e| BatchError::Commit(e.into()))?;
-    let outcomes = match apply(&txn, batch) {
+    let outcomes = match apply(&txn, batch, counters) {
         Ok(outcomes) => outcomes,
         Err(e) => {
             if let Err(abort) = txn.abort() {
@@ -938,88 +1134,87 @@ fn commit_batch(db: &Database, batch: &[WriteOp]) -> Result<Vec<Outcome>, BatchE
     Ok(outcomes)
 }
 
-fn apply(txn: &WriteTransaction, batch: &[WriteOp]) -> Result<Vec<Outcome>, QueueError> {
-    let mut t = Tables::open(txn)?;
+fn apply(
+    txn: &WriteTransaction,
+    batch: &[WriteOp],
+    counters: &mut Counters,
+) -> Result<Vec<Outcome>, QueueError> {
+    let mut t = Tables::open(txn, counters)?;
     let mut outcomes = Vec::with_capacity(batch.len());
+    // The batch's `accepted` events, appended together: one look at the event table's
+    // end and length for all of them.
+    let mut events: Vec<&[u8]> = Vec::new();
+    let mut events_cap = 0;
+    let mut purge_at = None;
     for op in batch {
+        match &op.req {
+            Request::Enqueue {
+                event: Some((json, max_len)),
+                ..
+            } => {
+                events.push(json);
+                events_cap = *max_len;
+            }
+            Request::LeaseDue { now_ms, .. } | Request::Finish { now_ms, .. } => {
+                purge_at = purge_at.max(Some(*now_ms));
+            }
+            _ => {}
+        }
         outcomes.push(t.apply(&op.req)?);
     }
+    if let Some(now_ms) = purge_at {
+        t.purge_finals(now_ms)?;
+    }
     t.save_counters()?;
+    if !events.is_empty() {
+        crate::events::log::append_in(txn, &events, events_cap).map_err(db_err)?;
+    }
     Ok(outcomes)
 }
 
-/// Every table, open in one write transaction, and the counters as they stand in it.
-struct Tables<'t> {
-    txn: &'t WriteTransaction,
-    envelopes: Table<'t, &'static str, &'static [u8]>,
+/// The queue's tables, open in one write transaction, and the counters as they stand
+/// in it.
+struct Tables<'t, 'c> {
+    messages: Table<'t, &'static str, &'static [u8]>,
     bodies: Table<'t, &'static str, &'static [u8]>,
-    status: Table<'t, &'static str, &'static [u8]>,
     due: Table<'t, (u64, &'static str), ()>,
-    due_at: Table<'t, &'static str, u64>,
-    leased: Table<'t, (u64, &'static str), ()>,
-    leased_until: Table<'t, &'static str, u64>,
-    tokens: Table<'t, &'static str, &'static str>,
     finals: Table<'t, &'static str, (u64, &'static [u8])>,
     final_expiry: Table<'t, (u64, &'static str), ()>,
     stats: Table<'t, &'static str, u64>,
-    messages: u64,
-    bytes: u64,
-    deferred: u64,
+    c: &'c mut Counters,
+    /// As in the table when the transaction began.
+    saved: Counters,
 }
 
-impl<'t> Tables<'t> {
-    fn open(txn: &'t WriteTransaction) -> Result<Self, QueueError> {
-        let stats = txn.open_table(STATS).map_err(db_err)?;
-        let messages = stat(&stats, STAT_MESSAGES)?;
-        let bytes = stat(&stats, STAT_BYTES)?;
-        let deferred = stat(&stats, STAT_DEFERRED)?;
+impl<'t, 'c> Tables<'t, 'c> {
+    fn open(txn: &'t WriteTransaction, counters: &'c mut Counters) -> Result<Self, QueueError> {
         Ok(Tables {
-            txn,
-            envelopes: txn.open_table(ENVELOPES).map_err(db_err)?,
+            messages: txn.open_table(MESSAGES).map_err(db_err)?,
             bodies: txn.open_table(BODIES).map_err(db_err)?,
-            status: txn.open_table(STATUS).map_err(db_err)?,
             due: txn.open_table(DUE).map_err(db_err)?,
-            due_at: txn.open_table(DUE_AT).map_err(db_err)?,
-            leased: txn.open_table(LEASED).map_err(db_err)?,
-            leased_until: txn.open_table(LEASED_UNTIL).map_err(db_err)?,
-            tokens: txn.open_table(TOKENS).map_err(db_err)?,
             finals: txn.open_table(FINAL).map_err(db_err)?,
             final_expiry: txn.open_table(FINAL_EXPIRY).map_err(db_err)?,
-            stats,
-            messages,
-            bytes,
-            deferred,
+            stats: txn.open_table(STATS).map_err(db_err)?,
+            saved: *counters,
+            c: counters,
         })
     }
 
     fn save_counters(&mut self) -> Result<(), QueueError> {
-        self.stats
-            .insert(STAT_MESSAGES, self.messages)
-            .map_err(db_err)?;
-        self.stats.insert(STAT_BYTES, self.bytes).map_err(db_err)?;
-        self.stats
-            .insert(STAT_DEFERRED, self.deferred)
-            .map_err(db_err)?;
+        for ((name, now), (_, before)) in self.c.fields().into_iter().zip(self.saved.fields()) {
+            if now != before {
+                self.stats.insert(name, now).map_err(db_err)?;
+            }
+        }
+        self.saved = *self.c;
         Ok(())
     }
 
     fn apply(&mut self, req: &Request) -> Result<Outcome, QueueError> {
         Ok(match req {
             Request::Enqueue {
-                id,
-                envelope,
-                body,
-                status,
-                due_ms,
-                event,
-            } => {
-                let replaced = self.enqueue(id, envelope, body, status, *due_ms)?;
-                if let Some((json, max_len)) = event {
-                    crate::events::log::append_in(self.txn, &[json.as_slice()], *max_len)
-                        .map_err(db_err)?;
-                }
-                Outcome::Flag(replaced)
-            }
+                id, record, body, ..
+            } => Outcome::Flag(self.enqueue(id, record, body)?),
             Request::Remove { id } => Outcome::Flag(self.remove(id)?),
             Request::LeaseDue {
                 now_ms,
@@ -1058,62 +1253,93 @@ impl<'t> Tables<'t> {
         })
     }
 
-    fn enqueue(
-        &mut self,
-        id: &str,
-        envelope: &[u8],
-        body: &[u8],
-        status: &[u8],
-        due_ms: u64,
-    ) -> Result<bool, QueueError> {
+    /// Stores a record that replaces `old`, moving its schedule entry and keeping the
+    /// `leased` and `deferred` counters.
+    fn put(&mut self, id: &str, old: &Record<'_>, new: &Record<'_>) -> Result<(), QueueError> {
+        self.due.remove((old.at, id)).map_err(db_err)?;
+        self.counted_out(old);
+        self.messages
+            .insert(id, new.to_vec()?.as_slice())
+            .map_err(db_err)?;
+        self.due.insert((new.at, id), ()).map_err(db_err)?;
+        self.counted_in(new);
+        Ok(())
+    }
+
+    fn counted_out(&mut self, r: &Record<'_>) {
+        if r.leased {
+            self.c.leased = self.c.leased.saturating_sub(1);
+        }
+        if r.attempts > 0 {
+            self.c.deferred = self.c.deferred.saturating_sub(1);
+        }
+    }
+
+    fn counted_in(&mut self, r: &Record<'_>) {
+        if r.leased {
+            self.c.leased += 1;
+        }
+        if r.attempts > 0 {
+            self.c.deferred += 1;
+        }
+    }
+
+    fn enqueue(&mut self, id: &str, record: &[u8], body: &[u8]) -> Result<bool, QueueError> {
         // Enqueueing an id again replaces it (fresh status, due again) without
         // counting it twice, so a caller may retry a write whose outcome it did not
-        // learn.
-        let existed = self
-            .envelopes
-            .insert(id, envelope)
-            .map_err(db_err)?
-            .is_some();
+        // learn. A final record left from a try that did finish is replaced when the
+        // message is final again (reads look at queued messages first).
+        let new = Record::parse(id, record)?;
+        let old = match self.messages.insert(id, record).map_err(db_err)? {
+            Some(old) => {
+                let old = Record::parse(id, old.value())?;
+                Some((old.at, old.leased, old.attempts))
+            }
+            None => None,
+        };
+        match old {
+            Some((at, leased, attempts)) => {
+                self.due.remove((at, id)).map_err(db_err)?;
+                let gone = Record {
+                    leased,
+                    attempts,
+                    ..new
+                };
+                self.counted_out(&gone);
+            }
+            None => self.c.messages += 1,
+        }
+        self.due.insert((new.at, id), ()).map_err(db_err)?;
+        self.counted_in(&new);
         let old_len = self
             .bodies
             .insert(id, body)
             .map_err(db_err)?
             .map_or(0, |old| old.value().len() as u64);
-        let old_attempts = self.take_status(id)?;
-        self.status.insert(id, status).map_err(db_err)?;
-        self.unschedule(id)?;
-        self.tokens.remove(id).map_err(db_err)?;
-        self.drop_final(id)?;
-        self.schedule_due(id, due_ms)?;
-        if !existed {
-            self.messages += 1;
-        }
-        if old_attempts > 0 {
-            self.deferred = self.deferred.saturating_sub(1);
-        }
-        self.bytes = self.bytes.saturating_sub(old_len) + body.len() as u64;
-        Ok(existed)
+        self.c.bytes = self.c.bytes.saturating_sub(old_len) + body.len() as u64;
+        Ok(old.is_some())
     }
 
     fn remove(&mut self, id: &str) -> Result<bool, QueueError> {
-        let existed = self.envelopes.remove(id).map_err(db_err)?.is_some();
+        let old = self
+            .messages
+            .remove(id)
+            .map_err(db_err)?
+            .map(|g| g.value().to_vec());
+        if let Some(old) = &old {
+            let old = Record::parse(id, old)?;
+            self.due.remove((old.at, id)).map_err(db_err)?;
+            self.counted_out(&old);
+            self.c.messages = self.c.messages.saturating_sub(1);
+        }
         let old_len = self
             .bodies
             .remove(id)
             .map_err(db_err)?
             .map_or(0, |old| old.value().len() as u64);
-        let old_attempts = self.take_status(id)?;
-        self.unschedule(id)?;
-        self.tokens.remove(id).map_err(db_err)?;
+        self.c.bytes = self.c.bytes.saturating_sub(old_len);
         self.drop_final(id)?;
-        if existed {
-            self.messages = self.messages.saturating_sub(1);
-            if old_attempts > 0 {
-                self.deferred = self.deferred.saturating_sub(1);
-            }
-        }
-        self.bytes = self.bytes.saturating_sub(old_len);
-        Ok(existed)
+        Ok(old.is_some())
     }
 
     fn lease_due(
@@ -1123,28 +1349,29 @@ impl<'t> Tables<'t> {
         max: usize,
         token: &str,
     ) -> Result<Vec<Leased>, QueueError> {
-        self.purge_finals(now_ms)?;
-        // Expired leases first, so a dead worker's messages are among those taken.
-        // They go back at their expiry time, ahead of messages that became due later.
-        let expired = collect_keys(&self.leased, now_ms, SWEEP_LIMIT)?;
-        for (at, id) in &expired {
-            self.leased.remove((*at, id.as_str())).map_err(db_err)?;
-            self.leased_until.remove(id.as_str()).map_err(db_err)?;
-            self.schedule_due(id, *at)?;
-        }
+        // Due messages and expired leases alike, by time: a dead worker's messages
+        // come back at their lease's expiry, ahead of messages that became due later.
         let due = collect_keys(&self.due, now_ms, max)?;
         let mut out = Vec::with_capacity(due.len());
         for (at, id) in due {
-            self.due.remove((at, id.as_str())).map_err(db_err)?;
-            self.due_at.remove(id.as_str()).map_err(db_err)?;
-            let Some(envelope) = self.envelopes.get(id.as_str()).map_err(db_err)? else {
+            let Some(bytes) = self.record(&id)? else {
                 tracing::warn!(
                     id,
                     "dropping a schedule entry of a message that is not queued"
                 );
+                self.due.remove((at, id.as_str())).map_err(db_err)?;
                 continue;
             };
-            let envelope: Envelope = decode("envelope", &id, envelope.value())?;
+            let old = Record::parse(&id, &bytes)?;
+            let envelope = old.envelope(&id)?;
+            let mut status = old.status(&id, &envelope)?;
+            let new = Record {
+                leased: true,
+                at: expires_ms,
+                token,
+                ..old
+            };
+            self.put(&id, &old, &new)?;
             let body = self
                 .bodies
                 .get(id.as_str())
@@ -1152,19 +1379,8 @@ impl<'t> Tables<'t> {
                 .ok_or_else(|| QueueError::Corrupt(format!("message {id} has no body")))?
                 .value()
                 .to_vec();
-            let mut status = match self.status.get(id.as_str()).map_err(db_err)? {
-                Some(s) => decode("status", &id, s.value())?,
-                None => MessageStatus::new(&envelope),
-            };
             status.next_attempt_ms = Some(at);
             status.leased_until_ms = Some(expires_ms);
-            self.leased
-                .insert((expires_ms, id.as_str()), ())
-                .map_err(db_err)?;
-            self.leased_until
-                .insert(id.as_str(), expires_ms)
-                .map_err(db_err)?;
-            self.tokens.insert(id.as_str(), token).map_err(db_err)?;
             out.push(Leased {
                 lease: Lease {
                     id: envelope.id.clone(),
@@ -1178,11 +1394,25 @@ impl<'t> Tables<'t> {
         Ok(out)
     }
 
-    /// Whether `token` is the latest lease of a queued message.
-    fn holds(&self, id: &str, token: &str) -> Result<bool, QueueError> {
-        let current = self.tokens.get(id).map_err(db_err)?;
-        Ok(current.is_some_and(|t| t.value() == token)
-            && self.envelopes.get(id).map_err(db_err)?.is_some())
+    /// The stored record of a queued message.
+    fn record(&self, id: &str) -> Result<Option<Vec<u8>>, QueueError> {
+        Ok(self
+            .messages
+            .get(id)
+            .map_err(db_err)?
+            .map(|r| r.value().to_vec()))
+    }
+
+    /// The record of a queued message whose latest lease is `token`.
+    fn held(&self, id: &str, token: &str) -> Result<Option<Vec<u8>>, QueueError> {
+        let Some(bytes) = self.record(id)? else {
+            return Ok(None);
+        };
+        let held = {
+            let r = Record::parse(id, &bytes)?;
+            r.leased && r.token == token
+        };
+        Ok(held.then_some(bytes))
     }
 
     fn finish(
@@ -1193,166 +1423,133 @@ impl<'t> Tables<'t> {
         now_ms: u64,
         retention_ms: u64,
     ) -> Result<FinishResult, QueueError> {
-        if !self.holds(id, token)? {
+        let Some(bytes) = self.held(id, token)? else {
             return Ok(FinishResult::LeaseLost);
-        }
-        let old_attempts = self.take_status(id)?;
-        self.unschedule(id)?;
-        self.tokens.remove(id).map_err(db_err)?;
-        let result = match status.next_attempt_ms {
-            Some(next) => {
-                self.status
-                    .insert(id, encode("status", status)?.as_slice())
-                    .map_err(db_err)?;
-                self.schedule_due(id, next)?;
-                match (old_attempts > 0, status.attempts > 0) {
-                    (false, true) => self.deferred += 1,
-                    (true, false) => self.deferred = self.deferred.saturating_sub(1),
-                    _ => {}
-                }
-                FinishResult::Rescheduled
-            }
-            None => {
-                let envelope = self
-                    .envelopes
-                    .remove(id)
-                    .map_err(db_err)?
-                    .ok_or_else(|| QueueError::Corrupt(format!("message {id} vanished")))?;
-                let envelope: Envelope = decode("envelope", id, envelope.value())?;
-                let len = self
-                    .bodies
-                    .remove(id)
-                    .map_err(db_err)?
-                    .map_or(0, |b| b.value().len() as u64);
-                self.messages = self.messages.saturating_sub(1);
-                self.bytes = self.bytes.saturating_sub(len);
-                if old_attempts > 0 {
-                    self.deferred = self.deferred.saturating_sub(1);
-                }
-                let totals = DeliveryTotals::of(status);
-                for (name, n) in [
-                    (STAT_DELIVERED, totals.delivered),
-                    (STAT_BOUNCED, totals.bounced),
-                    (STAT_EXPIRED, totals.expired),
-                ] {
-                    if n > 0 {
-                        let v = stat(&self.stats, name)?.saturating_add(n);
-                        self.stats.insert(name, v).map_err(db_err)?;
-                    }
-                }
-                let expires_ms = now_ms.saturating_add(retention_ms);
-                let record = encode(
-                    "final record",
-                    &FinalRecord {
-                        envelope,
-                        status: status.clone(),
-                    },
-                )?;
-                self.finals
-                    .insert(id, (expires_ms, record.as_slice()))
-                    .map_err(db_err)?;
-                self.final_expiry
-                    .insert((expires_ms, id), ())
-                    .map_err(db_err)?;
-                FinishResult::Finalized
-            }
         };
-        self.purge_finals(now_ms)?;
-        Ok(result)
+        let old = Record::parse(id, &bytes)?;
+        let Some(next) = status.next_attempt_ms else {
+            self.finalize(id, &old, status, now_ms, retention_ms)?;
+            return Ok(FinishResult::Finalized);
+        };
+        let json = encode("status", status)?;
+        let new = Record {
+            leased: false,
+            at: next,
+            attempts: status.attempts,
+            token: "",
+            envelope: old.envelope,
+            status: &json,
+        };
+        self.put(id, &old, &new)?;
+        Ok(FinishResult::Rescheduled)
+    }
+
+    /// Moves a message from the queue to the final records.
+    fn finalize(
+        &mut self,
+        id: &str,
+        old: &Record<'_>,
+        status: &MessageStatus,
+        now_ms: u64,
+        retention_ms: u64,
+    ) -> Result<(), QueueError> {
+        self.messages.remove(id).map_err(db_err)?;
+        self.due.remove((old.at, id)).map_err(db_err)?;
+        self.counted_out(old);
+        self.c.messages = self.c.messages.saturating_sub(1);
+        let len = self
+            .bodies
+            .remove(id)
+            .map_err(db_err)?
+            .map_or(0, |b| b.value().len() as u64);
+        self.c.bytes = self.c.bytes.saturating_sub(len);
+        let totals = DeliveryTotals::of(status);
+        self.c.delivered = self.c.delivered.saturating_add(totals.delivered);
+        self.c.bounced = self.c.bounced.saturating_add(totals.bounced);
+        self.c.expired = self.c.expired.saturating_add(totals.expired);
+        let expires_ms = now_ms.saturating_add(retention_ms);
+        let record = old.final_json(status)?;
+        let replaced = self
+            .finals
+            .insert(id, (expires_ms, record.as_slice()))
+            .map_err(db_err)?
+            .map(|old| old.value().0);
+        if let Some(old_expiry) = replaced {
+            self.final_expiry.remove((old_expiry, id)).map_err(db_err)?;
+        }
+        self.final_expiry
+            .insert((expires_ms, id), ())
+            .map_err(db_err)?;
+        Ok(())
     }
 
     fn renew(&mut self, id: &str, token: &str, expires_ms: u64) -> Result<bool, QueueError> {
-        if !self.holds(id, token)? {
+        // A lease that expired but that nobody took since still belongs to its
+        // holder: the token says nobody else has tried.
+        let Some(bytes) = self.held(id, token)? else {
             return Ok(false);
-        }
-        // Also reclaims a lease that expired and was swept back to due but not taken
-        // by anyone: the token says nobody else has tried since.
-        self.unschedule(id)?;
-        self.leased.insert((expires_ms, id), ()).map_err(db_err)?;
-        self.leased_until.insert(id, expires_ms).map_err(db_err)?;
+        };
+        let old = Record::parse(id, &bytes)?;
+        let new = Record {
+            at: expires_ms,
+            ..old
+        };
+        self.put(id, &old, &new)?;
         Ok(true)
     }
 
     fn release(&mut self, id: &str, token: &str, due_ms: u64) -> Result<(), QueueError> {
-        if !self.holds(id, token)? {
+        let Some(bytes) = self.held(id, token)? else {
             return Ok(());
-        }
-        let until = self
-            .leased_until
-            .remove(id)
-            .map_err(db_err)?
-            .map(|v| v.value());
-        // Not leased means swept back to due after expiry: already due, leave it.
-        if let Some(until) = until {
-            self.leased.remove((until, id)).map_err(db_err)?;
-            self.schedule_due(id, due_ms)?;
-        }
-        self.tokens.remove(id).map_err(db_err)?;
-        Ok(())
+        };
+        let old = Record::parse(id, &bytes)?;
+        let new = Record {
+            leased: false,
+            at: due_ms,
+            token: "",
+            ..old
+        };
+        self.put(id, &old, &new)
     }
 
     fn retry_now(&mut self, sel: &RetrySelector, now_ms: u64) -> Result<u64, QueueError> {
-        let candidates: Vec<String> = match sel {
-            RetrySelector::Id(id) => match self.due_at.get(id.as_str()).map_err(db_err)? {
-                Some(at) if at.value() > now_ms => vec![id.as_str().to_owned()],
-                _ => Vec::new(),
-            },
-            RetrySelector::All | RetrySelector::Domain(_) => {
-                let mut ids = Vec::new();
-                for entry in self
-                    .due
-                    .range::<(u64, &str)>((now_ms.saturating_add(1), "")..)
-                    .map_err(db_err)?
-                {
-                    let (key, _) = entry.map_err(db_err)?;
-                    let id = key.value().1.to_owned();
-                    if let RetrySelector::Domain(domain) = sel {
-                        let Some(status) = self.status.get(id.as_str()).map_err(db_err)? else {
-                            continue;
-                        };
-                        let status: MessageStatus = decode("status", &id, status.value())?;
-                        if !status.has_pending_in(domain) {
-                            continue;
-                        }
-                    }
-                    ids.push(id);
-                }
-                ids
+        let waiting = |id: &str, r: &Record<'_>| -> Result<bool, QueueError> {
+            if r.leased || r.at <= now_ms {
+                return Ok(false);
             }
+            Ok(match sel {
+                RetrySelector::Domain(domain) => {
+                    let envelope = r.envelope(id)?;
+                    r.status(id, &envelope)?.has_pending_in(domain)
+                }
+                RetrySelector::All | RetrySelector::Id(_) => true,
+            })
         };
-        for id in &candidates {
-            self.unschedule(id)?;
-            self.schedule_due(id, now_ms)?;
+        let mut candidates = Vec::new();
+        match sel {
+            RetrySelector::Id(id) => {
+                if let Some(bytes) = self.record(id.as_str())? {
+                    let r = Record::parse(id.as_str(), &bytes)?;
+                    if waiting(id.as_str(), &r)? {
+                        candidates.push((id.as_str().to_owned(), bytes));
+                    }
+                }
+            }
+            RetrySelector::All | RetrySelector::Domain(_) => {
+                for entry in self.messages.iter().map_err(db_err)? {
+                    let (key, value) = entry.map_err(db_err)?;
+                    let id = key.value();
+                    if waiting(id, &Record::parse(id, value.value())?)? {
+                        candidates.push((id.to_owned(), value.value().to_vec()));
+                    }
+                }
+            }
+        }
+        for (id, bytes) in &candidates {
+            let old = Record::parse(id, bytes)?;
+            self.put(id, &old, &Record { at: now_ms, ..old })?;
         }
         Ok(candidates.len() as u64)
-    }
-
-    /// Removes a message's schedule entry, due or leased.
-    fn unschedule(&mut self, id: &str) -> Result<(), QueueError> {
-        if let Some(at) = self.due_at.remove(id).map_err(db_err)? {
-            let at = at.value();
-            self.due.remove((at, id)).map_err(db_err)?;
-        }
-        if let Some(until) = self.leased_until.remove(id).map_err(db_err)? {
-            let until = until.value();
-            self.leased.remove((until, id)).map_err(db_err)?;
-        }
-        Ok(())
-    }
-
-    fn schedule_due(&mut self, id: &str, at: u64) -> Result<(), QueueError> {
-        self.due.insert((at, id), ()).map_err(db_err)?;
-        self.due_at.insert(id, at).map_err(db_err)?;
-        Ok(())
-    }
-
-    /// Removes a stored status; returns its attempt count (0 without one).
-    fn take_status(&mut self, id: &str) -> Result<u32, QueueError> {
-        let Some(old) = self.status.remove(id).map_err(db_err)? else {
-            return Ok(0);
-        };
-        let old: StoredAttempts = decode("status", id, old.value())?;
-        Ok(old.attempts)
     }
 
     fn drop_final(&mut self, id: &str) -> Result<(), QueueError> {
@@ -1373,49 +1570,107 @@ impl<'t> Tables<'t> {
     /// Returns every leased message to due at `now_ms`, voiding the leases; returns
     /// how many there were.
     fn release_all(&mut self, now_ms: u64) -> Result<u64, QueueError> {
-        let mut leased = Vec::new();
-        for entry in self.leased.iter().map_err(db_err)? {
-            let (key, _) = entry.map_err(db_err)?;
-            let (until, id) = key.value();
-            leased.push((until, id.to_owned()));
+        if self.c.leased == 0 {
+            return Ok(0);
         }
-        for (until, id) in &leased {
-            self.leased.remove((*until, id.as_str())).map_err(db_err)?;
-            self.leased_until.remove(id.as_str()).map_err(db_err)?;
-            self.tokens.remove(id.as_str()).map_err(db_err)?;
-            self.schedule_due(id, now_ms)?;
+        let mut leased = Vec::new();
+        for entry in self.messages.iter().map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let id = key.value();
+            if Record::parse(id, value.value())?.leased {
+                leased.push((id.to_owned(), value.value().to_vec()));
+            }
+        }
+        for (id, bytes) in &leased {
+            let old = Record::parse(id, bytes)?;
+            let new = Record {
+                leased: false,
+                at: now_ms,
+                token: "",
+                ..old
+            };
+            self.put(id, &old, &new)?;
         }
         Ok(leased.len() as u64)
     }
+}
 
-    /// Layout 1 queued messages without a schedule or status; give them both, due
-    /// at arrival. Returns how many it scheduled.
-    fn schedule_unscheduled(&mut self) -> Result<u64, QueueError> {
-        let mut found = Vec::new();
-        for entry in self.envelopes.iter().map_err(db_err)? {
+/// Moves the messages of a layout 1 or 2 file into `messages` and rebuilds `due` from
+/// them, then deletes the old tables. Leased messages are due at `now_ms` (their
+/// holder is gone); layout 1's messages had no schedule and are due at arrival.
+/// `bodies`, `final`, `final_expiry` and `stats` keep their layout; `leased` counts
+/// the layout 3 records already there (released right after). Returns how many
+/// messages it moved.
+fn migrate_legacy(txn: &WriteTransaction, now_ms: u64) -> Result<u64, QueueError> {
+    let names: Vec<String> = txn
+        .list_tables()
+        .map_err(db_err)?
+        .map(|t| t.name().to_owned())
+        .collect();
+    let exists = |name: &str| names.iter().any(|n| n == name);
+    if !exists("envelopes") {
+        return Ok(0);
+    }
+    let mut moved = 0;
+    {
+        let envelopes = txn.open_table(legacy::ENVELOPES).map_err(db_err)?;
+        let statuses = txn.open_table(legacy::STATUS).map_err(db_err)?;
+        let due_at = txn.open_table(legacy::DUE_AT).map_err(db_err)?;
+        let mut messages = txn.open_table(MESSAGES).map_err(db_err)?;
+        let mut due = txn.open_table(DUE).map_err(db_err)?;
+        due.retain(|_, _| false).map_err(db_err)?;
+        // A file moved once and then opened by an older relay (a rollback) also has
+        // layout 3 records, which that relay could not see: keep them scheduled.
+        let mut leased = 0;
+        for entry in messages.iter().map_err(db_err)? {
+            let (key, value) = entry.map_err(db_err)?;
+            let record = Record::parse(key.value(), value.value())?;
+            due.insert((record.at, key.value()), ()).map_err(db_err)?;
+            leased += u64::from(record.leased);
+        }
+        for entry in envelopes.iter().map_err(db_err)? {
             let (key, value) = entry.map_err(db_err)?;
             let id = key.value();
-            if self.due_at.get(id).map_err(db_err)?.is_none()
-                && self.leased_until.get(id).map_err(db_err)?.is_none()
-            {
-                let envelope: Envelope = decode("envelope", id, value.value())?;
-                found.push(envelope);
-            }
+            let envelope = value.value();
+            let status = statuses.get(id).map_err(db_err)?;
+            let status = status.as_ref().map_or(&[][..], |s| s.value());
+            let attempts = if status.is_empty() {
+                0
+            } else {
+                decode::<StoredAttempts>("status", id, status)?.attempts
+            };
+            let at = match due_at.get(id).map_err(db_err)? {
+                Some(at) => at.value(),
+                // Leased (layout 2) or never scheduled (layout 1).
+                None if !status.is_empty() => now_ms,
+                None => decode::<Envelope>("envelope", id, envelope)?.received_at_ms,
+            };
+            let record = Record {
+                leased: false,
+                at,
+                attempts,
+                token: "",
+                envelope,
+                status,
+            };
+            messages
+                .insert(id, record.to_vec()?.as_slice())
+                .map_err(db_err)?;
+            due.insert((at, id), ()).map_err(db_err)?;
+            moved += 1;
         }
-        for envelope in &found {
-            let id = envelope.id.as_str();
-            if self.status.get(id).map_err(db_err)?.is_none() {
-                self.status
-                    .insert(
-                        id,
-                        encode("status", &MessageStatus::new(envelope))?.as_slice(),
-                    )
-                    .map_err(db_err)?;
-            }
-            self.schedule_due(id, envelope.received_at_ms)?;
-        }
-        Ok(found.len() as u64)
+        txn.open_table(STATS)
+            .map_err(db_err)?
+            .insert(STAT_LEASED, leased)
+            .map_err(db_err)?;
     }
+    txn.delete_table(legacy::ENVELOPES).map_err(db_err)?;
+    txn.delete_table(legacy::STATUS).map_err(db_err)?;
+    txn.delete_table(legacy::DUE_AT).map_err(db_err)?;
+    txn.delete_table(legacy::LEASED).map_err(db_err)?;
+    txn.delete_table(legacy::LEASED_UNTIL).map_err(db_err)?;
+    txn.delete_table(legacy::TOKENS).map_err(db_err)?;
+    Ok(moved)
 }
 
 /// The first `limit` keys of a (time, id) index with time at or before `until`.
@@ -1442,6 +1697,7 @@ fn collect_keys(
 mod tests {
     use super::*;
     use crate::queue::{ClientInfo, MailParams, Recipient};
+    use redb::ReadableTableMetadata;
 
     fn message(body: &[u8]) -> QueuedMessage {
         QueuedMessage {
@@ -1485,9 +1741,7 @@ mod tests {
             tx.try_send(vec![WriteOp {
                 req: Request::Enqueue {
                     id: msg.envelope.id.as_str().to_owned(),
-                    envelope: serde_json::to_vec(&msg.envelope).unwrap(),
-                    status: serde_json::to_vec(&MessageStatus::new(&msg.envelope)).unwrap(),
-                    due_ms: msg.envelope.received_at_ms,
+                    record: Record::new_message(&msg.envelope).unwrap(),
                     body: msg.body,
                     event: None,
                 },
@@ -1548,7 +1802,7 @@ mod tests {
             {
                 let id = msg.envelope.id.as_str();
                 let env = serde_json::to_vec(&msg.envelope).unwrap();
-                txn.open_table(ENVELOPES)
+                txn.open_table(legacy::ENVELOPES)
                     .unwrap()
                     .insert(id, env.as_slice())
                     .unwrap();
@@ -1580,6 +1834,284 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    /// A queue written by layout 2 (seven tables per message) opens with this version:
+    /// its messages move to `messages` keeping their schedule, status and counters, a
+    /// leased one is due at once, final records stay readable, the old tables are
+    /// gone, and everything drains.
+    #[tokio::test]
+    async fn messages_of_layout_2_move_on_open_and_drain() {
+        let dir = tempfile::tempdir().unwrap();
+        let now = now_ms();
+        let later = now + 3_600_000;
+        let due = message(b"due\r\n");
+        let leased = message(b"leased\r\n");
+        let deferred = message(b"deferred\r\n");
+        let done = message(b"done\r\n");
+        let mut deferred_status = MessageStatus::new(&deferred.envelope);
+        deferred_status.attempts = 1;
+        deferred_status.next_attempt_ms = Some(later);
+        let mut done_status = MessageStatus::new(&done.envelope);
+        done_status.rcpts[0].state = crate::queue::RcptState::Delivered;
+        done_status.next_attempt_ms = None;
+        let bytes = (due.body.len() + leased.body.len() + deferred.body.len()) as u64;
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut envelopes = txn.open_table(legacy::ENVELOPES).unwrap();
+                let mut bodies = txn.open_table(BODIES).unwrap();
+                let mut status = txn.open_table(legacy::STATUS).unwrap();
+                for (m, s) in [
+                    (&due, MessageStatus::new(&due.envelope)),
+                    (&leased, MessageStatus::new(&leased.envelope)),
+                    (&deferred, deferred_status.clone()),
+                ] {
+                    let id = m.envelope.id.as_str();
+                    let env = serde_json::to_vec(&m.envelope).unwrap();
+                    envelopes.insert(id, env.as_slice()).unwrap();
+                    bodies.insert(id, m.body.as_slice()).unwrap();
+                    let s = serde_json::to_vec(&s).unwrap();
+                    status.insert(id, s.as_slice()).unwrap();
+                }
+                let mut due_t = txn.open_table(DUE).unwrap();
+                let mut due_at = txn.open_table(legacy::DUE_AT).unwrap();
+                for (m, at) in [(&due, 1), (&deferred, later)] {
+                    due_t.insert((at, m.envelope.id.as_str()), ()).unwrap();
+                    due_at.insert(m.envelope.id.as_str(), at).unwrap();
+                }
+                let id = leased.envelope.id.as_str();
+                txn.open_table(legacy::LEASED)
+                    .unwrap()
+                    .insert((later, id), ())
+                    .unwrap();
+                txn.open_table(legacy::LEASED_UNTIL)
+                    .unwrap()
+                    .insert(id, later)
+                    .unwrap();
+                txn.open_table(legacy::TOKENS)
+                    .unwrap()
+                    .insert(id, "gone#1")
+                    .unwrap();
+                let record = serde_json::to_vec(&FinalRecord {
+                    envelope: done.envelope.clone(),
+                    status: done_status.clone(),
+                })
+                .unwrap();
+                let id = done.envelope.id.as_str();
+                txn.open_table(FINAL)
+                    .unwrap()
+                    .insert(id, (later, record.as_slice()))
+                    .unwrap();
+                txn.open_table(FINAL_EXPIRY)
+                    .unwrap()
+                    .insert((later, id), ())
+                    .unwrap();
+                let mut stats = txn.open_table(STATS).unwrap();
+                stats.insert(STAT_MESSAGES, 3).unwrap();
+                stats.insert(STAT_BYTES, bytes).unwrap();
+                stats.insert(STAT_DEFERRED, 1).unwrap();
+                stats.insert(STAT_DELIVERED, 1).unwrap();
+                txn.open_table(META)
+                    .unwrap()
+                    .insert(META_LAYOUT, 2)
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        }
+
+        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let stats = q.stats().await.unwrap();
+        assert_eq!(
+            (stats.messages, stats.bytes, stats.leased, stats.deferred),
+            (3, bytes, 0, 1)
+        );
+        let (_, s) = q.status(&deferred.envelope.id).await.unwrap().unwrap();
+        assert_eq!((s.attempts, s.next_attempt_ms), (1, Some(later)));
+        let (_, s) = q.status(&done.envelope.id).await.unwrap().unwrap();
+        assert!(s.is_final());
+        {
+            let txn = q.db.begin_read().unwrap();
+            let names: Vec<String> = txn
+                .list_tables()
+                .unwrap()
+                .map(|t| t.name().to_owned())
+                .collect();
+            for old in [
+                "envelopes",
+                "status",
+                "due_at",
+                "leased",
+                "leased_until",
+                "tokens",
+            ] {
+                assert!(!names.iter().any(|n| n == old), "{old} left in {names:?}");
+            }
+        }
+
+        // The due one and the one whose holder is gone; the deferred one waits.
+        let mut taken = q.lease_due(now_ms(), 60_000, 10, "w").await.unwrap();
+        taken.sort_by(|a, b| a.lease.id.cmp(&b.lease.id));
+        let mut want = [due.clone(), leased.clone()];
+        want.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+        assert_eq!(
+            taken.iter().map(|l| &l.message).collect::<Vec<_>>(),
+            want.iter().collect::<Vec<_>>()
+        );
+        assert_eq!(
+            q.retry_now(RetrySelector::Id(deferred.envelope.id.clone()))
+                .await
+                .unwrap(),
+            1
+        );
+        taken.extend(q.lease_due(now_ms(), 60_000, 10, "w").await.unwrap());
+        assert_eq!(taken.len(), 3);
+        assert_eq!(taken[2].message, deferred);
+        assert_eq!(taken[2].status.attempts, 1);
+        for l in &taken {
+            let mut s = l.status.clone();
+            s.rcpts[0].state = crate::queue::RcptState::Delivered;
+            s.next_attempt_ms = None;
+            assert_eq!(
+                q.finish(&l.lease, s).await.unwrap(),
+                FinishResult::Finalized
+            );
+        }
+        assert_eq!(q.stats().await.unwrap(), QueueStats::default());
+        assert_eq!(q.delivery_totals().await.unwrap().delivered, 4);
+        drop(q);
+        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        assert!(
+            q.lease_due(now_ms(), 1000, 10, "w")
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(q.stats().await.unwrap(), QueueStats::default());
+    }
+
+    /// A `queue.redb` written by the release before layout 3 (db524c3, made with
+    /// `mailrelay serve`: one message delivered, one deferred after a refused
+    /// connection, then two queued with delivery off) opens, shows what it held, and
+    /// drains.
+    #[tokio::test]
+    async fn a_queue_written_by_the_layout_2_release_opens_and_drains() {
+        use std::io::Read as _;
+        let dir = tempfile::tempdir().unwrap();
+        let gz: &[u8] = include_bytes!("../../tests/data/queue-layout2.redb.gz");
+        let mut file = Vec::new();
+        flate2::read::GzDecoder::new(gz)
+            .read_to_end(&mut file)
+            .unwrap();
+        std::fs::write(dir.path().join(DB_FILE), file).unwrap();
+        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let stats = q.stats().await.unwrap();
+        assert_eq!((stats.messages, stats.deferred, stats.leased), (3, 1, 0));
+        assert_eq!(q.delivery_totals().await.unwrap().delivered, 1);
+        {
+            // The delivered one's final record (read raw: it expires a day after
+            // the file was made, and reads hide expired ones).
+            let txn = q.db.begin_read().unwrap();
+            let finals = txn.open_table(FINAL).unwrap();
+            assert!(finals.get("06H4Z0V612HKG18Q471G").unwrap().is_some());
+        }
+        let queued = [
+            (
+                "06H4Z0VMTQQS0B1K1243",
+                "rcpt@example.net",
+                "fixture deferred",
+                1,
+            ),
+            ("06H4Z0W30PJR76KXE7PD", "a@example.net", "fixture due-1", 0),
+            ("06H4Z0W48JB53TCZZQB0", "b@example.org", "fixture due-2", 0),
+        ];
+        let ids = q.list_ids(10).await.unwrap();
+        assert_eq!(
+            ids.iter().map(QueueId::as_str).collect::<Vec<_>>(),
+            queued.iter().map(|q| q.0).collect::<Vec<_>>()
+        );
+        // The deferred one's retry was due minutes after the file was made.
+        let mut taken = q.lease_due(now_ms(), 60_000, 10, "w").await.unwrap();
+        taken.sort_by(|a, b| a.lease.id.cmp(&b.lease.id));
+        assert_eq!(taken.len(), 3);
+        for (l, (id, rcpt, text, attempts)) in taken.iter().zip(queued) {
+            assert_eq!(l.lease.id.as_str(), id);
+            assert_eq!(l.message.envelope.recipients[0].address, rcpt);
+            let body = String::from_utf8_lossy(&l.message.body);
+            assert!(body.contains(text), "{id}: {body}");
+            assert_eq!(l.status.attempts, attempts, "{id}");
+        }
+        for l in &taken {
+            let mut s = l.status.clone();
+            s.rcpts[0].state = crate::queue::RcptState::Delivered;
+            s.next_attempt_ms = None;
+            assert_eq!(
+                q.finish(&l.lease, s).await.unwrap(),
+                FinishResult::Finalized
+            );
+        }
+        assert_eq!(q.stats().await.unwrap(), QueueStats::default());
+        assert_eq!(q.delivery_totals().await.unwrap().delivered, 4);
+    }
+
+    /// Rolled back and forward again: a layout 3 file opened by a layout 2 relay gets
+    /// that relay's tables and `layout: 2` beside its records; the next open keeps
+    /// both sets of messages scheduled.
+    #[tokio::test]
+    async fn a_file_written_by_both_layouts_keeps_every_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = message(b"layout 3\r\n");
+        let old = message(b"layout 2\r\n");
+        {
+            let q = EmbeddedQueue::open(dir.path()).unwrap();
+            q.enqueue(&new).await.unwrap();
+            // Leased when the relay went away.
+            assert_eq!(
+                q.lease_due(now_ms(), 60_000, 10, "w").await.unwrap().len(),
+                1
+            );
+        }
+        {
+            let db = Database::create(dir.path().join(DB_FILE)).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let id = old.envelope.id.as_str();
+                let env = serde_json::to_vec(&old.envelope).unwrap();
+                let status = serde_json::to_vec(&MessageStatus::new(&old.envelope)).unwrap();
+                txn.open_table(legacy::ENVELOPES)
+                    .unwrap()
+                    .insert(id, env.as_slice())
+                    .unwrap();
+                txn.open_table(BODIES)
+                    .unwrap()
+                    .insert(id, old.body.as_slice())
+                    .unwrap();
+                txn.open_table(legacy::STATUS)
+                    .unwrap()
+                    .insert(id, status.as_slice())
+                    .unwrap();
+                txn.open_table(legacy::DUE_AT)
+                    .unwrap()
+                    .insert(id, 1)
+                    .unwrap();
+                txn.open_table(DUE).unwrap().insert((1, id), ()).unwrap();
+                let mut stats = txn.open_table(STATS).unwrap();
+                let n = stats.get(STAT_MESSAGES).unwrap().unwrap().value();
+                stats.insert(STAT_MESSAGES, n + 1).unwrap();
+                let mut meta = txn.open_table(META).unwrap();
+                meta.insert(META_LAYOUT, 2).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let q = EmbeddedQueue::open(dir.path()).unwrap();
+        let stats = q.stats().await.unwrap();
+        assert_eq!((stats.messages, stats.leased), (2, 0));
+        let mut taken = q.lease_due(now_ms(), 60_000, 10, "w").await.unwrap();
+        taken.sort_by(|a, b| a.lease.id.cmp(&b.lease.id));
+        let mut want = [&new, &old];
+        want.sort_by(|a, b| a.envelope.id.cmp(&b.envelope.id));
+        assert_eq!(taken.iter().map(|l| &l.message).collect::<Vec<_>>(), want);
     }
 
     /// Expired final records are purged by later writes, not only hidden.
