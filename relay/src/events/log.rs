@@ -13,11 +13,7 @@
 //!   two writes leaves the messages leased; whoever delivers them again writes
 //!   their events again. So an outcome event is written at least once, and never
 //!   lost to a crash (a duplicate is possible; webhooks consumers dedupe by the
-//!   event's `queue_id`, `recipient` and `kind`). On the embedded queue that is
-//!   also why their commit needs no fsync of its own: the `finish` that follows is
-//!   a durable commit of the same redb file and makes them durable with it; a
-//!   crash before it loses both the events and the outcome, and both are made
-//!   again;
+//!   event's `queue_id`, `recipient` and `kind`);
 //! - `accepted` is written by the queue in the same atomic write as the message
 //!   ([`crate::queue::Ingest::enqueue_with_event`]): in the enqueue's redb
 //!   transaction on the embedded queue, by the enqueue script on standalone Redis
@@ -140,24 +136,13 @@ impl EventStore {
     /// Writes `events` in one round trip (one pipeline, one commit) and returns
     /// their IDs.
     pub async fn append(&self, events: &[Event]) -> Result<Vec<String>, EventError> {
-        self.append_with(events, true).await
-    }
-
-    /// [`EventStore::append`]; `durable: false` for events that a durable write of
-    /// the queue follows (delivery outcomes before their `finish`): the embedded
-    /// store then commits without an fsync of its own (Redis is unchanged).
-    async fn append_with(
-        &self,
-        events: &[Event],
-        durable: bool,
-    ) -> Result<Vec<String>, EventError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
         let encoded = Encoded::new(events)?;
         match self {
             EventStore::Redis(r) => r.append(&encoded).await,
-            EventStore::Embedded(e) => e.append(encoded, durable).await,
+            EventStore::Embedded(e) => e.append(encoded).await,
         }
     }
 
@@ -429,17 +414,13 @@ impl EmbeddedEvents {
         &self.db
     }
 
-    async fn append(&self, events: Encoded, durable: bool) -> Result<Vec<String>, EventError> {
+    async fn append(&self, events: Encoded) -> Result<Vec<String>, EventError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
             let json: Vec<&[u8]> = events.iter().collect();
             let mut txn = this.db.begin_write().map_err(unavailable)?;
-            txn.set_durability(if durable {
-                Durability::Immediate
-            } else {
-                Durability::None
-            })
-            .map_err(unavailable)?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(unavailable)?;
             let keys = append_in(&txn, &json, this.max_len).map_err(unavailable)?;
             txn.commit().map_err(unavailable)?;
             Ok(keys.iter().map(|(a, b)| format!("{a}-{b}")).collect())
@@ -564,8 +545,7 @@ impl EventSink {
 
     /// Writes `events` now, in one round trip, trying up to three times; what still
     /// fails is counted as lost. For callers that order the event before a state
-    /// change (delivery outcomes), and write that change durably next: the
-    /// embedded store's commit leaves the fsync to it.
+    /// change (delivery outcomes).
     pub async fn append_now(&self, events: &[Event]) {
         if events.is_empty() {
             return;
@@ -575,7 +555,7 @@ impl EventSink {
         self.flush().await;
         let mut delay = Duration::from_millis(50);
         for attempt in 1..=3 {
-            match self.store.append_with(events, false).await {
+            match self.store.append(events).await {
                 Ok(_) => {
                     self.metrics.written(events);
                     self.appended
