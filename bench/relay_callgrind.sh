@@ -14,9 +14,13 @@
 #   bash bench/relay_callgrind.sh                         # target/release/mailrelay, N=2000
 #   RELAY_BIN=/work/mailrelay-stop14-release QUEUES=embedded bash bench/relay_callgrind.sh
 #   callgrind_annotate --inclusive=yes $WORK/embedded.cg.out | head -60
+#   EVENTS="off on hook" bash bench/relay_callgrind.sh   # the event log's cost (issue 19)
 # Knobs: RELAY_BIN N SIZE SESSIONS QUEUES WORK TOOL (callgrind; "none" = instructions are
-# not counted, for a quick functional pass) and the ports SMTP_PORT ADMIN_PORT SINK_PORT
-# REDIS_PORT DNS_PORT (14625 14626 14636 16679 14653).
+# not counted, for a quick functional pass), EVENTS (space-separated modes, default "on":
+# the relay's default config; "off" = `events: {enabled: false}`; "hook" = events on and
+# one webhook for all tenants posting to a local Python receiver, counted; RELAY_YAML_HOOK
+# adds keys to that webhook's entry, e.g. "batch: {max_events: 1}") and the ports SMTP_PORT
+# ADMIN_PORT SINK_PORT REDIS_PORT DNS_PORT HOOK_PORT (14625 14626 14636 16679 14653 14637).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RELAY_BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-target}/release/mailrelay}
@@ -26,7 +30,8 @@ SESSIONS=${SESSIONS:-20}
 QUEUES=${QUEUES:-"embedded redis"}
 WORK=${WORK:-/var/tmp/mailrelay-relay-callgrind}
 SMTP_PORT=${SMTP_PORT:-14625} ADMIN_PORT=${ADMIN_PORT:-14626} SINK_PORT=${SINK_PORT:-14636}
-REDIS_PORT=${REDIS_PORT:-16679} DNS_PORT=${DNS_PORT:-14653}
+REDIS_PORT=${REDIS_PORT:-16679} DNS_PORT=${DNS_PORT:-14653} HOOK_PORT=${HOOK_PORT:-14637}
+EVENTS=${EVENTS:-on}
 for t in valgrind smtp-source smtp-sink redis-server curl; do
   command -v $t >/dev/null || [ -x /usr/sbin/$t ] || { echo "needs $t" >&2; exit 1; }
 done
@@ -50,13 +55,36 @@ if [[ " $QUEUES " == *" redis "* ]]; then
     --appendfsync everysec --save '' --daemonize no --logfile "$WORK/redis.log" &
   PIDS+=($!)
 fi
+if [[ " $EVENTS " == *" hook "* ]]; then
+  # Counts events (a batch's array or one event) and POSTs.
+  python3 - "$HOOK_PORT" "$WORK/hook.count" >"$WORK/hook.log" 2>&1 <<'PY' &
+import json, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port, out = int(sys.argv[1]), sys.argv[2]
+events, posts, lock = 0, 0, threading.Lock()
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        global events, posts
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.send_response(204); self.send_header("Content-Length", "0"); self.end_headers()
+        with lock:
+            posts += 1
+            events += len(body) if isinstance(body, list) else 1
+            open(out, "w").write(f"{events} {posts}")
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+PY
+  PIDS+=($!)
+fi
 sleep 1
 
+hook_count() { cat "$WORK/hook.count" 2>/dev/null || echo "0 0"; }
 sink_count() { python3 bench/timer.py --sink-count "$WORK/sink.out"; }
 metric() { curl -fs "http://127.0.0.1:$ADMIN_PORT/metrics" | awk -v m="$1" '$1 == m && !f {print $2; f = 1}'; }
 
-run() {  # run QUEUE N -> total Ir
-  local queue=$1 n=$2 q="$WORK/queue" pid got base left qsec
+run() {  # run QUEUE N EVENTS -> total Ir
+  local queue=$1 n=$2 ev=$3 q="$WORK/queue" pid got base left qsec h0 h1
   rm -rf "$q"
   if [ "$queue" = redis ]; then
     redis-cli -p "$REDIS_PORT" FLUSHALL >/dev/null
@@ -71,13 +99,19 @@ run() {  # run QUEUE N -> total Ir
     printf '  max_messages_per_connection: 100\n  tls: disabled\n'
     printf '  dns: {nameservers: ["127.0.0.1:%s"], port_override: %s}\n' "$DNS_PORT" "$SINK_PORT"
     printf 'admin: {address: "127.0.0.1:%s"}\nlog: {level: warn}\nshutdown_grace: 5s\n' "$ADMIN_PORT"
+    case $ev in
+      off) printf 'events: {enabled: false}\n' ;;
+      hook) printf 'webhooks:\n  - {name: bench, url: "http://127.0.0.1:%s/hook", secret: bench-secret-0123456789, tenants: {all: true}, allow_http: true%s}\n' \
+              "$HOOK_PORT" "${RELAY_YAML_HOOK:+, $RELAY_YAML_HOOK}" ;;
+    esac
   } > "$WORK/$queue.yaml"
   local pre=()
-  [ "${TOOL:-callgrind}" = none ] || pre=(valgrind --tool=callgrind --callgrind-out-file="$WORK/$queue-$n.cg.out")
+  [ "${TOOL:-callgrind}" = none ] || pre=(valgrind --tool=callgrind --callgrind-out-file="$WORK/$queue-$ev-$n.cg.out")
   "${pre[@]}" "$RELAY_BIN" serve --config "$WORK/$queue.yaml" > "$WORK/$queue.log" 2>&1 &
   pid=$!
   for _ in $(seq 1 600); do curl -fs "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
   base=$(sink_count)
+  h0=$(hook_count)
   [ "$n" = 0 ] || smtp-source -s "$SESSIONS" -m "$n" -l "$SIZE" -f sender@example.com -t rcpt@example.net \
     -M bench.local "127.0.0.1:$SMTP_PORT"
   for _ in $(seq 1 1200); do [ $(( $(sink_count) - base )) -ge "$n" ] && break; sleep 0.25; done
@@ -85,19 +119,28 @@ run() {  # run QUEUE N -> total Ir
     left=$(curl -fs "http://127.0.0.1:$ADMIN_PORT/api/v1/queue/stats" | python3 -c 'import json,sys; print(json.load(sys.stdin)["messages"])')
     [ "$left" = 0 ] && break; sleep 0.2
   done
+  if [ "$ev" = hook ]; then
+    # Every message makes two events (accepted, delivered): wait for the webhook too.
+    for _ in $(seq 1 1200); do
+      h1=$(hook_count); [ $(( ${h1% *} - ${h0% *} )) -ge $(( 2 * n )) ] && break; sleep 0.25
+    done
+    echo "$queue hook N=$n: $(( ${h1% *} - ${h0% *} )) events in $(( ${h1#* } - ${h0#* } )) POSTs" >&2
+  fi
   got=$(metric mailrelay_smtp_messages_accepted_total)
   kill -TERM "$pid"; wait "$pid" || true
   [ "${got:-0}" = "$n" ] || { echo "$queue: accepted ${got:-0} of $n" >&2; exit 1; }
   [ $(( $(sink_count) - base )) = "$n" ] || { echo "$queue: sink got $(( $(sink_count) - base )) of $n" >&2; exit 1; }
   [ "$left" = 0 ] || { echo "$queue: $left messages left in the queue" >&2; exit 1; }
   if [ "${TOOL:-callgrind}" = none ]; then echo 0; return; fi
-  grep -E '^(summary|totals):' "$WORK/$queue-$n.cg.out" | head -1 | awk '{print $2}'
+  grep -E '^(summary|totals):' "$WORK/$queue-$ev-$n.cg.out" | head -1 | awk '{print $2}'
 }
 
 echo "relay: $RELAY_BIN; N=$N SIZE=$SIZE SESSIONS=$SESSIONS; load: $(cut -d' ' -f1-3 /proc/loadavg)"
-printf '%-9s %14s %14s %12s\n' queue "Ir start-up" "Ir total" "Ir/msg"
+printf '%-9s %-6s %14s %14s %12s\n' queue events "Ir start-up" "Ir total" "Ir/msg"
 for qk in $QUEUES; do
-  b=$(run "$qk" 0)
-  t=$(run "$qk" "$N")
-  printf '%-9s %14s %14s %12s\n' "$qk" "$b" "$t" "$(( (t - b) / N ))"
+  for ev in $EVENTS; do
+    b=$(run "$qk" 0 "$ev")
+    t=$(run "$qk" "$N" "$ev")
+    printf '%-9s %-6s %14s %14s %12s\n' "$qk" "$ev" "$b" "$t" "$(( (t - b) / N ))"
+  done
 done

@@ -10,8 +10,6 @@
 //! destructuring, so a field added there fails the compile until the API decides
 //! whether to show it.
 
-use std::net::IpAddr;
-
 use serde::{Deserialize, Serialize};
 
 /// Every error answer: `{"error": "one line for the user"}`.
@@ -102,82 +100,11 @@ pub struct Envelope {
     pub received_by: String,
 }
 
-/// Everything the client declared at MAIL FROM.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MailParams {
-    /// Reverse-path without angle brackets; empty for the null sender `<>`.
-    pub from: String,
-    pub size: Option<u64>,
-    pub body: BodyType,
-    pub smtputf8: bool,
-    /// RFC 8689 REQUIRETLS: delivered only over verified TLS.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub requiretls: bool,
-    pub ret: Option<DsnRet>,
-    pub envid: Option<String>,
-}
-
-/// RFC 1652 / RFC 6152 body type declared at MAIL FROM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum BodyType {
-    #[default]
-    #[serde(rename = "7bit")]
-    SevenBit,
-    #[serde(rename = "8bitmime")]
-    EightBitMime,
-    #[serde(rename = "binarymime")]
-    BinaryMime,
-}
-
-/// RFC 3461 RET parameter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DsnRet {
-    Full,
-    Hdrs,
-}
-
-/// RFC 3461 NOTIFY parameter of one recipient.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DsnNotify {
-    pub never: bool,
-    pub success: bool,
-    pub failure: bool,
-    pub delay: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Recipient {
-    /// Forward-path without angle brackets.
-    pub address: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub notify: Option<DsnNotify>,
-    /// RFC 3461 ORCPT as given: `addr-type;xtext`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub orcpt: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TlsInfo {
-    pub version: String,
-    pub cipher: String,
-}
-
-/// Who handed the relay the message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClientInfo {
-    /// The client address that relay policy saw (after PROXY protocol, if any).
-    pub ip: IpAddr,
-    pub port: u16,
-    /// The EHLO/HELO argument.
-    pub helo: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub auth_user: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<TlsInfo>,
-    /// The listener that accepted the connection (its configured name).
-    pub listener: String,
-}
+// The envelope's parts are the SMTP crate's own types (what the queue stores):
+// one definition, so the API shows what is stored, field for field.
+pub use mailrelay_smtp::envelope::{
+    BodyType, ClientInfo, DsnNotify, DsnRet, MailParams, Recipient, TlsInfo,
+};
 
 /// Where one recipient stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,12 +119,18 @@ pub enum RcptState {
     Expired,
 }
 
+impl RcptState {
+    pub fn is_final(self) -> bool {
+        self != RcptState::Pending
+    }
+}
+
 /// What one delivery attempt to one recipient achieved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AttemptResult {
     Delivered,
-    /// A temporary failure (4xx, connection or DNS trouble).
+    /// A temporary failure (4xx, connection or DNS trouble): tried again later.
     Deferred,
     Bounced,
 }
@@ -214,6 +147,7 @@ pub struct Attempt {
     /// The address connected to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ip: Option<String>,
+    /// The TLS session, if the connection was encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsInfo>,
     /// The outbound TLS policy the attempt followed and what it found.
@@ -226,7 +160,8 @@ pub struct Attempt {
     pub category: Option<String>,
 }
 
-/// Which transport security policy a delivery attempt followed.
+/// Which transport security policy a delivery attempt followed (the relay's
+/// `delivery::tls_policy` makes it; the queue stores it with the attempt).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TransportSecurity {
     /// `mta-sts`, or the configured `opportunistic`, `required`, `disabled`.
@@ -234,6 +169,7 @@ pub struct TransportSecurity {
     /// The MTA-STS mode: `enforce` or `testing`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<String>,
+    /// The MTA-STS policy id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_id: Option<String>,
     /// Whether the server's certificate chained to a trusted root and matched the
@@ -243,23 +179,48 @@ pub struct TransportSecurity {
     /// What the policy found wrong (a `testing` policy delivers anyway).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
-    /// What DANE said about the host (`tlsa 3 1 1`, `insecure`, `no TLSA`,
-    /// `unavailable`, or why the host was not used).
+    /// What DANE (RFC 7672) said about the host: `tlsa 3 1 1` (its usable
+    /// records; the policy is then `dane`), `tlsa unusable: …`, `insecure`,
+    /// `no TLSA`, `unavailable` (the resolver does not pass DNSSEC), or why the host
+    /// was not used (bogus or failed lookups).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dane: Option<String>,
 }
+
+/// Most recent attempts kept per recipient; older ones are dropped so that a message
+/// retried for days keeps a bounded record.
+pub const MAX_ATTEMPTS_KEPT: usize = 20;
 
 /// Status and attempt history of one recipient.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RcptStatus {
     pub address: String,
     pub state: RcptState,
-    /// The most recent attempts, oldest first.
+    /// The most recent [`MAX_ATTEMPTS_KEPT`] attempts, oldest first.
     #[serde(default)]
     pub attempts: Vec<Attempt>,
     /// Why a bounced or expired recipient failed: its bounce category.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub category: Option<String>,
+}
+
+impl RcptStatus {
+    /// Appends an attempt, dropping the oldest beyond [`MAX_ATTEMPTS_KEPT`].
+    pub fn record(&mut self, attempt: Attempt) {
+        self.attempts.push(attempt);
+        self.trim_attempts();
+    }
+
+    /// Drops the oldest attempts beyond [`MAX_ATTEMPTS_KEPT`].
+    pub fn trim_attempts(&mut self) {
+        let excess = self.attempts.len().saturating_sub(MAX_ATTEMPTS_KEPT);
+        self.attempts.drain(..excess);
+    }
+
+    /// The domain part of the address (after the last `@`), or `""` without one.
+    pub fn domain(&self) -> &str {
+        self.address.rsplit_once('@').map_or("", |(_, d)| d)
+    }
 }
 
 /// Delivery status of one message.

@@ -399,6 +399,7 @@ fn webhook_config(
         ca_file: None,
         timeout: duration("timeout", &w.timeout, Duration::from_secs(10))?,
         retry,
+        batch: Default::default(),
     })
 }
 

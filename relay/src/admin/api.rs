@@ -17,8 +17,7 @@ pub use mailrelay_admin_api::types::{
 use super::auth::{self, Identity};
 use super::{AdminState, READY_PING_TIMEOUT, public_reason};
 use crate::queue::{
-    self, Envelope, ListFilter, MessageStatus, QueueError, QueueFuture, QueueId, RetrySelector,
-    now_ms,
+    Envelope, ListFilter, MessageStatus, QueueError, QueueFuture, QueueId, RetrySelector, now_ms,
 };
 
 /// Who asked for a queue action, for the audit log line every change leaves: the
@@ -114,7 +113,7 @@ fn summary(env: &Envelope, st: &MessageStatus) -> MessageSummary {
             .iter()
             .map(|r| RcptSummary {
                 address: r.address.clone(),
-                state: rcpt_state(r.state),
+                state: r.state,
                 attempts: r.attempts.len(),
                 last_reply: r.attempts.last().map(|a| a.reply.clone()),
             })
@@ -243,42 +242,12 @@ pub async fn stats(State(state): State<AdminState>) -> Result<Json<StatsBody>, A
     }))
 }
 
-// The API's view of the queue's records. Each conversion destructures the record
-// whole: a field added to the store fails the compile here until the API decides
-// whether to show it, instead of changing the JSON users script against.
-
-fn rcpt_state(s: queue::RcptState) -> wire::RcptState {
-    match s {
-        queue::RcptState::Pending => wire::RcptState::Pending,
-        queue::RcptState::Delivered => wire::RcptState::Delivered,
-        queue::RcptState::Bounced => wire::RcptState::Bounced,
-        queue::RcptState::Expired => wire::RcptState::Expired,
-    }
-}
-
-fn transport_security(t: queue::TransportSecurity) -> wire::TransportSecurity {
-    let queue::TransportSecurity {
-        policy,
-        mode,
-        policy_id,
-        verified,
-        failure,
-        dane,
-    } = t;
-    wire::TransportSecurity {
-        policy,
-        mode,
-        policy_id,
-        verified,
-        failure,
-        dane,
-    }
-}
-
-fn tls(t: queue::TlsInfo) -> wire::TlsInfo {
-    let queue::TlsInfo { version, cipher } = t;
-    wire::TlsInfo { version, cipher }
-}
+// The API's view of the queue's records. The recipients' records, the envelope's
+// parts and the TLS records are the API's own types (the queue stores them), so
+// they pass as they are; only the queue ID is typed differently (a checked
+// `QueueId` in the queue, its text on the wire). Each conversion destructures the
+// record whole: a field added to the envelope or the status fails the compile here
+// until the API decides whether to show it.
 
 /// The envelope as `GET /api/v1/queue/messages/{id}` shows it.
 pub fn wire_envelope(e: Envelope) -> wire::Envelope {
@@ -290,77 +259,11 @@ pub fn wire_envelope(e: Envelope) -> wire::Envelope {
         received_at_ms,
         received_by,
     } = e;
-    let queue::MailParams {
-        from,
-        size,
-        body,
-        smtputf8,
-        ret,
-        envid,
-        requiretls,
-    } = mail;
-    let queue::ClientInfo {
-        ip,
-        port,
-        helo,
-        auth_user,
-        tls: client_tls,
-        listener,
-    } = client;
     wire::Envelope {
         id: id.to_string(),
-        mail: wire::MailParams {
-            from,
-            size,
-            body: match body {
-                queue::BodyType::SevenBit => wire::BodyType::SevenBit,
-                queue::BodyType::EightBitMime => wire::BodyType::EightBitMime,
-                queue::BodyType::BinaryMime => wire::BodyType::BinaryMime,
-            },
-            smtputf8,
-            requiretls,
-            ret: ret.map(|r| match r {
-                queue::DsnRet::Full => wire::DsnRet::Full,
-                queue::DsnRet::Hdrs => wire::DsnRet::Hdrs,
-            }),
-            envid,
-        },
-        recipients: recipients
-            .into_iter()
-            .map(|r| {
-                let queue::Recipient {
-                    address,
-                    notify,
-                    orcpt,
-                } = r;
-                wire::Recipient {
-                    address,
-                    notify: notify.map(|n| {
-                        let queue::DsnNotify {
-                            never,
-                            success,
-                            failure,
-                            delay,
-                        } = n;
-                        wire::DsnNotify {
-                            never,
-                            success,
-                            failure,
-                            delay,
-                        }
-                    }),
-                    orcpt,
-                }
-            })
-            .collect(),
-        client: wire::ClientInfo {
-            ip,
-            port,
-            helo,
-            auth_user,
-            tls: client_tls.map(tls),
-            listener,
-        },
+        mail,
+        recipients,
+        client,
         received_at_ms,
         received_by,
     }
@@ -380,58 +283,159 @@ pub fn wire_status(s: MessageStatus) -> wire::MessageStatus {
     } = s;
     wire::MessageStatus {
         id: id.to_string(),
-        rcpts: rcpts
-            .into_iter()
-            .map(|r| {
-                let queue::RcptStatus {
-                    address,
-                    state,
-                    attempts,
-                    category,
-                } = r;
-                wire::RcptStatus {
-                    address,
-                    state: rcpt_state(state),
-                    attempts: attempts
-                        .into_iter()
-                        .map(|a| {
-                            let queue::Attempt {
-                                at_ms,
-                                result,
-                                mx,
-                                ip,
-                                tls: attempt_tls,
-                                security,
-                                reply,
-                                category,
-                            } = a;
-                            wire::Attempt {
-                                at_ms,
-                                result: match result {
-                                    queue::AttemptResult::Delivered => {
-                                        wire::AttemptResult::Delivered
-                                    }
-                                    queue::AttemptResult::Deferred => wire::AttemptResult::Deferred,
-                                    queue::AttemptResult::Bounced => wire::AttemptResult::Bounced,
-                                },
-                                mx,
-                                ip,
-                                tls: attempt_tls.map(tls),
-                                security: security.map(transport_security),
-                                reply,
-                                category,
-                            }
-                        })
-                        .collect(),
-                    category,
-                }
-            })
-            .collect(),
+        rcpts,
         created_ms,
         next_attempt_ms,
         attempts,
         final_at_ms,
         leased_until_ms,
         delay_warned,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::{
+        Attempt, AttemptResult, BodyType, ClientInfo, DsnNotify, DsnRet, MailParams, QueueId,
+        RcptState, RcptStatus, Recipient, TlsInfo, TransportSecurity,
+    };
+    use serde_json::json;
+
+    /// The JSON of `GET /api/v1/queue/messages/{id}`, every field set once, pinned:
+    /// the queue's records are the API's types now, and this is what clients read.
+    #[test]
+    fn message_detail_json_is_pinned() {
+        let id = QueueId::parse("06H2AAMFWWNZ5B3JQCBB").unwrap();
+        let tls = TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: "TLS13_AES_128_GCM_SHA256".into(),
+        };
+        let envelope = Envelope {
+            id: id.clone(),
+            mail: MailParams {
+                from: "alice@a.example".into(),
+                size: Some(42),
+                body: BodyType::EightBitMime,
+                smtputf8: true,
+                ret: Some(DsnRet::Hdrs),
+                envid: Some("env-1".into()),
+                requiretls: true,
+            },
+            recipients: vec![
+                Recipient {
+                    address: "bob@example.org".into(),
+                    notify: Some(DsnNotify {
+                        failure: true,
+                        delay: true,
+                        ..DsnNotify::default()
+                    }),
+                    orcpt: Some("rfc822;bob@example.org".into()),
+                },
+                Recipient {
+                    address: "carol@other.test".into(),
+                    notify: None,
+                    orcpt: None,
+                },
+            ],
+            client: ClientInfo {
+                ip: "192.0.2.7".parse().unwrap(),
+                port: 2525,
+                helo: "client.test".into(),
+                auth_user: Some("alice".into()),
+                tls: Some(tls.clone()),
+                listener: "submission".into(),
+            },
+            received_at_ms: 1_000,
+            received_by: "relay.test".into(),
+        };
+        let status = MessageStatus {
+            id,
+            rcpts: vec![
+                RcptStatus {
+                    address: "bob@example.org".into(),
+                    state: RcptState::Bounced,
+                    attempts: vec![Attempt {
+                        at_ms: 2_000,
+                        result: AttemptResult::Bounced,
+                        mx: Some("mx.example.org".into()),
+                        ip: Some("198.51.100.1".into()),
+                        tls: Some(tls),
+                        security: Some(TransportSecurity {
+                            policy: "mta-sts".into(),
+                            mode: Some("enforce".into()),
+                            policy_id: Some("p1".into()),
+                            verified: Some(true),
+                            failure: None,
+                            dane: Some("no TLSA".into()),
+                        }),
+                        reply: "550 5.1.1 no such user".into(),
+                        category: Some("invalid_recipient".into()),
+                    }],
+                    category: Some("invalid_recipient".into()),
+                },
+                RcptStatus {
+                    address: "carol@other.test".into(),
+                    state: RcptState::Pending,
+                    attempts: vec![],
+                    category: None,
+                },
+            ],
+            created_ms: 1_000,
+            next_attempt_ms: Some(3_000),
+            attempts: 1,
+            final_at_ms: None,
+            leased_until_ms: Some(4_000),
+            delay_warned: false,
+        };
+        let detail = MessageDetail {
+            envelope: wire_envelope(envelope),
+            status: wire_status(status),
+        };
+        let v = serde_json::to_value(&detail).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "envelope": {
+                    "id": "06H2AAMFWWNZ5B3JQCBB",
+                    "mail": {"from": "alice@a.example", "size": 42, "body": "8bitmime",
+                             "smtputf8": true, "requiretls": true, "ret": "hdrs", "envid": "env-1"},
+                    "recipients": [
+                        {"address": "bob@example.org",
+                         "notify": {"never": false, "success": false, "failure": true, "delay": true},
+                         "orcpt": "rfc822;bob@example.org"},
+                        {"address": "carol@other.test"}
+                    ],
+                    "client": {"ip": "192.0.2.7", "port": 2525, "helo": "client.test",
+                               "auth_user": "alice",
+                               "tls": {"version": "TLSv1.3", "cipher": "TLS13_AES_128_GCM_SHA256"},
+                               "listener": "submission"},
+                    "received_at_ms": 1000,
+                    "received_by": "relay.test"
+                },
+                "status": {
+                    "id": "06H2AAMFWWNZ5B3JQCBB",
+                    "rcpts": [
+                        {"address": "bob@example.org", "state": "bounced",
+                         "attempts": [{"at_ms": 2000, "result": "bounced", "mx": "mx.example.org",
+                                       "ip": "198.51.100.1",
+                                       "tls": {"version": "TLSv1.3", "cipher": "TLS13_AES_128_GCM_SHA256"},
+                                       "security": {"policy": "mta-sts", "mode": "enforce",
+                                                    "policy_id": "p1", "verified": true,
+                                                    "dane": "no TLSA"},
+                                       "reply": "550 5.1.1 no such user",
+                                       "category": "invalid_recipient"}],
+                         "category": "invalid_recipient"},
+                        {"address": "carol@other.test", "state": "pending", "attempts": []}
+                    ],
+                    "created_ms": 1000,
+                    "next_attempt_ms": 3000,
+                    "attempts": 1,
+                    "leased_until_ms": 4000
+                }
+            })
+        );
+        // And clients read it back as it was.
+        assert_eq!(serde_json::from_value::<MessageDetail>(v).unwrap(), detail);
     }
 }

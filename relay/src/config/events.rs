@@ -135,6 +135,38 @@ impl Default for WebhookRetry {
     }
 }
 
+/// Most events one batched POST carries.
+pub const MAX_WEBHOOK_BATCH: usize = 1000;
+
+/// How an endpoint's events are grouped into POSTs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookBatch {
+    /// Most events per POST. Above 1 the body is a CloudEvents batch (a JSON array,
+    /// `application/cloudevents-batch+json`); 1 sends each event alone
+    /// (`application/cloudevents+json`), as before batching existed.
+    pub max_events: usize,
+    /// After a POST that was not full, wait this long before reading again, so the
+    /// next POST carries more events (the latency it adds to an event at most).
+    #[serde(with = "duration_str")]
+    pub linger: Duration,
+}
+
+impl Default for WebhookBatch {
+    fn default() -> Self {
+        WebhookBatch {
+            max_events: 100,
+            linger: Duration::from_millis(50),
+        }
+    }
+}
+
+impl WebhookBatch {
+    fn is_default(&self) -> bool {
+        *self == WebhookBatch::default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
@@ -166,6 +198,9 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     #[serde(default)]
     pub retry: WebhookRetry,
+    /// Retries, backoff and dead-lettering apply to a POST: a batch as a whole.
+    #[serde(default, skip_serializing_if = "WebhookBatch::is_default")]
+    pub batch: WebhookBatch,
 }
 
 fn default_webhook_timeout() -> Duration {
@@ -361,6 +396,18 @@ pub(super) fn validate_webhooks(hooks: &[WebhookConfig]) -> Result<(), ConfigErr
         if h.retry.max_attempts == 0 {
             return Err(invalid(f("retry.max_attempts"), "must be at least 1"));
         }
+        if h.batch.max_events == 0 || h.batch.max_events > MAX_WEBHOOK_BATCH {
+            return Err(invalid(
+                f("batch.max_events"),
+                format!(
+                    "{} is not between 1 and {MAX_WEBHOOK_BATCH}",
+                    h.batch.max_events
+                ),
+            ));
+        }
+        if h.batch.linger > Duration::from_secs(10) {
+            return Err(invalid(f("batch.linger"), "must be at most 10s"));
+        }
     }
     Ok(())
 }
@@ -440,6 +487,29 @@ mod tests {
         assert!(e.contains("field `webhooks[1].name`"), "{e}");
         let e = err("events:\n  max_len: 0\n");
         assert!(e.contains("field `events.max_len`"), "{e}");
+    }
+
+    #[test]
+    fn batches_default_and_bad_sizes_name_the_field() {
+        let ok = RelayConfig::from_yaml(&format!("{BASE}    url: https://h/\n")).unwrap();
+        assert_eq!(ok.webhooks[0].batch, WebhookBatch::default());
+        let one = RelayConfig::from_yaml(&format!(
+            "{BASE}    url: https://h/\n    batch: {{max_events: 1, linger: 0s}}\n"
+        ))
+        .unwrap();
+        assert_eq!(one.webhooks[0].batch.max_events, 1);
+        assert!(one.webhooks[0].batch.linger.is_zero());
+        for (bad, field) in [
+            ("{max_events: 0}", "batch.max_events"),
+            ("{max_events: 5000}", "batch.max_events"),
+            ("{linger: 1m}", "batch.linger"),
+        ] {
+            let e = err(&format!("{BASE}    url: https://h/\n    batch: {bad}\n"));
+            assert!(
+                e.contains(&format!("field `webhooks[0].{field}`")),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

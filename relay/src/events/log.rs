@@ -101,10 +101,19 @@ impl EventMetrics {
     }
 
     fn written(&self, events: &[Event]) {
+        // Counted by kind first: one look-up in the family per kind, not per event.
+        let mut n = [0u64; EventKind::ALL.len()];
         for e in events {
-            self.written
-                .get_or_create(&[("kind", e.kind.as_str())])
-                .inc();
+            if let Some(i) = EventKind::ALL.iter().position(|k| *k == e.kind) {
+                n[i] += 1;
+            }
+        }
+        for (kind, n) in EventKind::ALL.into_iter().zip(n) {
+            if n > 0 {
+                self.written
+                    .get_or_create(&[("kind", kind.as_str())])
+                    .inc_by(n);
+            }
         }
     }
 }
@@ -130,9 +139,10 @@ impl EventStore {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        let encoded = Encoded::new(events)?;
         match self {
-            EventStore::Redis(r) => r.append(events).await,
-            EventStore::Embedded(e) => e.append(events.to_vec()).await,
+            EventStore::Redis(r) => r.append(&encoded).await,
+            EventStore::Embedded(e) => e.append(encoded).await,
         }
     }
 
@@ -143,6 +153,35 @@ impl EventStore {
             EventStore::Redis(r) => r.query(filter).await,
             EventStore::Embedded(e) => e.query(filter.clone()).await,
         }
+    }
+}
+
+/// Events as stored (JSON, as [`Event`] serializes), one after another in one
+/// buffer: one allocation for a batch, the events themselves neither copied nor
+/// encoded twice.
+pub(crate) struct Encoded {
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+/// About what one stored event takes (a `delivered` event with TLS details is
+/// 300-450 bytes), so that a batch's buffer rarely grows.
+const EVENT_SIZE_HINT: usize = 448;
+
+impl Encoded {
+    pub(crate) fn new(events: &[Event]) -> Result<Self, EventError> {
+        let mut buf = Vec::with_capacity(events.len() * EVENT_SIZE_HINT);
+        let mut ends = Vec::with_capacity(events.len());
+        for e in events {
+            serde_json::to_writer(&mut buf, e).map_err(|e| EventError::Corrupt(e.to_string()))?;
+            ends.push(buf.len());
+        }
+        Ok(Encoded { buf, ends })
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter()).map(|(a, &b)| &self.buf[a..b])
     }
 }
 
@@ -175,10 +214,9 @@ impl RedisEvents {
         &self.redis
     }
 
-    async fn append(&self, events: &[Event]) -> Result<Vec<String>, EventError> {
+    async fn append(&self, events: &Encoded) -> Result<Vec<String>, EventError> {
         let mut pipe = redis::pipe();
-        for e in events {
-            let json = serde_json::to_vec(e).map_err(|e| EventError::Corrupt(e.to_string()))?;
+        for json in events.iter() {
             pipe.cmd("XADD")
                 .arg(&self.key)
                 .arg("MAXLEN")
@@ -254,6 +292,19 @@ pub fn stream_key(prefix: &str) -> String {
 /// `[[id, [field, value, …]], …]` of XRANGE/XREVRANGE/XREADGROUP into events
 /// (their `id` set). An entry without an `e` field is skipped (not ours).
 pub(crate) fn parse_entries(v: Value) -> Result<Vec<(String, Event)>, EventError> {
+    parse_raw_entries(v)?
+        .into_iter()
+        .map(|(id, json)| {
+            let mut e: Event = serde_json::from_slice(&json)
+                .map_err(|e| EventError::Corrupt(format!("event {id}: {e}")))?;
+            e.id = id.clone();
+            Ok((id, e))
+        })
+        .collect()
+}
+
+/// [`parse_entries`] without decoding the events: `(id, stored JSON)`.
+pub(crate) fn parse_raw_entries(v: Value) -> Result<Vec<(String, Vec<u8>)>, EventError> {
     let corrupt = |what: &str| EventError::Corrupt(format!("stream entry: {what}"));
     let items = match v {
         Value::Array(a) => a,
@@ -282,10 +333,7 @@ pub(crate) fn parse_entries(v: Value) -> Result<Vec<(String, Event)>, EventError
                     Value::SimpleString(s) => s.into_bytes(),
                     _ => return Err(corrupt("event field is not a string")),
                 };
-                let mut e: Event = serde_json::from_slice(&bytes)
-                    .map_err(|e| EventError::Corrupt(format!("event {id}: {e}")))?;
-                e.id = id.clone();
-                out.push((id, e));
+                out.push((id, bytes));
                 break;
             }
         }
@@ -366,15 +414,10 @@ impl EmbeddedEvents {
         &self.db
     }
 
-    async fn append(&self, events: Vec<Event>) -> Result<Vec<String>, EventError> {
+    async fn append(&self, events: Encoded) -> Result<Vec<String>, EventError> {
         let this = self.clone();
         tokio::task::spawn_blocking(move || {
-            let json = events
-                .iter()
-                .map(serde_json::to_vec)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| EventError::Corrupt(e.to_string()))?;
-            let json: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
+            let json: Vec<&[u8]> = events.iter().collect();
             let mut txn = this.db.begin_write().map_err(unavailable)?;
             txn.set_durability(Durability::Immediate)
                 .map_err(unavailable)?;
@@ -620,30 +663,51 @@ pub fn message_id_of(body: &[u8]) -> Option<String> {
     let head = &body[..end];
     let mut i = 0;
     while i < head.len() {
-        let line_end = CRLF.find(&head[i..]).map_or(head.len(), |n| i + n);
+        let line_end = crlf_at_or_after(head, i);
         let line = &head[i..line_end];
         if line.len() >= 11 && line[..11].eq_ignore_ascii_case(b"message-id:") {
-            let mut value = String::from_utf8_lossy(&line[11..]).into_owned();
+            let mut value = std::borrow::Cow::Borrowed(&line[11..]);
             // Folded onto the next line(s).
             let mut j = line_end + 2;
             while j < head.len() && (head[j] == b' ' || head[j] == b'\t') {
-                let e = CRLF.find(&head[j..]).map_or(head.len(), |n| j + n);
-                value.push_str(&String::from_utf8_lossy(&head[j..e]));
+                let e = crlf_at_or_after(head, j);
+                value.to_mut().extend_from_slice(&head[j..e]);
                 j = e + 2;
             }
-            let v = value.trim().trim_start_matches('<');
-            let v = v.split('>').next().unwrap_or("").trim();
-            return (!v.is_empty()).then(|| v.chars().take(MAX_MESSAGE_ID).collect());
+            let v = value.trim_ascii();
+            let v = &v[v.iter().take_while(|&&b| b == b'<').count()..];
+            let v = v
+                .split(|&b| b == b'>')
+                .next()
+                .unwrap_or_default()
+                .trim_ascii();
+            if v.is_empty() {
+                return None;
+            }
+            let v = String::from_utf8_lossy(v);
+            // Bytes bound characters: only a long one needs counting.
+            return Some(if v.len() <= MAX_MESSAGE_ID {
+                v.into_owned()
+            } else {
+                v.chars().take(MAX_MESSAGE_ID).collect()
+            });
         }
         i = line_end + 2;
     }
     None
 }
 
+/// Where the line starting at `from` ends: its CRLF, or the end of `head`. A lone
+/// LF is part of the line.
+fn crlf_at_or_after(head: &[u8], from: usize) -> usize {
+    memchr::memchr_iter(b'\n', &head[from..])
+        .map(|n| from + n)
+        .find(|&n| n > from && head[n - 1] == b'\r')
+        .map_or(head.len(), |n| n - 1)
+}
+
 // Built once: `memmem::find` builds its searcher on every call, which was most of the
 // ~6,000 instructions per call (twice per message).
-static CRLF: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n"));
 static CRLFCRLF: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
     std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 
@@ -692,6 +756,50 @@ mod tests {
         assert_eq!(message_id_of(folded).as_deref(), Some("folded@example.com"));
         assert_eq!(message_id_of(b"To: y\r\n\r\nMessage-ID: <b@x>\r\n"), None);
         assert_eq!(message_id_of(b"Message-ID: <>\r\n\r\n"), None);
+        // A lone LF stays inside its line; the value ends at its CRLF.
+        let lf = b"X-A: 1\nMessage-ID: <no@x>\r\nMessage-Id:  <<yes@x> trailing\r\n\r\n";
+        assert_eq!(message_id_of(lf).as_deref(), Some("yes@x"));
+        let long = format!("Message-ID: <{}@x>\r\n\r\n", "\u{e9}".repeat(300));
+        let got = message_id_of(long.as_bytes()).unwrap();
+        assert_eq!(got.chars().count(), MAX_MESSAGE_ID);
+        assert!(got.chars().all(|c| c == '\u{e9}'));
+        // Without a blank line, the whole message is the header section.
+        assert_eq!(
+            message_id_of(b"Message-ID: <end@x>").as_deref(),
+            Some("end@x")
+        );
+    }
+
+    #[test]
+    fn a_batch_is_encoded_as_each_event_alone() {
+        let mut e = Event {
+            id: String::new(),
+            kind: EventKind::Delivered,
+            at_ms: 17,
+            queue_id: "Q".into(),
+            message_id: None,
+            sender: "s@x".into(),
+            recipient: Some("r\"@y".into()),
+            auth_user: None,
+            tenant: "x".into(),
+            category: None,
+            reply: Some("250 \u{e9}\n".into()),
+            mx: None,
+            tls_version: None,
+            tls_cipher: None,
+            dsn_id: None,
+        };
+        let mut events = vec![e.clone()];
+        e.kind = EventKind::Bounced;
+        e.category = Some("invalid_recipient".into());
+        events.push(e);
+        let enc = Encoded::new(&events).unwrap();
+        let parts: Vec<&[u8]> = enc.iter().collect();
+        assert_eq!(parts.len(), 2);
+        for (p, e) in parts.iter().zip(&events) {
+            assert_eq!(*p, serde_json::to_vec(e).unwrap().as_slice());
+        }
+        assert_eq!(Encoded::new(&[]).unwrap().iter().count(), 0);
     }
 
     #[test]

@@ -20,23 +20,37 @@
 //!
 //! An event is acknowledged only after the endpoint answered `2xx` (or after it
 //! was dead-lettered), so a relay killed mid-way sends it again after the restart:
-//! at least once. Receivers dedupe by the `webhook-id` header (the event ID).
+//! at least once. Receivers dedupe by the event's `id` (in a batch, each element's).
+//!
+//! # Batches
+//!
+//! With `batch.max_events` above 1 (the default is 100) a POST carries up to that
+//! many events as a CloudEvents batch: a JSON array of the envelopes, in store
+//! order, `Content-Type: application/cloudevents-batch+json`. After a POST that
+//! was not full, the consumer waits `batch.linger` before it reads again, so that
+//! events gather into fuller POSTs. `max_events: 1` sends each event alone as
+//! `application/cloudevents+json` (structured mode), as before batching existed.
+//! The stored event is not decoded and encoded again: the envelope's `data` is the
+//! stored JSON with the store's `id` put in front.
 //!
 //! # Retries
 //!
-//! A failed POST (no connection, timeout, any non-2xx answer) is tried again after
-//! `retry.initial`, doubling up to `retry.max`; after `retry.max_attempts` tries
-//! the event is dead-lettered: counted (`mailrelay_webhook_dead_letters_total`
-//! and, with Redis, the key `<prefix>:events:hook:<name>:dead`) and skipped, so the
-//! endpoint's later events flow again. While an event is retried the endpoint's
+//! A failed POST (no connection, timeout, any non-2xx answer) is tried again, the
+//! same body, after `retry.initial`, doubling up to `retry.max`; after
+//! `retry.max_attempts` tries its events are dead-lettered: counted
+//! (`mailrelay_webhook_dead_letters_total` and, with Redis, the key
+//! `<prefix>:events:hook:<name>:dead`, both in events) and skipped, so the
+//! endpoint's later events flow again. While a POST is retried the endpoint's
 //! later events wait (order per message), and only those.
 //!
 //! # Signature
 //!
-//! As in the Standard Webhooks scheme (Svix): headers `webhook-id` (the event ID),
-//! `webhook-timestamp` (Unix seconds) and `webhook-signature: v1,<base64 of
-//! HMAC-SHA256(key, "<id>.<timestamp>.<body>")>`. The key is the configured secret's
-//! bytes. Receivers should refuse timestamps more than a few minutes off.
+//! As in the Standard Webhooks scheme (Svix): headers `webhook-id` (the event ID;
+//! for a batch of several, `<first ID>..<last ID>`), `webhook-timestamp` (Unix
+//! seconds) and `webhook-signature: v1,<base64 of HMAC-SHA256(key,
+//! "<webhook-id>.<timestamp>.<body>")>` over the whole body. The key is the
+//! configured secret's bytes. Receivers should refuse timestamps more than a few
+//! minutes off.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +59,7 @@ use base64::Engine;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use mailrelay_admin_api::events::Event;
+use mailrelay_admin_api::events::EventKind;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -56,15 +70,20 @@ use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::log::{
-    CURSORS, EVENTS, EmbeddedEvents, EventError, EventStore, RedisEvents, parse_entries, parse_id,
+    CURSORS, EVENTS, EmbeddedEvents, EventError, EventStore, RedisEvents, parse_id,
+    parse_raw_entries,
 };
 use crate::config::WebhookConfig;
 use crate::config::events::WebhookUrl;
 
 /// The system's CA bundle (Debian's path), used when `ca_file` is not set.
 pub const SYSTEM_CA_FILE: &str = "/etc/ssl/certs/ca-certificates.crt";
-/// Events read per batch.
+/// Events read from the store at a time (more when `batch.max_events` is larger).
 const BATCH: usize = 100;
+/// `Content-Type` of one event (CloudEvents structured mode).
+const SINGLE: &str = "application/cloudevents+json";
+/// `Content-Type` of a JSON array of events (CloudEvents batched mode).
+const BATCHED: &str = "application/cloudevents-batch+json";
 /// How long an idle consumer waits before it looks for new events again.
 const POLL: Duration = Duration::from_millis(200);
 /// An endpoint's lease (Redis): renewed at a third of this while held.
@@ -109,7 +128,7 @@ impl WebhookMetrics {
         );
         registry.register(
             "webhook_dead_letters",
-            "Events given up on after retry.max_attempts failed tries",
+            "Events given up on after retry.max_attempts failed tries of their POST",
             m.dead.clone(),
         );
         registry.register(
@@ -201,9 +220,12 @@ impl Webhooks {
 struct Endpoint {
     cfg: WebhookConfig,
     url: WebhookUrl,
+    /// `host:port` as the `Host` header and the connect address want it.
+    host: String,
     key: ring::hmac::Key,
     tls: Option<tokio_rustls::TlsConnector>,
-    source: String,
+    /// The envelope's `source`, as a JSON string.
+    source_json: Vec<u8>,
     conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
 }
 
@@ -242,78 +264,93 @@ impl Endpoint {
         } else {
             None
         };
+        let host = if url.host.contains(':') {
+            format!("[{}]:{}", url.host, url.port)
+        } else {
+            format!("{}:{}", url.host, url.port)
+        };
+        let mut source_json = Vec::new();
+        json_str(&mut source_json, source);
         Ok(Endpoint {
             cfg: cfg.clone(),
             url,
+            host,
             key,
             tls,
-            source: source.to_owned(),
+            source_json,
             conn: None,
         })
     }
 
-    fn wants(&self, e: &Event) -> bool {
+    fn wants(&self, e: &Stored) -> bool {
         self.cfg.wants(e.kind.as_str())
             && self.cfg.tenants.matches(e.auth_user.as_deref(), &e.sender)
     }
 
-    /// The CloudEvents envelope of `e`.
-    fn body(&self, e: &Event) -> Vec<u8> {
-        let time = time::OffsetDateTime::from_unix_timestamp_nanos(e.at_ms as i128 * 1_000_000)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default();
-        let envelope = serde_json::json!({
-            "specversion": "1.0",
-            "id": e.id,
-            "source": self.source,
-            "type": format!("io.mailrelay.{}", e.kind.as_str()),
-            "subject": e.queue_id,
-            "time": time,
-            "datacontenttype": "application/json",
-            "data": e,
-        });
-        serde_json::to_vec(&envelope).unwrap_or_default()
+    /// Whether POSTs carry a JSON array of events.
+    fn batched(&self) -> bool {
+        self.cfg.batch.max_events > 1
     }
 
-    /// One POST; `Err` says why it did not get a 2xx.
-    async fn post(&mut self, e: &Event) -> Result<(), String> {
-        let body = self.body(e);
-        let ts = crate::queue::now_ms() / 1000;
-        let signed = [
-            e.id.as_bytes(),
-            b".",
-            ts.to_string().as_bytes(),
-            b".",
-            &body,
-        ]
-        .concat();
-        let tag = ring::hmac::sign(&self.key, &signed);
-        let signature = format!(
-            "v1,{}",
-            base64::engine::general_purpose::STANDARD.encode(tag.as_ref())
-        );
-        let host = if self.url.host.contains(':') {
-            format!("[{}]:{}", self.url.host, self.url.port)
-        } else {
-            format!("{}:{}", self.url.host, self.url.port)
-        };
+    /// The CloudEvents envelope of `e`. Keys in the order the relay wrote them
+    /// when it built the envelope as a JSON map (sorted).
+    fn write_envelope(&self, out: &mut Vec<u8>, e: &Stored) {
+        out.extend_from_slice(b"{\"data\":");
+        e.write_data(out);
+        out.extend_from_slice(b",\"datacontenttype\":\"application/json\",\"id\":");
+        json_str(out, &e.id);
+        out.extend_from_slice(b",\"source\":");
+        out.extend_from_slice(&self.source_json);
+        out.extend_from_slice(b",\"specversion\":\"1.0\",\"subject\":");
+        json_str(out, &e.queue_id);
+        out.extend_from_slice(b",\"time\":\"");
+        write_time(out, e.at_ms);
+        out.extend_from_slice(b"\",\"type\":\"io.mailrelay.");
+        out.extend_from_slice(e.kind.as_str().as_bytes());
+        out.extend_from_slice(b"\"}");
+    }
+
+    /// The body of one POST: the envelope of the one event, or (batched) the JSON
+    /// array of the envelopes of `events`.
+    fn body(&self, events: &[&Stored]) -> Vec<u8> {
+        let size = events.iter().map(|e| e.json.len() + 256).sum::<usize>() + 2;
+        let mut out = Vec::with_capacity(size);
+        let batched = self.batched();
+        if batched {
+            out.push(b'[');
+        }
+        for (i, e) in events.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            self.write_envelope(&mut out, e);
+        }
+        if batched {
+            out.push(b']');
+        }
+        out
+    }
+
+    /// One POST of `body` (signed as `id`); `Err` says why it did not get a 2xx.
+    async fn post(&mut self, id: &str, body: &Bytes) -> Result<(), String> {
+        let ts = (crate::queue::now_ms() / 1000).to_string();
+        let signature = sign(&self.key, id, &ts, body);
         let req = hyper::Request::builder()
             .method("POST")
             .uri(&self.url.path)
-            .header(hyper::header::HOST, &host)
-            .header(hyper::header::CONTENT_TYPE, "application/cloudevents+json")
+            .header(hyper::header::HOST, &self.host)
+            .header(
+                hyper::header::CONTENT_TYPE,
+                if self.batched() { BATCHED } else { SINGLE },
+            )
             .header(hyper::header::USER_AGENT, "mailrelay-webhook")
-            .header("webhook-id", &e.id)
-            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts)
             .header("webhook-signature", signature)
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(body.clone()))
             .map_err(|e| e.to_string())?;
         let timeout = self.cfg.timeout;
-        match tokio::time::timeout(timeout, self.send(req, &host)).await {
+        match tokio::time::timeout(timeout, self.send(req)).await {
             Ok(r) => r,
             Err(_) => {
                 self.conn = None;
@@ -322,13 +359,13 @@ impl Endpoint {
         }
     }
 
-    async fn send(&mut self, req: hyper::Request<Full<Bytes>>, host: &str) -> Result<(), String> {
+    async fn send(&mut self, req: hyper::Request<Full<Bytes>>) -> Result<(), String> {
         let reusable = match &mut self.conn {
             Some(c) => c.ready().await.is_ok(),
             None => false,
         };
         if !reusable {
-            self.conn = Some(self.connect(host).await?);
+            self.conn = Some(self.connect().await?);
         }
         let conn = self.conn.as_mut().expect("connected above");
         let resp = match conn.send_request(req).await {
@@ -352,8 +389,8 @@ impl Endpoint {
 
     async fn connect(
         &self,
-        host: &str,
     ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, String> {
+        let host = self.host.as_str();
         let tcp = tokio::net::TcpStream::connect(host)
             .await
             .map_err(|e| format!("connect {host}: {e}"))?;
@@ -385,6 +422,83 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     Ok(send)
 }
 
+// ------------------------------------------------------------ stored events
+
+/// One event as a consumer reads it from the store: its ID, the stored JSON as it
+/// is (the envelope's `data` is made from it without decoding and encoding the
+/// event again), and the few fields the consumer decides by.
+struct Stored {
+    id: String,
+    json: Vec<u8>,
+    kind: EventKind,
+    at_ms: u64,
+    queue_id: String,
+    sender: String,
+    auth_user: Option<String>,
+    /// The stored JSON already carries an `id` (not written by this relay): it is
+    /// passed on as it is.
+    has_id: bool,
+}
+
+/// What [`Stored`] reads of an event; every other field is skipped unread.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    kind: EventKind,
+    at_ms: u64,
+    #[serde(borrow)]
+    queue_id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    sender: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    auth_user: Option<String>,
+    #[serde(default)]
+    id: Option<serde::de::IgnoredAny>,
+}
+
+impl Stored {
+    fn parse(id: String, json: Vec<u8>) -> Result<Stored, EventError> {
+        let head: Head = serde_json::from_slice(&json)
+            .map_err(|e| EventError::Corrupt(format!("event {id}: {e}")))?;
+        let (kind, at_ms, has_id) = (head.kind, head.at_ms, head.id.is_some());
+        let (queue_id, sender, auth_user) = (
+            head.queue_id.into_owned(),
+            head.sender.into_owned(),
+            head.auth_user,
+        );
+        Ok(Stored {
+            id,
+            json,
+            kind,
+            at_ms,
+            queue_id,
+            sender,
+            auth_user,
+            has_id,
+        })
+    }
+
+    /// The event as the admin API shows it (`data`): the stored object with the
+    /// store's `id` put first, as [`mailrelay_admin_api::Event`] serializes it.
+    fn write_data(&self, out: &mut Vec<u8>) {
+        let body = self.json.trim_ascii();
+        match body.strip_prefix(b"{") {
+            Some(rest) if !self.has_id => {
+                out.extend_from_slice(b"{\"id\":");
+                json_str(out, &self.id);
+                out.push(b',');
+                out.extend_from_slice(rest);
+            }
+            _ => out.extend_from_slice(body),
+        }
+    }
+}
+
+/// `s` as a JSON string.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    // Writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
 // ----------------------------------------------------------------- feeds
 
 enum Feed {
@@ -393,26 +507,28 @@ enum Feed {
 }
 
 impl Feed {
-    /// The next events to deliver (empty: nothing new, or not ours to deliver).
-    async fn next(&mut self) -> Result<Vec<Event>, EventError> {
+    /// The next events to deliver, at most `n` (empty: nothing new, or not ours
+    /// to deliver).
+    async fn next(&mut self, n: usize) -> Result<Vec<Stored>, EventError> {
         match self {
-            Feed::Redis(f) => f.next().await,
-            Feed::Embedded(f) => f.next().await,
+            Feed::Redis(f) => f.next(n).await,
+            Feed::Embedded(f) => f.next(n).await,
         }
     }
 
     /// Done with `events` (delivered or dead-lettered).
-    async fn ack(&mut self, events: &[Event]) -> Result<(), EventError> {
+    async fn ack(&mut self, events: &[Stored]) -> Result<(), EventError> {
         match self {
             Feed::Redis(f) => f.ack(events).await,
             Feed::Embedded(f) => f.ack(events).await,
         }
     }
 
-    async fn dead_letter(&mut self) {
+    async fn dead_letter(&mut self, events: usize) {
         if let Feed::Redis(f) = self {
-            let mut cmd = redis::cmd("INCR");
-            cmd.arg(format!("{}:hook:{}:dead", f.events.key(), f.name));
+            let mut cmd = redis::cmd("INCRBY");
+            cmd.arg(format!("{}:hook:{}:dead", f.events.key(), f.name))
+                .arg(events);
             let _ = f.events.redis().query::<i64>(&cmd).await;
         }
     }
@@ -485,7 +601,7 @@ impl RedisFeed {
         Ok(held == 1)
     }
 
-    async fn next(&mut self) -> Result<Vec<Event>, EventError> {
+    async fn next(&mut self, n: usize) -> Result<Vec<Stored>, EventError> {
         if !self.hold().await? {
             return Ok(Vec::new());
         }
@@ -499,7 +615,7 @@ impl RedisFeed {
             .arg(0)
             .arg("0-0")
             .arg("COUNT")
-            .arg(BATCH);
+            .arg(n);
         let reply: Value = self
             .events
             .redis()
@@ -509,9 +625,12 @@ impl RedisFeed {
         if let Value::Array(mut parts) = reply
             && parts.len() >= 2
         {
-            let claimed = parse_entries(parts.swap_remove(1))?;
+            let claimed = parse_raw_entries(parts.swap_remove(1))?;
             if !claimed.is_empty() {
-                return Ok(claimed.into_iter().map(|(_, e)| e).collect());
+                return claimed
+                    .into_iter()
+                    .map(|(id, json)| Stored::parse(id, json))
+                    .collect();
             }
         }
         let mut read = redis::cmd("XREADGROUP");
@@ -519,7 +638,7 @@ impl RedisFeed {
             .arg(&self.group)
             .arg(&self.owner)
             .arg("COUNT")
-            .arg(BATCH)
+            .arg(n)
             .arg("STREAMS")
             .arg(self.events.key())
             .arg(">");
@@ -533,15 +652,20 @@ impl RedisFeed {
         // [[key, [[id, fields], …]]] or nil.
         let entries = match reply {
             Value::Array(streams) => match streams.into_iter().next() {
-                Some(Value::Array(mut kv)) if kv.len() == 2 => parse_entries(kv.swap_remove(1))?,
+                Some(Value::Array(mut kv)) if kv.len() == 2 => {
+                    parse_raw_entries(kv.swap_remove(1))?
+                }
                 _ => Vec::new(),
             },
             _ => Vec::new(),
         };
-        Ok(entries.into_iter().map(|(_, e)| e).collect())
+        entries
+            .into_iter()
+            .map(|(id, json)| Stored::parse(id, json))
+            .collect()
     }
 
-    async fn ack(&mut self, events: &[Event]) -> Result<(), EventError> {
+    async fn ack(&mut self, events: &[Stored]) -> Result<(), EventError> {
         if events.is_empty() {
             return Ok(());
         }
@@ -599,7 +723,7 @@ impl EmbeddedFeed {
         })
     }
 
-    async fn next(&mut self) -> Result<Vec<Event>, EventError> {
+    async fn next(&mut self, n: usize) -> Result<Vec<Stored>, EventError> {
         let db = Arc::clone(self.events.db());
         let after = self.cursor;
         tokio::task::spawn_blocking(move || {
@@ -615,11 +739,11 @@ impl EmbeddedFeed {
                 if key <= after {
                     continue;
                 }
-                let mut e: Event = serde_json::from_slice(v.value())
-                    .map_err(|e| EventError::Corrupt(e.to_string()))?;
-                e.id = format!("{}-{}", key.0, key.1);
-                out.push(e);
-                if out.len() >= BATCH {
+                out.push(Stored::parse(
+                    format!("{}-{}", key.0, key.1),
+                    v.value().to_vec(),
+                )?);
+                if out.len() >= n {
                     break;
                 }
             }
@@ -629,7 +753,7 @@ impl EmbeddedFeed {
         .map_err(|e| EventError::Unavailable(e.to_string()))?
     }
 
-    async fn ack(&mut self, events: &[Event]) -> Result<(), EventError> {
+    async fn ack(&mut self, events: &[Stored]) -> Result<(), EventError> {
         let Some(last) = events.last().and_then(|e| parse_id(&e.id)) else {
             return Ok(());
         };
@@ -660,8 +784,15 @@ impl EmbeddedFeed {
 async fn run(mut endpoint: Endpoint, mut feed: Feed, metrics: WebhookMetrics) {
     let name = endpoint.cfg.name.clone();
     let label = WebhookMetrics::label(&name);
+    let max = endpoint.cfg.batch.max_events.max(1);
+    let read = max.max(BATCH);
+    let linger = if endpoint.batched() {
+        endpoint.cfg.batch.linger
+    } else {
+        Duration::ZERO
+    };
     loop {
-        let batch = match feed.next().await {
+        let events = match feed.next(read).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!(webhook = %name, error = %e, "reading events for the webhook failed");
@@ -669,51 +800,55 @@ async fn run(mut endpoint: Endpoint, mut feed: Feed, metrics: WebhookMetrics) {
                 continue;
             }
         };
-        if batch.is_empty() {
+        if events.is_empty() {
             tokio::time::sleep(POLL).await;
             continue;
         }
-        metrics
-            .pending
-            .get_or_create(&label)
-            .set(batch.len() as i64);
-        let mut done = 0;
+        let pending = metrics.pending.get_or_create(&label).clone();
+        pending.set(events.len() as i64);
+        // The endpoint's events, in store order, cut into POSTs; the others are done
+        // as they are passed.
+        let wanted: Vec<usize> = (0..events.len())
+            .filter(|&i| endpoint.wants(&events[i]))
+            .collect();
+        let mut done = events.len();
         let mut lost = false;
-        for e in &batch {
-            if endpoint.wants(e) {
-                match deliver(&mut endpoint, &mut feed, e, &metrics).await {
-                    Delivered::Yes => {
-                        metrics.delivered.get_or_create(&label).inc();
-                    }
-                    Delivered::Dead => {
-                        metrics.dead.get_or_create(&label).inc();
-                        feed.dead_letter().await;
-                    }
-                    Delivered::LeaseLost => {
-                        lost = true;
-                        break;
-                    }
+        for group in wanted.chunks(max) {
+            let posted: Vec<&Stored> = group.iter().map(|&i| &events[i]).collect();
+            let n = posted.len() as u64;
+            match deliver(&mut endpoint, &mut feed, &posted, &metrics).await {
+                Delivered::Yes => {
+                    metrics.delivered.get_or_create(&label).inc_by(n);
+                }
+                Delivered::Dead => {
+                    metrics.dead.get_or_create(&label).inc_by(n);
+                    feed.dead_letter(posted.len()).await;
+                }
+                Delivered::LeaseLost => {
+                    done = group[0];
+                    lost = true;
+                    break;
                 }
             }
-            done += 1;
-            metrics
-                .pending
-                .get_or_create(&label)
-                .set((batch.len() - done) as i64);
+            let through = group.last().map_or(0, |&i| i + 1);
+            pending.set((events.len() - through) as i64);
         }
         // What was done is acknowledged even when the lease went meanwhile: the
         // new holder then skips it (or, if it claimed it first, sends it again).
-        if let Err(e) = ack_with_retry(&mut feed, &batch[..done]).await {
+        if let Err(e) = ack_with_retry(&mut feed, &events[..done]).await {
             tracing::warn!(webhook = %name, error = %e, "acknowledging webhook events failed; they will be sent again");
         }
+        pending.set(0);
         if lost {
-            metrics.pending.get_or_create(&label).set(0);
             tracing::info!(webhook = %name, "webhook lease lost to another relay; standing by");
+        } else if events.len() < read && !linger.is_zero() {
+            // Caught up: let the next POST gather more than a handful.
+            tokio::time::sleep(linger).await;
         }
     }
 }
 
-async fn ack_with_retry(feed: &mut Feed, events: &[Event]) -> Result<(), EventError> {
+async fn ack_with_retry(feed: &mut Feed, events: &[Stored]) -> Result<(), EventError> {
     let mut last = None;
     for _ in 0..5 {
         match feed.ack(events).await {
@@ -733,17 +868,28 @@ enum Delivered {
     LeaseLost,
 }
 
+/// POSTs `events` (one, or a batch) until a 2xx, retrying with backoff; the same
+/// body and `webhook-id` each time.
 async fn deliver(
     endpoint: &mut Endpoint,
     feed: &mut Feed,
-    e: &Event,
+    events: &[&Stored],
     metrics: &WebhookMetrics,
 ) -> Delivered {
+    let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        return Delivered::Yes;
+    };
+    let id = if events.len() == 1 {
+        first.id.clone()
+    } else {
+        format!("{}..{}", first.id, last.id)
+    };
+    let body = Bytes::from(endpoint.body(events));
     let name = endpoint.cfg.name.clone();
     let retry = endpoint.cfg.retry.clone();
     let mut wait = retry.initial;
     for attempt in 1..=retry.max_attempts {
-        match endpoint.post(e).await {
+        match endpoint.post(&id, &body).await {
             Ok(()) => {
                 metrics.post(&name, true);
                 return Delivered::Yes;
@@ -751,10 +897,10 @@ async fn deliver(
             Err(why) => {
                 metrics.post(&name, false);
                 if attempt == retry.max_attempts {
-                    tracing::warn!(webhook = %name, event = %e.id, attempts = attempt, error = %why, "webhook event dead-lettered");
+                    tracing::warn!(webhook = %name, events = %id, count = events.len(), attempts = attempt, error = %why, "webhook events dead-lettered");
                     return Delivered::Dead;
                 }
-                tracing::debug!(webhook = %name, event = %e.id, attempt, error = %why, retry_in = ?wait, "webhook POST failed");
+                tracing::debug!(webhook = %name, events = %id, attempt, error = %why, retry_in = ?wait, "webhook POST failed");
                 // Sleep in slices, renewing the lease, so a long backoff does not
                 // hand the endpoint to another relay.
                 let mut left = wait;
@@ -773,22 +919,35 @@ async fn deliver(
     Delivered::Dead
 }
 
-/// The `webhook-signature` value of `body` sent as event `id` at `timestamp`
-/// (what a receiver computes to verify; tests use it).
+/// The `webhook-signature` value of `body` sent as `id` at `timestamp` (what a
+/// receiver computes to verify; tests use it).
 pub fn signature(secret: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
-    let signed = [
-        id.as_bytes(),
-        b".",
-        timestamp.to_string().as_bytes(),
-        b".",
-        body,
-    ]
-    .concat();
+    sign(&key, id, &timestamp.to_string(), body)
+}
+
+/// `v1,<base64 HMAC-SHA256 of "<id>.<timestamp>.<body>">`, without copying the body.
+fn sign(key: &ring::hmac::Key, id: &str, timestamp: &str, body: &[u8]) -> String {
+    let mut ctx = ring::hmac::Context::with_key(key);
+    for part in [id.as_bytes(), b".", timestamp.as_bytes(), b".", body] {
+        ctx.update(part);
+    }
     format!(
         "v1,{}",
-        base64::engine::general_purpose::STANDARD.encode(ring::hmac::sign(&key, &signed).as_ref())
+        base64::engine::general_purpose::STANDARD.encode(ctx.sign().as_ref())
     )
+}
+
+/// `ms` since the epoch as RFC 3339 (as the `time` crate writes it: fractional
+/// digits only as needed); nothing for a time it cannot write.
+fn write_time(out: &mut Vec<u8>, ms: u64) {
+    let start = out.len();
+    let written = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .map(|t| t.format_into(out, &time::format_description::well_known::Rfc3339));
+    if !matches!(written, Some(Ok(_))) {
+        out.truncate(start);
+    }
 }
 
 #[cfg(test)]
@@ -801,6 +960,112 @@ mod tests {
         // -sha256 -hmac 'whsec-test-key-0123' -binary | base64
         let s = signature(b"whsec-test-key-0123", "msg_1", 1_700_000_000, b"{}");
         assert_eq!(s, "v1,".to_owned() + &expected_b64());
+    }
+
+    fn endpoint(batch: &str) -> Endpoint {
+        let cfg = crate::config::RelayConfig::from_yaml(&format!(
+            "webhooks:\n  - {{name: t, url: 'http://127.0.0.1:1/h', allow_http: true, \
+             secret: 0123456789abcdef0123, tenants: {{all: true}}, batch: {batch}}}\n"
+        ))
+        .unwrap();
+        Endpoint::new(&cfg.webhooks[0], "mailrelay://relay.test").unwrap()
+    }
+
+    fn event(kind: EventKind, queue_id: &str) -> mailrelay_admin_api::Event {
+        mailrelay_admin_api::Event {
+            id: String::new(),
+            kind,
+            at_ms: 1_700_000_000_120,
+            queue_id: queue_id.into(),
+            message_id: Some("m\"1@x.test".into()),
+            sender: "s@x.test".into(),
+            recipient: Some("r@y.test".into()),
+            auth_user: Some("alice".into()),
+            tenant: "alice".into(),
+            category: None,
+            reply: Some("250 2.0.0 ok \u{e9}\t<queued>".into()),
+            mx: Some("mx.y.test".into()),
+            tls_version: Some("TLSv1.3".into()),
+            tls_cipher: Some("TLS13_AES_256_GCM_SHA384".into()),
+            dsn_id: None,
+        }
+    }
+
+    /// The envelope as the relay built it before it wrote envelopes itself.
+    fn old_envelope(e: &mailrelay_admin_api::Event, id: &str) -> serde_json::Value {
+        let mut e = e.clone();
+        e.id = id.to_owned();
+        let time = time::OffsetDateTime::from_unix_timestamp_nanos(e.at_ms as i128 * 1_000_000)
+            .unwrap()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap();
+        serde_json::json!({
+            "specversion": "1.0",
+            "id": e.id,
+            "source": "mailrelay://relay.test",
+            "type": format!("io.mailrelay.{}", e.kind.as_str()),
+            "subject": e.queue_id,
+            "time": time,
+            "datacontenttype": "application/json",
+            "data": e,
+        })
+    }
+
+    #[test]
+    fn envelopes_read_as_before_alone_and_in_batches() {
+        let a = event(EventKind::Accepted, "Q1");
+        let d = event(EventKind::Delivered, "Q1");
+        let stored = |id: &str, e: &mailrelay_admin_api::Event| {
+            Stored::parse(id.into(), serde_json::to_vec(e).unwrap()).unwrap()
+        };
+        let (sa, sd) = (stored("17-0", &a), stored("17-1", &d));
+
+        let single = endpoint("{max_events: 1}");
+        assert!(!single.batched());
+        let body = single.body(&[&sd]);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v, old_envelope(&d, "17-1"));
+        assert_eq!(v["time"], "2023-11-14T22:13:20.12Z");
+        // The keys come in the order they always came (sorted).
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.starts_with("{\"data\":{\"id\":\"17-1\",\"kind\":\"delivered\""),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("\"type\":\"io.mailrelay.delivered\"}"),
+            "{text}"
+        );
+
+        let batched = endpoint("{max_events: 50}");
+        assert!(batched.batched());
+        let v: serde_json::Value = serde_json::from_slice(&batched.body(&[&sa, &sd])).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!([old_envelope(&a, "17-0"), old_envelope(&d, "17-1")])
+        );
+        // Every event read back from `data` is the stored one with its id.
+        let back: mailrelay_admin_api::Event =
+            serde_json::from_value(v[1]["data"].clone()).unwrap();
+        assert_eq!(
+            back,
+            mailrelay_admin_api::Event {
+                id: "17-1".into(),
+                ..d
+            }
+        );
+    }
+
+    #[test]
+    fn stored_events_from_elsewhere_pass_as_they_are() {
+        // An event that already carries an id, with a field this relay does not know.
+        let json = br#" {"id":"x","kind":"bounced","at_ms":5,"queue_id":"Q","sender":"","tenant":"","new":[1]} "#;
+        let s = Stored::parse("9-9".into(), json.to_vec()).unwrap();
+        assert!(s.has_id);
+        let mut out = Vec::new();
+        s.write_data(&mut out);
+        assert_eq!(out, json.trim_ascii());
+        assert!(Stored::parse("9-9".into(), b"{\"kind\":\"sent\"}".to_vec()).is_err());
     }
 
     fn expected_b64() -> String {

@@ -136,10 +136,6 @@ impl DeliveryTotals {
 
 use crate::config::queue::{DEFAULT_CACHE_SIZE, DEFAULT_STATUS_RETENTION};
 
-/// Most recent attempts kept per recipient; older ones are dropped so that a message
-/// retried for days keeps a bounded record.
-pub const MAX_ATTEMPTS_KEPT: usize = 20;
-
 /// Backend settings beyond where the store is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueOptions {
@@ -159,116 +155,11 @@ impl Default for QueueOptions {
     }
 }
 
-/// Where one recipient stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RcptState {
-    /// Not yet delivered: due, in flight or deferred.
-    Pending,
-    Delivered,
-    /// Rejected permanently (5xx) or undeliverable (null MX, no such domain).
-    Bounced,
-    /// Gave up after the maximum queue lifetime.
-    Expired,
-}
-
-impl RcptState {
-    pub fn is_final(self) -> bool {
-        self != RcptState::Pending
-    }
-}
-
-/// What one delivery attempt to one recipient achieved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AttemptResult {
-    Delivered,
-    /// A temporary failure (4xx, connection or DNS trouble): try again later.
-    Deferred,
-    Bounced,
-}
-
-/// One delivery attempt to one recipient.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Attempt {
-    /// When the attempt ended, ms since the epoch.
-    pub at_ms: u64,
-    pub result: AttemptResult,
-    /// The MX (or smarthost) name tried, if it got that far.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mx: Option<String>,
-    /// The address connected to, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ip: Option<String>,
-    /// The TLS session, if the connection was encrypted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<TlsInfo>,
-    /// The outbound TLS policy the attempt followed and what it found.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub security: Option<TransportSecurity>,
-    /// The remote reply, or our description of why there was none.
-    pub reply: String,
-    /// The bounce category of a failed attempt (`invalid_recipient`, `transient`, …).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category: Option<String>,
-}
-
-/// Which transport security policy an attempt followed (`delivery::tls_policy`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TransportSecurity {
-    /// `mta-sts`, or the configured `opportunistic`, `required`, `disabled`.
-    pub policy: String,
-    /// The MTA-STS mode: `enforce` or `testing`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mode: Option<String>,
-    /// The MTA-STS policy id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy_id: Option<String>,
-    /// Whether the server's certificate chained to a trusted root and matched the
-    /// host name; absent without a TLS session.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verified: Option<bool>,
-    /// What the policy found wrong (a `testing` policy delivers anyway).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failure: Option<String>,
-    /// What DANE (RFC 7672) said about the host: `tlsa 3 1 1` (its usable
-    /// records; the policy is then `dane`), `tlsa unusable: …`, `insecure`,
-    /// `no TLSA`, `unavailable` (the resolver does not pass DNSSEC), or why the host
-    /// was not used (bogus or failed lookups).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dane: Option<String>,
-}
-
-/// Status and attempt history of one recipient.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RcptStatus {
-    pub address: String,
-    pub state: RcptState,
-    /// The most recent [`MAX_ATTEMPTS_KEPT`] attempts, oldest first.
-    #[serde(default)]
-    pub attempts: Vec<Attempt>,
-    /// Why a bounced or expired recipient failed: its bounce category.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub category: Option<String>,
-}
-
-impl RcptStatus {
-    /// Appends an attempt, dropping the oldest beyond [`MAX_ATTEMPTS_KEPT`].
-    pub fn record(&mut self, attempt: Attempt) {
-        self.attempts.push(attempt);
-        self.trim_attempts();
-    }
-
-    fn trim_attempts(&mut self) {
-        let excess = self.attempts.len().saturating_sub(MAX_ATTEMPTS_KEPT);
-        self.attempts.drain(..excess);
-    }
-
-    /// The domain part of the address (after the last `@`), or `""` without one.
-    pub fn domain(&self) -> &str {
-        self.address.rsplit_once('@').map_or("", |(_, d)| d)
-    }
-}
+// The per-recipient records are the admin API's types (one definition, the same
+// JSON in the store and on the wire).
+pub use mailrelay_admin_api::types::{
+    Attempt, AttemptResult, MAX_ATTEMPTS_KEPT, RcptState, RcptStatus, TransportSecurity,
+};
 
 /// Delivery status of one message, kept beside it in the queue and, once every
 /// recipient is final, as a status record for the status retention.

@@ -36,13 +36,19 @@ fn data<'a>(e: &'a Value, field: &str) -> &'a str {
 
 /// Tenant A's endpoint fails its first three requests; tenant B's answers at once.
 /// Each gets every event of its own tenant (accepted and delivered of each
-/// message, accepted first), signed, and nothing of the other tenant's.
+/// message, accepted first), signed over the whole body, and nothing of the other
+/// tenant's. A takes batches (the default), B one event per POST (`max_events: 1`):
+/// both see the same events.
 fn tenants_get_their_events_signed_and_retried(redis: Option<&RedisServer>) {
     let sink = Mx::start(json!({}));
     let a = Receiver::start(3);
     let b = Receiver::start(0);
     let hooks = a.config("tenant-a", "{sender_domains: [a.test]}")
-        + &b.config("tenant-b", "{sender_domains: [B.TEST]}");
+        + &b.config_with(
+            "tenant-b",
+            "{sender_domains: [B.TEST]}",
+            "    batch: {max_events: 1}\n",
+        );
     let relay = relay(&sink, redis.map(RedisServer::url), &hooks);
     let mut ids: HashMap<&str, Vec<String>> = HashMap::new();
     for i in 0..4 {
@@ -97,11 +103,21 @@ fn tenants_get_their_events_signed_and_retried(redis: Option<&RedisServer>) {
             "a signature did not verify: {reqs:#?}"
         );
         assert!(
-            reqs.iter()
-                .all(|r| r["content_type"] == "application/cloudevents+json")
+            reqs.iter().all(|r| r["shape_ok"] == true),
+            "a body or webhook-id was not what its content type says: {reqs:#?}"
+        );
+        let want_type = if tenant == "a" {
+            "application/cloudevents-batch+json"
+        } else {
+            "application/cloudevents+json"
+        };
+        assert!(
+            reqs.iter().all(|r| r["content_type"] == want_type),
+            "{reqs:#?}"
         );
     }
-    // A's first three answers were 500: the same event came again until a 200.
+    // A's first three answers were 500: the same POST (same events, same
+    // webhook-id) came again until a 200.
     let reqs = a.requests();
     assert_eq!(
         reqs.iter().filter(|r| r["status"] == 500).count(),
@@ -188,12 +204,28 @@ fn a_dead_endpoint_slows_nothing(redis: Option<&RedisServer>) {
         .unwrap_or(0.0),
         0.0
     );
-    // Once it answers again, it gets all of them.
+    // Once it answers again, it gets all of them; the backlog in batches (its
+    // first POST held a few events, the other ~37 were waiting behind it).
     dead.set_failing(false);
     dead.wait_for(
         "the revived endpoint's backlog",
         || relay.log(),
         |d| d.len() == 2 * MESSAGES,
+    );
+    let ok: Vec<_> = dead
+        .requests()
+        .into_iter()
+        .filter(|r| r["status"] == 200)
+        .collect();
+    assert!(
+        ok.len() < MESSAGES,
+        "{} POSTs for {} events: the backlog was not batched",
+        ok.len(),
+        2 * MESSAGES
+    );
+    assert!(
+        ok.iter()
+            .all(|r| r["sig_ok"] == true && r["shape_ok"] == true)
     );
 }
 

@@ -1,7 +1,11 @@
 //! A real HTTPS webhook receiver: Python's `http.server` behind `ssl`, with a
 //! certificate from a test CA made for the test. It checks each POST's signature
-//! itself (HMAC-SHA256 over `id.timestamp.body`, as the Standard Webhooks scheme
-//! says, written independently of the relay's code) and records every request.
+//! itself (HMAC-SHA256 over `id.timestamp.body`, the whole body, as the Standard
+//! Webhooks scheme says, written independently of the relay's code) and the shape
+//! of the body: one CloudEvents envelope (`application/cloudevents+json`,
+//! `webhook-id` its `id`) or a batch (`application/cloudevents-batch+json`, a JSON
+//! array, `webhook-id` the one `id` or `<first id>..<last id>`). It records every
+//! request.
 //!
 //! Config: `fail_first` (answer `500` to the first N requests); the mode file
 //! (`ok` or `fail`, read on every request) switches it to failing and back.
@@ -37,9 +41,17 @@ class H(http.server.BaseHTTPRequestHandler):
                 envelope = json.loads(body)
             except ValueError:
                 envelope = None
+            ctype = self.headers.get("content-type")
+            if isinstance(envelope, list):
+                ids = [e.get("id") for e in envelope]
+                shape_ok = (ctype == "application/cloudevents-batch+json" and len(ids) > 0
+                            and wid == (ids[0] if len(ids) == 1 else ids[0] + ".." + ids[-1]))
+            else:
+                shape_ok = (ctype == "application/cloudevents+json" and isinstance(envelope, dict)
+                            and wid == envelope.get("id"))
             with open(cfg["log"], "a") as f:
-                f.write(json.dumps({"status": status, "sig_ok": sig_ok, "id": wid,
-                                    "content_type": self.headers.get("content-type"),
+                f.write(json.dumps({"status": status, "sig_ok": sig_ok, "shape_ok": shape_ok,
+                                    "id": wid, "content_type": ctype,
                                     "envelope": envelope}) + "\n")
         self.send_response(status)
         self.send_header("content-length", "2")
@@ -98,30 +110,42 @@ impl Receiver {
         self.pki.ca()
     }
 
-    /// One `webhooks:` entry for this receiver (YAML, indented as a list item).
+    /// One `webhooks:` entry for this receiver (YAML, indented as a list item),
+    /// with the relay's default batching.
     pub fn config(&self, name: &str, tenants: &str) -> String {
+        self.config_with(name, tenants, "")
+    }
+
+    /// [`Receiver::config`] with more keys of the entry (`extra`: YAML lines
+    /// indented by four, e.g. `"    batch: {max_events: 1}\n"`).
+    pub fn config_with(&self, name: &str, tenants: &str, extra: &str) -> String {
         format!(
             "  - name: {name}\n    url: https://127.0.0.1:{}/hook\n    secret: {SECRET}\n    \
              ca_file: '{}'\n    tenants: {tenants}\n    \
-             retry: {{initial: 50ms, max: 400ms, max_attempts: 1000}}\n",
+             retry: {{initial: 50ms, max: 400ms, max_attempts: 1000}}\n{extra}",
             self.port,
             self.ca().display()
         )
     }
 
-    /// Every request so far: `{"status", "sig_ok", "id", "envelope"}`.
+    /// Every request so far: `{"status", "sig_ok", "shape_ok", "id",
+    /// "content_type", "envelope"}` (`envelope`: one, or the array of a batch).
     pub fn requests(&self) -> Vec<Value> {
         self.server.lines("log.jsonl")
     }
 
-    /// Events answered `200`, each once (by event ID), in the order received.
+    /// Events answered `200`, each once (by event ID), in the order received: a
+    /// batch's events one by one, as if they had come alone.
     pub fn delivered(&self) -> Vec<Value> {
         let mut seen = std::collections::HashSet::new();
         self.requests()
             .into_iter()
             .filter(|r| r["status"] == 200)
-            .filter(|r| seen.insert(r["id"].as_str().unwrap().to_owned()))
-            .map(|r| r["envelope"].clone())
+            .flat_map(|r| match r["envelope"].clone() {
+                Value::Array(batch) => batch,
+                one => vec![one],
+            })
+            .filter(|e| seen.insert(e["id"].as_str().unwrap_or_default().to_owned()))
             .collect()
     }
 
