@@ -9,10 +9,7 @@ use crate::support;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use mailrelay::queue::{
-    ClientInfo, Envelope, Ingest, Inspect, MailParams, QueueId, QueuedMessage, Recipient,
-    RedisQueue, now_ms,
-};
+use mailrelay::queue::{Ingest, Inspect, QueuedMessage, RedisQueue};
 use support::deliver::relay_with;
 use support::dns::{Dnsmasq, Record};
 use support::free_ports;
@@ -35,33 +32,12 @@ fn message(i: usize) -> QueuedMessage {
 }
 
 fn message_to(i: usize, rcpt: &str) -> QueuedMessage {
-    let id = QueueId::generate();
-    QueuedMessage {
-        envelope: Envelope {
-            id,
-            mail: MailParams {
-                from: "alice@sender.test".into(),
-                ..MailParams::default()
-            },
-            recipients: vec![Recipient {
-                address: rcpt.to_owned(),
-                notify: None,
-                orcpt: None,
-            }],
-            client: ClientInfo {
-                ip: std::net::Ipv4Addr::LOCALHOST.into(),
-                port: 2525,
-                helo: "client.test".into(),
-                auth_user: None,
-                tls: None,
-                listener: "smtp".into(),
-            },
-            received_at_ms: now_ms(),
-            received_by: "relay.test".into(),
-        },
-        body: format!("Message-ID: <lease-{i}@client.test>\r\nSubject: {i}\r\n\r\nhello\r\n")
-            .into_bytes(),
-    }
+    support::message::queued(
+        "alice@sender.test",
+        rcpt,
+        "relay.test",
+        format!("Message-ID: <lease-{i}@client.test>\r\nSubject: {i}\r\n\r\nhello\r\n"),
+    )
 }
 
 /// Queued ids in flight, by the owner named in their lease token (`host:pid`), read

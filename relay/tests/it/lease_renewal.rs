@@ -11,10 +11,7 @@ use crate::support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use mailrelay::queue::{
-    ClientInfo, Envelope, Ingest, Inspect, MailParams, QueueId, QueuedMessage, Recipient,
-    RedisQueue, now_ms,
-};
+use mailrelay::queue::{Ingest, Inspect, QueuedMessage, RedisQueue};
 use support::deliver::relay_with;
 use support::dns::{Dnsmasq, Record};
 use support::free_ports;
@@ -26,32 +23,12 @@ use support::relay::{Relay, RelayOptions};
 const PREFIX: &str = "mrtest";
 
 fn message(i: usize) -> QueuedMessage {
-    QueuedMessage {
-        envelope: Envelope {
-            id: QueueId::generate(),
-            mail: MailParams {
-                from: "alice@sender.test".into(),
-                ..MailParams::default()
-            },
-            recipients: vec![Recipient {
-                address: format!("m{i}@a.test"),
-                notify: None,
-                orcpt: None,
-            }],
-            client: ClientInfo {
-                ip: std::net::Ipv4Addr::LOCALHOST.into(),
-                port: 2525,
-                helo: "client.test".into(),
-                auth_user: None,
-                tls: None,
-                listener: "smtp".into(),
-            },
-            received_at_ms: now_ms(),
-            received_by: "relay.test".into(),
-        },
-        body: format!("Message-ID: <renew-{i}@client.test>\r\nSubject: {i}\r\n\r\nhello\r\n")
-            .into_bytes(),
-    }
+    support::message::queued(
+        "alice@sender.test",
+        &format!("m{i}@a.test"),
+        "relay.test",
+        format!("Message-ID: <renew-{i}@client.test>\r\nSubject: {i}\r\n\r\nhello\r\n"),
+    )
 }
 
 /// Queues `n` messages for a.test straight into Redis; returns their ids in order.

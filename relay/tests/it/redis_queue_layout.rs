@@ -11,39 +11,20 @@ use std::time::Duration;
 
 use mailrelay::queue::redis::{legacy_shard_prefixes, shard_of_id, shard_prefixes};
 use mailrelay::queue::{
-    ClientInfo, Envelope, FinishResult, Ingest, Inspect, Leasing, MailParams, MessageStatus,
-    QueueId, QueuedMessage, RcptState, Recipient, RedisQueue, now_ms,
+    FinishResult, Ingest, Inspect, Leasing, MessageStatus, QueueId, QueuedMessage, RcptState,
+    RedisQueue, now_ms,
 };
 use support::redis::{RedisCluster, RedisServer};
 
 const PREFIX: &str = "mrtest";
 
 fn message(i: usize) -> QueuedMessage {
-    QueuedMessage {
-        envelope: Envelope {
-            id: QueueId::generate(),
-            mail: MailParams {
-                from: format!("sender{i}@example.test"),
-                ..MailParams::default()
-            },
-            recipients: vec![Recipient {
-                address: format!("rcpt{i}@example.test"),
-                notify: None,
-                orcpt: None,
-            }],
-            client: ClientInfo {
-                ip: "192.0.2.1".parse().unwrap(),
-                port: 40000,
-                helo: "client.test".into(),
-                auth_user: None,
-                tls: None,
-                listener: "smtp".into(),
-            },
-            received_at_ms: now_ms(),
-            received_by: "relay-old.test".into(),
-        },
-        body: format!("Subject: {i}\r\n\r\nbody:{i}\r\n").into_bytes(),
-    }
+    support::message::queued(
+        &format!("sender{i}@example.test"),
+        &format!("rcpt{i}@example.test"),
+        "relay-old.test",
+        format!("Subject: {i}\r\n\r\nbody:{i}\r\n"),
+    )
 }
 
 /// Runs raw commands, as a relay of the old version would, on a standalone server

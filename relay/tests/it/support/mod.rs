@@ -9,6 +9,7 @@
 
 pub mod deliver;
 pub mod dns;
+pub mod message;
 pub mod mx;
 pub mod postfix;
 pub mod python_server;
