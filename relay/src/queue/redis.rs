@@ -483,13 +483,7 @@ const GUARDED_GROUP_MAIN: &str = include_str!("lua/guarded_group_main.lua");
 /// The script of a guarded enqueue around `guard_lua` (see
 /// [`RedisQueue::enqueue_guard`]).
 pub fn guarded_enqueue_lua(guard_lua: &str) -> String {
-    [
-        GUARDED_ARGS_LUA,
-        guard_lua,
-        ENQUEUE_LUA,
-        GUARDED_GROUP_MAIN,
-    ]
-    .concat()
+    [GUARDED_ARGS_LUA, guard_lua, ENQUEUE_LUA, GUARDED_GROUP_MAIN].concat()
 }
 
 /// Every script as Redis runs it, by name (for the Lua lint).

@@ -23,8 +23,8 @@
 //! told to retry) is left out of the call, so the message is not stored behind a
 //! `451`.
 
-use std::sync::{Arc, OnceLock};
 use redis::{ErrorKind, Pipeline, RedisError, Script, ServerErrorKind, Value};
+use std::sync::{Arc, OnceLock};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Conn, OP_DEADLINE, RETRY_DELAY, ShardKeys, is_out_of_memory};
@@ -41,7 +41,11 @@ pub(super) const MAX_GROUP_BYTES: usize = 4 << 20;
 
 /// KEYS/ARGV of `enqueue_group_main.lua` (with `enqueue.lua`).
 pub(super) const ENQUEUE_GROUP: Layout = Layout {
-    keys: &["due, stats, leased, lease, later..", "message, status..", "stream.."],
+    keys: &[
+        "due, stats, leased, lease, later..",
+        "message, status..",
+        "stream..",
+    ],
     args: &["shard count", "count", "max len", "per message.."],
 };
 /// KEYS/ARGV of `guarded_group_main.lua` (with a guard and `enqueue.lua`).
@@ -153,8 +157,9 @@ impl Lane {
             tokio::spawn(run(self.runner.clone(), self.kind.clone(), rx));
             tx
         });
-        tx.send(item(reply))
-            .map_err(|_| QueueError::Unavailable("redis enqueue: the group writer stopped".into()))?;
+        tx.send(item(reply)).map_err(|_| {
+            QueueError::Unavailable("redis enqueue: the group writer stopped".into())
+        })?;
         answer.await.map_err(|_| {
             QueueError::Unavailable("redis enqueue: the group writer dropped the message".into())
         })?

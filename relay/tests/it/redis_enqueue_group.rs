@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use mailrelay::queue::redis::{shard_of_id, shard_prefixes};
 use mailrelay::queue::{
-    FinishResult, Ingest, Inspect, Leasing, QueueError, QueuedMessage, RcptState,
-    RedisQueue, now_ms,
+    FinishResult, Ingest, Inspect, Leasing, QueueError, QueuedMessage, RcptState, RedisQueue,
+    now_ms,
 };
 use mailrelay::quota::ingress::redis::RedisStore;
 use mailrelay::quota::ingress::store::{ChargeRequest, CounterStore};
@@ -345,10 +345,7 @@ async fn a_quota_refused_message_in_a_group_is_refused_alone() {
     assert_eq!(others, expected_others);
     let evalsha = calls(server.port(), "evalsha");
     assert!(evalsha < 60, "{evalsha} calls for 60 guarded enqueues");
-    assert_eq!(
-        queue.stats().await.unwrap().messages,
-        stored.len() as u64
-    );
+    assert_eq!(queue.stats().await.unwrap().messages, stored.len() as u64);
     let taken = drain(&queue).await;
     assert_each_once(&stored, &taken);
 }
@@ -361,11 +358,7 @@ async fn cluster_groups_per_shard() {
     let cluster = tokio::task::spawn_blocking(RedisCluster::start)
         .await
         .unwrap();
-    let queue = Arc::new(
-        RedisQueue::connect(&cluster.config(PREFIX))
-            .await
-            .unwrap(),
-    );
+    let queue = Arc::new(RedisQueue::connect(&cluster.config(PREFIX)).await.unwrap());
     let masters = cluster.master_ports();
     for &p in &masters {
         support::redis::redis_cli(p, None, &["CONFIG", "RESETSTAT"]).unwrap();
