@@ -24,7 +24,7 @@
 //! `451`.
 
 use redis::{ErrorKind, Pipeline, RedisError, Script, ServerErrorKind, Value};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Conn, OP_DEADLINE, RETRY_DELAY, ShardKeys, is_out_of_memory};
@@ -126,9 +126,10 @@ impl Kind {
     }
 }
 
-/// A sequence of group calls, with its task started on first use.
+/// A sequence of group calls, with its task started on first use (and again
+/// if the runtime that ran it is gone: a queue used from a second runtime).
 pub(super) struct Lane {
-    tx: OnceLock<mpsc::UnboundedSender<Item>>,
+    tx: Mutex<Option<mpsc::UnboundedSender<Item>>>,
     runner: Runner,
     kind: Kind,
 }
@@ -136,9 +137,23 @@ pub(super) struct Lane {
 impl Lane {
     pub fn new(runner: Runner, kind: Kind) -> Self {
         Lane {
-            tx: OnceLock::new(),
+            tx: Mutex::new(None),
             runner,
             kind,
+        }
+    }
+
+    /// The sender to the lane's task, started here if it is not running.
+    fn sender(&self) -> mpsc::UnboundedSender<Item> {
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        match &*tx {
+            Some(t) if !t.is_closed() => t.clone(),
+            _ => {
+                let (t, rx) = mpsc::unbounded_channel();
+                tokio::spawn(run(self.runner.clone(), self.kind.clone(), rx));
+                *tx = Some(t.clone());
+                t
+            }
         }
     }
 
@@ -152,12 +167,7 @@ impl Lane {
         item: impl FnOnce(oneshot::Sender<Result<Outcome, QueueError>>) -> Item,
     ) -> Result<Outcome, QueueError> {
         let (reply, answer) = oneshot::channel();
-        let tx = self.tx.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run(self.runner.clone(), self.kind.clone(), rx));
-            tx
-        });
-        tx.send(item(reply)).map_err(|_| {
+        self.sender().send(item(reply)).map_err(|_| {
             QueueError::Unavailable("redis enqueue: the group writer stopped".into())
         })?;
         answer.await.map_err(|_| {

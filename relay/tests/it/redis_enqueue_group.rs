@@ -382,6 +382,31 @@ async fn cluster_groups_per_shard() {
     assert_each_once(&msgs, &taken);
 }
 
+/// A queue used from a second runtime after the first one is gone (its lane's
+/// task went with it) starts the task again.
+#[test]
+fn a_queue_outlives_the_runtime_of_its_first_enqueue() {
+    let server = RedisServer::start();
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let queue = first.block_on(async {
+        let queue = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+        queue.enqueue(&message(1, 10)).await.unwrap();
+        queue
+    });
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    second.block_on(async {
+        queue.enqueue(&message(2, 10)).await.unwrap();
+        assert_eq!(queue.stats().await.unwrap().messages, 2);
+    });
+}
+
 /// Redis memory per queued message beyond its body (issue 21: at most 400 B at
 /// 1 KB with events off): measured as `used_memory` growth over 2,000 queued
 /// messages. Printed; the bound checked is the current layout's, with a margin
