@@ -67,10 +67,15 @@
 //!
 //! # Round trips and failure semantics
 //!
-//! `enqueue` is one round trip: a pipeline of `EVALSHA` (one script writes the hash,
-//! both index entries and the counters atomically) and, when `wait_replicas > 0`,
-//! `WAIT`. Only after Redis restarts or fails over does the first call see `NOSCRIPT`,
-//! load the script and try again.
+//! `enqueue` is group-committed (`redis_enqueue.rs`): enqueues of concurrent
+//! sessions that arrive while a call is in flight go together in the next one, a
+//! pipeline of one `EVALSHA` (a script that stores each message, its `due` entry
+//! and, on standalone Redis and Sentinel, its `accepted` event, and adds to each
+//! shard's counters once) and, when `wait_replicas > 0`, one `WAIT` for the whole
+//! group; one lane of calls on a single server, one per shard in a cluster. An
+//! idle relay's enqueue goes at once, alone. A caller is answered only from the
+//! call that holds its message. Only after Redis restarts or fails over does the
+//! first call see `NOSCRIPT`, load the script and try again.
 //!
 //! `lease_due` runs one script per shard, visiting shards round-robin from an offset
 //! that rotates per call (so every shard's expired leases get swept and no shard
@@ -117,6 +122,8 @@ use crate::config::RedisConfig;
 
 #[path = "redis_envelope.rs"]
 mod envelope_codec;
+#[path = "redis_enqueue.rs"]
+mod grouped;
 use crate::redis_conn::script::{Call, Layout};
 use crate::redis_conn::{self, ConnectError, Timeouts, is_connection_error, redact};
 
@@ -142,21 +149,6 @@ const SWEEP_LIMIT: usize = 1000;
 /// make few round trips, short enough not to block Redis noticeably.
 const PAGE: usize = 200;
 
-/// KEYS/ARGV of `enqueue.lua` (and of a guarded enqueue, whose guard's keys and
-/// arguments follow).
-pub const ENQUEUE: Layout = Layout {
-    keys: &[
-        "message",
-        "due",
-        "stats",
-        "leased",
-        "lease",
-        "later",
-        "status",
-        "guard keys..",
-    ],
-    args: &["id", "stored", "body length", "due", "guard args.."],
-};
 /// KEYS/ARGV of `remove.lua`.
 const REMOVE: Layout = Layout {
     keys: &[
@@ -252,14 +244,12 @@ const LEGACY_FORGET: Layout = Layout {
     args: &["id", "token"],
 };
 
-/// `local function enqueue()`: stores a message (keys and arguments as
-/// [`ENQUEUE`]).
+/// `local function enqueue(k, m, a)`: stores one message of a group, and the
+/// helpers of the group scripts.
 const ENQUEUE_LUA: &str = include_str!("lua/enqueue.lua");
-/// Runs the enqueue alone.
-const ENQUEUE_MAIN_LUA: &str = include_str!("lua/enqueue_main.lua");
-/// The enqueue plus the message's `accepted` event (standalone and Sentinel).
-const ENQUEUE_EVENT_MAIN_LUA: &str = include_str!("lua/enqueue_event_main.lua");
-/// `local A0 = 4`: a guard's arguments follow the enqueue's.
+/// Stores a group of messages, with their events ([`grouped::ENQUEUE_GROUP`]).
+const ENQUEUE_GROUP_MAIN_LUA: &str = include_str!("lua/enqueue_group_main.lua");
+/// `local A0 = 0`: the guards' clock is the group's first argument.
 const GUARDED_ARGS_LUA: &str = include_str!("lua/guarded_args.lua");
 
 const REMOVE_LUA: &str = include_str!("lua/remove.lua");
@@ -315,8 +305,7 @@ fn is_out_of_memory(e: &RedisError) -> bool {
 
 /// The queue's scripts, loaded at connect and again whenever Redis lost them.
 struct Scripts {
-    enqueue: Script,
-    enqueue_event: Script,
+    enqueue_group: Script,
     remove: Script,
     lease: Script,
     finish: Script,
@@ -335,8 +324,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            enqueue: Script::new(&[ENQUEUE_LUA, ENQUEUE_MAIN_LUA].concat()),
-            enqueue_event: Script::new(&[ENQUEUE_LUA, ENQUEUE_EVENT_MAIN_LUA].concat()),
+            enqueue_group: Script::new(&[ENQUEUE_LUA, ENQUEUE_GROUP_MAIN_LUA].concat()),
             remove: Script::new(REMOVE_LUA),
             lease: Script::new(LEASE_LUA),
             finish: Script::new(FINISH_LUA),
@@ -353,10 +341,9 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 15] {
+    fn all(&self) -> [&Script; 14] {
         [
-            &self.enqueue,
-            &self.enqueue_event,
+            &self.enqueue_group,
             &self.remove,
             &self.lease,
             &self.finish,
@@ -382,8 +369,6 @@ pub struct RedisQueue {
     conn: Conn,
     prefix: String,
     wait_replicas: u32,
-    /// How long `WAIT` blocks for the replicas (ms).
-    wait_timeout_ms: u64,
     options: QueueOptions,
     /// Strings that must never reach an error message or a log line.
     secrets: Vec<String>,
@@ -397,6 +382,9 @@ pub struct RedisQueue {
     legacy_keys: Vec<LegacyKeys>,
     /// When the next move round from the old layout is due (ms).
     next_migration: std::sync::atomic::AtomicU64,
+    /// Group commit of enqueues: one lane on a single server, one per shard in a
+    /// cluster (see `redis_enqueue.rs`).
+    lanes: Vec<grouped::Lane>,
 }
 
 /// The queue's Redis connection, lent to stores that keep their data beside the
@@ -484,32 +472,26 @@ impl SharedRedis {
 /// A Lua guard that runs in the same atomic call as an enqueue and decides whether
 /// the message is stored (quota counters): see [`RedisQueue::enqueue_guarded`].
 pub struct EnqueueGuard {
-    script: Script,
+    /// Guarded enqueues of concurrent sessions go in one call.
+    lane: grouped::Lane,
 }
 
-/// Runs the guard (`guard(7)`: its keys follow [`ENQUEUE`]'s), then the enqueue
-/// only if the guard allowed it.
-const GUARDED_ENQUEUE_MAIN: &str = include_str!("lua/guarded_enqueue_main.lua");
+/// Per message of a group, the guard, then the enqueue only if the guard allowed
+/// it ([`grouped::GUARDED_GROUP`]).
+const GUARDED_GROUP_MAIN: &str = include_str!("lua/guarded_group_main.lua");
 
 /// The script of a guarded enqueue around `guard_lua` (see
 /// [`RedisQueue::enqueue_guard`]).
 pub fn guarded_enqueue_lua(guard_lua: &str) -> String {
-    [
-        GUARDED_ARGS_LUA,
-        guard_lua,
-        ENQUEUE_LUA,
-        GUARDED_ENQUEUE_MAIN,
-    ]
-    .concat()
+    [GUARDED_ARGS_LUA, guard_lua, ENQUEUE_LUA, GUARDED_GROUP_MAIN].concat()
 }
 
 /// Every script as Redis runs it, by name (for the Lua lint).
 pub fn lua_scripts() -> Vec<(&'static str, String)> {
     vec![
-        ("queue_enqueue", [ENQUEUE_LUA, ENQUEUE_MAIN_LUA].concat()),
         (
-            "queue_enqueue_event",
-            [ENQUEUE_LUA, ENQUEUE_EVENT_MAIN_LUA].concat(),
+            "queue_enqueue_group",
+            [ENQUEUE_LUA, ENQUEUE_GROUP_MAIN_LUA].concat(),
         ),
         ("queue_remove", REMOVE_LUA.to_owned()),
         ("queue_lease", LEASE_LUA.to_owned()),
@@ -566,20 +548,38 @@ impl RedisQueue {
                 ConnectError::Timeout(d) => QueueError::Timeout(d),
             })?;
 
+        let shard_keys = ShardKeys::all(&cfg.key_prefix);
+        let scripts = Scripts::new();
+        let runner = grouped::Runner {
+            conn: conn.clone(),
+            secrets: secrets.clone().into(),
+            wait_replicas: cfg.wait_replicas,
+            wait_timeout_ms: cfg.wait_timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
+            shard_keys: shard_keys.clone().into(),
+            stream: crate::events::log::stream_key(&cfg.key_prefix),
+        };
+        let lanes = (0..if conn.is_cluster() { SHARDS } else { 1 })
+            .map(|_| {
+                grouped::Lane::new(
+                    runner.clone(),
+                    grouped::Kind::Plain(scripts.enqueue_group.clone()),
+                )
+            })
+            .collect();
         let queue = RedisQueue {
             conn,
             prefix: cfg.key_prefix.clone(),
             wait_replicas: cfg.wait_replicas,
-            wait_timeout_ms: cfg.wait_timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
             options,
             secrets,
-            scripts: Scripts::new(),
+            scripts,
             next_shard: AtomicUsize::new(rand::random::<u16>().into()),
-            shard_keys: ShardKeys::all(&cfg.key_prefix),
+            shard_keys,
             legacy_keys: (0..SHARDS)
                 .map(|s| LegacyKeys::new(&cfg.key_prefix, s))
                 .collect(),
             next_migration: std::sync::atomic::AtomicU64::new(0),
+            lanes,
         };
         // Loading now keeps the first enqueue to one round trip.
         queue
@@ -606,31 +606,34 @@ impl RedisQueue {
 
     /// Builds and loads the script of a guarded enqueue: `guard_lua` must define
     /// `local function guard(K0)` returning `allowed, reply`, reading its keys from
-    /// `KEYS[K0 + 1]` and its arguments from `ARGV[A0 + 1]` (the enqueue's come
-    /// first, so that neither list is copied; `A0` is set before `guard_lua`). `None` in Redis
-    /// Cluster, where the guard's keys live in another slot than the message's.
+    /// `KEYS[K0 + 1]` (its last key from `KEYS[#KEYS]`, the same for every call
+    /// of one guard) and its arguments from `ARGV[A0 + 1]` (`A0` is an upvalue
+    /// the group script moves to each message's guard arguments before calling
+    /// it; the clock, `ARGV[A0 + 1]`, is read once per call, from the first
+    /// message's). `None` in Redis Cluster, where the guard's keys live in
+    /// another slot than the message's.
     pub async fn enqueue_guard(&self, guard_lua: &str) -> Result<Option<EnqueueGuard>, QueueError> {
         if self.conn.is_cluster() {
             return Ok(None);
         }
-        let text = guarded_enqueue_lua(guard_lua);
-        let guard = EnqueueGuard {
-            script: Script::new(&text),
-        };
+        let script = Script::new(&guarded_enqueue_lua(guard_lua));
         self.deadline("load scripts", async {
-            guard
-                .script
+            script
                 .load_async(&mut self.conn.clone())
                 .await
                 .map_err(|e| self.unavailable("script load", e))
         })
         .await?;
-        Ok(Some(guard))
+        let runner = self.lanes[0].runner().clone();
+        Ok(Some(EnqueueGuard {
+            lane: grouped::Lane::new(runner, grouped::Kind::Guarded(script)),
+        }))
     }
 
     /// Runs `guard` with `keys` and `args` and, only if it allows, stores `msg`,
-    /// atomically in one round trip (with `WAIT` for replicas in the same pipeline,
-    /// as [`Queue::enqueue`] does). Returns whether the message was stored and the
+    /// atomically (guarded enqueues of concurrent sessions go in one call, each
+    /// message's guard and enqueue together, with `WAIT` for replicas after it as
+    /// [`Queue::enqueue`] does). Returns whether the message was stored and the
     /// guard's reply. Errors as for [`Queue::enqueue`]; the guard's writes stay even
     /// when a later `WAIT` fails.
     pub async fn enqueue_guarded(
@@ -640,98 +643,60 @@ impl RedisQueue {
         keys: &[String],
         args: &[Vec<u8>],
     ) -> Result<(bool, Vec<u8>), QueueError> {
+        let Some((index, keys)) = keys.split_last() else {
+            return Err(QueueError::Invalid(
+                "guarded enqueue: the guard has no keys".into(),
+            ));
+        };
+        let part = grouped::GuardPart {
+            keys: keys.to_vec(),
+            index: index.clone(),
+            args: args.to_vec(),
+        };
         self.deadline("enqueue", async move {
-            let replies = self.run_enqueue(msg, &guard.script, keys, args).await?;
-            let (allowed, reply): (i64, Vec<u8>) = replies
-                .first()
-                .cloned()
-                .map(redis::from_redis_value)
-                .transpose()
-                .map_err(|e| QueueError::Corrupt(format!("guarded enqueue reply: {e}")))?
-                .ok_or_else(|| QueueError::Corrupt("guarded enqueue: no reply".into()))?;
-            if allowed == 1 {
-                self.check_replicas(&replies, &msg.envelope.id)?;
-            }
-            Ok((allowed == 1, reply))
+            let outcome = self
+                .enqueue_grouped(&guard.lane, msg, None, Some(part))
+                .await?;
+            Ok((outcome.stored, outcome.guard_reply))
         })
         .await
     }
 
-    /// Runs an enqueue script on `msg`: its keys and arguments ([`ENQUEUE`]) first, then
-    /// `extra_keys` and `extra_args` (a guard's), and `WAIT` for replicas in the same
-    /// pipeline. Returns the replies: the script's, then `WAIT`'s.
-    async fn run_enqueue(
+    /// Hands `msg` to `lane` for its next group call and waits for that call's
+    /// answer.
+    async fn enqueue_grouped(
         &self,
+        lane: &grouped::Lane,
         msg: &QueuedMessage,
-        script: &Script,
-        extra_keys: &[String],
-        extra_args: &[Vec<u8>],
-    ) -> Result<Vec<Value>, QueueError> {
+        event: Option<(Vec<u8>, u64)>,
+        guard: Option<grouped::GuardPart>,
+    ) -> Result<grouped::Outcome, QueueError> {
+        use std::io::Write;
         let id = valid_id(&msg.envelope.id)?;
         let envelope = envelope_codec::encode(&msg.envelope);
-        let shard = self.keys(id);
-        let mut pipe = redis::pipe();
-        let cmd = pipe
-            .cmd("EVALSHA")
-            .arg(script.get_hash())
-            .arg(extra_keys.len() + ENQUEUE.fixed_keys());
-        let mut call = Call::onto(cmd, &ENQUEUE);
-        call.key("message", shard.message(id))
-            .key("due", &shard.due)
-            .key("stats", &shard.stats)
-            .key("leased", &shard.leased)
-            .key("lease", &shard.lease)
-            .key("later", &shard.later)
-            .key("status", shard.status(id));
-        for k in extra_keys {
-            call.key("guard keys..", k);
-        }
-        call.arg("id", id)
-            .arg(
-                "stored",
-                Stored {
-                    envelope: &envelope,
-                    body: &msg.body,
-                },
-            )
-            .arg("body length", msg.body.len())
-            .arg("due", msg.envelope.received_at_ms);
-        for a in extra_args {
-            call.arg("guard args..", a.as_slice());
-        }
-        if self.wait_replicas > 0 {
-            // In the same pipeline, so it runs on the connection that wrote the
-            // message (WAIT counts that connection's writes) and costs no extra
-            // round trip. It blocks the multiplexed connection while it waits.
-            pipe.cmd("WAIT")
-                .arg(self.wait_replicas)
-                .arg(self.wait_timeout_ms);
-        }
-        self.run_script_pipeline(&pipe, script)
-            .await
-            .map_err(|e| self.unavailable("enqueue", e))
+        // The stored value (see [`Stored`]), built once here: the lane's task
+        // outlives the borrow of `msg`.
+        let mut stored = Vec::with_capacity(24 + envelope.len() + msg.body.len());
+        let _ = write!(stored, "{}:{}:", envelope.len(), msg.body.len());
+        stored.extend_from_slice(&envelope);
+        stored.extend_from_slice(&msg.body);
+        let shard = shard_of(id);
+        lane.submit(|reply| grouped::Item {
+            shard,
+            id: id.to_owned(),
+            stored,
+            body_len: msg.body.len(),
+            due: msg.envelope.received_at_ms,
+            event,
+            guard,
+            reply,
+        })
+        .await
     }
 
-    /// Whether enough replicas acknowledged the write of message `id` (the reply of
-    /// the `WAIT` after an enqueue script).
-    fn check_replicas(&self, replies: &[Value], id: &QueueId) -> Result<(), QueueError> {
-        if self.wait_replicas == 0 {
-            return Ok(());
-        }
-        let acked = replies
-            .get(1)
-            .cloned()
-            .map(redis::from_redis_value::<i64>)
-            .transpose()
-            .map_err(|e| QueueError::Unavailable(format!("redis WAIT: {e}")))?
-            .unwrap_or(0);
-        if acked < i64::from(self.wait_replicas) {
-            return Err(QueueError::Unreplicated(format!(
-                "redis WAIT: {acked} of {} replicas acknowledged message {id} within {} ms",
-                self.wait_replicas, self.wait_timeout_ms
-            )));
-        }
-        Ok(())
+    /// The lane of a message of `shard`: the only one on a single server.
+    fn lane(&self, shard: u16) -> &grouped::Lane {
+        &self.lanes[usize::from(shard) % self.lanes.len()]
     }
 
     /// A handle on this queue's connection for other stores (see [`SharedRedis`]).
@@ -1303,16 +1268,18 @@ impl Store for RedisQueue {
 }
 
 impl Ingest for RedisQueue {
+    /// Grouped with the enqueues of other sessions into one script call (see
+    /// `redis_enqueue.rs`); answered once the call that holds the message (and
+    /// its `WAIT`) returned.
     fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
         Box::pin(self.deadline("enqueue", async move {
-            let replies = self
-                .run_enqueue(msg, &self.scripts.enqueue, &[], &[])
-                .await?;
-            self.check_replicas(&replies, &msg.envelope.id)
+            let lane = self.lane(shard_of(valid_id(&msg.envelope.id)?));
+            self.enqueue_grouped(lane, msg, None, None).await?;
+            Ok(())
         }))
     }
 
-    /// One script call stores the message and `XADD`s the event, on standalone
+    /// The same script call stores the message and `XADD`s the event, on standalone
     /// Redis and Sentinel. Not on Cluster: the stream is one key, in another slot
     /// than the message's shard, and one script cannot write both (see
     /// docs/events-bounces-suppression.md); the caller then batches the event.
@@ -1326,16 +1293,8 @@ impl Ingest for RedisQueue {
             return Box::pin(async move { self.enqueue(msg).await.map(|()| false) });
         }
         Box::pin(self.deadline("enqueue", async move {
-            let stream = crate::events::log::stream_key(&self.prefix);
-            let replies = self
-                .run_enqueue(
-                    msg,
-                    &self.scripts.enqueue_event,
-                    &[stream],
-                    &[max_len.to_string().into_bytes(), event.to_vec()],
-                )
+            self.enqueue_grouped(&self.lanes[0], msg, Some((event.to_vec(), max_len)), None)
                 .await?;
-            self.check_replicas(&replies, &msg.envelope.id)?;
             Ok(true)
         }))
     }
@@ -2185,11 +2144,17 @@ mod tests {
     use redis::cluster_routing::Slot;
 
     #[test]
-    fn the_guarded_enqueue_offsets_are_the_enqueue_layout() {
-        // The Lua files cannot read the Rust constants: they must agree.
-        let (k, a) = (ENQUEUE.fixed_keys(), ENQUEUE.fixed_args());
-        assert!(GUARDED_ARGS_LUA.contains(&format!("local A0 = {a}\n")));
-        assert!(GUARDED_ENQUEUE_MAIN.contains(&format!("guard({k})")));
+    fn the_group_scripts_offsets_are_their_layouts() {
+        // The Lua files cannot read the Rust constants: they must agree. Per
+        // message: shard place, id, stored, body length, due, then the event, or
+        // the guard's key and argument counts and its arguments.
+        let plain = grouped::ENQUEUE_GROUP.fixed_args();
+        assert!(ENQUEUE_GROUP_MAIN_LUA.contains(&format!("local a, m = {}, ", plain + 1)));
+        assert!(ENQUEUE_GROUP_MAIN_LUA.contains("a, m = a + 6, m + 2"));
+        let guarded = grouped::GUARDED_GROUP.fixed_args();
+        assert!(GUARDED_GROUP_MAIN.contains(&format!("local a, m = {}, ", guarded + 1)));
+        assert!(GUARDED_GROUP_MAIN.contains("A0 = a + 6\n"));
+        assert!(GUARDED_ARGS_LUA.contains("local A0 = 0\n"));
     }
 
     #[test]

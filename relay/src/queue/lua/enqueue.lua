@@ -1,31 +1,49 @@
--- Stores a message, as `enqueue()`: alone (enqueue_main.lua) or after a guard
--- (guarded_enqueue_main.lua).
--- KEYS: message, due set, stats hash, leased set, lease hash, later set, status
--- ARGV: id, stored value ("<envelope len>:<body len>:" envelope body), body
---       length, due score (ms)
-local function enqueue()
-  -- The header of a message stored under this id already ('' when none).
-  local old = redis.call('GETRANGE', KEYS[1], 0, 23)
-  if old ~= '' then
-    -- A replacement: counted once, and what the old one left behind (its
-    -- lease, its status, its place in the indexes) goes.
-    local _, old_len = string.match(old, '^(%d+):(%d+):')
-    redis.call('HINCRBY', KEYS[3], 'bytes', -tonumber(old_len or 0))
-    redis.call('ZREM', KEYS[4], ARGV[1])
-    redis.call('HDEL', KEYS[5], ARGV[1])
-    if redis.call('ZREM', KEYS[6], ARGV[1]) == 1 then
-      local s = redis.call('GET', KEYS[7])
-      if s and tonumber(string.match(s, '^(%d+):')) > 0 then
-        redis.call('HINCRBY', KEYS[3], 'deferred', -1)
-      end
-      redis.call('DEL', KEYS[7])
-    end
-  else
-    redis.call('HINCRBY', KEYS[3], 'messages', 1)
+-- Stores one message of a group (redis_enqueue.rs): a group's messages go in
+-- one script call, since an `EVALSHA` costs Redis several times the commands it
+-- runs. k: the place in KEYS of its shard's due set (stats, leased, lease, later
+-- follow), m: the place of its message key (its status key follows), a: the
+-- place in ARGV of its id (stored value, body length, due score follow).
+-- Returns whether it replaced a message stored under this id (1/0), and what it
+-- adds to its shard's `messages` and `bytes` counters (the caller writes those
+-- once per shard for the whole group).
+local function enqueue(k, m, a)
+  local id = ARGV[a]
+  -- The common case, a new id, in one command.
+  if redis.call('SET', KEYS[m], ARGV[a + 1], 'NX') then
+    redis.call('ZADD', KEYS[k], ARGV[a + 3], id)
+    return 0, 1, tonumber(ARGV[a + 2])
   end
-  redis.call('SET', KEYS[1], ARGV[2])
-  redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1])
-  redis.call('HINCRBY', KEYS[3], 'bytes', ARGV[3])
-  if old ~= '' then return 1 end
-  return 0
+  -- A replacement: counted once, and what the old one left behind (its lease,
+  -- its status, its place in the indexes) goes.
+  local old = redis.call('GETRANGE', KEYS[m], 0, 23)
+  local _, old_len = string.match(old, '^(%d+):(%d+):')
+  redis.call('ZREM', KEYS[k + 2], id)
+  redis.call('HDEL', KEYS[k + 3], id)
+  if redis.call('ZREM', KEYS[k + 4], id) == 1 then
+    local s = redis.call('GET', KEYS[m + 1])
+    if s and tonumber(string.match(s, '^(%d+):')) > 0 then
+      redis.call('HINCRBY', KEYS[k + 1], 'deferred', -1)
+    end
+    redis.call('DEL', KEYS[m + 1])
+  end
+  redis.call('SET', KEYS[m], ARGV[a + 1])
+  redis.call('ZADD', KEYS[k], ARGV[a + 3], id)
+  return 1, 0, tonumber(ARGV[a + 2]) - tonumber(old_len or 0)
+end
+-- The text of a Redis error caught by pcall (a table with `err`) or of a Lua one.
+local function why(e)
+  if type(e) == 'table' then return tostring(e.err) end
+  return tostring(e)
+end
+-- The counters each shard's messages add to, written once per shard.
+local added_msgs, added_bytes = {}, {}
+local function count(k, msgs, bytes)
+  added_msgs[k] = (added_msgs[k] or 0) + msgs
+  added_bytes[k] = (added_bytes[k] or 0) + bytes
+end
+local function write_counts()
+  for k, msgs in pairs(added_msgs) do
+    if msgs ~= 0 then redis.call('HINCRBY', KEYS[k + 1], 'messages', msgs) end
+    if added_bytes[k] ~= 0 then redis.call('HINCRBY', KEYS[k + 1], 'bytes', added_bytes[k]) end
+  end
 end

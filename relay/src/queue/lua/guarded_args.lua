@@ -1,3 +1,4 @@
--- A guarded enqueue: the guard's arguments follow the enqueue's four (ENQUEUE_ARGV
--- in redis.rs), so that neither list is copied.
-local A0 = 4
+-- A group of guarded enqueues: the guards' clock is ARGV[1] (read once, by
+-- common.lua, before the first message); each message's guard arguments start
+-- after its own, and A0 is moved to them before its guard runs.
+local A0 = 0
