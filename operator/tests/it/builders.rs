@@ -1732,9 +1732,21 @@ fn webhook_batches_reach_the_relay_and_bad_ones_name_the_field() {
     // Where the CRD's schema did not run, the operator refuses the same bounds,
     // naming the field as the spec spells it.
     for (batch, field, says) in [
-        ("{maxEvents: 0}", "spec.webhooks[0].batch.maxEvents", "not between 1 and 1000"),
-        ("{maxEvents: 1001}", "spec.webhooks[0].batch.maxEvents", "not between 1 and 1000"),
-        ("{linger: 11s}", "spec.webhooks[0].batch.linger", "at most 10s"),
+        (
+            "{maxEvents: 0}",
+            "spec.webhooks[0].batch.maxEvents",
+            "not between 1 and 1000",
+        ),
+        (
+            "{maxEvents: 1001}",
+            "spec.webhooks[0].batch.maxEvents",
+            "not between 1 and 1000",
+        ),
+        (
+            "{linger: 11s}",
+            "spec.webhooks[0].batch.linger",
+            "at most 10s",
+        ),
         ("{linger: soon}", "spec.webhooks[0].batch.linger", ""),
     ] {
         let e = build_err(&hook(batch));
