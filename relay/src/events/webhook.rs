@@ -206,7 +206,9 @@ impl Webhooks {
             };
             let endpoint = Endpoint::new(cfg, source).map_err(setup)?;
             let feed = match &store {
-                EventStore::Redis(r) => Feed::Redis(RedisFeed::new(r.clone(), &cfg.name, owner)),
+                EventStore::Redis(r) => {
+                    Feed::Redis(Box::new(RedisFeed::new(r.clone(), &cfg.name, owner)))
+                }
                 EventStore::Embedded(e) => Feed::Embedded(
                     EmbeddedFeed::new(e.clone(), &cfg.name).map_err(|e| setup(e.to_string()))?,
                 ),
@@ -643,7 +645,8 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 // ----------------------------------------------------------------- feeds
 
 enum Feed {
-    Redis(RedisFeed),
+    // One per endpoint, for the process's life: its size does not matter.
+    Redis(Box<RedisFeed>),
     Embedded(EmbeddedFeed),
 }
 
@@ -915,7 +918,8 @@ impl RedisFeed {
         // is sent again by the next holder (at least once).
         // A lease taken anew here (it had gone) does not count: another relay may
         // have held it meanwhile and moved the cursor further.
-        if !self.fresh() && !(self.held_since.is_some() && self.hold().await?) {
+        let renewed = self.fresh() || (self.held_since.is_some() && self.hold().await?);
+        if !renewed {
             return Err(EventError::Unavailable(format!(
                 "the lease went to another relay before events up to {} were recorded as done",
                 last.id
