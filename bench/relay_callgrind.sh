@@ -21,6 +21,9 @@
 # one webhook for all tenants posting to a local Python receiver, counted; RELAY_YAML_HOOK
 # adds keys to that webhook's entry, e.g. "batch: {max_events: 1}") and the ports SMTP_PORT
 # ADMIN_PORT SINK_PORT REDIS_PORT DNS_PORT HOOK_PORT (14625 14626 14636 16679 14653 14637).
+# Each run also prints the CPU ticks of the relay (its own process only with TOOL=none) and,
+# on Redis, of redis-server during the run, and writes redis-server's `INFO commandstats`
+# for the run to $WORK/redis-EVENTS-N.cmdstats (what the webhook consumer costs Redis).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RELAY_BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-target}/release/mailrelay}
@@ -54,6 +57,7 @@ if [[ " $QUEUES " == *" redis "* ]]; then
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" --appendonly yes \
     --appendfsync everysec --save '' --daemonize no --logfile "$WORK/redis.log" &
   PIDS+=($!)
+  REDIS_PID=$!
 fi
 if [[ " $EVENTS " == *" hook "* ]]; then
   # Counts events (a batch's array or one event) and POSTs.
@@ -79,6 +83,7 @@ PY
 fi
 sleep 1
 
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hook_count() { cat "$WORK/hook.count" 2>/dev/null || echo "0 0"; }
 sink_count() { python3 bench/timer.py --sink-count "$WORK/sink.out"; }
 metric() { curl -fs "http://127.0.0.1:$ADMIN_PORT/metrics" | awk -v m="$1" '$1 == m && !f {print $2; f = 1}'; }
@@ -112,6 +117,8 @@ run() {  # run QUEUE N EVENTS -> total Ir
   for _ in $(seq 1 600); do curl -fs "http://127.0.0.1:$ADMIN_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
   base=$(sink_count)
   h0=$(hook_count)
+  r0=0
+  [ "$queue" != redis ] || { redis-cli -p "$REDIS_PORT" CONFIG RESETSTAT >/dev/null; r0=$(cpu_ticks "$REDIS_PID"); }
   [ "$n" = 0 ] || smtp-source -s "$SESSIONS" -m "$n" -l "$SIZE" -f sender@example.com -t rcpt@example.net \
     -M bench.local "127.0.0.1:$SMTP_PORT"
   for _ in $(seq 1 1200); do [ $(( $(sink_count) - base )) -ge "$n" ] && break; sleep 0.25; done
@@ -127,6 +134,12 @@ run() {  # run QUEUE N EVENTS -> total Ir
     echo "$queue hook N=$n: $(( ${h1% *} - ${h0% *} )) events in $(( ${h1#* } - ${h0#* } )) POSTs" >&2
   fi
   got=$(metric mailrelay_smtp_messages_accepted_total)
+  # CPU of the relay process (meaningful with TOOL=none) and of redis-server, whole run.
+  local rcpu=""
+  [ "$queue" != redis ] || rcpu=", redis-server $(( $(cpu_ticks "$REDIS_PID") - r0 ))"
+  echo "$queue $ev N=$n: CPU ticks (1/100 s): relay $(cpu_ticks "$pid")$rcpu" >&2
+  # redis-server's side (calls and usec per command), e.g. what the webhook consumer costs.
+  [ "$queue" != redis ] || redis-cli -p "$REDIS_PORT" INFO commandstats > "$WORK/$queue-$ev-$n.cmdstats"
   kill -TERM "$pid"; wait "$pid" || true
   [ "${got:-0}" = "$n" ] || { echo "$queue: accepted ${got:-0} of $n" >&2; exit 1; }
   [ $(( $(sink_count) - base )) = "$n" ] || { echo "$queue: sink got $(( $(sink_count) - base )) of $n" >&2; exit 1; }

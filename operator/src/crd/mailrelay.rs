@@ -323,6 +323,33 @@ pub struct WebhookSpec {
     /// Retries of an event the endpoint did not take (no answer, or not 2xx).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<WebhookRetrySpec>,
+    /// How events are grouped into POSTs; default up to 100 events per POST,
+    /// lingering `50ms`. Retries and dead-lettering apply to a POST as a whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<WebhookBatchSpec>,
+}
+
+/// `spec.webhooks[].batch`: events per POST, and how long a consumer that caught
+/// up waits so that the next POST carries more than a handful.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookBatchSpec {
+    /// Most events per POST; default 100. Above 1 the body is a CloudEvents batch
+    /// (a JSON array, `application/cloudevents-batch+json`); 1 posts each event
+    /// alone (`application/cloudevents+json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_events: Option<u32>,
+    /// After a POST that was not full, wait this long before reading again, like
+    /// `50ms` (the default): the latency it adds to an event at most. `0s` to
+    /// read again at once; at most `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16), regex(pattern = SHUTDOWN_DURATION_PATTERN))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "duration(self) <= duration('10s')",
+        "message": "linger is at most 10s"
+    }]))]
+    pub linger: Option<String>,
 }
 
 /// `spec.webhooks[].retry`: the wait doubles from `initial` up to `max`; after

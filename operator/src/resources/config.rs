@@ -399,8 +399,27 @@ fn webhook_config(
         ca_file: None,
         timeout: duration("timeout", &w.timeout, Duration::from_secs(10))?,
         retry,
-        batch: Default::default(),
+        batch: webhook_batch(&w.batch, &field)?,
     })
+}
+
+/// `spec.webhooks[].batch` with the relay's defaults for what it leaves out; the
+/// bounds are the relay's (its check names the spec's field).
+fn webhook_batch(
+    b: &Option<crate::crd::WebhookBatchSpec>,
+    field: &dyn Fn(&str) -> String,
+) -> Result<mailrelay::config::events::WebhookBatch, SpecError> {
+    let mut batch = mailrelay::config::events::WebhookBatch::default();
+    let Some(b) = b else {
+        return Ok(batch);
+    };
+    if let Some(n) = b.max_events {
+        batch.max_events = n as usize;
+    }
+    if let Some(l) = &b.linger {
+        batch.linger = parse_duration(l).map_err(|m| spec_err(field("batch.linger"), m))?;
+    }
+    Ok(batch)
 }
 
 /// `spec.senderBinding` as the relay's `sender_binding`, checked here so that each

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
 use mailrelay::config::RelayConfig;
+use mailrelay::config::events::WebhookBatch;
 use mailrelay_operator::crd::{MailRelay, SendQuota};
 use mailrelay_operator::reconcile::relay::select_quotas;
 use mailrelay_operator::resources::{
@@ -1630,12 +1631,22 @@ fn webhooks_reach_the_relay_with_their_keys_projected_from_secrets() {
          \x20   - name: ops\n\
          \x20     url: https://ops.example/events\n\
          \x20     secretRef: {{name: ops-hooks, key: key}}\n\
-         \x20     tenants: {{all: true}}\n"
+         \x20     tenants: {{all: true}}\n\
+         \x20     batch: {{maxEvents: 500, linger: 2s}}\n"
     );
     let o = build(&relay(&yaml), &[], &ResolvedSecrets::default());
     let cfg = rendered(&o);
     assert_eq!(cfg.webhooks.len(), 2);
     let shop = &cfg.webhooks[0];
+    // No batch field: the relay's defaults; a batch field: what it says.
+    assert_eq!(shop.batch, WebhookBatch::default());
+    assert_eq!(
+        cfg.webhooks[1].batch,
+        WebhookBatch {
+            max_events: 500,
+            linger: std::time::Duration::from_secs(2),
+        }
+    );
     assert_eq!(shop.url, "https://hooks.shop.example/mail");
     assert_eq!(
         shop.secret_file.as_deref(),
@@ -1688,6 +1699,60 @@ fn webhooks_reach_the_relay_with_their_keys_projected_from_secrets() {
         "{SMARTHOST}  webhooks:\n    - {{name: a, url: 'https://x/', secretRef: {{name: s, key: k}}, tenants: {{}}}}\n"
     ));
     assert_eq!(e.field, "spec.webhooks[0].tenants", "{e:?}");
+}
+
+#[test]
+fn webhook_batches_reach_the_relay_and_bad_ones_name_the_field() {
+    let hook = |batch: &str| {
+        format!(
+            "{SMARTHOST}  webhooks:\n    - {{name: a, url: 'https://x/', secretRef: {{name: s, key: k}}, \
+             tenants: {{all: true}}, batch: {batch}}}\n"
+        )
+    };
+    let build_ok = |batch: &str| build(&relay(&hook(batch)), &[], &ResolvedSecrets::default());
+    // One event per POST with no linger.
+    let cfg = rendered(&build_ok("{maxEvents: 1, linger: 0s}"));
+    assert_eq!(cfg.webhooks[0].batch.max_events, 1);
+    assert!(cfg.webhooks[0].batch.linger.is_zero());
+    // One field alone keeps the other's default.
+    let cfg = rendered(&build_ok("{linger: 250ms}"));
+    assert_eq!(cfg.webhooks[0].batch.max_events, 100);
+    assert_eq!(
+        cfg.webhooks[0].batch.linger,
+        std::time::Duration::from_millis(250)
+    );
+    let o = build_ok("{maxEvents: 20}");
+    let text = &o.config_map.data.as_ref().unwrap()["mailrelay.yaml"];
+    assert!(text.contains("max_events: 20"), "{text}");
+    assert_eq!(
+        rendered(&o).webhooks[0].batch.linger,
+        WebhookBatch::default().linger
+    );
+
+    // Where the CRD's schema did not run, the operator refuses the same bounds,
+    // naming the field as the spec spells it.
+    for (batch, field, says) in [
+        (
+            "{maxEvents: 0}",
+            "spec.webhooks[0].batch.maxEvents",
+            "not between 1 and 1000",
+        ),
+        (
+            "{maxEvents: 1001}",
+            "spec.webhooks[0].batch.maxEvents",
+            "not between 1 and 1000",
+        ),
+        (
+            "{linger: 11s}",
+            "spec.webhooks[0].batch.linger",
+            "at most 10s",
+        ),
+        ("{linger: soon}", "spec.webhooks[0].batch.linger", ""),
+    ] {
+        let e = build_err(&hook(batch));
+        assert_eq!(e.field, field, "{batch}: {e:?}");
+        assert!(e.message.contains(says), "{batch}: {e:?}");
+    }
 }
 
 const TENANT_QUOTA: &str = "

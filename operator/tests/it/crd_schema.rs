@@ -981,6 +981,7 @@ fn response_rules_webhook_and_event_fields_are_checked_naming_the_field() {
     let dest = json!({"mxHosts": ["*.provider.test"]});
     let hook = json!({"name": "h", "url": "https://hooks.example/e",
                       "secretRef": {"name": "s", "key": "k"}, "tenants": {"all": true}});
+    let hook_one = hook.clone();
     let bad: Vec<(Value, &str)> = vec![
         // An ingress quota has no destination to lend.
         (
@@ -1100,6 +1101,46 @@ fn response_rules_webhook_and_event_fields_are_checked_naming_the_field() {
             "initial must be greater than zero",
         ),
         (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"webhooks": [with(hook.clone(), json!({"batch": {"maxEvents": 0}}))]}),
+                ),
+            ),
+            "webhooks/0/batch/maxEvents",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"webhooks": [with(hook.clone(), json!({"batch": {"maxEvents": 1001}}))]}),
+                ),
+            ),
+            "webhooks/0/batch/maxEvents",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"webhooks": [with(hook.clone(), json!({"batch": {"linger": "11s"}}))]}),
+                ),
+            ),
+            "linger is at most 10s",
+        ),
+        (
+            relay(
+                "r",
+                with(
+                    base(),
+                    json!({"webhooks": [with(hook.clone(), json!({"batch": {"linger": "50"}}))]}),
+                ),
+            ),
+            "webhooks/0/batch/linger",
+        ),
+        (
             relay("r", with(base(), json!({"events": {"maxLen": 0}}))),
             "events/maxLen",
         ),
@@ -1157,10 +1198,18 @@ fn response_rules_webhook_and_event_fields_are_checked_naming_the_field() {
                 json!({"responseRules": [rule(json!({"destination": dest}))],
                                          "events": {"enabled": true, "maxLen": 50000},
                                          "webhooks": [with(hook, json!({"timeout": "5s",
-                                             "retry": {"initial": "500ms", "max": "10m", "maxAttempts": 20}}))]}),
+                                             "retry": {"initial": "500ms", "max": "10m", "maxAttempts": 20},
+                                             "batch": {"maxEvents": 1000, "linger": "10s"}}))]}),
             ),
         ),
         relay("r", with(base(), json!({"events": {"enabled": false}}))),
+        relay(
+            "r",
+            with(
+                base(),
+                json!({"webhooks": [with(hook_one, json!({"batch": {"maxEvents": 1, "linger": "0s"}}))]}),
+            ),
+        ),
     ];
     for (o, errs) in good.iter().zip(errors(&good)) {
         assert!(errs.is_empty(), "{}: {errs:#?}", o["spec"]);

@@ -8,13 +8,19 @@
 //! webhook (events are written by the mail path; consumers only read), and other
 //! endpoints read on at their own pace.
 //!
-//! - **Redis**: a consumer group per endpoint on the events stream
-//!   (`XREADGROUP` … `XACK`). Exactly one pod delivers an endpoint's events at a
-//!   time: it holds the endpoint's lease key (`SET NX PX`, renewed while it works).
-//!   When a pod dies its lease expires; the next holder first takes over the
-//!   group's pending entries (`XAUTOCLAIM`), which are the events the dead pod
-//!   read and did not finish, then reads new ones. One holder delivering in stream
-//!   order is what keeps one message's events in order.
+//! - **Redis**: a consumer group per endpoint on the events stream, used as the
+//!   endpoint's cursor. Exactly one pod delivers an endpoint's events at a time:
+//!   it holds the endpoint's lease key (`SET NX PX`, renewed every third of its
+//!   length while it works, not per batch). The holder reads with a plain
+//!   `XRANGE` from the group's `last-delivered-id` and, once a batch is done,
+//!   moves that cursor with one `XGROUP SETID`: two commands per batch, and no
+//!   pending entry per event for Redis to add and take out again. When it takes
+//!   the lease, a holder first finishes the group's pending entries
+//!   (`XAUTOCLAIM` … `XACK`): events a relay read with `XREADGROUP` (older
+//!   versions read that way) and did not finish. A holder that dies before it
+//!   moved the cursor leaves its batch to the next holder, which sends it again.
+//!   One holder delivering in stream order is what keeps one message's events in
+//!   order.
 //! - **Embedded**: the endpoint's cursor (the last event done) is a row in the
 //!   queue's redb file, committed after each batch.
 //!
@@ -200,7 +206,9 @@ impl Webhooks {
             };
             let endpoint = Endpoint::new(cfg, source).map_err(setup)?;
             let feed = match &store {
-                EventStore::Redis(r) => Feed::Redis(RedisFeed::new(r.clone(), &cfg.name, owner)),
+                EventStore::Redis(r) => {
+                    Feed::Redis(Box::new(RedisFeed::new(r.clone(), &cfg.name, owner)))
+                }
                 EventStore::Embedded(e) => Feed::Embedded(
                     EmbeddedFeed::new(e.clone(), &cfg.name).map_err(|e| setup(e.to_string()))?,
                 ),
@@ -457,6 +465,28 @@ struct Head<'a> {
 
 impl Stored {
     fn parse(id: String, json: Vec<u8>) -> Result<Stored, EventError> {
+        if let Some(head) = FastHead::read(&json) {
+            let (kind, at_ms) = (head.kind, head.at_ms);
+            let queue_id = head.queue_id.to_owned();
+            let sender = head.sender.to_owned();
+            let auth_user = head.auth_user.map(str::to_owned);
+            return Ok(Stored {
+                id,
+                json,
+                kind,
+                at_ms,
+                queue_id,
+                sender,
+                auth_user,
+                has_id: false,
+            });
+        }
+        Self::parse_any(id, json)
+    }
+
+    /// Any JSON object with the fields [`Head`] needs (what [`FastHead`] does
+    /// not take).
+    fn parse_any(id: String, json: Vec<u8>) -> Result<Stored, EventError> {
         let head: Head = serde_json::from_slice(&json)
             .map_err(|e| EventError::Corrupt(format!("event {id}: {e}")))?;
         let (kind, at_ms, has_id) = (head.kind, head.at_ms, head.id.is_some());
@@ -493,6 +523,119 @@ impl Stored {
     }
 }
 
+/// [`Head`] read straight from an event as this relay writes it (the fields in
+/// [`mailrelay_admin_api::Event`]'s order, no whitespace, no `id`, no escapes in
+/// the strings it takes): a few byte compares instead of a JSON parse of the
+/// whole event. Anything else (`None`) goes to serde, which gives the same
+/// answer.
+struct FastHead<'a> {
+    kind: EventKind,
+    at_ms: u64,
+    queue_id: &'a str,
+    sender: &'a str,
+    auth_user: Option<&'a str>,
+}
+
+impl<'a> FastHead<'a> {
+    fn read(json: &'a [u8]) -> Option<FastHead<'a>> {
+        let mut r = Reader { s: json, at: 0 };
+        r.eat(b"{\"kind\":")?;
+        let kind = EventKind::parse(r.plain_str()?)?;
+        r.eat(b",\"at_ms\":")?;
+        let at_ms = r.number()?;
+        r.eat(b",\"queue_id\":")?;
+        let queue_id = r.plain_str()?;
+        if r.eat(b",\"message_id\":").is_some() {
+            r.skip_str()?;
+        }
+        r.eat(b",\"sender\":")?;
+        let sender = r.plain_str()?;
+        if r.eat(b",\"recipient\":").is_some() {
+            r.skip_str()?;
+        }
+        let auth_user = match r.eat(b",\"auth_user\":") {
+            Some(()) => Some(r.plain_str()?),
+            None => None,
+        };
+        r.eat(b",\"tenant\":")?;
+        // Nothing further may be an `id` (then serde decides), and the object must
+        // end as a JSON object does.
+        let rest = &json[r.at..];
+        if memchr::memmem::find(rest, b"\"id\"").is_some() || rest.last() != Some(&b'}') {
+            return None;
+        }
+        Some(FastHead {
+            kind,
+            at_ms,
+            queue_id,
+            sender,
+            auth_user,
+        })
+    }
+}
+
+/// A cursor over the bytes [`FastHead`] reads.
+struct Reader<'a> {
+    s: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn eat(&mut self, lit: &[u8]) -> Option<()> {
+        if self.s[self.at..].starts_with(lit) {
+            self.at += lit.len();
+            Some(())
+        } else {
+            None
+        }
+    }
+
+    /// A JSON string without escapes (a backslash: `None`), as its text.
+    fn plain_str(&mut self) -> Option<&'a str> {
+        self.eat(b"\"")?;
+        let rest = &self.s[self.at..];
+        let end = memchr::memchr2(b'"', b'\\', rest)?;
+        if rest[end] != b'"' {
+            return None;
+        }
+        let text = std::str::from_utf8(&rest[..end]).ok()?;
+        if text.bytes().any(|b| b < 0x20) {
+            return None;
+        }
+        self.at += end + 1;
+        Some(text)
+    }
+
+    /// Steps over a JSON string, escapes and all.
+    fn skip_str(&mut self) -> Option<()> {
+        self.eat(b"\"")?;
+        loop {
+            let rest = &self.s[self.at..];
+            let i = memchr::memchr2(b'"', b'\\', rest)?;
+            if rest[i] == b'"' {
+                self.at += i + 1;
+                return Some(());
+            }
+            // A backslash and the character it escapes.
+            self.at += i + 2;
+            if self.at > self.s.len() {
+                return None;
+            }
+        }
+    }
+
+    fn number(&mut self) -> Option<u64> {
+        let rest = &self.s[self.at..];
+        let len = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if len == 0 || len > 19 || (len > 1 && rest[0] == b'0') {
+            return None;
+        }
+        let n = std::str::from_utf8(&rest[..len]).ok()?.parse().ok()?;
+        self.at += len;
+        Some(n)
+    }
+}
+
 /// `s` as a JSON string.
 fn json_str(out: &mut Vec<u8>, s: &str) {
     // Writing into a Vec cannot fail.
@@ -502,7 +645,8 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 // ----------------------------------------------------------------- feeds
 
 enum Feed {
-    Redis(RedisFeed),
+    // One per endpoint, for the process's life: its size does not matter.
+    Redis(Box<RedisFeed>),
     Embedded(EmbeddedFeed),
 }
 
@@ -549,6 +693,19 @@ struct RedisFeed {
     owner: String,
     lease_key: String,
     lease_script: redis::Script,
+    /// When this process last confirmed it holds the lease (taken before the call,
+    /// so the lease runs at least `LEASE` from then); `None` while not held.
+    held_since: Option<tokio::time::Instant>,
+    /// The last event done: the group's `last-delivered-id`, read when the lease is
+    /// taken and advanced by this holder's acknowledgements.
+    cursor: Option<String>,
+    /// The group may hold pending entries (read by a consumer that did not finish
+    /// them: a holder before this one, or an acknowledgement that failed), which go
+    /// first. True until `XAUTOCLAIM` finds none.
+    claim: bool,
+    /// The last batch came from the pending entries (acknowledged with `XACK`)
+    /// rather than from the cursor on (acknowledged by moving the cursor).
+    claimed: bool,
 }
 
 /// Takes the lease if free, or renews it if ours: 1 when held after the call.
@@ -569,6 +726,10 @@ impl RedisFeed {
             owner: owner.to_owned(),
             lease_key,
             lease_script: redis::Script::new(LEASE_LUA),
+            held_since: None,
+            cursor: None,
+            claim: true,
+            claimed: false,
         }
     }
 
@@ -587,99 +748,204 @@ impl RedisFeed {
         }
     }
 
-    async fn hold(&self) -> Result<bool, EventError> {
+    /// Takes or renews the lease. A holder that is (or becomes) new starts over
+    /// from what Redis says: the group's pending entries, then its cursor.
+    async fn hold(&mut self) -> Result<bool, EventError> {
+        let asked = tokio::time::Instant::now();
         let mut inv = self.lease_script.prepare_invoke();
         inv.key(&self.lease_key)
             .arg(&self.owner)
             .arg(LEASE.as_millis() as u64);
-        let held: i64 = self
+        let held: i64 = match self.events.redis().invoke(&inv).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.lost();
+                return Err(EventError::Unavailable(e));
+            }
+        };
+        if held != 1 {
+            self.lost();
+            return Ok(false);
+        }
+        if self.held_since.is_none() {
+            self.cursor = None;
+            self.claim = true;
+        }
+        self.held_since = Some(asked);
+        Ok(true)
+    }
+
+    fn lost(&mut self) {
+        self.held_since = None;
+        self.cursor = None;
+    }
+
+    /// Whether the lease is known held for a while yet (confirmed less than a
+    /// third of its length ago), so a batch needs no renewal round trip of its own.
+    fn fresh(&self) -> bool {
+        self.held_since.is_some_and(|t| t.elapsed() < LEASE / 3)
+    }
+
+    /// The group's `last-delivered-id` (`XINFO GROUPS`).
+    async fn load_cursor(&self) -> Result<String, EventError> {
+        let mut cmd = redis::cmd("XINFO");
+        cmd.arg("GROUPS").arg(self.events.key());
+        let reply: Value = self
             .events
             .redis()
-            .invoke(&inv)
+            .query(&cmd)
             .await
             .map_err(EventError::Unavailable)?;
-        Ok(held == 1)
+        let corrupt = |what: &str| EventError::Corrupt(format!("XINFO GROUPS: {what}"));
+        let Value::Array(groups) = reply else {
+            return Err(corrupt("not an array"));
+        };
+        for g in groups {
+            // RESP2: [name, v, consumers, v, …]; RESP3: a map.
+            let pairs: Vec<(Value, Value)> = match g {
+                Value::Array(flat) => {
+                    let mut it = flat.into_iter();
+                    std::iter::from_fn(|| Some((it.next()?, it.next()?))).collect()
+                }
+                Value::Map(m) => m,
+                _ => continue,
+            };
+            let field = |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| value_text(k).as_deref() == Some(name))
+                    .and_then(|(_, v)| value_text(v))
+            };
+            if field("name").as_deref() == Some(self.group.as_str()) {
+                return field("last-delivered-id").ok_or_else(|| corrupt("no last-delivered-id"));
+            }
+        }
+        Err(EventError::Unavailable(format!(
+            "no consumer group {} on {} (the events stream was deleted?)",
+            self.group,
+            self.events.key()
+        )))
     }
 
     async fn next(&mut self, n: usize) -> Result<Vec<Stored>, EventError> {
-        if !self.hold().await? {
+        if !self.fresh() && !self.hold().await? {
             return Ok(Vec::new());
         }
-        // First what a previous holder read and did not finish (also our own,
-        // after a restart): only the lease holder reads, so nobody else is on them.
-        let mut claim = redis::cmd("XAUTOCLAIM");
-        claim
-            .arg(self.events.key())
-            .arg(&self.group)
-            .arg(&self.owner)
-            .arg(0)
-            .arg("0-0")
+        self.claimed = false;
+        if self.claim {
+            // First what a previous holder read and did not finish (also our own,
+            // after a restart or a failed acknowledgement): only the lease holder
+            // reads, so nobody else is on them.
+            let mut claim = redis::cmd("XAUTOCLAIM");
+            claim
+                .arg(self.events.key())
+                .arg(&self.group)
+                .arg(&self.owner)
+                .arg(0)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(n);
+            let reply: Value = self
+                .events
+                .redis()
+                .query(&claim)
+                .await
+                .map_err(EventError::Unavailable)?;
+            if let Value::Array(mut parts) = reply
+                && parts.len() >= 2
+            {
+                let claimed = parse_raw_entries(parts.swap_remove(1))?;
+                if !claimed.is_empty() {
+                    self.claimed = true;
+                    return claimed
+                        .into_iter()
+                        .map(|(id, json)| Stored::parse(id, json))
+                        .collect();
+                }
+            }
+            self.claim = false;
+        }
+        let cursor = match &self.cursor {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.load_cursor().await?;
+                self.cursor = Some(c.clone());
+                c
+            }
+        };
+        // A plain range read from the cursor: unlike `XREADGROUP` it adds no
+        // pending entry per event that an `XACK` must take out again, and the
+        // group's cursor moves once per batch (`XGROUP SETID`) when it is done.
+        // Pods that read with `XREADGROUP` (older relays) follow the same cursor.
+        let mut read = redis::cmd("XRANGE");
+        read.arg(self.events.key())
+            .arg(format!("({cursor}"))
+            .arg("+")
             .arg("COUNT")
             .arg(n);
         let reply: Value = self
             .events
             .redis()
-            .query(&claim)
+            .query(&read)
             .await
             .map_err(EventError::Unavailable)?;
-        if let Value::Array(mut parts) = reply
-            && parts.len() >= 2
-        {
-            let claimed = parse_raw_entries(parts.swap_remove(1))?;
-            if !claimed.is_empty() {
-                return claimed
-                    .into_iter()
-                    .map(|(id, json)| Stored::parse(id, json))
-                    .collect();
-            }
-        }
-        let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.owner)
-            .arg("COUNT")
-            .arg(n)
-            .arg("STREAMS")
-            .arg(self.events.key())
-            .arg(">");
-        let reply: Value = self.events.redis().query(&read).await.map_err(|e| {
-            if e.contains("NOGROUP") {
-                EventError::Unavailable(format!("{e} (the events stream was deleted?)"))
-            } else {
-                EventError::Unavailable(e)
-            }
-        })?;
-        // [[key, [[id, fields], …]]] or nil.
-        let entries = match reply {
-            Value::Array(streams) => match streams.into_iter().next() {
-                Some(Value::Array(mut kv)) if kv.len() == 2 => {
-                    parse_raw_entries(kv.swap_remove(1))?
-                }
-                _ => Vec::new(),
-            },
-            _ => Vec::new(),
-        };
-        entries
+        parse_raw_entries(reply)?
             .into_iter()
             .map(|(id, json)| Stored::parse(id, json))
             .collect()
     }
 
     async fn ack(&mut self, events: &[Stored]) -> Result<(), EventError> {
-        if events.is_empty() {
+        let Some(last) = events.last() else {
             return Ok(());
+        };
+        if self.claimed {
+            let mut cmd = redis::cmd("XACK");
+            cmd.arg(self.events.key()).arg(&self.group);
+            for e in events {
+                cmd.arg(&e.id);
+            }
+            return match self.events.redis().query::<i64>(&cmd).await {
+                Ok(_) => Ok(()),
+                Err(e) => {
+                    self.claim = true;
+                    Err(EventError::Unavailable(e))
+                }
+            };
         }
-        let mut cmd = redis::cmd("XACK");
-        cmd.arg(self.events.key()).arg(&self.group);
-        for e in events {
-            cmd.arg(&e.id);
+        // Only a holder moves the cursor, or a relay that lost the lease during a
+        // long POST could move it back under the new holder. What it did not record
+        // is sent again by the next holder (at least once).
+        // A lease taken anew here (it had gone) does not count: another relay may
+        // have held it meanwhile and moved the cursor further.
+        let renewed = self.fresh() || (self.held_since.is_some() && self.hold().await?);
+        if !renewed {
+            return Err(EventError::Unavailable(format!(
+                "the lease went to another relay before events up to {} were recorded as done",
+                last.id
+            )));
         }
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("SETID")
+            .arg(self.events.key())
+            .arg(&self.group)
+            .arg(&last.id);
         self.events
             .redis()
-            .query::<i64>(&cmd)
+            .query::<()>(&cmd)
             .await
-            .map(|_| ())
-            .map_err(EventError::Unavailable)
+            .map_err(EventError::Unavailable)?;
+        self.cursor = Some(last.id.clone());
+        Ok(())
+    }
+}
+
+/// A status or bulk reply as text.
+fn value_text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
     }
 }
 
@@ -1066,6 +1332,88 @@ mod tests {
         s.write_data(&mut out);
         assert_eq!(out, json.trim_ascii());
         assert!(Stored::parse("9-9".into(), b"{\"kind\":\"sent\"}".to_vec()).is_err());
+    }
+
+    /// The quick read of a stored event agrees with serde's on every event shape
+    /// this relay writes, and leaves every other shape to serde.
+    #[test]
+    fn the_quick_read_agrees_with_serde() {
+        let mut shapes = Vec::new();
+        for kind in [
+            EventKind::Accepted,
+            EventKind::Delivered,
+            EventKind::DsnSent,
+        ] {
+            let mut e = event(kind, "Q\u{e9}1");
+            shapes.push(e.clone());
+            e.message_id = None;
+            e.recipient = None;
+            e.auth_user = None;
+            shapes.push(e.clone());
+            e.sender = String::new();
+            e.category = Some("invalid_recipient".into());
+            shapes.push(e);
+        }
+        for e in &shapes {
+            let json = serde_json::to_vec(e).unwrap();
+            assert!(
+                FastHead::read(&json).is_some(),
+                "{}",
+                String::from_utf8_lossy(&json)
+            );
+            let quick = Stored::parse("1-1".into(), json.clone()).unwrap();
+            let slow = Stored::parse_any("1-1".into(), json).unwrap();
+            assert_eq!(
+                (
+                    quick.kind,
+                    quick.at_ms,
+                    &quick.queue_id,
+                    &quick.sender,
+                    &quick.auth_user,
+                    quick.has_id
+                ),
+                (
+                    slow.kind,
+                    slow.at_ms,
+                    &slow.queue_id,
+                    &slow.sender,
+                    &slow.auth_user,
+                    slow.has_id
+                )
+            );
+            assert_eq!(quick.queue_id, e.queue_id);
+            assert_eq!(quick.auth_user, e.auth_user);
+        }
+        // Escapes in a field it takes, an `id` anywhere, another key order,
+        // whitespace, a number it cannot hold: serde reads those.
+        let mut escaped = event(EventKind::Delivered, "Q1");
+        escaped.sender = "\"odd\"@x.test".into();
+        let mut with_id = event(EventKind::Delivered, "Q1");
+        with_id.id = "5-5".into();
+        for e in [escaped, with_id] {
+            let json = serde_json::to_vec(&e).unwrap();
+            assert!(
+                FastHead::read(&json).is_none(),
+                "{}",
+                String::from_utf8_lossy(&json)
+            );
+            let s = Stored::parse("1-1".into(), json).unwrap();
+            assert_eq!((s.sender, s.has_id), (e.sender, !e.id.is_empty()));
+        }
+        // `"id"` inside a string is no key.
+        let mut id_in_text = event(EventKind::Delivered, "Q1");
+        id_in_text.reply = Some("550 \"id\": unknown".into());
+        let json = serde_json::to_vec(&id_in_text).unwrap();
+        assert!(FastHead::read(&json).is_some());
+        assert!(!Stored::parse_any("1-1".into(), json).unwrap().has_id);
+        for odd in [
+            &br#"{"at_ms":5,"kind":"bounced","queue_id":"Q","sender":"","tenant":""}"#[..],
+            br#"{ "kind":"bounced","at_ms":5,"queue_id":"Q","sender":"","tenant":""}"#,
+            br#"{"kind":"bounced","at_ms":99999999999999999999,"queue_id":"Q","sender":"","tenant":""}"#,
+            br#"{"kind":"bounced","at_ms":5,"queue_id":"Q","sender":"","tenant":"","x":{"id":1}}"#,
+        ] {
+            assert!(FastHead::read(odd).is_none(), "{}", String::from_utf8_lossy(odd));
+        }
     }
 
     fn expected_b64() -> String {
