@@ -262,12 +262,12 @@ impl OutcomeEvents {
 
     /// The events (JSON) of outcome `i`; none for an outcome past the last.
     pub fn of_item(&self, i: usize) -> impl Iterator<Item = &[u8]> {
-        let end = self.items.get(i).copied().unwrap_or(0);
-        let start = match i {
-            0 => 0,
-            _ => self.items.get(i - 1).copied().unwrap_or(end),
+        let range = match i {
+            _ if i >= self.items.len() => 0..0,
+            0 => 0..self.items[0],
+            _ => self.items[i - 1]..self.items[i],
         };
-        self.encoded.range(start..end.max(start))
+        self.encoded.range(range)
     }
 
     /// Every event (JSON), in the batch's order.
@@ -910,6 +910,61 @@ mod tests {
             assert_eq!(*p, serde_json::to_vec(e).unwrap().as_slice());
         }
         assert_eq!(Encoded::new(&[]).unwrap().iter().count(), 0);
+    }
+
+    #[test]
+    fn outcome_events_keep_each_outcomes_events_apart() {
+        let mut e = Event {
+            id: String::new(),
+            kind: EventKind::Delivered,
+            at_ms: 1,
+            queue_id: "Q0".into(),
+            message_id: None,
+            sender: "s@x".into(),
+            recipient: None,
+            auth_user: None,
+            tenant: "x".into(),
+            category: None,
+            reply: None,
+            mx: None,
+            tls_version: None,
+            tls_cipher: None,
+            dsn_id: None,
+        };
+        let mut per_item: Vec<Vec<Event>> = Vec::new();
+        for (i, n) in [2, 0, 1, 3].into_iter().enumerate() {
+            per_item.push(
+                (0..n)
+                    .map(|j| {
+                        e.queue_id = format!("Q{i}-{j}");
+                        e.clone()
+                    })
+                    .collect(),
+            );
+        }
+        let enc = OutcomeEvents::new(per_item.iter().map(Vec::as_slice), 77).unwrap();
+        assert_eq!((enc.len(), enc.items(), enc.max_len()), (6, 4, 77));
+        for (i, events) in per_item.iter().enumerate() {
+            let got: Vec<&[u8]> = enc.of_item(i).collect();
+            let want: Vec<Vec<u8>> = events
+                .iter()
+                .map(|e| serde_json::to_vec(e).unwrap())
+                .collect();
+            assert_eq!(
+                got,
+                want.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                "item {i}"
+            );
+        }
+        assert_eq!(enc.of_item(4).count(), 0);
+        let all: Vec<&[u8]> = enc.iter().collect();
+        assert_eq!(all.len(), 6);
+        assert_eq!(enc.to_encoded().iter().collect::<Vec<_>>(), all);
+        assert!(
+            OutcomeEvents::new(std::iter::empty(), 1)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

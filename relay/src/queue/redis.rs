@@ -1545,7 +1545,9 @@ impl Leasing for RedisQueue {
         status: MessageStatus,
     ) -> QueueFuture<'a, FinishResult> {
         Box::pin(self.deadline("finish", async move {
-            let mut answers = self.finish_many(vec![(lease.clone(), status)], None).await?;
+            let mut answers = self
+                .finish_many(vec![(lease.clone(), status)], None)
+                .await?;
             answers.pop().expect("one item, one answer")
         }))
     }

@@ -271,12 +271,16 @@ async fn redis_finishes_a_mixed_batch_and_writes_its_events_in_one_call() {
     let (l, _) = &leased[1];
     reset_stats(&server);
     assert_eq!(
-        q.finish(&l.lease, delivered(l.status.clone())).await.unwrap(),
+        q.finish(&l.lease, delivered(l.status.clone()))
+            .await
+            .unwrap(),
         FinishResult::LeaseLost
     );
     let (l, _) = &leased[0];
     assert_eq!(
-        q.finish(&l.lease, delivered(l.status.clone())).await.unwrap(),
+        q.finish(&l.lease, delivered(l.status.clone()))
+            .await
+            .unwrap(),
         FinishResult::Finalized
     );
     let calls = calls_of(&server);
@@ -419,7 +423,10 @@ async fn redis_cluster_finishes_per_shard_and_appends_events_apart() {
             &outcome_events(&events),
         )
         .await;
-    assert!(matches!(refused, Err(QueueError::Invalid(_))), "{refused:?}");
+    assert!(
+        matches!(refused, Err(QueueError::Invalid(_))),
+        "{refused:?}"
+    );
     assert_eq!(q.stats().await.unwrap().messages, 40);
 
     // A mixed batch answers per item.
@@ -472,7 +479,11 @@ async fn embedded_writes_events_in_the_finish_transaction() {
         .await
         .unwrap();
     check_answers(&got, &want);
-    assert_eq!(q.commits() - commits, 1, "events and finishes in one commit");
+    assert_eq!(
+        q.commits() - commits,
+        1,
+        "events and finishes in one commit"
+    );
     assert_eq!(stored_events(&store).await, expected_events(&events));
     assert_eq!(q.stats().await.unwrap().messages, 3);
 
@@ -538,10 +549,7 @@ async fn a_queue_that_cannot_write_events_refuses_them() {
         fn renew<'a>(&'a self, _: &'a Lease, _: u64) -> mailrelay::queue::QueueFuture<'a, bool> {
             Box::pin(async { Ok(false) })
         }
-        fn give_back<'a>(
-            &'a self,
-            _: &'a [(Lease, u64)],
-        ) -> mailrelay::queue::QueueFuture<'a, ()> {
+        fn give_back<'a>(&'a self, _: &'a [(Lease, u64)]) -> mailrelay::queue::QueueFuture<'a, ()> {
             Box::pin(async { Ok(()) })
         }
     }
