@@ -83,10 +83,11 @@
 //! are one script each. `finish_batch` is one finish script call for the whole
 //! batch on a single server (up to 128 items a call, a bigger batch takes several
 //! in one pipeline), one per shard involved in a cluster (sent concurrently);
-//! `finish` is a batch of one. The call is what costs Redis (an `EVALSHA` took
-//! 28–39 µs of its CPU, the commands inside it 5–10 µs), so a batch of 32 costs
-//! about what 2 single finishes did. On a single server the batch's delivery
-//! events are `XADD`ed by the same call (`finish_batch_with_events`). `renew_all`
+//! `finish` is a batch of one. On a single server the batch's delivery events are
+//! `XADD`ed by the same call (`finish_batch_with_events`), so the events cost no
+//! round trip of their own. What a message costs Redis is mostly the commands a
+//! script runs for it and the bytes it moves through Lua, not the script call
+//! itself (about 1 µs; bench/README.md, "One finish call per batch"). `renew_all`
 //! (the heartbeat of a batch in flight) and `release`/`give_back` run one script per
 //! shard involved, all in one pipeline, so one round trip per batch (in a cluster:
 //! one request per shard, at once); `stats` is one pipeline (one per shard in a
@@ -199,7 +200,8 @@ const FINISH: Layout = Layout {
 /// Keys and arguments of each item of [`FINISH`].
 const FINISH_ITEM: usize = 8;
 /// Most items in one finish call: a bigger batch goes in several calls (in one
-/// pipeline), so that one call holds Redis for at most a millisecond or two.
+/// pipeline), so that one call holds Redis (which serves no one else meanwhile)
+/// for a few milliseconds at most.
 const FINISH_MAX_ITEMS: usize = 128;
 /// KEYS/ARGV of `renew.lua`.
 const RENEW: Layout = Layout {
