@@ -22,7 +22,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::OutcomeBatchConfig;
-use crate::events::log::EventSink;
+use crate::events::log::{EventSink, OutcomeEvents};
 use crate::metrics::Metrics;
 use crate::queue::{FinishResult, Lease, Leasing, MessageStatus, QueueError};
 
@@ -32,7 +32,8 @@ pub type Pending = oneshot::Receiver<Result<FinishResult, QueueError>>;
 struct Item {
     lease: Lease,
     status: MessageStatus,
-    /// Delivery events of this outcome, written just before the batch's `finish`.
+    /// Delivery events of this outcome, written with the batch's `finish` (or just
+    /// before it).
     events: Vec<mailrelay_admin_api::Event>,
     reply: oneshot::Sender<Result<FinishResult, QueueError>>,
     /// Room in the window, given back when the batch is written.
@@ -90,8 +91,9 @@ impl OutcomeWriter {
     }
 
     /// [`OutcomeWriter::submit`] with the delivery events of the outcome: they are
-    /// written before the batch's `finish`, so a crash between the two writes
-    /// delivers again and writes them again (at least once, never lost).
+    /// written in the batch's `finish` where the queue can, else before it, so a
+    /// crash between the two writes delivers again and writes them again (at least
+    /// once, never lost).
     pub async fn submit_with_events(
         &self,
         lease: Lease,
@@ -201,18 +203,21 @@ async fn write(
     sink: Option<&EventSink>,
 ) {
     let n = batch.len();
-    if let Some(sink) = sink {
-        let events: Vec<_> = batch
-            .iter_mut()
-            .flat_map(|i| std::mem::take(&mut i.events))
-            .collect();
-        sink.append_now(&events).await;
-    }
+    let per_item: Vec<Vec<mailrelay_admin_api::Event>> = batch
+        .iter_mut()
+        .map(|i| std::mem::take(&mut i.events))
+        .collect();
     let (items, replies): (Vec<(Lease, MessageStatus)>, Vec<_>) = batch
         .into_iter()
         .map(|i| ((i.lease, i.status), (i.reply, i._permit)))
         .unzip();
-    match queue.finish_batch(items).await {
+    let result = match sink {
+        Some(sink) if per_item.iter().any(|e| !e.is_empty()) => {
+            write_with_events(queue, items, sink, per_item).await
+        }
+        _ => queue.finish_batch(items).await,
+    };
+    match result {
         Ok(results) => {
             metrics.outcome_flush(trigger, n, false);
             for ((reply, _permit), result) in replies.into_iter().zip(results) {
@@ -228,6 +233,44 @@ async fn write(
             }
         }
     }
+}
+
+/// Writes a batch's outcomes and their events (`per_item`, by outcome) so that
+/// every event is written at least once, whatever fails (see
+/// [`crate::events::log`]): in the same atomic write where the queue can, else
+/// appended before the outcomes.
+async fn write_with_events(
+    queue: &dyn Leasing,
+    items: Vec<(Lease, MessageStatus)>,
+    sink: &EventSink,
+    per_item: Vec<Vec<mailrelay_admin_api::Event>>,
+) -> Result<Vec<Result<FinishResult, QueueError>>, QueueError> {
+    let all = |per_item: Vec<Vec<_>>| per_item.into_iter().flatten().collect::<Vec<_>>();
+    if !queue.writes_outcome_events() {
+        sink.append_now(&all(per_item)).await;
+        return queue.finish_batch(items).await;
+    }
+    let encoded = match OutcomeEvents::new(per_item.iter().map(Vec::as_slice), sink.max_len()) {
+        Ok(e) => e,
+        Err(e) => {
+            // Not expected (events are plain data); the sink reports what it
+            // cannot write.
+            tracing::debug!(error = %e, "encoding outcome events failed");
+            sink.append_now(&all(per_item)).await;
+            return queue.finish_batch(items).await;
+        }
+    };
+    // What was recorded before (an `accepted`) goes first, so one message's events
+    // stay in order in the store.
+    sink.flush().await;
+    let result = queue.finish_batch_with_events(items, &encoded).await;
+    match &result {
+        Ok(_) => sink.written_elsewhere_all(per_item.iter().flatten()),
+        // The deliveries happened: their events are written on their own, while
+        // the messages, not finished, are delivered (and reported) again.
+        Err(_) => sink.append_now(&all(per_item)).await,
+    }
+    result
 }
 
 #[cfg(test)]

@@ -8,12 +8,21 @@
 //! message:
 //!
 //! - delivery outcomes (`delivered`, `deferred`, `bounced`, `expired`, `dsn_sent`)
-//!   ride with the outcome batch of `delivery::outcomes`: the batch's events are
-//!   appended *before* the batch's `finish` is written. A relay killed between the
-//!   two writes leaves the messages leased; whoever delivers them again writes
-//!   their events again. So an outcome event is written at least once, and never
-//!   lost to a crash (a duplicate is possible; webhooks consumers dedupe by the
-//!   event's `queue_id`, `recipient` and `kind`);
+//!   ride with the outcome batch of `delivery::outcomes`. Where the queue can
+//!   ([`crate::queue::Leasing::writes_outcome_events`]: the embedded queue, in the
+//!   finish's redb transaction; standalone Redis and Sentinel, inside the finish
+//!   script), the batch's events are written in the same atomic write as its
+//!   outcomes ([`OutcomeEvents`]), so they are stored if and only if the outcomes
+//!   are: a relay killed before leaves the messages leased, whoever delivers them
+//!   again writes their events; when that write fails, the events are appended
+//!   on their own afterwards (the deliveries did happen), and the messages, not
+//!   finished, are delivered and reported again. Where the queue cannot (Redis
+//!   Cluster: the stream's slot is not the shards'), the events are appended
+//!   *before* the batch's `finish` is written: a relay killed between the two
+//!   writes leaves the messages leased, and they and their events are written
+//!   again. Either way an outcome event is written at least once, and never lost to a
+//!   crash (a duplicate is possible; webhooks consumers dedupe by the event's
+//!   `queue_id`, `recipient` and `kind`);
 //! - `accepted` is written by the queue in the same atomic write as the message
 //!   ([`crate::queue::Ingest::enqueue_with_event`]): in the enqueue's redb
 //!   transaction on the embedded queue, by the enqueue script on standalone Redis
@@ -100,10 +109,13 @@ impl EventMetrics {
         m
     }
 
-    fn written(&self, events: &[Event]) {
+    /// Counts `events` as written; returns how many there were.
+    fn written<'a>(&self, events: impl IntoIterator<Item = &'a Event>) -> u64 {
         // Counted by kind first: one look-up in the family per kind, not per event.
         let mut n = [0u64; EventKind::ALL.len()];
+        let mut total = 0;
         for e in events {
+            total += 1;
             if let Some(i) = EventKind::ALL.iter().position(|k| *k == e.kind) {
                 n[i] += 1;
             }
@@ -115,6 +127,7 @@ impl EventMetrics {
                     .inc_by(n);
             }
         }
+        total
     }
 }
 
@@ -180,8 +193,99 @@ impl Encoded {
     }
 
     pub(crate) fn iter(&self) -> impl Iterator<Item = &[u8]> {
-        let starts = std::iter::once(0).chain(self.ends.iter().copied());
-        starts.zip(self.ends.iter()).map(|(a, &b)| &self.buf[a..b])
+        self.range(0..self.ends.len())
+    }
+
+    /// Events `range` (by position in the batch).
+    fn range(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = &[u8]> {
+        let ends = &self.ends[range.clone()];
+        let start = if range.start == 0 {
+            0
+        } else {
+            self.ends[range.start - 1]
+        };
+        let starts = std::iter::once(start).chain(ends.iter().copied());
+        starts.zip(ends.iter()).map(|(a, &b)| &self.buf[a..b])
+    }
+}
+
+/// The delivery events of a batch of outcomes, encoded as stored and grouped by
+/// the outcome they belong to, with the event log's cap: what a queue writes in
+/// the same atomic write as the outcomes
+/// ([`crate::queue::Leasing::finish_batch_with_events`]).
+pub struct OutcomeEvents {
+    encoded: Encoded,
+    /// Per outcome, where its events end among `encoded`'s.
+    items: Vec<usize>,
+    max_len: u64,
+}
+
+impl OutcomeEvents {
+    /// Encodes `per_item` (the events of each outcome, in the batch's order), for
+    /// an event log capped at `max_len` (`MAXLEN ~`).
+    pub fn new<'a>(
+        per_item: impl ExactSizeIterator<Item = &'a [Event]> + Clone,
+        max_len: u64,
+    ) -> Result<Self, EventError> {
+        let n: usize = per_item.clone().map(<[Event]>::len).sum();
+        let mut buf = Vec::with_capacity(n * EVENT_SIZE_HINT);
+        let mut ends = Vec::with_capacity(n);
+        let mut items = Vec::with_capacity(per_item.len());
+        for events in per_item {
+            for e in events {
+                serde_json::to_writer(&mut buf, e)
+                    .map_err(|e| EventError::Corrupt(e.to_string()))?;
+                ends.push(buf.len());
+            }
+            items.push(ends.len());
+        }
+        Ok(OutcomeEvents {
+            encoded: Encoded { buf, ends },
+            items,
+            max_len,
+        })
+    }
+
+    /// Number of events, over all outcomes.
+    pub fn len(&self) -> usize {
+        self.encoded.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.encoded.ends.is_empty()
+    }
+
+    /// Number of outcomes (some may have no events).
+    pub fn items(&self) -> usize {
+        self.items.len()
+    }
+
+    /// The events (JSON) of outcome `i`; none for an outcome past the last.
+    pub fn of_item(&self, i: usize) -> impl Iterator<Item = &[u8]> {
+        let range = match i {
+            _ if i >= self.items.len() => 0..0,
+            0 => 0..self.items[0],
+            _ => self.items[i - 1]..self.items[i],
+        };
+        self.encoded.range(range)
+    }
+
+    /// Every event (JSON), in the batch's order.
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.encoded.iter()
+    }
+
+    /// The event log's cap (`MAXLEN ~`).
+    pub fn max_len(&self) -> u64 {
+        self.max_len
+    }
+
+    /// Every event as one owned batch, for a writer on another thread.
+    pub(crate) fn to_encoded(&self) -> Encoded {
+        Encoded {
+            buf: self.encoded.buf.clone(),
+            ends: self.encoded.ends.clone(),
+        }
     }
 }
 
@@ -527,8 +631,14 @@ impl EventSink {
 
     /// Counts `event` as written by someone else (the queue, with its message).
     pub fn written_elsewhere(&self, event: &Event) {
-        self.metrics.written(std::slice::from_ref(event));
-        self.appended.fetch_add(1, Ordering::Relaxed);
+        self.written_elsewhere_all(std::slice::from_ref(event));
+    }
+
+    /// Counts `events` as written by someone else (the queue, with the outcomes
+    /// they report).
+    pub fn written_elsewhere_all<'a>(&self, events: impl IntoIterator<Item = &'a Event>) {
+        let n = self.metrics.written(events);
+        self.appended.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn store(&self) -> &EventStore {
@@ -800,6 +910,61 @@ mod tests {
             assert_eq!(*p, serde_json::to_vec(e).unwrap().as_slice());
         }
         assert_eq!(Encoded::new(&[]).unwrap().iter().count(), 0);
+    }
+
+    #[test]
+    fn outcome_events_keep_each_outcomes_events_apart() {
+        let mut e = Event {
+            id: String::new(),
+            kind: EventKind::Delivered,
+            at_ms: 1,
+            queue_id: "Q0".into(),
+            message_id: None,
+            sender: "s@x".into(),
+            recipient: None,
+            auth_user: None,
+            tenant: "x".into(),
+            category: None,
+            reply: None,
+            mx: None,
+            tls_version: None,
+            tls_cipher: None,
+            dsn_id: None,
+        };
+        let mut per_item: Vec<Vec<Event>> = Vec::new();
+        for (i, n) in [2, 0, 1, 3].into_iter().enumerate() {
+            per_item.push(
+                (0..n)
+                    .map(|j| {
+                        e.queue_id = format!("Q{i}-{j}");
+                        e.clone()
+                    })
+                    .collect(),
+            );
+        }
+        let enc = OutcomeEvents::new(per_item.iter().map(Vec::as_slice), 77).unwrap();
+        assert_eq!((enc.len(), enc.items(), enc.max_len()), (6, 4, 77));
+        for (i, events) in per_item.iter().enumerate() {
+            let got: Vec<&[u8]> = enc.of_item(i).collect();
+            let want: Vec<Vec<u8>> = events
+                .iter()
+                .map(|e| serde_json::to_vec(e).unwrap())
+                .collect();
+            assert_eq!(
+                got,
+                want.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                "item {i}"
+            );
+        }
+        assert_eq!(enc.of_item(4).count(), 0);
+        let all: Vec<&[u8]> = enc.iter().collect();
+        assert_eq!(all.len(), 6);
+        assert_eq!(enc.to_encoded().iter().collect::<Vec<_>>(), all);
+        assert!(
+            OutcomeEvents::new(std::iter::empty(), 1)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

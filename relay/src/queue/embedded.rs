@@ -168,6 +168,13 @@ enum Request {
         sel: RetrySelector,
         now_ms: u64,
     },
+    /// Outcome events (JSON) and the event log's cap, sent first in the same batch
+    /// as the finishes they report: in their transaction, or, should the batch be
+    /// applied one by one, committed before them.
+    Events {
+        events: crate::events::log::Encoded,
+        max_len: u64,
+    },
 }
 
 impl Request {
@@ -203,6 +210,7 @@ impl Request {
             Request::RenewAll { .. } => "renew_all",
             Request::Release { .. } => "release",
             Request::RetryNow { .. } => "retry_now",
+            Request::Events { .. } => "events",
         }
     }
 }
@@ -434,6 +442,85 @@ impl EmbeddedQueue {
     }
 }
 
+impl EmbeddedQueue {
+    /// [`Leasing::finish_batch`], with the batch's outcome events in the same
+    /// write when given.
+    async fn finish_many(
+        &self,
+        items: Vec<(Lease, MessageStatus)>,
+        events: Option<&crate::events::log::OutcomeEvents>,
+    ) -> Result<Vec<Result<FinishResult, QueueError>>, QueueError> {
+        let now_ms = now_ms();
+        let retention_ms = millis(self.options.status_retention);
+        let mut out: Vec<Option<Result<FinishResult, QueueError>>> = Vec::new();
+        let mut ops = Vec::new();
+        let mut answers = Vec::new();
+        if let Some(events) = events.filter(|e| !e.is_empty()) {
+            let (reply, answer) = oneshot::channel();
+            ops.push(WriteOp {
+                req: Request::Events {
+                    events: events.to_encoded(),
+                    max_len: events.max_len(),
+                },
+                reply,
+            });
+            answers.push((None, answer));
+        }
+        for (lease, status) in items {
+            out.push(None);
+            let status = match status.prepared_for_finish(&lease, now_ms) {
+                Ok(s) => s,
+                Err(e) => {
+                    *out.last_mut().expect("just pushed") = Some(Err(e));
+                    continue;
+                }
+            };
+            if QueueId::parse(lease.id.as_str()).is_none() {
+                *out.last_mut().expect("just pushed") = Some(Ok(FinishResult::LeaseLost));
+                continue;
+            }
+            let (reply, answer) = oneshot::channel();
+            ops.push(WriteOp {
+                req: Request::Finish {
+                    id: lease.id.as_str().to_owned(),
+                    token: lease.token,
+                    status,
+                    now_ms,
+                    retention_ms,
+                },
+                reply,
+            });
+            answers.push((Some(out.len() - 1), answer));
+        }
+        if !ops.is_empty() {
+            let tx = self.tx.as_ref().ok_or_else(writer_gone)?;
+            tx.send(ops).await.map_err(|_| writer_gone())?;
+        }
+        for (i, answer) in answers {
+            let answer = answer.await.map_err(|_| writer_gone())?;
+            let Some(i) = i else {
+                // The events. Not stored (alone: the writer retried the batch one by
+                // one, so finishes may be): the batch fails, and the caller writes
+                // them on their own.
+                match answer {
+                    Ok(Outcome::Done) => continue,
+                    Ok(other) => return Err(unexpected("events", other)),
+                    Err(e) => return Err(e),
+                }
+            };
+            out[i] = Some(match answer {
+                Ok(Outcome::Finished(result)) => Ok(result),
+                Ok(other) => Err(unexpected("finish", other)),
+                Err(e) => Err(e),
+            });
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect())
+    }
+}
+
 impl Ingest for EmbeddedQueue {
     fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()> {
         Box::pin(self.enqueue_inner(msg, None))
@@ -512,54 +599,22 @@ impl Leasing for EmbeddedQueue {
         &self,
         items: Vec<(Lease, MessageStatus)>,
     ) -> QueueFuture<'_, Vec<Result<FinishResult, QueueError>>> {
-        Box::pin(async move {
-            let now_ms = now_ms();
-            let retention_ms = millis(self.options.status_retention);
-            let mut out: Vec<Option<Result<FinishResult, QueueError>>> = Vec::new();
-            let mut ops = Vec::new();
-            let mut answers = Vec::new();
-            for (lease, status) in items {
-                out.push(None);
-                let status = match status.prepared_for_finish(&lease, now_ms) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        *out.last_mut().expect("just pushed") = Some(Err(e));
-                        continue;
-                    }
-                };
-                if QueueId::parse(lease.id.as_str()).is_none() {
-                    *out.last_mut().expect("just pushed") = Some(Ok(FinishResult::LeaseLost));
-                    continue;
-                }
-                let (reply, answer) = oneshot::channel();
-                ops.push(WriteOp {
-                    req: Request::Finish {
-                        id: lease.id.as_str().to_owned(),
-                        token: lease.token,
-                        status,
-                        now_ms,
-                        retention_ms,
-                    },
-                    reply,
-                });
-                answers.push((out.len() - 1, answer));
-            }
-            if !ops.is_empty() {
-                let tx = self.tx.as_ref().ok_or_else(writer_gone)?;
-                tx.send(ops).await.map_err(|_| writer_gone())?;
-            }
-            for (i, answer) in answers {
-                out[i] = Some(match answer.await.map_err(|_| writer_gone())? {
-                    Ok(Outcome::Finished(result)) => Ok(result),
-                    Ok(other) => Err(unexpected("finish", other)),
-                    Err(e) => Err(e),
-                });
-            }
-            Ok(out
-                .into_iter()
-                .map(|r| r.expect("every item answered"))
-                .collect())
-        })
+        Box::pin(self.finish_many(items, None))
+    }
+
+    fn writes_outcome_events(&self) -> bool {
+        true
+    }
+
+    /// The events go to the writer with the finishes, first, and are appended to
+    /// the event log's table in the finishes' write transaction (so they share its
+    /// commit: no transaction and fsync of their own).
+    fn finish_batch_with_events<'a>(
+        &'a self,
+        items: Vec<(Lease, MessageStatus)>,
+        events: &'a crate::events::log::OutcomeEvents,
+    ) -> QueueFuture<'a, Vec<Result<FinishResult, QueueError>>> {
+        Box::pin(self.finish_many(items, Some(events)))
     }
 
     fn renew<'a>(&'a self, lease: &'a Lease, lease_ms: u64) -> QueueFuture<'a, bool> {
@@ -1141,8 +1196,9 @@ fn apply(
 ) -> Result<Vec<Outcome>, QueueError> {
     let mut t = Tables::open(txn, counters)?;
     let mut outcomes = Vec::with_capacity(batch.len());
-    // The batch's `accepted` events, appended together: one look at the event table's
-    // end and length for all of them.
+    // The batch's events (`accepted` ones of enqueues, outcome events of finishes),
+    // appended together: one look at the event table's end and length for all of
+    // them.
     let mut events: Vec<&[u8]> = Vec::new();
     let mut events_cap = 0;
     let mut purge_at = None;
@@ -1153,6 +1209,13 @@ fn apply(
                 ..
             } => {
                 events.push(json);
+                events_cap = *max_len;
+            }
+            Request::Events {
+                events: encoded,
+                max_len,
+            } => {
+                events.extend(encoded.iter());
                 events_cap = *max_len;
             }
             Request::LeaseDue { now_ms, .. } | Request::Finish { now_ms, .. } => {
@@ -1250,6 +1313,8 @@ impl<'t, 'c> Tables<'t, 'c> {
                 Outcome::Done
             }
             Request::RetryNow { sel, now_ms } => Outcome::Count(self.retry_now(sel, *now_ms)?),
+            // Appended with the batch's other events, in `apply`.
+            Request::Events { .. } => Outcome::Done,
         })
     }
 

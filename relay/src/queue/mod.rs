@@ -425,6 +425,35 @@ pub trait Leasing: Store {
         })
     }
 
+    /// Whether [`Leasing::finish_batch_with_events`] writes a batch's outcome events
+    /// in the same atomic write as its outcomes (into the event log beside this
+    /// queue: the embedded queue's file, the Redis queue's stream). When not, the
+    /// caller appends them itself, before [`Leasing::finish_batch`].
+    fn writes_outcome_events(&self) -> bool {
+        false
+    }
+
+    /// [`Leasing::finish_batch`], also writing the batch's outcome events (`events`,
+    /// grouped by item: `events.of_item(i)` belong to `items[i]`) in the same atomic
+    /// write as the outcomes of their items, so that they are stored if and only if
+    /// those outcomes are. Events are written whatever their item's answer (a lost
+    /// lease, an invalid status): they report deliveries that happened. Only for a
+    /// backend whose [`Leasing::writes_outcome_events`] is true; the others refuse
+    /// (`Invalid`) and write nothing.
+    fn finish_batch_with_events<'a>(
+        &'a self,
+        items: Vec<(Lease, MessageStatus)>,
+        events: &'a crate::events::log::OutcomeEvents,
+    ) -> QueueFuture<'a, Vec<Result<FinishResult, QueueError>>> {
+        let _ = (items, events);
+        Box::pin(async move {
+            Err(QueueError::Invalid(format!(
+                "the {} queue does not write outcome events",
+                self.backend()
+            )))
+        })
+    }
+
     /// Extends a lease to `lease_ms` from now (local clock) while delivery goes on;
     /// false if the lease was lost.
     fn renew<'a>(&'a self, lease: &'a Lease, lease_ms: u64) -> QueueFuture<'a, bool>;

@@ -84,9 +84,15 @@
 //! visited (an idle queue costs [`SHARDS`] round trips per poll); it writes the
 //! batch's index entries and lease tokens with one variadic command each. Before
 //! that, at most once a second (every 30 s once the old layout is empty), it moves
-//! messages of the old layout over (see "Upgrade" above). `finish`, `renew`
-//! and `status` are one script each; `finish_batch` is one pipeline of finish
-//! scripts (one per shard involved in a cluster, sent concurrently). `renew_all`
+//! messages of the old layout over (see "Upgrade" above). `renew` and `status`
+//! are one script each. `finish_batch` is one finish script call for the whole
+//! batch on a single server (up to 128 items a call, a bigger batch takes several
+//! in one pipeline), one per shard involved in a cluster (sent concurrently);
+//! `finish` is a batch of one. On a single server the batch's delivery events are
+//! `XADD`ed by the same call (`finish_batch_with_events`), so the events cost no
+//! round trip of their own. What a message costs Redis is mostly the commands a
+//! script runs for it and the bytes it moves through Lua, not the script call
+//! itself (about 1 µs; bench/README.md, "One finish call per batch"). `renew_all`
 //! (the heartbeat of a batch in flight) and `release`/`give_back` run one script per
 //! shard involved, all in one pipeline, so one round trip per batch (in a cluster:
 //! one request per shard, at once); `stats` is one pipeline (one per shard in a
@@ -169,23 +175,26 @@ const LEASE: Layout = Layout {
         "status prefix",
     ],
 };
-/// KEYS/ARGV of `finish.lua`.
+/// KEYS/ARGV of the finish script (`finish.lua` and `finish_main.lua`): a batch.
 const FINISH: Layout = Layout {
     keys: &[
-        "message", "due", "leased", "lease", "later", "stats", "status", "final",
+        "message, due, leased, lease, later, stats, status, final..",
+        "events stream..",
     ],
     args: &[
-        "id",
-        "token",
-        "status",
-        "attempts",
-        "next attempt",
         "retention",
-        "delivered",
-        "bounced",
-        "expired",
+        "items",
+        "max len",
+        "id, token, status, attempts, next attempt, delivered, bounced, expired..",
+        "events..",
     ],
 };
+/// Keys and arguments of each item of [`FINISH`].
+const FINISH_ITEM: usize = 8;
+/// Most items in one finish call: a bigger batch goes in several calls (in one
+/// pipeline), so that one call holds Redis (which serves no one else meanwhile)
+/// for a few milliseconds at most.
+const FINISH_MAX_ITEMS: usize = 128;
 /// KEYS/ARGV of `renew.lua`.
 const RENEW: Layout = Layout {
     keys: &["due", "leased", "lease"],
@@ -257,6 +266,8 @@ const REMOVE_LUA: &str = include_str!("lua/remove.lua");
 const LEASE_LUA: &str = include_str!("lua/lease.lua");
 
 const FINISH_LUA: &str = include_str!("lua/finish.lua");
+/// Runs `finish()` on each item of a batch, and appends the batch's events.
+const FINISH_MAIN_LUA: &str = include_str!("lua/finish_main.lua");
 
 const RENEW_LUA: &str = include_str!("lua/renew.lua");
 
@@ -327,7 +338,7 @@ impl Scripts {
             enqueue_group: Script::new(&[ENQUEUE_LUA, ENQUEUE_GROUP_MAIN_LUA].concat()),
             remove: Script::new(REMOVE_LUA),
             lease: Script::new(LEASE_LUA),
-            finish: Script::new(FINISH_LUA),
+            finish: Script::new(&[FINISH_LUA, FINISH_MAIN_LUA].concat()),
             renew: Script::new(RENEW_LUA),
             renew_all: Script::new(RENEW_ALL_LUA),
             release: Script::new(RELEASE_LUA),
@@ -495,7 +506,7 @@ pub fn lua_scripts() -> Vec<(&'static str, String)> {
         ),
         ("queue_remove", REMOVE_LUA.to_owned()),
         ("queue_lease", LEASE_LUA.to_owned()),
-        ("queue_finish", FINISH_LUA.to_owned()),
+        ("queue_finish", [FINISH_LUA, FINISH_MAIN_LUA].concat()),
         ("queue_renew", RENEW_LUA.to_owned()),
         ("queue_release", RELEASE_LUA.to_owned()),
         ("queue_renew_all", RENEW_ALL_LUA.to_owned()),
@@ -708,41 +719,179 @@ impl RedisQueue {
         }
     }
 
-    /// Pushes the keys and arguments of the finish script (`status` already
-    /// prepared, `json` its encoding).
-    fn finish_call(
+    /// Finishes `items` (see [`Leasing::finish_batch`]) and, on a single server,
+    /// writes `events` with them: one finish script call per [`FINISH_MAX_ITEMS`]
+    /// items on a single server, all in one pipeline; in a cluster, one call per
+    /// shard involved (and per [`FINISH_MAX_ITEMS`]), sent at once. Each call
+    /// carries the events of its own items, so that they are written if and only if
+    /// those items' outcomes are; the events of items refused before Redis (an
+    /// invalid status) go with the first call.
+    async fn finish_many(
         &self,
-        call: &mut Call<'_, '_>,
-        id: &str,
-        lease: &Lease,
-        status: &MessageStatus,
-        json: &[u8],
-    ) {
-        let totals = DeliveryTotals::of(status);
+        items: Vec<(Lease, MessageStatus)>,
+        events: Option<&crate::events::log::OutcomeEvents>,
+    ) -> Result<Vec<Result<FinishResult, QueueError>>, QueueError> {
+        struct Ready {
+            /// Place in `items`.
+            index: usize,
+            id: QueueId,
+            token: String,
+            status: MessageStatus,
+            json: Vec<u8>,
+        }
+        let now = now_ms();
+        let mut out: Vec<Option<Result<FinishResult, QueueError>>> =
+            Vec::with_capacity(items.len());
+        let mut ready: Vec<Ready> = Vec::with_capacity(items.len());
+        let mut refused = Vec::new();
+        for (index, (lease, status)) in items.into_iter().enumerate() {
+            let answer = match (
+                status.prepared_for_finish(&lease, now),
+                QueueId::parse(lease.id.as_str()),
+            ) {
+                (Err(e), _) => Some(Err(e)),
+                (Ok(_), None) => Some(Ok(FinishResult::LeaseLost)),
+                (Ok(status), Some(id)) => match encode("status", &status) {
+                    Err(e) => Some(Err(e)),
+                    Ok(json) => {
+                        ready.push(Ready {
+                            index,
+                            id,
+                            token: lease.token,
+                            status,
+                            json,
+                        });
+                        None
+                    }
+                },
+            };
+            if answer.is_some() {
+                refused.push(index);
+            }
+            out.push(answer);
+        }
+        // The calls, as lists of places in `ready`.
+        let mut calls: Vec<Vec<usize>> = Vec::new();
+        if self.conn.is_cluster() {
+            let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
+            for (r, item) in ready.iter().enumerate() {
+                by_shard
+                    .entry(shard_of(item.id.as_str()))
+                    .or_default()
+                    .push(r);
+            }
+            for list in by_shard.into_values() {
+                calls.extend(list.chunks(FINISH_MAX_ITEMS).map(<[usize]>::to_vec));
+            }
+        } else {
+            calls.extend(
+                (0..ready.len())
+                    .collect::<Vec<_>>()
+                    .chunks(FINISH_MAX_ITEMS)
+                    .map(<[usize]>::to_vec),
+            );
+        }
+        let events = events.filter(|e| !e.is_empty() && !self.conn.is_cluster());
+        if events.is_some() && calls.is_empty() {
+            calls.push(Vec::new());
+        }
         let retention_ms = u64::try_from(self.options.status_retention.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let next = status
-            .next_attempt_ms
-            .map_or_else(String::new, |t| t.to_string());
-        let keys = self.keys(id);
-        call.key("message", keys.message(id))
-            .key("due", &keys.due)
-            .key("leased", &keys.leased)
-            .key("lease", &keys.lease)
-            .key("later", &keys.later)
-            .key("stats", &keys.stats)
-            .key("status", keys.status(id))
-            .key("final", keys.fin(id))
-            .arg("id", id)
-            .arg("token", &lease.token)
-            .arg("status", json)
-            .arg("attempts", status.attempts)
-            .arg("next attempt", next)
-            .arg("retention", retention_ms)
-            .arg("delivered", totals.delivered)
-            .arg("bounced", totals.bounced)
-            .arg("expired", totals.expired);
+        let stream = events.map(|_| crate::events::log::stream_key(&self.prefix));
+        let hash = self.scripts.finish.get_hash();
+        let mut pipes = Vec::with_capacity(calls.len());
+        for (c, call_items) in calls.iter().enumerate() {
+            let mut with_events: Vec<&[u8]> = Vec::new();
+            if let Some(ev) = events {
+                let extra = if c == 0 { refused.as_slice() } else { &[] };
+                for &i in extra {
+                    with_events.extend(ev.of_item(i));
+                }
+                for &r in call_items {
+                    with_events.extend(ev.of_item(ready[r].index));
+                }
+            }
+            let mut pipe = redis::pipe();
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(hash)
+                .arg(call_items.len() * FINISH_ITEM + usize::from(!with_events.is_empty()));
+            let mut call = Call::onto(cmd, &FINISH);
+            const KEYS: &str = "message, due, leased, lease, later, stats, status, final..";
+            for &r in call_items {
+                let id = ready[r].id.as_str();
+                let keys = self.keys(id);
+                call.key(KEYS, keys.message(id))
+                    .key(KEYS, &keys.due)
+                    .key(KEYS, &keys.leased)
+                    .key(KEYS, &keys.lease)
+                    .key(KEYS, &keys.later)
+                    .key(KEYS, &keys.stats)
+                    .key(KEYS, keys.status(id))
+                    .key(KEYS, keys.fin(id));
+            }
+            match (&stream, with_events.is_empty()) {
+                (Some(stream), false) => {
+                    call.key("events stream..", stream);
+                }
+                _ => with_events.clear(),
+            }
+            call.arg("retention", retention_ms)
+                .arg("items", call_items.len())
+                .arg("max len", events.map_or(0, |e| e.max_len()));
+            const ARGS: &str =
+                "id, token, status, attempts, next attempt, delivered, bounced, expired..";
+            for &r in call_items {
+                let item = &ready[r];
+                let totals = DeliveryTotals::of(&item.status);
+                let next = item
+                    .status
+                    .next_attempt_ms
+                    .map_or_else(String::new, |t| t.to_string());
+                call.arg(ARGS, item.id.as_str())
+                    .arg(ARGS, &item.token)
+                    .arg(ARGS, &item.json)
+                    .arg(ARGS, item.status.attempts)
+                    .arg(ARGS, next)
+                    .arg(ARGS, totals.delivered)
+                    .arg(ARGS, totals.bounced)
+                    .arg(ARGS, totals.expired);
+            }
+            for e in with_events {
+                call.arg("events..", e);
+            }
+            call.done();
+            pipes.push(pipe);
+        }
+        let replies = self
+            .script_per_shard("finish", &self.scripts.finish, pipes)
+            .await?;
+        if replies.len() != calls.len() {
+            return Err(QueueError::Corrupt(format!(
+                "redis finish: {} replies for {} calls",
+                replies.len(),
+                calls.len()
+            )));
+        }
+        for (call_items, reply) in calls.iter().zip(replies) {
+            let codes: Vec<i64> = redis::from_redis_value(reply)
+                .map_err(|e| QueueError::Corrupt(format!("redis finish reply: {e}")))?;
+            if codes.len() != call_items.len() {
+                return Err(QueueError::Corrupt(format!(
+                    "redis finish: {} answers for {} items",
+                    codes.len(),
+                    call_items.len()
+                )));
+            }
+            for (&r, code) in call_items.iter().zip(codes) {
+                out[ready[r].index] = Some(Ok(finish_result(code)));
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect())
     }
 
     fn keys(&self, id: &str) -> &ShardKeys {
@@ -913,6 +1062,13 @@ impl RedisQueue {
             return Ok(Vec::new());
         }
         if !self.conn.is_cluster() {
+            if let [pipe] = pipes.as_slice() {
+                // As it is: merging copies every argument.
+                return self
+                    .run_script_pipeline(pipe, script)
+                    .await
+                    .map_err(|e| self.unavailable(op, e));
+            }
             let mut all = redis::pipe();
             for pipe in &pipes {
                 for cmd in pipe.cmd_iter() {
@@ -1350,120 +1506,44 @@ impl Leasing for RedisQueue {
         status: MessageStatus,
     ) -> QueueFuture<'a, FinishResult> {
         Box::pin(self.deadline("finish", async move {
-            let status = status.prepared_for_finish(lease, now_ms())?;
-            let Some(id) = QueueId::parse(lease.id.as_str()) else {
-                return Ok(FinishResult::LeaseLost);
-            };
-            let json = encode("status", &status)?;
-            let mut call = Call::new(&self.scripts.finish, &FINISH);
-            self.finish_call(&mut call, id.as_str(), lease, &status, &json);
-            let invocation = call.invocation();
-            let result: i64 = self.eval("finish", &invocation).await?;
-            Ok(finish_result(result))
+            let mut answers = self
+                .finish_many(vec![(lease.clone(), status)], None)
+                .await?;
+            answers.pop().expect("one item, one answer")
         }))
     }
 
-    /// One pipeline of `EVALSHA` of the finish script per item (one per shard
-    /// involved in a cluster, sent concurrently): one round trip for the batch.
+    /// One finish script call for the batch (per shard involved in a cluster, sent
+    /// at once; per [`FINISH_MAX_ITEMS`] items), in one round trip.
     fn finish_batch(
         &self,
         items: Vec<(Lease, MessageStatus)>,
     ) -> QueueFuture<'_, Vec<Result<FinishResult, QueueError>>> {
-        Box::pin(self.deadline("finish", async move {
-            let now = now_ms();
-            let mut out: Vec<Option<Result<FinishResult, QueueError>>> =
-                Vec::with_capacity(items.len());
-            // Per shard: the pipeline and the item index of each of its commands.
-            let mut by_shard: BTreeMap<u16, (Pipeline, Vec<usize>)> = BTreeMap::new();
-            let hash = self.scripts.finish.get_hash().to_owned();
-            for (i, (lease, status)) in items.into_iter().enumerate() {
-                out.push(None);
-                let status = match status.prepared_for_finish(&lease, now) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        out[i] = Some(Err(e));
-                        continue;
-                    }
-                };
-                let Some(id) = QueueId::parse(lease.id.as_str()) else {
-                    out[i] = Some(Ok(FinishResult::LeaseLost));
-                    continue;
-                };
-                let json = match encode("status", &status) {
-                    Ok(j) => j,
-                    Err(e) => {
-                        out[i] = Some(Err(e));
-                        continue;
-                    }
-                };
-                let shard = if self.conn.is_cluster() {
-                    shard_of(id.as_str())
-                } else {
-                    0
-                };
-                let (pipe, index) = by_shard
-                    .entry(shard)
-                    .or_insert_with(|| (redis::pipe(), Vec::new()));
-                let cmd = pipe.cmd("EVALSHA").arg(&hash).arg(FINISH.fixed_keys());
-                let mut call = Call::onto(cmd, &FINISH);
-                self.finish_call(&mut call, id.as_str(), &lease, &status, &json);
-                call.done();
-                index.push(i);
-            }
-            let mut replies: Vec<(Vec<usize>, Vec<Value>)> = Vec::new();
-            if self.conn.is_cluster() {
-                let mut tasks = tokio::task::JoinSet::new();
-                for (_, (pipe, index)) in by_shard {
-                    let conn = self.conn.clone();
-                    let script = self.scripts.finish.clone();
-                    tasks.spawn(async move {
-                        let mut conn = conn;
-                        let reply = match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                                match script.load_async(&mut conn).await {
-                                    Ok(_) => pipe.query_async::<Vec<Value>>(&mut conn).await,
-                                    Err(e) => Err(e),
-                                }
-                            }
-                            r => r,
-                        };
-                        (index, reply)
-                    });
-                }
-                while let Some(joined) = tasks.join_next().await {
-                    let (index, reply) = joined.map_err(|e| {
-                        QueueError::Unavailable(format!("redis finish: task failed: {e}"))
-                    })?;
-                    replies.push((index, reply.map_err(|e| self.unavailable("finish", e))?));
-                }
-            } else if let Some((_, (pipe, index))) = by_shard.into_iter().next() {
-                let reply = self
-                    .run_script_pipeline(&pipe, &self.scripts.finish)
-                    .await
-                    .map_err(|e| self.unavailable("finish", e))?;
-                replies.push((index, reply));
-            }
-            for (index, values) in replies {
-                if values.len() != index.len() {
-                    return Err(QueueError::Corrupt(format!(
-                        "redis finish pipeline: {} replies for {} commands",
-                        values.len(),
-                        index.len()
-                    )));
-                }
-                for (i, v) in index.into_iter().zip(values) {
-                    out[i] = Some(
-                        redis::from_redis_value::<i64>(v)
-                            .map(finish_result)
-                            .map_err(|e| QueueError::Corrupt(format!("redis finish reply: {e}"))),
-                    );
-                }
-            }
-            Ok(out
-                .into_iter()
-                .map(|r| r.expect("every item answered"))
-                .collect())
-        }))
+        Box::pin(self.deadline("finish", self.finish_many(items, None)))
+    }
+
+    /// On standalone Redis and Sentinel. Not on Cluster: the stream is one key, in
+    /// another slot than the shards', and one script cannot write both.
+    fn writes_outcome_events(&self) -> bool {
+        !self.conn.is_cluster()
+    }
+
+    /// The events go into the finish script call(s) of their items and are
+    /// `XADD`ed there, before the outcomes, with the `MAXLEN ~` cap of
+    /// [`crate::events::log`]'s own appends.
+    fn finish_batch_with_events<'a>(
+        &'a self,
+        items: Vec<(Lease, MessageStatus)>,
+        events: &'a crate::events::log::OutcomeEvents,
+    ) -> QueueFuture<'a, Vec<Result<FinishResult, QueueError>>> {
+        if self.conn.is_cluster() {
+            return Box::pin(async {
+                Err(QueueError::Invalid(
+                    "the Redis Cluster queue does not write outcome events".into(),
+                ))
+            });
+        }
+        Box::pin(self.deadline("finish", self.finish_many(items, Some(events))))
     }
 
     fn renew<'a>(&'a self, lease: &'a Lease, lease_ms: u64) -> QueueFuture<'a, bool> {

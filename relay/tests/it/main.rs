@@ -19,6 +19,7 @@ mod delivery_dsn;
 mod delivery_relayhosts;
 mod dkim_signing;
 mod events;
+mod finish_events;
 mod harness_smoke;
 mod hostile_input;
 mod lease_failover;

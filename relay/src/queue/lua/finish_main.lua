@@ -1,0 +1,31 @@
+-- Records the outcomes of a batch of leased deliveries (one script call for the
+-- batch: a call costs Redis far more than the commands in it), each checked
+-- against its own lease, and appends the batch's delivery events to the events
+-- stream in the same atomic call (standalone Redis and Sentinel; in a cluster
+-- every item is of one shard and there are no events: the stream is in another
+-- slot).
+-- KEYS: per item its eight (see finish.lua), then the events stream if there are
+--       events
+-- ARGV: retention ms, item count, the stream's MAXLEN ~ cap ('' without events),
+--       per item its eight (finish.lua), then the events' JSON
+-- Returns per item 0 lease lost, 1 rescheduled, 2 final.
+local n = tonumber(ARGV[2])
+local first_event = 4 + 8 * n
+if #ARGV >= first_event then
+  local stream = KEYS[8 * n + 1]
+  for j = first_event, #ARGV do
+    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[j])
+  end
+end
+local out, counts = {}, {}
+for i = 0, n - 1 do
+  out[i + 1] = finish(8 * i, 3 + 8 * i, ARGV[1], counts)
+end
+-- Counts of 0 (most messages have only one of delivered, bounced, expired)
+-- change nothing.
+for stats, fields in pairs(counts) do
+  for field, delta in pairs(fields) do
+    if delta ~= 0 then redis.call('HINCRBY', stats, field, delta) end
+  end
+end
+return out
