@@ -101,8 +101,12 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
             }
             _ => code = Some(c),
         }
-        texts.push(text);
         pos = end;
+        if last && texts.is_empty() {
+            // Most replies are one line: no list of lines to build.
+            return Ok(Some((build_reply(c, &[text]), pos)));
+        }
+        texts.push(text);
         if last {
             return Ok(Some((build_reply(c, &texts), pos)));
         }
@@ -110,26 +114,25 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
 }
 
 fn build_reply(code: u16, texts: &[&[u8]]) -> Reply {
-    let lines: Vec<String> = texts
-        .iter()
-        .map(|t| String::from_utf8_lossy(t).into_owned())
-        .collect();
+    // The code is found and stripped on the raw octets, so each line is converted
+    // (and allocated) once. It is ASCII and ends at an ASCII octet, so this gives
+    // what converting first and stripping after gave.
     let class = (code / 100) as u8;
-    let enhanced = lines
+    let enhanced = texts
         .first()
         .and_then(|l| parse_enhanced(l))
         .filter(|(e, _)| e.0 == class)
         .map(|(e, _)| e);
-    let lines = match enhanced {
-        None => lines,
-        Some(e) => lines
-            .into_iter()
-            .map(|l| match parse_enhanced(&l) {
-                Some((found, len)) if found == e => l[len..].to_owned(),
-                _ => l,
-            })
-            .collect(),
-    };
+    let lines = texts
+        .iter()
+        .map(|&t| {
+            let t = match enhanced.and_then(|e| parse_enhanced(t).filter(|(f, _)| *f == e)) {
+                Some((_, len)) => &t[len..],
+                None => t,
+            };
+            String::from_utf8_lossy(t).into_owned()
+        })
+        .collect();
     Reply {
         code,
         enhanced,
@@ -140,8 +143,7 @@ fn build_reply(code: u16, texts: &[&[u8]]) -> Reply {
 /// `class.subject.detail` (RFC 3463 §2: class one digit, subject and detail one to
 /// three digits) followed by a space or the end of the text; returns the code and the
 /// length to strip (including the space).
-fn parse_enhanced(text: &str) -> Option<(Enhanced, usize)> {
-    let b = text.as_bytes();
+fn parse_enhanced(b: &[u8]) -> Option<(Enhanced, usize)> {
     let class = *b.first()?;
     if !matches!(class, b'2' | b'4' | b'5') || b.get(1) != Some(&b'.') {
         return None;
