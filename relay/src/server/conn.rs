@@ -463,7 +463,12 @@ impl Conn {
         // The last words go out even after the shutdown deadline, briefly.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let _ = self.stream.write_all(&self.out).await;
-            let _ = self.stream.shutdown().await;
+            // TLS needs its close_notify; a plain socket's FIN goes with the close
+            // when it is dropped, so a shutdown call would only cost a syscall
+            // (which mostly fails: the client has already closed after QUIT).
+            if !matches!(self.stream, Stream::Plain(_)) {
+                let _ = self.stream.shutdown().await;
+            }
         })
         .await;
     }
