@@ -317,23 +317,17 @@ impl Conn {
         let evicted = self.slot.as_ref().map(|s| Arc::clone(&s.evicted));
         let (stream, buf) = (&mut self.stream, &mut self.buf);
         let read = async move {
-            loop {
-                // A plain socket is awaited without a buffer, so a waiting session
-                // holds no read buffer at all.
-                if let Stream::Plain(tcp) = &*stream {
-                    tcp.readable().await?;
-                }
-                // Reading into spare capacity: no zero-filling of a 64 KB buffer per read.
-                buf.reserve(chunk);
-                let r = match &mut *stream {
-                    Stream::Plain(tcp) => tcp.try_read_buf(buf),
-                    other => other.read_buf(buf).await,
-                };
-                match r {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    other => return other,
-                }
+            // A plain socket is awaited without a buffer, so a waiting session holds
+            // no read buffer at all.
+            if let Stream::Plain(tcp) = &*stream {
+                tcp.readable().await?;
             }
+            // Reading into spare capacity: no zero-filling of a 64 KB buffer per read.
+            buf.reserve(chunk);
+            // Through `poll_read` rather than `try_read_buf`: a read that does not fill
+            // the buffer tells tokio the socket is drained, so the next wait does not
+            // start with a read that only finds EAGAIN (~3 per message).
+            stream.read_buf(buf).await
         };
         let result = tokio::select! {
             r = tokio::time::timeout(limit, read) => match r {
