@@ -712,5 +712,8 @@ fn received_header_ipv4_matches_display() {
         let mut s = String::new();
         super::push_ipv4(&mut s, ip);
         assert_eq!(s, ip.to_string());
+        assert_eq!(super::ip_text(IpAddr::V4(ip)), ip.to_string());
     }
+    let v6: IpAddr = "2001:db8::7".parse().unwrap();
+    assert_eq!(super::ip_text(v6), v6.to_string());
 }

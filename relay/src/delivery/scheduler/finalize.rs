@@ -128,7 +128,7 @@ impl Inner {
                 at_ms,
                 result,
                 mx: target.map(|(n, _)| n.clone()),
-                ip: target.map(|(_, a)| a.ip().to_string()),
+                ip: target.map(|(_, a)| mailrelay_smtp::session::ip_text(a.ip())),
                 tls: tls.cloned(),
                 security: security.cloned(),
                 reply,
