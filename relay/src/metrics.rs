@@ -87,6 +87,9 @@ pub struct Metrics {
     /// hashes the label set (~450 instructions, 5 commands per message). Lazily, so
     /// a verb never seen still has no series.
     command_counters: [std::sync::OnceLock<Counter>; VERBS.len()],
+    /// Handles of `connections` for the first few listener names seen: a family
+    /// lookup allocates the label and hashes it, once per connection otherwise.
+    listener_counters: std::sync::RwLock<Vec<(String, Counter)>>,
     messages_accepted: Counter,
     messages_rejected: Family<Label, Counter>,
     sender_refused: Family<Label, Counter>,
@@ -99,6 +102,8 @@ pub struct Metrics {
     auth_lockouts: Family<Label, Counter>,
     auth_refused: Family<Label, Counter>,
     delivery_recipients: Family<ResultLabels, Counter>,
+    /// The `delivered`/`ok` series of `delivery_recipients`, by far the most counted.
+    delivered_ok: Counter,
     delivery_latency: Histogram,
     delivery_connections_active: Gauge,
     outcome_flushes: Family<Label, Counter>,
@@ -225,6 +230,9 @@ impl Metrics {
         ] {
             let _ = delivery_recipients.get_or_create(&[("result", pair.0), ("reason", pair.1)]);
         }
+        let delivered_ok = delivery_recipients
+            .get_or_create(&[("result", "delivered"), ("reason", "ok")])
+            .clone();
         let delivery_latency = Histogram::new(DELIVERY_BUCKETS);
         registry.register_with_unit(
             "delivery",
@@ -301,6 +309,7 @@ impl Metrics {
             suppression_hits,
             suppression_added,
             delivery_recipients,
+            delivered_ok,
             delivery_latency,
             delivery_connections_active,
             outcome_flushes,
@@ -312,6 +321,7 @@ impl Metrics {
             connections_evicted,
             commands,
             command_counters: Default::default(),
+            listener_counters: Default::default(),
             messages_accepted,
             messages_rejected,
             sender_refused,
@@ -346,10 +356,30 @@ impl Metrics {
     }
 
     pub fn connection_opened(&self, listener: &str) {
-        self.connections
-            .get_or_create(&bounded("listener", listener))
-            .inc();
+        self.listener_connections(listener).inc();
         self.connections_active.inc();
+    }
+
+    fn listener_connections(&self, listener: &str) -> Counter {
+        /// Listeners are few; names past this many go through the family each time.
+        const CACHED: usize = 8;
+        let cached = |v: &[(String, Counter)]| {
+            v.iter()
+                .find(|(n, _)| n == listener)
+                .map(|(_, c)| c.clone())
+        };
+        if let Some(c) = cached(&self.listener_counters.read().unwrap()) {
+            return c;
+        }
+        let c = self
+            .connections
+            .get_or_create(&bounded("listener", listener))
+            .clone();
+        let mut w = self.listener_counters.write().unwrap();
+        if w.len() < CACHED && cached(&w).is_none() {
+            w.push((listener.to_owned(), c.clone()));
+        }
+        c
     }
 
     /// Call once for every [`Metrics::connection_opened`].
@@ -429,6 +459,10 @@ impl Metrics {
     /// One recipient's delivery attempt ended: `result` is `delivered`, `deferred`
     /// or `bounced`, `reason` one of [`DELIVERY_REASONS`] (others count as `other`).
     pub fn delivery_result(&self, result: &str, reason: &str) {
+        if result == "delivered" && reason == "ok" {
+            self.delivered_ok.inc();
+            return;
+        }
         let result = RESULTS
             .iter()
             .find(|r| **r == result)

@@ -21,6 +21,7 @@
 //! one [`RecipientOutcome`], whatever the server (or the network) does.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -101,8 +102,12 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
             }
             _ => code = Some(c),
         }
-        texts.push(text);
         pos = end;
+        if last && texts.is_empty() {
+            // Most replies are one line: no list of lines to build.
+            return Ok(Some((build_reply(c, &[text]), pos)));
+        }
+        texts.push(text);
         if last {
             return Ok(Some((build_reply(c, &texts), pos)));
         }
@@ -110,26 +115,25 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
 }
 
 fn build_reply(code: u16, texts: &[&[u8]]) -> Reply {
-    let lines: Vec<String> = texts
-        .iter()
-        .map(|t| String::from_utf8_lossy(t).into_owned())
-        .collect();
+    // The code is found and stripped on the raw octets, so each line is converted
+    // (and allocated) once. It is ASCII and ends at an ASCII octet, so this gives
+    // what converting first and stripping after gave.
     let class = (code / 100) as u8;
-    let enhanced = lines
+    let enhanced = texts
         .first()
         .and_then(|l| parse_enhanced(l))
         .filter(|(e, _)| e.0 == class)
         .map(|(e, _)| e);
-    let lines = match enhanced {
-        None => lines,
-        Some(e) => lines
-            .into_iter()
-            .map(|l| match parse_enhanced(&l) {
-                Some((found, len)) if found == e => l[len..].to_owned(),
-                _ => l,
-            })
-            .collect(),
-    };
+    let lines = texts
+        .iter()
+        .map(|&t| {
+            let t = match enhanced.and_then(|e| parse_enhanced(t).filter(|(f, _)| *f == e)) {
+                Some((_, len)) => &t[len..],
+                None => t,
+            };
+            String::from_utf8_lossy(t).into_owned()
+        })
+        .collect();
     Reply {
         code,
         enhanced,
@@ -140,8 +144,7 @@ fn build_reply(code: u16, texts: &[&[u8]]) -> Reply {
 /// `class.subject.detail` (RFC 3463 §2: class one digit, subject and detail one to
 /// three digits) followed by a space or the end of the text; returns the code and the
 /// length to strip (including the space).
-fn parse_enhanced(text: &str) -> Option<(Enhanced, usize)> {
-    let b = text.as_bytes();
+fn parse_enhanced(b: &[u8]) -> Option<(Enhanced, usize)> {
     let class = *b.first()?;
     if !matches!(class, b'2' | b'4' | b'5') || b.get(1) != Some(&b'.') {
         return None;
@@ -480,19 +483,16 @@ pub enum TimeoutKind {
 /// LF followed by a dot can end the data early at a lenient server. Copies runs of
 /// lines at a time, so MB-sized bodies cost little more than one `memcpy`.
 pub fn dot_stuff_into(body: &[u8], out: &mut Vec<u8>) {
+    // Only lines that start with a dot change: found with one SIMD search for
+    // LF "." over the body (a search per line was ~2,000 instructions per 1 KB).
     let mut copied = 0;
-    let mut line_start = 0;
-    loop {
-        if body.get(line_start) == Some(&b'.') {
-            out.extend_from_slice(&body[copied..line_start]);
-            out.push(b'.');
-            copied = line_start;
-        }
-        // memchr: a byte-at-a-time search here was ~4 instructions per body octet.
-        match memchr::memchr(b'\n', &body[line_start..]) {
-            Some(i) => line_start += i + 1,
-            None => break,
-        }
+    if body.first() == Some(&b'.') {
+        out.push(b'.');
+    }
+    for lf in memchr::memmem::find_iter(body, b"\n.") {
+        out.extend_from_slice(&body[copied..=lf]);
+        out.push(b'.');
+        copied = lf + 1;
     }
     out.extend_from_slice(&body[copied..]);
 }
@@ -1180,9 +1180,14 @@ impl<'m> ClientSession<'m> {
             return None;
         }
 
-        let mut mail = format!("MAIL FROM:<{}>", env.mail.from);
+        // Appended in place: a format! per command line and parameter was ~600
+        // instructions each.
+        let mut mail = String::with_capacity(env.mail.from.len() + 64);
+        mail.push_str("MAIL FROM:<");
+        mail.push_str(&env.mail.from);
+        mail.push('>');
         if caps.size.is_some() {
-            mail.push_str(&format!(" SIZE={size}"));
+            let _ = write!(mail, " SIZE={size}");
         }
         if env.mail.body == BodyType::EightBitMime {
             if caps.eight_bit_mime {
@@ -1229,7 +1234,10 @@ impl<'m> ClientSession<'m> {
                 self.settle(m, i, &reply, Stage::Rcpt, Outcome::Bounced, false);
                 continue;
             }
-            let mut line = format!("RCPT TO:<{}>", r.address);
+            let mut line = String::with_capacity(r.address.len() + 16);
+            line.push_str("RCPT TO:<");
+            line.push_str(&r.address);
+            line.push('>');
             if let Some(n) = r.notify.as_ref().and_then(notify_param) {
                 if caps.dsn {
                     line.push_str(&format!(" NOTIFY={n}"));

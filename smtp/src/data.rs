@@ -136,6 +136,19 @@ impl DataDecoder {
                         let clean = self.line_len + run <= self.max_line
                             && self.size + run as u64 <= self.max_size
                             && memchr::memchr(0, chunk).is_none();
+                        if (clean || self.error.is_some())
+                            && input.get(i + run..i + run + 2) == Some(b"\r\n".as_slice())
+                            && self.line_len + run + 2 <= self.max_line
+                            && self.size + run as u64 + 2 <= self.max_size
+                        {
+                            // The whole line with its CRLF, in one copy and one step
+                            // (the CR and LF states would accept it the same way).
+                            self.push(&input[i..i + run + 2]);
+                            self.line_len = 0;
+                            i += run + 2;
+                            self.state = State::LineStart;
+                            continue;
+                        }
                         if clean || self.error.is_some() {
                             self.count_line(run);
                             self.push(chunk);

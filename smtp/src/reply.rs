@@ -76,6 +76,20 @@ impl Reply {
         self.write_to(&mut v);
         v
     }
+
+    /// The wire form without its trailing line break (and trailing blanks): what
+    /// `to_string().trim_end()` gives, in one allocation instead of three, for the
+    /// status record and event of every delivered recipient.
+    pub fn to_text(&self) -> String {
+        let mut s = match String::from_utf8(self.to_bytes()) {
+            Ok(s) => s,
+            // Not reached: the lines are `String`s and sanitising keeps UTF-8.
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        };
+        let n = s.trim_end().len();
+        s.truncate(n);
+        s
+    }
 }
 
 fn push_number(out: &mut Vec<u8>, v: u32) {
@@ -118,6 +132,18 @@ impl std::fmt::Display for Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn to_text_is_the_display_form() {
+        for r in [
+            Reply::status(250, (2, 0, 0), "Ok"),
+            Reply::status(550, (5, 1, 1), "no such user   "),
+            Reply::multiline(250, vec!["host".into(), "PIPELINING".into()]),
+            Reply::new(421, None, "bad\r\nline \u{85}"),
+        ] {
+            assert_eq!(r.to_text(), r.to_string().trim_end());
+        }
+    }
 
     #[test]
     fn single_and_multiline_wire_form() {

@@ -996,12 +996,22 @@ impl Session {
     ) -> QueuedMessage {
         let date = now.format(&Rfc2822).unwrap_or_default();
         let helo = self.helo.clone().unwrap_or_default();
-        // One buffer written in place (no temporary String per part).
+        // One buffer written in place (no temporary String per part), with plain
+        // appends: going through `fmt` for the six parts of the header (and the
+        // IPv4 address's own Display) was ~2,300 instructions per message.
         let mut head = String::with_capacity(256);
-        let _ = match self.peer.ip {
-            IpAddr::V4(v4) => write!(head, "Received: from {helo} ([{v4}])\r\n"),
-            IpAddr::V6(v6) => write!(head, "Received: from {helo} ([IPv6:{v6}])\r\n"),
-        };
+        head.push_str("Received: from ");
+        head.push_str(&helo);
+        match self.peer.ip {
+            IpAddr::V4(v4) => {
+                head.push_str(" ([");
+                push_ipv4(&mut head, v4);
+                head.push_str("])\r\n");
+            }
+            IpAddr::V6(v6) => {
+                let _ = write!(head, " ([IPv6:{v6}])\r\n");
+            }
+        }
         if let Some(tls) = &self.peer.tls {
             let _ = write!(
                 head,
@@ -1009,24 +1019,33 @@ impl Session {
                 tls.version, tls.cipher
             );
         }
-        let _ = write!(
-            head,
-            "\tby {} (mailrelay) with {} id {}",
-            self.cfg.hostname,
-            self.protocol(),
-            id
-        );
+        head.push_str("\tby ");
+        head.push_str(&self.cfg.hostname);
+        head.push_str(" (mailrelay) with ");
+        head.push_str(self.protocol());
+        head.push_str(" id ");
+        head.push_str(id.as_str());
         if let [only] = self.tx.rcpts.as_slice() {
-            let _ = write!(head, "\r\n\tfor <{}>", only.address);
+            head.push_str("\r\n\tfor <");
+            head.push_str(&only.address);
+            head.push('>');
         }
-        let _ = write!(head, "; {date}\r\n");
+        head.push_str("; ");
+        head.push_str(&date);
+        head.push_str("\r\n");
         if self.cfg.add_missing_headers {
             let (has_date, has_msgid) = scan_headers(&content);
             if !has_date {
-                let _ = write!(head, "Date: {date}\r\n");
+                head.push_str("Date: ");
+                head.push_str(&date);
+                head.push_str("\r\n");
             }
             if !has_msgid {
-                let _ = write!(head, "Message-ID: <{}@{}>\r\n", id, self.cfg.hostname);
+                head.push_str("Message-ID: <");
+                head.push_str(id.as_str());
+                head.push('@');
+                head.push_str(&self.cfg.hostname);
+                head.push_str(">\r\n");
             }
         }
         let mut body = Vec::with_capacity(head.len() + content.len());
@@ -1051,6 +1070,35 @@ impl Session {
             },
             body,
         }
+    }
+}
+
+/// The text of `ip` as its Display writes it; IPv4 (nearly every next hop and
+/// client) without `fmt`, which costs ~1,300 instructions per address.
+pub fn ip_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut s = String::with_capacity(15);
+            push_ipv4(&mut s, v4);
+            s
+        }
+        IpAddr::V6(v6) => v6.to_string(),
+    }
+}
+
+/// `a.b.c.d`, as `Ipv4Addr`'s Display writes it.
+fn push_ipv4(out: &mut String, ip: std::net::Ipv4Addr) {
+    for (i, o) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if o >= 100 {
+            out.push(char::from(b'0' + o / 100));
+        }
+        if o >= 10 {
+            out.push(char::from(b'0' + o / 10 % 10));
+        }
+        out.push(char::from(b'0' + o % 10));
     }
 }
 

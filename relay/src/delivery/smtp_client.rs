@@ -483,6 +483,19 @@ fn result(
 }
 
 async fn write_blocks(conn: &mut Conn, data: &[u8], limit: Duration) -> Result<(), String> {
+    // Commands and small messages fit the socket's send buffer: written straight
+    // away, without arming a timer per write. The rest goes out bounded below.
+    let mut data = data;
+    if let Conn::Plain(s) = conn {
+        while !data.is_empty() {
+            match s.try_write(data) {
+                Ok(0) => return Err("write failed: failed to write whole buffer".into()),
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(format!("write failed: {e}")),
+            }
+        }
+    }
     for block in data.chunks(WRITE_BLOCK) {
         match timeout(limit, conn.write_all(block)).await {
             Ok(Ok(())) => {}

@@ -179,6 +179,9 @@ pub struct Conn {
     /// This session's connection slot: marked idle between commands, and rung
     /// when the session is evicted for a newcomer.
     slot: Option<super::limits::ConnSlot>,
+    /// What the slot was last told: it is told only on a change (each call takes the
+    /// limits lock and a map lookup, and a message's commands mostly repeat it).
+    idle_marked: bool,
 }
 
 enum Line {
@@ -206,6 +209,7 @@ impl Conn {
             charged: None,
             bdat_clock: None,
             slot: None,
+            idle_marked: false,
         }
     }
 
@@ -214,7 +218,11 @@ impl Conn {
         self
     }
 
-    fn set_idle(&self, idle: bool) {
+    fn set_idle(&mut self, idle: bool) {
+        if idle == self.idle_marked {
+            return;
+        }
+        self.idle_marked = idle;
         if let Some(s) = &self.slot {
             s.set_idle(idle);
         }
@@ -230,6 +238,32 @@ impl Conn {
         if self.out.is_empty() {
             return Ok(());
         }
+        // Replies are small and the socket's send buffer almost always takes them
+        // whole: try that first, without arming a timer and a shutdown watch per
+        // reply. Whatever is left waits below, bounded as before.
+        let mut sent = 0;
+        if let Stream::Plain(tcp) = &self.stream
+            && !*self.closing.borrow()
+        {
+            while sent < self.out.len() {
+                match tcp.try_write(&self.out[sent..]) {
+                    Ok(0) => {
+                        self.out.clear();
+                        return Err(End::Gone);
+                    }
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        self.out.clear();
+                        return Err(End::Gone);
+                    }
+                }
+            }
+            if sent == self.out.len() {
+                self.out.clear();
+                return Ok(());
+            }
+        }
         let limit = self
             .shared
             .config
@@ -237,7 +271,7 @@ impl Conn {
             .command_timeout
             .min(self.deadline.saturating_duration_since(Instant::now()));
         let mut closing = self.closing.clone();
-        let (stream, out) = (&mut self.stream, &self.out);
+        let (stream, out) = (&mut self.stream, &self.out[sent..]);
         let write = async move {
             stream.write_all(out).await?;
             stream.flush().await
@@ -283,23 +317,17 @@ impl Conn {
         let evicted = self.slot.as_ref().map(|s| Arc::clone(&s.evicted));
         let (stream, buf) = (&mut self.stream, &mut self.buf);
         let read = async move {
-            loop {
-                // A plain socket is awaited without a buffer, so a waiting session
-                // holds no read buffer at all.
-                if let Stream::Plain(tcp) = &*stream {
-                    tcp.readable().await?;
-                }
-                // Reading into spare capacity: no zero-filling of a 64 KB buffer per read.
-                buf.reserve(chunk);
-                let r = match &mut *stream {
-                    Stream::Plain(tcp) => tcp.try_read_buf(buf),
-                    other => other.read_buf(buf).await,
-                };
-                match r {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    other => return other,
-                }
+            // A plain socket is awaited without a buffer, so a waiting session holds
+            // no read buffer at all.
+            if let Stream::Plain(tcp) = &*stream {
+                tcp.readable().await?;
             }
+            // Reading into spare capacity: no zero-filling of a 64 KB buffer per read.
+            buf.reserve(chunk);
+            // Through `poll_read` rather than `try_read_buf`: a read that does not fill
+            // the buffer tells tokio the socket is drained, so the next wait does not
+            // start with a read that only finds EAGAIN (~3 per message).
+            stream.read_buf(buf).await
         };
         let result = tokio::select! {
             r = tokio::time::timeout(limit, read) => match r {
@@ -429,7 +457,12 @@ impl Conn {
         // The last words go out even after the shutdown deadline, briefly.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let _ = self.stream.write_all(&self.out).await;
-            let _ = self.stream.shutdown().await;
+            // TLS needs its close_notify; a plain socket's FIN goes with the close
+            // when it is dropped, so a shutdown call would only cost a syscall
+            // (which mostly fails: the client has already closed after QUIT).
+            if !matches!(self.stream, Stream::Plain(_)) {
+                let _ = self.stream.shutdown().await;
+            }
         })
         .await;
     }

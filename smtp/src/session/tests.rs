@@ -698,3 +698,22 @@ fn requiretls_is_offered_and_accepted_only_over_tls() {
     };
     assert!(msg.envelope.mail.requiretls);
 }
+
+#[test]
+fn received_header_ipv4_matches_display() {
+    for ip in [
+        "0.0.0.0",
+        "192.0.2.7",
+        "10.20.100.255",
+        "255.255.255.255",
+        "1.9.99.100",
+    ] {
+        let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+        let mut s = String::new();
+        super::push_ipv4(&mut s, ip);
+        assert_eq!(s, ip.to_string());
+        assert_eq!(super::ip_text(IpAddr::V4(ip)), ip.to_string());
+    }
+    let v6: IpAddr = "2001:db8::7".parse().unwrap();
+    assert_eq!(super::ip_text(v6), v6.to_string());
+}
