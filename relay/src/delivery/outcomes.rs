@@ -265,6 +265,8 @@ async fn write_with_events(
     sink.flush().await;
     let result = queue.finish_batch_with_events(items, &encoded).await;
     match &result {
+        // Stored without their events (a full Redis refused them): on their own.
+        Ok(_) if encoded.unwritten() => sink.append_now(&all(per_item)).await,
         Ok(_) => sink.written_elsewhere_all(per_item.iter().flatten()),
         // The deliveries happened: their events are written on their own, while
         // the messages, not finished, are delivered (and reported) again.

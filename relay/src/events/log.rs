@@ -16,7 +16,10 @@
 //!   are: a relay killed before leaves the messages leased, whoever delivers them
 //!   again writes their events; when that write fails, the events are appended
 //!   on their own afterwards (the deliveries did happen), and the messages, not
-//!   finished, are delivered and reported again. Where the queue cannot (Redis
+//!   finished, are delivered and reported again. When only the events' part fails
+//!   (a Redis at `maxmemory` refuses the `XADD`, while the finishes free memory),
+//!   the outcomes are stored and the events appended on their own, as here
+//!   apart. Where the queue cannot (Redis
 //!   Cluster: the stream's slot is not the shards'), the events are appended
 //!   *before* the batch's `finish` is written: a relay killed between the two
 //!   writes leaves the messages leased, and they and their events are written
@@ -47,7 +50,7 @@
 //! its newest end and stops at `limit` matches or after [`MAX_SCAN`] events.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use mailrelay_admin_api::events::{Event, EventFilter, EventKind};
@@ -218,6 +221,9 @@ pub struct OutcomeEvents {
     /// Per outcome, where its events end among `encoded`'s.
     items: Vec<usize>,
     max_len: u64,
+    /// Set by a backend that stored the outcomes but could not append (all of)
+    /// these events: the caller then appends them on its own.
+    unwritten: AtomicBool,
 }
 
 impl OutcomeEvents {
@@ -243,7 +249,18 @@ impl OutcomeEvents {
             encoded: Encoded { buf, ends },
             items,
             max_len,
+            unwritten: AtomicBool::new(false),
         })
+    }
+
+    /// Records that the outcomes were stored without (all of) these events.
+    pub fn mark_unwritten(&self) {
+        self.unwritten.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a backend stored the outcomes without (all of) these events.
+    pub fn unwritten(&self) -> bool {
+        self.unwritten.load(Ordering::Relaxed)
     }
 
     /// Number of events, over all outcomes.

@@ -435,8 +435,11 @@ pub trait Leasing: Store {
 
     /// [`Leasing::finish_batch`], also writing the batch's outcome events (`events`,
     /// grouped by item: `events.of_item(i)` belong to `items[i]`) in the same atomic
-    /// write as the outcomes of their items, so that they are stored if and only if
-    /// those outcomes are. Events are written whatever their item's answer (a lost
+    /// write as the outcomes of their items, so that a crash cannot store one without
+    /// the other. A backend that stores the outcomes but cannot append the events
+    /// (a full Redis refuses the `XADD`, while the finishes free memory) says so
+    /// with `events.mark_unwritten()`, and the caller appends them on their own.
+    /// Events are written whatever their item's answer (a lost
     /// lease, an invalid status): they report deliveries that happened. Only for a
     /// backend whose [`Leasing::writes_outcome_events`] is true; the others refuse
     /// (`Invalid`) and write nothing.

@@ -723,8 +723,9 @@ impl RedisQueue {
     /// writes `events` with them: one finish script call per [`FINISH_MAX_ITEMS`]
     /// items on a single server, all in one pipeline; in a cluster, one call per
     /// shard involved (and per [`FINISH_MAX_ITEMS`]), sent at once. Each call
-    /// carries the events of its own items, so that they are written if and only if
-    /// those items' outcomes are; the events of items refused before Redis (an
+    /// carries the events of its own items, written before its outcomes; an append
+    /// that fails (a full Redis) does not stop the outcomes, and marks `events`
+    /// unwritten for the caller to append them on their own. The events of items refused before Redis (an
     /// invalid status) go with the first call.
     async fn finish_many(
         &self,
@@ -875,7 +876,20 @@ impl RedisQueue {
             )));
         }
         for (call_items, reply) in calls.iter().zip(replies) {
-            let codes: Vec<i64> = redis::from_redis_value(reply)
+            let mut codes: Vec<Value> = redis::from_redis_value(reply)
+                .map_err(|e| QueueError::Corrupt(format!("redis finish reply: {e}")))?;
+            // The outcomes are stored; the events are not (a full Redis refuses
+            // the XADD): the caller appends them on their own.
+            if codes.len() == call_items.len() + 1 {
+                if let (Some(Value::BulkString(text)), Some(ev)) = (codes.pop(), events) {
+                    tracing::debug!(error = %String::from_utf8_lossy(&text), "outcome events not written with their outcomes");
+                    ev.mark_unwritten();
+                }
+            }
+            let codes: Vec<i64> = codes
+                .into_iter()
+                .map(redis::from_redis_value)
+                .collect::<Result<_, _>>()
                 .map_err(|e| QueueError::Corrupt(format!("redis finish reply: {e}")))?;
             if codes.len() != call_items.len() {
                 return Err(QueueError::Corrupt(format!(

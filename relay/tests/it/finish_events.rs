@@ -289,11 +289,11 @@ async fn redis_finishes_a_mixed_batch_and_writes_its_events_in_one_call() {
     assert_eq!(q.stats().await.unwrap().messages, 2);
 }
 
-/// The script appends the events before it finishes anything: when the append
-/// fails, no outcome of the call is stored (the messages stay leased, to be
-/// delivered and reported again), and the next try stores both.
+/// An append that fails inside the script does not stop the outcomes (the mail
+/// comes first, as when events are written apart): they are stored, and the call
+/// says the events were not, so that the caller appends them on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_stores_no_outcome_when_its_events_cannot_be_written() {
+async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
@@ -308,26 +308,83 @@ async fn redis_stores_no_outcome_when_its_events_cannot_be_written() {
         .map(|(l, m)| vec![event(EventKind::Delivered, l, m)])
         .collect();
     let encoded = outcome_events(&events);
-    // A stream key of the wrong type: XADD fails inside the script.
+    // A stream key of the wrong type: XADD fails inside the script. The mail's
+    // outcomes still count; the caller is told to append the events itself.
     let stream = stream_key("mrfin");
     server.cli(&["SET", &stream, "not a stream"]).unwrap();
-    let err = q
+    let got = q
         .finish_batch_with_events(items.clone(), &encoded)
         .await
-        .unwrap_err();
-    assert!(matches!(err, QueueError::Unavailable(_)), "{err:?}");
-    let stats = q.stats().await.unwrap();
-    assert_eq!((stats.messages, stats.leased), (6, 6));
-    assert_eq!(q.delivery_totals().await.unwrap().delivered, 0);
+        .unwrap();
+    assert!(
+        got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
+        "{got:?}"
+    );
+    assert!(encoded.unwritten());
+    assert_eq!(q.stats().await.unwrap().messages, 0);
+    assert_eq!(q.delivery_totals().await.unwrap().delivered, 6);
 
+    // The same batch with the stream in order: its events are written in the
+    // call, and the flag stays clear.
     server.cli(&["DEL", &stream]).unwrap();
+    let leased = enqueue_and_lease(&q, 3).await;
+    let items: Vec<_> = leased
+        .iter()
+        .map(|(l, _)| (l.lease.clone(), delivered(l.status.clone())))
+        .collect();
+    let events: Vec<Vec<Event>> = leased
+        .iter()
+        .map(|(l, m)| vec![event(EventKind::Delivered, l, m)])
+        .collect();
+    let encoded = outcome_events(&events);
     let got = q.finish_batch_with_events(items, &encoded).await.unwrap();
     assert!(
         got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
         "{got:?}"
     );
-    assert_eq!(q.stats().await.unwrap().messages, 0);
+    assert!(!encoded.unwritten());
     assert_eq!(stored_events(&store).await, expected_events(&events));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_redis_still_finishes_outcomes_which_free_its_memory() {
+    // noeviction at maxmemory refuses a script's first write when it may grow
+    // memory (XADD); the finishes must still go through, since they are what frees
+    // memory (the relay would otherwise deliver the same mail again and again).
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let (q, _store) = redis_queue(&server).await;
+    let leased = enqueue_and_lease(&q, 4).await;
+    // Below what Redis already uses, without eviction: every write that may grow
+    // memory is refused from now on, as at the bundled Redis's limit.
+    server
+        .cli(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .unwrap();
+    server
+        .cli(&["CONFIG", "SET", "maxmemory", "100kb"])
+        .unwrap();
+    // redis-cli may print an error reply and still exit 0: read its text.
+    let full = match server.cli(&["SET", "probe", "1"]) {
+        Ok(t) | Err(t) => t.contains("OOM"),
+    };
+    assert!(full, "Redis never reached maxmemory");
+    let items: Vec<_> = leased
+        .iter()
+        .map(|(l, _)| (l.lease.clone(), delivered(l.status.clone())))
+        .collect();
+    let events: Vec<Vec<Event>> = leased
+        .iter()
+        .map(|(l, m)| vec![event(EventKind::Delivered, l, m)])
+        .collect();
+    let encoded = outcome_events(&events);
+    let got = q.finish_batch_with_events(items, &encoded).await.unwrap();
+    assert!(
+        got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
+        "{got:?}"
+    );
+    assert!(encoded.unwritten());
+    assert_eq!(q.stats().await.unwrap().messages, 0);
 }
 
 fn sink(store: EventStore) -> EventSink {

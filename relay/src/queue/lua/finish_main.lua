@@ -8,13 +8,23 @@
 --       events
 -- ARGV: retention ms, item count, the stream's MAXLEN ~ cap ('' without events),
 --       per item its eight (finish.lua), then the events' JSON
--- Returns per item 0 lease lost, 1 rescheduled, 2 final.
+-- Returns per item 0 lease lost, 1 rescheduled, 2 final; then, only when the
+-- events could not all be appended, the error's text (the caller appends them on
+-- their own).
+-- An event that cannot be written must not stop the outcomes: at `maxmemory`
+-- (noeviction) the XADD, the call's first write, is refused, while the finishes
+-- are what frees memory. Mail goes before events, as when they are written apart.
 local n = tonumber(ARGV[2])
 local first_event = 4 + 8 * n
+local events_error
 if #ARGV >= first_event then
   local stream = KEYS[8 * n + 1]
   for j = first_event, #ARGV do
-    redis.call('XADD', stream, 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[j])
+    local ok, e = pcall(redis.call, 'XADD', stream, 'MAXLEN', '~', ARGV[3], '*', 'e', ARGV[j])
+    if not ok then
+      events_error = type(e) == 'table' and tostring(e.err) or tostring(e)
+      break
+    end
   end
 end
 local out, counts = {}, {}
@@ -28,4 +38,5 @@ for stats, fields in pairs(counts) do
     if delta ~= 0 then redis.call('HINCRBY', stats, field, delta) end
   end
 end
+if events_error then out[n + 1] = events_error end
 return out
