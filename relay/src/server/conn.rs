@@ -457,12 +457,12 @@ impl Conn {
         // The last words go out even after the shutdown deadline, briefly.
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let _ = self.stream.write_all(&self.out).await;
-            // TLS needs its close_notify; a plain socket's FIN goes with the close
-            // when it is dropped, so a shutdown call would only cost a syscall
-            // (which mostly fails: the client has already closed after QUIT).
-            if !matches!(self.stream, Stream::Plain(_)) {
-                let _ = self.stream.shutdown().await;
-            }
+            // Also on a plain socket, although the close sends a FIN too: a client
+            // that pipelined a command behind our last reply leaves unread input,
+            // and a close with unread input resets the connection (RST, no FIN), so
+            // the client may never read that reply. The FIN of `shutdown` goes
+            // first, in order after the reply.
+            let _ = self.stream.shutdown().await;
         })
         .await;
     }
