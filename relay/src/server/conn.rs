@@ -182,6 +182,11 @@ pub struct Conn {
     /// What the slot was last told: it is told only on a change (each call takes the
     /// limits lock and a map lookup, and a message's commands mostly repeat it).
     idle_marked: bool,
+    /// The one read timer of the session, made on the first read and kept. A timer
+    /// per read would be registered and cancelled in the timer wheel each time
+    /// (~24 k instructions per message); this one is left armed when a later read
+    /// wants a later deadline and re-armed only when it fires early (see `fill`).
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum Line {
@@ -210,6 +215,7 @@ impl Conn {
             bdat_clock: None,
             slot: None,
             idle_marked: false,
+            timer: None,
         }
     }
 
@@ -311,6 +317,15 @@ impl Conn {
             self.pos = 0;
         }
         let limit = timeout.min(self.deadline.saturating_duration_since(Instant::now()));
+        let want = tokio::time::Instant::now() + limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(want)));
+        // An earlier deadline must be armed now; a later one waits until the armed
+        // timer fires (most reads end long before it does).
+        if want < timer.deadline() {
+            timer.as_mut().reset(want);
+        }
         let start = self.buf.len();
         let mut closing = self.closing.clone();
         let mut draining = self.draining.clone();
@@ -329,11 +344,30 @@ impl Conn {
             // start with a read that only finds EAGAIN (~3 per message).
             stream.read_buf(buf).await
         };
+        // As `tokio::time::timeout` (the read is polled first, so input that is
+        // there wins over a timer that fired too), but with the session's timer.
+        let timed = async move {
+            let mut read = std::pin::pin!(read);
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                while timer.as_mut().poll(cx).is_ready() {
+                    if timer.deadline() >= want {
+                        return Poll::Ready(None);
+                    }
+                    // Armed for an earlier read: this one may wait longer.
+                    timer.as_mut().reset(want);
+                }
+                Poll::Pending
+            })
+            .await
+        };
         let result = tokio::select! {
-            r = tokio::time::timeout(limit, read) => match r {
-                Ok(Ok(0)) | Ok(Err(_)) => Err(End::Gone),
-                Ok(Ok(n)) => Ok(n),
-                Err(_) => Err(End::Timeout),
+            r = timed => match r {
+                Some(Ok(0)) | Some(Err(_)) => Err(End::Gone),
+                Some(Ok(n)) => Ok(n),
+                None => Err(End::Timeout),
             },
             _ = closing.wait_for(|v| *v) => Err(End::Shutdown),
             // An idle session is closed as soon as shutdown begins.

@@ -1059,6 +1059,58 @@ fn idle_and_stalled_clients_time_out_with_421() {
     assert_nothing_queued(&mut relay);
 }
 
+/// The session keeps one read timer that later reads leave armed and that re-arms
+/// itself when it fires before the current read's deadline: a client that keeps
+/// talking must outlive the timeout of its first read, a silent one must be cut one
+/// full timeout after its last command (not at a stale, earlier deadline), and a
+/// shorter limit (DATA's) must still take effect at once.
+#[test]
+fn busy_clients_outlive_the_idle_timeout_and_silent_ones_are_cut_on_time() {
+    let mut relay = Relay::start(RelayOptions {
+        limits: vec![
+            "command_timeout: 3s".into(),
+            "data_timeout: 1s".into(),
+            "session_timeout: 60s".into(),
+        ],
+        ..Default::default()
+    });
+    let mut busy = relay.connect();
+    ehlo(&mut busy);
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(5000) {
+        sleep(Duration::from_millis(500));
+        expect(&busy.cmd("NOOP"), 250, None);
+    }
+    let last = Instant::now();
+    let got = busy.reply();
+    let waited = last.elapsed();
+    expect(&got, 421, Some("4.4.2"));
+    assert!(got.contains("timeout exceeded"), "{got:?}");
+    assert!(busy.is_closed());
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(8),
+        "silent after its last command, cut after {waited:?} (command_timeout 3s)"
+    );
+
+    // The long command timeout armed first; DATA's shorter one must still hold.
+    let mut mid_data = relay.connect();
+    ehlo(&mut mid_data);
+    expect(&mid_data.cmd("MAIL FROM:<a@client.test>"), 250, None);
+    expect(&mid_data.cmd("RCPT TO:<b@dest.test>"), 250, None);
+    expect(&mid_data.cmd("DATA"), 354, None);
+    let since = Instant::now();
+    mid_data.send(b"Subject: half\r\n\r\nfirst half");
+    let got = mid_data.reply();
+    let waited = since.elapsed();
+    expect(&got, 421, Some("4.4.2"));
+    assert!(got.contains("timeout exceeded"), "{got:?}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_millis(2500),
+        "silent in DATA, cut after {waited:?} (data_timeout 1s)"
+    );
+    assert_nothing_queued(&mut relay);
+}
+
 #[test]
 fn abrupt_disconnects_mid_transaction_queue_nothing() {
     let mut relay = Relay::start(RelayOptions::default());
