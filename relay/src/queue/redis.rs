@@ -880,11 +880,11 @@ impl RedisQueue {
                 .map_err(|e| QueueError::Corrupt(format!("redis finish reply: {e}")))?;
             // The outcomes are stored; the events are not (a full Redis refuses
             // the XADD): the caller appends them on their own.
-            if codes.len() == call_items.len() + 1 {
-                if let (Some(Value::BulkString(text)), Some(ev)) = (codes.pop(), events) {
-                    tracing::debug!(error = %String::from_utf8_lossy(&text), "outcome events not written with their outcomes");
-                    ev.mark_unwritten();
-                }
+            if codes.len() == call_items.len() + 1
+                && let (Some(Value::BulkString(text)), Some(ev)) = (codes.pop(), events)
+            {
+                tracing::debug!(error = %String::from_utf8_lossy(&text), "outcome events not written with their outcomes");
+                ev.mark_unwritten();
             }
             let codes: Vec<i64> = codes
                 .into_iter()
