@@ -1855,6 +1855,19 @@ mod tests {
         assert_eq!(q.get(&msg.envelope.id).await.unwrap(), Some(msg));
     }
 
+    /// Finishes every one of `taken` as delivered to its (first) recipient.
+    async fn finish_delivered(q: &EmbeddedQueue, taken: &[Leased]) {
+        for l in taken {
+            let mut s = l.status.clone();
+            s.rcpts[0].state = crate::queue::RcptState::Delivered;
+            s.next_attempt_ms = None;
+            assert_eq!(
+                q.finish(&l.lease, s).await.unwrap(),
+                FinishResult::Finalized
+            );
+        }
+    }
+
     /// A queue written before leases existed has messages but no schedule; opening
     /// it with this version makes them due (at arrival) with a fresh status.
     #[tokio::test]
@@ -2034,15 +2047,7 @@ mod tests {
         assert_eq!(taken.len(), 3);
         assert_eq!(taken[2].message, deferred);
         assert_eq!(taken[2].status.attempts, 1);
-        for l in &taken {
-            let mut s = l.status.clone();
-            s.rcpts[0].state = crate::queue::RcptState::Delivered;
-            s.next_attempt_ms = None;
-            assert_eq!(
-                q.finish(&l.lease, s).await.unwrap(),
-                FinishResult::Finalized
-            );
-        }
+        finish_delivered(&q, &taken).await;
         assert_eq!(q.stats().await.unwrap(), QueueStats::default());
         assert_eq!(q.delivery_totals().await.unwrap().delivered, 4);
         drop(q);
@@ -2107,15 +2112,7 @@ mod tests {
             assert!(body.contains(text), "{id}: {body}");
             assert_eq!(l.status.attempts, attempts, "{id}");
         }
-        for l in &taken {
-            let mut s = l.status.clone();
-            s.rcpts[0].state = crate::queue::RcptState::Delivered;
-            s.next_attempt_ms = None;
-            assert_eq!(
-                q.finish(&l.lease, s).await.unwrap(),
-                FinishResult::Finalized
-            );
-        }
+        finish_delivered(&q, &taken).await;
         assert_eq!(q.stats().await.unwrap(), QueueStats::default());
         assert_eq!(q.delivery_totals().await.unwrap().delivered, 4);
     }

@@ -91,6 +91,22 @@ fn event(kind: EventKind, leased: &Leased, msg: &QueuedMessage) -> Event {
     e
 }
 
+/// Each of `leased` delivered, with its `delivered` event: a batch's outcomes and
+/// their events, item by item.
+fn delivered_batch(
+    leased: &[(Leased, QueuedMessage)],
+) -> (Vec<(Lease, MessageStatus)>, Vec<Vec<Event>>) {
+    leased
+        .iter()
+        .map(|(l, m)| {
+            (
+                (l.lease.clone(), delivered(l.status.clone())),
+                vec![event(EventKind::Delivered, l, m)],
+            )
+        })
+        .unzip()
+}
+
 async fn enqueue_and_lease(q: &(impl Ingest + Leasing), n: usize) -> Vec<(Leased, QueuedMessage)> {
     let mut msgs = HashMap::new();
     for i in 0..n {
@@ -299,14 +315,7 @@ async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
         .unwrap();
     let (q, store) = redis_queue(&server).await;
     let leased = enqueue_and_lease(&q, 6).await;
-    let items: Vec<_> = leased
-        .iter()
-        .map(|(l, _)| (l.lease.clone(), delivered(l.status.clone())))
-        .collect();
-    let events: Vec<Vec<Event>> = leased
-        .iter()
-        .map(|(l, m)| vec![event(EventKind::Delivered, l, m)])
-        .collect();
+    let (items, events) = delivered_batch(&leased);
     let encoded = outcome_events(&events);
     // A stream key of the wrong type: XADD fails inside the script. The mail's
     // outcomes still count; the caller is told to append the events itself.
@@ -328,14 +337,7 @@ async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
     // call, and the flag stays clear.
     server.cli(&["DEL", &stream]).unwrap();
     let leased = enqueue_and_lease(&q, 3).await;
-    let items: Vec<_> = leased
-        .iter()
-        .map(|(l, _)| (l.lease.clone(), delivered(l.status.clone())))
-        .collect();
-    let events: Vec<Vec<Event>> = leased
-        .iter()
-        .map(|(l, m)| vec![event(EventKind::Delivered, l, m)])
-        .collect();
+    let (items, events) = delivered_batch(&leased);
     let encoded = outcome_events(&events);
     let got = q.finish_batch_with_events(items, &encoded).await.unwrap();
     assert!(
@@ -369,14 +371,7 @@ async fn a_full_redis_still_finishes_outcomes_which_free_its_memory() {
         Ok(t) | Err(t) => t.contains("OOM"),
     };
     assert!(full, "Redis never reached maxmemory");
-    let items: Vec<_> = leased
-        .iter()
-        .map(|(l, _)| (l.lease.clone(), delivered(l.status.clone())))
-        .collect();
-    let events: Vec<Vec<Event>> = leased
-        .iter()
-        .map(|(l, m)| vec![event(EventKind::Delivered, l, m)])
-        .collect();
+    let (items, events) = delivered_batch(&leased);
     let encoded = outcome_events(&events);
     let got = q.finish_batch_with_events(items, &encoded).await.unwrap();
     assert!(
