@@ -169,8 +169,8 @@ pub struct Conn {
     out: Vec<u8>,
     shared: Arc<Shared>,
     deadline: Instant,
-    /// Becomes true when graceful shutdown begins, and again at its deadline.
-    draining: watch::Receiver<bool>,
+    /// Becomes true when the shutdown's grace period is over (waits other than
+    /// reads use it; reads use `wake`).
     closing: watch::Receiver<bool>,
     /// The quota charge of the message being queued, refunded if the write fails.
     charged: Option<crate::quota::Charged>,
@@ -187,6 +187,8 @@ pub struct Conn {
     /// (~24 k instructions per message); this one is left armed when a later read
     /// wants a later deadline and re-armed only when it fires early (see `fill`).
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Raised by shutdown and eviction; every read races it (see [`super::wake`]).
+    wake: super::wake::Registered,
 }
 
 enum Line {
@@ -198,8 +200,8 @@ impl Conn {
     pub fn new(
         stream: Stream,
         shared: Arc<Shared>,
-        draining: watch::Receiver<bool>,
         closing: watch::Receiver<bool>,
+        wake: super::wake::Registered,
     ) -> Self {
         let deadline = Instant::now() + shared.config.limits.session_timeout;
         Conn {
@@ -209,13 +211,13 @@ impl Conn {
             out: Vec::new(),
             shared,
             deadline,
-            draining,
             closing,
             charged: None,
             bdat_clock: None,
             slot: None,
             idle_marked: false,
             timer: None,
+            wake,
         }
     }
 
@@ -327,9 +329,7 @@ impl Conn {
             timer.as_mut().reset(want);
         }
         let start = self.buf.len();
-        let mut closing = self.closing.clone();
-        let mut draining = self.draining.clone();
-        let evicted = self.slot.as_ref().map(|s| Arc::clone(&s.evicted));
+        let wake = &*self.wake.wake;
         let (stream, buf) = (&mut self.stream, &mut self.buf);
         let read = async move {
             // A plain socket is awaited without a buffer, so a waiting session holds
@@ -345,16 +345,30 @@ impl Conn {
             stream.read_buf(buf).await
         };
         // As `tokio::time::timeout` (the read is polled first, so input that is
-        // there wins over a timer that fired too), but with the session's timer.
-        let timed = async move {
+        // there wins over a timer that fired too), but with the session's timer;
+        // shutdown and eviction are looked at before either.
+        let result = {
             let mut read = std::pin::pin!(read);
             std::future::poll_fn(|cx| {
+                use super::wake::{CLOSING, DRAINING, EVICTED};
+                let raised = wake.poll(cx);
+                if raised & CLOSING != 0 || (idle && raised & DRAINING != 0) {
+                    return Poll::Ready(Err(End::Shutdown));
+                }
+                // Rung only while waiting for a command outside a transaction (a partial
+                // line included: a trickled command is no progress).
+                if raised & EVICTED != 0 {
+                    return Poll::Ready(Err(End::Evicted));
+                }
                 if let Poll::Ready(r) = read.as_mut().poll(cx) {
-                    return Poll::Ready(Some(r));
+                    return Poll::Ready(match r {
+                        Ok(0) | Err(_) => Err(End::Gone),
+                        Ok(n) => Ok(n),
+                    });
                 }
                 while timer.as_mut().poll(cx).is_ready() {
                     if timer.deadline() >= want {
-                        return Poll::Ready(None);
+                        return Poll::Ready(Err(End::Timeout));
                     }
                     // Armed for an earlier read: this one may wait longer.
                     timer.as_mut().reset(want);
@@ -362,19 +376,6 @@ impl Conn {
                 Poll::Pending
             })
             .await
-        };
-        let result = tokio::select! {
-            r = timed => match r {
-                Some(Ok(0)) | Some(Err(_)) => Err(End::Gone),
-                Some(Ok(n)) => Ok(n),
-                None => Err(End::Timeout),
-            },
-            _ = closing.wait_for(|v| *v) => Err(End::Shutdown),
-            // An idle session is closed as soon as shutdown begins.
-            _ = draining.wait_for(|v| *v), if idle => Err(End::Shutdown),
-            // Rung only while waiting for a command outside a transaction (a partial
-            // line included: a trickled command is no progress).
-            _ = async { evicted.as_ref().unwrap().notified().await }, if evicted.is_some() => Err(End::Evicted),
         };
         match result {
             Ok(n) => {

@@ -14,8 +14,6 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
 #[derive(Debug)]
 struct Session {
     ip: IpAddr,
@@ -24,7 +22,7 @@ struct Session {
     /// `None` while it works on one (or is inside a transaction).
     idle_since: Option<Instant>,
     privileged: bool,
-    evict: Arc<Notify>,
+    evict: Arc<super::wake::Wake>,
 }
 
 #[derive(Debug, Default)]
@@ -85,8 +83,8 @@ const AUTHENTICATED_MAX: usize = 10_000;
 pub struct ConnSlot {
     limits: Arc<ConnLimits>,
     id: u64,
-    /// Rung when the session is closed to admit another.
-    pub evicted: Arc<Notify>,
+    /// Raised ([`super::wake::EVICTED`]) when the session is closed to admit another.
+    pub evicted: Arc<super::wake::Wake>,
     /// The limit that made room by closing another (idle) session, if one did.
     pub made_room: Option<Refusal>,
 }
@@ -228,7 +226,7 @@ impl ConnLimits {
         }
         let id = g.next_id;
         g.next_id += 1;
-        let evicted = Arc::new(Notify::new());
+        let evicted = Arc::new(super::wake::Wake::new());
         g.sessions.insert(
             id,
             Session {
@@ -264,7 +262,7 @@ impl ConnLimits {
             .map(|(id, _)| id);
         match victim.and_then(|id| g.remove(id)) {
             Some(s) => {
-                s.evict.notify_one();
+                s.evict.raise(super::wake::EVICTED);
                 true
             }
             None => false,
@@ -377,10 +375,8 @@ mod tests {
         assert_eq!(network(ip("10.1.2.3"), 8, 64), ip("10.0.0.0"));
     }
 
-    async fn rung(n: &Notify) -> bool {
-        tokio::time::timeout(Duration::ZERO, n.notified())
-            .await
-            .is_ok()
+    async fn rung(w: &super::super::wake::Wake) -> bool {
+        w.raised() & super::super::wake::EVICTED != 0
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@ pub mod proxy;
 pub mod quota;
 pub mod tls;
 pub mod users;
+pub mod wake;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -197,8 +198,10 @@ pub fn bind(config: &RelayConfig) -> std::io::Result<Vec<(ListenerConfig, TcpLis
 /// Graceful-shutdown switches handed to every session.
 #[derive(Clone)]
 struct Signals {
-    draining: watch::Receiver<bool>,
+    /// Set when the grace period is over, for waits other than reads.
     closing: watch::Receiver<bool>,
+    /// Draining and closing as sessions' reads wait for them (see [`wake`]).
+    wakes: Arc<wake::Wakes>,
 }
 
 /// Serves on listeners made by [`bind`] (which sets TCP_NODELAY that accepted
@@ -210,9 +213,12 @@ pub async fn serve(
     listeners: Vec<(ListenerConfig, TcpListener)>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let (drain_tx, draining) = watch::channel(false);
     let (close_tx, closing) = watch::channel(false);
-    let signals = Signals { draining, closing };
+    let wakes = wake::Wakes::new();
+    let signals = Signals {
+        closing,
+        wakes: Arc::clone(&wakes),
+    };
     let mut accept_tasks = Vec::new();
     for (lcfg, listener) in listeners {
         info!(listener = %lcfg.name, address = %lcfg.address, tls = ?lcfg.tls, proxy_protocol = lcfg.proxy_protocol, "SMTP listener ready");
@@ -228,7 +234,7 @@ pub async fn serve(
     for t in &accept_tasks {
         t.abort();
     }
-    let _ = drain_tx.send(true);
+    wakes.raise(wake::DRAINING);
     let deadline = Instant::now() + shared.config.shutdown_grace;
     while shared.active_sessions() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -240,6 +246,7 @@ pub async fn serve(
             "grace period over: closing remaining sessions with 421"
         );
         let _ = close_tx.send(true);
+        wakes.raise(wake::CLOSING);
         let hard = Instant::now() + Duration::from_secs(5);
         while shared.active_sessions() > 0 && Instant::now() < hard {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -376,15 +383,11 @@ async fn handle(
         session.set_sender_policy(Arc::clone(p));
     }
     session.check_recipients(shared.suppression().is_some());
-    Conn::new(
-        stream,
-        Arc::clone(shared),
-        signals.draining,
-        signals.closing,
-    )
-    .with_slot(slot)
-    .run(session)
-    .await;
+    let wake = signals.wakes.register(Arc::clone(&slot.evicted));
+    Conn::new(stream, Arc::clone(shared), signals.closing, wake)
+        .with_slot(slot)
+        .run(session)
+        .await;
 }
 
 struct OpenGuard<'a>(&'a Metrics);
