@@ -134,7 +134,7 @@ enum Request {
         /// transaction.
         event: Option<(Vec<u8>, u64)>,
         /// The envelope as accepted, kept with the body in [`Fresh`] once committed.
-        envelope: Envelope,
+        envelope: Box<Envelope>,
     },
     Remove {
         id: String,
@@ -436,7 +436,7 @@ impl EmbeddedQueue {
             record: Record::new_message(&msg.envelope)?,
             body: msg.body.clone(),
             event,
-            envelope: msg.envelope.clone(),
+            envelope: Box::new(msg.envelope.clone()),
         };
         match self.submit(req).await? {
             Outcome::Flag(_) => Ok(()),
@@ -1066,7 +1066,7 @@ impl Counters {
 /// since a relay that does not deliver never takes them.
 #[derive(Default)]
 struct Fresh {
-    kept: std::collections::HashMap<String, (Envelope, Vec<u8>)>,
+    kept: std::collections::HashMap<String, (Box<Envelope>, Vec<u8>)>,
     bytes: usize,
 }
 
@@ -1074,7 +1074,7 @@ const FRESH_MAX_MESSAGES: usize = 4096;
 const FRESH_MAX_BYTES: usize = 16 << 20;
 
 impl Fresh {
-    fn keep(&mut self, id: String, envelope: Envelope, body: Vec<u8>) {
+    fn keep(&mut self, id: String, envelope: Box<Envelope>, body: Vec<u8>) {
         self.forget(&id);
         if self.kept.len() >= FRESH_MAX_MESSAGES || self.bytes + body.len() > FRESH_MAX_BYTES {
             return;
@@ -1083,7 +1083,7 @@ impl Fresh {
         self.kept.insert(id, (envelope, body));
     }
 
-    fn take(&mut self, id: &str) -> Option<(Envelope, Vec<u8>)> {
+    fn take(&mut self, id: &str) -> Option<(Box<Envelope>, Vec<u8>)> {
         let kept = self.kept.remove(id)?;
         self.bytes -= kept.1.len();
         Some(kept)
@@ -1528,7 +1528,7 @@ impl<'t, 'c> Tables<'t, 'c> {
             // A message leased for the first time since this process queued it is
             // still in `fresh`, as stored: no JSON to decode, no body to read and copy.
             let (envelope, kept_body) = match fresh.take(&id) {
-                Some((envelope, body)) => (envelope, Some(body)),
+                Some((envelope, body)) => (*envelope, Some(body)),
                 None => (old.envelope(&id)?, None),
             };
             let mut status = old.status(&id, &envelope)?;
@@ -1914,7 +1914,7 @@ mod tests {
                     record: Record::new_message(&msg.envelope).unwrap(),
                     body: msg.body,
                     event: None,
-                    envelope: msg.envelope,
+                    envelope: Box::new(msg.envelope),
                 },
                 reply,
             }])
@@ -1944,7 +1944,7 @@ mod tests {
                 record: Record::new_message(&msg.envelope).unwrap(),
                 body: msg.body.clone(),
                 event: None,
-                envelope: msg.envelope.clone(),
+                envelope: Box::new(msg.envelope.clone()),
             },
             reply,
         };
@@ -2037,14 +2037,18 @@ mod tests {
         let mut fresh = Fresh::default();
         let msg = message(b"x");
         for i in 0..FRESH_MAX_MESSAGES + 10 {
-            fresh.keep(format!("id{i}"), msg.envelope.clone(), vec![0; 10]);
+            fresh.keep(
+                format!("id{i}"),
+                Box::new(msg.envelope.clone()),
+                vec![0; 10],
+            );
         }
         assert_eq!(fresh.kept.len(), FRESH_MAX_MESSAGES);
         assert_eq!(fresh.bytes, FRESH_MAX_MESSAGES * 10);
         let mut fresh = Fresh::default();
         fresh.keep(
             "big".into(),
-            msg.envelope.clone(),
+            Box::new(msg.envelope.clone()),
             vec![0; FRESH_MAX_BYTES + 1],
         );
         assert!(
