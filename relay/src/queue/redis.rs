@@ -151,6 +151,8 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Expired leases one `lease_due` script returns to due per shard, so a script stays
 /// short (it blocks its Redis node) even after a long outage.
 const SWEEP_LIMIT: usize = 1000;
+/// Messages whose values one `MGET` of a lease reads (see `lease_shards`).
+const LEASE_READ_CHUNK: usize = 16;
 /// Messages read per script call when listing or selecting by status: long enough to
 /// make few round trips, short enough not to block Redis noticeably.
 const PAGE: usize = 200;
@@ -1191,19 +1193,26 @@ impl RedisQueue {
         if taken.is_empty() {
             return Ok(Vec::new());
         }
-        let mut mget = redis::cmd("MGET");
-        for (id, _) in &taken {
-            let keys = self.keys(id.as_str());
-            mget.arg(keys.message(id.as_str()))
-                .arg(keys.status(id.as_str()));
+        // Several reads in one pipeline rather than one: a reply of a few
+        // megabytes at most each (at 100 KB a message), which the client parses
+        // and buffers with less copying than one of a batch's whole size.
+        let mut pipe = redis::pipe();
+        for chunk in taken.chunks(LEASE_READ_CHUNK) {
+            let mget = pipe.cmd("MGET");
+            for (id, _) in chunk {
+                let keys = self.keys(id.as_str());
+                mget.arg(keys.message(id.as_str()))
+                    .arg(keys.status(id.as_str()));
+            }
         }
-        let values: Vec<Option<Vec<u8>>> = self
+        let values: Vec<Vec<Option<Vec<u8>>>> = self
             .retrying(|mut conn| {
-                let mget = &mget;
-                async move { mget.query_async(&mut conn).await }
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut conn).await }
             })
             .await
             .map_err(|e| self.unavailable("lease", e))?;
+        let values: Vec<Option<Vec<u8>>> = values.into_iter().flatten().collect();
         if values.len() != 2 * taken.len() {
             return Err(QueueError::Corrupt(format!(
                 "redis lease read {} values for {} messages",
