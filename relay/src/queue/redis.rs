@@ -77,18 +77,33 @@
 //! call that holds its message. Only after Redis restarts or fails over does the
 //! first call see `NOSCRIPT`, load the script and try again.
 //!
-//! `lease_due` runs one script per shard, visiting shards round-robin from an offset
-//! that rotates per call (so every shard's expired leases get swept and no shard
-//! starves) and stopping once it has `max` messages; each script returns envelope,
-//! body and status of what it leased, so taking work costs one round trip per shard
-//! visited (an idle queue costs [`SHARDS`] round trips per poll); it writes the
-//! batch's index entries and lease tokens with one variadic command each. Before
-//! that, at most once a second (every 30 s once the old layout is empty), it moves
+//! `lease_due` visits shards round-robin from an offset that rotates per call (so
+//! every shard's expired leases get swept and no shard starves), stopping once it
+//! has `max` messages: on a single server (standalone, Sentinel) with **one** lease
+//! script call over every shard's keys, in a cluster with one call per shard (a
+//! script's keys must share a slot). The script sweeps expired leases back to due,
+//! takes due ids, writes each shard's index entries and lease tokens with one
+//! variadic command each, and returns ids and due scores only; the relay then
+//! reads the stored values and statuses with plain `MGET`s (one pipeline; one per
+//! shard in a cluster). Bodies never pass through Lua, which copies and hashes
+//! every byte of a string it creates. So taking work costs two round trips on a
+//! single server (an idle poll one), 2 per shard visited in a cluster. A value
+//! gone by the read (removed meanwhile, or a schedule entry without its message)
+//! is not delivered and its lease dropped (`lease_drop.lua`); one replaced by an
+//! enqueue of the same id in between is delivered under a lease the replacement
+//! already ended, so its finish is refused and the new message is delivered again
+//! (at least once, as when the replacement comes during delivery). Before that,
+//! at most once a second (every 30 s once the old layout is empty), it moves
 //! messages of the old layout over (see "Upgrade" above). `renew` and `status`
 //! are one script each. `finish_batch` is one finish script call for the whole
 //! batch on a single server (up to 128 items a call, a bigger batch takes several
 //! in one pipeline), one per shard involved in a cluster (sent concurrently);
-//! `finish` is a batch of one. On a single server the batch's delivery events are
+//! `finish` is a batch of one. Inside, the items of a shard share one command per
+//! index (`HMGET` of their tokens, variadic `ZREM`/`HDEL`/`DEL`); each item is
+//! still checked against its own lease, and what only some need (a status, a
+//! lease swept back to due) stays per item, so a delivered message costs the
+//! script two commands of its own (the envelope read and the final record's
+//! `SET`). On a single server the batch's delivery events are
 //! `XADD`ed by the same call (`finish_batch_with_events`), so the events cost no
 //! round trip of their own. What a message costs Redis is mostly the commands a
 //! script runs for it and the bytes it moves through Lua, not the script call
