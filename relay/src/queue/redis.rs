@@ -1195,7 +1195,7 @@ impl RedisQueue {
             .arg("sweep limit", SWEEP_LIMIT);
         let invocation = call.invocation();
         let flat: Vec<Vec<u8>> = self.eval("lease", &invocation).await?;
-        if flat.len() % 2 != 0 {
+        if !flat.len().is_multiple_of(2) {
             return Err(QueueError::Corrupt(format!(
                 "redis lease reply has {} fields",
                 flat.len()
