@@ -87,7 +87,7 @@
 //! reads the stored values and statuses with plain `MGET`s (one pipeline; one per
 //! shard in a cluster). Bodies never pass through Lua, which copies and hashes
 //! every byte of a string it creates. So taking work costs two round trips on a
-//! single server (an idle poll one), 2 per shard visited in a cluster. A value
+//! single server (an idle poll one), up to 2 per shard visited in a cluster. A value
 //! gone by the read (removed meanwhile, or a schedule entry without its message)
 //! is not delivered and its lease dropped (`lease_drop.lua`); one replaced by an
 //! enqueue of the same id in between is delivered under a lease the replacement
