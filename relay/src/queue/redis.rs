@@ -77,18 +77,33 @@
 //! call that holds its message. Only after Redis restarts or fails over does the
 //! first call see `NOSCRIPT`, load the script and try again.
 //!
-//! `lease_due` runs one script per shard, visiting shards round-robin from an offset
-//! that rotates per call (so every shard's expired leases get swept and no shard
-//! starves) and stopping once it has `max` messages; each script returns envelope,
-//! body and status of what it leased, so taking work costs one round trip per shard
-//! visited (an idle queue costs [`SHARDS`] round trips per poll); it writes the
-//! batch's index entries and lease tokens with one variadic command each. Before
-//! that, at most once a second (every 30 s once the old layout is empty), it moves
+//! `lease_due` visits shards round-robin from an offset that rotates per call (so
+//! every shard's expired leases get swept and no shard starves), stopping once it
+//! has `max` messages: on a single server (standalone, Sentinel) with **one** lease
+//! script call over every shard's keys, in a cluster with one call per shard (a
+//! script's keys must share a slot). The script sweeps expired leases back to due,
+//! takes due ids, writes each shard's index entries and lease tokens with one
+//! variadic command each, and returns ids and due scores only; the relay then
+//! reads the stored values and statuses with plain `MGET`s (one pipeline; one per
+//! shard in a cluster). Bodies never pass through Lua, which copies and hashes
+//! every byte of a string it creates. So taking work costs two round trips on a
+//! single server (an idle poll one), up to 2 per shard visited in a cluster. A value
+//! gone by the read (removed meanwhile, or a schedule entry without its message)
+//! is not delivered and its lease dropped (`lease_drop.lua`); one replaced by an
+//! enqueue of the same id in between is delivered under a lease the replacement
+//! already ended, so its finish is refused and the new message is delivered again
+//! (at least once, as when the replacement comes during delivery). Before that,
+//! at most once a second (every 30 s once the old layout is empty), it moves
 //! messages of the old layout over (see "Upgrade" above). `renew` and `status`
 //! are one script each. `finish_batch` is one finish script call for the whole
 //! batch on a single server (up to 128 items a call, a bigger batch takes several
 //! in one pipeline), one per shard involved in a cluster (sent concurrently);
-//! `finish` is a batch of one. On a single server the batch's delivery events are
+//! `finish` is a batch of one. Inside, the items of a shard share one command per
+//! index (`HMGET` of their tokens, variadic `ZREM`/`HDEL`/`DEL`); each item is
+//! still checked against its own lease, and what only some need (a status, a
+//! lease swept back to due) stays per item, so a delivered message costs the
+//! script two commands of its own (the envelope read and the final record's
+//! `SET`). On a single server the batch's delivery events are
 //! `XADD`ed by the same call (`finish_batch_with_events`), so the events cost no
 //! round trip of their own. What a message costs Redis is mostly the commands a
 //! script runs for it and the bytes it moves through Lua, not the script call
@@ -151,6 +166,8 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Expired leases one `lease_due` script returns to due per shard, so a script stays
 /// short (it blocks its Redis node) even after a long outage.
 const SWEEP_LIMIT: usize = 1000;
+/// Messages whose values one `MGET` of a lease reads (see `lease_shards`).
+const LEASE_READ_CHUNK: usize = 16;
 /// Messages read per script call when listing or selecting by status: long enough to
 /// make few round trips, short enough not to block Redis noticeably.
 const PAGE: usize = 200;
@@ -164,16 +181,13 @@ const REMOVE: Layout = Layout {
 };
 /// KEYS/ARGV of `lease.lua`.
 const LEASE: Layout = Layout {
-    keys: &["due", "leased", "lease", "later"],
-    args: &[
-        "now",
-        "expires",
-        "max",
-        "token",
-        "message prefix",
-        "sweep limit",
-        "status prefix",
-    ],
+    keys: &["due, leased, lease, later.."],
+    args: &["now", "expires", "max", "token", "sweep limit"],
+};
+/// KEYS/ARGV of `lease_drop.lua`.
+const LEASE_DROP: Layout = Layout {
+    keys: &["due", "leased", "lease", "later", "message.."],
+    args: &["token", "id.."],
 };
 /// KEYS/ARGV of the finish script (`finish.lua` and `finish_main.lua`): a batch.
 const FINISH: Layout = Layout {
@@ -264,6 +278,8 @@ const GUARDED_ARGS_LUA: &str = include_str!("lua/guarded_args.lua");
 const REMOVE_LUA: &str = include_str!("lua/remove.lua");
 
 const LEASE_LUA: &str = include_str!("lua/lease.lua");
+/// Drops leases of messages found gone when read after the lease.
+const LEASE_DROP_LUA: &str = include_str!("lua/lease_drop.lua");
 
 const FINISH_LUA: &str = include_str!("lua/finish.lua");
 /// Runs `finish()` on each item of a batch, and appends the batch's events.
@@ -319,6 +335,7 @@ struct Scripts {
     enqueue_group: Script,
     remove: Script,
     lease: Script,
+    lease_drop: Script,
     finish: Script,
     renew: Script,
     renew_all: Script,
@@ -338,6 +355,7 @@ impl Scripts {
             enqueue_group: Script::new(&[ENQUEUE_LUA, ENQUEUE_GROUP_MAIN_LUA].concat()),
             remove: Script::new(REMOVE_LUA),
             lease: Script::new(LEASE_LUA),
+            lease_drop: Script::new(LEASE_DROP_LUA),
             finish: Script::new(&[FINISH_LUA, FINISH_MAIN_LUA].concat()),
             renew: Script::new(RENEW_LUA),
             renew_all: Script::new(RENEW_ALL_LUA),
@@ -352,11 +370,12 @@ impl Scripts {
         }
     }
 
-    fn all(&self) -> [&Script; 14] {
+    fn all(&self) -> [&Script; 15] {
         [
             &self.enqueue_group,
             &self.remove,
             &self.lease,
+            &self.lease_drop,
             &self.finish,
             &self.renew,
             &self.renew_all,
@@ -506,6 +525,7 @@ pub fn lua_scripts() -> Vec<(&'static str, String)> {
         ),
         ("queue_remove", REMOVE_LUA.to_owned()),
         ("queue_lease", LEASE_LUA.to_owned()),
+        ("queue_lease_drop", LEASE_DROP_LUA.to_owned()),
         ("queue_finish", [FINISH_LUA, FINISH_MAIN_LUA].concat()),
         ("queue_renew", RENEW_LUA.to_owned()),
         ("queue_release", RELEASE_LUA.to_owned()),
@@ -1138,61 +1158,139 @@ impl RedisQueue {
             .map_err(|e| self.unavailable(op, e))
     }
 
-    /// Takes due messages from one shard.
-    async fn lease_shard(
+    /// Takes due messages from `shards`, visited in order, with one lease script
+    /// call, then reads their stored values and statuses with one `MGET` (in a
+    /// cluster `shards` is one shard, so that both stay in its slot).
+    ///
+    /// The values are read after the lease, outside Lua: a value passed through a
+    /// script is copied into a Lua string, which Redis hashes byte by byte. Between
+    /// the two round trips the leases are ours, so a value can change only by a
+    /// `remove` (gone: not delivered; its lease went with it) or by an enqueue
+    /// replacing it under the same id (read new: it is delivered under a lease the
+    /// replacement already dropped, so its finish is refused and the new message is
+    /// delivered again, an at-least-once duplicate, as when the replacement comes
+    /// during delivery). A value missing for another reason is debris (a schedule
+    /// entry without its message): its lease is dropped (`lease_drop.lua`).
+    async fn lease_shards(
         &self,
-        shard: u16,
+        shards: &[u16],
         now_ms: u64,
         expires_ms: u64,
         max: usize,
         token: &str,
     ) -> Result<Vec<Leased>, QueueError> {
-        let keys = self.shard(shard);
+        const KEYS: &str = "due, leased, lease, later..";
         let mut call = Call::new(&self.scripts.lease, &LEASE);
-        call.key("due", &keys.due)
-            .key("leased", &keys.leased)
-            .key("lease", &keys.lease)
-            .key("later", &keys.later)
-            .arg("now", now_ms)
+        for &shard in shards {
+            let keys = self.shard(shard);
+            call.key(KEYS, &keys.due)
+                .key(KEYS, &keys.leased)
+                .key(KEYS, &keys.lease)
+                .key(KEYS, &keys.later);
+        }
+        call.arg("now", now_ms)
             .arg("expires", expires_ms)
             .arg("max", max)
             .arg("token", token)
-            .arg("message prefix", &keys.message)
-            .arg("sweep limit", SWEEP_LIMIT)
-            .arg("status prefix", &keys.status);
+            .arg("sweep limit", SWEEP_LIMIT);
         let invocation = call.invocation();
-        let flat: Vec<Option<Vec<u8>>> = self.eval("lease", &invocation).await?;
-        let mut out = Vec::with_capacity(flat.len() / 4);
-        for chunk in flat.chunks(4) {
-            let [id, score, stored, status] = chunk else {
-                return Err(QueueError::Corrupt(format!(
-                    "redis lease reply has {} fields",
-                    flat.len()
-                )));
+        let flat: Vec<Vec<u8>> = self.eval("lease", &invocation).await?;
+        if !flat.len().is_multiple_of(2) {
+            return Err(QueueError::Corrupt(format!(
+                "redis lease reply has {} fields",
+                flat.len()
+            )));
+        }
+        let mut taken = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks_exact(2) {
+            taken.push((reply_id(Some(&pair[0]))?, parse_score(Some(&pair[1]))));
+        }
+        if taken.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Several reads in one pipeline rather than one: a reply of a few
+        // megabytes at most each (at 100 KB a message), which the client parses
+        // and buffers with less copying than one of a batch's whole size.
+        let mut pipe = redis::pipe();
+        for chunk in taken.chunks(LEASE_READ_CHUNK) {
+            let mget = pipe.cmd("MGET");
+            for (id, _) in chunk {
+                let keys = self.keys(id.as_str());
+                mget.arg(keys.message(id.as_str()))
+                    .arg(keys.status(id.as_str()));
+            }
+        }
+        let values: Vec<Vec<Option<Vec<u8>>>> = self
+            .retrying(|mut conn| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut conn).await }
+            })
+            .await
+            .map_err(|e| self.unavailable("lease", e))?;
+        let values: Vec<Option<Vec<u8>>> = values.into_iter().flatten().collect();
+        if values.len() != 2 * taken.len() {
+            return Err(QueueError::Corrupt(format!(
+                "redis lease read {} values for {} messages",
+                values.len(),
+                taken.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(taken.len());
+        let mut gone = Vec::new();
+        let mut values = values.into_iter();
+        for (id, score) in taken {
+            let (stored, status) = (values.next().flatten(), values.next().flatten());
+            let Some(stored) = stored else {
+                gone.push(id);
+                continue;
             };
-            let id = reply_id(id.as_deref())?;
-            let mut body = stored
-                .clone()
-                .ok_or_else(|| QueueError::Corrupt(format!("message {id} has no body")))?;
-            let (envelope, body_at) = split_stored(&body)
-                .ok_or_else(|| QueueError::Corrupt(format!("message {id} is malformed")))?;
-            let envelope = decode_envelope(&id, &body[envelope])?;
-            // The body is the value's tail: moved to the front, not copied.
-            body.drain(..body_at);
-            let mut status = stored_status(&id, &envelope, status.as_deref())?;
-            status.next_attempt_ms = parse_score(score.as_deref());
-            status.leased_until_ms = Some(expires_ms);
-            out.push(Leased {
-                lease: Lease {
-                    id,
-                    token: token.to_owned(),
-                    expires_ms,
-                },
-                message: QueuedMessage { envelope, body },
-                status,
-            });
+            out.push(leased_of(id, score, stored, status, token, expires_ms)?);
+        }
+        if !gone.is_empty() {
+            tracing::warn!(
+                count = gone.len(),
+                "redis lease: messages gone when read (removed, or schedule entries without a message); not delivered"
+            );
+            if let Err(e) = self.drop_gone(&gone, token).await {
+                tracing::warn!(error = %e, "redis lease: dropping leases of gone messages failed; they expire");
+            }
         }
         Ok(out)
+    }
+
+    /// Drops our leases of `gone` messages whose values are still absent
+    /// (`lease_drop.lua`), one call per shard, in one pipeline.
+    async fn drop_gone(&self, gone: &[QueueId], token: &str) -> Result<(), QueueError> {
+        let mut by_shard: BTreeMap<u16, Vec<&QueueId>> = BTreeMap::new();
+        for id in gone {
+            by_shard.entry(shard_of(id.as_str())).or_default().push(id);
+        }
+        let mut pipes = Vec::new();
+        for (shard, ids) in by_shard {
+            let keys = self.shard(shard);
+            let mut pipe = redis::pipe();
+            let cmd = pipe
+                .cmd("EVALSHA")
+                .arg(self.scripts.lease_drop.get_hash())
+                .arg(LEASE_DROP.fixed_keys() + ids.len());
+            let mut call = Call::onto(cmd, &LEASE_DROP);
+            call.key("due", &keys.due)
+                .key("leased", &keys.leased)
+                .key("lease", &keys.lease)
+                .key("later", &keys.later);
+            for id in &ids {
+                call.key("message..", keys.message(id.as_str()));
+            }
+            call.arg("token", token);
+            for id in &ids {
+                call.arg("id..", id.as_str());
+            }
+            call.done();
+            pipes.push(pipe);
+        }
+        self.script_per_shard("lease_drop", &self.scripts.lease_drop, pipes)
+            .await?;
+        Ok(())
     }
 
     /// Every queued id of a shard (due or in flight), in arrival order.
@@ -1491,10 +1589,19 @@ impl Leasing for RedisQueue {
             }
             let expires_ms = now_ms.saturating_add(lease_ms);
             let start = self.next_shard.fetch_add(1, Ordering::Relaxed);
-            for i in 0..usize::from(SHARDS) {
-                let shard = ((start + i) % usize::from(SHARDS)) as u16;
+            let order: Vec<u16> = (0..usize::from(SHARDS))
+                .map(|i| ((start + i) % usize::from(SHARDS)) as u16)
+                .collect();
+            if !self.conn.is_cluster() {
+                // One server holds every shard: one call visits them all.
+                return self
+                    .lease_shards(&order, now_ms, expires_ms, max, &token)
+                    .await;
+            }
+            // A script's keys must share a slot: one call per shard.
+            for shard in order {
                 match self
-                    .lease_shard(shard, now_ms, expires_ms, max - out.len(), &token)
+                    .lease_shards(&[shard], now_ms, expires_ms, max - out.len(), &token)
                     .await
                 {
                     Ok(leased) => out.extend(leased),
@@ -2036,6 +2143,34 @@ fn stored_status(
         ),
         None => Ok(MessageStatus::new(envelope)),
     }
+}
+
+/// A leased message from its stored value (see [`Stored`]) and status.
+fn leased_of(
+    id: QueueId,
+    score: Option<u64>,
+    mut body: Vec<u8>,
+    status: Option<Vec<u8>>,
+    token: &str,
+    expires_ms: u64,
+) -> Result<Leased, QueueError> {
+    let (envelope, body_at) = split_stored(&body)
+        .ok_or_else(|| QueueError::Corrupt(format!("message {id} is malformed")))?;
+    let envelope = decode_envelope(&id, &body[envelope])?;
+    // The body is the value's tail: moved to the front, not copied.
+    body.drain(..body_at);
+    let mut status = stored_status(&id, &envelope, status.as_deref())?;
+    status.next_attempt_ms = score;
+    status.leased_until_ms = Some(expires_ms);
+    Ok(Leased {
+        lease: Lease {
+            id,
+            token: token.to_owned(),
+            expires_ms,
+        },
+        message: QueuedMessage { envelope, body },
+        status,
+    })
 }
 
 /// The finish script's answer.

@@ -87,6 +87,12 @@ impl Inner {
                 continue;
             }
             debug!(count = leased.len(), "leased due mail");
+            // Fewer than asked: nothing else was due. Look again when mail is
+            // queued here or a connection has room (the doorbell, after
+            // `wake_delay`, so that arrivals are taken in batches) or at the poll,
+            // as after an empty lease: leasing again at once would take arrivals
+            // one or two at a time, each lease costing Redis a call and a read.
+            let short = leased.len() < max;
             let leased = match &self.hook {
                 Some(hook) => {
                     let admitted = hook.admit(leased).await;
@@ -110,7 +116,11 @@ impl Inner {
                     // our connections to end (which rings) rather than take the
                     // same mail again at once.
                     self.idle(self.cfg.poll_interval).await;
+                    continue;
                 }
+            }
+            if short {
+                self.idle(self.cfg.poll_interval).await;
             }
         }
     }

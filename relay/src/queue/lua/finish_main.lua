@@ -27,9 +27,21 @@ if #ARGV >= first_event then
     end
   end
 end
-local out, counts = {}, {}
+-- The items by shard (their lease hash), in the order they first appear.
+local shards, order = {}, {}
 for i = 0, n - 1 do
-  out[i + 1] = finish(8 * i, 3 + 8 * i, ARGV[1], counts)
+  local lease = KEYS[8 * i + 4]
+  local items = shards[lease]
+  if not items then
+    items = {}
+    shards[lease] = items
+    order[#order + 1] = lease
+  end
+  items[#items + 1] = i
+end
+local out, counts = {}, {}
+for _, lease in ipairs(order) do
+  finish_shard(shards[lease], ARGV[1], counts, out)
 end
 -- Counts of 0 (most messages have only one of delivered, bounced, expired)
 -- change nothing.
