@@ -256,8 +256,9 @@ const LEGACY_FORGET: Layout = Layout {
 /// `local function enqueue(k, m, a)`: stores one message of a group, and the
 /// helpers of the group scripts.
 const ENQUEUE_LUA: &str = include_str!("lua/enqueue.lua");
-/// Stores a group of messages, with their events ([`grouped::ENQUEUE_GROUP`]).
-const ENQUEUE_GROUP_MAIN_LUA: &str = include_str!("lua/enqueue_group_main.lua");
+/// Stores the messages of a group whose ids its transaction found already stored
+/// ([`grouped::REPLACE_GROUP`]).
+const ENQUEUE_REPLACE_MAIN_LUA: &str = include_str!("lua/enqueue_replace_main.lua");
 /// `local A0 = 0`: the guards' clock is the group's first argument.
 const GUARDED_ARGS_LUA: &str = include_str!("lua/guarded_args.lua");
 
@@ -316,7 +317,7 @@ fn is_out_of_memory(e: &RedisError) -> bool {
 
 /// The queue's scripts, loaded at connect and again whenever Redis lost them.
 struct Scripts {
-    enqueue_group: Script,
+    enqueue_replace: Script,
     remove: Script,
     lease: Script,
     finish: Script,
@@ -335,7 +336,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            enqueue_group: Script::new(&[ENQUEUE_LUA, ENQUEUE_GROUP_MAIN_LUA].concat()),
+            enqueue_replace: Script::new(&[ENQUEUE_LUA, ENQUEUE_REPLACE_MAIN_LUA].concat()),
             remove: Script::new(REMOVE_LUA),
             lease: Script::new(LEASE_LUA),
             finish: Script::new(&[FINISH_LUA, FINISH_MAIN_LUA].concat()),
@@ -354,7 +355,7 @@ impl Scripts {
 
     fn all(&self) -> [&Script; 14] {
         [
-            &self.enqueue_group,
+            &self.enqueue_replace,
             &self.remove,
             &self.lease,
             &self.finish,
@@ -501,8 +502,8 @@ pub fn guarded_enqueue_lua(guard_lua: &str) -> String {
 pub fn lua_scripts() -> Vec<(&'static str, String)> {
     vec![
         (
-            "queue_enqueue_group",
-            [ENQUEUE_LUA, ENQUEUE_GROUP_MAIN_LUA].concat(),
+            "queue_enqueue_replace",
+            [ENQUEUE_LUA, ENQUEUE_REPLACE_MAIN_LUA].concat(),
         ),
         ("queue_remove", REMOVE_LUA.to_owned()),
         ("queue_lease", LEASE_LUA.to_owned()),
@@ -573,7 +574,7 @@ impl RedisQueue {
             .map(|_| {
                 grouped::Lane::new(
                     runner.clone(),
-                    grouped::Kind::Plain(scripts.enqueue_group.clone()),
+                    grouped::Kind::Plain(scripts.enqueue_replace.clone()),
                 )
             })
             .collect();
@@ -2242,9 +2243,9 @@ mod tests {
         // The Lua files cannot read the Rust constants: they must agree. Per
         // message: shard place, id, stored, body length, due, then the event, or
         // the guard's key and argument counts and its arguments.
-        let plain = grouped::ENQUEUE_GROUP.fixed_args();
-        assert!(ENQUEUE_GROUP_MAIN_LUA.contains(&format!("local a, m = {}, ", plain + 1)));
-        assert!(ENQUEUE_GROUP_MAIN_LUA.contains("a, m = a + 6, m + 2"));
+        let plain = grouped::REPLACE_GROUP.fixed_args();
+        assert!(ENQUEUE_REPLACE_MAIN_LUA.contains(&format!("local a, m = {}, ", plain + 1)));
+        assert!(ENQUEUE_REPLACE_MAIN_LUA.contains("a, m = a + 5, m + 2"));
         let guarded = grouped::GUARDED_GROUP.fixed_args();
         assert!(GUARDED_GROUP_MAIN.contains(&format!("local a, m = {}, ", guarded + 1)));
         assert!(GUARDED_GROUP_MAIN.contains("A0 = a + 6\n"));
