@@ -69,13 +69,21 @@
 //!
 //! `enqueue` is group-committed (`redis_enqueue.rs`): enqueues of concurrent
 //! sessions that arrive while a call is in flight go together in the next one, a
-//! pipeline of one `EVALSHA` (a script that stores each message, its `due` entry
-//! and, on standalone Redis and Sentinel, its `accepted` event, and adds to each
-//! shard's counters once) and, when `wait_replicas > 0`, one `WAIT` for the whole
-//! group; one lane of calls on a single server, one per shard in a cluster. An
-//! idle relay's enqueue goes at once, alone. A caller is answered only from the
-//! call that holds its message. Only after Redis restarts or fails over does the
-//! first call see `NOSCRIPT`, load the script and try again.
+//! pipeline of one `MULTI`/`EXEC` of native commands (per message `SET ... NX` of
+//! its stored value, its `due` entry and, on standalone Redis and Sentinel, its
+//! `accepted` event's `XADD`; each shard's counters once) and, when
+//! `wait_replicas > 0`, one `WAIT` for the whole group; one lane of calls on a
+//! single server, one per shard in a cluster. No script: Redis 7's Lua hashes
+//! every byte of every string a script is handed, so a body sent through Lua cost
+//! Redis more than the rest of the enqueue. An id the transaction finds already
+//! stored is replaced right after by one script call for the group's such ids
+//! (see "An `enqueue` of an id that is already stored" below). Quota-guarded
+//! enqueues are one `EVALSHA` per group (the guard decides inside it whether each
+//! message is stored). An idle relay's enqueue goes at once, alone. A caller is
+//! answered only from the call that holds its message. Only after Redis restarts
+//! or fails over does the first script call see `NOSCRIPT`, load the script and
+//! try again; a transaction holds no script, so a lost script cannot leave half
+//! of one behind.
 //!
 //! `lease_due` runs one script per shard, visiting shards round-robin from an offset
 //! that rotates per call (so every shard's expired leases get swept and no shard
@@ -102,7 +110,12 @@
 //!
 //! An `enqueue` of an id that is already stored replaces it without counting it twice,
 //! so retrying one whose outcome was not learned is safe. That is also why a dropped
-//! connection is retried once inside the operation. An error after the script ran (a
+//! connection is retried once inside the operation. On the plain path this takes two
+//! steps: the transaction's `SET ... NX` leaves the old value, adds the id to `due`
+//! and counts it; the replacement script then replaces it (its old lease, status and
+//! indexes go) and takes that count back, and only then is its caller answered. A
+//! relay that dies between the two leaves the old copy queued (delivered once more)
+//! and its shard's counters one message too high. An error after the script ran (a
 //! response timeout, a `WAIT` that too few replicas acknowledged) still leaves the
 //! message stored: the SMTP client is told to retry, and may then deliver a duplicate.
 //! The same retry makes the other scripts at-least-once too: a `lease_due` that ran but
