@@ -69,15 +69,16 @@
 //!
 //! `enqueue` is group-committed (`redis_enqueue.rs`): enqueues of concurrent
 //! sessions that arrive while a call is in flight go together in the next one, a
-//! pipeline of one `MULTI`/`EXEC` of native commands (per message `SET ... NX` of
-//! its stored value, its `due` entry and, on standalone Redis and Sentinel, its
-//! `accepted` event's `XADD`; each shard's counters once) and, when
+//! pipeline of one `MULTI`/`EXEC` of native commands (one `MSETNX` of the stored
+//! values, one `ZADD` per shard to `due`, on standalone Redis and Sentinel each
+//! `accepted` event's `XADD`, each shard's counters once) and, when
 //! `wait_replicas > 0`, one `WAIT` for the whole group; one lane of calls on a
 //! single server, one per shard in a cluster. No script: Redis 7's Lua hashes
 //! every byte of every string a script is handed, so a body sent through Lua cost
 //! Redis more than the rest of the enqueue. An id the transaction finds already
-//! stored is replaced right after by one script call for the group's such ids
-//! (see "An `enqueue` of an id that is already stored" below). Quota-guarded
+//! stored makes the group's `MSETNX` store none, and one script call right after
+//! stores the group (see "An `enqueue` of an id that is already stored" below).
+//! Quota-guarded
 //! enqueues are one `EVALSHA` per group (the guard decides inside it whether each
 //! message is stored). An idle relay's enqueue goes at once, alone. A caller is
 //! answered only from the call that holds its message. Only after Redis restarts
@@ -111,11 +112,13 @@
 //! An `enqueue` of an id that is already stored replaces it without counting it twice,
 //! so retrying one whose outcome was not learned is safe. That is also why a dropped
 //! connection is retried once inside the operation. On the plain path this takes two
-//! steps: the transaction's `SET ... NX` leaves the old value, adds the id to `due`
-//! and counts it; the replacement script then replaces it (its old lease, status and
-//! indexes go) and takes that count back, and only then is its caller answered. A
-//! relay that dies between the two leaves the old copy queued (delivered once more)
-//! and its shard's counters one message too high. An error after the script ran (a
+//! steps: the group's transaction stores no value (`MSETNX` is all or none) but adds
+//! the ids to `due` and counts them; the replacement script then stores each (the
+//! old copy replaced: its old lease, status and indexes go) and takes those counts
+//! back, and only then are the group's callers answered. A relay that dies between
+//! the two leaves the old copy queued (delivered once more), the group's other
+//! messages unstored (never answered `250`; their `due` entries are dropped as
+//! debris) and the shards' counters too high by the group's size. An error after the script ran (a
 //! response timeout, a `WAIT` that too few replicas acknowledged) still leaves the
 //! message stored: the SMTP client is told to retry, and may then deliver a duplicate.
 //! The same retry makes the other scripts at-least-once too: a `lease_due` that ran but

@@ -11,21 +11,24 @@
 //! With `wait_replicas > 0` one `WAIT` after the call, in the same pipeline,
 //! covers the whole group.
 //!
-//! A plain group is one `MULTI`/`EXEC` of native commands, no script: per
-//! message `SET <message> <stored> NX` and `ZADD <due>`, its `accepted` event's
-//! `XADD` (standalone and Sentinel), then each shard's `HINCRBY`s once. Why not a
+//! A plain group is one `MULTI`/`EXEC` of native commands, no script: one
+//! `MSETNX` of every message's stored value, one `ZADD` to each shard's `due`,
+//! each `accepted` event's `XADD` (standalone and Sentinel), then each shard's
+//! `HINCRBY`s. Why not a
 //! script: Redis 7's Lua hashes every byte of every string it is handed, and a
 //! script's `SET` copies the value once more, so a body sent through Lua cost
 //! Redis more than everything else the enqueue does (bench/README.md, "Enqueue
 //! without Lua"). A transaction is all or nothing at `maxmemory` too: a write
 //! refused while queuing, or an `EXEC` refused, discards the whole group
-//! (`EXECABORT`), so nothing is stored behind the `451`. The rare id that is
-//! already stored (its `SET ... NX` wrote nothing; the transaction still added it
-//! to `due` and counted it) is finished right after by [`REPLACE_GROUP`]'s script,
-//! which replaces it as the trait asks (counted once, its old lease, status and
-//! indexes gone) and takes the transaction's count back; its caller is answered
-//! from that call (and its `WAIT`). A relay that dies between the two leaves such
-//! a message's old copy queued and its shard's counters one message too high.
+//! (`EXECABORT`), so nothing is stored behind the `451`. In the rare group with
+//! an id that is already stored, `MSETNX` stores none (the transaction still
+//! added them to `due` and counted them): [`REPLACE_GROUP`]'s script, right
+//! after, stores each, replacing that one as the trait asks (counted once, its
+//! old lease, status and indexes gone), and takes the transaction's counts back;
+//! those callers are answered from that call (and its `WAIT`). A relay that dies
+//! between the two leaves that group's new messages unstored (their callers had
+//! no `250`; their `due` entries are dropped as debris by the next lease), the
+//! old copy queued, and the shards' counters too high by the group's size.
 //!
 //! Quota-guarded groups stay one `EVALSHA` (the guard decides inside the call
 //! whether each message is stored; a transaction cannot make a `SET` depend on
@@ -207,7 +210,10 @@ async fn run(runner: Runner, kind: Kind, mut rx: mpsc::UnboundedReceiver<Item>) 
             let Ok(item) = rx.try_recv() else { break };
             // A guard's key index is the script's last key, one per call.
             let other_index = item.guard.as_ref().map(|g| &g.index) != index.as_ref();
-            if bytes + item.size() > MAX_GROUP_BYTES || other_index {
+            // An id twice in one `MSETNX` would be stored (and counted) twice:
+            // the second goes in the next call, which replaces the first.
+            let twice = group.iter().any(|g| g.id == item.id);
+            if bytes + item.size() > MAX_GROUP_BYTES || other_index || twice {
                 carry = Some(item);
                 break;
             }
@@ -350,21 +356,31 @@ impl Runner {
         pipe
     }
 
-    /// The pipeline of a plain group: `MULTI`, per message `SET ... NX`, `ZADD`
-    /// and its event's `XADD`, per shard its counters, `EXEC`, and `WAIT`. Errors
-    /// come back in place (a refused command, a failed `EXEC`).
+    /// The pipeline of a plain group: `MULTI`; every message's stored value in
+    /// one `MSETNX` (all or none: any id already stored leaves them all to the
+    /// replacement script); per shard one `ZADD` of its messages to `due`; per
+    /// event its `XADD`; per shard its counters; `EXEC`; `WAIT`. Few commands,
+    /// so few replies: each costs the relay about a thousand instructions to
+    /// parse (`QUEUED`, then its result). Errors come back in place.
     fn multi_pipeline(&self, group: &[&Item]) -> Pipeline {
         let (shards, places) = Self::shards_of(group);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         pipe.cmd("MULTI");
+        let values = pipe.cmd("MSETNX");
         for item in group {
             let k = &self.shard_keys[usize::from(item.shard)];
-            pipe.cmd("SET")
-                .arg(k.message(&item.id))
-                .arg(&item.stored)
-                .arg("NX");
-            pipe.cmd("ZADD").arg(&k.due).arg(item.due).arg(&item.id);
+            values.arg(k.message(&item.id)).arg(&item.stored);
+        }
+        for (place, &s) in shards.iter().enumerate() {
+            let due = pipe.cmd("ZADD").arg(&self.shard_keys[usize::from(s)].due);
+            for (item, &p) in group.iter().zip(&places) {
+                if p == place + 1 {
+                    due.arg(item.due).arg(&item.id);
+                }
+            }
+        }
+        for item in group {
             if let Some((event, max_len)) = &item.event {
                 pipe.cmd("XADD")
                     .arg(&self.stream)
@@ -498,19 +514,24 @@ impl Runner {
                     .collect();
             }
         };
-        // Each message's replies, in the order the pipeline queued them.
-        let mut done = done.into_iter();
-        let mut per_item: Vec<(Value, Value, Option<Value>)> = Vec::with_capacity(group.len());
-        for item in group {
-            let set = done.next().unwrap_or(Value::Nil);
-            let zadd = done.next().unwrap_or(Value::Nil);
-            let xadd = item.event.as_ref().and_then(|_| done.next());
-            per_item.push((set, zadd, xadd));
-        }
-        // A shard whose counters failed fails its messages (they are stored but
-        // not counted, as when a script stopped at its counters).
+        // The replies in the order the pipeline queued the commands.
         let (shards, _) = Self::shards_of(group);
+        let mut done = done.into_iter();
+        let stored_all = matches!(done.next(), Some(Value::Int(1)));
+        // A shard whose `ZADD` or counters failed fails its messages.
         let mut shard_error: Vec<(u16, String)> = Vec::new();
+        for &s in &shards {
+            if let Some(Value::ServerError(e)) = done.next() {
+                shard_error.push((s, server_text(&e)));
+            }
+        }
+        let event_errors: Vec<Option<String>> = group
+            .iter()
+            .map(|item| match item.event.as_ref().and_then(|_| done.next()) {
+                Some(Value::ServerError(e)) => Some(server_text(&e)),
+                _ => None,
+            })
+            .collect();
         for &s in &shards {
             let bytes = group
                 .iter()
@@ -522,46 +543,38 @@ impl Runner {
                 }
             }
         }
-        let mut out: Vec<Result<Outcome, QueueError>> = Vec::with_capacity(group.len());
-        let mut again: Vec<(usize, Option<QueueError>)> = Vec::new();
-        for (n, (item, (set, zadd, xadd))) in group.iter().zip(per_item).enumerate() {
-            let event_error = match xadd {
-                Some(Value::ServerError(e)) => Some(self.item_error(server_text(&e).as_bytes())),
-                _ => None,
-            };
-            let stored = Ok(Outcome {
-                stored: true,
-                guard_reply: Vec::new(),
-            });
-            let outcome = match (set, zadd) {
-                (Value::ServerError(e), _) | (_, Value::ServerError(e)) => {
-                    Err(self.item_error(server_text(&e).as_bytes()))
+        let mut out: Vec<Result<Outcome, QueueError>> = if stored_all {
+            group
+                .iter()
+                .zip(&event_errors)
+                .map(|(item, event_error)| {
+                    let failed = shard_error
+                        .iter()
+                        .find(|(s, _)| *s == item.shard)
+                        .map(|(_, e)| e)
+                        .or(event_error.as_ref());
+                    match (failed, &replicated) {
+                        (Some(e), _) => Err(self.item_error(e.as_bytes())),
+                        // Stored, but not on enough replicas: the client must try again.
+                        (None, Err(acked)) => Err(self.unreplicated(*acked, &item.id)),
+                        (None, Ok(())) => Ok(Outcome {
+                            stored: true,
+                            guard_reply: Vec::new(),
+                        }),
+                    }
+                })
+                .collect()
+        } else {
+            // An id of the group was already stored, so `MSETNX` stored none
+            // (the `ZADD`s and counters ran): the script stores each, replacing
+            // those already there, and takes the transaction's counts back.
+            self.outcomes_script(kind, group).await
+        };
+        if !stored_all {
+            for (answer, event_error) in out.iter_mut().zip(event_errors) {
+                if let (Ok(_), Some(e)) = (&answer, event_error) {
+                    *answer = Err(self.item_error(e.as_bytes()));
                 }
-                (Value::Nil, _) => {
-                    // Already stored: replaced by the script below.
-                    again.push((n, event_error));
-                    out.push(Err(QueueError::Corrupt("replaced".into())));
-                    continue;
-                }
-                _ => match shard_error.iter().find(|(s, _)| *s == item.shard) {
-                    Some((_, e)) => Err(self.item_error(e.as_bytes())),
-                    None => event_error.map_or(stored, Err),
-                },
-            };
-            // Stored, but not on enough replicas: the client must try again.
-            out.push(match (outcome, &replicated) {
-                (Ok(_), Err(acked)) => Err(self.unreplicated(*acked, &item.id)),
-                (o, _) => o,
-            });
-        }
-        if !again.is_empty() {
-            let subset: Vec<&Item> = again.iter().map(|&(n, _)| group[n]).collect();
-            let answers = self.outcomes_script(kind, &subset).await;
-            for ((n, event_error), answer) in again.into_iter().zip(answers) {
-                out[n] = match (answer, event_error) {
-                    (Ok(_), Some(e)) => Err(e),
-                    (answer, _) => answer,
-                };
             }
         }
         out

@@ -165,10 +165,10 @@ async fn concurrent_enqueues_share_script_calls_and_each_is_delivered_once() {
     assert_eq!((stats.messages, stats.bytes), (0, 0));
 }
 
-/// A plain group's bodies reach Redis as native `SET`s in a transaction, never
-/// through a script (Lua would hash and copy each body): no `EVAL`/`EVALSHA`, one
-/// `SET` and one `ZADD` per message, the shard counters once per shard and
-/// transaction. After Redis lost its scripts, new ids still need none, and an id
+/// A plain group's bodies reach Redis in one native `MSETNX` per transaction,
+/// never through a script (Lua would hash and copy each body): no
+/// `EVAL`/`EVALSHA`, one `ZADD` per shard and transaction, the shard counters once
+/// per shard and transaction. After Redis lost its scripts, new ids still need none, and an id
 /// already stored has its script loaded again and is counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_plain_group_sends_its_bodies_through_no_script() {
@@ -183,9 +183,10 @@ async fn a_plain_group_sends_its_bodies_through_no_script() {
     }
     let port = server.port();
     assert_eq!((calls(port, "evalsha"), calls(port, "eval")), (0, 0));
-    assert_eq!((calls(port, "set"), calls(port, "zadd")), (200, 200));
     let exec = calls(port, "exec");
     assert!(exec <= 200 / 4, "{exec} transactions for 200 enqueues");
+    assert_eq!((calls(port, "msetnx"), calls(port, "set")), (exec, 0));
+    assert!(calls(port, "zadd") <= 16 * exec);
     // Two counters per shard and transaction at most (16 shards).
     assert!(calls(port, "hincrby") <= 2 * 16 * exec);
     let stats = queue.stats().await.unwrap();
@@ -452,6 +453,41 @@ async fn cluster_groups_per_shard() {
     assert_eq!(queue.stats().await.unwrap().messages, 640);
     let taken = drain(&queue).await;
     assert_each_once(&msgs, &taken);
+}
+
+/// One id enqueued by many tasks at once, among other messages: never two of it
+/// in one transaction (its `MSETNX` would store and count it twice), so it is
+/// counted once and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_id_enqueued_concurrently_is_counted_once() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let queue = Arc::new(RedisQueue::connect(&server.config(PREFIX)).await.unwrap());
+    let same = message(0, 100);
+    let others: Vec<QueuedMessage> = (1..40).map(|i| message(i, 100)).collect();
+    let mut msgs = Vec::new();
+    for (i, m) in others.iter().enumerate() {
+        msgs.push(m.clone());
+        if i % 2 == 0 {
+            msgs.push(same.clone());
+        }
+    }
+    for r in enqueue_all(&queue, &msgs).await {
+        r.unwrap();
+    }
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(stats.messages, 40, "{stats:?}");
+    assert_eq!(
+        stats.bytes,
+        40 * same.body.len() as u64,
+        "every body is 100 bytes"
+    );
+    let mut all = others.clone();
+    all.push(same);
+    assert_each_once(&all, &drain(&queue).await);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.messages, stats.bytes), (0, 0));
 }
 
 /// A queue used from a second runtime after the first one is gone (its lane's

@@ -1,8 +1,9 @@
--- The rare end of a grouped enqueue (redis_enqueue.rs): the transaction that
--- stored the group found these ids already stored (its `SET ... NX` wrote
--- nothing) but still added each to `due` and counted it. Here each is stored as
--- `enqueue()` stores a replacement (counted once, its old lease, status and
--- indexes gone), and the transaction's count of it is taken back first.
+-- The rare end of a grouped enqueue (redis_enqueue.rs): the transaction of
+-- this group found an id already stored, so its `MSETNX` stored no value, but
+-- it still added each to `due` and counted it. Here each is stored as
+-- `enqueue()` stores it (a new one, or a replacement: counted once, its old
+-- lease, status and indexes gone), and the transaction's count of it is taken
+-- back first.
 -- KEYS: per shard of the group: due, stats, leased, lease, later; then per
 --       message: message, status
 -- ARGV: shard count, message count, then per message: its shard's place among
