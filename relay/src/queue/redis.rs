@@ -69,13 +69,22 @@
 //!
 //! `enqueue` is group-committed (`redis_enqueue.rs`): enqueues of concurrent
 //! sessions that arrive while a call is in flight go together in the next one, a
-//! pipeline of one `EVALSHA` (a script that stores each message, its `due` entry
-//! and, on standalone Redis and Sentinel, its `accepted` event, and adds to each
-//! shard's counters once) and, when `wait_replicas > 0`, one `WAIT` for the whole
-//! group; one lane of calls on a single server, one per shard in a cluster. An
-//! idle relay's enqueue goes at once, alone. A caller is answered only from the
-//! call that holds its message. Only after Redis restarts or fails over does the
-//! first call see `NOSCRIPT`, load the script and try again.
+//! pipeline of one `MULTI`/`EXEC` of native commands (one `MSETNX` of the stored
+//! values, one `ZADD` per shard to `due`, on standalone Redis and Sentinel each
+//! `accepted` event's `XADD`, each shard's counters once) and, when
+//! `wait_replicas > 0`, one `WAIT` for the whole group; one lane of calls on a
+//! single server, one per shard in a cluster. No script: Redis 7's Lua hashes
+//! every byte of every string a script is handed, so a body sent through Lua cost
+//! Redis more than the rest of the enqueue. An id the transaction finds already
+//! stored makes the group's `MSETNX` store none, and one script call right after
+//! stores the group (see "An `enqueue` of an id that is already stored" below).
+//! Quota-guarded
+//! enqueues are one `EVALSHA` per group (the guard decides inside it whether each
+//! message is stored). An idle relay's enqueue goes at once, alone. A caller is
+//! answered only from the call that holds its message. Only after Redis restarts
+//! or fails over does the first script call see `NOSCRIPT`, load the script and
+//! try again; a transaction holds no script, so a lost script cannot leave half
+//! of one behind.
 //!
 //! `lease_due` visits shards round-robin from an offset that rotates per call (so
 //! every shard's expired leases get swept and no shard starves), stopping once it
@@ -117,7 +126,14 @@
 //!
 //! An `enqueue` of an id that is already stored replaces it without counting it twice,
 //! so retrying one whose outcome was not learned is safe. That is also why a dropped
-//! connection is retried once inside the operation. An error after the script ran (a
+//! connection is retried once inside the operation. On the plain path this takes two
+//! steps: the group's transaction stores no value (`MSETNX` is all or none) but adds
+//! the ids to `due` and counts them; the replacement script then stores each (the
+//! old copy replaced: its old lease, status and indexes go) and takes those counts
+//! back, and only then are the group's callers answered. A relay that dies between
+//! the two leaves the old copy queued (delivered once more), the group's other
+//! messages unstored (never answered `250`; their `due` entries are dropped as
+//! debris) and the shards' counters too high by the group's size. An error after the script ran (a
 //! response timeout, a `WAIT` that too few replicas acknowledged) still leaves the
 //! message stored: the SMTP client is told to retry, and may then deliver a duplicate.
 //! The same retry makes the other scripts at-least-once too: a `lease_due` that ran but
@@ -270,8 +286,9 @@ const LEGACY_FORGET: Layout = Layout {
 /// `local function enqueue(k, m, a)`: stores one message of a group, and the
 /// helpers of the group scripts.
 const ENQUEUE_LUA: &str = include_str!("lua/enqueue.lua");
-/// Stores a group of messages, with their events ([`grouped::ENQUEUE_GROUP`]).
-const ENQUEUE_GROUP_MAIN_LUA: &str = include_str!("lua/enqueue_group_main.lua");
+/// Stores the messages of a group whose ids its transaction found already stored
+/// ([`grouped::REPLACE_GROUP`]).
+const ENQUEUE_REPLACE_MAIN_LUA: &str = include_str!("lua/enqueue_replace_main.lua");
 /// `local A0 = 0`: the guards' clock is the group's first argument.
 const GUARDED_ARGS_LUA: &str = include_str!("lua/guarded_args.lua");
 
@@ -332,7 +349,7 @@ fn is_out_of_memory(e: &RedisError) -> bool {
 
 /// The queue's scripts, loaded at connect and again whenever Redis lost them.
 struct Scripts {
-    enqueue_group: Script,
+    enqueue_replace: Script,
     remove: Script,
     lease: Script,
     lease_drop: Script,
@@ -352,7 +369,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
-            enqueue_group: Script::new(&[ENQUEUE_LUA, ENQUEUE_GROUP_MAIN_LUA].concat()),
+            enqueue_replace: Script::new(&[ENQUEUE_LUA, ENQUEUE_REPLACE_MAIN_LUA].concat()),
             remove: Script::new(REMOVE_LUA),
             lease: Script::new(LEASE_LUA),
             lease_drop: Script::new(LEASE_DROP_LUA),
@@ -372,7 +389,7 @@ impl Scripts {
 
     fn all(&self) -> [&Script; 15] {
         [
-            &self.enqueue_group,
+            &self.enqueue_replace,
             &self.remove,
             &self.lease,
             &self.lease_drop,
@@ -520,8 +537,8 @@ pub fn guarded_enqueue_lua(guard_lua: &str) -> String {
 pub fn lua_scripts() -> Vec<(&'static str, String)> {
     vec![
         (
-            "queue_enqueue_group",
-            [ENQUEUE_LUA, ENQUEUE_GROUP_MAIN_LUA].concat(),
+            "queue_enqueue_replace",
+            [ENQUEUE_LUA, ENQUEUE_REPLACE_MAIN_LUA].concat(),
         ),
         ("queue_remove", REMOVE_LUA.to_owned()),
         ("queue_lease", LEASE_LUA.to_owned()),
@@ -593,7 +610,7 @@ impl RedisQueue {
             .map(|_| {
                 grouped::Lane::new(
                     runner.clone(),
-                    grouped::Kind::Plain(scripts.enqueue_group.clone()),
+                    grouped::Kind::Plain(scripts.enqueue_replace.clone()),
                 )
             })
             .collect();
@@ -2377,9 +2394,9 @@ mod tests {
         // The Lua files cannot read the Rust constants: they must agree. Per
         // message: shard place, id, stored, body length, due, then the event, or
         // the guard's key and argument counts and its arguments.
-        let plain = grouped::ENQUEUE_GROUP.fixed_args();
-        assert!(ENQUEUE_GROUP_MAIN_LUA.contains(&format!("local a, m = {}, ", plain + 1)));
-        assert!(ENQUEUE_GROUP_MAIN_LUA.contains("a, m = a + 6, m + 2"));
+        let plain = grouped::REPLACE_GROUP.fixed_args();
+        assert!(ENQUEUE_REPLACE_MAIN_LUA.contains(&format!("local a, m = {}, ", plain + 1)));
+        assert!(ENQUEUE_REPLACE_MAIN_LUA.contains("a, m = a + 5, m + 2"));
         let guarded = grouped::GUARDED_GROUP.fixed_args();
         assert!(GUARDED_GROUP_MAIN.contains(&format!("local a, m = {}, ", guarded + 1)));
         assert!(GUARDED_GROUP_MAIN.contains("A0 = a + 6\n"));

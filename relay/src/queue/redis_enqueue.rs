@@ -1,27 +1,45 @@
 //! Group commit of the Redis queue's enqueues: messages of concurrent SMTP
 //! sessions that arrive while an enqueue call is in flight go together in the
-//! next call, one `EVALSHA` of a script that loops over them.
-//!
-//! Why: Redis spends 28–39 µs on an `EVALSHA` whose commands take 5–10 µs
-//! (bench/redis-cost.sh), so the cost of an enqueue is the script call, not what
-//! it writes. Grouping divides that by the group's size.
+//! next call.
 //!
 //! How: each [`Lane`] has one task and at most one call in flight. The first
 //! message goes at once; the next call takes everything that queued up meanwhile
 //! (at most [`MAX_GROUP`] messages, [`MAX_GROUP_BYTES`] of values), so an idle
 //! relay adds no latency and a busy one makes fewer, larger calls. Standalone
 //! Redis and Sentinel have one lane for every shard (all shards' keys live on one
-//! node, and the call declares each in KEYS); a cluster has one lane per shard
-//! (one hash tag, one slot per call). With `wait_replicas > 0` one `WAIT` after
-//! the call, in the same pipeline, covers the whole group.
+//! node); a cluster has one lane per shard (one hash tag, one slot per call).
+//! With `wait_replicas > 0` one `WAIT` after the call, in the same pipeline,
+//! covers the whole group.
+//!
+//! A plain group is one `MULTI`/`EXEC` of native commands, no script: one
+//! `MSETNX` of every message's stored value, one `ZADD` to each shard's `due`,
+//! each `accepted` event's `XADD` (standalone and Sentinel), then each shard's
+//! `HINCRBY`s. Why not a
+//! script: Redis 7's Lua hashes every byte of every string it is handed, and a
+//! script's `SET` copies the value once more, so a body sent through Lua cost
+//! Redis more than everything else the enqueue does (bench/README.md, "Enqueue
+//! without Lua"). A transaction is all or nothing at `maxmemory` too: a write
+//! refused while queuing, or an `EXEC` refused, discards the whole group
+//! (`EXECABORT`), so nothing is stored behind the `451`. In the rare group with
+//! an id that is already stored, `MSETNX` stores none (the transaction still
+//! added them to `due` and counted them): [`REPLACE_GROUP`]'s script, right
+//! after, stores each, replacing that one as the trait asks (counted once, its
+//! old lease, status and indexes gone), and takes the transaction's counts back;
+//! those callers are answered from that call (and its `WAIT`). A relay that dies
+//! between the two leaves that group's new messages unstored (their callers had
+//! no `250`; their `due` entries are dropped as debris by the next lease), the
+//! old copy queued, and the shards' counters too high by the group's size.
+//!
+//! Quota-guarded groups stay one `EVALSHA` (the guard decides inside the call
+//! whether each message is stored; a transaction cannot make a `SET` depend on
+//! it).
 //!
 //! Each caller's answer comes only from the call that holds its message (and its
 //! `WAIT`): a failed call answers every message in it with that error; a message
-//! that fails alone inside the script (the script catches it: OOM before anything
-//! was written, a key of the wrong type) gets its own error and the others are
-//! stored. A caller that gave up before its message was sent (its SMTP client was
-//! told to retry) is left out of the call, so the message is not stored behind a
-//! `451`.
+//! that fails alone (a key of the wrong type) gets its own error and the others
+//! are stored. A caller that gave up before its message was sent (its SMTP client
+//! was told to retry) is left out of the call, so the message is not stored
+//! behind a `451`.
 
 use redis::{ErrorKind, Pipeline, RedisError, Script, ServerErrorKind, Value};
 use std::sync::{Arc, Mutex};
@@ -39,14 +57,10 @@ pub(super) const MAX_GROUP: usize = 128;
 /// bodies make small groups, so one call never holds Redis for long.
 pub(super) const MAX_GROUP_BYTES: usize = 4 << 20;
 
-/// KEYS/ARGV of `enqueue_group_main.lua` (with `enqueue.lua`).
-pub(super) const ENQUEUE_GROUP: Layout = Layout {
-    keys: &[
-        "due, stats, leased, lease, later..",
-        "message, status..",
-        "stream..",
-    ],
-    args: &["shard count", "count", "max len", "per message.."],
+/// KEYS/ARGV of `enqueue_replace_main.lua` (with `enqueue.lua`).
+pub(super) const REPLACE_GROUP: Layout = Layout {
+    keys: &["due, stats, leased, lease, later..", "message, status.."],
+    args: &["shard count", "count", "per message.."],
 };
 /// KEYS/ARGV of `guarded_group_main.lua` (with a guard and `enqueue.lua`).
 pub(super) const GUARDED_GROUP: Layout = Layout {
@@ -112,7 +126,8 @@ pub(super) struct Runner {
 /// The script a lane runs.
 #[derive(Clone)]
 pub(super) enum Kind {
-    /// Plain enqueues, some with their event ([`ENQUEUE_GROUP`]).
+    /// Plain enqueues, some with their event: a transaction, and this script
+    /// ([`REPLACE_GROUP`]) for ids already stored.
     Plain(Script),
     /// Guarded enqueues ([`GUARDED_GROUP`]).
     Guarded(Script),
@@ -195,7 +210,10 @@ async fn run(runner: Runner, kind: Kind, mut rx: mpsc::UnboundedReceiver<Item>) 
             let Ok(item) = rx.try_recv() else { break };
             // A guard's key index is the script's last key, one per call.
             let other_index = item.guard.as_ref().map(|g| &g.index) != index.as_ref();
-            if bytes + item.size() > MAX_GROUP_BYTES || other_index {
+            // An id twice in one `MSETNX` would be stored (and counted) twice:
+            // the second goes in the next call, which replaces the first.
+            let twice = group.iter().any(|g| g.id == item.id);
+            if bytes + item.size() > MAX_GROUP_BYTES || other_index || twice {
                 carry = Some(item);
                 break;
             }
@@ -224,20 +242,18 @@ impl Runner {
     fn item_error(&self, text: &[u8]) -> QueueError {
         let text = String::from_utf8_lossy(text);
         let msg = redact(&self.secrets, &format!("redis enqueue: {text}"));
-        if text.starts_with("OOM") {
+        if text.starts_with("OOM") || text.contains("OOM command not allowed") {
             QueueError::Full(msg)
         } else {
             QueueError::Unavailable(msg)
         }
     }
 
-    /// The pipeline of one group call: `EVALSHA` and, with `wait_replicas > 0`,
-    /// `WAIT`.
-    fn pipeline(&self, kind: &Kind, group: &[Item]) -> Pipeline {
-        // The group's shards in order of first appearance, and each message's
-        // shard's place among them (1-based).
+    /// The group's shards in order of first appearance, and each message's
+    /// shard's place among them (1-based).
+    fn shards_of(group: &[&Item]) -> (Vec<u16>, Vec<usize>) {
         let mut shards: Vec<u16> = Vec::new();
-        let places: Vec<usize> = group
+        let places = group
             .iter()
             .map(|i| match shards.iter().position(|&s| s == i.shard) {
                 Some(p) => p + 1,
@@ -247,18 +263,30 @@ impl Runner {
                 }
             })
             .collect();
+        (shards, places)
+    }
+
+    /// Appends `WAIT` to `pipe` when `wait_replicas > 0`: on the connection that
+    /// wrote the group (WAIT counts its writes), in the same round trip.
+    fn wait(&self, pipe: &mut Pipeline) {
+        if self.wait_replicas > 0 {
+            pipe.cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(self.wait_timeout_ms);
+        }
+    }
+
+    /// The pipeline of one script call: `EVALSHA` (guarded, or the replacement
+    /// of ids already stored) and `WAIT`.
+    fn script_pipeline(&self, kind: &Kind, group: &[&Item]) -> Pipeline {
+        let (shards, places) = Self::shards_of(group);
         let guarded = matches!(kind, Kind::Guarded(_));
-        let has_event = !guarded && group.iter().any(|i| i.event.is_some());
         let guard_keys: usize = group
             .iter()
             .filter_map(|i| i.guard.as_ref())
             .map(|g| g.keys.len())
             .sum();
-        let numkeys = 5 * shards.len()
-            + 2 * group.len()
-            + guard_keys
-            + usize::from(has_event)
-            + usize::from(guarded);
+        let numkeys = 5 * shards.len() + 2 * group.len() + guard_keys + usize::from(guarded);
         let mut pipe = redis::pipe();
         let cmd = pipe
             .cmd("EVALSHA")
@@ -267,7 +295,7 @@ impl Runner {
         let layout = if guarded {
             &GUARDED_GROUP
         } else {
-            &ENQUEUE_GROUP
+            &REPLACE_GROUP
         };
         let mut call = Call::onto(cmd, layout);
         for &s in &shards {
@@ -300,16 +328,9 @@ impl Runner {
                 .and_then(|g| g.args.first())
                 .map_or(&[][..], Vec::as_slice);
             call.arg("clock", clock);
-        } else if has_event {
-            call.key("stream..", &self.stream);
         }
         call.arg("shard count", shards.len())
             .arg("count", group.len());
-        if !guarded {
-            // Every event of a relay asks for the same cap.
-            let max_len = group.iter().find_map(|i| i.event.as_ref().map(|(_, m)| *m));
-            call.arg("max len", max_len.unwrap_or(u64::MAX));
-        }
         for (item, place) in group.iter().zip(places) {
             call.arg("per message..", place)
                 .arg("per message..", &item.id)
@@ -317,12 +338,7 @@ impl Runner {
                 .arg("per message..", item.body_len)
                 .arg("per message..", item.due);
             match (&item.guard, guarded) {
-                (_, false) => {
-                    call.arg(
-                        "per message..",
-                        item.event.as_ref().map_or(&[][..], |(e, _)| e.as_slice()),
-                    );
-                }
+                (_, false) => {}
                 (Some(g), true) => {
                     call.arg("per message..", g.keys.len())
                         .arg("per message..", g.args.len());
@@ -336,19 +352,68 @@ impl Runner {
             }
         }
         call.done();
-        if self.wait_replicas > 0 {
-            // On the connection that wrote the group (WAIT counts its writes),
-            // in the same round trip.
-            pipe.cmd("WAIT")
-                .arg(self.wait_replicas)
-                .arg(self.wait_timeout_ms);
+        self.wait(&mut pipe);
+        pipe
+    }
+
+    /// The pipeline of a plain group: `MULTI`; every message's stored value in
+    /// one `MSETNX` (all or none: any id already stored leaves them all to the
+    /// replacement script); per shard one `ZADD` of its messages to `due`; per
+    /// event its `XADD`; per shard its counters; `EXEC`; `WAIT`. Few commands,
+    /// so few replies: each costs the relay about a thousand instructions to
+    /// parse (`QUEUED`, then its result). Errors come back in place.
+    fn multi_pipeline(&self, group: &[&Item]) -> Pipeline {
+        let (shards, places) = Self::shards_of(group);
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        pipe.cmd("MULTI");
+        let values = pipe.cmd("MSETNX");
+        for item in group {
+            let k = &self.shard_keys[usize::from(item.shard)];
+            values.arg(k.message(&item.id)).arg(&item.stored);
         }
+        for (place, &s) in shards.iter().enumerate() {
+            let due = pipe.cmd("ZADD").arg(&self.shard_keys[usize::from(s)].due);
+            for (item, &p) in group.iter().zip(&places) {
+                if p == place + 1 {
+                    due.arg(item.due).arg(&item.id);
+                }
+            }
+        }
+        for item in group {
+            if let Some((event, max_len)) = &item.event {
+                pipe.cmd("XADD")
+                    .arg(&self.stream)
+                    .arg("MAXLEN")
+                    .arg("~")
+                    .arg(*max_len)
+                    .arg("*")
+                    .arg("e")
+                    .arg(event.as_slice());
+            }
+        }
+        for (place, &s) in shards.iter().enumerate() {
+            let (mut msgs, mut bytes) = (0usize, 0usize);
+            for (item, &p) in group.iter().zip(&places) {
+                if p == place + 1 {
+                    msgs += 1;
+                    bytes += item.body_len;
+                }
+            }
+            let stats = &self.shard_keys[usize::from(s)].stats;
+            pipe.cmd("HINCRBY").arg(stats).arg("messages").arg(msgs);
+            if bytes > 0 {
+                pipe.cmd("HINCRBY").arg(stats).arg("bytes").arg(bytes);
+            }
+        }
+        pipe.cmd("EXEC");
+        self.wait(&mut pipe);
         pipe
     }
 
     /// Runs the pipeline, loading the script again if Redis lost it, and once
     /// more after a dropped connection (safe: an enqueue of an id already stored
-    /// replaces it).
+    /// replaces it, and a transaction cut off before its `EXEC` is discarded).
     async fn query(&self, kind: &Kind, pipe: &Pipeline) -> Result<Vec<Value>, RedisError> {
         let attempt = |mut conn: Conn| async move {
             match pipe.query_async::<Vec<Value>>(&mut conn).await {
@@ -372,22 +437,159 @@ impl Runner {
 
     /// Runs one group call and answers every message of it.
     async fn call(&self, kind: &Kind, group: Vec<Item>) {
-        let pipe = self.pipeline(kind, &group);
-        let replies = match tokio::time::timeout(OP_DEADLINE, self.query(kind, &pipe)).await {
-            Ok(Ok(replies)) => replies,
+        let refs: Vec<&Item> = group.iter().collect();
+        let outcomes = match kind {
+            Kind::Plain(_) => self.outcomes_multi(kind, &refs).await,
+            Kind::Guarded(_) => self.outcomes_script(kind, &refs).await,
+        };
+        for (item, outcome) in group.into_iter().zip(outcomes) {
+            let _ = item.reply.send(outcome);
+        }
+    }
+
+    /// The pipeline's replies, or its error for every message of `group`.
+    async fn replies(
+        &self,
+        kind: &Kind,
+        group: &[&Item],
+        pipe: &Pipeline,
+    ) -> Result<Vec<Value>, Vec<Result<Outcome, QueueError>>> {
+        match tokio::time::timeout(OP_DEADLINE, self.query(kind, pipe)).await {
+            Ok(Ok(replies)) => Ok(replies),
             Ok(Err(e)) => {
                 tracing::warn!(error = %redact(&self.secrets, &e.to_string()), messages = group.len(), "redis enqueue call failed");
-                for item in group {
-                    let _ = item.reply.send(Err(self.error(&e)));
-                }
-                return;
+                Err(group.iter().map(|_| Err(self.error(&e))).collect())
             }
-            Err(_) => {
-                for item in group {
-                    let _ = item.reply.send(Err(QueueError::Timeout(OP_DEADLINE)));
-                }
-                return;
+            Err(_) => Err(group
+                .iter()
+                .map(|_| Err(QueueError::Timeout(OP_DEADLINE)))
+                .collect()),
+        }
+    }
+
+    /// A plain group: its transaction, then the script for ids already stored.
+    async fn outcomes_multi(
+        &self,
+        kind: &Kind,
+        group: &[&Item],
+    ) -> Vec<Result<Outcome, QueueError>> {
+        let pipe = self.multi_pipeline(group);
+        let replies = match self.replies(kind, group, &pipe).await {
+            Ok(r) => r,
+            Err(answers) => return answers,
+        };
+        // MULTI, one reply per queued command, EXEC, WAIT.
+        let queued = pipe.len() - 2 - usize::from(self.wait_replicas > 0);
+        let mut replies = replies.into_iter();
+        let multi = replies.next();
+        let queued_replies: Vec<Value> = replies.by_ref().take(queued).collect();
+        let exec = replies.next();
+        let replicated = self.replicated(replies.next());
+        let done = match exec {
+            Some(Value::Array(done)) if done.len() == queued => done,
+            other => {
+                // Discarded as a whole: say why with the first refusal, OOM first.
+                let errors: Vec<&redis::ServerError> = [multi.as_ref(), other.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .chain(&queued_replies)
+                    .filter_map(|v| match v {
+                        Value::ServerError(e) => Some(e),
+                        _ => None,
+                    })
+                    .collect();
+                let why = match errors.iter().find(|e| is_oom(e)).or(errors.first()) {
+                    Some(e) => server_text(e),
+                    None => format!("the transaction's reply is {other:?}"),
+                };
+                return group
+                    .iter()
+                    .map(|_| {
+                        Err(if errors.is_empty() {
+                            QueueError::Corrupt(format!("redis enqueue: {why}"))
+                        } else {
+                            self.item_error(why.as_bytes())
+                        })
+                    })
+                    .collect();
             }
+        };
+        // The replies in the order the pipeline queued the commands.
+        let (shards, _) = Self::shards_of(group);
+        let mut done = done.into_iter();
+        let stored_all = matches!(done.next(), Some(Value::Int(1)));
+        // A shard whose `ZADD` or counters failed fails its messages.
+        let mut shard_error: Vec<(u16, String)> = Vec::new();
+        for &s in &shards {
+            if let Some(Value::ServerError(e)) = done.next() {
+                shard_error.push((s, server_text(&e)));
+            }
+        }
+        let event_errors: Vec<Option<String>> = group
+            .iter()
+            .map(|item| match item.event.as_ref().and_then(|_| done.next()) {
+                Some(Value::ServerError(e)) => Some(server_text(&e)),
+                _ => None,
+            })
+            .collect();
+        for &s in &shards {
+            let bytes = group
+                .iter()
+                .filter(|i| i.shard == s)
+                .any(|i| i.body_len > 0);
+            for _ in 0..1 + usize::from(bytes) {
+                if let Some(Value::ServerError(e)) = done.next() {
+                    shard_error.push((s, server_text(&e)));
+                }
+            }
+        }
+        let mut out: Vec<Result<Outcome, QueueError>> = if stored_all {
+            group
+                .iter()
+                .zip(&event_errors)
+                .map(|(item, event_error)| {
+                    let failed = shard_error
+                        .iter()
+                        .find(|(s, _)| *s == item.shard)
+                        .map(|(_, e)| e)
+                        .or(event_error.as_ref());
+                    match (failed, &replicated) {
+                        (Some(e), _) => Err(self.item_error(e.as_bytes())),
+                        // Stored, but not on enough replicas: the client must try again.
+                        (None, Err(acked)) => Err(self.unreplicated(*acked, &item.id)),
+                        (None, Ok(())) => Ok(Outcome {
+                            stored: true,
+                            guard_reply: Vec::new(),
+                        }),
+                    }
+                })
+                .collect()
+        } else {
+            // An id of the group was already stored, so `MSETNX` stored none
+            // (the `ZADD`s and counters ran): the script stores each, replacing
+            // those already there, and takes the transaction's counts back.
+            self.outcomes_script(kind, group).await
+        };
+        if !stored_all {
+            for (answer, event_error) in out.iter_mut().zip(event_errors) {
+                if let (Ok(_), Some(e)) = (&answer, event_error) {
+                    *answer = Err(self.item_error(e.as_bytes()));
+                }
+            }
+        }
+        out
+    }
+
+    /// A script call: guarded, or the replacement of ids already stored.
+    async fn outcomes_script(
+        &self,
+        kind: &Kind,
+        group: &[&Item],
+    ) -> Vec<Result<Outcome, QueueError>> {
+        let pipe = self.script_pipeline(kind, group);
+        let replies = match self.replies(kind, group, &pipe).await {
+            Ok(r) => r,
+            Err(answers) => return answers,
         };
         let mut replies = replies.into_iter();
         let script: Vec<Value> = match replies.next().map(redis::from_redis_value) {
@@ -397,12 +599,10 @@ impl Runner {
                     Some(Err(e)) => e.to_string(),
                     _ => "no reply".into(),
                 };
-                for item in group {
-                    let _ = item.reply.send(Err(QueueError::Corrupt(format!(
-                        "redis enqueue reply: {why}"
-                    ))));
-                }
-                return;
+                return group
+                    .iter()
+                    .map(|_| Err(QueueError::Corrupt(format!("redis enqueue reply: {why}"))))
+                    .collect();
             }
         };
         let replicated = self.replicated(replies.next());
@@ -410,15 +610,18 @@ impl Runner {
         let per = if guarded { 2 } else { 1 };
         if script.len() != per * group.len() {
             let expected = per * group.len();
-            for item in group {
-                let _ = item.reply.send(Err(QueueError::Corrupt(format!(
-                    "redis enqueue reply has {} values where {expected} were expected",
-                    script.len(),
-                ))));
-            }
-            return;
+            return group
+                .iter()
+                .map(|_| {
+                    Err(QueueError::Corrupt(format!(
+                        "redis enqueue reply has {} values where {expected} were expected",
+                        script.len(),
+                    )))
+                })
+                .collect();
         }
         let mut values = script.into_iter();
+        let mut out = Vec::with_capacity(group.len());
         for item in group {
             let outcome = if guarded {
                 let (code, reply) = (values.next(), values.next());
@@ -447,12 +650,12 @@ impl Runner {
                 }
             };
             // Stored, but not on enough replicas: the client must try again.
-            let outcome = match (outcome, &replicated) {
+            out.push(match (outcome, &replicated) {
                 (Ok(o), Err(acked)) if o.stored => Err(self.unreplicated(*acked, &item.id)),
                 (o, _) => o,
-            };
-            let _ = item.reply.send(outcome);
+            });
         }
+        out
     }
 
     /// Whether enough replicas acknowledged the call (the reply of its `WAIT`):
@@ -485,5 +688,20 @@ fn bytes_of(v: Value) -> Vec<u8> {
         Value::SimpleString(s) => s.into_bytes(),
         Value::Int(n) => n.to_string().into_bytes(),
         other => format!("{other:?}").into_bytes(),
+    }
+}
+
+/// Redis at `maxmemory` refusing a write.
+fn is_oom(e: &redis::ServerError) -> bool {
+    e.code() == "OOM"
+        || e.details()
+            .is_some_and(|d| d.contains("OOM command not allowed"))
+}
+
+/// A server error as Redis wrote it: its code, then its text.
+fn server_text(e: &redis::ServerError) -> String {
+    match e.details() {
+        Some(d) => format!("{} {d}", e.code()),
+        None => e.code().to_owned(),
     }
 }

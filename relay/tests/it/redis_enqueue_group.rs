@@ -1,5 +1,7 @@
 //! Group commit of Redis enqueues (issue 21): enqueues of concurrent sessions go
-//! in fewer script calls than messages, each stored and deliverable exactly once;
+//! in fewer calls than messages (a plain group is one `MULTI`/`EXEC` with no
+//! script; an id already stored takes one script call after it), each stored and
+//! deliverable exactly once;
 //! a call that fails answers every message in it with an error, a message that
 //! fails alone (a key of the wrong type) fails alone, and one a quota refuses is
 //! refused alone; in Redis Cluster the groups are per shard. Also the Redis
@@ -116,11 +118,12 @@ async fn concurrent_enqueues_share_script_calls_and_each_is_delivered_once() {
     for r in enqueue_all(&queue, &msgs).await {
         r.unwrap();
     }
-    let evalsha = calls(server.port(), "evalsha");
+    let exec = calls(server.port(), "exec");
     assert!(
-        evalsha <= 400 / 4,
-        "{evalsha} script calls for 400 concurrent enqueues"
+        exec <= 400 / 4,
+        "{exec} transactions for 400 concurrent enqueues"
     );
+    assert_eq!(calls(server.port(), "evalsha"), 0, "no script for new ids");
     let stats = queue.stats().await.unwrap();
     assert_eq!(stats.messages, 400);
     assert_eq!(
@@ -133,23 +136,89 @@ async fn concurrent_enqueues_share_script_calls_and_each_is_delivered_once() {
         assert_eq!(got.envelope.recipients, m.envelope.recipients);
     }
     // An enqueue alone (the relay idle) goes at once, in a call of its own.
-    let before = calls(server.port(), "evalsha");
+    let before = calls(server.port(), "exec");
     let lone = message(1000, 10);
     queue.enqueue(&lone).await.unwrap();
-    assert_eq!(calls(server.port(), "evalsha"), before + 1);
+    assert_eq!(calls(server.port(), "exec"), before + 1);
     // Enqueued again (a client that retried after a lost answer): replaced,
-    // counted once, in a group with others.
+    // counted once, in a group with others; only the replaced ids take a script
+    // call, at most one per transaction that held one.
     let mut again: Vec<QueuedMessage> = msgs[..10].to_vec();
     again.extend((0..30).map(|i| message(2000 + i, 100)));
+    let exec_before = calls(server.port(), "exec");
     for r in enqueue_all(&queue, &again).await {
         r.unwrap();
     }
+    let evalsha = calls(server.port(), "evalsha");
+    let transactions = calls(server.port(), "exec") - exec_before;
+    assert!(
+        (1..=transactions.min(10)).contains(&evalsha),
+        "{evalsha} script calls for 10 replaced ids in {transactions} transactions"
+    );
     assert_eq!(queue.stats().await.unwrap().messages, 400 + 1 + 30);
     let taken = drain(&queue).await;
     let mut all = msgs.clone();
     all.push(lone);
     all.extend(again[10..].iter().cloned());
     assert_each_once(&all, &taken);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.messages, stats.bytes), (0, 0));
+}
+
+/// A plain group's bodies reach Redis in one native `MSETNX` per transaction,
+/// never through a script (Lua would hash and copy each body): no
+/// `EVAL`/`EVALSHA`, one `ZADD` per shard and transaction, the shard counters once
+/// per shard and transaction. After Redis lost its scripts, new ids still need none, and an id
+/// already stored has its script loaded again and is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_plain_group_sends_its_bodies_through_no_script() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let queue = Arc::new(RedisQueue::connect(&server.config(PREFIX)).await.unwrap());
+    let msgs: Vec<QueuedMessage> = (0..200).map(|i| message(i, 1024)).collect();
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    for r in enqueue_all(&queue, &msgs).await {
+        r.unwrap();
+    }
+    let port = server.port();
+    assert_eq!((calls(port, "evalsha"), calls(port, "eval")), (0, 0));
+    let exec = calls(port, "exec");
+    assert!(exec <= 200 / 4, "{exec} transactions for 200 enqueues");
+    assert_eq!((calls(port, "msetnx"), calls(port, "set")), (exec, 0));
+    assert!(calls(port, "zadd") <= 16 * exec);
+    // Two counters per shard and transaction at most (16 shards).
+    assert!(calls(port, "hincrby") <= 2 * 16 * exec);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.messages, stats.bytes),
+        (200, msgs.iter().map(|m| m.body.len() as u64).sum::<u64>())
+    );
+
+    // Redis lost its scripts (a restart, a failover): nothing is orphaned.
+    server.cli(&["SCRIPT", "FLUSH"]).unwrap();
+    server.cli(&["CONFIG", "RESETSTAT"]).unwrap();
+    let fresh = message(500, 300);
+    queue.enqueue(&fresh).await.unwrap();
+    assert_eq!(calls(port, "evalsha"), 0);
+    let mut replaced = msgs[3].clone();
+    replaced.body = b"Subject: new\r\n\r\nshorter".to_vec();
+    queue.enqueue(&replaced).await.unwrap();
+    assert!(
+        calls(port, "evalsha") >= 1,
+        "the replacement ran its script"
+    );
+    let got = queue.get(&replaced.envelope.id).await.unwrap().unwrap();
+    assert_eq!(got.body, replaced.body);
+    let stats = queue.stats().await.unwrap();
+    let bytes: u64 = msgs.iter().map(|m| m.body.len() as u64).sum::<u64>()
+        - msgs[3].body.len() as u64
+        + replaced.body.len() as u64
+        + fresh.body.len() as u64;
+    assert_eq!((stats.messages, stats.bytes), (201, bytes));
+    let mut all = msgs.clone();
+    all.push(fresh);
+    assert_each_once(&all, &drain(&queue).await);
     let stats = queue.stats().await.unwrap();
     assert_eq!((stats.messages, stats.bytes), (0, 0));
 }
@@ -184,7 +253,8 @@ async fn grouped_enqueues_write_each_accepted_event_once() {
     for (i, t) in tasks.into_iter().enumerate() {
         assert_eq!(t.await.unwrap().unwrap(), i % 2 == 0, "message {i}");
     }
-    assert!(calls(server.port(), "evalsha") <= 50);
+    assert!(calls(server.port(), "exec") <= 50);
+    assert_eq!(calls(server.port(), "evalsha"), 0);
     let stream = mailrelay::events::log::stream_key(PREFIX);
     assert_eq!(server.cli(&["XLEN", &stream]).unwrap().trim(), "50");
     let entries = server.cli(&["XRANGE", &stream, "-", "+"]).unwrap();
@@ -215,7 +285,7 @@ async fn a_group_whose_wait_fails_answers_every_message_with_an_error() {
         );
     }
     let waits = calls(server.port(), "wait");
-    assert_eq!(waits, calls(server.port(), "evalsha"), "one WAIT per call");
+    assert_eq!(waits, calls(server.port(), "exec"), "one WAIT per call");
     assert!(waits < 60, "{waits} calls for 60 messages");
 }
 
@@ -257,7 +327,8 @@ async fn failures_in_a_group_reach_exactly_the_messages_they_hit() {
             assert!(r.is_ok(), "message {i}: {r:?}");
         }
     }
-    assert!(calls(server.port(), "evalsha") < 40);
+    assert!(calls(server.port(), "exec") < 40);
+    assert_eq!(calls(server.port(), "evalsha"), 1, "the taken id alone");
     assert_eq!(queue.stats().await.unwrap().messages, 39);
     server.cli(&["DEL", &key]).unwrap();
     let taken = drain(&queue).await;
@@ -367,12 +438,14 @@ async fn cluster_groups_per_shard() {
     for r in enqueue_all(&queue, &msgs).await {
         r.unwrap();
     }
-    let per_master: Vec<u64> = masters.iter().map(|&p| calls(p, "evalsha")).collect();
+    let per_master: Vec<u64> = masters.iter().map(|&p| calls(p, "exec")).collect();
     let total: u64 = per_master.iter().sum();
     assert!(
         total < 640 / 2,
-        "{per_master:?} script calls for 640 enqueues"
+        "{per_master:?} transactions for 640 enqueues"
     );
+    let scripts: u64 = masters.iter().map(|&p| calls(p, "evalsha")).sum();
+    assert_eq!(scripts, 0);
     assert!(
         per_master.iter().all(|&n| n > 0),
         "every master holds shards: {per_master:?}"
@@ -380,6 +453,41 @@ async fn cluster_groups_per_shard() {
     assert_eq!(queue.stats().await.unwrap().messages, 640);
     let taken = drain(&queue).await;
     assert_each_once(&msgs, &taken);
+}
+
+/// One id enqueued by many tasks at once, among other messages: never two of it
+/// in one transaction (its `MSETNX` would store and count it twice), so it is
+/// counted once and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_id_enqueued_concurrently_is_counted_once() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let queue = Arc::new(RedisQueue::connect(&server.config(PREFIX)).await.unwrap());
+    let same = message(0, 100);
+    let others: Vec<QueuedMessage> = (1..40).map(|i| message(i, 100)).collect();
+    let mut msgs = Vec::new();
+    for (i, m) in others.iter().enumerate() {
+        msgs.push(m.clone());
+        if i % 2 == 0 {
+            msgs.push(same.clone());
+        }
+    }
+    for r in enqueue_all(&queue, &msgs).await {
+        r.unwrap();
+    }
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(stats.messages, 40, "{stats:?}");
+    assert_eq!(
+        stats.bytes,
+        40 * same.body.len() as u64,
+        "every body is 100 bytes"
+    );
+    let mut all = others.clone();
+    all.push(same);
+    assert_each_once(&all, &drain(&queue).await);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!((stats.messages, stats.bytes), (0, 0));
 }
 
 /// A queue used from a second runtime after the first one is gone (its lane's
