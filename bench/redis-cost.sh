@@ -265,7 +265,7 @@ def usage(k):
     r = cli("MEMORY", "USAGE", k, "SAMPLES", "0")
     return int(r[0]) if r else 0
 row = dict(mode=mode, bin=label, size=size, n=n, per_msg={}, per_key={})
-for index in ("due", "ids", "leased", "lease", "later", "stats"):
+for index in ("due", "fresh", "ids", "leased", "lease", "later", "stats"):
     ks = [k for k in scan("*:" + index, 100000) if k.endswith("}:" + index)]
     if ks:
         row["per_msg"][index] = round(sum(usage(k) for k in ks) / n, 1)

@@ -478,6 +478,7 @@ mod tests {
             key_prefix: "mr".into(),
             wait_replicas: 0,
             wait_timeout: crate::config::default_wait_timeout(),
+            fresh_list: true,
         };
         let s = secrets_of(&cfg);
         for want in ["s@nt", "s%40nt", "datapw"] {
@@ -517,6 +518,7 @@ mod tests {
             key_prefix: "mr".into(),
             wait_replicas: 0,
             wait_timeout: crate::config::default_wait_timeout(),
+            fresh_list: true,
         };
         let t = Timeouts {
             connect: Duration::from_secs(1),

@@ -269,6 +269,7 @@ impl RedisServer {
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
             wait_timeout: mailrelay::config::default_wait_timeout(),
+            fresh_list: true,
         }
     }
 
@@ -404,6 +405,7 @@ impl RedisCluster {
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
             wait_timeout: mailrelay::config::default_wait_timeout(),
+            fresh_list: true,
         }
     }
 
@@ -645,6 +647,7 @@ impl RedisSentinel {
             key_prefix: prefix.to_owned(),
             wait_replicas: 0,
             wait_timeout: mailrelay::config::default_wait_timeout(),
+            fresh_list: true,
         }
     }
 

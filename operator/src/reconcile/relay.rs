@@ -624,6 +624,7 @@ fn store_config(relay: &MailRelay, secrets: &secrets::Resolved) -> Option<RedisC
         key_prefix: r.key_prefix.clone().unwrap_or_else(|| "mr".into()),
         wait_replicas: 0,
         wait_timeout: mailrelay::config::default_wait_timeout(),
+        fresh_list: true,
     })
 }
 

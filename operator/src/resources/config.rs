@@ -224,6 +224,7 @@ pub fn relay_config_with_rules(
             Some(t) => parse_duration(t).map_err(|m| spec_err("spec.redis.waitTimeout", m))?,
             None => mailrelay::config::default_wait_timeout(),
         },
+        fresh_list: mailrelay::config::default_fresh_list(),
     });
     if let Some(d) = &spec.delivery {
         if let Some(t) = d.tls {

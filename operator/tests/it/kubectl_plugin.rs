@@ -1906,6 +1906,7 @@ async fn shaping_list_and_lift_through_the_service_proxy() {
         key_prefix: "mr".into(),
         wait_replicas: 0,
         wait_timeout: mailrelay::config::default_wait_timeout(),
+        fresh_list: true,
     };
     let egress = Egress::redis(&rcfg, &[], Duration::from_secs(30))
         .await

@@ -410,6 +410,7 @@ async fn states_reach_status_with_one_event_each() {
         key_prefix: "mr".into(),
         wait_replicas: 0,
         wait_timeout: mailrelay::config::default_wait_timeout(),
+        fresh_list: true,
     })
     .await
     .unwrap();

@@ -47,7 +47,7 @@ pub use queue::{
     DEFAULT_CACHE_SIZE, DEFAULT_STATUS_RETENTION, MIN_QUEUE_CACHE_SIZE, QueueBackendKind,
     QueueConfig,
 };
-pub use redis::{MAX_WAIT_TIMEOUT, RedisConfig, default_wait_timeout};
+pub use redis::{MAX_WAIT_TIMEOUT, RedisConfig, default_fresh_list, default_wait_timeout};
 pub use sender_binding::{NetworkSenders, SenderBindingConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -235,7 +235,29 @@ impl RelayConfig {
                         key_prefix: redis::default_prefix(),
                         wait_replicas: 0,
                         wait_timeout: default_wait_timeout(),
+                        fresh_list: default_fresh_list(),
                     })
+                }
+            }
+        }
+        if let Some(v) = get("MAILRELAY_REDIS_FRESH_LIST") {
+            let on = match v.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(invalid(
+                        "MAILRELAY_REDIS_FRESH_LIST",
+                        format!("must be true or false, not {v:?}"),
+                    ));
+                }
+            };
+            match &mut self.queue.redis {
+                Some(r) => r.fresh_list = on,
+                None => {
+                    return Err(invalid(
+                        "MAILRELAY_REDIS_FRESH_LIST",
+                        "set, but no Redis is configured (queue.redis.url or MAILRELAY_REDIS_URL)",
+                    ));
                 }
             }
         }

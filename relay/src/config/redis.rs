@@ -45,6 +45,26 @@ pub struct RedisConfig {
         skip_serializing_if = "is_default_wait_timeout"
     )]
     pub wait_timeout: Duration,
+    /// Enqueues put new message ids on each shard's `fresh` list (about 25 bytes
+    /// of Redis memory per message) rather than the `due` sorted set (about 125).
+    /// Readers always read both. Relays of releases before this switch read only
+    /// `due`: set `false`, and wait until the `fresh` lists are empty, before
+    /// rolling back to one (docs/operations.md, "Upgrades").
+    /// Env: `MAILRELAY_REDIS_FRESH_LIST` (`true`/`false`).
+    #[serde(
+        default = "default_fresh_list",
+        // Rendered configs (and the operator's config hash) stay as they were.
+        skip_serializing_if = "is_default_fresh_list"
+    )]
+    pub fresh_list: bool,
+}
+
+pub fn default_fresh_list() -> bool {
+    true
+}
+
+fn is_default_fresh_list(b: &bool) -> bool {
+    *b == default_fresh_list()
 }
 
 /// Longest `wait_timeout`: a command's reply must come within the store's
@@ -82,6 +102,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("key_prefix", &self.key_prefix)
             .field("wait_replicas", &self.wait_replicas)
             .field("wait_timeout", &self.wait_timeout)
+            .field("fresh_list", &self.fresh_list)
             .finish()
     }
 }

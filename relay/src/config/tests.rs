@@ -455,3 +455,41 @@ fn sender_binding_parses_and_bad_values_are_named() {
         assert!(e.contains(field), "{yaml}: {e}");
     }
 }
+
+#[test]
+fn redis_fresh_list_defaults_on_and_is_set_by_config_or_env() {
+    let redis = |c: &RelayConfig| c.queue.redis.clone().unwrap();
+    let c = RelayConfig::from_yaml("queue: {redis: {url: 'redis://h:6379'}}").unwrap();
+    assert!(redis(&c).fresh_list);
+    // Left out of rendered configs while it has its default.
+    assert!(
+        !serde_norway::to_string(&redis(&c))
+            .unwrap()
+            .contains("fresh_list")
+    );
+    let mut c =
+        RelayConfig::from_yaml("queue: {redis: {url: 'redis://h:6379', fresh_list: false}}")
+            .unwrap();
+    assert!(!redis(&c).fresh_list);
+    c.apply_env(|k| (k == "MAILRELAY_REDIS_FRESH_LIST").then(|| "true".into()))
+        .unwrap();
+    assert!(redis(&c).fresh_list);
+    c.apply_env(|k| (k == "MAILRELAY_REDIS_FRESH_LIST").then(|| "false".into()))
+        .unwrap();
+    assert!(!redis(&c).fresh_list);
+    let e = c
+        .apply_env(|k| (k == "MAILRELAY_REDIS_FRESH_LIST").then(|| "maybe".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MAILRELAY_REDIS_FRESH_LIST"), "{e}");
+    let mut c = RelayConfig::from_yaml("{}").unwrap();
+    let e = c
+        .apply_env(|k| (k == "MAILRELAY_REDIS_FRESH_LIST").then(|| "false".into()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MAILRELAY_REDIS_FRESH_LIST"), "{e}");
+    let e = RelayConfig::from_yaml("queue: {redis: {url: 'redis://h:6379', fresh_list: 3}}")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("fresh_list"), "{e}");
+}

@@ -16,7 +16,10 @@
 //! |------------------|------------|-------------------------------------------------------|
 //! | `<base>:m:<id>`  | string     | a queued message: `<envelope len>:<body len>:`, the   |
 //! |                  |            | envelope (compact, `redis_envelope.rs`), the body     |
-//! | `<base>:due`     | sorted set | queued, not leased: id scored by next attempt ms      |
+//! | `<base>:fresh`   | list       | queued, never attempted, not leased: ids in arrival   |
+//! |                  |            | order (due at arrival)                                |
+//! | `<base>:due`     | sorted set | queued, not leased, not fresh: id scored by next      |
+//! |                  |            | attempt ms (retries, given back, swept, imported)     |
 //! | `<base>:leased`  | sorted set | in flight: id scored by lease expiry ms               |
 //! | `<base>:lease`   | hash       | id → token of its latest lease, until finish/release  |
 //! | `<base>:later`   | sorted set | score 0: queued ids due at another time than their    |
@@ -29,19 +32,30 @@
 //! |                  |            | `delivered`, `bounced`, `expired` (recipients of      |
 //! |                  |            | finished messages, never decremented)                 |
 //!
-//! A queued message is in exactly one of `due` and `leased`. Why so few keys per
-//! message (bench/redis-cost.sh, docs/capacity.md): a queued message costs one
-//! string (envelope and body in one allocation, where a hash of both was a hash
-//! table with two field entries) and one `due` entry; the lease token goes in a
+//! A queued message is in exactly one of `fresh`, `due` and `leased`. Why so few
+//! keys per message (bench/redis-cost.sh, docs/capacity.md): a queued message
+//! costs one string (envelope and body in one allocation, where a hash of both was
+//! a hash table with two field entries) and one `fresh` entry (about 25 bytes in a
+//! list where a `due` entry cost about 125: a new message is due at its arrival,
+//! so it needs no score, and arrival order is list order); the lease token goes in a
 //! per-shard hash that only in-flight messages use; a message with no attempt yet
 //! has no status (readers take its absence for [`MessageStatus::new`]). There is no
-//! per-message arrival index: listing reads `due` and `leased` and sorts (an
-//! operator tool), and the oldest message is the first by score in `due` (scored by
-//! arrival until rescheduled), the first of `later` and those in flight.
+//! per-message arrival index: listing reads `fresh`, `due` and `leased` and sorts
+//! (an operator tool), and the oldest message is the first of `fresh`, the first
+//! by score in `due`, the first of `later` and those in flight.
+//!
+//! `lease_due` takes a shard's `due` ids due by now first (retries), then pops
+//! `fresh`. Enqueues write `fresh` only with `queue.redis.fresh_list` (the
+//! default); with it off they score new ids in `due` as releases before it did,
+//! which read only `due`, so a rollback to one of those first turns it off and
+//! waits for the lists to drain (docs/operations.md, "Upgrades"). Every reader
+//! reads both, whatever the switch.
 //!
 //! `due` is the delivery schedule and is rescored on every retry. The schedule is
-//! authoritative for when a message is next due: `retry_now` only rescores `due`,
-//! and reads fill `next_attempt_ms` in from it.
+//! authoritative for when a message is next due: `retry_now` only rescores `due`
+//! (a fresh id is due already), and reads fill `next_attempt_ms` in from it (a
+//! fresh id, in no zset, is due at its arrival, as a message without a status
+//! says).
 //!
 //! Scripts reach a message's keys by building them from the shard's key prefixes
 //! (passed as arguments) and ids read from an index: the ids are not known before
@@ -70,7 +84,7 @@
 //! `enqueue` is group-committed (`redis_enqueue.rs`): enqueues of concurrent
 //! sessions that arrive while a call is in flight go together in the next one, a
 //! pipeline of one `MULTI`/`EXEC` of native commands (one `MSETNX` of the stored
-//! values, one `ZADD` per shard to `due`, on standalone Redis and Sentinel each
+//! values, one `RPUSH` per shard to `fresh`, on standalone Redis and Sentinel each
 //! `accepted` event's `XADD`, each shard's counters once) and, when
 //! `wait_replicas > 0`, one `WAIT` for the whole group; one lane of calls on a
 //! single server, one per shard in a cluster. No script: Redis 7's Lua hashes
@@ -128,11 +142,12 @@
 //! so retrying one whose outcome was not learned is safe. That is also why a dropped
 //! connection is retried once inside the operation. On the plain path this takes two
 //! steps: the group's transaction stores no value (`MSETNX` is all or none) but adds
-//! the ids to `due` and counts them; the replacement script then stores each (the
-//! old copy replaced: its old lease, status and indexes go) and takes those counts
-//! back, and only then are the group's callers answered. A relay that dies between
+//! the ids to `fresh` and counts them; the replacement script then takes that
+//! entry back, stores each (the old copy replaced: its old lease, status and
+//! indexes go, so one `fresh` entry is left) and takes those counts back, and only
+//! then are the group's callers answered. A relay that dies between
 //! the two leaves the old copy queued (delivered once more), the group's other
-//! messages unstored (never answered `250`; their `due` entries are dropped as
+//! messages unstored (never answered `250`; their `fresh` entries are dropped as
 //! debris) and the shards' counters too high by the group's size. An error after the script ran (a
 //! response timeout, a `WAIT` that too few replicas acknowledged) still leaves the
 //! message stored: the SMTP client is told to retry, and may then deliver a duplicate.
@@ -182,6 +197,12 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Expired leases one `lease_due` script returns to due per shard, so a script stays
 /// short (it blocks its Redis node) even after a long outage.
 const SWEEP_LIMIT: usize = 1000;
+/// How far ahead of a lease's `now` the id of a `fresh` message may have been
+/// made and still be taken: relays' clocks differ a little, and a message's
+/// arrival time is its own (the id's time is only close to it). An id further
+/// ahead (a clock gone wrong, or a caller's `now` in the past) goes to `due`,
+/// scored by the id's time, rather than blocking the list.
+const FRESH_SKEW_MS: u64 = 10_000;
 /// Messages whose values one `MGET` of a lease reads (see `lease_shards`).
 const LEASE_READ_CHUNK: usize = 16;
 /// Messages read per script call when listing or selecting by status: long enough to
@@ -191,14 +212,21 @@ const PAGE: usize = 200;
 /// KEYS/ARGV of `remove.lua`.
 const REMOVE: Layout = Layout {
     keys: &[
-        "message", "due", "stats", "leased", "lease", "later", "status", "final",
+        "message", "due", "stats", "leased", "lease", "later", "status", "final", "fresh",
     ],
     args: &["id"],
 };
 /// KEYS/ARGV of `lease.lua`.
 const LEASE: Layout = Layout {
-    keys: &["due, leased, lease, later.."],
-    args: &["now", "expires", "max", "token", "sweep limit"],
+    keys: &["due, leased, lease, later, fresh.."],
+    args: &[
+        "now",
+        "expires",
+        "max",
+        "token",
+        "sweep limit",
+        "fresh cutoff",
+    ],
 };
 /// KEYS/ARGV of `lease_drop.lua`.
 const LEASE_DROP: Layout = Layout {
@@ -604,6 +632,7 @@ impl RedisQueue {
             wait_replicas: cfg.wait_replicas,
             wait_timeout_ms: cfg.wait_timeout.as_millis().clamp(1, u128::from(u64::MAX)) as u64,
             shard_keys: shard_keys.clone().into(),
+            fresh_list: cfg.fresh_list,
             stream: crate::events::log::stream_key(&cfg.key_prefix),
         };
         let lanes = (0..if conn.is_cluster() { SHARDS } else { 1 })
@@ -735,6 +764,8 @@ impl RedisQueue {
             stored,
             body_len: msg.body.len(),
             due: msg.envelope.received_at_ms,
+            // One due later (an arrival time ahead of the clock) needs its score.
+            fresh: lane.runner().fresh_list && msg.envelope.received_at_ms <= now_ms(),
             event,
             guard,
             reply,
@@ -1196,22 +1227,28 @@ impl RedisQueue {
         max: usize,
         token: &str,
     ) -> Result<Vec<Leased>, QueueError> {
-        const KEYS: &str = "due, leased, lease, later..";
+        const KEYS: &str = "due, leased, lease, later, fresh..";
         let mut call = Call::new(&self.scripts.lease, &LEASE);
         for &shard in shards {
             let keys = self.shard(shard);
             call.key(KEYS, &keys.due)
                 .key(KEYS, &keys.leased)
                 .key(KEYS, &keys.lease)
-                .key(KEYS, &keys.later);
+                .key(KEYS, &keys.later)
+                .key(KEYS, &keys.fresh);
         }
         call.arg("now", now_ms)
             .arg("expires", expires_ms)
             .arg("max", max)
             .arg("token", token)
-            .arg("sweep limit", SWEEP_LIMIT);
+            .arg("sweep limit", SWEEP_LIMIT)
+            .arg(
+                "fresh cutoff",
+                fresh_cutoff(now_ms.saturating_add(FRESH_SKEW_MS)),
+            );
         let invocation = call.invocation();
-        let flat: Vec<Vec<u8>> = self.eval("lease", &invocation).await?;
+        // A score is nil for an id taken from `fresh`.
+        let flat: Vec<Option<Vec<u8>>> = self.eval("lease", &invocation).await?;
         if !flat.len().is_multiple_of(2) {
             return Err(QueueError::Corrupt(format!(
                 "redis lease reply has {} fields",
@@ -1220,7 +1257,10 @@ impl RedisQueue {
         }
         let mut taken = Vec::with_capacity(flat.len() / 2);
         for pair in flat.chunks_exact(2) {
-            taken.push((reply_id(Some(&pair[0]))?, parse_score(Some(&pair[1]))));
+            taken.push((
+                reply_id(pair[0].as_deref())?,
+                parse_score(pair[1].as_deref()),
+            ));
         }
         if taken.is_empty() {
             return Ok(Vec::new());
@@ -1315,7 +1355,8 @@ impl RedisQueue {
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGE").arg(&keys.due).arg(0).arg(-1);
         pipe.cmd("ZRANGE").arg(&keys.leased).arg(0).arg(-1);
-        let (due, leased): (Vec<String>, Vec<String>) = self
+        pipe.cmd("LRANGE").arg(&keys.fresh).arg(0).arg(-1);
+        let (due, leased, fresh): (Vec<String>, Vec<String>, Vec<String>) = self
             .retrying(|mut conn| {
                 let pipe = &pipe;
                 async move { pipe.query_async(&mut conn).await }
@@ -1325,6 +1366,7 @@ impl RedisQueue {
         let mut ids = due
             .iter()
             .chain(&leased)
+            .chain(&fresh)
             .map(|s| {
                 QueueId::parse(s)
                     .ok_or_else(|| QueueError::Corrupt(format!("invalid queue id {s:?} in redis")))
@@ -1820,6 +1862,7 @@ impl Inspect for RedisQueue {
                     let mut pipe = redis::pipe();
                     pipe.cmd("ZRANGE").arg(&keys.due).arg(0).arg(-1);
                     pipe.cmd("ZRANGE").arg(&keys.leased).arg(0).arg(-1);
+                    pipe.cmd("LRANGE").arg(&keys.fresh).arg(0).arg(-1);
                     pipe
                 })
                 .await?;
@@ -1856,6 +1899,7 @@ impl Inspect for RedisQueue {
                 .key("later", &keys.later)
                 .key("status", keys.status(id))
                 .key("final", keys.fin(id))
+                .key("fresh", &keys.fresh)
                 .arg("id", id);
             let invocation = call.invocation();
             let existed: i64 = self.eval("remove", &invocation).await?;
@@ -1875,8 +1919,9 @@ impl Inspect for RedisQueue {
                         .arg("deferred");
                     pipe.cmd("ZCARD").arg(&keys.leased);
                     // The oldest (see the module docs): first by score in `due`,
-                    // first of `later`, and those in flight.
+                    // first of `fresh`, first of `later`, and those in flight.
                     pipe.cmd("ZRANGE").arg(&keys.due).arg(0).arg(0);
+                    pipe.cmd("LRANGE").arg(&keys.fresh).arg(0).arg(0);
                     pipe.cmd("ZRANGE").arg(&keys.later).arg(0).arg(0);
                     pipe.cmd("ZRANGE").arg(&keys.leased).arg(0).arg(9999);
                     pipe
@@ -1915,11 +1960,13 @@ impl Inspect for RedisQueue {
                     Vec<String>,
                     Vec<String>,
                     Vec<String>,
+                    Vec<String>,
                 );
-                let (c, leased, due, later, in_flight): Shard =
+                let (c, leased, due, fresh, later, in_flight): Shard =
                     redis::from_redis_value(Value::Array(replies))
                         .map_err(|e| QueueError::Corrupt(format!("redis stats reply: {e}")))?;
                 oldest(&due);
+                oldest(&fresh);
                 oldest(&later);
                 oldest(&in_flight);
                 counts.push((c, leased));
@@ -2177,7 +2224,11 @@ fn leased_of(
     // The body is the value's tail: moved to the front, not copied.
     body.drain(..body_at);
     let mut status = stored_status(&id, &envelope, status.as_deref())?;
-    status.next_attempt_ms = score;
+    // No score: taken from `fresh`, due at its arrival, which is what a message
+    // without a status already says.
+    if score.is_some() {
+        status.next_attempt_ms = score;
+    }
     status.leased_until_ms = Some(expires_ms);
     Ok(Leased {
         lease: Lease {
@@ -2197,6 +2248,19 @@ fn finish_result(code: i64) -> FinishResult {
         2 => FinishResult::Finalized,
         _ => FinishResult::LeaseLost,
     }
+}
+
+/// The greatest queue id generated at or before `now_ms` (see
+/// [`QueueId::generate`]: 48 bits of ms, then 52 random ones, in Crockford base32,
+/// whose digits sort as their values): an id of `fresh` is due by `now_ms` iff it
+/// sorts at or before this.
+fn fresh_cutoff(now_ms: u64) -> String {
+    const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let v: u128 = ((u128::from(now_ms & ((1 << 48) - 1))) << 52) | ((1 << 52) - 1);
+    (0..20)
+        .rev()
+        .map(|i| char::from(CROCKFORD[((v >> (i * 5)) & 31) as usize]))
+        .collect()
 }
 
 fn reply_id(bytes: Option<&[u8]>) -> Result<QueueId, QueueError> {
@@ -2220,6 +2284,9 @@ struct ShardKeys {
     leased: String,
     lease: String,
     later: String,
+    /// Ids never attempted, due at their arrival, in arrival order (a list entry
+    /// costs far less than a sorted-set one).
+    fresh: String,
     stats: String,
     /// `<base>:m:`, `<base>:s:`, `<base>:f:`: a message's keys are these plus its id.
     message: String,
@@ -2237,6 +2304,7 @@ impl ShardKeys {
                 leased: format!("{base}leased"),
                 lease: format!("{base}lease"),
                 later: format!("{base}later"),
+                fresh: format!("{base}fresh"),
                 stats: format!("{base}stats"),
                 message: format!("{base}m:"),
                 status: format!("{base}s:"),
@@ -2397,10 +2465,30 @@ mod tests {
         let plain = grouped::REPLACE_GROUP.fixed_args();
         assert!(ENQUEUE_REPLACE_MAIN_LUA.contains(&format!("local a, m = {}, ", plain + 1)));
         assert!(ENQUEUE_REPLACE_MAIN_LUA.contains("a, m = a + 5, m + 2"));
+        // Per shard: due, stats, leased, lease, later, fresh.
+        assert!(ENQUEUE_REPLACE_MAIN_LUA.contains("* 6 + 1"));
+        assert!(GUARDED_GROUP_MAIN.contains("* 6 + 1"));
         let guarded = grouped::GUARDED_GROUP.fixed_args();
         assert!(GUARDED_GROUP_MAIN.contains(&format!("local a, m = {}, ", guarded + 1)));
         assert!(GUARDED_GROUP_MAIN.contains("A0 = a + 6\n"));
         assert!(GUARDED_ARGS_LUA.contains("local A0 = 0\n"));
+    }
+
+    #[test]
+    fn the_fresh_cutoff_sorts_after_ids_of_its_millisecond_and_before_later_ones() {
+        let now = now_ms();
+        for _ in 0..100 {
+            let id = QueueId::generate();
+            let ms = id.timestamp_ms();
+            assert!(id.as_str() <= fresh_cutoff(ms).as_str());
+            assert!(id.as_str() <= fresh_cutoff(ms + 1).as_str());
+            assert!(id.as_str() > fresh_cutoff(ms - 1).as_str());
+            assert!(ms >= now);
+        }
+        assert_eq!(
+            QueueId::parse(&fresh_cutoff(now)).unwrap().timestamp_ms(),
+            now
+        );
     }
 
     #[test]
@@ -2509,6 +2597,7 @@ mod tests {
             key_prefix: "{bad}".into(),
             wait_replicas: 0,
             wait_timeout: crate::config::default_wait_timeout(),
+            fresh_list: true,
         };
         assert!(RedisQueue::connect(&cfg).await.is_err());
         cfg.key_prefix = "mr".into();

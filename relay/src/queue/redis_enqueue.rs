@@ -12,7 +12,8 @@
 //! covers the whole group.
 //!
 //! A plain group is one `MULTI`/`EXEC` of native commands, no script: one
-//! `MSETNX` of every message's stored value, one `ZADD` to each shard's `due`,
+//! `MSETNX` of every message's stored value, one `RPUSH` to each shard's `fresh`
+//! (with `queue.redis.fresh_list: false` a `ZADD` to its `due`),
 //! each `accepted` event's `XADD` (standalone and Sentinel), then each shard's
 //! `HINCRBY`s. Why not a
 //! script: Redis 7's Lua hashes every byte of every string it is handed, and a
@@ -22,12 +23,12 @@
 //! refused while queuing, or an `EXEC` refused, discards the whole group
 //! (`EXECABORT`), so nothing is stored behind the `451`. In the rare group with
 //! an id that is already stored, `MSETNX` stores none (the transaction still
-//! added them to `due` and counted them): [`REPLACE_GROUP`]'s script, right
+//! added them to `fresh` and counted them): [`REPLACE_GROUP`]'s script, right
 //! after, stores each, replacing that one as the trait asks (counted once, its
 //! old lease, status and indexes gone), and takes the transaction's counts back;
 //! those callers are answered from that call (and its `WAIT`). A relay that dies
 //! between the two leaves that group's new messages unstored (their callers had
-//! no `250`; their `due` entries are dropped as debris by the next lease), the
+//! no `250`; their `fresh` entries are dropped as debris by the next lease), the
 //! old copy queued, and the shards' counters too high by the group's size.
 //!
 //! Quota-guarded groups stay one `EVALSHA` (the guard decides inside the call
@@ -59,13 +60,16 @@ pub(super) const MAX_GROUP_BYTES: usize = 4 << 20;
 
 /// KEYS/ARGV of `enqueue_replace_main.lua` (with `enqueue.lua`).
 pub(super) const REPLACE_GROUP: Layout = Layout {
-    keys: &["due, stats, leased, lease, later..", "message, status.."],
+    keys: &[
+        "due, stats, leased, lease, later, fresh..",
+        "message, status..",
+    ],
     args: &["shard count", "count", "per message.."],
 };
 /// KEYS/ARGV of `guarded_group_main.lua` (with a guard and `enqueue.lua`).
 pub(super) const GUARDED_GROUP: Layout = Layout {
     keys: &[
-        "due, stats, leased, lease, later..",
+        "due, stats, leased, lease, later, fresh..",
         "message, status, guard keys..",
         "guard index",
     ],
@@ -89,6 +93,8 @@ pub(super) struct Item {
     pub stored: Vec<u8>,
     pub body_len: usize,
     pub due: u64,
+    /// Scheduled on its shard's `fresh` list (due at arrival, by now), not `due`.
+    pub fresh: bool,
     /// The `accepted` event's JSON and the stream's `MAXLEN ~` cap (standalone
     /// and Sentinel only).
     pub event: Option<(Vec<u8>, u64)>,
@@ -119,6 +125,9 @@ pub(super) struct Runner {
     pub wait_replicas: u32,
     pub wait_timeout_ms: u64,
     pub shard_keys: Arc<[ShardKeys]>,
+    /// New ids due by their enqueue go to each shard's `fresh` list, not `due`
+    /// (`queue.redis.fresh_list`).
+    pub fresh_list: bool,
     /// The events stream (only used on standalone Redis and Sentinel).
     pub stream: String,
 }
@@ -286,7 +295,7 @@ impl Runner {
             .filter_map(|i| i.guard.as_ref())
             .map(|g| g.keys.len())
             .sum();
-        let numkeys = 5 * shards.len() + 2 * group.len() + guard_keys + usize::from(guarded);
+        let numkeys = 6 * shards.len() + 2 * group.len() + guard_keys + usize::from(guarded);
         let mut pipe = redis::pipe();
         let cmd = pipe
             .cmd("EVALSHA")
@@ -300,8 +309,8 @@ impl Runner {
         let mut call = Call::onto(cmd, layout);
         for &s in &shards {
             let k = &self.shard_keys[usize::from(s)];
-            for key in [&k.due, &k.stats, &k.leased, &k.lease, &k.later] {
-                call.key("due, stats, leased, lease, later..", key);
+            for key in [&k.due, &k.stats, &k.leased, &k.lease, &k.later, &k.fresh] {
+                call.key("due, stats, leased, lease, later, fresh..", key);
             }
         }
         let item_keys = if guarded {
@@ -335,8 +344,13 @@ impl Runner {
             call.arg("per message..", place)
                 .arg("per message..", &item.id)
                 .arg("per message..", &item.stored)
-                .arg("per message..", item.body_len)
-                .arg("per message..", item.due);
+                .arg("per message..", item.body_len);
+            // No score: the id goes to `fresh`.
+            if item.fresh {
+                call.arg("per message..", "");
+            } else {
+                call.arg("per message..", item.due);
+            }
             match (&item.guard, guarded) {
                 (_, false) => {}
                 (Some(g), true) => {
@@ -358,7 +372,7 @@ impl Runner {
 
     /// The pipeline of a plain group: `MULTI`; every message's stored value in
     /// one `MSETNX` (all or none: any id already stored leaves them all to the
-    /// replacement script); per shard one `ZADD` of its messages to `due`; per
+    /// replacement script); per shard one `RPUSH` of its ids to `fresh` (or `ZADD` to `due`); per
     /// event its `XADD`; per shard its counters; `EXEC`; `WAIT`. Few commands,
     /// so few replies: each costs the relay about a thousand instructions to
     /// parse (`QUEUED`, then its result). Errors come back in place.
@@ -373,9 +387,25 @@ impl Runner {
             values.arg(k.message(&item.id)).arg(&item.stored);
         }
         for (place, &s) in shards.iter().enumerate() {
-            let due = pipe.cmd("ZADD").arg(&self.shard_keys[usize::from(s)].due);
-            for (item, &p) in group.iter().zip(&places) {
-                if p == place + 1 {
+            let keys = &self.shard_keys[usize::from(s)];
+            let mine = || {
+                group
+                    .iter()
+                    .zip(&places)
+                    .filter(move |(_, p)| **p == place + 1)
+            };
+            // New ids due now are due at their arrival: in arrival order on
+            // `fresh` (a list entry is a fraction of a sorted-set one); others
+            // (`fresh_list: false`, or due later) scored on `due`.
+            if mine().any(|(i, _)| i.fresh) {
+                let fresh = pipe.cmd("RPUSH").arg(&keys.fresh);
+                for (item, _) in mine().filter(|(i, _)| i.fresh) {
+                    fresh.arg(&item.id);
+                }
+            }
+            if mine().any(|(i, _)| !i.fresh) {
+                let due = pipe.cmd("ZADD").arg(&keys.due);
+                for (item, _) in mine().filter(|(i, _)| !i.fresh) {
                     due.arg(item.due).arg(&item.id);
                 }
             }

@@ -39,6 +39,7 @@ mod quota_store;
 mod real_clients;
 mod redis_cluster_failover;
 mod redis_enqueue_group;
+mod redis_fresh;
 mod redis_lease;
 mod redis_queue_layout;
 mod redis_sentinel;

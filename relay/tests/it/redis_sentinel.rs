@@ -331,6 +331,7 @@ fn passwords_for_data_nodes_and_sentinels() {
             key_prefix: PREFIX.into(),
             wait_replicas: 0,
             wait_timeout: mailrelay::config::default_wait_timeout(),
+            fresh_list: true,
         };
         let e = rt
             .block_on(RedisQueue::connect(&cfg))
@@ -404,6 +405,7 @@ fn egress_store_follows_a_failover() {
         key_prefix: PREFIX.into(),
         wait_replicas: 0,
         wait_timeout: mailrelay::config::default_wait_timeout(),
+        fresh_list: true,
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -1,22 +1,36 @@
 -- Stores one message of a group (redis_enqueue.rs): a group's messages go in
 -- one script call, since an `EVALSHA` costs Redis several times the commands it
--- runs. k: the place in KEYS of its shard's due set (stats, leased, lease, later
--- follow), m: the place of its message key (its status key follows), a: the
--- place in ARGV of its id (stored value, body length, due score follow).
+-- runs. k: the place in KEYS of its shard's due set (stats, leased, lease, later,
+-- fresh follow), m: the place of its message key (its status key follows), a:
+-- the place in ARGV of its id (stored value, body length, due score follow).
+-- A due score of '' puts the id on the shard's `fresh` list (never attempted,
+-- due at arrival) rather than in `due` (`queue.redis.fresh_list`; older relays
+-- read only `due`).
 -- Returns whether it replaced a message stored under this id (1/0), and what it
 -- adds to its shard's `messages` and `bytes` counters (the caller writes those
 -- once per shard for the whole group).
+local function schedule(k, id, score)
+  if score == '' then
+    redis.call('RPUSH', KEYS[k + 5], id)
+  else
+    redis.call('ZADD', KEYS[k], score, id)
+  end
+end
 local function enqueue(k, m, a)
   local id = ARGV[a]
   -- The common case, a new id, in one command.
   if redis.call('SET', KEYS[m], ARGV[a + 1], 'NX') then
-    redis.call('ZADD', KEYS[k], ARGV[a + 3], id)
+    schedule(k, id, ARGV[a + 3])
     return 0, 1, tonumber(ARGV[a + 2])
   end
   -- A replacement: counted once, and what the old one left behind (its lease,
   -- its status, its place in the indexes) goes.
   local old = redis.call('GETRANGE', KEYS[m], 0, 23)
   local _, old_len = string.match(old, '^(%d+):(%d+):')
+  -- Exactly one schedule entry afterwards: one in `fresh` twice would be
+  -- leased twice.
+  redis.call('ZREM', KEYS[k], id)
+  redis.call('LREM', KEYS[k + 5], 0, id)
   redis.call('ZREM', KEYS[k + 2], id)
   redis.call('HDEL', KEYS[k + 3], id)
   if redis.call('ZREM', KEYS[k + 4], id) == 1 then
@@ -27,7 +41,7 @@ local function enqueue(k, m, a)
     redis.call('DEL', KEYS[m + 1])
   end
   redis.call('SET', KEYS[m], ARGV[a + 1])
-  redis.call('ZADD', KEYS[k], ARGV[a + 3], id)
+  schedule(k, id, ARGV[a + 3])
   return 1, 0, tonumber(ARGV[a + 2]) - tonumber(old_len or 0)
 end
 -- The text of a Redis error caught by pcall (a table with `err`) or of a Lua one.

@@ -1,6 +1,13 @@
--- KEYS: per shard to visit, in order: due set, leased set, lease hash, later set
--- ARGV: now, lease expiry, max, token, sweep limit
--- Returns id and due score pairs of the messages leased, shard after shard; the
+-- KEYS: per shard to visit, in order: due set, leased set, lease hash, later set,
+--       fresh list
+-- ARGV: now, lease expiry, max, token, sweep limit, fresh cutoff (the greatest
+--       id made by now, plus a clock skew allowance: redis.rs, FRESH_SKEW_MS)
+-- Per shard, retries (and others) due by now in `due` come first, then ids of
+-- `fresh` (never attempted, due at their arrival) in arrival order. An id of
+-- `fresh` made after the cutoff (a relay's clock far ahead) is moved to `due`,
+-- scored by its id's time, rather than taken early or left to block the list.
+-- Returns id and due score pairs of the messages leased, shard after shard (the
+-- score nil for an id of `fresh`: its due time is its arrival); the
 -- caller reads their stored values and statuses itself (a plain MGET: a value
 -- passed through Lua is copied and hashed byte by byte, which at 100 KB was most
 -- of what a lease cost Redis). A value gone by then (removed meanwhile, or a
@@ -10,7 +17,16 @@
 -- Expired leases of a shard visited first go back to due at their expiry (which
 -- is <= now), so a dead worker's messages are among those taken now; their
 -- tokens stay, so a late finish of a lease nobody took since still counts.
-local now, expires, token, sweep = ARGV[1], ARGV[2], ARGV[4], ARGV[5]
+local now, expires, token, sweep, cutoff = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
+local CROCKFORD = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
+-- An id's arrival in ms: its first 10 digits are the top 50 of its 100 bits.
+local function arrival(id)
+  local v = 0
+  for i = 1, 10 do
+    v = v * 32 + (string.find(CROCKFORD, string.sub(id, i, i), 1, true) or 1) - 1
+  end
+  return math.floor(v / 4)
+end
 local left = tonumber(ARGV[3])
 -- One variadic write per index for a shard's batch, in chunks that stay below
 -- Lua's limit on unpacked values.
@@ -20,7 +36,7 @@ local function each_chunk(list, step, f)
   end
 end
 local out = {}
-for k = 1, #KEYS, 4 do
+for k = 1, #KEYS, 5 do
   if left <= 0 then break end
   local due, leased, lease, later = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'WITHSCORES', 'LIMIT', 0, sweep)
@@ -31,19 +47,36 @@ for k = 1, #KEYS, 4 do
     redis.call('ZADD', later, 0, expired[i])
   end
   local got = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'WITHSCORES', 'LIMIT', 0, left)
-  if #got > 0 then
-    local taken, scored, tokens = {}, {}, {}
-    for i = 1, #got, 2 do
-      local id = got[i]
-      taken[#taken + 1] = id
-      scored[#scored + 1] = expires
-      scored[#scored + 1] = id
-      tokens[#tokens + 1] = id
-      tokens[#tokens + 1] = token
-      out[#out + 1] = id
-      out[#out + 1] = got[i + 1]
-    end
+  local taken, scored, tokens = {}, {}, {}
+  local function take(id, score)
+    taken[#taken + 1] = id
+    scored[#scored + 1] = expires
+    scored[#scored + 1] = id
+    tokens[#tokens + 1] = id
+    tokens[#tokens + 1] = token
+    out[#out + 1] = id
+    out[#out + 1] = score
+  end
+  for i = 1, #got, 2 do
+    take(got[i], got[i + 1])
+  end
+  if #taken > 0 then
     each_chunk(taken, 1000, function(...) redis.call('ZREM', due, ...) end)
+  end
+  if #taken < left then
+    -- LPOP with a count answers nil (false) for an empty or missing list.
+    local fresh = redis.call('LPOP', KEYS[k + 4], left - #taken)
+    if fresh then
+      for _, id in ipairs(fresh) do
+        if id <= cutoff then
+          take(id, false)
+        else
+          redis.call('ZADD', due, arrival(id), id)
+        end
+      end
+    end
+  end
+  if #taken > 0 then
     each_chunk(scored, 1000, function(...) redis.call('ZADD', leased, ...) end)
     each_chunk(tokens, 1000, function(...) redis.call('HSET', lease, ...) end)
     left = left - #taken

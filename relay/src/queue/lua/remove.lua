@@ -1,5 +1,5 @@
 -- KEYS: message, due set, stats hash, leased set, lease hash, later set, status,
---       final record
+--       final record, fresh list
 -- ARGV: id
 -- Returns 1 if it was queued. A final record goes too.
 redis.call('DEL', KEYS[8])
@@ -14,6 +14,7 @@ if s and tonumber(string.match(s, '^(%d+):')) > 0 then
 end
 redis.call('DEL', KEYS[1], KEYS[7])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('LREM', KEYS[9], 0, ARGV[1])
 redis.call('ZREM', KEYS[4], ARGV[1])
 redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('ZREM', KEYS[6], ARGV[1])
