@@ -253,7 +253,8 @@ async fn a_lease_takes_retries_and_fresh_ids_each_once() {
         assert_eq!(index_total(&server, "fmix", idx, cmd), 0, "{idx}");
     }
 
-    // Due retries of a shard come before its fresh ids within one call.
+    // Within one call a shard's retries and fresh ids come in order of due
+    // time: a retry due long ago before a message that just arrived.
     let a = message(100, 10);
     let b = message(101, 10);
     q.enqueue(&a).await.unwrap();

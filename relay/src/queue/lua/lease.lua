@@ -2,8 +2,9 @@
 --       fresh list
 -- ARGV: now, lease expiry, max, token, sweep limit, fresh cutoff (the greatest
 --       id made by now, plus a clock skew allowance: redis.rs, FRESH_SKEW_MS)
--- Per shard, retries (and others) due by now in `due` come first, then ids of
--- `fresh` (never attempted, due at their arrival) in arrival order. An id of
+-- Per shard, what is due by now in `due` (retries, mail given back or swept
+-- back) and the ids of `fresh` (never attempted, due at their arrival, in
+-- arrival order) are taken in order of due time. An id of
 -- `fresh` made after the cutoff (a relay's clock far ahead) is moved to `due`,
 -- scored by its id's time, rather than taken early or left to block the list.
 -- Returns id and due score pairs of the messages leased, shard after shard (the
@@ -19,11 +20,13 @@
 -- tokens stay, so a late finish of a lease nobody took since still counts.
 local now, expires, token, sweep, cutoff = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 local CROCKFORD = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
+local DIGIT = {}
+for i = 1, 32 do DIGIT[string.byte(CROCKFORD, i)] = i - 1 end
 -- An id's arrival in ms: its first 10 digits are the top 50 of its 100 bits.
 local function arrival(id)
   local v = 0
-  for i = 1, 10 do
-    v = v * 32 + (string.find(CROCKFORD, string.sub(id, i, i), 1, true) or 1) - 1
+  for _, b in ipairs({string.byte(id, 1, 10)}) do
+    v = v * 32 + (DIGIT[b] or 0)
   end
   return math.floor(v / 4)
 end
@@ -57,23 +60,41 @@ for k = 1, #KEYS, 5 do
     out[#out + 1] = id
     out[#out + 1] = score
   end
-  for i = 1, #got, 2 do
-    take(got[i], got[i + 1])
+  -- A fresh id taken (due at its arrival), or one made after the cutoff moved
+  -- to `due` at its id's time.
+  local function fresh_one(id)
+    if id <= cutoff then
+      take(id, false)
+    else
+      redis.call('ZADD', due, arrival(id), id)
+    end
   end
-  if #taken > 0 then
-    each_chunk(taken, 1000, function(...) redis.call('ZREM', due, ...) end)
-  end
-  if #taken < left then
-    -- LPOP with a count answers nil (false) for an empty or missing list.
-    local fresh = redis.call('LPOP', KEYS[k + 4], left - #taken)
-    if fresh then
-      for _, id in ipairs(fresh) do
-        if id <= cutoff then
-          take(id, false)
-        else
-          redis.call('ZADD', due, arrival(id), id)
-        end
+  if #got == 0 then
+    -- The common case, nothing but new mail: LPOP with a count answers nil
+    -- (false) for an empty or missing list.
+    for _, id in ipairs(redis.call('LPOP', KEYS[k + 4], left) or {}) do
+      fresh_one(id)
+    end
+  else
+    -- Both kinds due: taken in order of due time, as one sorted set would give
+    -- them. Mail given back is due again at the time it was given back, so a
+    -- busy destination's given-back backlog goes behind older new mail instead
+    -- of coming back first at every lease and hiding it.
+    local heads = redis.call('LRANGE', KEYS[k + 4], 0, left - 1)
+    local i, j, from_due = 1, 1, {}
+    while #taken < left and (i <= #got or j <= #heads) do
+      if j <= #heads and (i > #got or heads[j] > cutoff or arrival(heads[j]) <= tonumber(got[i + 1])) then
+        fresh_one(heads[j])
+        j = j + 1
+      else
+        take(got[i], got[i + 1])
+        from_due[#from_due + 1] = got[i]
+        i = i + 2
       end
+    end
+    if j > 1 then redis.call('LPOP', KEYS[k + 4], j - 1) end
+    if #from_due > 0 then
+      each_chunk(from_due, 1000, function(...) redis.call('ZREM', due, ...) end)
     end
   end
   if #taken > 0 then
