@@ -44,8 +44,9 @@
 //! (an operator tool), and the oldest message is the first of `fresh`, the first
 //! by score in `due`, the first of `later` and those in flight.
 //!
-//! `lease_due` takes a shard's `due` ids due by now first (retries), then pops
-//! `fresh`. Enqueues write `fresh` only with `queue.redis.fresh_list` (the
+//! `lease_due` takes a shard's `due` ids due by now (retries, mail given back)
+//! and the head of `fresh` in order of due time, a fresh id being due at its
+//! arrival: given-back mail must not come back ahead of older new mail. Enqueues write `fresh` only with `queue.redis.fresh_list` (the
 //! default); with it off they score new ids in `due` as releases before it did,
 //! which read only `due`, so a rollback to one of those first turns it off and
 //! waits for the lists to drain (docs/operations.md, "Upgrades"). Every reader
