@@ -48,7 +48,7 @@ fn calls(port: u16, cmd: &str) -> u64 {
 
 /// Enqueues every message from its own task, all at once; each task's result in
 /// the messages' order.
-async fn enqueue_all(
+pub(crate) async fn enqueue_all(
     queue: &Arc<RedisQueue>,
     msgs: &[QueuedMessage],
 ) -> Vec<Result<(), QueueError>> {

@@ -6,6 +6,7 @@
 //! no entry behind; status, listing and stats see fresh messages; and a list
 //! entry costs Redis a fraction of a sorted-set one.
 
+use crate::redis_enqueue_group::enqueue_all;
 use crate::support;
 
 use std::collections::{HashMap, HashSet};
@@ -13,8 +14,8 @@ use std::sync::Arc;
 
 use mailrelay::queue::redis::shard_prefixes;
 use mailrelay::queue::{
-    FinishResult, Ingest, Inspect, Leasing, ListFilter, MessageStatus, QueueError, QueuedMessage,
-    RcptState, RedisQueue, now_ms,
+    FinishResult, Ingest, Inspect, Leasing, ListFilter, MessageStatus, QueuedMessage, RcptState,
+    RedisQueue, now_ms,
 };
 use support::redis::{RedisCluster, RedisServer};
 
@@ -60,7 +61,7 @@ fn fresh_entries(server: &RedisServer, prefix: &str) -> Vec<String> {
 }
 
 /// `cmd` (ZCARD, LLEN, HLEN) of one index of every shard, summed.
-fn index_total(server: &RedisServer, prefix: &str, index: &str, cmd: &str) -> u64 {
+pub(crate) fn index_total(server: &RedisServer, prefix: &str, index: &str, cmd: &str) -> u64 {
     shard_prefixes(prefix)
         .iter()
         .map(|b| {
@@ -72,25 +73,6 @@ fn index_total(server: &RedisServer, prefix: &str, index: &str, cmd: &str) -> u6
                 .unwrap()
         })
         .sum()
-}
-
-async fn enqueue_all(
-    queue: &Arc<RedisQueue>,
-    msgs: &[QueuedMessage],
-) -> Vec<Result<(), QueueError>> {
-    let tasks: Vec<_> = msgs
-        .iter()
-        .cloned()
-        .map(|m| {
-            let q = Arc::clone(queue);
-            tokio::spawn(async move { q.enqueue(&m).await })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.push(t.await.unwrap());
-    }
-    out
 }
 
 fn delivered(mut status: MessageStatus) -> MessageStatus {

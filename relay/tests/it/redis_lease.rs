@@ -48,19 +48,9 @@ fn delivered(mut status: MessageStatus) -> MessageStatus {
     status
 }
 
-/// `ZCARD`/`HLEN` of one index of every shard, summed.
+/// `ZCARD`/`HLEN` of one index of every shard of this module's queue, summed.
 fn index_total(server: &RedisServer, index: &str, cmd: &str) -> u64 {
-    shard_prefixes(PREFIX)
-        .iter()
-        .map(|b| {
-            server
-                .cli(&[cmd, &format!("{b}{index}")])
-                .unwrap()
-                .trim()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum()
+    crate::redis_fresh::index_total(server, PREFIX, index, cmd)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,12 +65,11 @@ async fn one_lease_call_visits_every_shard_of_a_single_server() {
         .map(|m| shard_of_id(m.envelope.id.as_str()))
         .collect();
     assert!(shards.len() >= 12, "64 ids fell in {} shards", shards.len());
-    for m in &msgs {
-        q.enqueue(m).await.unwrap();
-    }
 
     // The first lease also looks for messages of the old layout (then every 30 s
-    // while it is empty): out of the counts below.
+    // while it is empty): out of the counts below. Both polls run before the
+    // enqueue: a lease whose `now` is far behind the ids' time moves fresh ids to
+    // `due`, scored by the id's time rather than the arrival the status holds.
     assert!(
         q.lease_due(1, 60_000, 100, "relay-a")
             .await
@@ -93,6 +82,10 @@ async fn one_lease_call_visits_every_shard_of_a_single_server() {
     assert!(none.is_empty());
     assert_eq!(calls(&server, "evalsha"), 1, "an empty poll");
     assert_eq!(calls(&server, "mget"), 0, "nothing leased, nothing read");
+
+    for m in &msgs {
+        q.enqueue(m).await.unwrap();
+    }
 
     // Part of the queue: exactly `max`, in one call and one read.
     reset_stats(&server);
