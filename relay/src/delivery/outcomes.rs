@@ -335,6 +335,7 @@ mod tests {
             id,
             token: "t".into(),
             expires_ms: 0,
+            head: Default::default(),
         };
         (lease, status)
     }

@@ -10,11 +10,13 @@
 //! - delivery outcomes (`delivered`, `deferred`, `bounced`, `expired`, `dsn_sent`)
 //!   ride with the outcome batch of `delivery::outcomes`. Where the queue can
 //!   ([`crate::queue::Leasing::writes_outcome_events`]: the embedded queue, in the
-//!   finish's redb transaction; standalone Redis and Sentinel, inside the finish
-//!   script), the batch's events are written in the same atomic write as its
-//!   outcomes ([`OutcomeEvents`]), so they are stored if and only if the outcomes
-//!   are: a relay killed before leaves the messages leased, whoever delivers them
-//!   again writes their events; when that write fails, the events are appended
+//!   finish's redb transaction, stored if and only if the outcomes are;
+//!   standalone Redis and Sentinel, as plain `XADD`s ahead of the finish calls in
+//!   their one round trip, so never an outcome without its events, and at worst
+//!   the events without the outcomes, a duplicate once the messages are
+//!   delivered again), the batch's events go with its outcomes
+//!   ([`OutcomeEvents`]): a relay killed before leaves the messages leased,
+//!   whoever delivers them again writes their events; when that write fails, the events are appended
 //!   on their own afterwards (the deliveries did happen), and the messages, not
 //!   finished, are delivered and reported again. When only the events' part fails
 //!   (a Redis at `maxmemory` refuses the `XADD`, while the finishes free memory),

@@ -1556,6 +1556,7 @@ impl<'t, 'c> Tables<'t, 'c> {
                     id: envelope.id.clone(),
                     token: token.to_owned(),
                     expires_ms,
+                    head: Default::default(),
                 },
                 message: QueuedMessage { envelope, body },
                 status,

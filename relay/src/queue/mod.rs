@@ -35,6 +35,7 @@ pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -276,6 +277,25 @@ pub struct Lease {
     pub token: String,
     /// ms since the epoch, on the clock of whoever took the lease.
     pub expires_ms: u64,
+    /// What the queue read with the lease and uses again to finish it.
+    pub head: LeaseHead,
+}
+
+/// A leased message's stored envelope, kept by the queue that read it for the
+/// lease's finish: the Redis queue builds the final record from it, rather than
+/// reading the envelope again inside the finish script (a value read in Lua is
+/// copied and hashed byte by byte). Empty where a queue has no use for it, or for
+/// a lease made by hand: the finish then reads what it needs itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LeaseHead(pub(crate) Option<Arc<StoredHead>>);
+
+/// See [`LeaseHead`].
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct StoredHead {
+    /// The envelope as stored, byte for byte.
+    pub envelope: Vec<u8>,
+    /// The stored body's length (what the queue's `bytes` counter holds for it).
+    pub body_len: u64,
 }
 
 /// A message taken for delivery by [`Queue::lease_due`].
@@ -426,17 +446,19 @@ pub trait Leasing: Store {
     }
 
     /// Whether [`Leasing::finish_batch_with_events`] writes a batch's outcome events
-    /// in the same atomic write as its outcomes (into the event log beside this
-    /// queue: the embedded queue's file, the Redis queue's stream). When not, the
-    /// caller appends them itself, before [`Leasing::finish_batch`].
+    /// with its outcomes (into the event log beside this queue: the embedded
+    /// queue's file, the Redis queue's stream). When not, the caller appends them
+    /// itself, before [`Leasing::finish_batch`].
     fn writes_outcome_events(&self) -> bool {
         false
     }
 
     /// [`Leasing::finish_batch`], also writing the batch's outcome events (`events`,
-    /// grouped by item: `events.of_item(i)` belong to `items[i]`) in the same atomic
-    /// write as the outcomes of their items, so that a crash cannot store one without
-    /// the other. A backend that stores the outcomes but cannot append the events
+    /// grouped by item: `events.of_item(i)` belong to `items[i]`) with the outcomes
+    /// of their items: in the same atomic write (embedded), or ahead of them in the
+    /// same round trip (standalone Redis and Sentinel), so that a crash cannot store
+    /// an outcome without its events (the events without the outcomes at worst: a
+    /// duplicate once the messages are delivered again). A backend that stores the outcomes but cannot append the events
     /// (a full Redis refuses the `XADD`, while the finishes free memory) says so
     /// with `events.mark_unwritten()`, and the caller appends them on their own.
     /// Events are written whatever their item's answer (a lost
@@ -592,6 +614,7 @@ mod tests {
             id: s.id.clone(),
             token: "t".into(),
             expires_ms: 0,
+            head: Default::default(),
         };
         let prepared = s.clone().prepared_for_finish(&lease, 99).unwrap();
         assert_eq!(prepared.rcpts[0].attempts.len(), MAX_ATTEMPTS_KEPT);

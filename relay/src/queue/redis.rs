@@ -126,12 +126,16 @@
 //! index (`HMGET` of their tokens, variadic `ZREM`/`HDEL`/`DEL`); each item is
 //! still checked against its own lease, and what only some need (a status, a
 //! lease swept back to due) stays per item, so a delivered message costs the
-//! script two commands of its own (the envelope read and the final record's
-//! `SET`). On a single server the batch's delivery events are
-//! `XADD`ed by the same call (`finish_batch_with_events`), so the events cost no
+//! script one command of its own (the final record's `SET`). The relay builds
+//! that record from the envelope it read with the lease ([`LeaseHead`]); a lease
+//! without it (made by hand) has the script read the envelope itself. On a
+//! single server the batch's delivery events are plain `XADD`s ahead of the
+//! calls in the same pipeline (`finish_batch_with_events`), so the events cost no
 //! round trip of their own. What a message costs Redis is mostly the commands a
-//! script runs for it and the bytes it moves through Lua, not the script call
-//! itself (about 1 µs; bench/README.md, "One finish call per batch"). `renew_all`
+//! script runs for it and the bytes it moves through Lua (each string handed to
+//! or made in a script is copied and hashed byte by byte: a 1 KB one costs about
+//! 1.7 µs), not the script call itself (about 1 µs; bench/README.md, "One finish
+//! call per batch"). `renew_all`
 //! (the heartbeat of a batch in flight) and `release`/`give_back` run one script per
 //! shard involved, all in one pipeline, so one round trip per batch (in a cluster:
 //! one request per shard, at once); `stats` is one pipeline (one per shard in a
@@ -158,6 +162,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -167,9 +172,9 @@ use redis::{
 };
 
 use super::{
-    DeliveryTotals, Envelope, FinishResult, Ingest, Inspect, Lease, Leased, Leasing, ListFilter,
-    MessageStatus, QueueError, QueueFuture, QueueId, QueueOptions, QueueStats, QueuedMessage,
-    RetrySelector, Store, lease_token, now_ms,
+    DeliveryTotals, Envelope, FinishResult, Ingest, Inspect, Lease, LeaseHead, Leased, Leasing,
+    ListFilter, MessageStatus, QueueError, QueueFuture, QueueId, QueueOptions, QueueStats,
+    QueuedMessage, RetrySelector, Store, StoredHead, lease_token, now_ms,
 };
 use crate::config::RedisConfig;
 
@@ -236,19 +241,14 @@ const LEASE_DROP: Layout = Layout {
 };
 /// KEYS/ARGV of the finish script (`finish.lua` and `finish_main.lua`): a batch.
 const FINISH: Layout = Layout {
-    keys: &[
-        "message, due, leased, lease, later, stats, status, final..",
-        "events stream..",
-    ],
+    keys: &["message, due, leased, lease, later, stats, status, final.."],
     args: &[
         "retention",
         "items",
-        "max len",
-        "id, token, status, attempts, next attempt, delivered, bounced, expired..",
-        "events..",
+        "id, token, status or record, attempts, next attempt, delivered, bounced, expired, body len..",
     ],
 };
-/// Keys and arguments of each item of [`FINISH`].
+/// Keys of each item of [`FINISH`].
 const FINISH_ITEM: usize = 8;
 /// Most items in one finish call: a bigger batch goes in several calls (in one
 /// pipeline), so that one call holds Redis (which serves no one else meanwhile)
@@ -806,6 +806,7 @@ impl RedisQueue {
             index: usize,
             id: QueueId,
             token: String,
+            head: LeaseHead,
             status: MessageStatus,
             json: Vec<u8>,
         }
@@ -828,6 +829,7 @@ impl RedisQueue {
                             index,
                             id,
                             token: lease.token,
+                            head: lease.head,
                             status,
                             json,
                         });
@@ -862,31 +864,17 @@ impl RedisQueue {
             );
         }
         let events = events.filter(|e| !e.is_empty() && !self.conn.is_cluster());
-        if events.is_some() && calls.is_empty() {
-            calls.push(Vec::new());
-        }
         let retention_ms = u64::try_from(self.options.status_retention.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
-        let stream = events.map(|_| crate::events::log::stream_key(&self.prefix));
         let hash = self.scripts.finish.get_hash();
         let mut pipes = Vec::with_capacity(calls.len());
-        for (c, call_items) in calls.iter().enumerate() {
-            let mut with_events: Vec<&[u8]> = Vec::new();
-            if let Some(ev) = events {
-                let extra = if c == 0 { refused.as_slice() } else { &[] };
-                for &i in extra {
-                    with_events.extend(ev.of_item(i));
-                }
-                for &r in call_items {
-                    with_events.extend(ev.of_item(ready[r].index));
-                }
-            }
+        for call_items in &calls {
             let mut pipe = redis::pipe();
             let cmd = pipe
                 .cmd("EVALSHA")
                 .arg(hash)
-                .arg(call_items.len() * FINISH_ITEM + usize::from(!with_events.is_empty()));
+                .arg(call_items.len() * FINISH_ITEM);
             let mut call = Call::onto(cmd, &FINISH);
             const KEYS: &str = "message, due, leased, lease, later, stats, status, final..";
             for &r in call_items {
@@ -901,17 +889,9 @@ impl RedisQueue {
                     .key(KEYS, keys.status(id))
                     .key(KEYS, keys.fin(id));
             }
-            match (&stream, with_events.is_empty()) {
-                (Some(stream), false) => {
-                    call.key("events stream..", stream);
-                }
-                _ => with_events.clear(),
-            }
             call.arg("retention", retention_ms)
-                .arg("items", call_items.len())
-                .arg("max len", events.map_or(0, |e| e.max_len()));
-            const ARGS: &str =
-                "id, token, status, attempts, next attempt, delivered, bounced, expired..";
+                .arg("items", call_items.len());
+            const ARGS: &str = "id, token, status or record, attempts, next attempt, delivered, bounced, expired, body len..";
             for &r in call_items {
                 let item = &ready[r];
                 let totals = DeliveryTotals::of(&item.status);
@@ -919,24 +899,36 @@ impl RedisQueue {
                     .status
                     .next_attempt_ms
                     .map_or_else(String::new, |t| t.to_string());
+                // A final item whose envelope came with its lease: the whole record.
+                let head = item
+                    .head
+                    .0
+                    .as_deref()
+                    .filter(|_| item.status.next_attempt_ms.is_none());
+                let record = head.map(|h| final_record(&h.envelope, &item.json));
                 call.arg(ARGS, item.id.as_str())
                     .arg(ARGS, &item.token)
-                    .arg(ARGS, &item.json)
+                    .arg(ARGS, record.as_deref().unwrap_or(&item.json))
                     .arg(ARGS, item.status.attempts)
                     .arg(ARGS, next)
                     .arg(ARGS, totals.delivered)
                     .arg(ARGS, totals.bounced)
-                    .arg(ARGS, totals.expired);
-            }
-            for e in with_events {
-                call.arg("events..", e);
+                    .arg(ARGS, totals.expired)
+                    .arg(
+                        ARGS,
+                        head.map_or_else(String::new, |h| h.body_len.to_string()),
+                    );
             }
             call.done();
             pipes.push(pipe);
         }
-        let replies = self
-            .script_per_shard("finish", &self.scripts.finish, pipes)
-            .await?;
+        let replies = match events {
+            Some(events) => self.finish_calls_with_events(&pipes, events).await?,
+            None => {
+                self.script_per_shard("finish", &self.scripts.finish, pipes)
+                    .await?
+            }
+        };
         if replies.len() != calls.len() {
             return Err(QueueError::Corrupt(format!(
                 "redis finish: {} replies for {} calls",
@@ -945,20 +937,7 @@ impl RedisQueue {
             )));
         }
         for (call_items, reply) in calls.iter().zip(replies) {
-            let mut codes: Vec<Value> = redis::from_redis_value(reply)
-                .map_err(|e| QueueError::Corrupt(format!("redis finish reply: {e}")))?;
-            // The outcomes are stored; the events are not (a full Redis refuses
-            // the XADD): the caller appends them on their own.
-            if codes.len() == call_items.len() + 1
-                && let (Some(Value::BulkString(text)), Some(ev)) = (codes.pop(), events)
-            {
-                tracing::debug!(error = %String::from_utf8_lossy(&text), "outcome events not written with their outcomes");
-                ev.mark_unwritten();
-            }
-            let codes: Vec<i64> = codes
-                .into_iter()
-                .map(redis::from_redis_value)
-                .collect::<Result<_, _>>()
+            let codes: Vec<i64> = redis::from_redis_value(reply)
                 .map_err(|e| QueueError::Corrupt(format!("redis finish reply: {e}")))?;
             if codes.len() != call_items.len() {
                 return Err(QueueError::Corrupt(format!(
@@ -975,6 +954,81 @@ impl RedisQueue {
             .into_iter()
             .map(|r| r.expect("every item answered"))
             .collect())
+    }
+
+    /// Runs a batch's finish calls (`pipes`, one `EVALSHA` each) on a single server
+    /// with its events: the events as plain `XADD`s ahead of the calls, all in one
+    /// pipeline, so they are written before the outcomes, as the cluster's events
+    /// are appended before theirs. Each reply is read on its own: an event Redis
+    /// refuses (a full Redis) does not stop the outcomes, and marks `events`
+    /// unwritten for the caller to append them on their own. Scripts Redis lost
+    /// (a restart or failover) are loaded and only the calls sent again, so their
+    /// events are not written twice.
+    async fn finish_calls_with_events(
+        &self,
+        pipes: &[Pipeline],
+        events: &crate::events::log::OutcomeEvents,
+    ) -> Result<Vec<Value>, QueueError> {
+        let stream = crate::events::log::stream_key(&self.prefix);
+        let mut all = redis::pipe();
+        all.ignore_errors();
+        for json in events.iter() {
+            all.cmd("XADD")
+                .arg(&stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(events.max_len())
+                .arg("*")
+                .arg("e")
+                .arg(json);
+        }
+        for pipe in pipes {
+            for cmd in pipe.cmd_iter() {
+                all.add_command(cmd.clone());
+            }
+        }
+        let all = &all;
+        let mut replies: Vec<Value> = self
+            .retrying(|mut conn| async move { all.query_async(&mut conn).await })
+            .await
+            .map_err(|e| self.unavailable("finish", e))?;
+        if replies.len() != events.len() + pipes.len() {
+            return Err(QueueError::Corrupt(format!(
+                "redis finish: {} replies for {} events and {} calls",
+                replies.len(),
+                events.len(),
+                pipes.len()
+            )));
+        }
+        let mut calls = replies.split_off(events.len());
+        if let Some(Value::ServerError(e)) =
+            replies.iter().find(|r| matches!(r, Value::ServerError(_)))
+        {
+            tracing::debug!(error = %e, "outcome events not written with their outcomes");
+            events.mark_unwritten();
+        }
+        let lost: Vec<usize> = (0..calls.len())
+            .filter(|&c| {
+                matches!(&calls[c], Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
+            })
+            .collect();
+        if !lost.is_empty() {
+            tracing::info!("redis lost the queue scripts; loading them again");
+            let again = lost.iter().map(|&c| pipes[c].clone()).collect();
+            let answers = self
+                .script_per_shard("finish", &self.scripts.finish, again)
+                .await?;
+            for (c, answer) in lost.into_iter().zip(answers) {
+                calls[c] = answer;
+            }
+        }
+        calls
+            .into_iter()
+            .map(|reply| match reply {
+                Value::ServerError(e) => Err(self.unavailable("finish", e.into())),
+                reply => Ok(reply),
+            })
+            .collect()
     }
 
     fn keys(&self, id: &str) -> &ShardKeys {
@@ -1709,9 +1763,9 @@ impl Leasing for RedisQueue {
         !self.conn.is_cluster()
     }
 
-    /// The events go into the finish script call(s) of their items and are
-    /// `XADD`ed there, before the outcomes, with the `MAXLEN ~` cap of
-    /// [`crate::events::log`]'s own appends.
+    /// The events go as plain `XADD`s (with the `MAXLEN ~` cap of
+    /// [`crate::events::log`]'s own appends) ahead of the finish script calls, in
+    /// their pipeline: see `finish_calls_with_events`.
     fn finish_batch_with_events<'a>(
         &'a self,
         items: Vec<(Lease, MessageStatus)>,
@@ -2221,6 +2275,10 @@ fn leased_of(
 ) -> Result<Leased, QueueError> {
     let (envelope, body_at) = split_stored(&body)
         .ok_or_else(|| QueueError::Corrupt(format!("message {id} is malformed")))?;
+    let head = StoredHead {
+        envelope: body[envelope.clone()].to_vec(),
+        body_len: (body.len() - body_at) as u64,
+    };
     let envelope = decode_envelope(&id, &body[envelope])?;
     // The body is the value's tail: moved to the front, not copied.
     body.drain(..body_at);
@@ -2236,6 +2294,7 @@ fn leased_of(
             id,
             token: token.to_owned(),
             expires_ms,
+            head: LeaseHead(Some(Arc::new(head))),
         },
         message: QueuedMessage { envelope, body },
         status,
@@ -2411,6 +2470,18 @@ fn split_stored(value: &[u8]) -> Option<(std::ops::Range<usize>, usize)> {
 fn decode_envelope(id: &QueueId, bytes: &[u8]) -> Result<Envelope, QueueError> {
     envelope_codec::decode(id, bytes)
         .map_err(|e| QueueError::Corrupt(format!("envelope of {id}: {e}")))
+}
+
+/// A final record: `<envelope len>:`, the envelope as stored, the status JSON (see
+/// [`split_final`]).
+fn final_record(envelope: &[u8], status_json: &[u8]) -> Vec<u8> {
+    let len = envelope.len().to_string();
+    let mut record = Vec::with_capacity(len.len() + 1 + envelope.len() + status_json.len());
+    record.extend_from_slice(len.as_bytes());
+    record.push(b':');
+    record.extend_from_slice(envelope);
+    record.extend_from_slice(status_json);
+    record
 }
 
 /// A final record (`<envelope len>:`, the envelope, the status JSON): its

@@ -249,7 +249,7 @@ async fn redis_finishes_a_mixed_batch_and_writes_its_events_in_one_call() {
     let calls = calls_of(&server);
     assert_eq!(calls.get("evalsha"), Some(&1), "{calls:?}");
     // Every event once, the lost lease's and the invalid item's too (they report
-    // deliveries that happened), from inside the script.
+    // deliveries that happened), as plain XADDs in the finish call's round trip.
     assert_eq!(calls.get("xadd"), Some(&(items.len() as u64)), "{calls:?}");
     assert_eq!(stored_events(&store).await, expected_events(&events));
 
@@ -305,9 +305,9 @@ async fn redis_finishes_a_mixed_batch_and_writes_its_events_in_one_call() {
     assert_eq!(q.stats().await.unwrap().messages, 2);
 }
 
-/// An append that fails inside the script does not stop the outcomes (the mail
-/// comes first, as when events are written apart): they are stored, and the call
-/// says the events were not, so that the caller appends them on its own.
+/// An append that fails does not stop the outcomes sent with it (the mail comes
+/// first, as when events are written apart): they are stored, and the call says
+/// the events were not, so that the caller appends them on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
@@ -317,7 +317,7 @@ async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
     let leased = enqueue_and_lease(&q, 6).await;
     let (items, events) = delivered_batch(&leased);
     let encoded = outcome_events(&events);
-    // A stream key of the wrong type: XADD fails inside the script. The mail's
+    // A stream key of the wrong type: XADD fails. The mail's
     // outcomes still count; the caller is told to append the events itself.
     let stream = stream_key("mrfin");
     server.cli(&["SET", &stream, "not a stream"]).unwrap();
@@ -346,6 +346,36 @@ async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
     );
     assert!(!encoded.unwritten());
     assert_eq!(stored_events(&store).await, expected_events(&events));
+}
+
+/// Scripts Redis lost (a restart or failover) are loaded again and only the
+/// finish calls sent again: the events, sent ahead of them in the same round
+/// trip, are written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_finishes_after_losing_its_scripts_and_writes_each_event_once() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let (q, store) = redis_queue(&server).await;
+    let leased = enqueue_and_lease(&q, 5).await;
+    let (items, events) = delivered_batch(&leased);
+    let encoded = outcome_events(&events);
+    server.cli(&["SCRIPT", "FLUSH"]).unwrap();
+    reset_stats(&server);
+    let got = q
+        .finish_batch_with_events(items.clone(), &encoded)
+        .await
+        .unwrap();
+    assert!(
+        got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
+        "{got:?}"
+    );
+    assert!(!encoded.unwritten());
+    let calls = calls_of(&server);
+    assert_eq!(calls.get("xadd"), Some(&5), "{calls:?}");
+    assert_eq!(stored_events(&store).await, expected_events(&events));
+    assert_eq!(q.stats().await.unwrap().messages, 0);
+    assert_eq!(q.delivery_totals().await.unwrap().delivered, 5);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,7 +458,7 @@ async fn write_through_the_outcome_writer(
 
 /// Through the outcome writer, as delivery uses it: a batch bigger than one
 /// script call takes (128 items) goes in a few calls of one pipeline, with every
-/// event once and no `XADD` of its own.
+/// event once, in that pipeline (no append of the sink's own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outcome_writer_writes_events_inside_the_finish_calls() {
     let server = tokio::task::spawn_blocking(RedisServer::start)
@@ -612,6 +642,7 @@ async fn a_queue_that_cannot_write_events_refuses_them() {
         id: id.clone(),
         token: "t".into(),
         expires_ms: 0,
+        head: Default::default(),
     };
     let status = MessageStatus {
         id,

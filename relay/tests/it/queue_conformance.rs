@@ -834,6 +834,7 @@ async fn check_release_makes_work_due_at_once(q: &dyn Queue) {
         id: QueueId::generate(),
         token: "nobody#0".into(),
         expires_ms: t,
+        head: Default::default(),
     };
     q.release(&[leased.lease.clone(), unknown]).await.unwrap();
     q.release(&[]).await.unwrap();
@@ -895,6 +896,7 @@ async fn check_renew_all_extends_held_leases_and_names_lost_ones(q: &dyn Queue) 
         id: QueueId::generate(),
         token: "worker-a#0".into(),
         expires_ms: t,
+        head: Default::default(),
     };
 
     let mut all: Vec<Lease> = msgs.iter().map(|m| lease_of(&m.envelope.id)).collect();

@@ -429,3 +429,82 @@ async fn a_batch_of_one_shard_finishes_each_item_by_its_own_lease() {
         HashSet::from([msgs[3].envelope.id.clone(), msgs[4].envelope.id.clone()])
     );
 }
+
+/// A final record is `<envelope len>:`, the envelope as stored, the status JSON:
+/// built by the relay from the envelope its lease read, or (a lease without it)
+/// read by the script itself, also for an envelope longer than the script's
+/// first read of the stored value's head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_record_is_the_same_whether_the_lease_brought_its_envelope_or_not() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let redis = q.shared();
+    let mut msgs: Vec<QueuedMessage> = (0..4).map(message).collect();
+    // Two with an envelope far over the script's first read (256 bytes).
+    for m in &mut msgs[2..] {
+        let rcpt = m.envelope.recipients[0].clone();
+        m.envelope.recipients = (0..40)
+            .map(|i| mailrelay::queue::Recipient {
+                address: format!("recipient-number-{i}@a-long-domain-name.example.test"),
+                ..rcpt.clone()
+            })
+            .collect();
+    }
+    let mut stored_heads = Vec::new();
+    for m in &msgs {
+        q.enqueue(m).await.unwrap();
+        let id = m.envelope.id.as_str();
+        let base = &shard_prefixes(PREFIX)[shard_of_id(id)];
+        let value: Vec<u8> = redis
+            .query(redis::cmd("GET").arg(format!("{base}m:{id}")))
+            .await
+            .unwrap();
+        // `<envelope len>:<body len>:<envelope><body>`
+        let text = String::from_utf8_lossy(&value);
+        let mut parts = text.splitn(3, ':');
+        let env_len: usize = parts.next().unwrap().parse().unwrap();
+        let body_len = parts.next().unwrap();
+        let at = env_len.to_string().len() + 1 + body_len.len() + 1;
+        stored_heads.push((base.clone(), value[at..at + env_len].to_vec()));
+    }
+    assert!(stored_heads[2].1.len() > 300, "{}", stored_heads[2].1.len());
+    let mut leased = q.lease_due(now_ms(), 60_000, 10, "relay-a").await.unwrap();
+    assert_eq!(leased.len(), 4);
+    leased.sort_by_key(|l| msgs.iter().position(|m| m.envelope.id == l.lease.id));
+    let items: Vec<_> = leased
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut lease = l.lease.clone();
+            if i % 2 == 1 {
+                lease.head = Default::default();
+            }
+            (lease, delivered(l.status.clone()))
+        })
+        .collect();
+    let answers = q.finish_batch(items).await.unwrap();
+    assert!(
+        answers
+            .iter()
+            .all(|a| matches!(a, Ok(FinishResult::Finalized))),
+        "{answers:?}"
+    );
+    for ((m, (base, envelope)), l) in msgs.iter().zip(&stored_heads).zip(&leased) {
+        let id = m.envelope.id.as_str();
+        let record: Vec<u8> = redis
+            .query(redis::cmd("GET").arg(format!("{base}f:{id}")))
+            .await
+            .unwrap();
+        let mut want = format!("{}:", envelope.len()).into_bytes();
+        want.extend_from_slice(envelope);
+        assert!(record.starts_with(&want), "the record of {id}");
+        let (got_envelope, status) = q.status(&l.lease.id).await.unwrap().unwrap();
+        assert_eq!(got_envelope, m.envelope);
+        assert!(status.is_final());
+    }
+    // The body bytes left the counters whichever way the length came.
+    assert_eq!(q.stats().await.unwrap().messages, 0);
+    assert_eq!(q.stats().await.unwrap().bytes, 0);
+}

@@ -304,6 +304,7 @@ mod tests {
             id: QueueId::generate(),
             token: "relay.test:1#t".into(),
             expires_ms,
+            head: Default::default(),
         }
     }
 
