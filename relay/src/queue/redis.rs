@@ -105,7 +105,8 @@
 //! every shard's expired leases get swept and no shard starves), stopping once it
 //! has `max` messages: on a single server (standalone, Sentinel) with **one** lease
 //! script call over every shard's keys, in a cluster with one call per shard (a
-//! script's keys must share a slot). The script sweeps expired leases back to due,
+//! script's keys must share a slot). The script sweeps expired leases back to due
+//! (when the relay asks, about once a second per shard: [`SWEEP_EVERY_MS`]),
 //! takes due ids, writes each shard's index entries and lease tokens with one
 //! variadic command each, and returns ids and due scores only; the relay then
 //! reads the stored values and statuses with plain `MGET`s (one pipeline; one per
@@ -203,6 +204,13 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Expired leases one `lease_due` script returns to due per shard, so a script stays
 /// short (it blocks its Redis node) even after a long outage.
 const SWEEP_LIMIT: usize = 1000;
+/// How often (by the lease's own clock) a relay's `lease_due` sweeps a shard's
+/// expired leases back to due. Every command a script runs costs Redis about
+/// 10,000 instructions (more than a small command itself), and a lease over every
+/// shard of a single server ran one sweep per shard, a third of its commands,
+/// while an expired lease (a dead relay) is rare; it now waits at most this long
+/// beyond its expiry.
+const SWEEP_EVERY_MS: u64 = 1_000;
 /// How far ahead of a lease's `now` the id of a `fresh` message may have been
 /// made and still be taken: relays' clocks differ a little, and a message's
 /// arrival time is its own (the id's time is only close to it). An id further
@@ -458,6 +466,9 @@ pub struct RedisQueue {
     legacy_keys: Vec<LegacyKeys>,
     /// When the next move round from the old layout is due (ms).
     next_migration: std::sync::atomic::AtomicU64,
+    /// Per shard, the lease clock (ms) of this relay's last sweep of its expired
+    /// leases (see [`SWEEP_EVERY_MS`]).
+    last_sweep: Vec<std::sync::atomic::AtomicU64>,
     /// Group commit of enqueues: one lane on a single server, one per shard in a
     /// cluster (see `redis_enqueue.rs`).
     lanes: Vec<grouped::Lane>,
@@ -657,6 +668,9 @@ impl RedisQueue {
                 .map(|s| LegacyKeys::new(&cfg.key_prefix, s))
                 .collect(),
             next_migration: std::sync::atomic::AtomicU64::new(0),
+            last_sweep: (0..SHARDS)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
             lanes,
         };
         // Loading now keeps the first enqueue to one round trip.
@@ -1261,6 +1275,23 @@ impl RedisQueue {
             .map_err(|e| self.unavailable(op, e))
     }
 
+    /// The lease's sweep limit for `shards`: [`SWEEP_LIMIT`] when one of them was
+    /// last swept [`SWEEP_EVERY_MS`] or more before `now_ms` (or after it: a clock
+    /// set back), else 0 (no sweep). Swept together, they are marked together.
+    fn sweep_limit(&self, shards: &[u16], now_ms: u64) -> usize {
+        let due = |s: &u16| {
+            let last = self.last_sweep[usize::from(*s)].load(Ordering::Relaxed);
+            now_ms >= last.saturating_add(SWEEP_EVERY_MS) || now_ms < last
+        };
+        if !shards.iter().any(due) {
+            return 0;
+        }
+        for &s in shards {
+            self.last_sweep[usize::from(s)].store(now_ms, Ordering::Relaxed);
+        }
+        SWEEP_LIMIT
+    }
+
     /// Takes due messages from `shards`, visited in order, with one lease script
     /// call, then reads their stored values and statuses with one `MGET` (in a
     /// cluster `shards` is one shard, so that both stay in its slot).
@@ -1296,7 +1327,7 @@ impl RedisQueue {
             .arg("expires", expires_ms)
             .arg("max", max)
             .arg("token", token)
-            .arg("sweep limit", SWEEP_LIMIT)
+            .arg("sweep limit", self.sweep_limit(shards, now_ms))
             .arg(
                 "fresh cutoff",
                 fresh_cutoff(now_ms.saturating_add(FRESH_SKEW_MS)),

@@ -508,3 +508,63 @@ async fn a_final_record_is_the_same_whether_the_lease_brought_its_envelope_or_no
     assert_eq!(q.stats().await.unwrap().messages, 0);
     assert_eq!(q.stats().await.unwrap().bytes, 0);
 }
+
+/// A relay sweeps expired leases about once a second by the lease's clock, not at
+/// every lease (a command in a script costs Redis about as much as a small
+/// command itself), and a sweep covers every shard, also those the lease stops
+/// short of once it has what it asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_leases_are_swept_about_once_a_second_over_every_shard() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let msgs: Vec<QueuedMessage> = (0..48).map(message).collect();
+    for m in &msgs {
+        q.enqueue(m).await.unwrap();
+    }
+    let t = now_ms();
+    assert_eq!(
+        q.lease_due(t, 1_000, 100, "relay-a").await.unwrap().len(),
+        48
+    );
+    // Every shard's `leased` (16) and `due` (16) read once: a sweep.
+    reset_stats(&server);
+    assert!(
+        q.lease_due(t, 1_000, 100, "relay-b")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        calls(&server, "zrangebyscore"),
+        16,
+        "within the second: no sweep"
+    );
+
+    // Past the leases' expiry: one sweep returns every shard's expired leases to
+    // due, although a lease of one message stops at the first shard with one.
+    reset_stats(&server);
+    let one = q.lease_due(t + 2_000, 60_000, 1, "relay-b").await.unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(
+        calls(&server, "zrangebyscore"),
+        16 + 1,
+        "a sweep, then one due read"
+    );
+    assert_eq!(index_total(&server, "leased", "ZCARD"), 1);
+    assert_eq!(index_total(&server, "due", "ZCARD"), 47);
+
+    // The rest within the same second: taken without another sweep.
+    reset_stats(&server);
+    let rest = q
+        .lease_due(t + 2_500, 60_000, 100, "relay-b")
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 47);
+    assert_eq!(
+        calls(&server, "zrangebyscore"),
+        16,
+        "no sweep within the second"
+    );
+}

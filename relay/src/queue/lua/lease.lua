@@ -1,6 +1,6 @@
 -- KEYS: per shard to visit, in order: due set, leased set, lease hash, later set,
 --       fresh list
--- ARGV: now, lease expiry, max, token, sweep limit, fresh cutoff (the greatest
+-- ARGV: now, lease expiry, max, token, sweep limit (0: no sweep), fresh cutoff (the greatest
 --       id made by now, plus a clock skew allowance: redis.rs, FRESH_SKEW_MS)
 -- Per shard, what is due by now in `due` (retries, mail given back or swept
 -- back) and the ids of `fresh` (never attempted, due at their arrival, in
@@ -15,9 +15,10 @@
 -- schedule entry without its message) is not delivered: see lease_drop.lua.
 -- Visits shards until it has `max` messages, so one call serves every shard of
 -- a single server (a call per shard cost a round trip each).
--- Expired leases of a shard visited first go back to due at their expiry (which
--- is <= now), so a dead worker's messages are among those taken now; their
--- tokens stay, so a late finish of a lease nobody took since still counts.
+-- Expired leases (of every shard given, when the relay asks for a sweep) go back
+-- to due at their expiry (which is <= now) first, so a dead worker's messages are
+-- among those taken now; their tokens stay, so a late finish of a lease nobody
+-- took since still counts.
 local now, expires, token, sweep, cutoff = ARGV[1], ARGV[2], ARGV[4], ARGV[5], ARGV[6]
 local CROCKFORD = '0123456789ABCDEFGHJKMNPQRSTVWXYZ'
 local DIGIT = {}
@@ -38,17 +39,26 @@ local function each_chunk(list, step, f)
     f(unpack(list, i, math.min(i + step - 1, #list)))
   end
 end
+-- A sweep limit of 0: no sweep this time. The relay asks for one about once a
+-- second (a command in a script costs Redis about as much as a small command
+-- itself, and a sweep per shard was a third of a lease's commands); it then
+-- covers every shard given, also those the take below does not reach.
+if sweep ~= '0' then
+  for k = 1, #KEYS, 5 do
+    local due, leased, later = KEYS[k], KEYS[k + 1], KEYS[k + 3]
+    local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'WITHSCORES', 'LIMIT', 0, sweep)
+    for i = 1, #expired, 2 do
+      redis.call('ZREM', leased, expired[i])
+      redis.call('ZADD', due, expired[i + 1], expired[i])
+      -- Due no longer at its arrival: `later` keeps it findable for the oldest age.
+      redis.call('ZADD', later, 0, expired[i])
+    end
+  end
+end
 local out = {}
 for k = 1, #KEYS, 5 do
   if left <= 0 then break end
-  local due, leased, lease, later = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
-  local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'WITHSCORES', 'LIMIT', 0, sweep)
-  for i = 1, #expired, 2 do
-    redis.call('ZREM', leased, expired[i])
-    redis.call('ZADD', due, expired[i + 1], expired[i])
-    -- Due no longer at its arrival: `later` keeps it findable for the oldest age.
-    redis.call('ZADD', later, 0, expired[i])
-  end
+  local due, leased, lease = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local got = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'WITHSCORES', 'LIMIT', 0, left)
   local taken, scored, tokens = {}, {}, {}
   local function take(id, score)
