@@ -229,14 +229,16 @@ fn split_path(arg: &str) -> Result<(String, Vec<Param>), CommandError> {
 fn find_path_end(s: &str) -> Option<usize> {
     let mut in_quote = false;
     let mut escaped = false;
-    for (i, c) in s.char_indices().skip(1) {
+    // Bytes, not chars: the three that matter are ASCII, and no byte of a
+    // multi-byte UTF-8 character is ASCII, so the answer is the same.
+    for (i, &c) in s.as_bytes().iter().enumerate().skip(1) {
         if escaped {
             escaped = false;
-        } else if in_quote && c == '\\' {
+        } else if in_quote && c == b'\\' {
             escaped = true;
-        } else if c == '"' {
+        } else if c == b'"' {
             in_quote = !in_quote;
-        } else if c == '>' && !in_quote {
+        } else if c == b'>' && !in_quote {
             return Some(i);
         }
     }
@@ -352,6 +354,53 @@ pub fn is_xtext(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The path's end, found by bytes, against the char-by-char form it replaced,
+    /// and the local-part check, over every character class.
+    #[test]
+    fn local_parts_and_path_ends_match_the_char_forms() {
+        let old_atext = |c: char, utf8: bool| {
+            c.is_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || (!c.is_ascii() && utf8)
+        };
+        let old_end = |s: &str| {
+            let (mut in_quote, mut escaped) = (false, false);
+            for (i, c) in s.char_indices().skip(1) {
+                if escaped {
+                    escaped = false;
+                } else if in_quote && c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    in_quote = !in_quote;
+                } else if c == '>' && !in_quote {
+                    return Some(i);
+                }
+            }
+            None
+        };
+        let chars = (0u32..0x250)
+            .chain([0x3000, 0x4e2d, 0x1f600, 0xfeff])
+            .filter_map(char::from_u32);
+        for c in chars {
+            for utf8 in [false, true] {
+                let addr = format!("a{c}b@example.com");
+                let want = addr.is_ascii() || utf8;
+                let want = want && (old_atext(c, utf8) || c == '.');
+                assert_eq!(
+                    validate_mailbox(&addr, utf8).is_ok(),
+                    want,
+                    "{c:?} utf8={utf8}"
+                );
+            }
+            for s in [
+                format!("<a{c}b>"),
+                format!("<\"a{c}>\">x>"),
+                format!("<\"a\\{c}\">"),
+                format!("<{c}\"\\\">\">"),
+            ] {
+                assert_eq!(find_path_end(&s), old_end(&s), "{s:?}");
+            }
+        }
+    }
 
     fn p(k: &str, v: Option<&str>) -> Param {
         Param {

@@ -282,7 +282,13 @@ impl Session {
     }
 
     pub fn greeting(&self) -> Reply {
-        Reply::new(220, None, format!("{} ESMTP mailrelay", self.cfg.hostname))
+        // Concatenated, not `format!`ted: once per session, and most sessions carry
+        // one message.
+        Reply::new(
+            220,
+            None,
+            [self.cfg.hostname.as_str(), " ESMTP mailrelay"].concat(),
+        )
     }
 
     /// Verb of the last command line handled, for metrics.
@@ -820,7 +826,7 @@ impl Session {
         match result {
             Ok(()) => {
                 self.messages += 1;
-                r(250, (2, 0, 0), format!("Ok: queued as {id}"))
+                r(250, (2, 0, 0), ["Ok: queued as ", id.as_str()].concat())
             }
             // RFC 3463 X.3.1 "mail system full": a client (or its operator) reading
             // the bounce of a long-deferred message learns the relay is out of

@@ -377,35 +377,41 @@ impl Runner {
     /// so few replies: each costs the relay about a thousand instructions to
     /// parse (`QUEUED`, then its result). Errors come back in place.
     fn multi_pipeline(&self, group: &[&Item]) -> Pipeline {
-        let (shards, places) = Self::shards_of(group);
-        let mut pipe = redis::pipe();
+        let shards = ShardGroups::of(group);
+        let events = group.iter().filter(|i| i.event.is_some()).count();
+        let mut pipe = Pipeline::with_capacity(4 + 4 * shards.len() + events);
         pipe.ignore_errors();
         pipe.cmd("MULTI");
-        let values = pipe.cmd("MSETNX");
+        // Sized up front: the values are most of the call's bytes, and a buffer
+        // grown as they were added copied them again at every doubling.
+        let data = 6 + group
+            .iter()
+            .map(|i| {
+                let k = &self.shard_keys[usize::from(i.shard)];
+                k.message.len() + i.id.len() + i.stored.len()
+            })
+            .sum::<usize>();
+        let mut values = redis::Cmd::with_capacity(1 + 2 * group.len(), data);
+        values.arg("MSETNX");
         for item in group {
             let k = &self.shard_keys[usize::from(item.shard)];
             values.arg(k.message(&item.id)).arg(&item.stored);
         }
-        for (place, &s) in shards.iter().enumerate() {
-            let keys = &self.shard_keys[usize::from(s)];
-            let mine = || {
-                group
-                    .iter()
-                    .zip(&places)
-                    .filter(move |(_, p)| **p == place + 1)
-            };
+        pipe.add_command(values);
+        for shard in &shards.0 {
+            let keys = &self.shard_keys[usize::from(shard.shard)];
             // New ids due now are due at their arrival: in arrival order on
             // `fresh` (a list entry is a fraction of a sorted-set one); others
             // (`fresh_list: false`, or due later) scored on `due`.
-            if mine().any(|(i, _)| i.fresh) {
+            if shard.fresh > 0 {
                 let fresh = pipe.cmd("RPUSH").arg(&keys.fresh);
-                for (item, _) in mine().filter(|(i, _)| i.fresh) {
+                for item in shard.items.iter().filter(|i| i.fresh) {
                     fresh.arg(&item.id);
                 }
             }
-            if mine().any(|(i, _)| !i.fresh) {
+            if shard.fresh < shard.items.len() {
                 let due = pipe.cmd("ZADD").arg(&keys.due);
-                for (item, _) in mine().filter(|(i, _)| !i.fresh) {
+                for item in shard.items.iter().filter(|i| !i.fresh) {
                     due.arg(item.due).arg(&item.id);
                 }
             }
@@ -422,18 +428,14 @@ impl Runner {
                     .arg(event.as_slice());
             }
         }
-        for (place, &s) in shards.iter().enumerate() {
-            let (mut msgs, mut bytes) = (0usize, 0usize);
-            for (item, &p) in group.iter().zip(&places) {
-                if p == place + 1 {
-                    msgs += 1;
-                    bytes += item.body_len;
-                }
-            }
-            let stats = &self.shard_keys[usize::from(s)].stats;
-            pipe.cmd("HINCRBY").arg(stats).arg("messages").arg(msgs);
-            if bytes > 0 {
-                pipe.cmd("HINCRBY").arg(stats).arg("bytes").arg(bytes);
+        for shard in &shards.0 {
+            let stats = &self.shard_keys[usize::from(shard.shard)].stats;
+            pipe.cmd("HINCRBY")
+                .arg(stats)
+                .arg("messages")
+                .arg(shard.items.len());
+            if shard.bytes > 0 {
+                pipe.cmd("HINCRBY").arg(stats).arg("bytes").arg(shard.bytes);
             }
         }
         pipe.cmd("EXEC");
@@ -545,14 +547,18 @@ impl Runner {
             }
         };
         // The replies in the order the pipeline queued the commands.
-        let (shards, _) = Self::shards_of(group);
+        let shards = ShardGroups::of(group);
         let mut done = done.into_iter();
         let stored_all = matches!(done.next(), Some(Value::Int(1)));
-        // A shard whose `ZADD` or counters failed fails its messages.
+        // A shard whose `RPUSH`, `ZADD` or counters failed fails its messages.
         let mut shard_error: Vec<(u16, String)> = Vec::new();
-        for &s in &shards {
-            if let Some(Value::ServerError(e)) = done.next() {
-                shard_error.push((s, server_text(&e)));
+        for shard in &shards.0 {
+            // Its `RPUSH` and its `ZADD`, whichever it has.
+            let index = usize::from(shard.fresh > 0) + usize::from(shard.fresh < shard.items.len());
+            for _ in 0..index {
+                if let Some(Value::ServerError(e)) = done.next() {
+                    shard_error.push((shard.shard, server_text(&e)));
+                }
             }
         }
         let event_errors: Vec<Option<String>> = group
@@ -562,14 +568,10 @@ impl Runner {
                 _ => None,
             })
             .collect();
-        for &s in &shards {
-            let bytes = group
-                .iter()
-                .filter(|i| i.shard == s)
-                .any(|i| i.body_len > 0);
-            for _ in 0..1 + usize::from(bytes) {
+        for shard in &shards.0 {
+            for _ in 0..1 + usize::from(shard.bytes > 0) {
                 if let Some(Value::ServerError(e)) = done.next() {
-                    shard_error.push((s, server_text(&e)));
+                    shard_error.push((shard.shard, server_text(&e)));
                 }
             }
         }
@@ -709,6 +711,48 @@ impl Runner {
             "redis WAIT: {acked} of {} replicas acknowledged message {id} within {} ms",
             self.wait_replicas, self.wait_timeout_ms
         ))
+    }
+}
+
+/// A plain group's messages by shard, shards in order of first appearance: what
+/// its transaction writes per shard, found in one pass.
+struct ShardGroups<'a>(Vec<ShardGroup<'a>>);
+
+struct ShardGroup<'a> {
+    shard: u16,
+    /// In group order.
+    items: Vec<&'a Item>,
+    /// How many of `items` go to `fresh` (the others to `due`).
+    fresh: usize,
+    bytes: usize,
+}
+
+impl<'a> ShardGroups<'a> {
+    fn of(group: &[&'a Item]) -> Self {
+        let mut shards: Vec<ShardGroup<'a>> = Vec::new();
+        for &item in group {
+            let i = match shards.iter().position(|s| s.shard == item.shard) {
+                Some(i) => i,
+                None => {
+                    shards.push(ShardGroup {
+                        shard: item.shard,
+                        items: Vec::new(),
+                        fresh: 0,
+                        bytes: 0,
+                    });
+                    shards.len() - 1
+                }
+            };
+            let s = &mut shards[i];
+            s.items.push(item);
+            s.fresh += usize::from(item.fresh);
+            s.bytes += item.body_len;
+        }
+        ShardGroups(shards)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
     }
 }
 

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,9 +19,11 @@ use std::time::{Duration, Instant};
 struct Session {
     ip: IpAddr,
     net: Option<IpAddr>,
-    /// Since when the session has waited for a command outside a transaction;
-    /// `None` while it works on one (or is inside a transaction).
-    idle_since: Option<Instant>,
+    /// Since when the session has waited for a command outside a transaction
+    /// ([`ConnLimits::idle_since`]); 0 while it works on one (or is inside a
+    /// transaction). Shared with its [`ConnSlot`], which sets it without the lock:
+    /// a session changes it several times per message.
+    idle: Arc<AtomicU64>,
     privileged: bool,
     evict: Arc<super::wake::Wake>,
 }
@@ -50,6 +53,8 @@ pub struct ConnLimits {
     reserved: usize,
     /// Idle time before a session may be closed for a newcomer; `None`: never.
     evict_after: Option<Duration>,
+    /// What idle times count from.
+    epoch: Instant,
     open: Mutex<Open>,
 }
 
@@ -83,6 +88,8 @@ const AUTHENTICATED_MAX: usize = 10_000;
 pub struct ConnSlot {
     limits: Arc<ConnLimits>,
     id: u64,
+    /// Its session's `idle` word (see `Session`).
+    idle: Arc<AtomicU64>,
     /// Raised ([`super::wake::EVICTED`]) when the session is closed to admit another.
     pub evicted: Arc<super::wake::Wake>,
     /// The limit that made room by closing another (idle) session, if one did.
@@ -171,6 +178,7 @@ impl ConnLimits {
             prefix_v6,
             reserved: reserved.min(max_total / 2),
             evict_after,
+            epoch: Instant::now(),
             open: Mutex::new(Open::default()),
         })
     }
@@ -227,12 +235,13 @@ impl ConnLimits {
         let id = g.next_id;
         g.next_id += 1;
         let evicted = Arc::new(super::wake::Wake::new());
+        let idle = Arc::new(AtomicU64::new(0));
         g.sessions.insert(
             id,
             Session {
                 ip,
                 net,
-                idle_since: None,
+                idle: Arc::clone(&idle),
                 privileged,
                 evict: Arc::clone(&evicted),
             },
@@ -240,6 +249,7 @@ impl ConnLimits {
         Ok(ConnSlot {
             limits: Arc::clone(self),
             id,
+            idle,
             evicted,
             made_room,
         })
@@ -256,7 +266,7 @@ impl ConnLimits {
             .sessions
             .iter()
             .filter(|(_, s)| !(strangers_only && s.privileged))
-            .filter_map(|(id, s)| Some((*id, s.idle_since?)))
+            .filter_map(|(id, s)| Some((*id, self.idle_since(&s.idle)?)))
             .filter(|(_, since)| now.saturating_duration_since(*since) >= after)
             .min_by_key(|(_, since)| *since)
             .map(|(id, _)| id);
@@ -266,6 +276,14 @@ impl ConnLimits {
                 true
             }
             None => false,
+        }
+    }
+
+    /// When a session's `idle` word says it became idle, if it is.
+    fn idle_since(&self, idle: &AtomicU64) -> Option<Instant> {
+        match idle.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(self.epoch + Duration::from_nanos(n - 1)),
         }
     }
 
@@ -308,13 +326,13 @@ impl ConnSlot {
     /// The session waits for a command outside a transaction (`true`, from now on
     /// it may be evicted once idle long enough) or works (`false`).
     pub fn set_idle(&self, idle: bool) {
-        let mut g = self.limits.lock();
-        if let Some(s) = g.sessions.get_mut(&self.id) {
-            match (idle, s.idle_since) {
-                (true, None) => s.idle_since = Some(Instant::now()),
-                (false, _) => s.idle_since = None,
-                (true, Some(_)) => {}
-            }
+        if !idle {
+            self.idle.store(0, Ordering::Relaxed);
+        } else if self.idle.load(Ordering::Relaxed) == 0 {
+            // +1: 0 means working. Saturating: ~584 years of uptime.
+            let since = self.limits.epoch.elapsed().as_nanos();
+            let since = u64::try_from(since).unwrap_or(u64::MAX - 1) + 1;
+            self.idle.store(since, Ordering::Relaxed);
         }
     }
 }

@@ -341,6 +341,55 @@ async fn failures_in_a_group_reach_exactly_the_messages_they_hit() {
     assert_each_once(&stored, &taken);
 }
 
+/// A shard's group can write both its `fresh` list (new mail) and its `due` set
+/// (mail due later): two replies to read for it. With `due` of the wrong type,
+/// exactly the messages of that shard that needed `due` fail (and no message of
+/// another shard): read as one reply per shard, the error landed one place off,
+/// on another shard's messages, and a message never scheduled got its `250`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shard_writing_fresh_and_due_has_its_own_errors() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let queue = Arc::new(RedisQueue::connect(&server.config(PREFIX)).await.unwrap());
+    let later = now_ms() + 600_000;
+    let msgs: Vec<QueuedMessage> = (0..160)
+        .map(|i| {
+            let mut m = message(300 + i, 100);
+            if i % 2 == 1 {
+                m.envelope.received_at_ms = later;
+            }
+            m
+        })
+        .collect();
+    let bad = shard_of_id(msgs[1].envelope.id.as_str());
+    let due = format!("{}due", shard_prefixes(PREFIX)[bad]);
+    server.cli(&["SET", &due, "debris"]).unwrap();
+    let results = enqueue_all(&queue, &msgs).await;
+    let mut failed_later = 0;
+    for (i, (m, r)) in msgs.iter().zip(&results).enumerate() {
+        let on_bad = shard_of_id(m.envelope.id.as_str()) == bad;
+        match (on_bad, i % 2 == 1) {
+            (true, true) => {
+                assert!(
+                    matches!(r, Err(QueueError::Unavailable(e)) if e.contains("WRONGTYPE")),
+                    "message {i}, due later on the broken shard: {r:?}"
+                );
+                failed_later += 1;
+            }
+            // New mail of that shard fails with it when the same call held one
+            // due later there (the shard's writes are answered together).
+            (true, false) => {}
+            (false, _) => assert!(r.is_ok(), "message {i}, another shard: {r:?}"),
+        }
+    }
+    assert!(failed_later > 0, "no message due later on the broken shard");
+    assert!(
+        calls(server.port(), "exec") < 160,
+        "the enqueues were not grouped"
+    );
+}
+
 fn req(quota: &str, key: &str, limit: u64) -> ChargeRequest {
     ChargeRequest {
         quota: quota.into(),
