@@ -201,8 +201,9 @@ const OP_DEADLINE: Duration = Duration::from_secs(8);
 /// Reconnect attempts (with backoff) after a connection broke, per failing request.
 const RECONNECT_RETRIES: usize = 2;
 const RETRY_DELAY: Duration = Duration::from_millis(200);
-/// Expired leases one `lease_due` script returns to due per shard, so a script stays
-/// short (it blocks its Redis node) even after a long outage.
+/// Expired leases one `lease_due` script returns to due (over all the shards it
+/// is given), so a script stays short (it blocks its Redis node) even after a long
+/// outage.
 const SWEEP_LIMIT: usize = 1000;
 /// How often (by the lease's own clock) a relay's `lease_due` sweeps a shard's
 /// expired leases back to due. Every command a script runs costs Redis about

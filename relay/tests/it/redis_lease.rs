@@ -568,3 +568,37 @@ async fn expired_leases_are_swept_about_once_a_second_over_every_shard() {
         "no sweep within the second"
     );
 }
+
+/// One sweep returns at most 1,000 expired leases over all shards (a script
+/// blocks its Redis node while it runs); the rest go at the next sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sweep_returns_at_most_its_limit_over_all_shards() {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let msgs: Vec<QueuedMessage> = (0..1_100).map(message).collect();
+    for m in &msgs {
+        q.enqueue(m).await.unwrap();
+    }
+    let t = now_ms();
+    let mut taken = 0;
+    while taken < 1_100 {
+        let got = q.lease_due(t, 1_000, 500, "relay-a").await.unwrap();
+        assert!(!got.is_empty());
+        taken += got.len();
+    }
+    let one = q.lease_due(t + 2_000, 60_000, 1, "relay-b").await.unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(
+        index_total(&server, "due", "ZCARD"),
+        999,
+        "1,000 swept, one taken"
+    );
+    assert_eq!(index_total(&server, "leased", "ZCARD"), 101);
+    // The next second's sweep takes the rest.
+    let one = q.lease_due(t + 3_100, 60_000, 1, "relay-b").await.unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(index_total(&server, "due", "ZCARD"), 999 + 99);
+    assert_eq!(index_total(&server, "leased", "ZCARD"), 2);
+}

@@ -42,11 +42,16 @@ end
 -- A sweep limit of 0: no sweep this time. The relay asks for one about once a
 -- second (a command in a script costs Redis about as much as a small command
 -- itself, and a sweep per shard was a third of a lease's commands); it then
--- covers every shard given, also those the take below does not reach.
-if sweep ~= '0' then
+-- covers every shard given, also those the take below does not reach, up to
+-- the limit in all (so that a script stays short after a long outage; what is
+-- left goes at the next sweep).
+local budget = tonumber(sweep)
+if budget > 0 then
   for k = 1, #KEYS, 5 do
+    if budget <= 0 then break end
     local due, leased, later = KEYS[k], KEYS[k + 1], KEYS[k + 3]
-    local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'WITHSCORES', 'LIMIT', 0, sweep)
+    local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'WITHSCORES', 'LIMIT', 0, budget)
+    budget = budget - #expired / 2
     for i = 1, #expired, 2 do
       redis.call('ZREM', leased, expired[i])
       redis.call('ZADD', due, expired[i + 1], expired[i])
