@@ -340,14 +340,7 @@ impl RedisEvents {
     async fn append(&self, events: &Encoded) -> Result<Vec<String>, EventError> {
         let mut pipe = redis::pipe();
         for json in events.iter() {
-            pipe.cmd("XADD")
-                .arg(&self.key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.max_len)
-                .arg("*")
-                .arg("e")
-                .arg(json);
+            push_xadd(&mut pipe, &self.key, self.max_len, json);
         }
         self.redis
             .pipeline::<Vec<String>>(&pipe)
@@ -408,6 +401,20 @@ impl RedisEvents {
 
 /// The events stream of the queue with key prefix `prefix` (the Redis queue's
 /// enqueue writes `accepted` events there too).
+/// Queues one event's `XADD` onto `pipe`: the stream's entry form (field `e`, the
+/// event's JSON) and its `MAXLEN ~` cap, for every writer of the stream (this
+/// log's appends, the Redis queue's enqueue and finish).
+pub(crate) fn push_xadd(pipe: &mut redis::Pipeline, stream: &str, max_len: u64, json: &[u8]) {
+    pipe.cmd("XADD")
+        .arg(stream)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(max_len)
+        .arg("*")
+        .arg("e")
+        .arg(json);
+}
+
 pub fn stream_key(prefix: &str) -> String {
     format!("{prefix}:events")
 }

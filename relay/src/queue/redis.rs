@@ -988,14 +988,7 @@ impl RedisQueue {
         let mut all = redis::pipe();
         all.ignore_errors();
         for json in events.iter() {
-            all.cmd("XADD")
-                .arg(&stream)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(events.max_len())
-                .arg("*")
-                .arg("e")
-                .arg(json);
+            crate::events::log::push_xadd(&mut all, &stream, events.max_len(), json);
         }
         for pipe in pipes {
             for cmd in pipe.cmd_iter() {

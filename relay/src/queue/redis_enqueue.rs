@@ -418,14 +418,7 @@ impl Runner {
         }
         for item in group {
             if let Some((event, max_len)) = &item.event {
-                pipe.cmd("XADD")
-                    .arg(&self.stream)
-                    .arg("MAXLEN")
-                    .arg("~")
-                    .arg(*max_len)
-                    .arg("*")
-                    .arg("e")
-                    .arg(event.as_slice());
+                crate::events::log::push_xadd(&mut pipe, &self.stream, *max_len, event);
             }
         }
         for shard in &shards.0 {

@@ -185,6 +185,13 @@ fn mixed_batch(leased: &[(Leased, QueuedMessage)]) -> Batch {
     (items, events, want)
 }
 
+fn assert_all_finalized(got: &[Result<FinishResult, QueueError>]) {
+    assert!(
+        got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
+        "{got:?}"
+    );
+}
+
 fn check_answers(got: &[Result<FinishResult, QueueError>], want: &[Result<FinishResult, ()>]) {
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -325,10 +332,7 @@ async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
         .finish_batch_with_events(items.clone(), &encoded)
         .await
         .unwrap();
-    assert!(
-        got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
-        "{got:?}"
-    );
+    assert_all_finalized(&got);
     assert!(encoded.unwritten());
     assert_eq!(q.stats().await.unwrap().messages, 0);
     assert_eq!(q.delivery_totals().await.unwrap().delivered, 6);
@@ -340,10 +344,7 @@ async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
     let (items, events) = delivered_batch(&leased);
     let encoded = outcome_events(&events);
     let got = q.finish_batch_with_events(items, &encoded).await.unwrap();
-    assert!(
-        got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
-        "{got:?}"
-    );
+    assert_all_finalized(&got);
     assert!(!encoded.unwritten());
     assert_eq!(stored_events(&store).await, expected_events(&events));
 }
@@ -366,10 +367,7 @@ async fn redis_finishes_after_losing_its_scripts_and_writes_each_event_once() {
         .finish_batch_with_events(items.clone(), &encoded)
         .await
         .unwrap();
-    assert!(
-        got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
-        "{got:?}"
-    );
+    assert_all_finalized(&got);
     assert!(!encoded.unwritten());
     let calls = calls_of(&server);
     assert_eq!(calls.get("xadd"), Some(&5), "{calls:?}");
@@ -404,10 +402,7 @@ async fn a_full_redis_still_finishes_outcomes_which_free_its_memory() {
     let (items, events) = delivered_batch(&leased);
     let encoded = outcome_events(&events);
     let got = q.finish_batch_with_events(items, &encoded).await.unwrap();
-    assert!(
-        got.iter().all(|r| matches!(r, Ok(FinishResult::Finalized))),
-        "{got:?}"
-    );
+    assert_all_finalized(&got);
     assert!(encoded.unwritten());
     assert_eq!(q.stats().await.unwrap().messages, 0);
 }

@@ -53,12 +53,18 @@ fn index_total(server: &RedisServer, index: &str, cmd: &str) -> u64 {
     crate::redis_fresh::index_total(server, PREFIX, index, cmd)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_lease_call_visits_every_shard_of_a_single_server() {
+/// A private redis-server and a queue on it.
+async fn started() -> (RedisServer, RedisQueue) {
     let server = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
     let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    (server, q)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lease_call_visits_every_shard_of_a_single_server() {
+    let (server, q) = started().await;
     let msgs: Vec<QueuedMessage> = (0..64).map(message).collect();
     let shards: HashSet<usize> = msgs
         .iter()
@@ -126,10 +132,7 @@ async fn one_lease_call_visits_every_shard_of_a_single_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_leases_of_every_shard_come_back_in_one_call_and_their_old_finish_is_refused() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let (server, q) = started().await;
     for i in 0..40 {
         q.enqueue(&message(i)).await.unwrap();
     }
@@ -172,10 +175,7 @@ async fn expired_leases_of_every_shard_come_back_in_one_call_and_their_old_finis
 /// lease is dropped rather than left to come back at every expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_gone_before_its_read_is_not_delivered_and_its_lease_is_dropped() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let (server, q) = started().await;
     let kept: Vec<QueuedMessage> = (0..8).map(message).collect();
     for m in &kept {
         q.enqueue(m).await.unwrap();
@@ -235,10 +235,7 @@ async fn a_message_gone_before_its_read_is_not_delivered_and_its_lease_is_droppe
 /// the old lease) stays queued and is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_stored_again_under_a_gone_id_is_still_delivered() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let (server, q) = started().await;
     let m = message(7);
     let id = m.envelope.id.as_str().to_owned();
     q.enqueue(&m).await.unwrap();
@@ -301,10 +298,7 @@ fn rescheduled(mut status: MessageStatus, at_ms: u64) -> MessageStatus {
 /// count go with it, and a rescheduled item stays queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_one_shard_finishes_each_item_by_its_own_lease() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let (server, q) = started().await;
     // Five messages of one shard.
     let mut msgs: Vec<QueuedMessage> = Vec::new();
     let shard = shard_of_id(message(0).envelope.id.as_str());
@@ -436,10 +430,7 @@ async fn a_batch_of_one_shard_finishes_each_item_by_its_own_lease() {
 /// first read of the stored value's head.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_final_record_is_the_same_whether_the_lease_brought_its_envelope_or_not() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let (_server, q) = started().await;
     let redis = q.shared();
     let mut msgs: Vec<QueuedMessage> = (0..4).map(message).collect();
     // Two with an envelope far over the script's first read (256 bytes).
@@ -515,10 +506,7 @@ async fn a_final_record_is_the_same_whether_the_lease_brought_its_envelope_or_no
 /// short of once it has what it asked for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_leases_are_swept_about_once_a_second_over_every_shard() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let (server, q) = started().await;
     let msgs: Vec<QueuedMessage> = (0..48).map(message).collect();
     for m in &msgs {
         q.enqueue(m).await.unwrap();
@@ -573,10 +561,7 @@ async fn expired_leases_are_swept_about_once_a_second_over_every_shard() {
 /// blocks its Redis node while it runs); the rest go at the next sweep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sweep_returns_at_most_its_limit_over_all_shards() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let q = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let (server, q) = started().await;
     let msgs: Vec<QueuedMessage> = (0..1_100).map(message).collect();
     for m in &msgs {
         q.enqueue(m).await.unwrap();
