@@ -43,6 +43,25 @@ impl QueueId {
         QueueId(s)
     }
 
+    /// The 32 digits of an id, in order of value.
+    pub const DIGITS: &'static [u8; 32] = CROCKFORD;
+
+    /// [`QueueId::generate`] with its last two digits (10 of its 52 random bits)
+    /// chosen by `tail`, given the 18 digits before them and the two drawn at
+    /// random: lets a store place the id (the Redis queue keeps a relay's new mail
+    /// in one shard of a single server). What `tail` returns must be two of
+    /// [`QueueId::DIGITS`]; anything else keeps the random ones.
+    pub fn generate_with_tail(tail: impl FnOnce(&[u8], [u8; 2]) -> [u8; 2]) -> Self {
+        let mut id = Self::generate();
+        let b = id.0.as_bytes();
+        let chosen = tail(&b[..18], [b[18], b[19]]);
+        if chosen.iter().all(|d| DIGIT[usize::from(*d)] != NOT_A_DIGIT) {
+            id.0.truncate(18);
+            id.0.extend(chosen.map(char::from));
+        }
+        id
+    }
+
     /// Parses an id given by a user or read from a store; rejects anything that could
     /// not have come from [`QueueId::generate`] (keys are built from ids).
     pub fn parse(s: &str) -> Option<Self> {
@@ -216,6 +235,26 @@ mod tests {
             assert_eq!(QueueId::is_valid(&id), want, "octet {b}");
             assert_eq!(QueueId::parse(&id).is_some(), want, "octet {b}");
         }
+    }
+
+    #[test]
+    fn a_chosen_tail_ends_the_id_and_anything_but_two_digits_is_ignored() {
+        let mut seen = None;
+        let before = now_ms();
+        let id = QueueId::generate_with_tail(|head, random| {
+            seen = Some((head.to_vec(), random));
+            *b"ZZ"
+        });
+        let (head, random) = seen.expect("tail called");
+        assert_eq!(id.as_str().as_bytes()[..18], head[..]);
+        assert!(id.as_str().ends_with("ZZ"), "{id}");
+        assert!(QueueId::is_valid(id.as_str()), "{id}");
+        assert!(id.timestamp_ms() >= before, "the time digits stay");
+        assert!(random.iter().all(|d| CROCKFORD.contains(d)), "{random:?}");
+
+        let id = QueueId::generate_with_tail(|_, _| *b"ZU");
+        assert!(QueueId::is_valid(id.as_str()), "U is not a digit: {id}");
+        assert!(!id.as_str().ends_with("ZU"), "{id}");
     }
 
     #[test]

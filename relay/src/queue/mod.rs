@@ -383,6 +383,12 @@ pub trait Store: Send + Sync + 'static {
 
 /// Storing accepted mail.
 pub trait Ingest: Store {
+    /// The id for a message about to be accepted: where the backend keeps mail
+    /// in parts, one it can store cheaply beside this relay's other new mail.
+    fn new_id(&self) -> QueueId {
+        QueueId::generate()
+    }
+
     /// Stores a message atomically and durably: either all of it is stored, or none.
     fn enqueue<'a>(&'a self, msg: &'a QueuedMessage) -> QueueFuture<'a, ()>;
 

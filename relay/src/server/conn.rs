@@ -15,7 +15,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use mailrelay_smtp::envelope::{QueueId, TlsInfo};
+use mailrelay_smtp::envelope::TlsInfo;
 use mailrelay_smtp::{Reply, Session, Step, StoreFailure};
 
 /// The socket, before or after a TLS upgrade.
@@ -560,8 +560,8 @@ impl Conn {
                     }
                     Step::ReadChunk { size } => {
                         self.read_chunk(session, size).await?;
-                        step =
-                            session.chunk_end(QueueId::generate(), time::OffsetDateTime::now_utc());
+                        step = session
+                            .chunk_end(self.shared.queue.new_id(), time::OffsetDateTime::now_utc());
                         step = self.dkim_sign(step);
                     }
                     Step::CheckCredentials { username, password } => {
@@ -717,9 +717,10 @@ impl Conn {
                 match consumed {
                     Some(n) => {
                         self.pos += n;
-                        return Ok(
-                            session.data_end(QueueId::generate(), time::OffsetDateTime::now_utc())
-                        );
+                        return Ok(session.data_end(
+                            self.shared.queue.new_id(),
+                            time::OffsetDateTime::now_utc(),
+                        ));
                     }
                     None => self.pos = self.buf.len(),
                 }

@@ -370,9 +370,27 @@ fn two_relays_share_the_work(redis_url: String, cluster_nodes: Option<Vec<String
     };
     let mut one = start();
     let mut two = start();
+    let mut shards = [
+        std::collections::BTreeSet::new(),
+        std::collections::BTreeSet::new(),
+    ];
     for i in 0..100 {
         let via = if i % 2 == 0 { &one } else { &two };
-        swaks(via, "alice@sender.test", &[&format!("r{i}@a.test")], None);
+        let id = swaks(via, "alice@sender.test", &[&format!("r{i}@a.test")], None);
+        shards[i % 2].insert(mailrelay::queue::redis::shard_of_id(id.as_str()));
+    }
+    // On one server each relay keeps its new mail in a shard of its own
+    // (`Ingest::new_id`); in a cluster it spreads over the shards.
+    if cluster_nodes.is_none() {
+        assert!(
+            shards.iter().all(|s| s.len() == 1),
+            "shards per relay: {shards:?}"
+        );
+    } else {
+        assert!(
+            shards.iter().all(|s| s.len() > 4),
+            "shards per relay: {shards:?}"
+        );
     }
     let recs = mx.wait_for(
         "all 100 messages",

@@ -524,9 +524,10 @@ async fn expired_leases_are_swept_about_once_a_second_over_every_shard() {
             .unwrap()
             .is_empty()
     );
-    assert_eq!(
-        calls(&server, "zrangebyscore"),
-        16,
+    // One `due` read per shard visited (between full rounds, those that may have
+    // mail); a sweep would read every `leased` too.
+    assert!(
+        calls(&server, "zrangebyscore") <= 16,
         "within the second: no sweep"
     );
 
@@ -550,11 +551,112 @@ async fn expired_leases_are_swept_about_once_a_second_over_every_shard() {
         .await
         .unwrap();
     assert_eq!(rest.len(), 47);
-    assert_eq!(
-        calls(&server, "zrangebyscore"),
-        16,
+    assert!(
+        calls(&server, "zrangebyscore") <= 16,
         "no sweep within the second"
     );
+}
+
+/// Between full rounds (about once a second) a lease on a single server visits
+/// only the shards that may have mail due: the relay's home shard, those it wrote
+/// to or took from, and those where a retry it scheduled is due by now. Mail
+/// another relay wrote elsewhere is found at the next full round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn between_full_rounds_a_lease_visits_only_shards_that_may_have_mail() {
+    let (server, q) = started().await;
+    let home = usize::from(q.home_shard().expect("a single server"));
+    // One `due` read per shard visited, and one `leased` read per shard swept.
+    let visits = || {
+        let n = calls(&server, "zrangebyscore");
+        reset_stats(&server);
+        n
+    };
+    let t = now_ms();
+    // The first lease visits every shard (and looks for the old layout's).
+    assert!(q.lease_due(t, 60_000, 100, "a").await.unwrap().is_empty());
+    reset_stats(&server);
+    assert!(
+        q.lease_due(t + 1, 60_000, 100, "a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(visits(), 1, "nothing known: the home shard alone");
+
+    // Mail this relay wrote, in any shard, is taken at once.
+    let msgs: Vec<QueuedMessage> = (0..4).map(message).collect();
+    for m in &msgs {
+        q.enqueue(m).await.unwrap();
+    }
+    let mut written: HashSet<usize> = msgs
+        .iter()
+        .map(|m| shard_of_id(m.envelope.id.as_str()))
+        .collect();
+    written.insert(home);
+    let leased = q.lease_due(t + 2, 60_000, 100, "a").await.unwrap();
+    assert_eq!(leased.len(), 4);
+    assert_eq!(
+        visits(),
+        written.len() as u64,
+        "home and the shards written"
+    );
+    // A shard that gave mail is visited once more, then known empty.
+    assert!(
+        q.lease_due(t + 3, 60_000, 100, "a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(visits(), written.len() as u64);
+    assert!(
+        q.lease_due(t + 4, 60_000, 100, "a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(visits(), 1);
+
+    // A retry this relay scheduled: its shard is visited from its due time on.
+    let retry = &leased[0];
+    let retry_shard = shard_of_id(retry.lease.id.as_str());
+    let mut status = retry.status.clone();
+    status.attempts += 1;
+    status.next_attempt_ms = Some(t + 500);
+    assert_eq!(
+        q.finish(&retry.lease, status).await.unwrap(),
+        FinishResult::Rescheduled
+    );
+    assert!(
+        q.lease_due(t + 499, 60_000, 100, "a")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(visits(), 1, "not due yet: the home shard alone");
+    let again = q.lease_due(t + 500, 60_000, 100, "a").await.unwrap();
+    assert_eq!(
+        again.len(),
+        1,
+        "leased when due, not at the next full round"
+    );
+    assert_eq!(again[0].lease.id, retry.lease.id);
+    assert_eq!(visits(), 1 + u64::from(retry_shard != home));
+
+    // Another relay's new mail, in its home shard: found by the next full round
+    // at the latest.
+    let other = RedisQueue::connect(&server.config(PREFIX)).await.unwrap();
+    let mut theirs = message(9);
+    theirs.envelope.id = other.new_id();
+    other.enqueue(&theirs).await.unwrap();
+    let mut got = q.lease_due(t + 501, 60_000, 100, "a").await.unwrap();
+    assert!(visits() <= 2, "home and the retry's shard");
+    if got.is_empty() {
+        assert_ne!(shard_of_id(theirs.envelope.id.as_str()), home);
+        got = q.lease_due(t + 1_600, 60_000, 100, "a").await.unwrap();
+        assert_eq!(visits(), 32, "a full round, swept");
+    }
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].lease.id, theirs.envelope.id);
 }
 
 /// One sweep returns at most 1,000 expired leases over all shards (a script

@@ -1,20 +1,23 @@
--- `local function finish_shard(items, retention, counts, out)`: records the
--- outcomes of the items of one shard of a batch (finish_main.lua), each if its
--- lease still holds.
--- Item i (0-based) has KEYS[8i + 1 ..]: message, due set, leased set, lease
--- hash, later set, stats hash, status, final record; and ARGV[2 + 9i + 1 ..]:
--- id, token, status JSON (a final item with a body length: its whole final
--- record, built by the relay from the envelope it read with the lease), attempts,
--- next attempt ms ('' when final), delivered, bounced, expired recipient counts
--- (added to the totals when final), the stored body's length ('' when the relay
--- has no envelope for it: the script reads the envelope itself).
+-- `local function finish_shard(sk, a0, n, o0, retention, counts, out)`: records
+-- the outcomes of the `n` items of one shard of a batch (finish_main.lua), each
+-- if its lease still holds.
+-- The shard's keys are KEYS[sk ..]: due set, leased set, lease hash, later set,
+-- stats hash; item j (1-based) has KEYS[sk + 5 + 3(j - 1) ..]: message, status,
+-- final record; and ARGV[a0 + 9(j - 1) + 1 ..]: id, token, status JSON (a final
+-- item with a body length: its whole final record, built by the relay from the
+-- envelope it read with the lease), attempts, next attempt ms ('' when final),
+-- delivered, bounced, expired recipient counts (added to the totals when final),
+-- the stored body's length ('' when the relay has no envelope for it: the script
+-- reads the envelope itself). Its answer goes to out[o0 + j]: 0 lease lost, 1
+-- rescheduled, 2 final.
+-- The shard's keys come once, not per item: a key or argument costs Redis about
+-- 1,000 instructions, and a relay's batch is mostly of one shard (its home
+-- shard, redis.rs).
 -- The final record comes ready from the relay where it can: read here, the
 -- envelope would be copied into a Lua string and hashed byte by byte, twice more
 -- for the record built from it.
--- `items`: the item numbers of one shard (they share due, leased, lease, later,
--- stats); `retention` (ms) is the final record's; counter changes are added to
--- `counts` (stats key -> field -> delta), written once per batch; out[i + 1] is
--- set to 0 lease lost, 1 rescheduled, 2 final.
+-- `retention` (ms) is the final record's; counter changes are added to
+-- `counts` (stats key -> field -> delta), written once per batch.
 -- The lease hash holds the token of the latest lease until finish, release,
 -- remove or a replacing enqueue: an equal token means still ours.
 -- The shard's index writes go in one variadic command each for its items (a
@@ -38,24 +41,23 @@ local function old_attempts(status)
   return 0
 end
 
-local function finish_shard(items, retention, counts, out)
-  local k0 = 8 * items[1]
-  local due, leased, lease = KEYS[k0 + 2], KEYS[k0 + 3], KEYS[k0 + 4]
-  local later, stats = KEYS[k0 + 5], KEYS[k0 + 6]
+local function finish_shard(sk, a0, n, o0, retention, counts, out)
+  local due, leased, lease = KEYS[sk], KEYS[sk + 1], KEYS[sk + 2]
+  local later, stats = KEYS[sk + 3], KEYS[sk + 4]
   local ids = {}
-  for j, i in ipairs(items) do ids[j] = ARGV[2 + 9 * i + 1] end
+  for j = 1, n do ids[j] = ARGV[a0 + 9 * (j - 1) + 1] end
   local tokens = redis.call('HMGET', lease, unpack(ids))
   -- Ours: token equal, and the first item of its id (a second would finish a
   -- lease the first already ended).
   local mine, mine_ids, seen = {}, {}, {}
-  for j, i in ipairs(items) do
+  for j = 1, n do
     local id = ids[j]
-    if tokens[j] == ARGV[2 + 9 * i + 2] and not seen[id] then
+    if tokens[j] == ARGV[a0 + 9 * (j - 1) + 2] and not seen[id] then
       seen[id] = true
-      mine[#mine + 1] = i
+      mine[#mine + 1] = j
       mine_ids[#mine_ids + 1] = id
     else
-      out[i + 1] = 0
+      out[o0 + j] = 0
     end
   end
   if #mine == 0 then return end
@@ -63,24 +65,24 @@ local function finish_shard(items, retention, counts, out)
   local all_leased = redis.call('ZREM', leased, unpack(mine_ids)) == #mine
   redis.call('HDEL', lease, unpack(mine_ids))
   local finals, final_ids, gone = {}, {}, {}
-  for _, i in ipairs(mine) do
-    local k, a = 8 * i, 2 + 9 * i
+  for _, j in ipairs(mine) do
+    local k, a = sk + 5 + 3 * (j - 1), a0 + 9 * (j - 1)
     local id, json, attempts, next_at = ARGV[a + 1], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5]
     if next_at ~= '' then
-      local old, new = old_attempts(KEYS[k + 7]), tonumber(attempts)
+      local old, new = old_attempts(KEYS[k + 1]), tonumber(attempts)
       redis.call('ZADD', due, next_at, id)
       redis.call('ZADD', later, 0, id)
-      redis.call('SET', KEYS[k + 7], attempts .. ':' .. json)
+      redis.call('SET', KEYS[k + 1], attempts .. ':' .. json)
       if old == 0 and new > 0 then
         count(counts, stats, 'deferred', 1)
       elseif old > 0 and new == 0 then
         count(counts, stats, 'deferred', -1)
       end
-      out[i + 1] = 1
+      out[o0 + j] = 1
     else
-      finals[#finals + 1] = i
+      finals[#finals + 1] = j
       final_ids[#final_ids + 1] = id
-      out[i + 1] = 2
+      out[o0 + j] = 2
     end
   end
   if #finals == 0 then return end
@@ -91,9 +93,9 @@ local function finish_shard(items, retention, counts, out)
   -- In `later` (retried, given back, swept): its status goes, after its attempts
   -- are read for the `deferred` count. Most finals were never there.
   local retried = redis.call('ZREM', later, unpack(final_ids)) > 0
-  for _, i in ipairs(finals) do
-    local k, a = 8 * i, 2 + 9 * i
-    local message, status = KEYS[k + 1], KEYS[k + 7]
+  for _, j in ipairs(finals) do
+    local k, a = sk + 5 + 3 * (j - 1), a0 + 9 * (j - 1)
+    local message, status = KEYS[k], KEYS[k + 1]
     local old = 0
     if retried then
       old = old_attempts(status)
@@ -101,7 +103,7 @@ local function finish_shard(items, retention, counts, out)
     end
     local len = tonumber(ARGV[a + 9])
     if len then
-      redis.call('SET', KEYS[k + 8], ARGV[a + 3], 'PX', retention)
+      redis.call('SET', KEYS[k + 2], ARGV[a + 3], 'PX', retention)
     else
       -- The envelope, for the final record: it starts the stored value, after the
       -- header, and is rarely longer than the first read (a compact envelope
@@ -113,7 +115,7 @@ local function finish_shard(items, retention, counts, out)
       if #envelope < env_len then
         envelope = redis.call('GETRANGE', message, hl - 1, hl + env_len - 2)
       end
-      redis.call('SET', KEYS[k + 8], env_len .. ':' .. envelope .. ARGV[a + 3], 'PX', retention)
+      redis.call('SET', KEYS[k + 2], env_len .. ':' .. envelope .. ARGV[a + 3], 'PX', retention)
     end
     gone[#gone + 1] = message
     count(counts, stats, 'delivered', tonumber(ARGV[a + 6]))

@@ -1,28 +1,20 @@
 -- Records the outcomes of a batch of leased deliveries (one script call for the
 -- batch: a call costs Redis far more than the commands in it), each checked
 -- against its own lease.
--- KEYS: per item its eight (see finish.lua)
--- ARGV: retention ms, item count, per item its nine (finish.lua)
--- Returns per item 0 lease lost, 1 rescheduled, 2 final.
+-- KEYS: per shard of the batch, its five, then its items' three each (see
+-- finish.lua)
+-- ARGV: retention ms, then per shard its item count followed by its items' nine
+-- each (finish.lua)
+-- Returns per item, in the order given, 0 lease lost, 1 rescheduled, 2 final.
 -- The batch's delivery events are not written here: the relay sends them as
 -- plain XADDs ahead of this call in the same pipeline (an event passed through
 -- Lua is copied and hashed byte by byte, which cost more than the XADD itself).
-local n = tonumber(ARGV[2])
--- The items by shard (their lease hash), in the order they first appear.
-local shards, order = {}, {}
-for i = 0, n - 1 do
-  local lease = KEYS[8 * i + 4]
-  local items = shards[lease]
-  if not items then
-    items = {}
-    shards[lease] = items
-    order[#order + 1] = lease
-  end
-  items[#items + 1] = i
-end
 local out, counts = {}, {}
-for _, lease in ipairs(order) do
-  finish_shard(shards[lease], ARGV[1], counts, out)
+local sk, c, o = 1, 2, 0
+while c <= #ARGV do
+  local n = tonumber(ARGV[c])
+  finish_shard(sk, c, n, o, ARGV[1], counts, out)
+  sk, c, o = sk + 5 + 3 * n, c + 1 + 9 * n, o + n
 end
 -- Counts of 0 (most messages have only one of delivered, bounced, expired)
 -- change nothing.
