@@ -146,6 +146,8 @@
 #   WORK [/var/tmp/mailrelay-e2e]
 #   SMTP_PORT [13525] ADMIN_PORT [19425] PF_PORT [13535] SINK_PORT [13536]
 #   REDIS_PORT [16479] DNS_PORT [13553] MILTER_PORT [13537] PEER_PORT [13545] PEER_HTTP_PORT [13580] HOOK_PORT [13538]
+#   REDIS_ARGS [the chart's Redis tuning, bench/lib.sh]: more redis-server arguments; set
+#   and empty for Redis's own defaults
 #   SENDER [sender@bench.example with a DKIM backend, else sender@example.com]
 #   SENDERS [0: smtp-source, one sender] K>0: bench/smtp_senders with K senders
 #   INTERLEAVE [0] 1: reps round-robin over the backends (rep 1 of each, then rep 2, ...)

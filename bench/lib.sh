@@ -11,6 +11,11 @@
 
 RELAY_PID=""; REDIS_PID=""; SINK_PID=""; MASTER_PID=0
 
+# More redis-server arguments. The default is what the chart's bundled Redis sets besides
+# persistence (docs/operations.md, "Other Redis settings that matter"); REDIS_ARGS= (set,
+# empty) runs Redis with its own defaults.
+REDIS_ARGS=${REDIS_ARGS---zset-max-listpack-entries 32 --hash-max-listpack-entries 32}
+
 # install_tools PKG_FOR_CMD...: "cmd:package" pairs; installs the packages of missing commands
 install_tools() {
   local need=() pair
@@ -106,9 +111,11 @@ queue_messages() {    # queued (not final) messages, from the relay's admin API
 
 start_redis() {
   mkdir -p "$WORK/redis"
+  local extra
+  read -ra extra <<<"$REDIS_ARGS"
   redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" \
     --appendonly yes --appendfsync everysec --save '' --auto-aof-rewrite-percentage 0 \
-    --daemonize no --logfile "$WORK/redis.log" &
+    --daemonize no --logfile "$WORK/redis.log" "${extra[@]}" &
   REDIS_PID=$!
   wait_port "$REDIS_PORT" redis-server
 }

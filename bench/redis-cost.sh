@@ -53,6 +53,9 @@
 #   RELAY_YAML_EXTRA [""] more top-level relay config, e.g. "events: {enabled: false}"
 #   (the queue's own memory, without the `accepted` event the enqueue also writes)
 #   SMTP_PORT [15525] ADMIN_PORT [19625] SINK_PORT [15536] REDIS_PORT [16579] DNS_PORT [15553]
+#   REDIS_ARGS [the chart's Redis tuning: "--zset-max-listpack-entries 32
+#   --hash-max-listpack-entries 32"; bench/lib.sh]: more redis-server arguments; set and
+#   empty for Redis's own defaults
 # Starts redis-server, smtp-sink, dnsmasq (ROUTE=mx) and the relays, and stops each by
 # PID on exit. Refuses to run if a port is busy.
 set -Eeuo pipefail
@@ -367,10 +370,11 @@ log "MODES='$MODES' SIZES='$SIZES' N=$N SESSIONS=$SESSIONS REPS=$REPS ROUTE=$ROU
 start_sink
 if has "$CALLGRIND" redis; then
   mkdir -p "$WORK/redis"
+  read -ra extra <<<"$REDIS_ARGS"
   valgrind --tool=callgrind --callgrind-out-file="$WORK/cg.%p" \
     redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --dir "$WORK/redis" \
     --appendonly yes --appendfsync everysec --save '' --auto-aof-rewrite-percentage 0 \
-    --daemonize no --logfile "$WORK/redis.log" >>"$WORK/valgrind-redis.log" 2>&1 &
+    --daemonize no --logfile "$WORK/redis.log" "${extra[@]}" >>"$WORK/valgrind-redis.log" 2>&1 &
   REDIS_PID=$!
   for _ in $(seq 1 300); do port_busy "$REDIS_PORT" && break; sleep 0.1; done
   port_busy "$REDIS_PORT" || die "redis-server under callgrind did not listen"

@@ -746,6 +746,8 @@ def expect_bundled_redis(case, fsync="everysec"):
     conf = redis_conf(case)
     assert conf["appendonly"] == "yes" and conf["appendfsync"] == fsync, conf
     assert conf["maxmemory-policy"] == "noeviction" and conf["dir"] == "/data", conf
+    assert conf["zset-max-listpack-entries"] == "32", conf
+    assert conf["hash-max-listpack-entries"] == "32", conf
     assert int(conf["maxmemory"]) > 0, conf
     sts = case.get("StatefulSet", f"{FULLNAME}-redis")
     assert sts["spec"]["replicas"] == 1

@@ -225,6 +225,11 @@ aof-use-rdb-preamble yes
 # {{ if $r.maxmemory }}redis.maxmemory{{ else }}75% of redis.resources.limits.memory{{ end }}: a full Redis refuses writes (relays answer 451) instead of being OOM-killed
 maxmemory {{ .maxmemory }}
 maxmemory-policy noeviction
+# Small sorted sets and hashes in compact form (listpack) only up to 32 entries, not 128: a
+# relay's in-flight mail shares one shard's lease index, and each lease and finish scans a
+# listpack that size (docs/operations.md, "Other Redis settings that matter")
+zset-max-listpack-entries 32
+hash-max-listpack-entries 32
 {{- end }}
 
 {{/* The program names of the Redis image: redis-server/-cli or valkey-server/-cli. */}}
