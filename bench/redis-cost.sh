@@ -13,6 +13,7 @@
 #            (enqueue, lease, finish; the final status record stays for the
 #            retention). Per message:
 #              redis CPU    used_cpu_user + used_cpu_sys deltas (INFO cpu), whole process
+#                           (the raw rows and the log line give used_cpu_sys apart)
 #              cmd µs       sum of INFO commandstats usec (the commands' own time)
 #              evalsha      calls and usec_per_call of cmdstat_evalsha; calls of every
 #                           other command per message in the raw rows
@@ -206,8 +207,8 @@ ROW_LINE='
 import json, sys
 r = json.loads(sys.stdin.read())
 e = r["commands"].get("evalsha", {})
-s = "    -> %s: redis cpu %.1f us/msg, commands %.1f us/msg, evalsha %.2f/msg at %.2f us, relay cpu %.0f us/msg" % (
-    r["verify"], r["redis_cpu_us"], r["cmd_us"], e.get("calls_per_msg", 0), e.get("usec_per_call", 0), r["relay_cpu_us"])
+s = "    -> %s: redis cpu %.1f us/msg (sys %.1f), commands %.1f us/msg, evalsha %.2f/msg at %.2f us, relay cpu %.0f us/msg" % (
+    r["verify"], r["redis_cpu_us"], r["redis_sys_us"], r["cmd_us"], e.get("calls_per_msg", 0), e.get("usec_per_call", 0), r["relay_cpu_us"])
 if r["relay_ir"]:
     s += ", relay %s Ir/msg" % format(round(r["relay_ir"]), ",")
 if r["redis_ir"]:
@@ -234,6 +235,7 @@ cpu = (a["used_cpu_user"] + a["used_cpu_sys"]) - (b["used_cpu_user"] + b["used_c
 mem = a["used_memory"] - b["used_memory"]
 r = dict(mode=mode, bin=label, size=int(size), rep=int(rep), n=n, verify=verify,
          redis_cpu_us=1e6 * cpu / n, cmd_us=sum(c["usec"] for c in cmds.values()) / n,
+         redis_sys_us=1e6 * (a["used_cpu_sys"] - b["used_cpu_sys"]) / n,
          relay_cpu_us=1e6 * (a["relay_cpu"] - b["relay_cpu"]) / n,
          relay_ir=(int(ir) / n if ir not in ("null", "") else None),
          redis_ir=(int(rir) / n if rir not in ("null", "") else None),

@@ -117,7 +117,13 @@
 //! every shard's expired leases get swept and no shard starves), stopping once it
 //! has `max` messages: on a single server (standalone, Sentinel) with **one** lease
 //! script call over every shard's keys, in a cluster with one call per shard (a
-//! script's keys must share a slot). The script sweeps expired leases back to due
+//! script's keys must share a slot). On a single server a call visits every shard
+//! about once a second ([`FULL_ROUND_EVERY_MS`]); between, only those that may have
+//! mail due: the relay's home shard, shards it wrote to, took from or has not
+//! reached since a sweep, and shards where a retry or a give-back it wrote is due
+//! by now. So another relay's mail outside that relay's home shard (its bounces,
+//! a dead relay's backlog) and expired leases are taken a second later at most.
+//! The script sweeps expired leases back to due
 //! (when the relay asks, about once a second per shard: [`SWEEP_EVERY_MS`]),
 //! takes due ids, writes each shard's index entries and lease tokens with one
 //! variadic command each, and returns ids and due scores only; the relay then
