@@ -1490,12 +1490,15 @@ def extra_checks(chart, crd_validators):
             except RespError as e:
                 assert "NOAUTH" in str(e), e
             assert resp(sock, "AUTH", "pw") == "OK"
-            got = {k: resp(sock, "CONFIG", "GET", k)[1] for k in ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync")}
+            keys = ("maxmemory", "maxmemory-policy", "appendonly", "appendfsync", "zset-max-listpack-entries", "hash-max-listpack-entries")
+            got = {k: resp(sock, "CONFIG", "GET", k)[1] for k in keys}
             assert got == {
                 "maxmemory": str(64 * 1024**2 * 3 // 4),
                 "maxmemory-policy": "noeviction",
                 "appendonly": "yes",
                 "appendfsync": "everysec",
+                "zset-max-listpack-entries": "32",
+                "hash-max-listpack-entries": "32",
             }, got
             # Full: writes are refused (the relay answers 451), nothing is evicted.
             chunk = b"x" * (1024 * 1024)

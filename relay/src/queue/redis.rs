@@ -894,6 +894,7 @@ impl RedisQueue {
             /// Place in `items`.
             index: usize,
             id: QueueId,
+            shard: u16,
             token: String,
             head: LeaseHead,
             status: MessageStatus,
@@ -914,12 +915,14 @@ impl RedisQueue {
                 (Ok(status), Some(id)) => match encode("status", &status) {
                     Err(e) => Some(Err(e)),
                     Ok(json) => {
+                        let shard = shard_of(id.as_str());
                         if let Some(at) = status.next_attempt_ms {
-                            self.note_due(shard_of(id.as_str()), at);
+                            self.note_due(shard, at);
                         }
                         ready.push(Ready {
                             index,
                             id,
+                            shard,
                             token: lease.token,
                             head: lease.head,
                             status,
@@ -938,10 +941,7 @@ impl RedisQueue {
         // passes each of its shards' keys once.
         let mut by_shard: BTreeMap<u16, Vec<usize>> = BTreeMap::new();
         for (r, item) in ready.iter().enumerate() {
-            by_shard
-                .entry(shard_of(item.id.as_str()))
-                .or_default()
-                .push(r);
+            by_shard.entry(item.shard).or_default().push(r);
         }
         let mut calls: Vec<Vec<usize>> = Vec::new();
         if self.conn.is_cluster() {
@@ -961,7 +961,7 @@ impl RedisQueue {
         for call_items in &calls {
             // Runs of one shard (the items are in shard order).
             let runs: Vec<&[usize]> = call_items
-                .chunk_by(|&a, &b| shard_of(ready[a].id.as_str()) == shard_of(ready[b].id.as_str()))
+                .chunk_by(|&a, &b| ready[a].shard == ready[b].shard)
                 .collect();
             let mut pipe = redis::pipe();
             let cmd = pipe
@@ -972,7 +972,7 @@ impl RedisQueue {
             const KEYS: &str =
                 "due, leased, lease, later, stats, then per item message, status, final..";
             for run in &runs {
-                let keys = self.keys(ready[run[0]].id.as_str());
+                let keys = self.shard(ready[run[0]].shard);
                 call.key(KEYS, &keys.due)
                     .key(KEYS, &keys.leased)
                     .key(KEYS, &keys.lease)

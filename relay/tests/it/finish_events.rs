@@ -92,11 +92,11 @@ fn event(kind: EventKind, leased: &Leased, msg: &QueuedMessage) -> Event {
 }
 
 /// Each of `leased` delivered, with its `delivered` event: a batch's outcomes and
-/// their events, item by item.
+/// their events, item by item, and those events as the queue takes them.
 fn delivered_batch(
     leased: &[(Leased, QueuedMessage)],
-) -> (Vec<(Lease, MessageStatus)>, Vec<Vec<Event>>) {
-    leased
+) -> (Vec<(Lease, MessageStatus)>, Vec<Vec<Event>>, OutcomeEvents) {
+    let (items, events): (Vec<_>, Vec<_>) = leased
         .iter()
         .map(|(l, m)| {
             (
@@ -104,7 +104,9 @@ fn delivered_batch(
                 vec![event(EventKind::Delivered, l, m)],
             )
         })
-        .unzip()
+        .unzip();
+    let encoded = outcome_events(&events);
+    (items, events, encoded)
 }
 
 async fn enqueue_and_lease(q: &(impl Ingest + Leasing), n: usize) -> Vec<(Leased, QueuedMessage)> {
@@ -230,18 +232,19 @@ fn outcome_events(events: &[Vec<Event>]) -> OutcomeEvents {
     OutcomeEvents::new(events.iter().map(Vec::as_slice), 10_000).unwrap()
 }
 
-async fn redis_queue(server: &RedisServer) -> (RedisQueue, EventStore) {
+/// A private redis-server, a queue on it and the event log beside the queue.
+async fn started() -> (RedisServer, RedisQueue, EventStore) {
+    let server = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
     let q = RedisQueue::connect(&server.config("mrfin")).await.unwrap();
     let store = EventStore::Redis(RedisEvents::new(q.shared(), 10_000));
-    (q, store)
+    (server, q, store)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_finishes_a_mixed_batch_and_writes_its_events_in_one_call() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let (q, store) = redis_queue(&server).await;
+    let (server, q, store) = started().await;
     assert!(q.writes_outcome_events());
     // Enough messages to span many of the 16 shards.
     let leased = enqueue_and_lease(&q, 24).await;
@@ -317,13 +320,9 @@ async fn redis_finishes_a_mixed_batch_and_writes_its_events_in_one_call() {
 /// the events were not, so that the caller appends them on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let (q, store) = redis_queue(&server).await;
+    let (server, q, store) = started().await;
     let leased = enqueue_and_lease(&q, 6).await;
-    let (items, events) = delivered_batch(&leased);
-    let encoded = outcome_events(&events);
+    let (items, _, encoded) = delivered_batch(&leased);
     // A stream key of the wrong type: XADD fails. The mail's
     // outcomes still count; the caller is told to append the events itself.
     let stream = stream_key("mrfin");
@@ -341,8 +340,7 @@ async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
     // call, and the flag stays clear.
     server.cli(&["DEL", &stream]).unwrap();
     let leased = enqueue_and_lease(&q, 3).await;
-    let (items, events) = delivered_batch(&leased);
-    let encoded = outcome_events(&events);
+    let (items, events, encoded) = delivered_batch(&leased);
     let got = q.finish_batch_with_events(items, &encoded).await.unwrap();
     assert_all_finalized(&got);
     assert!(!encoded.unwritten());
@@ -354,13 +352,9 @@ async fn redis_stores_outcomes_whose_events_cannot_be_written_and_says_so() {
 /// trip, are written once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_finishes_after_losing_its_scripts_and_writes_each_event_once() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let (q, store) = redis_queue(&server).await;
+    let (server, q, store) = started().await;
     let leased = enqueue_and_lease(&q, 5).await;
-    let (items, events) = delivered_batch(&leased);
-    let encoded = outcome_events(&events);
+    let (items, events, encoded) = delivered_batch(&leased);
     server.cli(&["SCRIPT", "FLUSH"]).unwrap();
     reset_stats(&server);
     let got = q
@@ -381,10 +375,7 @@ async fn a_full_redis_still_finishes_outcomes_which_free_its_memory() {
     // noeviction at maxmemory refuses a script's first write when it may grow
     // memory (XADD); the finishes must still go through, since they are what frees
     // memory (the relay would otherwise deliver the same mail again and again).
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let (q, _store) = redis_queue(&server).await;
+    let (server, q, _store) = started().await;
     let leased = enqueue_and_lease(&q, 4).await;
     // Below what Redis already uses, without eviction: every write that may grow
     // memory is refused from now on, as at the bundled Redis's limit.
@@ -399,8 +390,7 @@ async fn a_full_redis_still_finishes_outcomes_which_free_its_memory() {
         Ok(t) | Err(t) => t.contains("OOM"),
     };
     assert!(full, "Redis never reached maxmemory");
-    let (items, events) = delivered_batch(&leased);
-    let encoded = outcome_events(&events);
+    let (items, _, encoded) = delivered_batch(&leased);
     let got = q.finish_batch_with_events(items, &encoded).await.unwrap();
     assert_all_finalized(&got);
     assert!(encoded.unwritten());
@@ -456,10 +446,7 @@ async fn write_through_the_outcome_writer(
 /// event once, in that pipeline (no append of the sink's own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outcome_writer_writes_events_inside_the_finish_calls() {
-    let server = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let (q, store) = redis_queue(&server).await;
+    let (server, q, store) = started().await;
     let q = Arc::new(q);
     let leased = enqueue_and_lease(&*q, 300).await;
     let sink = sink(store.clone());

@@ -26,6 +26,15 @@ fn message(i: usize) -> QueuedMessage {
     )
 }
 
+/// `n` messages (`message(0..n)`), enqueued one by one.
+async fn enqueued(q: &RedisQueue, n: usize) -> Vec<QueuedMessage> {
+    let msgs: Vec<QueuedMessage> = (0..n).map(message).collect();
+    for m in &msgs {
+        q.enqueue(m).await.unwrap();
+    }
+    msgs
+}
+
 /// `calls` of `cmdstat_<cmd>` in INFO commandstats.
 fn calls(server: &RedisServer, cmd: &str) -> u64 {
     let info = server.cli(&["INFO", "commandstats"]).unwrap();
@@ -176,10 +185,7 @@ async fn expired_leases_of_every_shard_come_back_in_one_call_and_their_old_finis
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_gone_before_its_read_is_not_delivered_and_its_lease_is_dropped() {
     let (server, q) = started().await;
-    let kept: Vec<QueuedMessage> = (0..8).map(message).collect();
-    for m in &kept {
-        q.enqueue(m).await.unwrap();
-    }
+    let kept = enqueued(&q, 8).await;
     // Schedule entries of messages that are not stored, in several shards.
     let gone: Vec<QueueId> = (100..106).map(|i| message(i).envelope.id).collect();
     for id in &gone {
@@ -507,10 +513,7 @@ async fn a_final_record_is_the_same_whether_the_lease_brought_its_envelope_or_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_leases_are_swept_about_once_a_second_over_every_shard() {
     let (server, q) = started().await;
-    let msgs: Vec<QueuedMessage> = (0..48).map(message).collect();
-    for m in &msgs {
-        q.enqueue(m).await.unwrap();
-    }
+    enqueued(&q, 48).await;
     let t = now_ms();
     assert_eq!(
         q.lease_due(t, 1_000, 100, "relay-a").await.unwrap().len(),
@@ -584,10 +587,7 @@ async fn between_full_rounds_a_lease_visits_only_shards_that_may_have_mail() {
     assert_eq!(visits(), 1, "nothing known: the home shard alone");
 
     // Mail this relay wrote, in any shard, is taken at once.
-    let msgs: Vec<QueuedMessage> = (0..4).map(message).collect();
-    for m in &msgs {
-        q.enqueue(m).await.unwrap();
-    }
+    let msgs = enqueued(&q, 4).await;
     let mut written: HashSet<usize> = msgs
         .iter()
         .map(|m| shard_of_id(m.envelope.id.as_str()))
@@ -664,10 +664,7 @@ async fn between_full_rounds_a_lease_visits_only_shards_that_may_have_mail() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sweep_returns_at_most_its_limit_over_all_shards() {
     let (server, q) = started().await;
-    let msgs: Vec<QueuedMessage> = (0..1_100).map(message).collect();
-    for m in &msgs {
-        q.enqueue(m).await.unwrap();
-    }
+    enqueued(&q, 1_100).await;
     let t = now_ms();
     let mut taken = 0;
     while taken < 1_100 {
