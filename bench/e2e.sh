@@ -138,6 +138,10 @@
 #   ROUTE [smarthost] (or mx)  DNS_TTL [300]
 #   DELIVERY_CONCURRENCY [50]  PER_DEST [50]  MSGS_PER_CONN [100]
 #   DELIVERY_YAML_EXTRA [""] more `delivery:` keys, e.g. "  poll_interval: 200ms"
+#   RELAY_THREADS [1] the relay's worker threads; empty: one per CPU (tokio's default).
+#                    One by default: on this 2-core machine the load tools and Redis take
+#                    the other core, and a second thread costs more than it brings
+#                    (docs/capacity.md, "Worker threads"); the report says which ran
 #   RELAY_YAML_EXTRA [""] more top-level relay config, e.g. "events: {enabled: false}"
 #                    (what the delivery event log costs: run with and without)
 #   BUILD [1] (cargo build --release -p mailrelay first)  RELAY_BIN [$CARGO_TARGET_DIR/release/mailrelay]
@@ -212,6 +216,8 @@ PER_DEST=${PER_DEST:-50}
 MSGS_PER_CONN=${MSGS_PER_CONN:-100}
 DELIVERY_YAML_EXTRA=${DELIVERY_YAML_EXTRA:-}
 RELAY_YAML_EXTRA=${RELAY_YAML_EXTRA:-}
+RELAY_THREADS=${RELAY_THREADS-1}
+export RELAY_THREADS
 BUILD=${BUILD:-1}
 RELAY_BIN=${RELAY_BIN:-${CARGO_TARGET_DIR:-$REPO/target}/release/mailrelay}
 COOLDOWN=${COOLDOWN:-2}
@@ -888,7 +894,7 @@ log "machine: $(nproc) CPUs, $(uname -r); mailrelay $GIT_REV (+$GIT_DIRTY modifi
 log "N=$N REPS=$REPS SCENARIOS='$SCENARIOS' BACKENDS='$BACKENDS' DRAIN=$DRAIN DRAIN_N=$DRAIN_N DRAIN_BACKENDS='$DRAIN_BACKENDS' ROUTE=$ROUTE work=$WORK"
 FSYNC=$(fsync_probe)
 log "fsync probe ($WORK): $FSYNC"
-write_facts "$WORK/facts.json" "dict(STS=$STS, SENDER='$SENDER', SENDERS=$SENDERS, INTERLEAVE=$INTERLEAVE, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, PEERS_SKIPPED='''$PEERS_SKIPPED''', KUMOMTA='${KUMO_VERSION:-}', HARAKA='${HARAKA_VERSION_RUN:-}', COOLDOWN=$COOLDOWN, delivery='''$DELIVERY_YAML''')"
+write_facts "$WORK/facts.json" "dict(STS=$STS, SENDER='$SENDER', SENDERS=$SENDERS, INTERLEAVE=$INTERLEAVE, QUOTA_LIMITS='$QUOTA_LIMITS', N=$N, REPS=$REPS, SCENARIOS='$SCENARIOS', BACKENDS='$BACKENDS', DRAIN=$DRAIN, DRAIN_N=$DRAIN_N, DRAIN_SIZE=$DRAIN_SIZE, DRAIN_SESSIONS=$DRAIN_SESSIONS, DRAIN_BACKENDS='$DRAIN_BACKENDS', ROUTE='$ROUTE', DNS_TTL=$DNS_TTL, PEERS_SKIPPED='''$PEERS_SKIPPED''', KUMOMTA='${KUMO_VERSION:-}', HARAKA='${HARAKA_VERSION_RUN:-}', COOLDOWN=$COOLDOWN, RELAY_THREADS='$RELAY_THREADS', delivery='''$DELIVERY_YAML''')"
 
 # ---------------------------------------------------------------- runs
 if [ "$STS" = 1 ]; then

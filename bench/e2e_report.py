@@ -88,6 +88,10 @@ if peer_v:
 if kn.get('PEERS_SKIPPED'):
     print('Peers skipped: ' + kn['PEERS_SKIPPED'].strip().rstrip(';') + '.')
 print('mailrelay delivery section: `' + ' '.join(l.strip() for l in kn['delivery'].splitlines()) + '`.')
+threads = kn.get('RELAY_THREADS')
+if threads is not None:
+    print('mailrelay worker threads (RELAY_THREADS): ' + (
+        f'{threads} (`runtime.worker_threads`).' if threads else 'one per CPU (tokio\'s default).'))
 print()
 
 # ---------------------------------------------------------------- end to end

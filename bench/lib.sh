@@ -46,6 +46,7 @@ wait_port() {         # wait_port PORT WHAT
 }
 port_busy() { ss -Hltn "sport = :$1" | grep -q .; }
 
+# RELAY_THREADS [unset or empty: one per CPU]: the relay's worker threads (runtime.worker_threads)
 # relay_config BACKEND(embedded|redis) QUEUE_DIR DELIVERY_YAML [EXTRA_YAML] -> path of the
 # written config. DELIVERY_YAML is the body of the `delivery:` section, indented by two
 # spaces; EXTRA_YAML more top-level sections (e.g. `dkim:`), appended as they are.
@@ -81,6 +82,7 @@ log:
   level: warn
 shutdown_grace: 5s
 EOF
+  [ -z "${RELAY_THREADS:-}" ] || printf 'runtime:\n  worker_threads: %s\n' "$RELAY_THREADS" >> "$cfg"
   [ -z "$extra" ] || printf '%s\n' "$extra" >> "$cfg"
   echo "$cfg"
 }

@@ -119,8 +119,11 @@ fn main() -> std::process::ExitCode {
         Command::Suppression(args) => return mailrelay::cli::suppression::run(args),
         Command::Events(args) => return mailrelay::cli::events::run(args),
         Command::Serve { config } => load_config(config.as_ref()).and_then(|cfg| {
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = cfg.runtime.worker_threads {
+                rt.worker_threads(n);
+            }
+            rt.enable_all()
                 .build()
                 .context("starting the async runtime")?
                 .block_on(serve(cfg, config))
@@ -140,6 +143,8 @@ fn init_logging(cfg: &RelayConfig) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colour codes only for a person at a terminal, not in a pod's log or a file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cfg.log.format {
         LogFormat::Json => builder.json().init(),
@@ -303,6 +308,10 @@ async fn serve(cfg: RelayConfig, config_path: Option<PathBuf>) -> anyhow::Result
     init_logging(&cfg);
     let (queue, redis, embedded_db) = open_queue(&cfg).await?;
     info!(backend = queue.backend(), hostname = %cfg.hostname, "queue open");
+    info!(
+        worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "runtime ready"
+    );
     let mut metrics = Metrics::new();
     // Quota checks and egress pacing keep their own families, in the same exposition.
     let quota_metrics = QuotaMetrics::register(metrics.registry_mut());

@@ -168,6 +168,8 @@ pub struct MailRelaySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<ServiceSpec>,
     /// Resources of the relay container; default: requests of 100m CPU and 128Mi.
+    /// The relay runs a worker thread per CPU of the CPU limit, else of the request,
+    /// rounded up (the default: one thread).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Node labels the relay pods must run on.

@@ -10,8 +10,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::{Resource, ResourceExt};
 use mailrelay::config::rules::{self, DestinationSelector, ResponseRule, RuleScope, TenantKey};
+use mailrelay::config::runtime::MAX_WORKER_THREADS;
 use mailrelay::config::{
     AdminConfig, AuthConfig, ListenerConfig, LogFormat, NetworkSenders, QueueBackendKind,
     RedisConfig, RelayConfig, RemoteHost, RouteConfig, SenderBindingConfig, TlsConfig,
@@ -191,6 +193,7 @@ pub fn relay_config_with_rules(
             cfg.relay_networks.push(lo);
         }
     }
+    cfg.runtime.worker_threads = worker_threads(spec);
     let (settle, grace) = shutdown_durations(relay)?;
     cfg.shutdown_settle = settle;
     cfg.shutdown_grace = grace;
@@ -545,6 +548,50 @@ pub fn ca_file(relay: &MailRelay) -> Option<PathBuf> {
         .as_ref()
         .and_then(|d| d.ca_bundle.as_ref())
         .map(|_| PathBuf::from(format!("{CA_DIR}/{CA_FILE}")))
+}
+
+/// Worker threads for the CPU the relay container asks for: its CPU limit, else its
+/// request, rounded up (the default request of 100m: one). Without either, tokio's
+/// default (the node's CPUs, fewer under a cgroup limit). A thread per core the pod
+/// may not get costs more than it brings: tasks handed between threads and threads
+/// woken from sleep took a quarter of a relay's CPU per message where other busy
+/// processes shared its cores (docs/capacity.md, "Worker threads").
+pub fn worker_threads(spec: &crd::MailRelaySpec) -> Option<usize> {
+    let r = super::deployment::container_resources(spec);
+    let cpu = |m: &Option<std::collections::BTreeMap<String, Quantity>>| {
+        m.as_ref()?.get("cpu").and_then(|q| millicores(&q.0))
+    };
+    let milli = cpu(&r.limits).or_else(|| cpu(&r.requests))?;
+    let threads = milli.div_ceil(1000).max(1);
+    Some(usize::try_from(threads).map_or(MAX_WORKER_THREADS, |t| t.min(MAX_WORKER_THREADS)))
+}
+
+/// A CPU quantity (`2`, `1.5`, `250m`) in millicores; `None` for a form a CPU
+/// quantity does not take in practice (exponents, binary suffixes): the relay then
+/// keeps tokio's default.
+fn millicores(q: &str) -> Option<u64> {
+    let q = q.trim();
+    if let Some(m) = q.strip_suffix('m') {
+        return m.parse::<u64>().ok();
+    }
+    let (whole, frac) = q.split_once('.').unwrap_or((q, ""));
+    if whole.is_empty() && frac.is_empty() {
+        return None;
+    }
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().ok()?
+    };
+    let frac: u64 = if frac.is_empty() {
+        0
+    } else {
+        format!("{frac:0<3}").parse().ok()?
+    };
+    whole.checked_mul(1000)?.checked_add(frac)
 }
 
 /// `spec.shutdown` as (settle, grace), defaults filled in and bounds checked.
@@ -919,6 +966,61 @@ pub fn relay_selected(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_quantities_in_millicores() {
+        for (q, m) in [
+            ("2", Some(2000)),
+            ("1.5", Some(1500)),
+            ("0.25", Some(250)),
+            (".5", Some(500)),
+            ("250m", Some(250)),
+            ("1500m", Some(1500)),
+            ("0.0005", None),
+            ("1e3", None),
+            ("1Ki", None),
+            ("-1", None),
+            ("", None),
+            (".", None),
+            ("m", None),
+        ] {
+            assert_eq!(millicores(q), m, "{q:?}");
+        }
+    }
+
+    fn spec_with(resources: &str) -> crd::MailRelaySpec {
+        serde_norway::from_str(&format!(
+            "hostname: mail.example.com\nredis: {{url: 'redis://r:6379'}}\n{resources}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn worker_threads_follow_the_cpu_the_container_asks_for() {
+        // No resources: the default request of 100m.
+        assert_eq!(worker_threads(&spec_with("")), Some(1));
+        let r = |y: &str| worker_threads(&spec_with(&format!("resources: {y}\n")));
+        assert_eq!(r("{requests: {cpu: 500m}}"), Some(1));
+        assert_eq!(r("{requests: {cpu: '2'}}"), Some(2));
+        assert_eq!(r("{requests: {cpu: 2001m}}"), Some(3));
+        // A limit is what the pod may use at most: it wins over the request.
+        assert_eq!(r("{requests: {cpu: '1'}, limits: {cpu: '4'}}"), Some(4));
+        assert_eq!(r("{limits: {cpu: 1500m}}"), Some(2));
+        assert_eq!(r("{requests: {cpu: '100000'}}"), Some(MAX_WORKER_THREADS));
+        // Memory only, or a quantity read no further: tokio's default.
+        assert_eq!(r("{requests: {memory: 1Gi}}"), None);
+        assert_eq!(r("{requests: {cpu: '1e3'}}"), None);
+    }
+
+    #[test]
+    fn the_rendered_config_carries_the_worker_threads() {
+        let relay = MailRelay::new("r", spec_with("resources: {requests: {cpu: '3'}}\n"));
+        let cfg = relay_config(&relay, Vec::new()).unwrap();
+        assert_eq!(cfg.runtime.worker_threads, Some(3));
+        let text = serde_norway::to_string(&cfg).unwrap();
+        let back = RelayConfig::from_yaml(&text).unwrap();
+        assert_eq!(back.runtime.worker_threads, Some(3));
+    }
 
     #[test]
     fn camel_paths() {

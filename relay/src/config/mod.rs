@@ -28,6 +28,7 @@ pub mod queue;
 pub mod quota;
 pub mod redis;
 pub mod rules;
+pub mod runtime;
 pub mod sender_binding;
 pub mod suppression;
 pub mod tls_reporting;
@@ -48,6 +49,7 @@ pub use queue::{
     QueueConfig,
 };
 pub use redis::{MAX_WAIT_TIMEOUT, RedisConfig, default_fresh_list, default_wait_timeout};
+pub use runtime::RuntimeConfig;
 pub use sender_binding::{NetworkSenders, SenderBindingConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,9 @@ pub struct RelayConfig {
     pub delivery: DeliveryConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    /// Worker threads (absent: one per CPU the process may use).
+    #[serde(skip_serializing_if = "RuntimeConfig::is_default")]
+    pub runtime: RuntimeConfig,
     /// On SIGTERM, how long sessions may run on before they are told `421`.
     #[serde(with = "duration_str")]
     pub shutdown_grace: Duration,
@@ -170,6 +175,7 @@ impl Default for RelayConfig {
             delivery: DeliveryConfig::default(),
             admin: AdminConfig::default(),
             log: LogConfig::default(),
+            runtime: RuntimeConfig::default(),
             shutdown_grace: Duration::from_secs(30),
             shutdown_settle: Duration::ZERO,
             add_missing_headers: true,
@@ -352,6 +358,7 @@ impl RelayConfig {
         }
         self.limits.validate()?;
         self.queue.validate()?;
+        self.runtime.validate()?;
         if self.shutdown_settle > MAX_SHUTDOWN_SETTLE {
             return Err(invalid(
                 "shutdown_settle",

@@ -493,3 +493,26 @@ fn redis_fresh_list_defaults_on_and_is_set_by_config_or_env() {
         .to_string();
     assert!(e.contains("fresh_list"), "{e}");
 }
+
+#[test]
+fn worker_threads_default_to_the_cpus_and_bad_counts_are_named() {
+    let c = RelayConfig::from_yaml("{}").unwrap();
+    assert_eq!(c.runtime.worker_threads, None);
+    // The default is left out of a rendered config (the operator's ConfigMap).
+    assert!(!serde_norway::to_string(&c).unwrap().contains("runtime"));
+    let c = RelayConfig::from_yaml("runtime: {worker_threads: 3}\n").unwrap();
+    assert_eq!(c.runtime.worker_threads, Some(3));
+    for bad in ["0", "257"] {
+        let e = RelayConfig::from_yaml(&format!("runtime: {{worker_threads: {bad}}}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("runtime.worker_threads") && e.contains("1-256"),
+            "{e}"
+        );
+    }
+    let e = RelayConfig::from_yaml("runtime: {threads: 2}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("runtime"), "{e}");
+}

@@ -957,3 +957,25 @@ fn redis_write_stall_answers_451_and_never_leaves_a_partial_record() {
     let keys = redis.cli(&["KEYS", "mrtest:*:m:*"]).unwrap();
     assert_eq!(keys.lines().count(), stored.len(), "{keys}");
 }
+
+#[test]
+fn runtime_worker_threads_sets_the_threads_the_relay_runs() {
+    for threads in [1, 3] {
+        let relay = Relay::start(RelayOptions {
+            extra_yaml: format!("runtime:\n  worker_threads: {threads}\n"),
+            ..Default::default()
+        });
+        let mut c = relay.connect();
+        expect(&c.cmd("EHLO client.test"), 250, None);
+        let reply = transaction(&mut c, &content("threads"));
+        expect(&reply, 250, Some("2.0.0"));
+        let log = relay.log();
+        // What tokio reports of the runtime it built, not what the config asked for.
+        let want = format!("worker_threads={threads}");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("runtime ready") && l.trim_end().ends_with(&want)),
+            "{want}: {log}"
+        );
+    }
+}

@@ -120,7 +120,7 @@ fn ports(spec: &MailRelaySpec) -> Vec<ContainerPort> {
 }
 
 /// `spec.resources`, or a small request.
-fn resources(spec: &MailRelaySpec) -> ResourceRequirements {
+pub(crate) fn resources(spec: &MailRelaySpec) -> ResourceRequirements {
     spec.resources
         .clone()
         .unwrap_or_else(|| ResourceRequirements {

@@ -3,6 +3,7 @@
 //! annotations, security context, scheduling) and the rollout.
 
 mod container;
+pub(crate) use container::resources as container_resources;
 mod volumes;
 
 use std::collections::BTreeMap;
