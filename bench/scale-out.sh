@@ -33,6 +33,7 @@
 #   N [18000] (a multiple of every R keeps the shares equal) SESSIONS [24] SIZE [1024]
 #   SENDERS [1000] REPS [2] RELAYS ["1 2 3"] TOPOLOGIES ["single cluster"]
 #   QUOTA [0] 1: every relay has one per-sender ingress quota (never reached)
+#   RELAY_THREADS [unset: one per CPU] each relay's worker threads (runtime.worker_threads)
 #   RELAY_BIN [${CARGO_TARGET_DIR:-target}/release/mailrelay] BUILD [0]
 #   IDLE [5] s: before the load, the relays idle this long, and the Redis commands/s
 #   and CPU they cause (queue polling) are reported
@@ -173,6 +174,7 @@ admin: {address: "127.0.0.1:$((ADMIN_BASE + i))"}
 log: {level: warn}
 shutdown_grace: 5s
 EOF
+  [ -z "${RELAY_THREADS:-}" ] || echo "runtime: {worker_threads: $RELAY_THREADS}" >> "$f"
   if [ "$QUOTA" = 1 ]; then
     echo "quotas: [{name: per-sender, direction: ingress, match: {senders: ['*@example.com']}, scope: per_key, key: sender, limits: [1000/1m, 10000/1h, 100000/1d]}]" >> "$f"
   fi
