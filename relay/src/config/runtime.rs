@@ -10,11 +10,12 @@ pub const MAX_WORKER_THREADS: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Threads that run SMTP sessions, deliveries and queue I/O. Absent: one per CPU
-    /// the process may use (a cgroup CPU limit counts; `TOKIO_WORKER_THREADS` wins).
-    /// On a machine whose cores other busy processes share, the cores reserved for
-    /// the relay is cheaper: every thread more means tasks handed between threads
-    /// and threads woken from sleep (docs/capacity.md, "Worker threads").
+    /// Threads that run SMTP sessions, deliveries and queue I/O. Absent:
+    /// `TOKIO_WORKER_THREADS` if set, else one per CPU the process may use (a cgroup
+    /// CPU limit counts). Where other busy processes share the cores, as many as
+    /// the cores reserved for the relay cost less per message: each thread more
+    /// means tasks handed between threads and threads woken from sleep
+    /// (docs/capacity.md, "Worker threads").
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
 }
