@@ -28,8 +28,9 @@ pub const MAX_EVENTS_LEN: u64 = 100_000_000;
 pub struct EventsConfig {
     /// Record delivery events at all.
     pub enabled: bool,
-    /// About how many events are kept (Redis `XADD MAXLEN ~`; the embedded store
-    /// trims to the same number). The oldest go first.
+    /// About how many events are kept (Redis: `XTRIM MAXLEN ~` by each relay
+    /// about once a second, so up to a second's events more; the embedded store
+    /// trims to the same number with each write). The oldest go first.
     pub max_len: u64,
     /// Events are written in batches: one store round trip per batch, once this
     /// many are waiting or the first of them has waited `batch_delay`.

@@ -76,6 +76,10 @@ const WRITE_SLACK_MS: u64 = 600_000;
 const PAGE: usize = 1000;
 /// Capacity of the channel of [`EventSink::record`].
 const CHANNEL: usize = 65_536;
+/// How often the [`EventSink`] trims the Redis stream to `events.max_len`: it
+/// may hold that long's events more than the cap (the queue and this sink write
+/// without `MAXLEN`; see [`push_xadd`]).
+pub(crate) const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -164,6 +168,16 @@ impl EventStore {
         }
     }
 
+    /// Trims the log to its cap, where writes leave that to a later step: the
+    /// Redis stream (its `XADD`s carry no `MAXLEN`). The embedded store trims in
+    /// each write's own transaction, so nothing is left to do there.
+    pub async fn trim(&self) -> Result<(), EventError> {
+        match self {
+            EventStore::Redis(r) => r.trim().await,
+            EventStore::Embedded(_) => Ok(()),
+        }
+    }
+
     /// Events matching `filter`, oldest first; `true` when the scan stopped at
     /// [`MAX_SCAN`] before the range was read through.
     pub async fn query(&self, filter: &EventFilter) -> Result<(Vec<Event>, bool), EventError> {
@@ -230,7 +244,8 @@ pub struct OutcomeEvents {
 
 impl OutcomeEvents {
     /// Encodes `per_item` (the events of each outcome, in the batch's order), for
-    /// an event log capped at `max_len` (`MAXLEN ~`).
+    /// an event log capped at `max_len` (the embedded store trims to it in the
+    /// same write).
     pub fn new<'a>(
         per_item: impl ExactSizeIterator<Item = &'a [Event]> + Clone,
         max_len: u64,
@@ -294,7 +309,7 @@ impl OutcomeEvents {
         self.encoded.iter()
     }
 
-    /// The event log's cap (`MAXLEN ~`).
+    /// The event log's cap.
     pub fn max_len(&self) -> u64 {
         self.max_len
     }
@@ -310,8 +325,9 @@ impl OutcomeEvents {
 
 // ------------------------------------------------------------------ Redis
 
-/// The events stream beside the Redis queue: `<prefix>:events`, capped with
-/// `XADD MAXLEN ~`. One key, so one slot in a cluster.
+/// The events stream beside the Redis queue: `<prefix>:events`, trimmed to
+/// about `max_len` by the [`EventSink`] ([`RedisEvents::trim`]). One key, so one
+/// slot in a cluster.
 #[derive(Clone)]
 pub struct RedisEvents {
     redis: SharedRedis,
@@ -340,11 +356,23 @@ impl RedisEvents {
     async fn append(&self, events: &Encoded) -> Result<Vec<String>, EventError> {
         let mut pipe = redis::pipe();
         for json in events.iter() {
-            push_xadd(&mut pipe, &self.key, self.max_len, json);
+            push_xadd(&mut pipe, &self.key, json);
         }
         self.redis
             .pipeline::<Vec<String>>(&pipe)
             .await
+            .map_err(EventError::Unavailable)
+    }
+
+    /// Trims the stream to about `max_len` events (`XTRIM MAXLEN ~`: whole
+    /// stream nodes only, so it may keep up to a node more).
+    pub(crate) async fn trim(&self) -> Result<(), EventError> {
+        let mut cmd = redis::cmd("XTRIM");
+        cmd.arg(&self.key).arg("MAXLEN").arg("~").arg(self.max_len);
+        self.redis
+            .query::<Value>(&cmd)
+            .await
+            .map(drop)
             .map_err(EventError::Unavailable)
     }
 
@@ -402,17 +430,14 @@ impl RedisEvents {
 /// The events stream of the queue with key prefix `prefix` (the Redis queue's
 /// enqueue writes `accepted` events there too).
 /// Queues one event's `XADD` onto `pipe`: the stream's entry form (field `e`, the
-/// event's JSON) and its `MAXLEN ~` cap, for every writer of the stream (this
-/// log's appends, the Redis queue's enqueue and finish).
-pub(crate) fn push_xadd(pipe: &mut redis::Pipeline, stream: &str, max_len: u64, json: &[u8]) {
-    pipe.cmd("XADD")
-        .arg(stream)
-        .arg("MAXLEN")
-        .arg("~")
-        .arg(max_len)
-        .arg("*")
-        .arg("e")
-        .arg(json);
+/// event's JSON), for every writer of the stream (this log's appends, the Redis
+/// queue's enqueue and finish).
+/// No `MAXLEN`: a trim argument on every `XADD` cost Redis about a fifth of the
+/// command (it checks the length and rewrites the arguments it propagates to the
+/// AOF and replicas), twice per message. The [`EventSink`] trims the stream
+/// instead, once per [`TRIM_EVERY`] ([`RedisEvents::trim`]).
+pub(crate) fn push_xadd(pipe: &mut redis::Pipeline, stream: &str, json: &[u8]) {
+    pipe.cmd("XADD").arg(stream).arg("*").arg("e").arg(json);
 }
 
 pub fn stream_key(prefix: &str) -> String {
@@ -735,6 +760,10 @@ async fn batch_loop(
     mut flush_rx: mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
 ) {
     let mut batch: Vec<Event> = Vec::with_capacity(max);
+    // The cap is kept here for every writer of the stream, also the queue's
+    // enqueues and finishes, which never pass through this loop.
+    let mut trim = tokio::time::interval(TRIM_EVERY);
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let mut waiters = Vec::new();
         tokio::select! {
@@ -743,6 +772,12 @@ async fn batch_loop(
                 None => return,
             },
             Some(done) = flush_rx.recv() => waiters.push(done),
+            _ = trim.tick() => {
+                if let Err(e) = store.trim().await {
+                    tracing::debug!(error = %e, "trimming the event log failed; the next tick tries again");
+                }
+                continue;
+            }
         }
         if waiters.is_empty() {
             let deadline = tokio::time::Instant::now() + delay;

@@ -285,7 +285,7 @@ const FINISH: Layout = Layout {
     keys: &["due, leased, lease, later, stats, then per item message, status, final.."],
     args: &[
         "retention",
-        "items, then per item id, token, status or record, attempts, next attempt, delivered, bounced, expired, body len..",
+        "items, finals' delivered, bounced, expired, count, bytes, then per item id, token, status or record, attempts, next attempt, delivered, bounced, expired, body len..",
     ],
 };
 /// Keys of each shard of a [`FINISH`] call, and of each of its items.
@@ -834,7 +834,7 @@ impl RedisQueue {
         &self,
         lane: &grouped::Lane,
         msg: &QueuedMessage,
-        event: Option<(Vec<u8>, u64)>,
+        event: Option<Vec<u8>>,
         guard: Option<grouped::GuardPart>,
     ) -> Result<grouped::Outcome, QueueError> {
         use std::io::Write;
@@ -986,9 +986,27 @@ impl RedisQueue {
                 }
             }
             call.arg("retention", retention_ms);
-            const ARGS: &str = "items, then per item id, token, status or record, attempts, next attempt, delivered, bounced, expired, body len..";
+            const ARGS: &str = "items, finals' delivered, bounced, expired, count, bytes, then per item id, token, status or record, attempts, next attempt, delivered, bounced, expired, body len..";
             for run in &runs {
+                // The run's totals over its final items, as if every lease held
+                // (the script takes a lost one's back out): summed here, they cost
+                // Redis no per-item arithmetic.
+                let mut sums = [0u64; 5];
+                for &r in *run {
+                    let item = &ready[r];
+                    if item.status.next_attempt_ms.is_none() {
+                        let t = DeliveryTotals::of(&item.status);
+                        sums[0] += t.delivered;
+                        sums[1] += t.bounced;
+                        sums[2] += t.expired;
+                        sums[3] += 1;
+                        sums[4] += item.head.0.as_deref().map_or(0, |h| h.body_len);
+                    }
+                }
                 call.arg(ARGS, run.len());
+                for sum in sums {
+                    call.arg(ARGS, sum);
+                }
                 for &r in *run {
                     let item = &ready[r];
                     let totals = DeliveryTotals::of(&item.status);
@@ -1071,7 +1089,7 @@ impl RedisQueue {
         let mut all = redis::pipe();
         all.ignore_errors();
         for json in events.iter() {
-            crate::events::log::push_xadd(&mut all, &stream, events.max_len(), json);
+            crate::events::log::push_xadd(&mut all, &stream, json);
         }
         for pipe in pipes {
             for cmd in pipe.cmd_iter() {
@@ -1870,21 +1888,23 @@ impl Ingest for RedisQueue {
         }))
     }
 
-    /// The same script call stores the message and `XADD`s the event, on standalone
+    /// The same transaction stores the message and `XADD`s the event, on standalone
     /// Redis and Sentinel. Not on Cluster: the stream is one key, in another slot
-    /// than the message's shard, and one script cannot write both (see
+    /// than the message's shard, and one transaction cannot write both (see
     /// docs/events-bounces-suppression.md); the caller then batches the event.
+    /// `max_len` is not used: the event sink trims the stream
+    /// ([`crate::events::log::TRIM_EVERY`]).
     fn enqueue_with_event<'a>(
         &'a self,
         msg: &'a QueuedMessage,
         event: &'a [u8],
-        max_len: u64,
+        _max_len: u64,
     ) -> QueueFuture<'a, bool> {
         if self.conn.is_cluster() {
             return Box::pin(async move { self.enqueue(msg).await.map(|()| false) });
         }
         Box::pin(self.deadline("enqueue", async move {
-            self.enqueue_grouped(&self.lanes[0], msg, Some((event.to_vec(), max_len)), None)
+            self.enqueue_grouped(&self.lanes[0], msg, Some(event.to_vec()), None)
                 .await?;
             Ok(true)
         }))
@@ -1976,8 +1996,8 @@ impl Leasing for RedisQueue {
         !self.conn.is_cluster()
     }
 
-    /// The events go as plain `XADD`s (with the `MAXLEN ~` cap of
-    /// [`crate::events::log`]'s own appends) ahead of the finish script calls, in
+    /// The events go as plain `XADD`s (uncapped, as [`crate::events::log`]'s own
+    /// appends: its sink trims the stream) ahead of the finish script calls, in
     /// their pipeline: see `finish_calls_with_events`.
     fn finish_batch_with_events<'a>(
         &'a self,

@@ -95,16 +95,15 @@ pub(super) struct Item {
     pub due: u64,
     /// Scheduled on its shard's `fresh` list (due at arrival, by now), not `due`.
     pub fresh: bool,
-    /// The `accepted` event's JSON and the stream's `MAXLEN ~` cap (standalone
-    /// and Sentinel only).
-    pub event: Option<(Vec<u8>, u64)>,
+    /// The `accepted` event's JSON (standalone and Sentinel only).
+    pub event: Option<Vec<u8>>,
     pub guard: Option<GuardPart>,
     pub reply: oneshot::Sender<Result<Outcome, QueueError>>,
 }
 
 impl Item {
     fn size(&self) -> usize {
-        self.stored.len() + self.event.as_ref().map_or(0, |(e, _)| e.len())
+        self.stored.len() + self.event.as_ref().map_or(0, Vec::len)
     }
 }
 
@@ -417,8 +416,8 @@ impl Runner {
             }
         }
         for item in group {
-            if let Some((event, max_len)) = &item.event {
-                crate::events::log::push_xadd(&mut pipe, &self.stream, *max_len, event);
+            if let Some(event) = &item.event {
+                crate::events::log::push_xadd(&mut pipe, &self.stream, event);
             }
         }
         for shard in &shards.0 {

@@ -641,3 +641,51 @@ async fn a_queue_that_cannot_write_events_refuses_them() {
         .await;
     assert!(matches!(r, Err(QueueError::Invalid(_))), "{r:?}");
 }
+
+/// The queue's `XADD`s carry no cap (a `MAXLEN` on each cost Redis a fifth of
+/// the command): the event sink trims the stream to about `events.max_len`
+/// about once a second, for every writer of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_sink_trims_what_the_queue_writes_uncapped() {
+    const N: usize = 600;
+    const MAX_LEN: u64 = 10;
+    let (server, q, _) = started().await;
+    let events = RedisEvents::new(q.shared(), MAX_LEN);
+    let key = events.key().to_owned();
+    let xlen = || -> usize { server.cli(&["XLEN", &key]).unwrap().trim().parse().unwrap() };
+    for i in 0..N {
+        let msg = queued(
+            "s@sender.test",
+            "r@rcpt.test",
+            "relay.test",
+            format!("Subject: {i}\r\n\r\nhi\r\n"),
+        );
+        let json = format!(r#"{{"kind":"accepted","queue_id":"{}"}}"#, msg.envelope.id);
+        assert!(
+            q.enqueue_with_event(&msg, json.as_bytes(), MAX_LEN)
+                .await
+                .unwrap()
+        );
+    }
+    assert_eq!(xlen(), N, "the enqueues trim nothing");
+    let _sink = EventSink::start(
+        EventStore::Redis(events),
+        &EventsConfig {
+            max_len: MAX_LEN,
+            ..EventsConfig::default()
+        },
+        EventMetrics::default(),
+    );
+    // `MAXLEN ~` drops whole stream nodes (100 entries each by default), so
+    // up to a node's worth stays.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while xlen() > 100 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream still holds {} events",
+            xlen()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(xlen() >= MAX_LEN as usize, "trimmed below the cap");
+}

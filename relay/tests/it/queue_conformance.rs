@@ -576,9 +576,15 @@ async fn check_expired_but_untaken_lease_can_still_finish(q: &dyn Queue) {
 async fn check_finish_batch_answers_each_item(q: &dyn Queue) {
     let t = now_ms();
     let before = q.delivery_totals().await.unwrap();
-    // Enough messages to span many Redis shards.
+    // Enough messages to span many Redis shards; bodies of different lengths, so
+    // that the byte count says which ones left.
     let msgs: Vec<QueuedMessage> = (0..40)
-        .map(|_| message_to(QueueId::generate(), t, &["a@alpha.test"]))
+        .map(|i| {
+            let mut m = message_to(QueueId::generate(), t, &["a@alpha.test"]);
+            m.body.extend(std::iter::repeat_n(b'x', i * 7));
+            m.body.extend_from_slice(b"\r\n");
+            m
+        })
         .collect();
     for m in &msgs {
         q.enqueue(m).await.unwrap();
@@ -594,6 +600,14 @@ async fn check_finish_batch_answers_each_item(q: &dyn Queue) {
             3 if i == 3 => {
                 let mut lease = l.lease.clone();
                 lease.token.push_str("-stale");
+                items.push((lease, delivered(l.status.clone(), t)));
+                continue;
+            }
+            // A lease without the head read with it (one made by hand): the
+            // queue reads what it needs itself.
+            _ if i == 5 => {
+                let mut lease = l.lease.clone();
+                lease.head = Default::default();
                 items.push((lease, delivered(l.status.clone(), t)));
                 continue;
             }
@@ -642,7 +656,25 @@ async fn check_finish_batch_answers_each_item(q: &dyn Queue) {
     }
     let after = q.delivery_totals().await.unwrap();
     assert_eq!(after.delivered - before.delivered, delivered_n);
-    // Finishing again is refused per item (the leases are spent), not as a batch.
+    // Only the finished messages left the counts: not the one whose lease was
+    // lost, nor the rescheduled or refused ones.
+    let finalized: Vec<&str> = items
+        .iter()
+        .zip(&results)
+        .filter(|(_, r)| matches!(r, Ok(FinishResult::Finalized)))
+        .map(|((l, _), _)| l.id.as_str())
+        .collect();
+    let left: Vec<&QueuedMessage> = msgs
+        .iter()
+        .filter(|m| !finalized.contains(&m.envelope.id.as_str()))
+        .collect();
+    let left_counts = (
+        left.len() as u64,
+        left.iter().map(|m| m.body.len() as u64).sum::<u64>(),
+    );
+    assert_eq!(counts(q).await, left_counts);
+    // Finishing again is refused per item (the leases are spent), not as a batch,
+    // and changes no count.
     let again = q.finish_batch(items[..2].to_vec()).await.unwrap();
     assert!(
         again
@@ -650,6 +682,8 @@ async fn check_finish_batch_answers_each_item(q: &dyn Queue) {
             .all(|r| matches!(r, Ok(FinishResult::LeaseLost))),
         "{again:?}"
     );
+    assert_eq!(counts(q).await, left_counts);
+    assert_eq!(q.delivery_totals().await.unwrap(), after);
     assert!(q.finish_batch(Vec::new()).await.unwrap().is_empty());
 }
 
