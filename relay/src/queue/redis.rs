@@ -285,7 +285,7 @@ const FINISH: Layout = Layout {
     keys: &["due, leased, lease, later, stats, then per item message, status, final.."],
     args: &[
         "retention",
-        "items, finals' delivered, bounced, expired, count, bytes, then per item id, token, status or record, attempts, next attempt, delivered, bounced, expired, body len..",
+        "items, finals' delivered, bounced, expired, count, bytes, then per item id, token, status or record, next attempt:attempts, delivered:bounced:expired, body len..",
     ],
 };
 /// Keys of each shard of a [`FINISH`] call, and of each of its items.
@@ -986,7 +986,7 @@ impl RedisQueue {
                 }
             }
             call.arg("retention", retention_ms);
-            const ARGS: &str = "items, finals' delivered, bounced, expired, count, bytes, then per item id, token, status or record, attempts, next attempt, delivered, bounced, expired, body len..";
+            const ARGS: &str = "items, finals' delivered, bounced, expired, count, bytes, then per item id, token, status or record, next attempt:attempts, delivered:bounced:expired, body len..";
             for run in &runs {
                 // The run's totals over its final items, as if every lease held
                 // (the script takes a lost one's back out): summed here, they cost
@@ -1013,7 +1013,7 @@ impl RedisQueue {
                     let next = item
                         .status
                         .next_attempt_ms
-                        .map_or_else(String::new, |t| t.to_string());
+                        .map_or_else(String::new, |t| format!("{t}:{}", item.status.attempts));
                     // A final item whose envelope came with its lease: the whole record.
                     let head = item
                         .head
@@ -1024,11 +1024,11 @@ impl RedisQueue {
                     call.arg(ARGS, item.id.as_str())
                         .arg(ARGS, &item.token)
                         .arg(ARGS, record.as_deref().unwrap_or(&item.json))
-                        .arg(ARGS, item.status.attempts)
                         .arg(ARGS, next)
-                        .arg(ARGS, totals.delivered)
-                        .arg(ARGS, totals.bounced)
-                        .arg(ARGS, totals.expired)
+                        .arg(
+                            ARGS,
+                            format!("{}:{}:{}", totals.delivered, totals.bounced, totals.expired),
+                        )
                         .arg(
                             ARGS,
                             head.map_or_else(String::new, |h| h.body_len.to_string()),

@@ -6,16 +6,17 @@
 -- final record. ARGV[a0 + 1 .. a0 + 5] are the shard's totals over its final
 -- items, as if every lease held: delivered, bounced, expired recipients, final
 -- items, and body bytes of those with a body length. Item j has
--- ARGV[a0 + 5 + 9(j - 1) + 1 ..]: id, token, status JSON (a final
+-- ARGV[a0 + 5 + 6(j - 1) + 1 ..]: id, token, status JSON (a final
 -- item with a body length: its whole final record, built by the relay from the
--- envelope it read with the lease), attempts, next attempt ms ('' when final),
--- delivered, bounced, expired recipient counts (in the totals when final),
--- the stored body's length ('' when the relay has no envelope for it: the script
--- reads the envelope itself). Its answer goes to out[o0 + j]: 0 lease lost, 1
--- rescheduled, 2 final.
+-- envelope it read with the lease), `<next attempt ms>:<attempts>` ('' when
+-- final), `<delivered>:<bounced>:<expired>` recipient counts (in the totals
+-- when final), the stored body's length ('' when the relay has no envelope for
+-- it: the script reads the envelope itself). Its answer goes to out[o0 + j]: 0
+-- lease lost, 1 rescheduled, 2 final.
 -- The shard's keys come once, not per item: a key or argument costs Redis about
 -- 1,000 instructions, and a relay's batch is mostly of one shard (its home
--- shard, redis.rs).
+-- shard, redis.rs). For the same reason numbers only some items need (a
+-- reschedule's, a lost final's) come joined in one argument each.
 -- The totals come summed by the relay, and only a final item whose lease was
 -- lost (rare) has its own counts taken back out: a `tonumber` costs Redis about
 -- 850 instructions (it goes through strtod), and counting each item's numbers
@@ -56,13 +57,13 @@ local function finish_shard(sk, a0, n, o0, retention, counts, out)
   local bytes, deferred = tonumber(ARGV[a0 + 5]), 0
   a0 = a0 + 5
   local ids = {}
-  for j = 1, n do ids[j] = ARGV[a0 + 9 * (j - 1) + 1] end
+  for j = 1, n do ids[j] = ARGV[a0 + 6 * (j - 1) + 1] end
   local tokens = redis.call('HMGET', lease, unpack(ids))
   -- Ours: token equal, and the first item of its id (a second would finish a
   -- lease the first already ended).
   local mine, mine_ids, seen, m = {}, {}, {}, 0
   for j = 1, n do
-    local id, a = ids[j], a0 + 9 * (j - 1)
+    local id, a = ids[j], a0 + 6 * (j - 1)
     if tokens[j] == ARGV[a + 2] and not seen[id] then
       seen[id] = true
       m = m + 1
@@ -70,13 +71,14 @@ local function finish_shard(sk, a0, n, o0, retention, counts, out)
       mine_ids[m] = id
     else
       out[o0 + j] = 0
-      if ARGV[a + 5] == '' then
+      if ARGV[a + 4] == '' then
         -- A final item not ours: out of the relay's totals.
-        delivered = delivered - tonumber(ARGV[a + 6])
-        bounced = bounced - tonumber(ARGV[a + 7])
-        expired = expired - tonumber(ARGV[a + 8])
+        local d, b, e = string.match(ARGV[a + 5], '^(%d+):(%d+):(%d+)$')
+        delivered = delivered - tonumber(d)
+        bounced = bounced - tonumber(b)
+        expired = expired - tonumber(e)
         final_count = final_count - 1
-        if ARGV[a + 9] ~= '' then bytes = bytes - tonumber(ARGV[a + 9]) end
+        if ARGV[a + 6] ~= '' then bytes = bytes - tonumber(ARGV[a + 6]) end
       end
     end
   end
@@ -86,13 +88,13 @@ local function finish_shard(sk, a0, n, o0, retention, counts, out)
     redis.call('HDEL', lease, unpack(mine_ids))
     local finals, final_ids, f = {}, {}, 0
     for _, j in ipairs(mine) do
-      local k, a = sk + 5 + 3 * (j - 1), a0 + 9 * (j - 1)
-      local next_at = ARGV[a + 5]
-      if next_at ~= '' then
-        local old, new = old_attempts(KEYS[k + 1]), tonumber(ARGV[a + 4])
+      local k, a = sk + 5 + 3 * (j - 1), a0 + 6 * (j - 1)
+      if ARGV[a + 4] ~= '' then
+        local next_at, attempts = string.match(ARGV[a + 4], '^(%d+):(%d+)$')
+        local old, new = old_attempts(KEYS[k + 1]), tonumber(attempts)
         redis.call('ZADD', due, next_at, ARGV[a + 1])
         redis.call('ZADD', later, 0, ARGV[a + 1])
-        redis.call('SET', KEYS[k + 1], ARGV[a + 4] .. ':' .. ARGV[a + 3])
+        redis.call('SET', KEYS[k + 1], attempts .. ':' .. ARGV[a + 3])
         if old == 0 and new > 0 then
           deferred = deferred + 1
         elseif old > 0 and new == 0 then
@@ -116,14 +118,14 @@ local function finish_shard(sk, a0, n, o0, retention, counts, out)
       local retried = redis.call('ZREM', later, unpack(final_ids)) > 0
       local gone, g = {}, 0
       for _, j in ipairs(finals) do
-        local k, a = sk + 5 + 3 * (j - 1), a0 + 9 * (j - 1)
+        local k, a = sk + 5 + 3 * (j - 1), a0 + 6 * (j - 1)
         local message, status = KEYS[k], KEYS[k + 1]
         if retried then
           if old_attempts(status) > 0 then deferred = deferred - 1 end
           g = g + 1
           gone[g] = status
         end
-        if ARGV[a + 9] ~= '' then
+        if ARGV[a + 6] ~= '' then
           redis.call('SET', KEYS[k + 2], ARGV[a + 3], 'PX', retention)
         else
           -- The envelope, for the final record: it starts the stored value, after

@@ -4,7 +4,7 @@
 -- KEYS: per shard of the batch, its five, then its items' three each (see
 -- finish.lua)
 -- ARGV: retention ms, then per shard its item count, its five totals and its
--- items' nine each (finish.lua)
+-- items' six each (finish.lua)
 -- Returns per item, in the order given, 0 lease lost, 1 rescheduled, 2 final.
 -- The batch's delivery events are not written here: the relay sends them as
 -- plain XADDs ahead of this call in the same pipeline (an event passed through
@@ -14,7 +14,7 @@ local sk, c, o = 1, 2, 0
 while c <= #ARGV do
   local n = tonumber(ARGV[c])
   finish_shard(sk, c, n, o, ARGV[1], counts, out)
-  sk, c, o = sk + 5 + 3 * n, c + 6 + 9 * n, o + n
+  sk, c, o = sk + 5 + 3 * n, c + 6 + 6 * n, o + n
 end
 -- Counts of 0 (most messages have only one of delivered, bounced, expired)
 -- change nothing.

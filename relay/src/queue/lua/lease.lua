@@ -60,20 +60,23 @@ if budget > 0 then
     end
   end
 end
-local out = {}
+-- Lists are filled through counters: `#t` is a search each time (Lua 5.1),
+-- several per message here.
+local out, o = {}, 0
 for k = 1, #KEYS, 5 do
   if left <= 0 then break end
   local due, leased, lease = KEYS[k], KEYS[k + 1], KEYS[k + 2]
   local got = redis.call('ZRANGEBYSCORE', due, '-inf', now, 'WITHSCORES', 'LIMIT', 0, left)
-  local taken, scored, tokens = {}, {}, {}
+  local scored, tokens, n = {}, {}, 0
   local function take(id, score)
-    taken[#taken + 1] = id
-    scored[#scored + 1] = expires
-    scored[#scored + 1] = id
-    tokens[#tokens + 1] = id
-    tokens[#tokens + 1] = token
-    out[#out + 1] = id
-    out[#out + 1] = score
+    scored[2 * n + 1] = expires
+    scored[2 * n + 2] = id
+    tokens[2 * n + 1] = id
+    tokens[2 * n + 2] = token
+    n = n + 1
+    out[o + 1] = id
+    out[o + 2] = score
+    o = o + 2
   end
   -- A fresh id taken (due at its arrival), or one made after the cutoff moved
   -- to `due` at its id's time.
@@ -97,7 +100,7 @@ for k = 1, #KEYS, 5 do
     -- of coming back first at every lease and hiding it.
     local heads = redis.call('LRANGE', KEYS[k + 4], 0, left - 1)
     local i, j, from_due = 1, 1, {}
-    while #taken < left and (i <= #got or j <= #heads) do
+    while n < left and (i <= #got or j <= #heads) do
       if j <= #heads and (i > #got or heads[j] > cutoff or arrival(heads[j]) <= tonumber(got[i + 1])) then
         fresh_one(heads[j])
         j = j + 1
@@ -112,10 +115,10 @@ for k = 1, #KEYS, 5 do
       each_chunk(from_due, 1000, function(...) redis.call('ZREM', due, ...) end)
     end
   end
-  if #taken > 0 then
+  if n > 0 then
     each_chunk(scored, 1000, function(...) redis.call('ZADD', leased, ...) end)
     each_chunk(tokens, 1000, function(...) redis.call('HSET', lease, ...) end)
-    left = left - #taken
+    left = left - n
   end
 end
 return out
