@@ -80,6 +80,12 @@ const CHANNEL: usize = 65_536;
 /// may hold that long's events more than the cap (the queue and this sink write
 /// without `MAXLEN`; see [`push_xadd`]).
 pub(crate) const TRIM_EVERY: Duration = Duration::from_secs(1);
+/// Entries one `XTRIM` may drop: small calls keep Redis free for other
+/// clients between them (Redis's own default for `~`, 100 nodes of 100).
+const TRIM_LIMIT: u64 = 10_000;
+/// `XTRIM` calls per trim at most: up to a million events dropped a tick; the
+/// next tick goes on where a stream is further over its cap.
+const TRIM_ROUNDS: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -366,14 +372,30 @@ impl RedisEvents {
 
     /// Trims the stream to about `max_len` events (`XTRIM MAXLEN ~`: whole
     /// stream nodes only, so it may keep up to a node more).
+    ///
+    /// One approximate `XTRIM` drops at most [`TRIM_LIMIT`] entries (Redis
+    /// applies the same bound when none is given), fewer than a busy relay
+    /// writes in a [`TRIM_EVERY`]: a single call a tick would let the stream
+    /// grow without end, so calls repeat until one drops nothing.
     pub(crate) async fn trim(&self) -> Result<(), EventError> {
-        let mut cmd = redis::cmd("XTRIM");
-        cmd.arg(&self.key).arg("MAXLEN").arg("~").arg(self.max_len);
-        self.redis
-            .query::<Value>(&cmd)
-            .await
-            .map(drop)
-            .map_err(EventError::Unavailable)
+        for _ in 0..TRIM_ROUNDS {
+            let mut cmd = redis::cmd("XTRIM");
+            cmd.arg(&self.key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.max_len)
+                .arg("LIMIT")
+                .arg(TRIM_LIMIT);
+            let dropped: u64 = self
+                .redis
+                .query(&cmd)
+                .await
+                .map_err(EventError::Unavailable)?;
+            if dropped == 0 {
+                break;
+            }
+        }
+        Ok(())
     }
 
     async fn query(&self, f: &EventFilter) -> Result<(Vec<Event>, bool), EventError> {

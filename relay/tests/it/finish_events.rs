@@ -689,3 +689,34 @@ async fn the_event_sink_trims_what_the_queue_writes_uncapped() {
     }
     assert!(xlen() >= MAX_LEN as usize, "trimmed below the cap");
 }
+
+/// One approximate `XTRIM` drops at most 10,000 entries, fewer than a busy
+/// relay writes in the second between trims: one trim still brings a stream
+/// far over its cap back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trim_brings_a_stream_far_over_its_cap_back() {
+    const N: usize = 35_000;
+    const MAX_LEN: u64 = 10;
+    let (server, q, _) = started().await;
+    let events = RedisEvents::new(q.shared(), MAX_LEN);
+    let key = events.key().to_owned();
+    let xlen = || -> usize { server.cli(&["XLEN", &key]).unwrap().trim().parse().unwrap() };
+    server
+        .cli(&[
+            "EVAL",
+            "for i = 1, tonumber(ARGV[1]) do redis.call('XADD', KEYS[1], '*', 'e', '{}') end",
+            "1",
+            &key,
+            &N.to_string(),
+        ])
+        .unwrap();
+    assert_eq!(xlen(), N);
+    EventStore::Redis(events).trim().await.unwrap();
+    // `MAXLEN ~` drops whole stream nodes (100 entries each by default), so
+    // up to a node's worth stays.
+    let left = xlen();
+    assert!(
+        (MAX_LEN as usize..=MAX_LEN as usize + 100).contains(&left),
+        "{left} events left"
+    );
+}
