@@ -80,11 +80,9 @@ const CHANNEL: usize = 65_536;
 /// may hold that long's events more than the cap (the queue and this sink write
 /// without `MAXLEN`; see [`push_xadd`]).
 pub(crate) const TRIM_EVERY: Duration = Duration::from_secs(1);
-/// Entries one `XTRIM` may drop: small calls keep Redis free for other
-/// clients between them (Redis's own default for `~`, 100 nodes of 100).
-const TRIM_LIMIT: u64 = 10_000;
-/// `XTRIM` calls per trim at most: up to a million events dropped a tick; the
-/// next tick goes on where a stream is further over its cap.
+/// `XTRIM` calls per trim at most: up to a million events dropped a tick at
+/// Redis's default node size; the next tick goes on where a stream is further
+/// over its cap.
 const TRIM_ROUNDS: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
@@ -373,19 +371,15 @@ impl RedisEvents {
     /// Trims the stream to about `max_len` events (`XTRIM MAXLEN ~`: whole
     /// stream nodes only, so it may keep up to a node more).
     ///
-    /// One approximate `XTRIM` drops at most [`TRIM_LIMIT`] entries (Redis
-    /// applies the same bound when none is given), fewer than a busy relay
-    /// writes in a [`TRIM_EVERY`]: a single call a tick would let the stream
-    /// grow without end, so calls repeat until one drops nothing.
+    /// Since Redis 6.2 one approximate `XTRIM` drops at most 100 nodes'
+    /// entries (10,000 with the default `stream-node-max-entries`), fewer than
+    /// a busy relay writes in a [`TRIM_EVERY`]: a single call a tick would let
+    /// the stream grow without end, so calls repeat until one drops nothing.
+    /// No `LIMIT` of our own: Redis before 6.2 refuses it (and has no bound).
     pub(crate) async fn trim(&self) -> Result<(), EventError> {
         for _ in 0..TRIM_ROUNDS {
             let mut cmd = redis::cmd("XTRIM");
-            cmd.arg(&self.key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.max_len)
-                .arg("LIMIT")
-                .arg(TRIM_LIMIT);
+            cmd.arg(&self.key).arg("MAXLEN").arg("~").arg(self.max_len);
             let dropped: u64 = self
                 .redis
                 .query(&cmd)
